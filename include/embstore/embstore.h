@@ -1,0 +1,60 @@
+// embstore — a memory-mapped, append-only store of fixed-size embedding rows.
+//
+// THE CONTRACT (read this before using the library; every other header refers back here)
+//
+// A store is a directory: a header, a data file of fixed-size rows, an index file with one
+// entry per row (key, epoch, row, checksum) and a lock file. The byte layout is src/FORMAT.md.
+//
+// Writers
+//   Any number of processes and threads may append at once. Each append takes the store's
+//   writer lock (an OFD lock on the dedicated lock file, plus an in-process mutex), copies its
+//   rows and index entries into the mapped files, then publishes the commit counter with one
+//   release store. The lock is held only for the copy and the publish: validation, dtype
+//   conversion and row hashing happen before it is taken.
+//   A writer killed at any instant (kill -9) loses only its unfinished batch and blocks no one:
+//   the kernel drops its lock and the next writer writes over the unpublished tail.
+//
+// Readers
+//   Take no lock, write nothing, need only read permission (a read-only mount works) and never
+//   block writers. A reader sees the rows [0, committed) as of open() or its last refresh();
+//   every row it sees is whole: an append's n rows become visible all together or not at all.
+//   All committed rows form ONE contiguous span at an address that never moves while the store
+//   grows: both files are mapped inside an address range reserved once (map_bytes), as LMDB
+//   does with its map size. Views stay valid while the Reader or an owner() copy lives.
+//
+// Durability
+//   committed — visible to readers; survives any process crash (the page cache holds it).
+//   durable   — rows flushed to the device by a completed sync(); survives power loss.
+//   Under SyncPolicy::kNone (the default) nothing is flushed unless sync() is called.
+//   A failed flush poisons the Writer (kPoisoned) until the store is reopened; it is never
+//   retried, because the kernel may already have dropped the dirty pages it failed to write.
+//
+// Recovery
+//   Needs no manual step. The header records the boot id of the machine's current boot. When a
+//   Writer opens a store last written in an earlier boot (a power loss or reboot may have torn
+//   any unsynced page), it re-checks rows [durable, committed) by checksum under the writer lock
+//   and cuts the commit counter back to the longest valid prefix; this is idempotent. A Reader
+//   that finds such a store before any Writer has recovered it verifies the same range itself
+//   (read-only) and clamps its snapshot to the valid prefix. After a mere process crash (same
+//   boot) opening is O(1): the page cache never lost anything.
+//
+// Errors
+//   Every failure throws embstore::Error (error.h) whose message names the file, field or value.
+//   A full disk is an error (kFull) from append(), never SIGBUS: every segment is
+//   posix_fallocate'd before its first byte is touched. Rows already stored are never lost.
+//
+// Caveats
+//   - Not for network file systems (NFS, SMB): OFD locks and shared mappings are unreliable there.
+//   - The file system must support posix_fallocate (ext4, xfs, btrfs, tmpfs do).
+//   - Under RLIMIT_FSIZE the process must ignore SIGXFSZ to get kFull instead of being killed.
+//   - A forked child must open its own Writer; Readers may be used across fork.
+//   - Rows are never rewritten or shrunk in place; files only grow.
+#pragma once
+
+#include "embstore/dtype.h"
+#include "embstore/error.h"
+#include "embstore/options.h"
+#include "embstore/reader.h"
+#include "embstore/store.h"
+#include "embstore/version.h"
+#include "embstore/writer.h"

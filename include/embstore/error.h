@@ -1,0 +1,46 @@
+// embstore/error.h — the one error type every embstore call throws.
+//
+// Failures are exceptions of type embstore::Error; absence (a row past the snapshot, a key not
+// found) is never an exception but an empty std::optional. Every message names the file, field
+// or value involved, so it can be shown to a user as is.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace embstore {
+
+// Frozen numeric values: bindings and the CLI's exit codes depend on them.
+enum class ErrorCode : int {
+  kInvalidArgument = 1,  // A caller's argument is wrong (dim, dtype, lengths, ranges, options).
+  kNotFound = 2,         // The path is not a store, or a file of the store is missing.
+  kAlreadyExists = 3,    // create() over an existing store.
+  kCorruption = 4,       // Bytes on disk fail a checksum or a structural check.
+  kFormatMismatch = 5,   // The store's dim/dtype differ from what the caller asked for.
+  kUnsupportedVersion = 6,  // Written by a newer, incompatible format major version.
+  kIO = 7,                  // An operating-system call failed (errno in sys_errno()).
+  kFull = 8,                // No space: ENOSPC/EFBIG, or the store outgrew its map_bytes.
+  kReadOnly = 9,            // Writing was asked of a read-only file or file system.
+  kPoisoned = 10,           // A previous sync failed; the Writer refuses writes until reopened.
+  kForkedChild = 11,        // A forked child used a Writer its parent opened.
+  kClosed = 12,             // The object was closed.
+};
+
+// Stable lower-case name of a code ("corruption", "io", ...).
+const char* error_code_name(ErrorCode code) noexcept;
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorCode code, const std::string& message, int sys_errno = 0)
+      : std::runtime_error(message), code_(code), sys_errno_(sys_errno) {}
+
+  ErrorCode code() const noexcept { return code_; }
+  // The errno of the failed system call for kIO/kFull/kReadOnly/kNotFound, else 0.
+  int sys_errno() const noexcept { return sys_errno_; }
+
+ private:
+  ErrorCode code_;
+  int sys_errno_;
+};
+
+}  // namespace embstore

@@ -1,0 +1,50 @@
+// embstore/options.h — what a caller can choose when creating or opening a store.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "embstore/dtype.h"
+
+namespace embstore {
+
+inline constexpr std::uint64_t kDefaultSegmentBytes = 64ull << 20;  // 64 MiB
+inline constexpr std::uint64_t kMaxMetadataBytes = 64ull << 10;     // 64 KiB
+inline constexpr std::uint64_t kDefaultMapBytes = 1ull << 40;       // 1 TiB of address space
+
+// Fixed at creation, stored in the header, never changed afterwards.
+struct CreateOptions {
+  std::uint32_t dim = 0;            // Elements per row; 1 .. 2^24.
+  DType dtype = DType::kFloat32;    // Element type of every row.
+  // The data file grows by this many bytes at a time (posix_fallocate'd before first touch).
+  // A multiple of 4096 and at least one row; the index file grows alongside it.
+  std::uint64_t segment_bytes = kDefaultSegmentBytes;
+  // Free-form user text (JSON by convention: model name, run config), at most kMaxMetadataBytes.
+  std::string metadata;
+};
+
+enum class SyncPolicy : std::uint8_t {
+  kNone = 0,         // sync() only when asked. Committed rows survive any process crash.
+  kEveryAppend = 1,  // Every append() returns only after its rows are durable.
+  kInterval = 2,     // A background thread syncs every sync_interval.
+};
+
+struct WriterOptions {
+  SyncPolicy sync = SyncPolicy::kNone;
+  std::chrono::milliseconds sync_interval{1000};
+  // Address space reserved for the data file; the store can grow to this size without any
+  // mapping moving. Larger stores need a larger value (the index reserves proportionally).
+  std::uint64_t map_bytes = kDefaultMapBytes;
+  // When set, open() fails with kFormatMismatch unless the store has this dim / dtype.
+  std::optional<std::uint32_t> expect_dim;
+  std::optional<DType> expect_dtype;
+};
+
+struct ReaderOptions {
+  // As WriterOptions::map_bytes. A reader of a larger store gets kFull from open()/refresh().
+  std::uint64_t map_bytes = kDefaultMapBytes;
+};
+
+}  // namespace embstore

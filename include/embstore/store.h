@@ -1,0 +1,41 @@
+// embstore/store.h — store-level operations and the description of a store.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "embstore/dtype.h"
+#include "embstore/options.h"
+
+namespace embstore {
+
+// A snapshot of a store's header and counters, as read at one moment.
+struct StoreInfo {
+  std::string path;
+  int format_major = 0;
+  int format_minor = 0;
+  DType dtype = DType::kFloat32;
+  std::uint32_t dim = 0;
+  std::uint64_t record_bytes = 0;   // dim * dtype_size(dtype): bytes of one row.
+  std::uint64_t segment_bytes = 0;  // Growth step of the data file.
+  std::string store_id;             // 32 lower-case hex digits, random at creation.
+  std::int64_t created_unix_ns = 0;
+  std::string metadata;
+  std::uint64_t generation = 0;      // Which data/index files are current (see FORMAT.md).
+  std::uint64_t committed_rows = 0;  // Visible to readers.
+  std::uint64_t durable_rows = 0;    // Known to be on disk (a sync completed over them).
+  std::uint64_t capacity_rows = 0;   // Preallocated; appends beyond this grow the files.
+  std::uint64_t data_file_bytes = 0;
+  std::uint64_t index_file_bytes = 0;
+};
+
+// Creates an empty store at `path`, which must not exist (or be an empty directory). The store
+// appears whole or not at all: it is built beside `path` and renamed into place. Throws
+// kAlreadyExists if a store (or any non-empty directory) is there, kInvalidArgument for bad
+// options.
+void create_store(const std::string& path, const CreateOptions& options);
+
+// Reads the header and counters without taking any lock or writing anything.
+StoreInfo read_info(const std::string& path);
+
+}  // namespace embstore

@@ -1,0 +1,16 @@
+// embstore/version.h — library and on-disk format versions.
+#pragma once
+
+namespace embstore {
+
+inline constexpr int kLibraryVersionMajor = 0;
+inline constexpr int kLibraryVersionMinor = 1;
+inline constexpr int kLibraryVersionPatch = 0;
+inline constexpr const char* kLibraryVersion = "0.1.0";
+
+// The on-disk format (src/FORMAT.md). A reader refuses a store whose major version is newer than
+// kFormatVersionMajor; minor versions only add fields that older readers may ignore.
+inline constexpr int kFormatVersionMajor = 1;
+inline constexpr int kFormatVersionMinor = 0;
+
+}  // namespace embstore

@@ -1,0 +1,87 @@
+// embstore/writer.h — appending rows to a store.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "embstore/dtype.h"
+#include "embstore/options.h"
+#include "embstore/store.h"
+
+namespace embstore {
+
+// A batch of `rows` rows of `dim` elements of `dtype`, each row contiguous, rows
+// `row_stride_bytes` apart (0 means packed: dim * dtype_size(dtype)). Does not own the memory.
+struct ConstMatrix {
+  const void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  std::uint64_t rows = 0;
+  std::uint32_t dim = 0;
+  std::uint64_t row_stride_bytes = 0;
+};
+
+// Appends rows to one store. Any number of Writers — in this process, in other threads, in
+// other processes — may append to the same store at once; their batches are serialized by the
+// store's writer lock and each lands contiguously.
+//
+// Thread-safety: a Writer is thread-safe; concurrent calls on one Writer are serialized.
+// Fork: a Writer belongs to the process that opened it. In a forked child every call except
+// the destructor throws kForkedChild; the child must open its own Writer. The child's
+// destructor releases only its own copies of the mappings, never the parent's lock.
+class Writer {
+ public:
+  // Creates a new store (as create_store) and opens it for appending.
+  static Writer create(const std::string& path, const CreateOptions& create_options,
+                       const WriterOptions& options = {});
+  // Opens an existing store for appending. Recovers it first if the previous writer died or the
+  // machine rebooted since (see embstore.h, "Recovery"). Needs read-write access to its files.
+  static Writer open(const std::string& path, const WriterOptions& options = {});
+  // open() if a store exists at `path` (checking its dim and dtype against create_options),
+  // else create(). Safe when several processes race to call it on the same path.
+  static Writer open_or_create(const std::string& path, const CreateOptions& create_options,
+                               const WriterOptions& options = {});
+
+  Writer(Writer&&) noexcept;
+  Writer& operator=(Writer&&) noexcept;
+  ~Writer();  // Closes; never throws. A pending sync policy flushes nothing extra.
+
+  // Appends rows.rows rows with keys[i] and one epoch (or epochs[i]) atomically: readers see all
+  // of them or none. Input of the store's dtype is copied as is; float32 input is converted to
+  // a float16 or bfloat16 store (round to nearest even). Anything else — another dtype, a wrong
+  // dim, keys/epochs of another length — throws kInvalidArgument and writes nothing.
+  // Returns the row number of the first appended row (rows are numbered from 0 in append order).
+  // A batch of 0 rows is valid and returns the current committed count.
+  std::uint64_t append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
+                       const ConstMatrix& rows);
+  std::uint64_t append(std::span<const std::uint64_t> keys,
+                       std::span<const std::uint64_t> epochs, const ConstMatrix& rows);
+  // Convenience for packed float32 input: values.size() must be keys.size() * dim().
+  std::uint64_t append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
+                       std::span<const float> values);
+
+  // Makes every row committed so far durable (data and index flushed to the device, then the
+  // durable counter advanced and the header flushed). A failure poisons the Writer: every later
+  // call throws kPoisoned until the store is reopened; the failed sync is never retried.
+  void sync();
+
+  // Releases the lock file, mappings and background thread. Idempotent. Under SyncPolicy
+  // kInterval or kEveryAppend, syncs first (throwing if that fails).
+  void close();
+
+  std::uint64_t committed_rows() const;  // Rows visible to readers right now (all writers).
+  std::uint64_t durable_rows() const;
+  std::uint32_t dim() const;
+  DType dtype() const;
+  const std::string& path() const;
+  StoreInfo info() const;
+
+  class Impl;
+
+ private:
+  explicit Writer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace embstore

@@ -1,0 +1,36 @@
+#include "mapping.h"
+
+#include "embstore/error.h"
+#include "format.h"
+
+namespace embstore::detail {
+namespace {
+std::uint64_t round_up_page(std::uint64_t bytes) {
+  return (bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
+}
+}  // namespace
+
+ReservedMapping::ReservedMapping(std::uint64_t reserve_bytes, const std::string& path,
+                                 os::Access access)
+    : reserved_bytes_(round_up_page(reserve_bytes)), path_(path), access_(access) {
+  base_ = static_cast<std::byte*>(os::reserve(reserved_bytes_, path));
+}
+
+ReservedMapping::~ReservedMapping() { os::unmap(base_, reserved_bytes_); }
+
+void ReservedMapping::map_to(int fd, std::uint64_t bytes) {
+  if (bytes <= mapped_bytes_) return;
+  const std::uint64_t target = round_up_page(bytes);
+  if (target > reserved_bytes_) {
+    throw Error(ErrorCode::kFull, path_ + ": the store needs " + std::to_string(target) +
+                                      " bytes of address space but map_bytes reserves " +
+                                      std::to_string(reserved_bytes_) +
+                                      "; reopen with a larger map_bytes");
+  }
+  // Mapping over the tail of the reservation replaces it; pages already mapped stay untouched,
+  // so pointers into them remain valid.
+  os::map_fixed(base_ + mapped_bytes_, target - mapped_bytes_, fd, mapped_bytes_, access_, path_);
+  mapped_bytes_ = target;
+}
+
+}  // namespace embstore::detail

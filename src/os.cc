@@ -1,0 +1,334 @@
+#include "os.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <string>
+
+#include "embstore/error.h"
+#include "testing.h"
+
+namespace embstore::detail::os {
+namespace {
+
+using testing::Op;
+
+[[noreturn]] void fail(const char* op, const std::string& path, int err) {
+  ErrorCode code = ErrorCode::kIO;
+  switch (err) {
+    case ENOENT: code = ErrorCode::kNotFound; break;
+    case ENOSPC:
+    case EFBIG:
+    case EDQUOT: code = ErrorCode::kFull; break;
+    case EROFS:
+    case EACCES:
+    case EPERM: code = ErrorCode::kReadOnly; break;
+    default: break;
+  }
+  throw Error(code, std::string(op) + " " + path + ": " + std::strerror(err), err);
+}
+
+// Runs the fault seam for `op`; returns the injected errno (0: make the real call).
+int injected([[maybe_unused]] Op op) { return EMBSTORE_FAULT(op); }
+
+}  // namespace
+
+int open_file(const std::string& path, Access access) {
+  if (int err = injected(Op::kOpen)) fail("open", path, err);
+  int flags = (access == Access::kReadOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  int fd;
+  do fd = ::open(path.c_str(), flags);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) fail("open", path, errno);
+  return fd;
+}
+
+int create_file(const std::string& path) {
+  if (int err = injected(Op::kOpen)) fail("create", path, err);
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) fail("create", path, errno);
+  return fd;
+}
+
+void close_fd(int fd) noexcept {
+  if (fd >= 0) ::close(fd);
+}
+
+std::uint64_t file_size(int fd, const std::string& path) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) fail("fstat", path, errno);
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
+void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,
+                const std::string& path) {
+  auto* p = static_cast<char*>(buf);
+  while (bytes > 0) {
+    if (int err = injected(Op::kPread)) fail("read", path, err);
+    ssize_t n = ::pread(fd, p, bytes, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail("read", path, errno);
+    if (n == 0) {
+      throw Error(ErrorCode::kCorruption,
+                  "read " + path + ": file ends at byte " + std::to_string(offset) +
+                      " before the " + std::to_string(bytes) + " bytes expected there");
+    }
+    p += n;
+    bytes -= static_cast<std::size_t>(n);
+    offset += static_cast<std::uint64_t>(n);
+  }
+}
+
+void write_all(int fd, const void* buf, std::size_t bytes, std::uint64_t offset,
+               const std::string& path) {
+  const auto* p = static_cast<const char*>(buf);
+  while (bytes > 0) {
+    if (int err = injected(Op::kPwrite)) fail("write", path, err);
+    ssize_t n = ::pwrite(fd, p, bytes, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail("write", path, errno);
+    p += n;
+    bytes -= static_cast<std::size_t>(n);
+    offset += static_cast<std::uint64_t>(n);
+  }
+}
+
+void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& path) {
+  if (int err = injected(Op::kFallocate)) fail("fallocate", path, err);
+  int err;
+  do err = ::posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes));
+  while (err == EINTR);
+  if (err == EOPNOTSUPP || err == EINVAL) {
+    throw Error(ErrorCode::kIO,
+                "fallocate " + path + ": the file system does not support preallocation (" +
+                    std::strerror(err) + "); embstore refuses to map unallocated space",
+                err);
+  }
+  if (err != 0) fail("fallocate", path, err);
+}
+
+void datasync(int fd, const std::string& path) {
+  if (int err = injected(Op::kMsync)) fail("fdatasync", path, err);
+  if (::fdatasync(fd) != 0) fail("fdatasync", path, errno);
+}
+
+void sync_dir(const std::string& dir_path) {
+  if (int err = injected(Op::kMsync)) fail("fsync", dir_path, err);
+  int fd = ::open(dir_path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) fail("open", dir_path, errno);
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) fail("fsync", dir_path, err);
+}
+
+void* reserve(std::uint64_t bytes, const std::string& what) {
+  if (int err = injected(Op::kMmap)) fail("reserve address space for", what, err);
+  void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) {
+    int err = errno;
+    throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
+                "reserve " + std::to_string(bytes) + " bytes of address space for " + what + ": " +
+                    std::strerror(err) + " (lower map_bytes or raise ulimit -v)",
+                err);
+  }
+  return p;
+}
+
+void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Access access,
+               const std::string& path) {
+  if (int err = injected(Op::kMmap)) fail("mmap", path, err);
+  int prot = access == Access::kReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
+  void* p = ::mmap(addr, bytes, prot, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(offset));
+  if (p == MAP_FAILED) {
+    int err = errno;
+    throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
+                "mmap " + path + " bytes [" + std::to_string(offset) + ", " +
+                    std::to_string(offset + bytes) + "): " + std::strerror(err),
+                err);
+  }
+}
+
+void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
+                 const std::string& path) {
+  if (int err = injected(Op::kMmap)) fail("mmap", path, err);
+  int prot = access == Access::kReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
+  void* p = ::mmap(nullptr, bytes, prot, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (p == MAP_FAILED) fail("mmap", path, errno);
+  return p;
+}
+
+void unmap(void* addr, std::uint64_t bytes) noexcept {
+  if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);
+}
+
+bool populate_write(void* addr, std::uint64_t bytes) noexcept {
+#ifdef MADV_POPULATE_WRITE
+  return ::madvise(addr, bytes, MADV_POPULATE_WRITE) == 0;
+#else
+  (void)addr;
+  (void)bytes;
+  return false;
+#endif
+}
+
+void make_dir(const std::string& path) {
+  if (int err = injected(Op::kMkdir)) fail("mkdir", path, err);
+  if (::mkdir(path.c_str(), 0755) != 0) {
+    int err = errno;
+    if (err == EEXIST) {
+      throw Error(ErrorCode::kAlreadyExists, "mkdir " + path + ": already exists", err);
+    }
+    fail("mkdir", path, err);
+  }
+}
+
+int rename_path(const std::string& from, const std::string& to) {
+  if (int err = injected(Op::kRename)) fail("rename", from + " -> " + to, err);
+  if (::rename(from.c_str(), to.c_str()) == 0) return 0;
+  int err = errno;
+  if (err == EEXIST || err == ENOTEMPTY || err == EISDIR || err == ENOTDIR) return err;
+  fail("rename", from + " -> " + to, err);
+}
+
+void remove_tree(const std::string& path) noexcept {
+  if (DIR* dir = ::opendir(path.c_str())) {
+    while (dirent* entry = ::readdir(dir)) {
+      std::string name = entry->d_name;
+      if (name == "." || name == "..") continue;
+      ::unlink((path + "/" + name).c_str());
+    }
+    ::closedir(dir);
+  }
+  ::rmdir(path.c_str());
+}
+
+bool exists(const std::string& path) noexcept {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+void lock_exclusive(int fd, const std::string& path) {
+  struct flock fl;
+  std::memset(&fl, 0, sizeof(fl));
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = 0;
+  fl.l_len = 1;
+  while (::fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
+    if (errno == EINTR) continue;
+    fail("lock", path, errno);
+  }
+}
+
+void unlock(int fd) noexcept {
+  struct flock fl;
+  std::memset(&fl, 0, sizeof(fl));
+  fl.l_type = F_UNLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = 0;
+  fl.l_len = 1;
+  ::fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+void futex_wait(const std::uint32_t* word, std::uint32_t expected,
+                std::int64_t timeout_ns) noexcept {
+  struct timespec ts;
+  ts.tv_sec = timeout_ns / 1'000'000'000;
+  ts.tv_nsec = timeout_ns % 1'000'000'000;
+  // No FUTEX_PRIVATE_FLAG: waiters and wakers live in different processes.
+  ::syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, nullptr, 0);
+}
+
+void futex_wake_all(std::uint32_t* word) noexcept {
+  ::syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+void random_bytes(void* buf, std::size_t bytes) {
+  auto* p = static_cast<char*>(buf);
+  while (bytes > 0) {
+    ssize_t n = ::getrandom(p, bytes, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail("getrandom", "(kernel)", errno);
+    p += n;
+    bytes -= static_cast<std::size_t>(n);
+  }
+}
+
+namespace {
+std::mutex g_boot_mutex;
+std::string g_boot_override;
+
+void parse_uuid(const std::string& text, std::uint64_t out[2]) {
+  unsigned char bytes[16] = {};
+  int n = 0;
+  for (std::size_t i = 0; i + 1 < text.size() && n < 16; ++i) {
+    auto hex = [](char c) -> int {
+      if (c >= '0' && c <= '9') return c - '0';
+      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+      return -1;
+    };
+    int hi = hex(text[i]);
+    if (hi < 0) continue;
+    int lo = hex(text[i + 1]);
+    if (lo < 0) continue;
+    bytes[n++] = static_cast<unsigned char>(hi * 16 + lo);
+    ++i;
+  }
+  std::memcpy(out, bytes, 16);
+}
+}  // namespace
+
+void boot_id(std::uint64_t out[2]) {
+  {
+    std::lock_guard guard(g_boot_mutex);
+    if (testing::kEnabled && g_boot_override.empty()) {
+      // Test builds: child processes simulate a reboot through the environment.
+      if (const char* text = std::getenv("EMBSTORE_BOOT_ID")) g_boot_override = text;
+    }
+    if (!g_boot_override.empty()) {
+      parse_uuid(g_boot_override, out);
+      return;
+    }
+  }
+  static const std::string kernel_boot_id = [] {
+    std::ifstream in("/proc/sys/kernel/random/boot_id");
+    std::string text;
+    std::getline(in, text);
+    return text;
+  }();
+  if (kernel_boot_id.empty()) {
+    // No /proc: treat every open as a new boot (always re-check the unsynced range).
+    out[0] = out[1] = 0;
+    return;
+  }
+  parse_uuid(kernel_boot_id, out);
+}
+
+void override_boot_id(std::string_view text) {
+  std::lock_guard guard(g_boot_mutex);
+  g_boot_override = std::string(text);
+}
+
+std::int64_t unix_time_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+int current_pid() noexcept { return static_cast<int>(::getpid()); }
+
+}  // namespace embstore::detail::os

@@ -1,0 +1,163 @@
+#include "embstore/reader.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+
+#include "embstore/error.h"
+#include "format.h"
+#include "os.h"
+#include "store_files.h"
+
+namespace embstore {
+
+using detail::StoreFiles;
+
+class Reader::Impl {
+ public:
+  explicit Impl(std::unique_ptr<StoreFiles> files)
+      : files_(std::move(files)), path_(files_->dir()), metadata_(files_->layout().metadata) {}
+
+  std::shared_ptr<StoreFiles> files_;  // Shared with owner() copies; null after close().
+  std::string path_;
+  std::string metadata_;
+  std::uint64_t snapshot_ = 0;
+  // After a reboot, before any writer recovered the store: rows below this were verified.
+  std::uint64_t verified_upto_ = 0;
+
+  StoreFiles& files() const {
+    if (!files_) throw Error(ErrorCode::kClosed, path_ + ": the Reader is closed");
+    return *files_;
+  }
+
+  std::uint64_t refresh() {
+    StoreFiles& f = files();
+    auto& state = f.state();
+    if (f.same_boot()) {
+      const std::uint64_t committed = state.committed();
+      f.map_rows(committed);  // Refuses counters the files cannot back (kCorruption).
+      snapshot_ = std::max(snapshot_, committed);
+      return snapshot_;
+    }
+    // The store was last written in an earlier boot and no writer has recovered it yet: rows
+    // past `durable` may be torn. Verify them here (read-only) and stop at the first bad one.
+    const std::uint64_t durable = state.durable();
+    const std::uint64_t committed = std::min(state.committed(), f.rows_files_hold());
+    const std::uint64_t start = std::max(std::min(durable, committed), verified_upto_);
+    f.map_rows(committed);
+    const std::uint64_t valid = start >= committed ? committed : f.first_invalid(start, committed);
+    verified_upto_ = std::max(verified_upto_, valid);
+    snapshot_ = std::max(snapshot_, valid);
+    return snapshot_;
+  }
+
+  void check_range(std::uint64_t begin, std::uint64_t end, const char* what) const {
+    if (begin > end || end > snapshot_) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  path_ + ": " + what + "(" + std::to_string(begin) + ", " + std::to_string(end) +
+                      ") is outside the snapshot of " + std::to_string(snapshot_) + " rows");
+    }
+  }
+};
+
+Reader::Reader(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Reader::Reader(Reader&&) noexcept = default;
+Reader& Reader::operator=(Reader&&) noexcept = default;
+Reader::~Reader() = default;
+
+Reader Reader::open(const std::string& path, const ReaderOptions& options) {
+  auto impl = std::make_unique<Impl>(
+      StoreFiles::open(path, detail::os::Access::kReadOnly, options.map_bytes));
+  impl->refresh();
+  return Reader(std::move(impl));
+}
+
+std::uint64_t Reader::size() const { return impl_->snapshot_; }
+std::uint64_t Reader::refresh() { return impl_->refresh(); }
+
+bool Reader::wait(std::uint64_t min_rows, std::chrono::nanoseconds timeout) {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + timeout;
+  // Sleep in bounded slices: the futex compares only the low 32 bits of the counter.
+  constexpr std::int64_t kMaxSliceNs = 100'000'000;
+  for (;;) {
+    if (impl_->refresh() >= min_rows) return true;
+    const auto now = Clock::now();
+    if (now >= deadline) return false;
+    auto& state = impl_->files().state();
+    const std::uint64_t seen = state.committed();
+    if (seen >= min_rows) continue;  // Committed meanwhile; the next refresh takes it.
+    const std::int64_t left =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - now).count();
+    detail::os::futex_wait(state.committed_word(), static_cast<std::uint32_t>(seen),
+                           std::min(left, kMaxSliceNs));
+  }
+}
+
+RowsView Reader::rows(std::uint64_t begin, std::uint64_t end) const {
+  impl_->check_range(begin, end, "rows");
+  const StoreFiles& f = impl_->files();
+  const auto& layout = f.layout();
+  return RowsView{f.row_ptr(begin), begin, end - begin, layout.dim, layout.dtype,
+                  layout.record_bytes};
+}
+
+StridedView<std::uint64_t> Reader::keys(std::uint64_t begin, std::uint64_t end) const {
+  impl_->check_range(begin, end, "keys");
+  const auto* entry = reinterpret_cast<const std::byte*>(impl_->files().entry_ptr(begin));
+  return {entry + offsetof(detail::IndexEntry, key), end - begin, detail::kIndexEntryBytes};
+}
+
+StridedView<std::uint64_t> Reader::epochs(std::uint64_t begin, std::uint64_t end) const {
+  impl_->check_range(begin, end, "epochs");
+  const auto* entry = reinterpret_cast<const std::byte*>(impl_->files().entry_ptr(begin));
+  return {entry + offsetof(detail::IndexEntry, epoch), end - begin, detail::kIndexEntryBytes};
+}
+
+Record Reader::record(std::uint64_t row) const {
+  if (row >= impl_->snapshot_) {
+    throw Error(ErrorCode::kInvalidArgument, impl_->path_ + ": row " + std::to_string(row) +
+                                                 " is outside the snapshot of " +
+                                                 std::to_string(impl_->snapshot_) + " rows");
+  }
+  const StoreFiles& f = impl_->files();
+  detail::IndexEntry entry;
+  std::memcpy(&entry, f.entry_ptr(row), sizeof(entry));
+  if (!f.row_valid(row)) {
+    throw Error(ErrorCode::kCorruption,
+                f.data_path() + ": row " + std::to_string(row) + " (key " +
+                    std::to_string(entry.key) + ", epoch " + std::to_string(entry.epoch) +
+                    ") fails its checksum in " + f.index_path());
+  }
+  return Record{row, entry.key, entry.epoch, f.row_ptr(row)};
+}
+
+VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
+  impl_->check_range(begin, end, "verify");
+  const StoreFiles& f = impl_->files();
+  VerifyReport report;
+  report.begin_row = begin;
+  report.end_row = end;
+  for (std::uint64_t row = begin; row < end; ++row) {
+    ++report.rows_checked;
+    if (f.row_valid(row)) continue;
+    ++report.bad_row_count;
+    if (report.bad_rows.size() < VerifyReport::kMaxListed) report.bad_rows.push_back(row);
+  }
+  return report;
+}
+
+std::uint32_t Reader::dim() const { return impl_->files().layout().dim; }
+DType Reader::dtype() const { return impl_->files().layout().dtype; }
+const std::string& Reader::path() const { return impl_->path_; }
+const std::string& Reader::metadata() const { return impl_->metadata_; }
+StoreInfo Reader::info() const { return impl_->files().info(); }
+
+std::shared_ptr<const void> Reader::owner() const {
+  impl_->files();
+  return impl_->files_;
+}
+
+void Reader::close() { impl_->files_.reset(); }
+
+}  // namespace embstore

@@ -1,0 +1,56 @@
+// testing.h — crash points and the fault seam, compiled into test builds only.
+//
+// The library is built twice: `embstore` (release: every hook below compiles to nothing) and
+// `embstore_testing` (EMBSTORE_TESTING defined), which the reliability tests link. Hooks are armed
+// in-process through the functions below or, for child processes, through the environment:
+//   EMBSTORE_CRASH=<point>:<n>          raise SIGKILL at the n-th pass (1-based) of <point>
+//   EMBSTORE_FAULT=<op>:<n>:<errno>[:forever][,...]   fail the n-th call of <op> with <errno>
+//   EMBSTORE_BOOT_ID=<uuid>             the boot id the store sees (simulates a reboot)
+// Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
+//         after-publish, mid-sync, during-recovery.
+// Ops: open, fallocate, ftruncate, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
+//      rename, mkdir.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+namespace embstore::detail::testing {
+
+enum class Op : int {
+  kOpen,
+  kFallocate,
+  kFtruncate,
+  kMmap,
+  kMsync,
+  kPwrite,
+  kPread,
+  kRename,
+  kMkdir,
+  kCount,
+};
+
+std::string_view op_name(Op op) noexcept;
+
+#ifdef EMBSTORE_TESTING
+inline constexpr bool kEnabled = true;
+// Fails the nth call (1-based, counted from now) of `op` with `err`; if `forever`, every later
+// call too. Replaces any earlier arming of the same op.
+void arm_fault(Op op, std::uint64_t nth, int err, bool forever);
+void arm_crash(std::string_view point, std::uint64_t nth);
+void disarm_all();
+std::uint64_t faults_injected() noexcept;
+// Returns the errno to fail with, or 0 to proceed. Called by the seam before each real call.
+int fault_for(Op op) noexcept;
+void crash_point(const char* point) noexcept;
+// Overrides the boot id the store sees (simulates a reboot). Empty: the kernel's.
+void set_boot_id(std::string_view boot_id_text);
+#define EMBSTORE_CRASH_POINT(name) ::embstore::detail::testing::crash_point(name)
+#define EMBSTORE_FAULT(op) ::embstore::detail::testing::fault_for(op)
+#else
+inline constexpr bool kEnabled = false;
+#define EMBSTORE_CRASH_POINT(name) ((void)0)
+#define EMBSTORE_FAULT(op) 0
+#endif
+
+}  // namespace embstore::detail::testing

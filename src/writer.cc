@@ -1,0 +1,418 @@
+#include "embstore/writer.h"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "checksum.h"
+#include "convert.h"
+#include "embstore/error.h"
+#include "format.h"
+#include "lock.h"
+#include "os.h"
+#include "store_files.h"
+#include "testing.h"
+
+namespace embstore {
+
+using detail::IndexEntry;
+using detail::StoreFiles;
+
+class Writer::Impl {
+ public:
+  Impl(std::unique_ptr<StoreFiles> files, const WriterOptions& options)
+      : files_(std::move(files)),
+        path_(files_->dir()),
+        lock_(std::make_unique<detail::WriterLock>(path_ + "/" + detail::kLockFileName)),
+        options_(options),
+        owner_pid_(detail::os::current_pid()) {
+    {
+      detail::LockGuard guard(*lock_);
+      recover();
+      files_->map_rows(files_->state().capacity());
+    }
+    if (options_.sync == SyncPolicy::kInterval) {
+      sync_thread_ = std::make_unique<std::thread>([this] { sync_loop(); });
+    }
+  }
+
+  ~Impl() {
+    if (detail::os::current_pid() != owner_pid_) {
+      // A forked child: the parent's sync thread does not exist here and the mutex may be held
+      // by a thread that was not copied. Drop the thread handle unjoined; release only memory.
+      (void)sync_thread_.release();
+      return;
+    }
+    try {
+      close();
+    } catch (...) {
+      // Destructors never throw; call close() to see a final sync's error.
+    }
+  }
+
+  std::uint64_t append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
+                       std::uint64_t single_epoch, const ConstMatrix& rows);
+  void sync();
+  void close();
+  const StoreFiles& files() const {
+    check_usable();
+    return *files_;
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  void check_usable() const;
+  void flush();  // The sync itself; callers have checked usability.
+  void recover();
+  void sync_loop();
+  [[noreturn]] void poison(const Error& error);
+
+  std::unique_ptr<StoreFiles> files_;  // Released by close().
+  std::string path_;
+  std::unique_ptr<detail::WriterLock> lock_;  // Released by close().
+  WriterOptions options_;
+  int owner_pid_;
+  std::mutex mutex_;  // Serializes appends of this handle's threads; the OFD lock serializes
+                      // this handle against every other handle and process.
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> poisoned_{false};
+  std::string poison_message_;  // Written once, before poisoned_ is set.
+  std::unique_ptr<std::thread> sync_thread_;
+  std::mutex sync_mutex_;
+  std::condition_variable sync_cv_;
+  bool stop_sync_ = false;
+};
+
+void Writer::Impl::check_usable() const {
+  if (detail::os::current_pid() != owner_pid_) {
+    throw Error(ErrorCode::kForkedChild,
+                path_ + ": this Writer was opened by process " +
+                    std::to_string(owner_pid_) + "; a forked child must open its own Writer");
+  }
+  if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+  if (poisoned_.load(std::memory_order_acquire)) {
+    throw Error(ErrorCode::kPoisoned, poison_message_);
+  }
+}
+
+// Runs under the writer lock at open. After a process crash (same boot) the page cache holds
+// every committed row, so only the counters are checked: O(1). After a reboot any unsynced page
+// may be stale or torn, so rows past `durable` are re-checked and the commit counter is cut back
+// to the longest valid prefix. Interrupted at any point, it reaches the same result when re-run:
+// the boot id is stored last.
+void Writer::Impl::recover() {
+  auto& state = files_->state();
+  const std::string& header = files_->header_path();
+  std::uint64_t durable = state.durable();
+  std::uint64_t committed = state.committed();
+  std::uint64_t capacity = state.capacity();
+  const std::uint64_t files_hold = files_->rows_files_hold();
+
+  if (files_->same_boot()) {
+    auto corrupt = [&](const std::string& what) {
+      throw Error(ErrorCode::kCorruption, header + ": " + what);
+    };
+    if (capacity > files_hold) {
+      corrupt("field capacity_rows " + std::to_string(capacity) + " exceeds the " +
+              std::to_string(files_hold) + " rows that " + files_->data_path() + " and " +
+              files_->index_path() + " hold");
+    }
+    if (committed > capacity) {
+      corrupt("field committed_rows " + std::to_string(committed) + " exceeds capacity_rows " +
+              std::to_string(capacity));
+    }
+    if (durable > committed) {
+      corrupt("field durable_rows " + std::to_string(durable) + " exceeds committed_rows " +
+              std::to_string(committed));
+    }
+    return;
+  }
+
+  // After a power loss the files may be shorter than counters flushed before them.
+  capacity = std::min(capacity, files_hold);
+  committed = std::min(committed, capacity);
+  durable = std::min(durable, committed);
+  files_->map_rows(committed);
+  EMBSTORE_CRASH_POINT("during-recovery");
+  const std::uint64_t valid = files_->first_invalid(durable, committed);
+  state.set_capacity(capacity);
+  state.publish_committed(valid);
+  state.set_durable(durable);
+  std::uint64_t boot[2];
+  detail::os::boot_id(boot);
+  state.set_boot_id(boot);
+  detail::os::datasync(files_->header_fd(), header);
+}
+
+std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
+                                   const std::uint64_t* epochs, std::uint64_t single_epoch,
+                                   const ConstMatrix& rows) {
+  check_usable();
+  const detail::Layout& layout = files_->layout();
+  const std::string& where = files_->dir();
+  auto invalid = [&](const std::string& what) {
+    throw Error(ErrorCode::kInvalidArgument, where + ": append: " + what);
+  };
+  const std::uint64_t n = rows.rows;
+  if (keys.size() != n) {
+    invalid(std::to_string(keys.size()) + " keys for " + std::to_string(n) + " rows");
+  }
+  if (n == 0) return files_->state().committed();
+  if (rows.data == nullptr) invalid("rows.data is null");
+  if (rows.dim != layout.dim) {
+    invalid("rows have dim " + std::to_string(rows.dim) + " but the store's dim is " +
+            std::to_string(layout.dim));
+  }
+  const bool same_dtype = rows.dtype == layout.dtype;
+  const bool convert = rows.dtype == DType::kFloat32 &&
+                       (layout.dtype == DType::kFloat16 || layout.dtype == DType::kBFloat16);
+  if (!same_dtype && !convert) {
+    invalid("cannot append " + std::string(dtype_name(rows.dtype)) + " rows to a " +
+            std::string(dtype_name(layout.dtype)) + " store (only " +
+            std::string(dtype_name(layout.dtype)) +
+            (layout.dtype == DType::kFloat16 || layout.dtype == DType::kBFloat16 ? " or float32"
+                                                                                  : "") +
+            " is accepted)");
+  }
+  const std::uint64_t input_row_bytes = std::uint64_t{rows.dim} * dtype_size(rows.dtype);
+  const std::uint64_t stride = rows.row_stride_bytes == 0 ? input_row_bytes : rows.row_stride_bytes;
+  if (stride < input_row_bytes) {
+    invalid("row_stride_bytes " + std::to_string(stride) + " is less than a row's " +
+            std::to_string(input_row_bytes) + " bytes");
+  }
+  if (n > detail::kMaxRows) invalid(std::to_string(n) + " rows in one batch is beyond 2^40");
+
+  // Everything that does not need the row number happens before the lock: conversion and the
+  // payload hashes. The lock then covers only the copy, the index entries and the publish.
+  const std::uint64_t record_bytes = layout.record_bytes;
+  thread_local std::vector<std::byte> staging;
+  thread_local std::vector<std::uint64_t> hashes;
+  const std::byte* source = static_cast<const std::byte*>(rows.data);
+  std::uint64_t source_stride = stride;
+  if (convert) {
+    staging.resize(n * record_bytes);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      const auto* in = reinterpret_cast<const float*>(source + i * stride);
+      auto* out = reinterpret_cast<std::uint16_t*>(staging.data() + i * record_bytes);
+      if (layout.dtype == DType::kFloat16) {
+        detail::convert_to_half(in, out, rows.dim);
+      } else {
+        detail::convert_to_bfloat16(in, out, rows.dim);
+      }
+    }
+    source = staging.data();
+    source_stride = record_bytes;
+  }
+  hashes.resize(n);
+  for (std::uint64_t i = 0; i < n; ++i) {
+    hashes[i] = detail::payload_hash(source + i * source_stride, record_bytes, layout.seed);
+  }
+
+  std::uint64_t first;
+  {
+  std::lock_guard in_process(mutex_);
+  check_usable();
+  detail::LockGuard across_processes(*lock_);
+  auto& state = files_->state();
+  first = state.committed();
+  if (first + n > detail::kMaxRows) {
+    throw Error(ErrorCode::kFull, where + ": the store holds " + std::to_string(first) +
+                                      " rows; " + std::to_string(n) + " more exceed 2^40");
+  }
+  // Another process may have grown the files since this handle last looked.
+  files_->grow_to(first + n);
+
+  std::byte* dest = files_->row_ptr(first);
+  if (source_stride == record_bytes) {
+    std::memcpy(dest, source, n * record_bytes);
+  } else {
+    for (std::uint64_t i = 0; i < n; ++i) {
+      std::memcpy(dest + i * record_bytes, source + i * source_stride, record_bytes);
+    }
+  }
+  EMBSTORE_CRASH_POINT("after-copy");
+  IndexEntry* entries = files_->entry_ptr(first);
+  for (std::uint64_t i = 0; i < n; ++i) {
+    const std::uint64_t row = first + i;
+    const std::uint64_t epoch = epochs != nullptr ? epochs[i] : single_epoch;
+    IndexEntry entry{keys[i], epoch, row,
+                     detail::entry_checksum(hashes[i], keys[i], epoch, row, layout.seed)};
+    std::memcpy(entries + i, &entry, sizeof(entry));
+    if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
+  }
+  EMBSTORE_CRASH_POINT("before-publish");
+  state.publish_committed(first + n);
+  detail::os::futex_wake_all(state.committed_word());
+  EMBSTORE_CRASH_POINT("after-publish");
+  }
+  // Outside the lock: other writers need not wait for this one's flush.
+  if (options_.sync == SyncPolicy::kEveryAppend) sync();
+  return first;
+}
+
+void Writer::Impl::poison(const Error& error) {
+  if (!poisoned_.load()) {
+    poison_message_ = path_ + ": writer refuses further writes until reopened: " +
+                      std::string(error.what());
+    poisoned_.store(true, std::memory_order_release);
+  }
+  throw Error(ErrorCode::kPoisoned, poison_message_, error.sys_errno());
+}
+
+void Writer::Impl::sync() {
+  check_usable();
+  flush();
+}
+
+void Writer::Impl::flush() {
+  auto& state = files_->state();
+  const std::uint64_t committed = state.committed();
+  try {
+    detail::os::datasync(files_->data_fd(), files_->data_path());
+    detail::os::datasync(files_->index_fd(), files_->index_path());
+    EMBSTORE_CRASH_POINT("mid-sync");
+    state.raise_durable(committed);
+    detail::os::datasync(files_->header_fd(), files_->header_path());
+  } catch (const Error& error) {
+    // Never retried: after a failed flush the kernel may have dropped the dirty pages, so a
+    // later success would not mean the rows are on disk.
+    poison(error);
+  }
+}
+
+void Writer::Impl::sync_loop() {
+  std::unique_lock guard(sync_mutex_);
+  while (!stop_sync_) {
+    sync_cv_.wait_for(guard, options_.sync_interval, [this] { return stop_sync_; });
+    if (stop_sync_) break;
+    try {
+      sync();
+    } catch (const Error&) {
+      return;  // Poisoned: the next append or close reports it.
+    }
+  }
+}
+
+void Writer::Impl::close() {
+  if (detail::os::current_pid() != owner_pid_) return;
+  if (sync_thread_) {
+    {
+      std::lock_guard guard(sync_mutex_);
+      stop_sync_ = true;
+    }
+    sync_cv_.notify_all();
+    sync_thread_->join();
+    sync_thread_.reset();
+  }
+  std::lock_guard in_process(mutex_);
+  if (closed_.exchange(true)) return;
+  std::exception_ptr final_error;
+  if (options_.sync != SyncPolicy::kNone) {
+    try {
+      if (poisoned_.load()) throw Error(ErrorCode::kPoisoned, poison_message_);
+      flush();
+    } catch (...) {
+      final_error = std::current_exception();
+    }
+  }
+  lock_.reset();
+  files_.reset();
+  if (final_error) std::rethrow_exception(final_error);
+}
+
+// ---- Writer -------------------------------------------------------------------------------
+
+Writer::Writer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Writer::Writer(Writer&&) noexcept = default;
+Writer& Writer::operator=(Writer&&) noexcept = default;
+Writer::~Writer() = default;
+
+Writer Writer::create(const std::string& path, const CreateOptions& create_options,
+                      const WriterOptions& options) {
+  create_store(path, create_options);
+  return open(path, options);
+}
+
+Writer Writer::open(const std::string& path, const WriterOptions& options) {
+  if (options.sync == SyncPolicy::kInterval && options.sync_interval.count() <= 0) {
+    throw Error(ErrorCode::kInvalidArgument,
+                path + ": sync_interval must be positive with SyncPolicy::kInterval");
+  }
+  auto files = StoreFiles::open(path, detail::os::Access::kReadWrite, options.map_bytes);
+  const auto& layout = files->layout();
+  if (options.expect_dim && *options.expect_dim != layout.dim) {
+    throw Error(ErrorCode::kFormatMismatch,
+                files->dir() + ": the store's dim is " + std::to_string(layout.dim) +
+                    ", not the expected " + std::to_string(*options.expect_dim));
+  }
+  if (options.expect_dtype && *options.expect_dtype != layout.dtype) {
+    throw Error(ErrorCode::kFormatMismatch,
+                files->dir() + ": the store's dtype is " + std::string(dtype_name(layout.dtype)) +
+                    ", not the expected " + std::string(dtype_name(*options.expect_dtype)));
+  }
+  return Writer(std::make_unique<Impl>(std::move(files), options));
+}
+
+Writer Writer::open_or_create(const std::string& path, const CreateOptions& create_options,
+                              const WriterOptions& options) {
+  WriterOptions checked = options;
+  checked.expect_dim = create_options.dim;
+  checked.expect_dtype = create_options.dtype;
+  // Racing processes: whoever's rename lands first creates; everyone else opens.
+  for (int attempt = 0;; ++attempt) {
+    try {
+      return open(path, checked);
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kNotFound || attempt >= 2) throw;
+    }
+    try {
+      create_store(path, create_options);
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kAlreadyExists) throw;
+    }
+  }
+}
+
+std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
+                             const ConstMatrix& rows) {
+  return impl_->append(keys, nullptr, epoch, rows);
+}
+
+std::uint64_t Writer::append(std::span<const std::uint64_t> keys,
+                             std::span<const std::uint64_t> epochs, const ConstMatrix& rows) {
+  if (epochs.size() != rows.rows) {
+    throw Error(ErrorCode::kInvalidArgument,
+                impl_->path() + ": append: " + std::to_string(epochs.size()) + " epochs for " +
+                    std::to_string(rows.rows) + " rows");
+  }
+  return impl_->append(keys, epochs.data(), 0, rows);
+}
+
+std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
+                             std::span<const float> values) {
+  const std::uint32_t d = impl_->files().layout().dim;
+  if (values.size() != keys.size() * d) {
+    throw Error(ErrorCode::kInvalidArgument,
+                impl_->path() + ": append: " + std::to_string(values.size()) +
+                    " floats is not " + std::to_string(keys.size()) + " keys x dim " +
+                    std::to_string(d));
+  }
+  return impl_->append(keys, nullptr, epoch,
+                       ConstMatrix{values.data(), DType::kFloat32, keys.size(), d, 0});
+}
+
+void Writer::sync() { impl_->sync(); }
+void Writer::close() { impl_->close(); }
+std::uint64_t Writer::committed_rows() const { return impl_->files().state().committed(); }
+std::uint64_t Writer::durable_rows() const { return impl_->files().state().durable(); }
+std::uint32_t Writer::dim() const { return impl_->files().layout().dim; }
+DType Writer::dtype() const { return impl_->files().layout().dtype; }
+const std::string& Writer::path() const { return impl_->path(); }
+StoreInfo Writer::info() const { return impl_->files().info(); }
+
+}  // namespace embstore
