@@ -106,6 +106,7 @@ void write_all(int fd, const void* buf, std::size_t bytes, std::uint64_t offset,
 }
 
 void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& path) {
+  if (bytes == 0) return;  // posix_fallocate rejects an empty range with EINVAL.
   if (int err = injected(Op::kFallocate)) fail("fallocate", path, err);
   int err;
   do err = ::posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes));

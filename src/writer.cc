@@ -15,6 +15,7 @@
 #include "format.h"
 #include "lock.h"
 #include "os.h"
+#include "prefault.h"
 #include "store_files.h"
 #include "testing.h"
 
@@ -36,6 +37,7 @@ class Writer::Impl {
       recover();
       files_->map_rows(files_->state().capacity());
     }
+    if (options_.prefault_bytes > 0) start_prefault();
     if (options_.sync == SyncPolicy::kInterval) {
       sync_thread_ = std::make_unique<std::thread>([this] { sync_loop(); });
     }
@@ -46,6 +48,8 @@ class Writer::Impl {
       // A forked child: the parent's sync thread does not exist here and the mutex may be held
       // by a thread that was not copied. Drop the thread handle unjoined; release only memory.
       (void)sync_thread_.release();
+      if (prefault_) prefault_->abandon();
+      (void)prefault_.release();
       return;
     }
     try {
@@ -59,17 +63,20 @@ class Writer::Impl {
                        std::uint64_t single_epoch, const ConstMatrix& rows);
   void sync();
   void close();
+  // For accessors: a poisoned writer still reports its counters.
   const StoreFiles& files() const {
-    check_usable();
+    check_open();
     return *files_;
   }
   const std::string& path() const { return path_; }
 
  private:
-  void check_usable() const;
+  void check_open() const;    // Same process, not closed.
+  void check_usable() const;  // check_open() and not poisoned.
   void flush();  // The sync itself; callers have checked usability.
   void recover();
   void sync_loop();
+  void start_prefault();
   [[noreturn]] void poison(const Error& error);
 
   std::unique_ptr<StoreFiles> files_;  // Released by close().
@@ -86,18 +93,33 @@ class Writer::Impl {
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
   bool stop_sync_ = false;
+  std::unique_ptr<detail::Prefaulter> prefault_;  // Stopped before files_ is unmapped.
 };
 
+// The thread sleeps until the first append: a Writer opened and closed without appending
+// touches no page.
+void Writer::Impl::start_prefault() {
+  prefault_ = std::make_unique<detail::Prefaulter>(
+      std::vector<detail::Prefaulter::Region>{
+          {files_->row_ptr(0), files_->layout().record_bytes},
+          {reinterpret_cast<std::byte*>(files_->entry_ptr(0)), sizeof(IndexEntry)}},
+      options_.prefault_bytes);
+}
+
 void Writer::Impl::check_usable() const {
+  check_open();
+  if (poisoned_.load(std::memory_order_acquire)) {
+    throw Error(ErrorCode::kPoisoned, poison_message_);
+  }
+}
+
+void Writer::Impl::check_open() const {
   if (detail::os::current_pid() != owner_pid_) {
     throw Error(ErrorCode::kForkedChild,
                 path_ + ": this Writer was opened by process " +
                     std::to_string(owner_pid_) + "; a forked child must open its own Writer");
   }
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
-  if (poisoned_.load(std::memory_order_acquire)) {
-    throw Error(ErrorCode::kPoisoned, poison_message_);
-  }
 }
 
 // Runs under the writer lock at open. After a process crash (same boot) the page cache holds
@@ -249,6 +271,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
   state.publish_committed(first + n);
   detail::os::futex_wake_all(state.committed_word());
   EMBSTORE_CRASH_POINT("after-publish");
+  if (prefault_) prefault_->advance(first + n, files_->mapped_rows());
   }
   // Outside the lock: other writers need not wait for this one's flush.
   if (options_.sync == SyncPolicy::kEveryAppend) sync();
@@ -320,6 +343,7 @@ void Writer::Impl::close() {
       final_error = std::current_exception();
     }
   }
+  prefault_.reset();  // Joins the thread: nothing touches the mappings after this.
   lock_.reset();
   files_.reset();
   if (final_error) std::rethrow_exception(final_error);

@@ -1,0 +1,131 @@
+"""Exceptions raised by embstore, and how the C++ error codes map onto them.
+
+=====================  =======================================================
+C++ ErrorCode          Python exception
+=====================  =======================================================
+kInvalidArgument       ValueError (bad shape, dtype, dim, key, range, option)
+kNotFound              FileNotFoundError (an OSError; errno ENOENT)
+kAlreadyExists         FileExistsError (an OSError; errno EEXIST)
+kIO                    OSError with the failed call's errno
+kFull                  OSError, errno ENOSPC/EFBIG (disk full, or map_bytes outgrown)
+kReadOnly              OSError, errno EROFS/EACCES/EPERM
+kCorruption            CorruptionError (an embstore.Error)
+kFormatMismatch        FormatMismatchError (an embstore.Error and a ValueError)
+kUnsupportedVersion    UnsupportedVersionError (an embstore.Error)
+kPoisoned              PoisonedError (an embstore.Error): a sync failed, reopen
+kForkedChild           ForkedChildError (an embstore.Error)
+kClosed                ClosedError (an embstore.Error and a ValueError, like I/O on a
+                       closed Python file)
+=====================  =======================================================
+
+Every exception carries the C++ message (it names the file, field or value) and has a ``code``
+attribute with the C++ code's name ("corruption", "io", ...).
+"""
+
+import errno as _errno
+
+__all__ = [
+    "Error",
+    "CorruptionError",
+    "FormatMismatchError",
+    "UnsupportedVersionError",
+    "PoisonedError",
+    "ForkedChildError",
+    "ClosedError",
+]
+
+_CODE_NAMES = {
+    1: "invalid_argument",
+    2: "not_found",
+    3: "already_exists",
+    4: "corruption",
+    5: "format_mismatch",
+    6: "unsupported_version",
+    7: "io",
+    8: "full",
+    9: "read_only",
+    10: "poisoned",
+    11: "forked_child",
+    12: "closed",
+}
+
+
+class Error(Exception):
+    """Base class of embstore's own exceptions (store state, not caller or OS errors).
+
+    Attributes:
+        code: the C++ ErrorCode's name, e.g. "corruption".
+        errno: the errno of the system call behind it, or 0.
+    """
+
+    code = "error"
+    errno = 0
+
+
+class CorruptionError(Error):
+    """Bytes on disk fail a checksum or a structural check; the message names the file/row."""
+
+    code = "corruption"
+
+
+class FormatMismatchError(Error, ValueError):
+    """The store's dim or dtype differ from what the caller asked for."""
+
+    code = "format_mismatch"
+
+
+class UnsupportedVersionError(Error):
+    """The store was written by a newer, incompatible format version."""
+
+    code = "unsupported_version"
+
+
+class PoisonedError(Error):
+    """A sync failed; the Writer refuses writes until the store is reopened."""
+
+    code = "poisoned"
+
+
+class ForkedChildError(Error):
+    """A forked child used a Writer its parent opened; the child must open its own."""
+
+    code = "forked_child"
+
+
+class ClosedError(Error, ValueError):
+    """The Writer or Reader was closed."""
+
+    code = "closed"
+
+
+_CLASSES = {
+    4: CorruptionError,
+    5: FormatMismatchError,
+    6: UnsupportedVersionError,
+    10: PoisonedError,
+    11: ForkedChildError,
+    12: ClosedError,
+}
+
+_DEFAULT_ERRNO = {
+    2: _errno.ENOENT,
+    3: _errno.EEXIST,
+    7: _errno.EIO,
+    8: _errno.ENOSPC,
+    9: _errno.EROFS,
+}
+
+
+def from_code(code: int, message: str, sys_errno: int = 0) -> BaseException:
+    """Returns the exception instance for a C++ embstore::Error (used by the C++ module)."""
+    name = _CODE_NAMES.get(code, "error")
+    if code == 1:
+        exc = ValueError(message)
+    elif code in _DEFAULT_ERRNO:
+        # OSError(errno, msg) becomes FileNotFoundError, FileExistsError, ... by errno.
+        exc = OSError(sys_errno or _DEFAULT_ERRNO[code], message)
+    else:
+        exc = _CLASSES.get(code, Error)(message)
+        exc.errno = sys_errno
+    exc.code = name
+    return exc

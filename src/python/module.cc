@@ -1,0 +1,685 @@
+// _embstore — the pybind11 module under the `embstore` Python package (see embstore/__init__.py
+// for the documented, public Python API; names here are private building blocks).
+//
+// Arrays handed out point straight into the store's mappings: their numpy `base` is a _Mapping
+// object holding Reader::owner(), so a view outlives the Reader that made it. Arrays handed in
+// are read in place: the GIL is released while rows are copied into the store, and an async
+// writer keeps a reference to the caller's array until the background thread has written it.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "async_writer.h"
+#include "embstore/embstore.h"
+
+namespace py = pybind11;
+
+namespace embstore::python {
+namespace {
+
+[[noreturn]] void invalid(const std::string& message) {
+  throw Error(ErrorCode::kInvalidArgument, message);
+}
+
+// Turns embstore::Error into the Python exception embstore._errors chooses for its code.
+void raise_python_error(const Error& error) {
+  py::object make = py::module_::import("embstore._errors").attr("from_code");
+  py::object exc = make(static_cast<int>(error.code()), std::string(error.what()),
+                        error.sys_errno());
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+}
+
+// Keeps a store's mappings alive; the numpy `base` of every array a Reader hands out.
+struct Mapping {
+  std::shared_ptr<const void> owner;
+  std::string path;
+};
+
+py::array make_view(const py::object& base, const py::dtype& dtype, std::vector<py::ssize_t> shape,
+                    std::vector<py::ssize_t> strides, const void* data) {
+  py::array array(dtype, std::move(shape), std::move(strides), data, base);
+  // The mapping is PROT_READ: a write through the array must fail in Python, not fault.
+  py::detail::array_proxy(array.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return array;
+}
+
+py::dtype numpy_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return py::dtype("float32");
+    case DType::kFloat16: return py::dtype("float16");
+    case DType::kBFloat16: return py::dtype("uint16");  // Raw bits; see Reader.vectors.
+    case DType::kInt8: return py::dtype("int8");
+    case DType::kUInt8: return py::dtype("uint8");
+    case DType::kFloat64: return py::dtype("float64");
+  }
+  invalid("unknown dtype");
+}
+
+DType parse_dtype_arg(const std::string& name) {
+  auto dtype = parse_dtype(name);
+  if (!dtype) invalid("unknown dtype '" + name + "'");
+  return *dtype;
+}
+
+// Reads a 1-D integer array (keys or epochs) into uint64, refusing negative values.
+std::vector<std::uint64_t> to_u64(const py::array& array, const char* what) {
+  if (array.ndim() != 1) {
+    invalid(std::string(what) + " must be 1-D; got " + std::to_string(array.ndim()) + " dims");
+  }
+  const char kind = array.dtype().kind();
+  if (kind != 'i' && kind != 'u') {
+    invalid(std::string(what) + " must be integers; got dtype " +
+            py::str(static_cast<py::handle>(array.dtype())).cast<std::string>());
+  }
+  const py::ssize_t n = array.shape(0);
+  std::vector<std::uint64_t> out(static_cast<std::size_t>(n));
+  const auto* base = static_cast<const char*>(array.data());
+  const py::ssize_t stride = array.strides(0);
+  const py::ssize_t size = array.itemsize();
+  for (py::ssize_t i = 0; i < n; ++i) {
+    const char* p = base + i * stride;
+    std::int64_t signed_value = 0;
+    std::uint64_t value = 0;
+    if (kind == 'u') {
+      if (size == 8) value = *reinterpret_cast<const std::uint64_t*>(p);
+      else if (size == 4) value = *reinterpret_cast<const std::uint32_t*>(p);
+      else if (size == 2) value = *reinterpret_cast<const std::uint16_t*>(p);
+      else value = *reinterpret_cast<const std::uint8_t*>(p);
+    } else {
+      if (size == 8) signed_value = *reinterpret_cast<const std::int64_t*>(p);
+      else if (size == 4) signed_value = *reinterpret_cast<const std::int32_t*>(p);
+      else if (size == 2) signed_value = *reinterpret_cast<const std::int16_t*>(p);
+      else signed_value = *reinterpret_cast<const std::int8_t*>(p);
+      if (signed_value < 0) {
+        invalid(std::string(what) + "[" + std::to_string(i) + "] is " +
+                std::to_string(signed_value) + "; keys and epochs must be >= 0");
+      }
+      value = static_cast<std::uint64_t>(signed_value);
+    }
+    out[static_cast<std::size_t>(i)] = value;
+  }
+  return out;
+}
+
+// Describes a 2-D array as a ConstMatrix without copying when the rows' elements are contiguous
+// (any positive row stride works); otherwise returns a contiguous copy in `array`.
+ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as_dtype,
+                          bool& copied) {
+  if (array.ndim() != 2) {
+    invalid("vectors must be 2-D (rows, dim); got " + std::to_string(array.ndim()) + " dims");
+  }
+  const py::dtype dt = array.dtype();
+  const char kind = dt.kind();
+  const py::ssize_t size = dt.itemsize();
+  DType dtype;
+  if (as_dtype) {
+    dtype = parse_dtype_arg(*as_dtype);
+    if (static_cast<py::ssize_t>(dtype_size(dtype)) != size) {
+      invalid("vectors: " + std::to_string(size) + "-byte elements cannot hold " + *as_dtype);
+    }
+  } else if (kind == 'f' && size == 4) {
+    dtype = DType::kFloat32;
+  } else if (kind == 'f' && size == 2) {
+    dtype = DType::kFloat16;
+  } else if (kind == 'f' && size == 8) {
+    dtype = DType::kFloat64;
+  } else if (kind == 'i' && size == 1) {
+    dtype = DType::kInt8;
+  } else if (kind == 'u' && size == 1) {
+    dtype = DType::kUInt8;
+  } else {
+    invalid("vectors have dtype " + py::str(static_cast<py::handle>(dt)).cast<std::string>() +
+            "; embstore takes float32, float16, bfloat16 (torch), float64, int8 or uint8");
+  }
+  if (dt.attr("byteorder").cast<std::string>() == ">") {
+    invalid("vectors are big-endian; convert them to native byte order first");
+  }
+  const py::ssize_t rows = array.shape(0);
+  const py::ssize_t dim = array.shape(1);
+  const py::ssize_t row_bytes = dim * size;
+  const bool elements_packed = dim <= 1 || array.strides(1) == size;
+  const bool rows_ok = rows <= 1 || array.strides(0) >= row_bytes;
+  if (!elements_packed || !rows_ok) {
+    array = py::module_::import("numpy").attr("ascontiguousarray")(array);
+    copied = true;
+  }
+  const std::uint64_t stride =
+      rows <= 1 ? static_cast<std::uint64_t>(row_bytes) : static_cast<std::uint64_t>(array.strides(0));
+  if (dim > 0xffffffff) invalid("vectors: dim " + std::to_string(dim) + " is too large");
+  return ConstMatrix{array.data(), dtype, static_cast<std::uint64_t>(rows),
+                     static_cast<std::uint32_t>(dim), stride};
+}
+
+// ---- Writer -------------------------------------------------------------------------------
+
+class PyWriter {
+ public:
+  PyWriter(Writer writer, std::uint64_t async_queue_bytes)
+      : writer_(std::move(writer)), owner_pid_(::getpid()) {
+    if (async_queue_bytes > 0) async_ = std::make_unique<AsyncAppender>(*writer_, async_queue_bytes);
+  }
+
+  ~PyWriter() {
+    if (::getpid() != owner_pid_) {
+      // A forked child: the background thread and any held mutex belong to the parent. Leak
+      // them; the core Writer's destructor releases only the child's copies.
+      (void)async_.release();
+      return;
+    }
+    try {
+      close();
+    } catch (...) {
+      // Python's Writer.__del__ calls close() first, so an error here was already reported.
+    }
+  }
+
+  py::object append(const py::array& keys, const py::object& epoch, py::array vectors,
+                    const std::optional<std::string>& as_dtype) {
+    check_process();
+    release_done();
+    bool copied = false;
+    Batch batch;
+    batch.rows = describe_rows(vectors, as_dtype, copied);
+    batch.keys = to_u64(keys, "keys");
+    if (py::isinstance<py::int_>(epoch)) {
+      const auto value = epoch.cast<long long>();
+      if (value < 0) invalid("epoch is " + std::to_string(value) + "; it must be >= 0");
+      batch.epoch = static_cast<std::uint64_t>(value);
+    } else {
+      batch.epochs = to_u64(epoch.cast<py::array>(), "epochs");
+      if (batch.epochs.size() != batch.rows.rows) {
+        invalid(writer_path() + ": append: " + std::to_string(batch.epochs.size()) +
+                " epochs for " + std::to_string(batch.rows.rows) + " rows");
+      }
+    }
+    if (batch.keys.size() != batch.rows.rows) {
+      invalid(writer_path() + ": append: " + std::to_string(batch.keys.size()) + " keys for " +
+              std::to_string(batch.rows.rows) + " rows");
+    }
+    std::shared_lock alive = lock_alive();
+    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    if (copied) ++copied_batches_;
+    if (async_) {
+      // Checked here so a wrong dim or dtype is a ValueError from this call, not a deferred one.
+      check_matches(batch.rows);
+      batch.queued_bytes = batch.rows.rows * std::uint64_t{batch.rows.dim} * dtype_size(batch.rows.dtype);
+      py::object keep = vectors;  // Referenced, not copied, until the batch is written.
+      batch.hold = keep.ptr();
+      {
+        py::gil_scoped_release unlocked;
+        async_->push(std::move(batch));
+      }
+      keep.release();  // The queue owns this reference now; release_done() drops it.
+      return py::none();
+    }
+    std::uint64_t first;
+    {
+      py::gil_scoped_release unlocked;
+      const auto start = std::chrono::steady_clock::now();
+      const std::span<const std::uint64_t> key_span(batch.keys);
+      first = batch.epochs.empty()
+                  ? writer_->append(key_span, batch.epoch, batch.rows)
+                  : writer_->append(key_span, std::span<const std::uint64_t>(batch.epochs),
+                                    batch.rows);
+      const double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      std::lock_guard guard(stats_mutex_);
+      ++sync_stats_.batches;
+      sync_stats_.rows += batch.rows.rows;
+      sync_stats_.bytes += batch.rows.rows * record_bytes_;
+      sync_stats_.append_seconds += seconds;
+    }
+    return py::int_(first);
+  }
+
+  void flush() {
+    check_process();
+    release_done();
+    {
+      std::shared_lock alive = lock_alive();
+      if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+      if (async_) {
+        py::gil_scoped_release unlocked;
+        async_->flush();
+      }
+    }
+    release_done();
+  }
+
+  void sync() {
+    flush();
+    std::shared_lock alive = lock_alive();
+    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    py::gil_scoped_release unlocked;
+    writer_->sync();
+  }
+
+  void close() {
+    if (::getpid() != owner_pid_) {
+      (void)async_.release();
+      return;
+    }
+    std::optional<Error> async_error;
+    std::exception_ptr close_error;
+    {
+      std::unique_lock lifetime(lifetime_mutex_, std::defer_lock);
+      {
+        py::gil_scoped_release unlocked;
+        lifetime.lock();
+        if (!writer_) return;
+        if (async_) async_error = async_->stop();
+        try {
+          writer_->close();
+        } catch (...) {
+          close_error = std::current_exception();
+        }
+      }
+      if (async_) {
+        final_stats_ = async_->stats();
+        drop_holds();
+        async_.reset();
+      }
+      writer_.reset();
+    }
+    if (async_error) throw Error(*async_error);
+    if (close_error) std::rethrow_exception(close_error);
+  }
+
+  bool closed() const { return !writer_; }
+  bool is_async() const { return async_ != nullptr || final_stats_.has_value(); }
+
+  py::dict stats() {
+    WriteStats s;
+    if (async_) {
+      s = async_->stats();
+    } else if (final_stats_) {
+      s = *final_stats_;
+    } else {
+      std::lock_guard guard(stats_mutex_);
+      s = sync_stats_;
+    }
+    py::dict out;
+    out["batches"] = s.batches;
+    out["rows"] = s.rows;
+    out["bytes"] = s.bytes;
+    out["append_seconds"] = s.append_seconds;
+    out["copied_batches"] = copied_batches_;
+    out["queued_bytes"] = s.queued_bytes;
+    out["blocked_appends"] = s.blocked_appends;
+    out["dropped_batches"] = s.dropped_batches;
+    return out;
+  }
+
+  Writer& writer() {
+    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    return *writer_;
+  }
+
+  void init_cached() {
+    path_ = writer_->path();
+    record_bytes_ = std::uint64_t{writer_->dim()} * dtype_size(writer_->dtype());
+  }
+
+ private:
+  void check_process() const {
+    // Before any mutex: in a forked child one may be held by a thread that does not exist there.
+    if (::getpid() != owner_pid_) {
+      throw Error(ErrorCode::kForkedChild,
+                  path_ + ": this Writer was opened by process " + std::to_string(owner_pid_) +
+                      "; a forked child must open its own Writer");
+    }
+  }
+
+  void check_matches(const ConstMatrix& rows) {
+    if (rows.rows == 0) return;
+    if (rows.dim != writer_->dim()) {
+      invalid(path_ + ": append: rows have dim " + std::to_string(rows.dim) +
+              " but the store's dim is " + std::to_string(writer_->dim()));
+    }
+    const DType store = writer_->dtype();
+    const bool convert = rows.dtype == DType::kFloat32 &&
+                         (store == DType::kFloat16 || store == DType::kBFloat16);
+    if (rows.dtype != store && !convert) {
+      invalid(path_ + ": append: cannot append " + std::string(dtype_name(rows.dtype)) +
+              " rows to a " + std::string(dtype_name(store)) + " store");
+    }
+  }
+
+  // Called with the GIL held; takes the lifetime lock without blocking while holding the GIL.
+  std::shared_lock<std::shared_mutex> lock_alive() {
+    std::shared_lock lock(lifetime_mutex_, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      py::gil_scoped_release unlocked;
+      lock.lock();
+    }
+    return lock;
+  }
+
+  std::string writer_path() const { return path_; }
+
+  // Drops the references to arrays the background thread has finished with (GIL held).
+  void release_done() {
+    if (!async_) return;
+    done_scratch_.clear();
+    async_->take_done(done_scratch_);
+    for (void* hold : done_scratch_) Py_DECREF(static_cast<PyObject*>(hold));
+    done_scratch_.clear();
+  }
+  void drop_holds() { release_done(); }
+
+  std::optional<Writer> writer_;
+  std::unique_ptr<AsyncAppender> async_;
+  std::shared_mutex lifetime_mutex_;  // Shared by calls using writer_, exclusive for close().
+  int owner_pid_;
+  std::string path_;
+  std::uint64_t record_bytes_ = 0;
+  std::vector<void*> done_scratch_;
+  std::mutex stats_mutex_;
+  WriteStats sync_stats_;
+  std::optional<WriteStats> final_stats_;
+  std::uint64_t copied_batches_ = 0;
+};
+
+WriterOptions writer_options(const std::string& sync, double sync_interval_s,
+                             std::optional<std::uint64_t> map_bytes) {
+  WriterOptions options;
+  if (sync == "none") {
+    options.sync = SyncPolicy::kNone;
+  } else if (sync == "every_append") {
+    options.sync = SyncPolicy::kEveryAppend;
+  } else if (sync == "interval") {
+    options.sync = SyncPolicy::kInterval;
+  } else {
+    invalid("sync must be 'none', 'every_append' or 'interval'; got '" + sync + "'");
+  }
+  options.sync_interval =
+      std::chrono::milliseconds(static_cast<std::int64_t>(sync_interval_s * 1000.0));
+  if (map_bytes) options.map_bytes = *map_bytes;
+  return options;
+}
+
+std::unique_ptr<PyWriter> open_writer(const std::string& path, std::optional<std::uint32_t> dim,
+                                      const std::optional<std::string>& dtype,
+                                      const std::string& metadata,
+                                      std::optional<std::uint64_t> segment_bytes,
+                                      const std::string& sync, double sync_interval_s,
+                                      std::optional<std::uint64_t> map_bytes,
+                                      std::uint64_t async_queue_bytes, bool create_only) {
+  WriterOptions options = writer_options(sync, sync_interval_s, map_bytes);
+  std::optional<Writer> writer;
+  {
+    py::gil_scoped_release unlocked;
+    if (dim) {
+      CreateOptions create;
+      create.dim = *dim;
+      create.dtype = dtype ? parse_dtype_arg(*dtype) : DType::kFloat32;
+      create.metadata = metadata;
+      if (segment_bytes) create.segment_bytes = *segment_bytes;
+      writer = create_only ? Writer::create(path, create, options)
+                           : Writer::open_or_create(path, create, options);
+    } else {
+      if (dtype) options.expect_dtype = parse_dtype_arg(*dtype);
+      writer = Writer::open(path, options);
+    }
+  }
+  auto result = std::make_unique<PyWriter>(std::move(*writer), async_queue_bytes);
+  result->init_cached();
+  return result;
+}
+
+// ---- Reader -------------------------------------------------------------------------------
+
+// Thread-safety: every call takes mutex_ (so refresh/wait never race views of the snapshot);
+// wait() holds it with the GIL released.
+class PyReader {
+ public:
+  explicit PyReader(Reader reader) : reader_(std::move(reader)) {
+    mapping_ = py::cast(Mapping{reader_->owner(), reader_->path()});
+    path_ = reader_->path();
+  }
+
+  std::uint64_t size() {
+    auto lock = guard();
+    return reader().size();
+  }
+  std::uint64_t refresh() {
+    auto lock = guard();
+    return reader().refresh();
+  }
+
+  bool wait(std::uint64_t min_rows, std::optional<double> timeout_s) {
+    using Clock = std::chrono::steady_clock;
+    const auto deadline =
+        timeout_s ? Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                       std::chrono::duration<double>(std::max(0.0, *timeout_s)))
+                  : Clock::time_point::max();
+    // Slices, so that Ctrl-C (a pending Python signal) interrupts a long wait.
+    constexpr auto kSlice = std::chrono::milliseconds(200);
+    for (;;) {
+      bool reached;
+      const auto now = Clock::now();
+      const auto slice_end = deadline - now > kSlice ? now + kSlice : deadline;
+      {
+        py::gil_scoped_release unlocked;
+        std::lock_guard lock(mutex_);
+        reached = reader().wait(min_rows, slice_end - Clock::now());
+      }
+      if (reached) return true;
+      if (Clock::now() >= deadline) return false;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+  }
+
+  py::array vectors(std::uint64_t begin, std::optional<std::uint64_t> end) {
+    auto lock = guard();
+    const RowsView view = reader().rows(begin, end.value_or(reader().size()));
+    const auto item = static_cast<py::ssize_t>(dtype_size(view.dtype));
+    return make_view(mapping_, numpy_dtype(view.dtype),
+                     {static_cast<py::ssize_t>(view.rows), static_cast<py::ssize_t>(view.dim)},
+                     {static_cast<py::ssize_t>(view.row_bytes), item}, view.data);
+  }
+
+  py::array strided(bool keys, std::uint64_t begin, std::optional<std::uint64_t> end) {
+    auto lock = guard();
+    const std::uint64_t stop = end.value_or(reader().size());
+    const StridedView<std::uint64_t> view =
+        keys ? reader().keys(begin, stop) : reader().epochs(begin, stop);
+    return make_view(mapping_, py::dtype("uint64"), {static_cast<py::ssize_t>(view.size)},
+                     {static_cast<py::ssize_t>(view.stride_bytes)}, view.data);
+  }
+
+  py::dict verify(std::uint64_t begin, std::optional<std::uint64_t> end) {
+    auto lock = guard();
+    VerifyReport report;
+    {
+      py::gil_scoped_release unlocked;
+      report = reader().verify(begin, end.value_or(reader().size()));
+    }
+    py::dict out;
+    out["begin_row"] = report.begin_row;
+    out["end_row"] = report.end_row;
+    out["rows_checked"] = report.rows_checked;
+    out["bad_row_count"] = report.bad_row_count;
+    out["bad_rows"] = report.bad_rows;
+    return out;
+  }
+
+  Reader& reader() {
+    if (!reader_) throw Error(ErrorCode::kClosed, path_ + ": the Reader is closed");
+    return *reader_;
+  }
+
+  std::unique_lock<std::mutex> guard() {
+    std::unique_lock lock(mutex_, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      py::gil_scoped_release unlocked;
+      lock.lock();
+    }
+    return lock;
+  }
+
+  void close() {
+    auto lock = guard();
+    reader_.reset();  // Views keep the mappings through mapping_'s owner().
+  }
+  bool closed() const { return !reader_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::optional<Reader> reader_;
+  py::object mapping_;
+  std::string path_;
+  std::mutex mutex_;
+};
+
+py::dict info_dict(const StoreInfo& info) {
+  py::dict out;
+  out["path"] = info.path;
+  out["format_version"] = std::to_string(info.format_major) + "." + std::to_string(info.format_minor);
+  out["dtype"] = std::string(dtype_name(info.dtype));
+  out["dim"] = info.dim;
+  out["record_bytes"] = info.record_bytes;
+  out["segment_bytes"] = info.segment_bytes;
+  out["store_id"] = info.store_id;
+  out["created_unix_ns"] = info.created_unix_ns;
+  out["metadata"] = info.metadata;
+  out["generation"] = info.generation;
+  out["committed_rows"] = info.committed_rows;
+  out["durable_rows"] = info.durable_rows;
+  out["capacity_rows"] = info.capacity_rows;
+  out["data_file_bytes"] = info.data_file_bytes;
+  out["index_file_bytes"] = info.index_file_bytes;
+  return out;
+}
+
+}  // namespace
+}  // namespace embstore::python
+
+PYBIND11_MODULE(_embstore, m) {
+  using namespace embstore;
+  using namespace embstore::python;
+  m.doc() = "Private C++ core of the embstore package; use the names exported by `embstore`.";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& error) {
+      raise_python_error(error);
+    }
+  });
+
+  m.attr("library_version") = kLibraryVersion;
+  m.attr("format_version") =
+      std::to_string(kFormatVersionMajor) + "." + std::to_string(kFormatVersionMinor);
+  m.attr("default_segment_bytes") = kDefaultSegmentBytes;
+  m.attr("default_map_bytes") = kDefaultMapBytes;
+
+  m.def("error_code_name", [](int code) {
+    return std::string(error_code_name(static_cast<ErrorCode>(code)));
+  });
+
+  m.def(
+      "create_store",
+      [](const std::string& path, std::uint32_t dim, const std::string& dtype,
+         const std::string& metadata, std::optional<std::uint64_t> segment_bytes) {
+        CreateOptions options;
+        options.dim = dim;
+        options.dtype = parse_dtype_arg(dtype);
+        options.metadata = metadata;
+        if (segment_bytes) options.segment_bytes = *segment_bytes;
+        py::gil_scoped_release unlocked;
+        create_store(path, options);
+      },
+      py::arg("path"), py::arg("dim"), py::arg("dtype"), py::arg("metadata"),
+      py::arg("segment_bytes"));
+
+  m.def(
+      "read_info",
+      [](const std::string& path) {
+        StoreInfo info;
+        {
+          py::gil_scoped_release unlocked;
+          info = read_info(path);
+        }
+        return info_dict(info);
+      },
+      py::arg("path"));
+
+  py::class_<Mapping>(m, "_Mapping",
+                      "Keeps a store's mappings alive: the numpy base of every Reader view.")
+      .def_property_readonly("path", [](const Mapping& self) { return self.path; })
+      .def("__repr__", [](const Mapping& self) { return "<embstore mapping of " + self.path + ">"; });
+
+  py::class_<PyWriter>(m, "NativeWriter")
+      .def(py::init(&open_writer), py::arg("path"), py::arg("dim"), py::arg("dtype"),
+           py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"),
+           py::arg("sync_interval"), py::arg("map_bytes"), py::arg("async_queue_bytes"),
+           py::arg("create_only"))
+      .def("append", &PyWriter::append, py::arg("keys"), py::arg("epoch"), py::arg("vectors"),
+           py::arg("as_dtype"))
+      .def("flush", &PyWriter::flush)
+      .def("sync", &PyWriter::sync)
+      .def("close", &PyWriter::close)
+      .def("stats", &PyWriter::stats)
+      .def_property_readonly("closed", &PyWriter::closed)
+      .def_property_readonly("is_async", &PyWriter::is_async)
+      .def_property_readonly("dim", [](PyWriter& self) { return self.writer().dim(); })
+      .def_property_readonly("dtype",
+                             [](PyWriter& self) {
+                               return std::string(dtype_name(self.writer().dtype()));
+                             })
+      .def_property_readonly("path", [](PyWriter& self) { return self.writer().path(); })
+      .def("committed_rows", [](PyWriter& self) { return self.writer().committed_rows(); })
+      .def("durable_rows", [](PyWriter& self) { return self.writer().durable_rows(); })
+      .def("info", [](PyWriter& self) { return info_dict(self.writer().info()); });
+
+  py::class_<PyReader>(m, "NativeReader")
+      .def(py::init([](const std::string& path, std::optional<std::uint64_t> map_bytes) {
+             ReaderOptions options;
+             if (map_bytes) options.map_bytes = *map_bytes;
+             std::optional<Reader> reader;
+             {
+               py::gil_scoped_release unlocked;
+               reader = Reader::open(path, options);
+             }
+             return std::make_unique<PyReader>(std::move(*reader));
+           }),
+           py::arg("path"), py::arg("map_bytes"))
+      .def("size", &PyReader::size)
+      .def("refresh", &PyReader::refresh)
+      .def("wait", &PyReader::wait, py::arg("min_rows"), py::arg("timeout"))
+      .def("vectors", &PyReader::vectors, py::arg("begin"), py::arg("end"))
+      .def(
+          "keys",
+          [](PyReader& self, std::uint64_t begin, std::optional<std::uint64_t> end) {
+            return self.strided(true, begin, end);
+          },
+          py::arg("begin"), py::arg("end"))
+      .def(
+          "epochs",
+          [](PyReader& self, std::uint64_t begin, std::optional<std::uint64_t> end) {
+            return self.strided(false, begin, end);
+          },
+          py::arg("begin"), py::arg("end"))
+      .def("verify", &PyReader::verify, py::arg("begin"), py::arg("end"))
+      .def("close", &PyReader::close)
+      .def_property_readonly("closed", &PyReader::closed)
+      .def_property_readonly("path", &PyReader::path)
+      .def_property_readonly("dim", [](PyReader& self) { return self.reader().dim(); })
+      .def_property_readonly("dtype",
+                             [](PyReader& self) {
+                               return std::string(dtype_name(self.reader().dtype()));
+                             })
+      .def_property_readonly(
+          "metadata", [](PyReader& self) { return py::bytes(self.reader().metadata()); })
+      .def("info", [](PyReader& self) { return info_dict(self.reader().info()); });
+}

@@ -1,0 +1,218 @@
+// Hostile and truncated store files: every open refuses with an error naming the file and the
+// field, never crashes, and never changes a byte of what is stored.
+#include <catch2/catch.hpp>
+#include <unistd.h>
+
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include "checksum.h"
+#include "embstore/embstore.h"
+#include "format.h"
+#include "support/payload.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t kDim = 4;
+
+std::string make_store(const TempDir& dir) {
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  Writer w = Writer::create(path, o);
+  const auto values = test::batch_payload(0, 0, 100, kDim);
+  std::vector<std::uint64_t> keys(100);
+  for (int i = 0; i < 100; ++i) keys[i] = test::make_key(0, i);
+  w.append(keys, 0, std::span<const float>(values));
+  return path;
+}
+
+template <typename T>
+void put(const std::string& file, std::uint64_t offset, T value) {
+  std::string bytes(sizeof(T), '\0');
+  std::memcpy(bytes.data(), &value, sizeof(T));
+  test::write_bytes(file, offset, bytes);
+}
+
+// Rewrites a fixed-header field and re-seals the header checksum, so the field's own check
+// (not the checksum) must catch it.
+template <typename T>
+void put_sealed(const std::string& header, std::uint64_t offset, T value) {
+  put(header, offset, value);
+  std::string bytes = test::read_file(header);
+  detail::FixedHeader h;
+  std::memcpy(&h, bytes.data(), sizeof(h));
+  (void)h;  // make_store() writes no metadata, so the checksum covers bytes 0..119 only.
+  put(header, 120, detail::header_hash(bytes.data(), 120, nullptr, 0));
+}
+
+std::string snapshot_bytes(const std::string& path) {
+  std::string all;
+  for (const char* name : {"header", "rows.1", "index.1", "lock"}) {
+    if (::access((path + "/" + name).c_str(), F_OK) == 0) all += test::read_file(path + "/" + name);
+  }
+  return all;
+}
+
+// Opens as a reader and as a writer; both must throw `code` with all of `words` in the message,
+// and leave every byte as it was.
+void expect_refused(const std::string& path, ErrorCode code, std::vector<std::string> words) {
+  const std::string before = snapshot_bytes(path);
+  for (int role = 0; role < 2; ++role) {
+    INFO((role == 0 ? "reader" : "writer"));
+    try {
+      if (role == 0) {
+        Reader::open(path);
+      } else {
+        Writer::open(path);
+      }
+      FAIL("a hostile store was opened");
+    } catch (const Error& e) {
+      INFO(e.what());
+      CHECK(e.code() == code);
+      for (const auto& word : words) CHECK_THAT(std::string(e.what()), Catch::Contains(word));
+    }
+  }
+  CHECK(snapshot_bytes(path) == before);
+}
+
+}  // namespace
+
+TEST_CASE("Hostile headers are refused by name", "[corruption]") {
+  TempDir dir;
+  const std::string path = make_store(dir);
+  const std::string header = path + "/header";
+  SECTION("bad magic") {
+    test::write_bytes(header, 0, "NOTSTORE");
+    expect_refused(path, ErrorCode::kNotFound, {header, "magic"});
+  }
+  SECTION("newer major version") {
+    put_sealed<std::uint16_t>(header, 8, 2);
+    expect_refused(path, ErrorCode::kUnsupportedVersion, {header, "format_major 2"});
+  }
+  SECTION("dim 0") {
+    put_sealed<std::uint32_t>(header, 16, 0);
+    expect_refused(path, ErrorCode::kCorruption, {header, "dim 0"});
+  }
+  SECTION("dim whose row size overflows") {
+    put_sealed<std::uint32_t>(header, 16, 0x80000000u);
+    expect_refused(path, ErrorCode::kCorruption, {header, "field dim"});
+  }
+  SECTION("unknown dtype") {
+    put_sealed<std::uint8_t>(header, 12, 9);
+    expect_refused(path, ErrorCode::kCorruption, {header, "field dtype 9"});
+  }
+  SECTION("a flipped bit the checksum catches") {
+    std::string b = test::read_file(header).substr(60, 1);
+    b[0] ^= 4;
+    test::write_bytes(header, 60, b);
+    expect_refused(path, ErrorCode::kCorruption, {header, "header_checksum"});
+  }
+  SECTION("truncated to 200, 1 and 0 bytes") {
+    for (int size : {200, 1, 0}) {
+      REQUIRE(::truncate(header.c_str(), size) == 0);
+      expect_refused(path, size < 128 ? ErrorCode::kNotFound : ErrorCode::kCorruption, {header});
+    }
+  }
+  SECTION("generation 0") {
+    put<std::uint64_t>(header, 4096 + 256, 0);
+    expect_refused(path, ErrorCode::kCorruption, {header, "generation 0"});
+  }
+}
+
+TEST_CASE("Counters beyond capacity or the files are refused by name", "[corruption]") {
+  TempDir dir;
+  const std::string path = make_store(dir);
+  const std::string header = path + "/header";
+  SECTION("committed beyond the data file") {
+    put<std::uint64_t>(header, 4096, 1'000'000);
+    put<std::uint64_t>(header, 4096 + 128, 1'000'000);
+    // The reader refuses because the files cannot back the rows; the writer names the counter.
+    const std::string before = snapshot_bytes(path);
+    try {
+      Reader::open(path);
+      FAIL("opened");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kCorruption);
+      CHECK_THAT(std::string(e.what()), Catch::Contains("rows.1") && Catch::Contains("too short"));
+    }
+    try {
+      Writer::open(path);
+      FAIL("opened");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kCorruption);
+      CHECK_THAT(std::string(e.what()), Catch::Contains("capacity_rows 1000000"));
+    }
+    CHECK(snapshot_bytes(path) == before);
+  }
+  SECTION("committed beyond capacity") {
+    put<std::uint64_t>(header, 4096, 300);
+    put<std::uint64_t>(header, 4096 + 128, 200);
+    try {
+      Writer::open(path);
+      FAIL("opened");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kCorruption);
+      CHECK_THAT(std::string(e.what()),
+                 Catch::Contains("committed_rows 300") && Catch::Contains("capacity_rows 200"));
+    }
+  }
+  SECTION("durable beyond committed") {
+    put<std::uint64_t>(header, 4096 + 64, 500);
+    try {
+      Writer::open(path);
+      FAIL("opened");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kCorruption);
+      CHECK_THAT(std::string(e.what()), Catch::Contains("durable_rows 500"));
+    }
+  }
+  SECTION("a counter near 2^64") {
+    put<std::uint64_t>(header, 4096, ~0ull);
+    expect_refused(path, ErrorCode::kCorruption, {});
+  }
+  SECTION("a truncated data file") {
+    REQUIRE(::truncate((path + "/rows.1").c_str(), 1000) == 0);
+    expect_refused(path, ErrorCode::kCorruption, {"rows.1"});
+  }
+  SECTION("a truncated index file") {
+    REQUIRE(::truncate((path + "/index.1").c_str(), 64) == 0);
+    expect_refused(path, ErrorCode::kCorruption, {"index.1"});
+  }
+  SECTION("a missing index file") {
+    REQUIRE(::unlink((path + "/index.1").c_str()) == 0);
+    expect_refused(path, ErrorCode::kNotFound, {"index.1"});
+  }
+}
+
+TEST_CASE("Garbage past the commit point is ignored; garbage in the index is reported",
+          "[corruption]") {
+  TempDir dir;
+  const std::string path = make_store(dir);
+  test::write_bytes(path + "/rows.1", 100 * kDim * 4, std::string(500, 'x'));
+  test::write_bytes(path + "/index.1", 100 * 32, std::string(300, 'y'));
+  {
+    Reader r = Reader::open(path);
+    CHECK(r.size() == 100);
+    CHECK(r.verify().ok());
+  }
+  Writer w = Writer::open(path);
+  const auto values = test::batch_payload(1, 0, 3, kDim);
+  const std::vector<std::uint64_t> keys = {test::make_key(1, 0), test::make_key(1, 1),
+                                           test::make_key(1, 2)};
+  CHECK(w.append(keys, 0, std::span<const float>(values)) == 100);  // written over the garbage
+  CHECK(Reader::open(path).verify().ok());
+  // Now damage a committed index entry: the row is named, its neighbours still read.
+  test::write_bytes(path + "/index.1", 50 * 32 + 8, "zz");
+  Reader r = Reader::open(path);
+  CHECK(r.verify().bad_rows == std::vector<std::uint64_t>{50});
+  CHECK_THROWS_AS(r.record(50), Error);
+  CHECK_NOTHROW(r.record(49));
+  CHECK_NOTHROW(r.record(51));
+}

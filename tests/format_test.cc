@@ -1,0 +1,177 @@
+// Header encoding/decoding (src/format.h) and the checksum rules of src/FORMAT.md.
+#include <catch2/catch.hpp>
+#include <cstring>
+
+#include "checksum.h"
+#include "embstore/error.h"
+#include "format.h"
+
+using namespace embstore;
+using namespace embstore::detail;
+
+namespace {
+
+const std::uint8_t kStoreId[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+
+std::string valid_header(std::string_view metadata = "{\"model\":\"m\"}") {
+  return encode_header(DType::kFloat16, 768, 1 << 20, kStoreId, 12345, metadata);
+}
+
+// Rewrites a field and fixes the checksum, so only the field's own check can reject it.
+template <typename T>
+std::string with_field(std::string bytes, std::size_t offset, T value) {
+  std::memcpy(bytes.data() + offset, &value, sizeof(T));
+  FixedHeader h;
+  std::memcpy(&h, bytes.data(), sizeof(h));
+  h.header_checksum = header_hash(&h, offsetof(FixedHeader, header_checksum),
+                                  bytes.data() + kMetadataOffset,
+                                  std::min<std::uint64_t>(h.metadata_bytes, kMaxMetadataBytes));
+  std::memcpy(bytes.data(), &h, sizeof(h));
+  return bytes;
+}
+
+ErrorCode decode_error(const std::string& bytes, std::string* message = nullptr) {
+  try {
+    decode_header(bytes, bytes.size(), "/s/header");
+  } catch (const Error& e) {
+    if (message) *message = e.what();
+    return e.code();
+  }
+  FAIL("decode_header accepted a hostile header");
+  return ErrorCode::kIO;
+}
+
+}  // namespace
+
+TEST_CASE("A header decodes to exactly what was encoded", "[format]") {
+  const std::string bytes = valid_header();
+  const Layout layout = decode_header(bytes, bytes.size(), "/s/header");
+  CHECK(layout.dtype == DType::kFloat16);
+  CHECK(layout.dim == 768);
+  CHECK(layout.record_bytes == 1536);
+  CHECK(layout.segment_bytes == (1u << 20));
+  CHECK(layout.created_unix_ns == 12345);
+  CHECK(layout.metadata == "{\"model\":\"m\"}");
+  CHECK(std::memcmp(layout.store_id, kStoreId, 16) == 0);
+  CHECK(layout.format_major == 1);
+  CHECK(bytes.size() % 4096 == 0);
+}
+
+TEST_CASE("Header fields sit at the offsets FORMAT.md gives", "[format]") {
+  const std::string bytes = valid_header("");
+  CHECK(bytes.substr(0, 8) == "EMBSTORE");
+  std::uint16_t major;
+  std::memcpy(&major, bytes.data() + 8, 2);
+  CHECK(major == 1);
+  CHECK(static_cast<std::uint8_t>(bytes[12]) == 2);  // dtype float16
+  std::uint32_t dim;
+  std::memcpy(&dim, bytes.data() + 16, 4);
+  CHECK(dim == 768);
+  std::uint64_t generation;
+  std::memcpy(&generation, bytes.data() + 4096 + 256, 8);
+  CHECK(generation == 1);
+}
+
+TEST_CASE("Hostile headers are refused with an error naming the field", "[format][corruption]") {
+  std::string message;
+  SECTION("bad magic is not a store") {
+    std::string bytes = valid_header();
+    bytes[0] = 'X';
+    CHECK(decode_error(bytes, &message) == ErrorCode::kNotFound);
+    CHECK_THAT(message, Catch::Contains("not an embstore header"));
+  }
+  SECTION("a newer major version") {
+    CHECK(decode_error(with_field<std::uint16_t>(valid_header(), 8, 2), &message) ==
+          ErrorCode::kUnsupportedVersion);
+    CHECK_THAT(message, Catch::Contains("format_major 2"));
+  }
+  SECTION("version 0") {
+    CHECK(decode_error(with_field<std::uint16_t>(valid_header(), 8, 0)) ==
+          ErrorCode::kUnsupportedVersion);
+  }
+  SECTION("dim 0") {
+    CHECK(decode_error(with_field<std::uint32_t>(valid_header(), 16, 0), &message) ==
+          ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::Contains("dim 0"));
+  }
+  SECTION("dim beyond the limit (dim * itemsize would overflow 32 bits)") {
+    CHECK(decode_error(with_field<std::uint32_t>(valid_header(), 16, 0xffffffffu), &message) ==
+          ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::Contains("field dim"));
+  }
+  SECTION("unknown dtypes 0 and 7") {
+    CHECK(decode_error(with_field<std::uint8_t>(valid_header(), 12, 0), &message) ==
+          ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::Contains("field dtype 0"));
+    CHECK(decode_error(with_field<std::uint8_t>(valid_header(), 12, 7)) == ErrorCode::kCorruption);
+  }
+  SECTION("record_bytes that disagrees with dim x itemsize") {
+    CHECK(decode_error(with_field<std::uint64_t>(valid_header(), 24, 4), &message) ==
+          ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::Contains("record_bytes"));
+  }
+  SECTION("segment_bytes not a page multiple, or smaller than a row") {
+    CHECK(decode_error(with_field<std::uint64_t>(valid_header(), 32, 4097)) ==
+          ErrorCode::kCorruption);
+    CHECK(decode_error(with_field<std::uint64_t>(valid_header(), 32, 0)) == ErrorCode::kCorruption);
+  }
+  SECTION("metadata_bytes beyond the limit or the file") {
+    CHECK(decode_error(with_field<std::uint64_t>(valid_header(), 64, ~0ull), &message) ==
+          ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::Contains("metadata_bytes"));
+    CHECK(decode_error(with_field<std::uint64_t>(valid_header(""), 64, 60000)) ==
+          ErrorCode::kCorruption);
+  }
+  SECTION("a flipped bit anywhere in the fixed header or metadata") {
+    std::string bytes = valid_header();
+    bytes[57] ^= 1;  // created_unix_ns
+    CHECK(decode_error(bytes, &message) == ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::Contains("header_checksum"));
+    bytes = valid_header();
+    bytes[kMetadataOffset + 2] ^= 1;
+    CHECK(decode_error(bytes) == ErrorCode::kCorruption);
+  }
+  SECTION("truncated files: empty, one byte, the fixed header only") {
+    CHECK(decode_error("") == ErrorCode::kNotFound);
+    CHECK(decode_error("E") == ErrorCode::kNotFound);
+    CHECK(decode_error(valid_header().substr(0, 128)) == ErrorCode::kCorruption);
+  }
+}
+
+TEST_CASE("Creation parameters are checked before anything is written", "[format]") {
+  CHECK_THROWS_AS(validate_create_params(DType::kFloat32, 0, 1 << 20, 0), Error);
+  CHECK_THROWS_AS(validate_create_params(DType::kFloat32, kMaxDim + 1, 1 << 20, 0), Error);
+  CHECK_THROWS_AS(validate_create_params(static_cast<DType>(0), 4, 1 << 20, 0), Error);
+  CHECK_THROWS_AS(validate_create_params(DType::kFloat32, 4, 1000, 0), Error);
+  CHECK_THROWS_AS(validate_create_params(DType::kFloat64, 1024, 4096, 0), Error);  // row > segment
+  CHECK_THROWS_AS(validate_create_params(DType::kFloat32, 4, 4096, kMaxMetadataBytes + 1), Error);
+  CHECK_NOTHROW(validate_create_params(DType::kFloat64, 512, 4096, kMaxMetadataBytes));
+}
+
+TEST_CASE("An all-zero index entry over a zero row never validates", "[format][checksum]") {
+  const std::uint64_t seed = seed_from_store_id(kStoreId);
+  const std::vector<std::byte> zero_row(64);
+  IndexEntry zero{};
+  for (std::uint64_t row : {0ull, 1ull, 1000ull}) {
+    zero.row = row;
+    CHECK_FALSE(entry_valid(zero, row, zero_row.data(), zero_row.size(), seed));
+  }
+}
+
+TEST_CASE("A checksum binds the row's bytes, key, epoch, position and store", "[format][checksum]") {
+  const std::uint64_t seed = seed_from_store_id(kStoreId);
+  std::vector<std::byte> row(64, std::byte{7});
+  const std::uint64_t hash = payload_hash(row.data(), row.size(), seed);
+  IndexEntry entry{42, 3, 10, entry_checksum(hash, 42, 3, 10, seed)};
+  CHECK(entry_valid(entry, 10, row.data(), row.size(), seed));
+  CHECK_FALSE(entry_valid(entry, 11, row.data(), row.size(), seed));  // moved
+  CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), seed ^ 1));  // another store
+  IndexEntry other_key = entry;
+  other_key.key = 43;
+  CHECK_FALSE(entry_valid(other_key, 10, row.data(), row.size(), seed));
+  IndexEntry other_epoch = entry;
+  other_epoch.epoch = 4;
+  CHECK_FALSE(entry_valid(other_epoch, 10, row.data(), row.size(), seed));
+  row[63] = std::byte{8};
+  CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), seed));
+}

@@ -1,0 +1,128 @@
+// A full disk is an error from append(), never SIGBUS: on a small tmpfs and under RLIMIT_FSIZE.
+// Earlier rows stay intact, readers keep reading, and appends resume once space frees.
+#include <catch2/catch.hpp>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "support/payload.h"
+#include "support/process.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t kDim = 256;  // 1 KiB rows
+
+// Appends 64-row batches until one throws; returns the error (kIO if none was thrown).
+Error fill(Writer& w, std::uint64_t& seq) {
+  for (int i = 0; i < 100000; ++i) {
+    const auto values = test::batch_payload(0, seq, 64, kDim);
+    std::vector<std::uint64_t> keys(64);
+    for (int k = 0; k < 64; ++k) keys[k] = test::make_key(0, seq + k);
+    try {
+      w.append(keys, 0, std::span<const float>(values));
+    } catch (const Error& e) {
+      return e;
+    }
+    seq += 64;
+  }
+  return Error(ErrorCode::kIO, "the disk never filled");
+}
+
+bool rows_intact(const std::string& path, std::uint64_t rows) {
+  Reader r = Reader::open(path);
+  if (r.size() != rows || !r.verify().ok()) return false;
+  for (std::uint64_t row = 0; row < rows; ++row) {
+    if (!test::payload_matches(test::make_key(0, row), kDim, r.rows().row(row))) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "[faults][full]") {
+  TempDir dir;
+  const std::string mnt = dir / "mnt";
+  test::run_shell("mkdir -p '" + mnt + "'");
+  if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=2m") != 0) {
+    WARN("cannot mount tmpfs here (not root?): skipped");
+    return;
+  }
+  struct Unmount {
+    std::string at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+
+  const std::string path = mnt + "/s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 64 * 1024;
+  Writer w = Writer::create(path, o);
+  // Ballast that will be deleted to free space.
+  test::run_shell("dd if=/dev/zero of='" + mnt + "/ballast' bs=64k count=8 status=none");
+  Reader follower = Reader::open(path);
+
+  std::uint64_t seq = 0;
+  const Error full = fill(w, seq);
+  CHECK(full.code() == ErrorCode::kFull);
+  CHECK(full.sys_errno() == ENOSPC);
+  CHECK_THAT(std::string(full.what()), Catch::Contains("fallocate") && Catch::Contains(path));
+  CHECK(seq > 0);
+  CHECK(w.committed_rows() == seq);  // nothing partial was published
+  CHECK(follower.refresh() == seq);
+  CHECK(follower.verify().ok());
+  CHECK(rows_intact(path, seq));
+  CHECK(read_info(path).data_file_bytes % o.segment_bytes == 0);
+
+  // The failure repeats cleanly while the disk stays full...
+  std::uint64_t ignored = seq;
+  CHECK(fill(w, ignored).code() == ErrorCode::kFull);
+  // ...and appends resume once space frees, with no reopen.
+  test::run_shell("rm -f '" + mnt + "/ballast'");
+  const std::uint64_t before = seq;
+  const Error again = fill(w, seq);
+  CHECK(again.code() == ErrorCode::kFull);
+  CHECK(seq > before);
+  CHECK(rows_intact(path, seq));
+  CHECK(follower.refresh() == seq);
+}
+
+TEST_CASE("Under RLIMIT_FSIZE append fails with kFull instead of a signal", "[faults][full]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 64 * 1024;
+  create_store(path, o);
+  const pid_t child = test::spawn([&] {
+    ::signal(SIGXFSZ, SIG_IGN);  // the documented requirement for RLIMIT_FSIZE users
+    struct rlimit limit = {1 << 20, 1 << 20};
+    if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) return 10;
+    Writer w = Writer::open(path);
+    std::uint64_t seq = 0;
+    const Error e = fill(w, seq);
+    if (e.code() != ErrorCode::kFull || e.sys_errno() != EFBIG) {
+      std::fprintf(stderr, "unexpected: %s\n", e.what());
+      return 2;
+    }
+    if (w.committed_rows() != seq || seq == 0) return 3;
+    return rows_intact(path, seq) ? 0 : 4;
+  });
+  CHECK(test::wait_for(child) == 0);
+  // Without the limit, the same store takes more rows at once.
+  Writer w = Writer::open(path);
+  const std::uint64_t rows = w.committed_rows();
+  CHECK(rows > 0);
+  const auto values = test::batch_payload(0, rows, 64 * 20, kDim);
+  std::vector<std::uint64_t> keys(64 * 20);
+  for (std::size_t k = 0; k < keys.size(); ++k) keys[k] = test::make_key(0, rows + k);
+  w.append(keys, 0, std::span<const float>(values));
+  CHECK(rows_intact(path, rows + keys.size()));
+}

@@ -1,0 +1,99 @@
+// Many writer processes x threads appending to one store while reader processes check every row
+// they can see: whole, checksum-valid, equal to its derived payload, batches contiguous.
+#include <catch2/catch.hpp>
+#include <unistd.h>
+
+#include <thread>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "support/checker.h"
+#include "support/payload.h"
+#include "support/process.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t kDim = 32;
+
+void append_batches(const std::string& path, std::uint64_t writer, int batches) {
+  Writer w = Writer::open(path);
+  const std::uint64_t n = test::batch_rows(writer);
+  for (int b = 0; b < batches; ++b) {
+    const std::uint64_t seq = std::uint64_t(b) * n;
+    const auto values = test::batch_payload(writer, seq, n, kDim);
+    std::vector<std::uint64_t> keys(n);
+    for (std::uint64_t i = 0; i < n; ++i) keys[i] = test::make_key(writer, seq + i);
+    w.append(keys, b, std::span<const float>(values));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("4 writer processes x 2 threads append while 2 reader processes check every row",
+          "[multiprocess]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 16 * 1024;  // frequent growth under contention
+  create_store(path, o);
+
+  constexpr int kProcesses = 4, kThreads = 2, kBatches = 150;
+  std::uint64_t total = 0;
+  for (int p = 0; p < kProcesses; ++p) {
+    for (int t = 0; t < kThreads; ++t) total += test::batch_rows(p * kThreads + t) * kBatches;
+  }
+
+  test::Pipe report;
+  std::vector<pid_t> readers;
+  for (int r = 0; r < 2; ++r) {
+    readers.push_back(test::spawn([&] {
+      Reader reader = Reader::open(path);
+      test::StreamChecker checker(kDim);
+      std::uint64_t snapshots = 0;
+      while (checker.checked_rows() < total) {
+        if (!reader.wait(checker.checked_rows() + 1, std::chrono::seconds(120))) {
+          std::fprintf(stderr, "reader timed out at %llu rows\n",
+                       static_cast<unsigned long long>(checker.checked_rows()));
+          return 2;
+        }
+        const std::string problem = checker.check(reader, reader.size());
+        if (!problem.empty()) {
+          std::fprintf(stderr, "reader: %s\n", problem.c_str());
+          return 1;
+        }
+        ++snapshots;
+      }
+      report.send(&snapshots, sizeof(snapshots));
+      return 0;
+    }));
+  }
+  std::vector<pid_t> writers;
+  for (int p = 0; p < kProcesses; ++p) {
+    writers.push_back(test::spawn([&, p] {
+      std::vector<std::thread> threads;
+      for (int t = 0; t < kThreads; ++t) {
+        threads.emplace_back([&, t] { append_batches(path, p * kThreads + t, kBatches); });
+      }
+      for (auto& th : threads) th.join();
+      return 0;
+    }));
+  }
+  for (pid_t pid : writers) CHECK(test::wait_for(pid) == 0);
+  for (pid_t pid : readers) CHECK(test::wait_for(pid) == 0);
+  const auto snapshots = report.drain(sizeof(std::uint64_t));
+  CHECK(snapshots.size() == 2);
+
+  Reader final_reader = Reader::open(path);
+  REQUIRE(final_reader.size() == total);
+  test::StreamChecker checker(kDim);
+  CHECK(checker.check(final_reader, total) == "");
+  CHECK(final_reader.verify().ok());
+  for (int id = 0; id < kProcesses * kThreads; ++id) {
+    CHECK(checker.next_seq().at(id) == test::batch_rows(id) * kBatches);
+  }
+}

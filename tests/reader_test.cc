@@ -1,0 +1,177 @@
+// Reader: lock-free snapshots, zero-copy views that never move, waiting, read-only access.
+#include <catch2/catch.hpp>
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "support/payload.h"
+#include "support/process.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::test::TempDir;
+
+namespace {
+
+CreateOptions small(std::uint32_t dim) {
+  CreateOptions o;
+  o.dim = dim;
+  o.segment_bytes = 4096;
+  return o;
+}
+
+void append_batch(Writer& w, std::uint64_t writer, std::uint64_t seq, std::uint64_t n) {
+  const auto values = test::batch_payload(writer, seq, n, w.dim());
+  std::vector<std::uint64_t> keys(n);
+  for (std::uint64_t i = 0; i < n; ++i) keys[i] = test::make_key(writer, seq + i);
+  w.append(keys, 0, std::span<const float>(values));
+}
+
+}  // namespace
+
+TEST_CASE("A reader sees the snapshot taken at open until it refreshes", "[reader]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(8));
+  append_batch(w, 0, 0, 10);
+  Reader r = Reader::open(dir / "s");
+  append_batch(w, 0, 10, 5);
+  CHECK(r.size() == 10);
+  CHECK_THROWS_AS(r.rows(0, 11), Error);
+  CHECK(r.refresh() == 15);
+  CHECK(r.rows(10, 15).rows == 5);
+}
+
+TEST_CASE("Views keep their address while writers grow the store by many segments",
+          "[reader][zero-copy]") {
+  TempDir dir;
+  const std::uint32_t dim = 64;  // 256-byte rows, 16 per 4 KiB segment
+  Writer w = Writer::create(dir / "s", small(dim));
+  append_batch(w, 0, 0, 10);
+  Reader r = Reader::open(dir / "s");
+  const RowsView first = r.rows();
+  const auto keys = r.keys(0, 10);
+  std::vector<std::byte> copy(first.data, first.data + first.size_bytes());
+  std::uint64_t seq = 10;
+  for (int i = 0; i < 200; ++i) {  // ~ 200 * 50 rows = 800 segments of growth
+    append_batch(w, 0, seq, 50);
+    seq += 50;
+    r.refresh();
+  }
+  const RowsView all = r.rows();
+  CHECK(all.data == first.data);  // one contiguous span at a fixed address
+  CHECK(std::memcmp(first.data, copy.data(), copy.size()) == 0);
+  CHECK(keys[9] == test::make_key(0, 9));
+  for (std::uint64_t row = 0; row < seq; ++row) {
+    REQUIRE(test::payload_matches(test::make_key(0, row), dim, all.row(row)));
+  }
+}
+
+TEST_CASE("owner() keeps views valid after the reader is closed and destroyed",
+          "[reader][zero-copy]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(4));
+  append_batch(w, 3, 0, 100);
+  std::shared_ptr<const void> owner;
+  RowsView view;
+  {
+    Reader r = Reader::open(dir / "s");
+    owner = r.owner();
+    view = r.rows();
+    r.close();
+  }
+  append_batch(w, 3, 100, 1000);  // growth after the reader is gone
+  for (std::uint64_t row = 0; row < 100; ++row) {
+    REQUIRE(test::payload_matches(test::make_key(3, row), 4, view.row(row)));
+  }
+}
+
+TEST_CASE("record() returns a row with its key and epoch; verify() reports nothing bad",
+          "[reader]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(4));
+  const std::vector<float> v = {1, 2, 3, 4, 5, 6, 7, 8};
+  const std::vector<std::uint64_t> keys = {77, 78};
+  w.append(keys, 12, std::span<const float>(v));
+  Reader r = Reader::open(dir / "s");
+  const Record rec = r.record(1);
+  CHECK(rec.key == 78);
+  CHECK(rec.epoch == 12);
+  CHECK(reinterpret_cast<const float*>(rec.data)[3] == 8);
+  CHECK_THROWS_AS(r.record(2), Error);
+  const VerifyReport report = r.verify();
+  CHECK(report.ok());
+  CHECK(report.rows_checked == 2);
+}
+
+TEST_CASE("wait() wakes on a commit from another process", "[reader][multiprocess]") {
+  TempDir dir;
+  { Writer::create(dir / "s", small(4)); }
+  Reader r = Reader::open(dir / "s");
+  CHECK_FALSE(r.wait(1, std::chrono::milliseconds(20)));  // nothing yet: times out
+  test::Pipe go;
+  const pid_t child = test::spawn([&] {
+    Writer w = Writer::open(dir / "s");
+    append_batch(w, 1, 0, 3);
+    return 0;
+  });
+  CHECK(r.wait(3, std::chrono::seconds(60)));
+  CHECK(r.size() == 3);
+  CHECK(test::wait_for(child) == 0);
+  CHECK(r.wait(3, std::chrono::seconds(0)));  // already there: returns at once
+}
+
+TEST_CASE("wait() in one thread wakes for appends from another", "[reader][threads]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(4));
+  Reader r = Reader::open(dir / "s");
+  std::thread appender([&] {
+    for (int i = 0; i < 20; ++i) append_batch(w, 0, i * 5, 5);
+  });
+  CHECK(r.wait(100, std::chrono::seconds(60)));
+  appender.join();
+  CHECK(r.size() == 100);
+}
+
+TEST_CASE("A reader needs only read permission and writes nothing", "[reader][read-only]") {
+  TempDir dir;
+  {
+    Writer w = Writer::create(dir / "s", small(4));
+    append_batch(w, 0, 0, 50);
+  }
+  const std::string before = test::read_file(dir / "s/header") + test::read_file(dir / "s/rows.1") +
+                             test::read_file(dir / "s/index.1");
+  // A read-only bind mount: the strongest form of "no write permission", even for root.
+  const std::string ro = dir / "ro";
+  test::run_shell("mkdir -p '" + ro + "'");
+  const bool mounted =
+      ::mount((dir / "s").c_str(), ro.c_str(), nullptr, MS_BIND, nullptr) == 0 &&
+      ::mount(nullptr, ro.c_str(), nullptr, MS_BIND | MS_REMOUNT | MS_RDONLY, nullptr) == 0;
+  if (!mounted) {
+    WARN("cannot bind-mount read-only here (not root?); checking the bytes only");
+  } else {
+    Reader r = Reader::open(ro);
+    CHECK(r.size() == 50);
+    CHECK(r.verify().ok());
+    CHECK(r.wait(50, std::chrono::milliseconds(1)));
+    try {
+      Writer::open(ro);
+      FAIL("a writer opened a store on a read-only mount");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kReadOnly);
+      CHECK_THAT(std::string(e.what()), Catch::Contains(ro));
+    }
+    r.close();
+    ::umount(ro.c_str());
+  }
+  Reader r = Reader::open(dir / "s");
+  r.verify();
+  r.refresh();
+  const std::string after = test::read_file(dir / "s/header") + test::read_file(dir / "s/rows.1") +
+                            test::read_file(dir / "s/index.1");
+  CHECK(after == before);
+}

@@ -1,0 +1,404 @@
+#include "roles.h"
+
+#include <signal.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "support/payload.h"
+#include "testing.h"
+
+namespace embstore::torture {
+namespace {
+
+std::atomic<bool> g_stop{false};
+void on_term(int) { g_stop.store(true); }
+
+void install_term_handler() {
+  struct sigaction sa {};
+  sa.sa_handler = on_term;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGTERM, &sa, nullptr);
+}
+
+struct Batch {
+  Schedule::Batch b;
+  std::vector<std::uint64_t> keys;
+  std::vector<float> values;
+};
+
+Batch make_batch(Schedule& s, std::uint64_t writer, std::uint64_t index, std::uint32_t dim) {
+  Batch out;
+  out.b = s.batch(index);
+  for (std::uint64_t i = 0; i < out.b.rows; ++i) {
+    out.keys.push_back(test::make_key(writer, out.b.first_seq + i));
+  }
+  out.values = test::batch_payload(writer, out.b.first_seq, out.b.rows, dim);
+  return out;
+}
+
+}  // namespace
+
+std::string Args::get(const std::string& name, const std::string& fallback) const {
+  auto it = values.find(name);
+  return it == values.end() ? fallback : it->second;
+}
+
+std::uint64_t Args::num(const std::string& name, std::uint64_t fallback) const {
+  auto it = values.find(name);
+  return it == values.end() ? fallback : std::strtoull(it->second.c_str(), nullptr, 0);
+}
+
+Params Args::params() const {
+  Params p;
+  p.store = get("store");
+  p.log_dir = get("log-dir");
+  p.seed = num("seed", 1);
+  p.dim = static_cast<std::uint32_t>(num("dim", 16));
+  p.max_batch = static_cast<std::uint32_t>(num("max-batch", 8));
+  return p;
+}
+
+Args parse_args(int argc, char** argv, int first) {
+  Args a;
+  for (int i = first; i < argc; ++i) {
+    std::string s = argv[i];
+    if (s.rfind("--", 0) != 0) continue;
+    s = s.substr(2);
+    if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) {
+      a.values[s] = argv[++i];
+    } else {
+      a.values[s] = "1";
+    }
+  }
+  return a;
+}
+
+// ---- writer --------------------------------------------------------------------------------
+
+int role_writer(const Args& args) {
+  install_term_handler();
+  const Params p = args.params();
+  const std::uint64_t w = args.num("writer");
+  const std::uint64_t batches = args.num("batches", 0);
+  const std::uint64_t sync_every = args.num("sync-every", 0);
+  const bool until_full = args.has("until-full");
+  if (const std::uint64_t limit = args.num("fsize-limit", 0)) {
+    ::signal(SIGXFSZ, SIG_IGN);  // embstore.h: ignore SIGXFSZ to get kFull instead of death.
+    struct rlimit rl {limit, limit};
+    ::setrlimit(RLIMIT_FSIZE, &rl);
+  }
+  WriterOptions options;
+  options.map_bytes = args.num("map-bytes", kDefaultMapBytes);
+  try {
+    Writer writer = Writer::open(p.store, options);
+    AckLog log(p.log_dir, w);
+    Schedule schedule(p.seed, w, p.max_batch);
+    int full_hits = 0;
+    for (std::uint64_t i = 0; (batches == 0 || i < batches) && !g_stop.load(); ++i) {
+      Batch batch = make_batch(schedule, w, i, p.dim);
+      log.intent(batch.b.first_seq, batch.b.rows);
+      try {
+        writer.append(batch.keys, batch.b.index, batch.values);
+      } catch (const Error& e) {
+        if (!until_full || e.code() != ErrorCode::kFull) throw;
+        // A clean kFull: nothing of this batch may be visible (the verifier checks). Try a few
+        // more batches, each must fail the same clean way, then stop.
+        if (++full_hits >= 3) break;
+        continue;
+      }
+      log.acked(batch.b.first_seq, batch.b.rows);
+      if (sync_every != 0 && (i + 1) % sync_every == 0) {
+        writer.sync();
+        log.durable(batch.b.first_seq + batch.b.rows);
+      }
+    }
+    writer.close();
+    return full_hits > 0 ? 10 : 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "writer %llu: %s (%s)\n", static_cast<unsigned long long>(w), e.what(),
+                 error_code_name(e.code()));
+    return 2;
+  }
+}
+
+// ---- reader --------------------------------------------------------------------------------
+
+int role_reader(const Args& args) {
+  install_term_handler();
+  const Params p = args.params();
+  const bool hammer = args.has("hammer");
+  std::map<std::uint64_t, Schedule> schedules;
+  std::uint64_t checked = 0, torn = 0, problems = 0;
+  auto problem = [&](const std::string& text) {
+    if (++problems < 20) std::fprintf(stderr, "reader: %s\n", text.c_str());
+  };
+  try {
+    Reader reader = Reader::open(p.store);
+    auto check_snapshot = [&] {
+      const std::uint64_t size = reader.size();
+      if (size < checked) problem("snapshot shrank from " + std::to_string(checked));
+      for (std::uint64_t row = checked; row < size; ++row) {
+        Record rec;
+        try {
+          rec = reader.record(row);
+        } catch (const Error& e) {
+          ++torn;
+          problem(std::string("torn row visible: ") + e.what());
+          continue;
+        }
+        if (!test::payload_matches(rec.key, p.dim, rec.data)) {
+          ++torn;
+          problem("row " + std::to_string(row) + " does not hold its derived payload");
+        }
+        const std::uint64_t w = test::key_writer(rec.key);
+        auto [it, fresh] = schedules.try_emplace(w, p.seed, w, p.max_batch);
+        (void)fresh;
+        const Schedule::Batch b = it->second.containing(test::key_seq(rec.key));
+        if (rec.epoch != b.index) problem("row " + std::to_string(row) + " has a wrong epoch");
+        if (row + 1 == size && test::key_seq(rec.key) != b.first_seq + b.rows - 1) {
+          problem("the snapshot of " + std::to_string(size) + " rows ends inside batch " +
+                  std::to_string(b.index) + " of writer " + std::to_string(w) +
+                  ": a partial batch is visible");
+        }
+      }
+      if (size > checked) checked = size;
+    };
+    while (!g_stop.load()) {
+      if (hammer) {
+        reader.refresh();
+      } else {
+        reader.wait(checked + 1, std::chrono::milliseconds(20));
+      }
+      check_snapshot();
+    }
+    reader.refresh();
+    check_snapshot();
+  } catch (const Error& e) {
+    problem(std::string("reader failed: ") + e.what());
+  }
+  stat_add("rows_read_by_readers", checked);
+  stat_add("torn_rows_seen", torn);
+  flush_stats();
+  return problems == 0 ? 0 : 1;
+}
+
+// ---- verifier ------------------------------------------------------------------------------
+
+int role_verifier(const Args& args) {
+  const Params p = args.params();
+  CheckOptions options;
+  options.power_loss = args.has("power-loss");
+  options.fresh_writer = args.num("fresh-writer", 0);
+  bool ok = false;
+  try {
+    ok = report_check(check_invariant(p, options), args.get("context", "verifier"));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "verifier: %s\n", e.what());
+  }
+  flush_stats();
+  return ok ? 0 : 1;
+}
+
+// ---- faultrun ------------------------------------------------------------------------------
+
+int role_faultrun(const Args& args) {
+  const Params p = args.params();
+  const std::uint64_t w = args.num("writer");
+  int errors = 0, problems = 0;
+  auto problem = [&](const std::string& text) {
+    ++problems;
+    std::fprintf(stderr, "faultrun (%s): %s\n", std::getenv("EMBSTORE_FAULT"), text.c_str());
+  };
+  auto attempt = [&](const char* what, const std::function<void()>& fn) {
+    try {
+      fn();
+      return true;
+    } catch (const Error& e) {
+      ++errors;
+      if (args.has("verbose")) std::fprintf(stderr, "  %s: %s\n", what, e.what());
+      if (e.code() == ErrorCode::kIO || e.code() == ErrorCode::kFull ||
+          e.code() == ErrorCode::kReadOnly || e.code() == ErrorCode::kNotFound ||
+          e.code() == ErrorCode::kPoisoned || e.code() == ErrorCode::kCorruption ||
+          e.code() == ErrorCode::kAlreadyExists) {
+        const std::string msg = e.what();
+        if (msg.find(p.store) == std::string::npos && msg.find("address space") == std::string::npos) {
+          problem(std::string(what) + ": the message does not name the store path: " + msg);
+        }
+      } else {
+        problem(std::string(what) + ": unexpected error code " + error_code_name(e.code()) + ": " +
+                e.what());
+      }
+      return false;
+    } catch (const std::exception& e) {
+      problem(std::string(what) + ": not an embstore::Error: " + e.what());
+      return false;
+    }
+  };
+  AckLog log(p.log_dir, w);
+  Schedule schedule(p.seed, w, p.max_batch);
+  std::uint64_t next_batch = 0;
+  CreateOptions copts;
+  copts.dim = p.dim;
+  copts.segment_bytes = args.num("segment-bytes", 4096);
+  auto append_one = [&](Writer& writer) {
+    Batch batch = make_batch(schedule, w, next_batch++, p.dim);
+    log.intent(batch.b.first_seq, batch.b.rows);
+    writer.append(batch.keys, batch.b.index, batch.values);
+    log.acked(batch.b.first_seq, batch.b.rows);
+    return batch.b.first_seq + batch.b.rows;
+  };
+
+  std::optional<Writer> writer;
+  attempt("create/open", [&] {
+    writer.emplace(args.has("create") ? Writer::create(p.store, copts) : Writer::open(p.store));
+  });
+  if (!writer) attempt("open_or_create", [&] { writer.emplace(Writer::open_or_create(p.store, copts)); });
+  if (writer) {
+    for (int i = 0; i < 8; ++i) {
+      std::uint64_t end = 0;
+      attempt("append", [&] { end = append_one(*writer); });
+      if (i % 3 != 2) continue;
+      if (attempt("sync", [&] { writer->sync(); })) {
+        log.durable(end);
+        continue;
+      }
+      // A failed sync poisons the writer: the next append must be refused, never accepted.
+      try {
+        append_one(*writer);
+        problem("an append after a failed sync succeeded (the writer must be poisoned)");
+      } catch (const Error& e) {
+        if (e.code() != ErrorCode::kPoisoned && e.code() != ErrorCode::kInvalidArgument) {
+          problem(std::string("an append after a failed sync threw ") +
+                  error_code_name(e.code()) + " instead of poisoned");
+        }
+      }
+      break;
+    }
+    attempt("close", [&] { writer->close(); });
+    writer.reset();
+  }
+  attempt("read", [&] {
+    Reader reader = Reader::open(p.store);
+    VerifyReport report = reader.verify();
+    if (!report.ok()) problem("verify found bad rows under faults");
+    for (std::uint64_t r = 0; r < reader.size(); ++r) {
+      Record rec = reader.record(r);
+      if (!test::payload_matches(rec.key, p.dim, rec.data)) problem("a row reads back wrong");
+    }
+    reader.refresh();
+  });
+  attempt("reopen", [&] {
+    Writer again = Writer::open(p.store);
+    const std::uint64_t end = append_one(again);
+    again.sync();
+    log.durable(end);
+  });
+  attempt("info", [&] { (void)read_info(p.store); });
+  const std::uint64_t injected = detail::testing::faults_injected();
+  stat_add("faults_injected", injected);
+  if (injected > 0 && errors == 0) {
+    problem("false success: " + std::to_string(injected) + " faults injected but every call succeeded");
+  }
+  std::printf("faultrun %s: %llu injected, %d errors\n", std::getenv("EMBSTORE_FAULT"),
+              static_cast<unsigned long long>(injected), errors);
+  flush_stats();
+  return problems == 0 ? 0 : 1;
+}
+
+// ---- memlimit ------------------------------------------------------------------------------
+
+int role_memlimit(const Args& args) {
+  const Params p = args.params();
+  const std::uint64_t w = args.num("writer");
+  int problems = 0;
+  auto problem = [&](const std::string& text) {
+    ++problems;
+    std::fprintf(stderr, "memlimit: %s\n", text.c_str());
+  };
+  std::uint64_t vm_kb = 0;
+  {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    while (std::getline(status, line)) {
+      if (line.rfind("VmSize:", 0) == 0) vm_kb = std::strtoull(line.c_str() + 7, nullptr, 10);
+    }
+  }
+  const std::uint64_t limit = vm_kb * 1024 + (256ull << 20);
+  struct rlimit rl {limit, limit};
+  if (::setrlimit(RLIMIT_AS, &rl) != 0) {
+    problem("setrlimit(RLIMIT_AS) failed");
+    return 1;
+  }
+  // The default 1 TiB reservation cannot fit: a clean kFull that says what to change.
+  try {
+    Writer big = Writer::open(p.store);
+    problem("Writer::open reserved 1 TiB of address space under a 256 MiB RLIMIT_AS");
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kFull) problem(std::string("expected kFull, got ") + e.what());
+  }
+  try {
+    Reader big = Reader::open(p.store);
+    problem("Reader::open reserved 1 TiB of address space under a 256 MiB RLIMIT_AS");
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kFull) problem(std::string("expected kFull, got ") + e.what());
+  }
+  // A small map_bytes works until the store outgrows it; then kFull, and nothing partial.
+  try {
+    WriterOptions wo;
+    wo.map_bytes = args.num("map-bytes", 1 << 20);
+    Writer writer = Writer::open(p.store, wo);
+    AckLog log(p.log_dir, w);
+    Schedule schedule(p.seed, w, p.max_batch);
+    bool full = false;
+    for (std::uint64_t i = 0; i < 1'000'000 && !full; ++i) {
+      Batch batch = make_batch(schedule, w, i, p.dim);
+      const std::uint64_t before = writer.committed_rows();
+      log.intent(batch.b.first_seq, batch.b.rows);
+      try {
+        writer.append(batch.keys, batch.b.index, batch.values);
+        log.acked(batch.b.first_seq, batch.b.rows);
+      } catch (const Error& e) {
+        if (e.code() != ErrorCode::kFull) throw;
+        full = true;
+        if (writer.committed_rows() != before) problem("a failed append changed committed_rows");
+      }
+    }
+    if (!full) problem("the store never outgrew a small map_bytes");
+    writer.sync();
+    ReaderOptions ro;
+    ro.map_bytes = wo.map_bytes;
+    Reader reader = Reader::open(p.store, ro);
+    if (!reader.verify().ok()) problem("verify failed after kFull");
+  } catch (const Error& e) {
+    problem(std::string("unexpected error under RLIMIT_AS: ") + e.what());
+  }
+  flush_stats();
+  return problems == 0 ? 0 : 1;
+}
+
+// ---- recover -------------------------------------------------------------------------------
+
+int role_recover(const Args& args) {
+  try {
+    Writer writer = Writer::open(args.get("store"));
+    std::printf("%llu\n", static_cast<unsigned long long>(writer.committed_rows()));
+    writer.close();
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "recover: %s\n", e.what());
+    return 2;
+  }
+}
+
+}  // namespace embstore::torture

@@ -1,0 +1,435 @@
+// Writer and store lifecycle: create, open, append, convert, grow, sync, errors, threads, fork.
+#include <catch2/catch.hpp>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <cerrno>
+#include <functional>
+#include <optional>
+#include <cmath>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "convert.h"
+#include "embstore/embstore.h"
+#include "support/payload.h"
+#include "support/process.h"
+#include "support/temp_dir.h"
+#include "testing.h"
+
+using namespace embstore;
+using embstore::test::TempDir;
+
+namespace {
+
+CreateOptions opts(std::uint32_t dim, DType dtype = DType::kFloat32,
+                   std::uint64_t segment_bytes = 64 * 1024) {
+  CreateOptions o;
+  o.dim = dim;
+  o.dtype = dtype;
+  o.segment_bytes = segment_bytes;
+  return o;
+}
+
+std::vector<std::uint64_t> iota_keys(std::uint64_t first, std::uint64_t n) {
+  std::vector<std::uint64_t> keys(n);
+  for (std::uint64_t i = 0; i < n; ++i) keys[i] = first + i;
+  return keys;
+}
+
+ErrorCode code_of(const std::function<void()>& f, std::string* message = nullptr) {
+  try {
+    f();
+  } catch (const Error& e) {
+    if (message) *message = e.what();
+    return e.code();
+  }
+  FAIL("expected an embstore::Error");
+  return ErrorCode::kIO;
+}
+
+// Bytes of `count` elements of `dtype` whose values are small exact integers.
+std::vector<std::byte> sample_bytes(DType dtype, std::size_t count) {
+  std::vector<std::byte> bytes(count * dtype_size(dtype));
+  for (std::size_t i = 0; i < count; ++i) {
+    const int v = static_cast<int>(i % 100) - 50;
+    switch (dtype) {
+      case DType::kFloat32: {
+        float f = static_cast<float>(v) * 0.25f;
+        std::memcpy(&bytes[i * 4], &f, 4);
+        break;
+      }
+      case DType::kFloat64: {
+        double d = v * 0.125;
+        std::memcpy(&bytes[i * 8], &d, 8);
+        break;
+      }
+      case DType::kFloat16: {
+        std::uint16_t h = detail::float_to_half(static_cast<float>(v));
+        std::memcpy(&bytes[i * 2], &h, 2);
+        break;
+      }
+      case DType::kBFloat16: {
+        std::uint16_t b = detail::float_to_bfloat16(static_cast<float>(v));
+        std::memcpy(&bytes[i * 2], &b, 2);
+        break;
+      }
+      case DType::kInt8: bytes[i] = static_cast<std::byte>(static_cast<std::int8_t>(v)); break;
+      case DType::kUInt8: bytes[i] = static_cast<std::byte>(static_cast<std::uint8_t>(v + 50)); break;
+    }
+  }
+  return bytes;
+}
+
+}  // namespace
+
+TEST_CASE("Every dtype round-trips byte for byte, across reopen", "[store]") {
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kInt8,
+                      DType::kUInt8, DType::kFloat64}) {
+    DYNAMIC_SECTION("dtype " << dtype_name(dtype)) {
+      TempDir dir;
+      const std::string path = dir / "s";
+      const std::uint32_t dim = 5;
+      const std::uint64_t n = 1000;
+      const auto bytes = sample_bytes(dtype, n * dim);
+      {
+        Writer w = Writer::create(path, opts(dim, dtype, 4096));
+        CHECK(w.append(iota_keys(100, n), 7, ConstMatrix{bytes.data(), dtype, n, dim}) == 0);
+        CHECK(w.committed_rows() == n);
+      }
+      Reader r = Reader::open(path);
+      REQUIRE(r.size() == n);
+      CHECK(r.dtype() == dtype);
+      CHECK(r.dim() == dim);
+      const RowsView rows = r.rows();
+      CHECK(rows.row_bytes == dim * dtype_size(dtype));
+      CHECK(std::memcmp(rows.data, bytes.data(), bytes.size()) == 0);
+      CHECK(r.keys(0, n)[999] == 1099);
+      CHECK(r.epochs(0, n)[0] == 7);
+      CHECK(r.verify().ok());
+      // Reopen for writing and append more: numbering continues.
+      Writer w2 = Writer::open(path);
+      CHECK(w2.append(iota_keys(5000, 10), 8, ConstMatrix{bytes.data(), dtype, 10, dim}) == n);
+      CHECK(r.refresh() == n + 10);
+      CHECK(r.verify().ok());
+    }
+  }
+}
+
+TEST_CASE("float32 input is converted to float16 and bfloat16 stores, rounding to even", "[store]") {
+  const std::uint32_t dim = 4;
+  const std::vector<float> values = {1.0f, 1.0f + std::ldexp(1.0f, -11),
+                                     1.0f + 3 * std::ldexp(1.0f, -11), -65504.0f,
+                                     0.1f, 1e-8f, 3.0f, 1e30f};
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    DYNAMIC_SECTION("into " << dtype_name(dtype)) {
+      TempDir dir;
+      Writer w = Writer::create(dir / "s", opts(dim, dtype));
+      w.append(iota_keys(0, 2), 0, std::span<const float>(values));
+      Reader r = Reader::open(dir / "s");
+      REQUIRE(r.size() == 2);
+      const auto* stored = reinterpret_cast<const std::uint16_t*>(r.rows().data);
+      for (std::size_t i = 0; i < values.size(); ++i) {
+        const std::uint16_t expected = dtype == DType::kFloat16
+                                           ? detail::float_to_half(values[i])
+                                           : detail::float_to_bfloat16(values[i]);
+        CHECK(stored[i] == expected);
+      }
+      CHECK(r.verify().ok());
+    }
+  }
+}
+
+TEST_CASE("Input of another dtype, dim or length is refused and writes nothing", "[store][errors]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", opts(4));
+  const std::vector<float> four(4, 1.0f);
+  const std::vector<double> doubles(4, 1.0);
+  const std::vector<std::uint64_t> one_key = {1};
+  const std::vector<std::uint64_t> two_keys = {1, 2};
+  std::string message;
+  CHECK(code_of([&] { w.append(one_key, 0, ConstMatrix{four.data(), DType::kFloat32, 1, 3}); },
+                &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("dim 3") && Catch::Contains("dim is 4"));
+  CHECK(code_of([&] { w.append(one_key, 0, ConstMatrix{doubles.data(), DType::kFloat64, 1, 4}); },
+                &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("float64") && Catch::Contains("float32 store"));
+  CHECK(code_of([&] { w.append(two_keys, 0, ConstMatrix{four.data(), DType::kFloat32, 1, 4}); },
+                &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("2 keys for 1 rows"));
+  const std::vector<std::uint64_t> epochs = {1, 2};
+  CHECK(code_of([&] {
+          w.append(one_key, epochs, ConstMatrix{four.data(), DType::kFloat32, 1, 4});
+        }) == ErrorCode::kInvalidArgument);
+  CHECK(code_of([&] { w.append(one_key, 0, std::span<const float>(four.data(), 3)); }) ==
+        ErrorCode::kInvalidArgument);
+  CHECK(code_of([&] { w.append(one_key, 0, ConstMatrix{nullptr, DType::kFloat32, 1, 4}); }) ==
+        ErrorCode::kInvalidArgument);
+  CHECK(code_of([&] {
+          w.append(one_key, 0, ConstMatrix{four.data(), DType::kFloat32, 1, 4, 8});
+        }) == ErrorCode::kInvalidArgument);  // stride shorter than a row
+  CHECK(w.committed_rows() == 0);
+  CHECK(Reader::open(dir / "s").size() == 0);
+}
+
+TEST_CASE("A batch of zero rows is a no-op and a batch of one works", "[store][edges]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", opts(3));
+  CHECK(w.append({}, 0, ConstMatrix{nullptr, DType::kFloat32, 0, 3}) == 0);
+  const std::vector<float> row = {1, 2, 3};
+  const std::vector<std::uint64_t> key = {9};
+  CHECK(w.append(key, 0, std::span<const float>(row)) == 0);
+  CHECK(w.append({}, 0, ConstMatrix{nullptr, DType::kFloat32, 0, 3}) == 1);
+  CHECK(Reader::open(dir / "s").record(0).key == 9);
+}
+
+TEST_CASE("Per-row epochs and strided rows are stored as given", "[store]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", opts(2));
+  // Three rows of 2 floats, each padded to 4 floats: row_stride_bytes = 16.
+  const std::vector<float> padded = {1, 2, -1, -1, 3, 4, -1, -1, 5, 6, -1, -1};
+  const std::vector<std::uint64_t> keys = {10, 11, 12};
+  const std::vector<std::uint64_t> epochs = {0, 5, 9};
+  w.append(keys, epochs, ConstMatrix{padded.data(), DType::kFloat32, 3, 2, 16});
+  Reader r = Reader::open(dir / "s");
+  const auto* values = reinterpret_cast<const float*>(r.rows().data);
+  CHECK(std::vector<float>(values, values + 6) == std::vector<float>{1, 2, 3, 4, 5, 6});
+  CHECK(r.epochs(0, 3)[1] == 5);
+  CHECK(r.epochs(0, 3)[2] == 9);
+  CHECK(r.record(2).key == 12);
+}
+
+TEST_CASE("The store grows by whole segments, including batches larger than a segment",
+          "[store][growth]") {
+  TempDir dir;
+  const std::uint32_t dim = 100;  // 400-byte rows: rows straddle 4096-byte segments.
+  Writer w = Writer::create(dir / "s", opts(dim, DType::kFloat32, 4096));
+  std::uint64_t seq = 0;
+  for (std::uint64_t batch : {1ull, 7ull, 500ull, 3ull, 2000ull}) {
+    const auto values = test::batch_payload(1, seq, batch, dim);
+    std::vector<std::uint64_t> keys(batch);
+    for (std::uint64_t i = 0; i < batch; ++i) keys[i] = test::make_key(1, seq + i);
+    CHECK(w.append(keys, 0, std::span<const float>(values)) == seq);
+    seq += batch;
+  }
+  const StoreInfo info = w.info();
+  CHECK(info.committed_rows == seq);
+  CHECK(info.capacity_rows >= seq);
+  CHECK(info.data_file_bytes % 4096 == 0);
+  CHECK(info.data_file_bytes == (seq * 400 + 4095) / 4096 * 4096);
+  CHECK(info.capacity_rows == info.data_file_bytes / 400);
+  Reader r = Reader::open(dir / "s");
+  for (std::uint64_t row = 0; row < seq; ++row) {
+    REQUIRE(test::payload_matches(r.keys(0, seq)[row], dim, r.rows().row(row)));
+  }
+  CHECK(r.verify().ok());
+}
+
+TEST_CASE("Metadata and the header are kept and reported", "[store]") {
+  TempDir dir;
+  CreateOptions o = opts(8, DType::kBFloat16);
+  o.metadata = R"({"model":"resnet","lr":0.1})";
+  Writer::create(dir / "s", o).close();
+  const StoreInfo info = read_info(dir / "s");
+  CHECK(info.metadata == o.metadata);
+  CHECK(info.dim == 8);
+  CHECK(info.dtype == DType::kBFloat16);
+  CHECK(info.record_bytes == 16);
+  CHECK(info.store_id.size() == 32);
+  CHECK(info.generation == 1);
+  CHECK(info.created_unix_ns > 0);
+  CHECK(Reader::open(dir / "s").metadata() == o.metadata);
+}
+
+TEST_CASE("Creating over a store, or opening with another dim or dtype, is an error",
+          "[store][errors]") {
+  TempDir dir;
+  Writer::create(dir / "s", opts(4)).close();
+  std::string message;
+  CHECK(code_of([&] { create_store(dir / "s", opts(4)); }, &message) == ErrorCode::kAlreadyExists);
+  CHECK_THAT(message, Catch::Contains(dir / "s"));
+  WriterOptions wrong_dim;
+  wrong_dim.expect_dim = 5;
+  CHECK(code_of([&] { Writer::open(dir / "s", wrong_dim); }, &message) ==
+        ErrorCode::kFormatMismatch);
+  CHECK_THAT(message, Catch::Contains("dim is 4"));
+  CHECK(code_of([&] { Writer::open_or_create(dir / "s", opts(4, DType::kFloat16)); }, &message) ==
+        ErrorCode::kFormatMismatch);
+  CHECK_THAT(message, Catch::Contains("float32"));
+  // A non-empty directory that is not a store is never taken over.
+  test::run_shell("mkdir -p '" + (dir / "other") + "' && touch '" + (dir / "other/x") + "'");
+  CHECK(code_of([&] { create_store(dir / "other", opts(4)); }) == ErrorCode::kAlreadyExists);
+  CHECK(code_of([&] { Writer::open(dir / "other"); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("not an embstore store"));
+  CHECK(code_of([&] { Reader::open(dir / "missing"); }) == ErrorCode::kNotFound);
+  CHECK(code_of([&] { create_store(dir / "no/parent", opts(4)); }) == ErrorCode::kNotFound);
+  // An empty directory is fine to create into.
+  test::run_shell("mkdir -p '" + (dir / "empty") + "'");
+  CHECK_NOTHROW(create_store(dir / "empty", opts(4)));
+}
+
+TEST_CASE("open_or_create from racing threads yields one store everyone appends to",
+          "[store][threads]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      try {
+        Writer w = Writer::open_or_create(path, opts(2));
+        const std::vector<float> v = {float(t), float(t)};
+        const std::vector<std::uint64_t> k = {std::uint64_t(t)};
+        w.append(k, 0, std::span<const float>(v));
+      } catch (...) {
+        failures++;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  CHECK(failures == 0);
+  CHECK(Reader::open(path).size() == 4);
+  CHECK(test::run_shell("ls '" + dir.path() + "' | grep -c creating") != 0);  // no leftovers
+}
+
+TEST_CASE("Threads appending through one handle and through separate handles never interleave",
+          "[store][threads]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  const std::uint32_t dim = 16;
+  Writer shared = Writer::create(path, opts(dim, DType::kFloat32, 4096));
+  constexpr int kThreads = 4, kBatches = 50, kBatchRows = 37;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      // Even threads share one handle, odd threads each open their own.
+      std::optional<Writer> own;
+      if (t % 2) own.emplace(Writer::open(path));
+      Writer& w = own ? *own : shared;
+      for (int b = 0; b < kBatches; ++b) {
+        const std::uint64_t seq = std::uint64_t(b) * kBatchRows;
+        const auto values = test::batch_payload(t, seq, kBatchRows, dim);
+        std::vector<std::uint64_t> keys(kBatchRows);
+        for (int i = 0; i < kBatchRows; ++i) keys[i] = test::make_key(t, seq + i);
+        w.append(keys, 0, std::span<const float>(values));
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == std::uint64_t(kThreads) * kBatches * kBatchRows);
+  const auto keys = r.keys(0, r.size());
+  for (std::uint64_t row = 0; row < r.size(); row += kBatchRows) {
+    // Each batch is contiguous: one writer, consecutive seqs starting at a batch boundary.
+    const std::uint64_t first = keys[row];
+    REQUIRE(test::key_seq(first) % kBatchRows == 0);
+    for (int i = 0; i < kBatchRows; ++i) {
+      REQUIRE(keys[row + i] == first + i);
+      REQUIRE(test::payload_matches(keys[row + i], dim, r.rows().row(row + i)));
+    }
+  }
+  CHECK(r.verify().ok());
+}
+
+TEST_CASE("sync() advances the durable counter; policies sync for the caller", "[store][sync]") {
+  TempDir dir;
+  const std::vector<float> v(4, 1.0f);
+  const std::vector<std::uint64_t> k = {1};
+  SECTION("explicit") {
+    Writer w = Writer::create(dir / "s", opts(4));
+    w.append(k, 0, std::span<const float>(v));
+    CHECK(w.durable_rows() == 0);
+    w.sync();
+    CHECK(w.durable_rows() == 1);
+  }
+  SECTION("every append") {
+    WriterOptions wo;
+    wo.sync = SyncPolicy::kEveryAppend;
+    Writer w = Writer::create(dir / "s", opts(4), wo);
+    w.append(k, 0, std::span<const float>(v));
+    CHECK(w.durable_rows() == 1);
+  }
+  SECTION("interval: close() syncs what the thread has not") {
+    WriterOptions wo;
+    wo.sync = SyncPolicy::kInterval;
+    wo.sync_interval = std::chrono::milliseconds(3600 * 1000);
+    Writer w = Writer::create(dir / "s", opts(4), wo);
+    w.append(k, 0, std::span<const float>(v));
+    w.close();
+    CHECK(read_info(dir / "s").durable_rows == 1);
+  }
+  SECTION("interval: the background thread syncs") {
+    WriterOptions wo;
+    wo.sync = SyncPolicy::kInterval;
+    wo.sync_interval = std::chrono::milliseconds(5);
+    Writer w = Writer::create(dir / "s", opts(4), wo);
+    w.append(k, 0, std::span<const float>(v));
+    // Wait for the event (durable reaching 1), bounded so a broken thread fails the test.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (w.durable_rows() < 1 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    CHECK(w.durable_rows() == 1);
+  }
+}
+
+TEST_CASE("A failed flush poisons the writer until reopened and is never retried",
+          "[store][faults]") {
+  TempDir dir;
+  const std::vector<float> v(4, 1.0f);
+  const std::vector<std::uint64_t> k = {1};
+  Writer w = Writer::create(dir / "s", opts(4));
+  w.append(k, 0, std::span<const float>(v));
+  detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
+  std::string message;
+  CHECK(code_of([&] { w.sync(); }, &message) == ErrorCode::kPoisoned);
+  CHECK_THAT(message, Catch::Contains("fdatasync") && Catch::Contains("rows.1"));
+  // The fault was one-shot, yet the writer still refuses: a later success would prove nothing.
+  CHECK(code_of([&] { w.sync(); }) == ErrorCode::kPoisoned);
+  CHECK(code_of([&] { w.append(k, 0, std::span<const float>(v)); }) == ErrorCode::kPoisoned);
+  CHECK(w.durable_rows() == 0);
+  detail::testing::disarm_all();
+  Writer reopened = Writer::open(dir / "s");
+  reopened.append(k, 0, std::span<const float>(v));
+  reopened.sync();
+  CHECK(reopened.durable_rows() == 2);
+}
+
+TEST_CASE("A forked child cannot write through its parent's writer", "[store][fork]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", opts(4));
+  const std::vector<float> v(4, 1.0f);
+  const std::vector<std::uint64_t> k = {1};
+  w.append(k, 0, std::span<const float>(v));
+  const pid_t child = test::spawn([&] {
+    try {
+      w.append(k, 0, std::span<const float>(v));
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kForkedChild) return 2;
+      if (std::string(e.what()).find("open its own Writer") == std::string::npos) return 3;
+      // Its own Writer works, and excludes nobody after the child exits.
+      Writer own = Writer::open(dir / "s");
+      own.append(k, 0, std::span<const float>(v));
+      return 0;
+    }
+    return 1;
+  });
+  CHECK(test::wait_for(child) == 0);
+  // The parent still writes, and its lock was not released by the child's exit.
+  w.append(k, 0, std::span<const float>(v));
+  CHECK(Reader::open(dir / "s").size() == 3);
+}
+
+TEST_CASE("Closed writers and readers refuse further calls", "[store][errors]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", opts(4));
+  w.close();
+  w.close();  // idempotent
+  const std::vector<float> v(4, 1.0f);
+  const std::vector<std::uint64_t> k = {1};
+  CHECK(code_of([&] { w.append(k, 0, std::span<const float>(v)); }) == ErrorCode::kClosed);
+  Reader r = Reader::open(dir / "s");
+  r.close();
+  CHECK(code_of([&] { r.refresh(); }) == ErrorCode::kClosed);
+}

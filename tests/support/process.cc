@@ -1,0 +1,89 @@
+#include "support/process.h"
+
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <exception>
+#include <stdexcept>
+
+namespace embstore::test {
+
+pid_t spawn(const std::function<int()>& body) {
+  std::fflush(nullptr);
+  pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    int code = 1;
+    try {
+      code = body();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "child %d: %s\n", static_cast<int>(::getpid()), e.what());
+    }
+    std::fflush(nullptr);
+    ::_exit(code);
+  }
+  return pid;
+}
+
+int wait_for(pid_t pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return -1;
+}
+
+Pipe::Pipe() {
+  if (::pipe2(fds_, O_CLOEXEC) != 0) throw std::runtime_error("pipe failed");
+}
+
+Pipe::~Pipe() {
+  if (fds_[0] >= 0) ::close(fds_[0]);
+  if (fds_[1] >= 0) ::close(fds_[1]);
+}
+
+void Pipe::send(const void* record, std::size_t bytes) const {
+  if (::write(fds_[1], record, bytes) != static_cast<ssize_t>(bytes)) {
+    throw std::runtime_error("pipe write failed");
+  }
+}
+
+void Pipe::close_write() {
+  if (fds_[1] >= 0) ::close(fds_[1]);
+  fds_[1] = -1;
+}
+
+std::string Pipe::receive(std::size_t bytes) {
+  std::string out(bytes, '\0');
+  std::size_t got = 0;
+  while (got < bytes) {
+    ssize_t n = ::read(fds_[0], out.data() + got, bytes - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  out.resize(got);
+  return out;
+}
+
+std::vector<std::string> Pipe::drain(std::size_t record_bytes) {
+  close_write();
+  std::string all;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fds_[0], buf, sizeof(buf));
+    if (n <= 0) break;
+    all.append(buf, static_cast<std::size_t>(n));
+  }
+  std::vector<std::string> records;
+  for (std::size_t off = 0; off + record_bytes <= all.size(); off += record_bytes) {
+    records.push_back(all.substr(off, record_bytes));
+  }
+  return records;
+}
+
+}  // namespace embstore::test

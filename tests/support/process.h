@@ -1,0 +1,38 @@
+// process.h — real child processes for multi-process tests: fork, run a function, report back.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace embstore::test {
+
+// Forks; the child runs `body` and _exits with its return value (1 if it throws, after printing
+// the exception to stderr). Returns the child's pid.
+pid_t spawn(const std::function<int()>& body);
+// Waits for `pid`; returns its exit status, or 128 + signal number if it was killed.
+int wait_for(pid_t pid);
+
+// A one-way pipe of fixed-size records from children to the parent.
+class Pipe {
+ public:
+  Pipe();
+  ~Pipe();
+  Pipe(const Pipe&) = delete;
+  Pipe& operator=(const Pipe&) = delete;
+  // In the child: write one record (atomic: records are <= PIPE_BUF).
+  void send(const void* record, std::size_t bytes) const;
+  // In the parent after closing the write end: every complete record sent so far.
+  std::vector<std::string> drain(std::size_t record_bytes);
+  void close_write();
+  // Blocks until exactly `bytes` bytes arrive (or EOF: returns what came).
+  std::string receive(std::size_t bytes);
+
+ private:
+  int fds_[2];
+};
+
+}  // namespace embstore::test
