@@ -33,8 +33,8 @@ namespace {
 // Turns embstore::Error into the Python exception embstore._errors chooses for its code.
 void raise_python_error(const Error& error) {
   py::object make = py::module_::import("embstore._errors").attr("from_code");
-  py::object exc = make(static_cast<int>(error.code()), std::string(error.what()),
-                        error.sys_errno());
+  py::object exc =
+      make(static_cast<int>(error.code()), std::string(error.what()), error.sys_errno());
   PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
 }
 
@@ -54,12 +54,18 @@ py::array make_view(const py::object& base, const py::dtype& dtype, std::vector<
 
 py::dtype numpy_dtype(DType dtype) {
   switch (dtype) {
-    case DType::kFloat32: return py::dtype("float32");
-    case DType::kFloat16: return py::dtype("float16");
-    case DType::kBFloat16: return py::dtype("uint16");  // Raw bits; see Reader.vectors.
-    case DType::kInt8: return py::dtype("int8");
-    case DType::kUInt8: return py::dtype("uint8");
-    case DType::kFloat64: return py::dtype("float64");
+    case DType::kFloat32:
+      return py::dtype("float32");
+    case DType::kFloat16:
+      return py::dtype("float16");
+    case DType::kBFloat16:
+      return py::dtype("uint16");  // Raw bits; see Reader.vectors.
+    case DType::kInt8:
+      return py::dtype("int8");
+    case DType::kUInt8:
+      return py::dtype("uint8");
+    case DType::kFloat64:
+      return py::dtype("float64");
   }
   invalid("unknown dtype");
 }
@@ -90,15 +96,23 @@ std::vector<std::uint64_t> to_u64(const py::array& array, const char* what) {
     std::int64_t signed_value = 0;
     std::uint64_t value = 0;
     if (kind == 'u') {
-      if (size == 8) value = *reinterpret_cast<const std::uint64_t*>(p);
-      else if (size == 4) value = *reinterpret_cast<const std::uint32_t*>(p);
-      else if (size == 2) value = *reinterpret_cast<const std::uint16_t*>(p);
-      else value = *reinterpret_cast<const std::uint8_t*>(p);
+      if (size == 8)
+        value = *reinterpret_cast<const std::uint64_t*>(p);
+      else if (size == 4)
+        value = *reinterpret_cast<const std::uint32_t*>(p);
+      else if (size == 2)
+        value = *reinterpret_cast<const std::uint16_t*>(p);
+      else
+        value = *reinterpret_cast<const std::uint8_t*>(p);
     } else {
-      if (size == 8) signed_value = *reinterpret_cast<const std::int64_t*>(p);
-      else if (size == 4) signed_value = *reinterpret_cast<const std::int32_t*>(p);
-      else if (size == 2) signed_value = *reinterpret_cast<const std::int16_t*>(p);
-      else signed_value = *reinterpret_cast<const std::int8_t*>(p);
+      if (size == 8)
+        signed_value = *reinterpret_cast<const std::int64_t*>(p);
+      else if (size == 4)
+        signed_value = *reinterpret_cast<const std::int32_t*>(p);
+      else if (size == 2)
+        signed_value = *reinterpret_cast<const std::int16_t*>(p);
+      else
+        signed_value = *reinterpret_cast<const std::int8_t*>(p);
       if (signed_value < 0) {
         invalid(std::string(what) + "[" + std::to_string(i) + "] is " +
                 std::to_string(signed_value) + "; keys and epochs must be >= 0");
@@ -152,8 +166,8 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
     array = py::module_::import("numpy").attr("ascontiguousarray")(array);
     copied = true;
   }
-  const std::uint64_t stride =
-      rows <= 1 ? static_cast<std::uint64_t>(row_bytes) : static_cast<std::uint64_t>(array.strides(0));
+  const std::uint64_t stride = rows <= 1 ? static_cast<std::uint64_t>(row_bytes)
+                                         : static_cast<std::uint64_t>(array.strides(0));
   if (dim > 0xffffffff) invalid("vectors: dim " + std::to_string(dim) + " is too large");
   return ConstMatrix{array.data(), dtype, static_cast<std::uint64_t>(rows),
                      static_cast<std::uint32_t>(dim), stride};
@@ -165,7 +179,8 @@ class PyWriter {
  public:
   PyWriter(Writer writer, std::uint64_t async_queue_bytes)
       : writer_(std::move(writer)), owner_pid_(::getpid()) {
-    if (async_queue_bytes > 0) async_ = std::make_unique<AsyncAppender>(*writer_, async_queue_bytes);
+    if (async_queue_bytes > 0)
+      async_ = std::make_unique<AsyncAppender>(*writer_, async_queue_bytes);
   }
 
   ~PyWriter() {
@@ -189,13 +204,14 @@ class PyWriter {
     bool copied = false;
     Batch batch;
     batch.rows = describe_rows(vectors, as_dtype, copied);
-    batch.keys = to_u64(keys, "keys");
+    batch.keys = to_u64(keys, (path_ + ": append: keys").c_str());
     if (py::isinstance<py::int_>(epoch)) {
       const auto value = epoch.cast<long long>();
-      if (value < 0) invalid("epoch is " + std::to_string(value) + "; it must be >= 0");
+      if (value < 0)
+        invalid(path_ + ": append: epoch is " + std::to_string(value) + "; it must be >= 0");
       batch.epoch = static_cast<std::uint64_t>(value);
     } else {
-      batch.epochs = to_u64(epoch.cast<py::array>(), "epochs");
+      batch.epochs = to_u64(epoch.cast<py::array>(), (path_ + ": append: epochs").c_str());
       if (batch.epochs.size() != batch.rows.rows) {
         invalid(writer_path() + ": append: " + std::to_string(batch.epochs.size()) +
                 " epochs for " + std::to_string(batch.rows.rows) + " rows");
@@ -211,7 +227,8 @@ class PyWriter {
     if (async_) {
       // Checked here so a wrong dim or dtype is a ValueError from this call, not a deferred one.
       check_matches(batch.rows);
-      batch.queued_bytes = batch.rows.rows * std::uint64_t{batch.rows.dim} * dtype_size(batch.rows.dtype);
+      batch.queued_bytes =
+          batch.rows.rows * std::uint64_t{batch.rows.dim} * dtype_size(batch.rows.dtype);
       py::object keep = vectors;  // Referenced, not copied, until the batch is written.
       batch.hold = keep.ptr();
       {
@@ -226,10 +243,10 @@ class PyWriter {
       py::gil_scoped_release unlocked;
       const auto start = std::chrono::steady_clock::now();
       const std::span<const std::uint64_t> key_span(batch.keys);
-      first = batch.epochs.empty()
-                  ? writer_->append(key_span, batch.epoch, batch.rows)
-                  : writer_->append(key_span, std::span<const std::uint64_t>(batch.epochs),
-                                    batch.rows);
+      first =
+          batch.epochs.empty()
+              ? writer_->append(key_span, batch.epoch, batch.rows)
+              : writer_->append(key_span, std::span<const std::uint64_t>(batch.epochs), batch.rows);
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       std::lock_guard guard(stats_mutex_);
@@ -333,9 +350,9 @@ class PyWriter {
   void check_process() const {
     // Before any mutex: in a forked child one may be held by a thread that does not exist there.
     if (::getpid() != owner_pid_) {
-      throw Error(ErrorCode::kForkedChild,
-                  path_ + ": this Writer was opened by process " + std::to_string(owner_pid_) +
-                      "; a forked child must open its own Writer");
+      throw Error(ErrorCode::kForkedChild, path_ + ": this Writer was opened by process " +
+                                               std::to_string(owner_pid_) +
+                                               "; a forked child must open its own Writer");
     }
   }
 
@@ -346,8 +363,8 @@ class PyWriter {
               " but the store's dim is " + std::to_string(writer_->dim()));
     }
     const DType store = writer_->dtype();
-    const bool convert = rows.dtype == DType::kFloat32 &&
-                         (store == DType::kFloat16 || store == DType::kBFloat16);
+    const bool convert =
+        rows.dtype == DType::kFloat32 && (store == DType::kFloat16 || store == DType::kBFloat16);
     if (rows.dtype != store && !convert) {
       invalid(path_ + ": append: cannot append " + std::string(dtype_name(rows.dtype)) +
               " rows to a " + std::string(dtype_name(store)) + " store");
@@ -544,7 +561,8 @@ class PyReader {
 py::dict info_dict(const StoreInfo& info) {
   py::dict out;
   out["path"] = info.path;
-  out["format_version"] = std::to_string(info.format_major) + "." + std::to_string(info.format_minor);
+  out["format_version"] =
+      std::to_string(info.format_major) + "." + std::to_string(info.format_minor);
   out["dtype"] = std::string(dtype_name(info.dtype));
   out["dim"] = info.dim;
   out["record_bytes"] = info.record_bytes;
@@ -583,9 +601,8 @@ PYBIND11_MODULE(_embstore, m) {
   m.attr("default_segment_bytes") = kDefaultSegmentBytes;
   m.attr("default_map_bytes") = kDefaultMapBytes;
 
-  m.def("error_code_name", [](int code) {
-    return std::string(error_code_name(static_cast<ErrorCode>(code)));
-  });
+  m.def("error_code_name",
+        [](int code) { return std::string(error_code_name(static_cast<ErrorCode>(code))); });
 
   m.def(
       "create_store",
@@ -617,13 +634,13 @@ PYBIND11_MODULE(_embstore, m) {
   py::class_<Mapping>(m, "_Mapping",
                       "Keeps a store's mappings alive: the numpy base of every Reader view.")
       .def_property_readonly("path", [](const Mapping& self) { return self.path; })
-      .def("__repr__", [](const Mapping& self) { return "<embstore mapping of " + self.path + ">"; });
+      .def("__repr__",
+           [](const Mapping& self) { return "<embstore mapping of " + self.path + ">"; });
 
   py::class_<PyWriter>(m, "NativeWriter")
       .def(py::init(&open_writer), py::arg("path"), py::arg("dim"), py::arg("dtype"),
-           py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"),
-           py::arg("sync_interval"), py::arg("map_bytes"), py::arg("async_queue_bytes"),
-           py::arg("create_only"))
+           py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"), py::arg("sync_interval"),
+           py::arg("map_bytes"), py::arg("async_queue_bytes"), py::arg("create_only"))
       .def("append", &PyWriter::append, py::arg("keys"), py::arg("epoch"), py::arg("vectors"),
            py::arg("as_dtype"))
       .def("flush", &PyWriter::flush)
@@ -633,10 +650,8 @@ PYBIND11_MODULE(_embstore, m) {
       .def_property_readonly("closed", &PyWriter::closed)
       .def_property_readonly("is_async", &PyWriter::is_async)
       .def_property_readonly("dim", [](PyWriter& self) { return self.writer().dim(); })
-      .def_property_readonly("dtype",
-                             [](PyWriter& self) {
-                               return std::string(dtype_name(self.writer().dtype()));
-                             })
+      .def_property_readonly(
+          "dtype", [](PyWriter& self) { return std::string(dtype_name(self.writer().dtype())); })
       .def_property_readonly("path", [](PyWriter& self) { return self.writer().path(); })
       .def("committed_rows", [](PyWriter& self) { return self.writer().committed_rows(); })
       .def("durable_rows", [](PyWriter& self) { return self.writer().durable_rows(); })
@@ -675,11 +690,9 @@ PYBIND11_MODULE(_embstore, m) {
       .def_property_readonly("closed", &PyReader::closed)
       .def_property_readonly("path", &PyReader::path)
       .def_property_readonly("dim", [](PyReader& self) { return self.reader().dim(); })
-      .def_property_readonly("dtype",
-                             [](PyReader& self) {
-                               return std::string(dtype_name(self.reader().dtype()));
-                             })
       .def_property_readonly(
-          "metadata", [](PyReader& self) { return py::bytes(self.reader().metadata()); })
+          "dtype", [](PyReader& self) { return std::string(dtype_name(self.reader().dtype())); })
+      .def_property_readonly("metadata",
+                             [](PyReader& self) { return py::bytes(self.reader().metadata()); })
       .def("info", [](PyReader& self) { return info_dict(self.reader().info()); });
 }

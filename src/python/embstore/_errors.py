@@ -116,6 +116,11 @@ _DEFAULT_ERRNO = {
 }
 
 
+for _cls in (Error, CorruptionError, FormatMismatchError, UnsupportedVersionError, PoisonedError,
+             ForkedChildError, ClosedError):
+    _cls.__module__ = "embstore"
+
+
 def from_code(code: int, message: str, sys_errno: int = 0) -> BaseException:
     """Returns the exception instance for a C++ embstore::Error (used by the C++ module)."""
     name = _CODE_NAMES.get(code, "error")

@@ -1,1 +1,253 @@
+"""PyTorch integration: train on stored embeddings, and record a module's outputs while training.
 
+* ``EmbeddingDataset`` — a ``torch.utils.data.Dataset`` over the rows of a store.
+* ``EmbeddingRecorder`` — saves the outputs of a named submodule (a forward hook) into a store,
+  with sample ids taken from the batch, from every rank of a torch.distributed job.
+
+Example (inside a DDP training loop)::
+
+    recorder = EmbeddingRecorder(model, "encoder.fc2", "run.emb", dim=128)
+    for epoch in range(epochs):
+        for x, y, ids in loader:            # the loader yields each sample's id
+            with recorder.batch(ids, epoch):   # the hook saves fc2's output for these ids
+                loss = criterion(model(x), y)
+            loss.backward(); opt.step()
+    recorder.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from . import Reader, Writer, _dtype_name
+
+__all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
+
+
+class EmbeddingDataset(torch.utils.data.Dataset):
+    """A map-style Dataset over the rows of a store: item ``i`` is
+    ``(vector, key, epoch)`` — a torch tensor of shape (dim,) and two ints.
+
+    The rows are those of the Reader's snapshot at construction (``refresh()`` takes a newer
+    one), or the row numbers given in ``rows`` (e.g. selected with numpy over
+    ``Reader(path).epochs``). Each item's vector is copied out of the read-only mapping, so the
+    training code may modify it; bfloat16 rows come back as torch.bfloat16 unless ``dtype`` asks
+    for another torch dtype (e.g. torch.float32).
+
+    Works with DataLoader workers under fork (Readers are fork-safe) and spawn (it pickles as
+    the path and reopens).
+
+    Args:
+        store: a path or an open ``embstore.Reader``.
+        rows: optional 1-D array of row numbers to serve (default: every row of the snapshot).
+        dtype: optional torch dtype to convert vectors to.
+        transform: optional callable applied to each vector tensor.
+    """
+
+    def __init__(self, store: Any, rows: Optional[Sequence[int]] = None,
+                 dtype: Optional[torch.dtype] = None,
+                 transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        self._reader = store if isinstance(store, Reader) else Reader(store)
+        self._path = self._reader.path
+        self._rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self._dtype = dtype
+        self._transform = transform
+        self._size = len(self._reader)
+        if self._rows is not None and self._rows.size and (
+                self._rows.min() < 0 or self._rows.max() >= self._size):
+            raise ValueError(f"{self._path}: rows must lie in [0, {self._size})")
+
+    def refresh(self) -> int:
+        """Takes in rows committed since construction (when no explicit ``rows`` were given);
+        returns the new length."""
+        self._size = self._reader.refresh()
+        return len(self)
+
+    def __len__(self) -> int:
+        return self._size if self._rows is None else int(self._rows.size)
+
+    def _row(self, index: int) -> int:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} rows")
+        return index if self._rows is None else int(self._rows[index])
+
+    def __getitem__(self, index: int):
+        row = self._row(int(index))
+        view = self._reader.rows(row, row + 1)[0]
+        if self._reader.dtype == "bfloat16":
+            vector = torch.from_numpy(view.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            vector = torch.from_numpy(view.copy())
+        if self._dtype is not None:
+            vector = vector.to(self._dtype)
+        if self._transform is not None:
+            vector = self._transform(vector)
+        key = int(self._reader._native.keys(row, row + 1)[0])
+        epoch = int(self._reader._native.epochs(row, row + 1)[0])
+        return vector, key, epoch
+
+    @property
+    def reader(self) -> Reader:
+        """The underlying Reader (for keys/epochs/metadata)."""
+        return self._reader
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reader = Reader(self._path)
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+class EmbeddingRecorder:
+    """Saves the outputs of one named submodule into a store, from inside a training loop.
+
+    A forward hook on ``module_name`` (looked up in ``model.named_modules()``; a DDP wrapper's
+    "module." prefix is handled) appends the module's output for every forward pass that runs
+    inside ``with recorder.batch(ids, epoch):``; forward passes outside it are not recorded.
+    ``ids`` are the batch's sample ids (a tensor, array or list with one id per output row).
+
+    Rank-aware: each process (DDP rank) opens its own Writer on the shared store (created by
+    whichever rank gets there first; all ranks may append at once), lazily on the first
+    recorded batch, so a recorder made before ``fork``/``spawn`` works in the child. ``ranks``
+    restricts recording to some ranks (default: every rank). The store's metadata gets
+    ``{"module": module_name}`` unless ``metadata`` is given.
+
+    Cost on the training step: the output is detached and, with ``clone=True`` (the default),
+    copied once — because the async writer references its input until written, and a later
+    in-place op (e.g. ReLU(inplace=True) after this module) would otherwise change it first.
+    Pass ``clone=False`` when nothing modifies the output in place. Appends are asynchronous
+    (``async_queue_mb``); errors surface on a later batch, on ``flush()`` or on ``close()``.
+
+    Args:
+        model: the model (or DDP wrapper) holding the module.
+        module_name: dotted name of the submodule whose output to save; the output must be a
+            tensor of shape (batch, dim) (other shapes are flattened to (batch, -1)).
+        store: path of the store.
+        dim: embedding size (to create the store when missing); default: taken from the store.
+        dtype: the store's dtype (float32 by default; float16/bfloat16 halve the bytes).
+        ranks: ranks that record, or None for all.
+        async_queue_mb: queue bound of each rank's async Writer (0: synchronous appends).
+    """
+
+    def __init__(self, model: torch.nn.Module, module_name: str, store: Any, *,
+                 dim: Optional[int] = None, dtype: Any = "float32", metadata: Any = None,
+                 segment_mb: Optional[float] = None, ranks: Optional[Sequence[int]] = None,
+                 async_queue_mb: float = 64, clone: bool = True) -> None:
+        modules = dict(model.named_modules())
+        module = modules.get(module_name, modules.get("module." + module_name))
+        if module is None:
+            raise ValueError(f"no submodule named {module_name!r}; some names: "
+                             f"{', '.join(list(modules)[1:8])}")
+        self.module_name = module_name
+        self.path = os.fspath(store)
+        self._dim = dim
+        self._dtype = _dtype_name(dtype)
+        self._metadata = {"module": module_name} if metadata is None else metadata
+        self._segment_mb = segment_mb
+        self._ranks = None if ranks is None else set(int(r) for r in ranks)
+        self._async_queue_mb = async_queue_mb
+        self._clone = clone
+        self._writer: Optional[Writer] = None
+        self._writer_pid = 0
+        self._ids: Optional[np.ndarray] = None
+        self._epoch = 0
+        self.rows_recorded = 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    @property
+    def rank(self) -> int:
+        """This process's torch.distributed rank (0 when not distributed)."""
+        return _rank()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this rank records."""
+        return self._ranks is None or self.rank in self._ranks
+
+    @contextlib.contextmanager
+    def batch(self, ids: Any, epoch: int) -> Iterator[None]:
+        """Records the forward passes in the block under these sample ids and this epoch."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        self._ids = np.asarray(ids)
+        self._epoch = int(epoch)
+        try:
+            yield
+        finally:
+            self._ids = None
+
+    def writer(self) -> Writer:
+        """This process's Writer (opened on first use)."""
+        if self._writer is None or self._writer_pid != os.getpid():
+            self._writer = Writer(self.path, dim=self._dim, dtype=self._dtype,
+                                  metadata=self._metadata, segment_mb=self._segment_mb,
+                                  async_queue_mb=self._async_queue_mb) if self._dim else \
+                Writer(self.path, dtype=self._dtype, async_queue_mb=self._async_queue_mb)
+            self._writer_pid = os.getpid()
+        return self._writer
+
+    def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        if self._ids is None or not self.enabled:
+            return
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"{self.module_name} returned {type(output).__name__}; the "
+                            "recorder needs a tensor")
+        out = output.detach()
+        if out.dim() != 2:
+            out = out.reshape(out.shape[0], -1)
+        if out.shape[0] != len(self._ids):
+            raise ValueError(f"{self.module_name} produced {out.shape[0]} rows for "
+                             f"{len(self._ids)} ids")
+        fresh = False  # Whether `out` is already a private copy.
+        if out.device.type != "cpu":
+            out, fresh = out.cpu(), True
+        target = _TORCH_DTYPES.get(self._dtype)
+        if out.dtype != target and out.dtype != torch.float32:
+            out, fresh = out.float(), True  # float32 is accepted by every float store.
+        if self._clone and not fresh:
+            out = out.clone()
+        self.writer().append(self._ids, out, self._epoch)
+        self.rows_recorded += int(out.shape[0])
+
+    def flush(self) -> None:
+        """Waits until everything recorded so far is written (visible to readers)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def stats(self) -> dict:
+        """This rank's Writer.stats() (empty before the first recorded batch)."""
+        return {} if self._writer is None else self._writer.stats()
+
+    def close(self) -> None:
+        """Removes the hook and closes this rank's Writer (raising a pending write error)."""
+        self._handle.remove()
+        if self._writer is not None and self._writer_pid == os.getpid():
+            self._writer.close()
+
+    def __enter__(self) -> "EmbeddingRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,205 @@
+"""Writing and reading through the Python API: values, dtypes, strides, errors, metadata."""
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import embstore
+
+
+def test_append_then_read_back_rows_keys_and_epochs(store):
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        assert w.append([10, 11, 12], np.arange(12, dtype=np.float32).reshape(3, 4), 5) == 0
+        assert w.append(np.array([20, 21]), np.ones((2, 4), np.float32), [7, 8]) == 3
+    r = embstore.Reader(store)
+    assert len(r) == 5 and r.dim == 4 and r.dtype == "float32"
+    np.testing.assert_array_equal(r.vectors[:3], np.arange(12).reshape(3, 4))
+    np.testing.assert_array_equal(r.vectors[3:], 1)
+    assert r.keys.tolist() == [10, 11, 12, 20, 21]
+    assert r.epochs.tolist() == [5, 5, 5, 7, 8]
+    assert r.rows(1, 2).tolist() == [[4, 5, 6, 7]]
+    assert r.verify().ok and r.verify().rows_checked == 5
+
+
+def test_writer_with_dim_creates_or_checks_the_store(store):
+    with embstore.Writer(store, dim=8, dtype="float16", metadata={"model": "m"}) as w:
+        assert (w.dim, w.dtype) == (8, "float16")
+    with embstore.Writer(store, dim=8, dtype=np.float16):
+        pass
+    with pytest.raises(embstore.FormatMismatchError, match="dim is 8"):
+        embstore.Writer(store, dim=9, dtype="float16")
+    with pytest.raises(ValueError):  # FormatMismatchError is a ValueError too
+        embstore.Writer(store, dtype="float32")
+
+
+def test_metadata_json_comes_back_as_dict_and_text_as_str(tmp_path):
+    embstore.create(tmp_path / "a", dim=2, metadata={"lr": 0.1, "name": "x"})
+    embstore.create(tmp_path / "b", dim=2, metadata="not json {")
+    embstore.create(tmp_path / "c", dim=2)
+    assert embstore.Reader(tmp_path / "a").metadata == {"lr": 0.1, "name": "x"}
+    assert embstore.Reader(tmp_path / "b").metadata == "not json {"
+    assert embstore.Reader(tmp_path / "c").metadata == ""
+    assert embstore.info(tmp_path / "a")["metadata"] == '{"lr": 0.1, "name": "x"}'
+
+
+def test_info_reports_counters(store):
+    with embstore.Writer(store, dim=3) as w:
+        w.append([1, 2], np.zeros((2, 3), np.float32))
+        info = w.info()
+    assert info["committed_rows"] == 2 and info["dim"] == 3 and info["dtype"] == "float32"
+    assert info["record_bytes"] == 12 and len(info["store_id"]) == 32
+
+
+def test_bad_shapes_and_dtypes_raise_value_error_and_write_nothing(store):
+    with embstore.Writer(store, dim=4) as w:
+        with pytest.raises(ValueError, match="dim 3"):
+            w.append([1], np.zeros((1, 3), np.float32))
+        with pytest.raises(ValueError, match="float64"):
+            w.append([1], np.zeros((1, 4), np.float64))
+        with pytest.raises(ValueError, match="2 keys for 1 rows"):
+            w.append([1, 2], np.zeros((1, 4), np.float32))
+        with pytest.raises(ValueError, match="2-D"):
+            w.append([1], np.zeros(4, np.float32))
+        with pytest.raises(ValueError, match=">= 0"):
+            w.append([-1], np.zeros((1, 4), np.float32))
+        with pytest.raises(ValueError, match="epoch"):
+            w.append([1], np.zeros((1, 4), np.float32), -3)
+        with pytest.raises(ValueError, match="1 epochs for 2 rows"):
+            w.append([1, 2], np.zeros((2, 4), np.float32), [1])
+        with pytest.raises(ValueError, match="integers"):
+            w.append([1.5], np.zeros((1, 4), np.float32))
+        assert w.committed_rows() == 0
+    with pytest.raises(ValueError, match="unknown dtype"):
+        embstore.create(store + "2", dim=4, dtype="complex64")
+
+
+def test_file_errors_are_oserrors_with_errno(tmp_path):
+    with pytest.raises(FileNotFoundError) as missing:
+        embstore.Reader(tmp_path / "nothing")
+    assert missing.value.errno == errno.ENOENT and "nothing" in str(missing.value)
+    embstore.create(tmp_path / "s", dim=2)
+    with pytest.raises(FileExistsError):
+        embstore.create(tmp_path / "s", dim=2)
+
+
+def test_map_bytes_outgrown_is_an_oserror_enospc_not_a_crash(store):
+    embstore.create(store, dim=1024, segment_mb=1)
+    with embstore.Writer(store, map_bytes=2 << 20) as w:
+        rows = np.zeros((256, 1024), np.float32)  # exactly one 1 MiB segment
+        w.append(range(256), rows)
+        w.append(range(256), rows)
+        with pytest.raises(OSError) as full:
+            w.append(range(256), rows)
+        assert full.value.errno == errno.ENOSPC
+    assert len(embstore.Reader(store)) == 512
+
+
+def test_corrupted_row_is_named_by_verify(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(10), np.arange(40, dtype=np.float32).reshape(10, 4))
+    with open(os.path.join(store, "rows.1"), "r+b") as f:
+        f.seek(7 * 16 + 3)
+        byte = f.read(1)
+        f.seek(7 * 16 + 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    report = embstore.Reader(store).verify()
+    assert not report and report.bad_rows == [7] and report.bad_row_count == 1
+
+
+def test_corrupted_header_raises_corruption_error(store):
+    embstore.create(store, dim=4)
+    with open(os.path.join(store, "header"), "r+b") as f:
+        f.seek(16)
+        f.write(b"\x05")  # dim 4 -> 5: the header checksum no longer matches
+    with pytest.raises(embstore.CorruptionError, match="header") as bad:
+        embstore.Reader(store)
+    assert isinstance(bad.value, embstore.Error) and bad.value.code == "corruption"
+
+
+def test_rows_with_a_gap_are_written_without_a_copy_and_odd_layouts_with_one(store):
+    base = np.arange(10 * 8, dtype=np.float32).reshape(10, 8)
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(5), base[::2, :4])  # row stride 64 B, elements contiguous: no copy
+        assert w.stats()["copied_batches"] == 0
+        w.append(range(4), base[:4, :4].T.copy().T)  # Fortran order: one copy
+        w.append(range(4), base[::-1][:4, 2:6])  # negative row stride: one copy
+        assert w.stats()["copied_batches"] == 2
+    v = embstore.Reader(store).vectors
+    np.testing.assert_array_equal(v[:5], base[::2, :4])
+    np.testing.assert_array_equal(v[5:9], base[:4, :4])
+    np.testing.assert_array_equal(v[9:], base[::-1][:4, 2:6])
+
+
+def test_float32_input_is_converted_for_a_float16_store(store):
+    x = np.random.default_rng(1).standard_normal((6, 5)).astype(np.float32)
+    with embstore.Writer(store, dim=5, dtype="float16") as w:
+        w.append(range(6), x)
+        w.append(range(6), x.astype(np.float16))
+    v = embstore.Reader(store).vectors
+    assert v.dtype == np.float16
+    np.testing.assert_array_equal(v[:6], x.astype(np.float16))
+    np.testing.assert_array_equal(v[6:], x.astype(np.float16))
+
+
+def test_views_are_read_only(store):
+    with embstore.Writer(store, dim=2) as w:
+        w.append([1], np.ones((1, 2), np.float32))
+    r = embstore.Reader(store)
+    with pytest.raises(ValueError, match="read-only"):
+        r.vectors[0, 0] = 5
+    with pytest.raises(ValueError, match="read-only"):
+        r.keys[0] = 5
+
+
+def test_closed_objects_raise_closed_error(store):
+    w = embstore.Writer(store, dim=2)
+    w.close()
+    w.close()  # idempotent
+    with pytest.raises(embstore.ClosedError):
+        w.append([1], np.ones((1, 2), np.float32))
+    r = embstore.Reader(store)
+    r.close()
+    with pytest.raises(embstore.ClosedError):
+        r.vectors
+
+
+def test_wait_wakes_on_a_commit_from_another_thread(store):
+    embstore.create(store, dim=2)
+    r = embstore.Reader(store)
+    assert not r.wait(1, timeout=0)
+    started = threading.Event()
+
+    def write():
+        started.wait()
+        with embstore.Writer(store) as w:
+            w.append([1, 2, 3], np.ones((3, 2), np.float32))
+
+    t = threading.Thread(target=write)
+    t.start()
+    started.set()
+    assert r.wait(3, timeout=60)
+    t.join()
+    assert len(r) == 3 and r.refresh() == 3
+
+
+def test_snapshot_grows_only_on_refresh(store):
+    with embstore.Writer(store, dim=2) as w:
+        w.append([1], np.ones((1, 2), np.float32))
+        r = embstore.Reader(store)
+        w.append([2], np.ones((1, 2), np.float32))
+        assert len(r) == 1 and r.vectors.shape == (1, 2)
+        assert r.refresh() == 2 and r.vectors.shape == (2, 2)
+
+
+def test_help_documents_the_public_names():
+    for name in embstore.__all__:
+        obj = getattr(embstore, name)
+        if callable(obj):
+            assert obj.__doc__ and len(obj.__doc__) > 20, name
+    for method in ("append", "flush", "sync", "close", "stats"):
+        assert getattr(embstore.Writer, method).__doc__, method
+    for method in ("refresh", "wait", "verify", "tensor", "close"):
+        assert getattr(embstore.Reader, method).__doc__, method

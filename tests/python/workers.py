@@ -1,0 +1,42 @@
+"""Functions run in child processes by the tests (importable by multiprocessing 'spawn').
+
+Payloads are derived from the key, so any process can recompute and check a row.
+"""
+import os
+
+import numpy as np
+
+import embstore
+
+DIM = 16
+
+
+def payload(keys):
+    """Row values derived from the keys: row i is key_i * 1000 + [0, 1, ..., DIM-1]."""
+    keys = np.asarray(keys, dtype=np.float64)
+    return (keys[:, None] * 1000.0 + np.arange(DIM)[None, :]).astype(np.float32)
+
+
+def writer_process(path, writer_id, batches, batch_rows, ready, go):
+    """Appends `batches` batches of keys writer_id * 10**6 + s; epoch = writer_id."""
+    with embstore.Writer(path) as w:
+        ready.set()
+        go.wait()
+        for b in range(batches):
+            keys = writer_id * 10**6 + np.arange(b * batch_rows, (b + 1) * batch_rows)
+            w.append(keys, payload(keys), writer_id)
+
+
+def reader_process(path, total_rows, result_queue):
+    """Follows the store until total_rows are committed, checking every row as it appears."""
+    r = embstore.Reader(path)
+    checked = 0
+    bad = 0
+    while checked < total_rows:
+        if not r.wait(checked + 1, timeout=60):
+            break
+        n = len(r)
+        keys = r.keys[checked:n]
+        bad += int(np.count_nonzero(r.vectors[checked:n] != payload(keys)))
+        checked = n
+    result_queue.put((checked, bad, os.getpid()))
