@@ -1,0 +1,203 @@
+// append_bench — Writer::append throughput against its baselines, in one binary and one run.
+//
+//   BM_Append/batch/dim/dtype/sync   embstore append of `batch` rows (fresh file pages: "cold")
+//   BM_Pwrite/batch/dim/sync         pwrite() of the same payload bytes into a fresh file
+//   BM_Memcpy/batch/dim              memcpy of the same bytes into already-touched memory (ceiling)
+//
+// dtype: 0 float32, 1 float16, 2 bfloat16, 3 float32 input converted to a float16 store,
+//        4 float32 input converted to a bfloat16 store.
+// sync:  0 none, 1 every append (pwrite: fdatasync after each batch), 2 interval (100 ms).
+// bytes_per_second counts bytes stored (payload, not the 32-byte index entries); items are rows.
+// Each benchmark starts a fresh store every EMBSTORE_BENCH_BYTES bytes, outside the timing, so
+// every append writes pages the file has never had: the cold case users hit while training.
+#include <benchmark/benchmark.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+
+#include "bench_util.h"
+
+namespace embstore::bench {
+namespace {
+
+enum DTypeArg { kF32 = 0, kF16 = 1, kBF16 = 2, kF32ToF16 = 3, kF32ToBF16 = 4 };
+enum SyncArg { kNoSync = 0, kEvery = 1, kInterval = 2 };
+
+DType store_dtype(int arg) {
+  switch (arg) {
+    case kF16:
+    case kF32ToF16:
+      return DType::kFloat16;
+    case kBF16:
+    case kF32ToBF16:
+      return DType::kBFloat16;
+    default:
+      return DType::kFloat32;
+  }
+}
+DType input_dtype(int arg) { return arg >= kF32ToF16 ? DType::kFloat32 : store_dtype(arg); }
+
+const char* dtype_label(int arg) {
+  static const char* const kNames[] = {"f32", "f16", "bf16", "f32->f16", "f32->bf16"};
+  return kNames[arg];
+}
+const char* sync_label(int arg) {
+  static const char* const kNames[] = {"no-sync", "sync-every-append", "sync-interval-100ms"};
+  return kNames[arg];
+}
+
+std::uint64_t rows_per_file(std::uint64_t batch, std::uint64_t row_bytes) {
+  const std::uint64_t rows = bytes_per_file() / row_bytes;
+  return std::max<std::uint64_t>(batch, rows / batch * batch);
+}
+
+void BM_Append(benchmark::State& state) {
+  const std::uint64_t batch = state.range(0);
+  const auto dim = static_cast<std::uint32_t>(state.range(1));
+  const int dtype_arg = static_cast<int>(state.range(2));
+  const int sync_arg = static_cast<int>(state.range(3));
+  const DType in_dtype = input_dtype(dtype_arg);
+  const DType out_dtype = store_dtype(dtype_arg);
+  const std::uint64_t in_row_bytes = std::uint64_t{dim} * dtype_size(in_dtype);
+  const std::uint64_t out_row_bytes = std::uint64_t{dim} * dtype_size(out_dtype);
+
+  // Input bytes: float32 values reinterpreted for 16-bit dtypes (any bit pattern is a value).
+  const std::vector<float> values = random_floats(batch * in_row_bytes / 4 + 1, 1);
+  const std::vector<std::uint64_t> keys = random_keys(batch);
+  const ConstMatrix matrix{values.data(), in_dtype, batch, dim, 0};
+
+  TempDir dir;
+  WriterOptions options;
+  options.sync = sync_arg == kEvery      ? SyncPolicy::kEveryAppend
+                 : sync_arg == kInterval ? SyncPolicy::kInterval
+                                         : SyncPolicy::kNone;
+  options.sync_interval = std::chrono::milliseconds(100);
+  const std::uint64_t limit = rows_per_file(batch, out_row_bytes);
+  int generation = 0;
+  std::optional<Writer> writer;
+  std::uint64_t rows_in_file = 0;
+  auto fresh_store = [&] {
+    writer.reset();
+    const std::string path = dir.sub("store" + std::to_string(generation++));
+    remove_tree(dir.sub("store" + std::to_string(generation - 2)));
+    CreateOptions create;
+    create.dim = dim;
+    create.dtype = out_dtype;
+    writer.emplace(Writer::create(path, create, options));
+    rows_in_file = 0;
+  };
+  fresh_store();
+  std::uint64_t epoch = 0;
+  for (auto _ : state) {
+    if (rows_in_file + batch > limit) {
+      state.PauseTiming();
+      fresh_store();
+      state.ResumeTiming();
+    }
+    benchmark::DoNotOptimize(writer->append(keys, epoch, matrix));
+    rows_in_file += batch;
+  }
+  writer.reset();
+  state.SetItemsProcessed(state.iterations() * batch);
+  state.SetBytesProcessed(state.iterations() * batch * out_row_bytes);
+  state.SetLabel(std::string("cold ") + dtype_label(dtype_arg) + " " + sync_label(sync_arg));
+}
+
+void BM_Pwrite(benchmark::State& state) {
+  const std::uint64_t batch = state.range(0);
+  const auto dim = static_cast<std::uint32_t>(state.range(1));
+  const int sync_arg = static_cast<int>(state.range(2));
+  const std::uint64_t row_bytes = std::uint64_t{dim} * 4;
+  const std::vector<float> values = random_floats(batch, dim);
+  const std::uint64_t limit = rows_per_file(batch, row_bytes);
+  TempDir dir;
+  const std::string path = dir.sub("data");
+  int fd = -1;
+  std::uint64_t rows_in_file = 0;
+  auto fresh_file = [&] {
+    if (fd >= 0) ::close(fd);
+    ::unlink(path.c_str());
+    fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) throw std::runtime_error("cannot create " + path);
+    rows_in_file = 0;
+  };
+  fresh_file();
+  const std::uint64_t bytes = batch * row_bytes;
+  for (auto _ : state) {
+    if (rows_in_file + batch > limit) {
+      state.PauseTiming();
+      fresh_file();
+      state.ResumeTiming();
+    }
+    if (::pwrite(fd, values.data(), bytes, rows_in_file * row_bytes) !=
+        static_cast<ssize_t>(bytes)) {
+      state.SkipWithError("pwrite failed");
+      break;
+    }
+    if (sync_arg == kEvery) ::fdatasync(fd);
+    rows_in_file += batch;
+  }
+  ::close(fd);
+  state.SetItemsProcessed(state.iterations() * batch);
+  state.SetBytesProcessed(state.iterations() * bytes);
+  state.SetLabel(std::string("cold baseline f32 ") + sync_label(sync_arg));
+}
+
+void BM_Memcpy(benchmark::State& state) {
+  const std::uint64_t batch = state.range(0);
+  const auto dim = static_cast<std::uint32_t>(state.range(1));
+  const std::uint64_t row_bytes = std::uint64_t{dim} * 4;
+  const std::vector<float> values = random_floats(batch, dim);
+  const std::uint64_t limit = rows_per_file(batch, row_bytes);
+  std::vector<std::byte> target(limit * row_bytes, std::byte{1});  // Touched: warm pages.
+  std::uint64_t rows_in_buffer = 0;
+  const std::uint64_t bytes = batch * row_bytes;
+  for (auto _ : state) {
+    if (rows_in_buffer + batch > limit) rows_in_buffer = 0;
+    std::memcpy(target.data() + rows_in_buffer * row_bytes, values.data(), bytes);
+    benchmark::ClobberMemory();
+    rows_in_buffer += batch;
+  }
+  state.SetItemsProcessed(state.iterations() * batch);
+  state.SetBytesProcessed(state.iterations() * bytes);
+  state.SetLabel("warm baseline f32 memcpy");
+}
+
+void AppendArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"batch", "dim", "dtype", "sync"});
+  for (int batch : {1, 8, 64, 512, 4096}) b->Args({batch, 768, kF32, kNoSync});
+  for (int dim : {64, 1536}) b->Args({512, dim, kF32, kNoSync});
+  for (int dtype : {kF16, kBF16, kF32ToF16, kF32ToBF16}) b->Args({512, 768, dtype, kNoSync});
+  b->Args({512, 768, kF32, kEvery});
+  b->Args({512, 768, kF32, kInterval});
+}
+
+void BaselineArgs(benchmark::internal::Benchmark* b, bool with_sync) {
+  for (int batch : {1, 8, 64, 512, 4096}) b->Args({batch, 768, kNoSync});
+  for (int dim : {64, 1536}) b->Args({512, dim, kNoSync});
+  if (with_sync) b->Args({512, 768, kEvery});
+}
+
+BENCHMARK(BM_Append)->Apply(AppendArgs)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Pwrite)
+    ->Apply([](benchmark::internal::Benchmark* b) {
+      b->ArgNames({"batch", "dim", "sync"});
+      BaselineArgs(b, true);
+    })
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Memcpy)
+    ->Apply([](benchmark::internal::Benchmark* b) {
+      b->ArgNames({"batch", "dim", "sync"});
+      BaselineArgs(b, false);
+    })
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+}  // namespace embstore::bench
+
+BENCHMARK_MAIN();

@@ -1,0 +1,79 @@
+// bench_util.h — helpers shared by the Google Benchmark suites: temporary directories,
+// deterministic payloads, and the size knobs the smoke test turns down.
+//
+// Sizes: EMBSTORE_BENCH_BYTES caps the bytes one benchmark writes into one file before it starts a
+// fresh one (default 256 MiB); the smoke test sets it to a few MiB so every benchmark runs in
+// milliseconds. Not thread-safe (benchmarks here run single-threaded).
+#pragma once
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "embstore/embstore.h"
+
+namespace embstore::bench {
+
+inline std::uint64_t env_u64(const char* name, std::uint64_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  return std::strtoull(text, nullptr, 10);
+}
+
+// Bytes written into one store/file before the benchmark starts over with a fresh one.
+inline std::uint64_t bytes_per_file() { return env_u64("EMBSTORE_BENCH_BYTES", 256ull << 20); }
+
+// A directory under $TMPDIR (or /tmp), removed with everything in it on destruction.
+class TempDir {
+ public:
+  TempDir() {
+    const char* base = std::getenv("TMPDIR");
+    std::string tmpl = std::string(base && *base ? base : "/tmp") + "/embstore-bench-XXXXXX";
+    if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed: " + tmpl);
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string sub(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Random float32 values in [-1, 1), rows * dim of them.
+inline std::vector<float> random_floats(std::uint64_t rows, std::uint32_t dim,
+                                        std::uint64_t seed = 42) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> values(rows * dim);
+  for (float& v : values) v = dist(rng);
+  return values;
+}
+
+inline std::vector<std::uint64_t> random_keys(std::uint64_t n, std::uint64_t seed = 7) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::uint64_t> keys(n);
+  for (auto& k : keys) k = rng();
+  return keys;
+}
+
+inline void remove_tree(const std::string& path) {
+  std::error_code ignored;
+  std::filesystem::remove_all(path, ignored);
+}
+
+}  // namespace embstore::bench

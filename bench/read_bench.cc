@@ -1,0 +1,237 @@
+// read_bench — reading a store against memory-bandwidth baselines, in one binary and one run.
+//
+//   BM_ScanView        sum every 64-bit word of Reader::rows() (zero-copy), warm mapping
+//   BM_ScanViewCold    the same through a freshly opened Reader (its mapping not yet faulted in;
+//                      the file pages are in the page cache)
+//   BM_ScanMemory      baseline: the same loop over private, already-touched memory
+//   BM_CopyOutView     memcpy of the view into private memory (what np.array(view) costs)
+//   BM_CopyOutMemory   baseline: memcpy between two private, touched buffers
+//   BM_RecordByRow     Reader::record(row) at random rows: index entry + checksum of the row
+//                      (lookup by (key, epoch) comes with a later issue; BM_FindByKey goes here)
+//   BM_Refresh         Reader::refresh() with nothing new, and after another writer's append
+//   BM_OpenReader      Reader::open + first record on stores of 1k .. EMBSTORE_BENCH_OPEN_ROWS rows
+//   BM_OpenWriter      Writer::open + close on the same stores
+//
+// Sizes: EMBSTORE_BENCH_ROWS rows of 768 float32 for scans (default 200000: ~600 MB);
+// EMBSTORE_BENCH_OPEN_ROWS for the largest open (default 10M rows of 16 int8, ~480 MB on disk).
+#include <benchmark/benchmark.h>
+
+#include <cstring>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+
+#include "bench_util.h"
+
+namespace embstore::bench {
+namespace {
+
+constexpr std::uint32_t kDim = 768;
+
+std::uint64_t scan_rows() { return env_u64("EMBSTORE_BENCH_ROWS", 200000); }
+std::uint64_t open_rows_max() { return env_u64("EMBSTORE_BENCH_OPEN_ROWS", 10000000); }
+
+// Fills `path` with `rows` rows of `dim` x `dtype` in batches of 4096.
+void fill_store(const std::string& path, std::uint64_t rows, std::uint32_t dim, DType dtype) {
+  CreateOptions create;
+  create.dim = dim;
+  create.dtype = dtype;
+  WriterOptions options;
+  Writer writer = Writer::create(path, create, options);
+  const std::uint64_t batch = 4096;
+  const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(dtype);
+  const std::vector<float> values = random_floats(batch * row_bytes / 4 + 1, 1);
+  std::vector<std::uint64_t> keys(batch);
+  for (std::uint64_t done = 0; done < rows;) {
+    const std::uint64_t n = std::min(batch, rows - done);
+    for (std::uint64_t i = 0; i < n; ++i) keys[i] = done + i;
+    writer.append(std::span(keys.data(), n), 0, ConstMatrix{values.data(), dtype, n, dim, 0});
+    done += n;
+  }
+  writer.close();
+}
+
+// One ~600 MB store shared by the scan and lookup benchmarks, built on first use.
+struct ScanStore {
+  TempDir dir;
+  std::string path = dir.sub("scan");
+  ScanStore() { fill_store(path, scan_rows(), kDim, DType::kFloat32); }
+  static ScanStore& get() {
+    static ScanStore store;
+    return store;
+  }
+};
+
+std::uint64_t sum_words(const std::byte* data, std::uint64_t bytes) {
+  const auto* words = reinterpret_cast<const std::uint64_t*>(data);
+  const std::uint64_t n = bytes / 8;
+  std::uint64_t a = 0, b = 0, c = 0, d = 0;
+  std::uint64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    a += words[i];
+    b += words[i + 1];
+    c += words[i + 2];
+    d += words[i + 3];
+  }
+  for (; i < n; ++i) a += words[i];
+  return a + b + c + d;
+}
+
+void BM_ScanView(benchmark::State& state) {
+  Reader reader = Reader::open(ScanStore::get().path);
+  const RowsView view = reader.rows();
+  benchmark::DoNotOptimize(sum_words(view.data, view.size_bytes()));  // Fault the mapping in.
+  for (auto _ : state) benchmark::DoNotOptimize(sum_words(view.data, view.size_bytes()));
+  state.SetBytesProcessed(state.iterations() * view.size_bytes());
+  state.SetItemsProcessed(state.iterations() * view.rows);
+  state.SetLabel("warm zero-copy view, sum");
+}
+
+void BM_ScanViewCold(benchmark::State& state) {
+  const std::string& path = ScanStore::get().path;
+  std::uint64_t bytes = 0, rows = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    std::optional<Reader> reader;
+    reader.emplace(Reader::open(path));
+    const RowsView view = reader->rows();
+    state.ResumeTiming();
+    benchmark::DoNotOptimize(sum_words(view.data, view.size_bytes()));
+    state.PauseTiming();
+    bytes += view.size_bytes();
+    rows += view.rows;
+    reader.reset();
+    state.ResumeTiming();
+  }
+  state.SetBytesProcessed(bytes);
+  state.SetItemsProcessed(rows);
+  state.SetLabel("cold mapping (page cache warm), sum");
+}
+
+void BM_ScanMemory(benchmark::State& state) {
+  const std::uint64_t bytes = scan_rows() * kDim * 4;
+  std::vector<std::byte> buffer(bytes, std::byte{1});
+  for (auto _ : state) benchmark::DoNotOptimize(sum_words(buffer.data(), bytes));
+  state.SetBytesProcessed(state.iterations() * bytes);
+  state.SetItemsProcessed(state.iterations() * scan_rows());
+  state.SetLabel("warm baseline: private memory, sum");
+}
+
+void BM_CopyOutView(benchmark::State& state) {
+  Reader reader = Reader::open(ScanStore::get().path);
+  const RowsView view = reader.rows();
+  std::vector<std::byte> out(view.size_bytes(), std::byte{1});
+  benchmark::DoNotOptimize(sum_words(view.data, view.size_bytes()));
+  for (auto _ : state) {
+    std::memcpy(out.data(), view.data, view.size_bytes());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * view.size_bytes());
+  state.SetItemsProcessed(state.iterations() * view.rows);
+  state.SetLabel("warm zero-copy view, memcpy out");
+}
+
+void BM_CopyOutMemory(benchmark::State& state) {
+  const std::uint64_t bytes = scan_rows() * kDim * 4;
+  std::vector<std::byte> in(bytes, std::byte{1}), out(bytes, std::byte{2});
+  for (auto _ : state) {
+    std::memcpy(out.data(), in.data(), bytes);
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * bytes);
+  state.SetItemsProcessed(state.iterations() * scan_rows());
+  state.SetLabel("warm baseline: private memory, memcpy");
+}
+
+void BM_RecordByRow(benchmark::State& state) {
+  Reader reader = Reader::open(ScanStore::get().path);
+  std::mt19937_64 rng(1);
+  const std::uint64_t rows = reader.size();
+  for (auto _ : state) benchmark::DoNotOptimize(reader.record(rng() % rows).data);
+  state.SetItemsProcessed(state.iterations());
+  state.SetBytesProcessed(state.iterations() * kDim * 4);
+  state.SetLabel("warm, checksum verified");
+}
+
+void BM_Refresh(benchmark::State& state) {
+  const bool with_append = state.range(0) != 0;
+  TempDir dir;
+  const std::string path = dir.sub("store");
+  CreateOptions create;
+  create.dim = 64;
+  Writer writer = Writer::create(path, create);
+  const std::vector<float> values = random_floats(1, 64);
+  const std::vector<std::uint64_t> keys = random_keys(1);
+  writer.append(keys, 0, values);
+  Reader reader = Reader::open(path);
+  std::uint64_t appended = 0;
+  for (auto _ : state) {
+    if (with_append) {
+      state.PauseTiming();
+      writer.append(keys, 0, values);
+      if (++appended > 4000000) {
+        state.SkipWithError("grew past the bound; lower --benchmark_min_time");
+        break;
+      }
+      state.ResumeTiming();
+    }
+    benchmark::DoNotOptimize(reader.refresh());
+  }
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel(with_append ? "after a 1-row append (dim 64)" : "nothing new");
+}
+
+// Stores for the open benchmarks, built once per size: 16 x int8 rows keep 10M rows small.
+const std::string& open_store(std::uint64_t rows) {
+  static TempDir dir;
+  static std::map<std::uint64_t, std::string> paths;
+  auto it = paths.find(rows);
+  if (it != paths.end()) return it->second;
+  const std::string path = dir.sub("open" + std::to_string(rows));
+  fill_store(path, rows, 16, DType::kInt8);
+  return paths.emplace(rows, path).first->second;
+}
+
+void OpenArgs(benchmark::internal::Benchmark* b) {
+  b->ArgName("rows");
+  for (std::uint64_t rows : {std::uint64_t{1000}, open_rows_max() / 10, open_rows_max()}) {
+    b->Arg(static_cast<std::int64_t>(std::max<std::uint64_t>(rows, 1)));
+  }
+}
+
+void BM_OpenReader(benchmark::State& state) {
+  const std::string& path = open_store(state.range(0));
+  for (auto _ : state) {
+    Reader reader = Reader::open(path);
+    benchmark::DoNotOptimize(reader.record(reader.size() - 1).data);
+  }
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel("open + last record, page cache warm");
+}
+
+void BM_OpenWriter(benchmark::State& state) {
+  const std::string& path = open_store(state.range(0));
+  for (auto _ : state) {
+    Writer writer = Writer::open(path);
+    benchmark::DoNotOptimize(writer.committed_rows());
+    writer.close();
+  }
+  state.SetItemsProcessed(state.iterations());
+  state.SetLabel("open + close, page cache warm");
+}
+
+BENCHMARK(BM_ScanView)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_ScanViewCold)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_ScanMemory)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_CopyOutView)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_CopyOutMemory)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_RecordByRow)->UseRealTime();
+BENCHMARK(BM_Refresh)->ArgName("append")->Arg(0)->Arg(1)->UseRealTime();
+BENCHMARK(BM_OpenReader)->Apply(OpenArgs)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_OpenWriter)->Apply(OpenArgs)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+}  // namespace
+}  // namespace embstore::bench
+
+BENCHMARK_MAIN();
