@@ -1,6 +1,7 @@
 #include "store_files.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <string_view>
 
@@ -21,6 +22,18 @@ std::string strip_trailing_slashes(std::string path) {
 }
 
 }  // namespace
+
+std::uint64_t resolve_map_bytes(std::uint64_t requested) {
+  if (requested != 0) return requested;
+  if (const char* text = std::getenv("EMBSTORE_MAP_BYTES")) {
+    char* end = nullptr;
+    const unsigned long long value = std::strtoull(text, &end, 10);
+    if (end != text && *end == '\0' && value > 0) return value;
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string("EMBSTORE_MAP_BYTES=\"") + text + "\" is not a positive byte count");
+  }
+  return kDefaultMapBytes;
+}
 
 std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Access access,
                                              std::uint64_t map_bytes) {
@@ -55,11 +68,15 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   files->data_fd_ = os::open_file(files->data_path_, access);
   files->index_fd_ = os::open_file(files->index_path_, access);
 
-  const std::uint64_t record_bytes = files->layout_.record_bytes;
-  const std::uint64_t max_rows = std::min(map_bytes / record_bytes + 1, kMaxRows);
-  files->data_ = std::make_unique<ReservedMapping>(map_bytes, files->data_path_, access);
-  files->index_ = std::make_unique<ReservedMapping>(Layout::index_bytes_for(max_rows),
-                                                    files->index_path_, access);
+  // One budget for both files, split in proportion to what a row costs in each.
+  const Layout& layout = files->layout_;
+  const std::uint64_t budget = resolve_map_bytes(map_bytes);
+  const std::uint64_t max_rows =
+      std::max<std::uint64_t>(1, std::min(budget / (layout.record_bytes + kIndexEntryBytes), kMaxRows));
+  const std::uint64_t data_reserve = layout.data_bytes_for(max_rows);
+  files->data_ = std::make_unique<ReservedMapping>(data_reserve, files->data_path_, access);
+  files->index_ = std::make_unique<ReservedMapping>(
+      Layout::index_bytes_for(data_reserve / layout.record_bytes), files->index_path_, access);
   return files;
 }
 

@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "embstore/options.h"
 #include "embstore/store.h"
 #include "format.h"
 #include "mapping.h"
@@ -18,6 +19,10 @@
 #include "state.h"
 
 namespace embstore::detail {
+
+// The address-space budget for a store's mappings: `requested`, or $EMBSTORE_MAP_BYTES, or
+// kDefaultMapBytes. Throws kInvalidArgument for an unparsable environment value.
+std::uint64_t resolve_map_bytes(std::uint64_t requested);
 
 class StoreFiles {
  public:

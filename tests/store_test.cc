@@ -1,6 +1,7 @@
 // Writer and store lifecycle: create, open, append, convert, grow, sync, errors, threads, fork.
 #include <catch2/catch.hpp>
 #include <sys/stat.h>
+#include <stdlib.h>
 
 #include <atomic>
 #include <cerrno>
@@ -432,4 +433,49 @@ TEST_CASE("Closed writers and readers refuse further calls", "[store][errors]") 
   Reader r = Reader::open(dir / "s");
   r.close();
   CHECK(code_of([&] { r.refresh(); }) == ErrorCode::kClosed);
+}
+
+TEST_CASE("A store that outgrows map_bytes gets kFull, keeps its rows, and reopens larger",
+          "[store][growth][edges]") {
+  TempDir dir;
+  WriterOptions tight;
+  tight.map_bytes = 64 * 1024;  // room for ~ 60 KiB of 1 KiB rows plus their index entries
+  Writer w = Writer::create(dir / "s", opts(256, DType::kFloat32, 4096), tight);
+  const std::vector<float> row(256, 1.5f);
+  std::uint64_t appended = 0;
+  std::string message;
+  const ErrorCode code = code_of(
+      [&] {
+        for (;; ++appended) {
+          const std::vector<std::uint64_t> key = {appended};
+          w.append(key, 0, std::span<const float>(row));
+        }
+      },
+      &message);
+  CHECK(code == ErrorCode::kFull);
+  CHECK_THAT(message, Catch::Contains("map_bytes"));
+  CHECK(appended > 0);
+  CHECK(w.committed_rows() == appended);
+  // A reader with the same small budget still reads everything committed...
+  ReaderOptions small_reader;
+  small_reader.map_bytes = tight.map_bytes;
+  CHECK(Reader::open(dir / "s", small_reader).verify().ok());
+  // ...and a writer with a larger budget carries on.
+  w.close();
+  Writer larger = Writer::open(dir / "s");
+  const std::vector<std::uint64_t> key = {appended};
+  CHECK(larger.append(key, 0, std::span<const float>(row)) == appended);
+}
+
+TEST_CASE("EMBSTORE_MAP_BYTES sets the default budget and bad values are named",
+          "[store][errors]") {
+  TempDir dir;
+  create_store(dir / "s", opts(4));
+  ::setenv("EMBSTORE_MAP_BYTES", "12abc", 1);
+  std::string message;
+  CHECK(code_of([&] { Reader::open(dir / "s"); }, &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("EMBSTORE_MAP_BYTES=\"12abc\""));
+  ::setenv("EMBSTORE_MAP_BYTES", "1048576", 1);
+  CHECK_NOTHROW(Reader::open(dir / "s"));
+  ::unsetenv("EMBSTORE_MAP_BYTES");
 }

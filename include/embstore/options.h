@@ -34,9 +34,11 @@ enum class SyncPolicy : std::uint8_t {
 struct WriterOptions {
   SyncPolicy sync = SyncPolicy::kNone;
   std::chrono::milliseconds sync_interval{1000};
-  // Address space reserved for the data file; the store can grow to this size without any
-  // mapping moving. Larger stores need a larger value (the index reserves proportionally).
-  std::uint64_t map_bytes = kDefaultMapBytes;
+  // Address space reserved, once, for the data and index files together; the store can grow to
+  // about this many bytes (rows plus their 32-byte index entries) without any mapping moving.
+  // Reserving costs no memory, only address space (it counts against ulimit -v). 0 means the
+  // environment variable EMBSTORE_MAP_BYTES if set, else kDefaultMapBytes.
+  std::uint64_t map_bytes = 0;
   // Bytes of the data file past the last append that a background thread faults in ahead of the
   // next appends (MADV_POPULATE_WRITE), inside space already allocated; 0 turns it off. Takes the
   // ~1 us first-touch cost of each fresh page off append's critical path when a core is free.
@@ -49,7 +51,7 @@ struct WriterOptions {
 
 struct ReaderOptions {
   // As WriterOptions::map_bytes. A reader of a larger store gets kFull from open()/refresh().
-  std::uint64_t map_bytes = kDefaultMapBytes;
+  std::uint64_t map_bytes = 0;
 };
 
 }  // namespace embstore

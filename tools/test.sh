@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# tools/test.sh — the README's test command. Installs what is missing (apt-get), builds into
+# build/, and runs every test: ctest (C++ suites, CLI, benchmark smoke runs, reliability) and
+# pytest (Python bindings). Then builds the tests with ASan+UBSan and with TSan and runs them.
+#
+#   tools/test.sh              everything (CI runs this)
+#   tools/test.sh --quick      skip the sanitizer builds
+#   tools/test.sh --soak       also the long soak runs (hours; never in CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0
+soak=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) quick=1 ;;
+    --soak) soak=1 ;;
+    *) echo "usage: tools/test.sh [--quick] [--soak]" >&2; exit 2 ;;
+  esac
+done
+
+jobs=2
+start=$(date +%s)
+step() { printf '\n==== %s (%ds)\n' "$1" $(( $(date +%s) - start )); }
+
+step "dependencies"
+tools/install-deps.sh
+
+step "build (build/)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYTHON_EXECUTABLE=/usr/bin/python3 >/dev/null
+cmake --build build -j"$jobs"
+
+step "ctest"
+(cd build && ctest --output-on-failure -j"$jobs" --timeout 900)
+
+if [ -d tests/python ]; then
+  step "pytest"
+  PYTHONPATH=build/python /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/python
+fi
+
+if [ "$quick" = 0 ]; then
+  for sanitizer in address,undefined thread; do
+    dir="build-${sanitizer%%,*}"
+    step "sanitizer build: $sanitizer ($dir/)"
+    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DEMBSTORE_SANITIZE="$sanitizer" \
+      -DEMBSTORE_BUILD_PYTHON=OFF -DEMBSTORE_BUILD_BENCH=OFF >/dev/null
+    cmake --build "$dir" -j"$jobs"
+    # TSan allows only a few TiB of application address space: give each store a smaller
+    # reservation than the 1 TiB default.
+    export EMBSTORE_MAP_BYTES=$((64 << 30))
+    if [ -x tests/reliability/ci.sh ]; then
+      tests/reliability/ci.sh "$dir" "$sanitizer"
+    else
+      (cd "$dir" && ctest --output-on-failure -j"$jobs" --timeout 900)
+    fi
+  done
+  unset EMBSTORE_MAP_BYTES
+fi
+
+if [ "$soak" = 1 ] && [ -x tests/reliability/soak.sh ]; then
+  step "soak"
+  tests/reliability/soak.sh build
+fi
+
+step "all tests passed"
