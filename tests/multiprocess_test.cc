@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 #include <unistd.h>
 
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -42,7 +43,7 @@ TEST_CASE("4 writer processes x 2 threads append while 2 reader processes check 
   o.segment_bytes = 16 * 1024;  // frequent growth under contention
   create_store(path, o);
 
-  constexpr int kProcesses = 4, kThreads = 2, kBatches = 150;
+  constexpr int kProcesses = 4, kThreads = 2, kBatches = 1500;
   std::uint64_t total = 0;
   for (int p = 0; p < kProcesses; ++p) {
     for (int t = 0; t < kThreads; ++t) total += test::batch_rows(p * kThreads + t) * kBatches;
@@ -86,7 +87,15 @@ TEST_CASE("4 writer processes x 2 threads append while 2 reader processes check 
   for (pid_t pid : writers) CHECK(test::wait_for(pid) == 0);
   for (pid_t pid : readers) CHECK(test::wait_for(pid) == 0);
   const auto snapshots = report.drain(sizeof(std::uint64_t));
-  CHECK(snapshots.size() == 2);
+  REQUIRE(snapshots.size() == 2);
+  for (const auto& record : snapshots) {
+    std::uint64_t count;
+    std::memcpy(&count, record.data(), sizeof(count));
+    // Readers must have watched the store grow, not just read it once at the end.
+    CHECK(count > 1);
+    std::printf("multiprocess_test: a reader checked %llu snapshots of up to %llu rows\n",
+                static_cast<unsigned long long>(count), static_cast<unsigned long long>(total));
+  }
 
   Reader final_reader = Reader::open(path);
   REQUIRE(final_reader.size() == total);
