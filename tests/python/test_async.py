@@ -1,0 +1,177 @@
+"""Async writer: referenced-not-copied input, bounded queue with back-pressure, errors surfacing."""
+import errno
+import fcntl
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import embstore
+
+
+def _wait_until(predicate, timeout=60):
+    """Polls a condition the code under test exposes no event for (stats of a C++ queue)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.001)
+
+
+class StoreLock:
+    """Holds the store's writer lock from this process (a POSIX record lock conflicts with the
+    OFD lock the writer takes), so the background thread blocks inside its append."""
+
+    def __init__(self, path):
+        self.fd = os.open(os.path.join(path, "lock"), os.O_RDWR)
+
+    def __enter__(self):
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def release(self):
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def __exit__(self, *exc):
+        self.release()
+        os.close(self.fd)
+
+
+def test_async_append_returns_before_writing_and_flush_commits(store):
+    embstore.create(store, dim=8)
+    w = embstore.Writer(store, async_queue_mb=16)
+    r = embstore.Reader(store)
+    batch = np.ones((512, 8), np.float32)
+    with StoreLock(store) as lock:
+        assert w.append(range(512), batch, 1) is None  # returns while the writer is blocked
+        assert r.refresh() == 0
+        lock.release()
+        w.flush()
+    assert r.refresh() == 512
+    np.testing.assert_array_equal(r.vectors, batch)
+    w.close()
+
+
+def test_async_input_is_referenced_not_copied_until_written(store):
+    embstore.create(store, dim=4)
+    w = embstore.Writer(store, async_queue_mb=16)
+    batch = np.zeros((3, 4), np.float32)
+    refs = sys.getrefcount(batch)
+    with StoreLock(store) as lock:
+        w.append([1, 2, 3], batch)
+        assert sys.getrefcount(batch) == refs + 1  # the queue holds the array itself
+        batch[:] = 9  # modified before the write: the store gets the new values
+        lock.release()
+        w.flush()
+    w.append([4], np.zeros((1, 4), np.float32))  # any later call releases written arrays
+    w.flush()
+    assert sys.getrefcount(batch) == refs
+    np.testing.assert_array_equal(embstore.Reader(store).rows(0, 3), 9)
+    w.close()
+
+
+def test_full_queue_blocks_append_until_the_writer_catches_up(store):
+    embstore.create(store, dim=1024)
+    w = embstore.Writer(store, async_queue_mb=1)  # room for two 512 KiB batches
+    half = [np.full((128, 1024), i, np.float32) for i in range(3)]
+    returned = threading.Event()
+
+    def third_append():
+        w.append(range(128), half[2], 2)
+        returned.set()
+
+    with StoreLock(store) as lock:
+        w.append(range(128), half[0], 0)  # taken by the writer thread, blocked on the lock
+        w.append(range(128), half[1], 1)  # queued: the queue is now full
+        t = threading.Thread(target=third_append)
+        t.start()
+        _wait_until(lambda: w.stats()["blocked_appends"] == 1)
+        assert not returned.is_set()
+        assert w.stats()["queued_bytes"] == 1 << 20
+        assert len(embstore.Reader(store)) == 0
+        lock.release()
+        t.join(timeout=60)
+        assert returned.is_set()
+    w.flush()
+    r = embstore.Reader(store)
+    assert len(r) == 3 * 128
+    assert r.epochs.tolist() == [0] * 128 + [1] * 128 + [2] * 128  # in append order
+    assert w.stats()["blocked_appends"] == 0 and w.stats()["batches"] == 3
+    w.close()
+
+
+def test_background_error_surfaces_on_next_call_and_on_close(store):
+    embstore.create(store, dim=1024, segment_mb=1)
+    w = embstore.Writer(store, async_queue_mb=64, map_bytes=1 << 20)  # room for 256 rows
+    rows = np.zeros((200, 1024), np.float32)
+    w.append(range(200), rows)
+    w.append(range(200), rows)  # fails in the background: beyond map_bytes
+    with pytest.raises(OSError) as first:
+        w.flush()
+    assert first.value.errno == errno.ENOSPC and "not written" in str(first.value)
+    with pytest.raises(OSError):  # sticky: every later call raises it again
+        w.append(range(1), rows[:1])
+    with pytest.raises(OSError):
+        w.sync()
+    with pytest.raises(OSError, match="map_bytes"):
+        w.close()
+    w.close()  # closed now; the error was reported
+    assert len(embstore.Reader(store)) == 200
+
+
+def test_background_error_drops_the_batches_queued_behind_it(store):
+    embstore.create(store, dim=1024, segment_mb=1)
+    w = embstore.Writer(store, async_queue_mb=64, map_bytes=1 << 20)
+    rows = np.zeros((200, 1024), np.float32)
+    with StoreLock(store) as lock:
+        w.append(range(200), rows)
+        w.append(range(200), rows)  # will fail
+        w.append(range(10), rows[:10])  # queued behind the failure: dropped
+        lock.release()
+        with pytest.raises(OSError, match=r"1 queued behind it \(210 rows\)"):
+            w.flush()
+    assert w.stats()["dropped_batches"] == 2
+    with pytest.raises(OSError):
+        w.close()
+    assert len(embstore.Reader(store)) == 200
+
+
+def test_unclosed_async_writer_reports_its_error_when_collected(store):
+    import gc
+    embstore.create(store, dim=1024, segment_mb=1)
+    w = embstore.Writer(store, async_queue_mb=64, map_bytes=1 << 20)
+    w.append(range(300), np.zeros((300, 1024), np.float32))
+    seen = []
+    old = sys.unraisablehook
+    sys.unraisablehook = lambda info: seen.append(info.exc_value)
+    try:
+        del w
+        gc.collect()
+    finally:
+        sys.unraisablehook = old
+    assert len(seen) == 1 and isinstance(seen[0], OSError)
+
+
+def test_async_validates_dim_and_dtype_in_the_call(store):
+    with embstore.Writer(store, dim=4, async_queue_mb=1) as w:
+        with pytest.raises(ValueError, match="dim 3"):
+            w.append([1], np.zeros((1, 3), np.float32))
+        with pytest.raises(ValueError, match="float64"):
+            w.append([1], np.zeros((1, 4), np.float64))
+        w.append([1], np.zeros((1, 4), np.float32))
+    assert len(embstore.Reader(store)) == 1
+
+
+def test_async_writes_match_sync_writes_across_many_batches(store, tmp_path):
+    rng = np.random.default_rng(3)
+    batches = [rng.standard_normal((int(rng.integers(1, 300)), 32)).astype(np.float32)
+               for _ in range(50)]
+    with embstore.Writer(store, dim=32, async_queue_mb=0.25) as w:
+        for i, b in enumerate(batches):
+            w.append(np.arange(len(b)) + 1000 * i, b, i)
+    r = embstore.Reader(store)
+    np.testing.assert_array_equal(r.vectors, np.concatenate(batches))
+    assert r.epochs.tolist() == sum(([i] * len(b) for i, b in enumerate(batches)), [])

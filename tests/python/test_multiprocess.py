@@ -1,0 +1,106 @@
+"""Several processes: concurrent writer processes plus a following reader; fork safety."""
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+import embstore
+import workers
+
+
+def test_four_writer_processes_and_a_reader_process(store):
+    ctx = multiprocessing.get_context("spawn")
+    writers, batches, batch_rows = 4, 40, 64
+    total = writers * batches * batch_rows
+    embstore.create(store, dim=workers.DIM, segment_mb=0.0625)  # grows by many segments
+    go = ctx.Event()
+    ready = [ctx.Event() for _ in range(writers)]
+    results = ctx.Queue()
+    reader = ctx.Process(target=workers.reader_process, args=(store, total, results))
+    reader.start()
+    procs = [ctx.Process(target=workers.writer_process,
+                         args=(store, i, batches, batch_rows, ready[i], go))
+             for i in range(writers)]
+    for p in procs:
+        p.start()
+    for e in ready:
+        assert e.wait(120)
+    go.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    checked, bad, _ = results.get(timeout=120)
+    reader.join(60)
+    assert reader.exitcode == 0
+    assert (checked, bad) == (total, 0)
+
+    r = embstore.Reader(store)
+    assert len(r) == total and r.verify().ok
+    keys = r.keys.astype(np.int64)
+    np.testing.assert_array_equal(r.vectors, workers.payload(keys))
+    assert len(np.unique(keys)) == total  # nothing lost, nothing duplicated
+    # Each batch landed contiguously: runs of batch_rows consecutive keys of one writer.
+    runs = keys.reshape(-1, batch_rows)
+    assert (np.diff(runs, axis=1) == 1).all()
+    assert (r.epochs.reshape(-1, batch_rows) == (runs[:, :1] // 10**6)).all()
+
+
+@pytest.mark.parametrize("async_queue_mb", [0, 4])
+def test_forked_child_using_parents_writer_gets_forked_child_error(store, async_queue_mb):
+    w = embstore.Writer(store, dim=4, async_queue_mb=async_queue_mb)
+    w.append([1], np.ones((1, 4), np.float32))
+    w.flush()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report what happened through the pipe, then leave at once
+        code = 1
+        try:
+            w.append([2], np.ones((1, 4), np.float32))
+            message = "append succeeded"
+        except embstore.ForkedChildError as e:
+            message = "ForkedChildError: " + str(e)
+            code = 0
+        except BaseException as e:  # noqa: BLE001
+            message = f"{type(e).__name__}: {e}"
+        try:
+            w.flush()
+            message += " | flush succeeded"
+            code = 1
+        except embstore.ForkedChildError:
+            pass
+        try:  # a child opening its own Writer is the supported way
+            with embstore.Writer(store) as own:
+                own.append([3], np.full((1, 4), 3, np.float32))
+        except BaseException as e:  # noqa: BLE001
+            message += f" | own writer failed: {e}"
+            code = 1
+        os.write(write_end, message.encode())
+        os._exit(code)
+    os.close(write_end)
+    message = os.read(read_end, 4096).decode()
+    os.close(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, message
+    assert "forked child must open its own Writer" in message
+    assert str(os.getpid()) in message
+    w.append([4], np.ones((1, 4), np.float32))  # the parent's writer is unaffected
+    w.close()
+    assert embstore.Reader(store).keys.tolist() == [1, 3, 4]
+
+
+def test_child_with_multiprocessing_fork_and_a_reader_across_fork(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(5), np.ones((5, 4), np.float32))
+    r = embstore.Reader(store)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def child():
+        queue.put(float(r.vectors.sum()))  # a Reader may be used across fork
+
+    p = ctx.Process(target=child)
+    p.start()
+    assert queue.get(timeout=60) == 20.0
+    p.join(60)
+    assert p.exitcode == 0

@@ -1,0 +1,156 @@
+"""PyTorch: tensors in and out (f32/f16/bf16), the Dataset and the recorder in real training."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import embstore  # noqa: E402
+from embstore.torch import EmbeddingDataset, EmbeddingRecorder  # noqa: E402
+
+
+def test_bfloat16_round_trip_from_torch_is_bit_exact(store):
+    t = torch.randn(64, 24).to(torch.bfloat16)
+    with embstore.Writer(store, dim=24, dtype=torch.bfloat16) as w:
+        w.append(torch.arange(64), t, 3)
+        w.append(torch.arange(64), t.float())  # float32 is rounded to bfloat16 like torch does
+        w.append(torch.arange(32), t[::2])  # strided rows of a bf16 tensor, no copy
+        assert w.stats()["copied_batches"] == 0
+    r = embstore.Reader(store)
+    assert r.dtype == "bfloat16" and r.vectors.dtype == np.uint16
+    out = r.tensor()
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out[:64], t) and torch.equal(out[64:128], t) and torch.equal(out[128:], t[::2])
+    bits = r.vectors[:64].astype(np.uint32) << 16  # the documented uint16 -> float32 recipe
+    np.testing.assert_array_equal(bits.view(np.float32), t.float().numpy())
+
+
+def test_float32_rounding_to_bfloat16_matches_torch_on_hard_values(store):
+    # Ties, values near overflow, subnormals and signed zero.
+    values = torch.tensor([[1.00390625, 1.01171875, -2.0078125, 3.3895e38,
+                            1e-40, -0.0, 65504.0, 0.1]])
+    with embstore.Writer(store, dim=8, dtype="bfloat16") as w:
+        w.append([0], values)
+    assert torch.equal(embstore.Reader(store).tensor().view(torch.int16),
+                       values.to(torch.bfloat16).view(torch.int16))
+
+
+def test_float16_round_trip_from_torch(store):
+    t = torch.randn(50, 12)
+    with embstore.Writer(store, dim=12, dtype="float16") as w:
+        w.append(range(50), t.half())
+        w.append(range(50), t)
+        w.append(range(12), t.half().T.contiguous().T[:12])  # column-major: one copy
+        assert w.stats()["copied_batches"] == 1
+    r = embstore.Reader(store)
+    assert r.vectors.dtype == np.float16
+    assert torch.equal(r.tensor()[:50], t.half()) and torch.equal(r.tensor()[50:100], t.half())
+    assert torch.equal(r.tensor()[100:], t.half()[:12])
+
+
+def test_tensor_that_requires_grad_is_written_without_a_copy(store):
+    t = torch.randn(4, 3, requires_grad=True)
+    with embstore.Writer(store, dim=3) as w:
+        w.append(range(4), t * 2)
+        assert w.stats()["copied_batches"] == 0
+    np.testing.assert_allclose(embstore.Reader(store).vectors, (t * 2).detach().numpy())
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(),
+                                        torch.nn.Linear(32, 8))
+        self.act = torch.nn.ReLU(inplace=True)  # modifies body's output after the hook ran
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.body(x)))
+
+
+def _data(n=96):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 10, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y
+
+
+def test_recorder_saves_module_outputs_with_batch_ids_in_a_training_loop(store):
+    torch.manual_seed(0)
+    x, y = _data()
+    model = Net()
+    expected = {}
+    # An independent hook records what the module really produced (before the in-place ReLU).
+    model.body.register_forward_hook(lambda m, i, o: expected.__setitem__("last", o.detach().clone()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y, torch.arange(len(x)) + 500), batch_size=16,
+        shuffle=True)
+    snapshots = []
+    with EmbeddingRecorder(model, "body", store, dim=8, async_queue_mb=1) as recorder:
+        for epoch in range(2):
+            for xb, yb, ids in loader:
+                with recorder.batch(ids, epoch):
+                    loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                snapshots.append((ids.clone(), expected["last"]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            model(x)  # outside recorder.batch(): not recorded
+        recorder.flush()
+        assert recorder.rows_recorded == 2 * len(x)
+    r = embstore.Reader(store)
+    assert len(r) == 2 * len(x) and r.metadata == {"module": "body"}
+    assert sorted(r.keys.tolist()) == sorted((torch.arange(len(x)) + 500).tolist() * 2)
+    assert r.epochs.tolist() == [0] * len(x) + [1] * len(x)
+    stored = torch.from_numpy(r.vectors.copy())
+    offset = 0
+    for ids, out in snapshots:
+        assert r.keys[offset:offset + len(ids)].tolist() == ids.tolist()
+        assert torch.equal(stored[offset:offset + len(ids)], out)  # pre-ReLU values: cloned
+        offset += len(ids)
+    assert (stored < 0).any()
+
+
+def test_recorder_under_ddp_names_and_rank_filter(store):
+    model = Net()
+    recorder = EmbeddingRecorder(model, "body.2", store, dim=8, ranks=[1])
+    assert recorder.rank == 0 and not recorder.enabled
+    with recorder.batch(range(4), 0):
+        model(torch.randn(4, 10))
+    recorder.close()
+    assert recorder.rows_recorded == 0
+    with pytest.raises(ValueError, match="no submodule"):
+        EmbeddingRecorder(model, "nope", store)
+
+
+def test_dataset_over_recorded_embeddings_trains_a_probe(store):
+    torch.manual_seed(1)
+    x, y = _data(256)
+    encoder = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh())
+    with EmbeddingRecorder(encoder, "1", store, dim=16, dtype="bfloat16") as recorder:
+        with recorder.batch(torch.arange(len(x)), 0), torch.no_grad():
+            encoder(x)
+    ds = EmbeddingDataset(store, dtype=torch.float32)
+    assert len(ds) == len(x)
+    vector, key, epoch = ds[5]
+    assert vector.dtype == torch.float32 and vector.shape == (16,) and (key, epoch) == (5, 0)
+    vector += 1  # items are copies: writable, the store is unaffected
+    probe = torch.nn.Linear(16, 3)
+    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, num_workers=2)
+    losses = []
+    for _ in range(8):
+        total = 0.0
+        for vectors, keys, _ in loader:
+            loss = torch.nn.functional.cross_entropy(probe(vectors), y[keys])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(keys)
+        losses.append(total / len(ds))
+    assert losses[-1] < 0.8 * losses[0]
+    subset = EmbeddingDataset(store, rows=np.flatnonzero(ds.reader.keys % 2 == 0))
+    assert len(subset) == len(x) // 2 and subset[1][1] == 2
+    assert subset[0][0].dtype == torch.bfloat16
+    with pytest.raises(IndexError):
+        subset[len(subset)]

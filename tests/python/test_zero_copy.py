@@ -1,0 +1,97 @@
+"""Zero-copy: views point into the mapping, and keep it alive after the Reader is gone."""
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+import embstore
+
+
+def _base_chain(array):
+    chain = []
+    obj = array
+    while obj is not None:
+        chain.append(obj)
+        obj = getattr(obj, "base", None)
+    return chain
+
+
+def test_views_share_memory_with_the_mapping_and_each_other(store):
+    x = np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32)
+    with embstore.Writer(store, dim=8) as w:
+        w.append(np.arange(100), x)
+    r = embstore.Reader(store)
+    a, b = r.vectors, r.vectors
+    assert np.shares_memory(a, b)  # two calls: the same mapped bytes, no copy
+    assert np.shares_memory(r.rows(10, 20), a)
+    assert a.ctypes.data == r.rows(0, 1).ctypes.data
+    assert r.rows(10, 11).ctypes.data == a.ctypes.data + 10 * 8 * 4
+    chain = _base_chain(a)
+    assert type(chain[-1]).__name__ == "_Mapping" and chain[-1].path == r.path
+    # keys/epochs are strided views into the 32-byte index entries, not copies.
+    assert r.keys.strides == (32,) and r.epochs.strides == (32,)
+    assert type(_base_chain(r.keys)[-1]).__name__ == "_Mapping"
+    assert r.epochs.ctypes.data == r.keys.ctypes.data + 8
+    assert not np.shares_memory(a, x)
+    np.testing.assert_array_equal(a, x)
+
+
+def test_torch_tensor_from_reader_shares_the_mapping(store):
+    import torch
+    with embstore.Writer(store, dim=4, dtype="bfloat16") as w:
+        w.append([1, 2], torch.randn(2, 4, dtype=torch.bfloat16))
+    r = embstore.Reader(store)
+    t = r.tensor()
+    assert t.dtype == torch.bfloat16 and t.data_ptr() == r.vectors.ctypes.data
+    assert r.vectors.dtype == np.uint16
+
+
+def test_views_outlive_reader_while_store_grows_under_faulthandler(store, tmp_path):
+    # A child process, so a segfault fails this test instead of killing pytest.
+    script = textwrap.dedent(f"""
+        import faulthandler, gc, sys
+        faulthandler.enable()
+        import numpy as np, embstore
+        path = {store!r}
+        embstore.create(path, dim=256, segment_mb=0.25)   # 256 rows of 1 KiB per segment
+        w = embstore.Writer(path)
+        w.append(np.arange(100), np.full((100, 256), 7, np.float32))
+        r = embstore.Reader(path)
+        vectors, keys, epochs = r.vectors, r.keys, r.epochs
+        rows = r.rows(50, 60)
+        import torch
+        tensor = r.tensor()
+        r.close()
+        del r
+        gc.collect()
+        for i in range(40):                               # grow by ~40 segments
+            w.append(np.arange(256) + 1000 * i, np.full((256, 256), i, np.float32), i)
+        w.close()
+        del w
+        gc.collect()
+        assert vectors.shape == (100, 256) and float(vectors.sum()) == 7 * 100 * 256
+        assert keys.tolist() == list(range(100)) and epochs.tolist() == [0] * 100
+        assert float(rows.sum()) == 7 * 10 * 256
+        assert float(tensor.sum()) == 7 * 100 * 256
+        r2 = embstore.Reader(path)
+        assert len(r2) == 100 + 40 * 256 and r2.verify().ok
+        print("views ok")
+    """)
+    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "views ok" in result.stdout
+
+
+def test_views_keep_mapping_alive_in_process(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(3), np.arange(12, dtype=np.float32).reshape(3, 4))
+    r = embstore.Reader(store)
+    v = r.vectors
+    r.close()
+    del r
+    gc.collect()
+    assert v.sum() == sum(range(12))
