@@ -111,9 +111,16 @@ void StoreFiles::map_rows(std::uint64_t rows) {
     corrupt(index_path_, "file is " + std::to_string(index_bytes) + " bytes, too short for " +
                              std::to_string(rows) + " index entries");
   }
-  data_->map_to(data_fd_, rows * layout_.record_bytes);
-  index_->map_to(index_fd_, rows * kIndexEntryBytes);
-  mapped_rows_ = rows;
+  // Map all the files hold (within the reservation), so that following a growing store costs
+  // readers no system call until the files grow again.
+  const std::uint64_t file_rows = std::min(data_bytes / layout_.record_bytes,
+                                           index_bytes / kIndexEntryBytes);
+  const std::uint64_t reserved_rows = std::min(data_->reserved_bytes() / layout_.record_bytes,
+                                               index_->reserved_bytes() / kIndexEntryBytes);
+  const std::uint64_t target = std::max(rows, std::min(file_rows, reserved_rows));
+  data_->map_to(data_fd_, target * layout_.record_bytes);  // kFull if rows exceed the reservation
+  index_->map_to(index_fd_, target * kIndexEntryBytes);
+  mapped_rows_ = target;
 }
 
 void StoreFiles::grow_to(std::uint64_t rows) {
