@@ -76,8 +76,8 @@ std::string encode_header(DType dtype, std::uint32_t dim, std::uint64_t segment_
   h.metadata_bytes = metadata.size();
   h.state_offset = kStateOffset;
   h.metadata_offset = kMetadataOffset;
-  h.header_checksum = header_hash(&h, offsetof(FixedHeader, header_checksum), metadata.data(),
-                                  metadata.size());
+  h.header_checksum =
+      header_hash(&h, offsetof(FixedHeader, header_checksum), metadata.data(), metadata.size());
 
   std::string bytes(kMetadataOffset + round_up(metadata.size(), kPageBytes), '\0');
   std::memcpy(bytes.data(), &h, sizeof(h));
@@ -112,8 +112,9 @@ Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std
   }
   if (file_bytes < kMetadataOffset + h.metadata_bytes ||
       bytes.size() < kMetadataOffset + h.metadata_bytes) {
-    corrupt(path, "file is " + std::to_string(file_bytes) + " bytes, too short for the header and " +
-                      std::to_string(h.metadata_bytes) + " bytes of metadata");
+    corrupt(path, "file is " + std::to_string(file_bytes) +
+                      " bytes, too short for the header and " + std::to_string(h.metadata_bytes) +
+                      " bytes of metadata");
   }
   const char* metadata = bytes.data() + kMetadataOffset;
   const std::uint64_t expected =
@@ -126,16 +127,15 @@ Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std
   }
   const auto dtype = static_cast<DType>(h.dtype);
   if (h.dim == 0 || h.dim > kMaxDim) {
-    corrupt(path, "field dim " + std::to_string(h.dim) + " is outside 1.." +
-                      std::to_string(kMaxDim));
+    corrupt(path,
+            "field dim " + std::to_string(h.dim) + " is outside 1.." + std::to_string(kMaxDim));
   }
   if (h.record_bytes != std::uint64_t{h.dim} * dtype_size(dtype)) {
     corrupt(path, "field record_bytes " + std::to_string(h.record_bytes) + " is not dim " +
                       std::to_string(h.dim) + " x " + std::to_string(dtype_size(dtype)));
   }
   if (h.index_entry_bytes != kIndexEntryBytes) {
-    corrupt(path, "field index_entry_bytes " + std::to_string(h.index_entry_bytes) +
-                      " is not 32");
+    corrupt(path, "field index_entry_bytes " + std::to_string(h.index_entry_bytes) + " is not 32");
   }
   if (h.segment_bytes == 0 || h.segment_bytes % kPageBytes != 0 ||
       h.segment_bytes > kMaxSegmentBytes || h.segment_bytes < h.record_bytes) {

@@ -62,9 +62,9 @@ bool WriterLock::in_owner_process() const noexcept { return os::current_pid() ==
 
 void WriterLock::acquire() {
   if (!in_owner_process()) {
-    throw Error(ErrorCode::kForkedChild,
-                path_ + ": this writer was opened by process " + std::to_string(owner_pid_) +
-                    "; a forked child must open its own Writer");
+    throw Error(ErrorCode::kForkedChild, path_ + ": this writer was opened by process " +
+                                             std::to_string(owner_pid_) +
+                                             "; a forked child must open its own Writer");
   }
   os::lock_exclusive(fd_, path_);
   held_ = true;

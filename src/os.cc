@@ -28,14 +28,21 @@ using testing::Op;
 [[noreturn]] void fail(const char* op, const std::string& path, int err) {
   ErrorCode code = ErrorCode::kIO;
   switch (err) {
-    case ENOENT: code = ErrorCode::kNotFound; break;
+    case ENOENT:
+      code = ErrorCode::kNotFound;
+      break;
     case ENOSPC:
     case EFBIG:
-    case EDQUOT: code = ErrorCode::kFull; break;
+    case EDQUOT:
+      code = ErrorCode::kFull;
+      break;
     case EROFS:
     case EACCES:
-    case EPERM: code = ErrorCode::kReadOnly; break;
-    default: break;
+    case EPERM:
+      code = ErrorCode::kReadOnly;
+      break;
+    default:
+      break;
   }
   throw Error(code, std::string(op) + " " + path + ": " + std::strerror(err), err);
 }
@@ -81,9 +88,9 @@ void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) fail("read", path, errno);
     if (n == 0) {
-      throw Error(ErrorCode::kCorruption,
-                  "read " + path + ": file ends at byte " + std::to_string(offset) +
-                      " before the " + std::to_string(bytes) + " bytes expected there");
+      throw Error(ErrorCode::kCorruption, "read " + path + ": file ends at byte " +
+                                              std::to_string(offset) + " before the " +
+                                              std::to_string(bytes) + " bytes expected there");
     }
     p += n;
     bytes -= static_cast<std::size_t>(n);

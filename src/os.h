@@ -23,7 +23,8 @@ int create_file(const std::string& path);
 void close_fd(int fd) noexcept;
 
 std::uint64_t file_size(int fd, const std::string& path);
-void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset, const std::string& path);
+void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,
+                const std::string& path);
 void write_all(int fd, const void* buf, std::size_t bytes, std::uint64_t offset,
                const std::string& path);
 // posix_fallocate: the range is allocated (and the file extended) or an error is thrown.
@@ -55,7 +56,8 @@ void unlock(int fd) noexcept;
 
 // Shared (cross-process) futex on a 32-bit word of a MAP_SHARED mapping; the word may be mapped
 // read-only. Returns after a wake, a value change, or `timeout_ns`.
-void futex_wait(const std::uint32_t* word, std::uint32_t expected, std::int64_t timeout_ns) noexcept;
+void futex_wait(const std::uint32_t* word, std::uint32_t expected,
+                std::int64_t timeout_ns) noexcept;
 void futex_wake_all(std::uint32_t* word) noexcept;
 
 void random_bytes(void* buf, std::size_t bytes);

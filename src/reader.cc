@@ -45,7 +45,10 @@ class Reader::Impl {
     const std::uint64_t committed = std::min(state.committed(), f.rows_files_hold());
     const std::uint64_t start = std::max(std::min(durable, committed), verified_upto_);
     f.map_rows(committed);
-    const std::uint64_t valid = start >= committed ? committed : f.first_invalid(start, committed);
+    std::uint64_t valid = start >= committed ? committed : f.first_invalid(start, committed);
+    // As Writer recovery does: only committed_rows and durable_rows are batch boundaries, so a
+    // bad row anywhere in the range clamps to the durable (or already verified) prefix.
+    if (valid != state.committed()) valid = std::max(std::min(durable, committed), verified_upto_);
     verified_upto_ = std::max(verified_upto_, valid);
     snapshot_ = std::max(snapshot_, valid);
     return snapshot_;
@@ -98,8 +101,8 @@ RowsView Reader::rows(std::uint64_t begin, std::uint64_t end) const {
   impl_->check_range(begin, end, "rows");
   const StoreFiles& f = impl_->files();
   const auto& layout = f.layout();
-  return RowsView{f.row_ptr(begin), begin, end - begin, layout.dim, layout.dtype,
-                  layout.record_bytes};
+  return RowsView{f.row_ptr(begin), begin,        end - begin,
+                  layout.dim,       layout.dtype, layout.record_bytes};
 }
 
 StridedView<std::uint64_t> Reader::keys(std::uint64_t begin, std::uint64_t end) const {
@@ -124,10 +127,10 @@ Record Reader::record(std::uint64_t row) const {
   detail::IndexEntry entry;
   std::memcpy(&entry, f.entry_ptr(row), sizeof(entry));
   if (!f.row_valid(row)) {
-    throw Error(ErrorCode::kCorruption,
-                f.data_path() + ": row " + std::to_string(row) + " (key " +
-                    std::to_string(entry.key) + ", epoch " + std::to_string(entry.epoch) +
-                    ") fails its checksum in " + f.index_path());
+    throw Error(ErrorCode::kCorruption, f.data_path() + ": row " + std::to_string(row) + " (key " +
+                                            std::to_string(entry.key) + ", epoch " +
+                                            std::to_string(entry.epoch) +
+                                            ") fails its checksum in " + f.index_path());
   }
   return Record{row, entry.key, entry.epoch, f.row_ptr(row)};
 }

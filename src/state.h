@@ -41,8 +41,7 @@ class SharedState {
   void raise_durable(std::uint64_t rows) {
     std::atomic_ref<std::uint64_t> ref(page_->durable_rows);
     std::uint64_t current = ref.load(std::memory_order_acquire);
-    while (current < rows &&
-           !ref.compare_exchange_weak(current, rows, std::memory_order_acq_rel)) {
+    while (current < rows && !ref.compare_exchange_weak(current, rows, std::memory_order_acq_rel)) {
     }
   }
 

@@ -1,8 +1,9 @@
 // create_store and read_info: store-level operations that need neither a Writer nor a Reader.
+#include "embstore/store.h"
+
 #include <cstring>
 
 #include "embstore/error.h"
-#include "embstore/store.h"
 #include "format.h"
 #include "os.h"
 #include "store_files.h"
@@ -61,9 +62,9 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   try {
     const std::uint64_t record_bytes = std::uint64_t{options.dim} * dtype_size(options.dtype);
     const std::uint64_t capacity = options.segment_bytes / record_bytes;
-    std::string header = detail::encode_header(options.dtype, options.dim, options.segment_bytes,
-                                               store_id, detail::os::unix_time_ns(),
-                                               options.metadata);
+    std::string header =
+        detail::encode_header(options.dtype, options.dim, options.segment_bytes, store_id,
+                              detail::os::unix_time_ns(), options.metadata);
     // The first segment is allocated now, so the new store's state page says so from the start.
     detail::StatePage state;
     std::memcpy(&state, header.data() + detail::kStateOffset, sizeof(state));

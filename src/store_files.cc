@@ -50,7 +50,8 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   }
   files->header_fd_ = os::open_file(files->header_path_, access);
   const std::uint64_t header_bytes = os::file_size(files->header_fd_, files->header_path_);
-  const std::uint64_t to_read = std::min<std::uint64_t>(header_bytes, kMetadataOffset + kMaxMetadataBytes);
+  const std::uint64_t to_read =
+      std::min<std::uint64_t>(header_bytes, kMetadataOffset + kMaxMetadataBytes);
   std::string bytes(to_read, '\0');
   os::read_exact(files->header_fd_, bytes.data(), to_read, 0, files->header_path_);
   files->layout_ = decode_header(bytes, header_bytes, files->header_path_);
@@ -71,8 +72,8 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   // One budget for both files, split in proportion to what a row costs in each.
   const Layout& layout = files->layout_;
   const std::uint64_t budget = resolve_map_bytes(map_bytes);
-  const std::uint64_t max_rows =
-      std::max<std::uint64_t>(1, std::min(budget / (layout.record_bytes + kIndexEntryBytes), kMaxRows));
+  const std::uint64_t max_rows = std::max<std::uint64_t>(
+      1, std::min(budget / (layout.record_bytes + kIndexEntryBytes), kMaxRows));
   const std::uint64_t data_reserve = layout.data_bytes_for(max_rows);
   files->data_ = std::make_unique<ReservedMapping>(data_reserve, files->data_path_, access);
   files->index_ = std::make_unique<ReservedMapping>(
@@ -113,8 +114,8 @@ void StoreFiles::map_rows(std::uint64_t rows) {
   }
   // Map all the files hold (within the reservation), so that following a growing store costs
   // readers no system call until the files grow again.
-  const std::uint64_t file_rows = std::min(data_bytes / layout_.record_bytes,
-                                           index_bytes / kIndexEntryBytes);
+  const std::uint64_t file_rows =
+      std::min(data_bytes / layout_.record_bytes, index_bytes / kIndexEntryBytes);
   const std::uint64_t reserved_rows = std::min(data_->reserved_bytes() / layout_.record_bytes,
                                                index_->reserved_bytes() / kIndexEntryBytes);
   const std::uint64_t target = std::max(rows, std::min(file_rows, reserved_rows));

@@ -57,9 +57,7 @@ class StoreFiles {
   // Rows the files on disk can hold right now (from their sizes).
   std::uint64_t rows_files_hold() const;
 
-  std::byte* row_ptr(std::uint64_t row) const {
-    return data_->base() + row * layout_.record_bytes;
-  }
+  std::byte* row_ptr(std::uint64_t row) const { return data_->base() + row * layout_.record_bytes; }
   IndexEntry* entry_ptr(std::uint64_t row) const {
     return reinterpret_cast<IndexEntry*>(index_->base()) + row;
   }

@@ -1,5 +1,7 @@
 #include "testing.h"
 
+#include <unistd.h>
+
 #include <array>
 #include <atomic>
 #include <cerrno>
@@ -8,7 +10,6 @@
 #include <cstring>
 #include <mutex>
 #include <string>
-#include <unistd.h>
 
 #include "os.h"
 
@@ -16,16 +17,26 @@ namespace embstore::detail::testing {
 
 std::string_view op_name(Op op) noexcept {
   switch (op) {
-    case Op::kOpen: return "open";
-    case Op::kFallocate: return "fallocate";
-    case Op::kFtruncate: return "ftruncate";
-    case Op::kMmap: return "mmap";
-    case Op::kMsync: return "msync";
-    case Op::kPwrite: return "pwrite";
-    case Op::kPread: return "pread";
-    case Op::kRename: return "rename";
-    case Op::kMkdir: return "mkdir";
-    case Op::kCount: break;
+    case Op::kOpen:
+      return "open";
+    case Op::kFallocate:
+      return "fallocate";
+    case Op::kFtruncate:
+      return "ftruncate";
+    case Op::kMmap:
+      return "mmap";
+    case Op::kMsync:
+      return "msync";
+    case Op::kPwrite:
+      return "pwrite";
+    case Op::kPread:
+      return "pread";
+    case Op::kRename:
+      return "rename";
+    case Op::kMkdir:
+      return "mkdir";
+    case Op::kCount:
+      break;
   }
   return "?";
 }

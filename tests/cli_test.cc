@@ -1,7 +1,6 @@
 // The embstore command-line tool: info and verify, their exit codes and JSON, named errors, and
 // that read-only commands never change a byte.
 #include <catch2/catch.hpp>
-
 #include <cstdlib>
 #include <vector>
 

@@ -1,10 +1,10 @@
 // float32 -> float16 / bfloat16 conversion (src/convert.h): round to nearest, ties to even.
-#include <catch2/catch.hpp>
+#include "convert.h"
+
 #include <bit>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
-
-#include "convert.h"
 
 using namespace embstore::detail;
 
@@ -13,7 +13,7 @@ TEST_CASE("float16 conversion of exactly representable values is exact", "[conve
   CHECK(float_to_half(-0.0f) == 0x8000);
   CHECK(float_to_half(1.0f) == 0x3c00);
   CHECK(float_to_half(-2.0f) == 0xc000);
-  CHECK(float_to_half(65504.0f) == 0x7bff);              // largest half
+  CHECK(float_to_half(65504.0f) == 0x7bff);               // largest half
   CHECK(float_to_half(std::ldexp(1.0f, -14)) == 0x0400);  // smallest normal
   CHECK(float_to_half(std::ldexp(1.0f, -24)) == 0x0001);  // smallest subnormal
 }

@@ -1,8 +1,8 @@
 // Hostile and truncated store files: every open refuses with an error naming the file and the
 // field, never crashes, and never changes a byte of what is stored.
-#include <catch2/catch.hpp>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <functional>
 #include <vector>

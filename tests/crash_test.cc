@@ -1,10 +1,10 @@
 // kill -9 of a writer at random moments while other writers and a reader run (RELIABILITY.md
 // scenario 1): no acknowledged row is lost, no torn batch is ever visible, and the store reopens
 // and accepts appends with no manual step.
-#include <catch2/catch.hpp>
 #include <signal.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
 #include <map>
@@ -32,7 +32,8 @@ struct Ack {
 };
 
 // Appends batches until `batches` are done, reporting each one after append() returned.
-int writer_role(const std::string& path, std::uint64_t writer, int batches, const test::Pipe& acks) {
+int writer_role(const std::string& path, std::uint64_t writer, int batches,
+                const test::Pipe& acks) {
   Writer w = Writer::open(path);
   const std::uint64_t n = test::batch_rows(writer);
   for (int b = 0; b < batches; ++b) {

@@ -1,10 +1,11 @@
 // Header encoding/decoding (src/format.h) and the checksum rules of src/FORMAT.md.
+#include "format.h"
+
 #include <catch2/catch.hpp>
 #include <cstring>
 
 #include "checksum.h"
 #include "embstore/error.h"
-#include "format.h"
 
 using namespace embstore;
 using namespace embstore::detail;
@@ -23,9 +24,9 @@ std::string with_field(std::string bytes, std::size_t offset, T value) {
   std::memcpy(bytes.data() + offset, &value, sizeof(T));
   FixedHeader h;
   std::memcpy(&h, bytes.data(), sizeof(h));
-  h.header_checksum = header_hash(&h, offsetof(FixedHeader, header_checksum),
-                                  bytes.data() + kMetadataOffset,
-                                  std::min<std::uint64_t>(h.metadata_bytes, kMaxMetadataBytes));
+  h.header_checksum =
+      header_hash(&h, offsetof(FixedHeader, header_checksum), bytes.data() + kMetadataOffset,
+                  std::min<std::uint64_t>(h.metadata_bytes, kMaxMetadataBytes));
   std::memcpy(bytes.data(), &h, sizeof(h));
   return bytes;
 }
@@ -158,13 +159,14 @@ TEST_CASE("An all-zero index entry over a zero row never validates", "[format][c
   }
 }
 
-TEST_CASE("A checksum binds the row's bytes, key, epoch, position and store", "[format][checksum]") {
+TEST_CASE("A checksum binds the row's bytes, key, epoch, position and store",
+          "[format][checksum]") {
   const std::uint64_t seed = seed_from_store_id(kStoreId);
   std::vector<std::byte> row(64, std::byte{7});
   const std::uint64_t hash = payload_hash(row.data(), row.size(), seed);
   IndexEntry entry{42, 3, 10, entry_checksum(hash, 42, 3, 10, seed)};
   CHECK(entry_valid(entry, 10, row.data(), row.size(), seed));
-  CHECK_FALSE(entry_valid(entry, 11, row.data(), row.size(), seed));  // moved
+  CHECK_FALSE(entry_valid(entry, 11, row.data(), row.size(), seed));      // moved
   CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), seed ^ 1));  // another store
   IndexEntry other_key = entry;
   other_key.key = 43;

@@ -1,11 +1,11 @@
 // A full disk is an error from append(), never SIGBUS: on a small tmpfs and under RLIMIT_FSIZE.
 // Earlier rows stay intact, readers keep reading, and appends resume once space frees.
-#include <catch2/catch.hpp>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <vector>
 
 #include "embstore/embstore.h"

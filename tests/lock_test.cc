@@ -1,16 +1,17 @@
 // The writer lock (src/lock.h): an OFD lock that excludes other processes and other handles in
 // this process, survives unrelated open()/close() of store files, dies with its holder, and is
 // never kept alive by a forked child.
-#include <catch2/catch.hpp>
+#include "lock.h"
+
 #include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cerrno>
 #include <cstring>
 
 #include "embstore/embstore.h"
-#include "lock.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
 #include "testing.h"

@@ -1,8 +1,8 @@
 // Many writer processes x threads appending to one store while reader processes check every row
 // they can see: whole, checksum-valid, equal to its derived payload, batches contiguous.
-#include <catch2/catch.hpp>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <thread>
 #include <vector>

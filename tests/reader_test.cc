@@ -1,8 +1,8 @@
 // Reader: lock-free snapshots, zero-copy views that never move, waiting, read-only access.
-#include <catch2/catch.hpp>
 #include <sys/mount.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
 #include <thread>

@@ -1,8 +1,8 @@
 // Recovery after a reboot (simulated by a new boot id): rows past the durable point are
 // re-checked and the commit counter cut back exactly; synced rows are never cut, only reported.
-#include <catch2/catch.hpp>
 #include <signal.h>
 
+#include <catch2/catch.hpp>
 #include <cstring>
 #include <vector>
 

@@ -1,14 +1,14 @@
 // Writer and store lifecycle: create, open, append, convert, grow, sync, errors, threads, fork.
-#include <catch2/catch.hpp>
-#include <sys/stat.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <cerrno>
-#include <functional>
-#include <optional>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -76,8 +76,12 @@ std::vector<std::byte> sample_bytes(DType dtype, std::size_t count) {
         std::memcpy(&bytes[i * 2], &b, 2);
         break;
       }
-      case DType::kInt8: bytes[i] = static_cast<std::byte>(static_cast<std::int8_t>(v)); break;
-      case DType::kUInt8: bytes[i] = static_cast<std::byte>(static_cast<std::uint8_t>(v + 50)); break;
+      case DType::kInt8:
+        bytes[i] = static_cast<std::byte>(static_cast<std::int8_t>(v));
+        break;
+      case DType::kUInt8:
+        bytes[i] = static_cast<std::byte>(static_cast<std::uint8_t>(v + 50));
+        break;
     }
   }
   return bytes;
@@ -118,11 +122,17 @@ TEST_CASE("Every dtype round-trips byte for byte, across reopen", "[store]") {
   }
 }
 
-TEST_CASE("float32 input is converted to float16 and bfloat16 stores, rounding to even", "[store]") {
+TEST_CASE("float32 input is converted to float16 and bfloat16 stores, rounding to even",
+          "[store]") {
   const std::uint32_t dim = 4;
-  const std::vector<float> values = {1.0f, 1.0f + std::ldexp(1.0f, -11),
-                                     1.0f + 3 * std::ldexp(1.0f, -11), -65504.0f,
-                                     0.1f, 1e-8f, 3.0f, 1e30f};
+  const std::vector<float> values = {1.0f,
+                                     1.0f + std::ldexp(1.0f, -11),
+                                     1.0f + 3 * std::ldexp(1.0f, -11),
+                                     -65504.0f,
+                                     0.1f,
+                                     1e-8f,
+                                     3.0f,
+                                     1e30f};
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     DYNAMIC_SECTION("into " << dtype_name(dtype)) {
       TempDir dir;
@@ -142,7 +152,8 @@ TEST_CASE("float32 input is converted to float16 and bfloat16 stores, rounding t
   }
 }
 
-TEST_CASE("Input of another dtype, dim or length is refused and writes nothing", "[store][errors]") {
+TEST_CASE("Input of another dtype, dim or length is refused and writes nothing",
+          "[store][errors]") {
   TempDir dir;
   Writer w = Writer::create(dir / "s", opts(4));
   const std::vector<float> four(4, 1.0f);
@@ -150,14 +161,23 @@ TEST_CASE("Input of another dtype, dim or length is refused and writes nothing",
   const std::vector<std::uint64_t> one_key = {1};
   const std::vector<std::uint64_t> two_keys = {1, 2};
   std::string message;
-  CHECK(code_of([&] { w.append(one_key, 0, ConstMatrix{four.data(), DType::kFloat32, 1, 3}); },
-                &message) == ErrorCode::kInvalidArgument);
+  CHECK(code_of(
+            [&] {
+              w.append(one_key, 0, ConstMatrix{four.data(), DType::kFloat32, 1, 3});
+            },
+            &message) == ErrorCode::kInvalidArgument);
   CHECK_THAT(message, Catch::Contains("dim 3") && Catch::Contains("dim is 4"));
-  CHECK(code_of([&] { w.append(one_key, 0, ConstMatrix{doubles.data(), DType::kFloat64, 1, 4}); },
-                &message) == ErrorCode::kInvalidArgument);
+  CHECK(code_of(
+            [&] {
+              w.append(one_key, 0, ConstMatrix{doubles.data(), DType::kFloat64, 1, 4});
+            },
+            &message) == ErrorCode::kInvalidArgument);
   CHECK_THAT(message, Catch::Contains("float64") && Catch::Contains("float32 store"));
-  CHECK(code_of([&] { w.append(two_keys, 0, ConstMatrix{four.data(), DType::kFloat32, 1, 4}); },
-                &message) == ErrorCode::kInvalidArgument);
+  CHECK(code_of(
+            [&] {
+              w.append(two_keys, 0, ConstMatrix{four.data(), DType::kFloat32, 1, 4});
+            },
+            &message) == ErrorCode::kInvalidArgument);
   CHECK_THAT(message, Catch::Contains("2 keys for 1 rows"));
   const std::vector<std::uint64_t> epochs = {1, 2};
   CHECK(code_of([&] {
@@ -165,8 +185,9 @@ TEST_CASE("Input of another dtype, dim or length is refused and writes nothing",
         }) == ErrorCode::kInvalidArgument);
   CHECK(code_of([&] { w.append(one_key, 0, std::span<const float>(four.data(), 3)); }) ==
         ErrorCode::kInvalidArgument);
-  CHECK(code_of([&] { w.append(one_key, 0, ConstMatrix{nullptr, DType::kFloat32, 1, 4}); }) ==
-        ErrorCode::kInvalidArgument);
+  CHECK(code_of([&] {
+          w.append(one_key, 0, ConstMatrix{nullptr, DType::kFloat32, 1, 4});
+        }) == ErrorCode::kInvalidArgument);
   CHECK(code_of([&] {
           w.append(one_key, 0, ConstMatrix{four.data(), DType::kFloat32, 1, 4, 8});
         }) == ErrorCode::kInvalidArgument);  // stride shorter than a row

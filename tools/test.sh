@@ -48,13 +48,16 @@ if [ "$quick" = 0 ]; then
     # TSan allows only a few TiB of application address space: give each store a smaller
     # reservation than the 1 TiB default.
     export EMBSTORE_MAP_BYTES=$((64 << 30))
+    # Tests fork children that open writers (which start a prefault thread) from multi-threaded
+    # parents; TSan refuses new threads after such a fork unless told otherwise.
+    export TSAN_OPTIONS="die_after_fork=0 ${TSAN_OPTIONS:-}"
     if [ -x tests/reliability/ci.sh ]; then
       tests/reliability/ci.sh "$dir" "$sanitizer"
     else
       (cd "$dir" && ctest --output-on-failure -j"$jobs" --timeout 900)
     fi
   done
-  unset EMBSTORE_MAP_BYTES
+  unset EMBSTORE_MAP_BYTES TSAN_OPTIONS
 fi
 
 if [ "$soak" = 1 ] && [ -x tests/reliability/soak.sh ]; then

@@ -16,8 +16,8 @@ inline constexpr std::uint64_t kDefaultMapBytes = 1ull << 40;       // 1 TiB of 
 
 // Fixed at creation, stored in the header, never changed afterwards.
 struct CreateOptions {
-  std::uint32_t dim = 0;            // Elements per row; 1 .. 2^24.
-  DType dtype = DType::kFloat32;    // Element type of every row.
+  std::uint32_t dim = 0;          // Elements per row; 1 .. 2^24.
+  DType dtype = DType::kFloat32;  // Element type of every row.
   // The data file grows by this many bytes at a time (posix_fallocate'd before first touch).
   // A multiple of 4096 and at least one row; the index file grows alongside it.
   std::uint64_t segment_bytes = kDefaultSegmentBytes;

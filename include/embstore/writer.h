@@ -55,8 +55,8 @@ class Writer {
   // A batch of 0 rows is valid and returns the current committed count.
   std::uint64_t append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
                        const ConstMatrix& rows);
-  std::uint64_t append(std::span<const std::uint64_t> keys,
-                       std::span<const std::uint64_t> epochs, const ConstMatrix& rows);
+  std::uint64_t append(std::span<const std::uint64_t> keys, std::span<const std::uint64_t> epochs,
+                       const ConstMatrix& rows);
   // Convenience for packed float32 input: values.size() must be keys.size() * dim().
   std::uint64_t append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
                        std::span<const float> values);

@@ -15,7 +15,8 @@ std::string StreamChecker::check(const Reader& reader, std::uint64_t end) {
                               ", seq " + std::to_string(seq) + "): ";
     std::uint64_t& expected = next_seq_[writer];
     if (seq != expected) {
-      return where + "expected seq " + std::to_string(expected) + " (lost, duplicated or reordered)";
+      return where + "expected seq " + std::to_string(expected) +
+             " (lost, duplicated or reordered)";
     }
     ++expected;
     const bool batch_start = seq % batch_rows(writer) == 0;
