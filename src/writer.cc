@@ -161,7 +161,11 @@ void Writer::Impl::recover() {
   durable = std::min(durable, committed);
   files_->map_rows(committed);
   EMBSTORE_CRASH_POINT("during-recovery");
-  const std::uint64_t valid = files_->first_invalid(durable, committed);
+  std::uint64_t valid = files_->first_invalid(durable, committed);
+  // Appends publish whole batches, so the only batch boundaries on disk are committed_rows and
+  // durable_rows. Cutting at the first bad row could leave the front of a torn batch visible:
+  // keep the rows up to committed_rows only if every one checks out, else fall back to durable.
+  if (valid != state.committed()) valid = durable;
   state.set_capacity(capacity);
   state.publish_committed(valid);
   state.set_durable(durable);

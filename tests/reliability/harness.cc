@@ -236,6 +236,12 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::vector<std::st
   pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error("fork failed");
   if (pid == 0) {
+    // SIGTERM stays blocked until a role that handles it has installed its handler, so a stop
+    // request that races with the child's start-up is delivered, not fatal.
+    sigset_t term;
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    ::sigprocmask(SIG_BLOCK, &term, nullptr);
     ::execve(self.c_str(), argv.data(), envp.data());
     ::_exit(127);
   }
@@ -352,8 +358,8 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
     const std::uint64_t seq = test::key_seq(rec.key);
     auto log = logs.find(w);
     if (log == logs.end()) {
-      problem("row " + std::to_string(row) + " has key " + std::to_string(rec.key) +
-              " of writer " + std::to_string(w) + ", which never existed");
+      problem("row " + std::to_string(row) + " has key " + std::to_string(rec.key) + " of writer " +
+              std::to_string(w) + ", which never existed");
       ++row;
       continue;
     }
@@ -367,8 +373,8 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
               "): a torn batch is visible");
     }
     if (b.first_seq + b.rows > log->second.attempted_end) {
-      problem("row " + std::to_string(row) + ": writer " + std::to_string(w) + " never attempted batch " +
-              std::to_string(b.index) + " (attempted up to seq " +
+      problem("row " + std::to_string(row) + ": writer " + std::to_string(w) +
+              " never attempted batch " + std::to_string(b.index) + " (attempted up to seq " +
               std::to_string(log->second.attempted_end) + ")");
     }
     if (b.first_seq < last_seq_end[w]) {
@@ -427,8 +433,8 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
       if (!options.power_loss) result.acked_rows_lost += n;
       if (durable || !options.power_loss) {
         problem(std::string(durable ? "durable" : "acked") + " batch of writer " +
-                std::to_string(w) + " seqs [" + std::to_string(first) + ", +" +
-                std::to_string(n) + ") is missing");
+                std::to_string(w) + " seqs [" + std::to_string(first) + ", +" + std::to_string(n) +
+                ") is missing");
       }
     }
   }
@@ -468,7 +474,8 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
 bool report_check(const CheckResult& result, const std::string& context) {
   stat_add("acked_rows_lost", result.acked_rows_lost);
   stat_add("durable_rows_lost", result.durable_rows_lost);
-  for (const auto& p : result.problems) std::fprintf(stderr, "INVARIANT [%s]: %s\n", context.c_str(), p.c_str());
+  for (const auto& p : result.problems)
+    std::fprintf(stderr, "INVARIANT [%s]: %s\n", context.c_str(), p.c_str());
   return result.ok();
 }
 
@@ -498,12 +505,11 @@ void create_f32_store(const std::string& path, std::uint32_t dim, std::uint64_t 
 std::string random_boot_id(Rng& rng) {
   char buf[64];
   const std::uint64_t a = rng.next(), b = rng.next();
-  std::snprintf(buf, sizeof(buf), "%08llx-%04llx-%04llx-%04llx-%012llx",
-                static_cast<unsigned long long>(a >> 32),
-                static_cast<unsigned long long>((a >> 16) & 0xffff),
-                static_cast<unsigned long long>(a & 0xffff),
-                static_cast<unsigned long long>(b >> 48),
-                static_cast<unsigned long long>(b & 0xffffffffffffull));
+  std::snprintf(
+      buf, sizeof(buf), "%08llx-%04llx-%04llx-%04llx-%012llx",
+      static_cast<unsigned long long>(a >> 32), static_cast<unsigned long long>((a >> 16) & 0xffff),
+      static_cast<unsigned long long>(a & 0xffff), static_cast<unsigned long long>(b >> 48),
+      static_cast<unsigned long long>(b & 0xffffffffffffull));
   return buf;
 }
 

@@ -29,6 +29,10 @@ void install_term_handler() {
   sa.sa_handler = on_term;
   sigemptyset(&sa.sa_mask);
   ::sigaction(SIGTERM, &sa, nullptr);
+  sigset_t term;
+  sigemptyset(&term);
+  sigaddset(&term, SIGTERM);
+  ::sigprocmask(SIG_UNBLOCK, &term, nullptr);
 }
 
 struct Batch {
@@ -95,7 +99,9 @@ int role_writer(const Args& args) {
   const bool until_full = args.has("until-full");
   if (const std::uint64_t limit = args.num("fsize-limit", 0)) {
     ::signal(SIGXFSZ, SIG_IGN);  // embstore.h: ignore SIGXFSZ to get kFull instead of death.
-    struct rlimit rl {limit, limit};
+    struct rlimit rl {
+      limit, limit
+    };
     ::setrlimit(RLIMIT_FSIZE, &rl);
   }
   WriterOptions options;
@@ -232,7 +238,8 @@ int role_faultrun(const Args& args) {
           e.code() == ErrorCode::kPoisoned || e.code() == ErrorCode::kCorruption ||
           e.code() == ErrorCode::kAlreadyExists) {
         const std::string msg = e.what();
-        if (msg.find(p.store) == std::string::npos && msg.find("address space") == std::string::npos) {
+        if (msg.find(p.store) == std::string::npos &&
+            msg.find("address space") == std::string::npos) {
           problem(std::string(what) + ": the message does not name the store path: " + msg);
         }
       } else {
@@ -263,7 +270,8 @@ int role_faultrun(const Args& args) {
   attempt("create/open", [&] {
     writer.emplace(args.has("create") ? Writer::create(p.store, copts) : Writer::open(p.store));
   });
-  if (!writer) attempt("open_or_create", [&] { writer.emplace(Writer::open_or_create(p.store, copts)); });
+  if (!writer)
+    attempt("open_or_create", [&] { writer.emplace(Writer::open_or_create(p.store, copts)); });
   if (writer) {
     for (int i = 0; i < 8; ++i) {
       std::uint64_t end = 0;
@@ -279,8 +287,8 @@ int role_faultrun(const Args& args) {
         problem("an append after a failed sync succeeded (the writer must be poisoned)");
       } catch (const Error& e) {
         if (e.code() != ErrorCode::kPoisoned && e.code() != ErrorCode::kInvalidArgument) {
-          problem(std::string("an append after a failed sync threw ") +
-                  error_code_name(e.code()) + " instead of poisoned");
+          problem(std::string("an append after a failed sync threw ") + error_code_name(e.code()) +
+                  " instead of poisoned");
         }
       }
       break;
@@ -308,10 +316,13 @@ int role_faultrun(const Args& args) {
   const std::uint64_t injected = detail::testing::faults_injected();
   stat_add("faults_injected", injected);
   if (injected > 0 && errors == 0) {
-    problem("false success: " + std::to_string(injected) + " faults injected but every call succeeded");
+    problem("false success: " + std::to_string(injected) +
+            " faults injected but every call succeeded");
   }
-  std::printf("faultrun %s: %llu injected, %d errors\n", std::getenv("EMBSTORE_FAULT"),
-              static_cast<unsigned long long>(injected), errors);
+  if (args.has("verbose")) {
+    std::printf("faultrun %s: %llu injected, %d errors\n", std::getenv("EMBSTORE_FAULT"),
+                static_cast<unsigned long long>(injected), errors);
+  }
   flush_stats();
   return problems == 0 ? 0 : 1;
 }
@@ -335,7 +346,9 @@ int role_memlimit(const Args& args) {
     }
   }
   const std::uint64_t limit = vm_kb * 1024 + (256ull << 20);
-  struct rlimit rl {limit, limit};
+  struct rlimit rl {
+    limit, limit
+  };
   if (::setrlimit(RLIMIT_AS, &rl) != 0) {
     problem("setrlimit(RLIMIT_AS) failed");
     return 1;
@@ -392,7 +405,6 @@ int role_memlimit(const Args& args) {
 int role_recover(const Args& args) {
   try {
     Writer writer = Writer::open(args.get("store"));
-    std::printf("%llu\n", static_cast<unsigned long long>(writer.committed_rows()));
     writer.close();
     return 0;
   } catch (const Error& e) {

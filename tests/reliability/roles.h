@@ -24,7 +24,8 @@ Args parse_args(int argc, char** argv, int first);
 int role_writer(const Args& args);    // appends its schedule, logging I/A/D; SIGTERM ends it
 int role_reader(const Args& args);    // follows the store, checks every row it can see
 int role_verifier(const Args& args);  // check_invariant; --power-loss, --fresh-writer
-int role_faultrun(const Args& args);  // a workload under EMBSTORE_FAULT: errors, never false success
+int role_faultrun(
+    const Args& args);  // a workload under EMBSTORE_FAULT: errors, never false success
 int role_memlimit(const Args& args);  // a workload under RLIMIT_AS
 int role_recover(const Args& args);   // opens a Writer (recovering) and closes it
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# tests/fuzz/run.sh <seconds> [build-dir] — builds the libFuzzer target with clang-14
+# (-fsanitize=fuzzer,address,undefined) into its own directory and fuzzes the store's
+# open/verify/iterate (and writer recovery) for <seconds> in total, split over the jobs.
+#
+# Limits: no sanitizer report, no input slower than 1 s (-timeout=1), no allocation over 256 MB
+# (-malloc_limit_mb=256, -rss_limit_mb=2048 for the process). Crashers are written to
+# tests/fuzz/corpus/crashers/ (commit them: ctest replays that corpus on every run), new
+# interesting inputs to the working corpus in the build dir. Prints "fuzz_execs <n>" and, when
+# EMBSTORE_STATS_DIR is set, adds the count to the reliability summary.
+set -euo pipefail
+seconds=${1:-60}
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+build=${2:-$root/build-fuzz}
+jobs=${FUZZ_JOBS:-1}
+mkdir -p "$build"
+
+CXX=${FUZZ_CXX:-clang++-14}
+flags="-std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -DEMBSTORE_TESTING=1"
+xxhash_inc=$(dirname "$(echo '#include <xxhash.h>' | cpp -H -o /dev/null 2>&1 | grep -m1 'xxhash.h' | awk '{print $2}')")
+# A small make-free build: one object per source, rebuilt when the source is newer.
+objs=()
+for src in "$root"/src/*.cc "$here"/fuzz_store.cc; do
+  obj="$build/$(basename "${src%.cc}").o"
+  if [[ ! -f $obj || $src -nt $obj || $(find "$root/src" -name '*.h' -newer "$obj" | head -1) ]]; then
+    $CXX $flags -c "$src" -o "$obj" -I"$root/include" -I"$root/src" -I"$here" -I"$xxhash_inc" \
+      -fsanitize=fuzzer-no-link 2>&1 | grep -v '^$' || true
+  fi
+  objs+=("$obj")
+done
+$CXX $flags "${objs[@]}" -o "$build/fuzz_store" -lpthread
+
+work="$build/corpus"
+mkdir -p "$work" "$here/corpus/crashers"
+if [[ -z $(ls -A "$work") ]]; then
+  # Seed the working corpus with valid small stores (the committed corpus holds the same kind).
+  cp "$here"/corpus/seeds/* "$work"/ 2>/dev/null || true
+fi
+log="$build/fuzz.log"
+per_job=$(( seconds / jobs ))
+(( per_job < 1 )) && per_job=1
+set +e
+"$build/fuzz_store" "$work" "$here/corpus" \
+  -dict="$here/store.dict" -max_len=65536 -timeout=1 -malloc_limit_mb=256 -rss_limit_mb=2048 \
+  -max_total_time="$per_job" -jobs="$jobs" -workers="$jobs" -print_final_stats=1 \
+  -artifact_prefix="$here/corpus/crashers/" >"$log" 2>&1
+status=$?
+set -e
+cat "$build"/fuzz-*.log >>"$log" 2>/dev/null || true
+execs=$(grep -h 'stat::number_of_executed_units' "$log" | awk '{s += $2} END {print s + 0}')
+echo "fuzz_execs $execs"
+if [[ -n ${EMBSTORE_STATS_DIR:-} ]]; then
+  mkdir -p "$EMBSTORE_STATS_DIR"
+  echo "fuzz_execs $execs" >>"$EMBSTORE_STATS_DIR/stats.fuzz.$$"
+fi
+if (( status != 0 )) || grep -qE 'ERROR: (AddressSanitizer|libFuzzer|UndefinedBehaviorSanitizer)|runtime error:' "$log"; then
+  echo "fuzzing found a problem (exit $status); see $log and tests/fuzz/corpus/crashers/" >&2
+  grep -E 'ERROR|runtime error|SUMMARY' "$log" | head -20 >&2
+  exit 1
+fi
+echo "no crash, hang or sanitizer report in ${seconds}s of fuzzing"

@@ -1,0 +1,577 @@
+// Scenarios 1-9: real writer, reader and verifier processes, kill -9, crash points, simulated
+// power loss, full disks, injected I/O errors and address-space limits.
+#include <signal.h>
+#include <sys/mount.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "scenarios.h"
+#include "support/payload.h"
+
+namespace embstore::torture {
+namespace {
+
+std::string read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+void write_all(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+bool fail(const std::string& text) {
+  std::fprintf(stderr, "FAIL: %s\n", text.c_str());
+  return false;
+}
+
+bool expect_kill(pid_t pid, const std::string& what) {
+  ExitStatus st = wait_child(pid);
+  if (!st.exited && st.signal == SIGKILL) return true;
+  return fail(what + ": expected SIGKILL at the crash point, got " + st.describe());
+}
+
+bool expect_exit(pid_t pid, const std::string& what, int code = 0) {
+  ExitStatus st = wait_child(pid);
+  if (st.exited && st.code == code) return true;
+  return fail(what + ": expected exit code " + std::to_string(code) + ", got " + st.describe());
+}
+
+}  // namespace
+
+// ---- Setup ---------------------------------------------------------------------------------
+
+Setup::Setup(const std::string& tag, std::uint64_t seed, std::uint32_t dim, std::uint32_t max_batch)
+    : dir_(make_temp_dir(tag)) {
+  p_.store = dir_ + "/store";
+  p_.log_dir = dir_ + "/logs";
+  p_.seed = seed;
+  p_.dim = dim;
+  p_.max_batch = max_batch;
+  std::filesystem::create_directories(p_.log_dir);
+}
+
+Setup::~Setup() { remove_all(dir_); }
+
+void Setup::create(std::uint64_t segment_bytes) {
+  create_f32_store(p_.store, p_.dim, segment_bytes);
+}
+
+pid_t Setup::start_writer(const std::vector<std::string>& extra,
+                          const std::vector<std::string>& env) {
+  auto args = role_args("writer", p_);
+  args.push_back("--writer");
+  args.push_back(std::to_string(new_writer()));
+  args.insert(args.end(), extra.begin(), extra.end());
+  return spawn_self(args, env);
+}
+
+pid_t Setup::start_reader(bool hammer, const std::vector<std::string>& env) {
+  auto args = role_args("reader", p_);
+  if (hammer) args.push_back("--hammer");
+  return spawn_self(args, env);
+}
+
+bool Setup::verify(const std::string& context, bool power_loss,
+                   const std::vector<std::string>& env) {
+  return verify_store(p_.store, context, power_loss, env);
+}
+
+bool Setup::verify_store(const std::string& store, const std::string& context, bool power_loss,
+                         const std::vector<std::string>& env) {
+  Params p = p_;
+  p.store = store;
+  auto args = role_args("verifier", p);
+  args.insert(args.end(), {"--fresh-writer", std::to_string(new_writer()), "--context", context});
+  if (power_loss) args.push_back("--power-loss");
+  ExitStatus st = wait_child(spawn_self(args, env));
+  if (st.exited && st.code == 0) return true;
+  return fail(context + ": the invariant does not hold (verifier " + st.describe() + ")");
+}
+
+bool stop_child(pid_t pid, const std::string& what) {
+  ::kill(pid, SIGTERM);
+  return expect_exit(pid, what);
+}
+
+// ---- 1. kill -9 a random writer among 3 (plus a reader), many rounds; restart it --------------
+
+bool scenario_kill9(std::uint64_t seed) {
+  Rng rng(seed);
+  Setup s("kill9", seed);
+  s.create(16384);
+  bool ok = true;
+  const pid_t reader = s.start_reader();
+  auto start = [&] { return s.start_writer({"--sync-every", std::to_string(rng.below(6))}); };
+  std::vector<pid_t> writers = {start(), start(), start()};
+  const std::uint64_t rounds = scaled(150, 40);
+  for (std::uint64_t r = 0; r < rounds; ++r) {
+    const std::size_t slot = rng.below(writers.size());
+    sleep_us(rng.range(200, 12000));  // The random moment of the kill.
+    ::kill(writers[slot], SIGKILL);
+    ExitStatus st = wait_child(writers[slot]);
+    if (st.exited ? st.code != 0 : st.signal != SIGKILL) {
+      ok = fail("a writer died of something other than our kill -9: " + st.describe());
+    }
+    stat_add("kill9_rounds");
+    writers[slot] = start();
+  }
+  for (pid_t w : writers) ok &= stop_child(w, "writer");
+  ok &= stop_child(reader, "reader");
+  ok &= s.verify("kill9");
+  return ok;
+}
+
+// ---- 2 / 3. Crash points -------------------------------------------------------------------
+
+namespace {
+
+const std::vector<std::string> kCrashPoints = {
+    "after-grow-data", "after-grow-index", "after-copy", "mid-index-write",
+    "before-publish",  "after-publish",    "mid-sync",   "during-recovery"};
+
+struct FileSizes {
+  std::uint64_t data = 0, index = 0, capacity = 0, record = 0, segment = 0;
+};
+FileSizes sizes_of(const std::string& store) {
+  StoreInfo info = read_info(store);
+  return {info.data_file_bytes, info.index_file_bytes, info.capacity_rows, info.record_bytes,
+          info.segment_bytes};
+}
+
+bool whole_segments(const std::string& store, const std::string& when) {
+  FileSizes f = sizes_of(store);
+  bool ok = true;
+  if (f.data % f.segment != 0) {
+    ok = fail(when + ": data file is " + std::to_string(f.data) + " bytes, not whole segments of " +
+              std::to_string(f.segment));
+  }
+  if (f.index % 4096 != 0) ok = fail(when + ": index file is not whole pages");
+  if (f.data < f.capacity * f.record || f.index < f.capacity * 32) {
+    ok = fail(when + ": files are shorter than capacity_rows " + std::to_string(f.capacity));
+  }
+  return ok;
+}
+
+// One crash run: a reader follows, a writer dies at `point`:`n`, the next writer carries on.
+bool crash_run(std::uint64_t seed, const std::string& point, std::uint64_t n, bool growth_checks) {
+  Setup s("crash", seed);
+  s.create(4096);  // 64 rows of 64 bytes per segment: growth every few batches.
+  const std::string what = point + ":" + std::to_string(n);
+  std::vector<std::string> env;
+  bool ok = true;
+  if (point == "during-recovery") {
+    // A store last written in another boot, with unsynced rows: the next open must recover.
+    ok &= expect_exit(s.start_writer({"--batches", "40", "--sync-every", "7"},
+                                     {"EMBSTORE_BOOT_ID=11111111-1111-1111-1111-111111111111"}),
+                      "writer before the reboot");
+    env.push_back("EMBSTORE_BOOT_ID=22222222-2222-2222-2222-222222222222");
+  }
+  const pid_t reader = s.start_reader(false, env);
+  std::vector<std::string> crash_env = env;
+  crash_env.push_back("EMBSTORE_CRASH=" + what);
+  ok &= expect_kill(s.start_writer({"--batches", "400", "--sync-every", "4"}, crash_env), what);
+  stat_add("crash_point_kills");
+  FileSizes before = sizes_of(s.params().store);
+  if (growth_checks) ok &= whole_segments(s.params().store, what + " after the crash");
+  // The next writer must work, through more growth.
+  ok &= expect_exit(s.start_writer({"--batches", "60", "--sync-every", "9"}, env),
+                    "writer after " + what);
+  if (growth_checks) {
+    ok &= whole_segments(s.params().store, what + " after the next growth");
+    if (sizes_of(s.params().store).capacity <= before.capacity) {
+      ok = fail(what + ": the next writer did not grow the store");
+    }
+  }
+  ok &= stop_child(reader, "reader");
+  ok &= s.verify("crash " + what, false, env);
+  return ok;
+}
+
+}  // namespace
+
+bool scenario_crash_points(std::uint64_t seed) {
+  const std::uint64_t k = scaled(3, 10);
+  bool ok = true;
+  for (const std::string& point : kCrashPoints) {
+    const std::uint64_t passes = point == "during-recovery" ? 1 : k;
+    for (std::uint64_t n = 1; n <= passes; ++n) {
+      if (!crash_run(mix(seed, n * 131 + point.size()), point, n, false)) {
+        ok = fail("crash point " + point + ":" + std::to_string(n));
+      }
+    }
+  }
+  return ok;
+}
+
+bool scenario_growth(std::uint64_t seed) {
+  const std::uint64_t k = scaled(4, 10);
+  Rng rng(seed);
+  bool ok = true;
+  for (const std::string point : {"after-grow-data", "after-grow-index"}) {
+    for (std::uint64_t n = 1; n <= k; ++n) {
+      ok &= crash_run(rng.next(), point, n * 2 - 1, true);
+    }
+  }
+  return ok;
+}
+
+// ---- 4. Crash during recovery, then recover again: same final state --------------------------
+
+bool scenario_recovery_crash(std::uint64_t seed) {
+  Rng rng(seed);
+  bool ok = true;
+  const std::uint64_t rounds = scaled(3, 20);
+  for (std::uint64_t round = 0; round < rounds; ++round) {
+    Setup s("recovery", rng.next());
+    s.create(16384);
+    const Params& p = s.params();
+    const std::string boot_a = "EMBSTORE_BOOT_ID=" + random_boot_id(rng);
+    const std::string boot_b = "EMBSTORE_BOOT_ID=" + random_boot_id(rng);
+    // Synced rows, then unsynced ones, written in "boot A".
+    ok &= expect_exit(s.start_writer({"--batches", "150", "--sync-every", "100"}, {boot_a}),
+                      "writer");
+    StoreInfo info = read_info(p.store);
+    if (info.committed_rows <= info.durable_rows) return fail("no unsynced rows to recover");
+    // A torn row past the durable point: recovery must cut back.
+    const std::uint64_t bad =
+        info.durable_rows + rng.below(info.committed_rows - info.durable_rows);
+    {
+      std::fstream f(p.store + "/rows.1", std::ios::binary | std::ios::in | std::ios::out);
+      f.seekp(static_cast<std::streamoff>(bad * info.record_bytes + rng.below(info.record_bytes)));
+      f.put(static_cast<char>(0x5a ^ static_cast<int>(rng.below(255) + 1)));
+    }
+    const std::string control = s.dir() + "/control";
+    std::filesystem::copy(p.store, control, std::filesystem::copy_options::recursive);
+    auto recover = [&](const std::string& store, std::vector<std::string> env) {
+      auto args = std::vector<std::string>{"recover", "--store", store};
+      return spawn_self(args, env);
+    };
+    ok &= expect_exit(recover(control, {boot_b}), "recovering the control copy");
+    // The real store: crash at the named point, and kill -9 at random moments, several times.
+    // (The named point comes before recovery writes anything, so it can fire again and again;
+    // the random kills may land anywhere, including after recovery finished.)
+    for (int i = 0; i < 3; ++i) {
+      ok &= expect_kill(recover(p.store, {boot_b, "EMBSTORE_CRASH=during-recovery:1"}),
+                        "during-recovery");
+      stat_add("crash_point_kills");
+    }
+    for (int i = 0; i < 3; ++i) {
+      const pid_t pid = recover(p.store, {boot_b});
+      sleep_us(rng.below(3000));
+      ::kill(pid, SIGKILL);
+      wait_child(pid);
+      stat_add("kill9_rounds");
+    }
+    ok &= expect_exit(recover(p.store, {boot_b}), "recovering after the crashes");
+    StoreInfo a = read_info(control), b = read_info(p.store);
+    if (a.committed_rows != b.committed_rows || a.durable_rows != b.durable_rows ||
+        a.capacity_rows != b.capacity_rows) {
+      ok = fail("recovery is not idempotent: committed/durable/capacity " +
+                std::to_string(a.committed_rows) + "/" + std::to_string(a.durable_rows) + "/" +
+                std::to_string(a.capacity_rows) + " vs " + std::to_string(b.committed_rows) + "/" +
+                std::to_string(b.durable_rows) + "/" + std::to_string(b.capacity_rows));
+    }
+    if (b.committed_rows > bad) ok = fail("recovery kept the torn row " + std::to_string(bad));
+    if (b.committed_rows < info.durable_rows) ok = fail("recovery cut below the durable point");
+    const std::uint64_t data_bytes = b.committed_rows * b.record_bytes;
+    if (read_all(control + "/rows.1").substr(0, data_bytes) !=
+            read_all(p.store + "/rows.1").substr(0, data_bytes) ||
+        read_all(control + "/index.1").substr(0, b.committed_rows * 32) !=
+            read_all(p.store + "/index.1").substr(0, b.committed_rows * 32)) {
+      ok = fail("recovered rows differ from the control copy");
+    }
+    ok &= s.verify("recovery-crash", true, {boot_b});
+  }
+  return ok;
+}
+
+// ---- 5. No row visible before commit: stalled writers, hammering readers -------------------
+
+bool scenario_stall(std::uint64_t seed) {
+  Rng rng(seed);
+  Setup s("stall", seed);
+  s.create(8192);
+  bool ok = true;
+  std::vector<pid_t> readers = {s.start_reader(true), s.start_reader(true)};
+  std::vector<pid_t> writers = {s.start_writer({"--sync-every", "5"}), s.start_writer()};
+  const std::uint64_t rounds = scaled(25, 40);
+  for (std::uint64_t r = 0; r < rounds; ++r) {
+    const pid_t w = writers[rng.below(writers.size())];
+    sleep_us(rng.range(100, 5000));
+    // Stopped anywhere, including between copy and publish while it holds the lock: readers
+    // keep going and must see nothing of its unpublished batch.
+    ::kill(w, SIGSTOP);
+    sleep_us(rng.range(500, 5000));
+    ::kill(w, SIGCONT);
+  }
+  for (pid_t w : writers) ok &= stop_child(w, "writer");
+  for (pid_t r : readers) ok &= stop_child(r, "reader");
+  ok &= s.verify("stall");
+  return ok;
+}
+
+// ---- 6. Simulated power loss ---------------------------------------------------------------
+
+namespace {
+
+using Image = std::map<std::string, std::string>;  // file name -> bytes
+
+Image snapshot(const std::string& store) {
+  Image out;
+  for (const auto& e : std::filesystem::directory_iterator(store)) {
+    out[e.path().filename().string()] = read_all(e.path().string());
+  }
+  return out;
+}
+
+// The disk after a power cut: every page synced before the cut (the shadow), plus any subset of
+// the pages written since, one of them torn at a 512-byte sector boundary.
+Image crash_image(const Image& shadow, const Image& live, Rng& rng, int mode) {
+  constexpr std::size_t kPage = 4096;
+  Image out;
+  bool torn_done = false;
+  for (const auto& [name, now] : live) {
+    auto it = shadow.find(name);
+    const std::string old = it == shadow.end() ? std::string() : it->second;
+    // A file's size is durable after a completed fdatasync; a later extension may or may not be.
+    std::size_t size = now.size();
+    if (old.size() != now.size() && rng.chance(0.5)) size = old.size();
+    std::string img = old;
+    img.resize(size, '\0');
+    const bool is_header = name == "header";
+    for (std::size_t off = 0; off < size; off += kPage) {
+      const std::size_t len = std::min(kPage, size - off);
+      const std::string_view before = std::string_view(img).substr(off, len);
+      const std::string_view after = off < now.size() ? std::string_view(now).substr(off, len) : "";
+      if (after.size() != len || before == after) continue;
+      int choice;  // 0 old, 1 new, 2 torn
+      if (mode == 1) {
+        choice = is_header ? 0 : 1;  // data and index reached the disk, the header did not
+      } else if (mode == 2) {
+        choice = is_header ? 1 : 0;  // the header (committed counter) ahead of the data
+      } else {
+        choice = static_cast<int>(rng.below(2));
+        if (!torn_done && rng.chance(0.15)) choice = 2;
+      }
+      if (choice == 1) {
+        img.replace(off, len, after);
+      } else if (choice == 2) {
+        torn_done = true;
+        const std::size_t cut = std::min<std::size_t>(len, 512 * rng.range(1, 7));
+        img.replace(off, cut, after.substr(0, cut));
+      }
+    }
+    out[name] = std::move(img);
+  }
+  return out;
+}
+
+}  // namespace
+
+bool scenario_power_loss(std::uint64_t seed) {
+  Rng rng(seed);
+  bool ok = true;
+  const std::uint64_t runs = scaled(6, 50);
+  const std::uint64_t images_per_run = scaled(12, 4);
+  for (std::uint64_t run = 0; run < runs; ++run) {
+    Setup s("powerloss", rng.next(), 16, 12);
+    s.create(8192);
+    const Params& p = s.params();
+    const std::uint64_t w = s.new_writer();
+    Image shadow = snapshot(p.store);
+    {
+      Writer writer = Writer::open(p.store);
+      AckLog log(p.log_dir, w);
+      Schedule schedule(p.seed, w, p.max_batch);
+      const std::uint64_t batches = rng.range(5, 60);
+      for (std::uint64_t i = 0; i < batches; ++i) {
+        Schedule::Batch b = schedule.batch(i);
+        std::vector<std::uint64_t> keys;
+        for (std::uint64_t j = 0; j < b.rows; ++j)
+          keys.push_back(test::make_key(w, b.first_seq + j));
+        log.intent(b.first_seq, b.rows);
+        writer.append(keys, b.index, test::batch_payload(w, b.first_seq, b.rows, p.dim));
+        log.acked(b.first_seq, b.rows);
+        if (rng.chance(0.2) && i + 1 < batches) {
+          writer.sync();
+          log.durable(b.first_seq + b.rows);
+          shadow = snapshot(p.store);  // What a completed sync guarantees is on the disk.
+        }
+      }
+      // The power fails here: the writer never closes.
+    }
+    const Image live = snapshot(p.store);
+    for (std::uint64_t i = 0; i < images_per_run; ++i) {
+      const int mode = i == 0 ? 1 : i == 1 ? 2 : 0;
+      const Image img = crash_image(shadow, live, rng, mode);
+      const std::string dir = s.dir() + "/image" + std::to_string(i);
+      std::filesystem::create_directories(dir);
+      for (const auto& [name, bytes] : img) write_all(dir + "/" + name, bytes);
+      stat_add("powerloss_images");
+      if (!s.verify_store(
+              dir, "power-loss image " + std::to_string(i) + " of run " + std::to_string(run), true,
+              {"EMBSTORE_BOOT_ID=" + random_boot_id(rng)})) {
+        ok = false;
+        std::fprintf(stderr, "  (image kept for inspection would be %s)\n", dir.c_str());
+      }
+      remove_all(dir);
+    }
+  }
+  return ok;
+}
+
+// ---- 7. Full disk --------------------------------------------------------------------------
+
+namespace {
+
+bool fill_file(const std::string& path, std::size_t bytes) {
+  std::ofstream out(path, std::ios::binary);
+  std::string chunk(4096, 'x');
+  for (std::size_t done = 0; done < bytes; done += chunk.size()) out.write(chunk.data(), 4096);
+  out.flush();
+  return static_cast<bool>(out);
+}
+
+}  // namespace
+
+bool scenario_full_disk(std::uint64_t seed) {
+  bool ok = true;
+  // (a) A small tmpfs.
+  {
+    Setup s("fulldisk", seed);
+    const std::string mnt = s.dir() + "/mnt";
+    std::filesystem::create_directories(mnt);
+    if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=1m") != 0) {
+      std::printf("scenario 7: cannot mount a tmpfs (%s); the RLIMIT_FSIZE half still runs\n",
+                  std::strerror(errno));
+    } else {
+      Params p = s.params();
+      // The store lives on the small file system; the logs stay outside.
+      p.store = mnt + "/store";
+      create_f32_store(p.store, p.dim, 65536);
+      fill_file(mnt + "/filler1", 256 << 10);
+      fill_file(mnt + "/filler2", 128 << 10);
+      auto writer_args = [&](std::uint64_t w) {
+        auto a = role_args("writer", p);
+        a.insert(a.end(), {"--writer", std::to_string(w), "--until-full", "--sync-every", "3"});
+        return a;
+      };
+      auto reader_args = role_args("reader", p);
+      const pid_t reader = spawn_self(reader_args);
+      // Appends until the disk is full: a clean kFull (exit 10), never SIGBUS.
+      ok &= expect_exit(spawn_self(writer_args(1)), "writer filling the tmpfs", 10);
+      std::filesystem::remove(mnt + "/filler1");
+      // Space is back: appends resume (and fill it again).
+      ok &= expect_exit(spawn_self(writer_args(2)), "writer after space was freed", 10);
+      auto logs = read_logs(p.log_dir);
+      if (logs[2].acked.empty()) ok = fail("no append succeeded after space was freed");
+      ok &= stop_child(reader, "reader on the full tmpfs");
+      std::filesystem::remove(mnt + "/filler2");
+      ok &= s.verify_store(p.store, "tmpfs after freeing space", false, {});
+      ::umount2(mnt.c_str(), MNT_DETACH);
+    }
+  }
+  // (b) RLIMIT_FSIZE: the writer's files may not grow past the limit; SIGXFSZ ignored.
+  {
+    Setup s("fsize", seed);
+    s.create(65536);
+    const pid_t reader = s.start_reader();
+    ok &= expect_exit(s.start_writer({"--until-full", "--fsize-limit", std::to_string(512 << 10)}),
+                      "writer under RLIMIT_FSIZE", 10);
+    ok &= expect_exit(s.start_writer({"--batches", "50"}), "writer without the limit");
+    ok &= stop_child(reader, "reader");
+    ok &= s.verify("RLIMIT_FSIZE");
+  }
+  return ok;
+}
+
+// ---- 8. I/O error countdown ----------------------------------------------------------------
+
+bool scenario_faults(std::uint64_t seed) {
+  Rng rng(seed);
+  bool ok = true;
+  struct OpErr {
+    const char* op;
+    int err;
+  };
+  const OpErr ops[] = {{"open", EIO},      {"fallocate", ENOSPC}, {"ftruncate", EIO},
+                       {"mmap", ENOMEM},   {"msync", EIO},        {"pwrite", EIO},
+                       {"pread", EIO},     {"rename", EIO},       {"mkdir", EACCES},
+                       {"fallocate", EIO}, {"mmap", EIO},         {"open", EACCES}};
+  const std::uint64_t k = scaled(4, 8);
+  for (const OpErr& oe : ops) {
+    for (std::uint64_t n = 1; n <= k; ++n) {
+      for (bool forever : {false, true}) {
+        Setup s("fault", rng.next());
+        const bool create = rng.chance(0.5);
+        if (!create) s.create(4096);
+        std::string spec = std::string(oe.op) + ":" + std::to_string(n) + ":" +
+                           std::to_string(oe.err) + (forever ? ":forever" : "");
+        auto args = role_args("faultrun", s.params());
+        args.insert(args.end(), {"--writer", std::to_string(s.new_writer())});
+        if (create) args.push_back("--create");
+        stat_add("fault_runs");
+        ExitStatus st = wait_child(spawn_self(args, {"EMBSTORE_FAULT=" + spec}));
+        if (!st.exited || st.code != 0) {
+          ok = fail("fault " + spec + (create ? " (create)" : "") + ": workload " + st.describe());
+          continue;
+        }
+        // No staging directory may be left behind by a failed create.
+        for (const auto& e : std::filesystem::directory_iterator(s.dir())) {
+          if (e.path().filename().string().find(".creating.") != std::string::npos) {
+            ok = fail("fault " + spec + ": a failed create left " + e.path().string());
+          }
+        }
+        if (!std::filesystem::exists(s.params().store)) {
+          auto logs = read_logs(s.params().log_dir);
+          for (auto& [w, h] : logs) {
+            if (!h.acked.empty()) ok = fail("fault " + spec + ": acked rows but no store");
+          }
+          continue;
+        }
+        ok &= s.verify("after fault " + spec);
+      }
+    }
+  }
+  return ok;
+}
+
+// ---- 9. Address-space limits ---------------------------------------------------------------
+
+bool scenario_memory(std::uint64_t seed) {
+  if (under_sanitizer()) {
+    std::printf(
+        "scenario 9: skipped under a sanitizer (its shadow memory needs RLIMIT_AS "
+        "unlimited); the plain build runs it\n");
+    return true;
+  }
+  bool ok = true;
+  const std::uint64_t rounds = scaled(2, 10);
+  Rng rng(seed);
+  for (std::uint64_t r = 0; r < rounds; ++r) {
+    Setup s("memlimit", rng.next());
+    s.create(65536);
+    ok &= expect_exit(s.start_writer({"--batches", "20"}), "writer");
+    auto args = role_args("memlimit", s.params());
+    args.insert(args.end(), {"--writer", std::to_string(s.new_writer()), "--map-bytes",
+                             std::to_string((1u << 20) + 65536 * rng.below(8))});
+    ok &= expect_exit(spawn_self(args), "memlimit workload");
+    ok &= s.verify("after RLIMIT_AS");
+  }
+  return ok;
+}
+
+}  // namespace embstore::torture
