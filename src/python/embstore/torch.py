@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -174,6 +175,10 @@ class EmbeddingRecorder:
         self._ids: Optional[np.ndarray] = None
         self._epoch = 0
         self.rows_recorded = 0
+        #: Seconds spent inside the forward hook (detach, copy, queueing the append): the time
+        #: recording adds to this process's forward passes. The write itself happens on the
+        #: Writer's background thread (see stats()["append_seconds"]).
+        self.hook_seconds = 0.0
         self._handle = module.register_forward_hook(self._hook)
 
     @property
@@ -211,6 +216,13 @@ class EmbeddingRecorder:
     def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if self._ids is None or not self.enabled:
             return
+        start = time.perf_counter()
+        try:
+            self._record(output)
+        finally:
+            self.hook_seconds += time.perf_counter() - start
+
+    def _record(self, output: Any) -> None:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"{self.module_name} returned {type(output).__name__}; the "
                             "recorder needs a tensor")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# tools/demo.sh — the README's first command: a real PyTorch training run saving its embeddings.
+#
+# Installs the Debian packages that are missing (tools/install-deps.sh; needs root), builds the
+# Python module and the CLI into build/, then runs tools/demo/run.py: 2 training processes
+# (torch.distributed, gloo, CPU) train a small CNN on the handwritten digits of python3-sklearn
+# and save the penultimate-layer embedding of every training and held-out sample, every epoch,
+# into one store, while a reader process follows the store and prints each epoch's k-NN
+# accuracy from the stored embeddings. Ends with a PNG of the embeddings per epoch, the store's
+# info, the write throughput and the cost of saving on a training step.
+#
+# Usage: tools/demo.sh [--epochs N]        (outputs under build/demo/)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+start=$(date +%s)
+
+"$root/tools/install-deps.sh"
+
+echo "demo: building into build/ (Release; Python module and CLI)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=/usr/bin/python3 >/dev/null
+cmake --build build -j2 --target _embstore embstore_cli
+echo "demo: built in $(( $(date +%s) - start )) s"
+
+/usr/bin/python3 tools/demo/run.py --build build "$@"
+echo "demo: total $(( $(date +%s) - start )) s"

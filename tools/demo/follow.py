@@ -1,0 +1,112 @@
+"""The demo's reader: follows the store while training runs, evaluates each completed epoch.
+
+Sleeps in Reader.wait() (woken by commits from any writer process). As soon as every sample of an
+epoch is in the store, computes the k-NN accuracy of held-out embeddings against training
+embeddings of that epoch, straight from the zero-copy views. Saves a 2-D projection (PCA) of each
+epoch's held-out embeddings to projections.npz; run.py draws the PNG from it once training ends
+(so the plotting does not compete with the training processes for the 2 cores).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import embstore
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+K = 5
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k=K):
+    """Cosine k-NN (majority vote) accuracy of test against train."""
+    def normalize(a):
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    sims = normalize(test_x) @ normalize(train_x).T
+    nearest = np.argpartition(-sims, k, axis=1)[:, :k]
+    votes = train_y[nearest]
+    predicted = np.array([np.bincount(v, minlength=10).argmax() for v in votes])
+    return float((predicted == test_y).mean())
+
+
+def pca_2d(x):
+    centered = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centered, full_matrices=False)
+    return centered @ vt[:2].T
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", required=True)
+    args = parser.parse_args()
+    store = os.path.join(args.run, "digits.emb")
+    r = embstore.Reader(store)
+    meta = r.metadata
+    epochs, per_epoch = meta["epochs"], meta["samples"]
+    heldout = np.zeros(per_epoch, bool)
+    heldout[common.split(per_epoch, meta["split_seed"])[1]] = True
+    labels = np.load(os.path.join(args.run, "digits.npz"))["labels"]
+    counts = np.zeros(epochs, np.int64)
+    seen, next_epoch = 0, 0
+    projections, figures = [], []
+    while next_epoch < epochs:
+        if not r.wait(seen + 1, timeout=300):
+            raise SystemExit(f"[reader] no new rows for 300 s after {seen}")
+        n = len(r)
+        new_epochs = r.epochs[seen:n]  # zero-copy strided view of the index
+        counts += np.bincount(new_epochs[new_epochs < epochs].astype(np.int64),
+                              minlength=epochs)
+        seen = n
+        while next_epoch < epochs and counts[next_epoch] == per_epoch:
+            start = time.perf_counter()
+            rows = np.flatnonzero(r.epochs == next_epoch)
+            keys = r.keys[rows].astype(np.int64)
+            vectors = r.vectors[rows]  # fancy indexing gathers this epoch's rows
+            is_heldout = heldout[keys]
+            acc = knn_accuracy(vectors[~is_heldout], labels[keys[~is_heldout]],
+                               vectors[is_heldout], labels[keys[is_heldout]])
+            figures.append((next_epoch, acc))
+            projections.append((pca_2d(vectors[is_heldout]), labels[keys[is_heldout]]))
+            print(f"[reader] epoch {next_epoch + 1}/{epochs} complete in the store "
+                  f"({per_epoch} rows; {n} rows total): {K}-NN held-out accuracy from stored "
+                  f"embeddings {100 * acc:.1f}% ({1000 * (time.perf_counter() - start):.0f} ms)",
+                  flush=True)
+            next_epoch += 1
+
+    np.savez(os.path.join(args.run, "projections.npz"),
+             accuracy=np.array([a for _, a in figures]),
+             **{f"xy{e}": xy for e, (xy, _) in enumerate(projections)},
+             **{f"y{e}": y for e, (_, y) in enumerate(projections)})
+    with open(os.path.join(args.run, "reader.json"), "w") as f:
+        json.dump({"knn_accuracy": [a for _, a in figures]}, f)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def plot(run, png):
+    """Draws projections.npz (written by main) as one scatter plot per epoch into `png`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = np.load(os.path.join(run, "projections.npz"))
+    accuracy = data["accuracy"]
+    epochs = len(accuracy)
+    cols = min(4, epochs)
+    rows_n = (epochs + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 3.2 * rows_n), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for epoch, ax in zip(range(epochs), axes.flat):
+        xy, y = data[f"xy{epoch}"], data[f"y{epoch}"]
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", s=6, vmin=-0.5, vmax=9.5)
+        ax.set_title(f"epoch {epoch + 1}: {K}-NN {100 * accuracy[epoch]:.1f}%", fontsize=9)
+    fig.colorbar(points, ax=axes.ravel().tolist(), ticks=range(10), label="digit", shrink=0.8)
+    fig.suptitle("Held-out digits: penultimate-layer embeddings per epoch (PCA), read from "
+                 "the store")
+    fig.savefig(png, dpi=100)
