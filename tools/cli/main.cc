@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_command.h"
 #include "embstore/embstore.h"
 
 namespace {
@@ -171,6 +172,9 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
+    if (argc >= 2 && std::strcmp(argv[1], "bench") == 0) {
+      return embstore::cli::bench_command(argc - 1, argv + 1);
+    }
     const Args args = parse(argc, argv);
     if (args.command == "version") {
       std::printf("embstore %s (format %d.%d)\n", embstore::kLibraryVersion,

@@ -1,0 +1,249 @@
+"""The comparison workload through the Python choices: numpy open_memmap, h5py resizable dataset,
+and embstore's own Python binding. Prints one JSON object per system, same fields as
+compare_native. Run by bench/compare/run.sh with /usr/bin/python3; not a test.
+
+    compare_py.py --system numpy|h5py|embstore-py --dir DIR [--rows N] [--dim D] [--batch B]
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+
+def disk_bytes(path):
+    if os.path.isfile(path):
+        return os.stat(path).st_blocks * 512
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+class Numpy:
+    """np.lib.format.open_memmap: a .npy file of the final size, written through a mapping.
+    The size must be known up front; two writer processes would need their own coordination."""
+    two_writers = "unsafe"
+    lookup_note = "by row index (no key index)"
+
+    def create(self, path, w):
+        self.mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                            shape=(w.rows, w.dim))
+
+    def append(self, first, keys, batch):
+        self.mm[first:first + len(batch)] = batch
+
+    def sync(self):
+        self.mm.flush()
+
+    def close_writer(self):
+        del self.mm
+
+    def open_reader(self, path, w):
+        self.mm = np.load(path, mmap_mode="r")
+        _ = float(self.mm[0, 0])
+
+    def lookup(self, row, key):
+        return np.array(self.mm[row])
+
+    def scan(self):
+        return int(self.mm.view(np.uint64).sum()), self.mm.nbytes
+
+    def close_reader(self):
+        del self.mm
+
+
+class H5py:
+    """h5py resizable dataset (chunked, maxshape None), resized per batch."""
+    two_writers = "unsafe"
+    lookup_note = "by row index (no key index)"
+
+    def create(self, path, w):
+        import h5py
+        self.f = h5py.File(path, "w")
+        self.ds = self.f.create_dataset("embeddings", shape=(0, w.dim), maxshape=(None, w.dim),
+                                        dtype="f4", chunks=(w.batch, w.dim))
+
+    def append(self, first, keys, batch):
+        self.ds.resize(first + len(batch), axis=0)
+        self.ds[first:first + len(batch)] = batch
+
+    def sync(self):
+        self.f.flush()
+        os.fsync(self.f.id.get_vfd_handle())
+
+    def close_writer(self):
+        self.f.close()
+
+    def open_reader(self, path, w):
+        import h5py
+        self.f = h5py.File(path, "r")
+        self.ds = self.f["embeddings"]
+        _ = self.ds[0]
+
+    def lookup(self, row, key):
+        return self.ds[row]
+
+    def scan(self):
+        a = self.ds[...]
+        return int(a.view(np.uint64).sum()), a.nbytes
+
+    def close_reader(self):
+        self.f.close()
+
+
+class EmbstorePy:
+    """embstore's Python binding: Writer.append per batch (synchronous), Reader.vectors view."""
+    two_writers = "ok"
+    lookup_note = ""
+
+    def create(self, path, w):
+        import embstore
+        embstore.create(path, dim=w.dim, dtype="float32")
+        self.open_writer(path)
+
+    def open_writer(self, path):
+        import embstore
+        self.w = embstore.Writer(path)
+
+    def append(self, first, keys, batch):
+        self.w.append(keys=keys, vectors=batch, epoch=0)
+
+    def sync(self):
+        self.w.sync()
+
+    def close_writer(self):
+        self.w.close()
+
+    def open_reader(self, path, w):
+        import embstore
+        self.r = embstore.Reader(path)
+        _ = float(self.r.rows(0, 1)[0, 0])
+
+    def lookup(self, row, key):
+        return None  # Lookup by (key, epoch) arrives with a later issue.
+
+    def scan(self):
+        v = self.r.vectors
+        return int(v.view(np.uint64).sum()), v.nbytes
+
+    def close_reader(self):
+        self.r.close()
+
+
+SYSTEMS = {"numpy": Numpy, "h5py": H5py, "embstore-py": EmbstorePy}
+
+
+def two_writers(system_cls, path, w, keys, pool):
+    """Two processes each append half the rows to one fresh store; returns MB/s."""
+    s = system_cls()
+    s.create(path, w)
+    s.close_writer()
+    half = w.rows // 2 // w.batch * w.batch
+    r_go, w_go = os.pipe()
+    r_ready, w_ready = os.pipe()
+    pids = []
+    for i in range(2):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                child = system_cls()
+                child.open_writer(path)
+                os.write(w_ready, b"x")
+                os.read(r_go, 1)
+                begin, end = (0, half) if i == 0 else (half, w.rows)
+                for first in range(begin, end, w.batch):
+                    n = min(w.batch, end - first)
+                    child.append(first, keys[first:first + n],
+                                 pool[(first // w.batch) % len(pool)][:n])
+                child.close_writer()
+            except BaseException as e:  # noqa: BLE001 - report and fail the child
+                print(f"two-writer child: {e}", file=sys.stderr)
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    for _ in range(2):
+        os.read(r_ready, 1)
+    t = time.perf_counter()
+    os.write(w_go, b"xx")
+    ok = True
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        ok = ok and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    secs = time.perf_counter() - t
+    return w.rows * w.dim * 4 / secs / 1e6 if ok else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--system", required=True, choices=sorted(SYSTEMS))
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--rows", type=int, default=200000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--lookups", type=int, default=20000)
+    w = ap.parse_args()
+    rng = np.random.default_rng(12345)
+    keys = rng.integers(0, 2**63, size=w.rows, dtype=np.uint64)
+    pool = [rng.uniform(-1, 1, size=(w.batch, w.dim)).astype(np.float32) for _ in range(8)]
+    system_cls = SYSTEMS[w.system]
+    path = os.path.join(w.dir, w.system + (".npy" if w.system == "numpy" else
+                                           ".h5" if w.system == "h5py" else ".store"))
+    s = system_cls()
+    t = time.perf_counter()
+    s.create(path, w)
+    for first in range(0, w.rows, w.batch):
+        n = min(w.batch, w.rows - first)
+        s.append(first, keys[first:first + n], pool[(first // w.batch) % len(pool)][:n])
+    append_s = time.perf_counter() - t
+    t = time.perf_counter()
+    s.sync()
+    sync_s = time.perf_counter() - t
+    s.close_writer()
+    on_disk = disk_bytes(path)
+
+    t = time.perf_counter()
+    s.open_reader(path, w)
+    open_ms = (time.perf_counter() - t) * 1e3
+    lat = []
+    if s.lookup(0, int(keys[0])) is not None:
+        idx = rng.integers(0, w.rows, size=w.lookups + 1000)
+        for row in idx[:1000]:
+            s.lookup(int(row), int(keys[row]))
+        for row in idx[1000:]:
+            t0 = time.perf_counter()
+            s.lookup(int(row), int(keys[row]))
+            lat.append((time.perf_counter() - t0) * 1e6)
+        lat.sort()
+    s.scan()
+    t = time.perf_counter()
+    _, nbytes = s.scan()
+    scan_mb_s = nbytes / (time.perf_counter() - t) / 1e6
+    s.close_reader()
+    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+    if system_cls.two_writers == "ok":
+        path2 = path + ".two"
+        mb_s = two_writers(system_cls, path2, w, keys, pool)
+        two = round(mb_s, 1) if mb_s is not None else "failed"
+        shutil.rmtree(path2, ignore_errors=True)
+    else:
+        two = system_cls.two_writers
+    print(json.dumps({
+        "system": w.system, "rows": w.rows, "dim": w.dim, "batch": w.batch,
+        "append_mb_s": round(w.rows * w.dim * 4 / append_s / 1e6, 1), "two_writer_mb_s": two,
+        "sync_s": round(sync_s, 3),
+        "lookup_p50_us": round(lat[len(lat) // 2], 2) if lat else None,
+        "lookup_p99_us": round(lat[len(lat) * 99 // 100], 2) if lat else None,
+        "lookup_note": system_cls.lookup_note, "scan_mb_s": round(scan_mb_s, 1),
+        "open_ms": round(open_ms, 3), "bytes_on_disk": on_disk,
+        "payload_bytes": w.rows * w.dim * 4}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,708 @@
+#include "bench_command.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "embstore/embstore.h"
+
+namespace embstore::cli {
+namespace {
+
+const char* const kBenchUsage =
+    "usage: embstore bench [options]\n"
+    "\n"
+    "Appends to a fresh store from N writer processes while M reader processes follow it, then\n"
+    "runs the same workload through pwrite() and memcpy in the same run and reports ratios.\n"
+    "\n"
+    "  --writers N[,N...]   writer processes; a list runs each count in turn (default 1)\n"
+    "  --readers M          reader processes following the store (default 0)\n"
+    "  --batch B            rows per append (default 512)\n"
+    "  --dim D              elements per row (default 768)\n"
+    "  --dtype T            float32, float16, bfloat16, int8, uint8, float64; or f32->f16 /\n"
+    "                       f32->bf16 to append float32 into a 16-bit store (default float32)\n"
+    "  --rows R             total rows over all writers (default 200000)\n"
+    "  --seconds S          run for S seconds instead of a row count\n"
+    "  --sync P             none | every | interval (default none)\n"
+    "  --dir PATH           where the temporary store goes (default $TMPDIR or /tmp)\n"
+    "  --keep               keep the store afterwards (its path is printed)\n"
+    "  --no-baselines       skip the pwrite/memcpy runs\n"
+    "  --json               one JSON object on stdout instead of the table\n"
+    "  --quiet              no progress line on stderr\n"
+    "\n"
+    "Keys are the append's CLOCK_MONOTONIC time in ns (readers derive their lag from them) and "
+    "the\n"
+    "epoch is the writer's number.\n";
+
+struct Config {
+  std::vector<int> writers{1};
+  int readers = 0;
+  std::uint64_t batch = 512;
+  std::uint32_t dim = 768;
+  DType in_dtype = DType::kFloat32;
+  DType store_dtype = DType::kFloat32;
+  std::string dtype_text = "float32";
+  std::uint64_t rows = 200000;
+  double seconds = 0;
+  SyncPolicy sync = SyncPolicy::kNone;
+  std::string sync_text = "none";
+  std::string dir;
+  bool keep = false;
+  bool baselines = true;
+  bool json = false;
+  bool quiet = false;
+};
+
+[[noreturn]] void usage_error(const std::string& what) {
+  throw Error(ErrorCode::kInvalidArgument, "bench: " + what);
+}
+
+std::uint64_t parse_u64(const std::string& flag, const char* text, std::uint64_t min_value) {
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long value = std::strtoull(text, &end, 10);
+  if (errno != 0 || end == text || *end != '\0' || text[0] == '-' || value < min_value) {
+    usage_error(flag + " takes an integer >= " + std::to_string(min_value) + ", not \"" + text +
+                "\"");
+  }
+  return value;
+}
+
+Config parse_config(int argc, char** argv) {
+  Config config;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> const char* {
+      if (i + 1 >= argc) usage_error(arg + " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--writers") {
+      config.writers.clear();
+      std::string list = value();
+      std::size_t start = 0;
+      while (start <= list.size()) {
+        const std::size_t comma = std::min(list.find(',', start), list.size());
+        const std::string item = list.substr(start, comma - start);
+        config.writers.push_back(static_cast<int>(parse_u64("--writers", item.c_str(), 1)));
+        if (config.writers.back() > 256) usage_error("--writers takes at most 256");
+        start = comma + 1;
+      }
+    } else if (arg == "--readers") {
+      config.readers = static_cast<int>(parse_u64(arg, value(), 0));
+      if (config.readers > 256) usage_error("--readers takes at most 256");
+    } else if (arg == "--batch") {
+      config.batch = parse_u64(arg, value(), 1);
+    } else if (arg == "--dim") {
+      config.dim = static_cast<std::uint32_t>(parse_u64(arg, value(), 1));
+    } else if (arg == "--rows") {
+      config.rows = parse_u64(arg, value(), 1);
+    } else if (arg == "--seconds") {
+      const char* text = value();
+      char* end = nullptr;
+      config.seconds = std::strtod(text, &end);
+      if (end == text || *end != '\0' || !(config.seconds > 0)) {
+        usage_error(std::string("--seconds takes a positive number, not \"") + text + "\"");
+      }
+    } else if (arg == "--dtype") {
+      config.dtype_text = value();
+      if (config.dtype_text == "f32->f16" || config.dtype_text == "f32->bf16") {
+        config.in_dtype = DType::kFloat32;
+        config.store_dtype = config.dtype_text == "f32->f16" ? DType::kFloat16 : DType::kBFloat16;
+      } else if (auto parsed = parse_dtype(config.dtype_text)) {
+        config.in_dtype = config.store_dtype = *parsed;
+      } else {
+        usage_error("unknown --dtype \"" + config.dtype_text + "\"");
+      }
+    } else if (arg == "--sync") {
+      config.sync_text = value();
+      if (config.sync_text == "none") {
+        config.sync = SyncPolicy::kNone;
+      } else if (config.sync_text == "every") {
+        config.sync = SyncPolicy::kEveryAppend;
+      } else if (config.sync_text == "interval") {
+        config.sync = SyncPolicy::kInterval;
+      } else {
+        usage_error("--sync takes none, every or interval, not \"" + config.sync_text + "\"");
+      }
+    } else if (arg == "--dir") {
+      config.dir = value();
+    } else if (arg == "--keep") {
+      config.keep = true;
+    } else if (arg == "--no-baselines") {
+      config.baselines = false;
+    } else if (arg == "--json") {
+      config.json = true;
+    } else if (arg == "--quiet") {
+      config.quiet = true;
+    } else {
+      usage_error("unknown option " + arg);
+    }
+  }
+  if (config.dir.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    config.dir = tmp && *tmp ? tmp : "/tmp";
+  }
+  return config;
+}
+
+std::int64_t now_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+// State shared by the parent and its children: an anonymous MAP_SHARED page set up before fork.
+struct Shared {
+  std::atomic<int> ready;
+  std::atomic<int> go;
+  std::atomic<int> stop_readers;
+  std::atomic<std::uint64_t> next_offset;  // pwrite baseline: bytes reserved so far.
+  std::atomic<std::int64_t> first_start_ns;
+  std::atomic<std::int64_t> last_end_ns;
+  std::atomic<std::uint64_t> rows_done;
+  std::atomic<std::uint64_t> reader_bytes;
+  std::atomic<int> failed;
+  char error[512];
+};
+
+Shared* map_shared() {
+  void* p =
+      ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw Error(ErrorCode::kIO, "bench: mmap of the shared page failed");
+  auto* shared = new (p) Shared();
+  shared->first_start_ns = INT64_MAX;
+  return shared;
+}
+
+void atomic_min(std::atomic<std::int64_t>& word, std::int64_t value) {
+  std::int64_t current = word.load();
+  while (value < current && !word.compare_exchange_weak(current, value)) {
+  }
+}
+void atomic_max(std::atomic<std::int64_t>& word, std::int64_t value) {
+  std::int64_t current = word.load();
+  while (value > current && !word.compare_exchange_weak(current, value)) {
+  }
+}
+
+[[noreturn]] void fail_child(Shared* shared, const std::string& what) {
+  if (shared->failed.exchange(1) == 0) {
+    std::snprintf(shared->error, sizeof(shared->error), "%s", what.c_str());
+  }
+  ::_exit(1);
+}
+
+void write_samples(const std::string& path, const std::vector<std::uint32_t>& samples) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) throw Error(ErrorCode::kIO, "bench: cannot write " + path);
+  std::fwrite(samples.data(), sizeof(std::uint32_t), samples.size(), f);
+  std::fclose(f);
+}
+
+std::vector<std::uint32_t> read_samples(const std::string& path) {
+  std::vector<std::uint32_t> samples;
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return samples;
+  std::uint32_t buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, sizeof(std::uint32_t), 4096, f)) > 0) {
+    samples.insert(samples.end(), buf, buf + n);
+  }
+  std::fclose(f);
+  std::remove(path.c_str());
+  return samples;
+}
+
+struct Percentiles {
+  double p50_us = 0, p99_us = 0, max_us = 0;
+  std::uint64_t count = 0;
+};
+
+Percentiles percentiles(std::vector<std::uint32_t> ns) {
+  Percentiles p;
+  p.count = ns.size();
+  if (ns.empty()) return p;
+  std::sort(ns.begin(), ns.end());
+  auto at = [&](double q) {
+    return ns[std::min(ns.size() - 1, static_cast<std::size_t>(q * (ns.size() - 1) + 0.5))] / 1e3;
+  };
+  p.p50_us = at(0.50);
+  p.p99_us = at(0.99);
+  p.max_us = ns.back() / 1e3;
+  return p;
+}
+
+// The batch every writer appends, in the input dtype; random bits for the non-float types.
+std::vector<std::byte> make_batch(const Config& config, int seed) {
+  const std::uint64_t bytes = config.batch * config.dim * dtype_size(config.in_dtype);
+  std::vector<std::byte> data(bytes);
+  std::mt19937_64 rng(static_cast<std::uint64_t>(seed) * 7919 + 1);
+  if (config.in_dtype == DType::kFloat32) {
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    for (std::uint64_t i = 0; i < bytes / 4; ++i) {
+      const float v = dist(rng);
+      std::memcpy(data.data() + i * 4, &v, 4);
+    }
+  } else {
+    for (auto& b : data) b = static_cast<std::byte>(rng() & 0x3f);  // Finite 16-bit floats.
+  }
+  return data;
+}
+
+// Rows writer `index` of `writers` appends in row-count mode: the total split evenly, in batches.
+std::uint64_t rows_for_writer(std::uint64_t total, int writers, int index) {
+  const std::uint64_t base = total / writers;
+  return base + (static_cast<std::uint64_t>(index) < total % writers ? 1 : 0);
+}
+
+void wait_for_go(Shared* shared) {
+  shared->ready.fetch_add(1);
+  while (shared->go.load() == 0) ::usleep(100);
+}
+
+enum class Workload { kEmbstore, kPwrite, kMemcpy };
+
+// Body of one writer child. Never returns.
+[[noreturn]] void writer_child(const Config& config, Workload workload, int index, int writers,
+                               const std::string& store, const std::string& pwrite_path,
+                               std::uint64_t quota_rows, const std::string& latency_path,
+                               Shared* shared) {
+  try {
+    const std::vector<std::byte> batch = make_batch(config, index);
+    const std::uint64_t store_row_bytes =
+        std::uint64_t{config.dim} * dtype_size(config.store_dtype);
+    const std::uint64_t batch_bytes = batch.size();
+    const bool by_time = config.seconds > 0 && workload == Workload::kEmbstore;
+    const std::uint64_t quota = by_time ? UINT64_MAX : quota_rows;
+    std::vector<std::uint32_t> latencies;
+    std::vector<std::uint64_t> keys(config.batch);
+    std::optional<Writer> writer;
+    int fd = -1;
+    std::vector<std::byte> memory;
+    if (workload == Workload::kEmbstore) {
+      WriterOptions options;
+      options.sync = config.sync;
+      writer.emplace(Writer::open(store, options));
+    } else if (workload == Workload::kPwrite) {
+      fd = ::open(pwrite_path.c_str(), O_WRONLY);
+      if (fd < 0) fail_child(shared, "bench: cannot open " + pwrite_path);
+    } else {
+      // A warm private buffer the batches cycle through (at most 256 MiB).
+      const std::uint64_t rows_fit =
+          std::max<std::uint64_t>(1, (256ull << 20) / batch_bytes) * config.batch;
+      memory.assign(std::min(quota_rows, rows_fit) * store_row_bytes + batch_bytes, std::byte{1});
+    }
+    wait_for_go(shared);
+    const std::int64_t start = now_ns();
+    const std::int64_t deadline =
+        by_time ? start + static_cast<std::int64_t>(config.seconds * 1e9) : INT64_MAX;
+    std::uint64_t done = 0;
+    std::uint64_t memory_offset = 0;
+    while (done < quota) {
+      const std::uint64_t n = std::min(config.batch, quota - done);
+      const std::int64_t t0 = now_ns();
+      if (workload == Workload::kEmbstore) {
+        for (std::uint64_t i = 0; i < n; ++i) keys[i] = static_cast<std::uint64_t>(t0);
+        writer->append(std::span(keys.data(), n), static_cast<std::uint64_t>(index),
+                       ConstMatrix{batch.data(), config.in_dtype, n, config.dim, 0});
+      } else if (workload == Workload::kPwrite) {
+        const std::uint64_t bytes = n * store_row_bytes;
+        const std::uint64_t offset = shared->next_offset.fetch_add(bytes);
+        if (::pwrite(fd, batch.data(), bytes, static_cast<off_t>(offset)) !=
+            static_cast<ssize_t>(bytes)) {
+          fail_child(shared,
+                     "bench: pwrite to " + pwrite_path + " failed: " + std::strerror(errno));
+        }
+        if (config.sync == SyncPolicy::kEveryAppend) ::fdatasync(fd);
+      } else {
+        const std::uint64_t bytes = n * store_row_bytes;
+        if (memory_offset + bytes > memory.size()) memory_offset = 0;
+        std::memcpy(memory.data() + memory_offset, batch.data(), bytes);
+        std::atomic_signal_fence(std::memory_order_seq_cst);
+        memory_offset += bytes;
+      }
+      const std::int64_t t1 = now_ns();
+      latencies.push_back(static_cast<std::uint32_t>(std::min<std::int64_t>(t1 - t0, UINT32_MAX)));
+      done += n;
+      shared->rows_done.fetch_add(n, std::memory_order_relaxed);
+      if (t1 >= deadline) break;
+    }
+    if (writer) writer->close();
+    if (workload == Workload::kMemcpy && !memory.empty()) {
+      volatile std::byte sink = memory[memory_offset / 2];
+      (void)sink;
+    }
+    const std::int64_t end = now_ns();
+    atomic_min(shared->first_start_ns, start);
+    atomic_max(shared->last_end_ns, end);
+    if (fd >= 0) ::close(fd);
+    write_samples(latency_path, latencies);
+    ::_exit(0);
+  } catch (const std::exception& error) {
+    fail_child(shared, error.what());
+  }
+}
+
+// Body of one reader child: follows the store until told to stop and it has seen every row.
+[[noreturn]] void reader_child(const std::string& store, const std::string& lag_path,
+                               Shared* shared) {
+  try {
+    Reader reader = Reader::open(store);
+    std::vector<std::uint32_t> lags;
+    std::uint64_t seen = reader.size();
+    std::uint64_t sink = 0;
+    wait_for_go(shared);
+    while (true) {
+      const bool stopping = shared->stop_readers.load() != 0;
+      reader.wait(seen + 1, std::chrono::milliseconds(20));
+      const std::uint64_t size = reader.size();
+      if (size > seen) {
+        const std::int64_t now = now_ns();
+        // The key of the newest row is when its append started: lag = now - that.
+        const auto keys = reader.keys(size - 1, size);
+        lags.push_back(static_cast<std::uint32_t>(
+            std::clamp<std::int64_t>(now - static_cast<std::int64_t>(keys[0]), 0, UINT32_MAX)));
+        // Consume what arrived: read every byte of the new rows (zero-copy).
+        const RowsView view = reader.rows(seen, size);
+        const auto* words = reinterpret_cast<const std::uint64_t*>(view.data);
+        for (std::uint64_t i = 0; i < view.size_bytes() / 8; i += 8) sink += words[i];
+        shared->reader_bytes.fetch_add(view.size_bytes(), std::memory_order_relaxed);
+        seen = size;
+      } else if (stopping) {
+        break;
+      }
+    }
+    volatile std::uint64_t keep = sink;
+    (void)keep;
+    write_samples(lag_path, lags);
+    ::_exit(0);
+  } catch (const std::exception& error) {
+    fail_child(shared, error.what());
+  }
+}
+
+struct PhaseResult {
+  std::uint64_t rows = 0;
+  double seconds = 0;
+  Percentiles latency;
+  Percentiles reader_lag;
+  std::uint64_t reader_bytes = 0;
+  double rows_per_s() const { return seconds > 0 ? rows / seconds : 0; }
+};
+
+void progress(const Config& config, const char* what, std::int64_t start, std::uint64_t rows,
+              std::uint64_t row_bytes, bool final_line) {
+  if (config.quiet) return;
+  const double s = (now_ns() - start) / 1e9;
+  std::fprintf(stderr, "\r  %-8s %6.1fs %12llu rows %9.1f MB/s", what, s,
+               static_cast<unsigned long long>(rows), s > 0 ? rows * row_bytes / s / 1e6 : 0.0);
+  if (final_line) std::fputc('\n', stderr);
+  std::fflush(stderr);
+}
+
+PhaseResult run_phase(const Config& config, Workload workload, int writers, int readers,
+                      const std::string& work_dir, const std::string& store,
+                      std::uint64_t total_rows) {
+  Shared* shared = map_shared();
+  const std::string pwrite_path = work_dir + "/pwrite.data";
+  if (workload == Workload::kPwrite) {
+    const int fd = ::open(pwrite_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) throw Error(ErrorCode::kIO, "bench: cannot create " + pwrite_path);
+    ::close(fd);
+  }
+  std::fflush(nullptr);
+  std::vector<pid_t> pids;
+  auto spawn = [&](auto&& body) {
+    const pid_t pid = ::fork();
+    if (pid < 0) throw Error(ErrorCode::kIO, "bench: fork failed");
+    if (pid == 0) body();
+    pids.push_back(pid);
+  };
+  for (int i = 0; i < writers; ++i) {
+    const std::uint64_t quota = rows_for_writer(total_rows, writers, i);
+    const std::string lat = work_dir + "/latency." + std::to_string(i);
+    spawn([&] {
+      writer_child(config, workload, i, writers, store, pwrite_path, quota, lat, shared);
+    });
+  }
+  std::vector<pid_t> reader_pids;
+  for (int i = 0; i < readers; ++i) {
+    const std::string lag = work_dir + "/lag." + std::to_string(i);
+    spawn([&] { reader_child(store, lag, shared); });
+    reader_pids.push_back(pids.back());
+  }
+  const int children = writers + readers;
+  while (shared->ready.load() < children && shared->failed.load() == 0) ::usleep(200);
+  const char* name = workload == Workload::kEmbstore ? "embstore"
+                     : workload == Workload::kPwrite ? "pwrite"
+                                                     : "memcpy";
+  const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
+  const std::int64_t start = now_ns();
+  shared->go.store(1);
+  int writers_left = writers;
+  std::int64_t last_progress = start;
+  bool failed = false;
+  while (writers_left > 0) {
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid > 0) {
+      const bool is_reader =
+          std::find(reader_pids.begin(), reader_pids.end(), pid) != reader_pids.end();
+      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failed = true;
+      if (!is_reader) --writers_left;
+      if (failed) break;
+      continue;
+    }
+    ::usleep(2000);
+    if (now_ns() - last_progress > 500'000'000) {
+      last_progress = now_ns();
+      progress(config, name, start, shared->rows_done.load(), row_bytes, false);
+    }
+  }
+  shared->stop_readers.store(1);
+  for (pid_t pid : pids) {
+    if (failed) ::kill(pid, SIGKILL);
+  }
+  while (true) {
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, 0);
+    if (pid < 0) break;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failed = true;
+  }
+  if (failed || shared->failed.load()) {
+    const std::string message = shared->error[0] ? shared->error : "a child process failed";
+    ::munmap(shared, sizeof(Shared));
+    throw Error(ErrorCode::kIO, std::string("bench: ") + name + " phase: " + message);
+  }
+  PhaseResult result;
+  result.rows = shared->rows_done.load();
+  result.seconds = (shared->last_end_ns.load() - shared->first_start_ns.load()) / 1e9;
+  progress(config, name, start, result.rows, row_bytes, true);
+  std::vector<std::uint32_t> all;
+  for (int i = 0; i < writers; ++i) {
+    auto s = read_samples(work_dir + "/latency." + std::to_string(i));
+    all.insert(all.end(), s.begin(), s.end());
+  }
+  result.latency = percentiles(std::move(all));
+  all.clear();
+  for (int i = 0; i < readers; ++i) {
+    auto s = read_samples(work_dir + "/lag." + std::to_string(i));
+    all.insert(all.end(), s.begin(), s.end());
+  }
+  result.reader_lag = percentiles(std::move(all));
+  result.reader_bytes = shared->reader_bytes.load();
+  ::munmap(shared, sizeof(Shared));
+  if (workload == Workload::kPwrite) std::remove(pwrite_path.c_str());
+  return result;
+}
+
+std::uint64_t disk_bytes(const std::string& dir) {
+  std::uint64_t total = 0;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(dir, ec)) {
+    struct stat st;
+    if (::lstat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      total += static_cast<std::uint64_t>(st.st_blocks) * 512;
+    }
+  }
+  return total;
+}
+
+struct RunResult {
+  int writers = 0;
+  PhaseResult store, pwrite, memcpy;
+  std::uint64_t disk = 0, payload = 0, segment_bytes = 0;
+  std::string store_path;
+};
+
+double ratio(double a, double b) { return b > 0 ? a / b : 0; }
+
+RunResult run_one(const Config& config, int writers, const std::string& work_dir) {
+  RunResult run;
+  run.writers = writers;
+  run.store_path = work_dir + "/store-w" + std::to_string(writers);
+  CreateOptions create;
+  create.dim = config.dim;
+  create.dtype = config.store_dtype;
+  create.metadata = "{\"created_by\":\"embstore bench\"}";
+  create_store(run.store_path, create);
+  run.segment_bytes = create.segment_bytes;
+  run.store = run_phase(config, Workload::kEmbstore, writers, config.readers, work_dir,
+                        run.store_path, config.rows);
+  const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
+  run.payload = run.store.rows * row_bytes;
+  run.disk = disk_bytes(run.store_path);
+  if (config.baselines) {
+    run.pwrite =
+        run_phase(config, Workload::kPwrite, writers, 0, work_dir, run.store_path, run.store.rows);
+    run.memcpy =
+        run_phase(config, Workload::kMemcpy, writers, 0, work_dir, run.store_path, run.store.rows);
+  }
+  if (!config.keep) {
+    std::error_code ec;
+    std::filesystem::remove_all(run.store_path, ec);
+  }
+  return run;
+}
+
+void print_json(const Config& config, const std::vector<RunResult>& runs, std::uint64_t row_bytes) {
+  std::printf(
+      "{\"config\":{\"batch\":%llu,\"dim\":%u,\"dtype\":\"%s\",\"rows\":%llu,"
+      "\"seconds\":%g,\"readers\":%d,\"sync\":\"%s\",\"row_bytes\":%llu},\"runs\":[",
+      static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
+      static_cast<unsigned long long>(config.rows), config.seconds, config.readers,
+      config.sync_text.c_str(), static_cast<unsigned long long>(row_bytes));
+  auto phase = [&](const char* name, const PhaseResult& p, bool last) {
+    std::printf(
+        "\"%s\":{\"rows\":%llu,\"seconds\":%.6f,\"rows_per_s\":%.1f,\"mb_per_s\":%.1f,"
+        "\"latency_us\":{\"p50\":%.2f,\"p99\":%.2f,\"max\":%.2f}}%s",
+        name, static_cast<unsigned long long>(p.rows), p.seconds, p.rows_per_s(),
+        p.rows_per_s() * row_bytes / 1e6, p.latency.p50_us, p.latency.p99_us, p.latency.max_us,
+        last ? "" : ",");
+  };
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    const RunResult& r = runs[i];
+    std::printf("%s{\"writers\":%d,", i ? "," : "", r.writers);
+    phase("embstore", r.store, false);
+    if (config.baselines) {
+      phase("pwrite", r.pwrite, false);
+      phase("memcpy", r.memcpy, false);
+      std::printf("\"ratio_vs_pwrite\":%.3f,\"ratio_vs_memcpy\":%.3f,",
+                  ratio(r.store.rows_per_s(), r.pwrite.rows_per_s()),
+                  ratio(r.store.rows_per_s(), r.memcpy.rows_per_s()));
+    }
+    std::printf("\"ratio_vs_first_run\":%.3f,",
+                ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
+    std::printf(
+        "\"reader_lag_us\":{\"count\":%llu,\"p50\":%.2f,\"p99\":%.2f,\"max\":%.2f},"
+        "\"reader_bytes\":%llu,\"bytes_on_disk\":%llu,\"payload_bytes\":%llu,"
+        "\"bytes_on_disk_bound\":%llu,\"store\":\"%s\"}",
+        static_cast<unsigned long long>(r.store.reader_lag.count), r.store.reader_lag.p50_us,
+        r.store.reader_lag.p99_us, r.store.reader_lag.max_us,
+        static_cast<unsigned long long>(r.store.reader_bytes),
+        static_cast<unsigned long long>(r.disk), static_cast<unsigned long long>(r.payload),
+        static_cast<unsigned long long>(r.payload + 32 * r.store.rows + r.segment_bytes),
+        config.keep ? r.store_path.c_str() : "");
+  }
+  std::printf("]}\n");
+}
+
+void print_table(const Config& config, const std::vector<RunResult>& runs,
+                 std::uint64_t row_bytes) {
+  std::printf("embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s, %d reader%s, %s\n",
+              static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
+              static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(), config.readers,
+              config.readers == 1 ? "" : "s",
+              config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
+                                 : (std::to_string(config.rows) + " rows").c_str());
+  std::printf("%-8s %-9s %12s %10s %10s %10s %10s %9s %9s\n", "writers", "workload", "rows/s",
+              "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x memcpy");
+  for (const RunResult& r : runs) {
+    auto line = [&](const char* name, const PhaseResult& p, bool ratios) {
+      std::printf("%-8d %-9s %12.0f %10.1f %10.1f %10.1f %10.1f", r.writers, name, p.rows_per_s(),
+                  p.rows_per_s() * row_bytes / 1e6, p.latency.p50_us, p.latency.p99_us,
+                  p.latency.max_us);
+      if (ratios && config.baselines) {
+        std::printf(" %9.2f %9.2f", ratio(p.rows_per_s(), r.pwrite.rows_per_s()),
+                    ratio(p.rows_per_s(), r.memcpy.rows_per_s()));
+      }
+      std::printf("\n");
+    };
+    line("embstore", r.store, true);
+    if (config.baselines) {
+      line("pwrite", r.pwrite, false);
+      line("memcpy", r.memcpy, false);
+    }
+    if (config.readers > 0) {
+      std::printf(
+          "%-8d reader lag p50/p99/max %.1f / %.1f / %.1f us over %llu wakeups, "
+          "%.1f MB read\n",
+          r.writers, r.store.reader_lag.p50_us, r.store.reader_lag.p99_us,
+          r.store.reader_lag.max_us, static_cast<unsigned long long>(r.store.reader_lag.count),
+          r.store.reader_bytes / 1e6);
+    }
+    std::printf(
+        "%-8d bytes on disk %llu = payload %llu x %.3f (bound: payload + 32 B/row + one "
+        "segment = %llu)%s%s\n",
+        r.writers, static_cast<unsigned long long>(r.disk),
+        static_cast<unsigned long long>(r.payload), ratio(r.disk, r.payload),
+        static_cast<unsigned long long>(r.payload + 32 * r.store.rows + r.segment_bytes),
+        config.keep ? ", kept at " : "", config.keep ? r.store_path.c_str() : "");
+  }
+  if (runs.size() > 1) {
+    std::printf("embstore throughput vs %d writer%s:", runs[0].writers,
+                runs[0].writers == 1 ? "" : "s");
+    for (const RunResult& r : runs) {
+      std::printf(" %d -> %.2fx", r.writers,
+                  ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
+    }
+    std::printf("\n");
+  }
+}
+
+}  // namespace
+
+int bench_command(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      std::fputs(kBenchUsage, stdout);
+      return 0;
+    }
+  }
+  Config config;
+  try {
+    config = parse_config(argc, argv);
+  } catch (const Error& error) {
+    std::fprintf(stderr, "embstore: %s\n", error.what());
+    std::fputs(kBenchUsage, stderr);
+    return 2;
+  }
+  std::string tmpl = config.dir + "/embstore-bench-XXXXXX";
+  if (::mkdtemp(tmpl.data()) == nullptr) {
+    throw Error(ErrorCode::kIO, "bench: cannot create a directory under " + config.dir + ": " +
+                                    std::strerror(errno));
+  }
+  const std::string work_dir = tmpl;
+  const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
+  std::vector<RunResult> runs;
+  try {
+    for (int writers : config.writers) runs.push_back(run_one(config, writers, work_dir));
+  } catch (...) {
+    if (!config.keep) {
+      std::error_code ec;
+      std::filesystem::remove_all(work_dir, ec);
+    }
+    throw;
+  }
+  if (!config.keep) {
+    std::error_code ec;
+    std::filesystem::remove_all(work_dir, ec);
+  }
+  if (config.json) {
+    print_json(config, runs, row_bytes);
+  } else {
+    print_table(config, runs, row_bytes);
+  }
+  return 0;
+}
+
+}  // namespace embstore::cli
