@@ -252,6 +252,28 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
   }
   // Another process may have grown the files since this handle last looked.
   files_->grow_to(first + n);
+  // A writer killed before it published (or rows a reboot's recovery cut off) leaves entries
+  // past the commit point that still validate. The page cache shows this append's bytes over
+  // them, but after a power loss the disk may hold such an old entry under a counter that covers
+  // it, and recovery would accept part of a batch nobody published. So zero that tail and flush
+  // it before writing over it. Normally the entry at `first` is zero and this is one compare.
+  {
+    static constexpr IndexEntry kZeroEntry{};
+    std::uint64_t end = first;
+    while (end < state.capacity() &&
+           std::memcmp(files_->entry_ptr(end), &kZeroEntry, sizeof(IndexEntry)) != 0) {
+      ++end;
+    }
+    if (end != first) {
+      std::memset(static_cast<void*>(files_->entry_ptr(first)), 0,
+                  (end - first) * sizeof(IndexEntry));
+      try {
+        detail::os::datasync(files_->index_fd(), files_->index_path());
+      } catch (const Error& error) {
+        poison(error);  // The flush is never retried (see flush()).
+      }
+    }
+  }
 
   std::byte* dest = files_->row_ptr(first);
   if (source_stride == record_bytes) {

@@ -18,6 +18,7 @@
 #include "embstore/embstore.h"
 #include "scenarios.h"
 #include "support/payload.h"
+#include "testing.h"
 
 namespace embstore::torture {
 namespace {
@@ -337,12 +338,18 @@ Image snapshot(const std::string& store) {
   return out;
 }
 
-// The disk after a power cut: every page synced before the cut (the shadow), plus any subset of
-// the pages written since, one of them torn at a 512-byte sector boundary.
-Image crash_image(const Image& shadow, const Image& live, Rng& rng, int mode) {
+// The disk after a power cut: every page synced before the cut (the shadow); each page written
+// since holds any one of the versions it had in the page cache since then (writeback may have
+// happened after any of them, or not at all); one page may be torn at a 512-byte sector.
+// `versions` are snapshots taken after the sync, the last one at the moment of the cut.
+Image crash_image(const Image& shadow, const std::vector<Image>& versions, Rng& rng, int mode) {
   constexpr std::size_t kPage = 4096;
+  const Image& live = versions.back();
   Image out;
   bool torn_done = false;
+  // Mode 3: every data and index page from one version, the header from another.
+  const std::size_t files_version = rng.below(versions.size());
+  const std::size_t header_version = rng.below(versions.size());
   for (const auto& [name, now] : live) {
     auto it = shadow.find(name);
     const std::string old = it == shadow.end() ? std::string() : it->second;
@@ -355,10 +362,20 @@ Image crash_image(const Image& shadow, const Image& live, Rng& rng, int mode) {
     for (std::size_t off = 0; off < size; off += kPage) {
       const std::size_t len = std::min(kPage, size - off);
       const std::string_view before = std::string_view(img).substr(off, len);
-      const std::string_view after = off < now.size() ? std::string_view(now).substr(off, len) : "";
+      // Which later version of this page reached the disk.
+      const Image& version = mode == 0   ? versions[rng.below(versions.size())]
+                             : mode == 3 ? versions[is_header ? header_version : files_version]
+                                         : live;
+      auto vit = version.find(name);
+      if (vit == version.end()) continue;
+      const std::string& vbytes = vit->second;
+      const std::string_view after =
+          off < vbytes.size() ? std::string_view(vbytes).substr(off, len) : "";
       if (after.size() != len || before == after) continue;
       int choice;  // 0 old, 1 new, 2 torn
-      if (mode == 1) {
+      if (mode == 3) {
+        choice = 1;
+      } else if (mode == 1) {
         choice = is_header ? 0 : 1;  // data and index reached the disk, the header did not
       } else if (mode == 2) {
         choice = is_header ? 1 : 0;  // the header (committed counter) ahead of the data
@@ -381,9 +398,43 @@ Image crash_image(const Image& shadow, const Image& live, Rng& rng, int mode) {
 
 }  // namespace
 
+namespace {
+
+// The store's promise the power-loss model relies on: an append that finds a dead writer's
+// entries past the commit point flushes them zeroed before writing over them (and an ordinary
+// append flushes nothing). Probed with a one-shot fdatasync fault: the flush must fail the append.
+bool probe_stale_tail_flush(std::uint64_t seed) {
+  Setup s("probe", seed);
+  s.create(8192);
+  bool ok = true;
+  Writer writer = Writer::open(s.params().store);
+  std::vector<std::uint64_t> keys = {1, 2};
+  std::vector<float> values(2 * s.params().dim, 0.5f);
+  detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
+  writer.append(keys, 0, values);  // no stale tail: must not flush
+  detail::testing::disarm_all();
+  ok &= expect_kill(s.start_writer({"--batches", "2"}, {"EMBSTORE_CRASH=before-publish:1"}),
+                    "probe helper");
+  detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
+  try {
+    writer.append(keys, 0, values);
+    ok = fail("an append over a dead writer's entries did not flush them first");
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kPoisoned) ok = fail(std::string("probe: ") + e.what());
+  }
+  detail::testing::disarm_all();
+  Writer again = Writer::open(s.params().store);
+  again.append(keys, 0, values);
+  Reader reader = Reader::open(s.params().store);
+  if (reader.size() != 4 || !reader.verify().ok()) ok = fail("probe: store after the probe");
+  return ok;
+}
+
+}  // namespace
+
 bool scenario_power_loss(std::uint64_t seed) {
   Rng rng(seed);
-  bool ok = true;
+  bool ok = probe_stale_tail_flush(seed);
   const std::uint64_t runs = scaled(6, 50);
   const std::uint64_t images_per_run = scaled(12, 4);
   for (std::uint64_t run = 0; run < runs; ++run) {
@@ -392,31 +443,61 @@ bool scenario_power_loss(std::uint64_t seed) {
     const Params& p = s.params();
     const std::uint64_t w = s.new_writer();
     Image shadow = snapshot(p.store);
+    std::vector<Image> versions;
+    const char* kill_points[] = {"before-publish", "mid-index-write", "after-copy"};
     {
       Writer writer = Writer::open(p.store);
       AckLog log(p.log_dir, w);
       Schedule schedule(p.seed, w, p.max_batch);
       const std::uint64_t batches = rng.range(5, 60);
+      bool after_crash = false;
       for (std::uint64_t i = 0; i < batches; ++i) {
+        if (rng.chance(0.1)) {
+          // Another writer process dies before publishing: its rows and entries sit past the
+          // commit point, in the page cache, until the next append writes over them.
+          const std::string point = kill_points[rng.below(3)];
+          ok &= expect_kill(s.start_writer({"--batches", "3"}, {"EMBSTORE_CRASH=" + point + ":1"}),
+                            "power-loss helper at " + point);
+          stat_add("crash_point_kills");
+          versions.push_back(snapshot(p.store));
+          after_crash = true;
+        }
         Schedule::Batch b = schedule.batch(i);
         std::vector<std::uint64_t> keys;
         for (std::uint64_t j = 0; j < b.rows; ++j)
           keys.push_back(test::make_key(w, b.first_seq + j));
         log.intent(b.first_seq, b.rows);
-        writer.append(keys, b.index, test::batch_payload(w, b.first_seq, b.rows, p.dim));
+        const std::uint64_t first =
+            writer.append(keys, b.index, test::batch_payload(w, b.first_seq, b.rows, p.dim));
         log.acked(b.first_seq, b.rows);
+        if (after_crash) {
+          // The append found the dead writer's entries past the commit point, zeroed them and
+          // flushed the index before writing over them (scenario 6's probe checks that it
+          // does): from here on the disk holds that zeroed index, never the dead writer's one.
+          std::string index = versions.back()["index.1"];
+          for (std::uint64_t e = first; (e + 1) * 32 <= index.size(); ++e) {
+            if (index.compare(e * 32, 32, std::string(32, '\0')) == 0) break;
+            index.replace(e * 32, 32, std::string(32, '\0'));
+          }
+          shadow["index.1"] = index;
+          for (Image& v : versions) v.erase("index.1");
+        }
         if (rng.chance(0.2) && i + 1 < batches) {
           writer.sync();
           log.durable(b.first_seq + b.rows);
           shadow = snapshot(p.store);  // What a completed sync guarantees is on the disk.
+          versions.clear();
+        } else if (after_crash || rng.chance(0.3)) {
+          versions.push_back(snapshot(p.store));
         }
+        after_crash = false;
       }
       // The power fails here: the writer never closes.
     }
-    const Image live = snapshot(p.store);
+    versions.push_back(snapshot(p.store));
     for (std::uint64_t i = 0; i < images_per_run; ++i) {
-      const int mode = i == 0 ? 1 : i == 1 ? 2 : 0;
-      const Image img = crash_image(shadow, live, rng, mode);
+      const int mode = i == 0 ? 1 : i == 1 ? 2 : rng.chance(0.5) ? 3 : 0;
+      const Image img = crash_image(shadow, versions, rng, mode);
       const std::string dir = s.dir() + "/image" + std::to_string(i);
       std::filesystem::create_directories(dir);
       for (const auto& [name, bytes] : img) write_all(dir + "/" + name, bytes);
