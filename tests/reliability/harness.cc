@@ -525,7 +525,14 @@ bool soak() {
 void set_soak(bool on) { g_soak = on; }
 
 std::uint64_t scaled(std::uint64_t ci, std::uint64_t soak_factor) {
-  return soak() ? ci * soak_factor : ci;
+  // EMBSTORE_TORTURE_SCALE shrinks (or grows) the CI sizes, e.g. 0.25 for sanitizer builds.
+  static const double scale = [] {
+    const char* s = std::getenv("EMBSTORE_TORTURE_SCALE");
+    const double v = s != nullptr ? std::strtod(s, nullptr) : 1.0;
+    return v > 0 ? v : 1.0;
+  }();
+  const auto base = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(ci * scale + 0.5));
+  return soak() ? base * soak_factor : base;
 }
 
 bool under_sanitizer() {

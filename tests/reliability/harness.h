@@ -140,7 +140,7 @@ std::string random_boot_id(Rng& rng);
 void sleep_us(std::uint64_t us);  // Only to pick a random moment, never to wait for an event.
 bool soak();                      // EMBSTORE_SOAK=1 or --soak
 void set_soak(bool on);
-// CI-sized count, multiplied in soak mode.
+// CI-sized count, times $EMBSTORE_TORTURE_SCALE, times soak_factor in soak mode.
 std::uint64_t scaled(std::uint64_t ci, std::uint64_t soak_factor = 50);
 bool under_sanitizer();
 

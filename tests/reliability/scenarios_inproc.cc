@@ -75,14 +75,14 @@ bool expect_error(ErrorCode code, const std::string& what, F&& fn) {
 bool scenario_threads(std::uint64_t seed) {
   Rng rng(seed);
   bool ok = true;
-  const std::uint64_t rounds = scaled(2, 20);
+  const std::uint64_t rounds = scaled(10, 20);
   for (std::uint64_t round = 0; round < rounds; ++round) {
     Setup s("threads", rng.next());
     s.create(8192);
     const Params p = s.params();
     Writer shared = Writer::open(p.store);
     const int kThreads = 4, kReaders = 2;
-    const std::uint64_t batches = scaled(150, 20);
+    const std::uint64_t batches = scaled(300, 20);
     std::atomic<int> writers_left{kThreads};
     std::atomic<std::uint64_t> torn{0}, problems{0}, rows_read{0};
     std::vector<std::thread> threads;
@@ -330,7 +330,7 @@ bool scenario_capacity(std::uint64_t seed) {
 bool scenario_corruption(std::uint64_t seed) {
   Rng rng(seed);
   bool ok = true;
-  const std::uint64_t rounds = scaled(4, 25);
+  const std::uint64_t rounds = scaled(20, 25);
   for (std::uint64_t round = 0; round < rounds; ++round) {
     Setup s("corrupt", rng.next());
     s.create(8192);
@@ -479,7 +479,7 @@ bool scenario_fuzz_smoke(std::uint64_t seed) {
     w.close();
     seeds.push_back(fuzz::encode_store(store, static_cast<std::uint8_t>(rng.below(8))));
   }
-  const std::uint64_t inputs = scaled(1500, 40);
+  const std::uint64_t inputs = scaled(8000, 40);
   for (std::uint64_t i = 0; i < inputs; ++i) {
     std::string in = seeds[rng.below(seeds.size())];
     const std::uint64_t kind = rng.below(6);
@@ -539,7 +539,7 @@ bool scenario_model(std::uint64_t seed) {
   std::uint64_t oracle_durable = 0;
   std::uint64_t next_key = 1;
   std::optional<Writer> writer(Writer::open(p.store));
-  const std::uint64_t steps = scaled(400, 50);
+  const std::uint64_t steps = scaled(3000, 50);
   const char* points[] = {"after-copy",      "mid-index-write",  "before-publish", "after-publish",
                           "after-grow-data", "after-grow-index", "mid-sync"};
   auto batch_values = [&](std::uint64_t first_key, std::uint64_t n) {

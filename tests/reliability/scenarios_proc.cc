@@ -4,6 +4,7 @@
 #include <sys/mount.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -117,7 +118,7 @@ bool scenario_kill9(std::uint64_t seed) {
   const pid_t reader = s.start_reader();
   auto start = [&] { return s.start_writer({"--sync-every", std::to_string(rng.below(6))}); };
   std::vector<pid_t> writers = {start(), start(), start()};
-  const std::uint64_t rounds = scaled(150, 40);
+  const std::uint64_t rounds = scaled(600, 40);
   for (std::uint64_t r = 0; r < rounds; ++r) {
     const std::size_t slot = rng.below(writers.size());
     sleep_us(rng.range(200, 12000));  // The random moment of the kill.
@@ -183,7 +184,11 @@ bool crash_run(std::uint64_t seed, const std::string& point, std::uint64_t n, bo
   const pid_t reader = s.start_reader(false, env);
   std::vector<std::string> crash_env = env;
   crash_env.push_back("EMBSTORE_CRASH=" + what);
-  ok &= expect_kill(s.start_writer({"--batches", "400", "--sync-every", "4"}, crash_env), what);
+  ok &= expect_kill(
+      s.start_writer(
+          {"--batches", std::to_string(std::max<std::uint64_t>(400, 12 * n)), "--sync-every", "4"},
+          crash_env),
+      what);
   stat_add("crash_point_kills");
   FileSizes before = sizes_of(s.params().store);
   if (growth_checks) ok &= whole_segments(s.params().store, what + " after the crash");
@@ -204,7 +209,7 @@ bool crash_run(std::uint64_t seed, const std::string& point, std::uint64_t n, bo
 }  // namespace
 
 bool scenario_crash_points(std::uint64_t seed) {
-  const std::uint64_t k = scaled(3, 10);
+  const std::uint64_t k = scaled(10, 10);
   bool ok = true;
   for (const std::string& point : kCrashPoints) {
     const std::uint64_t passes = point == "during-recovery" ? 1 : k;
@@ -218,7 +223,7 @@ bool scenario_crash_points(std::uint64_t seed) {
 }
 
 bool scenario_growth(std::uint64_t seed) {
-  const std::uint64_t k = scaled(4, 10);
+  const std::uint64_t k = scaled(10, 10);
   Rng rng(seed);
   bool ok = true;
   for (const std::string point : {"after-grow-data", "after-grow-index"}) {
@@ -234,7 +239,7 @@ bool scenario_growth(std::uint64_t seed) {
 bool scenario_recovery_crash(std::uint64_t seed) {
   Rng rng(seed);
   bool ok = true;
-  const std::uint64_t rounds = scaled(3, 20);
+  const std::uint64_t rounds = scaled(15, 20);
   for (std::uint64_t round = 0; round < rounds; ++round) {
     Setup s("recovery", rng.next());
     s.create(16384);
@@ -308,7 +313,7 @@ bool scenario_stall(std::uint64_t seed) {
   bool ok = true;
   std::vector<pid_t> readers = {s.start_reader(true), s.start_reader(true)};
   std::vector<pid_t> writers = {s.start_writer({"--sync-every", "5"}), s.start_writer()};
-  const std::uint64_t rounds = scaled(25, 40);
+  const std::uint64_t rounds = scaled(150, 40);
   for (std::uint64_t r = 0; r < rounds; ++r) {
     const pid_t w = writers[rng.below(writers.size())];
     sleep_us(rng.range(100, 5000));
@@ -435,8 +440,8 @@ bool probe_stale_tail_flush(std::uint64_t seed) {
 bool scenario_power_loss(std::uint64_t seed) {
   Rng rng(seed);
   bool ok = probe_stale_tail_flush(seed);
-  const std::uint64_t runs = scaled(6, 50);
-  const std::uint64_t images_per_run = scaled(12, 4);
+  const std::uint64_t runs = scaled(40, 50);
+  const std::uint64_t images_per_run = scaled(16, 4);
   for (std::uint64_t run = 0; run < runs; ++run) {
     Setup s("powerloss", rng.next(), 16, 12);
     s.create(8192);
@@ -592,7 +597,7 @@ bool scenario_faults(std::uint64_t seed) {
                        {"mmap", ENOMEM},   {"msync", EIO},        {"pwrite", EIO},
                        {"pread", EIO},     {"rename", EIO},       {"mkdir", EACCES},
                        {"fallocate", EIO}, {"mmap", EIO},         {"open", EACCES}};
-  const std::uint64_t k = scaled(4, 8);
+  const std::uint64_t k = scaled(6, 8);
   for (const OpErr& oe : ops) {
     for (std::uint64_t n = 1; n <= k; ++n) {
       for (bool forever : {false, true}) {
@@ -640,7 +645,7 @@ bool scenario_memory(std::uint64_t seed) {
     return true;
   }
   bool ok = true;
-  const std::uint64_t rounds = scaled(2, 10);
+  const std::uint64_t rounds = scaled(5, 10);
   Rng rng(seed);
   for (std::uint64_t r = 0; r < rounds; ++r) {
     Setup s("memlimit", rng.next());
