@@ -175,3 +175,22 @@ def test_async_writes_match_sync_writes_across_many_batches(store, tmp_path):
     r = embstore.Reader(store)
     np.testing.assert_array_equal(r.vectors, np.concatenate(batches))
     assert r.epochs.tolist() == sum(([i] * len(b) for i, b in enumerate(batches)), [])
+
+
+def test_writer_thread_runs_sched_batch_so_waking_it_never_preempts_the_caller(store):
+    def batch_threads():
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+        return [t for t in tids if _policy(t) == os.SCHED_BATCH]
+
+    def _policy(tid):
+        try:
+            return os.sched_getscheduler(tid)
+        except OSError:  # the thread exited meanwhile
+            return None
+
+    before = len(batch_threads())
+    with embstore.Writer(store, dim=2, async_queue_mb=1) as w:
+        w.append([1], np.ones((1, 2), np.float32))
+        w.flush()
+        assert len(batch_threads()) == before + 1
+    assert len(batch_threads()) == before  # joined on close

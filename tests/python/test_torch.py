@@ -86,7 +86,8 @@ def test_recorder_saves_module_outputs_with_batch_ids_in_a_training_loop(store):
         torch.utils.data.TensorDataset(x, y, torch.arange(len(x)) + 500), batch_size=16,
         shuffle=True)
     snapshots = []
-    with EmbeddingRecorder(model, "body", store, dim=8, async_queue_mb=1) as recorder:
+    with EmbeddingRecorder(model, "body", store, dim=8, async_queue_mb=1,
+                           buffer_rows=40) as recorder:
         for epoch in range(2):
             for xb, yb, ids in loader:
                 with recorder.batch(ids, epoch):
@@ -154,3 +155,35 @@ def test_dataset_over_recorded_embeddings_trains_a_probe(store):
     assert subset[0][0].dtype == torch.bfloat16
     with pytest.raises(IndexError):
         subset[len(subset)]
+
+
+def test_recorder_stages_rows_into_few_appends_and_submits_on_epoch_change(store):
+    layer = torch.nn.Linear(4, 6)
+    r = None
+    with EmbeddingRecorder(layer, "", store, dim=6, buffer_rows=10, async_queue_mb=0) as rec:
+        with rec.batch([1, 2, 3, 4], 0):
+            a = layer(torch.randn(4, 4))
+        with rec.batch([5, 6, 7, 8], 0):
+            b = layer(torch.randn(4, 4))
+        r = embstore.Reader(store)
+        assert len(r) == 0  # staged, not yet appended
+        with rec.batch([9, 10, 11, 12], 0):  # does not fit: the first 8 rows go as one append
+            c = layer(torch.randn(4, 4))
+        assert r.refresh() == 8 and rec.stats()["batches"] == 1
+        with rec.batch(range(20, 40), 0):  # larger than the buffer: staged rows, then its own
+            d = layer(torch.randn(20, 4))
+        assert r.refresh() == 32 and rec.stats()["batches"] == 3
+        with rec.batch([50], 1):  # a new epoch submits nothing staged (none left) ...
+            e = layer(torch.randn(1, 4))
+        with rec.batch([51], 2):  # ... and here the epoch-1 row goes out
+            f = layer(torch.randn(1, 4))
+        assert r.refresh() == 33
+        rec.flush(wait=False)
+        assert r.refresh() == 34
+    expected = torch.cat([a, b, c, d, e, f]).detach()
+    assert torch.equal(torch.from_numpy(r.vectors.copy()), expected)
+    assert r.keys.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] + list(range(20, 40)) + [50, 51]
+    assert r.epochs.tolist() == [0] * 32 + [1, 2]
+    with pytest.raises(ValueError, match=">= 0"):
+        with rec.batch([-1], 0):
+            pass

@@ -54,7 +54,9 @@ def main():
     seen, next_epoch = 0, 0
     projections, figures = [], []
     while next_epoch < epochs:
-        if not r.wait(seen + 1, timeout=300):
+        # Epoch e cannot be complete before the store holds (e + 1) * per_epoch rows: sleep in
+        # the C++ wait until then instead of waking this process for every append.
+        if not r.wait(max(seen + 1, (next_epoch + 1) * per_epoch), timeout=300):
             raise SystemExit(f"[reader] no new rows for 300 s after {seen}")
         n = len(r)
         new_epochs = r.epochs[seen:n]  # zero-copy strided view of the index

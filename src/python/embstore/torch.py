@@ -125,37 +125,44 @@ class EmbeddingRecorder:
     """Saves the outputs of one named submodule into a store, from inside a training loop.
 
     A forward hook on ``module_name`` (looked up in ``model.named_modules()``; a DDP wrapper's
-    "module." prefix is handled) appends the module's output for every forward pass that runs
+    "module." prefix is handled) records the module's output for every forward pass that runs
     inside ``with recorder.batch(ids, epoch):``; forward passes outside it are not recorded.
-    ``ids`` are the batch's sample ids (a tensor, array or list with one id per output row).
+    ``ids`` are the batch's sample ids (a tensor, array or list of integers >= 0, one per
+    output row); they become the rows' keys.
 
     Rank-aware: each process (DDP rank) opens its own Writer on the shared store (created by
     whichever rank gets there first; all ranks may append at once), lazily on the first
     recorded batch, so a recorder made before ``fork``/``spawn`` works in the child. ``ranks``
-    restricts recording to some ranks (default: every rank). The store's metadata gets
+    restricts recording to some ranks (default: every rank). A new store's metadata is
     ``{"module": module_name}`` unless ``metadata`` is given.
 
-    Cost on the training step: the output is detached and, with ``clone=True`` (the default),
-    copied once — because the async writer references its input until written, and a later
-    in-place op (e.g. ReLU(inplace=True) after this module) would otherwise change it first.
-    Pass ``clone=False`` when nothing modifies the output in place. Appends are asynchronous
-    (``async_queue_mb``); errors surface on a later batch, on ``flush()`` or on ``close()``.
+    Cost on the training step: the hook copies the output (detached; converted to the store's
+    dtype; moved to the CPU if needed) into a staging buffer of ``buffer_rows`` rows — a copy
+    is needed anyway, because a later in-place op (e.g. ReLU(inplace=True) after this module)
+    would otherwise change the values before they are written. A full buffer goes to the
+    Writer as one append (queued: ``async_queue_mb``), so the store sees few, large batches.
+    Rows reach the store when their buffer is full, when the epoch changes, on ``flush()`` and
+    on ``close()``; call ``flush(wait=False)`` at the end of an epoch to make it visible to
+    readers without waiting. A batch larger than ``buffer_rows`` is appended on its own.
+    Write errors surface on a later batch, on ``flush()`` or on ``close()``.
 
     Args:
         model: the model (or DDP wrapper) holding the module.
         module_name: dotted name of the submodule whose output to save; the output must be a
             tensor of shape (batch, dim) (other shapes are flattened to (batch, -1)).
         store: path of the store.
-        dim: embedding size (to create the store when missing); default: taken from the store.
-        dtype: the store's dtype (float32 by default; float16/bfloat16 halve the bytes).
+        dim: embedding size, to create the store when missing (with ``dtype``, default
+            float32); without it the store must exist.
+        dtype: the store's dtype: "float32", "float16" or "bfloat16" (half the bytes).
         ranks: ranks that record, or None for all.
         async_queue_mb: queue bound of each rank's async Writer (0: synchronous appends).
+        buffer_rows: rows gathered per append (0: one append per recorded batch).
     """
 
     def __init__(self, model: torch.nn.Module, module_name: str, store: Any, *,
-                 dim: Optional[int] = None, dtype: Any = "float32", metadata: Any = None,
+                 dim: Optional[int] = None, dtype: Any = None, metadata: Any = None,
                  segment_mb: Optional[float] = None, ranks: Optional[Sequence[int]] = None,
-                 async_queue_mb: float = 64, clone: bool = True) -> None:
+                 async_queue_mb: float = 64, buffer_rows: int = 512) -> None:
         modules = dict(model.named_modules())
         module = modules.get(module_name, modules.get("module." + module_name))
         if module is None:
@@ -164,16 +171,20 @@ class EmbeddingRecorder:
         self.module_name = module_name
         self.path = os.fspath(store)
         self._dim = dim
-        self._dtype = _dtype_name(dtype)
+        self._dtype = None if dtype is None else _dtype_name(dtype)
         self._metadata = {"module": module_name} if metadata is None else metadata
         self._segment_mb = segment_mb
         self._ranks = None if ranks is None else set(int(r) for r in ranks)
         self._async_queue_mb = async_queue_mb
-        self._clone = clone
+        self._buffer_rows = max(0, int(buffer_rows))
         self._writer: Optional[Writer] = None
         self._writer_pid = 0
         self._ids: Optional[np.ndarray] = None
         self._epoch = 0
+        self._buffer: Optional[torch.Tensor] = None  # handed to the Writer when full
+        self._buffer_keys = np.empty(self._buffer_rows, np.uint64)
+        self._buffer_epochs = np.empty(self._buffer_rows, np.uint64)
+        self._filled = 0
         self.rows_recorded = 0
         #: Seconds spent inside the forward hook (detach, copy, queueing the append): the time
         #: recording adds to this process's forward passes. The write itself happens on the
@@ -196,7 +207,14 @@ class EmbeddingRecorder:
         """Records the forward passes in the block under these sample ids and this epoch."""
         if isinstance(ids, torch.Tensor):
             ids = ids.detach().cpu().numpy()
-        self._ids = np.asarray(ids)
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu" or (ids.dtype.kind == "i" and ids.size and ids.min() < 0):
+            raise ValueError(f"sample ids must be integers >= 0; got {ids.dtype} {ids[:5]}")
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0; got {epoch}")
+        if int(epoch) != self._epoch and self._filled:
+            self._submit()  # an epoch's rows reach the store as soon as the next one starts
+        self._ids = ids
         self._epoch = int(epoch)
         try:
             yield
@@ -206,11 +224,18 @@ class EmbeddingRecorder:
     def writer(self) -> Writer:
         """This process's Writer (opened on first use)."""
         if self._writer is None or self._writer_pid != os.getpid():
-            self._writer = Writer(self.path, dim=self._dim, dtype=self._dtype,
-                                  metadata=self._metadata, segment_mb=self._segment_mb,
-                                  async_queue_mb=self._async_queue_mb) if self._dim else \
-                Writer(self.path, dtype=self._dtype, async_queue_mb=self._async_queue_mb)
+            if self._dim:
+                self._writer = Writer(self.path, dim=self._dim, dtype=self._dtype or "float32",
+                                      metadata=self._metadata, segment_mb=self._segment_mb,
+                                      async_queue_mb=self._async_queue_mb)
+            else:
+                self._writer = Writer(self.path, dtype=self._dtype,
+                                      async_queue_mb=self._async_queue_mb)
             self._writer_pid = os.getpid()
+            self._buffer, self._filled = None, 0  # a forked child starts with an empty buffer
+            if self._writer.dtype not in _TORCH_DTYPES:
+                raise ValueError(f"{self.path}: the recorder saves float tensors; the store "
+                                 f"holds {self._writer.dtype}")
         return self._writer
 
     def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
@@ -229,23 +254,44 @@ class EmbeddingRecorder:
         out = output.detach()
         if out.dim() != 2:
             out = out.reshape(out.shape[0], -1)
-        if out.shape[0] != len(self._ids):
-            raise ValueError(f"{self.module_name} produced {out.shape[0]} rows for "
-                             f"{len(self._ids)} ids")
-        fresh = False  # Whether `out` is already a private copy.
-        if out.device.type != "cpu":
-            out, fresh = out.cpu(), True
-        target = _TORCH_DTYPES.get(self._dtype)
-        if out.dtype != target and out.dtype != torch.float32:
-            out, fresh = out.float(), True  # float32 is accepted by every float store.
-        if self._clone and not fresh:
-            out = out.clone()
-        self.writer().append(self._ids, out, self._epoch)
-        self.rows_recorded += int(out.shape[0])
+        n = out.shape[0]
+        if n != len(self._ids):
+            raise ValueError(f"{self.module_name} produced {n} rows for {len(self._ids)} ids")
+        writer = self.writer()
+        dtype = _TORCH_DTYPES[writer.dtype]
+        if n > self._buffer_rows:
+            # Too big to stage: one append of a private copy (converted, on the CPU).
+            self._submit()
+            writer.append(self._ids, out.to("cpu", dtype, copy=True), self._epoch)
+        else:
+            if self._filled + n > self._buffer_rows:
+                self._submit()
+            if self._buffer is None:
+                self._buffer = torch.empty((self._buffer_rows, out.shape[1]), dtype=dtype)
+            end = self._filled + n
+            self._buffer[self._filled:end].copy_(out)  # converts dtype, copies from any device
+            self._buffer_keys[self._filled:end] = self._ids
+            self._buffer_epochs[self._filled:end] = self._epoch
+            self._filled = end
+            if self._filled == self._buffer_rows:
+                self._submit()
+        self.rows_recorded += n
 
-    def flush(self) -> None:
-        """Waits until everything recorded so far is written (visible to readers)."""
-        if self._writer is not None:
+    def _submit(self) -> None:
+        """Hands the staged rows to the Writer as one append (queued in async mode)."""
+        if not self._filled:
+            return
+        n, self._filled = self._filled, 0
+        buffer, self._buffer = self._buffer, None  # referenced by the Writer until written
+        self._writer.append(self._buffer_keys[:n], buffer[:n], self._buffer_epochs[:n])
+
+    def flush(self, wait: bool = True) -> None:
+        """Appends the staged rows; with ``wait``, also waits until everything recorded so far
+        is written (visible to readers). Raises a pending write error."""
+        if self._writer is None or self._writer_pid != os.getpid():
+            return
+        self._submit()
+        if wait:
             self._writer.flush()
 
     def stats(self) -> dict:
@@ -253,10 +299,14 @@ class EmbeddingRecorder:
         return {} if self._writer is None else self._writer.stats()
 
     def close(self) -> None:
-        """Removes the hook and closes this rank's Writer (raising a pending write error)."""
+        """Appends the staged rows, removes the hook and closes this rank's Writer (raising a
+        pending write error)."""
         self._handle.remove()
         if self._writer is not None and self._writer_pid == os.getpid():
-            self._writer.close()
+            try:
+                self._submit()
+            finally:
+                self._writer.close()
 
     def __enter__(self) -> "EmbeddingRecorder":
         return self

@@ -1,0 +1,56 @@
+"""Times the async append call for a 512 x 768 float32 batch (target: <= 20 us per call).
+
+Usage: PYTHONPATH=build/python /usr/bin/python3 tools/demo/async_append_time.py [DIR]
+
+The call only validates and queues the batch (the array is referenced, not copied); the write
+itself happens on the Writer's background thread. The queue is flushed every 16 calls (outside
+the timed region) so that it never fills: this times the call, not back-pressure.
+"""
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import embstore
+
+
+def measure(directory, calls=320, rows=512, dim=768, torch_tensor=False):
+    """Returns the per-call seconds of `calls` async appends of a (rows, dim) float32 batch
+    (a numpy array, or a torch tensor with `torch_tensor`)."""
+    path = os.path.join(directory, f"async_append_time{int(torch_tensor)}.emb")
+    batch = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    if torch_tensor:
+        import torch
+        batch = torch.from_numpy(batch)
+    keys = np.arange(rows, dtype=np.uint64)
+    times = []
+    with embstore.Writer(path, dim=dim, async_queue_mb=64) as w:
+        for i in range(calls):
+            start = time.perf_counter()
+            w.append(keys, batch, i)
+            times.append(time.perf_counter() - start)
+            if i % 16 == 15:
+                w.flush()
+        w.flush()
+        assert w.committed_rows() == calls * rows
+    return np.array(times)
+
+
+def main():
+    directory = sys.argv[1] if len(sys.argv) > 1 else None
+    for torch_tensor in (False, True):
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            t = measure(tmp, torch_tensor=torch_tensor)
+        print(report(t, "torch tensor" if torch_tensor else "numpy array"))
+
+
+def report(t, what):
+    return (f"async append call, 512 x 768 float32 {what}: median {1e6 * np.median(t):.1f} us, "
+            f"p90 {1e6 * np.percentile(t, 90):.1f} us, max {1e6 * t.max():.0f} us over "
+            f"{len(t)} calls (target <= 20 us)")
+
+
+if __name__ == "__main__":
+    main()
