@@ -1,12 +1,13 @@
 // append_bench — Writer::append throughput against its baselines, in one binary and one run.
 //
-//   BM_Append/batch/dim/dtype/sync   embstore append of `batch` rows (fresh file pages: "cold")
-//   BM_Pwrite/batch/dim/sync         pwrite() of the same payload bytes into a fresh file
+//   BM_Append/batch/dim/dtype/sync/prefault   embstore append of `batch` rows (fresh file pages:
+//   "cold") BM_Pwrite/batch/dim/sync         pwrite() of the same payload bytes into a fresh file
 //   BM_Memcpy/batch/dim              memcpy of the same bytes into already-touched memory (ceiling)
 //
 // dtype: 0 float32, 1 float16, 2 bfloat16, 3 float32 input converted to a float16 store,
 //        4 float32 input converted to a bfloat16 store.
 // sync:  0 none, 1 every append (pwrite: fdatasync after each batch), 2 interval (100 ms).
+// prefault: 1 the library default, 0 WriterOptions::prefault_bytes = 0 (the ablation).
 // bytes_per_second counts bytes stored (payload, not the 32-byte index entries); items are rows.
 // Each benchmark starts a fresh store every EMBSTORE_BENCH_BYTES bytes, outside the timing, so
 // every append writes pages the file has never had: the cold case users hit while training.
@@ -75,6 +76,8 @@ void BM_Append(benchmark::State& state) {
                  : sync_arg == kInterval ? SyncPolicy::kInterval
                                          : SyncPolicy::kNone;
   options.sync_interval = std::chrono::milliseconds(100);
+  const bool prefault = state.range(4) != 0;
+  if (!prefault) options.prefault_bytes = 0;
   const std::uint64_t limit = rows_per_file(batch, out_row_bytes);
   int generation = 0;
   std::optional<Writer> writer;
@@ -103,7 +106,8 @@ void BM_Append(benchmark::State& state) {
   writer.reset();
   state.SetItemsProcessed(state.iterations() * batch);
   state.SetBytesProcessed(state.iterations() * batch * out_row_bytes);
-  state.SetLabel(std::string("cold ") + dtype_label(dtype_arg) + " " + sync_label(sync_arg));
+  state.SetLabel(std::string("cold ") + dtype_label(dtype_arg) + " " + sync_label(sync_arg) +
+                 (prefault ? "" : " prefault-off"));
 }
 
 void BM_Pwrite(benchmark::State& state) {
@@ -167,12 +171,15 @@ void BM_Memcpy(benchmark::State& state) {
 }
 
 void AppendArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"batch", "dim", "dtype", "sync"});
-  for (int batch : {1, 8, 64, 512, 4096}) b->Args({batch, 768, kF32, kNoSync});
-  for (int dim : {64, 1536}) b->Args({512, dim, kF32, kNoSync});
-  for (int dtype : {kF16, kBF16, kF32ToF16, kF32ToBF16}) b->Args({512, 768, dtype, kNoSync});
-  b->Args({512, 768, kF32, kEvery});
-  b->Args({512, 768, kF32, kInterval});
+  b->ArgNames({"batch", "dim", "dtype", "sync", "prefault"});
+  for (int batch : {1, 8, 64, 512, 4096}) b->Args({batch, 768, kF32, kNoSync, 1});
+  for (int dim : {64, 1536}) b->Args({512, dim, kF32, kNoSync, 1});
+  for (int dtype : {kF16, kBF16, kF32ToF16, kF32ToBF16}) b->Args({512, 768, dtype, kNoSync, 1});
+  b->Args({512, 768, kF32, kEvery, 1});
+  b->Args({512, 768, kF32, kInterval, 1});
+  // Ablation: WriterOptions::prefault_bytes = 0.
+  b->Args({512, 768, kF32, kNoSync, 0});
+  b->Args({512, 768, kF32, kEvery, 0});
 }
 
 void BaselineArgs(benchmark::internal::Benchmark* b, bool with_sync) {

@@ -275,6 +275,9 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
     }
   }
 
+  // Before the copy: the prefault thread skips the rows this copy faults in itself and works
+  // on the ones after them, so the two never fault the same pages.
+  if (prefault_) prefault_->advance(first + n, files_->mapped_rows());
   std::byte* dest = files_->row_ptr(first);
   if (source_stride == record_bytes) {
     std::memcpy(dest, source, n * record_bytes);
@@ -297,7 +300,6 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
   state.publish_committed(first + n);
   detail::os::futex_wake_all(state.committed_word());
   EMBSTORE_CRASH_POINT("after-publish");
-  if (prefault_) prefault_->advance(first + n, files_->mapped_rows());
   }
   // Outside the lock: other writers need not wait for this one's flush.
   if (options_.sync == SyncPolicy::kEveryAppend) sync();

@@ -42,7 +42,10 @@ const char* const kBenchUsage =
     "                       f32->bf16 to append float32 into a 16-bit store (default float32)\n"
     "  --rows R             total rows over all writers (default 200000)\n"
     "  --seconds S          run for S seconds instead of a row count\n"
+    "  --repeat K           run each workload K times, order rotated, report medians (default 3)\n"
     "  --sync P             none | every | interval (default none)\n"
+    "  --prefault-mb M      WriterOptions::prefault_bytes in MiB (0 turns prefaulting off;\n"
+    "                       default: the library's)\n"
     "  --dir PATH           where the temporary store goes (default $TMPDIR or /tmp)\n"
     "  --keep               keep the store afterwards (its path is printed)\n"
     "  --no-baselines       skip the pwrite/memcpy runs\n"
@@ -66,6 +69,8 @@ struct Config {
   SyncPolicy sync = SyncPolicy::kNone;
   std::string sync_text = "none";
   std::string dir;
+  std::optional<std::uint64_t> prefault_bytes;
+  int repeat = 3;
   bool keep = false;
   bool baselines = true;
   bool json = false;
@@ -143,6 +148,11 @@ Config parse_config(int argc, char** argv) {
       } else {
         usage_error("--sync takes none, every or interval, not \"" + config.sync_text + "\"");
       }
+    } else if (arg == "--repeat") {
+      config.repeat = static_cast<int>(parse_u64(arg, value(), 1));
+      if (config.repeat > 100) usage_error("--repeat takes at most 100");
+    } else if (arg == "--prefault-mb") {
+      config.prefault_bytes = parse_u64(arg, value(), 0) << 20;
     } else if (arg == "--dir") {
       config.dir = value();
     } else if (arg == "--keep") {
@@ -301,6 +311,7 @@ enum class Workload { kEmbstore, kPwrite, kMemcpy };
     if (workload == Workload::kEmbstore) {
       WriterOptions options;
       options.sync = config.sync;
+      if (config.prefault_bytes) options.prefault_bytes = *config.prefault_bytes;
       writer.emplace(Writer::open(store, options));
     } else if (workload == Workload::kPwrite) {
       fd = ::open(pwrite_path.c_str(), O_WRONLY);
@@ -536,30 +547,76 @@ struct RunResult {
 
 double ratio(double a, double b) { return b > 0 ? a / b : 0; }
 
+// The run whose rows/s is the median of `phases` (its latencies and lags go with it).
+PhaseResult median_phase(std::vector<PhaseResult> phases) {
+  std::sort(phases.begin(), phases.end(), [](const PhaseResult& a, const PhaseResult& b) {
+    return a.rows_per_s() < b.rows_per_s();
+  });
+  return phases[phases.size() / 2];
+}
+
+// Runs the embstore, pwrite and memcpy phases `repeat` times each, rotating their order (in
+// row-count mode) so none always runs first on a machine whose memory or disk is cold, and keeps
+// the median of each.
 RunResult run_one(const Config& config, int writers, const std::string& work_dir) {
   RunResult run;
   run.writers = writers;
-  run.store_path = work_dir + "/store-w" + std::to_string(writers);
-  CreateOptions create;
-  create.dim = config.dim;
-  create.dtype = config.store_dtype;
-  create.metadata = "{\"created_by\":\"embstore bench\"}";
-  create_store(run.store_path, create);
-  run.segment_bytes = create.segment_bytes;
-  run.store = run_phase(config, Workload::kEmbstore, writers, config.readers, work_dir,
-                        run.store_path, config.rows);
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
-  run.payload = run.store.rows * row_bytes;
-  run.disk = disk_bytes(run.store_path);
-  if (config.baselines) {
-    run.pwrite =
-        run_phase(config, Workload::kPwrite, writers, 0, work_dir, run.store_path, run.store.rows);
-    run.memcpy =
-        run_phase(config, Workload::kMemcpy, writers, 0, work_dir, run.store_path, run.store.rows);
+  std::vector<PhaseResult> stores, pwrites, memcpys;
+  for (int r = 0; r < config.repeat; ++r) {
+    const std::string path =
+        work_dir + "/store-w" + std::to_string(writers) + "-r" + std::to_string(r);
+    std::uint64_t rows = config.rows;
+    auto store_phase = [&] {
+      CreateOptions create;
+      create.dim = config.dim;
+      create.dtype = config.store_dtype;
+      create.metadata = "{\"created_by\":\"embstore bench\"}";
+      create_store(path, create);
+      run.segment_bytes = create.segment_bytes;
+      stores.push_back(
+          run_phase(config, Workload::kEmbstore, writers, config.readers, work_dir, path, rows));
+      rows = stores.back().rows;
+      if (r == 0) {
+        run.payload = rows * row_bytes;
+        run.disk = disk_bytes(path);
+        run.store_path = path;
+      }
+      if (!config.keep || r > 0) {
+        std::error_code ec;
+        std::filesystem::remove_all(path, ec);
+      }
+    };
+    auto pwrite_phase = [&] {
+      pwrites.push_back(run_phase(config, Workload::kPwrite, writers, 0, work_dir, path, rows));
+    };
+    auto memcpy_phase = [&] {
+      memcpys.push_back(run_phase(config, Workload::kMemcpy, writers, 0, work_dir, path, rows));
+    };
+    if (!config.baselines) {
+      store_phase();
+      continue;
+    }
+    // Duration mode: the baselines need the row count the store reached, so it goes first.
+    const int rotation = config.seconds > 0 ? 0 : r % 3;
+    if (rotation == 0) {
+      store_phase();
+      pwrite_phase();
+      memcpy_phase();
+    } else if (rotation == 1) {
+      pwrite_phase();
+      memcpy_phase();
+      store_phase();
+    } else {
+      memcpy_phase();
+      store_phase();
+      pwrite_phase();
+    }
   }
-  if (!config.keep) {
-    std::error_code ec;
-    std::filesystem::remove_all(run.store_path, ec);
+  run.store = median_phase(stores);
+  if (config.baselines) {
+    run.pwrite = median_phase(pwrites);
+    run.memcpy = median_phase(memcpys);
   }
   return run;
 }
@@ -567,10 +624,12 @@ RunResult run_one(const Config& config, int writers, const std::string& work_dir
 void print_json(const Config& config, const std::vector<RunResult>& runs, std::uint64_t row_bytes) {
   std::printf(
       "{\"config\":{\"batch\":%llu,\"dim\":%u,\"dtype\":\"%s\",\"rows\":%llu,"
-      "\"seconds\":%g,\"readers\":%d,\"sync\":\"%s\",\"row_bytes\":%llu},\"runs\":[",
+      "\"seconds\":%g,\"readers\":%d,\"sync\":\"%s\",\"row_bytes\":%llu,"
+      "\"prefault_bytes\":%lld,\"repeat\":%d},\"runs\":[",
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
       static_cast<unsigned long long>(config.rows), config.seconds, config.readers,
-      config.sync_text.c_str(), static_cast<unsigned long long>(row_bytes));
+      config.sync_text.c_str(), static_cast<unsigned long long>(row_bytes),
+      config.prefault_bytes ? static_cast<long long>(*config.prefault_bytes) : -1LL, config.repeat);
   auto phase = [&](const char* name, const PhaseResult& p, bool last) {
     std::printf(
         "\"%s\":{\"rows\":%llu,\"seconds\":%.6f,\"rows_per_s\":%.1f,\"mb_per_s\":%.1f,"
@@ -608,12 +667,15 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
 
 void print_table(const Config& config, const std::vector<RunResult>& runs,
                  std::uint64_t row_bytes) {
-  std::printf("embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s, %d reader%s, %s\n",
-              static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
-              static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(), config.readers,
-              config.readers == 1 ? "" : "s",
-              config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
-                                 : (std::to_string(config.rows) + " rows").c_str());
+  std::printf(
+      "embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s, %d reader%s, %s, median "
+      "of %d\n",
+      static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
+      static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(), config.readers,
+      config.readers == 1 ? "" : "s",
+      config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
+                         : (std::to_string(config.rows) + " rows").c_str(),
+      config.repeat);
   std::printf("%-8s %-9s %12s %10s %10s %10s %10s %9s %9s\n", "writers", "workload", "rows/s",
               "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x memcpy");
   for (const RunResult& r : runs) {
