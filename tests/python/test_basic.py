@@ -203,3 +203,22 @@ def test_help_documents_the_public_names():
         assert getattr(embstore.Writer, method).__doc__, method
     for method in ("refresh", "wait", "verify", "tensor", "close"):
         assert getattr(embstore.Reader, method).__doc__, method
+
+
+def test_cmake_install_puts_an_importable_package_under_the_prefix(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    build = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(embstore.__file__))))
+    if not os.path.exists(os.path.join(build, "CMakeCache.txt")) or not shutil.which("cmake"):
+        pytest.skip("embstore was not imported from a CMake build tree")
+    prefix = tmp_path / "prefix"
+    subprocess.run(["cmake", "--install", build, "--prefix", str(prefix)], check=True,
+                   capture_output=True)
+    inits = list(prefix.glob("lib/python3*/*-packages/embstore/__init__.py"))
+    assert len(inits) == 1, list(prefix.rglob("*"))
+    site = str(inits[0].parent.parent)
+    out = subprocess.run([sys.executable, "-c", "import embstore, embstore._embstore; "
+                          "print(embstore.__file__)"], env={**os.environ, "PYTHONPATH": site},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(inits[0])
