@@ -45,6 +45,18 @@ def test_metadata_json_comes_back_as_dict_and_text_as_str(tmp_path):
     assert embstore.info(tmp_path / "a")["metadata"] == '{"lr": 0.1, "name": "x"}'
 
 
+def test_sync_policies_make_rows_durable(store):
+    with embstore.Writer(store, dim=2, sync="every_append") as w:
+        w.append([1, 2], np.ones((2, 2), np.float32))
+        assert w.durable_rows() == w.committed_rows() == 2
+    with embstore.Writer(store, async_queue_mb=1) as w:
+        w.append([3], np.ones((1, 2), np.float32))
+        w.sync()  # flushes the queue, then syncs
+        assert w.durable_rows() == 3
+    with pytest.raises(ValueError, match="sync must be"):
+        embstore.Writer(store, sync="sometimes")
+
+
 def test_info_reports_counters(store):
     with embstore.Writer(store, dim=3) as w:
         w.append([1, 2], np.zeros((2, 3), np.float32))
@@ -117,6 +129,17 @@ def test_corrupted_header_raises_corruption_error(store):
     with pytest.raises(embstore.CorruptionError, match="header") as bad:
         embstore.Reader(store)
     assert isinstance(bad.value, embstore.Error) and bad.value.code == "corruption"
+
+
+def test_newer_format_version_raises_unsupported_version_error(store):
+    embstore.create(store, dim=4)
+    with open(os.path.join(store, "header"), "r+b") as f:
+        f.seek(8)  # format_major
+        f.write(b"\x02")
+    with pytest.raises(embstore.UnsupportedVersionError, match="format_major 2"):
+        embstore.Reader(store)
+    with pytest.raises(embstore.Error):
+        embstore.Writer(store)
 
 
 def test_rows_with_a_gap_are_written_without_a_copy_and_odd_layouts_with_one(store):

@@ -193,7 +193,7 @@ class Writer:
     Async mode (``async_queue_mb > 0``): ``append`` validates its arguments, queues the batch and
     returns None at once; a C++ background thread writes batches in order. The caller's array
     is *referenced, not copied* until it is written — do not modify it before ``flush()`` (the
-    recorder in embstore.torch clones for this reason). The queue is bounded: when the batches
+    recorder in embstore.torch copies into a staging buffer for this reason). The queue is bounded: when the batches
     not yet written would exceed ``async_queue_mb``, ``append`` blocks (with the GIL released)
     until there is room; a single batch larger than the whole queue is accepted when the queue is
     empty. If a background append fails, that batch and all batches queued behind it are not
@@ -235,7 +235,7 @@ class Writer:
     def __init__(self, path: PathLike, *, dim: Optional[int] = None, dtype: Any = None,
                  metadata: Any = None, segment_mb: Optional[float] = None,
                  async_queue_mb: float = 0, sync: str = "none", sync_interval: float = 1.0,
-                 map_bytes: Optional[int] = None, _create_only: bool = False) -> None:
+                 map_bytes: Optional[int] = None) -> None:
         self._native = None
         if async_queue_mb < 0:
             raise ValueError(f"async_queue_mb must be >= 0; got {async_queue_mb}")
@@ -243,7 +243,7 @@ class Writer:
             os.fspath(path), None if dim is None else int(dim),
             None if dtype is None else _dtype_name(dtype), _metadata_text(metadata),
             _segment_bytes(segment_mb), sync, float(sync_interval), map_bytes,
-            int(async_queue_mb * (1 << 20)), _create_only)
+            int(async_queue_mb * (1 << 20)), False)
 
     def append(self, keys: Any, vectors: Any, epoch: Any = 0) -> Optional[int]:
         """Appends ``len(keys)`` rows atomically: readers see all of them or none.
