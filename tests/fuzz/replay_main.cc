@@ -2,7 +2,10 @@
 //   fuzz_replay <file-or-dir>...       replay every input; exit 0 when none crashed
 //   fuzz_replay --make-seeds <dir>     write the seed corpus of valid small stores
 // ctest runs the first form over tests/fuzz/corpus on every run (label fuzz-replay).
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -104,6 +107,11 @@ int main(int argc, char** argv) {
   }
   std::printf("replayed %zu corpus inputs and %zu built-in edge inputs without a crash\n", n,
               builtin.size());
+  if (const char* dir = std::getenv("EMBSTORE_STATS_DIR")) {
+    std::ofstream stats(std::string(dir) + "/stats.replay." + std::to_string(::getpid()),
+                        std::ios::app);
+    stats << "corrupt_inputs " << n + builtin.size() << "\n";
+  }
   if (n == 0) {
     std::fprintf(stderr, "no corpus inputs found: the replay would prove nothing\n");
     return 1;

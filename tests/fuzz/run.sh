@@ -41,10 +41,12 @@ log="$build/fuzz.log"
 per_job=$(( seconds / jobs ))
 (( per_job < 1 )) && per_job=1
 set +e
-"$build/fuzz_store" "$work" "$here/corpus" \
+rm -f "$build"/fuzz-*.log
+# libFuzzer writes the per-job logs (fuzz-<n>.log) into the current directory.
+(cd "$build" && exec "$build/fuzz_store" "$work" "$here/corpus" \
   -dict="$here/store.dict" -max_len=65536 -timeout=1 -malloc_limit_mb=256 -rss_limit_mb=2048 \
   -max_total_time="$per_job" -jobs="$jobs" -workers="$jobs" -print_final_stats=1 \
-  -artifact_prefix="$here/corpus/crashers/" >"$log" 2>&1
+  -artifact_prefix="$here/corpus/crashers/") >"$log" 2>&1
 status=$?
 set -e
 cat "$build"/fuzz-*.log >>"$log" 2>/dev/null || true

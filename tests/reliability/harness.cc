@@ -294,7 +294,7 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
   // 1. The store opens, for reading before any writer recovered it, then for writing.
   std::uint64_t before_recovery = 0;
   try {
-    Reader early = Reader::open(p.store);
+    Reader early = Reader::open(p.store, ropts());
     before_recovery = early.size();
     VerifyReport report = early.verify();
     if (!report.ok()) {
@@ -307,14 +307,14 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
   }
   std::optional<Writer> writer;
   try {
-    writer.emplace(Writer::open(p.store));
+    writer.emplace(Writer::open(p.store, wopts()));
   } catch (const Error& e) {
     problem(std::string("Writer::open (recovery) failed: ") + e.what());
     return result;
   }
   std::optional<Reader> reader;
   try {
-    reader.emplace(Reader::open(p.store));
+    reader.emplace(Reader::open(p.store, ropts()));
   } catch (const Error& e) {
     problem(std::string("Reader::open after recovery failed: ") + e.what());
     return result;
@@ -547,6 +547,31 @@ bool under_sanitizer() {
 #else
   return false;
 #endif
+}
+
+std::uint64_t torture_map_bytes() {
+  if (const char* s = std::getenv("EMBSTORE_TORTURE_MAP_BYTES"))
+    return std::strtoull(s, nullptr, 0);
+#if defined(__SANITIZE_THREAD__)
+  return 16ull << 30;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+  return 16ull << 30;
+#endif
+#endif
+  return kDefaultMapBytes;
+}
+
+WriterOptions wopts() {
+  WriterOptions o;
+  o.map_bytes = torture_map_bytes();
+  return o;
+}
+
+ReaderOptions ropts() {
+  ReaderOptions o;
+  o.map_bytes = torture_map_bytes();
+  return o;
 }
 
 }  // namespace embstore::torture

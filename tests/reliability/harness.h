@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "embstore/options.h"
+
 namespace embstore::torture {
 
 // splitmix64: small, seedable, the same sequence in every process.
@@ -143,5 +145,11 @@ void set_soak(bool on);
 // CI-sized count, times $EMBSTORE_TORTURE_SCALE, times soak_factor in soak mode.
 std::uint64_t scaled(std::uint64_t ci, std::uint64_t soak_factor = 50);
 bool under_sanitizer();
+// Options for every open in the suite: map_bytes from $EMBSTORE_TORTURE_MAP_BYTES, else the
+// library's 1 TiB default, except under TSan, whose address-space layout cannot hold several
+// 1 TiB reservations at once (16 GiB there).
+std::uint64_t torture_map_bytes();
+WriterOptions wopts();
+ReaderOptions ropts();
 
 }  // namespace embstore::torture

@@ -105,7 +105,7 @@ int role_writer(const Args& args) {
     ::setrlimit(RLIMIT_FSIZE, &rl);
   }
   WriterOptions options;
-  options.map_bytes = args.num("map-bytes", kDefaultMapBytes);
+  options.map_bytes = args.num("map-bytes", torture_map_bytes());
   try {
     Writer writer = Writer::open(p.store, options);
     AckLog log(p.log_dir, w);
@@ -150,7 +150,7 @@ int role_reader(const Args& args) {
     if (++problems < 20) std::fprintf(stderr, "reader: %s\n", text.c_str());
   };
   try {
-    Reader reader = Reader::open(p.store);
+    Reader reader = Reader::open(p.store, ropts());
     auto check_snapshot = [&] {
       const std::uint64_t size = reader.size();
       if (size < checked) problem("snapshot shrank from " + std::to_string(checked));
@@ -268,10 +268,12 @@ int role_faultrun(const Args& args) {
 
   std::optional<Writer> writer;
   attempt("create/open", [&] {
-    writer.emplace(args.has("create") ? Writer::create(p.store, copts) : Writer::open(p.store));
+    writer.emplace(args.has("create") ? Writer::create(p.store, copts, wopts())
+                                      : Writer::open(p.store, wopts()));
   });
   if (!writer)
-    attempt("open_or_create", [&] { writer.emplace(Writer::open_or_create(p.store, copts)); });
+    attempt("open_or_create",
+            [&] { writer.emplace(Writer::open_or_create(p.store, copts, wopts())); });
   if (writer) {
     for (int i = 0; i < 8; ++i) {
       std::uint64_t end = 0;
@@ -297,7 +299,7 @@ int role_faultrun(const Args& args) {
     writer.reset();
   }
   attempt("read", [&] {
-    Reader reader = Reader::open(p.store);
+    Reader reader = Reader::open(p.store, ropts());
     VerifyReport report = reader.verify();
     if (!report.ok()) problem("verify found bad rows under faults");
     for (std::uint64_t r = 0; r < reader.size(); ++r) {
@@ -307,7 +309,7 @@ int role_faultrun(const Args& args) {
     reader.refresh();
   });
   attempt("reopen", [&] {
-    Writer again = Writer::open(p.store);
+    Writer again = Writer::open(p.store, wopts());
     const std::uint64_t end = append_one(again);
     again.sync();
     log.durable(end);
@@ -404,7 +406,7 @@ int role_memlimit(const Args& args) {
 
 int role_recover(const Args& args) {
   try {
-    Writer writer = Writer::open(args.get("store"));
+    Writer writer = Writer::open(args.get("store"), wopts());
     writer.close();
     return 0;
   } catch (const Error& e) {

@@ -80,7 +80,7 @@ bool scenario_threads(std::uint64_t seed) {
     Setup s("threads", rng.next());
     s.create(8192);
     const Params p = s.params();
-    Writer shared = Writer::open(p.store);
+    Writer shared = Writer::open(p.store, wopts());
     const int kThreads = 4, kReaders = 2;
     const std::uint64_t batches = scaled(300, 20);
     std::atomic<int> writers_left{kThreads};
@@ -93,7 +93,7 @@ bool scenario_threads(std::uint64_t seed) {
         try {
           // Threads 0 and 1 share one handle; 2 and 3 each open their own.
           std::optional<Writer> own;
-          if (t >= 2) own.emplace(Writer::open(p.store));
+          if (t >= 2) own.emplace(Writer::open(p.store, wopts()));
           Writer& writer = t >= 2 ? *own : shared;
           AckLog log(p.log_dir, w);
           Schedule schedule(p.seed, w, p.max_batch);
@@ -115,7 +115,7 @@ bool scenario_threads(std::uint64_t seed) {
     for (int r = 0; r < kReaders; ++r) {
       threads.emplace_back([&] {
         try {
-          Reader reader = Reader::open(p.store);
+          Reader reader = Reader::open(p.store, ropts());
           std::map<std::uint64_t, Schedule> schedules;
           std::uint64_t checked = 0;
           // Hammer the counter; check every row below it, and that no snapshot ends mid-batch.
@@ -192,7 +192,7 @@ bool scenario_capacity(std::uint64_t seed) {
     o.dim = 1u << 24;
     o.dtype = DType::kUInt8;
     o.segment_bytes = 1ull << 24;
-    Writer w = Writer::create(fresh("huge"), o);
+    Writer w = Writer::create(fresh("huge"), o, wopts());
     std::vector<std::uint8_t> row(o.dim);
     for (std::size_t i = 0; i < row.size(); ++i) row[i] = static_cast<std::uint8_t>(i * 31 + 7);
     const std::uint64_t key = 5;
@@ -200,7 +200,7 @@ bool scenario_capacity(std::uint64_t seed) {
              ConstMatrix{row.data(), DType::kUInt8, 1, o.dim, 0});
     w.append(std::span<const std::uint64_t>(&key, 1), 2,
              ConstMatrix{row.data(), DType::kUInt8, 1, o.dim, 0});
-    Reader r = Reader::open(fresh("huge"));
+    Reader r = Reader::open(fresh("huge"), ropts());
     if (r.size() != 2 || std::memcmp(r.record(1).data, row.data(), row.size()) != 0) {
       ok = fail("a 16 MiB row does not read back");
     }
@@ -212,7 +212,7 @@ bool scenario_capacity(std::uint64_t seed) {
     CreateOptions o;
     o.dim = 1;
     o.segment_bytes = 4096;  // 1024 rows of 4 bytes
-    Writer w = Writer::create(fresh("dim1"), o);
+    Writer w = Writer::create(fresh("dim1"), o, wopts());
     std::vector<std::uint64_t> none;
     if (w.append(none, 0, std::span<const float>()) != 0)
       ok = fail("a batch of 0 rows moved the counter");
@@ -235,7 +235,7 @@ bool scenario_capacity(std::uint64_t seed) {
     append_n(1);     // the next row grows the store
     append_n(5000);  // larger than several segments in one batch
     if (w.append(none, 0, std::span<const float>()) != w.committed_rows()) ok = fail("empty batch");
-    Reader r = Reader::open(fresh("dim1"));
+    Reader r = Reader::open(fresh("dim1"), ropts());
     if (r.size() != next_key) ok = fail("dim1: wrong row count");
     for (std::uint64_t i = 0; i < r.size(); ++i) {
       Record rec = r.record(i);
@@ -293,7 +293,7 @@ bool scenario_capacity(std::uint64_t seed) {
         if (w.committed_rows() != before) ok = fail("kFull changed the counter");
       }
     }
-    Reader r = Reader::open(fresh("mapfull"));
+    Reader r = Reader::open(fresh("mapfull"), ropts());
     if (!r.verify().ok()) ok = fail("mapfull: verify");
   }
   // Rows past 4 GiB of file offset: soak only (writes > 4 GiB).
@@ -301,7 +301,7 @@ bool scenario_capacity(std::uint64_t seed) {
     CreateOptions o;
     o.dim = 1024;  // 4 KiB rows
     o.segment_bytes = 256ull << 20;
-    Writer w = Writer::create(fresh("big"), o);
+    Writer w = Writer::create(fresh("big"), o, wopts());
     const std::uint64_t n = 1024;
     std::vector<float> values(n * o.dim);
     std::vector<std::uint64_t> keys(n);
@@ -314,7 +314,7 @@ bool scenario_capacity(std::uint64_t seed) {
       w.append(keys, 0, values);
       rows += n;
     }
-    Reader r = Reader::open(fresh("big"));
+    Reader r = Reader::open(fresh("big"), ropts());
     for (std::uint64_t row = r.size() - 2000; row < r.size(); ++row) {
       Record rec = r.record(row);
       float v;
@@ -338,7 +338,7 @@ bool scenario_corruption(std::uint64_t seed) {
     const std::uint64_t w = s.new_writer();
     std::uint64_t committed = 0, durable = 0;
     {
-      Writer writer = Writer::open(p.store);
+      Writer writer = Writer::open(p.store, wopts());
       AckLog log(p.log_dir, w);
       Schedule schedule(p.seed, w, p.max_batch);
       for (std::uint64_t i = 0; i < 60; ++i) append_logged(writer, log, schedule, p, w, i);
@@ -364,9 +364,9 @@ bool scenario_corruption(std::uint64_t seed) {
       stat_add("corrupt_inputs");
       detail::testing::set_boot_id(random_boot_id(rng));
       {
-        Reader before = Reader::open(p.store);
+        Reader before = Reader::open(p.store, ropts());
         if (before.size() != committed) ok = fail("a reader after reboot clamped intact rows");
-        Writer writer = Writer::open(p.store);
+        Writer writer = Writer::open(p.store, wopts());
         if (writer.committed_rows() != committed) {
           ok = fail("recovery moved committed " + std::to_string(committed) + " -> " +
                     std::to_string(writer.committed_rows()) + " with junk past the commit point");
@@ -379,7 +379,7 @@ bool scenario_corruption(std::uint64_t seed) {
     // (b) Flipped bytes inside committed rows and in index entries: verify names exactly those
     //     rows; reading them reports kCorruption; every other row still reads.
     {
-      Reader reader = Reader::open(p.store);
+      Reader reader = Reader::open(p.store, ropts());
       const std::uint64_t n = reader.size();
       std::set<std::uint64_t> bad;
       const std::uint64_t flips = rng.range(1, 6);
@@ -429,7 +429,7 @@ bool scenario_corruption(std::uint64_t seed) {
                       const std::string& what) {
         patch(header, off, bytes);
         stat_add("corrupt_inputs");
-        ok &= expect_error(code, what, [&] { Reader::open(p.store); });
+        ok &= expect_error(code, what, [&] { Reader::open(p.store, ropts()); });
         patch(header, 0, saved);
       };
       with(0, "EMBSTORF", ErrorCode::kNotFound, "bad magic");
@@ -447,8 +447,9 @@ bool scenario_corruption(std::uint64_t seed) {
       std::memcpy(beyond.data(), &past, 8);
       with(4096, beyond, ErrorCode::kCorruption, "committed_rows beyond capacity");
       ok &= expect_error(ErrorCode::kNotFound, "missing directory",
-                         [&] { Reader::open(s.dir() + "/nothing"); });
-      ok &= expect_error(ErrorCode::kNotFound, "not a store", [&] { Reader::open(p.log_dir); });
+                         [&] { Reader::open(s.dir() + "/nothing", ropts()); });
+      ok &= expect_error(ErrorCode::kNotFound, "not a store",
+                         [&] { Reader::open(p.log_dir, ropts()); });
     }
   }
   return ok;
@@ -467,7 +468,7 @@ bool scenario_fuzz_smoke(std::uint64_t seed) {
     o.dtype = static_cast<DType>(rng.range(1, 6));
     o.segment_bytes = 4096;
     const std::string store = s.dir() + "/seed" + std::to_string(i);
-    Writer w = Writer::create(store, o);
+    Writer w = Writer::create(store, o, wopts());
     std::vector<std::byte> row(std::uint64_t{o.dim} * dtype_size(o.dtype));
     for (std::uint64_t r = 0; r < rng.range(0, 150); ++r) {
       for (auto& b : row) b = static_cast<std::byte>(rng.next());
@@ -538,7 +539,7 @@ bool scenario_model(std::uint64_t seed) {
   std::vector<Row> oracle;  // committed rows in order
   std::uint64_t oracle_durable = 0;
   std::uint64_t next_key = 1;
-  std::optional<Writer> writer(Writer::open(p.store));
+  std::optional<Writer> writer(Writer::open(p.store, wopts()));
   const std::uint64_t steps = scaled(3000, 50);
   const char* points[] = {"after-copy",      "mid-index-write",  "before-publish", "after-publish",
                           "after-grow-data", "after-grow-index", "mid-sync"};
@@ -549,7 +550,7 @@ bool scenario_model(std::uint64_t seed) {
     return v;
   };
   auto check_all = [&](const std::string& when) {
-    Reader r = Reader::open(p.store);
+    Reader r = Reader::open(p.store, ropts());
     if (r.size() != oracle.size()) {
       return fail(when + ": store has " + std::to_string(r.size()) + " rows, oracle " +
                   std::to_string(oracle.size()));
@@ -567,7 +568,7 @@ bool scenario_model(std::uint64_t seed) {
   for (std::uint64_t step = 0; step < steps && ok; ++step) {
     stat_add("model_steps");
     const std::uint64_t op = rng.below(100);
-    if (!writer) writer.emplace(Writer::open(p.store));
+    if (!writer) writer.emplace(Writer::open(p.store, wopts()));
     if (op < 55) {  // append
       const std::uint64_t n = rng.range(0, 20), epoch = rng.below(5);
       std::vector<std::uint64_t> keys(n);
@@ -582,7 +583,7 @@ bool scenario_model(std::uint64_t seed) {
       if (writer->durable_rows() != oracle_durable) ok = fail("durable_rows after sync");
     } else if (op < 70) {  // reopen
       writer.reset();
-      writer.emplace(Writer::open(p.store));
+      writer.emplace(Writer::open(p.store, wopts()));
     } else if (op < 80) {  // crash a child at a named point mid-append
       writer.reset();
       const char* point = points[rng.below(std::size(points))];
@@ -595,7 +596,7 @@ bool scenario_model(std::uint64_t seed) {
       if (pid == 0) {
         detail::testing::arm_crash(point, 1);
         try {
-          Writer child = Writer::open(p.store);
+          Writer child = Writer::open(p.store, wopts());
           child.append(keys, 9, values);
           child.sync();
         } catch (...) {
@@ -611,7 +612,7 @@ bool scenario_model(std::uint64_t seed) {
       if (!killed && !(WIFEXITED(status) && WEXITSTATUS(status) == 0))
         ok = fail("crash child failed");
       // The batch is in the store whole (published before the kill) or not at all.
-      Reader r = Reader::open(p.store);
+      Reader r = Reader::open(p.store, ropts());
       if (r.size() == oracle.size() + n) {
         for (auto k : keys) oracle.push_back({k, 9});
       } else if (r.size() != oracle.size()) {
@@ -623,13 +624,13 @@ bool scenario_model(std::uint64_t seed) {
     } else if (op < 85) {  // reboot: rows past durable may be cut, but never below it
       writer.reset();
       detail::testing::set_boot_id(random_boot_id(rng));
-      writer.emplace(Writer::open(p.store));
+      writer.emplace(Writer::open(p.store, wopts()));
       // Nothing was torn (the page cache held everything), so nothing may be cut.
       if (writer->committed_rows() != oracle.size()) ok = fail("a clean reboot cut rows");
     } else if (op < 95) {  // lookup by (key, epoch) through the keys/epochs views
       if (oracle.empty()) continue;
       const Row want = oracle[rng.below(oracle.size())];
-      Reader r = Reader::open(p.store);
+      Reader r = Reader::open(p.store, ropts());
       auto keys = r.keys(0, r.size());
       auto epochs = r.epochs(0, r.size());
       std::uint64_t found = ~0ull;

@@ -326,6 +326,8 @@ bool scenario_stall(std::uint64_t seed) {
   for (pid_t w : writers) ok &= stop_child(w, "writer");
   for (pid_t r : readers) ok &= stop_child(r, "reader");
   ok &= s.verify("stall");
+  // The threaded variant (what TSan checks): writer threads and hammering reader threads.
+  ok &= scenario_threads(mix(seed, 5));
   return ok;
 }
 
@@ -412,7 +414,7 @@ bool probe_stale_tail_flush(std::uint64_t seed) {
   Setup s("probe", seed);
   s.create(8192);
   bool ok = true;
-  Writer writer = Writer::open(s.params().store);
+  Writer writer = Writer::open(s.params().store, wopts());
   std::vector<std::uint64_t> keys = {1, 2};
   std::vector<float> values(2 * s.params().dim, 0.5f);
   detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
@@ -428,9 +430,9 @@ bool probe_stale_tail_flush(std::uint64_t seed) {
     if (e.code() != ErrorCode::kPoisoned) ok = fail(std::string("probe: ") + e.what());
   }
   detail::testing::disarm_all();
-  Writer again = Writer::open(s.params().store);
+  Writer again = Writer::open(s.params().store, wopts());
   again.append(keys, 0, values);
-  Reader reader = Reader::open(s.params().store);
+  Reader reader = Reader::open(s.params().store, ropts());
   if (reader.size() != 4 || !reader.verify().ok()) ok = fail("probe: store after the probe");
   return ok;
 }
@@ -451,7 +453,7 @@ bool scenario_power_loss(std::uint64_t seed) {
     std::vector<Image> versions;
     const char* kill_points[] = {"before-publish", "mid-index-write", "after-copy"};
     {
-      Writer writer = Writer::open(p.store);
+      Writer writer = Writer::open(p.store, wopts());
       AckLog log(p.log_dir, w);
       Schedule schedule(p.seed, w, p.max_batch);
       const std::uint64_t batches = rng.range(5, 60);
