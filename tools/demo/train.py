@@ -3,7 +3,8 @@
 Trains on its share of the training set and, through embstore.torch.EmbeddingRecorder, saves the
 penultimate layer's output for every training sample (during the training step) and every
 held-out sample (in an eval pass) of every epoch, into the one store all ranks share.
-Then measures the training-step time with and without saving (interleaved steps, same model).
+Then measures the training-step time with and without saving (adjacent blocks of steps in random
+order, same model), in wall time and in the process's CPU time.
 Writes its figures to <run>/rank<R>.json.
 """
 import argparse

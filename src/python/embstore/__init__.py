@@ -270,6 +270,8 @@ class Writer:
                 epoch = int(epoch)
             else:
                 epoch = _as_ints(epoch)
+                if epoch.ndim == 0:  # a 0-d array or scalar tensor
+                    epoch = int(epoch)
         return self._native.append(_as_ints(keys), epoch, array, as_dtype)
 
     def flush(self) -> None:
