@@ -30,7 +30,7 @@ def main():
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--bench-blocks", type=int, default=24)
+    parser.add_argument("--bench-blocks", type=int, default=40)
     parser.add_argument("--block-steps", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(1)  # 2 ranks on 2 cores: one intra-op thread each
