@@ -238,7 +238,9 @@ int role_faultrun(const Args& args) {
           e.code() == ErrorCode::kPoisoned || e.code() == ErrorCode::kCorruption ||
           e.code() == ErrorCode::kAlreadyExists) {
         const std::string msg = e.what();
-        if (msg.find(p.store) == std::string::npos &&
+        // The store path, or the directory holding it (create fsyncs the parent directory).
+        const std::string parent = p.store.substr(0, p.store.rfind('/'));
+        if (msg.find(p.store) == std::string::npos && msg.find(parent) == std::string::npos &&
             msg.find("address space") == std::string::npos) {
           problem(std::string(what) + ": the message does not name the store path: " + msg);
         }

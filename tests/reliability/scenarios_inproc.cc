@@ -75,7 +75,7 @@ bool expect_error(ErrorCode code, const std::string& what, F&& fn) {
 bool scenario_threads(std::uint64_t seed) {
   Rng rng(seed);
   bool ok = true;
-  const std::uint64_t rounds = scaled(10, 20);
+  const std::uint64_t rounds = scaled(20, 20);
   for (std::uint64_t round = 0; round < rounds; ++round) {
     Setup s("threads", rng.next());
     s.create(8192);
@@ -330,7 +330,7 @@ bool scenario_capacity(std::uint64_t seed) {
 bool scenario_corruption(std::uint64_t seed) {
   Rng rng(seed);
   bool ok = true;
-  const std::uint64_t rounds = scaled(20, 25);
+  const std::uint64_t rounds = scaled(40, 25);
   for (std::uint64_t round = 0; round < rounds; ++round) {
     Setup s("corrupt", rng.next());
     s.create(8192);
@@ -540,7 +540,7 @@ bool scenario_model(std::uint64_t seed) {
   std::uint64_t oracle_durable = 0;
   std::uint64_t next_key = 1;
   std::optional<Writer> writer(Writer::open(p.store, wopts()));
-  const std::uint64_t steps = scaled(3000, 50);
+  const std::uint64_t steps = scaled(6000, 50);
   const char* points[] = {"after-copy",      "mid-index-write",  "before-publish", "after-publish",
                           "after-grow-data", "after-grow-index", "mid-sync"};
   auto batch_values = [&](std::uint64_t first_key, std::uint64_t n) {

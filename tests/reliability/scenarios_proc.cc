@@ -118,7 +118,7 @@ bool scenario_kill9(std::uint64_t seed) {
   const pid_t reader = s.start_reader();
   auto start = [&] { return s.start_writer({"--sync-every", std::to_string(rng.below(6))}); };
   std::vector<pid_t> writers = {start(), start(), start()};
-  const std::uint64_t rounds = scaled(600, 40);
+  const std::uint64_t rounds = scaled(1000, 40);
   for (std::uint64_t r = 0; r < rounds; ++r) {
     const std::size_t slot = rng.below(writers.size());
     sleep_us(rng.range(200, 12000));  // The random moment of the kill.
@@ -209,7 +209,7 @@ bool crash_run(std::uint64_t seed, const std::string& point, std::uint64_t n, bo
 }  // namespace
 
 bool scenario_crash_points(std::uint64_t seed) {
-  const std::uint64_t k = scaled(10, 10);
+  const std::uint64_t k = scaled(15, 10);
   bool ok = true;
   for (const std::string& point : kCrashPoints) {
     const std::uint64_t passes = point == "during-recovery" ? 1 : k;
@@ -313,7 +313,7 @@ bool scenario_stall(std::uint64_t seed) {
   bool ok = true;
   std::vector<pid_t> readers = {s.start_reader(true), s.start_reader(true)};
   std::vector<pid_t> writers = {s.start_writer({"--sync-every", "5"}), s.start_writer()};
-  const std::uint64_t rounds = scaled(150, 40);
+  const std::uint64_t rounds = scaled(300, 40);
   for (std::uint64_t r = 0; r < rounds; ++r) {
     const pid_t w = writers[rng.below(writers.size())];
     sleep_us(rng.range(100, 5000));
@@ -442,7 +442,7 @@ bool probe_stale_tail_flush(std::uint64_t seed) {
 bool scenario_power_loss(std::uint64_t seed) {
   Rng rng(seed);
   bool ok = probe_stale_tail_flush(seed);
-  const std::uint64_t runs = scaled(40, 50);
+  const std::uint64_t runs = scaled(80, 50);
   const std::uint64_t images_per_run = scaled(16, 4);
   for (std::uint64_t run = 0; run < runs; ++run) {
     Setup s("powerloss", rng.next(), 16, 12);
@@ -599,7 +599,7 @@ bool scenario_faults(std::uint64_t seed) {
                        {"mmap", ENOMEM},   {"msync", EIO},        {"pwrite", EIO},
                        {"pread", EIO},     {"rename", EIO},       {"mkdir", EACCES},
                        {"fallocate", EIO}, {"mmap", EIO},         {"open", EACCES}};
-  const std::uint64_t k = scaled(6, 8);
+  const std::uint64_t k = scaled(8, 8);
   for (const OpErr& oe : ops) {
     for (std::uint64_t n = 1; n <= k; ++n) {
       for (bool forever : {false, true}) {
