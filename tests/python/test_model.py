@@ -21,7 +21,8 @@ operation = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(operation, max_size=25), dtype=st.sampled_from(["float32", "float16"]),
        async_mb=st.sampled_from([0, 0.01, 4]))
 def test_random_operations_match_an_oracle(tmp_path_factory, ops, dtype, async_mb):
