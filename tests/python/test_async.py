@@ -194,3 +194,26 @@ def test_writer_thread_runs_sched_batch_so_waking_it_never_preempts_the_caller(s
         w.flush()
         assert len(batch_threads()) == before + 1
     assert len(batch_threads()) == before  # joined on close
+
+
+def test_sync_append_releases_the_gil_while_waiting_for_the_store(store):
+    embstore.create(store, dim=4)
+    w = embstore.Writer(store)
+    entered = threading.Event()
+
+    def append():
+        entered.set()
+        w.append([1], np.ones((1, 4), np.float32))
+
+    with StoreLock(store) as lock:
+        t = threading.Thread(target=append)
+        t.start()
+        entered.wait()
+        # Were the GIL held inside append (blocked on the store's lock), this thread could not
+        # run this Python code and the test would hang until the faulthandler timeout.
+        total = sum(range(100_000))
+        assert total and t.is_alive() and len(embstore.Reader(store)) == 0
+        lock.release()
+        t.join(60)
+    assert not t.is_alive() and len(embstore.Reader(store)) == 1
+    w.close()
