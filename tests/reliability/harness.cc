@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -233,18 +234,20 @@ pid_t spawn_self(const std::vector<std::string>& args, const std::vector<std::st
   for (const auto& e : envs) envp.push_back(const_cast<char*>(e.c_str()));
   envp.push_back(nullptr);
   std::fflush(nullptr);
+  // SIGTERM stays blocked from before the fork until a role that handles it has installed its
+  // handler, so a stop request that races with the child's start-up is delivered, not fatal.
+  sigset_t term, saved;
+  sigemptyset(&term);
+  sigaddset(&term, SIGTERM);
+  ::pthread_sigmask(SIG_BLOCK, &term, &saved);
   pid_t pid = ::fork();
-  if (pid < 0) throw std::runtime_error("fork failed");
   if (pid == 0) {
-    // SIGTERM stays blocked until a role that handles it has installed its handler, so a stop
-    // request that races with the child's start-up is delivered, not fatal.
-    sigset_t term;
-    sigemptyset(&term);
-    sigaddset(&term, SIGTERM);
-    ::sigprocmask(SIG_BLOCK, &term, nullptr);
-    ::execve(self.c_str(), argv.data(), envp.data());
+    // /proc/self/exe: the very binary that runs, even if a rebuild replaced it on disk.
+    ::execve("/proc/self/exe", argv.data(), envp.data());
     ::_exit(127);
   }
+  ::pthread_sigmask(SIG_SETMASK, &saved, nullptr);
+  if (pid < 0) throw std::runtime_error("fork failed");
   stat_add("processes");
   return pid;
 }

@@ -256,8 +256,12 @@ bool scenario_recovery_crash(std::uint64_t seed) {
         info.durable_rows + rng.below(info.committed_rows - info.durable_rows);
     {
       std::fstream f(p.store + "/rows.1", std::ios::binary | std::ios::in | std::ios::out);
-      f.seekp(static_cast<std::streamoff>(bad * info.record_bytes + rng.below(info.record_bytes)));
-      f.put(static_cast<char>(0x5a ^ static_cast<int>(rng.below(255) + 1)));
+      const auto at =
+          static_cast<std::streamoff>(bad * info.record_bytes + rng.below(info.record_bytes));
+      f.seekg(at);
+      const int old = f.get();
+      f.seekp(at);
+      f.put(static_cast<char>(old ^ static_cast<int>(rng.range(1, 255))));  // a real change
     }
     const std::string control = s.dir() + "/control";
     std::filesystem::copy(p.store, control, std::filesystem::copy_options::recursive);
