@@ -59,6 +59,22 @@ void Prefaulter::advance(std::uint64_t frontier_row, std::uint64_t limit_rows) n
   cv_.notify_one();
 }
 
+bool Prefaulter::populate_rows(std::uint64_t begin, std::uint64_t end) const noexcept {
+  const std::uint64_t limit_rows = limit_.load(std::memory_order_acquire);
+  for (const Region& region : regions_) {
+    // Whole pages only, and never past the last whole page below limit_rows: that much of the
+    // mapping is backed by allocated file space (mappings cover whole pages of allocated space).
+    const std::uint64_t from = begin * region.row_bytes / kPageBytes * kPageBytes;
+    const std::uint64_t to = (end * region.row_bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
+    const std::uint64_t to_clamped =
+        std::min(to, limit_rows * region.row_bytes / kPageBytes * kPageBytes);
+    if (to_clamped > from && !os::populate_write(region.base + from, to_clamped - from)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 void Prefaulter::run() {
   const std::uint64_t step_rows = std::max<std::uint64_t>(1, kStepBytes / regions_[0].row_bytes);
   while (true) {
@@ -77,16 +93,8 @@ void Prefaulter::run() {
     }
     if (stop_.load(std::memory_order_acquire)) return;
     end = std::min(end, begin + step_rows);
-    for (const Region& region : regions_) {
-      // Whole pages only, and only pages lying entirely below `end`'s row: the page holding the
-      // limit row's end is inside the mapping (mappings cover whole pages of allocated space).
-      const std::uint64_t from = begin * region.row_bytes / kPageBytes * kPageBytes;
-      const std::uint64_t to = (end * region.row_bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
-      const std::uint64_t limit_bytes = limit_.load(std::memory_order_acquire) * region.row_bytes;
-      const std::uint64_t to_clamped = std::min(to, limit_bytes / kPageBytes * kPageBytes);
-      if (to_clamped > from && !os::populate_write(region.base + from, to_clamped - from)) {
-        return;  // Unsupported (kernel < 5.14) or failed: appends fault pages in themselves.
-      }
+    if (!populate_rows(begin, end)) {
+      return;  // Unsupported (kernel < 5.14) or failed: appends fault pages in themselves.
     }
     atomic_max(done_, end);
   }

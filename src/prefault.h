@@ -47,9 +47,11 @@ class Prefaulter {
   Prefaulter(const Prefaulter&) = delete;
   Prefaulter& operator=(const Prefaulter&) = delete;
 
-  // The writer has written rows below `frontier_row`; rows below `limit_rows` are mapped and
-  // allocated. Cheap (a few atomics) unless the thread sleeps and has work: then one wake.
+  // The writer has written (or is about to write) rows below `frontier_row`; rows below
+  // `limit_rows` are mapped and allocated. Cheap (a few atomics) unless the thread sleeps and has
+  // work: then one wake.
   void advance(std::uint64_t frontier_row, std::uint64_t limit_rows) noexcept;
+
   void stop() noexcept;
   // Forked child only: forget the thread without joining or locking (see the header comment).
   void abandon() noexcept;
@@ -60,6 +62,7 @@ class Prefaulter {
  private:
   void run();
   std::uint64_t target() const noexcept;
+  bool populate_rows(std::uint64_t begin, std::uint64_t end) const noexcept;
 
   std::vector<Region> regions_;
   std::uint64_t ahead_rows_;
