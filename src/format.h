@@ -87,9 +87,13 @@ static_assert(sizeof(StatePage) <= 512, "counters must share one 512-byte sector
 struct IndexEntry {
   std::uint64_t key;
   std::uint64_t epoch;
-  std::uint64_t row;
+  std::uint64_t row;  // Row number in the low 48 bits, flags above (kEntryBatchEnd).
   std::uint64_t checksum;
 };
+inline constexpr std::uint64_t kEntryRowMask = (1ull << 48) - 1;
+// Set on the last row of every append: after a power loss recovery keeps only whole batches.
+inline constexpr std::uint64_t kEntryBatchEnd = 1ull << 63;
+static_assert(kMaxRows <= kEntryRowMask);
 static_assert(sizeof(IndexEntry) == kIndexEntryBytes);
 static_assert(offsetof(IndexEntry, key) == 0);
 static_assert(offsetof(IndexEntry, epoch) == 8);

@@ -40,15 +40,13 @@ class Reader::Impl {
       return snapshot_;
     }
     // The store was last written in an earlier boot and no writer has recovered it yet: rows
-    // past `durable` may be torn. Verify them here (read-only) and stop at the first bad one.
+    // past `durable` may be torn. Verify them here (read-only) and, as Writer recovery does, keep
+    // whole batches only, up to the first bad row.
     const std::uint64_t durable = state.durable();
     const std::uint64_t committed = std::min(state.committed(), f.rows_files_hold());
     const std::uint64_t start = std::max(std::min(durable, committed), verified_upto_);
     f.map_rows(committed);
-    std::uint64_t valid = start >= committed ? committed : f.first_invalid(start, committed);
-    // As Writer recovery does: only committed_rows and durable_rows are batch boundaries, so a
-    // bad row anywhere in the range clamps to the durable (or already verified) prefix.
-    if (valid != state.committed()) valid = std::max(std::min(durable, committed), verified_upto_);
+    const std::uint64_t valid = start >= committed ? start : f.valid_batch_prefix(start, committed);
     verified_upto_ = std::max(verified_upto_, valid);
     snapshot_ = std::max(snapshot_, valid);
     return snapshot_;

@@ -164,6 +164,15 @@ std::uint64_t StoreFiles::first_invalid(std::uint64_t begin, std::uint64_t end) 
   return end;
 }
 
+std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {
+  for (std::uint64_t row = first_invalid(begin, end); row > begin; --row) {
+    IndexEntry entry;
+    std::memcpy(&entry, entry_ptr(row - 1), sizeof(entry));
+    if (entry.row & kEntryBatchEnd) return row;
+  }
+  return begin;
+}
+
 bool StoreFiles::same_boot() const {
   std::uint64_t stored[2], current[2];
   state_.boot_id(stored);

@@ -161,11 +161,9 @@ void Writer::Impl::recover() {
   durable = std::min(durable, committed);
   files_->map_rows(committed);
   EMBSTORE_CRASH_POINT("during-recovery");
-  std::uint64_t valid = files_->first_invalid(durable, committed);
-  // Appends publish whole batches, so the only batch boundaries on disk are committed_rows and
-  // durable_rows. Cutting at the first bad row could leave the front of a torn batch visible:
-  // keep the rows up to committed_rows only if every one checks out, else fall back to durable.
-  if (valid != state.committed()) valid = durable;
+  // Cutting at the first bad row could leave the front of a torn batch visible: cut at the end
+  // of the last whole batch before it (every batch's last entry carries kEntryBatchEnd).
+  const std::uint64_t valid = files_->valid_batch_prefix(durable, committed);
   state.set_capacity(capacity);
   state.publish_committed(valid);
   state.set_durable(durable);
@@ -291,8 +289,9 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
   for (std::uint64_t i = 0; i < n; ++i) {
     const std::uint64_t row = first + i;
     const std::uint64_t epoch = epochs != nullptr ? epochs[i] : single_epoch;
-    IndexEntry entry{keys[i], epoch, row,
-                     detail::entry_checksum(hashes[i], keys[i], epoch, row, layout.seed)};
+    const std::uint64_t row_field = i + 1 == n ? row | detail::kEntryBatchEnd : row;
+    IndexEntry entry{keys[i], epoch, row_field,
+                     detail::entry_checksum(hashes[i], keys[i], epoch, row_field, layout.seed)};
     std::memcpy(entries + i, &entry, sizeof(entry));
     if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
   }

@@ -177,3 +177,19 @@ TEST_CASE("A checksum binds the row's bytes, key, epoch, position and store",
   row[63] = std::byte{8};
   CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), seed));
 }
+
+TEST_CASE("The batch-end flag is part of the checksum and the only flag allowed",
+          "[format][checksum]") {
+  const std::uint64_t seed = seed_from_store_id(kStoreId);
+  std::vector<std::byte> row(64, std::byte{7});
+  const std::uint64_t hash = payload_hash(row.data(), row.size(), seed);
+  const std::uint64_t flagged = 10 | kEntryBatchEnd;
+  IndexEntry last{42, 3, flagged, entry_checksum(hash, 42, 3, flagged, seed)};
+  CHECK(entry_valid(last, 10, row.data(), row.size(), seed));
+  IndexEntry unflagged = last;
+  unflagged.row = 10;  // flag cleared without re-sealing: a torn entry
+  CHECK_FALSE(entry_valid(unflagged, 10, row.data(), row.size(), seed));
+  const std::uint64_t other_flag = 10 | (1ull << 50);
+  IndexEntry bad{42, 3, other_flag, entry_checksum(hash, 42, 3, other_flag, seed)};
+  CHECK_FALSE(entry_valid(bad, 10, row.data(), row.size(), seed));
+}
