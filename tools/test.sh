@@ -27,7 +27,9 @@ step "dependencies"
 tools/install-deps.sh
 
 step "build (build/)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYTHON_EXECUTABLE=/usr/bin/python3 >/dev/null
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYTHON_EXECUTABLE=/usr/bin/python3 \
+  -DEMBSTORE_BUILD_TESTS=ON -DEMBSTORE_BUILD_TOOLS=ON -DEMBSTORE_BUILD_BENCH=ON \
+  -DEMBSTORE_BUILD_PYTHON=ON -DEMBSTORE_SANITIZE= >/dev/null
 cmake --build build -j"$jobs"
 
 step "ctest"
