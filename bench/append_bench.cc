@@ -179,7 +179,6 @@ void AppendArgs(benchmark::internal::Benchmark* b) {
   b->Args({512, 768, kF32, kInterval, 1});
   // Ablation: WriterOptions::prefault_bytes = 0.
   b->Args({512, 768, kF32, kNoSync, 0});
-  b->Args({512, 768, kF32, kEvery, 0});
 }
 
 void BaselineArgs(benchmark::internal::Benchmark* b, bool with_sync) {

@@ -42,7 +42,8 @@ struct WriterOptions {
   // Bytes of the data file past the last append that a background thread faults in ahead of the
   // next appends (MADV_POPULATE_WRITE), inside space already allocated; 0 turns it off. Takes the
   // ~1 us first-touch cost of each fresh page off append's critical path when a core is free.
-  // Costs one thread per Writer, and a sync also flushes these (still zero) pages.
+  // Costs one thread per Writer, and a sync also flushes these (still zero) pages, so it is off
+  // under SyncPolicy::kEveryAppend. Pays when a core is idle; on a saturated machine it is neutral.
   std::uint64_t prefault_bytes = 32ull << 20;
   // When set, open() fails with kFormatMismatch unless the store has this dim / dtype.
   std::optional<std::uint32_t> expect_dim;
