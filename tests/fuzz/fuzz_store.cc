@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
@@ -87,11 +88,22 @@ void exercise_reader(const std::string& store) {
   }
 }
 
-void exercise_writer(const std::string& store) {
+void exercise_writer(const std::string& store, bool rebooted) {
   WriterOptions wo;
   wo.map_bytes = 16ull << 20;
   try {
     Writer writer = Writer::open(store, wo);
+    if (rebooted) {
+      // Recovery re-checked [durable, committed) and kept only rows that validate.
+      const StoreInfo info = writer.info();
+      ReaderOptions check_options;
+      check_options.map_bytes = wo.map_bytes;
+      Reader check = Reader::open(store, check_options);
+      if (check.size() != info.committed_rows) std::abort();
+      if (!check.verify(std::min(info.durable_rows, check.size()), check.size()).ok()) {
+        std::abort();
+      }
+    }
     const std::uint64_t row_bytes = std::uint64_t{writer.dim()} * dtype_size(writer.dtype());
     std::vector<std::byte> row(row_bytes, std::byte{0x41});
     const std::uint64_t key = 42;
@@ -177,7 +189,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   exercise_reader(store);
   // The writer path allocates whole segments: only for small ones, to keep each run fast.
   if ((flags & 4) && !parts.empty() && u64_at(parts[0], 32) <= (64u << 10)) {
-    exercise_writer(store);
+    exercise_writer(store, (flags & 2) == 0);
     exercise_reader(store);
   }
   return 0;
