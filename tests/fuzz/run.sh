@@ -21,11 +21,17 @@ flags="-std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
 xxhash_inc=$(dirname "$(echo '#include <xxhash.h>' | cpp -H -o /dev/null 2>&1 | grep -m1 'xxhash.h' | awk '{print $2}')")
 # A small make-free build: one object per source, rebuilt when the source is newer.
 objs=()
-for src in "$root"/src/*.cc "$here"/fuzz_store.cc; do
+# The library's sources exactly as the top-level CMakeLists.txt lists them (EMBSTORE_SOURCES).
+mapfile -t lib_sources < <(sed -n '/^set(EMBSTORE_SOURCES/,/^)/p' "$root/CMakeLists.txt" |
+  grep -o 'src/[A-Za-z0-9_]*\.cc')
+for src in "${lib_sources[@]/#/$root/}" "$here"/fuzz_store.cc; do
   obj="$build/$(basename "${src%.cc}").o"
   if [[ ! -f $obj || $src -nt $obj || $(find "$root/src" -name '*.h' -newer "$obj" | head -1) ]]; then
-    $CXX $flags -c "$src" -o "$obj" -I"$root/include" -I"$root/src" -I"$here" -I"$xxhash_inc" \
-      -fsanitize=fuzzer-no-link 2>&1 | grep -v '^$' || true
+    if ! $CXX $flags -c "$src" -o "$obj" -I"$root/include" -I"$root/src" -I"$here" \
+      -I"$xxhash_inc" -fsanitize=fuzzer-no-link; then
+      echo "run.sh: $CXX cannot compile $src" >&2
+      exit 1
+    fi
   fi
   objs+=("$obj")
 done
