@@ -47,6 +47,10 @@ class Reader::Impl {
     const std::uint64_t start = std::max(std::min(durable, committed), verified_upto_);
     f.map_rows(committed);
     const std::uint64_t valid = start >= committed ? start : f.valid_batch_prefix(start, committed);
+    // A writer may have recovered the store meanwhile and appended over the scanned range (even
+    // a batch it never published): then the scan proves nothing and the counter is the truth.
+    // Recovery stores the boot id before any append, so an unchanged one means no row changed.
+    if (f.same_boot()) return refresh();
     verified_upto_ = std::max(verified_upto_, valid);
     snapshot_ = std::max(snapshot_, valid);
     return snapshot_;

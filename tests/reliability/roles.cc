@@ -409,10 +409,30 @@ int role_memlimit(const Args& args) {
 int role_recover(const Args& args) {
   try {
     Writer writer = Writer::open(args.get("store"), wopts());
+    // --append N: then append one batch of N rows (dim-1 float32, keys 1 << 60 + i).
+    if (const std::uint64_t n = args.num("append", 0)) {
+      std::vector<std::uint64_t> keys(n);
+      std::vector<float> values(n, 0.25f);
+      for (std::uint64_t i = 0; i < n; ++i) keys[i] = (1ull << 60) + i;
+      writer.append(keys, 0, values);
+    }
     writer.close();
     return 0;
   } catch (const Error& e) {
     std::fprintf(stderr, "recover: %s\n", e.what());
+    return 2;
+  }
+}
+
+// ---- snapshot ------------------------------------------------------------------------------
+
+int role_snapshot(const Args& args) {
+  try {
+    Reader reader = Reader::open(args.get("store"), ropts());
+    std::ofstream(args.get("out")) << reader.size() << "\n";
+    return reader.verify().ok() ? 0 : 1;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "snapshot: %s\n", e.what());
     return 2;
   }
 }

@@ -27,6 +27,7 @@ int role_verifier(const Args& args);  // check_invariant; --power-loss, --fresh-
 int role_faultrun(
     const Args& args);  // a workload under EMBSTORE_FAULT: errors, never false success
 int role_memlimit(const Args& args);  // a workload under RLIMIT_AS
-int role_recover(const Args& args);   // opens a Writer (recovering) and closes it
+int role_recover(const Args& args);   // opens a Writer (recovering), --append N rows, closes
+int role_snapshot(const Args& args);  // opens a Reader, writes its size to --out, verifies
 
 }  // namespace embstore::torture

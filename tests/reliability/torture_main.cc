@@ -88,6 +88,7 @@ int main(int argc, char** argv) {
   if (cmd == "faultrun") return role_faultrun(parse_args(argc, argv, 2));
   if (cmd == "memlimit") return role_memlimit(parse_args(argc, argv, 2));
   if (cmd == "recover") return role_recover(parse_args(argc, argv, 2));
+  if (cmd == "snapshot") return role_snapshot(parse_args(argc, argv, 2));
 
   if (cmd == "reset-stats" && argc == 3) {
     std::filesystem::remove_all(argv[2]);
