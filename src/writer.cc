@@ -11,6 +11,7 @@
 
 #include "checksum.h"
 #include "convert.h"
+#include "convert_fast.h"
 #include "embstore/error.h"
 #include "format.h"
 #include "lock.h"
@@ -228,9 +229,9 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
       const auto* in = reinterpret_cast<const float*>(source + i * stride);
       auto* out = reinterpret_cast<std::uint16_t*>(staging.data() + i * record_bytes);
       if (layout.dtype == DType::kFloat16) {
-        detail::convert_to_half(in, out, rows.dim);
+        detail::convert_to_half_fast(in, out, rows.dim);
       } else {
-        detail::convert_to_bfloat16(in, out, rows.dim);
+        detail::convert_to_bfloat16_fast(in, out, rows.dim);
       }
     }
     source = staging.data();
