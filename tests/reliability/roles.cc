@@ -106,6 +106,7 @@ int role_writer(const Args& args) {
   }
   WriterOptions options;
   options.map_bytes = args.num("map-bytes", torture_map_bytes());
+  if (args.has("every-append")) options.sync = SyncPolicy::kEveryAppend;
   try {
     Writer writer = Writer::open(p.store, options);
     AckLog log(p.log_dir, w);

@@ -116,7 +116,10 @@ bool scenario_kill9(std::uint64_t seed) {
   s.create(16384);
   bool ok = true;
   const pid_t reader = s.start_reader();
-  auto start = [&] { return s.start_writer({"--sync-every", std::to_string(rng.below(6))}); };
+  auto start = [&]() -> pid_t {
+    if (rng.chance(0.1)) return s.start_writer({"--every-append"});  // SyncPolicy::kEveryAppend
+    return s.start_writer({"--sync-every", std::to_string(rng.below(6))});
+  };
   std::vector<pid_t> writers = {start(), start(), start()};
   const std::uint64_t rounds = scaled(1000, 40);
   for (std::uint64_t r = 0; r < rounds; ++r) {
