@@ -3,12 +3,14 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -162,6 +164,9 @@ void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Ac
   void* p = ::mmap(addr, bytes, prot, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(offset));
   if (p == MAP_FAILED) {
     int err = errno;
+    // A failed MAP_FIXED may already have unmapped the range: reserve it again, so no other
+    // mapping of this process can land inside the store's address range.
+    ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
     throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
                 "mmap " + path + " bytes [" + std::to_string(offset) + ", " +
                     std::to_string(offset + bytes) + "): " + std::strerror(err),
@@ -276,59 +281,79 @@ void random_bytes(void* buf, std::size_t bytes) {
 }
 
 namespace {
-std::mutex g_boot_mutex;
-std::string g_boot_override;
 
-void parse_uuid(const std::string& text, std::uint64_t out[2]) {
+bool parse_uuid(std::string_view text, std::uint64_t out[2]) {
   unsigned char bytes[16] = {};
   int n = 0;
+  auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
   for (std::size_t i = 0; i + 1 < text.size() && n < 16; ++i) {
-    auto hex = [](char c) -> int {
-      if (c >= '0' && c <= '9') return c - '0';
-      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-      return -1;
-    };
-    int hi = hex(text[i]);
+    const int hi = hex(text[i]);
     if (hi < 0) continue;
-    int lo = hex(text[i + 1]);
+    const int lo = hex(text[i + 1]);
     if (lo < 0) continue;
     bytes[n++] = static_cast<unsigned char>(hi * 16 + lo);
     ++i;
   }
   std::memcpy(out, bytes, 16);
+  return n == 16;
 }
-}  // namespace
 
-void boot_id(std::uint64_t out[2]) {
-  {
-    std::lock_guard guard(g_boot_mutex);
-    if (testing::kEnabled && g_boot_override.empty()) {
-      // Test builds: child processes simulate a reboot through the environment.
-      if (const char* text = std::getenv("EMBSTORE_BOOT_ID")) g_boot_override = text;
-    }
-    if (!g_boot_override.empty()) {
-      parse_uuid(g_boot_override, out);
-      return;
-    }
-  }
-  static const std::string kernel_boot_id = [] {
+// Lock-free, so Readers on many threads (and forked children) never contend or deadlock here.
+struct BootOverride {
+  std::atomic<bool> set{false};
+  std::atomic<std::uint64_t> id[2] = {0, 0};
+};
+BootOverride g_boot_override;
+
+struct KernelBootId {
+  bool known = false;
+  std::uint64_t id[2] = {0, 0};
+};
+
+const KernelBootId& kernel_boot_id() {
+  static const KernelBootId kernel = [] {
+    KernelBootId k;
     std::ifstream in("/proc/sys/kernel/random/boot_id");
     std::string text;
     std::getline(in, text);
-    return text;
+    k.known = parse_uuid(text, k.id);
+    if (testing::kEnabled) {
+      // Test builds: child processes simulate a reboot through the environment.
+      if (const char* env = std::getenv("EMBSTORE_BOOT_ID")) override_boot_id(env);
+    }
+    return k;
   }();
-  if (kernel_boot_id.empty()) {
-    // No /proc: treat every open as a new boot (always re-check the unsynced range).
-    out[0] = out[1] = 0;
-    return;
+  return kernel;
+}
+
+}  // namespace
+
+bool boot_id(std::uint64_t out[2]) {
+  const KernelBootId& kernel = kernel_boot_id();
+  if (g_boot_override.set.load(std::memory_order_acquire)) {
+    out[0] = g_boot_override.id[0].load(std::memory_order_relaxed);
+    out[1] = g_boot_override.id[1].load(std::memory_order_relaxed);
+    return true;
   }
-  parse_uuid(kernel_boot_id, out);
+  out[0] = kernel.id[0];
+  out[1] = kernel.id[1];
+  return kernel.known;
 }
 
 void override_boot_id(std::string_view text) {
-  std::lock_guard guard(g_boot_mutex);
-  g_boot_override = std::string(text);
+  std::uint64_t id[2] = {0, 0};
+  if (text.empty() || !parse_uuid(text, id)) {
+    g_boot_override.set.store(false, std::memory_order_release);
+    return;
+  }
+  g_boot_override.id[0].store(id[0], std::memory_order_relaxed);
+  g_boot_override.id[1].store(id[1], std::memory_order_relaxed);
+  g_boot_override.set.store(true, std::memory_order_release);
 }
 
 std::int64_t unix_time_ns() noexcept {
@@ -337,6 +362,24 @@ std::int64_t unix_time_ns() noexcept {
       .count();
 }
 
-int current_pid() noexcept { return static_cast<int>(::getpid()); }
+namespace {
+// glibc no longer caches getpid(): keep our own copy, refreshed in every forked child.
+std::atomic<int> g_pid{0};
+void refresh_pid_after_fork() { g_pid.store(static_cast<int>(::getpid())); }
+}  // namespace
+
+int current_pid() noexcept {
+  int pid = g_pid.load(std::memory_order_relaxed);
+  if (pid == 0) {
+    static const bool registered = [] {
+      ::pthread_atfork(nullptr, nullptr, refresh_pid_after_fork);
+      return true;
+    }();
+    (void)registered;
+    pid = static_cast<int>(::getpid());
+    g_pid.store(pid, std::memory_order_relaxed);
+  }
+  return pid;
+}
 
 }  // namespace embstore::detail::os

@@ -61,10 +61,12 @@ void futex_wait(const std::uint32_t* word, std::uint32_t expected,
 void futex_wake_all(std::uint32_t* word) noexcept;
 
 void random_bytes(void* buf, std::size_t bytes);
-// The kernel's boot id as 16 bytes (or an override set by tests).
-void boot_id(std::uint64_t out[2]);
+// The kernel's boot id as 16 bytes (or an override set by tests). False when it is unknown (no
+// /proc): callers must then assume a reboot may have happened.
+bool boot_id(std::uint64_t out[2]);
 void override_boot_id(std::string_view text);
 std::int64_t unix_time_ns() noexcept;
+// getpid(), cached; correct in forked children (refreshed by a pthread_atfork handler).
 int current_pid() noexcept;
 
 }  // namespace embstore::detail::os

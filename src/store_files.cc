@@ -176,7 +176,7 @@ std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t 
 bool StoreFiles::same_boot() const {
   std::uint64_t stored[2], current[2];
   state_.boot_id(stored);
-  os::boot_id(current);
+  if (!os::boot_id(current)) return false;  // Unknown: re-check, as after a reboot.
   return stored[0] == current[0] && stored[1] == current[1];
 }
 
