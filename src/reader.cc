@@ -82,20 +82,26 @@ std::uint64_t Reader::refresh() { return impl_->refresh(); }
 
 bool Reader::wait(std::uint64_t min_rows, std::chrono::nanoseconds timeout) {
   using Clock = std::chrono::steady_clock;
-  const auto deadline = Clock::now() + timeout;
+  const auto start = Clock::now();
+  // Saturate: nanoseconds::max() means "no deadline", not an overflowed one in the past.
+  const auto deadline =
+      timeout >= Clock::time_point::max() - start ? Clock::time_point::max() : start + timeout;
   // Sleep in bounded slices: the futex compares only the low 32 bits of the counter.
   constexpr std::int64_t kMaxSliceNs = 100'000'000;
   for (;;) {
+    // Read the counter before refreshing: if it moves after this, the futex below returns at
+    // once (no lost wake-up); if it does not, we sleep even when the snapshot cannot reach it
+    // (after a reboot, unverifiable rows), instead of spinning.
+    const std::uint64_t before = impl_->files().state().committed();
     if (impl_->refresh() >= min_rows) return true;
     const auto now = Clock::now();
     if (now >= deadline) return false;
-    auto& state = impl_->files().state();
-    const std::uint64_t seen = state.committed();
-    if (seen >= min_rows) continue;  // Committed meanwhile; the next refresh takes it.
     const std::int64_t left =
-        std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - now).count();
-    detail::os::futex_wait(state.committed_word(), static_cast<std::uint32_t>(seen),
-                           std::min(left, kMaxSliceNs));
+        deadline == Clock::time_point::max()
+            ? kMaxSliceNs
+            : std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - now).count();
+    detail::os::futex_wait(impl_->files().state().committed_word(),
+                           static_cast<std::uint32_t>(before), std::min(left, kMaxSliceNs));
   }
 }
 

@@ -175,3 +175,18 @@ TEST_CASE("A reader needs only read permission and writes nothing", "[reader][re
                             test::read_file(dir / "s/index.1");
   CHECK(after == before);
 }
+
+TEST_CASE("wait() with no deadline waits, and a zero timeout returns at once", "[reader]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(4));
+  Reader r = Reader::open(dir / "s");
+  CHECK_FALSE(r.wait(1, std::chrono::nanoseconds(0)));
+  // Many small appends, so the first refresh almost surely finds fewer rows than awaited and the
+  // deadline is consulted: it must not read as one in the past.
+  std::thread appender([&] {
+    for (int i = 0; i < 200; ++i) append_batch(w, 0, i, 1);
+  });
+  CHECK(r.wait(200, std::chrono::nanoseconds::max()));
+  appender.join();
+  CHECK(r.size() == 200);
+}
