@@ -19,7 +19,7 @@ std::uint64_t entry_checksum(std::uint64_t payload_hash, std::uint64_t key, std:
 
 bool entry_valid(const IndexEntry& entry, std::uint64_t row, const void* row_bytes,
                  std::size_t record_bytes, std::uint64_t seed) noexcept {
-  if ((entry.row & ~kEntryBatchEnd) != row) return false;
+  if ((entry.row & kEntryRowMask) != row) return false;
   const std::uint64_t expected = entry_checksum(payload_hash(row_bytes, record_bytes, seed),
                                                 entry.key, entry.epoch, entry.row, seed);
   return expected == entry.checksum;

@@ -17,8 +17,7 @@ std::uint64_t payload_hash(const void* row, std::size_t row_bytes, std::uint64_t
 std::uint64_t entry_checksum(std::uint64_t payload_hash, std::uint64_t key, std::uint64_t epoch,
                              std::uint64_t row, std::uint64_t seed) noexcept;
 
-// True when `entry` sits at position `row` (no flag but kEntryBatchEnd set), and its checksum
-// matches `row_bytes`.
+// True when `entry` sits at position `row` and its checksum matches `row_bytes`.
 bool entry_valid(const IndexEntry& entry, std::uint64_t row, const void* row_bytes,
                  std::size_t record_bytes, std::uint64_t seed) noexcept;
 

@@ -30,6 +30,8 @@ inline constexpr std::uint64_t kMaxSegmentBytes = 1ull << 40;
 inline constexpr std::uint64_t kMaxMetadataBytes = 64ull << 10;
 // Largest row count any store may claim; bounds the index reservation and every multiplication.
 inline constexpr std::uint64_t kMaxRows = 1ull << 40;
+// Largest address-space budget (map_bytes) accepted: x86-64 user space is 2^47 bytes.
+inline constexpr std::uint64_t kMaxMapBytes = 1ull << 47;
 
 inline constexpr const char* kHeaderFileName = "header";
 inline constexpr const char* kLockFileName = "lock";
@@ -76,23 +78,36 @@ struct StatePage {
   alignas(64) std::uint64_t capacity_rows;
   alignas(64) std::uint64_t boot_id[2];
   alignas(64) std::uint64_t generation;
+  alignas(64) std::uint64_t era;
 };
 static_assert(offsetof(StatePage, committed_rows) == 0);
 static_assert(offsetof(StatePage, durable_rows) == 64);
 static_assert(offsetof(StatePage, capacity_rows) == 128);
 static_assert(offsetof(StatePage, boot_id) == 192);
 static_assert(offsetof(StatePage, generation) == 256);
+static_assert(offsetof(StatePage, era) == 320);
 static_assert(sizeof(StatePage) <= 512, "counters must share one 512-byte sector");
 
 struct IndexEntry {
   std::uint64_t key;
   std::uint64_t epoch;
-  std::uint64_t row;  // Row number in the low 48 bits, flags above (kEntryBatchEnd).
+  std::uint64_t row;  // Row number (bits 0..47), era (48..62), batch-end flag (63).
   std::uint64_t checksum;
 };
 inline constexpr std::uint64_t kEntryRowMask = (1ull << 48) - 1;
 // Set on the last row of every append: after a power loss recovery keeps only whole batches.
 inline constexpr std::uint64_t kEntryBatchEnd = 1ull << 63;
+// The era (StatePage::era, 15 bits) the entry was written in: raised whenever entries past the
+// commit point may still validate, so that such stale entries can never follow newer ones.
+inline constexpr int kEntryEraShift = 48;
+inline constexpr std::uint64_t kEntryEraMask = 0x7fff;
+inline std::uint64_t entry_era(std::uint64_t row_field) {
+  return (row_field >> kEntryEraShift) & kEntryEraMask;
+}
+// True when era `later` is not older than `earlier`, in 15-bit wrap-around arithmetic.
+inline bool era_not_older(std::uint64_t later, std::uint64_t earlier) {
+  return ((later - earlier) & kEntryEraMask) < (kEntryEraMask + 1) / 2;
+}
 static_assert(kMaxRows <= kEntryRowMask);
 static_assert(sizeof(IndexEntry) == kIndexEntryBytes);
 static_assert(offsetof(IndexEntry, key) == 0);

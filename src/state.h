@@ -24,6 +24,7 @@ class SharedState {
   std::uint64_t durable() const { return load(page_->durable_rows); }
   std::uint64_t capacity() const { return load(page_->capacity_rows); }
   std::uint64_t generation() const { return load(page_->generation); }
+  std::uint64_t era() const { return load(page_->era); }
   void boot_id(std::uint64_t out[2]) const {
     out[0] = load(page_->boot_id[0]);
     out[1] = load(page_->boot_id[1]);
@@ -33,6 +34,7 @@ class SharedState {
   void publish_committed(std::uint64_t rows) { store(page_->committed_rows, rows); }
   void set_capacity(std::uint64_t rows) { store(page_->capacity_rows, rows); }
   void set_durable(std::uint64_t rows) { store(page_->durable_rows, rows); }
+  void set_era(std::uint64_t era) { store(page_->era, era); }
   void set_boot_id(const std::uint64_t id[2]) {
     store(page_->boot_id[0], id[0]);
     store(page_->boot_id[1], id[1]);

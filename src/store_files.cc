@@ -24,13 +24,17 @@ std::string strip_trailing_slashes(std::string path) {
 }  // namespace
 
 std::uint64_t resolve_map_bytes(std::uint64_t requested) {
+  if (requested > kMaxMapBytes) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "map_bytes " + std::to_string(requested) + " is beyond 2^47 (128 TiB)");
+  }
   if (requested != 0) return requested;
   if (const char* text = std::getenv("EMBSTORE_MAP_BYTES")) {
     char* end = nullptr;
     const unsigned long long value = std::strtoull(text, &end, 10);
-    if (end != text && *end == '\0' && value > 0) return value;
-    throw Error(ErrorCode::kInvalidArgument,
-                std::string("EMBSTORE_MAP_BYTES=\"") + text + "\" is not a positive byte count");
+    if (end != text && *end == '\0' && value > 0 && value <= kMaxMapBytes) return value;
+    throw Error(ErrorCode::kInvalidArgument, std::string("EMBSTORE_MAP_BYTES=\"") + text +
+                                                 "\" is not a byte count between 1 and 2^47");
   }
   return kDefaultMapBytes;
 }
@@ -130,8 +134,12 @@ void StoreFiles::grow_to(std::uint64_t rows) {
     map_rows(capacity);
     return;
   }
-  const std::uint64_t new_data_bytes = layout_.data_bytes_for(rows);
-  if (rows > kMaxRows || new_data_bytes > data_->reserved_bytes()) {
+  // Compare in rows first: rows * record_bytes could overflow for a hostile row count.
+  const std::uint64_t new_data_bytes =
+      rows > kMaxRows || rows > data_->reserved_bytes() / layout_.record_bytes
+          ? ~0ull
+          : layout_.data_bytes_for(rows);
+  if (new_data_bytes > data_->reserved_bytes()) {
     throw Error(ErrorCode::kFull,
                 data_path_ + ": growing to " + std::to_string(rows) + " rows needs " +
                     std::to_string(new_data_bytes) + " bytes, beyond map_bytes " +
@@ -165,7 +173,24 @@ std::uint64_t StoreFiles::first_invalid(std::uint64_t begin, std::uint64_t end) 
 }
 
 std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {
-  for (std::uint64_t row = first_invalid(begin, end); row > begin; --row) {
+  auto era_at = [this](std::uint64_t row) {
+    IndexEntry entry;
+    std::memcpy(&entry, entry_ptr(row), sizeof(entry));
+    return entry_era(entry.row);
+  };
+  // A run of valid entries whose eras never go back: an older era after a newer one is a stale
+  // entry from before a cut or a dead writer (FORMAT.md, "era"), however well it validates.
+  bool have_previous = begin > 0 && row_valid(begin - 1);
+  std::uint64_t previous = have_previous ? era_at(begin - 1) : 0;
+  std::uint64_t row = begin;
+  for (; row < end && row_valid(row); ++row) {
+    const std::uint64_t era = era_at(row);
+    if (have_previous && !era_not_older(era, previous)) break;
+    previous = era;
+    have_previous = true;
+  }
+  // Keep whole batches only: back up to the last entry that ends one.
+  for (; row > begin; --row) {
     IndexEntry entry;
     std::memcpy(&entry, entry_ptr(row - 1), sizeof(entry));
     if (entry.row & kEntryBatchEnd) return row;

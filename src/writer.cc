@@ -6,6 +6,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <shared_mutex>
 #include <thread>
 #include <vector>
 
@@ -68,17 +69,24 @@ class Writer::Impl {
                        std::uint64_t single_epoch, const ConstMatrix& rows);
   void sync();
   void close();
-  // For accessors: a poisoned writer still reports its counters.
-  const StoreFiles& files() const {
+  // Runs f(files) with the store kept open for the call: a concurrent close() waits. For
+  // accessors: a poisoned writer still reports its counters.
+  template <typename F>
+  auto with_files(F&& f) const {
+    std::shared_lock life(lifetime_);
     check_open();
-    return *files_;
+    return f(static_cast<const StoreFiles&>(*files_));
   }
   const std::string& path() const { return path_; }
+  bool in_owner_process() const { return detail::os::current_pid() == owner_pid_; }
 
  private:
   void check_open() const;    // Same process, not closed.
   void check_usable() const;  // check_open() and not poisoned.
-  void flush();  // The sync itself; callers have checked usability.
+  void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
+  // The era this handle may write entries with, made durable first (see FORMAT.md, "era").
+  // Caller holds the writer lock.
+  std::uint64_t writable_era(std::uint64_t first);
   void recover();
   void sync_loop();
   void start_prefault();
@@ -89,11 +97,16 @@ class Writer::Impl {
   std::unique_ptr<detail::WriterLock> lock_;  // Released by close().
   WriterOptions options_;
   int owner_pid_;
-  std::mutex mutex_;  // Serializes appends of this handle's threads; the OFD lock serializes
-                      // this handle against every other handle and process.
+  // Held shared by every call that uses files_, exclusively by close() to release them.
+  mutable std::shared_mutex lifetime_;
+  std::mutex close_mutex_;  // Serializes close() calls.
+  std::mutex mutex_;        // Serializes appends of this handle's threads; the OFD lock serializes
+                            // this handle against every other handle and process.
   std::atomic<bool> closed_{false};
   std::atomic<bool> poisoned_{false};
-  std::string poison_message_;  // Written once, before poisoned_ is set.
+  std::mutex poison_mutex_;
+  std::string poison_message_;    // Written once, under poison_mutex_, before poisoned_ is set.
+  std::uint64_t synced_era_ = 0;  // Highest era this handle has seen durable. Under mutex_.
   std::unique_ptr<std::thread> sync_thread_;
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
@@ -120,9 +133,9 @@ void Writer::Impl::check_usable() const {
 
 void Writer::Impl::check_open() const {
   if (detail::os::current_pid() != owner_pid_) {
-    throw Error(ErrorCode::kForkedChild,
-                path_ + ": this Writer was opened by process " +
-                    std::to_string(owner_pid_) + "; a forked child must open its own Writer");
+    throw Error(ErrorCode::kForkedChild, path_ + ": this Writer was opened by process " +
+                                             std::to_string(owner_pid_) +
+                                             "; a forked child must open its own Writer");
   }
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
 }
@@ -169,18 +182,51 @@ void Writer::Impl::recover() {
   // Cutting at the first bad row could leave the front of a torn batch visible: cut at the end
   // of the last whole batch before it (every batch's last entry carries kEntryBatchEnd).
   const std::uint64_t valid = files_->valid_batch_prefix(durable, committed);
+  std::uint64_t boot[2];
+  const bool boot_known = detail::os::boot_id(boot);
   state.set_capacity(capacity);
   state.publish_committed(valid);
-  state.set_durable(durable);
-  std::uint64_t boot[2];
-  detail::os::boot_id(boot);
+  // The verified rows were read back from the device (the page cache began empty in this boot),
+  // so they are durable: the next reboot need not check them again. Without a boot id that is
+  // not known, and durable stays.
+  state.set_durable(boot_known ? valid : durable);
+  // Entries past the cut may still validate; everything written from now on carries a newer
+  // era, so a later power loss can never splice them back in (FORMAT.md, "era").
+  state.set_era(state.era() + 1);
   state.set_boot_id(boot);
   detail::os::datasync(files_->header_fd(), header);
+  synced_era_ = state.era();
 }
 
-std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
-                                   const std::uint64_t* epochs, std::uint64_t single_epoch,
-                                   const ConstMatrix& rows) {
+std::uint64_t Writer::Impl::writable_era(std::uint64_t first) {
+  auto& state = files_->state();
+  std::uint64_t era = state.era();
+  // Entries at `first` that carry the current era were left by a writer killed before it
+  // published: a newer era makes them lose to this append's entries on any later recovery.
+  IndexEntry at_first;
+  std::memcpy(&at_first, files_->entry_ptr(first), sizeof(at_first));
+  const bool stale = (at_first.row != 0 || at_first.checksum != 0) &&
+                     detail::entry_era(at_first.row) == (era & detail::kEntryEraMask);
+  if (stale) {
+    ++era;
+    state.set_era(era);
+  }
+  // No entry may carry an era the header on disk does not cover yet (another writer may have
+  // raised it and died before flushing): otherwise recovery could pick an era already used.
+  if (era != synced_era_) {
+    try {
+      detail::os::datasync(files_->header_fd(), files_->header_path());
+    } catch (const Error& error) {
+      poison(error);
+    }
+    synced_era_ = era;
+  }
+  return era;
+}
+
+std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
+                                   std::uint64_t single_epoch, const ConstMatrix& rows) {
+  std::shared_lock life(lifetime_);
   check_usable();
   const detail::Layout& layout = files_->layout();
   const std::string& where = files_->dir();
@@ -201,12 +247,12 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
   const bool convert = rows.dtype == DType::kFloat32 &&
                        (layout.dtype == DType::kFloat16 || layout.dtype == DType::kBFloat16);
   if (!same_dtype && !convert) {
-    invalid("cannot append " + std::string(dtype_name(rows.dtype)) + " rows to a " +
-            std::string(dtype_name(layout.dtype)) + " store (only " +
-            std::string(dtype_name(layout.dtype)) +
-            (layout.dtype == DType::kFloat16 || layout.dtype == DType::kBFloat16 ? " or float32"
-                                                                                  : "") +
-            " is accepted)");
+    invalid(
+        "cannot append " + std::string(dtype_name(rows.dtype)) + " rows to a " +
+        std::string(dtype_name(layout.dtype)) + " store (only " +
+        std::string(dtype_name(layout.dtype)) +
+        (layout.dtype == DType::kFloat16 || layout.dtype == DType::kBFloat16 ? " or float32" : "") +
+        " is accepted)");
   }
   const std::uint64_t input_row_bytes = std::uint64_t{rows.dim} * dtype_size(rows.dtype);
   const std::uint64_t stride = rows.row_stride_bytes == 0 ? input_row_bytes : rows.row_stride_bytes;
@@ -244,82 +290,63 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys,
 
   std::uint64_t first;
   {
-  std::lock_guard in_process(mutex_);
-  check_usable();
-  detail::LockGuard across_processes(*lock_);
-  auto& state = files_->state();
-  first = state.committed();
-  if (first + n > detail::kMaxRows) {
-    throw Error(ErrorCode::kFull, where + ": the store holds " + std::to_string(first) +
-                                      " rows; " + std::to_string(n) + " more exceed 2^40");
-  }
-  // Another process may have grown the files since this handle last looked.
-  files_->grow_to(first + n);
-  // A writer killed before it published (or rows a reboot's recovery cut off) leaves entries
-  // past the commit point that still validate. The page cache shows this append's bytes over
-  // them, but after a power loss the disk may hold such an old entry under a counter that covers
-  // it, and recovery would accept part of a batch nobody published. So zero that tail and flush
-  // it before writing over it. Normally the entry at `first` is zero and this is one compare.
-  {
-    static constexpr IndexEntry kZeroEntry{};
-    std::uint64_t end = first;
-    while (end < state.capacity() &&
-           std::memcmp(files_->entry_ptr(end), &kZeroEntry, sizeof(IndexEntry)) != 0) {
-      ++end;
+    std::lock_guard in_process(mutex_);
+    check_usable();
+    detail::LockGuard across_processes(*lock_);
+    auto& state = files_->state();
+    first = state.committed();
+    if (first + n > detail::kMaxRows) {
+      throw Error(ErrorCode::kFull, where + ": the store holds " + std::to_string(first) +
+                                        " rows; " + std::to_string(n) + " more exceed 2^40");
     }
-    if (end != first) {
-      std::memset(static_cast<void*>(files_->entry_ptr(first)), 0,
-                  (end - first) * sizeof(IndexEntry));
-      try {
-        detail::os::datasync(files_->index_fd(), files_->index_path());
-      } catch (const Error& error) {
-        poison(error);  // The flush is never retried (see flush()).
+    // Another process may have grown the files since this handle last looked.
+    files_->grow_to(first + n);
+    const std::uint64_t era_bits = writable_era(first) << detail::kEntryEraShift;
+
+    // Before the copy: the prefault thread skips the rows this copy faults in itself and works
+    // on the ones after them, so the two never fault the same pages.
+    if (prefault_) prefault_->advance(first + n, files_->mapped_rows());
+    std::byte* dest = files_->row_ptr(first);
+    if (source_stride == record_bytes) {
+      std::memcpy(dest, source, n * record_bytes);
+    } else {
+      for (std::uint64_t i = 0; i < n; ++i) {
+        std::memcpy(dest + i * record_bytes, source + i * source_stride, record_bytes);
       }
     }
-  }
-
-  // Before the copy: the prefault thread skips the rows this copy faults in itself and works
-  // on the ones after them, so the two never fault the same pages.
-  if (prefault_) prefault_->advance(first + n, files_->mapped_rows());
-  std::byte* dest = files_->row_ptr(first);
-  if (source_stride == record_bytes) {
-    std::memcpy(dest, source, n * record_bytes);
-  } else {
+    EMBSTORE_CRASH_POINT("after-copy");
+    IndexEntry* entries = files_->entry_ptr(first);
     for (std::uint64_t i = 0; i < n; ++i) {
-      std::memcpy(dest + i * record_bytes, source + i * source_stride, record_bytes);
+      const std::uint64_t row = first + i;
+      const std::uint64_t epoch = epochs != nullptr ? epochs[i] : single_epoch;
+      const std::uint64_t row_field = row | era_bits | (i + 1 == n ? detail::kEntryBatchEnd : 0);
+      IndexEntry entry{keys[i], epoch, row_field,
+                       detail::entry_checksum(hashes[i], keys[i], epoch, row_field, layout.seed)};
+      std::memcpy(entries + i, &entry, sizeof(entry));
+      if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
     }
+    EMBSTORE_CRASH_POINT("before-publish");
+    state.publish_committed(first + n);
+    EMBSTORE_CRASH_POINT("after-publish");
   }
-  EMBSTORE_CRASH_POINT("after-copy");
-  IndexEntry* entries = files_->entry_ptr(first);
-  for (std::uint64_t i = 0; i < n; ++i) {
-    const std::uint64_t row = first + i;
-    const std::uint64_t epoch = epochs != nullptr ? epochs[i] : single_epoch;
-    const std::uint64_t row_field = i + 1 == n ? row | detail::kEntryBatchEnd : row;
-    IndexEntry entry{keys[i], epoch, row_field,
-                     detail::entry_checksum(hashes[i], keys[i], epoch, row_field, layout.seed)};
-    std::memcpy(entries + i, &entry, sizeof(entry));
-    if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
-  }
-  EMBSTORE_CRASH_POINT("before-publish");
-  state.publish_committed(first + n);
-  detail::os::futex_wake_all(state.committed_word());
-  EMBSTORE_CRASH_POINT("after-publish");
-  }
-  // Outside the lock: other writers need not wait for this one's flush.
-  if (options_.sync == SyncPolicy::kEveryAppend) sync();
+  // Outside the lock: waking readers and this writer's flush need not hold other writers up.
+  detail::os::futex_wake_all(files_->state().committed_word());
+  if (options_.sync == SyncPolicy::kEveryAppend) flush();
   return first;
 }
 
 void Writer::Impl::poison(const Error& error) {
+  std::lock_guard guard(poison_mutex_);
   if (!poisoned_.load()) {
-    poison_message_ = path_ + ": writer refuses further writes until reopened: " +
-                      std::string(error.what());
+    poison_message_ =
+        path_ + ": writer refuses further writes until reopened: " + std::string(error.what());
     poisoned_.store(true, std::memory_order_release);
   }
   throw Error(ErrorCode::kPoisoned, poison_message_, error.sys_errno());
 }
 
 void Writer::Impl::sync() {
+  std::shared_lock life(lifetime_);
   check_usable();
   flush();
 }
@@ -354,18 +381,19 @@ void Writer::Impl::sync_loop() {
 }
 
 void Writer::Impl::close() {
-  if (detail::os::current_pid() != owner_pid_) return;
+  if (!in_owner_process()) return;
+  std::lock_guard closing(close_mutex_);
+  if (closed_.load()) return;
   if (sync_thread_) {
     {
       std::lock_guard guard(sync_mutex_);
       stop_sync_ = true;
     }
     sync_cv_.notify_all();
-    sync_thread_->join();
+    sync_thread_->join();  // Before lifetime_ is taken: its sync() holds lifetime_ shared.
     sync_thread_.reset();
   }
-  std::lock_guard in_process(mutex_);
-  if (closed_.exchange(true)) return;
+  std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   std::exception_ptr final_error;
   if (options_.sync != SyncPolicy::kNone) {
     try {
@@ -375,6 +403,7 @@ void Writer::Impl::close() {
       final_error = std::current_exception();
     }
   }
+  closed_ = true;
   prefault_.reset();  // Joins the thread: nothing touches the mappings after this.
   lock_.reset();
   files_.reset();
@@ -385,8 +414,33 @@ void Writer::Impl::close() {
 
 Writer::Writer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Writer::Writer(Writer&&) noexcept = default;
-Writer& Writer::operator=(Writer&&) noexcept = default;
-Writer::~Writer() = default;
+
+namespace {
+// In a forked child the Impl is leaked, never destroyed: its mutexes, condition variable and
+// threads are the parent's copies (a copied waiter makes pthread_cond_destroy hang), and the
+// parent's lock must not be touched. The child's copy of the lock descriptor is already closed.
+void release_impl(std::unique_ptr<Writer::Impl>& impl) noexcept;
+}  // namespace
+
+Writer& Writer::operator=(Writer&& other) noexcept {
+  if (this != &other) {
+    release_impl(impl_);
+    impl_ = std::move(other.impl_);
+  }
+  return *this;
+}
+
+Writer::~Writer() { release_impl(impl_); }
+
+namespace {
+void release_impl(std::unique_ptr<Writer::Impl>& impl) noexcept {
+  if (impl && !impl->in_owner_process()) {
+    (void)impl.release();
+    return;
+  }
+  impl.reset();
+}
+}  // namespace
 
 Writer Writer::create(const std::string& path, const CreateOptions& create_options,
                       const WriterOptions& options) {
@@ -402,9 +456,9 @@ Writer Writer::open(const std::string& path, const WriterOptions& options) {
   auto files = StoreFiles::open(path, detail::os::Access::kReadWrite, options.map_bytes);
   const auto& layout = files->layout();
   if (options.expect_dim && *options.expect_dim != layout.dim) {
-    throw Error(ErrorCode::kFormatMismatch,
-                files->dir() + ": the store's dim is " + std::to_string(layout.dim) +
-                    ", not the expected " + std::to_string(*options.expect_dim));
+    throw Error(ErrorCode::kFormatMismatch, files->dir() + ": the store's dim is " +
+                                                std::to_string(layout.dim) + ", not the expected " +
+                                                std::to_string(*options.expect_dim));
   }
   if (options.expect_dtype && *options.expect_dtype != layout.dtype) {
     throw Error(ErrorCode::kFormatMismatch,
@@ -451,12 +505,11 @@ std::uint64_t Writer::append(std::span<const std::uint64_t> keys,
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
                              std::span<const float> values) {
-  const std::uint32_t d = impl_->files().layout().dim;
+  const std::uint32_t d = impl_->with_files([](const StoreFiles& f) { return f.layout().dim; });
   if (values.size() != keys.size() * d) {
     throw Error(ErrorCode::kInvalidArgument,
-                impl_->path() + ": append: " + std::to_string(values.size()) +
-                    " floats is not " + std::to_string(keys.size()) + " keys x dim " +
-                    std::to_string(d));
+                impl_->path() + ": append: " + std::to_string(values.size()) + " floats is not " +
+                    std::to_string(keys.size()) + " keys x dim " + std::to_string(d));
   }
   return impl_->append(keys, nullptr, epoch,
                        ConstMatrix{values.data(), DType::kFloat32, keys.size(), d, 0});
@@ -464,11 +517,21 @@ std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t 
 
 void Writer::sync() { impl_->sync(); }
 void Writer::close() { impl_->close(); }
-std::uint64_t Writer::committed_rows() const { return impl_->files().state().committed(); }
-std::uint64_t Writer::durable_rows() const { return impl_->files().state().durable(); }
-std::uint32_t Writer::dim() const { return impl_->files().layout().dim; }
-DType Writer::dtype() const { return impl_->files().layout().dtype; }
+std::uint64_t Writer::committed_rows() const {
+  return impl_->with_files([](const StoreFiles& f) { return f.state().committed(); });
+}
+std::uint64_t Writer::durable_rows() const {
+  return impl_->with_files([](const StoreFiles& f) { return f.state().durable(); });
+}
+std::uint32_t Writer::dim() const {
+  return impl_->with_files([](const StoreFiles& f) { return f.layout().dim; });
+}
+DType Writer::dtype() const {
+  return impl_->with_files([](const StoreFiles& f) { return f.layout().dtype; });
+}
 const std::string& Writer::path() const { return impl_->path(); }
-StoreInfo Writer::info() const { return impl_->files().info(); }
+StoreInfo Writer::info() const {
+  return impl_->with_files([](const StoreFiles& f) { return f.info(); });
+}
 
 }  // namespace embstore

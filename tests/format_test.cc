@@ -178,8 +178,7 @@ TEST_CASE("A checksum binds the row's bytes, key, epoch, position and store",
   CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), seed));
 }
 
-TEST_CASE("The batch-end flag is part of the checksum and the only flag allowed",
-          "[format][checksum]") {
+TEST_CASE("The batch-end flag and the era are part of the checksum", "[format][checksum]") {
   const std::uint64_t seed = seed_from_store_id(kStoreId);
   std::vector<std::byte> row(64, std::byte{7});
   const std::uint64_t hash = payload_hash(row.data(), row.size(), seed);
@@ -189,7 +188,19 @@ TEST_CASE("The batch-end flag is part of the checksum and the only flag allowed"
   IndexEntry unflagged = last;
   unflagged.row = 10;  // flag cleared without re-sealing: a torn entry
   CHECK_FALSE(entry_valid(unflagged, 10, row.data(), row.size(), seed));
-  const std::uint64_t other_flag = 10 | (1ull << 50);
-  IndexEntry bad{42, 3, other_flag, entry_checksum(hash, 42, 3, other_flag, seed)};
-  CHECK_FALSE(entry_valid(bad, 10, row.data(), row.size(), seed));
+  const std::uint64_t era_5 = 10 | (5ull << kEntryEraShift);
+  IndexEntry in_era{42, 3, era_5, entry_checksum(hash, 42, 3, era_5, seed)};
+  CHECK(entry_valid(in_era, 10, row.data(), row.size(), seed));
+  CHECK(entry_era(in_era.row) == 5);
+  IndexEntry moved_era = in_era;
+  moved_era.row = 10 | (6ull << kEntryEraShift);  // era changed without re-sealing
+  CHECK_FALSE(entry_valid(moved_era, 10, row.data(), row.size(), seed));
+}
+
+TEST_CASE("Eras compare in 15-bit wrap-around arithmetic", "[format]") {
+  CHECK(era_not_older(5, 5));
+  CHECK(era_not_older(6, 5));
+  CHECK_FALSE(era_not_older(4, 5));
+  CHECK(era_not_older(0, kEntryEraMask));  // wrapped: 0 follows 32767
+  CHECK_FALSE(era_not_older(kEntryEraMask, 0));
 }

@@ -1,6 +1,8 @@
 // Writer and store lifecycle: create, open, append, convert, grow, sync, errors, threads, fork.
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 
 #include <atomic>
 #include <catch2/catch.hpp>
@@ -499,4 +501,68 @@ TEST_CASE("EMBSTORE_MAP_BYTES sets the default budget and bad values are named",
   ::setenv("EMBSTORE_MAP_BYTES", "1048576", 1);
   CHECK_NOTHROW(Reader::open(dir / "s"));
   ::unsetenv("EMBSTORE_MAP_BYTES");
+}
+
+TEST_CASE("A forked child can drop its copy of a writer with a background sync thread",
+          "[store][fork]") {
+  TempDir dir;
+  WriterOptions interval;
+  interval.sync = SyncPolicy::kInterval;
+  interval.sync_interval = std::chrono::milliseconds(1);
+  std::optional<Writer> w(Writer::create(dir / "s", opts(4), interval));
+  const pid_t child = test::spawn([&] {
+    w.reset();  // the parent's sync thread was waiting on a condition variable at fork time
+    return 0;
+  });
+  // Bounded wait, so a hang fails the test instead of stalling the suite.
+  int status = -1;
+  for (int i = 0; i < 3000 && status < 0; ++i) {
+    int raw = 0;
+    if (::waitpid(child, &raw, WNOHANG) == child) {
+      status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  if (status < 0) ::kill(child, SIGKILL), test::wait_for(child);
+  CHECK(status == 0);
+  const std::vector<float> v(4, 1.0f);
+  const std::vector<std::uint64_t> k = {1};
+  CHECK(w->append(k, 0, std::span<const float>(v)) == 0);  // the parent is unaffected
+}
+
+TEST_CASE("close() while other threads append and sync never touches released memory",
+          "[store][threads]") {
+  for (int round = 0; round < 20; ++round) {
+    TempDir dir;
+    Writer w = Writer::create(dir / "s", opts(4));
+    std::atomic<bool> go{false};
+    std::vector<std::thread> threads;
+    std::atomic<int> unexpected{0};
+    for (int t = 0; t < 2; ++t) {
+      threads.emplace_back([&, t] {
+        while (!go.load()) {
+        }
+        const std::vector<float> v(4, 1.0f);
+        const std::vector<std::uint64_t> k = {1};
+        for (int i = 0; i < 200; ++i) {
+          try {
+            if (t == 0) {
+              w.append(k, 0, std::span<const float>(v));
+            } else {
+              w.sync();
+            }
+            (void)w.committed_rows();
+          } catch (const Error& e) {
+            if (e.code() != ErrorCode::kClosed) unexpected++;
+            return;
+          }
+        }
+      });
+    }
+    go = true;
+    w.close();
+    for (auto& th : threads) th.join();
+    CHECK(unexpected == 0);
+  }
 }

@@ -45,7 +45,9 @@
 //
 // Caveats
 //   - Not for network file systems (NFS, SMB): OFD locks and shared mappings are unreliable there.
-//   - The file system must support posix_fallocate (ext4, xfs, btrfs, tmpfs do).
+//   - The file system must support posix_fallocate and overwrite allocated blocks in place
+//     (ext4, xfs without reflinked files, tmpfs). On copy-on-write file systems (btrfs, reflinked
+//     xfs) an overwrite needs new space, so a full disk there can still raise SIGBUS.
 //   - Under RLIMIT_FSIZE the process must ignore SIGXFSZ to get kFull instead of being killed.
 //   - A forked child must open its own Writer; Readers may be used across fork.
 //   - Rows are never rewritten or shrunk in place; files only grow.

@@ -53,6 +53,9 @@ class Writer {
   // dim, keys/epochs of another length — throws kInvalidArgument and writes nothing.
   // Returns the row number of the first appended row (rows are numbered from 0 in append order).
   // A batch of 0 rows is valid and returns the current committed count.
+  // Under SyncPolicy::kEveryAppend the rows are published before they are flushed: if the flush
+  // fails, append() throws kPoisoned although the batch is committed (visible, not durable) —
+  // do not retry it blindly; reopen and check committed_rows().
   std::uint64_t append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
                        const ConstMatrix& rows);
   std::uint64_t append(std::span<const std::uint64_t> keys, std::span<const std::uint64_t> epochs,
