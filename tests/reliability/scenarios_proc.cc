@@ -188,9 +188,7 @@ bool crash_run(std::uint64_t seed, const std::string& point, std::uint64_t n, bo
   std::vector<std::string> crash_env = env;
   crash_env.push_back("EMBSTORE_CRASH=" + what);
   ok &= expect_kill(
-      s.start_writer(
-          {"--batches", std::to_string(std::max<std::uint64_t>(400, 12 * n)), "--sync-every", "4"},
-          crash_env),
+      s.start_writer({"--batches", std::to_string(400 + 24 * n), "--sync-every", "4"}, crash_env),
       what);
   stat_add("crash_point_kills");
   FileSizes before = sizes_of(s.params().store);
