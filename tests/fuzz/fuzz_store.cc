@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <span>
 #include <string>
@@ -36,6 +37,15 @@ const std::string& work_dir() {
     detail::testing::set_boot_id(kFuzzBootId);
     return tmpl;
   }();
+  static const bool cleanup_registered = [] {
+    // libFuzzer and the replay driver leave through exit(): remove the work directory then.
+    std::atexit([] {
+      std::error_code ignored;
+      std::filesystem::remove_all(work_dir(), ignored);
+    });
+    return true;
+  }();
+  (void)cleanup_registered;
   return dir;
 }
 
