@@ -1,44 +1,53 @@
 #!/usr/bin/env bash
-# tests/reliability/ci.sh <build-dir> [fuzz-seconds]
+# tests/reliability/ci.sh <build-dir> [fuzz-seconds | sanitizer-name]
 #
-# Runs the reliability suites that mean something under the build's sanitizer, then a short
-# libFuzzer run, then prints the summary. The build dir must already be configured (the script
-# builds the targets it needs), e.g. with -DEMBSTORE_SANITIZE=address,undefined or =thread:
-#   address,undefined  every scenario (9 skips itself: ASan needs RLIMIT_AS unlimited) + fuzz
-#                      corpus replay, at 1/2 of the CI sizes (ASan is ~2-3x slower)
-#   thread             the scenarios with threads in one process (5's threaded variant, 10) and
-#                      the crash/model ones that fork (2, 15), at 1/2 size: TSan checks races,
-#                      and the process-only scenarios have none to find
-#   (none)             everything at full CI size
-# Fuzzing (tests/fuzz/run.sh, clang-14, its own build dir <build-dir>/fuzz) runs in every case;
-# FUZZ_SECONDS=0 or a second argument of 0 skips it.
+# Runs the test suites that mean something under the build's sanitizer (read from the build's
+# CMakeCache.txt: EMBSTORE_SANITIZE), a short libFuzzer run, and prints the reliability summary.
+# The build dir must be configured; the script builds it first.
+#   address,undefined  every ctest suite (unit, multiprocess, crash, corruption, faults, cli,
+#                      reliability scenarios 1-15 at 1/2 of the CI sizes, fuzz corpus replay;
+#                      scenario 9 skips itself: ASan needs RLIMIT_AS unlimited), then 60 s of
+#                      libFuzzer (clang-14, -fsanitize=fuzzer,address,undefined)
+#   thread             every suite except the process-only reliability scenarios (TSan finds
+#                      races between threads of one process, and those have none to find):
+#                      reliability scenarios 2, 5 (threaded variant), 10, 15 at 1/2 size; no fuzz
+#   (none)             every suite at full CI size, then the fuzz run
+# The second argument is either the fuzz seconds (0 skips fuzzing; default $FUZZ_SECONDS or 60)
+# or the sanitizer name (ignored: the cache says which it is).
 set -euo pipefail
 build=$(cd "${1:?usage: ci.sh <build-dir> [fuzz-seconds]}" && pwd)
-fuzz_seconds=${2:-${FUZZ_SECONDS:-60}}
+fuzz_seconds=${FUZZ_SECONDS:-60}
+if [[ ${2:-} =~ ^[0-9]+$ ]]; then fuzz_seconds=$2; fi
 here=$(cd "$(dirname "$0")" && pwd)
 san=$(sed -n 's/^EMBSTORE_SANITIZE:STRING=//p' "$build/CMakeCache.txt")
 stats="$build/reliability-stats"
+jobs=${CI_JOBS:-2}
 
-cmake --build "$build" -j2 --target embstore_torture embstore_fuzz_replay
+cmake --build "$build" -j"$jobs"
 
 case "$san" in
   *address*)
     export EMBSTORE_TORTURE_SCALE=${EMBSTORE_TORTURE_SCALE:-0.5}
     export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:allocator_may_return_null=1}
     export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-    select=(-L 'reliability|fuzz-replay')
+    runs=("")
     ;;
   *thread*)
     export EMBSTORE_TORTURE_SCALE=${EMBSTORE_TORTURE_SCALE:-0.5}
-    export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1:die_after_fork=0}
-    select=(-R 'reliability_(stats_reset|summary|scenario_(2|5|10|15))$')
+    export TSAN_OPTIONS="die_after_fork=0 halt_on_error=1 second_deadlock_stack=1 ${TSAN_OPTIONS:-}"
+    runs=("-LE reliability" "-R reliability_(stats_reset|summary|scenario_(2|5|10|15))$")
+    fuzz_seconds=0
     ;;
   *)
-    select=(-L 'reliability|fuzz-replay')
+    runs=("")
     ;;
 esac
-echo "== reliability suites (sanitizer: ${san:-none}, scale ${EMBSTORE_TORTURE_SCALE:-1})"
-ctest --test-dir "$build" "${select[@]}" -j2 --output-on-failure
+
+echo "== ctest (sanitizer: ${san:-none}, reliability scale ${EMBSTORE_TORTURE_SCALE:-1})"
+for selection in "${runs[@]}"; do
+  # shellcheck disable=SC2086  # the selection is two words on purpose
+  ctest --test-dir "$build" $selection -j"$jobs" --timeout 900 --output-on-failure
+done
 
 if [[ $fuzz_seconds != 0 ]]; then
   echo "== libFuzzer for ${fuzz_seconds}s"
