@@ -31,12 +31,13 @@ struct Ack {
   std::uint64_t batches;  // batches acknowledged so far by this writer
 };
 
-// Appends batches until `batches` are done, reporting each one after append() returned.
+// Appends batches until `batches` are done (forever if negative), reporting each one after
+// append() returned.
 int writer_role(const std::string& path, std::uint64_t writer, int batches,
                 const test::Pipe& acks) {
   Writer w = Writer::open(path);
   const std::uint64_t n = test::batch_rows(writer);
-  for (int b = 0; b < batches; ++b) {
+  for (int b = 0; batches < 0 || b < batches; ++b) {
     const std::uint64_t seq = std::uint64_t(b) * n;
     const auto values = test::batch_payload(writer, seq, n, kDim);
     std::vector<std::uint64_t> keys(n);
@@ -84,21 +85,34 @@ TEST_CASE("Writers killed at random moments lose nothing acknowledged", "[crash]
         r.wait(r.size() + 1, std::chrono::milliseconds(20));
       }
     });
+    // The victim appends until it is killed: after a random number of its own acks, plus a
+    // random few microseconds (so anywhere inside an append, growth included).
+    const int victim = static_cast<int>(rng() % kWriters);
     std::vector<pid_t> pids;
     std::vector<std::uint64_t> ids;
     for (int w = 0; w < kWriters; ++w) {
       const std::uint64_t id = std::uint64_t(round) * kWriters + w;
+      const int batches = w == victim ? -1 : kBatches;
       ids.push_back(id);
-      pids.push_back(test::spawn([&, id] { return writer_role(path, id, kBatches, acks); }));
+      pids.push_back(
+          test::spawn([&, id, batches] { return writer_role(path, id, batches, acks); }));
     }
-    // The kill moment is what is random here; nothing waits on this sleep for correctness.
-    const int victim = static_cast<int>(rng() % kWriters);
-    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 30000));
+    const std::uint64_t kill_after = 1 + rng() % 100;
+    for (;;) {
+      const std::string rec = acks.receive(sizeof(Ack));
+      REQUIRE(rec.size() == sizeof(Ack));
+      Ack ack;
+      std::memcpy(&ack, rec.data(), sizeof(ack));
+      acked[ack.writer] = std::max(acked[ack.writer], ack.batches);
+      if (ack.writer == ids[victim] && ack.batches >= kill_after) break;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 200));
     ::kill(pids[victim], SIGKILL);
     for (int w = 0; w < kWriters; ++w) {
       const int status = test::wait_for(pids[w]);
       if (w == victim) {
-        if (status == 128 + SIGKILL) ++kills;  // it may have finished before the signal
+        REQUIRE(status == 128 + SIGKILL);
+        ++kills;
       } else {
         REQUIRE(status == 0);
       }
@@ -137,8 +151,8 @@ TEST_CASE("Writers killed at random moments lose nothing acknowledged", "[crash]
     REQUIRE(r.refresh() == first + n);
     REQUIRE(test::payload_matches(keys[0], kDim, r.rows().row(first)));
   }
-  // Most rounds must really have killed a writer mid-run, or the test proves little.
-  CHECK(kills >= kRounds / 2);
+  // Every victim was killed with hundreds of batches still to go.
+  CHECK(kills == kRounds);
   std::printf("crash_test: %d rounds, %llu writers killed, %zu writers, acked rows lost: 0\n",
               kRounds, static_cast<unsigned long long>(kills), acked.size());
 }

@@ -24,9 +24,10 @@ std::string with_field(std::string bytes, std::size_t offset, T value) {
   std::memcpy(bytes.data() + offset, &value, sizeof(T));
   FixedHeader h;
   std::memcpy(&h, bytes.data(), sizeof(h));
+  // Hash only metadata that exists: a hostile metadata_bytes may point past the buffer.
   h.header_checksum =
       header_hash(&h, offsetof(FixedHeader, header_checksum), bytes.data() + kMetadataOffset,
-                  std::min<std::uint64_t>(h.metadata_bytes, kMaxMetadataBytes));
+                  std::min<std::uint64_t>(h.metadata_bytes, bytes.size() - kMetadataOffset));
   std::memcpy(bytes.data(), &h, sizeof(h));
   return bytes;
 }
