@@ -556,10 +556,15 @@ std::unique_ptr<System> make_system(const std::string& name, int redis_port) {
   fail("unknown system " + name);
 }
 
-// Touches and frees `bytes` of anonymous memory. On a VM whose host reclaims free guest memory,
-// the first touch of reclaimed memory costs up to ~10 us per page; doing this right before a timed
-// phase hands every system memory the host has already backed, so none pays that by luck of order.
+// Prepares a timed phase. Touches and frees `bytes` of anonymous memory. On a VM whose host
+// reclaims free guest memory, the first touch of reclaimed memory costs up to ~10 us per page;
+// doing this right before a timed phase hands every system memory the host has already backed, so
+// none pays that by luck of order.
+//
+// Then sync(): the previous system's deleted files and dirty pages must not be flushed (and its
+// ext4 journal commit must not be waited for) on this one's time.
 void warm_memory(std::uint64_t bytes) {
+  ::sync();
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return;
   std::memset(p, 1, bytes);
@@ -665,9 +670,9 @@ int main(int argc, char** argv) {
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
     const std::string path = dir + "/" + name + ".store";
     auto s = make_system(name, redis_port);
+    warm_memory(2 * w.rows * w.row_bytes());
     s->create(path, w);
     s->open_writer(path, w);
-    warm_memory(2 * w.rows * w.row_bytes());
     auto t = Clock::now();
     append_range(*s, w, 0, w.rows);
     const double append_s = seconds_since(t);

@@ -17,6 +17,7 @@ import numpy as np
 def warm_memory(nbytes):
     """Touches and frees nbytes of memory right before a timed phase (see compare_native.cc's
     warm_memory: the VM host reclaims free guest memory, and re-touching it costs ~10 us/page)."""
+    os.sync()  # The previous system's deletes and dirty pages are not flushed on this one's time.
     a = np.ones(nbytes, dtype=np.uint8)
     del a
 

@@ -70,14 +70,17 @@ pythonic=(numpy h5py embstore-py)
 wanted() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }
 results="$work/results.jsonl"
 : > "$results"
+# Each round starts one system later in the list, so no system always runs right after the same
+# one (what the previous run left behind, deleted files and all, slows whichever comes next).
+rotate() { local k=$(( $1 % $# + 1 )); shift; local a=("$@"); echo "${a[@]:k-1}" "${a[@]:0:k-1}"; }
 for r in $(seq 1 "$repeat"); do
-  for s in "${native[@]}"; do
+  for s in $(rotate $((r - 1)) "${native[@]}"); do
     wanted "$s" || continue
     echo "run.sh: [$r/$repeat] $s" >&2
     "$build_dir/bin/compare_native" --system "$s" --dir "$work" --rows "$rows" --dim "$dim" \
       --batch "$batch" --redis-port "$port" >> "$results" || echo "run.sh: $s failed" >&2
   done
-  for s in "${pythonic[@]}"; do
+  for s in $(rotate $((r - 1)) "${pythonic[@]}"); do
     wanted "$s" || continue
     if [ "$s" = embstore-py ] && [ "$python_ok" = 0 ]; then
       echo "run.sh: embstore-py skipped: the Python module did not build" >&2
