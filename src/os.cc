@@ -187,16 +187,6 @@ void unmap(void* addr, std::uint64_t bytes) noexcept {
   if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);
 }
 
-bool advise_hugepage(void* addr, std::uint64_t bytes) noexcept {
-#ifdef MADV_HUGEPAGE
-  return ::madvise(addr, bytes, MADV_HUGEPAGE) == 0;
-#else
-  (void)addr;
-  (void)bytes;
-  return false;
-#endif
-}
-
 bool populate_write(void* addr, std::uint64_t bytes) noexcept {
 #ifdef MADV_POPULATE_WRITE
   return ::madvise(addr, bytes, MADV_POPULATE_WRITE) == 0;

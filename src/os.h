@@ -43,9 +43,6 @@ void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access acces
                  const std::string& path);
 // Faults in [addr, addr + bytes) for writing without touching the bytes; false if unsupported.
 bool populate_write(void* addr, std::uint64_t bytes) noexcept;
-// madvise(MADV_HUGEPAGE): lets page faults in [addr, addr + bytes) fill the page cache with large
-// folios (fewer, cheaper first-touch faults per byte); false if unsupported. Touches nothing.
-bool advise_hugepage(void* addr, std::uint64_t bytes) noexcept;
 
 void make_dir(const std::string& path);
 // rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).

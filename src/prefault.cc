@@ -48,16 +48,6 @@ std::uint64_t Prefaulter::target() const noexcept {
 }
 
 void Prefaulter::advance(std::uint64_t frontier_row, std::uint64_t limit_rows) noexcept {
-  const std::uint64_t old_limit = limit_.load(std::memory_order_acquire);
-  if (limit_rows > old_limit) {
-    // Newly mapped rows: ask for large page-cache folios there before anyone faults them. The
-    // writer's own first-touch faults (when this thread is behind) then cost ~40% less per byte
-    // (measured on ext4, Linux 6.18). Each growth maps a new VMA, so each gets the advice.
-    const Region& data = regions_[0];
-    const std::uint64_t from = old_limit * data.row_bytes / kPageBytes * kPageBytes;
-    const std::uint64_t to = limit_rows * data.row_bytes / kPageBytes * kPageBytes;
-    if (to > from) os::advise_hugepage(data.base + from, to - from);
-  }
   atomic_max(limit_, limit_rows);
   atomic_max(frontier_, frontier_row);
   atomic_max(done_, frontier_row);  // Pages the writer already touched need no prefault.

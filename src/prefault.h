@@ -11,8 +11,6 @@
 //     limit_rows is the latest value passed to advance(): the caller promises those rows are mapped
 //     and backed by allocated (posix_fallocate'd) file space, so prefaulting never extends a file,
 //     never faults past EOF (no SIGBUS) and never writes a byte (pages read as they were: zeros).
-//   - advance() also marks newly mapped data rows MADV_HUGEPAGE (os::advise_hugepage), so page
-//     faults there fill the page cache with large folios; it changes no byte and no permission.
 //   - It populates at most `ahead_bytes` of the data region past the frontier (and the matching
 //     rows of the other regions). Populated pages become dirty page-cache pages; a later sync
 //     writes them too (zeros inside already-allocated space), which is why the distance is small.
