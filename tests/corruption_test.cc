@@ -191,7 +191,7 @@ TEST_CASE("Counters beyond capacity or the files are refused by name", "[corrupt
   }
 }
 
-TEST_CASE("Garbage past the commit point is ignored; garbage in the index is reported",
+TEST_CASE("Garbage past the commit point is ignored and garbage in the index is reported",
           "[corruption]") {
   TempDir dir;
   const std::string path = make_store(dir);

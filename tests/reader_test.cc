@@ -90,7 +90,7 @@ TEST_CASE("owner() keeps views valid after the reader is closed and destroyed",
   }
 }
 
-TEST_CASE("record() returns a row with its key and epoch; verify() reports nothing bad",
+TEST_CASE("record() returns a row with its key and epoch and verify() reports nothing bad",
           "[reader]") {
   TempDir dir;
   Writer w = Writer::create(dir / "s", small(4));

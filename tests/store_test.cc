@@ -356,7 +356,8 @@ TEST_CASE("Threads appending through one handle and through separate handles nev
   CHECK(r.verify().ok());
 }
 
-TEST_CASE("sync() advances the durable counter; policies sync for the caller", "[store][sync]") {
+TEST_CASE("sync() advances the durable counter and sync policies sync for the caller",
+          "[store][sync]") {
   TempDir dir;
   const std::vector<float> v(4, 1.0f);
   const std::vector<std::uint64_t> k = {1};
