@@ -667,7 +667,7 @@ int main(int argc, char** argv) {
   }
   try {
     w.build();
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    if (name == "hdf5") H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
     const std::string path = dir + "/" + name + ".store";
     auto s = make_system(name, redis_port);
     warm_memory(2 * w.rows * w.row_bytes());
