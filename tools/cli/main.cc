@@ -2,6 +2,7 @@
 //
 //   embstore info <store> [--json]
 //   embstore verify <store> [--from ROW] [--to ROW] [--json]
+//   embstore bench [options]          (tools/cli/bench_command.h)
 //
 // Exit status: 0 success; 1 verify found bad rows; 2 usage error; otherwise 10 + ErrorCode.
 #include <cerrno>
@@ -27,6 +28,8 @@ const char* const kUsage =
     "  info <store> [--json]                      header, counters and file sizes\n"
     "  verify <store> [--from R] [--to R] [--json] recompute every row's checksum\n"
     "  version                                    library and format versions\n"
+    "  bench [options]                            append/read throughput on this disk, beside\n"
+    "                                             pwrite() and memcpy (embstore bench --help)\n"
     "\n"
     "Read-only commands take no lock and change nothing.\n";
 
@@ -34,11 +37,21 @@ std::string json_escape(const std::string& text) {
   std::string out;
   for (unsigned char c : text) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -110,8 +123,7 @@ int cmd_info(const Args& args) {
         static_cast<unsigned long long>(info.durable_rows),
         static_cast<unsigned long long>(info.capacity_rows),
         static_cast<unsigned long long>(info.data_file_bytes),
-        static_cast<unsigned long long>(info.index_file_bytes),
-        json_escape(info.metadata).c_str());
+        static_cast<unsigned long long>(info.index_file_bytes), json_escape(info.metadata).c_str());
     return 0;
   }
   std::printf("store           %s\n", info.path.c_str());
@@ -124,7 +136,8 @@ int cmd_info(const Args& args) {
   std::printf("committed rows  %llu\n", static_cast<unsigned long long>(info.committed_rows));
   std::printf("durable rows    %llu\n", static_cast<unsigned long long>(info.durable_rows));
   std::printf("capacity rows   %llu\n", static_cast<unsigned long long>(info.capacity_rows));
-  std::printf("data file       %llu bytes\n", static_cast<unsigned long long>(info.data_file_bytes));
+  std::printf("data file       %llu bytes\n",
+              static_cast<unsigned long long>(info.data_file_bytes));
   std::printf("index file      %llu bytes\n",
               static_cast<unsigned long long>(info.index_file_bytes));
   std::printf("generation      %llu\n", static_cast<unsigned long long>(info.generation));
@@ -138,12 +151,12 @@ int cmd_verify(const Args& args) {
   const std::uint64_t begin = args.from.value_or(0);
   const embstore::VerifyReport report = reader.verify(begin, end);
   if (args.json) {
-    std::printf("{\"path\":\"%s\",\"begin_row\":%llu,\"end_row\":%llu,\"rows_checked\":%llu,"
-                "\"bad_row_count\":%llu,\"bad_rows\":[",
-                json_escape(reader.path()).c_str(), static_cast<unsigned long long>(begin),
-                static_cast<unsigned long long>(end),
-                static_cast<unsigned long long>(report.rows_checked),
-                static_cast<unsigned long long>(report.bad_row_count));
+    std::printf(
+        "{\"path\":\"%s\",\"begin_row\":%llu,\"end_row\":%llu,\"rows_checked\":%llu,"
+        "\"bad_row_count\":%llu,\"bad_rows\":[",
+        json_escape(reader.path()).c_str(), static_cast<unsigned long long>(begin),
+        static_cast<unsigned long long>(end), static_cast<unsigned long long>(report.rows_checked),
+        static_cast<unsigned long long>(report.bad_row_count));
     for (std::size_t i = 0; i < report.bad_rows.size(); ++i) {
       std::printf("%s%llu", i ? "," : "", static_cast<unsigned long long>(report.bad_rows[i]));
     }
