@@ -7,8 +7,25 @@
 
 namespace embstore::detail {
 
-std::uint64_t payload_hash(const void* row, std::size_t row_bytes, std::uint64_t seed) noexcept {
+std::uint64_t payload_hash_portable(const void* row, std::size_t row_bytes,
+                                    std::uint64_t seed) noexcept {
   return XXH3_64bits_withSeed(row, row_bytes, seed);
+}
+
+namespace {
+using HashFn = std::uint64_t (*)(const void*, std::size_t, std::uint64_t) noexcept;
+
+HashFn pick_payload_hash() noexcept {
+#ifdef EMBSTORE_CHECKSUM_AVX2
+  if (__builtin_cpu_supports("avx2")) return payload_hash_avx2;
+#endif
+  return payload_hash_portable;
+}
+}  // namespace
+
+std::uint64_t payload_hash(const void* row, std::size_t row_bytes, std::uint64_t seed) noexcept {
+  static const HashFn hash = pick_payload_hash();
+  return hash(row, row_bytes, seed);
 }
 
 std::uint64_t entry_checksum(std::uint64_t payload_hash, std::uint64_t key, std::uint64_t epoch,
