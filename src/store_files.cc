@@ -165,13 +165,6 @@ bool StoreFiles::row_valid(std::uint64_t row) const {
   return entry_valid(entry, row, row_ptr(row), layout_.record_bytes, layout_.seed);
 }
 
-std::uint64_t StoreFiles::first_invalid(std::uint64_t begin, std::uint64_t end) const {
-  for (std::uint64_t row = begin; row < end; ++row) {
-    if (!row_valid(row)) return row;
-  }
-  return end;
-}
-
 std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {
   auto era_at = [this](std::uint64_t row) {
     IndexEntry entry;

@@ -62,8 +62,6 @@ class StoreFiles {
     return reinterpret_cast<IndexEntry*>(index_->base()) + row;
   }
   bool row_valid(std::uint64_t row) const;
-  // The first row in [begin, end) that fails its checksum, or `end`. Rows must be mapped.
-  std::uint64_t first_invalid(std::uint64_t begin, std::uint64_t end) const;
   // The end of the longest run of whole, valid batches starting at `begin` (a batch boundary)
   // within [begin, end): a batch counts only if all its rows, up to the one flagged
   // kEntryBatchEnd, validate. Rows must be mapped.

@@ -301,7 +301,8 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     }
     // Another process may have grown the files since this handle last looked.
     files_->grow_to(first + n);
-    const std::uint64_t era_bits = writable_era(first) << detail::kEntryEraShift;
+    const std::uint64_t era_bits = (writable_era(first) & detail::kEntryEraMask)
+                                   << detail::kEntryEraShift;
 
     // Before the copy: the prefault thread skips the rows this copy faults in itself and works
     // on the ones after them, so the two never fault the same pages.
