@@ -87,7 +87,16 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
     detail::os::remove_tree(staging);
     throw;
   }
-  detail::os::sync_dir(parent);
+  try {
+    detail::os::sync_dir(parent);
+  } catch (const Error& error) {
+    // The rename has happened: the store exists and works, only its directory entry may not
+    // survive a power loss. Say so, so a caller does not retry into "already exists".
+    throw Error(error.code(),
+                path + ": the store was created, but flushing its directory entry failed (" +
+                    error.what() + "); it may vanish after a power loss",
+                error.sys_errno());
+  }
 }
 
 StoreInfo read_info(const std::string& path) {

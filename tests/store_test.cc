@@ -572,3 +572,15 @@ TEST_CASE("close() while other threads append and sync never touches released me
     CHECK(unexpected == 0);
   }
 }
+
+TEST_CASE("A failed flush of the parent directory says the store was created", "[store][faults]") {
+  TempDir dir;
+  // create_store flushes: header, lock, rows.1, index.1 (4 fdatasyncs), the staging directory,
+  // then the parent directory: fail the 6th.
+  detail::testing::arm_fault(detail::testing::Op::kMsync, 6, EIO, false);
+  std::string message;
+  CHECK(code_of([&] { create_store(dir / "s", opts(4)); }, &message) == ErrorCode::kIO);
+  detail::testing::disarm_all();
+  CHECK_THAT(message, Catch::Contains("the store was created"));
+  CHECK_NOTHROW(Writer::open(dir / "s"));  // and it is there
+}
