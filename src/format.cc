@@ -8,10 +8,6 @@
 namespace embstore::detail {
 namespace {
 
-std::uint64_t round_up(std::uint64_t value, std::uint64_t multiple) {
-  return (value + multiple - 1) / multiple * multiple;
-}
-
 [[noreturn]] void corrupt(const std::string& path, const std::string& what) {
   throw Error(ErrorCode::kCorruption, path + ": " + what);
 }

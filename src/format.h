@@ -115,6 +115,11 @@ static_assert(offsetof(IndexEntry, epoch) == 8);
 static_assert(offsetof(IndexEntry, row) == 16);
 static_assert(offsetof(IndexEntry, checksum) == 24);
 
+// `value` rounded up to a multiple of `multiple` (> 0).
+constexpr std::uint64_t round_up(std::uint64_t value, std::uint64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
 // The validated, host-side description of a store's fixed header.
 struct Layout {
   DType dtype;

@@ -4,15 +4,9 @@
 #include "format.h"
 
 namespace embstore::detail {
-namespace {
-std::uint64_t round_up_page(std::uint64_t bytes) {
-  return (bytes + kPageBytes - 1) / kPageBytes * kPageBytes;
-}
-}  // namespace
-
 ReservedMapping::ReservedMapping(std::uint64_t reserve_bytes, const std::string& path,
                                  os::Access access)
-    : reserved_bytes_(round_up_page(reserve_bytes)), path_(path), access_(access) {
+    : reserved_bytes_(round_up(reserve_bytes, kPageBytes)), path_(path), access_(access) {
   base_ = static_cast<std::byte*>(os::reserve(reserved_bytes_, path));
 }
 
@@ -20,7 +14,7 @@ ReservedMapping::~ReservedMapping() { os::unmap(base_, reserved_bytes_); }
 
 void ReservedMapping::map_to(int fd, std::uint64_t bytes) {
   if (bytes <= mapped_bytes_) return;
-  const std::uint64_t target = round_up_page(bytes);
+  const std::uint64_t target = round_up(bytes, kPageBytes);
   if (target > reserved_bytes_) {
     throw Error(ErrorCode::kFull, path_ + ": the store needs " + std::to_string(target) +
                                       " bytes of address space but map_bytes reserves " +

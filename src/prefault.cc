@@ -39,10 +39,6 @@ void Prefaulter::stop() noexcept {
   thread_.reset();
 }
 
-void Prefaulter::abandon() noexcept {
-  (void)thread_.release();  // Not joinable here: the thread lives only in the parent.
-}
-
 std::uint64_t Prefaulter::target() const noexcept {
   return std::min(frontier_.load() + ahead_rows_, limit_.load());
 }

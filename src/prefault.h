@@ -17,8 +17,7 @@
 //   - stop() (and the destructor) wake and join the thread; after it returns nothing is touched,
 //     so the caller may unmap the regions. Call it before unmapping.
 //   - Fork: the thread does not exist in a forked child and its mutex may be held there. A child
-//     must never call stop() or destroy the object; it calls abandon(), which leaks the object's
-//     thread handle without touching any lock (the memory goes with the child).
+//     must never call stop() or destroy the object: the Writer that owns it leaks it instead.
 // Thread-safety: advance() may be called from any thread (concurrent calls are fine, the largest
 // frontier wins); stop() must not race with the destructor.
 #pragma once
@@ -53,8 +52,6 @@ class Prefaulter {
   void advance(std::uint64_t frontier_row, std::uint64_t limit_rows) noexcept;
 
   void stop() noexcept;
-  // Forked child only: forget the thread without joining or locking (see the header comment).
-  void abandon() noexcept;
 
   // Rows below this have been populated (or the writer already passed them). For tests/benchmarks.
   std::uint64_t populated_rows() const noexcept { return done_.load(std::memory_order_acquire); }

@@ -11,11 +11,6 @@
 namespace embstore {
 namespace {
 
-std::string strip_trailing_slashes(std::string path) {
-  while (path.size() > 1 && path.back() == '/') path.pop_back();
-  return path;
-}
-
 std::string parent_of(const std::string& path) {
   auto slash = path.rfind('/');
   if (slash == std::string::npos) return ".";
@@ -40,7 +35,7 @@ void write_new_file(const std::string& path, const std::string& bytes, std::uint
 }  // namespace
 
 void create_store(const std::string& path_in, const CreateOptions& options) {
-  const std::string path = strip_trailing_slashes(path_in);
+  const std::string path = detail::strip_trailing_slashes(path_in);
   if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "create: the store path is empty");
   detail::validate_create_params(options.dtype, options.dim, options.segment_bytes,
                                  options.metadata.size());

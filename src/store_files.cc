@@ -12,16 +12,16 @@
 namespace embstore::detail {
 namespace {
 
-std::string strip_trailing_slashes(std::string path) {
-  while (path.size() > 1 && path.back() == '/') path.pop_back();
-  return path;
-}
-
 [[noreturn]] void corrupt(const std::string& path, const std::string& what) {
   throw Error(ErrorCode::kCorruption, path + ": " + what);
 }
 
 }  // namespace
+
+std::string strip_trailing_slashes(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  return path;
+}
 
 std::uint64_t resolve_map_bytes(std::uint64_t requested) {
   if (requested > kMaxMapBytes) {

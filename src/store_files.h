@@ -24,6 +24,9 @@ namespace embstore::detail {
 // kDefaultMapBytes. Throws kInvalidArgument for an unparsable environment value.
 std::uint64_t resolve_map_bytes(std::uint64_t requested);
 
+// `path` without trailing slashes ("/" stays "/"): the store's name in every message.
+std::string strip_trailing_slashes(std::string path);
+
 class StoreFiles {
  public:
   // Opens and validates `dir`. Maps nothing of the data files yet. Throws kNotFound for a path

@@ -49,15 +49,8 @@ class Writer::Impl {
     }
   }
 
+  // Never runs in a forked child: Writer leaks its Impl there (release_impl below).
   ~Impl() {
-    if (detail::os::current_pid() != owner_pid_) {
-      // A forked child: the parent's sync thread does not exist here and the mutex may be held
-      // by a thread that was not copied. Drop the thread handle unjoined; release only memory.
-      (void)sync_thread_.release();
-      if (prefault_) prefault_->abandon();
-      (void)prefault_.release();
-      return;
-    }
     try {
       close();
     } catch (...) {
