@@ -8,10 +8,13 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <climits>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -100,18 +103,40 @@ void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,
   }
 }
 
-void write_all(int fd, const void* buf, std::size_t bytes, std::uint64_t offset,
-               const std::string& path) {
-  const auto* p = static_cast<const char*>(buf);
-  while (bytes > 0) {
+void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t offset,
+                  const std::string& path) {
+  iovec iov[IOV_MAX];
+  std::size_t next = 0;    // First chunk not yet copied into iov.
+  std::size_t pending = 0;  // iovecs in iov not yet written.
+  while (next < count || pending > 0) {
+    for (; pending < IOV_MAX && next < count; ++next) {
+      if (chunks[next].bytes == 0) continue;
+      iov[pending++] = iovec{const_cast<void*>(chunks[next].data), chunks[next].bytes};
+    }
+    if (pending == 0) return;
     if (int err = injected(Op::kPwrite)) fail("write", path, err);
-    ssize_t n = ::pwrite(fd, p, bytes, static_cast<off_t>(offset));
+    const ssize_t n = ::pwritev(fd, iov, static_cast<int>(pending), static_cast<off_t>(offset));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) fail("write", path, errno);
-    p += n;
-    bytes -= static_cast<std::size_t>(n);
+    if (n == 0) fail("write", path, EIO);  // No progress on a regular file: do not spin.
     offset += static_cast<std::uint64_t>(n);
+    // Drop the iovecs written in full; resume a partly written one where it stopped.
+    auto left = static_cast<std::size_t>(n);
+    std::size_t written = 0;
+    while (written < pending && left >= iov[written].iov_len) left -= iov[written++].iov_len;
+    if (written < pending) {
+      iov[written].iov_base = static_cast<char*>(iov[written].iov_base) + left;
+      iov[written].iov_len -= left;
+    }
+    std::move(iov + written, iov + pending, iov);
+    pending -= written;
   }
+}
+
+void write_all(int fd, const void* buf, std::size_t bytes, std::uint64_t offset,
+               const std::string& path) {
+  const Chunk whole{buf, bytes};
+  write_chunks(fd, &whole, 1, offset, path);
 }
 
 void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& path) {
@@ -185,16 +210,6 @@ void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access acces
 
 void unmap(void* addr, std::uint64_t bytes) noexcept {
   if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);
-}
-
-bool populate_write(void* addr, std::uint64_t bytes) noexcept {
-#ifdef MADV_POPULATE_WRITE
-  return ::madvise(addr, bytes, MADV_POPULATE_WRITE) == 0;
-#else
-  (void)addr;
-  (void)bytes;
-  return false;
-#endif
 }
 
 void make_dir(const std::string& path) {

@@ -27,6 +27,14 @@ void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,
                 const std::string& path);
 void write_all(int fd, const void* buf, std::size_t bytes, std::uint64_t offset,
                const std::string& path);
+// A piece of memory for write_chunks.
+struct Chunk {
+  const void* data;
+  std::size_t bytes;
+};
+// Writes the chunks back to back at `offset` (pwritev, IOV_MAX at a time, short writes resumed).
+void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t offset,
+                  const std::string& path);
 // posix_fallocate: the range is allocated (and the file extended) or an error is thrown.
 void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& path);
 void datasync(int fd, const std::string& path);
@@ -41,8 +49,6 @@ void unmap(void* addr, std::uint64_t bytes) noexcept;
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
 void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
                  const std::string& path);
-// Faults in [addr, addr + bytes) for writing without touching the bytes; false if unsupported.
-bool populate_write(void* addr, std::uint64_t bytes) noexcept;
 
 void make_dir(const std::string& path);
 // rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).

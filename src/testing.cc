@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -57,7 +58,20 @@ struct Hooks {
   std::string crash_point;
   std::atomic<std::uint64_t> crash_remaining{0};
   std::atomic<std::uint64_t> injected{0};
+  std::atomic<int> write_mode{0};  // 0 by size, 1 mapping, 2 syscall, 3 alternate.
+  std::atomic<std::uint64_t> write_calls{0};
 };
+
+// A misspelt mode would silently test the default path: refuse it loudly instead.
+int parse_write_mode(std::string_view mode) {
+  if (mode.empty()) return 0;
+  if (mode == "mapping") return 1;
+  if (mode == "syscall") return 2;
+  if (mode == "alternate") return 3;
+  std::fprintf(stderr, "EMBSTORE_WRITE_PATH=%.*s: expected mapping, syscall or alternate\n",
+               static_cast<int>(mode.size()), mode.data());
+  std::abort();
+}
 
 Hooks& hooks() {
   static Hooks* h = [] {
@@ -93,6 +107,9 @@ Hooks& hooks() {
           }
         }
       }
+    }
+    if (const char* mode = std::getenv("EMBSTORE_WRITE_PATH")) {
+      fresh->write_mode = parse_write_mode(mode);
     }
     return fresh;
   }();
@@ -159,6 +176,22 @@ void crash_point(const char* point) noexcept {
 }
 
 void set_boot_id(std::string_view boot_id_text) { os::override_boot_id(boot_id_text); }
+
+WritePath write_path() noexcept {
+  auto& h = hooks();
+  switch (h.write_mode.load()) {
+    case 1:
+      return WritePath::kMapping;
+    case 2:
+      return WritePath::kSyscall;
+    case 3:
+      return h.write_calls.fetch_add(1) % 2 == 0 ? WritePath::kMapping : WritePath::kSyscall;
+    default:
+      return WritePath::kBySize;
+  }
+}
+
+void set_write_path(std::string_view mode) { hooks().write_mode = parse_write_mode(mode); }
 #endif
 
 }  // namespace embstore::detail::testing

@@ -6,6 +6,9 @@
 //   EMBSTORE_CRASH=<point>:<n>          raise SIGKILL at the n-th pass (1-based) of <point>
 //   EMBSTORE_FAULT=<op>:<n>:<errno>[:forever][,...]   fail the n-th call of <op> with <errno>
 //   EMBSTORE_BOOT_ID=<uuid>             the boot id the store sees (simulates a reboot)
+//   EMBSTORE_WRITE_PATH=<path>          how appends copy rows (src/writer.cc, write_rows):
+//                                       mapping | syscall for every batch, alternate between the
+//                                       two from one append to the next; unset: by batch size
 // Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
 //         after-publish, mid-sync, during-recovery.
 // Ops: open, fallocate, ftruncate, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
@@ -32,6 +35,8 @@ enum class Op : int {
 
 std::string_view op_name(Op op) noexcept;
 
+enum class WritePath { kBySize, kMapping, kSyscall };
+
 #ifdef EMBSTORE_TESTING
 inline constexpr bool kEnabled = true;
 // Fails the nth call (1-based, counted from now) of `op` with `err`; if `forever`, every later
@@ -45,12 +50,19 @@ int fault_for(Op op) noexcept;
 void crash_point(const char* point) noexcept;
 // Overrides the boot id the store sees (simulates a reboot). Empty: the kernel's.
 void set_boot_id(std::string_view boot_id_text);
+// The path this append must take (EMBSTORE_WRITE_PATH; "alternate" flips on every call), or
+// kBySize to let the writer choose.
+WritePath write_path() noexcept;
+// Overrides EMBSTORE_WRITE_PATH for this process: "", "mapping", "syscall" or "alternate".
+void set_write_path(std::string_view mode);
 #define EMBSTORE_CRASH_POINT(name) ::embstore::detail::testing::crash_point(name)
 #define EMBSTORE_FAULT(op) ::embstore::detail::testing::fault_for(op)
+#define EMBSTORE_WRITE_PATH() ::embstore::detail::testing::write_path()
 #else
 inline constexpr bool kEnabled = false;
 #define EMBSTORE_CRASH_POINT(name) ((void)0)
 #define EMBSTORE_FAULT(op) 0
+#define EMBSTORE_WRITE_PATH() ::embstore::detail::testing::WritePath::kBySize
 #endif
 
 }  // namespace embstore::detail::testing

@@ -17,7 +17,6 @@
 #include "format.h"
 #include "lock.h"
 #include "os.h"
-#include "prefault.h"
 #include "store_files.h"
 #include "testing.h"
 
@@ -38,11 +37,6 @@ class Writer::Impl {
       detail::LockGuard guard(*lock_);
       recover();
       files_->map_rows(files_->state().capacity());
-    }
-    // Not under kEveryAppend: each sync would also write the prefaulted (zero) pages, doubling
-    // the bytes flushed per append (measured: half the throughput in bench/append_bench).
-    if (options_.prefault_bytes > 0 && options_.sync != SyncPolicy::kEveryAppend) {
-      start_prefault();
     }
     if (options_.sync == SyncPolicy::kInterval) {
       sync_thread_ = std::make_unique<std::thread>([this] { sync_loop(); });
@@ -82,7 +76,9 @@ class Writer::Impl {
   std::uint64_t writable_era(std::uint64_t first);
   void recover();
   void sync_loop();
-  void start_prefault();
+  // Copies n rows, `stride` bytes apart at `source`, into the data file from row `first`.
+  void write_rows(std::uint64_t first, const std::byte* source, std::uint64_t stride,
+                  std::uint64_t n);
   [[noreturn]] void poison(const Error& error);
 
   std::unique_ptr<StoreFiles> files_;  // Released by close().
@@ -104,17 +100,49 @@ class Writer::Impl {
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
   bool stop_sync_ = false;
-  std::unique_ptr<detail::Prefaulter> prefault_;  // Stopped before files_ is unmapped.
 };
 
-// The thread sleeps until the first append: a Writer opened and closed without appending
-// touches no page.
-void Writer::Impl::start_prefault() {
-  prefault_ = std::make_unique<detail::Prefaulter>(
-      std::vector<detail::Prefaulter::Region>{
-          {files_->row_ptr(0), files_->layout().record_bytes},
-          {reinterpret_cast<std::byte*>(files_->entry_ptr(0)), sizeof(IndexEntry)}},
-      options_.prefault_bytes);
+// Two ways to put rows into the page cache, each the faster one for its batch size (measured
+// with bench/append_bench, 768 x f32 rows, on ext4; bench/RESULTS.md, "write path"):
+//   - memcpy through the writer's mapping: no system call, but the first write-touch of each
+//     fresh page faults (~1 us: page allocation, zeroing, page_mkwrite). For one row: 2.3-2.9 us
+//     per append against 4.8-5.0 us through pwritev.
+//   - pwritev on the data file: one system call, and the kernel allocates each page-cache page
+//     and copies into it without zeroing or mapping it. From ~64 KiB on it wins: 512 rows
+//     (1.5 MiB) take 242-300 us against 400-620 us through the mapping, 1.05x a plain pwrite()
+//     of the same bytes — the file space is already allocated, so no block allocation either.
+// Readers see either the same way: both write the one page cache their mappings show, before
+// the release store of `committed` that publishes the rows.
+constexpr std::uint64_t kWriteSyscallMinBytes = 64 * 1024;
+
+void Writer::Impl::write_rows(std::uint64_t first, const std::byte* source, std::uint64_t stride,
+                              std::uint64_t n) {
+  const std::uint64_t record_bytes = files_->layout().record_bytes;
+  const bool packed = stride == record_bytes;
+  const detail::testing::WritePath forced = EMBSTORE_WRITE_PATH();
+  const bool through_mapping = forced == detail::testing::WritePath::kBySize
+                                   ? n * record_bytes < kWriteSyscallMinBytes
+                                   : forced == detail::testing::WritePath::kMapping;
+  if (through_mapping) {
+    std::byte* dest = files_->row_ptr(first);
+    if (packed) {
+      std::memcpy(dest, source, n * record_bytes);
+    } else {
+      for (std::uint64_t i = 0; i < n; ++i) {
+        std::memcpy(dest + i * record_bytes, source + i * stride, record_bytes);
+      }
+    }
+    return;
+  }
+  thread_local std::vector<detail::os::Chunk> chunks;
+  chunks.clear();
+  if (packed) {
+    chunks.push_back({source, n * record_bytes});
+  } else {
+    for (std::uint64_t i = 0; i < n; ++i) chunks.push_back({source + i * stride, record_bytes});
+  }
+  detail::os::write_chunks(files_->data_fd(), chunks.data(), chunks.size(), first * record_bytes,
+                           files_->data_path());
 }
 
 void Writer::Impl::check_usable() const {
@@ -297,17 +325,9 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     const std::uint64_t era_bits = (writable_era(first) & detail::kEntryEraMask)
                                    << detail::kEntryEraShift;
 
-    // Before the copy: the prefault thread skips the rows this copy faults in itself and works
-    // on the ones after them, so the two never fault the same pages.
-    if (prefault_) prefault_->advance(first + n, files_->mapped_rows());
-    std::byte* dest = files_->row_ptr(first);
-    if (source_stride == record_bytes) {
-      std::memcpy(dest, source, n * record_bytes);
-    } else {
-      for (std::uint64_t i = 0; i < n; ++i) {
-        std::memcpy(dest + i * record_bytes, source + i * source_stride, record_bytes);
-      }
-    }
+    // A failed write leaves committed where it was: the rows stay unpublished and the next
+    // append writes over them. The handle stays usable (nothing published was touched).
+    write_rows(first, source, source_stride, n);
     EMBSTORE_CRASH_POINT("after-copy");
     IndexEntry* entries = files_->entry_ptr(first);
     for (std::uint64_t i = 0; i < n; ++i) {
@@ -398,7 +418,6 @@ void Writer::Impl::close() {
     }
   }
   closed_ = true;
-  prefault_.reset();  // Joins the thread: nothing touches the mappings after this.
   lock_.reset();
   files_.reset();
   if (final_error) std::rethrow_exception(final_error);

@@ -1,11 +1,13 @@
 // A full disk is an error from append(), never SIGBUS: on a small tmpfs and under RLIMIT_FSIZE.
 // Earlier rows stay intact, readers keep reading, and appends resume once space frees.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cstring>
 #include <vector>
 
 #include "embstore/embstore.h"
@@ -125,4 +127,57 @@ TEST_CASE("Under RLIMIT_FSIZE append fails with kFull instead of a signal", "[fa
   for (std::size_t k = 0; k < keys.size(); ++k) keys[k] = test::make_key(0, rows + k);
   w.append(keys, 0, std::span<const float>(values));
   CHECK(rows_intact(path, rows + keys.size()));
+}
+
+TEST_CASE("A large append the kernel writes only in part fails with kFull and publishes nothing",
+          "[faults][full][write-path]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4 << 20;
+  create_store(path, o);
+  {  // Row 0, and a 4 MiB data segment allocated before any limit.
+    Writer w = Writer::open(path);
+    const auto values = test::batch_payload(0, 0, 1, kDim);
+    const std::vector<std::uint64_t> keys = {test::make_key(0, 0)};
+    w.append(keys, 0, std::span<const float>(values));
+  }
+  const pid_t child = test::spawn([&] {
+    ::signal(SIGXFSZ, SIG_IGN);
+    // Mid-row and mid-page: the 2 MiB batch from byte 1024 is cut short there, then refused.
+    constexpr rlim_t kLimit = (1 << 20) + 1000;
+    struct rlimit limit = {kLimit, RLIM_INFINITY};
+    if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) return 10;
+    Writer w = Writer::open(path);
+    if (w.info().data_file_bytes < (4u << 20)) return 11;
+    const auto values = test::batch_payload(0, 1, 2048, kDim);
+    std::vector<std::uint64_t> keys(2048);
+    for (std::uint64_t k = 0; k < keys.size(); ++k) keys[k] = test::make_key(0, 1 + k);
+    try {
+      w.append(keys, 0, std::span<const float>(values));
+      return 2;  // Not refused.
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kFull || e.sys_errno() != EFBIG ||
+          std::string(e.what()).find(path) == std::string::npos) {
+        std::fprintf(stderr, "unexpected: %s\n", e.what());
+        return 3;
+      }
+    }
+    if (w.committed_rows() != 1 || !rows_intact(path, 1)) return 4;
+    // The part the kernel took went where it belongs: the batch's bytes up to the limit.
+    std::vector<std::byte> head(kLimit - 1024);
+    const int fd = ::open((path + "/rows.1").c_str(), O_RDONLY);
+    if (fd < 0 || ::pread(fd, head.data(), head.size(), 1024) != static_cast<ssize_t>(head.size()))
+      return 5;
+    ::close(fd);
+    if (std::memcmp(head.data(), values.data(), head.size()) != 0) return 6;
+    // Lift the limit: the same batch now goes in whole, at the same place.
+    limit.rlim_cur = RLIM_INFINITY;
+    if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) return 12;
+    if (w.append(keys, 0, std::span<const float>(values)) != 1) return 7;
+    return rows_intact(path, 2049) ? 0 : 8;
+  });
+  CHECK(test::wait_for(child) == 0);
+  CHECK(rows_intact(path, 2049));
 }

@@ -423,12 +423,7 @@ TEST_CASE("A failed flush poisons the writer until reopened and is never retried
 
 TEST_CASE("A forked child cannot write through its parent's writer", "[store][fork]") {
   TempDir dir;
-  // No prefault thread in the parent: under ASan (GCC 12) a thread that is inside the sanitizer's
-  // allocator at fork() leaves its lock held in the child, and the child's own threads then hang.
-  // glibc's malloc is fork-safe; the sanitizer's is not.
-  WriterOptions single_threaded;
-  single_threaded.prefault_bytes = 0;
-  Writer w = Writer::create(dir / "s", opts(4), single_threaded);
+  Writer w = Writer::create(dir / "s", opts(4));
   const std::vector<float> v(4, 1.0f);
   const std::vector<std::uint64_t> k = {1};
   w.append(k, 0, std::span<const float>(v));
@@ -583,4 +578,105 @@ TEST_CASE("A failed flush of the parent directory says the store was created", "
   detail::testing::disarm_all();
   CHECK_THAT(message, Catch::Contains("the store was created"));
   CHECK_NOTHROW(Writer::open(dir / "s"));  // and it is there
+}
+
+namespace {
+
+// Pins how appends copy rows (src/writer.cc, write_rows) for the life of the object.
+struct WritePathGuard {
+  explicit WritePathGuard(std::string_view mode) { detail::testing::set_write_path(mode); }
+  ~WritePathGuard() { detail::testing::set_write_path(""); }
+  WritePathGuard(const WritePathGuard&) = delete;
+  WritePathGuard& operator=(const WritePathGuard&) = delete;
+};
+
+}  // namespace
+
+TEST_CASE("Both write paths store the same bytes: packed, strided past IOV_MAX rows, converted",
+          "[store][write-path]") {
+  const std::string mode = GENERATE(as<std::string>{}, "", "mapping", "syscall", "alternate");
+  INFO("EMBSTORE_WRITE_PATH=" << mode);
+  WritePathGuard pin(mode);
+  TempDir dir;
+  constexpr std::uint32_t kDim = 16;  // 64-byte rows
+  Writer w = Writer::create(dir / "s", opts(kDim, DType::kFloat32, 4096));
+  std::uint64_t seq = 0;
+  // Batch sizes on both sides of the 64 KiB switch; 3000 strided rows take three pwritev calls
+  // of at most IOV_MAX (1024) pieces each.
+  for (const std::uint64_t rows : {3ull, 3000ull, 1ull, 2500ull, 1023ull, 1025ull}) {
+    const auto packed = test::batch_payload(2, seq, rows, kDim);
+    std::vector<std::uint64_t> keys(rows);
+    for (std::uint64_t i = 0; i < rows; ++i) keys[i] = test::make_key(2, seq + i);
+    if (rows % 2 == 0) {  // Padded to 20 floats per row, the padding poisoned.
+      std::vector<float> strided(rows * 20, std::nanf(""));
+      for (std::uint64_t i = 0; i < rows; ++i) {
+        std::memcpy(&strided[i * 20], &packed[i * kDim], kDim * sizeof(float));
+      }
+      CHECK(w.append(keys, 7, ConstMatrix{strided.data(), DType::kFloat32, rows, kDim, 80}) == seq);
+    } else {
+      CHECK(w.append(keys, 7, std::span<const float>(packed)) == seq);
+    }
+    seq += rows;
+  }
+  w.close();
+  Reader r = Reader::open(dir / "s");
+  REQUIRE(r.size() == seq);
+  for (std::uint64_t row = 0; row < seq; ++row) {
+    REQUIRE(r.keys(0, seq)[row] == test::make_key(2, row));
+    REQUIRE(test::payload_matches(test::make_key(2, row), kDim, r.rows().row(row)));
+  }
+  CHECK(r.verify().ok());
+
+  // float32 into a float16 store: the converted staging copy takes the same paths.
+  Writer half = Writer::create(dir / "h", opts(kDim, DType::kFloat16, 4096));
+  const std::vector<float> values = test::batch_payload(3, 0, 3000, kDim);
+  half.append(iota_keys(0, 3000), 0, std::span<const float>(values));
+  half.append(iota_keys(3000, 2), 0, std::span<const float>(values.data(), 2 * kDim));
+  Reader hr = Reader::open(dir / "h");
+  REQUIRE(hr.size() == 3002);
+  const auto* halves = reinterpret_cast<const std::uint16_t*>(hr.rows().data);
+  for (std::uint64_t i = 0; i < 3000 * kDim; ++i) {
+    REQUIRE(halves[i] == detail::float_to_half(values[i]));
+  }
+  for (std::uint64_t i = 0; i < 2 * kDim; ++i) {
+    REQUIRE(halves[3000 * kDim + i] == detail::float_to_half(values[i]));
+  }
+  CHECK(hr.verify().ok());
+}
+
+TEST_CASE("A failed write of a batch publishes nothing and the writer carries on",
+          "[store][faults][write-path]") {
+  const int err = GENERATE(EIO, ENOSPC);
+  INFO("errno " << err);
+  TempDir dir;
+  constexpr std::uint32_t kDim = 16;
+  Writer w = Writer::create(dir / "s", opts(kDim));
+  auto batch = [&](std::uint64_t first, std::uint64_t rows) {
+    return std::make_pair(iota_keys(first, rows), test::batch_payload(4, first, rows, kDim));
+  };
+  const auto [keys0, values0] = batch(0, 10);
+  w.append(keys0, 0, std::span<const float>(values0));
+  // 2000 rows of 64 bytes: 128 KiB, written with pwritev; its first call fails.
+  const auto [keys1, values1] = batch(10, 2000);
+  detail::testing::arm_fault(detail::testing::Op::kPwrite, 1, err, false);
+  std::string message;
+  const ErrorCode code = code_of([&] { w.append(keys1, 0, std::span<const float>(values1)); },
+                                 &message);
+  detail::testing::disarm_all();
+  CHECK(code == (err == ENOSPC ? ErrorCode::kFull : ErrorCode::kIO));
+  CHECK_THAT(message, Catch::Contains("write") && Catch::Contains(dir / "s") &&
+                          Catch::Contains("rows.1"));
+  CHECK(w.committed_rows() == 10);
+  CHECK(Reader::open(dir / "s").size() == 10);
+  // Not poisoned: nothing published was touched. The retry lands where the failed batch would.
+  CHECK(w.append(keys1, 0, std::span<const float>(values1)) == 10);
+  w.close();
+  Reader r = Reader::open(dir / "s");
+  REQUIRE(r.size() == 2010);
+  for (std::uint64_t row = 0; row < 2010; ++row) {
+    const auto& values = row < 10 ? values0 : values1;
+    const std::uint64_t at = row < 10 ? row : row - 10;
+    REQUIRE(std::memcmp(r.rows().row(row), &values[at * kDim], kDim * sizeof(float)) == 0);
+  }
+  CHECK(r.verify().ok());
 }

@@ -50,7 +50,7 @@ if [ "$quick" = 0 ]; then
     # TSan allows only a few TiB of application address space: give each store a smaller
     # reservation than the 1 TiB default.
     export EMBSTORE_MAP_BYTES=$((64 << 30))
-    # Tests fork children that open writers (which start a prefault thread) from multi-threaded
+    # Tests fork children that open writers (which may start a sync thread) from multi-threaded
     # parents; TSan refuses new threads after such a fork unless told otherwise.
     export TSAN_OPTIONS="die_after_fork=0 ${TSAN_OPTIONS:-}"
     if [ -x tests/reliability/ci.sh ]; then

@@ -39,12 +39,6 @@ struct WriterOptions {
   // Reserving costs no memory, only address space (it counts against ulimit -v). 0 means the
   // environment variable EMBSTORE_MAP_BYTES if set, else kDefaultMapBytes.
   std::uint64_t map_bytes = 0;
-  // Bytes of the data file past the last append that a background thread faults in ahead of the
-  // next appends (MADV_POPULATE_WRITE), inside space already allocated; 0 turns it off. Takes the
-  // ~1 us first-touch cost of each fresh page off append's critical path when a core is free.
-  // Costs one thread per Writer, and a sync also flushes these (still zero) pages, so it is off
-  // under SyncPolicy::kEveryAppend. Pays when a core is idle; on a saturated machine it is neutral.
-  std::uint64_t prefault_bytes = 32ull << 20;
   // When set, open() fails with kFormatMismatch unless the store has this dim / dtype.
   std::optional<std::uint32_t> expect_dim;
   std::optional<DType> expect_dtype;

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <random>
 #include <span>
@@ -32,7 +33,9 @@ const char* const kBenchUsage =
     "usage: embstore bench [options]\n"
     "\n"
     "Appends to a fresh store from N writer processes while M reader processes follow it, then\n"
-    "runs the same workload through pwrite() and memcpy in the same run and reports ratios.\n"
+    "runs the same workload in the same run through pwrite() appending to a new file (pwrite),\n"
+    "pwrite() into a file preallocated with posix_fallocate (pwrite-pre: how embstore writes\n"
+    "batches of 64 KiB and more) and memcpy into private memory, and reports ratios.\n"
     "\n"
     "  --writers N[,N...]   writer processes; a list runs each count in turn (default 1)\n"
     "  --readers M          reader processes following the store (default 0)\n"
@@ -44,11 +47,9 @@ const char* const kBenchUsage =
     "  --seconds S          run for S seconds instead of a row count\n"
     "  --repeat K           run each workload K times, order rotated, report medians (default 3)\n"
     "  --sync P             none | every | interval (default none)\n"
-    "  --prefault-mb M      WriterOptions::prefault_bytes in MiB (0 turns prefaulting off;\n"
-    "                       default: the library's)\n"
     "  --dir PATH           where the temporary store goes (default $TMPDIR or /tmp)\n"
     "  --keep               keep the store afterwards (its path is printed)\n"
-    "  --no-baselines       skip the pwrite/memcpy runs\n"
+    "  --no-baselines       skip the pwrite/pwrite-pre/memcpy runs\n"
     "  --json               one JSON object on stdout instead of the table\n"
     "  --quiet              no progress line on stderr\n"
     "\n"
@@ -69,7 +70,6 @@ struct Config {
   SyncPolicy sync = SyncPolicy::kNone;
   std::string sync_text = "none";
   std::string dir;
-  std::optional<std::uint64_t> prefault_bytes;
   int repeat = 3;
   bool keep = false;
   bool baselines = true;
@@ -151,8 +151,6 @@ Config parse_config(int argc, char** argv) {
     } else if (arg == "--repeat") {
       config.repeat = static_cast<int>(parse_u64(arg, value(), 1));
       if (config.repeat > 100) usage_error("--repeat takes at most 100");
-    } else if (arg == "--prefault-mb") {
-      config.prefault_bytes = parse_u64(arg, value(), 0) << 20;
     } else if (arg == "--dir") {
       config.dir = value();
     } else if (arg == "--keep") {
@@ -289,7 +287,25 @@ void wait_for_go(Shared* shared) {
   while (shared->go.load() == 0) ::usleep(100);
 }
 
-enum class Workload { kEmbstore, kPwrite, kMemcpy };
+enum class Workload { kEmbstore, kPwrite, kPwritePrealloc, kMemcpy };
+
+const char* workload_name(Workload workload) {
+  switch (workload) {
+    case Workload::kEmbstore:
+      return "embstore";
+    case Workload::kPwrite:
+      return "pwrite";
+    case Workload::kPwritePrealloc:
+      return "pwrite-pre";
+    case Workload::kMemcpy:
+      return "memcpy";
+  }
+  return "?";
+}
+
+bool is_pwrite(Workload workload) {
+  return workload == Workload::kPwrite || workload == Workload::kPwritePrealloc;
+}
 
 // Body of one writer child. Never returns.
 [[noreturn]] void writer_child(const Config& config, Workload workload, int index, int writers,
@@ -311,9 +327,8 @@ enum class Workload { kEmbstore, kPwrite, kMemcpy };
     if (workload == Workload::kEmbstore) {
       WriterOptions options;
       options.sync = config.sync;
-      if (config.prefault_bytes) options.prefault_bytes = *config.prefault_bytes;
       writer.emplace(Writer::open(store, options));
-    } else if (workload == Workload::kPwrite) {
+    } else if (is_pwrite(workload)) {
       fd = ::open(pwrite_path.c_str(), O_WRONLY);
       if (fd < 0) fail_child(shared, "bench: cannot open " + pwrite_path);
     } else {
@@ -335,7 +350,7 @@ enum class Workload { kEmbstore, kPwrite, kMemcpy };
         for (std::uint64_t i = 0; i < n; ++i) keys[i] = static_cast<std::uint64_t>(t0);
         writer->append(std::span(keys.data(), n), static_cast<std::uint64_t>(index),
                        ConstMatrix{batch.data(), config.in_dtype, n, config.dim, 0});
-      } else if (workload == Workload::kPwrite) {
+      } else if (is_pwrite(workload)) {
         const std::uint64_t bytes = n * store_row_bytes;
         const std::uint64_t offset = shared->next_offset.fetch_add(bytes);
         if (::pwrite(fd, batch.data(), bytes, static_cast<off_t>(offset)) !=
@@ -435,9 +450,19 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
                       std::uint64_t total_rows) {
   Shared* shared = map_shared();
   const std::string pwrite_path = work_dir + "/pwrite.data";
-  if (workload == Workload::kPwrite) {
+  if (is_pwrite(workload)) {
     const int fd = ::open(pwrite_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) throw Error(ErrorCode::kIO, "bench: cannot create " + pwrite_path);
+    if (workload == Workload::kPwritePrealloc) {
+      const std::uint64_t bytes =
+          total_rows * std::uint64_t{config.dim} * dtype_size(config.store_dtype);
+      const int err = bytes > 0 ? ::posix_fallocate(fd, 0, static_cast<off_t>(bytes)) : 0;
+      if (err != 0) {
+        ::close(fd);
+        throw Error(ErrorCode::kIO, "bench: cannot preallocate " + std::to_string(bytes) +
+                                        " bytes for " + pwrite_path + ": " + std::strerror(err));
+      }
+    }
     ::close(fd);
   }
   std::fflush(nullptr);
@@ -463,9 +488,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   }
   const int children = writers + readers;
   while (shared->ready.load() < children && shared->failed.load() == 0) ::usleep(200);
-  const char* name = workload == Workload::kEmbstore ? "embstore"
-                     : workload == Workload::kPwrite ? "pwrite"
-                                                     : "memcpy";
+  const char* name = workload_name(workload);
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
   const std::int64_t start = now_ns();
   shared->go.store(1);
@@ -522,7 +545,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   result.reader_lag = percentiles(std::move(all));
   result.reader_bytes = shared->reader_bytes.load();
   ::munmap(shared, sizeof(Shared));
-  if (workload == Workload::kPwrite) std::remove(pwrite_path.c_str());
+  if (is_pwrite(workload)) std::remove(pwrite_path.c_str());
   return result;
 }
 
@@ -540,7 +563,7 @@ std::uint64_t disk_bytes(const std::string& dir) {
 
 struct RunResult {
   int writers = 0;
-  PhaseResult store, pwrite, memcpy;
+  PhaseResult store, pwrite, pwrite_prealloc, memcpy;
   std::uint64_t disk = 0, payload = 0, segment_bytes = 0;
   std::string store_path;
 };
@@ -555,14 +578,14 @@ PhaseResult median_phase(std::vector<PhaseResult> phases) {
   return phases[phases.size() / 2];
 }
 
-// Runs the embstore, pwrite and memcpy phases `repeat` times each, rotating their order (in
+// Runs the embstore phase and the three baselines `repeat` times each, rotating their order (in
 // row-count mode) so none always runs first on a machine whose memory or disk is cold, and keeps
 // the median of each.
 RunResult run_one(const Config& config, int writers, const std::string& work_dir) {
   RunResult run;
   run.writers = writers;
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
-  std::vector<PhaseResult> stores, pwrites, memcpys;
+  std::vector<PhaseResult> stores, pwrites, preallocs, memcpys;
   for (int r = 0; r < config.repeat; ++r) {
     const std::string path =
         work_dir + "/store-w" + std::to_string(writers) + "-r" + std::to_string(r);
@@ -587,35 +610,28 @@ RunResult run_one(const Config& config, int writers, const std::string& work_dir
         std::filesystem::remove_all(path, ec);
       }
     };
-    auto pwrite_phase = [&] {
-      pwrites.push_back(run_phase(config, Workload::kPwrite, writers, 0, work_dir, path, rows));
+    auto baseline = [&](Workload workload, std::vector<PhaseResult>& results) {
+      return [&, workload] {
+        results.push_back(run_phase(config, workload, writers, 0, work_dir, path, rows));
+      };
     };
-    auto memcpy_phase = [&] {
-      memcpys.push_back(run_phase(config, Workload::kMemcpy, writers, 0, work_dir, path, rows));
-    };
+    const std::function<void()> phases[] = {store_phase, baseline(Workload::kPwrite, pwrites),
+                                            baseline(Workload::kPwritePrealloc, preallocs),
+                                            baseline(Workload::kMemcpy, memcpys)};
     if (!config.baselines) {
       store_phase();
       continue;
     }
     // Duration mode: the baselines need the row count the store reached, so it goes first.
-    const int rotation = config.seconds > 0 ? 0 : r % 3;
-    if (rotation == 0) {
-      store_phase();
-      pwrite_phase();
-      memcpy_phase();
-    } else if (rotation == 1) {
-      pwrite_phase();
-      memcpy_phase();
-      store_phase();
-    } else {
-      memcpy_phase();
-      store_phase();
-      pwrite_phase();
+    const int rotation = config.seconds > 0 ? 0 : r % std::size(phases);
+    for (std::size_t i = 0; i < std::size(phases); ++i) {
+      phases[(rotation + i) % std::size(phases)]();
     }
   }
   run.store = median_phase(stores);
   if (config.baselines) {
     run.pwrite = median_phase(pwrites);
+    run.pwrite_prealloc = median_phase(preallocs);
     run.memcpy = median_phase(memcpys);
   }
   return run;
@@ -625,11 +641,11 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
   std::printf(
       "{\"config\":{\"batch\":%llu,\"dim\":%u,\"dtype\":\"%s\",\"rows\":%llu,"
       "\"seconds\":%g,\"readers\":%d,\"sync\":\"%s\",\"row_bytes\":%llu,"
-      "\"prefault_bytes\":%lld,\"repeat\":%d},\"runs\":[",
+      "\"repeat\":%d},\"runs\":[",
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
       static_cast<unsigned long long>(config.rows), config.seconds, config.readers,
       config.sync_text.c_str(), static_cast<unsigned long long>(row_bytes),
-      config.prefault_bytes ? static_cast<long long>(*config.prefault_bytes) : -1LL, config.repeat);
+      config.repeat);
   auto phase = [&](const char* name, const PhaseResult& p, bool last) {
     std::printf(
         "\"%s\":{\"rows\":%llu,\"seconds\":%.6f,\"rows_per_s\":%.1f,\"mb_per_s\":%.1f,"
@@ -644,10 +660,14 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
     phase("embstore", r.store, false);
     if (config.baselines) {
       phase("pwrite", r.pwrite, false);
+      phase("pwrite_prealloc", r.pwrite_prealloc, false);
       phase("memcpy", r.memcpy, false);
-      std::printf("\"ratio_vs_pwrite\":%.3f,\"ratio_vs_memcpy\":%.3f,",
-                  ratio(r.store.rows_per_s(), r.pwrite.rows_per_s()),
-                  ratio(r.store.rows_per_s(), r.memcpy.rows_per_s()));
+      std::printf(
+          "\"ratio_vs_pwrite\":%.3f,\"ratio_vs_pwrite_prealloc\":%.3f,"
+          "\"ratio_vs_memcpy\":%.3f,",
+          ratio(r.store.rows_per_s(), r.pwrite.rows_per_s()),
+          ratio(r.store.rows_per_s(), r.pwrite_prealloc.rows_per_s()),
+          ratio(r.store.rows_per_s(), r.memcpy.rows_per_s()));
     }
     std::printf("\"ratio_vs_first_run\":%.3f,",
                 ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
@@ -676,15 +696,17 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
       config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
                          : (std::to_string(config.rows) + " rows").c_str(),
       config.repeat);
-  std::printf("%-8s %-9s %12s %10s %10s %10s %10s %9s %9s\n", "writers", "workload", "rows/s",
-              "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x memcpy");
+  std::printf("%-8s %-10s %12s %10s %10s %10s %10s %9s %11s %9s\n", "writers", "workload",
+              "rows/s", "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x pwrite-pre",
+              "x memcpy");
   for (const RunResult& r : runs) {
     auto line = [&](const char* name, const PhaseResult& p, bool ratios) {
-      std::printf("%-8d %-9s %12.0f %10.1f %10.1f %10.1f %10.1f", r.writers, name, p.rows_per_s(),
+      std::printf("%-8d %-10s %12.0f %10.1f %10.1f %10.1f %10.1f", r.writers, name, p.rows_per_s(),
                   p.rows_per_s() * row_bytes / 1e6, p.latency.p50_us, p.latency.p99_us,
                   p.latency.max_us);
       if (ratios && config.baselines) {
-        std::printf(" %9.2f %9.2f", ratio(p.rows_per_s(), r.pwrite.rows_per_s()),
+        std::printf(" %9.2f %11.2f %9.2f", ratio(p.rows_per_s(), r.pwrite.rows_per_s()),
+                    ratio(p.rows_per_s(), r.pwrite_prealloc.rows_per_s()),
                     ratio(p.rows_per_s(), r.memcpy.rows_per_s()));
       }
       std::printf("\n");
@@ -692,6 +714,7 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
     line("embstore", r.store, true);
     if (config.baselines) {
       line("pwrite", r.pwrite, false);
+      line("pwrite-pre", r.pwrite_prealloc, false);
       line("memcpy", r.memcpy, false);
     }
     if (config.readers > 0) {
