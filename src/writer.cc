@@ -103,17 +103,17 @@ class Writer::Impl {
 };
 
 // Two ways to put rows into the page cache, each the faster one for its batch size (measured
-// with bench/append_bench, 768 x f32 rows, on ext4; bench/RESULTS.md, "write path"):
+// with bench/append_bench, 768 x f32 rows, ext4; bench/RESULTS.md, "write path"):
 //   - memcpy through the writer's mapping: no system call, but the first write-touch of each
-//     fresh page faults (~1 us: page allocation, zeroing, page_mkwrite). For one row: 2.3-2.9 us
-//     per append against 4.8-5.0 us through pwritev.
+//     fresh page faults (~1 us: page allocation, zeroing, page_mkwrite). 1 row: 3.0 us per
+//     append, against 5.0 us through pwritev; 8 rows (24 KiB): 10.7 against 11.7 us.
 //   - pwritev on the data file: one system call, and the kernel allocates each page-cache page
-//     and copies into it without zeroing or mapping it. From ~64 KiB on it wins: 512 rows
-//     (1.5 MiB) take 242-300 us against 400-620 us through the mapping, 1.05x a plain pwrite()
-//     of the same bytes — the file space is already allocated, so no block allocation either.
-// Readers see either the same way: both write the one page cache their mappings show, before
-// the release store of `committed` that publishes the rows.
-constexpr std::uint64_t kWriteSyscallMinBytes = 64 * 1024;
+//     and copies into it without zeroing or mapping it, into file space already allocated (no
+//     block allocation either). 16 rows (48 KiB): 14.7 us against 19.5 us through the mapping;
+//     64 rows: 38 against 74 us; 512 rows (1.5 MiB): ~235 us against 400-620 us.
+// Readers cannot tell them apart: both write the one page cache their mappings show, before the
+// release store of `committed` that publishes the rows.
+constexpr std::uint64_t kWriteSyscallMinBytes = 32 * 1024;
 
 void Writer::Impl::write_rows(std::uint64_t first, const std::byte* source, std::uint64_t stride,
                               std::uint64_t n) {

@@ -601,9 +601,10 @@ TEST_CASE("Both write paths store the same bytes: packed, strided past IOV_MAX r
   constexpr std::uint32_t kDim = 16;  // 64-byte rows
   Writer w = Writer::create(dir / "s", opts(kDim, DType::kFloat32, 4096));
   std::uint64_t seq = 0;
-  // Batch sizes on both sides of the 64 KiB switch; 3000 strided rows take three pwritev calls
-  // of at most IOV_MAX (1024) pieces each.
-  for (const std::uint64_t rows : {3ull, 3000ull, 1ull, 2500ull, 1023ull, 1025ull}) {
+  // Batch sizes on both sides of the 32 KiB switch (511 rows: 32,704 bytes; 512: 32,768); even
+  // sizes are strided, one pwritev piece per row: 1024 rows fill IOV_MAX exactly, 3000 take three
+  // calls.
+  for (const std::uint64_t rows : {3ull, 3000ull, 1ull, 2501ull, 511ull, 512ull, 1024ull}) {
     const auto packed = test::batch_payload(2, seq, rows, kDim);
     std::vector<std::uint64_t> keys(rows);
     for (std::uint64_t i = 0; i < rows; ++i) keys[i] = test::make_key(2, seq + i);

@@ -8,7 +8,7 @@
 // Writers
 //   Any number of processes and threads may append at once. Each append takes the store's
 //   writer lock (an OFD lock on the dedicated lock file, plus an in-process mutex), writes its
-//   rows into the data file (one pwritev for a batch of 64 KiB or more, memcpy through the
+//   rows into the data file (one pwritev for a batch of 32 KiB or more, memcpy through the
 //   mapping below that) and its index entries through the mapping, then publishes the commit
 //   counter with one release store. Both ways land in the one page cache every reader maps.
 //   The lock is held only for the writes and the publish: validation, dtype conversion and

@@ -35,7 +35,7 @@ const char* const kBenchUsage =
     "Appends to a fresh store from N writer processes while M reader processes follow it, then\n"
     "runs the same workload in the same run through pwrite() appending to a new file (pwrite),\n"
     "pwrite() into a file preallocated with posix_fallocate (pwrite-pre: how embstore writes\n"
-    "batches of 64 KiB and more) and memcpy into private memory, and reports ratios.\n"
+    "batches of 32 KiB and more) and memcpy into private memory, and reports ratios.\n"
     "\n"
     "  --writers N[,N...]   writer processes; a list runs each count in turn (default 1)\n"
     "  --readers M          reader processes following the store (default 0)\n"
