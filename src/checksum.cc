@@ -7,13 +7,24 @@
 
 namespace embstore::detail {
 
-std::uint64_t payload_hash_portable(const void* row, std::size_t row_bytes,
-                                    std::uint64_t seed) noexcept {
+static_assert(sizeof(RowHashKey::secret) == XXH3_SECRET_DEFAULT_SIZE);
+
+RowHashKey::RowHashKey(std::uint64_t seed_value) noexcept : seed(seed_value) {
+  XXH3_generateSecret_fromSeed(secret, seed);
+}
+
+std::uint64_t payload_hash_reference(const void* row, std::size_t row_bytes,
+                                     std::uint64_t seed) noexcept {
   return XXH3_64bits_withSeed(row, row_bytes, seed);
 }
 
+std::uint64_t payload_hash_portable(const void* row, std::size_t row_bytes,
+                                    const RowHashKey& key) noexcept {
+  return XXH3_64bits_withSecretandSeed(row, row_bytes, key.secret, sizeof(key.secret), key.seed);
+}
+
 namespace {
-using HashFn = std::uint64_t (*)(const void*, std::size_t, std::uint64_t) noexcept;
+using HashFn = std::uint64_t (*)(const void*, std::size_t, const RowHashKey&) noexcept;
 
 HashFn pick_payload_hash() noexcept {
 #ifdef EMBSTORE_CHECKSUM_AVX2
@@ -23,9 +34,9 @@ HashFn pick_payload_hash() noexcept {
 }
 }  // namespace
 
-std::uint64_t payload_hash(const void* row, std::size_t row_bytes, std::uint64_t seed) noexcept {
+std::uint64_t payload_hash(const void* row, std::size_t row_bytes, const RowHashKey& key) noexcept {
   static const HashFn hash = pick_payload_hash();
-  return hash(row, row_bytes, seed);
+  return hash(row, row_bytes, key);
 }
 
 std::uint64_t entry_checksum(std::uint64_t payload_hash, std::uint64_t key, std::uint64_t epoch,
@@ -35,10 +46,10 @@ std::uint64_t entry_checksum(std::uint64_t payload_hash, std::uint64_t key, std:
 }
 
 bool entry_valid(const IndexEntry& entry, std::uint64_t row, const void* row_bytes,
-                 std::size_t record_bytes, std::uint64_t seed) noexcept {
+                 std::size_t record_bytes, const RowHashKey& key) noexcept {
   if ((entry.row & kEntryRowMask) != row) return false;
-  const std::uint64_t expected = entry_checksum(payload_hash(row_bytes, record_bytes, seed),
-                                                entry.key, entry.epoch, entry.row, seed);
+  const std::uint64_t expected = entry_checksum(payload_hash(row_bytes, record_bytes, key),
+                                                entry.key, entry.epoch, entry.row, key.seed);
   return expected == entry.checksum;
 }
 

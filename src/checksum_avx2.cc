@@ -12,8 +12,8 @@
 namespace embstore::detail {
 
 std::uint64_t payload_hash_avx2(const void* row, std::size_t row_bytes,
-                                std::uint64_t seed) noexcept {
-  return XXH3_64bits_withSeed(row, row_bytes, seed);
+                                const RowHashKey& key) noexcept {
+  return XXH3_64bits_withSecretandSeed(row, row_bytes, key.secret, sizeof(key.secret), key.seed);
 }
 
 }  // namespace embstore::detail

@@ -59,6 +59,7 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   std::string bytes(to_read, '\0');
   os::read_exact(files->header_fd_, bytes.data(), to_read, 0, files->header_path_);
   files->layout_ = decode_header(bytes, header_bytes, files->header_path_);
+  files->hash_key_ = RowHashKey(files->layout_.seed);
 
   files->state_map_ =
       os::map_shared(files->header_fd_, kStateOffset, kPageBytes, access, files->header_path_);
@@ -162,7 +163,7 @@ void StoreFiles::grow_to(std::uint64_t rows) {
 bool StoreFiles::row_valid(std::uint64_t row) const {
   IndexEntry entry;
   std::memcpy(&entry, entry_ptr(row), sizeof(entry));
-  return entry_valid(entry, row, row_ptr(row), layout_.record_bytes, layout_.seed);
+  return entry_valid(entry, row, row_ptr(row), layout_.record_bytes, hash_key_);
 }
 
 std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {

@@ -13,6 +13,7 @@
 
 #include "embstore/options.h"
 #include "embstore/store.h"
+#include "checksum.h"
 #include "format.h"
 #include "mapping.h"
 #include "os.h"
@@ -38,6 +39,7 @@ class StoreFiles {
   StoreFiles& operator=(const StoreFiles&) = delete;
 
   const Layout& layout() const { return layout_; }
+  const RowHashKey& hash_key() const { return hash_key_; }
   SharedState& state() { return state_; }
   const SharedState& state() const { return state_; }
   const std::string& dir() const { return dir_; }
@@ -79,6 +81,7 @@ class StoreFiles {
   std::string dir_, header_path_, data_path_, index_path_;
   os::Access access_ = os::Access::kReadOnly;
   Layout layout_{};
+  RowHashKey hash_key_{0};  // From layout_.seed.
   int header_fd_ = -1, data_fd_ = -1, index_fd_ = -1;
   void* state_map_ = nullptr;
   SharedState state_;

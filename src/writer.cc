@@ -305,8 +305,9 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     source_stride = record_bytes;
   }
   hashes.resize(n);
+  const detail::RowHashKey& hash_key = files_->hash_key();
   for (std::uint64_t i = 0; i < n; ++i) {
-    hashes[i] = detail::payload_hash(source + i * source_stride, record_bytes, layout.seed);
+    hashes[i] = detail::payload_hash(source + i * source_stride, record_bytes, hash_key);
   }
 
   std::uint64_t first;

@@ -151,51 +151,53 @@ TEST_CASE("Creation parameters are checked before anything is written", "[format
 }
 
 TEST_CASE("An all-zero index entry over a zero row never validates", "[format][checksum]") {
-  const std::uint64_t seed = seed_from_store_id(kStoreId);
+  const RowHashKey key(seed_from_store_id(kStoreId));
   const std::vector<std::byte> zero_row(64);
   IndexEntry zero{};
   for (std::uint64_t row : {0ull, 1ull, 1000ull}) {
     zero.row = row;
-    CHECK_FALSE(entry_valid(zero, row, zero_row.data(), zero_row.size(), seed));
+    CHECK_FALSE(entry_valid(zero, row, zero_row.data(), zero_row.size(), key));
   }
 }
 
 TEST_CASE("A checksum binds the row's bytes, key, epoch, position and store",
           "[format][checksum]") {
   const std::uint64_t seed = seed_from_store_id(kStoreId);
+  const RowHashKey key(seed);
   std::vector<std::byte> row(64, std::byte{7});
-  const std::uint64_t hash = payload_hash(row.data(), row.size(), seed);
+  const std::uint64_t hash = payload_hash(row.data(), row.size(), key);
   IndexEntry entry{42, 3, 10, entry_checksum(hash, 42, 3, 10, seed)};
-  CHECK(entry_valid(entry, 10, row.data(), row.size(), seed));
-  CHECK_FALSE(entry_valid(entry, 11, row.data(), row.size(), seed));      // moved
-  CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), seed ^ 1));  // another store
+  CHECK(entry_valid(entry, 10, row.data(), row.size(), key));
+  CHECK_FALSE(entry_valid(entry, 11, row.data(), row.size(), key));      // moved
+  CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), RowHashKey(seed ^ 1)));  // another store
   IndexEntry other_key = entry;
   other_key.key = 43;
-  CHECK_FALSE(entry_valid(other_key, 10, row.data(), row.size(), seed));
+  CHECK_FALSE(entry_valid(other_key, 10, row.data(), row.size(), key));
   IndexEntry other_epoch = entry;
   other_epoch.epoch = 4;
-  CHECK_FALSE(entry_valid(other_epoch, 10, row.data(), row.size(), seed));
+  CHECK_FALSE(entry_valid(other_epoch, 10, row.data(), row.size(), key));
   row[63] = std::byte{8};
-  CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), seed));
+  CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), key));
 }
 
 TEST_CASE("The batch-end flag and the era are part of the checksum", "[format][checksum]") {
   const std::uint64_t seed = seed_from_store_id(kStoreId);
+  const RowHashKey key(seed);
   std::vector<std::byte> row(64, std::byte{7});
-  const std::uint64_t hash = payload_hash(row.data(), row.size(), seed);
+  const std::uint64_t hash = payload_hash(row.data(), row.size(), key);
   const std::uint64_t flagged = 10 | kEntryBatchEnd;
   IndexEntry last{42, 3, flagged, entry_checksum(hash, 42, 3, flagged, seed)};
-  CHECK(entry_valid(last, 10, row.data(), row.size(), seed));
+  CHECK(entry_valid(last, 10, row.data(), row.size(), key));
   IndexEntry unflagged = last;
   unflagged.row = 10;  // flag cleared without re-sealing: a torn entry
-  CHECK_FALSE(entry_valid(unflagged, 10, row.data(), row.size(), seed));
+  CHECK_FALSE(entry_valid(unflagged, 10, row.data(), row.size(), key));
   const std::uint64_t era_5 = 10 | (5ull << kEntryEraShift);
   IndexEntry in_era{42, 3, era_5, entry_checksum(hash, 42, 3, era_5, seed)};
-  CHECK(entry_valid(in_era, 10, row.data(), row.size(), seed));
+  CHECK(entry_valid(in_era, 10, row.data(), row.size(), key));
   CHECK(entry_era(in_era.row) == 5);
   IndexEntry moved_era = in_era;
   moved_era.row = 10 | (6ull << kEntryEraShift);  // era changed without re-sealing
-  CHECK_FALSE(entry_valid(moved_era, 10, row.data(), row.size(), seed));
+  CHECK_FALSE(entry_valid(moved_era, 10, row.data(), row.size(), key));
 }
 
 TEST_CASE("Eras compare in 15-bit wrap-around arithmetic", "[format]") {
@@ -206,8 +208,9 @@ TEST_CASE("Eras compare in 15-bit wrap-around arithmetic", "[format]") {
   CHECK_FALSE(era_not_older(kEntryEraMask, 0));
 }
 
-// On an AVX2 machine payload_hash runs the AVX2 build: this holds it to the portable value.
-TEST_CASE("The row hash gives the portable XXH3 value at every length and alignment",
+// On an AVX2 machine payload_hash runs the AVX2 build, and both builds hash with the secret
+// derived once per store: this holds them to the definition, XXH3_64bits_withSeed.
+TEST_CASE("The row hash gives the XXH3 withSeed value at every length and alignment",
           "[format][checksum]") {
   std::vector<std::byte> bytes(5000);
   std::uint64_t state = 99;
@@ -215,10 +218,15 @@ TEST_CASE("The row hash gives the portable XXH3 value at every length and alignm
     state = state * 6364136223846793005ull + 1442695040888963407ull;
     b = static_cast<std::byte>(state >> 56);
   }
-  for (std::size_t length : {1u, 3u, 16u, 17u, 128u, 129u, 240u, 241u, 1024u, 3072u, 4999u}) {
-    for (std::size_t offset : {0u, 1u}) {
-      REQUIRE(payload_hash(bytes.data() + offset, length, 42) ==
-              payload_hash_portable(bytes.data() + offset, length, 42));
+  for (const std::uint64_t seed : {std::uint64_t{0}, std::uint64_t{42}, seed_from_store_id(kStoreId)}) {
+    const RowHashKey key(seed);
+    for (std::size_t length : {0u, 1u, 3u, 16u, 17u, 128u, 129u, 240u, 241u, 256u, 1024u, 3072u,
+                               4999u}) {
+      for (std::size_t offset : {0u, 1u}) {
+        const std::uint64_t expected = payload_hash_reference(bytes.data() + offset, length, seed);
+        REQUIRE(payload_hash(bytes.data() + offset, length, key) == expected);
+        REQUIRE(payload_hash_portable(bytes.data() + offset, length, key) == expected);
+      }
     }
   }
 }
