@@ -29,7 +29,7 @@ namespace {
 enum DTypeArg { kF32 = 0, kF16 = 1, kBF16 = 2, kF32ToF16 = 3, kF32ToBF16 = 4 };
 enum SyncArg { kNoSync = 0, kEvery = 1, kInterval = 2 };
 // Up to 8 rows of 768 x f32 (24 KiB) go through the mapping, 16 (48 KiB) and more through
-// pwritev (src/writer.cc, kWriteSyscallMinBytes): 8 and 16 show the switch.
+// pwritev (src/writer.cc, kRowsSyscallMinBytes): 8 and 16 show the switch.
 constexpr int kBatches[] = {1, 8, 16, 32, 64, 512, 4096};
 
 DType store_dtype(int arg) {

@@ -6,9 +6,10 @@
 //   EMBSTORE_CRASH=<point>:<n>          raise SIGKILL at the n-th pass (1-based) of <point>
 //   EMBSTORE_FAULT=<op>:<n>:<errno>[:forever][,...]   fail the n-th call of <op> with <errno>
 //   EMBSTORE_BOOT_ID=<uuid>             the boot id the store sees (simulates a reboot)
-//   EMBSTORE_WRITE_PATH=<path>          how appends copy rows (src/writer.cc, write_rows):
-//                                       mapping | syscall for every batch, alternate between the
-//                                       two from one append to the next; unset: by batch size
+//   EMBSTORE_WRITE_PATH=<path>          how appends write rows and index entries (src/writer.cc,
+//                                       plan_writes): mapping | syscall for every batch,
+//                                       alternate between the two from one append to the next;
+//                                       unset: by batch size
 // Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
 //         after-publish, mid-sync, during-recovery.
 // Ops: open, fallocate, ftruncate, mmap, msync (fdatasync/fsync of store files), pwrite, pread,

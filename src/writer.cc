@@ -76,9 +76,12 @@ class Writer::Impl {
   std::uint64_t writable_era(std::uint64_t first);
   void recover();
   void sync_loop();
+  // How an append of n rows writes them and their entries (above the definition: why).
+  struct WritePlan;
+  WritePlan plan_writes(std::uint64_t n) const;
   // Copies n rows, `stride` bytes apart at `source`, into the data file from row `first`.
   void write_rows(std::uint64_t first, const std::byte* source, std::uint64_t stride,
-                  std::uint64_t n);
+                  std::uint64_t n, bool by_syscall);
   [[noreturn]] void poison(const Error& error);
 
   std::unique_ptr<StoreFiles> files_;  // Released by close().
@@ -102,28 +105,45 @@ class Writer::Impl {
   bool stop_sync_ = false;
 };
 
-// Two ways to put rows into the page cache, each the faster one for its batch size (measured
-// with bench/append_bench, 768 x f32 rows, ext4; bench/RESULTS.md, "write path"):
+// Two ways to put rows and index entries into the page cache, each the faster one for its size
+// (measured with bench/append_bench on ext4; bench/RESULTS.md, "write path"):
 //   - memcpy through the writer's mapping: no system call, but the first write-touch of each
-//     fresh page faults (~1 us: page allocation, zeroing, page_mkwrite). 1 row: 3.0 us per
-//     append, against 5.0 us through pwritev; 8 rows (24 KiB): 10.7 against 11.7 us.
-//   - pwritev on the data file: one system call, and the kernel allocates each page-cache page
-//     and copies into it without zeroing or mapping it, into file space already allocated (no
-//     block allocation either). 16 rows (48 KiB): 14.7 us against 19.5 us through the mapping;
-//     64 rows: 38 against 74 us; 512 rows (1.5 MiB): ~235 us against 400-620 us.
+//     fresh page faults (~1 us: page allocation, zeroing, page_mkwrite). 1 row of 768 x f32:
+//     3.0 us per append, against 5.0 us with pwritev; 8 rows (24 KiB): 10.7 against 11.7 us.
+//   - pwritev on the file: one system call, and the kernel allocates each page-cache page and
+//     copies into it without zeroing or mapping it, into file space already allocated (no block
+//     allocation either). 16 rows of 768 x f32 (48 KiB): 14.7 us against 19.5 us through the
+//     mapping; 64 rows: 38 against 74 us; 512 rows (1.5 MiB): ~235 us against 400-620 us.
+//     The entries of 512 rows of 64 x f32 (16 KiB): 41 us per append against 50 us through the
+//     mapping; of 128 rows (4 KiB): 15.0 against 15.7 us; of 64 rows: no gain.
 // Readers cannot tell them apart: both write the one page cache their mappings show, before the
 // release store of `committed` that publishes the rows.
-constexpr std::uint64_t kWriteSyscallMinBytes = 32 * 1024;
+constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
+constexpr std::uint64_t kEntriesSyscallMinBytes = 4 * 1024;
+
+struct Writer::Impl::WritePlan {
+  bool rows_by_syscall;
+  bool entries_by_syscall;
+};
+
+Writer::Impl::WritePlan Writer::Impl::plan_writes(std::uint64_t n) const {
+  switch (EMBSTORE_WRITE_PATH()) {  // Test builds may pin one way (testing.h).
+    case detail::testing::WritePath::kMapping:
+      return {false, false};
+    case detail::testing::WritePath::kSyscall:
+      return {true, true};
+    case detail::testing::WritePath::kBySize:
+      break;
+  }
+  return {n * files_->layout().record_bytes >= kRowsSyscallMinBytes,
+          n * sizeof(IndexEntry) >= kEntriesSyscallMinBytes};
+}
 
 void Writer::Impl::write_rows(std::uint64_t first, const std::byte* source, std::uint64_t stride,
-                              std::uint64_t n) {
+                              std::uint64_t n, bool by_syscall) {
   const std::uint64_t record_bytes = files_->layout().record_bytes;
   const bool packed = stride == record_bytes;
-  const detail::testing::WritePath forced = EMBSTORE_WRITE_PATH();
-  const bool through_mapping = forced == detail::testing::WritePath::kBySize
-                                   ? n * record_bytes < kWriteSyscallMinBytes
-                                   : forced == detail::testing::WritePath::kMapping;
-  if (through_mapping) {
+  if (!by_syscall) {
     std::byte* dest = files_->row_ptr(first);
     if (packed) {
       std::memcpy(dest, source, n * record_bytes);
@@ -328,9 +348,16 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
 
     // A failed write leaves committed where it was: the rows stay unpublished and the next
     // append writes over them. The handle stays usable (nothing published was touched).
-    write_rows(first, source, source_stride, n);
+    const WritePlan plan = plan_writes(n);
+    write_rows(first, source, source_stride, n, plan.rows_by_syscall);
     EMBSTORE_CRASH_POINT("after-copy");
+    // Built in place through the mapping, or in a buffer that one pwrite then writes.
+    thread_local std::vector<IndexEntry> entry_buffer;
     IndexEntry* entries = files_->entry_ptr(first);
+    if (plan.entries_by_syscall) {
+      entry_buffer.resize(n);
+      entries = entry_buffer.data();
+    }
     for (std::uint64_t i = 0; i < n; ++i) {
       const std::uint64_t row = first + i;
       const std::uint64_t epoch = epochs != nullptr ? epochs[i] : single_epoch;
@@ -339,6 +366,10 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
                        detail::entry_checksum(hashes[i], keys[i], epoch, row_field, layout.seed)};
       std::memcpy(entries + i, &entry, sizeof(entry));
       if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
+    }
+    if (plan.entries_by_syscall) {
+      detail::os::write_all(files_->index_fd(), entries, n * sizeof(IndexEntry),
+                            first * sizeof(IndexEntry), files_->index_path());
     }
     EMBSTORE_CRASH_POINT("before-publish");
     state.publish_committed(first + n);

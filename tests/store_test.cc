@@ -648,7 +648,9 @@ TEST_CASE("Both write paths store the same bytes: packed, strided past IOV_MAX r
 TEST_CASE("A failed write of a batch publishes nothing and the writer carries on",
           "[store][faults][write-path]") {
   const int err = GENERATE(EIO, ENOSPC);
-  INFO("errno " << err);
+  // The batch's first pwritev (its rows) or its second (its index entries) fails.
+  const int nth = GENERATE(1, 2);
+  INFO("errno " << err << ", write " << nth);
   TempDir dir;
   constexpr std::uint32_t kDim = 16;
   Writer w = Writer::create(dir / "s", opts(kDim));
@@ -657,16 +659,16 @@ TEST_CASE("A failed write of a batch publishes nothing and the writer carries on
   };
   const auto [keys0, values0] = batch(0, 10);
   w.append(keys0, 0, std::span<const float>(values0));
-  // 2000 rows of 64 bytes: 128 KiB, written with pwritev; its first call fails.
+  // 2000 rows of 64 bytes: 128 KiB of rows and 64,000 bytes of entries, one pwritev each.
   const auto [keys1, values1] = batch(10, 2000);
-  detail::testing::arm_fault(detail::testing::Op::kPwrite, 1, err, false);
+  detail::testing::arm_fault(detail::testing::Op::kPwrite, nth, err, false);
   std::string message;
   const ErrorCode code = code_of([&] { w.append(keys1, 0, std::span<const float>(values1)); },
                                  &message);
   detail::testing::disarm_all();
   CHECK(code == (err == ENOSPC ? ErrorCode::kFull : ErrorCode::kIO));
   CHECK_THAT(message, Catch::Contains("write") && Catch::Contains(dir / "s") &&
-                          Catch::Contains("rows.1"));
+                          Catch::Contains(nth == 1 ? "rows.1" : "index.1"));
   CHECK(w.committed_rows() == 10);
   CHECK(Reader::open(dir / "s").size() == 10);
   // Not poisoned: nothing published was touched. The retry lands where the failed batch would.

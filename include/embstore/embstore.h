@@ -9,8 +9,9 @@
 //   Any number of processes and threads may append at once. Each append takes the store's
 //   writer lock (an OFD lock on the dedicated lock file, plus an in-process mutex), writes its
 //   rows into the data file (one pwritev for a batch of 32 KiB or more, memcpy through the
-//   mapping below that) and its index entries through the mapping, then publishes the commit
-//   counter with one release store. Both ways land in the one page cache every reader maps.
+//   mapping below that) and its index entries (one pwrite from 128 entries on, else through the
+//   mapping), then publishes the commit counter with one release store. Both ways land in the
+//   one page cache every reader maps.
 //   The lock is held only for the writes and the publish: validation, dtype conversion and
 //   row hashing happen before it is taken.
 //   A writer killed at any instant (kill -9) loses only its unfinished batch and blocks no one:

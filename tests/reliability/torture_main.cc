@@ -81,8 +81,8 @@ int usage() {
 int main(int argc, char** argv) {
   if (argc < 2) return usage();
   // Every process of the suite (children inherit it) alternates its appends between the two
-  // ways a writer copies rows, so each scenario covers both whatever its batch sizes. Set the
-  // variable to mapping or syscall to pin one.
+  // ways a writer writes rows and entries, so each scenario covers both whatever its batch
+  // sizes. Set the variable to mapping or syscall to pin one.
   ::setenv("EMBSTORE_WRITE_PATH", "alternate", 0);
   const std::string cmd = argv[1];
   // Roles.
