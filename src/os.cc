@@ -14,13 +14,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <climits>
 #include <chrono>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "embstore/error.h"
 #include "testing.h"
@@ -54,6 +55,21 @@ using testing::Op;
 
 // Runs the fault seam for `op`; returns the injected errno (0: make the real call).
 int injected([[maybe_unused]] Op op) { return EMBSTORE_FAULT(op); }
+
+// pwritev; in test builds with EMBSTORE_PWRITE_CAP set, it writes at most that many bytes, the
+// short write a kernel may return (testing.h), so the resumption below gets exercised.
+ssize_t pwritev_seam(int fd, const iovec* iov, int count, off_t offset) {
+  if (const std::size_t cap = EMBSTORE_PWRITE_CAP(); cap > 0) {
+    std::vector<iovec> capped;
+    std::size_t room = cap;
+    for (int i = 0; i < count && room > 0; ++i) {
+      capped.push_back({iov[i].iov_base, std::min(iov[i].iov_len, room)});
+      room -= capped.back().iov_len;
+    }
+    return ::pwritev(fd, capped.data(), static_cast<int>(capped.size()), offset);
+  }
+  return ::pwritev(fd, iov, count, offset);
+}
 
 }  // namespace
 
@@ -115,7 +131,7 @@ void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t 
     }
     if (pending == 0) return;
     if (int err = injected(Op::kPwrite)) fail("write", path, err);
-    const ssize_t n = ::pwritev(fd, iov, static_cast<int>(pending), static_cast<off_t>(offset));
+    const ssize_t n = pwritev_seam(fd, iov, static_cast<int>(pending), static_cast<off_t>(offset));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) fail("write", path, errno);
     if (n == 0) fail("write", path, EIO);  // No progress on a regular file: do not spin.
@@ -128,7 +144,7 @@ void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t 
       iov[written].iov_base = static_cast<char*>(iov[written].iov_base) + left;
       iov[written].iov_len -= left;
     }
-    std::move(iov + written, iov + pending, iov);
+    if (written > 0) std::move(iov + written, iov + pending, iov);
     pending -= written;
   }
 }

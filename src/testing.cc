@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <mutex>
 #include <string>
 
@@ -58,16 +59,18 @@ struct Hooks {
   std::string crash_point;
   std::atomic<std::uint64_t> crash_remaining{0};
   std::atomic<std::uint64_t> injected{0};
-  std::atomic<int> write_mode{0};  // 0 by size, 1 mapping, 2 syscall, 3 alternate.
+  std::atomic<int> write_mode{0};  // An index into kWriteModes.
   std::atomic<std::uint64_t> write_calls{0};
+  std::atomic<std::size_t> pwrite_cap{0};
 };
+
+constexpr std::string_view kWriteModes[] = {"", "mapping", "syscall", "alternate"};
 
 // A misspelt mode would silently test the default path: refuse it loudly instead.
 int parse_write_mode(std::string_view mode) {
-  if (mode.empty()) return 0;
-  if (mode == "mapping") return 1;
-  if (mode == "syscall") return 2;
-  if (mode == "alternate") return 3;
+  for (int i = 0; i < static_cast<int>(std::size(kWriteModes)); ++i) {
+    if (mode == kWriteModes[i]) return i;
+  }
   std::fprintf(stderr, "EMBSTORE_WRITE_PATH=%.*s: expected mapping, syscall or alternate\n",
                static_cast<int>(mode.size()), mode.data());
   std::abort();
@@ -110,6 +113,9 @@ Hooks& hooks() {
     }
     if (const char* mode = std::getenv("EMBSTORE_WRITE_PATH")) {
       fresh->write_mode = parse_write_mode(mode);
+    }
+    if (const char* cap = std::getenv("EMBSTORE_PWRITE_CAP")) {
+      fresh->pwrite_cap = std::strtoull(cap, nullptr, 10);
     }
     return fresh;
   }();
@@ -181,17 +187,24 @@ WritePath write_path() noexcept {
   auto& h = hooks();
   switch (h.write_mode.load()) {
     case 1:
-      return WritePath::kMapping;
+      return {true, false, false};
     case 2:
-      return WritePath::kSyscall;
-    case 3:
-      return h.write_calls.fetch_add(1) % 2 == 0 ? WritePath::kMapping : WritePath::kSyscall;
+      return {true, true, true};
+    case 3: {
+      const std::uint64_t turn = h.write_calls.fetch_add(1) % 4;
+      return {true, (turn & 1) != 0, (turn & 2) != 0};
+    }
     default:
-      return WritePath::kBySize;
+      return {};
   }
 }
 
-void set_write_path(std::string_view mode) { hooks().write_mode = parse_write_mode(mode); }
+std::string_view set_write_path(std::string_view mode) {
+  return kWriteModes[hooks().write_mode.exchange(parse_write_mode(mode))];
+}
+
+std::size_t pwrite_cap() noexcept { return hooks().pwrite_cap.load(); }
+void set_pwrite_cap(std::size_t bytes) { hooks().pwrite_cap = bytes; }
 #endif
 
 }  // namespace embstore::detail::testing

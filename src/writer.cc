@@ -120,6 +120,10 @@ class Writer::Impl {
 // release store of `committed` that publishes the rows.
 constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
 constexpr std::uint64_t kEntriesSyscallMinBytes = 4 * 1024;
+// Pieces per system call: strided rows (one iovec each) and index entries (32 KiB), so the
+// buffers they are gathered in stay small whatever the batch size.
+constexpr std::uint64_t kRowsPerWritev = 1024;
+constexpr std::uint64_t kEntriesPerWrite = 1024;
 
 struct Writer::Impl::WritePlan {
   bool rows_by_syscall;
@@ -127,13 +131,9 @@ struct Writer::Impl::WritePlan {
 };
 
 Writer::Impl::WritePlan Writer::Impl::plan_writes(std::uint64_t n) const {
-  switch (EMBSTORE_WRITE_PATH()) {  // Test builds may pin one way (testing.h).
-    case detail::testing::WritePath::kMapping:
-      return {false, false};
-    case detail::testing::WritePath::kSyscall:
-      return {true, true};
-    case detail::testing::WritePath::kBySize:
-      break;
+  // Test builds may impose a combination (testing.h, EMBSTORE_WRITE_PATH).
+  if (const detail::testing::WritePath forced = EMBSTORE_WRITE_PATH(); forced.forced) {
+    return {forced.rows_by_syscall, forced.entries_by_syscall};
   }
   return {n * files_->layout().record_bytes >= kRowsSyscallMinBytes,
           n * sizeof(IndexEntry) >= kEntriesSyscallMinBytes};
@@ -154,15 +154,21 @@ void Writer::Impl::write_rows(std::uint64_t first, const std::byte* source, std:
     }
     return;
   }
-  thread_local std::vector<detail::os::Chunk> chunks;
-  chunks.clear();
   if (packed) {
-    chunks.push_back({source, n * record_bytes});
-  } else {
-    for (std::uint64_t i = 0; i < n; ++i) chunks.push_back({source + i * stride, record_bytes});
+    const detail::os::Chunk all{source, n * record_bytes};
+    detail::os::write_chunks(files_->data_fd(), &all, 1, first * record_bytes,
+                             files_->data_path());
+    return;
   }
-  detail::os::write_chunks(files_->data_fd(), chunks.data(), chunks.size(), first * record_bytes,
-                           files_->data_path());
+  detail::os::Chunk window[kRowsPerWritev];
+  for (std::uint64_t begin = 0; begin < n; begin += kRowsPerWritev) {
+    const std::uint64_t count = std::min(kRowsPerWritev, n - begin);
+    for (std::uint64_t i = 0; i < count; ++i) {
+      window[i] = {source + (begin + i) * stride, record_bytes};
+    }
+    detail::os::write_chunks(files_->data_fd(), window, count, (first + begin) * record_bytes,
+                             files_->data_path());
+  }
 }
 
 void Writer::Impl::check_usable() const {
@@ -351,25 +357,34 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     const WritePlan plan = plan_writes(n);
     write_rows(first, source, source_stride, n, plan.rows_by_syscall);
     EMBSTORE_CRASH_POINT("after-copy");
-    // Built in place through the mapping, or in a buffer that one pwrite then writes.
-    thread_local std::vector<IndexEntry> entry_buffer;
-    IndexEntry* entries = files_->entry_ptr(first);
-    if (plan.entries_by_syscall) {
-      entry_buffer.resize(n);
-      entries = entry_buffer.data();
-    }
-    for (std::uint64_t i = 0; i < n; ++i) {
+    auto entry = [&](std::uint64_t i) {
       const std::uint64_t row = first + i;
       const std::uint64_t epoch = epochs != nullptr ? epochs[i] : single_epoch;
       const std::uint64_t row_field = row | era_bits | (i + 1 == n ? detail::kEntryBatchEnd : 0);
-      IndexEntry entry{keys[i], epoch, row_field,
-                       detail::entry_checksum(hashes[i], keys[i], epoch, row_field, layout.seed)};
-      std::memcpy(entries + i, &entry, sizeof(entry));
-      if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
-    }
-    if (plan.entries_by_syscall) {
-      detail::os::write_all(files_->index_fd(), entries, n * sizeof(IndexEntry),
-                            first * sizeof(IndexEntry), files_->index_path());
+      return IndexEntry{keys[i], epoch, row_field,
+                        detail::entry_checksum(hashes[i], keys[i], epoch, row_field, layout.seed)};
+    };
+    if (!plan.entries_by_syscall) {  // In place through the mapping.
+      IndexEntry* entries = files_->entry_ptr(first);
+      for (std::uint64_t i = 0; i < n; ++i) {
+        const IndexEntry e = entry(i);
+        std::memcpy(entries + i, &e, sizeof(e));
+        if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
+      }
+    } else {  // In pieces built in a buffer, one pwrite each.
+      // Test builds end the first piece after entry n/2, so a crash at mid-index-write leaves
+      // the same half written as through the mapping.
+      const std::uint64_t per_write =
+          detail::testing::kEnabled ? std::min(kEntriesPerWrite, n / 2 + 1) : kEntriesPerWrite;
+      thread_local std::vector<IndexEntry> buffer;
+      buffer.resize(std::min(n, per_write));
+      for (std::uint64_t begin = 0; begin < n; begin += per_write) {
+        const std::uint64_t count = std::min(per_write, n - begin);
+        for (std::uint64_t i = 0; i < count; ++i) buffer[i] = entry(begin + i);
+        detail::os::write_all(files_->index_fd(), buffer.data(), count * sizeof(IndexEntry),
+                              (first + begin) * sizeof(IndexEntry), files_->index_path());
+        if (begin <= n / 2 && n / 2 < begin + count) EMBSTORE_CRASH_POINT("mid-index-write");
+      }
     }
     EMBSTORE_CRASH_POINT("before-publish");
     state.publish_committed(first + n);

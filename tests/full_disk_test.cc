@@ -14,6 +14,7 @@
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
+#include "testing.h"
 
 using namespace embstore;
 using embstore::test::TempDir;
@@ -149,6 +150,7 @@ TEST_CASE("A large append the kernel writes only in part fails with kFull and pu
     constexpr rlim_t kLimit = (1 << 20) + 1000;
     struct rlimit limit = {kLimit, RLIM_INFINITY};
     if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) return 10;
+    detail::testing::set_write_path("syscall");  // The rows go by pwritev whatever the default.
     Writer w = Writer::open(path);
     if (w.info().data_file_bytes < (4u << 20)) return 11;
     const auto values = test::batch_payload(0, 1, 2048, kDim);

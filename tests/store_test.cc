@@ -16,6 +16,7 @@
 
 #include "convert.h"
 #include "embstore/embstore.h"
+#include "format.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -582,12 +583,22 @@ TEST_CASE("A failed flush of the parent directory says the store was created", "
 
 namespace {
 
-// Pins how appends copy rows (src/writer.cc, write_rows) for the life of the object.
+// Pins how appends write rows and entries (src/writer.cc, plan_writes) and the most one
+// pwrite may write (a short write past that) for the life of the object; then restores both.
 struct WritePathGuard {
-  explicit WritePathGuard(std::string_view mode) { detail::testing::set_write_path(mode); }
-  ~WritePathGuard() { detail::testing::set_write_path(""); }
+  explicit WritePathGuard(std::string_view mode, std::size_t pwrite_cap = 0)
+      : saved_mode(detail::testing::set_write_path(mode)),
+        saved_cap(detail::testing::pwrite_cap()) {
+    detail::testing::set_pwrite_cap(pwrite_cap);
+  }
+  ~WritePathGuard() {
+    detail::testing::set_write_path(saved_mode);
+    detail::testing::set_pwrite_cap(saved_cap);
+  }
   WritePathGuard(const WritePathGuard&) = delete;
   WritePathGuard& operator=(const WritePathGuard&) = delete;
+  std::string_view saved_mode;
+  std::size_t saved_cap;
 };
 
 }  // namespace
@@ -595,8 +606,10 @@ struct WritePathGuard {
 TEST_CASE("Both write paths store the same bytes: packed, strided past IOV_MAX rows, converted",
           "[store][write-path]") {
   const std::string mode = GENERATE(as<std::string>{}, "", "mapping", "syscall", "alternate");
-  INFO("EMBSTORE_WRITE_PATH=" << mode);
-  WritePathGuard pin(mode);
+  // 1000 bytes: every pwrite comes back short, mid-row and mid-iovec, and is resumed.
+  const std::size_t cap = GENERATE(std::size_t{0}, std::size_t{1000});
+  INFO("EMBSTORE_WRITE_PATH=" << mode << " EMBSTORE_PWRITE_CAP=" << cap);
+  WritePathGuard pin(mode, cap);
   TempDir dir;
   constexpr std::uint32_t kDim = 16;  // 64-byte rows
   Writer w = Writer::create(dir / "s", opts(kDim, DType::kFloat32, 4096));
@@ -651,6 +664,7 @@ TEST_CASE("A failed write of a batch publishes nothing and the writer carries on
   // The batch's first pwritev (its rows) or its second (its index entries) fails.
   const int nth = GENERATE(1, 2);
   INFO("errno " << err << ", write " << nth);
+  WritePathGuard pin("");  // By size: 2000 rows take both system calls.
   TempDir dir;
   constexpr std::uint32_t kDim = 16;
   Writer w = Writer::create(dir / "s", opts(kDim));
@@ -682,4 +696,47 @@ TEST_CASE("A failed write of a batch publishes nothing and the writer carries on
     REQUIRE(std::memcmp(r.rows().row(row), &values[at * kDim], kDim * sizeof(float)) == 0);
   }
   CHECK(r.verify().ok());
+}
+
+TEST_CASE("A batch whose index entries were written only in part is overwritten under a newer era",
+          "[store][faults][write-path][recovery]") {
+  // Every pwrite writes at most 4096 bytes: the 2000 rows (128,000 bytes) take 32 calls, the
+  // 64,000 bytes of entries 16; the 34th call fails, after 4096 bytes of entries landed.
+  WritePathGuard pin("", 4096);
+  TempDir dir;
+  constexpr std::uint32_t kDim = 16;
+  const std::string path = dir / "s";
+  Writer w = Writer::create(path, opts(kDim));
+  const auto values0 = test::batch_payload(5, 0, 10, kDim);
+  w.append(iota_keys(0, 10), 0, std::span<const float>(values0));
+  const auto values1 = test::batch_payload(5, 10, 2000, kDim);
+  const auto keys1 = iota_keys(10, 2000);
+  detail::testing::arm_fault(detail::testing::Op::kPwrite, 34, EIO, false);
+  CHECK(code_of([&] { w.append(keys1, 0, std::span<const float>(values1)); }) == ErrorCode::kIO);
+  detail::testing::disarm_all();
+  CHECK(w.committed_rows() == 10);
+  auto era_of = [&](std::uint64_t row) {
+    std::uint64_t field = 0;
+    std::memcpy(&field, test::read_file(path + "/index.1").data() + row * 32 + 16, 8);
+    return detail::entry_era(field);
+  };
+  const std::uint64_t era_before = era_of(0);
+  CHECK(era_of(10) == era_before);  // The failed batch's first entries are on the page cache.
+  // The retry finds them at its first row and writes its own under the next era, so that no
+  // later recovery can mistake the leftovers for its entries.
+  CHECK(w.append(keys1, 0, std::span<const float>(values1)) == 10);
+  CHECK(era_of(10) == era_before + 1);
+  CHECK(era_of(2009) == era_before + 1);
+  w.close();
+  // After a reboot, recovery re-checks everything unsynced and keeps all of it.
+  detail::testing::set_boot_id("33333333-3333-3333-3333-333333333333");
+  {
+    Writer reopened = Writer::open(path);
+    CHECK(reopened.committed_rows() == 2010);
+  }
+  detail::testing::set_boot_id("");
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 2010);
+  CHECK(r.verify().ok());
+  CHECK(std::memcmp(r.rows().row(10), values1.data(), kDim * sizeof(float)) == 0);
 }
