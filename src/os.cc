@@ -122,7 +122,7 @@ void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,
 void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t offset,
                   const std::string& path) {
   iovec iov[IOV_MAX];
-  std::size_t next = 0;    // First chunk not yet copied into iov.
+  std::size_t next = 0;     // First chunk not yet copied into iov.
   std::size_t pending = 0;  // iovecs in iov not yet written.
   while (next < count || pending > 0) {
     for (; pending < IOV_MAX && next < count; ++next) {
@@ -264,13 +264,21 @@ bool exists(const std::string& path) noexcept {
   return ::stat(path.c_str(), &st) == 0;
 }
 
-void lock_exclusive(int fd, const std::string& path) {
+namespace {
+// An OFD lock request of `type` on byte 0 (l_pid must be 0 for OFD locks).
+struct flock byte_zero(short type) noexcept {
   struct flock fl;
   std::memset(&fl, 0, sizeof(fl));
-  fl.l_type = F_WRLCK;
+  fl.l_type = type;
   fl.l_whence = SEEK_SET;
   fl.l_start = 0;
   fl.l_len = 1;
+  return fl;
+}
+}  // namespace
+
+void lock_exclusive(int fd, const std::string& path) {
+  struct flock fl = byte_zero(F_WRLCK);
   while (::fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
     if (errno == EINTR) continue;
     fail("lock", path, errno);
@@ -278,12 +286,7 @@ void lock_exclusive(int fd, const std::string& path) {
 }
 
 void unlock(int fd) noexcept {
-  struct flock fl;
-  std::memset(&fl, 0, sizeof(fl));
-  fl.l_type = F_UNLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = 0;
-  fl.l_len = 1;
+  struct flock fl = byte_zero(F_UNLCK);
   ::fcntl(fd, F_OFD_SETLK, &fl);
 }
 

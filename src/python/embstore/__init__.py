@@ -180,7 +180,31 @@ def _as_ints(values: Any) -> np.ndarray:
     return array
 
 
-class Writer:
+class _Handle:
+    """What Writer and Reader both describe: the store they are open on (``_native``)."""
+
+    @property
+    def closed(self) -> bool:
+        """True after close()."""
+        return self._native is None or self._native.closed
+
+    @property
+    def dim(self) -> int:
+        """Elements per row."""
+        return self._native.dim
+
+    @property
+    def dtype(self) -> str:
+        """Element type name: "float32", "float16", "bfloat16", "int8", "uint8" or "float64"."""
+        return self._native.dtype
+
+    @property
+    def path(self) -> str:
+        """The store directory."""
+        return self._native.path
+
+
+class Writer(_Handle):
     """Appends rows to a store; a context manager that closes on exit.
 
     ``Writer(path)`` opens an existing store. With ``dim`` given it creates the store when it is
@@ -304,26 +328,6 @@ class Writer:
         waiting for room right now) and dropped_batches (not written after an error)."""
         return self._native.stats()
 
-    @property
-    def closed(self) -> bool:
-        """True after close()."""
-        return self._native is None or self._native.closed
-
-    @property
-    def dim(self) -> int:
-        """Elements per row."""
-        return self._native.dim
-
-    @property
-    def dtype(self) -> str:
-        """The store's element type name ("float32", "bfloat16", ...)."""
-        return self._native.dtype
-
-    @property
-    def path(self) -> str:
-        """The store directory."""
-        return self._native.path
-
     def committed_rows(self) -> int:
         """Rows visible to readers right now, written by any writer."""
         return self._native.committed_rows()
@@ -384,7 +388,7 @@ class VerifyReport:
                 f"{self.rows_checked}, bad={self.bad_row_count}, bad_rows={self.bad_rows[:10]})")
 
 
-class Reader:
+class Reader(_Handle):
     """Reads a store zero-copy, without any lock and without writing a byte.
 
     A Reader sees the snapshot of rows committed at open or at its last ``refresh()``/``wait()``;
@@ -477,29 +481,9 @@ class Reader:
         """The store's metadata exactly as stored."""
         return self._native.metadata.decode("utf-8", errors="replace")
 
-    @property
-    def dim(self) -> int:
-        """Elements per row."""
-        return self._native.dim
-
-    @property
-    def dtype(self) -> str:
-        """Element type name: "float32", "float16", "bfloat16", "int8", "uint8" or "float64"."""
-        return self._native.dtype
-
-    @property
-    def path(self) -> str:
-        """The store directory."""
-        return self._native.path
-
     def info(self) -> dict:
         """As ``embstore.info(path)`` (header plus the counters as they are now)."""
         return self._native.info()
-
-    @property
-    def closed(self) -> bool:
-        """True after close()."""
-        return self._native is None or self._native.closed
 
     def close(self) -> None:
         """Drops this Reader's hold on the mappings. Views already made stay valid; further
