@@ -11,9 +11,9 @@
 #include <memory>
 #include <string>
 
+#include "checksum.h"
 #include "embstore/options.h"
 #include "embstore/store.h"
-#include "checksum.h"
 #include "format.h"
 #include "mapping.h"
 #include "os.h"

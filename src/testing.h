@@ -76,8 +76,10 @@ void set_pwrite_cap(std::size_t bytes);
 inline constexpr bool kEnabled = false;
 #define EMBSTORE_CRASH_POINT(name) ((void)0)
 #define EMBSTORE_FAULT(op) 0
-#define EMBSTORE_WRITE_PATH() ::embstore::detail::testing::WritePath{}
-#define EMBSTORE_PWRITE_CAP() std::size_t{0}
+#define EMBSTORE_WRITE_PATH() \
+  ::embstore::detail::testing::WritePath {}
+#define EMBSTORE_PWRITE_CAP() \
+  std::size_t { 0 }
 #endif
 
 }  // namespace embstore::detail::testing

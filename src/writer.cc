@@ -156,8 +156,7 @@ void Writer::Impl::write_rows(std::uint64_t first, const std::byte* source, std:
   }
   if (packed) {
     const detail::os::Chunk all{source, n * record_bytes};
-    detail::os::write_chunks(files_->data_fd(), &all, 1, first * record_bytes,
-                             files_->data_path());
+    detail::os::write_chunks(files_->data_fd(), &all, 1, first * record_bytes, files_->data_path());
     return;
   }
   detail::os::Chunk window[kRowsPerWritev];

@@ -168,7 +168,7 @@ TEST_CASE("A checksum binds the row's bytes, key, epoch, position and store",
   const std::uint64_t hash = payload_hash(row.data(), row.size(), key);
   IndexEntry entry{42, 3, 10, entry_checksum(hash, 42, 3, 10, seed)};
   CHECK(entry_valid(entry, 10, row.data(), row.size(), key));
-  CHECK_FALSE(entry_valid(entry, 11, row.data(), row.size(), key));      // moved
+  CHECK_FALSE(entry_valid(entry, 11, row.data(), row.size(), key));                   // moved
   CHECK_FALSE(entry_valid(entry, 10, row.data(), row.size(), RowHashKey(seed ^ 1)));  // elsewhere
   IndexEntry other_key = entry;
   other_key.key = 43;
@@ -221,8 +221,8 @@ TEST_CASE("The row hash gives the XXH3 withSeed value at every length and alignm
   const std::uint64_t seeds[] = {0, 42, seed_from_store_id(kStoreId)};
   for (const std::uint64_t seed : seeds) {
     const RowHashKey key(seed);
-    for (std::size_t length : {0u, 1u, 3u, 16u, 17u, 128u, 129u, 240u, 241u, 256u, 1024u, 3072u,
-                               4999u}) {
+    for (std::size_t length :
+         {0u, 1u, 3u, 16u, 17u, 128u, 129u, 240u, 241u, 256u, 1024u, 3072u, 4999u}) {
       for (std::size_t offset : {0u, 1u}) {
         const std::uint64_t expected = payload_hash_reference(bytes.data() + offset, length, seed);
         REQUIRE(payload_hash(bytes.data() + offset, length, key) == expected);

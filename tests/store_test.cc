@@ -677,8 +677,8 @@ TEST_CASE("A failed write of a batch publishes nothing and the writer carries on
   const auto [keys1, values1] = batch(10, 2000);
   detail::testing::arm_fault(detail::testing::Op::kPwrite, nth, err, false);
   std::string message;
-  const ErrorCode code = code_of([&] { w.append(keys1, 0, std::span<const float>(values1)); },
-                                 &message);
+  const ErrorCode code =
+      code_of([&] { w.append(keys1, 0, std::span<const float>(values1)); }, &message);
   detail::testing::disarm_all();
   CHECK(code == (err == ENOSPC ? ErrorCode::kFull : ErrorCode::kIO));
   CHECK_THAT(message, Catch::Contains("write") && Catch::Contains(dir / "s") &&

@@ -644,8 +644,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
       "\"repeat\":%d},\"runs\":[",
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
       static_cast<unsigned long long>(config.rows), config.seconds, config.readers,
-      config.sync_text.c_str(), static_cast<unsigned long long>(row_bytes),
-      config.repeat);
+      config.sync_text.c_str(), static_cast<unsigned long long>(row_bytes), config.repeat);
   auto phase = [&](const char* name, const PhaseResult& p, bool last) {
     std::printf(
         "\"%s\":{\"rows\":%llu,\"seconds\":%.6f,\"rows_per_s\":%.1f,\"mb_per_s\":%.1f,"
@@ -696,9 +695,8 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
       config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
                          : (std::to_string(config.rows) + " rows").c_str(),
       config.repeat);
-  std::printf("%-8s %-10s %12s %10s %10s %10s %10s %9s %11s %9s\n", "writers", "workload",
-              "rows/s", "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x pwrite-pre",
-              "x memcpy");
+  std::printf("%-8s %-10s %12s %10s %10s %10s %10s %9s %11s %9s\n", "writers", "workload", "rows/s",
+              "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x pwrite-pre", "x memcpy");
   for (const RunResult& r : runs) {
     auto line = [&](const char* name, const PhaseResult& p, bool ratios) {
       std::printf("%-8d %-10s %12.0f %10.1f %10.1f %10.1f %10.1f", r.writers, name, p.rows_per_s(),
