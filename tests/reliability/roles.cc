@@ -79,11 +79,9 @@ Args parse_args(int argc, char** argv, int first) {
     std::string s = argv[i];
     if (s.rfind("--", 0) != 0) continue;
     s = s.substr(2);
-    if (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) {
-      a.values[s] = argv[++i];
-    } else {
-      a.values[s] = "1";
-    }
+    // insert_or_assign, not operator[] = "...": GCC 12 warns falsely (-Wrestrict) on the latter.
+    const bool has_value = i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0;
+    a.values.insert_or_assign(s, has_value ? std::string(argv[++i]) : std::string("1"));
   }
   return a;
 }
