@@ -4,9 +4,9 @@
 #include <cstring>
 
 #include "embstore/error.h"
-#include "format.h"
-#include "os.h"
-#include "store_files.h"
+#include "format/format.h"
+#include "platform/os.h"
+#include "storage/store_files.h"
 
 namespace embstore {
 namespace {

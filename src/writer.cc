@@ -10,15 +10,15 @@
 #include <thread>
 #include <vector>
 
-#include "checksum.h"
-#include "convert.h"
-#include "convert_fast.h"
 #include "embstore/error.h"
-#include "format.h"
-#include "lock.h"
-#include "os.h"
-#include "store_files.h"
-#include "testing.h"
+#include "format/checksum.h"
+#include "format/convert.h"
+#include "format/convert_fast.h"
+#include "format/format.h"
+#include "platform/lock.h"
+#include "platform/os.h"
+#include "platform/testing.h"
+#include "storage/store_files.h"
 
 namespace embstore {
 

@@ -1,11 +1,11 @@
-// Header encoding/decoding (src/format.h) and the checksum rules of src/FORMAT.md.
-#include "format.h"
+// Header encoding/decoding (src/format/format.h) and the checksum rules of src/format/FORMAT.md.
+#include "format/format.h"
 
 #include <catch2/catch.hpp>
 #include <cstring>
 
-#include "checksum.h"
 #include "embstore/error.h"
+#include "format/checksum.h"
 
 using namespace embstore;
 using namespace embstore::detail;

@@ -14,13 +14,13 @@
 #include <thread>
 #include <vector>
 
-#include "convert.h"
 #include "embstore/embstore.h"
-#include "format.h"
+#include "format/convert.h"
+#include "format/format.h"
+#include "platform/testing.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
-#include "testing.h"
 
 using namespace embstore;
 using embstore::test::TempDir;

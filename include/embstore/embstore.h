@@ -3,7 +3,8 @@
 // THE CONTRACT (read this before using the library; every other header refers back here)
 //
 // A store is a directory: a header, a data file of fixed-size rows, an index file with one
-// entry per row (key, epoch, row, checksum) and a lock file. The byte layout is src/FORMAT.md.
+// entry per row (key, epoch, row, checksum) and a lock file. The byte layout is
+// src/format/FORMAT.md.
 //
 // Writers
 //   Any number of processes and threads may append at once. Each append takes the store's

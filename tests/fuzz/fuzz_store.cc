@@ -17,11 +17,11 @@
 #include <string_view>
 #include <vector>
 
-#include "checksum.h"
 #include "embstore/embstore.h"
-#include "format.h"
-#include "os.h"
-#include "testing.h"
+#include "format/checksum.h"
+#include "format/format.h"
+#include "platform/os.h"
+#include "platform/testing.h"
 
 namespace embstore::fuzz {
 namespace {

@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "platform/testing.h"
 #include "scenarios.h"
 #include "support/payload.h"
-#include "testing.h"
 
 namespace embstore::torture {
 namespace {

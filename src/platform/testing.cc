@@ -1,4 +1,4 @@
-#include "testing.h"
+#include "platform/testing.h"
 
 #include <unistd.h>
 
@@ -13,7 +13,7 @@
 #include <mutex>
 #include <string>
 
-#include "os.h"
+#include "platform/os.h"
 
 namespace embstore::detail::testing {
 

@@ -1,4 +1,4 @@
-#include "os.h"
+#include "platform/os.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "embstore/error.h"
-#include "testing.h"
+#include "platform/testing.h"
 
 namespace embstore::detail::os {
 namespace {

@@ -1,4 +1,4 @@
-// format.h — the on-disk layout of src/FORMAT.md as constants and checked structs.
+// format.h — the on-disk layout of src/format/FORMAT.md as constants and checked structs.
 //
 // Structs here are plain bytes with every offset pinned by static_assert; embstore only runs on
 // little-endian hosts, so they are read and written with memcpy. Validation of bytes read from
