@@ -15,6 +15,7 @@
 #include "format/convert.h"
 #include "format/convert_fast.h"
 #include "format/format.h"
+#include "log/recovery.h"
 #include "platform/lock.h"
 #include "platform/os.h"
 #include "platform/testing.h"
@@ -186,62 +187,10 @@ void Writer::Impl::check_open() const {
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
 }
 
-// Runs under the writer lock at open. After a process crash (same boot) the page cache holds
-// every committed row, so only the counters are checked: O(1). After a reboot any unsynced page
-// may be stale or torn, so rows past `durable` are re-checked and the commit counter is cut back
-// to the longest valid prefix. Interrupted at any point, it reaches the same result when re-run:
-// the boot id is stored last.
+// Runs under the writer lock at open: the one recovery loader (log/recovery.h), applied.
 void Writer::Impl::recover() {
-  auto& state = files_->state();
-  const std::string& header = files_->header_path();
-  std::uint64_t durable = state.durable();
-  std::uint64_t committed = state.committed();
-  std::uint64_t capacity = state.capacity();
-  const std::uint64_t files_hold = files_->rows_files_hold();
-
-  if (files_->same_boot()) {
-    auto corrupt = [&](const std::string& what) {
-      throw Error(ErrorCode::kCorruption, header + ": " + what);
-    };
-    if (capacity > files_hold) {
-      corrupt("field capacity_rows " + std::to_string(capacity) + " exceeds the " +
-              std::to_string(files_hold) + " rows that " + files_->data_path() + " and " +
-              files_->index_path() + " hold");
-    }
-    if (committed > capacity) {
-      corrupt("field committed_rows " + std::to_string(committed) + " exceeds capacity_rows " +
-              std::to_string(capacity));
-    }
-    if (durable > committed) {
-      corrupt("field durable_rows " + std::to_string(durable) + " exceeds committed_rows " +
-              std::to_string(committed));
-    }
-    return;
-  }
-
-  // After a power loss the files may be shorter than counters flushed before them.
-  capacity = std::min(capacity, files_hold);
-  committed = std::min(committed, capacity);
-  durable = std::min(durable, committed);
-  files_->map_rows(committed);
-  EMBSTORE_CRASH_POINT("during-recovery");
-  // Cutting at the first bad row could leave the front of a torn batch visible: cut at the end
-  // of the last whole batch before it (every batch's last entry carries kEntryBatchEnd).
-  const std::uint64_t valid = files_->valid_batch_prefix(durable, committed);
-  std::uint64_t boot[2];
-  const bool boot_known = detail::os::boot_id(boot);
-  state.set_capacity(capacity);
-  state.publish_committed(valid);
-  // The verified rows were read back from the device (the page cache began empty in this boot),
-  // so they are durable: the next reboot need not check them again. Without a boot id that is
-  // not known, and durable stays.
-  state.set_durable(boot_known ? valid : durable);
-  // Entries past the cut may still validate; everything written from now on carries a newer
-  // era, so a later power loss can never splice them back in (FORMAT.md, "era").
-  state.set_era(state.era() + 1);
-  state.set_boot_id(boot);
-  detail::os::datasync(files_->header_fd(), header);
-  synced_era_ = state.era();
+  const detail::LoadedLog log = detail::load_log(*files_);
+  if (detail::apply_recovery(*files_, log)) synced_era_ = files_->state().era();
 }
 
 std::uint64_t Writer::Impl::writable_era(std::uint64_t first) {
