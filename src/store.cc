@@ -49,9 +49,9 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   }
 
   std::uint8_t store_id[16];
-  detail::os::random_bytes(store_id, sizeof(store_id));
+  detail::os::random_bytes(store_id, sizeof(store_id), path);
   std::uint8_t suffix[16];
-  detail::os::random_bytes(suffix, sizeof(suffix));
+  detail::os::random_bytes(suffix, sizeof(suffix), path);
   const std::string staging = path + ".creating." + detail::store_id_hex(suffix).substr(0, 12);
   detail::os::make_dir(staging);
   try {

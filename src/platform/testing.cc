@@ -23,8 +23,8 @@ std::string_view op_name(Op op) noexcept {
       return "open";
     case Op::kFallocate:
       return "fallocate";
-    case Op::kFtruncate:
-      return "ftruncate";
+    case Op::kFstat:
+      return "fstat";
     case Op::kMmap:
       return "mmap";
     case Op::kMsync:
@@ -37,6 +37,12 @@ std::string_view op_name(Op op) noexcept {
       return "rename";
     case Op::kMkdir:
       return "mkdir";
+    case Op::kLock:
+      return "lock";
+    case Op::kRandom:
+      return "getrandom";
+    case Op::kFutex:
+      return "futex";
     case Op::kCount:
       break;
   }
