@@ -305,3 +305,24 @@ def test_key_lookup_scans_match_the_store(store):
                 assert native.find(snap, key, epoch) == lookup.find(snap, key, epoch)
         for epoch in range(5):
             assert native.epoch_rows(snap, epoch).tolist() == lookup.epoch_rows(snap, epoch).tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_narrow_dtypes_are_read_as_their_values(store, dtype):
+    from embstore.serve.app import Server
+    values = np.array([[1, 0, 0, 0], [0, 2, 0, 0], [0, 0, -3, 0], [1, 1, 0, 0]], np.float32)
+    embstore.create(store, dim=4, dtype=dtype)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(4), values.astype(np.int8) if dtype == "int8" else values, 0)
+    server = Server(serve_store.Follower(store))
+    try:
+        n = server.neighbours({"key": "3", "k": "3"})
+        expected = np.linalg.norm(values[:3] - values[3], axis=1)
+        order = np.lexsort((np.arange(3), expected))
+        assert [x["key"] for x in n["neighbours"]] == order.tolist()
+        np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], expected[order])
+        p = server.projection({})
+        np.testing.assert_allclose(np.abs(np.stack([p["x"], p["y"]], 1)),
+                                   np.abs(numpy_pca(values)), atol=1e-4)
+    finally:
+        server.pool.shutdown()

@@ -127,11 +127,13 @@ class Server:
         return rows, np.sort(rng.choice(rows, size=limit, replace=False))
 
     def _fit(self, snap, epoch: int, limit: int):
-        """(basis, sample rows, epoch rows) of an epoch; cached per (epoch, its row count)."""
+        """(basis, sample rows, rows in the epoch, the sample's 2-D points) of an epoch; cached
+        per (epoch, its row count, limit). The cache holds no vectors (bounded memory)."""
         def compute():
             rows, sample = self._sample(snap, epoch, limit)
             vectors = analysis.as_float(snap.vectors[sample], self.follower.dtype)
-            return analysis.Basis.fit(vectors), sample, len(rows), vectors
+            basis = analysis.Basis.fit(vectors)
+            return basis, sample, len(rows), basis.project(vectors)
         return self._cached(("fit", epoch, snap.epoch_counts[epoch], limit), compute)
 
     def _label_codes(self, keys):
@@ -195,8 +197,7 @@ class Server:
         snap = self.follower.check()
         epoch = self._epoch(snap, query)
         limit = _int_param(query, "limit", 1, kMaxSample, default=kDefaultSample)
-        basis, sample, epoch_rows, vectors = self._fit(snap, epoch, limit)
-        xy = basis.project(vectors)
+        basis, sample, epoch_rows, xy = self._fit(snap, epoch, limit)
         keys = snap.keys[sample]
         return {
             "epoch": epoch, "epoch_rows": epoch_rows, "sampled": len(sample), "limit": limit,

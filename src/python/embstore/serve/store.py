@@ -34,6 +34,9 @@ kIndexEntryBytes = 32
 kRateWindowSeconds = 5.0
 # The follower wakes at least this often (to sample rows/s and check the files).
 kFollowSliceSeconds = 0.25
+# ... and at most this often: a writer committing thousands of batches a second must not make
+# the server refresh (and take a core) thousands of times a second.
+kMinRefreshSeconds = 0.1
 
 
 class StoreError(Exception):
@@ -196,7 +199,10 @@ class Follower:
                     self._stop.wait(kFollowSliceSeconds)
                 if self._error is not None and not self._recheck():
                     continue
+                before = self.snapshot.rows
                 self._advance()
+                if self.snapshot.rows != before:
+                    self._stop.wait(kMinRefreshSeconds)
             except Exception as e:  # A damaged store must not end the server: report it.
                 self._set_error(f"{type(e).__name__}: {e}")
                 self._stop.wait(kFollowSliceSeconds)
