@@ -6,11 +6,14 @@
    (sample, gather, SVD, JSON), then the same request again (cached). Target: first projection
    < 1 s.
 2. The server's cost on a concurrent writer: a writer process appends RUN_MB of 512-row batches
-   (a new epoch every 200 batches) into a fresh store, alone or while a server follows the store
-   and a client polls it the way the page does (stats every second, the newest epoch's
-   projection whenever its row count changed, at most every 1.5 s). Runs with and without the
-   server alternate in random order; the cost is 1 - (MB/s with) / (MB/s alone) of adjacent
-   pairs, min and median. Target: < 5%.
+   (a new epoch every 200 batches) into a fresh store: alone; beside a "placebo" server and
+   polling client on another, empty store (the same processes started, nothing to follow: this
+   separates the server's work from the machine's reaction to processes starting); or while a
+   server follows the store and a client polls it the way the page does (stats every second,
+   the newest epoch's projection whenever its row count changed, at most every 1.5 s). The three
+   run in random order per round; the cost is 1 - (MB/s served) / (MB/s alone or placebo) of
+   the same round, min and median. Target: < 5%. Also printed: the CPU time of the writer and of the
+   server per second of writing (cores busy), which scheduling noise moves much less.
 
 Usage: PYTHONPATH=build/python python3 bench/serve_bench.py [--rows 1000000] [--dim 128]
        [--repeats 6] [--run-mb 512] [--dir DIR]
@@ -45,7 +48,8 @@ with embstore.Writer(path) as w:
     for i in range(batches):
         w.append(np.arange(i * 512, (i + 1) * 512), rows, i // 200)
     seconds = time.perf_counter() - start
-print(batches * rows.nbytes / (1 << 20) / seconds, flush=True)
+    cpu = time.process_time()
+print(batches * rows.nbytes / (1 << 20) / seconds, seconds, cpu, flush=True)
 """
 
 
@@ -56,6 +60,13 @@ def start_server(path):
     if "http://" not in line:
         raise SystemExit(f"server did not start: {line!r}")
     return proc, line[line.index("http://"):].strip().rstrip("/")
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a live process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def get(url):
@@ -113,45 +124,65 @@ def page_client(url, stop):
 
 
 def writer_run(work, dim, run_mb, serve):
+    """One writer run: serve is None (writer alone), "placebo" (a server and a polling page on
+    another, empty store: the same processes, nothing to follow) or "served"."""
     path = os.path.join(work, "run.emb")
     embstore.create(path, dim=dim)
+    served_path = path
+    if serve == "placebo":
+        served_path = os.path.join(work, "empty.emb")
+        embstore.create(served_path, dim=dim)
     writer = subprocess.Popen([sys.executable, "-c", WRITER, path, str(dim), str(run_mb)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "ready"
     server = stop = client = None
+    server_cpu = 0.0
     if serve:
-        server, url = start_server(path)
+        server, url = start_server(served_path)
         stop = threading.Event()
         client = threading.Thread(target=page_client, args=(url, stop))
         client.start()
+        server_cpu = cpu_seconds(server.pid)
     writer.stdin.write("go\n")
     writer.stdin.flush()
-    mb_s = float(writer.stdout.readline())
+    mb_s, seconds, writer_cpu = map(float, writer.stdout.readline().split())
     assert writer.wait() == 0
     if serve:
+        server_cpu = cpu_seconds(server.pid) - server_cpu
         stop.set()
         client.join()
         server.terminate()
         server.wait()
     shutil.rmtree(path)
-    return mb_s
+    if serve == "placebo":
+        shutil.rmtree(served_path)
+    return mb_s, writer_cpu / seconds, server_cpu / seconds
 
 
 def writer_cost(args, work):
-    pairs = []
+    modes = [None, "placebo", "served"]
+    runs = {mode: [] for mode in modes}
     for repeat in range(args.repeats):
-        order = [False, True]
-        random.shuffle(order)
-        result = {serve: writer_run(work, args.dim, args.run_mb, serve) for serve in order}
-        pairs.append((result[False], result[True]))
-        print(f"writer, pair {repeat + 1}: alone {result[False]:.0f} MB/s, with the server "
-              f"and a page polling {result[True]:.0f} MB/s "
-              f"({100 * (1 - result[True] / result[False]):+.1f}% cost)", flush=True)
-    costs = [1 - w / a for a, w in pairs]
-    print(f"server's cost on the writer's append throughput ({args.repeats} interleaved pairs of "
-          f"{args.run_mb} MiB runs, 512 x {args.dim} float32 batches): min "
-          f"{100 * min(costs):+.1f}%, median {100 * statistics.median(costs):+.1f}% "
-          f"(target < 5%); alone median {statistics.median(a for a, _ in pairs):.0f} MB/s")
+        random.shuffle(modes)
+        for mode in modes:
+            runs[mode].append(writer_run(work, args.dim, args.run_mb, mode))
+        alone, placebo, served = (runs[m][-1] for m in (None, "placebo", "served"))
+        print(f"writer, round {repeat + 1}: alone {alone[0]:.0f} MB/s ({alone[1]:.2f} CPU), "
+              f"placebo server {placebo[0]:.0f} MB/s ({placebo[1]:.2f} CPU), served "
+              f"{served[0]:.0f} MB/s ({served[1]:.2f} CPU; the server used {served[2]:.2f} "
+              "CPU)", flush=True)
+
+    def cost(base):
+        costs = [1 - s[0] / b[0] for b, s in zip(runs[base], runs["served"])]
+        return f"min {100 * min(costs):+.1f}%, median {100 * statistics.median(costs):+.1f}%"
+    print(f"server's cost on the writer's append throughput ({args.repeats} rounds of "
+          f"{args.run_mb:.0f} MiB runs in random order, 512 x {args.dim} float32 batches; "
+          f"target < 5%): against the writer alone {cost(None)}; against a placebo server "
+          f"{cost('placebo')}. Median writer MB/s: alone "
+          f"{statistics.median(r[0] for r in runs[None]):.0f}, placebo "
+          f"{statistics.median(r[0] for r in runs['placebo']):.0f}, served "
+          f"{statistics.median(r[0] for r in runs['served']):.0f}; the server's CPU while the "
+          f"writer ran: median {statistics.median(r[2] for r in runs['served']):.3f} cores")
 
 
 def main():

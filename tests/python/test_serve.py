@@ -326,3 +326,17 @@ def test_narrow_dtypes_are_read_as_their_values(store, dtype):
                                    np.abs(numpy_pca(values)), atol=1e-4)
     finally:
         server.pool.shutdown()
+
+
+@pytest.mark.parametrize("dim", [16, 300])
+def test_pca_basis_matches_numpy_svd(dim):
+    rng = np.random.default_rng(dim)
+    # Clear top-2 directions (the randomized path, above 128 dims, then converges fully).
+    scales = np.concatenate([[10.0, 6.0], np.linspace(2.0, 0.5, dim - 2)])
+    x = rng.standard_normal((1500, dim)) * scales @ np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    basis = analysis.Basis.fit(x)
+    centred = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.abs(basis.components @ vt[:2].T), np.eye(2), atol=1e-6)
+    np.testing.assert_allclose(basis.explained, s[:2] ** 2 / (s**2).sum(), rtol=1e-6)
+    np.testing.assert_allclose(np.abs(basis.project(x)), np.abs(centred @ vt[:2].T), atol=1e-3)

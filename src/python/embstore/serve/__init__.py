@@ -36,8 +36,10 @@ a method other than GET, 503 when the store is damaged or gone (the message says
 ``/api/projection?epoch=E&limit=N``
     A 2-D PCA projection of epoch E (default: the newest): a random sample of at most N of its
     rows (default 5,000, at most 20,000; the same sample while the epoch's row count does not
-    change), centred on the sample mean and projected on its first two principal directions
-    (numpy SVD; signs fixed so the largest component is positive). Returns ``epoch``,
+    change), centred on the sample mean and projected on its first two principal directions.
+    The directions are fitted on a random 2,000 of the sampled rows: exactly (eigenvectors of
+    their covariance) up to dim 128, by randomized subspace iteration (numpy QR and SVD) above;
+    signs are fixed so that each direction's largest element is positive. Returns ``epoch``,
     ``epoch_rows``, ``sampled``, ``explained_variance`` (two fractions), ``x``, ``y``, ``keys``,
     ``rows``, ``labels`` (per point an index into ``label_names``, -1 without a label; null
     without a labels file), ``label_names``.

@@ -36,7 +36,7 @@ kRateWindowSeconds = 5.0
 kFollowSliceSeconds = 0.25
 # ... and at most this often: a writer committing thousands of batches a second must not make
 # the server refresh (and take a core) thousands of times a second.
-kMinRefreshSeconds = 0.1
+kMinRefreshSeconds = 0.25
 
 
 class StoreError(Exception):
