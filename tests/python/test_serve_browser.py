@@ -1,6 +1,7 @@
 """`embstore serve` in a real browser: headless Chromium driven by Selenium loads the page while
 a writer process appends, sees the projection render and follow a new epoch, searches a key and
-sees its neighbours and trajectory. Saves a screenshot into the test's tmp dir (path printed)."""
+sees its neighbours and trajectory, then sees the error the page shows when the store is damaged.
+Saves a screenshot into the test's tmp dir (path printed)."""
 import json
 import os
 import shutil
@@ -96,6 +97,14 @@ def test_page_renders_follows_a_writer_and_draws_a_trajectory(store, tmp_path):
         print(f"\nscreenshot of the page: {shot}")
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert severe == [], severe
+
+        # The store is damaged under the page: it says so, and the server keeps answering.
+        rows_file = os.path.join(store, f"rows.{embstore.info(store)['generation']}")
+        os.truncate(rows_file, 4096)
+        error = driver.find_element(By.ID, "error")
+        wait.until(lambda d: error.is_displayed() and "truncated" in error.text)
+        assert rows_file in error.text
+        assert server.alive()
     finally:
         if driver is not None:
             driver.quit()

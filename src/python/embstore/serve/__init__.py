@@ -30,7 +30,7 @@ a method other than GET, 503 when the store is damaged or gone (the message says
     store's files), ``file_bytes`` (data + index file sizes), ``last_commit_unix`` (when the
     server saw the latest rows arrive; null before any arrived while it ran), ``dtype``,
     ``dim``, ``store``, ``key_index`` (true when lookups use the store's key index, false when
-    they scan), ``labels`` (labelled keys, or null), ``label_names``, ``error`` (null).
+    they scan), ``labels`` (labelled keys, or null), ``label_names``.
 ``/api/epochs``
     ``rows``, ``epoch_count``, ``epochs`` as in stats.
 ``/api/projection?epoch=E&limit=N``

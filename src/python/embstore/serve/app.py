@@ -154,15 +154,15 @@ class Server:
 
     def stats(self) -> dict:
         follower = self.follower
-        snap = follower.snapshot
+        snap = follower.check()  # the page polls this: a damaged store shows at once
         info = {}
         if follower.single_store:
             try:
                 info = follower.reader.info()
-            except Exception:  # The store is reported through follower.error.
+            except Exception:  # Damaged since check(): the next request reports it.
                 info = {}
         epochs = snap.sorted_epochs()
-        result = {
+        return {
             "store": follower.path,
             "dtype": follower.dtype,
             "dim": follower.dim,
@@ -179,11 +179,7 @@ class Server:
             "key_index": follower.lookup.use_index,
             "labels": None if self.labels is None else len(self.labels),
             "label_names": None if self.labels is None else self.labels.names,
-            "error": follower.error,
         }
-        if follower.error is not None:
-            raise ApiError(503, f"store problem: {follower.error}")
-        return result
 
     def epochs(self) -> dict:
         snap = self.follower.check()
