@@ -15,6 +15,12 @@ Read-only: the server opens only Readers on the store and reads the labels file 
 no endpoint writes, deletes or reads any other file (the page's files are a fixed set inside this
 package, plus Chart.js from Debian's libjs-chart.js at /usr/share/javascript/chart.js/).
 
+Damage: before a request touches rows, the server compares the sizes of the store's files with
+what its snapshot needs and checks that the store directory is still there; a failure is a 503
+naming the file, and the server goes on answering. Caveat: a file shrunk by another program in
+the instant between that check and the read still ends the server with SIGBUS (embstore itself
+never shrinks a store's files).
+
 Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...}`` or CSV lines
 ``KEY,LABEL`` (an optional ``key,label`` header line); see ``analysis.Labels``.
 
