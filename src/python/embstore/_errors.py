@@ -4,7 +4,8 @@
 C++ ErrorCode          Python exception
 =====================  =======================================================
 kInvalidArgument       ValueError (bad shape, dtype, dim, key, range, option)
-kNotFound              FileNotFoundError (an OSError; errno ENOENT)
+kNotFound              FileNotFoundError (an OSError; errno ENOENT); NotAStoreError (an
+                       embstore.Error) when the path is a directory without a store
 kAlreadyExists         FileExistsError (an OSError; errno EEXIST)
 kIO                    OSError with the failed call's errno
 kFull                  OSError, errno ENOSPC/EFBIG (disk full, or map_bytes outgrown)
@@ -26,6 +27,7 @@ import errno as _errno
 
 __all__ = [
     "Error",
+    "NotAStoreError",
     "CorruptionError",
     "FormatMismatchError",
     "UnsupportedVersionError",
@@ -60,6 +62,13 @@ class Error(Exception):
 
     code = "error"
     errno = 0
+
+
+class NotAStoreError(Error):
+    """The path is a directory but holds no store (raised by Writer, Reader and info; a
+    missing path is FileNotFoundError)."""
+
+    code = "not_a_store"
 
 
 class CorruptionError(Error):
@@ -116,7 +125,7 @@ _DEFAULT_ERRNO = {
 }
 
 
-for _cls in (Error, CorruptionError, FormatMismatchError, UnsupportedVersionError, PoisonedError,
+for _cls in (Error, NotAStoreError, CorruptionError, FormatMismatchError, UnsupportedVersionError, PoisonedError,
              ForkedChildError, ClosedError):
     _cls.__module__ = "embstore"
 
