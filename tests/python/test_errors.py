@@ -23,7 +23,8 @@ def test_epoch_is_an_integer_in_0_to_2_pow_64(store):
         w.append([1], rows(1), 2**63)  # a valid uint64 epoch, not a cast error
         w.append([2], rows(1), 2**64 - 1)
         for bad in (2**64, -1, -(2**63)):
-            with pytest.raises(ValueError, match=re.escape(f"epoch is {bad}; it must be in [0, 2**64)")):
+            message = f"epoch is {bad}; it must be in [0, 2**64)"
+            with pytest.raises(ValueError, match=re.escape(message)):
                 w.append([3], rows(1), bad)
         assert w.committed_rows() == 2
     assert embstore.Reader(store).epochs.tolist() == [2**63, 2**64 - 1]
@@ -113,8 +114,13 @@ def test_an_existing_directory_that_is_not_a_store_is_named_as_such(tmp_path):
             open_it()
         assert not isinstance(error.value, FileNotFoundError)
         assert isinstance(error.value, embstore.Error) and error.value.code == "not_a_store"
-        assert str(not_a_store) in str(error.value) and "not an embstore store" in str(error.value)
+        assert f"{not_a_store}: is a directory but not an embstore store" in str(error.value)
     assert os.listdir(not_a_store) == ["cat.jpg"]  # untouched
+    a_file = not_a_store / "cat.jpg"
+    for open_it in (lambda: embstore.Writer(a_file, dim=8), lambda: embstore.Reader(a_file)):
+        with pytest.raises(embstore.NotAStoreError, match="is a file, not an embstore store"):
+            open_it()
+    assert a_file.read_bytes() == b"meow"
     with pytest.raises(FileNotFoundError):  # a missing path stays FileNotFoundError
         embstore.Writer(tmp_path / "missing")
 

@@ -23,10 +23,10 @@ Quick start::
     r.keys, r.epochs   # uint64 views (strided: they live inside 32-byte index entries)
 
 Exceptions (see ``embstore._errors``): ValueError for bad shapes/dtypes/arguments (including
-a float, bool or str where an integer is needed, e.g. an epoch); OSError with errno for files (FileNotFoundError,
-FileExistsError, ENOSPC, EROFS, ...); ``embstore.Error`` subclasses for a directory that is not a
-store, corruption, format mismatch, unsupported version, poisoned writer, forked child and
-closed objects.
+a float, bool or str where an integer is needed, e.g. an epoch); OSError with errno for files
+(FileNotFoundError, FileExistsError, ENOSPC, EROFS, ...); ``embstore.Error`` subclasses for a
+path that is not a store, corruption, format mismatch, unsupported version, poisoned writer,
+forked child and closed objects.
 
 Nothing appended is dropped silently: Writers (and ``embstore.torch.EmbeddingRecorder``) still
 open when the interpreter exits, when a ``multiprocessing`` child ends (it leaves through
@@ -162,7 +162,7 @@ def info(path: PathLike) -> dict:
 
     Raises:
         FileNotFoundError: nothing at ``path``.
-        NotAStoreError: ``path`` exists but holds no store.
+        NotAStoreError: ``path`` exists but is not a store.
     """
     path = os.fspath(path)
     with _not_a_store_check(path):
@@ -170,8 +170,8 @@ def info(path: PathLike) -> dict:
 
 
 class _not_a_store_check:
-    """Turns the FileNotFoundError of opening a directory that exists but holds no store (the
-    header file is missing) into NotAStoreError naming the directory."""
+    """Turns the FileNotFoundError of opening a path that exists but holds no store into
+    NotAStoreError naming the path; a missing path stays FileNotFoundError."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -180,14 +180,18 @@ class _not_a_store_check:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None and issubclass(exc_type, FileNotFoundError) and (
-                os.path.isdir(self.path)):
-            error = NotAStoreError(
-                f"{self.path}: the directory exists but is not an embstore store ({exc}); "
-                "use a new path or an empty directory to create one")
-            error.errno = exc.errno or 0
-            raise error from exc
-        return False
+        if exc_type is None or not issubclass(exc_type, FileNotFoundError):
+            return False
+        if os.path.isdir(self.path):
+            what = "is a directory but not an embstore store (it has no 'header' file)"
+        elif os.path.lexists(self.path):
+            what = "is a file, not an embstore store (a store is a directory)"
+        else:
+            return False
+        error = NotAStoreError(f"{self.path}: {what}; to create a store, give a new path or "
+                               "an empty directory")
+        error.errno = exc.errno or 0
+        raise error from exc
 
 
 def _is_torch_tensor(obj: Any) -> bool:
@@ -210,9 +214,9 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
     if target.kind in "iu":
         converted = values.astype(target)
         if values.dtype != target and not np.array_equal(converted, values):
-            info_ = np.iinfo(target)
-            raise ValueError(f"vectors: values that are not integers in [{info_.min}, "
-                             f"{info_.max}] cannot be stored in a {store_dtype} store")
+            limits = np.iinfo(target)
+            raise ValueError(f"vectors: values that are not integers in [{limits.min}, "
+                             f"{limits.max}] cannot be stored in a {store_dtype} store")
         return converted
     return values.astype(target)
 
@@ -366,7 +370,7 @@ class Writer(_Handle):
     Exit: a Writer still open when the interpreter exits (atexit), when a ``multiprocessing``
     child ends, or when it is garbage-collected is flushed and closed then. A failure then
     (e.g. a full disk) is logged on the ``embstore`` logger with the store's path and the number
-    of rows lost; under garbage collection it is also reported as an unraisable exception.
+    of rows lost (when ``__del__`` closes it, the error also goes to ``sys.unraisablehook``).
     Nothing can run when a process is killed or leaves through ``os._exit`` outside
     multiprocessing: queued rows are then lost, so call ``close()`` or ``flush()``.
 
@@ -590,7 +594,7 @@ class Reader(_Handle):
 
     def __init__(self, path: PathLike, *, map_bytes: Optional[int] = None) -> None:
         """Opens the store at ``path``. Raises FileNotFoundError if nothing is there,
-        NotAStoreError for a directory that holds no store, CorruptionError /
+        NotAStoreError for a file or directory that is not a store, CorruptionError /
         UnsupportedVersionError for a damaged or newer store."""
         self._native = None
         path = os.fspath(path)

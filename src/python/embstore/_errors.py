@@ -5,7 +5,7 @@ C++ ErrorCode          Python exception
 =====================  =======================================================
 kInvalidArgument       ValueError (bad shape, dtype, dim, key, range, option)
 kNotFound              FileNotFoundError (an OSError; errno ENOENT); NotAStoreError (an
-                       embstore.Error) when the path is a directory without a store
+                       embstore.Error) when the path exists but is not a store
 kAlreadyExists         FileExistsError (an OSError; errno EEXIST)
 kIO                    OSError with the failed call's errno
 kFull                  OSError, errno ENOSPC/EFBIG (disk full, or map_bytes outgrown)
@@ -65,8 +65,8 @@ class Error(Exception):
 
 
 class NotAStoreError(Error):
-    """The path is a directory but holds no store (raised by Writer, Reader and info; a
-    missing path is FileNotFoundError)."""
+    """The path exists (a file, or a directory) but is not a store (raised by Writer, Reader
+    and info; a missing path is FileNotFoundError)."""
 
     code = "not_a_store"
 
@@ -125,8 +125,8 @@ _DEFAULT_ERRNO = {
 }
 
 
-for _cls in (Error, NotAStoreError, CorruptionError, FormatMismatchError, UnsupportedVersionError, PoisonedError,
-             ForkedChildError, ClosedError):
+for _cls in (Error, NotAStoreError, CorruptionError, FormatMismatchError, UnsupportedVersionError,
+             PoisonedError, ForkedChildError, ClosedError):
     _cls.__module__ = "embstore"
 
 
