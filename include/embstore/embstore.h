@@ -21,9 +21,11 @@
 //   Take no lock, write nothing, need only read permission (a read-only mount works) and never
 //   block writers. A reader sees the rows [0, committed) as of open() or its last refresh();
 //   every row it sees is whole: an append's n rows become visible all together or not at all.
-//   All committed rows form ONE contiguous span at an address that never moves while the store
-//   grows: both files are mapped inside an address range reserved once (map_bytes), as LMDB
-//   does with its map size. Views stay valid while the Reader or an owner() copy lives.
+//   All committed rows of a snapshot form ONE contiguous span. Both files are mapped inside an
+//   address range reserved in proportion to the store (about twice what the files hold, capped
+//   by map_bytes); a store that outgrows it is mapped again at a larger range, which new
+//   snapshots use while every view already taken keeps pointing at the old range, kept mapped.
+//   Views stay valid while the Reader or an owner() copy lives.
 //
 // Durability
 //   committed — visible to readers; survives any process crash (the page cache holds it).
@@ -57,6 +59,11 @@
 //   - Under RLIMIT_FSIZE the process must ignore SIGXFSZ to get kFull instead of being killed.
 //   - A forked child must open its own Writer; Readers may be used across fork.
 //   - Rows are never rewritten or shrunk in place; files only grow.
+//   - Stores open per process: each open Reader or Writer holds about five memory mappings, so
+//     the kernel's vm.max_map_count (65530 by default) allows roughly 12,000 open stores; raise it
+//     for more. A Writer holds three file descriptors (RLIMIT_NOFILE), a Reader none: it reopens
+//     its files by path when they grew past its mapping, so a store moved or deleted under an
+//     open Reader fails that refresh (kNotFound or kIO) while its views stay valid.
 #pragma once
 
 #include "embstore/dtype.h"

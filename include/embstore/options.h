@@ -34,9 +34,10 @@ enum class SyncPolicy : std::uint8_t {
 struct WriterOptions {
   SyncPolicy sync = SyncPolicy::kNone;
   std::chrono::milliseconds sync_interval{1000};
-  // Address space reserved, once, for the data and index files together; the store can grow to
-  // about this many bytes (rows plus their 32-byte index entries) without any mapping moving.
-  // Reserving costs no memory, only address space (it counts against ulimit -v). 0 means the
+  // The most address space a store's mappings may reserve, for the data and index files
+  // together: the store can grow to about this many bytes (rows plus their 32-byte index
+  // entries). Reservations start at about twice the store's size and double as it grows, so
+  // this is a cap, not a cost. Address space counts against ulimit -v, not memory. 0 means the
   // environment variable EMBSTORE_MAP_BYTES if set, else kDefaultMapBytes.
   std::uint64_t map_bytes = 0;
   // When set, open() fails with kFormatMismatch unless the store has this dim / dtype.

@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -186,6 +187,19 @@ void sync_dir(const std::string& dir_path) {
   if (rc != 0) fail("fsync", dir_path, err);
 }
 
+namespace {
+// What to change after mmap's ENOMEM: the address-space limit if one is set, else the count of
+// mappings a process may hold (each open store holds about five).
+std::string enomem_hint() {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) {
+    return " (the address-space limit is " + std::to_string(limit.rlim_cur) +
+           " bytes: raise ulimit -v)";
+  }
+  return " (too many mappings: raise the sysctl vm.max_map_count or open fewer stores)";
+}
+}  // namespace
+
 void* reserve(std::uint64_t bytes, const std::string& what) {
   if (int err = injected(Op::kMmap)) fail("reserve address space for", what, err);
   void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -193,7 +207,7 @@ void* reserve(std::uint64_t bytes, const std::string& what) {
     int err = errno;
     throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
                 "reserve " + std::to_string(bytes) + " bytes of address space for " + what + ": " +
-                    std::strerror(err) + " (lower map_bytes or raise ulimit -v)",
+                    std::strerror(err) + (err == ENOMEM ? enomem_hint() : std::string()),
                 err);
   }
   return p;
@@ -211,7 +225,8 @@ void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Ac
     ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
     throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
                 "mmap " + path + " bytes [" + std::to_string(offset) + ", " +
-                    std::to_string(offset + bytes) + "): " + std::strerror(err),
+                    std::to_string(offset + bytes) + "): " + std::strerror(err) +
+                    (err == ENOMEM ? enomem_hint() : std::string()),
                 err);
   }
 }

@@ -1,6 +1,7 @@
 #include "storage/store_files.h"
 
 #include <algorithm>
+#include <bit>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
@@ -15,6 +16,24 @@ namespace {
 [[noreturn]] void corrupt(const std::string& path, const std::string& what) {
   throw Error(ErrorCode::kCorruption, path + ": " + what);
 }
+
+// A descriptor of one of the store's files for the length of a call: the StoreFiles' own (a
+// Writer's) or, for a Reader, which keeps none, one opened by path and closed at scope exit.
+class FileHandle {
+ public:
+  FileHandle(int own_fd, const std::string& path, os::Access access)
+      : fd_(own_fd >= 0 ? own_fd : os::open_file(path, access)), owned_(own_fd < 0) {}
+  ~FileHandle() {
+    if (owned_) os::close_fd(fd_);
+  }
+  FileHandle(const FileHandle&) = delete;
+  FileHandle& operator=(const FileHandle&) = delete;
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+  bool owned_;
+};
 
 }  // namespace
 
@@ -71,24 +90,27 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   }
   files->data_path_ = dir + "/" + data_file_name(generation);
   files->index_path_ = dir + "/" + index_file_name(generation);
-  files->data_fd_ = os::open_file(files->data_path_, access);
-  files->index_fd_ = os::open_file(files->index_path_, access);
+  if (access == os::Access::kReadWrite) {
+    files->data_fd_ = os::open_file(files->data_path_, access);
+    files->index_fd_ = os::open_file(files->index_path_, access);
+  } else {
+    // The state page stays mapped; the descriptor is not needed again (see the file comment).
+    os::close_fd(files->header_fd_);
+    files->header_fd_ = -1;
+  }
 
-  // One budget for both files, split in proportion to what a row costs in each.
+  // One budget for both files, split in proportion to what a row costs in each; whole segments,
+  // so a capacity within budget_rows always fits one Generation.
   const Layout& layout = files->layout_;
   const std::uint64_t budget = resolve_map_bytes(map_bytes);
   const std::uint64_t max_rows = std::max<std::uint64_t>(
       1, std::min(budget / (layout.record_bytes + kIndexEntryBytes), kMaxRows));
-  const std::uint64_t data_reserve = layout.data_bytes_for(max_rows);
-  files->data_ = std::make_unique<ReservedMapping>(data_reserve, files->data_path_, access);
-  files->index_ = std::make_unique<ReservedMapping>(
-      Layout::index_bytes_for(data_reserve / layout.record_bytes), files->index_path_, access);
+  files->budget_rows_ = layout.data_bytes_for(max_rows) / layout.record_bytes;
   return files;
 }
 
 StoreFiles::~StoreFiles() {
-  data_.reset();
-  index_.reset();
+  generation_.reset();
   os::unmap(state_map_, kPageBytes);
   os::close_fd(data_fd_);
   os::close_fd(index_fd_);
@@ -96,37 +118,55 @@ StoreFiles::~StoreFiles() {
 }
 
 std::uint64_t StoreFiles::rows_files_hold() const {
-  const std::uint64_t data_rows = os::file_size(data_fd_, data_path_) / layout_.record_bytes;
-  const std::uint64_t index_rows = os::file_size(index_fd_, index_path_) / kIndexEntryBytes;
+  const FileHandle data(data_fd_, data_path_, access_);
+  const FileHandle index(index_fd_, index_path_, access_);
+  const std::uint64_t data_rows = os::file_size(data.get(), data_path_) / layout_.record_bytes;
+  const std::uint64_t index_rows = os::file_size(index.get(), index_path_) / kIndexEntryBytes;
   return std::min({data_rows, index_rows, kMaxRows});
 }
 
 void StoreFiles::map_rows(std::uint64_t rows) {
-  if (rows <= mapped_rows_) return;
+  if (rows <= mapped_rows()) return;
   if (rows > kMaxRows) {
     corrupt(header_path_, "a counter claims " + std::to_string(rows) + " rows, beyond 2^40");
   }
-  const std::uint64_t data_bytes = os::file_size(data_fd_, data_path_);
+  const FileHandle data(data_fd_, data_path_, access_);
+  const FileHandle index(index_fd_, index_path_, access_);
+  const std::uint64_t data_bytes = os::file_size(data.get(), data_path_);
   if (data_bytes / layout_.record_bytes < rows) {
     corrupt(data_path_, "file is " + std::to_string(data_bytes) + " bytes, too short for " +
                             std::to_string(rows) + " rows of " +
                             std::to_string(layout_.record_bytes) + " bytes");
   }
-  const std::uint64_t index_bytes = os::file_size(index_fd_, index_path_);
+  const std::uint64_t index_bytes = os::file_size(index.get(), index_path_);
   if (index_bytes / kIndexEntryBytes < rows) {
     corrupt(index_path_, "file is " + std::to_string(index_bytes) + " bytes, too short for " +
                              std::to_string(rows) + " index entries");
   }
-  // Map all the files hold (within the reservation), so that following a growing store costs
-  // readers no system call until the files grow again.
+  if (rows > budget_rows_) {
+    throw Error(ErrorCode::kFull, data_path_ + ": the store holds " + std::to_string(rows) +
+                                      " rows but map_bytes leaves room for " +
+                                      std::to_string(budget_rows_) +
+                                      "; reopen with a larger map_bytes");
+  }
+  // Map all the files hold (within budget), so that following a growing store costs readers no
+  // system call until the files grow again.
   const std::uint64_t file_rows =
-      std::min(data_bytes / layout_.record_bytes, index_bytes / kIndexEntryBytes);
-  const std::uint64_t reserved_rows = std::min(data_->reserved_bytes() / layout_.record_bytes,
-                                               index_->reserved_bytes() / kIndexEntryBytes);
-  const std::uint64_t target = std::max(rows, std::min(file_rows, reserved_rows));
-  data_->map_to(data_fd_, target * layout_.record_bytes);  // kFull if rows exceed the reservation
-  index_->map_to(index_fd_, target * kIndexEntryBytes);
-  mapped_rows_ = target;
+      std::min({data_bytes / layout_.record_bytes, index_bytes / kIndexEntryBytes, budget_rows_});
+  const std::uint64_t target = std::max(rows, file_rows);
+  if (!generation_ || target > generation_->reserved_rows()) {
+    // Twice the next power of two: O(log n) remaps while a store grows, and the reservations a
+    // Reader keeps pinned add up to at most twice the newest.
+    const std::uint64_t reserve = std::min(budget_rows_, std::bit_ceil(target) * 2);
+    std::shared_ptr<const Generation> keep;
+    if (access_ == os::Access::kReadOnly) keep = generation_;
+    auto next = std::make_shared<Generation>(state_.generation(), layout_, data_path_, index_path_,
+                                             access_, reserve, std::move(keep));
+    next->map_rows(data.get(), index.get(), target);
+    generation_ = std::move(next);
+    return;
+  }
+  generation_->map_rows(data.get(), index.get(), target);
 }
 
 void StoreFiles::grow_to(std::uint64_t rows) {
@@ -136,16 +176,13 @@ void StoreFiles::grow_to(std::uint64_t rows) {
     return;
   }
   // Compare in rows first: rows * record_bytes could overflow for a hostile row count.
-  const std::uint64_t new_data_bytes =
-      rows > kMaxRows || rows > data_->reserved_bytes() / layout_.record_bytes
-          ? ~0ull
-          : layout_.data_bytes_for(rows);
-  if (new_data_bytes > data_->reserved_bytes()) {
-    throw Error(ErrorCode::kFull,
-                data_path_ + ": growing to " + std::to_string(rows) + " rows needs " +
-                    std::to_string(new_data_bytes) + " bytes, beyond map_bytes " +
-                    std::to_string(data_->reserved_bytes()) + "; reopen with a larger map_bytes");
+  if (rows > budget_rows_) {
+    throw Error(ErrorCode::kFull, data_path_ + ": growing to " + std::to_string(rows) +
+                                      " rows is beyond map_bytes, which leaves room for " +
+                                      std::to_string(budget_rows_) +
+                                      " rows; reopen with a larger map_bytes");
   }
+  const std::uint64_t new_data_bytes = layout_.data_bytes_for(rows);
   const std::uint64_t new_capacity = std::min(new_data_bytes / layout_.record_bytes, kMaxRows);
   // Allocate from the last published capacity: a growth killed half-way may have extended the
   // files already, and re-allocating an allocated range is a cheap no-op.
@@ -215,8 +252,10 @@ StoreInfo StoreFiles::info() const {
   info.durable_rows = state_.durable();
   info.committed_rows = state_.committed();
   info.capacity_rows = state_.capacity();
-  info.data_file_bytes = os::file_size(data_fd_, data_path_);
-  info.index_file_bytes = os::file_size(index_fd_, index_path_);
+  const FileHandle data(data_fd_, data_path_, access_);
+  const FileHandle index(index_fd_, index_path_, access_);
+  info.data_file_bytes = os::file_size(data.get(), data_path_);
+  info.index_file_bytes = os::file_size(index.get(), index_path_);
   return info;
 }
 

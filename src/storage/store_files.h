@@ -1,5 +1,14 @@
-// store_files.h — one open store: its validated header, shared state page, and the data and
-// index files mapped inside their reservations. Shared by Writer and Reader.
+// store_files.h — one open store: its validated header, shared state page, and the current
+// Generation (generation.h), the data and index files mapped inside a reservation sized to the
+// store. Shared by Writer and Reader.
+//
+// Address space: a Generation reserves about twice the rows the files hold (a power of two),
+// capped by map_bytes, so thousands of stores fit in one process. A store that outgrows it is
+// mapped again at a larger Generation; for a Reader the new one pins the old (views taken before
+// stay valid), a Writer hands out no pointers and drops it.
+// Descriptors: a Writer keeps its three files open; a Reader keeps none (it maps the state page,
+// then opens the data and index files by path only while it maps or sizes them), so RLIMIT_NOFILE
+// does not bound the number of open Readers.
 //
 // Lifetime: the mappings live as long as the StoreFiles object; Readers hold it in a shared_ptr
 // so views can outlive the Reader. Not thread-safe for map_rows()/grow_to(); callers serialize
@@ -15,8 +24,8 @@
 #include "embstore/store.h"
 #include "format/checksum.h"
 #include "format/format.h"
-#include "platform/mapping.h"
 #include "platform/os.h"
+#include "storage/generation.h"
 #include "storage/state.h"
 
 namespace embstore::detail {
@@ -46,26 +55,27 @@ class StoreFiles {
   const std::string& data_path() const { return data_path_; }
   const std::string& index_path() const { return index_path_; }
   const std::string& header_path() const { return header_path_; }
+  // Writer only (a Reader's are closed: -1).
   int data_fd() const { return data_fd_; }
   int index_fd() const { return index_fd_; }
   int header_fd() const { return header_fd_; }
 
   // Rows the current mappings cover.
-  std::uint64_t mapped_rows() const { return mapped_rows_; }
-  // Maps both files far enough to cover `rows` rows. Checks the files really are that long
-  // first (kCorruption naming the file otherwise), so no access can fault past EOF.
+  std::uint64_t mapped_rows() const { return generation_ ? generation_->mapped_rows() : 0; }
+  // Maps both files far enough to cover `rows` rows, at a larger Generation if the current
+  // reservation is too small. Checks the files really are that long first (kCorruption naming
+  // the file otherwise), so no access can fault past EOF.
   void map_rows(std::uint64_t rows);
   // Writer only, writer lock held: allocates whole segments so at least `rows` rows fit, maps
   // them and publishes the new capacity. kFull on ENOSPC/EFBIG or past map_bytes; on failure no
-  // counter changes.
+  // counter changes. Pointers from row_ptr()/entry_ptr() taken before may then be stale.
   void grow_to(std::uint64_t rows);
   // Rows the files on disk can hold right now (from their sizes).
   std::uint64_t rows_files_hold() const;
 
-  std::byte* row_ptr(std::uint64_t row) const { return data_->base() + row * layout_.record_bytes; }
-  IndexEntry* entry_ptr(std::uint64_t row) const {
-    return reinterpret_cast<IndexEntry*>(index_->base()) + row;
-  }
+  // Rows must be mapped.
+  std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }
+  IndexEntry* entry_ptr(std::uint64_t row) const { return generation_->entry_ptr(row); }
   bool row_valid(std::uint64_t row) const;
   // The end of the longest run of whole, valid batches starting at `begin` (a batch boundary)
   // within [begin, end): a batch counts only if all its rows, up to the one flagged
@@ -85,8 +95,8 @@ class StoreFiles {
   int header_fd_ = -1, data_fd_ = -1, index_fd_ = -1;
   void* state_map_ = nullptr;
   SharedState state_;
-  std::unique_ptr<ReservedMapping> data_, index_;
-  std::uint64_t mapped_rows_ = 0;
+  std::uint64_t budget_rows_ = 0;           // The most rows map_bytes lets one Generation reserve.
+  std::shared_ptr<Generation> generation_;  // Null until the first map_rows().
 };
 
 }  // namespace embstore::detail

@@ -68,5 +68,7 @@ bool scenario_corruption(std::uint64_t seed);  // 12
 bool scenario_fuzz_smoke(std::uint64_t seed);  // 13
 bool scenario_python(std::uint64_t seed);      // 14
 bool scenario_model(std::uint64_t seed);       // 15
+// Many stores in one process (scenarios_many.cc).
+bool scenario_many_stores(std::uint64_t seed);  // 19
 
 }  // namespace embstore::torture

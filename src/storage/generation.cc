@@ -1,0 +1,22 @@
+#include "storage/generation.h"
+
+namespace embstore::detail {
+
+Generation::Generation(std::uint64_t number, const Layout& layout, const std::string& data_path,
+                       const std::string& index_path, os::Access access, std::uint64_t reserve_rows,
+                       std::shared_ptr<const Generation> previous)
+    : number_(number),
+      record_bytes_(layout.record_bytes),
+      reserved_rows_(reserve_rows),
+      data_(reserve_rows * layout.record_bytes, data_path, access),
+      index_(Layout::index_bytes_for(reserve_rows), index_path, access),
+      previous_(std::move(previous)) {}
+
+void Generation::map_rows(int data_fd, int index_fd, std::uint64_t rows) {
+  if (rows <= mapped_rows_) return;
+  data_.map_to(data_fd, rows * record_bytes_);
+  index_.map_to(index_fd, rows * kIndexEntryBytes);
+  mapped_rows_ = rows;
+}
+
+}  // namespace embstore::detail

@@ -1,0 +1,51 @@
+// generation.h — the mappings of one generation's files (rows.G and index.G): a mapping set that
+// views point into and that snapshots pin.
+//
+// Each Generation reserves address space in proportion to the store (StoreFiles picks the size)
+// and grows its mappings in place inside that reservation. When a store outgrows it, StoreFiles
+// maps the files again at a new, larger Generation; the new one may pin the one it replaces
+// (`previous`), so every pointer handed out from the old range stays valid for as long as
+// anything holds the newest. Not thread-safe for map_rows(); read-only otherwise.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "format/format.h"
+#include "platform/mapping.h"
+#include "platform/os.h"
+
+namespace embstore::detail {
+
+class Generation {
+ public:
+  // Reserves room for `reserve_rows` rows in each file (mapping nothing yet) and pins `previous`
+  // (may be null). kFull when the address space is exhausted.
+  Generation(std::uint64_t number, const Layout& layout, const std::string& data_path,
+             const std::string& index_path, os::Access access, std::uint64_t reserve_rows,
+             std::shared_ptr<const Generation> previous);
+  Generation(const Generation&) = delete;
+  Generation& operator=(const Generation&) = delete;
+
+  std::uint64_t number() const { return number_; }
+  std::uint64_t reserved_rows() const { return reserved_rows_; }
+  std::uint64_t mapped_rows() const { return mapped_rows_; }
+  // Maps both files up to `rows` rows; rows <= reserved_rows(), files at least that long.
+  void map_rows(int data_fd, int index_fd, std::uint64_t rows);
+
+  std::byte* row_ptr(std::uint64_t row) const { return data_.base() + row * record_bytes_; }
+  IndexEntry* entry_ptr(std::uint64_t row) const {
+    return reinterpret_cast<IndexEntry*>(index_.base()) + row;
+  }
+
+ private:
+  std::uint64_t number_;
+  std::uint64_t record_bytes_;
+  std::uint64_t reserved_rows_;
+  std::uint64_t mapped_rows_ = 0;
+  ReservedMapping data_, index_;
+  std::shared_ptr<const Generation> previous_;  // Older mappings views may still point into.
+};
+
+}  // namespace embstore::detail
