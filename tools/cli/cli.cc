@@ -61,7 +61,7 @@ DType dtype_from_name(const std::string& name) {
 
 std::string checked_metadata(const std::string& text) {
   try {
-    (void)nlohmann::json::parse(text);
+    [[maybe_unused]] const nlohmann::json parsed = nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
     throw Error(ErrorCode::kInvalidArgument,
                 std::string("--metadata is not valid JSON: ") + e.what());
