@@ -279,3 +279,13 @@ def test_kill_9_during_compact_leaves_the_source_intact_and_no_store_at_the_outp
     # The leftover working directories are hidden and do not block a new compaction.
     assert run("compact", src, tmp_path / "final", "--epochs", 9).code == 0
     assert len(embstore.Reader(tmp_path / "final")) == 4000
+
+
+def test_python_and_cli_read_each_others_exports(store, tmp_path):
+    assert run("export", store, tmp_path / "cli_out").code == 0
+    embstore.import_npy(tmp_path / "py_copy", tmp_path / "cli_out")
+    embstore.export_npy(store, tmp_path / "py_out")
+    assert run("import", tmp_path / "cli_copy", tmp_path / "py_out").code == 0
+    for copy in ("py_copy", "cli_copy"):
+        for a, b in zip(store_arrays(store), store_arrays(tmp_path / copy)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
