@@ -233,3 +233,40 @@ def test_bench_bad_options_are_usage_errors():
         r = run("bench", *args)
         assert r.code == 2, (args, r)
         one_line(r.err)
+
+
+def test_progress_bar_only_on_a_terminal_and_not_with_quiet(store, tmp_path):
+    import pty
+    import subprocess
+
+    def stderr_of(*args, tty):
+        if not tty:
+            return run(*args).err
+        master, slave = pty.openpty()
+        try:
+            proc = subprocess.run([CLI, *map(str, args)], stdout=subprocess.DEVNULL,
+                                  stderr=slave, timeout=60)
+            assert proc.returncode == 0
+            os.close(slave)
+            slave = -1
+            chunks = []
+            while True:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: the writer side is closed and drained
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            return b"".join(chunks).decode()
+        finally:
+            os.close(master)
+            if slave >= 0:
+                os.close(slave)
+
+    shown = stderr_of("verify", store, tty=True)
+    assert "verifying [" in shown and "rows/s" in shown and "ETA" in shown
+    assert "exporting [" in stderr_of("export", store, tmp_path / "o1", tty=True)
+    assert stderr_of("verify", store, "--quiet", tty=True) == ""
+    assert stderr_of("verify", store, tty=False) == ""
+    assert stderr_of("export", store, tmp_path / "o2", tty=False) == ""
