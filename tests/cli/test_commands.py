@@ -270,3 +270,18 @@ def test_progress_bar_only_on_a_terminal_and_not_with_quiet(store, tmp_path):
     assert stderr_of("verify", store, "--quiet", tty=True) == ""
     assert stderr_of("verify", store, tty=False) == ""
     assert stderr_of("export", store, tmp_path / "o2", tty=False) == ""
+
+
+def test_io_and_full_errors_have_their_exit_codes(store, tmp_path):
+    # 17 (I/O): the output's "directory" is a regular file (ENOTDIR).
+    (tmp_path / "file").write_text("x")
+    r = run("export", store, tmp_path / "file" / "out")
+    assert r.code == 17, r
+    assert str(tmp_path / "file") in one_line(r.err)
+    # 18 (full): the new store outgrows the address space it may reserve.
+    np.save(tmp_path / "v.npy", np.zeros((20000, 256), np.float32))
+    env = dict(os.environ, EMBSTORE_MAP_BYTES=str(1 << 20))
+    r = run("import", tmp_path / "new", tmp_path / "v.npy", "--segment-mb", 1, env=env)
+    assert r.code == 18, r
+    assert "map_bytes" in one_line(r.err)
+    assert not os.path.exists(tmp_path / "new")

@@ -48,7 +48,7 @@ class ArraySource {
   virtual int rank() const = 0;
   // The element type as a store dtype, nullopt when it is none of them.
   virtual std::optional<DType> dtype(bool u2_is_bfloat16) const = 0;
-  virtual void read_rows(std::uint64_t first, std::uint64_t n, void* out, DType as) const = 0;
+  virtual void read_rows(std::uint64_t first, std::uint64_t n, void* out) const = 0;
   // Reads n integers as uint64, refusing negative values.
   virtual void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const = 0;
 };
@@ -67,7 +67,7 @@ class NpySource : public ArraySource {
       return std::nullopt;
     }
   }
-  void read_rows(std::uint64_t first, std::uint64_t n, void* out, DType) const override {
+  void read_rows(std::uint64_t first, std::uint64_t n, void* out) const override {
     npy_.read_rows(first, n, out);
   }
   void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const override {
@@ -110,7 +110,7 @@ class Hdf5Source : public ArraySource {
     (void)u2_is_bfloat16;
     return dataset_.dtype();
   }
-  void read_rows(std::uint64_t first, std::uint64_t n, void* out, DType) const override {
+  void read_rows(std::uint64_t first, std::uint64_t n, void* out) const override {
     dataset_.read_rows(first, n, out, false);
   }
   void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const override {
@@ -265,7 +265,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     for (std::uint64_t first = 0; first < n; first += batch) {
       const std::uint64_t count = std::min(batch, n - first);
       rows_buffer.resize(count * row_bytes);
-      vectors->read_rows(first, count, rows_buffer.data(), *source_dtype);
+      vectors->read_rows(first, count, rows_buffer.data());
       key_buffer.resize(count);
       if (keys) {
         keys->read_uint64(first, count, key_buffer.data());
