@@ -547,9 +547,10 @@ RunResult run_one(const Config& config, int writers, const std::string& work_dir
   return run;
 }
 
+// Keys in the order written (ordered_json), as the report has always printed them.
 void print_json(const Config& config, const std::vector<RunResult>& runs, std::uint64_t row_bytes) {
   auto phase = [&](const PhaseResult& p) {
-    return nlohmann::json{
+    return nlohmann::ordered_json{
         {"rows", p.rows},
         {"seconds", p.seconds},
         {"rows_per_s", p.rows_per_s()},
@@ -557,9 +558,9 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
         {"latency_us",
          {{"p50", p.latency.p50_us}, {"p99", p.latency.p99_us}, {"max", p.latency.max_us}}}};
   };
-  nlohmann::json out_runs = nlohmann::json::array();
+  nlohmann::ordered_json out_runs = nlohmann::ordered_json::array();
   for (const RunResult& r : runs) {
-    nlohmann::json run = {{"writers", r.writers}, {"embstore", phase(r.store)}};
+    nlohmann::ordered_json run = {{"writers", r.writers}, {"embstore", phase(r.store)}};
     if (config.baselines) {
       run["pwrite"] = phase(r.pwrite);
       run["pwrite_prealloc"] = phase(r.pwrite_prealloc);
@@ -580,19 +581,19 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
     run["store"] = config.keep ? r.store_path : "";
     out_runs.push_back(std::move(run));
   }
-  const nlohmann::json out = {{"config",
-                               {{"batch", config.batch},
-                                {"dim", config.dim},
-                                {"dtype", config.dtype_text},
-                                {"rows", config.rows},
-                                {"seconds", config.seconds},
-                                {"readers", config.readers},
-                                {"sync", config.sync_text},
-                                {"row_bytes", row_bytes},
-                                {"repeat", config.repeat},
-                                {"dir", config.dir}}},
-                              {"runs", out_runs}};
-  std::puts(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  const nlohmann::ordered_json out = {{"config",
+                                       {{"batch", config.batch},
+                                        {"dim", config.dim},
+                                        {"dtype", config.dtype_text},
+                                        {"rows", config.rows},
+                                        {"seconds", config.seconds},
+                                        {"readers", config.readers},
+                                        {"sync", config.sync_text},
+                                        {"row_bytes", row_bytes},
+                                        {"repeat", config.repeat},
+                                        {"dir", config.dir}}},
+                                      {"runs", out_runs}};
+  std::puts(out.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
 }
 
 void print_table(const Config& config, const std::vector<RunResult>& runs,
