@@ -112,7 +112,8 @@ def _check(reader: Reader, rows: np.ndarray) -> None:
     from ._errors import CorruptionError
     lo, hi = int(rows[0]), int(rows[-1]) + 1
     report = reader.verify(lo, hi)
-    bad = [r for r in report.bad_rows if r in set(rows.tolist())]
+    chosen = set(rows.tolist())
+    bad = [r for r in report.bad_rows if r in chosen]
     if bad:
         r = bad[0]
         raise CorruptionError(f"row {r} (key {int(reader.keys[r])}, epoch "
