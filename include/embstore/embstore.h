@@ -60,6 +60,7 @@
 #include "embstore/error.h"
 #include "embstore/options.h"
 #include "embstore/reader.h"
+#include "embstore/shard_set.h"
 #include "embstore/store.h"
 #include "embstore/version.h"
 #include "embstore/writer.h"
