@@ -501,3 +501,6 @@ class Reader(_Handle):
         if self.closed:
             return "<embstore.Reader (closed)>"
         return f"<embstore.Reader {self.path!r} rows={len(self)} dim={self.dim} dtype={self.dtype}>"
+
+
+from .shards import ShardSet, merge  # noqa: E402,F401  (several stores as one: embstore.shards)
