@@ -64,6 +64,19 @@ def test_a_single_store_and_its_views(tmp_path):
     assert embstore.dask.from_store(tmp_path / "empty").vectors.compute().shape == (0, 4)
 
 
+def test_a_task_refuses_a_different_store_at_the_same_path(tmp_path):
+    import shutil
+    embstore.create(tmp_path / "s", dim=2)
+    with embstore.Writer(tmp_path / "s") as w:
+        w.append([1, 2], np.ones((2, 2), np.float32))
+    arrays = embstore.dask.from_store(tmp_path / "s")
+    old_id = embstore.info(tmp_path / "s")["store_id"]
+    shutil.rmtree(tmp_path / "s")  # as if a worker on another machine had another store there
+    embstore.create(tmp_path / "s", dim=2)
+    with pytest.raises(ValueError, match=old_id):
+        arrays.vectors.compute(scheduler="sync")
+
+
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -108,3 +121,4 @@ def test_epoch_means_and_knn_on_a_cluster_match_numpy(two_shards, client):
     distributed.wait(persisted)
     holders = set().union(*client.who_has(persisted).values())
     assert holders and holders <= set(client.scheduler_info()["workers"])
+
