@@ -12,10 +12,12 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "support/error_code.h"
 #include "support/temp_dir.h"
 #include "testing.h"
 
 using namespace embstore;
+using embstore::test::code_of;
 using embstore::test::TempDir;
 
 namespace {
@@ -27,17 +29,6 @@ CreateOptions opts(std::uint32_t dim, DType dtype = DType::kFloat32) {
   o.segment_bytes = 64 * 1024;
   o.metadata = R"({"run": 7})";
   return o;
-}
-
-ErrorCode code_of(const std::function<void()>& f, std::string* message = nullptr) {
-  try {
-    f();
-  } catch (const Error& e) {
-    if (message) *message = e.what();
-    return e.code();
-  }
-  FAIL("expected an embstore::Error");
-  return ErrorCode::kIO;
 }
 
 std::string write_text(const std::string& path, const std::string& text) {
@@ -195,16 +186,6 @@ TEST_CASE("A ShardSet over four stores answers like one store, before and after 
   REQUIRE(code_of([&] { set.find_many(one, two); }) == ErrorCode::kInvalidArgument);
 }
 
-TEST_CASE("A ShardSet over store paths needs no manifest", "[shard_set]") {
-  TempDir dir;
-  Writer a = Writer::create(dir / "a", opts(4));
-  Writer b = Writer::create(dir / "b", opts(4));
-  std::vector<std::vector<Oracle::Row>> shards;
-  std::mt19937_64 rng(3);
-  fill({&a, &b}, shards, rng, 30);
-  check_against(ShardSet::open({dir / "a", dir / "b"}), Oracle::of(shards));
-}
-
 TEST_CASE("A manifest round-trips and is replaced atomically", "[shard_set]") {
   TempDir dir;
   Manifest manifest;
@@ -287,8 +268,10 @@ TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards ar
   REQUIRE(code_of([&] { read_manifest(path); }) == ErrorCode::kUnsupportedVersion);
 }
 
-TEST_CASE("merge_stores copies every shard's rows in global order and refuses bad rows",
-          "[shard_set]") {
+TEST_CASE(
+    "A ShardSet over store paths; merge_stores copies every shard's rows in global order and "
+    "refuses bad rows",
+    "[shard_set]") {
   TempDir dir;
   Writer a = Writer::create(dir / "a", opts(4));
   Writer b = Writer::create(dir / "b", opts(4));
@@ -296,7 +279,8 @@ TEST_CASE("merge_stores copies every shard's rows in global order and refuses ba
   std::mt19937_64 rng(11);
   fill({&a, &b}, shards, rng, 50);
   const Oracle oracle = Oracle::of(shards);
-  const ShardSet set = ShardSet::open({dir / "a", dir / "b"});
+  const ShardSet set = ShardSet::open({dir / "a", dir / "b"});  // Store paths, no manifest.
+  check_against(set, oracle);
   std::vector<std::uint64_t> progress;
   const StoreInfo info = merge_stores(dir / "merged", set, [&](const MergeProgress& p) {
     REQUIRE(p.rows_total == 100);

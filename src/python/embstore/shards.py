@@ -120,7 +120,11 @@ def _find_many(reader: Reader, table: Callable[[], _KeyTable], keys: np.ndarray,
 def _history(reader: Reader, table: Callable[[], _KeyTable], key: int) -> np.ndarray:
     """Shard-local rows of ``key`` in commit order (int64)."""
     if hasattr(reader, "history"):
-        return np.asarray([v[0] if isinstance(v, tuple) else v for v in reader.history(key)],
+        versions = reader.history(key)
+        names = getattr(getattr(versions, "dtype", None), "names", None)
+        if names:  # a structured array: its "row" field (else the first)
+            return np.asarray(versions["row" if "row" in names else names[0]], dtype=np.int64)
+        return np.asarray([v[0] if isinstance(v, (tuple, list)) else v for v in versions],
                           dtype=np.int64).reshape(-1)
     t = table()
     k = np.uint64(key)
