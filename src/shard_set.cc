@@ -287,6 +287,9 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
     }
   }
   if (!manifest) paths = manifest_or_stores;
+  if (paths.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, manifest_path + ": the manifest lists no shards");
+  }
 
   for (std::size_t i = 0; i < paths.size(); ++i) {
     auto shard = std::make_unique<Shard>(paths[i], [&] {
@@ -301,15 +304,17 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
       }
     }());
     const Reader& reader = shard->reader;
-    const std::string& first = impl->shards.empty() ? paths[i] : impl->shards[0]->path;
-    const std::uint32_t want_dim = manifest               ? manifest->dim
-                                   : impl->shards.empty() ? reader.dim()
-                                                          : impl->shards[0]->reader.dim();
-    const DType want_dtype = manifest               ? manifest->dtype
-                             : impl->shards.empty() ? reader.dtype()
-                                                    : impl->shards[0]->reader.dtype();
-    const std::string against = manifest ? "the manifest " + manifest_path : "shard " + first;
+    // Every shard must match the manifest, or without one the first shard.
+    const bool is_reference = !manifest && impl->shards.empty();
+    const std::uint32_t want_dim = manifest       ? manifest->dim
+                                   : is_reference ? reader.dim()
+                                                  : impl->shards[0]->reader.dim();
+    const DType want_dtype = manifest       ? manifest->dtype
+                             : is_reference ? reader.dtype()
+                                            : impl->shards[0]->reader.dtype();
     if (reader.dim() != want_dim || reader.dtype() != want_dtype) {
+      const std::string against =
+          manifest ? "the manifest " + manifest_path : "shard " + impl->shards[0]->path;
       throw Error(ErrorCode::kFormatMismatch,
                   "shard " + paths[i] + " holds dim " + std::to_string(reader.dim()) + " " +
                       std::string(dtype_name(reader.dtype())) + " but " + against + " says dim " +

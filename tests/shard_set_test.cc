@@ -259,6 +259,11 @@ TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards ar
               &message) == ErrorCode::kFormatMismatch);
   REQUIRE(message.find("float16") != std::string::npos);
 
+  path = write_text(dir / "none.json",
+                    R"({"embstore_manifest": 1, "dim": 4, "dtype": "float32", "shards": []})");
+  REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kInvalidArgument);
+  REQUIRE(message.find("no shards") != std::string::npos);
+
   path = write_text(dir / "junk.json", "{\"embstore_manifest\": 1, \"dim\": 4}");
   REQUIRE(code_of([&] { read_manifest(path); }, &message) == ErrorCode::kCorruption);
   REQUIRE(message.find("'dtype'") != std::string::npos);
@@ -268,10 +273,8 @@ TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards ar
   REQUIRE(code_of([&] { read_manifest(path); }) == ErrorCode::kUnsupportedVersion);
 }
 
-TEST_CASE(
-    "A ShardSet over store paths; merge_stores copies every shard's rows in global order and "
-    "refuses bad rows",
-    "[shard_set]") {
+TEST_CASE("merge_stores copies a ShardSet's rows in global order and refuses bad rows",
+          "[shard_set]") {
   TempDir dir;
   Writer a = Writer::create(dir / "a", opts(4));
   Writer b = Writer::create(dir / "b", opts(4));
@@ -305,7 +308,7 @@ TEST_CASE(
   REQUIRE(code_of([&] { read_info(dir / "again"); }) == ErrorCode::kNotFound);
 }
 
-TEST_CASE("Writers refuse network file systems unless forced; readers read anywhere",
+TEST_CASE("Writers refuse network file systems unless forced, and readers read anywhere",
           "[shard_set][faults]") {
   TempDir dir;
   Writer::create(dir / "local", opts(4)).close();
