@@ -209,6 +209,12 @@ def test_recorder_directory_mode_in_one_process(tmp_path, monkeypatch):
         assert manifest["shards"][0]["rows"] == 10 * (epoch + 1)
         assert manifest["shards"][0]["epochs"] == list(range(epoch + 1))
     recorder.close()
+    # A rank that records nothing still describes (and syncs) its node's store.
+    idle = EmbeddingRecorder(model, "0", tmp_path / "run", per_node=True, ranks=[])
+    os.remove(tmp_path / "run" / es.MANIFEST_NAME)
+    idle.end_epoch()
+    idle.close()
+    assert es.read_manifest(tmp_path / "run" / es.MANIFEST_NAME)["shards"][0]["rows"] == 30
     s = embstore.ShardSet(tmp_path / "run")
     assert len(s) == 30 and s.find(4, 2) == 24
     assert s.metadata == {"module": "0"}

@@ -327,9 +327,11 @@ class EmbeddingRecorder:
         path = self.store_path()
         shard = None
         if leader and os.path.exists(path):
-            if sync:
-                writer = self._writer if self._writer_pid == os.getpid() else None
-                (writer or Writer(path)).sync()
+            if sync and self._writer is not None and self._writer_pid == os.getpid():
+                self._writer.sync()
+            elif sync:  # this rank recorded nothing (``ranks``): sync the node's store anyway
+                with Writer(path) as writer:
+                    writer.sync()
             shard = self._describe(path)
         infos = [None] * world
         if distributed:
