@@ -11,7 +11,7 @@
 
 #include "embstore/error.h"
 #include "embstore/writer.h"
-#include "os.h"
+#include "platform/os.h"
 
 namespace embstore {
 namespace {
@@ -220,7 +220,7 @@ void write_manifest(const std::string& path, const Manifest& manifest) {
   const std::string text = json.dump(1) + "\n";
 
   std::uint64_t nonce[2];
-  detail::os::random_bytes(nonce, sizeof nonce);
+  detail::os::random_bytes(nonce, sizeof nonce, path);
   const std::string temp = path + ".tmp-" + std::to_string(nonce[0] ^ nonce[1]);
   const int fd = detail::os::create_file(temp);
   try {

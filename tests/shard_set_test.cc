@@ -14,7 +14,7 @@
 #include "embstore/embstore.h"
 #include "support/error_code.h"
 #include "support/temp_dir.h"
-#include "testing.h"
+#include "platform/testing.h"
 
 using namespace embstore;
 using embstore::test::code_of;

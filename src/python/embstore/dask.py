@@ -29,10 +29,6 @@ from .shards import ShardSet
 
 __all__ = ["from_store", "StoreArrays"]
 
-_NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16",
-                 "int8": "int8", "uint8": "uint8", "float64": "float64"}
-
-
 class StoreArrays(NamedTuple):
     """The dask arrays of ``from_store``: vectors (rows, dim; bfloat16 as uint16 bit patterns,
     as ``Reader.vectors``), keys and epochs (rows,) uint64, with the same row chunks."""
@@ -88,7 +84,7 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
         inputs = [os.path.abspath(os.fspath(p)) for p in inputs]
     shards = ShardSet(inputs)
     try:
-        dim, dtype = shards.dim, _NUMPY_DTYPES[shards.dtype]
+        dim, dtype = shards.dim, shards.shards[0].rows(0, 0).dtype.name  # as Reader.vectors
         row_bytes = dim * np.dtype(dtype).itemsize
         step = int(chunk_rows) if chunk_rows else max(1, int(chunk_mb * (1 << 20)) // row_bytes)
         if step <= 0:
