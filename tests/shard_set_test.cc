@@ -12,9 +12,9 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "platform/testing.h"
 #include "support/error_code.h"
 #include "support/temp_dir.h"
-#include "platform/testing.h"
 
 using namespace embstore;
 using embstore::test::code_of;
