@@ -19,7 +19,8 @@ static_assert(std::endian::native == std::endian::little, "embstore needs a litt
 
 inline constexpr char kMagic[8] = {'E', 'M', 'B', 'S', 'T', 'O', 'R', 'E'};
 inline constexpr std::uint16_t kFormatMajor = 1;
-inline constexpr std::uint16_t kFormatMinor = 0;
+// Minor 1 added the key index (keys.K and StatePage::key_generation); 1.0 stores open unchanged.
+inline constexpr std::uint16_t kFormatMinor = 1;
 
 inline constexpr std::uint64_t kPageBytes = 4096;
 inline constexpr std::uint64_t kStateOffset = 4096;
@@ -79,6 +80,7 @@ struct StatePage {
   alignas(64) std::uint64_t boot_id[2];
   alignas(64) std::uint64_t generation;
   alignas(64) std::uint64_t era;
+  alignas(64) std::uint64_t key_generation;  // Current keys.K; 0: none (every 1.0 store).
 };
 static_assert(offsetof(StatePage, committed_rows) == 0);
 static_assert(offsetof(StatePage, durable_rows) == 64);
@@ -86,6 +88,7 @@ static_assert(offsetof(StatePage, capacity_rows) == 128);
 static_assert(offsetof(StatePage, boot_id) == 192);
 static_assert(offsetof(StatePage, generation) == 256);
 static_assert(offsetof(StatePage, era) == 320);
+static_assert(offsetof(StatePage, key_generation) == 384);
 static_assert(sizeof(StatePage) <= 512, "counters must share one 512-byte sector");
 
 struct IndexEntry {

@@ -259,6 +259,10 @@ void remove_tree(const std::string& path) noexcept {
   ::rmdir(path.c_str());
 }
 
+void remove_file(const std::string& path) {
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) fail("unlink", path, errno);
+}
+
 bool exists(const std::string& path) noexcept {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0;

@@ -54,6 +54,8 @@ void make_dir(const std::string& path);
 // rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).
 int rename_path(const std::string& from, const std::string& to);
 void remove_tree(const std::string& path) noexcept;
+// unlink(2) of one file; a missing file is not an error.
+void remove_file(const std::string& path);
 bool exists(const std::string& path) noexcept;
 
 // Blocks until this open file description holds the exclusive OFD lock on byte 0 of `fd`.
