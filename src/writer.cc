@@ -15,6 +15,7 @@
 #include "convert_fast.h"
 #include "embstore/error.h"
 #include "format.h"
+#include "index/store_keys.h"
 #include "lock.h"
 #include "os.h"
 #include "store_files.h"
@@ -37,6 +38,7 @@ class Writer::Impl {
       detail::LockGuard guard(*lock_);
       recover();
       files_->map_rows(files_->state().capacity());
+      open_key_index();
     }
     if (options_.sync == SyncPolicy::kInterval) {
       sync_thread_ = std::make_unique<std::thread>([this] { sync_loop(); });
@@ -56,6 +58,17 @@ class Writer::Impl {
                        std::uint64_t single_epoch, const ConstMatrix& rows);
   void sync();
   void close();
+  void rebuild_key_index() {
+    join_growth(/*abandon=*/true);
+    std::shared_lock life(lifetime_);
+    check_usable();
+    std::lock_guard in_process(mutex_);
+    detail::LockGuard across_processes(*lock_);
+    const std::uint64_t committed = files_->state().committed();
+    files_->map_rows(committed);
+    keys_->open_for_writer(files_->entry_ptr(0), committed, /*rebuild=*/true);
+    keys_usable_ = true;
+  }
   // Runs f(files) with the store kept open for the call: a concurrent close() waits. For
   // accessors: a poisoned writer still reports its counters.
   template <typename F>
@@ -65,6 +78,13 @@ class Writer::Impl {
     return f(static_cast<const StoreFiles&>(*files_));
   }
   const std::string& path() const { return path_; }
+  StoreInfo info() const {
+    return with_files([this](const StoreFiles& f) {
+      StoreInfo info = f.info();
+      if (keys_) detail::fill_key_info(*keys_, f, info.committed_rows, info);
+      return info;
+    });
+  }
   bool in_owner_process() const { return detail::os::current_pid() == owner_pid_; }
 
  private:
@@ -75,6 +95,15 @@ class Writer::Impl {
   // Caller holds the writer lock.
   std::uint64_t writable_era(std::uint64_t first);
   void recover();
+  // Writer lock held: opens, rebuilds or catches up the key index (index/key_index_handle.h).
+  // A failure leaves the store usable: this handle stops indexing, lookups scan.
+  void open_key_index();
+  // Writer lock held, after a publish: indexes the new rows; true when a growth was claimed.
+  bool index_keys(std::uint64_t committed);
+  // Runs on growth_thread_: builds the larger key index without the lock, then switches to it.
+  void grow_key_index();
+  // Waits for the growth thread; `abandon` makes it stop early (drops the claim, builds nothing).
+  void join_growth(bool abandon);
   void sync_loop();
   // How an append of n rows writes them and their entries (above the definition: why).
   struct WritePlan;
@@ -99,6 +128,10 @@ class Writer::Impl {
   std::mutex poison_mutex_;
   std::string poison_message_;    // Written once, under poison_mutex_, before poisoned_ is set.
   std::uint64_t synced_era_ = 0;  // Highest era this handle has seen durable. Under mutex_.
+  std::unique_ptr<detail::KeyIndexHandle> keys_;
+  std::atomic<bool> keys_usable_{false};
+  std::unique_ptr<std::thread> growth_thread_;  // Under mutex_.
+  std::atomic<bool> stop_growth_{false};
   std::unique_ptr<std::thread> sync_thread_;
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
@@ -242,6 +275,67 @@ void Writer::Impl::recover() {
   state.set_boot_id(boot);
   detail::os::datasync(files_->header_fd(), header);
   synced_era_ = state.era();
+}
+
+void Writer::Impl::open_key_index() {
+  keys_ = detail::make_key_index_handle(*files_, detail::os::Access::kReadWrite);
+  try {
+    keys_->open_for_writer(files_->entry_ptr(0), files_->state().committed());
+    keys_usable_ = true;
+  } catch (const Error&) {
+    // Derived data only (a full disk, say): appends go on, lookups scan, the next writer retries.
+    keys_usable_ = false;
+  }
+}
+
+bool Writer::Impl::index_keys(std::uint64_t committed) {
+  if (!keys_usable_) return false;
+  try {
+    return keys_->after_publish(files_->entry_ptr(0), committed);
+  } catch (const Error&) {
+    // The rows are published already: the append succeeded. The next writer indexes them.
+    keys_usable_ = false;
+    return false;
+  }
+}
+
+void Writer::Impl::grow_key_index() {
+  const detail::IndexEntry* entries = files_->entry_ptr(0);
+  // Rows this handle may read without the lock: committed, and inside its own mapping.
+  auto bound = [this] {
+    std::lock_guard guard(mutex_);
+    return std::min(files_->state().committed(), files_->mapped_rows());
+  };
+  for (bool again = true; again;) {
+    std::shared_ptr<detail::KeyIndexFile> next;
+    try {
+      next = keys_->build_next(entries, bound, stop_growth_);
+    } catch (const Error&) {
+      next.reset();  // finish_growth drops the claim; a later append claims again.
+    }
+    std::lock_guard in_process(mutex_);
+    try {
+      detail::LockGuard across_processes(*lock_);
+      const std::uint64_t committed = files_->state().committed();
+      files_->map_rows(committed);
+      again = keys_->finish_growth(std::move(next), entries, committed) && !stop_growth_;
+    } catch (const Error&) {
+      keys_usable_ = false;
+      again = false;
+    }
+  }
+}
+
+void Writer::Impl::join_growth(bool abandon) {
+  std::unique_ptr<std::thread> thread;
+  {
+    std::lock_guard guard(mutex_);
+    thread = std::move(growth_thread_);
+  }
+  if (thread) {
+    stop_growth_ = abandon;
+    thread->join();
+  }
 }
 
 std::uint64_t Writer::Impl::writable_era(std::uint64_t first) {
@@ -388,6 +482,13 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     EMBSTORE_CRASH_POINT("before-publish");
     state.publish_committed(first + n);
     EMBSTORE_CRASH_POINT("after-publish");
+    if (index_keys(first + n)) {
+      // A new claim means the last growth passed finish_growth() (under mutex_, held here):
+      // its thread is exiting, so the join is immediate.
+      if (growth_thread_) growth_thread_->join();
+      stop_growth_ = false;
+      growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
+    }
   }
   // Outside the lock: waking readers and this writer's flush need not hold other writers up.
   detail::os::futex_wake_all(files_->state().committed_word());
@@ -453,6 +554,8 @@ void Writer::Impl::close() {
     sync_thread_->join();  // Before lifetime_ is taken: its sync() holds lifetime_ shared.
     sync_thread_.reset();
   }
+  // A growth in progress is finished, so the next writer does not redo it under the lock.
+  join_growth(/*abandon=*/false);
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   std::exception_ptr final_error;
   if (options_.sync != SyncPolicy::kNone) {
@@ -575,6 +678,7 @@ std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t 
 }
 
 void Writer::sync() { impl_->sync(); }
+void Writer::rebuild_key_index() { impl_->rebuild_key_index(); }
 void Writer::close() { impl_->close(); }
 std::uint64_t Writer::committed_rows() const {
   return impl_->with_files([](const StoreFiles& f) { return f.state().committed(); });
@@ -589,8 +693,6 @@ DType Writer::dtype() const {
   return impl_->with_files([](const StoreFiles& f) { return f.layout().dtype; });
 }
 const std::string& Writer::path() const { return impl_->path(); }
-StoreInfo Writer::info() const {
-  return impl_->with_files([](const StoreFiles& f) { return f.info(); });
-}
+StoreInfo Writer::info() const { return impl_->info(); }
 
 }  // namespace embstore

@@ -119,10 +119,11 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
   }
 }
 
-void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t committed) {
+void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t committed,
+                                     bool rebuild) {
   const std::uint64_t generation = load(key_generation_);
   std::shared_ptr<KeyIndexFile> file;
-  if (generation != 0) {
+  if (generation != 0 && !rebuild) {
     try {
       file = KeyIndexFile::open(dir_, generation, identity_, os::Access::kReadWrite);
       // From another boot any page may be stale; past `committed`, a recovery cut rows it
@@ -163,7 +164,15 @@ bool KeyIndexHandle::after_publish(const IndexEntry* entries, std::uint64_t comm
     open_for_writer(entries, committed);
     file = std::const_pointer_cast<KeyIndexFile>(current());
   }
-  const bool complete = file->index_rows(entries, committed);
+  bool complete;
+  try {
+    complete = file->index_rows(entries, committed);
+  } catch (const Error& error) {
+    if (error.code() != ErrorCode::kCorruption) throw;
+    // A damaged table: the offset index has everything, build a fresh generation from it.
+    open_for_writer(entries, committed, /*rebuild=*/true);
+    return false;
+  }
   if (complete && !file->wants_growth()) return false;
   return try_claim_growth();
 }
@@ -209,12 +218,14 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build_next(
   return next;
 }
 
-void KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
+bool KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
                                    std::uint64_t committed) {
   const std::uint64_t generation = load(key_generation_);
+  bool again = false;
   if (next && claim_file_ && claim_file_->generation() == generation &&
       next->generation() == generation + 1) {
-    next->index_rows(entries, committed);
+    // Appends went on during the build: the tables may need to grow again right away.
+    again = !next->index_rows(entries, committed) || next->wants_growth();
     EMBSTORE_CRASH_POINT("before-key-index-switch");
     next->publish_as_current(dir_);
     store(key_generation_, generation + 1);
@@ -227,6 +238,7 @@ void KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const Ind
   }
   claimed_ = false;
   claim_file_.reset();
+  return again && try_claim_growth();
 }
 
 }  // namespace embstore::detail

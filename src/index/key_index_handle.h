@@ -41,8 +41,8 @@ class KeyIndexHandle {
 
   // Writer, writer lock held, rows [0, committed) mapped: makes the index usable — opens it, or
   // rebuilds it from the offset index when it is missing, damaged, from another boot or ahead of
-  // `committed` — then indexes up to `committed`.
-  void open_for_writer(const IndexEntry* entries, std::uint64_t committed);
+  // `committed` (or always, with `rebuild`) — then indexes up to `committed`.
+  void open_for_writer(const IndexEntry* entries, std::uint64_t committed, bool rebuild = false);
   // Writer, writer lock held, after publishing `committed`: indexes the new rows. Returns true
   // when the tables need a larger generation and this handle claimed the job (build_next()).
   bool after_publish(const IndexEntry* entries, std::uint64_t committed);
@@ -55,8 +55,9 @@ class KeyIndexHandle {
                                            const std::atomic<bool>& stop);
   // Writer lock held: indexes the tail into `next`, publishes it as current, removes the old
   // file, and drops this handle's claim. `next` may be null (an abandoned build): only the claim
-  // is dropped.
-  void finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
+  // is dropped. Returns true when the new tables are already too full again and this handle
+  // claimed the next growth (call build_next() again).
+  bool finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
                      std::uint64_t committed);
 
  private:
