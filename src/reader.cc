@@ -29,11 +29,22 @@ class Reader::Impl {
   // After a reboot, before any writer recovered the store: rows below this were verified.
   std::uint64_t verified_upto_ = 0;
   std::unique_ptr<detail::KeyIndexHandle> keys_;
+  // keys_->current() as of the last refresh: lookups use it without taking the handle's mutex.
+  std::shared_ptr<const detail::KeyIndexFile> key_index_;
 
   // Runs f(const KeyQuery&) over this snapshot (store_keys.h).
   template <typename F>
   auto query(F&& f) const {
-    return detail::with_key_query(*keys_, files(), snapshot_, std::forward<F>(f));
+    const StoreFiles& f_files = files();
+    // After a lookup found the index damaged, the handle no longer offers it: scan.
+    const detail::KeyIndexFile* index =
+        key_index_ && keys_->has_current() ? key_index_.get() : nullptr;
+    return detail::with_key_query(*keys_, index, f_files, snapshot_, std::forward<F>(f));
+  }
+
+  void refresh_keys() {
+    keys_->refresh();
+    key_index_ = keys_->current();
   }
 
   StoreFiles& files() const {
@@ -48,7 +59,7 @@ class Reader::Impl {
       const std::uint64_t committed = state.committed();
       f.map_rows(committed);  // Refuses counters the files cannot back (kCorruption).
       snapshot_ = std::max(snapshot_, committed);
-      keys_->refresh();
+      refresh_keys();
       return snapshot_;
     }
     // The store was last written in an earlier boot and no writer has recovered it yet: rows
@@ -65,7 +76,7 @@ class Reader::Impl {
     if (f.same_boot()) return refresh();
     verified_upto_ = std::max(verified_upto_, valid);
     snapshot_ = std::max(snapshot_, valid);
-    keys_->refresh();  // A key index from the earlier boot is refused: lookups scan.
+    refresh_keys();  // A key index from the earlier boot is refused: lookups scan.
     return snapshot_;
   }
 

@@ -51,6 +51,7 @@ std::string KeyIndexHandle::status() const {
 void KeyIndexHandle::set_current(std::shared_ptr<KeyIndexFile> file, std::string status) {
   std::lock_guard guard(mutex_);
   current_ = std::move(file);
+  has_current_ = current_ != nullptr;
   status_ = std::move(status);
 }
 
@@ -58,6 +59,7 @@ void KeyIndexHandle::mark_damaged(const std::string& why) {
   std::lock_guard guard(mutex_);
   if (current_) damaged_generation_ = current_->generation();
   current_.reset();
+  has_current_ = false;
   status_ = "damaged (" + why + "): lookups scan until a writer rebuilds it";
 }
 
@@ -90,6 +92,7 @@ void KeyIndexHandle::refresh() {
       if (error.code() == ErrorCode::kNotFound && load(key_generation_) != generation) continue;
       std::lock_guard guard(mutex_);
       current_.reset();
+      has_current_ = false;
       damaged_generation_ = generation;
       status_ =
           "damaged (" + std::string(error.what()) + "): lookups scan until a writer rebuilds it";

@@ -31,6 +31,8 @@ class KeyIndexHandle {
   // missing, damaged, or built in another boot): lookups then scan. The pointer stays valid as
   // long as the caller holds it, whatever writers do to the files.
   std::shared_ptr<const KeyIndexFile> current() const;
+  // current() != null, without the mutex (a lookup's fast check that no damage was found).
+  bool has_current() const { return has_current_.load(std::memory_order_relaxed); }
   // Re-reads key_generation and opens a newer generation if there is one. Never throws: an
   // unusable file makes current() null and status() say why.
   void refresh();
@@ -73,6 +75,7 @@ class KeyIndexHandle {
   os::Access access_;
   mutable std::mutex mutex_;  // Guards current_ and status_.
   std::shared_ptr<KeyIndexFile> current_;
+  std::atomic<bool> has_current_{false};
   std::string status_;
   std::uint64_t damaged_generation_ = 0;  // A generation found unusable; not reopened.
   // Writer only: the growth this handle claimed (in claim_file_'s header) and what it builds.
