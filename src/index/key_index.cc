@@ -578,7 +578,12 @@ std::vector<std::uint64_t> KeyQuery::epoch_rows(std::uint64_t epoch) const {
   std::vector<std::uint64_t> rows;
   const std::uint64_t latest = table_epoch_latest(epoch);
   if (latest != kNone) {
-    rows.resize(ordinal(latest));
+    const std::uint64_t count = ordinal(latest);
+    if (count == 0 || count > latest + 1) {
+      corrupt(index_->path(), "chain record of row " + std::to_string(latest) + " claims " +
+                                  std::to_string(count) + " rows of its epoch");
+    }
+    rows.resize(count);
     std::uint64_t r = latest;
     for (std::uint64_t i = rows.size(); i-- > 0;) {
       if (r == kNone)
@@ -606,7 +611,13 @@ std::vector<EpochCount> KeyQuery::epochs() const {
       const std::uint64_t word = load(slots[i]);
       if (word == 0) continue;
       const std::uint64_t r = below_limit(slot_row(word), true);
-      if (r != kNone) counts[entries_[r].epoch] += ordinal(r);
+      if (r == kNone) continue;
+      const std::uint64_t count = ordinal(r);
+      if (count == 0 || count > r + 1) {
+        corrupt(index_->path(), "chain record of row " + std::to_string(r) + " claims " +
+                                    std::to_string(count) + " rows of its epoch");
+      }
+      counts[entries_[r].epoch] += count;
     }
   }
   for (std::uint64_t r = limit_; r < snapshot_; ++r) ++counts[entries_[r].epoch];
