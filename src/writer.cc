@@ -6,6 +6,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <thread>
 #include <vector>
@@ -98,6 +99,8 @@ class Writer::Impl {
   // Writer lock held: opens, rebuilds or catches up the key index (index/key_index_handle.h).
   // A failure leaves the store usable: this handle stops indexing, lookups scan.
   void open_key_index();
+  // Records the first key index failure; this handle stops indexing (close() reports it).
+  void key_index_failed(const Error& error);
   // Writer lock held, after a publish: indexes the new rows; true when a growth was claimed.
   bool index_keys(std::uint64_t committed);
   // Runs on growth_thread_: builds the larger key index without the lock, then switches to it.
@@ -130,6 +133,7 @@ class Writer::Impl {
   std::uint64_t synced_era_ = 0;  // Highest era this handle has seen durable. Under mutex_.
   std::unique_ptr<detail::KeyIndexHandle> keys_;
   std::atomic<bool> keys_usable_{false};
+  std::optional<Error> key_index_error_;        // Under poison_mutex_.
   std::unique_ptr<std::thread> growth_thread_;  // Under mutex_.
   std::atomic<bool> stop_growth_{false};
   std::unique_ptr<std::thread> sync_thread_;
@@ -282,19 +286,28 @@ void Writer::Impl::open_key_index() {
   try {
     keys_->open_for_writer(files_->entry_ptr(0), files_->state().committed());
     keys_usable_ = true;
-  } catch (const Error&) {
-    // Derived data only (a full disk, say): appends go on, lookups scan, the next writer retries.
-    keys_usable_ = false;
+  } catch (const Error& error) {
+    // No room to rebuild the key index: the store itself is fine, so the writer opens; lookups
+    // scan, close() reports it, and the next writer rebuilds. Any other failure fails the open.
+    if (error.code() != ErrorCode::kFull) throw;
+    key_index_failed(error);
   }
+}
+
+void Writer::Impl::key_index_failed(const Error& error) {
+  keys_usable_ = false;
+  std::lock_guard guard(poison_mutex_);
+  if (!key_index_error_) key_index_error_.emplace(error);
 }
 
 bool Writer::Impl::index_keys(std::uint64_t committed) {
   if (!keys_usable_) return false;
   try {
     return keys_->after_publish(files_->entry_ptr(0), committed);
-  } catch (const Error&) {
-    // The rows are published already: the append succeeded. The next writer indexes them.
-    keys_usable_ = false;
+  } catch (const Error& error) {
+    // The rows are published: the append succeeded and must not throw (a retry would store them
+    // twice). This handle stops indexing; close() reports it; the next writer indexes the rows.
+    key_index_failed(error);
     return false;
   }
 }
@@ -310,8 +323,9 @@ void Writer::Impl::grow_key_index() {
     std::shared_ptr<detail::KeyIndexFile> next;
     try {
       next = keys_->build_next(entries, bound, stop_growth_);
-    } catch (const Error&) {
-      next.reset();  // finish_growth drops the claim; a later append claims again.
+    } catch (const Error& error) {
+      key_index_failed(error);  // finish_growth(null) drops the claim.
+      next.reset();
     }
     std::lock_guard in_process(mutex_);
     try {
@@ -319,8 +333,8 @@ void Writer::Impl::grow_key_index() {
       const std::uint64_t committed = files_->state().committed();
       files_->map_rows(committed);
       again = keys_->finish_growth(std::move(next), entries, committed) && !stop_growth_;
-    } catch (const Error&) {
-      keys_usable_ = false;
+    } catch (const Error& error) {
+      key_index_failed(error);
       again = false;
     }
   }
@@ -566,7 +580,19 @@ void Writer::Impl::close() {
       final_error = std::current_exception();
     }
   }
+  {
+    std::lock_guard guard(poison_mutex_);
+    if (!final_error && key_index_error_) {
+      final_error = std::make_exception_ptr(
+          Error(key_index_error_->code(),
+                path_ + ": the key index could not be maintained (" + key_index_error_->what() +
+                    "); every row is stored, lookups scan the unindexed ones until the next "
+                    "writer indexes them",
+                key_index_error_->sys_errno()));
+    }
+  }
   closed_ = true;
+  keys_.reset();
   lock_.reset();
   files_.reset();
   if (final_error) std::rethrow_exception(final_error);

@@ -279,7 +279,7 @@ TEST_CASE("Key index refuses missing, damaged and foreign files with a named err
 }
 
 TEST_CASE(
-    "Key index check() finds damaged slots and chain records; lookups stay correct or "
+    "Key index check() finds damaged slots and chain records, and lookups stay correct or "
     "report corruption",
     "[key_index]") {
   TempDir dir;

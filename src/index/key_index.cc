@@ -170,7 +170,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexFile::create(const std::string& dir, std::
   h.header_checksum = header_hash(&h, kKeyIndexChecksummedBytes, nullptr, 0);
   const std::uint64_t bytes =
       file->chain_offset_ +
-      round_up(std::max<std::uint64_t>(rows, 1) * kChainRecordBytes, kChainStepBytes);
+      round_up(std::max<std::uint64_t>(rows, 1) * kChainRecordBytes * 9 / 8, kChainStepBytes);
   os::allocate(file->fd_, 0, bytes, file->path_);
   os::write_all(file->fd_, &h, sizeof(h), 0, file->path_);
   file->map_header_and_tables(file->fd_, reserve_for(file->chain_offset_, identity.max_rows),
@@ -288,9 +288,8 @@ KeyIndexSizes KeyIndexFile::next_sizes() const {
   const KeyIndexHeader* h = header();
   // Room for the counts now and for as many again, so growth stays rare (doubling at least).
   auto next = [](std::uint64_t used, std::uint64_t slots) {
-    return used * 16 > slots * kMaxLoadSixteenths
-               ? std::max(slots * 2, key_index_slots_for(used * 2))
-               : slots;
+    return used * 16 > slots * kMaxLoadSixteenths ? std::max(slots * 2, key_index_slots_for(used))
+                                                  : slots;
   };
   return {next(load(h->pairs_used), sizes_.pair_slots), next(load(h->keys_used), sizes_.key_slots),
           next(load(h->epochs_used), sizes_.epoch_slots)};

@@ -89,7 +89,8 @@ inline constexpr std::uint64_t kMinSlots = 1024;
 // A writer stops indexing into a table this full (the readers' scan covers the rest) until the
 // larger one is in place.
 inline constexpr std::uint64_t kHardLoadSixteenths = 14;
-// Chain space is allocated in steps of this many bytes.
-inline constexpr std::uint64_t kChainStepBytes = 4ull << 20;
+// Chain space is allocated in multiples of this many bytes, 1/8 ahead of what is needed (small
+// stores stay small; large ones extend the file rarely).
+inline constexpr std::uint64_t kChainStepBytes = 64ull << 10;
 
 }  // namespace embstore::detail

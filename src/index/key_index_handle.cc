@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 
 #include "embstore/error.h"
 #include "testing.h"
@@ -90,6 +91,8 @@ void KeyIndexHandle::refresh() {
     } catch (const Error& error) {
       // A growth may have replaced and removed the file between the load and the open.
       if (error.code() == ErrorCode::kNotFound && load(key_generation_) != generation) continue;
+      // An I/O error is reported, not papered over by a scan.
+      if (error.code() != ErrorCode::kNotFound && error.code() != ErrorCode::kCorruption) throw;
       std::lock_guard guard(mutex_);
       current_.reset();
       has_current_ = false;
@@ -132,27 +135,29 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
       // From another boot any page may be stale; past `committed`, a recovery cut rows it
       // indexed: either way it is rebuilt, never trusted.
       if (!file->built_in_current_boot() || file->indexed_rows() > committed) file.reset();
-    } catch (const Error&) {
-      file.reset();  // Missing or damaged: rebuilt below.
+    } catch (const Error& error) {
+      // Missing or damaged: rebuilt below. Any other failure (an I/O error) is the caller's.
+      if (error.code() != ErrorCode::kNotFound && error.code() != ErrorCode::kCorruption) throw;
+      file.reset();
     }
   }
-  if (file && !file->index_rows(entries, committed)) {
-    // Full (a dead writer's growth never finished): grow now, while the lock is held anyway.
-    auto next = build(entries, committed, file->next_sizes(), generation + 1, nullptr);
-    next->publish_as_current(dir_);
-    store(key_generation_, generation + 1);
-    os::remove_file(file->path());
-    file = std::move(next);
+  if (file) {
+    // Tables too full to take every row (a growth that never finished) are left to the growth
+    // the next append claims; readers scan the rest meanwhile.
+    file->index_rows(entries, committed);
+    set_current(std::move(file), "");
+    return;
   }
-  if (!file) {
-    KeyIndexSizes sizes;
-    sizes.pair_slots = std::max(sizes.pair_slots, key_index_slots_for(committed));
-    sizes.key_slots = std::max(sizes.key_slots, key_index_slots_for(committed / 16));
-    file = build(entries, committed, sizes, generation + 1, nullptr);
-    file->publish_as_current(dir_);
-    store(key_generation_, generation + 1);
-    if (generation != 0) os::remove_file(dir_ + "/" + key_index_file_name(generation));
-  }
+  // Room for one pair per row at the most load a table may have; the key and epoch tables start
+  // small and a build that fills one restarts with it 8x larger.
+  KeyIndexSizes sizes;
+  sizes.pair_slots =
+      std::max(sizes.pair_slots, std::bit_ceil(committed * 16 / kMaxLoadSixteenths + 1));
+  sizes.key_slots = std::max(sizes.key_slots, key_index_slots_for(committed / 16));
+  file = build(entries, committed, sizes, generation + 1, nullptr);
+  file->publish_as_current(dir_);
+  store(key_generation_, generation + 1);
+  if (generation != 0) os::remove_file(dir_ + "/" + key_index_file_name(generation));
   set_current(std::move(file), "");
 }
 

@@ -43,7 +43,8 @@ class KeyIndexHandle {
 
   // Writer, writer lock held, rows [0, committed) mapped: makes the index usable — opens it, or
   // rebuilds it from the offset index when it is missing, damaged, from another boot or ahead of
-  // `committed` (or always, with `rebuild`) — then indexes up to `committed`.
+  // `committed` (or always, with `rebuild`) — then indexes up to `committed` (as far as its
+  // tables take: a full one waits for the growth after_publish() claims). I/O errors throw.
   void open_for_writer(const IndexEntry* entries, std::uint64_t committed, bool rebuild = false);
   // Writer, writer lock held, after publishing `committed`: indexes the new rows. Returns true
   // when the tables need a larger generation and this handle claimed the job (build_next()).

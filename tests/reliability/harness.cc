@@ -305,10 +305,13 @@ void check_key_lookups(const Reader& reader,
   const auto epochs = reader.epochs(0, rows);
   std::vector<std::uint64_t> all_keys(rows), all_epochs(rows);
   std::map<std::uint64_t, std::uint64_t> per_epoch;
+  // One by one for up to 100,000 rows spread over the store; every row through find_many.
+  const std::uint64_t step = rows / 100'000 + 1;
   for (std::uint64_t r = 0; r < rows; ++r) {
     all_keys[r] = keys[r];
     all_epochs[r] = epochs[r];
     ++per_epoch[epochs[r]];
+    if (r % step != 0 && r + 1 != rows) continue;
     const auto pair = reader.find(keys[r], epochs[r]);
     const auto latest = reader.find(keys[r]);
     if (pair != std::optional<std::uint64_t>(r) || latest != std::optional<std::uint64_t>(r)) {
@@ -390,10 +393,10 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
     problem("verify found " + std::to_string(report.bad_row_count) + " bad rows (first: row " +
             std::to_string(report.bad_rows.front()) + ")");
   }
-  // The writer that just opened rebuilt any missing, stale or unreadable key index.
-  if (report.key_index_problems != 0 || !report.key_index_checked) {
-    problem("verify of the key index after Writer::open: " +
-            (report.key_index_checked ? report.key_index_problem : std::string("none in use")));
+  // A key index in use must agree with the offset index (check_key_lookups below checks the
+  // answers, by index or by scan).
+  if (report.key_index_problems != 0) {
+    problem("verify of the key index after Writer::open: " + report.key_index_problem);
   }
   if (reader->dim() != p.dim) problem("dim changed to " + std::to_string(reader->dim()));
 
