@@ -13,11 +13,11 @@
 #include <vector>
 
 #include "embstore/error.h"
-#include "format.h"
-#include "mapping.h"
-#include "os.h"
+#include "format/format.h"
+#include "platform/mapping.h"
+#include "platform/os.h"
+#include "platform/testing.h"
 #include "support/temp_dir.h"
-#include "testing.h"
 
 using namespace embstore;
 using namespace embstore::detail;

@@ -12,13 +12,13 @@
 #include <set>
 #include <vector>
 
-#include "checksum.h"
 #include "embstore/embstore.h"
-#include "format.h"
+#include "format/checksum.h"
+#include "format/format.h"
 #include "index/key_index_format.h"
+#include "platform/testing.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
-#include "testing.h"
 
 using namespace embstore;
 using embstore::test::TempDir;

@@ -9,7 +9,11 @@
 # accuracy from the stored embeddings. Ends with a PNG of the embeddings per epoch, the store's
 # info, the write throughput and the cost of saving on a training step.
 #
-# Usage: tools/demo.sh [--epochs N]        (outputs under build/demo/)
+# With --serve, `embstore serve` follows the store during the run: the URL of its live page
+# (figures, a PCA projection per epoch coloured by digit, key search) is printed at the start and
+# the page stays up after the run until Ctrl-C.
+#
+# Usage: tools/demo.sh [--epochs N] [--serve [--port P]]   (outputs under build/demo/)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

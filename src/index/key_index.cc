@@ -5,9 +5,9 @@
 #include <cstring>
 #include <unordered_map>
 
-#include "checksum.h"
 #include "embstore/error.h"
-#include "testing.h"
+#include "format/checksum.h"
+#include "platform/testing.h"
 
 namespace embstore::detail {
 namespace {

@@ -21,10 +21,10 @@
 #include <string>
 #include <vector>
 
-#include "format.h"
+#include "format/format.h"
 #include "index/key_index_format.h"
-#include "mapping.h"
-#include "os.h"
+#include "platform/mapping.h"
+#include "platform/os.h"
 
 namespace embstore::detail {
 

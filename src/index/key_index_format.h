@@ -1,13 +1,13 @@
-// key_index_format.h — the on-disk layout of the key index (src/FORMAT.md, "keys.K") as constants
-// and checked structs. Same conventions as format.h: fixed-width little-endian fields, offsets
-// pinned by static_assert, zero never valid.
+// key_index_format.h — the on-disk layout of the key index (src/format/FORMAT.md, "keys.K") as
+// constants and checked structs. Same conventions as format.h: fixed-width little-endian fields,
+// offsets pinned by static_assert, zero never valid.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
-#include "format.h"
+#include "format/format.h"
 
 namespace embstore::detail {
 

@@ -5,7 +5,7 @@
 #include <bit>
 
 #include "embstore/error.h"
-#include "testing.h"
+#include "platform/testing.h"
 
 namespace embstore::detail {
 namespace {

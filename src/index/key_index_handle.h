@@ -17,7 +17,7 @@
 #include <string>
 
 #include "index/key_index.h"
-#include "os.h"
+#include "platform/os.h"
 
 namespace embstore::detail {
 

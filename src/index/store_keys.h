@@ -10,7 +10,7 @@
 #include "embstore/store.h"
 #include "index/key_index.h"
 #include "index/key_index_handle.h"
-#include "store_files.h"
+#include "storage/store_files.h"
 
 namespace embstore::detail {
 

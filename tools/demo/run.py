@@ -1,9 +1,14 @@
 """The demo's driver: prepares the data and the store, starts 2 training ranks and a reader,
 then prints the store's info, the write throughput and the cost of saving on a training step.
 
-Usage: run.py --build BUILD_DIR [--epochs N]
+Usage: run.py --build BUILD_DIR [--epochs N] [--serve [--port P]]
+
+With --serve, `python3 -m embstore.serve` follows the store from the start (the digit of each
+sample as its label), the URL of its live page is printed, and the page stays up after the
+demo's figures until Ctrl-C.
 """
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -32,6 +37,20 @@ def write_burst(source, path, total_mib=64, batch=512):
     return batches * rows.nbytes / (1 << 20), seconds
 
 
+def start_server(store, labels, port, env):
+    """Starts `python3 -m embstore.serve` on 127.0.0.1 (port, else any free one if it is
+    taken); returns (process, URL)."""
+    for attempt in (port, 0):
+        proc = subprocess.Popen([sys.executable, "-m", "embstore.serve", store, "--port",
+                                 str(attempt), "--labels", labels], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        if "http://" in line:
+            return proc, line[line.index("http://"):].strip()
+        proc.wait()
+    raise SystemExit("[demo] embstore serve did not start")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--build", required=True, help="the CMake build directory")
@@ -39,6 +58,9 @@ def main():
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--bench-blocks", type=int, default=40,
                         help="pairs of step blocks (with/without saving) for the overhead figure")
+    parser.add_argument("--serve", action="store_true",
+                        help="serve the live page of the store (embstore serve) and keep it up")
+    parser.add_argument("--port", type=int, default=8080, help="the page's port with --serve")
     args = parser.parse_args()
     started = time.perf_counter()
     build = os.path.abspath(args.build)
@@ -69,6 +91,15 @@ def main():
         "keys": "sample index in sklearn.datasets.load_digits()"})
     print(f"[demo] {n} digits ({len(train_ids)} train, {len(heldout_ids)} held-out), "
           f"{args.world} ranks x {args.epochs} epochs -> {store}", flush=True)
+
+    server = None
+    if args.serve:
+        labels = os.path.join(run, "labels.json")
+        with open(labels, "w") as f:
+            json.dump({str(k): int(y) for k, y in enumerate(digits.target)}, f)
+        server, url = start_server(store, labels, args.port, env)
+        atexit.register(server.terminate)  # also when the demo fails part-way
+        print(f"[demo] live page of the store (embstore serve, read-only): {url}", flush=True)
 
     png = os.path.join(run, "embeddings.png")
     py = sys.executable
@@ -132,6 +163,13 @@ def main():
         report = r.verify()
         print(f"[demo] verify: {report.rows_checked} rows checked, {report.bad_row_count} bad")
     print(f"[demo] done in {time.perf_counter() - started:.1f} s")
+    if server is not None:
+        print(f"[demo] the live page stays up at {url} (Ctrl-C to stop)", flush=True)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            server.terminate()
+            server.wait()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+// lock.h — the store's writer lock: an OFD lock on the dedicated `lock` file.
+//
+// OFD locks belong to the open file description, not the process: they exclude other
+// WriterLocks in this same process too, and they survive any unrelated open()/close() of the
+// store's files (unlike fcntl/flock-per-process locks). The kernel drops the lock when the
+// holder dies, which is the only liveness test embstore uses.
+//
+// Fork: the descriptor is registered so a pthread_atfork child handler closes it in the child;
+// the parent's lock is untouched (its description is still open in the parent) and a child can
+// never keep a dead parent's lock alive. A WriterLock used in a process other than the one that
+// created it throws kForkedChild and never unlocks.
+//
+// Not thread-safe: one thread at a time per WriterLock (the Writer serializes with a mutex).
+//
+// Why not Boost.Interprocess, facility by facility:
+//   - file_lock: a per-process fcntl lock, lost when the process closes *any* descriptor of the
+//     file (a Reader opening and closing the store would drop a Writer's lock).
+//   - file_mapping/mapped_region: no address-space reservation, the address is only a hint, so a
+//     growing store could not keep its views at a fixed address (platform/mapping.h does).
+//   - interprocess_mutex: not robust; a holder killed by kill -9 leaves it locked forever.
+//   - named_condition: needs a writable object in /dev/shm, so read-only Readers could not wait;
+//     Reader::wait uses a futex on the read-only mapped counter instead.
+#pragma once
+
+#include <string>
+
+namespace embstore::detail {
+
+class WriterLock {
+ public:
+  explicit WriterLock(const std::string& lock_path);
+  ~WriterLock();
+  WriterLock(const WriterLock&) = delete;
+  WriterLock& operator=(const WriterLock&) = delete;
+
+  void acquire();  // Blocks until held.
+  void release() noexcept;
+  // True when called from the process that constructed this lock.
+  bool in_owner_process() const noexcept;
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  int owner_pid_ = 0;
+  bool held_ = false;
+};
+
+// RAII holder.
+class LockGuard {
+ public:
+  explicit LockGuard(WriterLock& lock) : lock_(lock) { lock_.acquire(); }
+  ~LockGuard() { lock_.release(); }
+  LockGuard(const LockGuard&) = delete;
+  LockGuard& operator=(const LockGuard&) = delete;
+
+ private:
+  WriterLock& lock_;
+};
+
+}  // namespace embstore::detail

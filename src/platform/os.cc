@@ -1,0 +1,429 @@
+#include "platform/os.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "embstore/error.h"
+#include "platform/testing.h"
+
+namespace embstore::detail::os {
+namespace {
+
+using testing::Op;
+
+[[noreturn]] void fail(const char* op, const std::string& path, int err) {
+  ErrorCode code = ErrorCode::kIO;
+  switch (err) {
+    case ENOENT:
+      code = ErrorCode::kNotFound;
+      break;
+    case ENOSPC:
+    case EFBIG:
+    case EDQUOT:
+      code = ErrorCode::kFull;
+      break;
+    case EROFS:
+    case EACCES:
+    case EPERM:
+      code = ErrorCode::kReadOnly;
+      break;
+    default:
+      break;
+  }
+  throw Error(code, std::string(op) + " " + path + ": " + std::strerror(err), err);
+}
+
+// Runs the fault seam for `op`; returns the injected errno (0: make the real call).
+int injected([[maybe_unused]] Op op) { return EMBSTORE_FAULT(op); }
+
+// pwritev; in test builds with EMBSTORE_PWRITE_CAP set, it writes at most that many bytes, the
+// short write a kernel may return (testing.h), so the resumption below gets exercised.
+ssize_t pwritev_seam(int fd, const iovec* iov, int count, off_t offset) {
+  if (const std::size_t cap = EMBSTORE_PWRITE_CAP(); cap > 0) {
+    std::vector<iovec> capped;
+    std::size_t room = cap;
+    for (int i = 0; i < count && room > 0; ++i) {
+      capped.push_back({iov[i].iov_base, std::min(iov[i].iov_len, room)});
+      room -= capped.back().iov_len;
+    }
+    return ::pwritev(fd, capped.data(), static_cast<int>(capped.size()), offset);
+  }
+  return ::pwritev(fd, iov, count, offset);
+}
+
+}  // namespace
+
+int open_file(const std::string& path, Access access) {
+  if (int err = injected(Op::kOpen)) fail("open", path, err);
+  int flags = (access == Access::kReadOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  int fd;
+  do fd = ::open(path.c_str(), flags);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) fail("open", path, errno);
+  return fd;
+}
+
+int create_file(const std::string& path) {
+  if (int err = injected(Op::kOpen)) fail("create", path, err);
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) fail("create", path, errno);
+  return fd;
+}
+
+void close_fd(int fd) noexcept {
+  if (fd >= 0) ::close(fd);
+}
+
+std::uint64_t file_size(int fd, const std::string& path) {
+  if (int err = injected(Op::kFstat)) fail("fstat", path, err);
+  struct stat st;
+  if (::fstat(fd, &st) != 0) fail("fstat", path, errno);
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
+void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,
+                const std::string& path) {
+  auto* p = static_cast<char*>(buf);
+  while (bytes > 0) {
+    if (int err = injected(Op::kPread)) fail("read", path, err);
+    ssize_t n = ::pread(fd, p, bytes, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail("read", path, errno);
+    if (n == 0) {
+      throw Error(ErrorCode::kCorruption, "read " + path + ": file ends at byte " +
+                                              std::to_string(offset) + " before the " +
+                                              std::to_string(bytes) + " bytes expected there");
+    }
+    p += n;
+    bytes -= static_cast<std::size_t>(n);
+    offset += static_cast<std::uint64_t>(n);
+  }
+}
+
+void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t offset,
+                  const std::string& path) {
+  iovec iov[IOV_MAX];
+  std::size_t next = 0;     // First chunk not yet copied into iov.
+  std::size_t pending = 0;  // iovecs in iov not yet written.
+  while (next < count || pending > 0) {
+    for (; pending < IOV_MAX && next < count; ++next) {
+      if (chunks[next].bytes == 0) continue;
+      iov[pending++] = iovec{const_cast<void*>(chunks[next].data), chunks[next].bytes};
+    }
+    if (pending == 0) return;
+    if (int err = injected(Op::kPwrite)) fail("write", path, err);
+    const ssize_t n = pwritev_seam(fd, iov, static_cast<int>(pending), static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail("write", path, errno);
+    if (n == 0) fail("write", path, EIO);  // No progress on a regular file: do not spin.
+    offset += static_cast<std::uint64_t>(n);
+    // Drop the iovecs written in full; resume a partly written one where it stopped.
+    auto left = static_cast<std::size_t>(n);
+    std::size_t written = 0;
+    while (written < pending && left >= iov[written].iov_len) left -= iov[written++].iov_len;
+    if (written < pending) {
+      iov[written].iov_base = static_cast<char*>(iov[written].iov_base) + left;
+      iov[written].iov_len -= left;
+    }
+    if (written > 0) std::move(iov + written, iov + pending, iov);
+    pending -= written;
+  }
+}
+
+void write_all(int fd, const void* buf, std::size_t bytes, std::uint64_t offset,
+               const std::string& path) {
+  const Chunk whole{buf, bytes};
+  write_chunks(fd, &whole, 1, offset, path);
+}
+
+void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& path) {
+  if (bytes == 0) return;  // posix_fallocate rejects an empty range with EINVAL.
+  if (int err = injected(Op::kFallocate)) fail("fallocate", path, err);
+  int err;
+  do err = ::posix_fallocate(fd, static_cast<off_t>(offset), static_cast<off_t>(bytes));
+  while (err == EINTR);
+  if (err == EOPNOTSUPP || err == EINVAL) {
+    throw Error(ErrorCode::kIO,
+                "fallocate " + path + ": the file system does not support preallocation (" +
+                    std::strerror(err) + "); embstore refuses to map unallocated space",
+                err);
+  }
+  if (err != 0) fail("fallocate", path, err);
+}
+
+void datasync(int fd, const std::string& path) {
+  if (int err = injected(Op::kMsync)) fail("fdatasync", path, err);
+  if (::fdatasync(fd) != 0) fail("fdatasync", path, errno);
+}
+
+void sync_dir(const std::string& dir_path) {
+  if (int err = injected(Op::kMsync)) fail("fsync", dir_path, err);
+  int fd = ::open(dir_path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) fail("open", dir_path, errno);
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) fail("fsync", dir_path, err);
+}
+
+void* reserve(std::uint64_t bytes, const std::string& what) {
+  if (int err = injected(Op::kMmap)) fail("reserve address space for", what, err);
+  void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) {
+    int err = errno;
+    throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
+                "reserve " + std::to_string(bytes) + " bytes of address space for " + what + ": " +
+                    std::strerror(err) + " (lower map_bytes or raise ulimit -v)",
+                err);
+  }
+  return p;
+}
+
+void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Access access,
+               const std::string& path) {
+  if (int err = injected(Op::kMmap)) fail("mmap", path, err);
+  int prot = access == Access::kReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
+  void* p = ::mmap(addr, bytes, prot, MAP_SHARED | MAP_FIXED, fd, static_cast<off_t>(offset));
+  if (p == MAP_FAILED) {
+    int err = errno;
+    // A failed MAP_FIXED may already have unmapped the range: reserve it again, so no other
+    // mapping of this process can land inside the store's address range.
+    ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
+                "mmap " + path + " bytes [" + std::to_string(offset) + ", " +
+                    std::to_string(offset + bytes) + "): " + std::strerror(err),
+                err);
+  }
+}
+
+void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
+                 const std::string& path) {
+  if (int err = injected(Op::kMmap)) fail("mmap", path, err);
+  int prot = access == Access::kReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
+  void* p = ::mmap(nullptr, bytes, prot, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (p == MAP_FAILED) fail("mmap", path, errno);
+  return p;
+}
+
+void unmap(void* addr, std::uint64_t bytes) noexcept {
+  if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);
+}
+
+void make_dir(const std::string& path) {
+  if (int err = injected(Op::kMkdir)) fail("mkdir", path, err);
+  if (::mkdir(path.c_str(), 0755) != 0) {
+    int err = errno;
+    if (err == EEXIST) {
+      throw Error(ErrorCode::kAlreadyExists, "mkdir " + path + ": already exists", err);
+    }
+    fail("mkdir", path, err);
+  }
+}
+
+int rename_path(const std::string& from, const std::string& to) {
+  if (int err = injected(Op::kRename)) fail("rename", from + " -> " + to, err);
+  if (::rename(from.c_str(), to.c_str()) == 0) return 0;
+  int err = errno;
+  if (err == EEXIST || err == ENOTEMPTY || err == EISDIR || err == ENOTDIR) return err;
+  fail("rename", from + " -> " + to, err);
+}
+
+void remove_tree(const std::string& path) noexcept {
+  if (DIR* dir = ::opendir(path.c_str())) {
+    while (dirent* entry = ::readdir(dir)) {
+      std::string name = entry->d_name;
+      if (name == "." || name == "..") continue;
+      ::unlink((path + "/" + name).c_str());
+    }
+    ::closedir(dir);
+  }
+  ::rmdir(path.c_str());
+}
+
+void remove_file(const std::string& path) {
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) fail("unlink", path, errno);
+}
+
+bool exists(const std::string& path) noexcept {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+namespace {
+// An OFD lock request of `type` on byte 0 (l_pid must be 0 for OFD locks).
+struct flock byte_zero(short type) noexcept {
+  struct flock fl;
+  std::memset(&fl, 0, sizeof(fl));
+  fl.l_type = type;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = 0;
+  fl.l_len = 1;
+  return fl;
+}
+}  // namespace
+
+void lock_exclusive(int fd, const std::string& path) {
+  if (int err = injected(Op::kLock)) fail("lock", path, err);
+  struct flock fl = byte_zero(F_WRLCK);
+  while (::fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
+    if (errno == EINTR) continue;
+    fail("lock", path, errno);
+  }
+}
+
+void unlock(int fd) noexcept {
+  struct flock fl = byte_zero(F_UNLCK);
+  ::fcntl(fd, F_OFD_SETLK, &fl);
+}
+
+void futex_wait(const std::uint32_t* word, std::uint32_t expected,
+                std::int64_t timeout_ns) noexcept {
+  if (injected(Op::kFutex) != 0) return;  // Callers re-check the word: a spurious wake-up.
+  struct timespec ts;
+  ts.tv_sec = timeout_ns / 1'000'000'000;
+  ts.tv_nsec = timeout_ns % 1'000'000'000;
+  // No FUTEX_PRIVATE_FLAG: waiters and wakers live in different processes.
+  ::syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, nullptr, 0);
+}
+
+void futex_wake_all(std::uint32_t* word) noexcept {
+  // A lost wake-up: waiters sleep in bounded slices (Reader::wait), so they still notice.
+  if (injected(Op::kFutex) != 0) return;
+  ::syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+void random_bytes(void* buf, std::size_t bytes, const std::string& what) {
+  if (int err = injected(Op::kRandom)) fail("getrandom for", what, err);
+  auto* p = static_cast<char*>(buf);
+  while (bytes > 0) {
+    ssize_t n = ::getrandom(p, bytes, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) fail("getrandom for", what, errno);
+    p += n;
+    bytes -= static_cast<std::size_t>(n);
+  }
+}
+
+namespace {
+
+bool parse_uuid(std::string_view text, std::uint64_t out[2]) {
+  unsigned char bytes[16] = {};
+  int n = 0;
+  auto hex = [](char c) -> int {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+  };
+  for (std::size_t i = 0; i + 1 < text.size() && n < 16; ++i) {
+    const int hi = hex(text[i]);
+    if (hi < 0) continue;
+    const int lo = hex(text[i + 1]);
+    if (lo < 0) continue;
+    bytes[n++] = static_cast<unsigned char>(hi * 16 + lo);
+    ++i;
+  }
+  std::memcpy(out, bytes, 16);
+  return n == 16;
+}
+
+// Lock-free, so Readers on many threads (and forked children) never contend or deadlock here.
+struct BootOverride {
+  std::atomic<bool> set{false};
+  std::atomic<std::uint64_t> id[2] = {0, 0};
+};
+BootOverride g_boot_override;
+
+struct KernelBootId {
+  bool known = false;
+  std::uint64_t id[2] = {0, 0};
+};
+
+const KernelBootId& kernel_boot_id() {
+  static const KernelBootId kernel = [] {
+    KernelBootId k;
+    std::ifstream in("/proc/sys/kernel/random/boot_id");
+    std::string text;
+    std::getline(in, text);
+    k.known = parse_uuid(text, k.id);
+    if (testing::kEnabled) {
+      // Test builds: child processes simulate a reboot through the environment.
+      if (const char* env = std::getenv("EMBSTORE_BOOT_ID")) override_boot_id(env);
+    }
+    return k;
+  }();
+  return kernel;
+}
+
+}  // namespace
+
+bool boot_id(std::uint64_t out[2]) {
+  const KernelBootId& kernel = kernel_boot_id();
+  if (g_boot_override.set.load(std::memory_order_acquire)) {
+    out[0] = g_boot_override.id[0].load(std::memory_order_relaxed);
+    out[1] = g_boot_override.id[1].load(std::memory_order_relaxed);
+    return true;
+  }
+  out[0] = kernel.id[0];
+  out[1] = kernel.id[1];
+  return kernel.known;
+}
+
+void override_boot_id(std::string_view text) {
+  std::uint64_t id[2] = {0, 0};
+  if (text.empty() || !parse_uuid(text, id)) {
+    g_boot_override.set.store(false, std::memory_order_release);
+    return;
+  }
+  g_boot_override.id[0].store(id[0], std::memory_order_relaxed);
+  g_boot_override.id[1].store(id[1], std::memory_order_relaxed);
+  g_boot_override.set.store(true, std::memory_order_release);
+}
+
+std::int64_t unix_time_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+namespace {
+// glibc no longer caches getpid(): keep our own copy, refreshed in every forked child.
+std::atomic<int> g_pid{0};
+void refresh_pid_after_fork() { g_pid.store(static_cast<int>(::getpid())); }
+}  // namespace
+
+int current_pid() noexcept {
+  int pid = g_pid.load(std::memory_order_relaxed);
+  if (pid == 0) {
+    static const bool registered = [] {
+      ::pthread_atfork(nullptr, nullptr, refresh_pid_after_fork);
+      return true;
+    }();
+    (void)registered;
+    pid = static_cast<int>(::getpid());
+    g_pid.store(pid, std::memory_order_relaxed);
+  }
+  return pid;
+}
+
+}  // namespace embstore::detail::os

@@ -1,0 +1,81 @@
+// os.h — the one seam between embstore and the operating system.
+//
+// Every system call the store makes goes through here, so test builds can fail any of them on
+// demand (testing.h) and so the rest of the code never includes POSIX headers. Each function
+// that can fail throws embstore::Error with the operation, the path and strerror in the message:
+// ENOENT -> kNotFound, ENOSPC/EFBIG/EDQUOT -> kFull, EROFS/EACCES/EPERM -> kReadOnly (for
+// writes), anything else -> kIO. Thread-safe.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace embstore::detail::os {
+
+enum class Access { kReadOnly, kReadWrite };
+
+// Opens an existing file.
+int open_file(const std::string& path, Access access);
+// Creates a new file (O_EXCL) for reading and writing, mode 0644.
+int create_file(const std::string& path);
+void close_fd(int fd) noexcept;
+
+std::uint64_t file_size(int fd, const std::string& path);
+void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,
+                const std::string& path);
+void write_all(int fd, const void* buf, std::size_t bytes, std::uint64_t offset,
+               const std::string& path);
+// A piece of memory for write_chunks.
+struct Chunk {
+  const void* data;
+  std::size_t bytes;
+};
+// Writes the chunks back to back at `offset` (pwritev, IOV_MAX at a time, short writes resumed).
+void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t offset,
+                  const std::string& path);
+// posix_fallocate: the range is allocated (and the file extended) or an error is thrown.
+void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& path);
+void datasync(int fd, const std::string& path);
+void sync_dir(const std::string& dir_path);
+
+// Reserves `bytes` of address space with no access and no backing (PROT_NONE, MAP_NORESERVE).
+void* reserve(std::uint64_t bytes, const std::string& what);
+// Maps [offset, offset + bytes) of `fd` shared at `addr`, which lies inside a reservation.
+void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Access access,
+               const std::string& path);
+void unmap(void* addr, std::uint64_t bytes) noexcept;
+// Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
+void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
+                 const std::string& path);
+
+void make_dir(const std::string& path);
+// rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).
+int rename_path(const std::string& from, const std::string& to);
+void remove_tree(const std::string& path) noexcept;
+// unlink(2) of one file; a missing file is not an error.
+void remove_file(const std::string& path);
+bool exists(const std::string& path) noexcept;
+
+// Blocks until this open file description holds the exclusive OFD lock on byte 0 of `fd`.
+void lock_exclusive(int fd, const std::string& path);
+void unlock(int fd) noexcept;
+
+// Shared (cross-process) futex on a 32-bit word of a MAP_SHARED mapping; the word may be mapped
+// read-only. Returns after a wake, a value change, or `timeout_ns`.
+void futex_wait(const std::uint32_t* word, std::uint32_t expected,
+                std::int64_t timeout_ns) noexcept;
+void futex_wake_all(std::uint32_t* word) noexcept;
+
+// Fills `buf` from getrandom(2); `what` (a path) names the purpose in an error.
+void random_bytes(void* buf, std::size_t bytes, const std::string& what);
+// The kernel's boot id as 16 bytes (or an override set by tests). False when it is unknown (no
+// /proc): callers must then assume a reboot may have happened.
+bool boot_id(std::uint64_t out[2]);
+void override_boot_id(std::string_view text);
+std::int64_t unix_time_ns() noexcept;
+// getpid(), cached; correct in forked children (refreshed by a pthread_atfork handler).
+int current_pid() noexcept;
+
+}  // namespace embstore::detail::os

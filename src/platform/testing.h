@@ -1,0 +1,90 @@
+// testing.h — crash points and the fault seam, compiled into test builds only.
+//
+// The library is built twice: `embstore` (release: every hook below compiles to nothing) and
+// `embstore_testing` (EMBSTORE_TESTING defined), which the reliability tests link. Hooks are armed
+// in-process through the functions below or, for child processes, through the environment:
+//   EMBSTORE_CRASH=<point>:<n>          raise SIGKILL at the n-th pass (1-based) of <point>
+//   EMBSTORE_FAULT=<op>:<n>:<errno>[:forever][,...]   fail the n-th call of <op> with <errno>
+//   EMBSTORE_BOOT_ID=<uuid>             the boot id the store sees (simulates a reboot)
+//   EMBSTORE_WRITE_PATH=<path>          how appends write rows and index entries
+//   (src/log/commit.cc,
+//                                       plan_writes): mapping | syscall for both, every batch;
+//                                       alternate: the four combinations in turn, one per
+//                                       append; unset: by batch size
+//   EMBSTORE_PWRITE_CAP=<bytes>         each pwrite/pwritev writes at most this much, as a
+//                                       kernel may (a short write), so callers must resume
+// Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
+//         after-publish, mid-sync, during-recovery.
+// Ops: open, fallocate, fstat, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
+//      rename, mkdir, lock (the OFD writer lock), getrandom, futex (a failed wait returns at
+//      once, as a spurious wake-up; a failed wake wakes no one).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+namespace embstore::detail::testing {
+
+enum class Op : int {
+  kOpen,
+  kFallocate,
+  kFstat,
+  kMmap,
+  kMsync,
+  kPwrite,
+  kPread,
+  kRename,
+  kMkdir,
+  kLock,
+  kRandom,
+  kFutex,
+  kCount,
+};
+
+std::string_view op_name(Op op) noexcept;
+
+// What EMBSTORE_WRITE_PATH imposes on one append: nothing (forced false), or which of the rows
+// and the index entries go through a system call rather than the mapping.
+struct WritePath {
+  bool forced = false;
+  bool rows_by_syscall = false;
+  bool entries_by_syscall = false;
+};
+
+#ifdef EMBSTORE_TESTING
+inline constexpr bool kEnabled = true;
+// Fails the nth call (1-based, counted from now) of `op` with `err`; if `forever`, every later
+// call too. Replaces any earlier arming of the same op.
+void arm_fault(Op op, std::uint64_t nth, int err, bool forever);
+void arm_crash(std::string_view point, std::uint64_t nth);
+void disarm_all();
+std::uint64_t faults_injected() noexcept;
+// Returns the errno to fail with, or 0 to proceed. Called by the seam before each real call.
+int fault_for(Op op) noexcept;
+void crash_point(const char* point) noexcept;
+// Overrides the boot id the store sees (simulates a reboot). Empty: the kernel's.
+void set_boot_id(std::string_view boot_id_text);
+// The path this append must take (EMBSTORE_WRITE_PATH; "alternate" moves on at every call).
+WritePath write_path() noexcept;
+// Overrides EMBSTORE_WRITE_PATH for this process: "", "mapping", "syscall" or "alternate".
+// Returns the mode it replaces.
+std::string_view set_write_path(std::string_view mode);
+// The most bytes one pwrite/pwritev may write (EMBSTORE_PWRITE_CAP); 0: no cap.
+std::size_t pwrite_cap() noexcept;
+void set_pwrite_cap(std::size_t bytes);
+#define EMBSTORE_CRASH_POINT(name) ::embstore::detail::testing::crash_point(name)
+#define EMBSTORE_FAULT(op) ::embstore::detail::testing::fault_for(op)
+#define EMBSTORE_WRITE_PATH() ::embstore::detail::testing::write_path()
+#define EMBSTORE_PWRITE_CAP() ::embstore::detail::testing::pwrite_cap()
+#else
+inline constexpr bool kEnabled = false;
+#define EMBSTORE_CRASH_POINT(name) ((void)0)
+#define EMBSTORE_FAULT(op) 0
+#define EMBSTORE_WRITE_PATH() \
+  ::embstore::detail::testing::WritePath {}
+#define EMBSTORE_PWRITE_CAP() \
+  std::size_t { 0 }
+#endif
+
+}  // namespace embstore::detail::testing

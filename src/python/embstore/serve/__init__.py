@@ -1,0 +1,78 @@
+"""``embstore serve``: a read-only web server with a live page of a store's embeddings.
+
+Run::
+
+    python3 -m embstore.serve STORE [--host 127.0.0.1] [--port 8080] [--labels FILE]
+
+(``embstore serve ...`` runs the same). It opens the store with a Reader, follows rows as writers
+commit them (``Reader.wait``), prints the URL and serves the page at ``/`` until Ctrl-C. It binds
+127.0.0.1 unless ``--host`` says otherwise; another host prints a warning, because there is no
+authentication: anyone who can reach the port can read the embeddings. On a loopback bind,
+requests whose Host header is not 127.0.0.1 / localhost / [::1] are refused (DNS rebinding).
+``--port 0`` picks a free port.
+
+Read-only: the server opens only Readers on the store and reads the labels file once at start;
+no endpoint writes, deletes or reads any other file (the page's files are a fixed set inside this
+package, plus Chart.js from Debian's libjs-chart.js at /usr/share/javascript/chart.js/).
+
+Damage: before a request touches rows, the server compares the sizes of the store's files with
+what its snapshot needs and checks that the store directory is still there; a failure is a 503
+naming the file, and the server goes on answering. Caveat: a file shrunk by another program in
+the instant between that check and the read still ends the server with SIGBUS (embstore itself
+never shrinks a store's files).
+
+Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...}`` or CSV lines
+``KEY,LABEL`` (an optional ``key,label`` header line); see ``analysis.Labels``.
+
+JSON API (GET only; every answer is JSON; an error is ``{"error": MESSAGE}`` with status 400 for a
+bad parameter (not a number, out of range, unknown name), 404 for an absent key or epoch, 405 for
+a method other than GET, 503 when the store is damaged or gone (the message says which file),
+500 for anything else; the server keeps running). Keys and epochs are decimal integers
+0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaScript.
+
+``/api/stats``
+    ``rows``, ``rows_per_second`` (commits seen in the last 5 s), ``epoch_count``, ``epochs``
+    (``[{"epoch", "rows"}]``, the latest 10,000), ``bytes_on_disk`` (blocks allocated to the
+    store's files), ``file_bytes`` (data + index file sizes), ``last_commit_unix`` (when the
+    server saw the latest rows arrive; null before any arrived while it ran), ``dtype``,
+    ``dim``, ``store``, ``key_index`` (true when lookups use the store's key index, false when
+    they scan), ``labels`` (labelled keys, or null), ``label_names``.
+``/api/epochs``
+    ``rows``, ``epoch_count``, ``epochs`` as in stats.
+``/api/projection?epoch=E&limit=N``
+    A 2-D PCA projection of epoch E (default: the newest): a random sample of at most N of its
+    rows (default 5,000, at most 20,000; the same sample while the epoch's row count does not
+    change), centred on the sample mean and projected on its first two principal directions.
+    The directions are fitted on a random 2,000 of the sampled rows: exactly (eigenvectors of
+    their covariance) up to dim 128, by randomized subspace iteration (numpy QR and SVD) above;
+    signs are fixed so that each direction's largest element is positive. Returns ``epoch``,
+    ``epoch_rows``, ``sampled``, ``explained_variance`` (two fractions), ``x``, ``y``, ``keys``,
+    ``rows``, ``labels`` (per point an index into ``label_names``, -1 without a label; null
+    without a labels file), ``label_names``.
+``/api/neighbours?key=K&epoch=E&k=N``
+    The N (1 .. 100, default 10) rows of epoch E (default: the newest) nearest to key K's row at
+    that epoch, in Euclidean distance, nearest first, leaving out K's own rows. Epochs of more
+    than 1,000,000 rows are searched in a random sample of that size (``exact`` false). Returns
+    ``key``, ``epoch``, ``row``, ``x``/``y`` (K in the epoch's projection at the default
+    sample), ``epoch_rows``, ``scanned``, ``exact``, ``neighbours``
+    (``[{"key", "row", "distance", "label", "x", "y"}]``).
+``/api/history?key=K``
+    Every row of key K in commit order (the latest 1,000): ``rows``, ``epochs``, ``total_rows``,
+    and ``trajectory``: per epoch (the latest 100), ``{"epoch", "row", "x", "y"}`` where the
+    key's vector at that epoch (its latest row there) is projected with *that epoch's own*
+    PCA basis (the one ``/api/projection?epoch=E`` draws at the default sample). Each point
+    therefore says where the sample sits inside its epoch's cloud; the bases of two epochs
+    differ, so the path between points is not a motion in one fixed space.
+
+The page (``/``) polls ``/api/stats`` every second: figures update live, the epoch slider
+follows new epochs (unless moved by hand) and the projection is redrawn when its epoch gains rows.
+Searching a key draws its neighbours at the chosen epoch and its trajectory (as above).
+"""
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    """Runs the server (the command line of ``python3 -m embstore.serve``)."""
+    from .__main__ import main as run
+    return run(argv)

@@ -1,0 +1,343 @@
+"""The aiohttp application behind ``embstore serve``: the JSON API and the page's static files.
+
+See the package docstring (``embstore.serve``) for the API. Request handlers parse and validate
+their parameters, then run the numpy work on a small thread pool against the follower's current
+snapshot, so the event loop keeps answering while a projection is computed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import os
+import sys
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+from aiohttp import web
+
+from . import analysis
+from .store import Follower, StoreError
+
+# Bounds of every response (a request outside them gets a 400 naming the bound).
+kDefaultSample = 5000  # points in a projection unless ?limit= says otherwise
+kMaxSample = 20000
+kMaxNeighbours = 100
+kMaxScanRows = 1_000_000  # rows of one epoch compared by a neighbour query (sampled beyond)
+kMaxHistoryRows = 1000  # the latest rows of a key's history
+kMaxTrajectoryEpochs = 100  # the latest epochs of a history that get a projected point
+kMaxEpochsListed = 10000  # the latest epochs listed by /api/epochs and /api/stats
+kCacheEntries = 64
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# Debian's libjs-chart.js; served as /static/chart.js so the page needs no CDN.
+CHART_JS = "/usr/share/javascript/chart.js/chart.min.js"
+# The only files the server ever sends: URL name -> (path, content type). Never a path built from
+# a request.
+STATIC_FILES = {
+    "index.html": (os.path.join(STATIC_DIR, "index.html"), "text/html"),
+    "app.js": (os.path.join(STATIC_DIR, "app.js"), "text/javascript"),
+    "style.css": (os.path.join(STATIC_DIR, "style.css"), "text/css"),
+    "chart.js": (CHART_JS, "text/javascript"),
+}
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class ApiError(Exception):
+    """A request the server answers with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _int_param(query, name: str, low: int, high: int, default: Optional[int] = None) -> int:
+    text = query.get(name)
+    if text is None:
+        if default is None:
+            raise ApiError(400, f"missing parameter {name}")
+        return default
+    if not text.isascii() or not text.isdigit():
+        raise ApiError(400, f"{name} must be a non-negative integer; got {text!r}")
+    value = int(text)
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be in {low} .. {high}; got {value}")
+    return value
+
+
+def _check_params(query, allowed) -> None:
+    for name in query:
+        if name not in allowed:
+            raise ApiError(400, f"unknown parameter {name!r}; this endpoint takes "
+                                f"{', '.join(allowed) or 'none'}")
+
+
+def _rounded(values: np.ndarray) -> list:
+    return [float(f"{v:.6g}") for v in values.tolist()]
+
+
+class Server:
+    """The state shared by the handlers: the follower, the labels, caches of PCA results."""
+
+    def __init__(self, follower: Follower, labels: Optional[analysis.Labels] = None,
+                 host: str = "127.0.0.1") -> None:
+        self.follower = follower
+        self.labels = labels
+        self.check_host = host in LOOPBACK_HOSTS
+        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="embstore-api")
+        self._cache = collections.OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.started_unix = time.time()
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _cached(self, key, compute):
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = compute()
+        with self._cache_lock:
+            self._cache[key] = value
+            while len(self._cache) > kCacheEntries:
+                self._cache.popitem(last=False)
+        return value
+
+    def _epoch(self, snap, query, name: str = "epoch") -> int:
+        """The requested epoch (default: the newest), which must hold rows in the snapshot."""
+        if not snap.epoch_counts:
+            raise ApiError(404, "the store holds no rows yet")
+        epoch = _int_param(query, name, 0, 2**64 - 1, default=max(snap.epoch_counts))
+        if epoch not in snap.epoch_counts:
+            present = snap.sorted_epochs()
+            shown = ", ".join(map(str, present[:20])) + (", ..." if len(present) > 20 else "")
+            raise ApiError(404, f"epoch {epoch} is not in the store (epochs present: {shown})")
+        return epoch
+
+    def _sample(self, snap, epoch: int, limit: int):
+        """(rows of the epoch, a sorted random sample of at most ``limit`` of them), the same
+        sample for the same epoch contents."""
+        rows = self.follower.lookup.epoch_rows(snap, epoch)
+        if len(rows) <= limit:
+            return rows, rows
+        rng = np.random.default_rng(epoch % 2**63)
+        return rows, np.sort(rng.choice(rows, size=limit, replace=False))
+
+    def _fit(self, snap, epoch: int, limit: int):
+        """(basis, sample rows, rows in the epoch, the sample's 2-D points) of an epoch; cached
+        per (epoch, its row count, limit). The cache holds no vectors (bounded memory)."""
+        def compute():
+            rows, sample = self._sample(snap, epoch, limit)
+            vectors = analysis.as_float(snap.vectors[sample], self.follower.dtype)
+            basis = analysis.Basis.fit(vectors)
+            return basis, sample, len(rows), basis.project(vectors)
+        return self._cached(("fit", epoch, snap.epoch_counts[epoch], limit), compute)
+
+    def _label_codes(self, keys):
+        if self.labels is None:
+            return None
+        return self.labels.lookup(keys).tolist()
+
+    def _label_of(self, key: int):
+        if self.labels is None:
+            return None
+        code = int(self.labels.lookup(np.array([key], np.uint64))[0])
+        return self.labels.names[code] if code >= 0 else None
+
+    def _key(self, query) -> int:
+        return _int_param(query, "key", 0, 2**64 - 1)
+
+    # ---- endpoints (run on the pool) -------------------------------------------------------
+
+    def stats(self) -> dict:
+        follower = self.follower
+        snap = follower.check()  # the page polls this: a damaged store shows at once
+        info = {}
+        if follower.single_store:
+            try:
+                info = follower.reader.info()
+            except Exception:  # Damaged since check(): the next request reports it.
+                info = {}
+        epochs = snap.sorted_epochs()
+        return {
+            "store": follower.path,
+            "dtype": follower.dtype,
+            "dim": follower.dim,
+            "rows": snap.rows,
+            "rows_per_second": round(follower.rows_per_second(), 1),
+            "epoch_count": len(epochs),
+            "epochs": [{"epoch": e, "rows": snap.epoch_counts[e]}
+                       for e in epochs[-kMaxEpochsListed:]],
+            "bytes_on_disk": follower.bytes_on_disk(),
+            "file_bytes": (info["data_file_bytes"] + info["index_file_bytes"]) if info else None,
+            "last_commit_unix": follower.last_commit_unix,
+            "server_started_unix": self.started_unix,
+            "server_time_unix": time.time(),
+            "key_index": follower.lookup.use_index,
+            "labels": None if self.labels is None else len(self.labels),
+            "label_names": None if self.labels is None else self.labels.names,
+        }
+
+    def epochs(self) -> dict:
+        snap = self.follower.check()
+        epochs = snap.sorted_epochs()
+        return {"rows": snap.rows, "epoch_count": len(epochs),
+                "epochs": [{"epoch": e, "rows": snap.epoch_counts[e]}
+                           for e in epochs[-kMaxEpochsListed:]]}
+
+    def projection(self, query) -> dict:
+        _check_params(query, ("epoch", "limit"))
+        snap = self.follower.check()
+        epoch = self._epoch(snap, query)
+        limit = _int_param(query, "limit", 1, kMaxSample, default=kDefaultSample)
+        basis, sample, epoch_rows, xy = self._fit(snap, epoch, limit)
+        keys = snap.keys[sample]
+        return {
+            "epoch": epoch, "epoch_rows": epoch_rows, "sampled": len(sample), "limit": limit,
+            "snapshot_rows": snap.rows, "explained_variance": basis.explained,
+            "x": _rounded(xy[:, 0]), "y": _rounded(xy[:, 1]),
+            "keys": keys.tolist(), "rows": sample.tolist(),
+            "labels": self._label_codes(keys),
+            "label_names": None if self.labels is None else self.labels.names,
+        }
+
+    def neighbours(self, query) -> dict:
+        _check_params(query, ("key", "epoch", "k"))
+        key = self._key(query)
+        k = _int_param(query, "k", 1, kMaxNeighbours, default=10)
+        snap = self.follower.check()
+        epoch = self._epoch(snap, query)
+        row = self.follower.lookup.find(snap, key, epoch)
+        if row is None:
+            raise ApiError(404, f"key {key} has no row at epoch {epoch}")
+        rows, scanned = self._sample(snap, epoch, kMaxScanRows)
+        exclude = snap.keys[scanned] == np.uint64(key)
+        found, dist = analysis.nearest(snap.vectors, self.follower.dtype, scanned,
+                                       snap.vectors[row], k, exclude)
+        basis = self._fit(snap, epoch, kDefaultSample)[0]
+        xy = basis.project(analysis.as_float(snap.vectors[np.append(found, row)],
+                                             self.follower.dtype))
+        keys = snap.keys[found].tolist()
+        return {
+            "key": key, "epoch": epoch, "k": k, "row": row, "label": self._label_of(key),
+            "x": float(xy[-1, 0]), "y": float(xy[-1, 1]),
+            "epoch_rows": len(rows), "scanned": len(scanned), "exact": len(scanned) == len(rows),
+            "neighbours": [
+                {"key": kk, "row": int(r), "distance": float(d), "label": self._label_of(kk),
+                 "x": float(p[0]), "y": float(p[1])}
+                for kk, r, d, p in zip(keys, found.tolist(), dist.tolist(), xy[:-1])],
+        }
+
+    def history(self, query) -> dict:
+        _check_params(query, ("key",))
+        key = self._key(query)
+        snap = self.follower.check()
+        rows = self.follower.lookup.history(snap, key)
+        if not len(rows):
+            raise ApiError(404, f"key {key} is not in the store")
+        total = len(rows)
+        rows = rows[-kMaxHistoryRows:]
+        epochs = snap.epochs[rows].astype(np.uint64)
+        # The latest row of each epoch is that epoch's vector (a later append wins).
+        latest = {}
+        for r, e in zip(rows.tolist(), epochs.tolist()):
+            latest[e] = r
+        trajectory = []
+        for e in sorted(latest)[-kMaxTrajectoryEpochs:]:
+            r = latest[e]
+            basis = self._fit(snap, e, kDefaultSample)[0]
+            p = basis.project(analysis.as_float(snap.vectors[[r]], self.follower.dtype))[0]
+            trajectory.append({"epoch": e, "row": r, "x": float(p[0]), "y": float(p[1])})
+        return {
+            "key": key, "label": self._label_of(key), "total_rows": total,
+            "rows": rows.tolist(), "epochs": epochs.tolist(), "trajectory": trajectory,
+        }
+
+
+def _json(data, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"})
+
+
+def make_app(server: Server) -> web.Application:
+    """The aiohttp application serving ``server`` (see the package docstring for the routes)."""
+
+    @web.middleware
+    async def guard(request, handler):
+        # A page on another site could reach a loopback server through DNS rebinding: the Host
+        # header then names that site. Only loopback names are answered on a loopback bind.
+        if server.check_host:
+            host = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") \
+                else request.host[1:request.host.find("]")]
+            if host not in LOOPBACK_HOSTS:
+                return _json({"error": f"Host {request.host!r} refused: this server answers "
+                                       "only to 127.0.0.1 / localhost"}, 403)
+        try:
+            response = await handler(request)
+        except ApiError as e:
+            return _json({"error": e.message}, e.status)
+        except StoreError as e:
+            return _json({"error": f"store problem: {e}"}, 503)
+        except web.HTTPException as e:
+            if e.status >= 400:
+                return _json({"error": f"{e.status} {e.reason}: {request.path}"}, e.status)
+            raise
+        except Exception as e:  # Reported, and the server keeps serving.
+            print(f"embstore serve: {request.path_qs}: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            return _json({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault(
+            "Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
+        return response
+
+    def api(method):
+        async def handler(request):
+            loop = asyncio.get_running_loop()
+            query = request.rel_url.query
+            data = await loop.run_in_executor(server.pool, method, query)
+            return _json(data)
+        return handler
+
+    async def static(request):
+        name = request.match_info.get("name", "index.html")
+        entry = STATIC_FILES.get(name)
+        if entry is None:
+            raise ApiError(404, f"no such file: {name}")
+        path, content_type = entry
+        try:
+            with open(path, "rb") as f:
+                body = f.read()
+        except OSError:
+            hint = " (Debian package libjs-chart.js)" if name == "chart.js" else ""
+            raise ApiError(404, f"{name} is not installed{hint}") from None
+        return web.Response(body=body, content_type=content_type,
+                            headers={"Cache-Control": "no-cache"})
+
+    async def not_found(request):
+        if request.method not in ("GET", "HEAD"):
+            raise ApiError(405, f"{request.method} refused: this server is read-only (GET only)")
+        raise ApiError(404, f"no such endpoint: {request.path}")
+
+    app = web.Application(middlewares=[guard])
+    app.router.add_get("/", static)
+    app.router.add_get("/static/{name}", static)
+    app.router.add_get("/api/stats", api(lambda q: (_check_params(q, ()), server.stats())[1]))
+    app.router.add_get("/api/epochs", api(lambda q: (_check_params(q, ()), server.epochs())[1]))
+    app.router.add_get("/api/projection", api(server.projection))
+    app.router.add_get("/api/neighbours", api(server.neighbours))
+    app.router.add_get("/api/history", api(server.history))
+    app.router.add_route("*", "/{tail:.*}", not_found)
+
+    async def on_startup(_):
+        server.follower.start()
+
+    async def on_cleanup(_):
+        server.follower.stop()
+        server.pool.shutdown(wait=False)
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app

@@ -1,0 +1,289 @@
+"""The server's read-only view of a store: a follower thread, snapshots and lookups by key.
+
+A ``Follower`` owns two Readers on the store: one sleeps in ``wait()`` (woken by commits of any
+writer process), the other is refreshed when rows arrive and answers lookups. After every refresh
+it publishes an immutable ``Snapshot`` (row count, zero-copy views of keys / epochs / vectors, row
+count per epoch); request handlers only ever read the current snapshot, so a request sees one
+consistent set of rows however fast writers append.
+
+Lookups (``history``, ``find``, ``epoch_rows``) use the Reader's persistent key index when the
+embstore build has one (``Reader.history`` / ``Reader.epoch_rows``) and otherwise scan the
+snapshot's keys / epochs with numpy (correct, O(rows)). Either way they answer for the snapshot:
+rows at or past its size are dropped.
+
+Damage: before rows are touched, ``check()`` compares the sizes of the store's data and index
+files with what the snapshot needs (a file shrunk under a mapping would raise SIGBUS on access)
+and reports a missing store directory; a Reader error on refresh is kept as the store's error.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+from typing import Dict, Optional
+
+import numpy as np
+
+import embstore
+
+# Bytes per index entry (FORMAT.md: "entry r at byte r * 32").
+kIndexEntryBytes = 32
+# rows/s is measured over the commits seen in this many seconds.
+kRateWindowSeconds = 5.0
+# The follower wakes at least this often (to sample rows/s and check the files).
+kFollowSliceSeconds = 0.25
+# ... and at most this often: a writer committing thousands of batches a second must not make
+# the server refresh (and take a core) thousands of times a second.
+kMinRefreshSeconds = 0.25
+
+
+class StoreError(Exception):
+    """The store cannot be served right now (damaged, gone, unreadable); the message says why."""
+
+
+class Snapshot:
+    """Rows [0, rows) of the store as seen at one refresh; never changes once published."""
+
+    def __init__(self, rows: int, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
+                 epoch_counts: Dict[int, int], generation: int) -> None:
+        self.rows = rows
+        self.keys = keys
+        self.epochs = epochs
+        self.vectors = vectors
+        self.epoch_counts = epoch_counts  # epoch -> rows of that epoch in [0, rows)
+        self.generation = generation
+
+    def sorted_epochs(self) -> list:
+        return sorted(self.epoch_counts)
+
+
+def _as_rows(result) -> np.ndarray:
+    """Row numbers out of what a key-index method returns: an array of rows, a (rows, epochs)
+    pair, a structured array with a 'row' field, (row, epoch) pairs, or None."""
+    if result is None:
+        return np.zeros(0, np.int64)
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], np.ndarray):
+        result = result[0]
+    array = np.asarray(result)
+    if array.dtype.names:
+        array = array["row" if "row" in array.dtype.names else array.dtype.names[0]]
+    if array.ndim == 2:
+        array = array[:, 0]
+    return array.astype(np.int64).reshape(-1)
+
+
+def has_key_index(reader) -> bool:
+    """True when this embstore build gives Readers a persistent key index."""
+    return callable(getattr(reader, "history", None)) and \
+        callable(getattr(reader, "epoch_rows", None))
+
+
+class KeyLookup:
+    """find / history / epoch_rows for a snapshot: the Reader's key index when present, else
+    numpy scans of the snapshot (``use_index=False`` forces the scans)."""
+
+    def __init__(self, reader, use_index: Optional[bool] = None) -> None:
+        self.reader = reader
+        self.use_index = has_key_index(reader) if use_index is None else use_index
+
+    def history(self, snap: Snapshot, key: int) -> np.ndarray:
+        """Rows of ``key`` in the snapshot, in commit (row) order."""
+        if self.use_index:
+            rows = _as_rows(self.reader.history(key))
+            return np.sort(rows[rows < snap.rows])
+        return np.flatnonzero(snap.keys == np.uint64(key)).astype(np.int64)
+
+    def find(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
+        """The row of (key, epoch) in the snapshot (the later one if appended twice), or None."""
+        rows = self.history(snap, key)
+        rows = rows[snap.epochs[rows] == np.uint64(epoch)]
+        return int(rows[-1]) if len(rows) else None
+
+    def epoch_rows(self, snap: Snapshot, epoch: int) -> np.ndarray:
+        """Rows of ``epoch`` in the snapshot, in commit order."""
+        if self.use_index:
+            rows = _as_rows(self.reader.epoch_rows(epoch))
+            return np.sort(rows[rows < snap.rows])
+        return np.flatnonzero(snap.epochs == np.uint64(epoch)).astype(np.int64)
+
+
+def is_manifest(path: str) -> bool:
+    """A path that is not a store directory but a file: a manifest of several shards."""
+    return os.path.isfile(path)
+
+
+def open_source(path: str):
+    """Opens what ``embstore serve`` was given: a store directory (a Reader) or, when this
+    build has ``embstore.ShardSet``, a manifest of shards. Raises StoreError with a message."""
+    if is_manifest(path):
+        shard_set = getattr(embstore, "ShardSet", None)
+        if shard_set is None:
+            raise StoreError(f"{path} is a file, not a store directory: manifests of several "
+                             "shards are not supported yet by this embstore build; give one "
+                             "store directory")
+        return shard_set(path)
+    try:
+        return embstore.Reader(path)
+    except FileNotFoundError:
+        raise StoreError(f"no embstore store at {path} (expected a directory holding "
+                         "header, lock, rows.G and index.G)") from None
+    except (embstore.Error, OSError, ValueError) as e:
+        raise StoreError(f"cannot open the store {path}: {e}") from None
+
+
+class Follower:
+    """Follows a store as writers append and publishes snapshots (see the module doc).
+
+    Thread-safety: ``snapshot``, ``stats()``, ``check()`` and the lookups may be called from any
+    thread; one background thread (``start``/``stop``) refreshes.
+    """
+
+    def __init__(self, path: str, use_index: Optional[bool] = None) -> None:
+        self.path = path
+        self.reader = open_source(path)
+        self.single_store = isinstance(self.reader, embstore.Reader)
+        # Sleeps in wait(), which holds its Reader's lock: lookups must not queue behind it.
+        self._waiter = open_source(path) if hasattr(self.reader, "wait") else None
+        self.lookup = KeyLookup(self.reader, use_index)
+        self.dim = self.reader.dim
+        self.record_bytes = self.reader.info()["record_bytes"] if self.single_store else 0
+        self.dtype = self.reader.dtype
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._counts: Dict[int, int] = {}
+        self._rate = collections.deque()  # (monotonic seconds, rows)
+        self._error: Optional[str] = None
+        self.last_commit_unix: Optional[float] = None
+        self.refreshes = 0
+        self.snapshot = Snapshot(0, np.zeros(0, np.uint64), np.zeros(0, np.uint64),
+                                 np.zeros((0, self.dim), np.float32), {}, 0)
+        self._advance()
+
+    # ---- following -------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Refreshes the lookup Reader and publishes a snapshot if rows arrived."""
+        rows = self.reader.refresh()
+        self._rate.append((time.monotonic(), rows))
+        while len(self._rate) > 2 and self._rate[1][0] < time.monotonic() - kRateWindowSeconds:
+            self._rate.popleft()
+        old = self.snapshot
+        if rows == old.rows and self.refreshes:
+            return
+        info = self.reader.info() if hasattr(self.reader, "info") else {}
+        generation = int(info.get("generation", 0))
+        self._check_files(rows, generation)
+        keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
+        vectors = self.reader.vectors[:rows]
+        counts = dict(self._counts)
+        if rows > old.rows:
+            values, n = np.unique(epochs[old.rows:rows], return_counts=True)
+            for value, count in zip(values.tolist(), n.tolist()):
+                counts[value] = counts.get(value, 0) + count
+            if self.refreshes:
+                self.last_commit_unix = time.time()
+        with self._lock:
+            self._counts = counts
+            self.snapshot = Snapshot(rows, keys, epochs, vectors, counts, generation)
+        self.refreshes += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._waiter is not None:
+                    self._waiter.wait(self.snapshot.rows + 1, timeout=kFollowSliceSeconds)
+                else:
+                    self._stop.wait(kFollowSliceSeconds)
+                if self._error is not None and not self._recheck():
+                    continue
+                before = self.snapshot.rows
+                self._advance()
+                if self.snapshot.rows != before:
+                    self._stop.wait(kMinRefreshSeconds)
+            except Exception as e:  # A damaged store must not end the server: report it.
+                self._set_error(f"{type(e).__name__}: {e}")
+                self._stop.wait(kFollowSliceSeconds)
+
+    def _recheck(self) -> bool:
+        """After an error: True once the store looks servable again."""
+        try:
+            self._check_files(self.snapshot.rows, self.snapshot.generation)
+        except StoreError as e:
+            self._set_error(str(e))
+            return False
+        self._error = None
+        return True
+
+    def _set_error(self, message: str) -> None:
+        if message != self._error:
+            print(f"embstore serve: store problem: {message}", file=sys.stderr, flush=True)
+        self._error = message
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="embstore-follow", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # ---- health ----------------------------------------------------------------------------
+
+    def _check_files(self, rows: int, generation: int) -> None:
+        if not self.single_store:
+            return
+        if not os.path.isdir(self.path):
+            raise StoreError(f"the store directory {self.path} is gone (deleted or renamed)")
+        for name, need in ((f"rows.{generation}", rows * self.record_bytes),
+                           (f"index.{generation}", rows * kIndexEntryBytes)):
+            file = os.path.join(self.path, name)
+            try:
+                size = os.stat(file).st_size
+            except OSError as e:
+                raise StoreError(f"{file}: {e.strerror}") from None
+            if size < need:
+                raise StoreError(f"{file} was truncated under the server: {size} bytes, the "
+                                 f"{rows} committed rows need {need}; the store is damaged")
+
+    def check(self) -> Snapshot:
+        """The current snapshot, after checking the store can be read; raises StoreError."""
+        if self._error is not None:
+            raise StoreError(self._error)
+        snap = self.snapshot
+        try:
+            self._check_files(snap.rows, snap.generation)
+        except StoreError as e:
+            self._set_error(str(e))
+            raise
+        return snap
+
+    @property
+    def error(self) -> Optional[str]:
+        return self._error
+
+    # ---- figures ---------------------------------------------------------------------------
+
+    def rows_per_second(self) -> float:
+        samples = list(self._rate)
+        if len(samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def bytes_on_disk(self) -> Optional[int]:
+        """Bytes allocated to the store's files (st_blocks), or None if unknown."""
+        if not self.single_store:
+            return None
+        total = 0
+        try:
+            with os.scandir(self.path) as entries:
+                for entry in entries:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except OSError:
+            return None
+        return total

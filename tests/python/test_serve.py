@@ -1,0 +1,342 @@
+"""`embstore serve`: its JSON API against a real server process on 127.0.0.1 while a writer
+process appends, checked against numpy on the store; bad input, static files, damage, read-only."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import embstore
+from serve_helpers import ServerProcess, WriterProcess
+
+pytest.importorskip("aiohttp")
+from embstore.serve import analysis, store as serve_store  # noqa: E402
+
+DIM = 16
+
+
+@pytest.fixture
+def server_on(request):
+    """server_on(store, *args) starts a server; every one started is stopped at the end and
+    must have exited cleanly (exit 0 on SIGTERM)."""
+    started = []
+
+    def start(path, *args):
+        server = ServerProcess(path, *args)
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        code, err = server.stop()
+        assert code == 0, err
+
+
+def numpy_pca(x):
+    centred = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def test_api_follows_a_writer_and_answers_like_numpy(store, tmp_path, server_on):
+    embstore.create(store, dim=DIM)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({str(k): f"class {k % 10}" for k in range(0, 400, 2)}))
+    server = server_on(store, "--labels", str(labels))
+    empty = server.ok("/api/stats")
+    assert (empty["rows"], empty["epochs"], empty["labels"]) == (0, [], 200)
+    status, body = server.get("/api/projection")
+    assert status == 404 and "no rows yet" in body["error"]
+
+    writer = WriterProcess(store, DIM)
+    try:
+        writer.append(0, 0, 400)
+        stats = server.until("/api/stats", lambda s: s["rows"] == 400)
+        assert stats["epochs"] == [{"epoch": 0, "rows": 400}]
+        assert stats["last_commit_unix"] is not None and stats["bytes_on_disk"] > 0
+
+        # Epoch 1 appears while the writer is appending it, and the figures move.
+        writer.send(1, 0, 400, batch=20)
+        moving = server.until("/api/stats", lambda s: s["rows"] > 400)
+        assert moving["rows_per_second"] > 0
+        writer.done()
+        stats = server.until("/api/stats", lambda s: s["rows"] == 800)
+        assert stats["epochs"] == [{"epoch": 0, "rows": 400}, {"epoch": 1, "rows": 400}]
+        assert stats["last_commit_unix"] >= moving["last_commit_unix"]
+        # Key 7 appended again at epoch 1: the later row is its vector there.
+        writer.append(1, 7, 8)
+        server.until("/api/stats", lambda s: s["rows"] == 801)
+    finally:
+        writer.close()
+
+    r = embstore.Reader(store)
+    keys, epochs, vectors = r.keys.astype(np.int64), r.epochs.astype(np.int64), r.vectors
+    assert len(r) == 801
+    assert server.ok("/api/epochs")["epochs"] == [{"epoch": 0, "rows": 400},
+                                                  {"epoch": 1, "rows": 401}]
+
+    # Projection: all rows of the epoch (under the sample size), PCA as numpy computes it.
+    for epoch in (0, 1):
+        p = server.ok(f"/api/projection?epoch={epoch}")
+        rows = np.flatnonzero(epochs == epoch)
+        assert p["rows"] == rows.tolist() and p["keys"] == keys[rows].tolist()
+        expected = numpy_pca(vectors[rows])
+        got = np.stack([p["x"], p["y"]], axis=1)
+        np.testing.assert_allclose(np.abs(got), np.abs(expected), rtol=1e-3, atol=1e-3)
+        for i, key in enumerate(p["keys"]):
+            code = p["labels"][i]
+            assert (p["label_names"][code] if code >= 0 else None) == \
+                (f"class {key % 10}" if key % 2 == 0 else None)
+    sampled = server.ok("/api/projection?epoch=0&limit=50")
+    assert sampled["sampled"] == len(sampled["x"]) == 50
+    assert set(sampled["rows"]) <= set(np.flatnonzero(epochs == 0).tolist())
+    assert server.ok("/api/projection?epoch=0&limit=50")["rows"] == sampled["rows"]
+
+    # Neighbours of key 7 at epoch 1: from its later row, over the other keys' rows.
+    n = server.ok("/api/neighbours?key=7&epoch=1&k=6")
+    query_row = int(np.flatnonzero((keys == 7) & (epochs == 1))[-1])
+    candidates = np.flatnonzero((epochs == 1) & (keys != 7))
+    dist = np.linalg.norm(vectors[candidates].astype(np.float64) - vectors[query_row], axis=1)
+    best = np.argsort(dist)[:6]
+    assert n["row"] == query_row and n["exact"] and n["scanned"] == n["epoch_rows"] == 401
+    assert [x["key"] for x in n["neighbours"]] == keys[candidates[best]].tolist()
+    np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], dist[best], rtol=1e-6)
+    assert n["label"] is None and server.ok("/api/neighbours?key=8&epoch=1")["label"] == "class 8"
+    assert len(server.ok("/api/neighbours?key=8")["neighbours"]) == 10  # defaults
+
+    # History: every row in commit order; one trajectory point per epoch, in that epoch's basis.
+    h = server.ok("/api/history?key=7")
+    assert h["rows"] == np.flatnonzero(keys == 7).tolist() and h["epochs"] == [0, 1, 1]
+    assert [(t["epoch"], t["row"]) for t in h["trajectory"]] == [(0, 7), (1, query_row)]
+    for point in h["trajectory"]:
+        p = server.ok(f"/api/projection?epoch={point['epoch']}")
+        if point["row"] in p["rows"]:
+            at = p["rows"].index(point["row"])
+            assert (point["x"], point["y"]) == pytest.approx((p["x"][at], p["y"][at]), abs=1e-4)
+        else:  # the duplicate row: project it with numpy on that epoch's rows
+            rows = np.flatnonzero(epochs == point["epoch"])
+            x = vectors[rows].astype(np.float64)
+            mean = x.mean(axis=0)
+            _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+            expected = (vectors[point["row"]] - mean) @ vt[:2].T
+            assert np.abs([point["x"], point["y"]]) == pytest.approx(np.abs(expected), abs=1e-4)
+
+
+def test_parameters_are_validated(store, server_on):
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(5), np.eye(5, 4, dtype=np.float32), 3)
+    server = server_on(store)
+    cases = [
+        ("/api/history?key=abc", 400, "key must be a non-negative integer"),
+        ("/api/history?key=-1", 400, "key must be a non-negative integer"),
+        ("/api/history?key=1.5", 400, "key must be a non-negative integer"),
+        ("/api/history?key=18446744073709551616", 400, "key must be in"),
+        ("/api/history", 400, "missing parameter key"),
+        ("/api/history?key=99", 404, "key 99 is not in the store"),
+        ("/api/neighbours?key=1&epoch=4", 404, "epoch 4 is not in the store (epochs present: 3)"),
+        ("/api/neighbours?key=1&epoch=x", 400, "epoch must be a non-negative integer"),
+        ("/api/neighbours?key=1&k=0", 400, "k must be in 1 .. 100"),
+        ("/api/neighbours?key=1&k=101", 400, "k must be in 1 .. 100"),
+        ("/api/neighbours?key=9&epoch=3", 404, "key 9 has no row at epoch 3"),
+        ("/api/projection?limit=0", 400, "limit must be in 1 .. 20000"),
+        ("/api/projection?limit=20001", 400, "limit must be in 1 .. 20000"),
+        ("/api/projection?epoch=0", 404, "epoch 0 is not in the store"),
+        ("/api/projection?epoch=3&color=red", 400, "unknown parameter 'color'"),
+        ("/api/stats?verbose=1", 400, "unknown parameter 'verbose'"),
+        ("/api/delete", 404, "no such endpoint"),
+    ]
+    for path, status, message in cases:
+        got, body = server.get(path)
+        assert (got, message in body.get("error", "")) == (status, True), (path, got, body)
+    assert len(server.ok("/api/neighbours?key=1&k=100")["neighbours"]) == 4  # all other rows
+    assert server.ok("/api/projection?limit=20000")["sampled"] == 5
+
+
+def test_static_files_are_a_fixed_set(store, server_on):
+    embstore.create(store, dim=4)
+    server = server_on(store)
+    status, page = server.get_raw("/")
+    assert status == 200 and b"/static/app.js" in page and b"/static/chart.js" in page
+    for name, marker in (("app.js", b"/api/stats"), ("style.css", b".figures"),
+                         ("index.html", b"<canvas")):
+        status, body = server.get_raw(f"/static/{name}")
+        assert status == 200 and marker in body, name
+    if os.path.exists("/usr/share/javascript/chart.js/chart.min.js"):
+        assert server.get_raw("/static/chart.js")[1].startswith(b"/*!\n * Chart.js")
+    secret = b"root:"
+    for path in ("/static/../__init__.py", "/static/..%2f__init__.py", "/static/%2e%2e%2fapp.py",
+                 "/static/..%2f..%2f..%2f..%2f..%2fetc%2fpasswd", "/static/app.py",
+                 "/static/static%2fapp.js", "/static//etc/passwd", "/../../etc/passwd",
+                 "/static/%2fetc%2fpasswd", "/static/.", "/static/"):
+        status, body = server.get_raw(path)
+        assert status == 404, (path, status, body[:200])
+        assert secret not in body and b"import" not in body, path
+        assert "error" in json.loads(body), path
+    status, body = server.get_raw("/api/stats", headers={"Host": "attacker.example:80"})
+    assert status == 403 and b"refused" in body
+    assert server.get_raw("/api/stats", headers={"Host": "localhost:1"})[0] == 200
+
+
+def store_digest(path):
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        with open(os.path.join(path, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+        digest.update(str(os.stat(os.path.join(path, name)).st_mtime_ns).encode())
+    return digest.hexdigest()
+
+
+def test_server_never_changes_the_store(store, server_on):
+    embstore.create(store, dim=8, segment_mb=1)
+    with embstore.Writer(store) as w:
+        for epoch in range(3):
+            w.append(np.arange(50), np.random.default_rng(epoch).random((50, 8), np.float32), epoch)
+    before = store_digest(store)
+    server = server_on(store)
+    for path in ("/", "/api/stats", "/api/epochs", "/api/projection?epoch=1",
+                 "/api/neighbours?key=3&epoch=2&k=5", "/api/history?key=3"):
+        assert server.get_raw(path)[0] == 200, path
+    code, _ = server.stop()
+    assert code == 0
+    assert store_digest(store) == before
+
+
+def test_damaged_or_removed_store_gives_errors_not_a_crash(store, server_on):
+    embstore.create(store, dim=8, segment_mb=1)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(100), np.ones((100, 8), np.float32), 0)
+    server = server_on(store)
+    assert server.ok("/api/projection")["sampled"] == 100
+    generation = embstore.info(store)["generation"]
+    os.truncate(os.path.join(store, f"rows.{generation}"), 1000)  # 100 rows need 3200 bytes
+    for path in ("/api/projection", "/api/neighbours?key=1", "/api/history?key=1",
+                 "/api/stats", "/api/epochs"):
+        status, body = server.get(path)
+        assert status == 503 and "truncated" in body["error"], (path, body)
+        assert f"rows.{generation}" in body["error"]
+    assert server.get_raw("/")[0] == 200  # the page still loads and shows the error
+    os.rename(store, store + ".moved")
+    deadline = time.monotonic() + 30
+    while "is gone" not in server.get("/api/history?key=1")[1]["error"]:
+        assert time.monotonic() < deadline  # the follower re-checks the store every 0.25 s
+        time.sleep(0.05)
+    status, body = server.get("/api/stats")
+    assert status == 503 and f"the store directory {store} is gone" in body["error"], body
+    assert server.alive()
+
+
+def test_command_line_errors(store, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "embstore.serve", *args],
+                              capture_output=True, text=True, timeout=60)
+    missing = run(str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no embstore store at" in missing.stderr
+    manifest = tmp_path / "shards.json"
+    manifest.write_text("{}")
+    if not hasattr(embstore, "ShardSet"):
+        result = run(str(manifest))
+        assert result.returncode == 2 and "not supported yet" in result.stderr
+    embstore.create(store, dim=4)
+    bad = tmp_path / "labels.csv"
+    bad.write_text("key,label\n1,cat\nx,dog\n")
+    result = run(store, "--labels", str(bad))
+    assert result.returncode == 2 and "labels.csv line 3: key 'x' is not an integer" in result.stderr
+    result = run(store, "--port", "70000")
+    assert result.returncode == 2 and "--port must be in 0 .. 65535" in result.stderr
+
+
+def test_another_host_warns_that_there_is_no_authentication(store):
+    embstore.create(store, dim=4)
+    # 127.0.0.2 is still the loopback interface, so the test exposes nothing.
+    server = ServerProcess(store, "--host", "127.0.0.2")
+    try:
+        assert server.url.startswith("http://127.0.0.2:")
+        assert server.ok("/api/stats")["rows"] == 0
+    finally:
+        code, err = server.stop()
+    assert code == 0 and "no authentication" in err
+
+
+def test_labels_file_formats(tmp_path):
+    csv_file = tmp_path / "l.csv"
+    csv_file.write_text('key,label\n3,"a, b"\n1,7\n\n18446744073709551615,max\n')
+    labels = analysis.Labels.load(str(csv_file))
+    codes = labels.lookup(np.array([1, 2, 3, 2**64 - 1], np.uint64))
+    assert [labels.names[c] if c >= 0 else None for c in codes] == ["7", None, "a, b", "max"]
+    json_file = tmp_path / "l.json"
+    json_file.write_text('{"5": 2, "6": "two"}')
+    labels = analysis.Labels.load(str(json_file))
+    assert [labels.names[c] for c in labels.lookup(np.array([5, 6], np.uint64))] == ["2", "two"]
+    json_file.write_text('{"5": [1]}')
+    with pytest.raises(analysis.LabelsError, match="labels must be strings or numbers"):
+        analysis.Labels.load(str(json_file))
+
+
+def test_key_lookup_scans_match_the_store(store):
+    embstore.create(store, dim=4)
+    rng = np.random.default_rng(3)
+    with embstore.Writer(store) as w:
+        for epoch in range(4):
+            keys = rng.permutation(30)[:20]
+            w.append(keys, rng.random((20, 4), np.float32), epoch)
+        w.append([5, 5], rng.random((2, 4), np.float32), 2)  # a duplicate (key, epoch)
+    follower = serve_store.Follower(store, use_index=False)
+    snap = follower.snapshot
+    keys, epochs = follower.reader.keys.astype(np.int64), follower.reader.epochs.astype(np.int64)
+    lookup = follower.lookup
+    assert not lookup.use_index
+    for key in range(31):
+        assert lookup.history(snap, key).tolist() == np.flatnonzero(keys == key).tolist()
+        for epoch in range(5):
+            rows = np.flatnonzero((keys == key) & (epochs == epoch))
+            assert lookup.find(snap, key, epoch) == (int(rows[-1]) if len(rows) else None)
+    for epoch in range(5):
+        assert lookup.epoch_rows(snap, epoch).tolist() == np.flatnonzero(epochs == epoch).tolist()
+    assert snap.epoch_counts == {e: int((epochs == e).sum()) for e in range(4)}
+    if serve_store.has_key_index(follower.reader):  # the store's key index gives the same rows
+        native = serve_store.KeyLookup(follower.reader, use_index=True)
+        for key in range(31):
+            assert native.history(snap, key).tolist() == lookup.history(snap, key).tolist()
+            for epoch in range(5):
+                assert native.find(snap, key, epoch) == lookup.find(snap, key, epoch)
+        for epoch in range(5):
+            assert native.epoch_rows(snap, epoch).tolist() == lookup.epoch_rows(snap, epoch).tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_narrow_dtypes_are_read_as_their_values(store, dtype):
+    from embstore.serve.app import Server
+    values = np.array([[1, 0, 0, 0], [0, 2, 0, 0], [0, 0, -3, 0], [1, 1, 0, 0]], np.float32)
+    embstore.create(store, dim=4, dtype=dtype)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(4), values.astype(np.int8) if dtype == "int8" else values, 0)
+    server = Server(serve_store.Follower(store))
+    try:
+        n = server.neighbours({"key": "3", "k": "3"})
+        expected = np.linalg.norm(values[:3] - values[3], axis=1)
+        order = np.lexsort((np.arange(3), expected))
+        assert [x["key"] for x in n["neighbours"]] == order.tolist()
+        np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], expected[order])
+        p = server.projection({})
+        np.testing.assert_allclose(np.abs(np.stack([p["x"], p["y"]], 1)),
+                                   np.abs(numpy_pca(values)), atol=1e-4)
+    finally:
+        server.pool.shutdown()
+
+
+@pytest.mark.parametrize("dim", [16, 300])
+def test_pca_basis_matches_numpy_svd(dim):
+    rng = np.random.default_rng(dim)
+    # Clear top-2 directions (the randomized path, above 128 dims, then converges fully).
+    scales = np.concatenate([[10.0, 6.0], np.linspace(2.0, 0.5, dim - 2)])
+    x = rng.standard_normal((1500, dim)) * scales @ np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    basis = analysis.Basis.fit(x)
+    centred = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.abs(basis.components @ vt[:2].T), np.eye(2), atol=1e-6)
+    np.testing.assert_allclose(basis.explained, s[:2] ** 2 / (s**2).sum(), rtol=1e-6)
+    np.testing.assert_allclose(np.abs(basis.project(x)), np.abs(centred @ vt[:2].T), atol=1e-3)
