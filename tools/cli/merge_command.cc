@@ -33,8 +33,8 @@ int run_merge(const MergeArgs& args) {
     out["shards"] = shards.shard_count();
     print_json(out);
   } else {
-    fmt::print("merged {} shard(s), {} rows, into {}\n", shards.shard_count(),
-               info.committed_rows, args.out);
+    fmt::print("merged {} shard(s), {} rows, into {}\n", shards.shard_count(), info.committed_rows,
+               args.out);
   }
   return kExitOk;
 }
@@ -48,7 +48,8 @@ void add_merge_command(CLI::App& app, Registry& registry) {
       "Consolidate the shards of a manifest, or several stores, into one new store (every row's "
       "checksum is verified; shards that disagree on dim or dtype are refused by name)");
   cmd->add_option("out", args->out, "The new store (must not exist)")->required();
-  cmd->add_option("inputs", args->inputs, "A manifest (file or its directory), or store directories")
+  cmd->add_option("inputs", args->inputs,
+                  "A manifest (file or its directory), or store directories")
       ->required();
   cmd->add_flag("--json", args->json, "Print the new store's info as JSON");
   cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
