@@ -221,17 +221,25 @@ void BM_OpenWriter(benchmark::State& state) {
   state.SetLabel("open + close, page cache warm");
 }
 
-BENCHMARK(BM_ScanView)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_ScanViewCold)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_ScanMemory)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_CopyOutView)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_CopyOutMemory)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_RecordByRow)->UseRealTime();
-BENCHMARK(BM_Refresh)->ArgName("append")->Arg(0)->Arg(1)->UseRealTime();
-BENCHMARK(BM_OpenReader)->Apply(OpenArgs)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK(BM_OpenWriter)->Apply(OpenArgs)->Unit(benchmark::kMicrosecond)->UseRealTime();
+BENCHMARK(BM_ScanView)->Unit(benchmark::kMillisecond)->UseRealTime()->Apply(add_min_max);
+BENCHMARK(BM_ScanViewCold)->Unit(benchmark::kMillisecond)->UseRealTime()->Apply(add_min_max);
+BENCHMARK(BM_ScanMemory)->Unit(benchmark::kMillisecond)->UseRealTime()->Apply(add_min_max);
+BENCHMARK(BM_CopyOutView)->Unit(benchmark::kMillisecond)->UseRealTime()->Apply(add_min_max);
+BENCHMARK(BM_CopyOutMemory)->Unit(benchmark::kMillisecond)->UseRealTime()->Apply(add_min_max);
+BENCHMARK(BM_RecordByRow)->UseRealTime()->Apply(add_min_max);
+BENCHMARK(BM_Refresh)->ArgName("append")->Arg(0)->Arg(1)->UseRealTime()->Apply(add_min_max);
+BENCHMARK(BM_OpenReader)
+    ->Apply(OpenArgs)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime()
+    ->Apply(add_min_max);
+BENCHMARK(BM_OpenWriter)
+    ->Apply(OpenArgs)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime()
+    ->Apply(add_min_max);
 
 }  // namespace
 }  // namespace embstore::bench
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) { return embstore::bench::run_benchmarks(argc, argv); }
