@@ -5,13 +5,15 @@
 
 For each pair, repetition k of A is divided by repetition k of B (bytes_per_second, else
 items_per_second); prints min / median / max of the ratio and every repetition (misses kept),
-with the load average now. Without --pair it uses the pairs bench/RESULTS.md states targets for.
+with the load average now; --times REGEX adds min / median / max time per iteration of the
+matching runs. Without --pair it uses the pairs bench/RESULTS.md states targets for.
 The suites run 5 repetitions in random interleaved order by default (bench/bench_util.h).
 """
 import argparse
 import collections
 import json
 import os
+import re
 import statistics
 
 DEFAULT_PAIRS = [
@@ -33,17 +35,26 @@ def main():
     ap.add_argument("report")
     ap.add_argument("--pair", action="append", default=[],
                     help="NAME_A=NAME_B (run names without /repeats and /real_time suffixes)")
+    ap.add_argument("--times", default="",
+                    help="also print min / median / max time per iteration of runs matching this regex")
     args = ap.parse_args()
     with open(args.report) as f:
         report = json.load(f)
     runs = collections.defaultdict(dict)
+    times = collections.defaultdict(list)
     for b in report["benchmarks"]:
         if b.get("run_type") != "iteration" or b.get("error_occurred"):
             continue
         name = b["run_name"].replace("/real_time", "")
         runs[name][b.get("repetition_index", 0)] = rate(b)
+        times[name].append((b["real_time"], b.get("time_unit", "ns")))
     pairs = [tuple(p.split("=", 1)) for p in args.pair] or DEFAULT_PAIRS
     print("load average now: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    for name, t in sorted(times.items()):
+        if args.times and re.search(args.times, name):
+            v = sorted(x for x, _ in t)
+            print(f"{name}: {t[0][1]} per iteration min {v[0]:.2f} median "
+                  f"{statistics.median(v):.2f} max {v[-1]:.2f} over {len(v)} repetitions")
     for a, b in pairs:
         if a not in runs or b not in runs:
             continue
