@@ -4,7 +4,7 @@
 //   BM_Pwrite/batch/dim/sync/prealloc  pwrite() of the same payload bytes into a fresh file that
 //                                      grows with each write (prealloc 0) or that was
 //                                      posix_fallocate'd first (prealloc 1: what embstore's
-//                                      batches of 32 KiB and more do; src/writer.cc)
+//                                      large batches do; src/log/commit.cc)
 //   BM_Memcpy/batch/dim                memcpy of the same bytes into already-touched memory
 //
 // dtype: 0 float32, 1 float16, 2 bfloat16, 3 float32 input converted to a float16 store,
@@ -31,7 +31,7 @@ namespace {
 enum DTypeArg { kF32 = 0, kF16 = 1, kBF16 = 2, kF32ToF16 = 3, kF32ToBF16 = 4 };
 enum SyncArg { kNoSync = 0, kEvery = 1, kInterval = 2 };
 // Up to 8 rows of 768 x f32 (24 KiB) go through the mapping, 16 (48 KiB) and more through
-// pwritev (src/writer.cc, kRowsSyscallMinBytes): 8 and 16 show the switch.
+// pwritev (src/log/commit.cc, kRowsSyscallMinBytes): 8 and 16 show the switch.
 constexpr int kBatches[] = {1, 8, 16, 32, 64, 512, 4096};
 
 DType store_dtype(int arg) {

@@ -1,4 +1,4 @@
-// convert_check — src/convert_fast.h must give bit-for-bit convert.h's results. Checks every
+// convert_check — src/format/convert_fast.h must give bit-for-bit convert.h's results. Checks every
 // 2^32 float32 bit pattern with --exhaustive, else every pattern whose low 8 bits are 0x00, 0x7f,
 // 0x80 or 0xff (2^26 of them: every exponent, sign and rounding boundary) plus special values.
 // Prints the first mismatch and exits 1. Registered as a ctest (label bench-smoke).
@@ -7,8 +7,8 @@
 #include <cstring>
 #include <vector>
 
-#include "convert.h"
-#include "convert_fast.h"
+#include "format/convert.h"
+#include "format/convert_fast.h"
 
 namespace {
 

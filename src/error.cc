@@ -5,27 +5,27 @@ namespace embstore {
 const char* error_code_name(ErrorCode code) noexcept {
   switch (code) {
     case ErrorCode::kInvalidArgument:
-      return "invalid-argument";
+      return "invalid_argument";
     case ErrorCode::kNotFound:
-      return "not-found";
+      return "not_found";
     case ErrorCode::kAlreadyExists:
-      return "already-exists";
+      return "already_exists";
     case ErrorCode::kCorruption:
       return "corruption";
     case ErrorCode::kFormatMismatch:
-      return "format-mismatch";
+      return "format_mismatch";
     case ErrorCode::kUnsupportedVersion:
-      return "unsupported-version";
+      return "unsupported_version";
     case ErrorCode::kIO:
       return "io";
     case ErrorCode::kFull:
       return "full";
     case ErrorCode::kReadOnly:
-      return "read-only";
+      return "read_only";
     case ErrorCode::kPoisoned:
       return "poisoned";
     case ErrorCode::kForkedChild:
-      return "forked-child";
+      return "forked_child";
     case ErrorCode::kClosed:
       return "closed";
   }

@@ -5,9 +5,10 @@
 #include <cstddef>
 
 #include "embstore/error.h"
-#include "format.h"
-#include "os.h"
-#include "store_files.h"
+#include "format/format.h"
+#include "log/recovery.h"
+#include "platform/os.h"
+#include "storage/store_files.h"
 
 namespace embstore {
 
@@ -32,27 +33,15 @@ class Reader::Impl {
 
   std::uint64_t refresh() {
     StoreFiles& f = files();
-    auto& state = f.state();
-    if (f.same_boot()) {
-      const std::uint64_t committed = state.committed();
-      f.map_rows(committed);  // Refuses counters the files cannot back (kCorruption).
-      snapshot_ = std::max(snapshot_, committed);
-      return snapshot_;
-    }
-    // The store was last written in an earlier boot and no writer has recovered it yet: rows
-    // past `durable` may be torn. Verify them here (read-only) and, as Writer recovery does, keep
-    // whole batches only, up to the first bad row.
-    const std::uint64_t durable = state.durable();
-    const std::uint64_t committed = std::min(state.committed(), f.rows_files_hold());
-    const std::uint64_t start = std::max(std::min(durable, committed), verified_upto_);
-    f.map_rows(committed);
-    const std::uint64_t valid = start >= committed ? start : f.valid_batch_prefix(start, committed);
+    // The one recovery loader (log/recovery.h), read-only: after a reboot, before any writer
+    // recovered the store, it verifies the rows past `durable` and keeps whole valid batches.
+    const detail::LoadedLog log = detail::load_log(f, verified_upto_);
     // A writer may have recovered the store meanwhile and appended over the scanned range (even
     // a batch it never published): then the scan proves nothing and the counter is the truth.
     // Recovery stores the boot id before any append, so an unchanged one means no row changed.
-    if (f.same_boot()) return refresh();
-    verified_upto_ = std::max(verified_upto_, valid);
-    snapshot_ = std::max(snapshot_, valid);
+    if (!log.same_boot && f.same_boot()) return refresh();
+    if (!log.same_boot) verified_upto_ = std::max(verified_upto_, log.verified_upto);
+    snapshot_ = std::max(snapshot_, log.recovered.committed);
     return snapshot_;
   }
 

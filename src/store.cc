@@ -4,9 +4,9 @@
 #include <cstring>
 
 #include "embstore/error.h"
-#include "format.h"
-#include "os.h"
-#include "store_files.h"
+#include "format/format.h"
+#include "platform/os.h"
+#include "storage/store_files.h"
 
 namespace embstore {
 namespace {
@@ -49,9 +49,9 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   }
 
   std::uint8_t store_id[16];
-  detail::os::random_bytes(store_id, sizeof(store_id));
+  detail::os::random_bytes(store_id, sizeof(store_id), path);
   std::uint8_t suffix[16];
-  detail::os::random_bytes(suffix, sizeof(suffix));
+  detail::os::random_bytes(suffix, sizeof(suffix), path);
   const std::string staging = path + ".creating." + detail::store_id_hex(suffix).substr(0, 12);
   detail::os::make_dir(staging);
   try {

@@ -10,15 +10,15 @@
 #include <thread>
 #include <vector>
 
-#include "checksum.h"
-#include "convert.h"
-#include "convert_fast.h"
 #include "embstore/error.h"
-#include "format.h"
-#include "lock.h"
-#include "os.h"
-#include "store_files.h"
-#include "testing.h"
+#include "format/format.h"
+#include "log/batch.h"
+#include "log/commit.h"
+#include "log/recovery.h"
+#include "platform/lock.h"
+#include "platform/os.h"
+#include "platform/testing.h"
+#include "storage/store_files.h"
 
 namespace embstore {
 
@@ -71,19 +71,16 @@ class Writer::Impl {
   void check_open() const;    // Same process, not closed.
   void check_usable() const;  // check_open() and not poisoned.
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
-  // The era this handle may write entries with, made durable first (see FORMAT.md, "era").
-  // Caller holds the writer lock.
-  std::uint64_t writable_era(std::uint64_t first);
   void recover();
   void sync_loop();
-  // How an append of n rows writes them and their entries (above the definition: why).
-  struct WritePlan;
-  WritePlan plan_writes(std::uint64_t n) const;
-  // Copies n rows, `stride` bytes apart at `source`, into the data file from row `first`.
-  void write_rows(std::uint64_t first, const std::byte* source, std::uint64_t stride,
-                  std::uint64_t n, bool by_syscall);
   [[noreturn]] void poison(const Error& error);
 
+  // Lock order, outermost first; a thread holding one may take only those after it:
+  //   close_mutex_ -> sync_mutex_ -> lifetime_ -> mutex_ -> the OFD writer lock (lock_) ->
+  //   poison_mutex_.
+  // sync_loop holds sync_mutex_ across sync() (lifetime_ shared); close() releases sync_mutex_
+  // and joins the sync thread before it takes lifetime_ exclusively. poison() runs from under
+  // mutex_ and the OFD lock (a failed era flush) or under lifetime_ alone (a failed sync).
   std::unique_ptr<StoreFiles> files_;  // Released by close().
   std::string path_;
   std::unique_ptr<detail::WriterLock> lock_;  // Released by close().
@@ -105,71 +102,6 @@ class Writer::Impl {
   bool stop_sync_ = false;
 };
 
-// Two ways to put rows and index entries into the page cache, each the faster one for its size
-// (measured with bench/append_bench on ext4; bench/RESULTS.md, "write path"):
-//   - memcpy through the writer's mapping: no system call, but the first write-touch of each
-//     fresh page faults (~1 us: page allocation, zeroing, page_mkwrite). 1 row of 768 x f32:
-//     3.0 us per append, against 5.0 us with pwritev; 8 rows (24 KiB): 10.7 against 11.7 us.
-//   - pwritev on the file: one system call, and the kernel allocates each page-cache page and
-//     copies into it without zeroing or mapping it, into file space already allocated (no block
-//     allocation either). 16 rows of 768 x f32 (48 KiB): 14.7 us against 19.5 us through the
-//     mapping; 64 rows: 38 against 74 us; 512 rows (1.5 MiB): ~235 us against 400-620 us.
-//     The entries of 512 rows of 64 x f32 (16 KiB): 41 us per append against 50 us through the
-//     mapping; of 128 rows (4 KiB): 15.0 against 15.7 us; of 64 rows: no gain.
-// Readers cannot tell them apart: both write the one page cache their mappings show, before the
-// release store of `committed` that publishes the rows.
-constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
-constexpr std::uint64_t kEntriesSyscallMinBytes = 4 * 1024;
-// Pieces per system call: strided rows (one iovec each) and index entries (32 KiB), so the
-// buffers they are gathered in stay small whatever the batch size.
-constexpr std::uint64_t kRowsPerWritev = 1024;
-constexpr std::uint64_t kEntriesPerWrite = 1024;
-
-struct Writer::Impl::WritePlan {
-  bool rows_by_syscall;
-  bool entries_by_syscall;
-};
-
-Writer::Impl::WritePlan Writer::Impl::plan_writes(std::uint64_t n) const {
-  // Test builds may impose a combination (testing.h, EMBSTORE_WRITE_PATH).
-  if (const detail::testing::WritePath forced = EMBSTORE_WRITE_PATH(); forced.forced) {
-    return {forced.rows_by_syscall, forced.entries_by_syscall};
-  }
-  return {n * files_->layout().record_bytes >= kRowsSyscallMinBytes,
-          n * sizeof(IndexEntry) >= kEntriesSyscallMinBytes};
-}
-
-void Writer::Impl::write_rows(std::uint64_t first, const std::byte* source, std::uint64_t stride,
-                              std::uint64_t n, bool by_syscall) {
-  const std::uint64_t record_bytes = files_->layout().record_bytes;
-  const bool packed = stride == record_bytes;
-  if (!by_syscall) {
-    std::byte* dest = files_->row_ptr(first);
-    if (packed) {
-      std::memcpy(dest, source, n * record_bytes);
-    } else {
-      for (std::uint64_t i = 0; i < n; ++i) {
-        std::memcpy(dest + i * record_bytes, source + i * stride, record_bytes);
-      }
-    }
-    return;
-  }
-  if (packed) {
-    const detail::os::Chunk all{source, n * record_bytes};
-    detail::os::write_chunks(files_->data_fd(), &all, 1, first * record_bytes, files_->data_path());
-    return;
-  }
-  detail::os::Chunk window[kRowsPerWritev];
-  for (std::uint64_t begin = 0; begin < n; begin += kRowsPerWritev) {
-    const std::uint64_t count = std::min(kRowsPerWritev, n - begin);
-    for (std::uint64_t i = 0; i < count; ++i) {
-      window[i] = {source + (begin + i) * stride, record_bytes};
-    }
-    detail::os::write_chunks(files_->data_fd(), window, count, (first + begin) * record_bytes,
-                             files_->data_path());
-  }
-}
-
 void Writer::Impl::check_usable() const {
   check_open();
   if (poisoned_.load(std::memory_order_acquire)) {
@@ -186,208 +118,27 @@ void Writer::Impl::check_open() const {
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
 }
 
-// Runs under the writer lock at open. After a process crash (same boot) the page cache holds
-// every committed row, so only the counters are checked: O(1). After a reboot any unsynced page
-// may be stale or torn, so rows past `durable` are re-checked and the commit counter is cut back
-// to the longest valid prefix. Interrupted at any point, it reaches the same result when re-run:
-// the boot id is stored last.
+// Runs under the writer lock at open: the one recovery loader (log/recovery.h), applied.
 void Writer::Impl::recover() {
-  auto& state = files_->state();
-  const std::string& header = files_->header_path();
-  std::uint64_t durable = state.durable();
-  std::uint64_t committed = state.committed();
-  std::uint64_t capacity = state.capacity();
-  const std::uint64_t files_hold = files_->rows_files_hold();
-
-  if (files_->same_boot()) {
-    auto corrupt = [&](const std::string& what) {
-      throw Error(ErrorCode::kCorruption, header + ": " + what);
-    };
-    if (capacity > files_hold) {
-      corrupt("field capacity_rows " + std::to_string(capacity) + " exceeds the " +
-              std::to_string(files_hold) + " rows that " + files_->data_path() + " and " +
-              files_->index_path() + " hold");
-    }
-    if (committed > capacity) {
-      corrupt("field committed_rows " + std::to_string(committed) + " exceeds capacity_rows " +
-              std::to_string(capacity));
-    }
-    if (durable > committed) {
-      corrupt("field durable_rows " + std::to_string(durable) + " exceeds committed_rows " +
-              std::to_string(committed));
-    }
-    return;
-  }
-
-  // After a power loss the files may be shorter than counters flushed before them.
-  capacity = std::min(capacity, files_hold);
-  committed = std::min(committed, capacity);
-  durable = std::min(durable, committed);
-  files_->map_rows(committed);
-  EMBSTORE_CRASH_POINT("during-recovery");
-  // Cutting at the first bad row could leave the front of a torn batch visible: cut at the end
-  // of the last whole batch before it (every batch's last entry carries kEntryBatchEnd).
-  const std::uint64_t valid = files_->valid_batch_prefix(durable, committed);
-  std::uint64_t boot[2];
-  const bool boot_known = detail::os::boot_id(boot);
-  state.set_capacity(capacity);
-  state.publish_committed(valid);
-  // The verified rows were read back from the device (the page cache began empty in this boot),
-  // so they are durable: the next reboot need not check them again. Without a boot id that is
-  // not known, and durable stays.
-  state.set_durable(boot_known ? valid : durable);
-  // Entries past the cut may still validate; everything written from now on carries a newer
-  // era, so a later power loss can never splice them back in (FORMAT.md, "era").
-  state.set_era(state.era() + 1);
-  state.set_boot_id(boot);
-  detail::os::datasync(files_->header_fd(), header);
-  synced_era_ = state.era();
-}
-
-std::uint64_t Writer::Impl::writable_era(std::uint64_t first) {
-  auto& state = files_->state();
-  std::uint64_t era = state.era();
-  // Entries at `first` that carry the current era were left by a writer killed before it
-  // published: a newer era makes them lose to this append's entries on any later recovery.
-  IndexEntry at_first;
-  std::memcpy(&at_first, files_->entry_ptr(first), sizeof(at_first));
-  const bool stale = (at_first.row != 0 || at_first.checksum != 0) &&
-                     detail::entry_era(at_first.row) == (era & detail::kEntryEraMask);
-  if (stale) {
-    ++era;
-    state.set_era(era);
-  }
-  // No entry may carry an era the header on disk does not cover yet (another writer may have
-  // raised it and died before flushing): otherwise recovery could pick an era already used.
-  if (era != synced_era_) {
-    try {
-      detail::os::datasync(files_->header_fd(), files_->header_path());
-    } catch (const Error& error) {
-      poison(error);
-    }
-    synced_era_ = era;
-  }
-  return era;
+  const detail::LoadedLog log = detail::load_log(*files_);
+  if (detail::apply_recovery(*files_, log)) synced_era_ = files_->state().era();
 }
 
 std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
                                    std::uint64_t single_epoch, const ConstMatrix& rows) {
   std::shared_lock life(lifetime_);
   check_usable();
-  const detail::Layout& layout = files_->layout();
-  const std::string& where = files_->dir();
-  auto invalid = [&](const std::string& what) {
-    throw Error(ErrorCode::kInvalidArgument, where + ": append: " + what);
-  };
-  const std::uint64_t n = rows.rows;
-  if (keys.size() != n) {
-    invalid(std::to_string(keys.size()) + " keys for " + std::to_string(n) + " rows");
-  }
-  if (n == 0) return files_->state().committed();
-  if (rows.data == nullptr) invalid("rows.data is null");
-  if (rows.dim != layout.dim) {
-    invalid("rows have dim " + std::to_string(rows.dim) + " but the store's dim is " +
-            std::to_string(layout.dim));
-  }
-  const bool same_dtype = rows.dtype == layout.dtype;
-  const bool convert = rows.dtype == DType::kFloat32 &&
-                       (layout.dtype == DType::kFloat16 || layout.dtype == DType::kBFloat16);
-  if (!same_dtype && !convert) {
-    invalid(
-        "cannot append " + std::string(dtype_name(rows.dtype)) + " rows to a " +
-        std::string(dtype_name(layout.dtype)) + " store (only " +
-        std::string(dtype_name(layout.dtype)) +
-        (layout.dtype == DType::kFloat16 || layout.dtype == DType::kBFloat16 ? " or float32" : "") +
-        " is accepted)");
-  }
-  const std::uint64_t input_row_bytes = std::uint64_t{rows.dim} * dtype_size(rows.dtype);
-  const std::uint64_t stride = rows.row_stride_bytes == 0 ? input_row_bytes : rows.row_stride_bytes;
-  if (stride < input_row_bytes) {
-    invalid("row_stride_bytes " + std::to_string(stride) + " is less than a row's " +
-            std::to_string(input_row_bytes) + " bytes");
-  }
-  if (n > detail::kMaxRows) invalid(std::to_string(n) + " rows in one batch is beyond 2^40");
-
-  // Everything that does not need the row number happens before the lock: conversion and the
-  // payload hashes. The lock then covers only the copy, the index entries and the publish.
-  const std::uint64_t record_bytes = layout.record_bytes;
-  thread_local std::vector<std::byte> staging;
-  thread_local std::vector<std::uint64_t> hashes;
-  const std::byte* source = static_cast<const std::byte*>(rows.data);
-  std::uint64_t source_stride = stride;
-  if (convert) {
-    staging.resize(n * record_bytes);
-    for (std::uint64_t i = 0; i < n; ++i) {
-      const auto* in = reinterpret_cast<const float*>(source + i * stride);
-      auto* out = reinterpret_cast<std::uint16_t*>(staging.data() + i * record_bytes);
-      if (layout.dtype == DType::kFloat16) {
-        detail::convert_to_half_fast(in, out, rows.dim);
-      } else {
-        detail::convert_to_bfloat16_fast(in, out, rows.dim);
-      }
-    }
-    source = staging.data();
-    source_stride = record_bytes;
-  }
-  hashes.resize(n);
-  const detail::RowHashKey& hash_key = files_->hash_key();
-  for (std::uint64_t i = 0; i < n; ++i) {
-    hashes[i] = detail::payload_hash(source + i * source_stride, record_bytes, hash_key);
-  }
-
+  // Everything that does not need the row number happens before the lock.
+  const detail::PreparedBatch batch = detail::prepare_batch(
+      files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows);
+  if (batch.rows == 0) return files_->state().committed();
   std::uint64_t first;
   {
     std::lock_guard in_process(mutex_);
     check_usable();
     detail::LockGuard across_processes(*lock_);
-    auto& state = files_->state();
-    first = state.committed();
-    if (first + n > detail::kMaxRows) {
-      throw Error(ErrorCode::kFull, where + ": the store holds " + std::to_string(first) +
-                                        " rows; " + std::to_string(n) + " more exceed 2^40");
-    }
-    // Another process may have grown the files since this handle last looked.
-    files_->grow_to(first + n);
-    const std::uint64_t era_bits = (writable_era(first) & detail::kEntryEraMask)
-                                   << detail::kEntryEraShift;
-
-    // A failed write leaves committed where it was: the rows stay unpublished and the next
-    // append writes over them. The handle stays usable (nothing published was touched).
-    const WritePlan plan = plan_writes(n);
-    write_rows(first, source, source_stride, n, plan.rows_by_syscall);
-    EMBSTORE_CRASH_POINT("after-copy");
-    auto entry = [&](std::uint64_t i) {
-      const std::uint64_t row = first + i;
-      const std::uint64_t epoch = epochs != nullptr ? epochs[i] : single_epoch;
-      const std::uint64_t row_field = row | era_bits | (i + 1 == n ? detail::kEntryBatchEnd : 0);
-      return IndexEntry{keys[i], epoch, row_field,
-                        detail::entry_checksum(hashes[i], keys[i], epoch, row_field, layout.seed)};
-    };
-    if (!plan.entries_by_syscall) {  // In place through the mapping.
-      IndexEntry* entries = files_->entry_ptr(first);
-      for (std::uint64_t i = 0; i < n; ++i) {
-        const IndexEntry e = entry(i);
-        std::memcpy(entries + i, &e, sizeof(e));
-        if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
-      }
-    } else {  // In pieces built in a buffer, one pwrite each.
-      // Test builds end the first piece after entry n/2, so a crash at mid-index-write leaves
-      // the same half written as through the mapping.
-      const std::uint64_t per_write =
-          detail::testing::kEnabled ? std::min(kEntriesPerWrite, n / 2 + 1) : kEntriesPerWrite;
-      thread_local std::vector<IndexEntry> buffer;
-      buffer.resize(std::min(n, per_write));
-      for (std::uint64_t begin = 0; begin < n; begin += per_write) {
-        const std::uint64_t count = std::min(per_write, n - begin);
-        for (std::uint64_t i = 0; i < count; ++i) buffer[i] = entry(begin + i);
-        detail::os::write_all(files_->index_fd(), buffer.data(), count * sizeof(IndexEntry),
-                              (first + begin) * sizeof(IndexEntry), files_->index_path());
-        if (begin <= n / 2 && n / 2 < begin + count) EMBSTORE_CRASH_POINT("mid-index-write");
-      }
-    }
-    EMBSTORE_CRASH_POINT("before-publish");
-    state.publish_committed(first + n);
-    EMBSTORE_CRASH_POINT("after-publish");
+    first = detail::commit_batch(*files_, batch, synced_era_,
+                                 [this](const Error& error) { poison(error); });
   }
   // Outside the lock: waking readers and this writer's flush need not hold other writers up.
   detail::os::futex_wake_all(files_->state().committed_word());
@@ -470,6 +221,8 @@ void Writer::Impl::close() {
 }
 
 // ---- Writer -------------------------------------------------------------------------------
+
+int current_process_id() noexcept { return detail::os::current_pid(); }
 
 Writer::Writer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Writer::Writer(Writer&&) noexcept = default;

@@ -1,5 +1,5 @@
-// float32 -> float16 / bfloat16 conversion (src/convert.h): round to nearest, ties to even.
-#include "convert.h"
+// float32 -> float16 / bfloat16 conversion (src/format/convert.h): round to nearest, ties to even.
+#include "format/convert.h"
 
 #include <bit>
 #include <catch2/catch.hpp>

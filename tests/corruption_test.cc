@@ -7,9 +7,9 @@
 #include <functional>
 #include <vector>
 
-#include "checksum.h"
 #include "embstore/embstore.h"
-#include "format.h"
+#include "format/checksum.h"
+#include "format/format.h"
 #include "support/payload.h"
 #include "support/temp_dir.h"
 

@@ -1,6 +1,6 @@
-// kill -9 of a writer at random moments while other writers and a reader run (RELIABILITY.md
-// scenario 1): no acknowledged row is lost, no torn batch is ever visible, and the store reopens
-// and accepts appends with no manual step.
+// kill -9 of a writer at random moments while other writers and a reader run
+// (tests/reliability/README.md, scenario 1): no acknowledged row is lost, no torn batch is ever
+// visible, and the store reopens and accepts appends with no manual step.
 #include <signal.h>
 #include <unistd.h>
 

@@ -1,11 +1,11 @@
-// Header encoding/decoding (src/format.h) and the checksum rules of src/FORMAT.md.
-#include "format.h"
+// Header encoding/decoding (src/format/format.h) and the checksum rules of src/format/FORMAT.md.
+#include "format/format.h"
 
 #include <catch2/catch.hpp>
 #include <cstring>
 
-#include "checksum.h"
 #include "embstore/error.h"
+#include "format/checksum.h"
 
 using namespace embstore;
 using namespace embstore::detail;
@@ -230,4 +230,27 @@ TEST_CASE("The row hash gives the XXH3 withSeed value at every length and alignm
       }
     }
   }
+}
+
+TEST_CASE("One table of dtype names, one conversion rule, one table of error names", "[rules]") {
+  CHECK(parse_dtype("float32") == DType::kFloat32);
+  CHECK(parse_dtype("BF16") == DType::kBFloat16);  // ASCII case is ignored, as in Python
+  CHECK(parse_dtype("half") == DType::kFloat16);
+  // Ambiguous: C's float is 32 bits, numpy's "float" 64 bits.
+  CHECK_FALSE(parse_dtype("float").has_value());
+  CHECK_FALSE(parse_dtype("double").has_value());
+  for (const DTypeAlias& alias : dtype_aliases()) {
+    INFO(alias.name);
+    CHECK(parse_dtype(alias.name) == alias.dtype);
+    CHECK(parse_dtype(dtype_name(alias.dtype)) == alias.dtype);
+  }
+  CHECK(dtype_accepts(DType::kFloat16, DType::kFloat32));
+  CHECK(dtype_accepts(DType::kBFloat16, DType::kFloat32));
+  CHECK(dtype_accepts(DType::kInt8, DType::kInt8));
+  CHECK_FALSE(dtype_accepts(DType::kFloat32, DType::kFloat16));
+  CHECK_FALSE(dtype_accepts(DType::kFloat64, DType::kFloat32));
+  CHECK(std::string(error_code_name(ErrorCode::kInvalidArgument)) == "invalid_argument");
+  CHECK(std::string(error_code_name(ErrorCode::kForkedChild)) == "forked_child");
+  // The library's one format major is the header's.
+  CHECK(detail::kFormatMajor == kFormatVersionMajor);
 }

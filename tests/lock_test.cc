@@ -1,7 +1,7 @@
-// The writer lock (src/lock.h): an OFD lock that excludes other processes and other handles in
-// this process, survives unrelated open()/close() of store files, dies with its holder, and is
-// never kept alive by a forked child.
-#include "lock.h"
+// The writer lock (src/platform/lock.h): an OFD lock that excludes other processes and other
+// handles in this process, survives unrelated open()/close() of store files, dies with its holder,
+// and is never kept alive by a forked child.
+#include "platform/lock.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -12,9 +12,9 @@
 #include <cstring>
 
 #include "embstore/embstore.h"
+#include "platform/testing.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
-#include "testing.h"
 
 using namespace embstore;
 using embstore::test::TempDir;

@@ -3,12 +3,14 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <thread>
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "platform/testing.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -189,4 +191,21 @@ TEST_CASE("wait() with no deadline waits, and a zero timeout returns at once", "
   CHECK(r.wait(200, std::chrono::nanoseconds::max()));
   appender.join();
   CHECK(r.size() == 200);
+}
+
+TEST_CASE("wait() survives a futex that fails: spurious wake-ups and lost wakes", "[reader]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(4));
+  Reader r = Reader::open(dir / "s");
+  struct Disarm {
+    ~Disarm() { detail::testing::disarm_all(); }
+  } disarm;
+  detail::testing::arm_fault(detail::testing::Op::kFutex, 1, EINTR, true);
+  // Every wait returns at once and every wake is lost: wait() still times out, then still sees
+  // rows appended by another thread.
+  CHECK_FALSE(r.wait(1, std::chrono::milliseconds(20)));
+  std::thread appender([&] { append_batch(w, 0, 0, 3); });
+  CHECK(r.wait(3, std::chrono::nanoseconds::max()));
+  appender.join();
+  CHECK(detail::testing::faults_injected() > 0);
 }

@@ -7,10 +7,10 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "platform/testing.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
-#include "testing.h"
 
 using namespace embstore;
 using embstore::test::TempDir;

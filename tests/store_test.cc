@@ -14,13 +14,13 @@
 #include <thread>
 #include <vector>
 
-#include "convert.h"
 #include "embstore/embstore.h"
-#include "format.h"
+#include "format/convert.h"
+#include "format/format.h"
+#include "platform/testing.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
-#include "testing.h"
 
 using namespace embstore;
 using embstore::test::TempDir;
@@ -583,7 +583,7 @@ TEST_CASE("A failed flush of the parent directory says the store was created", "
 
 namespace {
 
-// Pins how appends write rows and entries (src/writer.cc, plan_writes) and the most one
+// Pins how appends write rows and entries (src/log/commit.cc, plan_writes) and the most one
 // pwrite may write (a short write past that) for the life of the object; then restores both.
 struct WritePathGuard {
   explicit WritePathGuard(std::string_view mode, std::size_t pwrite_cap = 0)

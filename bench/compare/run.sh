@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-packages=(cmake g++ pkg-config libboost-dev libxxhash-dev libbenchmark-dev python3-numpy
+packages=(cmake g++ pkg-config libxxhash-dev libbenchmark-dev python3-numpy
           python3-pybind11 pybind11-dev libhdf5-dev liblmdb-dev libsqlite3-dev redis-server
           libhiredis-dev python3-h5py)
 missing=()

@@ -3,15 +3,15 @@
 // THE CONTRACT (read this before using the library; every other header refers back here)
 //
 // A store is a directory: a header, a data file of fixed-size rows, an index file with one
-// entry per row (key, epoch, row, checksum) and a lock file. The byte layout is src/FORMAT.md.
+// entry per row (key, epoch, row, checksum) and a lock file. The byte layout is
+// src/format/FORMAT.md.
 //
 // Writers
 //   Any number of processes and threads may append at once. Each append takes the store's
 //   writer lock (an OFD lock on the dedicated lock file, plus an in-process mutex), writes its
-//   rows into the data file (one pwritev for a batch of 32 KiB or more, memcpy through the
-//   mapping below that) and its index entries (one pwrite from 128 entries on, else through the
-//   mapping), then publishes the commit counter with one release store. Both ways land in the
-//   one page cache every reader maps.
+//   rows and index entries (by pwritev for large batches, by memcpy through the mapping for
+//   small ones; the thresholds: bench/RESULTS.md, "write path"), then publishes the commit
+//   counter with one release store. Both ways land in the one page cache every reader maps.
 //   The lock is held only for the writes and the publish: validation, dtype conversion and
 //   row hashing happen before it is taken.
 //   A writer killed at any instant (kill -9) loses only its unfinished batch and blocks no one:
@@ -39,7 +39,10 @@
 //   and cuts the commit counter back to the longest valid prefix; this is idempotent. A Reader
 //   that finds such a store before any Writer has recovered it verifies the same range itself
 //   (read-only) and clamps its snapshot to the valid prefix. After a mere process crash (same
-//   boot) opening is O(1): the page cache never lost anything.
+//   boot) opening is O(1): the page cache never lost anything. Both run one loader with one set
+//   of checks: counters that contradict each other (capacity 0, committed above capacity,
+//   durable above committed) or, in the same boot, the file sizes, are kCorruption naming the
+//   field, for Reader::open (and so verify) exactly as for Writer::open.
 //
 // Errors
 //   Every failure throws embstore::Error (error.h) whose message names the file, field or value.

@@ -1,8 +1,8 @@
 // embstore/error.h — the one error type every embstore call throws.
 //
-// Failures are exceptions of type embstore::Error; absence (a row past the snapshot, a key not
-// found) is never an exception but an empty std::optional. Every message names the file, field
-// or value involved, so it can be shown to a user as is.
+// Failures are exceptions of type embstore::Error, including a row asked for outside the
+// snapshot (kInvalidArgument). Every message names the file, field or value involved, so it can
+// be shown to a user as is.
 #pragma once
 
 #include <stdexcept>
@@ -26,7 +26,8 @@ enum class ErrorCode : int {
   kClosed = 12,             // The object was closed.
 };
 
-// Stable lower-case name of a code ("corruption", "io", ...).
+// Stable snake_case name of a code ("corruption", "invalid_argument", ...): the one table of
+// names; the Python binding's exceptions carry it as `code`.
 const char* error_code_name(ErrorCode code) noexcept;
 
 class Error : public std::runtime_error {

@@ -8,8 +8,8 @@ inline constexpr int kLibraryVersionMinor = 1;
 inline constexpr int kLibraryVersionPatch = 0;
 inline constexpr const char* kLibraryVersion = "0.1.0";
 
-// The on-disk format (src/FORMAT.md). A reader refuses a store whose major version is newer than
-// kFormatVersionMajor; minor versions only add fields that older readers may ignore.
+// The on-disk format (src/format/FORMAT.md). A reader refuses a store whose major version is newer
+// than kFormatVersionMajor; minor versions only add fields that older readers may ignore.
 inline constexpr int kFormatVersionMajor = 1;
 inline constexpr int kFormatVersionMinor = 0;
 

@@ -30,6 +30,13 @@ struct ConstMatrix {
 // Fork: a Writer belongs to the process that opened it. In a forked child every call except
 // the destructor throws kForkedChild; the child must open its own Writer. The child's
 // destructor releases only its own copies of the mappings, never the parent's lock.
+class Writer;
+
+// The calling process's id as embstore sees it (cached; a pthread_atfork handler refreshes it in
+// a forked child). The one fork test: Writer, its lock and the Python binding compare it with
+// the id they were opened in.
+int current_process_id() noexcept;
+
 class Writer {
  public:
   // Creates a new store (as create_store) and opens it for appending.

@@ -178,13 +178,13 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
 class PyWriter {
  public:
   PyWriter(Writer writer, std::uint64_t async_queue_bytes)
-      : writer_(std::move(writer)), owner_pid_(::getpid()) {
+      : writer_(std::move(writer)), owner_pid_(current_process_id()) {
     if (async_queue_bytes > 0)
       async_ = std::make_unique<AsyncAppender>(*writer_, async_queue_bytes);
   }
 
   ~PyWriter() {
-    if (::getpid() != owner_pid_) {
+    if (current_process_id() != owner_pid_) {
       // A forked child: the background thread and any held mutex belong to the parent. Leak
       // them; the core Writer's destructor releases only the child's copies.
       (void)async_.release();
@@ -281,7 +281,7 @@ class PyWriter {
   }
 
   void close() {
-    if (::getpid() != owner_pid_) {
+    if (current_process_id() != owner_pid_) {
       (void)async_.release();
       return;
     }
@@ -349,7 +349,7 @@ class PyWriter {
  private:
   void check_process() const {
     // Before any mutex: in a forked child one may be held by a thread that does not exist there.
-    if (::getpid() != owner_pid_) {
+    if (current_process_id() != owner_pid_) {
       throw Error(ErrorCode::kForkedChild, path_ + ": this Writer was opened by process " +
                                                std::to_string(owner_pid_) +
                                                "; a forked child must open its own Writer");
@@ -363,9 +363,7 @@ class PyWriter {
               " but the store's dim is " + std::to_string(writer_->dim()));
     }
     const DType store = writer_->dtype();
-    const bool convert =
-        rows.dtype == DType::kFloat32 && (store == DType::kFloat16 || store == DType::kBFloat16);
-    if (rows.dtype != store && !convert) {
+    if (!dtype_accepts(store, rows.dtype)) {
       invalid(path_ + ": append: cannot append " + std::string(dtype_name(rows.dtype)) +
               " rows to a " + std::string(dtype_name(store)) + " store");
     }
@@ -601,6 +599,13 @@ PYBIND11_MODULE(_embstore, m) {
   m.attr("default_segment_bytes") = kDefaultSegmentBytes;
   m.attr("default_map_bytes") = kDefaultMapBytes;
 
+  m.def("dtype_aliases", [] {
+    py::dict aliases;
+    for (const DTypeAlias& alias : dtype_aliases()) {
+      aliases[py::str(std::string(alias.name))] = std::string(dtype_name(alias.dtype));
+    }
+    return aliases;
+  });
   m.def("error_code_name",
         [](int code) { return std::string(error_code_name(static_cast<ErrorCode>(code))); });
 

@@ -17,11 +17,11 @@
 #include <string_view>
 #include <vector>
 
-#include "checksum.h"
 #include "embstore/embstore.h"
-#include "format.h"
-#include "os.h"
-#include "testing.h"
+#include "format/checksum.h"
+#include "format/format.h"
+#include "platform/os.h"
+#include "platform/testing.h"
 
 namespace embstore::fuzz {
 namespace {
@@ -175,7 +175,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::string& header = parts[0];
     if ((flags & 1) && header.size() >= sizeof(detail::FixedHeader)) {
       const std::uint64_t metadata_bytes = u64_at(header, 64);
-      if (metadata_bytes <= detail::kMaxMetadataBytes &&
+      if (metadata_bytes <= kMaxMetadataBytes &&
           header.size() >= detail::kMetadataOffset + metadata_bytes) {
         const std::uint64_t sum =
             detail::header_hash(header.data(), offsetof(detail::FixedHeader, header_checksum),

@@ -1,6 +1,6 @@
 // harness.h — the torture driver's shared pieces: seeded randomness, deterministic batch
 // schedules, the ack log writers keep for the supervisor, child processes, summary figures and
-// the invariant of ../shared/RELIABILITY.md.
+// the invariant of README.md here.
 //
 // Every row the torture suite writes is derived from (writer, seq): key = writer << 40 | seq
 // (support/payload.h), values = payload_for(key), epoch = the index of its batch. A writer's

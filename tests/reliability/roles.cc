@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "platform/testing.h"
 #include "support/payload.h"
-#include "testing.h"
 
 namespace embstore::torture {
 namespace {

@@ -1,4 +1,4 @@
-// scenarios.h — the fifteen scenarios of ../shared/RELIABILITY.md, each run by the supervisor.
+// scenarios.h — the fifteen scenarios of README.md here, each run by the supervisor.
 // Every scenario returns true when it held, and checks the invariant before returning.
 #pragma once
 

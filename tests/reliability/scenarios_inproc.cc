@@ -21,9 +21,9 @@
 
 #include "../fuzz/fuzz_store.h"
 #include "embstore/embstore.h"
+#include "platform/testing.h"
 #include "scenarios.h"
 #include "support/payload.h"
-#include "testing.h"
 
 namespace embstore::torture {
 namespace {

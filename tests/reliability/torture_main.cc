@@ -1,6 +1,6 @@
 // embstore_torture — the reliability suite's one executable: supervisor and every role.
 //
-//   embstore_torture scenario <id> [--seed S] [--soak]   one scenario of RELIABILITY.md (1..15)
+//   embstore_torture scenario <id> [--seed S] [--soak]   one scenario of README.md here (1..15)
 //   embstore_torture all [--seed S] [--soak] [--only 1,6,8]  every scenario, then the summary
 //   embstore_torture summary <stats-dir>                 sums the figures every process left there
 //   embstore_torture reset-stats <stats-dir>

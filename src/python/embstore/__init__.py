@@ -74,14 +74,8 @@ DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "float64")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_DTYPE_ALIASES = {
-    "float32": "float32", "f4": "float32", "float": "float32",
-    "float16": "float16", "f2": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "int8": "int8", "i1": "int8",
-    "uint8": "uint8", "u1": "uint8",
-    "float64": "float64", "f8": "float64", "double": "float64",
-}
+# The C++ table of accepted spellings (embstore/dtype.h), so Python, C++ and the CLI agree.
+_DTYPE_ALIASES = _embstore.dtype_aliases()
 
 
 def _dtype_name(dtype: Any) -> str:

@@ -24,6 +24,8 @@ attribute with the C++ code's name ("corruption", "io", ...).
 
 import errno as _errno
 
+from . import _embstore
+
 __all__ = [
     "Error",
     "CorruptionError",
@@ -33,21 +35,6 @@ __all__ = [
     "ForkedChildError",
     "ClosedError",
 ]
-
-_CODE_NAMES = {
-    1: "invalid_argument",
-    2: "not_found",
-    3: "already_exists",
-    4: "corruption",
-    5: "format_mismatch",
-    6: "unsupported_version",
-    7: "io",
-    8: "full",
-    9: "read_only",
-    10: "poisoned",
-    11: "forked_child",
-    12: "closed",
-}
 
 
 class Error(Exception):
@@ -123,7 +110,7 @@ for _cls in (Error, CorruptionError, FormatMismatchError, UnsupportedVersionErro
 
 def from_code(code: int, message: str, sys_errno: int = 0) -> BaseException:
     """Returns the exception instance for a C++ embstore::Error (used by the C++ module)."""
-    name = _CODE_NAMES.get(code, "error")
+    name = _embstore.error_code_name(code)  # the one table of names, in C++ (error.cc)
     if code == 1:
         exc = ValueError(message)
     elif code in _DEFAULT_ERRNO:

@@ -6,7 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "format.h"
+#include "format/format.h"
 
 namespace embstore::detail {
 

@@ -1,4 +1,4 @@
-// format.h — the on-disk layout of src/FORMAT.md as constants and checked structs.
+// format.h — the on-disk layout of src/format/FORMAT.md as constants and checked structs.
 //
 // Structs here are plain bytes with every offset pinned by static_assert; embstore only runs on
 // little-endian hosts, so they are read and written with memcpy. Validation of bytes read from
@@ -12,14 +12,17 @@
 #include <string_view>
 
 #include "embstore/dtype.h"
+#include "embstore/options.h"
+#include "embstore/version.h"
 
 namespace embstore::detail {
 
 static_assert(std::endian::native == std::endian::little, "embstore needs a little-endian host");
 
 inline constexpr char kMagic[8] = {'E', 'M', 'B', 'S', 'T', 'O', 'R', 'E'};
-inline constexpr std::uint16_t kFormatMajor = 1;
-inline constexpr std::uint16_t kFormatMinor = 0;
+// The public version.h and options.h own these; the header fields are 16-bit.
+inline constexpr std::uint16_t kFormatMajor = kFormatVersionMajor;
+inline constexpr std::uint16_t kFormatMinor = kFormatVersionMinor;
 
 inline constexpr std::uint64_t kPageBytes = 4096;
 inline constexpr std::uint64_t kStateOffset = 4096;
@@ -27,7 +30,6 @@ inline constexpr std::uint64_t kMetadataOffset = 8192;
 inline constexpr std::uint32_t kIndexEntryBytes = 32;
 inline constexpr std::uint32_t kMaxDim = 1u << 24;
 inline constexpr std::uint64_t kMaxSegmentBytes = 1ull << 40;
-inline constexpr std::uint64_t kMaxMetadataBytes = 64ull << 10;
 // Largest row count any store may claim; bounds the index reservation and every multiplication.
 inline constexpr std::uint64_t kMaxRows = 1ull << 40;
 // Largest address-space budget (map_bytes) accepted: x86-64 user space is 2^47 bytes.

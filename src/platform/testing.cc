@@ -1,4 +1,4 @@
-#include "testing.h"
+#include "platform/testing.h"
 
 #include <unistd.h>
 
@@ -13,7 +13,7 @@
 #include <mutex>
 #include <string>
 
-#include "os.h"
+#include "platform/os.h"
 
 namespace embstore::detail::testing {
 
@@ -23,8 +23,8 @@ std::string_view op_name(Op op) noexcept {
       return "open";
     case Op::kFallocate:
       return "fallocate";
-    case Op::kFtruncate:
-      return "ftruncate";
+    case Op::kFstat:
+      return "fstat";
     case Op::kMmap:
       return "mmap";
     case Op::kMsync:
@@ -37,6 +37,12 @@ std::string_view op_name(Op op) noexcept {
       return "rename";
     case Op::kMkdir:
       return "mkdir";
+    case Op::kLock:
+      return "lock";
+    case Op::kRandom:
+      return "getrandom";
+    case Op::kFutex:
+      return "futex";
     case Op::kCount:
       break;
   }

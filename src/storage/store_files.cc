@@ -1,13 +1,13 @@
-#include "store_files.h"
+#include "storage/store_files.h"
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
 
-#include "checksum.h"
 #include "embstore/error.h"
-#include "testing.h"
+#include "format/checksum.h"
+#include "platform/testing.h"
 
 namespace embstore::detail {
 namespace {

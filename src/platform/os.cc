@@ -1,4 +1,4 @@
-#include "os.h"
+#include "platform/os.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "embstore/error.h"
-#include "testing.h"
+#include "platform/testing.h"
 
 namespace embstore::detail::os {
 namespace {
@@ -95,6 +95,7 @@ void close_fd(int fd) noexcept {
 }
 
 std::uint64_t file_size(int fd, const std::string& path) {
+  if (int err = injected(Op::kFstat)) fail("fstat", path, err);
   struct stat st;
   if (::fstat(fd, &st) != 0) fail("fstat", path, errno);
   return static_cast<std::uint64_t>(st.st_size);
@@ -278,6 +279,7 @@ struct flock byte_zero(short type) noexcept {
 }  // namespace
 
 void lock_exclusive(int fd, const std::string& path) {
+  if (int err = injected(Op::kLock)) fail("lock", path, err);
   struct flock fl = byte_zero(F_WRLCK);
   while (::fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
     if (errno == EINTR) continue;
@@ -292,6 +294,7 @@ void unlock(int fd) noexcept {
 
 void futex_wait(const std::uint32_t* word, std::uint32_t expected,
                 std::int64_t timeout_ns) noexcept {
+  if (injected(Op::kFutex) != 0) return;  // Callers re-check the word: a spurious wake-up.
   struct timespec ts;
   ts.tv_sec = timeout_ns / 1'000'000'000;
   ts.tv_nsec = timeout_ns % 1'000'000'000;
@@ -300,15 +303,18 @@ void futex_wait(const std::uint32_t* word, std::uint32_t expected,
 }
 
 void futex_wake_all(std::uint32_t* word) noexcept {
+  // A lost wake-up: waiters sleep in bounded slices (Reader::wait), so they still notice.
+  if (injected(Op::kFutex) != 0) return;
   ::syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
 }
 
-void random_bytes(void* buf, std::size_t bytes) {
+void random_bytes(void* buf, std::size_t bytes, const std::string& what) {
+  if (int err = injected(Op::kRandom)) fail("getrandom for", what, err);
   auto* p = static_cast<char*>(buf);
   while (bytes > 0) {
     ssize_t n = ::getrandom(p, bytes, 0);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) fail("getrandom", "(kernel)", errno);
+    if (n < 0) fail("getrandom for", what, errno);
     p += n;
     bytes -= static_cast<std::size_t>(n);
   }

@@ -11,6 +11,15 @@
 // created it throws kForkedChild and never unlocks.
 //
 // Not thread-safe: one thread at a time per WriterLock (the Writer serializes with a mutex).
+//
+// Why not Boost.Interprocess, facility by facility:
+//   - file_lock: a per-process fcntl lock, lost when the process closes *any* descriptor of the
+//     file (a Reader opening and closing the store would drop a Writer's lock).
+//   - file_mapping/mapped_region: no address-space reservation, the address is only a hint, so a
+//     growing store could not keep its views at a fixed address (platform/mapping.h does).
+//   - interprocess_mutex: not robust; a holder killed by kill -9 leaves it locked forever.
+//   - named_condition: needs a writable object in /dev/shm, so read-only Readers could not wait;
+//     Reader::wait uses a futex on the read-only mapped counter instead.
 #pragma once
 
 #include <string>

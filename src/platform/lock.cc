@@ -1,4 +1,4 @@
-#include "lock.h"
+#include "platform/lock.h"
 
 #include <pthread.h>
 
@@ -7,7 +7,7 @@
 #include <mutex>
 
 #include "embstore/error.h"
-#include "os.h"
+#include "platform/os.h"
 
 namespace embstore::detail {
 namespace {

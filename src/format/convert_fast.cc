@@ -1,6 +1,6 @@
-#include "convert_fast.h"
+#include "format/convert_fast.h"
 
-#include "convert.h"
+#include "format/convert.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>

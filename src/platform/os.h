@@ -66,7 +66,8 @@ void futex_wait(const std::uint32_t* word, std::uint32_t expected,
                 std::int64_t timeout_ns) noexcept;
 void futex_wake_all(std::uint32_t* word) noexcept;
 
-void random_bytes(void* buf, std::size_t bytes);
+// Fills `buf` from getrandom(2); `what` (a path) names the purpose in an error.
+void random_bytes(void* buf, std::size_t bytes, const std::string& what);
 // The kernel's boot id as 16 bytes (or an override set by tests). False when it is unknown (no
 // /proc): callers must then assume a reboot may have happened.
 bool boot_id(std::uint64_t out[2]);

@@ -1,4 +1,4 @@
-#include "convert.h"
+#include "format/convert.h"
 
 #include <bit>
 #include <cstring>

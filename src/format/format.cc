@@ -1,9 +1,9 @@
-#include "format.h"
+#include "format/format.h"
 
 #include <cstring>
 
-#include "checksum.h"
 #include "embstore/error.h"
+#include "format/checksum.h"
 
 namespace embstore::detail {
 namespace {

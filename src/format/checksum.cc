@@ -1,4 +1,4 @@
-#include "checksum.h"
+#include "format/checksum.h"
 
 #include <cstring>
 

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <string>
 
-#include "os.h"
+#include "platform/os.h"
 
 namespace embstore::detail {
 

@@ -6,7 +6,8 @@
 //   EMBSTORE_CRASH=<point>:<n>          raise SIGKILL at the n-th pass (1-based) of <point>
 //   EMBSTORE_FAULT=<op>:<n>:<errno>[:forever][,...]   fail the n-th call of <op> with <errno>
 //   EMBSTORE_BOOT_ID=<uuid>             the boot id the store sees (simulates a reboot)
-//   EMBSTORE_WRITE_PATH=<path>          how appends write rows and index entries (src/writer.cc,
+//   EMBSTORE_WRITE_PATH=<path>          how appends write rows and index entries
+//   (src/log/commit.cc,
 //                                       plan_writes): mapping | syscall for both, every batch;
 //                                       alternate: the four combinations in turn, one per
 //                                       append; unset: by batch size
@@ -14,8 +15,9 @@
 //                                       kernel may (a short write), so callers must resume
 // Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
 //         after-publish, mid-sync, during-recovery.
-// Ops: open, fallocate, ftruncate, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
-//      rename, mkdir.
+// Ops: open, fallocate, fstat, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
+//      rename, mkdir, lock (the OFD writer lock), getrandom, futex (a failed wait returns at
+//      once, as a spurious wake-up; a failed wake wakes no one).
 #pragma once
 
 #include <cstddef>
@@ -27,13 +29,16 @@ namespace embstore::detail::testing {
 enum class Op : int {
   kOpen,
   kFallocate,
-  kFtruncate,
+  kFstat,
   kMmap,
   kMsync,
   kPwrite,
   kPread,
   kRename,
   kMkdir,
+  kLock,
+  kRandom,
+  kFutex,
   kCount,
 };
 

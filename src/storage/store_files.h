@@ -11,13 +11,13 @@
 #include <memory>
 #include <string>
 
-#include "checksum.h"
 #include "embstore/options.h"
 #include "embstore/store.h"
-#include "format.h"
-#include "mapping.h"
-#include "os.h"
-#include "state.h"
+#include "format/checksum.h"
+#include "format/format.h"
+#include "platform/mapping.h"
+#include "platform/os.h"
+#include "storage/state.h"
 
 namespace embstore::detail {
 

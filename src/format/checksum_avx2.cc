@@ -3,7 +3,7 @@
 // checksum.cc calls it only on CPUs that have AVX2. XXH3's value does not depend on the
 // instruction set it was computed with, so rows hashed either way verify either way; the test
 // "The AVX2 row hash equals the portable one" holds the two to that.
-#include "checksum.h"
+#include "format/checksum.h"
 
 #ifdef __AVX2__
 #define XXH_INLINE_ALL

@@ -8,7 +8,7 @@
 #include <atomic>
 #include <cstdint>
 
-#include "format.h"
+#include "format/format.h"
 
 namespace embstore::detail {
 

@@ -1,7 +1,7 @@
-#include "mapping.h"
+#include "platform/mapping.h"
 
 #include "embstore/error.h"
-#include "format.h"
+#include "format/format.h"
 
 namespace embstore::detail {
 ReservedMapping::ReservedMapping(std::uint64_t reserve_bytes, const std::string& path,

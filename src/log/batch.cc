@@ -1,0 +1,74 @@
+#include "log/batch.h"
+
+#include <vector>
+
+#include "embstore/error.h"
+#include "format/convert_fast.h"
+
+namespace embstore::detail {
+
+PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
+                            std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
+                            std::uint64_t single_epoch, const ConstMatrix& rows) {
+  auto invalid = [&](const std::string& what) {
+    throw Error(ErrorCode::kInvalidArgument, where + ": append: " + what);
+  };
+  const std::uint64_t n = rows.rows;
+  if (keys.size() != n) {
+    invalid(std::to_string(keys.size()) + " keys for " + std::to_string(n) + " rows");
+  }
+  PreparedBatch batch;
+  if (n == 0) return batch;
+  if (rows.data == nullptr) invalid("rows.data is null");
+  if (rows.dim != layout.dim) {
+    invalid("rows have dim " + std::to_string(rows.dim) + " but the store's dim is " +
+            std::to_string(layout.dim));
+  }
+  if (!dtype_accepts(layout.dtype, rows.dtype)) {
+    const bool takes_float32 = dtype_accepts(layout.dtype, DType::kFloat32);
+    invalid("cannot append " + std::string(dtype_name(rows.dtype)) + " rows to a " +
+            std::string(dtype_name(layout.dtype)) + " store (only " +
+            std::string(dtype_name(layout.dtype)) +
+            (takes_float32 && layout.dtype != DType::kFloat32 ? " or float32" : "") +
+            " is accepted)");
+  }
+  const std::uint64_t input_row_bytes = std::uint64_t{rows.dim} * dtype_size(rows.dtype);
+  const std::uint64_t stride = rows.row_stride_bytes == 0 ? input_row_bytes : rows.row_stride_bytes;
+  if (stride < input_row_bytes) {
+    invalid("row_stride_bytes " + std::to_string(stride) + " is less than a row's " +
+            std::to_string(input_row_bytes) + " bytes");
+  }
+  if (n > kMaxRows) invalid(std::to_string(n) + " rows in one batch is beyond 2^40");
+
+  const std::uint64_t record_bytes = layout.record_bytes;
+  thread_local std::vector<std::byte> staging;
+  thread_local std::vector<std::uint64_t> hashes;
+  batch.rows = n;
+  batch.keys = keys;
+  batch.epochs = epochs;
+  batch.single_epoch = single_epoch;
+  batch.source = static_cast<const std::byte*>(rows.data);
+  batch.stride = stride;
+  if (rows.dtype != layout.dtype) {
+    staging.resize(n * record_bytes);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      const auto* in = reinterpret_cast<const float*>(batch.source + i * stride);
+      auto* out = reinterpret_cast<std::uint16_t*>(staging.data() + i * record_bytes);
+      if (layout.dtype == DType::kFloat16) {
+        convert_to_half_fast(in, out, rows.dim);
+      } else {
+        convert_to_bfloat16_fast(in, out, rows.dim);
+      }
+    }
+    batch.source = staging.data();
+    batch.stride = record_bytes;
+  }
+  hashes.resize(n);
+  for (std::uint64_t i = 0; i < n; ++i) {
+    hashes[i] = payload_hash(batch.source + i * batch.stride, record_bytes, key);
+  }
+  batch.hashes = hashes.data();
+  return batch;
+}
+
+}  // namespace embstore::detail

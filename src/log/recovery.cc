@@ -1,0 +1,130 @@
+#include "log/recovery.h"
+
+#include <algorithm>
+#include <string>
+
+#include "embstore/error.h"
+#include "platform/os.h"
+#include "platform/testing.h"
+
+namespace embstore::detail {
+namespace {
+
+[[noreturn]] void corrupt(const StoreFiles& files, const std::string& what) {
+  throw Error(ErrorCode::kCorruption, files.header_path() + ": " + what);
+}
+
+// The rules that hold in every boot (recovery.h).
+void check_relations(const StoreFiles& files, const Counters& c) {
+  if (c.capacity == 0) {
+    corrupt(files, "field capacity_rows 0: a store always holds at least one segment");
+  }
+  if (c.committed > c.capacity) {
+    corrupt(files, "field committed_rows " + std::to_string(c.committed) +
+                       " exceeds capacity_rows " + std::to_string(c.capacity));
+  }
+  if (c.durable > c.committed) {
+    corrupt(files, "field durable_rows " + std::to_string(c.durable) + " exceeds committed_rows " +
+                       std::to_string(c.committed));
+  }
+}
+
+// Same boot: the counters only grow, capacity first and durable last, so reading them in the
+// opposite order gives a consistent set while a writer appends.
+Counters read_growing(const StoreFiles& files) {
+  const SharedState& state = files.state();
+  Counters c;
+  c.durable = state.durable();
+  c.committed = state.committed();
+  c.capacity = state.capacity();
+  return c;
+}
+
+// After a reboot the only writer that can be active is one recovering, which lowers durable,
+// then committed, then capacity (apply_recovery): read them in the opposite order.
+Counters read_shrinking(const StoreFiles& files) {
+  const SharedState& state = files.state();
+  Counters c;
+  c.capacity = state.capacity();
+  c.committed = state.committed();
+  c.durable = state.durable();
+  return c;
+}
+
+LoadedLog load_same_boot(StoreFiles& files) {
+  LoadedLog log;
+  log.same_boot = true;
+  log.stored = read_growing(files);
+  check_relations(files, log.stored);
+  // Mapped rows were backed by the files when mapped; only a larger capacity needs a look.
+  if (log.stored.capacity > files.mapped_rows()) {
+    const std::uint64_t hold = files.rows_files_hold();
+    if (log.stored.capacity > hold) {
+      corrupt(files, "field capacity_rows " + std::to_string(log.stored.capacity) +
+                         " exceeds the " + std::to_string(hold) + " rows that " +
+                         files.data_path() + " and " + files.index_path() +
+                         " hold (a file is too short)");
+    }
+  }
+  files.map_rows(log.stored.committed);
+  log.recovered = log.stored;
+  log.verified_upto = log.stored.committed;
+  return log;
+}
+
+}  // namespace
+
+LoadedLog load_log(StoreFiles& files, std::uint64_t verified_from) {
+  if (files.same_boot()) return load_same_boot(files);
+  LoadedLog log;
+  log.same_boot = false;
+  log.stored = read_shrinking(files);
+  try {
+    check_relations(files, log.stored);
+  } catch (const Error&) {
+    // A writer finished recovering and appended between the boot-id check and the reads: the
+    // counters grew under us. It stored the boot id first, so the same-boot rules now apply.
+    if (files.same_boot()) return load_same_boot(files);
+    throw;
+  }
+  // File growth may not have reached the disk: the files bound every counter.
+  const std::uint64_t hold = files.rows_files_hold();
+  Counters& r = log.recovered;
+  r.capacity = std::min(log.stored.capacity, hold);
+  r.committed = std::min(log.stored.committed, r.capacity);
+  r.durable = std::min(log.stored.durable, r.committed);
+  files.map_rows(r.committed);
+  // Cutting at the first bad row could leave the front of a torn batch visible: cut at the end
+  // of the last whole batch before it (every batch's last entry carries kEntryBatchEnd).
+  const std::uint64_t start = std::max(r.durable, std::min(verified_from, r.committed));
+  r.committed = start >= r.committed ? start : files.valid_batch_prefix(start, r.committed);
+  log.verified_upto = r.committed;
+  return log;
+}
+
+bool apply_recovery(StoreFiles& files, const LoadedLog& log, const RebuildDerived& rebuild) {
+  if (log.same_boot) return false;
+  EMBSTORE_CRASH_POINT("during-recovery");
+  SharedState& state = files.state();
+  const Counters& r = log.recovered;
+  std::uint64_t boot[2];
+  const bool boot_known = os::boot_id(boot);
+  // Lower durable, then committed, then capacity, so a reader (read_shrinking) never sees them
+  // out of order.
+  if (log.stored.durable > r.durable) state.set_durable(r.durable);
+  state.publish_committed(r.committed);
+  state.set_capacity(r.capacity);
+  // The verified rows were read back from the device (the page cache began empty in this boot),
+  // so they are durable: the next reboot need not check them again. Without a boot id that is
+  // not known, and durable stays.
+  if (boot_known) state.set_durable(r.committed);
+  if (rebuild) rebuild(files, r.committed);
+  // Entries past the cut may still validate; everything written from now on carries a newer
+  // era, so a later power loss can never splice them back in (FORMAT.md, "era").
+  state.set_era(state.era() + 1);
+  state.set_boot_id(boot);  // Last: an interrupted recovery runs again.
+  os::datasync(files.header_fd(), files.header_path());
+  return true;
+}
+
+}  // namespace embstore::detail

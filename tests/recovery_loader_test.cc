@@ -1,0 +1,149 @@
+// The one recovery loader (src/log/recovery.h): Reader and Writer read the same counters, check
+// them against each other and the files the same way, and so accept, repair or refuse the same
+// stores. A counter that disagrees with the files is a named kCorruption, never a silent cut.
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "platform/testing.h"
+#include "support/payload.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t kDim = 16;
+constexpr std::uint64_t kRowBytes = kDim * 4;
+constexpr std::uint64_t kState = 4096;  // The state page inside the header file (FORMAT.md).
+const char* const kBootA = "33333333-3333-3333-3333-333333333333";
+const char* const kBootB = "44444444-4444-4444-4444-444444444444";
+
+struct BootReset {
+  ~BootReset() { detail::testing::set_boot_id(""); }
+};
+
+void put_u64(const std::string& file, std::uint64_t offset, std::uint64_t value) {
+  std::string bytes(8, '\0');
+  std::memcpy(bytes.data(), &value, 8);
+  test::write_bytes(file, offset, bytes);
+}
+
+// 1,000 rows of dim 16 in one unsynced batch, written in boot A.
+std::string make_store(const TempDir& dir) {
+  detail::testing::set_boot_id(kBootA);
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  Writer w = Writer::create(path, o);
+  const auto values = test::batch_payload(0, 0, 1000, kDim);
+  std::vector<std::uint64_t> keys(1000);
+  for (std::uint64_t i = 0; i < 1000; ++i) keys[i] = test::make_key(0, i);
+  w.append(keys, 0, std::span<const float>(values));
+  REQUIRE(w.committed_rows() == 1000);
+  return path;
+}
+
+std::string store_bytes(const std::string& path) {
+  return test::read_file(path + "/header") + test::read_file(path + "/rows.1") +
+         test::read_file(path + "/index.1");
+}
+
+// Reader::open, Reader::verify and Writer::open all refuse with kCorruption naming `field`, and
+// no byte of the store changes.
+void expect_both_refuse(const std::string& path, const std::string& field) {
+  const std::string before = store_bytes(path);
+  try {
+    Reader r = Reader::open(path);
+    (void)r.verify();
+    FAIL("a reader opened and verified the store: size " << r.size());
+  } catch (const Error& e) {
+    INFO(e.what());
+    CHECK(e.code() == ErrorCode::kCorruption);
+    CHECK_THAT(std::string(e.what()), Catch::Contains(field));
+  }
+  try {
+    Writer w = Writer::open(path);
+    FAIL("a writer opened the store: committed " << w.committed_rows());
+  } catch (const Error& e) {
+    INFO(e.what());
+    CHECK(e.code() == ErrorCode::kCorruption);
+    CHECK_THAT(std::string(e.what()), Catch::Contains(field));
+  }
+  CHECK(store_bytes(path) == before);
+}
+
+}  // namespace
+
+TEST_CASE("After a reboot capacity_rows below committed_rows is a named corruption for both",
+          "[recovery-loader]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = make_store(dir);
+  put_u64(path + "/header", kState + 128, 10);  // capacity_rows
+  detail::testing::set_boot_id(kBootB);
+  expect_both_refuse(path, "capacity_rows 10");
+}
+
+TEST_CASE("In the same boot, counters a writer refuses are refused by readers and verify",
+          "[recovery-loader]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = make_store(dir);
+  SECTION("capacity 0") {
+    put_u64(path + "/header", kState + 128, 0);
+    expect_both_refuse(path, "capacity_rows 0");
+  }
+  SECTION("durable beyond committed") {
+    put_u64(path + "/header", kState + 64, 1001);
+    expect_both_refuse(path, "durable_rows 1001");
+  }
+  SECTION("the data file cut to committed rows + 13 bytes") {
+    REQUIRE(::truncate((path + "/rows.1").c_str(), 1000 * kRowBytes + 13) == 0);
+    expect_both_refuse(path, "capacity_rows");
+  }
+}
+
+TEST_CASE("After a reboot a data file cut short is repaired the same way by reader and writer",
+          "[recovery-loader]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = make_store(dir);
+  // 1,000 rows in one batch: a power loss that kept only 600 rows keeps none of that batch.
+  {
+    Writer w = Writer::open(path);
+    const auto values = test::batch_payload(0, 1000, 10, kDim);
+    std::vector<std::uint64_t> keys(10);
+    for (std::uint64_t i = 0; i < 10; ++i) keys[i] = test::make_key(0, 1000 + i);
+    w.sync();
+    w.append(keys, 0, std::span<const float>(values));
+  }
+  REQUIRE(::truncate((path + "/rows.1").c_str(), 1005 * kRowBytes + 13) == 0);
+  detail::testing::set_boot_id(kBootB);
+  Reader r = Reader::open(path);
+  CHECK(r.size() == 1000);  // the synced rows stay; the torn batch of 10 goes whole
+  CHECK(r.verify().ok());
+  Writer w = Writer::open(path);
+  CHECK(w.committed_rows() == r.size());
+  CHECK(w.durable_rows() == 1000);
+}
+
+#ifdef EMBSTORE_TEST_CLI
+TEST_CASE("embstore verify exits non-zero on a store a writer refuses", "[recovery-loader][cli]") {
+  const char* bin = std::getenv("EMBSTORE_TEST_BIN_DIR");
+  REQUIRE(bin != nullptr);
+  BootReset reset;
+  TempDir dir;
+  const std::string path = make_store(dir);
+  put_u64(path + "/header", kState + 64, 1001);  // durable_rows > committed_rows
+  const int status = test::run_shell(std::string(bin) + "/embstore verify '" + path + "' > '" +
+                                     (dir / "out") + "' 2>&1");
+  CHECK(status == 10 + static_cast<int>(ErrorCode::kCorruption));
+  CHECK_THAT(test::read_file(dir / "out"), Catch::Contains("durable_rows 1001"));
+}
+#endif
