@@ -166,11 +166,8 @@ void Writer::Impl::flush() {
   auto& state = files_->state();
   const std::uint64_t committed = state.committed();
   try {
-    // Data and index at once, so their writeback and journal commits overlap (measured:
-    // bench/RESULTS.md, "sync"). Both finish before durable is raised and the header flushed:
-    // the order a power cut can observe is unchanged.
-    detail::os::datasync_both(files_->data_fd(), files_->data_path(), files_->index_fd(),
-                              files_->index_path());
+    detail::os::datasync(files_->data_fd(), files_->data_path());
+    detail::os::datasync(files_->index_fd(), files_->index_path());
     EMBSTORE_CRASH_POINT("mid-sync");
     state.raise_durable(committed);
     detail::os::datasync(files_->header_fd(), files_->header_path());

@@ -21,8 +21,6 @@
 #include <fstream>
 #include <mutex>
 #include <string>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 #include "embstore/error.h"
@@ -176,33 +174,6 @@ void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::stri
 void datasync(int fd, const std::string& path) {
   if (int err = injected(Op::kMsync)) fail("fdatasync", path, err);
   if (::fdatasync(fd) != 0) fail("fdatasync", path, errno);
-}
-
-void datasync_both(int fd_a, const std::string& path_a, int fd_b, const std::string& path_b) {
-  std::exception_ptr error_b;
-  std::thread helper;
-  try {
-    helper = std::thread([&] {
-      try {
-        datasync(fd_b, path_b);
-      } catch (...) {
-        error_b = std::current_exception();
-      }
-    });
-  } catch (const std::system_error&) {
-    datasync(fd_a, path_a);  // No thread to be had: one after the other.
-    datasync(fd_b, path_b);
-    return;
-  }
-  std::exception_ptr error_a;
-  try {
-    datasync(fd_a, path_a);
-  } catch (...) {
-    error_a = std::current_exception();
-  }
-  helper.join();
-  if (error_a) std::rethrow_exception(error_a);
-  if (error_b) std::rethrow_exception(error_b);
 }
 
 void sync_dir(const std::string& dir_path) {

@@ -38,10 +38,6 @@ void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t 
 // posix_fallocate: the range is allocated (and the file extended) or an error is thrown.
 void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& path);
 void datasync(int fd, const std::string& path);
-// datasync() of two files at once (a helper thread takes `fd_b`; if no thread can be started,
-// one after the other). Returns after both finished; throws the first one's error if it failed,
-// else the second one's.
-void datasync_both(int fd_a, const std::string& path_a, int fd_b, const std::string& path_b);
 void sync_dir(const std::string& dir_path);
 
 // Reserves `bytes` of address space with no access and no backing (PROT_NONE, MAP_NORESERVE).
