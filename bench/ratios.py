@@ -21,13 +21,16 @@ DEFAULT_PAIRS = [
     ("BM_Append/batch:512/dim:768/dtype:0/sync:0", "BM_Pwrite/batch:512/dim:768/sync:0/prealloc:1"),
     ("BM_Append/batch:512/dim:64/dtype:0/sync:0", "BM_Pwrite/batch:512/dim:64/sync:0/prealloc:0"),
     ("BM_Append/batch:512/dim:768/dtype:0/sync:1", "BM_Pwrite/batch:512/dim:768/sync:1/prealloc:0"),
-    ("BM_ScanViewCold", "BM_ScanMemory"),
+    ("BM_ScanViewCold/populate:0", "BM_ScanMemory"),
+    ("BM_ScanViewCold/populate:1", "BM_ScanMemory"),
     ("BM_ScanView", "BM_ScanMemory"),
 ]
 
 
-def rate(run):
-    return run.get("bytes_per_second") or run.get("items_per_second")
+def rate(run, cpu=False):
+    wall = run.get("bytes_per_second") or run.get("items_per_second")
+    # Per CPU second of the benchmark's thread: the same work over cpu_time instead of real_time.
+    return wall * run["real_time"] / run["cpu_time"] if cpu and run.get("cpu_time") else wall
 
 
 def main():
@@ -35,6 +38,9 @@ def main():
     ap.add_argument("report")
     ap.add_argument("--pair", action="append", default=[],
                     help="NAME_A=NAME_B (run names without /repeats and /real_time suffixes)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="ratios of work per CPU second of the benchmark thread (kernel time"
+                    " included), which a busy machine disturbs less than wall time")
     ap.add_argument("--times", default="",
                     help="also print min / median / max time per iteration of runs matching this regex")
     args = ap.parse_args()
@@ -46,10 +52,10 @@ def main():
         if b.get("run_type") != "iteration" or b.get("error_occurred"):
             continue
         name = b["run_name"].replace("/real_time", "")
-        runs[name][b.get("repetition_index", 0)] = rate(b)
+        runs[name][b.get("repetition_index", 0)] = rate(b, args.cpu)
         times[name].append((b["real_time"], b.get("time_unit", "ns")))
     pairs = [tuple(p.split("=", 1)) for p in args.pair] or DEFAULT_PAIRS
-    print("load average now: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(("per CPU second; " if args.cpu else "") + "load average now: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     for name, t in sorted(times.items()):
         if args.times and re.search(args.times, name):
             v = sorted(x for x, _ in t)
