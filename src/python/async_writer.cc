@@ -4,16 +4,47 @@
 #include <sched.h>
 
 #include <chrono>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <utility>
 
 namespace embstore::python {
+namespace {
+
+// Ring ranges start on cache lines, so copying and hashing a batch never splits one with another.
+constexpr std::uint64_t kRingAlign = 64;
+
+std::uint64_t align_up(std::uint64_t offset) {
+  return (offset + kRingAlign - 1) / kRingAlign * kRingAlign;
+}
+
+// Copies `rows` (any row stride) into `dest`, packed.
+void copy_packed(const ConstMatrix& rows, std::byte* dest) {
+  const std::uint64_t row_bytes = std::uint64_t{rows.dim} * dtype_size(rows.dtype);
+  const auto* source = static_cast<const std::byte*>(rows.data);
+  const std::uint64_t stride = rows.row_stride_bytes == 0 ? row_bytes : rows.row_stride_bytes;
+  if (stride == row_bytes) {
+    std::memcpy(dest, source, rows.rows * row_bytes);
+    return;
+  }
+  for (std::uint64_t i = 0; i < rows.rows; ++i) {
+    std::memcpy(dest + i * row_bytes, source + i * stride, row_bytes);
+  }
+}
+
+}  // namespace
+
+std::uint64_t packed_bytes(const ConstMatrix& rows) {
+  return rows.rows * std::uint64_t{rows.dim} * dtype_size(rows.dtype);
+}
 
 AsyncAppender::AsyncAppender(Writer& writer, std::uint64_t capacity_bytes)
     : writer_(writer),
       capacity_bytes_(capacity_bytes),
-      record_bytes_(std::uint64_t{writer.dim()} * dtype_size(writer.dtype())) {
+      record_bytes_(std::uint64_t{writer.dim()} * dtype_size(writer.dtype())),
+      // Default-initialised: no page of the ring is touched before a batch is copied into it.
+      ring_(new std::byte[capacity_bytes]) {
   thread_ = std::thread([this] { run(); });
 }
 
@@ -26,21 +57,51 @@ void AsyncAppender::throw_if_failed() {
   }
 }
 
+std::optional<std::uint64_t> AsyncAppender::ring_place(std::uint64_t bytes) const {
+  if (ring_live_.empty()) return 0;
+  const std::uint64_t tail = ring_live_.front().first;
+  const std::uint64_t head = align_up(ring_live_.back().first + ring_live_.back().second);
+  if (ring_live_.back().first >= tail) {  // Taken: [tail, head). Free: [head, end), [0, tail).
+    if (head + bytes <= capacity_bytes_) return head;
+    if (bytes <= tail) return 0;
+    return std::nullopt;
+  }
+  // Wrapped. Taken: [tail, end) and [0, head). Free: [head, tail).
+  if (head + bytes <= tail) return head;
+  return std::nullopt;
+}
+
 void AsyncAppender::push(Batch&& batch) {
+  std::lock_guard one_producer(push_mutex_);
+  const std::uint64_t bytes = packed_bytes(batch.rows);
+  batch.queued_bytes = bytes;
   std::unique_lock lock(mutex_);
   throw_if_failed();
-  auto has_room = [&] {
-    return error_ || stopping_ || stats_.queued_bytes == 0 ||
-           stats_.queued_bytes + batch.queued_bytes <= capacity_bytes_;
-  };
-  if (!has_room()) {
-    // Back-pressure: the caller (with the GIL released) waits for the writer thread.
-    ++stats_.blocked_appends;
-    space_cv_.wait(lock, has_room);
-    --stats_.blocked_appends;
+  if (bytes > 0) {
+    std::optional<std::uint64_t> offset = ring_place(bytes);
+    if (!offset) {
+      // Back-pressure: the caller (with the GIL released) waits for the writer thread.
+      ++stats_.blocked_appends;
+      space_cv_.wait(lock, [&] {
+        if (error_ || stopping_) return true;
+        offset = ring_place(bytes);
+        return offset.has_value();
+      });
+      --stats_.blocked_appends;
+      throw_if_failed();
+    }
+    ring_live_.emplace_back(*offset, bytes);
+    batch.ring_offset = *offset;
+    batch.ring_rows = ring_.get() + *offset;
+    if (!batch.borrowed) {
+      // The copy runs without mutex_, so the writer thread keeps writing earlier batches.
+      lock.unlock();
+      copy_packed(batch.rows, batch.ring_rows);
+      lock.lock();
+      throw_if_failed();  // A failure meanwhile dropped the queue, this range included.
+    }
   }
-  throw_if_failed();
-  stats_.queued_bytes += batch.queued_bytes;
+  stats_.queued_bytes += bytes;
   queue_.push_back(std::move(batch));
   work_cv_.notify_one();
 }
@@ -92,14 +153,25 @@ void AsyncAppender::run() {
     // keeps references to existing elements valid.
     Batch& batch = queue_.front();
     lock.unlock();
+    if (batch.borrowed && batch.queued_bytes > 0) {
+      // The core hashes each row, then copies it into the store: both from this private copy,
+      // so the checksum describes the stored bytes even if the caller broke its promise.
+      copy_packed(batch.rows, batch.ring_rows);
+      lock.lock();
+      done_.push_back(batch.hold);  // The caller's array may go now.
+      batch.hold = nullptr;
+      lock.unlock();
+    }
+    const ConstMatrix rows{batch.ring_rows, batch.rows.dtype, batch.rows.rows, batch.rows.dim,
+                           batch.rows.rows == 0 ? 0 : batch.queued_bytes / batch.rows.rows};
     std::optional<Error> failure;
     const auto start = std::chrono::steady_clock::now();
     try {
       const std::span<const std::uint64_t> keys(batch.keys);
       if (batch.epochs.empty()) {
-        writer_.append(keys, batch.epoch, batch.rows);
+        writer_.append(keys, batch.epoch, rows);
       } else {
-        writer_.append(keys, std::span<const std::uint64_t>(batch.epochs), batch.rows);
+        writer_.append(keys, std::span<const std::uint64_t>(batch.epochs), rows);
       }
     } catch (const Error& error) {
       failure = error;
@@ -110,7 +182,8 @@ void AsyncAppender::run() {
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     lock.lock();
     stats_.queued_bytes -= batch.queued_bytes;
-    done_.push_back(batch.hold);
+    if (batch.queued_bytes > 0) ring_live_.pop_front();
+    if (batch.hold != nullptr) done_.push_back(batch.hold);
     if (!failure) {
       ++stats_.batches;
       stats_.rows += batch.rows.rows;
@@ -124,17 +197,18 @@ void AsyncAppender::run() {
       const std::uint64_t dropped = queue_.size() + 1;
       for (Batch& later : queue_) {
         dropped_rows += later.rows.rows;
-        done_.push_back(later.hold);
+        if (later.hold != nullptr) done_.push_back(later.hold);
       }
       queue_.clear();
+      ring_live_.clear();
       stats_.queued_bytes = 0;
       stats_.dropped_batches += dropped;
+      stats_.dropped_rows += dropped_rows;
       error_ = Error(failure->code(),
                      std::string(failure->what()) + " [async writer: this batch and the " +
                          std::to_string(dropped - 1) + " queued behind it (" +
                          std::to_string(dropped_rows) + " rows) were not written]",
                      failure->sys_errno());
-      space_cv_.notify_all();
     }
     space_cv_.notify_all();
     if (queue_.empty()) idle_cv_.notify_all();

@@ -1,16 +1,25 @@
 // async_writer.h — a bounded queue of batches appended to a Writer by one background thread.
 //
-// Free of Python: each batch carries an opaque `hold` (the binding's strong reference to the
-// caller's array), handed back through take_done() once the batch is written or dropped, so the
-// binding can release it while holding the GIL. The background thread never touches Python.
+// Every queued batch is written from the queue's own memory (a ring of `capacity_bytes`,
+// allocated once and reused), never from the caller's buffer: the core hashes a row and then
+// copies it, so a buffer that changed between the two would commit a row whose checksum does
+// not describe its bytes. A copied batch is copied into the ring by push(); a borrowed batch
+// (the caller promised not to touch its buffer until it is written) is copied there by the
+// background thread, so push() returns at once. A borrowed batch carries an opaque `hold` (the
+// binding's strong reference to the caller's array), handed back through take_done() once its
+// rows are copied or dropped, so the binding can release it while holding the GIL. The
+// background thread never touches Python.
 #pragma once
 
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "embstore/error.h"
@@ -18,15 +27,23 @@
 
 namespace embstore::python {
 
-// One append waiting to be written. `rows` points into memory kept alive by `hold`.
+// One append waiting to be written. `rows` describes the caller's rows: read by push() for a
+// copied batch, by the background thread for a borrowed one (then kept alive by `hold`).
 struct Batch {
   std::vector<std::uint64_t> keys;
   std::vector<std::uint64_t> epochs;  // Empty: every row gets `epoch`.
   std::uint64_t epoch = 0;
   ConstMatrix rows;
-  std::uint64_t queued_bytes = 0;  // What the batch counts against the queue's capacity.
-  void* hold = nullptr;
+  bool borrowed = false;  // Copied into the ring by the background thread, not by push().
+  void* hold = nullptr;   // Borrowed batches only.
+  // Set by push(): where the rows live in the ring (packed, rows.dim * dtype bytes each).
+  std::byte* ring_rows = nullptr;
+  std::uint64_t ring_offset = 0;
+  std::uint64_t queued_bytes = 0;
 };
+
+// Bytes a batch occupies in the queue: its rows, packed, in the caller's dtype.
+std::uint64_t packed_bytes(const ConstMatrix& rows);
 
 // Counters of what a writer did; the binding exposes them as Writer.stats().
 struct WriteStats {
@@ -38,6 +55,7 @@ struct WriteStats {
   std::uint64_t queued_bytes = 0;     // Async: bytes accepted but not yet written.
   std::uint64_t blocked_appends = 0;  // Async: append calls waiting for room right now.
   std::uint64_t dropped_batches = 0;  // Async: batches discarded after a background error.
+  std::uint64_t dropped_rows = 0;     // Async: the rows of those batches.
 };
 
 // Appends batches in the order push() accepted them, from one background thread.
@@ -47,13 +65,18 @@ struct WriteStats {
 // it, with a message that says how many batches and rows were not written.
 class AsyncAppender {
  public:
-  // `writer` must outlive this object. A batch larger than `capacity_bytes` is accepted when
-  // the queue is empty, so any batch can be written.
+  // `writer` must outlive this object. The ring is reserved at once but its pages are touched
+  // (so count against the process's memory) only as batches fill them.
   AsyncAppender(Writer& writer, std::uint64_t capacity_bytes);
   ~AsyncAppender();  // Calls stop().
 
-  // Queues the batch, blocking while the queue is full. On success the batch (and its hold) is
-  // owned by the queue; on a throw the caller still owns batch.hold.
+  // Whether a batch of `bytes` (packed_bytes) fits the queue at all. Larger batches must be
+  // written by the caller (after flush(), to keep the order).
+  bool fits(std::uint64_t bytes) const { return bytes <= capacity_bytes_; }
+  // Queues the batch, blocking while the ring has no room for it; a copied batch's rows are
+  // copied into the ring before this returns, so the caller may reuse its buffer at once.
+  // Requires fits(packed_bytes(batch.rows)). On success the batch (and its hold) is owned by the
+  // queue; on a throw the caller still owns batch.hold.
   void push(Batch&& batch);
   // Blocks until every batch pushed so far is written (or dropped); throws the sticky error.
   void flush();
@@ -66,15 +89,23 @@ class AsyncAppender {
  private:
   void run();
   void throw_if_failed();  // Caller holds mutex_.
+  // Offset of a free ring range of `bytes` after the live batches, if there is one now.
+  // Caller holds mutex_.
+  std::optional<std::uint64_t> ring_place(std::uint64_t bytes) const;
 
   Writer& writer_;
   const std::uint64_t capacity_bytes_;
   const std::uint64_t record_bytes_;
+  const std::unique_ptr<std::byte[]> ring_;  // capacity_bytes_, uninitialised until used.
+  std::mutex push_mutex_;  // Serializes push(): ring ranges are taken and queued in one order.
   std::mutex mutex_;
   std::condition_variable work_cv_;   // A batch arrived, or stop.
   std::condition_variable space_cv_;  // Room freed, or failure.
   std::condition_variable idle_cv_;   // The queue became empty.
-  std::deque<Batch> queue_;           // Front is being written while busy_.
+  std::deque<Batch> queue_;  // Front is being written; its ring range stays taken until done.
+  // (offset, bytes) of the ring ranges taken, oldest first: those of queue_'s batches that have
+  // rows, then possibly one that push() is filling.
+  std::deque<std::pair<std::uint64_t, std::uint64_t>> ring_live_;
   std::vector<void*> done_;
   std::optional<Error> error_;
   WriteStats stats_;

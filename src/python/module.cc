@@ -3,8 +3,9 @@
 //
 // Arrays handed out point straight into the store's mappings: their numpy `base` is a _Mapping
 // object holding Reader::owner(), so a view outlives the Reader that made it. Arrays handed in
-// are read in place: the GIL is released while rows are copied into the store, and an async
-// writer keeps a reference to the caller's array until the background thread has written it.
+// are read in place: the GIL is released while rows are copied into the store. An async writer
+// copies them into its queue before append returns, or (copy=False) keeps a reference to the
+// caller's array until its background thread has copied it (async_writer.h).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -198,7 +199,7 @@ class PyWriter {
   }
 
   py::object append(const py::array& keys, const py::object& epoch, py::array vectors,
-                    const std::optional<std::string>& as_dtype) {
+                    const std::optional<std::string>& as_dtype, bool copy) {
     check_process();
     release_done();
     bool copied = false;
@@ -206,10 +207,8 @@ class PyWriter {
     batch.rows = describe_rows(vectors, as_dtype, copied);
     batch.keys = to_u64(keys, (path_ + ": append: keys").c_str());
     if (py::isinstance<py::int_>(epoch)) {
-      const auto value = epoch.cast<long long>();
-      if (value < 0)
-        invalid(path_ + ": append: epoch is " + std::to_string(value) + "; it must be >= 0");
-      batch.epoch = static_cast<std::uint64_t>(value);
+      // Writer.append checked the type and the range [0, 2**64).
+      batch.epoch = epoch.cast<std::uint64_t>();
     } else {
       batch.epochs = to_u64(epoch.cast<py::array>(), (path_ + ": append: epochs").c_str());
       if (batch.epochs.size() != batch.rows.rows) {
@@ -224,20 +223,38 @@ class PyWriter {
     std::shared_lock alive = lock_alive();
     if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
     if (copied) ++copied_batches_;
-    if (async_) {
+    if (async_ && async_->fits(packed_bytes(batch.rows))) {
       // Checked here so a wrong dim or dtype is a ValueError from this call, not a deferred one.
       check_matches(batch.rows);
-      batch.queued_bytes =
-          batch.rows.rows * std::uint64_t{batch.rows.dim} * dtype_size(batch.rows.dtype);
-      py::object keep = vectors;  // Referenced, not copied, until the batch is written.
-      batch.hold = keep.ptr();
+      // A contiguous copy made above is private already: hand it over like a donated array.
+      batch.borrowed = !copy || copied;
+      py::object keep;
+      if (batch.borrowed) {
+        keep = vectors;  // Referenced until the background thread has copied it.
+        batch.hold = keep.ptr();
+      }
       {
         py::gil_scoped_release unlocked;
         async_->push(std::move(batch));
       }
-      keep.release();  // The queue owns this reference now; release_done() drops it.
+      (void)keep.release();  // The queue owns this reference now; release_done() drops it.
       return py::none();
     }
+    if (async_) {
+      // Larger than the whole queue: written here, after what is queued, straight from the
+      // caller's array, as a synchronous append would.
+      {
+        py::gil_scoped_release unlocked;
+        async_->flush();
+      }
+      write_now(batch);
+      return py::none();
+    }
+    return py::int_(write_now(batch));
+  }
+
+  // Appends in the calling thread (GIL released), counted in the sync statistics.
+  std::uint64_t write_now(const Batch& batch) {
     std::uint64_t first;
     {
       py::gil_scoped_release unlocked;
@@ -255,7 +272,7 @@ class PyWriter {
       sync_stats_.bytes += batch.rows.rows * record_bytes_;
       sync_stats_.append_seconds += seconds;
     }
-    return py::int_(first);
+    return first;
   }
 
   void flush() {
@@ -320,9 +337,15 @@ class PyWriter {
       s = async_->stats();
     } else if (final_stats_) {
       s = *final_stats_;
-    } else {
+    }
+    {
+      // Batches written in the calling thread: all of them in sync mode, those larger than the
+      // queue in async mode.
       std::lock_guard guard(stats_mutex_);
-      s = sync_stats_;
+      s.batches += sync_stats_.batches;
+      s.rows += sync_stats_.rows;
+      s.bytes += sync_stats_.bytes;
+      s.append_seconds += sync_stats_.append_seconds;
     }
     py::dict out;
     out["batches"] = s.batches;
@@ -333,6 +356,7 @@ class PyWriter {
     out["queued_bytes"] = s.queued_bytes;
     out["blocked_appends"] = s.blocked_appends;
     out["dropped_batches"] = s.dropped_batches;
+    out["dropped_rows"] = s.dropped_rows;
     return out;
   }
 
@@ -471,12 +495,17 @@ class PyReader {
     return reader().refresh();
   }
 
+  // `timeout_s`: None or any value beyond what the clock can count waits without a limit
+  // (Reader.wait rejects negative and NaN timeouts).
   bool wait(std::uint64_t min_rows, std::optional<double> timeout_s) {
     using Clock = std::chrono::steady_clock;
-    const auto deadline =
-        timeout_s ? Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                       std::chrono::duration<double>(std::max(0.0, *timeout_s)))
-                  : Clock::time_point::max();
+    auto deadline = Clock::time_point::max();
+    const double left_s = std::chrono::duration<double>(deadline - Clock::now()).count();
+    // Compared as doubles: converting a larger timeout to the clock's ticks would overflow.
+    if (timeout_s && *timeout_s < left_s / 2) {
+      deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                    std::chrono::duration<double>(std::max(0.0, *timeout_s)));
+    }
     // Slices, so that Ctrl-C (a pending Python signal) interrupts a long wait.
     constexpr auto kSlice = std::chrono::milliseconds(200);
     for (;;) {
@@ -510,6 +539,17 @@ class PyReader {
         keys ? reader().keys(begin, stop) : reader().epochs(begin, stop);
     return make_view(mapping_, py::dtype("uint64"), {static_cast<py::ssize_t>(view.size)},
                      {static_cast<py::ssize_t>(view.stride_bytes)}, view.data);
+  }
+
+  // Row `row` after checking its checksum: (key, epoch, read-only view of the row).
+  py::tuple record(std::uint64_t row) {
+    auto lock = guard();
+    const Record rec = reader().record(row);
+    const DType dtype = reader().dtype();
+    const auto item = static_cast<py::ssize_t>(dtype_size(dtype));
+    py::array view = make_view(mapping_, numpy_dtype(dtype),
+                               {static_cast<py::ssize_t>(reader().dim())}, {item}, rec.data);
+    return py::make_tuple(rec.key, rec.epoch, view);
   }
 
   py::dict verify(std::uint64_t begin, std::optional<std::uint64_t> end) {
@@ -559,8 +599,8 @@ class PyReader {
 py::dict info_dict(const StoreInfo& info) {
   py::dict out;
   out["path"] = info.path;
-  out["format_version"] =
-      std::to_string(info.format_major) + "." + std::to_string(info.format_minor);
+  out["format_major"] = info.format_major;
+  out["format_minor"] = info.format_minor;
   out["dtype"] = std::string(dtype_name(info.dtype));
   out["dim"] = info.dim;
   out["record_bytes"] = info.record_bytes;
@@ -647,7 +687,7 @@ PYBIND11_MODULE(_embstore, m) {
            py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"), py::arg("sync_interval"),
            py::arg("map_bytes"), py::arg("async_queue_bytes"), py::arg("create_only"))
       .def("append", &PyWriter::append, py::arg("keys"), py::arg("epoch"), py::arg("vectors"),
-           py::arg("as_dtype"))
+           py::arg("as_dtype"), py::arg("copy"))
       .def("flush", &PyWriter::flush)
       .def("sync", &PyWriter::sync)
       .def("close", &PyWriter::close)
@@ -691,6 +731,7 @@ PYBIND11_MODULE(_embstore, m) {
           },
           py::arg("begin"), py::arg("end"))
       .def("verify", &PyReader::verify, py::arg("begin"), py::arg("end"))
+      .def("record", &PyReader::record, py::arg("row"))
       .def("close", &PyReader::close)
       .def_property_readonly("closed", &PyReader::closed)
       .def_property_readonly("path", &PyReader::path)

@@ -81,7 +81,7 @@ def test_bad_shapes_and_dtypes_raise_value_error_and_write_nothing(store):
             w.append([1], np.zeros((1, 4), np.float32), -3)
         with pytest.raises(ValueError, match="1 epochs for 2 rows"):
             w.append([1, 2], np.zeros((2, 4), np.float32), [1])
-        with pytest.raises(ValueError, match="integers"):
+        with pytest.raises(ValueError, match="must be an integer"):
             w.append([1.5], np.zeros((1, 4), np.float32))
         assert w.committed_rows() == 0
     with pytest.raises(ValueError, match="unknown dtype"):

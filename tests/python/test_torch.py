@@ -187,3 +187,49 @@ def test_recorder_stages_rows_into_few_appends_and_submits_on_epoch_change(store
     with pytest.raises(ValueError, match=">= 0"):
         with rec.batch([-1], 0):
             pass
+
+
+def _record_sampler_epochs(store, rank, replicas, dataset_len, epochs, skip_padding):
+    ids = torch.arange(dataset_len)
+    sampler = torch.utils.data.DistributedSampler(ids, num_replicas=replicas, rank=rank,
+                                                  shuffle=True, seed=5)
+    loader = torch.utils.data.DataLoader(ids, batch_size=3, sampler=sampler)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 4))
+    recorder = EmbeddingRecorder(model, "0", store, dim=4, buffer_rows=5,
+                                 sampler=sampler if skip_padding else None)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for batch_ids in loader:
+            with torch.no_grad(), recorder.batch(batch_ids, epoch):
+                model(batch_ids.float()[:, None])
+    recorder.close()
+    return recorder
+
+
+def test_distributed_sampler_padding_is_stored_as_duplicate_rows_by_default(store):
+    for rank in range(3):  # the three ranks of a job, one after the other
+        _record_sampler_epochs(store, rank, 3, 10, 2, skip_padding=False)
+    r = embstore.Reader(store)
+    keys, epochs = r.keys.tolist(), r.epochs.tolist()
+    for epoch in range(2):
+        mine = [k for k, e in zip(keys, epochs) if e == epoch]
+        assert len(mine) == 12 and sorted(set(mine)) == list(range(10))  # 2 repeats
+
+
+def test_recorder_given_the_sampler_skips_its_padding(store):
+    skipped = 0
+    for rank in range(3):
+        skipped += _record_sampler_epochs(store, rank, 3, 10, 2, True).padding_rows_skipped
+    r = embstore.Reader(store)
+    keys, epochs = r.keys.tolist(), r.epochs.tolist()
+    for epoch in range(2):
+        assert sorted(k for k, e in zip(keys, epochs) if e == epoch) == list(range(10))
+    assert skipped == 4 and len(r) == 20 and r.verify().ok
+
+
+def test_recorder_refuses_both_sampler_and_dataset_len(store):
+    ids = torch.arange(10)
+    sampler = torch.utils.data.DistributedSampler(ids, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="sampler or dataset_len, not both"):
+        EmbeddingRecorder(torch.nn.Linear(1, 1), "", store, dim=1, sampler=sampler,
+                          dataset_len=10)

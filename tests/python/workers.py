@@ -40,3 +40,21 @@ def reader_process(path, total_rows, result_queue):
         bad += int(np.count_nonzero(r.vectors[checked:n] != payload(keys)))
         checked = n
     result_queue.put((checked, bad, os.getpid()))
+
+
+# A Writer held in a module global, as a multiprocessing child might keep one.
+GLOBAL_WRITER = None
+
+
+def append_through_global_writer(path, batches, batch_rows, opened, locked, appended):
+    """Appends in a fork-started child and returns without closing: the child then leaves
+    through os._exit, after multiprocessing's finalizers. The rows stay queued (the parent holds
+    the store's lock) until those finalizers run."""
+    global GLOBAL_WRITER
+    GLOBAL_WRITER = embstore.Writer(path, async_queue_mb=64)
+    opened.set()
+    locked.wait()
+    for b in range(batches):
+        keys = np.arange(b * batch_rows, (b + 1) * batch_rows)
+        GLOBAL_WRITER.append(keys, payload(keys), b)
+    appended.set()

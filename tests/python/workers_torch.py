@@ -43,3 +43,33 @@ class Net(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.encoder(x))
+
+
+def record_without_close(recorder, model, first_key, batches, batch_rows):
+    """Records batches through a recorder its parent made before fork, and returns without
+    closing it (a multiprocessing child then leaves through os._exit)."""
+    torch.set_num_threads(1)
+    for b in range(batches):
+        ids = torch.arange(first_key + b * batch_rows, first_key + (b + 1) * batch_rows)
+        with torch.no_grad(), recorder.batch(ids, 0):
+            model(ids.float()[:, None].expand(-1, 8))
+
+
+def padded_epochs_rank(rank, world, run_dir, store, dataset_len):
+    """Records two epochs of a DistributedSampler (which pads them) with dataset_len given."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(run_dir, 'rdv')}",
+                            rank=rank, world_size=world)
+    ids = torch.arange(dataset_len)
+    sampler = torch.utils.data.DistributedSampler(ids, shuffle=True, seed=1)
+    loader = torch.utils.data.DataLoader(ids, batch_size=3, sampler=sampler)
+    model = Net()
+    recorder = EmbeddingRecorder(model, "encoder", store, dim=16, buffer_rows=4,
+                                 dataset_len=dataset_len)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for batch_ids in loader:
+            with torch.no_grad(), recorder.batch(batch_ids, epoch):
+                model(batch_ids.float()[:, None].expand(-1, 8))
+    recorder.close()
+    dist.destroy_process_group()

@@ -155,10 +155,13 @@ def main():
           f"{1000 * cpu_base:.2f} ms -> {100 * cpu_shift / cpu_base:+.2f}% (median differences; "
           f"on a busy 2-core machine these move by a few % from run to run)")
     import async_append_time
-    for torch_tensor in (False, True):
-        t = async_append_time.measure(run, torch_tensor=torch_tensor)
-        print("[demo] " + async_append_time.report(t, "torch tensor" if torch_tensor
-                                                   else "numpy array"))
+    for copy in (False, True):
+        for torch_tensor in (False, True):
+            t = async_append_time.measure(run, torch_tensor=torch_tensor, copy=copy)
+            what = "torch tensor" if torch_tensor else "numpy array"
+            print("[demo] " + async_append_time.report(
+                t, f"async append call of a {what}, copy={copy}",
+                "target: memcpy speed" if copy else "target <= 20 us"))
     with embstore.Reader(store) as r:
         report = r.verify()
         print(f"[demo] verify: {report.rows_checked} rows checked, {report.bad_row_count} bad")

@@ -22,10 +22,17 @@ Quick start::
     r.vectors          # (512, 768) float16 numpy view of the mapping, no copy
     r.keys, r.epochs   # uint64 views (strided: they live inside 32-byte index entries)
 
-Exceptions (see ``embstore._errors``): ValueError for bad shapes/dtypes/arguments; OSError with
-errno for files (FileNotFoundError, FileExistsError, ENOSPC, EROFS, ...); ``embstore.Error``
-subclasses for corruption, format mismatch, unsupported version, poisoned writer, forked child
-and closed objects.
+Exceptions (see ``embstore._errors``): ValueError for bad shapes/dtypes/arguments (including
+a float, bool or str where an integer is needed, e.g. an epoch); OSError with errno for files
+(FileNotFoundError, FileExistsError, ENOSPC, EROFS, ...); ``embstore.Error`` subclasses for a
+path that is not a store, corruption, format mismatch, unsupported version, poisoned writer,
+forked child and closed objects.
+
+Nothing appended is dropped silently: Writers (and ``embstore.torch.EmbeddingRecorder``) still
+open when the interpreter exits, when a ``multiprocessing`` child ends (it leaves through
+``os._exit``; multiprocessing's finalizers run first) or when they are garbage-collected write
+what they hold and close. Rows that cannot be written then are reported on the ``embstore``
+logger (printed to stderr when logging is not configured), naming the store and the row count.
 
 PyTorch helpers (a Dataset over a store and a forward-hook recorder) are in ``embstore.torch``.
 """
@@ -33,8 +40,11 @@ PyTorch helpers (a Dataset over a store and a forward-hook recorder) are in ``em
 from __future__ import annotations
 
 import json
+import logging
+import math
+import multiprocessing.util as _mp_util
 import os
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -45,6 +55,7 @@ from ._errors import (
     Error,
     ForkedChildError,
     FormatMismatchError,
+    NotAStoreError,
     PoisonedError,
     UnsupportedVersionError,
 )
@@ -55,7 +66,9 @@ __all__ = [
     "Writer",
     "Reader",
     "VerifyReport",
+    "Record",
     "Error",
+    "NotAStoreError",
     "CorruptionError",
     "FormatMismatchError",
     "UnsupportedVersionError",
@@ -135,18 +148,74 @@ def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = Non
 def info(path: PathLike) -> dict:
     """The store's header and counters as a dict, read without any lock (like `embstore info`).
 
-    Keys: path, format_version, dtype, dim, record_bytes, segment_bytes, store_id,
-    created_unix_ns, metadata, generation, committed_rows, durable_rows, capacity_rows,
-    data_file_bytes, index_file_bytes.
+    The keys are the field names of the C++ ``StoreInfo`` (include/embstore/store.h), which the
+    CLI's ``info --json`` uses too: path, format_major, format_minor (ints; the format version
+    is "{format_major}.{format_minor}"), dtype (name), dim, record_bytes, segment_bytes,
+    store_id (32 hex digits), created_unix_ns, metadata (text), generation, committed_rows,
+    durable_rows, capacity_rows, data_file_bytes, index_file_bytes.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        NotAStoreError: ``path`` exists but is not a store.
     """
-    return _embstore.read_info(os.fspath(path))
+    path = os.fspath(path)
+    with _not_a_store_check(path):
+        return _embstore.read_info(path)
+
+
+class _not_a_store_check:
+    """Turns the FileNotFoundError of opening a path that exists but holds no store into
+    NotAStoreError naming the path; a missing path stays FileNotFoundError."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None or not issubclass(exc_type, FileNotFoundError):
+            return False
+        if os.path.isdir(self.path):
+            what = "is a directory but not an embstore store (it has no 'header' file)"
+        elif os.path.lexists(self.path):
+            what = "is a file, not an embstore store (a store is a directory)"
+        else:
+            return False
+        error = NotAStoreError(f"{self.path}: {what}; to create a store, give a new path or "
+                               "an empty directory")
+        error.errno = exc.errno or 0
+        raise error from exc
 
 
 def _is_torch_tensor(obj: Any) -> bool:
     return type(obj).__module__.startswith("torch") and hasattr(obj, "detach")
 
 
-def _as_vectors(vectors: Any):
+# What Python sequences (lists, tuples: no dtype of their own) are converted to, by store dtype.
+# numpy has no bfloat16: float32 rows are converted by the store (round to nearest even).
+_SEQUENCE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32,
+                    "float64": np.float64, "int8": np.int8, "uint8": np.uint8}
+
+
+def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
+    """A list of rows (or another non-array sequence) as an array of the store's dtype."""
+    target = np.dtype(_SEQUENCE_DTYPES[store_dtype])
+    values = np.asarray(vectors)
+    if values.dtype.kind not in "biuf":
+        raise ValueError(f"vectors: a {type(vectors).__name__} of {values.dtype} values; "
+                        "rows must hold numbers")
+    if target.kind in "iu":
+        converted = values.astype(target)
+        if values.dtype != target and not np.array_equal(converted, values):
+            limits = np.iinfo(target)
+            raise ValueError(f"vectors: values that are not integers in [{limits.min}, "
+                             f"{limits.max}] cannot be stored in a {store_dtype} store")
+        return converted
+    return values.astype(target)
+
+
+def _as_vectors(vectors: Any, store_dtype: str):
     """(numpy array sharing the input's memory when possible, dtype override or None)."""
     if type(vectors) is np.ndarray:
         return vectors, None
@@ -160,18 +229,59 @@ def _as_vectors(vectors: Any):
             # numpy has no bfloat16: hand over the raw 16-bit patterns (same memory, no copy).
             return t.view(torch.int16).numpy(), "bfloat16"
         return t.numpy(), None
-    return np.asarray(vectors), None
+    if isinstance(vectors, np.ndarray):  # a subclass (np.matrix, memmap): as given
+        return np.asarray(vectors), None
+    return _sequence_rows(vectors, store_dtype), None
 
 
-def _as_ints(values: Any) -> np.ndarray:
+_U64_LIMIT = 1 << 64
+
+
+def _check_u64(value: Any, what: str) -> int:
+    """`value` as an int in [0, 2**64): rejects bools, floats, strings and out-of-range ints."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer in [0, 2**64); got {type(value).__name__} "
+                        f"{value!r}")
+    value = int(value)
+    if not 0 <= value < _U64_LIMIT:
+        raise ValueError(f"{what} is {value}; it must be in [0, 2**64)")
+    return value
+
+
+def _as_ints(values: Any, what: str) -> np.ndarray:
+    """Keys or per-row epochs as a 1-D integer array (range and sign are checked by the caller
+    for Python ints here, for arrays by the C++ module)."""
     if type(values) is np.ndarray:
         return values
     if _is_torch_tensor(values):
         return values.detach().cpu().numpy()
+    if isinstance(values, np.ndarray):
+        return np.asarray(values)
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{what} must be integers; got {type(values).__name__} {values!r}")
     array = np.asarray(values)
-    if array.dtype == object or array.size == 0:
-        array = np.asarray(values, dtype=np.uint64)
-    return array
+    if array.dtype.kind in "iu" and not (
+            isinstance(values, (list, tuple)) and any(isinstance(v, bool) for v in values)):
+        return array
+    if array.ndim != 1 or array.dtype.kind not in "bifO":
+        return array  # the C++ module names the wrong shape or dtype
+    # Checked one by one: numpy made floats of [-1, 2**63], an object array of [2**64], and 1
+    # of True; none of these is a valid key.
+    items = values if isinstance(values, (list, tuple)) else array.tolist()
+    return np.fromiter((_check_u64(v, f"{what}[{i}]") for i, v in enumerate(items)),
+                       dtype=np.uint64, count=array.size)
+
+
+def _epoch_arg(epoch: Any) -> Any:
+    """An epoch for every row (an int in [0, 2**64)) or per-row epochs (a 1-D array)."""
+    if isinstance(epoch, (int, np.integer, bool, np.bool_, float, np.floating, str, bytes)):
+        return _check_u64(epoch, "epoch")
+    if isinstance(epoch, np.ndarray) or _is_torch_tensor(epoch):
+        array = _as_ints(epoch, "epoch")
+        if array.ndim == 0:  # a 0-d array or a scalar tensor: one epoch for every row
+            return _check_u64(array.item(), "epoch")
+        return array
+    return _as_ints(epoch, "epoch")
 
 
 class _Handle:
@@ -209,18 +319,37 @@ class Writer(_Handle):
     committed (visible to readers).
 
     Async mode (``async_queue_mb > 0``): ``append`` validates its arguments, queues the batch and
-    returns None at once; a C++ background thread writes batches in order. The caller's array
-    is *referenced, not copied* until it is written — do not modify it before ``flush()`` (the
-    recorder in embstore.torch copies into a staging buffer for this reason). The queue is bounded: when the batches
-    not yet written would exceed ``async_queue_mb``, ``append`` blocks (with the GIL released)
-    until there is room; a single batch larger than the whole queue is accepted when the queue is
-    empty. If a background append fails, that batch and all batches queued behind it are not
-    written and the error is raised by the next ``append``/``flush``/``sync`` and by ``close``;
-    it is never dropped silently.
+    returns None; a C++ background thread writes batches in order. The queue is a buffer of
+    ``async_queue_mb`` MiB, allocated once and reused (its pages are touched only as batches
+    fill them); every batch is written from it, never from the caller's memory:
+
+    * ``append(..., copy=True)`` (the default) copies the rows into the queue before it
+      returns (at memcpy speed), so the caller may reuse or change its array or tensor at once:
+      what is stored is what it held at the call.
+    * ``append(..., copy=False)`` donates the array: the call only takes a reference and
+      returns at once; the background thread copies the rows into the queue just before it
+      writes them. You promise not to modify the array (or anything sharing its memory) until
+      ``flush()`` returns; if you do, which values are stored is undefined — but each stored
+      row still matches its checksum, because rows are hashed and written from the private copy.
+
+    When the rows not yet written would overflow the queue, ``append`` blocks (with the GIL
+    released) until there is room. A single batch larger than the whole queue is written by
+    the calling thread instead, after everything queued before it (so ``append`` then returns
+    when it is committed, like a synchronous append). If a background append fails, that batch
+    and all batches queued behind it are not written and the error is raised by the next
+    ``append``/``flush``/``sync`` and by ``close``; it is never dropped silently.
+
+    Synchronous mode and batches larger than the queue are written from the caller's memory
+    while ``append`` runs: another thread must not modify the array during the call (a data
+    race, as with any function reading it).
 
     Input (``vectors``): a 2-D numpy array or CPU torch tensor of the store's dtype, or float32
     for a float16/bfloat16 store (converted, round to nearest even). torch bfloat16 tensors are
-    accepted as is. Cost of layouts:
+    accepted as is. Arrays and tensors of other dtypes are refused, never converted silently
+    (a float64 array for a float32 store is usually a mistake; pass ``x.astype(np.float32)`` or
+    ``t.float()``). Python lists (and tuples) of rows have no dtype of their own and are
+    converted to the store's dtype (float32 for a bfloat16 store, then rounded by the store;
+    values of an int8/uint8 store must be integers in range). Cost of layouts:
 
     * C-contiguous rows: no copy.
     * Rows with contiguous elements but a gap between them (e.g. ``x[::2]``, ``x[:, :d]`` of a
@@ -228,8 +357,16 @@ class Writer(_Handle):
     * Anything else (transposed, element-strided, negative or zero row strides): one contiguous
       copy first (counted in ``stats()["copied_batches"]``).
 
-    ``keys`` and a per-row ``epoch`` are any 1-D integer arrays/lists/tensors of values >= 0;
-    they are always copied (8 bytes per row).
+    ``keys`` and a per-row ``epoch`` are any 1-D integer arrays/lists/tensors of values in
+    [0, 2**64); they are always copied (8 bytes per row). bools, floats, strings, negative and
+    too large values are refused (ValueError).
+
+    Exit: a Writer still open when the interpreter exits (atexit), when a ``multiprocessing``
+    child ends, or when it is garbage-collected is flushed and closed then. A failure then
+    (e.g. a full disk) is logged on the ``embstore`` logger with the store's path and the number
+    of rows lost (when ``__del__`` closes it, the error also goes to ``sys.unraisablehook``).
+    Nothing can run when a process is killed or leaves through ``os._exit`` outside
+    multiprocessing: queued rows are then lost, so call ``close()`` or ``flush()``.
 
     Thread-safety: one Writer may be used from several threads (calls are serialized). The GIL
     is released while rows are copied into the store, while waiting for queue room and in
@@ -255,42 +392,51 @@ class Writer(_Handle):
                  async_queue_mb: float = 0, sync: str = "none", sync_interval: float = 1.0,
                  map_bytes: Optional[int] = None) -> None:
         self._native = None
+        self._at_exit = None
         if async_queue_mb < 0:
             raise ValueError(f"async_queue_mb must be >= 0; got {async_queue_mb}")
-        self._native = _embstore.NativeWriter(
-            os.fspath(path), None if dim is None else int(dim),
-            None if dtype is None else _dtype_name(dtype), _metadata_text(metadata),
-            _segment_bytes(segment_mb), sync, float(sync_interval), map_bytes,
-            int(async_queue_mb * (1 << 20)), False)
+        path = os.fspath(path)
+        with _not_a_store_check(path):
+            self._native = _embstore.NativeWriter(
+                path, None if dim is None else int(dim),
+                None if dtype is None else _dtype_name(dtype), _metadata_text(metadata),
+                _segment_bytes(segment_mb), sync, float(sync_interval), map_bytes,
+                int(async_queue_mb * (1 << 20)), False)
+        self._dtype_name = self._native.dtype
+        # Runs at interpreter exit and in multiprocessing children before their os._exit
+        # (multiprocessing.util._exit_function); holds the native writer, not this object, so
+        # garbage collection still reaches __del__.
+        self._at_exit = _mp_util.Finalize(self, _close_at_exit, args=(self._native,),
+                                          exitpriority=_WRITER_EXIT_PRIORITY)
 
-    def append(self, keys: Any, vectors: Any, epoch: Any = 0) -> Optional[int]:
+    def append(self, keys: Any, vectors: Any, epoch: Any = 0, *,
+               copy: bool = True) -> Optional[int]:
         """Appends ``len(keys)`` rows atomically: readers see all of them or none.
 
         Args:
-            keys: one sample id per row (integers >= 0).
-            vectors: (rows, dim) numpy array or CPU torch tensor (see the class doc for dtypes
-                and which layouts are copied).
+            keys: one sample id per row (integers in [0, 2**64)).
+            vectors: (rows, dim) numpy array or CPU torch tensor, or a list of rows (see the
+                class doc for dtypes and which layouts are copied).
             epoch: one int for every row, or one per row.
+            copy: async mode only. True (default): the rows are copied before the call returns;
+                the caller may change its array at once. False: the array is donated; do not
+                modify it until ``flush()`` (see the class doc).
 
         Returns:
             The row number of the first appended row (synchronous mode), or None (async mode:
             rows get their numbers when the background thread writes them).
 
         Raises:
-            ValueError: wrong shape, dim, dtype, lengths or negative keys; nothing is written.
+            ValueError: wrong shape, dim, dtype, lengths, or a key or epoch that is not an
+                integer in [0, 2**64) (bool, float, str, negative, too large); nothing is
+                written.
             OSError: the disk is full (ENOSPC) or another I/O failure; nothing of this batch is
                 written. In async mode also the error of an earlier background append.
             ForkedChildError, ClosedError, PoisonedError.
         """
-        array, as_dtype = _as_vectors(vectors)
-        if not isinstance(epoch, int):
-            if isinstance(epoch, np.integer):
-                epoch = int(epoch)
-            else:
-                epoch = _as_ints(epoch)
-                if epoch.ndim == 0:  # a 0-d array or scalar tensor
-                    epoch = int(epoch)
-        return self._native.append(_as_ints(keys), epoch, array, as_dtype)
+        array, as_dtype = _as_vectors(vectors, self._dtype_name)
+        return self._native.append(_as_ints(keys, "keys"), _epoch_arg(epoch), array, as_dtype,
+                                   bool(copy))
 
     def flush(self) -> None:
         """Waits until every batch appended so far is written (committed, visible to readers).
@@ -312,6 +458,8 @@ class Writer(_Handle):
         Idempotent. Raises the error of a failed background append (once), or of the final
         sync under sync="interval"/"every_append".
         """
+        if self._at_exit is not None:
+            self._at_exit.cancel()
         if self._native is not None:
             self._native.close()
 
@@ -319,7 +467,8 @@ class Writer(_Handle):
         """What this Writer wrote: batches, rows, bytes (as stored), append_seconds (time spent
         inside the C++ append — the write work itself), copied_batches (inputs that needed a
         contiguous copy), and for async mode queued_bytes, blocked_appends (append calls
-        waiting for room right now) and dropped_batches (not written after an error)."""
+        waiting for room right now), dropped_batches and dropped_rows (not written after an
+        error)."""
         return self._native.stats()
 
     def committed_rows(self) -> int:
@@ -347,16 +496,53 @@ class Writer(_Handle):
                 pass
 
     def __del__(self) -> None:
-        # An unclosed Writer is closed here; an error (e.g. of a background append) then goes
-        # to sys.unraisablehook ("Exception ignored in ...") rather than vanishing.
-        if getattr(self, "_native", None) is not None and not self._native.closed:
-            self._native.close()
+        # An unclosed Writer is closed here; an error (e.g. of a background append) is logged
+        # and goes to sys.unraisablehook ("Exception ignored in ...") rather than vanishing.
+        if getattr(self, "_at_exit", None) is not None:
+            self._at_exit.cancel()
+        native = getattr(self, "_native", None)
+        if native is not None and not native.closed:
+            _close_reporting_loss(native, "garbage-collected")
 
     def __repr__(self) -> str:
         if self.closed:
             return "<embstore.Writer (closed)>"
         mode = "async" if self._native.is_async else "sync"
         return f"<embstore.Writer {self.path!r} dim={self.dim} dtype={self.dtype} {mode}>"
+
+
+_log = logging.getLogger("embstore")
+# Exit finalizers run highest priority first: recorders (which append) before Writers.
+_WRITER_EXIT_PRIORITY = 10
+
+
+def _close_reporting_loss(native, when: str) -> None:
+    """Closes a Writer nobody closed; logs what was lost if that fails, then re-raises."""
+    if native.closed:
+        return
+    path = native.path
+    try:
+        native.close()
+    except BaseException as error:
+        _log.error("%s: a Writer %s without close() failed to close; %d appended rows were "
+                   "not written: %s", path, when, native.stats().get("dropped_rows", 0), error)
+        raise
+
+
+def _close_at_exit(native) -> None:
+    try:
+        _close_reporting_loss(native, "still open at exit")
+    except BaseException:  # logged; an exit handler has no one to raise to
+        pass
+
+
+class Record(NamedTuple):
+    """One row read by ``Reader.record`` after its checksum was checked."""
+
+    row: int
+    key: int
+    epoch: int
+    vector: np.ndarray
 
 
 class VerifyReport:
@@ -401,10 +587,13 @@ class Reader(_Handle):
     """
 
     def __init__(self, path: PathLike, *, map_bytes: Optional[int] = None) -> None:
-        """Opens the store at ``path``. Raises FileNotFoundError if it is not a store,
-        CorruptionError / UnsupportedVersionError for a damaged or newer store."""
+        """Opens the store at ``path``. Raises FileNotFoundError if nothing is there,
+        NotAStoreError for a file or directory that is not a store, CorruptionError /
+        UnsupportedVersionError for a damaged or newer store."""
         self._native = None
-        self._native = _embstore.NativeReader(os.fspath(path), map_bytes)
+        path = os.fspath(path)
+        with _not_a_store_check(path):
+            self._native = _embstore.NativeReader(path, map_bytes)
         self._metadata_cache = None
 
     def __len__(self) -> int:
@@ -417,8 +606,19 @@ class Reader(_Handle):
 
     def wait(self, n: int, timeout: Optional[float] = None) -> bool:
         """Refreshes until the snapshot holds at least ``n`` rows or ``timeout`` seconds pass
-        (None: no limit). Returns True when reached. Sleeps on the store's commit counter
-        (woken by commits from any process), with the GIL released; Ctrl-C interrupts it."""
+        (None or ``float("inf")``: no limit; so is any timeout too long for the clock, about
+        292 years). Returns True when reached. Sleeps on the store's commit counter (woken by
+        commits from any process), with the GIL released; Ctrl-C interrupts it.
+
+        Raises:
+            ValueError: a negative or NaN timeout, or ``n`` outside [0, 2**64).
+        """
+        n = _check_u64(n, "wait: n")
+        if timeout is not None:
+            timeout = float(timeout)
+            if math.isnan(timeout) or timeout < 0:
+                raise ValueError(f"wait: timeout is {timeout}; use seconds >= 0, or None or "
+                                 "float('inf') to wait without a limit")
         return self._native.wait(int(n), timeout)
 
     @property
@@ -428,8 +628,42 @@ class Reader(_Handle):
         return self._native.vectors(0, None)
 
     def rows(self, begin: int, end: Optional[int] = None) -> np.ndarray:
-        """Rows [begin, end) of the snapshot as a zero-copy view (ValueError outside it)."""
-        return self._native.vectors(int(begin), None if end is None else int(end))
+        """Rows [begin, end) of the snapshot as a zero-copy view. Row numbers count from 0;
+        negative ones are refused (``r.vectors[-5:]`` gives the last rows). ValueError unless
+        0 <= begin <= end <= len(self)."""
+        begin, end = self._range("rows", begin, end)
+        return self._native.vectors(begin, end)
+
+    def record(self, row: int) -> "Record":
+        """Row ``row`` after checking its checksum: a Record (row, key, epoch, vector), vector
+        being a read-only zero-copy view of the row (bfloat16: uint16 bit patterns).
+
+        Unlike ``rows``/``vectors``, which hand out the mapping as it is, this reads one row
+        the way ``verify`` checks it. Raises CorruptionError naming the row, key and epoch when
+        its bytes do not match its checksum, ValueError when ``row`` is outside the snapshot."""
+        row = self._row_number("record", row)
+        key, epoch, vector = self._native.record(row)
+        return Record(row, key, epoch, vector)
+
+    @staticmethod
+    def _row_number(what: str, row: Any) -> int:
+        if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
+            raise ValueError(f"{what}: row numbers are integers; got {type(row).__name__} "
+                             f"{row!r}")
+        row = int(row)
+        if row < 0:
+            raise ValueError(f"{what}: row {row} is negative; rows are numbered from 0 "
+                             "(use r.vectors[-k:] for the last k rows)")
+        if row >= _U64_LIMIT:
+            raise ValueError(f"{what}: row {row} is beyond any store")
+        return row
+
+    def _range(self, what: str, begin: Any, end: Any):
+        begin = self._row_number(what, begin)
+        end = None if end is None else self._row_number(what, end)
+        if end is not None and end < begin:
+            raise ValueError(f"{what}: end {end} is before begin {begin}")
+        return begin, end
 
     @property
     def keys(self) -> np.ndarray:
@@ -457,7 +691,8 @@ class Reader(_Handle):
 
     def verify(self, begin: int = 0, end: Optional[int] = None) -> VerifyReport:
         """Recomputes the checksums of rows [begin, end) of the snapshot (GIL released)."""
-        return VerifyReport(self._native.verify(int(begin), None if end is None else int(end)))
+        begin, end = self._range("verify", begin, end)
+        return VerifyReport(self._native.verify(begin, end))
 
     @property
     def metadata(self) -> Union[dict, list, str]:

@@ -4,7 +4,8 @@
 C++ ErrorCode          Python exception
 =====================  =======================================================
 kInvalidArgument       ValueError (bad shape, dtype, dim, key, range, option)
-kNotFound              FileNotFoundError (an OSError; errno ENOENT)
+kNotFound              FileNotFoundError (an OSError; errno ENOENT); NotAStoreError (an
+                       embstore.Error) when the path exists but is not a store
 kAlreadyExists         FileExistsError (an OSError; errno EEXIST)
 kIO                    OSError with the failed call's errno
 kFull                  OSError, errno ENOSPC/EFBIG (disk full, or map_bytes outgrown)
@@ -28,6 +29,7 @@ from . import _embstore
 
 __all__ = [
     "Error",
+    "NotAStoreError",
     "CorruptionError",
     "FormatMismatchError",
     "UnsupportedVersionError",
@@ -47,6 +49,13 @@ class Error(Exception):
 
     code = "error"
     errno = 0
+
+
+class NotAStoreError(Error):
+    """The path exists (a file, or a directory) but is not a store (raised by Writer, Reader
+    and info; a missing path is FileNotFoundError)."""
+
+    code = "not_a_store"
 
 
 class CorruptionError(Error):
@@ -103,8 +112,8 @@ _DEFAULT_ERRNO = {
 }
 
 
-for _cls in (Error, CorruptionError, FormatMismatchError, UnsupportedVersionError, PoisonedError,
-             ForkedChildError, ClosedError):
+for _cls in (Error, NotAStoreError, CorruptionError, FormatMismatchError, UnsupportedVersionError,
+             PoisonedError, ForkedChildError, ClosedError):
     _cls.__module__ = "embstore"
 
 

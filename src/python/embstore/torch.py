@@ -18,6 +18,8 @@ Example (inside a DDP training loop)::
 from __future__ import annotations
 
 import contextlib
+import math
+import multiprocessing.util as _mp_util
 import os
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from . import Reader, Writer, _dtype_name
+from . import Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _log
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
 
@@ -121,6 +123,58 @@ def _rank() -> int:
     return 0
 
 
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+class _Staging:
+    """One process's Writer and the rows staged for it. Kept apart from the recorder so that
+    the exit finalizer can flush it without keeping the recorder alive."""
+
+    def __init__(self, writer: Writer, buffer_rows: int) -> None:
+        self.writer = writer
+        self.pid = os.getpid()
+        self.buffer: Optional[torch.Tensor] = None  # donated to the Writer when submitted
+        self.keys = np.empty(buffer_rows, np.uint64)
+        self.epochs = np.empty(buffer_rows, np.uint64)
+        self.filled = 0
+
+    def submit(self) -> None:
+        """Hands the staged rows to the Writer as one append (queued in async mode)."""
+        if not self.filled:
+            return
+        n, self.filled = self.filled, 0
+        buffer, self.buffer = self.buffer, None
+        # Donated (copy=False): the recorder never touches this buffer again.
+        self.writer.append(self.keys[:n], buffer[:n], self.epochs[:n], copy=False)
+
+    def finish(self) -> None:
+        """Appends the staged rows and closes the Writer (raising a write error)."""
+        try:
+            self.submit()
+        finally:
+            self.writer.close()
+
+
+# Above the Writers' own exit finalizers: a recorder's staged rows go into its Writer first.
+_RECORDER_EXIT_PRIORITY = _WRITER_EXIT_PRIORITY + 10
+
+
+def _finish_unclosed(staging: _Staging, path: str, module_name: str) -> None:
+    """Exit finalizer (and garbage collection) of a recorder nobody closed."""
+    if staging.pid != os.getpid():
+        return
+    staged = staging.filled
+    try:
+        staging.finish()
+    except BaseException as error:  # logged: an exit handler has no one to raise to
+        _log.error("%s: the EmbeddingRecorder of %r was not closed and failed to write its "
+                   "rows (%d staged rows, %d queued rows lost): %s", path, module_name,
+                   staged, staging.writer.stats().get("dropped_rows", 0), error)
+
+
 class EmbeddingRecorder:
     """Saves the outputs of one named submodule into a store, from inside a training loop.
 
@@ -139,12 +193,29 @@ class EmbeddingRecorder:
     Cost on the training step: the hook copies the output (detached; converted to the store's
     dtype; moved to the CPU if needed) into a staging buffer of ``buffer_rows`` rows — a copy
     is needed anyway, because a later in-place op (e.g. ReLU(inplace=True) after this module)
-    would otherwise change the values before they are written. A full buffer goes to the
-    Writer as one append (queued: ``async_queue_mb``), so the store sees few, large batches.
-    Rows reach the store when their buffer is full, when the epoch changes, on ``flush()`` and
-    on ``close()``; call ``flush(wait=False)`` at the end of an epoch to make it visible to
-    readers without waiting. A batch larger than ``buffer_rows`` is appended on its own.
-    Write errors surface on a later batch, on ``flush()`` or on ``close()``.
+    would otherwise change the values before they are written. A full buffer is donated to the
+    Writer as one append (``copy=False``: queued without a second copy on the training
+    thread; ``async_queue_mb``), so the store sees few, large batches. Rows reach the store
+    when their buffer is full, when the epoch changes, on ``flush()`` and on ``close()``; call
+    ``flush(wait=False)`` at the end of an epoch to make it visible to readers without
+    waiting. A batch larger than ``buffer_rows`` is appended on its own. Write errors surface
+    on a later batch, on ``flush()`` or on ``close()``.
+
+    Not closed: staged and queued rows are still written when the interpreter exits, when a
+    ``multiprocessing`` child ends (before its ``os._exit``) and when the recorder is
+    garbage-collected; a failure then is logged on the ``embstore`` logger with the store's
+    path and the rows lost. A process killed, or leaving through ``os._exit`` outside
+    multiprocessing, loses them: call ``close()``.
+
+    DistributedSampler padding: unless ``drop_last=True``, torch's DistributedSampler pads each
+    epoch to a multiple of the number of ranks by repeating samples, so a few samples pass
+    through the model twice per epoch (on different ranks, or the same one) and the store gets
+    duplicate (key, epoch) rows. Give ``sampler=`` (the DistributedSampler) or
+    ``dataset_len=`` (the dataset's length; the rank and world size then come from
+    torch.distributed) to skip the padding: the recorder counts this rank's rows of the epoch
+    and drops those at the positions the sampler filled with repeats. This assumes every sample
+    the sampler yields passes through the module once, in the sampler's order, inside
+    ``batch()`` (a DataLoader over that sampler, ``drop_last=False``, in-order workers).
 
     Args:
         model: the model (or DDP wrapper) holding the module.
@@ -157,17 +228,29 @@ class EmbeddingRecorder:
         ranks: ranks that record, or None for all.
         async_queue_mb: queue bound of each rank's async Writer (0: synchronous appends).
         buffer_rows: rows gathered per append (0: one append per recorded batch).
+        sampler: a DistributedSampler whose padding is not recorded (see above).
+        dataset_len: the length of the dataset a DistributedSampler (with this job's world
+            size) draws from, when the sampler itself is not at hand.
     """
 
     def __init__(self, model: torch.nn.Module, module_name: str, store: Any, *,
                  dim: Optional[int] = None, dtype: Any = None, metadata: Any = None,
                  segment_mb: Optional[float] = None, ranks: Optional[Sequence[int]] = None,
-                 async_queue_mb: float = 64, buffer_rows: int = 512) -> None:
+                 async_queue_mb: float = 64, buffer_rows: int = 512, sampler: Any = None,
+                 dataset_len: Optional[int] = None) -> None:
         modules = dict(model.named_modules())
         module = modules.get(module_name, modules.get("module." + module_name))
         if module is None:
             raise ValueError(f"no submodule named {module_name!r}; some names: "
                              f"{', '.join(list(modules)[1:8])}")
+        if sampler is not None and dataset_len is not None:
+            raise ValueError("give sampler or dataset_len, not both")
+        if sampler is not None and not all(
+                hasattr(sampler, a) for a in ("num_replicas", "rank", "dataset", "drop_last")):
+            raise TypeError(f"sampler must be a torch DistributedSampler; got "
+                            f"{type(sampler).__name__}")
+        if dataset_len is not None and int(dataset_len) < 0:
+            raise ValueError(f"dataset_len must be >= 0; got {dataset_len}")
         self.module_name = module_name
         self.path = os.fspath(store)
         self._dim = dim
@@ -177,15 +260,16 @@ class EmbeddingRecorder:
         self._ranks = None if ranks is None else set(int(r) for r in ranks)
         self._async_queue_mb = async_queue_mb
         self._buffer_rows = max(0, int(buffer_rows))
-        self._writer: Optional[Writer] = None
-        self._writer_pid = 0
+        self._sampler = sampler
+        self._dataset_len = None if dataset_len is None else int(dataset_len)
+        self._staging: Optional[_Staging] = None
+        self._finalizer = None
         self._ids: Optional[np.ndarray] = None
         self._epoch = 0
-        self._buffer: Optional[torch.Tensor] = None  # handed to the Writer when full
-        self._buffer_keys = np.empty(self._buffer_rows, np.uint64)
-        self._buffer_epochs = np.empty(self._buffer_rows, np.uint64)
-        self._filled = 0
+        self._epoch_position = 0  # this rank's rows of the epoch so far, padding included
         self.rows_recorded = 0
+        #: Rows not stored because they were a DistributedSampler's padding.
+        self.padding_rows_skipped = 0
         #: Seconds spent inside the forward hook (detach, copy, queueing the append): the time
         #: recording adds to this process's forward passes. The write itself happens on the
         #: Writer's background thread (see stats()["append_seconds"]).
@@ -210,10 +294,15 @@ class EmbeddingRecorder:
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iu" or (ids.dtype.kind == "i" and ids.size and ids.min() < 0):
             raise ValueError(f"sample ids must be integers >= 0; got {ids.dtype} {ids[:5]}")
+        if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
+            raise ValueError(f"epoch must be an integer; got {type(epoch).__name__} {epoch!r}")
         if int(epoch) < 0:
             raise ValueError(f"epoch must be >= 0; got {epoch}")
-        if int(epoch) != self._epoch and self._filled:
-            self._submit()  # an epoch's rows reach the store as soon as the next one starts
+        if int(epoch) != self._epoch:
+            self._epoch_position = 0
+            staging = self._local_staging()
+            if staging is not None and staging.filled:
+                staging.submit()  # an epoch's rows reach the store as soon as the next one starts
         self._ids = ids
         self._epoch = int(epoch)
         try:
@@ -221,22 +310,32 @@ class EmbeddingRecorder:
         finally:
             self._ids = None
 
+    def _local_staging(self) -> Optional[_Staging]:
+        """This process's staging (None before its first recorded batch, and in a forked child
+        until it records: the parent's Writer and rows are the parent's)."""
+        staging = self._staging
+        return staging if staging is not None and staging.pid == os.getpid() else None
+
     def writer(self) -> Writer:
         """This process's Writer (opened on first use)."""
-        if self._writer is None or self._writer_pid != os.getpid():
+        staging = self._local_staging()
+        if staging is None:
             if self._dim:
-                self._writer = Writer(self.path, dim=self._dim, dtype=self._dtype or "float32",
-                                      metadata=self._metadata, segment_mb=self._segment_mb,
-                                      async_queue_mb=self._async_queue_mb)
+                writer = Writer(self.path, dim=self._dim, dtype=self._dtype or "float32",
+                                metadata=self._metadata, segment_mb=self._segment_mb,
+                                async_queue_mb=self._async_queue_mb)
             else:
-                self._writer = Writer(self.path, dtype=self._dtype,
-                                      async_queue_mb=self._async_queue_mb)
-            self._writer_pid = os.getpid()
-            self._buffer, self._filled = None, 0  # a forked child starts with an empty buffer
-            if self._writer.dtype not in _TORCH_DTYPES:
+                writer = Writer(self.path, dtype=self._dtype, async_queue_mb=self._async_queue_mb)
+            if writer.dtype not in _TORCH_DTYPES:
+                writer.close()
                 raise ValueError(f"{self.path}: the recorder saves float tensors; the store "
-                                 f"holds {self._writer.dtype}")
-        return self._writer
+                                 f"holds {writer.dtype}")
+            # A forked child starts with an empty buffer and its own Writer and finalizer.
+            staging = self._staging = _Staging(writer, self._buffer_rows)
+            self._finalizer = _mp_util.Finalize(
+                self, _finish_unclosed, args=(staging, self.path, self.module_name),
+                exitpriority=_RECORDER_EXIT_PRIORITY)
+        return staging.writer
 
     def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if self._ids is None or not self.enabled:
@@ -246,6 +345,26 @@ class EmbeddingRecorder:
             self._record(output)
         finally:
             self.hook_seconds += time.perf_counter() - start
+
+    def _padding_mask(self, n: int) -> Optional[np.ndarray]:
+        """Which of the next n rows of this rank's epoch are real samples (None: all are)."""
+        if self._sampler is not None:
+            if self._sampler.drop_last:
+                return None
+            samples, replicas, rank = (len(self._sampler.dataset), self._sampler.num_replicas,
+                                       self._sampler.rank)
+        elif self._dataset_len is not None:
+            samples, replicas, rank = self._dataset_len, _world_size(), _rank()
+        else:
+            return None
+        per_rank = math.ceil(samples / replicas) if replicas else 0
+        if per_rank == 0:
+            return None
+        # DistributedSampler appends the padding after the dataset's samples and deals the
+        # list out round-robin: this rank's i-th sample sits at rank + i * replicas.
+        local = (self._epoch_position + np.arange(n)) % per_rank
+        keep = rank + local * replicas < samples
+        return None if keep.all() else keep
 
     def _record(self, output: Any) -> None:
         if not isinstance(output, torch.Tensor):
@@ -257,56 +376,60 @@ class EmbeddingRecorder:
         n = out.shape[0]
         if n != len(self._ids):
             raise ValueError(f"{self.module_name} produced {n} rows for {len(self._ids)} ids")
+        ids = self._ids
+        keep = self._padding_mask(n)
+        self._epoch_position += n
+        if keep is not None:
+            out, ids = out[torch.from_numpy(keep).to(out.device)], ids[keep]
+            self.padding_rows_skipped += n - len(ids)
+            n = len(ids)
+            if n == 0:
+                return
         writer = self.writer()
+        staging = self._staging
         dtype = _TORCH_DTYPES[writer.dtype]
         if n > self._buffer_rows:
             # Too big to stage: one append of a private copy (converted, on the CPU).
-            self._submit()
-            writer.append(self._ids, out.to("cpu", dtype, copy=True), self._epoch)
+            staging.submit()
+            writer.append(ids, out.to("cpu", dtype, copy=True), self._epoch, copy=False)
         else:
-            if self._filled + n > self._buffer_rows:
-                self._submit()
-            if self._buffer is None:
-                self._buffer = torch.empty((self._buffer_rows, out.shape[1]), dtype=dtype)
-            end = self._filled + n
-            self._buffer[self._filled:end].copy_(out)  # converts dtype, copies from any device
-            self._buffer_keys[self._filled:end] = self._ids
-            self._buffer_epochs[self._filled:end] = self._epoch
-            self._filled = end
-            if self._filled == self._buffer_rows:
-                self._submit()
+            if staging.filled + n > self._buffer_rows:
+                staging.submit()
+            if staging.buffer is None:
+                staging.buffer = torch.empty((self._buffer_rows, out.shape[1]), dtype=dtype)
+            begin, end = staging.filled, staging.filled + n
+            staging.buffer[begin:end].copy_(out)  # converts dtype, copies from any device
+            staging.keys[begin:end] = ids
+            staging.epochs[begin:end] = self._epoch
+            staging.filled = end
+            if staging.filled == self._buffer_rows:
+                staging.submit()
         self.rows_recorded += n
-
-    def _submit(self) -> None:
-        """Hands the staged rows to the Writer as one append (queued in async mode)."""
-        if not self._filled:
-            return
-        n, self._filled = self._filled, 0
-        buffer, self._buffer = self._buffer, None  # referenced by the Writer until written
-        self._writer.append(self._buffer_keys[:n], buffer[:n], self._buffer_epochs[:n])
 
     def flush(self, wait: bool = True) -> None:
         """Appends the staged rows; with ``wait``, also waits until everything recorded so far
         is written (visible to readers). Raises a pending write error."""
-        if self._writer is None or self._writer_pid != os.getpid():
+        staging = self._local_staging()
+        if staging is None:
             return
-        self._submit()
+        staging.submit()
         if wait:
-            self._writer.flush()
+            staging.writer.flush()
 
     def stats(self) -> dict:
         """This rank's Writer.stats() (empty before the first recorded batch)."""
-        return {} if self._writer is None else self._writer.stats()
+        staging = self._local_staging()
+        return {} if staging is None else staging.writer.stats()
 
     def close(self) -> None:
         """Appends the staged rows, removes the hook and closes this rank's Writer (raising a
         pending write error)."""
         self._handle.remove()
-        if self._writer is not None and self._writer_pid == os.getpid():
-            try:
-                self._submit()
-            finally:
-                self._writer.close()
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+        staging = self._local_staging()
+        if staging is not None:
+            staging.finish()
 
     def __enter__(self) -> "EmbeddingRecorder":
         return self

@@ -1,0 +1,205 @@
+"""Bad arguments get errors that name the argument and the rule; nothing is written for them."""
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import embstore
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+
+
+def rows(n, dim=4, dtype=np.float32):
+    return np.zeros((n, dim), dtype)
+
+
+def test_epoch_is_an_integer_in_0_to_2_pow_64(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append([1], rows(1), 2**63)  # a valid uint64 epoch, not a cast error
+        w.append([2], rows(1), 2**64 - 1)
+        for bad in (2**64, -1, -(2**63)):
+            message = f"epoch is {bad}; it must be in [0, 2**64)"
+            with pytest.raises(ValueError, match=re.escape(message)):
+                w.append([3], rows(1), bad)
+        assert w.committed_rows() == 2
+    assert embstore.Reader(store).epochs.tolist() == [2**63, 2**64 - 1]
+
+
+@pytest.mark.parametrize("bad", [2.7, 2.0, "3", True, np.float64(1.0), np.bool_(True), b"1"])
+def test_an_epoch_that_is_not_an_integer_is_refused_like_a_non_integer_key(store, bad):
+    with embstore.Writer(store, dim=4) as w:
+        with pytest.raises(ValueError, match=r"epoch must be an integer in \[0, 2\*\*64\); got"):
+            w.append([1], rows(1), bad)
+        with pytest.raises(ValueError, match="epoch"):
+            w.append([1], rows(1), np.array(bad))  # as a 0-d array too
+        assert w.committed_rows() == 0
+
+
+@pytest.mark.parametrize("keys, message", [
+    ([2**64], "keys[0] is 18446744073709551616; it must be in [0, 2**64)"),
+    ([5, -1], "keys[1] is -1; keys and epochs must be >= 0"),  # an int64 array: C++ checks
+    ([-1, 2**63], "keys[0] is -1; it must be in [0, 2**64)"),  # numpy would make floats
+    ([1, True], "keys[1] must be an integer in [0, 2**64); got bool True"),
+    ([1.5], "keys[0] must be an integer in [0, 2**64); got float 1.5"),
+    ("12", "keys must be integers; got str '12'"),
+])
+def test_keys_out_of_range_or_not_integers_name_the_key(store, keys, message):
+    with embstore.Writer(store, dim=4) as w:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            w.append(keys, rows(len(keys)))
+        w.append([2**64 - 1, 2**63], rows(2))  # the extremes of the range are keys
+    assert embstore.Reader(store).keys.tolist() == [2**64 - 1, 2**63]
+
+
+def test_row_numbers_of_reads_are_checked_with_a_message(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(10), rows(10))
+    r = embstore.Reader(store)
+    with pytest.raises(ValueError, match=r"rows: row -5 is negative; rows are numbered from 0 "
+                                         r"\(use r.vectors\[-k:\] for the last k rows\)"):
+        r.rows(-5)
+    with pytest.raises(ValueError, match="rows: end 2 is before begin 3"):
+        r.rows(3, 2)
+    with pytest.raises(ValueError, match="rows: row numbers are integers; got float 1.5"):
+        r.rows(1.5)
+    with pytest.raises(ValueError, match="11"):
+        r.rows(0, 11)  # beyond the snapshot: the core names the range
+    with pytest.raises(ValueError, match="verify: row -1 is negative"):
+        r.verify(-1)
+    assert r.rows(8).shape == (2, 4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64", "int8", "uint8"])
+def test_lists_of_rows_are_converted_to_the_stores_dtype(store, dtype):
+    values = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    with embstore.Writer(store, dim=4, dtype=dtype) as w:
+        w.append([1, 2], values)
+        w.append([3], ((0.5, 1.5, 2.5, 3.5),) if dtype[0] in "fb" else ((0, 1, 2, 3),))
+    r = embstore.Reader(store)
+    got = r.tensor().float().numpy() if dtype == "bfloat16" else r.vectors
+    np.testing.assert_array_equal(got[:2], values)
+    assert len(r) == 3
+
+
+def test_list_values_an_integer_store_cannot_hold_are_refused(store):
+    with embstore.Writer(store, dim=2, dtype="int8") as w:
+        with pytest.raises(ValueError, match=r"integers in \[-128, 127\] .* int8 store"):
+            w.append([1], [[1.5, 2]])
+        with pytest.raises(ValueError, match=r"integers in \[-128, 127\]"):
+            w.append([1], [[300, 2]])
+        assert w.committed_rows() == 0
+
+
+def test_an_array_of_another_dtype_is_refused_not_converted(store):
+    with embstore.Writer(store, dim=4) as w:
+        with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):
+            w.append([1], np.zeros((1, 4)))  # numpy's default float64
+        assert w.committed_rows() == 0
+
+
+def test_an_existing_directory_that_is_not_a_store_is_named_as_such(tmp_path):
+    not_a_store = tmp_path / "photos"
+    not_a_store.mkdir()
+    (not_a_store / "cat.jpg").write_bytes(b"meow")
+    for open_it in (lambda: embstore.Writer(not_a_store, dim=8),
+                    lambda: embstore.Writer(not_a_store),
+                    lambda: embstore.Reader(not_a_store),
+                    lambda: embstore.info(not_a_store)):
+        with pytest.raises(embstore.NotAStoreError) as error:
+            open_it()
+        assert not isinstance(error.value, FileNotFoundError)
+        assert isinstance(error.value, embstore.Error) and error.value.code == "not_a_store"
+        assert f"{not_a_store}: is a directory but not an embstore store" in str(error.value)
+    assert os.listdir(not_a_store) == ["cat.jpg"]  # untouched
+    a_file = not_a_store / "cat.jpg"
+    for open_it in (lambda: embstore.Writer(a_file, dim=8), lambda: embstore.Reader(a_file)):
+        with pytest.raises(embstore.NotAStoreError, match="is a file, not an embstore store"):
+            open_it()
+    assert a_file.read_bytes() == b"meow"
+    with pytest.raises(FileNotFoundError):  # a missing path stays FileNotFoundError
+        embstore.Writer(tmp_path / "missing")
+
+
+def _store_info_fields():
+    header = open(os.path.join(REPO, "include", "embstore", "store.h")).read()
+    body = header[header.index("struct StoreInfo {"):]
+    body = body[:body.index("};")]
+    return re.findall(r"^\s+[\w:<>]+\s+(\w+)(?:\s*=[^;]*)?;", body, re.M)
+
+
+def test_info_keys_are_the_field_names_of_the_cpp_store_info(store):
+    fields = _store_info_fields()
+    assert "format_major" in fields and "committed_rows" in fields
+    with embstore.Writer(store, dim=4) as w:
+        w.append([1], rows(1))
+        assert list(w.info()) == fields
+    assert list(embstore.info(store)) == fields
+    info = embstore.Reader(store).info()
+    assert list(info) == fields
+    assert f"{info['format_major']}.{info['format_minor']}" == embstore.FORMAT_VERSION
+    assert all(name in embstore.info.__doc__ for name in fields)  # documented
+
+
+def test_record_checks_the_checksum_and_names_row_key_and_epoch(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.arange(10) + 100, np.arange(40, dtype=np.float32).reshape(10, 4), 3)
+    with open(os.path.join(store, "rows.1"), "r+b") as f:
+        f.seek(7 * 16 + 3)
+        byte = f.read(1)
+        f.seek(7 * 16 + 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    r = embstore.Reader(store)
+    good = r.record(6)
+    assert (good.row, good.key, good.epoch) == (6, 106, 3)
+    np.testing.assert_array_equal(good.vector, [24, 25, 26, 27])
+    assert not good.vector.flags.writeable
+    with pytest.raises(embstore.CorruptionError, match=r"row 7 \(key 107, epoch 3\) fails its "
+                                                       r"checksum"):
+        r.record(7)
+    with pytest.raises(ValueError, match="outside the snapshot"):
+        r.record(10)
+    with pytest.raises(ValueError, match="record: row -1 is negative"):
+        r.record(-1)
+
+
+APPEND_LATER = """
+    import sys, time
+    import numpy as np
+    import embstore
+    sys.stdin.readline()
+    time.sleep(1.0)  # the scenario: rows arrive after more than wait's 0.2 s slices
+    with embstore.Writer(sys.argv[1]) as w:
+        w.append([1, 2], np.ones((2, 4), np.float32))
+"""
+
+
+@pytest.mark.parametrize("timeout", [math.inf, 1e300, 9.3e9, 2.0**63])
+def test_wait_with_an_infinite_or_huge_timeout_waits_until_rows_arrive(store, timeout):
+    embstore.create(store, dim=4)
+    r = embstore.Reader(store)
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(APPEND_LATER), store],
+                             stdin=subprocess.PIPE, text=True)
+    child.stdin.write("go\n")
+    child.stdin.close()
+    try:
+        assert r.wait(2, timeout=timeout) is True
+        assert len(r) == 2
+    finally:
+        assert child.wait(60) == 0
+
+
+def test_wait_refuses_a_negative_or_nan_timeout(store):
+    embstore.create(store, dim=4)
+    r = embstore.Reader(store)
+    for bad in (-1, -math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"wait: timeout is .*; use seconds >= 0, or None"):
+            r.wait(1, timeout=bad)
+    with pytest.raises(ValueError, match="wait: n is -1"):
+        r.wait(-1)
+    assert r.wait(0, timeout=0) is True
+    assert r.wait(1, timeout=0) is False

@@ -1,0 +1,156 @@
+"""Rows appended but not yet written when a process ends are written, or their loss is loud:
+interpreter exit, multiprocessing children (os._exit after finalizers), garbage collection."""
+import gc
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import embstore
+import workers
+from test_async import StoreLock
+
+
+def run_script(source, *args, stdin=None):
+    """Runs `source` in a new interpreter (PYTHONPATH from conftest); returns the process."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(source), *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_async_writer_left_open_is_flushed_at_interpreter_exit(store):
+    embstore.create(store, dim=64)
+    script = run_script("""
+        import sys
+        import numpy as np
+        import embstore
+        w = embstore.Writer(sys.argv[1], async_queue_mb=16)
+        print("opened", flush=True)
+        sys.stdin.readline()  # the test holds the store's lock now
+        class Holder:  # a reference cycle: nothing frees it before the interpreter ends
+            pass
+        h = Holder()
+        h.self, h.writer = h, w
+        del w
+        for i in range(20):
+            h.writer.append(np.arange(100) + 100 * i, np.full((100, 64), i, np.float32), i)
+        print("queued", flush=True)
+    """, store)
+    assert script.stdout.readline() == "opened\n"
+    with StoreLock(store) as lock:  # the rows stay queued until the script has ended
+        script.stdin.write("locked\n")
+        script.stdin.flush()
+        assert script.stdout.readline() == "queued\n"  # the script now exits, held by the lock
+        lock.release()
+        out, err = script.communicate(timeout=120)
+    assert script.returncode == 0, err
+    r = embstore.Reader(store)
+    assert len(r) == 2000 and r.verify().ok
+    np.testing.assert_array_equal(r.vectors[:, 0], np.repeat(np.arange(20), 100))
+
+
+def test_async_writer_in_a_global_of_a_fork_started_child_is_flushed_before_os_exit(store):
+    embstore.create(store, dim=workers.DIM)
+    ctx = multiprocessing.get_context("fork")
+    opened, locked, appended = ctx.Event(), ctx.Event(), ctx.Event()
+    batches, batch_rows = 50, 2048
+    child = ctx.Process(target=workers.append_through_global_writer,
+                        args=(store, batches, batch_rows, opened, locked, appended))
+    child.start()
+    assert opened.wait(60)
+    with StoreLock(store) as lock:
+        locked.set()
+        assert appended.wait(60)  # everything queued; the child returns and exits now
+        lock.release()
+        child.join(120)
+    assert child.exitcode == 0
+    r = embstore.Reader(store)
+    assert len(r) == batches * batch_rows
+    np.testing.assert_array_equal(r.vectors, workers.payload(r.keys.astype(np.int64)))
+
+
+def test_writer_dropped_without_close_is_flushed_by_garbage_collection(store):
+    embstore.create(store, dim=8)
+    w = embstore.Writer(store, async_queue_mb=1)
+    holder = [w]
+    holder.append(holder)  # a cycle: only the collector frees it
+    for i in range(10):
+        w.append(np.arange(50) + 50 * i, np.full((50, 8), i, np.float32), i)
+    del w, holder
+    gc.collect()
+    r = embstore.Reader(store)
+    assert len(r) == 500 and r.verify().ok
+
+
+def test_rows_lost_at_exit_are_reported_with_the_store_and_the_row_count(store):
+    embstore.create(store, dim=1024, segment_mb=1)
+    script = run_script("""
+        import sys
+        import numpy as np
+        import embstore
+        w = embstore.Writer(sys.argv[1], async_queue_mb=64, map_bytes=1 << 20)
+        w.append(range(200), np.zeros((200, 1024), np.float32))
+        w.append(range(300), np.zeros((300, 1024), np.float32))  # beyond map_bytes: fails
+    """, store)
+    out, err = script.communicate(timeout=120)
+    assert store in err and "300 appended rows were not written" in err, err
+    assert len(embstore.Reader(store)) == 200
+
+
+RECORDER_SCRIPT = """
+    import sys
+    import torch
+    from embstore.torch import EmbeddingRecorder
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    recorder = EmbeddingRecorder(model, "0", sys.argv[1], dim=16, buffer_rows=512)
+    for b in range(30):  # 3,000 rows: the last 440 are still staged at exit
+        ids = torch.arange(b * 100, (b + 1) * 100)
+        with torch.no_grad(), recorder.batch(ids, 0):
+            model(torch.randn(100, 8))
+"""
+
+
+def test_recorder_without_close_writes_its_staged_rows_at_exit(store):
+    pytest.importorskip("torch")
+    script = run_script(RECORDER_SCRIPT, store)
+    out, err = script.communicate(timeout=120)
+    assert script.returncode == 0, err
+    r = embstore.Reader(store)
+    assert len(r) == 3000 and sorted(r.keys.tolist()) == list(range(3000))
+
+
+def test_recorder_made_before_fork_is_flushed_in_each_multiprocessing_child(store):
+    torch = pytest.importorskip("torch")
+    import workers_torch
+    from embstore.torch import EmbeddingRecorder
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    recorder = EmbeddingRecorder(model, "0", store, dim=16, buffer_rows=512)
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=workers_torch.record_without_close,
+                            args=(recorder, model, 10_000 * c, 30, 100)) for c in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+        assert child.exitcode == 0
+    recorder.close()
+    r = embstore.Reader(store)
+    expected = sorted(10_000 * c + k for c in range(2) for k in range(3000))
+    assert len(r) == 6000 and sorted(r.keys.tolist()) == expected
+
+
+def test_recorder_dropped_without_close_is_flushed_by_garbage_collection(store):
+    torch = pytest.importorskip("torch")
+    from embstore.torch import EmbeddingRecorder
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+    recorder = EmbeddingRecorder(model, "0", store, dim=16, buffer_rows=512)
+    with torch.no_grad(), recorder.batch(torch.arange(100), 0):
+        model(torch.randn(100, 8))  # staged, not yet appended
+    del model, recorder  # the model's hook was the last reference to the recorder
+    gc.collect()
+    r = embstore.Reader(store)
+    assert len(r) == 100 and sorted(r.keys.tolist()) == list(range(100))
