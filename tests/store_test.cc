@@ -18,11 +18,13 @@
 #include "format/convert.h"
 #include "format/format.h"
 #include "platform/testing.h"
+#include "support/error_code.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
 
 using namespace embstore;
+using embstore::test::code_of;
 using embstore::test::TempDir;
 
 namespace {
@@ -40,17 +42,6 @@ std::vector<std::uint64_t> iota_keys(std::uint64_t first, std::uint64_t n) {
   std::vector<std::uint64_t> keys(n);
   for (std::uint64_t i = 0; i < n; ++i) keys[i] = first + i;
   return keys;
-}
-
-ErrorCode code_of(const std::function<void()>& f, std::string* message = nullptr) {
-  try {
-    f();
-  } catch (const Error& e) {
-    if (message) *message = e.what();
-    return e.code();
-  }
-  FAIL("expected an embstore::Error");
-  return ErrorCode::kIO;
 }
 
 // Bytes of `count` elements of `dtype` whose values are small exact integers.

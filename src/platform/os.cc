@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -256,6 +257,21 @@ int rename_path(const std::string& from, const std::string& to) {
   if (err == EEXIST || err == ENOTEMPTY || err == EISDIR || err == ENOTDIR) return err;
   fail("rename", from + " -> " + to, err);
 }
+
+std::uint64_t filesystem_magic(const std::string& path) {
+  if (const std::uint64_t fake = EMBSTORE_FS_MAGIC(); fake != 0) return fake;
+  std::string at = path;
+  for (;;) {
+    struct statfs st;
+    if (::statfs(at.c_str(), &st) == 0) return static_cast<std::uint64_t>(st.f_type);
+    const int err = errno;
+    const auto slash = at.find_last_of('/', at.size() > 1 ? at.size() - 2 : 0);
+    if (err != ENOENT || at == "/" || at == ".") fail("statfs", at, err);
+    at = slash == std::string::npos ? "." : slash == 0 ? "/" : at.substr(0, slash);
+  }
+}
+
+void remove_file(const std::string& path) noexcept { ::unlink(path.c_str()); }
 
 void remove_tree(const std::string& path) noexcept {
   if (DIR* dir = ::opendir(path.c_str())) {

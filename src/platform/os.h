@@ -58,7 +58,11 @@ void make_dir(const std::string& path);
 // rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).
 int rename_path(const std::string& from, const std::string& to);
 void remove_tree(const std::string& path) noexcept;
+void remove_file(const std::string& path) noexcept;
 bool exists(const std::string& path) noexcept;
+// statfs(2)'s f_type for the file system holding `path`, or its nearest existing ancestor when
+// `path` does not exist yet. Test builds may fake it (testing.h, EMBSTORE_FS_MAGIC).
+std::uint64_t filesystem_magic(const std::string& path);
 
 // Blocks until this open file description holds the exclusive OFD lock on byte 0 of `fd`.
 void lock_exclusive(int fd, const std::string& path);

@@ -730,3 +730,7 @@ class Reader(_Handle):
         if self.closed:
             return "<embstore.Reader (closed)>"
         return f"<embstore.Reader {self.path!r} rows={len(self)} dim={self.dim} dtype={self.dtype}>"
+
+
+from .io import compact, export_hdf5, export_npy, import_npy  # noqa: E402 (needs Reader, Writer)
+from .shards import ShardSet, merge  # noqa: E402,F401  (several stores as one: embstore.shards)
