@@ -46,6 +46,10 @@ void* reserve(std::uint64_t bytes, const std::string& what);
 void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Access access,
                const std::string& path);
 void unmap(void* addr, std::uint64_t bytes) noexcept;
+// Fills the page tables of [addr, addr + bytes), a mapped range, from the page cache in one call
+// (MADV_POPULATE_READ), so reading it takes no page faults. Advisory: does nothing where the
+// kernel cannot (before Linux 5.14) or on any error; a later read behaves as it would have.
+void populate_read(const void* addr, std::uint64_t bytes) noexcept;
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
 void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
                  const std::string& path);
