@@ -24,7 +24,8 @@ class Reader::Impl {
   std::string path_;
   std::string metadata_;
   std::uint64_t snapshot_ = 0;
-  // Rows [0, populated_) have page-table entries in this Reader's mapping (populate()).
+  // Rows [0, populated_) have page-table entries in this Reader's mapping (populate()); reset
+  // when refresh() maps the files again at a new Generation, whose range has none.
   mutable std::atomic<std::uint64_t> populated_{0};
 
   // A fresh mapping has no page-table entries: the first scan of it paid ~0.8x of a scan of
@@ -52,12 +53,14 @@ class Reader::Impl {
 
   std::uint64_t refresh() {
     StoreFiles& f = files();
+    const detail::Generation* mapped = f.generation();
     // The one recovery loader (log/recovery.h), read-only: after a reboot, before any writer
     // recovered the store, it verifies the rows past `durable` and keeps whole valid batches.
     const detail::LoadedLog log = detail::load_log(f, verified_upto_);
     // A writer may have recovered the store meanwhile and appended over the scanned range (even
     // a batch it never published): then the scan proves nothing and the counter is the truth.
     // Recovery stores the boot id before any append, so an unchanged one means no row changed.
+    if (f.generation() != mapped) populated_.store(0, std::memory_order_relaxed);
     if (!log.same_boot && f.same_boot()) return refresh();
     if (!log.same_boot) verified_upto_ = std::max(verified_upto_, log.verified_upto);
     snapshot_ = std::max(snapshot_, log.recovered.committed);

@@ -62,6 +62,8 @@ class StoreFiles {
 
   // Rows the current mappings cover.
   std::uint64_t mapped_rows() const { return generation_ ? generation_->mapped_rows() : 0; }
+  // The current mappings (null before the first map_rows()); changes when map_rows() remaps.
+  const Generation* generation() const { return generation_.get(); }
   // Maps both files far enough to cover `rows` rows, at a larger Generation if the current
   // reservation is too small. Checks the files really are that long first (kCorruption naming
   // the file otherwise), so no access can fault past EOF.
