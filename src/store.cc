@@ -55,12 +55,13 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   const std::string staging = path + ".creating." + detail::store_id_hex(suffix).substr(0, 12);
   detail::os::make_dir(staging);
   try {
-    const std::uint64_t record_bytes = std::uint64_t{options.dim} * dtype_size(options.dtype);
-    const std::uint64_t capacity = options.segment_bytes / record_bytes;
     std::string header =
         detail::encode_header(options.dtype, options.dim, options.segment_bytes, store_id,
                               detail::os::unix_time_ns(), options.metadata);
-    // The first segment is allocated now, so the new store's state page says so from the start.
+    const detail::Layout layout = detail::decode_header(header, header.size(), staging);
+    const std::uint64_t capacity =
+        detail::capacity_for(0, layout.record_bytes, layout.segment_bytes, header.size());
+    // The first allocation is made now, so the new store's state page says so from the start.
     detail::StatePage state;
     std::memcpy(&state, header.data() + detail::kStateOffset, sizeof(state));
     state.capacity_rows = capacity;
@@ -69,7 +70,7 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
 
     write_new_file(staging + "/" + detail::kHeaderFileName, header, 0);
     write_new_file(staging + "/" + detail::kLockFileName, "", 0);
-    write_new_file(staging + "/" + detail::data_file_name(1), "", options.segment_bytes);
+    write_new_file(staging + "/" + detail::data_file_name(1), "", layout.data_bytes_for(capacity));
     write_new_file(staging + "/" + detail::index_file_name(1), "",
                    detail::Layout::index_bytes_for(capacity));
     detail::os::sync_dir(staging);

@@ -119,7 +119,7 @@ TEST_CASE("A view taken before the reservation moved stays readable and unchange
   const auto keys_before = r.keys(0, 10);
   const std::vector<std::byte> copy(before.data, before.data + before.size_bytes());
 
-  // Far past the reader's reservation (twice the next power of two of one segment's rows).
+  // Far past the reader's reservation (twice the next power of two of the rows its files held).
   constexpr std::uint64_t kMore = 20'000;
   append_rows(w, 7, 10, kMore);
   REQUIRE(r.refresh() == 10 + kMore);

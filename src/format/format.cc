@@ -23,7 +23,7 @@ std::string index_file_name(std::uint64_t generation) {
 }
 
 std::uint64_t Layout::data_bytes_for(std::uint64_t rows) const {
-  return round_up(rows * record_bytes, segment_bytes);
+  return round_up(rows * record_bytes, kPageBytes);
 }
 
 std::uint64_t Layout::index_bytes_for(std::uint64_t rows) {

@@ -135,7 +135,7 @@ struct Layout {
   std::uint16_t format_minor;
   std::string metadata;
 
-  // Data file bytes needed for `rows` rows, rounded up to whole segments.
+  // Data file bytes for a capacity of `rows` rows, rounded up to whole pages.
   std::uint64_t data_bytes_for(std::uint64_t rows) const;
   // Index file bytes needed for `rows` entries, rounded up to whole pages.
   static std::uint64_t index_bytes_for(std::uint64_t rows);

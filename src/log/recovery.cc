@@ -17,7 +17,7 @@ namespace {
 // The rules that hold in every boot (recovery.h).
 void check_relations(const StoreFiles& files, const Counters& c) {
   if (c.capacity == 0) {
-    corrupt(files, "field capacity_rows 0: a store always holds at least one segment");
+    corrupt(files, "field capacity_rows 0: a store always holds at least one row");
   }
   if (c.committed > c.capacity) {
     corrupt(files, "field committed_rows " + std::to_string(c.committed) +

@@ -37,6 +37,25 @@ class FileHandle {
 
 }  // namespace
 
+std::uint64_t capacity_for(std::uint64_t rows, std::uint64_t record_bytes,
+                           std::uint64_t segment_bytes, std::uint64_t header_bytes) {
+  const std::uint64_t row_bytes = record_bytes + kIndexEntryBytes;
+  // Compared in rows first: rows * row_bytes could overflow for a huge count.
+  if (std::max<std::uint64_t>(rows, 1) <= segment_bytes / row_bytes) {
+    // Doubling: under 2 x (payload + 32 B/row), or the first allocation, and O(log n) growths.
+    const std::uint64_t need = std::max<std::uint64_t>(rows, 1) * row_bytes;
+    return std::min(segment_bytes, std::max(kFirstAllocationBytes, std::bit_ceil(need))) /
+           row_bytes;
+  }
+  // Past one segment, the slack after a growth plus the header, the files' last pages and the
+  // file system's extent blocks (counted in st_blocks) stays within one segment, when a segment
+  // has room for them at all (at least twice their size).
+  const std::uint64_t overhead = header_bytes + 4 * kPageBytes;
+  const std::uint64_t step_bytes =
+      segment_bytes > 2 * overhead ? segment_bytes - overhead : segment_bytes;
+  return rows + std::max<std::uint64_t>(1, step_bytes / row_bytes);
+}
+
 std::string strip_trailing_slashes(std::string path) {
   while (path.size() > 1 && path.back() == '/') path.pop_back();
   return path;
@@ -75,6 +94,7 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   const std::uint64_t header_bytes = os::file_size(files->header_fd_, files->header_path_);
   const std::uint64_t to_read =
       std::min<std::uint64_t>(header_bytes, kMetadataOffset + kMaxMetadataBytes);
+  files->header_bytes_ = header_bytes;
   std::string bytes(to_read, '\0');
   os::read_exact(files->header_fd_, bytes.data(), to_read, 0, files->header_path_);
   files->layout_ = decode_header(bytes, header_bytes, files->header_path_);
@@ -99,13 +119,15 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
     files->header_fd_ = -1;
   }
 
-  // One budget for both files, split in proportion to what a row costs in each; whole segments,
-  // so a capacity within budget_rows always fits one Generation.
+  // One budget for both files, split in proportion to what a row costs in each; rounded up to
+  // whole segments, so the capacity of a store whose files were sized in whole segments (format
+  // 1.0, FORMAT.md "File sizes") fits one Generation whenever its rows fit the budget.
   const Layout& layout = files->layout_;
   const std::uint64_t budget = resolve_map_bytes(map_bytes);
   const std::uint64_t max_rows = std::max<std::uint64_t>(
       1, std::min(budget / (layout.record_bytes + kIndexEntryBytes), kMaxRows));
-  files->budget_rows_ = layout.data_bytes_for(max_rows) / layout.record_bytes;
+  files->budget_rows_ =
+      round_up(max_rows * layout.record_bytes, layout.segment_bytes) / layout.record_bytes;
   return files;
 }
 
@@ -183,16 +205,18 @@ void StoreFiles::grow_to(std::uint64_t rows) {
                                       std::to_string(budget_rows_) +
                                       " rows; reopen with a larger map_bytes");
   }
-  const std::uint64_t new_data_bytes = layout_.data_bytes_for(rows);
-  const std::uint64_t new_capacity = std::min(new_data_bytes / layout_.record_bytes, kMaxRows);
-  // Allocate from the last published capacity: a growth killed half-way may have extended the
-  // files already, and re-allocating an allocated range is a cheap no-op.
-  const std::uint64_t old_data_bytes = layout_.data_bytes_for(capacity);
-  os::allocate(data_fd_, old_data_bytes, new_data_bytes - old_data_bytes, data_path_);
+  const std::uint64_t new_capacity =
+      std::min({capacity_for(rows, layout_.record_bytes, layout_.segment_bytes, header_bytes_),
+                budget_rows_, kMaxRows});
+  // Allocate from the page holding the end of the published capacity, the most either file
+  // rule guarantees is allocated (FORMAT.md "File sizes"): a growth killed half-way may have
+  // extended the files already, and re-allocating an allocated range is a cheap no-op.
+  const std::uint64_t data_from = capacity * layout_.record_bytes / kPageBytes * kPageBytes;
+  os::allocate(data_fd_, data_from, layout_.data_bytes_for(new_capacity) - data_from, data_path_);
   EMBSTORE_CRASH_POINT("after-grow-data");
-  const std::uint64_t old_index_bytes = Layout::index_bytes_for(capacity);
-  const std::uint64_t new_index_bytes = Layout::index_bytes_for(new_capacity);
-  os::allocate(index_fd_, old_index_bytes, new_index_bytes - old_index_bytes, index_path_);
+  const std::uint64_t index_from = capacity * kIndexEntryBytes / kPageBytes * kPageBytes;
+  os::allocate(index_fd_, index_from, Layout::index_bytes_for(new_capacity) - index_from,
+               index_path_);
   EMBSTORE_CRASH_POINT("after-grow-index");
   map_rows(new_capacity);
   state_.set_capacity(new_capacity);

@@ -34,6 +34,16 @@ namespace embstore::detail {
 // kDefaultMapBytes. Throws kInvalidArgument for an unparsable environment value.
 std::uint64_t resolve_map_bytes(std::uint64_t requested);
 
+// The first allocation of a new store's data and index files together (FORMAT.md "File sizes").
+inline constexpr std::uint64_t kFirstAllocationBytes = 64 << 10;
+
+// The capacity, in rows, to allocate when at least `rows` rows must fit (FORMAT.md "File
+// sizes"): the two files together double from kFirstAllocationBytes up to one segment, then grow
+// to the rows needed plus a step of about one segment, less the header file (`header_bytes`) and
+// four pages. At least max(rows, 1); no allocation or overflow check.
+std::uint64_t capacity_for(std::uint64_t rows, std::uint64_t record_bytes,
+                           std::uint64_t segment_bytes, std::uint64_t header_bytes);
+
 // `path` without trailing slashes ("/" stays "/"): the store's name in every message.
 std::string strip_trailing_slashes(std::string path);
 
@@ -68,9 +78,10 @@ class StoreFiles {
   // reservation is too small. Checks the files really are that long first (kCorruption naming
   // the file otherwise), so no access can fault past EOF.
   void map_rows(std::uint64_t rows);
-  // Writer only, writer lock held: allocates whole segments so at least `rows` rows fit, maps
-  // them and publishes the new capacity. kFull on ENOSPC/EFBIG or past map_bytes; on failure no
-  // counter changes. Pointers from row_ptr()/entry_ptr() taken before may then be stale.
+  // Writer only, writer lock held: allocates capacity_for(rows) rows in both files (at most
+  // the budget of map_bytes), maps them and publishes the new capacity. kFull on ENOSPC/EFBIG or
+  // past map_bytes; on failure no counter changes. Pointers from row_ptr()/entry_ptr() taken before
+  // may then be stale.
   void grow_to(std::uint64_t rows);
   // Rows the files on disk can hold right now (from their sizes).
   std::uint64_t rows_files_hold() const;
@@ -97,6 +108,7 @@ class StoreFiles {
   int header_fd_ = -1, data_fd_ = -1, index_fd_ = -1;
   void* state_map_ = nullptr;
   SharedState state_;
+  std::uint64_t header_bytes_ = 0;          // The header file's size at open.
   std::uint64_t budget_rows_ = 0;           // The most rows map_bytes lets one Generation reserve.
   std::shared_ptr<Generation> generation_;  // Null until the first map_rows().
 };

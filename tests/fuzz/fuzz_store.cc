@@ -197,7 +197,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } catch (const Error&) {
   }
   exercise_reader(store);
-  // The writer path allocates whole segments: only for small ones, to keep each run fast.
+  // The writer path allocates up to a segment at a time: only for small ones, to keep runs fast.
   if ((flags & 4) && !parts.empty() && u64_at(parts[0], 32) <= (64u << 10)) {
     exercise_writer(store, (flags & 2) == 0);
     exercise_reader(store);

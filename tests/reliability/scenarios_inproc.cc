@@ -233,9 +233,10 @@ bool scenario_capacity(std::uint64_t seed) {
       return w.append(keys, 0, values);
     };
     append_n(1);
-    append_n(1023);  // exactly at capacity (1024)
-    if (w.info().capacity_rows != 1024 || w.committed_rows() != 1024) {
-      ok = fail("counter at capacity: capacity/committed are " +
+    const std::uint64_t capacity = w.info().capacity_rows;
+    append_n(capacity - 1);  // exactly at capacity
+    if (w.info().capacity_rows != capacity || w.committed_rows() != capacity) {
+      ok = fail("counter at capacity " + std::to_string(capacity) + ": capacity/committed are " +
                 std::to_string(w.info().capacity_rows) + "/" + std::to_string(w.committed_rows()));
     }
     append_n(1);     // the next row grows the store
@@ -254,8 +255,9 @@ bool scenario_capacity(std::uint64_t seed) {
     }
     if (!r.verify().ok()) ok = fail("dim1: verify");
     const StoreInfo info = r.info();
-    if (info.data_file_bytes % 4096 != 0 || info.capacity_rows * 4 > info.data_file_bytes) {
-      ok = fail("dim1: file sizes are not whole segments");
+    if (info.data_file_bytes % 4096 != 0 || info.capacity_rows * 4 > info.data_file_bytes ||
+        info.index_file_bytes % 4096 != 0 || info.capacity_rows * 32 > info.index_file_bytes) {
+      ok = fail("dim1: file sizes are not whole pages holding capacity_rows");
     }
     // Wrong shapes write nothing.
     const std::uint64_t before = w.committed_rows();
@@ -663,7 +665,8 @@ const std::vector<Scenario>& all_scenarios() {
   static const std::vector<Scenario> table = {
       {"1", "kill -9 a random writer among 3 (plus a reader), restart it", scenario_kill9},
       {"2", "crash-point sweep: every named point x n", scenario_crash_points},
-      {"3", "crash during segment growth; next growth works; whole segments", scenario_growth},
+      {"3", "crash during growth; next growth works; files whole pages, allocated",
+       scenario_growth},
       {"4", "crash during recovery, recover again: same state", scenario_recovery_crash},
       {"5", "stalled writers, hammering readers (processes, then threads)", scenario_stall},
       {"6", "simulated power loss: shadow images with torn pages", scenario_power_loss},

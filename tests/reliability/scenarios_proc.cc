@@ -2,6 +2,7 @@
 // power loss, full disks, injected I/O errors and address-space limits.
 #include <signal.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -148,24 +149,31 @@ const std::vector<std::string> kCrashPoints = {
     "before-publish",  "after-publish",    "mid-sync",   "during-recovery"};
 
 struct FileSizes {
-  std::uint64_t data = 0, index = 0, capacity = 0, record = 0, segment = 0;
+  std::uint64_t data = 0, index = 0, capacity = 0, record = 0, generation = 0;
 };
 FileSizes sizes_of(const std::string& store) {
   StoreInfo info = read_info(store);
   return {info.data_file_bytes, info.index_file_bytes, info.capacity_rows, info.record_bytes,
-          info.segment_bytes};
+          info.generation};
 }
 
-bool whole_segments(const std::string& store, const std::string& when) {
+// FORMAT.md "File sizes": whole pages, long enough for capacity_rows, and allocated to the end
+// (a hole is a range a mapping could fault in, SIGBUS on a full disk, instead of an error).
+bool sizes_valid(const std::string& store, const std::string& when) {
   FileSizes f = sizes_of(store);
   bool ok = true;
-  if (f.data % f.segment != 0) {
-    ok = fail(when + ": data file is " + std::to_string(f.data) + " bytes, not whole segments of " +
-              std::to_string(f.segment));
-  }
+  if (f.data % 4096 != 0) ok = fail(when + ": data file is not whole pages");
   if (f.index % 4096 != 0) ok = fail(when + ": index file is not whole pages");
   if (f.data < f.capacity * f.record || f.index < f.capacity * 32) {
     ok = fail(when + ": files are shorter than capacity_rows " + std::to_string(f.capacity));
+  }
+  const std::string g = std::to_string(f.generation);
+  for (const std::string& file : {store + "/rows." + g, store + "/index." + g}) {
+    struct stat st {};
+    if (::stat(file.c_str(), &st) != 0 || st.st_blocks * 512 < st.st_size) {
+      ok = fail(when + ": " + file + " has " + std::to_string(st.st_blocks * 512) +
+                " bytes allocated of " + std::to_string(st.st_size));
+    }
   }
   return ok;
 }
@@ -192,12 +200,12 @@ bool crash_run(std::uint64_t seed, const std::string& point, std::uint64_t n, bo
       what);
   stat_add("crash_point_kills");
   FileSizes before = sizes_of(s.params().store);
-  if (growth_checks) ok &= whole_segments(s.params().store, what + " after the crash");
+  if (growth_checks) ok &= sizes_valid(s.params().store, what + " after the crash");
   // The next writer must work, through more growth.
   ok &= expect_exit(s.start_writer({"--batches", "60", "--sync-every", "9"}, env),
                     "writer after " + what);
   if (growth_checks) {
-    ok &= whole_segments(s.params().store, what + " after the next growth");
+    ok &= sizes_valid(s.params().store, what + " after the next growth");
     if (sizes_of(s.params().store).capacity <= before.capacity) {
       ok = fail(what + ": the next writer did not grow the store");
     }
