@@ -48,7 +48,7 @@
 //
 // Errors
 //   Every failure throws embstore::Error (error.h) whose message names the file, field or value.
-//   A full disk is an error (kFull) from append(), never SIGBUS: every segment is
+//   A full disk is an error (kFull) from append(), never SIGBUS: every growth of the files is
 //   posix_fallocate'd before its first byte is touched. Rows already stored are never lost.
 //
 // Caveats

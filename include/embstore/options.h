@@ -18,8 +18,9 @@ inline constexpr std::uint64_t kDefaultMapBytes = 1ull << 40;       // 1 TiB of 
 struct CreateOptions {
   std::uint32_t dim = 0;          // Elements per row; 1 .. 2^24.
   DType dtype = DType::kFloat32;  // Element type of every row.
-  // The data file grows by this many bytes at a time (posix_fallocate'd before first touch).
-  // A multiple of 4096 and at least one row; the index file grows alongside it.
+  // The growth step: the data and index files together double from 64 KiB up to this many bytes,
+  // then grow by about this much at a time (posix_fallocate'd before first touch; FORMAT.md
+  // "File sizes"). A multiple of 4096 and at least one row.
   std::uint64_t segment_bytes = kDefaultSegmentBytes;
   // Free-form user text (JSON by convention: model name, run config), at most kMaxMetadataBytes.
   std::string metadata;

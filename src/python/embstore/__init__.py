@@ -135,7 +135,7 @@ def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = Non
             dtypes are accepted too). float16/bfloat16 stores also accept float32 input.
         metadata: free-form text stored in the header; a dict/list is stored as JSON and comes
             back as a dict from ``Reader.metadata``. At most 64 KiB.
-        segment_mb: growth step of the data file in MiB (default 64); a multiple of 4 KiB.
+        segment_mb: growth step of the files in MiB (default 64); a multiple of 4 KiB.
 
     Raises:
         FileExistsError: a store (or a non-empty directory) is already there.
