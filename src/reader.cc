@@ -190,17 +190,34 @@ VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
     if (report.bad_rows.size() < VerifyReport::kMaxListed) report.bad_rows.push_back(row);
   }
   if (begin == 0 && end == impl_->snapshot_) {
-    if (const auto index = impl_->keys_->current()) {
-      report.key_index_checked = true;
-      try {
-        report.key_index_problems = index->check(
-            f.entry_ptr(0), std::min(end, index->indexed_rows()), &report.key_index_problem);
-      } catch (const Error& error) {
-        if (error.code() != ErrorCode::kCorruption) throw;
-        report.key_index_problems = 1;
-        report.key_index_problem = error.what();
-      }
+    const VerifyReport keys = verify_key_index();
+    report.key_index_checked = keys.key_index_checked;
+    report.key_index_problems = keys.key_index_problems;
+    report.key_index_problem = keys.key_index_problem;
+  }
+  return report;
+}
+
+VerifyReport Reader::verify_key_index() const {
+  const StoreFiles& f = impl_->files();
+  VerifyReport report;
+  report.begin_row = 0;
+  report.end_row = impl_->snapshot_;
+  if (const auto index = impl_->keys_->current()) {
+    report.key_index_checked = true;
+    try {
+      report.key_index_problems =
+          index->check(f.entry_ptr(0), std::min(impl_->snapshot_, index->indexed_rows()),
+                       &report.key_index_problem);
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kCorruption) throw;
+      report.key_index_problems = 1;
+      report.key_index_problem = error.what();
     }
+  } else if (impl_->keys_->damaged()) {
+    report.key_index_checked = true;
+    report.key_index_problems = 1;
+    report.key_index_problem = impl_->keys_->status();
   }
   return report;
 }

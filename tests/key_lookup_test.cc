@@ -420,6 +420,19 @@ TEST_CASE("Missing, damaged or pre-reboot key index files: readers scan, writers
   Reader r = Reader::open(path);
   CHECK(r.info().key_index.find(expect_status) == 0);
   check_lookups(r, keys, epochs);  // By scan: same answers.
+  // A missing or unreadable file the store names is damage for verify; a pre-reboot one is
+  // merely not used.
+  const VerifyReport before = r.verify_key_index();
+  CHECK(before.rows_checked == 0);
+  if (expect_status == "damaged (") {
+    CHECK(before.key_index_checked);
+    CHECK(before.key_index_problems == 1);
+    CHECK(before.key_index_problem.find("keys.1") != std::string::npos);
+    CHECK_FALSE(r.verify().ok());
+  } else {
+    CHECK_FALSE(before.key_index_checked);
+    CHECK(r.verify().ok());
+  }
   {
     Writer w = Writer::open(path);  // Rebuilds it as keys.2.
     append(w, {1}, {10});

@@ -111,6 +111,11 @@ class Reader {
   // also checks the key index (VerifyReport); never throws for bad rows.
   VerifyReport verify(std::uint64_t begin, std::uint64_t end) const;
   VerifyReport verify() const { return verify(0, size()); }
+  // The key index part of verify() alone: checks the key index against the offset index of the
+  // snapshot (key_index_checked false when there is none to check: none built yet, or built
+  // before the last reboot). A key index file that is missing or unreadable although the store
+  // names it counts as one problem. No row checksum is computed (rows_checked stays 0).
+  VerifyReport verify_key_index() const;
 
   // ---- Lookups by key (sample id) and epoch, through the key index (FORMAT.md, "keys.K") ----
   // Every lookup answers for the snapshot [0, size()) and never returns a row at or past it,

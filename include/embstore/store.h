@@ -39,6 +39,9 @@ struct StoreInfo {
   std::vector<EpochRows> epochs;  // Ascending epoch.
   // "keys.K, N rows indexed", or why lookups are answered by a scan of the offset index.
   std::string key_index;
+  // True when the key statistics above (and lookups) come from the key index, false when from
+  // a scan of the offset index.
+  bool key_index_used = false;
 };
 
 // Creates an empty store at `path`, which must not exist (or be an empty directory). The store

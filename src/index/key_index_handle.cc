@@ -54,6 +54,12 @@ void KeyIndexHandle::set_current(std::shared_ptr<KeyIndexFile> file, std::string
   current_ = std::move(file);
   has_current_ = current_ != nullptr;
   status_ = std::move(status);
+  damaged_ = false;
+}
+
+bool KeyIndexHandle::damaged() const {
+  std::lock_guard guard(mutex_);
+  return damaged_;
 }
 
 void KeyIndexHandle::mark_damaged(const std::string& why) {
@@ -62,6 +68,7 @@ void KeyIndexHandle::mark_damaged(const std::string& why) {
   current_.reset();
   has_current_ = false;
   status_ = "damaged (" + why + "): lookups scan until a writer rebuilds it";
+  damaged_ = true;
 }
 
 void KeyIndexHandle::refresh() {
@@ -99,6 +106,7 @@ void KeyIndexHandle::refresh() {
       damaged_generation_ = generation;
       status_ =
           "damaged (" + std::string(error.what()) + "): lookups scan until a writer rebuilds it";
+      damaged_ = true;
       return;
     }
   }

@@ -40,6 +40,9 @@ class KeyIndexHandle {
   std::string status() const;
   // Marks the current file unusable after a lookup found it inconsistent.
   void mark_damaged(const std::string& why);
+  // True when the current generation's file is missing or was found damaged (not merely absent
+  // because none was built yet, or built before the last reboot): status() says why.
+  bool damaged() const;
 
   // Writer, writer lock held, rows [0, committed) mapped: makes the index usable — opens it, or
   // rebuilds it from the offset index when it is missing, damaged, from another boot or ahead of
@@ -79,6 +82,7 @@ class KeyIndexHandle {
   std::atomic<bool> has_current_{false};
   std::string status_;
   std::uint64_t damaged_generation_ = 0;  // A generation found unusable; not reopened.
+  bool damaged_ = false;                  // status_ tells of damage (see damaged()).
   // Writer only: the growth this handle claimed (in claim_file_'s header) and what it builds.
   std::shared_ptr<KeyIndexFile> claim_file_;
   KeyIndexSizes growth_sizes_;

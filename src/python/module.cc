@@ -688,6 +688,7 @@ py::dict info_dict(const StoreInfo& info) {
   for (const EpochRows& e : info.epochs) epochs[py::int_(e.epoch)] = e.rows;
   out["epochs"] = epochs;
   out["key_index"] = info.key_index;
+  out["key_index_used"] = info.key_index_used;
   return out;
 }
 

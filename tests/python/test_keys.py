@@ -52,10 +52,30 @@ def test_get_find_history_and_batches(store):
         r.get_many([5, 77])
     info = r.info()
     assert info["distinct_keys"] == 3 and info["epochs"] == {0: 2, 1: 2, 2: 1, 3: 1}
-    assert info["key_index"].startswith("keys.1")
+    assert info["key_index"].startswith("keys.1") and info["key_index_used"] is True
     assert embstore.info(store)["distinct_keys"] == 3
     report = r.verify()
     assert report.ok and report.key_index_checked and report.key_index_problems == 0
+
+
+def test_a_missing_key_index_file_is_answered_by_scan_and_reported(store):
+    import os
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        append(w, [(1, 0), (2, 0), (1, 1)])
+    os.remove(os.path.join(store, "keys.1"))
+    r = embstore.Reader(store)
+    info = r.info()
+    assert info["key_index_used"] is False and info["key_index"].startswith("damaged (")
+    assert info["distinct_keys"] == 2 and info["epochs"] == {0: 2, 1: 1}  # by scan
+    assert r.find(1) == 2 and r.history(1) == [(0, 0), (2, 1)]
+    report = r.verify()
+    assert not report.ok and report.bad_row_count == 0
+    assert report.key_index_problems == 1 and "keys.1" in report.key_index_problem
+    with embstore.Writer(store) as w:  # the next writer rebuilds it
+        append(w, [(3, 1)])
+    r.refresh()
+    assert r.info()["key_index_used"] is True and r.verify().ok
 
 
 def test_lookups_never_see_past_the_snapshot(store):
