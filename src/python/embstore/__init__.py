@@ -153,7 +153,8 @@ def info(path: PathLike) -> dict:
     is "{format_major}.{format_minor}"), dtype (name), dim, record_bytes, segment_bytes,
     store_id (32 hex digits), created_unix_ns, metadata (text), generation, committed_rows,
     durable_rows, capacity_rows, data_file_bytes, index_file_bytes; from the key index:
-    distinct_keys, epochs ({epoch: rows}) and key_index (its state, or why lookups scan).
+    distinct_keys, epochs ({epoch: rows}), key_index (its state, or why lookups scan) and
+    key_index_used (True when these come from the key index, False when from a scan).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
