@@ -120,7 +120,7 @@ TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "
   CHECK(follower.refresh() == seq);
 }
 
-TEST_CASE("A reader holding a replaced key index frees its space at refresh; appends then resume",
+TEST_CASE("A reader holding a replaced key index frees its space at refresh, then appends resume",
           "[faults][full][keys]") {
   TempDir dir;
   const SmallTmpfs tmpfs(dir, "2m");
