@@ -101,8 +101,7 @@ class Writer::Impl {
   // kFull leaves the store usable (this handle stops indexing, close() reports it); other
   // errors fail the open.
   void open_key_index();
-  // Records the first key index failure; this handle stops indexing (close() reports it), except
-  // after kFull, which the next appends retry (index_keys()).
+  // Records the first key index failure; this handle stops indexing (close() reports it).
   void key_index_failed(const Error& error);
   // Writer lock held, after a publish: indexes the new rows; true when a growth was claimed.
   bool index_keys(std::uint64_t committed);
@@ -138,8 +137,6 @@ class Writer::Impl {
   std::uint64_t synced_era_ = 0;  // Highest era this handle has seen durable. Under mutex_.
   std::unique_ptr<detail::KeyIndexHandle> keys_;
   std::atomic<bool> keys_usable_{false};
-  // Set with keys_usable_ = false after a kFull: space may free up, so appends try again.
-  std::atomic<bool> keys_retry_{false};
   std::optional<Error> key_index_error_;        // Under poison_mutex_.
   std::unique_ptr<std::thread> growth_thread_;  // Under mutex_.
   std::atomic<bool> stop_growth_{false};
@@ -193,33 +190,18 @@ void Writer::Impl::open_key_index() {
 }
 
 void Writer::Impl::key_index_failed(const Error& error) {
-  std::lock_guard guard(poison_mutex_);
   keys_usable_ = false;
-  const bool hard_before = key_index_error_ && key_index_error_->code() != ErrorCode::kFull;
-  // Any other failure outranks a full disk and ends the retries for good.
-  keys_retry_ = error.code() == ErrorCode::kFull && !hard_before;
-  if (!hard_before) key_index_error_.emplace(error);
+  std::lock_guard guard(poison_mutex_);
+  if (!key_index_error_) key_index_error_.emplace(error);
 }
 
 bool Writer::Impl::index_keys(std::uint64_t committed) {
-  if (!keys_usable_ && !keys_retry_) return false;
+  if (!keys_usable_) return false;
   try {
-    // Redo-only (key_index.h): a retry after kFull indexes every row the failure left out, or
-    // rebuilds the index if there was none to catch up.
-    const bool claimed = keys_->after_publish(files_->entry_ptr(0), committed);
-    if (keys_retry_) {
-      std::lock_guard guard(poison_mutex_);
-      if (keys_retry_) {  // Not turned into a hard failure by the growth thread meanwhile.
-        keys_retry_ = false;
-        key_index_error_.reset();
-        keys_usable_ = true;
-      }
-    }
-    return claimed;
+    return keys_->after_publish(files_->entry_ptr(0), committed);
   } catch (const Error& error) {
     // The rows are published: the append succeeded and must not throw (a retry would store them
-    // twice). This handle stops indexing (or retries at the next append after kFull); close()
-    // reports it; the next writer indexes the rows.
+    // twice). This handle stops indexing; close() reports it; the next writer indexes the rows.
     key_index_failed(error);
     return false;
   }
