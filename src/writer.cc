@@ -8,6 +8,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "embstore/error.h"
@@ -35,6 +36,7 @@ class Writer::Impl {
         owner_pid_(detail::os::current_pid()) {
     {
       detail::LockGuard guard(*lock_);
+      allocate_files();
       recover();
       files_->map_rows(files_->state().capacity());
     }
@@ -71,6 +73,7 @@ class Writer::Impl {
   void check_open() const;    // Same process, not closed.
   void check_usable() const;  // check_open() and not poisoned.
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
+  void allocate_files();
   void recover();
   void sync_loop();
   [[noreturn]] void poison(const Error& error);
@@ -116,6 +119,21 @@ void Writer::Impl::check_open() const {
                                              "; a forked child must open its own Writer");
   }
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+}
+
+// Runs under the writer lock at open, before anything is written through a mapping. A store
+// copied or restored sparse (cp --sparse, rsync -S, tar -S, backup tools) has holes where rows
+// and entries will be written; on a full disk a store through the mapping into a hole raises
+// SIGBUS. Allocating every byte of the files now turns that into kFull here. posix_fallocate
+// over ranges already allocated changes nothing and costs one extent walk.
+void Writer::Impl::allocate_files() {
+  const std::pair<int, const std::string*> files[] = {{files_->header_fd(), &files_->header_path()},
+                                                      {files_->data_fd(), &files_->data_path()},
+                                                      {files_->index_fd(), &files_->index_path()}};
+  for (const auto& [fd, path] : files) {
+    const std::uint64_t bytes = detail::os::file_size(fd, *path);
+    if (bytes != 0) detail::os::allocate(fd, 0, bytes, *path);
+  }
 }
 
 // Runs under the writer lock at open: the one recovery loader (log/recovery.h), applied.
@@ -285,7 +303,8 @@ Writer Writer::open_or_create(const std::string& path, const CreateOptions& crea
   WriterOptions checked = options;
   checked.expect_dim = create_options.dim;
   checked.expect_dtype = create_options.dtype;
-  // Racing processes: whoever's rename lands first creates; everyone else opens.
+  // Racing processes: create_store serializes them on the path's create lock; the first
+  // creates, the others find the store there and open it.
   for (int attempt = 0;; ++attempt) {
     try {
       return open(path, checked);
@@ -294,8 +313,12 @@ Writer Writer::open_or_create(const std::string& path, const CreateOptions& crea
     }
     try {
       create_store(path, create_options);
-    } catch (const Error& error) {
-      if (error.code() != ErrorCode::kAlreadyExists) throw;
+    } catch (const Error&) {
+      // Whatever failed (a full disk, say), a store that exists now is one to open.
+      if (!detail::os::exists(detail::strip_trailing_slashes(path) + "/" +
+                              detail::kHeaderFileName)) {
+        throw;
+      }
     }
   }
 }

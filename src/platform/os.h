@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace embstore::detail::os {
 
@@ -20,6 +21,11 @@ enum class Access { kReadOnly, kReadWrite };
 int open_file(const std::string& path, Access access);
 // Creates a new file (O_EXCL) for reading and writing, mode 0644.
 int create_file(const std::string& path);
+// Opens `path` for reading and writing, creating it (mode 0644) if it does not exist.
+int open_or_create_file(const std::string& path);
+// True when `fd` is the file `path` names now (same device and inode).
+bool same_file(int fd, const std::string& path) noexcept;
+void remove_file(const std::string& path) noexcept;
 void close_fd(int fd) noexcept;
 
 std::uint64_t file_size(int fd, const std::string& path);
@@ -54,6 +60,8 @@ void make_dir(const std::string& path);
 // rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).
 int rename_path(const std::string& from, const std::string& to);
 void remove_tree(const std::string& path) noexcept;
+// The names in directory `path` (without "." and ".."); empty if it cannot be read.
+std::vector<std::string> list_dir(const std::string& path) noexcept;
 bool exists(const std::string& path) noexcept;
 
 // Blocks until this open file description holds the exclusive OFD lock on byte 0 of `fd`.
