@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <catch2/catch.hpp>
@@ -739,4 +740,32 @@ TEST_CASE("A batch whose index entries were written only in part is overwritten 
   REQUIRE(r.size() == 2010);
   CHECK(r.verify().ok());
   CHECK(std::memcmp(r.rows().row(10), values1.data(), kDim * sizeof(float)) == 0);
+}
+
+TEST_CASE("A store the process may not read is kPermissionDenied, not kReadOnly", "[store]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = 4;
+  create_store(path, o);
+  ::chmod((path + "/header").c_str(), 0600);
+  ::chmod(dir.path().c_str(), 0755);
+  if (::geteuid() != 0) {
+    WARN("needs root to switch to an unprivileged user: skipped");
+    return;
+  }
+  const pid_t child = test::spawn([&] {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 10;  // nobody
+    try {
+      Reader::open(path);
+      return 2;
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kPermissionDenied || e.sys_errno() != EACCES) {
+        std::fprintf(stderr, "unexpected: %s (%s)\n", e.what(), error_code_name(e.code()));
+        return 3;
+      }
+      return std::string(e.what()).find(path + "/header") == std::string::npos ? 4 : 0;
+    }
+  });
+  CHECK(test::wait_for(child) == 0);
 }

@@ -56,7 +56,15 @@
 //     xfs) an overwrite needs new space, so a full disk there can still raise SIGBUS.
 //   - Under RLIMIT_FSIZE the process must ignore SIGXFSZ to get kFull instead of being killed.
 //   - A forked child must open its own Writer; Readers may be used across fork.
-//   - Rows are never rewritten or shrunk in place; files only grow.
+//   - Rows are never rewritten or shrunk in place; files only grow. Truncating a store's files
+//     from outside (truncate(1), a copy over them) while readers hold views raises SIGBUS in
+//     those readers: an access past the end of a mapped file is a signal, inherent to mmap.
+//   - Every open Reader and Writer reserves address space for its store's mappings and keeps
+//     three descriptors open, so the stores one process can hold open are bounded by the
+//     address space (128 TiB on x86-64 Linux, less under ulimit -v) and by RLIMIT_NOFILE. How
+//     much one store reserves, and so how many fit, is in the README ("Caveats").
+//   - A file the process may not read is kPermissionDenied (EACCES/EPERM); kReadOnly is a
+//     write refused by a read-only file or file system.
 #pragma once
 
 #include "embstore/dtype.h"

@@ -79,7 +79,15 @@ int open_file(const std::string& path, Access access) {
   int fd;
   do fd = ::open(path.c_str(), flags);
   while (fd < 0 && errno == EINTR);
-  if (fd < 0) fail("open", path, errno);
+  if (fd < 0) {
+    const int err = errno;
+    // A file this user may not read is a permission problem, not a read-only store.
+    if (access == Access::kReadOnly && (err == EACCES || err == EPERM)) {
+      throw Error(ErrorCode::kPermissionDenied,
+                  "open " + path + " for reading: " + std::strerror(err), err);
+    }
+    fail("open", path, err);
+  }
   return fd;
 }
 

@@ -3,8 +3,9 @@
 // Every system call the store makes goes through here, so test builds can fail any of them on
 // demand (testing.h) and so the rest of the code never includes POSIX headers. Each function
 // that can fail throws embstore::Error with the operation, the path and strerror in the message:
-// ENOENT -> kNotFound, ENOSPC/EFBIG/EDQUOT -> kFull, EROFS/EACCES/EPERM -> kReadOnly (for
-// writes), anything else -> kIO. Thread-safe.
+// ENOENT -> kNotFound, ENOSPC/EFBIG/EDQUOT -> kFull, EROFS -> kReadOnly, EACCES/EPERM ->
+// kReadOnly when writing was asked and kPermissionDenied when only reading was, anything
+// else -> kIO. Thread-safe.
 #pragma once
 
 #include <cstddef>
