@@ -37,6 +37,7 @@ class Writer::Impl {
     {
       detail::LockGuard guard(*lock_);
       allocate_files();
+      files_->upgrade_header();
       recover();
       files_->map_rows(files_->state().capacity());
     }

@@ -71,6 +71,7 @@
 #include "embstore/error.h"
 #include "embstore/options.h"
 #include "embstore/reader.h"
+#include "embstore/salvage.h"
 #include "embstore/store.h"
 #include "embstore/version.h"
 #include "embstore/writer.h"

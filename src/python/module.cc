@@ -665,6 +665,26 @@ PYBIND11_MODULE(_embstore, m) {
       py::arg("segment_bytes"));
 
   m.def(
+      "salvage",
+      [](const std::string& store, const std::string& out) {
+        SalvageReport report;
+        {
+          py::gil_scoped_release unlocked;
+          report = salvage(store, out);
+        }
+        py::list lost;
+        for (const auto& [begin, end] : report.lost_ranges) lost.append(py::make_tuple(begin, end));
+        py::dict d;
+        d["header_source"] = report.header_source;
+        d["rows_scanned"] = report.rows_scanned;
+        d["rows_copied"] = report.rows_copied;
+        d["rows_lost"] = report.rows_lost;
+        d["lost_ranges"] = lost;
+        return d;
+      },
+      py::arg("store"), py::arg("out"));
+
+  m.def(
       "read_info",
       [](const std::string& path) {
         StoreInfo info;

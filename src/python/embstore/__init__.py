@@ -63,6 +63,7 @@ from ._errors import (
 __all__ = [
     "create",
     "info",
+    "salvage",
     "Writer",
     "Reader",
     "VerifyReport",
@@ -161,6 +162,25 @@ def info(path: PathLike) -> dict:
     path = os.fspath(path)
     with _not_a_store_check(path):
         return _embstore.read_info(path)
+
+
+def salvage(store: PathLike, out: PathLike) -> dict:
+    """Copies every row of a damaged store whose checksum verifies into a new store ``out``.
+
+    For stores too damaged to open: trusts only a fixed header copy whose checksum holds and
+    each row's own checksum, never the counters. Rows keep their order, keys and epochs; ``out``
+    gets the same dtype, dim and metadata and must not exist. Writes nothing to ``store``.
+
+    Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost
+    and lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify).
+
+    Raises:
+        CorruptionError: neither copy of the header verifies.
+        FileExistsError: ``out`` exists.
+    """
+    store, out = os.fspath(store), os.fspath(out)
+    with _not_a_store_check(store):
+        return _embstore.salvage(store, out)
 
 
 class _not_a_store_check:
