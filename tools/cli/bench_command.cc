@@ -1,5 +1,11 @@
-#include "bench_command.h"
-
+// bench_command.cc — `embstore bench`: the I/O throughput tool users run on their own disks.
+//
+// N writer processes (fork) append batches of `dim` x `dtype` rows to one fresh store for a row
+// count or a duration while M reader processes follow it; then the same workload (same process
+// count, same bytes) goes through pwrite() into the page cache and through memcpy into memory,
+// in the same run, and the report gives embstore's figures as ratios to those two.
+// Uses only the public headers plus POSIX (fork, pwrite) for the baselines.
+// Registered by add_bench_command() (cli.h).
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -18,44 +24,18 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "cli.h"
 #include "embstore/embstore.h"
 
 namespace embstore::cli {
 namespace {
-
-const char* const kBenchUsage =
-    "usage: embstore bench [options]\n"
-    "\n"
-    "Appends to a fresh store from N writer processes while M reader processes follow it, then\n"
-    "runs the same workload in the same run through pwrite() appending to a new file (pwrite),\n"
-    "pwrite() into a file preallocated with posix_fallocate (pwrite-pre: how embstore writes\n"
-    "batches of 32 KiB and more) and memcpy into private memory, and reports ratios.\n"
-    "\n"
-    "  --writers N[,N...]   writer processes; a list runs each count in turn (default 1)\n"
-    "  --readers M          reader processes following the store (default 0)\n"
-    "  --batch B            rows per append (default 512)\n"
-    "  --dim D              elements per row (default 768)\n"
-    "  --dtype T            float32, float16, bfloat16, int8, uint8, float64; or f32->f16 /\n"
-    "                       f32->bf16 to append float32 into a 16-bit store (default float32)\n"
-    "  --rows R             total rows over all writers (default 200000)\n"
-    "  --seconds S          run for S seconds instead of a row count\n"
-    "  --repeat K           run each workload K times, order rotated, report medians (default 3)\n"
-    "  --sync P             none | every | interval (default none)\n"
-    "  --dir PATH           where the temporary store goes (default $TMPDIR or /tmp)\n"
-    "  --keep               keep the store afterwards (its path is printed)\n"
-    "  --no-baselines       skip the pwrite/pwrite-pre/memcpy runs\n"
-    "  --json               one JSON object on stdout instead of the table\n"
-    "  --quiet              no progress line on stderr\n"
-    "\n"
-    "Keys are the append's CLOCK_MONOTONIC time in ns (readers derive their lag from them) and "
-    "the\n"
-    "epoch is the writer's number.\n";
 
 struct Config {
   std::vector<int> writers{1};
@@ -73,103 +53,33 @@ struct Config {
   int repeat = 3;
   bool keep = false;
   bool baselines = true;
+  bool no_baselines = false;  // The option; baselines follows it.
   bool json = false;
   bool quiet = false;
 };
 
 [[noreturn]] void usage_error(const std::string& what) {
-  throw Error(ErrorCode::kInvalidArgument, "bench: " + what);
+  throw Error(ErrorCode::kInvalidArgument, what);
 }
 
-std::uint64_t parse_u64(const std::string& flag, const char* text, std::uint64_t min_value) {
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long value = std::strtoull(text, &end, 10);
-  if (errno != 0 || end == text || *end != '\0' || text[0] == '-' || value < min_value) {
-    usage_error(flag + " takes an integer >= " + std::to_string(min_value) + ", not \"" + text +
-                "\"");
+// Fills in what the options do not set directly (dtype and sync names, the default directory).
+void finish_config(Config& config) {
+  config.baselines = !config.no_baselines;
+  if (config.dtype_text == "f32->f16" || config.dtype_text == "f32->bf16") {
+    config.in_dtype = DType::kFloat32;
+    config.store_dtype = config.dtype_text == "f32->f16" ? DType::kFloat16 : DType::kBFloat16;
+  } else if (auto parsed = parse_dtype(config.dtype_text)) {
+    config.in_dtype = config.store_dtype = *parsed;
+  } else {
+    usage_error("unknown --dtype \"" + config.dtype_text + "\"");
   }
-  return value;
-}
-
-Config parse_config(int argc, char** argv) {
-  Config config;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> const char* {
-      if (i + 1 >= argc) usage_error(arg + " needs a value");
-      return argv[++i];
-    };
-    if (arg == "--writers") {
-      config.writers.clear();
-      std::string list = value();
-      std::size_t start = 0;
-      while (start <= list.size()) {
-        const std::size_t comma = std::min(list.find(',', start), list.size());
-        const std::string item = list.substr(start, comma - start);
-        config.writers.push_back(static_cast<int>(parse_u64("--writers", item.c_str(), 1)));
-        if (config.writers.back() > 256) usage_error("--writers takes at most 256");
-        start = comma + 1;
-      }
-    } else if (arg == "--readers") {
-      config.readers = static_cast<int>(parse_u64(arg, value(), 0));
-      if (config.readers > 256) usage_error("--readers takes at most 256");
-    } else if (arg == "--batch") {
-      config.batch = parse_u64(arg, value(), 1);
-    } else if (arg == "--dim") {
-      config.dim = static_cast<std::uint32_t>(parse_u64(arg, value(), 1));
-    } else if (arg == "--rows") {
-      config.rows = parse_u64(arg, value(), 1);
-    } else if (arg == "--seconds") {
-      const char* text = value();
-      char* end = nullptr;
-      config.seconds = std::strtod(text, &end);
-      if (end == text || *end != '\0' || !(config.seconds > 0)) {
-        usage_error(std::string("--seconds takes a positive number, not \"") + text + "\"");
-      }
-    } else if (arg == "--dtype") {
-      config.dtype_text = value();
-      if (config.dtype_text == "f32->f16" || config.dtype_text == "f32->bf16") {
-        config.in_dtype = DType::kFloat32;
-        config.store_dtype = config.dtype_text == "f32->f16" ? DType::kFloat16 : DType::kBFloat16;
-      } else if (auto parsed = parse_dtype(config.dtype_text)) {
-        config.in_dtype = config.store_dtype = *parsed;
-      } else {
-        usage_error("unknown --dtype \"" + config.dtype_text + "\"");
-      }
-    } else if (arg == "--sync") {
-      config.sync_text = value();
-      if (config.sync_text == "none") {
-        config.sync = SyncPolicy::kNone;
-      } else if (config.sync_text == "every") {
-        config.sync = SyncPolicy::kEveryAppend;
-      } else if (config.sync_text == "interval") {
-        config.sync = SyncPolicy::kInterval;
-      } else {
-        usage_error("--sync takes none, every or interval, not \"" + config.sync_text + "\"");
-      }
-    } else if (arg == "--repeat") {
-      config.repeat = static_cast<int>(parse_u64(arg, value(), 1));
-      if (config.repeat > 100) usage_error("--repeat takes at most 100");
-    } else if (arg == "--dir") {
-      config.dir = value();
-    } else if (arg == "--keep") {
-      config.keep = true;
-    } else if (arg == "--no-baselines") {
-      config.baselines = false;
-    } else if (arg == "--json") {
-      config.json = true;
-    } else if (arg == "--quiet") {
-      config.quiet = true;
-    } else {
-      usage_error("unknown option " + arg);
-    }
-  }
+  config.sync = config.sync_text == "every"      ? SyncPolicy::kEveryAppend
+                : config.sync_text == "interval" ? SyncPolicy::kInterval
+                                                 : SyncPolicy::kNone;
   if (config.dir.empty()) {
     const char* tmp = std::getenv("TMPDIR");
     config.dir = tmp && *tmp ? tmp : "/tmp";
   }
-  return config;
 }
 
 std::int64_t now_ns() {
@@ -195,7 +105,7 @@ struct Shared {
 Shared* map_shared() {
   void* p =
       ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) throw Error(ErrorCode::kIO, "bench: mmap of the shared page failed");
+  if (p == MAP_FAILED) throw Error(ErrorCode::kIO, "mmap of the shared page failed");
   auto* shared = new (p) Shared();
   shared->first_start_ns = INT64_MAX;
   return shared;
@@ -221,7 +131,7 @@ void atomic_max(std::atomic<std::int64_t>& word, std::int64_t value) {
 
 void write_samples(const std::string& path, const std::vector<std::uint32_t>& samples) {
   FILE* f = std::fopen(path.c_str(), "wb");
-  if (f == nullptr) throw Error(ErrorCode::kIO, "bench: cannot write " + path);
+  if (f == nullptr) throw Error(ErrorCode::kIO, "cannot write " + path);
   std::fwrite(samples.data(), sizeof(std::uint32_t), samples.size(), f);
   std::fclose(f);
 }
@@ -452,15 +362,15 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   const std::string pwrite_path = work_dir + "/pwrite.data";
   if (is_pwrite(workload)) {
     const int fd = ::open(pwrite_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) throw Error(ErrorCode::kIO, "bench: cannot create " + pwrite_path);
+    if (fd < 0) throw Error(ErrorCode::kIO, "cannot create " + pwrite_path);
     if (workload == Workload::kPwritePrealloc) {
       const std::uint64_t bytes =
           total_rows * std::uint64_t{config.dim} * dtype_size(config.store_dtype);
       const int err = bytes > 0 ? ::posix_fallocate(fd, 0, static_cast<off_t>(bytes)) : 0;
       if (err != 0) {
         ::close(fd);
-        throw Error(ErrorCode::kIO, "bench: cannot preallocate " + std::to_string(bytes) +
-                                        " bytes for " + pwrite_path + ": " + std::strerror(err));
+        throw Error(ErrorCode::kIO, "cannot preallocate " + std::to_string(bytes) + " bytes for " +
+                                        pwrite_path + ": " + std::strerror(err));
       }
     }
     ::close(fd);
@@ -469,7 +379,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   std::vector<pid_t> pids;
   auto spawn = [&](auto&& body) {
     const pid_t pid = ::fork();
-    if (pid < 0) throw Error(ErrorCode::kIO, "bench: fork failed");
+    if (pid < 0) throw Error(ErrorCode::kIO, "fork failed");
     if (pid == 0) body();
     pids.push_back(pid);
   };
@@ -525,7 +435,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   if (failed || shared->failed.load()) {
     const std::string message = shared->error[0] ? shared->error : "a child process failed";
     ::munmap(shared, sizeof(Shared));
-    throw Error(ErrorCode::kIO, std::string("bench: ") + name + " phase: " + message);
+    throw Error(ErrorCode::kIO, std::string(name) + " phase: " + message);
   }
   PhaseResult result;
   result.rows = shared->rows_done.load();
@@ -637,51 +547,53 @@ RunResult run_one(const Config& config, int writers, const std::string& work_dir
   return run;
 }
 
+// Keys in the order written (ordered_json), as the report has always printed them.
 void print_json(const Config& config, const std::vector<RunResult>& runs, std::uint64_t row_bytes) {
-  std::printf(
-      "{\"config\":{\"batch\":%llu,\"dim\":%u,\"dtype\":\"%s\",\"rows\":%llu,"
-      "\"seconds\":%g,\"readers\":%d,\"sync\":\"%s\",\"row_bytes\":%llu,"
-      "\"repeat\":%d},\"runs\":[",
-      static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
-      static_cast<unsigned long long>(config.rows), config.seconds, config.readers,
-      config.sync_text.c_str(), static_cast<unsigned long long>(row_bytes), config.repeat);
-  auto phase = [&](const char* name, const PhaseResult& p, bool last) {
-    std::printf(
-        "\"%s\":{\"rows\":%llu,\"seconds\":%.6f,\"rows_per_s\":%.1f,\"mb_per_s\":%.1f,"
-        "\"latency_us\":{\"p50\":%.2f,\"p99\":%.2f,\"max\":%.2f}}%s",
-        name, static_cast<unsigned long long>(p.rows), p.seconds, p.rows_per_s(),
-        p.rows_per_s() * row_bytes / 1e6, p.latency.p50_us, p.latency.p99_us, p.latency.max_us,
-        last ? "" : ",");
+  auto phase = [&](const PhaseResult& p) {
+    return nlohmann::ordered_json{
+        {"rows", p.rows},
+        {"seconds", p.seconds},
+        {"rows_per_s", p.rows_per_s()},
+        {"mb_per_s", p.rows_per_s() * row_bytes / 1e6},
+        {"latency_us",
+         {{"p50", p.latency.p50_us}, {"p99", p.latency.p99_us}, {"max", p.latency.max_us}}}};
   };
-  for (std::size_t i = 0; i < runs.size(); ++i) {
-    const RunResult& r = runs[i];
-    std::printf("%s{\"writers\":%d,", i ? "," : "", r.writers);
-    phase("embstore", r.store, false);
+  nlohmann::ordered_json out_runs = nlohmann::ordered_json::array();
+  for (const RunResult& r : runs) {
+    nlohmann::ordered_json run = {{"writers", r.writers}, {"embstore", phase(r.store)}};
     if (config.baselines) {
-      phase("pwrite", r.pwrite, false);
-      phase("pwrite_prealloc", r.pwrite_prealloc, false);
-      phase("memcpy", r.memcpy, false);
-      std::printf(
-          "\"ratio_vs_pwrite\":%.3f,\"ratio_vs_pwrite_prealloc\":%.3f,"
-          "\"ratio_vs_memcpy\":%.3f,",
-          ratio(r.store.rows_per_s(), r.pwrite.rows_per_s()),
-          ratio(r.store.rows_per_s(), r.pwrite_prealloc.rows_per_s()),
-          ratio(r.store.rows_per_s(), r.memcpy.rows_per_s()));
+      run["pwrite"] = phase(r.pwrite);
+      run["pwrite_prealloc"] = phase(r.pwrite_prealloc);
+      run["memcpy"] = phase(r.memcpy);
+      run["ratio_vs_pwrite"] = ratio(r.store.rows_per_s(), r.pwrite.rows_per_s());
+      run["ratio_vs_pwrite_prealloc"] = ratio(r.store.rows_per_s(), r.pwrite_prealloc.rows_per_s());
+      run["ratio_vs_memcpy"] = ratio(r.store.rows_per_s(), r.memcpy.rows_per_s());
     }
-    std::printf("\"ratio_vs_first_run\":%.3f,",
-                ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
-    std::printf(
-        "\"reader_lag_us\":{\"count\":%llu,\"p50\":%.2f,\"p99\":%.2f,\"max\":%.2f},"
-        "\"reader_bytes\":%llu,\"bytes_on_disk\":%llu,\"payload_bytes\":%llu,"
-        "\"bytes_on_disk_bound\":%llu,\"store\":\"%s\"}",
-        static_cast<unsigned long long>(r.store.reader_lag.count), r.store.reader_lag.p50_us,
-        r.store.reader_lag.p99_us, r.store.reader_lag.max_us,
-        static_cast<unsigned long long>(r.store.reader_bytes),
-        static_cast<unsigned long long>(r.disk), static_cast<unsigned long long>(r.payload),
-        static_cast<unsigned long long>(r.payload + 32 * r.store.rows + r.segment_bytes),
-        config.keep ? r.store_path.c_str() : "");
+    run["ratio_vs_first_run"] = ratio(r.store.rows_per_s(), runs[0].store.rows_per_s());
+    run["reader_lag_us"] = {{"count", r.store.reader_lag.count},
+                            {"p50", r.store.reader_lag.p50_us},
+                            {"p99", r.store.reader_lag.p99_us},
+                            {"max", r.store.reader_lag.max_us}};
+    run["reader_bytes"] = r.store.reader_bytes;
+    run["bytes_on_disk"] = r.disk;
+    run["payload_bytes"] = r.payload;
+    run["bytes_on_disk_bound"] = r.payload + 32 * r.store.rows + r.segment_bytes;
+    run["store"] = config.keep ? r.store_path : "";
+    out_runs.push_back(std::move(run));
   }
-  std::printf("]}\n");
+  const nlohmann::ordered_json out = {{"config",
+                                       {{"batch", config.batch},
+                                        {"dim", config.dim},
+                                        {"dtype", config.dtype_text},
+                                        {"rows", config.rows},
+                                        {"seconds", config.seconds},
+                                        {"readers", config.readers},
+                                        {"sync", config.sync_text},
+                                        {"row_bytes", row_bytes},
+                                        {"repeat", config.repeat},
+                                        {"dir", config.dir}}},
+                                      {"runs", out_runs}};
+  std::puts(out.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
 }
 
 void print_table(const Config& config, const std::vector<RunResult>& runs,
@@ -742,27 +654,12 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
   }
 }
 
-}  // namespace
-
-int bench_command(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
-      std::fputs(kBenchUsage, stdout);
-      return 0;
-    }
-  }
-  Config config;
-  try {
-    config = parse_config(argc, argv);
-  } catch (const Error& error) {
-    std::fprintf(stderr, "embstore: %s\n", error.what());
-    std::fputs(kBenchUsage, stderr);
-    return 2;
-  }
+int run_bench(Config config) {
+  finish_config(config);
   std::string tmpl = config.dir + "/embstore-bench-XXXXXX";
   if (::mkdtemp(tmpl.data()) == nullptr) {
-    throw Error(ErrorCode::kIO, "bench: cannot create a directory under " + config.dir + ": " +
-                                    std::strerror(errno));
+    throw Error(ErrorCode::kIO,
+                "cannot create a directory under " + config.dir + ": " + std::strerror(errno));
   }
   const std::string work_dir = tmpl;
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
@@ -786,6 +683,59 @@ int bench_command(int argc, char** argv) {
     print_table(config, runs, row_bytes);
   }
   return 0;
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app, Registry& registry) {
+  auto config = std::make_shared<Config>();
+  CLI::App* cmd = app.add_subcommand(
+      "bench", "Append/read throughput on this disk beside pwrite() and memcpy, in the same run");
+  cmd->add_option("--writers", config->writers,
+                  "Writer processes; a comma list runs each count in turn")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  cmd->add_option("--readers", config->readers, "Reader processes following the store")
+      ->check(CLI::Range(0, 256))
+      ->capture_default_str();
+  cmd->add_option("--batch", config->batch, "Rows per append")
+      ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 32))
+      ->capture_default_str();
+  cmd->add_option("--dim", config->dim, "Elements per row")
+      ->check(CLI::Range(1u, 1u << 24))
+      ->capture_default_str();
+  cmd->add_option("--dtype", config->dtype_text,
+                  "float32, float16, bfloat16, int8, uint8, float64; or f32->f16 / f32->bf16 to "
+                  "append float32 into a 16-bit store")
+      ->check(CLI::IsMember({"f32->f16", "f32->bf16"}) | dtype_validator())
+      ->capture_default_str();
+  cmd->add_option("--rows", config->rows, "Total rows over all writers")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--seconds", config->seconds, "Run for S seconds instead of a row count")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--repeat", config->repeat,
+                  "Run each workload K times, order rotated, report medians")
+      ->check(CLI::Range(1, 100))
+      ->capture_default_str();
+  cmd->add_option("--sync", config->sync_text, "Sync policy")
+      ->check(CLI::IsMember({"none", "every", "interval"}))
+      ->capture_default_str();
+  cmd->add_option("--dir", config->dir, "Where the temporary store goes (default $TMPDIR or /tmp)");
+  cmd->add_flag("--keep", config->keep, "Keep the store afterwards (its path is printed)");
+  cmd->add_flag("--no-baselines", config->no_baselines, "Skip the pwrite/pwrite-pre/memcpy runs");
+  cmd->add_flag("--json", config->json, "One JSON object on stdout instead of the table");
+  cmd->add_flag("-q,--quiet", config->quiet, "No progress line on stderr");
+  cmd->footer(
+      "Appends to a fresh store from N writer processes while M reader processes follow it,\n"
+      "then runs the same workload in the same run through pwrite() appending to a new file\n"
+      "(pwrite), pwrite() into a file preallocated with posix_fallocate (pwrite-pre: how\n"
+      "embstore writes batches of 32 KiB and more) and memcpy into private memory, and reports\n"
+      "ratios. Keys are the append's CLOCK_MONOTONIC time in ns (readers derive their lag from\n"
+      "them) and the epoch is the writer's number.\n\n"
+      "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
+  registry.add(cmd, [config] { return run_bench(*config); });
 }
 
 }  // namespace embstore::cli

@@ -750,3 +750,6 @@ class Reader(_Handle):
         if self.closed:
             return "<embstore.Reader (closed)>"
         return f"<embstore.Reader {self.path!r} rows={len(self)} dim={self.dim} dtype={self.dtype}>"
+
+
+from .io import compact, export_hdf5, export_npy, import_npy  # noqa: E402 (needs Reader, Writer)

@@ -1,0 +1,372 @@
+"""Moving rows in and out of a store: .npy and HDF5 export, .npy import, compaction.
+
+The same operations as the command-line tool's ``export``, ``import`` and ``compact``, in pure
+Python over :class:`embstore.Reader` and :class:`embstore.Writer`, with the same file layout,
+so either side reads what the other wrote:
+
+* an npy export is a directory of ``vectors.npy`` (rows x dim), ``keys.npy`` and ``epochs.npy``
+  (uint64) and ``embstore.json`` naming the dtype (bfloat16 rows travel as uint16 bit patterns,
+  numpy having no bfloat16), dim, rows, store id and metadata; every file opens with
+  ``np.load(path, mmap_mode="r")``;
+* an HDF5 export holds datasets ``/vectors``, ``/keys``, ``/epochs`` and root attributes
+  ``dtype``, ``dim``, ``metadata``, ``store_id`` and ``embstore_format`` (needs h5py).
+
+Outputs are written under a hidden sibling name and renamed into place when complete, so they
+appear whole or not at all; an existing output raises FileExistsError. Rows are copied in
+chunks of a few MiB (memory does not grow with the store, except one entry per key for
+``latest``). Sources are only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import Reader, Writer, _dtype_name
+
+__all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
+
+#: Value of the sidecar's and the HDF5 file's ``embstore_format`` field.
+EXPORT_FORMAT = "embstore-export-1"
+_CHUNK_BYTES = 4 << 20
+_NPY_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1",
+               "uint8": "|u1", "float64": "<f8"}
+
+
+def _partial_dir(out: str) -> str:
+    parent = os.path.dirname(os.path.abspath(out))
+    return tempfile.mkdtemp(prefix="." + os.path.basename(out.rstrip("/")) + ".partial-",
+                            dir=parent)
+
+
+def _require_absent(out: str) -> None:
+    if os.path.lexists(out):
+        raise FileExistsError(f"output {out} already exists")
+
+
+def _publish(partial: str, out: str) -> None:
+    # os.rename would replace an empty directory that appeared meanwhile; refuse instead.
+    _require_absent(out)
+    os.rename(partial, out)
+
+
+def _selected_runs(reader: Reader, begin: int, end: Optional[int], epochs: Optional[Iterable[int]],
+                   latest: bool) -> Tuple[int, Iterator[np.ndarray]]:
+    """(count, iterator over arrays of selected row numbers, ascending, a chunk at a time)."""
+    size = len(reader)
+    end = size if end is None else int(end)
+    begin = int(begin)
+    if not 0 <= begin <= end:
+        raise ValueError(f"begin {begin} is after end {end}")
+    if end > size:
+        raise ValueError(f"end {end} is past the end of {reader.path} ({size} rows)")
+    wanted = None if epochs is None else np.array(sorted(set(int(e) for e in epochs)),
+                                                   dtype=np.uint64)
+    row_bytes = reader.dim * reader.rows(0, 0).dtype.itemsize
+    step = max(1, _CHUNK_BYTES // max(1, row_bytes))
+
+    def chunk_rows(lo: int, hi: int) -> np.ndarray:
+        rows = np.arange(lo, hi, dtype=np.uint64)
+        if wanted is not None:
+            rows = rows[np.isin(reader.epochs[lo:hi], wanted)]
+        return rows
+
+    if wanted is not None:
+        present = set()
+        for lo in range(begin, end, step):
+            present.update(np.unique(reader.epochs[lo:min(end, lo + step)]).tolist())
+        missing = [int(e) for e in wanted if int(e) not in present]
+        if missing:
+            raise KeyError(f"epoch {', '.join(map(str, missing))} is not in rows "
+                           f"[{begin}, {end}) of {reader.path}")
+    if latest:
+        last = {}
+        for lo in range(begin, end, step):
+            rows = chunk_rows(lo, min(end, lo + step))
+            for key, row in zip(reader.keys[rows].tolist(), rows.tolist()):
+                last[key] = row
+        chosen = np.array(sorted(last.values()), dtype=np.uint64)
+
+        def latest_chunks() -> Iterator[np.ndarray]:
+            for i in range(0, len(chosen), step):
+                yield chosen[i:i + step]
+        return len(chosen), latest_chunks()
+    count = sum(len(chunk_rows(lo, min(end, lo + step))) for lo in range(begin, end, step)) \
+        if wanted is not None else end - begin
+
+    def chunks() -> Iterator[np.ndarray]:
+        for lo in range(begin, end, step):
+            rows = chunk_rows(lo, min(end, lo + step))
+            if len(rows):
+                yield rows
+    return count, chunks()
+
+
+def _check(reader: Reader, rows: np.ndarray) -> None:
+    """Raises CorruptionError for the first row of `rows` that fails its checksum."""
+    from ._errors import CorruptionError
+    lo, hi = int(rows[0]), int(rows[-1]) + 1
+    report = reader.verify(lo, hi)
+    chosen = set(rows.tolist())
+    bad = [r for r in report.bad_rows if r in chosen]
+    if bad:
+        r = bad[0]
+        raise CorruptionError(f"row {r} (key {int(reader.keys[r])}, epoch "
+                              f"{int(reader.epochs[r])}) of {reader.path} fails its checksum")
+
+
+def _sidecar(reader: Reader, rows: int) -> dict:
+    info = reader.info()
+    return {"embstore_format": EXPORT_FORMAT, "dtype": reader.dtype,
+            "npy_dtype": _NPY_DTYPES[reader.dtype], "dim": reader.dim, "rows": rows,
+            "store_id": info["store_id"], "metadata": reader.metadata_text,
+            "source": reader.path,
+            "files": {"vectors": "vectors.npy", "keys": "keys.npy", "epochs": "epochs.npy"}}
+
+
+def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
+               latest: bool = False, begin: int = 0, end: Optional[int] = None) -> int:
+    """Writes the selected rows of ``store`` (a path or an open Reader) to the new directory
+    ``out``: vectors.npy, keys.npy, epochs.npy and embstore.json. Returns the rows written.
+
+    Args:
+        epochs: only rows of these epochs (KeyError if one is absent from the range).
+        latest: only the latest row of each key (after the epoch filter).
+        begin, end: the row range [begin, end) of the snapshot (default: all).
+
+    Raises:
+        FileExistsError: ``out`` exists.  CorruptionError: a row fails its checksum.
+    """
+    out = os.fspath(out)
+    _require_absent(out)
+    reader = store if isinstance(store, Reader) else Reader(store)
+    count, runs = _selected_runs(reader, begin, end, epochs, latest)
+    partial = _partial_dir(out)
+    try:
+        vectors = np.lib.format.open_memmap(os.path.join(partial, "vectors.npy"), mode="w+",
+                                            dtype=np.dtype(_NPY_DTYPES[reader.dtype]),
+                                            shape=(count, reader.dim))
+        keys = np.lib.format.open_memmap(os.path.join(partial, "keys.npy"), mode="w+",
+                                         dtype="<u8", shape=(count,))
+        epoch_out = np.lib.format.open_memmap(os.path.join(partial, "epochs.npy"), mode="w+",
+                                              dtype="<u8", shape=(count,))
+        at = 0
+        source = reader.vectors
+        for rows in runs:
+            _check(reader, rows)
+            n = len(rows)
+            vectors[at:at + n] = source[rows]
+            keys[at:at + n] = reader.keys[rows]
+            epoch_out[at:at + n] = reader.epochs[rows]
+            at += n
+        for array in (vectors, keys, epoch_out):
+            array.flush()
+        del vectors, keys, epoch_out
+        with open(os.path.join(partial, "embstore.json"), "w") as f:
+            json.dump(_sidecar(reader, count), f, indent=2)
+            f.write("\n")
+        _publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return count
+
+
+def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
+                latest: bool = False, begin: int = 0, end: Optional[int] = None) -> int:
+    """As :func:`export_npy`, into the new HDF5 file ``out`` (datasets /vectors, /keys,
+    /epochs; root attributes dtype, dim, metadata, store_id, embstore_format). Needs h5py."""
+    import h5py
+    out = os.fspath(out)
+    _require_absent(out)
+    reader = store if isinstance(store, Reader) else Reader(store)
+    count, runs = _selected_runs(reader, begin, end, epochs, latest)
+    partial = _partial_dir(out)
+    path = os.path.join(partial, "out")
+    try:
+        with h5py.File(path, "w-") as f:
+            info = reader.info()
+            f.attrs["embstore_format"] = EXPORT_FORMAT
+            f.attrs["dtype"] = reader.dtype
+            f.attrs["dim"] = np.uint32(reader.dim)
+            f.attrs["metadata"] = reader.metadata_text
+            f.attrs["store_id"] = info["store_id"]
+            vectors = f.create_dataset("vectors", shape=(count, reader.dim),
+                                       dtype=np.dtype(_NPY_DTYPES[reader.dtype]))
+            keys = f.create_dataset("keys", shape=(count,), dtype="<u8")
+            epoch_out = f.create_dataset("epochs", shape=(count,), dtype="<u8")
+            at = 0
+            source = reader.vectors
+            for rows in runs:
+                _check(reader, rows)
+                n = len(rows)
+                vectors[at:at + n] = source[rows]
+                keys[at:at + n] = reader.keys[rows]
+                epoch_out[at:at + n] = reader.epochs[rows]
+                at += n
+        if os.path.lexists(out):
+            raise FileExistsError(f"output {out} already exists")
+        os.rename(path, out)
+        os.rmdir(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return count
+
+
+def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
+            dtype: str) -> None:
+    if dtype == "bfloat16" and vectors.dtype == np.uint16:
+        # numpy has no bfloat16: hand the raw bit patterns over, named (as Writer does for torch).
+        writer._native.append(keys, epochs, vectors.view(np.int16), "bfloat16")
+    else:
+        writer.append(keys, vectors, epoch=epochs)
+
+
+def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
+               epoch: Optional[int] = None, dtype: Any = None, metadata: Any = None) -> int:
+    """Appends rows from ``source`` to ``store``, creating the store when it does not exist (it
+    then appears whole when the import finishes). Returns the rows appended.
+
+    Args:
+        source: an npy export directory (keys, epochs, dtype and metadata come with it), a 2-D
+            .npy path, or a 2-D array.
+        keys: a .npy path or array of one key per row (default: the export's, else 0..rows-1).
+        epochs: a .npy path or array of one epoch per row; or ``epoch`` for all rows (default 0).
+        dtype: the new store's dtype (default: the source's); "bfloat16" also reads uint16
+            input as bfloat16 bit patterns. Float rows are converted to a float store's dtype.
+        metadata: the new store's metadata (default: the export's).
+    """
+    store = os.fspath(store)
+    side = {}
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        base = os.fspath(source)
+        vectors = np.load(os.path.join(base, "vectors.npy"), mmap_mode="r")
+        sidecar = os.path.join(base, "embstore.json")
+        if os.path.exists(sidecar):
+            with open(sidecar) as f:
+                side = json.load(f)
+        if keys is None and os.path.exists(os.path.join(base, "keys.npy")):
+            keys = os.path.join(base, "keys.npy")
+        if epochs is None and epoch is None and os.path.exists(os.path.join(base, "epochs.npy")):
+            epochs = os.path.join(base, "epochs.npy")
+    elif isinstance(source, (str, os.PathLike)):
+        vectors = np.load(os.fspath(source), mmap_mode="r")
+    else:
+        vectors = np.asarray(source)
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (rows, dim); got shape {vectors.shape}")
+    n, dim = vectors.shape
+
+    def column(value: Any, name: str) -> Optional[np.ndarray]:
+        if value is None:
+            return None
+        array = np.load(os.fspath(value), mmap_mode="r") if isinstance(
+            value, (str, os.PathLike)) else np.asarray(value)
+        if array.shape != (n,):
+            raise ValueError(f"{name} has shape {array.shape}; expected ({n},) for {n} rows")
+        if array.dtype.kind == "i" and n and int(array.min()) < 0:
+            raise ValueError(f"{name} holds negative values")
+        return array
+
+    key_array = column(keys, "keys")
+    epoch_array = column(epochs, "epochs")
+    source_dtype = side.get("dtype")
+    if source_dtype is None:
+        source_dtype = "bfloat16" if vectors.dtype == np.uint16 else _dtype_name(vectors.dtype)
+    store_dtype = _dtype_name(dtype) if dtype is not None else source_dtype
+    if vectors.dtype == np.uint16 and "bfloat16" not in (source_dtype, store_dtype):
+        raise ValueError("uint16 vectors are read as bfloat16 bit patterns only with "
+                         "dtype='bfloat16' or an export's sidecar")
+    partial = None
+    if os.path.exists(store):
+        writer = Writer(store)
+        if writer.dim != dim:
+            store_dim = writer.dim
+            writer.close()
+            from ._errors import FormatMismatchError
+            raise FormatMismatchError(f"{store} has dim {store_dim} but the source has {dim} "
+                                      "columns")
+    else:
+        partial = _partial_dir(store)
+        meta = metadata if metadata is not None else side.get("metadata")
+        writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
+    try:
+        step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            chunk = np.ascontiguousarray(vectors[lo:hi])
+            if source_dtype == "bfloat16" and writer.dtype != "bfloat16":
+                chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
+            elif writer.dtype == "float64" and chunk.dtype != np.float64:
+                chunk = chunk.astype(np.float64)
+            elif writer.dtype in ("float16", "bfloat16", "float32") and \
+                    chunk.dtype.kind == "f" and chunk.dtype != np.float32 and \
+                    writer.dtype != _dtype_name(chunk.dtype):
+                chunk = chunk.astype(np.float32)
+            k = (np.arange(lo, hi, dtype=np.uint64) if key_array is None
+                 else np.asarray(key_array[lo:hi], dtype=np.uint64))
+            e = (np.full(hi - lo, 0 if epoch is None else int(epoch), dtype=np.uint64)
+                 if epoch_array is None else np.asarray(epoch_array[lo:hi], dtype=np.uint64))
+            _append(writer, k, e, chunk, source_dtype if chunk.dtype == np.uint16 else "")
+        writer.sync()
+        writer.close()
+        if partial is not None:
+            _publish(partial, store)
+    except BaseException:
+        writer.close()
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return n
+
+
+def compact(store: Any, out: Any, *, latest_per_key: bool = False,
+            epochs: Optional[Sequence[int]] = None, dtype: Any = None) -> int:
+    """Writes the kept rows of ``store`` into a new store at ``out`` (same dim, segment size and
+    metadata; a new store id), built under a hidden name and renamed into place when complete.
+    The source is only read. Returns the rows kept.
+
+    Args:
+        latest_per_key: keep only the latest row of each key.
+        epochs: keep only rows of these epochs (KeyError if one is absent).
+        dtype: convert rows to this dtype (float types only).
+    """
+    out = os.fspath(out)
+    _require_absent(out)
+    reader = store if isinstance(store, Reader) else Reader(store)
+    target = _dtype_name(dtype) if dtype is not None else reader.dtype
+    floats = ("float32", "float16", "bfloat16", "float64")
+    if target != reader.dtype and not (target in floats and reader.dtype in floats):
+        raise ValueError(f"cannot convert {reader.dtype} rows to {target} (only between float "
+                         "types)")
+    count, runs = _selected_runs(reader, 0, None, epochs, latest_per_key)
+    info = reader.info()
+    partial = _partial_dir(out)
+    try:
+        with Writer(partial, dim=reader.dim, dtype=target, metadata=reader.metadata_text,
+                    segment_mb=info["segment_bytes"] / (1 << 20)) as writer:
+            source = reader.vectors
+            for rows in runs:
+                _check(reader, rows)
+                chunk = np.ascontiguousarray(source[rows])
+                if reader.dtype == "bfloat16" and target != "bfloat16":
+                    chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
+                if target == "float64":
+                    chunk = chunk.astype(np.float64)
+                elif target != reader.dtype and chunk.dtype != np.float32 and \
+                        chunk.dtype != np.uint16:
+                    chunk = chunk.astype(np.float32)
+                _append(writer, np.asarray(reader.keys[rows]), np.asarray(reader.epochs[rows]),
+                        chunk, target if chunk.dtype == np.uint16 else "")
+            writer.sync()
+        _publish(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return count

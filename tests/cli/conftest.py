@@ -1,0 +1,77 @@
+"""Shared helpers for the command-line tests: the binary, a runner, small stores, file hashes."""
+
+import hashlib
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+import embstore
+
+CLI = os.environ.get("EMBSTORE_CLI") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "build", "bin", "embstore")
+# Small segments keep the test stores a few hundred KiB instead of 64 MiB + index.
+SEGMENT_MB = 1 / 16
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.code = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+
+    def __repr__(self):
+        return f"Result(code={self.code}, out={self.out[:500]!r}, err={self.err[:500]!r})"
+
+
+def run(*args, stdin=None, env=None) -> Result:
+    """Runs the tool with `args`; returns its exit code, stdout and stderr (text)."""
+    proc = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, input=stdin,
+                          env=env, timeout=120)
+    return Result(proc)
+
+
+def make_store(path, dim=4, dtype="float16", epochs=3, rows_per_epoch=10, metadata=None,
+               key_offset=True):
+    """A store with `epochs` epochs of `rows_per_epoch` rows; epoch e has keys e..e+rows-1."""
+    embstore.create(path, dim=dim, dtype=dtype, segment_mb=SEGMENT_MB,
+                    metadata=metadata if metadata is not None else {"model": "tiny \"q\""})
+    rng = np.random.default_rng(7)
+    with embstore.Writer(path) as w:
+        for e in range(epochs):
+            if dtype in ("int8", "uint8"):
+                v = rng.integers(0, 100, size=(rows_per_epoch, dim)).astype(dtype)
+            elif dtype == "float64":
+                v = rng.standard_normal((rows_per_epoch, dim))
+            else:
+                v = rng.standard_normal((rows_per_epoch, dim)).astype(np.float32)
+            keys = np.arange(rows_per_epoch, dtype=np.uint64) + (e if key_offset else 0)
+            w.append(keys=keys, vectors=v, epoch=e)
+        w.sync()
+    return str(path)
+
+
+def hash_tree(path) -> dict:
+    """sha256 of every file under `path`, by relative name."""
+    hashes = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                hashes[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+def corrupt_row(store, row, record_bytes):
+    """Flips one byte of row `row` in the data file (its checksum then fails)."""
+    with open(os.path.join(store, "rows.1"), "r+b") as f:
+        f.seek(row * record_bytes + 1)
+        byte = f.read(1)
+        f.seek(row * record_bytes + 1)
+        f.write(bytes([byte[0] ^ 0x55]))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return make_store(tmp_path / "s")

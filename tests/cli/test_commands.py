@@ -1,0 +1,290 @@
+"""embstore create/info/verify/head/tail/version/serve/bench: help, happy paths, exit codes, bad
+input, and read-only commands leaving every byte of the store as it was."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import embstore
+from conftest import CLI, hash_tree, make_store, run, corrupt_row
+
+COMMANDS = ["create", "info", "verify", "version", "head", "tail", "export", "import", "compact",
+            "bench"]
+
+# Exit statuses (README "Command-line tool"): 10 + ErrorCode.
+NOT_FOUND, ALREADY_EXISTS, CORRUPTION, FORMAT_MISMATCH, UNSUPPORTED_VERSION = 12, 13, 14, 15, 16
+
+
+def one_line(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_top_level_help_lists_every_command():
+    r = run("--help")
+    assert r.code == 0
+    for command in COMMANDS + ["serve"]:
+        assert f"  {command} " in r.out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_answers_help(command):
+    r = run(command, "--help")
+    assert r.code == 0, r
+    assert f"Usage: embstore {command}" in r.out
+    assert r.err == ""
+
+
+def test_unknown_command_is_named_in_one_line():
+    for args in (["cat"], ["cat", "--help"]):
+        r = run(*args)
+        assert r.code == 2
+        assert one_line(r.err) == "embstore: unknown command cat (see embstore --help)"
+        assert r.out == ""
+
+
+def test_no_command_is_a_usage_error():
+    r = run()
+    assert r.code == 2
+    assert "subcommand" in one_line(r.err)
+
+
+def test_version_flag_and_command():
+    expected = f"embstore {embstore.__version__} (format {embstore.FORMAT_VERSION})"
+    assert run("--version").out.strip() == expected
+    assert run("version").out.strip() == expected
+    assert json.loads(run("version", "--json").out) == {
+        "library": embstore.__version__, "format": embstore.FORMAT_VERSION}
+
+
+def test_create_makes_a_store_with_json_metadata(tmp_path):
+    path = tmp_path / "new"
+    r = run("create", path, "--dim", 8, "--dtype", "bfloat16", "--segment-mb", 1,
+            "--metadata", '{"model": "m"}', "--json")
+    assert r.code == 0, r
+    info = json.loads(r.out)
+    assert (info["dim"], info["dtype"], info["segment_bytes"]) == (8, "bfloat16", 1 << 20)
+    reader = embstore.Reader(path)
+    assert (reader.dim, reader.dtype, reader.metadata) == (8, "bfloat16", {"model": "m"})
+
+
+def test_create_refuses_bad_input_with_one_line_each(tmp_path):
+    path = tmp_path / "new"
+    cases = [
+        (["--dim", 4, "--metadata", "{not json"], 2, "--metadata is not valid JSON"),
+        (["--dim", 4, "--dtype", "float99"], 2, 'unknown dtype "float99"'),
+        (["--dim", "x"], 2, '--dim: takes a dimension (a non-negative integer), not "x"'),
+        (["--dim", 0], 2, "dim"),
+        ([], 2, "--dim is required"),
+    ]
+    for extra, code, message in cases:
+        r = run("create", path, *extra)
+        assert r.code == code, (extra, r)
+        assert message in one_line(r.err), (extra, r)
+        assert not os.path.exists(path)
+    assert run("create", path, "--dim", 4).code == 0
+    r = run("create", path, "--dim", 4)
+    assert r.code == ALREADY_EXISTS
+    assert str(path) in one_line(r.err)
+
+
+def test_info_shows_header_counters_files_and_epochs(store):
+    r = run("info", store, "--quiet")
+    assert r.code == 0, r
+    for text in ("dtype           float16", "committed rows  30", "segments        ",
+                 "bytes on disk", "last modified", "distinct keys   12", 'tiny \\"q\\"'):
+        assert text in r.out or text.replace('\\"', '"') in r.out, (text, r.out)
+    # The epochs table: epoch, rows, distinct keys, aligned.
+    assert "  epoch  rows  distinct keys\n      0    10             10\n" in r.out
+    info = json.loads(run("info", store, "--json").out)
+    assert info["committed_rows"] == 30 and info["dim"] == 4
+    assert info["metadata"] == '{"model": "tiny \\"q\\""}'
+    assert info["epochs"] == [{"epoch": e, "rows": 10, "distinct_keys": 10} for e in range(3)]
+    assert info["distinct_keys"] == 12
+    assert info["segments"] == 1 and info["bytes_on_disk"] > 0
+    assert {f["name"] for f in info["files"]} >= {"header", "rows.1", "index.1", "lock"}
+    assert "epochs" not in json.loads(run("info", store, "--json", "--no-scan").out)
+
+
+def test_info_json_survives_a_quote_in_the_path(tmp_path):
+    path = make_store(tmp_path / 'we"ird\\name')
+    assert json.loads(run("info", path, "--json").out)["path"] == path
+
+
+def test_verify_passes_a_sound_store_and_names_bad_rows_with_key_and_epoch(store):
+    r = run("verify", store)
+    assert r.code == 0 and "0 bad" in r.out
+    corrupt_row(store, 17, record_bytes=8)  # epoch 1, key 7 + 1 = 8
+    r = run("verify", store)
+    assert r.code == 1, r
+    assert "1 bad" in r.out
+    assert "bad row  key  epoch\n     17    8      1\n" in r.out
+    report = json.loads(run("verify", store, "--json").out)
+    assert report["bad_rows"] == [{"row": 17, "key": 8, "epoch": 1}]
+    assert report["bad_row_count"] == 1 and report["rows_checked"] == 30
+    assert run("verify", store, "--from", 18, "--to", 30).code == 0
+
+
+def test_verify_bad_ranges_get_one_line_not_the_banner(store):
+    r = run("verify", store, "--from", 20, "--to", 10)
+    assert r.code == 2
+    assert one_line(r.err) == "embstore verify: --from 20 is after --to 10"
+    r = run("verify", store, "--to", 31)
+    assert r.code == 2 and "--to 31 is past the end" in one_line(r.err)
+    r = run("verify", store, "--from", -3)
+    assert r.code == 2 and '"-3"' in one_line(r.err)
+
+
+def test_head_and_tail_print_rows_as_table_and_json_lines(store):
+    r = run("head", store, "-n", 2)
+    assert r.code == 0
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["row", "key", "epoch"]
+    assert lines[1].split() == ["0", "0", "0"] and lines[2].split() == ["1", "1", "0"]
+    assert len(lines) == 3
+    r = run("tail", store, "-n", 3, "--json", "--vectors")
+    rows = [json.loads(line) for line in r.out.splitlines()]
+    reader = embstore.Reader(store)
+    assert [x["row"] for x in rows] == [27, 28, 29]
+    assert [x["key"] for x in rows] == [2 + 7, 2 + 8, 2 + 9]
+    assert all(x["epoch"] == 2 for x in rows)
+    expected = reader.vectors[27:30].astype(np.float32)
+    assert np.array_equal(np.array([x["vector"] for x in rows], dtype=np.float32), expected)
+    r = run("head", store, "-n", 100, "--vectors")
+    assert len(r.out.splitlines()) == 31 and "[" in r.out.splitlines()[1]
+    assert run("head", store, "-n", 0).out.splitlines() == [run("head", store).out.splitlines()[0]]
+
+
+def test_head_on_a_corrupt_row_names_it_and_exits_with_corruption(store):
+    corrupt_row(store, 1, record_bytes=8)
+    r = run("head", store, "-n", 3)
+    assert r.code == CORRUPTION
+    assert "row 1" in r.err and store in r.err
+
+
+def test_missing_and_non_store_paths_get_not_found_for_every_reading_command(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for command in (["info"], ["verify"], ["head"], ["tail"], ["export", "_", tmp_path / "o"],
+                    ["compact", "_", tmp_path / "c"]):
+        for path in (tmp_path / "nope", plain):
+            args = [a if a != "_" else path for a in command]
+            if len(args) == 1:
+                args.append(path)
+            r = run(*args)
+            assert r.code == NOT_FOUND, (args, r)
+            assert str(path) in one_line(r.err), (args, r)
+            assert "Traceback" not in r.err and "terminate" not in r.err
+
+
+def test_a_newer_format_is_refused_with_its_own_exit_code(store):
+    with open(os.path.join(store, "header"), "r+b") as f:
+        f.seek(8)
+        f.write(b"\x02")
+    for command in ("info", "verify", "head", "tail"):
+        r = run(command, store)
+        assert r.code == UNSUPPORTED_VERSION, (command, r)
+        assert "format_major 2" in one_line(r.err)
+
+
+def test_read_only_commands_leave_every_byte_alone(store, tmp_path):
+    before = hash_tree(store)
+    for args in (["info", store], ["info", store, "--json"], ["verify", store],
+                 ["verify", store, "--json", "--from", 3], ["head", store, "--vectors"],
+                 ["tail", store, "--json"], ["export", store, tmp_path / "npy"],
+                 ["export", store, tmp_path / "x.h5"], ["export", store, tmp_path / "x.csv"],
+                 ["export", store, tmp_path / "l", "--latest", "--epoch", 1],
+                 ["compact", store, tmp_path / "c", "--latest-per-key"]):
+        assert run(*args).code == 0, args
+    assert hash_tree(store) == before
+
+
+def test_serve_forwards_its_arguments_to_the_python_module(tmp_path):
+    python_dir = os.path.join(os.path.dirname(os.path.realpath(CLI)), "..", "python")
+    env = dict(os.environ, PYTHONPATH="")
+    r = run("serve", "--help", env=env)
+    module = os.path.join(python_dir, "embstore", "serve")
+    if os.path.exists(module) or os.path.exists(module + ".py"):
+        # --help went to the Python module (CLI11 would have printed "Usage: embstore serve").
+        assert r.code == 0, r
+        assert "embstore.serve" in r.out or "usage" in r.out.lower()
+        assert "Usage: embstore serve" not in r.out
+    else:
+        # The package on <bindir>/../python was found (the module inside it is what is missing).
+        assert r.code != 0
+        assert "No module named embstore.serve" in r.err, r
+
+
+def test_bench_json_parses_with_a_quote_in_the_directory(tmp_path):
+    weird = tmp_path / 'di"r\\x'
+    weird.mkdir()
+    r = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir", weird,
+            "--keep", "--json", "--quiet")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["config"]["dir"] == str(weird)
+    assert report["runs"][0]["store"].startswith(str(weird))
+    assert report["runs"][0]["embstore"]["rows"] == 2000
+
+
+def test_bench_bad_options_are_usage_errors():
+    for args in (["--writers", "0"], ["--sync", "sometimes"], ["--dtype", "f64->f8"],
+                 ["--frobnicate"]):
+        r = run("bench", *args)
+        assert r.code == 2, (args, r)
+        one_line(r.err)
+
+
+def test_progress_bar_only_on_a_terminal_and_not_with_quiet(store, tmp_path):
+    import pty
+    import subprocess
+
+    def stderr_of(*args, tty):
+        if not tty:
+            return run(*args).err
+        master, slave = pty.openpty()
+        try:
+            proc = subprocess.run([CLI, *map(str, args)], stdout=subprocess.DEVNULL,
+                                  stderr=slave, timeout=60)
+            assert proc.returncode == 0
+            os.close(slave)
+            slave = -1
+            chunks = []
+            while True:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:  # EIO: the writer side is closed and drained
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            return b"".join(chunks).decode()
+        finally:
+            os.close(master)
+            if slave >= 0:
+                os.close(slave)
+
+    shown = stderr_of("verify", store, tty=True)
+    assert "verifying [" in shown and "rows/s" in shown and "ETA" in shown
+    assert "exporting [" in stderr_of("export", store, tmp_path / "o1", tty=True)
+    assert stderr_of("verify", store, "--quiet", tty=True) == ""
+    assert stderr_of("verify", store, tty=False) == ""
+    assert stderr_of("export", store, tmp_path / "o2", tty=False) == ""
+
+
+def test_io_and_full_errors_have_their_exit_codes(store, tmp_path):
+    # 17 (I/O): the output's "directory" is a regular file (ENOTDIR).
+    (tmp_path / "file").write_text("x")
+    r = run("export", store, tmp_path / "file" / "out")
+    assert r.code == 17, r
+    assert str(tmp_path / "file") in one_line(r.err)
+    # 18 (full): the new store outgrows the address space it may reserve.
+    np.save(tmp_path / "v.npy", np.zeros((20000, 256), np.float32))
+    env = dict(os.environ, EMBSTORE_MAP_BYTES=str(1 << 20))
+    r = run("import", tmp_path / "new", tmp_path / "v.npy", "--segment-mb", 1, env=env)
+    assert r.code == 18, r
+    assert "map_bytes" in one_line(r.err)
+    assert not os.path.exists(tmp_path / "new")

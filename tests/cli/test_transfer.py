@@ -1,0 +1,291 @@
+"""embstore export / import / compact: np.load and h5py round trips, import of an export gives
+the same rows, keys and epochs, compaction, kill -9 during compact, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import embstore
+from conftest import CLI, SEGMENT_MB, corrupt_row, hash_tree, make_store, run
+
+DTYPES = ["float32", "float16", "bfloat16", "int8", "uint8", "float64"]
+NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1", "uint8": "|u1",
+         "float64": "<f8"}
+
+
+def store_arrays(path):
+    r = embstore.Reader(path)
+    return np.array(r.vectors), np.array(r.keys), np.array(r.epochs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_npy_export_opens_with_np_load_mmap_and_matches_the_store(tmp_path, dtype):
+    store = make_store(tmp_path / "s", dtype=dtype, dim=5)
+    out = tmp_path / "out"
+    r = run("export", store, out, "--quiet")
+    assert r.code == 0, r
+    vectors = np.load(out / "vectors.npy", mmap_mode="r")
+    keys = np.load(out / "keys.npy", mmap_mode="r")
+    epochs = np.load(out / "epochs.npy", mmap_mode="r")
+    assert isinstance(vectors, np.memmap)
+    assert vectors.dtype == np.dtype(NUMPY[dtype]) and vectors.shape == (30, 5)
+    v, k, e = store_arrays(store)
+    assert np.array_equal(vectors, v) and np.array_equal(keys, k) and np.array_equal(epochs, e)
+    sidecar = json.loads((out / "embstore.json").read_text())
+    reader = embstore.Reader(store)
+    assert sidecar["dtype"] == dtype and sidecar["dim"] == 5 and sidecar["rows"] == 30
+    assert sidecar["store_id"] == reader.info()["store_id"]
+    assert sidecar["metadata"] == reader.metadata_text
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hdf5_export_reads_in_h5py_with_attributes(tmp_path, dtype):
+    store = make_store(tmp_path / "s", dtype=dtype, dim=3)
+    out = tmp_path / "x.h5"
+    assert run("export", store, out, "--quiet").code == 0
+    reader = embstore.Reader(store)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["dtype"] == dtype and int(f.attrs["dim"]) == 3
+        assert f.attrs["metadata"] == reader.metadata_text
+        assert f.attrs["store_id"] == reader.info()["store_id"]
+        assert f["vectors"].dtype == np.dtype(NUMPY[dtype])
+        v, k, e = store_arrays(store)
+        assert np.array_equal(f["vectors"][:], v)
+        assert np.array_equal(f["keys"][:], k) and np.array_equal(f["epochs"][:], e)
+
+
+def test_export_selects_by_epoch_latest_and_row_range(store, tmp_path):
+    v, k, e = store_arrays(store)
+    assert run("export", store, tmp_path / "e1", "--epoch", 1).code == 0
+    assert np.array_equal(np.load(tmp_path / "e1" / "keys.npy"), k[e == 1])
+    assert run("export", store, tmp_path / "e02", "--epoch", "0,2").code == 0
+    assert np.array_equal(np.load(tmp_path / "e02" / "epochs.npy"), e[e != 1])
+    assert run("export", store, tmp_path / "r", "--from", 5, "--to", 12).code == 0
+    assert np.array_equal(np.load(tmp_path / "r" / "vectors.npy"), v[5:12])
+    assert run("export", store, tmp_path / "latest", "--latest").code == 0
+    latest = {}
+    for row, key in enumerate(k):
+        latest[key] = row
+    rows = sorted(latest.values())
+    assert np.array_equal(np.load(tmp_path / "latest" / "keys.npy"), k[rows])
+    assert np.array_equal(np.load(tmp_path / "latest" / "vectors.npy"), v[rows])
+    assert run("export", store, tmp_path / "le", "--latest", "--epoch", 0).code == 0
+    assert len(np.load(tmp_path / "le" / "keys.npy")) == 10
+
+
+def test_csv_export_has_a_header_and_one_line_per_row(store, tmp_path):
+    out = tmp_path / "x.csv"
+    assert run("export", store, out, "--to", 4).code == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "row,key,epoch,v0,v1,v2,v3"
+    v, k, e = store_arrays(store)
+    data = np.loadtxt(out, delimiter=",", skiprows=1)
+    assert data.shape == (4, 7)
+    assert np.array_equal(data[:, 1], k[:4]) and np.array_equal(data[:, 2], e[:4])
+    assert np.array_equal(data[:, 3:].astype(np.float16), v[:4])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_import_of_an_export_gives_identical_rows_keys_epochs_and_metadata(tmp_path, fmt, dtype):
+    store = make_store(tmp_path / "s", dtype=dtype)
+    out = tmp_path / ("out" if fmt == "npy" else "out.h5")
+    assert run("export", store, out, "--format", fmt).code == 0
+    r = run("import", tmp_path / "copy", out, "--json")
+    assert r.code == 0, r
+    summary = json.loads(r.out)
+    assert summary["created"] and summary["rows"] == 30
+    for a, b in zip(store_arrays(store), store_arrays(tmp_path / "copy")):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert embstore.Reader(tmp_path / "copy").metadata_text == embstore.Reader(store).metadata_text
+    again = tmp_path / ("again" if fmt == "npy" else "again.h5")
+    assert run("export", tmp_path / "copy", again, "--format", fmt).code == 0
+    if fmt == "npy":
+        for name in ("vectors.npy", "keys.npy", "epochs.npy"):
+            assert (out / name).read_bytes() == (again / name).read_bytes()
+
+
+def test_import_from_plain_npy_files_with_keys_and_epochs(tmp_path):
+    vectors = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    np.save(tmp_path / "k.npy", np.arange(100, 150, dtype=np.int64))
+    np.save(tmp_path / "e.npy", np.repeat(np.arange(5, dtype=np.uint64), 10))
+    store = tmp_path / "s"
+    r = run("import", store, tmp_path / "v.npy", "--keys", tmp_path / "k.npy", "--epochs",
+            tmp_path / "e.npy", "--dtype", "float16", "--segment-mb", 1)
+    assert r.code == 0, r
+    v, k, e = store_arrays(store)
+    assert v.dtype == np.float16 and np.array_equal(v, vectors.astype(np.float16))
+    assert np.array_equal(k, np.arange(100, 150)) and np.array_equal(e, np.repeat(np.arange(5), 10))
+    # Appending to the existing store: one epoch for all, default keys 0..n-1.
+    assert run("import", store, tmp_path / "v.npy", "--epoch", 9).code == 0
+    v, k, e = store_arrays(store)
+    assert len(v) == 100 and np.array_equal(k[50:], np.arange(50)) and (e[50:] == 9).all()
+
+
+def test_import_from_an_hdf5_dataset_by_name(tmp_path):
+    data = np.random.default_rng(2).standard_normal((20, 3))
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["emb/x"] = data
+        f["ids"] = np.arange(20, 40, dtype=np.uint64)
+    store = tmp_path / "s"
+    r = run("import", store, f"{tmp_path / 'd.h5'}:/emb/x", "--keys", f"{tmp_path / 'd.h5'}:/ids",
+            "--epoch", 4)
+    assert r.code == 0, r
+    v, k, e = store_arrays(store)
+    assert v.dtype == np.float64 and np.array_equal(v, data)
+    assert np.array_equal(k, np.arange(20, 40)) and (e == 4).all()
+
+
+def test_import_bad_input_gets_one_line_and_leaves_no_store(tmp_path, store):
+    np.save(tmp_path / "v.npy", np.zeros((4, 4), np.float32))
+    np.save(tmp_path / "v3.npy", np.zeros((4, 3), np.float32))
+    np.save(tmp_path / "i64.npy", np.zeros((4, 4), np.int64))
+    np.save(tmp_path / "k.npy", np.arange(5))
+    np.save(tmp_path / "neg.npy", np.array([0, 1, -2, 3]))
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    cases = [
+        ([tmp_path / "new", tmp_path / "missing.npy"], 12, "missing.npy"),
+        ([tmp_path / "new", tmp_path / "junk.npy"], 2, "junk.npy"),
+        ([tmp_path / "new", tmp_path / "i64.npy"], 2, "i64.npy"),
+        ([tmp_path / "new", tmp_path / "v.npy", "--keys", tmp_path / "k.npy"], 2, "k.npy has 5"),
+        ([tmp_path / "new", tmp_path / "v.npy", "--keys", tmp_path / "neg.npy"], 2, "negative"),
+        ([tmp_path / "new", tmp_path / "v.npy", "--dtype", "nope"], 2, 'unknown dtype "nope"'),
+        ([tmp_path / "new", tmp_path / "v.npy", "--epoch", "x"], 2, '"x"'),
+        ([tmp_path / "new", tmp_path / "v.npy", "--epoch", 1, "--epochs", tmp_path / "k.npy"], 2,
+         "excludes"),
+        ([tmp_path / "new", tmp_path / "v.npy", "--dtype", "int8"], 2, "cannot convert float32"),
+        ([tmp_path / "new", tmp_path / "v.npy", "--metadata", "{"], 2, "not valid JSON"),
+        ([store, tmp_path / "v3.npy"], 15, "dim 4"),
+        ([tmp_path / "new", f"{tmp_path / 'v.npy'}x"], 12, "no such file"),
+    ]
+    for args, code, message in cases:
+        r = run("import", *args)
+        assert r.code == code, (args, r)
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, r)
+        assert not os.path.exists(tmp_path / "new"), args
+        assert not [p for p in os.listdir(tmp_path) if ".partial-" in p], args
+    assert len(embstore.Reader(store)) == 30
+
+
+def test_export_bad_input(store, tmp_path):
+    (tmp_path / "exists").mkdir()
+    cases = [
+        ([store, tmp_path / "exists"], 13, "already exists"),
+        ([store, tmp_path / "o", "--epoch", 7], 12, "epoch 7 is not in"),
+        ([store, tmp_path / "o", "--from", 9, "--to", 3], 2, "--from 9 is after --to 3"),
+        ([store, tmp_path / "o", "--to", 99], 2, "past the end"),
+        ([store, tmp_path / "o", "--format", "parquet"], 2, "parquet"),
+        ([store, tmp_path / "o", "--epoch", "-1"], 2, '"-1"'),
+    ]
+    for args, code, message in cases:
+        r = run("export", *args)
+        assert r.code == code, (args, r)
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, r)
+        assert not os.path.exists(tmp_path / "o")
+
+
+def test_export_of_a_corrupt_row_fails_naming_it_and_leaves_no_output(store, tmp_path):
+    corrupt_row(store, 12, record_bytes=8)
+    r = run("export", store, tmp_path / "o")
+    assert r.code == 14
+    assert "row 12 (key 3, epoch 1)" in r.err
+    assert sorted(os.listdir(tmp_path)) == ["s"]
+
+
+def test_compact_keeps_latest_per_key_or_epochs_and_converts_dtype(store, tmp_path):
+    before = hash_tree(store)
+    v, k, e = store_arrays(store)
+    r = run("compact", store, tmp_path / "latest", "--latest-per-key", "--json")
+    assert r.code == 0, r
+    assert json.loads(r.out)["rows"] == 12
+    lv, lk, le = store_arrays(tmp_path / "latest")
+    latest = {}
+    for row, key in enumerate(k):
+        latest[key] = row
+    rows = sorted(latest.values())
+    assert np.array_equal(lv, v[rows]) and np.array_equal(lk, k[rows]) and np.array_equal(le, e[rows])
+    assert run("compact", store, tmp_path / "e2", "--epochs", "2", "--dtype", "float32").code == 0
+    cv, ck, ce = store_arrays(tmp_path / "e2")
+    assert cv.dtype == np.float32 and np.array_equal(cv, v[e == 2].astype(np.float32))
+    assert (ce == 2).all() and run("verify", tmp_path / "e2").code == 0
+    src = embstore.Reader(store)
+    new = embstore.Reader(tmp_path / "e2")
+    assert new.metadata_text == src.metadata_text
+    assert new.info()["store_id"] != src.info()["store_id"]
+    assert hash_tree(store) == before
+
+
+def test_compact_bad_input(store, tmp_path):
+    (tmp_path / "exists").mkdir()
+    int_store = make_store(tmp_path / "i8", dtype="int8")
+    cases = [
+        ([store, tmp_path / "exists"], 13, "already exists"),
+        ([store, tmp_path / "o", "--epochs", "1,8"], 12, "epoch 8 is not in"),
+        ([store, tmp_path / "o", "--epochs", "1,x"], 2, '"x"'),
+        ([store, tmp_path / "o", "--dtype", "f7"], 2, 'unknown dtype "f7"'),
+        ([int_store, tmp_path / "o", "--dtype", "float16"], 2, "cannot convert int8"),
+    ]
+    for args, code, message in cases:
+        r = run("compact", *args)
+        assert r.code == code, (args, r)
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, r)
+        assert not os.path.exists(tmp_path / "o")
+        assert not [p for p in os.listdir(tmp_path) if ".partial-" in p], args
+
+
+def test_kill_9_during_compact_leaves_the_source_intact_and_no_store_at_the_output(tmp_path):
+    # Big enough that compaction takes a while: 40k rows x 256 float32 = 40 MiB.
+    src = tmp_path / "big"
+    embstore.create(src, dim=256, dtype="float32", segment_mb=16)
+    with embstore.Writer(src) as w:
+        block = np.random.default_rng(3).standard_normal((4000, 256)).astype(np.float32)
+        for i in range(10):
+            w.append(keys=np.arange(4000) + i * 4000, vectors=block, epoch=i)
+        w.sync()
+    before = hash_tree(src)
+    killed_mid_way = 0
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen([CLI, "compact", str(src), str(out), "--quiet"])
+        # Wait for the working directory to appear, then kill at once.
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(name.startswith(f".out{attempt}.partial-") for name in os.listdir(tmp_path)):
+                break
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            killed_mid_way += 1
+            # Nothing at the output name: no half store can be mistaken for the result.
+            assert not os.path.exists(out)
+            r = run("info", out)
+            assert r.code == 12
+        else:
+            assert proc.returncode == 0 and run("verify", out).code == 0
+        assert hash_tree(src) == before
+        assert run("verify", src).code == 0
+    assert killed_mid_way >= 1
+    # The leftover working directories are hidden and do not block a new compaction.
+    assert run("compact", src, tmp_path / "final", "--epochs", 9).code == 0
+    assert len(embstore.Reader(tmp_path / "final")) == 4000
+
+
+def test_python_and_cli_read_each_others_exports(store, tmp_path):
+    assert run("export", store, tmp_path / "cli_out").code == 0
+    embstore.import_npy(tmp_path / "py_copy", tmp_path / "cli_out")
+    embstore.export_npy(store, tmp_path / "py_out")
+    assert run("import", tmp_path / "cli_copy", tmp_path / "py_out").code == 0
+    for copy in ("py_copy", "cli_copy"):
+        for a, b in zip(store_arrays(store), store_arrays(tmp_path / copy)):
+            assert a.dtype == b.dtype and np.array_equal(a, b)

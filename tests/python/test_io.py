@@ -1,0 +1,173 @@
+"""embstore.io: export_npy / export_hdf5 / import_npy / compact, the Python side of the CLI's
+export, import and compact (same files, same rules)."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+import embstore
+from embstore.io import EXPORT_FORMAT
+
+DTYPES = ["float32", "float16", "bfloat16", "int8", "uint8", "float64"]
+NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1", "uint8": "|u1",
+         "float64": "<f8"}
+
+
+def make(path, dtype="float16", dim=4, epochs=3, rows=10):
+    embstore.create(path, dim=dim, dtype=dtype, segment_mb=1 / 16, metadata={"run": "t"})
+    rng = np.random.default_rng(5)
+    with embstore.Writer(path) as w:
+        for e in range(epochs):
+            if dtype in ("int8", "uint8"):
+                v = rng.integers(0, 100, size=(rows, dim)).astype(dtype)
+            elif dtype == "float64":
+                v = rng.standard_normal((rows, dim))
+            else:
+                v = rng.standard_normal((rows, dim)).astype(np.float32)
+            w.append(keys=np.arange(rows) + e, vectors=v, epoch=e)
+    return str(path)
+
+
+def arrays(path):
+    r = embstore.Reader(path)
+    return np.array(r.vectors), np.array(r.keys), np.array(r.epochs)
+
+
+def hashes(path):
+    out = {}
+    for name in sorted(os.listdir(path)):
+        with open(os.path.join(path, name), "rb") as f:
+            out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def latest_rows(keys):
+    last = {}
+    for row, key in enumerate(keys):
+        last[key] = row
+    return sorted(last.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_export_npy_writes_mmap_loadable_files_and_a_sidecar(tmp_path, dtype):
+    src = make(tmp_path / "s", dtype)
+    out = tmp_path / "out"
+    assert embstore.export_npy(src, out) == 30
+    v, k, e = arrays(src)
+    vectors = np.load(out / "vectors.npy", mmap_mode="r")
+    assert vectors.dtype == np.dtype(NUMPY[dtype]) and np.array_equal(vectors, v)
+    assert np.array_equal(np.load(out / "keys.npy", mmap_mode="r"), k)
+    assert np.array_equal(np.load(out / "epochs.npy", mmap_mode="r"), e)
+    side = json.loads((out / "embstore.json").read_text())
+    assert side["embstore_format"] == EXPORT_FORMAT and side["dtype"] == dtype
+    assert side["metadata"] == embstore.Reader(src).metadata_text
+    assert side["store_id"] == embstore.info(src)["store_id"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_hdf5_has_datasets_and_attributes(tmp_path, dtype):
+    h5py = pytest.importorskip("h5py")
+    src = make(tmp_path / "s", dtype)
+    assert embstore.export_hdf5(src, tmp_path / "x.h5", epochs=[1]) == 10
+    v, k, e = arrays(src)
+    with h5py.File(tmp_path / "x.h5", "r") as f:
+        assert f.attrs["dtype"] == dtype and int(f.attrs["dim"]) == 4
+        assert f.attrs["store_id"] == embstore.info(src)["store_id"]
+        assert np.array_equal(f["vectors"][:], v[e == 1])
+        assert np.array_equal(f["keys"][:], k[e == 1]) and (f["epochs"][:] == 1).all()
+
+
+def test_export_selections(tmp_path):
+    src = make(tmp_path / "s")
+    v, k, e = arrays(src)
+    assert embstore.export_npy(src, tmp_path / "a", latest=True) == 12
+    assert np.array_equal(np.load(tmp_path / "a" / "vectors.npy"), v[latest_rows(k)])
+    assert embstore.export_npy(src, tmp_path / "b", begin=3, end=17) == 14
+    assert np.array_equal(np.load(tmp_path / "b" / "keys.npy"), k[3:17])
+    assert embstore.export_npy(embstore.Reader(src), tmp_path / "c", epochs=[0, 2]) == 20
+    with pytest.raises(KeyError, match="epoch 5"):
+        embstore.export_npy(src, tmp_path / "d", epochs=[5])
+    with pytest.raises(FileExistsError):
+        embstore.export_npy(src, tmp_path / "a")
+    with pytest.raises(ValueError, match="past the end"):
+        embstore.export_npy(src, tmp_path / "e", end=31)
+    assert not os.path.exists(tmp_path / "d") and not os.path.exists(tmp_path / "e")
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_import_of_an_export_gives_identical_rows_keys_epochs(tmp_path, dtype):
+    src = make(tmp_path / "s", dtype)
+    embstore.export_npy(src, tmp_path / "out")
+    assert embstore.import_npy(tmp_path / "copy", tmp_path / "out") == 30
+    for a, b in zip(arrays(src), arrays(tmp_path / "copy")):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    copy = embstore.Reader(tmp_path / "copy")
+    assert copy.dtype == dtype and copy.metadata_text == embstore.Reader(src).metadata_text
+
+
+def test_import_arrays_with_keys_epochs_and_conversion(tmp_path):
+    data = np.random.default_rng(9).standard_normal((40, 8)).astype(np.float32)
+    store = tmp_path / "s"
+    n = embstore.import_npy(store, data, keys=np.arange(100, 140), epochs=np.repeat([0, 1], 20),
+                            dtype="bfloat16")
+    assert n == 40
+    r = embstore.Reader(store)
+    assert r.dtype == "bfloat16" and np.array_equal(r.keys, np.arange(100, 140))
+    back = (np.array(r.vectors).astype(np.uint32) << 16).view(np.float32)
+    assert np.allclose(back, data, rtol=1 / 128)
+    np.save(tmp_path / "more.npy", data[:5])
+    assert embstore.import_npy(store, tmp_path / "more.npy", epoch=3) == 5
+    r = embstore.Reader(store)
+    assert len(r) == 45 and (np.array(r.epochs[40:]) == 3).all()
+    assert np.array_equal(r.keys[40:], np.arange(5))
+
+
+def test_import_bad_input(tmp_path):
+    src = make(tmp_path / "s")
+    with pytest.raises(ValueError, match="keys has shape"):
+        embstore.import_npy(tmp_path / "n", np.zeros((3, 4), np.float32), keys=[1, 2])
+    with pytest.raises(ValueError, match="negative"):
+        embstore.import_npy(tmp_path / "n", np.zeros((3, 4), np.float32), keys=[1, -2, 3])
+    with pytest.raises(ValueError, match="2-D"):
+        embstore.import_npy(tmp_path / "n", np.zeros(3, np.float32))
+    with pytest.raises(embstore.FormatMismatchError, match="dim 4"):
+        embstore.import_npy(src, np.zeros((3, 5), np.float32))
+    assert not os.path.exists(tmp_path / "n") and len(embstore.Reader(src)) == 30
+
+
+def test_compact_latest_epochs_dtype_and_the_source_untouched(tmp_path):
+    src = make(tmp_path / "s")
+    before = hashes(src)
+    v, k, e = arrays(src)
+    assert embstore.compact(src, tmp_path / "latest", latest_per_key=True) == 12
+    lv, lk, le = arrays(tmp_path / "latest")
+    rows = latest_rows(k)
+    assert np.array_equal(lv, v[rows]) and np.array_equal(lk, k[rows]) and np.array_equal(le, e[rows])
+    assert embstore.compact(src, tmp_path / "f32", epochs=[2], dtype="float32") == 10
+    r = embstore.Reader(tmp_path / "f32")
+    assert r.dtype == "float32" and np.array_equal(r.vectors, v[e == 2].astype(np.float32))
+    assert r.verify().ok and r.metadata_text == embstore.Reader(src).metadata_text
+    with pytest.raises(FileExistsError):
+        embstore.compact(src, tmp_path / "f32")
+    with pytest.raises(KeyError, match="epoch 4"):
+        embstore.compact(src, tmp_path / "x", epochs=[4])
+    with pytest.raises(ValueError, match="cannot convert"):
+        embstore.compact(make(tmp_path / "i", "int8"), tmp_path / "x", dtype="float16")
+    assert not os.path.exists(tmp_path / "x")
+    assert hashes(src) == before
+
+
+def test_a_corrupt_row_stops_export_and_compact_naming_it(tmp_path):
+    src = make(tmp_path / "s")
+    with open(os.path.join(src, "rows.1"), "r+b") as f:
+        f.seek(12 * 8 + 1)
+        f.write(b"\x7f")
+    with pytest.raises(embstore.CorruptionError, match=r"row 12 \(key 3, epoch 1\)"):
+        embstore.export_npy(src, tmp_path / "o")
+    with pytest.raises(embstore.CorruptionError, match="row 12"):
+        embstore.compact(src, tmp_path / "c")
+    assert sorted(os.listdir(tmp_path)) == ["s"]

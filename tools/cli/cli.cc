@@ -1,0 +1,171 @@
+#include "cli.h"
+
+#include <fmt/format.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+
+namespace embstore::cli {
+namespace {
+
+std::int64_t now_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
+std::string duration_text(double seconds) {
+  if (seconds < 60) return fmt::format("{:.0f}s", seconds);
+  if (seconds < 3600) return fmt::format("{:.0f}m{:02.0f}s", seconds / 60, std::fmod(seconds, 60));
+  return fmt::format("{:.0f}h{:02.0f}m", seconds / 3600, std::fmod(seconds / 60, 60));
+}
+
+}  // namespace
+
+int exit_status(const Error& error) {
+  // Invalid arguments are usage errors whether CLI11 or the library finds them.
+  if (error.code() == ErrorCode::kInvalidArgument) return kExitUsage;
+  return kExitErrorBase + static_cast<int>(error.code());
+}
+
+CLI::Validator dtype_validator() {
+  return CLI::Validator(
+      [](std::string& name) -> std::string {
+        if (parse_dtype(name)) return {};
+        return "unknown dtype \"" + name +
+               "\" (float32, float16, bfloat16, int8, uint8, float64; or f4, f2, f8, i1, u1)";
+      },
+      "DTYPE", "dtype");
+}
+
+CLI::Validator unsigned_validator(const std::string& what) {
+  return CLI::Validator(
+      [what](std::string& text) -> std::string {
+        const bool digits =
+            !text.empty() && text.size() <= 20 && std::all_of(text.begin(), text.end(), [](char c) {
+              return std::isdigit(static_cast<unsigned char>(c));
+            });
+        if (digits) return {};
+        return "takes " + what + " (a non-negative integer), not \"" + text + "\"";
+      },
+      "UINT", "unsigned");
+}
+
+DType dtype_from_name(const std::string& name) {
+  if (auto dtype = parse_dtype(name)) return *dtype;
+  throw Error(ErrorCode::kInvalidArgument, "unknown dtype \"" + name + "\"");
+}
+
+std::string checked_metadata(const std::string& text) {
+  try {
+    [[maybe_unused]] const nlohmann::json parsed = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string("--metadata is not valid JSON: ") + e.what());
+  }
+  return text;
+}
+
+Progress::Progress(std::string label, bool quiet)
+    : label_(std::move(label)), enabled_(!quiet && ::isatty(STDERR_FILENO) == 1) {
+  start_ns_ = now_ns();
+}
+
+Progress::~Progress() {
+  if (drawn_) std::fputs("\r\033[K", stderr);
+}
+
+tools::ProgressFn Progress::fn() {
+  if (!enabled_) return nullptr;
+  return [this](std::uint64_t done, std::uint64_t total) { update(done, total); };
+}
+
+void Progress::update(std::uint64_t done, std::uint64_t total) {
+  if (!enabled_) return;
+  const std::int64_t now = now_ns();
+  if (done < total && now - last_draw_ns_ < 100'000'000) return;
+  last_draw_ns_ = now;
+  const double seconds = std::max(1e-9, (now - start_ns_) / 1e9);
+  const double rate = done / seconds;
+  const double fraction = total ? static_cast<double>(done) / total : 1.0;
+  constexpr int kWidth = 24;
+  const int filled = static_cast<int>(fraction * kWidth);
+  const std::string eta =
+      rate > 0 && done < total ? duration_text((total - done) / rate) : std::string("-");
+  fmt::print(stderr, "\r\033[K{} [{}{}] {:3.0f}% {}/{} rows {:.0f} rows/s ETA {}", label_,
+             std::string(filled, '#'), std::string(kWidth - filled, '.'), fraction * 100, done,
+             total, rate, eta);
+  std::fflush(stderr);
+  drawn_ = true;
+}
+
+void Table::print(std::FILE* out, const std::string& indent) const {
+  std::vector<std::size_t> widths;
+  std::vector<bool> numeric;
+  for (std::size_t r = 0; r < rows_.size(); ++r) {
+    const auto& row = rows_[r];
+    if (widths.size() < row.size()) {
+      widths.resize(row.size(), 0);
+      numeric.resize(row.size(), true);
+    }
+    for (std::size_t i = 0; i < row.size(); ++i) {
+      widths[i] = std::max(widths[i], row[i].size());
+      const bool number = !row[i].empty() &&
+                          (std::isdigit(static_cast<unsigned char>(row[i][0])) || row[i][0] == '-');
+      if (r > 0 && !number) numeric[i] = false;
+    }
+  }
+  for (const auto& row : rows_) {
+    std::string line = indent;
+    for (std::size_t i = 0; i < row.size(); ++i) {
+      const std::size_t pad = widths[i] - row[i].size();
+      if (i) line += "  ";
+      if (numeric[i]) line.append(pad, ' ');
+      line += row[i];
+      if (!numeric[i]) line.append(pad, ' ');
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    fmt::print(out, "{}\n", line);
+  }
+}
+
+nlohmann::json info_json(const StoreInfo& info) {
+  return {
+      {"path", info.path},
+      {"format", fmt::format("{}.{}", info.format_major, info.format_minor)},
+      {"dtype", std::string(dtype_name(info.dtype))},
+      {"dim", info.dim},
+      {"record_bytes", info.record_bytes},
+      {"segment_bytes", info.segment_bytes},
+      {"store_id", info.store_id},
+      {"created_unix_ns", info.created_unix_ns},
+      {"generation", info.generation},
+      {"committed_rows", info.committed_rows},
+      {"durable_rows", info.durable_rows},
+      {"capacity_rows", info.capacity_rows},
+      {"data_file_bytes", info.data_file_bytes},
+      {"index_file_bytes", info.index_file_bytes},
+      {"metadata", info.metadata},
+  };
+}
+
+void print_json(const nlohmann::json& value) {
+  // Replace, not throw, on bytes that are not UTF-8 (metadata is free-form text).
+  const std::string text = value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fputc('\n', stdout);
+}
+
+std::string utc_time(std::int64_t unix_ns) {
+  const time_t seconds = static_cast<time_t>(unix_ns / 1'000'000'000);
+  struct tm tm;
+  ::gmtime_r(&seconds, &tm);
+  char text[32];
+  std::strftime(text, sizeof(text), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return text;
+}
+
+}  // namespace embstore::cli

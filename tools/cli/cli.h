@@ -1,0 +1,96 @@
+// cli.h — what every embstore subcommand shares: exit codes, the registry that main() runs,
+// option helpers, the progress bar and table output.
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "rows.h"
+
+namespace embstore::cli {
+
+// Exit statuses, the same for every command (README, "Command-line tool").
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitDamage = 1;  // verify found rows that fail their checksum.
+inline constexpr int kExitUsage = 2;   // A bad option or argument (ErrorCode::kInvalidArgument).
+inline constexpr int kExitErrorBase = 10;  // 10 + ErrorCode for every other embstore::Error.
+
+// The exit status for an embstore::Error.
+int exit_status(const Error& error);
+
+// A subcommand's work, run by main() after the whole command line parsed.
+using Action = std::function<int()>;
+
+// Every subcommand registers itself here: its CLI11 app and what to run when it is chosen.
+class Registry {
+ public:
+  void add(CLI::App* command, Action action) { commands_.emplace_back(command, std::move(action)); }
+  const std::vector<std::pair<CLI::App*, Action>>& commands() const { return commands_; }
+
+ private:
+  std::vector<std::pair<CLI::App*, Action>> commands_;
+};
+
+void add_store_commands(CLI::App& app, Registry& registry);     // create info verify version
+void add_row_commands(CLI::App& app, Registry& registry);       // head tail
+void add_transfer_commands(CLI::App& app, Registry& registry);  // export import compact
+void add_serve_command(CLI::App& app, Registry& registry);
+void add_bench_command(CLI::App& app, Registry& registry);
+
+// A CLI11 validator that accepts the dtype names parse_dtype() knows and names them otherwise.
+CLI::Validator dtype_validator();
+// A CLI11 validator for a non-negative decimal integer (a row, a key, an epoch, a count):
+// "-3" or "1e3" are refused with a message naming `what`, never wrapped around.
+CLI::Validator unsigned_validator(const std::string& what);
+
+// parse_dtype() of a name the validator has accepted.
+DType dtype_from_name(const std::string& name);
+
+// Parses --metadata text as JSON (nlohmann-json) and returns it unchanged; throws
+// kInvalidArgument with the parser's message otherwise.
+std::string checked_metadata(const std::string& text);
+
+// Progress on stderr with rate and ETA, drawn only when stderr is a terminal and not --quiet;
+// at most ten times a second. Thread-compatible.
+class Progress {
+ public:
+  Progress(std::string label, bool quiet);
+  ~Progress();  // Clears the line.
+  tools::ProgressFn fn();
+  void update(std::uint64_t done, std::uint64_t total);
+
+ private:
+  std::string label_;
+  bool enabled_;
+  bool drawn_ = false;
+  std::int64_t start_ns_ = 0;
+  std::int64_t last_draw_ns_ = 0;
+};
+
+// Rows of text printed in aligned columns: numbers (cells starting with a digit) right-aligned.
+class Table {
+ public:
+  explicit Table(std::vector<std::string> header) { rows_.push_back(std::move(header)); }
+  void add(std::vector<std::string> row) { rows_.push_back(std::move(row)); }
+  void print(std::FILE* out, const std::string& indent = "") const;
+
+ private:
+  std::vector<std::vector<std::string>> rows_;
+};
+
+// The header and counters as JSON (the fields of StoreInfo; format as "major.minor").
+nlohmann::json info_json(const StoreInfo& info);
+
+// Prints `value` as one line of JSON on stdout.
+void print_json(const nlohmann::json& value);
+
+// "2026-12-01T20:11:05Z" for nanoseconds since the Unix epoch.
+std::string utc_time(std::int64_t unix_ns);
+
+}  // namespace embstore::cli

@@ -1,0 +1,160 @@
+// head and tail, including tail -f (follow rows as other processes commit them).
+#include <fmt/format.h>
+#include <poll.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <memory>
+
+#include "cli.h"
+
+namespace embstore::cli {
+namespace {
+
+// How long tail -f sleeps on the commit counter before it re-checks for SIGINT and a closed
+// stdout; rows committed meanwhile wake it at once.
+constexpr auto kFollowCheck = std::chrono::milliseconds(200);
+
+volatile std::sig_atomic_t g_stop = 0;
+
+void on_stop_signal(int) { g_stop = 1; }
+
+struct RowArgs {
+  std::string store;
+  std::uint64_t n = 10;
+  bool vectors = false;
+  bool json = false;
+  bool follow = false;
+};
+
+// Prints rows one line each, as aligned text or JSON lines.
+class RowPrinter {
+ public:
+  RowPrinter(const Reader& reader, const RowArgs& args) : reader_(reader), args_(args) {}
+
+  void header() {
+    if (!args_.json)
+      fmt::print("{:>12}  {:>20}  {:>10}{}\n", "row", "key", "epoch",
+                 args_.vectors ? "  vector" : "");
+  }
+
+  void print(std::uint64_t row) {
+    const Record record = reader_.record(row);  // Checks the row's checksum.
+    if (args_.json) {
+      nlohmann::json line = {{"row", record.row}, {"key", record.key}, {"epoch", record.epoch}};
+      if (args_.vectors) line["vector"] = values(record);
+      print_json(line);
+      return;
+    }
+    fmt::print("{:>12}  {:>20}  {:>10}", record.row, record.key, record.epoch);
+    if (args_.vectors) {
+      std::string text;
+      for (std::uint32_t i = 0; i < reader_.dim(); ++i) {
+        text += fmt::format("{}{}", i ? " " : "", value(record, i));
+      }
+      fmt::print("  [{}]", text);
+    }
+    fmt::print("\n");
+  }
+
+ private:
+  double value(const Record& record, std::uint32_t i) const {
+    return tools::element_value(reader_.dtype(), record.data, i);
+  }
+  nlohmann::json values(const Record& record) const {
+    nlohmann::json out = nlohmann::json::array();
+    const DType dtype = reader_.dtype();
+    for (std::uint32_t i = 0; i < reader_.dim(); ++i) {
+      if (dtype == DType::kFloat64) {
+        out.push_back(value(record, i));
+      } else if (dtype == DType::kInt8 || dtype == DType::kUInt8) {
+        out.push_back(static_cast<int>(value(record, i)));
+      } else {
+        out.push_back(static_cast<float>(value(record, i)));
+      }
+    }
+    return out;
+  }
+
+  const Reader& reader_;
+  const RowArgs& args_;
+};
+
+// True once nobody reads our stdout any more (the reader of a pipe closed it).
+bool stdout_closed() {
+  pollfd fd{STDOUT_FILENO, 0, 0};
+  return ::poll(&fd, 1, 0) == 1 && (fd.revents & (POLLERR | POLLHUP)) != 0;
+}
+
+// False when stdout is gone (EPIPE): the caller stops quietly.
+bool flush_stdout() {
+  if (std::fflush(stdout) == 0) return true;
+  if (errno == EPIPE) return false;
+  throw Error(ErrorCode::kIO, std::string("cannot write to stdout: ") + std::strerror(errno),
+              errno);
+}
+
+int run_rows(const RowArgs& args, bool tail) {
+  Reader reader = Reader::open(args.store);
+  if (args.follow) {
+    // End cleanly on Ctrl-C, kill and a closed pipe: no signal death, exit 0.
+    struct sigaction action = {};
+    action.sa_handler = on_stop_signal;
+    ::sigemptyset(&action.sa_mask);
+    ::sigaction(SIGINT, &action, nullptr);
+    ::sigaction(SIGTERM, &action, nullptr);
+    ::signal(SIGPIPE, SIG_IGN);
+  }
+  RowPrinter printer(reader, args);
+  const std::uint64_t size = reader.size();
+  const std::uint64_t count = std::min(args.n, size);
+  const std::uint64_t begin = tail ? size - count : 0;
+  printer.header();
+  for (std::uint64_t row = begin; row < begin + count; ++row) printer.print(row);
+  if (!flush_stdout()) return kExitOk;
+  if (!args.follow) return kExitOk;
+  std::uint64_t next = size;
+  while (!g_stop) {
+    if (stdout_closed()) break;
+    if (!reader.wait(next + 1, kFollowCheck)) continue;
+    const std::uint64_t now = reader.size();
+    for (; next < now && !g_stop; ++next) printer.print(next);
+    if (!flush_stdout()) break;
+  }
+  return kExitOk;
+}
+
+void add_row_command(CLI::App& app, Registry& registry, bool tail) {
+  auto args = std::make_shared<RowArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      tail ? "tail" : "head",
+      tail ? "Last rows (key, epoch, optionally the vector); -f follows new commits (read-only)"
+           : "First rows (key, epoch, optionally the vector) (read-only)");
+  cmd->add_option("store", args->store, "Store directory")->required();
+  cmd->add_option("-n,--rows", args->n, "Rows to print")
+      ->check(unsigned_validator("a row count"))
+      ->capture_default_str();
+  cmd->add_flag("--vectors", args->vectors, "Print each row's values too");
+  cmd->add_flag("--json", args->json, "One JSON object per row (JSON lines)");
+  if (tail) {
+    cmd->add_flag("-f,--follow", args->follow,
+                  "Keep printing rows as other processes commit them, until Ctrl-C or the "
+                  "reader of stdout goes away");
+    cmd->footer("Example: embstore tail -f run.emb --json | head -100");
+  } else {
+    cmd->footer("Example: embstore head run.emb -n 5 --vectors");
+  }
+  registry.add(cmd, [args, tail] { return run_rows(*args, tail); });
+}
+
+}  // namespace
+
+void add_row_commands(CLI::App& app, Registry& registry) {
+  add_row_command(app, registry, false);
+  add_row_command(app, registry, true);
+}
+
+}  // namespace embstore::cli

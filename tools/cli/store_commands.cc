@@ -1,0 +1,254 @@
+// create, info, verify and version.
+#include <fmt/format.h>
+
+#include <memory>
+#include <optional>
+
+#include "cli.h"
+#include "stats.h"
+
+namespace embstore::cli {
+namespace {
+
+constexpr std::uint64_t kVerifyBlockRows = 1 << 16;
+
+struct CreateArgs {
+  std::string store;
+  std::uint32_t dim = 0;
+  std::string dtype = "float32";
+  double segment_mb = static_cast<double>(kDefaultSegmentBytes >> 20);
+  std::string metadata;
+  bool json = false;
+};
+
+int run_create(const CreateArgs& args) {
+  CreateOptions options;
+  options.dim = args.dim;
+  options.dtype = dtype_from_name(args.dtype);
+  options.segment_bytes = static_cast<std::uint64_t>(args.segment_mb * (1 << 20));
+  if (!args.metadata.empty()) options.metadata = checked_metadata(args.metadata);
+  create_store(args.store, options);
+  const StoreInfo info = read_info(args.store);
+  if (args.json) {
+    print_json(info_json(info));
+  } else {
+    fmt::print("created {}: dim {} {}, store id {}\n", info.path, info.dim, dtype_name(info.dtype),
+               info.store_id);
+  }
+  return kExitOk;
+}
+
+struct InfoArgs {
+  std::string store;
+  bool json = false;
+  bool no_scan = false;
+  bool quiet = false;
+};
+
+int run_info(const InfoArgs& args) {
+  // Header and counters first, without mapping anything; then a Reader for the key scan.
+  const StoreInfo info = read_info(args.store);
+  const tools::DiskStats disk = tools::disk_stats(args.store);
+  const std::uint64_t segments =
+      info.segment_bytes ? (info.data_file_bytes + info.segment_bytes - 1) / info.segment_bytes : 0;
+  std::optional<tools::KeyStats> keys;
+  if (!args.no_scan) {
+    const Reader reader = Reader::open(args.store);
+    Progress progress("scanning keys", args.quiet);
+    keys = tools::key_stats(reader, progress.fn());
+  }
+  if (args.json) {
+    nlohmann::json out = info_json(info);
+    out["segments"] = segments;
+    out["bytes_on_disk"] = disk.disk_bytes;
+    out["last_modified_unix_ns"] = disk.last_modified_unix_ns;
+    nlohmann::json files = nlohmann::json::array();
+    for (const auto& file : disk.files) {
+      files.push_back(
+          {{"name", file.name}, {"bytes", file.bytes}, {"disk_bytes", file.disk_bytes}});
+    }
+    out["files"] = files;
+    if (keys) {
+      nlohmann::json epochs = nlohmann::json::array();
+      for (const auto& e : keys->epochs) {
+        epochs.push_back(
+            {{"epoch", e.epoch}, {"rows", e.rows}, {"distinct_keys", e.distinct_keys}});
+      }
+      out["epochs"] = epochs;
+      out["distinct_keys"] = keys->distinct_keys;
+      out["key_source"] = "scan";
+    }
+    print_json(out);
+    return kExitOk;
+  }
+  const std::size_t width = std::string("committed rows").size();
+  auto line = [&](const std::string& name, const std::string& value) {
+    fmt::print("{:<{}}  {}\n", name, width, value);
+  };
+  line("store", info.path);
+  line("format", fmt::format("{}.{}", info.format_major, info.format_minor));
+  line("store id", info.store_id);
+  line("created", utc_time(info.created_unix_ns));
+  line("dtype", std::string(dtype_name(info.dtype)));
+  line("dim", std::to_string(info.dim));
+  line("record bytes", std::to_string(info.record_bytes));
+  line("segment bytes", std::to_string(info.segment_bytes));
+  line("segments", std::to_string(segments));
+  line("generation", std::to_string(info.generation));
+  line("committed rows", std::to_string(info.committed_rows));
+  line("durable rows", std::to_string(info.durable_rows));
+  line("capacity rows", std::to_string(info.capacity_rows));
+  line("data file", fmt::format("{} bytes", info.data_file_bytes));
+  line("index file", fmt::format("{} bytes", info.index_file_bytes));
+  line("bytes on disk", fmt::format("{} bytes", disk.disk_bytes));
+  line("last modified", utc_time(disk.last_modified_unix_ns));
+  line("metadata", info.metadata.empty() ? "(none)" : info.metadata);
+  if (keys) {
+    line("distinct keys", fmt::format("{} (scan of the index)", keys->distinct_keys));
+    line("epochs", std::to_string(keys->epochs.size()));
+    if (!keys->epochs.empty()) {
+      Table epochs({"epoch", "rows", "distinct keys"});
+      for (const auto& e : keys->epochs) {
+        epochs.add(
+            {std::to_string(e.epoch), std::to_string(e.rows), std::to_string(e.distinct_keys)});
+      }
+      epochs.print(stdout, "  ");
+    }
+  }
+  return kExitOk;
+}
+
+struct VerifyArgs {
+  std::string store;
+  std::optional<std::uint64_t> from;
+  std::optional<std::uint64_t> to;
+  bool json = false;
+  bool quiet = false;
+};
+
+int run_verify(const VerifyArgs& args) {
+  const Reader reader = Reader::open(args.store);
+  const std::uint64_t begin = args.from.value_or(0);
+  const std::uint64_t end = args.to.value_or(reader.size());
+  if (begin > end) {
+    throw Error(ErrorCode::kInvalidArgument, fmt::format("--from {} is after --to {}", begin, end));
+  }
+  if (end > reader.size()) {
+    throw Error(ErrorCode::kInvalidArgument, fmt::format("--to {} is past the end of {} ({} rows)",
+                                                         end, reader.path(), reader.size()));
+  }
+  VerifyReport total;
+  total.begin_row = begin;
+  total.end_row = end;
+  {
+    Progress progress("verifying", args.quiet);
+    for (std::uint64_t block = begin; block < end; block += kVerifyBlockRows) {
+      const std::uint64_t block_end = std::min(end, block + kVerifyBlockRows);
+      const VerifyReport report = reader.verify(block, block_end);
+      total.rows_checked += report.rows_checked;
+      total.bad_row_count += report.bad_row_count;
+      for (std::uint64_t row : report.bad_rows) {
+        if (total.bad_rows.size() < VerifyReport::kMaxListed) total.bad_rows.push_back(row);
+      }
+      progress.update(block_end - begin, end - begin);
+    }
+  }
+  // Keys and epochs as the index entry says: the entry itself may be what is damaged.
+  auto key_of = [&](std::uint64_t row) { return reader.keys(row, row + 1)[0]; };
+  auto epoch_of = [&](std::uint64_t row) { return reader.epochs(row, row + 1)[0]; };
+  if (args.json) {
+    nlohmann::json bad = nlohmann::json::array();
+    for (std::uint64_t row : total.bad_rows) {
+      bad.push_back({{"row", row}, {"key", key_of(row)}, {"epoch", epoch_of(row)}});
+    }
+    print_json({{"path", reader.path()},
+                {"begin_row", begin},
+                {"end_row", end},
+                {"rows_checked", total.rows_checked},
+                {"bad_row_count", total.bad_row_count},
+                {"bad_rows", bad}});
+  } else {
+    fmt::print("{}: checked rows [{}, {}): {} bad\n", reader.path(), begin, end,
+               total.bad_row_count);
+    if (!total.bad_rows.empty()) {
+      Table table({"bad row", "key", "epoch"});
+      for (std::uint64_t row : total.bad_rows) {
+        table.add(
+            {std::to_string(row), std::to_string(key_of(row)), std::to_string(epoch_of(row))});
+      }
+      table.print(stdout);
+      if (total.bad_rows.size() < total.bad_row_count) {
+        fmt::print("... and {} more\n", total.bad_row_count - total.bad_rows.size());
+      }
+    }
+  }
+  return total.ok() ? kExitOk : kExitDamage;
+}
+
+}  // namespace
+
+void add_store_commands(CLI::App& app, Registry& registry) {
+  {
+    auto args = std::make_shared<CreateArgs>();
+    CLI::App* cmd = app.add_subcommand("create", "Create an empty store");
+    cmd->add_option("store", args->store, "Store directory to create")->required();
+    cmd->add_option("--dim", args->dim, "Elements per row (1 .. 2^24)")
+        ->required()
+        ->check(unsigned_validator("a dimension"));
+    cmd->add_option("--dtype", args->dtype, "Element type")
+        ->check(dtype_validator())
+        ->capture_default_str();
+    cmd->add_option("--segment-mb", args->segment_mb, "Growth step of the data file, MiB")
+        ->check(CLI::PositiveNumber)
+        ->capture_default_str();
+    cmd->add_option("--metadata", args->metadata, "Free-form metadata; must parse as JSON");
+    cmd->add_flag("--json", args->json, "Print the new store's info as JSON");
+    cmd->footer(
+        "Example: embstore create run.emb --dim 768 --dtype float16 "
+        "--metadata '{\"model\":\"resnet\"}'");
+    registry.add(cmd, [args] { return run_create(*args); });
+  }
+  {
+    auto args = std::make_shared<InfoArgs>();
+    CLI::App* cmd = app.add_subcommand(
+        "info", "Header, counters, files on disk, epochs with rows and distinct keys (read-only)");
+    cmd->add_option("store", args->store, "Store directory")->required();
+    cmd->add_flag("--json", args->json, "One JSON object on stdout");
+    cmd->add_flag("--no-scan", args->no_scan,
+                  "Skip the scan of the index (epochs and distinct keys)");
+    cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
+    cmd->footer("Example: embstore info run.emb --json");
+    registry.add(cmd, [args] { return run_info(*args); });
+  }
+  {
+    auto args = std::make_shared<VerifyArgs>();
+    CLI::App* cmd = app.add_subcommand(
+        "verify", "Recompute every row's checksum; exit 1 naming bad rows (read-only)");
+    cmd->add_option("store", args->store, "Store directory")->required();
+    cmd->add_option("--from", args->from, "First row to check (default 0)")
+        ->check(unsigned_validator("a row number"));
+    cmd->add_option("--to", args->to, "Row to stop before (default: all committed rows)")
+        ->check(unsigned_validator("a row number"));
+    cmd->add_flag("--json", args->json, "One JSON object on stdout");
+    cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
+    cmd->footer("Example: embstore verify run.emb --from 1000 --to 2000");
+    registry.add(cmd, [args] { return run_verify(*args); });
+  }
+  {
+    auto json = std::make_shared<bool>(false);
+    CLI::App* cmd = app.add_subcommand("version", "Library and on-disk format versions");
+    cmd->add_flag("--json", *json, "One JSON object on stdout");
+    registry.add(cmd, [json] {
+      if (*json) {
+        print_json({{"library", kLibraryVersion},
+                    {"format", fmt::format("{}.{}", kFormatVersionMajor, kFormatVersionMinor)}});
+      } else {
+        fmt::print("embstore {} (format {}.{})\n", kLibraryVersion, kFormatVersionMajor,
+                   kFormatVersionMinor);
+      }
+      return kExitOk;
+    });
+  }
+}
+
+}  // namespace embstore::cli

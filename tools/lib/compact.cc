@@ -1,0 +1,71 @@
+#include "compact.h"
+
+#include <filesystem>
+#include <optional>
+#include <vector>
+
+#include "export.h"
+
+namespace embstore::tools {
+namespace {
+
+constexpr std::uint64_t kRunBytes = 4 << 20;
+
+}  // namespace
+
+CompactResult compact_store(const std::string& source, const std::string& out,
+                            const CompactOptions& options) {
+  const Reader reader = Reader::open(source);
+  require_absent(out);
+  RowSelection selection;
+  selection.epochs = options.epochs;
+  selection.latest_per_key = options.latest_per_key;
+  const RowSelector selector(reader, selection, nullptr);
+  const StoreInfo info = reader.info();
+  CreateOptions create;
+  create.dim = reader.dim();
+  create.dtype = options.dtype.value_or(reader.dtype());
+  create.segment_bytes = info.segment_bytes;
+  create.metadata = info.metadata;
+  RowConverter converter(reader.dtype(), create.dtype, reader.dim());
+
+  CompactResult result;
+  result.source_rows = reader.size();
+  result.source_bytes = info.data_file_bytes + info.index_file_bytes;
+  const std::string partial = make_partial_dir(out);
+  try {
+    std::optional<Writer> writer;
+    writer.emplace(Writer::create(partial, create));
+    const std::uint64_t row_bytes = info.record_bytes;
+    std::vector<std::uint64_t> keys, epochs;
+    selector.for_each_run(
+        std::max<std::uint64_t>(1, kRunBytes / row_bytes),
+        [&](std::uint64_t first, std::uint64_t n) {
+          check_rows(reader, first, n);
+          const auto key_view = reader.keys(first, first + n);
+          const auto epoch_view = reader.epochs(first, first + n);
+          keys.resize(n);
+          epochs.resize(n);
+          for (std::uint64_t i = 0; i < n; ++i) {
+            keys[i] = key_view[i];
+            epochs[i] = epoch_view[i];
+          }
+          writer->append(keys, epochs, converter.convert(reader.rows(first, first + n).data, n));
+          result.rows += n;
+          if (options.progress) options.progress(result.rows, selector.count());
+        });
+    writer->sync();
+    const StoreInfo written = writer->info();
+    result.bytes = written.data_file_bytes + written.index_file_bytes;
+    writer->close();
+    writer.reset();
+    rename_no_replace(partial, out);
+  } catch (...) {
+    std::error_code ec;
+    std::filesystem::remove_all(partial, ec);
+    throw;
+  }
+  return result;
+}
+
+}  // namespace embstore::tools

@@ -1,0 +1,231 @@
+#include "export.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "hdf5_file.h"
+#include "npy.h"
+
+namespace embstore::tools {
+namespace {
+
+// Rows per write: large enough to amortise the calls, small enough to keep memory flat.
+constexpr std::uint64_t kRunBytes = 4 << 20;
+
+std::uint64_t run_rows(const Reader& reader) {
+  const std::uint64_t row_bytes = std::uint64_t{reader.dim()} * dtype_size(reader.dtype());
+  return std::max<std::uint64_t>(1, kRunBytes / row_bytes);
+}
+
+void copy_strided(const StridedView<std::uint64_t>& view, std::vector<std::uint64_t>* out) {
+  out->resize(view.size);
+  for (std::uint64_t i = 0; i < view.size; ++i) (*out)[i] = view[i];
+}
+
+std::string sidecar_text(const Reader& reader, std::uint64_t rows) {
+  const StoreInfo info = reader.info();
+  nlohmann::json sidecar = {
+      {"embstore_format", kExportFormatName},
+      {"dtype", std::string(dtype_name(reader.dtype()))},
+      {"npy_dtype", npy_descr(reader.dtype())},
+      {"dim", reader.dim()},
+      {"rows", rows},
+      {"store_id", info.store_id},
+      {"metadata", info.metadata},
+      {"source", reader.path()},
+      {"files", {{"vectors", kNpyVectorsFile}, {"keys", kNpyKeysFile}, {"epochs", kNpyEpochsFile}}},
+  };
+  return sidecar.dump(2) + "\n";
+}
+
+void write_text_file(const std::string& path, const std::string& text) {
+  std::FILE* file = std::fopen(path.c_str(), "wbx");
+  if (file == nullptr) {
+    throw Error(ErrorCode::kIO, "cannot create " + path + ": " + std::strerror(errno), errno);
+  }
+  const bool ok = std::fwrite(text.data(), 1, text.size(), file) == text.size() &&
+                  std::fflush(file) == 0 && ::fsync(::fileno(file)) == 0;
+  const int err = errno;
+  if (std::fclose(file) != 0 || !ok) {
+    throw Error(ErrorCode::kIO, "cannot write " + path + ": " + std::strerror(err), err);
+  }
+}
+
+void export_npy(const Reader& reader, const RowSelector& selector, const std::string& dir,
+                const ExportOptions& options) {
+  const std::uint64_t n = selector.count();
+  const std::string descr = npy_descr(reader.dtype());
+  NpyWriter vectors(dir + "/" + kNpyVectorsFile, descr, {n, reader.dim()});
+  NpyWriter keys(dir + "/" + kNpyKeysFile, "<u8", {n});
+  NpyWriter epochs(dir + "/" + kNpyEpochsFile, "<u8", {n});
+  std::vector<std::uint64_t> buffer;
+  std::uint64_t done = 0;
+  selector.for_each_run(run_rows(reader), [&](std::uint64_t first, std::uint64_t rows) {
+    check_rows(reader, first, rows);
+    const RowsView view = reader.rows(first, first + rows);
+    vectors.write(view.data, view.size_bytes());
+    copy_strided(reader.keys(first, first + rows), &buffer);
+    keys.write(buffer.data(), buffer.size() * 8);
+    copy_strided(reader.epochs(first, first + rows), &buffer);
+    epochs.write(buffer.data(), buffer.size() * 8);
+    done += rows;
+    if (options.progress) options.progress(done, n);
+  });
+  vectors.finish();
+  keys.finish();
+  epochs.finish();
+  write_text_file(dir + "/" + kNpySidecarFile, sidecar_text(reader, n));
+}
+
+void export_hdf5(const Reader& reader, const RowSelector& selector, const std::string& path,
+                 const ExportOptions& options) {
+  const std::uint64_t n = selector.count();
+  const StoreInfo info = reader.info();
+  Hdf5Writer writer(
+      path, reader.dtype(), reader.dim(), n,
+      {std::string(dtype_name(reader.dtype())), reader.dim(), info.metadata, info.store_id});
+  std::vector<std::uint64_t> keys, epochs;
+  std::uint64_t done = 0;
+  selector.for_each_run(run_rows(reader), [&](std::uint64_t first, std::uint64_t rows) {
+    check_rows(reader, first, rows);
+    copy_strided(reader.keys(first, first + rows), &keys);
+    copy_strided(reader.epochs(first, first + rows), &epochs);
+    writer.write(done, rows, reader.rows(first, first + rows).data, keys.data(), epochs.data());
+    done += rows;
+    if (options.progress) options.progress(done, n);
+  });
+  writer.finish();
+}
+
+void export_csv(const Reader& reader, const RowSelector& selector, const std::string& path,
+                const ExportOptions& options) {
+  std::FILE* file = std::fopen(path.c_str(), "wbx");
+  if (file == nullptr) {
+    throw Error(ErrorCode::kIO, "cannot create " + path + ": " + std::strerror(errno), errno);
+  }
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> closer(file, std::fclose);
+  const std::uint32_t dim = reader.dim();
+  const DType dtype = reader.dtype();
+  fmt::memory_buffer line;
+  fmt::format_to(std::back_inserter(line), "row,key,epoch");
+  for (std::uint32_t i = 0; i < dim; ++i) fmt::format_to(std::back_inserter(line), ",v{}", i);
+  line.push_back('\n');
+  std::uint64_t done = 0;
+  const std::uint64_t n = selector.count();
+  auto flush = [&] {
+    if (std::fwrite(line.data(), 1, line.size(), file) != line.size()) {
+      throw Error(ErrorCode::kIO, "cannot write " + path + ": " + std::strerror(errno), errno);
+    }
+    line.clear();
+  };
+  selector.for_each_run(run_rows(reader), [&](std::uint64_t first, std::uint64_t rows) {
+    check_rows(reader, first, rows);
+    const RowsView view = reader.rows(first, first + rows);
+    const auto keys = reader.keys(first, first + rows);
+    const auto epochs = reader.epochs(first, first + rows);
+    for (std::uint64_t r = 0; r < rows; ++r) {
+      fmt::format_to(std::back_inserter(line), "{},{},{}", first + r, keys[r], epochs[r]);
+      for (std::uint32_t i = 0; i < dim; ++i) {
+        const double value = element_value(dtype, view.row(r), i);
+        // Shortest text that reads back to the same stored value.
+        if (dtype == DType::kFloat64) {
+          fmt::format_to(std::back_inserter(line), ",{}", value);
+        } else {
+          fmt::format_to(std::back_inserter(line), ",{}", static_cast<float>(value));
+        }
+      }
+      line.push_back('\n');
+      if (line.size() > kRunBytes) flush();
+    }
+    done += rows;
+    if (options.progress) options.progress(done, n);
+  });
+  flush();
+  if (std::fflush(file) != 0 || ::fsync(::fileno(file)) != 0) {
+    throw Error(ErrorCode::kIO, "cannot write " + path + ": " + std::strerror(errno), errno);
+  }
+}
+
+}  // namespace
+
+void require_absent(const std::string& out) {
+  std::error_code ec;
+  if (std::filesystem::symlink_status(out, ec).type() != std::filesystem::file_type::not_found) {
+    throw Error(ErrorCode::kAlreadyExists, "output " + out + " already exists");
+  }
+}
+
+std::string make_partial_dir(const std::string& out) {
+  const std::filesystem::path target(out);
+  std::filesystem::path parent = target.parent_path();
+  if (parent.empty()) parent = ".";
+  std::string name = target.filename().string();
+  if (name.empty()) name = "out";
+  std::string tmpl = (parent / ("." + name + ".partial-XXXXXX")).string();
+  if (::mkdtemp(tmpl.data()) == nullptr) {
+    const int err = errno;
+    throw Error(
+        err == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIO,
+        "cannot create a working directory in " + parent.string() + ": " + std::strerror(err), err);
+  }
+  return tmpl;
+}
+
+void rename_no_replace(const std::string& from, const std::string& to) {
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) != 0) {
+    const int err = errno;
+    if (err == EEXIST) throw Error(ErrorCode::kAlreadyExists, "output " + to + " already exists");
+    throw Error(ErrorCode::kIO, "cannot rename " + from + " to " + to + ": " + std::strerror(err),
+                err);
+  }
+  // The rename is durable once the parent directory is.
+  std::filesystem::path parent = std::filesystem::path(to).parent_path();
+  if (parent.empty()) parent = ".";
+  const int fd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+ExportResult export_store(const Reader& reader, const std::string& out,
+                          const ExportOptions& options) {
+  require_absent(out);
+  const RowSelector selector(reader, options.selection, nullptr);
+  const std::string partial = make_partial_dir(out);
+  try {
+    if (options.format == ExportFormat::kNpy) {
+      export_npy(reader, selector, partial, options);
+      rename_no_replace(partial, out);
+    } else {
+      const std::string file = partial + "/out";
+      if (options.format == ExportFormat::kHdf5) {
+        export_hdf5(reader, selector, file, options);
+      } else {
+        export_csv(reader, selector, file, options);
+      }
+      rename_no_replace(file, out);
+      std::filesystem::remove(partial);
+    }
+  } catch (...) {
+    std::error_code ec;
+    std::filesystem::remove_all(partial, ec);
+    throw;
+  }
+  ExportResult result;
+  result.rows = selector.count();
+  result.bytes = selector.count() * reader.dim() * dtype_size(reader.dtype());
+  return result;
+}
+
+}  // namespace embstore::tools

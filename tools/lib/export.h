@@ -1,0 +1,51 @@
+// export.h — writing a store's rows out as .npy files, an HDF5 file or CSV.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "embstore/embstore.h"
+#include "rows.h"
+
+namespace embstore::tools {
+
+enum class ExportFormat { kNpy, kHdf5, kCsv };
+
+// File names inside an npy export directory.
+inline constexpr const char* kNpyVectorsFile = "vectors.npy";
+inline constexpr const char* kNpyKeysFile = "keys.npy";
+inline constexpr const char* kNpyEpochsFile = "epochs.npy";
+// JSON sidecar naming the dtype (bfloat16 travels as uint16), dim, rows, store id, metadata.
+inline constexpr const char* kNpySidecarFile = "embstore.json";
+// Value of the sidecar's (and the HDF5 file's) "embstore_format" field.
+inline constexpr const char* kExportFormatName = "embstore-export-1";
+
+struct ExportOptions {
+  ExportFormat format = ExportFormat::kNpy;
+  RowSelection selection;
+  ProgressFn progress;  // Rows written out of the rows selected.
+};
+
+struct ExportResult {
+  std::uint64_t rows = 0;
+  std::uint64_t bytes = 0;  // Row payload written.
+};
+
+// Writes the selected rows of `reader`'s snapshot to `out`: a directory of vectors.npy,
+// keys.npy, epochs.npy and embstore.json (kNpy), one HDF5 file (kHdf5) or one CSV file with
+// columns row,key,epoch,v0..v{dim-1} (kCsv). Streams: memory does not grow with the store
+// (except a map of keys for latest_per_key). Every row's checksum is verified on the way
+// (kCorruption naming the row, key and epoch). The output appears whole or not at all: it is
+// written under a hidden sibling name and renamed into place. Throws kAlreadyExists if `out`
+// exists.
+ExportResult export_store(const Reader& reader, const std::string& out,
+                          const ExportOptions& options);
+
+// Creates a hidden working directory next to `out` (same file system, so a rename publishes).
+std::string make_partial_dir(const std::string& out);
+// Renames `from` to `to`, failing with kAlreadyExists instead of replacing anything at `to`.
+void rename_no_replace(const std::string& from, const std::string& to);
+// Throws kAlreadyExists when something exists at `out`.
+void require_absent(const std::string& out);
+
+}  // namespace embstore::tools

@@ -1,0 +1,281 @@
+#include "hdf5_file.h"
+
+#include <hdf5.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <vector>
+
+#include "embstore/error.h"
+
+namespace embstore::tools {
+namespace {
+
+// HDF5 prints its own error stack on stderr by default; embstore reports one line instead.
+void silence_hdf5() {
+  static const bool done = [] {
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    return true;
+  }();
+  (void)done;
+}
+
+// Owns one hid_t and closes it with the matching H5*close.
+class Id {
+ public:
+  Id() = default;
+  Id(hid_t id, herr_t (*closer)(hid_t)) : id_(id), closer_(closer) {}
+  Id(Id&& other) noexcept : id_(other.id_), closer_(other.closer_) { other.id_ = -1; }
+  Id& operator=(Id&& other) noexcept {
+    if (this != &other) {
+      reset();
+      id_ = other.id_;
+      closer_ = other.closer_;
+      other.id_ = -1;
+    }
+    return *this;
+  }
+  ~Id() { reset(); }
+  hid_t get() const { return id_; }
+  bool valid() const { return id_ >= 0; }
+  hid_t release() {
+    const hid_t id = id_;
+    id_ = -1;
+    return id;
+  }
+  void reset() {
+    if (id_ >= 0 && closer_ != nullptr) closer_(id_);
+    id_ = -1;
+  }
+
+ private:
+  hid_t id_ = -1;
+  herr_t (*closer_)(hid_t) = nullptr;
+};
+
+[[noreturn]] void fail(const std::string& path, const std::string& what) {
+  throw Error(ErrorCode::kIO, "HDF5 " + what + " failed for " + path);
+}
+
+Id checked(hid_t id, herr_t (*closer)(hid_t), const std::string& path, const std::string& what) {
+  if (id < 0) fail(path, what);
+  return Id(id, closer);
+}
+
+// IEEE binary16, built as h5py builds it (HDF5 1.10 has no predefined half type).
+Id float16_type() {
+  const hid_t type = H5Tcopy(H5T_IEEE_F32LE);
+  H5Tset_fields(type, 15, 10, 5, 0, 10);
+  H5Tset_size(type, 2);
+  H5Tset_ebias(type, 15);
+  H5Tpack(type);
+  return Id(type, H5Tclose);
+}
+
+// The in-memory HDF5 type of a store dtype (bfloat16: its uint16 bit patterns).
+Id memory_type(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return Id(H5Tcopy(H5T_NATIVE_FLOAT), H5Tclose);
+    case DType::kFloat64:
+      return Id(H5Tcopy(H5T_NATIVE_DOUBLE), H5Tclose);
+    case DType::kFloat16:
+      return float16_type();
+    case DType::kBFloat16:
+      return Id(H5Tcopy(H5T_NATIVE_UINT16), H5Tclose);
+    case DType::kInt8:
+      return Id(H5Tcopy(H5T_NATIVE_INT8), H5Tclose);
+    case DType::kUInt8:
+      return Id(H5Tcopy(H5T_NATIVE_UINT8), H5Tclose);
+  }
+  return Id();
+}
+
+void write_string_attribute(hid_t object, const char* name, const std::string& value,
+                            const std::string& path) {
+  // Variable-length UTF-8 strings: h5py returns them as str.
+  Id type = checked(H5Tcopy(H5T_C_S1), H5Tclose, path, "string type");
+  H5Tset_size(type.get(), H5T_VARIABLE);
+  H5Tset_cset(type.get(), H5T_CSET_UTF8);
+  Id space = checked(H5Screate(H5S_SCALAR), H5Sclose, path, "dataspace");
+  Id attr = checked(H5Acreate2(object, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT),
+                    H5Aclose, path, std::string("attribute ") + name);
+  const char* text = value.c_str();
+  if (H5Awrite(attr.get(), type.get(), &text) < 0) fail(path, std::string("attribute ") + name);
+}
+
+}  // namespace
+
+struct Hdf5Writer::Handles {
+  Id file, vectors, keys, epochs, vector_type;
+};
+
+Hdf5Writer::Hdf5Writer(const std::string& path, DType dtype, std::uint32_t dim, std::uint64_t rows,
+                       const Attributes& attributes)
+    : path_(path), dtype_(dtype), dim_(dim), h_(std::make_unique<Handles>()) {
+  silence_hdf5();
+  if (::access(path.c_str(), F_OK) == 0) {
+    throw Error(ErrorCode::kAlreadyExists, "output " + path + " already exists");
+  }
+  h_->file = checked(H5Fcreate(path.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT), H5Fclose,
+                     path, "file creation");
+  h_->vector_type = memory_type(dtype);
+  const hsize_t matrix_dims[2] = {rows, dim};
+  Id matrix_space = checked(H5Screate_simple(2, matrix_dims, nullptr), H5Sclose, path, "dataspace");
+  h_->vectors = checked(H5Dcreate2(h_->file.get(), "vectors", h_->vector_type.get(),
+                                   matrix_space.get(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                        H5Dclose, path, "dataset vectors");
+  const hsize_t vector_dims[1] = {rows};
+  Id vector_space = checked(H5Screate_simple(1, vector_dims, nullptr), H5Sclose, path, "dataspace");
+  h_->keys = checked(H5Dcreate2(h_->file.get(), "keys", H5T_STD_U64LE, vector_space.get(),
+                                H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                     H5Dclose, path, "dataset keys");
+  h_->epochs = checked(H5Dcreate2(h_->file.get(), "epochs", H5T_STD_U64LE, vector_space.get(),
+                                  H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+                       H5Dclose, path, "dataset epochs");
+  Id root = checked(H5Gopen2(h_->file.get(), "/", H5P_DEFAULT), H5Gclose, path, "root group");
+  write_string_attribute(root.get(), "embstore_format", kHdf5ExportFormat, path);
+  write_string_attribute(root.get(), "dtype", attributes.dtype, path);
+  write_string_attribute(root.get(), "metadata", attributes.metadata, path);
+  write_string_attribute(root.get(), "store_id", attributes.store_id, path);
+  Id scalar = checked(H5Screate(H5S_SCALAR), H5Sclose, path, "dataspace");
+  Id dim_attr =
+      checked(H5Acreate2(root.get(), "dim", H5T_STD_U32LE, scalar.get(), H5P_DEFAULT, H5P_DEFAULT),
+              H5Aclose, path, "attribute dim");
+  const std::uint32_t dim_value = attributes.dim;
+  if (H5Awrite(dim_attr.get(), H5T_NATIVE_UINT32, &dim_value) < 0) fail(path, "attribute dim");
+}
+
+Hdf5Writer::~Hdf5Writer() = default;
+
+void Hdf5Writer::write(std::uint64_t first, std::uint64_t n, const void* vectors,
+                       const std::uint64_t* keys, const std::uint64_t* epochs) {
+  if (n == 0) return;
+  {
+    Id file_space = checked(H5Dget_space(h_->vectors.get()), H5Sclose, path_, "dataspace");
+    const hsize_t start[2] = {first, 0};
+    const hsize_t count[2] = {n, dim_};
+    H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
+    Id memory_space = checked(H5Screate_simple(2, count, nullptr), H5Sclose, path_, "dataspace");
+    if (H5Dwrite(h_->vectors.get(), h_->vector_type.get(), memory_space.get(), file_space.get(),
+                 H5P_DEFAULT, vectors) < 0) {
+      fail(path_, "write of vectors");
+    }
+  }
+  const hsize_t start[1] = {first};
+  const hsize_t count[1] = {n};
+  for (auto [dataset, data] : {std::pair{h_->keys.get(), keys}, {h_->epochs.get(), epochs}}) {
+    Id file_space = checked(H5Dget_space(dataset), H5Sclose, path_, "dataspace");
+    H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
+    Id memory_space = checked(H5Screate_simple(1, count, nullptr), H5Sclose, path_, "dataspace");
+    if (H5Dwrite(dataset, H5T_NATIVE_UINT64, memory_space.get(), file_space.get(), H5P_DEFAULT,
+                 data) < 0) {
+      fail(path_, "write of keys/epochs");
+    }
+  }
+}
+
+void Hdf5Writer::finish() {
+  h_->vectors.reset();
+  h_->keys.reset();
+  h_->epochs.reset();
+  if (H5Fflush(h_->file.get(), H5F_SCOPE_GLOBAL) < 0) fail(path_, "flush");
+  if (H5Fclose(h_->file.release()) < 0) fail(path_, "close");
+}
+
+struct Hdf5Dataset::Handles {
+  Id file, dataset;
+};
+
+Hdf5Dataset::Hdf5Dataset(const std::string& path, const std::string& dataset)
+    : name_(path + ":" + dataset), h_(std::make_unique<Handles>()) {
+  silence_hdf5();
+  if (!is_hdf5_file(path)) {
+    throw Error(ErrorCode::kNotFound, path + " is not an HDF5 file");
+  }
+  h_->file = checked(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose, path, "open");
+  if (H5Lexists(h_->file.get(), dataset.c_str(), H5P_DEFAULT) <= 0) {
+    throw Error(ErrorCode::kNotFound, "no dataset " + dataset + " in " + path);
+  }
+  h_->dataset = checked(H5Dopen2(h_->file.get(), dataset.c_str(), H5P_DEFAULT), H5Dclose, path,
+                        "open of dataset " + dataset);
+  Id space = checked(H5Dget_space(h_->dataset.get()), H5Sclose, path, "dataspace");
+  rank_ = H5Sget_simple_extent_ndims(space.get());
+  if (rank_ < 1 || rank_ > 2) {
+    throw Error(ErrorCode::kInvalidArgument,
+                name_ + " has " + std::to_string(rank_) + " dimensions; import takes 1 or 2");
+  }
+  hsize_t dims[2] = {0, 1};
+  H5Sget_simple_extent_dims(space.get(), dims, nullptr);
+  rows_ = dims[0];
+  columns_ = rank_ == 2 ? dims[1] : 1;
+  Id type = checked(H5Dget_type(h_->dataset.get()), H5Tclose, path, "type");
+  const H5T_class_t type_class = H5Tget_class(type.get());
+  const std::size_t size = H5Tget_size(type.get());
+  if (type_class == H5T_FLOAT) {
+    if (size == 4) dtype_ = DType::kFloat32;
+    if (size == 8) dtype_ = DType::kFloat64;
+    if (size == 2) dtype_ = DType::kFloat16;
+  } else if (type_class == H5T_INTEGER && size == 1) {
+    dtype_ = H5Tget_sign(type.get()) == H5T_SGN_NONE ? DType::kUInt8 : DType::kInt8;
+  } else if (type_class == H5T_INTEGER && size == 2 && H5Tget_sign(type.get()) == H5T_SGN_NONE &&
+             root_attribute("dtype") == std::string("bfloat16")) {
+    dtype_ = DType::kBFloat16;
+  }
+}
+
+Hdf5Dataset::~Hdf5Dataset() = default;
+
+std::optional<std::string> Hdf5Dataset::root_attribute(const std::string& name) const {
+  if (H5Aexists_by_name(h_->file.get(), "/", name.c_str(), H5P_DEFAULT) <= 0) return std::nullopt;
+  Id attr =
+      Id(H5Aopen_by_name(h_->file.get(), "/", name.c_str(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  if (!attr.valid()) return std::nullopt;
+  Id type = Id(H5Aget_type(attr.get()), H5Tclose);
+  if (H5Tget_class(type.get()) == H5T_INTEGER) {
+    std::uint64_t value = 0;
+    if (H5Aread(attr.get(), H5T_NATIVE_UINT64, &value) < 0) return std::nullopt;
+    return std::to_string(value);
+  }
+  if (H5Tget_class(type.get()) != H5T_STRING) return std::nullopt;
+  if (H5Tis_variable_str(type.get()) > 0) {
+    Id memory = Id(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(memory.get(), H5T_VARIABLE);
+    H5Tset_cset(memory.get(), H5Tget_cset(type.get()));
+    char* text = nullptr;
+    if (H5Aread(attr.get(), memory.get(), &text) < 0) return std::nullopt;
+    std::string value = text ? text : "";
+    Id space = Id(H5Aget_space(attr.get()), H5Sclose);
+    H5Dvlen_reclaim(memory.get(), space.get(), H5P_DEFAULT, &text);
+    return value;
+  }
+  std::vector<char> buffer(H5Tget_size(type.get()) + 1, '\0');
+  if (H5Aread(attr.get(), type.get(), buffer.data()) < 0) return std::nullopt;
+  return std::string(buffer.data());
+}
+
+void Hdf5Dataset::read_rows(std::uint64_t first, std::uint64_t n, void* out, bool as_uint64) const {
+  if (n == 0) return;
+  Id memory_type_id =
+      as_uint64 ? Id(H5Tcopy(H5T_NATIVE_UINT64), H5Tclose) : memory_type(dtype_.value());
+  Id file_space = checked(H5Dget_space(h_->dataset.get()), H5Sclose, name_, "dataspace");
+  const hsize_t start[2] = {first, 0};
+  const hsize_t count[2] = {n, columns_};
+  H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
+  Id memory_space = checked(H5Screate_simple(rank_, count, nullptr), H5Sclose, name_, "dataspace");
+  if (H5Dread(h_->dataset.get(), memory_type_id.get(), memory_space.get(), file_space.get(),
+              H5P_DEFAULT, out) < 0) {
+    throw Error(ErrorCode::kIO, "cannot read rows of " + name_);
+  }
+}
+
+bool is_hdf5_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char signature[8] = {};
+  in.read(signature, sizeof(signature));
+  return in.gcount() == 8 && std::memcmp(signature, "\x89HDF\r\n\x1a\n", 8) == 0;
+}
+
+}  // namespace embstore::tools

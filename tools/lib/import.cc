@@ -1,0 +1,302 @@
+#include "import.h"
+
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "export.h"
+#include "hdf5_file.h"
+#include "npy.h"
+
+namespace embstore::tools {
+namespace {
+
+constexpr std::uint64_t kBatchBytes = 4 << 20;
+
+bool is_directory(const std::string& path) {
+  std::error_code ec;
+  return std::filesystem::is_directory(path, ec);
+}
+
+bool exists(const std::string& path) {
+  std::error_code ec;
+  return std::filesystem::exists(path, ec);
+}
+
+// Splits "FILE.h5:/dataset" into its parts; a path that exists as a file is taken whole.
+std::pair<std::string, std::string> split_hdf5_spec(const std::string& spec,
+                                                    const std::string& default_dataset) {
+  if (exists(spec)) return {spec, default_dataset};
+  const std::size_t colon = spec.rfind(':');
+  if (colon != std::string::npos && exists(spec.substr(0, colon))) {
+    return {spec.substr(0, colon), spec.substr(colon + 1)};
+  }
+  return {spec, default_dataset};
+}
+
+// A 1-D or 2-D array read by rows, from a .npy file or an HDF5 dataset.
+class ArraySource {
+ public:
+  virtual ~ArraySource() = default;
+  virtual const std::string& name() const = 0;
+  virtual std::uint64_t rows() const = 0;
+  virtual std::uint64_t columns() const = 0;
+  virtual int rank() const = 0;
+  // The element type as a store dtype, nullopt when it is none of them.
+  virtual std::optional<DType> dtype(bool u2_is_bfloat16) const = 0;
+  virtual void read_rows(std::uint64_t first, std::uint64_t n, void* out) const = 0;
+  // Reads n integers as uint64, refusing negative values.
+  virtual void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const = 0;
+};
+
+class NpySource : public ArraySource {
+ public:
+  explicit NpySource(const std::string& path) : name_(path), npy_(path) {}
+  const std::string& name() const override { return name_; }
+  std::uint64_t rows() const override { return npy_.rows(); }
+  std::uint64_t columns() const override { return npy_.shape().size() >= 2 ? npy_.shape()[1] : 1; }
+  int rank() const override { return static_cast<int>(npy_.shape().size()); }
+  std::optional<DType> dtype(bool u2_is_bfloat16) const override {
+    try {
+      return dtype_of_npy_descr(npy_.descr(), u2_is_bfloat16, name_);
+    } catch (const Error&) {
+      return std::nullopt;
+    }
+  }
+  void read_rows(std::uint64_t first, std::uint64_t n, void* out) const override {
+    npy_.read_rows(first, n, out);
+  }
+  void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const override {
+    const std::string& d = npy_.descr();
+    const bool is_signed = d.size() >= 2 && d[1] == 'i';
+    const std::uint64_t width = npy_.row_bytes();
+    if (rank() != 1 || d.empty() || d[0] == '>' || (d[1] != 'i' && d[1] != 'u') ||
+        (width != 1 && width != 2 && width != 4 && width != 8)) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  name_ + " must be a 1-D integer array, not '" + d + "'");
+    }
+    std::vector<unsigned char> raw(n * width);
+    npy_.read_rows(first, n, raw.data());
+    for (std::uint64_t i = 0; i < n; ++i) {
+      std::uint64_t value = 0;
+      for (std::uint64_t b = 0; b < width; ++b) {
+        value |= std::uint64_t{raw[i * width + b]} << (8 * b);
+      }
+      if (is_signed && (value >> (8 * width - 1)) & 1) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    name_ + " holds a negative value at position " + std::to_string(first + i));
+      }
+      out[i] = value;
+    }
+  }
+
+ private:
+  std::string name_;
+  NpyReader npy_;
+};
+
+class Hdf5Source : public ArraySource {
+ public:
+  Hdf5Source(const std::string& path, const std::string& dataset) : dataset_(path, dataset) {}
+  const std::string& name() const override { return dataset_.name(); }
+  std::uint64_t rows() const override { return dataset_.rows(); }
+  std::uint64_t columns() const override { return dataset_.columns(); }
+  int rank() const override { return dataset_.rank(); }
+  std::optional<DType> dtype(bool u2_is_bfloat16) const override {
+    (void)u2_is_bfloat16;
+    return dataset_.dtype();
+  }
+  void read_rows(std::uint64_t first, std::uint64_t n, void* out) const override {
+    dataset_.read_rows(first, n, out, false);
+  }
+  void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const override {
+    if (rank() != 1) {
+      throw Error(ErrorCode::kInvalidArgument, name() + " must be a 1-D integer dataset");
+    }
+    dataset_.read_rows(first, n, out, true);
+  }
+  const Hdf5Dataset& dataset() const { return dataset_; }
+
+ private:
+  Hdf5Dataset dataset_;
+};
+
+std::unique_ptr<ArraySource> open_array(const std::string& spec, const std::string& dataset) {
+  const auto [file, name] = split_hdf5_spec(spec, dataset);
+  if (!exists(file)) throw Error(ErrorCode::kNotFound, "no such file " + file);
+  if (is_hdf5_file(file)) return std::make_unique<Hdf5Source>(file, name);
+  return std::make_unique<NpySource>(file);
+}
+
+// What the source says about itself: dtype name and metadata (sidecar or HDF5 attributes).
+struct SourceFacts {
+  std::optional<std::string> dtype;
+  std::optional<std::string> metadata;
+};
+
+SourceFacts read_sidecar(const std::string& path) {
+  SourceFacts facts;
+  std::ifstream in(path);
+  if (!in) return facts;
+  nlohmann::json sidecar;
+  try {
+    sidecar = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(ErrorCode::kInvalidArgument, path + " is not valid JSON: " + e.what());
+  }
+  if (sidecar.contains("dtype") && sidecar["dtype"].is_string()) {
+    facts.dtype = sidecar["dtype"].get<std::string>();
+  }
+  if (sidecar.contains("metadata") && sidecar["metadata"].is_string()) {
+    facts.metadata = sidecar["metadata"].get<std::string>();
+  }
+  return facts;
+}
+
+}  // namespace
+
+ImportResult import_rows(const std::string& store, const std::string& source,
+                         const ImportOptions& options) {
+  std::unique_ptr<ArraySource> vectors, keys, epochs;
+  SourceFacts facts;
+  if (is_directory(source)) {
+    const std::string vectors_path = source + "/" + kNpyVectorsFile;
+    if (!exists(vectors_path)) {
+      throw Error(ErrorCode::kNotFound, source + " holds no " + kNpyVectorsFile);
+    }
+    vectors = open_array(vectors_path, "");
+    facts = read_sidecar(source + "/" + kNpySidecarFile);
+    if (!options.keys && exists(source + "/" + kNpyKeysFile)) {
+      keys = open_array(source + "/" + kNpyKeysFile, "");
+    }
+    if (!options.epochs && !options.epoch && exists(source + "/" + kNpyEpochsFile)) {
+      epochs = open_array(source + "/" + kNpyEpochsFile, "");
+    }
+  } else {
+    const auto [file, dataset] = split_hdf5_spec(source, "/vectors");
+    if (!exists(file)) throw Error(ErrorCode::kNotFound, "no such file " + file);
+    if (is_hdf5_file(file)) {
+      auto h5 = std::make_unique<Hdf5Source>(file, dataset);
+      facts.dtype = h5->dataset().root_attribute("dtype");
+      facts.metadata = h5->dataset().root_attribute("metadata");
+      vectors = std::move(h5);
+      auto sibling = [&](const char* name) -> std::unique_ptr<ArraySource> {
+        try {
+          return std::make_unique<Hdf5Source>(file, name);
+        } catch (const Error& e) {
+          if (e.code() == ErrorCode::kNotFound) return nullptr;
+          throw;
+        }
+      };
+      if (!options.keys) keys = sibling("/keys");
+      if (!options.epochs && !options.epoch) epochs = sibling("/epochs");
+    } else {
+      vectors = std::make_unique<NpySource>(file);
+    }
+  }
+  if (options.keys) keys = open_array(*options.keys, "/keys");
+  if (options.epochs) epochs = open_array(*options.epochs, "/epochs");
+
+  if (vectors->rank() != 2) {
+    throw Error(ErrorCode::kInvalidArgument, vectors->name() + " has " +
+                                                 std::to_string(vectors->rank()) +
+                                                 " dimensions; import takes a 2-D array "
+                                                 "(rows x dim)");
+  }
+  const bool says_bfloat16 =
+      options.dtype == DType::kBFloat16 || facts.dtype == std::string("bfloat16");
+  const std::optional<DType> source_dtype = vectors->dtype(says_bfloat16);
+  if (!source_dtype) {
+    throw Error(ErrorCode::kInvalidArgument,
+                vectors->name() +
+                    ": element type is not one a store holds (float32, float16, bfloat16 as "
+                    "uint16 with --dtype bfloat16, int8, uint8, float64)");
+  }
+  const std::uint64_t n = vectors->rows();
+  const auto dim = static_cast<std::uint32_t>(vectors->columns());
+  for (const auto* column : {keys.get(), epochs.get()}) {
+    if (column != nullptr && column->rows() != n) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  column->name() + " has " + std::to_string(column->rows()) + " entries but " +
+                      vectors->name() + " has " + std::to_string(n) + " rows");
+    }
+  }
+
+  ImportResult result;
+  result.source_dtype = *source_dtype;
+  std::string partial;
+  std::optional<Writer> writer;
+  if (exists(store)) {
+    writer.emplace(Writer::open(store));
+    if (writer->dim() != dim) {
+      throw Error(ErrorCode::kFormatMismatch, store + " has dim " + std::to_string(writer->dim()) +
+                                                  " but " + vectors->name() + " has " +
+                                                  std::to_string(dim) + " columns");
+    }
+  } else {
+    CreateOptions create;
+    create.dim = dim;
+    create.dtype = options.dtype.value_or(*source_dtype);
+    create.metadata = options.metadata.value_or(facts.metadata.value_or(""));
+    if (options.segment_bytes) create.segment_bytes = *options.segment_bytes;
+    partial = make_partial_dir(store);
+    try {
+      writer.emplace(Writer::create(partial, create));
+    } catch (...) {
+      std::error_code ec;
+      std::filesystem::remove_all(partial, ec);
+      throw;
+    }
+    result.created = true;
+  }
+  result.store_dtype = writer->dtype();
+  try {
+    RowConverter converter(*source_dtype, writer->dtype(), dim);
+    const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(*source_dtype);
+    const std::uint64_t batch =
+        std::max<std::uint64_t>(1, kBatchBytes / std::max<std::uint64_t>(1, row_bytes));
+    std::vector<std::byte> rows_buffer;
+    std::vector<std::uint64_t> key_buffer, epoch_buffer;
+    result.first_row = writer->committed_rows();
+    for (std::uint64_t first = 0; first < n; first += batch) {
+      const std::uint64_t count = std::min(batch, n - first);
+      rows_buffer.resize(count * row_bytes);
+      vectors->read_rows(first, count, rows_buffer.data());
+      key_buffer.resize(count);
+      if (keys) {
+        keys->read_uint64(first, count, key_buffer.data());
+      } else {
+        for (std::uint64_t i = 0; i < count; ++i) key_buffer[i] = first + i;
+      }
+      const ConstMatrix matrix = converter.convert(rows_buffer.data(), count);
+      std::uint64_t row;
+      if (epochs) {
+        epoch_buffer.resize(count);
+        epochs->read_uint64(first, count, epoch_buffer.data());
+        row = writer->append(key_buffer, epoch_buffer, matrix);
+      } else {
+        row = writer->append(key_buffer, options.epoch.value_or(0), matrix);
+      }
+      if (first == 0) result.first_row = row;
+      result.rows += count;
+      if (options.progress) options.progress(result.rows, n);
+    }
+    writer->sync();
+    writer->close();
+    if (!partial.empty()) rename_no_replace(partial, store);
+  } catch (...) {
+    if (!partial.empty()) {
+      writer.reset();
+      std::error_code ec;
+      std::filesystem::remove_all(partial, ec);
+    }
+    throw;
+  }
+  return result;
+}
+
+}  // namespace embstore::tools

@@ -1,0 +1,49 @@
+// import.h — appending rows from .npy files or an HDF5 dataset to a store.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "embstore/embstore.h"
+#include "rows.h"
+
+namespace embstore::tools {
+
+struct ImportOptions {
+  // Where keys and epochs come from: a .npy file or FILE.h5:/dataset. Unset: the source's own
+  // (keys.npy / epochs.npy of an export directory, /keys and /epochs of an HDF5 file), else the
+  // row's position in the source for keys and `epoch` (default 0) for epochs.
+  std::optional<std::string> keys;
+  std::optional<std::string> epochs;
+  std::optional<std::uint64_t> epoch;
+  // The store's dtype when import creates it (default: the source's). Also says that uint16
+  // data is bfloat16.
+  std::optional<DType> dtype;
+  // For a new store: its metadata (default: the source's, from the sidecar or HDF5 attribute)
+  // and segment size.
+  std::optional<std::string> metadata;
+  std::optional<std::uint64_t> segment_bytes;
+  ProgressFn progress;  // Rows appended out of the source's rows.
+};
+
+struct ImportResult {
+  std::uint64_t rows = 0;
+  std::uint64_t first_row = 0;  // Row number of the first imported row.
+  bool created = false;         // The store did not exist before.
+  DType source_dtype = DType::kFloat32;
+  DType store_dtype = DType::kFloat32;
+};
+
+// Appends every row of `source` to the store at `store`, creating the store if it does not
+// exist (then it appears whole, or not at all, when the import finishes). `source` is an npy
+// export directory (vectors.npy, keys.npy, epochs.npy, embstore.json), a 2-D .npy file, or an
+// HDF5 file with an optional dataset (FILE.h5 means FILE.h5:/vectors). Rows go in batches of a
+// few MiB, each one atomic append; into an existing store, a failure part-way leaves the batches
+// already appended. Float rows are converted to a float store's dtype (RowConverter); dims must
+// match (kFormatMismatch). Errors name the file: kNotFound for a missing source or dataset,
+// kInvalidArgument for a wrong shape, element type or length.
+ImportResult import_rows(const std::string& store, const std::string& source,
+                         const ImportOptions& options);
+
+}  // namespace embstore::tools

@@ -1,0 +1,87 @@
+// rows.h — choosing rows of a store (by row range, epoch, latest per key) and reading their
+// elements as numbers. Public API only (include/embstore/).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <set>
+#include <unordered_map>
+#include <vector>
+
+#include "embstore/embstore.h"
+
+namespace embstore::tools {
+
+// Reports work done so far out of a total (rows); may be empty. Called from the working thread.
+using ProgressFn = std::function<void(std::uint64_t done, std::uint64_t total)>;
+
+// Which rows of a snapshot an operation takes. Rows are always visited in ascending row order.
+struct RowSelection {
+  std::uint64_t begin_row = 0;
+  std::optional<std::uint64_t> end_row;  // Default: the snapshot's size.
+  std::set<std::uint64_t> epochs;        // Empty: every epoch.
+  bool latest_per_key = false;           // Only the last selected row of each key.
+};
+
+// The rows a RowSelection picks out of one Reader's snapshot. Construction validates the
+// selection (kInvalidArgument for a bad range, kNotFound naming an epoch the range does not
+// hold) and counts the rows with one pass over the index; latest_per_key keeps one map entry
+// per distinct key, everything else uses constant memory.
+// Thread-safety: const calls may run concurrently.
+class RowSelector {
+ public:
+  RowSelector(const Reader& reader, const RowSelection& selection, const ProgressFn& progress);
+
+  std::uint64_t count() const { return count_; }
+  std::uint64_t begin_row() const { return begin_; }
+  std::uint64_t end_row() const { return end_; }
+
+  // Calls fn(first, n) for runs of consecutive selected rows [first, first + n), in order, with
+  // at most `max_run` rows per call.
+  void for_each_run(std::uint64_t max_run,
+                    const std::function<void(std::uint64_t first, std::uint64_t n)>& fn) const;
+
+ private:
+  bool selected(std::uint64_t row, std::uint64_t key, std::uint64_t epoch) const;
+
+  const Reader& reader_;
+  RowSelection selection_;
+  std::uint64_t begin_ = 0;
+  std::uint64_t end_ = 0;
+  std::uint64_t count_ = 0;
+  std::unordered_map<std::uint64_t, std::uint64_t> latest_row_;  // key -> row (latest only).
+};
+
+// Throws kCorruption naming the first row of [first, first + n) that fails its checksum, with
+// its key and epoch (as the index says), so no damaged row leaves the store unnoticed.
+void check_rows(const Reader& reader, std::uint64_t first, std::uint64_t n);
+
+// Element `i` of a row of `dtype` as a double (float16 and bfloat16 decoded exactly).
+double element_value(DType dtype, const std::byte* row, std::uint32_t i);
+
+// Float32 value of an IEEE binary16 / bfloat16 bit pattern (exact).
+float half_to_float(std::uint16_t bits);
+float bfloat16_to_float(std::uint16_t bits);
+
+// Turns rows of one dtype into a ConstMatrix that Writer::append accepts for a store of
+// another: the same dtype passes through untouched; float types are re-encoded through
+// float32 (the Writer rounds float32 to a float16/bfloat16 store) or float64. Throws
+// kInvalidArgument for conversions that would change integer data (int8/uint8 to or from
+// anything else). Reuses one buffer; a returned matrix lives until the next convert().
+class RowConverter {
+ public:
+  RowConverter(DType from, DType to, std::uint32_t dim);
+
+  ConstMatrix convert(const void* rows, std::uint64_t n);
+
+ private:
+  DType from_;
+  DType to_;
+  std::uint32_t dim_;
+  std::vector<float> floats_;
+  std::vector<double> doubles_;
+};
+
+}  // namespace embstore::tools

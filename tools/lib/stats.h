@@ -1,0 +1,44 @@
+// stats.h — what `embstore info` shows beyond the header: files on disk and, by a scan of the
+// index, the epochs present with their rows and distinct keys.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "rows.h"
+
+namespace embstore::tools {
+
+struct FileStats {
+  std::string name;
+  std::uint64_t bytes = 0;       // Apparent size.
+  std::uint64_t disk_bytes = 0;  // Blocks allocated (st_blocks * 512).
+};
+
+struct DiskStats {
+  std::vector<FileStats> files;            // Every regular file in the store directory, by name.
+  std::uint64_t disk_bytes = 0;            // Sum over files.
+  std::int64_t last_modified_unix_ns = 0;  // Latest mtime of any file.
+};
+
+// Sizes and times of the files in the store directory (stat only; nothing is opened).
+DiskStats disk_stats(const std::string& store);
+
+struct EpochStats {
+  std::uint64_t epoch = 0;
+  std::uint64_t rows = 0;
+  std::uint64_t distinct_keys = 0;
+};
+
+struct KeyStats {
+  std::vector<EpochStats> epochs;   // Ascending by epoch.
+  std::uint64_t distinct_keys = 0;  // Over all epochs.
+};
+
+// Scans the index entries of the snapshot (keys and epochs only, no row data). Memory grows
+// with the number of distinct (epoch, key) pairs.
+KeyStats key_stats(const Reader& reader, const ProgressFn& progress);
+
+}  // namespace embstore::tools
