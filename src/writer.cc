@@ -314,9 +314,11 @@ Writer Writer::open_or_create(const std::string& path, const CreateOptions& crea
     }
     try {
       create_store(path, create_options);
-    } catch (const Error&) {
-      // Whatever failed (a full disk, say), a store that exists now is one to open.
-      if (!detail::os::exists(detail::strip_trailing_slashes(path) + "/" +
+    } catch (const Error& error) {
+      // Whatever failed (a full disk, say), a store that exists now is one to open. "Already
+      // exists" goes back to open() too, which names what is there if it is not a store.
+      if (error.code() != ErrorCode::kAlreadyExists &&
+          !detail::os::exists(detail::strip_trailing_slashes(path) + "/" +
                               detail::kHeaderFileName)) {
         throw;
       }

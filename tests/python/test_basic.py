@@ -124,8 +124,9 @@ def test_corrupted_row_is_named_by_verify(store):
 def test_corrupted_header_raises_corruption_error(store):
     embstore.create(store, dim=4)
     with open(os.path.join(store, "header"), "r+b") as f:
-        f.seek(16)
-        f.write(b"\x05")  # dim 4 -> 5: the header checksum no longer matches
+        for copy in (0, 2048):  # both copies of the fixed header (FORMAT.md)
+            f.seek(copy + 16)
+            f.write(b"\x05")  # dim 4 -> 5: the header checksum no longer matches
     with pytest.raises(embstore.CorruptionError, match="header") as bad:
         embstore.Reader(store)
     assert isinstance(bad.value, embstore.Error) and bad.value.code == "corruption"
@@ -134,8 +135,9 @@ def test_corrupted_header_raises_corruption_error(store):
 def test_newer_format_version_raises_unsupported_version_error(store):
     embstore.create(store, dim=4)
     with open(os.path.join(store, "header"), "r+b") as f:
-        f.seek(8)  # format_major
-        f.write(b"\x02")
+        for copy in (0, 2048):  # both copies of the fixed header (FORMAT.md)
+            f.seek(copy + 8)  # format_major
+            f.write(b"\x02")
     with pytest.raises(embstore.UnsupportedVersionError, match="format_major 2"):
         embstore.Reader(store)
     with pytest.raises(embstore.Error):

@@ -30,7 +30,7 @@ def test_a_flipped_header_byte_is_read_from_the_copy(store):
     _flip(os.path.join(store, "header"), 16)  # dim
     with embstore.Reader(store) as r:
         assert len(r) == 200
-        np.testing.assert_array_equal(r.vectors(), vectors)
+        np.testing.assert_array_equal(r.vectors, vectors)
     assert embstore.info(store)["format_minor"] == 2
 
 
@@ -52,7 +52,7 @@ def test_salvage_copies_the_rows_that_verify(store, tmp_path):
     with embstore.Reader(out) as r:
         assert len(r) == 199
         kept = np.delete(np.arange(200), 7)
-        np.testing.assert_array_equal(r.vectors(), vectors[kept])
-        np.testing.assert_array_equal(r.keys(), kept + 1000)
+        np.testing.assert_array_equal(r.vectors, vectors[kept])
+        np.testing.assert_array_equal(r.keys, kept + 1000)
     with pytest.raises(FileExistsError):
         embstore.salvage(store, out)
