@@ -13,6 +13,8 @@
 // bytes_per_second counts bytes stored (payload, not the 32-byte index entries); items are rows.
 // Each benchmark starts a fresh store every EMBSTORE_BENCH_BYTES bytes, outside the timing, so
 // every append writes pages the file has never had: the cold case users hit while training.
+// By default 5 repetitions, randomly interleaved, with min / median / max (bench_util.h);
+// bench/ratios.py turns the per-repetition JSON into same-repetition ratios.
 #include <benchmark/benchmark.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -201,11 +203,23 @@ void MemcpyArgs(benchmark::internal::Benchmark* b) {
   for (int dim : {64, 1536}) b->Args({512, dim});
 }
 
-BENCHMARK(BM_Append)->Apply(AppendArgs)->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_Pwrite)->Apply(PwriteArgs)->UseRealTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_Memcpy)->Apply(MemcpyArgs)->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Append)
+    ->Apply(AppendArgs)
+    ->Apply(add_min_max)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Pwrite)
+    ->Apply(PwriteArgs)
+    ->Apply(add_min_max)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Memcpy)
+    ->Apply(MemcpyArgs)
+    ->Apply(add_min_max)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 }  // namespace embstore::bench
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) { return embstore::bench::run_benchmarks(argc, argv); }

@@ -3,13 +3,16 @@
 //
 // Sizes: EMBSTORE_BENCH_BYTES caps the bytes one benchmark writes into one file before it starts a
 // fresh one (default 256 MiB); the smoke test sets it to a few MiB so every benchmark runs in
-// milliseconds. Not thread-safe (benchmarks here run single-threaded).
+// milliseconds. Not thread-safe (benchmarks here run single-threaded). run_benchmarks() is the
+// suites' main(): 5 interleaved repetitions by default, with min and max next to the median.
 #pragma once
 
+#include <benchmark/benchmark.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -74,6 +77,34 @@ inline std::vector<std::uint64_t> random_keys(std::uint64_t n, std::uint64_t see
 inline void remove_tree(const std::string& path) {
   std::error_code ignored;
   std::filesystem::remove_all(path, ignored);
+}
+
+// Adds "min" and "max" to the mean / median / stddev Google Benchmark reports over repetitions:
+// a target is stated as min and median over interleaved repeats (bench/RESULTS.md).
+inline void add_min_max(benchmark::internal::Benchmark* b) {
+  b->ComputeStatistics("min", [](const std::vector<double>& v) {
+    return v.empty() ? 0.0 : *std::min_element(v.begin(), v.end());
+  });
+  b->ComputeStatistics("max", [](const std::vector<double>& v) {
+    return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end());
+  });
+}
+
+// main() of the suites: 5 repetitions in random interleaved order unless the command line says
+// otherwise (flags given later win), so a default run reports min / median / max, never one run.
+inline int run_benchmarks(int argc, char** argv) {
+  std::vector<char*> args{argv[0]};
+  std::string repetitions = "--benchmark_repetitions=5";
+  std::string interleave = "--benchmark_enable_random_interleaving=true";
+  args.push_back(repetitions.data());
+  args.push_back(interleave.data());
+  for (int i = 1; i < argc; ++i) args.push_back(argv[i]);
+  int count = static_cast<int>(args.size());
+  benchmark::Initialize(&count, args.data());
+  if (benchmark::ReportUnrecognizedArguments(count, args.data())) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
 }
 
 }  // namespace embstore::bench

@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
 #include <shared_mutex>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -273,8 +276,47 @@ void release_impl(std::unique_ptr<Writer::Impl>& impl) noexcept {
 }
 }  // namespace
 
+namespace {
+struct RemoteFileSystem {
+  std::uint64_t magic;
+  const char* name;
+};
+// statfs f_type values (linux/magic.h and the vendors' own) of file systems whose pages are
+// not one page cache shared by every process that maps them.
+constexpr RemoteFileSystem kRemoteFileSystems[] = {
+    {0x6969, "NFS"},          {0x517B, "SMB"},      {0xFF534D42, "CIFS"},   {0xFE534D42, "SMB2"},
+    {0x65735546, "FUSE"},     {0x01021997, "9p"},   {0x0BD00BD0, "Lustre"}, {0x47504653, "GPFS"},
+    {0x00C36400, "CephFS"},   {0x5346414F, "AFS"},  {0x6B414653, "AFS"},    {0x73757245, "Coda"},
+    {0x7461636F, "OCFS2"},    {0x01161970, "GFS2"}, {0x19830326, "BeeGFS"}, {0xAAD7AAEA, "PanFS"},
+    {0x20030528, "OrangeFS"}, {0x564C, "NCP"},
+};
+
+// Writers publish rows through shared mappings, a shared futex and OFD locks: on these file
+// systems another machine (or the FUSE daemon) sees none of them coherently, so concurrent
+// writers could corrupt the store and readers could see torn rows.
+void refuse_remote_filesystem(const std::string& path, const WriterOptions& options) {
+  if (options.allow_remote_filesystem) return;
+  const char* allow = std::getenv("EMBSTORE_ALLOW_REMOTE_FS");
+  if (allow != nullptr && std::string_view(allow) == "1") return;
+  const std::uint64_t magic = detail::os::filesystem_magic(path);
+  for (const auto& fs : kRemoteFileSystems) {
+    if (fs.magic != magic) continue;
+    char hex[32];
+    std::snprintf(hex, sizeof hex, "0x%llx", static_cast<unsigned long long>(magic));
+    throw Error(ErrorCode::kInvalidArgument,
+                path + ": refusing to write a store on " + fs.name + " (statfs f_type " + hex +
+                    "): writers need a local file system, because shared mappings, futexes and "
+                    "OFD locks are not coherent across machines. Put each node's store on "
+                    "node-local disk (read them together with ShardSet), or force with "
+                    "WriterOptions::allow_remote_filesystem / EMBSTORE_ALLOW_REMOTE_FS=1 if "
+                    "only this machine ever writes or maps it.");
+  }
+}
+}  // namespace
+
 Writer Writer::create(const std::string& path, const CreateOptions& create_options,
                       const WriterOptions& options) {
+  refuse_remote_filesystem(path, options);
   create_store(path, create_options);
   return open(path, options);
 }
@@ -284,6 +326,7 @@ Writer Writer::open(const std::string& path, const WriterOptions& options) {
     throw Error(ErrorCode::kInvalidArgument,
                 path + ": sync_interval must be positive with SyncPolicy::kInterval");
   }
+  refuse_remote_filesystem(path, options);
   auto files = StoreFiles::open(path, detail::os::Access::kReadWrite, options.map_bytes);
   const auto& layout = files->layout();
   if (options.expect_dim && *options.expect_dim != layout.dim) {

@@ -1,4 +1,6 @@
 // Reader: lock-free snapshots, zero-copy views that never move, waiting, read-only access.
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <unistd.h>
 
@@ -208,4 +210,95 @@ TEST_CASE("wait() survives a futex that fails: spurious wake-ups and lost wakes"
   CHECK(r.wait(3, std::chrono::nanoseconds::max()));
   appender.join();
   CHECK(detail::testing::faults_injected() > 0);
+}
+
+namespace {
+
+// Pages of [data, data + bytes) that have a page-table entry (/proc/self/pagemap, bit 63).
+std::uint64_t present_pages(const std::byte* data, std::uint64_t bytes) {
+  const int fd = ::open("/proc/self/pagemap", O_RDONLY);
+  REQUIRE(fd >= 0);
+  const std::uint64_t first = reinterpret_cast<std::uintptr_t>(data) / 4096;
+  const std::uint64_t last = (reinterpret_cast<std::uintptr_t>(data) + bytes - 1) / 4096;
+  std::vector<std::uint64_t> entries(last - first + 1);
+  const ssize_t got = ::pread(fd, entries.data(), entries.size() * 8, first * 8);
+  ::close(fd);
+  REQUIRE(got == static_cast<ssize_t>(entries.size() * 8));
+  std::uint64_t present = 0;
+  for (std::uint64_t e : entries) present += e >> 63;
+  return present;
+}
+
+std::uint64_t sum_words(const RowsView& v) {
+  const auto* words = reinterpret_cast<const std::uint64_t*>(v.data);
+  std::uint64_t sum = 0;
+  for (std::uint64_t i = 0; i < v.size_bytes() / 8; ++i) sum += words[i];
+  return sum;
+}
+
+bool kernel_populates() {
+  // MADV_POPULATE_READ (22) exists from Linux 5.14; older kernels answer EINVAL.
+  void* p = ::mmap(nullptr, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const bool ok = ::madvise(p, 4096, 22) == 0;
+  ::munmap(p, 4096);
+  return ok;
+}
+
+}  // namespace
+
+TEST_CASE("rows() of a fresh Reader maps the whole range at once, so scanning it takes no faults",
+          "[reader][zero-copy]") {
+  if (!kernel_populates()) {
+    WARN("skipped: the kernel has no MADV_POPULATE_READ");
+    return;
+  }
+  TempDir dir;
+  const std::uint32_t dim = 256;  // 1 KiB rows: 8 MiB in 8192 rows
+  CreateOptions o;
+  o.dim = dim;
+  Writer w = Writer::create(dir / "s", o);
+  append_batch(w, 0, 0, 8192);
+  w.close();
+  const auto expected = test::batch_payload(0, 0, 8192, dim);
+
+  Reader r = Reader::open(dir / "s");
+  const std::uint64_t pages = 8192ull * dim * 4 / 4096;
+  const RowsView all = r.rows();
+  // Nothing of the range was read yet: every page is mapped all the same.
+  CHECK(present_pages(all.data, all.size_bytes()) == pages);
+  CHECK(std::memcmp(all.data, expected.data(), all.size_bytes()) == 0);
+  CHECK(sum_words(all) != 0);
+
+  // A second Reader, asked for a range starting mid-store, then for all of it: same bytes.
+  Reader r2 = Reader::open(dir / "s");
+  const RowsView tail = r2.rows(4096, 8192);
+  CHECK(std::memcmp(tail.data,
+                    reinterpret_cast<const std::byte*>(expected.data()) + 4096ull * dim * 4,
+                    tail.size_bytes()) == 0);
+  const RowsView whole = r2.rows();
+  CHECK(std::memcmp(whole.data, expected.data(), whole.size_bytes()) == 0);
+  CHECK(r2.verify().ok());
+}
+
+TEST_CASE("rows() after a refresh past the populated rows reads the new rows exactly",
+          "[reader][zero-copy]") {
+  TempDir dir;
+  const std::uint32_t dim = 256;
+  CreateOptions o;
+  o.dim = dim;
+  o.segment_bytes = 1 << 20;  // the store grows by many segments between the two snapshots
+  Writer w = Writer::create(dir / "s", o);
+  append_batch(w, 0, 0, 2048);
+  Reader r = Reader::open(dir / "s");
+  CHECK(sum_words(r.rows()) != 0);
+  append_batch(w, 0, 2048, 6144);
+  CHECK(r.refresh() == 8192);
+  const auto expected = test::batch_payload(0, 0, 8192, dim);
+  const RowsView small_range = r.rows(2048, 2050);  // below the populate threshold
+  CHECK(std::memcmp(small_range.data,
+                    reinterpret_cast<const std::byte*>(expected.data()) + 2048ull * dim * 4,
+                    small_range.size_bytes()) == 0);
+  const RowsView all = r.rows();
+  CHECK(std::memcmp(all.data, expected.data(), all.size_bytes()) == 0);
+  CHECK(r.verify().ok());
 }

@@ -19,11 +19,13 @@
 #include "format/convert.h"
 #include "format/format.h"
 #include "platform/testing.h"
+#include "support/error_code.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
 
 using namespace embstore;
+using embstore::test::code_of;
 using embstore::test::TempDir;
 
 namespace {
@@ -41,17 +43,6 @@ std::vector<std::uint64_t> iota_keys(std::uint64_t first, std::uint64_t n) {
   std::vector<std::uint64_t> keys(n);
   for (std::uint64_t i = 0; i < n; ++i) keys[i] = first + i;
   return keys;
-}
-
-ErrorCode code_of(const std::function<void()>& f, std::string* message = nullptr) {
-  try {
-    f();
-  } catch (const Error& e) {
-    if (message) *message = e.what();
-    return e.code();
-  }
-  FAIL("expected an embstore::Error");
-  return ErrorCode::kIO;
 }
 
 // Bytes of `count` elements of `dtype` whose values are small exact integers.
@@ -421,6 +412,57 @@ TEST_CASE("A failed flush poisons the writer until reopened and is never retried
   reopened.append(k, 0, std::span<const float>(v));
   reopened.sync();
   CHECK(reopened.durable_rows() == 2);
+}
+
+TEST_CASE("sync() raises durable_rows only after both the data and the index flush succeeded",
+          "[store][faults]") {
+  // sync() flushes the data file, the index file, then raises durable and flushes the header:
+  // fail each of the three flush calls in turn.
+  for (const std::uint64_t nth : {1, 2, 3}) {
+    INFO("failing flush call " << nth);
+    TempDir dir;
+    const std::vector<float> v(8 * 4, 1.0f);
+    const std::vector<std::uint64_t> k(8, 7);
+    {
+      Writer w = Writer::create(dir / "s", opts(4));
+      w.append(k, 0, std::span<const float>(v));
+      w.sync();
+      REQUIRE(w.durable_rows() == 8);
+      w.append(k, 0, std::span<const float>(v));
+      detail::testing::arm_fault(detail::testing::Op::kMsync, nth, EIO, false);
+      std::string message;
+      CHECK(code_of([&] { w.sync(); }, &message) == ErrorCode::kPoisoned);
+      CHECK_THAT(message, Catch::Contains("fdatasync"));
+      if (nth < 3) {
+        // A data or index flush failed: the header was not touched.
+        CHECK(w.durable_rows() == 8);
+      } else {
+        CHECK_THAT(message, Catch::Contains("header"));
+      }
+      detail::testing::disarm_all();
+    }
+    Writer reopened = Writer::open(dir / "s");
+    CHECK(reopened.committed_rows() == 16);
+    reopened.sync();
+    CHECK(reopened.durable_rows() == 16);
+    Reader r = Reader::open(dir / "s");
+    CHECK(r.verify().ok());
+  }
+}
+
+TEST_CASE("When every flush fails, sync() reports the data file's error",
+          "[store][faults]") {
+  TempDir dir;
+  const std::vector<float> v(4, 1.0f);
+  const std::vector<std::uint64_t> k = {1};
+  Writer w = Writer::create(dir / "s", opts(4));
+  w.append(k, 0, std::span<const float>(v));
+  detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, true);
+  std::string message;
+  CHECK(code_of([&] { w.sync(); }, &message) == ErrorCode::kPoisoned);
+  detail::testing::disarm_all();
+  CHECK_THAT(message, Catch::Contains("fdatasync") && Catch::Contains("rows.1"));
+  CHECK(w.durable_rows() == 0);
 }
 
 TEST_CASE("A forked child cannot write through its parent's writer", "[store][fork]") {

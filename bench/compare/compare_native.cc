@@ -556,19 +556,68 @@ std::unique_ptr<System> make_system(const std::string& name, int redis_port) {
   fail("unknown system " + name);
 }
 
-// Prepares a timed phase. Touches and frees `bytes` of anonymous memory. On a VM whose host
-// reclaims free guest memory, the first touch of reclaimed memory costs up to ~10 us per page;
-// doing this right before a timed phase hands every system memory the host has already backed, so
-// none pays that by luck of order.
-//
-// Then sync(): the previous system's deleted files and dirty pages must not be flushed (and its
-// ext4 journal commit must not be waited for) on this one's time.
-void warm_memory(std::uint64_t bytes) {
+// The memory-management counters a timed phase can pay for without doing the work itself: page
+// reclaim (pgscan/pgsteal, allocstall), compaction, writeback of dirty pages, and memory the VM
+// host took back (free page reporting hands freed guest memory in 2 MiB blocks to the host; the
+// next touch of it faults in the host). Missing files or counters read as 0.
+struct MmCounters {
+  static constexpr const char* kVmstat[] = {"pgfault",        "pgscan_kswapd",  "pgscan_direct",
+                                            "pgsteal_kswapd", "pgsteal_direct", "allocstall_normal",
+                                            "compact_stall",  "nr_dirty",       "nr_writeback",
+                                            "nr_dirtied",     "nr_written",     "pgalloc_normal"};
+  std::uint64_t vmstat[std::size(kVmstat)] = {};
+  std::uint64_t reported_kib = 0;  // /sys/module/page_reporting/parameters/reported_kib, if any.
+
+  static MmCounters read() {
+    MmCounters c;
+    if (FILE* f = std::fopen("/proc/vmstat", "r")) {
+      char name[128];
+      unsigned long long value;
+      while (std::fscanf(f, "%127s %llu", name, &value) == 2) {
+        for (std::size_t i = 0; i < std::size(kVmstat); ++i) {
+          if (std::strcmp(name, kVmstat[i]) == 0) c.vmstat[i] = value;
+        }
+      }
+      std::fclose(f);
+    }
+    if (FILE* f = std::fopen("/sys/module/page_reporting/parameters/reported_kib", "r")) {
+      unsigned long long value = 0;
+      if (std::fscanf(f, "%llu", &value) == 1) c.reported_kib = value;
+      std::fclose(f);
+    }
+    return c;
+  }
+  // JSON object of `after - this` for counters, the value at `this` for the nr_* gauges.
+  std::string delta_json(const MmCounters& after) const {
+    std::string out = "{";
+    for (std::size_t i = 0; i < std::size(kVmstat); ++i) {
+      const bool gauge =
+          std::strcmp(kVmstat[i], "nr_dirty") == 0 || std::strcmp(kVmstat[i], "nr_writeback") == 0;
+      const long long v = gauge ? static_cast<long long>(vmstat[i])
+                                : static_cast<long long>(after.vmstat[i] - vmstat[i]);
+      out += "\"" + std::string(kVmstat[i]) + (gauge ? "_at_start" : "") +
+             "\":" + std::to_string(v) + ",";
+    }
+    out += "\"host_reported_kib\":" + std::to_string(after.reported_kib - reported_kib) + "}";
+    return out;
+  }
+};
+
+// Prepares a timed phase (run.sh also settles the machine between processes; bench/RESULTS.md,
+// "Comparison"). sync(): the previous system's dirty pages must not be written back, and its
+// deleted files' ext4 journal commit (with online discard here) must not be waited for, on this
+// one's time. Then touches and frees `bytes` of anonymous memory: the first touch of memory the VM
+// host took back costs up to ~10 us per page. Returns the touch's ns per 4 KiB page, which shows
+// how much of the memory the host had taken back.
+double warm_memory(std::uint64_t bytes) {
   ::sync();
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return;
+  if (p == MAP_FAILED) return -1;
+  const auto t = Clock::now();
   std::memset(p, 1, bytes);
+  const double ns_per_page = seconds_since(t) * 1e9 / (bytes / 4096);
   ::munmap(p, bytes);
+  return ns_per_page;
 }
 
 // Appends rows [begin, end) in batches.
@@ -670,12 +719,14 @@ int main(int argc, char** argv) {
     if (name == "hdf5") H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
     const std::string path = dir + "/" + name + ".store";
     auto s = make_system(name, redis_port);
-    warm_memory(2 * w.rows * w.row_bytes());
+    const double warm_ns_per_page = warm_memory(2 * w.rows * w.row_bytes());
     s->create(path, w);
     s->open_writer(path, w);
+    const MmCounters mm_before = MmCounters::read();
     auto t = Clock::now();
     append_range(*s, w, 0, w.rows);
     const double append_s = seconds_since(t);
+    const std::string append_mm = mm_before.delta_json(MmCounters::read());
     t = Clock::now();
     s->sync();
     const double sync_s = seconds_since(t);
@@ -725,7 +776,8 @@ int main(int argc, char** argv) {
         "{\"system\":\"%s\",\"rows\":%llu,\"dim\":%u,\"batch\":%llu,"
         "\"append_mb_s\":%s,\"two_writer_mb_s\":%s,\"sync_s\":%s,"
         "\"lookup_p50_us\":%s,\"lookup_p99_us\":%s,\"lookup_note\":\"%s\","
-        "\"scan_mb_s\":%s,\"open_ms\":%s,\"bytes_on_disk\":%llu,\"payload_bytes\":%llu}\n",
+        "\"scan_mb_s\":%s,\"open_ms\":%s,\"bytes_on_disk\":%llu,\"payload_bytes\":%llu,"
+        "\"warm_touch_ns_per_page\":%s,\"append_mm\":%s}\n",
         name.c_str(), static_cast<unsigned long long>(w.rows), w.dim,
         static_cast<unsigned long long>(w.batch),
         json_number(w.rows * w.row_bytes() / append_s / 1e6, 1).c_str(), two.c_str(),
@@ -734,7 +786,8 @@ int main(int argc, char** argv) {
         has_lookup ? json_number(lat[lat.size() * 99 / 100], 2).c_str() : "null",
         note_system->lookup_note().c_str(), json_number(scan_mb_s, 1).c_str(),
         json_number(open_ms, 3).c_str(), static_cast<unsigned long long>(on_disk),
-        static_cast<unsigned long long>(w.rows * w.row_bytes()));
+        static_cast<unsigned long long>(w.rows * w.row_bytes()),
+        json_number(warm_ns_per_page, 1).c_str(), append_mm.c_str());
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "compare_native %s: %s\n", name.c_str(), e.what());

@@ -50,7 +50,15 @@
 //   posix_fallocate'd before its first byte is touched. Rows already stored are never lost.
 //
 // Caveats
-//   - Not for network file systems (NFS, SMB): OFD locks and shared mappings are unreliable there.
+//   - Writers need a local file system. Writers coordinate through shared mappings of the
+//     store's files, a futex on the commit counter and OFD locks; on NFS, SMB/CIFS, FUSE, 9p,
+//     Lustre, GPFS, CephFS and the like another machine (or the FUSE daemon) sees none of them
+//     coherently, so two writers could interleave and readers could see torn rows. A Writer
+//     therefore refuses such a file system (statfs f_type; kInvalidArgument) unless
+//     WriterOptions::allow_remote_filesystem or EMBSTORE_ALLOW_REMOTE_FS=1 forces it. Readers
+//     open anything: a quiescent store (no writer anywhere) reads correctly over any file system.
+//     Across machines, give each node its own store on local disk and read them together with
+//     ShardSet or merge them (shard_set.h).
 //   - The file system must support posix_fallocate and overwrite allocated blocks in place
 //     (ext4, xfs without reflinked files, tmpfs). On copy-on-write file systems (btrfs, reflinked
 //     xfs) an overwrite needs new space, so a full disk there can still raise SIGBUS.
@@ -72,6 +80,7 @@
 #include "embstore/options.h"
 #include "embstore/reader.h"
 #include "embstore/salvage.h"
+#include "embstore/shard_set.h"
 #include "embstore/store.h"
 #include "embstore/version.h"
 #include "embstore/writer.h"

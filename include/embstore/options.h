@@ -42,6 +42,10 @@ struct WriterOptions {
   // When set, open() fails with kFormatMismatch unless the store has this dim / dtype.
   std::optional<std::uint32_t> expect_dim;
   std::optional<DType> expect_dtype;
+  // Writers refuse a store on a network or FUSE file system (NFS, SMB/CIFS, FUSE, 9p, Lustre,
+  // GPFS, CephFS, ...: see "Caveats" in embstore.h for why) with kInvalidArgument. true — or
+  // the environment variable EMBSTORE_ALLOW_REMOTE_FS=1 — opens it anyway, at the caller's risk.
+  bool allow_remote_filesystem = false;
 };
 
 struct ReaderOptions {

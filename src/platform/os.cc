@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -248,6 +249,15 @@ void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access acces
   return p;
 }
 
+void populate_read(const void* addr, std::uint64_t bytes) noexcept {
+  constexpr int kPopulateRead = 22;  // MADV_POPULATE_READ, absent from older headers.
+  const auto start = reinterpret_cast<std::uintptr_t>(addr) & ~std::uintptr_t{4095};
+  const std::uintptr_t end = reinterpret_cast<std::uintptr_t>(addr) + bytes;
+  int err;
+  do err = ::madvise(reinterpret_cast<void*>(start), end - start, kPopulateRead) == 0 ? 0 : errno;
+  while (err == EINTR);
+}
+
 void unmap(void* addr, std::uint64_t bytes) noexcept {
   if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);
 }
@@ -269,6 +279,19 @@ int rename_path(const std::string& from, const std::string& to) {
   int err = errno;
   if (err == EEXIST || err == ENOTEMPTY || err == EISDIR || err == ENOTDIR) return err;
   fail("rename", from + " -> " + to, err);
+}
+
+std::uint64_t filesystem_magic(const std::string& path) {
+  if (const std::uint64_t fake = EMBSTORE_FS_MAGIC(); fake != 0) return fake;
+  std::string at = path;
+  for (;;) {
+    struct statfs st;
+    if (::statfs(at.c_str(), &st) == 0) return static_cast<std::uint64_t>(st.f_type);
+    const int err = errno;
+    const auto slash = at.find_last_of('/', at.size() > 1 ? at.size() - 2 : 0);
+    if (err != ENOENT || at == "/" || at == ".") fail("statfs", at, err);
+    at = slash == std::string::npos ? "." : slash == 0 ? "/" : at.substr(0, slash);
+  }
 }
 
 void remove_tree(const std::string& path) noexcept {

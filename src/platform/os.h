@@ -53,6 +53,10 @@ void* reserve(std::uint64_t bytes, const std::string& what);
 void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Access access,
                const std::string& path);
 void unmap(void* addr, std::uint64_t bytes) noexcept;
+// Fills the page tables of [addr, addr + bytes), a mapped range, from the page cache in one call
+// (MADV_POPULATE_READ), so reading it takes no page faults. Advisory: does nothing where the
+// kernel cannot (before Linux 5.14) or on any error; a later read behaves as it would have.
+void populate_read(const void* addr, std::uint64_t bytes) noexcept;
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
 void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
                  const std::string& path);
@@ -64,6 +68,9 @@ void remove_tree(const std::string& path) noexcept;
 // The names in directory `path` (without "." and ".."); empty if it cannot be read.
 std::vector<std::string> list_dir(const std::string& path) noexcept;
 bool exists(const std::string& path) noexcept;
+// statfs(2)'s f_type for the file system holding `path`, or its nearest existing ancestor when
+// `path` does not exist yet. Test builds may fake it (testing.h, EMBSTORE_FS_MAGIC).
+std::uint64_t filesystem_magic(const std::string& path);
 
 // Blocks until this open file description holds the exclusive OFD lock on byte 0 of `fd`.
 void lock_exclusive(int fd, const std::string& path);

@@ -11,6 +11,8 @@
 //                                       plan_writes): mapping | syscall for both, every batch;
 //                                       alternate: the four combinations in turn, one per
 //                                       append; unset: by batch size
+//   EMBSTORE_FS_MAGIC=<f_type>          the statfs f_type every path reports (0x6969: NFS), to
+//                                       test the refusal of remote file systems
 //   EMBSTORE_PWRITE_CAP=<bytes>         each pwrite/pwritev writes at most this much, as a
 //                                       kernel may (a short write), so callers must resume
 // Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
@@ -74,10 +76,14 @@ std::string_view set_write_path(std::string_view mode);
 // The most bytes one pwrite/pwritev may write (EMBSTORE_PWRITE_CAP); 0: no cap.
 std::size_t pwrite_cap() noexcept;
 void set_pwrite_cap(std::size_t bytes);
+// The f_type os::filesystem_magic reports for every path (EMBSTORE_FS_MAGIC); 0: the real one.
+std::uint64_t filesystem_magic() noexcept;
+void set_filesystem_magic(std::uint64_t f_type);
 #define EMBSTORE_CRASH_POINT(name) ::embstore::detail::testing::crash_point(name)
 #define EMBSTORE_FAULT(op) ::embstore::detail::testing::fault_for(op)
 #define EMBSTORE_WRITE_PATH() ::embstore::detail::testing::write_path()
 #define EMBSTORE_PWRITE_CAP() ::embstore::detail::testing::pwrite_cap()
+#define EMBSTORE_FS_MAGIC() ::embstore::detail::testing::filesystem_magic()
 #else
 inline constexpr bool kEnabled = false;
 #define EMBSTORE_CRASH_POINT(name) ((void)0)
@@ -86,6 +92,8 @@ inline constexpr bool kEnabled = false;
   ::embstore::detail::testing::WritePath {}
 #define EMBSTORE_PWRITE_CAP() \
   std::size_t { 0 }
+#define EMBSTORE_FS_MAGIC() \
+  std::uint64_t { 0 }
 #endif
 
 }  // namespace embstore::detail::testing

@@ -761,4 +761,77 @@ PYBIND11_MODULE(_embstore, m) {
       .def_property_readonly("metadata",
                              [](PyReader& self) { return py::bytes(self.reader().metadata()); })
       .def("info", [](PyReader& self) { return info_dict(self.reader().info()); });
+
+  // Several stores as one (include/embstore/shard_set.h): manifests, the shard checks of
+  // ShardSet::open (embstore.ShardSet reuses them) and merge_stores.
+  m.def(
+      "read_manifest",
+      [](const std::string& path) {
+        const Manifest manifest = read_manifest(path);
+        py::list shards;
+        for (const auto& shard : manifest.shards) {
+          py::dict entry;
+          entry["path"] = shard.path;
+          entry["store_id"] = shard.store_id;
+          entry["rows"] = shard.rows;
+          entry["epochs"] = shard.epochs;
+          shards.append(entry);
+        }
+        py::dict out;
+        out["dim"] = manifest.dim;
+        out["dtype"] = std::string(dtype_name(manifest.dtype));
+        out["metadata"] = manifest.metadata;
+        out["shards"] = shards;
+        return out;
+      },
+      py::arg("path"));
+  m.def(
+      "write_manifest",
+      [](const std::string& path, const py::dict& fields) {
+        Manifest manifest;
+        manifest.dim = fields["dim"].cast<std::uint32_t>();
+        manifest.dtype = parse_dtype_arg(fields["dtype"].cast<std::string>());
+        manifest.metadata = fields["metadata"].cast<std::string>();
+        for (const auto& item : fields["shards"].cast<py::list>()) {
+          const auto entry = item.cast<py::dict>();
+          manifest.shards.push_back({entry["path"].cast<std::string>(),
+                                     entry["store_id"].cast<std::string>(),
+                                     entry["rows"].cast<std::uint64_t>(),
+                                     entry["epochs"].cast<std::vector<std::uint64_t>>()});
+        }
+        py::gil_scoped_release unlocked;
+        write_manifest(path, manifest);
+      },
+      py::arg("path"), py::arg("manifest"));
+  m.def(
+      "resolve_shards",
+      [](const std::vector<std::string>& manifest_or_stores) {
+        std::vector<std::string> paths;
+        std::string metadata;
+        {
+          py::gil_scoped_release unlocked;
+          const ShardSet set = ShardSet::open(manifest_or_stores);
+          for (std::size_t i = 0; i < set.shard_count(); ++i) paths.push_back(set.shard_path(i));
+          metadata = set.metadata();
+        }
+        return py::make_tuple(paths, py::bytes(metadata));
+      },
+      py::arg("manifest_or_stores"));
+  m.def(
+      "merge_stores",
+      [](const std::string& out, const std::vector<std::string>& manifest_or_stores,
+         const py::object& progress) {
+        StoreInfo info;
+        {
+          py::gil_scoped_release unlocked;
+          const ShardSet set = ShardSet::open(manifest_or_stores);
+          info = merge_stores(out, set, [&](const MergeProgress& done) {
+            if (progress.is_none()) return;
+            py::gil_scoped_acquire locked;
+            progress(done.rows_done, done.rows_total, *done.shard_path);
+          });
+        }
+        return info_dict(info);
+      },
+      py::arg("out"), py::arg("manifest_or_stores"), py::arg("progress"));
 }

@@ -11,7 +11,7 @@ import embstore
 from conftest import CLI, hash_tree, make_store, run, corrupt_row
 
 COMMANDS = ["create", "info", "verify", "version", "head", "tail", "export", "import", "compact",
-            "bench"]
+            "merge", "bench"]
 
 # Exit statuses (README "Command-line tool"): 10 + ErrorCode.
 NOT_FOUND, ALREADY_EXISTS, CORRUPTION, FORMAT_MISMATCH, UNSUPPORTED_VERSION = 12, 13, 14, 15, 16

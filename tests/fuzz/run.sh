@@ -23,7 +23,7 @@ xxhash_inc=$(dirname "$(echo '#include <xxhash.h>' | cpp -H -o /dev/null 2>&1 | 
 objs=()
 # The library's sources exactly as the top-level CMakeLists.txt lists them (EMBSTORE_SOURCES).
 mapfile -t lib_sources < <(sed -n '/^set(EMBSTORE_SOURCES/,/^)/p' "$root/CMakeLists.txt" |
-  grep -o 'src/[A-Za-z0-9_]*\.cc')
+  grep -o 'src/[A-Za-z0-9_/]*\.cc')
 for src in "${lib_sources[@]/#/$root/}" "$here"/fuzz_store.cc; do
   obj="$build/$(basename "${src%.cc}").o"
   if [[ ! -f $obj || $src -nt $obj || $(find "$root/src" -name '*.h' -newer "$obj" | head -1) ]]; then

@@ -50,7 +50,7 @@ struct Config {
   SyncPolicy sync = SyncPolicy::kNone;
   std::string sync_text = "none";
   std::string dir;
-  int repeat = 3;
+  int repeat = 5;
   bool keep = false;
   bool baselines = true;
   bool no_baselines = false;  // The option; baselines follows it.
@@ -473,7 +473,10 @@ std::uint64_t disk_bytes(const std::string& dir) {
 
 struct RunResult {
   int writers = 0;
-  PhaseResult store, pwrite, pwrite_prealloc, memcpy;
+  PhaseResult store, pwrite, pwrite_prealloc, memcpy;  // Medians over the repeats.
+  // Every repeat, in order (misses kept): repeat r of each workload ran in the same shuffled
+  // round, so store[r] / pwrite[r] is a same-run ratio.
+  std::vector<PhaseResult> stores, pwrites, preallocs, memcpys;
   std::uint64_t disk = 0, payload = 0, segment_bytes = 0;
   std::string store_path;
 };
@@ -488,63 +491,94 @@ PhaseResult median_phase(std::vector<PhaseResult> phases) {
   return phases[phases.size() / 2];
 }
 
-// Runs the embstore phase and the three baselines `repeat` times each, rotating their order (in
-// row-count mode) so none always runs first on a machine whose memory or disk is cold, and keeps
-// the median of each.
-RunResult run_one(const Config& config, int writers, const std::string& work_dir) {
-  RunResult run;
-  run.writers = writers;
+// min / median / max of a[r] / b[r] over the repeats, and each of them.
+struct Spread {
+  double min = 0, median = 0, max = 0;
+  std::vector<double> all;
+};
+Spread ratio_spread(const std::vector<PhaseResult>& a, const std::vector<PhaseResult>& b) {
+  Spread s;
+  for (std::size_t r = 0; r < a.size() && r < b.size(); ++r) {
+    s.all.push_back(ratio(a[r].rows_per_s(), b[r].rows_per_s()));
+  }
+  if (s.all.empty()) return s;
+  std::vector<double> sorted = s.all;
+  std::sort(sorted.begin(), sorted.end());
+  s.min = sorted.front();
+  s.max = sorted.back();
+  const std::size_t n = sorted.size();
+  s.median = n % 2 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
+  return s;
+}
+
+// Repeat `r` for one writer count: the embstore phase and the three baselines once each, in an
+// order drawn from (r, writers), so none always runs first, or right after another's large free,
+// on a machine whose memory or disk is cold.
+void run_repeat(const Config& config, int r, RunResult& run, const std::string& work_dir) {
+  const int writers = run.writers;
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
-  std::vector<PhaseResult> stores, pwrites, preallocs, memcpys;
+  const std::string path =
+      work_dir + "/store-w" + std::to_string(writers) + "-r" + std::to_string(r);
+  std::uint64_t rows = config.rows;
+  auto store_phase = [&] {
+    CreateOptions create;
+    create.dim = config.dim;
+    create.dtype = config.store_dtype;
+    create.metadata = "{\"created_by\":\"embstore bench\"}";
+    create_store(path, create);
+    run.segment_bytes = create.segment_bytes;
+    run.stores.push_back(
+        run_phase(config, Workload::kEmbstore, writers, config.readers, work_dir, path, rows));
+    rows = run.stores.back().rows;
+    if (r == 0) {
+      run.payload = rows * row_bytes;
+      run.disk = disk_bytes(path);
+      run.store_path = path;
+    }
+    if (!config.keep || r > 0) {
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  };
+  auto baseline = [&](Workload workload, std::vector<PhaseResult>& results) {
+    return [&, workload] {
+      results.push_back(run_phase(config, workload, writers, 0, work_dir, path, rows));
+    };
+  };
+  std::function<void()> phases[] = {store_phase, baseline(Workload::kPwrite, run.pwrites),
+                                    baseline(Workload::kPwritePrealloc, run.preallocs),
+                                    baseline(Workload::kMemcpy, run.memcpys)};
+  if (!config.baselines) {
+    store_phase();
+    return;
+  }
+  // Duration mode: the baselines need the row count the store reached, so it goes first.
+  std::mt19937 rng(static_cast<unsigned>(r * 1000 + writers));
+  std::shuffle(std::begin(phases) + (config.seconds > 0 ? 1 : 0), std::end(phases), rng);
+  for (auto& phase : phases) phase();
+}
+
+// Runs every writer count `repeat` times, interleaved (repeat r of every count before repeat
+// r + 1 of any), and keeps every repeat plus the median of each workload.
+std::vector<RunResult> run_all(const Config& config, const std::string& work_dir) {
+  std::vector<RunResult> runs(config.writers.size());
+  for (std::size_t i = 0; i < runs.size(); ++i) runs[i].writers = config.writers[i];
   for (int r = 0; r < config.repeat; ++r) {
-    const std::string path =
-        work_dir + "/store-w" + std::to_string(writers) + "-r" + std::to_string(r);
-    std::uint64_t rows = config.rows;
-    auto store_phase = [&] {
-      CreateOptions create;
-      create.dim = config.dim;
-      create.dtype = config.store_dtype;
-      create.metadata = "{\"created_by\":\"embstore bench\"}";
-      create_store(path, create);
-      run.segment_bytes = create.segment_bytes;
-      stores.push_back(
-          run_phase(config, Workload::kEmbstore, writers, config.readers, work_dir, path, rows));
-      rows = stores.back().rows;
-      if (r == 0) {
-        run.payload = rows * row_bytes;
-        run.disk = disk_bytes(path);
-        run.store_path = path;
-      }
-      if (!config.keep || r > 0) {
-        std::error_code ec;
-        std::filesystem::remove_all(path, ec);
-      }
-    };
-    auto baseline = [&](Workload workload, std::vector<PhaseResult>& results) {
-      return [&, workload] {
-        results.push_back(run_phase(config, workload, writers, 0, work_dir, path, rows));
-      };
-    };
-    const std::function<void()> phases[] = {store_phase, baseline(Workload::kPwrite, pwrites),
-                                            baseline(Workload::kPwritePrealloc, preallocs),
-                                            baseline(Workload::kMemcpy, memcpys)};
-    if (!config.baselines) {
-      store_phase();
-      continue;
-    }
-    // Duration mode: the baselines need the row count the store reached, so it goes first.
-    const int rotation = config.seconds > 0 ? 0 : r % std::size(phases);
-    for (std::size_t i = 0; i < std::size(phases); ++i) {
-      phases[(rotation + i) % std::size(phases)]();
+    std::vector<std::size_t> order(runs.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::mt19937 rng(static_cast<unsigned>(r + 1));
+    std::shuffle(order.begin(), order.end(), rng);
+    for (std::size_t i : order) run_repeat(config, r, runs[i], work_dir);
+  }
+  for (RunResult& run : runs) {
+    run.store = median_phase(run.stores);
+    if (config.baselines) {
+      run.pwrite = median_phase(run.pwrites);
+      run.pwrite_prealloc = median_phase(run.preallocs);
+      run.memcpy = median_phase(run.memcpys);
     }
   }
-  run.store = median_phase(stores);
-  if (config.baselines) {
-    run.pwrite = median_phase(pwrites);
-    run.pwrite_prealloc = median_phase(preallocs);
-    run.memcpy = median_phase(memcpys);
-  }
-  return run;
+  return runs;
 }
 
 // Keys in the order written (ordered_json), as the report has always printed them.
@@ -570,6 +604,16 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
       run["ratio_vs_memcpy"] = ratio(r.store.rows_per_s(), r.memcpy.rows_per_s());
     }
     run["ratio_vs_first_run"] = ratio(r.store.rows_per_s(), runs[0].store.rows_per_s());
+    // Same-repeat ratios over every repeat, misses kept.
+    auto spread = [](const Spread& s) {
+      return nlohmann::ordered_json{
+          {"min", s.min}, {"median", s.median}, {"max", s.max}, {"all", s.all}};
+    };
+    if (config.baselines) {
+      run["ratio_vs_pwrite_repeats"] = spread(ratio_spread(r.stores, r.pwrites));
+      run["ratio_vs_pwrite_prealloc_repeats"] = spread(ratio_spread(r.stores, r.preallocs));
+    }
+    run["ratio_vs_first_run_repeats"] = spread(ratio_spread(r.stores, runs[0].stores));
     run["reader_lag_us"] = {{"count", r.store.reader_lag.count},
                             {"p50", r.store.reader_lag.p50_us},
                             {"p99", r.store.reader_lag.p99_us},
@@ -596,11 +640,19 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
   std::puts(out.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
 }
 
+// One line: a same-repeat ratio's min / median / max, then every repeat in the order run.
+void print_spread(int writers, const char* what, const Spread& s) {
+  std::printf("%-8d %-22s per repeat min %.2f median %.2f max %.2f (all:", writers, what, s.min,
+              s.median, s.max);
+  for (double v : s.all) std::printf(" %.2f", v);
+  std::printf(")\n");
+}
+
 void print_table(const Config& config, const std::vector<RunResult>& runs,
                  std::uint64_t row_bytes) {
   std::printf(
       "embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s, %d reader%s, %s, median "
-      "of %d\n",
+      "of %d interleaved repeats\n",
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
       static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(), config.readers,
       config.readers == 1 ? "" : "s",
@@ -626,6 +678,8 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
       line("pwrite", r.pwrite, false);
       line("pwrite-pre", r.pwrite_prealloc, false);
       line("memcpy", r.memcpy, false);
+      print_spread(r.writers, "x pwrite", ratio_spread(r.stores, r.pwrites));
+      print_spread(r.writers, "x pwrite-pre", ratio_spread(r.stores, r.preallocs));
     }
     if (config.readers > 0) {
       std::printf(
@@ -651,6 +705,10 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
                   ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
     }
     std::printf("\n");
+    for (const RunResult& r : runs) {
+      const std::string what = "x " + std::to_string(runs[0].writers) + " writer(s)";
+      print_spread(r.writers, what.c_str(), ratio_spread(r.stores, runs[0].stores));
+    }
   }
 }
 
@@ -665,7 +723,7 @@ int run_bench(Config config) {
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
   std::vector<RunResult> runs;
   try {
-    for (int writers : config.writers) runs.push_back(run_one(config, writers, work_dir));
+    runs = run_all(config, work_dir);
   } catch (...) {
     if (!config.keep) {
       std::error_code ec;
@@ -715,8 +773,10 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       ->capture_default_str();
   cmd->add_option("--seconds", config->seconds, "Run for S seconds instead of a row count")
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--repeat", config->repeat,
-                  "Run each workload K times, order rotated, report medians")
+  cmd->add_option(
+         "--repeat", config->repeat,
+         "Repeats; each runs every workload once in a fresh random order (writer counts "
+         "interleaved too); reports medians and each same-repeat ratio's min / median / max")
       ->check(CLI::Range(1, 100))
       ->capture_default_str();
   cmd->add_option("--sync", config->sync_text, "Sync policy")

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   add_store_commands(app, registry);
   add_row_commands(app, registry);
   add_transfer_commands(app, registry);
+  add_merge_command(app, registry);
   add_serve_command(app, registry);
   add_bench_command(app, registry);
 

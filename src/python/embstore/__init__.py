@@ -753,3 +753,4 @@ class Reader(_Handle):
 
 
 from .io import compact, export_hdf5, export_npy, import_npy  # noqa: E402 (needs Reader, Writer)
+from .shards import ShardSet, merge  # noqa: E402,F401  (several stores as one: embstore.shards)

@@ -155,15 +155,7 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
                                          dtype="<u8", shape=(count,))
         epoch_out = np.lib.format.open_memmap(os.path.join(partial, "epochs.npy"), mode="w+",
                                               dtype="<u8", shape=(count,))
-        at = 0
-        source = reader.vectors
-        for rows in runs:
-            _check(reader, rows)
-            n = len(rows)
-            vectors[at:at + n] = source[rows]
-            keys[at:at + n] = reader.keys[rows]
-            epoch_out[at:at + n] = reader.epochs[rows]
-            at += n
+        _copy_runs(reader, runs, vectors, keys, epoch_out)
         for array in (vectors, keys, epoch_out):
             array.flush()
         del vectors, keys, epoch_out
@@ -175,6 +167,19 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return count
+
+
+def _copy_runs(reader: Reader, runs, vectors, keys, epochs) -> None:
+    """Copies the selected runs of rows, checksum-checked, into the output arrays (numpy memmaps
+    or h5py datasets) one run at a time."""
+    at, source = 0, reader.vectors
+    for rows in runs:
+        _check(reader, rows)
+        n = len(rows)
+        vectors[at:at + n] = source[rows]
+        keys[at:at + n] = reader.keys[rows]
+        epochs[at:at + n] = reader.epochs[rows]
+        at += n
 
 
 def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
@@ -200,15 +205,7 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
                                        dtype=np.dtype(_NPY_DTYPES[reader.dtype]))
             keys = f.create_dataset("keys", shape=(count,), dtype="<u8")
             epoch_out = f.create_dataset("epochs", shape=(count,), dtype="<u8")
-            at = 0
-            source = reader.vectors
-            for rows in runs:
-                _check(reader, rows)
-                n = len(rows)
-                vectors[at:at + n] = source[rows]
-                keys[at:at + n] = reader.keys[rows]
-                epoch_out[at:at + n] = reader.epochs[rows]
-                at += n
+            _copy_runs(reader, runs, vectors, keys, epoch_out)
         if os.path.lexists(out):
             raise FileExistsError(f"output {out} already exists")
         os.rename(path, out)
@@ -223,7 +220,7 @@ def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.nd
             dtype: str) -> None:
     if dtype == "bfloat16" and vectors.dtype == np.uint16:
         # numpy has no bfloat16: hand the raw bit patterns over, named (as Writer does for torch).
-        writer._native.append(keys, epochs, vectors.view(np.int16), "bfloat16")
+        writer._native.append(keys, epochs, vectors.view(np.int16), "bfloat16", True)
     else:
         writer.append(keys, vectors, epoch=epochs)
 

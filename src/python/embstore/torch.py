@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from . import Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _log
+from . import Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _log, shards
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
 
@@ -231,13 +231,16 @@ class EmbeddingRecorder:
         sampler: a DistributedSampler whose padding is not recorded (see above).
         dataset_len: the length of the dataset a DistributedSampler (with this job's world
             size) draws from, when the sampler itself is not at hand.
+        per_node: ``store`` is a directory; each node appends to its own store in it, named by
+            ``embstore.shards.node_name()`` (torchrun's GROUP_RANK, else the host name) and
+            meant for node-local disk, and ``end_epoch()`` keeps ``manifest.json`` there.
     """
 
     def __init__(self, model: torch.nn.Module, module_name: str, store: Any, *,
                  dim: Optional[int] = None, dtype: Any = None, metadata: Any = None,
                  segment_mb: Optional[float] = None, ranks: Optional[Sequence[int]] = None,
                  async_queue_mb: float = 64, buffer_rows: int = 512, sampler: Any = None,
-                 dataset_len: Optional[int] = None) -> None:
+                 dataset_len: Optional[int] = None, per_node: bool = False) -> None:
         modules = dict(model.named_modules())
         module = modules.get(module_name, modules.get("module." + module_name))
         if module is None:
@@ -253,6 +256,7 @@ class EmbeddingRecorder:
             raise ValueError(f"dataset_len must be >= 0; got {dataset_len}")
         self.module_name = module_name
         self.path = os.fspath(store)
+        self._per_node = per_node
         self._dim = dim
         self._dtype = None if dtype is None else _dtype_name(dtype)
         self._metadata = {"module": module_name} if metadata is None else metadata
@@ -320,12 +324,15 @@ class EmbeddingRecorder:
         """This process's Writer (opened on first use)."""
         staging = self._local_staging()
         if staging is None:
+            path = self.store_path()
+            if self._per_node:
+                os.makedirs(self.path, exist_ok=True)
             if self._dim:
-                writer = Writer(self.path, dim=self._dim, dtype=self._dtype or "float32",
+                writer = Writer(path, dim=self._dim, dtype=self._dtype or "float32",
                                 metadata=self._metadata, segment_mb=self._segment_mb,
                                 async_queue_mb=self._async_queue_mb)
             else:
-                writer = Writer(self.path, dtype=self._dtype, async_queue_mb=self._async_queue_mb)
+                writer = Writer(path, dtype=self._dtype, async_queue_mb=self._async_queue_mb)
             if writer.dtype not in _TORCH_DTYPES:
                 writer.close()
                 raise ValueError(f"{self.path}: the recorder saves float tensors; the store "
@@ -415,6 +422,63 @@ class EmbeddingRecorder:
         staging.submit()
         if wait:
             staging.writer.flush()
+
+    def store_path(self) -> str:
+        """The store this process appends to: ``store``, or with ``per_node`` its node's."""
+        return os.path.join(self.path, shards.node_name()) if self._per_node else self.path
+
+    def end_epoch(self, sync: bool = True) -> None:
+        """Makes everything recorded so far visible (and with ``sync`` durable) and, with
+        ``per_node``, has rank 0 rewrite the manifest: every node's store id, rows and epochs.
+
+        Under torch.distributed this is a collective: every rank must call it (at the end of
+        each epoch). Each node's lowest rank syncs and describes its store; rank 0 gathers them
+        and replaces ``manifest.json`` atomically.
+        """
+        self.flush(wait=True)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        names = [None] * world
+        mine = (shards.node_name(), self.rank)
+        if distributed:
+            torch.distributed.all_gather_object(names, mine)  # also: every rank has flushed
+        else:
+            names = [mine]
+        leader = min(rank for name, rank in names if name == mine[0]) == self.rank
+        path = self.store_path()
+        shard = None
+        if leader and os.path.exists(path):
+            staging = self._local_staging()
+            if sync and staging is not None:
+                staging.writer.sync()
+            elif sync:  # this rank recorded nothing (``ranks``): sync the node's store anyway
+                with Writer(path) as writer:
+                    writer.sync()
+            shard = self._describe(path)
+        infos = [None] * world
+        if distributed:
+            torch.distributed.all_gather_object(infos, shard)
+        else:
+            infos = [shard]
+        if self._per_node and self.rank == 0:
+            listed = sorted((i for i in infos if i), key=lambda i: i["shard"]["path"])
+            if listed:
+                shards.write_manifest(os.path.join(self.path, shards.MANIFEST_NAME), {
+                    "dim": listed[0]["dim"], "dtype": listed[0]["dtype"],
+                    "metadata": listed[0]["metadata"], "shards": [i["shard"] for i in listed]})
+
+    def _describe(self, path: str) -> dict:
+        """This node's store for the manifest; epochs found by scanning only the rows new since
+        the last call."""
+        reader = Reader(path)
+        rows, epochs = getattr(self, "_epochs_seen", (0, set()))
+        epochs = epochs | set(np.unique(reader.epochs[rows:]).tolist())
+        self._epochs_seen = (len(reader), epochs)
+        info = reader.info()
+        reader.close()
+        return {"shard": {"path": os.path.basename(path), "store_id": info["store_id"],
+                          "rows": self._epochs_seen[0], "epochs": sorted(epochs)},
+                "dim": info["dim"], "dtype": info["dtype"], "metadata": info["metadata"]}
 
     def stats(self) -> dict:
         """This rank's Writer.stats() (empty before the first recorded batch)."""

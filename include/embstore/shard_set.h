@@ -1,0 +1,150 @@
+// embstore/shard_set.h — several stores (one per node) read as one, their manifest, and merging
+// them into one store.
+//
+// Under torch.distributed each node writes its own store on its own local disk (a Writer
+// refuses network file systems: embstore.h, "Caveats"). A manifest (JSON) lists those shards;
+// a ShardSet reads them as one logical store; merge_stores() consolidates them into one.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "embstore/dtype.h"
+#include "embstore/options.h"
+#include "embstore/reader.h"
+
+namespace embstore {
+
+// What a manifest says about one shard, as of the last time it was written.
+struct ManifestShard {
+  // Relative to the manifest's directory; never absolute and never through "..".
+  std::string path;
+  std::string store_id;               // StoreInfo::store_id of the shard.
+  std::uint64_t rows = 0;             // Committed rows then.
+  std::vector<std::uint64_t> epochs;  // Epochs present then, ascending.
+};
+
+// A manifest: a JSON file (format below) describing a set of shards with one dim and dtype.
+//   {"embstore_manifest": 1, "dim": 768, "dtype": "float16", "metadata": "<text>",
+//    "shards": [{"path": "node-0", "store_id": "<32 hex>", "rows": 1024, "epochs": [0, 1]}]}
+struct Manifest {
+  std::uint32_t dim = 0;
+  DType dtype = DType::kFloat32;
+  std::string metadata;  // The shards' metadata text (every shard was created with it).
+  std::vector<ManifestShard> shards;
+};
+
+inline constexpr int kManifestVersion = 1;
+// The name a manifest gets inside a directory of shards (the recorder's directory mode).
+inline constexpr const char* kManifestFileName = "manifest.json";
+
+// Reads and checks a manifest: kNotFound if there is none, kCorruption for text that is not a
+// manifest (naming the field), kUnsupportedVersion for a newer one, kInvalidArgument for a shard
+// path that is empty, absolute or goes through ".." (naming it).
+Manifest read_manifest(const std::string& path);
+// Writes `manifest` to `path` atomically: a temporary file beside it, flushed, renamed over
+// `path`, and the directory flushed. Readers see the old manifest or the new one, never a mix.
+// Checks the shard paths as read_manifest does.
+void write_manifest(const std::string& path, const Manifest& manifest);
+
+// Several stores read as one. Rows are numbered globally in shard order: shard 0's rows first,
+// then shard 1's, ...; each shard contributes the rows of its Reader's snapshot. A refresh that
+// grows a shard moves the global numbers of the shards after it: keep (shard, row) pairs, not
+// global numbers, across refresh().
+//
+// Lookups follow the single-store rules: if a (key, epoch) is stored more than once, the row
+// with the highest global number wins (within a shard the later row; across shards the later
+// shard — shards have no common clock); history() shows every copy.
+//
+// Thread-safety: const calls may run concurrently; refresh() must not run concurrently with any
+// other call. Views have the lifetime of the shard's Reader views (reader.h).
+class ShardSet {
+ public:
+  // Global row number of a (key, epoch) that is not there, in find_many's result.
+  static constexpr std::uint64_t kNoRow = ~std::uint64_t{0};
+
+  // One manifest (a file, or a directory holding kManifestFileName) or one or more store
+  // directories. A shard that is missing (kNotFound), has another store id than its manifest
+  // entry, or fewer rows than it recorded (kCorruption), or disagrees with the manifest or the
+  // other shards on dim or dtype (kFormatMismatch) is an error naming the shard.
+  static ShardSet open(const std::vector<std::string>& manifest_or_stores,
+                       const ReaderOptions& options = {});
+  static ShardSet open(const std::string& manifest_or_store, const ReaderOptions& options = {}) {
+    return open(std::vector<std::string>{manifest_or_store}, options);
+  }
+
+  ShardSet(ShardSet&&) noexcept;
+  ShardSet& operator=(ShardSet&&) noexcept;
+  ~ShardSet();
+
+  std::uint64_t size() const;  // Rows in all shards' snapshots together.
+  // Refreshes every shard's snapshot; returns the new size().
+  std::uint64_t refresh();
+
+  std::size_t shard_count() const;
+  const Reader& shard(std::size_t index) const;  // The shard's Reader: views, record, verify.
+  const std::string& shard_path(std::size_t index) const;
+  std::uint64_t shard_first_row(std::size_t index) const;  // Global number of its row 0.
+
+  struct Location {
+    std::size_t shard = 0;
+    std::uint64_t row = 0;  // Row number inside the shard.
+  };
+  // Which shard holds global row `row`; kInvalidArgument if row >= size().
+  Location locate(std::uint64_t row) const;
+  std::uint64_t global_row(std::size_t shard, std::uint64_t row) const;
+  // Global row `row` with its key and epoch, checksum verified (Reader::record); the Record's
+  // row is the global number.
+  Record record(std::uint64_t row) const;
+
+  // The global row of (key, epoch), or of the latest row of `key` (highest global number).
+  std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
+  std::optional<std::uint64_t> find(std::uint64_t key) const;
+  struct Version {
+    std::uint64_t row = 0;  // Global.
+    std::uint64_t epoch = 0;
+  };
+  // Every row of `key`, in global row order.
+  std::vector<Version> history(std::uint64_t key) const;
+  // The global rows of one epoch, ascending.
+  std::vector<std::uint64_t> epoch_rows(std::uint64_t epoch) const;
+  // find(keys[i], epochs[i]) / find(keys[i], epoch) / find(keys[i]) for every i; kNoRow where
+  // absent. kInvalidArgument if epochs.size() != keys.size().
+  std::vector<std::uint64_t> find_many(std::span<const std::uint64_t> keys,
+                                       std::span<const std::uint64_t> epochs) const;
+  std::vector<std::uint64_t> find_many(std::span<const std::uint64_t> keys,
+                                       std::uint64_t epoch) const;
+  std::vector<std::uint64_t> find_many(std::span<const std::uint64_t> keys) const;
+
+  std::uint32_t dim() const;
+  DType dtype() const;
+  const std::string& metadata() const;  // The manifest's, else shard 0's.
+
+  class Impl;
+
+ private:
+  explicit ShardSet(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Progress of merge_stores, reported after each chunk of rows is appended.
+struct MergeProgress {
+  std::uint64_t rows_done = 0;
+  std::uint64_t rows_total = 0;
+  std::size_t shard = 0;
+  const std::string* shard_path = nullptr;
+};
+
+// Consolidates the shards' rows, in global row order, into a new store at `out` (which must not
+// exist), with the shards' dim, dtype and metadata; each row keeps its key and epoch. Every row's
+// checksum is verified before it is copied: a bad row is kCorruption naming the shard and the row,
+// and nothing is left at `out`. The result is synced before returning. Returns its info.
+StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
+                       const std::function<void(const MergeProgress&)>& progress = {});
+
+}  // namespace embstore

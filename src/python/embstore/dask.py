@@ -1,0 +1,116 @@
+"""Dask arrays over a store or a set of shards, read zero-copy where each task runs.
+
+    import embstore.dask
+    a = embstore.dask.from_store("/data/run17")    # a manifest, its directory, store path(s)
+    a.vectors, a.keys, a.epochs                     # dask arrays; chunks align with rows
+    mask = (a.epochs == 3)[:, None]
+    mean3 = ((a.vectors * mask).sum(0) / mask.sum()).compute()
+
+The task graph holds only paths, store ids and row ranges: each task opens its own Reader on
+the worker that runs it and returns a read-only view of the mapping (no copy on that worker;
+dask copies only what it moves between workers). The arrays describe the shards' snapshots
+when ``from_store`` was called; rows appended later are not in them. The workers must see the
+shard paths: run them where the stores are (or on a copy of them), never a Writer on a network
+file system (see the README, "Several machines").
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+
+import dask.array as da
+from dask.base import tokenize
+
+from . import Reader
+from .shards import ShardSet
+
+__all__ = ["from_store", "StoreArrays"]
+
+class StoreArrays(NamedTuple):
+    """The dask arrays of ``from_store``: vectors (rows, dim; bfloat16 as uint16 bit patterns,
+    as ``Reader.vectors``), keys and epochs (rows,) uint64, with the same row chunks."""
+    vectors: da.Array
+    keys: da.Array
+    epochs: da.Array
+
+
+def _open(path: str, store_id: str, end: int) -> Reader:
+    reader = Reader(path)
+    actual = reader.info()["store_id"]
+    if actual != store_id:
+        raise ValueError(f"{path}: this worker sees store {actual}, not the store {store_id} the "
+                         "graph was built for (another machine's disk at the same path?)")
+    if len(reader) < end:
+        raise ValueError(f"{path}: this worker sees {len(reader)} rows, not the {end} the graph "
+                         "was built for")
+    return reader
+
+
+def _read_vectors(path: str, store_id: str, begin: int, end: int) -> np.ndarray:
+    return _open(path, store_id, end).rows(begin, end)
+
+
+def _read_keys(path: str, store_id: str, begin: int, end: int) -> np.ndarray:
+    return _open(path, store_id, end)._native.keys(begin, end)
+
+
+def _read_epochs(path: str, store_id: str, begin: int, end: int) -> np.ndarray:
+    return _open(path, store_id, end)._native.epochs(begin, end)
+
+
+def _empty(shape: tuple, dtype: str) -> np.ndarray:
+    return np.empty(shape, dtype=dtype)
+
+
+def from_store(path_or_manifest: Any, chunk_mb: float = 64,
+               chunk_rows: Optional[int] = None) -> StoreArrays:
+    """Dask arrays of every row of a store or of a set of shards (global row order, as
+    ``embstore.ShardSet``), with no vector data in the graph.
+
+    Args:
+        path_or_manifest: a store directory, a manifest file, a directory with a manifest, or a
+            list of store directories (as ``embstore.ShardSet``). Relative paths are resolved
+            here, so the workers get absolute ones.
+        chunk_mb: target chunk size of ``vectors`` in MiB; chunks never span two shards.
+        chunk_rows: rows per chunk, overriding ``chunk_mb``.
+    """
+    inputs = path_or_manifest
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        inputs = os.path.abspath(os.fspath(inputs))
+    else:
+        inputs = [os.path.abspath(os.fspath(p)) for p in inputs]
+    shards = ShardSet(inputs)
+    try:
+        dim, dtype = shards.dim, shards.shards[0].rows(0, 0).dtype.name  # as Reader.vectors
+        row_bytes = dim * np.dtype(dtype).itemsize
+        step = int(chunk_rows) if chunk_rows else max(1, int(chunk_mb * (1 << 20)) // row_bytes)
+        if step <= 0:
+            raise ValueError(f"chunk_rows must be positive; got {chunk_rows}")
+        pieces = []  # (path, store id, begin, end) of every chunk, in global row order
+        for path, reader in zip(shards.paths, shards.shards):
+            store_id, rows = reader.info()["store_id"], len(reader)
+            pieces += [(os.path.abspath(path), store_id, b, min(rows, b + step))
+                       for b in range(0, rows, step)]
+    finally:
+        shards.close()
+
+    token = tokenize(pieces, dim, dtype)
+    row_chunks = tuple(end - begin for _, _, begin, end in pieces) or (0,)
+
+    def array(kind: str, read, shape_tail: tuple, np_dtype: str) -> da.Array:
+        name = f"embstore-{kind}-{token}"
+        index = (0,) * len(shape_tail)
+        if pieces:
+            graph = {(name, i) + index: (read, path, store_id, begin, end)
+                     for i, (path, store_id, begin, end) in enumerate(pieces)}
+        else:
+            graph = {(name, 0) + index: (_empty, (0,) + shape_tail, np_dtype)}
+        chunks = (row_chunks,) + tuple((n,) for n in shape_tail)
+        return da.Array(graph, name, chunks, dtype=np_dtype)
+
+    return StoreArrays(array("vectors", _read_vectors, (dim,), dtype),
+                       array("keys", _read_keys, (), "uint64"),
+                       array("epochs", _read_epochs, (), "uint64"))

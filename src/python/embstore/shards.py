@@ -1,0 +1,336 @@
+"""Several stores read as one: ``ShardSet``, manifests, ``merge``, and node identity.
+
+Under torch.distributed each node writes its own store on node-local disk (a Writer refuses
+network file systems); ``embstore.torch.EmbeddingRecorder(..., per_node=True)`` does this and
+keeps a manifest (``manifest.json``) listing the shards. Afterwards (or while the stores are
+quiescent) copy the node directories next to the manifest and read them as one::
+
+    s = embstore.ShardSet("/data/run17")          # a manifest, its directory, or store paths
+    len(s); s.find(key, epoch); s.history(key); s.epoch_rows(3); s.find_many(ids, epoch=3)
+    s.shard_vectors(0)                            # zero-copy view of one shard's rows
+    embstore.merge("/data/run17-merged.emb", "/data/run17")   # one store, checksums verified
+
+The manifest format, its checks and the merge are the C++ core's (include/embstore/shard_set.h).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import Reader, _embstore
+
+__all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
+           "MANIFEST_NAME"]
+
+#: File name of the manifest inside a directory of shards.
+MANIFEST_NAME = "manifest.json"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _inputs(manifest_or_paths: Any) -> List[str]:
+    if isinstance(manifest_or_paths, (str, bytes, os.PathLike)):
+        return [os.fspath(manifest_or_paths)]
+    paths = [os.fspath(p) for p in manifest_or_paths]
+    if not paths:
+        raise ValueError("no manifest and no store given")
+    return paths
+
+
+def read_manifest(path: PathLike) -> dict:
+    """The manifest at ``path`` as a dict: dim, dtype, metadata (text) and shards (each a dict of
+    path, store_id, rows, epochs). Raises ValueError for a shard path that is absolute or goes
+    through ``..``, CorruptionError for a file that is not a manifest."""
+    return _embstore.read_manifest(os.fspath(path))
+
+
+def write_manifest(path: PathLike, manifest: dict) -> None:
+    """Writes a manifest atomically (temporary file, fsync, rename, fsync of the directory)."""
+    _embstore.write_manifest(os.fspath(path), manifest)
+
+
+def merge(out: PathLike, manifest_or_paths: Any,
+          progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
+    """Consolidates the shards (a manifest, its directory, or store paths) into a new store at
+    ``out``, rows in ShardSet order, keys and epochs kept. Every row's checksum is verified on the
+    way: a bad row raises CorruptionError naming the shard and row, and nothing is left at
+    ``out``. Shards that disagree on dim or dtype are refused (FormatMismatchError naming them).
+    ``progress(rows_done, rows_total, shard_path)`` is called after each chunk. Returns the new
+    store's info (synced: durable)."""
+    return _embstore.merge_stores(os.fspath(out), _inputs(manifest_or_paths), progress)
+
+
+def node_name() -> str:
+    """This node's shard name: ``node-<GROUP_RANK>`` under torchrun (``NODE_RANK`` for other
+    launchers), else ``host-<host name>``. Every local rank of a node gets the same name."""
+    for variable in ("GROUP_RANK", "NODE_RANK"):
+        value = os.environ.get(variable)
+        if value is not None and value.strip().isdigit():
+            return f"node-{int(value)}"
+    return "host-" + re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+
+
+class _KeyTable:
+    """One shard's keys and epochs sorted for lookup; rebuilt when the shard's snapshot grows.
+
+    Stands in for the shard Reader's own find/history/find_many (a persistent key index) where
+    the Reader has none: _find_many, _history and _epoch_rows use the Reader's when present."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.rows = len(reader)
+        keys = np.ascontiguousarray(reader.keys)
+        epochs = np.ascontiguousarray(reader.epochs)
+        self.epochs = epochs
+        self.by_key = np.argsort(keys, kind="stable")  # a key's rows stay in commit order
+        self.sorted_keys = keys[self.by_key]
+        pairs = np.empty(self.rows, dtype=[("k", "<u8"), ("e", "<u8")])
+        pairs["k"], pairs["e"] = keys, epochs
+        self.by_pair = np.argsort(pairs, order=("k", "e"), kind="stable")
+        self.sorted_pairs = pairs[self.by_pair]
+
+
+def _find_many(reader: Reader, table: Callable[[], _KeyTable], keys: np.ndarray,
+               epochs: Optional[np.ndarray]) -> np.ndarray:
+    """Shard-local rows (int64, -1 where absent) of (keys[i], epochs[i]), or of each key's
+    latest row when ``epochs`` is None."""
+    if hasattr(reader, "find_many"):
+        return np.asarray(reader.find_many(keys, epochs), dtype=np.int64)
+    t = table()
+    if epochs is None:
+        hi = np.searchsorted(t.sorted_keys, keys, side="right")
+        lo = np.searchsorted(t.sorted_keys, keys, side="left")
+        order = t.by_key
+    else:
+        wanted = np.empty(len(keys), dtype=t.sorted_pairs.dtype)
+        wanted["k"], wanted["e"] = keys, epochs
+        hi = np.searchsorted(t.sorted_pairs, wanted, side="right")
+        lo = np.searchsorted(t.sorted_pairs, wanted, side="left")
+        order = t.by_pair
+    found = hi > lo
+    out = np.full(len(keys), -1, dtype=np.int64)
+    out[found] = order[hi[found] - 1]  # stable sort: the last of a run is the latest row
+    return out
+
+
+def _history(reader: Reader, table: Callable[[], _KeyTable], key: int) -> np.ndarray:
+    """Shard-local rows of ``key`` in commit order (int64)."""
+    if hasattr(reader, "history"):
+        versions = reader.history(key)
+        names = getattr(getattr(versions, "dtype", None), "names", None)
+        if names:  # a structured array: its "row" field (else the first)
+            return np.asarray(versions["row" if "row" in names else names[0]], dtype=np.int64)
+        return np.asarray([v[0] if isinstance(v, (tuple, list)) else v for v in versions],
+                          dtype=np.int64).reshape(-1)
+    t = table()
+    k = np.uint64(key)
+    lo, hi = np.searchsorted(t.sorted_keys, k, "left"), np.searchsorted(t.sorted_keys, k, "right")
+    return t.by_key[lo:hi].astype(np.int64)
+
+
+def _epoch_rows(reader: Reader, epoch: int) -> np.ndarray:
+    """Shard-local rows of ``epoch`` in commit order (int64)."""
+    if hasattr(reader, "epoch_rows"):
+        return np.asarray(reader.epoch_rows(epoch), dtype=np.int64)
+    return np.flatnonzero(reader.epochs == np.uint64(epoch)).astype(np.int64)
+
+
+def _u64(values: Any, what: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu" or (array.dtype.kind == "i" and array.size and
+                                        array.min() < 0):
+        raise ValueError(f"{what} must be integers >= 0; got {array.dtype} {array[:5]}")
+    return np.ascontiguousarray(array.reshape(-1), dtype=np.uint64)
+
+
+class ShardSet:
+    """Several stores (shards) read as one logical store.
+
+    Rows are numbered globally in shard order (shard 0's rows, then shard 1's, ...), each shard
+    contributing its Reader's snapshot. ``refresh()`` takes new snapshots; it moves the global
+    numbers of the rows of every shard after one that grew, so keep (shard, row) pairs across a
+    refresh. A (key, epoch) stored more than once resolves to its highest global row (within a
+    shard the later row, across shards the later shard); ``history`` shows every copy.
+
+    Per-shard data is zero-copy (``shard_vectors``, ``shards[i].vectors``); ``rows``/``get``
+    return a view when the rows lie in one shard, ``gather`` and the whole-set ``keys``/``epochs``
+    copy. A ShardSet pickles as its inputs and reopens.
+
+    Args:
+        manifest_or_paths: a manifest file, a directory holding ``manifest.json``, a store
+            directory, or a list of store directories.
+
+    Raises:
+        FileNotFoundError: a shard listed in the manifest is missing (named).
+        FormatMismatchError: shards disagree with each other or the manifest on dim or dtype, or
+            a shard's store id differs from its manifest entry (named).
+        ValueError: a manifest shard path is absolute or goes through ``..``.
+    """
+
+    def __init__(self, manifest_or_paths: Any, *, map_bytes: Optional[int] = None) -> None:
+        self._inputs = _inputs(manifest_or_paths)
+        self._map_bytes = map_bytes
+        paths, metadata = _embstore.resolve_shards(self._inputs)  # the core's checks
+        self.paths: List[str] = list(paths)
+        self.metadata_text: str = metadata.decode("utf-8", errors="replace")
+        self.shards: List[Reader] = [Reader(p, map_bytes=map_bytes) for p in self.paths]
+        self._tables: List[Optional[_KeyTable]] = [None] * len(self.shards)
+        self._renumber()
+
+    def _renumber(self) -> None:
+        sizes = np.array([len(r) for r in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def _table(self, i: int) -> _KeyTable:
+        table = self._tables[i]
+        if table is None or table.rows != len(self.shards[i]):
+            table = self._tables[i] = _KeyTable(self.shards[i])
+        return table
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def refresh(self) -> int:
+        """New snapshots of every shard; returns the new length."""
+        for reader in self.shards:
+            reader.refresh()
+        self._renumber()
+        return len(self)
+
+    @property
+    def dim(self) -> int:
+        return self.shards[0].dim
+
+    @property
+    def dtype(self) -> str:
+        return self.shards[0].dtype
+
+    def locate(self, row: int) -> Tuple[int, int]:
+        """(shard index, row inside the shard) of global row ``row``."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} rows")
+        shard = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return shard, int(row - self.offsets[shard])
+
+    def shard_vectors(self, shard: int) -> np.ndarray:
+        """Every row of one shard's snapshot, zero-copy."""
+        return self.shards[shard].vectors
+
+    def rows(self, begin: int, end: int) -> np.ndarray:
+        """Global rows [begin, end): a zero-copy view when they lie in one shard, else a copy."""
+        if not 0 <= begin <= end <= len(self):
+            raise ValueError(f"rows [{begin}, {end}) outside [0, {len(self)})")
+        parts = []
+        for i, reader in enumerate(self.shards):
+            lo, hi = max(begin, self.offsets[i]), min(end, self.offsets[i + 1])
+            if lo < hi:
+                parts.append(reader.rows(int(lo - self.offsets[i]), int(hi - self.offsets[i])))
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return self.shards[0].rows(0, 0)
+        return np.concatenate(parts)
+
+    def gather(self, rows: Any) -> np.ndarray:
+        """The vectors of global rows ``rows`` (any order) as one new (len(rows), dim) array."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"rows must lie in [0, {len(self)})")
+        out = np.empty((rows.size, self.dim), dtype=self.shards[0].vectors.dtype)
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        for i, reader in enumerate(self.shards):
+            mine = shard == i
+            if mine.any():
+                out[mine] = reader.vectors[rows[mine] - self.offsets[i]]
+        return out
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Every row's key in global order (a copy: the shards' keys are not contiguous)."""
+        return np.concatenate([r.keys for r in self.shards]).astype(np.uint64, copy=False)
+
+    @property
+    def epochs(self) -> np.ndarray:
+        """Every row's epoch in global order (a copy)."""
+        return np.concatenate([r.epochs for r in self.shards]).astype(np.uint64, copy=False)
+
+    def find_many(self, keys: Any, epochs: Any = None) -> np.ndarray:
+        """Global rows (int64, -1 where absent) of (keys[i], epochs[i]); ``epochs`` may be one
+        int for all keys, or None for each key's latest row."""
+        keys = _u64(keys, "keys")
+        if epochs is not None:
+            epochs = _u64(np.broadcast_to(np.asarray(epochs), keys.shape), "epochs")
+        out = np.full(len(keys), -1, dtype=np.int64)
+        for i, reader in enumerate(self.shards):
+            found = _find_many(reader, lambda i=i: self._table(i), keys, epochs)
+            hit = found >= 0
+            out[hit] = found[hit] + self.offsets[i]  # later shards overwrite: the higher row
+        return out
+
+    def find(self, key: int, epoch: Optional[int] = None) -> Optional[int]:
+        """Global row of (key, epoch), or of the latest row of ``key``; None when absent."""
+        row = int(self.find_many([key], None if epoch is None else [epoch])[0])
+        return None if row < 0 else row
+
+    def get(self, key: int, epoch: Optional[int] = None) -> np.ndarray:
+        """The vector of ``find(key, epoch)`` as a zero-copy view; KeyError when absent."""
+        row = self.find(key, epoch)
+        if row is None:
+            raise KeyError(key if epoch is None else (key, epoch))
+        shard, local = self.locate(row)
+        return self.shards[shard].rows(local, local + 1)[0]
+
+    def history(self, key: int) -> List[Tuple[int, int]]:
+        """Every (global row, epoch) of ``key``, in global row order."""
+        out = []
+        for i, reader in enumerate(self.shards):
+            rows = _history(reader, lambda i=i: self._table(i), int(key))
+            epochs = reader.epochs[rows] if rows.size else ()
+            out.extend(zip((rows + self.offsets[i]).tolist(), np.asarray(epochs).tolist()))
+        return out
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Global rows of ``epoch``, ascending (int64)."""
+        return np.concatenate([_epoch_rows(r, int(epoch)) + self.offsets[i]
+                               for i, r in enumerate(self.shards)]).astype(np.int64)
+
+    @property
+    def metadata(self) -> Any:
+        """The manifest's metadata (else shard 0's), parsed as JSON when it is JSON."""
+        import json
+        try:
+            return json.loads(self.metadata_text) if self.metadata_text.strip() else ""
+        except ValueError:
+            return self.metadata_text
+
+    def info(self) -> List[dict]:
+        """``info()`` of every shard."""
+        return [r.info() for r in self.shards]
+
+    def verify(self) -> bool:
+        """True when every row of every shard passes its checksum."""
+        return all(r.verify().ok for r in self.shards)
+
+    def close(self) -> None:
+        for reader in self.shards:
+            reader.close()
+
+    def __enter__(self) -> "ShardSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        return {"inputs": self._inputs, "map_bytes": self._map_bytes}
+
+    def __setstate__(self, state):
+        self.__init__(state["inputs"], map_bytes=state["map_bytes"])
+
+    def __repr__(self) -> str:
+        return (f"<embstore.ShardSet {len(self.shards)} shards rows={len(self)} dim={self.dim} "
+                f"dtype={self.dtype}>")

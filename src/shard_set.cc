@@ -1,0 +1,516 @@
+// ShardSet, the manifest and merge_stores: several stores read as one
+// (include/embstore/shard_set.h).
+#include "embstore/shard_set.h"
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string_view>
+#include <utility>
+
+#include "embstore/error.h"
+#include "embstore/writer.h"
+#include "platform/os.h"
+
+namespace embstore {
+namespace {
+
+using Json = nlohmann::json;
+
+// A shard path may only name something inside the manifest's directory, so that a manifest
+// copied along with its shards (rsync of the directory) still means the same stores, and a
+// hostile manifest cannot point a merge or a ShardSet at arbitrary files.
+void check_shard_path(const std::string& manifest, const std::string& path) {
+  auto bad = [&](const char* why) {
+    throw Error(ErrorCode::kInvalidArgument,
+                manifest + ": shard path '" + path + "' " + why +
+                    "; shard paths must be relative to the manifest's directory and stay inside "
+                    "it");
+  };
+  if (path.empty()) bad("is empty");
+  if (path.front() == '/') bad("is absolute");
+  std::size_t start = 0;
+  while (start <= path.size()) {
+    std::size_t end = path.find('/', start);
+    if (end == std::string::npos) end = path.size();
+    if (std::string_view(path).substr(start, end - start) == "..") bad("goes through '..'");
+    start = end + 1;
+  }
+}
+
+std::string directory_of(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+bool ends_with(const std::string& text, std::string_view suffix) {
+  return text.size() >= suffix.size() &&
+         std::string_view(text).substr(text.size() - suffix.size()) == suffix;
+}
+
+// The file holding a manifest, if `path` names one: a *.json file, or a directory with
+// kManifestFileName in it.
+std::optional<std::string> manifest_file(const std::string& path) {
+  if (ends_with(path, ".json")) return path;
+  const std::string inside = path + "/" + kManifestFileName;
+  if (detail::os::exists(inside)) return inside;
+  return std::nullopt;
+}
+
+template <typename T>
+T field(const Json& object, const char* name, const std::string& where) {
+  auto it = object.find(name);
+  if (it == object.end()) {
+    throw Error(ErrorCode::kCorruption, where + ": field '" + name + "' is missing");
+  }
+  try {
+    return it->get<T>();
+  } catch (const Json::exception&) {
+    throw Error(ErrorCode::kCorruption,
+                where + ": field '" + name + "' has the wrong type (" + it->dump() + ")");
+  }
+}
+
+// Per-shard lookups by key and epoch. Built here by scanning the shard's keys and epochs once
+// per snapshot size; when Reader gains find/history/epoch_rows (a persistent key index), these
+// functions turn into calls to it and KeyTable goes away.
+class KeyTable {
+ public:
+  // (key, row) sorted by key then row: a key's rows sit together, in commit order.
+  void update(const Reader& reader) {
+    if (rows_ == reader.size() && !entries_.empty()) return;
+    rows_ = reader.size();
+    const auto keys = reader.keys(0, rows_);
+    entries_.resize(rows_);
+    for (std::uint64_t i = 0; i < rows_; ++i) entries_[i] = {keys[i], i};
+    std::stable_sort(entries_.begin(), entries_.end(),
+                     [](const Entry& a, const Entry& b) { return a.key < b.key; });
+  }
+
+  struct Entry {
+    std::uint64_t key;
+    std::uint64_t row;
+  };
+  std::span<const Entry> rows_of(std::uint64_t key) const {
+    auto [first, last] =
+        std::equal_range(entries_.begin(), entries_.end(), Entry{key, 0},
+                         [](const Entry& a, const Entry& b) { return a.key < b.key; });
+    return {first, last};
+  }
+
+ private:
+  std::uint64_t rows_ = 0;
+  std::vector<Entry> entries_;
+};
+
+struct Shard {
+  Shard(std::string shard_path, Reader shard_reader)
+      : path(std::move(shard_path)), reader(std::move(shard_reader)) {}
+
+  std::string path;
+  Reader reader;
+  std::uint64_t first_row = 0;
+  mutable std::mutex table_mutex;
+  mutable KeyTable table;
+
+  const KeyTable& key_table() const {
+    std::lock_guard guard(table_mutex);
+    table.update(reader);
+    return table;
+  }
+};
+
+std::optional<std::uint64_t> shard_find(const Shard& shard, std::uint64_t key,
+                                        std::optional<std::uint64_t> epoch) {
+  const auto rows = shard.key_table().rows_of(key);
+  const auto epochs = shard.reader.epochs(0, shard.reader.size());
+  for (auto it = rows.rbegin(); it != rows.rend(); ++it) {
+    if (!epoch || epochs[it->row] == *epoch) return it->row;
+  }
+  return std::nullopt;
+}
+
+std::vector<ShardSet::Version> shard_history(const Shard& shard, std::uint64_t key) {
+  const auto epochs = shard.reader.epochs(0, shard.reader.size());
+  std::vector<ShardSet::Version> out;
+  for (const auto& entry : shard.key_table().rows_of(key)) {
+    out.push_back({shard.first_row + entry.row, epochs[entry.row]});
+  }
+  return out;
+}
+
+std::vector<std::uint64_t> shard_epoch_rows(const Shard& shard, std::uint64_t epoch) {
+  const std::uint64_t n = shard.reader.size();
+  const auto epochs = shard.reader.epochs(0, n);
+  std::vector<std::uint64_t> out;
+  for (std::uint64_t i = 0; i < n; ++i) {
+    if (epochs[i] == epoch) out.push_back(shard.first_row + i);
+  }
+  return out;
+}
+
+}  // namespace
+
+Manifest read_manifest(const std::string& path) {
+  const int fd = detail::os::open_file(path, detail::os::Access::kReadOnly);
+  std::string text;
+  try {
+    text.resize(detail::os::file_size(fd, path));
+    detail::os::read_exact(fd, text.data(), text.size(), 0, path);
+  } catch (...) {
+    detail::os::close_fd(fd);
+    throw;
+  }
+  detail::os::close_fd(fd);
+
+  Json json;
+  try {
+    json = Json::parse(text);
+  } catch (const Json::exception& e) {
+    throw Error(ErrorCode::kCorruption,
+                path + ": not a manifest (invalid JSON: " + std::string(e.what()) + ")");
+  }
+  if (!json.is_object()) throw Error(ErrorCode::kCorruption, path + ": not a JSON object");
+  const int version = field<int>(json, "embstore_manifest", path);
+  if (version > kManifestVersion) {
+    throw Error(ErrorCode::kUnsupportedVersion,
+                path + ": manifest version " + std::to_string(version) +
+                    " is newer than this library's " + std::to_string(kManifestVersion));
+  }
+  Manifest manifest;
+  manifest.dim = field<std::uint32_t>(json, "dim", path);
+  const auto dtype_text = field<std::string>(json, "dtype", path);
+  const auto dtype = parse_dtype(dtype_text);
+  if (!dtype) throw Error(ErrorCode::kCorruption, path + ": unknown dtype '" + dtype_text + "'");
+  manifest.dtype = *dtype;
+  if (json.contains("metadata")) manifest.metadata = field<std::string>(json, "metadata", path);
+  const auto shards = field<Json>(json, "shards", path);
+  if (!shards.is_array()) throw Error(ErrorCode::kCorruption, path + ": 'shards' is not a list");
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    const std::string where = path + ": shards[" + std::to_string(i) + "]";
+    ManifestShard shard;
+    shard.path = field<std::string>(shards[i], "path", where);
+    check_shard_path(path, shard.path);
+    shard.store_id = field<std::string>(shards[i], "store_id", where);
+    shard.rows = field<std::uint64_t>(shards[i], "rows", where);
+    if (shards[i].contains("epochs")) {
+      shard.epochs = field<std::vector<std::uint64_t>>(shards[i], "epochs", where);
+    }
+    manifest.shards.push_back(std::move(shard));
+  }
+  return manifest;
+}
+
+void write_manifest(const std::string& path, const Manifest& manifest) {
+  Json shards = Json::array();
+  for (const auto& shard : manifest.shards) {
+    check_shard_path(path, shard.path);
+    shards.push_back({{"path", shard.path},
+                      {"store_id", shard.store_id},
+                      {"rows", shard.rows},
+                      {"epochs", shard.epochs}});
+  }
+  const Json json = {{"embstore_manifest", kManifestVersion},
+                     {"dim", manifest.dim},
+                     {"dtype", std::string(dtype_name(manifest.dtype))},
+                     {"metadata", manifest.metadata},
+                     {"shards", shards}};
+  const std::string text = json.dump(1) + "\n";
+
+  std::uint64_t nonce[2];
+  detail::os::random_bytes(nonce, sizeof nonce, path);
+  const std::string temp = path + ".tmp-" + std::to_string(nonce[0] ^ nonce[1]);
+  const int fd = detail::os::create_file(temp);
+  try {
+    detail::os::write_all(fd, text.data(), text.size(), 0, temp);
+    detail::os::datasync(fd, temp);
+  } catch (...) {
+    detail::os::close_fd(fd);
+    detail::os::remove_file(temp);
+    throw;
+  }
+  detail::os::close_fd(fd);
+  if (int err = detail::os::rename_path(temp, path)) {
+    detail::os::remove_file(temp);
+    throw Error(ErrorCode::kIO, "rename " + temp + " -> " + path + ": " + std::strerror(err), err);
+  }
+  detail::os::sync_dir(directory_of(path));
+}
+
+class ShardSet::Impl {
+ public:
+  std::vector<std::unique_ptr<Shard>> shards;
+  std::string metadata;
+  std::uint64_t size = 0;
+
+  void renumber() {
+    size = 0;
+    for (auto& shard : shards) {
+      shard->first_row = size;
+      size += shard->reader.size();
+    }
+  }
+
+  const Shard& shard(std::size_t index) const {
+    if (index >= shards.size()) {
+      throw Error(
+          ErrorCode::kInvalidArgument,
+          "shard " + std::to_string(index) + " of a ShardSet of " + std::to_string(shards.size()));
+    }
+    return *shards[index];
+  }
+};
+
+ShardSet::ShardSet(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ShardSet::ShardSet(ShardSet&&) noexcept = default;
+ShardSet& ShardSet::operator=(ShardSet&&) noexcept = default;
+ShardSet::~ShardSet() = default;
+
+ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
+                        const ReaderOptions& options) {
+  if (manifest_or_stores.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "ShardSet: no manifest and no store given");
+  }
+  auto impl = std::make_unique<Impl>();
+  std::optional<Manifest> manifest;
+  std::string manifest_path;
+  std::vector<std::string> paths;
+  if (manifest_or_stores.size() == 1) {
+    if (auto file = manifest_file(manifest_or_stores[0])) {
+      manifest_path = *file;
+      manifest = read_manifest(manifest_path);
+      const std::string dir = directory_of(manifest_path);
+      for (const auto& shard : manifest->shards) paths.push_back(dir + "/" + shard.path);
+      impl->metadata = manifest->metadata;
+    }
+  }
+  if (!manifest) paths = manifest_or_stores;
+  if (paths.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, manifest_path + ": the manifest lists no shards");
+  }
+
+  for (std::size_t i = 0; i < paths.size(); ++i) {
+    auto shard = std::make_unique<Shard>(paths[i], [&] {
+      try {
+        return Reader::open(paths[i], options);
+      } catch (const Error& error) {
+        if (!manifest || error.code() != ErrorCode::kNotFound) throw;
+        throw Error(ErrorCode::kNotFound,
+                    manifest_path + ": shard '" + manifest->shards[i].path + "' is missing (" +
+                        error.what() + "); copy every node's store next to the manifest",
+                    error.sys_errno());
+      }
+    }());
+    const Reader& reader = shard->reader;
+    // Every shard must match the manifest, or without one the first shard.
+    const bool is_reference = !manifest && impl->shards.empty();
+    const std::uint32_t want_dim = manifest       ? manifest->dim
+                                   : is_reference ? reader.dim()
+                                                  : impl->shards[0]->reader.dim();
+    const DType want_dtype = manifest       ? manifest->dtype
+                             : is_reference ? reader.dtype()
+                                            : impl->shards[0]->reader.dtype();
+    if (reader.dim() != want_dim || reader.dtype() != want_dtype) {
+      const std::string against =
+          manifest ? "the manifest " + manifest_path : "shard " + impl->shards[0]->path;
+      throw Error(ErrorCode::kFormatMismatch,
+                  "shard " + paths[i] + " holds dim " + std::to_string(reader.dim()) + " " +
+                      std::string(dtype_name(reader.dtype())) + " but " + against + " says dim " +
+                      std::to_string(want_dim) + " " + std::string(dtype_name(want_dtype)) +
+                      ": shards of one set must agree");
+    }
+    if (manifest) {
+      const auto& entry = manifest->shards[i];
+      const std::string id = reader.info().store_id;
+      if (id != entry.store_id) {
+        throw Error(ErrorCode::kFormatMismatch,
+                    manifest_path + ": shard '" + entry.path + "' is store " + id +
+                        ", not the store " + entry.store_id +
+                        " the manifest lists (replaced or copied from another run?)");
+      }
+      if (reader.size() < entry.rows) {
+        throw Error(ErrorCode::kCorruption,
+                    manifest_path + ": shard '" + entry.path + "' holds " +
+                        std::to_string(reader.size()) + " rows, fewer than the " +
+                        std::to_string(entry.rows) + " the manifest recorded");
+      }
+    }
+    impl->shards.push_back(std::move(shard));
+  }
+  if (!manifest) impl->metadata = impl->shards[0]->reader.metadata();
+  impl->renumber();
+  return ShardSet(std::move(impl));
+}
+
+std::uint64_t ShardSet::size() const { return impl_->size; }
+
+std::uint64_t ShardSet::refresh() {
+  for (auto& shard : impl_->shards) shard->reader.refresh();
+  impl_->renumber();
+  return impl_->size;
+}
+
+std::size_t ShardSet::shard_count() const { return impl_->shards.size(); }
+const Reader& ShardSet::shard(std::size_t index) const { return impl_->shard(index).reader; }
+const std::string& ShardSet::shard_path(std::size_t index) const {
+  return impl_->shard(index).path;
+}
+std::uint64_t ShardSet::shard_first_row(std::size_t index) const {
+  return impl_->shard(index).first_row;
+}
+
+ShardSet::Location ShardSet::locate(std::uint64_t row) const {
+  if (row >= impl_->size) {
+    throw Error(ErrorCode::kInvalidArgument, "row " + std::to_string(row) +
+                                                 " is past the ShardSet's " +
+                                                 std::to_string(impl_->size) + " rows");
+  }
+  const auto& shards = impl_->shards;
+  // The last shard starting at or before `row` (empty shards share their successor's start).
+  auto it = std::upper_bound(shards.begin(), shards.end(), row,
+                             [](std::uint64_t r, const auto& s) { return r < s->first_row; });
+  std::size_t index = static_cast<std::size_t>(it - shards.begin()) - 1;
+  return {index, row - shards[index]->first_row};
+}
+
+std::uint64_t ShardSet::global_row(std::size_t shard, std::uint64_t row) const {
+  const Shard& s = impl_->shard(shard);
+  if (row >= s.reader.size()) {
+    throw Error(ErrorCode::kInvalidArgument, s.path + ": row " + std::to_string(row) +
+                                                 " is past the snapshot's " +
+                                                 std::to_string(s.reader.size()) + " rows");
+  }
+  return s.first_row + row;
+}
+
+Record ShardSet::record(std::uint64_t row) const {
+  const Location at = locate(row);
+  Record record = impl_->shards[at.shard]->reader.record(at.row);
+  record.row = row;
+  return record;
+}
+
+std::optional<std::uint64_t> ShardSet::find(std::uint64_t key, std::uint64_t epoch) const {
+  const auto& shards = impl_->shards;
+  for (auto it = shards.rbegin(); it != shards.rend(); ++it) {
+    if (auto row = shard_find(**it, key, epoch)) return (*it)->first_row + *row;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::uint64_t> ShardSet::find(std::uint64_t key) const {
+  const auto& shards = impl_->shards;
+  for (auto it = shards.rbegin(); it != shards.rend(); ++it) {
+    if (auto row = shard_find(**it, key, std::nullopt)) return (*it)->first_row + *row;
+  }
+  return std::nullopt;
+}
+
+std::vector<ShardSet::Version> ShardSet::history(std::uint64_t key) const {
+  std::vector<Version> out;
+  for (const auto& shard : impl_->shards) {
+    auto part = shard_history(*shard, key);
+    out.insert(out.end(), part.begin(), part.end());
+  }
+  return out;
+}
+
+std::vector<std::uint64_t> ShardSet::epoch_rows(std::uint64_t epoch) const {
+  std::vector<std::uint64_t> out;
+  for (const auto& shard : impl_->shards) {
+    auto part = shard_epoch_rows(*shard, epoch);
+    out.insert(out.end(), part.begin(), part.end());
+  }
+  return out;
+}
+
+std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> keys,
+                                               std::span<const std::uint64_t> epochs) const {
+  if (epochs.size() != keys.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "find_many: " + std::to_string(epochs.size()) +
+                                                 " epochs for " + std::to_string(keys.size()) +
+                                                 " keys");
+  }
+  std::vector<std::uint64_t> out(keys.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) out[i] = find(keys[i], epochs[i]).value_or(kNoRow);
+  return out;
+}
+
+std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> keys,
+                                               std::uint64_t epoch) const {
+  std::vector<std::uint64_t> out(keys.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) out[i] = find(keys[i], epoch).value_or(kNoRow);
+  return out;
+}
+
+std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> keys) const {
+  std::vector<std::uint64_t> out(keys.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) out[i] = find(keys[i]).value_or(kNoRow);
+  return out;
+}
+
+std::uint32_t ShardSet::dim() const { return impl_->shards[0]->reader.dim(); }
+DType ShardSet::dtype() const { return impl_->shards[0]->reader.dtype(); }
+const std::string& ShardSet::metadata() const { return impl_->metadata; }
+
+StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
+                       const std::function<void(const MergeProgress&)>& progress) {
+  CreateOptions create;
+  create.dim = shards.dim();
+  create.dtype = shards.dtype();
+  create.metadata = shards.metadata();
+  Writer writer = Writer::create(out, create);
+  try {
+    // Chunks of about 16 MiB: large appends (the pwritev path) with bounded key/epoch copies.
+    const std::uint64_t row_bytes = writer.info().record_bytes;
+    const std::uint64_t chunk_rows = std::max<std::uint64_t>(1, (16ull << 20) / row_bytes);
+    MergeProgress done;
+    done.rows_total = shards.size();
+    std::vector<std::uint64_t> keys;
+    std::vector<std::uint64_t> epochs;
+    for (std::size_t s = 0; s < shards.shard_count(); ++s) {
+      const Reader& reader = shards.shard(s);
+      done.shard = s;
+      done.shard_path = &shards.shard_path(s);
+      for (std::uint64_t begin = 0; begin < reader.size(); begin += chunk_rows) {
+        const std::uint64_t end = std::min(reader.size(), begin + chunk_rows);
+        const VerifyReport report = reader.verify(begin, end);
+        if (!report.ok()) {
+          throw Error(ErrorCode::kCorruption, "merge: shard " + shards.shard_path(s) + ": row " +
+                                                  std::to_string(report.bad_rows.front()) +
+                                                  " fails its checksum (" +
+                                                  std::to_string(report.bad_row_count) +
+                                                  " bad rows in [" + std::to_string(begin) + ", " +
+                                                  std::to_string(end) + ")); nothing was merged");
+        }
+        const RowsView rows = reader.rows(begin, end);
+        const auto key_view = reader.keys(begin, end);
+        const auto epoch_view = reader.epochs(begin, end);
+        keys.resize(rows.rows);
+        epochs.resize(rows.rows);
+        for (std::uint64_t i = 0; i < rows.rows; ++i) {
+          keys[i] = key_view[i];
+          epochs[i] = epoch_view[i];
+        }
+        writer.append(keys, epochs, ConstMatrix{rows.data, rows.dtype, rows.rows, rows.dim, 0});
+        done.rows_done += rows.rows;
+        if (progress) progress(done);
+      }
+    }
+    writer.sync();
+    StoreInfo info = writer.info();
+    writer.close();
+    return info;
+  } catch (...) {
+    try {
+      writer.close();
+    } catch (const Error&) {  // The first error is the one to report.
+    }
+    detail::os::remove_tree(out);
+    throw;
+  }
+}
+
+}  // namespace embstore

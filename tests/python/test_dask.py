@@ -1,0 +1,124 @@
+"""embstore.dask on a real dask.distributed LocalCluster (2 worker processes on 127.0.0.1):
+per-epoch means and a k-NN over a 2-shard manifest, checked against numpy on the merged store,
+with no vector data in the task graph."""
+import pickle
+
+import numpy as np
+import pytest
+
+dask = pytest.importorskip("dask")
+distributed = pytest.importorskip("distributed")
+
+import embstore  # noqa: E402
+import embstore.dask  # noqa: E402
+from embstore import shards as es  # noqa: E402
+
+DIM = 32
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+    """A manifest over two stores of 3 epochs each (different sizes), and their merged store."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(5)
+    entries = []
+    for name, n in (("node-0", 1500), ("node-1", 1100)):
+        with embstore.Writer(root / name, dim=DIM) as w:
+            for epoch in range(3):
+                w.append(np.arange(n, dtype=np.uint64),
+                         rng.standard_normal((n, DIM)).astype(np.float32) + epoch, epoch)
+        info = embstore.info(root / name)
+        entries.append({"path": name, "store_id": info["store_id"],
+                        "rows": info["committed_rows"], "epochs": [0, 1, 2]})
+    es.write_manifest(root / es.MANIFEST_NAME,
+                      {"dim": DIM, "dtype": "float32", "metadata": "", "shards": entries})
+    embstore.merge(root / "merged", root)
+    return root
+
+
+def test_task_graphs_carry_no_vector_data(two_shards):
+    arrays = embstore.dask.from_store(two_shards, chunk_rows=500)
+    data_bytes = arrays.vectors.nbytes
+    for array in arrays:
+        graph = dict(array.__dask_graph__())
+        size = len(pickle.dumps(graph))
+        assert size < 200 * len(graph), size  # a path, a store id and two ints per task
+        assert size < data_bytes / 100
+        for task in graph.values():
+            assert not any(isinstance(part, np.ndarray) for part in task)
+
+
+def test_a_single_store_and_its_views(tmp_path):
+    with embstore.Writer(tmp_path / "one", dim=4, dtype="float16") as w:
+        w.append(np.arange(10), np.arange(40, dtype=np.float32).reshape(10, 4), epoch=3)
+    arrays = embstore.dask.from_store(tmp_path / "one", chunk_rows=4)
+    assert arrays.vectors.chunks == ((4, 4, 2), (4,))
+    got = arrays.vectors.compute(scheduler="sync")
+    assert got.dtype == np.float16
+    assert np.array_equal(got, np.arange(40, dtype=np.float16).reshape(10, 4))
+    assert arrays.epochs.compute(scheduler="sync").tolist() == [3] * 10
+    # One chunk read in this process is a view of the mapping, not a copy.
+    chunk = arrays.vectors.blocks[1].compute(scheduler="sync")
+    assert not chunk.flags.writeable and not chunk.flags.owndata
+    embstore.create(tmp_path / "empty", dim=4)
+    assert embstore.dask.from_store(tmp_path / "empty").vectors.compute().shape == (0, 4)
+
+
+def test_a_task_refuses_a_different_store_at_the_same_path(tmp_path):
+    import shutil
+    embstore.create(tmp_path / "s", dim=2)
+    with embstore.Writer(tmp_path / "s") as w:
+        w.append([1, 2], np.ones((2, 2), np.float32))
+    arrays = embstore.dask.from_store(tmp_path / "s")
+    old_id = embstore.info(tmp_path / "s")["store_id"]
+    shutil.rmtree(tmp_path / "s")  # as if a worker on another machine had another store there
+    embstore.create(tmp_path / "s", dim=2)
+    with pytest.raises(ValueError, match=old_id):
+        arrays.vectors.compute(scheduler="sync")
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, host="127.0.0.1")
+    c = distributed.Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def test_epoch_means_and_knn_on_a_cluster_match_numpy(two_shards, client):
+    arrays = embstore.dask.from_store(two_shards / es.MANIFEST_NAME, chunk_rows=1000)
+    vectors, epochs = arrays.vectors, arrays.epochs
+    # Chunks align with rows and never span shards: 4500 rows of node-0, then 3300 of node-1.
+    assert vectors.chunks[0] == (1000,) * 4 + (500,) + (1000,) * 3 + (300,)
+    assert vectors.shape == (7800, DIM) and vectors.dtype == np.float32
+
+    merged = embstore.Reader(two_shards / "merged")
+    x, e = np.asarray(merged.vectors, np.float64), np.asarray(merged.epochs)
+
+    means = []
+    for epoch in range(3):
+        mask = (epochs == epoch)[:, None]
+        means.append((vectors * mask).sum(axis=0) / mask.sum())
+    got = np.stack(dask.compute(*means))
+    want = np.stack([x[e == epoch].mean(axis=0) for epoch in range(3)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    queries = np.random.default_rng(9).standard_normal((4, DIM))
+    v = vectors.astype(np.float64)
+    dist = (v * v).sum(axis=1)[:, None] - 2 * v @ queries.T
+    neighbours = dask.array.argtopk(-dist, 5, axis=0).compute()  # (5, queries)
+    brute = ((x[:, None, :] - queries[None, :, :]) ** 2).sum(axis=2)
+    want = np.argsort(brute, axis=0)[:5]
+    for q in range(queries.shape[0]):
+        assert set(neighbours[:, q].tolist()) == set(want[:, q].tolist())
+
+    keys = arrays.keys.compute()
+    assert np.array_equal(keys, merged.keys)
+    # The chunks were read by the worker processes and stay there (nothing came from here).
+    persisted = vectors.persist()
+    distributed.wait(persisted)
+    holders = set().union(*client.who_has(persisted).values())
+    assert holders and holders <= set(client.scheduler_info()["workers"])
+

@@ -1,0 +1,221 @@
+"""ShardSet, manifests and merge: lookups against a numpy oracle, zero-copy shard views, the
+named errors, and the recorder's per-node directory mode in one process."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import embstore
+from embstore import shards as es
+
+
+def make_shards(tmp_path, sizes, dim=6, seed=0, dtype="float32"):
+    """Stores named s0, s1, ... with random keys (few distinct, so duplicates occur), epochs
+    and vectors; returns their paths and the concatenated (keys, epochs, vectors) oracle."""
+    rng = np.random.default_rng(seed)
+    paths, keys, epochs, vectors = [], [], [], []
+    for i, n in enumerate(sizes):
+        path = str(tmp_path / f"s{i}")
+        k = rng.integers(0, 50, n).astype(np.uint64)
+        if n:
+            k[0] = np.uint64(2**64 - 1)
+        e = rng.integers(0, 4, n).astype(np.uint64)
+        v = rng.standard_normal((n, dim)).astype(np.float32)
+        with embstore.Writer(path, dim=dim, dtype=dtype, metadata={"run": 1}) as w:
+            for b in range(0, n, 7):
+                w.append(k[b:b + 7], v[b:b + 7], e[b:b + 7])
+        paths.append(path)
+        keys.append(k), epochs.append(e), vectors.append(v)
+    return paths, np.concatenate(keys), np.concatenate(epochs), np.concatenate(vectors)
+
+
+def oracle_find(keys, epochs, key, epoch=None):
+    hit = keys == np.uint64(key)
+    if epoch is not None:
+        hit &= epochs == np.uint64(epoch)
+    rows = np.flatnonzero(hit)
+    return int(rows[-1]) if rows.size else None
+
+
+def manifest_for(directory, names):
+    shard_list = []
+    for name in names:
+        info = embstore.info(os.path.join(directory, name))
+        shard_list.append({"path": name, "store_id": info["store_id"],
+                           "rows": info["committed_rows"], "epochs": []})
+    info = embstore.info(os.path.join(directory, names[0]))
+    return {"dim": info["dim"], "dtype": info["dtype"], "metadata": info["metadata"],
+            "shards": shard_list}
+
+
+def check_lookups(s, keys, epochs):
+    assert len(s) == len(keys)
+    assert np.array_equal(s.keys, keys) and np.array_equal(s.epochs, epochs)
+    probe = np.array([0, 3, 17, 49, 50, 2**64 - 1], dtype=np.uint64)
+    for key in probe:
+        assert s.find(int(key)) == oracle_find(keys, epochs, key)
+        expected = [(int(r), int(epochs[r])) for r in np.flatnonzero(keys == key)]
+        assert s.history(int(key)) == expected
+        for epoch in range(5):
+            assert s.find(int(key), epoch) == oracle_find(keys, epochs, key, epoch)
+    qk = np.repeat(probe, 5)
+    qe = np.tile(np.arange(5, dtype=np.uint64), len(probe))
+    want = [oracle_find(keys, epochs, k, e) for k, e in zip(qk, qe)]
+    assert s.find_many(qk, qe).tolist() == [-1 if w is None else w for w in want]
+    want = [oracle_find(keys, epochs, k, 2) for k in probe]
+    assert s.find_many(probe, 2).tolist() == [-1 if w is None else w for w in want]
+    want = [oracle_find(keys, epochs, k) for k in probe]
+    assert s.find_many(probe).tolist() == [-1 if w is None else w for w in want]
+    for epoch in range(5):
+        assert np.array_equal(s.epoch_rows(epoch), np.flatnonzero(epochs == epoch))
+
+
+def test_shardset_answers_like_the_concatenated_store(tmp_path):
+    paths, keys, epochs, vectors = make_shards(tmp_path, [40, 0, 33, 61])
+    s = embstore.ShardSet(paths)
+    check_lookups(s, keys, epochs)
+    assert s.metadata == {"run": 1} and s.dim == 6 and s.dtype == "float32"
+    # Per-shard views are the mapping itself: read-only, no copy, same memory as the Reader's.
+    view = s.shard_vectors(2)
+    assert not view.flags.writeable
+    assert np.shares_memory(view, s.shards[2].vectors)
+    assert np.array_equal(view, vectors[40:73])
+    inside = s.rows(45, 50)
+    assert np.shares_memory(inside, s.shards[2].vectors)
+    assert np.array_equal(s.rows(30, 80), vectors[30:80])  # spans shards: a copy
+    rows = np.array([100, 0, 72, 40, 39])
+    assert np.array_equal(s.gather(rows), vectors[rows])
+    key = int(keys[50])
+    assert np.array_equal(s.get(key), vectors[oracle_find(keys, epochs, key)])
+    assert np.shares_memory(s.get(key), s.shards[2].vectors)
+    assert s.locate(73) == (3, 0) and s.locate(39) == (0, 39)
+    with pytest.raises(KeyError):
+        s.get(12345)
+    with pytest.raises(IndexError):
+        s.locate(len(s))
+
+
+def test_refresh_takes_in_new_rows_and_renumbers(tmp_path):
+    paths, keys, epochs, _ = make_shards(tmp_path, [20, 20])
+    s = embstore.ShardSet(paths)
+    assert s.find(int(keys[25])) is not None
+    with embstore.Writer(paths[0]) as w:
+        w.append([7, 7, 999], np.ones((3, 6), np.float32), [0, 1, 9])
+    assert len(s) == 40 and s.find(999) is None
+    assert s.refresh() == 43
+    keys = np.concatenate([keys[:20], np.array([7, 7, 999], np.uint64), keys[20:]])
+    epochs = np.concatenate([epochs[:20], np.array([0, 1, 9], np.uint64), epochs[20:]])
+    check_lookups(s, keys, epochs)
+    assert s.find(999, 9) == 22
+
+
+def test_manifest_directory_and_pickling(tmp_path):
+    import pickle
+    _, keys, epochs, _ = make_shards(tmp_path, [10, 15])
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest_for(str(tmp_path), ["s0", "s1"]))
+    for where in (tmp_path, tmp_path / es.MANIFEST_NAME):
+        s = embstore.ShardSet(where)
+        check_lookups(s, keys, epochs)
+    again = pickle.loads(pickle.dumps(s))
+    assert len(again) == 25 and again.paths == s.paths
+    text = json.loads((tmp_path / es.MANIFEST_NAME).read_text())
+    assert [shard["path"] for shard in text["shards"]] == ["s0", "s1"]
+    assert es.read_manifest(tmp_path / es.MANIFEST_NAME)["shards"][1]["rows"] == 15
+
+
+def test_bad_manifests_and_mismatched_shards_are_named_errors(tmp_path):
+    make_shards(tmp_path, [5])
+    good = manifest_for(str(tmp_path), ["s0"])
+    for bad in ("../s0", "x/../../s0", "/etc/passwd"):
+        manifest = dict(good, shards=[dict(good["shards"][0], path=bad)])
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            es.write_manifest(tmp_path / "m.json", manifest)
+        text = dict(manifest, embstore_manifest=1)
+        (tmp_path / "bad.json").write_text(json.dumps(text))
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            embstore.ShardSet(tmp_path / "bad.json")
+        with pytest.raises(ValueError, match=f"'{bad}'"):
+            embstore.merge(tmp_path / "out", tmp_path / "bad.json")
+    missing = dict(good, shards=good["shards"] + [dict(good["shards"][0], path="node-7")])
+    es.write_manifest(tmp_path / "missing.json", missing)
+    with pytest.raises(FileNotFoundError, match="'node-7' is missing"):
+        embstore.ShardSet(tmp_path / "missing.json")
+    other_id = dict(good, shards=[dict(good["shards"][0], store_id="f" * 32)])
+    es.write_manifest(tmp_path / "id.json", other_id)
+    with pytest.raises(embstore.FormatMismatchError, match="f" * 32):
+        embstore.ShardSet(tmp_path / "id.json")
+    embstore.create(tmp_path / "wide", dim=7)
+    embstore.create(tmp_path / "half", dim=6, dtype="float16")
+    with pytest.raises(embstore.FormatMismatchError, match="wide"):
+        embstore.ShardSet([tmp_path / "s0", tmp_path / "wide"])
+    with pytest.raises(embstore.FormatMismatchError, match="half"):
+        embstore.merge(tmp_path / "out", [tmp_path / "s0", tmp_path / "half"])
+    assert not os.path.exists(tmp_path / "out")
+    wrong_dim = dict(good, dim=9)
+    es.write_manifest(tmp_path / "dim.json", wrong_dim)
+    with pytest.raises(embstore.FormatMismatchError, match="dim 9"):
+        embstore.ShardSet(tmp_path / "dim.json")
+
+
+def test_merge_verifies_and_keeps_order(tmp_path):
+    paths, keys, epochs, vectors = make_shards(tmp_path, [30, 0, 45], dtype="float16")
+    calls = []
+    info = embstore.merge(tmp_path / "merged", paths,
+                          progress=lambda done, total, shard: calls.append((done, total, shard)))
+    assert info["committed_rows"] == info["durable_rows"] == 75
+    assert calls[-1][:2] == (75, 75) and {c[2] for c in calls} <= set(paths)
+    r = embstore.Reader(tmp_path / "merged")
+    assert np.array_equal(r.vectors, vectors.astype(np.float16))
+    assert np.array_equal(r.keys, keys) and np.array_equal(r.epochs, epochs)
+    assert r.metadata == {"run": 1} and r.verify().ok
+    with pytest.raises(FileExistsError):
+        embstore.merge(tmp_path / "merged", paths)
+    # A damaged row stops the merge with its shard and row named; nothing is left behind.
+    with open(os.path.join(paths[2], "rows.1"), "r+b") as f:
+        f.seek(11 * 12)
+        byte = f.read(1)
+        f.seek(11 * 12)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(embstore.CorruptionError, match=r"s2: row 11"):
+        embstore.merge(tmp_path / "again", paths)
+    assert not os.path.exists(tmp_path / "again")
+
+
+def test_node_name_follows_torchrun_then_the_host(monkeypatch):
+    monkeypatch.setenv("GROUP_RANK", "3")
+    assert es.node_name() == "node-3"
+    monkeypatch.delenv("GROUP_RANK")
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    import socket
+    assert es.node_name() == "host-" + socket.gethostname().replace("/", "_")
+
+
+def test_recorder_directory_mode_in_one_process(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from embstore.torch import EmbeddingRecorder
+    monkeypatch.setenv("GROUP_RANK", "0")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    recorder = EmbeddingRecorder(model, "0", tmp_path / "run", dim=3, per_node=True,
+                                 buffer_rows=4, async_queue_mb=0)
+    x = torch.randn(10, 4)
+    for epoch in range(3):
+        with torch.no_grad(), recorder.batch(torch.arange(10), epoch):
+            model(x)
+        recorder.end_epoch()
+        manifest = es.read_manifest(tmp_path / "run" / es.MANIFEST_NAME)
+        assert [s["path"] for s in manifest["shards"]] == ["node-0"]
+        assert manifest["shards"][0]["rows"] == 10 * (epoch + 1)
+        assert manifest["shards"][0]["epochs"] == list(range(epoch + 1))
+    recorder.close()
+    # A rank that records nothing still describes (and syncs) its node's store.
+    idle = EmbeddingRecorder(model, "0", tmp_path / "run", per_node=True, ranks=[])
+    os.remove(tmp_path / "run" / es.MANIFEST_NAME)
+    idle.end_epoch()
+    idle.close()
+    assert es.read_manifest(tmp_path / "run" / es.MANIFEST_NAME)["shards"][0]["rows"] == 30
+    s = embstore.ShardSet(tmp_path / "run")
+    assert len(s) == 30 and s.find(4, 2) == 24
+    assert s.metadata == {"module": "0"}
+    assert embstore.info(tmp_path / "run" / "node-0")["durable_rows"] == 30

@@ -1,0 +1,340 @@
+// Several stores as one: the manifest, ShardSet lookups against a std::map oracle, merge, and
+// the Writer's refusal of network file systems.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "platform/testing.h"
+#include "support/error_code.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::test::code_of;
+using embstore::test::TempDir;
+
+namespace {
+
+CreateOptions opts(std::uint32_t dim, DType dtype = DType::kFloat32) {
+  CreateOptions o;
+  o.dim = dim;
+  o.dtype = dtype;
+  o.segment_bytes = 64 * 1024;
+  o.metadata = R"({"run": 7})";
+  return o;
+}
+
+std::string write_text(const std::string& path, const std::string& text) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  REQUIRE(fd >= 0);
+  REQUIRE(::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()));
+  ::close(fd);
+  return path;
+}
+
+// What each shard holds, row by row; concatenated in shard order it is what a ShardSet must show.
+struct Oracle {
+  struct Row {
+    std::uint64_t key, epoch;
+    float value;
+  };
+  std::vector<Row> rows;                                                  // By global row.
+  std::map<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t> last;  // (key, epoch) -> row
+
+  static Oracle of(const std::vector<std::vector<Row>>& shards) {
+    Oracle oracle;
+    for (const auto& shard : shards) {
+      for (const Row& row : shard) {
+        oracle.last[{row.key, row.epoch}] = oracle.rows.size();
+        oracle.rows.push_back(row);
+      }
+    }
+    return oracle;
+  }
+};
+
+// Appends `n` random rows to each writer (few distinct keys, so duplicates and histories occur,
+// and key 2^64-1); dim 4, every element of a row equal to a value unique to it.
+void fill(const std::vector<Writer*>& writers, std::vector<std::vector<Oracle::Row>>& shards,
+          std::mt19937_64& rng, int n) {
+  static float next_value = 0;
+  shards.resize(writers.size());
+  for (std::size_t s = 0; s < writers.size(); ++s) {
+    for (int b = 0; b < n; b += 5) {
+      std::vector<std::uint64_t> keys, epochs;
+      std::vector<float> values;
+      for (int i = 0; i < 5; ++i) {
+        keys.push_back(rng() % 40 == 0 ? ~std::uint64_t{0} : rng() % 40);
+        epochs.push_back(rng() % 4);
+        const float v = next_value++;
+        values.insert(values.end(), 4, v);
+        shards[s].push_back({keys.back(), epochs.back(), v});
+      }
+      writers[s]->append(keys, epochs, ConstMatrix{values.data(), DType::kFloat32, 5, 4, 0});
+    }
+  }
+}
+
+void check_against(const ShardSet& set, const Oracle& oracle) {
+  REQUIRE(set.size() == oracle.rows.size());
+  for (std::uint64_t row = 0; row < set.size(); ++row) {
+    const Record record = set.record(row);
+    REQUIRE(record.row == row);
+    REQUIRE(record.key == oracle.rows[row].key);
+    REQUIRE(record.epoch == oracle.rows[row].epoch);
+    float value;
+    std::memcpy(&value, record.data, sizeof value);
+    REQUIRE(value == oracle.rows[row].value);
+  }
+  std::vector<std::uint64_t> keys, epochs, expected_pairs, expected_latest, expected_epoch1;
+  for (std::uint64_t key : {std::uint64_t{0}, std::uint64_t{3}, std::uint64_t{39},
+                            std::uint64_t{40}, ~std::uint64_t{0}}) {
+    std::vector<ShardSet::Version> history;
+    for (std::uint64_t row = 0; row < oracle.rows.size(); ++row) {
+      if (oracle.rows[row].key == key) history.push_back({row, oracle.rows[row].epoch});
+    }
+    const auto got = set.history(key);
+    REQUIRE(got.size() == history.size());
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      REQUIRE(got[i].row == history[i].row);
+      REQUIRE(got[i].epoch == history[i].epoch);
+    }
+    const auto latest = set.find(key);
+    REQUIRE(latest.has_value() == !history.empty());
+    if (latest) REQUIRE(*latest == history.back().row);
+    expected_latest.push_back(history.empty() ? ShardSet::kNoRow : history.back().row);
+    for (std::uint64_t epoch = 0; epoch < 5; ++epoch) {
+      auto it = oracle.last.find({key, epoch});
+      const auto found = set.find(key, epoch);
+      REQUIRE(found.has_value() == (it != oracle.last.end()));
+      if (found) REQUIRE(*found == it->second);
+      keys.push_back(key);
+      epochs.push_back(epoch);
+      expected_pairs.push_back(it == oracle.last.end() ? ShardSet::kNoRow : it->second);
+    }
+    auto it = oracle.last.find({key, 1});
+    expected_epoch1.push_back(it == oracle.last.end() ? ShardSet::kNoRow : it->second);
+  }
+  REQUIRE(set.find_many(keys, epochs) == expected_pairs);
+  const std::vector<std::uint64_t> five = {0, 3, 39, 40, ~std::uint64_t{0}};
+  REQUIRE(set.find_many(five, std::uint64_t{1}) == expected_epoch1);
+  REQUIRE(set.find_many(five) == expected_latest);
+  for (std::uint64_t epoch = 0; epoch < 5; ++epoch) {
+    std::vector<std::uint64_t> rows;
+    for (std::uint64_t row = 0; row < oracle.rows.size(); ++row) {
+      if (oracle.rows[row].epoch == epoch) rows.push_back(row);
+    }
+    REQUIRE(set.epoch_rows(epoch) == rows);
+  }
+}
+
+Manifest manifest_of(const std::vector<std::string>& names, const TempDir& dir) {
+  Manifest manifest;
+  manifest.dim = 4;
+  manifest.metadata = R"({"run": 7})";
+  for (const auto& name : names) {
+    const StoreInfo info = read_info(dir / name);
+    manifest.shards.push_back({name, info.store_id, info.committed_rows, {}});
+  }
+  return manifest;
+}
+
+}  // namespace
+
+TEST_CASE("A ShardSet over four stores answers like one store, before and after refresh",
+          "[shard_set]") {
+  TempDir dir;
+  std::vector<Writer> writers;
+  for (int i = 0; i < 4; ++i) {
+    writers.push_back(Writer::create(dir / ("node-" + std::to_string(i)), opts(4)));
+  }
+  // Shard 2 stays empty: global numbering must step over it.
+  const std::vector<Writer*> filled = {&writers[0], &writers[1], &writers[3]};
+  std::vector<std::vector<Oracle::Row>> shards;
+  std::mt19937_64 rng(7);
+  fill(filled, shards, rng, 60);
+  shards.insert(shards.begin() + 2, std::vector<Oracle::Row>{});
+  write_manifest(dir / kManifestFileName,
+                 manifest_of({"node-0", "node-1", "node-2", "node-3"}, dir));
+  ShardSet set = ShardSet::open(dir.path());
+  REQUIRE(set.shard_count() == 4);
+  REQUIRE(set.shard(2).size() == 0);
+  REQUIRE(set.shard_first_row(2) == set.shard_first_row(3));
+  REQUIRE(set.locate(set.shard_first_row(3)).shard == 3);
+  REQUIRE(set.metadata() == R"({"run": 7})");
+  check_against(set, Oracle::of(shards));
+
+  // More rows in every shard: the set sees none until refresh, then all, renumbered.
+  std::vector<std::vector<Oracle::Row>> more;
+  fill(filled, more, rng, 40);
+  for (std::size_t s : {0, 1, 2}) {
+    shards[s == 2 ? 3 : s].insert(shards[s == 2 ? 3 : s].end(), more[s].begin(), more[s].end());
+  }
+  REQUIRE(set.size() == 180);
+  REQUIRE(set.refresh() == 300);
+  check_against(set, Oracle::of(shards));
+  REQUIRE(code_of([&] { set.locate(set.size()); }) == ErrorCode::kInvalidArgument);
+  std::vector<std::uint64_t> one = {1};
+  std::vector<std::uint64_t> two = {1, 2};
+  REQUIRE(code_of([&] { set.find_many(one, two); }) == ErrorCode::kInvalidArgument);
+}
+
+TEST_CASE("A manifest round-trips and is replaced atomically", "[shard_set]") {
+  TempDir dir;
+  Manifest manifest;
+  manifest.dim = 8;
+  manifest.dtype = DType::kBFloat16;
+  manifest.metadata = "quote \" and \\ and \n newline";
+  manifest.shards.push_back({"node-0", std::string(32, 'a'), 10, {0, 1, 2}});
+  manifest.shards.push_back({"nodes/host-b", std::string(32, 'b'), 0, {}});
+  const std::string path = dir / "m.json";
+  write_manifest(path, manifest);
+  manifest.shards[0].rows = 20;
+  write_manifest(path, manifest);  // Over the old one.
+  const Manifest back = read_manifest(path);
+  REQUIRE(back.dim == 8);
+  REQUIRE(back.dtype == DType::kBFloat16);
+  REQUIRE(back.metadata == manifest.metadata);
+  REQUIRE(back.shards.size() == 2);
+  REQUIRE(back.shards[0].rows == 20);
+  REQUIRE(back.shards[0].epochs == std::vector<std::uint64_t>{0, 1, 2});
+  REQUIRE(back.shards[1].path == "nodes/host-b");
+  REQUIRE(test::read_file(path).find(".tmp") == std::string::npos);
+}
+
+TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards are named errors",
+          "[shard_set]") {
+  TempDir dir;
+  Writer::create(dir / "node-0", opts(4)).close();
+  Writer::create(dir / "wide", opts(5)).close();
+  Writer::create(dir / "half", opts(4, DType::kFloat16)).close();
+  const StoreInfo info = read_info(dir / "node-0");
+  auto manifest_with = [&](const std::string& shard_path, const std::string& store_id,
+                           int dim = 4) {
+    return std::string(R"({"embstore_manifest": 1, "dim": )") + std::to_string(dim) +
+           R"(, "dtype": "float32", "shards": [{"path": ")" + shard_path + R"(", "store_id": ")" +
+           store_id + R"(", "rows": 0}]})";
+  };
+  std::string message;
+  for (const std::string bad : {"../node-0", "a/../../node-0", "..", "/etc"}) {
+    const auto path = write_text(dir / "bad.json", manifest_with(bad, info.store_id));
+    REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kInvalidArgument);
+    REQUIRE(message.find("'" + bad + "'") != std::string::npos);
+    Manifest m;
+    m.dim = 4;
+    m.shards.push_back({bad, info.store_id, 0, {}});
+    REQUIRE(code_of([&] { write_manifest(dir / "w.json", m); }) == ErrorCode::kInvalidArgument);
+  }
+
+  auto path = write_text(dir / "missing.json", manifest_with("node-9", info.store_id));
+  REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kNotFound);
+  REQUIRE(message.find("'node-9' is missing") != std::string::npos);
+
+  path = write_text(dir / "id.json", manifest_with("node-0", std::string(32, 'f')));
+  REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kFormatMismatch);
+  REQUIRE(message.find(info.store_id) != std::string::npos);
+
+  path = write_text(dir / "dim.json", manifest_with("node-0", info.store_id, 5));
+  REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kFormatMismatch);
+  REQUIRE(message.find("dim 4") != std::string::npos);
+
+  REQUIRE(code_of(
+              [&] {
+                ShardSet::open({dir / "node-0", dir / "wide"});
+              },
+              &message) == ErrorCode::kFormatMismatch);
+  REQUIRE(message.find(dir / "wide") != std::string::npos);
+  REQUIRE(message.find(dir / "node-0") != std::string::npos);
+  REQUIRE(code_of(
+              [&] {
+                ShardSet::open({dir / "node-0", dir / "half"});
+              },
+              &message) == ErrorCode::kFormatMismatch);
+  REQUIRE(message.find("float16") != std::string::npos);
+
+  path = write_text(dir / "none.json",
+                    R"({"embstore_manifest": 1, "dim": 4, "dtype": "float32", "shards": []})");
+  REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kInvalidArgument);
+  REQUIRE(message.find("no shards") != std::string::npos);
+
+  path = write_text(dir / "junk.json", "{\"embstore_manifest\": 1, \"dim\": 4}");
+  REQUIRE(code_of([&] { read_manifest(path); }, &message) == ErrorCode::kCorruption);
+  REQUIRE(message.find("'dtype'") != std::string::npos);
+  std::string newer = manifest_with("node-0", info.store_id);
+  newer.replace(newer.find("1,"), 1, "9");
+  path = write_text(dir / "new.json", newer);
+  REQUIRE(code_of([&] { read_manifest(path); }) == ErrorCode::kUnsupportedVersion);
+}
+
+TEST_CASE("merge_stores copies a ShardSet's rows in global order and refuses bad rows",
+          "[shard_set]") {
+  TempDir dir;
+  Writer a = Writer::create(dir / "a", opts(4));
+  Writer b = Writer::create(dir / "b", opts(4));
+  std::vector<std::vector<Oracle::Row>> shards;
+  std::mt19937_64 rng(11);
+  fill({&a, &b}, shards, rng, 50);
+  const Oracle oracle = Oracle::of(shards);
+  const ShardSet set = ShardSet::open({dir / "a", dir / "b"});  // Store paths, no manifest.
+  check_against(set, oracle);
+  std::vector<std::uint64_t> progress;
+  const StoreInfo info = merge_stores(dir / "merged", set, [&](const MergeProgress& p) {
+    REQUIRE(p.rows_total == 100);
+    REQUIRE(*p.shard_path == set.shard_path(p.shard));
+    progress.push_back(p.rows_done);
+  });
+  REQUIRE(info.committed_rows == 100);
+  REQUIRE(info.durable_rows == 100);
+  REQUIRE(info.metadata == R"({"run": 7})");
+  REQUIRE(progress.back() == 100);
+  check_against(ShardSet::open(dir / "merged"), oracle);
+  REQUIRE(code_of([&] { merge_stores(dir / "merged", set); }) == ErrorCode::kAlreadyExists);
+
+  // A flipped byte in shard b's row 7: the merge stops, names it, and leaves nothing behind.
+  std::string byte = test::read_file(dir / "b/rows.1").substr(7 * 16, 1);
+  byte[0] = static_cast<char>(byte[0] ^ 0x40);
+  test::write_bytes(dir / "b/rows.1", 7 * 16, byte);
+  std::string message;
+  REQUIRE(code_of([&] { merge_stores(dir / "again", set); }, &message) == ErrorCode::kCorruption);
+  REQUIRE(message.find(dir / "b") != std::string::npos);
+  REQUIRE(message.find("row 7") != std::string::npos);
+  REQUIRE(code_of([&] { read_info(dir / "again"); }) == ErrorCode::kNotFound);
+}
+
+TEST_CASE("Writers refuse network file systems unless forced, and readers read anywhere",
+          "[shard_set][faults]") {
+  TempDir dir;
+  Writer::create(dir / "local", opts(4)).close();
+  struct Fake {
+    std::uint64_t magic;
+    const char* name;
+  };
+  for (const Fake fake :
+       {Fake{0x6969, "NFS"}, Fake{0xFF534D42, "CIFS"}, Fake{0x65735546, "FUSE"},
+        Fake{0x01021997, "9p"}, Fake{0x0BD00BD0, "Lustre"}, Fake{0x47504653, "GPFS"}}) {
+    detail::testing::set_filesystem_magic(fake.magic);
+    std::string message;
+    REQUIRE(code_of([&] { Writer::open(dir / "local"); }, &message) == ErrorCode::kInvalidArgument);
+    REQUIRE(message.find(fake.name) != std::string::npos);
+    REQUIRE(message.find("node-local disk") != std::string::npos);
+    REQUIRE(code_of([&] { Writer::create(dir / "new", opts(4)); }) == ErrorCode::kInvalidArgument);
+    REQUIRE(code_of([&] { Writer::open_or_create(dir / "new", opts(4)); }) ==
+            ErrorCode::kInvalidArgument);
+    REQUIRE(code_of([&] { read_info(dir / "new"); }) == ErrorCode::kNotFound);
+    REQUIRE(Reader::open(dir / "local").size() == 0);
+    WriterOptions forced;
+    forced.allow_remote_filesystem = true;
+    Writer::open(dir / "local", forced).close();
+  }
+  detail::testing::set_filesystem_magic(0xEF53);  // ext4
+  Writer::open(dir / "local").close();
+  detail::testing::set_filesystem_magic(0);  // The real file system: local in the test's $TMPDIR.
+  Writer::open(dir / "local").close();
+}

@@ -1,0 +1,59 @@
+// merge: consolidates the shards of a manifest (or several stores) into one new store, through
+// the library's merge_stores (include/embstore/shard_set.h), which verifies every row on the way.
+#include <fmt/core.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cli.h"
+#include "embstore/shard_set.h"
+
+namespace embstore::cli {
+namespace {
+
+struct MergeArgs {
+  std::string out;
+  std::vector<std::string> inputs;
+  bool json = false;
+  bool quiet = false;
+};
+
+int run_merge(const MergeArgs& args) {
+  const ShardSet shards = ShardSet::open(args.inputs);
+  StoreInfo info;
+  {
+    Progress progress("merging", args.quiet);
+    info = merge_stores(args.out, shards, [&](const MergeProgress& p) {
+      progress.update(p.rows_done, p.rows_total);
+    });
+  }
+  if (args.json) {
+    nlohmann::json out = info_json(info);
+    out["shards"] = shards.shard_count();
+    print_json(out);
+  } else {
+    fmt::print("merged {} shard(s), {} rows, into {}\n", shards.shard_count(), info.committed_rows,
+               args.out);
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+void add_merge_command(CLI::App& app, Registry& registry) {
+  auto args = std::make_shared<MergeArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "merge",
+      "Consolidate the shards of a manifest, or several stores, into one new store (every row's "
+      "checksum is verified; shards that disagree on dim or dtype are refused by name)");
+  cmd->add_option("out", args->out, "The new store (must not exist)")->required();
+  cmd->add_option("inputs", args->inputs,
+                  "A manifest (file or its directory), or store directories")
+      ->required();
+  cmd->add_flag("--json", args->json, "Print the new store's info as JSON");
+  cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
+  registry.add(cmd, [args] { return run_merge(*args); });
+}
+
+}  // namespace embstore::cli
