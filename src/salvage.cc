@@ -12,7 +12,9 @@
 
 namespace embstore {
 
-SalvageReport salvage(const std::string& store, const std::string& out) {
+SalvageReport salvage(
+    const std::string& store, const std::string& out,
+    const std::function<void(std::uint64_t rows_done, std::uint64_t rows_total)>& progress) {
   auto files = detail::StoreFiles::open(store, detail::os::Access::kReadOnly, 0);
   const detail::Layout& layout = files->layout();
   SalvageReport report;
@@ -73,6 +75,7 @@ SalvageReport salvage(const std::string& store, const std::string& out) {
       flush_run(row);
       in_run = false;
     }
+    if (progress && row % kChunkRows == 0) progress(row, report.rows_scanned);
     if (!valid) {
       if (!report.lost_ranges.empty() && report.lost_ranges.back().second == row) {
         ++report.lost_ranges.back().second;
@@ -83,6 +86,7 @@ SalvageReport salvage(const std::string& store, const std::string& out) {
   }
   if (in_run) flush_run(report.rows_scanned);
   report.rows_lost = report.rows_scanned - report.rows_copied;
+  if (progress) progress(report.rows_scanned, report.rows_scanned);
   writer.sync();
   writer.close();
   return report;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -26,6 +27,10 @@ struct SalvageReport {
 // verifies, or the committed counter if that is larger and the files can hold that many rows.
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
 // verifies (the rows cannot be checked without the header), kAlreadyExists if `out` exists.
-SalvageReport salvage(const std::string& store, const std::string& out);
+// `progress`, if set, is called from the calling thread with (rows examined, rows to examine)
+// every few thousand rows and once at the end.
+SalvageReport salvage(
+    const std::string& store, const std::string& out,
+    const std::function<void(std::uint64_t rows_done, std::uint64_t rows_total)>& progress = {});
 
 }  // namespace embstore
