@@ -206,7 +206,11 @@ void Writer::Impl::sync_loop() {
     sync_cv_.wait_for(guard, options_.sync_interval, [this] { return stop_sync_; });
     if (stop_sync_) break;
     try {
-      sync();
+      // An idle store costs nothing: no flush when every committed row is already durable.
+      const bool idle = with_files([](const StoreFiles& files) {
+        return files.state().durable() >= files.state().committed();
+      });
+      if (!idle) sync();
     } catch (const Error&) {
       return;  // Poisoned: the next append or close reports it.
     }

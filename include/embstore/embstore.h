@@ -28,7 +28,10 @@
 // Durability
 //   committed — visible to readers; survives any process crash (the page cache holds it).
 //   durable   — rows flushed to the device by a completed sync(); survives power loss.
-//   Under SyncPolicy::kNone (the default) nothing is flushed unless sync() is called.
+//   Under SyncPolicy::kInterval (the default) a background thread syncs every few seconds
+//   (WriterOptions::sync_interval, 5 s) when rows were committed since, and close() syncs, so a
+//   power loss costs at most the last interval's rows and a reboot re-checks at most those.
+//   Under SyncPolicy::kNone nothing is flushed unless sync() is called.
 //   A failed flush poisons the Writer (kPoisoned) until the store is reopened; it is never
 //   retried, because the kernel may already have dropped the dirty pages it failed to write.
 //
