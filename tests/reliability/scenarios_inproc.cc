@@ -691,6 +691,8 @@ const std::vector<Scenario>& all_scenarios() {
       {"17", "sparse copies on a full tmpfs: kFull, never SIGBUS", scenario_sparse_full},
       {"18", "kill -9 during create; open_or_create races on a nearly full disk",
        scenario_create_stress},
+      {"21", "key index: kill -9 while indexing and growing, missing and damaged files",
+       scenario_key_index},
   };
   return table;
 }
