@@ -12,6 +12,7 @@
 #include <shared_mutex>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "embstore/error.h"
@@ -40,6 +41,8 @@ class Writer::Impl {
         owner_pid_(detail::os::current_pid()) {
     {
       detail::LockGuard guard(*lock_);
+      allocate_files();
+      files_->upgrade_header();
       keys_ = detail::make_key_index_handle(*files_, detail::os::Access::kReadWrite);
       recover();
       files_->map_rows(files_->state().capacity());
@@ -96,6 +99,7 @@ class Writer::Impl {
   void check_open() const;    // Same process, not closed.
   void check_usable() const;  // check_open() and not poisoned.
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
+  void allocate_files();
   void recover();
   // Writer lock held: opens, rebuilds or catches up the key index (index/key_index_handle.h).
   // kFull leaves the store usable (this handle stops indexing, close() reports it); other
@@ -160,6 +164,21 @@ void Writer::Impl::check_open() const {
                                              "; a forked child must open its own Writer");
   }
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+}
+
+// Runs under the writer lock at open, before anything is written through a mapping. A store
+// copied or restored sparse (cp --sparse, rsync -S, tar -S, backup tools) has holes where rows
+// and entries will be written; on a full disk a store through the mapping into a hole raises
+// SIGBUS. Allocating every byte of the files now turns that into kFull here. posix_fallocate
+// over ranges already allocated changes nothing and costs one extent walk.
+void Writer::Impl::allocate_files() {
+  const std::pair<int, const std::string*> files[] = {{files_->header_fd(), &files_->header_path()},
+                                                      {files_->data_fd(), &files_->data_path()},
+                                                      {files_->index_fd(), &files_->index_path()}};
+  for (const auto& [fd, path] : files) {
+    const std::uint64_t bytes = detail::os::file_size(fd, *path);
+    if (bytes != 0) detail::os::allocate(fd, 0, bytes, *path);
+  }
 }
 
 // Runs under the writer lock at open: the one recovery loader (log/recovery.h), applied. After
@@ -314,7 +333,11 @@ void Writer::Impl::sync_loop() {
     sync_cv_.wait_for(guard, options_.sync_interval, [this] { return stop_sync_; });
     if (stop_sync_) break;
     try {
-      sync();
+      // An idle store costs nothing: no flush when every committed row is already durable.
+      const bool idle = with_files([](const StoreFiles& files) {
+        return files.state().durable() >= files.state().committed();
+      });
+      if (!idle) sync();
     } catch (const Error&) {
       return;  // Poisoned: the next append or close reports it.
     }
@@ -469,7 +492,8 @@ Writer Writer::open_or_create(const std::string& path, const CreateOptions& crea
   WriterOptions checked = options;
   checked.expect_dim = create_options.dim;
   checked.expect_dtype = create_options.dtype;
-  // Racing processes: whoever's rename lands first creates; everyone else opens.
+  // Racing processes: create_store serializes them on the path's create lock; the first
+  // creates, the others find the store there and open it.
   for (int attempt = 0;; ++attempt) {
     try {
       return open(path, checked);
@@ -479,7 +503,13 @@ Writer Writer::open_or_create(const std::string& path, const CreateOptions& crea
     try {
       create_store(path, create_options);
     } catch (const Error& error) {
-      if (error.code() != ErrorCode::kAlreadyExists) throw;
+      // Whatever failed (a full disk, say), a store that exists now is one to open. "Already
+      // exists" goes back to open() too, which names what is there if it is not a store.
+      if (error.code() != ErrorCode::kAlreadyExists &&
+          !detail::os::exists(detail::strip_trailing_slashes(path) + "/" +
+                              detail::kHeaderFileName)) {
+        throw;
+      }
     }
   }
 }

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -120,6 +121,81 @@ TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "
   CHECK(follower.refresh() == seq);
 }
 
+TEST_CASE("A store copied sparse onto a full disk gives kFull and never SIGBUS", "[faults][full]") {
+  TempDir dir;
+  const std::string mnt = dir / "mnt";
+  test::run_shell("mkdir -p '" + mnt + "'");
+  if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=4m") != 0) {
+    WARN("cannot mount tmpfs here (not root?): skipped");
+    return;
+  }
+  struct Unmount {
+    std::string at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+
+  // 100 rows in a store allocated for 128: the tail of the data file is zeros.
+  const std::string original = dir / "original";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 64 * 1024;
+  {
+    Writer w = Writer::create(original, o);
+    std::uint64_t seq = 0;
+    for (; seq < 100; ++seq) {
+      const auto values = test::batch_payload(0, seq, 1, kDim);
+      const std::vector<std::uint64_t> keys = {test::make_key(0, seq)};
+      w.append(keys, 0, std::span<const float>(values));
+    }
+  }
+  const std::string path = mnt + "/s";
+  REQUIRE(test::run_shell("cp -r --sparse=always '" + original + "' '" + path + "'") == 0);
+  // And a hole punched where rows 100.. will go, whatever cp chose to copy.
+  const std::string data = path + "/rows.1";
+  {
+    const int fd = ::open(data.c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    REQUIRE(::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100 * 1024, 28 * 1024) ==
+            0);
+    ::close(fd);
+  }
+  struct stat st;
+  REQUIRE(::stat(data.c_str(), &st) == 0);
+  REQUIRE(static_cast<std::uint64_t>(st.st_blocks) * 512 < static_cast<std::uint64_t>(st.st_size));
+  // Fill the disk.
+  test::run_shell("dd if=/dev/zero of='" + mnt + "/ballast' bs=4k status=none 2>/dev/null");
+
+  const pid_t child = test::spawn([&] {
+    std::uint64_t seq = 100;
+    try {
+      Writer w = Writer::open(path);
+      for (int i = 0; i < 64; ++i, ++seq) {
+        const auto values = test::batch_payload(0, seq, 1, kDim);
+        const std::vector<std::uint64_t> keys = {test::make_key(0, seq)};
+        w.append(keys, 0, std::span<const float>(values));
+      }
+    } catch (const Error& e) {
+      if (e.code() == ErrorCode::kFull && e.sys_errno() == ENOSPC) return 0;
+      std::fprintf(stderr, "unexpected: %s\n", e.what());
+      return 2;
+    }
+    return 3;  // 64 rows appended on a full disk: the test did not fill it.
+  });
+  CHECK(test::wait_for(child) == 0);  // SIGBUS would be 128 + 7
+  CHECK(rows_intact(path, 100));
+
+  // Once space frees, the same store takes rows again.
+  test::run_shell("rm -f '" + mnt + "/ballast'");
+  {
+    Writer w = Writer::open(path);
+    REQUIRE(w.committed_rows() == 100);
+    for (std::uint64_t seq = 100; seq < 140; ++seq) {
+      const auto values = test::batch_payload(0, seq, 1, kDim);
+      const std::vector<std::uint64_t> keys = {test::make_key(0, seq)};
+      w.append(keys, 0, std::span<const float>(values));
+    }
+  }
+  CHECK(rows_intact(path, 140));
 TEST_CASE("A reader holding a replaced key index frees its space at refresh, then appends resume",
           "[faults][full][keys]") {
   TempDir dir;

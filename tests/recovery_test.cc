@@ -3,7 +3,9 @@
 #include <signal.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "embstore/embstore.h"
@@ -29,13 +31,20 @@ void append_rows(Writer& w, std::uint64_t first_seq, std::uint64_t n) {
   w.append(keys, 0, std::span<const float>(values));
 }
 
+// Power losses leave unsynced tails: these writers neither sync in the background nor at close.
+WriterOptions unsynced() {
+  WriterOptions options;
+  options.sync = SyncPolicy::kNone;
+  return options;
+}
+
 // 100 synced rows then 50 unsynced ones in five batches of 10, written in "boot A".
 void make_store(const std::string& path) {
   detail::testing::set_boot_id(kBootA);
   CreateOptions o;
   o.dim = kDim;
   o.segment_bytes = 4096;
-  Writer w = Writer::create(path, o);
+  Writer w = Writer::create(path, o, unsynced());
   append_rows(w, 0, 100);
   w.sync();
   for (std::uint64_t seq = 100; seq < 150; seq += 10) append_rows(w, seq, 10);
@@ -74,7 +83,7 @@ TEST_CASE("After a reboot a damaged tail past the durable point is cut back exac
     CHECK(test::read_file(path + "/header") == before);
   }
   SECTION("a writer cuts the commit counter and appends over the torn tail") {
-    Writer w = Writer::open(path);
+    Writer w = Writer::open(path, unsynced());
     CHECK(w.committed_rows() == 120);
     // The verified rows were read back from the device after the reboot: durable now.
     CHECK(w.durable_rows() == 120);
@@ -97,7 +106,7 @@ TEST_CASE("After a reboot a zero-filled tail (pages never written back) is cut",
   test::write_bytes(path + "/rows.1", 130 * kRowBytes, std::string(20 * kRowBytes, '\0'));
   test::write_bytes(path + "/index.1", 130 * 32, std::string(20 * 32, '\0'));
   detail::testing::set_boot_id(kBootB);
-  CHECK(Writer::open(path).committed_rows() == 130);
+  CHECK(Writer::open(path, unsynced()).committed_rows() == 130);
 }
 
 TEST_CASE("After a reboot counters beyond the files are clamped, not trusted", "[recovery]") {
@@ -112,7 +121,7 @@ TEST_CASE("After a reboot counters beyond the files are clamped, not trusted", "
   test::write_bytes(path + "/header", 4096, bytes);        // committed_rows
   test::write_bytes(path + "/header", 4096 + 128, bytes);  // capacity_rows
   detail::testing::set_boot_id(kBootB);
-  Writer w = Writer::open(path);
+  Writer w = Writer::open(path, unsynced());
   CHECK(w.committed_rows() == 150);
   CHECK(w.info().capacity_rows == w.info().data_file_bytes / kRowBytes);
   append_rows(w, 150, 3);
@@ -127,7 +136,7 @@ TEST_CASE("Damage inside synced rows is reported by verify and record, never cut
   make_store(path);
   flip_row_byte(path, 10);
   detail::testing::set_boot_id(kBootB);
-  Writer w = Writer::open(path);
+  Writer w = Writer::open(path, unsynced());
   CHECK(w.committed_rows() == 150);  // row 10 is below durable: reported, not cut
   Reader r = Reader::open(path);
   const VerifyReport report = r.verify();
@@ -150,7 +159,7 @@ TEST_CASE("In the same boot opening checks no rows: a process crash cannot tear 
   const std::string path = dir / "s";
   make_store(path);
   flip_row_byte(path, 140);  // not something a process crash can cause; shows open is O(1)
-  CHECK(Writer::open(path).committed_rows() == 150);
+  CHECK(Writer::open(path, unsynced()).committed_rows() == 150);
   CHECK(Reader::open(path).verify().bad_rows == std::vector<std::uint64_t>{140});
 }
 
@@ -165,18 +174,18 @@ TEST_CASE("Recovery killed half-way reaches the same state when run again", "[re
   detail::testing::set_boot_id(kBootB);
   const pid_t child = test::spawn([&] {
     detail::testing::arm_crash("during-recovery", 1);
-    Writer::open(path);
+    Writer::open(path, unsynced());
     return 1;
   });
   CHECK(test::wait_for(child) == 128 + SIGKILL);
-  Writer again = Writer::open(path);
-  Writer uninterrupted = Writer::open(expected_dir);
+  Writer again = Writer::open(path, unsynced());
+  Writer uninterrupted = Writer::open(expected_dir, unsynced());
   CHECK(again.committed_rows() == 130);
   CHECK(uninterrupted.committed_rows() == 130);
   CHECK(again.durable_rows() == uninterrupted.durable_rows());
   // Recovery is idempotent: a third open in the same (new) boot changes nothing.
   again.close();
-  CHECK(Writer::open(path).committed_rows() == 130);
+  CHECK(Writer::open(path, unsynced()).committed_rows() == 130);
 }
 
 TEST_CASE("Entries cut by one recovery never come back after a second power loss",
@@ -191,7 +200,7 @@ TEST_CASE("Entries cut by one recovery never come back after a second power loss
     CreateOptions o;
     o.dim = kDim;
     o.segment_bytes = 4096;
-    Writer w = Writer::create(path, o);
+    Writer w = Writer::create(path, o, unsynced());
     append_rows(w, 0, 10);
     w.sync();
     append_rows(w, 10, 200);  // batch B: rows [10, 210), never synced
@@ -201,13 +210,13 @@ TEST_CASE("Entries cut by one recovery never come back after a second power loss
   test::write_bytes(index, 10 * 32, std::string(118 * 32, '\0'));
   detail::testing::set_boot_id(kBootB);
   const std::string disk_index = [&] {
-    Writer w = Writer::open(path);
+    Writer w = Writer::open(path, unsynced());
     REQUIRE(w.committed_rows() == 10);  // B is cut whole
     return test::read_file(index);
   }();
   const std::string disk_rows = test::read_file(rows);
   {
-    Writer w = Writer::open(path);
+    Writer w = Writer::open(path, unsynced());
     append_rows(w, 1000, 150);  // batch C: rows [10, 160)
     append_rows(w, 2000, 100);  // batch D: rows [160, 260)
   }
@@ -223,7 +232,7 @@ TEST_CASE("Entries cut by one recovery never come back after a second power loss
     Reader before_recovery = Reader::open(path);
     CHECK(before_recovery.size() == 10);  // neither C's front nor B's tail
   }
-  Writer w = Writer::open(path);
+  Writer w = Writer::open(path, unsynced());
   CHECK(w.committed_rows() == 10);
   Reader r = Reader::open(path);
   for (std::uint64_t row = 0; row < r.size(); ++row) {
@@ -238,13 +247,13 @@ TEST_CASE("An append over a dead writer's unpublished entries starts a new era",
   const std::string path = dir / "s";
   make_store(path);  // committed 150
   const pid_t child = test::spawn([&] {
-    Writer w = Writer::open(path);
+    Writer w = Writer::open(path, unsynced());
     detail::testing::arm_crash("before-publish", 1);
     append_rows(w, 150, 40);  // entries [150, 190) written, never published
     return 1;
   });
   REQUIRE(test::wait_for(child) == 128 + SIGKILL);
-  Writer w = Writer::open(path);
+  Writer w = Writer::open(path, unsynced());
   append_rows(w, 150, 10);  // over the dead batch's first entries
   // Power loss: the counter reached the disk with the next batch, whose index page did not; the
   // dead writer's entries at [160, 190) are still there and validate (same rows, older era).
@@ -252,7 +261,7 @@ TEST_CASE("An append over a dead writer's unpublished entries starts a new era",
   append_rows(w, 160, 30);
   test::write_bytes(path + "/index.1", 160 * 32, index.substr(160 * 32, 30 * 32));
   detail::testing::set_boot_id(kBootB);
-  Writer recovered = Writer::open(path);
+  Writer recovered = Writer::open(path, unsynced());
   CHECK(recovered.committed_rows() == 160);  // the dead batch's entries lose to the newer era
 }
 
@@ -275,14 +284,14 @@ TEST_CASE("Eras past 15 bits wrap without touching the batch-end flag", "[recove
   const char* boots[] = {kBootB, kBootA, kBootB, kBootA};
   for (int i = 0; i < 4; ++i) {
     detail::testing::set_boot_id(boots[i]);
-    Writer w = Writer::open(path);
+    Writer w = Writer::open(path, unsynced());
     append_rows(w, w.committed_rows(), 10);
   }
   put_u64(4096 + 64, 0);  // durable_rows 0: the next recovery re-checks every row
   detail::testing::set_boot_id("44444444-4444-4444-4444-444444444444");
   CHECK(Reader::open(path).size() == 40);  // the wrap reads as newer, not as stale
   {
-    Writer w = Writer::open(path);
+    Writer w = Writer::open(path, unsynced());
     CHECK(w.committed_rows() == 40);
     CHECK(Reader::open(path).verify().ok());
   }
@@ -291,5 +300,71 @@ TEST_CASE("Eras past 15 bits wrap without touching the batch-end flag", "[recove
   flip_row_byte(path, 35);
   put_u64(4096 + 64, 0);
   detail::testing::set_boot_id(kBootB);
-  CHECK(Writer::open(path).committed_rows() == 30);
+  CHECK(Writer::open(path, unsynced()).committed_rows() == 30);
+}
+
+TEST_CASE("A writer closed normally leaves nothing to re-check after a reboot",
+          "[recovery][sync]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  detail::testing::set_boot_id(kBootA);
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  {
+    Writer w = Writer::create(path, o);  // the default policy: no sync() anywhere
+    for (std::uint64_t seq = 0; seq < 150; seq += 10) append_rows(w, seq, 10);
+    w.close();
+  }
+  const StoreInfo info = read_info(path);
+  CHECK(info.durable_rows == 150);
+  CHECK(info.committed_rows == 150);
+  // Damage a byte of the last batch: a recovery that re-checked it would cut that batch.
+  flip_row_byte(path, 145);
+  detail::testing::set_boot_id(kBootB);
+  CHECK(Reader::open(path).size() == 150);
+  Writer w = Writer::open(path);
+  CHECK(w.committed_rows() == 150);
+  CHECK(Reader::open(path).verify().bad_rows == std::vector<std::uint64_t>{145});
+}
+
+TEST_CASE("The background sync makes committed rows durable without any sync() call",
+          "[recovery][sync]") {
+  TempDir dir;
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  WriterOptions options;
+  options.sync_interval = std::chrono::milliseconds(20);
+  Writer w = Writer::create(dir / "s", o, options);
+  append_rows(w, 0, 30);
+  // A condition with a generous deadline, not a timing assertion.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (w.durable_rows() < 30 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  CHECK(w.durable_rows() == 30);
+  append_rows(w, 30, 5);
+  while (w.durable_rows() < 35 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  CHECK(w.durable_rows() == 35);
+}
+
+TEST_CASE("SyncPolicy::kNone opts out: close() leaves committed rows unsynced",
+          "[recovery][sync]") {
+  TempDir dir;
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  WriterOptions none;
+  none.sync = SyncPolicy::kNone;
+  {
+    Writer w = Writer::create(dir / "s", o, none);
+    append_rows(w, 0, 20);
+    w.close();
+  }
+  CHECK(read_info(dir / "s").committed_rows == 20);
+  CHECK(read_info(dir / "s").durable_rows == 0);
 }

@@ -28,7 +28,10 @@
 // Durability
 //   committed — visible to readers; survives any process crash (the page cache holds it).
 //   durable   — rows flushed to the device by a completed sync(); survives power loss.
-//   Under SyncPolicy::kNone (the default) nothing is flushed unless sync() is called.
+//   Under SyncPolicy::kInterval (the default) a background thread syncs every few seconds
+//   (WriterOptions::sync_interval, 5 s) when rows were committed since, and close() syncs, so a
+//   power loss costs at most the last interval's rows and a reboot re-checks at most those.
+//   Under SyncPolicy::kNone nothing is flushed unless sync() is called.
 //   A failed flush poisons the Writer (kPoisoned) until the store is reopened; it is never
 //   retried, because the kernel may already have dropped the dirty pages it failed to write.
 //
@@ -73,13 +76,22 @@
 //     xfs) an overwrite needs new space, so a full disk there can still raise SIGBUS.
 //   - Under RLIMIT_FSIZE the process must ignore SIGXFSZ to get kFull instead of being killed.
 //   - A forked child must open its own Writer; Readers may be used across fork.
-//   - Rows are never rewritten or shrunk in place; files only grow.
+//   - Rows are never rewritten or shrunk in place; files only grow. Truncating a store's files
+//     from outside (truncate(1), a copy over them) while readers hold views raises SIGBUS in
+//     those readers: an access past the end of a mapped file is a signal, inherent to mmap.
+//   - Every open Reader and Writer reserves address space for its store's mappings and keeps
+//     three descriptors open, so the stores one process can hold open are bounded by the
+//     address space (128 TiB on x86-64 Linux, less under ulimit -v) and by RLIMIT_NOFILE. How
+//     much one store reserves, and so how many fit, is in the README ("Caveats").
+//   - A file the process may not read is kPermissionDenied (EACCES/EPERM); kReadOnly is a
+//     write refused by a read-only file or file system.
 #pragma once
 
 #include "embstore/dtype.h"
 #include "embstore/error.h"
 #include "embstore/options.h"
 #include "embstore/reader.h"
+#include "embstore/salvage.h"
 #include "embstore/shard_set.h"
 #include "embstore/store.h"
 #include "embstore/version.h"

@@ -12,7 +12,11 @@ inline constexpr const char* kLibraryVersion = "0.1.0";
 // than kFormatVersionMajor; minor versions only add fields that older readers may ignore.
 inline constexpr int kFormatVersionMajor = 1;
 // Minor 1 added the key index (keys.K and the state page's key_generation); 1.0 stores open
-// unchanged and are answered by scan until a writer builds their key index.
-inline constexpr int kFormatVersionMinor = 1;
+// unchanged and are answered by scan until a writer builds their key index. Minor 2 added a
+// second copy of the fixed header and the metadata (FORMAT.md).
+inline constexpr int kFormatVersionMinor = 2;
+// The first minor whose header file holds a second copy of the fixed header (FORMAT.md); a
+// Writer upgrades older stores to it, readers read both.
+inline constexpr int kFormatMinorHeaderCopy = 2;
 
 }  // namespace embstore

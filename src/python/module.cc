@@ -428,7 +428,7 @@ class PyWriter {
   std::uint64_t copied_batches_ = 0;
 };
 
-WriterOptions writer_options(const std::string& sync, double sync_interval_s,
+WriterOptions writer_options(const std::string& sync, std::optional<double> sync_interval_s,
                              std::optional<std::uint64_t> map_bytes) {
   WriterOptions options;
   if (sync == "none") {
@@ -440,8 +440,11 @@ WriterOptions writer_options(const std::string& sync, double sync_interval_s,
   } else {
     invalid("sync must be 'none', 'every_append' or 'interval'; got '" + sync + "'");
   }
-  options.sync_interval =
-      std::chrono::milliseconds(static_cast<std::int64_t>(sync_interval_s * 1000.0));
+  // None keeps the core's default (kDefaultSyncInterval).
+  if (sync_interval_s) {
+    options.sync_interval =
+        std::chrono::milliseconds(static_cast<std::int64_t>(*sync_interval_s * 1000.0));
+  }
   if (map_bytes) options.map_bytes = *map_bytes;
   return options;
 }
@@ -450,7 +453,8 @@ std::unique_ptr<PyWriter> open_writer(const std::string& path, std::optional<std
                                       const std::optional<std::string>& dtype,
                                       const std::string& metadata,
                                       std::optional<std::uint64_t> segment_bytes,
-                                      const std::string& sync, double sync_interval_s,
+                                      const std::string& sync,
+                                      std::optional<double> sync_interval_s,
                                       std::optional<std::uint64_t> map_bytes,
                                       std::uint64_t async_queue_bytes, bool create_only) {
   WriterOptions options = writer_options(sync, sync_interval_s, map_bytes);
@@ -713,6 +717,8 @@ PYBIND11_MODULE(_embstore, m) {
       std::to_string(kFormatVersionMajor) + "." + std::to_string(kFormatVersionMinor);
   m.attr("default_segment_bytes") = kDefaultSegmentBytes;
   m.attr("default_map_bytes") = kDefaultMapBytes;
+  m.attr("default_sync_interval") =
+      std::chrono::duration<double>(kDefaultSyncInterval).count();  // seconds
 
   m.def("dtype_aliases", [] {
     py::dict aliases;
@@ -738,6 +744,26 @@ PYBIND11_MODULE(_embstore, m) {
       },
       py::arg("path"), py::arg("dim"), py::arg("dtype"), py::arg("metadata"),
       py::arg("segment_bytes"));
+
+  m.def(
+      "salvage",
+      [](const std::string& store, const std::string& out) {
+        SalvageReport report;
+        {
+          py::gil_scoped_release unlocked;
+          report = salvage(store, out);
+        }
+        py::list lost;
+        for (const auto& [begin, end] : report.lost_ranges) lost.append(py::make_tuple(begin, end));
+        py::dict d;
+        d["header_source"] = report.header_source;
+        d["rows_scanned"] = report.rows_scanned;
+        d["rows_copied"] = report.rows_copied;
+        d["rows_lost"] = report.rows_lost;
+        d["lost_ranges"] = lost;
+        return d;
+      },
+      py::arg("store"), py::arg("out"));
 
   m.def(
       "read_info",

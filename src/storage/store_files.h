@@ -75,6 +75,13 @@ class StoreFiles {
   std::uint64_t valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const;
 
   bool same_boot() const;  // The state's boot id is the machine's current boot id.
+  // Which fixed header verified: "primary", or "copy" when the primary failed its checks.
+  const char* header_source() const { return layout_.from_copy ? "copy" : "primary"; }
+  // Writer only, writer lock held: gives a store older than format 1.2 its header copy, or a
+  // store whose primary failed its checks the primary back from the copy, and flushes the
+  // header. The copy is written and flushed before the primary is touched, so an interruption
+  // leaves one verified copy and the next writer finishes the job.
+  void upgrade_header();
   StoreInfo info() const;
 
  private:

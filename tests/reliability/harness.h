@@ -156,6 +156,9 @@ bool under_sanitizer();
 // 1 TiB reservations at once (16 GiB there).
 std::uint64_t torture_map_bytes();
 WriterOptions wopts();
+// wopts() without any sync but the ones asked for (SyncPolicy::kNone): for scenarios that need
+// unsynced tails, as a power loss or reboot leaves them.
+WriterOptions wopts_unsynced();
 ReaderOptions ropts();
 
 }  // namespace embstore::torture

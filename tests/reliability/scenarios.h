@@ -61,6 +61,8 @@ bool scenario_power_loss(std::uint64_t seed);      // 6
 bool scenario_full_disk(std::uint64_t seed);       // 7
 bool scenario_faults(std::uint64_t seed);          // 8
 bool scenario_memory(std::uint64_t seed);          // 9
+bool scenario_sparse_full(std::uint64_t seed);     // 17
+bool scenario_create_stress(std::uint64_t seed);   // 18
 // In-process scenarios (scenarios_inproc.cc).
 bool scenario_threads(std::uint64_t seed);     // 10 (and the threaded variant of 5)
 bool scenario_capacity(std::uint64_t seed);    // 11

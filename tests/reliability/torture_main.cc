@@ -93,6 +93,7 @@ int main(int argc, char** argv) {
   if (cmd == "memlimit") return role_memlimit(parse_args(argc, argv, 2));
   if (cmd == "recover") return role_recover(parse_args(argc, argv, 2));
   if (cmd == "snapshot") return role_snapshot(parse_args(argc, argv, 2));
+  if (cmd == "creator") return role_creator(parse_args(argc, argv, 2));
 
   if (cmd == "reset-stats" && argc == 3) {
     std::filesystem::remove_all(argv[2]);

@@ -43,6 +43,7 @@ void add_get_command(CLI::App& app, Registry& registry);        // get (by key, 
 void add_transfer_commands(CLI::App& app, Registry& registry);  // export import compact
 void add_serve_command(CLI::App& app, Registry& registry);
 void add_merge_command(CLI::App& app, Registry& registry);  // merge (shards into one store)
+void add_salvage_command(CLI::App& app, Registry& registry);
 void add_bench_command(CLI::App& app, Registry& registry);
 
 // A CLI11 validator that accepts the dtype names parse_dtype() knows and names them otherwise.

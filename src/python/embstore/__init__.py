@@ -8,7 +8,8 @@ the top of the C++ header ``include/embstore/embstore.h``; in short:
 * Any number of Writers in any number of processes may append to one store concurrently.
 * Readers take no lock, never block writers, and need only read permission.
 * ``sync()`` makes committed rows durable (they survive power loss); without it rows survive any
-  process crash but not a power loss.
+  process crash but not a power loss. By default (``sync="interval"``) a Writer also syncs in
+  the background every ``DEFAULT_SYNC_INTERVAL`` seconds and at ``close``; ``sync="none"`` opts out.
 * A forked child must open its own Writer (using the parent's raises ForkedChildError);
   a Reader may be used across fork.
 
@@ -63,6 +64,7 @@ from ._errors import (
 __all__ = [
     "create",
     "info",
+    "salvage",
     "Writer",
     "Reader",
     "VerifyReport",
@@ -78,10 +80,13 @@ __all__ = [
     "DTYPES",
     "__version__",
     "FORMAT_VERSION",
+    "DEFAULT_SYNC_INTERVAL",
 ]
 
 __version__: str = _embstore.library_version
 FORMAT_VERSION: str = _embstore.format_version
+#: Seconds between a Writer's background syncs under the default sync="interval".
+DEFAULT_SYNC_INTERVAL: float = _embstore.default_sync_interval
 #: Element types a store can hold, by their canonical names.
 DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "float64")
 
@@ -163,6 +168,25 @@ def info(path: PathLike) -> dict:
     path = os.fspath(path)
     with _not_a_store_check(path):
         return _embstore.read_info(path)
+
+
+def salvage(store: PathLike, out: PathLike) -> dict:
+    """Copies every row of a damaged store whose checksum verifies into a new store ``out``.
+
+    For stores too damaged to open: trusts only a fixed header copy whose checksum holds and
+    each row's own checksum, never the counters. Rows keep their order, keys and epochs; ``out``
+    gets the same dtype, dim and metadata and must not exist. Writes nothing to ``store``.
+
+    Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost
+    and lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify).
+
+    Raises:
+        CorruptionError: neither copy of the header verifies.
+        FileExistsError: ``out`` exists.
+    """
+    store, out = os.fspath(store), os.fspath(out)
+    with _not_a_store_check(store):
+        return _embstore.salvage(store, out)
 
 
 class _not_a_store_check:
@@ -383,15 +407,20 @@ class Writer(_Handle):
             ``dim`` given an existing store must match (FormatMismatchError otherwise). ``dtype``
             alone (no ``dim``) only checks an existing store's dtype.
         async_queue_mb: 0 for synchronous appends, else the queue bound in MiB.
-        sync: "none" (sync only when asked), "every_append" (each append returns after its rows
-            are durable) or "interval" (a background thread syncs every ``sync_interval`` s).
+        sync: "interval" (the default: a background thread syncs every ``sync_interval``
+            seconds when rows were committed since, and ``close`` syncs, so a reboot re-checks
+            at most the last interval's rows), "every_append" (each append returns after its
+            rows are durable) or "none" (sync only when asked; ``close`` flushes nothing).
+        sync_interval: seconds between background syncs; None is the library's default
+            (``embstore.DEFAULT_SYNC_INTERVAL``, 5 s).
         map_bytes: address space reserved for the data file; the store can grow to this size
             (default 1 TiB). Appends beyond it fail with OSError(ENOSPC).
     """
 
     def __init__(self, path: PathLike, *, dim: Optional[int] = None, dtype: Any = None,
                  metadata: Any = None, segment_mb: Optional[float] = None,
-                 async_queue_mb: float = 0, sync: str = "none", sync_interval: float = 1.0,
+                 async_queue_mb: float = 0, sync: str = "interval",
+                 sync_interval: Optional[float] = None,
                  map_bytes: Optional[int] = None) -> None:
         self._native = None
         self._at_exit = None
@@ -402,7 +431,8 @@ class Writer(_Handle):
             self._native = _embstore.NativeWriter(
                 path, None if dim is None else int(dim),
                 None if dtype is None else _dtype_name(dtype), _metadata_text(metadata),
-                _segment_bytes(segment_mb), sync, float(sync_interval), map_bytes,
+                _segment_bytes(segment_mb), sync,
+                None if sync_interval is None else float(sync_interval), map_bytes,
                 int(async_queue_mb * (1 << 20)), False)
         self._dtype_name = self._native.dtype
         # Runs at interpreter exit and in multiprocessing children before their os._exit
