@@ -68,5 +68,9 @@ bool scenario_corruption(std::uint64_t seed);  // 12
 bool scenario_fuzz_smoke(std::uint64_t seed);  // 13
 bool scenario_python(std::uint64_t seed);      // 14
 bool scenario_model(std::uint64_t seed);       // 15
+// Scenario 16 (scenarios_counters.cc).
+bool scenario_counters(std::uint64_t seed);  // 16
+// Scenario 20 (scenarios_inproc.cc).
+bool scenario_python_use(std::uint64_t seed);  // 20
 
 }  // namespace embstore::torture

@@ -531,6 +531,24 @@ bool scenario_python(std::uint64_t seed) {
   return std::system(cmd.c_str()) == 0 || fail("python views test failed");
 }
 
+// ---- 20. Python in ordinary use: reused buffers, processes that exit without close() ---------
+
+bool scenario_python_use(std::uint64_t seed) {
+  const char* module_dir = std::getenv("EMBSTORE_PYTHONPATH");
+  const char* script = std::getenv("EMBSTORE_PY_USE_TEST");
+  if (module_dir == nullptr || script == nullptr || !std::filesystem::exists(module_dir)) {
+    std::printf(
+        "scenario 20: skipped (the Python module is not built; ctest runs "
+        "tests/reliability/python_use.py when it is)\n");
+    return true;
+  }
+  const std::string cmd = "PYTHONPATH='" + std::string(module_dir) + "' /usr/bin/python3 '" +
+                          script + "' --seed " + std::to_string(seed) + " --rounds " +
+                          std::to_string(scaled(24, 20));
+  stat_add("processes");
+  return std::system(cmd.c_str()) == 0 || fail("python ordinary-use test failed");
+}
+
 // ---- 15. Model-based: append / reopen / crash / reboot / verify / lookup vs an oracle -------
 
 bool scenario_model(std::uint64_t seed) {
@@ -676,6 +694,8 @@ const std::vector<Scenario>& all_scenarios() {
       {"13", "mutation fuzzing of store files through the fuzz entry", scenario_fuzz_smoke},
       {"14", "Python views across growth and reader close", scenario_python},
       {"15", "model-based: random ops against an in-memory oracle", scenario_model},
+      {"16", "damaged counters after a reboot: Reader and Writer agree", scenario_counters},
+      {"20", "Python in ordinary use: reused buffers, exit without close", scenario_python_use},
   };
   return table;
 }
