@@ -5,6 +5,7 @@
 #include "log/recovery.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -314,14 +315,20 @@ TEST_CASE("After a reboot a data file cut inside a segment is clamped and grows 
   Writer w = Writer::open(path);
   CHECK(w.committed_rows() == 130);
   CHECK(w.info().capacity_rows == 135);
-  // The next growth allocates from the clamped capacity's end, not from a segment boundary
-  // the file never reached.
-  append_rows(w, 130, 300);
-  CHECK(w.committed_rows() == 430);
+  // The next growth allocates from the clamped capacity's end, not from the segment boundary
+  // after it, which the file never reached: first within that segment, then past it.
+  append_rows(w, 130, 10);
+  CHECK(w.committed_rows() == 140);
+  append_rows(w, 140, 300);
+  CHECK(w.committed_rows() == 440);
+  // No hole is left where the cut was (a hole under the mapping is SIGBUS on a full disk).
+  struct stat st;
+  REQUIRE(::stat((path + "/rows.1").c_str(), &st) == 0);
+  CHECK(static_cast<std::uint64_t>(st.st_blocks) * 512 >= static_cast<std::uint64_t>(st.st_size));
   Reader r = Reader::open(path);
-  REQUIRE(r.size() == 430);
+  REQUIRE(r.size() == 440);
   CHECK(r.verify().ok());
-  for (std::uint64_t row = 0; row < 430; ++row) {
+  for (std::uint64_t row = 0; row < 440; ++row) {
     REQUIRE(test::payload_matches(test::make_key(0, row), kDim, r.rows().row(row)));
   }
 }
