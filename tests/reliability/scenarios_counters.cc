@@ -255,8 +255,8 @@ void damage(Rng& rng, Round& r) {
     const std::uint64_t row = rng.below(r.rows);
     const bool in_entry = rng.chance(0.3);
     const std::string& file = in_entry ? r.index : r.data;
-    // The key, epoch and checksum of the entry (the row field's flags are covered too, but a
-    // flip there can also move the batch end, which the rules above do not model).
+    // A byte of the entry's key or checksum (not of its row field, where a flip can also move
+    // the batch end, which expect() does not model).
     const std::uint64_t offset = in_entry
                                      ? row * sizeof(detail::IndexEntry) + (rng.chance(0.5) ? 3 : 25)
                                      : row * kRowBytes + rng.below(kRowBytes);
