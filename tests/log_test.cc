@@ -106,7 +106,7 @@ TEST_CASE("A float32 batch is used in place and every row is hashed with the sto
   }
 }
 
-TEST_CASE("Strided rows keep their stride; per-row epochs are read from the caller's array",
+TEST_CASE("Strided rows keep their stride, and per-row epochs are read from the caller's array",
           "[log][batch]") {
   TempDir dir;
   auto f = make_store(dir);

@@ -440,7 +440,7 @@ TEST_CASE("Read-only after a reboot the loader cuts at the torn batch and writes
 
 TEST_CASE(
     "Applied by a writer, a recovery publishes the cut, raises the era and stores the boot "
-    "id last; loading again changes nothing",
+    "id last, and loading again changes nothing",
     "[recovery][loader]") {
   BootReset reset;
   TempDir dir;
