@@ -488,7 +488,7 @@ def round_loss(rng, path, dim, seed, stats):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--child")
     ap.add_argument("--exit-mode", help="only exit rounds, all of this mode (mp, fork, ...)")
     args = ap.parse_args()

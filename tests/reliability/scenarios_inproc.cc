@@ -544,7 +544,7 @@ bool scenario_python_use(std::uint64_t seed) {
   }
   const std::string cmd = "PYTHONPATH='" + std::string(module_dir) + "' /usr/bin/python3 '" +
                           script + "' --seed " + std::to_string(seed) + " --rounds " +
-                          std::to_string(scaled(24, 20));
+                          std::to_string(scaled(12, 20));
   stat_add("processes");
   return std::system(cmd.c_str()) == 0 || fail("python ordinary-use test failed");
 }
