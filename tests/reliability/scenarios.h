@@ -72,5 +72,7 @@ bool scenario_model(std::uint64_t seed);       // 15
 bool scenario_counters(std::uint64_t seed);  // 16
 // Scenario 20 (scenarios_inproc.cc).
 bool scenario_python_use(std::uint64_t seed);  // 20
+// Key index scenario (scenarios_keys.cc).
+bool scenario_key_index(std::uint64_t seed);  // 21
 
 }  // namespace embstore::torture

@@ -696,6 +696,8 @@ const std::vector<Scenario>& all_scenarios() {
       {"15", "model-based: random ops against an in-memory oracle", scenario_model},
       {"16", "damaged counters after a reboot: Reader and Writer agree", scenario_counters},
       {"20", "Python in ordinary use: reused buffers, exit without close", scenario_python_use},
+      {"21", "key index: kill -9 while indexing and growing, missing and damaged files",
+       scenario_key_index},
   };
   return table;
 }
