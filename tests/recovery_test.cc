@@ -1,15 +1,24 @@
 // Recovery after a reboot (simulated by a new boot id): rows past the durable point are
 // re-checked and the commit counter cut back exactly; synced rows are never cut, only reported.
+// Through the public handles first, then the one loader itself (src/log/recovery.h) on the same
+// real files: read-only vs applied, the cut, counters against file sizes, idempotence.
+#include "log/recovery.h"
+
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "embstore/embstore.h"
 #include "platform/testing.h"
+#include "storage/store_files.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -367,4 +376,266 @@ TEST_CASE("SyncPolicy::kNone opts out: close() leaves committed rows unsynced",
   }
   CHECK(read_info(dir / "s").committed_rows == 20);
   CHECK(read_info(dir / "s").durable_rows == 0);
+}
+
+TEST_CASE("After a reboot a data file cut inside a segment is clamped and grows again",
+          "[recovery]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  // Cut short from outside (a partial copy, say): the files end inside a segment.
+  REQUIRE(::truncate((path + "/rows.1").c_str(), 135 * kRowBytes + 13) == 0);
+  detail::testing::set_boot_id(kBootB);
+  Writer w = Writer::open(path);
+  CHECK(w.committed_rows() == 130);
+  CHECK(w.info().capacity_rows == 135);
+  // The next growth allocates from the clamped capacity's end, not from the segment boundary
+  // after it, which the file never reached: first within that segment, then past it.
+  append_rows(w, 130, 10);
+  CHECK(w.committed_rows() == 140);
+  append_rows(w, 140, 300);
+  CHECK(w.committed_rows() == 440);
+  // No hole is left where the cut was (a hole under the mapping is SIGBUS on a full disk).
+  struct stat st;
+  REQUIRE(::stat((path + "/rows.1").c_str(), &st) == 0);
+  CHECK(static_cast<std::uint64_t>(st.st_blocks) * 512 >= static_cast<std::uint64_t>(st.st_size));
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 440);
+  CHECK(r.verify().ok());
+  for (std::uint64_t row = 0; row < 440; ++row) {
+    REQUIRE(test::payload_matches(test::make_key(0, row), kDim, r.rows().row(row)));
+  }
+}
+
+// ---- The loader itself (src/log/recovery.h) ------------------------------------------------
+
+namespace {
+
+using detail::LoadedLog;
+using detail::StoreFiles;
+
+constexpr std::uint64_t kState = 4096;  // The state page inside the header file (FORMAT.md).
+constexpr std::uint64_t kCommittedAt = kState + 0;
+constexpr std::uint64_t kDurableAt = kState + 64;
+constexpr std::uint64_t kCapacityAt = kState + 128;
+constexpr std::uint64_t kBootIdAt = kState + 192;
+
+std::unique_ptr<StoreFiles> open_files(const std::string& path, bool writable) {
+  return StoreFiles::open(
+      path, writable ? detail::os::Access::kReadWrite : detail::os::Access::kReadOnly, 1ull << 30);
+}
+
+void put_u64(const std::string& file, std::uint64_t offset, std::uint64_t value) {
+  std::string bytes(8, '\0');
+  std::memcpy(bytes.data(), &value, 8);
+  test::write_bytes(file, offset, bytes);
+}
+
+std::string all_bytes(const std::string& path) {
+  return test::read_file(path + "/header") + test::read_file(path + "/rows.1") +
+         test::read_file(path + "/index.1");
+}
+
+// load_log on a read-only view refuses with kCorruption naming `what`, and writes nothing.
+void expect_refused(const std::string& path, const std::string& what) {
+  const std::string before = all_bytes(path);
+  auto files = open_files(path, false);
+  try {
+    const LoadedLog log = detail::load_log(*files);
+    FAIL("the loader accepted the store: committed " << log.recovered.committed);
+  } catch (const Error& e) {
+    INFO(e.what());
+    CHECK(e.code() == ErrorCode::kCorruption);
+    CHECK_THAT(std::string(e.what()), Catch::Contains(what));
+  }
+  CHECK(all_bytes(path) == before);
+}
+
+}  // namespace
+
+TEST_CASE("In the same boot the loader trusts the counters and reads no row",
+          "[recovery][loader]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  flip_row_byte(path, 125);  // Not looked at: a process crash cannot tear the page cache.
+  const std::string before = all_bytes(path);
+  auto files = open_files(path, true);
+  const LoadedLog log = detail::load_log(*files);
+  CHECK(log.same_boot);
+  CHECK(log.stored.committed == 150);
+  CHECK(log.stored.durable == 100);
+  CHECK(log.recovered.committed == 150);
+  CHECK(log.recovered.durable == 100);
+  CHECK(log.recovered.capacity == log.stored.capacity);
+  CHECK(log.verified_upto == 150);
+  CHECK(files->mapped_rows() >= 150);
+  CHECK_FALSE(detail::apply_recovery(*files, log));
+  CHECK(all_bytes(path) == before);
+}
+
+TEST_CASE("Read-only after a reboot the loader cuts at the torn batch and writes nothing",
+          "[recovery][loader]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  flip_row_byte(path, 125);
+  detail::testing::set_boot_id(kBootB);
+  const std::string before = all_bytes(path);
+  auto files = open_files(path, false);
+  const LoadedLog log = detail::load_log(*files);
+  CHECK_FALSE(log.same_boot);
+  CHECK(log.stored.committed == 150);
+  CHECK(log.recovered.committed == 120);  // The batch [120, 130) holding row 125 goes whole.
+  CHECK(log.recovered.durable == 100);
+  CHECK(log.verified_upto == 120);
+  CHECK(files->mapped_rows() >= 120);
+  // The state page still says what it said: only a writer applies a cut.
+  CHECK(files->state().committed() == 150);
+  CHECK(all_bytes(path) == before);
+
+  SECTION("rows below durable are trusted, not verified") {
+    TempDir other;
+    const std::string p2 = other / "s";
+    detail::testing::set_boot_id(kBootA);
+    make_store(p2);
+    flip_row_byte(p2, 50);
+    detail::testing::set_boot_id(kBootB);
+    auto f2 = open_files(p2, false);
+    CHECK(detail::load_log(*f2).recovered.committed == 150);
+  }
+  SECTION("rows below verified_from are not verified again") {
+    CHECK(detail::load_log(*files, 130).recovered.committed == 150);
+    CHECK(detail::load_log(*files, 110).recovered.committed == 120);
+  }
+}
+
+TEST_CASE(
+    "Applied by a writer, a recovery publishes the cut, raises the era and stores the boot "
+    "id last, and loading again changes nothing",
+    "[recovery][loader]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  flip_row_byte(path, 125);
+  detail::testing::set_boot_id(kBootB);
+  auto files = open_files(path, true);
+  const std::uint64_t era = files->state().era();
+  const std::uint64_t capacity = files->state().capacity();
+  std::vector<std::uint64_t> rebuilt;
+  const detail::RebuildDerived rebuild = [&](StoreFiles&, std::uint64_t rows) {
+    rebuilt.push_back(rows);
+  };
+  const LoadedLog log = detail::load_log(*files);
+  CHECK(detail::apply_recovery(*files, log, rebuild));
+  CHECK(rebuilt == std::vector<std::uint64_t>{120});
+  CHECK(files->state().committed() == 120);
+  CHECK(files->state().durable() == 120);  // Read back from the device in this boot.
+  CHECK(files->state().capacity() == capacity);
+  CHECK(files->state().era() == era + 1);
+  CHECK(files->same_boot());
+
+  const LoadedLog again = detail::load_log(*files);
+  CHECK(again.same_boot);
+  CHECK(again.recovered.committed == 120);
+  CHECK_FALSE(detail::apply_recovery(*files, again, rebuild));
+  CHECK(rebuilt.size() == 1);
+  CHECK(files->state().era() == era + 1);
+
+  SECTION("a recovery that died before storing the boot id runs again to the same rows") {
+    // The boot id is stored last: put back the old one, as if the process died just before.
+    files.reset();
+    auto old = open_files(path, true);
+    detail::testing::set_boot_id(kBootA);
+    std::uint64_t boot_a[2];
+    REQUIRE(detail::os::boot_id(boot_a));
+    detail::testing::set_boot_id(kBootB);
+    put_u64(path + "/header", kBootIdAt, boot_a[0]);
+    put_u64(path + "/header", kBootIdAt + 8, boot_a[1]);
+    const LoadedLog rerun = detail::load_log(*old);
+    CHECK_FALSE(rerun.same_boot);
+    CHECK(rerun.recovered.committed == 120);
+    CHECK(detail::apply_recovery(*old, rerun, rebuild));
+    CHECK(rebuilt == std::vector<std::uint64_t>{120, 120});
+    CHECK(old->state().committed() == 120);
+    CHECK(old->state().durable() == 120);
+    CHECK(old->same_boot());
+    old.reset();
+    Reader r = Reader::open(path);
+    CHECK(r.size() == 120);
+    CHECK(r.verify().ok());
+  }
+}
+
+TEST_CASE("Counters that break their relations are named corruption in any boot",
+          "[recovery][loader]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  const bool reboot = GENERATE(false, true);
+  INFO((reboot ? "after a reboot" : "same boot"));
+  if (reboot) detail::testing::set_boot_id(kBootB);
+  SECTION("capacity 0") {
+    put_u64(path + "/header", kCapacityAt, 0);
+    expect_refused(path, "capacity_rows 0");
+  }
+  SECTION("committed beyond capacity") {
+    put_u64(path + "/header", kCapacityAt, 140);
+    expect_refused(path, "committed_rows 150 exceeds capacity_rows 140");
+  }
+  SECTION("durable beyond committed") {
+    put_u64(path + "/header", kDurableAt, 151);
+    expect_refused(path, "durable_rows 151 exceeds committed_rows 150");
+  }
+}
+
+TEST_CASE(
+    "Counters beyond the file sizes: named corruption in the same boot, clamped after a "
+    "reboot",
+    "[recovery][loader]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  std::uint64_t hold;
+  {
+    auto files = open_files(path, false);
+    hold = files->rows_files_hold();
+  }
+  SECTION("capacity beyond the files") {
+    put_u64(path + "/header", kCapacityAt, hold + 1000);
+    put_u64(path + "/header", kCommittedAt, hold + 10);
+    expect_refused(path, "capacity_rows " + std::to_string(hold + 1000) + " exceeds the " +
+                             std::to_string(hold) + " rows that " + path + "/rows.1 and " + path +
+                             "/index.1 hold");
+    detail::testing::set_boot_id(kBootB);
+    auto files = open_files(path, false);
+    const LoadedLog log = detail::load_log(*files);
+    CHECK(log.recovered.capacity == hold);
+    CHECK(log.recovered.committed == 150);  // Past 150 the entries are zeros: cut there.
+  }
+  SECTION("a data file cut inside the unsynced tail") {
+    REQUIRE(::truncate((path + "/rows.1").c_str(), 135 * kRowBytes + 13) == 0);
+    expect_refused(path, "capacity_rows");
+    detail::testing::set_boot_id(kBootB);
+    auto files = open_files(path, false);
+    const LoadedLog log = detail::load_log(*files);
+    CHECK(log.recovered.capacity == 135);
+    CHECK(log.recovered.committed == 130);  // Rows 130..134 survive, their batch does not.
+    CHECK(log.recovered.durable == 100);
+  }
+  SECTION("an index file cut inside the synced rows") {
+    REQUIRE(::truncate((path + "/index.1").c_str(), 60 * 32) == 0);
+    detail::testing::set_boot_id(kBootB);
+    auto files = open_files(path, false);
+    const LoadedLog log = detail::load_log(*files);
+    CHECK(log.recovered.capacity == 60);
+    CHECK(log.recovered.committed == 60);
+    CHECK(log.recovered.durable == 60);
+  }
 }

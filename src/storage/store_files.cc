@@ -146,12 +146,14 @@ void StoreFiles::grow_to(std::uint64_t rows) {
                     std::to_string(data_->reserved_bytes()) + "; reopen with a larger map_bytes");
   }
   const std::uint64_t new_capacity = std::min(new_data_bytes / layout_.record_bytes, kMaxRows);
-  // Allocate from the last published capacity: a growth killed half-way may have extended the
-  // files already, and re-allocating an allocated range is a cheap no-op.
-  const std::uint64_t old_data_bytes = layout_.data_bytes_for(capacity);
+  // Allocate from the end of the last published capacity's rows, not from the whole segment
+  // after them: a growth killed half-way may have extended the files already (re-allocating an
+  // allocated range is a cheap no-op), and a recovery after a reboot may have clamped the
+  // capacity to files that end inside a segment (cut short outside the store's control).
+  const std::uint64_t old_data_bytes = capacity * layout_.record_bytes;
   os::allocate(data_fd_, old_data_bytes, new_data_bytes - old_data_bytes, data_path_);
   EMBSTORE_CRASH_POINT("after-grow-data");
-  const std::uint64_t old_index_bytes = Layout::index_bytes_for(capacity);
+  const std::uint64_t old_index_bytes = capacity * kIndexEntryBytes;
   const std::uint64_t new_index_bytes = Layout::index_bytes_for(new_capacity);
   os::allocate(index_fd_, old_index_bytes, new_index_bytes - old_index_bytes, index_path_);
   EMBSTORE_CRASH_POINT("after-grow-index");

@@ -1,4 +1,4 @@
-// scenarios.h — the fifteen scenarios of README.md here, each run by the supervisor.
+// scenarios.h — the scenarios of README.md here, each run by the supervisor.
 // Every scenario returns true when it held, and checks the invariant before returning.
 #pragma once
 
@@ -70,6 +70,10 @@ bool scenario_corruption(std::uint64_t seed);  // 12
 bool scenario_fuzz_smoke(std::uint64_t seed);  // 13
 bool scenario_python(std::uint64_t seed);      // 14
 bool scenario_model(std::uint64_t seed);       // 15
+// Scenario 16 (scenarios_counters.cc).
+bool scenario_counters(std::uint64_t seed);  // 16
+// Scenario 20 (scenarios_inproc.cc).
+bool scenario_python_use(std::uint64_t seed);  // 20
 // Key index scenario (scenarios_keys.cc).
 bool scenario_key_index(std::uint64_t seed);  // 21
 

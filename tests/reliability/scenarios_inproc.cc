@@ -543,6 +543,24 @@ bool scenario_python(std::uint64_t seed) {
   return std::system(cmd.c_str()) == 0 || fail("python views test failed");
 }
 
+// ---- 20. Python in ordinary use: reused buffers, processes that exit without close() ---------
+
+bool scenario_python_use(std::uint64_t seed) {
+  const char* module_dir = std::getenv("EMBSTORE_PYTHONPATH");
+  const char* script = std::getenv("EMBSTORE_PY_USE_TEST");
+  if (module_dir == nullptr || script == nullptr || !std::filesystem::exists(module_dir)) {
+    std::printf(
+        "scenario 20: skipped (the Python module is not built; ctest runs "
+        "tests/reliability/python_use.py when it is)\n");
+    return true;
+  }
+  const std::string cmd = "PYTHONPATH='" + std::string(module_dir) + "' /usr/bin/python3 '" +
+                          script + "' --seed " + std::to_string(seed) + " --rounds " +
+                          std::to_string(scaled(12, 20));
+  stat_add("processes");
+  return std::system(cmd.c_str()) == 0 || fail("python ordinary-use test failed");
+}
+
 // ---- 15. Model-based: append / reopen / crash / reboot / verify / lookup vs an oracle -------
 
 bool scenario_model(std::uint64_t seed) {
@@ -691,6 +709,8 @@ const std::vector<Scenario>& all_scenarios() {
       {"17", "sparse copies on a full tmpfs: kFull, never SIGBUS", scenario_sparse_full},
       {"18", "kill -9 during create; open_or_create races on a nearly full disk",
        scenario_create_stress},
+      {"16", "damaged counters after a reboot: Reader and Writer agree", scenario_counters},
+      {"20", "Python in ordinary use: reused buffers, exit without close", scenario_python_use},
       {"21", "key index: kill -9 while indexing and growing, missing and damaged files",
        scenario_key_index},
   };
