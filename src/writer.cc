@@ -132,8 +132,8 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   std::shared_lock life(lifetime_);
   check_usable();
   // Everything that does not need the row number happens before the lock.
-  const detail::PreparedBatch batch =
-      detail::prepare_batch(files_->layout(), files_->dir(), keys, epochs, single_epoch, rows);
+  const detail::PreparedBatch batch = detail::prepare_batch(
+      files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows);
   if (batch.rows == 0) return files_->state().committed();
   std::uint64_t first;
   {

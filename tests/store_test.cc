@@ -449,7 +449,8 @@ TEST_CASE("sync() raises durable_rows only after both the data and the index flu
   }
 }
 
-TEST_CASE("When every flush fails, sync() reports the data file's error", "[store][faults]") {
+TEST_CASE("When every flush fails, sync() reports the data file's error",
+          "[store][faults]") {
   TempDir dir;
   const std::vector<float> v(4, 1.0f);
   const std::vector<std::uint64_t> k = {1};
@@ -697,98 +698,6 @@ TEST_CASE("Both write paths store the same bytes: packed, strided past IOV_MAX r
     REQUIRE(halves[3000 * kDim + i] == detail::float_to_half(values[i]));
   }
   CHECK(hr.verify().ok());
-}
-
-TEST_CASE("Rows hashed and written in pieces keep every checksum across piece boundaries",
-          "[store][write-path]") {
-  const std::string mode = GENERATE(as<std::string>{}, "", "mapping", "syscall", "alternate");
-  // 64-byte rows. 40: each row is longer than a piece. 1000: 15 rows per piece, the last piece of
-  // most batches shorter. 4096: 64 rows per piece. 0: the default piece.
-  const std::size_t piece =
-      GENERATE(std::size_t{40}, std::size_t{1000}, std::size_t{4096}, std::size_t{0});
-  // 1000 bytes: short writes end mid-row, so each piece is resumed inside a row.
-  const std::size_t cap = GENERATE(std::size_t{0}, std::size_t{1000});
-  INFO("EMBSTORE_WRITE_PATH=" << mode << " EMBSTORE_WRITE_PIECE=" << piece
-                              << " EMBSTORE_PWRITE_CAP=" << cap);
-  WritePathGuard pin(mode, cap);
-  const std::size_t saved_piece = detail::testing::write_piece();
-  detail::testing::set_write_piece(piece);
-  TempDir dir;
-  constexpr std::uint32_t kDim = 16;
-  Writer w = Writer::create(dir / "s", opts(kDim, DType::kFloat32, 4096));
-  std::uint64_t seq = 0;
-  for (const std::uint64_t rows : {1ull, 15ull, 16ull, 17ull, 64ull, 65ull, 1001ull, 2048ull}) {
-    const auto packed = test::batch_payload(6, seq, rows, kDim);
-    std::vector<std::uint64_t> keys(rows);
-    for (std::uint64_t i = 0; i < rows; ++i) keys[i] = test::make_key(6, seq + i);
-    if (rows % 2 == 0) {  // Strided, 20 floats per row, the padding poisoned.
-      std::vector<float> strided(rows * 20, std::nanf(""));
-      for (std::uint64_t i = 0; i < rows; ++i) {
-        std::memcpy(&strided[i * 20], &packed[i * kDim], kDim * sizeof(float));
-      }
-      CHECK(w.append(keys, 1, ConstMatrix{strided.data(), DType::kFloat32, rows, kDim, 80}) == seq);
-    } else {
-      CHECK(w.append(keys, 1, std::span<const float>(packed)) == seq);
-    }
-    seq += rows;
-  }
-  // Rows of 400,000 bytes, each longer than the default piece too.
-  constexpr std::uint32_t kWide = 100000;
-  Writer wide = Writer::create(dir / "w", opts(kWide, DType::kFloat32, 4 << 20));
-  const auto wide_values = test::batch_payload(7, 0, 3, kWide);
-  wide.append(iota_keys(0, 3), 0, std::span<const float>(wide_values));
-  w.close();
-  wide.close();
-  detail::testing::set_write_piece(saved_piece);
-
-  Reader r = Reader::open(dir / "s");
-  REQUIRE(r.size() == seq);
-  for (std::uint64_t row = 0; row < seq; ++row) {
-    REQUIRE(r.keys(0, seq)[row] == test::make_key(6, row));
-    REQUIRE(test::payload_matches(test::make_key(6, row), kDim, r.rows().row(row)));
-  }
-  // Every entry's checksum against its row's bytes: a hash kept for the wrong row, or taken of
-  // other bytes than were written, fails here.
-  const VerifyReport report = r.verify();
-  CHECK(report.ok());
-  Reader wr = Reader::open(dir / "w");
-  REQUIRE(wr.size() == 3);
-  CHECK(std::memcmp(wr.rows().data, wide_values.data(), wide_values.size() * sizeof(float)) == 0);
-  CHECK(wr.verify().ok());
-}
-
-TEST_CASE("A writer killed between two pieces of a batch's rows leaves no part of it visible",
-          "[store][write-path][crash]") {
-  TempDir dir;
-  constexpr std::uint32_t kDim = 16;
-  const std::string path = dir / "s";
-  {
-    Writer w = Writer::create(path, opts(kDim));
-    w.append(iota_keys(0, 10), 0, std::span<const float>(test::batch_payload(8, 0, 10, kDim)));
-  }
-  // 1000 rows of 64 bytes in pieces of 4096 bytes: killed after the first piece's 64 rows.
-  const auto values = test::batch_payload(8, 10, 1000, kDim);
-  const pid_t child = test::spawn([&] {
-    detail::testing::set_write_piece(4096);
-    Writer w = Writer::open(path);
-    detail::testing::arm_crash("mid-row-write", 1);
-    w.append(iota_keys(10, 1000), 0, std::span<const float>(values));
-    return 0;  // Not reached: SIGKILL inside append.
-  });
-  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
-  {
-    Reader torn = Reader::open(path);
-    CHECK(torn.size() == 10);
-    CHECK(torn.verify().ok());
-  }
-  Writer w = Writer::open(path);
-  CHECK(w.committed_rows() == 10);
-  CHECK(w.append(iota_keys(10, 1000), 0, std::span<const float>(values)) == 10);
-  w.close();
-  Reader r = Reader::open(path);
-  REQUIRE(r.size() == 1010);
-  CHECK(r.verify().ok());
-  CHECK(std::memcmp(r.rows().row(10), values.data(), values.size() * sizeof(float)) == 0);
 }
 
 TEST_CASE("A failed write of a batch publishes nothing and the writer carries on",

@@ -7,7 +7,7 @@
 
 namespace embstore::detail {
 
-PreparedBatch prepare_batch(const Layout& layout, const std::string& where,
+PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
                             std::uint64_t single_epoch, const ConstMatrix& rows) {
   auto invalid = [&](const std::string& what) {
@@ -42,6 +42,7 @@ PreparedBatch prepare_batch(const Layout& layout, const std::string& where,
 
   const std::uint64_t record_bytes = layout.record_bytes;
   thread_local std::vector<std::byte> staging;
+  thread_local std::vector<std::uint64_t> hashes;
   batch.rows = n;
   batch.keys = keys;
   batch.epochs = epochs;
@@ -62,6 +63,11 @@ PreparedBatch prepare_batch(const Layout& layout, const std::string& where,
     batch.source = staging.data();
     batch.stride = record_bytes;
   }
+  hashes.resize(n);
+  for (std::uint64_t i = 0; i < n; ++i) {
+    hashes[i] = payload_hash(batch.source + i * batch.stride, record_bytes, key);
+  }
+  batch.hashes = hashes.data();
   return batch;
 }
 

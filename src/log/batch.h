@@ -1,6 +1,5 @@
-// batch.h — a batch of rows prepared for the log: validated and converted to the store's dtype,
-// before the writer lock is taken. Its rows are hashed under the lock, piece by piece right before
-// each piece is written (log/commit.h), so that the batch is read from memory once.
+// batch.h — a batch of rows prepared for the log: validated, converted to the store's dtype and
+// hashed, all before the writer lock is taken (only what needs the row number waits for it).
 #pragma once
 
 #include <cstddef>
@@ -9,6 +8,7 @@
 #include <string>
 
 #include "embstore/writer.h"
+#include "format/checksum.h"
 #include "format/format.h"
 
 namespace embstore::detail {
@@ -20,6 +20,7 @@ struct PreparedBatch {
   std::uint64_t single_epoch = 0;
   const std::byte* source = nullptr;  // Row i at source + i * stride, in the store's dtype.
   std::uint64_t stride = 0;
+  const std::uint64_t* hashes = nullptr;  // payload_hash of each row.
 
   std::uint64_t epoch(std::uint64_t i) const {
     return epochs != nullptr ? epochs[i] : single_epoch;
@@ -27,9 +28,9 @@ struct PreparedBatch {
 };
 
 // Checks `rows` against the store's layout (kInvalidArgument naming `where`), converts float32
-// rows for float16/bfloat16 stores (dtype_accepts). The batch points into `rows` and into buffers
-// of the calling thread, valid until its next call.
-PreparedBatch prepare_batch(const Layout& layout, const std::string& where,
+// rows for float16/bfloat16 stores (dtype_accepts) and hashes every row with `key`. The batch
+// points into `rows` and into buffers of the calling thread, valid until its next call.
+PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
                             std::uint64_t single_epoch, const ConstMatrix& rows);
 

@@ -4,7 +4,6 @@
 #include <cstring>
 #include <vector>
 
-#include "format/checksum.h"
 #include "platform/os.h"
 #include "platform/testing.h"
 
@@ -23,9 +22,10 @@ namespace {
 // release store of `committed` that publishes the rows.
 constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
 constexpr std::uint64_t kEntriesSyscallMinBytes = 4 * 1024;
-// Strided rows per system call (one iovec each), so the iovec array stays small whatever the
-// batch size.
+// Pieces per system call: strided rows (one iovec each) and index entries (32 KiB), so the
+// buffers they are gathered in stay small whatever the batch size.
 constexpr std::uint64_t kRowsPerWritev = 1024;
+constexpr std::uint64_t kEntriesPerWrite = 1024;
 
 struct WritePlan {
   bool rows_by_syscall;
@@ -73,57 +73,6 @@ void write_rows(StoreFiles& files, std::uint64_t first, const std::byte* source,
   }
 }
 
-// The bytes of rows hashed and then written at a time. The hash reads a piece from memory and
-// leaves it in the cache, where the copy into the page cache finds it: the batch is read from
-// memory once instead of twice (hash, then copy). Small enough for the L2 cache; large enough
-// that a 1.5 MiB batch takes few system calls (bench/RESULTS.md,
-// "Hashing and writing a batch in pieces").
-constexpr std::uint64_t kPieceBytes = 256 * 1024;
-
-std::uint64_t piece_bytes() {
-  // Test builds may impose a size (testing.h, EMBSTORE_WRITE_PIECE).
-  const std::uint64_t forced = EMBSTORE_WRITE_PIECE();
-  return forced != 0 ? forced : kPieceBytes;
-}
-
-// The index entry of row i of a batch, from its payload hash; the era is known under the lock.
-struct EntryBuilder {
-  const PreparedBatch& batch;
-  std::uint64_t first;
-  std::uint64_t era_bits;
-  std::uint64_t seed;
-
-  IndexEntry operator()(std::uint64_t i, std::uint64_t hash) const {
-    const std::uint64_t key = batch.keys[i];
-    const std::uint64_t epoch = batch.epoch(i);
-    const std::uint64_t row_field =
-        (first + i) | era_bits | (i + 1 == batch.rows ? kEntryBatchEnd : 0);
-    return IndexEntry{key, epoch, row_field, entry_checksum(hash, key, epoch, row_field, seed)};
-  }
-};
-
-// Hashes the batch's rows and writes them from row `first`, a piece of about piece_bytes() at a
-// time (a row longer than that is a piece of its own), and builds each row's index entry into
-// `entries` as it is hashed. The bytes hashed are the bytes written: each piece is hashed right
-// before it is copied.
-void hash_and_write_rows(StoreFiles& files, const PreparedBatch& batch,
-                         const EntryBuilder& make_entry, IndexEntry* entries, bool by_syscall) {
-  const std::uint64_t n = batch.rows;
-  const std::uint64_t record_bytes = files.layout().record_bytes;
-  const RowHashKey& key = files.hash_key();
-  const std::uint64_t per_piece = std::max<std::uint64_t>(1, piece_bytes() / record_bytes);
-  for (std::uint64_t begin = 0; begin < n; begin += per_piece) {
-    const std::uint64_t count = std::min(per_piece, n - begin);
-    const std::byte* source = batch.source + begin * batch.stride;
-    for (std::uint64_t i = 0; i < count; ++i) {
-      const std::uint64_t hash = payload_hash(source + i * batch.stride, record_bytes, key);
-      entries[begin + i] = make_entry(begin + i, hash);
-    }
-    write_rows(files, make_entry.first + begin, source, batch.stride, count, by_syscall);
-    if (begin == 0 && count < n) EMBSTORE_CRASH_POINT("mid-row-write");
-  }
-}
-
 // The era this handle may write entries with at `first`, made durable first (FORMAT.md, "era").
 std::uint64_t writable_era(StoreFiles& files, std::uint64_t first, std::uint64_t& synced_era,
                            const SyncFailure& on_sync_failure) {
@@ -153,23 +102,37 @@ std::uint64_t writable_era(StoreFiles& files, std::uint64_t first, std::uint64_t
   return era;
 }
 
-// Writes the n index entries of a batch from row `first`.
-void write_entries(StoreFiles& files, const IndexEntry* entries, std::uint64_t n,
-                   std::uint64_t first, bool by_syscall) {
+void write_entries(StoreFiles& files, const PreparedBatch& batch, std::uint64_t first,
+                   std::uint64_t era, bool by_syscall) {
+  const std::uint64_t n = batch.rows;
+  const std::uint64_t era_bits = (era & kEntryEraMask) << kEntryEraShift;
+  const std::uint64_t seed = files.layout().seed;
+  auto entry = [&](std::uint64_t i) {
+    const std::uint64_t row = first + i;
+    const std::uint64_t epoch = batch.epoch(i);
+    const std::uint64_t row_field = row | era_bits | (i + 1 == n ? kEntryBatchEnd : 0);
+    return IndexEntry{batch.keys[i], epoch, row_field,
+                      entry_checksum(batch.hashes[i], batch.keys[i], epoch, row_field, seed)};
+  };
   if (!by_syscall) {  // In place through the mapping.
-    IndexEntry* dest = files.entry_ptr(first);
-    const std::uint64_t half = n / 2 + 1;
-    std::memcpy(dest, entries, half * sizeof(IndexEntry));
-    EMBSTORE_CRASH_POINT("mid-index-write");
-    std::memcpy(dest + half, entries + half, (n - half) * sizeof(IndexEntry));
+    IndexEntry* entries = files.entry_ptr(first);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      const IndexEntry e = entry(i);
+      std::memcpy(entries + i, &e, sizeof(e));
+      if (i == n / 2) EMBSTORE_CRASH_POINT("mid-index-write");
+    }
     return;
   }
-  // One pwrite. Test builds write two, the first ending after entry n/2, so that a crash at
-  // mid-index-write leaves the same half written as through the mapping.
-  const std::uint64_t per_write = testing::kEnabled ? n / 2 + 1 : n;
+  // In pieces built in a buffer, one pwrite each. Test builds end the first piece after entry
+  // n/2, so a crash at mid-index-write leaves the same half written as through the mapping.
+  const std::uint64_t per_write =
+      testing::kEnabled ? std::min(kEntriesPerWrite, n / 2 + 1) : kEntriesPerWrite;
+  thread_local std::vector<IndexEntry> buffer;
+  buffer.resize(std::min(n, per_write));
   for (std::uint64_t begin = 0; begin < n; begin += per_write) {
     const std::uint64_t count = std::min(per_write, n - begin);
-    os::write_all(files.index_fd(), entries + begin, count * sizeof(IndexEntry),
+    for (std::uint64_t i = 0; i < count; ++i) buffer[i] = entry(begin + i);
+    os::write_all(files.index_fd(), buffer.data(), count * sizeof(IndexEntry),
                   (first + begin) * sizeof(IndexEntry), files.index_path());
     if (begin <= n / 2 && n / 2 < begin + count) EMBSTORE_CRASH_POINT("mid-index-write");
   }
@@ -190,13 +153,9 @@ std::uint64_t commit_batch(StoreFiles& files, const PreparedBatch& batch, std::u
   files.grow_to(first + n);
   const std::uint64_t era = writable_era(files, first, synced_era, on_sync_failure);
   const WritePlan plan = plan_writes(files, n);
-  const EntryBuilder make_entry{batch, first, (era & kEntryEraMask) << kEntryEraShift,
-                                files.layout().seed};
-  thread_local std::vector<IndexEntry> entries;
-  entries.resize(n);
-  hash_and_write_rows(files, batch, make_entry, entries.data(), plan.rows_by_syscall);
+  write_rows(files, first, batch.source, batch.stride, n, plan.rows_by_syscall);
   EMBSTORE_CRASH_POINT("after-copy");
-  write_entries(files, entries.data(), n, first, plan.entries_by_syscall);
+  write_entries(files, batch, first, era, plan.entries_by_syscall);
   EMBSTORE_CRASH_POINT("before-publish");
   state.publish_committed(first + n);
   EMBSTORE_CRASH_POINT("after-publish");

@@ -68,7 +68,6 @@ struct Hooks {
   std::atomic<int> write_mode{0};  // An index into kWriteModes.
   std::atomic<std::uint64_t> write_calls{0};
   std::atomic<std::size_t> pwrite_cap{0};
-  std::atomic<std::size_t> write_piece{0};
   std::atomic<std::uint64_t> fs_magic{0};
 };
 
@@ -124,9 +123,6 @@ Hooks& hooks() {
     }
     if (const char* cap = std::getenv("EMBSTORE_PWRITE_CAP")) {
       fresh->pwrite_cap = std::strtoull(cap, nullptr, 10);
-    }
-    if (const char* piece = std::getenv("EMBSTORE_WRITE_PIECE")) {
-      fresh->write_piece = std::strtoull(piece, nullptr, 10);
     }
     if (const char* magic = std::getenv("EMBSTORE_FS_MAGIC")) {
       fresh->fs_magic = std::strtoull(magic, nullptr, 0);
@@ -219,8 +215,6 @@ std::string_view set_write_path(std::string_view mode) {
 
 std::size_t pwrite_cap() noexcept { return hooks().pwrite_cap.load(); }
 void set_pwrite_cap(std::size_t bytes) { hooks().pwrite_cap = bytes; }
-std::size_t write_piece() noexcept { return hooks().write_piece.load(); }
-void set_write_piece(std::size_t bytes) { hooks().write_piece = bytes; }
 std::uint64_t filesystem_magic() noexcept { return hooks().fs_magic.load(); }
 void set_filesystem_magic(std::uint64_t f_type) { hooks().fs_magic = f_type; }
 #endif

@@ -15,11 +15,7 @@
 //                                       test the refusal of remote file systems
 //   EMBSTORE_PWRITE_CAP=<bytes>         each pwrite/pwritev writes at most this much, as a
 //                                       kernel may (a short write), so callers must resume
-//   EMBSTORE_WRITE_PIECE=<bytes>        the rows an append hashes and then writes at a time
-//                                       (src/log/commit.cc, hash_and_write_rows); unset: its
-//                                       default
-// Points: after-grow-data, after-grow-index, mid-row-write (after the first piece of rows of a
-//         batch written in several), after-copy, mid-index-write, before-publish,
+// Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
 //         after-publish, mid-sync, during-recovery.
 // Ops: open, fallocate, fstat, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
 //      rename, mkdir, lock (the OFD writer lock), getrandom, futex (a failed wait returns at
@@ -79,9 +75,6 @@ std::string_view set_write_path(std::string_view mode);
 // The most bytes one pwrite/pwritev may write (EMBSTORE_PWRITE_CAP); 0: no cap.
 std::size_t pwrite_cap() noexcept;
 void set_pwrite_cap(std::size_t bytes);
-// The bytes of rows an append hashes and writes at a time (EMBSTORE_WRITE_PIECE); 0: the default.
-std::size_t write_piece() noexcept;
-void set_write_piece(std::size_t bytes);
 // The f_type os::filesystem_magic reports for every path (EMBSTORE_FS_MAGIC); 0: the real one.
 std::uint64_t filesystem_magic() noexcept;
 void set_filesystem_magic(std::uint64_t f_type);
@@ -89,7 +82,6 @@ void set_filesystem_magic(std::uint64_t f_type);
 #define EMBSTORE_FAULT(op) ::embstore::detail::testing::fault_for(op)
 #define EMBSTORE_WRITE_PATH() ::embstore::detail::testing::write_path()
 #define EMBSTORE_PWRITE_CAP() ::embstore::detail::testing::pwrite_cap()
-#define EMBSTORE_WRITE_PIECE() ::embstore::detail::testing::write_piece()
 #define EMBSTORE_FS_MAGIC() ::embstore::detail::testing::filesystem_magic()
 #else
 inline constexpr bool kEnabled = false;
@@ -98,8 +90,6 @@ inline constexpr bool kEnabled = false;
 #define EMBSTORE_WRITE_PATH() \
   ::embstore::detail::testing::WritePath {}
 #define EMBSTORE_PWRITE_CAP() \
-  std::size_t { 0 }
-#define EMBSTORE_WRITE_PIECE() \
   std::size_t { 0 }
 #define EMBSTORE_FS_MAGIC() \
   std::uint64_t { 0 }
