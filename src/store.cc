@@ -1,9 +1,10 @@
-// create_store and read_info: store-level operations that need neither a Writer nor a Reader.
+// create_store and read_info: store-level operations (read_info reads through a Reader).
 #include "embstore/store.h"
 
 #include <cstring>
 
 #include "embstore/error.h"
+#include "embstore/reader.h"
 #include "format/format.h"
 #include "platform/os.h"
 #include "storage/store_files.h"
@@ -95,9 +96,8 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
 }
 
 StoreInfo read_info(const std::string& path) {
-  // A one-page reservation suffices: info maps none of the rows.
-  auto files = detail::StoreFiles::open(path, detail::os::Access::kReadOnly, detail::kPageBytes);
-  return files->info();
+  // The key statistics need the offset index mapped: a Reader's snapshot of the committed rows.
+  return Reader::open(path).info();
 }
 
 }  // namespace embstore

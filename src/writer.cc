@@ -8,6 +8,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string_view>
 #include <thread>
@@ -15,6 +16,7 @@
 
 #include "embstore/error.h"
 #include "format/format.h"
+#include "index/store_keys.h"
 #include "log/batch.h"
 #include "log/commit.h"
 #include "log/recovery.h"
@@ -38,8 +40,10 @@ class Writer::Impl {
         owner_pid_(detail::os::current_pid()) {
     {
       detail::LockGuard guard(*lock_);
+      keys_ = detail::make_key_index_handle(*files_, detail::os::Access::kReadWrite);
       recover();
       files_->map_rows(files_->state().capacity());
+      open_key_index();
     }
     if (options_.sync == SyncPolicy::kInterval) {
       sync_thread_ = std::make_unique<std::thread>([this] { sync_loop(); });
@@ -59,6 +63,17 @@ class Writer::Impl {
                        std::uint64_t single_epoch, const ConstMatrix& rows);
   void sync();
   void close();
+  void rebuild_key_index() {
+    join_growth(/*abandon=*/true);
+    std::shared_lock life(lifetime_);
+    check_usable();
+    std::lock_guard in_process(mutex_);
+    detail::LockGuard across_processes(*lock_);
+    const std::uint64_t committed = files_->state().committed();
+    files_->map_rows(committed);
+    keys_->open_for_writer(files_->entry_ptr(0), committed, /*rebuild=*/true);
+    keys_usable_ = true;
+  }
   // Runs f(files) with the store kept open for the call: a concurrent close() waits. For
   // accessors: a poisoned writer still reports its counters.
   template <typename F>
@@ -68,6 +83,13 @@ class Writer::Impl {
     return f(static_cast<const StoreFiles&>(*files_));
   }
   const std::string& path() const { return path_; }
+  StoreInfo info() const {
+    return with_files([this](const StoreFiles& f) {
+      StoreInfo info = f.info();
+      if (keys_) detail::fill_key_info(*keys_, f, info.committed_rows, info);
+      return info;
+    });
+  }
   bool in_owner_process() const { return detail::os::current_pid() == owner_pid_; }
 
  private:
@@ -75,6 +97,19 @@ class Writer::Impl {
   void check_usable() const;  // check_open() and not poisoned.
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
   void recover();
+  // Writer lock held: opens, rebuilds or catches up the key index (index/key_index_handle.h).
+  // kFull leaves the store usable (this handle stops indexing, close() reports it); other
+  // errors fail the open.
+  void open_key_index();
+  // Records the first key index failure; this handle stops indexing (close() reports it), except
+  // after kFull, which the next appends retry (index_keys()).
+  void key_index_failed(const Error& error);
+  // Writer lock held, after a publish: indexes the new rows; true when a growth was claimed.
+  bool index_keys(std::uint64_t committed);
+  // Runs on growth_thread_: builds the larger key index without the lock, then switches to it.
+  void grow_key_index();
+  // Waits for the growth thread; `abandon` makes it stop early (drops the claim, builds nothing).
+  void join_growth(bool abandon);
   void sync_loop();
   [[noreturn]] void poison(const Error& error);
 
@@ -84,6 +119,8 @@ class Writer::Impl {
   // sync_loop holds sync_mutex_ across sync() (lifetime_ shared); close() releases sync_mutex_
   // and joins the sync thread before it takes lifetime_ exclusively. poison() runs from under
   // mutex_ and the OFD lock (a failed era flush) or under lifetime_ alone (a failed sync).
+  // The key index growth thread takes mutex_ -> lock_ like an append; close() joins it before it
+  // takes lifetime_.
   std::unique_ptr<StoreFiles> files_;  // Released by close().
   std::string path_;
   std::unique_ptr<detail::WriterLock> lock_;  // Released by close().
@@ -99,6 +136,13 @@ class Writer::Impl {
   std::mutex poison_mutex_;
   std::string poison_message_;    // Written once, under poison_mutex_, before poisoned_ is set.
   std::uint64_t synced_era_ = 0;  // Highest era this handle has seen durable. Under mutex_.
+  std::unique_ptr<detail::KeyIndexHandle> keys_;
+  std::atomic<bool> keys_usable_{false};
+  // Set with keys_usable_ = false after a kFull: space may free up, so appends try again.
+  std::atomic<bool> keys_retry_{false};
+  std::optional<Error> key_index_error_;        // Under poison_mutex_.
+  std::unique_ptr<std::thread> growth_thread_;  // Under mutex_.
+  std::atomic<bool> stop_growth_{false};
   std::unique_ptr<std::thread> sync_thread_;
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
@@ -121,10 +165,104 @@ void Writer::Impl::check_open() const {
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
 }
 
-// Runs under the writer lock at open: the one recovery loader (log/recovery.h), applied.
+// Runs under the writer lock at open: the one recovery loader (log/recovery.h), applied. After
+// a reboot the key index is rebuilt for the recovered rows before the boot id is stored.
 void Writer::Impl::recover() {
   const detail::LoadedLog log = detail::load_log(*files_);
-  if (detail::apply_recovery(*files_, log)) synced_era_ = files_->state().era();
+  auto rebuild_keys = [this](StoreFiles& files, std::uint64_t rows) {
+    try {
+      keys_->open_for_writer(files.entry_ptr(0), rows, /*rebuild=*/true);
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kFull) throw;
+      key_index_failed(error);  // Readers scan; the next writer rebuilds.
+    }
+  };
+  if (detail::apply_recovery(*files_, log, rebuild_keys)) synced_era_ = files_->state().era();
+}
+
+void Writer::Impl::open_key_index() {
+  try {
+    keys_->open_for_writer(files_->entry_ptr(0), files_->state().committed());
+    keys_usable_ = true;
+  } catch (const Error& error) {
+    // No room to rebuild the key index: the store itself is fine, so the writer opens; lookups
+    // scan, close() reports it, and the next writer rebuilds. Any other failure fails the open.
+    if (error.code() != ErrorCode::kFull) throw;
+    key_index_failed(error);
+  }
+}
+
+void Writer::Impl::key_index_failed(const Error& error) {
+  std::lock_guard guard(poison_mutex_);
+  keys_usable_ = false;
+  const bool hard_before = key_index_error_ && key_index_error_->code() != ErrorCode::kFull;
+  // Any other failure outranks a full disk and ends the retries for good.
+  keys_retry_ = error.code() == ErrorCode::kFull && !hard_before;
+  if (!hard_before) key_index_error_.emplace(error);
+}
+
+bool Writer::Impl::index_keys(std::uint64_t committed) {
+  if (!keys_usable_ && !keys_retry_) return false;
+  try {
+    // Redo-only (key_index.h): a retry after kFull indexes every row the failure left out, or
+    // rebuilds the index if there was none to catch up.
+    const bool claimed = keys_->after_publish(files_->entry_ptr(0), committed);
+    if (keys_retry_) {
+      std::lock_guard guard(poison_mutex_);
+      if (keys_retry_) {  // Not turned into a hard failure by the growth thread meanwhile.
+        keys_retry_ = false;
+        key_index_error_.reset();
+        keys_usable_ = true;
+      }
+    }
+    return claimed;
+  } catch (const Error& error) {
+    // The rows are published: the append succeeded and must not throw (a retry would store them
+    // twice). This handle stops indexing (or retries at the next append after kFull); close()
+    // reports it; the next writer indexes the rows.
+    key_index_failed(error);
+    return false;
+  }
+}
+
+void Writer::Impl::grow_key_index() {
+  const detail::IndexEntry* entries = files_->entry_ptr(0);
+  // Rows this handle may read without the lock: committed, and inside its own mapping.
+  auto bound = [this] {
+    std::lock_guard guard(mutex_);
+    return std::min(files_->state().committed(), files_->mapped_rows());
+  };
+  for (bool again = true; again;) {
+    std::shared_ptr<detail::KeyIndexFile> next;
+    try {
+      next = keys_->build_next(entries, bound, stop_growth_);
+    } catch (const Error& error) {
+      key_index_failed(error);  // finish_growth(null) drops the claim.
+      next.reset();
+    }
+    std::lock_guard in_process(mutex_);
+    try {
+      detail::LockGuard across_processes(*lock_);
+      const std::uint64_t committed = files_->state().committed();
+      files_->map_rows(committed);
+      again = keys_->finish_growth(std::move(next), entries, committed) && !stop_growth_;
+    } catch (const Error& error) {
+      key_index_failed(error);
+      again = false;
+    }
+  }
+}
+
+void Writer::Impl::join_growth(bool abandon) {
+  std::unique_ptr<std::thread> thread;
+  {
+    std::lock_guard guard(mutex_);
+    thread = std::move(growth_thread_);
+  }
+  if (thread) {
+    stop_growth_ = abandon;
+    thread->join();
+  }
 }
 
 std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
@@ -142,6 +280,13 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     detail::LockGuard across_processes(*lock_);
     first = detail::commit_batch(*files_, batch, synced_era_,
                                  [this](const Error& error) { poison(error); });
+    if (index_keys(first + batch.rows)) {
+      // A new claim means the last growth passed finish_growth() (under mutex_, held here):
+      // its thread is exiting, so the join is immediate.
+      if (growth_thread_) growth_thread_->join();
+      stop_growth_ = false;
+      growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
+    }
   }
   // Outside the lock: waking readers and this writer's flush need not hold other writers up.
   detail::os::futex_wake_all(files_->state().committed_word());
@@ -207,6 +352,8 @@ void Writer::Impl::close() {
     sync_thread_->join();  // Before lifetime_ is taken: its sync() holds lifetime_ shared.
     sync_thread_.reset();
   }
+  // A growth in progress is finished, so the next writer does not redo it under the lock.
+  join_growth(/*abandon=*/false);
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   std::exception_ptr final_error;
   if (options_.sync != SyncPolicy::kNone) {
@@ -217,7 +364,19 @@ void Writer::Impl::close() {
       final_error = std::current_exception();
     }
   }
+  {
+    std::lock_guard guard(poison_mutex_);
+    if (!final_error && key_index_error_) {
+      final_error = std::make_exception_ptr(
+          Error(key_index_error_->code(),
+                path_ + ": the key index could not be maintained (" + key_index_error_->what() +
+                    "); every row is stored, lookups scan the unindexed ones until the next "
+                    "writer indexes them",
+                key_index_error_->sys_errno()));
+    }
+  }
   closed_ = true;
+  keys_.reset();
   lock_.reset();
   files_.reset();
   if (final_error) std::rethrow_exception(final_error);
@@ -371,6 +530,7 @@ std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t 
 }
 
 void Writer::sync() { impl_->sync(); }
+void Writer::rebuild_key_index() { impl_->rebuild_key_index(); }
 void Writer::close() { impl_->close(); }
 std::uint64_t Writer::committed_rows() const {
   return impl_->with_files([](const StoreFiles& f) { return f.state().committed(); });
@@ -385,8 +545,6 @@ DType Writer::dtype() const {
   return impl_->with_files([](const StoreFiles& f) { return f.layout().dtype; });
 }
 const std::string& Writer::path() const { return impl_->path(); }
-StoreInfo Writer::info() const {
-  return impl_->with_files([](const StoreFiles& f) { return f.info(); });
-}
+StoreInfo Writer::info() const { return impl_->info(); }
 
 }  // namespace embstore

@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 #include <cstring>
+#include <filesystem>
 #include <vector>
 
 #include "embstore/embstore.h"
@@ -23,12 +24,21 @@ namespace {
 
 constexpr std::uint32_t kDim = 256;  // 1 KiB rows
 
-// Appends 64-row batches until one throws; returns the error (kIO if none was thrown).
-Error fill(Writer& w, std::uint64_t& seq) {
+// The key of row `seq`: all distinct, or cycling through `key_count` keys (0: all distinct).
+std::uint64_t key_of(std::uint64_t seq, std::uint64_t key_count) {
+  return test::make_key(0, key_count == 0 ? seq : seq % key_count);
+}
+
+// Appends 64-row batches until one throws; returns the error (kIO if none was thrown). `seq`
+// counts the rows of every append that returned.
+Error fill(Writer& w, std::uint64_t& seq, std::uint64_t key_count = 0) {
   for (int i = 0; i < 100000; ++i) {
-    const auto values = test::batch_payload(0, seq, 64, kDim);
+    std::vector<float> values(64 * kDim);
     std::vector<std::uint64_t> keys(64);
-    for (int k = 0; k < 64; ++k) keys[k] = test::make_key(0, seq + k);
+    for (int k = 0; k < 64; ++k) {
+      keys[k] = key_of(seq + k, key_count);
+      test::payload_for(keys[k], kDim, values.data() + k * kDim);
+    }
     try {
       w.append(keys, 0, std::span<const float>(values));
     } catch (const Error& e) {
@@ -39,29 +49,39 @@ Error fill(Writer& w, std::uint64_t& seq) {
   return Error(ErrorCode::kIO, "the disk never filled");
 }
 
-bool rows_intact(const std::string& path, std::uint64_t rows) {
+bool rows_intact(const std::string& path, std::uint64_t rows, std::uint64_t key_count = 0) {
   Reader r = Reader::open(path);
   if (r.size() != rows || !r.verify().ok()) return false;
   for (std::uint64_t row = 0; row < rows; ++row) {
-    if (!test::payload_matches(test::make_key(0, row), kDim, r.rows().row(row))) return false;
+    if (!test::payload_matches(key_of(row, key_count), kDim, r.rows().row(row))) return false;
   }
   return true;
 }
+
+// Mounts a tmpfs of `size` (e.g. "2m") at dir/mnt for the life of the object; `mounted` is false
+// when this process may not mount (not root).
+struct SmallTmpfs {
+  std::string at;
+  bool mounted = false;
+  SmallTmpfs(const TempDir& dir, const char* size) : at(dir / "mnt") {
+    test::run_shell("mkdir -p '" + at + "'");
+    mounted = ::mount("tmpfs", at.c_str(), "tmpfs", 0, (std::string("size=") + size).c_str()) == 0;
+  }
+  ~SmallTmpfs() {
+    if (mounted) ::umount2(at.c_str(), MNT_DETACH);
+  }
+};
 
 }  // namespace
 
 TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "[faults][full]") {
   TempDir dir;
-  const std::string mnt = dir / "mnt";
-  test::run_shell("mkdir -p '" + mnt + "'");
-  if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=2m") != 0) {
+  const SmallTmpfs tmpfs(dir, "2m");
+  if (!tmpfs.mounted) {
     WARN("cannot mount tmpfs here (not root?): skipped");
     return;
   }
-  struct Unmount {
-    std::string at;
-    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
-  } unmount{mnt};
+  const std::string& mnt = tmpfs.at;
 
   const std::string path = mnt + "/s";
   CreateOptions o;
@@ -84,9 +104,12 @@ TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "
   CHECK(rows_intact(path, seq));
   CHECK(read_info(path).data_file_bytes % o.segment_bytes == 0);
 
-  // The failure repeats cleanly while the disk stays full...
-  std::uint64_t ignored = seq;
-  CHECK(fill(w, ignored).code() == ErrorCode::kFull);
+  // The failure repeats cleanly while the disk is full. Every append that returns counts: the
+  // store may free space by itself meanwhile (the refresh above let go of a key index
+  // generation a growth replaced: see the test below), and such appends then succeed.
+  CHECK(fill(w, seq).code() == ErrorCode::kFull);
+  CHECK(w.committed_rows() == seq);
+  CHECK(rows_intact(path, seq));
   // ...and appends resume once space frees, with no reopen.
   test::run_shell("rm -f '" + mnt + "/ballast'");
   const std::uint64_t before = seq;
@@ -95,6 +118,99 @@ TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "
   CHECK(seq > before);
   CHECK(rows_intact(path, seq));
   CHECK(follower.refresh() == seq);
+}
+
+TEST_CASE("A reader holding a replaced key index frees its space at refresh; appends then resume",
+          "[faults][full][keys]") {
+  TempDir dir;
+  const SmallTmpfs tmpfs(dir, "2m");
+  if (!tmpfs.mounted) {
+    WARN("cannot mount tmpfs here (not root?): skipped");
+    return;
+  }
+  const std::string path = tmpfs.at + "/s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 64 * 1024;
+  Writer w = Writer::create(path, o);
+  Reader follower = Reader::open(path);  // Maps keys.1.
+  // keys.2 replaces keys.1, which is unlinked but stays allocated while the follower maps it.
+  w.rebuild_key_index();
+  CHECK_FALSE(std::filesystem::exists(path + "/keys.1"));
+  CHECK(std::filesystem::exists(path + "/keys.2"));
+
+  // 64 keys in one epoch: the key index neither grows nor extends its chain (its first 64 KiB
+  // hold 4096 rows), so only the data and offset index files take space below.
+  constexpr std::uint64_t kKeys = 64;
+  std::uint64_t seq = 0;
+  CHECK(fill(w, seq, kKeys).code() == ErrorCode::kFull);
+  const std::uint64_t full_at = seq;
+  CHECK(full_at > 0);
+  CHECK(fill(w, seq, kKeys).code() == ErrorCode::kFull);
+  CHECK(seq == full_at);  // Nothing freed yet: the failure repeats.
+  CHECK(w.committed_rows() == seq);
+
+  // The follower moves to keys.2 and lets go of keys.1: its tables and 64 KiB of chain are
+  // freed, more than a 64 KiB segment and its offset index entries take.
+  CHECK(follower.refresh() == seq);
+  CHECK(fill(w, seq, kKeys).code() == ErrorCode::kFull);
+  CHECK(seq > full_at);
+  // Every append that returned is stored, and only those.
+  CHECK(w.committed_rows() == seq);
+  CHECK(follower.refresh() == seq);
+  CHECK(rows_intact(path, seq, kKeys));
+  CHECK(follower.find(key_of(seq - 1, kKeys), 0) == seq - 1);
+}
+
+TEST_CASE("A key index that met a full disk is caught up by the next append once space frees",
+          "[faults][full][keys]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = 4;
+  o.segment_bytes = 4 << 20;  // Room for every row: only the key index allocates below.
+  Writer w = Writer::create(path, o);
+  // 256 rows over 64 keys in epoch `epoch`: 256 (key, epoch) pairs at most, so no table grows.
+  auto append_batch = [&](std::uint64_t epoch) {
+    std::vector<std::uint64_t> keys(256);
+    std::vector<float> values(256 * 4);
+    const std::uint64_t first = w.committed_rows();
+    for (std::uint64_t i = 0; i < keys.size(); ++i) {
+      keys[i] = i % 64;
+      for (std::uint64_t j = 0; j < 4; ++j) values[i * 4 + j] = static_cast<float>(first + i);
+    }
+    return w.append(keys, epoch, std::span<const float>(values));
+  };
+  // 16 batches: 4096 rows, what the chain's first 64 KiB hold.
+  for (std::uint64_t b = 0; b < 16; ++b) append_batch(b % 4);
+  REQUIRE_THAT(w.info().key_index, !Catch::Contains("scan"));
+
+  // The chain must grow for the next rows, and every fallocate fails: the appends still succeed.
+  const std::uint64_t injected_before = detail::testing::faults_injected();
+  detail::testing::arm_fault(detail::testing::Op::kFallocate, 1, ENOSPC, /*forever=*/true);
+  for (std::uint64_t b = 0; b < 4; ++b) CHECK_NOTHROW(append_batch(b));
+  detail::testing::disarm_all();
+  CHECK(detail::testing::faults_injected() > injected_before);
+  CHECK(w.committed_rows() == 20 * 256);
+  CHECK_THAT(w.info().key_index, Catch::Contains("answered by scan"));
+  Reader r = Reader::open(path);
+  CHECK(r.find(5, 3) == 19 * 256 + 5 + 192);  // The last row of key 5 in the batch of epoch 3.
+
+  // Space is back: the next append indexes every row the failure left out, with no reopen.
+  const std::uint64_t first = append_batch(7);
+  const StoreInfo info = w.info();
+  CHECK_THAT(info.key_index, !Catch::Contains("scan"));
+  CHECK_THAT(info.key_index, Catch::Contains(std::to_string(first + 256) + " rows indexed"));
+  CHECK(r.refresh() == first + 256);
+  for (std::uint64_t key = 0; key < 64; ++key) {
+    CHECK(r.find(key, 7) == first + 192 + key);
+    CHECK(r.find(key, 3) == 19 * 256 + 192 + key);
+  }
+  const VerifyReport report = r.verify();
+  CHECK(report.key_index_checked);
+  CHECK(report.ok());
+  // Nothing is left to report: the index caught up.
+  CHECK_NOTHROW(w.close());
 }
 
 TEST_CASE("Under RLIMIT_FSIZE append fails with kFull instead of a signal", "[faults][full]") {

@@ -75,6 +75,10 @@ class Writer {
   // durable counter advanced and the header flushed). A failure poisons the Writer: every later
   // call throws kPoisoned until the store is reopened; the failed sync is never retried.
   void sync();
+  // Rebuilds the key index from the offset index (for one that Reader::verify() reports
+  // damaged; a writer already rebuilds a missing, stale or unreadable one when it opens). Takes
+  // the writer lock for the rebuild: about a second per 10M rows.
+  void rebuild_key_index();
 
   // Releases the lock file, mappings and background thread. Idempotent. Under SyncPolicy
   // kInterval or kEveryAppend, syncs first (throwing if that fails).

@@ -81,6 +81,7 @@ struct StatePage {
   alignas(64) std::uint64_t boot_id[2];
   alignas(64) std::uint64_t generation;
   alignas(64) std::uint64_t era;
+  alignas(64) std::uint64_t key_generation;  // Current keys.K; 0: none (every 1.0 store).
 };
 static_assert(offsetof(StatePage, committed_rows) == 0);
 static_assert(offsetof(StatePage, durable_rows) == 64);
@@ -88,6 +89,7 @@ static_assert(offsetof(StatePage, capacity_rows) == 128);
 static_assert(offsetof(StatePage, boot_id) == 192);
 static_assert(offsetof(StatePage, generation) == 256);
 static_assert(offsetof(StatePage, era) == 320);
+static_assert(offsetof(StatePage, key_generation) == 384);
 static_assert(sizeof(StatePage) <= 512, "counters must share one 512-byte sector");
 
 struct IndexEntry {

@@ -50,6 +50,8 @@ class StoreFiles {
   int index_fd() const { return index_fd_; }
   int header_fd() const { return header_fd_; }
 
+  // Most rows the reserved address space can map.
+  std::uint64_t reserved_rows() const { return index_->reserved_bytes() / kIndexEntryBytes; }
   // Rows the current mappings cover.
   std::uint64_t mapped_rows() const { return mapped_rows_; }
   // Maps both files far enough to cover `rows` rows. Checks the files really are that long

@@ -68,5 +68,7 @@ bool scenario_corruption(std::uint64_t seed);  // 12
 bool scenario_fuzz_smoke(std::uint64_t seed);  // 13
 bool scenario_python(std::uint64_t seed);      // 14
 bool scenario_model(std::uint64_t seed);       // 15
+// Key index scenario (scenarios_keys.cc).
+bool scenario_key_index(std::uint64_t seed);  // 21
 
 }  // namespace embstore::torture

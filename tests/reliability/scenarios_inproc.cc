@@ -676,6 +676,8 @@ const std::vector<Scenario>& all_scenarios() {
       {"13", "mutation fuzzing of store files through the fuzz entry", scenario_fuzz_smoke},
       {"14", "Python views across growth and reader close", scenario_python},
       {"15", "model-based: random ops against an in-memory oracle", scenario_model},
+      {"21", "key index: kill -9 while indexing and growing, missing and damaged files",
+       scenario_key_index},
   };
   return table;
 }

@@ -152,7 +152,8 @@ def info(path: PathLike) -> dict:
     CLI's ``info --json`` uses too: path, format_major, format_minor (ints; the format version
     is "{format_major}.{format_minor}"), dtype (name), dim, record_bytes, segment_bytes,
     store_id (32 hex digits), created_unix_ns, metadata (text), generation, committed_rows,
-    durable_rows, capacity_rows, data_file_bytes, index_file_bytes.
+    durable_rows, capacity_rows, data_file_bytes, index_file_bytes; from the key index:
+    distinct_keys, epochs ({epoch: rows}) and key_index (its state, or why lookups scan).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -547,7 +548,9 @@ class Record(NamedTuple):
 
 class VerifyReport:
     """Result of Reader.verify(): ``ok``, ``rows_checked``, ``bad_row_count``, ``bad_rows``
-    (the first 1000 bad row numbers), ``begin_row``, ``end_row``. Truthy when ok."""
+    (the first 1000 bad row numbers), ``begin_row``, ``end_row``; for a whole-snapshot verify
+    also ``key_index_checked``, ``key_index_problems`` and ``key_index_problem`` (the key index
+    against the offset index). Truthy when ok."""
 
     def __init__(self, fields: dict) -> None:
         self.begin_row: int = fields["begin_row"]
@@ -555,10 +558,13 @@ class VerifyReport:
         self.rows_checked: int = fields["rows_checked"]
         self.bad_row_count: int = fields["bad_row_count"]
         self.bad_rows: list = list(fields["bad_rows"])
+        self.key_index_checked: bool = fields["key_index_checked"]
+        self.key_index_problems: int = fields["key_index_problems"]
+        self.key_index_problem: str = fields["key_index_problem"]
 
     @property
     def ok(self) -> bool:
-        return self.bad_row_count == 0
+        return self.bad_row_count == 0 and self.key_index_problems == 0
 
     def __bool__(self) -> bool:
         return self.ok
@@ -693,6 +699,55 @@ class Reader(_Handle):
         """Recomputes the checksums of rows [begin, end) of the snapshot (GIL released)."""
         begin, end = self._range("verify", begin, end)
         return VerifyReport(self._native.verify(begin, end))
+
+    # Lookups by key (sample id) and epoch, for this snapshot, through the store's key index (a
+    # scan where there is none; see info()["key_index"]). A (key, epoch) appended twice: the
+    # later row wins in find/get, history lists both. ``r[i]`` stays row-number indexing.
+
+    def get(self, key: int, epoch: Optional[int] = None) -> np.ndarray:
+        """The vector of ``key`` at ``epoch`` (None: its latest), a zero-copy read-only view;
+        KeyError if there is none."""
+        return self._native.get(int(key), None if epoch is None else int(epoch))
+
+    def find(self, key: int, epoch: Optional[int] = None) -> Optional[int]:
+        """The row of ``key`` at ``epoch`` (None: its latest row), or None."""
+        row = self._native.find(int(key), None if epoch is None else int(epoch))
+        return None if row < 0 else row
+
+    def find_many(self, keys, epochs=None) -> np.ndarray:
+        """Rows (int64, -1 where missing) of ``keys`` at ``epochs`` (an array as long as
+        ``keys``, one int for all, or None: the latest). Vectorised, GIL released."""
+        if epochs is not None and np.ndim(epochs) == 0:
+            epochs = np.array([epochs], dtype=np.uint64)
+        return self._native.find_many(np.asarray(keys, dtype=np.uint64),
+                                      None if epochs is None else np.asarray(epochs, np.uint64))
+
+    def gather(self, rows) -> np.ndarray:
+        """Copies ``rows`` (as from find_many; -1 gives a row of zeros) into one dense
+        (len(rows), dim) array, GIL released."""
+        return self._native.gather(np.asarray(rows, dtype=np.int64))
+
+    def get_many(self, keys, epochs=None) -> np.ndarray:
+        """The vectors of ``keys`` (at ``epochs``, as in find_many) as one dense matrix;
+        KeyError naming the first missing key."""
+        rows = self.find_many(keys, epochs)
+        missing = np.flatnonzero(rows < 0)
+        if missing.size:
+            raise KeyError(f"key {int(np.asarray(keys)[missing[0]])} is not in {self.path} "
+                           f"({missing.size} of {rows.size} keys missing)")
+        return self.gather(rows)
+
+    def history(self, key: int) -> list:
+        """Every version of ``key`` in commit order, as (row, epoch) tuples."""
+        return self._native.history(int(key))
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """The rows of ``epoch`` in commit order (int64)."""
+        return self._native.epoch_rows(int(epoch))
+
+    def epoch_counts(self) -> dict:
+        """The epochs present, {epoch: row count}, ascending."""
+        return self._native.epoch_counts()
 
     @property
     def metadata(self) -> Union[dict, list, str]:
