@@ -196,6 +196,8 @@ TEST_CASE("A store copied sparse onto a full disk gives kFull and never SIGBUS",
     }
   }
   CHECK(rows_intact(path, 140));
+}
+
 TEST_CASE("A reader holding a replaced key index frees its space at refresh, then appends resume",
           "[faults][full][keys]") {
   TempDir dir;
