@@ -240,8 +240,10 @@ TEST_CASE("A reader holding a replaced key index frees its space at refresh, the
   CHECK(follower.find(key_of(seq - 1, kKeys), 0) == seq - 1);
 }
 
-TEST_CASE("A key index that met a full disk: appends succeed, close() reports it, the next writer rebuilds",
-          "[faults][full][keys]") {
+TEST_CASE(
+    "A key index that met a full disk: appends succeed, close() reports it, the next writer "
+    "rebuilds",
+    "[faults][full][keys]") {
   TempDir dir;
   const std::string path = dir / "s";
   CreateOptions o;

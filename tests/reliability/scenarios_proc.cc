@@ -879,13 +879,23 @@ bool create_kills(Rng& rng, Setup& s, const std::string& mnt) {
 bool create_races(Rng& rng, Setup& s, const std::string& mnt) {
   bool ok = true;
   const std::string segment = "262144";
+  constexpr int kMaxRacers = 10;
+  constexpr int kBatches = 20;
+  // "One store" is the store after the race: its files and the key index its writers build for
+  // every row the racers can append (distinct keys, the worst case for the index).
   std::uint64_t store_bytes = 0;
   {
     const std::uint64_t before = free_bytes(mnt);
     CreateOptions o;
     o.dim = s.params().dim;
     o.segment_bytes = std::stoull(segment);
-    create_store(mnt + "/probe", o);
+    Writer w = Writer::create(mnt + "/probe", o);
+    const std::uint64_t rows = std::uint64_t{kMaxRacers} * kBatches * s.params().max_batch;
+    std::vector<std::uint64_t> keys(rows);
+    for (std::uint64_t i = 0; i < rows; ++i) keys[i] = i;
+    const std::vector<float> values(rows * o.dim, 1.0f);
+    w.append(keys, 0, std::span<const float>(values));
+    w.close();
     store_bytes = before - free_bytes(mnt);
     remove_all(mnt + "/probe");
   }
@@ -899,13 +909,13 @@ bool create_races(Rng& rng, Setup& s, const std::string& mnt) {
     fill_to(mnt, mnt + "/filler", store_bytes + store_bytes / 4 + rng.below(store_bytes / 8));
     const std::string fifo = s.dir() + "/start" + std::to_string(round);
     if (::mkfifo(fifo.c_str(), 0600) != 0) return fail("mkfifo " + fifo);
-    const int racers = static_cast<int>(rng.range(6, 10));
+    const int racers = static_cast<int>(rng.range(6, kMaxRacers));
     std::vector<pid_t> pids;
     for (int i = 0; i < racers; ++i) {
       auto args = role_args("writer", p);
-      args.insert(args.end(),
-                  {"--writer", std::to_string(s.new_writer()), "--open-or-create",
-                   "--segment-bytes", segment, "--batches", "20", "--start-fifo", fifo});
+      args.insert(args.end(), {"--writer", std::to_string(s.new_writer()), "--open-or-create",
+                               "--segment-bytes", segment, "--batches", std::to_string(kBatches),
+                               "--start-fifo", fifo});
       pids.push_back(spawn_self(args));
     }
     // Opening the FIFO read-write never blocks and releases every racer waiting on it.
