@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <future>
 #include <mutex>
 #include <optional>
 #include <shared_mutex>
@@ -50,7 +51,15 @@ class Writer::Impl {
       open_key_index();
     }
     if (options_.sync == SyncPolicy::kInterval) {
-      sync_thread_ = std::make_unique<std::thread>([this] { sync_loop(); });
+      // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in
+      // that instant would hand the child an allocator locked by a thread it does not have.
+      std::promise<void> started;
+      std::future<void> running = started.get_future();
+      sync_thread_ = std::make_unique<std::thread>([this, &started] {
+        started.set_value();
+        sync_loop();
+      });
+      running.wait();
     }
   }
 
