@@ -49,8 +49,8 @@
 //
 // Lookups by key
 //   Reader::find/history/epoch_rows/epochs/find_many answer for the reader's snapshot through the
-//   key index (src/format/FORMAT.md, "keys.K"): derived data that writers maintain under the writer lock
-//   right after each publish and that readers use without a lock. A lookup never returns a row
+//   key index (src/format/FORMAT.md, "keys.K"): derived data that writers maintain under the writer
+//   lock right after each publish and that readers use without a lock. A lookup never returns a row
 //   at or past the snapshot. The index is never the only copy of anything: rows it has not
 //   covered yet (a writer died before indexing them) are found by a short scan; a missing,
 //   damaged or pre-reboot index makes lookups scan the whole offset index (info().key_index says
