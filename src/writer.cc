@@ -18,7 +18,6 @@
 
 #include "embstore/error.h"
 #include "format/format.h"
-#include "index/key_index_format.h"
 #include "index/store_keys.h"
 #include "log/batch.h"
 #include "log/commit.h"
@@ -188,26 +187,6 @@ void Writer::Impl::allocate_files() {
   for (const auto& [fd, path] : files) {
     const std::uint64_t bytes = detail::os::file_size(fd, *path);
     if (bytes != 0) detail::os::allocate(fd, 0, bytes, *path);
-  }
-  // The key index is written through its mapping too. A missing file is not an error here: the
-  // key index handle rebuilds it (and allocates what it builds).
-  if (const std::uint64_t k = files_->state().key_generation(); k != 0) {
-    const std::string keys = path_ + "/" + detail::key_index_file_name(k);
-    int fd = -1;
-    try {
-      fd = detail::os::open_file(keys, detail::os::Access::kReadWrite);
-    } catch (const Error& error) {
-      if (error.code() != ErrorCode::kNotFound) throw;
-      return;
-    }
-    try {
-      const std::uint64_t bytes = detail::os::file_size(fd, keys);
-      if (bytes != 0) detail::os::allocate(fd, 0, bytes, keys);
-    } catch (...) {
-      detail::os::close_fd(fd);
-      throw;
-    }
-    detail::os::close_fd(fd);
   }
 }
 

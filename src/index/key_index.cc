@@ -230,6 +230,9 @@ std::shared_ptr<KeyIndexFile> KeyIndexFile::open(const std::string& dir, std::ui
     corrupt(path, "file is " + std::to_string(file_bytes) + " bytes, too short for its " +
                       std::to_string(file->chain_offset_) + " bytes of tables");
   }
+  // A writer stores through the mapping: a file copied or restored sparse must have its holes
+  // allocated first, or a full disk turns those stores into SIGBUS (free when allocated).
+  if (access == os::Access::kReadWrite) os::allocate(file->fd_, 0, file_bytes, path);
   file->map_header_and_tables(file->fd_, reserve_for(file->chain_offset_, identity.max_rows),
                               access);
   const std::uint64_t indexed = file->indexed_rows();
