@@ -350,6 +350,7 @@ int role_faultrun(const Args& args) {
     const std::uint64_t end = append_one(again);
     again.sync();
     log.durable(end);
+    again.close();  // A key index failure is reported here, never by the destructor.
   });
   attempt("info", [&] { (void)read_info(p.store); });
   const std::uint64_t injected = detail::testing::faults_injected();
