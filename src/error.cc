@@ -28,6 +28,8 @@ const char* error_code_name(ErrorCode code) noexcept {
       return "forked_child";
     case ErrorCode::kClosed:
       return "closed";
+    case ErrorCode::kPermissionDenied:
+      return "permission_denied";
   }
   return "unknown";
 }

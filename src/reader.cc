@@ -4,9 +4,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstddef>
+#include <cstring>
 
 #include "embstore/error.h"
 #include "format/format.h"
+#include "index/store_keys.h"
 #include "log/recovery.h"
 #include "platform/os.h"
 #include "storage/store_files.h"
@@ -18,7 +20,10 @@ using detail::StoreFiles;
 class Reader::Impl {
  public:
   explicit Impl(std::unique_ptr<StoreFiles> files)
-      : files_(std::move(files)), path_(files_->dir()), metadata_(files_->layout().metadata) {}
+      : files_(std::move(files)),
+        path_(files_->dir()),
+        metadata_(files_->layout().metadata),
+        keys_(detail::make_key_index_handle(*files_, detail::os::Access::kReadOnly)) {}
 
   std::shared_ptr<StoreFiles> files_;  // Shared with owner() copies; null after close().
   std::string path_;
@@ -45,6 +50,44 @@ class Reader::Impl {
   }
   // After a reboot, before any writer recovered the store: rows below this were verified.
   std::uint64_t verified_upto_ = 0;
+  std::unique_ptr<detail::KeyIndexHandle> keys_;
+  // The key index is opened at the first call that needs it, not at open: a Reader that never
+  // looks a key up holds no mapping of it (thousands of Readers fit under vm.max_map_count).
+  // Set once under keys_mutex_; refresh() keeps it current from then on.
+  mutable std::atomic<bool> keys_opened_{false};
+  mutable std::mutex keys_mutex_;
+  // keys_->current() as of the last refresh: lookups use it without taking the handle's mutex.
+  mutable std::shared_ptr<const detail::KeyIndexFile> key_index_;
+
+  // Opens the key index on first use (concurrent const callers: one opens, all see it).
+  detail::KeyIndexHandle& keys() const {
+    if (!keys_opened_.load(std::memory_order_acquire)) {
+      std::lock_guard guard(keys_mutex_);
+      if (!keys_opened_.load(std::memory_order_relaxed)) {
+        keys_->refresh();
+        key_index_ = keys_->current();
+        keys_opened_.store(true, std::memory_order_release);
+      }
+    }
+    return *keys_;
+  }
+
+  // Runs f(const KeyQuery&) over this snapshot (store_keys.h).
+  template <typename F>
+  auto query(F&& f) const {
+    const StoreFiles& f_files = files();
+    detail::KeyIndexHandle& handle = keys();
+    // After a lookup found the index damaged, the handle no longer offers it: scan.
+    const detail::KeyIndexFile* index =
+        key_index_ && handle.has_current() ? key_index_.get() : nullptr;
+    return detail::with_key_query(handle, index, f_files, snapshot_, std::forward<F>(f));
+  }
+
+  void refresh_keys() {
+    if (!keys_opened_.load(std::memory_order_acquire)) return;  // Opened when first needed.
+    keys_->refresh();
+    key_index_ = keys_->current();
+  }
 
   StoreFiles& files() const {
     if (!files_) throw Error(ErrorCode::kClosed, path_ + ": the Reader is closed");
@@ -64,6 +107,8 @@ class Reader::Impl {
     if (!log.same_boot && f.same_boot()) return refresh();
     if (!log.same_boot) verified_upto_ = std::max(verified_upto_, log.verified_upto);
     snapshot_ = std::max(snapshot_, log.recovered.committed);
+    // A key index from an earlier boot is refused (lookups scan) until a writer rebuilds it.
+    refresh_keys();
     return snapshot_;
   }
 
@@ -167,6 +212,41 @@ VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
     ++report.bad_row_count;
     if (report.bad_rows.size() < VerifyReport::kMaxListed) report.bad_rows.push_back(row);
   }
+  if (begin == 0 && end == impl_->snapshot_) {
+    const VerifyReport keys = verify_key_index();
+    report.key_index_checked = keys.key_index_checked;
+    report.key_index_problems = keys.key_index_problems;
+    report.key_index_problem = keys.key_index_problem;
+  }
+  return report;
+}
+
+VerifyReport Reader::verify_key_index() const {
+  const StoreFiles& f = impl_->files();
+  VerifyReport report;
+  report.begin_row = 0;
+  report.end_row = impl_->snapshot_;
+  if (const auto index = impl_->keys().current()) {
+    report.key_index_checked = true;
+    try {
+      report.key_index_problems =
+          index->check(f.entry_ptr(0), std::min(impl_->snapshot_, index->indexed_rows()),
+                       &report.key_index_problem);
+    } catch (const Error& error) {
+      if (error.code() == ErrorCode::kNotFound) {
+        // Replaced by a newer generation while being checked: refresh() and verify again.
+        report.key_index_checked = false;
+      } else {
+        if (error.code() != ErrorCode::kCorruption) throw;
+        report.key_index_problems = 1;
+        report.key_index_problem = error.what();
+      }
+    }
+  } else if (impl_->keys().damaged()) {
+    report.key_index_checked = true;
+    report.key_index_problems = 1;
+    report.key_index_problem = impl_->keys().status();
+  }
   return report;
 }
 
@@ -174,7 +254,93 @@ std::uint32_t Reader::dim() const { return impl_->files().layout().dim; }
 DType Reader::dtype() const { return impl_->files().layout().dtype; }
 const std::string& Reader::path() const { return impl_->path_; }
 const std::string& Reader::metadata() const { return impl_->metadata_; }
-StoreInfo Reader::info() const { return impl_->files().info(); }
+StoreInfo Reader::info() const {
+  StoreInfo info = impl_->files().info();
+  detail::fill_key_info(impl_->keys(), impl_->files(), impl_->snapshot_, info);
+  return info;
+}
+
+std::optional<std::uint64_t> Reader::find(std::uint64_t key, std::uint64_t epoch) const {
+  return impl_->query([&](const detail::KeyQuery& q) { return q.find(key, epoch); });
+}
+
+std::optional<std::uint64_t> Reader::find(std::uint64_t key) const {
+  return impl_->query([&](const detail::KeyQuery& q) { return q.find_latest(key); });
+}
+
+std::vector<KeyVersion> Reader::history(std::uint64_t key) const {
+  const std::vector<std::uint64_t> rows =
+      impl_->query([&](const detail::KeyQuery& q) { return q.history(key); });
+  std::vector<KeyVersion> out;
+  out.reserve(rows.size());
+  const StoreFiles& f = impl_->files();
+  for (const std::uint64_t row : rows) out.push_back({row, f.entry_ptr(row)->epoch});
+  return out;
+}
+
+std::vector<std::uint64_t> Reader::epoch_rows(std::uint64_t epoch) const {
+  return impl_->query([&](const detail::KeyQuery& q) { return q.epoch_rows(epoch); });
+}
+
+std::vector<EpochRows> Reader::epochs() const {
+  const auto counts = impl_->query([](const detail::KeyQuery& q) { return q.epochs(); });
+  std::vector<EpochRows> out;
+  out.reserve(counts.size());
+  for (const auto& c : counts) out.push_back({c.epoch, c.rows});
+  return out;
+}
+
+void Reader::find_many(std::span<const std::uint64_t> keys, std::span<const std::uint64_t> epochs,
+                       std::span<std::int64_t> out) const {
+  if (out.size() != keys.size() || (epochs.size() > 1 && epochs.size() != keys.size())) {
+    throw Error(ErrorCode::kInvalidArgument,
+                impl_->path_ + ": find_many: " + std::to_string(keys.size()) + " keys, " +
+                    std::to_string(epochs.size()) + " epochs (want as many as keys, 1 or 0) and " +
+                    std::to_string(out.size()) + " outputs");
+  }
+  impl_->query([&](const detail::KeyQuery& q) {
+    q.find_many(keys, epochs, out.data());
+    return 0;
+  });
+}
+
+void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes) const {
+  const StoreFiles& f = impl_->files();
+  const std::uint64_t row_bytes = f.layout().record_bytes;
+  if (out_bytes != rows.size() * row_bytes) {
+    throw Error(ErrorCode::kInvalidArgument,
+                impl_->path_ + ": gather: " + std::to_string(out_bytes) + " bytes for " +
+                    std::to_string(rows.size()) + " rows of " + std::to_string(row_bytes));
+  }
+  auto* dest = static_cast<std::byte*>(out);
+  for (std::size_t i = 0; i < rows.size(); ++i, dest += row_bytes) {
+    const std::int64_t row = rows[i];
+    if (row == -1) {
+      std::memset(dest, 0, row_bytes);
+      continue;
+    }
+    if (row < 0 || static_cast<std::uint64_t>(row) >= impl_->snapshot_) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  impl_->path_ + ": gather: row " + std::to_string(row) +
+                      " is outside the snapshot of " + std::to_string(impl_->snapshot_) + " rows");
+    }
+    std::memcpy(dest, f.row_ptr(static_cast<std::uint64_t>(row)), row_bytes);
+  }
+}
+
+std::vector<Record> Reader::lookup(std::uint64_t key, std::optional<std::uint64_t> epoch,
+                                   bool all_versions) const {
+  std::vector<Record> out;
+  if (all_versions) {
+    for (const KeyVersion& v : history(key)) {
+      if (!epoch || v.epoch == *epoch) out.push_back(record(v.row));
+    }
+    return out;
+  }
+  const std::optional<std::uint64_t> row = epoch ? find(key, *epoch) : find(key);
+  if (row) out.push_back(record(*row));
+  return out;
+}
 
 std::shared_ptr<const void> Reader::owner() const {
   impl_->files();

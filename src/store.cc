@@ -1,11 +1,14 @@
-// create_store and read_info: store-level operations that need neither a Writer nor a Reader.
+// create_store and read_info: store-level operations (read_info reads through a Reader).
 #include "embstore/store.h"
 
 #include <cstring>
+#include <string_view>
 
 #include "embstore/error.h"
+#include "embstore/reader.h"
 #include "format/format.h"
 #include "platform/os.h"
+#include "platform/testing.h"
 #include "storage/store_files.h"
 
 namespace embstore {
@@ -32,6 +35,56 @@ void write_new_file(const std::string& path, const std::string& bytes, std::uint
   detail::os::close_fd(fd);
 }
 
+bool is_hex(std::string_view text) {
+  return text.find_first_not_of("0123456789abcdef") == std::string_view::npos;
+}
+
+constexpr std::size_t kStagingSuffixChars = 12;
+
+// The create lock of one store path: an OFD lock on `<path>.create-lock`, held by whoever builds
+// a staging directory for that path, for the whole create. So a staging directory whose
+// creator does not hold the lock is dead (its creator was killed), and racing creators wait for
+// the first instead of each allocating a whole store. The holder unlinks the file before
+// releasing it; a waiter that then wins the lock on the unlinked file sees it is no longer the
+// file at that path and starts over, so at most one process holds the lock of the path.
+class CreateLock {
+ public:
+  explicit CreateLock(const std::string& store_path) : path_(store_path + ".create-lock") {
+    for (;;) {
+      fd_ = detail::os::open_or_create_file(path_);
+      try {
+        detail::os::lock_exclusive(fd_, path_);
+      } catch (...) {
+        detail::os::close_fd(fd_);
+        throw;
+      }
+      if (detail::os::same_file(fd_, path_)) return;
+      detail::os::close_fd(fd_);  // Unlinked by the holder we waited for: take the new one.
+    }
+  }
+  ~CreateLock() {
+    detail::os::remove_file(path_);
+    detail::os::close_fd(fd_);  // Drops the lock.
+  }
+  CreateLock(const CreateLock&) = delete;
+  CreateLock& operator=(const CreateLock&) = delete;
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+};
+
+// Under the create lock: every `<path>.creating.<hex>` directory was left by a killed creator.
+void remove_stale_staging(const std::string& parent, const std::string& path) {
+  const std::string prefix = path.substr(path.rfind('/') + 1) + ".creating.";
+  for (const std::string& name : detail::os::list_dir(parent)) {
+    if (name.size() == prefix.size() + kStagingSuffixChars && name.starts_with(prefix) &&
+        is_hex(std::string_view(name).substr(prefix.size()))) {
+      detail::os::remove_tree(parent + "/" + name);
+    }
+  }
+}
+
 }  // namespace
 
 void create_store(const std::string& path_in, const CreateOptions& options) {
@@ -39,7 +92,8 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "create: the store path is empty");
   detail::validate_create_params(options.dtype, options.dim, options.segment_bytes,
                                  options.metadata.size());
-  if (detail::os::exists(path + "/" + detail::kHeaderFileName)) {
+  const std::string header_path = path + "/" + detail::kHeaderFileName;
+  if (detail::os::exists(header_path)) {
     throw Error(ErrorCode::kAlreadyExists, path + ": a store already exists here");
   }
   const std::string parent = parent_of(path);
@@ -47,14 +101,22 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
     throw Error(ErrorCode::kNotFound, path + ": parent directory " + parent + " does not exist",
                 ENOENT);
   }
+  const CreateLock create_lock(path);
+  remove_stale_staging(parent, path);
+  // A racing creator may have finished while this one waited for the lock.
+  if (detail::os::exists(header_path)) {
+    throw Error(ErrorCode::kAlreadyExists, path + ": a store already exists here");
+  }
 
   std::uint8_t store_id[16];
   detail::os::random_bytes(store_id, sizeof(store_id), path);
   std::uint8_t suffix[16];
   detail::os::random_bytes(suffix, sizeof(suffix), path);
-  const std::string staging = path + ".creating." + detail::store_id_hex(suffix).substr(0, 12);
+  const std::string staging =
+      path + ".creating." + detail::store_id_hex(suffix).substr(0, kStagingSuffixChars);
   detail::os::make_dir(staging);
   try {
+    EMBSTORE_CRASH_POINT("create-staged");
     std::string header =
         detail::encode_header(options.dtype, options.dim, options.segment_bytes, store_id,
                               detail::os::unix_time_ns(), options.metadata);
@@ -71,9 +133,11 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
     write_new_file(staging + "/" + detail::kHeaderFileName, header, 0);
     write_new_file(staging + "/" + detail::kLockFileName, "", 0);
     write_new_file(staging + "/" + detail::data_file_name(1), "", layout.data_bytes_for(capacity));
+    EMBSTORE_CRASH_POINT("create-allocated");
     write_new_file(staging + "/" + detail::index_file_name(1), "",
                    detail::Layout::index_bytes_for(capacity));
     detail::os::sync_dir(staging);
+    EMBSTORE_CRASH_POINT("create-before-rename");
     // rename(2) replaces an empty directory but fails on a non-empty one: the store appears
     // whole or not at all, and two racing creators cannot both win.
     if (detail::os::rename_path(staging, path) != 0) {
@@ -96,9 +160,8 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
 }
 
 StoreInfo read_info(const std::string& path) {
-  // A one-page reservation suffices: info maps none of the rows.
-  auto files = detail::StoreFiles::open(path, detail::os::Access::kReadOnly, detail::kPageBytes);
-  return files->info();
+  // The key statistics need the offset index mapped: a Reader's snapshot of the committed rows.
+  return Reader::open(path).info();
 }
 
 }  // namespace embstore

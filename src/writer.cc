@@ -7,14 +7,18 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <future>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "embstore/error.h"
 #include "format/format.h"
+#include "index/store_keys.h"
 #include "log/batch.h"
 #include "log/commit.h"
 #include "log/recovery.h"
@@ -38,11 +42,23 @@ class Writer::Impl {
         owner_pid_(detail::os::current_pid()) {
     {
       detail::LockGuard guard(*lock_);
+      allocate_files();
+      files_->upgrade_header();
+      keys_ = detail::make_key_index_handle(*files_, detail::os::Access::kReadWrite);
       recover();
       files_->map_rows(files_->state().capacity());
+      open_key_index();
     }
     if (options_.sync == SyncPolicy::kInterval) {
-      sync_thread_ = std::make_unique<std::thread>([this] { sync_loop(); });
+      // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in
+      // that instant would hand the child an allocator locked by a thread it does not have.
+      std::promise<void> started;
+      std::future<void> running = started.get_future();
+      sync_thread_ = std::make_unique<std::thread>([this, &started] {
+        started.set_value();
+        sync_loop();
+      });
+      running.wait();
     }
   }
 
@@ -59,6 +75,17 @@ class Writer::Impl {
                        std::uint64_t single_epoch, const ConstMatrix& rows);
   void sync();
   void close();
+  void rebuild_key_index() {
+    join_growth(/*abandon=*/true);
+    std::shared_lock life(lifetime_);
+    check_usable();
+    std::lock_guard in_process(mutex_);
+    detail::LockGuard across_processes(*lock_);
+    const std::uint64_t committed = files_->state().committed();
+    files_->map_rows(committed);
+    keys_->open_for_writer(files_->entry_ptr(0), committed, /*rebuild=*/true);
+    keys_usable_ = true;
+  }
   // Runs f(files) with the store kept open for the call: a concurrent close() waits. For
   // accessors: a poisoned writer still reports its counters.
   template <typename F>
@@ -68,13 +95,33 @@ class Writer::Impl {
     return f(static_cast<const StoreFiles&>(*files_));
   }
   const std::string& path() const { return path_; }
+  StoreInfo info() const {
+    return with_files([this](const StoreFiles& f) {
+      StoreInfo info = f.info();
+      if (keys_) detail::fill_key_info(*keys_, f, info.committed_rows, info);
+      return info;
+    });
+  }
   bool in_owner_process() const { return detail::os::current_pid() == owner_pid_; }
 
  private:
   void check_open() const;    // Same process, not closed.
   void check_usable() const;  // check_open() and not poisoned.
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
+  void allocate_files();
   void recover();
+  // Writer lock held: opens, rebuilds or catches up the key index (index/key_index_handle.h).
+  // kFull leaves the store usable (this handle stops indexing, close() reports it); other
+  // errors fail the open.
+  void open_key_index();
+  // Records the first key index failure; this handle stops indexing (close() reports it).
+  void key_index_failed(const Error& error);
+  // Writer lock held, after a publish: indexes the new rows; true when a growth was claimed.
+  bool index_keys(std::uint64_t committed);
+  // Runs on growth_thread_: builds the larger key index without the lock, then switches to it.
+  void grow_key_index();
+  // Waits for the growth thread; `abandon` makes it stop early (drops the claim, builds nothing).
+  void join_growth(bool abandon);
   void sync_loop();
   [[noreturn]] void poison(const Error& error);
 
@@ -84,6 +131,8 @@ class Writer::Impl {
   // sync_loop holds sync_mutex_ across sync() (lifetime_ shared); close() releases sync_mutex_
   // and joins the sync thread before it takes lifetime_ exclusively. poison() runs from under
   // mutex_ and the OFD lock (a failed era flush) or under lifetime_ alone (a failed sync).
+  // The key index growth thread takes mutex_ -> lock_ like an append; close() joins it before it
+  // takes lifetime_.
   std::unique_ptr<StoreFiles> files_;  // Released by close().
   std::string path_;
   std::unique_ptr<detail::WriterLock> lock_;  // Released by close().
@@ -99,6 +148,11 @@ class Writer::Impl {
   std::mutex poison_mutex_;
   std::string poison_message_;    // Written once, under poison_mutex_, before poisoned_ is set.
   std::uint64_t synced_era_ = 0;  // Highest era this handle has seen durable. Under mutex_.
+  std::unique_ptr<detail::KeyIndexHandle> keys_;
+  std::atomic<bool> keys_usable_{false};
+  std::optional<Error> key_index_error_;        // Under poison_mutex_.
+  std::unique_ptr<std::thread> growth_thread_;  // Under mutex_.
+  std::atomic<bool> stop_growth_{false};
   std::unique_ptr<std::thread> sync_thread_;
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
@@ -121,10 +175,110 @@ void Writer::Impl::check_open() const {
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
 }
 
-// Runs under the writer lock at open: the one recovery loader (log/recovery.h), applied.
+// Runs under the writer lock at open, before anything is written through a mapping. A store
+// copied or restored sparse (cp --sparse, rsync -S, tar -S, backup tools) has holes where rows
+// and entries will be written; on a full disk a store through the mapping into a hole raises
+// SIGBUS. Allocating every byte of the files now turns that into kFull here. posix_fallocate
+// over ranges already allocated changes nothing and costs one extent walk.
+void Writer::Impl::allocate_files() {
+  const std::pair<int, const std::string*> files[] = {{files_->header_fd(), &files_->header_path()},
+                                                      {files_->data_fd(), &files_->data_path()},
+                                                      {files_->index_fd(), &files_->index_path()}};
+  for (const auto& [fd, path] : files) {
+    const std::uint64_t bytes = detail::os::file_size(fd, *path);
+    if (bytes != 0) detail::os::allocate(fd, 0, bytes, *path);
+  }
+}
+
+// Runs under the writer lock at open: the one recovery loader (log/recovery.h), applied. After
+// a reboot the key index is rebuilt for the recovered rows before the boot id is stored.
 void Writer::Impl::recover() {
   const detail::LoadedLog log = detail::load_log(*files_);
-  if (detail::apply_recovery(*files_, log)) synced_era_ = files_->state().era();
+  auto rebuild_keys = [this](StoreFiles& files, std::uint64_t rows) {
+    try {
+      keys_->open_for_writer(files.entry_ptr(0), rows, /*rebuild=*/true);
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kFull) throw;
+      key_index_failed(error);  // Readers scan; the next writer rebuilds.
+    }
+  };
+  if (detail::apply_recovery(*files_, log, rebuild_keys)) synced_era_ = files_->state().era();
+}
+
+void Writer::Impl::open_key_index() {
+  try {
+    keys_->open_for_writer(files_->entry_ptr(0), files_->state().committed());
+    keys_usable_ = true;
+  } catch (const Error& error) {
+    // No room to rebuild the key index: the store itself is fine, so the writer opens; lookups
+    // scan, close() reports it, and the next writer rebuilds. Any other failure fails the open.
+    if (error.code() != ErrorCode::kFull) throw;
+    key_index_failed(error);
+  }
+}
+
+void Writer::Impl::key_index_failed(const Error& error) {
+  keys_usable_ = false;
+  std::lock_guard guard(poison_mutex_);
+  if (!key_index_error_) key_index_error_.emplace(error);
+}
+
+bool Writer::Impl::index_keys(std::uint64_t committed) {
+  if (!keys_usable_) return false;
+  try {
+    return keys_->after_publish(files_->entry_ptr(0), committed);
+  } catch (const Error& error) {
+    // The rows are published: the append succeeded and must not throw (a retry would store them
+    // twice). This handle stops indexing; close() reports it; the next writer indexes the rows.
+    key_index_failed(error);
+    return false;
+  }
+}
+
+void Writer::Impl::grow_key_index() {
+  for (bool again = true; again;) {
+    // An append may map the files again at a larger Generation meanwhile: the build reads the
+    // entries of the one pinned here, never more rows than committed and mapped in it.
+    std::shared_ptr<const detail::Generation> pinned;
+    {
+      std::lock_guard guard(mutex_);
+      pinned = files_->pin_generation();
+    }
+    auto bound = [this, &pinned] {
+      std::lock_guard guard(mutex_);
+      return std::min(files_->state().committed(), pinned->mapped_rows());
+    };
+    std::shared_ptr<detail::KeyIndexFile> next;
+    try {
+      next = keys_->build_next(pinned->entry_ptr(0), bound, stop_growth_);
+    } catch (const Error& error) {
+      key_index_failed(error);  // finish_growth(null) drops the claim.
+      next.reset();
+    }
+    std::lock_guard in_process(mutex_);
+    try {
+      detail::LockGuard across_processes(*lock_);
+      const std::uint64_t committed = files_->state().committed();
+      files_->map_rows(committed);
+      again =
+          keys_->finish_growth(std::move(next), files_->entry_ptr(0), committed) && !stop_growth_;
+    } catch (const Error& error) {
+      key_index_failed(error);
+      again = false;
+    }
+  }
+}
+
+void Writer::Impl::join_growth(bool abandon) {
+  std::unique_ptr<std::thread> thread;
+  {
+    std::lock_guard guard(mutex_);
+    thread = std::move(growth_thread_);
+  }
+  if (thread) {
+    stop_growth_ = abandon;
+    thread->join();
+  }
 }
 
 std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
@@ -142,6 +296,13 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     detail::LockGuard across_processes(*lock_);
     first = detail::commit_batch(*files_, batch, synced_era_,
                                  [this](const Error& error) { poison(error); });
+    if (index_keys(first + batch.rows)) {
+      // A new claim means the last growth passed finish_growth() (under mutex_, held here):
+      // its thread is exiting, so the join is immediate.
+      if (growth_thread_) growth_thread_->join();
+      stop_growth_ = false;
+      growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
+    }
   }
   // Outside the lock: waking readers and this writer's flush need not hold other writers up.
   detail::os::futex_wake_all(files_->state().committed_word());
@@ -187,7 +348,11 @@ void Writer::Impl::sync_loop() {
     sync_cv_.wait_for(guard, options_.sync_interval, [this] { return stop_sync_; });
     if (stop_sync_) break;
     try {
-      sync();
+      // An idle store costs nothing: no flush when every committed row is already durable.
+      const bool idle = with_files([](const StoreFiles& files) {
+        return files.state().durable() >= files.state().committed();
+      });
+      if (!idle) sync();
     } catch (const Error&) {
       return;  // Poisoned: the next append or close reports it.
     }
@@ -207,6 +372,8 @@ void Writer::Impl::close() {
     sync_thread_->join();  // Before lifetime_ is taken: its sync() holds lifetime_ shared.
     sync_thread_.reset();
   }
+  // A growth in progress is finished, so the next writer does not redo it under the lock.
+  join_growth(/*abandon=*/false);
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   std::exception_ptr final_error;
   if (options_.sync != SyncPolicy::kNone) {
@@ -217,7 +384,19 @@ void Writer::Impl::close() {
       final_error = std::current_exception();
     }
   }
+  {
+    std::lock_guard guard(poison_mutex_);
+    if (!final_error && key_index_error_) {
+      final_error = std::make_exception_ptr(
+          Error(key_index_error_->code(),
+                path_ + ": the key index could not be maintained (" + key_index_error_->what() +
+                    "); every row is stored, lookups scan the unindexed ones until the next "
+                    "writer indexes them",
+                key_index_error_->sys_errno()));
+    }
+  }
   closed_ = true;
+  keys_.reset();
   lock_.reset();
   files_.reset();
   if (final_error) std::rethrow_exception(final_error);
@@ -328,7 +507,8 @@ Writer Writer::open_or_create(const std::string& path, const CreateOptions& crea
   WriterOptions checked = options;
   checked.expect_dim = create_options.dim;
   checked.expect_dtype = create_options.dtype;
-  // Racing processes: whoever's rename lands first creates; everyone else opens.
+  // Racing processes: create_store serializes them on the path's create lock; the first
+  // creates, the others find the store there and open it.
   for (int attempt = 0;; ++attempt) {
     try {
       return open(path, checked);
@@ -338,7 +518,13 @@ Writer Writer::open_or_create(const std::string& path, const CreateOptions& crea
     try {
       create_store(path, create_options);
     } catch (const Error& error) {
-      if (error.code() != ErrorCode::kAlreadyExists) throw;
+      // Whatever failed (a full disk, say), a store that exists now is one to open. "Already
+      // exists" goes back to open() too, which names what is there if it is not a store.
+      if (error.code() != ErrorCode::kAlreadyExists &&
+          !detail::os::exists(detail::strip_trailing_slashes(path) + "/" +
+                              detail::kHeaderFileName)) {
+        throw;
+      }
     }
   }
 }
@@ -371,6 +557,7 @@ std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t 
 }
 
 void Writer::sync() { impl_->sync(); }
+void Writer::rebuild_key_index() { impl_->rebuild_key_index(); }
 void Writer::close() { impl_->close(); }
 std::uint64_t Writer::committed_rows() const {
   return impl_->with_files([](const StoreFiles& f) { return f.state().committed(); });
@@ -385,8 +572,6 @@ DType Writer::dtype() const {
   return impl_->with_files([](const StoreFiles& f) { return f.layout().dtype; });
 }
 const std::string& Writer::path() const { return impl_->path(); }
-StoreInfo Writer::info() const {
-  return impl_->with_files([](const StoreFiles& f) { return f.info(); });
-}
+StoreInfo Writer::info() const { return impl_->info(); }
 
 }  // namespace embstore

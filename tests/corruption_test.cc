@@ -40,16 +40,26 @@ void put(const std::string& file, std::uint64_t offset, T value) {
   test::write_bytes(file, offset, bytes);
 }
 
-// Rewrites a fixed-header field and re-seals the header checksum, so the field's own check
-// (not the checksum) must catch it.
+// Where the two copies of the fixed header sit (FORMAT.md).
+constexpr std::uint64_t kCopies[] = {0, detail::kHeaderCopyOffset};
+
+// Rewrites a fixed-header field in both copies and re-seals each checksum, so the field's own
+// check (not the checksum) must catch it.
 template <typename T>
 void put_sealed(const std::string& header, std::uint64_t offset, T value) {
-  put(header, offset, value);
-  std::string bytes = test::read_file(header);
-  detail::FixedHeader h;
-  std::memcpy(&h, bytes.data(), sizeof(h));
-  (void)h;  // make_store() writes no metadata, so the checksum covers bytes 0..119 only.
-  put(header, 120, detail::header_hash(bytes.data(), 120, nullptr, 0));
+  for (std::uint64_t copy : kCopies) {
+    put(header, copy + offset, value);
+    std::string bytes = test::read_file(header);
+    // make_store() writes no metadata, so the checksum covers bytes 0..119 only.
+    put(header, copy + 120, detail::header_hash(bytes.data() + copy, 120, nullptr, 0));
+  }
+}
+
+// Flips bit `bit` of byte `offset` of `file`.
+void flip(const std::string& file, std::uint64_t offset, int bit = 2) {
+  std::string b = test::read_file(file).substr(offset, 1);
+  b[0] = static_cast<char>(b[0] ^ (1 << bit));
+  test::write_bytes(file, offset, b);
 }
 
 std::string snapshot_bytes(const std::string& path) {
@@ -89,7 +99,7 @@ TEST_CASE("Hostile headers are refused by name", "[corruption]") {
   const std::string path = make_store(dir);
   const std::string header = path + "/header";
   SECTION("bad magic") {
-    test::write_bytes(header, 0, "NOTSTORE");
+    for (std::uint64_t copy : kCopies) test::write_bytes(header, copy, "NOTSTORE");
     expect_refused(path, ErrorCode::kNotFound, {header, "magic"});
   }
   SECTION("newer major version") {
@@ -108,10 +118,8 @@ TEST_CASE("Hostile headers are refused by name", "[corruption]") {
     put_sealed<std::uint8_t>(header, 12, 9);
     expect_refused(path, ErrorCode::kCorruption, {header, "field dtype 9"});
   }
-  SECTION("a flipped bit the checksum catches") {
-    std::string b = test::read_file(header).substr(60, 1);
-    b[0] ^= 4;
-    test::write_bytes(header, 60, b);
+  SECTION("a flipped bit in each copy the checksum catches") {
+    for (std::uint64_t copy : kCopies) flip(header, copy + 60);
     expect_refused(path, ErrorCode::kCorruption, {header, "header_checksum"});
   }
   SECTION("truncated to 200, 1 and 0 bytes") {
@@ -215,4 +223,139 @@ TEST_CASE("Garbage past the commit point is ignored and garbage in the index is 
   CHECK_THROWS_AS(r.record(50), Error);
   CHECK_NOTHROW(r.record(49));
   CHECK_NOTHROW(r.record(51));
+}
+
+TEST_CASE("One damaged copy of the fixed header or the metadata is not the end of a store",
+          "[corruption][header]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  o.metadata = R"({"model": "m"})";
+  {
+    Writer w = Writer::create(path, o);
+    const auto values = test::batch_payload(0, 0, 100, kDim);
+    std::vector<std::uint64_t> keys(100);
+    for (int i = 0; i < 100; ++i) keys[i] = test::make_key(0, i);
+    w.append(keys, 0, std::span<const float>(values));
+  }
+  const std::string header = path + "/header";
+  const std::string pristine = test::read_file(header);
+  const auto reads_everything = [&] {
+    Reader r = Reader::open(path);
+    CHECK(r.size() == 100);
+    CHECK(r.verify().ok());
+    CHECK(r.info().metadata == o.metadata);
+    CHECK(r.info().dim == kDim);
+    CHECK(r.info().format_minor == kFormatVersionMinor);
+  };
+  for (std::uint64_t offset : {0, 8, 16, 40, 64, 100, 120, 127}) {
+    INFO("primary byte " << offset);
+    flip(header, offset);
+    reads_everything();
+    CHECK(read_info(path).committed_rows == 100);
+    test::write_bytes(header, 0, pristine);
+  }
+  SECTION("a flipped metadata byte") {
+    flip(header, detail::kMetadataOffset + 3);
+    reads_everything();
+  }
+  SECTION("a flipped byte in the copy") {
+    flip(header, detail::kHeaderCopyOffset + 16);
+    reads_everything();
+  }
+  SECTION("a writer restores the primary from the copy") {
+    flip(header, 16);
+    { Writer w = Writer::open(path); }
+    CHECK(test::read_file(header).substr(0, 128) == pristine.substr(0, 128));
+    flip(header, detail::kHeaderCopyOffset + 16);  // now the copy alone is damaged
+    reads_everything();
+  }
+  SECTION("both copies damaged: refused, naming the primary's fault") {
+    flip(header, 16);
+    flip(header, detail::kHeaderCopyOffset + 16);
+    expect_refused(path, ErrorCode::kCorruption, {header, "header_checksum"});
+  }
+}
+
+TEST_CASE("A format 1.0 store is read as is and upgraded by a writer to two header copies",
+          "[corruption][header]") {
+  TempDir dir;
+  const std::string path = make_store(dir);
+  const std::string header = path + "/header";
+  // What format 1.0 wrote: one fixed header, minor 0, zeros at the copy's place, no
+  // metadata copy (make_store() writes no metadata).
+  test::write_bytes(header, detail::kHeaderCopyOffset, std::string(128, '\0'));
+  put<std::uint16_t>(header, 10, 0);
+  put(header, 120, detail::header_hash(test::read_file(header).data(), 120, nullptr, 0));
+  {
+    Reader r = Reader::open(path);
+    CHECK(r.info().format_minor == 0);
+    CHECK(r.size() == 100);
+  }
+  flip(header, 16);  // one copy only: a damaged 1.0 header is refused
+  expect_refused(path, ErrorCode::kCorruption, {header});
+  flip(header, 16);
+  { Writer w = Writer::open(path); }
+  CHECK(read_info(path).format_minor == kFormatVersionMinor);
+  flip(header, 16);  // after the upgrade, the copy carries the store
+  Reader r = Reader::open(path);
+  CHECK(r.size() == 100);
+  CHECK(r.verify().ok());
+}
+
+TEST_CASE("salvage copies every row that verifies out of a store that will not open",
+          "[corruption][salvage]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  o.metadata = "run 7";
+  {
+    Writer w = Writer::create(path, o);
+    for (std::uint64_t b = 0; b < 10; ++b) {  // 10 batches of 30 rows, epoch = batch
+      const auto values = test::batch_payload(0, b * 30, 30, kDim);
+      std::vector<std::uint64_t> keys(30);
+      for (std::uint64_t i = 0; i < 30; ++i) keys[i] = test::make_key(0, b * 30 + i);
+      w.append(keys, b, std::span<const float>(values));
+    }
+  }
+  // Rows 5 and 40..42 damaged, and a committed counter beyond capacity: no Reader or Writer
+  // opens this store.
+  const std::uint64_t record = kDim * sizeof(float);
+  flip(path + "/rows.1", 5 * record + 1);
+  for (std::uint64_t row = 40; row < 43; ++row) flip(path + "/index.1", row * 32 + 3);
+  put<std::uint64_t>(path + "/header", 4096, 1'000'000);
+  REQUIRE_THROWS_AS(Reader::open(path), Error);
+
+  const SalvageReport report = salvage(path, dir / "out");
+  CHECK(report.header_source == "primary");
+  CHECK(report.rows_scanned == 300);
+  CHECK(report.rows_copied == 296);
+  CHECK(report.rows_lost == 4);
+  using Range = std::pair<std::uint64_t, std::uint64_t>;
+  CHECK(report.lost_ranges == std::vector<Range>{{5, 6}, {40, 43}});
+
+  Reader r = Reader::open(dir / "out");
+  REQUIRE(r.size() == 296);
+  CHECK(r.verify().ok());
+  CHECK(r.info().metadata == "run 7");
+  std::uint64_t out_row = 0;
+  for (std::uint64_t row = 0; row < 300; ++row) {
+    if (row == 5 || (row >= 40 && row < 43)) continue;
+    const Record rec = r.record(out_row);
+    CHECK(rec.key == test::make_key(0, row));
+    CHECK(rec.epoch == row / 30);
+    CHECK(test::payload_matches(rec.key, kDim, rec.data));
+    ++out_row;
+  }
+  SECTION("the header copy serves when the primary is damaged too") {
+    flip(path + "/header", 16);
+    const SalvageReport again = salvage(path, dir / "out2");
+    CHECK(again.header_source == "copy");
+    CHECK(again.rows_copied == 296);
+  }
+  SECTION("an existing output is refused") { CHECK_THROWS_AS(salvage(path, dir / "out"), Error); }
 }

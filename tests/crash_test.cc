@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <random>
 #include <set>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "platform/testing.h"
 #include "support/checker.h"
 #include "support/payload.h"
 #include "support/process.h"
@@ -155,4 +157,74 @@ TEST_CASE("Writers killed at random moments lose nothing acknowledged", "[crash]
   CHECK(kills == kRounds);
   std::printf("crash_test: %d rounds, %llu writers killed, %zu writers, acked rows lost: 0\n",
               kRounds, static_cast<unsigned long long>(kills), acked.size());
+}
+
+namespace {
+
+// Directory entries a create leaves next to the store `s` while it works: staging directories
+// and the create lock.
+std::vector<std::string> create_leftovers(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::string name = entry.path().filename();
+    if (name.starts_with("s.creating.") || name == "s.create-lock") names.push_back(name);
+  }
+  return names;
+}
+
+}  // namespace
+
+TEST_CASE("A create killed at any point leaves nothing once the next create runs",
+          "[crash][create]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = 8;
+  o.segment_bytes = 1 << 20;
+  for (const char* point : {"create-staged", "create-allocated", "create-before-rename"}) {
+    INFO(point);
+    const pid_t child = test::spawn([&] {
+      detail::testing::arm_crash(point, 1);
+      create_store(path, o);
+      return 2;  // The crash point never fired.
+    });
+    REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+    // The killed creator left its staging directory and its lock file, and no more: the
+    // earlier leftovers went when this create began.
+    CHECK(create_leftovers(dir.path()).size() == 2);
+  }
+  create_store(path, o);
+  CHECK(create_leftovers(dir.path()).empty());
+  Writer w = Writer::open(path);
+  CHECK(w.committed_rows() == 0);
+}
+
+TEST_CASE("Creates killed at random moments leave nothing once the next create runs",
+          "[crash][create]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = 8;
+  o.segment_bytes = 8 << 20;
+  std::mt19937_64 rng(Catch::rngSeed());
+  int leftovers_seen = 0;
+  for (int round = 0; round < 10; ++round) {
+    const pid_t child = test::spawn([&] {
+      for (;;) {
+        create_store(path, o);
+        std::filesystem::remove_all(path);
+      }
+      return 0;
+    });
+    // A random moment, not a synchronisation: the kill lands wherever the child happens to be.
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 20000));
+    ::kill(child, SIGKILL);
+    CHECK(test::wait_for(child) == 128 + SIGKILL);
+    leftovers_seen += create_leftovers(dir.path()).empty() ? 0 : 1;
+    std::filesystem::remove_all(path);
+  }
+  create_store(path, o);
+  CHECK(create_leftovers(dir.path()).empty());
+  INFO("rounds whose kill left staging or lock files: " << leftovers_seen);
+  CHECK(Writer::open(path).committed_rows() == 0);
 }

@@ -4,10 +4,12 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cstring>
+#include <filesystem>
 #include <vector>
 
 #include "embstore/embstore.h"
@@ -23,12 +25,23 @@ namespace {
 
 constexpr std::uint32_t kDim = 256;  // 1 KiB rows
 
-// Appends 64-row batches until one throws; returns the error (kIO if none was thrown).
-Error fill(Writer& w, std::uint64_t& seq) {
-  for (int i = 0; i < 100000; ++i) {
-    const auto values = test::batch_payload(0, seq, 64, kDim);
+// The key of row `seq`: all distinct, or cycling through `key_count` keys (0: all distinct).
+std::uint64_t key_of(std::uint64_t seq, std::uint64_t key_count) {
+  return test::make_key(0, key_count == 0 ? seq : seq % key_count);
+}
+
+// Appends 64-row batches until one throws; returns the error (kIO if none was thrown). `seq`
+// counts the rows of every append that returned.
+// Appends batches of 64 rows until an append fails (its error) or `batches` were appended (kIO,
+// "the disk never filled").
+Error fill(Writer& w, std::uint64_t& seq, std::uint64_t key_count = 0, int batches = 100000) {
+  for (int i = 0; i < batches; ++i) {
+    std::vector<float> values(64 * kDim);
     std::vector<std::uint64_t> keys(64);
-    for (int k = 0; k < 64; ++k) keys[k] = test::make_key(0, seq + k);
+    for (int k = 0; k < 64; ++k) {
+      keys[k] = key_of(seq + k, key_count);
+      test::payload_for(keys[k], kDim, values.data() + k * kDim);
+    }
     try {
       w.append(keys, 0, std::span<const float>(values));
     } catch (const Error& e) {
@@ -39,29 +52,39 @@ Error fill(Writer& w, std::uint64_t& seq) {
   return Error(ErrorCode::kIO, "the disk never filled");
 }
 
-bool rows_intact(const std::string& path, std::uint64_t rows) {
+bool rows_intact(const std::string& path, std::uint64_t rows, std::uint64_t key_count = 0) {
   Reader r = Reader::open(path);
   if (r.size() != rows || !r.verify().ok()) return false;
   for (std::uint64_t row = 0; row < rows; ++row) {
-    if (!test::payload_matches(test::make_key(0, row), kDim, r.rows().row(row))) return false;
+    if (!test::payload_matches(key_of(row, key_count), kDim, r.rows().row(row))) return false;
   }
   return true;
 }
+
+// Mounts a tmpfs of `size` (e.g. "2m") at dir/mnt for the life of the object; `mounted` is false
+// when this process may not mount (not root).
+struct SmallTmpfs {
+  std::string at;
+  bool mounted = false;
+  SmallTmpfs(const TempDir& dir, const char* size) : at(dir / "mnt") {
+    test::run_shell("mkdir -p '" + at + "'");
+    mounted = ::mount("tmpfs", at.c_str(), "tmpfs", 0, (std::string("size=") + size).c_str()) == 0;
+  }
+  ~SmallTmpfs() {
+    if (mounted) ::umount2(at.c_str(), MNT_DETACH);
+  }
+};
 
 }  // namespace
 
 TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "[faults][full]") {
   TempDir dir;
-  const std::string mnt = dir / "mnt";
-  test::run_shell("mkdir -p '" + mnt + "'");
-  if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=2m") != 0) {
+  const SmallTmpfs tmpfs(dir, "2m");
+  if (!tmpfs.mounted) {
     WARN("cannot mount tmpfs here (not root?): skipped");
     return;
   }
-  struct Unmount {
-    std::string at;
-    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
-  } unmount{mnt};
+  const std::string& mnt = tmpfs.at;
 
   const std::string path = mnt + "/s";
   CreateOptions o;
@@ -84,9 +107,12 @@ TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "
   CHECK(rows_intact(path, seq));
   CHECK(read_info(path).data_file_bytes % 4096 == 0);
 
-  // The failure repeats cleanly while the disk stays full...
-  std::uint64_t ignored = seq;
-  CHECK(fill(w, ignored).code() == ErrorCode::kFull);
+  // The failure repeats cleanly while the disk is full. Every append that returns counts: the
+  // store may free space by itself meanwhile (the refresh above let go of a key index
+  // generation a growth replaced: see the test below), and such appends then succeed.
+  CHECK(fill(w, seq).code() == ErrorCode::kFull);
+  CHECK(w.committed_rows() == seq);
+  CHECK(rows_intact(path, seq));
   // ...and appends resume once space frees, with no reopen.
   test::run_shell("rm -f '" + mnt + "/ballast'");
   const std::uint64_t before = seq;
@@ -95,6 +121,197 @@ TEST_CASE("On a full tmpfs append fails cleanly and resumes once space frees", "
   CHECK(seq > before);
   CHECK(rows_intact(path, seq));
   CHECK(follower.refresh() == seq);
+}
+
+TEST_CASE("A store copied sparse onto a full disk gives kFull and never SIGBUS", "[faults][full]") {
+  TempDir dir;
+  const std::string mnt = dir / "mnt";
+  test::run_shell("mkdir -p '" + mnt + "'");
+  if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=4m") != 0) {
+    WARN("cannot mount tmpfs here (not root?): skipped");
+    return;
+  }
+  struct Unmount {
+    std::string at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+
+  // 100 rows in a store allocated for 128: the tail of the data file is zeros.
+  const std::string original = dir / "original";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 64 * 1024;
+  {
+    Writer w = Writer::create(original, o);
+    std::uint64_t seq = 0;
+    for (; seq < 100; ++seq) {
+      const auto values = test::batch_payload(0, seq, 1, kDim);
+      const std::vector<std::uint64_t> keys = {test::make_key(0, seq)};
+      w.append(keys, 0, std::span<const float>(values));
+    }
+  }
+  const std::string path = mnt + "/s";
+  REQUIRE(test::run_shell("cp -r --sparse=always '" + original + "' '" + path + "'") == 0);
+  // And a hole punched where rows 100.. will go, whatever cp chose to copy.
+  const std::string data = path + "/rows.1";
+  {
+    const int fd = ::open(data.c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    REQUIRE(::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100 * 1024, 28 * 1024) ==
+            0);
+    ::close(fd);
+  }
+  struct stat st;
+  REQUIRE(::stat(data.c_str(), &st) == 0);
+  REQUIRE(static_cast<std::uint64_t>(st.st_blocks) * 512 < static_cast<std::uint64_t>(st.st_size));
+  // Fill the disk.
+  test::run_shell("dd if=/dev/zero of='" + mnt + "/ballast' bs=4k status=none 2>/dev/null");
+
+  const pid_t child = test::spawn([&] {
+    std::uint64_t seq = 100;
+    try {
+      Writer w = Writer::open(path);
+      for (int i = 0; i < 64; ++i, ++seq) {
+        const auto values = test::batch_payload(0, seq, 1, kDim);
+        const std::vector<std::uint64_t> keys = {test::make_key(0, seq)};
+        w.append(keys, 0, std::span<const float>(values));
+      }
+    } catch (const Error& e) {
+      if (e.code() == ErrorCode::kFull && e.sys_errno() == ENOSPC) return 0;
+      std::fprintf(stderr, "unexpected: %s\n", e.what());
+      return 2;
+    }
+    return 3;  // 64 rows appended on a full disk: the test did not fill it.
+  });
+  CHECK(test::wait_for(child) == 0);  // SIGBUS would be 128 + 7
+  CHECK(rows_intact(path, 100));
+
+  // Once space frees, the same store takes rows again.
+  test::run_shell("rm -f '" + mnt + "/ballast'");
+  {
+    Writer w = Writer::open(path);
+    REQUIRE(w.committed_rows() == 100);
+    for (std::uint64_t seq = 100; seq < 140; ++seq) {
+      const auto values = test::batch_payload(0, seq, 1, kDim);
+      const std::vector<std::uint64_t> keys = {test::make_key(0, seq)};
+      w.append(keys, 0, std::span<const float>(values));
+    }
+  }
+  CHECK(rows_intact(path, 140));
+}
+
+TEST_CASE("A reader holding a replaced key index frees its space at refresh, then appends resume",
+          "[faults][full][keys]") {
+  TempDir dir;
+  const SmallTmpfs tmpfs(dir, "8m");
+  if (!tmpfs.mounted) {
+    WARN("cannot mount tmpfs here (not root?): skipped");
+    return;
+  }
+  const std::string path = tmpfs.at + "/s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 64 * 1024;
+  Writer w = Writer::create(path, o);
+  // 64 keys in one epoch: the key index's tables never grow. 4096 rows give keys.1 a chain of
+  // 64 KiB or more, which a lookup makes the follower map.
+  constexpr std::uint64_t kKeys = 64;
+  std::uint64_t seq = 0;
+  CHECK(fill(w, seq, kKeys, 64).code() == ErrorCode::kIO);
+  Reader follower = Reader::open(path);
+  CHECK(follower.find(key_of(seq - 1, kKeys), 0) == seq - 1);  // Maps keys.1.
+  // keys.2 replaces keys.1, which is unlinked but stays allocated while the follower maps it.
+  w.rebuild_key_index();
+  CHECK_FALSE(std::filesystem::exists(path + "/keys.1"));
+  CHECK(std::filesystem::exists(path + "/keys.2"));
+
+  CHECK(fill(w, seq, kKeys).code() == ErrorCode::kFull);
+  const std::uint64_t full_at = seq;
+  CHECK(full_at > 0);
+  CHECK(fill(w, seq, kKeys).code() == ErrorCode::kFull);
+  CHECK(seq == full_at);  // Nothing freed yet: the failure repeats.
+  CHECK(w.committed_rows() == seq);
+
+  // The follower moves to keys.2 and lets go of keys.1: its tables and 64 KiB or more of chain
+  // are freed, more than a batch of 64 KiB and its offset index entries take.
+  CHECK(follower.refresh() == seq);
+  CHECK(fill(w, seq, kKeys).code() == ErrorCode::kFull);
+  CHECK(seq > full_at);
+  // Every append that returned is stored, and only those.
+  CHECK(w.committed_rows() == seq);
+  CHECK(follower.refresh() == seq);
+  CHECK(rows_intact(path, seq, kKeys));
+  CHECK(follower.find(key_of(seq - 1, kKeys), 0) == seq - 1);
+}
+
+TEST_CASE(
+    "A key index that met a full disk: appends succeed, close() reports it, the next writer "
+    "rebuilds",
+    "[faults][full][keys]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = 4;
+  o.segment_bytes = 4 << 20;
+  Writer w = Writer::create(path, o);
+  // 256 rows over 64 keys in epoch `epoch`: 256 (key, epoch) pairs at most, so no table grows.
+  auto append_batch = [&](std::uint64_t epoch, std::uint64_t rows = 256) {
+    std::vector<std::uint64_t> keys(rows);
+    std::vector<float> values(rows * 4);
+    const std::uint64_t first = w.committed_rows();
+    for (std::uint64_t i = 0; i < keys.size(); ++i) {
+      keys[i] = i % 64;
+      for (std::uint64_t j = 0; j < 4; ++j) values[i * 4 + j] = static_cast<float>(first + i);
+    }
+    return w.append(keys, epoch, std::span<const float>(values));
+  };
+  // One large batch: the files then hold about a segment more rows (87,000 of these) than it,
+  // the key index's chain about 1/8 more (25,000): only the chain allocates in what follows.
+  append_batch(0, 200'000);
+  REQUIRE_THAT(w.info().key_index, !Catch::Contains("scan"));
+  const std::uint64_t capacity = w.info().capacity_rows;
+
+  // Every fallocate fails from here; the appends go on until the chain must grow, and succeed.
+  const std::uint64_t injected_before = detail::testing::faults_injected();
+  detail::testing::arm_fault(detail::testing::Op::kFallocate, 1, ENOSPC, /*forever=*/true);
+  std::uint64_t last_of_epoch3 = 0;  // The first row of the last batch of epoch 3.
+  for (std::uint64_t b = 1; detail::testing::faults_injected() == injected_before && b < 200; ++b) {
+    CHECK_NOTHROW(append_batch(b % 4));
+  }
+  CHECK_NOTHROW(last_of_epoch3 = append_batch(3));  // A batch after the failure.
+  detail::testing::disarm_all();
+  REQUIRE(detail::testing::faults_injected() > injected_before);
+  CHECK(w.info().capacity_rows == capacity);  // The data and index files did not grow.
+  CHECK_THAT(w.info().key_index, Catch::Contains("answered by scan"));
+  Reader r = Reader::open(path);
+  CHECK(r.find(5, 3) == last_of_epoch3 + 5 + 192);  // Key 5's last row in that batch.
+
+  // Space is back, but this handle has stopped indexing for its lifetime: its rows are stored and
+  // found by scan, and close() reports the failure (nothing lost silently, nothing half-indexed).
+  const std::uint64_t first = append_batch(7);
+  CHECK_THAT(w.info().key_index, Catch::Contains("answered by scan"));
+  CHECK(r.refresh() == first + 256);
+  for (std::uint64_t key = 0; key < 64; ++key) CHECK(r.find(key, 7) == first + 192 + key);
+  try {
+    w.close();
+    FAIL("close() did not report the key index failure");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kFull);
+    CHECK_THAT(std::string(e.what()), Catch::Contains("key index could not be maintained"));
+  }
+  // The next writer indexes every row.
+  {
+    Writer again = Writer::open(path);
+    CHECK_THAT(again.info().key_index, !Catch::Contains("scan"));
+  }
+  CHECK(r.refresh() == first + 256);
+  for (std::uint64_t key = 0; key < 64; ++key) {
+    CHECK(r.find(key, 7) == first + 192 + key);
+    CHECK(r.find(key, 3) == last_of_epoch3 + 192 + key);
+  }
+  const VerifyReport report = r.verify();
+  CHECK(report.key_index_checked);
+  CHECK(report.ok());
 }
 
 TEST_CASE("Under RLIMIT_FSIZE append fails with kFull instead of a signal", "[faults][full]") {

@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -78,7 +79,18 @@ TEST_CASE("10,000 Readers stay open in one process, every view valid, holding no
     good += view_holds(readers[i].rows(), readers[i].keys(0, kRows), writer, kRows);
   }
   CHECK(good == readers.size());
-  // A refresh after the store grew reopens the files by path and sees the new rows.
+  // Lookups map the key index on first use, and hold no descriptor for it either.
+  std::uint64_t found = 0;
+  for (std::uint64_t i = 0; i < readers.size(); i += 10) {
+    const std::uint64_t writer = i % kStores + 1;
+    const auto row = readers[i].find(test::make_key(writer, kRows - 1));
+    found += row == kRows - 1;
+  }
+  CHECK(found == readers.size() / 10);
+  CHECK(readers[10].info().key_index_used);
+  CHECK(open_descriptors() == fds_before);
+  // A refresh after the store grew reopens the files by path and sees the new rows, and a
+  // lookup maps the key index's longer chain (the same file, or the generation that replaced it).
   {
     Writer w = Writer::open(paths[0]);
     append_rows(w, 1, kRows, 1000);
@@ -86,6 +98,9 @@ TEST_CASE("10,000 Readers stay open in one process, every view valid, holding no
   CHECK(readers[0].refresh() == kRows + 1000);
   CHECK(view_holds(readers[0].rows(), readers[0].keys(0, kRows + 1000), 1, kRows + 1000));
   CHECK(readers[0].info().data_file_bytes >= (kRows + 1000) * 32);
+  CHECK(readers[0].find(test::make_key(1, kRows + 999)) == kRows + 999);
+  CHECK(readers[0].history(test::make_key(1, 3)).size() == 1);
+  CHECK(open_descriptors() == fds_before);
 }
 
 TEST_CASE("Hundreds of Writers stay open in one process", "[generation]") {
@@ -147,4 +162,59 @@ TEST_CASE("A Writer growing past its reservation keeps appending at the new rang
   Reader r = Reader::open(path);
   CHECK(view_holds(r.rows(), r.keys(0, r.size()), 3, 50'000));
   CHECK(r.verify().ok());
+}
+
+TEST_CASE(
+    "A Reader's key index maps its growing chain at larger ranges, and falls back to a scan "
+    "when the file it mapped was replaced",
+    "[generation][keys]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = Writer::create(path, small());
+  // 16 keys, each appended again and again: a key's latest row is far past any early snapshot,
+  // and a lookup walks the chain back from it.
+  auto append_cycle = [&](std::uint64_t n) {
+    const std::uint64_t first = w.committed_rows();
+    std::vector<std::uint64_t> keys(n);
+    for (std::uint64_t i = 0; i < n; ++i) keys[i] = (first + i) % 16;
+    const std::vector<float> values(n * kDim, static_cast<float>(first));
+    w.append(keys, first, std::span<const float>(values));  // epoch = the batch's first row
+  };
+  append_cycle(32);
+  Reader early = Reader::open(path);
+  REQUIRE(early.find(3) == 19);  // maps keys.1 while its chain is a page or two
+  Reader follower = Reader::open(path);
+  REQUIRE(follower.find(3) == 19);
+
+  // The chain grows to thousands of pages: the follower maps it at larger ranges as it follows.
+  for (std::uint64_t round = 0; round < 6; ++round) {
+    append_cycle(std::uint64_t{4000} << round);
+    const std::uint64_t rows = follower.refresh();
+    for (std::uint64_t key = 0; key < 16; ++key) {
+      CHECK(follower.find(key) == rows - 16 + key);
+      CHECK(follower.history(key).size() == rows / 16);
+    }
+  }
+  CHECK(follower.info().key_index_used);
+  CHECK_THAT(follower.info().key_index, !Catch::Contains("scan"));
+  CHECK(follower.verify().ok());
+
+  // The early Reader's snapshot is 32 rows; the latest row of each key is past its mapping.
+  // Its answers come from the chain it maps now, by reopening keys.1...
+  for (std::uint64_t key = 0; key < 16; ++key) CHECK(early.find(key) == 16 + key);
+  // ... or, once keys.1 was replaced and removed, from a scan of its snapshot: never wrong, and
+  // not reported as damage.
+  Reader early2 = Reader::open(path);
+  (void)early2.find(0);   // maps keys.1 as it is now
+  append_cycle(200'000);  // keys.1's chain grows past early2's mapping
+  w.rebuild_key_index();  // keys.2 replaces keys.1
+  REQUIRE_FALSE(std::filesystem::exists(path + "/keys.1"));
+  const std::uint64_t snapshot = early2.size();
+  for (std::uint64_t key = 0; key < 16; ++key) {
+    CHECK(early2.find(key) == snapshot - 16 + key);
+  }
+  CHECK_THAT(early2.info().key_index, !Catch::Contains("damaged"));
+  CHECK(early2.refresh() == w.committed_rows());
+  CHECK(early2.find(5) == w.committed_rows() - 16 + 5);
+  CHECK_THAT(early2.info().key_index, Catch::Contains("keys.2"));
 }

@@ -1,9 +1,11 @@
 // Many writer processes x threads appending to one store while reader processes check every row
 // they can see: whole, checksum-valid, equal to its derived payload, batches contiguous.
+#include <sys/mount.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cstring>
+#include <filesystem>
 #include <thread>
 #include <vector>
 
@@ -104,5 +106,48 @@ TEST_CASE("4 writer processes x 2 threads append while 2 reader processes check 
   CHECK(final_reader.verify().ok());
   for (int id = 0; id < kProcesses * kThreads; ++id) {
     CHECK(checker.next_seq().at(id) == test::batch_rows(id) * kBatches);
+  }
+}
+
+TEST_CASE("8 processes racing open_or_create on a nearly full disk all succeed",
+          "[multiprocess][create]") {
+  TempDir dir;
+  const std::string mnt = dir / "mnt";
+  std::filesystem::create_directory(mnt);
+  if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=200m") != 0) {
+    WARN("cannot mount tmpfs here (not root?): skipped");
+    return;
+  }
+  struct Unmount {
+    std::string at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+
+  // dim 8 with the default 64 MiB segment: 128 MiB of data and index; two do not fit in 200 MB.
+  const std::string path = mnt + "/s";
+  CreateOptions o;
+  o.dim = 8;
+  constexpr int kRacers = 8;
+  test::Pipe start;
+  std::vector<pid_t> children;
+  for (int i = 0; i < kRacers; ++i) {
+    children.push_back(test::spawn([&, i] {
+      start.close_write();
+      start.receive(1);  // EOF once the parent closes its end: all start together.
+      Writer w = Writer::open_or_create(path, o);
+      const std::vector<float> row(8, static_cast<float>(i));
+      const std::vector<std::uint64_t> keys = {static_cast<std::uint64_t>(i)};
+      w.append(keys, 0, std::span<const float>(row));
+      return 0;
+    }));
+  }
+  start.close_write();
+  for (pid_t child : children) CHECK(test::wait_for(child) == 0);
+
+  Reader r = Reader::open(path);
+  CHECK(r.size() == kRacers);
+  CHECK(r.verify().ok());
+  for (const auto& entry : std::filesystem::directory_iterator(mnt)) {
+    CHECK(entry.path().filename() == "s");  // No staging directory, no create lock.
   }
 }

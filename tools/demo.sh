@@ -21,8 +21,12 @@ start=$(date +%s)
 
 "$root/tools/install-deps.sh"
 
-echo "demo: building into build/ (Release; Python module and CLI)"
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=/usr/bin/python3 >/dev/null
+# A fresh build/ is configured as Release; an existing one keeps its build type (switching it
+# would rebuild everything that tools/test.sh or a developer built there).
+build_type=()
+[[ -f build/CMakeCache.txt ]] || build_type=(-DCMAKE_BUILD_TYPE=Release)
+echo "demo: building into build/ (${build_type[*]:-existing configuration}; Python module and CLI)"
+cmake -S . -B build "${build_type[@]}" -DPython_EXECUTABLE=/usr/bin/python3 >/dev/null
 cmake --build build -j2 --target _embstore embstore_cli
 echo "demo: built in $(( $(date +%s) - start )) s"
 

@@ -30,7 +30,10 @@
 // Durability
 //   committed — visible to readers; survives any process crash (the page cache holds it).
 //   durable   — rows flushed to the device by a completed sync(); survives power loss.
-//   Under SyncPolicy::kNone (the default) nothing is flushed unless sync() is called.
+//   Under SyncPolicy::kInterval (the default) a background thread syncs every few seconds
+//   (WriterOptions::sync_interval, 5 s) when rows were committed since, and close() syncs, so a
+//   power loss costs at most the last interval's rows and a reboot re-checks at most those.
+//   Under SyncPolicy::kNone nothing is flushed unless sync() is called.
 //   A failed flush poisons the Writer (kPoisoned) until the store is reopened; it is never
 //   retried, because the kernel may already have dropped the dirty pages it failed to write.
 //
@@ -45,6 +48,15 @@
 //   of checks: counters that contradict each other (capacity 0, committed above capacity,
 //   durable above committed) or, in the same boot, the file sizes, are kCorruption naming the
 //   field, for Reader::open (and so verify) exactly as for Writer::open.
+//
+// Lookups by key
+//   Reader::find/history/epoch_rows/epochs/find_many answer for the reader's snapshot through the
+//   key index (src/format/FORMAT.md, "keys.K"): derived data that writers maintain under the writer
+//   lock right after each publish and that readers use without a lock. A lookup never returns a row
+//   at or past the snapshot. The index is never the only copy of anything: rows it has not
+//   covered yet (a writer died before indexing them) are found by a short scan; a missing,
+//   damaged or pre-reboot index makes lookups scan the whole offset index (info().key_index says
+//   so) until the next Writer opens and rebuilds it (about a second per 10M rows, under the lock).
 //
 // Errors
 //   Every failure throws embstore::Error (error.h) whose message names the file, field or value.
@@ -66,18 +78,24 @@
 //     xfs) an overwrite needs new space, so a full disk there can still raise SIGBUS.
 //   - Under RLIMIT_FSIZE the process must ignore SIGXFSZ to get kFull instead of being killed.
 //   - A forked child must open its own Writer; Readers may be used across fork.
-//   - Rows are never rewritten or shrunk in place; files only grow.
-//   - Stores open per process: each open Reader or Writer holds about five memory mappings, so
-//     the kernel's vm.max_map_count (65530 by default) allows roughly 12,000 open stores; raise it
-//     for more. A Writer holds three file descriptors (RLIMIT_NOFILE), a Reader none: it reopens
-//     its files by path when they grew past its mapping, so a store moved or deleted under an
-//     open Reader fails that refresh (kNotFound or kIO) while its views stay valid.
+//   - Rows are never rewritten or shrunk in place; files only grow. Truncating a store's files
+//     from outside (truncate(1), a copy over them) while readers hold views raises SIGBUS in
+//     those readers: an access past the end of a mapped file is a signal, inherent to mmap.
+//   - Stores open per process: each open Reader or Writer holds about five memory mappings (two
+//     more once a Reader has looked a key up), so the kernel's vm.max_map_count (65530 by
+//     default) allows roughly 10,000 open stores; raise it for more. A Writer holds five file
+//     descriptors (RLIMIT_NOFILE), a Reader none: it reopens its files by path when they grew
+//     past its mapping, so a store moved or deleted under an open Reader fails that refresh
+//     (kNotFound or kIO) while its views stay valid.
+//   - A file the process may not read is kPermissionDenied (EACCES/EPERM); kReadOnly is a
+//     write refused by a read-only file or file system.
 #pragma once
 
 #include "embstore/dtype.h"
 #include "embstore/error.h"
 #include "embstore/options.h"
 #include "embstore/reader.h"
+#include "embstore/salvage.h"
 #include "embstore/shard_set.h"
 #include "embstore/store.h"
 #include "embstore/version.h"

@@ -24,6 +24,7 @@ enum class ErrorCode : int {
   kPoisoned = 10,           // A previous sync failed; the Writer refuses writes until reopened.
   kForkedChild = 11,        // A forked child used a Writer its parent opened.
   kClosed = 12,             // The object was closed.
+  kPermissionDenied = 13,   // The OS refused access to a file (EACCES/EPERM) when reading it.
 };
 
 // Stable snake_case name of a code ("corruption", "invalid_argument", ...): the one table of
@@ -36,7 +37,8 @@ class Error : public std::runtime_error {
       : std::runtime_error(message), code_(code), sys_errno_(sys_errno) {}
 
   ErrorCode code() const noexcept { return code_; }
-  // The errno of the failed system call for kIO/kFull/kReadOnly/kNotFound, else 0.
+  // The errno of the failed system call for kIO/kFull/kReadOnly/kNotFound/kPermissionDenied,
+  // else 0.
   int sys_errno() const noexcept { return sys_errno_; }
 
  private:

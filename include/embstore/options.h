@@ -26,15 +26,24 @@ struct CreateOptions {
   std::string metadata;
 };
 
+// How often the default policy's background thread syncs.
+inline constexpr std::chrono::milliseconds kDefaultSyncInterval{5000};
+
 enum class SyncPolicy : std::uint8_t {
-  kNone = 0,         // sync() only when asked. Committed rows survive any process crash.
-  kEveryAppend = 1,  // Every append() returns only after its rows are durable.
-  kInterval = 2,     // A background thread syncs every sync_interval.
+  // sync() only when asked; close() flushes nothing. Committed rows survive any process crash,
+  // but the first open after a reboot re-checks every row committed since the last sync.
+  kNone = 0,
+  kEveryAppend = 1,  // Every append() returns only after its rows are durable; close() syncs.
+  // The default. A background thread syncs every sync_interval if rows were committed since
+  // the last sync (by any writer), and close() syncs: after a reboot the first open re-checks
+  // at most the rows of the last interval, none after a clean close.
+  kInterval = 2,
 };
 
 struct WriterOptions {
-  SyncPolicy sync = SyncPolicy::kNone;
-  std::chrono::milliseconds sync_interval{1000};
+  // SyncPolicy::kNone opts out of the background thread and of the sync at close.
+  SyncPolicy sync = SyncPolicy::kInterval;
+  std::chrono::milliseconds sync_interval = kDefaultSyncInterval;
   // The most address space a store's mappings may reserve, for the data and index files
   // together: the store can grow to about this many bytes (rows plus their 32-byte index
   // entries). Reservations start at about twice the store's size and double as it grows, so

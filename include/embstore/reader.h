@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -61,7 +63,19 @@ struct VerifyReport {
   std::uint64_t bad_row_count = 0;
   std::vector<std::uint64_t> bad_rows;  // The first kMaxListed bad rows, ascending.
   static constexpr std::size_t kMaxListed = 1000;
-  bool ok() const { return bad_row_count == 0; }
+  // The key index, checked against the offset index when the whole snapshot is verified and a
+  // key index is in use: every row reachable through its tables, every chain link and count
+  // right. A damaged key index loses nothing (a writer rebuilds it) but makes lookups scan.
+  bool key_index_checked = false;
+  std::uint64_t key_index_problems = 0;
+  std::string key_index_problem;  // The first problem, naming the file.
+  bool ok() const { return bad_row_count == 0 && key_index_problems == 0; }
+};
+
+// One version of a key: a row and the epoch it was appended with.
+struct KeyVersion {
+  std::uint64_t row = 0;
+  std::uint64_t epoch = 0;
 };
 
 // Reads a store without any lock and without writing a byte; needs only read permission, so it
@@ -93,15 +107,56 @@ class Reader {
   // Row `row` with its key and epoch after checking its checksum: kCorruption (naming the row and
   // the file) if it fails, kInvalidArgument if row >= size().
   Record record(std::uint64_t row) const;
-  // Recomputes the checksums of rows [begin, end) of the snapshot; never throws for bad rows.
+  // Recomputes the checksums of rows [begin, end) of the snapshot, and for the whole snapshot
+  // also checks the key index (VerifyReport); never throws for bad rows.
   VerifyReport verify(std::uint64_t begin, std::uint64_t end) const;
   VerifyReport verify() const { return verify(0, size()); }
+  // The key index part of verify() alone: checks the key index against the offset index of the
+  // snapshot (key_index_checked false when there is none to check: none built yet, or built
+  // before the last reboot). A key index file that is missing or unreadable although the store
+  // names it counts as one problem. No row checksum is computed (rows_checked stays 0).
+  VerifyReport verify_key_index() const;
+
+  // ---- Lookups by key (sample id) and epoch, through the key index (FORMAT.md, "keys.K") ----
+  // Every lookup answers for the snapshot [0, size()) and never returns a row at or past it,
+  // whatever writers do meanwhile. If the same (key, epoch) was appended more than once, find()
+  // returns the later row and history() lists both. Rows past the key index's watermark (a
+  // writer died before indexing them) and stores without a usable key index (format 1.0 before
+  // any writer opened it, a damaged index file, or after a reboot before a writer recovered the
+  // store) are answered by a scan of the offset index: same answers, slower; info().key_index
+  // says which. Rows are the index of rows()/record(); check them with record().
+  std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
+  // The latest row of `key` (the highest row number).
+  std::optional<std::uint64_t> find(std::uint64_t key) const;
+  // Every row of `key` in commit order, with its epoch.
+  std::vector<KeyVersion> history(std::uint64_t key) const;
+  // The rows of `epoch` in commit order.
+  std::vector<std::uint64_t> epoch_rows(std::uint64_t epoch) const;
+  // The epochs present, ascending, with their row counts.
+  std::vector<EpochRows> epochs() const;
+  // out[i] = the row of keys[i], or -1 when there is none: at epochs[i] (epochs.size() ==
+  // keys.size()), at epochs[0] for every key (epochs.size() == 1), or the latest (epochs
+  // empty). kInvalidArgument for other sizes. Lock-free, vectorised (hashes and prefetches a
+  // block of keys before resolving it).
+  void find_many(std::span<const std::uint64_t> keys, std::span<const std::uint64_t> epochs,
+                 std::span<std::int64_t> out) const;
+  // Copies rows[i] of the snapshot to out + i * row_bytes (one dense row-major matrix in the
+  // store's dtype); a row of -1 (missing, as from find_many) becomes a row of zeros.
+  // kInvalidArgument if out_bytes != rows.size() * row_bytes or a row is outside the snapshot.
+  void gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes) const;
+  // The rows a `get` of `key` shows, checksum-checked: the one at `epoch`, or the latest (no
+  // epoch), or every version (all_versions). Empty when there is none. kCorruption if one fails
+  // its checksum.
+  std::vector<Record> lookup(std::uint64_t key, std::optional<std::uint64_t> epoch,
+                             bool all_versions) const;
 
   std::uint32_t dim() const;
   DType dtype() const;
   const std::string& path() const;
   const std::string& metadata() const;
-  StoreInfo info() const;  // Header plus the counters as they are now.
+  // Header plus the counters as they are now; key statistics for this snapshot (a pass over the
+  // key table: milliseconds per million keys).
+  StoreInfo info() const;
 
   // Keeps the mappings (and so every view) alive after this Reader is closed or destroyed.
   std::shared_ptr<const void> owner() const;

@@ -3,11 +3,18 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "embstore/dtype.h"
 #include "embstore/options.h"
 
 namespace embstore {
+
+// An epoch present in a store and how many rows carry it.
+struct EpochRows {
+  std::uint64_t epoch = 0;
+  std::uint64_t rows = 0;
+};
 
 // A snapshot of a store's header and counters, as read at one moment.
 struct StoreInfo {
@@ -27,6 +34,14 @@ struct StoreInfo {
   std::uint64_t capacity_rows = 0;   // Preallocated; appends beyond this grow the files.
   std::uint64_t data_file_bytes = 0;
   std::uint64_t index_file_bytes = 0;
+  // From the key index (format 1.1), for the committed rows (a Reader's: its snapshot).
+  std::uint64_t distinct_keys = 0;
+  std::vector<EpochRows> epochs;  // Ascending epoch.
+  // "keys.K, N rows indexed", or why lookups are answered by a scan of the offset index.
+  std::string key_index;
+  // True when the key statistics above (and lookups) come from the key index, false when from
+  // a scan of the offset index.
+  bool key_index_used = false;
 };
 
 // Creates an empty store at `path`, which must not exist (or be an empty directory). The store

@@ -52,7 +52,7 @@ class Writer {
 
   Writer(Writer&&) noexcept;
   Writer& operator=(Writer&&) noexcept;
-  ~Writer();  // Closes; never throws. A pending sync policy flushes nothing extra.
+  ~Writer();  // Closes (with close()'s sync); never throws: call close() to see a sync's error.
 
   // Appends rows.rows rows with keys[i] and one epoch (or epochs[i]) atomically: readers see all
   // of them or none. Input of the store's dtype is copied as is; float32 input is converted to
@@ -75,9 +75,14 @@ class Writer {
   // durable counter advanced and the header flushed). A failure poisons the Writer: every later
   // call throws kPoisoned until the store is reopened; the failed sync is never retried.
   void sync();
+  // Rebuilds the key index from the offset index (for one that Reader::verify() reports
+  // damaged; a writer already rebuilds a missing, stale or unreadable one when it opens). Takes
+  // the writer lock for the rebuild: about a second per 10M rows.
+  void rebuild_key_index();
 
-  // Releases the lock file, mappings and background thread. Idempotent. Under SyncPolicy
-  // kInterval or kEveryAppend, syncs first (throwing if that fails).
+  // Releases the lock file, mappings and background thread. Idempotent. Unless the policy is
+  // SyncPolicy::kNone (the default kInterval included), syncs first (throwing if that fails):
+  // a store closed this way has nothing to re-check after a reboot.
   void close();
 
   std::uint64_t committed_rows() const;  // Rows visible to readers right now (all writers).

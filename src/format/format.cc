@@ -1,5 +1,6 @@
 #include "format/format.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "embstore/error.h"
@@ -75,8 +76,11 @@ std::string encode_header(DType dtype, std::uint32_t dim, std::uint64_t segment_
   h.header_checksum =
       header_hash(&h, offsetof(FixedHeader, header_checksum), metadata.data(), metadata.size());
 
-  std::string bytes(kMetadataOffset + round_up(metadata.size(), kPageBytes), '\0');
+  const std::uint64_t copy_at = metadata_copy_offset(metadata.size());
+  std::string bytes(copy_at + round_up(metadata.size(), kPageBytes), '\0');
   std::memcpy(bytes.data(), &h, sizeof(h));
+  std::memcpy(bytes.data() + kHeaderCopyOffset, &h, sizeof(h));
+  std::memcpy(bytes.data() + copy_at, metadata.data(), metadata.size());
   StatePage state;
   std::memset(&state, 0, sizeof(state));
   state.generation = 1;
@@ -85,13 +89,19 @@ std::string encode_header(DType dtype, std::uint32_t dim, std::uint64_t segment_
   return bytes;
 }
 
-Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std::string& path) {
-  if (bytes.size() < sizeof(FixedHeader) || std::memcmp(bytes.data(), kMagic, 8) != 0) {
+namespace {
+
+// Validates the fixed header at `fixed_at` with its metadata, which sits at kMetadataOffset for
+// the primary and at metadata_copy_offset() for the copy.
+Layout decode_fixed(std::string_view bytes, std::uint64_t fixed_at, bool is_copy,
+                    std::uint64_t file_bytes, const std::string& path) {
+  if (bytes.size() < fixed_at + sizeof(FixedHeader) ||
+      std::memcmp(bytes.data() + fixed_at, kMagic, 8) != 0) {
     throw Error(ErrorCode::kNotFound,
                 path + ": not an embstore header (magic bytes \"EMBSTORE\" missing)");
   }
   FixedHeader h;
-  std::memcpy(&h, bytes.data(), sizeof(h));
+  std::memcpy(&h, bytes.data() + fixed_at, sizeof(h));
   if (h.format_major == 0 || h.format_major > kFormatMajor) {
     throw Error(ErrorCode::kUnsupportedVersion,
                 path + ": format_major " + std::to_string(h.format_major) +
@@ -106,15 +116,17 @@ Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std
     corrupt(path, "field state_offset/metadata_offset (" + std::to_string(h.state_offset) + "/" +
                       std::to_string(h.metadata_offset) + ") differs from 4096/8192");
   }
-  if (file_bytes < kMetadataOffset + h.metadata_bytes ||
-      bytes.size() < kMetadataOffset + h.metadata_bytes) {
+  const std::uint64_t metadata_at =
+      is_copy ? metadata_copy_offset(h.metadata_bytes) : kMetadataOffset;
+  if (file_bytes < metadata_at + h.metadata_bytes ||
+      bytes.size() < metadata_at + h.metadata_bytes) {
     corrupt(path, "file is " + std::to_string(file_bytes) +
                       " bytes, too short for the header and " + std::to_string(h.metadata_bytes) +
                       " bytes of metadata");
   }
-  const char* metadata = bytes.data() + kMetadataOffset;
-  const std::uint64_t expected =
-      header_hash(bytes.data(), offsetof(FixedHeader, header_checksum), metadata, h.metadata_bytes);
+  const char* metadata = bytes.data() + metadata_at;
+  const std::uint64_t expected = header_hash(
+      bytes.data() + fixed_at, offsetof(FixedHeader, header_checksum), metadata, h.metadata_bytes);
   if (expected != h.header_checksum) {
     corrupt(path, "field header_checksum does not match the header bytes");
   }
@@ -149,7 +161,33 @@ Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std
   layout.format_major = h.format_major;
   layout.format_minor = h.format_minor;
   layout.metadata.assign(metadata, h.metadata_bytes);
+  layout.from_copy = is_copy;
   return layout;
+}
+
+}  // namespace
+
+Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std::string& path) {
+  try {
+    return decode_fixed(bytes, 0, false, file_bytes, path);
+  } catch (const Error&) {
+    // Write-once and checksummed: a copy that verifies holds exactly what the primary held.
+    // Stores older than format 1.2 have zeros there, which never pass the magic check.
+    try {
+      return decode_fixed(bytes, kHeaderCopyOffset, true, file_bytes, path);
+    } catch (const Error&) {
+    }
+    throw;
+  }
+}
+
+std::string current_fixed_header(std::string_view bytes, const Layout& layout) {
+  FixedHeader h;
+  std::memcpy(&h, bytes.data() + (layout.from_copy ? kHeaderCopyOffset : 0), sizeof(h));
+  h.format_minor = std::max<std::uint16_t>(h.format_minor, kFormatMinor);
+  h.header_checksum = header_hash(&h, offsetof(FixedHeader, header_checksum),
+                                  layout.metadata.data(), layout.metadata.size());
+  return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
 }
 
 std::uint64_t seed_from_store_id(const std::uint8_t store_id[16]) {

@@ -27,6 +27,10 @@ inline constexpr std::uint16_t kFormatMinor = kFormatVersionMinor;
 inline constexpr std::uint64_t kPageBytes = 4096;
 inline constexpr std::uint64_t kStateOffset = 4096;
 inline constexpr std::uint64_t kMetadataOffset = 8192;
+// Format 1.2 on: the second copy of the fixed header, and after the metadata its second copy.
+inline constexpr std::uint64_t kHeaderCopyOffset = 2048;
+// Bytes of the header file a reader reads: both copies of the largest metadata.
+inline constexpr std::uint64_t kMaxHeaderReadBytes = kMetadataOffset + 2 * kMaxMetadataBytes;
 inline constexpr std::uint32_t kIndexEntryBytes = 32;
 inline constexpr std::uint32_t kMaxDim = 1u << 24;
 inline constexpr std::uint64_t kMaxSegmentBytes = 1ull << 40;
@@ -81,6 +85,7 @@ struct StatePage {
   alignas(64) std::uint64_t boot_id[2];
   alignas(64) std::uint64_t generation;
   alignas(64) std::uint64_t era;
+  alignas(64) std::uint64_t key_generation;  // Current keys.K; 0: none (every 1.0 store).
 };
 static_assert(offsetof(StatePage, committed_rows) == 0);
 static_assert(offsetof(StatePage, durable_rows) == 64);
@@ -88,6 +93,7 @@ static_assert(offsetof(StatePage, capacity_rows) == 128);
 static_assert(offsetof(StatePage, boot_id) == 192);
 static_assert(offsetof(StatePage, generation) == 256);
 static_assert(offsetof(StatePage, era) == 320);
+static_assert(offsetof(StatePage, key_generation) == 384);
 static_assert(sizeof(StatePage) <= 512, "counters must share one 512-byte sector");
 
 struct IndexEntry {
@@ -122,6 +128,11 @@ constexpr std::uint64_t round_up(std::uint64_t value, std::uint64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 
+// Where the second copy of `metadata_bytes` bytes of metadata sits (format 1.2 on).
+constexpr std::uint64_t metadata_copy_offset(std::uint64_t metadata_bytes) {
+  return kMetadataOffset + round_up(metadata_bytes, kPageBytes);
+}
+
 // The validated, host-side description of a store's fixed header.
 struct Layout {
   DType dtype;
@@ -134,6 +145,7 @@ struct Layout {
   std::uint16_t format_major;
   std::uint16_t format_minor;
   std::string metadata;
+  bool from_copy = false;  // The primary fixed header failed its checks; the copy held.
 
   // Data file bytes for a capacity of `rows` rows, rounded up to whole pages.
   std::uint64_t data_bytes_for(std::uint64_t rows) const;
@@ -145,15 +157,22 @@ struct Layout {
 void validate_create_params(DType dtype, std::uint32_t dim, std::uint64_t segment_bytes,
                             std::size_t metadata_bytes);
 
-// Builds the header file's bytes (fixed header, zeroed state page with generation 1, metadata).
+// Builds the header file's bytes (fixed header and its copy, zeroed state page with
+// generation 1, metadata and its copy).
 std::string encode_header(DType dtype, std::uint32_t dim, std::uint64_t segment_bytes,
                           const std::uint8_t store_id[16], std::int64_t created_unix_ns,
                           std::string_view metadata);
 
-// Parses and validates header bytes read from `path` (used in messages). `file_bytes` is the
-// header file's size. Throws kNotFound (bad magic), kUnsupportedVersion, or kCorruption naming
-// the field; never reads outside `bytes`.
+// Parses and validates header bytes read from `path` (used in messages): the primary fixed
+// header, or if that fails its checks, the copy (Layout::from_copy). `file_bytes` is the header
+// file's size. Throws the primary's error — kNotFound (bad magic), kUnsupportedVersion, or
+// kCorruption naming the field — when neither copy holds; never reads outside `bytes`.
 Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std::string& path);
+
+// The 128 bytes of a verified fixed header (either copy, from `bytes` as decode_header() read
+// them) raised to the current format minor, its checksum recomputed: what a writer upgrading a
+// store, or repairing its primary, writes to both places.
+std::string current_fixed_header(std::string_view bytes, const Layout& layout);
 
 std::uint64_t seed_from_store_id(const std::uint8_t store_id[16]);
 std::string store_id_hex(const std::uint8_t store_id[16]);

@@ -81,7 +81,15 @@ int open_file(const std::string& path, Access access) {
   int fd;
   do fd = ::open(path.c_str(), flags);
   while (fd < 0 && errno == EINTR);
-  if (fd < 0) fail("open", path, errno);
+  if (fd < 0) {
+    const int err = errno;
+    // A file this user may not read is a permission problem, not a read-only store.
+    if (access == Access::kReadOnly && (err == EACCES || err == EPERM)) {
+      throw Error(ErrorCode::kPermissionDenied,
+                  "open " + path + " for reading: " + std::strerror(err), err);
+    }
+    fail("open", path, err);
+  }
   return fd;
 }
 
@@ -91,6 +99,21 @@ int create_file(const std::string& path) {
   if (fd < 0) fail("create", path, errno);
   return fd;
 }
+
+int open_or_create_file(const std::string& path) {
+  if (int err = injected(Op::kOpen)) fail("open", path, err);
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) fail("open", path, errno);
+  return fd;
+}
+
+bool same_file(int fd, const std::string& path) noexcept {
+  struct stat by_fd, by_path;
+  return ::fstat(fd, &by_fd) == 0 && ::stat(path.c_str(), &by_path) == 0 &&
+         by_fd.st_dev == by_path.st_dev && by_fd.st_ino == by_path.st_ino;
+}
+
+void remove_file(const std::string& path) noexcept { ::unlink(path.c_str()); }
 
 void close_fd(int fd) noexcept {
   if (fd >= 0) ::close(fd);
@@ -286,8 +309,6 @@ std::uint64_t filesystem_magic(const std::string& path) {
   }
 }
 
-void remove_file(const std::string& path) noexcept { ::unlink(path.c_str()); }
-
 void remove_tree(const std::string& path) noexcept {
   if (DIR* dir = ::opendir(path.c_str())) {
     while (dirent* entry = ::readdir(dir)) {
@@ -298,6 +319,22 @@ void remove_tree(const std::string& path) noexcept {
     ::closedir(dir);
   }
   ::rmdir(path.c_str());
+}
+
+std::vector<std::string> list_dir(const std::string& path) noexcept {
+  std::vector<std::string> names;
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return names;
+  try {
+    while (dirent* entry = ::readdir(dir)) {
+      std::string name = entry->d_name;
+      if (name != "." && name != "..") names.push_back(std::move(name));
+    }
+  } catch (...) {
+    // Out of memory: what was listed so far.
+  }
+  ::closedir(dir);
+  return names;
 }
 
 bool exists(const std::string& path) noexcept {

@@ -3,14 +3,16 @@
 // Every system call the store makes goes through here, so test builds can fail any of them on
 // demand (testing.h) and so the rest of the code never includes POSIX headers. Each function
 // that can fail throws embstore::Error with the operation, the path and strerror in the message:
-// ENOENT -> kNotFound, ENOSPC/EFBIG/EDQUOT -> kFull, EROFS/EACCES/EPERM -> kReadOnly (for
-// writes), anything else -> kIO. Thread-safe.
+// ENOENT -> kNotFound, ENOSPC/EFBIG/EDQUOT -> kFull, EROFS -> kReadOnly, EACCES/EPERM ->
+// kReadOnly when writing was asked and kPermissionDenied when only reading was, anything
+// else -> kIO. Thread-safe.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace embstore::detail::os {
 
@@ -20,6 +22,11 @@ enum class Access { kReadOnly, kReadWrite };
 int open_file(const std::string& path, Access access);
 // Creates a new file (O_EXCL) for reading and writing, mode 0644.
 int create_file(const std::string& path);
+// Opens `path` for reading and writing, creating it (mode 0644) if it does not exist.
+int open_or_create_file(const std::string& path);
+// True when `fd` is the file `path` names now (same device and inode).
+bool same_file(int fd, const std::string& path) noexcept;
+void remove_file(const std::string& path) noexcept;
 void close_fd(int fd) noexcept;
 
 std::uint64_t file_size(int fd, const std::string& path);
@@ -58,7 +65,8 @@ void make_dir(const std::string& path);
 // rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).
 int rename_path(const std::string& from, const std::string& to);
 void remove_tree(const std::string& path) noexcept;
-void remove_file(const std::string& path) noexcept;
+// The names in directory `path` (without "." and ".."); empty if it cannot be read.
+std::vector<std::string> list_dir(const std::string& path) noexcept;
 bool exists(const std::string& path) noexcept;
 // statfs(2)'s f_type for the file system holding `path`, or its nearest existing ancestor when
 // `path` does not exist yet. Test builds may fake it (testing.h, EMBSTORE_FS_MAGIC).

@@ -16,7 +16,8 @@
 //   EMBSTORE_PWRITE_CAP=<bytes>         each pwrite/pwritev writes at most this much, as a
 //                                       kernel may (a short write), so callers must resume
 // Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
-//         after-publish, mid-sync, during-recovery.
+//         after-publish, mid-sync, during-recovery, create-staged, create-allocated,
+//         create-before-rename.
 // Ops: open, fallocate, fstat, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
 //      rename, mkdir, lock (the OFD writer lock), getrandom, futex (a failed wait returns at
 //      once, as a spurious wake-up; a failed wake wakes no one).

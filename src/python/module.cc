@@ -428,7 +428,7 @@ class PyWriter {
   std::uint64_t copied_batches_ = 0;
 };
 
-WriterOptions writer_options(const std::string& sync, double sync_interval_s,
+WriterOptions writer_options(const std::string& sync, std::optional<double> sync_interval_s,
                              std::optional<std::uint64_t> map_bytes) {
   WriterOptions options;
   if (sync == "none") {
@@ -440,8 +440,11 @@ WriterOptions writer_options(const std::string& sync, double sync_interval_s,
   } else {
     invalid("sync must be 'none', 'every_append' or 'interval'; got '" + sync + "'");
   }
-  options.sync_interval =
-      std::chrono::milliseconds(static_cast<std::int64_t>(sync_interval_s * 1000.0));
+  // None keeps the core's default (kDefaultSyncInterval).
+  if (sync_interval_s) {
+    options.sync_interval =
+        std::chrono::milliseconds(static_cast<std::int64_t>(*sync_interval_s * 1000.0));
+  }
   if (map_bytes) options.map_bytes = *map_bytes;
   return options;
 }
@@ -450,7 +453,8 @@ std::unique_ptr<PyWriter> open_writer(const std::string& path, std::optional<std
                                       const std::optional<std::string>& dtype,
                                       const std::string& metadata,
                                       std::optional<std::uint64_t> segment_bytes,
-                                      const std::string& sync, double sync_interval_s,
+                                      const std::string& sync,
+                                      std::optional<double> sync_interval_s,
                                       std::optional<std::uint64_t> map_bytes,
                                       std::uint64_t async_queue_bytes, bool create_only) {
   WriterOptions options = writer_options(sync, sync_interval_s, map_bytes);
@@ -565,6 +569,75 @@ class PyReader {
     out["rows_checked"] = report.rows_checked;
     out["bad_row_count"] = report.bad_row_count;
     out["bad_rows"] = report.bad_rows;
+    out["key_index_checked"] = report.key_index_checked;
+    out["key_index_problems"] = report.key_index_problems;
+    out["key_index_problem"] = report.key_index_problem;
+    return out;
+  }
+
+  // ---- Lookups by key (Reader::find & co.); -1 marks "none" in row arrays.
+  std::int64_t find(std::uint64_t key, std::optional<std::uint64_t> epoch) {
+    auto lock = guard();
+    const auto row = epoch ? reader().find(key, *epoch) : reader().find(key);
+    return row ? static_cast<std::int64_t>(*row) : -1;
+  }
+  // The zero-copy row of find(key, epoch), or KeyError.
+  py::array get(std::uint64_t key, std::optional<std::uint64_t> epoch) {
+    const std::int64_t row = find(key, epoch);
+    if (row < 0) {
+      throw py::key_error("key " + std::to_string(key) +
+                          (epoch ? " at epoch " + std::to_string(*epoch) : std::string()) +
+                          " is not in " + path_ + " (snapshot of " +
+                          std::to_string(reader().size()) + " rows)");
+    }
+    py::array rows = vectors(row, row + 1);
+    return rows[py::int_(0)];
+  }
+  py::array find_many(
+      py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast> keys,
+      std::optional<py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>> epochs) {
+    auto lock = guard();
+    py::array_t<std::int64_t> out(keys.size());
+    const std::span<const std::uint64_t> k(keys.data(), keys.size());
+    const std::span<const std::uint64_t> e =
+        epochs ? std::span<const std::uint64_t>(epochs->data(), epochs->size())
+               : std::span<const std::uint64_t>();
+    const std::span<std::int64_t> o(out.mutable_data(), out.size());
+    py::gil_scoped_release unlocked;
+    reader().find_many(k, e, o);
+    return out;
+  }
+  // rows (-1: a row of zeros) copied into one dense (n, dim) array.
+  py::array gather(py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> rows) {
+    auto lock = guard();
+    const Reader& r = reader();
+    const py::dtype dtype = numpy_dtype(r.dtype());
+    py::array out(dtype,
+                  {static_cast<py::ssize_t>(rows.size()), static_cast<py::ssize_t>(r.dim())});
+    const std::span<const std::int64_t> in(rows.data(), rows.size());
+    void* dest = out.mutable_data();
+    const std::size_t bytes = static_cast<std::size_t>(out.nbytes());
+    py::gil_scoped_release unlocked;
+    r.gather(in, dest, bytes);
+    return out;
+  }
+  py::list history(std::uint64_t key) {
+    auto lock = guard();
+    py::list out;
+    for (const KeyVersion& v : reader().history(key)) out.append(py::make_tuple(v.row, v.epoch));
+    return out;
+  }
+  py::array epoch_rows(std::uint64_t epoch) {
+    auto lock = guard();
+    const auto rows = reader().epoch_rows(epoch);
+    py::array_t<std::int64_t> out(rows.size());
+    std::copy(rows.begin(), rows.end(), out.mutable_data());
+    return out;
+  }
+  py::dict epoch_counts() {
+    auto lock = guard();
+    py::dict out;
+    for (const EpochRows& e : reader().epochs()) out[py::int_(e.epoch)] = e.rows;
     return out;
   }
 
@@ -614,6 +687,12 @@ py::dict info_dict(const StoreInfo& info) {
   out["capacity_rows"] = info.capacity_rows;
   out["data_file_bytes"] = info.data_file_bytes;
   out["index_file_bytes"] = info.index_file_bytes;
+  out["distinct_keys"] = info.distinct_keys;
+  py::dict epochs;
+  for (const EpochRows& e : info.epochs) epochs[py::int_(e.epoch)] = e.rows;
+  out["epochs"] = epochs;
+  out["key_index"] = info.key_index;
+  out["key_index_used"] = info.key_index_used;
   return out;
 }
 
@@ -638,6 +717,8 @@ PYBIND11_MODULE(_embstore, m) {
       std::to_string(kFormatVersionMajor) + "." + std::to_string(kFormatVersionMinor);
   m.attr("default_segment_bytes") = kDefaultSegmentBytes;
   m.attr("default_map_bytes") = kDefaultMapBytes;
+  m.attr("default_sync_interval") =
+      std::chrono::duration<double>(kDefaultSyncInterval).count();  // seconds
 
   m.def("dtype_aliases", [] {
     py::dict aliases;
@@ -663,6 +744,26 @@ PYBIND11_MODULE(_embstore, m) {
       },
       py::arg("path"), py::arg("dim"), py::arg("dtype"), py::arg("metadata"),
       py::arg("segment_bytes"));
+
+  m.def(
+      "salvage",
+      [](const std::string& store, const std::string& out) {
+        SalvageReport report;
+        {
+          py::gil_scoped_release unlocked;
+          report = salvage(store, out);
+        }
+        py::list lost;
+        for (const auto& [begin, end] : report.lost_ranges) lost.append(py::make_tuple(begin, end));
+        py::dict d;
+        d["header_source"] = report.header_source;
+        d["rows_scanned"] = report.rows_scanned;
+        d["rows_copied"] = report.rows_copied;
+        d["rows_lost"] = report.rows_lost;
+        d["lost_ranges"] = lost;
+        return d;
+      },
+      py::arg("store"), py::arg("out"));
 
   m.def(
       "read_info",
@@ -732,6 +833,13 @@ PYBIND11_MODULE(_embstore, m) {
           py::arg("begin"), py::arg("end"))
       .def("verify", &PyReader::verify, py::arg("begin"), py::arg("end"))
       .def("record", &PyReader::record, py::arg("row"))
+      .def("find", &PyReader::find, py::arg("key"), py::arg("epoch"))
+      .def("get", &PyReader::get, py::arg("key"), py::arg("epoch"))
+      .def("find_many", &PyReader::find_many, py::arg("keys"), py::arg("epochs"))
+      .def("gather", &PyReader::gather, py::arg("rows"))
+      .def("history", &PyReader::history, py::arg("key"))
+      .def("epoch_rows", &PyReader::epoch_rows, py::arg("epoch"))
+      .def("epoch_counts", &PyReader::epoch_counts)
       .def("close", &PyReader::close)
       .def_property_readonly("closed", &PyReader::closed)
       .def_property_readonly("path", &PyReader::path)

@@ -25,6 +25,7 @@ class SharedState {
   std::uint64_t capacity() const { return load(page_->capacity_rows); }
   std::uint64_t generation() const { return load(page_->generation); }
   std::uint64_t era() const { return load(page_->era); }
+  std::uint64_t key_generation() const { return load(page_->key_generation); }
   void boot_id(std::uint64_t out[2]) const {
     out[0] = load(page_->boot_id[0]);
     out[1] = load(page_->boot_id[1]);
@@ -35,6 +36,7 @@ class SharedState {
   void set_capacity(std::uint64_t rows) { store(page_->capacity_rows, rows); }
   void set_durable(std::uint64_t rows) { store(page_->durable_rows, rows); }
   void set_era(std::uint64_t era) { store(page_->era, era); }
+  void set_key_generation(std::uint64_t k) { store(page_->key_generation, k); }
   void set_boot_id(const std::uint64_t id[2]) {
     store(page_->boot_id[0], id[0]);
     store(page_->boot_id[1], id[1]);
@@ -46,6 +48,9 @@ class SharedState {
     while (current < rows && !ref.compare_exchange_weak(current, rows, std::memory_order_acq_rel)) {
     }
   }
+
+  // The key_generation word, for the key index (src/index/key_index_handle.h).
+  std::uint64_t* key_generation_word() const { return &page_->key_generation; }
 
   // The low 32 bits of committed_rows, the word futex waiters sleep on.
   std::uint32_t* committed_word() const {

@@ -92,8 +92,7 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   }
   files->header_fd_ = os::open_file(files->header_path_, access);
   const std::uint64_t header_bytes = os::file_size(files->header_fd_, files->header_path_);
-  const std::uint64_t to_read =
-      std::min<std::uint64_t>(header_bytes, kMetadataOffset + kMaxMetadataBytes);
+  const std::uint64_t to_read = std::min<std::uint64_t>(header_bytes, kMaxHeaderReadBytes);
   files->header_bytes_ = header_bytes;
   std::string bytes(to_read, '\0');
   os::read_exact(files->header_fd_, bytes.data(), to_read, 0, files->header_path_);
@@ -252,6 +251,29 @@ std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t 
     if (entry.row & kEntryBatchEnd) return row;
   }
   return begin;
+}
+
+void StoreFiles::upgrade_header() {
+  if (layout_.format_minor >= kFormatMinorHeaderCopy && !layout_.from_copy) return;
+  const std::uint64_t header_bytes = os::file_size(header_fd_, header_path_);
+  std::string bytes(std::min<std::uint64_t>(header_bytes, kMaxHeaderReadBytes), '\0');
+  os::read_exact(header_fd_, bytes.data(), bytes.size(), 0, header_path_);
+  const Layout now = decode_header(bytes, header_bytes, header_path_);
+  const std::string fixed = current_fixed_header(bytes, now);
+  const std::string& metadata = now.metadata;
+  const std::uint64_t copy_at = metadata_copy_offset(metadata.size());
+  // Allocated first: the header's state page is written through a mapping.
+  os::allocate(header_fd_, 0, copy_at + round_up(metadata.size(), kPageBytes), header_path_);
+  if (!metadata.empty()) {
+    os::write_all(header_fd_, metadata.data(), metadata.size(), copy_at, header_path_);
+  }
+  os::write_all(header_fd_, fixed.data(), fixed.size(), kHeaderCopyOffset, header_path_);
+  os::datasync(header_fd_, header_path_);
+  EMBSTORE_CRASH_POINT("header-copy-written");
+  os::write_all(header_fd_, fixed.data(), fixed.size(), 0, header_path_);
+  os::datasync(header_fd_, header_path_);
+  layout_.format_minor = kFormatMinor;
+  layout_.from_copy = false;
 }
 
 bool StoreFiles::same_boot() const {

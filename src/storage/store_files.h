@@ -70,10 +70,15 @@ class StoreFiles {
   int index_fd() const { return index_fd_; }
   int header_fd() const { return header_fd_; }
 
+  // The most rows map_bytes lets the store's mappings hold.
+  std::uint64_t budget_rows() const { return budget_rows_; }
   // Rows the current mappings cover.
   std::uint64_t mapped_rows() const { return generation_ ? generation_->mapped_rows() : 0; }
   // The current mappings (null before the first map_rows()); changes when map_rows() remaps.
   const Generation* generation() const { return generation_.get(); }
+  // The current mappings, kept mapped for as long as the caller holds them (a Writer's growth
+  // of the key index reads entries without the lock while appends may remap).
+  std::shared_ptr<const Generation> pin_generation() const { return generation_; }
   // Maps both files far enough to cover `rows` rows, at a larger Generation if the current
   // reservation is too small. Checks the files really are that long first (kCorruption naming
   // the file otherwise), so no access can fault past EOF.
@@ -96,6 +101,13 @@ class StoreFiles {
   std::uint64_t valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const;
 
   bool same_boot() const;  // The state's boot id is the machine's current boot id.
+  // Which fixed header verified: "primary", or "copy" when the primary failed its checks.
+  const char* header_source() const { return layout_.from_copy ? "copy" : "primary"; }
+  // Writer only, writer lock held: gives a store older than format 1.2 its header copy, or a
+  // store whose primary failed its checks the primary back from the copy, and flushes the
+  // header. The copy is written and flushed before the primary is touched, so an interruption
+  // leaves one verified copy and the next writer finishes the job.
+  void upgrade_header();
   StoreInfo info() const;
 
  private:

@@ -10,8 +10,8 @@ import pytest
 import embstore
 from conftest import CLI, hash_tree, make_store, run, corrupt_row
 
-COMMANDS = ["create", "info", "verify", "version", "head", "tail", "export", "import", "compact",
-            "merge", "bench"]
+COMMANDS = ["create", "info", "verify", "version", "head", "tail", "get", "export", "import",
+            "compact", "merge", "bench"]
 
 # Exit statuses (README "Command-line tool"): 10 + ErrorCode.
 NOT_FOUND, ALREADY_EXISTS, CORRUPTION, FORMAT_MISMATCH, UNSUPPORTED_VERSION = 12, 13, 14, 15, 16
@@ -95,17 +95,35 @@ def test_info_shows_header_counters_files_and_epochs(store):
     r = run("info", store, "--quiet")
     assert r.code == 0, r
     for text in ("dtype           float16", "committed rows  30", "segments        ",
-                 "bytes on disk", "last modified", "distinct keys   12", 'tiny \\"q\\"'):
+                 "bytes on disk", "last modified", "distinct keys   12 (key index)",
+                 "key index       keys.1, 30 rows indexed", 'tiny \\"q\\"'):
         assert text in r.out or text.replace('\\"', '"') in r.out, (text, r.out)
-    # The epochs table: epoch, rows, distinct keys, aligned.
-    assert "  epoch  rows  distinct keys\n      0    10             10\n" in r.out
+    # The epochs table from the key index: epoch and rows, aligned.
+    assert "  epoch  rows\n      0    10\n" in r.out
     info = json.loads(run("info", store, "--json").out)
     assert info["committed_rows"] == 30 and info["dim"] == 4
     assert info["metadata"] == '{"model": "tiny \\"q\\""}'
-    assert info["epochs"] == [{"epoch": e, "rows": 10, "distinct_keys": 10} for e in range(3)]
-    assert info["distinct_keys"] == 12
+    assert info["epochs"] == [{"epoch": e, "rows": 10} for e in range(3)]
+    assert info["distinct_keys"] == 12 and info["key_source"] == "key index"
+    assert info["key_index"] == "keys.1, 30 rows indexed"
     assert info["segments"] == 1 and info["bytes_on_disk"] > 0
     assert {f["name"] for f in info["files"]} >= {"header", "rows.1", "index.1", "lock"}
+    # --scan counts by a scan of the offset index, distinct keys per epoch too.
+    r = run("info", store, "--quiet", "--scan")
+    assert "distinct keys   12 (scan of the offset index)" in r.out
+    assert "  epoch  rows  distinct keys\n      0    10             10\n" in r.out
+    scanned = json.loads(run("info", store, "--json", "--scan").out)
+    assert scanned["epochs"] == [{"epoch": e, "rows": 10, "distinct_keys": 10} for e in range(3)]
+    assert scanned["distinct_keys"] == 12 and scanned["key_source"] == "scan"
+    assert run("info", store, "--scan", "--no-scan").code == 2
+
+
+def test_info_without_a_usable_key_index_scans_and_says_why(store):
+    os.remove(os.path.join(store, "keys.1"))
+    info = json.loads(run("info", store, "--json").out)
+    assert info["key_index"].startswith("damaged (") and "keys.1" in info["key_index"]
+    assert info["key_source"] == "scan" and info["distinct_keys"] == 12
+    assert info["epochs"] == [{"epoch": e, "rows": 10, "distinct_keys": 10} for e in range(3)]
     assert "epochs" not in json.loads(run("info", store, "--json", "--no-scan").out)
 
 
@@ -126,6 +144,36 @@ def test_verify_passes_a_sound_store_and_names_bad_rows_with_key_and_epoch(store
     assert report["bad_rows"] == [{"row": 17, "key": 8, "epoch": 1}]
     assert report["bad_row_count"] == 1 and report["rows_checked"] == 30
     assert run("verify", store, "--from", 18, "--to", 30).code == 0
+
+
+def test_verify_checks_the_key_index_and_reports_its_damage(store):
+    r = run("verify", store)
+    assert r.code == 0, r
+    assert "key index: consistent with the offset index" in r.out
+    report = json.loads(run("verify", store, "--json").out)
+    assert report["key_index"] == {"checked": True, "problems": 0, "first_problem": ""}
+    # Zero the pair table's first page (after the 4 KiB header): rows lose their slots.
+    before = hash_tree(store)
+    with open(os.path.join(store, "keys.1"), "r+b") as f:
+        f.seek(4096)
+        f.write(bytes(4096))
+    damaged = hash_tree(store)
+    r = run("verify", store)
+    assert r.code == 1, r
+    assert "0 bad" in r.out and "key index: " in r.out and "keys.1" in r.out
+    report = json.loads(run("verify", store, "--json").out)
+    assert report["bad_row_count"] == 0
+    assert report["key_index"]["checked"] and report["key_index"]["problems"] > 0
+    assert "keys.1" in report["key_index"]["first_problem"]
+    # A partial range checks rows only.
+    assert run("verify", store, "--to", 10).code == 0
+    assert hash_tree(store) == damaged != before
+    # A missing key index file the store names is damage too; get still answers (by scan).
+    os.remove(os.path.join(store, "keys.1"))
+    r = run("verify", store, "--json")
+    assert r.code == 1, r
+    assert "keys.1" in json.loads(r.out)["key_index"]["first_problem"]
+    assert run("get", store, 3, "--epoch", 1).code == 0
 
 
 def test_verify_bad_ranges_get_one_line_not_the_banner(store):
@@ -182,8 +230,9 @@ def test_missing_and_non_store_paths_get_not_found_for_every_reading_command(tmp
 
 def test_a_newer_format_is_refused_with_its_own_exit_code(store):
     with open(os.path.join(store, "header"), "r+b") as f:
-        f.seek(8)
-        f.write(b"\x02")
+        for copy in (0, 2048):  # both copies of the fixed header (src/format/FORMAT.md)
+            f.seek(copy + 8)
+            f.write(b"\x02")
     for command in ("info", "verify", "head", "tail"):
         r = run(command, store)
         assert r.code == UNSUPPORTED_VERSION, (command, r)

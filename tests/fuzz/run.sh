@@ -3,7 +3,8 @@
 # (-fsanitize=fuzzer,address,undefined) into its own directory and fuzzes the store's
 # open/verify/iterate (and writer recovery) for <seconds> in total, split over the jobs.
 #
-# Limits: no sanitizer report, no input slower than 1 s (-timeout=1), no allocation over 256 MB
+# Limits: no sanitizer report, no input slower than FUZZ_TIMEOUT s (default 1; raise it on a
+# loaded machine, where a wall-clock second is not a CPU second), no allocation over 256 MB
 # (-malloc_limit_mb=256, -rss_limit_mb=2048 for the process). Crashers are written to
 # tests/fuzz/corpus/crashers/ (commit them: ctest replays that corpus on every run), new
 # interesting inputs to the working corpus in the build dir. Prints "fuzz_execs <n>" and, when
@@ -14,6 +15,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 build=${2:-$root/build-fuzz}
 jobs=${FUZZ_JOBS:-1}
+timeout=${FUZZ_TIMEOUT:-1}
 mkdir -p "$build"
 
 CXX=${FUZZ_CXX:-clang++-14}
@@ -50,7 +52,7 @@ set +e
 rm -f "$build"/fuzz-*.log
 # libFuzzer writes the per-job logs (fuzz-<n>.log) into the current directory.
 (cd "$build" && exec "$build/fuzz_store" "$work" "$here/corpus" \
-  -dict="$here/store.dict" -max_len=65536 -timeout=1 -malloc_limit_mb=256 -rss_limit_mb=2048 \
+  -dict="$here/store.dict" -max_len=65536 -timeout="$timeout" -malloc_limit_mb=256 -rss_limit_mb=2048 \
   -max_total_time="$per_job" -jobs="$jobs" -workers="$jobs" -print_final_stats=1 \
   -artifact_prefix="$here/corpus/crashers/") >"$log" 2>&1
 status=$?

@@ -2,6 +2,7 @@
 import errno
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -55,6 +56,28 @@ def test_sync_policies_make_rows_durable(store):
         assert w.durable_rows() == 3
     with pytest.raises(ValueError, match="sync must be"):
         embstore.Writer(store, sync="sometimes")
+
+
+def test_by_default_close_syncs_and_a_background_thread_syncs_every_interval(store):
+    assert embstore.DEFAULT_SYNC_INTERVAL == 5.0
+    with embstore.Writer(store, dim=2) as w:
+        w.append([1, 2], np.ones((2, 2), np.float32))
+    info = embstore.info(store)
+    assert info["durable_rows"] == info["committed_rows"] == 2
+    with embstore.Writer(store, sync_interval=0.02) as w:
+        w.append([3, 4, 5], np.ones((3, 2), np.float32))
+        # A condition with a generous deadline, not a timing assertion: no sync() is called.
+        deadline = time.monotonic() + 60
+        while w.durable_rows() < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert w.durable_rows() == 5
+
+
+def test_sync_none_opts_out_of_the_sync_at_close(store):
+    with embstore.Writer(store, dim=2, sync="none") as w:
+        w.append([1, 2], np.ones((2, 2), np.float32))
+    info = embstore.info(store)
+    assert info["committed_rows"] == 2 and info["durable_rows"] == 0
 
 
 def test_info_reports_counters(store):
@@ -124,8 +147,9 @@ def test_corrupted_row_is_named_by_verify(store):
 def test_corrupted_header_raises_corruption_error(store):
     embstore.create(store, dim=4)
     with open(os.path.join(store, "header"), "r+b") as f:
-        f.seek(16)
-        f.write(b"\x05")  # dim 4 -> 5: the header checksum no longer matches
+        for copy in (0, 2048):  # both copies of the fixed header (FORMAT.md)
+            f.seek(copy + 16)
+            f.write(b"\x05")  # dim 4 -> 5: the header checksum no longer matches
     with pytest.raises(embstore.CorruptionError, match="header") as bad:
         embstore.Reader(store)
     assert isinstance(bad.value, embstore.Error) and bad.value.code == "corruption"
@@ -134,8 +158,9 @@ def test_corrupted_header_raises_corruption_error(store):
 def test_newer_format_version_raises_unsupported_version_error(store):
     embstore.create(store, dim=4)
     with open(os.path.join(store, "header"), "r+b") as f:
-        f.seek(8)  # format_major
-        f.write(b"\x02")
+        for copy in (0, 2048):  # both copies of the fixed header (FORMAT.md)
+            f.seek(copy + 8)  # format_major
+            f.write(b"\x02")
     with pytest.raises(embstore.UnsupportedVersionError, match="format_major 2"):
         embstore.Reader(store)
     with pytest.raises(embstore.Error):

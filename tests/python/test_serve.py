@@ -307,6 +307,35 @@ def test_key_lookup_scans_match_the_store(store):
             assert native.epoch_rows(snap, epoch).tolist() == lookup.epoch_rows(snap, epoch).tolist()
 
 
+def test_key_lookup_with_the_index_answers_for_the_snapshot_not_later_rows(store):
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        w.append([1, 2, 3], np.ones((3, 4), np.float32), 0)
+        w.append([1, 2], np.ones((2, 4), np.float32), 1)
+    follower = serve_store.Follower(store)
+    assert follower.lookup.use_index  # this build has the key index: no scans
+    snap = follower.snapshot
+    assert snap.rows == 5
+    # Rows committed after the snapshot, some repeating its (key, epoch) pairs; the lookup
+    # Reader moves on (as the follower thread does before it publishes the next snapshot).
+    with embstore.Writer(store) as w:
+        w.append([1, 3, 7], np.ones((3, 4), np.float32), 1)
+    assert follower.reader.refresh() == 8
+    lookup = follower.lookup
+    assert lookup.find(snap, 1, 1) == 3  # not row 5, past the snapshot
+    assert lookup.find(snap, 2, 0) == 1
+    assert lookup.find(snap, 3, 1) is None and lookup.find(snap, 7, 1) is None
+    assert lookup.history(snap, 1).tolist() == [0, 3]
+    assert lookup.epoch_rows(snap, 1).tolist() == [3, 4]
+    # A later snapshot sees the new rows.
+    follower._advance()
+    later = follower.snapshot
+    assert later.rows == 8
+    assert lookup.find(later, 1, 1) == 5 and lookup.find(later, 7, 1) == 7
+    assert lookup.history(later, 1).tolist() == [0, 3, 5]
+    assert lookup.epoch_rows(later, 1).tolist() == [3, 4, 5, 6, 7]
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
 def test_narrow_dtypes_are_read_as_their_values(store, dtype):
     from embstore.serve.app import Server

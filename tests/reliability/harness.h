@@ -12,11 +12,13 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "embstore/options.h"
+#include "embstore/reader.h"
 
 namespace embstore::torture {
 
@@ -130,6 +132,10 @@ struct CheckResult {
 // Opens the store (a Reader first, then a Writer, which recovers), verifies every row, checks
 // every row against the ack logs and the schedules, and appends and reads back a fresh batch.
 CheckResult check_invariant(const Params& p, const CheckOptions& options);
+// Part of the invariant (scenario 21): every row is found at its row by key and (key, epoch),
+// one by one and through find_many; epoch_rows count every row; unknown keys are not found.
+void check_key_lookups(const Reader& reader,
+                       const std::function<void(const std::string&)>& problem);
 
 // Adds the figures of a check to the stats and prints its problems. Returns ok().
 bool report_check(const CheckResult& result, const std::string& context);
@@ -150,6 +156,9 @@ bool under_sanitizer();
 // 1 TiB reservations at once (16 GiB there).
 std::uint64_t torture_map_bytes();
 WriterOptions wopts();
+// wopts() without any sync but the ones asked for (SyncPolicy::kNone): for scenarios that need
+// unsynced tails, as a power loss or reboot leaves them.
+WriterOptions wopts_unsynced();
 ReaderOptions ropts();
 
 }  // namespace embstore::torture

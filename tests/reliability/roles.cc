@@ -1,5 +1,6 @@
 #include "roles.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -49,6 +50,15 @@ Batch make_batch(Schedule& s, std::uint64_t writer, std::uint64_t index, std::ui
   }
   out.values = test::batch_payload(writer, out.b.first_seq, out.b.rows, dim);
   return out;
+}
+
+// The float32 store every role creates: --dim, --segment-bytes (default 64 KiB).
+CreateOptions create_options(const Args& args, const Params& p) {
+  CreateOptions create;
+  create.dim = p.dim;
+  create.dtype = DType::kFloat32;
+  create.segment_bytes = args.num("segment-bytes", 65536);
+  return create;
 }
 
 }  // namespace
@@ -105,8 +115,13 @@ int role_writer(const Args& args) {
   WriterOptions options;
   options.map_bytes = args.num("map-bytes", torture_map_bytes());
   if (args.has("every-append")) options.sync = SyncPolicy::kEveryAppend;
+  if (args.has("unsynced")) options.sync = SyncPolicy::kNone;  // for scenarios that need a tail
   try {
-    Writer writer = Writer::open(p.store, options);
+    // --start-fifo: block until the supervisor opens the FIFO, so racers start together.
+    if (args.has("start-fifo")) ::close(::open(args.get("start-fifo").c_str(), O_RDONLY));
+    Writer writer = args.has("open-or-create")
+                        ? Writer::open_or_create(p.store, create_options(args, p), options)
+                        : Writer::open(p.store, options);
     AckLog log(p.log_dir, w);
     Schedule schedule(p.seed, w, p.max_batch);
     int full_hits = 0;
@@ -128,11 +143,32 @@ int role_writer(const Args& args) {
         log.durable(batch.b.first_seq + batch.b.rows);
       }
     }
-    writer.close();
+    try {
+      writer.close();
+    } catch (const Error& e) {
+      // The key index may be what ran out of room (its growth is reported at close).
+      if (!until_full || e.code() != ErrorCode::kFull) throw;
+      ++full_hits;
+    }
     return full_hits > 0 ? 10 : 0;
   } catch (const Error& e) {
     std::fprintf(stderr, "writer %llu: %s (%s)\n", static_cast<unsigned long long>(w), e.what(),
                  error_code_name(e.code()));
+    // A clean kFull while opening (allocating a sparse store's holes) is what was asked too.
+    return until_full && e.code() == ErrorCode::kFull ? 10 : 2;
+  }
+}
+
+// ---- creator -------------------------------------------------------------------------------
+
+int role_creator(const Args& args) {
+  const Params p = args.params();
+  try {
+    Writer writer = Writer::open_or_create(p.store, create_options(args, p), wopts());
+    writer.close();
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "creator: %s (%s)\n", e.what(), error_code_name(e.code()));
     return 2;
   }
 }
@@ -314,6 +350,7 @@ int role_faultrun(const Args& args) {
     const std::uint64_t end = append_one(again);
     again.sync();
     log.durable(end);
+    again.close();  // A key index failure is reported here, never by the destructor.
   });
   attempt("info", [&] { (void)read_info(p.store); });
   const std::uint64_t injected = detail::testing::faults_injected();

@@ -29,5 +29,6 @@ int role_faultrun(
 int role_memlimit(const Args& args);  // a workload under RLIMIT_AS
 int role_recover(const Args& args);   // opens a Writer (recovering), --append N rows, closes
 int role_snapshot(const Args& args);  // opens a Reader, writes its size to --out, verifies
+int role_creator(const Args& args);   // open_or_create (--segment-bytes), then close
 
 }  // namespace embstore::torture

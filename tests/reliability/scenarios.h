@@ -1,4 +1,4 @@
-// scenarios.h — the fifteen scenarios of README.md here, each run by the supervisor.
+// scenarios.h — the scenarios of README.md here, each run by the supervisor.
 // Every scenario returns true when it held, and checks the invariant before returning.
 #pragma once
 
@@ -61,6 +61,8 @@ bool scenario_power_loss(std::uint64_t seed);      // 6
 bool scenario_full_disk(std::uint64_t seed);       // 7
 bool scenario_faults(std::uint64_t seed);          // 8
 bool scenario_memory(std::uint64_t seed);          // 9
+bool scenario_sparse_full(std::uint64_t seed);     // 17
+bool scenario_create_stress(std::uint64_t seed);   // 18
 // In-process scenarios (scenarios_inproc.cc).
 bool scenario_threads(std::uint64_t seed);     // 10 (and the threaded variant of 5)
 bool scenario_capacity(std::uint64_t seed);    // 11
@@ -70,5 +72,11 @@ bool scenario_python(std::uint64_t seed);      // 14
 bool scenario_model(std::uint64_t seed);       // 15
 // Many stores in one process (scenarios_many.cc).
 bool scenario_many_stores(std::uint64_t seed);  // 19
+// Scenario 16 (scenarios_counters.cc).
+bool scenario_counters(std::uint64_t seed);  // 16
+// Scenario 20 (scenarios_inproc.cc).
+bool scenario_python_use(std::uint64_t seed);  // 20
+// Key index scenario (scenarios_keys.cc).
+bool scenario_key_index(std::uint64_t seed);  // 21
 
 }  // namespace embstore::torture

@@ -21,6 +21,7 @@
 
 #include "../fuzz/fuzz_store.h"
 #include "embstore/embstore.h"
+#include "format/format.h"
 #include "platform/testing.h"
 #include "scenarios.h"
 #include "support/payload.h"
@@ -346,7 +347,7 @@ bool scenario_corruption(std::uint64_t seed) {
     const std::uint64_t w = s.new_writer();
     std::uint64_t committed = 0, durable = 0;
     {
-      Writer writer = Writer::open(p.store, wopts());
+      Writer writer = Writer::open(p.store, wopts_unsynced());
       AckLog log(p.log_dir, w);
       Schedule schedule(p.seed, w, p.max_batch);
       for (std::uint64_t i = 0; i < 60; ++i) append_logged(writer, log, schedule, p, w, i);
@@ -374,7 +375,7 @@ bool scenario_corruption(std::uint64_t seed) {
       {
         Reader before = Reader::open(p.store, ropts());
         if (before.size() != committed) ok = fail("a reader after reboot clamped intact rows");
-        Writer writer = Writer::open(p.store, wopts());
+        Writer writer = Writer::open(p.store, wopts_unsynced());
         if (writer.committed_rows() != committed) {
           ok = fail("recovery moved committed " + std::to_string(committed) + " -> " +
                     std::to_string(writer.committed_rows()) + " with junk past the commit point");
@@ -436,10 +437,21 @@ bool scenario_corruption(std::uint64_t seed) {
       auto with = [&](std::uint64_t off, const std::string& bytes, ErrorCode code,
                       const std::string& what) {
         patch(header, off, bytes);
+        // Format 1.2 keeps a second copy of the fixed header: damage both, or it is read.
+        if (off < detail::kHeaderCopyOffset) patch(header, off + detail::kHeaderCopyOffset, bytes);
         stat_add("corrupt_inputs");
         ok &= expect_error(code, what, [&] { Reader::open(p.store, ropts()); });
         patch(header, 0, saved);
       };
+      // One damaged copy is not an error: the other is read, and the rows with it.
+      patch(header, 16, std::string("\x00\x00\x00\x00", 4));
+      stat_add("corrupt_inputs");
+      try {
+        if (Reader::open(p.store, ropts()).dim() != p.dim) ok = fail("header copy: wrong dim");
+      } catch (const Error& e) {
+        ok = fail(std::string("one damaged header copy refused the store: ") + e.what());
+      }
+      patch(header, 0, saved);
       with(0, "EMBSTORF", ErrorCode::kNotFound, "bad magic");
       with(8, std::string("\x02\x00", 2), ErrorCode::kUnsupportedVersion, "format_major + 1");
       with(8, std::string("\x00\x00", 2), ErrorCode::kUnsupportedVersion, "format_major 0");
@@ -533,6 +545,24 @@ bool scenario_python(std::uint64_t seed) {
   return std::system(cmd.c_str()) == 0 || fail("python views test failed");
 }
 
+// ---- 20. Python in ordinary use: reused buffers, processes that exit without close() ---------
+
+bool scenario_python_use(std::uint64_t seed) {
+  const char* module_dir = std::getenv("EMBSTORE_PYTHONPATH");
+  const char* script = std::getenv("EMBSTORE_PY_USE_TEST");
+  if (module_dir == nullptr || script == nullptr || !std::filesystem::exists(module_dir)) {
+    std::printf(
+        "scenario 20: skipped (the Python module is not built; ctest runs "
+        "tests/reliability/python_use.py when it is)\n");
+    return true;
+  }
+  const std::string cmd = "PYTHONPATH='" + std::string(module_dir) + "' /usr/bin/python3 '" +
+                          script + "' --seed " + std::to_string(seed) + " --rounds " +
+                          std::to_string(scaled(12, 20));
+  stat_add("processes");
+  return std::system(cmd.c_str()) == 0 || fail("python ordinary-use test failed");
+}
+
 // ---- 15. Model-based: append / reopen / crash / reboot / verify / lookup vs an oracle -------
 
 bool scenario_model(std::uint64_t seed) {
@@ -547,7 +577,7 @@ bool scenario_model(std::uint64_t seed) {
   std::vector<Row> oracle;  // committed rows in order
   std::uint64_t oracle_durable = 0;
   std::uint64_t next_key = 1;
-  std::optional<Writer> writer(Writer::open(p.store, wopts()));
+  std::optional<Writer> writer(Writer::open(p.store, wopts_unsynced()));
   const std::uint64_t steps = scaled(6000, 50);
   const char* points[] = {"after-copy",      "mid-index-write",  "before-publish", "after-publish",
                           "after-grow-data", "after-grow-index", "mid-sync"};
@@ -576,7 +606,7 @@ bool scenario_model(std::uint64_t seed) {
   for (std::uint64_t step = 0; step < steps && ok; ++step) {
     stat_add("model_steps");
     const std::uint64_t op = rng.below(100);
-    if (!writer) writer.emplace(Writer::open(p.store, wopts()));
+    if (!writer) writer.emplace(Writer::open(p.store, wopts_unsynced()));
     if (op < 55) {  // append
       const std::uint64_t n = rng.range(0, 20), epoch = rng.below(5);
       std::vector<std::uint64_t> keys(n);
@@ -591,7 +621,7 @@ bool scenario_model(std::uint64_t seed) {
       if (writer->durable_rows() != oracle_durable) ok = fail("durable_rows after sync");
     } else if (op < 70) {  // reopen
       writer.reset();
-      writer.emplace(Writer::open(p.store, wopts()));
+      writer.emplace(Writer::open(p.store, wopts_unsynced()));
     } else if (op < 80) {  // crash a child at a named point mid-append
       writer.reset();
       const char* point = points[rng.below(std::size(points))];
@@ -604,7 +634,7 @@ bool scenario_model(std::uint64_t seed) {
       if (pid == 0) {
         detail::testing::arm_crash(point, 1);
         try {
-          Writer child = Writer::open(p.store, wopts());
+          Writer child = Writer::open(p.store, wopts_unsynced());
           child.append(keys, 9, values);
           child.sync();
         } catch (...) {
@@ -632,7 +662,7 @@ bool scenario_model(std::uint64_t seed) {
     } else if (op < 85) {  // reboot: rows past durable may be cut, but never below it
       writer.reset();
       detail::testing::set_boot_id(random_boot_id(rng));
-      writer.emplace(Writer::open(p.store, wopts()));
+      writer.emplace(Writer::open(p.store, wopts_unsynced()));
       // Nothing was torn (the page cache held everything), so nothing may be cut.
       if (writer->committed_rows() != oracle.size()) ok = fail("a clean reboot cut rows");
     } else if (op < 95) {  // lookup by (key, epoch) through the keys/epochs views
@@ -679,6 +709,13 @@ const std::vector<Scenario>& all_scenarios() {
       {"13", "mutation fuzzing of store files through the fuzz entry", scenario_fuzz_smoke},
       {"14", "Python views across growth and reader close", scenario_python},
       {"15", "model-based: random ops against an in-memory oracle", scenario_model},
+      {"17", "sparse copies on a full tmpfs: kFull, never SIGBUS", scenario_sparse_full},
+      {"18", "kill -9 during create; open_or_create races on a nearly full disk",
+       scenario_create_stress},
+      {"16", "damaged counters after a reboot: Reader and Writer agree", scenario_counters},
+      {"20", "Python in ordinary use: reused buffers, exit without close", scenario_python_use},
+      {"21", "key index: kill -9 while indexing and growing, missing and damaged files",
+       scenario_key_index},
       {"19", "many stores: thousands of readers, hundreds of writers, views kept",
        scenario_many_stores},
   };

@@ -1,8 +1,11 @@
 // Scenarios 1-9: real writer, reader and verifier processes, kill -9, crash points, simulated
 // power loss, full disks, injected I/O errors and address-space limits.
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -260,8 +263,9 @@ bool scenario_recovery_crash(std::uint64_t seed) {
     const std::string boot_a = "EMBSTORE_BOOT_ID=" + random_boot_id(rng);
     const std::string boot_b = "EMBSTORE_BOOT_ID=" + random_boot_id(rng);
     // Synced rows, then unsynced ones, written in "boot A".
-    ok &= expect_exit(s.start_writer({"--batches", "150", "--sync-every", "100"}, {boot_a}),
-                      "writer");
+    ok &= expect_exit(
+        s.start_writer({"--batches", "150", "--sync-every", "100", "--unsynced"}, {boot_a}),
+        "writer");
     StoreInfo info = read_info(p.store);
     if (info.committed_rows <= info.durable_rows) return fail("no unsynced rows to recover");
     // A torn row past the durable point: recovery must cut back.
@@ -339,7 +343,7 @@ bool reboot_reader_race(std::uint64_t seed) {
   std::uint64_t committed = 0;
   {
     detail::testing::set_boot_id(boot_a);
-    Writer w = Writer::open(store, wopts());
+    Writer w = Writer::open(store, wopts_unsynced());
     const std::uint64_t n = 100'000;
     std::vector<std::uint64_t> keys(n);
     std::vector<float> values(n, 1.0f);
@@ -490,7 +494,7 @@ bool probe_stale_tail_flush(std::uint64_t seed) {
   Setup s("probe", seed);
   s.create(8192);
   bool ok = true;
-  Writer writer = Writer::open(s.params().store, wopts());
+  Writer writer = Writer::open(s.params().store, wopts_unsynced());
   std::vector<std::uint64_t> keys = {1, 2};
   std::vector<float> values(2 * s.params().dim, 0.5f);
   detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
@@ -506,7 +510,7 @@ bool probe_stale_tail_flush(std::uint64_t seed) {
     if (e.code() != ErrorCode::kPoisoned) ok = fail(std::string("probe: ") + e.what());
   }
   detail::testing::disarm_all();
-  Writer again = Writer::open(s.params().store, wopts());
+  Writer again = Writer::open(s.params().store, wopts_unsynced());
   again.append(keys, 0, values);
   Reader reader = Reader::open(s.params().store, ropts());
   if (reader.size() != 4 || !reader.verify().ok()) ok = fail("probe: store after the probe");
@@ -529,7 +533,7 @@ bool scenario_power_loss(std::uint64_t seed) {
     std::vector<Image> versions;
     const char* kill_points[] = {"before-publish", "mid-index-write", "after-copy"};
     {
-      Writer writer = Writer::open(p.store, wopts());
+      Writer writer = Writer::open(p.store, wopts_unsynced());
       AckLog log(p.log_dir, w);
       Schedule schedule(p.seed, w, p.max_batch);
       const std::uint64_t batches = rng.range(5, 60);
@@ -664,6 +668,286 @@ bool scenario_full_disk(std::uint64_t seed) {
     ok &= stop_child(reader, "reader");
     ok &= s.verify("RLIMIT_FSIZE");
   }
+  return ok;
+}
+
+// ---- 17. Sparse copies on a full disk ----------------------------------------------------
+
+namespace {
+
+// Mounts a tmpfs of `size` ("1m") at `mnt`; says why not (not root, no mount namespace) if not.
+bool mount_tmpfs(const std::string& mnt, const char* size, const char* scenario) {
+  std::filesystem::create_directories(mnt);
+  const std::string options = std::string("size=") + size;
+  if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, options.c_str()) == 0) return true;
+  std::printf("scenario %s: cannot mount a tmpfs (%s); this part is skipped\n", scenario,
+              std::strerror(errno));
+  return false;
+}
+
+std::uint64_t free_bytes(const std::string& mnt) {
+  struct statvfs st;
+  if (::statvfs(mnt.c_str(), &st) != 0) return 0;
+  return std::uint64_t{st.f_bavail} * st.f_frsize;
+}
+
+// Fills `mnt` with `path` until about `leave` bytes stay free.
+void fill_to(const std::string& mnt, const std::string& path, std::uint64_t leave) {
+  const std::uint64_t now = free_bytes(mnt);
+  if (now > leave) fill_file(path, (now - leave) / 4096 * 4096);
+}
+
+// Bytes of the files under `dir` that are holes (size beyond the allocated blocks).
+std::uint64_t hole_bytes(const std::string& dir) {
+  std::uint64_t holes = 0;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
+    struct stat st;
+    if (!e.is_regular_file() || ::stat(e.path().c_str(), &st) != 0) continue;
+    const std::uint64_t allocated = std::uint64_t(st.st_blocks) * 512;
+    if (std::uint64_t(st.st_size) > allocated) holes += std::uint64_t(st.st_size) - allocated;
+  }
+  return holes;
+}
+
+// Punches a hole over every all-zero page of every file under `dir`, as fallocate --dig-holes
+// and backup tools do.
+bool dig_holes(const std::string& dir) {
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    const int fd = ::open(e.path().c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) return fail("open " + e.path().string() + ": " + std::strerror(errno));
+    char page[4096];
+    const char zeros[4096] = {};
+    off_t at = 0;
+    for (ssize_t n; (n = ::pread(fd, page, sizeof page, at)) > 0; at += n) {
+      if (n == sizeof page && std::memcmp(page, zeros, sizeof page) == 0 &&
+          ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at, n) != 0) {
+        ::close(fd);
+        return fail("punching a hole in " + e.path().string() + ": " + std::strerror(errno));
+      }
+    }
+    ::close(fd);
+  }
+  return true;
+}
+
+// Runs a system tool (cp) to the end; true if it exited 0.
+bool run_tool(const std::vector<std::string>& argv) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    std::vector<char*> args;
+    for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execvp(args[0], args.data());
+    ::_exit(127);
+  }
+  const ExitStatus st = wait_child(pid);
+  return st.exited && st.code == 0 ? true : fail(argv[0] + " " + st.describe());
+}
+
+// The invariant for a store of `p` with its own log directory; a fresh batch as `fresh_writer`.
+bool verify_params(const Params& p, std::uint64_t fresh_writer, const std::string& context) {
+  auto args = role_args("verifier", p);
+  args.insert(args.end(), {"--fresh-writer", std::to_string(fresh_writer), "--context", context});
+  return expect_exit(spawn_self(args), context + ": the invariant");
+}
+
+}  // namespace
+
+bool scenario_sparse_full(std::uint64_t seed) {
+  Rng rng(seed);
+  Setup s("sparse", seed);
+  const std::string mnt = s.dir() + "/mnt";
+  if (!mount_tmpfs(mnt, "4m", "17")) return true;
+  bool ok = true;
+  constexpr std::uint64_t kSegment = 65536;
+  // The source store, on the ordinary disk: a few segments of acked rows.
+  s.create(kSegment);
+  ok &= expect_exit(s.start_writer({"--batches", "500"}), "writer of the source store");
+  const std::uint64_t rounds = scaled(12, 20);
+  std::uint64_t full_at_open = 0, full_after_appending = 0;
+  for (std::uint64_t round = 0; round < rounds && ok; ++round) {
+    const bool punch = round % 2 == 1;
+    const std::string how = punch ? "holes punched" : "cp --sparse=always";
+    const std::string context = "sparse copy (" + how + ") round " + std::to_string(round);
+    Params p = s.params();
+    p.store = mnt + "/copy";
+    p.log_dir = s.dir() + "/logs" + std::to_string(round);
+    std::filesystem::create_directories(p.log_dir);
+    for (const auto& e : std::filesystem::directory_iterator(s.params().log_dir)) {
+      std::filesystem::copy_file(e.path(), p.log_dir + "/" + e.path().filename().string());
+    }
+    if (punch) {
+      std::filesystem::copy(s.params().store, p.store, std::filesystem::copy_options::recursive);
+      ok &= dig_holes(p.store);
+    } else {
+      ok &= run_tool({"cp", "-r", "--sparse=always", s.params().store, p.store});
+    }
+    const std::uint64_t holes = hole_bytes(p.store);
+    if (holes == 0) ok = fail(context + ": the copy has no holes");
+    // Free space from none to the holes plus two segments: the writer's open or a later
+    // growth runs out.
+    fill_to(mnt, mnt + "/filler", rng.below(holes + 2 * kSegment));
+    const pid_t reader = spawn_self(role_args("reader", p));
+    const std::uint64_t w = s.new_writer();
+    auto writer = role_args("writer", p);
+    writer.insert(writer.end(), {"--writer", std::to_string(w), "--until-full"});
+    // Exit 10: a clean kFull at open or at an append. SIGBUS would show here as a signal.
+    ok &= expect_exit(spawn_self(writer), context + ": writer on the full tmpfs", 10);
+    ok &= stop_child(reader, context + ": reader");
+    (read_logs(p.log_dir)[w].acked.empty() ? full_at_open : full_after_appending) += 1;
+    std::filesystem::remove(mnt + "/filler");
+    ok &= verify_params(p, s.new_writer(), context);
+    remove_all(p.store);
+    remove_all(p.log_dir);
+  }
+  std::printf(
+      "scenario 17: %llu sparse copies on a full tmpfs: %llu writers stopped by kFull "
+      "before appending, %llu after appending\n",
+      static_cast<unsigned long long>(rounds), static_cast<unsigned long long>(full_at_open),
+      static_cast<unsigned long long>(full_after_appending));
+  ::umount2(mnt.c_str(), MNT_DETACH);
+  return ok;
+}
+
+// ---- 18. Creation under stress --------------------------------------------------------------
+
+namespace {
+
+// Names in `dir` other than `keep`: what a create left behind.
+std::vector<std::string> leftovers(const std::string& dir, const std::set<std::string>& keep) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (keep.count(name) == 0) names.push_back(name);
+  }
+  return names;
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+// kill -9 at a named crash point of create or at a random moment; the next create must leave
+// nothing but the store behind. On a 1 MiB tmpfs (about two stores), leaked staging
+// directories would soon make every create fail with kFull.
+bool create_kills(Rng& rng, Setup& s, const std::string& mnt) {
+  bool ok = true;
+  Params p = s.params();
+  p.store = mnt + "/store";
+  auto creator = role_args("creator", p);
+  creator.insert(creator.end(), {"--segment-bytes", "262144"});
+  const char* points[] = {"create-staged", "create-allocated", "create-before-rename"};
+  const std::uint64_t rounds = scaled(30, 20);
+  std::uint64_t left_by_kills = 0;
+  for (std::uint64_t round = 0; round < rounds && ok; ++round) {
+    const std::string context = "create kill round " + std::to_string(round);
+    if (round % 4 < 3) {
+      const std::string point = points[round % 4];
+      stat_add("crash_point_kills");
+      ok &= expect_kill(spawn_self(creator, {"EMBSTORE_CRASH=" + point + ":1"}),
+                        context + " at " + point);
+    } else {
+      const pid_t pid = spawn_self(creator);
+      sleep_us(rng.below(20000));
+      ::kill(pid, SIGKILL);
+      stat_add("kill9_rounds");
+      const ExitStatus st = wait_child(pid);
+      if (!(st.signal == SIGKILL || (st.exited && st.code == 0))) {
+        ok = fail(context + ": creator " + st.describe());
+      }
+    }
+    if (!leftovers(mnt, {"store"}).empty()) ++left_by_kills;
+    if (std::filesystem::exists(p.store)) {
+      // The rename is the commit point: a store that appeared is whole.
+      try {
+        if (!Reader::open(p.store, ropts()).verify().ok()) ok = fail(context + ": store damaged");
+      } catch (const Error& e) {
+        ok = fail(context + ": the store a killed create left does not open: " + e.what());
+      }
+      remove_all(p.store);
+    }
+    ok &= expect_exit(spawn_self(creator), context + ": the next create");
+    const auto left = leftovers(mnt, {"store"});
+    if (!left.empty()) ok = fail(context + ": the next create left " + joined(left));
+    remove_all(p.store);
+  }
+  std::printf(
+      "scenario 18: %llu creates killed, %llu left staging files that the next create "
+      "removed\n",
+      static_cast<unsigned long long>(rounds), static_cast<unsigned long long>(left_by_kills));
+  return ok;
+}
+
+// Racers call open_or_create on one path at once with room for one store and a quarter: all
+// must succeed (the losers open what the winner created) and append.
+bool create_races(Rng& rng, Setup& s, const std::string& mnt) {
+  bool ok = true;
+  const std::string segment = "262144";
+  constexpr int kMaxRacers = 10;
+  constexpr int kBatches = 20;
+  // "One store" is the store after the race: its files and the key index its writers build for
+  // every row the racers can append (distinct keys, the worst case for the index).
+  std::uint64_t store_bytes = 0;
+  {
+    const std::uint64_t before = free_bytes(mnt);
+    CreateOptions o;
+    o.dim = s.params().dim;
+    o.segment_bytes = std::stoull(segment);
+    Writer w = Writer::create(mnt + "/probe", o);
+    const std::uint64_t rows = std::uint64_t{kMaxRacers} * kBatches * s.params().max_batch;
+    std::vector<std::uint64_t> keys(rows);
+    for (std::uint64_t i = 0; i < rows; ++i) keys[i] = i;
+    const std::vector<float> values(rows * o.dim, 1.0f);
+    w.append(keys, 0, std::span<const float>(values));
+    w.close();
+    store_bytes = before - free_bytes(mnt);
+    remove_all(mnt + "/probe");
+  }
+  const std::uint64_t rounds = scaled(4, 20);
+  for (std::uint64_t round = 0; round < rounds && ok; ++round) {
+    const std::string context = "open_or_create race round " + std::to_string(round);
+    Params p = s.params();
+    p.store = mnt + "/race";
+    p.log_dir = s.dir() + "/racelogs" + std::to_string(round);
+    std::filesystem::create_directories(p.log_dir);
+    fill_to(mnt, mnt + "/filler", store_bytes + store_bytes / 4 + rng.below(store_bytes / 8));
+    const std::string fifo = s.dir() + "/start" + std::to_string(round);
+    if (::mkfifo(fifo.c_str(), 0600) != 0) return fail("mkfifo " + fifo);
+    const int racers = static_cast<int>(rng.range(6, kMaxRacers));
+    std::vector<pid_t> pids;
+    for (int i = 0; i < racers; ++i) {
+      auto args = role_args("writer", p);
+      args.insert(args.end(), {"--writer", std::to_string(s.new_writer()), "--open-or-create",
+                               "--segment-bytes", segment, "--batches", std::to_string(kBatches),
+                               "--start-fifo", fifo});
+      pids.push_back(spawn_self(args));
+    }
+    // Opening the FIFO read-write never blocks and releases every racer waiting on it.
+    const int gate = ::open(fifo.c_str(), O_RDWR | O_CLOEXEC);
+    for (pid_t pid : pids) ok &= expect_exit(pid, context + ": a racer");
+    ::close(gate);
+    const auto left = leftovers(mnt, {"race", "filler"});
+    if (!left.empty()) ok = fail(context + ": the race left " + joined(left));
+    std::filesystem::remove(mnt + "/filler");
+    ok &= verify_params(p, s.new_writer(), context);
+    remove_all(p.store);
+  }
+  return ok;
+}
+
+}  // namespace
+
+bool scenario_create_stress(std::uint64_t seed) {
+  Rng rng(seed);
+  Setup s("create", seed);
+  const std::string mnt = s.dir() + "/mnt";
+  if (!mount_tmpfs(mnt, "1m", "18")) return true;
+  bool ok = create_kills(rng, s, mnt);
+  ok = ok && create_races(rng, s, mnt);
+  ::umount2(mnt.c_str(), MNT_DETACH);
   return ok;
 }
 

@@ -218,7 +218,7 @@ bool is_pwrite(Workload workload) {
 }
 
 // Body of one writer child. Never returns.
-[[noreturn]] void writer_child(const Config& config, Workload workload, int index, int writers,
+[[noreturn]] void writer_child(const Config& config, Workload workload, int index,
                                const std::string& store, const std::string& pwrite_path,
                                std::uint64_t quota_rows, const std::string& latency_path,
                                Shared* shared) {
@@ -386,9 +386,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   for (int i = 0; i < writers; ++i) {
     const std::uint64_t quota = rows_for_writer(total_rows, writers, i);
     const std::string lat = work_dir + "/latency." + std::to_string(i);
-    spawn([&] {
-      writer_child(config, workload, i, writers, store, pwrite_path, quota, lat, shared);
-    });
+    spawn([&] { writer_child(config, workload, i, store, pwrite_path, quota, lat, shared); });
   }
   std::vector<pid_t> reader_pids;
   for (int i = 0; i < readers; ++i) {

@@ -48,7 +48,10 @@ CLI::Validator unsigned_validator(const std::string& what) {
             !text.empty() && text.size() <= 20 && std::all_of(text.begin(), text.end(), [](char c) {
               return std::isdigit(static_cast<unsigned char>(c));
             });
-        if (digits) return {};
+        // Past 2^64 - 1 CLI11 would saturate the value silently (same length: compare as text).
+        const bool fits = text.size() < 20 || text <= "18446744073709551615";
+        if (digits && fits) return {};
+        if (digits) return what + " \"" + text + "\" is beyond 2^64 - 1";
         return "takes " + what + " (a non-negative integer), not \"" + text + "\"";
       },
       "UINT", "unsigned");
@@ -150,6 +153,30 @@ nlohmann::json info_json(const StoreInfo& info) {
       {"index_file_bytes", info.index_file_bytes},
       {"metadata", info.metadata},
   };
+}
+
+nlohmann::json vector_json(const Reader& reader, const Record& record) {
+  nlohmann::json out = nlohmann::json::array();
+  const DType dtype = reader.dtype();
+  for (std::uint32_t i = 0; i < reader.dim(); ++i) {
+    const double value = tools::element_value(dtype, record.data, i);
+    if (dtype == DType::kFloat64) {
+      out.push_back(value);
+    } else if (dtype == DType::kInt8 || dtype == DType::kUInt8) {
+      out.push_back(static_cast<int>(value));
+    } else {
+      out.push_back(static_cast<float>(value));
+    }
+  }
+  return out;
+}
+
+std::string vector_text(const Reader& reader, const Record& record) {
+  std::string text;
+  for (std::uint32_t i = 0; i < reader.dim(); ++i) {
+    text += fmt::format("{}{}", i ? " " : "", tools::element_value(reader.dtype(), record.data, i));
+  }
+  return text;
 }
 
 void print_json(const nlohmann::json& value) {

@@ -39,9 +39,11 @@ class Registry {
 
 void add_store_commands(CLI::App& app, Registry& registry);     // create info verify version
 void add_row_commands(CLI::App& app, Registry& registry);       // head tail
+void add_get_command(CLI::App& app, Registry& registry);        // get (by key, epoch)
 void add_transfer_commands(CLI::App& app, Registry& registry);  // export import compact
 void add_serve_command(CLI::App& app, Registry& registry);
 void add_merge_command(CLI::App& app, Registry& registry);  // merge (shards into one store)
+void add_salvage_command(CLI::App& app, Registry& registry);
 void add_bench_command(CLI::App& app, Registry& registry);
 
 // A CLI11 validator that accepts the dtype names parse_dtype() knows and names them otherwise.
@@ -87,6 +89,11 @@ class Table {
 
 // The header and counters as JSON (the fields of StoreInfo; format as "major.minor").
 nlohmann::json info_json(const StoreInfo& info);
+
+// A row's values as a JSON array (integers for int8/uint8, float for the float types) and as
+// text ("v0 v1 ..."), decoded from the store's dtype.
+nlohmann::json vector_json(const Reader& reader, const Record& record);
+std::string vector_text(const Reader& reader, const Record& record);
 
 // Prints `value` as one line of JSON on stdout.
 void print_json(const nlohmann::json& value);

@@ -11,8 +11,10 @@
 int main(int argc, char** argv) {
   using namespace embstore::cli;
   CLI::App app(
-      "embstore: inspect, check, follow, export, import and compact embstore stores.\n"
-      "Read-only commands (info, verify, head, tail, export) take no lock and change nothing.\n"
+      "embstore: inspect, check, follow, export, import, compact, merge and salvage embstore "
+      "stores.\n"
+      "Read-only commands (info, verify, head, tail, get, export) take no lock and change "
+      "nothing.\n"
       "Exit status: 0 ok, 1 damage found, 2 usage, 10 + error code otherwise (see the README).",
       "embstore");
   app.set_version_flag("--version", std::string("embstore ") + embstore::kLibraryVersion +
@@ -24,8 +26,10 @@ int main(int argc, char** argv) {
   Registry registry;
   add_store_commands(app, registry);
   add_row_commands(app, registry);
+  add_get_command(app, registry);
   add_transfer_commands(app, registry);
   add_merge_command(app, registry);
+  add_salvage_command(app, registry);
   add_serve_command(app, registry);
   add_bench_command(app, registry);
 

@@ -45,40 +45,16 @@ class RowPrinter {
     const Record record = reader_.record(row);  // Checks the row's checksum.
     if (args_.json) {
       nlohmann::json line = {{"row", record.row}, {"key", record.key}, {"epoch", record.epoch}};
-      if (args_.vectors) line["vector"] = values(record);
+      if (args_.vectors) line["vector"] = vector_json(reader_, record);
       print_json(line);
       return;
     }
     fmt::print("{:>12}  {:>20}  {:>10}", record.row, record.key, record.epoch);
-    if (args_.vectors) {
-      std::string text;
-      for (std::uint32_t i = 0; i < reader_.dim(); ++i) {
-        text += fmt::format("{}{}", i ? " " : "", value(record, i));
-      }
-      fmt::print("  [{}]", text);
-    }
+    if (args_.vectors) fmt::print("  [{}]", vector_text(reader_, record));
     fmt::print("\n");
   }
 
  private:
-  double value(const Record& record, std::uint32_t i) const {
-    return tools::element_value(reader_.dtype(), record.data, i);
-  }
-  nlohmann::json values(const Record& record) const {
-    nlohmann::json out = nlohmann::json::array();
-    const DType dtype = reader_.dtype();
-    for (std::uint32_t i = 0; i < reader_.dim(); ++i) {
-      if (dtype == DType::kFloat64) {
-        out.push_back(value(record, i));
-      } else if (dtype == DType::kInt8 || dtype == DType::kUInt8) {
-        out.push_back(static_cast<int>(value(record, i)));
-      } else {
-        out.push_back(static_cast<float>(value(record, i)));
-      }
-    }
-    return out;
-  }
-
   const Reader& reader_;
   const RowArgs& args_;
 };

@@ -41,6 +41,7 @@ int run_create(const CreateArgs& args) {
 struct InfoArgs {
   std::string store;
   bool json = false;
+  bool scan = false;
   bool no_scan = false;
   bool quiet = false;
 };
@@ -51,8 +52,15 @@ int run_info(const InfoArgs& args) {
   const tools::DiskStats disk = tools::disk_stats(args.store);
   const std::uint64_t segments =
       info.segment_bytes ? (info.data_file_bytes + info.segment_bytes - 1) / info.segment_bytes : 0;
+  // Epochs and distinct keys: from the key index when there is a usable one (no scan), else
+  // (or with --scan, which adds distinct keys per epoch) by a scan of the offset index.
   std::optional<tools::KeyStats> keys;
-  if (!args.no_scan) {
+  const bool from_index = info.key_index_used && !args.scan;
+  if (from_index) {
+    keys.emplace();
+    keys->distinct_keys = info.distinct_keys;
+    for (const EpochRows& e : info.epochs) keys->epochs.push_back({e.epoch, e.rows, 0});
+  } else if (!args.no_scan) {
     const Reader reader = Reader::open(args.store);
     Progress progress("scanning keys", args.quiet);
     keys = tools::key_stats(reader, progress.fn());
@@ -68,15 +76,17 @@ int run_info(const InfoArgs& args) {
           {{"name", file.name}, {"bytes", file.bytes}, {"disk_bytes", file.disk_bytes}});
     }
     out["files"] = files;
+    out["key_index"] = info.key_index;
     if (keys) {
       nlohmann::json epochs = nlohmann::json::array();
       for (const auto& e : keys->epochs) {
-        epochs.push_back(
-            {{"epoch", e.epoch}, {"rows", e.rows}, {"distinct_keys", e.distinct_keys}});
+        nlohmann::json epoch = {{"epoch", e.epoch}, {"rows", e.rows}};
+        if (!from_index) epoch["distinct_keys"] = e.distinct_keys;
+        epochs.push_back(epoch);
       }
       out["epochs"] = epochs;
       out["distinct_keys"] = keys->distinct_keys;
-      out["key_source"] = "scan";
+      out["key_source"] = from_index ? "key index" : "scan";
     }
     print_json(out);
     return kExitOk;
@@ -103,14 +113,21 @@ int run_info(const InfoArgs& args) {
   line("bytes on disk", fmt::format("{} bytes", disk.disk_bytes));
   line("last modified", utc_time(disk.last_modified_unix_ns));
   line("metadata", info.metadata.empty() ? "(none)" : info.metadata);
+  line("key index", info.key_index);
   if (keys) {
-    line("distinct keys", fmt::format("{} (scan of the index)", keys->distinct_keys));
+    line("distinct keys", fmt::format("{} ({})", keys->distinct_keys,
+                                      from_index ? "key index" : "scan of the offset index"));
     line("epochs", std::to_string(keys->epochs.size()));
     if (!keys->epochs.empty()) {
-      Table epochs({"epoch", "rows", "distinct keys"});
+      Table epochs(from_index ? std::vector<std::string>{"epoch", "rows"}
+                              : std::vector<std::string>{"epoch", "rows", "distinct keys"});
       for (const auto& e : keys->epochs) {
-        epochs.add(
-            {std::to_string(e.epoch), std::to_string(e.rows), std::to_string(e.distinct_keys)});
+        if (from_index) {
+          epochs.add({std::to_string(e.epoch), std::to_string(e.rows)});
+        } else {
+          epochs.add(
+              {std::to_string(e.epoch), std::to_string(e.rows), std::to_string(e.distinct_keys)});
+        }
       }
       epochs.print(stdout, "  ");
     }
@@ -153,6 +170,10 @@ int run_verify(const VerifyArgs& args) {
       progress.update(block_end - begin, end - begin);
     }
   }
+  // The key index (when there is one) is checked for the whole snapshot only: it indexes
+  // every row from 0.
+  const bool whole = begin == 0 && end == reader.size();
+  const VerifyReport keys = whole ? reader.verify_key_index() : VerifyReport{};
   // Keys and epochs as the index entry says: the entry itself may be what is damaged.
   auto key_of = [&](std::uint64_t row) { return reader.keys(row, row + 1)[0]; };
   auto epoch_of = [&](std::uint64_t row) { return reader.epochs(row, row + 1)[0]; };
@@ -166,7 +187,11 @@ int run_verify(const VerifyArgs& args) {
                 {"end_row", end},
                 {"rows_checked", total.rows_checked},
                 {"bad_row_count", total.bad_row_count},
-                {"bad_rows", bad}});
+                {"bad_rows", bad},
+                {"key_index",
+                 {{"checked", keys.key_index_checked},
+                  {"problems", keys.key_index_problems},
+                  {"first_problem", keys.key_index_problem}}}});
   } else {
     fmt::print("{}: checked rows [{}, {}): {} bad\n", reader.path(), begin, end,
                total.bad_row_count);
@@ -181,8 +206,17 @@ int run_verify(const VerifyArgs& args) {
         fmt::print("... and {} more\n", total.bad_row_count - total.bad_rows.size());
       }
     }
+    if (keys.key_index_problems > 0) {
+      fmt::print("key index: {} problem{}: {} (a writer rebuilds it: Writer::rebuild_key_index)\n",
+                 keys.key_index_problems, keys.key_index_problems == 1 ? "" : "s",
+                 keys.key_index_problem);
+    } else if (keys.key_index_checked) {
+      fmt::print("key index: consistent with the offset index\n");
+    } else if (whole) {
+      fmt::print("key index: none to check ({})\n", reader.info().key_index);
+    }
   }
-  return total.ok() ? kExitOk : kExitDamage;
+  return total.ok() && keys.ok() ? kExitOk : kExitDamage;
 }
 
 }  // namespace
@@ -211,11 +245,18 @@ void add_store_commands(CLI::App& app, Registry& registry) {
   {
     auto args = std::make_shared<InfoArgs>();
     CLI::App* cmd = app.add_subcommand(
-        "info", "Header, counters, files on disk, epochs with rows and distinct keys (read-only)");
+        "info",
+        "Header, counters, files on disk, epochs with rows and distinct keys (from the key "
+        "index, else a scan) (read-only)");
     cmd->add_option("store", args->store, "Store directory")->required();
     cmd->add_flag("--json", args->json, "One JSON object on stdout");
+    CLI::Option* scan =
+        cmd->add_flag("--scan", args->scan,
+                      "Count epochs and distinct keys (also per epoch) by a scan of the offset "
+                      "index, even when the key index has them");
     cmd->add_flag("--no-scan", args->no_scan,
-                  "Skip the scan of the index (epochs and distinct keys)");
+                  "Without a usable key index, skip the scan for epochs and distinct keys")
+        ->excludes(scan);
     cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
     cmd->footer("Example: embstore info run.emb --json");
     registry.add(cmd, [args] { return run_info(*args); });
@@ -223,7 +264,9 @@ void add_store_commands(CLI::App& app, Registry& registry) {
   {
     auto args = std::make_shared<VerifyArgs>();
     CLI::App* cmd = app.add_subcommand(
-        "verify", "Recompute every row's checksum; exit 1 naming bad rows (read-only)");
+        "verify",
+        "Recompute every row's checksum and check the key index; exit 1 naming bad rows or the "
+        "key index's first problem (read-only)");
     cmd->add_option("store", args->store, "Store directory")->required();
     cmd->add_option("--from", args->from, "First row to check (default 0)")
         ->check(unsigned_validator("a row number"));

@@ -1,10 +1,13 @@
 """The demo's reader: follows the store while training runs, evaluates each completed epoch.
 
 Sleeps in Reader.wait() (woken by commits from any writer process). As soon as every sample of an
-epoch is in the store, computes the k-NN accuracy of held-out embeddings against training
-embeddings of that epoch, straight from the zero-copy views. Saves a 2-D projection (PCA) of each
-epoch's held-out embeddings to projections.npz; run.py draws the PNG from it once training ends
-(so the plotting does not compete with the training processes for the 2 cores).
+epoch is in the store, takes that epoch's rows from the key index (Reader.epoch_rows) and computes
+the k-NN accuracy of held-out embeddings against training embeddings of that epoch, straight from
+the zero-copy views. At the end, follows a few held-out samples across epochs (Reader.history):
+how far each one's embedding moved from one epoch to the next. Saves a 2-D projection (PCA) of
+each epoch's held-out embeddings and those distances to projections.npz; run.py draws the PNG
+from it once training ends (so the plotting does not compete with the training processes for the
+2 cores).
 """
 import argparse
 import json
@@ -39,6 +42,30 @@ def pca_2d(x):
     return centered @ vt[:2].T
 
 
+def samples_moved(r, keys, labels):
+    """Every version of each key (Reader.history: (row, epoch) in commit order), and the cosine
+    distance of its embedding from one epoch to the next; printed and returned for the plot."""
+    moved = []
+    for key in keys.tolist():
+        versions = r.history(key)
+        latest = {}
+        for row, epoch in versions:  # a later row of the same epoch wins
+            latest[epoch] = row
+        epochs = sorted(latest)
+        v = r.vectors[[latest[e] for e in epochs]].astype(np.float32)
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        steps = 1.0 - np.sum(v[1:] * v[:-1], axis=1)
+        moved.append(steps)
+        print(f"[reader] held-out sample {key} (digit {labels[key]}): {len(versions)} versions "
+              f"via history(), rows {[row for row, _ in versions]}; cosine distance moved per "
+              f"epoch: {' '.join(f'{d:.3f}' for d in steps)}", flush=True)
+    width = max((len(m) for m in moved), default=0)
+    table = np.full((len(moved), width), np.nan)
+    for i, m in enumerate(moved):
+        table[i, :len(m)] = m
+    return np.asarray(keys, np.int64), table
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", required=True)
@@ -65,7 +92,7 @@ def main():
         seen = n
         while next_epoch < epochs and counts[next_epoch] == per_epoch:
             start = time.perf_counter()
-            rows = np.flatnonzero(r.epochs == next_epoch)
+            rows = r.epoch_rows(next_epoch)  # the key index: no scan of the store
             keys = r.keys[rows].astype(np.int64)
             vectors = r.vectors[rows]  # fancy indexing gathers this epoch's rows
             is_heldout = heldout[keys]
@@ -79,8 +106,10 @@ def main():
                   flush=True)
             next_epoch += 1
 
+    moved_keys, moved = samples_moved(r, np.flatnonzero(heldout)[:3], labels)
     np.savez(os.path.join(args.run, "projections.npz"),
              accuracy=np.array([a for _, a in figures]),
+             moved_keys=moved_keys, moved=moved,
              **{f"xy{e}": xy for e, (xy, _) in enumerate(projections)},
              **{f"y{e}": y for e, (_, y) in enumerate(projections)})
     with open(os.path.join(args.run, "reader.json"), "w") as f:
@@ -99,8 +128,9 @@ def plot(run, png):
     data = np.load(os.path.join(run, "projections.npz"))
     accuracy = data["accuracy"]
     epochs = len(accuracy)
-    cols = min(4, epochs)
-    rows_n = (epochs + cols - 1) // cols
+    panels = epochs + 1  # the last one: how far a few held-out samples moved (history)
+    cols = min(4, panels)
+    rows_n = (panels + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 3.2 * rows_n), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -108,6 +138,17 @@ def plot(run, png):
         xy, y = data[f"xy{epoch}"], data[f"y{epoch}"]
         points = ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", s=6, vmin=-0.5, vmax=9.5)
         ax.set_title(f"epoch {epoch + 1}: {K}-NN {100 * accuracy[epoch]:.1f}%", fontsize=9)
+    ax = axes.flat[epochs]
+    ax.axis("on")
+    for key, steps in zip(data["moved_keys"].tolist(), data["moved"]):
+        ax.plot(range(2, len(steps) + 2), steps, marker="o", ms=3, label=f"sample {key}")
+    ax.set_title("held-out samples: distance moved\nsince the previous epoch (history)",
+                 fontsize=9)
+    ax.set_xticks(range(2, epochs + 1))
+    ax.set_xlabel("epoch", fontsize=8)
+    ax.set_ylabel("cosine distance", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
     fig.colorbar(points, ax=axes.ravel().tolist(), ticks=range(10), label="digit", shrink=0.8)
     fig.suptitle("Held-out digits: penultimate-layer embeddings per epoch (PCA), read from "
                  "the store")

@@ -8,7 +8,8 @@ the top of the C++ header ``include/embstore/embstore.h``; in short:
 * Any number of Writers in any number of processes may append to one store concurrently.
 * Readers take no lock, never block writers, and need only read permission.
 * ``sync()`` makes committed rows durable (they survive power loss); without it rows survive any
-  process crash but not a power loss.
+  process crash but not a power loss. By default (``sync="interval"``) a Writer also syncs in
+  the background every ``DEFAULT_SYNC_INTERVAL`` seconds and at ``close``; ``sync="none"`` opts out.
 * A forked child must open its own Writer (using the parent's raises ForkedChildError);
   a Reader may be used across fork.
 
@@ -63,6 +64,7 @@ from ._errors import (
 __all__ = [
     "create",
     "info",
+    "salvage",
     "Writer",
     "Reader",
     "VerifyReport",
@@ -78,10 +80,13 @@ __all__ = [
     "DTYPES",
     "__version__",
     "FORMAT_VERSION",
+    "DEFAULT_SYNC_INTERVAL",
 ]
 
 __version__: str = _embstore.library_version
 FORMAT_VERSION: str = _embstore.format_version
+#: Seconds between a Writer's background syncs under the default sync="interval".
+DEFAULT_SYNC_INTERVAL: float = _embstore.default_sync_interval
 #: Element types a store can hold, by their canonical names.
 DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "float64")
 
@@ -152,7 +157,9 @@ def info(path: PathLike) -> dict:
     CLI's ``info --json`` uses too: path, format_major, format_minor (ints; the format version
     is "{format_major}.{format_minor}"), dtype (name), dim, record_bytes, segment_bytes,
     store_id (32 hex digits), created_unix_ns, metadata (text), generation, committed_rows,
-    durable_rows, capacity_rows, data_file_bytes, index_file_bytes.
+    durable_rows, capacity_rows, data_file_bytes, index_file_bytes; from the key index:
+    distinct_keys, epochs ({epoch: rows}), key_index (its state, or why lookups scan) and
+    key_index_used (True when these come from the key index, False when from a scan).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -161,6 +168,25 @@ def info(path: PathLike) -> dict:
     path = os.fspath(path)
     with _not_a_store_check(path):
         return _embstore.read_info(path)
+
+
+def salvage(store: PathLike, out: PathLike) -> dict:
+    """Copies every row of a damaged store whose checksum verifies into a new store ``out``.
+
+    For stores too damaged to open: trusts only a fixed header copy whose checksum holds and
+    each row's own checksum, never the counters. Rows keep their order, keys and epochs; ``out``
+    gets the same dtype, dim and metadata and must not exist. Writes nothing to ``store``.
+
+    Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost
+    and lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify).
+
+    Raises:
+        CorruptionError: neither copy of the header verifies.
+        FileExistsError: ``out`` exists.
+    """
+    store, out = os.fspath(store), os.fspath(out)
+    with _not_a_store_check(store):
+        return _embstore.salvage(store, out)
 
 
 class _not_a_store_check:
@@ -381,15 +407,20 @@ class Writer(_Handle):
             ``dim`` given an existing store must match (FormatMismatchError otherwise). ``dtype``
             alone (no ``dim``) only checks an existing store's dtype.
         async_queue_mb: 0 for synchronous appends, else the queue bound in MiB.
-        sync: "none" (sync only when asked), "every_append" (each append returns after its rows
-            are durable) or "interval" (a background thread syncs every ``sync_interval`` s).
+        sync: "interval" (the default: a background thread syncs every ``sync_interval``
+            seconds when rows were committed since, and ``close`` syncs, so a reboot re-checks
+            at most the last interval's rows), "every_append" (each append returns after its
+            rows are durable) or "none" (sync only when asked; ``close`` flushes nothing).
+        sync_interval: seconds between background syncs; None is the library's default
+            (``embstore.DEFAULT_SYNC_INTERVAL``, 5 s).
         map_bytes: address space reserved for the data file; the store can grow to this size
             (default 1 TiB). Appends beyond it fail with OSError(ENOSPC).
     """
 
     def __init__(self, path: PathLike, *, dim: Optional[int] = None, dtype: Any = None,
                  metadata: Any = None, segment_mb: Optional[float] = None,
-                 async_queue_mb: float = 0, sync: str = "none", sync_interval: float = 1.0,
+                 async_queue_mb: float = 0, sync: str = "interval",
+                 sync_interval: Optional[float] = None,
                  map_bytes: Optional[int] = None) -> None:
         self._native = None
         self._at_exit = None
@@ -400,7 +431,8 @@ class Writer(_Handle):
             self._native = _embstore.NativeWriter(
                 path, None if dim is None else int(dim),
                 None if dtype is None else _dtype_name(dtype), _metadata_text(metadata),
-                _segment_bytes(segment_mb), sync, float(sync_interval), map_bytes,
+                _segment_bytes(segment_mb), sync,
+                None if sync_interval is None else float(sync_interval), map_bytes,
                 int(async_queue_mb * (1 << 20)), False)
         self._dtype_name = self._native.dtype
         # Runs at interpreter exit and in multiprocessing children before their os._exit
@@ -547,7 +579,9 @@ class Record(NamedTuple):
 
 class VerifyReport:
     """Result of Reader.verify(): ``ok``, ``rows_checked``, ``bad_row_count``, ``bad_rows``
-    (the first 1000 bad row numbers), ``begin_row``, ``end_row``. Truthy when ok."""
+    (the first 1000 bad row numbers), ``begin_row``, ``end_row``; for a whole-snapshot verify
+    also ``key_index_checked``, ``key_index_problems`` and ``key_index_problem`` (the key index
+    against the offset index). Truthy when ok."""
 
     def __init__(self, fields: dict) -> None:
         self.begin_row: int = fields["begin_row"]
@@ -555,10 +589,13 @@ class VerifyReport:
         self.rows_checked: int = fields["rows_checked"]
         self.bad_row_count: int = fields["bad_row_count"]
         self.bad_rows: list = list(fields["bad_rows"])
+        self.key_index_checked: bool = fields["key_index_checked"]
+        self.key_index_problems: int = fields["key_index_problems"]
+        self.key_index_problem: str = fields["key_index_problem"]
 
     @property
     def ok(self) -> bool:
-        return self.bad_row_count == 0
+        return self.bad_row_count == 0 and self.key_index_problems == 0
 
     def __bool__(self) -> bool:
         return self.ok
@@ -693,6 +730,55 @@ class Reader(_Handle):
         """Recomputes the checksums of rows [begin, end) of the snapshot (GIL released)."""
         begin, end = self._range("verify", begin, end)
         return VerifyReport(self._native.verify(begin, end))
+
+    # Lookups by key (sample id) and epoch, for this snapshot, through the store's key index (a
+    # scan where there is none; see info()["key_index"]). A (key, epoch) appended twice: the
+    # later row wins in find/get, history lists both. ``r[i]`` stays row-number indexing.
+
+    def get(self, key: int, epoch: Optional[int] = None) -> np.ndarray:
+        """The vector of ``key`` at ``epoch`` (None: its latest), a zero-copy read-only view;
+        KeyError if there is none."""
+        return self._native.get(int(key), None if epoch is None else int(epoch))
+
+    def find(self, key: int, epoch: Optional[int] = None) -> Optional[int]:
+        """The row of ``key`` at ``epoch`` (None: its latest row), or None."""
+        row = self._native.find(int(key), None if epoch is None else int(epoch))
+        return None if row < 0 else row
+
+    def find_many(self, keys, epochs=None) -> np.ndarray:
+        """Rows (int64, -1 where missing) of ``keys`` at ``epochs`` (an array as long as
+        ``keys``, one int for all, or None: the latest). Vectorised, GIL released."""
+        if epochs is not None and np.ndim(epochs) == 0:
+            epochs = np.array([epochs], dtype=np.uint64)
+        return self._native.find_many(np.asarray(keys, dtype=np.uint64),
+                                      None if epochs is None else np.asarray(epochs, np.uint64))
+
+    def gather(self, rows) -> np.ndarray:
+        """Copies ``rows`` (as from find_many; -1 gives a row of zeros) into one dense
+        (len(rows), dim) array, GIL released."""
+        return self._native.gather(np.asarray(rows, dtype=np.int64))
+
+    def get_many(self, keys, epochs=None) -> np.ndarray:
+        """The vectors of ``keys`` (at ``epochs``, as in find_many) as one dense matrix;
+        KeyError naming the first missing key."""
+        rows = self.find_many(keys, epochs)
+        missing = np.flatnonzero(rows < 0)
+        if missing.size:
+            raise KeyError(f"key {int(np.asarray(keys)[missing[0]])} is not in {self.path} "
+                           f"({missing.size} of {rows.size} keys missing)")
+        return self.gather(rows)
+
+    def history(self, key: int) -> list:
+        """Every version of ``key`` in commit order, as (row, epoch) tuples."""
+        return self._native.history(int(key))
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """The rows of ``epoch`` in commit order (int64)."""
+        return self._native.epoch_rows(int(epoch))
+
+    def epoch_counts(self) -> dict:
+        """The epochs present, {epoch: row count}, ascending."""
+        return self._native.epoch_counts()
 
     @property
     def metadata(self) -> Union[dict, list, str]:

@@ -9,7 +9,8 @@ kNotFound              FileNotFoundError (an OSError; errno ENOENT); NotAStoreEr
 kAlreadyExists         FileExistsError (an OSError; errno EEXIST)
 kIO                    OSError with the failed call's errno
 kFull                  OSError, errno ENOSPC/EFBIG (disk full, or map_bytes outgrown)
-kReadOnly              OSError, errno EROFS/EACCES/EPERM
+kReadOnly              OSError, errno EROFS/EACCES/EPERM (writing was asked)
+kPermissionDenied      PermissionError (an OSError; errno EACCES/EPERM): reading was refused
 kCorruption            CorruptionError (an embstore.Error)
 kFormatMismatch        FormatMismatchError (an embstore.Error and a ValueError)
 kUnsupportedVersion    UnsupportedVersionError (an embstore.Error)
@@ -109,6 +110,7 @@ _DEFAULT_ERRNO = {
     7: _errno.EIO,
     8: _errno.ENOSPC,
     9: _errno.EROFS,
+    13: _errno.EACCES,
 }
 
 

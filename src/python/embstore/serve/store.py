@@ -97,6 +97,12 @@ class KeyLookup:
 
     def find(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
         """The row of (key, epoch) in the snapshot (the later one if appended twice), or None."""
+        if self.use_index and callable(getattr(self.reader, "find", None)):
+            row = self.reader.find(key, epoch)
+            # The lookup Reader may already be refreshed past this snapshot: a row inside it is
+            # the answer; a newer one hides whether an older row is in it (history decides).
+            if row is None or row < snap.rows:
+                return None if row is None else int(row)
         rows = self.history(snap, key)
         rows = rows[snap.epochs[rows] == np.uint64(epoch)]
         return int(rows[-1]) if len(rows) else None

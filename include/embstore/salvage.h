@@ -1,0 +1,36 @@
+// embstore/salvage.h — getting the intact rows out of a store too damaged to open.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace embstore {
+
+// What salvage() found and copied.
+struct SalvageReport {
+  std::string header_source;       // "primary" or "copy": the fixed header copy that verified.
+  std::uint64_t rows_scanned = 0;  // Rows [0, rows_scanned) examined (see salvage()).
+  std::uint64_t rows_copied = 0;   // Rows whose entry and checksum verified, now in `out`.
+  std::uint64_t rows_lost = 0;     // rows_scanned - rows_copied.
+  // The lost rows as [begin, end) ranges of row numbers in the damaged store, in order.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> lost_ranges;
+};
+
+// Copies every row of the store at `store` whose index entry and checksum verify, in order and
+// with its key and epoch, into a new store at `out` (same dtype, dim, segment size and
+// metadata; `out` must not exist), and reports what was lost. For stores too damaged to open:
+// trusts neither the counters nor the batch boundaries, only a fixed header copy whose checksum
+// holds and each row's own checksum. Scans rows [0, n): n is one past the last row that
+// verifies, or the committed counter if that is larger and the files can hold that many rows.
+// Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
+// verifies (the rows cannot be checked without the header), kAlreadyExists if `out` exists.
+// `progress`, if set, is called from the calling thread with (rows examined, rows to examine)
+// every few thousand rows and once at the end.
+SalvageReport salvage(
+    const std::string& store, const std::string& out,
+    const std::function<void(std::uint64_t rows_done, std::uint64_t rows_total)>& progress = {});
+
+}  // namespace embstore

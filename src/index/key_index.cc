@@ -1,0 +1,783 @@
+#include "index/key_index.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <unordered_map>
+
+#include "embstore/error.h"
+#include "format/checksum.h"
+#include "platform/testing.h"
+
+namespace embstore::detail {
+namespace {
+
+constexpr std::uint64_t kNone = ~0ull;
+
+std::uint64_t load(const std::uint64_t& word) {
+  return std::atomic_ref<std::uint64_t>(const_cast<std::uint64_t&>(word))
+      .load(std::memory_order_acquire);
+}
+std::uint64_t load_relaxed(const std::uint64_t& word) {
+  return std::atomic_ref<std::uint64_t>(const_cast<std::uint64_t&>(word))
+      .load(std::memory_order_relaxed);
+}
+void store(std::uint64_t& word, std::uint64_t value) {
+  std::atomic_ref<std::uint64_t>(word).store(value, std::memory_order_release);
+}
+void store_relaxed(std::uint64_t& word, std::uint64_t value) {
+  std::atomic_ref<std::uint64_t>(word).store(value, std::memory_order_relaxed);
+}
+
+[[noreturn]] void corrupt(const std::string& path, const std::string& what) {
+  throw Error(ErrorCode::kCorruption, path + ": " + what);
+}
+
+std::uint64_t key_hash(std::uint64_t key, std::uint64_t seed) { return key_index_mix(key ^ seed); }
+std::uint64_t pair_hash(std::uint64_t key_hash_value, std::uint64_t epoch) {
+  return key_index_mix(key_hash_value + std::rotl(epoch * 0x9e3779b97f4a7c15ull, 29));
+}
+std::uint64_t epoch_hash(std::uint64_t epoch, std::uint64_t seed) {
+  return key_index_mix(epoch ^ std::rotl(seed, 32) ^ 0x5851f42d4c957f2dull);
+}
+
+std::uint64_t slot_word(std::uint64_t hash, std::uint64_t row) {
+  return (hash >> kSlotRowBits << kSlotRowBits) | (row + 1);
+}
+std::uint64_t slot_tag(std::uint64_t word) { return word >> kSlotRowBits; }
+std::uint64_t slot_row(std::uint64_t word) { return (word & kSlotRowMask) - 1; }
+
+std::uint64_t chain_word0(std::uint64_t prev_key, std::uint64_t ordinal) {
+  return (prev_key == kNone ? 0 : prev_key + 1) | (ordinal << kSlotRowBits);
+}
+std::uint64_t chain_word1(std::uint64_t prev_epoch, std::uint64_t ordinal) {
+  return (prev_epoch == kNone ? 0 : prev_epoch + 1) |
+         ((ordinal >> kOrdinalLowBits) << kSlotRowBits);
+}
+std::uint64_t link(std::uint64_t word) {
+  const std::uint64_t plus_one = word & kSlotRowMask;
+  return plus_one == 0 ? kNone : plus_one - 1;
+}
+
+std::uint64_t tables_end(const KeyIndexSizes& sizes) {
+  return round_up(
+      kKeyIndexTablesOffset + 8 * (sizes.pair_slots + sizes.key_slots + sizes.epoch_slots),
+      kPageBytes);
+}
+
+std::uint64_t reserve_for(std::uint64_t chain_offset, std::uint64_t max_rows) {
+  return chain_offset + round_up(max_rows * kChainRecordBytes, kChainStepBytes);
+}
+
+// The address space to reserve for a mapping of the first `bytes` of the file: twice the chain
+// it holds, rounded to a power of two (O(log n) remaps as the chain grows, and the mappings a
+// file keeps add up to at most twice the newest), at most `cap_bytes`.
+std::uint64_t reserve_in_proportion(std::uint64_t chain_offset, std::uint64_t bytes,
+                                    std::uint64_t cap_bytes) {
+  const std::uint64_t chain = bytes > chain_offset ? bytes - chain_offset : 0;
+  return std::min(cap_bytes,
+                  chain_offset + std::bit_ceil(std::max(chain, kChainStepBytes / 2)) * 2);
+}
+
+// Linear probing from `hash`: the slot holding a row for which match(row) holds, or the empty
+// slot where the probe ended (row kNone). Bounded by the table size: a damaged table with no
+// empty slot ends in kCorruption rather than a loop.
+struct Probe {
+  std::uint64_t slot;
+  std::uint64_t row;
+};
+template <typename Match>
+Probe probe(const std::uint64_t* table, std::uint64_t slots, std::uint64_t hash, Match&& match,
+            const std::string& path) {
+  const std::uint64_t mask = slots - 1;
+  const std::uint64_t tag = hash >> kSlotRowBits;
+  std::uint64_t i = hash & mask;
+  for (std::uint64_t n = 0; n < slots; ++n, i = (i + 1) & mask) {
+    const std::uint64_t word = load(table[i]);
+    if (word == 0) return {i, kNone};
+    if (slot_tag(word) == tag && match(slot_row(word))) return {i, slot_row(word)};
+  }
+  corrupt(path, "a table of " + std::to_string(slots) + " slots has no empty slot");
+}
+
+}  // namespace
+
+std::uint64_t key_index_mix(std::uint64_t x) noexcept {
+  // A 64-bit finalizer (Pelle Evensen's rrmxmx): every input bit affects every output bit.
+  x ^= std::rotr(x, 49) ^ std::rotr(x, 24);
+  x *= 0x9fb21c651e98df25ull;
+  x ^= x >> 28;
+  x *= 0x9fb21c651e98df25ull;
+  return x ^ (x >> 28);
+}
+
+std::uint64_t key_index_slots_for(std::uint64_t entries) {
+  // The smallest power of two that keeps `entries` under kBuildLoadSixteenths / 16.
+  const std::uint64_t wanted = std::max(kMinSlots, entries * 16 / kBuildLoadSixteenths + 1);
+  return std::bit_ceil(wanted);
+}
+
+std::string key_index_file_name(std::uint64_t key_generation) {
+  return "keys." + std::to_string(key_generation);
+}
+
+// ---- KeyIndexFile ---------------------------------------------------------------------------
+
+KeyIndexFile::~KeyIndexFile() {
+  mappings_.clear();
+  if (fd_ >= 0) os::close_fd(fd_);
+}
+
+KeyIndexHeader* KeyIndexFile::header() const { return reinterpret_cast<KeyIndexHeader*>(base_); }
+
+std::uint64_t KeyIndexFile::indexed_rows() const { return load(header()->indexed_rows); }
+
+std::uint64_t* KeyIndexFile::grow_claim_word() const { return &header()->grow_claim; }
+
+bool KeyIndexFile::built_in_current_boot() const {
+  std::uint64_t boot[2];
+  if (!os::boot_id(boot)) return false;
+  const KeyIndexHeader* h = header();
+  return h->boot_id[0] == boot[0] && h->boot_id[1] == boot[1];
+}
+
+void KeyIndexFile::map_header_and_tables(int fd, std::uint64_t max_rows) {
+  max_reserve_bytes_ = reserve_for(chain_offset_, max_rows);
+  const std::uint64_t file_bytes = os::file_size(fd, path_);
+  auto mapping = std::make_unique<ReservedMapping>(
+      reserve_in_proportion(chain_offset_, file_bytes, max_reserve_bytes_), path_, access_);
+  mapping->map_to(fd, std::min(file_bytes / kPageBytes * kPageBytes, mapping->reserved_bytes()));
+  base_ = mapping->base();
+  slots_ = reinterpret_cast<std::uint64_t*>(base_ + kKeyIndexTablesOffset);
+  chain_base_.store(base_, std::memory_order_release);
+  chain_rows_mapped_.store((mapping->mapped_bytes() - chain_offset_) / kChainRecordBytes,
+                           std::memory_order_release);
+  mappings_.push_back(std::move(mapping));
+}
+
+std::shared_ptr<KeyIndexFile> KeyIndexFile::create(const std::string& dir, std::uint64_t generation,
+                                                   const KeyIndexIdentity& identity,
+                                                   const KeyIndexSizes& sizes, std::uint64_t rows) {
+  std::shared_ptr<KeyIndexFile> file(new KeyIndexFile());
+  file->path_ = dir + "/" + kKeyIndexBuildFileName;
+  file->access_ = os::Access::kReadWrite;
+  file->generation_ = generation;
+  file->sizes_ = sizes;
+  file->hash_seed_ = key_index_mix(identity.seed ^ 0x6b6579696e646578ull);  // "keyindex"
+  file->chain_offset_ = tables_end(sizes);
+  // A leftover of a build that died; the caller holds the growth claim, so it is nobody's.
+  os::remove_file(file->path_);
+  file->fd_ = os::create_file(file->path_);
+
+  KeyIndexHeader h{};
+  std::memcpy(h.magic, kKeyIndexMagic, sizeof(h.magic));
+  h.version = kKeyIndexVersion;
+  std::memcpy(h.store_id, identity.store_id, sizeof(h.store_id));
+  h.store_generation = identity.store_generation;
+  h.key_generation = generation;
+  h.pair_slots = sizes.pair_slots;
+  h.key_slots = sizes.key_slots;
+  h.epoch_slots = sizes.epoch_slots;
+  h.chain_offset = file->chain_offset_;
+  h.hash_seed = file->hash_seed_;
+  if (!os::boot_id(h.boot_id)) h.boot_id[0] = h.boot_id[1] = 0;
+  h.header_checksum = header_hash(&h, kKeyIndexChecksummedBytes, nullptr, 0);
+  const std::uint64_t bytes =
+      file->chain_offset_ +
+      round_up(std::max<std::uint64_t>(rows, 1) * kChainRecordBytes * 9 / 8, kPageBytes);
+  os::allocate(file->fd_, 0, bytes, file->path_);
+  os::write_all(file->fd_, &h, sizeof(h), 0, file->path_);
+  file->map_header_and_tables(file->fd_, identity.max_rows);
+  return file;
+}
+
+std::shared_ptr<KeyIndexFile> KeyIndexFile::open(const std::string& dir, std::uint64_t generation,
+                                                 const KeyIndexIdentity& identity,
+                                                 os::Access access) {
+  std::shared_ptr<KeyIndexFile> file(new KeyIndexFile());
+  file->path_ = dir + "/" + key_index_file_name(generation);
+  file->access_ = access;
+  file->generation_ = generation;
+  const std::string& path = file->path_;
+  file->fd_ = os::open_file(path, access);
+  const std::uint64_t file_bytes = os::file_size(file->fd_, path);
+  KeyIndexHeader h;
+  if (file_bytes < kPageBytes) {
+    corrupt(path, "file is " + std::to_string(file_bytes) + " bytes, shorter than its header");
+  }
+  os::read_exact(file->fd_, &h, sizeof(h), 0, path);
+  if (std::memcmp(h.magic, kKeyIndexMagic, sizeof(h.magic)) != 0) {
+    corrupt(path, "magic bytes \"EMBSKEYS\" missing");
+  }
+  if (h.header_checksum != header_hash(&h, kKeyIndexChecksummedBytes, nullptr, 0)) {
+    corrupt(path, "field header_checksum does not match the header");
+  }
+  if (h.version != kKeyIndexVersion) {
+    corrupt(path, "field version " + std::to_string(h.version) + " is not " +
+                      std::to_string(kKeyIndexVersion));
+  }
+  if (std::memcmp(h.store_id, identity.store_id, sizeof(h.store_id)) != 0 ||
+      h.store_generation != identity.store_generation) {
+    corrupt(path,
+            "field store_id/store_generation: the file belongs to another store or "
+            "generation");
+  }
+  if (h.key_generation != generation) {
+    corrupt(path, "field key_generation " + std::to_string(h.key_generation) + " is not " +
+                      std::to_string(generation));
+  }
+  for (const std::uint64_t slots : {h.pair_slots, h.key_slots, h.epoch_slots}) {
+    if (slots < kMinSlots || slots > (kMaxRows << 2) || !std::has_single_bit(slots)) {
+      corrupt(path, "a table size of " + std::to_string(slots) +
+                        " slots is not a power of two in 2^10..2^42");
+    }
+  }
+  file->sizes_ = {h.pair_slots, h.key_slots, h.epoch_slots};
+  file->chain_offset_ = tables_end(file->sizes_);
+  file->hash_seed_ = h.hash_seed;
+  if (h.chain_offset != file->chain_offset_) {
+    corrupt(path, "field chain_offset " + std::to_string(h.chain_offset) + " is not " +
+                      std::to_string(file->chain_offset_));
+  }
+  if (file_bytes < file->chain_offset_) {
+    corrupt(path, "file is " + std::to_string(file_bytes) + " bytes, too short for its " +
+                      std::to_string(file->chain_offset_) + " bytes of tables");
+  }
+  // A writer stores through the mapping: a file copied or restored sparse must have its holes
+  // allocated first, or a full disk turns those stores into SIGBUS (free when allocated).
+  if (access == os::Access::kReadWrite) os::allocate(file->fd_, 0, file_bytes, path);
+  file->map_header_and_tables(file->fd_, identity.max_rows);
+  const std::uint64_t indexed = file->indexed_rows();
+  if (indexed > (file_bytes - file->chain_offset_) / kChainRecordBytes) {
+    corrupt(path, "field indexed_rows " + std::to_string(indexed) + " exceeds the chain's " +
+                      std::to_string((file_bytes - file->chain_offset_) / kChainRecordBytes) +
+                      " rows");
+  }
+  if (access == os::Access::kReadOnly) {
+    // A Reader keeps no descriptor (RLIMIT_NOFILE must not bound open Readers): it opens the
+    // file by path again only to map more of its chain.
+    os::close_fd(file->fd_);
+    file->fd_ = -1;
+  }
+  return file;
+}
+
+std::uint64_t* KeyIndexFile::chain_words(std::uint64_t row) const {
+  // Rows mapped first, then the base: a base at least as new as that count covers the row.
+  if (row >= chain_rows_mapped_.load(std::memory_order_acquire)) map_chain(row);
+  return reinterpret_cast<std::uint64_t*>(chain_base_.load(std::memory_order_acquire) +
+                                          chain_offset_ + row * kChainRecordBytes);
+}
+
+int KeyIndexFile::reopen() const {
+  // kNotFound when a newer generation replaced the file and it was removed.
+  const int fd = os::open_file(path_, access_);
+  KeyIndexHeader h;
+  try {
+    if (os::file_size(fd, path_) >= sizeof(h)) os::read_exact(fd, &h, sizeof(h), 0, path_);
+  } catch (...) {
+    os::close_fd(fd);
+    throw;
+  }
+  const KeyIndexHeader* mine = header();
+  if (std::memcmp(h.magic, mine->magic, sizeof(h.magic)) != 0 ||
+      std::memcmp(h.store_id, mine->store_id, sizeof(h.store_id)) != 0 ||
+      h.key_generation != mine->key_generation || h.hash_seed != mine->hash_seed) {
+    os::close_fd(fd);
+    throw Error(ErrorCode::kNotFound,
+                path_ + ": the file was replaced since it was opened (another store's)");
+  }
+  return fd;
+}
+
+void KeyIndexFile::map_chain(std::uint64_t row) const {
+  std::lock_guard guard(map_mutex_);
+  if (row < chain_rows_mapped_.load(std::memory_order_acquire)) return;
+  const int fd = fd_ >= 0 ? fd_ : reopen();
+  struct CloseAtExit {
+    int fd;
+    bool owned;
+    ~CloseAtExit() {
+      if (owned) os::close_fd(fd);
+    }
+  } close_at_exit{fd, fd_ < 0};
+  // Another writer extended the file since the last mapping was made: map the rest of it.
+  const std::uint64_t file_bytes = os::file_size(fd, path_);
+  const std::uint64_t file_rows =
+      file_bytes < chain_offset_ ? 0 : (file_bytes - chain_offset_) / kChainRecordBytes;
+  if (row >= file_rows || chain_offset_ + (row + 1) * kChainRecordBytes > max_reserve_bytes_) {
+    corrupt(path_, "row " + std::to_string(row) + " is referenced but the chain holds " +
+                       std::to_string(file_rows) + " rows");
+  }
+  const std::uint64_t bytes = std::min(file_bytes / kPageBytes * kPageBytes, max_reserve_bytes_);
+  ReservedMapping* mapping = mappings_.back().get();
+  if (bytes > mapping->reserved_bytes()) {
+    // Past this reservation: map the file again at a larger one. The older mappings stay (views
+    // of lookups in flight point into them) until this object dies.
+    auto larger = std::make_unique<ReservedMapping>(
+        reserve_in_proportion(chain_offset_, bytes, max_reserve_bytes_), path_, access_);
+    larger->map_to(fd, bytes);
+    mapping = larger.get();
+    mappings_.push_back(std::move(larger));
+  } else {
+    mapping->map_to(fd, bytes);
+  }
+  chain_base_.store(mapping->base(), std::memory_order_release);
+  chain_rows_mapped_.store((mapping->mapped_bytes() - chain_offset_) / kChainRecordBytes,
+                           std::memory_order_release);
+}
+
+void KeyIndexFile::ensure_chain_allocated(std::uint64_t rows) {
+  const std::uint64_t needed = chain_offset_ + rows * kChainRecordBytes;
+  const std::uint64_t file_bytes = os::file_size(fd_, path_);
+  if (file_bytes >= needed) return;
+  if (needed > max_reserve_bytes_) {
+    throw Error(ErrorCode::kFull, path_ + ": " + std::to_string(rows) +
+                                      " rows exceed the address space map_bytes leaves the chain");
+  }
+  // A small chain doubles (a small store stays small on disk), a large one grows ~1/8 ahead and
+  // at least a step, so growths stay rare either way (FORMAT.md "File sizes").
+  const std::uint64_t chain = file_bytes > chain_offset_ ? file_bytes - chain_offset_ : 0;
+  const std::uint64_t need = rows * kChainRecordBytes;
+  const std::uint64_t ahead =
+      std::max(need + need / 8, std::min(2 * chain, need + kChainStepBytes));
+  const std::uint64_t target =
+      std::min(max_reserve_bytes_, chain_offset_ + round_up(ahead, kPageBytes));
+  os::allocate(fd_, file_bytes, target - file_bytes, path_);
+}
+
+bool KeyIndexFile::wants_growth() const {
+  const KeyIndexHeader* h = header();
+  return load(h->pairs_used) * 16 > sizes_.pair_slots * kMaxLoadSixteenths ||
+         load(h->keys_used) * 16 > sizes_.key_slots * kMaxLoadSixteenths ||
+         load(h->epochs_used) * 16 > sizes_.epoch_slots * kMaxLoadSixteenths;
+}
+
+KeyIndexSizes KeyIndexFile::next_sizes() const {
+  const KeyIndexHeader* h = header();
+  // Room for the counts now and for as many again, so growth stays rare (doubling at least).
+  auto next = [](std::uint64_t used, std::uint64_t slots) {
+    return used * 16 > slots * kMaxLoadSixteenths ? std::max(slots * 2, key_index_slots_for(used))
+                                                  : slots;
+  };
+  return {next(load(h->pairs_used), sizes_.pair_slots), next(load(h->keys_used), sizes_.key_slots),
+          next(load(h->epochs_used), sizes_.epoch_slots)};
+}
+
+bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
+  KeyIndexHeader* h = header();
+  std::uint64_t row = indexed_rows();
+  if (row >= end) return true;
+  ensure_chain_allocated(end);
+  const std::uint64_t pair_hard = sizes_.pair_slots * kHardLoadSixteenths / 16;
+  const std::uint64_t key_hard = sizes_.key_slots * kHardLoadSixteenths / 16;
+  const std::uint64_t epoch_hard = sizes_.epoch_slots * kHardLoadSixteenths / 16;
+  std::uint64_t pairs_used = load(h->pairs_used);
+  std::uint64_t keys_used = load(h->keys_used);
+  std::uint64_t epochs_used = load(h->epochs_used);
+  std::uint64_t* pairs = pair_slots();
+  std::uint64_t* keys = key_slots();
+  std::uint64_t* epochs = epoch_slots();
+  // Slots only name committed rows (those of a writer that died indexing them included), all
+  // below `end`: anything else is damage, and reading its entry could fault past the mapping.
+  auto checked = [&](std::uint64_t r) {
+    if (r >= end) {
+      corrupt(path_, "a slot names row " + std::to_string(r) + ", past the " + std::to_string(end) +
+                         " committed rows");
+    }
+    return r;
+  };
+
+  // Rows go in blocks: hash the whole block and prefetch its slots first, so the cache misses
+  // of a block overlap instead of following one another.
+  constexpr std::uint64_t kBlock = 16;
+  std::uint64_t kh[kBlock], eh[kBlock], ph[kBlock];
+  bool stopped = false;
+  while (row < end && !stopped) {
+    const std::uint64_t count = std::min(kBlock, end - row);
+    for (std::uint64_t j = 0; j < count; ++j) {
+      const IndexEntry& e = entries[row + j];
+      kh[j] = key_hash(e.key, hash_seed_);
+      eh[j] = epoch_hash(e.epoch, hash_seed_);
+      ph[j] = pair_hash(kh[j], e.epoch);
+      __builtin_prefetch(keys + (kh[j] & (sizes_.key_slots - 1)), 1);
+      __builtin_prefetch(pairs + (ph[j] & (sizes_.pair_slots - 1)), 1);
+    }
+    for (std::uint64_t j = 0; j < count; ++j, ++row) {
+      if (pairs_used >= pair_hard || keys_used >= key_hard || epochs_used >= epoch_hard) {
+        stopped = true;
+        break;
+      }
+      const IndexEntry& e = entries[row];
+      const std::uint64_t key = e.key, epoch = e.epoch;
+      const std::uint64_t r = row;
+      const Probe kp = probe(
+          keys, sizes_.key_slots, kh[j],
+          [&](std::uint64_t s) { return entries[checked(s)].key == key; }, path_);
+      const bool key_done = kp.row != kNone && kp.row >= r;
+      // Writes go chain record, pair slot, key slot, epoch slot: a redo finds each slot either
+      // at r already (skip it) or before r (redo it), and a key slot at r means the record is
+      // complete.
+      if (!key_done) {
+        const Probe ep = probe(
+            epochs, sizes_.epoch_slots, eh[j],
+            [&](std::uint64_t s) { return entries[checked(s)].epoch == epoch; }, path_);
+        std::uint64_t ordinal = 1;
+        if (ep.row != kNone) {
+          const std::uint64_t* prev = chain_words(ep.row);
+          ordinal = 1 + ((load_relaxed(prev[0]) >> kSlotRowBits) |
+                         ((load_relaxed(prev[1]) >> kSlotRowBits) << kOrdinalLowBits));
+        }
+        std::uint64_t* record = chain_words(r);
+        store_relaxed(record[0], chain_word0(kp.row, ordinal));
+        store_relaxed(record[1], chain_word1(ep.row, ordinal));
+      }
+      const Probe pp = probe(
+          pairs, sizes_.pair_slots, ph[j],
+          [&](std::uint64_t s) {
+            const IndexEntry& other = entries[checked(s)];
+            return other.key == key && other.epoch == epoch;
+          },
+          path_);
+      if (pp.row == kNone || pp.row < r) {
+        if (pp.row == kNone) store(h->pairs_used, ++pairs_used);  // Before the slot: never under.
+        store(pairs[pp.slot], slot_word(ph[j], r));
+      }
+      if (!key_done) {
+        if (kp.row == kNone) store(h->keys_used, ++keys_used);
+        store(keys[kp.slot], slot_word(kh[j], r));
+      }
+      if (r == end - 1 || (r & 1023) == 0) EMBSTORE_CRASH_POINT("mid-key-index");
+      const Probe ep = probe(
+          epochs, sizes_.epoch_slots, eh[j],
+          [&](std::uint64_t s) { return entries[checked(s)].epoch == epoch; }, path_);
+      if (ep.row == kNone || ep.row < r) {
+        if (ep.row == kNone) store(h->epochs_used, ++epochs_used);
+        store(epochs[ep.slot], slot_word(eh[j], r));
+      }
+    }
+  }
+  store(h->indexed_rows, row);
+  return !stopped;
+}
+
+void KeyIndexFile::publish_as_current(const std::string& dir) {
+  const std::string target = dir + "/" + key_index_file_name(generation_);
+  if (const int err = os::rename_path(path_, target); err != 0) {
+    throw Error(ErrorCode::kIO, "rename " + path_ + " to " + target + ": " + std::strerror(err),
+                err);
+  }
+  path_ = target;
+}
+
+std::uint64_t KeyIndexFile::check(const IndexEntry* entries, std::uint64_t rows,
+                                  std::string* first_problem) const {
+  std::uint64_t problems = 0;
+  auto problem = [&](const std::string& what) {
+    if (problems++ == 0 && first_problem != nullptr) *first_problem = path_ + ": " + what;
+  };
+  rows = std::min(rows, indexed_rows());
+  std::unordered_map<std::uint64_t, std::uint64_t> last_of_key;
+  struct EpochState {
+    std::uint64_t last = kNone;
+    std::uint64_t count = 0;
+  };
+  std::unordered_map<std::uint64_t, EpochState> epoch_state;
+  const KeyQuery query(this, entries, rows);
+  for (std::uint64_t r = 0; r < rows; ++r) {
+    const IndexEntry& e = entries[r];
+    auto [key_it, new_key] = last_of_key.try_emplace(e.key, kNone);
+    EpochState& es = epoch_state[e.epoch];
+    const std::uint64_t* record = chain_words(r);
+    const std::uint64_t w0 = load_relaxed(record[0]), w1 = load_relaxed(record[1]);
+    const std::uint64_t ordinal =
+        (w0 >> kSlotRowBits) |
+        ((w1 >> kSlotRowBits & ((1ull << kOrdinalHighBits) - 1)) << kOrdinalLowBits);
+    if (link(w0) != key_it->second || link(w1) != es.last || ordinal != es.count + 1 ||
+        (w1 >> (kSlotRowBits + kOrdinalHighBits)) != 0) {
+      problem("chain record of row " + std::to_string(r) + " (key " + std::to_string(e.key) +
+              ", epoch " + std::to_string(e.epoch) + ") does not match the offset index");
+    }
+    key_it->second = r;
+    es.last = r;
+    ++es.count;
+  }
+  for (std::uint64_t r = 0; r < rows; ++r) {
+    const IndexEntry& e = entries[r];
+    // Each slot must hold the latest row of its (key, epoch), key and epoch; a stale or lost
+    // slot shows as a lookup that ends before row r.
+    const auto pair = query.find(e.key, e.epoch);
+    const auto latest = query.find_latest(e.key);
+    if (!pair || *pair < r || !latest || *latest < r || *latest != last_of_key[e.key]) {
+      problem("lookup of row " + std::to_string(r) + " (key " + std::to_string(e.key) + ", epoch " +
+              std::to_string(e.epoch) + ") through the tables fails");
+    }
+  }
+  for (const auto& [epoch, es] : epoch_state) {
+    const auto listed = query.epoch_rows(epoch);
+    if (listed.size() != es.count || (!listed.empty() && listed.back() != es.last)) {
+      problem("epoch " + std::to_string(epoch) + " lists " + std::to_string(listed.size()) +
+              " rows through the tables, not " + std::to_string(es.count));
+    }
+  }
+  return problems;
+}
+
+// ---- KeyQuery -------------------------------------------------------------------------------
+
+KeyQuery::KeyQuery(const KeyIndexFile* index, const IndexEntry* entries, std::uint64_t snapshot)
+    : index_(index),
+      entries_(entries),
+      snapshot_(snapshot),
+      limit_(index == nullptr ? 0 : std::min(snapshot, index->indexed_rows())) {}
+
+std::uint64_t KeyQuery::prev(std::uint64_t row, bool by_epoch) const {
+  const std::uint64_t previous = link(load_relaxed(index_->chain_words(row)[by_epoch ? 1 : 0]));
+  if (previous != kNone && previous >= row) {
+    corrupt(index_->path(), "chain record of row " + std::to_string(row) + " links forward to " +
+                                std::to_string(previous));
+  }
+  return previous;
+}
+
+std::uint64_t KeyQuery::ordinal(std::uint64_t row) const {
+  const std::uint64_t* record = index_->chain_words(row);
+  return (load_relaxed(record[0]) >> kSlotRowBits) |
+         ((load_relaxed(record[1]) >> kSlotRowBits & ((1ull << kOrdinalHighBits) - 1))
+          << kOrdinalLowBits);
+}
+
+std::uint64_t KeyQuery::below_limit(std::uint64_t row, bool by_epoch) const {
+  while (row != kNone && row >= limit_) row = prev(row, by_epoch);
+  return row;
+}
+
+// A slot naming a row below limit_ is checked against that row's entry. A slot naming a later
+// row (written after this snapshot, or not yet covered by it) is followed down its key chain to
+// the first row below limit_: that row's entry tells whose chain it is. Every row of a key is on
+// its chain, so once that row has our key the answer below is complete.
+std::uint64_t KeyQuery::table_find(std::uint64_t key, std::uint64_t epoch) const {
+  if (limit_ == 0) return kNone;
+  const std::uint64_t kh = key_hash(key, index_->hash_seed_);
+  const std::uint64_t ph = pair_hash(kh, epoch);
+  std::uint64_t result = kNone;
+  bool done = false;
+  probe(
+      index_->pair_slots(), index_->sizes_.pair_slots, ph,
+      [&](std::uint64_t row) {
+        if (row < limit_) {
+          const IndexEntry& e = entries_[row];
+          if (e.key != key || e.epoch != epoch) return false;
+          result = row;
+          return done = true;
+        }
+        std::uint64_t r = below_limit(row, false);
+        if (r == kNone || entries_[r].key != key) return false;
+        for (; r != kNone; r = prev(r, false)) {
+          if (entries_[r].epoch == epoch) break;
+        }
+        result = r;
+        return done = true;
+      },
+      index_->path());
+  return done ? result : kNone;
+}
+
+std::uint64_t KeyQuery::table_find_latest(std::uint64_t key) const {
+  if (limit_ == 0) return kNone;
+  std::uint64_t result = kNone;
+  probe(
+      index_->key_slots(), index_->sizes_.key_slots, key_hash(key, index_->hash_seed_),
+      [&](std::uint64_t row) {
+        const std::uint64_t r = below_limit(row, false);
+        if (r == kNone || entries_[r].key != key) return false;
+        result = r;
+        return true;
+      },
+      index_->path());
+  return result;
+}
+
+std::uint64_t KeyQuery::table_epoch_latest(std::uint64_t epoch) const {
+  if (limit_ == 0) return kNone;
+  std::uint64_t result = kNone;
+  probe(
+      index_->epoch_slots(), index_->sizes_.epoch_slots, epoch_hash(epoch, index_->hash_seed_),
+      [&](std::uint64_t row) {
+        const std::uint64_t r = below_limit(row, true);
+        if (r == kNone || entries_[r].epoch != epoch) return false;
+        result = r;
+        return true;
+      },
+      index_->path());
+  return result;
+}
+
+std::optional<std::uint64_t> KeyQuery::find(std::uint64_t key, std::uint64_t epoch) const {
+  // Rows past the index are later than any row in it: the latest match there wins.
+  for (std::uint64_t r = snapshot_; r-- > limit_;) {
+    if (entries_[r].key == key && entries_[r].epoch == epoch) return r;
+  }
+  const std::uint64_t row = table_find(key, epoch);
+  if (row == kNone) return std::nullopt;
+  return row;
+}
+
+std::optional<std::uint64_t> KeyQuery::find_latest(std::uint64_t key) const {
+  for (std::uint64_t r = snapshot_; r-- > limit_;) {
+    if (entries_[r].key == key) return r;
+  }
+  const std::uint64_t row = table_find_latest(key);
+  if (row == kNone) return std::nullopt;
+  return row;
+}
+
+std::vector<std::uint64_t> KeyQuery::history(std::uint64_t key) const {
+  std::vector<std::uint64_t> rows;
+  for (std::uint64_t r = table_find_latest(key); r != kNone; r = prev(r, false)) rows.push_back(r);
+  std::reverse(rows.begin(), rows.end());
+  for (std::uint64_t r = limit_; r < snapshot_; ++r) {
+    if (entries_[r].key == key) rows.push_back(r);
+  }
+  return rows;
+}
+
+std::vector<std::uint64_t> KeyQuery::epoch_rows(std::uint64_t epoch) const {
+  std::vector<std::uint64_t> rows;
+  const std::uint64_t latest = table_epoch_latest(epoch);
+  if (latest != kNone) {
+    const std::uint64_t count = ordinal(latest);
+    if (count == 0 || count > latest + 1) {
+      corrupt(index_->path(), "chain record of row " + std::to_string(latest) + " claims " +
+                                  std::to_string(count) + " rows of its epoch");
+    }
+    rows.resize(count);
+    std::uint64_t r = latest;
+    for (std::uint64_t i = rows.size(); i-- > 0;) {
+      if (r == kNone)
+        corrupt(index_->path(),
+                "the chain of epoch " + std::to_string(epoch) + " is shorter than its ordinal");
+      rows[i] = r;
+      r = prev(r, true);
+    }
+    if (r != kNone) {
+      corrupt(index_->path(),
+              "the chain of epoch " + std::to_string(epoch) + " is longer than its ordinal");
+    }
+  }
+  for (std::uint64_t r = limit_; r < snapshot_; ++r) {
+    if (entries_[r].epoch == epoch) rows.push_back(r);
+  }
+  return rows;
+}
+
+std::vector<EpochCount> KeyQuery::epochs() const {
+  std::unordered_map<std::uint64_t, std::uint64_t> counts;
+  if (limit_ > 0) {
+    const std::uint64_t* slots = index_->epoch_slots();
+    for (std::uint64_t i = 0; i < index_->sizes_.epoch_slots; ++i) {
+      const std::uint64_t word = load(slots[i]);
+      if (word == 0) continue;
+      const std::uint64_t r = below_limit(slot_row(word), true);
+      if (r == kNone) continue;
+      const std::uint64_t count = ordinal(r);
+      if (count == 0 || count > r + 1) {
+        corrupt(index_->path(), "chain record of row " + std::to_string(r) + " claims " +
+                                    std::to_string(count) + " rows of its epoch");
+      }
+      counts[entries_[r].epoch] += count;
+    }
+  }
+  for (std::uint64_t r = limit_; r < snapshot_; ++r) ++counts[entries_[r].epoch];
+  std::vector<EpochCount> out;
+  out.reserve(counts.size());
+  for (const auto& [epoch, rows] : counts) out.push_back({epoch, rows});
+  std::sort(out.begin(), out.end(),
+            [](const EpochCount& a, const EpochCount& b) { return a.epoch < b.epoch; });
+  return out;
+}
+
+std::uint64_t KeyQuery::distinct_keys() const {
+  std::uint64_t count = 0;
+  if (limit_ > 0) {
+    const std::uint64_t* slots = index_->key_slots();
+    for (std::uint64_t i = 0; i < index_->sizes_.key_slots; ++i) {
+      const std::uint64_t word = load(slots[i]);
+      if (word != 0 && below_limit(slot_row(word), false) != kNone) ++count;
+    }
+  }
+  std::unordered_map<std::uint64_t, bool> seen;
+  for (std::uint64_t r = limit_; r < snapshot_; ++r) {
+    const std::uint64_t key = entries_[r].key;
+    if (seen.try_emplace(key, true).second && table_find_latest(key) == kNone) ++count;
+  }
+  return count;
+}
+
+void KeyQuery::find_many(std::span<const std::uint64_t> keys, std::span<const std::uint64_t> epochs,
+                         std::int64_t* out) const {
+  const bool by_pair = !epochs.empty();
+  const bool one_epoch = epochs.size() == 1 && keys.size() != 1;
+  auto epoch_of = [&](std::size_t i) { return one_epoch ? epochs[0] : epochs[i]; };
+  const std::size_t n = keys.size();
+  if (limit_ > 0) {
+    const std::uint64_t* table = by_pair ? index_->pair_slots() : index_->key_slots();
+    const std::uint64_t mask = (by_pair ? index_->sizes_.pair_slots : index_->sizes_.key_slots) - 1;
+    constexpr std::size_t kBlock = 32;
+    std::uint64_t hash[kBlock], candidate[kBlock];
+    for (std::size_t begin = 0; begin < n; begin += kBlock) {
+      const std::size_t count = std::min(kBlock, n - begin);
+      // Stage 1: hash the block and prefetch each first slot.
+      for (std::size_t j = 0; j < count; ++j) {
+        const std::uint64_t kh = key_hash(keys[begin + j], index_->hash_seed_);
+        hash[j] = by_pair ? pair_hash(kh, epoch_of(begin + j)) : kh;
+        __builtin_prefetch(table + (hash[j] & mask));
+      }
+      // Stage 2: read the first slots and prefetch the entries they name.
+      for (std::size_t j = 0; j < count; ++j) {
+        const std::uint64_t word = load(table[hash[j] & mask]);
+        candidate[j] = kNone;
+        if (word != 0 && slot_tag(word) == hash[j] >> kSlotRowBits && slot_row(word) < limit_) {
+          candidate[j] = slot_row(word);
+          __builtin_prefetch(entries_ + candidate[j]);
+        }
+      }
+      // Stage 3: resolve; anything but a first-slot hit below the limit takes the full path.
+      for (std::size_t j = 0; j < count; ++j) {
+        const std::size_t i = begin + j;
+        const std::uint64_t c = candidate[j];
+        if (c != kNone && entries_[c].key == keys[i] &&
+            (!by_pair || entries_[c].epoch == epoch_of(i))) {
+          out[i] = static_cast<std::int64_t>(c);
+          continue;
+        }
+        const std::uint64_t row =
+            by_pair ? table_find(keys[i], epoch_of(i)) : table_find_latest(keys[i]);
+        out[i] = row == kNone ? -1 : static_cast<std::int64_t>(row);
+      }
+    }
+  } else {
+    std::fill(out, out + n, -1);
+  }
+  if (snapshot_ <= limit_) return;
+  // Rows past the index: one pass over them builds a map, so the batch costs O(gap + n).
+  auto pair_id = [](std::uint64_t key, std::uint64_t epoch) {
+    return key_index_mix(key) ^ std::rotl(epoch * 0x9e3779b97f4a7c15ull, 17);
+  };
+  std::unordered_multimap<std::uint64_t, std::uint64_t> latest;  // hash -> rows, any order
+  for (std::uint64_t r = limit_; r < snapshot_; ++r) {
+    const IndexEntry& e = entries_[r];
+    latest.emplace(by_pair ? pair_id(e.key, e.epoch) : e.key, r);
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint64_t id = by_pair ? pair_id(keys[i], epoch_of(i)) : keys[i];
+    auto [it, end] = latest.equal_range(id);
+    for (; it != end; ++it) {
+      const IndexEntry& e = entries_[it->second];
+      if (e.key != keys[i] || (by_pair && e.epoch != epoch_of(i))) continue;
+      if (static_cast<std::int64_t>(it->second) > out[i]) out[i] = it->second;
+    }
+  }
+}
+
+}  // namespace embstore::detail

@@ -1,0 +1,185 @@
+// key_index.h — the persistent key index: lookups by key, by (key, epoch) and by epoch.
+//
+// Derived data over the offset index (index.G), in its own file keys.K (FORMAT.md, "keys.K"):
+// three open-addressing tables of 8-byte atomic slots (latest row per (key, epoch), per key, per
+// epoch) and an append-only chain of 16 bytes per row (previous row of the same key, previous
+// row of the same epoch, the row's ordinal within its epoch). The offset index entry is the
+// truth; a slot is only a hint that is checked against it.
+//
+// Writers index under the writer lock after publishing `committed`, redo-only: rows
+// [indexed_rows, committed) are (re)indexed idempotently, so a writer killed half-way leaves a
+// gap that the next writer fills. Readers take no lock: KeyQuery answers rows below
+// min(snapshot, indexed_rows) from the tables and scans the rest of the snapshot.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "format/format.h"
+#include "index/key_index_format.h"
+#include "platform/mapping.h"
+#include "platform/os.h"
+
+namespace embstore::detail {
+
+// The store a key index file belongs to; a file of another store or generation is refused.
+struct KeyIndexIdentity {
+  std::uint8_t store_id[16] = {};
+  std::uint64_t store_generation = 1;
+  std::uint64_t seed = 0;             // Layout::seed.
+  std::uint64_t max_rows = kMaxRows;  // Bounds the address space reserved for the chain.
+};
+
+// Slot counts of the three tables (powers of two).
+struct KeyIndexSizes {
+  std::uint64_t pair_slots = kMinSlots;
+  std::uint64_t key_slots = kMinSlots;
+  std::uint64_t epoch_slots = kMinSlots;
+};
+
+struct EpochCount {
+  std::uint64_t epoch = 0;
+  std::uint64_t rows = 0;
+};
+
+// One generation of the key index, mapped. Lookups (through KeyQuery) are thread-safe and
+// lock-free; index_rows() is for one writer at a time (the writer lock). Lives as long as any
+// shared_ptr to it; its file may be unlinked meanwhile (a newer generation replaced it).
+class KeyIndexFile {
+ public:
+  // Opens dir/keys.<generation> and checks its header against `identity` and its size: kNotFound
+  // if missing, kCorruption naming the file and field otherwise.
+  static std::shared_ptr<KeyIndexFile> open(const std::string& dir, std::uint64_t generation,
+                                            const KeyIndexIdentity& identity, os::Access access);
+  // Creates dir/keys.next (replacing any leftover) for `generation` with tables of `sizes`, and
+  // allocates chain space for `rows` rows. Published by publish_as().
+  static std::shared_ptr<KeyIndexFile> create(const std::string& dir, std::uint64_t generation,
+                                              const KeyIndexIdentity& identity,
+                                              const KeyIndexSizes& sizes, std::uint64_t rows);
+  ~KeyIndexFile();
+  KeyIndexFile(const KeyIndexFile&) = delete;
+  KeyIndexFile& operator=(const KeyIndexFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  std::uint64_t generation() const { return generation_; }
+  KeyIndexSizes sizes() const { return sizes_; }
+  // Rows [0, indexed_rows()) are indexed (acquire load).
+  std::uint64_t indexed_rows() const;
+  // True when the file was built in the machine's current boot (else it may hold torn pages).
+  bool built_in_current_boot() const;
+
+  // Writer, writer lock held (or a private file not yet published): indexes rows
+  // [indexed_rows(), end) of `entries`, every one below the commit point, and publishes the
+  // watermark. Returns false when it stopped early because a table is too full to take more
+  // (grow first); the watermark then marks how far it got.
+  bool index_rows(const IndexEntry* entries, std::uint64_t end);
+  // True when a table is past its load factor: build a larger generation (next_sizes()).
+  bool wants_growth() const;
+  KeyIndexSizes next_sizes() const;
+  // Renames this file (created as keys.next) to keys.<generation()>.
+  void publish_as_current(const std::string& dir);
+
+  // The growth claim word in the header (a writer's pid while it builds the next generation).
+  std::uint64_t* grow_claim_word() const;
+
+  // Checks every row of [0, indexed_rows()) against `entries`: each row is reachable from its
+  // tables' slots through the chain, with correct chain links and ordinals. Returns the number
+  // of problems found (0: consistent) and describes the first in `first_problem`.
+  std::uint64_t check(const IndexEntry* entries, std::uint64_t rows,
+                      std::string* first_problem) const;
+
+ private:
+  friend class KeyQuery;
+  KeyIndexFile() = default;
+  // Maps the file in a reservation proportional to its size (at most enough for `max_rows`).
+  void map_header_and_tables(int fd, std::uint64_t max_rows);
+  void ensure_chain_allocated(std::uint64_t rows);  // Writer: chain space for `rows` rows.
+  // Maps the chain as far as the file holds it, at least through `row` (kCorruption if the file
+  // does not hold it); a Reader reopens the file by path (kNotFound: it was replaced).
+  void map_chain(std::uint64_t row) const;
+  int reopen() const;
+
+  std::uint64_t* pair_slots() const { return slots_ + 0; }
+  std::uint64_t* key_slots() const { return slots_ + sizes_.pair_slots; }
+  std::uint64_t* epoch_slots() const { return slots_ + sizes_.pair_slots + sizes_.key_slots; }
+  std::uint64_t* chain_words(std::uint64_t row) const;  // Maps more of the file if needed.
+  KeyIndexHeader* header() const;
+
+  std::string path_;
+  int fd_ = -1;  // A Writer's; a Reader keeps none (-1).
+  os::Access access_ = os::Access::kReadOnly;
+  std::uint64_t generation_ = 0;
+  KeyIndexSizes sizes_;
+  std::uint64_t hash_seed_ = 0;
+  std::uint64_t chain_offset_ = 0;
+  std::uint64_t max_reserve_bytes_ = 0;  // The most address space one mapping may reserve.
+  // Every mapping made, each reserving more than the last; all are kept until this object dies,
+  // so a pointer into any of them stays valid. The first holds the header and tables (base_).
+  mutable std::vector<std::unique_ptr<ReservedMapping>> mappings_;  // Under map_mutex_.
+  std::byte* base_ = nullptr;
+  std::uint64_t* slots_ = nullptr;
+  // The newest mapping's base and the chain rows it covers (stored in that order).
+  mutable std::atomic<std::byte*> chain_base_{nullptr};
+  mutable std::atomic<std::uint64_t> chain_rows_mapped_{0};
+  mutable std::mutex map_mutex_;  // Serializes mapping more (lookups may trigger it).
+};
+
+// Answers lookups for one snapshot: rows below min(snapshot, index watermark) from the index
+// (which may be null: no usable index), the rest of the snapshot by a linear scan of the offset
+// index. Never returns a row >= snapshot. Cheap to construct; thread-safe (read-only). Throws
+// kCorruption naming the key index file when its structure is inconsistent (callers fall back
+// to a query without index).
+class KeyQuery {
+ public:
+  KeyQuery(const KeyIndexFile* index, const IndexEntry* entries, std::uint64_t snapshot);
+
+  // The row of (key, epoch); if it was appended more than once, the latest.
+  std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
+  // The latest row of `key`.
+  std::optional<std::uint64_t> find_latest(std::uint64_t key) const;
+  // Every row of `key`, ascending (commit order).
+  std::vector<std::uint64_t> history(std::uint64_t key) const;
+  // Every row of `epoch`, ascending.
+  std::vector<std::uint64_t> epoch_rows(std::uint64_t epoch) const;
+  // The epochs present with their row counts, by ascending epoch.
+  std::vector<EpochCount> epochs() const;
+  // Number of distinct keys in the snapshot (one pass over the key table).
+  std::uint64_t distinct_keys() const;
+  // out[i] = find(keys[i], epochs[i]) (epochs.size() == keys.size()), find(keys[i], epochs[0])
+  // (epochs.size() == 1) or find_latest(keys[i]) (epochs empty); -1 where there is none.
+  // Hashes and prefetches a block of keys before resolving them.
+  void find_many(std::span<const std::uint64_t> keys, std::span<const std::uint64_t> epochs,
+                 std::int64_t* out) const;
+
+  // Rows answered by the index; the rest of the snapshot is scanned.
+  std::uint64_t indexed_limit() const { return limit_; }
+  std::uint64_t snapshot() const { return snapshot_; }
+
+ private:
+  static constexpr std::uint64_t kNone = ~0ull;
+  std::uint64_t table_find(std::uint64_t key, std::uint64_t epoch) const;
+  std::uint64_t table_find_latest(std::uint64_t key) const;
+  std::uint64_t table_epoch_latest(std::uint64_t epoch) const;
+  // From `row`, the first row below limit_ along the key (or epoch) chain, or kNone.
+  std::uint64_t below_limit(std::uint64_t row, bool by_epoch) const;
+  std::uint64_t prev(std::uint64_t row, bool by_epoch) const;
+  std::uint64_t ordinal(std::uint64_t row) const;
+
+  const KeyIndexFile* index_;
+  const IndexEntry* entries_;
+  std::uint64_t snapshot_;
+  std::uint64_t limit_;
+};
+
+// The mixing function of FORMAT.md ("slots and chain records").
+std::uint64_t key_index_mix(std::uint64_t x) noexcept;
+// The table size (a power of two, >= kMinSlots) a build gives `entries` entries.
+std::uint64_t key_index_slots_for(std::uint64_t entries);
+
+}  // namespace embstore::detail

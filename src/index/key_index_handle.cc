@@ -1,0 +1,260 @@
+#include "index/key_index_handle.h"
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+
+#include "embstore/error.h"
+#include "platform/testing.h"
+
+namespace embstore::detail {
+namespace {
+
+std::uint64_t load(const std::uint64_t* word) {
+  return std::atomic_ref<std::uint64_t>(*const_cast<std::uint64_t*>(word))
+      .load(std::memory_order_acquire);
+}
+void store(std::uint64_t* word, std::uint64_t value) {
+  std::atomic_ref<std::uint64_t>(*word).store(value, std::memory_order_release);
+}
+
+// Rows indexed per step of a build, between checks of the stop flag and the table loads.
+constexpr std::uint64_t kBuildStepRows = 1 << 16;
+// A growth that leaves a tail this short finishes under the writer lock.
+constexpr std::uint64_t kTailRows = 1 << 16;
+// A growth claim older than this is taken over even if its pid exists (the pid may be reused).
+constexpr std::uint64_t kClaimLifetimeSeconds = 3600;
+
+}  // namespace
+
+KeyIndexHandle::KeyIndexHandle(std::string dir, const KeyIndexIdentity& identity,
+                               std::uint64_t* key_generation, os::Access access)
+    : dir_(std::move(dir)),
+      identity_(identity),
+      key_generation_(key_generation),
+      access_(access),
+      status_("not opened") {}
+
+std::shared_ptr<const KeyIndexFile> KeyIndexHandle::current() const {
+  std::lock_guard guard(mutex_);
+  return current_;
+}
+
+std::string KeyIndexHandle::status() const {
+  std::lock_guard guard(mutex_);
+  if (current_) {
+    return "keys." + std::to_string(current_->generation()) + ", " +
+           std::to_string(current_->indexed_rows()) + " rows indexed";
+  }
+  return status_;
+}
+
+void KeyIndexHandle::set_current(std::shared_ptr<KeyIndexFile> file, std::string status) {
+  std::lock_guard guard(mutex_);
+  current_ = std::move(file);
+  has_current_ = current_ != nullptr;
+  status_ = std::move(status);
+  damaged_ = false;
+}
+
+bool KeyIndexHandle::damaged() const {
+  std::lock_guard guard(mutex_);
+  return damaged_;
+}
+
+void KeyIndexHandle::mark_damaged(const std::string& why) {
+  std::lock_guard guard(mutex_);
+  if (current_) damaged_generation_ = current_->generation();
+  current_.reset();
+  has_current_ = false;
+  status_ = "damaged (" + why + "): lookups scan until a writer rebuilds it";
+  damaged_ = true;
+}
+
+void KeyIndexHandle::refresh() {
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    const std::uint64_t generation = load(key_generation_);
+    {
+      std::lock_guard guard(mutex_);
+      if (current_ && current_->generation() == generation) return;
+      // A file marked damaged stays unused until a writer replaces it.
+      if (!current_ && status_.rfind("damaged", 0) == 0 && generation == damaged_generation_) {
+        return;
+      }
+    }
+    if (generation == 0) {
+      set_current(nullptr, "none built yet: lookups scan (a writer builds it when it opens)");
+      return;
+    }
+    try {
+      auto file = KeyIndexFile::open(dir_, generation, identity_, access_);
+      if (!file->built_in_current_boot()) {
+        set_current(nullptr,
+                    "built before the last reboot: lookups scan until a writer rebuilds it");
+        return;
+      }
+      set_current(std::move(file), "");
+      return;
+    } catch (const Error& error) {
+      // A growth may have replaced and removed the file between the load and the open.
+      if (error.code() == ErrorCode::kNotFound && load(key_generation_) != generation) continue;
+      // An I/O error is reported, not papered over by a scan.
+      if (error.code() != ErrorCode::kNotFound && error.code() != ErrorCode::kCorruption) throw;
+      std::lock_guard guard(mutex_);
+      current_.reset();
+      has_current_ = false;
+      damaged_generation_ = generation;
+      status_ =
+          "damaged (" + std::string(error.what()) + "): lookups scan until a writer rebuilds it";
+      damaged_ = true;
+      return;
+    }
+  }
+}
+
+std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, std::uint64_t rows,
+                                                    KeyIndexSizes sizes, std::uint64_t generation,
+                                                    const std::atomic<bool>* stop) {
+  for (;;) {
+    auto file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
+    bool complete = true;
+    while (complete && file->indexed_rows() < rows) {
+      complete = file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
+      EMBSTORE_CRASH_POINT("during-key-index-build");
+      if (stop != nullptr && stop->load()) return nullptr;
+    }
+    if (complete) return file;
+    // A table filled up before the end: start again with 8x the slots of each full one (the
+    // counts so far are a poor guide this early), so the work stays linear overall.
+    const KeyIndexSizes next = file->next_sizes();
+    if (next.pair_slots != sizes.pair_slots) sizes.pair_slots *= 8;
+    if (next.key_slots != sizes.key_slots) sizes.key_slots *= 8;
+    if (next.epoch_slots != sizes.epoch_slots) sizes.epoch_slots *= 8;
+  }
+}
+
+void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t committed,
+                                     bool rebuild) {
+  const std::uint64_t generation = load(key_generation_);
+  std::shared_ptr<KeyIndexFile> file;
+  if (generation != 0 && !rebuild) {
+    try {
+      file = KeyIndexFile::open(dir_, generation, identity_, os::Access::kReadWrite);
+      // From another boot any page may be stale; past `committed`, a recovery cut rows it
+      // indexed: either way it is rebuilt, never trusted.
+      if (!file->built_in_current_boot() || file->indexed_rows() > committed) file.reset();
+    } catch (const Error& error) {
+      // Missing or damaged: rebuilt below. Any other failure (an I/O error) is the caller's.
+      if (error.code() != ErrorCode::kNotFound && error.code() != ErrorCode::kCorruption) throw;
+      file.reset();
+    }
+  }
+  if (file) {
+    // Tables too full to take every row (a growth that never finished) are left to the growth
+    // the next append claims; readers scan the rest meanwhile.
+    file->index_rows(entries, committed);
+    set_current(std::move(file), "");
+    return;
+  }
+  // Room for one pair per row at the most load a table may have; the key and epoch tables start
+  // small and a build that fills one restarts with it 8x larger.
+  KeyIndexSizes sizes;
+  sizes.pair_slots =
+      std::max(sizes.pair_slots, std::bit_ceil(committed * 16 / kMaxLoadSixteenths + 1));
+  sizes.key_slots = std::max(sizes.key_slots, key_index_slots_for(committed / 16));
+  file = build(entries, committed, sizes, generation + 1, nullptr);
+  file->publish_as_current(dir_);
+  store(key_generation_, generation + 1);
+  if (generation != 0) os::remove_file(dir_ + "/" + key_index_file_name(generation));
+  set_current(std::move(file), "");
+}
+
+bool KeyIndexHandle::after_publish(const IndexEntry* entries, std::uint64_t committed) {
+  std::shared_ptr<KeyIndexFile> file;
+  {
+    std::lock_guard guard(mutex_);
+    file = current_;
+  }
+  if (!file || file->generation() != load(key_generation_)) {
+    // Another writer replaced the generation (or this handle lost its file): take the new one.
+    open_for_writer(entries, committed);
+    file = std::const_pointer_cast<KeyIndexFile>(current());
+  }
+  bool complete;
+  try {
+    complete = file->index_rows(entries, committed);
+  } catch (const Error& error) {
+    if (error.code() != ErrorCode::kCorruption) throw;
+    // A damaged table: the offset index has everything, build a fresh generation from it.
+    open_for_writer(entries, committed, /*rebuild=*/true);
+    return false;
+  }
+  if (complete && !file->wants_growth()) return false;
+  return try_claim_growth();
+}
+
+bool KeyIndexHandle::try_claim_growth() {
+  if (claimed_) return false;
+  std::shared_ptr<KeyIndexFile> file;
+  {
+    std::lock_guard guard(mutex_);
+    file = current_;
+  }
+  std::uint64_t* word = file->grow_claim_word();
+  const std::uint64_t claim = load(word);
+  const std::uint64_t now_s = static_cast<std::uint64_t>(os::unix_time_ns() / 1'000'000'000);
+  if (claim != 0) {
+    const std::uint64_t pid = claim & 0xffffffffull;
+    const std::uint64_t since_s = claim >> 32;
+    const bool alive = pid == static_cast<std::uint64_t>(os::current_pid()) ||
+                       os::exists("/proc/" + std::to_string(pid));
+    if (alive && now_s - since_s < kClaimLifetimeSeconds) return false;
+  }
+  store(word, (now_s << 32) | static_cast<std::uint32_t>(os::current_pid()));
+  claimed_ = true;
+  claim_file_ = file;
+  growth_sizes_ = file->next_sizes();
+  return true;
+}
+
+std::shared_ptr<KeyIndexFile> KeyIndexHandle::build_next(
+    const IndexEntry* entries, const std::function<std::uint64_t()>& bound,
+    const std::atomic<bool>& stop) {
+  auto next = build(entries, bound(), growth_sizes_, claim_file_->generation() + 1, &stop);
+  if (!next) return nullptr;
+  // Catch up without the lock while appends keep coming, so the part done under it is short.
+  for (;;) {
+    const std::uint64_t target = bound();
+    if (stop.load()) return nullptr;
+    if (target < next->indexed_rows() + kTailRows) break;
+    if (!next->index_rows(entries, std::min(target, next->indexed_rows() + kBuildStepRows))) {
+      break;
+    }
+  }
+  return next;
+}
+
+bool KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
+                                   std::uint64_t committed) {
+  const std::uint64_t generation = load(key_generation_);
+  bool again = false;
+  if (next && claim_file_ && claim_file_->generation() == generation &&
+      next->generation() == generation + 1) {
+    // Appends went on during the build: the tables may need to grow again right away.
+    again = !next->index_rows(entries, committed) || next->wants_growth();
+    EMBSTORE_CRASH_POINT("before-key-index-switch");
+    next->publish_as_current(dir_);
+    store(key_generation_, generation + 1);
+    // Readers that mapped the old file keep it; new ones open the new one.
+    os::remove_file(claim_file_->path());
+    set_current(std::move(next), "");
+  } else {
+    if (next) os::remove_file(next->path());
+    if (claim_file_) store(claim_file_->grow_claim_word(), 0);
+  }
+  claimed_ = false;
+  claim_file_.reset();
+  return again && try_claim_growth();
+}
+
+}  // namespace embstore::detail

@@ -1,0 +1,92 @@
+// key_index_handle.h — a Writer's or Reader's hold on the store's current key index: which
+// generation is current, opening it, rebuilding it, growing it (FORMAT.md, "keys.K",
+// "Protocols").
+//
+// Works from plain inputs (the store directory and identity, the shared key_generation word, the
+// mapped offset index) so that the storage layer only has to call it at three points: at open,
+// after each publish, and at refresh. Thread-safety: current()/status() may be called from any
+// thread; the writer calls must be serialized (the writer lock and the Writer's mutex) except
+// build_next(), which runs without the lock on one thread at a time.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "index/key_index.h"
+#include "platform/os.h"
+
+namespace embstore::detail {
+
+class KeyIndexHandle {
+ public:
+  // `key_generation` points at StatePage::key_generation in the shared state mapping.
+  KeyIndexHandle(std::string dir, const KeyIndexIdentity& identity, std::uint64_t* key_generation,
+                 os::Access access);
+
+  // The index to answer from, or null when there is none this handle may use (none built yet,
+  // missing, damaged, or built in another boot): lookups then scan. The pointer stays valid as
+  // long as the caller holds it, whatever writers do to the files.
+  std::shared_ptr<const KeyIndexFile> current() const;
+  // current() != null, without the mutex (a lookup's fast check that no damage was found).
+  bool has_current() const { return has_current_.load(std::memory_order_relaxed); }
+  // Re-reads key_generation and opens a newer generation if there is one. Never throws: an
+  // unusable file makes current() null and status() say why.
+  void refresh();
+  // One line for info(): "current (N rows indexed)", or why lookups scan.
+  std::string status() const;
+  // Marks the current file unusable after a lookup found it inconsistent.
+  void mark_damaged(const std::string& why);
+  // True when the current generation's file is missing or was found damaged (not merely absent
+  // because none was built yet, or built before the last reboot): status() says why.
+  bool damaged() const;
+
+  // Writer, writer lock held, rows [0, committed) mapped: makes the index usable — opens it, or
+  // rebuilds it from the offset index when it is missing, damaged, from another boot or ahead of
+  // `committed` (or always, with `rebuild`) — then indexes up to `committed` (as far as its
+  // tables take: a full one waits for the growth after_publish() claims). I/O errors throw.
+  void open_for_writer(const IndexEntry* entries, std::uint64_t committed, bool rebuild = false);
+  // Writer, writer lock held, after publishing `committed`: indexes the new rows. Returns true
+  // when the tables need a larger generation and this handle claimed the job (build_next()).
+  bool after_publish(const IndexEntry* entries, std::uint64_t committed);
+
+  // The growth job, run without the writer lock. `bound()` gives rows it may read now (committed
+  // and mapped). Builds the larger generation, catching up until the tail left is short, and
+  // returns it (null if `stop` was set). The caller then calls finish_growth() under the lock.
+  std::shared_ptr<KeyIndexFile> build_next(const IndexEntry* entries,
+                                           const std::function<std::uint64_t()>& bound,
+                                           const std::atomic<bool>& stop);
+  // Writer lock held: indexes the tail into `next`, publishes it as current, removes the old
+  // file, and drops this handle's claim. `next` may be null (an abandoned build): only the claim
+  // is dropped. Returns true when the new tables are already too full again and this handle
+  // claimed the next growth (call build_next() again).
+  bool finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
+                     std::uint64_t committed);
+
+ private:
+  std::shared_ptr<KeyIndexFile> build(const IndexEntry* entries, std::uint64_t rows,
+                                      KeyIndexSizes sizes, std::uint64_t generation,
+                                      const std::atomic<bool>* stop);
+  bool try_claim_growth();
+  void set_current(std::shared_ptr<KeyIndexFile> file, std::string status);
+
+  std::string dir_;
+  KeyIndexIdentity identity_;
+  std::uint64_t* key_generation_;
+  os::Access access_;
+  mutable std::mutex mutex_;  // Guards current_ and status_.
+  std::shared_ptr<KeyIndexFile> current_;
+  std::atomic<bool> has_current_{false};
+  std::string status_;
+  std::uint64_t damaged_generation_ = 0;  // A generation found unusable; not reopened.
+  bool damaged_ = false;                  // status_ tells of damage (see damaged()).
+  // Writer only: the growth this handle claimed (in claim_file_'s header) and what it builds.
+  std::shared_ptr<KeyIndexFile> claim_file_;
+  KeyIndexSizes growth_sizes_;
+  bool claimed_ = false;
+};
+
+}  // namespace embstore::detail

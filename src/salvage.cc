@@ -1,0 +1,95 @@
+// salvage: every row that verifies, out of a store that may not open.
+#include "embstore/salvage.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "embstore/error.h"
+#include "embstore/writer.h"
+#include "format/format.h"
+#include "storage/store_files.h"
+
+namespace embstore {
+
+SalvageReport salvage(
+    const std::string& store, const std::string& out,
+    const std::function<void(std::uint64_t rows_done, std::uint64_t rows_total)>& progress) {
+  auto files = detail::StoreFiles::open(store, detail::os::Access::kReadOnly, 0);
+  const detail::Layout& layout = files->layout();
+  SalvageReport report;
+  report.header_source = files->header_source();
+
+  // The counters may be what is damaged: the files' sizes bound the scan, not capacity_rows.
+  const std::uint64_t held = files->rows_files_hold();
+  files->map_rows(held);
+  std::uint64_t last_valid_end = 0;
+  for (std::uint64_t row = held; row > 0; --row) {
+    if (files->row_valid(row - 1)) {
+      last_valid_end = row;
+      break;
+    }
+  }
+  // A committed counter the files can hold says how many rows there were, so rows below it
+  // that fail are lost; one beyond the files is itself damaged, and the last row that verifies
+  // ends the scan.
+  const std::uint64_t committed = files->state().committed();
+  report.rows_scanned = committed <= held ? std::max(committed, last_valid_end) : last_valid_end;
+
+  CreateOptions create;
+  create.dim = layout.dim;
+  create.dtype = layout.dtype;
+  create.segment_bytes = layout.segment_bytes;
+  create.metadata = layout.metadata;
+  WriterOptions options;
+  options.sync = SyncPolicy::kNone;  // One sync at the end.
+  Writer writer = Writer::create(out, create, options);
+
+  // Runs of valid rows are appended in chunks: contiguous in the old store, so one view each.
+  constexpr std::uint64_t kChunkRows = 4096;
+  std::vector<std::uint64_t> keys, epochs;
+  std::uint64_t run_begin = 0;
+  auto flush_run = [&](std::uint64_t end) {
+    for (std::uint64_t begin = run_begin; begin < end; begin += kChunkRows) {
+      const std::uint64_t rows = std::min(kChunkRows, end - begin);
+      keys.clear();
+      epochs.clear();
+      for (std::uint64_t row = begin; row < begin + rows; ++row) {
+        detail::IndexEntry entry;
+        std::memcpy(&entry, files->entry_ptr(row), sizeof(entry));
+        keys.push_back(entry.key);
+        epochs.push_back(entry.epoch);
+      }
+      writer.append(keys, epochs,
+                    ConstMatrix{files->row_ptr(begin), layout.dtype, rows, layout.dim, 0});
+      report.rows_copied += rows;
+    }
+  };
+  bool in_run = false;
+  for (std::uint64_t row = 0; row < report.rows_scanned; ++row) {
+    const bool valid = files->row_valid(row);
+    if (valid && !in_run) {
+      run_begin = row;
+      in_run = true;
+    } else if (!valid && in_run) {
+      flush_run(row);
+      in_run = false;
+    }
+    if (progress && row % kChunkRows == 0) progress(row, report.rows_scanned);
+    if (!valid) {
+      if (!report.lost_ranges.empty() && report.lost_ranges.back().second == row) {
+        ++report.lost_ranges.back().second;
+      } else {
+        report.lost_ranges.emplace_back(row, row + 1);
+      }
+    }
+  }
+  if (in_run) flush_run(report.rows_scanned);
+  report.rows_lost = report.rows_scanned - report.rows_copied;
+  if (progress) progress(report.rows_scanned, report.rows_scanned);
+  writer.sync();
+  writer.close();
+  return report;
+}
+
+}  // namespace embstore

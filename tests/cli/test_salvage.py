@@ -1,0 +1,103 @@
+"""embstore salvage: the rows that verify, out of a store too damaged to open, into a new store;
+what was lost is reported and the damaged store is left as it was."""
+
+import json
+import os
+
+import numpy as np
+
+import embstore
+from conftest import corrupt_row, hash_tree, make_store, run
+
+ALREADY_EXISTS, NOT_FOUND = 13, 12
+HEADER_COPY_OFFSET = 2048  # src/format/FORMAT.md: the second copy of the fixed header
+COMMITTED_ROWS_OFFSET = 4096  # the state page's committed_rows
+RECORD_BYTES = 4 * 2  # make_store's default: dim 4, float16
+
+
+def _flip_header_byte(store, offset):
+    with open(os.path.join(store, "header"), "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def _damaged_store(tmp_path):
+    """30 rows; the primary fixed header, the committed counter and rows 5, 6 and 20 damaged.
+    Returns the store and its rows as they were before the damage."""
+    store = make_store(tmp_path / "s")
+    with embstore.Reader(store) as r:
+        before = r.vectors.copy(), r.keys.copy(), r.epochs.copy()
+    _flip_header_byte(store, 16)  # dim, in the primary copy only
+    with open(os.path.join(store, "header"), "r+b") as f:
+        f.seek(COMMITTED_ROWS_OFFSET)
+        f.write((10**9).to_bytes(8, "little"))
+    for row in (5, 6, 20):
+        corrupt_row(store, row, RECORD_BYTES)
+    return store, before
+
+
+def test_salvage_copies_the_rows_that_verify_and_reports_the_lost_ones_as_json(tmp_path):
+    store, (vectors, keys, epochs) = _damaged_store(tmp_path)
+    assert run("verify", store).code != 0  # the store does not open
+    damaged = hash_tree(store)
+    out = tmp_path / "out"
+    r = run("salvage", store, out, "--json")
+    assert r.code == 1, r  # damage found
+    report = json.loads(r.out)
+    assert report["header_source"] == "copy"
+    assert report["rows_scanned"] == 30 and report["rows_copied"] == 27
+    assert report["rows_lost"] == 3 and report["lost_ranges"] == [[5, 7], [20, 21]]
+    assert hash_tree(store) == damaged
+    kept = np.delete(np.arange(30), [5, 6, 20])
+    with embstore.Reader(out) as salvaged:
+        assert salvaged.verify().ok and salvaged.dim == 4
+        assert np.array_equal(salvaged.vectors, vectors[kept])
+        assert np.array_equal(salvaged.keys, keys[kept])
+        assert np.array_equal(salvaged.epochs, epochs[kept])
+
+
+def test_salvage_text_output_names_the_lost_ranges(tmp_path):
+    store, _ = _damaged_store(tmp_path)
+    r = run("salvage", store, tmp_path / "out")
+    assert r.code == 1, r
+    assert "copied 27 of 30 rows" in r.out and "header: copy" in r.out
+    assert "lost 3 row(s)" in r.out
+    lines = [line.split() for line in r.out.splitlines()]
+    assert ["5", "7", "2"] in lines and ["20", "21", "1"] in lines
+    assert r.err == ""  # no progress bar when stderr is not a terminal
+
+
+def test_salvage_of_an_intact_store_loses_nothing_and_exits_0(tmp_path):
+    store = make_store(tmp_path / "s")
+    r = run("salvage", store, tmp_path / "out", "--json")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["header_source"] == "primary" and report["rows_lost"] == 0
+    assert report["rows_copied"] == 30 and report["lost_ranges"] == []
+    r = run("salvage", store, tmp_path / "out2")
+    assert r.code == 0 and "no row lost" in r.out, r
+
+
+def test_salvage_into_an_existing_path_is_a_clear_error_that_changes_nothing(tmp_path):
+    store = make_store(tmp_path / "s")
+    existing = make_store(tmp_path / "existing")
+    before = hash_tree(existing)
+    r = run("salvage", store, existing)
+    assert r.code == ALREADY_EXISTS, r
+    assert str(existing) in r.err and len(r.err.strip().splitlines()) == 1
+    assert hash_tree(existing) == before
+    r = run("salvage", tmp_path / "missing", tmp_path / "out")
+    assert r.code == NOT_FOUND, r
+    assert "missing" in r.err and not os.path.exists(tmp_path / "out")
+
+
+def test_salvage_help_and_usage(tmp_path):
+    r = run("salvage", "--help")
+    assert r.code == 0, r
+    assert "STORE" in r.out.upper() and "OUT" in r.out.upper() and "--json" in r.out
+    assert "must not exist" in r.out
+    r = run("salvage", tmp_path / "s")
+    assert r.code == 2 and "out" in r.err.lower(), r
+    assert "salvage" in run("--help").out

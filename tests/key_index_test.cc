@@ -1,0 +1,366 @@
+// The key index on its own (src/index/key_index.h): rows of (key, epoch) in a real mapped
+// offset-index file, indexed into real keys.K files, every answer checked against std::map.
+#include "index/key_index.h"
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <map>
+#include <optional>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "embstore/error.h"
+#include "format/format.h"
+#include "platform/mapping.h"
+#include "platform/os.h"
+#include "platform/testing.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using namespace embstore::detail;
+using embstore::test::TempDir;
+
+namespace {
+
+// An offset index file of IndexEntry, mapped read-write, that the test fills row by row.
+class EntriesFile {
+ public:
+  EntriesFile(const std::string& path, std::uint64_t capacity) : path_(path) {
+    fd_ = os::create_file(path);
+    os::allocate(fd_, 0, capacity * kIndexEntryBytes, path);
+    mapping_ = std::make_unique<ReservedMapping>(capacity * kIndexEntryBytes, path,
+                                                 os::Access::kReadWrite);
+    mapping_->map_to(fd_, capacity * kIndexEntryBytes);
+  }
+  ~EntriesFile() {
+    mapping_.reset();
+    os::close_fd(fd_);
+  }
+  const IndexEntry* entries() const { return reinterpret_cast<IndexEntry*>(mapping_->base()); }
+  void append(std::uint64_t key, std::uint64_t epoch) {
+    reinterpret_cast<IndexEntry*>(mapping_->base())[rows_] = {key, epoch, rows_, 1};
+    pairs_.push_back({key, epoch});
+    ++rows_;
+  }
+  std::uint64_t rows() const { return rows_; }
+  const std::vector<std::pair<std::uint64_t, std::uint64_t>>& pairs() const { return pairs_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  std::unique_ptr<ReservedMapping> mapping_;
+  std::uint64_t rows_ = 0;
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> pairs_;
+};
+
+KeyIndexIdentity identity() {
+  KeyIndexIdentity id;
+  for (int i = 0; i < 16; ++i) id.store_id[i] = static_cast<std::uint8_t>(i * 7 + 1);
+  id.seed = 0x1234567890abcdefull;
+  id.max_rows = 1 << 22;
+  return id;
+}
+
+// The oracle: answers computed from the first `snapshot` rows with std::map.
+struct Oracle {
+  std::map<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t> pair_latest;
+  std::map<std::uint64_t, std::vector<std::uint64_t>> by_key;
+  std::map<std::uint64_t, std::vector<std::uint64_t>> by_epoch;
+
+  Oracle(const EntriesFile& file, std::uint64_t snapshot) {
+    for (std::uint64_t r = 0; r < snapshot; ++r) {
+      const auto [key, epoch] = file.pairs()[r];
+      pair_latest[{key, epoch}] = r;
+      by_key[key].push_back(r);
+      by_epoch[epoch].push_back(r);
+    }
+  }
+};
+
+// Every kind of lookup for the keys and epochs in `probe_keys`/`probe_epochs`, against the oracle.
+void check_against_oracle(const KeyQuery& q, const EntriesFile& file, std::uint64_t snapshot,
+                          const std::vector<std::uint64_t>& probe_keys,
+                          const std::vector<std::uint64_t>& probe_epochs) {
+  const Oracle oracle(file, snapshot);
+  std::vector<std::uint64_t> many_keys, many_epochs;
+  std::vector<std::int64_t> want_pairs, want_latest;
+  for (const std::uint64_t key : probe_keys) {
+    const auto it = oracle.by_key.find(key);
+    const std::vector<std::uint64_t> none;
+    const auto& rows = it == oracle.by_key.end() ? none : it->second;
+    INFO("key " << key << " snapshot " << snapshot << " indexed " << q.indexed_limit());
+    CHECK(q.history(key) == rows);
+    const auto latest = q.find_latest(key);
+    CHECK(latest.has_value() == !rows.empty());
+    if (latest && !rows.empty()) CHECK(*latest == rows.back());
+    want_latest.push_back(rows.empty() ? -1 : static_cast<std::int64_t>(rows.back()));
+    for (const std::uint64_t epoch : probe_epochs) {
+      const auto p = oracle.pair_latest.find({key, epoch});
+      const auto found = q.find(key, epoch);
+      CHECK(found.has_value() == (p != oracle.pair_latest.end()));
+      if (found && p != oracle.pair_latest.end()) CHECK(*found == p->second);
+      many_keys.push_back(key);
+      many_epochs.push_back(epoch);
+      want_pairs.push_back(p == oracle.pair_latest.end() ? -1
+                                                         : static_cast<std::int64_t>(p->second));
+    }
+  }
+  std::vector<std::int64_t> got(many_keys.size());
+  q.find_many(many_keys, many_epochs, got.data());
+  CHECK(got == want_pairs);
+  got.assign(probe_keys.size(), 0);
+  q.find_many(probe_keys, {}, got.data());
+  CHECK(got == want_latest);
+  if (!probe_epochs.empty()) {
+    // One epoch for the whole batch.
+    const std::uint64_t epoch = probe_epochs.front();
+    std::vector<std::int64_t> want;
+    for (const std::uint64_t key : probe_keys) {
+      const auto p = oracle.pair_latest.find({key, epoch});
+      want.push_back(p == oracle.pair_latest.end() ? -1 : static_cast<std::int64_t>(p->second));
+    }
+    got.assign(probe_keys.size(), 0);
+    const std::uint64_t one[1] = {epoch};
+    q.find_many(probe_keys, one, got.data());
+    CHECK(got == want);
+  }
+  for (const std::uint64_t epoch : probe_epochs) {
+    const auto it = oracle.by_epoch.find(epoch);
+    CHECK(q.epoch_rows(epoch) ==
+          (it == oracle.by_epoch.end() ? std::vector<std::uint64_t>{} : it->second));
+  }
+  std::vector<EpochCount> want_epochs;
+  for (const auto& [epoch, rows] : oracle.by_epoch) want_epochs.push_back({epoch, rows.size()});
+  const auto got_epochs = q.epochs();
+  REQUIRE(got_epochs.size() == want_epochs.size());
+  for (std::size_t i = 0; i < want_epochs.size(); ++i) {
+    CHECK(got_epochs[i].epoch == want_epochs[i].epoch);
+    CHECK(got_epochs[i].rows == want_epochs[i].rows);
+  }
+  CHECK(q.distinct_keys() == oracle.by_key.size());
+}
+
+constexpr std::uint64_t kMaxKey = ~0ull;
+
+}  // namespace
+
+TEST_CASE("Key index answers like a std::map at every snapshot, across growth and lagging writers",
+          "[key_index]") {
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 1 << 16);
+  std::mt19937_64 rng(GENERATE(1u, 2u, 3u));
+  // Keys from a small pool (many versions each) and the edges 0 and 2^64-1.
+  std::vector<std::uint64_t> pool = {0, kMaxKey, 1, kMaxKey - 1};
+  for (int i = 0; i < 1500; ++i) pool.push_back(rng());
+  const std::vector<std::uint64_t> epochs_pool = {0, 1, 2, 3, 7, kMaxKey};
+
+  std::uint64_t generation = 1;
+  auto index = KeyIndexFile::create(dir.path(), generation, identity(), {}, 0);
+  index->publish_as_current(dir.path());
+  std::vector<std::shared_ptr<KeyIndexFile>> old_generations;
+  int growths = 0;
+  for (int round = 0; round < 40; ++round) {
+    const std::uint64_t batch = 1 + rng() % 300;
+    for (std::uint64_t i = 0; i < batch; ++i) {
+      file.append(pool[rng() % pool.size()], epochs_pool[rng() % epochs_pool.size()]);
+    }
+    // Some batches are left unindexed, as by a writer killed after publishing.
+    if (rng() % 4 != 0) {
+      const bool complete = index->index_rows(file.entries(), file.rows());
+      if (!complete || index->wants_growth()) {
+        // Growth: a larger generation built from the offset index; the old one stays readable.
+        auto next = KeyIndexFile::create(dir.path(), ++generation, identity(), index->next_sizes(),
+                                         file.rows());
+        REQUIRE(next->index_rows(file.entries(), file.rows()));
+        next->publish_as_current(dir.path());
+        old_generations.push_back(index);
+        index = next;
+        ++growths;
+      }
+    }
+    const std::uint64_t committed = file.rows();
+    const std::uint64_t snapshot = rng() % (committed + 1);
+    std::vector<std::uint64_t> keys = {0, kMaxKey, 12345};
+    for (int i = 0; i < 20; ++i) keys.push_back(pool[rng() % pool.size()]);
+    std::vector<std::uint64_t> epochs = {epochs_pool[rng() % epochs_pool.size()], 5};
+    check_against_oracle(KeyQuery(index.get(), file.entries(), snapshot), file, snapshot, keys,
+                         epochs);
+    check_against_oracle(KeyQuery(index.get(), file.entries(), committed), file, committed, keys,
+                         epochs);
+    // No index at all: the scan gives the same answers.
+    check_against_oracle(KeyQuery(nullptr, file.entries(), snapshot), file, snapshot, keys, epochs);
+    // Old generations, whose watermark stopped, still answer for any snapshot.
+    for (const auto& old : old_generations) {
+      check_against_oracle(KeyQuery(old.get(), file.entries(), committed), file, committed, keys,
+                           epochs);
+    }
+  }
+  CHECK(growths >= 2);
+  index->index_rows(file.entries(), file.rows());
+  std::string problem;
+  CHECK(index->check(file.entries(), file.rows(), &problem) == 0);
+  INFO(problem);
+}
+
+TEST_CASE("Key index is reopened from its file with the same answers", "[key_index]") {
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 4096);
+  for (std::uint64_t r = 0; r < 3000; ++r) file.append(r % 700, r / 700);
+  {
+    auto index = KeyIndexFile::create(dir.path(), 1, identity(), {8192, 1024, 1024}, 100);
+    REQUIRE(index->index_rows(file.entries(), 2000));
+    index->publish_as_current(dir.path());
+  }
+  auto reader = KeyIndexFile::open(dir.path(), 1, identity(), os::Access::kReadOnly);
+  CHECK(reader->indexed_rows() == 2000);
+  CHECK(reader->built_in_current_boot());
+  check_against_oracle(KeyQuery(reader.get(), file.entries(), 3000), file, 3000, {0, 5, 699, 700},
+                       {0, 1, 4, 5});
+  // A writer continues where it stopped; a reader mapped before that follows the longer chain.
+  auto writer = KeyIndexFile::open(dir.path(), 1, identity(), os::Access::kReadWrite);
+  REQUIRE(writer->index_rows(file.entries(), 3000));
+  check_against_oracle(KeyQuery(reader.get(), file.entries(), 3000), file, 3000, {0, 5, 699},
+                       {0, 4});
+  std::string problem;
+  CHECK(reader->check(file.entries(), 3000, &problem) == 0);
+}
+
+TEST_CASE("Key index refuses missing, damaged and foreign files with a named error",
+          "[key_index]") {
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 1024);
+  for (std::uint64_t r = 0; r < 100; ++r) file.append(r, 0);
+  {
+    auto index = KeyIndexFile::create(dir.path(), 1, identity(), {}, 100);
+    REQUIRE(index->index_rows(file.entries(), 100));
+    index->publish_as_current(dir.path());
+  }
+  // The error code of opening keys.1, or nothing when it opens.
+  auto code_of = [&](const KeyIndexIdentity& id) -> std::optional<ErrorCode> {
+    try {
+      KeyIndexFile::open(dir.path(), 1, id, os::Access::kReadOnly);
+    } catch (const Error& e) {
+      CHECK(std::string(e.what()).find("keys.1") != std::string::npos);
+      return e.code();
+    }
+    return std::nullopt;
+  };
+  CHECK(!code_of(identity()).has_value());
+  SECTION("another store") {
+    KeyIndexIdentity other = identity();
+    other.store_id[3] ^= 1;
+    CHECK(code_of(other) == ErrorCode::kCorruption);
+  }
+  SECTION("another generation of the store") {
+    KeyIndexIdentity other = identity();
+    other.store_generation = 2;
+    CHECK(code_of(other) == ErrorCode::kCorruption);
+  }
+  SECTION("a flipped header byte") {
+    embstore::test::write_bytes(dir / "keys.1", 50, "\x7f");
+    CHECK(code_of(identity()) == ErrorCode::kCorruption);
+  }
+  SECTION("a truncated file") {
+    REQUIRE(::truncate((dir / "keys.1").c_str(), 2048) == 0);
+    CHECK(code_of(identity()) == ErrorCode::kCorruption);
+  }
+  SECTION("a watermark beyond the chain") {
+    const std::string huge(8, '\xff');
+    embstore::test::write_bytes(dir / "keys.1", offsetof(KeyIndexHeader, indexed_rows), huge);
+    CHECK(code_of(identity()) == ErrorCode::kCorruption);
+  }
+  SECTION("no file") {
+    os::remove_file(dir / "keys.1");
+    CHECK(code_of(identity()) == ErrorCode::kNotFound);
+  }
+}
+
+TEST_CASE(
+    "Key index check() finds damaged slots and chain records, and lookups stay correct or "
+    "report corruption",
+    "[key_index]") {
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 8192);
+  for (std::uint64_t r = 0; r < 5000; ++r) file.append(r % 500, r / 500);
+  auto index = KeyIndexFile::create(dir.path(), 1, identity(), {16384, 2048, 1024}, 5000);
+  REQUIRE(index->index_rows(file.entries(), 5000));
+  std::string problem;
+  REQUIRE(index->check(file.entries(), 5000, &problem) == 0);
+  const std::uint64_t chain_offset =
+      4096 +
+      8 * (index->sizes().pair_slots + index->sizes().key_slots + index->sizes().epoch_slots);
+  SECTION("a chain record overwritten") {
+    embstore::test::write_bytes(dir / "keys.next", round_up(chain_offset, 4096) + 16 * 4000 + 3,
+                                "\x55");
+  }
+  SECTION("a page of the pair table zeroed") {
+    embstore::test::write_bytes(dir / "keys.next", 4096 * 3, std::string(4096, '\0'));
+  }
+  CHECK(index->check(file.entries(), 5000, &problem) > 0);
+  CHECK(problem.find("keys.next") != std::string::npos);
+  // Whatever a damaged index answers is never another key's row nor past the snapshot.
+  const KeyQuery q(index.get(), file.entries(), 4500);
+  for (std::uint64_t key = 0; key < 500; ++key) {
+    try {
+      for (const std::uint64_t row : q.history(key)) {
+        CHECK(row < 4500);
+        CHECK(file.pairs()[row].first == key);
+      }
+      const auto found = q.find(key, 3);
+      if (found) CHECK(file.pairs()[*found] == std::make_pair(key, std::uint64_t{3}));
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kCorruption);
+    }
+  }
+}
+
+TEST_CASE("Key index: a writer killed while indexing leaves work the next one redoes",
+          "[key_index][crash]") {
+  if (!testing::kEnabled) return;
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 1 << 15);
+  std::mt19937_64 rng(7);
+  for (std::uint64_t r = 0; r < 20000; ++r) file.append(rng() % 3000, rng() % 5);
+  {
+    auto index = KeyIndexFile::create(dir.path(), 1, identity(), {32768, 8192, 1024}, 0);
+    REQUIRE(index->index_rows(file.entries(), 500));
+    index->publish_as_current(dir.path());
+  }
+  for (const std::uint64_t nth : {1, 3, 7, 12}) {
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+      try {
+        testing::arm_crash("mid-key-index", nth);
+        auto index = KeyIndexFile::open(dir.path(), 1, identity(), os::Access::kReadWrite);
+        index->index_rows(file.entries(), 500 + nth * 1500);
+      } catch (...) {
+        ::_exit(2);
+      }
+      ::_exit(0);
+    }
+    int status = 0;
+    REQUIRE(::waitpid(child, &status, 0) == child);
+    CHECK(WIFSIGNALED(status));
+    auto reader = KeyIndexFile::open(dir.path(), 1, identity(), os::Access::kReadOnly);
+    // The watermark never claims what the dead writer did not finish; lookups stay exact.
+    CHECK(reader->indexed_rows() <= 500 + nth * 1500);
+    check_against_oracle(KeyQuery(reader.get(), file.entries(), file.rows()), file, file.rows(),
+                         {0, 1, 2999, 77}, {0, 4});
+  }
+  auto index = KeyIndexFile::open(dir.path(), 1, identity(), os::Access::kReadWrite);
+  bool complete = index->index_rows(file.entries(), file.rows());
+  while (!complete) {  // Tables sized for 500 rows fill up: grow as a writer would.
+    auto next = KeyIndexFile::create(dir.path(), index->generation() + 1, identity(),
+                                     index->next_sizes(), file.rows());
+    complete = next->index_rows(file.entries(), file.rows());
+    next->publish_as_current(dir.path());
+    index = next;
+  }
+  std::string problem;
+  CHECK(index->check(file.entries(), file.rows(), &problem) == 0);
+  INFO(problem);
+}

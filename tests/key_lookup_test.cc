@@ -1,0 +1,478 @@
+// Lookups by key and epoch through Writer and Reader: model-based against a std::map oracle
+// built from the offset index, across processes, kill -9, growth, reboots, 1.0 stores and
+// damaged key index files.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <map>
+#include <optional>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "format/checksum.h"
+#include "format/format.h"
+#include "index/key_index_format.h"
+#include "platform/testing.h"
+#include "support/process.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t kDim = 4;
+constexpr std::uint64_t kMaxKey = ~0ull;
+
+CreateOptions options() {
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 64 * 1024;
+  return o;
+}
+
+// Row values derived from (key, epoch), so a returned row can be checked by its content.
+float value_of(std::uint64_t key, std::uint64_t epoch, std::uint32_t j) {
+  return static_cast<float>((key * 31 + epoch * 7 + j) % 100003);
+}
+
+void append(Writer& w, const std::vector<std::uint64_t>& keys,
+            const std::vector<std::uint64_t>& epochs) {
+  std::vector<float> values;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    for (std::uint32_t j = 0; j < kDim; ++j) values.push_back(value_of(keys[i], epochs[i], j));
+  }
+  w.append(keys, epochs, ConstMatrix{values.data(), DType::kFloat32, keys.size(), kDim, 0});
+}
+
+// The oracle: std::maps built from the rows a Reader's snapshot holds (its offset index).
+struct Oracle {
+  std::map<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t> pair_latest;
+  std::map<std::uint64_t, std::vector<KeyVersion>> by_key;
+  std::map<std::uint64_t, std::vector<std::uint64_t>> by_epoch;
+
+  explicit Oracle(const Reader& r) {
+    const auto keys = r.keys(0, r.size());
+    const auto epochs = r.epochs(0, r.size());
+    for (std::uint64_t row = 0; row < r.size(); ++row) {
+      pair_latest[{keys[row], epochs[row]}] = row;
+      by_key[keys[row]].push_back({row, epochs[row]});
+      by_epoch[epochs[row]].push_back(row);
+    }
+  }
+};
+
+// Checks every lookup kind for `keys` x `epochs` against the oracle of r's snapshot.
+void check_lookups(const Reader& r, const std::vector<std::uint64_t>& keys,
+                   const std::vector<std::uint64_t>& epochs) {
+  const Oracle oracle(r);
+  std::vector<std::uint64_t> batch_keys, batch_epochs;
+  std::vector<std::int64_t> want;
+  for (const std::uint64_t key : keys) {
+    INFO("key " << key << " snapshot " << r.size());
+    const auto it = oracle.by_key.find(key);
+    const auto history = r.history(key);
+    if (it == oracle.by_key.end()) {
+      CHECK(history.empty());
+      CHECK(!r.find(key).has_value());
+    } else {
+      REQUIRE(history.size() == it->second.size());
+      for (std::size_t i = 0; i < history.size(); ++i) {
+        CHECK(history[i].row == it->second[i].row);
+        CHECK(history[i].epoch == it->second[i].epoch);
+      }
+      CHECK(r.find(key) == std::optional<std::uint64_t>(it->second.back().row));
+    }
+    for (const std::uint64_t epoch : epochs) {
+      const auto p = oracle.pair_latest.find({key, epoch});
+      const auto found = r.find(key, epoch);
+      if (p == oracle.pair_latest.end()) {
+        CHECK(!found.has_value());
+      } else {
+        CHECK(found == std::optional<std::uint64_t>(p->second));
+        const Record rec = r.record(*found);
+        float first;
+        std::memcpy(&first, rec.data, sizeof(first));
+        CHECK(first == value_of(key, epoch, 0));
+      }
+      batch_keys.push_back(key);
+      batch_epochs.push_back(epoch);
+      want.push_back(p == oracle.pair_latest.end() ? -1 : static_cast<std::int64_t>(p->second));
+    }
+  }
+  std::vector<std::int64_t> got(batch_keys.size());
+  r.find_many(batch_keys, batch_epochs, got);
+  CHECK(got == want);
+  for (const std::uint64_t epoch : epochs) {
+    const auto it = oracle.by_epoch.find(epoch);
+    CHECK(r.epoch_rows(epoch) ==
+          (it == oracle.by_epoch.end() ? std::vector<std::uint64_t>{} : it->second));
+  }
+  const auto present = r.epochs();
+  REQUIRE(present.size() == oracle.by_epoch.size());
+  std::size_t i = 0;
+  for (const auto& [epoch, rows] : oracle.by_epoch) {
+    CHECK(present[i].epoch == epoch);
+    CHECK(present[i].rows == rows.size());
+    ++i;
+  }
+  const StoreInfo info = r.info();
+  CHECK(info.distinct_keys == oracle.by_key.size());
+  CHECK(info.epochs.size() == oracle.by_epoch.size());
+}
+
+std::string key_index_file(const std::string& store) {
+  for (int k = 1; k < 100; ++k) {
+    const std::string path = store + "/keys." + std::to_string(k);
+    if (::access(path.c_str(), F_OK) == 0) return path;
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("Reader lookups agree with a std::map: duplicates, keys 0 and 2^64-1, snapshots",
+          "[key_lookup]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = Writer::create(path, options());
+  append(w, {0, kMaxKey, 5, 5}, {0, 0, 1, 2});
+  append(w, {5, 0}, {1, 3});  // (5, 1) again: the later row wins.
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 6);
+  CHECK(r.find(5, 1) == std::optional<std::uint64_t>(4));
+  const auto history = r.history(5);
+  REQUIRE(history.size() == 3);
+  CHECK(history[0].row == 2);
+  CHECK(history[2].row == 4);
+  CHECK(history[2].epoch == 1);
+  CHECK(r.find(kMaxKey, 0) == std::optional<std::uint64_t>(1));
+  CHECK(!r.find(kMaxKey, 1).has_value());
+  CHECK(r.find(0) == std::optional<std::uint64_t>(5));
+  check_lookups(r, {0, 5, kMaxKey, 77}, {0, 1, 2, 3, kMaxKey});
+
+  // Appends after the snapshot stay invisible, even for keys the snapshot has.
+  append(w, {5, 9}, {1, 1});
+  CHECK(r.find(5, 1) == std::optional<std::uint64_t>(4));
+  CHECK(!r.find(9).has_value());
+  CHECK(r.history(5).size() == 3);
+  CHECK(r.epoch_rows(1) == std::vector<std::uint64_t>{2, 4});
+  r.refresh();
+  CHECK(r.find(5, 1) == std::optional<std::uint64_t>(6));
+  check_lookups(r, {0, 5, 9, kMaxKey}, {0, 1, 2, 3});
+
+  // gather: one dense matrix, -1 as zeros; lookup(): checked records.
+  std::vector<std::int64_t> rows(3);
+  const std::uint64_t ks[3] = {5, 12345, 0};
+  r.find_many(ks, {}, rows);
+  CHECK(rows == std::vector<std::int64_t>{6, -1, 5});
+  std::vector<float> matrix(3 * kDim, 1.0f);
+  r.gather(rows, matrix.data(), matrix.size() * sizeof(float));
+  CHECK(matrix[0] == value_of(5, 1, 0));
+  CHECK(matrix[kDim] == 0.0f);
+  CHECK(matrix[2 * kDim + 1] == value_of(0, 3, 1));
+  CHECK_THROWS_AS(r.gather(rows, matrix.data(), 4), Error);
+  const std::int64_t outside[1] = {1000};
+  CHECK_THROWS_AS(r.gather(outside, matrix.data(), kDim * sizeof(float)), Error);
+  std::vector<std::int64_t> wrong(2);
+  CHECK_THROWS_AS(r.find_many(ks, {}, wrong), Error);
+  CHECK(r.lookup(5, std::nullopt, true).size() == 4);
+  CHECK(r.lookup(5, 1, false).at(0).row == 6);
+  CHECK(r.lookup(77, std::nullopt, false).empty());
+
+  const StoreInfo info = r.info();
+  CHECK(info.format_minor == kFormatVersionMinor);
+  CHECK(info.distinct_keys == 4);
+  CHECK(info.key_index.find("keys.1") == 0);
+  CHECK(r.verify().ok());
+  CHECK(r.verify().key_index_checked);
+  CHECK(w.info().distinct_keys == 4);
+}
+
+TEST_CASE("Lookups stay exact while writer processes append, die and grow the key index",
+          "[key_lookup][multiprocess]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  { Writer::create(path, options()); }
+  // A reader opened before anything: it keeps its old key index mappings through growths.
+  Reader early = Reader::open(path);
+  std::vector<pid_t> children;
+  for (int w = 0; w < 3; ++w) {
+    children.push_back(test::spawn([&, w] {
+      std::mt19937_64 rng(100 + w);
+      Writer writer = Writer::open(path);
+      for (int b = 0; b < 40; ++b) {
+        std::vector<std::uint64_t> keys, epochs;
+        const std::uint64_t n = 1 + rng() % 200;
+        for (std::uint64_t i = 0; i < n; ++i) {
+          keys.push_back(rng() % 3000);
+          epochs.push_back(rng() % 4);
+        }
+        append(writer, keys, epochs);
+      }
+      return 0;
+    }));
+  }
+  // One more writer is killed right after publishing, before indexing: the next writer (or the
+  // readers' scan) covers its rows.
+  children.push_back(test::spawn([&] {
+    detail::testing::arm_crash("after-publish", 3);
+    Writer writer = Writer::open(path);
+    for (int b = 0; b < 10; ++b) append(writer, {1, 2, kMaxKey}, {9, 9, 9});
+    return 0;
+  }));
+  // Meanwhile this process's reader keeps finding what it has seen.
+  std::vector<int> statuses(children.size(), -1);
+  std::uint64_t rounds = 0;
+  for (bool running = true; running; ++rounds) {
+    early.refresh();
+    check_lookups(early, {1, 2, 3, 2999, kMaxKey}, {0, 3, 9});
+    running = false;
+    for (std::size_t i = 0; i < children.size(); ++i) {
+      if (statuses[i] != -1) continue;
+      int status = 0;
+      if (::waitpid(children[i], &status, WNOHANG) == children[i]) {
+        statuses[i] = WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+      } else {
+        running = true;
+      }
+    }
+  }
+  CHECK(statuses == std::vector<int>{0, 0, 0, 128 + SIGKILL});
+  CHECK(rounds > 0);
+  early.refresh();
+  check_lookups(early, {1, 2, 3, 2999, kMaxKey}, {0, 1, 3, 9});
+  // The key index grew several times (from 1024 slots to hold ~12,000 pairs).
+  const std::string file = key_index_file(path);
+  REQUIRE(!file.empty());
+  CHECK(file.substr(file.rfind('.') + 1) != "1");
+  {
+    Writer writer = Writer::open(path);  // Indexes the dead writer's gap.
+    append(writer, {7}, {7});
+  }
+  Reader r = Reader::open(path);
+  std::vector<std::uint64_t> all_keys = {1, 2, 7, kMaxKey};
+  for (std::uint64_t k = 0; k < 3000; k += 37) all_keys.push_back(k);
+  check_lookups(r, all_keys, {0, 1, 2, 3, 7, 9});
+  const VerifyReport report = r.verify();
+  CHECK(report.key_index_checked);
+  CHECK(report.ok());
+  INFO(report.key_index_problem);
+  CHECK(r.info().key_index.find("rows answered by scan") == std::string::npos);
+}
+
+TEST_CASE("Reader processes keep finding every committed key while a writer forces growths",
+          "[key_lookup][multiprocess]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  { Writer::create(path, options()); }
+  test::Pipe done;
+  std::vector<pid_t> readers;
+  for (int i = 0; i < 2; ++i) {
+    readers.push_back(test::spawn([&] {
+      Reader r = Reader::open(path);
+      std::uint64_t checks = 0;
+      // Key k is appended at row k with epoch k % 5: every committed key must be found there.
+      for (;;) {
+        const std::uint64_t seen = r.refresh();
+        for (std::uint64_t k = seen > 64 ? seen - 64 : 0; k < seen; ++k) {
+          if (r.find(k, k % 5) != std::optional<std::uint64_t>(k)) return 2;
+          if (r.find(k) != std::optional<std::uint64_t>(k)) return 3;
+          ++checks;
+        }
+        if (seen >= 20000) break;
+        r.wait(seen + 1, std::chrono::seconds(5));
+      }
+      std::mt19937_64 rng(1);
+      for (int i = 0; i < 2000; ++i) {
+        const std::uint64_t k = rng() % 20000;
+        if (r.find(k, k % 5) != std::optional<std::uint64_t>(k)) return 4;
+      }
+      return checks > 0 ? 0 : 5;
+    }));
+  }
+  Writer w = Writer::open(path);
+  for (std::uint64_t first = 0; first < 20000; first += 250) {
+    std::vector<std::uint64_t> keys, epochs;
+    for (std::uint64_t k = first; k < first + 250; ++k) {
+      keys.push_back(k);
+      epochs.push_back(k % 5);
+    }
+    append(w, keys, epochs);
+  }
+  for (const pid_t pid : readers) CHECK(test::wait_for(pid) == 0);
+  w.close();
+  // 20,000 keys from tables of 1024 slots: grown (how many times depends on how far the
+  // appends got while a growth was being built), and every row indexed after close().
+  const std::string file = key_index_file(path);
+  REQUIRE(!file.empty());
+  CHECK(std::stoi(file.substr(file.rfind('.') + 1)) >= 2);
+  const StoreInfo info = read_info(path);
+  CHECK(info.distinct_keys == 20000);
+  CHECK(info.key_index.find("20000 rows indexed") != std::string::npos);
+  CHECK(info.key_index.find("scan") == std::string::npos);
+}
+
+TEST_CASE("A writer killed while growing the key index leaves a store whose lookups are exact",
+          "[key_lookup][crash]") {
+  if (!detail::testing::kEnabled) return;
+  TempDir dir;
+  const std::string path = dir / "s";
+  { Writer::create(path, options()); }
+  // Each round brings 4,000 new keys, more than the tables hold, so each round grows them.
+  const char* points[] = {"during-key-index-build", "before-key-index-switch"};
+  for (std::uint64_t round = 0; round < 2; ++round) {
+    const std::uint64_t base = round * 1'000'000;
+    const pid_t child = test::spawn([&] {
+      detail::testing::arm_crash(points[round], 1);
+      Writer w = Writer::open(path);
+      for (std::uint64_t first = 0; first < 4000; first += 100) {
+        std::vector<std::uint64_t> keys, epochs;
+        for (std::uint64_t k = first; k < first + 100; ++k) {
+          keys.push_back(base + k * 13);
+          epochs.push_back(1);
+        }
+        append(w, keys, epochs);
+      }
+      w.close();  // Joins the growth, so the crash point is passed before exit.
+      return 0;
+    });
+    INFO(points[round]);
+    CHECK(test::wait_for(child) == 128 + SIGKILL);
+    Reader r = Reader::open(path);
+    check_lookups(r, {base, base + 13, base + 13 * 999, base + 13 * 3999, 5}, {1, 2});
+  }
+  Writer w = Writer::open(path);
+  append(w, {5}, {2});
+  Reader r = Reader::open(path);
+  check_lookups(r, {0, 5, 13, 13 * 3999}, {1, 2});
+  CHECK(r.verify().ok());
+}
+
+TEST_CASE("A 1.0 store is answered by scan, then indexed by its first writer",
+          "[key_lookup][format]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = Writer::create(path, options());
+    append(w, {1, 2, 3, 1}, {0, 0, 0, 1});
+  }
+  // Make it a 1.0 store: no key index file, key_generation 0, format_minor 0 in the header.
+  REQUIRE(std::remove(key_index_file(path).c_str()) == 0);
+  test::write_bytes(path + "/header", detail::kStateOffset + 384, std::string(8, '\0'));
+  std::string header = test::read_file(path + "/header");
+  header[10] = header[11] = 0;
+  std::uint64_t metadata_bytes;
+  std::memcpy(&metadata_bytes, header.data() + 64, sizeof(metadata_bytes));
+  const std::uint64_t sum =
+      detail::header_hash(header.data(), 120, header.data() + 8192, metadata_bytes);
+  test::write_bytes(path + "/header", 10, std::string(2, '\0'));
+  test::write_bytes(path + "/header", 120, std::string(reinterpret_cast<const char*>(&sum), 8));
+  // A 1.0 header file has zeros where 1.2 keeps the fixed header's copy.
+  test::write_bytes(path + "/header", 2048, std::string(128, '\0'));
+
+  Reader r = Reader::open(path);
+  CHECK(r.info().format_minor == 0);
+  CHECK(r.info().key_index.find("none built yet") == 0);
+  check_lookups(r, {1, 2, 3, 4}, {0, 1});
+  {
+    Writer w = Writer::open(path);
+    append(w, {2}, {5});
+  }
+  r.refresh();
+  CHECK(r.info().key_index.find("keys.1") == 0);
+  check_lookups(r, {1, 2, 3}, {0, 1, 5});
+  CHECK(Reader::open(path).info().format_minor == kFormatVersionMinor);  // upgraded by the writer
+  CHECK(r.verify().ok());
+}
+
+TEST_CASE("Missing, damaged or pre-reboot key index files: readers scan, writers rebuild",
+          "[key_lookup][corruption]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = Writer::create(path, options());
+    std::vector<std::uint64_t> keys, epochs;
+    for (std::uint64_t r = 0; r < 500; ++r) {
+      keys.push_back(r % 50);
+      epochs.push_back(r / 50);
+    }
+    append(w, keys, epochs);
+  }
+  const std::vector<std::uint64_t> keys = {0, 1, 49, 50}, epochs = {0, 3, 9, 10};
+  const std::string file = path + "/keys.1";
+  REQUIRE(test::file_size(file) > 0);
+  std::string expect_status;
+  SECTION("missing") {
+    REQUIRE(std::remove(file.c_str()) == 0);
+    expect_status = "damaged (";
+  }
+  SECTION("a damaged header") {
+    test::write_bytes(file, 50, "\x7f");
+    expect_status = "damaged (";
+  }
+  SECTION("built before a reboot") {
+    detail::testing::set_boot_id("6b3a8f6e-8d46-4c1b-9d0e-5b1f3f1b7a21");
+    expect_status = "built before the last reboot";
+  }
+  Reader r = Reader::open(path);
+  CHECK(r.info().key_index.find(expect_status) == 0);
+  check_lookups(r, keys, epochs);  // By scan: same answers.
+  // A missing or unreadable file the store names is damage for verify; a pre-reboot one is
+  // merely not used.
+  const VerifyReport before = r.verify_key_index();
+  CHECK(before.rows_checked == 0);
+  if (expect_status == "damaged (") {
+    CHECK(before.key_index_checked);
+    CHECK(before.key_index_problems == 1);
+    CHECK(before.key_index_problem.find("keys.1") != std::string::npos);
+    CHECK_FALSE(r.verify().ok());
+  } else {
+    CHECK_FALSE(before.key_index_checked);
+    CHECK(r.verify().ok());
+  }
+  {
+    Writer w = Writer::open(path);  // Rebuilds it as keys.2.
+    append(w, {1}, {10});
+  }
+  r.refresh();
+  CHECK(r.info().key_index.find("keys.2") == 0);
+  check_lookups(r, keys, epochs);
+  CHECK(r.verify().ok());
+  CHECK(test::file_size(path + "/keys.2") > 0);
+  detail::testing::set_boot_id("");
+}
+
+TEST_CASE("verify() reports a damaged key index body and rebuild_key_index() repairs it",
+          "[key_lookup][corruption]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = Writer::create(path, options());
+  std::vector<std::uint64_t> keys, epochs;
+  for (std::uint64_t r = 0; r < 600; ++r) {
+    keys.push_back(r % 60);
+    epochs.push_back(r / 60);
+  }
+  append(w, keys, epochs);
+  // Zero the first page of slots (pair table): some pairs lose their slot.
+  test::write_bytes(path + "/keys.1", 4096, std::string(4096, '\0'));
+  Reader r = Reader::open(path);
+  const VerifyReport report = r.verify();
+  CHECK(report.rows_checked == 600);
+  CHECK(report.bad_row_count == 0);
+  CHECK(report.key_index_problems > 0);
+  CHECK(report.key_index_problem.find("keys.1") != std::string::npos);
+  CHECK(!report.ok());
+  // Whatever it answers meanwhile is never another key's row.
+  for (std::uint64_t k = 0; k < 60; ++k) {
+    for (const KeyVersion& v : r.history(k)) CHECK(r.keys(0, r.size())[v.row] == k);
+  }
+  w.rebuild_key_index();
+  r.refresh();
+  CHECK(r.verify().ok());
+  check_lookups(r, {0, 1, 59}, {0, 5, 9});
+}

@@ -1,0 +1,316 @@
+// The log's two write-side components on real store files: a prepared batch (src/log/batch.h:
+// validate, convert, hash) and the commit (src/log/commit.h: grow, era, write, publish).
+#include <catch2/catch.hpp>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "format/checksum.h"
+#include "format/convert.h"
+#include "log/batch.h"
+#include "log/commit.h"
+#include "platform/testing.h"
+#include "storage/store_files.h"
+#include "support/payload.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::detail::IndexEntry;
+using embstore::detail::PreparedBatch;
+using embstore::detail::StoreFiles;
+using embstore::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t kDim = 8;
+
+// A new store of `dtype`, opened the way a Writer opens it (no lock: the test is its only user).
+std::unique_ptr<StoreFiles> make_store(const TempDir& dir, DType dtype = DType::kFloat32,
+                                       std::uint64_t segment_bytes = 4096) {
+  CreateOptions o;
+  o.dim = kDim;
+  o.dtype = dtype;
+  o.segment_bytes = segment_bytes;
+  create_store(dir / "s", o);
+  auto files = StoreFiles::open(dir / "s", detail::os::Access::kReadWrite, 1ull << 30);
+  files->map_rows(files->state().capacity());
+  return files;
+}
+
+std::vector<std::uint64_t> keys_from(std::uint64_t first, std::uint64_t n) {
+  std::vector<std::uint64_t> keys(n);
+  for (std::uint64_t i = 0; i < n; ++i) keys[i] = test::make_key(0, first + i);
+  return keys;
+}
+
+ConstMatrix matrix(const std::vector<float>& values, std::uint64_t rows, std::uint32_t dim = kDim,
+                   DType dtype = DType::kFloat32, std::uint64_t stride = 0) {
+  return ConstMatrix{values.data(), dtype, rows, dim, stride};
+}
+
+PreparedBatch prepare(const StoreFiles& f, const std::vector<std::uint64_t>& keys,
+                      const ConstMatrix& rows, std::uint64_t epoch = 3) {
+  return detail::prepare_batch(f.layout(), f.hash_key(), f.dir(), keys, nullptr, epoch, rows);
+}
+
+// prepare_batch's error for `rows`: kInvalidArgument naming the store and `what`.
+void expect_refused(const StoreFiles& f, const std::vector<std::uint64_t>& keys,
+                    const ConstMatrix& rows, const std::string& what) {
+  try {
+    (void)prepare(f, keys, rows);
+    FAIL("prepare_batch accepted it");
+  } catch (const Error& e) {
+    INFO(e.what());
+    CHECK(e.code() == ErrorCode::kInvalidArgument);
+    CHECK_THAT(std::string(e.what()), Catch::Contains(f.dir()) && Catch::Contains(what));
+  }
+}
+
+std::uint64_t commit(StoreFiles& f, const PreparedBatch& batch, std::uint64_t& synced_era) {
+  return detail::commit_batch(f, batch, synced_era, [](const Error&) {});
+}
+
+IndexEntry entry_at(const StoreFiles& f, std::uint64_t row) {
+  IndexEntry e;
+  std::memcpy(&e, f.entry_ptr(row), sizeof(e));
+  return e;
+}
+
+struct WritePathReset {
+  ~WritePathReset() {
+    detail::testing::set_write_path("");
+    detail::testing::disarm_all();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("A float32 batch is used in place and every row is hashed with the store's key",
+          "[log][batch]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  const auto values = test::batch_payload(0, 0, 5, kDim);
+  const auto keys = keys_from(0, 5);
+  const PreparedBatch b = prepare(*f, keys, matrix(values, 5));
+  REQUIRE(b.rows == 5);
+  CHECK(b.source == reinterpret_cast<const std::byte*>(values.data()));
+  CHECK(b.stride == kDim * 4);
+  CHECK(b.keys.data() == keys.data());
+  for (std::uint64_t i = 0; i < 5; ++i) {
+    CHECK(b.epoch(i) == 3);
+    CHECK(b.hashes[i] ==
+          detail::payload_hash_reference(values.data() + i * kDim, kDim * 4, f->layout().seed));
+  }
+}
+
+TEST_CASE("Strided rows keep their stride, and per-row epochs are read from the caller's array",
+          "[log][batch]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  // Rows of 8 floats, 11 floats apart (e.g. x[:, :8] of a wider array).
+  std::vector<float> wide(4 * 11);
+  for (std::size_t i = 0; i < wide.size(); ++i) wide[i] = static_cast<float>(i);
+  const auto keys = keys_from(0, 4);
+  const std::vector<std::uint64_t> epochs = {9, 8, 7, 6};
+  const PreparedBatch b =
+      detail::prepare_batch(f->layout(), f->hash_key(), f->dir(), keys, epochs.data(), 0,
+                            matrix(wide, 4, kDim, DType::kFloat32, 44));
+  CHECK(b.stride == 44);
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    CHECK(b.epoch(i) == epochs[i]);
+    CHECK(b.hashes[i] ==
+          detail::payload_hash_reference(wide.data() + i * 11, kDim * 4, f->layout().seed));
+  }
+}
+
+TEST_CASE("float32 rows for 16-bit stores are converted, and the hash covers the stored bytes",
+          "[log][batch]") {
+  for (const DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    INFO(dtype_name(dtype));
+    TempDir dir;
+    auto f = make_store(dir, dtype);
+    std::vector<float> values = test::batch_payload(0, 0, 3, kDim);
+    values[1] = 1.0f + 1.0f / 4096;  // not representable in either: rounded
+    const auto keys = keys_from(0, 3);
+    const PreparedBatch b = prepare(*f, keys, matrix(values, 3));
+    REQUIRE(b.stride == kDim * 2);
+    CHECK(b.source != reinterpret_cast<const std::byte*>(values.data()));
+    for (std::uint64_t i = 0; i < 3 * kDim; ++i) {
+      std::uint16_t stored;
+      std::memcpy(&stored, b.source + i * 2, 2);
+      CHECK(stored == (dtype == DType::kFloat16 ? detail::float_to_half(values[i])
+                                                : detail::float_to_bfloat16(values[i])));
+    }
+    for (std::uint64_t i = 0; i < 3; ++i) {
+      CHECK(b.hashes[i] ==
+            detail::payload_hash_reference(b.source + i * b.stride, kDim * 2, f->layout().seed));
+    }
+  }
+}
+
+TEST_CASE("A batch of zero rows is empty and touches nothing", "[log][batch]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  const PreparedBatch b = prepare(*f, {}, ConstMatrix{nullptr, DType::kFloat32, 0, kDim, 0});
+  CHECK(b.rows == 0);
+  CHECK(b.source == nullptr);
+}
+
+TEST_CASE("Bad shapes and dtypes are named errors", "[log][batch]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  const auto values = test::batch_payload(0, 0, 4, kDim);
+  SECTION("fewer keys than rows") {
+    expect_refused(*f, keys_from(0, 3), matrix(values, 4), "3 keys for 4 rows");
+  }
+  SECTION("no data") {
+    expect_refused(*f, keys_from(0, 2), ConstMatrix{nullptr, DType::kFloat32, 2, kDim, 0},
+                   "rows.data is null");
+  }
+  SECTION("another dim") {
+    expect_refused(*f, keys_from(0, 2), matrix(values, 2, 4), "dim 4 but the store's dim is 8");
+  }
+  SECTION("another dtype") {
+    expect_refused(*f, keys_from(0, 2), matrix(values, 2, kDim, DType::kFloat64),
+                   "cannot append float64 rows to a float32 store");
+  }
+  SECTION("a stride shorter than a row") {
+    expect_refused(*f, keys_from(0, 2), matrix(values, 2, kDim, DType::kFloat32, 16),
+                   "row_stride_bytes 16 is less than a row's 32 bytes");
+  }
+  SECTION("float16 rows for a bfloat16 store") {
+    TempDir other;
+    auto g = make_store(other, DType::kBFloat16);
+    expect_refused(*g, keys_from(0, 2), matrix(values, 2, kDim, DType::kFloat16),
+                   "cannot append float16 rows to a bfloat16 store (only bfloat16 or float32");
+  }
+}
+
+TEST_CASE("A commit writes rows and entries at the counter, then publishes it", "[log][commit]") {
+  WritePathReset reset;
+  const char* mode = GENERATE("mapping", "syscall");
+  INFO(mode);
+  detail::testing::set_write_path(mode);
+  TempDir dir;
+  auto f = make_store(dir);
+  std::uint64_t synced_era = 0;
+  std::uint64_t next = 0;
+  for (const std::uint64_t n : {3u, 1u, 7u}) {
+    const auto values = test::batch_payload(0, next, n, kDim);
+    const auto keys = keys_from(next, n);
+    const std::uint64_t first = commit(*f, prepare(*f, keys, matrix(values, n), next), synced_era);
+    CHECK(first == next);
+    next += n;
+    CHECK(f->state().committed() == next);
+    CHECK(std::memcmp(f->row_ptr(first), values.data(), n * kDim * 4) == 0);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      const IndexEntry e = entry_at(*f, first + i);
+      CHECK(f->row_valid(first + i));
+      CHECK(e.key == keys[i]);
+      CHECK(e.epoch == first);
+      CHECK((e.row & detail::kEntryRowMask) == first + i);
+      CHECK(detail::entry_era(e.row) == (f->state().era() & detail::kEntryEraMask));
+      // Only the last entry of a batch ends it (recovery keeps whole batches).
+      CHECK(((e.row & detail::kEntryBatchEnd) != 0) == (i + 1 == n));
+    }
+  }
+  CHECK(synced_era == f->state().era());
+  // Nothing past the counter was touched: the next entry is still all zeros.
+  const IndexEntry after = entry_at(*f, next);
+  CHECK(after.key == 0);
+  CHECK(after.checksum == 0);
+  // Readers see exactly these rows.
+  Reader r = Reader::open(dir / "s");
+  CHECK(r.size() == next);
+  CHECK(r.verify().ok());
+}
+
+TEST_CASE("A commit past the capacity grows the files first, as FORMAT.md 'File sizes' says",
+          "[log][commit]") {
+  TempDir dir;
+  auto f = make_store(dir, DType::kFloat32, 4096);  // rows of 32 bytes, entries of 32
+  const std::uint64_t header =
+      std::filesystem::file_size(dir / ("s/" + std::string(detail::kHeaderFileName)));
+  // One segment holds 64 rows with their entries: a new store starts there.
+  REQUIRE(f->state().capacity() == 64);
+  REQUIRE(detail::capacity_for(0, 32, 4096, header) == 64);
+  std::uint64_t synced_era = 0;
+  const std::uint64_t n = 300;
+  const auto values = test::batch_payload(0, 0, n, kDim);
+  CHECK(commit(*f, prepare(*f, keys_from(0, n), matrix(values, n)), synced_era) == 0);
+  CHECK(f->state().committed() == n);
+  // Past one segment: the rows needed plus a segment's worth (the segment is smaller than the
+  // header, so a whole one).
+  CHECK(f->state().capacity() == n + 64);
+  CHECK(f->rows_files_hold() >= n + 64);
+  CHECK(f->info().data_file_bytes == detail::round_up((n + 64) * 32, 4096));
+  CHECK(f->valid_batch_prefix(0, n) == n);
+}
+
+TEST_CASE("A commit over entries a dead writer left unpublished raises the era first",
+          "[log][commit]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  std::uint64_t synced_era = 0;
+  const auto values = test::batch_payload(0, 0, 4, kDim);
+  commit(*f, prepare(*f, keys_from(0, 4), matrix(values, 4)), synced_era);
+  const std::uint64_t era = f->state().era();
+  // A writer wrote rows 4..5 and their entries, then died before publishing.
+  const auto dead = test::batch_payload(1, 0, 2, kDim);
+  commit(*f, prepare(*f, keys_from(100, 2), matrix(dead, 2)), synced_era);
+  f->state().publish_committed(4);
+  REQUIRE(f->row_valid(4));
+  // The next commit writes over them with a newer era, durable in the header first.
+  const auto next = test::batch_payload(0, 4, 1, kDim);
+  CHECK(commit(*f, prepare(*f, keys_from(4, 1), matrix(next, 1)), synced_era) == 4);
+  CHECK(f->state().era() == era + 1);
+  CHECK(synced_era == era + 1);
+  CHECK(detail::entry_era(entry_at(*f, 4).row) == ((era + 1) & detail::kEntryEraMask));
+  // The dead writer's entry at row 5 validates but is older: a recovery scan stops before it.
+  CHECK(f->row_valid(5));
+  CHECK(f->valid_batch_prefix(0, 6) == 5);
+}
+
+TEST_CASE("A commit whose era flush fails reports it and publishes nothing", "[log][commit]") {
+  WritePathReset reset;
+  TempDir dir;
+  auto f = make_store(dir);
+  std::uint64_t synced_era = ~0ull;  // No era known durable: the commit must flush the header.
+  detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
+  const auto values = test::batch_payload(0, 0, 2, kDim);
+  int reported = 0;
+  try {
+    detail::commit_batch(*f, prepare(*f, keys_from(0, 2), matrix(values, 2)), synced_era,
+                         [&](const Error& e) {
+                           ++reported;
+                           throw e;
+                         });
+    FAIL("the commit succeeded");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kIO);
+  }
+  CHECK(reported == 1);
+  CHECK(synced_era == ~0ull);
+  CHECK(f->state().committed() == 0);
+}
+
+TEST_CASE("A commit beyond 2^40 rows is kFull and changes nothing", "[log][commit]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  f->state().publish_committed(detail::kMaxRows - 1);
+  std::uint64_t synced_era = 0;
+  const auto values = test::batch_payload(0, 0, 2, kDim);
+  try {
+    commit(*f, prepare(*f, keys_from(0, 2), matrix(values, 2)), synced_era);
+    FAIL("the commit succeeded");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kFull);
+    CHECK_THAT(std::string(e.what()), Catch::Contains("2^40"));
+  }
+  CHECK(f->state().committed() == detail::kMaxRows - 1);
+  CHECK(synced_era == 0);
+}

@@ -1,0 +1,130 @@
+"""Lookups by key and epoch from Python: get/find/find_many/gather/history/epoch_rows, checked
+against a dict oracle (Hypothesis drives random appends, refreshes and lookups)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import embstore
+
+MAX_KEY = 2**64 - 1
+
+
+def vec(key, epoch, dim=4):
+    return np.full(dim, (key * 31 + epoch * 7) % 10007, dtype=np.float32)
+
+
+def append(w, pairs, dim=4):
+    keys = [k for k, _ in pairs]
+    epochs = [e for _, e in pairs]
+    w.append(np.array(keys, dtype=np.uint64), np.stack([vec(k, e, dim) for k, e in pairs]),
+             np.array(epochs, dtype=np.uint64))
+
+
+def test_get_find_history_and_batches(store):
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        append(w, [(0, 0), (MAX_KEY, 0), (5, 1), (5, 2)])
+        append(w, [(5, 1), (0, 3)])  # (5, 1) twice: the later row wins
+    r = embstore.Reader(store)
+    v = r.get(5, 1)
+    assert v.tolist() == vec(5, 1).tolist() and not v.flags.writeable
+    assert np.shares_memory(v, r.vectors)  # zero-copy
+    assert r.find(5, 1) == 4 and r.find(5) == 4 and r.find(0) == 5
+    assert r.get(MAX_KEY).tolist() == vec(MAX_KEY, 0).tolist()
+    with pytest.raises(KeyError, match="key 5 at epoch 9"):
+        r.get(5, 9)
+    with pytest.raises(KeyError):
+        r.get(77)
+    assert r.find(77) is None
+    assert r.history(5) == [(2, 1), (3, 2), (4, 1)]
+    assert r.epoch_rows(0).tolist() == [0, 1]
+    assert r.epoch_counts() == {0: 2, 1: 2, 2: 1, 3: 1}
+    rows = r.find_many([5, 77, 0, MAX_KEY], [1, 1, 3, 0])
+    assert rows.dtype == np.int64 and rows.tolist() == [4, -1, 5, 1]
+    assert r.find_many([5, 0, 77]).tolist() == [4, 5, -1]
+    assert r.find_many([5, 0], 1).tolist() == [4, -1]
+    m = r.gather(rows)
+    assert m.shape == (4, 4) and m[1].tolist() == [0, 0, 0, 0]
+    assert m[0].tolist() == vec(5, 1).tolist()
+    assert r.get_many([5, 0], [2, 3]).tolist() == [vec(5, 2).tolist(), vec(0, 3).tolist()]
+    with pytest.raises(KeyError, match="key 77"):
+        r.get_many([5, 77])
+    info = r.info()
+    assert info["distinct_keys"] == 3 and info["epochs"] == {0: 2, 1: 2, 2: 1, 3: 1}
+    assert info["key_index"].startswith("keys.1") and info["key_index_used"] is True
+    assert embstore.info(store)["distinct_keys"] == 3
+    report = r.verify()
+    assert report.ok and report.key_index_checked and report.key_index_problems == 0
+
+
+def test_a_missing_key_index_file_is_answered_by_scan_and_reported(store):
+    import os
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        append(w, [(1, 0), (2, 0), (1, 1)])
+    os.remove(os.path.join(store, "keys.1"))
+    r = embstore.Reader(store)
+    info = r.info()
+    assert info["key_index_used"] is False and info["key_index"].startswith("damaged (")
+    assert info["distinct_keys"] == 2 and info["epochs"] == {0: 2, 1: 1}  # by scan
+    assert r.find(1) == 2 and r.history(1) == [(0, 0), (2, 1)]
+    report = r.verify()
+    assert not report.ok and report.bad_row_count == 0
+    assert report.key_index_problems == 1 and "keys.1" in report.key_index_problem
+    with embstore.Writer(store) as w:  # the next writer rebuilds it
+        append(w, [(3, 1)])
+    r.refresh()
+    assert r.info()["key_index_used"] is True and r.verify().ok
+
+
+def test_lookups_never_see_past_the_snapshot(store):
+    embstore.create(store, dim=4)
+    w = embstore.Writer(store)
+    append(w, [(1, 0)])
+    r = embstore.Reader(store)
+    append(w, [(1, 1), (2, 0)])
+    assert r.find(1) == 0 and r.find(2) is None and r.history(1) == [(0, 0)]
+    assert r.find_many([1, 2], 0).tolist() == [0, -1]
+    r.refresh()
+    assert r.find(1) == 1 and r.find(2, 0) == 2
+    w.close()
+
+
+pair = st.tuples(st.sampled_from([0, 1, 2, 3, 1000, MAX_KEY]), st.integers(0, 3))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.one_of(st.lists(pair, min_size=1, max_size=20), st.just("refresh")),
+                      max_size=12))
+def test_model_against_a_dict(tmp_path_factory, steps):
+    path = str(tmp_path_factory.mktemp("s") / "store")
+    embstore.create(path, dim=4)
+    w = embstore.Writer(path)
+    r = embstore.Reader(path)
+    committed = []  # (key, epoch) per row
+    seen = 0  # rows in r's snapshot
+    for step in steps:
+        if step == "refresh":
+            r.refresh()
+            seen = len(committed)
+        else:
+            append(w, step)
+            committed.extend(step)
+        snap = committed[:seen]
+        for key in (0, 1, 3, 1000, MAX_KEY, 55):
+            rows = [i for i, (k, _) in enumerate(snap) if k == key]
+            assert r.history(key) == [(i, snap[i][1]) for i in rows]
+            assert r.find(key) == (rows[-1] if rows else None)
+            for epoch in range(4):
+                want = [i for i in rows if snap[i][1] == epoch]
+                assert r.find(key, epoch) == (want[-1] if want else None)
+        keys = np.array([k for k, _ in snap] + [55], dtype=np.uint64)
+        epochs = np.array([e for _, e in snap] + [0], dtype=np.uint64)
+        latest = {}
+        for i, p in enumerate(snap):
+            latest[p] = i
+        assert r.find_many(keys, epochs).tolist() == [latest[p] for p in snap] + [-1]
+        for epoch in range(4):
+            assert r.epoch_rows(epoch).tolist() == [i for i, p in enumerate(snap) if p[1] == epoch]
+    w.close()
