@@ -286,7 +286,7 @@ std::int64_t append_and_check_commit_time(Writer& w, const std::string& path, st
 
 }  // namespace
 
-TEST_CASE("Every commit records its wall-clock time in the store; none yet is 0", "[store]") {
+TEST_CASE("Every commit records its wall-clock time in the store, and none yet is 0", "[store]") {
   TempDir dir;
   const std::string path = dir / "s";
   Writer w = Writer::create(path, opts(2));
