@@ -77,6 +77,14 @@ TEST_CASE("Header fields sit at the offsets FORMAT.md gives", "[format]") {
   std::uint64_t generation;
   std::memcpy(&generation, bytes.data() + 4096 + 256, 8);
   CHECK(generation == 1);
+  std::uint16_t minor;
+  std::memcpy(&minor, bytes.data() + 10, 2);
+  CHECK(minor == 3);
+  // 1.3: the latest commit's time at 4096 + 448, zero (unknown) in a new store.
+  CHECK(offsetof(StatePage, last_commit_unix_ns) == 448);
+  std::int64_t last_commit;
+  std::memcpy(&last_commit, bytes.data() + 4096 + 448, 8);
+  CHECK(last_commit == 0);
 }
 
 TEST_CASE("Hostile headers are refused with an error naming the field", "[format][corruption]") {

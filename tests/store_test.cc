@@ -8,6 +8,7 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "format/checksum.h"
 #include "format/convert.h"
 #include "format/format.h"
 #include "platform/testing.h"
@@ -258,6 +260,82 @@ TEST_CASE("Metadata and the header are kept and reported", "[store]") {
   CHECK(info.generation == 1);
   CHECK(info.created_unix_ns > 0);
   CHECK(Reader::open(dir / "s").metadata() == o.metadata);
+}
+
+namespace {
+
+std::int64_t clock_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Appends `rows` rows and checks that every way of reading the store reports a last commit
+// between clock readings taken just before and just after; returns that time.
+std::int64_t append_and_check_commit_time(Writer& w, const std::string& path, std::uint64_t rows) {
+  const std::vector<float> values(rows * 2, 1.0f);
+  const std::int64_t before = clock_now_ns();
+  w.append(iota_keys(0, rows), 0, std::span<const float>(values));
+  const std::int64_t after = clock_now_ns();
+  const std::int64_t recorded = read_info(path).last_commit_unix_ns;
+  CHECK(before <= recorded);
+  CHECK(recorded <= after);
+  CHECK(w.info().last_commit_unix_ns == recorded);
+  CHECK(Reader::open(path).info().last_commit_unix_ns == recorded);
+  return recorded;
+}
+
+}  // namespace
+
+TEST_CASE("Every commit records its wall-clock time in the store, and none yet is 0", "[store]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = Writer::create(path, opts(2));
+  CHECK(read_info(path).last_commit_unix_ns == 0);
+  CHECK(w.info().last_commit_unix_ns == 0);
+  const std::int64_t first = append_and_check_commit_time(w, path, 3);
+  Reader r = Reader::open(path);
+  const std::int64_t second = append_and_check_commit_time(w, path, 1000);
+  CHECK(second >= first);
+  // An open Reader sees the shared state page as it is now.
+  CHECK(r.info().last_commit_unix_ns == second);
+  // A batch of zero rows commits nothing.
+  w.append({}, 0, ConstMatrix{nullptr, DType::kFloat32, 0, 2});
+  CHECK(read_info(path).last_commit_unix_ns == second);
+  // So does a later writer.
+  w.close();
+  Writer again = Writer::open(path);
+  CHECK(append_and_check_commit_time(again, path, 1) >= second);
+}
+
+TEST_CASE("A store from before format 1.3 reports an unknown last commit until one is made",
+          "[store]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  const std::string header = path + "/header";
+  {
+    Writer w = Writer::create(path, opts(2));
+    append_and_check_commit_time(w, path, 5);
+  }
+  // What a 1.2 library leaves: minor 2 in both fixed headers, zeros at the state page's 448.
+  for (const std::uint64_t at : {std::uint64_t{0}, detail::kHeaderCopyOffset}) {
+    std::string fixed = test::read_file(header).substr(at, 128);
+    fixed[10] = 2;
+    fixed[11] = 0;
+    const std::uint64_t sum = detail::header_hash(fixed.data(), 120, nullptr, 0);
+    std::memcpy(fixed.data() + 120, &sum, sizeof(sum));
+    test::write_bytes(header, at, fixed);
+  }
+  test::write_bytes(header, detail::kStateOffset + 448, std::string(8, '\0'));
+  CHECK(read_info(path).format_minor == 2);
+  CHECK(read_info(path).last_commit_unix_ns == 0);
+  CHECK(Reader::open(path).info().last_commit_unix_ns == 0);
+  Writer w = Writer::open(path);
+  CHECK(w.info().last_commit_unix_ns == 0);
+  append_and_check_commit_time(w, path, 1);
+  // Nothing in 1.3 needs the fixed header rewritten: a 1.2 store keeps its minor.
+  CHECK(read_info(path).format_minor == 2);
+  CHECK(Reader::open(path).size() == 6);
 }
 
 TEST_CASE("Creating over a store, or opening with another dim or dtype, is an error",

@@ -32,6 +32,10 @@ struct StoreInfo {
   std::uint64_t committed_rows = 0;  // Visible to readers.
   std::uint64_t durable_rows = 0;    // Known to be on disk (a sync completed over them).
   std::uint64_t capacity_rows = 0;   // Preallocated; appends beyond this grow the files.
+  // Wall-clock (CLOCK_REALTIME) time of the latest commit in ns since the Unix epoch, as its
+  // writer recorded it (format 1.3). 0: unknown (no commit yet, or only commits by libraries
+  // older than 1.3, which leave it unchanged: after such a writer it is older than the truth).
+  std::int64_t last_commit_unix_ns = 0;
   std::uint64_t data_file_bytes = 0;
   std::uint64_t index_file_bytes = 0;
   // From the key index (format 1.1), for the committed rows (a Reader's: its snapshot).

@@ -13,8 +13,9 @@ inline constexpr const char* kLibraryVersion = "0.1.0";
 inline constexpr int kFormatVersionMajor = 1;
 // Minor 1 added the key index (keys.K and the state page's key_generation); 1.0 stores open
 // unchanged and are answered by scan until a writer builds their key index. Minor 2 added a
-// second copy of the fixed header and the metadata (FORMAT.md).
-inline constexpr int kFormatVersionMinor = 2;
+// second copy of the fixed header and the metadata (FORMAT.md). Minor 3 added the state page's
+// last_commit_unix_ns (0 in older stores: unknown).
+inline constexpr int kFormatVersionMinor = 3;
 // The first minor whose header file holds a second copy of the fixed header (FORMAT.md); a
 // Writer upgrades older stores to it, readers read both.
 inline constexpr int kFormatMinorHeaderCopy = 2;

@@ -86,6 +86,8 @@ struct StatePage {
   alignas(64) std::uint64_t generation;
   alignas(64) std::uint64_t era;
   alignas(64) std::uint64_t key_generation;  // Current keys.K; 0: none (every 1.0 store).
+  // 1.3: signed wall-clock ns of the latest commit; 0: unknown (older writers, no commit yet).
+  alignas(64) std::uint64_t last_commit_unix_ns;
 };
 static_assert(offsetof(StatePage, committed_rows) == 0);
 static_assert(offsetof(StatePage, durable_rows) == 64);
@@ -94,6 +96,7 @@ static_assert(offsetof(StatePage, boot_id) == 192);
 static_assert(offsetof(StatePage, generation) == 256);
 static_assert(offsetof(StatePage, era) == 320);
 static_assert(offsetof(StatePage, key_generation) == 384);
+static_assert(offsetof(StatePage, last_commit_unix_ns) == 448);
 static_assert(sizeof(StatePage) <= 512, "counters must share one 512-byte sector");
 
 struct IndexEntry {

@@ -157,6 +157,8 @@ std::uint64_t commit_batch(StoreFiles& files, const PreparedBatch& batch, std::u
   EMBSTORE_CRASH_POINT("after-copy");
   write_entries(files, batch, first, era, plan.entries_by_syscall);
   EMBSTORE_CRASH_POINT("before-publish");
+  // Before the rows it dates: a reader that sees them also sees a time no older than theirs.
+  state.set_last_commit_unix_ns(os::unix_time_ns());
   state.publish_committed(first + n);
   EMBSTORE_CRASH_POINT("after-publish");
   return first;

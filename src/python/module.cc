@@ -685,6 +685,7 @@ py::dict info_dict(const StoreInfo& info) {
   out["committed_rows"] = info.committed_rows;
   out["durable_rows"] = info.durable_rows;
   out["capacity_rows"] = info.capacity_rows;
+  out["last_commit_unix_ns"] = info.last_commit_unix_ns;
   out["data_file_bytes"] = info.data_file_bytes;
   out["index_file_bytes"] = info.index_file_bytes;
   out["distinct_keys"] = info.distinct_keys;

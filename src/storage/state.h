@@ -26,6 +26,10 @@ class SharedState {
   std::uint64_t generation() const { return load(page_->generation); }
   std::uint64_t era() const { return load(page_->era); }
   std::uint64_t key_generation() const { return load(page_->key_generation); }
+  // Wall-clock ns of the latest commit (format 1.3); 0 when unknown.
+  std::int64_t last_commit_unix_ns() const {
+    return static_cast<std::int64_t>(load(page_->last_commit_unix_ns));
+  }
   void boot_id(std::uint64_t out[2]) const {
     out[0] = load(page_->boot_id[0]);
     out[1] = load(page_->boot_id[1]);
@@ -37,6 +41,9 @@ class SharedState {
   void set_durable(std::uint64_t rows) { store(page_->durable_rows, rows); }
   void set_era(std::uint64_t era) { store(page_->era, era); }
   void set_key_generation(std::uint64_t k) { store(page_->key_generation, k); }
+  void set_last_commit_unix_ns(std::int64_t ns) {
+    store(page_->last_commit_unix_ns, static_cast<std::uint64_t>(ns));
+  }
   void set_boot_id(const std::uint64_t id[2]) {
     store(page_->boot_id[0], id[0]);
     store(page_->boot_id[1], id[1]);

@@ -296,6 +296,7 @@ StoreInfo StoreFiles::info() const {
   info.created_unix_ns = layout_.created_unix_ns;
   info.metadata = layout_.metadata;
   info.generation = state_.generation();
+  info.last_commit_unix_ns = state_.last_commit_unix_ns();
   info.durable_rows = state_.durable();
   info.committed_rows = state_.committed();
   info.capacity_rows = state_.capacity();

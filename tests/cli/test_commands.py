@@ -3,6 +3,7 @@ input, and read-only commands leaving every byte of the store as it was."""
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -91,11 +92,31 @@ def test_create_refuses_bad_input_with_one_line_each(tmp_path):
     assert str(path) in one_line(r.err)
 
 
+def test_info_shows_the_last_commit_time_the_store_recorded(tmp_path):
+    path = str(tmp_path / "s")
+    embstore.create(path, dim=4, segment_mb=1 / 16)
+    assert "last commit     unknown\n" in run("info", path).out
+    assert json.loads(run("info", path, "--json").out)["last_commit_unix_ns"] == 0
+    before = time.time_ns()
+    with embstore.Writer(path) as w:
+        w.append([1, 2], np.ones((2, 4), np.float32))
+    after = time.time_ns()
+    recorded = json.loads(run("info", path, "--json").out)["last_commit_unix_ns"]
+    assert before <= recorded <= after
+    assert recorded == embstore.info(path)["last_commit_unix_ns"]
+    # The text shows the same instant in UTC, to the second.
+    shown = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(recorded // 10**9))
+    assert f"last commit     {shown}\n" in run("info", path, "--quiet").out
+    # Neither a Reader nor `info` records anything: only a commit moves it.
+    embstore.Reader(path).close()
+    assert json.loads(run("info", path, "--json").out)["last_commit_unix_ns"] == recorded
+
+
 def test_info_shows_header_counters_files_and_epochs(store):
     r = run("info", store, "--quiet")
     assert r.code == 0, r
     for text in ("dtype           float16", "committed rows  30", "segments        ",
-                 "bytes on disk", "last modified", "distinct keys   12 (key index)",
+                 "bytes on disk", "last commit", "distinct keys   12 (key index)",
                  "key index       keys.1, 30 rows indexed", 'tiny \\"q\\"'):
         assert text in r.out or text.replace('\\"', '"') in r.out, (text, r.out)
     # The epochs table from the key index: epoch and rows, aligned.

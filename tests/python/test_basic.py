@@ -88,6 +88,23 @@ def test_info_reports_counters(store):
     assert info["record_bytes"] == 12 and len(info["store_id"]) == 32
 
 
+def test_info_reports_the_last_commit_time_the_writer_recorded(store):
+    embstore.create(store, dim=3)
+    assert embstore.info(store)["last_commit_unix_ns"] == 0  # no commit yet: unknown
+    with embstore.Writer(store) as w:
+        recorded = []
+        for rows in (2, 500):
+            before = time.time_ns()
+            w.append(list(range(rows)), np.zeros((rows, 3), np.float32))
+            after = time.time_ns()
+            recorded.append(w.info()["last_commit_unix_ns"])
+            assert before <= recorded[-1] <= after
+    assert recorded[1] >= recorded[0]
+    assert embstore.info(store)["last_commit_unix_ns"] == recorded[1]
+    with embstore.Reader(store) as r:
+        assert r.info()["last_commit_unix_ns"] == recorded[1]
+
+
 def test_bad_shapes_and_dtypes_raise_value_error_and_write_nothing(store):
     with embstore.Writer(store, dim=4) as w:
         with pytest.raises(ValueError, match="dim 3"):

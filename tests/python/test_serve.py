@@ -48,24 +48,28 @@ def test_api_follows_a_writer_and_answers_like_numpy(store, tmp_path, server_on)
     server = server_on(store, "--labels", str(labels))
     empty = server.ok("/api/stats")
     assert (empty["rows"], empty["epochs"], empty["labels"]) == (0, [], 200)
+    assert empty["last_commit_unix"] is None  # the store records no commit yet
     status, body = server.get("/api/projection")
     assert status == 404 and "no rows yet" in body["error"]
 
     writer = WriterProcess(store, DIM)
     try:
+        before = time.time()
         writer.append(0, 0, 400)
+        after = time.time()
         stats = server.until("/api/stats", lambda s: s["rows"] == 400)
         assert stats["epochs"] == [{"epoch": 0, "rows": 400}]
-        assert stats["last_commit_unix"] is not None and stats["bytes_on_disk"] > 0
+        assert before <= stats["last_commit_unix"] <= after and stats["bytes_on_disk"] > 0
 
         # Epoch 1 appears while the writer is appending it, and the figures move.
         writer.send(1, 0, 400, batch=20)
         moving = server.until("/api/stats", lambda s: s["rows"] > 400)
         assert moving["rows_per_second"] > 0
         writer.done()
+        after = time.time()
         stats = server.until("/api/stats", lambda s: s["rows"] == 800)
         assert stats["epochs"] == [{"epoch": 0, "rows": 400}, {"epoch": 1, "rows": 400}]
-        assert stats["last_commit_unix"] >= moving["last_commit_unix"]
+        assert moving["last_commit_unix"] <= stats["last_commit_unix"] <= after
         # Key 7 appended again at epoch 1: the later row is its vector there.
         writer.append(1, 7, 8)
         server.until("/api/stats", lambda s: s["rows"] == 801)
@@ -123,6 +127,34 @@ def test_api_follows_a_writer_and_answers_like_numpy(store, tmp_path, server_on)
             _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
             expected = (vectors[point["row"]] - mean) @ vt[:2].T
             assert np.abs([point["x"], point["y"]]) == pytest.approx(np.abs(expected), abs=1e-4)
+
+
+def test_last_commit_is_what_the_store_recorded_not_when_the_server_saw_it(store, server_on):
+    embstore.create(store, dim=DIM)
+    before = time.time()
+    with embstore.Writer(store) as w:
+        w.append(np.arange(10), np.ones((10, DIM), np.float32))
+    after = time.time()
+    recorded = embstore.info(store)["last_commit_unix_ns"] / 1e9
+    server = server_on(store)
+    stats = server.ok("/api/stats")
+    assert stats["rows"] == 10 and stats["last_commit_unix"] == recorded
+    assert before <= recorded <= after <= stats["server_started_unix"]
+
+
+def test_last_commit_of_several_shards_is_the_newest_and_none_when_unrecorded(tmp_path):
+    paths = [str(tmp_path / name) for name in ("s0", "s1", "empty")]
+    for i, path in enumerate(paths):
+        embstore.create(path, dim=4)
+        if path.endswith("empty"):
+            continue
+        with embstore.Writer(path) as w:
+            w.append([i], np.ones((1, 4), np.float32))
+    infos = embstore.ShardSet(paths).info()
+    newest = max(info["last_commit_unix_ns"] for info in infos)
+    assert newest == infos[1]["last_commit_unix_ns"] >= infos[0]["last_commit_unix_ns"] > 0
+    assert serve_store.last_commit_unix(infos) == newest / 1e9
+    assert serve_store.last_commit_unix(infos[2]) is None
 
 
 def test_parameters_are_validated(store, server_on):

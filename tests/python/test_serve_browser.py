@@ -59,6 +59,11 @@ def test_page_renders_follows_a_writer_and_draws_a_trajectory(store, tmp_path):
             "return window.embstoreChart().data.datasets.reduce((n, d) => n + d.data.length, 0)")
         assert drawn == 300
         assert driver.find_element(By.ID, "rows").text == "300"
+        # The last commit the store recorded, from before the server started, in local time.
+        recorded = embstore.info(store)["last_commit_unix_ns"] / 1e9
+        shown = driver.execute_script("return new Date(arguments[0] * 1000).toLocaleString()",
+                                      recorded)
+        wait.until(lambda d: d.find_element(By.ID, "last-commit").text == shown)
 
         # A new epoch arrives while the page is open: the page follows it.
         writer.send(1, 0, 300, batch=30)

@@ -149,6 +149,7 @@ nlohmann::json info_json(const StoreInfo& info) {
       {"committed_rows", info.committed_rows},
       {"durable_rows", info.durable_rows},
       {"capacity_rows", info.capacity_rows},
+      {"last_commit_unix_ns", info.last_commit_unix_ns},
       {"data_file_bytes", info.data_file_bytes},
       {"index_file_bytes", info.index_file_bytes},
       {"metadata", info.metadata},

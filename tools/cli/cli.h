@@ -87,7 +87,8 @@ class Table {
   std::vector<std::vector<std::string>> rows_;
 };
 
-// The header and counters as JSON (the fields of StoreInfo; format as "major.minor").
+// The header and counters as JSON (the fields of StoreInfo, last_commit_unix_ns 0 when unknown;
+// format as "major.minor").
 nlohmann::json info_json(const StoreInfo& info);
 
 // A row's values as a JSON array (integers for int8/uint8, float for the float types) and as

@@ -69,7 +69,6 @@ int run_info(const InfoArgs& args) {
     nlohmann::json out = info_json(info);
     out["segments"] = segments;
     out["bytes_on_disk"] = disk.disk_bytes;
-    out["last_modified_unix_ns"] = disk.last_modified_unix_ns;
     nlohmann::json files = nlohmann::json::array();
     for (const auto& file : disk.files) {
       files.push_back(
@@ -99,6 +98,8 @@ int run_info(const InfoArgs& args) {
   line("format", fmt::format("{}.{}", info.format_major, info.format_minor));
   line("store id", info.store_id);
   line("created", utc_time(info.created_unix_ns));
+  line("last commit",
+       info.last_commit_unix_ns != 0 ? utc_time(info.last_commit_unix_ns) : "unknown");
   line("dtype", std::string(dtype_name(info.dtype)));
   line("dim", std::to_string(info.dim));
   line("record bytes", std::to_string(info.record_bytes));
@@ -111,7 +112,6 @@ int run_info(const InfoArgs& args) {
   line("data file", fmt::format("{} bytes", info.data_file_bytes));
   line("index file", fmt::format("{} bytes", info.index_file_bytes));
   line("bytes on disk", fmt::format("{} bytes", disk.disk_bytes));
-  line("last modified", utc_time(disk.last_modified_unix_ns));
   line("metadata", info.metadata.empty() ? "(none)" : info.metadata);
   line("key index", info.key_index);
   if (keys) {

@@ -20,9 +20,6 @@ DiskStats disk_stats(const std::string& store) {
     file.bytes = static_cast<std::uint64_t>(st.st_size);
     file.disk_bytes = static_cast<std::uint64_t>(st.st_blocks) * 512;
     stats.disk_bytes += file.disk_bytes;
-    stats.last_modified_unix_ns = std::max<std::int64_t>(
-        stats.last_modified_unix_ns,
-        std::int64_t{st.st_mtim.tv_sec} * 1'000'000'000 + st.st_mtim.tv_nsec);
     stats.files.push_back(file);
   }
   std::sort(stats.files.begin(), stats.files.end(),

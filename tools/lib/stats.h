@@ -18,12 +18,11 @@ struct FileStats {
 };
 
 struct DiskStats {
-  std::vector<FileStats> files;            // Every regular file in the store directory, by name.
-  std::uint64_t disk_bytes = 0;            // Sum over files.
-  std::int64_t last_modified_unix_ns = 0;  // Latest mtime of any file.
+  std::vector<FileStats> files;  // Every regular file in the store directory, by name.
+  std::uint64_t disk_bytes = 0;  // Sum over files.
 };
 
-// Sizes and times of the files in the store directory (stat only; nothing is opened).
+// Sizes of the files in the store directory (stat only; nothing is opened).
 DiskStats disk_stats(const std::string& store);
 
 struct EpochStats {

@@ -33,8 +33,10 @@ a method other than GET, 503 when the store is damaged or gone (the message says
 ``/api/stats``
     ``rows``, ``rows_per_second`` (commits seen in the last 5 s), ``epoch_count``, ``epochs``
     (``[{"epoch", "rows"}]``, the latest 10,000), ``bytes_on_disk`` (blocks allocated to the
-    store's files), ``file_bytes`` (data + index file sizes), ``last_commit_unix`` (when the
-    server saw the latest rows arrive; null before any arrived while it ran), ``dtype``,
+    store's files), ``file_bytes`` (data + index file sizes), ``last_commit_unix`` (seconds
+    since the Unix epoch of the latest commit, as its writer recorded it in the store:
+    ``info()["last_commit_unix_ns"]`` / 1e9, the newest of the shards; null when the store
+    records none: no commit yet, or only commits by libraries older than format 1.3), ``dtype``,
     ``dim``, ``store``, ``key_index`` (true when lookups use the store's key index, false when
     they scan), ``labels`` (labelled keys, or null), ``label_names``.
 ``/api/epochs``

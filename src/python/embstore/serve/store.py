@@ -115,6 +115,15 @@ class KeyLookup:
         return np.flatnonzero(snap.epochs == np.uint64(epoch)).astype(np.int64)
 
 
+def last_commit_unix(info) -> Optional[float]:
+    """Seconds since the Unix epoch of the latest commit the store recorded, from ``info()``
+    (a dict, or a list of them for a shard set: the newest), or None when it records none (no
+    commit yet, or only commits by libraries older than format 1.3)."""
+    infos = info if isinstance(info, list) else [info]
+    ns = max((int(i.get("last_commit_unix_ns", 0)) for i in infos), default=0)
+    return ns / 1e9 if ns != 0 else None
+
+
 def is_manifest(path: str) -> bool:
     """A path that is not a store directory but a file: a manifest of several shards."""
     return os.path.isfile(path)
@@ -180,7 +189,7 @@ class Follower:
         if rows == old.rows and self.refreshes:
             return
         info = self.reader.info() if hasattr(self.reader, "info") else {}
-        generation = int(info.get("generation", 0))
+        generation = int(info.get("generation", 0)) if isinstance(info, dict) else 0
         self._check_files(rows, generation)
         keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
         vectors = self.reader.vectors[:rows]
@@ -189,9 +198,9 @@ class Follower:
             values, n = np.unique(epochs[old.rows:rows], return_counts=True)
             for value, count in zip(values.tolist(), n.tolist()):
                 counts[value] = counts.get(value, 0) + count
-            if self.refreshes:
-                self.last_commit_unix = time.time()
         with self._lock:
+            # Read after the refresh, so never older than the commit of the snapshot's last row.
+            self.last_commit_unix = last_commit_unix(info)
             self._counts = counts
             self.snapshot = Snapshot(rows, keys, epochs, vectors, counts, generation)
         self.refreshes += 1

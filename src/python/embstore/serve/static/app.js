@@ -196,7 +196,7 @@ async function poll() {
     $("epoch-count").textContent = s.epoch_count;
     $("bytes").textContent = formatBytes(s.bytes_on_disk);
     $("last-commit").textContent = s.last_commit_unix
-        ? new Date(s.last_commit_unix * 1000).toLocaleTimeString() : "before start";
+        ? new Date(s.last_commit_unix * 1000).toLocaleString() : "unknown";
     $("shape").textContent = `${s.dtype} × ${s.dim}`;
     showError($("error"), "");
     state.epochs = s.epochs;
