@@ -29,6 +29,7 @@ class Reader::Impl {
   std::string path_;
   std::string metadata_;
   std::uint64_t snapshot_ = 0;
+  std::uint64_t snapshot_generation_ = 0;  // The file generation snapshot_ counts rows of.
   // Rows [0, populated_) have page-table entries in this Reader's mapping (populate()); reset
   // when refresh() maps the files again at a new Generation, whose range has none.
   mutable std::atomic<std::uint64_t> populated_{0};
@@ -105,8 +106,18 @@ class Reader::Impl {
     // Recovery stores the boot id before any append, so an unchanged one means no row changed.
     if (f.generation() != mapped) populated_.store(0, std::memory_order_relaxed);
     if (!log.same_boot && f.same_boot()) return refresh();
-    if (!log.same_boot) verified_upto_ = std::max(verified_upto_, log.verified_upto);
-    snapshot_ = std::max(snapshot_, log.recovered.committed);
+    if (f.file_generation() != snapshot_generation_) {
+      // A truncate switched the store to new files: the snapshot starts over in them, and the
+      // key index of the old generation is never used again.
+      snapshot_generation_ = f.file_generation();
+      snapshot_ = log.recovered.committed;
+      verified_upto_ = log.same_boot ? 0 : log.verified_upto;
+      keys_->reset_store_generation(snapshot_generation_);
+      key_index_.reset();
+    } else {
+      if (!log.same_boot) verified_upto_ = std::max(verified_upto_, log.verified_upto);
+      snapshot_ = std::max(snapshot_, log.recovered.committed);
+    }
     // A key index from an earlier boot is refused (lookups scan) until a writer rebuilds it.
     refresh_keys();
     return snapshot_;

@@ -22,6 +22,7 @@
 #include "log/batch.h"
 #include "log/commit.h"
 #include "log/recovery.h"
+#include "log/truncate.h"
 #include "platform/lock.h"
 #include "platform/os.h"
 #include "platform/testing.h"
@@ -42,12 +43,15 @@ class Writer::Impl {
         owner_pid_(detail::os::current_pid()) {
     {
       detail::LockGuard guard(*lock_);
+      // A truncate killed after deciding its switch: finish it before anything else.
+      detail::finish_switch(*files_);
       allocate_files();
       files_->upgrade_header();
       keys_ = detail::make_key_index_handle(*files_, detail::os::Access::kReadWrite);
       recover();
       files_->map_rows(files_->state().capacity());
       open_key_index();
+      files_->remove_stale_files(files_->state().key_generation());
     }
     if (options_.sync == SyncPolicy::kInterval) {
       // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in
@@ -73,6 +77,9 @@ class Writer::Impl {
 
   std::uint64_t append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
                        std::uint64_t single_epoch, const ConstMatrix& rows);
+  // Keeps rows [0, rows), or with `from_epoch`, the rows before the first whose epoch is at
+  // least `rows`; returns the rows kept.
+  std::uint64_t truncate(std::uint64_t rows, bool from_epoch);
   void sync();
   void close();
   void rebuild_key_index() {
@@ -81,6 +88,7 @@ class Writer::Impl {
     check_usable();
     std::lock_guard in_process(mutex_);
     detail::LockGuard across_processes(*lock_);
+    follow_truncate();
     const std::uint64_t committed = files_->state().committed();
     files_->map_rows(committed);
     keys_->open_for_writer(files_->entry_ptr(0), committed, /*rebuild=*/true);
@@ -110,6 +118,14 @@ class Writer::Impl {
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
   void allocate_files();
   void recover();
+  // mutex_ and the writer lock held, no key index growth running: when another handle
+  // truncated the store (or was killed switching it), finishes the switch and takes the new
+  // generation's files and key index. True if the generation changed.
+  bool follow_truncate();
+  // True when the state page names another generation than this handle's files.
+  bool generation_moved() const {
+    return files_->state().generation_word() != files_->file_generation();
+  }
   // Writer lock held: opens, rebuilds or catches up the key index (index/key_index_handle.h).
   // kFull leaves the store usable (this handle stops indexing, close() reports it); other
   // errors fail the open.
@@ -205,6 +221,56 @@ void Writer::Impl::recover() {
   if (detail::apply_recovery(*files_, log, rebuild_keys)) synced_era_ = files_->state().era();
 }
 
+bool Writer::Impl::follow_truncate() {
+  if (!generation_moved()) return false;
+  detail::finish_switch(*files_);  // Its truncating handle was killed after deciding it.
+  files_->follow_generation();
+  files_->map_rows(files_->state().capacity());
+  keys_->reset_store_generation(files_->file_generation());
+  open_key_index();
+  return true;
+}
+
+std::uint64_t Writer::Impl::truncate(std::uint64_t rows, bool from_epoch) {
+  join_growth(/*abandon=*/true);  // A growth of this generation is of no use after it.
+  std::shared_lock life(lifetime_);
+  check_usable();
+  std::lock_guard in_process(mutex_);
+  check_usable();
+  detail::LockGuard across_processes(*lock_);
+  follow_truncate();
+  const std::uint64_t committed = files_->state().committed();
+  std::uint64_t keep = rows;
+  if (from_epoch) {
+    files_->map_rows(committed);
+    keep = committed;
+    for (std::uint64_t row = 0; row < committed; ++row) {
+      if (files_->entry_ptr(row)->epoch >= rows) {
+        keep = row;
+        break;
+      }
+    }
+  } else if (rows > committed) {
+    throw Error(ErrorCode::kInvalidArgument, path_ + ": truncate to " + std::to_string(rows) +
+                                                 " rows: the store holds only " +
+                                                 std::to_string(committed) + " rows");
+  }
+  if (keep >= committed) return committed;
+  files_->map_rows(committed);
+  try {
+    detail::truncate_log(*files_, keep);
+  } catch (const Error& error) {
+    // Before the switch was decided the store is unchanged, and the error is only reported;
+    // after, a failed flush of the header poisons this handle (the next writer finishes it).
+    if (files_->state().switching() || generation_moved()) poison(error);
+    throw;
+  }
+  synced_era_ = files_->state().era();
+  keys_->reset_store_generation(files_->file_generation());
+  open_key_index();
+  return keep;
+}
+
 void Writer::Impl::open_key_index() {
   try {
     keys_->open_for_writer(files_->entry_ptr(0), files_->state().committed());
@@ -258,6 +324,12 @@ void Writer::Impl::grow_key_index() {
     std::lock_guard in_process(mutex_);
     try {
       detail::LockGuard across_processes(*lock_);
+      if (generation_moved()) {
+        // Truncated meanwhile: what was built indexes dropped rows. The next append follows.
+        keys_->finish_growth(nullptr, nullptr, 0);
+        again = false;
+        continue;
+      }
       const std::uint64_t committed = files_->state().committed();
       files_->map_rows(committed);
       again =
@@ -289,20 +361,30 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   const detail::PreparedBatch batch = detail::prepare_batch(
       files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows);
   if (batch.rows == 0) return files_->state().committed();
-  std::uint64_t first;
-  {
-    std::lock_guard in_process(mutex_);
-    check_usable();
-    detail::LockGuard across_processes(*lock_);
-    first = detail::commit_batch(*files_, batch, synced_era_,
-                                 [this](const Error& error) { poison(error); });
-    if (index_keys(first + batch.rows)) {
-      // A new claim means the last growth passed finish_growth() (under mutex_, held here):
-      // its thread is exiting, so the join is immediate.
-      if (growth_thread_) growth_thread_->join();
-      stop_growth_ = false;
-      growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
+  std::uint64_t first = 0;
+  for (;;) {
+    {
+      std::lock_guard in_process(mutex_);
+      check_usable();
+      detail::LockGuard across_processes(*lock_);
+      // Another handle truncated the store: never write into the old generation's files. A key
+      // index growth of the old generation is stopped first, outside the locks it takes.
+      const bool stop_growth = generation_moved() && growth_thread_ != nullptr;
+      if (!stop_growth) {
+        follow_truncate();
+        first = detail::commit_batch(*files_, batch, synced_era_,
+                                     [this](const Error& error) { poison(error); });
+        if (index_keys(first + batch.rows)) {
+          // A new claim means the last growth passed finish_growth() (under mutex_, held here):
+          // its thread is exiting, so the join is immediate.
+          if (growth_thread_) growth_thread_->join();
+          stop_growth_ = false;
+          growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
+        }
+        break;
+      }
     }
+    join_growth(/*abandon=*/true);
   }
   // Outside the lock: waking readers and this writer's flush need not hold other writers up.
   detail::os::futex_wake_all(files_->state().committed_word());
@@ -328,12 +410,32 @@ void Writer::Impl::sync() {
 
 void Writer::Impl::flush() {
   auto& state = files_->state();
+  // The files of this handle's generation as of now: a truncate (followed by an append of this
+  // handle) may switch them, but keeps the old descriptors open, so these stay valid.
+  int data_fd, index_fd;
+  std::string data_path, index_path;
+  std::uint64_t generation;
+  {
+    std::lock_guard in_process(mutex_);
+    generation = files_->file_generation();
+    data_fd = files_->data_fd();
+    index_fd = files_->index_fd();
+    data_path = files_->data_path();
+    index_path = files_->index_path();
+  }
   const std::uint64_t committed = state.committed();
   try {
-    detail::os::datasync(files_->data_fd(), files_->data_path());
-    detail::os::datasync(files_->index_fd(), files_->index_path());
+    detail::os::datasync(data_fd, data_path);
+    detail::os::datasync(index_fd, index_path);
     EMBSTORE_CRASH_POINT("mid-sync");
-    state.raise_durable(committed);
+    {
+      // Rows counted in `committed` are durable only if they are in the files just flushed:
+      // the generation must not have changed since this began (it only grows), which a
+      // truncate, holding the writer lock, cannot do while this holds it.
+      std::lock_guard in_process(mutex_);
+      detail::LockGuard across_processes(*lock_);
+      if (state.generation_word() == generation) state.raise_durable(committed);
+    }
     detail::os::datasync(files_->header_fd(), files_->header_path());
   } catch (const Error& error) {
     // Never retried: after a failed flush the kernel may have dropped the dirty pages, so a
@@ -561,6 +663,10 @@ void Writer::rebuild_key_index() { impl_->rebuild_key_index(); }
 void Writer::close() { impl_->close(); }
 std::uint64_t Writer::committed_rows() const {
   return impl_->with_files([](const StoreFiles& f) { return f.state().committed(); });
+}
+std::uint64_t Writer::truncate(std::uint64_t rows) { return impl_->truncate(rows, false); }
+std::uint64_t Writer::truncate_from_epoch(std::uint64_t epoch) {
+  return impl_->truncate(epoch, true);
 }
 std::uint64_t Writer::durable_rows() const {
   return impl_->with_files([](const StoreFiles& f) { return f.state().durable(); });

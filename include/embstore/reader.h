@@ -93,7 +93,9 @@ class Reader {
   ~Reader();
 
   std::uint64_t size() const;  // Rows in the snapshot.
-  // Takes a new snapshot of the committed rows and returns its size (never smaller than before).
+  // Takes a new snapshot of the committed rows and returns its size: never smaller than before,
+  // except after a Writer::truncate(), when it is the truncated store's (possibly smaller)
+  // size. Views taken before stay valid and unchanged either way.
   std::uint64_t refresh();
   // Refreshes until size() >= min_rows or `timeout` passes; true when reached. Wakes on commits
   // from any process (a shared futex on the commit counter), without polling.

@@ -80,6 +80,31 @@ class Writer {
   // the writer lock for the rebuild: about a second per 10M rows.
   void rebuild_key_index();
 
+  // Rolls the store back: keeps rows [0, rows) and drops every later row, for training that
+  // resumes from a checkpoint. Returns the rows kept. rows == committed_rows() changes nothing;
+  // rows > committed_rows() throws kInvalidArgument naming both. Takes the writer lock: every
+  // append of every Writer waits for it. It copies the kept rows into new files (the store's
+  // next generation, FORMAT.md "Truncate"), flushes them, then switches the store to them in one
+  // step: killed at any instant (or on a power loss), the store is the old one or the new one,
+  // never a mix, and the next writer or reader finishes a switch that was decided. The time and
+  // the disk space needed are those of copying the rows kept; the old files are removed after.
+  //   - Readers: views taken before stay valid and unchanged (the old files stay mapped), and a
+  //     Reader keeps its snapshot until refresh(); after that it sees the new generation, and
+  //     its size() may go down to `rows`. Lookups never return a dropped row.
+  //   - Other Writers (in any process) take the new files at their next append, before
+  //     writing. Rows they appended before the truncate took the lock are dropped like any
+  //     other row at or past `rows`.
+  //   - The key index is rebuilt for the rows kept (a second or so per 10M rows).
+  // Processes running a library version without truncate must not have the store open: they
+  // would not follow the switch (FORMAT.md, "Truncate").
+  std::uint64_t truncate(std::uint64_t rows);
+  // Truncates before the first row whose epoch is at least `epoch` ("resume from the checkpoint
+  // of epoch `epoch`": that epoch's rows and everything appended after them are dropped; rows
+  // of earlier epochs appended after it are dropped too, since a truncate keeps a prefix).
+  // Returns the rows kept; when no row has such an epoch, nothing changes. Scans the offset
+  // index (32 bytes per row) under the writer lock.
+  std::uint64_t truncate_from_epoch(std::uint64_t epoch);
+
   // Releases the lock file, mappings and background thread. Idempotent. Unless the policy is
   // SyncPolicy::kNone (the default kInterval included), syncs first (throwing if that fails):
   // a store closed this way has nothing to re-check after a reboot.

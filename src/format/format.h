@@ -98,6 +98,9 @@ static_assert(offsetof(StatePage, era) == 320);
 static_assert(offsetof(StatePage, key_generation) == 384);
 static_assert(offsetof(StatePage, last_commit_unix_ns) == 448);
 static_assert(sizeof(StatePage) <= 512, "counters must share one 512-byte sector");
+// Bit 63 of StatePage::generation: a truncate is switching the store from generation G (the
+// word's low bits) to G+1, whose files are complete and durable (FORMAT.md, "Truncate").
+inline constexpr std::uint64_t kGenerationSwitching = 1ull << 63;
 
 struct IndexEntry {
   std::uint64_t key;

@@ -71,6 +71,18 @@ void KeyIndexHandle::mark_damaged(const std::string& why) {
   damaged_ = true;
 }
 
+void KeyIndexHandle::reset_store_generation(std::uint64_t store_generation) {
+  std::lock_guard guard(mutex_);
+  identity_.store_generation = store_generation;
+  current_.reset();
+  has_current_ = false;
+  status_ = "not opened";
+  damaged_ = false;
+  damaged_generation_ = 0;
+  claim_file_.reset();
+  claimed_ = false;
+}
+
 void KeyIndexHandle::refresh() {
   for (int attempt = 0; attempt < 3; ++attempt) {
     const std::uint64_t generation = load(key_generation_);

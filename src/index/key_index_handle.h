@@ -44,6 +44,11 @@ class KeyIndexHandle {
   // because none was built yet, or built before the last reboot): status() says why.
   bool damaged() const;
 
+  // After a truncate switched the store to generation `store_generation`: forgets the current
+  // file and any growth claim (files of another generation never match again). Not concurrent
+  // with any other call of a writer's handle (no growth running) or with a Reader's lookups.
+  void reset_store_generation(std::uint64_t store_generation);
+
   // Writer, writer lock held, rows [0, committed) mapped: makes the index usable — opens it, or
   // rebuilds it from the offset index when it is missing, damaged, from another boot or ahead of
   // `committed` (or always, with `rebuild`) — then indexes up to `committed` (as far as its

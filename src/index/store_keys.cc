@@ -7,7 +7,7 @@ namespace embstore::detail {
 KeyIndexIdentity key_index_identity(const StoreFiles& files) {
   KeyIndexIdentity id;
   std::memcpy(id.store_id, files.layout().store_id, sizeof(id.store_id));
-  id.store_generation = files.state().generation();
+  id.store_generation = files.file_generation();
   id.seed = files.layout().seed;
   id.max_rows = files.budget_rows();
   return id;

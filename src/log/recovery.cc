@@ -4,6 +4,7 @@
 #include <string>
 
 #include "embstore/error.h"
+#include "log/truncate.h"
 #include "platform/os.h"
 #include "platform/testing.h"
 
@@ -72,9 +73,48 @@ LoadedLog load_same_boot(StoreFiles& files) {
   return log;
 }
 
+// A truncate is switching the store (FORMAT.md, "Truncate"): the new files are complete and
+// durable and hold the store; the counters may be half-stored, so they are not read.
+LoadedLog load_switching(StoreFiles& files) {
+  LoadedLog log;
+  log.same_boot = true;  // Nothing to verify: the new files were flushed before the switch.
+  const std::uint64_t hold = files.rows_files_hold();
+  files.map_rows(hold);
+  const std::uint64_t rows = switched_rows(files);
+  log.stored = Counters{rows, rows, hold};
+  log.recovered = log.stored;
+  log.verified_upto = rows;
+  return log;
+}
+
+LoadedLog load_generation(StoreFiles& files, std::uint64_t verified_from);
+
 }  // namespace
 
 LoadedLog load_log(StoreFiles& files, std::uint64_t verified_from) {
+  // A truncate may switch the generation while this reads the counters: they are trusted only
+  // if the generation word is the same after (the counters of one generation are consistent
+  // by the rules above; a truncate stores new ones only after changing the word).
+  for (int attempt = 0;; ++attempt) {
+    const std::uint64_t word = files.state().generation_word();
+    try {
+      files.follow_generation();
+      LoadedLog log = (word & kGenerationSwitching) != 0 ? load_switching(files)
+                                                         : load_generation(files, verified_from);
+      if (files.state().generation_word() == word) return log;
+    } catch (const Error& error) {
+      // Counters read across a switch, or files a later truncate removed: read again.
+      if (files.state().generation_word() == word || attempt >= 100) throw;
+    }
+    if (attempt >= 100) {
+      corrupt(files, "field generation changes on every read (" + std::to_string(word) + ")");
+    }
+  }
+}
+
+namespace {
+
+LoadedLog load_generation(StoreFiles& files, std::uint64_t verified_from) {
   if (files.same_boot()) return load_same_boot(files);
   LoadedLog log;
   log.same_boot = false;
@@ -101,6 +141,8 @@ LoadedLog load_log(StoreFiles& files, std::uint64_t verified_from) {
   log.verified_upto = r.committed;
   return log;
 }
+
+}  // namespace
 
 bool apply_recovery(StoreFiles& files, const LoadedLog& log, const RebuildDerived& rebuild) {
   if (log.same_boot) return false;

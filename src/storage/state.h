@@ -23,7 +23,15 @@ class SharedState {
   std::uint64_t committed() const { return load(page_->committed_rows); }
   std::uint64_t durable() const { return load(page_->durable_rows); }
   std::uint64_t capacity() const { return load(page_->capacity_rows); }
-  std::uint64_t generation() const { return load(page_->generation); }
+  // The generation whose files hold the store: G, or G+1 while a truncate switches from G to
+  // G+1 (the word carries kGenerationSwitching).
+  std::uint64_t generation() const {
+    const std::uint64_t word = generation_word();
+    return (word & ~kGenerationSwitching) + (word & kGenerationSwitching ? 1 : 0);
+  }
+  // The generation word as stored, flag included.
+  std::uint64_t generation_word() const { return load(page_->generation); }
+  bool switching() const { return (generation_word() & kGenerationSwitching) != 0; }
   std::uint64_t era() const { return load(page_->era); }
   std::uint64_t key_generation() const { return load(page_->key_generation); }
   // Wall-clock ns of the latest commit (format 1.3); 0 when unknown.
@@ -40,6 +48,7 @@ class SharedState {
   void set_capacity(std::uint64_t rows) { store(page_->capacity_rows, rows); }
   void set_durable(std::uint64_t rows) { store(page_->durable_rows, rows); }
   void set_era(std::uint64_t era) { store(page_->era, era); }
+  void set_generation_word(std::uint64_t word) { store(page_->generation, word); }
   void set_key_generation(std::uint64_t k) { store(page_->key_generation, k); }
   void set_last_commit_unix_ns(std::int64_t ns) {
     store(page_->last_commit_unix_ns, static_cast<std::uint64_t>(ns));

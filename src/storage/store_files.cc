@@ -107,6 +107,7 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
     corrupt(files->header_path_,
             "field generation " + std::to_string(generation) + " is outside 1..10^9");
   }
+  files->file_generation_ = generation;
   files->data_path_ = dir + "/" + data_file_name(generation);
   files->index_path_ = dir + "/" + index_file_name(generation);
   if (access == os::Access::kReadWrite) {
@@ -136,6 +137,95 @@ StoreFiles::~StoreFiles() {
   os::close_fd(data_fd_);
   os::close_fd(index_fd_);
   os::close_fd(header_fd_);
+  for (const int fd : retired_fds_) os::close_fd(fd);
+}
+
+bool StoreFiles::follow_generation() {
+  const std::uint64_t generation = state_.generation();
+  if (generation == file_generation_) return false;
+  if (generation == 0 || generation > 1'000'000'000) {
+    corrupt(header_path_, "field generation " + std::to_string(generation) + " is outside 1..10^9");
+  }
+  std::string data_path = dir_ + "/" + data_file_name(generation);
+  std::string index_path = dir_ + "/" + index_file_name(generation);
+  if (access_ == os::Access::kReadWrite) {
+    const int data_fd = os::open_file(data_path, access_);
+    int index_fd = -1;
+    try {
+      index_fd = os::open_file(index_path, access_);
+    } catch (...) {
+      os::close_fd(data_fd);
+      throw;
+    }
+    retired_fds_.push_back(data_fd_);
+    retired_fds_.push_back(index_fd_);
+    data_fd_ = data_fd;
+    index_fd_ = index_fd;
+    generation_.reset();  // A Writer hands out no pointers; its growth pins what it reads.
+  }
+  data_path_ = std::move(data_path);
+  index_path_ = std::move(index_path);
+  file_generation_ = generation;
+  return true;
+}
+
+void StoreFiles::write_next_generation(std::uint64_t rows) {
+  const std::uint64_t next = file_generation_ + 1;
+  const std::string data_path = dir_ + "/" + data_file_name(next);
+  const std::string index_path = dir_ + "/" + index_file_name(next);
+  // Leftovers of an interrupted truncate: no one ever mapped them (the counter never named them).
+  os::remove_file(data_path);
+  os::remove_file(index_path);
+  int data_fd = -1, index_fd = -1;
+  try {
+    data_fd = os::create_file(data_path);
+    index_fd = os::create_file(index_path);
+    const std::uint64_t capacity =
+        std::min({capacity_for(rows, layout_.record_bytes, layout_.segment_bytes, header_bytes_),
+                  std::max(budget_rows_, rows), kMaxRows});
+    os::allocate(data_fd, 0, layout_.data_bytes_for(capacity), data_path);
+    os::allocate(index_fd, 0, Layout::index_bytes_for(capacity), index_path);
+    if (rows > 0) {
+      os::write_all(data_fd, row_ptr(0), rows * layout_.record_bytes, 0, data_path);
+      os::write_all(index_fd, entry_ptr(0), rows * kIndexEntryBytes, 0, index_path);
+      // The last row kept ends a batch, so recovery may keep it whole (FORMAT.md, "index.G").
+      IndexEntry last;
+      std::memcpy(&last, entry_ptr(rows - 1), sizeof(last));
+      if ((last.row & kEntryBatchEnd) == 0) {
+        last.row |= kEntryBatchEnd;
+        const std::uint64_t payload =
+            payload_hash(row_ptr(rows - 1), layout_.record_bytes, hash_key_);
+        last.checksum = entry_checksum(payload, last.key, last.epoch, last.row, layout_.seed);
+        os::write_all(index_fd, &last, sizeof(last), (rows - 1) * kIndexEntryBytes, index_path);
+      }
+    }
+    EMBSTORE_CRASH_POINT("truncate-copied");
+    os::datasync(data_fd, data_path);
+    os::datasync(index_fd, index_path);
+    os::sync_dir(dir_);
+  } catch (...) {
+    os::close_fd(data_fd);
+    os::close_fd(index_fd);
+    os::remove_file(data_path);
+    os::remove_file(index_path);
+    throw;
+  }
+  os::close_fd(data_fd);
+  os::close_fd(index_fd);
+}
+
+void StoreFiles::remove_stale_files(std::uint64_t key_generation) const {
+  for (const std::string& name : os::list_dir(dir_)) {
+    const std::size_t dot = name.find('.');
+    if (dot == std::string::npos || dot + 1 == name.size()) continue;
+    const std::string_view stem(name.data(), dot);
+    const std::string_view number(name.data() + dot + 1, name.size() - dot - 1);
+    if (number.find_first_not_of("0123456789") != std::string_view::npos) continue;
+    const std::uint64_t value = std::strtoull(std::string(number).c_str(), nullptr, 10);
+    const bool stale = ((stem == "rows" || stem == "index") && value != file_generation_) ||
+                       (stem == "keys" && value != key_generation);
+    if (stale) os::remove_file(dir_ + "/" + name);
+  }
 }
 
 std::uint64_t StoreFiles::rows_files_hold() const {
@@ -148,7 +238,8 @@ std::uint64_t StoreFiles::rows_files_hold() const {
 
 void StoreFiles::map_rows(std::uint64_t rows) {
   // An empty snapshot still needs a Generation: views of zero rows point into it.
-  if (generation_ && rows <= mapped_rows()) return;
+  const bool current = generation_ && generation_->number() == file_generation_;
+  if (current && rows <= generation_->mapped_rows()) return;
   if (rows > kMaxRows) {
     corrupt(header_path_, "a counter claims " + std::to_string(rows) + " rows, beyond 2^40");
   }
@@ -176,13 +267,13 @@ void StoreFiles::map_rows(std::uint64_t rows) {
   const std::uint64_t file_rows =
       std::min({data_bytes / layout_.record_bytes, index_bytes / kIndexEntryBytes, budget_rows_});
   const std::uint64_t target = std::max(rows, file_rows);
-  if (!generation_ || target > generation_->reserved_rows()) {
+  if (!current || target > generation_->reserved_rows()) {
     // Twice the next power of two: O(log n) remaps while a store grows, and the reservations a
     // Reader keeps pinned add up to at most twice the newest.
     const std::uint64_t reserve = std::min(budget_rows_, std::bit_ceil(target) * 2);
     std::shared_ptr<const Generation> keep;
     if (access_ == os::Access::kReadOnly) keep = generation_;
-    auto next = std::make_shared<Generation>(state_.generation(), layout_, data_path_, index_path_,
+    auto next = std::make_shared<Generation>(file_generation_, layout_, data_path_, index_path_,
                                              access_, reserve, std::move(keep));
     next->map_rows(data.get(), index.get(), target);
     generation_ = std::move(next);

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "embstore/options.h"
 #include "embstore/store.h"
@@ -72,8 +73,14 @@ class StoreFiles {
 
   // The most rows map_bytes lets the store's mappings hold.
   std::uint64_t budget_rows() const { return budget_rows_; }
-  // Rows the current mappings cover.
-  std::uint64_t mapped_rows() const { return generation_ ? generation_->mapped_rows() : 0; }
+  // The generation whose files (rows.<G>, index.<G>) this object opened; the state page may
+  // name a newer one after a truncate (follow_generation()).
+  std::uint64_t file_generation() const { return file_generation_; }
+  // Rows the current mappings of file_generation()'s files cover.
+  std::uint64_t mapped_rows() const {
+    return generation_ && generation_->number() == file_generation_ ? generation_->mapped_rows()
+                                                                    : 0;
+  }
   // The current mappings (null before the first map_rows()); changes when map_rows() remaps.
   const Generation* generation() const { return generation_.get(); }
   // The current mappings, kept mapped for as long as the caller holds them (a Writer's growth
@@ -88,6 +95,21 @@ class StoreFiles {
   // past map_bytes; on failure no counter changes. Pointers from row_ptr()/entry_ptr() taken before
   // may then be stale.
   void grow_to(std::uint64_t rows);
+  // When the state page names another generation than file_generation() (a truncate switched
+  // the store, or is switching it), takes that generation's files: a Writer opens them (keeping
+  // the old descriptors open until destruction, so a sync in flight never sees a reused one), a
+  // Reader only takes their paths. Maps nothing: the next map_rows() maps the new files at a
+  // new Generation, which for a Reader pins the old one (views stay valid). True if it switched.
+  bool follow_generation();
+  // Writer only, writer lock held: writes the files of generation file_generation() + 1 holding
+  // copies of rows [0, rows) (mapped), the last one flagged as a batch end, sized for
+  // capacity_for(rows), and flushes them and the directory. Replaces any leftover files of that
+  // generation first (an interrupted truncate). Throws with the partial files removed.
+  void write_next_generation(std::uint64_t rows);
+  // Writer only, writer lock held: removes rows.<X> and index.<X> for every X other than
+  // file_generation(), and keys.<X> for every X other than `key_generation` (leftovers of a
+  // truncate or of a crash; Readers that mapped them keep their mappings).
+  void remove_stale_files(std::uint64_t key_generation) const;
   // Rows the files on disk can hold right now (from their sizes).
   std::uint64_t rows_files_hold() const;
 
@@ -114,6 +136,8 @@ class StoreFiles {
   StoreFiles() = default;
 
   std::string dir_, header_path_, data_path_, index_path_;
+  std::uint64_t file_generation_ = 0;
+  std::vector<int> retired_fds_;  // A Writer's descriptors of older generations' files.
   os::Access access_ = os::Access::kReadOnly;
   Layout layout_{};
   RowHashKey hash_key_{0};  // From layout_.seed.

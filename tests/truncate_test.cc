@@ -1,0 +1,264 @@
+// Writer::truncate: rolling a store back to a prefix through a new generation of its files, with
+// live Readers, Writers of other processes, and kills at every step of the switch.
+#include <signal.h>
+
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "embstore/embstore.h"
+#include "platform/testing.h"
+#include "support/payload.h"
+#include "support/process.h"
+#include "support/temp_dir.h"
+
+using namespace embstore;
+using embstore::test::TempDir;
+
+namespace {
+
+constexpr std::uint32_t kDim = 8;
+const char* const kBootA = "11111111-1111-1111-1111-111111111111";
+const char* const kBootB = "22222222-2222-2222-2222-222222222222";
+
+struct BootReset {
+  ~BootReset() { detail::testing::set_boot_id(""); }
+};
+
+WriterOptions unsynced() {
+  WriterOptions options;
+  options.sync = SyncPolicy::kNone;
+  return options;
+}
+
+// Appends rows seq [first, first + n) of `writer` with one epoch.
+void append_rows(Writer& w, std::uint64_t writer, std::uint64_t first, std::uint64_t n,
+                 std::uint64_t epoch) {
+  const auto values = test::batch_payload(writer, first, n, kDim);
+  std::vector<std::uint64_t> keys(n);
+  for (std::uint64_t i = 0; i < n; ++i) keys[i] = test::make_key(writer, first + i);
+  w.append(keys, epoch, std::span<const float>(values));
+}
+
+Writer make_store(const std::string& path, const WriterOptions& options = {}) {
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;  // Several growths for 100 rows: the copy crosses segments.
+  return Writer::create(path, o, options);
+}
+
+// Every row of the reader's snapshot is row `row` of writer 0 at its place, and verifies.
+void check_prefix(const Reader& r, std::uint64_t rows) {
+  REQUIRE(r.size() == rows);
+  for (std::uint64_t row = 0; row < rows; ++row) {
+    const Record rec = r.record(row);
+    REQUIRE(rec.key == test::make_key(0, row));
+    REQUIRE(test::payload_matches(rec.key, kDim, rec.data));
+  }
+  const VerifyReport report = r.verify();
+  CHECK(report.bad_row_count == 0);
+  CHECK(report.key_index_problems == 0);
+}
+
+}  // namespace
+
+TEST_CASE("Truncate keeps a prefix, and the store takes appends and reopens", "[truncate]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = make_store(path);
+    for (std::uint64_t b = 0; b < 10; ++b) append_rows(w, 0, b * 10, 10, b);
+    CHECK(w.truncate(37) == 37);
+    CHECK(w.committed_rows() == 37);
+    CHECK(w.durable_rows() == 37);
+    CHECK(w.info().generation == 2);
+    CHECK(test::file_size(path + "/rows.2") > 0);
+    CHECK_FALSE(std::filesystem::exists(path + "/rows.1"));
+    CHECK_FALSE(std::filesystem::exists(path + "/index.1"));
+    append_rows(w, 0, 37, 13, 20);
+    CHECK(w.committed_rows() == 50);
+    w.close();
+  }
+  Reader r = Reader::open(path);
+  check_prefix(r, 50);
+  CHECK(r.find(test::make_key(0, 40)) == std::optional<std::uint64_t>(40));
+  CHECK(r.epochs().back().epoch == 20);
+  // The batch the truncate cut ends at row 36 now: a writer after a reboot keeps it whole.
+  {
+    BootReset reset;
+    detail::testing::set_boot_id(kBootB);
+    Writer w = Writer::open(path, unsynced());
+    CHECK(w.committed_rows() == 50);
+  }
+}
+
+TEST_CASE("Truncate refuses more rows than the store holds and ignores as many", "[truncate]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = make_store(path);
+  append_rows(w, 0, 0, 20, 0);
+  try {
+    w.truncate(21);
+    FAIL("truncate past the end succeeded");
+  } catch (const Error& error) {
+    CHECK(error.code() == ErrorCode::kInvalidArgument);
+    CHECK_THAT(error.what(), Catch::Contains("21") && Catch::Contains("20 rows"));
+  }
+  CHECK(w.truncate(20) == 20);
+  CHECK(w.info().generation == 1);        // Nothing was rewritten.
+  CHECK(w.truncate_from_epoch(1) == 20);  // No row of epoch >= 1.
+  CHECK(w.info().generation == 1);
+  CHECK(w.truncate(0) == 0);
+  append_rows(w, 0, 0, 5, 0);
+  w.close();
+  check_prefix(Reader::open(path), 5);
+}
+
+TEST_CASE("Truncate from an epoch drops its first row and everything after", "[truncate]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = make_store(path);
+  for (std::uint64_t epoch = 0; epoch < 5; ++epoch) append_rows(w, 0, epoch * 10, 10, epoch);
+  append_rows(w, 0, 50, 5, 1);  // An earlier epoch after epoch 4: dropped too (a prefix).
+  CHECK(w.truncate_from_epoch(3) == 30);
+  w.close();
+  Reader r = Reader::open(path);
+  check_prefix(r, 30);
+  const auto epochs = r.epochs();
+  REQUIRE(epochs.size() == 3);
+  CHECK(epochs.back().epoch == 2);
+  CHECK(r.epoch_rows(3).empty());
+}
+
+TEST_CASE("A live Reader keeps its views across a truncate and sees it after refresh",
+          "[truncate]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = make_store(path);
+  for (std::uint64_t b = 0; b < 5; ++b) append_rows(w, 0, b * 10, 10, 0);
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 50);
+  const RowsView view = r.rows(0, 50);
+  const auto keys = r.keys(0, 50);
+  const std::string before(reinterpret_cast<const char*>(view.data), view.size_bytes());
+  CHECK(r.find(test::make_key(0, 45)) == std::optional<std::uint64_t>(45));
+
+  CHECK(w.truncate(20) == 20);
+  // Rows of another writer land in the new generation over the dropped ones' places.
+  append_rows(w, 1, 0, 10, 7);
+
+  // Unchanged until refresh: the same snapshot, views and lookups over the old files.
+  CHECK(r.size() == 50);
+  CHECK(std::memcmp(before.data(), view.data, before.size()) == 0);
+  CHECK(keys[45] == test::make_key(0, 45));
+  CHECK(r.find(test::make_key(0, 45)) == std::optional<std::uint64_t>(45));
+  CHECK(r.record(45).key == test::make_key(0, 45));
+
+  CHECK(r.refresh() == 30);  // The snapshot went down to the truncated store plus the append.
+  CHECK(std::memcmp(before.data(), view.data, before.size()) == 0);
+  CHECK_FALSE(r.find(test::make_key(0, 45)).has_value());
+  CHECK(r.history(test::make_key(0, 45)).empty());
+  CHECK(r.find(test::make_key(1, 3)) == std::optional<std::uint64_t>(23));
+  CHECK(r.find(test::make_key(0, 19)) == std::optional<std::uint64_t>(19));
+  CHECK(r.epoch_rows(7).size() == 10);
+  const VerifyReport report = r.verify();
+  CHECK(report.bad_row_count == 0);
+  CHECK(report.key_index_problems == 0);
+  w.close();
+}
+
+TEST_CASE("A Writer of another process appends into the new generation after a truncate",
+          "[truncate][multiprocess]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = make_store(path, unsynced());  // No sync thread in the process that forks.
+  for (std::uint64_t b = 0; b < 5; ++b) append_rows(w, 0, b * 10, 10, 0);
+  test::Pipe opened, go;
+  const pid_t child = test::spawn([&] {
+    Writer other = Writer::open(path);  // At generation 1, before the truncate.
+    append_rows(other, 2, 0, 4, 1);     // Rows [50, 54): dropped by the truncate below.
+    const char ready = 'r';
+    opened.send(&ready, 1);
+    if (go.receive(1).size() != 1) return 2;
+    append_rows(other, 1, 0, 10, 2);  // After the truncate: must land at rows [25, 35).
+    other.close();
+    return 0;
+  });
+  REQUIRE(opened.receive(1).size() == 1);
+  CHECK(w.committed_rows() == 54);
+  CHECK(w.truncate(25) == 25);
+  const char proceed = 'g';
+  go.send(&proceed, 1);
+  REQUIRE(test::wait_for(child) == 0);
+  CHECK(w.committed_rows() == 35);
+  append_rows(w, 0, 25, 5, 3);  // This handle too, after the other process's append.
+  w.close();
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 40);
+  for (std::uint64_t row = 0; row < 40; ++row) {
+    const std::uint64_t expected = row < 25   ? test::make_key(0, row)
+                                   : row < 35 ? test::make_key(1, row - 25)
+                                              : test::make_key(0, row - 10);
+    const Record rec = r.record(row);
+    REQUIRE(rec.key == expected);
+    REQUIRE(test::payload_matches(rec.key, kDim, rec.data));
+  }
+  CHECK_FALSE(r.find(test::make_key(2, 0)).has_value());
+  CHECK(r.verify().bad_row_count == 0);
+  CHECK_FALSE(std::filesystem::exists(path + "/rows.1"));
+}
+
+TEST_CASE("A truncate killed at any step leaves the old store or the new one",
+          "[truncate][crash]") {
+  BootReset reset;
+  struct Point {
+    const char* name;
+    bool decided;  // The switch was decided before the kill: the new store.
+  };
+  const Point point =
+      GENERATE(Point{"truncate-copied", false}, Point{"truncate-files-synced", false},
+               Point{"truncate-flag-stored", true}, Point{"truncate-flagged", true},
+               Point{"truncate-mid-switch", true}, Point{"truncate-switched", true});
+  const bool reboot = GENERATE(false, true);
+  const bool reader_first = GENERATE(false, true);
+  INFO(point.name << (reboot ? ", after a reboot" : ", same boot")
+                  << (reader_first ? ", a Reader opens first" : ""));
+  TempDir dir;
+  const std::string path = dir / "s";
+  detail::testing::set_boot_id(kBootA);
+  {
+    Writer w = make_store(path, unsynced());
+    for (std::uint64_t b = 0; b < 4; ++b) append_rows(w, 0, b * 20, 20, b);
+    w.sync();
+    append_rows(w, 0, 80, 20, 4);  // Not synced: a reboot re-verifies it.
+  }
+  const pid_t child = test::spawn([&] {
+    Writer w = Writer::open(path, unsynced());
+    detail::testing::arm_crash(point.name, 1);
+    w.truncate(37);
+    return 1;
+  });
+  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  if (reboot) detail::testing::set_boot_id(kBootB);
+  const std::uint64_t expected = point.decided ? 37 : 100;
+  if (reader_first) check_prefix(Reader::open(path), expected);
+  {
+    Writer w = Writer::open(path, unsynced());
+    CHECK(w.committed_rows() == expected);
+    CHECK(w.info().generation == (point.decided ? 2 : 1));
+    // Leftovers of the other generation are gone.
+    CHECK_FALSE(std::filesystem::exists(path + (point.decided ? "/rows.1" : "/rows.2")));
+    CHECK_FALSE(std::filesystem::exists(path + (point.decided ? "/index.1" : "/index.2")));
+    append_rows(w, 0, expected, 3, 9);
+    w.close();
+  }
+  check_prefix(Reader::open(path), expected + 3);
+  // And a truncate after it works as on a fresh store.
+  {
+    Writer w = Writer::open(path, unsynced());
+    CHECK(w.truncate(10) == 10);
+  }
+  check_prefix(Reader::open(path), 10);
+}
