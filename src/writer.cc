@@ -43,8 +43,10 @@ class Writer::Impl {
         owner_pid_(detail::os::current_pid()) {
     {
       detail::LockGuard guard(*lock_);
-      // A truncate killed after deciding its switch: finish it before anything else.
+      // A truncate killed after deciding its switch: finish it before anything else; and the
+      // files opened before the lock may be of a generation a truncate replaced since.
       detail::finish_switch(*files_);
+      files_->follow_generation();
       allocate_files();
       files_->upgrade_header();
       keys_ = detail::make_key_index_handle(*files_, detail::os::Access::kReadWrite);
@@ -83,12 +85,19 @@ class Writer::Impl {
   void sync();
   void close();
   void rebuild_key_index() {
-    join_growth(/*abandon=*/true);
     std::shared_lock life(lifetime_);
     check_usable();
-    std::lock_guard in_process(mutex_);
-    detail::LockGuard across_processes(*lock_);
-    follow_truncate();
+    for (;;) {
+      join_growth(/*abandon=*/true);
+      std::lock_guard in_process(mutex_);
+      detail::LockGuard across_processes(*lock_);
+      if (growth_thread_) continue;  // Claimed by another thread's append meanwhile.
+      follow_truncate();
+      rebuild_key_index_locked();
+      return;
+    }
+  }
+  void rebuild_key_index_locked() {
     const std::uint64_t committed = files_->state().committed();
     files_->map_rows(committed);
     keys_->open_for_writer(files_->entry_ptr(0), committed, /*rebuild=*/true);
@@ -122,6 +131,8 @@ class Writer::Impl {
   // truncated the store (or was killed switching it), finishes the switch and takes the new
   // generation's files and key index. True if the generation changed.
   bool follow_truncate();
+  // truncate() with mutex_ and the writer lock held and no key index growth running.
+  std::uint64_t truncate_locked(std::uint64_t rows, bool from_epoch);
   // True when the state page names another generation than this handle's files.
   bool generation_moved() const {
     return files_->state().generation_word() != files_->file_generation();
@@ -164,6 +175,7 @@ class Writer::Impl {
   std::mutex poison_mutex_;
   std::string poison_message_;    // Written once, under poison_mutex_, before poisoned_ is set.
   std::uint64_t synced_era_ = 0;  // Highest era this handle has seen durable. Under mutex_.
+  int flushes_in_flight_ = 0;     // flush() calls using descriptors they took. Under mutex_.
   std::unique_ptr<detail::KeyIndexHandle> keys_;
   std::atomic<bool> keys_usable_{false};
   std::optional<Error> key_index_error_;        // Under poison_mutex_.
@@ -225,6 +237,7 @@ bool Writer::Impl::follow_truncate() {
   if (!generation_moved()) return false;
   detail::finish_switch(*files_);  // Its truncating handle was killed after deciding it.
   files_->follow_generation();
+  if (flushes_in_flight_ == 0) files_->close_retired_fds();  // Else the last flush does.
   files_->map_rows(files_->state().capacity());
   keys_->reset_store_generation(files_->file_generation());
   open_key_index();
@@ -232,13 +245,22 @@ bool Writer::Impl::follow_truncate() {
 }
 
 std::uint64_t Writer::Impl::truncate(std::uint64_t rows, bool from_epoch) {
-  join_growth(/*abandon=*/true);  // A growth of this generation is of no use after it.
   std::shared_lock life(lifetime_);
   check_usable();
-  std::lock_guard in_process(mutex_);
-  check_usable();
-  detail::LockGuard across_processes(*lock_);
-  follow_truncate();
+  for (;;) {
+    // A growth of this generation is of no use after it, and its thread must not run while the
+    // key index handle is reset: stopped first, outside the locks it takes.
+    join_growth(/*abandon=*/true);
+    std::lock_guard in_process(mutex_);
+    check_usable();
+    detail::LockGuard across_processes(*lock_);
+    if (growth_thread_) continue;  // Another thread's append claimed one meanwhile.
+    follow_truncate();
+    return truncate_locked(rows, from_epoch);
+  }
+}
+
+std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch) {
   const std::uint64_t committed = files_->state().committed();
   std::uint64_t keep = rows;
   if (from_epoch) {
@@ -415,14 +437,24 @@ void Writer::Impl::flush() {
   int data_fd, index_fd;
   std::string data_path, index_path;
   std::uint64_t generation;
+  // The descriptors of generations followed meanwhile are closed when no flush uses them.
+  struct InFlight {
+    Impl& impl;
+    ~InFlight() {
+      std::lock_guard in_process(impl.mutex_);
+      if (--impl.flushes_in_flight_ == 0) impl.files_->close_retired_fds();
+    }
+  };
   {
     std::lock_guard in_process(mutex_);
+    ++flushes_in_flight_;
     generation = files_->file_generation();
     data_fd = files_->data_fd();
     index_fd = files_->index_fd();
     data_path = files_->data_path();
     index_path = files_->index_path();
   }
+  const InFlight in_flight{*this};
   const std::uint64_t committed = state.committed();
   try {
     detail::os::datasync(data_fd, data_path);

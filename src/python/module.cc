@@ -297,6 +297,15 @@ class PyWriter {
     writer_->sync();
   }
 
+  // Writes what is queued first, so the rows appended before the call are the ones it counts.
+  std::uint64_t truncate(std::uint64_t value, bool from_epoch) {
+    flush();
+    std::shared_lock alive = lock_alive();
+    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    py::gil_scoped_release unlocked;
+    return from_epoch ? writer_->truncate_from_epoch(value) : writer_->truncate(value);
+  }
+
   void close() {
     if (current_process_id() != owner_pid_) {
       (void)async_.release();
@@ -792,6 +801,7 @@ PYBIND11_MODULE(_embstore, m) {
            py::arg("as_dtype"), py::arg("copy"))
       .def("flush", &PyWriter::flush)
       .def("sync", &PyWriter::sync)
+      .def("truncate", &PyWriter::truncate, py::arg("value"), py::arg("from_epoch"))
       .def("close", &PyWriter::close)
       .def("stats", &PyWriter::stats)
       .def_property_readonly("closed", &PyWriter::closed)

@@ -140,6 +140,11 @@ StoreFiles::~StoreFiles() {
   for (const int fd : retired_fds_) os::close_fd(fd);
 }
 
+void StoreFiles::close_retired_fds() {
+  for (const int fd : retired_fds_) os::close_fd(fd);
+  retired_fds_.clear();
+}
+
 bool StoreFiles::follow_generation() {
   const std::uint64_t generation = state_.generation();
   if (generation == file_generation_) return false;

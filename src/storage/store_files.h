@@ -97,10 +97,14 @@ class StoreFiles {
   void grow_to(std::uint64_t rows);
   // When the state page names another generation than file_generation() (a truncate switched
   // the store, or is switching it), takes that generation's files: a Writer opens them (keeping
-  // the old descriptors open until destruction, so a sync in flight never sees a reused one), a
+  // the old descriptors open until close_retired_fds(), so a sync in flight never sees a reused
+  // one), a
   // Reader only takes their paths. Maps nothing: the next map_rows() maps the new files at a
   // new Generation, which for a Reader pins the old one (views stay valid). True if it switched.
   bool follow_generation();
+  // Writer only: closes the descriptors follow_generation() kept (the caller knows no flush
+  // still uses them). Until then the old files, unlinked, keep their disk space.
+  void close_retired_fds();
   // Writer only, writer lock held: writes the files of generation file_generation() + 1 holding
   // copies of rows [0, rows) (mapped), the last one flagged as a batch end, sized for
   // capacity_for(rows), and flushes them and the directory. Replaces any leftover files of that

@@ -78,5 +78,7 @@ bool scenario_counters(std::uint64_t seed);  // 16
 bool scenario_python_use(std::uint64_t seed);  // 20
 // Key index scenario (scenarios_keys.cc).
 bool scenario_key_index(std::uint64_t seed);  // 21
+// Truncate under writers, readers and kills (scenarios_truncate.cc).
+bool scenario_truncate(std::uint64_t seed);  // 22
 
 }  // namespace embstore::torture

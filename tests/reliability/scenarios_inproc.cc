@@ -716,6 +716,8 @@ const std::vector<Scenario>& all_scenarios() {
       {"20", "Python in ordinary use: reused buffers, exit without close", scenario_python_use},
       {"21", "key index: kill -9 while indexing and growing, missing and damaged files",
        scenario_key_index},
+      {"22", "truncate under writers and a reader, killed at random and at its crash points",
+       scenario_truncate},
       {"19", "many stores: thousands of readers, hundreds of writers, views kept",
        scenario_many_stores},
   };

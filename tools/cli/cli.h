@@ -44,6 +44,7 @@ void add_transfer_commands(CLI::App& app, Registry& registry);  // export import
 void add_serve_command(CLI::App& app, Registry& registry);
 void add_merge_command(CLI::App& app, Registry& registry);  // merge (shards into one store)
 void add_salvage_command(CLI::App& app, Registry& registry);
+void add_truncate_command(CLI::App& app, Registry& registry);  // truncate (roll back)
 void add_bench_command(CLI::App& app, Registry& registry);
 
 // A CLI11 validator that accepts the dtype names parse_dtype() knows and names them otherwise.

@@ -11,8 +11,8 @@
 int main(int argc, char** argv) {
   using namespace embstore::cli;
   CLI::App app(
-      "embstore: inspect, check, follow, export, import, compact, merge and salvage embstore "
-      "stores.\n"
+      "embstore: inspect, check, follow, export, import, compact, merge, salvage and truncate "
+      "embstore stores.\n"
       "Read-only commands (info, verify, head, tail, get, export) take no lock and change "
       "nothing.\n"
       "Exit status: 0 ok, 1 damage found, 2 usage, 10 + error code otherwise (see the README).",
@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   add_transfer_commands(app, registry);
   add_merge_command(app, registry);
   add_salvage_command(app, registry);
+  add_truncate_command(app, registry);
   add_serve_command(app, registry);
   add_bench_command(app, registry);
 

@@ -486,6 +486,26 @@ class Writer(_Handle):
         """
         self._native.sync()
 
+    def truncate(self, rows: Optional[int] = None, *, from_epoch: Optional[int] = None) -> int:
+        """Rolls the store back, for training that resumes from a checkpoint; returns the rows kept.
+
+        Exactly one of:
+            rows: keep rows [0, rows) and drop every later row (rows == committed_rows() changes
+                nothing; more raises ValueError).
+            from_epoch: drop the first row whose epoch is >= from_epoch and every row after it
+                (rows of earlier epochs appended after it too: a store keeps a prefix). Nothing
+                changes when no row has such an epoch.
+
+        Writes what is queued first (async mode). Killed at any instant the store is the old one
+        or the new one. Readers keep their views and snapshot until ``refresh()``, after which
+        ``len(reader)`` may be smaller; Writers of other processes append after the kept rows.
+        """
+        if (rows is None) == (from_epoch is None):
+            raise TypeError("truncate() takes exactly one of rows= or from_epoch=")
+        if rows is not None:
+            return self._native.truncate(_check_u64(rows, "rows"), False)
+        return self._native.truncate(_check_u64(from_epoch, "from_epoch"), True)
+
     def close(self) -> None:
         """Writes what is queued, stops the background thread and releases the store.
 
@@ -640,7 +660,9 @@ class Reader(_Handle):
         return self._native.size()
 
     def refresh(self) -> int:
-        """Takes a new snapshot of the committed rows; returns its size (never smaller)."""
+        """Takes a new snapshot of the committed rows; returns its size: never smaller, except
+        after a ``Writer.truncate()``, when it is the truncated store's size. Arrays taken
+        before stay valid and unchanged either way."""
         return self._native.refresh()
 
     def wait(self, n: int, timeout: Optional[float] = None) -> bool:

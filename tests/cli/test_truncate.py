@@ -1,0 +1,127 @@
+"""embstore truncate: --rows and --from-epoch, what it prints, --json, --yes, bad input, a live
+reader process that keeps its arrays, and kill -9 in the middle of the switch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import embstore
+from conftest import CLI, hash_tree, make_store, run
+
+USAGE = 2
+
+
+@pytest.fixture
+def store(tmp_path):
+    """Three epochs of ten rows; epoch e has keys e..e+9 (make_store)."""
+    return make_store(tmp_path / "s", dim=4, dtype="float32")
+
+
+def test_truncate_from_epoch_prints_what_it_dropped(store):
+    r = run("truncate", store, "--from-epoch", 1, "--yes")
+    assert r.code == 0, r
+    assert "kept rows [0, 10), dropped 20 rows [10, 30)" in r.out
+    assert "epoch 1: 10 rows" in r.out and "epoch 2: 10 rows" in r.out
+    reader = embstore.Reader(store)
+    assert len(reader) == 10 and set(reader.epochs.tolist()) == {0}
+    assert reader.verify().ok
+
+
+def test_truncate_rows_json(store):
+    r = run("truncate", store, "--rows", 25, "--yes", "--json")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["rows_before"] == 30 and report["rows_kept"] == 25
+    assert report["rows_dropped"] == 5 and report["generation"] == 2
+    assert report["dropped_epochs"] == [{"epoch": 2, "rows": 5}]
+    assert len(embstore.Reader(store)) == 25
+
+
+def test_truncate_with_nothing_to_drop_changes_nothing(store):
+    before = hash_tree(store)
+    for args in (["--rows", 30], ["--from-epoch", 9]):
+        r = run("truncate", store, *args)  # No --yes needed: nothing to ask about.
+        assert r.code == 0, r
+        assert "nothing to drop" in r.out
+    assert hash_tree(store) == before
+
+
+def test_truncate_bad_input_is_one_line_and_changes_nothing(store):
+    before = hash_tree(store)
+    cases = [
+        ([], "exactly one of --rows and --from-epoch"),
+        (["--rows", 3, "--from-epoch", 1], "excludes"),
+        (["--rows", 31, "--yes"], "31"),
+        (["--rows", -1, "--yes"], "row count"),
+        (["--from-epoch", "x", "--yes"], "epoch"),
+        (["--rows", 3], "without --yes"),  # stdin is not a terminal: never asks, refuses
+    ]
+    for args, message in cases:
+        r = run("truncate", store, *args, stdin="y\n")
+        assert r.code == USAGE, (args, r)
+        lines = [line for line in r.err.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], (args, r.err)
+    assert hash_tree(store) == before
+    missing = run("truncate", os.path.join(os.path.dirname(store), "nope"), "--rows", 0, "--yes")
+    assert missing.code == 12 and "nope" in missing.err
+
+
+def test_truncate_help():
+    r = run("truncate", "--help")
+    assert r.code == 0 and "--from-epoch" in r.out and "--rows" in r.out and "--yes" in r.out
+    assert "  truncate " in run("--help").out
+
+
+def test_a_reader_process_keeps_its_arrays_and_sees_the_truncate_on_refresh(store):
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import embstore
+        r = embstore.Reader({store!r})
+        v = r.vectors
+        copy = v.copy()
+        print(len(r), flush=True)
+        sys.stdin.readline()
+        assert len(r) == 30 and np.array_equal(v, copy)
+        print(r.refresh(), int(np.array_equal(v, copy)), r.find(25), flush=True)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "30"
+        r = run("truncate", store, "--rows", 12, "--yes")
+        assert r.code == 0, r
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().split() == ["12", "1", "None"]
+        assert child.wait(timeout=60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def test_kill_at_random_instants_leaves_the_old_or_the_new_store(tmp_path):
+    rng = np.random.default_rng(3)
+    for attempt in range(8):
+        path = make_store(tmp_path / f"s{attempt}", dim=64, dtype="float32", epochs=4,
+                          rows_per_epoch=2000)
+        before = embstore.Reader(path).vectors.copy()
+        proc = subprocess.Popen([CLI, "truncate", path, "--rows", "3000", "--yes"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=float(rng.uniform(0.0, 0.05)))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        reader = embstore.Reader(path)
+        assert len(reader) in (8000, 3000), attempt
+        np.testing.assert_array_equal(reader.vectors, before[:len(reader)])
+        with embstore.Writer(path) as w:
+            assert w.committed_rows() == len(reader)
+        assert embstore.Reader(path).verify().ok

@@ -1,0 +1,160 @@
+// truncate: roll a store back to a prefix (Writer::truncate / truncate_from_epoch), for training
+// that resumes from a checkpoint; says what it drops, and asks first unless --yes.
+#include <fmt/core.h>
+#include <unistd.h>
+
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "cli.h"
+
+namespace embstore::cli {
+namespace {
+
+struct TruncateArgs {
+  std::string store;
+  std::optional<std::uint64_t> rows;
+  std::optional<std::uint64_t> from_epoch;
+  bool yes = false;
+  bool json = false;
+};
+
+struct Plan {
+  std::uint64_t rows_before = 0;
+  std::uint64_t keep = 0;
+  std::map<std::uint64_t, std::uint64_t> dropped_epochs;  // epoch -> rows dropped
+};
+
+// What the truncate would drop, as a Reader sees the store now (other writers may append
+// before the Writer takes the lock; the report after says what it did).
+Plan plan_truncate(const TruncateArgs& args) {
+  const Reader reader = Reader::open(args.store);
+  Plan plan;
+  plan.rows_before = reader.size();
+  const auto epochs = reader.epochs(0, plan.rows_before);
+  if (args.rows) {
+    if (*args.rows > plan.rows_before) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  fmt::format("{}: --rows {} is more than the {} rows the store holds", args.store,
+                              *args.rows, plan.rows_before));
+    }
+    plan.keep = *args.rows;
+  } else {
+    plan.keep = plan.rows_before;
+    for (std::uint64_t row = 0; row < plan.rows_before; ++row) {
+      if (epochs[row] >= *args.from_epoch) {
+        plan.keep = row;
+        break;
+      }
+    }
+  }
+  for (std::uint64_t row = plan.keep; row < plan.rows_before; ++row) {
+    ++plan.dropped_epochs[epochs[row]];
+  }
+  return plan;
+}
+
+std::string epochs_text(const std::map<std::uint64_t, std::uint64_t>& epochs) {
+  std::string text;
+  for (const auto& [epoch, rows] : epochs) {
+    if (text.size() > 200) {  // One line, however many epochs.
+      text += ", ...";
+      break;
+    }
+    text += fmt::format("{}epoch {}: {} rows", text.empty() ? "" : ", ", epoch, rows);
+  }
+  return text;
+}
+
+bool confirmed(const TruncateArgs& args, const Plan& plan) {
+  if (args.yes) return true;
+  const std::string what = fmt::format("drop rows [{}, {}) of {} ({})", plan.keep, plan.rows_before,
+                                       args.store, epochs_text(plan.dropped_epochs));
+  if (::isatty(STDIN_FILENO) != 1) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "refusing to " + what + " without --yes (stdin is not a terminal to ask)");
+  }
+  std::fprintf(stderr, "%s? [y/N] ", what.c_str());
+  std::string answer;
+  std::getline(std::cin, answer);
+  return answer == "y" || answer == "Y" || answer == "yes";
+}
+
+int run_truncate(const TruncateArgs& args) {
+  if (args.rows.has_value() == args.from_epoch.has_value()) {
+    throw CLI::ValidationError("exactly one of --rows and --from-epoch is required");
+  }
+  const Plan plan = plan_truncate(args);
+  std::uint64_t before = plan.rows_before, kept = plan.keep, generation = 0;
+  if (plan.keep < plan.rows_before) {
+    if (!confirmed(args, plan)) {
+      std::fprintf(stderr, "embstore truncate: nothing changed\n");
+      return kExitUsage;
+    }
+    Writer writer = Writer::open(args.store);
+    before = writer.committed_rows();
+    kept = args.rows ? writer.truncate(*args.rows) : writer.truncate_from_epoch(*args.from_epoch);
+    generation = writer.info().generation;
+    writer.close();
+  } else {
+    generation = Reader::open(args.store).info().generation;
+  }
+  // Rows appended by other writers between the plan and the truncate were dropped too; the
+  // epochs listed are those the plan saw.
+  const std::uint64_t dropped = before - kept;
+  if (args.json) {
+    nlohmann::json epochs = nlohmann::json::array();
+    for (const auto& [epoch, rows] : plan.dropped_epochs) {
+      epochs.push_back({{"epoch", epoch}, {"rows", rows}});
+    }
+    print_json({{"store", args.store},
+                {"rows_before", before},
+                {"rows_kept", kept},
+                {"rows_dropped", dropped},
+                {"generation", generation},
+                {"dropped_epochs", epochs}});
+    return kExitOk;
+  }
+  if (dropped == 0) {
+    fmt::print("{}: nothing to drop ({} rows kept)\n", args.store, kept);
+  } else {
+    fmt::print("{}: kept rows [0, {}), dropped {} rows [{}, {}) ({}); now generation {}\n",
+               args.store, kept, dropped, kept, before, epochs_text(plan.dropped_epochs),
+               generation);
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+void add_truncate_command(CLI::App& app, Registry& registry) {
+  auto args = std::make_shared<TruncateArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "truncate",
+      "Roll a store back when training resumes from a checkpoint: keep the first --rows N rows, "
+      "or the rows before the first one of an epoch >= --from-epoch E, and drop every later row "
+      "(takes the writer lock; killed at any instant it leaves the old store or the new one)");
+  cmd->add_option("store", args->store, "Store directory")->required();
+  CLI::Option* rows = cmd->add_option("--rows", args->rows, "Rows to keep")
+                          ->check(unsigned_validator("a row count"));
+  CLI::Option* epoch =
+      cmd->add_option("--from-epoch", args->from_epoch,
+                      "Drop the first row whose epoch is >= E and every row after it")
+          ->check(unsigned_validator("an epoch"));
+  rows->excludes(epoch);
+  cmd->add_flag("-y,--yes", args->yes,
+                "Do not ask (without it, asks on a terminal and refuses otherwise)");
+  cmd->add_flag("--json", args->json, "One JSON object on stdout");
+  cmd->footer(
+      "Exit status: 0 done (or nothing to drop), 2 usage (neither or both of --rows and "
+      "--from-epoch, more rows than the store holds, no --yes off a terminal, or the answer "
+      "was no), 10 + error code otherwise.\n"
+      "Examples: embstore truncate run.emb --from-epoch 5 --yes ; "
+      "embstore truncate run.emb --rows 1000000 --yes --json");
+  registry.add(cmd, [args] { return run_truncate(*args); });
+}
+
+}  // namespace embstore::cli
