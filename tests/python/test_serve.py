@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import embstore
+import embstore.shards
 from serve_helpers import ServerProcess, WriterProcess
 
 pytest.importorskip("aiohttp")
@@ -155,6 +156,59 @@ def test_last_commit_of_several_shards_is_the_newest_and_none_when_unrecorded(tm
     assert newest == infos[1]["last_commit_unix_ns"] >= infos[0]["last_commit_unix_ns"] > 0
     assert serve_store.last_commit_unix(infos) == newest / 1e9
     assert serve_store.last_commit_unix(infos[2]) is None
+
+
+def test_a_manifest_of_shards_is_served_and_follows_its_writers(tmp_path, server_on):
+    """A manifest of two shards: the page's figures, projection, neighbours and history are those
+    of the ShardSet's global rows, while a writer process appends to the second shard (which
+    renumbers nothing before it, and the snapshot keeps its own numbering)."""
+    paths = [str(tmp_path / name) for name in ("s0", "s1")]
+    for path in paths:
+        embstore.create(path, dim=DIM)
+    first = WriterProcess(paths[0], DIM)
+    try:
+        first.append(0, 0, 300)
+    finally:
+        first.close()
+    manifest = tmp_path / "run.json"
+    shards = [{"path": name, "store_id": embstore.info(p)["store_id"], "rows": 0, "epochs": []}
+              for name, p in zip(("s0", "s1"), paths)]
+    embstore.shards.write_manifest(manifest, {"dim": DIM, "dtype": "float32", "metadata": "",
+                                              "shards": shards})
+    server = server_on(str(manifest))
+    assert server.until("/api/stats", lambda s: s["rows"] == 300)["epochs"] == \
+        [{"epoch": 0, "rows": 300}]
+    writer = WriterProcess(paths[1], DIM)
+    try:
+        writer.append(0, 300, 500)
+        writer.append(1, 0, 200)
+        stats = server.until("/api/stats", lambda s: s["rows"] == 700)
+    finally:
+        writer.close()
+    assert stats["epochs"] == [{"epoch": 0, "rows": 500}, {"epoch": 1, "rows": 200}]
+
+    s = embstore.shards.ShardSet(str(manifest))
+    keys, epochs = s.keys.astype(np.int64), s.epochs.astype(np.int64)
+    vectors = s.gather(np.arange(len(s)))
+    for epoch in (0, 1):
+        p = server.ok(f"/api/projection?epoch={epoch}")
+        rows = np.flatnonzero(epochs == epoch)
+        assert p["rows"] == rows.tolist() and p["keys"] == keys[rows].tolist()
+        got = np.stack([p["x"], p["y"]], axis=1)
+        np.testing.assert_allclose(np.abs(got), np.abs(numpy_pca(vectors[rows])), rtol=1e-3,
+                                   atol=1e-3)
+    # Key 5: row 5 of shard 0 at epoch 0, and at epoch 1 in shard 1 (global row 500 + 5).
+    h = server.ok("/api/history?key=5")
+    assert h["rows"] == [5, 505] and h["epochs"] == [0, 1]
+    n = server.ok("/api/neighbours?key=5&epoch=1&k=4")
+    candidates = np.flatnonzero((epochs == 1) & (keys != 5))
+    dist = np.linalg.norm(vectors[candidates].astype(np.float64) - vectors[505], axis=1)
+    best = np.argsort(dist)[:4]
+    assert n["row"] == 505 and [x["key"] for x in n["neighbours"]] == \
+        keys[candidates[best]].tolist()
+    np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], dist[best], rtol=1e-6)
+    # Rows of shard 0 (epoch 0) keep their place: key 250's neighbours come from both shards.
+    assert server.ok("/api/neighbours?key=250&epoch=0&k=3")["row"] == 250
 
 
 def test_parameters_are_validated(store, server_on):

@@ -124,6 +124,41 @@ def last_commit_unix(info) -> Optional[float]:
     return ns / 1e9 if ns != 0 else None
 
 
+class ShardVectors:
+    """The vectors of a ShardSet's global rows [0, rows) as of one snapshot, indexed like an
+    array (an int, a slice, or an array of rows) and gathered on demand from each shard's
+    zero-copy view: nothing is copied up front, and the row numbers stay those of the snapshot
+    after the set is refreshed (a refresh renumbers the rows of every shard after one that grew).
+    """
+
+    def __init__(self, shard_set, rows: int) -> None:
+        self._views = [reader.vectors for reader in shard_set.shards]
+        self._offsets = np.asarray(shard_set.offsets, np.int64).copy()
+        self.rows = rows
+        self.dtype = self._views[0].dtype
+        self.shape = (rows, shard_set.dim)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(self.rows))
+        rows = np.asarray(index, np.int64)
+        scalar = rows.ndim == 0
+        rows = rows.reshape(-1)
+        rows = np.where(rows < 0, rows + self.rows, rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"rows must lie in [0, {self.rows})")
+        out = np.empty((rows.size, self.shape[1]), self.dtype)
+        shard = np.searchsorted(self._offsets, rows, side="right") - 1
+        for i, view in enumerate(self._views):
+            mine = shard == i
+            if mine.any():
+                out[mine] = view[rows[mine] - self._offsets[i]]
+        return out[0] if scalar else out
+
+
 def is_manifest(path: str) -> bool:
     """A path that is not a store directory but a file: a manifest of several shards."""
     return os.path.isfile(path)
@@ -161,7 +196,10 @@ class Follower:
         self.single_store = isinstance(self.reader, embstore.Reader)
         # Sleeps in wait(), which holds its Reader's lock: lookups must not queue behind it.
         self._waiter = open_source(path) if hasattr(self.reader, "wait") else None
-        self.lookup = KeyLookup(self.reader, use_index)
+        # A ShardSet numbers rows globally and renumbers them at each refresh, so its lookups
+        # could name rows of a newer numbering than the snapshot's: a shard set is answered by
+        # scans of the snapshot, which are always in its numbering.
+        self.lookup = KeyLookup(self.reader, use_index if self.single_store else False)
         self.dim = self.reader.dim
         self.record_bytes = self.reader.info()["record_bytes"] if self.single_store else 0
         self.dtype = self.reader.dtype
@@ -192,7 +230,8 @@ class Follower:
         generation = int(info.get("generation", 0)) if isinstance(info, dict) else 0
         self._check_files(rows, generation)
         keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
-        vectors = self.reader.vectors[:rows]
+        vectors = self.reader.vectors[:rows] if self.single_store else \
+            ShardVectors(self.reader, rows)
         counts = dict(self._counts)
         if rows > old.rows:
             values, n = np.unique(epochs[old.rows:rows], return_counts=True)
