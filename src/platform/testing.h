@@ -17,7 +17,8 @@
 //                                       kernel may (a short write), so callers must resume
 // Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
 //         after-publish, mid-sync, during-recovery, create-staged, create-allocated,
-//         create-before-rename.
+//         create-before-rename, truncate-copied, truncate-files-synced, truncate-flag-stored,
+//         truncate-flagged, truncate-mid-switch, truncate-switched.
 // Ops: open, fallocate, fstat, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
 //      rename, mkdir, lock (the OFD writer lock), getrandom, futex (a failed wait returns at
 //      once, as a spurious wake-up; a failed wake wakes no one).
