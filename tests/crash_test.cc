@@ -79,8 +79,13 @@ TEST_CASE("Writers killed at random moments lose nothing acknowledged", "[crash]
         r.refresh();
         const VerifyReport report = r.verify(0, r.size());
         if (!report.ok()) {
-          std::fprintf(stderr, "reader saw bad row %llu\n",
-                       static_cast<unsigned long long>(report.bad_rows.front()));
+          if (report.bad_rows.empty()) {
+            std::fprintf(stderr, "reader: key index problem: %s\n",
+                         report.key_index_problem.c_str());
+          } else {
+            std::fprintf(stderr, "reader saw bad row %llu\n",
+                         static_cast<unsigned long long>(report.bad_rows.front()));
+          }
           return 1;
         }
         if (stopping) return 0;

@@ -248,10 +248,15 @@ std::shared_ptr<KeyIndexFile> KeyIndexFile::open(const std::string& dir, std::ui
   if (access == os::Access::kReadWrite) os::allocate(file->fd_, 0, file_bytes, path);
   file->map_header_and_tables(file->fd_, identity.max_rows);
   const std::uint64_t indexed = file->indexed_rows();
-  if (indexed > (file_bytes - file->chain_offset_) / kChainRecordBytes) {
+  // A writer may have grown the chain and indexed into it since the size was read. It allocates
+  // before it publishes indexed_rows, so the size read after the count covers it unless the
+  // file is damaged.
+  const std::uint64_t chain_rows =
+      (std::max(file_bytes, os::file_size(file->fd_, path)) - file->chain_offset_) /
+      kChainRecordBytes;
+  if (indexed > chain_rows) {
     corrupt(path, "field indexed_rows " + std::to_string(indexed) + " exceeds the chain's " +
-                      std::to_string((file_bytes - file->chain_offset_) / kChainRecordBytes) +
-                      " rows");
+                      std::to_string(chain_rows) + " rows");
   }
   if (access == os::Access::kReadOnly) {
     // A Reader keeps no descriptor (RLIMIT_NOFILE must not bound open Readers): it opens the
