@@ -211,6 +211,34 @@ def test_a_manifest_of_shards_is_served_and_follows_its_writers(tmp_path, server
     assert server.ok("/api/neighbours?key=250&epoch=0&k=3")["row"] == 250
 
 
+def test_a_truncated_store_is_followed_to_its_new_generation(store, server_on):
+    """Writer.truncate() switches the store to a new generation with fewer rows: the page's
+    figures follow it down (epoch counts recounted, not carried over), then up again."""
+    embstore.create(store, dim=DIM)
+    writer = WriterProcess(store, DIM)
+    try:
+        writer.append(0, 0, 300)
+        writer.append(1, 0, 300)
+    finally:
+        writer.close()
+    server = server_on(store)
+    server.until("/api/stats", lambda s: s["rows"] == 600)
+    with embstore.Writer(store) as w:
+        assert w.truncate(from_epoch=1) == 300
+    stats = server.until("/api/stats", lambda s: s["rows"] == 300)
+    assert stats["epochs"] == [{"epoch": 0, "rows": 300}]
+    assert server.ok("/api/history?key=5")["rows"] == [5]
+    writer = WriterProcess(store, DIM)
+    try:
+        writer.append(2, 0, 100)
+    finally:
+        writer.close()
+    stats = server.until("/api/stats", lambda s: s["rows"] == 400)
+    assert stats["epochs"] == [{"epoch": 0, "rows": 300}, {"epoch": 2, "rows": 100}]
+    assert server.ok("/api/history?key=5")["rows"] == [5, 305]
+    assert server.ok("/api/neighbours?key=5&epoch=2&k=3")["row"] == 305
+
+
 def test_parameters_are_validated(store, server_on):
     embstore.create(store, dim=4)
     with embstore.Writer(store) as w:

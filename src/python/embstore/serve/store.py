@@ -30,6 +30,10 @@ import embstore
 
 # Bytes per index entry (FORMAT.md: "entry r at byte r * 32").
 kIndexEntryBytes = 32
+# FORMAT.md "state-page": the generation word's offset in the header file; bit 63 is set while a
+# truncate switches from generation G (bits 0..62) to G+1.
+kGenerationOffset = 4352
+kGenerationMask = (1 << 63) - 1
 # rows/s is measured over the commits seen in this many seconds.
 kRateWindowSeconds = 5.0
 # The follower wakes at least this often (to sample rows/s and check the files).
@@ -159,6 +163,17 @@ class ShardVectors:
         return out[0] if scalar else out
 
 
+def store_generation(path: str) -> Optional[int]:
+    """The generation of the store's files now (one 8-byte read of its header), or None when the
+    header cannot be read."""
+    try:
+        with open(os.path.join(path, "header"), "rb") as f:
+            word = os.pread(f.fileno(), 8, kGenerationOffset)
+    except OSError:
+        return None
+    return int.from_bytes(word, "little") & kGenerationMask if len(word) == 8 else None
+
+
 def is_manifest(path: str) -> bool:
     """A path that is not a store directory but a file: a manifest of several shards."""
     return os.path.isfile(path)
@@ -232,9 +247,13 @@ class Follower:
         keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
         vectors = self.reader.vectors[:rows] if self.single_store else \
             ShardVectors(self.reader, rows)
-        counts = dict(self._counts)
-        if rows > old.rows:
-            values, n = np.unique(epochs[old.rows:rows], return_counts=True)
+        counts, counted = dict(self._counts), old.rows
+        if rows < old.rows or generation != old.generation:
+            # A truncate switched the store to a new generation (rows may have gone down, or
+            # been dropped and appended again): count this snapshot's epochs afresh.
+            counts, counted = {}, 0
+        if rows > counted:
+            values, n = np.unique(epochs[counted:rows], return_counts=True)
             for value, count in zip(values.tolist(), n.tolist()):
                 counts[value] = counts.get(value, 0) + count
         with self._lock:
@@ -292,6 +311,10 @@ class Follower:
             return
         if not os.path.isdir(self.path):
             raise StoreError(f"the store directory {self.path} is gone (deleted or renamed)")
+        if store_generation(self.path) not in (None, generation):
+            # A truncate moved the store to new files and removed these: the snapshot's mappings
+            # stay valid, and the next refresh takes the new generation.
+            return
         for name, need in ((f"rows.{generation}", rows * self.record_bytes),
                            (f"index.{generation}", rows * kIndexEntryBytes)):
             file = os.path.join(self.path, name)
