@@ -128,12 +128,20 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
                                                     KeyIndexSizes sizes, std::uint64_t generation,
                                                     const std::atomic<bool>* stop) {
   for (;;) {
-    auto file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
+    std::shared_ptr<KeyIndexFile> file;
     bool complete = true;
-    while (complete && file->indexed_rows() < rows) {
-      complete = file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
-      EMBSTORE_CRASH_POINT("during-key-index-build");
-      if (stop != nullptr && stop->load()) return nullptr;
+    try {
+      file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
+      while (complete && file->indexed_rows() < rows) {
+        complete =
+            file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
+        EMBSTORE_CRASH_POINT("during-key-index-build");
+        if (stop != nullptr && stop->load()) return nullptr;
+      }
+    } catch (...) {
+      // A build that failed (a full disk) gives its space back now, not at the next build.
+      os::remove_file(dir_ + "/" + kKeyIndexBuildFileName);
+      throw;
     }
     if (complete) return file;
     // A table filled up before the end: start again with 8x the slots of each full one (the
