@@ -133,8 +133,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
     try {
       file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
       while (complete && file->indexed_rows() < rows) {
-        complete =
-            file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
+        complete = file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
         EMBSTORE_CRASH_POINT("during-key-index-build");
         if (stop != nullptr && stop->load()) return nullptr;
       }
