@@ -13,6 +13,7 @@
 #include <shared_mutex>
 #include <string_view>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -87,15 +88,7 @@ class Writer::Impl {
   void rebuild_key_index() {
     std::shared_lock life(lifetime_);
     check_usable();
-    for (;;) {
-      join_growth(/*abandon=*/true);
-      std::lock_guard in_process(mutex_);
-      detail::LockGuard across_processes(*lock_);
-      if (growth_thread_) continue;  // Claimed by another thread's append meanwhile.
-      follow_truncate();
-      rebuild_key_index_locked();
-      return;
-    }
+    with_writer_lock(Growth::kStop, [this] { rebuild_key_index_locked(); });
   }
   void rebuild_key_index_locked() {
     const std::uint64_t committed = files_->state().committed();
@@ -127,6 +120,16 @@ class Writer::Impl {
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
   void allocate_files();
   void recover();
+  // What with_writer_lock() does with a key index growth running on growth_thread_.
+  enum class Growth {
+    kStop,         // Stops it: the call resets the key index handle (truncate, rebuild).
+    kStopIfMoved,  // Leaves it running unless another handle truncated the store (append).
+  };
+  // Runs f() with mutex_ and the writer lock held, this handle on the store's current generation
+  // (follow_truncate()) and no growth thread left that `growth` stops; returns what f returns.
+  // The caller holds lifetime_ shared and has called check_usable().
+  template <typename F>
+  std::invoke_result_t<F&> with_writer_lock(Growth growth, F&& f);
   // mutex_ and the writer lock held, no key index growth running: when another handle
   // truncated the store (or was killed switching it), finishes the switch and takes the new
   // generation's files and key index. True if the generation changed.
@@ -159,7 +162,8 @@ class Writer::Impl {
   // and joins the sync thread before it takes lifetime_ exclusively. poison() runs from under
   // mutex_ and the OFD lock (a failed era flush) or under lifetime_ alone (a failed sync).
   // The key index growth thread takes mutex_ -> lock_ like an append; close() joins it before it
-  // takes lifetime_.
+  // takes lifetime_. Appends, truncates and rebuilds take mutex_ -> lock_ through
+  // with_writer_lock(), which stops a growth in their way before taking either.
   std::unique_ptr<StoreFiles> files_;  // Released by close().
   std::string path_;
   std::unique_ptr<detail::WriterLock> lock_;  // Released by close().
@@ -244,20 +248,31 @@ bool Writer::Impl::follow_truncate() {
   return true;
 }
 
-std::uint64_t Writer::Impl::truncate(std::uint64_t rows, bool from_epoch) {
-  std::shared_lock life(lifetime_);
-  check_usable();
-  for (;;) {
-    // A growth of this generation is of no use after it, and its thread must not run while the
-    // key index handle is reset: stopped first, outside the locks it takes.
-    join_growth(/*abandon=*/true);
+// Appends, truncates and rebuilds take the locks here, in the one order: mutex_, then the writer
+// lock (a WriterLock is one thread's at a time: mutex_ serializes this handle's threads, the OFD
+// lock every handle). A growth thread must not run while the key index handle is reset under it
+// (a truncate, a rebuild, following another handle's truncate), and it is stopped before either
+// lock is taken: it takes mutex_ to bound its build and both to finish, so joining it under them
+// would deadlock. Between that join and mutex_, another thread's append may claim a new growth:
+// then the locks are dropped and the join is done again.
+template <typename F>
+std::invoke_result_t<F&> Writer::Impl::with_writer_lock(Growth growth, F&& f) {
+  for (bool stop = growth == Growth::kStop;; stop = true) {
+    if (stop) join_growth(/*abandon=*/true);
     std::lock_guard in_process(mutex_);
     check_usable();
     detail::LockGuard across_processes(*lock_);
-    if (growth_thread_) continue;  // Another thread's append claimed one meanwhile.
+    if (growth_thread_ && (growth == Growth::kStop || generation_moved())) continue;
     follow_truncate();
-    return truncate_locked(rows, from_epoch);
+    return f();
   }
+}
+
+std::uint64_t Writer::Impl::truncate(std::uint64_t rows, bool from_epoch) {
+  std::shared_lock life(lifetime_);
+  check_usable();
+  // A growth of this generation is of no use after the truncate.
+  return with_writer_lock(Growth::kStop, [&] { return truncate_locked(rows, from_epoch); });
 }
 
 std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch) {
@@ -383,31 +398,20 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   const detail::PreparedBatch batch = detail::prepare_batch(
       files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows);
   if (batch.rows == 0) return files_->state().committed();
-  std::uint64_t first = 0;
-  for (;;) {
-    {
-      std::lock_guard in_process(mutex_);
-      check_usable();
-      detail::LockGuard across_processes(*lock_);
-      // Another handle truncated the store: never write into the old generation's files. A key
-      // index growth of the old generation is stopped first, outside the locks it takes.
-      const bool stop_growth = generation_moved() && growth_thread_ != nullptr;
-      if (!stop_growth) {
-        follow_truncate();
-        first = detail::commit_batch(*files_, batch, synced_era_,
-                                     [this](const Error& error) { poison(error); });
-        if (index_keys(first + batch.rows)) {
-          // A new claim means the last growth passed finish_growth() (under mutex_, held here):
-          // its thread is exiting, so the join is immediate.
-          if (growth_thread_) growth_thread_->join();
-          stop_growth_ = false;
-          growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
-        }
-        break;
-      }
+  // A growth of this generation keeps running beside the append; with_writer_lock() follows
+  // another handle's truncate first, so rows never go into the old generation's files.
+  const std::uint64_t first = with_writer_lock(Growth::kStopIfMoved, [&] {
+    const std::uint64_t at = detail::commit_batch(*files_, batch, synced_era_,
+                                                  [this](const Error& error) { poison(error); });
+    if (index_keys(at + batch.rows)) {
+      // A new claim means the last growth passed finish_growth() (under mutex_, held here): its
+      // thread is exiting, so the join is immediate.
+      if (growth_thread_) growth_thread_->join();
+      stop_growth_ = false;
+      growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
     }
-    join_growth(/*abandon=*/true);
-  }
+    return at;
+  });
   // Outside the lock: waking readers and this writer's flush need not hold other writers up.
   detail::os::futex_wake_all(files_->state().committed_word());
   if (options_.sync == SyncPolicy::kEveryAppend) flush();
