@@ -1,4 +1,5 @@
-// create_store and read_info: store-level operations (read_info reads through a Reader).
+// create_store, read_info and read_generation: store-level operations (read_info reads through a
+// Reader).
 #include "embstore/store.h"
 
 #include <cstring>
@@ -162,6 +163,10 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
 StoreInfo read_info(const std::string& path) {
   // The key statistics need the offset index mapped: a Reader's snapshot of the committed rows.
   return Reader::open(path).info();
+}
+
+std::uint64_t read_generation(const std::string& path) {
+  return detail::StoreFiles::read_generation(path);
 }
 
 }  // namespace embstore

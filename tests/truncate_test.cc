@@ -10,6 +10,7 @@
 
 #include "embstore/embstore.h"
 #include "platform/testing.h"
+#include "support/error_code.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -92,6 +93,30 @@ TEST_CASE("Truncate keeps a prefix, and the store takes appends and reopens", "[
     Writer w = Writer::open(path, unsynced());
     CHECK(w.committed_rows() == 50);
   }
+}
+
+TEST_CASE("read_generation names the files a truncate switched to, and refuses a non-store",
+          "[truncate]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = make_store(path);
+    append_rows(w, 0, 0, 10, 0);
+    CHECK(read_generation(path) == 1);
+    w.truncate(4);
+    CHECK(read_generation(path) == 2);
+    CHECK(read_generation(path + "/") == w.info().generation);
+  }
+  std::string message;
+  CHECK(test::code_of([&] { read_generation(dir / "none"); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("none/header"));
+  // A header cut inside its state page: named, never a read past the end of a mapping.
+  const std::string cut = dir / "cut";
+  std::filesystem::create_directory(cut);
+  std::filesystem::copy_file(path + "/header", cut + "/header");
+  std::filesystem::resize_file(cut + "/header", 4100);
+  CHECK(test::code_of([&] { read_generation(cut); }, &message) == ErrorCode::kCorruption);
+  CHECK_THAT(message, Catch::Contains("4100 bytes"));
 }
 
 TEST_CASE("Truncate refuses more rows than the store holds and ignores as many", "[truncate]") {
@@ -241,6 +266,8 @@ TEST_CASE("A truncate killed at any step leaves the old store or the new one",
     return 1;
   });
   REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  // Once the switch is decided (the flag stored, not yet cleared) the store is generation 2.
+  CHECK(read_generation(path) == (point.decided ? 2 : 1));
   if (reboot) detail::testing::set_boot_id(kBootB);
   const std::uint64_t expected = point.decided ? 37 : 100;
   if (reader_first) check_prefix(Reader::open(path), expected);

@@ -57,4 +57,9 @@ void create_store(const std::string& path, const CreateOptions& options);
 // Reads the header and counters without taking any lock or writing anything.
 StoreInfo read_info(const std::string& path);
 
+// The store's generation now, as StoreInfo::generation (FORMAT.md "Truncate"), read without any
+// lock and without opening the store: a cheap poll for a truncate. Checks only that the header
+// is long enough (kCorruption); kNotFound when `path` has no header file.
+std::uint64_t read_generation(const std::string& path);
+
 }  // namespace embstore

@@ -787,6 +787,14 @@ PYBIND11_MODULE(_embstore, m) {
       },
       py::arg("path"));
 
+  m.def(
+      "read_generation",
+      [](const std::string& path) {
+        py::gil_scoped_release unlocked;
+        return read_generation(path);
+      },
+      py::arg("path"));
+
   py::class_<Mapping>(m, "_Mapping",
                       "Keeps a store's mappings alive: the numpy base of every Reader view.")
       .def_property_readonly("path", [](const Mapping& self) { return self.path; })

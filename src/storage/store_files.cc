@@ -131,6 +131,22 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   return files;
 }
 
+std::uint64_t StoreFiles::read_generation(const std::string& dir) {
+  const std::string path = strip_trailing_slashes(dir) + "/" + kHeaderFileName;
+  const FileHandle header(-1, path, os::Access::kReadOnly);
+  const std::uint64_t bytes = os::file_size(header.get(), path);
+  if (bytes < kStateOffset + kPageBytes) {
+    corrupt(path, "file is " + std::to_string(bytes) + " bytes, too short for the state page at " +
+                      std::to_string(kStateOffset));
+  }
+  // Mapped, not read: writers store the word through the mapping, and only an atomic load of it
+  // is sure not to see half of a store.
+  void* page = os::map_shared(header.get(), kStateOffset, kPageBytes, os::Access::kReadOnly, path);
+  const std::uint64_t generation = SharedState(static_cast<StatePage*>(page)).generation();
+  os::unmap(page, kPageBytes);
+  return generation;
+}
+
 StoreFiles::~StoreFiles() {
   generation_.reset();
   os::unmap(state_map_, kPageBytes);

@@ -116,6 +116,10 @@ class StoreFiles {
   void remove_stale_files(std::uint64_t key_generation) const;
   // Rows the files on disk can hold right now (from their sizes).
   std::uint64_t rows_files_hold() const;
+  // The generation the state page of the store at `dir` names now (SharedState::generation()),
+  // without opening the store: one open of the header and one mapping of its state page.
+  // kNotFound without a header file, kCorruption when it is too short for the state page.
+  static std::uint64_t read_generation(const std::string& dir);
 
   // Rows must be mapped.
   std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }

@@ -239,6 +239,22 @@ def test_a_truncated_store_is_followed_to_its_new_generation(store, server_on):
     assert server.ok("/api/neighbours?key=5&epoch=2&k=3")["row"] == 305
 
 
+def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
+    """store_generation() asks the library (no offsets or flag bits restated in Python): the
+    generation a truncate switched to, and None where no header can be read."""
+    embstore.create(store, dim=4)
+    assert serve_store.store_generation(store) == 1
+    with embstore.Writer(store) as w:
+        w.append(np.arange(5), np.eye(5, 4, dtype=np.float32), 3)
+        assert w.truncate(2) == 2
+    assert serve_store.store_generation(store) == embstore.info(store)["generation"] == 2
+    assert serve_store.store_generation(str(tmp_path / "none")) is None
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "header").write_bytes(b"\0" * 4100)  # too short for the state page
+    assert serve_store.store_generation(str(cut)) is None
+
+
 def test_parameters_are_validated(store, server_on):
     embstore.create(store, dim=4)
     with embstore.Writer(store) as w:

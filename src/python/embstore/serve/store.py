@@ -27,13 +27,10 @@ from typing import Dict, Optional
 import numpy as np
 
 import embstore
+from embstore import _embstore
 
 # Bytes per index entry (FORMAT.md: "entry r at byte r * 32").
 kIndexEntryBytes = 32
-# FORMAT.md "state-page": the generation word's offset in the header file; bit 63 is set while a
-# truncate switches from generation G (bits 0..62) to G+1.
-kGenerationOffset = 4352
-kGenerationMask = (1 << 63) - 1
 # rows/s is measured over the commits seen in this many seconds.
 kRateWindowSeconds = 5.0
 # The follower wakes at least this often (to sample rows/s and check the files).
@@ -164,14 +161,12 @@ class ShardVectors:
 
 
 def store_generation(path: str) -> Optional[int]:
-    """The generation of the store's files now (one 8-byte read of its header), or None when the
-    header cannot be read."""
+    """The generation of the store's files now (the core's read_generation: one open and one
+    mapped page of its header), or None when the header cannot be read."""
     try:
-        with open(os.path.join(path, "header"), "rb") as f:
-            word = os.pread(f.fileno(), 8, kGenerationOffset)
-    except OSError:
+        return _embstore.read_generation(path)
+    except (OSError, embstore.Error):
         return None
-    return int.from_bytes(word, "little") & kGenerationMask if len(word) == 8 else None
 
 
 def is_manifest(path: str) -> bool:
