@@ -1,6 +1,7 @@
 """The comparison workload through the Python choices: numpy open_memmap, h5py resizable dataset,
 and embstore's own Python binding. Prints one JSON object per system, same fields as
-compare_native. Run by bench/compare/run.sh with /usr/bin/python3; not a test.
+compare_native. Every lookup's answer is checked; a wrong one fails the run (exit 1, no JSON).
+Run by bench/compare/run.sh with /usr/bin/python3; tests/python/test_compare.py runs it tiny.
 
     compare_py.py --system numpy|h5py|embstore-py --dir DIR [--rows N] [--dim D] [--batch B]
 """
