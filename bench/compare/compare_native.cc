@@ -1,12 +1,14 @@
 // compare_native — one workload through embstore and the C/C++ alternatives users pick instead.
 //
-//   compare_native --system NAME --dir DIR [--rows N] [--dim D] [--batch B] [--lookups L]
+//   compare_native --system NAME [--dir DIR] [--rows N] [--dim D] [--batch B] [--lookups L]
 //                  [--redis-port P]
 // NAME: memcpy, pwrite, embstore, hdf5, lmdb-sync, lmdb-nosync, sqlite-wal, redis.
 // Workload: N rows of D float32 (default 200000 x 768), batches of B (512), random u64 keys,
 // epoch 0. Prints one JSON object: append MB/s (payload bytes / time), two-writer-process MB/s
 // (or "unsafe"/"-"), sync seconds, lookup p50/p99 us, scan MB/s, open ms, bytes on disk.
-// Run by bench/compare/run.sh; not part of the default tests.
+// Every lookup's answer is checked; a wrong one fails the run (exit 1, no JSON). Without --dir
+// the stores go into a fresh directory under $TMPDIR, removed at exit.
+// Run by bench/compare/run.sh; a small run of embstore is a ctest smoke test (bench-smoke).
 #include <fcntl.h>
 #include <hdf5.h>
 #include <hiredis/hiredis.h>
@@ -19,6 +21,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -43,6 +46,28 @@ double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+std::uint64_t sum_words(const void* data, std::uint64_t bytes) {
+  const auto* w = static_cast<const std::uint64_t*>(data);
+  std::uint64_t a = 0, b = 0, c = 0, d = 0, i = 0, n = bytes / 8;
+  for (; i + 4 <= n; i += 4) {
+    a += w[i];
+    b += w[i + 1];
+    c += w[i + 2];
+    d += w[i + 3];
+  }
+  for (; i < n; ++i) a += w[i];
+  return a + b + c + d;
+}
+
+// sum_words() plus the bytes past the last whole word: any wrong row changes it (almost surely).
+std::uint64_t payload_sum(const void* data, std::uint64_t bytes) {
+  std::uint64_t s = sum_words(data, bytes);
+  for (std::uint64_t i = bytes / 8 * 8; i < bytes; ++i) {
+    s = s * 31 + static_cast<const unsigned char*>(data)[i];
+  }
+  return s;
+}
+
 struct Workload {
   std::uint64_t rows = 200000;
   std::uint32_t dim = 768;
@@ -52,8 +77,14 @@ struct Workload {
   std::vector<std::uint64_t> keys;  // keys[i] is row i's key; epoch 0.
   std::vector<float> pool;          // kPoolBatches distinct batches the rows cycle through.
   static constexpr std::uint64_t kPoolBatches = 8;
+  std::vector<std::uint64_t> pool_sums;  // payload_sum() of each pool row.
   const float* batch_data(std::uint64_t batch_index) const {
     return pool.data() + (batch_index % kPoolBatches) * batch * dim;
+  }
+  // payload_sum() of row `row`'s payload: a lookup's answer is checked against it without
+  // touching the pool (which would evict the store's pages from the cache between timed lookups).
+  std::uint64_t row_sum(std::uint64_t row) const {
+    return pool_sums[(row / batch) % kPoolBatches * batch + row % batch];
   }
   void build() {
     std::mt19937_64 rng(12345);
@@ -62,6 +93,10 @@ struct Workload {
     pool.resize(kPoolBatches * batch * dim);
     std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
     for (auto& v : pool) v = dist(rng);
+    pool_sums.resize(kPoolBatches * batch);
+    for (std::uint64_t i = 0; i < pool_sums.size(); ++i) {
+      pool_sums[i] = payload_sum(pool.data() + i * dim, row_bytes());
+    }
   }
 };
 
@@ -76,19 +111,6 @@ std::uint64_t disk_bytes(const std::string& path) {
     if (::lstat(e.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) total += st.st_blocks * 512ull;
   }
   return total;
-}
-
-std::uint64_t sum_words(const void* data, std::uint64_t bytes) {
-  const auto* w = static_cast<const std::uint64_t*>(data);
-  std::uint64_t a = 0, b = 0, c = 0, d = 0, i = 0, n = bytes / 8;
-  for (; i + 4 <= n; i += 4) {
-    a += w[i];
-    b += w[i + 1];
-    c += w[i + 2];
-    d += w[i + 3];
-  }
-  for (; i < n; ++i) a += w[i];
-  return a + b + c + d;
 }
 
 // One system under test. Rows [begin, end) of the workload go through append(); a system that
@@ -112,6 +134,8 @@ class System {
   // Reads the row with key/epoch (or row index, where the system has no keys) into `out`.
   // Returns false when the system has no lookup.
   virtual bool lookup(const Workload& w, std::uint64_t row, void* out) = 0;
+  // Checks, beyond the payload, what the last lookup() of `row` found; throws if it is wrong.
+  virtual void check_lookup(const Workload&, std::uint64_t) const {}
   // Reads every row; returns bytes read.
   virtual std::uint64_t scan(const Workload& w) = 0;
   virtual void close_reader() = 0;
@@ -220,9 +244,24 @@ class EmbstoreSystem : public System {
     volatile auto b = reader_->rows(0, 1).data[0];
     (void)b;
   }
-  // Lookup by (key, epoch) arrives with a later issue: return true here once Reader::find exists,
-  // e.g. `auto r = reader_->find(w.keys[row], 0); std::memcpy(out, r->data, w.row_bytes());`.
-  bool lookup(const Workload&, std::uint64_t, void*) override { return false; }
+  std::string lookup_note() const override { return "by (key, epoch) through the key index"; }
+  bool lookup(const Workload& w, std::uint64_t row, void* out) override {
+    const std::optional<std::uint64_t> found = reader_->find(w.keys[row], 0);
+    if (!found) fail("embstore find: key " + std::to_string(w.keys[row]) + " at epoch 0 not found");
+    std::memcpy(out, reader_->rows(*found, *found + 1).data, w.row_bytes());
+    found_ = *found;
+    return true;
+  }
+  // Outside the timed part: the row found must be the one appended with that key at epoch 0 (the
+  // only writer appended row i as workload row i).
+  void check_lookup(const Workload& w, std::uint64_t row) const override {
+    const embstore::Record r = reader_->record(found_);
+    if (found_ != row || r.key != w.keys[row] || r.epoch != 0) {
+      fail("embstore find(" + std::to_string(w.keys[row]) + ", 0) returned row " +
+           std::to_string(found_) + " (key " + std::to_string(r.key) + ", epoch " +
+           std::to_string(r.epoch) + "); expected row " + std::to_string(row));
+    }
+  }
   std::uint64_t scan(const Workload&) override {
     const embstore::RowsView v = reader_->rows();
     volatile std::uint64_t s = sum_words(v.data, v.size_bytes());
@@ -234,6 +273,7 @@ class EmbstoreSystem : public System {
  private:
   std::optional<embstore::Writer> writer_;
   std::optional<embstore::Reader> reader_;
+  std::uint64_t found_ = 0;  // The row the last lookup() found.
 };
 
 // ---- HDF5: chunked, extendable 2-D dataset ----------------------------------------------------
@@ -710,10 +750,25 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (name.empty() || dir.empty()) {
-    std::fprintf(stderr, "usage: compare_native --system NAME --dir DIR [--rows N] ...\n");
+  if (name.empty()) {
+    std::fprintf(stderr, "usage: compare_native --system NAME [--dir DIR] [--rows N] ...\n");
     return 2;
   }
+  std::string own_dir;  // Made here when there is no --dir; removed at exit.
+  if (dir.empty()) {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string pattern = std::string(tmp && *tmp ? tmp : "/tmp") + "/compare_native-XXXXXX";
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      std::fprintf(stderr, "compare_native: cannot make a directory %s: %s\n", pattern.c_str(),
+                   std::strerror(errno));
+      return 1;
+    }
+    dir = own_dir = pattern;
+  }
+  const auto remove_own_dir = [&] {
+    std::error_code ec;
+    if (!own_dir.empty()) std::filesystem::remove_all(own_dir, ec);
+  };
   try {
     w.build();
     if (name == "hdf5") H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
@@ -739,14 +794,28 @@ int main(int argc, char** argv) {
     std::vector<float> out(w.dim);
     std::vector<double> lat;
     std::mt19937_64 rng(99);
+    // Every answer is checked, outside the timed part: a wrong one fails the run.
+    const auto check = [&](std::uint64_t row) {
+      if (payload_sum(out.data(), w.row_bytes()) != w.row_sum(row)) {
+        fail("lookup of row " + std::to_string(row) + " (key " + std::to_string(w.keys[row]) +
+             ") returned another row's payload");
+      }
+      s->check_lookup(w, row);
+    };
     bool has_lookup = s->lookup(w, 0, out.data());
     if (has_lookup) {
-      for (std::uint64_t i = 0; i < 1000; ++i) s->lookup(w, rng() % w.rows, out.data());  // Warm.
+      check(0);
+      for (std::uint64_t i = 0; i < 1000; ++i) {  // Warm.
+        const std::uint64_t row = rng() % w.rows;
+        s->lookup(w, row, out.data());
+        check(row);
+      }
       for (std::uint64_t i = 0; i < w.lookups; ++i) {
         const std::uint64_t row = rng() % w.rows;
         const auto t0 = Clock::now();
         s->lookup(w, row, out.data());
         lat.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+        check(row);
       }
       std::sort(lat.begin(), lat.end());
     }
@@ -788,9 +857,11 @@ int main(int argc, char** argv) {
         json_number(open_ms, 3).c_str(), static_cast<unsigned long long>(on_disk),
         static_cast<unsigned long long>(w.rows * w.row_bytes()),
         json_number(warm_ns_per_page, 1).c_str(), append_mm.c_str());
+    remove_own_dir();
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "compare_native %s: %s\n", name.c_str(), e.what());
+    remove_own_dir();
     return 1;
   }
 }

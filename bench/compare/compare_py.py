@@ -1,6 +1,7 @@
 """The comparison workload through the Python choices: numpy open_memmap, h5py resizable dataset,
 and embstore's own Python binding. Prints one JSON object per system, same fields as
-compare_native. Run by bench/compare/run.sh with /usr/bin/python3; not a test.
+compare_native. Every lookup's answer is checked; a wrong one fails the run (exit 1, no JSON).
+Run by bench/compare/run.sh with /usr/bin/python3; tests/python/test_compare.py runs it tiny.
 
     compare_py.py --system numpy|h5py|embstore-py --dir DIR [--rows N] [--dim D] [--batch B]
 """
@@ -105,9 +106,10 @@ class H5py:
 
 
 class EmbstorePy:
-    """embstore's Python binding: Writer.append per batch (synchronous), Reader.vectors view."""
+    """embstore's Python binding: Writer.append per batch (synchronous), Reader.vectors view,
+    Reader.get(key, epoch=0) for a lookup."""
     two_writers = "ok"
-    lookup_note = ""
+    lookup_note = "by (key, epoch) through the key index"
 
     def create(self, path, w):
         import embstore
@@ -133,7 +135,13 @@ class EmbstorePy:
         _ = float(self.r.rows(0, 1)[0, 0])
 
     def lookup(self, row, key):
-        return None  # Lookup by (key, epoch) arrives with a later issue.
+        return np.array(self.r.get(key, epoch=0))  # A copy, as numpy's and h5py's lookups make.
+
+    def check_lookup(self, row, key):
+        found = self.r.find(key, epoch=0)
+        if found != row or int(self.r.keys[found]) != key or int(self.r.epochs[found]) != 0:
+            raise SystemExit(f"compare_py.py: embstore find({key}, epoch=0) returned row {found}; "
+                             f"expected row {row}")
 
     def scan(self):
         v = self.r.vectors
@@ -221,14 +229,27 @@ def main():
     s.open_reader(path, w)
     open_ms = (time.perf_counter() - t) * 1e3
     lat = []
-    if s.lookup(0, int(keys[0])) is not None:
+
+    def check(row, got):
+        """Every answer is checked, outside the timed part: a wrong one fails the run."""
+        expected = pool[(row // w.batch) % len(pool)][row % w.batch]
+        if got.shape != expected.shape or not np.array_equal(got, expected):
+            raise SystemExit(f"compare_py.py: {w.system} lookup of row {row} (key {keys[row]}) "
+                             "returned another row's payload")
+        if hasattr(s, "check_lookup"):
+            s.check_lookup(row, int(keys[row]))
+
+    got = s.lookup(0, int(keys[0]))
+    if got is not None:
+        check(0, got)
         idx = rng.integers(0, w.rows, size=w.lookups + 1000)
         for row in idx[:1000]:
-            s.lookup(int(row), int(keys[row]))
+            check(int(row), s.lookup(int(row), int(keys[row])))
         for row in idx[1000:]:
             t0 = time.perf_counter()
-            s.lookup(int(row), int(keys[row]))
+            got = s.lookup(int(row), int(keys[row]))
             lat.append((time.perf_counter() - t0) * 1e6)
+            check(int(row), got)
         lat.sort()
     s.scan()
     t = time.perf_counter()
