@@ -188,6 +188,10 @@ std::shared_ptr<KeyIndexFile> KeyIndexFile::create(const std::string& dir, std::
   os::allocate(file->fd_, 0, bytes, file->path_);
   os::write_all(file->fd_, &h, sizeof(h), 0, file->path_);
   file->map_header_and_tables(file->fd_, identity.max_rows);
+  file->allocated_bytes_ = bytes;
+  // Random keys touch every page of the tables soon: map them all in one call now (off the
+  // append's path for a growth) rather than fault at a first store in each.
+  os::populate_write(file->slots_, file->chain_offset_ - kKeyIndexTablesOffset);
   return file;
 }
 
@@ -334,7 +338,10 @@ void KeyIndexFile::map_chain(std::uint64_t row) const {
 
 void KeyIndexFile::ensure_chain_allocated(std::uint64_t rows) {
   const std::uint64_t needed = chain_offset_ + rows * kChainRecordBytes;
+  // The file never shrinks: a size seen once still holds, and saves a system call per append.
+  if (allocated_bytes_ >= needed) return;
   const std::uint64_t file_bytes = os::file_size(fd_, path_);
+  allocated_bytes_ = file_bytes;
   if (file_bytes >= needed) return;
   if (needed > max_reserve_bytes_) {
     throw Error(ErrorCode::kFull, path_ + ": " + std::to_string(rows) +
@@ -349,6 +356,20 @@ void KeyIndexFile::ensure_chain_allocated(std::uint64_t rows) {
   const std::uint64_t target =
       std::min(max_reserve_bytes_, chain_offset_ + round_up(ahead, kPageBytes));
   os::allocate(fd_, file_bytes, target - file_bytes, path_);
+  allocated_bytes_ = target;
+}
+
+void KeyIndexFile::populate_chain(std::uint64_t begin, std::uint64_t end) {
+  if (end <= populated_rows_) return;
+  // A step ahead at a time: a fresh page would otherwise fault at its first record (a page
+  // allocation, zeroing and page_mkwrite each, 2-11 us on virtual machines), one call per 256.
+  constexpr std::uint64_t kAheadRows = 1 << 16;
+  const std::uint64_t from = std::max(populated_rows_, begin);
+  const std::uint64_t allocated_rows = (allocated_bytes_ - chain_offset_) / kChainRecordBytes;
+  const std::uint64_t to = std::min(allocated_rows, std::max(end, from + kAheadRows));
+  chain_words(to - 1);  // Maps through `to`, so the range lies in one mapping.
+  os::populate_write(chain_words(from), (to - from) * kChainRecordBytes);
+  populated_rows_ = to;
 }
 
 bool KeyIndexFile::wants_growth() const {
@@ -374,6 +395,7 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
   std::uint64_t row = indexed_rows();
   if (row >= end) return true;
   ensure_chain_allocated(end);
+  populate_chain(row, end);
   const std::uint64_t pair_hard = sizes_.pair_slots * kHardLoadSixteenths / 16;
   const std::uint64_t key_hard = sizes_.key_slots * kHardLoadSixteenths / 16;
   const std::uint64_t epoch_hard = sizes_.epoch_slots * kHardLoadSixteenths / 16;
@@ -383,6 +405,9 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
   std::uint64_t* pairs = pair_slots();
   std::uint64_t* keys = key_slots();
   std::uint64_t* epochs = epoch_slots();
+  auto full = [&] {
+    return pairs_used >= pair_hard || keys_used >= key_hard || epochs_used >= epoch_hard;
+  };
   // Slots only name committed rows (those of a writer that died indexing them included), all
   // below `end`: anything else is damage, and reading its entry could fault past the mapping.
   auto checked = [&](std::uint64_t r) {
@@ -391,6 +416,11 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
                          " committed rows");
     }
     return r;
+  };
+  auto probe_epoch = [&](std::uint64_t hash, std::uint64_t epoch) {
+    return probe(
+        epochs, sizes_.epoch_slots, hash,
+        [&](std::uint64_t s) { return entries[checked(s)].epoch == epoch; }, path_);
   };
 
   // Rows go in blocks: hash the whole block and prefetch its slots first, so the cache misses
@@ -409,33 +439,42 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
       __builtin_prefetch(pairs + (ph[j] & (sizes_.pair_slots - 1)), 1);
     }
     for (std::uint64_t j = 0; j < count; ++j, ++row) {
-      if (pairs_used >= pair_hard || keys_used >= key_hard || epochs_used >= epoch_hard) {
+      if (full()) {
         stopped = true;
         break;
       }
       const IndexEntry& e = entries[row];
       const std::uint64_t key = e.key, epoch = e.epoch;
       const std::uint64_t r = row;
+      // A run of rows of one epoch (a batch is one) links each row to the one before it without
+      // a probe, and stores the epoch's slot once, at its last row: the slot only has to be
+      // right before the watermark passes the run.
+      const bool follows_run = r > 0 && entries[r - 1].epoch == epoch;
       const Probe kp = probe(
           keys, sizes_.key_slots, kh[j],
           [&](std::uint64_t s) { return entries[checked(s)].key == key; }, path_);
       const bool key_done = kp.row != kNone && kp.row >= r;
       // Writes go chain record, pair slot, key slot, epoch slot: a redo finds each slot either
-      // at r already (skip it) or before r (redo it), and a key slot at r means the record is
-      // complete.
+      // at r or past it already (skip it) or before r (redo it), and a key slot at r means the
+      // record is complete. So a record is rewritten only while the epoch slot is below r, and
+      // the record of r - 1 is complete when r is indexed (rows go in order).
+      bool new_epoch = false;
       if (!key_done) {
-        const Probe ep = probe(
-            epochs, sizes_.epoch_slots, eh[j],
-            [&](std::uint64_t s) { return entries[checked(s)].epoch == epoch; }, path_);
+        std::uint64_t prev_row = r - 1;
+        if (!follows_run) {
+          const Probe ep = probe_epoch(eh[j], epoch);
+          prev_row = ep.row;
+          new_epoch = ep.row == kNone;
+        }
         std::uint64_t ordinal = 1;
-        if (ep.row != kNone) {
-          const std::uint64_t* prev = chain_words(ep.row);
+        if (prev_row != kNone) {
+          const std::uint64_t* prev = chain_words(prev_row);
           ordinal = 1 + ((load_relaxed(prev[0]) >> kSlotRowBits) |
                          ((load_relaxed(prev[1]) >> kSlotRowBits) << kOrdinalLowBits));
         }
         std::uint64_t* record = chain_words(r);
         store_relaxed(record[0], chain_word0(kp.row, ordinal));
-        store_relaxed(record[1], chain_word1(ep.row, ordinal));
+        store_relaxed(record[1], chain_word1(prev_row, ordinal));
       }
       const Probe pp = probe(
           pairs, sizes_.pair_slots, ph[j],
@@ -453,12 +492,14 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
         store(keys[kp.slot], slot_word(kh[j], r));
       }
       if (r == end - 1 || (r & 1023) == 0) EMBSTORE_CRASH_POINT("mid-key-index");
-      const Probe ep = probe(
-          epochs, sizes_.epoch_slots, eh[j],
-          [&](std::uint64_t s) { return entries[checked(s)].epoch == epoch; }, path_);
-      if (ep.row == kNone || ep.row < r) {
-        if (ep.row == kNone) store(h->epochs_used, ++epochs_used);
-        store(epochs[ep.slot], slot_word(eh[j], r));
+      // A new epoch's slot is made at once (the table's count stays exact for full()).
+      const bool run_ends = r + 1 == end || entries[r + 1].epoch != epoch || full();
+      if (run_ends || new_epoch) {
+        const Probe ep = probe_epoch(eh[j], epoch);
+        if (ep.row == kNone || ep.row < r) {
+          if (ep.row == kNone) store(h->epochs_used, ++epochs_used);
+          store(epochs[ep.slot], slot_word(eh[j], r));
+        }
       }
     }
   }

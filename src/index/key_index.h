@@ -100,6 +100,9 @@ class KeyIndexFile {
   // Maps the file in a reservation proportional to its size (at most enough for `max_rows`).
   void map_header_and_tables(int fd, std::uint64_t max_rows);
   void ensure_chain_allocated(std::uint64_t rows);  // Writer: chain space for `rows` rows.
+  // Writer, after ensure_chain_allocated(end): page-table entries for the chain records of rows
+  // [begin, end) and some way past, made in one call (os::populate_write).
+  void populate_chain(std::uint64_t begin, std::uint64_t end);
   // Maps the chain as far as the file holds it, at least through `row` (kCorruption if the file
   // does not hold it); a Reader reopens the file by path (kNotFound: it was replaced).
   void map_chain(std::uint64_t row) const;
@@ -119,6 +122,10 @@ class KeyIndexFile {
   std::uint64_t hash_seed_ = 0;
   std::uint64_t chain_offset_ = 0;
   std::uint64_t max_reserve_bytes_ = 0;  // The most address space one mapping may reserve.
+  // Writer only (index_rows runs on one thread at a time): bytes of the file known to be
+  // allocated, and the chain rows [0, populated_rows_) this process has populated.
+  std::uint64_t allocated_bytes_ = 0;
+  std::uint64_t populated_rows_ = 0;
   // Every mapping made, each reserving more than the last; all are kept until this object dies,
   // so a pointer into any of them stays valid. The first holds the header and tables (base_).
   mutable std::vector<std::unique_ptr<ReservedMapping>> mappings_;  // Under map_mutex_.

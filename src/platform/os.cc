@@ -264,14 +264,19 @@ void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access acces
   return p;
 }
 
-void populate_read(const void* addr, std::uint64_t bytes) noexcept {
-  constexpr int kPopulateRead = 22;  // MADV_POPULATE_READ, absent from older headers.
+namespace {
+void populate(const void* addr, std::uint64_t bytes, int advice) noexcept {
   const auto start = reinterpret_cast<std::uintptr_t>(addr) & ~std::uintptr_t{4095};
   const std::uintptr_t end = reinterpret_cast<std::uintptr_t>(addr) + bytes;
   int err;
-  do err = ::madvise(reinterpret_cast<void*>(start), end - start, kPopulateRead) == 0 ? 0 : errno;
+  do err = ::madvise(reinterpret_cast<void*>(start), end - start, advice) == 0 ? 0 : errno;
   while (err == EINTR);
 }
+}  // namespace
+
+// The advice values, absent from older headers: MADV_POPULATE_READ, MADV_POPULATE_WRITE.
+void populate_read(const void* addr, std::uint64_t bytes) noexcept { populate(addr, bytes, 22); }
+void populate_write(void* addr, std::uint64_t bytes) noexcept { populate(addr, bytes, 23); }
 
 void unmap(void* addr, std::uint64_t bytes) noexcept {
   if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);

@@ -57,6 +57,10 @@ void unmap(void* addr, std::uint64_t bytes) noexcept;
 // (MADV_POPULATE_READ), so reading it takes no page faults. Advisory: does nothing where the
 // kernel cannot (before Linux 5.14) or on any error; a later read behaves as it would have.
 void populate_read(const void* addr, std::uint64_t bytes) noexcept;
+// The same for writing (MADV_POPULATE_WRITE): allocates the page-cache pages of a shared file
+// mapping (file space must be allocated already) and maps them writable in one call, so the
+// stores that follow take no page faults. Advisory like populate_read.
+void populate_write(void* addr, std::uint64_t bytes) noexcept;
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
 void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
                  const std::string& path);
