@@ -290,6 +290,32 @@ void BM_History10(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations()));
 }
 
+// The floor under every figure above: one random load from memory the size of the store's
+// offset index, each load's address depending on the one before (as a probe's slot gives the
+// row whose entry is read next). A lookup that must touch n such places costs about n of these.
+void BM_DependentLoad(benchmark::State& state) {
+  constexpr std::uint64_t kEntryBytes = 32;  // An offset index entry (FORMAT.md).
+  const std::uint64_t n = std::max<std::uint64_t>(1024, fixture().rows * kEntryBytes / 8);
+  // One cycle through every slot in random order (Sattolo), so no load can be predicted.
+  std::vector<std::uint64_t> next(n);
+  std::iota(next.begin(), next.end(), 0);
+  std::mt19937_64 rng(7);
+  for (std::uint64_t i = n - 1; i > 0; --i) std::swap(next[i], next[rng() % i]);
+  std::uint64_t at = 0;
+  for (std::uint64_t i = 0; i < n; ++i) at = next[at];  // Warm: every page touched.
+  constexpr std::uint64_t kSteps = 1 << 16;
+  double ns = 0;
+  for (auto _ : state) {
+    const auto start = Clock::now();
+    for (std::uint64_t i = 0; i < kSteps; ++i) at = next[at];
+    ns += std::chrono::duration<double, std::nano>(Clock::now() - start).count();
+    benchmark::DoNotOptimize(at);
+  }
+  state.counters["bytes"] = static_cast<double>(n * 8);
+  state.counters["load_ns"] = ns / static_cast<double>(state.iterations() * kSteps);
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * kSteps));
+}
+
 }  // namespace
 
 BENCHMARK(BM_Fill)->Iterations(1)->UseRealTime();
@@ -300,5 +326,6 @@ BENCHMARK(BM_FindLatestWarm)->UseRealTime();
 BENCHMARK(BM_FindMany)->Arg(4096)->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_LmdbGetMany)->Arg(4096)->Unit(benchmark::kMicrosecond)->UseRealTime();
 BENCHMARK(BM_History10)->UseRealTime();
+BENCHMARK(BM_DependentLoad)->UseRealTime();
 
 BENCHMARK_MAIN();

@@ -16,7 +16,7 @@
    server per second of writing (cores busy), which scheduling noise moves much less.
 
 Usage: PYTHONPATH=build/python python3 bench/serve_bench.py [--rows 1000000] [--dim 128]
-       [--repeats 6] [--run-mb 512] [--dir DIR]
+       [--repeats 6] [--run-mb 4096] [--dir DIR]
 """
 import argparse
 import json
@@ -44,11 +44,11 @@ batches = int(total_mb * (1 << 20) // rows.nbytes)
 with embstore.Writer(path) as w:
     print("ready", flush=True)
     sys.stdin.readline()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(batches):
         w.append(np.arange(i * 512, (i + 1) * 512), rows, i // 200)
     seconds = time.perf_counter() - start
-    cpu = time.process_time()
+    cpu = time.process_time() - cpu_start
 print(batches * rows.nbytes / (1 << 20) / seconds, seconds, cpu, flush=True)
 """
 
@@ -156,7 +156,7 @@ def writer_run(work, dim, run_mb, serve):
     shutil.rmtree(path)
     if serve == "placebo":
         shutil.rmtree(served_path)
-    return mb_s, writer_cpu / seconds, server_cpu / seconds
+    return mb_s, writer_cpu / seconds, server_cpu / seconds, seconds
 
 
 def writer_cost(args, work):
@@ -167,10 +167,10 @@ def writer_cost(args, work):
         for mode in modes:
             runs[mode].append(writer_run(work, args.dim, args.run_mb, mode))
         alone, placebo, served = (runs[m][-1] for m in (None, "placebo", "served"))
-        print(f"writer, round {repeat + 1}: alone {alone[0]:.0f} MB/s ({alone[1]:.2f} CPU), "
-              f"placebo server {placebo[0]:.0f} MB/s ({placebo[1]:.2f} CPU), served "
-              f"{served[0]:.0f} MB/s ({served[1]:.2f} CPU; the server used {served[2]:.2f} "
-              "CPU)", flush=True)
+        print(f"writer, round {repeat + 1}: alone {alone[0]:.0f} MB/s ({alone[1]:.2f} cores), "
+              f"placebo server {placebo[0]:.0f} MB/s ({placebo[1]:.2f} cores), served "
+              f"{served[0]:.0f} MB/s ({served[1]:.2f} cores; the server used {served[2]:.2f} "
+              f"cores, {served[3]:.1f} s)", flush=True)
 
     def cost(base):
         costs = [1 - s[0] / b[0] for b, s in zip(runs[base], runs["served"])]
@@ -192,7 +192,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--first-repeats", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--run-mb", type=float, default=512)
+    # Long enough for the page's polls (one a second) to land inside every served run.
+    parser.add_argument("--run-mb", type=float, default=4096)
     parser.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="serve_bench.", dir=args.dir)

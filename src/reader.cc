@@ -265,9 +265,11 @@ std::uint32_t Reader::dim() const { return impl_->files().layout().dim; }
 DType Reader::dtype() const { return impl_->files().layout().dtype; }
 const std::string& Reader::path() const { return impl_->path_; }
 const std::string& Reader::metadata() const { return impl_->metadata_; }
-StoreInfo Reader::info() const {
+StoreInfo Reader::info(InfoDetail detail) const {
   StoreInfo info = impl_->files().info();
-  detail::fill_key_info(impl_->keys(), impl_->files(), impl_->snapshot_, info);
+  if (detail == InfoDetail::kFull) {
+    detail::fill_key_info(impl_->keys(), impl_->files(), impl_->snapshot_, info);
+  }
   return info;
 }
 

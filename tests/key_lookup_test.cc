@@ -188,6 +188,16 @@ TEST_CASE("Reader lookups agree with a std::map: duplicates, keys 0 and 2^64-1, 
   CHECK(info.format_minor == kFormatVersionMinor);
   CHECK(info.distinct_keys == 4);
   CHECK(info.key_index.find("keys.1") == 0);
+  // The constant-time level: the same header and counters, no key statistics.
+  const StoreInfo state = r.info(InfoDetail::kState);
+  CHECK(state.committed_rows == info.committed_rows);
+  CHECK(state.generation == info.generation);
+  CHECK(state.last_commit_unix_ns == info.last_commit_unix_ns);
+  CHECK(state.data_file_bytes == info.data_file_bytes);
+  CHECK(state.distinct_keys == 0);
+  CHECK(state.epochs.empty());
+  CHECK(state.key_index.empty());
+  CHECK(!state.key_index_used);
   CHECK(r.verify().ok());
   CHECK(r.verify().key_index_checked);
   CHECK(w.info().distinct_keys == 4);

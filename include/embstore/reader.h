@@ -156,9 +156,9 @@ class Reader {
   DType dtype() const;
   const std::string& path() const;
   const std::string& metadata() const;
-  // Header plus the counters as they are now; key statistics for this snapshot (a pass over the
-  // key table: milliseconds per million keys).
-  StoreInfo info() const;
+  // Header plus the counters as they are now; with kFull, key statistics for this snapshot (a
+  // pass over the key table: milliseconds per million keys).
+  StoreInfo info(InfoDetail detail = InfoDetail::kFull) const;
 
   // Keeps the mappings (and so every view) alive after this Reader is closed or destroyed.
   std::shared_ptr<const void> owner() const;

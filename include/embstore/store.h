@@ -48,6 +48,12 @@ struct StoreInfo {
   bool key_index_used = false;
 };
 
+// How much Reader::info() computes. kFull: everything, the key statistics included (a pass over
+// the key table: milliseconds per million keys). kState: the header, counters and file sizes
+// only, in constant time; distinct_keys, epochs, key_index and key_index_used stay empty (for
+// callers that poll, such as a live dashboard).
+enum class InfoDetail { kFull, kState };
+
 // Creates an empty store at `path`, which must not exist (or be an empty directory). The store
 // appears whole or not at all: it is built beside `path` and renamed into place. Throws
 // kAlreadyExists if a store (or any non-empty directory) is there, kInvalidArgument for bad

@@ -867,7 +867,13 @@ PYBIND11_MODULE(_embstore, m) {
           "dtype", [](PyReader& self) { return std::string(dtype_name(self.reader().dtype())); })
       .def_property_readonly("metadata",
                              [](PyReader& self) { return py::bytes(self.reader().metadata()); })
-      .def("info", [](PyReader& self) { return info_dict(self.reader().info()); });
+      .def(
+          "info",
+          [](PyReader& self, bool key_stats) {
+            return info_dict(
+                self.reader().info(key_stats ? InfoDetail::kFull : InfoDetail::kState));
+          },
+          py::arg("key_stats") = true);
 
   // Several stores as one (include/embstore/shard_set.h): manifests, the shard checks of
   // ShardSet::open (embstore.ShardSet reuses them) and merge_stores.

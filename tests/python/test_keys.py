@@ -54,6 +54,10 @@ def test_get_find_history_and_batches(store):
     assert info["distinct_keys"] == 3 and info["epochs"] == {0: 2, 1: 2, 2: 1, 3: 1}
     assert info["key_index"].startswith("keys.1") and info["key_index_used"] is True
     assert embstore.info(store)["distinct_keys"] == 3
+    state = r.info(key_stats=False)  # constant time: no key statistics
+    assert state["distinct_keys"] == 0 and state["epochs"] == {} and state["key_index"] == ""
+    assert state["committed_rows"] == info["committed_rows"] == 6
+    assert state["last_commit_unix_ns"] == info["last_commit_unix_ns"] > 0
     report = r.verify()
     assert report.ok and report.key_index_checked and report.key_index_problems == 0
 

@@ -91,6 +91,11 @@ def test_shardset_answers_like_the_concatenated_store(tmp_path):
     assert np.array_equal(s.get(key), vectors[oracle_find(keys, epochs, key)])
     assert np.shares_memory(s.get(key), s.shards[2].vectors)
     assert s.locate(73) == (3, 0) and s.locate(39) == (0, 39)
+    infos, states = s.info(), s.info(key_stats=False)
+    assert [i["committed_rows"] for i in states] == [i["committed_rows"] for i in infos] == \
+        [40, 0, 33, 61]
+    assert [i["distinct_keys"] for i in states] == [0, 0, 0, 0]
+    assert sum(i["distinct_keys"] for i in infos) > 0
     with pytest.raises(KeyError):
         s.get(12345)
     with pytest.raises(IndexError):

@@ -820,9 +820,12 @@ class Reader(_Handle):
         """The store's metadata exactly as stored."""
         return self._native.metadata.decode("utf-8", errors="replace")
 
-    def info(self) -> dict:
-        """As ``embstore.info(path)`` (header plus the counters as they are now)."""
-        return self._native.info()
+    def info(self, key_stats: bool = True) -> dict:
+        """As ``embstore.info(path)`` (header plus the counters as they are now), with the key
+        statistics of this snapshot (``distinct_keys``, ``epochs``, ``key_index``): a pass over
+        the key table, milliseconds per million keys. ``key_stats=False`` leaves those empty and
+        takes constant time (for callers that poll)."""
+        return self._native.info(key_stats)
 
     def close(self) -> None:
         """Drops this Reader's hold on the mappings. Views already made stay valid; further

@@ -307,9 +307,9 @@ class ShardSet:
         except ValueError:
             return self.metadata_text
 
-    def info(self) -> List[dict]:
-        """``info()`` of every shard."""
-        return [r.info() for r in self.shards]
+    def info(self, key_stats: bool = True) -> List[dict]:
+        """``info(key_stats)`` of every shard."""
+        return [r.info(key_stats) for r in self.shards]
 
     def verify(self) -> bool:
         """True when every row of every shard passes its checksum."""

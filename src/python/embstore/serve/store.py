@@ -211,7 +211,8 @@ class Follower:
         # scans of the snapshot, which are always in its numbering.
         self.lookup = KeyLookup(self.reader, use_index if self.single_store else False)
         self.dim = self.reader.dim
-        self.record_bytes = self.reader.info()["record_bytes"] if self.single_store else 0
+        self.record_bytes = \
+            self.reader.info(key_stats=False)["record_bytes"] if self.single_store else 0
         self.dtype = self.reader.dtype
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -236,7 +237,9 @@ class Follower:
         old = self.snapshot
         if rows == old.rows and self.refreshes:
             return
-        info = self.reader.info() if hasattr(self.reader, "info") else {}
+        # Without key statistics: a pass over the key table at every refresh took most of a
+        # core from the writers on a large store.
+        info = self.reader.info(key_stats=False) if hasattr(self.reader, "info") else {}
         generation = int(info.get("generation", 0)) if isinstance(info, dict) else 0
         self._check_files(rows, generation)
         keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
