@@ -8,7 +8,7 @@
 //   BM_CopyOutView     memcpy of the view into private memory (what np.array(view) costs)
 //   BM_CopyOutMemory   baseline: memcpy between two private, touched buffers
 //   BM_RecordByRow     Reader::record(row) at random rows: index entry + checksum of the row
-//                      (lookup by (key, epoch) comes with a later issue; BM_FindByKey goes here)
+//                      (lookups by (key, epoch): bench/key_index_bench.cc)
 //   BM_Refresh         Reader::refresh() with nothing new, and after another writer's append
 //   BM_OpenReader      Reader::open + first record on stores of 1k .. EMBSTORE_BENCH_OPEN_ROWS rows
 //   BM_OpenWriter      Writer::open + close on the same stores
