@@ -6,11 +6,11 @@
    (sample, gather, SVD, JSON), then the same request again (cached). Target: first projection
    < 1 s.
 2. The server's cost on a concurrent writer: a writer process appends RUN_MB of 512-row batches
-   (a new epoch every 200 batches) into a fresh store: alone; beside a "placebo" server and
+   (a new epoch every 4,096 batches) into a fresh store: alone; beside a "placebo" server and
    polling client on another, empty store (the same processes started, nothing to follow: this
    separates the server's work from the machine's reaction to processes starting); or while a
    server follows the store and a client polls it the way the page does (stats every second,
-   the newest epoch's projection whenever its row count changed, at most every 1.5 s). The three
+   the newest epoch's projection when a new epoch appears, and as it grows at most every 5 s). The three
    run in random order per round; the cost is 1 - (MB/s served) / (MB/s alone or placebo) of
    the same round, min and median. Target: < 5%. Also printed: the CPU time of the writer and of the
    server per second of writing (cores busy), which scheduling noise moves much less.
@@ -36,9 +36,14 @@ import numpy as np
 import embstore
 
 BATCH = 512
+kRedrawSeconds = 5.0  # static/app.js kRedrawMs
+# Batches per epoch of the writer runs: an epoch every few seconds (a real one lasts minutes;
+# each new epoch makes the page ask for its projection at once).
+kEpochBatches = 4096
 WRITER = r"""
 import sys, time, numpy as np, embstore
 path, dim, total_mb = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+EPOCH_BATCHES = int(sys.argv[4])
 rows = np.random.default_rng(0).standard_normal((512, dim)).astype(np.float32)
 batches = int(total_mb * (1 << 20) // rows.nbytes)
 with embstore.Writer(path) as w:
@@ -46,7 +51,7 @@ with embstore.Writer(path) as w:
     sys.stdin.readline()
     start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(batches):
-        w.append(np.arange(i * 512, (i + 1) * 512), rows, i // 200)
+        w.append(np.arange(i * 512, (i + 1) * 512), rows, i // EPOCH_BATCHES)
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
 print(batches * rows.nbytes / (1 << 20) / seconds, seconds, cpu, flush=True)
@@ -107,7 +112,8 @@ def first_projection(args, work):
 
 
 def page_client(url, stop):
-    """Polls like the page: stats every second, the newest epoch's projection when it grew."""
+    """Polls like the page (static/app.js): stats every second, the newest epoch's projection
+    at once when a new epoch appears, and when it grew at most every kRedrawSeconds."""
     drawn, drawn_at = None, 0.0
     while not stop.wait(1.0):
         try:
@@ -116,7 +122,7 @@ def page_client(url, stop):
                 newest = stats["epochs"][-1]
                 state = (newest["epoch"], newest["rows"])
                 if state != drawn and (drawn is None or drawn[0] != state[0]
-                                       or time.monotonic() - drawn_at > 1.5):
+                                       or time.monotonic() - drawn_at > kRedrawSeconds):
                     get(url + f"/api/projection?epoch={newest['epoch']}")
                     drawn, drawn_at = state, time.monotonic()
         except OSError:
@@ -132,7 +138,8 @@ def writer_run(work, dim, run_mb, serve):
     if serve == "placebo":
         served_path = os.path.join(work, "empty.emb")
         embstore.create(served_path, dim=dim)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, path, str(dim), str(run_mb)],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, path, str(dim), str(run_mb),
+                               str(kEpochBatches)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "ready"
     server = stop = client = None

@@ -3,7 +3,9 @@
 "use strict";
 
 const kPollMs = 1000;
-const kRedrawMs = 1500;  // a growing epoch is redrawn at most this often
+// A growing epoch is redrawn at most this often (a new epoch at once): each redraw samples,
+// fits and projects on the server, CPU that a writer on the same machine would miss.
+const kRedrawMs = 5000;
 const kPalette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                   "#7f7f7f", "#bcbd22", "#17becf"];
 
