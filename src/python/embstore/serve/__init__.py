@@ -67,7 +67,9 @@ a method other than GET, 503 when the store is damaged or gone (the message says
     differ, so the path between points is not a motion in one fixed space.
 
 The page (``/``) polls ``/api/stats`` every second: figures update live, the epoch slider
-follows new epochs (unless moved by hand) and the projection is redrawn when its epoch gains rows.
+follows new epochs (unless moved by hand) and the projection is drawn at once for a new epoch and
+redrawn at most every 5 s while its epoch gains rows (each draw samples, fits and projects on the
+server: CPU a writer on the same machine would miss).
 Searching a key draws its neighbours at the chosen epoch and its trajectory (as above).
 """
 
