@@ -1,5 +1,7 @@
 #include "embstore/error.h"
 
+#include <cerrno>
+
 namespace embstore {
 
 const char* error_code_name(ErrorCode code) noexcept {
@@ -32,6 +34,23 @@ const char* error_code_name(ErrorCode code) noexcept {
       return "permission_denied";
   }
   return "unknown";
+}
+
+ErrorCode error_code_for_write_errno(int err) noexcept {
+  switch (err) {
+    case ENOENT:
+      return ErrorCode::kNotFound;
+    case ENOSPC:
+    case EFBIG:
+    case EDQUOT:
+      return ErrorCode::kFull;
+    case EROFS:
+    case EACCES:
+    case EPERM:
+      return ErrorCode::kReadOnly;
+    default:
+      return ErrorCode::kIO;
+  }
 }
 
 }  // namespace embstore

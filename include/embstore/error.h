@@ -31,6 +31,12 @@ enum class ErrorCode : int {
 // names; the Python binding's exceptions carry it as `code`.
 const char* error_code_name(ErrorCode code) noexcept;
 
+// The code of a failed operating-system call that created or wrote `errno` err: kNotFound
+// (ENOENT), kFull (ENOSPC, EFBIG, EDQUOT), kReadOnly (EROFS, EACCES, EPERM), else kIO. The one
+// mapping the library and the tools share (opening a file for reading maps EACCES/EPERM to
+// kPermissionDenied instead).
+ErrorCode error_code_for_write_errno(int err) noexcept;
+
 class Error : public std::runtime_error {
  public:
   Error(ErrorCode code, const std::string& message, int sys_errno = 0)

@@ -34,25 +34,8 @@ namespace {
 using testing::Op;
 
 [[noreturn]] void fail(const char* op, const std::string& path, int err) {
-  ErrorCode code = ErrorCode::kIO;
-  switch (err) {
-    case ENOENT:
-      code = ErrorCode::kNotFound;
-      break;
-    case ENOSPC:
-    case EFBIG:
-    case EDQUOT:
-      code = ErrorCode::kFull;
-      break;
-    case EROFS:
-    case EACCES:
-    case EPERM:
-      code = ErrorCode::kReadOnly;
-      break;
-    default:
-      break;
-  }
-  throw Error(code, std::string(op) + " " + path + ": " + std::strerror(err), err);
+  throw Error(error_code_for_write_errno(err),
+              std::string(op) + " " + path + ": " + std::strerror(err), err);
 }
 
 // Runs the fault seam for `op`; returns the injected errno (0: make the real call).

@@ -112,6 +112,20 @@ def test_info_shows_the_last_commit_time_the_store_recorded(tmp_path):
     assert json.loads(run("info", path, "--json").out)["last_commit_unix_ns"] == recorded
 
 
+def test_info_json_names_every_field_as_python_info_does(store):
+    """One name per field: every field of embstore.info() is in `info --json` under the same
+    name with the same value (epochs as a list of {epoch, rows}: JSON keys cannot be numbers)."""
+    cli = json.loads(run("info", store, "--json").out)
+    py = embstore.info(store)
+    for name, value in py.items():
+        assert name in cli, (name, sorted(cli))
+        if name == "epochs":
+            assert cli[name] == [{"epoch": e, "rows": n} for e, n in sorted(value.items())]
+        else:
+            assert cli[name] == value, name
+    assert "format" not in cli and (cli["format_major"], cli["format_minor"]) == (1, 3)
+
+
 def test_info_shows_header_counters_files_and_epochs(store):
     r = run("info", store, "--quiet")
     assert r.code == 0, r

@@ -138,7 +138,8 @@ void Table::print(std::FILE* out, const std::string& indent) const {
 nlohmann::json info_json(const StoreInfo& info) {
   return {
       {"path", info.path},
-      {"format", fmt::format("{}.{}", info.format_major, info.format_minor)},
+      {"format_major", info.format_major},
+      {"format_minor", info.format_minor},
       {"dtype", std::string(dtype_name(info.dtype))},
       {"dim", info.dim},
       {"record_bytes", info.record_bytes},

@@ -89,7 +89,7 @@ class Table {
 };
 
 // The header and counters as JSON (the fields of StoreInfo, last_commit_unix_ns 0 when unknown;
-// format as "major.minor").
+// format_major and format_minor: the names Python's embstore.info() uses for every field).
 nlohmann::json info_json(const StoreInfo& info);
 
 // A row's values as a JSON array (integers for int8/uint8, float for the float types) and as

@@ -76,6 +76,7 @@ int run_info(const InfoArgs& args) {
     }
     out["files"] = files;
     out["key_index"] = info.key_index;
+    out["key_index_used"] = info.key_index_used;
     if (keys) {
       nlohmann::json epochs = nlohmann::json::array();
       for (const auto& e : keys->epochs) {

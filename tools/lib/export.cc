@@ -51,13 +51,15 @@ std::string sidecar_text(const Reader& reader, std::uint64_t rows) {
 void write_text_file(const std::string& path, const std::string& text) {
   std::FILE* file = std::fopen(path.c_str(), "wbx");
   if (file == nullptr) {
-    throw Error(ErrorCode::kIO, "cannot create " + path + ": " + std::strerror(errno), errno);
+    throw Error(error_code_for_write_errno(errno),
+                "cannot create " + path + ": " + std::strerror(errno), errno);
   }
   const bool ok = std::fwrite(text.data(), 1, text.size(), file) == text.size() &&
                   std::fflush(file) == 0 && ::fsync(::fileno(file)) == 0;
   const int err = errno;
   if (std::fclose(file) != 0 || !ok) {
-    throw Error(ErrorCode::kIO, "cannot write " + path + ": " + std::strerror(err), err);
+    throw Error(error_code_for_write_errno(err), "cannot write " + path + ": " + std::strerror(err),
+                err);
   }
 }
 
@@ -111,7 +113,8 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
                 const ExportOptions& options) {
   std::FILE* file = std::fopen(path.c_str(), "wbx");
   if (file == nullptr) {
-    throw Error(ErrorCode::kIO, "cannot create " + path + ": " + std::strerror(errno), errno);
+    throw Error(error_code_for_write_errno(errno),
+                "cannot create " + path + ": " + std::strerror(errno), errno);
   }
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> closer(file, std::fclose);
   const std::uint32_t dim = reader.dim();
@@ -124,7 +127,8 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
   const std::uint64_t n = selector.count();
   auto flush = [&] {
     if (std::fwrite(line.data(), 1, line.size(), file) != line.size()) {
-      throw Error(ErrorCode::kIO, "cannot write " + path + ": " + std::strerror(errno), errno);
+      throw Error(error_code_for_write_errno(errno),
+                  "cannot write " + path + ": " + std::strerror(errno), errno);
     }
     line.clear();
   };
@@ -152,7 +156,8 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
   });
   flush();
   if (std::fflush(file) != 0 || ::fsync(::fileno(file)) != 0) {
-    throw Error(ErrorCode::kIO, "cannot write " + path + ": " + std::strerror(errno), errno);
+    throw Error(error_code_for_write_errno(errno),
+                "cannot write " + path + ": " + std::strerror(errno), errno);
   }
 }
 
@@ -175,7 +180,7 @@ std::string make_partial_dir(const std::string& out) {
   if (::mkdtemp(tmpl.data()) == nullptr) {
     const int err = errno;
     throw Error(
-        err == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIO,
+        error_code_for_write_errno(err),
         "cannot create a working directory in " + parent.string() + ": " + std::strerror(err), err);
   }
   return tmpl;
@@ -185,8 +190,8 @@ void rename_no_replace(const std::string& from, const std::string& to) {
   if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) != 0) {
     const int err = errno;
     if (err == EEXIST) throw Error(ErrorCode::kAlreadyExists, "output " + to + " already exists");
-    throw Error(ErrorCode::kIO, "cannot rename " + from + " to " + to + ": " + std::strerror(err),
-                err);
+    throw Error(error_code_for_write_errno(err),
+                "cannot rename " + from + " to " + to + ": " + std::strerror(err), err);
   }
   // The rename is durable once the parent directory is.
   std::filesystem::path parent = std::filesystem::path(to).parent_path();

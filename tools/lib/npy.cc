@@ -76,7 +76,7 @@ NpyWriter::NpyWriter(const std::string& path, const std::string& descr,
   file_ = std::fopen(path.c_str(), "wbx");
   if (file_ == nullptr) {
     const int err = errno;
-    throw Error(err == EEXIST ? ErrorCode::kAlreadyExists : ErrorCode::kIO,
+    throw Error(err == EEXIST ? ErrorCode::kAlreadyExists : error_code_for_write_errno(err),
                 "cannot create " + path + ": " + std::strerror(err), err);
   }
   expected_bytes_ = element_bytes(descr, path);
@@ -104,7 +104,7 @@ void NpyWriter::write(const void* data, std::size_t bytes) {
   if (bytes == 0) return;
   if (std::fwrite(data, 1, bytes, file_) != bytes) {
     const int err = errno;
-    throw Error(err == ENOSPC ? ErrorCode::kFull : ErrorCode::kIO,
+    throw Error(error_code_for_write_errno(err),
                 "cannot write " + path_ + ": " + std::strerror(err), err);
   }
   written_bytes_ += bytes;
@@ -117,7 +117,7 @@ void NpyWriter::finish() {
   const int err = errno;
   const bool closed = std::fclose(file) == 0;
   if (!flushed || !closed) {
-    throw Error(err == ENOSPC ? ErrorCode::kFull : ErrorCode::kIO,
+    throw Error(error_code_for_write_errno(err),
                 "cannot write " + path_ + ": " + std::strerror(err), err);
   }
   if (written_bytes_ != expected_bytes_) {
