@@ -3,19 +3,23 @@ input, and read-only commands leaving every byte of the store as it was."""
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 import time
 
 import numpy as np
 import pytest
 
 import embstore
-from conftest import CLI, hash_tree, make_store, run, corrupt_row
+from conftest import CLI, Result, hash_tree, make_store, run, corrupt_row
 
 COMMANDS = ["create", "info", "verify", "version", "head", "tail", "get", "export", "import",
             "compact", "merge", "bench"]
 
 # Exit statuses (README "Command-line tool"): 10 + ErrorCode.
 NOT_FOUND, ALREADY_EXISTS, CORRUPTION, FORMAT_MISMATCH, UNSUPPORTED_VERSION = 12, 13, 14, 15, 16
+READ_ONLY, PERMISSION_DENIED = 19, 23  # kReadOnly = 9, kPermissionDenied = 13
 
 
 def one_line(text):
@@ -372,3 +376,141 @@ def test_io_and_full_errors_have_their_exit_codes(store, tmp_path):
     assert r.code == 18, r
     assert "map_bytes" in one_line(r.err)
     assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A small tmpfs at tmp_path/ro; the test fills it, then calls the function it gets to remount
+    it read-only (as root, chmod alone does not make a write fail). Unmounted afterwards."""
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("no mount(8) on this machine: cannot make a read-only file system")
+    point = tmp_path / "ro"
+    point.mkdir()
+    r = subprocess.run([mount, "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(point)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here (needs root / CAP_SYS_ADMIN): "
+                    + (r.stderr.strip().splitlines() or ["?"])[0])
+
+    def make_read_only():
+        r = subprocess.run([mount, "-o", "remount,ro", str(point)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip("remounting the tmpfs read-only is not permitted here: "
+                        + (r.stderr.strip().splitlines() or ["?"])[0])
+
+    try:
+        yield point, make_read_only
+    finally:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_writes_to_a_read_only_file_system_exit_19_and_change_nothing(read_only_mount, tmp_path):
+    point, make_read_only = read_only_mount
+    store = make_store(point / "s")
+    np.save(tmp_path / "v.npy", np.ones((3, 4), np.float32))
+    make_read_only()
+    before = hash_tree(store)
+    for args, named in ((["import", store, tmp_path / "v.npy", "--epoch", 7], store),
+                        (["truncate", store, "--rows", 5, "--yes"], store),
+                        (["truncate", store, "--from-epoch", 1, "--yes"], store),
+                        (["create", point / "new", "--dim", 4], point / "new")):
+        r = run(*args)
+        assert r.code == READ_ONLY, (args, r)
+        line = one_line(r.err)
+        assert str(named) in line and "Read-only file system" in line, (args, r)
+    assert hash_tree(store) == before
+    assert os.listdir(point) == ["s"]
+    # Reading needs no write: the reading commands work on the read-only mount, and leave it as is.
+    for args in (["info", store], ["verify", store], ["tail", store], ["get", store, 3],
+                 ["export", store, tmp_path / "out"]):
+        assert run(*args).code == 0, args
+    assert hash_tree(store) == before
+
+
+@pytest.fixture
+def as_nobody():
+    """A runner of the tool as user nobody (65534), for EACCES, which root never gets; and a
+    directory under /tmp that nobody may enter (pytest's tmp_path is under a 0700 directory)."""
+    if os.geteuid() != 0:
+        pytest.skip("running the tool as another user needs root")
+    setpriv, runuser = shutil.which("setpriv"), shutil.which("runuser")
+    if setpriv:
+        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    elif runuser:
+        prefix = [runuser, "-u", "nobody", "--"]
+    else:
+        pytest.skip("neither setpriv nor runuser is installed: cannot drop privileges")
+    cli = os.path.realpath(CLI)
+
+    def run_as_nobody(*args):
+        proc = subprocess.run([*prefix, cli, *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+        return Result(proc)
+
+    r = run_as_nobody("version")
+    if r.code != 0:
+        pytest.skip(f"user nobody cannot run {cli}: {r!r}")
+    top = tempfile.mkdtemp(prefix="embstore-cli-nobody-")
+    try:
+        os.chmod(top, 0o755)
+        yield run_as_nobody, top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_files_the_user_may_not_read_exit_23_naming_the_file(as_nobody):
+    run_as_nobody, top = as_nobody
+    store = make_store(os.path.join(top, "s"))
+    out = os.path.join(top, "out")
+    os.mkdir(out)
+    os.chmod(out, 0o777)  # nobody may write its outputs here: only the store is refused
+    for name in os.listdir(store):
+        os.chmod(os.path.join(store, name), 0o600)  # owned by root
+    before = hash_tree(store)
+    header = os.path.join(store, "header")
+    for args in (["info", store], ["info", store, "--json"], ["verify", store], ["head", store],
+                 ["tail", store], ["get", store, 3], ["export", store, os.path.join(out, "e")],
+                 ["compact", store, os.path.join(out, "c")],
+                 ["salvage", store, os.path.join(out, "sv")],
+                 ["merge", os.path.join(out, "m"), store],
+                 ["truncate", store, "--rows", 5, "--yes"]):
+        r = run_as_nobody(*args)
+        assert r.code == PERMISSION_DENIED, (args, r)
+        line = one_line(r.err)
+        assert f"open {header} for reading: Permission denied" in line, (args, r)
+        assert "Traceback" not in r.err and "terminate" not in r.err
+    # The header readable, the rows not: the message names the file refused.
+    os.chmod(header, 0o644)
+    rows = os.path.join(store, "rows.1")
+    for args in (["info", store], ["verify", store], ["get", store, 3],
+                 ["export", store, os.path.join(out, "e")]):
+        r = run_as_nobody(*args)
+        assert r.code == PERMISSION_DENIED, (args, r)
+        assert f"open {rows} for reading: Permission denied" in one_line(r.err), (args, r)
+    assert os.listdir(out) == []
+    assert hash_tree(store) == before
+
+
+def test_writes_the_user_may_not_make_exit_19_not_23(as_nobody, tmp_path):
+    # EACCES on a file opened for writing is a read-only store to this user (kReadOnly), while
+    # reading the same files works.
+    run_as_nobody, top = as_nobody
+    store = make_store(os.path.join(top, "s"))  # root's, files 0644 in a 0755 directory
+    vectors = os.path.join(top, "v.npy")
+    np.save(vectors, np.ones((3, 4), np.float32))
+    os.chmod(vectors, 0o644)
+    before = hash_tree(store)
+    for args, named in ((["import", store, vectors, "--epoch", 7], store),
+                        (["truncate", store, "--rows", 5, "--yes"], store),
+                        (["create", os.path.join(top, "new"), "--dim", 4],
+                         os.path.join(top, "new"))):
+        r = run_as_nobody(*args)
+        assert r.code == READ_ONLY, (args, r)
+        line = one_line(r.err)
+        assert named in line and "Permission denied" in line, (args, r)
+    assert run_as_nobody("info", store).code == 0
+    assert run_as_nobody("verify", store).code == 0
+    assert hash_tree(store) == before
+    assert sorted(os.listdir(top)) == ["s", "v.npy"]
