@@ -415,7 +415,13 @@ def test_writes_to_a_read_only_file_system_exit_19_and_change_nothing(read_only_
     for args, named in ((["import", store, tmp_path / "v.npy", "--epoch", 7], store),
                         (["truncate", store, "--rows", 5, "--yes"], store),
                         (["truncate", store, "--from-epoch", 1, "--yes"], store),
-                        (["create", point / "new", "--dim", 4], point / "new")):
+                        (["create", point / "new", "--dim", 4], point / "new"),
+                        # New outputs on the read-only mount: their working directory is refused.
+                        (["import", point / "imported", tmp_path / "v.npy"], point),
+                        (["export", store, point / "out"], point),
+                        (["compact", store, point / "small"], point),
+                        (["salvage", store, point / "saved"], point),
+                        (["merge", point / "merged", store], point)):
         r = run(*args)
         assert r.code == READ_ONLY, (args, r)
         line = one_line(r.err)
