@@ -1,7 +1,6 @@
 // key_index_bench — lookups by (key, epoch) through the key index, with LMDB's mdb_get on the
-// same pairs in the same run as the baseline (PRODUCT.md targets: warm find p50 <= 0.3 us,
-// p99 <= 2 us, <= 0.2x LMDB's p50; find_many of 4,096 ids >= 10M lookups/s; a 10-version
-// history <= 1 us; open + first find <= 5 ms).
+// same pairs in the same run as the baseline (the targets and the figures measured against
+// them: bench/RESULTS.md, "Key lookups").
 //
 // The store: EMBSTORE_BENCH_KEYS keys x 10 epochs (default 1M x 10 = 10M rows), dim 64 float32,
 // appended epoch by epoch in batches of 4,096 as a training run would; the fill reports the

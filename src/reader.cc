@@ -34,9 +34,9 @@ class Reader::Impl {
   // when refresh() maps the files again at a new Generation, whose range has none.
   mutable std::atomic<std::uint64_t> populated_{0};
 
-  // A fresh mapping has no page-table entries: the first scan of it paid ~0.8x of a scan of
-  // private memory in CPU time, and ~1.0x with the entries filled in one call first (read_bench,
-  // BM_ScanViewCold; bench/RESULTS.md, "Scan from a fresh Reader"). Done here, per requested
+  // A fresh mapping has no page-table entries: the first scan of it pays a fault per few pages,
+  // less with the entries filled in one call first (read_bench, BM_ScanViewCold; the figures:
+  // bench/RESULTS.md, "Scan from a fresh Reader"). Done here, per requested
   // range and once, so open() stays O(1) and small reads (followers) pay no system call.
   void populate(const StoreFiles& f, std::uint64_t begin, std::uint64_t end) const {
     constexpr std::uint64_t kPopulateMinBytes = 1 << 20;

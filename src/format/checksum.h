@@ -12,7 +12,8 @@ namespace embstore::detail {
 
 // A store's row-hash key: its checksum seed and the XXH3 secret derived from it, once per store
 // (XXH3_generateSecret_fromSeed). XXH3_64bits_withSeed derives that secret again for every input
-// longer than 240 bytes — ~20 ns, a third of the hash of a 256-byte row; with the secret at hand
+// longer than 240 bytes, a large share of a short row's hash (bench/RESULTS.md, the row-hash
+// change); with the secret at hand
 // (XXH3_64bits_withSecretandSeed) the value is the same and the derivation is skipped.
 struct RowHashKey {
   explicit RowHashKey(std::uint64_t seed) noexcept;
@@ -21,8 +22,8 @@ struct RowHashKey {
 };
 
 // The row hash of FORMAT.md, XXH3-64 of a row's bytes with the store's seed: computed before the
-// writer lock is taken. Uses the AVX2 build of XXH3 where the CPU has it (4x the SSE2 speed
-// here), else the portable one; same value either way, and the same as payload_hash_reference.
+// writer lock is taken. Uses the AVX2 build of XXH3 where the CPU has it (several times the SSE2
+// speed), else the portable one; same value either way, and the same as payload_hash_reference.
 std::uint64_t payload_hash(const void* row, std::size_t row_bytes, const RowHashKey& key) noexcept;
 // The definition, XXH3_64bits_withSeed, computed the slow, obvious way: for tests.
 std::uint64_t payload_hash_reference(const void* row, std::size_t row_bytes,

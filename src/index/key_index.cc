@@ -362,7 +362,8 @@ void KeyIndexFile::ensure_chain_allocated(std::uint64_t rows) {
 void KeyIndexFile::populate_chain(std::uint64_t begin, std::uint64_t end) {
   if (end <= populated_rows_) return;
   // A step ahead at a time: a fresh page would otherwise fault at its first record (a page
-  // allocation, zeroing and page_mkwrite each, 2-11 us on virtual machines), one call per 256.
+  // allocation, zeroing and page_mkwrite each, microseconds on virtual machines: bench/RESULTS.md),
+  // one call per 256.
   constexpr std::uint64_t kAheadRows = 1 << 16;
   const std::uint64_t from = std::max(populated_rows_, begin);
   const std::uint64_t allocated_rows = (allocated_bytes_ - chain_offset_) / kChainRecordBytes;

@@ -1,6 +1,6 @@
 // embstore_torture — the reliability suite's one executable: supervisor and every role.
 //
-//   embstore_torture scenario <id> [--seed S] [--soak]   one scenario of README.md here (1..21)
+//   embstore_torture scenario <id> [--seed S] [--soak]   one scenario of README.md here (1..22)
 //   embstore_torture all [--seed S] [--soak] [--only 1,6,8]  every scenario, then the summary
 //   embstore_torture summary <stats-dir>                 sums the figures every process left there
 //   embstore_torture reset-stats <stats-dir>
@@ -70,7 +70,7 @@ const Scenario* find_scenario(const std::string& id) {
 
 int usage() {
   std::fprintf(stderr,
-               "usage: embstore_torture scenario <1..21> [--seed S] [--soak]\n"
+               "usage: embstore_torture scenario <1..22> [--seed S] [--soak]\n"
                "       embstore_torture all [--seed S] [--soak] [--only 1,2,...]\n"
                "       embstore_torture summary <stats-dir> | reset-stats <stats-dir>\n");
   return 2;

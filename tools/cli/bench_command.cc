@@ -789,7 +789,7 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "Appends to a fresh store from N writer processes while M reader processes follow it,\n"
       "then runs the same workload in the same run through pwrite() appending to a new file\n"
       "(pwrite), pwrite() into a file preallocated with posix_fallocate (pwrite-pre: how\n"
-      "embstore writes batches of 32 KiB and more) and memcpy into private memory, and reports\n"
+      "embstore writes large batches) and memcpy into private memory, and reports\n"
       "ratios. Keys are the append's CLOCK_MONOTONIC time in ns (readers derive their lag from\n"
       "them) and the epoch is the writer's number.\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
