@@ -5,6 +5,7 @@
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -406,4 +407,42 @@ TEST_CASE("A large append the kernel writes only in part fails with kFull and pu
   });
   CHECK(test::wait_for(child) == 0);
   CHECK(rows_intact(path, 2049));
+}
+
+TEST_CASE("On a nearly full disk a growth takes just the rows an append needs", "[faults][full]") {
+  // FORMAT.md "File sizes": when the step the growth rule asks for does not fit, the writer
+  // allocates the rows of the append alone before reporting the disk full.
+  TempDir dir;
+  const SmallTmpfs tmpfs(dir, "4m");
+  if (!tmpfs.mounted) {
+    WARN("cannot mount tmpfs here (not root?): skipped");
+    return;
+  }
+  const std::string path = tmpfs.at + "/s";
+  CreateOptions o;
+  o.dim = kDim;  // 1 KiB rows: the files double from 64 KiB up to the 64 MiB segment
+  Writer w = Writer::create(path, o);
+  std::uint64_t seq = 0;
+  // Up to the capacity of a 1 MiB allocation (992 rows): the next growth asks for twice that.
+  while (read_info(path).capacity_rows < 900) fill(w, seq, 0, 1);
+  while (w.committed_rows() + 64 <= read_info(path).capacity_rows) fill(w, seq, 0, 1);
+  const std::uint64_t capacity = read_info(path).capacity_rows;
+  REQUIRE(capacity - w.committed_rows() < 64);
+  // Leave about 256 KiB: room for a few batches, not for the next doubling.
+  struct statvfs fs {};
+  REQUIRE(::statvfs(tmpfs.at.c_str(), &fs) == 0);
+  const std::uint64_t avail = std::uint64_t{fs.f_bavail} * fs.f_frsize;
+  REQUIRE(avail > (256 << 10));
+  test::run_shell("dd if=/dev/zero of='" + tmpfs.at + "/ballast' bs=4k count=" +
+                  std::to_string((avail - (256 << 10)) / 4096) + " status=none");
+  const std::uint64_t before = seq;
+  const Error full = fill(w, seq);
+  CHECK(full.code() == ErrorCode::kFull);
+  CHECK(seq >= before + 64);  // batches went on past the capacity the rule could not reach
+  const StoreInfo info = read_info(path);
+  CHECK(info.committed_rows == seq);
+  CHECK(info.capacity_rows < 2 * capacity);  // grown by less than the rule's step
+  CHECK(info.data_file_bytes % 4096 == 0);
+  CHECK(rows_intact(path, seq));
+  w.close();
 }

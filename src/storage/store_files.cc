@@ -316,19 +316,29 @@ void StoreFiles::grow_to(std::uint64_t rows) {
                                       std::to_string(budget_rows_) +
                                       " rows; reopen with a larger map_bytes");
   }
-  const std::uint64_t new_capacity =
+  std::uint64_t new_capacity =
       std::min({capacity_for(rows, layout_.record_bytes, layout_.segment_bytes, header_bytes_),
                 budget_rows_, kMaxRows});
   // Allocate from the page holding the end of the published capacity, the most either file
   // rule guarantees is allocated (FORMAT.md "File sizes"): a growth killed half-way may have
   // extended the files already, and re-allocating an allocated range is a cheap no-op.
-  const std::uint64_t data_from = capacity * layout_.record_bytes / kPageBytes * kPageBytes;
-  os::allocate(data_fd_, data_from, layout_.data_bytes_for(new_capacity) - data_from, data_path_);
-  EMBSTORE_CRASH_POINT("after-grow-data");
-  const std::uint64_t index_from = capacity * kIndexEntryBytes / kPageBytes * kPageBytes;
-  os::allocate(index_fd_, index_from, Layout::index_bytes_for(new_capacity) - index_from,
-               index_path_);
-  EMBSTORE_CRASH_POINT("after-grow-index");
+  const auto allocate = [&](std::uint64_t target) {
+    const std::uint64_t data_from = capacity * layout_.record_bytes / kPageBytes * kPageBytes;
+    os::allocate(data_fd_, data_from, layout_.data_bytes_for(target) - data_from, data_path_);
+    EMBSTORE_CRASH_POINT("after-grow-data");
+    const std::uint64_t index_from = capacity * kIndexEntryBytes / kPageBytes * kPageBytes;
+    os::allocate(index_fd_, index_from, Layout::index_bytes_for(target) - index_from, index_path_);
+    EMBSTORE_CRASH_POINT("after-grow-index");
+  };
+  try {
+    allocate(new_capacity);
+  } catch (const Error& error) {
+    // A nearly full disk (or RLIMIT_FSIZE): the step the rule asks for does not fit, the rows
+    // this append needs may. Only when that fails too is the disk full for this append.
+    if (error.code() != ErrorCode::kFull || new_capacity <= rows) throw;
+    new_capacity = rows;
+    allocate(new_capacity);
+  }
   map_rows(new_capacity);
   state_.set_capacity(new_capacity);
 }
