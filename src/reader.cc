@@ -36,8 +36,8 @@ class Reader::Impl {
 
   // A fresh mapping has no page-table entries: the first scan of it pays a fault per few pages,
   // less with the entries filled in one call first (read_bench, BM_ScanViewCold; the figures:
-  // bench/RESULTS.md, "Scan from a fresh Reader"). Done here, per requested
-  // range and once, so open() stays O(1) and small reads (followers) pay no system call.
+  // bench/RESULTS.md, "Scan from a fresh Reader"). Done here, per requested range and once, so
+  // open() stays O(1) and small reads (followers) pay no system call.
   void populate(const StoreFiles& f, std::uint64_t begin, std::uint64_t end) const {
     constexpr std::uint64_t kPopulateMinBytes = 1 << 20;
     const std::uint64_t done = populated_.load(std::memory_order_relaxed);

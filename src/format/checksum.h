@@ -13,8 +13,8 @@ namespace embstore::detail {
 // A store's row-hash key: its checksum seed and the XXH3 secret derived from it, once per store
 // (XXH3_generateSecret_fromSeed). XXH3_64bits_withSeed derives that secret again for every input
 // longer than 240 bytes, a large share of a short row's hash (bench/RESULTS.md, the row-hash
-// change); with the secret at hand
-// (XXH3_64bits_withSecretandSeed) the value is the same and the derivation is skipped.
+// change); with the secret at hand (XXH3_64bits_withSecretandSeed) the value is the same and the
+// derivation is skipped.
 struct RowHashKey {
   explicit RowHashKey(std::uint64_t seed) noexcept;
   std::uint64_t seed;
