@@ -681,8 +681,8 @@ double two_writers(const std::string& name, int redis_port, const Workload& w,
   // A shared page: the start signal, the writers ready, and each writer's end (steady clock ns,
   // one clock for every process of the machine).
   void* shared = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  auto* go = new (shared) std::atomic<int>[2]{0, 0};
-  auto* ended = new (static_cast<char*>(shared) + 64) std::atomic<std::int64_t>[2]{0, 0};
+  auto* go = new (shared) std::atomic<int>[2] { 0, 0 };
+  auto* ended = new (static_cast<char*>(shared) + 64) std::atomic<std::int64_t>[2] { 0, 0 };
   std::fflush(nullptr);
   const std::uint64_t half = w.rows / 2 / w.batch * w.batch;
   pid_t pids[2];
@@ -714,8 +714,7 @@ double two_writers(const std::string& name, int redis_port, const Workload& w,
     ::waitpid(pid, &status, 0);
     ok = ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
   }
-  const Clock::time_point last_end{
-      Clock::duration{std::max(ended[0].load(), ended[1].load())}};
+  const Clock::time_point last_end{Clock::duration{std::max(ended[0].load(), ended[1].load())}};
   const double secs = std::chrono::duration<double>(last_end - t).count();
   ::munmap(shared, 4096);
   if (!ok) return -1;
