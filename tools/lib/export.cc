@@ -48,18 +48,23 @@ std::string sidecar_text(const Reader& reader, std::uint64_t rows) {
   return sidecar.dump(2) + "\n";
 }
 
+// Throws the error of a failed write to `path` ("create" or "write"): errno is read once, before
+// the message is built, and mapped as the library maps it.
+[[noreturn]] void fail_write(const char* what, const std::string& path, int err = errno) {
+  throw Error(error_code_for_write_errno(err),
+              std::string("cannot ") + what + " " + path + ": " + std::strerror(err), err);
+}
+
 void write_text_file(const std::string& path, const std::string& text) {
   std::FILE* file = std::fopen(path.c_str(), "wbx");
   if (file == nullptr) {
-    throw Error(error_code_for_write_errno(errno),
-                "cannot create " + path + ": " + std::strerror(errno), errno);
+    fail_write("create", path);
   }
   const bool ok = std::fwrite(text.data(), 1, text.size(), file) == text.size() &&
                   std::fflush(file) == 0 && ::fsync(::fileno(file)) == 0;
   const int err = errno;
   if (std::fclose(file) != 0 || !ok) {
-    throw Error(error_code_for_write_errno(err), "cannot write " + path + ": " + std::strerror(err),
-                err);
+    fail_write("write", path, err);
   }
 }
 
@@ -113,8 +118,7 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
                 const ExportOptions& options) {
   std::FILE* file = std::fopen(path.c_str(), "wbx");
   if (file == nullptr) {
-    throw Error(error_code_for_write_errno(errno),
-                "cannot create " + path + ": " + std::strerror(errno), errno);
+    fail_write("create", path);
   }
   std::unique_ptr<std::FILE, int (*)(std::FILE*)> closer(file, std::fclose);
   const std::uint32_t dim = reader.dim();
@@ -127,8 +131,7 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
   const std::uint64_t n = selector.count();
   auto flush = [&] {
     if (std::fwrite(line.data(), 1, line.size(), file) != line.size()) {
-      throw Error(error_code_for_write_errno(errno),
-                  "cannot write " + path + ": " + std::strerror(errno), errno);
+      fail_write("write", path);
     }
     line.clear();
   };
@@ -156,8 +159,7 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
   });
   flush();
   if (std::fflush(file) != 0 || ::fsync(::fileno(file)) != 0) {
-    throw Error(error_code_for_write_errno(errno),
-                "cannot write " + path + ": " + std::strerror(errno), errno);
+    fail_write("write", path);
   }
 }
 
