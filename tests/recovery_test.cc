@@ -378,6 +378,35 @@ TEST_CASE("SyncPolicy::kNone opts out: close() leaves committed rows unsynced",
   CHECK(read_info(dir / "s").durable_rows == 0);
 }
 
+TEST_CASE("After a reboot files that hold no row are grown again, never left at capacity 0",
+          "[recovery]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  // The index file's growth never reached the disk: it holds no entry, so no row survives.
+  REQUIRE(::truncate((path + "/index.1").c_str(), 0) == 0);
+  detail::testing::set_boot_id(kBootB);
+  {
+    Writer w = Writer::open(path);
+    CHECK(w.committed_rows() == 0);
+    CHECK(w.info().capacity_rows > 0);
+  }
+  // The recovery stored a capacity the files hold: the same boot opens it as it was left
+  // (capacity 0 would be refused as corruption), and it takes and reads back rows.
+  {
+    Reader r = Reader::open(path);
+    CHECK(r.size() == 0);
+  }
+  {
+    Writer w = Writer::open(path);
+    append_rows(w, 0, 20);
+  }
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 20);
+  CHECK(r.verify().ok());
+}
+
 TEST_CASE("After a reboot a data file cut inside a segment is clamped and grows again",
           "[recovery]") {
   BootReset reset;

@@ -151,11 +151,14 @@ bool apply_recovery(StoreFiles& files, const LoadedLog& log, const RebuildDerive
   const Counters& r = log.recovered;
   std::uint64_t boot[2];
   const bool boot_known = os::boot_id(boot);
+  // Files that hold no row at all (the growth at creation never reached the disk) are grown
+  // again first: capacity_rows is never 0 (the rules in recovery.h).
+  const std::uint64_t capacity = r.capacity > 0 ? r.capacity : files.allocate_rows(0, 1);
   // Lower durable, then committed, then capacity, so a reader (read_shrinking) never sees them
   // out of order.
   if (log.stored.durable > r.durable) state.set_durable(r.durable);
   state.publish_committed(r.committed);
-  state.set_capacity(r.capacity);
+  state.set_capacity(capacity);
   // The verified rows were read back from the device (the page cache began empty in this boot),
   // so they are durable: the next reboot need not check them again. Without a boot id that is
   // not known, and durable stays.

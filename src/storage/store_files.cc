@@ -309,6 +309,12 @@ void StoreFiles::grow_to(std::uint64_t rows) {
     map_rows(capacity);
     return;
   }
+  const std::uint64_t new_capacity = allocate_rows(capacity, rows);
+  map_rows(new_capacity);
+  state_.set_capacity(new_capacity);
+}
+
+std::uint64_t StoreFiles::allocate_rows(std::uint64_t capacity, std::uint64_t rows) {
   // Compare in rows first: rows * record_bytes could overflow for a hostile row count.
   if (rows > budget_rows_) {
     throw Error(ErrorCode::kFull, data_path_ + ": growing to " + std::to_string(rows) +
@@ -339,8 +345,7 @@ void StoreFiles::grow_to(std::uint64_t rows) {
     new_capacity = rows;
     allocate(new_capacity);
   }
-  map_rows(new_capacity);
-  state_.set_capacity(new_capacity);
+  return new_capacity;
 }
 
 bool StoreFiles::row_valid(std::uint64_t row) const {

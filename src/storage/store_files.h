@@ -95,6 +95,10 @@ class StoreFiles {
   // past map_bytes; on failure no counter changes. Pointers from row_ptr()/entry_ptr() taken before
   // may then be stale.
   void grow_to(std::uint64_t rows);
+  // Writer only, writer lock held: the allocation grow_to() makes, alone. The files are taken to
+  // hold `capacity` rows; allocates both up to capacity_for(rows) (or just `rows` when that step
+  // does not fit) and returns the rows they now hold. Changes no counter and maps nothing.
+  std::uint64_t allocate_rows(std::uint64_t capacity, std::uint64_t rows);
   // When the state page names another generation than file_generation() (a truncate switched
   // the store, or is switching it), takes that generation's files: a Writer opens them (keeping
   // the old descriptors open until close_retired_fds(), so a sync in flight never sees a reused
