@@ -89,7 +89,7 @@ struct WritePathReset {
 
 }  // namespace
 
-TEST_CASE("A float32 batch is used in place and every row is hashed with the store's key",
+TEST_CASE("A batch is copied into a buffer of the thread and every row hashed there",
           "[log][batch]") {
   TempDir dir;
   auto f = make_store(dir);
@@ -97,9 +97,12 @@ TEST_CASE("A float32 batch is used in place and every row is hashed with the sto
   const auto keys = keys_from(0, 5);
   const PreparedBatch b = prepare(*f, keys, matrix(values, 5));
   REQUIRE(b.rows == 5);
-  CHECK(b.source == reinterpret_cast<const std::byte*>(values.data()));
+  // A copy: the caller may change its array from now on without changing what is written.
+  CHECK(b.source != reinterpret_cast<const std::byte*>(values.data()));
+  CHECK(std::memcmp(b.source, values.data(), 5 * kDim * 4) == 0);
   CHECK(b.stride == kDim * 4);
   CHECK(b.keys.data() == keys.data());
+  REQUIRE(b.hashes != nullptr);
   for (std::uint64_t i = 0; i < 5; ++i) {
     CHECK(b.epoch(i) == 3);
     CHECK(b.hashes[i] ==
@@ -107,7 +110,7 @@ TEST_CASE("A float32 batch is used in place and every row is hashed with the sto
   }
 }
 
-TEST_CASE("Strided rows keep their stride, and per-row epochs are read from the caller's array",
+TEST_CASE("Strided rows are packed in the copy, and per-row epochs are read from the caller's",
           "[log][batch]") {
   TempDir dir;
   auto f = make_store(dir);
@@ -119,15 +122,29 @@ TEST_CASE("Strided rows keep their stride, and per-row epochs are read from the 
   const PreparedBatch b =
       detail::prepare_batch(f->layout(), f->hash_key(), f->dir(), keys, epochs.data(), 0,
                             matrix(wide, 4, kDim, DType::kFloat32, 44));
-  CHECK(b.stride == 44);
+  CHECK(b.stride == kDim * 4);
+  REQUIRE(b.hashes != nullptr);
   for (std::uint64_t i = 0; i < 4; ++i) {
     CHECK(b.epoch(i) == epochs[i]);
+    CHECK(std::memcmp(b.source + i * kDim * 4, wide.data() + i * 11, kDim * 4) == 0);
     CHECK(b.hashes[i] ==
           detail::payload_hash_reference(wide.data() + i * 11, kDim * 4, f->layout().seed));
   }
 }
 
-TEST_CASE("float32 rows for 16-bit stores are converted, and the hash covers the stored bytes",
+TEST_CASE("A batch larger than kStageBytes is left to the commit to copy and hash in pieces",
+          "[log][batch]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  const std::uint64_t n = detail::kStageBytes / (kDim * 4) + 1;
+  const std::vector<float> values(n * kDim, 1.0f);
+  const auto keys = keys_from(0, n);
+  const PreparedBatch b = prepare(*f, keys, matrix(values, n));
+  CHECK(b.source == reinterpret_cast<const std::byte*>(values.data()));
+  CHECK(b.hashes == nullptr);
+}
+
+TEST_CASE("float32 rows for 16-bit stores are converted into a buffer of the thread and hashed",
           "[log][batch]") {
   for (const DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     INFO(dtype_name(dtype));
@@ -145,6 +162,7 @@ TEST_CASE("float32 rows for 16-bit stores are converted, and the hash covers the
       CHECK(stored == (dtype == DType::kFloat16 ? detail::float_to_half(values[i])
                                                 : detail::float_to_bfloat16(values[i])));
     }
+    REQUIRE(b.hashes != nullptr);
     for (std::uint64_t i = 0; i < 3; ++i) {
       CHECK(b.hashes[i] ==
             detail::payload_hash_reference(b.source + i * b.stride, kDim * 2, f->layout().seed));
@@ -227,6 +245,37 @@ TEST_CASE("A commit writes rows and entries at the counter, then publishes it", 
   Reader r = Reader::open(dir / "s");
   CHECK(r.size() == next);
   CHECK(r.verify().ok());
+}
+
+TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed, in any pieces",
+          "[log][commit]") {
+  WritePathReset reset;
+  const char* mode = GENERATE("mapping", "syscall");
+  detail::testing::set_write_path(mode);
+  // A staged batch, and one past kStageBytes that the commit copies in two pieces.
+  for (const std::uint64_t n : {std::uint64_t{20000}, detail::kStageBytes / (kDim * 4) + 100}) {
+    for (const std::uint64_t stride_floats : {std::uint64_t{kDim}, std::uint64_t{11}}) {
+      INFO(mode << ", " << n << " rows " << stride_floats << " floats apart");
+      TempDir dir;
+      auto f = make_store(dir);
+      const auto packed = test::batch_payload(0, 0, n, kDim);
+      std::vector<float> values(n * stride_floats);
+      for (std::uint64_t i = 0; i < n; ++i) {
+        std::memcpy(values.data() + i * stride_floats, packed.data() + i * kDim, kDim * 4);
+      }
+      std::uint64_t synced_era = 0;
+      const auto keys = keys_from(0, n);
+      commit(*f, prepare(*f, keys, matrix(values, n, kDim, DType::kFloat32, stride_floats * 4)),
+             synced_era);
+      REQUIRE(std::memcmp(f->row_ptr(0), packed.data(), n * kDim * 4) == 0);
+      const std::uint64_t seed = f->layout().seed;
+      for (std::uint64_t i = 0; i < n; ++i) {
+        const IndexEntry e = entry_at(*f, i);
+        const std::uint64_t hash = detail::payload_hash_reference(f->row_ptr(i), kDim * 4, seed);
+        REQUIRE(e.checksum == detail::entry_checksum(hash, e.key, e.epoch, e.row, seed));
+      }
+    }
+  }
 }
 
 TEST_CASE("A commit past the capacity grows the files first, as FORMAT.md 'File sizes' says",

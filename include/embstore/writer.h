@@ -60,6 +60,9 @@ class Writer {
   // dim, keys/epochs of another length — throws kInvalidArgument and writes nothing.
   // Returns the row number of the first appended row (rows are numbered from 0 in append order).
   // A batch of 0 rows is valid and returns the current committed count.
+  // The rows are read during the call. Another thread that changes them meanwhile decides which
+  // values are stored, never whether they match their checksums: each row is hashed from the
+  // copy that is written (src/log/batch.h), so verify() and recovery never find it damaged.
   // Under SyncPolicy::kEveryAppend the rows are published before they are flushed: if the flush
   // fails, append() throws kPoisoned although the batch is committed (visible, not durable) —
   // do not retry it blindly; reopen and check committed_rows().

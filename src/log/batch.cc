@@ -1,5 +1,6 @@
 #include "log/batch.h"
 
+#include <cstring>
 #include <vector>
 
 #include "embstore/error.h"
@@ -49,26 +50,40 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
   batch.single_epoch = single_epoch;
   batch.source = static_cast<const std::byte*>(rows.data);
   batch.stride = stride;
-  if (rows.dtype != layout.dtype) {
-    staging.resize(n * record_bytes);
+  const bool convert = rows.dtype != layout.dtype;
+  if (!convert && n * record_bytes > kStageBytes) return batch;  // Staged piece by piece.
+  staging.resize(n * record_bytes);
+  hashes.resize(n);
+  if (convert) {
     for (std::uint64_t i = 0; i < n; ++i) {
       const auto* in = reinterpret_cast<const float*>(batch.source + i * stride);
-      auto* out = reinterpret_cast<std::uint16_t*>(staging.data() + i * record_bytes);
+      std::byte* row = staging.data() + i * record_bytes;
+      auto* out = reinterpret_cast<std::uint16_t*>(row);
       if (layout.dtype == DType::kFloat16) {
         convert_to_half_fast(in, out, rows.dim);
       } else {
         convert_to_bfloat16_fast(in, out, rows.dim);
       }
+      hashes[i] = payload_hash(row, record_bytes, key);
     }
-    batch.source = staging.data();
-    batch.stride = record_bytes;
+  } else {
+    copy_and_hash(staging.data(), batch.source, stride, n, record_bytes, key, hashes.data());
   }
-  hashes.resize(n);
-  for (std::uint64_t i = 0; i < n; ++i) {
-    hashes[i] = payload_hash(batch.source + i * batch.stride, record_bytes, key);
-  }
+  batch.source = staging.data();
+  batch.stride = record_bytes;
   batch.hashes = hashes.data();
   return batch;
+}
+
+void copy_and_hash(std::byte* dest, const std::byte* source, std::uint64_t stride,
+                   std::uint64_t count, std::uint64_t record_bytes, const RowHashKey& key,
+                   std::uint64_t* hashes) {
+  // Row by row, so each is hashed while it is still in the first-level cache.
+  for (std::uint64_t i = 0; i < count; ++i) {
+    std::byte* row = dest + i * record_bytes;
+    std::memcpy(row, source + i * stride, record_bytes);
+    hashes[i] = payload_hash(row, record_bytes, key);
+  }
 }
 
 }  // namespace embstore::detail

@@ -1,5 +1,13 @@
-// batch.h — a batch of rows prepared for the log: validated, converted to the store's dtype and
-// hashed, all before the writer lock is taken (only what needs the row number waits for it).
+// batch.h — a batch of rows prepared for the log before the writer lock is taken: validated,
+// converted to the store's dtype, copied and hashed.
+//
+// The checksum rule: a row's hash is computed over the bytes that are written, from memory only
+// the appending thread can change — never over the caller's array, which another thread of the
+// caller may rewrite during the call (a row stored under the checksum of other bytes is a damaged
+// row, and recovery cuts it). So the rows are copied into a buffer of the thread and hashed there
+// (converted rows where they were converted), and that buffer is what commit_batch() writes. A
+// batch larger than kStageBytes is not copied whole here: commit_batch() copies, hashes and
+// writes it in pieces of that size, under the writer lock.
 #pragma once
 
 #include <cstddef>
@@ -13,6 +21,9 @@
 
 namespace embstore::detail {
 
+// The most a thread keeps staged: batches up to this size are copied whole before the lock.
+inline constexpr std::uint64_t kStageBytes = 8 * 1024 * 1024;
+
 struct PreparedBatch {
   std::uint64_t rows = 0;
   std::span<const std::uint64_t> keys;
@@ -20,7 +31,10 @@ struct PreparedBatch {
   std::uint64_t single_epoch = 0;
   const std::byte* source = nullptr;  // Row i at source + i * stride, in the store's dtype.
   std::uint64_t stride = 0;
-  const std::uint64_t* hashes = nullptr;  // payload_hash of each row.
+  // The payload_hash of each row, computed over `source`, a packed buffer of the thread. Null
+  // for a batch larger than kStageBytes, whose `source` is the caller's memory: commit_batch()
+  // copies and hashes it piece by piece.
+  const std::uint64_t* hashes = nullptr;
 
   std::uint64_t epoch(std::uint64_t i) const {
     return epochs != nullptr ? epochs[i] : single_epoch;
@@ -28,10 +42,17 @@ struct PreparedBatch {
 };
 
 // Checks `rows` against the store's layout (kInvalidArgument naming `where`), converts float32
-// rows for float16/bfloat16 stores (dtype_accepts) and hashes every row with `key`. The batch
-// points into `rows` and into buffers of the calling thread, valid until its next call.
+// rows for float16/bfloat16 stores (dtype_accepts), and copies and hashes the rows (the rule
+// above). The batch points into `rows` and into buffers of the calling thread, valid until its
+// next call.
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
                             std::uint64_t single_epoch, const ConstMatrix& rows);
+
+// Copies `count` rows, `stride` bytes apart at `source`, packed to `dest`, and sets hashes[i] to
+// the payload_hash of row i as it is in `dest`.
+void copy_and_hash(std::byte* dest, const std::byte* source, std::uint64_t stride,
+                   std::uint64_t count, std::uint64_t record_bytes, const RowHashKey& key,
+                   std::uint64_t* hashes);
 
 }  // namespace embstore::detail

@@ -14,17 +14,17 @@ namespace {
 // (the figures behind both thresholds: bench/RESULTS.md, "write path"):
 //   - memcpy through the writer's mapping: no system call, but the first write-touch of each
 //     fresh page faults (page allocation, zeroing, page_mkwrite): faster for small batches.
-//   - pwritev on the file: one system call, and the kernel allocates each page-cache page and
-//     copies into it without zeroing or mapping it, into file space already allocated (no block
-//     allocation either): faster from kRowsSyscallMinBytes of rows and kEntriesSyscallMinBytes
-//     of index entries on.
+//   - pwrite on the file, one system call per batch (per kStageBytes of a larger one): the kernel
+//     allocates each page-cache page and copies into it without zeroing or mapping it, into file
+//     space already allocated (no block allocation either): faster from kRowsSyscallMinBytes of
+//     rows and kEntriesSyscallMinBytes of index entries on. Each system call also costs a fixed
+//     part (the inode's times, dirty-page accounting): pieces much smaller than a batch cost
+//     throughput (bench/RESULTS.md, "checksum over the bytes written").
 // Readers cannot tell them apart: both write the one page cache their mappings show, before the
 // release store of `committed` that publishes the rows.
 constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
 constexpr std::uint64_t kEntriesSyscallMinBytes = 4 * 1024;
-// Pieces per system call: strided rows (one iovec each) and index entries (32 KiB), so the
-// buffers they are gathered in stay small whatever the batch size.
-constexpr std::uint64_t kRowsPerWritev = 1024;
+// Index entries per system call (32 KiB), built in a buffer of the writing thread.
 constexpr std::uint64_t kEntriesPerWrite = 1024;
 
 struct WritePlan {
@@ -41,36 +41,41 @@ WritePlan plan_writes(const StoreFiles& files, std::uint64_t n) {
           n * sizeof(IndexEntry) >= kEntriesSyscallMinBytes};
 }
 
-// Copies n rows, `stride` bytes apart at `source`, into the data file from row `first`.
-void write_rows(StoreFiles& files, std::uint64_t first, const std::byte* source,
-                std::uint64_t stride, std::uint64_t n, bool by_syscall) {
+// Writes the batch's rows into the data file from row `first`; returns the payload_hash of
+// each, computed over the bytes written (batch.h): the batch's own for a staged batch; for a
+// larger one, from pieces copied into a buffer of this thread (or into the mapping) and hashed
+// there.
+const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const PreparedBatch& batch,
+                                bool by_syscall) {
   const std::uint64_t record_bytes = files.layout().record_bytes;
-  const bool packed = stride == record_bytes;
-  if (!by_syscall) {
-    std::byte* dest = files.row_ptr(first);
-    if (packed) {
-      std::memcpy(dest, source, n * record_bytes);
+  const std::uint64_t n = batch.rows;
+  if (batch.hashes != nullptr) {  // Staged: packed, and only this thread changes it.
+    if (by_syscall) {
+      os::write_all(files.data_fd(), batch.source, n * record_bytes, first * record_bytes,
+                    files.data_path());
     } else {
-      for (std::uint64_t i = 0; i < n; ++i) {
-        std::memcpy(dest + i * record_bytes, source + i * stride, record_bytes);
-      }
+      std::memcpy(files.row_ptr(first), batch.source, n * record_bytes);
     }
-    return;
+    return batch.hashes;
   }
-  if (packed) {
-    const os::Chunk all{source, n * record_bytes};
-    os::write_chunks(files.data_fd(), &all, 1, first * record_bytes, files.data_path());
-    return;
+  thread_local std::vector<std::uint64_t> hashes;
+  hashes.resize(n);
+  if (!by_syscall) {  // Imposed by a test build: the mapping is this writer's own memory too.
+    copy_and_hash(files.row_ptr(first), batch.source, batch.stride, n, record_bytes,
+                  files.hash_key(), hashes.data());
+    return hashes.data();
   }
-  os::Chunk window[kRowsPerWritev];
-  for (std::uint64_t begin = 0; begin < n; begin += kRowsPerWritev) {
-    const std::uint64_t count = std::min(kRowsPerWritev, n - begin);
-    for (std::uint64_t i = 0; i < count; ++i) {
-      window[i] = {source + (begin + i) * stride, record_bytes};
-    }
-    os::write_chunks(files.data_fd(), window, count, (first + begin) * record_bytes,
-                     files.data_path());
+  const std::uint64_t per_write = std::max<std::uint64_t>(1, kStageBytes / record_bytes);
+  thread_local std::vector<std::byte> piece;
+  piece.resize(std::min(n, per_write) * record_bytes);
+  for (std::uint64_t begin = 0; begin < n; begin += per_write) {
+    const std::uint64_t count = std::min(per_write, n - begin);
+    copy_and_hash(piece.data(), batch.source + begin * batch.stride, batch.stride, count,
+                  record_bytes, files.hash_key(), hashes.data() + begin);
+    os::write_all(files.data_fd(), piece.data(), count * record_bytes,
+                  (first + begin) * record_bytes, files.data_path());
   }
+  return hashes.data();
 }
 
 // The era this handle may write entries with at `first`, made durable first (FORMAT.md, "era").
@@ -102,8 +107,8 @@ std::uint64_t writable_era(StoreFiles& files, std::uint64_t first, std::uint64_t
   return era;
 }
 
-void write_entries(StoreFiles& files, const PreparedBatch& batch, std::uint64_t first,
-                   std::uint64_t era, bool by_syscall) {
+void write_entries(StoreFiles& files, const PreparedBatch& batch, const std::uint64_t* hashes,
+                   std::uint64_t first, std::uint64_t era, bool by_syscall) {
   const std::uint64_t n = batch.rows;
   const std::uint64_t era_bits = (era & kEntryEraMask) << kEntryEraShift;
   const std::uint64_t seed = files.layout().seed;
@@ -112,7 +117,7 @@ void write_entries(StoreFiles& files, const PreparedBatch& batch, std::uint64_t 
     const std::uint64_t epoch = batch.epoch(i);
     const std::uint64_t row_field = row | era_bits | (i + 1 == n ? kEntryBatchEnd : 0);
     return IndexEntry{batch.keys[i], epoch, row_field,
-                      entry_checksum(batch.hashes[i], batch.keys[i], epoch, row_field, seed)};
+                      entry_checksum(hashes[i], batch.keys[i], epoch, row_field, seed)};
   };
   if (!by_syscall) {  // In place through the mapping.
     IndexEntry* entries = files.entry_ptr(first);
@@ -153,9 +158,9 @@ std::uint64_t commit_batch(StoreFiles& files, const PreparedBatch& batch, std::u
   files.grow_to(first + n);
   const std::uint64_t era = writable_era(files, first, synced_era, on_sync_failure);
   const WritePlan plan = plan_writes(files, n);
-  write_rows(files, first, batch.source, batch.stride, n, plan.rows_by_syscall);
+  const std::uint64_t* hashes = write_rows(files, first, batch, plan.rows_by_syscall);
   EMBSTORE_CRASH_POINT("after-copy");
-  write_entries(files, batch, first, era, plan.entries_by_syscall);
+  write_entries(files, batch, hashes, first, era, plan.entries_by_syscall);
   EMBSTORE_CRASH_POINT("before-publish");
   // Before the rows it dates: a reader that sees them also sees a time no older than theirs.
   state.set_last_commit_unix_ns(os::unix_time_ns());

@@ -154,8 +154,9 @@ void AsyncAppender::run() {
     Batch& batch = queue_.front();
     lock.unlock();
     if (batch.borrowed && batch.queued_bytes > 0) {
-      // The core hashes each row, then copies it into the store: both from this private copy,
-      // so the checksum describes the stored bytes even if the caller broke its promise.
+      // Copied now, so the caller's array can be released before the append (which may wait
+      // for the writer lock). A caller that breaks its promise changes which values are
+      // stored, never whether their checksums match (the core hashes its own copy).
       copy_packed(batch.rows, batch.ring_rows);
       lock.lock();
       done_.push_back(batch.hold);  // The caller's array may go now.

@@ -1,9 +1,10 @@
 // async_writer.h — a bounded queue of batches appended to a Writer by one background thread.
 //
 // Every queued batch is written from the queue's own memory (a ring of `capacity_bytes`,
-// allocated once and reused), never from the caller's buffer: the core hashes a row and then
-// copies it, so a buffer that changed between the two would commit a row whose checksum does
-// not describe its bytes. A copied batch is copied into the ring by push(); a borrowed batch
+// allocated once and reused), never from the caller's buffer, so what is stored is what the
+// caller passed at the time of the call, whenever the batch is written. (The core's checksums
+// never depend on this: it hashes rows from its own copy, log/batch.h.) A copied batch is
+// copied into the ring by push(); a borrowed batch
 // (the caller promised not to touch its buffer until it is written) is copied there by the
 // background thread, so push() returns at once. A borrowed batch carries an opaque `hold` (the
 // binding's strong reference to the caller's array), handed back through take_done() once its

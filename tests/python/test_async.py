@@ -146,6 +146,38 @@ def test_a_donated_array_changed_while_queued_still_stores_rows_matching_their_c
     assert report.ok, report
 
 
+@pytest.mark.parametrize("dim", [256, 4], ids=["written-by-syscall", "written-through-the-map"])
+def test_a_synchronous_append_of_an_array_another_thread_rewrites_stores_matching_checksums(
+        store, dim):
+    # Without an async queue the rows are taken from the caller's array during the call, with the
+    # GIL released; another thread rewriting it meanwhile decides which values are stored, but
+    # each row's checksum is computed over the bytes written (not over the caller's array, which
+    # may change between hashing and writing): verify finds no bad row.
+    rows = 512 if dim == 256 else 64  # 512 KiB, over the size written by system call; 1 KiB
+    buf = np.zeros((rows, dim), np.float32)
+    stop = threading.Event()
+
+    def scribble():
+        value = 0.0
+        while not stop.is_set():
+            value += 1
+            buf[:] = value
+
+    t = threading.Thread(target=scribble)
+    t.start()
+    try:
+        with embstore.Writer(store, dim=dim) as w:
+            for i in range(300):
+                w.append(np.arange(rows) + rows * i, buf, i)
+    finally:
+        stop.set()
+        t.join()
+    r = embstore.Reader(store)
+    assert len(r) == 300 * rows
+    report = r.verify()
+    assert report.ok, report
+
+
 def test_a_batch_larger_than_the_queue_is_written_by_the_caller_in_order(store):
     with embstore.Writer(store, dim=1024, async_queue_mb=1) as w:
         small = np.full((64, 1024), 1, np.float32)

@@ -358,7 +358,7 @@ class Writer(_Handle):
       returns at once; the background thread copies the rows into the queue just before it
       writes them. You promise not to modify the array (or anything sharing its memory) until
       ``flush()`` returns; if you do, which values are stored is undefined — but each stored
-      row still matches its checksum, because rows are hashed and written from the private copy.
+      row still matches its checksum, because rows are hashed from the copy that is written.
 
     When the rows not yet written would overflow the queue, ``append`` blocks (with the GIL
     released) until there is room. A single batch larger than the whole queue is written by
