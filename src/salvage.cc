@@ -40,6 +40,7 @@ SalvageReport salvage(
   create.dim = layout.dim;
   create.dtype = layout.dtype;
   create.segment_bytes = layout.segment_bytes;
+  create.key_index = layout.key_index;
   create.metadata = layout.metadata;
   WriterOptions options;
   options.sync = SyncPolicy::kNone;  // One sync at the end.

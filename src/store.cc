@@ -118,9 +118,9 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   detail::os::make_dir(staging);
   try {
     EMBSTORE_CRASH_POINT("create-staged");
-    std::string header =
-        detail::encode_header(options.dtype, options.dim, options.segment_bytes, store_id,
-                              detail::os::unix_time_ns(), options.metadata);
+    std::string header = detail::encode_header(
+        options.dtype, options.dim, options.segment_bytes, store_id, detail::os::unix_time_ns(),
+        options.metadata, options.key_index ? 0 : detail::kFlagNoKeyIndex);
     const detail::Layout layout = detail::decode_header(header, header.size(), staging);
     const std::uint64_t capacity =
         detail::capacity_for(0, layout.record_bytes, layout.segment_bytes, header.size());

@@ -91,6 +91,12 @@ class Writer::Impl {
     with_writer_lock(Growth::kStop, [this] { rebuild_key_index_locked(); });
   }
   void rebuild_key_index_locked() {
+    if (!files_->layout().key_index) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  path_ +
+                      ": the store was created without a key index (CreateOptions::key_index "
+                      "false): there is none to rebuild; lookups scan the offset index");
+    }
     const std::uint64_t committed = files_->state().committed();
     files_->map_rows(committed);
     keys_->open_for_writer(files_->entry_ptr(0), committed, /*rebuild=*/true);
@@ -227,6 +233,7 @@ void Writer::Impl::allocate_files() {
 void Writer::Impl::recover() {
   const detail::LoadedLog log = detail::load_log(*files_);
   auto rebuild_keys = [this](StoreFiles& files, std::uint64_t rows) {
+    if (!files.layout().key_index) return;
     try {
       keys_->open_for_writer(files.entry_ptr(0), rows, /*rebuild=*/true);
     } catch (const Error& error) {
@@ -309,6 +316,10 @@ std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch)
 }
 
 void Writer::Impl::open_key_index() {
+  if (!files_->layout().key_index) {  // Created without one: lookups scan; nothing to keep.
+    keys_usable_ = false;
+    return;
+  }
   try {
     keys_->open_for_writer(files_->entry_ptr(0), files_->state().committed());
     keys_usable_ = true;

@@ -79,12 +79,35 @@ TEST_CASE("Header fields sit at the offsets FORMAT.md gives", "[format]") {
   CHECK(generation == 1);
   std::uint16_t minor;
   std::memcpy(&minor, bytes.data() + 10, 2);
-  CHECK(minor == 3);
+  CHECK(minor == 4);
   // 1.3: the latest commit's time at 4096 + 448, zero (unknown) in a new store.
   CHECK(offsetof(StatePage, last_commit_unix_ns) == 448);
   std::int64_t last_commit;
   std::memcpy(&last_commit, bytes.data() + 4096 + 448, 8);
   CHECK(last_commit == 0);
+  // 1.4: the flags at 88, 0 by default (a store with a key index), in both copies.
+  std::uint64_t flags = 1;
+  std::memcpy(&flags, bytes.data() + 88, 8);
+  CHECK(flags == 0);
+  CHECK(decode_header(bytes, bytes.size(), "h").key_index);
+}
+
+TEST_CASE("The no-key-index flag sits at byte 88 of both fixed headers and is checksummed",
+          "[format]") {
+  const std::string bytes =
+      encode_header(DType::kFloat32, 8, 1 << 20, kStoreId, 1, "", kFlagNoKeyIndex);
+  for (const std::uint64_t at : {std::uint64_t{0}, kHeaderCopyOffset}) {
+    std::uint64_t flags = 0;
+    std::memcpy(&flags, bytes.data() + at + 88, 8);
+    CHECK(flags == kFlagNoKeyIndex);
+  }
+  CHECK_FALSE(decode_header(bytes, bytes.size(), "h").key_index);
+  // Part of header_checksum: a flipped flag fails the primary, and the copy is read instead.
+  std::string flipped = bytes;
+  flipped[88] = 0;
+  const Layout layout = decode_header(flipped, flipped.size(), "h");
+  CHECK(layout.from_copy);
+  CHECK_FALSE(layout.key_index);
 }
 
 TEST_CASE("Hostile headers are refused with an error naming the field", "[format][corruption]") {

@@ -363,6 +363,42 @@ TEST_CASE("A writer killed while growing the key index leaves a store whose look
   CHECK(r.verify().ok());
 }
 
+TEST_CASE("A store created without a key index answers every lookup by scan, and keeps none",
+          "[key_lookup]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o = options();
+  o.key_index = false;
+  std::vector<std::uint64_t> keys, epochs;
+  for (std::uint64_t r = 0; r < 3000; ++r) {
+    keys.push_back(r % 701 == 0 ? kMaxKey : r % 997);
+    epochs.push_back(r / 1000);
+  }
+  {
+    Writer w = Writer::create(path, o);
+    append(w, keys, epochs);
+    append(w, {0, 5}, {7, 7});
+    // Nothing to rebuild: a clear error, and the store is unchanged.
+    try {
+      w.rebuild_key_index();
+      FAIL("rebuild_key_index() of a store without a key index did not throw");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kInvalidArgument);
+      CHECK_THAT(std::string(e.what()),
+                 Catch::Contains(path) && Catch::Contains("without a key index"));
+    }
+    CHECK(w.committed_rows() == 3002);
+  }
+  { Writer again = Writer::open(path); }  // Recovery and open build nothing either.
+  CHECK(key_index_file(path).empty());
+  Reader r = Reader::open(path);
+  const StoreInfo info = r.info();
+  CHECK_FALSE(info.keeps_key_index);
+  CHECK_FALSE(info.key_index_used);
+  CHECK(info.key_index.find("none: the store was created without a key index") == 0);
+  check_lookups(r, {0, 1, 5, 996, 997, kMaxKey}, {0, 1, 2, 3, 7});
+}
+
 TEST_CASE("A 1.0 store is answered by scan, then indexed by its first writer",
           "[key_lookup][format]") {
   TempDir dir;

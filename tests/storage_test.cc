@@ -113,6 +113,14 @@ bool rows_intact(const std::string& store, std::uint64_t rows) {
   return true;
 }
 
+// A store's shape and the batches appended to it, to follow its growth.
+struct GrowthCase {
+  DType dtype;
+  std::uint32_t dim;
+  std::uint64_t segment_bytes;
+  std::vector<std::uint64_t> batches;
+};
+
 CreateOptions options(DType dtype, std::uint32_t dim, std::uint64_t segment_bytes) {
   CreateOptions o;
   o.dtype = dtype;
@@ -153,13 +161,7 @@ TEST_CASE("capacity_for doubles up to one segment, then adds the rows needed and
 
 TEST_CASE("Small stores stay small on disk: every file of the directory within the bound",
           "[storage][growth]") {
-  struct Case {
-    DType dtype;
-    std::uint32_t dim;
-    std::uint64_t segment_bytes;
-    std::vector<std::uint64_t> batches;
-  };
-  const std::vector<Case> cases = {
+  const std::vector<GrowthCase> cases = {
       // 8 rows of float16 x 8, then growth through many doublings, all under one segment.
       {DType::kFloat16, 8, kDefaultSegmentBytes, {8, 1, 100, 1000, 5000, 20000, 100000}},
       // A 1.1 MB run of float32 x 768 in batches of 30 rows, then more.
@@ -168,7 +170,7 @@ TEST_CASE("Small stores stay small on disk: every file of the directory within t
       {DType::kUInt8, 100, 1 << 20, {1, 7, 500, 3, 9000, 30000, 1, 1, 8000, 12000, 2}},
       {DType::kFloat32, 256, 256 << 10, {1, 1000, 1, 1, 1, 3000, 100}},
   };
-  for (const Case& c : cases) {
+  for (const GrowthCase& c : cases) {
     TempDir dir;
     const std::string store = dir / "s";
     Writer w = Writer::create(store, options(c.dtype, c.dim, c.segment_bytes));
@@ -194,6 +196,49 @@ TEST_CASE("Small stores stay small on disk: every file of the directory within t
     CHECK(use.allocated - use.key_index <= disk_bound(created, rows));
     CHECK(use.key_index <= key_index_bound(rows));
     CHECK(use.size <= disk_bound(created, rows) + key_index_bound(rows));
+    CHECK(rows_intact(store, rows));
+  }
+}
+
+TEST_CASE("A store created without a key index keeps every file within the bound of its log",
+          "[storage][growth][keys]") {
+  // The bound above counts the data and index files; a key index comes on top (up to 112 B a
+  // row). With CreateOptions::key_index false there is none: the whole directory stays within
+  // the log's bound, through every growth, and lookups are answered by a scan.
+  const std::vector<GrowthCase> cases = {
+      {DType::kFloat16, 8, kDefaultSegmentBytes, {8, 1, 100, 1000, 5000, 20000, 100000}},
+      {DType::kUInt8, 100, 1 << 20, {1, 7, 500, 3, 9000, 30000, 1, 1, 8000, 12000, 2}},
+  };
+  for (const GrowthCase& c : cases) {
+    TempDir dir;
+    const std::string store = dir / "s";
+    CreateOptions o = options(c.dtype, c.dim, c.segment_bytes);
+    o.key_index = false;
+    std::uint64_t rows = 0;
+    {
+      Writer w = Writer::create(store, o);
+      INFO("dim " << c.dim << ", segment " << c.segment_bytes);
+      const StoreInfo created = w.info();
+      CHECK_FALSE(created.keeps_key_index);
+      for (std::uint64_t n : c.batches) {
+        append(w, rows, n);
+        rows += n;
+        const DiskUse use = disk_use(store);
+        INFO(rows << " rows: " << use.allocated << " bytes allocated, " << use.size << " long");
+        CHECK(use.key_index == 0);
+        CHECK(use.allocated <= disk_bound(created, rows));
+        CHECK(use.size <= disk_bound(created, rows));
+      }
+    }
+    // Reopened by another writer: still none built.
+    { Writer again = Writer::open(store); }
+    CHECK(disk_use(store).key_index == 0);
+    Reader r = Reader::open(store);
+    CHECK_FALSE(r.info().keeps_key_index);
+    CHECK_FALSE(r.info().key_index_used);
+    CHECK(r.find(rows / 2, 0) == rows / 2);
+    CHECK(r.find(rows - 1) == rows - 1);
+    CHECK_FALSE(r.find(rows).has_value());
     CHECK(rows_intact(store, rows));
   }
 }

@@ -24,6 +24,10 @@ struct CreateOptions {
   std::uint64_t segment_bytes = kDefaultSegmentBytes;
   // Free-form user text (JSON by convention: model name, run config), at most kMaxMetadataBytes.
   std::string metadata;
+  // Whether writers keep a key index (keys.K: lookups by key and epoch in constant time, at up to
+  // 112 bytes per row on disk; FORMAT.md "File sizes"). false: no writer builds one and lookups
+  // scan the offset index (O(rows) each), for stores of short rows that must stay small.
+  bool key_index = true;
 };
 
 // How often the default policy's background thread syncs.

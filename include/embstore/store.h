@@ -25,7 +25,9 @@ struct StoreInfo {
   std::uint32_t dim = 0;
   std::uint64_t record_bytes = 0;   // dim * dtype_size(dtype): bytes of one row.
   std::uint64_t segment_bytes = 0;  // Growth step of the data file.
-  std::string store_id;             // 32 lower-case hex digits, random at creation.
+  // CreateOptions::key_index, fixed at creation (format 1.4): whether writers keep a key index.
+  bool keeps_key_index = true;
+  std::string store_id;  // 32 lower-case hex digits, random at creation.
   std::int64_t created_unix_ns = 0;
   std::string metadata;
   std::uint64_t generation = 0;      // Which data/index files are current (see FORMAT.md).

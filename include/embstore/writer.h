@@ -80,7 +80,8 @@ class Writer {
   void sync();
   // Rebuilds the key index from the offset index (for one that Reader::verify() reports
   // damaged; a writer already rebuilds a missing, stale or unreadable one when it opens). Takes
-  // the writer lock for the rebuild: about a second per 10M rows.
+  // the writer lock for the rebuild: about a second per 10M rows. kInvalidArgument for a store
+  // created without a key index (CreateOptions::key_index false).
   void rebuild_key_index();
 
   // Rolls the store back: keeps rows [0, rows) and drops every later row, for training that

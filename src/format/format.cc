@@ -57,7 +57,7 @@ void validate_create_params(DType dtype, std::uint32_t dim, std::uint64_t segmen
 
 std::string encode_header(DType dtype, std::uint32_t dim, std::uint64_t segment_bytes,
                           const std::uint8_t store_id[16], std::int64_t created_unix_ns,
-                          std::string_view metadata) {
+                          std::string_view metadata, std::uint64_t flags) {
   FixedHeader h;
   std::memset(&h, 0, sizeof(h));
   std::memcpy(h.magic, kMagic, sizeof(kMagic));
@@ -73,6 +73,7 @@ std::string encode_header(DType dtype, std::uint32_t dim, std::uint64_t segment_
   h.metadata_bytes = metadata.size();
   h.state_offset = kStateOffset;
   h.metadata_offset = kMetadataOffset;
+  h.flags = flags;
   h.header_checksum =
       header_hash(&h, offsetof(FixedHeader, header_checksum), metadata.data(), metadata.size());
 
@@ -161,6 +162,7 @@ Layout decode_fixed(std::string_view bytes, std::uint64_t fixed_at, bool is_copy
   layout.format_major = h.format_major;
   layout.format_minor = h.format_minor;
   layout.metadata.assign(metadata, h.metadata_bytes);
+  layout.key_index = (h.flags & kFlagNoKeyIndex) == 0;
   layout.from_copy = is_copy;
   return layout;
 }

@@ -59,7 +59,8 @@ struct FixedHeader {
   std::uint64_t metadata_bytes;
   std::uint64_t state_offset;
   std::uint64_t metadata_offset;
-  std::uint8_t reserved1[32];
+  std::uint64_t flags;  // Format 1.4: kFlag* bits; 0 in older stores.
+  std::uint8_t reserved1[24];
   std::uint64_t header_checksum;
 };
 static_assert(sizeof(FixedHeader) == 128);
@@ -75,7 +76,11 @@ static_assert(offsetof(FixedHeader, created_unix_ns) == 56);
 static_assert(offsetof(FixedHeader, metadata_bytes) == 64);
 static_assert(offsetof(FixedHeader, state_offset) == 72);
 static_assert(offsetof(FixedHeader, metadata_offset) == 80);
+static_assert(offsetof(FixedHeader, flags) == 88);
 static_assert(offsetof(FixedHeader, header_checksum) == 120);
+
+// FixedHeader::flags. Bits not named here are 0 and ignored by readers.
+inline constexpr std::uint64_t kFlagNoKeyIndex = 1;  // Writers keep no key index.
 
 // The mutable shared page. Only ever accessed through std::atomic_ref (see state.h).
 struct StatePage {
@@ -151,6 +156,7 @@ struct Layout {
   std::uint16_t format_major;
   std::uint16_t format_minor;
   std::string metadata;
+  bool key_index = true;   // kFlagNoKeyIndex clear: writers keep a key index.
   bool from_copy = false;  // The primary fixed header failed its checks; the copy held.
 
   // Data file bytes for a capacity of `rows` rows, rounded up to whole pages.
@@ -167,7 +173,7 @@ void validate_create_params(DType dtype, std::uint32_t dim, std::uint64_t segmen
 // generation 1, metadata and its copy).
 std::string encode_header(DType dtype, std::uint32_t dim, std::uint64_t segment_bytes,
                           const std::uint8_t store_id[16], std::int64_t created_unix_ns,
-                          std::string_view metadata);
+                          std::string_view metadata, std::uint64_t flags = 0);
 
 // Parses and validates header bytes read from `path` (used in messages): the primary fixed
 // header, or if that fails its checks, the copy (Layout::from_copy). `file_bytes` is the header

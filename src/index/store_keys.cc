@@ -25,7 +25,9 @@ void fill_key_info(KeyIndexHandle& handle, const StoreFiles& files, std::uint64_
     info.epochs.clear();
     for (const EpochCount& e : query.epochs()) info.epochs.push_back({e.epoch, e.rows});
     const std::uint64_t scanned = snapshot - query.indexed_limit();
-    info.key_index = handle.status();
+    info.key_index = files.layout().key_index || handle.has_current()
+                         ? handle.status()
+                         : "none: the store was created without a key index";
     info.key_index_used = handle.has_current();
     if (scanned > 0) {
       info.key_index += "; " + std::to_string(scanned) + " of " + std::to_string(snapshot) +

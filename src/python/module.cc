@@ -458,14 +458,12 @@ WriterOptions writer_options(const std::string& sync, std::optional<double> sync
   return options;
 }
 
-std::unique_ptr<PyWriter> open_writer(const std::string& path, std::optional<std::uint32_t> dim,
-                                      const std::optional<std::string>& dtype,
-                                      const std::string& metadata,
-                                      std::optional<std::uint64_t> segment_bytes,
-                                      const std::string& sync,
-                                      std::optional<double> sync_interval_s,
-                                      std::optional<std::uint64_t> map_bytes,
-                                      std::uint64_t async_queue_bytes, bool create_only) {
+std::unique_ptr<PyWriter> open_writer(
+    const std::string& path, std::optional<std::uint32_t> dim,
+    const std::optional<std::string>& dtype, const std::string& metadata,
+    std::optional<std::uint64_t> segment_bytes, const std::string& sync,
+    std::optional<double> sync_interval_s, std::optional<std::uint64_t> map_bytes,
+    std::uint64_t async_queue_bytes, bool create_only, bool key_index) {
   WriterOptions options = writer_options(sync, sync_interval_s, map_bytes);
   std::optional<Writer> writer;
   {
@@ -476,6 +474,7 @@ std::unique_ptr<PyWriter> open_writer(const std::string& path, std::optional<std
       create.dtype = dtype ? parse_dtype_arg(*dtype) : DType::kFloat32;
       create.metadata = metadata;
       if (segment_bytes) create.segment_bytes = *segment_bytes;
+      create.key_index = key_index;
       writer = create_only ? Writer::create(path, create, options)
                            : Writer::open_or_create(path, create, options);
     } else {
@@ -687,6 +686,7 @@ py::dict info_dict(const StoreInfo& info) {
   out["dim"] = info.dim;
   out["record_bytes"] = info.record_bytes;
   out["segment_bytes"] = info.segment_bytes;
+  out["keeps_key_index"] = info.keeps_key_index;
   out["store_id"] = info.store_id;
   out["created_unix_ns"] = info.created_unix_ns;
   out["metadata"] = info.metadata;
@@ -743,17 +743,18 @@ PYBIND11_MODULE(_embstore, m) {
   m.def(
       "create_store",
       [](const std::string& path, std::uint32_t dim, const std::string& dtype,
-         const std::string& metadata, std::optional<std::uint64_t> segment_bytes) {
+         const std::string& metadata, std::optional<std::uint64_t> segment_bytes, bool key_index) {
         CreateOptions options;
         options.dim = dim;
         options.dtype = parse_dtype_arg(dtype);
         options.metadata = metadata;
         if (segment_bytes) options.segment_bytes = *segment_bytes;
+        options.key_index = key_index;
         py::gil_scoped_release unlocked;
         create_store(path, options);
       },
       py::arg("path"), py::arg("dim"), py::arg("dtype"), py::arg("metadata"),
-      py::arg("segment_bytes"));
+      py::arg("segment_bytes"), py::arg("key_index"));
 
   m.def(
       "salvage",
@@ -804,7 +805,8 @@ PYBIND11_MODULE(_embstore, m) {
   py::class_<PyWriter>(m, "NativeWriter")
       .def(py::init(&open_writer), py::arg("path"), py::arg("dim"), py::arg("dtype"),
            py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"), py::arg("sync_interval"),
-           py::arg("map_bytes"), py::arg("async_queue_bytes"), py::arg("create_only"))
+           py::arg("map_bytes"), py::arg("async_queue_bytes"), py::arg("create_only"),
+           py::arg("key_index"))
       .def("append", &PyWriter::append, py::arg("keys"), py::arg("epoch"), py::arg("vectors"),
            py::arg("as_dtype"), py::arg("copy"))
       .def("flush", &PyWriter::flush)

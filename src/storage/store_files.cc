@@ -419,6 +419,7 @@ StoreInfo StoreFiles::info() const {
   info.dim = layout_.dim;
   info.record_bytes = layout_.record_bytes;
   info.segment_bytes = layout_.segment_bytes;
+  info.keeps_key_index = layout_.key_index;
   info.store_id = store_id_hex(layout_.store_id);
   info.created_unix_ns = layout_.created_unix_ns;
   info.metadata = layout_.metadata;

@@ -76,6 +76,23 @@ def test_create_makes_a_store_with_json_metadata(tmp_path):
     assert (reader.dim, reader.dtype, reader.metadata) == (8, "bfloat16", {"model": "m"})
 
 
+def test_create_without_a_key_index_keeps_none_and_get_still_answers(tmp_path):
+    path = tmp_path / "small"
+    r = run("create", path, "--dim", 8, "--dtype", "float16", "--no-key-index", "--json")
+    assert r.code == 0, r
+    assert json.loads(r.out)["keeps_key_index"] is False
+    with embstore.Writer(path) as w:
+        w.append(np.arange(100), np.ones((100, 8), np.float16), 3)
+    assert not [f for f in os.listdir(path) if f.startswith("keys.")]
+    info = json.loads(run("info", path, "--json").out)
+    assert info["keeps_key_index"] is False and info["key_index_used"] is False
+    got = run("get", path, 42, "--epoch", 3, "--json")
+    assert got.code == 0, got
+    assert json.loads(got.out)["row"] == 42
+    text = run("info", path)
+    assert "created without a key index" in text.out
+
+
 def test_create_refuses_bad_input_with_one_line_each(tmp_path):
     path = tmp_path / "new"
     cases = [
@@ -127,7 +144,7 @@ def test_info_json_names_every_field_as_python_info_does(store):
             assert cli[name] == [{"epoch": e, "rows": n} for e, n in sorted(value.items())]
         else:
             assert cli[name] == value, name
-    assert "format" not in cli and (cli["format_major"], cli["format_minor"]) == (1, 3)
+    assert "format" not in cli and (cli["format_major"], cli["format_minor"]) == (1, 4)
 
 
 def test_info_shows_header_counters_files_and_epochs(store):

@@ -1,5 +1,7 @@
 """Lookups by key and epoch from Python: get/find/find_many/gather/history/epoch_rows, checked
 against a dict oracle (Hypothesis drives random appends, refreshes and lookups)."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +21,33 @@ def append(w, pairs, dim=4):
     epochs = [e for _, e in pairs]
     w.append(np.array(keys, dtype=np.uint64), np.stack([vec(k, e, dim) for k, e in pairs]),
              np.array(epochs, dtype=np.uint64))
+
+
+def test_a_store_created_without_a_key_index_keeps_none_and_still_answers(store, tmp_path):
+    with pytest.raises(ValueError, match="key_index must be True or False"):
+        embstore.create(store, dim=4, key_index="no")
+    with embstore.Writer(store, dim=4, key_index=False) as w:  # created here, without one
+        append(w, [(k, k % 3) for k in range(2000)])
+        append(w, [(5, 1)])
+    with embstore.Writer(store) as w:  # a later writer builds none either
+        append(w, [(7, 9)])
+    assert not [f for f in os.listdir(store) if f.startswith("keys.")]
+    info = embstore.info(store)
+    assert info["keeps_key_index"] is False and info["key_index_used"] is False
+    r = embstore.Reader(store)
+    assert r.find(5, 2) == 5 and r.find(5, 1) == 2000 and r.find(7) == 2001
+    assert r.history(5) == [(5, 2), (2000, 1)]
+    assert r.get(1999).tolist() == vec(1999, 1999 % 3).tolist()
+    assert r.find_many(np.array([5, 6, 10**6], np.uint64), 2).tolist() == [5, -1, -1]
+    # A compacted copy keeps the choice.
+    out = str(tmp_path / "compacted")
+    embstore.compact(store, out)
+    assert embstore.info(out)["keeps_key_index"] is False
+    assert embstore.Reader(out).find(7) == 2001
+    # The default keeps one.
+    other = str(tmp_path / "default")
+    embstore.create(other, dim=4)
+    assert embstore.info(other)["keeps_key_index"] is True
 
 
 def test_get_find_history_and_batches(store):

@@ -144,6 +144,7 @@ nlohmann::json info_json(const StoreInfo& info) {
       {"dim", info.dim},
       {"record_bytes", info.record_bytes},
       {"segment_bytes", info.segment_bytes},
+      {"keeps_key_index", info.keeps_key_index},
       {"store_id", info.store_id},
       {"created_unix_ns", info.created_unix_ns},
       {"generation", info.generation},

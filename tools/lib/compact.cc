@@ -26,6 +26,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   create.dim = reader.dim();
   create.dtype = options.dtype.value_or(reader.dtype());
   create.segment_bytes = info.segment_bytes;
+  create.key_index = info.keeps_key_index;
   create.metadata = info.metadata;
   RowConverter converter(reader.dtype(), create.dtype, reader.dim());
 

@@ -130,7 +130,7 @@ def _segment_bytes(segment_mb: Optional[float]) -> Optional[int]:
 
 
 def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = None,
-           segment_mb: Optional[float] = None) -> None:
+           segment_mb: Optional[float] = None, key_index: bool = True) -> None:
     """Creates an empty store at ``path`` (which must not exist, or be an empty directory).
 
     Args:
@@ -141,13 +141,19 @@ def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = Non
         metadata: free-form text stored in the header; a dict/list is stored as JSON and comes
             back as a dict from ``Reader.metadata``. At most 64 KiB.
         segment_mb: growth step of the files in MiB (default 64); a multiple of 4 KiB.
+        key_index: True (the default): writers keep a key index, so ``find``/``get``/
+            ``history`` answer in constant time, at up to 112 bytes per row on disk. False: no
+            key index; lookups scan every row's key (O(rows) each). For stores of short rows
+            that must stay small. Fixed for the store's life.
 
     Raises:
         FileExistsError: a store (or a non-empty directory) is already there.
         ValueError: a bad dim, dtype, segment size or metadata.
     """
+    if not isinstance(key_index, bool):
+        raise ValueError(f"key_index must be True or False; got {key_index!r}")
     _embstore.create_store(os.fspath(path), int(dim), _dtype_name(dtype),
-                           _metadata_text(metadata), _segment_bytes(segment_mb))
+                           _metadata_text(metadata), _segment_bytes(segment_mb), key_index)
 
 
 def info(path: PathLike) -> dict:
@@ -156,7 +162,7 @@ def info(path: PathLike) -> dict:
     The keys are the field names of the C++ ``StoreInfo`` (include/embstore/store.h), which the
     CLI's ``info --json`` uses too: path, format_major, format_minor (ints; the format version
     is "{format_major}.{format_minor}"), dtype (name), dim, record_bytes, segment_bytes,
-    store_id (32 hex digits), created_unix_ns, metadata (text), generation, committed_rows,
+    keeps_key_index (``create``'s key_index), store_id (32 hex digits), created_unix_ns, metadata (text), generation, committed_rows,
     durable_rows, capacity_rows, last_commit_unix_ns (wall-clock ns of the latest commit as
     its writer recorded it; 0 when unknown: no commit yet, or only commits by libraries older
     than format 1.3), data_file_bytes, index_file_bytes; from the key index:
@@ -367,9 +373,10 @@ class Writer(_Handle):
     and all batches queued behind it are not written and the error is raised by the next
     ``append``/``flush``/``sync`` and by ``close``; it is never dropped silently.
 
-    Synchronous mode and batches larger than the queue are written from the caller's memory
-    while ``append`` runs: another thread must not modify the array during the call (a data
-    race, as with any function reading it).
+    Synchronous mode and batches larger than the queue are read from the caller's memory
+    while ``append`` runs: another thread that modifies the array during the call decides which
+    values are stored (as with any function reading it), but never makes a stored row fail its
+    checksum: each row is hashed from the copy that is written.
 
     Input (``vectors``): a 2-D numpy array or CPU torch tensor of the store's dtype, or float32
     for a float16/bfloat16 store (converted, round to nearest even). torch bfloat16 tensors are
@@ -405,7 +412,8 @@ class Writer(_Handle):
 
     Args:
         path: the store directory.
-        dim, dtype, metadata, segment_mb: create the store when missing (see ``create``); with
+        dim, dtype, metadata, segment_mb, key_index: create the store when missing (see
+            ``create``); with
             ``dim`` given an existing store must match (FormatMismatchError otherwise). ``dtype``
             alone (no ``dim``) only checks an existing store's dtype.
         async_queue_mb: 0 for synchronous appends, else the queue bound in MiB.
@@ -423,11 +431,13 @@ class Writer(_Handle):
                  metadata: Any = None, segment_mb: Optional[float] = None,
                  async_queue_mb: float = 0, sync: str = "interval",
                  sync_interval: Optional[float] = None,
-                 map_bytes: Optional[int] = None) -> None:
+                 map_bytes: Optional[int] = None, key_index: bool = True) -> None:
         self._native = None
         self._at_exit = None
         if async_queue_mb < 0:
             raise ValueError(f"async_queue_mb must be >= 0; got {async_queue_mb}")
+        if not isinstance(key_index, bool):
+            raise ValueError(f"key_index must be True or False; got {key_index!r}")
         path = os.fspath(path)
         with _not_a_store_check(path):
             self._native = _embstore.NativeWriter(
@@ -435,7 +445,7 @@ class Writer(_Handle):
                 None if dtype is None else _dtype_name(dtype), _metadata_text(metadata),
                 _segment_bytes(segment_mb), sync,
                 None if sync_interval is None else float(sync_interval), map_bytes,
-                int(async_queue_mb * (1 << 20)), False)
+                int(async_queue_mb * (1 << 20)), False, key_index)
         self._dtype_name = self._native.dtype
         # Runs at interpreter exit and in multiprocessing children before their os._exit
         # (multiprocessing.util._exit_function); holds the native writer, not this object, so

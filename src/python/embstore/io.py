@@ -347,7 +347,8 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
     partial = _partial_dir(out)
     try:
         with Writer(partial, dim=reader.dim, dtype=target, metadata=reader.metadata_text,
-                    segment_mb=info["segment_bytes"] / (1 << 20)) as writer:
+                    segment_mb=info["segment_bytes"] / (1 << 20),
+                    key_index=info["keeps_key_index"]) as writer:
             source = reader.vectors
             for rows in runs:
                 _check(reader, rows)
