@@ -6,8 +6,9 @@
 // caller may rewrite during the call (a row stored under the checksum of other bytes is a damaged
 // row, and recovery cuts it). So the rows are copied into a buffer of the thread and hashed there
 // (converted rows where they were converted), and that buffer is what commit_batch() writes. A
-// batch larger than kStageBytes is not copied whole here: commit_batch() copies, hashes and
-// writes it in pieces of that size, under the writer lock.
+// batch larger than kStageBytes that needs no conversion is not copied whole here:
+// commit_batch() copies, hashes and writes it in pieces of that size, under the writer lock.
+// (A converted batch is converted whole, at any size.)
 #pragma once
 
 #include <cstddef>
@@ -21,7 +22,8 @@
 
 namespace embstore::detail {
 
-// The most a thread keeps staged: batches up to this size are copied whole before the lock.
+// The most a thread keeps staged for a batch that needs no conversion: batches up to this size
+// are copied whole before the lock.
 inline constexpr std::uint64_t kStageBytes = 8 * 1024 * 1024;
 
 struct PreparedBatch {
@@ -32,8 +34,8 @@ struct PreparedBatch {
   const std::byte* source = nullptr;  // Row i at source + i * stride, in the store's dtype.
   std::uint64_t stride = 0;
   // The payload_hash of each row, computed over `source`, a packed buffer of the thread. Null
-  // for a batch larger than kStageBytes, whose `source` is the caller's memory: commit_batch()
-  // copies and hashes it piece by piece.
+  // for an unconverted batch larger than kStageBytes, whose `source` is the caller's memory:
+  // commit_batch() copies and hashes it piece by piece.
   const std::uint64_t* hashes = nullptr;
 
   std::uint64_t epoch(std::uint64_t i) const {
