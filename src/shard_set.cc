@@ -11,6 +11,7 @@
 
 #include "embstore/error.h"
 #include "embstore/writer.h"
+#include "log/batch.h"
 #include "platform/os.h"
 
 namespace embstore {
@@ -463,9 +464,10 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   create.metadata = shards.metadata();
   Writer writer = Writer::create(out, create);
   try {
-    // Chunks of about 16 MiB: large appends (the pwritev path) with bounded key/epoch copies.
+    // Chunks as large as an append stages whole before the lock (log/batch.h): large appends
+    // written by system call, with bounded key/epoch copies.
     const std::uint64_t row_bytes = writer.info().record_bytes;
-    const std::uint64_t chunk_rows = std::max<std::uint64_t>(1, (16ull << 20) / row_bytes);
+    const std::uint64_t chunk_rows = std::max<std::uint64_t>(1, detail::kStageBytes / row_bytes);
     MergeProgress done;
     done.rows_total = shards.size();
     std::vector<std::uint64_t> keys;

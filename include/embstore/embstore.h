@@ -12,8 +12,10 @@
 //   rows and index entries (by pwritev for large batches, by memcpy through the mapping for
 //   small ones; the thresholds: bench/RESULTS.md, "write path"), then publishes the commit
 //   counter with one release store. Both ways land in the one page cache every reader maps.
-//   The lock is held only for the writes and the publish: validation, dtype conversion and
-//   row hashing happen before it is taken.
+//   The lock is held only for the writes and the publish: validation, dtype conversion, the
+//   copy every row's checksum is computed over, and row hashing happen before it is taken
+//   (for an unconverted batch over 8 MiB the copy and hash run under it, piece by piece:
+//   src/log/batch.h).
 //   A writer killed at any instant (kill -9) loses only its unfinished batch and blocks no one:
 //   the kernel drops its lock and the next writer writes over the unpublished tail.
 //
@@ -57,6 +59,8 @@
 //   covered yet (a writer died before indexing them) are found by a short scan; a missing,
 //   damaged or pre-reboot index makes lookups scan the whole offset index (info().key_index says
 //   so) until the next Writer opens and rebuilds it (about a second per 10M rows, under the lock).
+//   A store created without a key index (CreateOptions::key_index false) never has one: every
+//   lookup scans the offset index.
 //
 // Errors
 //   Every failure throws embstore::Error (error.h) whose message names the file, field or value.

@@ -14,7 +14,8 @@ namespace {
 // (the figures behind both thresholds: bench/RESULTS.md, "write path"):
 //   - memcpy through the writer's mapping: no system call, but the first write-touch of each
 //     fresh page faults (page allocation, zeroing, page_mkwrite): faster for small batches.
-//   - pwrite on the file, one system call per batch (per kStageBytes of a larger one): the kernel
+//   - pwrite on the file, one system call per batch (per kStageBytes of a larger unconverted
+//     one): the kernel
 //     allocates each page-cache page and copies into it without zeroing or mapping it, into file
 //     space already allocated (no block allocation either): faster from kRowsSyscallMinBytes of
 //     rows and kEntriesSyscallMinBytes of index entries on. Each system call also costs a fixed
@@ -114,10 +115,13 @@ void write_entries(StoreFiles& files, const PreparedBatch& batch, const std::uin
   const std::uint64_t seed = files.layout().seed;
   auto entry = [&](std::uint64_t i) {
     const std::uint64_t row = first + i;
+    // Each read once from the caller's arrays: the entry and its checksum see the same values
+    // even if another thread changes them meanwhile.
+    const std::uint64_t key = batch.keys[i];
     const std::uint64_t epoch = batch.epoch(i);
     const std::uint64_t row_field = row | era_bits | (i + 1 == n ? kEntryBatchEnd : 0);
-    return IndexEntry{batch.keys[i], epoch, row_field,
-                      entry_checksum(hashes[i], batch.keys[i], epoch, row_field, seed)};
+    return IndexEntry{key, epoch, row_field,
+                      entry_checksum(hashes[i], key, epoch, row_field, seed)};
   };
   if (!by_syscall) {  // In place through the mapping.
     IndexEntry* entries = files.entry_ptr(first);

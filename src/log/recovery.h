@@ -47,7 +47,8 @@ LoadedLog load_log(StoreFiles& files, std::uint64_t verified_from = 0);
 using RebuildDerived = std::function<void(StoreFiles& files, std::uint64_t rows)>;
 
 // Writer only, writer lock held: makes a log loaded after a reboot the store's state: publishes
-// the cut, raises the era, stores the boot id last and flushes the header. Re-running it after
+// the cut (first allocating the files again for C(1) rows if they hold none, so capacity_rows is
+// never 0), raises the era, stores the boot id last and flushes the header. Re-running it after
 // a crash at any point reaches the same state. Returns true if it wrote anything (the header's
 // era is then durable); false for a same-boot log.
 bool apply_recovery(StoreFiles& files, const LoadedLog& log, const RebuildDerived& rebuild = {});
