@@ -26,7 +26,8 @@ struct CompactResult {
 };
 
 // Writes the kept rows of the store at `source` (its snapshot at open), in row order, into a new
-// store at `out` with the source's dim, segment size and metadata and a new store id. The
+// store at `out` with the source's dim, segment size, metadata and key-index choice
+// (CreateOptions::key_index) and a new store id. The
 // source is only read (a Reader: no lock, no byte changed). The new store is built under a
 // hidden sibling name and renamed to `out` when complete and synced, so a crash at any instant
 // leaves no store at `out` (only a `.NAME.partial-*` directory to delete). Every source row's

@@ -162,7 +162,8 @@ def info(path: PathLike) -> dict:
     The keys are the field names of the C++ ``StoreInfo`` (include/embstore/store.h), which the
     CLI's ``info --json`` uses too: path, format_major, format_minor (ints; the format version
     is "{format_major}.{format_minor}"), dtype (name), dim, record_bytes, segment_bytes,
-    keeps_key_index (``create``'s key_index), store_id (32 hex digits), created_unix_ns, metadata (text), generation, committed_rows,
+    keeps_key_index (``create``'s key_index), store_id (32 hex digits), created_unix_ns,
+    metadata (text), generation, committed_rows,
     durable_rows, capacity_rows, last_commit_unix_ns (wall-clock ns of the latest commit as
     its writer recorded it; 0 when unknown: no commit yet, or only commits by libraries older
     than format 1.3), data_file_bytes, index_file_bytes; from the key index:
