@@ -28,6 +28,7 @@
 #include "platform/os.h"
 #include "platform/testing.h"
 #include "storage/store_files.h"
+#include "writer_internals.h"
 
 namespace embstore {
 
@@ -79,7 +80,8 @@ class Writer::Impl {
   }
 
   std::uint64_t append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
-                       std::uint64_t single_epoch, const ConstMatrix& rows);
+                       std::uint64_t single_epoch, const ConstMatrix& rows,
+                       detail::RowMemory memory = detail::RowMemory::kCallers);
   // Keeps rows [0, rows), or with `from_epoch`, the rows before the first whose epoch is at
   // least `rows`; returns the rows kept.
   std::uint64_t truncate(std::uint64_t rows, bool from_epoch);
@@ -402,12 +404,14 @@ void Writer::Impl::join_growth(bool abandon) {
 }
 
 std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
-                                   std::uint64_t single_epoch, const ConstMatrix& rows) {
+                                   std::uint64_t single_epoch, const ConstMatrix& rows,
+                                   detail::RowMemory memory) {
   std::shared_lock life(lifetime_);
   check_usable();
   // Everything that does not need the row number happens before the lock.
-  const detail::PreparedBatch batch = detail::prepare_batch(
-      files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows);
+  const detail::PreparedBatch batch =
+      detail::prepare_batch(files_->layout(), files_->hash_key(), files_->dir(), keys, epochs,
+                            single_epoch, rows, memory);
   if (batch.rows == 0) return files_->state().committed();
   // A growth of this generation keeps running beside the append; with_writer_lock() follows
   // another handle's truncate first, so rows never go into the old generation's files.
@@ -576,6 +580,13 @@ Writer& Writer::operator=(Writer&& other) noexcept {
 Writer::~Writer() { release_impl(impl_); }
 
 namespace {
+void check_epoch_count(const std::string& path, std::uint64_t epochs, std::uint64_t rows) {
+  if (epochs != rows) {
+    throw Error(ErrorCode::kInvalidArgument, path + ": append: " + std::to_string(epochs) +
+                                                 " epochs for " + std::to_string(rows) + " rows");
+  }
+}
+
 void release_impl(std::unique_ptr<Writer::Impl>& impl) noexcept {
   if (impl && !impl->in_owner_process()) {
     (void)impl.release();
@@ -685,12 +696,18 @@ std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t 
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys,
                              std::span<const std::uint64_t> epochs, const ConstMatrix& rows) {
-  if (epochs.size() != rows.rows) {
-    throw Error(ErrorCode::kInvalidArgument,
-                impl_->path() + ": append: " + std::to_string(epochs.size()) + " epochs for " +
-                    std::to_string(rows.rows) + " rows");
-  }
+  check_epoch_count(impl_->path(), epochs.size(), rows.rows);
   return impl_->append(keys, epochs.data(), 0, rows);
+}
+
+std::uint64_t detail::WriterInternals::append_private(Writer& writer,
+                                                      std::span<const std::uint64_t> keys,
+                                                      std::span<const std::uint64_t> epochs,
+                                                      std::uint64_t epoch,
+                                                      const ConstMatrix& rows) {
+  if (!epochs.empty()) check_epoch_count(writer.path(), epochs.size(), rows.rows);
+  return writer.impl_->append(keys, epochs.empty() ? nullptr : epochs.data(), epoch, rows,
+                              RowMemory::kPrivate);
 }
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,

@@ -53,8 +53,10 @@ ConstMatrix matrix(const std::vector<float>& values, std::uint64_t rows, std::ui
 }
 
 PreparedBatch prepare(const StoreFiles& f, const std::vector<std::uint64_t>& keys,
-                      const ConstMatrix& rows, std::uint64_t epoch = 3) {
-  return detail::prepare_batch(f.layout(), f.hash_key(), f.dir(), keys, nullptr, epoch, rows);
+                      const ConstMatrix& rows, std::uint64_t epoch = 3,
+                      detail::RowMemory memory = detail::RowMemory::kCallers) {
+  return detail::prepare_batch(f.layout(), f.hash_key(), f.dir(), keys, nullptr, epoch, rows,
+                               memory);
 }
 
 // prepare_batch's error for `rows`: kInvalidArgument naming the store and `what`.
@@ -142,6 +144,37 @@ TEST_CASE("A batch larger than kStageBytes is left to the commit to copy and has
   const PreparedBatch b = prepare(*f, keys, matrix(values, n));
   CHECK(b.source == reinterpret_cast<const std::byte*>(values.data()));
   CHECK(b.hashes == nullptr);
+}
+
+TEST_CASE("Private packed rows are hashed where they are, at any size; strided ones are copied",
+          "[log][batch]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  const std::uint64_t seed = f->layout().seed;
+  // Under and over kStageBytes: the private route has no piece size.
+  for (const std::uint64_t n : {std::uint64_t{5}, detail::kStageBytes / (kDim * 4) + 1}) {
+    INFO(n << " rows");
+    const auto values = test::batch_payload(0, 0, n, kDim);
+    const auto keys = keys_from(0, n);
+    const PreparedBatch b = prepare(*f, keys, matrix(values, n), 3, detail::RowMemory::kPrivate);
+    CHECK(b.source == reinterpret_cast<const std::byte*>(values.data()));
+    CHECK(b.stride == kDim * 4);
+    REQUIRE(b.hashes != nullptr);
+    for (std::uint64_t i = 0; i < n; i += n / 5) {
+      CHECK(b.hashes[i] ==
+            detail::payload_hash_reference(values.data() + i * kDim, kDim * 4, seed));
+    }
+  }
+  // Strided private rows are packed into the thread's buffer, since a commit writes packed rows.
+  std::vector<float> wide(4 * 11);
+  for (std::size_t i = 0; i < wide.size(); ++i) wide[i] = static_cast<float>(i);
+  const auto keys = keys_from(0, 4);
+  const PreparedBatch b =
+      prepare(*f, keys, matrix(wide, 4, kDim, DType::kFloat32, 44), 3, detail::RowMemory::kPrivate);
+  CHECK(b.source != reinterpret_cast<const std::byte*>(wide.data()));
+  CHECK(b.stride == kDim * 4);
+  REQUIRE(b.hashes != nullptr);
+  CHECK(std::memcmp(b.source + kDim * 4, wide.data() + 11, kDim * 4) == 0);
 }
 
 TEST_CASE("float32 rows for 16-bit stores are converted into a buffer of the thread and hashed",
@@ -252,10 +285,13 @@ TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed
   WritePathReset reset;
   const char* mode = GENERATE("mapping", "syscall");
   detail::testing::set_write_path(mode);
+  // The caller's rows, and private ones (the async queue's ring: packed ones written from there).
+  const auto memory = GENERATE(detail::RowMemory::kCallers, detail::RowMemory::kPrivate);
   // A staged batch, and one past kStageBytes that the commit copies in two pieces.
   for (const std::uint64_t n : {std::uint64_t{20000}, detail::kStageBytes / (kDim * 4) + 100}) {
     for (const std::uint64_t stride_floats : {std::uint64_t{kDim}, std::uint64_t{11}}) {
-      INFO(mode << ", " << n << " rows " << stride_floats << " floats apart");
+      INFO(mode << ", " << n << " rows " << stride_floats << " floats apart, "
+                << (memory == detail::RowMemory::kPrivate ? "private" : "caller's"));
       TempDir dir;
       auto f = make_store(dir);
       const auto packed = test::batch_payload(0, 0, n, kDim);
@@ -265,8 +301,10 @@ TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed
       }
       std::uint64_t synced_era = 0;
       const auto keys = keys_from(0, n);
-      commit(*f, prepare(*f, keys, matrix(values, n, kDim, DType::kFloat32, stride_floats * 4)),
-             synced_era);
+      commit(
+          *f,
+          prepare(*f, keys, matrix(values, n, kDim, DType::kFloat32, stride_floats * 4), 3, memory),
+          synced_era);
       REQUIRE(std::memcmp(f->row_ptr(0), packed.data(), n * kDim * 4) == 0);
       const std::uint64_t seed = f->layout().seed;
       for (std::uint64_t i = 0; i < n; ++i) {

@@ -32,6 +32,10 @@ struct ConstMatrix {
 // destructor releases only its own copies of the mappings, never the parent's lock.
 class Writer;
 
+namespace detail {
+struct WriterInternals;  // src/writer_internals.h: routes for the library's own callers.
+}
+
 // The calling process's id as embstore sees it (cached; a pthread_atfork handler refreshes it in
 // a forked child). The one fork test: Writer, its lock and the Python binding compare it with
 // the id they were opened in.
@@ -124,6 +128,7 @@ class Writer {
   class Impl;
 
  private:
+  friend struct detail::WriterInternals;
   explicit Writer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -10,7 +10,7 @@ namespace embstore::detail {
 
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
-                            std::uint64_t single_epoch, const ConstMatrix& rows) {
+                            std::uint64_t single_epoch, const ConstMatrix& rows, RowMemory memory) {
   auto invalid = [&](const std::string& what) {
     throw Error(ErrorCode::kInvalidArgument, where + ": append: " + what);
   };
@@ -51,6 +51,14 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
   batch.source = static_cast<const std::byte*>(rows.data);
   batch.stride = stride;
   const bool convert = rows.dtype != layout.dtype;
+  if (!convert && memory == RowMemory::kPrivate && stride == record_bytes) {
+    hashes.resize(n);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      hashes[i] = payload_hash(batch.source + i * record_bytes, record_bytes, key);
+    }
+    batch.hashes = hashes.data();
+    return batch;
+  }
   if (!convert && n * record_bytes > kStageBytes) return batch;  // Staged piece by piece.
   staging.resize(n * record_bytes);
   hashes.resize(n);

@@ -8,7 +8,10 @@
 // (converted rows where they were converted), and that buffer is what commit_batch() writes. A
 // batch larger than kStageBytes that needs no conversion is not copied whole here:
 // commit_batch() copies, hashes and writes it in pieces of that size, under the writer lock.
-// (A converted batch is converted whole, at any size.)
+// (A converted batch is converted whole, at any size.) Rows in memory that only the appending
+// thread can change (RowMemory::kPrivate: the Python binding's async queue, which copied them
+// there itself) are already such a buffer: packed ones are hashed where they are and written from
+// there, with no second copy.
 #pragma once
 
 #include <cstddef>
@@ -26,6 +29,12 @@ namespace embstore::detail {
 // are copied whole before the lock.
 inline constexpr std::uint64_t kStageBytes = 8 * 1024 * 1024;
 
+// Who may change the rows while the batch is prepared and committed (the rule above).
+enum class RowMemory {
+  kCallers,  // The caller's: another thread may rewrite them at any moment. Copied, then hashed.
+  kPrivate,  // Changed by nothing until the append returns. Hashed in place when packed.
+};
+
 struct PreparedBatch {
   std::uint64_t rows = 0;
   std::span<const std::uint64_t> keys;
@@ -33,7 +42,8 @@ struct PreparedBatch {
   std::uint64_t single_epoch = 0;
   const std::byte* source = nullptr;  // Row i at source + i * stride, in the store's dtype.
   std::uint64_t stride = 0;
-  // The payload_hash of each row, computed over `source`, a packed buffer of the thread. Null
+  // The payload_hash of each row, computed over `source`: a packed buffer of the thread, or
+  // the packed private rows of RowMemory::kPrivate. Null
   // for an unconverted batch larger than kStageBytes, whose `source` is the caller's memory:
   // commit_batch() copies and hashes it piece by piece.
   const std::uint64_t* hashes = nullptr;
@@ -49,7 +59,8 @@ struct PreparedBatch {
 // next call.
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
-                            std::uint64_t single_epoch, const ConstMatrix& rows);
+                            std::uint64_t single_epoch, const ConstMatrix& rows,
+                            RowMemory memory = RowMemory::kCallers);
 
 // Copies `count` rows, `stride` bytes apart at `source`, packed to `dest`, and sets hashes[i] to
 // the payload_hash of row i as it is in `dest`.

@@ -9,6 +9,8 @@
 #include <string>
 #include <utility>
 
+#include "writer_internals.h"
+
 namespace embstore::python {
 namespace {
 
@@ -168,12 +170,9 @@ void AsyncAppender::run() {
     std::optional<Error> failure;
     const auto start = std::chrono::steady_clock::now();
     try {
-      const std::span<const std::uint64_t> keys(batch.keys);
-      if (batch.epochs.empty()) {
-        writer_.append(keys, batch.epoch, rows);
-      } else {
-        writer_.append(keys, std::span<const std::uint64_t>(batch.epochs), rows);
-      }
+      // The ring is written by this queue alone, and not again before the append returns: the
+      // core hashes and writes the rows there, without copying them again (writer_internals.h).
+      detail::WriterInternals::append_private(writer_, batch.keys, batch.epochs, batch.epoch, rows);
     } catch (const Error& error) {
       failure = error;
     } catch (const std::exception& error) {
