@@ -32,6 +32,18 @@ from . import Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _log, shards
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
 
+# This process's id, kept current in forked children: the recorder's hook runs every training
+# step, and os.getpid() is a system call (microseconds on virtual machines).
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
 
 class EmbeddingDataset(torch.utils.data.Dataset):
     """A map-style Dataset over the rows of a store: item ``i`` is
@@ -135,10 +147,11 @@ class _Staging:
 
     def __init__(self, writer: Writer, buffer_rows: int) -> None:
         self.writer = writer
-        self.pid = os.getpid()
+        self.pid = _pid
+        self.dtype = _TORCH_DTYPES[writer.dtype]  # of the buffer: the store's
         self.buffer: Optional[torch.Tensor] = None  # donated to the Writer when submitted
         self.keys = np.empty(buffer_rows, np.uint64)
-        self.epochs = np.empty(buffer_rows, np.uint64)
+        self.epoch = 0  # of every staged row: rows of another epoch are staged after a submit
         self.filled = 0
 
     def submit(self) -> None:
@@ -148,7 +161,7 @@ class _Staging:
         n, self.filled = self.filled, 0
         buffer, self.buffer = self.buffer, None
         # Donated (copy=False): the recorder never touches this buffer again.
-        self.writer.append(self.keys[:n], buffer[:n], self.epochs[:n], copy=False)
+        self.writer.append(self.keys[:n], buffer[:n], self.epoch, copy=False)
 
     def finish(self) -> None:
         """Appends the staged rows and closes the Writer (raising a write error)."""
@@ -164,7 +177,7 @@ _RECORDER_EXIT_PRIORITY = _WRITER_EXIT_PRIORITY + 10
 
 def _finish_unclosed(staging: _Staging, path: str, module_name: str) -> None:
     """Exit finalizer (and garbage collection) of a recorder nobody closed."""
-    if staging.pid != os.getpid():
+    if staging.pid != _pid:
         return
     staged = staging.filled
     try:
@@ -318,7 +331,7 @@ class EmbeddingRecorder:
         """This process's staging (None before its first recorded batch, and in a forked child
         until it records: the parent's Writer and rows are the parent's)."""
         staging = self._staging
-        return staging if staging is not None and staging.pid == os.getpid() else None
+        return staging if staging is not None and staging.pid == _pid else None
 
     def writer(self) -> Writer:
         """This process's Writer (opened on first use)."""
@@ -392,24 +405,28 @@ class EmbeddingRecorder:
             n = len(ids)
             if n == 0:
                 return
-        writer = self.writer()
         staging = self._staging
-        dtype = _TORCH_DTYPES[writer.dtype]
+        if staging is None or staging.pid != _pid:
+            self.writer()
+            staging = self._staging
         if n > self._buffer_rows:
             # Too big to stage: one append of a private copy (converted, on the CPU).
             staging.submit()
-            writer.append(ids, out.to("cpu", dtype, copy=True), self._epoch, copy=False)
+            staging.writer.append(ids, out.to("cpu", staging.dtype, copy=True), self._epoch,
+                                  copy=False)
         else:
-            if staging.filled + n > self._buffer_rows:
+            if staging.filled and (staging.filled + n > self._buffer_rows or
+                                   staging.epoch != self._epoch):
                 staging.submit()
             if staging.buffer is None:
-                staging.buffer = torch.empty((self._buffer_rows, out.shape[1]), dtype=dtype)
+                staging.buffer = torch.empty((self._buffer_rows, out.shape[1]),
+                                             dtype=staging.dtype)
             begin, end = staging.filled, staging.filled + n
             staging.buffer[begin:end].copy_(out)  # converts dtype, copies from any device
             staging.keys[begin:end] = ids
-            staging.epochs[begin:end] = self._epoch
+            staging.epoch = self._epoch
             staging.filled = end
-            if staging.filled == self._buffer_rows:
+            if end == self._buffer_rows:
                 staging.submit()
         self.rows_recorded += n
 
