@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <time.h>
 
 #include <chrono>
 #include <cstring>
@@ -36,6 +37,12 @@ void copy_packed(const ConstMatrix& rows, std::byte* dest) {
 }
 
 }  // namespace
+
+double thread_cpu_seconds() {
+  timespec now{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
+  return static_cast<double>(now.tv_sec) + static_cast<double>(now.tv_nsec) * 1e-9;
+}
 
 std::uint64_t packed_bytes(const ConstMatrix& rows) {
   return rows.rows * std::uint64_t{rows.dim} * dtype_size(rows.dtype);
@@ -155,6 +162,7 @@ void AsyncAppender::run() {
     // keeps references to existing elements valid.
     Batch& batch = queue_.front();
     lock.unlock();
+    const double cpu_start = thread_cpu_seconds();  // The borrowed copy is write work too.
     if (batch.borrowed && batch.queued_bytes > 0) {
       // Copied now, so the caller's array can be released before the append (which may wait
       // for the writer lock). A caller that breaks its promise changes which values are
@@ -180,6 +188,7 @@ void AsyncAppender::run() {
     }
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double cpu_seconds = thread_cpu_seconds() - cpu_start;
     lock.lock();
     stats_.queued_bytes -= batch.queued_bytes;
     if (batch.queued_bytes > 0) ring_live_.pop_front();
@@ -189,6 +198,7 @@ void AsyncAppender::run() {
       stats_.rows += batch.rows.rows;
       stats_.bytes += batch.rows.rows * record_bytes_;
       stats_.append_seconds += seconds;
+      stats_.append_cpu_seconds += cpu_seconds;
     }
     const std::uint64_t failed_rows = batch.rows.rows;
     queue_.pop_front();

@@ -43,6 +43,9 @@ struct Batch {
   std::uint64_t queued_bytes = 0;
 };
 
+// CPU time the calling thread has used (CLOCK_THREAD_CPUTIME_ID), in seconds.
+double thread_cpu_seconds();
+
 // Bytes a batch occupies in the queue: its rows, packed, in the caller's dtype.
 std::uint64_t packed_bytes(const ConstMatrix& rows);
 
@@ -52,6 +55,7 @@ struct WriteStats {
   std::uint64_t rows = 0;
   std::uint64_t bytes = 0;            // Row bytes as stored.
   double append_seconds = 0;          // Time inside Writer::append (the real write work).
+  double append_cpu_seconds = 0;      // CPU time of the appending thread inside it (no waits).
   std::uint64_t copied_batches = 0;   // Batches the binding had to make contiguous first.
   std::uint64_t queued_bytes = 0;     // Async: bytes accepted but not yet written.
   std::uint64_t blocked_appends = 0;  // Async: append calls waiting for room right now.

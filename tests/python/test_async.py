@@ -347,3 +347,28 @@ def test_sync_append_releases_the_gil_while_waiting_for_the_store(store):
         t.join(60)
     assert not t.is_alive() and len(embstore.Reader(store)) == 1
     w.close()
+
+
+@pytest.mark.parametrize("async_queue_mb", [0, 4])
+def test_stats_count_the_cpu_time_of_the_write_work_apart_from_its_waits(store, async_queue_mb):
+    rows = np.ones((256, 8), np.float32)
+    with embstore.Writer(store, dim=8, async_queue_mb=async_queue_mb) as w:
+        for epoch in range(4):
+            w.append(np.arange(256) + 256 * epoch, rows, epoch, copy=epoch % 2 == 0)
+        w.flush()
+        s = w.stats()
+    assert s["batches"] == 4
+    assert s["append_cpu_seconds"] > 0
+    if async_queue_mb == 0:
+        # Measured inside the wall-time window of the same calls, on the same thread.
+        assert s["append_cpu_seconds"] <= s["append_seconds"]
+    with embstore.Writer(store, async_queue_mb=async_queue_mb) as w, StoreLock(store) as lock:
+        # An append that waits 0.3 s for the lock: wall time, not CPU time.
+        t = threading.Thread(target=lambda: (w.append([9999], rows[:1], 9), w.flush()))
+        t.start()
+        time.sleep(0.3)
+        lock.release()
+        t.join(60)
+        s = w.stats()
+    assert s["batches"] == 1 and s["append_seconds"] >= 0.25
+    assert s["append_cpu_seconds"] < 0.2

@@ -530,7 +530,9 @@ class Writer(_Handle):
 
     def stats(self) -> dict:
         """What this Writer wrote: batches, rows, bytes (as stored), append_seconds (time spent
-        inside the C++ append — the write work itself), copied_batches (inputs that needed a
+        inside the C++ append — the write work itself), append_cpu_seconds (the CPU time of
+        that work, without waits for the lock or for a core; in async mode it includes copying
+        donated arrays into the queue), copied_batches (inputs that needed a
         contiguous copy), and for async mode queued_bytes, blocked_appends (append calls
         waiting for room right now), dropped_batches and dropped_rows (not written after an
         error)."""

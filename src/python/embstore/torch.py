@@ -17,18 +17,17 @@ Example (inside a DDP training loop)::
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing.util as _mp_util
 import os
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.utils.data
 
-from . import Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _log, shards
+from . import Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _embstore, _log, shards
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
 
@@ -188,6 +187,23 @@ def _finish_unclosed(staging: _Staging, path: str, module_name: str) -> None:
                    staged, staging.writer.stats().get("dropped_rows", 0), error)
 
 
+class _RecordingBlock:
+    """The block of one ``EmbeddingRecorder.batch()``: its forward passes are recorded under
+    these ids and this epoch. (A class, not a generator: it is entered every training step.)"""
+
+    __slots__ = ("_recorder", "_ids", "_epoch")
+
+    def __init__(self, recorder: "EmbeddingRecorder", ids: np.ndarray, epoch: int) -> None:
+        self._recorder, self._ids, self._epoch = recorder, ids, epoch
+
+    def __enter__(self) -> None:
+        self._recorder._ids = self._ids
+        self._recorder._epoch = self._epoch
+
+    def __exit__(self, *exc: Any) -> None:
+        self._recorder._ids = None
+
+
 class EmbeddingRecorder:
     """Saves the outputs of one named submodule into a store, from inside a training loop.
 
@@ -287,9 +303,10 @@ class EmbeddingRecorder:
         self.rows_recorded = 0
         #: Rows not stored because they were a DistributedSampler's padding.
         self.padding_rows_skipped = 0
-        #: Seconds spent inside the forward hook (detach, copy, queueing the append): the time
-        #: recording adds to this process's forward passes. The write itself happens on the
-        #: Writer's background thread (see stats()["append_seconds"]).
+        #: Seconds of recording on the training thread: the checks of batch() and the forward
+        #: hook (detach, copy, queueing the append), the time recording adds to this process's
+        #: steps. The write itself happens on the Writer's background thread (see
+        #: stats()["append_seconds"] and ["append_cpu_seconds"]).
         self.hook_seconds = 0.0
         self._handle = module.register_forward_hook(self._hook)
 
@@ -303,14 +320,19 @@ class EmbeddingRecorder:
         """Whether this rank records."""
         return self._ranks is None or self.rank in self._ranks
 
-    @contextlib.contextmanager
-    def batch(self, ids: Any, epoch: int) -> Iterator[None]:
+    def batch(self, ids: Any, epoch: int) -> ContextManager[None]:
         """Records the forward passes in the block under these sample ids and this epoch."""
+        # Runs every training step: the cheap conversions first, and the checks in one call.
+        start = time.perf_counter()
         if isinstance(ids, torch.Tensor):
-            ids = ids.detach().cpu().numpy()
-        ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu" or (ids.dtype.kind == "i" and ids.size and ids.min() < 0):
-            raise ValueError(f"sample ids must be integers >= 0; got {ids.dtype} {ids[:5]}")
+            try:
+                ids = ids.numpy()  # integer CPU tensors: no gradient, no copy
+            except (RuntimeError, TypeError):
+                ids = ids.detach().cpu().numpy()
+        elif not isinstance(ids, np.ndarray):
+            ids = np.asarray(ids)
+        # 1-D integers >= 0 (the error names the first that is not).
+        _embstore.check_keys(ids, "sample ids")
         if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
             raise ValueError(f"epoch must be an integer; got {type(epoch).__name__} {epoch!r}")
         if int(epoch) < 0:
@@ -320,12 +342,8 @@ class EmbeddingRecorder:
             staging = self._local_staging()
             if staging is not None and staging.filled:
                 staging.submit()  # an epoch's rows reach the store as soon as the next one starts
-        self._ids = ids
-        self._epoch = int(epoch)
-        try:
-            yield
-        finally:
-            self._ids = None
+        self.hook_seconds += time.perf_counter() - start
+        return _RecordingBlock(self, ids, int(epoch))
 
     def _local_staging(self) -> Optional[_Staging]:
         """This process's staging (None before its first recorded batch, and in a forked child
