@@ -233,3 +233,25 @@ def test_recorder_refuses_both_sampler_and_dataset_len(store):
     with pytest.raises(ValueError, match="sampler or dataset_len, not both"):
         EmbeddingRecorder(torch.nn.Linear(1, 1), "", store, dim=1, sampler=sampler,
                           dataset_len=10)
+
+
+def test_recorder_batch_names_bad_ids_and_epochs_and_records_nothing_for_them(store):
+    layer = torch.nn.Linear(4, 6)
+    with EmbeddingRecorder(layer, "", store, dim=6, async_queue_mb=0) as rec:
+        with rec.batch(torch.tensor([1, 2]), 0):
+            layer(torch.randn(2, 4))
+        with pytest.raises(ValueError, match=r"sample ids\[1\] is -3; keys and epochs must be >= 0"):
+            rec.batch(np.array([4, -3]), 0)
+        with pytest.raises(ValueError, match="sample ids must be integers; got dtype float"):
+            rec.batch(torch.tensor([1.0, 2.0]), 0)
+        with pytest.raises(ValueError, match="sample ids must be 1-D"):
+            rec.batch(np.array([[1, 2]]), 0)
+        for bad in (2.7, "3", True, np.bool_(True)):
+            with pytest.raises(ValueError, match="epoch must be an integer"):
+                rec.batch([3, 4], bad)
+        with pytest.raises(ValueError, match="epoch must be >= 0"):
+            rec.batch([3, 4], -1)
+        with rec.batch([3, 4], np.int64(0)), rec.batch([5], 0):  # numpy ints are ints; no change
+            layer(torch.randn(1, 4))
+    r = embstore.Reader(store)
+    assert r.keys.tolist() == [1, 2, 5] and r.epochs.tolist() == [0, 0, 0]

@@ -333,17 +333,19 @@ class EmbeddingRecorder:
             ids = np.asarray(ids)
         # 1-D integers >= 0 (the error names the first that is not).
         _embstore.check_keys(ids, "sample ids")
-        if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
-            raise ValueError(f"epoch must be an integer; got {type(epoch).__name__} {epoch!r}")
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0; got {epoch}")
-        if int(epoch) != self._epoch:
-            self._epoch_position = 0
-            staging = self._local_staging()
-            if staging is not None and staging.filled:
-                staging.submit()  # an epoch's rows reach the store as soon as the next one starts
+        if type(epoch) is not int or epoch != self._epoch:  # else: the last block's, checked
+            if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
+                raise ValueError(f"epoch must be an integer; got {type(epoch).__name__} {epoch!r}")
+            epoch = int(epoch)
+            if epoch < 0:
+                raise ValueError(f"epoch must be >= 0; got {epoch}")
+            if epoch != self._epoch:
+                self._epoch_position = 0
+                staging = self._local_staging()
+                if staging is not None and staging.filled:
+                    staging.submit()  # an epoch's rows reach the store as soon as the next starts
         self.hook_seconds += time.perf_counter() - start
-        return _RecordingBlock(self, ids, int(epoch))
+        return _RecordingBlock(self, ids, epoch)
 
     def _local_staging(self) -> Optional[_Staging]:
         """This process's staging (None before its first recorded batch, and in a forked child
