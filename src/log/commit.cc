@@ -80,14 +80,22 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
 }
 
 // The era this handle may write entries with at `first`, made durable first (FORMAT.md, "era").
+// `by_syscall`: the entries will be written by pwrite, so the one at `first` is read the same
+// way: through the mapping, its page (fresh, for every batch of a few hundred rows) would fault
+// in for this one read, several microseconds here (bench/RESULTS.md, "write path").
 std::uint64_t writable_era(StoreFiles& files, std::uint64_t first, std::uint64_t& synced_era,
-                           const SyncFailure& on_sync_failure) {
+                           const SyncFailure& on_sync_failure, bool by_syscall) {
   SharedState& state = files.state();
   std::uint64_t era = state.era();
   // Entries at `first` that carry the current era were left by a writer killed before it
   // published: a newer era makes them lose to this append's entries on any later recovery.
   IndexEntry at_first;
-  std::memcpy(&at_first, files.entry_ptr(first), sizeof(at_first));
+  if (by_syscall) {
+    os::read_exact(files.index_fd(), &at_first, sizeof(at_first), first * sizeof(IndexEntry),
+                   files.index_path());
+  } else {
+    std::memcpy(&at_first, files.entry_ptr(first), sizeof(at_first));
+  }
   const bool stale = (at_first.row != 0 || at_first.checksum != 0) &&
                      entry_era(at_first.row) == (era & kEntryEraMask);
   if (stale) {
@@ -160,8 +168,9 @@ std::uint64_t commit_batch(StoreFiles& files, const PreparedBatch& batch, std::u
   }
   // Another process may have grown the files since this handle last looked.
   files.grow_to(first + n);
-  const std::uint64_t era = writable_era(files, first, synced_era, on_sync_failure);
   const WritePlan plan = plan_writes(files, n);
+  const std::uint64_t era =
+      writable_era(files, first, synced_era, on_sync_failure, plan.entries_by_syscall);
   const std::uint64_t* hashes = write_rows(files, first, batch, plan.rows_by_syscall);
   EMBSTORE_CRASH_POINT("after-copy");
   write_entries(files, batch, hashes, first, era, plan.entries_by_syscall);
