@@ -2,8 +2,10 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <time.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <exception>
@@ -48,12 +50,33 @@ std::uint64_t packed_bytes(const ConstMatrix& rows) {
   return rows.rows * std::uint64_t{rows.dim} * dtype_size(rows.dtype);
 }
 
+AsyncAppender::Ring::Ring(std::uint64_t bytes, const std::string& store) {
+  constexpr std::uint64_t kHugePage = 2 << 20;
+  mapping_bytes = bytes + kHugePage;  // Room to start the ring on a 2 MiB boundary.
+  mapping =
+      mmap(nullptr, mapping_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mapping == MAP_FAILED) {
+    const int err = errno;
+    mapping = nullptr;
+    throw Error(ErrorCode::kIO,
+                store + ": async writer: cannot map its queue of " + std::to_string(bytes) +
+                    " bytes (async_queue_mb): " + std::strerror(err),
+                err);
+  }
+  const auto address = reinterpret_cast<std::uintptr_t>(mapping);
+  data = static_cast<std::byte*>(mapping) + (kHugePage - address % kHugePage) % kHugePage;
+  (void)madvise(data, bytes, MADV_HUGEPAGE);  // Advice: 4 KiB pages where refused.
+}
+
+AsyncAppender::Ring::~Ring() {
+  if (mapping != nullptr) munmap(mapping, mapping_bytes);
+}
+
 AsyncAppender::AsyncAppender(Writer& writer, std::uint64_t capacity_bytes)
     : writer_(writer),
       capacity_bytes_(capacity_bytes),
       record_bytes_(std::uint64_t{writer.dim()} * dtype_size(writer.dtype())),
-      // Default-initialised: no page of the ring is touched before a batch is copied into it.
-      ring_(new std::byte[capacity_bytes]) {
+      ring_(capacity_bytes, writer.path()) {
   thread_ = std::thread([this] { run(); });
 }
 

@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -101,7 +102,20 @@ class AsyncAppender {
   Writer& writer_;
   const std::uint64_t capacity_bytes_;
   const std::uint64_t record_bytes_;
-  const std::unique_ptr<std::byte[]> ring_;  // capacity_bytes_, uninitialised until used.
+  // capacity_bytes_ of anonymous memory, untouched until used, in 2 MiB pages where the kernel
+  // gives them (MADV_HUGEPAGE): the first lap of the ring then takes one page fault per 2 MiB
+  // instead of one per 4 KiB (microseconds each on virtual machines).
+  struct Ring {
+    Ring(std::uint64_t bytes, const std::string& store);
+    ~Ring();
+    Ring(const Ring&) = delete;
+    Ring& operator=(const Ring&) = delete;
+    std::byte* get() const { return data; }
+    void* mapping = nullptr;
+    std::uint64_t mapping_bytes = 0;
+    std::byte* data = nullptr;
+  };
+  const Ring ring_;
   std::mutex push_mutex_;  // Serializes push(): ring ranges are taken and queued in one order.
   std::mutex mutex_;
   std::condition_variable work_cv_;   // A batch arrived, or stop.

@@ -372,3 +372,15 @@ def test_stats_count_the_cpu_time_of_the_write_work_apart_from_its_waits(store, 
         s = w.stats()
     assert s["batches"] == 1 and s["append_seconds"] >= 0.25
     assert s["append_cpu_seconds"] < 0.2
+
+
+def test_a_queue_that_cannot_be_mapped_is_an_os_error_naming_the_store_and_option(store):
+    # 2**50 bytes of queue: beyond a process's address space (without a hint, mmap stays in the
+    # low 128 TiB even with 5-level paging), so refused (ENOMEM) whatever the overcommit policy.
+    with pytest.raises(OSError, match=r"async writer: cannot map its queue of \d+ bytes "
+                                      r"\(async_queue_mb\)") as info:
+        embstore.Writer(store, dim=8, async_queue_mb=2**30)
+    assert store in str(info.value)
+    with embstore.Writer(store) as w:  # the store itself is usable
+        w.append([1], np.ones((1, 8), np.float32), 0)
+    assert len(embstore.Reader(store)) == 1

@@ -356,7 +356,8 @@ class Writer(_Handle):
     Async mode (``async_queue_mb > 0``): ``append`` validates its arguments, queues the batch and
     returns None; a C++ background thread writes batches in order. The queue is a buffer of
     ``async_queue_mb`` MiB, allocated once and reused (its pages are touched only as batches
-    fill them); every batch is written from it, never from the caller's memory:
+    fill them; 2 MiB pages where the system gives them, so filling it takes few page faults);
+    every batch is written from it, never from the caller's memory:
 
     * ``append(..., copy=True)`` (the default) copies the rows into the queue before it
       returns (at memcpy speed), so the caller may reuse or change its array or tensor at once:
