@@ -189,7 +189,7 @@ void AsyncAppender::run() {
     if (batch.borrowed && batch.queued_bytes > 0) {
       // Copied now, so the caller's array can be released before the append (which may wait
       // for the writer lock). A caller that breaks its promise changes which values are
-      // stored, never whether their checksums match (the core hashes its own copy).
+      // stored, never whether their checksums match (the rows are hashed in the ring).
       copy_packed(batch.rows, batch.ring_rows);
       lock.lock();
       done_.push_back(batch.hold);  // The caller's array may go now.

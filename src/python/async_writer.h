@@ -2,11 +2,12 @@
 //
 // Every queued batch is written from the queue's own memory (a ring of `capacity_bytes`,
 // allocated once and reused), never from the caller's buffer, so what is stored is what the
-// caller passed at the time of the call, whenever the batch is written. (The core's checksums
-// never depend on this: it hashes rows from its own copy, log/batch.h.) A copied batch is
-// copied into the ring by push(); a borrowed batch
-// (the caller promised not to touch its buffer until it is written) is copied there by the
-// background thread, so push() returns at once. A borrowed batch carries an opaque `hold` (the
+// caller passed at the time of the call, whenever the batch is written. Only this queue writes
+// the ring, and a batch's range is not reused before its append returns, so the core hashes the
+// rows there and writes them from there (RowMemory::kPrivate, log/batch.h, through
+// writer_internals.h) without copying them again. A copied batch is copied into the ring by
+// push(); a borrowed batch (the caller promised not to touch its buffer until it is written) is
+// copied there by the background thread, so push() returns at once. A borrowed batch carries an opaque `hold` (the
 // binding's strong reference to the caller's array), handed back through take_done() once its
 // rows are copied or dropped, so the binding can release it while holding the GIL. The
 // background thread never touches Python.
