@@ -146,7 +146,7 @@ TEST_CASE("A batch larger than kStageBytes is left to the commit to copy and has
   CHECK(b.hashes == nullptr);
 }
 
-TEST_CASE("Private packed rows are hashed where they are, at any size; strided ones are copied",
+TEST_CASE("Private packed rows are hashed where they are at any size, strided ones are copied",
           "[log][batch]") {
   TempDir dir;
   auto f = make_store(dir);
