@@ -7,10 +7,10 @@
 // rows there and writes them from there (RowMemory::kPrivate, log/batch.h, through
 // writer_internals.h) without copying them again. A copied batch is copied into the ring by
 // push(); a borrowed batch (the caller promised not to touch its buffer until it is written) is
-// copied there by the background thread, so push() returns at once. A borrowed batch carries an opaque `hold` (the
-// binding's strong reference to the caller's array), handed back through take_done() once its
-// rows are copied or dropped, so the binding can release it while holding the GIL. The
-// background thread never touches Python.
+// copied there by the background thread, so push() returns at once. A borrowed batch carries an
+// opaque `hold` (the binding's strong reference to the caller's array), handed back through
+// take_done() once its rows are copied or dropped, so the binding can release it while holding the
+// GIL. The background thread never touches Python.
 #pragma once
 
 #include <condition_variable>
