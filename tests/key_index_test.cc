@@ -93,6 +93,14 @@ void check_against_oracle(const KeyQuery& q, const EntriesFile& file, std::uint6
     const auto& rows = it == oracle.by_key.end() ? none : it->second;
     INFO("key " << key << " snapshot " << snapshot << " indexed " << q.indexed_limit());
     CHECK(q.history(key) == rows);
+    if (const auto by_epochs = q.history_by_epochs(key)) {
+      // When it answers, it answers exactly: the key's rows below the index limit.
+      std::vector<std::uint64_t> indexed;
+      for (const std::uint64_t r : rows) {
+        if (r < q.indexed_limit()) indexed.push_back(r);
+      }
+      CHECK(*by_epochs == indexed);
+    }
     const auto latest = q.find_latest(key);
     CHECK(latest.has_value() == !rows.empty());
     if (latest && !rows.empty()) CHECK(*latest == rows.back());
@@ -203,6 +211,68 @@ TEST_CASE("Key index answers like a std::map at every snapshot, across growth an
   std::string problem;
   CHECK(index->check(file.entries(), file.rows(), &problem) == 0);
   INFO(problem);
+}
+
+TEST_CASE("Key index: history looks a key up in every epoch at once, and proves the answer",
+          "[key_index]") {
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 1 << 14);
+  auto index = KeyIndexFile::create(dir.path(), 1, identity(), {4096, 1024, 1024}, 0);
+  // 200 keys (0 and 2^64-1 among them) in epochs 0..9, one row per (key, epoch), appended
+  // epoch by epoch as a training run does; keys 0..49 skip the odd epochs.
+  std::vector<std::uint64_t> keys = {0, kMaxKey};
+  for (std::uint64_t k = 1; k < 199; ++k) keys.push_back(k * 0x9e3779b97f4a7c15ull);
+  for (std::uint64_t epoch = 0; epoch < 10; ++epoch) {
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      if (i < 50 && epoch % 2 == 1) continue;
+      file.append(keys[i], epoch);
+    }
+  }
+  REQUIRE(index->index_rows(file.entries(), file.rows()));
+  auto expect = [&](std::uint64_t key, std::uint64_t snapshot) {
+    std::vector<std::uint64_t> rows;
+    for (std::uint64_t r = 0; r < snapshot; ++r) {
+      if (file.pairs()[r].first == key) rows.push_back(r);
+    }
+    return rows;
+  };
+  for (const std::uint64_t snapshot : {file.rows(), file.rows() / 2, std::uint64_t{1}}) {
+    const KeyQuery q(index.get(), file.entries(), snapshot);
+    for (const std::uint64_t key : keys) {
+      INFO("key " << key << " snapshot " << snapshot);
+      const auto by_epochs = q.history_by_epochs(key);
+      REQUIRE(by_epochs.has_value());  // No duplicates and every epoch known: it answers.
+      CHECK(*by_epochs == expect(key, snapshot));
+      CHECK(q.history(key) == expect(key, snapshot));
+    }
+    CHECK(q.history_by_epochs(12345) == std::vector<std::uint64_t>{});  // Never stored.
+  }
+
+  // A (key, epoch) stored twice: the pair table names only the later row, so the proof fails
+  // and history() follows the chain, which has both.
+  file.append(keys[7], 2);
+  // A new epoch after the hint was made: the hint is made again (epochs_used changed).
+  file.append(keys[8], 10);
+  REQUIRE(index->index_rows(file.entries(), file.rows()));
+  {
+    const KeyQuery q(index.get(), file.entries(), file.rows());
+    CHECK_FALSE(q.history_by_epochs(keys[7]).has_value());
+    CHECK(q.history(keys[7]) == expect(keys[7], file.rows()));
+    const auto eight = q.history_by_epochs(keys[8]);
+    REQUIRE(eight.has_value());
+    CHECK(*eight == expect(keys[8], file.rows()));
+    CHECK(eight->size() == 6);  // Epochs 0, 2, 4, 6, 8 and 10.
+  }
+
+  // More epochs than it probes at once: it declines, and history() follows the chain.
+  for (std::uint64_t epoch = 11; epoch <= KeyQuery::kHistoryEpochProbes + 1; ++epoch) {
+    file.append(keys[9], epoch);
+  }
+  REQUIRE(index->index_rows(file.entries(), file.rows()));
+  const KeyQuery q(index.get(), file.entries(), file.rows());
+  CHECK_FALSE(q.history_by_epochs(keys[9]).has_value());
+  CHECK(q.history(keys[9]) == expect(keys[9], file.rows()));
+  CHECK(q.history(keys[9]).size() == 5 + KeyQuery::kHistoryEpochProbes - 9);  // 0, 2, .., 8, 11..65
 }
 
 TEST_CASE("Key index is reopened from its file with the same answers", "[key_index]") {

@@ -679,10 +679,110 @@ std::optional<std::uint64_t> KeyQuery::find_latest(std::uint64_t key) const {
   return row;
 }
 
+std::shared_ptr<const KeyIndexFile::EpochHint> KeyQuery::epoch_hint() const {
+  const std::uint64_t used = load(index_->header()->epochs_used);
+  {
+    std::lock_guard guard(index_->hint_mutex_);
+    const auto& hint = index_->epoch_hint_;
+    if (hint && hint->epochs_used == used && (!hint->skipped || hint->limit >= limit_)) {
+      return hint;
+    }
+  }
+  auto made = std::make_shared<KeyIndexFile::EpochHint>();
+  made->epochs_used = used;  // Read before the slots: a slot stored meanwhile makes it stale.
+  made->limit = limit_;
+  const std::uint64_t* slots = index_->epoch_slots();
+  for (std::uint64_t i = 0; i < index_->sizes_.epoch_slots; ++i) {
+    const std::uint64_t word = load(slots[i]);
+    if (word == 0) continue;
+    const std::uint64_t r = below_limit(slot_row(word), true);
+    if (r == kNone) {
+      made->skipped = true;
+      continue;
+    }
+    made->epochs.push_back(entries_[r].epoch);
+  }
+  std::sort(made->epochs.begin(), made->epochs.end());
+  made->epochs.erase(std::unique(made->epochs.begin(), made->epochs.end()), made->epochs.end());
+  std::lock_guard guard(index_->hint_mutex_);
+  index_->epoch_hint_ = made;
+  return made;
+}
+
+std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(std::uint64_t key) const {
+  if (limit_ == 0) return std::vector<std::uint64_t>{};
+  const auto hint = epoch_hint();
+  const std::size_t n = hint->epochs.size();
+  if (n == 0 || n > kHistoryEpochProbes) return std::nullopt;
+  const std::uint64_t* pairs = index_->pair_slots();
+  const std::uint64_t mask = index_->sizes_.pair_slots - 1;
+  const std::uint64_t kh = key_hash(key, index_->hash_seed_);
+  // Three rounds, each a set of independent loads: the first slot of every (key, epoch) and the
+  // key's slot; then the chain record of every candidate row and the entry of the latest row;
+  // then the proof. A candidate is the first slot along the probe whose tag matches; its entry
+  // is not needed for the proof, which rejects any row that is not on the key's chain (it is
+  // fetched in the second round all the same, for the caller that reads the rows' epochs).
+  constexpr std::uint64_t kAbsent = kNone - 1;
+  constexpr std::uint64_t kMaxSteps = 8;  // Slots looked at per pair before the full probe.
+  std::uint64_t hash[kHistoryEpochProbes], row[kHistoryEpochProbes];
+  for (std::size_t i = 0; i < n; ++i) {
+    hash[i] = pair_hash(kh, hint->epochs[i]);
+    __builtin_prefetch(pairs + (hash[i] & mask));
+  }
+  __builtin_prefetch(index_->key_slots() + (kh & (index_->sizes_.key_slots - 1)));
+  for (std::size_t i = 0; i < n; ++i) {
+    row[i] = kNone;  // Not settled here: the full probe decides.
+    const std::uint64_t tag = hash[i] >> kSlotRowBits;
+    for (std::uint64_t step = 0, j = hash[i] & mask; step < kMaxSteps; ++step, j = (j + 1) & mask) {
+      const std::uint64_t word = load(pairs[j]);
+      if (word == 0) {
+        row[i] = kAbsent;
+        break;
+      }
+      if (slot_tag(word) != tag) continue;
+      if (slot_row(word) < limit_) {
+        row[i] = slot_row(word);
+        __builtin_prefetch(index_->chain_words(row[i]));
+        __builtin_prefetch(entries_ + row[i]);  // For the caller, which reads each row's epoch.
+      }
+      break;
+    }
+  }
+  const std::uint64_t latest = table_find_latest(key);
+  std::vector<std::uint64_t> rows;
+  if (latest == kNone) return rows;
+  rows.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint64_t r = row[i];
+    if (r == kAbsent) continue;
+    if (r == kNone) {
+      r = table_find(key, hint->epochs[i]);
+      if (r == kNone) continue;
+    }
+    rows.push_back(r);
+  }
+  std::sort(rows.begin(), rows.end());
+  // Complete only if these rows are the whole chain of the key: it ends at the key table's
+  // latest row (whose entry table_find_latest checked) and every link joins two of them. A
+  // (key, epoch) appended twice, an epoch missing from the hint or a candidate of another key
+  // leaves the set different from the chain, and fails here.
+  if (rows.empty() || rows.back() != latest) return std::nullopt;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (prev(rows[i], false) != (i == 0 ? kNone : rows[i - 1])) return std::nullopt;
+  }
+  return rows;
+}
+
 std::vector<std::uint64_t> KeyQuery::history(std::uint64_t key) const {
   std::vector<std::uint64_t> rows;
-  for (std::uint64_t r = table_find_latest(key); r != kNone; r = prev(r, false)) rows.push_back(r);
-  std::reverse(rows.begin(), rows.end());
+  if (auto by_epochs = history_by_epochs(key)) {
+    rows = std::move(*by_epochs);
+  } else {
+    for (std::uint64_t r = table_find_latest(key); r != kNone; r = prev(r, false)) {
+      rows.push_back(r);
+    }
+    std::reverse(rows.begin(), rows.end());
+  }
   for (std::uint64_t r = limit_; r < snapshot_; ++r) {
     if (entries_[r].key == key) rows.push_back(r);
   }

@@ -135,6 +135,18 @@ class KeyIndexFile {
   mutable std::atomic<std::byte*> chain_base_{nullptr};
   mutable std::atomic<std::uint64_t> chain_rows_mapped_{0};
   mutable std::mutex map_mutex_;  // Serializes mapping more (lookups may trigger it).
+  // Lookups: the epochs the epoch table named when last looked at, a hint that lets history()
+  // fetch a key's rows in parallel (KeyQuery::history_by_epochs, which proves its answer and
+  // never trusts the hint). Made again when epochs_used has changed since, or when it skipped
+  // epochs whose rows all lay past the limit it was made for and a query's limit is higher.
+  struct EpochHint {
+    std::vector<std::uint64_t> epochs;  // Ascending, distinct.
+    std::uint64_t epochs_used = 0;      // The header's count when it was made.
+    std::uint64_t limit = 0;            // The query limit it was made for.
+    bool skipped = false;               // An epoch slot named no row below that limit.
+  };
+  mutable std::mutex hint_mutex_;
+  mutable std::shared_ptr<const EpochHint> epoch_hint_;  // Under hint_mutex_.
 };
 
 // Answers lookups for one snapshot: rows below min(snapshot, index watermark) from the index
@@ -150,8 +162,17 @@ class KeyQuery {
   std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
   // The latest row of `key`.
   std::optional<std::uint64_t> find_latest(std::uint64_t key) const;
-  // Every row of `key`, ascending (commit order).
+  // Every row of `key`, ascending (commit order). Through history_by_epochs() when it can prove
+  // its answer, else along the key's chain (one dependent load per row).
   std::vector<std::uint64_t> history(std::uint64_t key) const;
+  // The rows of `key` below the index limit, found by looking the key up in every epoch the
+  // index knows (at most kHistoryEpochProbes of them) at once, so the loads overlap instead of
+  // following one another. Proven complete before it is returned: the latest row is the key
+  // table's, and each row's chain record links to the row before it (the first to none). Empty
+  // optional when that proof fails (a (key, epoch) appended more than once, an epoch the hint
+  // lacks, too many epochs): history() then follows the chain.
+  std::optional<std::vector<std::uint64_t>> history_by_epochs(std::uint64_t key) const;
+  static constexpr std::size_t kHistoryEpochProbes = 64;
   // Every row of `epoch`, ascending.
   std::vector<std::uint64_t> epoch_rows(std::uint64_t epoch) const;
   // The epochs present with their row counts, by ascending epoch.
@@ -177,6 +198,8 @@ class KeyQuery {
   std::uint64_t below_limit(std::uint64_t row, bool by_epoch) const;
   std::uint64_t prev(std::uint64_t row, bool by_epoch) const;
   std::uint64_t ordinal(std::uint64_t row) const;
+  // The index file's epoch hint for this query's limit, made now if missing or stale.
+  std::shared_ptr<const KeyIndexFile::EpochHint> epoch_hint() const;
 
   const KeyIndexFile* index_;
   const IndexEntry* entries_;
