@@ -282,13 +282,12 @@ std::optional<std::uint64_t> Reader::find(std::uint64_t key) const {
 }
 
 std::vector<KeyVersion> Reader::history(std::uint64_t key) const {
+  std::vector<std::uint64_t> epochs;
   const std::vector<std::uint64_t> rows =
-      impl_->query([&](const detail::KeyQuery& q) { return q.history(key); });
+      impl_->query([&](const detail::KeyQuery& q) { return q.history(key, &epochs); });
   std::vector<KeyVersion> out;
   out.reserve(rows.size());
-  const StoreFiles& f = impl_->files();
-  for (const std::uint64_t row : rows) __builtin_prefetch(f.entry_ptr(row));  // Loads overlap.
-  for (const std::uint64_t row : rows) out.push_back({row, f.entry_ptr(row)->epoch});
+  for (std::size_t i = 0; i < rows.size(); ++i) out.push_back({rows[i], epochs[i]});
   return out;
 }
 

@@ -93,6 +93,10 @@ void check_against_oracle(const KeyQuery& q, const EntriesFile& file, std::uint6
     const auto& rows = it == oracle.by_key.end() ? none : it->second;
     INFO("key " << key << " snapshot " << snapshot << " indexed " << q.indexed_limit());
     CHECK(q.history(key) == rows);
+    std::vector<std::uint64_t> epochs_of_rows, want_epochs;
+    for (const std::uint64_t r : rows) want_epochs.push_back(file.pairs()[r].second);
+    CHECK(q.history(key, &epochs_of_rows) == rows);
+    CHECK(epochs_of_rows == want_epochs);
     if (const auto by_epochs = q.history_by_epochs(key)) {
       // When it answers, it answers exactly: the key's rows below the index limit.
       std::vector<std::uint64_t> indexed;
@@ -359,9 +363,9 @@ TEST_CASE(
   REQUIRE(index->index_rows(file.entries(), 5000));
   std::string problem;
   REQUIRE(index->check(file.entries(), 5000, &problem) == 0);
-  const std::uint64_t chain_offset =
-      4096 +
-      8 * (index->sizes().pair_slots + index->sizes().key_slots + index->sizes().epoch_slots);
+  // FORMAT.md "keys.K": 16-byte pair slots, 8-byte key and epoch slots, then the chain.
+  const std::uint64_t chain_offset = 4096 + 16 * index->sizes().pair_slots +
+                                     8 * (index->sizes().key_slots + index->sizes().epoch_slots);
   SECTION("a chain record overwritten") {
     embstore::test::write_bytes(dir / "keys.next", round_up(chain_offset, 4096) + 16 * 4000 + 3,
                                 "\x55");

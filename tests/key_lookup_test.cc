@@ -471,6 +471,16 @@ TEST_CASE("Missing, damaged or pre-reboot key index files: readers scan, writers
     detail::testing::set_boot_id("6b3a8f6e-8d46-4c1b-9d0e-5b1f3f1b7a21");
     expect_status = "built before the last reboot";
   }
+  SECTION("of an older layout (version 1: 8-byte pair slots)") {
+    // A well-formed header of version 1, as an older library wrote it: not damage, not used.
+    std::string header = test::read_file(file).substr(0, 120);
+    header[8] = 1;
+    header[9] = 0;
+    const std::uint64_t sum = detail::header_hash(header.data(), header.size(), nullptr, 0);
+    test::write_bytes(file, 0, header);
+    test::write_bytes(file, 120, std::string(reinterpret_cast<const char*>(&sum), 8));
+    expect_status = path + "/keys.1: field version 1 is not 2";
+  }
   Reader r = Reader::open(path);
   CHECK(r.info().key_index.find(expect_status) == 0);
   check_lookups(r, keys, epochs);  // By scan: same answers.

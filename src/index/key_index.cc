@@ -13,6 +13,7 @@ namespace embstore::detail {
 namespace {
 
 constexpr std::uint64_t kNone = ~0ull;
+constexpr std::uint64_t kPairGroupMask = 4096 / (8 * kPairSlotWords) - 1;  // 256 slots: a page.
 
 std::uint64_t load(const std::uint64_t& word) {
   return std::atomic_ref<std::uint64_t>(const_cast<std::uint64_t&>(word))
@@ -34,8 +35,15 @@ void store_relaxed(std::uint64_t& word, std::uint64_t value) {
 }
 
 std::uint64_t key_hash(std::uint64_t key, std::uint64_t seed) { return key_index_mix(key ^ seed); }
+// The pair slots of one key and 16 consecutive epochs (epoch >> 4 equal) start in one 256-slot
+// group: a 4 KiB page of the pair table, so a key's history touches one or two pages (one
+// address translation each) instead of one per epoch. Within the group the epoch spreads them.
 std::uint64_t pair_hash(std::uint64_t key_hash_value, std::uint64_t epoch) {
-  return key_index_mix(key_hash_value + std::rotl(epoch * 0x9e3779b97f4a7c15ull, 29));
+  const std::uint64_t group =
+      key_index_mix(key_hash_value + std::rotl((epoch >> 4) * 0x9e3779b97f4a7c15ull, 29));
+  const std::uint64_t within =
+      key_index_mix(key_hash_value ^ std::rotl(epoch * 0x9e3779b97f4a7c15ull, 17));
+  return (group & ~kPairGroupMask) | (within & kPairGroupMask);
 }
 std::uint64_t epoch_hash(std::uint64_t epoch, std::uint64_t seed) {
   return key_index_mix(epoch ^ std::rotl(seed, 32) ^ 0x5851f42d4c957f2dull);
@@ -46,6 +54,12 @@ std::uint64_t slot_word(std::uint64_t hash, std::uint64_t row) {
 }
 std::uint64_t slot_tag(std::uint64_t word) { return word >> kSlotRowBits; }
 std::uint64_t slot_row(std::uint64_t word) { return (word & kSlotRowMask) - 1; }
+
+// A pair slot's word1 (key_index_format.h): the epoch field and row + 1.
+std::uint64_t pair_field(std::uint64_t epoch) { return std::min(epoch, kPairEpochLarge); }
+std::uint64_t pair_word(std::uint64_t epoch, std::uint64_t row) {
+  return (pair_field(epoch) << kSlotRowBits) | (row + 1);
+}
 
 std::uint64_t chain_word0(std::uint64_t prev_key, std::uint64_t ordinal) {
   return (prev_key == kNone ? 0 : prev_key + 1) | (ordinal << kSlotRowBits);
@@ -60,9 +74,9 @@ std::uint64_t link(std::uint64_t word) {
 }
 
 std::uint64_t tables_end(const KeyIndexSizes& sizes) {
-  return round_up(
-      kKeyIndexTablesOffset + 8 * (sizes.pair_slots + sizes.key_slots + sizes.epoch_slots),
-      kPageBytes);
+  return round_up(kKeyIndexTablesOffset +
+                      8 * (kPairSlotWords * sizes.pair_slots + sizes.key_slots + sizes.epoch_slots),
+                  kPageBytes);
 }
 
 std::uint64_t reserve_for(std::uint64_t chain_offset, std::uint64_t max_rows) {
@@ -96,6 +110,27 @@ Probe probe(const std::uint64_t* table, std::uint64_t slots, std::uint64_t hash,
     const std::uint64_t word = load(table[i]);
     if (word == 0) return {i, kNone};
     if (slot_tag(word) == tag && match(slot_row(word))) return {i, slot_row(word)};
+  }
+  corrupt(path, "a table of " + std::to_string(slots) + " slots has no empty slot");
+}
+
+// Linear probing of the pair table from `hash` for (key, epoch): the slot holding it, or the
+// empty slot where the probe ended (row kNone). The slot's own key and epoch field decide;
+// `epoch_is(row)` is asked only for an epoch the field cannot hold (>= kPairEpochLarge).
+template <typename EpochIs>
+Probe probe_pair(const std::uint64_t* table, std::uint64_t slots, std::uint64_t hash,
+                 std::uint64_t key, std::uint64_t epoch, EpochIs&& epoch_is,
+                 const std::string& path) {
+  const std::uint64_t mask = slots - 1;
+  const std::uint64_t field = pair_field(epoch);
+  std::uint64_t i = hash & mask;
+  for (std::uint64_t n = 0; n < slots; ++n, i = (i + 1) & mask) {
+    const std::uint64_t word = load(table[kPairSlotWords * i + 1]);
+    if (word == 0) return {i, kNone};
+    if (slot_tag(word) == field && load_relaxed(table[kPairSlotWords * i]) == key &&
+        (field != kPairEpochLarge || epoch_is(slot_row(word)))) {
+      return {i, slot_row(word)};
+    }
   }
   corrupt(path, "a table of " + std::to_string(slots) + " slots has no empty slot");
 }
@@ -217,8 +252,10 @@ std::shared_ptr<KeyIndexFile> KeyIndexFile::open(const std::string& dir, std::ui
     corrupt(path, "field header_checksum does not match the header");
   }
   if (h.version != kKeyIndexVersion) {
-    corrupt(path, "field version " + std::to_string(h.version) + " is not " +
-                      std::to_string(kKeyIndexVersion));
+    // Derived data of another layout (an older library's): not damage, it is rebuilt.
+    throw Error(ErrorCode::kUnsupportedVersion,
+                path + ": field version " + std::to_string(h.version) + " is not " +
+                    std::to_string(kKeyIndexVersion) + " (a key index of another layout)");
   }
   if (std::memcmp(h.store_id, identity.store_id, sizeof(h.store_id)) != 0 ||
       h.store_generation != identity.store_generation) {
@@ -437,7 +474,7 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
       eh[j] = epoch_hash(e.epoch, hash_seed_);
       ph[j] = pair_hash(kh[j], e.epoch);
       __builtin_prefetch(keys + (kh[j] & (sizes_.key_slots - 1)), 1);
-      __builtin_prefetch(pairs + (ph[j] & (sizes_.pair_slots - 1)), 1);
+      __builtin_prefetch(pairs + kPairSlotWords * (ph[j] & (sizes_.pair_slots - 1)), 1);
     }
     for (std::uint64_t j = 0; j < count; ++j, ++row) {
       if (full()) {
@@ -477,16 +514,16 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
         store_relaxed(record[0], chain_word0(kp.row, ordinal));
         store_relaxed(record[1], chain_word1(prev_row, ordinal));
       }
-      const Probe pp = probe(
-          pairs, sizes_.pair_slots, ph[j],
-          [&](std::uint64_t s) {
-            const IndexEntry& other = entries[checked(s)];
-            return other.key == key && other.epoch == epoch;
-          },
-          path_);
-      if (pp.row == kNone || pp.row < r) {
-        if (pp.row == kNone) store(h->pairs_used, ++pairs_used);  // Before the slot: never under.
-        store(pairs[pp.slot], slot_word(ph[j], r));
+      const Probe pp = probe_pair(
+          pairs, sizes_.pair_slots, ph[j], key, epoch,
+          [&](std::uint64_t s) { return entries[checked(s)].epoch == epoch; }, path_);
+      if (pp.row == kNone) {
+        store(h->pairs_used, ++pairs_used);  // Before the slot: never under.
+        // The key first, then the word that makes the slot non-empty (release).
+        store_relaxed(pairs[kPairSlotWords * pp.slot], key);
+        store(pairs[kPairSlotWords * pp.slot + 1], pair_word(epoch, r));
+      } else if (checked(pp.row) < r) {
+        store(pairs[kPairSlotWords * pp.slot + 1], pair_word(epoch, r));
       }
       if (!key_done) {
         if (kp.row == kNone) store(h->keys_used, ++keys_used);
@@ -605,29 +642,27 @@ std::uint64_t KeyQuery::below_limit(std::uint64_t row, bool by_epoch) const {
 // its chain, so once that row has our key the answer below is complete.
 std::uint64_t KeyQuery::table_find(std::uint64_t key, std::uint64_t epoch) const {
   if (limit_ == 0) return kNone;
-  const std::uint64_t kh = key_hash(key, index_->hash_seed_);
-  const std::uint64_t ph = pair_hash(kh, epoch);
-  std::uint64_t result = kNone;
-  bool done = false;
-  probe(
-      index_->pair_slots(), index_->sizes_.pair_slots, ph,
+  const std::uint64_t ph = pair_hash(key_hash(key, index_->hash_seed_), epoch);
+  // The latest row of the pair below limit_, from a slot naming `row` (of this key).
+  auto below = [&](std::uint64_t row) {
+    if (row < limit_) return row;
+    std::uint64_t r = below_limit(row, false);
+    for (; r != kNone; r = prev(r, false)) {
+      if (entries_[r].key != key) return kNone;  // Not this key's chain: a damaged record.
+      if (entries_[r].epoch == epoch) break;
+    }
+    return r;
+  };
+  const Probe p = probe_pair(
+      index_->pair_slots(), index_->sizes_.pair_slots, ph, key, epoch,
       [&](std::uint64_t row) {
-        if (row < limit_) {
-          const IndexEntry& e = entries_[row];
-          if (e.key != key || e.epoch != epoch) return false;
-          result = row;
-          return done = true;
-        }
-        std::uint64_t r = below_limit(row, false);
-        if (r == kNone || entries_[r].key != key) return false;
-        for (; r != kNone; r = prev(r, false)) {
-          if (entries_[r].epoch == epoch) break;
-        }
-        result = r;
-        return done = true;
+        // An epoch too large for the slot's field: the row's entry (or, past the limit, the
+        // first row of the chain below it with this epoch) tells.
+        if (row < limit_) return entries_[row].epoch == epoch && entries_[row].key == key;
+        return below(row) != kNone;
       },
       index_->path());
-  return done ? result : kNone;
+  return p.row == kNone ? kNone : below(p.row);
 }
 
 std::uint64_t KeyQuery::table_find_latest(std::uint64_t key) const {
@@ -709,7 +744,9 @@ std::shared_ptr<const KeyIndexFile::EpochHint> KeyQuery::epoch_hint() const {
   return made;
 }
 
-std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(std::uint64_t key) const {
+std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(
+    std::uint64_t key, std::vector<std::uint64_t>* epochs) const {
+  if (epochs != nullptr) epochs->clear();
   if (limit_ == 0) return std::vector<std::uint64_t>{};
   const auto hint = epoch_hint();
   const std::size_t n = hint->epochs.size();
@@ -719,31 +756,30 @@ std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(std::uint6
   const std::uint64_t kh = key_hash(key, index_->hash_seed_);
   // Three rounds, each a set of independent loads: the first slot of every (key, epoch) and the
   // key's slot; then the chain record of every candidate row and the entry of the latest row;
-  // then the proof. A candidate is the first slot along the probe whose tag matches; its entry
-  // is not needed for the proof, which rejects any row that is not on the key's chain (it is
-  // fetched in the second round all the same, for the caller that reads the rows' epochs).
+  // then the proof. A candidate is the row of the slot holding the key and epoch; its entry is
+  // not needed, neither for the proof, which rejects any row that is not on the key's chain, nor
+  // for its epoch, which is the one it was looked up in.
   constexpr std::uint64_t kAbsent = kNone - 1;
   constexpr std::uint64_t kMaxSteps = 8;  // Slots looked at per pair before the full probe.
   std::uint64_t hash[kHistoryEpochProbes], row[kHistoryEpochProbes];
   for (std::size_t i = 0; i < n; ++i) {
     hash[i] = pair_hash(kh, hint->epochs[i]);
-    __builtin_prefetch(pairs + (hash[i] & mask));
+    __builtin_prefetch(pairs + kPairSlotWords * (hash[i] & mask));
   }
   __builtin_prefetch(index_->key_slots() + (kh & (index_->sizes_.key_slots - 1)));
   for (std::size_t i = 0; i < n; ++i) {
     row[i] = kNone;  // Not settled here: the full probe decides.
-    const std::uint64_t tag = hash[i] >> kSlotRowBits;
+    const std::uint64_t field = pair_field(hint->epochs[i]);
     for (std::uint64_t step = 0, j = hash[i] & mask; step < kMaxSteps; ++step, j = (j + 1) & mask) {
-      const std::uint64_t word = load(pairs[j]);
+      const std::uint64_t word = load(pairs[kPairSlotWords * j + 1]);
       if (word == 0) {
         row[i] = kAbsent;
         break;
       }
-      if (slot_tag(word) != tag) continue;
-      if (slot_row(word) < limit_) {
+      if (slot_tag(word) != field || load_relaxed(pairs[kPairSlotWords * j]) != key) continue;
+      if (slot_row(word) < limit_ && field != kPairEpochLarge) {
         row[i] = slot_row(word);
         __builtin_prefetch(index_->chain_words(row[i]));
-        __builtin_prefetch(entries_ + row[i]);  // For the caller, which reads each row's epoch.
       }
       break;
     }
@@ -751,7 +787,8 @@ std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(std::uint6
   const std::uint64_t latest = table_find_latest(key);
   std::vector<std::uint64_t> rows;
   if (latest == kNone) return rows;
-  rows.reserve(n);
+  std::pair<std::uint64_t, std::uint64_t> found[kHistoryEpochProbes];  // (row, epoch)
+  std::size_t count = 0;
   for (std::size_t i = 0; i < n; ++i) {
     std::uint64_t r = row[i];
     if (r == kAbsent) continue;
@@ -759,9 +796,11 @@ std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(std::uint6
       r = table_find(key, hint->epochs[i]);
       if (r == kNone) continue;
     }
-    rows.push_back(r);
+    found[count++] = {r, hint->epochs[i]};
   }
-  std::sort(rows.begin(), rows.end());
+  std::sort(found, found + count);
+  rows.reserve(count);
+  for (std::size_t i = 0; i < count; ++i) rows.push_back(found[i].first);
   // Complete only if these rows are the whole chain of the key: it ends at the key table's
   // latest row (whose entry table_find_latest checked) and every link joins two of them. A
   // (key, epoch) appended twice, an epoch missing from the hint or a candidate of another key
@@ -770,21 +809,33 @@ std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(std::uint6
   for (std::size_t i = 0; i < rows.size(); ++i) {
     if (prev(rows[i], false) != (i == 0 ? kNone : rows[i - 1])) return std::nullopt;
   }
+  if (epochs != nullptr) {
+    epochs->reserve(count);
+    for (std::size_t i = 0; i < count; ++i) epochs->push_back(found[i].second);
+  }
   return rows;
 }
 
-std::vector<std::uint64_t> KeyQuery::history(std::uint64_t key) const {
+std::vector<std::uint64_t> KeyQuery::history(std::uint64_t key,
+                                             std::vector<std::uint64_t>* epochs) const {
   std::vector<std::uint64_t> rows;
-  if (auto by_epochs = history_by_epochs(key)) {
+  if (auto by_epochs = history_by_epochs(key, epochs)) {
     rows = std::move(*by_epochs);
   } else {
     for (std::uint64_t r = table_find_latest(key); r != kNone; r = prev(r, false)) {
       rows.push_back(r);
     }
     std::reverse(rows.begin(), rows.end());
+    if (epochs != nullptr) {
+      epochs->clear();
+      for (const std::uint64_t r : rows) __builtin_prefetch(entries_ + r);  // Loads overlap.
+      for (const std::uint64_t r : rows) epochs->push_back(entries_[r].epoch);
+    }
   }
   for (std::uint64_t r = limit_; r < snapshot_; ++r) {
-    if (entries_[r].key == key) rows.push_back(r);
+    if (entries_[r].key != key) continue;
+    rows.push_back(r);
+    if (epochs != nullptr) epochs->push_back(entries_[r].epoch);
   }
   return rows;
 }
@@ -870,7 +921,9 @@ void KeyQuery::find_many(std::span<const std::uint64_t> keys, std::span<const st
   if (limit_ > 0) {
     const std::uint64_t* table = by_pair ? index_->pair_slots() : index_->key_slots();
     const std::uint64_t mask = (by_pair ? index_->sizes_.pair_slots : index_->sizes_.key_slots) - 1;
+    const std::uint64_t words = by_pair ? kPairSlotWords : 1;  // Per slot.
     constexpr std::size_t kBlock = 32;
+    constexpr std::uint64_t kDone = kNone - 1;  // Settled by the first slot: out[i] is set.
     std::uint64_t hash[kBlock], candidate[kBlock];
     for (std::size_t begin = 0; begin < n; begin += kBlock) {
       const std::size_t count = std::min(kBlock, n - begin);
@@ -878,23 +931,39 @@ void KeyQuery::find_many(std::span<const std::uint64_t> keys, std::span<const st
       for (std::size_t j = 0; j < count; ++j) {
         const std::uint64_t kh = key_hash(keys[begin + j], index_->hash_seed_);
         hash[j] = by_pair ? pair_hash(kh, epoch_of(begin + j)) : kh;
-        __builtin_prefetch(table + (hash[j] & mask));
+        __builtin_prefetch(table + words * (hash[j] & mask));
       }
-      // Stage 2: read the first slots and prefetch the entries they name.
+      // Stage 2: read the first slots. A pair slot settles its lookup by itself (a hit below
+      // the limit, or empty: none); a key slot's row is a candidate whose entry is prefetched.
       for (std::size_t j = 0; j < count; ++j) {
-        const std::uint64_t word = load(table[hash[j] & mask]);
+        const std::size_t i = begin + j;
         candidate[j] = kNone;
+        if (by_pair) {
+          const std::uint64_t* slot = table + kPairSlotWords * (hash[j] & mask);
+          const std::uint64_t word = load(slot[1]);
+          if (word == 0) {
+            out[i] = -1;
+            candidate[j] = kDone;
+          } else if (slot_tag(word) == pair_field(epoch_of(i)) &&
+                     slot_tag(word) != kPairEpochLarge && load_relaxed(slot[0]) == keys[i] &&
+                     slot_row(word) < limit_) {
+            out[i] = static_cast<std::int64_t>(slot_row(word));
+            candidate[j] = kDone;
+          }
+          continue;
+        }
+        const std::uint64_t word = load(table[hash[j] & mask]);
         if (word != 0 && slot_tag(word) == hash[j] >> kSlotRowBits && slot_row(word) < limit_) {
           candidate[j] = slot_row(word);
           __builtin_prefetch(entries_ + candidate[j]);
         }
       }
-      // Stage 3: resolve; anything but a first-slot hit below the limit takes the full path.
+      // Stage 3: resolve; anything not settled by its first slot takes the full path.
       for (std::size_t j = 0; j < count; ++j) {
         const std::size_t i = begin + j;
         const std::uint64_t c = candidate[j];
-        if (c != kNone && entries_[c].key == keys[i] &&
-            (!by_pair || entries_[c].epoch == epoch_of(i))) {
+        if (c == kDone) continue;
+        if (c != kNone && !by_pair && entries_[c].key == keys[i]) {
           out[i] = static_cast<std::int64_t>(c);
           continue;
         }

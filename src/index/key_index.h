@@ -1,10 +1,13 @@
 // key_index.h — the persistent key index: lookups by key, by (key, epoch) and by epoch.
 //
 // Derived data over the offset index (index.G), in its own file keys.K (FORMAT.md, "keys.K"):
-// three open-addressing tables of 8-byte atomic slots (latest row per (key, epoch), per key, per
+// three open-addressing tables of atomic slots (latest row per (key, epoch), per key, per
 // epoch) and an append-only chain of 16 bytes per row (previous row of the same key, previous
-// row of the same epoch, the row's ordinal within its epoch). The offset index entry is the
-// truth; a slot is only a hint that is checked against it.
+// row of the same epoch, the row's ordinal within its epoch). A pair slot holds its key and
+// epoch, so find(key, epoch) is answered from the slot alone; key and epoch slots hold a hash
+// tag, and the row they name is checked against its offset index entry. The file is trusted
+// only in the boot that built it and only up to its watermark; verify() checks every slot
+// against the offset index.
 //
 // Writers index under the writer lock after publishing `committed`, redo-only: rows
 // [indexed_rows, committed) are (re)indexed idempotently, so a writer killed half-way leaves a
@@ -108,9 +111,10 @@ class KeyIndexFile {
   void map_chain(std::uint64_t row) const;
   int reopen() const;
 
+  // Pair slot i is words [2 i, 2 i + 2) of pair_slots().
   std::uint64_t* pair_slots() const { return slots_ + 0; }
-  std::uint64_t* key_slots() const { return slots_ + sizes_.pair_slots; }
-  std::uint64_t* epoch_slots() const { return slots_ + sizes_.pair_slots + sizes_.key_slots; }
+  std::uint64_t* key_slots() const { return slots_ + kPairSlotWords * sizes_.pair_slots; }
+  std::uint64_t* epoch_slots() const { return key_slots() + sizes_.key_slots; }
   std::uint64_t* chain_words(std::uint64_t row) const;  // Maps more of the file if needed.
   KeyIndexHeader* header() const;
 
@@ -162,16 +166,20 @@ class KeyQuery {
   std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
   // The latest row of `key`.
   std::optional<std::uint64_t> find_latest(std::uint64_t key) const;
-  // Every row of `key`, ascending (commit order). Through history_by_epochs() when it can prove
-  // its answer, else along the key's chain (one dependent load per row).
-  std::vector<std::uint64_t> history(std::uint64_t key) const;
+  // Every row of `key`, ascending (commit order), and with `epochs` each row's epoch. Through
+  // history_by_epochs() when it can prove its answer, else along the key's chain (one dependent
+  // load per row).
+  std::vector<std::uint64_t> history(std::uint64_t key,
+                                     std::vector<std::uint64_t>* epochs = nullptr) const;
   // The rows of `key` below the index limit, found by looking the key up in every epoch the
   // index knows (at most kHistoryEpochProbes of them) at once, so the loads overlap instead of
   // following one another. Proven complete before it is returned: the latest row is the key
   // table's, and each row's chain record links to the row before it (the first to none). Empty
   // optional when that proof fails (a (key, epoch) appended more than once, an epoch the hint
   // lacks, too many epochs): history() then follows the chain.
-  std::optional<std::vector<std::uint64_t>> history_by_epochs(std::uint64_t key) const;
+  // With `epochs`, each row's epoch too (the epoch it was looked up in: no entry is read).
+  std::optional<std::vector<std::uint64_t>> history_by_epochs(
+      std::uint64_t key, std::vector<std::uint64_t>* epochs = nullptr) const;
   static constexpr std::size_t kHistoryEpochProbes = 64;
   // Every row of `epoch`, ascending.
   std::vector<std::uint64_t> epoch_rows(std::uint64_t epoch) const;

@@ -12,7 +12,9 @@
 namespace embstore::detail {
 
 inline constexpr char kKeyIndexMagic[8] = {'E', 'M', 'B', 'S', 'K', 'E', 'Y', 'S'};
-inline constexpr std::uint16_t kKeyIndexVersion = 1;
+// 2: pair slots of 16 bytes holding the key and the epoch (1: 8-byte slots holding a hash tag).
+// A file of another version is not used: readers scan, the next writer rebuilds it.
+inline constexpr std::uint16_t kKeyIndexVersion = 2;
 // Minor format version that introduced the key index; stores of an older minor have none until
 // a writer builds it.
 inline constexpr std::uint16_t kKeyIndexSinceMinor = 1;
@@ -64,12 +66,22 @@ static_assert(sizeof(KeyIndexHeader) <= kPageBytes);
 inline constexpr std::uint64_t kKeyIndexChecksummedBytes = 120;
 inline constexpr std::uint64_t kKeyIndexTablesOffset = kPageBytes;
 
-// A slot: one 64-bit word, 0 when empty. Bits 0..40 hold row + 1 (rows are < 2^40), bits 41..63
-// the top 23 bits of the hash (a tag that skips most non-matching slots without reading the
-// offset index). The slot holds the latest row of its (key, epoch), key or epoch.
+// A key or epoch slot: one 64-bit word, 0 when empty. Bits 0..40 hold row + 1 (rows are
+// < 2^40), bits 41..63 the top 23 bits of the hash (a tag that skips most non-matching slots
+// without reading the offset index). The slot holds the latest row of its key or epoch.
 inline constexpr int kSlotRowBits = 41;
 inline constexpr std::uint64_t kSlotRowMask = (1ull << kSlotRowBits) - 1;
 static_assert(kMaxRows + 1 <= kSlotRowMask);
+
+// A pair slot: two 64-bit words, 16-byte aligned, holding the latest row of one (key, epoch).
+//   word0: the key (meaningful only while word1 is not 0)
+//   word1: 0 when empty; bits 0..40 row + 1; bits 41..63 min(epoch, kPairEpochLarge)
+// A lookup matches the key and the epoch field in the slot itself: one load from memory, no
+// read of the offset index. Only an epoch >= kPairEpochLarge is confirmed against the row's
+// entry. A writer stores word0 before it release-stores word1, and changes word0 only while
+// word1 is 0, so a reader that acquire-loads a non-zero word1 reads the key that belongs to it.
+inline constexpr std::uint64_t kPairSlotWords = 2;
+inline constexpr std::uint64_t kPairEpochLarge = (1ull << (64 - kSlotRowBits)) - 1;
 
 // A chain record: 16 bytes per row r, at chain_offset + 16 r.
 //   word0: bits 0..40 previous row with the same key, + 1 (0: none); bits 41..63 ordinal bits 0..22

@@ -110,6 +110,12 @@ void KeyIndexHandle::refresh() {
     } catch (const Error& error) {
       // A growth may have replaced and removed the file between the load and the open.
       if (error.code() == ErrorCode::kNotFound && load(key_generation_) != generation) continue;
+      if (error.code() == ErrorCode::kUnsupportedVersion) {
+        // Another library version's layout: not damage, just not usable here.
+        set_current(nullptr, std::string(error.what()) +
+                                 ": lookups scan until a writer of this version rebuilds it");
+        return;
+      }
       // An I/O error is reported, not papered over by a scan.
       if (error.code() != ErrorCode::kNotFound && error.code() != ErrorCode::kCorruption) throw;
       std::lock_guard guard(mutex_);
@@ -163,8 +169,12 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
       // indexed: either way it is rebuilt, never trusted.
       if (!file->built_in_current_boot() || file->indexed_rows() > committed) file.reset();
     } catch (const Error& error) {
-      // Missing or damaged: rebuilt below. Any other failure (an I/O error) is the caller's.
-      if (error.code() != ErrorCode::kNotFound && error.code() != ErrorCode::kCorruption) throw;
+      // Missing, damaged or of another layout: rebuilt below. Any other failure (an I/O error)
+      // is the caller's.
+      if (error.code() != ErrorCode::kNotFound && error.code() != ErrorCode::kCorruption &&
+          error.code() != ErrorCode::kUnsupportedVersion) {
+        throw;
+      }
       file.reset();
     }
   }
