@@ -2,6 +2,7 @@
 // offset-index file, indexed into real keys.K files, every answer checked against std::map.
 #include "index/key_index.h"
 
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 
 #include "embstore/error.h"
 #include "format/format.h"
+#include "index/key_index_handle.h"
 #include "platform/mapping.h"
 #include "platform/os.h"
 #include "platform/testing.h"
@@ -387,6 +389,96 @@ TEST_CASE(
       if (found) CHECK(file.pairs()[*found] == std::make_pair(key, std::uint64_t{3}));
     } catch (const Error& e) {
       CHECK(e.code() == ErrorCode::kCorruption);
+    }
+  }
+}
+
+TEST_CASE(
+    "Key index files stay within 112 bytes a row and 160 KiB, however growth and appends meet",
+    "[key_index][storage]") {
+  // FORMAT.md "keys.K": between growths the file takes at most 112 * rows + 160 KiB. The sizes a
+  // growth picks depend on how far the writer got before the growth ran (a batch that fills the
+  // tables, appends that go on while the larger generation is built): each order is played here
+  // through a writer's KeyIndexHandle, on shapes that fill every table.
+  struct Shape {
+    const char* name;
+    std::uint64_t (*key)(std::uint64_t row);
+    std::uint64_t (*epoch)(std::uint64_t row);
+  };
+  const Shape shapes[] = {
+      {"a new key every row, one epoch",
+       [](std::uint64_t r) -> std::uint64_t { return r * 0x9e3779b97f4a7c15ull; },
+       [](std::uint64_t) { return std::uint64_t{0}; }},
+      {"a new key and a new epoch every row", [](std::uint64_t r) { return r; },
+       [](std::uint64_t r) { return r + 1000; }},
+      {"ten epochs of each key", [](std::uint64_t r) { return r / 10; },
+       [](std::uint64_t r) { return r % 10; }},
+  };
+  // Rows when the writer opens, then per round: rows published (after_publish) and rows appended
+  // more while the growth builds (what bound() reports to build_next).
+  struct Timing {
+    std::uint64_t opened;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> rounds;
+  };
+  const Timing timings[] = {
+      {0, {{8, 0}, {1000, 0}, {20000, 0}, {100000, 0}}},
+      {26109, {{100000, 0}}},
+      {26109, {{100000, 60000}}},
+      {20000, {{1, 0}, {3000, 150000}, {5, 40000}}},
+      {0, {{50000, 200000}}},
+  };
+  for (const Shape& shape : shapes) {
+    for (const Timing& timing : timings) {
+      TempDir dir;
+      EntriesFile file(dir / "index.1", 1 << 19);
+      auto append_to = [&](std::uint64_t rows) {
+        while (file.rows() < rows) file.append(shape.key(file.rows()), shape.epoch(file.rows()));
+      };
+      std::uint64_t key_generation = 0;
+      KeyIndexHandle handle(dir.path(), identity(), &key_generation, os::Access::kReadWrite);
+      // The whole directory's keys.* files, by allocated blocks (as storage_test counts them).
+      auto key_index_bytes = [&] {
+        std::uint64_t bytes = 0;
+        for (const std::string& name : os::list_dir(dir.path())) {
+          struct stat st {};
+          if (name.rfind("keys.", 0) == 0 && ::stat((dir / name).c_str(), &st) == 0) {
+            bytes += static_cast<std::uint64_t>(st.st_blocks) * 512;
+          }
+        }
+        return bytes;
+      };
+      auto check_bound = [&](const char* when) {
+        const std::uint64_t rows = file.rows();
+        INFO(shape.name << ", opened at " << timing.opened << ": " << when << ", " << rows
+                        << " rows, generation " << key_generation);
+        CHECK(key_index_bytes() <= 112 * rows + (160 << 10));
+      };
+      append_to(timing.opened);
+      handle.open_for_writer(file.entries(), file.rows());
+      check_bound("opened");
+      for (const auto& [published, during_growth] : timing.rounds) {
+        append_to(file.rows() + published);
+        bool claimed = handle.after_publish(file.entries(), file.rows());
+        check_bound("published");
+        std::atomic<bool> stop{false};
+        std::uint64_t extra = during_growth;
+        while (claimed) {
+          append_to(file.rows() + extra);
+          extra = 0;
+          auto next = handle.build_next(
+              file.entries(), [&] { return file.rows(); }, stop);
+          REQUIRE(next);
+          claimed = handle.finish_growth(next, file.entries(), file.rows());
+          check_bound("grown");
+        }
+      }
+      // And the index it left answers every row.
+      const auto current = handle.current();
+      REQUIRE(current);
+      std::string problem;
+      CHECK(current->check(file.entries(), file.rows(), &problem) == 0);
+      INFO(problem);
+      CHECK(current->indexed_rows() == file.rows());
     }
   }
 }

@@ -147,8 +147,8 @@ std::uint64_t key_index_mix(std::uint64_t x) noexcept {
 }
 
 std::uint64_t key_index_slots_for(std::uint64_t entries) {
-  // The smallest power of two that keeps `entries` under kBuildLoadSixteenths / 16.
-  const std::uint64_t wanted = std::max(kMinSlots, entries * 16 / kBuildLoadSixteenths + 1);
+  // The smallest power of two that keeps `entries` under kMaxLoadSixteenths / 16.
+  const std::uint64_t wanted = std::max(kMinSlots, entries * 16 / kMaxLoadSixteenths + 1);
   return std::bit_ceil(wanted);
 }
 
@@ -419,7 +419,8 @@ bool KeyIndexFile::wants_growth() const {
 
 KeyIndexSizes KeyIndexFile::next_sizes() const {
   const KeyIndexHeader* h = header();
-  // Room for the counts now and for as many again, so growth stays rare (doubling at least).
+  // A full table doubles at least (so growth stays rare), and takes the counts now under the
+  // most load a table may have (no more: the file's size bound counts on it).
   auto next = [](std::uint64_t used, std::uint64_t slots) {
     return used * 16 > slots * kMaxLoadSixteenths ? std::max(slots * 2, key_index_slots_for(used))
                                                   : slots;

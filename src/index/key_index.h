@@ -217,7 +217,8 @@ class KeyQuery {
 
 // The mixing function of FORMAT.md ("slots and chain records").
 std::uint64_t key_index_mix(std::uint64_t x) noexcept;
-// The table size (a power of two, >= kMinSlots) a build gives `entries` entries.
+// The table size a build gives `entries` entries: the smallest power of two (>= kMinSlots) that
+// keeps them under kMaxLoadSixteenths / 16, so at most 2 * 16/11 slots an entry.
 std::uint64_t key_index_slots_for(std::uint64_t entries);
 
 }  // namespace embstore::detail

@@ -93,10 +93,11 @@ inline constexpr int kOrdinalLowBits = 64 - kSlotRowBits;  // 23
 inline constexpr int kOrdinalHighBits = 17;
 static_assert(kOrdinalLowBits + kOrdinalHighBits == 40);
 
-// Growth: a table is rebuilt at double size once its occupied slots pass this fraction (x/16).
+// Growth: a table is rebuilt at double size once its occupied slots pass this fraction (x/16). A
+// table built for n entries gets the fewest slots (a power of two) that keep n under it, so a
+// table never has more than 2 * 16/11 slots for each entry it was built for: the 112 B a row that
+// FORMAT.md bounds a keys.K file by counts on that.
 inline constexpr std::uint64_t kMaxLoadSixteenths = 11;  // 0.6875
-// Below this fraction a table built for n entries is given more slots.
-inline constexpr std::uint64_t kBuildLoadSixteenths = 6;  // 0.375
 inline constexpr std::uint64_t kMinSlots = 1024;
 // A writer stops indexing into a table this full (the readers' scan covers the rest) until the
 // larger one is in place.

@@ -149,12 +149,15 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
       throw;
     }
     if (complete) return file;
-    // A table filled up before the end: start again with 8x the slots of each full one (the
-    // counts so far are a poor guide this early), so the work stays linear overall.
+    // A table filled up before the end (appends went on after the sizes were chosen): start
+    // again with each full one sized for every row being a new entry, which it cannot outgrow,
+    // so a build restarts at most once and stays within the file's size bound.
     const KeyIndexSizes next = file->next_sizes();
-    if (next.pair_slots != sizes.pair_slots) sizes.pair_slots *= 8;
-    if (next.key_slots != sizes.key_slots) sizes.key_slots *= 8;
-    if (next.epoch_slots != sizes.epoch_slots) sizes.epoch_slots *= 8;
+    const std::uint64_t room = key_index_slots_for(rows);
+    if (next.pair_slots != sizes.pair_slots) sizes.pair_slots = std::max(sizes.pair_slots, room);
+    if (next.key_slots != sizes.key_slots) sizes.key_slots = std::max(sizes.key_slots, room);
+    if (next.epoch_slots != sizes.epoch_slots)
+      sizes.epoch_slots = std::max(sizes.epoch_slots, room);
   }
 }
 
@@ -186,10 +189,9 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
     return;
   }
   // Room for one pair per row at the most load a table may have; the key and epoch tables start
-  // small and a build that fills one restarts with it 8x larger.
+  // small and a build that fills one restarts with it sized for every row.
   KeyIndexSizes sizes;
-  sizes.pair_slots =
-      std::max(sizes.pair_slots, std::bit_ceil(committed * 16 / kMaxLoadSixteenths + 1));
+  sizes.pair_slots = std::max(sizes.pair_slots, key_index_slots_for(committed));
   sizes.key_slots = std::max(sizes.key_slots, key_index_slots_for(committed / 16));
   file = build(entries, committed, sizes, generation + 1, nullptr);
   file->publish_as_current(dir_);
