@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <fstream>
 #include <map>
 #include <optional>
 #include <random>
@@ -246,10 +247,14 @@ TEST_CASE("Key index: history looks a key up in every epoch at once, and proves 
     const KeyQuery q(index.get(), file.entries(), snapshot);
     for (const std::uint64_t key : keys) {
       INFO("key " << key << " snapshot " << snapshot);
-      const auto by_epochs = q.history_by_epochs(key);
+      bool from_slots = false;
+      const auto by_epochs = q.history_by_epochs(key, nullptr, &from_slots);
       REQUIRE(by_epochs.has_value());  // No duplicates and every epoch known: it answers.
       CHECK(*by_epochs == expect(key, snapshot));
       CHECK(q.history(key) == expect(key, snapshot));
+      // With every row in the snapshot, the pair slots prove it alone (one round of loads). In
+      // an earlier snapshot the slots of later rows name rows past it: the chain proves it.
+      if (snapshot == file.rows()) CHECK(from_slots);
     }
     CHECK(q.history_by_epochs(12345) == std::vector<std::uint64_t>{});  // Never stored.
   }
@@ -262,10 +267,13 @@ TEST_CASE("Key index: history looks a key up in every epoch at once, and proves 
   REQUIRE(index->index_rows(file.entries(), file.rows()));
   {
     const KeyQuery q(index.get(), file.entries(), file.rows());
-    CHECK_FALSE(q.history_by_epochs(keys[7]).has_value());
+    bool from_slots = true;
+    CHECK_FALSE(q.history_by_epochs(keys[7], nullptr, &from_slots).has_value());
+    CHECK_FALSE(from_slots);  // Its slot of epoch 2 is marked repeated.
     CHECK(q.history(keys[7]) == expect(keys[7], file.rows()));
-    const auto eight = q.history_by_epochs(keys[8]);
+    const auto eight = q.history_by_epochs(keys[8], nullptr, &from_slots);
     REQUIRE(eight.has_value());
+    CHECK(from_slots);
     CHECK(*eight == expect(keys[8], file.rows()));
     CHECK(eight->size() == 6);  // Epochs 0, 2, 4, 6, 8 and 10.
   }
@@ -279,6 +287,56 @@ TEST_CASE("Key index: history looks a key up in every epoch at once, and proves 
   CHECK_FALSE(q.history_by_epochs(keys[9]).has_value());
   CHECK(q.history(keys[9]) == expect(keys[9], file.rows()));
   CHECK(q.history(keys[9]).size() == 5 + KeyQuery::kHistoryEpochProbes - 9);  // 0, 2, .., 8, 11..65
+}
+
+TEST_CASE("Key index: history from the pair slots alone needs every epoch in its hint",
+          "[key_index]") {
+  // A hint that lacks an epoch would leave that epoch's rows out of an answer the slots prove.
+  // The hint knows it is complete only when it saw as many epoch slots as the header counts:
+  // with one epoch slot lost (zeroed in the file), history is still every row, through the
+  // chain.
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 4096);
+  for (std::uint64_t epoch = 0; epoch < 6; ++epoch) {
+    for (std::uint64_t key = 0; key < 100; ++key) file.append(key * 7919, epoch);
+  }
+  const KeyIndexSizes sizes{4096, 1024, 1024};
+  auto index = KeyIndexFile::create(dir.path(), 1, identity(), sizes, 0);
+  REQUIRE(index->index_rows(file.entries(), file.rows()));
+  index->publish_as_current(dir.path());
+  // FORMAT.md "keys.K": the epoch table follows 16-byte pair slots and 8-byte key slots; a slot
+  // holds row + 1 in bits 0..40. Epoch 2's slot names its last row, 299.
+  const std::uint64_t epoch_table = 4096 + 16 * sizes.pair_slots + 8 * sizes.key_slots;
+  std::ifstream in(dir / "keys.1", std::ios::binary);
+  std::vector<std::uint64_t> words(sizes.epoch_slots);
+  in.seekg(static_cast<std::streamoff>(epoch_table));
+  in.read(reinterpret_cast<char*>(words.data()), static_cast<std::streamsize>(8 * words.size()));
+  REQUIRE(in.good());
+  std::size_t lost = words.size();
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    if (words[i] != 0 && (words[i] & ((1ull << 41) - 1)) == 300) lost = i;
+  }
+  REQUIRE(lost < words.size());
+  {
+    const KeyQuery q(index.get(), file.entries(), file.rows());
+    bool from_slots = false;
+    REQUIRE(q.history_by_epochs(7919 * 5, nullptr, &from_slots).has_value());
+    CHECK(from_slots);
+  }
+  embstore::test::write_bytes(dir / "keys.1", epoch_table + 8 * lost, std::string(8, '\0'));
+  // A fresh file view: the hint of the one above was made before the loss.
+  auto reopened = KeyIndexFile::open(dir.path(), 1, identity(), os::Access::kReadOnly);
+  const KeyQuery q(reopened.get(), file.entries(), file.rows());
+  for (std::uint64_t key = 0; key < 100; ++key) {
+    INFO("key " << key * 7919);
+    bool from_slots = true;
+    const auto by_epochs = q.history_by_epochs(key * 7919, nullptr, &from_slots);
+    CHECK_FALSE(from_slots);
+    const std::vector<std::uint64_t> want = {key,       100 + key, 200 + key,
+                                             300 + key, 400 + key, 500 + key};
+    if (by_epochs) CHECK(*by_epochs == want);
+    CHECK(q.history(key * 7919) == want);
+  }
 }
 
 TEST_CASE("Key index is reopened from its file with the same answers", "[key_index]") {
@@ -360,7 +418,8 @@ TEST_CASE(
     "[key_index]") {
   TempDir dir;
   EntriesFile file(dir / "index.1", 8192);
-  for (std::uint64_t r = 0; r < 5000; ++r) file.append(r % 500, r / 500);
+  for (std::uint64_t r = 0; r < 4999; ++r) file.append(r % 500, r / 500);
+  file.append(7, 3);  // Row 4999 repeats the pair of row 1507: its slot is marked repeated.
   auto index = KeyIndexFile::create(dir.path(), 1, identity(), {16384, 2048, 1024}, 5000);
   REQUIRE(index->index_rows(file.entries(), 5000));
   std::string problem;
@@ -375,6 +434,26 @@ TEST_CASE(
   SECTION("a page of the pair table zeroed") {
     embstore::test::write_bytes(dir / "keys.next", 4096 * 3, std::string(4096, '\0'));
   }
+  // A pair slot's word1 holds row + 1 in bits 0..40 and the repeated mark in bit 41 (byte 5,
+  // bit 1): flip the mark of the slot naming `row`.
+  auto flip_repeated = [&](std::uint64_t row) {
+    std::ifstream in(dir / "keys.next", std::ios::binary);
+    std::vector<std::uint64_t> words(2 * index->sizes().pair_slots);
+    in.seekg(4096);
+    in.read(reinterpret_cast<char*>(words.data()), static_cast<std::streamsize>(8 * words.size()));
+    REQUIRE(in.good());
+    for (std::size_t i = 1; i < words.size(); i += 2) {
+      if ((words[i] & ((1ull << 41) - 1)) != row + 1) continue;
+      const char byte = static_cast<char>((words[i] >> 40 & 0xff) ^ 0x02);
+      embstore::test::write_bytes(dir / "keys.next", 4096 + 8 * i + 5, std::string(1, byte));
+      return;
+    }
+    FAIL("no pair slot names row " << row);
+  };
+  SECTION("a repeated pair's slot not marked so (a history from the slots would miss a row)") {
+    flip_repeated(4999);
+  }
+  SECTION("a pair slot marked repeated that is not") { flip_repeated(4998); }
   CHECK(index->check(file.entries(), 5000, &problem) > 0);
   CHECK(problem.find("keys.next") != std::string::npos);
   // Whatever a damaged index answers is never another key's row nor past the snapshot.

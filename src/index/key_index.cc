@@ -4,6 +4,7 @@
 #include <bit>
 #include <cstring>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "embstore/error.h"
 #include "format/checksum.h"
@@ -57,9 +58,11 @@ std::uint64_t slot_row(std::uint64_t word) { return (word & kSlotRowMask) - 1; }
 
 // A pair slot's word1 (key_index_format.h): the epoch field and row + 1.
 std::uint64_t pair_field(std::uint64_t epoch) { return std::min(epoch, kPairEpochLarge); }
-std::uint64_t pair_word(std::uint64_t epoch, std::uint64_t row) {
-  return (pair_field(epoch) << kSlotRowBits) | (row + 1);
+std::uint64_t pair_word(std::uint64_t epoch, std::uint64_t row, bool repeated) {
+  return (pair_field(epoch) << kPairEpochShift) | (repeated ? kPairRepeated : 0) | (row + 1);
 }
+std::uint64_t pair_epoch(std::uint64_t word) { return word >> kPairEpochShift; }
+bool pair_repeated(std::uint64_t word) { return (word & kPairRepeated) != 0; }
 
 std::uint64_t chain_word0(std::uint64_t prev_key, std::uint64_t ordinal) {
   return (prev_key == kNone ? 0 : prev_key + 1) | (ordinal << kSlotRowBits);
@@ -127,7 +130,7 @@ Probe probe_pair(const std::uint64_t* table, std::uint64_t slots, std::uint64_t 
   for (std::uint64_t n = 0; n < slots; ++n, i = (i + 1) & mask) {
     const std::uint64_t word = load(table[kPairSlotWords * i + 1]);
     if (word == 0) return {i, kNone};
-    if (slot_tag(word) == field && load_relaxed(table[kPairSlotWords * i]) == key &&
+    if (pair_epoch(word) == field && load_relaxed(table[kPairSlotWords * i]) == key &&
         (field != kPairEpochLarge || epoch_is(slot_row(word)))) {
       return {i, slot_row(word)};
     }
@@ -522,9 +525,9 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
         store(h->pairs_used, ++pairs_used);  // Before the slot: never under.
         // The key first, then the word that makes the slot non-empty (release).
         store_relaxed(pairs[kPairSlotWords * pp.slot], key);
-        store(pairs[kPairSlotWords * pp.slot + 1], pair_word(epoch, r));
+        store(pairs[kPairSlotWords * pp.slot + 1], pair_word(epoch, r, false));
       } else if (checked(pp.row) < r) {
-        store(pairs[kPairSlotWords * pp.slot + 1], pair_word(epoch, r));
+        store(pairs[kPairSlotWords * pp.slot + 1], pair_word(epoch, r, true));
       }
       if (!key_done) {
         if (kp.row == kNone) store(h->keys_used, ++keys_used);
@@ -568,9 +571,17 @@ std::uint64_t KeyIndexFile::check(const IndexEntry* entries, std::uint64_t rows,
     std::uint64_t count = 0;
   };
   std::unordered_map<std::uint64_t, EpochState> epoch_state;
+  // (key, epoch) pairs seen, and those seen more than once: their slots say "repeated".
+  struct PairHash {
+    std::size_t operator()(const std::pair<std::uint64_t, std::uint64_t>& p) const {
+      return key_index_mix(p.first ^ std::rotl(p.second, 32));
+    }
+  };
+  std::unordered_set<std::pair<std::uint64_t, std::uint64_t>, PairHash> pairs_seen, repeated;
   const KeyQuery query(this, entries, rows);
   for (std::uint64_t r = 0; r < rows; ++r) {
     const IndexEntry& e = entries[r];
+    if (!pairs_seen.insert({e.key, e.epoch}).second) repeated.insert({e.key, e.epoch});
     auto [key_it, new_key] = last_of_key.try_emplace(e.key, kNone);
     EpochState& es = epoch_state[e.epoch];
     const std::uint64_t* record = chain_words(r);
@@ -596,6 +607,25 @@ std::uint64_t KeyIndexFile::check(const IndexEntry* entries, std::uint64_t rows,
     if (!pair || *pair < r || !latest || *latest < r || *latest != last_of_key[e.key]) {
       problem("lookup of row " + std::to_string(r) + " (key " + std::to_string(e.key) + ", epoch " +
               std::to_string(e.epoch) + ") through the tables fails");
+    } else if (*pair == r) {
+      // The pair's slot names its latest row, r: marked repeated exactly when an earlier row
+      // has the pair (a mark lost would make a history from the slots leave rows out).
+      const Probe p = probe_pair(
+          pair_slots(), sizes_.pair_slots, pair_hash(key_hash(e.key, hash_seed_), e.epoch), e.key,
+          e.epoch, [&](std::uint64_t s) { return s < rows && entries[s].epoch == e.epoch; }, path_);
+      const bool marked =
+          p.row == r && pair_repeated(load(pair_slots()[kPairSlotWords * p.slot + 1]));
+      // A slot naming a later row (indexed past `rows`) cannot be judged here.
+      if ((p.row != r && p.row < rows) ||
+          (p.row == r && marked != repeated.contains({e.key, e.epoch}))) {
+        problem("the pair slot of row " + std::to_string(r) + " (key " + std::to_string(e.key) +
+                ", epoch " + std::to_string(e.epoch) + ") is " +
+                (p.row != r ? "not found"
+                 : marked   ? "marked repeated"
+                            : "not marked repeated") +
+                ", but the pair has " + (repeated.contains({e.key, e.epoch}) ? "" : "no ") +
+                "earlier rows");
+      }
     }
   }
   for (const auto& [epoch, es] : epoch_state) {
@@ -728,9 +758,11 @@ std::shared_ptr<const KeyIndexFile::EpochHint> KeyQuery::epoch_hint() const {
   made->epochs_used = used;  // Read before the slots: a slot stored meanwhile makes it stale.
   made->limit = limit_;
   const std::uint64_t* slots = index_->epoch_slots();
+  std::uint64_t seen = 0;
   for (std::uint64_t i = 0; i < index_->sizes_.epoch_slots; ++i) {
     const std::uint64_t word = load(slots[i]);
     if (word == 0) continue;
+    ++seen;
     const std::uint64_t r = below_limit(slot_row(word), true);
     if (r == kNone) {
       made->skipped = true;
@@ -740,14 +772,16 @@ std::shared_ptr<const KeyIndexFile::EpochHint> KeyQuery::epoch_hint() const {
   }
   std::sort(made->epochs.begin(), made->epochs.end());
   made->epochs.erase(std::unique(made->epochs.begin(), made->epochs.end()), made->epochs.end());
+  made->complete = seen == used;
   std::lock_guard guard(index_->hint_mutex_);
   index_->epoch_hint_ = made;
   return made;
 }
 
 std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(
-    std::uint64_t key, std::vector<std::uint64_t>* epochs) const {
+    std::uint64_t key, std::vector<std::uint64_t>* epochs, bool* from_slots) const {
   if (epochs != nullptr) epochs->clear();
+  if (from_slots != nullptr) *from_slots = false;
   if (limit_ == 0) return std::vector<std::uint64_t>{};
   const auto hint = epoch_hint();
   const std::size_t n = hint->epochs.size();
@@ -755,19 +789,28 @@ std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(
   const std::uint64_t* pairs = index_->pair_slots();
   const std::uint64_t mask = index_->sizes_.pair_slots - 1;
   const std::uint64_t kh = key_hash(key, index_->hash_seed_);
-  // Three rounds, each a set of independent loads: the first slot of every (key, epoch) and the
-  // key's slot; then the chain record of every candidate row and the entry of the latest row;
-  // then the proof. A candidate is the row of the slot holding the key and epoch; its entry is
-  // not needed, neither for the proof, which rejects any row that is not on the key's chain, nor
-  // for its epoch, which is the one it was looked up in.
+  // One round of independent loads, the first slot of every (key, epoch) and the key's slot,
+  // answers when it proves itself: every epoch of the index was looked up (a complete hint), and
+  // each slot found holds the only row of its pair (not repeated), below the limit, so these
+  // rows are all the key's rows. The key's slot, naming the latest of them, cross-checks it.
+  // Otherwise two more rounds: the chain record of every candidate row and the entry of the
+  // latest row, then the proof against the chain. A candidate is the row of the slot holding
+  // the key and epoch; its entry is not needed, neither for the proof, which rejects any row
+  // that is not on the key's chain, nor for its epoch, which is the one it was looked up in.
   constexpr std::uint64_t kAbsent = kNone - 1;
-  constexpr std::uint64_t kMaxSteps = 8;  // Slots looked at per pair before the full probe.
+  // Slots looked at per pair before the full probe: 8 cache lines in a row, which the loads of
+  // a linear probe stream through (a run that long is rare below the most load a table has).
+  constexpr std::uint64_t kMaxSteps = 32;
   std::uint64_t hash[kHistoryEpochProbes], row[kHistoryEpochProbes];
+  const std::uint64_t* key_table = index_->key_slots();
+  const std::uint64_t key_mask = index_->sizes_.key_slots - 1;
   for (std::size_t i = 0; i < n; ++i) {
     hash[i] = pair_hash(kh, hint->epochs[i]);
     __builtin_prefetch(pairs + kPairSlotWords * (hash[i] & mask));
   }
-  __builtin_prefetch(index_->key_slots() + (kh & (index_->sizes_.key_slots - 1)));
+  __builtin_prefetch(key_table + (kh & key_mask));
+  bool proven = hint->complete;
+  std::uint64_t newest = kNone;  // The latest row found, if proven.
   for (std::size_t i = 0; i < n; ++i) {
     row[i] = kNone;  // Not settled here: the full probe decides.
     const std::uint64_t field = pair_field(hint->epochs[i]);
@@ -777,13 +820,49 @@ std::optional<std::vector<std::uint64_t>> KeyQuery::history_by_epochs(
         row[i] = kAbsent;
         break;
       }
-      if (slot_tag(word) != field || load_relaxed(pairs[kPairSlotWords * j]) != key) continue;
+      if (pair_epoch(word) != field || load_relaxed(pairs[kPairSlotWords * j]) != key) continue;
       if (slot_row(word) < limit_ && field != kPairEpochLarge) {
         row[i] = slot_row(word);
-        __builtin_prefetch(index_->chain_words(row[i]));
+        if (pair_repeated(word)) proven = false;
+        if (newest == kNone || row[i] > newest) newest = row[i];
       }
       break;
     }
+    if (row[i] == kNone) proven = false;
+  }
+  if (proven && newest != kNone) {
+    // The key's slot names its latest row: the newest found, unless appends since the snapshot
+    // moved it on (or the index is damaged); then the full proof decides.
+    const std::uint64_t want = slot_word(kh, newest);
+    bool matches = false;
+    for (std::uint64_t step = 0, j = kh & key_mask; step < kMaxSteps;
+         ++step, j = (j + 1) & key_mask) {
+      const std::uint64_t word = load(key_table[j]);
+      if (word == 0 || word == want) {
+        matches = word == want;
+        break;
+      }
+    }
+    if (matches) {
+      std::pair<std::uint64_t, std::uint64_t> found[kHistoryEpochProbes];  // (row, epoch)
+      std::size_t count = 0;
+      for (std::size_t i = 0; i < n; ++i) {
+        if (row[i] != kAbsent) found[count++] = {row[i], hint->epochs[i]};
+      }
+      std::sort(found, found + count);
+      std::vector<std::uint64_t> rows;
+      rows.reserve(count);
+      if (epochs != nullptr) epochs->reserve(count);
+      for (std::size_t i = 0; i < count; ++i) {
+        rows.push_back(found[i].first);
+        if (epochs != nullptr) epochs->push_back(found[i].second);
+      }
+      if (from_slots != nullptr) *from_slots = true;
+      return rows;
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (row[i] != kNone && row[i] != kAbsent) __builtin_prefetch(index_->chain_words(row[i]));
   }
   const std::uint64_t latest = table_find_latest(key);
   std::vector<std::uint64_t> rows;
@@ -945,8 +1024,8 @@ void KeyQuery::find_many(std::span<const std::uint64_t> keys, std::span<const st
           if (word == 0) {
             out[i] = -1;
             candidate[j] = kDone;
-          } else if (slot_tag(word) == pair_field(epoch_of(i)) &&
-                     slot_tag(word) != kPairEpochLarge && load_relaxed(slot[0]) == keys[i] &&
+          } else if (pair_epoch(word) == pair_field(epoch_of(i)) &&
+                     pair_epoch(word) != kPairEpochLarge && load_relaxed(slot[0]) == keys[i] &&
                      slot_row(word) < limit_) {
             out[i] = static_cast<std::int64_t>(slot_row(word));
             candidate[j] = kDone;

@@ -148,6 +148,9 @@ class KeyIndexFile {
     std::uint64_t epochs_used = 0;      // The header's count when it was made.
     std::uint64_t limit = 0;            // The query limit it was made for.
     bool skipped = false;               // An epoch slot named no row below that limit.
+    // As many epoch slots were seen as epochs_used counted: every epoch whose slot existed
+    // then is here (a writer counts an epoch before it stores its slot).
+    bool complete = false;
   };
   mutable std::mutex hint_mutex_;
   mutable std::shared_ptr<const EpochHint> epoch_hint_;  // Under hint_mutex_.
@@ -173,13 +176,16 @@ class KeyQuery {
                                      std::vector<std::uint64_t>* epochs = nullptr) const;
   // The rows of `key` below the index limit, found by looking the key up in every epoch the
   // index knows (at most kHistoryEpochProbes of them) at once, so the loads overlap instead of
-  // following one another. Proven complete before it is returned: the latest row is the key
+  // following one another. Proven complete before it is returned, by the slots alone when the
+  // hint holds every epoch of the index and no slot found is marked repeated (one round of
+  // loads; `from_slots` is then set true), else against the chain: the latest row is the key
   // table's, and each row's chain record links to the row before it (the first to none). Empty
   // optional when that proof fails (a (key, epoch) appended more than once, an epoch the hint
   // lacks, too many epochs): history() then follows the chain.
   // With `epochs`, each row's epoch too (the epoch it was looked up in: no entry is read).
   std::optional<std::vector<std::uint64_t>> history_by_epochs(
-      std::uint64_t key, std::vector<std::uint64_t>* epochs = nullptr) const;
+      std::uint64_t key, std::vector<std::uint64_t>* epochs = nullptr,
+      bool* from_slots = nullptr) const;
   static constexpr std::size_t kHistoryEpochProbes = 64;
   // Every row of `epoch`, ascending.
   std::vector<std::uint64_t> epoch_rows(std::uint64_t epoch) const;

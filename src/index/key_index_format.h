@@ -75,13 +75,18 @@ static_assert(kMaxRows + 1 <= kSlotRowMask);
 
 // A pair slot: two 64-bit words, 16-byte aligned, holding the latest row of one (key, epoch).
 //   word0: the key (meaningful only while word1 is not 0)
-//   word1: 0 when empty; bits 0..40 row + 1; bits 41..63 min(epoch, kPairEpochLarge)
+//   word1: 0 when empty; bits 0..40 row + 1; bit 41 "repeated": an earlier row has the same key
+//          and epoch; bits 42..63 min(epoch, kPairEpochLarge)
 // A lookup matches the key and the epoch field in the slot itself: one load from memory, no
 // read of the offset index. Only an epoch >= kPairEpochLarge is confirmed against the row's
 // entry. A writer stores word0 before it release-stores word1, and changes word0 only while
 // word1 is 0, so a reader that acquire-loads a non-zero word1 reads the key that belongs to it.
+// A slot without the repeated bit names the only row of its pair, which lets a key's history be
+// proven from its pair slots alone (FORMAT.md "keys.K").
 inline constexpr std::uint64_t kPairSlotWords = 2;
-inline constexpr std::uint64_t kPairEpochLarge = (1ull << (64 - kSlotRowBits)) - 1;
+inline constexpr std::uint64_t kPairRepeated = 1ull << kSlotRowBits;
+inline constexpr int kPairEpochShift = kSlotRowBits + 1;
+inline constexpr std::uint64_t kPairEpochLarge = (1ull << (64 - kPairEpochShift)) - 1;
 
 // A chain record: 16 bytes per row r, at chain_offset + 16 r.
 //   word0: bits 0..40 previous row with the same key, + 1 (0: none); bits 41..63 ordinal bits 0..22
