@@ -244,8 +244,9 @@ TEST_CASE("Eras compare in 15-bit wrap-around arithmetic", "[format]") {
   CHECK_FALSE(era_not_older(kEntryEraMask, 0));
 }
 
-// On an AVX2 machine payload_hash runs the AVX2 build, and both builds hash with the secret
-// derived once per store: this holds them to the definition, XXH3_64bits_withSeed.
+// payload_hash runs the AVX-512 or AVX2 build where the CPU has it, and every build hashes with
+// the secret derived once per store: this holds each build the CPU can run to the definition,
+// XXH3_64bits_withSeed.
 TEST_CASE("The row hash gives the XXH3 withSeed value at every length and alignment",
           "[format][checksum]") {
   std::vector<std::byte> bytes(5000);
@@ -263,6 +264,14 @@ TEST_CASE("The row hash gives the XXH3 withSeed value at every length and alignm
         const std::uint64_t expected = payload_hash_reference(bytes.data() + offset, length, seed);
         REQUIRE(payload_hash(bytes.data() + offset, length, key) == expected);
         REQUIRE(payload_hash_portable(bytes.data() + offset, length, key) == expected);
+#if defined(__x86_64__)
+        if (__builtin_cpu_supports("avx2")) {
+          REQUIRE(payload_hash_avx2(bytes.data() + offset, length, key) == expected);
+        }
+        if (__builtin_cpu_supports("avx512f")) {
+          REQUIRE(payload_hash_avx512(bytes.data() + offset, length, key) == expected);
+        }
+#endif
       }
     }
   }

@@ -27,7 +27,8 @@ namespace {
 using HashFn = std::uint64_t (*)(const void*, std::size_t, const RowHashKey&) noexcept;
 
 HashFn pick_payload_hash() noexcept {
-#ifdef EMBSTORE_CHECKSUM_AVX2
+#ifdef EMBSTORE_CHECKSUM_SIMD
+  if (__builtin_cpu_supports("avx512f")) return payload_hash_avx512;
   if (__builtin_cpu_supports("avx2")) return payload_hash_avx2;
 #endif
   return payload_hash_portable;
