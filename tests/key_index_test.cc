@@ -454,6 +454,20 @@ TEST_CASE(
     flip_repeated(4999);
   }
   SECTION("a pair slot marked repeated that is not") { flip_repeated(4998); }
+  SECTION("a pair slot made up for a pair with no row, naming another key's row") {
+    // An empty slot (word1 0) given key 123456789 (never stored) at epoch 3 and row 10 (key 10,
+    // epoch 0): no lookup of a stored pair meets it, only a pass over the table does.
+    std::ifstream in(dir / "keys.next", std::ios::binary);
+    std::vector<std::uint64_t> words(2 * index->sizes().pair_slots);
+    in.seekg(4096);
+    in.read(reinterpret_cast<char*>(words.data()), static_cast<std::streamsize>(8 * words.size()));
+    REQUIRE(in.good());
+    std::size_t empty = 1;
+    while (words[empty] != 0) empty += 2;
+    const std::uint64_t slot[2] = {123456789, (3ull << 42) | 11};
+    embstore::test::write_bytes(dir / "keys.next", 4096 + 8 * (empty - 1),
+                                std::string(reinterpret_cast<const char*>(slot), sizeof(slot)));
+  }
   CHECK(index->check(file.entries(), 5000, &problem) > 0);
   CHECK(problem.find("keys.next") != std::string::npos);
   // Whatever a damaged index answers is never another key's row nor past the snapshot.

@@ -4,7 +4,6 @@
 #include <bit>
 #include <cstring>
 #include <unordered_map>
-#include <unordered_set>
 
 #include "embstore/error.h"
 #include "format/checksum.h"
@@ -571,17 +570,23 @@ std::uint64_t KeyIndexFile::check(const IndexEntry* entries, std::uint64_t rows,
     std::uint64_t count = 0;
   };
   std::unordered_map<std::uint64_t, EpochState> epoch_state;
-  // (key, epoch) pairs seen, and those seen more than once: their slots say "repeated".
+  // Per (key, epoch): its latest row, and whether it has earlier ones (its slot says "repeated").
   struct PairHash {
     std::size_t operator()(const std::pair<std::uint64_t, std::uint64_t>& p) const {
       return key_index_mix(p.first ^ std::rotl(p.second, 32));
     }
   };
-  std::unordered_set<std::pair<std::uint64_t, std::uint64_t>, PairHash> pairs_seen, repeated;
+  struct PairState {
+    std::uint64_t last = kNone;
+    bool repeated = false;
+  };
+  std::unordered_map<std::pair<std::uint64_t, std::uint64_t>, PairState, PairHash> pair_state;
   const KeyQuery query(this, entries, rows);
   for (std::uint64_t r = 0; r < rows; ++r) {
     const IndexEntry& e = entries[r];
-    if (!pairs_seen.insert({e.key, e.epoch}).second) repeated.insert({e.key, e.epoch});
+    PairState& ps = pair_state[{e.key, e.epoch}];
+    ps.repeated = ps.last != kNone;
+    ps.last = r;
     auto [key_it, new_key] = last_of_key.try_emplace(e.key, kNone);
     EpochState& es = epoch_state[e.epoch];
     const std::uint64_t* record = chain_words(r);
@@ -604,7 +609,8 @@ std::uint64_t KeyIndexFile::check(const IndexEntry* entries, std::uint64_t rows,
     // slot shows as a lookup that ends before row r.
     const auto pair = query.find(e.key, e.epoch);
     const auto latest = query.find_latest(e.key);
-    if (!pair || *pair < r || !latest || *latest < r || *latest != last_of_key[e.key]) {
+    const PairState& ps = pair_state[{e.key, e.epoch}];
+    if (!pair || *pair != ps.last || !latest || *latest != last_of_key[e.key]) {
       problem("lookup of row " + std::to_string(r) + " (key " + std::to_string(e.key) + ", epoch " +
               std::to_string(e.epoch) + ") through the tables fails");
     } else if (*pair == r) {
@@ -616,16 +622,31 @@ std::uint64_t KeyIndexFile::check(const IndexEntry* entries, std::uint64_t rows,
       const bool marked =
           p.row == r && pair_repeated(load(pair_slots()[kPairSlotWords * p.slot + 1]));
       // A slot naming a later row (indexed past `rows`) cannot be judged here.
-      if ((p.row != r && p.row < rows) ||
-          (p.row == r && marked != repeated.contains({e.key, e.epoch}))) {
+      if ((p.row != r && p.row < rows) || (p.row == r && marked != ps.repeated)) {
         problem("the pair slot of row " + std::to_string(r) + " (key " + std::to_string(e.key) +
                 ", epoch " + std::to_string(e.epoch) + ") is " +
                 (p.row != r ? "not found"
                  : marked   ? "marked repeated"
                             : "not marked repeated") +
-                ", but the pair has " + (repeated.contains({e.key, e.epoch}) ? "" : "no ") +
-                "earlier rows");
+                ", but the pair has " + (ps.repeated ? "" : "no ") + "earlier rows");
       }
+    }
+  }
+  // Every occupied pair slot, found by a lookup or not: it must name the latest row of the key
+  // and epoch it holds (a slot left by damage would otherwise answer for a pair with no row, or
+  // with another key's row). Rows indexed past `rows` cannot be judged here.
+  const std::uint64_t* pairs = pair_slots();
+  for (std::uint64_t i = 0; i < sizes_.pair_slots; ++i) {
+    const std::uint64_t word = load(pairs[kPairSlotWords * i + 1]);
+    if (word == 0 || slot_row(word) >= rows) continue;
+    const std::uint64_t r = slot_row(word);
+    const IndexEntry& e = entries[r];
+    const auto it = pair_state.find({e.key, e.epoch});
+    if (load_relaxed(pairs[kPairSlotWords * i]) != e.key ||
+        pair_epoch(word) != pair_field(e.epoch) || it == pair_state.end() || it->second.last != r) {
+      problem("pair slot " + std::to_string(i) + " names row " + std::to_string(r) + " (key " +
+              std::to_string(e.key) + ", epoch " + std::to_string(e.epoch) +
+              "), which is not the latest row of the key and epoch the slot holds");
     }
   }
   for (const auto& [epoch, es] : epoch_state) {

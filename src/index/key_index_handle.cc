@@ -151,7 +151,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
     if (complete) return file;
     // A table filled up before the end (appends went on after the sizes were chosen): start
     // again with each full one sized for every row being a new entry, which it cannot outgrow,
-    // so a build restarts at most once and stays within the file's size bound.
+    // so a build restarts at most once per table and stays within the file's size bound.
     const KeyIndexSizes next = file->next_sizes();
     const std::uint64_t room = key_index_slots_for(rows);
     if (next.pair_slots != sizes.pair_slots) sizes.pair_slots = std::max(sizes.pair_slots, room);
