@@ -576,6 +576,52 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("Key index: an epoch counted twice by a killed writer's redo asks for a rebuild",
+          "[key_index]") {
+  // A writer killed between raising epochs_used for a new epoch and storing its slot leaves the
+  // count one too high once the next writer indexes the row again. Readers then never see as
+  // many epoch slots as counted: answers stay exact (through the chain), but history never
+  // answers from the pair slots alone. The writer that redoes the row notices and asks for the
+  // next generation, which counts exactly.
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 4096);
+  for (std::uint64_t epoch = 0; epoch < 3; ++epoch) {
+    for (std::uint64_t key = 0; key < 100; ++key) file.append(key * 31, epoch);
+  }
+  auto index = KeyIndexFile::create(dir.path(), 1, identity(), {4096, 1024, 1024}, 0);
+  REQUIRE(index->index_rows(file.entries(), file.rows()));
+  index->publish_as_current(dir.path());
+  CHECK_FALSE(index->wants_growth());
+  for (std::uint64_t key = 0; key < 100; ++key) file.append(key * 31, 3);
+  // The dead writer's one step: epochs_used (header offset 320, FORMAT.md) raised to 4.
+  const std::uint64_t four = 4;
+  embstore::test::write_bytes(dir / "keys.1", 320,
+                              std::string(reinterpret_cast<const char*>(&four), 8));
+  REQUIRE(index->index_rows(file.entries(), file.rows()));
+  CHECK(index->epochs_overcounted());
+  CHECK(index->wants_growth());  // No table is past its load factor: only the count asks.
+  std::vector<std::uint64_t> want;
+  for (std::uint64_t epoch = 0; epoch < 4; ++epoch) want.push_back(epoch * 100 + 7);
+  {
+    const KeyQuery q(index.get(), file.entries(), file.rows());
+    bool from_slots = true;
+    const auto by_epochs = q.history_by_epochs(7 * 31, nullptr, &from_slots);
+    CHECK_FALSE(from_slots);
+    if (by_epochs) CHECK(*by_epochs == want);
+    CHECK(q.history(7 * 31) == want);
+  }
+  auto next = KeyIndexFile::create(dir.path(), 2, identity(), index->next_sizes(), file.rows());
+  REQUIRE(next->index_rows(file.entries(), file.rows()));
+  CHECK_FALSE(next->epochs_overcounted());
+  CHECK_FALSE(next->wants_growth());
+  const KeyQuery q(next.get(), file.entries(), file.rows());
+  bool from_slots = false;
+  const auto by_epochs = q.history_by_epochs(7 * 31, nullptr, &from_slots);
+  CHECK(from_slots);
+  REQUIRE(by_epochs.has_value());
+  CHECK(*by_epochs == want);
+}
+
 TEST_CASE("Key index: a writer killed while indexing leaves work the next one redoes",
           "[key_index][crash]") {
   if (!testing::kEnabled) return;

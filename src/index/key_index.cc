@@ -412,9 +412,17 @@ void KeyIndexFile::populate_chain(std::uint64_t begin, std::uint64_t end) {
   populated_rows_ = to;
 }
 
+bool KeyIndexFile::epochs_overcounted() const {
+  const std::uint64_t* slots = epoch_slots();
+  std::uint64_t occupied = 0;
+  for (std::uint64_t i = 0; i < sizes_.epoch_slots; ++i) occupied += load(slots[i]) != 0;
+  return occupied != load(header()->epochs_used);
+}
+
 bool KeyIndexFile::wants_growth() const {
   const KeyIndexHeader* h = header();
-  return load(h->pairs_used) * 16 > sizes_.pair_slots * kMaxLoadSixteenths ||
+  return rebuild_wanted_.load(std::memory_order_relaxed) ||
+         load(h->pairs_used) * 16 > sizes_.pair_slots * kMaxLoadSixteenths ||
          load(h->keys_used) * 16 > sizes_.key_slots * kMaxLoadSixteenths ||
          load(h->epochs_used) * 16 > sizes_.epoch_slots * kMaxLoadSixteenths;
 }
@@ -469,6 +477,7 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
   constexpr std::uint64_t kBlock = 16;
   std::uint64_t kh[kBlock], eh[kBlock], ph[kBlock];
   bool stopped = false;
+  bool counted_epoch = false;
   while (row < end && !stopped) {
     const std::uint64_t count = std::min(kBlock, end - row);
     for (std::uint64_t j = 0; j < count; ++j) {
@@ -538,13 +547,19 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
       if (run_ends || new_epoch) {
         const Probe ep = probe_epoch(eh[j], epoch);
         if (ep.row == kNone || ep.row < r) {
-          if (ep.row == kNone) store(h->epochs_used, ++epochs_used);
+          if (ep.row == kNone) {
+            store(h->epochs_used, ++epochs_used);
+            counted_epoch = true;
+          }
           store(epochs[ep.slot], slot_word(eh[j], r));
         }
       }
     }
   }
   store(h->indexed_rows, row);
+  // A new epoch is rare: count the slots then, which finds a count a killed writer raised for
+  // this same epoch before it died (the row's redo raised it again).
+  if (counted_epoch && epochs_overcounted()) rebuild_wanted_.store(true, std::memory_order_relaxed);
   return !stopped;
 }
 

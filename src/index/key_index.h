@@ -82,8 +82,15 @@ class KeyIndexFile {
   // watermark. Returns false when it stopped early because a table is too full to take more
   // (grow first); the watermark then marks how far it got.
   bool index_rows(const IndexEntry* entries, std::uint64_t end);
-  // True when a table is past its load factor: build a larger generation (next_sizes()).
+  // True when a table is past its load factor (build a larger generation: next_sizes()), or
+  // when the epoch count is wrong (epochs_overcounted(); the sizes then may stay the same).
   bool wants_growth() const;
+  // Writer, writer lock held: true when the epoch table holds fewer slots than epochs_used
+  // counts (a writer was killed between raising the count and storing the slot, and the row was
+  // indexed again). Lookups stay exact, but readers can never be sure they know every epoch, so
+  // history would never answer from the pair slots alone: index_rows() then makes
+  // wants_growth() true, and the next generation, built from the offset index, counts exactly.
+  bool epochs_overcounted() const;
   KeyIndexSizes next_sizes() const;
   // Renames this file (created as keys.next) to keys.<generation()>.
   void publish_as_current(const std::string& dir);
@@ -130,6 +137,7 @@ class KeyIndexFile {
   // allocated, and the chain rows [0, populated_rows_) this process has populated.
   std::uint64_t allocated_bytes_ = 0;
   std::uint64_t populated_rows_ = 0;
+  std::atomic<bool> rebuild_wanted_{false};
   // Every mapping made, each reserving more than the last; all are kept until this object dies,
   // so a pointer into any of them stays valid. The first holds the header and tables (base_).
   mutable std::vector<std::unique_ptr<ReservedMapping>> mappings_;  // Under map_mutex_.
