@@ -160,6 +160,15 @@ void check_against_oracle(const KeyQuery& q, const EntriesFile& file, std::uint6
 
 constexpr std::uint64_t kMaxKey = ~0ull;
 
+// Rows of keys 0, step, 2 step, .. (`keys` of them) in each epoch of [first_epoch, end_epoch),
+// epoch by epoch, as a training run appends them.
+void append_epochs(EntriesFile& file, std::uint64_t first_epoch, std::uint64_t end_epoch,
+                   std::uint64_t keys, std::uint64_t step) {
+  for (std::uint64_t epoch = first_epoch; epoch < end_epoch; ++epoch) {
+    for (std::uint64_t key = 0; key < keys; ++key) file.append(key * step, epoch);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("Key index answers like a std::map at every snapshot, across growth and lagging writers",
@@ -297,9 +306,7 @@ TEST_CASE("Key index: history from the pair slots alone needs every epoch in its
   // chain.
   TempDir dir;
   EntriesFile file(dir / "index.1", 4096);
-  for (std::uint64_t epoch = 0; epoch < 6; ++epoch) {
-    for (std::uint64_t key = 0; key < 100; ++key) file.append(key * 7919, epoch);
-  }
+  append_epochs(file, 0, 6, 100, 7919);
   const KeyIndexSizes sizes{4096, 1024, 1024};
   auto index = KeyIndexFile::create(dir.path(), 1, identity(), sizes, 0);
   REQUIRE(index->index_rows(file.entries(), file.rows()));
@@ -585,14 +592,12 @@ TEST_CASE("Key index: an epoch counted twice by a killed writer's redo asks for 
   // next generation, which counts exactly.
   TempDir dir;
   EntriesFile file(dir / "index.1", 4096);
-  for (std::uint64_t epoch = 0; epoch < 3; ++epoch) {
-    for (std::uint64_t key = 0; key < 100; ++key) file.append(key * 31, epoch);
-  }
+  append_epochs(file, 0, 3, 100, 31);
   auto index = KeyIndexFile::create(dir.path(), 1, identity(), {4096, 1024, 1024}, 0);
   REQUIRE(index->index_rows(file.entries(), file.rows()));
   index->publish_as_current(dir.path());
   CHECK_FALSE(index->wants_growth());
-  for (std::uint64_t key = 0; key < 100; ++key) file.append(key * 31, 3);
+  append_epochs(file, 3, 4, 100, 31);
   // The dead writer's one step: epochs_used (header offset 320, FORMAT.md) raised to 4.
   const std::uint64_t four = 4;
   embstore::test::write_bytes(dir / "keys.1", 320,
