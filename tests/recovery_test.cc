@@ -274,6 +274,47 @@ TEST_CASE("An append over a dead writer's unpublished entries starts a new era",
   CHECK(recovered.committed_rows() == 160);  // the dead batch's entries lose to the newer era
 }
 
+TEST_CASE("An append over a dead writer's entries makes its batch durable before publishing it",
+          "[recovery][crash]") {
+  // FORMAT.md "Append over an unpublished tail": after writing over entries that may validate,
+  // the writer fdatasyncs data and index before it publishes. Else a power loss could keep the
+  // dead writer's whole batch on the old page of the first rows and this batch's tail on the
+  // new page of the rest, with the counter covering both: recovery would pass that splice (the
+  // tail's newer era follows the older one, as after any recovery). The syncs are its second
+  // and third fdatasync (the first flushes the raised era): each failing one fails the append,
+  // which publishes nothing.
+  for (const int nth : {2, 3}) {
+    BootReset reset;
+    TempDir dir;
+    const std::string path = dir / "s";
+    make_store(path);  // committed 150
+    const pid_t child = test::spawn([&] {
+      Writer w = Writer::open(path, unsynced());
+      detail::testing::arm_crash("before-publish", 1);
+      append_rows(w, 150, 2);  // a whole batch [150, 152), written, never published
+      return 1;
+    });
+    REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+    Writer w = Writer::open(path, unsynced());
+    detail::testing::arm_fault(detail::testing::Op::kMsync, nth, EIO, false);
+    INFO("fdatasync " << nth << " fails");
+    CHECK_THROWS_AS(append_rows(w, 150, 8), Error);
+    detail::testing::disarm_all();
+    CHECK(Reader::open(path).size() == 150);
+  }
+  // An ordinary append syncs nothing: a fault on the first fdatasync is never met.
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  Writer w = Writer::open(path, unsynced());
+  append_rows(w, 150, 2);
+  detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
+  append_rows(w, 152, 8);
+  detail::testing::disarm_all();
+  CHECK(Reader::open(path).size() == 160);
+}
+
 TEST_CASE("Eras past 15 bits wrap without touching the batch-end flag", "[recovery]") {
   BootReset reset;
   TempDir dir;

@@ -83,8 +83,10 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
 // `by_syscall`: the entries will be written by pwrite, so the one at `first` is read the same
 // way: through the mapping, its page (fresh, for every batch of a few hundred rows) would fault
 // in for this one read, several microseconds here (bench/RESULTS.md, "write path").
+// `over_tail` is set when an entry is already there at `first` (a dead writer's, or one a
+// recovery cut off): see commit_batch.
 std::uint64_t writable_era(StoreFiles& files, std::uint64_t first, std::uint64_t& synced_era,
-                           const SyncFailure& on_sync_failure, bool by_syscall) {
+                           const SyncFailure& on_sync_failure, bool by_syscall, bool& over_tail) {
   SharedState& state = files.state();
   std::uint64_t era = state.era();
   // Entries at `first` that carry the current era were left by a writer killed before it
@@ -96,8 +98,8 @@ std::uint64_t writable_era(StoreFiles& files, std::uint64_t first, std::uint64_t
   } else {
     std::memcpy(&at_first, files.entry_ptr(first), sizeof(at_first));
   }
-  const bool stale = (at_first.row != 0 || at_first.checksum != 0) &&
-                     entry_era(at_first.row) == (era & kEntryEraMask);
+  over_tail = at_first.row != 0 || at_first.checksum != 0;
+  const bool stale = over_tail && entry_era(at_first.row) == (era & kEntryEraMask);
   if (stale) {
     ++era;
     state.set_era(era);
@@ -169,11 +171,25 @@ std::uint64_t commit_batch(StoreFiles& files, const PreparedBatch& batch, std::u
   // Another process may have grown the files since this handle last looked.
   files.grow_to(first + n);
   const WritePlan plan = plan_writes(files, n);
+  bool over_tail = false;
   const std::uint64_t era =
-      writable_era(files, first, synced_era, on_sync_failure, plan.entries_by_syscall);
+      writable_era(files, first, synced_era, on_sync_failure, plan.entries_by_syscall, over_tail);
   const std::uint64_t* hashes = write_rows(files, first, batch, plan.rows_by_syscall);
   EMBSTORE_CRASH_POINT("after-copy");
   write_entries(files, batch, hashes, first, era, plan.entries_by_syscall);
+  if (over_tail) {
+    // Over entries that may validate (FORMAT.md, "Append over an unpublished tail"): this
+    // batch's rows and entries reach the disk before the counter that covers them can. Else a
+    // power loss could keep the old page of its first rows and the new page of the rest, and a
+    // whole old batch followed by the tail of this one, in a newer era, would pass recovery.
+    try {
+      os::datasync(files.data_fd(), files.data_path());
+      os::datasync(files.index_fd(), files.index_path());
+    } catch (const Error& error) {
+      on_sync_failure(error);
+      throw;
+    }
+  }
   EMBSTORE_CRASH_POINT("before-publish");
   // Before the rows it dates: a reader that sees them also sees a time no older than theirs.
   state.set_last_commit_unix_ns(os::unix_time_ns());
