@@ -315,6 +315,38 @@ TEST_CASE("An append over a dead writer's entries makes its batch durable before
   CHECK(Reader::open(path).size() == 160);
 }
 
+TEST_CASE("Recovery ends the valid run where the era changes inside a batch", "[recovery]") {
+  // A batch is written in one era. A dead writer's batch [150, 190) (other rows, the current
+  // era, never published) is written over by [150, 160) in a newer era; a disk that kept the old
+  // pages of rows 150-151 and the new ones of 152-159 under a counter of 160 (the sync before
+  // publishing rules that out; this is recovery's own check) must not show that splice.
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);  // committed 150, durable 100
+  const pid_t child = test::spawn([&] {
+    Writer w = Writer::open(path, unsynced());
+    detail::testing::arm_crash("before-publish", 1);
+    append_rows(w, 1000, 40);  // other keys and rows than the batch written over them
+    return 1;
+  });
+  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  const std::string stale_rows = test::read_file(path + "/rows.1");
+  const std::string stale_index = test::read_file(path + "/index.1");
+  {
+    Writer w = Writer::open(path, unsynced());
+    append_rows(w, 150, 10);
+  }
+  test::write_bytes(path + "/rows.1", 150 * kRowBytes,
+                    stale_rows.substr(150 * kRowBytes, 2 * kRowBytes));
+  test::write_bytes(path + "/index.1", 150 * 32, stale_index.substr(150 * 32, 2 * 32));
+  detail::testing::set_boot_id(kBootB);
+  Reader r = Reader::open(path);
+  CHECK(r.size() == 150);  // not 160: rows 150-151 are the dead writer's, 152-159 another batch's
+  Writer recovered = Writer::open(path, unsynced());
+  CHECK(recovered.committed_rows() == 150);
+}
+
 TEST_CASE("Eras past 15 bits wrap without touching the batch-end flag", "[recovery]") {
   BootReset reset;
   TempDir dir;

@@ -355,20 +355,28 @@ bool StoreFiles::row_valid(std::uint64_t row) const {
 }
 
 std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {
-  auto era_at = [this](std::uint64_t row) {
+  auto entry_at = [this](std::uint64_t row) {
     IndexEntry entry;
     std::memcpy(&entry, entry_ptr(row), sizeof(entry));
-    return entry_era(entry.row);
+    return entry;
   };
   // A run of valid entries whose eras never go back: an older era after a newer one is a stale
   // entry from before a cut or a dead writer (FORMAT.md, "era"), however well it validates.
+  // And a batch is written in one era: an era that changes where no batch ended joins the
+  // front of one batch to the rest of another (stale entries a power loss kept before newer
+  // ones).
   bool have_previous = begin > 0 && row_valid(begin - 1);
-  std::uint64_t previous = have_previous ? era_at(begin - 1) : 0;
+  IndexEntry previous = have_previous ? entry_at(begin - 1) : IndexEntry{};
   std::uint64_t row = begin;
   for (; row < end && row_valid(row); ++row) {
-    const std::uint64_t era = era_at(row);
-    if (have_previous && !era_not_older(era, previous)) break;
-    previous = era;
+    const IndexEntry entry = entry_at(row);
+    const std::uint64_t era = entry_era(entry.row);
+    if (have_previous) {
+      const std::uint64_t previous_era = entry_era(previous.row);
+      if (!era_not_older(era, previous_era)) break;
+      if (row > begin && (previous.row & kEntryBatchEnd) == 0 && era != previous_era) break;
+    }
+    previous = entry;
     have_previous = true;
   }
   // Keep whole batches only: back up to the last entry that ends one.
