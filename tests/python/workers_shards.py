@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from embstore.torch import EmbeddingRecorder
-from workers_torch import Net
+from workers_torch import Net, leave_process_group
 
 
 def node_rank(rank, world, port, node_dirs, epochs):
@@ -35,4 +35,6 @@ def node_rank(rank, world, port, node_dirs, epochs):
             opt.step()
         recorder.end_epoch()
     recorder.close()
-    dist.destroy_process_group()
+    scope = {"model": model, "opt": opt, "recorder": recorder}
+    del model, opt, recorder
+    leave_process_group(scope)

@@ -1,4 +1,5 @@
 """Torch child-process entry points for the tests (importable by torch.multiprocessing)."""
+import gc
 import os
 
 import torch
@@ -6,6 +7,19 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from embstore.torch import EmbeddingRecorder
+
+
+def leave_process_group(scope):
+    """Ends a DDP rank: every rank finishes its collectives (barrier), the DDP model and what
+    holds it (the names in `scope`, a dict the caller clears) go while the process group is still
+    registered, then the group is destroyed. If the DDP model's reducer held the last reference
+    to a gloo group at interpreter exit, torch 1.13 could deadlock there: the group's destructor
+    waits, holding the GIL, for a gloo thread that needs the GIL to free a tensor (seen once in
+    test_four_ranks_on_two_nodes_write_per_node_stores_and_a_manifest, a rank spinning at exit)."""
+    dist.barrier()
+    scope.clear()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def ddp_rank(rank, world, run_dir, store):
@@ -32,7 +46,9 @@ def ddp_rank(rank, world, run_dir, store):
     with torch.no_grad(), heldout.batch(mine, 9):
         model(x[mine])
     heldout.close()
-    dist.destroy_process_group()
+    scope = {"model": model, "opt": opt, "recorder": recorder, "heldout": heldout}
+    del model, opt, recorder, heldout
+    leave_process_group(scope)
 
 
 class Net(torch.nn.Module):
