@@ -61,6 +61,18 @@ void make_store(const std::string& path) {
   REQUIRE(w.committed_rows() == 150);
 }
 
+// A writer process killed before publishing its batch of `n` rows (sequence numbers from
+// `first_seq`): the rows and entries sit past the commit point.
+void leave_dead_batch(const std::string& path, std::uint64_t first_seq, std::uint64_t n) {
+  const pid_t child = test::spawn([&] {
+    Writer w = Writer::open(path, unsynced());
+    detail::testing::arm_crash("before-publish", 1);
+    append_rows(w, first_seq, n);
+    return 1;
+  });
+  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+}
+
 void flip_row_byte(const std::string& path, std::uint64_t row) {
   const std::string file = path + "/rows.1";
   std::string byte = test::read_file(file).substr(row * kRowBytes + 3, 1);
@@ -254,14 +266,8 @@ TEST_CASE("An append over a dead writer's unpublished entries starts a new era",
   BootReset reset;
   TempDir dir;
   const std::string path = dir / "s";
-  make_store(path);  // committed 150
-  const pid_t child = test::spawn([&] {
-    Writer w = Writer::open(path, unsynced());
-    detail::testing::arm_crash("before-publish", 1);
-    append_rows(w, 150, 40);  // entries [150, 190) written, never published
-    return 1;
-  });
-  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  make_store(path);                 // committed 150
+  leave_dead_batch(path, 150, 40);  // entries [150, 190) written, never published
   Writer w = Writer::open(path, unsynced());
   append_rows(w, 150, 10);  // over the dead batch's first entries
   // Power loss: the counter reached the disk with the next batch, whose index page did not; the
@@ -287,14 +293,8 @@ TEST_CASE("An append over a dead writer's entries makes its batch durable before
     BootReset reset;
     TempDir dir;
     const std::string path = dir / "s";
-    make_store(path);  // committed 150
-    const pid_t child = test::spawn([&] {
-      Writer w = Writer::open(path, unsynced());
-      detail::testing::arm_crash("before-publish", 1);
-      append_rows(w, 150, 2);  // a whole batch [150, 152), written, never published
-      return 1;
-    });
-    REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+    make_store(path);                // committed 150
+    leave_dead_batch(path, 150, 2);  // a whole batch [150, 152), written, never published
     Writer w = Writer::open(path, unsynced());
     detail::testing::arm_fault(detail::testing::Op::kMsync, nth, EIO, false);
     INFO("fdatasync " << nth << " fails");
@@ -323,14 +323,8 @@ TEST_CASE("Recovery ends the valid run where the era changes inside a batch", "[
   BootReset reset;
   TempDir dir;
   const std::string path = dir / "s";
-  make_store(path);  // committed 150, durable 100
-  const pid_t child = test::spawn([&] {
-    Writer w = Writer::open(path, unsynced());
-    detail::testing::arm_crash("before-publish", 1);
-    append_rows(w, 1000, 40);  // other keys and rows than the batch written over them
-    return 1;
-  });
-  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  make_store(path);                  // committed 150, durable 100
+  leave_dead_batch(path, 1000, 40);  // other keys and rows than the batch written over them
   const std::string stale_rows = test::read_file(path + "/rows.1");
   const std::string stale_index = test::read_file(path + "/index.1");
   {
