@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <time.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -19,6 +20,11 @@ namespace {
 
 // Ring ranges start on cache lines, so copying and hashing a batch never splits one with another.
 constexpr std::uint64_t kRingAlign = 64;
+
+// Pushes further apart than this are not a pace worth napping for: the thread sleeps until woken.
+constexpr std::chrono::milliseconds kLongestNapInterval{200};
+// A late batch is looked for again after this long at the least.
+constexpr std::chrono::microseconds kShortestNap{50};
 
 std::uint64_t align_up(std::uint64_t offset) {
   return (offset + kRingAlign - 1) / kRingAlign * kRingAlign;
@@ -109,11 +115,20 @@ void AsyncAppender::push(Batch&& batch) {
   batch.queued_bytes = bytes;
   std::unique_lock lock(mutex_);
   throw_if_failed();
+  const auto now = std::chrono::steady_clock::now();
+  if (last_push_ != std::chrono::steady_clock::time_point{}) {
+    const auto gap = now - last_push_;
+    push_interval_ = push_interval_ == std::chrono::steady_clock::duration{}
+                         ? gap
+                         : (push_interval_ * 7 + gap) / 8;
+  }
+  last_push_ = now;
   if (bytes > 0) {
     std::optional<std::uint64_t> offset = ring_place(bytes);
     if (!offset) {
       // Back-pressure: the caller (with the GIL released) waits for the writer thread.
       ++stats_.blocked_appends;
+      work_cv_.notify_one();  // It may be napping with the queue full.
       space_cv_.wait(lock, [&] {
         if (error_ || stopping_) return true;
         offset = ring_place(bytes);
@@ -135,15 +150,19 @@ void AsyncAppender::push(Batch&& batch) {
   }
   stats_.queued_bytes += bytes;
   queue_.push_back(std::move(batch));
+  // A napping thread takes this batch when its nap ends, unless another one already waits.
+  const bool wake = writer_asleep_ || (writer_napping_ && queue_.size() > 1);
+  if (wake) ++stats_.appends_woke_writer;
   // Woken after the unlock, the writer thread finds mutex_ free instead of blocking on it at
   // once (a second wake-up, a system call each on these VMs). The queue outlives this call:
   // the binding never stops or destroys it while a push() runs (its lifetime lock).
   lock.unlock();
-  work_cv_.notify_one();
+  if (wake) work_cv_.notify_one();
 }
 
 void AsyncAppender::flush() {
   std::unique_lock lock(mutex_);
+  if (!queue_.empty()) work_cv_.notify_one();  // Do not wait for the end of a nap.
   idle_cv_.wait(lock, [&] { return queue_.empty(); });
   if (error_) throw Error(*error_);
 }
@@ -173,6 +192,34 @@ WriteStats AsyncAppender::stats() {
   return stats_;
 }
 
+void AsyncAppender::wait_for_work(std::unique_lock<std::mutex>& lock) {
+  using Clock = std::chrono::steady_clock;
+  const auto ready = [&] { return stopping_ || !queue_.empty(); };
+  if (ready()) return;
+  const auto drained = Clock::now();
+  for (;;) {
+    const auto interval = push_interval_;
+    const auto now = Clock::now();
+    // Nap only while the pushes keep a pace, and for at most two of their intervals past the
+    // moment the queue emptied: then the next push wakes the thread itself.
+    if (interval == Clock::duration{} || interval > kLongestNapInterval ||
+        now - drained > 2 * interval) {
+      writer_asleep_ = true;
+      work_cv_.wait(lock, ready);
+      writer_asleep_ = false;
+      return;
+    }
+    // Until the next push is due, or an eighth of an interval if it is late already.
+    auto until = last_push_ + interval;
+    if (until <= now) until = now + std::max<Clock::duration>(interval / 8, kShortestNap);
+    ++stats_.writer_naps;
+    writer_napping_ = true;
+    const bool woke = work_cv_.wait_until(lock, until, ready);
+    writer_napping_ = false;
+    if (woke) return;
+  }
+}
+
 void AsyncAppender::run() {
   // SCHED_BATCH: the same CPU share as the caller, but waking this thread for a new batch never
   // preempts the thread that queued it. Without it, on busy cores (training) the append call
@@ -183,7 +230,7 @@ void AsyncAppender::run() {
   (void)pthread_setschedparam(pthread_self(), SCHED_BATCH, &param);
   std::unique_lock lock(mutex_);
   for (;;) {
-    work_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    wait_for_work(lock);
     if (queue_.empty()) break;  // Stopping, and everything queued is written.
     // The batch stays at the front (counted as queued) until written; push_back on a deque
     // keeps references to existing elements valid.

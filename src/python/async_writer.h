@@ -11,8 +11,18 @@
 // opaque `hold` (the binding's strong reference to the caller's array), handed back through
 // take_done() once its rows are copied or dropped, so the binding can release it while holding the
 // GIL. The background thread never touches Python.
+//
+// Waking the background thread is a system call and an inter-processor interrupt, 10-50 us of
+// the caller's time on virtual machines, which would be most of a donated append's cost. So
+// while batches arrive at a steady pace (a training loop), the thread naps between them on its
+// own timer, until the next batch is due, and push() wakes it only when it sleeps for good (no
+// batch for a while), when a second batch queues behind one it has not taken yet, or when the
+// caller waits for room; flush() and stop() always wake it. A queued batch is therefore taken
+// at most about one push interval late (naps end by themselves; see run()), and an idle writer
+// costs no wake-ups: after twice the usual interval without a batch it sleeps until woken.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -55,14 +65,16 @@ std::uint64_t packed_bytes(const ConstMatrix& rows);
 struct WriteStats {
   std::uint64_t batches = 0;
   std::uint64_t rows = 0;
-  std::uint64_t bytes = 0;            // Row bytes as stored.
-  double append_seconds = 0;          // Time inside Writer::append (the real write work).
-  double append_cpu_seconds = 0;      // CPU time of the appending thread inside it (no waits).
-  std::uint64_t copied_batches = 0;   // Batches the binding had to make contiguous first.
-  std::uint64_t queued_bytes = 0;     // Async: bytes accepted but not yet written.
-  std::uint64_t blocked_appends = 0;  // Async: append calls waiting for room right now.
-  std::uint64_t dropped_batches = 0;  // Async: batches discarded after a background error.
-  std::uint64_t dropped_rows = 0;     // Async: the rows of those batches.
+  std::uint64_t bytes = 0;                // Row bytes as stored.
+  double append_seconds = 0;              // Time inside Writer::append (the real write work).
+  double append_cpu_seconds = 0;          // CPU time of the appending thread inside it (no waits).
+  std::uint64_t copied_batches = 0;       // Batches the binding had to make contiguous first.
+  std::uint64_t queued_bytes = 0;         // Async: bytes accepted but not yet written.
+  std::uint64_t blocked_appends = 0;      // Async: append calls waiting for room right now.
+  std::uint64_t dropped_batches = 0;      // Async: batches discarded after a background error.
+  std::uint64_t dropped_rows = 0;         // Async: the rows of those batches.
+  std::uint64_t appends_woke_writer = 0;  // Async: push() calls that had to wake the thread.
+  std::uint64_t writer_naps = 0;          // Async: timed naps the thread took between batches.
 };
 
 // Appends batches in the order push() accepted them, from one background thread.
@@ -95,6 +107,9 @@ class AsyncAppender {
 
  private:
   void run();
+  // Returns once the queue has a batch or the queue is stopping; naps or sleeps meanwhile (see
+  // the file comment). Caller holds `lock` on mutex_.
+  void wait_for_work(std::unique_lock<std::mutex>& lock);
   void throw_if_failed();  // Caller holds mutex_.
   // Offset of a free ring range of `bytes` after the live batches, if there is one now.
   // Caller holds mutex_.
@@ -131,6 +146,12 @@ class AsyncAppender {
   WriteStats stats_;
   bool stopping_ = false;
   bool stopped_ = false;
+  // The writer thread is waiting without a timeout: only a notify wakes it.
+  bool writer_asleep_ = false;
+  bool writer_napping_ = false;  // Waiting until a deadline; see wait_for_work().
+  // The pace of push(): when the last one came, and a moving average of the gaps between them.
+  std::chrono::steady_clock::time_point last_push_{};
+  std::chrono::steady_clock::duration push_interval_{};
   std::thread thread_;
 };
 

@@ -92,6 +92,10 @@ std::vector<std::uint64_t> to_u64(const py::array& array, const char* what) {
   const auto* base = static_cast<const char*>(array.data());
   const py::ssize_t stride = array.strides(0);
   const py::ssize_t size = array.itemsize();
+  if (kind == 'u' && size == 8 && (stride == 8 || n <= 1)) {  // Common case: nothing to check.
+    if (n > 0) std::memcpy(out.data(), base, static_cast<std::size_t>(n) * 8);
+    return out;
+  }
   for (py::ssize_t i = 0; i < n; ++i) {
     const char* p = base + i * stride;
     std::int64_t signed_value = 0;
@@ -155,7 +159,7 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
     invalid("vectors have dtype " + py::str(static_cast<py::handle>(dt)).cast<std::string>() +
             "; embstore takes float32, float16, bfloat16 (torch), float64, int8 or uint8");
   }
-  if (dt.attr("byteorder").cast<std::string>() == ">") {
+  if (dt.byteorder() == '>') {
     invalid("vectors are big-endian; convert them to native byte order first");
   }
   const py::ssize_t rows = array.shape(0);
@@ -371,6 +375,8 @@ class PyWriter {
     out["blocked_appends"] = s.blocked_appends;
     out["dropped_batches"] = s.dropped_batches;
     out["dropped_rows"] = s.dropped_rows;
+    out["appends_woke_writer"] = s.appends_woke_writer;
+    out["writer_naps"] = s.writer_naps;
     return out;
   }
 

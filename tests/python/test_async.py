@@ -326,6 +326,54 @@ def test_writer_thread_runs_sched_batch_so_waking_it_never_preempts_the_caller(s
     assert len(batch_threads()) == before  # joined on close
 
 
+def test_batches_at_a_steady_pace_are_written_by_a_napping_thread_without_waking_it(store):
+    # The writer thread naps until the next batch is due, so an append at a steady pace need
+    # not wake it; the batch is taken when the nap ends, with no flush() needed.
+    rows = np.ones((1, 2), np.float32)
+    pushes = 50
+    with embstore.Writer(store, dim=2, async_queue_mb=1) as w:
+        for i in range(pushes):
+            w.append([i], rows * i, i)
+            time.sleep(0.005)
+        r = embstore.Reader(store)
+        _wait_until(lambda: (r.refresh(), len(r))[1] == pushes)  # no flush(), no wake
+        s = w.stats()
+        # Pushes 5 ms apart with writes of microseconds: the thread napped between them (only
+        # a stall of two intervals on every push would make it sleep for good every time).
+        assert s["writer_naps"] > 0
+        assert s["appends_woke_writer"] < pushes
+        np.testing.assert_array_equal(r.vectors[:, 0], np.arange(pushes))
+
+        # Idle: within two intervals of the last batch it stops napping and sleeps until woken.
+        time.sleep(1.0)
+        naps = w.stats()["writer_naps"]
+        time.sleep(0.5)
+        assert w.stats()["writer_naps"] == naps
+        woke = w.stats()["appends_woke_writer"]
+        w.append([pushes], rows * pushes, pushes)
+        assert w.stats()["appends_woke_writer"] == woke + 1
+        _wait_until(lambda: (r.refresh(), len(r))[1] == pushes + 1)
+        r.close()
+
+
+def test_flush_and_a_full_queue_do_not_wait_for_a_nap_to_end(store):
+    # Pushes 150 ms apart: the thread naps up to 150 ms between them. flush() wakes it, and so
+    # does an append that finds the queue full; both are also correct without the wake (the nap
+    # ends by itself), so this checks the rows, not the time.
+    rows = np.ones((4096, 16), np.float32)  # 256 KiB: four fill the 1 MiB queue
+    with embstore.Writer(store, dim=16, async_queue_mb=1) as w:
+        for i in range(4):
+            w.append(np.arange(4096) + 4096 * i, rows * i, i)
+            w.flush()
+            time.sleep(0.15)
+        for i in range(4, 16):  # back to back: the queue fills while the thread may nap
+            w.append(np.arange(4096) + 4096 * i, rows * i, i)
+        w.flush()
+        assert w.committed_rows() == 16 * 4096
+    r = embstore.Reader(store)
+    np.testing.assert_array_equal(r.vectors[::4096, 0], np.arange(16))
+
+
 def test_sync_append_releases_the_gil_while_waiting_for_the_store(store):
     embstore.create(store, dim=4)
     w = embstore.Writer(store)

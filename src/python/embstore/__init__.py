@@ -309,6 +309,8 @@ def _as_ints(values: Any, what: str) -> np.ndarray:
 
 def _epoch_arg(epoch: Any) -> Any:
     """An epoch for every row (an int in [0, 2**64)) or per-row epochs (a 1-D array)."""
+    if type(epoch) is int and 0 <= epoch < _U64_LIMIT:  # the common case, checked cheaply
+        return epoch
     if isinstance(epoch, (int, np.integer, bool, np.bool_, float, np.floating, str, bytes)):
         return _check_u64(epoch, "epoch")
     if isinstance(epoch, np.ndarray) or _is_torch_tensor(epoch):
