@@ -6,6 +6,17 @@
 //                                      posix_fallocate'd first (prealloc 1: what embstore's
 //                                      large batches do; src/log/commit.cc)
 //   BM_Memcpy/batch/dim                memcpy of the same bytes into already-touched memory
+//   BM_Paired/batch/dim/sync/index     per batch, an embstore append and a pwrite() of the same
+//                                      bytes into a preallocated file (with sync 1: each followed
+//                                      by fdatasync), in turns, in one process. Reports the
+//                                      counter x_pwrite_pre: the pwrite()s' total time over the
+//                                      appends'. Both draw fresh page-cache pages in the same
+//                                      moment, so the ratio holds still while the VM's cost of a
+//                                      fresh page swings 10x with what the host took back
+//                                      (bench/RESULTS.md). Keys as in training: a dataset of 64
+//                                      batches of distinct ids in a fixed shuffled order, the
+//                                      epoch advancing each time round; index 0 appends into a
+//                                      store made without the key index.
 //
 // dtype: 0 float32, 1 float16, 2 bfloat16, 3 float32 input converted to a float16 store,
 //        4 float32 input converted to a bfloat16 store.
@@ -19,6 +30,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -179,6 +191,96 @@ void BM_Memcpy(benchmark::State& state) {
   state.SetLabel("warm baseline f32 memcpy");
 }
 
+void BM_Paired(benchmark::State& state) {
+  const std::uint64_t batch = state.range(0);
+  const auto dim = static_cast<std::uint32_t>(state.range(1));
+  const int sync_arg = static_cast<int>(state.range(2));
+  const bool key_index = state.range(3) != 0;
+  const std::uint64_t row_bytes = std::uint64_t{dim} * 4;
+  const std::uint64_t bytes = batch * row_bytes;
+  const std::vector<float> values = random_floats(batch, dim);
+  const ConstMatrix matrix{values.data(), DType::kFloat32, batch, dim, 0};
+  constexpr std::uint64_t kDatasetBatches = 64;
+  const std::vector<std::uint64_t> ids = random_keys(batch * kDatasetBatches);
+  const std::uint64_t limit = rows_per_file(batch, row_bytes);
+
+  TempDir dir;
+  WriterOptions options;
+  options.sync = sync_arg == kEvery ? SyncPolicy::kEveryAppend : SyncPolicy::kNone;
+  int generation = 0;
+  std::optional<Writer> writer;
+  int fd = -1;
+  std::uint64_t rows_in_file = 0;
+  auto fresh_files = [&] {
+    writer.reset();
+    if (fd >= 0) ::close(fd);
+    const std::string path = dir.sub("store" + std::to_string(generation));
+    remove_tree(dir.sub("store" + std::to_string(generation - 1)));
+    ::unlink(dir.sub("data" + std::to_string(generation - 1)).c_str());
+    CreateOptions create;
+    create.dim = dim;
+    create.key_index = key_index;
+    writer.emplace(Writer::create(path, create, options));
+    const std::string data = dir.sub("data" + std::to_string(generation));
+    fd = ::open(data.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || ::posix_fallocate(fd, 0, static_cast<off_t>(limit * row_bytes)) != 0) {
+      throw std::runtime_error("cannot create and preallocate " + data);
+    }
+    ++generation;
+    rows_in_file = 0;
+  };
+  fresh_files();
+  using Clock = std::chrono::steady_clock;
+  Clock::duration appends{}, pwrites{};
+  std::uint64_t n = 0;
+  for (auto _ : state) {
+    if (rows_in_file + batch > limit) {
+      state.PauseTiming();
+      fresh_files();
+      state.ResumeTiming();
+    }
+    const std::span<const std::uint64_t> keys(ids.data() + (n % kDatasetBatches) * batch, batch);
+    const std::uint64_t epoch = n / kDatasetBatches;
+    for (int turn = 0; turn < 2; ++turn) {
+      const auto start = Clock::now();
+      if ((turn == 0) == (n % 2 == 0)) {
+        benchmark::DoNotOptimize(writer->append(keys, epoch, matrix));
+        appends += Clock::now() - start;
+      } else {
+        if (::pwrite(fd, values.data(), bytes, static_cast<off_t>(rows_in_file * row_bytes)) !=
+            static_cast<ssize_t>(bytes)) {
+          state.SkipWithError("pwrite failed");
+          break;
+        }
+        if (sync_arg == kEvery) ::fdatasync(fd);
+        pwrites += Clock::now() - start;
+      }
+    }
+    rows_in_file += batch;
+    ++n;
+  }
+  writer.reset();
+  if (fd >= 0) ::close(fd);
+  const double append_s = std::chrono::duration<double>(appends).count();
+  const double pwrite_s = std::chrono::duration<double>(pwrites).count();
+  state.counters["x_pwrite_pre"] = append_s > 0 ? pwrite_s / append_s : 0;
+  state.counters["append_us"] = n > 0 ? 1e6 * append_s / static_cast<double>(n) : 0;
+  state.counters["pwrite_us"] = n > 0 ? 1e6 * pwrite_s / static_cast<double>(n) : 0;
+  state.SetItemsProcessed(state.iterations() * batch);
+  state.SetBytesProcessed(state.iterations() * bytes);
+  state.SetLabel(std::string("paired f32 ") + sync_label(sync_arg) +
+                 (key_index ? "" : " no-key-index"));
+}
+
+void PairedArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"batch", "dim", "sync", "index"});
+  for (int index : {1, 0}) {
+    b->Args({512, 768, kNoSync, index});
+    b->Args({512, 64, kNoSync, index});
+    b->Args({512, 768, kEvery, index});
+  }
+}
+
 void AppendArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"batch", "dim", "dtype", "sync"});
   for (int batch : kBatches) b->Args({batch, 768, kF32, kNoSync});
@@ -210,6 +312,11 @@ BENCHMARK(BM_Append)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Pwrite)
     ->Apply(PwriteArgs)
+    ->Apply(add_min_max)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Paired)
+    ->Apply(PairedArgs)
     ->Apply(add_min_max)
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);

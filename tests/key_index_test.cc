@@ -12,6 +12,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <sstream>
 #include <vector>
 
 #include "embstore/error.h"
@@ -673,4 +674,94 @@ TEST_CASE("Key index: a writer killed while indexing leaves work the next one re
   std::string problem;
   CHECK(index->check(file.entries(), file.rows(), &problem) == 0);
   INFO(problem);
+}
+
+namespace {
+
+// This process's mappings of `path` (/proc/self/smaps): where each starts, its file offset and
+// its VmFlags ("hg": MADV_HUGEPAGE asked for).
+struct Vma {
+  std::uintptr_t start = 0;
+  std::uint64_t offset = 0;
+  std::string flags;
+};
+std::vector<Vma> mappings_of(const std::string& path) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::vector<Vma> out;
+  std::string line;
+  bool in = false;
+  while (std::getline(smaps, line)) {
+    if (line.size() > path.size() &&
+        line.compare(line.size() - path.size(), path.size(), path) == 0) {
+      Vma vma;
+      vma.start = std::stoull(line.substr(0, line.find('-')), nullptr, 16);
+      std::istringstream fields(line);
+      std::string range, perms, offset;
+      fields >> range >> perms >> offset;
+      vma.offset = std::stoull(offset, nullptr, 16);
+      out.push_back(vma);
+      in = true;
+    } else if (in && line.rfind("VmFlags:", 0) == 0) {
+      out.back().flags = line.substr(8);
+      in = false;
+    }
+  }
+  return out;
+}
+
+// Whether this kernel honours MADV_HUGEPAGE (transparent huge pages not compiled out or off).
+bool huge_pages_available() {
+  std::ifstream enabled("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string setting;
+  return std::getline(enabled, setting) && setting.find("[never]") == std::string::npos;
+}
+
+}  // namespace
+
+TEST_CASE("Reservations start on 2 MiB boundaries, and key index tables ask for 2 MiB pages",
+          "[key_index][mapping]") {
+  // Every ReservedMapping (data, offset index, key index) starts on a 2 MiB boundary, so the
+  // kernel can map a file's 2 MiB folios with one page-table entry each.
+  for (const std::uint64_t bytes :
+       {std::uint64_t{8192}, std::uint64_t{3 << 20} + 4096, std::uint64_t{1} << 30}) {
+    TempDir dir;
+    const std::string path = dir / "f";
+    const int fd = os::create_file(path);
+    os::allocate(fd, 0, 8192, path);
+    ReservedMapping mapping(bytes, path, os::Access::kReadWrite);
+    CHECK(reinterpret_cast<std::uintptr_t>(mapping.base()) % os::kHugePageBytes == 0);
+    mapping.map_to(fd, 8192);
+    mapping.base()[8191] = std::byte{7};  // Mapped and writable where asked.
+    os::close_fd(fd);
+  }
+
+  // Tables of 8 MiB (pair slots alone): the writer that creates them and a reader that opens
+  // them map the file from a 2 MiB boundary and ask for 2 MiB pages over the tables.
+  TempDir dir;
+  const KeyIndexSizes sizes{1 << 19, 1 << 16, 1 << 10};
+  auto created = KeyIndexFile::create(dir.path(), 1, identity(), sizes, 100);
+  created->publish_as_current(dir.path());
+  auto reader = KeyIndexFile::open(dir.path(), 1, identity(), os::Access::kReadOnly);
+  const std::vector<Vma> vmas = mappings_of("/keys.1");
+  REQUIRE(vmas.size() >= 2);  // At least one mapping each, each split where the advice ends.
+  int advised_from_start = 0;
+  for (const Vma& vma : vmas) {
+    if (vma.offset != 0) continue;
+    CHECK(vma.start % os::kHugePageBytes == 0);
+    if (vma.flags.find(" hg") != std::string::npos) ++advised_from_start;
+  }
+  if (huge_pages_available()) {
+    CHECK(advised_from_start == 2);  // The writer's and the reader's.
+  } else {
+    WARN("transparent huge pages are off here: the advice is not checked");
+  }
+  // The chain keeps small pages: no mapping from the last 2 MiB block the tables end in carries
+  // the advice (the header and tables: FORMAT.md "keys.K").
+  const std::uint64_t tables =
+      4096 + 16 * sizes.pair_slots + 8 * (sizes.key_slots + sizes.epoch_slots);
+  for (const Vma& vma : vmas) {
+    if (vma.offset >= tables / os::kHugePageBytes * os::kHugePageBytes) {
+      CHECK(vma.flags.find(" hg") == std::string::npos);
+    }
+  }
 }

@@ -185,6 +185,10 @@ void KeyIndexFile::map_header_and_tables(int fd, std::uint64_t max_rows) {
       reserve_in_proportion(chain_offset_, file_bytes, max_reserve_bytes_), path_, access_);
   mapping->map_to(fd, std::min(file_bytes / kPageBytes * kPageBytes, mapping->reserved_bytes()));
   base_ = mapping->base();
+  // The tables in 2 MiB pages: a lookup or an indexed row lands on a random page of tables far
+  // larger than the TLB covers with 4 KiB pages, and under a virtual machine's nested paging
+  // each miss is a long page walk. The chain, read in order, keeps small pages (it grows).
+  os::advise_huge_pages(base_, std::min(chain_offset_, mapping->mapped_bytes()));
   slots_ = reinterpret_cast<std::uint64_t*>(base_ + kKeyIndexTablesOffset);
   chain_base_.store(base_, std::memory_order_release);
   chain_rows_mapped_.store((mapping->mapped_bytes() - chain_offset_) / kChainRecordBytes,
@@ -223,12 +227,13 @@ std::shared_ptr<KeyIndexFile> KeyIndexFile::create(const std::string& dir, std::
       file->chain_offset_ +
       round_up(std::max<std::uint64_t>(rows, 1) * kChainRecordBytes * 9 / 8, kPageBytes);
   os::allocate(file->fd_, 0, bytes, file->path_);
-  os::write_all(file->fd_, &h, sizeof(h), 0, file->path_);
   file->map_header_and_tables(file->fd_, identity.max_rows);
   file->allocated_bytes_ = bytes;
   // Random keys touch every page of the tables soon: map them all in one call now (off the
-  // append's path for a growth) rather than fault at a first store in each.
-  os::populate_write(file->slots_, file->chain_offset_ - kKeyIndexTablesOffset);
+  // append's path for a growth) rather than fault at a first store in each. Before the header
+  // is written, so that the file's first 2 MiB can come as one page too.
+  os::populate_write(file->base_, file->chain_offset_);
+  os::write_all(file->fd_, &h, sizeof(h), 0, file->path_);
   return file;
 }
 

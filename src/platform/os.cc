@@ -209,7 +209,10 @@ std::string enomem_hint() {
 
 void* reserve(std::uint64_t bytes, const std::string& what) {
   if (int err = injected(Op::kMmap)) fail("reserve address space for", what, err);
-  void* p = ::mmap(nullptr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  // kHugePageBytes more than asked, then the slack before the first boundary and after the
+  // range is given back.
+  void* p = ::mmap(nullptr, bytes + kHugePageBytes, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) {
     int err = errno;
     throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
@@ -217,7 +220,12 @@ void* reserve(std::uint64_t bytes, const std::string& what) {
                     std::strerror(err) + (err == ENOMEM ? enomem_hint() : std::string()),
                 err);
   }
-  return p;
+  auto* raw = static_cast<std::byte*>(p);
+  const std::uint64_t head =
+      (kHugePageBytes - reinterpret_cast<std::uintptr_t>(raw) % kHugePageBytes) % kHugePageBytes;
+  unmap(raw, head);
+  unmap(raw + head + bytes, kHugePageBytes - head);
+  return raw + head;
 }
 
 void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Access access,
@@ -260,6 +268,13 @@ void populate(const void* addr, std::uint64_t bytes, int advice) noexcept {
 // The advice values, absent from older headers: MADV_POPULATE_READ, MADV_POPULATE_WRITE.
 void populate_read(const void* addr, std::uint64_t bytes) noexcept { populate(addr, bytes, 22); }
 void populate_write(void* addr, std::uint64_t bytes) noexcept { populate(addr, bytes, 23); }
+
+void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept {
+  const auto start = reinterpret_cast<std::uintptr_t>(addr);
+  const std::uintptr_t first = (start + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+  const std::uintptr_t end = (start + bytes) / kHugePageBytes * kHugePageBytes;
+  if (end > first) (void)::madvise(reinterpret_cast<void*>(first), end - first, MADV_HUGEPAGE);
+}
 
 void unmap(void* addr, std::uint64_t bytes) noexcept {
   if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);

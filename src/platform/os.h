@@ -47,7 +47,9 @@ void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::stri
 void datasync(int fd, const std::string& path);
 void sync_dir(const std::string& dir_path);
 
-// Reserves `bytes` of address space with no access and no backing (PROT_NONE, MAP_NORESERVE).
+// Reserves `bytes` of address space with no access and no backing (PROT_NONE, MAP_NORESERVE),
+// starting on a kHugePageBytes boundary (so a file mapped at its start from offset 0 can be
+// mapped with 2 MiB pages). Released with unmap(result, bytes).
 void* reserve(std::uint64_t bytes, const std::string& what);
 // Maps [offset, offset + bytes) of `fd` shared at `addr`, which lies inside a reservation.
 void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Access access,
@@ -61,6 +63,13 @@ void populate_read(const void* addr, std::uint64_t bytes) noexcept;
 // mapping (file space must be allocated already) and maps them writable in one call, so the
 // stores that follow take no page faults. Advisory like populate_read.
 void populate_write(void* addr, std::uint64_t bytes) noexcept;
+// Asks for 2 MiB pages over the whole 2 MiB blocks of [addr, addr + bytes), a mapped range
+// (MADV_HUGEPAGE): page-cache pages created there by later faults come as 2 MiB folios where
+// the file system can hold them, each mapped by one page-table entry when the range is 2 MiB-
+// aligned in both the address space and the file. Advisory: does nothing where refused.
+void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept;
+// 2 MiB: the large page size advise_huge_pages() asks for, and the alignment of reservations.
+inline constexpr std::uint64_t kHugePageBytes = 2 << 20;
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
 void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
                  const std::string& path);
