@@ -17,6 +17,14 @@
 //                                      batches of distinct ids in a fixed shuffled order, the
 //                                      epoch advancing each time round; index 0 appends into a
 //                                      store made without the key index.
+//   BM_IndexAfterWrite/index/write_kib an append of 512 rows of 8 floats (keys as above) right
+//                                      after a pwrite() of write_kib KiB of fresh pages of another
+//                                      file, outside the timing: what indexing costs once a write
+//                                      has pushed the key index out of the caches (and its page
+//                                      table entries out of the TLB), as an append's own write
+//                                      of its rows does, while gigabytes of fresh page cache are
+//                                      made beside it. Counter ns_per_row; index 0: no key
+//                                      index, so the difference is the index's share.
 //
 // dtype: 0 float32, 1 float16, 2 bfloat16, 3 float32 input converted to a float16 store,
 //        4 float32 input converted to a bfloat16 store.
@@ -272,6 +280,81 @@ void BM_Paired(benchmark::State& state) {
                  (key_index ? "" : " no-key-index"));
 }
 
+void BM_IndexAfterWrite(benchmark::State& state) {
+  const bool key_index = state.range(0) != 0;
+  const std::uint64_t write_bytes = static_cast<std::uint64_t>(state.range(1)) << 10;
+  constexpr std::uint64_t kBatch = 512, kDim = 8, kDatasetBatches = 64;
+  const std::vector<float> values = random_floats(kBatch, kDim);
+  const ConstMatrix matrix{values.data(), DType::kFloat32, kBatch, kDim, 0};
+  const std::vector<std::uint64_t> ids = random_keys(kBatch * kDatasetBatches);
+  const std::vector<std::byte> junk(std::max<std::uint64_t>(write_bytes, 1), std::byte{3});
+  const std::uint64_t limit = rows_per_file(kBatch, kDim * 4);
+  TempDir dir;
+  WriterOptions options;
+  options.sync = SyncPolicy::kNone;
+  int generation = 0;
+  std::optional<Writer> writer;
+  const std::string other = dir.sub("other");
+  const int fd = ::open(other.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw std::runtime_error("cannot create " + other);
+  std::uint64_t rows_in_file = 0, n = 0;
+  auto fresh_store = [&] {
+    writer.reset();
+    remove_tree(dir.sub("store" + std::to_string(generation - 1)));
+    CreateOptions create;
+    create.dim = kDim;
+    create.key_index = key_index;
+    writer.emplace(
+        Writer::create(dir.sub("store" + std::to_string(generation++)), create, options));
+    rows_in_file = 0;
+  };
+  fresh_store();
+  // The other file takes fresh page-cache pages, as a store's rows do: 16 times
+  // EMBSTORE_BENCH_BYTES of them (4 GiB by default: gigabytes, as in a training run; with 256
+  // MiB the key index cost a fifth of what it did here), then it starts over (truncated, so its
+  // pages are freed).
+  const std::uint64_t other_limit = std::max<std::uint64_t>(write_bytes, 16 * bytes_per_file());
+  std::uint64_t other_offset = other_limit;
+  for (auto _ : state) {
+    state.PauseTiming();
+    if (rows_in_file + kBatch > limit) fresh_store();
+    if (write_bytes > 0) {
+      if (other_offset + write_bytes > other_limit) {
+        if (::ftruncate(fd, 0) != 0 ||
+            ::posix_fallocate(fd, 0, static_cast<off_t>(other_limit)) != 0) {
+          state.SkipWithError("cannot preallocate the other file");
+          break;
+        }
+        other_offset = 0;
+      }
+      if (::pwrite(fd, junk.data(), write_bytes, static_cast<off_t>(other_offset)) < 0) {
+        state.SkipWithError("pwrite failed");
+        break;
+      }
+      other_offset += write_bytes;
+    }
+    state.ResumeTiming();
+    const std::span<const std::uint64_t> keys(ids.data() + (n % kDatasetBatches) * kBatch, kBatch);
+    benchmark::DoNotOptimize(writer->append(keys, n / kDatasetBatches, matrix));
+    rows_in_file += kBatch;
+    ++n;
+  }
+  writer.reset();
+  ::close(fd);
+  state.counters["ns_per_row"] =
+      benchmark::Counter(static_cast<double>(state.iterations() * kBatch),
+                         benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  state.SetItemsProcessed(state.iterations() * kBatch);
+  state.SetLabel(key_index ? "key index" : "no key index");
+}
+
+void IndexAfterWriteArgs(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"index", "write_kib"});
+  for (int write_kib : {0, 1536}) {
+    for (int index : {1, 0}) b->Args({index, write_kib});
+  }
+}
+
 void PairedArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"batch", "dim", "sync", "index"});
   for (int index : {1, 0}) {
@@ -317,6 +400,11 @@ BENCHMARK(BM_Pwrite)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Paired)
     ->Apply(PairedArgs)
+    ->Apply(add_min_max)
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_IndexAfterWrite)
+    ->Apply(IndexAfterWriteArgs)
     ->Apply(add_min_max)
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
