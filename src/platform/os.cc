@@ -210,9 +210,12 @@ std::string enomem_hint() {
 void* reserve(std::uint64_t bytes, const std::string& what) {
   if (int err = injected(Op::kMmap)) fail("reserve address space for", what, err);
   // kHugePageBytes more than asked, then the slack before the first boundary and after the
-  // range is given back.
-  void* p = ::mmap(nullptr, bytes + kHugePageBytes, PROT_NONE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  // range is given back. Ranges smaller than a large page hold none: placed as the kernel
+  // likes, packed (thousands of small stores open in one process, each with several ranges,
+  // would otherwise leave a 2 MiB gap beside each and run out of mappings under sanitizers).
+  const std::uint64_t slack = bytes >= kHugePageBytes ? kHugePageBytes : 0;
+  void* p =
+      ::mmap(nullptr, bytes + slack, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) {
     int err = errno;
     throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
@@ -221,6 +224,7 @@ void* reserve(std::uint64_t bytes, const std::string& what) {
                 err);
   }
   auto* raw = static_cast<std::byte*>(p);
+  if (slack == 0) return raw;
   const std::uint64_t head =
       (kHugePageBytes - reinterpret_cast<std::uintptr_t>(raw) % kHugePageBytes) % kHugePageBytes;
   unmap(raw, head);

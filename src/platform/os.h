@@ -48,8 +48,9 @@ void datasync(int fd, const std::string& path);
 void sync_dir(const std::string& dir_path);
 
 // Reserves `bytes` of address space with no access and no backing (PROT_NONE, MAP_NORESERVE),
-// starting on a kHugePageBytes boundary (so a file mapped at its start from offset 0 can be
-// mapped with 2 MiB pages). Released with unmap(result, bytes).
+// starting on a kHugePageBytes boundary when `bytes` is at least that large (so a file mapped
+// at its start from offset 0 can be mapped with 2 MiB pages). Released with
+// unmap(result, bytes).
 void* reserve(std::uint64_t bytes, const std::string& what);
 // Maps [offset, offset + bytes) of `fd` shared at `addr`, which lies inside a reservation.
 void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Access access,
