@@ -7,14 +7,19 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include "embstore/embstore.h"
 #include "platform/testing.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
+#include "writer_internals.h"
 
 using namespace embstore;
 using embstore::test::TempDir;
@@ -81,6 +86,115 @@ TEST_CASE("Two handles in one process exclude each other", "[lock][threads]") {
   CHECK_FALSE(lock_is_free(dir / "s/lock"));  // another description, same process: refused
   a.release();
   CHECK(lock_is_free(dir / "s/lock"));
+}
+
+TEST_CASE("acquire() says whether it had to wait for another handle", "[lock][threads]") {
+  TempDir dir;
+  create_store(dir / "s", small());
+  detail::WriterLock a(dir / "s/lock");
+  detail::WriterLock b(dir / "s/lock");
+  CHECK_FALSE(a.acquire());  // free
+  CHECK_FALSE(a.others_waiting());
+  std::atomic<bool> b_waited{false};
+  std::atomic<bool> b_holds{false};
+  std::thread t([&] {
+    b_waited = b.acquire();
+    b_holds = true;
+    while (b_holds) std::this_thread::yield();
+    b.release();
+  });
+  // b marks itself waiting while it waits; the holder sees it.
+  for (int i = 0; i < 5000 && !a.others_waiting(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(a.others_waiting());
+  a.release();
+  while (!b_holds) std::this_thread::yield();
+  CHECK(b_waited);
+  CHECK_FALSE(b.others_waiting());  // the mark went with the wait
+  CHECK_FALSE(a.others_waiting());
+  b_holds = false;
+  t.join();
+  CHECK_FALSE(a.acquire());
+  a.release();
+}
+
+TEST_CASE("A writer hashes in the page cache only while it looks like the one active writer",
+          "[lock][threads]") {
+  // Hashing under the lock saves a copy for one writer, but with the lock shared it would
+  // serialize every writer's hash, and a writer that skips the copy would be back for the lock
+  // before a woken waiter: a writer that had to wait, or that another writer got ahead of since
+  // its last append, stages instead (log/batch.h, HashAt).
+  TempDir dir;
+  CreateOptions o;
+  o.dim = 64;
+  // No key index: its growth thread takes the locks too, so an append could wait for it.
+  o.key_index = false;
+  Writer w = Writer::create(dir / "s", o);
+  const std::uint64_t n = 256;  // 64 KiB: written by pwrite
+  const std::vector<float> values(n * o.dim, 1.0f);
+  std::vector<std::uint64_t> keys(n);
+  std::uint64_t next_key = 0;
+  auto append = [&] {
+    for (auto& k : keys) k = next_key++;
+    w.append(keys, 0, ConstMatrix{values.data(), DType::kFloat32, n, o.dim, 0});
+  };
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));  // nothing since the open
+  append();
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    Writer other = Writer::open(dir / "s");  // another writer appends in between
+    other.append(std::vector<std::uint64_t>{1u << 30}, 0, std::vector<float>(o.dim, 2.0f));
+    CHECK(detail::WriterInternals::hashes_before_lock(w));
+  }
+  append();
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    detail::WriterLock other(dir / "s/lock");  // another handle holds the store's lock
+    CHECK_FALSE(other.acquire());
+    std::thread t(append);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    other.release();
+    t.join();
+  }
+  CHECK(detail::WriterInternals::hashes_before_lock(w));
+  append();  // staged and hashed before the lock; this time the lock was free
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    // Another handle waiting for the lock: w stages rather than take the lock back first.
+    detail::WriterLock holder(dir / "s/lock");
+    detail::WriterLock waiter(dir / "s/lock");
+    CHECK_FALSE(holder.acquire());
+    std::thread t([&] {
+      (void)waiter.acquire();
+      waiter.release();
+    });
+    for (int i = 0; i < 5000 && !holder.others_waiting(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    CHECK(detail::WriterInternals::hashes_before_lock(w));
+    holder.release();
+    t.join();
+  }
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    // A thread of w's own waiting for the lock: the same (w's mark is its own, not another's).
+    detail::WriterLock holder(dir / "s/lock");
+    CHECK_FALSE(holder.acquire());
+    std::thread own(append);
+    for (int i = 0; i < 5000 && !holder.others_waiting(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    REQUIRE(holder.others_waiting());  // w's thread waits
+    CHECK(detail::WriterInternals::hashes_before_lock(w));
+    holder.release();
+    own.join();
+  }
+  append();
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  CHECK(w.committed_rows() == 6 * n + 1);
+  w.close();
+  CHECK(Reader::open(dir / "s").verify().ok());
 }
 
 TEST_CASE("A writer killed while holding the lock blocks no one", "[lock][crash]") {

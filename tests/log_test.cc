@@ -1,11 +1,17 @@
 // The log's two write-side components on real store files: a prepared batch (src/log/batch.h:
 // validate, convert, hash) and the commit (src/log/commit.h: grow, era, write, publish).
+#include <algorithm>
+#include <atomic>
 #include <catch2/catch.hpp>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "embstore/embstore.h"
@@ -54,9 +60,10 @@ ConstMatrix matrix(const std::vector<float>& values, std::uint64_t rows, std::ui
 
 PreparedBatch prepare(const StoreFiles& f, const std::vector<std::uint64_t>& keys,
                       const ConstMatrix& rows, std::uint64_t epoch = 3,
-                      detail::RowMemory memory = detail::RowMemory::kCallers) {
+                      detail::RowMemory memory = detail::RowMemory::kCallers,
+                      detail::HashAt hash_at = detail::HashAt::kStaged) {
   return detail::prepare_batch(f.layout(), f.hash_key(), f.dir(), keys, nullptr, epoch, rows,
-                               memory);
+                               memory, hash_at);
 }
 
 // prepare_batch's error for `rows`: kInvalidArgument naming the store and `what`.
@@ -144,6 +151,47 @@ TEST_CASE("A batch larger than kStageBytes is left to the commit to copy and has
   const PreparedBatch b = prepare(*f, keys, matrix(values, n));
   CHECK(b.source == reinterpret_cast<const std::byte*>(values.data()));
   CHECK(b.hashes == nullptr);
+}
+
+TEST_CASE(
+    "HashAt::kPageCache leaves only the caller's packed, unconverted rows of 32 KiB or "
+    "more unhashed, to be written from where they are",
+    "[log][batch]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  const std::uint64_t big = detail::kRowsSyscallMinBytes / (kDim * 4);  // exactly 32 KiB
+  const auto values = test::batch_payload(0, 0, big, kDim);
+  const auto keys = keys_from(0, big);
+  const auto page_cache = detail::HashAt::kPageCache;
+  const PreparedBatch b =
+      prepare(*f, keys, matrix(values, big), 3, detail::RowMemory::kCallers, page_cache);
+  CHECK(b.hash_written);
+  CHECK(b.hashes == nullptr);
+  CHECK(b.source == reinterpret_cast<const std::byte*>(values.data()));
+  // One row fewer: written through the mapping, so staged and hashed here as before.
+  const std::vector<std::uint64_t> fewer(keys.begin(), keys.end() - 1);
+  const PreparedBatch small =
+      prepare(*f, fewer, matrix(values, big - 1), 3, detail::RowMemory::kCallers, page_cache);
+  CHECK_FALSE(small.hash_written);
+  CHECK(small.hashes != nullptr);
+  CHECK(small.source != reinterpret_cast<const std::byte*>(values.data()));
+  // Strided rows are packed into the staging buffer (a commit writes packed rows).
+  std::vector<float> wide(big * (kDim + 1));
+  const PreparedBatch strided =
+      prepare(*f, keys, matrix(wide, big, kDim, DType::kFloat32, (kDim + 1) * 4), 3,
+              detail::RowMemory::kCallers, page_cache);
+  CHECK_FALSE(strided.hash_written);
+  CHECK(strided.hashes != nullptr);
+  // Private rows are hashed where they are, before the lock, whatever hash_at says.
+  const PreparedBatch private_rows =
+      prepare(*f, keys, matrix(values, big), 3, detail::RowMemory::kPrivate, page_cache);
+  CHECK_FALSE(private_rows.hash_written);
+  CHECK(private_rows.hashes != nullptr);
+  // kStaged copies and hashes the same batch before the lock.
+  const PreparedBatch staged = prepare(*f, keys, matrix(values, big));
+  CHECK_FALSE(staged.hash_written);
+  CHECK(staged.hashes != nullptr);
+  CHECK(staged.source != reinterpret_cast<const std::byte*>(values.data()));
 }
 
 TEST_CASE("Private packed rows are hashed where they are at any size, strided ones are copied",
@@ -287,11 +335,14 @@ TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed
   detail::testing::set_write_path(mode);
   // The caller's rows, and private ones (the async queue's ring: packed ones written from there).
   const auto memory = GENERATE(detail::RowMemory::kCallers, detail::RowMemory::kPrivate);
+  // Staged before the lock, or written from the caller's array and hashed where they landed.
+  const auto hash_at = GENERATE(detail::HashAt::kStaged, detail::HashAt::kPageCache);
   // A staged batch, and one past kStageBytes that the commit copies in two pieces.
   for (const std::uint64_t n : {std::uint64_t{20000}, detail::kStageBytes / (kDim * 4) + 100}) {
     for (const std::uint64_t stride_floats : {std::uint64_t{kDim}, std::uint64_t{11}}) {
       INFO(mode << ", " << n << " rows " << stride_floats << " floats apart, "
-                << (memory == detail::RowMemory::kPrivate ? "private" : "caller's"));
+                << (memory == detail::RowMemory::kPrivate ? "private" : "caller's")
+                << (hash_at == detail::HashAt::kPageCache ? ", hashed in the page cache" : ""));
       TempDir dir;
       auto f = make_store(dir);
       const auto packed = test::batch_payload(0, 0, n, kDim);
@@ -301,10 +352,10 @@ TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed
       }
       std::uint64_t synced_era = 0;
       const auto keys = keys_from(0, n);
-      commit(
-          *f,
-          prepare(*f, keys, matrix(values, n, kDim, DType::kFloat32, stride_floats * 4), 3, memory),
-          synced_era);
+      commit(*f,
+             prepare(*f, keys, matrix(values, n, kDim, DType::kFloat32, stride_floats * 4), 3,
+                     memory, hash_at),
+             synced_era);
       REQUIRE(std::memcmp(f->row_ptr(0), packed.data(), n * kDim * 4) == 0);
       const std::uint64_t seed = f->layout().seed;
       for (std::uint64_t i = 0; i < n; ++i) {
@@ -314,6 +365,100 @@ TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed
       }
     }
   }
+}
+
+TEST_CASE(
+    "Rows hashed in the page cache match their checksums while another thread rewrites "
+    "the caller's array",
+    "[log][commit][threads]") {
+  // pwrite copies the caller's rows while a thread of the caller changes them: which values are
+  // stored is the race's business, but each stored row must match its entry's checksum, since
+  // the hash is taken from the page cache after the write, not from the array.
+  WritePathReset reset;
+  detail::testing::set_write_path("syscall");
+  TempDir dir;
+  auto f = make_store(dir);
+  const std::uint64_t n = 2 * detail::kRowsSyscallMinBytes / (kDim * 4);
+  std::vector<float> values(n * kDim, 0.0f);
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> passes{0};
+  std::thread scribbler([&] {
+    for (float v = 1.0f; !stop.load(std::memory_order_relaxed); v += 1.0f) {
+      // Relaxed atomic stores: the race is the point, and TSan need not flag the test itself.
+      for (float& x : values) std::atomic_ref<float>(x).store(v, std::memory_order_relaxed);
+      passes.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  std::uint64_t synced_era = 0;
+  // At least 200 batches, and on until the scribbler has rewritten the array 50 times (on a
+  // busy machine it may get little time): at most 2,000.
+  std::uint64_t rounds = 0;
+  for (; rounds < 2000 && (rounds < 200 || passes.load() < 50); ++rounds) {
+    const auto keys = keys_from(rounds * n, n);
+    const PreparedBatch b = prepare(*f, keys, matrix(values, n), 3, detail::RowMemory::kCallers,
+                                    detail::HashAt::kPageCache);
+    REQUIRE(b.hash_written);
+    commit(*f, b, synced_era);
+  }
+  stop = true;
+  scribbler.join();
+  const std::uint64_t seed = f->layout().seed;
+  std::set<float> seen;  // the values stored: many, or the array hardly changed meanwhile
+  for (std::uint64_t row = 0; row < rounds * n; ++row) {
+    const IndexEntry e = entry_at(*f, row);
+    const std::uint64_t hash = detail::payload_hash_reference(f->row_ptr(row), kDim * 4, seed);
+    REQUIRE(e.checksum == detail::entry_checksum(hash, e.key, e.epoch, e.row, seed));
+    const auto* stored = reinterpret_cast<const float*>(f->row_ptr(row));
+    seen.insert(stored, stored + kDim);
+  }
+  CHECK(seen.size() >= 10);
+  CHECK(Reader::open(dir / "s").verify().ok());
+}
+
+namespace {
+// KiB of `path` resident in this process's mappings of it (/proc/self/smaps, Rss).
+std::uint64_t resident_kib(const std::string& path) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::uint64_t kib = 0;
+  bool in = false;
+  for (std::string line; std::getline(smaps, line);) {
+    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
+        line.find('-') != std::string::npos && line.find(' ') > line.find('-')) {
+      in = line.size() >= path.size() &&
+           line.compare(line.size() - path.size(), path.size(), path) == 0;
+    } else if (in && line.rfind("Rss:", 0) == 0) {
+      kib += std::stoull(line.substr(4));
+    }
+  }
+  return kib;
+}
+}  // namespace
+
+TEST_CASE("A writer hashing rows in the page cache does not keep them all mapped",
+          "[log][commit][mapping]") {
+  // Hashing where the rows were written maps their pages into the writer; the writer drops
+  // those page-table entries every 64 MiB, or its resident size would grow with the store.
+  TempDir dir;
+  CreateOptions o;
+  o.dim = 1024;  // 4 KiB rows
+  Writer w = Writer::create(dir / "s", o);
+  const std::uint64_t n = 512;  // 2 MiB a batch
+  const std::vector<float> values(n * o.dim, 0.5f);
+  std::vector<std::uint64_t> keys(n);
+  // 288 MiB: a growth past 128 MiB maps the files anew at a reservation of 512 MiB (which drops
+  // every page-table entry), so from there on only the release keeps the rows unmapped.
+  const std::uint64_t batches = 144;
+  for (std::uint64_t b = 0; b < batches; ++b) {
+    for (std::uint64_t i = 0; i < n; ++i) keys[i] = b * n + i;
+    w.append(keys, 0, ConstMatrix{values.data(), DType::kFloat32, n, o.dim, 0});
+  }
+  const std::uint64_t kib = resident_kib(dir / "s/rows.1");
+  INFO(kib << " KiB of rows.1 resident");
+  CHECK(kib > 0);  // the rows since the last release are mapped: the path above was taken
+  // Less than one release's worth gathers (the pages at its two edges aside).
+  CHECK(kib < (detail::StoreFiles::kReleaseRowBytes >> 10) + 8);
+  w.close();
+  CHECK(Reader::open(dir / "s").verify().ok());
 }
 
 TEST_CASE("A commit past the capacity grows the files first, as FORMAT.md 'File sizes' says",

@@ -10,7 +10,8 @@ namespace embstore::detail {
 
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
-                            std::uint64_t single_epoch, const ConstMatrix& rows, RowMemory memory) {
+                            std::uint64_t single_epoch, const ConstMatrix& rows, RowMemory memory,
+                            HashAt hash_at) {
   auto invalid = [&](const std::string& what) {
     throw Error(ErrorCode::kInvalidArgument, where + ": append: " + what);
   };
@@ -57,6 +58,11 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
       hashes[i] = payload_hash(batch.source + i * record_bytes, record_bytes, key);
     }
     batch.hashes = hashes.data();
+    return batch;
+  }
+  if (!convert && hash_at == HashAt::kPageCache && stride == record_bytes &&
+      n * record_bytes >= kRowsSyscallMinBytes) {
+    batch.hash_written = true;  // Written from the caller's array, hashed where it was written.
     return batch;
   }
   if (!convert && n * record_bytes > kStageBytes) return batch;  // Staged piece by piece.

@@ -23,7 +23,6 @@ namespace {
 //     throughput (bench/RESULTS.md, "checksum over the bytes written").
 // Readers cannot tell them apart: both write the one page cache their mappings show, before the
 // release store of `committed` that publishes the rows.
-constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
 constexpr std::uint64_t kEntriesSyscallMinBytes = 4 * 1024;
 // Index entries per system call (32 KiB), built in a buffer of the writing thread.
 constexpr std::uint64_t kEntriesPerWrite = 1024;
@@ -43,9 +42,9 @@ WritePlan plan_writes(const StoreFiles& files, std::uint64_t n) {
 }
 
 // Writes the batch's rows into the data file from row `first`; returns the payload_hash of
-// each, computed over the bytes written (batch.h): the batch's own for a staged batch; for a
-// larger one, from pieces copied into a buffer of this thread (or into the mapping) and hashed
-// there.
+// each, computed over the bytes written (batch.h): the batch's own for a staged batch; for the
+// caller's rows, from where they were written (hash_written) or from pieces copied into a
+// buffer of this thread (or into the mapping) and hashed there.
 const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const PreparedBatch& batch,
                                 bool by_syscall) {
   const std::uint64_t record_bytes = files.layout().record_bytes;
@@ -64,6 +63,20 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
   if (!by_syscall) {  // Imposed by a test build: the mapping is this writer's own memory too.
     copy_and_hash(files.row_ptr(first), batch.source, batch.stride, n, record_bytes,
                   files.hash_key(), hashes.data());
+    return hashes.data();
+  }
+  if (batch.hash_written) {
+    // The caller's packed rows (batch.h, HashAt::kPageCache): written from where they are, then
+    // hashed where they landed, through this writer's mapping of the page cache. The read
+    // faults map 16 pages at a time (fault-around): cheaper than the copy they replace, where
+    // MADV_POPULATE_READ of the range was not (bench/RESULTS.md, "Hashing what was written").
+    os::write_all(files.data_fd(), batch.source, n * record_bytes, first * record_bytes,
+                  files.data_path());
+    const std::byte* stored = files.row_ptr(first);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      hashes[i] = payload_hash(stored + i * record_bytes, record_bytes, files.hash_key());
+    }
+    files.release_read_rows(first, first + n);
     return hashes.data();
   }
   const std::uint64_t per_write = std::max<std::uint64_t>(1, kStageBytes / record_bytes);

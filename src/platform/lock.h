@@ -33,7 +33,12 @@ class WriterLock {
   WriterLock(const WriterLock&) = delete;
   WriterLock& operator=(const WriterLock&) = delete;
 
-  void acquire();  // Blocks until held.
+  // Blocks until held; true when it had to wait (another handle held the lock). While it waits,
+  // the handle is marked waiting (byte 1 of the file, FORMAT.md "The store directory").
+  bool acquire();
+  // Whether another handle is waiting for the lock right now: a hint, for a holder choosing how
+  // much work to do under the lock (writer.cc, hash_at()).
+  bool others_waiting() const noexcept;
   void release() noexcept;
   // True when called from the process that constructed this lock.
   bool in_owner_process() const noexcept;
@@ -48,13 +53,15 @@ class WriterLock {
 // RAII holder.
 class LockGuard {
  public:
-  explicit LockGuard(WriterLock& lock) : lock_(lock) { lock_.acquire(); }
+  explicit LockGuard(WriterLock& lock) : lock_(lock), waited_(lock_.acquire()) {}
   ~LockGuard() { lock_.release(); }
+  bool waited() const noexcept { return waited_; }
   LockGuard(const LockGuard&) = delete;
   LockGuard& operator=(const LockGuard&) = delete;
 
  private:
   WriterLock& lock_;
+  bool waited_;
 };
 
 }  // namespace embstore::detail

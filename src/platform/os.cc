@@ -280,6 +280,13 @@ void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept {
   if (end > first) (void)::madvise(reinterpret_cast<void*>(first), end - first, MADV_HUGEPAGE);
 }
 
+void drop_page_tables(void* addr, std::uint64_t bytes) noexcept {
+  const auto start = reinterpret_cast<std::uintptr_t>(addr);
+  const std::uintptr_t first = (start + 4095) & ~std::uintptr_t{4095};
+  const std::uintptr_t end = (start + bytes) & ~std::uintptr_t{4095};
+  if (end > first) (void)::madvise(reinterpret_cast<void*>(first), end - first, MADV_DONTNEED);
+}
+
 void unmap(void* addr, std::uint64_t bytes) noexcept {
   if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);
 }
@@ -350,29 +357,53 @@ bool exists(const std::string& path) noexcept {
 }
 
 namespace {
-// An OFD lock request of `type` on byte 0 (l_pid must be 0 for OFD locks).
-struct flock byte_zero(short type) noexcept {
+// An OFD lock request of `type` on one byte (l_pid must be 0 for OFD locks): byte 0 is the
+// writer lock, byte 1 the mark of writers waiting for it.
+struct flock byte_lock(short type, off_t byte = 0) noexcept {
   struct flock fl;
   std::memset(&fl, 0, sizeof(fl));
   fl.l_type = type;
   fl.l_whence = SEEK_SET;
-  fl.l_start = 0;
+  fl.l_start = byte;
   fl.l_len = 1;
   return fl;
 }
+constexpr off_t kWaitingByte = 1;
 }  // namespace
 
 void lock_exclusive(int fd, const std::string& path) {
   if (int err = injected(Op::kLock)) fail("lock", path, err);
-  struct flock fl = byte_zero(F_WRLCK);
+  struct flock fl = byte_lock(F_WRLCK);
   while (::fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
     if (errno == EINTR) continue;
     fail("lock", path, errno);
   }
 }
 
+bool try_lock_exclusive(int fd, const std::string& path) {
+  if (int err = injected(Op::kLock)) fail("lock", path, err);
+  struct flock fl = byte_lock(F_WRLCK);
+  while (::fcntl(fd, F_OFD_SETLK, &fl) != 0) {
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EACCES) return false;
+    fail("lock", path, errno);
+  }
+  return true;
+}
+
+void mark_waiting(int fd, bool waiting) noexcept {
+  struct flock fl = byte_lock(waiting ? F_RDLCK : F_UNLCK, kWaitingByte);
+  while (::fcntl(fd, F_OFD_SETLK, &fl) != 0 && errno == EINTR) {
+  }
+}
+
+bool others_waiting(int fd) noexcept {
+  struct flock fl = byte_lock(F_WRLCK, kWaitingByte);
+  return ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+}
+
 void unlock(int fd) noexcept {
-  struct flock fl = byte_zero(F_UNLCK);
+  struct flock fl = byte_lock(F_UNLCK);
   ::fcntl(fd, F_OFD_SETLK, &fl);
 }
 

@@ -69,6 +69,10 @@ void populate_write(void* addr, std::uint64_t bytes) noexcept;
 // the file system can hold them, each mapped by one page-table entry when the range is 2 MiB-
 // aligned in both the address space and the file. Advisory: does nothing where refused.
 void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept;
+// Drops the page-table entries of the whole pages in [addr, addr + bytes) of a shared file
+// mapping (MADV_DONTNEED): the file's pages stay in the page cache, dirty ones stay dirty, and
+// the next access maps them again. Failures are ignored (only resident size is at stake).
+void drop_page_tables(void* addr, std::uint64_t bytes) noexcept;
 // 2 MiB: the large page size advise_huge_pages() asks for, and the alignment of reservations.
 inline constexpr std::uint64_t kHugePageBytes = 2 << 20;
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
@@ -88,6 +92,13 @@ std::uint64_t filesystem_magic(const std::string& path);
 
 // Blocks until this open file description holds the exclusive OFD lock on byte 0 of `fd`.
 void lock_exclusive(int fd, const std::string& path);
+// The same lock without waiting: false when another open file description holds it.
+bool try_lock_exclusive(int fd, const std::string& path);
+// The mark of a handle waiting for that lock: a shared OFD lock on byte 1, which dies with its
+// holder like the lock itself. Hints only: a failure is ignored (no mark, or none seen).
+void mark_waiting(int fd, bool waiting) noexcept;
+// True when another open file description has the mark set.
+bool others_waiting(int fd) noexcept;
 void unlock(int fd) noexcept;
 
 // Shared (cross-process) futex on a 32-bit word of a MAP_SHARED mapping; the word may be mapped
