@@ -18,9 +18,9 @@
 // them with pwrite straight from the caller's array, then hashes the bytes where they landed, in
 // the page cache, through this writer's mapping: under the writer lock nothing else writes
 // there, so the hash describes exactly what is stored, whatever the caller's threads do to their
-// array meanwhile. That saves the copy (one writer appends ~10% faster, bench/RESULTS.md
-// "Hashing what was written"), but the hash then runs under the lock, so writers that wait for
-// the lock stage instead and hash in parallel while another writes (the Writer picks: writer.cc).
+// array meanwhile. That saves the copy (one writer appends 5-18% faster, bench/RESULTS.md
+// "Hashing what was written"), but the hash then runs under the lock, so a writer stages
+// instead whenever the lock looks shared (the Writer picks: hash_at() in writer.cc).
 #pragma once
 
 #include <cstddef>
