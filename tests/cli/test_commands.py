@@ -335,6 +335,30 @@ def test_bench_json_parses_with_a_quote_in_the_directory(tmp_path):
     assert report["runs"][0]["embstore"]["rows"] == 2000
 
 
+def test_bench_gives_every_row_a_new_key_that_says_when_it_was_appended(tmp_path):
+    # As sample ids in training: the key index does its whole work, not one insert a batch.
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    r = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
+            tmp_path, "--keep", "--json", "--quiet", "--no-baselines")
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    assert r.code == 0, r
+    store = json.loads(r.out)["runs"][0]["store"]
+    keys = np.array(embstore.Reader(store).keys)
+    assert len(keys) == 2000
+    assert len(np.unique(keys)) == 2000
+    assert ((keys >= before) & (keys <= after)).all()
+    batches = keys.reshape(20, 100)
+    assert (np.diff(batches, axis=1) == 1).all()  # t + i within a batch
+    assert (batches[1:, 0] > batches[:-1, -1]).all()  # later appends, later times
+    # Bytes on disk: the key index apart, and the rest within its bound.
+    run_report = json.loads(r.out)["runs"][0]
+    keys_bytes = sum(os.stat(os.path.join(store, f)).st_blocks * 512
+                     for f in os.listdir(store) if f.startswith("keys."))
+    assert keys_bytes > 0
+    assert run_report["key_index_bytes_on_disk"] == keys_bytes
+    assert run_report["bytes_on_disk"] - keys_bytes <= run_report["bytes_on_disk_bound"]
+
+
 def test_bench_bad_options_are_usage_errors():
     for args in (["--writers", "0"], ["--sync", "sometimes"], ["--dtype", "f64->f8"],
                  ["--frobnicate"]):

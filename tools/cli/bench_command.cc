@@ -257,7 +257,9 @@ bool is_pwrite(Workload workload) {
       const std::uint64_t n = std::min(config.batch, quota - done);
       const std::int64_t t0 = now_ns();
       if (workload == Workload::kEmbstore) {
-        for (std::uint64_t i = 0; i < n; ++i) keys[i] = static_cast<std::uint64_t>(t0);
+        // A new key for every row, as a training run's sample ids are, so the key index does
+        // its whole work; each still says when its append started, within n ns.
+        for (std::uint64_t i = 0; i < n; ++i) keys[i] = static_cast<std::uint64_t>(t0) + i;
         writer->append(std::span(keys.data(), n), static_cast<std::uint64_t>(index),
                        ConstMatrix{batch.data(), config.in_dtype, n, config.dim, 0});
       } else if (is_pwrite(workload)) {
@@ -457,12 +459,14 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   return result;
 }
 
-std::uint64_t disk_bytes(const std::string& dir) {
+// Bytes allocated to the files of `dir` whose names start with `prefix` (all: "").
+std::uint64_t disk_bytes(const std::string& dir, const std::string& prefix = "") {
   std::uint64_t total = 0;
   std::error_code ec;
   for (const auto& entry : std::filesystem::recursive_directory_iterator(dir, ec)) {
     struct stat st;
-    if (::lstat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+    if (entry.path().filename().string().rfind(prefix, 0) == 0 &&
+        ::lstat(entry.path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
       total += static_cast<std::uint64_t>(st.st_blocks) * 512;
     }
   }
@@ -475,7 +479,9 @@ struct RunResult {
   // Every repeat, in order (misses kept): repeat r of each workload ran in the same shuffled
   // round, so store[r] / pwrite[r] is a same-run ratio.
   std::vector<PhaseResult> stores, pwrites, preallocs, memcpys;
-  std::uint64_t disk = 0, payload = 0, segment_bytes = 0;
+  // The store's bytes on disk, and those of its key index (keys.*) among them: the bound
+  // payload + 32 B/row + one segment is for the rest, the data and index files and the header.
+  std::uint64_t disk = 0, key_index_disk = 0, payload = 0, segment_bytes = 0;
   std::string store_path;
 };
 
@@ -531,6 +537,7 @@ void run_repeat(const Config& config, int r, RunResult& run, const std::string& 
     if (r == 0) {
       run.payload = rows * row_bytes;
       run.disk = disk_bytes(path);
+      run.key_index_disk = disk_bytes(path, "keys.");
       run.store_path = path;
     }
     if (!config.keep || r > 0) {
@@ -619,7 +626,8 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
     run["reader_bytes"] = r.store.reader_bytes;
     run["bytes_on_disk"] = r.disk;
     run["payload_bytes"] = r.payload;
-    run["bytes_on_disk_bound"] = r.payload + 32 * r.store.rows + r.segment_bytes;
+    run["key_index_bytes_on_disk"] = r.key_index_disk;
+    run["bytes_on_disk_bound"] = r.payload + 32 * r.store.rows + r.segment_bytes;  // without it
     run["store"] = config.keep ? r.store_path : "";
     out_runs.push_back(std::move(run));
   }
@@ -688,10 +696,12 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
           r.store.reader_bytes / 1e6);
     }
     std::printf(
-        "%-8d bytes on disk %llu = payload %llu x %.3f (bound: payload + 32 B/row + one "
-        "segment = %llu)%s%s\n",
+        "%-8d bytes on disk %llu = payload %llu x %.3f: key index %llu, the rest %llu (bound: "
+        "payload + 32 B/row + one segment = %llu)%s%s\n",
         r.writers, static_cast<unsigned long long>(r.disk),
         static_cast<unsigned long long>(r.payload), ratio(r.disk, r.payload),
+        static_cast<unsigned long long>(r.key_index_disk),
+        static_cast<unsigned long long>(r.disk - r.key_index_disk),
         static_cast<unsigned long long>(r.payload + 32 * r.store.rows + r.segment_bytes),
         config.keep ? ", kept at " : "", config.keep ? r.store_path.c_str() : "");
   }
@@ -790,8 +800,9 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "then runs the same workload in the same run through pwrite() appending to a new file\n"
       "(pwrite), pwrite() into a file preallocated with posix_fallocate (pwrite-pre: how\n"
       "embstore writes large batches) and memcpy into private memory, and reports\n"
-      "ratios. Keys are the append's CLOCK_MONOTONIC time in ns (readers derive their lag from\n"
-      "them) and the epoch is the writer's number.\n\n"
+      "ratios. Row i of a batch has the key t + i, t the append's CLOCK_MONOTONIC time in ns:\n"
+      "a new key for every row, as sample ids are in training (readers derive their lag from\n"
+      "them); the epoch is the writer's number.\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
   registry.add(cmd, [config] { return run_bench(*config); });
 }
