@@ -516,6 +516,11 @@ void Writer::Impl::flush() {
   const InFlight in_flight{*this};
   const std::uint64_t committed = state.committed();
   try {
+    // The index file's writeback is started first, so that it runs while the data file is
+    // flushed (5-10% more appends with sync on every append, in same-moment ratios:
+    // bench/RESULTS.md, "Sync on every append"). Both flushes finish before durable is raised
+    // and the header flushed: the order a power cut can observe is unchanged.
+    detail::os::start_writeback(index_fd);
     detail::os::datasync(data_fd, data_path);
     detail::os::datasync(index_fd, index_path);
     EMBSTORE_CRASH_POINT("mid-sync");

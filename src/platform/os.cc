@@ -184,6 +184,8 @@ void datasync(int fd, const std::string& path) {
   if (::fdatasync(fd) != 0) fail("fdatasync", path, errno);
 }
 
+void start_writeback(int fd) noexcept { (void)::sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE); }
+
 void sync_dir(const std::string& dir_path) {
   if (int err = injected(Op::kMsync)) fail("fsync", dir_path, err);
   int fd = ::open(dir_path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);

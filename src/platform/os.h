@@ -45,6 +45,10 @@ void write_chunks(int fd, const Chunk* chunks, std::size_t count, std::uint64_t 
 // posix_fallocate: the range is allocated (and the file extended) or an error is thrown.
 void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& path);
 void datasync(int fd, const std::string& path);
+// Starts writeback of the file's dirty pages without waiting for it (sync_file_range with
+// SYNC_FILE_RANGE_WRITE alone): durable only after a datasync(), which also reports any error
+// (this call neither reports nor consumes one).
+void start_writeback(int fd) noexcept;
 void sync_dir(const std::string& dir_path);
 
 // Reserves `bytes` of address space with no access and no backing (PROT_NONE, MAP_NORESERVE),
