@@ -10,6 +10,10 @@
 // never keep a dead parent's lock alive. A WriterLock used in a process other than the one that
 // created it throws kForkedChild and never unlocks.
 //
+// While a handle waits for the lock it holds a shared OFD lock on byte 1 (the waiting mark), so
+// the holder can tell that others wait (others_waiting()): a hint only, which dies with its
+// holder like the lock; writers before this mark existed wait without it.
+//
 // Not thread-safe: one thread at a time per WriterLock (the Writer serializes with a mutex).
 //
 // Why not Boost.Interprocess, facility by facility:
