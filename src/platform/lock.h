@@ -14,7 +14,8 @@
 // the holder can tell that others wait (others_waiting()): a hint only, which dies with its
 // holder like the lock; writers before this mark existed wait without it.
 //
-// Not thread-safe: one thread at a time per WriterLock (the Writer serializes with a mutex).
+// Not thread-safe: one thread at a time per WriterLock (the Writer serializes with a mutex),
+// except others_waiting(), which any thread may call at any time.
 //
 // Why not Boost.Interprocess, facility by facility:
 //   - file_lock: a per-process fcntl lock, lost when the process closes *any* descriptor of the
