@@ -445,14 +445,13 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   std::shared_lock life(lifetime_);
   check_usable();
   // Everything that does not need the row number happens before the lock; so does the hash,
-  // unless this handle looks like the store's one active writer (hash_at()).
-  // (Private rows are hashed before the lock in any case: no need to ask.)
+  // unless this handle looks like the store's one active writer (hash_at(), asked only for
+  // batches it decides).
   const detail::Layout& layout = files_->layout();
-  const bool large = memory == detail::RowMemory::kCallers &&
-                     rows.rows > (detail::kRowsSyscallMinBytes - 1) / layout.record_bytes;
   const detail::PreparedBatch batch = detail::prepare_batch(
       layout, files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows, memory,
-      large ? hash_at(files_->state().committed()) : detail::HashAt::kStaged);
+      detail::hash_at_applies(layout, rows, memory) ? hash_at(files_->state().committed())
+                                                    : detail::HashAt::kStaged);
   if (batch.rows == 0) return files_->state().committed();
   // A growth of this generation keeps running beside the append; with_writer_lock() follows
   // another handle's truncate first, so rows never go into the old generation's files.

@@ -8,6 +8,13 @@
 
 namespace embstore::detail {
 
+bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory memory) {
+  const std::uint64_t record_bytes = layout.record_bytes;
+  return memory == RowMemory::kCallers && rows.dtype == layout.dtype && rows.dim == layout.dim &&
+         (rows.row_stride_bytes == 0 || rows.row_stride_bytes == record_bytes) &&
+         rows.rows >= (kRowsSyscallMinBytes + record_bytes - 1) / record_bytes;
+}
+
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
                             std::uint64_t single_epoch, const ConstMatrix& rows, RowMemory memory,
@@ -60,8 +67,7 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
     batch.hashes = hashes.data();
     return batch;
   }
-  if (!convert && hash_at == HashAt::kPageCache && stride == record_bytes &&
-      n * record_bytes >= kRowsSyscallMinBytes) {
+  if (hash_at == HashAt::kPageCache && hash_at_applies(layout, rows, memory)) {
     batch.hash_written = true;  // Written from the caller's array, hashed where it was written.
     return batch;
   }

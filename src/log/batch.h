@@ -75,6 +75,11 @@ struct PreparedBatch {
   }
 };
 
+// Whether HashAt decides for `rows` (validated or not): the caller's (kCallers), in the store's
+// dtype, packed, kRowsSyscallMinBytes or more. prepare_batch() applies `hash_at` only then; the
+// Writer asks whether the lock is shared only then.
+bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory memory);
+
 // Checks `rows` against the store's layout (kInvalidArgument naming `where`), converts float32
 // rows for float16/bfloat16 stores (dtype_accepts), and copies and hashes the rows (the rules
 // above; `hash_at` for the caller's large packed batches). The batch points into `rows` and into
