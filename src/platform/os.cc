@@ -269,6 +269,14 @@ void populate(const void* addr, std::uint64_t bytes, int advice) noexcept {
   do err = ::madvise(reinterpret_cast<void*>(start), end - start, advice) == 0 ? 0 : errno;
   while (err == EINTR);
 }
+
+// madvise over the whole `unit`-aligned units inside [addr, addr + bytes), if any; advisory.
+void advise_inside(const void* addr, std::uint64_t bytes, std::uint64_t unit, int advice) noexcept {
+  const auto start = reinterpret_cast<std::uintptr_t>(addr);
+  const std::uintptr_t first = (start + unit - 1) / unit * unit;
+  const std::uintptr_t end = (start + bytes) / unit * unit;
+  if (end > first) (void)::madvise(reinterpret_cast<void*>(first), end - first, advice);
+}
 }  // namespace
 
 // The advice values, absent from older headers: MADV_POPULATE_READ, MADV_POPULATE_WRITE.
@@ -276,17 +284,11 @@ void populate_read(const void* addr, std::uint64_t bytes) noexcept { populate(ad
 void populate_write(void* addr, std::uint64_t bytes) noexcept { populate(addr, bytes, 23); }
 
 void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept {
-  const auto start = reinterpret_cast<std::uintptr_t>(addr);
-  const std::uintptr_t first = (start + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-  const std::uintptr_t end = (start + bytes) / kHugePageBytes * kHugePageBytes;
-  if (end > first) (void)::madvise(reinterpret_cast<void*>(first), end - first, MADV_HUGEPAGE);
+  advise_inside(addr, bytes, kHugePageBytes, MADV_HUGEPAGE);
 }
 
 void drop_page_tables(void* addr, std::uint64_t bytes) noexcept {
-  const auto start = reinterpret_cast<std::uintptr_t>(addr);
-  const std::uintptr_t first = (start + 4095) & ~std::uintptr_t{4095};
-  const std::uintptr_t end = (start + bytes) & ~std::uintptr_t{4095};
-  if (end > first) (void)::madvise(reinterpret_cast<void*>(first), end - first, MADV_DONTNEED);
+  advise_inside(addr, bytes, 4096, MADV_DONTNEED);
 }
 
 void unmap(void* addr, std::uint64_t bytes) noexcept {
@@ -371,26 +373,24 @@ struct flock byte_lock(short type, off_t byte = 0) noexcept {
   return fl;
 }
 constexpr off_t kWaitingByte = 1;
-}  // namespace
 
-void lock_exclusive(int fd, const std::string& path) {
+// The writer lock, waiting for it or not: false when not waiting and another holds it.
+bool take_writer_lock(int fd, const std::string& path, bool wait) {
   if (int err = injected(Op::kLock)) fail("lock", path, err);
   struct flock fl = byte_lock(F_WRLCK);
-  while (::fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
+  while (::fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl) != 0) {
     if (errno == EINTR) continue;
-    fail("lock", path, errno);
-  }
-}
-
-bool try_lock_exclusive(int fd, const std::string& path) {
-  if (int err = injected(Op::kLock)) fail("lock", path, err);
-  struct flock fl = byte_lock(F_WRLCK);
-  while (::fcntl(fd, F_OFD_SETLK, &fl) != 0) {
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EACCES) return false;
+    if (!wait && (errno == EAGAIN || errno == EACCES)) return false;
     fail("lock", path, errno);
   }
   return true;
+}
+}  // namespace
+
+void lock_exclusive(int fd, const std::string& path) { take_writer_lock(fd, path, true); }
+
+bool try_lock_exclusive(int fd, const std::string& path) {
+  return take_writer_lock(fd, path, false);
 }
 
 void mark_waiting(int fd, bool waiting) noexcept {
