@@ -77,14 +77,17 @@ DType parse_dtype_arg(const std::string& name) {
   return *dtype;
 }
 
-// Reads a 1-D integer array (keys or epochs) into uint64, refusing negative values.
-std::vector<std::uint64_t> to_u64(const py::array& array, const char* what) {
+// Reads a 1-D integer array (keys or epochs) into uint64, refusing negative values. Errors name
+// the array as `owner` + `what` (built only then: append calls this every batch).
+std::vector<std::uint64_t> to_u64(const py::array& array, std::string_view owner,
+                                  std::string_view what) {
+  const auto name = [&] { return std::string(owner) + std::string(what); };
   if (array.ndim() != 1) {
-    invalid(std::string(what) + " must be 1-D; got " + std::to_string(array.ndim()) + " dims");
+    invalid(name() + " must be 1-D; got " + std::to_string(array.ndim()) + " dims");
   }
   const char kind = array.dtype().kind();
   if (kind != 'i' && kind != 'u') {
-    invalid(std::string(what) + " must be integers; got dtype " +
+    invalid(name() + " must be integers; got dtype " +
             py::str(static_cast<py::handle>(array.dtype())).cast<std::string>());
   }
   const py::ssize_t n = array.shape(0);
@@ -119,8 +122,8 @@ std::vector<std::uint64_t> to_u64(const py::array& array, const char* what) {
       else
         signed_value = *reinterpret_cast<const std::int8_t*>(p);
       if (signed_value < 0) {
-        invalid(std::string(what) + "[" + std::to_string(i) + "] is " +
-                std::to_string(signed_value) + "; keys and epochs must be >= 0");
+        invalid(name() + "[" + std::to_string(i) + "] is " + std::to_string(signed_value) +
+                "; keys and epochs must be >= 0");
       }
       value = static_cast<std::uint64_t>(signed_value);
     }
@@ -209,12 +212,12 @@ class PyWriter {
     bool copied = false;
     Batch batch;
     batch.rows = describe_rows(vectors, as_dtype, copied);
-    batch.keys = to_u64(keys, (path_ + ": append: keys").c_str());
+    batch.keys = to_u64(keys, path_, ": append: keys");
     if (py::isinstance<py::int_>(epoch)) {
       // Writer.append checked the type and the range [0, 2**64).
       batch.epoch = epoch.cast<std::uint64_t>();
     } else {
-      batch.epochs = to_u64(epoch.cast<py::array>(), (path_ + ": append: epochs").c_str());
+      batch.epochs = to_u64(epoch.cast<py::array>(), path_, ": append: epochs");
       if (batch.epochs.size() != batch.rows.rows) {
         invalid(writer_path() + ": append: " + std::to_string(batch.epochs.size()) +
                 " epochs for " + std::to_string(batch.rows.rows) + " rows");
@@ -447,6 +450,87 @@ class PyWriter {
   std::optional<WriteStats> final_stats_;
   std::uint64_t copied_batches_ = 0;
 };
+
+// ---- Writer.append's call, outside pybind11's dispatcher ---------------------------------
+// Contract: NativeWriter.appender() returns a builtin function taking (keys, epoch, vectors,
+// as_dtype, copy) positionally, exactly as PyWriter::append does, with the same errors. It is
+// bound to a capsule that holds the PyWriter and a reference to its NativeWriter, so the
+// PyWriter outlives every call (after close() a call raises ClosedError, as append does).
+// Why: in a training loop the call comes after a step that left the caches cold, and there
+// pybind11's dispatch of one call took ~8 us and its cast of `self` ~5 us (bench/RESULTS.md,
+// "The async call in a training loop"): most of what a donated async append may take.
+
+// Sets the Python error for the C++ exception being handled, as the module's translator and
+// pybind11's would. Only inside a catch block.
+void set_error_from_current_exception() noexcept {
+  try {
+    throw;
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const Error& e) {
+    try {
+      raise_python_error(e);
+    } catch (py::error_already_set& import_error) {
+      import_error.restore();
+    } catch (...) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "embstore: unknown C++ exception");
+  }
+}
+
+PyObject* append_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) noexcept {
+  try {
+    if (nargs != 5) {
+      throw py::type_error("append(keys, epoch, vectors, as_dtype, copy) takes 5 arguments; got " +
+                           std::to_string(nargs));
+    }
+    if (!py::isinstance<py::array>(args[0]) || !py::isinstance<py::array>(args[2])) {
+      throw py::type_error("append: keys and vectors must be numpy arrays");
+    }
+    std::optional<std::string> as_dtype;
+    if (args[3] != Py_None) {
+      if (!PyUnicode_Check(args[3])) throw py::type_error("append: as_dtype must be a str or None");
+      as_dtype = py::handle(args[3]).cast<std::string>();
+    }
+    const int copy = PyObject_IsTrue(args[4]);
+    if (copy < 0) throw py::error_already_set();
+    auto* self = static_cast<PyWriter*>(PyCapsule_GetPointer(capsule, nullptr));
+    if (self == nullptr) throw py::error_already_set();
+    return self
+        ->append(py::reinterpret_borrow<py::array>(args[0]),
+                 py::reinterpret_borrow<py::object>(args[1]),
+                 py::reinterpret_borrow<py::array>(args[2]), as_dtype, copy != 0)
+        .release()
+        .ptr();
+  } catch (...) {
+    set_error_from_current_exception();
+    return nullptr;
+  }
+}
+
+PyMethodDef append_call_def = {
+    "append", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(append_call)),
+    METH_FASTCALL, "Writer.append's call into the C++ module."};
+
+py::object make_appender(py::object native) {
+  PyWriter* writer = &native.cast<PyWriter&>();
+  py::capsule holder(writer, nullptr, [](PyObject* capsule) {
+    Py_XDECREF(static_cast<PyObject*>(PyCapsule_GetContext(capsule)));
+  });
+  if (PyCapsule_SetContext(holder.ptr(), native.release().ptr()) != 0)
+    throw py::error_already_set();
+  PyObject* function = PyCFunction_NewEx(&append_call_def, holder.ptr(), nullptr);
+  if (function == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(function);
+}
 
 WriterOptions writer_options(const std::string& sync, std::optional<double> sync_interval_s,
                              std::optional<std::uint64_t> map_bytes) {
@@ -754,7 +838,7 @@ PYBIND11_MODULE(_embstore, m) {
   // runs every training step (a numpy reduction there cost ~60 us in a training loop).
   m.def(
       "check_keys",
-      [](const py::array& keys, const std::string& what) { (void)to_u64(keys, what.c_str()); },
+      [](const py::array& keys, const std::string& what) { (void)to_u64(keys, "", what); },
       py::arg("keys"), py::arg("what"));
 
   m.def(
@@ -824,8 +908,7 @@ PYBIND11_MODULE(_embstore, m) {
            py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"), py::arg("sync_interval"),
            py::arg("map_bytes"), py::arg("async_queue_bytes"), py::arg("create_only"),
            py::arg("key_index"))
-      .def("append", &PyWriter::append, py::arg("keys"), py::arg("epoch"), py::arg("vectors"),
-           py::arg("as_dtype"), py::arg("copy"))
+      .def("appender", &make_appender)
       .def("flush", &PyWriter::flush)
       .def("sync", &PyWriter::sync)
       .def("truncate", &PyWriter::truncate, py::arg("value"), py::arg("from_epoch"))

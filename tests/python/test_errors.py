@@ -18,16 +18,50 @@ def rows(n, dim=4, dtype=np.float32):
     return np.zeros((n, dim), dtype)
 
 
-def test_epoch_is_an_integer_in_0_to_2_pow_64(store):
+# Keys and rows as numpy arrays take Writer.append's short way into the C++ module (its checks of
+# the epoch written inline); as a list, the helpers' way. Both refuse the same.
+@pytest.mark.parametrize("as_array", [False, True], ids=["list", "ndarray"])
+def test_epoch_is_an_integer_in_0_to_2_pow_64(store, as_array):
+    def key(k):
+        return np.array([k], np.uint64) if as_array else [k]
     with embstore.Writer(store, dim=4) as w:
-        w.append([1], rows(1), 2**63)  # a valid uint64 epoch, not a cast error
-        w.append([2], rows(1), 2**64 - 1)
+        w.append(key(1), rows(1), 2**63)  # a valid uint64 epoch, not a cast error
+        w.append(key(2), rows(1), 2**64 - 1)
         for bad in (2**64, -1, -(2**63)):
             message = f"epoch is {bad}; it must be in [0, 2**64)"
             with pytest.raises(ValueError, match=re.escape(message)):
-                w.append([3], rows(1), bad)
+                w.append(key(3), rows(1), bad)
         assert w.committed_rows() == 2
     assert embstore.Reader(store).epochs.tolist() == [2**63, 2**64 - 1]
+
+
+def test_the_native_append_call_checks_its_arguments_and_keeps_its_writer_alive(store):
+    w = embstore.Writer(store, dim=4)
+    append = w._native.appender()  # what Writer.append calls, outside pybind11's dispatcher
+    keys = np.arange(2, dtype=np.uint64)
+    assert append(keys, 7, rows(2), None, True) == 0  # the first row's number
+    with pytest.raises(TypeError, match="takes 5 arguments; got 4"):
+        append(keys, 7, rows(2), None)
+    with pytest.raises(TypeError, match="keys and vectors must be numpy arrays"):
+        append([1, 2], 7, rows(2), None, True)
+    with pytest.raises(TypeError, match="as_dtype must be a str or None"):
+        append(keys, 7, rows(2), 5, True)
+    with pytest.raises(ValueError, match="truth value of an array"):  # Python's own error
+        append(keys, 7, rows(2), None, np.array([True, False]))
+    # The module's errors arrive as the same Python exceptions, naming the store.
+    with pytest.raises(ValueError, match=re.escape(f"{store}: append: rows have dim 3 but the "
+                                                   "store's dim is 4")):
+        append(keys, 7, rows(2, dim=3), None, True)
+    with pytest.raises(ValueError, match=re.escape(f"{store}: append: keys[1] is -1")):
+        append(np.array([1, -1]), 7, rows(2), None, True)
+    w.close()
+    del w
+    import gc
+    gc.collect()
+    # The call holds the native writer: after close() it raises, it does not crash.
+    with pytest.raises(embstore.ClosedError, match="the Writer is closed"):
+        append(keys, 7, rows(2), None, True)
+    assert embstore.Reader(store).keys.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("bad", [2.7, 2.0, "3", True, np.float64(1.0), np.bool_(True), b"1"])

@@ -454,6 +454,7 @@ class Writer(_Handle):
                 None if sync_interval is None else float(sync_interval), map_bytes,
                 int(async_queue_mb * (1 << 20)), False, key_index)
         self._dtype_name = self._native.dtype
+        self._append = self._native.appender()  # the native append, called without a dispatcher
         # Runs at interpreter exit and in multiprocessing children before their os._exit
         # (multiprocessing.util._exit_function); holds the native writer, not this object, so
         # garbage collection still reaches __del__.
@@ -485,9 +486,13 @@ class Writer(_Handle):
                 written. In async mode also the error of an earlier background append.
             ForkedChildError, ClosedError, PoisonedError.
         """
+        if type(keys) is np.ndarray and type(vectors) is np.ndarray and type(epoch) is int \
+                and 0 <= epoch < _U64_LIMIT:
+            # The first case of each helper below, inline: in a training loop this call comes
+            # after a step that left the caches cold, where each Python call costs microseconds.
+            return self._append(keys, epoch, vectors, None, copy)
         array, as_dtype = _as_vectors(vectors, self._dtype_name)
-        return self._native.append(_as_ints(keys, "keys"), _epoch_arg(epoch), array, as_dtype,
-                                   bool(copy))
+        return self._append(_as_ints(keys, "keys"), _epoch_arg(epoch), array, as_dtype, copy)
 
     def flush(self) -> None:
         """Waits until every batch appended so far is written (committed, visible to readers).

@@ -220,7 +220,7 @@ def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.nd
             dtype: str) -> None:
     if dtype == "bfloat16" and vectors.dtype == np.uint16:
         # numpy has no bfloat16: hand the raw bit patterns over, named (as Writer does for torch).
-        writer._native.append(keys, epochs, vectors.view(np.int16), "bfloat16", True)
+        writer._append(keys, epochs, vectors.view(np.int16), "bfloat16", True)
     else:
         writer.append(keys, vectors, epoch=epochs)
 
