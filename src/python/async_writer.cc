@@ -181,10 +181,15 @@ std::optional<Error> AsyncAppender::stop() {
   return error_;
 }
 
-void AsyncAppender::take_done(std::vector<void*>& out) {
+void AsyncAppender::take_done(std::vector<void*>& holds,
+                              std::vector<std::vector<std::uint64_t>>& spare_keys) {
   std::lock_guard lock(mutex_);
-  out.insert(out.end(), done_.begin(), done_.end());
+  holds.insert(holds.end(), done_.begin(), done_.end());
   done_.clear();
+  for (std::vector<std::uint64_t>& keys : spare_keys_) {
+    if (spare_keys.size() < kSpareKeyBuffers) spare_keys.push_back(std::move(keys));
+  }
+  spare_keys_.clear();
 }
 
 WriteStats AsyncAppender::stats() {
@@ -275,6 +280,7 @@ void AsyncAppender::run() {
       stats_.append_cpu_seconds += cpu_seconds;
     }
     const std::uint64_t failed_rows = batch.rows.rows;
+    if (spare_keys_.size() < kSpareKeyBuffers) spare_keys_.push_back(std::move(batch.keys));
     queue_.pop_front();
     if (failure) {
       std::uint64_t dropped_rows = failed_rows;

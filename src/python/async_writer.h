@@ -86,6 +86,9 @@ class AsyncAppender {
  public:
   // `writer` must outlive this object. The ring is reserved at once but its pages are touched
   // (so count against the process's memory) only as batches fill them.
+  // Key buffers of written batches kept for reuse (each as large as a batch's keys).
+  static constexpr std::size_t kSpareKeyBuffers = 4;
+
   AsyncAppender(Writer& writer, std::uint64_t capacity_bytes);
   ~AsyncAppender();  // Calls stop().
 
@@ -101,8 +104,10 @@ class AsyncAppender {
   void flush();
   // Writes what is queued, then joins the thread. Idempotent. Returns the sticky error if any.
   std::optional<Error> stop();
-  // Moves out the holds of batches written or dropped since the last call.
-  void take_done(std::vector<void*>& out);
+  // Moves out the holds of batches written or dropped since the last call, and appends to
+  // `spare_keys` the key buffers of written batches (up to kSpareKeyBuffers kept), for the
+  // caller to fill for its next batches instead of allocating.
+  void take_done(std::vector<void*>& holds, std::vector<std::vector<std::uint64_t>>& spare_keys);
   WriteStats stats();
 
  private:
@@ -142,6 +147,7 @@ class AsyncAppender {
   // rows, then possibly one that push() is filling.
   std::deque<std::pair<std::uint64_t, std::uint64_t>> ring_live_;
   std::vector<void*> done_;
+  std::vector<std::vector<std::uint64_t>> spare_keys_;
   std::optional<Error> error_;
   WriteStats stats_;
   bool stopping_ = false;

@@ -77,10 +77,11 @@ DType parse_dtype_arg(const std::string& name) {
   return *dtype;
 }
 
-// Reads a 1-D integer array (keys or epochs) into uint64, refusing negative values. Errors name
-// the array as `owner` + `what` (built only then: append calls this every batch).
-std::vector<std::uint64_t> to_u64(const py::array& array, std::string_view owner,
-                                  std::string_view what) {
+// Reads a 1-D integer array (keys or epochs) into `out` (replacing its contents, keeping its
+// capacity), refusing negative values. Errors name the array as `owner` + `what` (built only
+// then: append calls this every batch).
+void to_u64(const py::array& array, std::string_view owner, std::string_view what,
+            std::vector<std::uint64_t>& out) {
   const auto name = [&] { return std::string(owner) + std::string(what); };
   if (array.ndim() != 1) {
     invalid(name() + " must be 1-D; got " + std::to_string(array.ndim()) + " dims");
@@ -91,14 +92,16 @@ std::vector<std::uint64_t> to_u64(const py::array& array, std::string_view owner
             py::str(static_cast<py::handle>(array.dtype())).cast<std::string>());
   }
   const py::ssize_t n = array.shape(0);
-  std::vector<std::uint64_t> out(static_cast<std::size_t>(n));
   const auto* base = static_cast<const char*>(array.data());
   const py::ssize_t stride = array.strides(0);
   const py::ssize_t size = array.itemsize();
+  out.clear();
   if (kind == 'u' && size == 8 && (stride == 8 || n <= 1)) {  // Common case: nothing to check.
-    if (n > 0) std::memcpy(out.data(), base, static_cast<std::size_t>(n) * 8);
-    return out;
+    const auto* values = reinterpret_cast<const std::uint64_t*>(base);
+    out.insert(out.end(), values, values + n);
+    return;
   }
+  out.resize(static_cast<std::size_t>(n));
   for (py::ssize_t i = 0; i < n; ++i) {
     const char* p = base + i * stride;
     std::int64_t signed_value = 0;
@@ -129,7 +132,6 @@ std::vector<std::uint64_t> to_u64(const py::array& array, std::string_view owner
     }
     out[static_cast<std::size_t>(i)] = value;
   }
-  return out;
 }
 
 // Describes a 2-D array as a ConstMatrix without copying when the rows' elements are contiguous
@@ -212,12 +214,16 @@ class PyWriter {
     bool copied = false;
     Batch batch;
     batch.rows = describe_rows(vectors, as_dtype, copied);
-    batch.keys = to_u64(keys, path_, ": append: keys");
+    if (!spare_keys_.empty()) {  // A buffer an earlier batch is done with: no allocation.
+      batch.keys = std::move(spare_keys_.back());
+      spare_keys_.pop_back();
+    }
+    to_u64(keys, path_, ": append: keys", batch.keys);
     if (py::isinstance<py::int_>(epoch)) {
       // Writer.append checked the type and the range [0, 2**64).
       batch.epoch = epoch.cast<std::uint64_t>();
     } else {
-      batch.epochs = to_u64(epoch.cast<py::array>(), path_, ": append: epochs");
+      to_u64(epoch.cast<py::array>(), path_, ": append: epochs", batch.epochs);
       if (batch.epochs.size() != batch.rows.rows) {
         invalid(writer_path() + ": append: " + std::to_string(batch.epochs.size()) +
                 " epochs for " + std::to_string(batch.rows.rows) + " rows");
@@ -390,7 +396,9 @@ class PyWriter {
 
   void init_cached() {
     path_ = writer_->path();
-    record_bytes_ = std::uint64_t{writer_->dim()} * dtype_size(writer_->dtype());
+    dim_ = writer_->dim();
+    dtype_ = writer_->dtype();
+    record_bytes_ = std::uint64_t{dim_} * dtype_size(dtype_);
   }
 
  private:
@@ -405,11 +413,11 @@ class PyWriter {
 
   void check_matches(const ConstMatrix& rows) {
     if (rows.rows == 0) return;
-    if (rows.dim != writer_->dim()) {
+    if (rows.dim != dim_) {
       invalid(path_ + ": append: rows have dim " + std::to_string(rows.dim) +
-              " but the store's dim is " + std::to_string(writer_->dim()));
+              " but the store's dim is " + std::to_string(dim_));
     }
-    const DType store = writer_->dtype();
+    const DType store = dtype_;
     if (!dtype_accepts(store, rows.dtype)) {
       invalid(path_ + ": append: cannot append " + std::string(dtype_name(rows.dtype)) +
               " rows to a " + std::string(dtype_name(store)) + " store");
@@ -432,7 +440,7 @@ class PyWriter {
   void release_done() {
     if (!async_) return;
     done_scratch_.clear();
-    async_->take_done(done_scratch_);
+    async_->take_done(done_scratch_, spare_keys_);
     for (void* hold : done_scratch_) Py_DECREF(static_cast<PyObject*>(hold));
     done_scratch_.clear();
   }
@@ -443,8 +451,12 @@ class PyWriter {
   std::shared_mutex lifetime_mutex_;  // Shared by calls using writer_, exclusive for close().
   int owner_pid_;
   std::string path_;
+  // The store's shape, fixed at creation: read once, not through the Writer's lock each call.
+  std::uint32_t dim_ = 0;
+  DType dtype_ = DType::kFloat32;
   std::uint64_t record_bytes_ = 0;
   std::vector<void*> done_scratch_;
+  std::vector<std::vector<std::uint64_t>> spare_keys_;  // Key buffers of written batches.
   std::mutex stats_mutex_;
   WriteStats sync_stats_;
   std::optional<WriteStats> final_stats_;
@@ -838,7 +850,10 @@ PYBIND11_MODULE(_embstore, m) {
   // runs every training step (a numpy reduction there cost ~60 us in a training loop).
   m.def(
       "check_keys",
-      [](const py::array& keys, const std::string& what) { (void)to_u64(keys, "", what); },
+      [](const py::array& keys, const std::string& what) {
+        std::vector<std::uint64_t> values;
+        to_u64(keys, "", what, values);
+      },
       py::arg("keys"), py::arg("what"));
 
   m.def(
