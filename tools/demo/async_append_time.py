@@ -88,39 +88,65 @@ def memcpy_baseline(calls=320, rows=512, dim=768, buffers=1):
 
 
 def training_step(scratch, seconds):
-    """A stand-in for a training step between two appends: `seconds` of CPU work over
-    `scratch` (a working set of a step's size; 8 MiB of streaming on the 2-core VMs took the
-    memory bandwidth the background writer needs, 3 ms a batch instead of 0.5)."""
+    """A stand-in for a training step between two appends: one pass of CPU work over `scratch`
+    (the step's working set), repeated until `seconds` have passed. Two steps are timed:
+    - STEPS["2 ms over 1 MiB"]: the caches past L2 keep what the other tenants of the host
+      leave there (8 MiB of streaming for 2 ms took the memory bandwidth the background writer
+      needs on the 2-core VMs, 3 ms a batch instead of 0.5);
+    - STEPS["one pass over 48 MiB"]: more than the 32 MiB L3, so every cache is cold at the
+      call, as after a real training step, whatever the neighbours do."""
     end = time.perf_counter() + seconds
+    np.multiply(scratch, 1.0000001, out=scratch)
     while time.perf_counter() < end:
         np.multiply(scratch, 1.0000001, out=scratch)
 
 
-def measure_paced(directory, calls=300, rows=512, dim=768, step_seconds=0.002):
-    """Per-call seconds of the three ways to hand a batch over, each called after a
-    `step_seconds` training step, as in a training loop: copy=False, copy=True (each into a
-    Writer of its own) and, as the baseline of the copying mode, a numpy copy into one reused
-    buffer; and as the floor of any call, Writer.committed_rows() (a call into the module that
-    does nothing: after a step it finds the caches and TLBs cold too). The four take turns
-    call by call, so that each sees the same machine. Between two
-    calls of a writer its background thread has written the previous batch (or not: that is
-    part of what is measured). Returns {name: array of seconds}."""
+# Steps measure_paced() puts between calls: name -> (working set in MiB, seconds at the least).
+STEPS = {"2 ms over 1 MiB": (1, 0.002), "one pass over 48 MiB": (48, 0.0)}
+
+
+# What measure_paced() times, and what each figure is for: its key and the label reports use.
+PACED = {
+    "copy=False": "target <= 20 us",
+    "copy=True": "target: a numpy copy's time",
+    "numpy copy": "baseline: into one reused buffer, hot in the cache",
+    "numpy copy, queue-sized": "baseline: into buffers as large as the queue, in turn",
+    "committed_rows()": "a call through pybind11 that does nothing",
+}
+
+
+def measure_paced(directory, calls=300, rows=512, dim=768, step="2 ms over 1 MiB", queue_mb=64):
+    """Per-call seconds of the ways to hand a batch over, each called after a training step (a
+    key of STEPS), as in a training loop (the keys of PACED): copy=False, copy=True (each into
+    a Writer of its own); as baselines of the copying mode a numpy copy into one reused buffer
+    and one into buffers spanning as much memory as the queue (where copy=True writes: a new
+    range each call, not hot in the cache); and Writer.committed_rows(), a call into the module
+    through pybind11's dispatcher that does nothing. They take turns call by call, so that
+    each sees the same machine. Between two calls of a writer its background thread has
+    written the previous batch (or not: that is part of what is measured). How cold a step
+    leaves the caches depends on the other tenants of the host's shared cache when the step is
+    small: the same build has measured 3-4 us and 15-25 us for copy=False an hour apart
+    (bench/RESULTS.md). Returns {name: array of seconds}."""
     batch = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
     keys = np.arange(rows, dtype=np.uint64)
-    scratch = np.ones(1 << 18, np.float32)  # 1 MiB
+    scratch_mb, step_seconds = STEPS[step]
+    scratch = np.ones(scratch_mb << 18, np.float32)
     dest = np.ones_like(batch)
-    names = ["copy=False", "copy=True", "numpy copy", "committed_rows()"]
+    queue_sized = [np.ones_like(batch) for _ in range(queue_mb * (1 << 20) // batch.nbytes)]
+    names = list(PACED)
     times = {name: [] for name in names}
     with embstore.Writer(os.path.join(directory, "paced_donated.emb"), dim=dim,
-                         async_queue_mb=64) as donated, \
+                         async_queue_mb=queue_mb) as donated, \
             embstore.Writer(os.path.join(directory, "paced_copied.emb"), dim=dim,
-                            async_queue_mb=64) as copied:
+                            async_queue_mb=queue_mb) as copied:
         for i in range(len(names) * calls):
             name = names[i % len(names)]
             training_step(scratch, step_seconds)
             start = time.perf_counter()
             if name == "numpy copy":
                 np.copyto(dest, batch)
+            elif name == "numpy copy, queue-sized":
+                np.copyto(queue_sized[(i // len(names)) % len(queue_sized)], batch)
             elif name == "committed_rows()":
                 donated.committed_rows()
             elif name == "copy=False":
@@ -133,13 +159,11 @@ def measure_paced(directory, calls=300, rows=512, dim=768, step_seconds=0.002):
 
 def main():
     directory = sys.argv[1] if len(sys.argv) > 1 else None
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        paced = measure_paced(tmp)
-    for name, t in paced.items():
-        print(report(t, f"{name}, after a 2 ms training step each",
-                     {"copy=False": "target <= 20 us", "copy=True": "target: memcpy speed",
-                      "numpy copy": "memcpy, one reused buffer",
-                      "committed_rows()": "the floor of a call"}[name]))
+    for step in STEPS:
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            paced = measure_paced(tmp, calls=300 if step == "2 ms over 1 MiB" else 150, step=step)
+        for name, t in paced.items():
+            print(report(t, f"{name}, each after a step ({step})", PACED[name]))
     for copy in (False, True):
         for torch_tensor in (False, True):
             with tempfile.TemporaryDirectory(dir=directory) as tmp:

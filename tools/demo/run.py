@@ -165,13 +165,12 @@ def main():
             print("[demo] " + async_append_time.report(
                 t, f"async append call of a {what}, copy={copy}",
                 "target: memcpy speed" if copy else "target <= 20 us"))
-    paced = async_append_time.measure_paced(run, calls=150)
-    for name, t in paced.items():
-        print("[demo] " + async_append_time.report(
-            t, f"{name}, each after a 2 ms step (taking turns)",
-            {"copy=False": "target <= 20 us", "copy=True": "target: the numpy copy's time",
-             "numpy copy": "baseline: one reused buffer",
-             "committed_rows()": "the floor of any call after a step"}[name]))
+    for step in async_append_time.STEPS:
+        paced = async_append_time.measure_paced(run, calls=150, step=step)
+        for name, t in paced.items():
+            print("[demo] " + async_append_time.report(
+                t, f"{name}, each after a step ({step}; taking turns)",
+                async_append_time.PACED[name]))
     with embstore.Reader(store) as r:
         report = r.verify()
         print(f"[demo] verify: {report.rows_checked} rows checked, {report.bad_row_count} bad")
