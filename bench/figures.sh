@@ -6,7 +6,8 @@
 # Every figure is a same-run ratio over interleaved repeats, printed as min / median / max with
 # every repeat listed, and the load average is printed before each step. Runs in order:
 #   1. embstore bench, 512 x 768 f32: 1, 2, 4, 8 writer processes (interleaved), 5 repeats;
-#      then 512 x 64 f32 and sync on every append, 1 writer
+#      then 512 x 64 f32 and sync on every append, 1 writer; then Python's synchronous
+#      Writer.append against it (bench/python_append.py)
 #   2. append_bench: the target cases and the small-batch crossover (batch 1..64), 5 interleaved
 #      repetitions, with same-repetition ratios (bench/ratios.py)
 #   3. read_bench: scans of a warm view and of a freshly opened Reader against private memory
@@ -21,7 +22,7 @@ while [ $# -gt 0 ]; do
     --build-dir) build="$2"; shift 2 ;;
     --compare) compare=1; shift ;;
     --quick) quick=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "figures.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -40,6 +41,10 @@ step "1b. embstore bench 512 x 64 f32"
 "$build/bin/embstore" bench --dim 64 --rows $((rows * 4)) --repeat 5 --quiet
 step "1c. embstore bench, sync every append"
 "$build/bin/embstore" bench --sync every --rows $((rows / 4)) --repeat 5 --quiet
+
+step "1d. Python's synchronous Writer.append against embstore bench (bench/python_append.py)"
+PYTHONPATH="$build/python" /usr/bin/python3 "$repo/bench/python_append.py" --bin "$build/bin/embstore" \
+  --rounds 5 --rows "$rows"
 
 step "2. append_bench (5 interleaved repetitions)"
 "$build/bin/append_bench" --benchmark_min_time="$min_time" \

@@ -3,6 +3,7 @@ input, and read-only commands leaving every byte of the store as it was."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -357,6 +358,28 @@ def test_bench_gives_every_row_a_new_key_that_says_when_it_was_appended(tmp_path
     assert keys_bytes > 0
     assert run_report["key_index_bytes_on_disk"] == keys_bytes
     assert run_report["bytes_on_disk"] - keys_bytes <= run_report["bytes_on_disk_bound"]
+
+
+def test_python_append_bench_compares_the_binding_with_the_cli_in_the_same_run(tmp_path):
+    # bench/python_append.py: Python's synchronous Writer.append against `embstore bench`, rows
+    # from a numpy array and from a page-aligned one, each round in a fresh random order.
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "python_append.py")
+    proc = subprocess.run([sys.executable, script, "--bin", CLI, "--rounds", "2", "--rows", "4096",
+                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    runs = [line for line in lines if line.startswith("round ")]
+    assert len(runs) == 6  # 2 rounds x (C++, Python page-aligned, Python numpy)
+    assert sum("rows at page offset 0," in line for line in runs) == 2
+    # numpy puts a large array 16 bytes into a page (glibc's mmap'd chunk header).
+    assert sum("Python, numpy rows" in line and "rows at page offset" in line for line in runs) == 2
+    for name in ("Python, page-aligned rows", "Python, numpy rows"):
+        summary = [line for line in lines if line.startswith(name + ": MB/s / C++'s")]
+        assert len(summary) == 1, lines
+        shares = re.findall(r"inside the C\+\+ append: median ([0-9.]+)% of the call", summary[0])
+        assert shares and 0 < float(shares[0]) <= 100, summary
+    assert os.listdir(tmp_path) == []  # every store removed
 
 
 def test_bench_bad_options_are_usage_errors():
