@@ -280,7 +280,9 @@ void AsyncAppender::run() {
       stats_.append_cpu_seconds += cpu_seconds;
     }
     const std::uint64_t failed_rows = batch.rows.rows;
-    if (spare_keys_.size() < kSpareKeyBuffers) spare_keys_.push_back(std::move(batch.keys));
+    if (spare_keys_.size() < kSpareKeyBuffers && batch.keys.capacity() <= kSpareKeyBufferMaxKeys) {
+      spare_keys_.push_back(std::move(batch.keys));
+    }
     queue_.pop_front();
     if (failure) {
       std::uint64_t dropped_rows = failed_rows;

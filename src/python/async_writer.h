@@ -86,8 +86,10 @@ class AsyncAppender {
  public:
   // `writer` must outlive this object. The ring is reserved at once but its pages are touched
   // (so count against the process's memory) only as batches fill them.
-  // Key buffers of written batches kept for reuse (each as large as a batch's keys).
+  // Key buffers of written batches kept for reuse, at most this many, each of at most
+  // kSpareKeyBufferMaxKeys keys (a larger one is freed: it would hold memory for good).
   static constexpr std::size_t kSpareKeyBuffers = 4;
+  static constexpr std::size_t kSpareKeyBufferMaxKeys = std::size_t{1} << 16;
 
   AsyncAppender(Writer& writer, std::uint64_t capacity_bytes);
   ~AsyncAppender();  // Calls stop().
@@ -105,8 +107,8 @@ class AsyncAppender {
   // Writes what is queued, then joins the thread. Idempotent. Returns the sticky error if any.
   std::optional<Error> stop();
   // Moves out the holds of batches written or dropped since the last call, and appends to
-  // `spare_keys` the key buffers of written batches (up to kSpareKeyBuffers kept), for the
-  // caller to fill for its next batches instead of allocating.
+  // `spare_keys` the key buffers of written batches (up to kSpareKeyBuffers kept; see
+  // kSpareKeyBufferMaxKeys), for the caller to fill for its next batches instead of allocating.
   void take_done(std::vector<void*>& holds, std::vector<std::vector<std::uint64_t>>& spare_keys);
   WriteStats stats();
 

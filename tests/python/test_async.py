@@ -307,6 +307,26 @@ def test_async_writes_match_sync_writes_across_many_batches(store, tmp_path):
     assert r.epochs.tolist() == sum(([i] * len(b) for i, b in enumerate(batches)), [])
 
 
+def test_keys_are_stored_exactly_when_key_buffers_of_written_batches_are_reused(store):
+    # The queue hands the key buffers of written batches back for later appends: batches of
+    # other sizes, and keys of other dtypes (uint64 copied whole, int64 checked one by one),
+    # must each store their own keys, not a reused buffer's leftovers.
+    rng = np.random.default_rng(5)
+    sizes = [int(rng.integers(1, 400)) for _ in range(60)] + [70000, 3]  # one too large to keep
+    expected = []
+    with embstore.Writer(store, dim=4, async_queue_mb=4) as w:
+        for i, n in enumerate(sizes):
+            keys = rng.integers(0, 2**62, size=n, dtype=np.int64)
+            expected.append(keys.astype(np.uint64))
+            w.append(keys.astype(np.uint64) if i % 2 else keys, np.full((n, 4), i, np.float32), i)
+            if i % 3 == 2:
+                w.flush()  # the batches so far are written: their buffers come back
+    r = embstore.Reader(store)
+    np.testing.assert_array_equal(r.keys, np.concatenate(expected))
+    assert r.epochs.tolist() == sum(([i] * n for i, n in enumerate(sizes)), [])
+    assert r.verify().bad_row_count == 0
+
+
 def test_writer_thread_runs_sched_batch_so_waking_it_never_preempts_the_caller(store):
     def batch_threads():
         tids = [int(t) for t in os.listdir("/proc/self/task")]
