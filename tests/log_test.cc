@@ -131,6 +131,46 @@ TEST_CASE("A batch is copied into a buffer of the thread and every row hashed th
   }
 }
 
+TEST_CASE("A staging buffer starts at the offset in a page where its rows will land",
+          "[log][batch]") {
+  // The kernel's copy into the page cache is slow from a source a few bytes off the
+  // destination's offset in its page (bench/RESULTS.md): staged rows must not be.
+  std::vector<std::byte> storage;
+  for (const std::uint64_t bytes :
+       {std::uint64_t{1}, std::uint64_t{4096}, std::uint64_t{1} << 20}) {
+    for (const std::uint64_t offset : {std::uint64_t{0}, std::uint64_t{16}, std::uint64_t{4095},
+                                       std::uint64_t{4096 + 100}, std::uint64_t{3072} * 7}) {
+      INFO(bytes << " bytes for file offset " << offset);
+      std::byte* p = detail::staging_buffer(storage, bytes, offset);
+      CHECK(reinterpret_cast<std::uintptr_t>(p) % detail::kPageBytes ==
+            offset % detail::kPageBytes);
+      CHECK(p >= storage.data());
+      CHECK(p + bytes <= storage.data() + storage.size());
+      std::memset(p, 0x5a, bytes);  // ASan: all of it is the buffer's
+    }
+  }
+}
+
+TEST_CASE("Rows staged before the lock start on a page, whatever page offset the caller's have",
+          "[log][batch]") {
+  TempDir dir;
+  auto f = make_store(dir);
+  const std::uint64_t n = 20000;  // well past kRowsSyscallMinBytes: written with pwrite
+  const auto packed = test::batch_payload(0, 0, n, kDim);
+  // The caller's rows 16 bytes into a page, as a large heap block's are.
+  std::vector<float> storage(packed.size() + 2 * detail::kPageBytes / 4);
+  const auto base = reinterpret_cast<std::uintptr_t>(storage.data());
+  auto* rows = reinterpret_cast<float*>(
+      ((base + detail::kPageBytes - 1) & ~std::uintptr_t{detail::kPageBytes - 1}) + 16);
+  std::memcpy(rows, packed.data(), packed.size() * 4);
+  const auto keys = keys_from(0, n);
+  const PreparedBatch b = detail::prepare_batch(f->layout(), f->hash_key(), f->dir(), keys, nullptr,
+                                                3, ConstMatrix{rows, DType::kFloat32, n, kDim, 0});
+  REQUIRE(b.source != reinterpret_cast<const std::byte*>(rows));  // staged
+  CHECK(reinterpret_cast<std::uintptr_t>(b.source) % detail::kPageBytes == 0);
+  CHECK(std::memcmp(b.source, packed.data(), n * kDim * 4) == 0);
+}
+
 TEST_CASE("Strided rows are packed in the copy, and per-row epochs are read from the caller's",
           "[log][batch]") {
   TempDir dir;

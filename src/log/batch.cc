@@ -8,6 +8,14 @@
 
 namespace embstore::detail {
 
+std::byte* staging_buffer(std::vector<std::byte>& storage, std::uint64_t bytes,
+                          std::uint64_t file_offset) {
+  storage.resize(bytes + 2 * kPageBytes);
+  const auto base = reinterpret_cast<std::uintptr_t>(storage.data());
+  const std::uintptr_t page = (base + kPageBytes - 1) & ~std::uintptr_t{kPageBytes - 1};
+  return reinterpret_cast<std::byte*>(page + file_offset % kPageBytes);
+}
+
 bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory memory) {
   const std::uint64_t record_bytes = layout.record_bytes;
   return memory == RowMemory::kCallers && rows.dtype == layout.dtype && rows.dim == layout.dim &&
@@ -72,12 +80,14 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
     return batch;
   }
   if (!convert && n * record_bytes > kStageBytes) return batch;  // Staged piece by piece.
-  staging.resize(n * record_bytes);
+  // Where the rows will land is known only under the lock: the staged rows start on a page,
+  // as they land for every row size that is a multiple of 64 bytes (and most batches of others).
+  std::byte* const staged = staging_buffer(staging, n * record_bytes, 0);
   hashes.resize(n);
   if (convert) {
     for (std::uint64_t i = 0; i < n; ++i) {
       const auto* in = reinterpret_cast<const float*>(batch.source + i * stride);
-      std::byte* row = staging.data() + i * record_bytes;
+      std::byte* row = staged + i * record_bytes;
       auto* out = reinterpret_cast<std::uint16_t*>(row);
       if (layout.dtype == DType::kFloat16) {
         convert_to_half_fast(in, out, rows.dim);
@@ -87,9 +97,9 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
       hashes[i] = payload_hash(row, record_bytes, key);
     }
   } else {
-    copy_and_hash(staging.data(), batch.source, stride, n, record_bytes, key, hashes.data());
+    copy_and_hash(staged, batch.source, stride, n, record_bytes, key, hashes.data());
   }
-  batch.source = staging.data();
+  batch.source = staged;
   batch.stride = record_bytes;
   batch.hashes = hashes.data();
   return batch;

@@ -80,14 +80,14 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
     return hashes.data();
   }
   const std::uint64_t per_write = std::max<std::uint64_t>(1, kStageBytes / record_bytes);
-  thread_local std::vector<std::byte> piece;
-  piece.resize(std::min(n, per_write) * record_bytes);
+  thread_local std::vector<std::byte> storage;
   for (std::uint64_t begin = 0; begin < n; begin += per_write) {
     const std::uint64_t count = std::min(per_write, n - begin);
-    copy_and_hash(piece.data(), batch.source + begin * batch.stride, batch.stride, count,
-                  record_bytes, files.hash_key(), hashes.data() + begin);
-    os::write_all(files.data_fd(), piece.data(), count * record_bytes,
-                  (first + begin) * record_bytes, files.data_path());
+    const std::uint64_t offset = (first + begin) * record_bytes;
+    std::byte* const piece = staging_buffer(storage, count * record_bytes, offset);
+    copy_and_hash(piece, batch.source + begin * batch.stride, batch.stride, count, record_bytes,
+                  files.hash_key(), hashes.data() + begin);
+    os::write_all(files.data_fd(), piece, count * record_bytes, offset, files.data_path());
   }
   return hashes.data();
 }
