@@ -138,8 +138,23 @@ class Writer::Impl {
                        !lock_->others_waiting();
     return alone ? detail::HashAt::kPageCache : detail::HashAt::kStaged;
   }
+  // Where an append of `rows` is hashed: hash_at(), when HashAt decides for them at all
+  // (hash_at_applies) and they copy fast to where they would land (copies_fast); else staged.
+  detail::HashAt hash_at_for(const ConstMatrix& rows, detail::RowMemory memory,
+                             std::uint64_t committed) const {
+    const detail::Layout& layout = files_->layout();
+    return detail::hash_at_applies(layout, rows, memory) &&
+                   detail::copies_fast(rows.data, committed * layout.record_bytes)
+               ? hash_at(committed)
+               : detail::HashAt::kStaged;
+  }
   detail::HashAt next_hash_at() const {
     return with_files([this](const StoreFiles& f) { return hash_at(f.state().committed()); });
+  }
+  detail::HashAt next_hash_at(const ConstMatrix& rows) const {
+    return with_files([&](const StoreFiles& f) {
+      return hash_at_for(rows, detail::RowMemory::kCallers, f.state().committed());
+    });
   }
 
  private:
@@ -446,12 +461,10 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   check_usable();
   // Everything that does not need the row number happens before the lock; so does the hash,
   // unless this handle looks like the store's one active writer (hash_at(), asked only for
-  // batches it decides).
-  const detail::Layout& layout = files_->layout();
+  // batches it decides) and the caller's rows copy fast to where they would land.
   const detail::PreparedBatch batch = detail::prepare_batch(
-      layout, files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows, memory,
-      detail::hash_at_applies(layout, rows, memory) ? hash_at(files_->state().committed())
-                                                    : detail::HashAt::kStaged);
+      files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows, memory,
+      hash_at_for(rows, memory, files_->state().committed()));
   if (batch.rows == 0) return files_->state().committed();
   // A growth of this generation keeps running beside the append; with_writer_lock() follows
   // another handle's truncate first, so rows never go into the old generation's files.
@@ -758,6 +771,10 @@ std::uint64_t detail::WriterInternals::append_private(Writer& writer,
 
 bool detail::WriterInternals::hashes_before_lock(const Writer& writer) {
   return writer.impl_->next_hash_at() == HashAt::kStaged;
+}
+
+bool detail::WriterInternals::hashes_before_lock(const Writer& writer, const ConstMatrix& rows) {
+  return writer.impl_->next_hash_at(rows) == HashAt::kStaged;
 }
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,

@@ -192,6 +192,25 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
   }
   append();
   CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    // Alone, but with the caller's rows a few bytes off their place in a page: the kernel copies
+    // them slowly from there (log/batch.h, copies_fast), so they are staged.
+    const std::uint64_t lands = w.committed_rows() * o.dim * 4 % 4096;
+    std::vector<std::byte> storage(n * o.dim * 4 + 3 * 4096);
+    const auto page =
+        (reinterpret_cast<std::uintptr_t>(storage.data()) + 4095) & ~std::uintptr_t{4095};
+    auto rows_at = [&](std::uint64_t offset) {
+      return ConstMatrix{reinterpret_cast<const void*>(page + offset), DType::kFloat32, n, o.dim,
+                         0};
+    };
+    CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands)));
+    CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 64)));
+    CHECK(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 16)));
+    CHECK(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 4096 - 16)));
+    // Small or strided rows are staged anyway.
+    CHECK(detail::WriterInternals::hashes_before_lock(
+        w, ConstMatrix{reinterpret_cast<const void*>(page + lands), DType::kFloat32, 4, o.dim, 0}));
+  }
   CHECK(w.committed_rows() == 6 * n + 1);
   w.close();
   CHECK(Reader::open(dir / "s").verify().ok());

@@ -131,6 +131,20 @@ TEST_CASE("A batch is copied into a buffer of the thread and every row hashed th
   }
 }
 
+TEST_CASE("Rows copy fast when their offsets in a page are equal or 64 bytes apart or more",
+          "[log][batch]") {
+  auto at = [](std::uintptr_t address) { return reinterpret_cast<const void*>(address); };
+  CHECK(detail::copies_fast(at(0x10000), 0));
+  CHECK(detail::copies_fast(at(0x10000 + 100), 4096 * 9 + 100));
+  CHECK(detail::copies_fast(at(0x10000 + 64), 0));
+  CHECK(detail::copies_fast(at(0x10000), 64));
+  CHECK(detail::copies_fast(at(0x10000 + 2048), 0));
+  CHECK_FALSE(detail::copies_fast(at(0x10000 + 16), 0));  // a heap block's 16-byte header
+  CHECK_FALSE(detail::copies_fast(at(0x10000), 16));
+  CHECK_FALSE(detail::copies_fast(at(0x10000 + 63), 0));
+  CHECK_FALSE(detail::copies_fast(at(0x10000 + 4095), 3072 * 4));
+}
+
 TEST_CASE("A staging buffer starts at the offset in a page where its rows will land",
           "[log][batch]") {
   // The kernel's copy into the page cache is slow from a source a few bytes off the
