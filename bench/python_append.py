@@ -14,8 +14,8 @@ speed of the page cache"). Prints one line per run, then the ratio's min / media
 the p50 latencies of both (medians over rounds).
 
 The rows come from an array as numpy allocates it and from a page-aligned one (see
-make_batch: where the rows start decides how fast the kernel copies them). The child also reports the share of its append time spent inside the C++ call (its
-stats()["append_seconds"] over the wall time of its append calls): the binding's own cost,
+make_batch: where the rows start decides how fast the kernel copies them). The child also reports the share of its timed spans (making the keys with numpy, then the
+append call) spent inside the C++ append (its stats()["append_seconds"]): what Python adds,
 free of the run-to-run noise between processes.
 """
 import argparse
@@ -58,7 +58,7 @@ def child(rows, directory, source, batch_rows=512, dim=768):
     in_calls = 0.0
     while done < rows:
         t0 = time.monotonic_ns()
-        np.add(base, t0, out=keys)
+        np.add(base, t0, out=keys)  # in the timed span, as embstore bench makes its keys in it
         w.append(keys, batch, 0)
         t1 = time.monotonic_ns()
         latencies.append(t1 - t0)

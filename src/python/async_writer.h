@@ -107,7 +107,7 @@ class AsyncAppender {
   // Writes what is queued, then joins the thread. Idempotent. Returns the sticky error if any.
   std::optional<Error> stop();
   // Moves out the holds of batches written or dropped since the last call, and appends to
-  // `spare_keys` the key buffers of written batches (up to kSpareKeyBuffers kept; see
+  // `spare_keys` the key buffers of batches written (or failed) (up to kSpareKeyBuffers kept; see
   // kSpareKeyBufferMaxKeys), for the caller to fill for its next batches instead of allocating.
   void take_done(std::vector<void*>& holds, std::vector<std::vector<std::uint64_t>>& spare_keys);
   WriteStats stats();

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <shared_mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -97,8 +98,13 @@ void to_u64(const py::array& array, std::string_view owner, std::string_view wha
   const py::ssize_t size = array.itemsize();
   out.clear();
   if (kind == 'u' && size == 8 && (stride == 8 || n <= 1)) {  // Common case: nothing to check.
-    const auto* values = reinterpret_cast<const std::uint64_t*>(base);
-    out.insert(out.end(), values, values + n);
+    if (reinterpret_cast<std::uintptr_t>(base) % alignof(std::uint64_t) == 0) {
+      const auto* values = reinterpret_cast<const std::uint64_t*>(base);
+      out.insert(out.end(), values, values + n);  // No zero fill first.
+    } else {  // A numpy array may start anywhere (frombuffer with an offset).
+      out.resize(static_cast<std::size_t>(n));
+      if (n > 0) std::memcpy(out.data(), base, static_cast<std::size_t>(n) * 8);
+    }
     return;
   }
   out.resize(static_cast<std::size_t>(n));
@@ -456,7 +462,8 @@ class PyWriter {
   DType dtype_ = DType::kFloat32;
   std::uint64_t record_bytes_ = 0;
   std::vector<void*> done_scratch_;
-  std::vector<std::vector<std::uint64_t>> spare_keys_;  // Key buffers of written batches.
+  // Key buffers of batches the queue is done with; like done_scratch_, used with the GIL held.
+  std::vector<std::vector<std::uint64_t>> spare_keys_;
   std::mutex stats_mutex_;
   WriteStats sync_stats_;
   std::optional<WriteStats> final_stats_;
@@ -491,6 +498,18 @@ void set_error_from_current_exception() noexcept {
     }
   } catch (const std::bad_alloc&) {
     PyErr_NoMemory();
+  } catch (const std::domain_error& e) {  // The standard exceptions as pybind11 maps them.
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::length_error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::out_of_range& e) {
+    PyErr_SetString(PyExc_IndexError, e.what());
+  } catch (const std::range_error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const std::overflow_error& e) {
+    PyErr_SetString(PyExc_OverflowError, e.what());
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
   } catch (...) {
@@ -537,8 +556,8 @@ py::object make_appender(py::object native) {
   py::capsule holder(writer, nullptr, [](PyObject* capsule) {
     Py_XDECREF(static_cast<PyObject*>(PyCapsule_GetContext(capsule)));
   });
-  if (PyCapsule_SetContext(holder.ptr(), native.release().ptr()) != 0)
-    throw py::error_already_set();
+  if (PyCapsule_SetContext(holder.ptr(), native.ptr()) != 0) throw py::error_already_set();
+  (void)native.release();  // The capsule owns this reference now; its destructor drops it.
   PyObject* function = PyCFunction_NewEx(&append_call_def, holder.ptr(), nullptr);
   if (function == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::object>(function);

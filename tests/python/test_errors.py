@@ -54,14 +54,26 @@ def test_the_native_append_call_checks_its_arguments_and_keeps_its_writer_alive(
         append(keys, 7, rows(2, dim=3), None, True)
     with pytest.raises(ValueError, match=re.escape(f"{store}: append: keys[1] is -1")):
         append(np.array([1, -1]), 7, rows(2), None, True)
+    # Keys that numpy placed off 8-byte alignment are read whole too.
+    raw = np.frombuffer(bytearray(8 * 3), dtype=np.uint8)[1:17]
+    unaligned = raw.view(np.uint64)
+    unaligned[:] = [5, 6]
+    assert unaligned.ctypes.data % 8 != 0
+    assert append(unaligned, 7, rows(2), None, True) == 2
+    import gc
+    import weakref
+    native = weakref.ref(w._native)
     w.close()
     del w
-    import gc
     gc.collect()
-    # The call holds the native writer: after close() it raises, it does not crash.
-    with pytest.raises(embstore.ClosedError, match="the Writer is closed"):
+    # The call holds the native writer: it stays alive and, closed, raises instead of crashing.
+    assert native() is not None
+    with pytest.raises(embstore.ClosedError, match=re.escape(f"{store}: the Writer is closed")):
         append(keys, 7, rows(2), None, True)
-    assert embstore.Reader(store).keys.tolist() == [0, 1]
+    del append
+    gc.collect()
+    assert native() is None  # and lets it go with the call
+    assert embstore.Reader(store).keys.tolist() == [0, 1, 5, 6]
 
 
 @pytest.mark.parametrize("bad", [2.7, 2.0, "3", True, np.float64(1.0), np.bool_(True), b"1"])

@@ -165,8 +165,10 @@ def main():
             print("[demo] " + async_append_time.report(
                 t, f"async append call of a {what}, copy={copy}",
                 "target: memcpy speed" if copy else "target <= 20 us"))
-    for step in async_append_time.STEPS:
-        paced = async_append_time.measure_paced(run, calls=150, step=step)
+    for i, step in enumerate(async_append_time.STEPS):
+        directory = os.path.join(run, f"paced{i}")  # fresh stores for each step
+        os.makedirs(directory, exist_ok=True)
+        paced = async_append_time.measure_paced(directory, calls=150, step=step)
         for name, t in paced.items():
             print("[demo] " + async_append_time.report(
                 t, f"{name}, each after a step ({step}; taking turns)",
