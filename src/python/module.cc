@@ -92,6 +92,11 @@ void to_u64(const py::array& array, std::string_view owner, std::string_view wha
     invalid(name() + " must be integers; got dtype " +
             py::str(static_cast<py::handle>(array.dtype())).cast<std::string>());
   }
+  if (array.dtype().byteorder() == '>') {
+    invalid(name() +
+            " are big-endian; convert them to native byte order first "
+            "(for example keys.astype(numpy.uint64))");
+  }
   const py::ssize_t n = array.shape(0);
   const auto* base = static_cast<const char*>(array.data());
   const py::ssize_t stride = array.strides(0);

@@ -35,6 +35,18 @@ def test_epoch_is_an_integer_in_0_to_2_pow_64(store, as_array):
     assert embstore.Reader(store).epochs.tolist() == [2**63, 2**64 - 1]
 
 
+@pytest.mark.parametrize("async_queue_mb", [0, 4])
+def test_big_endian_keys_or_epochs_are_refused_not_stored_byte_swapped(store, async_queue_mb):
+    with embstore.Writer(store, dim=4, async_queue_mb=async_queue_mb) as w:
+        with pytest.raises(ValueError, match=re.escape(f"{store}: append: keys are big-endian")):
+            w.append(np.array([1, 2], dtype=">u8"), rows(2))
+        with pytest.raises(ValueError, match=re.escape(f"{store}: append: epochs are big-endian")):
+            w.append(np.array([1, 2], np.uint64), rows(2), np.array([3, 4], dtype=">i8"))
+        w.append(np.array([1, 2], dtype="<u8"), rows(2), np.array([3, 4], dtype="<i8"))
+    r = embstore.Reader(store)
+    assert r.keys.tolist() == [1, 2] and r.epochs.tolist() == [3, 4]
+
+
 def test_the_native_append_call_checks_its_arguments_and_keeps_its_writer_alive(store):
     w = embstore.Writer(store, dim=4)
     append = w._native.appender()  # what Writer.append calls, outside pybind11's dispatcher
