@@ -503,20 +503,20 @@ void set_error_from_current_exception() noexcept {
     }
   } catch (const std::bad_alloc&) {
     PyErr_NoMemory();
-  } catch (const std::domain_error& e) {  // The standard exceptions as pybind11 maps them.
-    PyErr_SetString(PyExc_ValueError, e.what());
-  } catch (const std::invalid_argument& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-  } catch (const std::length_error& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-  } catch (const std::out_of_range& e) {
-    PyErr_SetString(PyExc_IndexError, e.what());
-  } catch (const std::range_error& e) {
-    PyErr_SetString(PyExc_ValueError, e.what());
-  } catch (const std::overflow_error& e) {
-    PyErr_SetString(PyExc_OverflowError, e.what());
   } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+    // The standard exceptions as pybind11 maps them.
+    PyObject* type = PyExc_RuntimeError;
+    if (dynamic_cast<const std::out_of_range*>(&e)) {
+      type = PyExc_IndexError;
+    } else if (dynamic_cast<const std::overflow_error*>(&e)) {
+      type = PyExc_OverflowError;
+    } else if (dynamic_cast<const std::domain_error*>(&e) ||
+               dynamic_cast<const std::invalid_argument*>(&e) ||
+               dynamic_cast<const std::length_error*>(&e) ||
+               dynamic_cast<const std::range_error*>(&e)) {
+      type = PyExc_ValueError;
+    }
+    PyErr_SetString(type, e.what());
   } catch (...) {
     PyErr_SetString(PyExc_RuntimeError, "embstore: unknown C++ exception");
   }
