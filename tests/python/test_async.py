@@ -154,7 +154,10 @@ def test_a_synchronous_append_of_an_array_another_thread_rewrites_stores_matchin
     # each row's checksum is computed over the bytes written (not over the caller's array, which
     # may change between hashing and writing): verify finds no bad row.
     rows = 512 if dim == 256 else 64  # 512 KiB, over the size written by system call; 1 KiB
-    buf = np.zeros((rows, dim), np.float32)
+    # On a page, as the rows land in the file: a writer alone then writes them from here and
+    # hashes them in the page cache (a numpy array's own memory, 16 bytes into a page, is staged).
+    import mmap
+    buf = np.frombuffer(mmap.mmap(-1, rows * dim * 4), np.float32).reshape(rows, dim)
     stop = threading.Event()
 
     def scribble():
