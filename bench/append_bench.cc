@@ -93,7 +93,7 @@ void BM_Append(benchmark::State& state) {
   const std::uint64_t out_row_bytes = std::uint64_t{dim} * dtype_size(out_dtype);
 
   // Input bytes: float32 values reinterpreted for 16-bit dtypes (any bit pattern is a value).
-  const std::vector<float> values = random_floats(batch * in_row_bytes / 4 + 1, 1);
+  const Floats values = random_floats(batch * in_row_bytes / 4 + 1, 1);
   const std::vector<std::uint64_t> keys = random_keys(batch);
   const ConstMatrix matrix{values.data(), in_dtype, batch, dim, 0};
 
@@ -140,7 +140,7 @@ void BM_Pwrite(benchmark::State& state) {
   const int sync_arg = static_cast<int>(state.range(2));
   const bool prealloc = state.range(3) != 0;
   const std::uint64_t row_bytes = std::uint64_t{dim} * 4;
-  const std::vector<float> values = random_floats(batch, dim);
+  const Floats values = random_floats(batch, dim);
   const std::uint64_t limit = rows_per_file(batch, row_bytes);
   TempDir dir;
   const std::string path = dir.sub("data");
@@ -183,7 +183,7 @@ void BM_Memcpy(benchmark::State& state) {
   const std::uint64_t batch = state.range(0);
   const auto dim = static_cast<std::uint32_t>(state.range(1));
   const std::uint64_t row_bytes = std::uint64_t{dim} * 4;
-  const std::vector<float> values = random_floats(batch, dim);
+  const Floats values = random_floats(batch, dim);
   const std::uint64_t limit = rows_per_file(batch, row_bytes);
   std::vector<std::byte> target(limit * row_bytes, std::byte{1});  // Touched: warm pages.
   std::uint64_t rows_in_buffer = 0;
@@ -206,7 +206,7 @@ void BM_Paired(benchmark::State& state) {
   const bool key_index = state.range(3) != 0;
   const std::uint64_t row_bytes = std::uint64_t{dim} * 4;
   const std::uint64_t bytes = batch * row_bytes;
-  const std::vector<float> values = random_floats(batch, dim);
+  const Floats values = random_floats(batch, dim);
   const ConstMatrix matrix{values.data(), DType::kFloat32, batch, dim, 0};
   constexpr std::uint64_t kDatasetBatches = 64;
   const std::vector<std::uint64_t> ids = random_keys(batch * kDatasetBatches);
@@ -284,7 +284,7 @@ void BM_IndexAfterWrite(benchmark::State& state) {
   const bool key_index = state.range(0) != 0;
   const std::uint64_t write_bytes = static_cast<std::uint64_t>(state.range(1)) << 10;
   constexpr std::uint64_t kBatch = 512, kDim = 8, kDatasetBatches = 64;
-  const std::vector<float> values = random_floats(kBatch, kDim);
+  const Floats values = random_floats(kBatch, kDim);
   const ConstMatrix matrix{values.data(), DType::kFloat32, kBatch, kDim, 0};
   const std::vector<std::uint64_t> ids = random_keys(kBatch * kDatasetBatches);
   const std::vector<std::byte> junk(std::max<std::uint64_t>(write_bytes, 1), std::byte{3});

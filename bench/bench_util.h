@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <new>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -57,12 +58,33 @@ class TempDir {
   std::string path_;
 };
 
-// Random float32 values in [-1, 1), rows * dim of them.
-inline std::vector<float> random_floats(std::uint64_t rows, std::uint32_t dim,
-                                        std::uint64_t seed = 42) {
+// A vector allocated on a page boundary, so that the rows a benchmark appends, and the bytes its
+// pwrite baselines write, start where they land in a page: the source the kernel copies into the
+// page cache fastest. A heap block of a megabyte starts 16 bytes into its page, from where that
+// copy runs 10-20% slower (bench/RESULTS.md, "Staging buffers start where the rows land"):
+// baselines written from there would measure less than their best, while embstore stages such rows.
+template <typename T>
+struct PageAlignedAllocator {
+  using value_type = T;
+  PageAlignedAllocator() = default;
+  template <typename U>
+  PageAlignedAllocator(const PageAlignedAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{4096}));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete (p, std::align_val_t{4096}); }
+  template <typename U>
+  bool operator==(const PageAlignedAllocator<U>&) const {
+    return true;
+  }
+};
+using Floats = std::vector<float, PageAlignedAllocator<float>>;
+
+// Random float32 values in [-1, 1), rows * dim of them, on a page boundary.
+inline Floats random_floats(std::uint64_t rows, std::uint32_t dim, std::uint64_t seed = 42) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  std::vector<float> values(rows * dim);
+  Floats values(rows * dim);
   for (float& v : values) v = dist(rng);
   return values;
 }

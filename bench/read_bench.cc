@@ -52,7 +52,7 @@ void fill_store(const std::string& path, std::uint64_t rows, std::uint32_t dim, 
   Writer writer = Writer::create(path, create, options);
   const std::uint64_t batch = 4096;
   const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(dtype);
-  const std::vector<float> values = random_floats(batch * row_bytes / 4 + 1, 1);
+  const Floats values = random_floats(batch * row_bytes / 4 + 1, 1);
   std::vector<std::uint64_t> keys(batch);
   for (std::uint64_t done = 0; done < rows;) {
     const std::uint64_t n = std::min(batch, rows - done);
@@ -184,7 +184,7 @@ void BM_Refresh(benchmark::State& state) {
   CreateOptions create;
   create.dim = 64;
   Writer writer = Writer::create(path, create);
-  const std::vector<float> values = random_floats(1, 64);
+  const Floats values = random_floats(1, 64);
   const std::vector<std::uint64_t> keys = random_keys(1);
   writer.append(keys, 0, values);
   Reader reader = Reader::open(path);

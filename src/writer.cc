@@ -123,8 +123,8 @@ class Writer::Impl {
   }
   bool in_owner_process() const { return detail::os::current_pid() == owner_pid_; }
   // Where the next append of the caller's large packed rows is hashed (log/batch.h, HashAt):
-  // in the page cache under the lock only while this handle looks like the store's one active
-  // writer: its last taking of the locks did not wait, nothing was committed since its last
+  // read back from the page cache under the lock only while this handle looks like the store's one
+  // active writer: its last taking of the locks did not wait, nothing was committed since its last
   // append, and no thread of this handle and no other handle waits for the lock now. Else
   // before the lock, as writers that share the lock must: hashing under it would serialize
   // their hashes, and a writer that skips the copy is back for the lock before a woken waiter

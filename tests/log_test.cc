@@ -23,6 +23,7 @@
 #include "storage/store_files.h"
 #include "support/payload.h"
 #include "support/temp_dir.h"
+#include "writer_internals.h"
 
 using namespace embstore;
 using embstore::detail::IndexEntry;
@@ -504,10 +505,12 @@ std::uint64_t resident_kib(const std::string& path) {
 }
 }  // namespace
 
-TEST_CASE("A writer hashing rows in the page cache does not keep them all mapped",
+TEST_CASE("A writer reads the rows it wrote back with pread to hash them, and maps none of them",
           "[log][commit][mapping]") {
-  // Hashing where the rows were written maps their pages into the writer; the writer drops
-  // those page-table entries every 64 MiB, or its resident size would grow with the store.
+  // HashAt::kPageCache hashes the caller's rows as they are read back from the page cache into
+  // a buffer of the writer (log/batch.h): the writer's mapping of them is never touched, so its
+  // resident size does not grow with the store. A failed read-back fails the append before
+  // anything is published, and the retry lands where the batch would have.
   TempDir dir;
   CreateOptions o;
   o.dim = 1024;  // 4 KiB rows
@@ -519,22 +522,52 @@ TEST_CASE("A writer hashing rows in the page cache does not keep them all mapped
   auto* values = reinterpret_cast<float*>(
       (reinterpret_cast<std::uintptr_t>(storage.data()) + detail::kPageBytes - 1) &
       ~std::uintptr_t{detail::kPageBytes - 1});
-  std::fill(values, values + n * o.dim, 0.5f);
   std::vector<std::uint64_t> keys(n);
-  // 288 MiB: a growth past 128 MiB maps the files anew at a reservation of 512 MiB (which drops
-  // every page-table entry), so from there on only the release keeps the rows unmapped.
-  const std::uint64_t batches = 144;
-  for (std::uint64_t b = 0; b < batches; ++b) {
+  auto append = [&](std::uint64_t b) {
     for (std::uint64_t i = 0; i < n; ++i) keys[i] = b * n + i;
-    w.append(keys, 0, ConstMatrix{values, DType::kFloat32, n, o.dim, 0});
+    std::fill(values, values + n * o.dim, static_cast<float>(b));
+    return w.append(keys, 0, ConstMatrix{values, DType::kFloat32, n, o.dim, 0});
+  };
+  auto reads_back = [&] {
+    return !detail::WriterInternals::hashes_before_lock(
+        w, ConstMatrix{values, DType::kFloat32, n, o.dim, 0});
+  };
+  // 288 MiB: past a growth at 128 MiB that maps the files anew at a reservation of 512 MiB.
+  // A writer stages instead after its locking waited (a growth of the files or the key index).
+  std::uint64_t batches = 0, read_back = 0;
+  for (; batches < 144; ++batches) {
+    read_back += reads_back();
+    append(batches);
   }
+  INFO(read_back << " of " << batches << " batches read back");
+  CHECK(read_back > batches / 2);
   const std::uint64_t kib = resident_kib(dir / "s/rows.1");
   INFO(kib << " KiB of rows.1 resident");
-  CHECK(kib > 0);  // the rows since the last release are mapped: the path above was taken
-  // Less than one release's worth gathers (the pages at its two edges aside).
-  CHECK(kib < (detail::StoreFiles::kReleaseRowBytes >> 10) + 8);
+  CHECK(kib < 64);  // none of the 288 MiB of rows written
+
+  while (!reads_back() && batches < 200) append(batches++);
+  REQUIRE(reads_back());
+  // An append reads one index entry (at its first row), then its rows back: fail the first
+  // read of the rows.
+  detail::testing::arm_fault(detail::testing::Op::kPread, 2, EIO, false);
+  std::string message;
+  try {
+    append(batches);
+  } catch (const Error& error) {
+    message = error.what();
+    CHECK(error.code() == ErrorCode::kIO);
+  }
+  detail::testing::disarm_all();
+  CHECK_THAT(message, Catch::Contains("read") && Catch::Contains("rows.1"));
+  CHECK(w.committed_rows() == batches * n);
+  CHECK(append(batches + 1) == batches * n);
   w.close();
-  CHECK(Reader::open(dir / "s").verify().ok());
+  Reader r = Reader::open(dir / "s");
+  REQUIRE(r.size() == (batches + 1) * n);
+  float first = 0;
+  std::memcpy(&first, r.rows().row(batches * n), sizeof(first));
+  CHECK(first == static_cast<float>(batches + 1));
+  CHECK(r.verify().ok());
 }
 
 TEST_CASE("A commit past the capacity grows the files first, as FORMAT.md 'File sizes' says",

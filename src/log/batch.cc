@@ -83,7 +83,7 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
     return batch;
   }
   if (hash_at == HashAt::kPageCache && hash_at_applies(layout, rows, memory)) {
-    batch.hash_written = true;  // Written from the caller's array, hashed where it was written.
+    batch.hash_written = true;  // Written from the caller's array, read back and hashed.
     return batch;
   }
   if (!convert && n * record_bytes > kStageBytes) return batch;  // Staged piece by piece.

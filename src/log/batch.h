@@ -15,12 +15,13 @@
 //
 // The other way to keep the rule (HashAt::kPageCache): packed caller's rows of
 // kRowsSyscallMinBytes or more, unconverted, are not copied here at all. commit_batch() writes
-// them with pwrite straight from the caller's array, then hashes the bytes where they landed, in
-// the page cache, through this writer's mapping: under the writer lock nothing else writes
-// there, so the hash describes exactly what is stored, whatever the caller's threads do to their
-// array meanwhile. That saves the copy (one writer appends 5-18% faster, bench/RESULTS.md
-// "Hashing what was written"), but the hash then runs under the lock, so a writer stages
-// instead whenever the lock looks shared (the Writer picks: hash_at() in writer.cc).
+// them with pwrite straight from the caller's array, then reads the bytes back from the page
+// cache (pread, kReadBackBytes at a time, into a buffer of the thread) and hashes them there:
+// under the writer lock nothing else writes there, so the hash describes exactly what is stored,
+// whatever the caller's threads do to their array meanwhile. That saves the copy before the
+// write (bench/RESULTS.md, "Hashing what was written"), but the read and the hash then run under
+// the lock, so a writer stages instead whenever the lock looks shared (the Writer picks:
+// hash_at() in writer.cc).
 #pragma once
 
 #include <cstddef>
@@ -41,6 +42,9 @@ inline constexpr std::uint64_t kStageBytes = 8 * 1024 * 1024;
 // From this many bytes of rows, a commit writes them with pwrite rather than through the
 // mapping (log/commit.cc says why).
 inline constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
+// HashAt::kPageCache reads written rows back this many bytes at a time (at least one row): the
+// piece stays in the second-level cache while it is hashed.
+inline constexpr std::uint64_t kReadBackBytes = 256 * 1024;
 
 // Whether pwrite copies rows at `source` fast to `file_offset`: their offsets within a page are
 // equal or at least 64 bytes apart. From a source a few bytes off the destination's offset the
@@ -68,7 +72,7 @@ enum class RowMemory {
 // hashed (the rules above). Other batches are staged or private whatever this says.
 enum class HashAt {
   kStaged,     // Copied into a buffer of the thread and hashed there, before the lock.
-  kPageCache,  // Written from the caller's array, then hashed in the page cache under the lock.
+  kPageCache,  // Written from the caller's array, then read back and hashed under the lock.
 };
 
 struct PreparedBatch {
@@ -80,11 +84,11 @@ struct PreparedBatch {
   std::uint64_t stride = 0;
   // The payload_hash of each row, computed over `source`: a packed buffer of the thread, or
   // the packed private rows of RowMemory::kPrivate. Null when `source` is the caller's memory:
-  // commit_batch() hashes the rows where it wrote them (hash_written), or else copies and hashes
+  // commit_batch() hashes the rows as it reads them back (hash_written), or else copies and hashes
   // them piece by piece (an unconverted batch larger than kStageBytes).
   const std::uint64_t* hashes = nullptr;
-  // HashAt::kPageCache applies: `source` is the caller's packed rows, to be written from there
-  // and hashed in the page cache.
+  // HashAt::kPageCache applies: `source` is the caller's packed rows, to be written from there,
+  // read back from the page cache and hashed.
   bool hash_written = false;
 
   std::uint64_t epoch(std::uint64_t i) const {

@@ -287,10 +287,6 @@ void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept {
   advise_inside(addr, bytes, kHugePageBytes, MADV_HUGEPAGE);
 }
 
-void drop_page_tables(void* addr, std::uint64_t bytes) noexcept {
-  advise_inside(addr, bytes, 4096, MADV_DONTNEED);
-}
-
 void unmap(void* addr, std::uint64_t bytes) noexcept {
   if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);
 }

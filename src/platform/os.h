@@ -73,10 +73,6 @@ void populate_write(void* addr, std::uint64_t bytes) noexcept;
 // the file system can hold them, each mapped by one page-table entry when the range is 2 MiB-
 // aligned in both the address space and the file. Advisory: does nothing where refused.
 void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept;
-// Drops the page-table entries of the whole pages in [addr, addr + bytes) of a shared file
-// mapping (MADV_DONTNEED): the file's pages stay in the page cache, dirty ones stay dirty, and
-// the next access maps them again. Failures are ignored (only resident size is at stake).
-void drop_page_tables(void* addr, std::uint64_t bytes) noexcept;
 // 2 MiB: the large page size advise_huge_pages() asks for, and the alignment of reservations.
 inline constexpr std::uint64_t kHugePageBytes = 2 << 20;
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.

@@ -161,24 +161,6 @@ void StoreFiles::close_retired_fds() {
   retired_fds_.clear();
 }
 
-void StoreFiles::release_read_rows(std::uint64_t first, std::uint64_t end) {
-  const std::uint64_t record_bytes = layout_.record_bytes;
-  if (first != read_rows_end_) {
-    // Not where the last call ended (other writers' rows between, a truncate, the first call):
-    // what gathered so far is released now, if it is still mapped, and the count starts over.
-    if (read_rows_end_ > read_rows_begin_ && read_rows_end_ <= mapped_rows()) {
-      os::drop_page_tables(row_ptr(read_rows_begin_),
-                           (read_rows_end_ - read_rows_begin_) * record_bytes);
-    }
-    read_rows_begin_ = first;
-  }
-  read_rows_end_ = end;
-  const std::uint64_t bytes = (end - read_rows_begin_) * record_bytes;
-  if (bytes < kReleaseRowBytes) return;
-  os::drop_page_tables(row_ptr(read_rows_begin_), bytes);
-  read_rows_begin_ = end;
-}
-
 bool StoreFiles::follow_generation() {
   const std::uint64_t generation = state_.generation();
   if (generation == file_generation_) return false;

@@ -125,14 +125,6 @@ class StoreFiles {
   // kNotFound without a header file, kCorruption when it is too short for the state page.
   static std::uint64_t read_generation(const std::string& dir);
 
-  // Writer only, writer lock held: rows [first, end) were just read through this handle's
-  // mapping (hashed where they were written, log/batch.h). Once kReleaseRowBytes of such rows
-  // have gathered, drops the mapping's page-table entries for them (os::drop_page_tables: the
-  // page cache keeps the pages), so that a writer's resident size does not grow with the
-  // store. Data is never at stake: a later access maps the same pages again.
-  void release_read_rows(std::uint64_t first, std::uint64_t end);
-  static constexpr std::uint64_t kReleaseRowBytes = 64 << 20;
-
   // Rows must be mapped.
   std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }
   IndexEntry* entry_ptr(std::uint64_t row) const { return generation_->entry_ptr(row); }
@@ -167,8 +159,6 @@ class StoreFiles {
   std::uint64_t header_bytes_ = 0;          // The header file's size at open.
   std::uint64_t budget_rows_ = 0;           // The most rows map_bytes lets one Generation reserve.
   std::shared_ptr<Generation> generation_;  // Null until the first map_rows().
-  // release_read_rows(): the rows read since the last release, [begin, end).
-  std::uint64_t read_rows_begin_ = 0, read_rows_end_ = 0;
 };
 
 }  // namespace embstore::detail
