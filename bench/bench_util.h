@@ -61,8 +61,8 @@ class TempDir {
 // A vector allocated on a page boundary, so that the rows a benchmark appends, and the bytes its
 // pwrite baselines write, start where they land in a page: the source the kernel copies into the
 // page cache fastest. A heap block of a megabyte starts 16 bytes into its page, from where that
-// copy runs 10-20% slower (bench/RESULTS.md, "Staging buffers start where the rows land"):
-// baselines written from there would measure less than their best, while embstore stages such rows.
+// copy ran 10-20% slower on some VMs (bench/RESULTS.md, "Staging buffers start where the rows
+// land"): baselines written from there would measure less than their best.
 template <typename T>
 struct PageAlignedAllocator {
   using value_type = T;

@@ -139,14 +139,13 @@ class Writer::Impl {
     return alone ? detail::HashAt::kPageCache : detail::HashAt::kStaged;
   }
   // Where an append of `rows` is hashed: hash_at(), when HashAt decides for them at all
-  // (hash_at_applies) and they copy fast to where they would land (copies_fast); else staged.
+  // (hash_at_applies); else staged. Wherever the rows start in a page: from a source a few bytes
+  // off where they land, the kernel's copy runs up to 10% slower, but staging them costs more
+  // (bench/RESULTS.md, "Rows a few bytes into a page are read back too").
   detail::HashAt hash_at_for(const ConstMatrix& rows, detail::RowMemory memory,
                              std::uint64_t committed) const {
-    const detail::Layout& layout = files_->layout();
-    return detail::hash_at_applies(layout, rows, memory) &&
-                   detail::copies_fast(rows.data, committed * layout.record_bytes)
-               ? hash_at(committed)
-               : detail::HashAt::kStaged;
+    return detail::hash_at_applies(files_->layout(), rows, memory) ? hash_at(committed)
+                                                                   : detail::HashAt::kStaged;
   }
   detail::HashAt next_hash_at() const {
     return with_files([this](const StoreFiles& f) { return hash_at(f.state().committed()); });

@@ -23,8 +23,8 @@ struct WriterInternals {
   // the lock (HashAt::kStaged, log/batch.h), false when in the page cache after the write: the
   // rule is Writer::Impl::hash_at() in writer.cc. For tests.
   static bool hashes_before_lock(const Writer& writer);
-  // The same for an append of the caller's `rows`: also true when they would not copy fast to
-  // where they would land (copies_fast, log/batch.h). For tests.
+  // The same for an append of the caller's `rows`: also true when HashAt does not decide for
+  // them (hash_at_applies, log/batch.h). For tests.
   static bool hashes_before_lock(const Writer& writer, const ConstMatrix& rows);
 };
 

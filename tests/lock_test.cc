@@ -193,8 +193,7 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
   append();
   CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
   {
-    // Alone, but with the caller's rows a few bytes off their place in a page: the kernel copies
-    // them slowly from there (log/batch.h, copies_fast), so they are staged.
+    // Alone, wherever the caller's rows start in a page: written from there and read back.
     const std::uint64_t lands = w.committed_rows() * o.dim * 4 % 4096;
     std::vector<std::byte> storage(n * o.dim * 4 + 3 * 4096);
     const auto page =
@@ -205,13 +204,17 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
     };
     CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands)));
     CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 64)));
-    CHECK(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 16)));
-    CHECK(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 4096 - 16)));
-    // Small or strided rows are staged anyway.
+    CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 16)));
+    CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 4096 - 16)));
+    // Small rows are staged anyway.
     CHECK(detail::WriterInternals::hashes_before_lock(
         w, ConstMatrix{reinterpret_cast<const void*>(page + lands), DType::kFloat32, 4, o.dim, 0}));
+    // A heap block's rows, 16 bytes into a page, stored and verified below.
+    std::fill(storage.begin(), storage.end(), std::byte{0x3c});
+    std::vector<std::uint64_t> keys(n, 7);
+    w.append(keys, 1, rows_at(lands + 16));
   }
-  CHECK(w.committed_rows() == 6 * n + 1);
+  CHECK(w.committed_rows() == 7 * n + 1);
   w.close();
   CHECK(Reader::open(dir / "s").verify().ok());
 }

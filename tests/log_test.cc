@@ -132,20 +132,6 @@ TEST_CASE("A batch is copied into a buffer of the thread and every row hashed th
   }
 }
 
-TEST_CASE("Rows copy fast when their offsets in a page are equal or 64 bytes apart or more",
-          "[log][batch]") {
-  auto at = [](std::uintptr_t address) { return reinterpret_cast<const void*>(address); };
-  CHECK(detail::copies_fast(at(0x10000), 0));
-  CHECK(detail::copies_fast(at(0x10000 + 100), 4096 * 9 + 100));
-  CHECK(detail::copies_fast(at(0x10000 + 64), 0));
-  CHECK(detail::copies_fast(at(0x10000), 64));
-  CHECK(detail::copies_fast(at(0x10000 + 2048), 0));
-  CHECK_FALSE(detail::copies_fast(at(0x10000 + 16), 0));  // a heap block's 16-byte header
-  CHECK_FALSE(detail::copies_fast(at(0x10000), 16));
-  CHECK_FALSE(detail::copies_fast(at(0x10000 + 63), 0));
-  CHECK_FALSE(detail::copies_fast(at(0x10000 + 4095), 3072 * 4));
-}
-
 TEST_CASE("A staging buffer starts at the offset in a page where its rows will land",
           "[log][batch]") {
   // The kernel's copy into the page cache is slow from a source a few bytes off the
@@ -516,8 +502,7 @@ TEST_CASE("A writer reads the rows it wrote back with pread to hash them, and ma
   o.dim = 1024;  // 4 KiB rows
   Writer w = Writer::create(dir / "s", o);
   const std::uint64_t n = 512;  // 2 MiB a batch
-  // On a page, where each batch lands in the file: rows a few bytes off it would be staged
-  // (detail::copies_fast), as a heap block's are.
+  // On a page, where each batch lands in the file (a source anywhere in a page would do).
   std::vector<float> storage(n * o.dim + 2 * detail::kPageBytes / 4);
   auto* values = reinterpret_cast<float*>(
       (reinterpret_cast<std::uintptr_t>(storage.data()) + detail::kPageBytes - 1) &

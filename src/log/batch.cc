@@ -8,13 +8,6 @@
 
 namespace embstore::detail {
 
-bool copies_fast(const void* source, std::uint64_t file_offset) {
-  constexpr std::uint64_t kNear = 64;
-  const std::uint64_t apart =
-      (reinterpret_cast<std::uintptr_t>(source) - file_offset) & (kPageBytes - 1);
-  return apart == 0 || (apart >= kNear && apart <= kPageBytes - kNear);
-}
-
 std::byte* staging_buffer(std::vector<std::byte>& storage, std::uint64_t bytes,
                           std::uint64_t file_offset) {
   storage.resize(bytes + 2 * kPageBytes);

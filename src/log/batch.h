@@ -46,12 +46,6 @@ inline constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
 // piece stays in the second-level cache while it is hashed.
 inline constexpr std::uint64_t kReadBackBytes = 256 * 1024;
 
-// Whether pwrite copies rows at `source` fast to `file_offset`: their offsets within a page are
-// equal or at least 64 bytes apart. From a source a few bytes off the destination's offset the
-// kernel's copy into the page cache runs 15-20% slower (bench/RESULTS.md, "Staging buffers start
-// where the rows land"), more than copying the rows into a staging_buffer first costs.
-bool copies_fast(const void* source, std::uint64_t file_offset);
-
 // A buffer in `storage` (grown as needed, contents not kept) for `bytes` of rows to be written
 // with pwrite to a file offset that is `file_offset` modulo kPageBytes: it starts at that same
 // offset within a page. The kernel copies into the page cache, page by page, much slower when

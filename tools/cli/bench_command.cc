@@ -170,9 +170,9 @@ Percentiles percentiles(std::vector<std::uint32_t> ns) {
 }
 
 // The batch every writer appends, in the input dtype; random bits for the non-float types. It
-// starts on a page: from a block a few bytes into its page (a heap block's 16), the kernel's copy
-// into the page cache runs 10-20% slower, which would slow the pwrite baselines and not embstore,
-// which stages such rows (log/batch.h, copies_fast). The baselines run at their best.
+// starts on a page, the source the kernel copies into the page cache fastest: from a block a few
+// bytes into its page (a heap block's 16) that copy ran 10-20% slower on some VMs
+// (bench/RESULTS.md, "Staging buffers start where the rows land"). Users' arrays start anywhere.
 class Batch {
  public:
   explicit Batch(std::uint64_t bytes) : storage_(bytes + kPage), bytes_(bytes) {
