@@ -207,12 +207,12 @@ TEST_CASE("A batch larger than kStageBytes is left to the commit to copy and has
 }
 
 TEST_CASE(
-    "HashAt::kPageCache leaves only the caller's packed, unconverted rows of 32 KiB or "
+    "HashAt::kPageCache leaves only the caller's packed, unconverted rows of a page or "
     "more unhashed, to be written from where they are",
     "[log][batch]") {
   TempDir dir;
   auto f = make_store(dir);
-  const std::uint64_t big = detail::kRowsSyscallMinBytes / (kDim * 4);  // exactly 32 KiB
+  const std::uint64_t big = detail::kRowsSyscallMinBytes / (kDim * 4);  // exactly 4 KiB
   const auto values = test::batch_payload(0, 0, big, kDim);
   const auto keys = keys_from(0, big);
   const auto page_cache = detail::HashAt::kPageCache;

@@ -39,9 +39,9 @@ namespace embstore::detail {
 // The most a thread keeps staged for a batch that needs no conversion: batches up to this size
 // are copied whole before the lock.
 inline constexpr std::uint64_t kStageBytes = 8 * 1024 * 1024;
-// From this many bytes of rows, a commit writes them with pwrite rather than through the
-// mapping (log/commit.cc says why).
-inline constexpr std::uint64_t kRowsSyscallMinBytes = 32 * 1024;
+// From this many bytes of rows (a page), a commit writes them with pwrite rather than through the
+// mapping (log/commit.cc says why). Smaller batches touch at most two pages of the mapping.
+inline constexpr std::uint64_t kRowsSyscallMinBytes = 4 * 1024;
 // HashAt::kPageCache reads written rows back this many bytes at a time (at least one row): the
 // piece stays in the second-level cache while it is hashed.
 inline constexpr std::uint64_t kReadBackBytes = 256 * 1024;

@@ -13,7 +13,9 @@ namespace {
 // Two ways to put rows and index entries into the page cache, each the faster one for its size
 // (the figures behind both thresholds: bench/RESULTS.md, "write path"):
 //   - memcpy through the writer's mapping: no system call, but the first write-touch of each
-//     fresh page faults (page allocation, zeroing, page_mkwrite): faster for small batches.
+//     fresh page faults (page allocation, zeroing, page_mkwrite): for batches under a page, which
+//     touch at most two. (From 24 KiB up it was 9% faster on a quiet VM, but 2.4-7x slower where
+//     faults are costly or at their worst: bench/RESULTS.md, "Small batches".)
 //   - pwrite on the file, one system call per batch (per kStageBytes of a larger unconverted
 //     one): the kernel
 //     allocates each page-cache page and copies into it without zeroing or mapping it, into file
