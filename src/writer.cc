@@ -460,7 +460,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   check_usable();
   // Everything that does not need the row number happens before the lock; so does the hash,
   // unless this handle looks like the store's one active writer (hash_at(), asked only for
-  // batches it decides) and the caller's rows copy fast to where they would land.
+  // batches it decides: hash_at_for()).
   const detail::PreparedBatch batch = detail::prepare_batch(
       files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows, memory,
       hash_at_for(rows, memory, files_->state().committed()));
