@@ -66,6 +66,10 @@ pairs=(
 echo "-- the same per CPU second (kernel time included; less disturbed by other work):"
 /usr/bin/python3 "$repo/bench/ratios.py" "$out/append.json" --cpu "${pairs[@]}"
 
+step "2b. append_floor: the floor of each way to keep the checksum rule, x pwrite-pre (5 interleaved repetitions)"
+"$build/bin/append_floor" --benchmark_min_time="$min_time" --benchmark_report_aggregates_only=true |
+  grep -E '_(min|median|max) ' | grep -o 'BM_Floor[^ ]*\|x_pwrite_pre=[0-9.]*\|variant_us=[0-9.]*' | paste - - -
+
 step "3. read_bench scans and opens (5 interleaved repetitions)"
 EMBSTORE_BENCH_ROWS="$scan_rows" EMBSTORE_BENCH_OPEN_ROWS="$open_rows" "$build/bin/read_bench" \
   --benchmark_min_time="$min_time" --benchmark_filter='BM_Scan|BM_OpenReader' \
