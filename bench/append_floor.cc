@@ -14,11 +14,11 @@
 //                the bound of every design that hashes on the writer's own thread: the hash
 //                cannot cost less than this.
 //     variant 2  `pwrite()` from the caller's array, then read the rows back with `pread()`,
-//                256 KiB at a time, and hash them there (what a writer alone did before the
-//                figures of this benchmark showed the copy cheaper; bench/RESULTS.md).
+//                kReadBackBytes at a time, and hash them there: what a writer alone does
+//                (src/log/commit.cc, HashAt::kPageCache).
 //     variant 3  copy and hash every row into a page-aligned buffer of the thread, then
-//                `pwrite()` that buffer: what an append of the caller's rows does
-//                (src/log/batch.h).
+//                `pwrite()` that buffer: what a writer that shares the lock does
+//                (src/log/batch.h, HashAt::kStaged).
 //
 // Fresh page-cache pages for every batch, as in append_bench (a new pair of files every
 // EMBSTORE_BENCH_BYTES). bench/RESULTS.md, "What the checksum rule costs a writer alone".
@@ -72,8 +72,7 @@ void BM_Floor(benchmark::State& state) {
   const detail::RowHashKey key(0x5eed);
   std::vector<std::uint64_t> hashes(batch);
   std::vector<std::byte> storage;  // detail::staging_buffer's, as the library uses it.
-  constexpr std::uint64_t kReadBackBytes = 256 * 1024;
-  const std::uint64_t per_read = std::max<std::uint64_t>(1, kReadBackBytes / row_bytes);
+  const std::uint64_t per_read = std::max<std::uint64_t>(1, detail::kReadBackBytes / row_bytes);
   const std::uint64_t limit =
       std::max<std::uint64_t>(batch, bytes_per_file() / row_bytes) / batch * batch;
 

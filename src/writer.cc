@@ -56,6 +56,7 @@ class Writer::Impl {
       files_->map_rows(files_->state().capacity());
       open_key_index();
       files_->remove_stale_files(files_->state().key_generation());
+      last_end_.store(files_->state().committed(), std::memory_order_relaxed);
     }
     if (options_.sync == SyncPolicy::kInterval) {
       // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in
@@ -121,6 +122,39 @@ class Writer::Impl {
     });
   }
   bool in_owner_process() const { return detail::os::current_pid() == owner_pid_; }
+  // Where the next append of the caller's large packed rows is hashed (log/batch.h, HashAt):
+  // read back from the page cache under the lock only while this handle looks like the store's one
+  // active writer: its last taking of the locks did not wait, nothing was committed since its last
+  // append, and no thread of this handle and no other handle waits for the lock now. Else
+  // before the lock, as writers that share the lock must: hashing under it would serialize
+  // their hashes, and a writer that skips the copy is back for the lock before a woken waiter
+  // can take it, starving the others (bench/RESULTS.md, "Hashing what was written").
+  // Hints only: either way stores the same bytes under checksums of them. The last check is a
+  // system call, made last.
+  detail::HashAt hash_at(std::uint64_t committed) const {
+    const bool alone = !lock_waited_.load(std::memory_order_relaxed) &&
+                       committed == last_end_.load(std::memory_order_relaxed) &&
+                       waiting_threads_.load(std::memory_order_relaxed) == 0 &&
+                       !lock_->others_waiting();
+    return alone ? detail::HashAt::kPageCache : detail::HashAt::kStaged;
+  }
+  // Where an append of `rows` is hashed: hash_at(), when HashAt decides for them at all
+  // (hash_at_applies); else staged. Wherever the rows start in a page: from a source a few bytes
+  // off where they land, the kernel's copy runs up to 10% slower, but staging them costs more
+  // (bench/RESULTS.md, "Rows a few bytes into a page are read back too").
+  detail::HashAt hash_at_for(const ConstMatrix& rows, detail::RowMemory memory,
+                             std::uint64_t committed) const {
+    return detail::hash_at_applies(files_->layout(), rows, memory) ? hash_at(committed)
+                                                                   : detail::HashAt::kStaged;
+  }
+  detail::HashAt next_hash_at() const {
+    return with_files([this](const StoreFiles& f) { return hash_at(f.state().committed()); });
+  }
+  detail::HashAt next_hash_at(const ConstMatrix& rows) const {
+    return with_files([&](const StoreFiles& f) {
+      return hash_at_for(rows, detail::RowMemory::kCallers, f.state().committed());
+    });
+  }
 
  private:
   void check_open() const;    // Same process, not closed.
@@ -182,6 +216,12 @@ class Writer::Impl {
   std::mutex close_mutex_;  // Serializes close() calls.
   std::mutex mutex_;        // Serializes appends of this handle's threads; the OFD lock serializes
                             // this handle against every other handle and process.
+  // The last with_writer_lock() had to wait for mutex_ or the OFD lock (hash_at()).
+  std::atomic<bool> lock_waited_{false};
+  // The commit counter after this handle's last append (or at open): hash_at().
+  std::atomic<std::uint64_t> last_end_{0};
+  // Threads of this handle waiting in with_writer_lock() for mutex_ or the OFD lock: hash_at().
+  std::atomic<int> waiting_threads_{0};
   std::atomic<bool> closed_{false};
   std::atomic<bool> poisoned_{false};
   std::mutex poison_mutex_;
@@ -268,9 +308,19 @@ template <typename F>
 std::invoke_result_t<F&> Writer::Impl::with_writer_lock(Growth growth, F&& f) {
   for (bool stop = growth == Growth::kStop;; stop = true) {
     if (stop) join_growth(/*abandon=*/true);
-    std::unique_lock in_process(mutex_);
+    struct Waiting {  // Counted in waiting_threads_ until the locks are held.
+      std::atomic<int>& count;
+      explicit Waiting(std::atomic<int>& c) : count(c) { ++count; }
+      ~Waiting() { --count; }
+    };
+    std::optional<Waiting> waiting(std::in_place, waiting_threads_);
+    std::unique_lock in_process(mutex_, std::try_to_lock);
+    const bool waited_here = !in_process.owns_lock();
+    if (waited_here) in_process.lock();
     check_usable();
     detail::LockGuard across_processes(*lock_);
+    waiting.reset();
+    lock_waited_.store(waited_here || across_processes.waited(), std::memory_order_relaxed);
     if (growth_thread_ && (growth == Growth::kStop || generation_moved())) continue;
     follow_truncate();
     return f();
@@ -408,17 +458,19 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
                                    detail::RowMemory memory) {
   std::shared_lock life(lifetime_);
   check_usable();
-  // Everything that does not need the row number happens before the lock: checks, conversion,
-  // the copy and the hash (log/batch.h).
-  const detail::PreparedBatch batch =
-      detail::prepare_batch(files_->layout(), files_->hash_key(), files_->dir(), keys, epochs,
-                            single_epoch, rows, memory);
+  // Everything that does not need the row number happens before the lock; so does the hash,
+  // unless this handle looks like the store's one active writer (hash_at(), asked only for
+  // batches it decides: hash_at_for()).
+  const detail::PreparedBatch batch = detail::prepare_batch(
+      files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows, memory,
+      hash_at_for(rows, memory, files_->state().committed()));
   if (batch.rows == 0) return files_->state().committed();
   // A growth of this generation keeps running beside the append; with_writer_lock() follows
   // another handle's truncate first, so rows never go into the old generation's files.
   const std::uint64_t first = with_writer_lock(Growth::kStopIfMoved, [&] {
     const std::uint64_t at = detail::commit_batch(*files_, batch, synced_era_,
                                                   [this](const Error& error) { poison(error); });
+    last_end_.store(at + batch.rows, std::memory_order_relaxed);
     if (index_keys(at + batch.rows)) {
       // A new claim means the last growth passed finish_growth() (under mutex_, held here): its
       // thread is exiting, so the join is immediate.
@@ -714,6 +766,14 @@ std::uint64_t detail::WriterInternals::append_private(Writer& writer,
   if (!epochs.empty()) check_epoch_count(writer.path(), epochs.size(), rows.rows);
   return writer.impl_->append(keys, epochs.empty() ? nullptr : epochs.data(), epoch, rows,
                               RowMemory::kPrivate);
+}
+
+bool detail::WriterInternals::hashes_before_lock(const Writer& writer) {
+  return writer.impl_->next_hash_at() == HashAt::kStaged;
+}
+
+bool detail::WriterInternals::hashes_before_lock(const Writer& writer, const ConstMatrix& rows) {
+  return writer.impl_->next_hash_at(rows) == HashAt::kStaged;
 }
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,

@@ -19,6 +19,13 @@ struct WriterInternals {
   static std::uint64_t append_private(Writer& writer, std::span<const std::uint64_t> keys,
                                       std::span<const std::uint64_t> epochs, std::uint64_t epoch,
                                       const ConstMatrix& rows);
+  // True when the writer's next append of the caller's large packed rows will hash them before
+  // the lock (HashAt::kStaged, log/batch.h), false when in the page cache after the write: the
+  // rule is Writer::Impl::hash_at() in writer.cc. For tests.
+  static bool hashes_before_lock(const Writer& writer);
+  // The same for an append of the caller's `rows`: also true when HashAt does not decide for
+  // them (hash_at_applies, log/batch.h). For tests.
+  static bool hashes_before_lock(const Writer& writer, const ConstMatrix& rows);
 };
 
 }  // namespace embstore::detail

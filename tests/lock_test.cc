@@ -7,7 +7,6 @@
 #include <signal.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cerrno>
@@ -20,6 +19,7 @@
 #include "platform/testing.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
+#include "writer_internals.h"
 
 using namespace embstore;
 using embstore::test::TempDir;
@@ -88,75 +88,135 @@ TEST_CASE("Two handles in one process exclude each other", "[lock][threads]") {
   CHECK(lock_is_free(dir / "s/lock"));
 }
 
-TEST_CASE("acquire() waits until another handle releases the lock", "[lock][threads]") {
+TEST_CASE("acquire() says whether it had to wait for another handle", "[lock][threads]") {
   TempDir dir;
   create_store(dir / "s", small());
   detail::WriterLock a(dir / "s/lock");
   detail::WriterLock b(dir / "s/lock");
-  a.acquire();
+  CHECK_FALSE(a.acquire());  // free
+  CHECK_FALSE(a.others_waiting());
+  std::atomic<bool> b_waited{false};
   std::atomic<bool> b_holds{false};
   std::thread t([&] {
-    b.acquire();
+    b_waited = b.acquire();
     b_holds = true;
+    while (b_holds) std::this_thread::yield();
+    b.release();
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  CHECK_FALSE(b_holds);  // still waiting: a holds it
+  // b marks itself waiting while it waits; the holder sees it.
+  for (int i = 0; i < 5000 && !a.others_waiting(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  CHECK(a.others_waiting());
   a.release();
+  while (!b_holds) std::this_thread::yield();
+  CHECK(b_waited);
+  CHECK_FALSE(b.others_waiting());  // the mark went with the wait
+  CHECK_FALSE(a.others_waiting());
+  b_holds = false;
   t.join();
-  CHECK(b_holds);
-  CHECK_FALSE(lock_is_free(dir / "s/lock"));
-  b.release();
-  CHECK(lock_is_free(dir / "s/lock"));
+  CHECK_FALSE(a.acquire());
+  a.release();
 }
 
-TEST_CASE("Rows from anywhere in a page, with another writer between appends, verify",
+TEST_CASE("A writer hashes in the page cache only while it looks like the one active writer",
           "[lock][threads]") {
-  // Every append of the caller's rows is copied and hashed before the lock (log/batch.h),
-  // wherever its rows start in a page and whoever else writes: each row's checksum is over the
-  // bytes stored.
+  // Hashing under the lock saves a copy for one writer, but with the lock shared it would
+  // serialize every writer's hash, and a writer that skips the copy would be back for the lock
+  // before a woken waiter: a writer that had to wait, or that another writer got ahead of since
+  // its last append, stages instead (log/batch.h, HashAt).
   TempDir dir;
   CreateOptions o;
   o.dim = 64;
+  // No key index: its growth thread takes the locks too, so an append could wait for it.
+  o.key_index = false;
   Writer w = Writer::create(dir / "s", o);
   const std::uint64_t n = 256;  // 64 KiB: written by pwrite
-  std::vector<std::byte> storage(n * o.dim * 4 + 3 * 4096);
-  const auto page =
-      (reinterpret_cast<std::uintptr_t>(storage.data()) + 4095) & ~std::uintptr_t{4095};
-  auto rows_at = [&](std::uint64_t offset) {
-    return ConstMatrix{reinterpret_cast<const void*>(page + offset), DType::kFloat32, n, o.dim, 0};
-  };
+  const std::vector<float> values(n * o.dim, 1.0f);
   std::vector<std::uint64_t> keys(n);
   std::uint64_t next_key = 0;
-  std::uint64_t expected = 0;
-  for (const std::uint64_t offset : {0, 16, 64, 4096 - 16}) {
-    std::fill(storage.begin(), storage.end(), std::byte(0x30 + offset % 251));
+  auto append = [&] {
     for (auto& k : keys) k = next_key++;
-    w.append(keys, 1, rows_at(offset));
-    expected += n;
-    {
-      Writer other = Writer::open(dir / "s");  // another writer appends in between
-      other.append(std::vector<std::uint64_t>{1u << 30}, 0, std::vector<float>(o.dim, 2.0f));
-      expected += 1;
-    }
-    {
-      detail::WriterLock holder(dir / "s/lock");  // another handle holds the lock a while
-      holder.acquire();
-      for (auto& k : keys) k = next_key++;
-      std::thread t([&] { w.append(keys, 2, rows_at(offset)); });
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      holder.release();
-      t.join();
-      expected += n;
-    }
+    w.append(keys, 0, ConstMatrix{values.data(), DType::kFloat32, n, o.dim, 0});
+  };
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));  // nothing since the open
+  append();
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    Writer other = Writer::open(dir / "s");  // another writer appends in between
+    other.append(std::vector<std::uint64_t>{1u << 30}, 0, std::vector<float>(o.dim, 2.0f));
+    CHECK(detail::WriterInternals::hashes_before_lock(w));
   }
-  CHECK(w.committed_rows() == expected);
+  append();
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    detail::WriterLock other(dir / "s/lock");  // another handle holds the store's lock
+    CHECK_FALSE(other.acquire());
+    std::thread t(append);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    other.release();
+    t.join();
+  }
+  CHECK(detail::WriterInternals::hashes_before_lock(w));
+  append();  // staged and hashed before the lock; this time the lock was free
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    // Another handle waiting for the lock: w stages rather than take the lock back first.
+    detail::WriterLock holder(dir / "s/lock");
+    detail::WriterLock waiter(dir / "s/lock");
+    CHECK_FALSE(holder.acquire());
+    std::thread t([&] {
+      (void)waiter.acquire();
+      waiter.release();
+    });
+    for (int i = 0; i < 5000 && !holder.others_waiting(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    CHECK(detail::WriterInternals::hashes_before_lock(w));
+    holder.release();
+    t.join();
+  }
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    // A thread of w's own waiting for the lock: the same (w's mark is its own, not another's).
+    detail::WriterLock holder(dir / "s/lock");
+    CHECK_FALSE(holder.acquire());
+    std::thread own(append);
+    for (int i = 0; i < 5000 && !holder.others_waiting(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    REQUIRE(holder.others_waiting());  // w's thread waits
+    CHECK(detail::WriterInternals::hashes_before_lock(w));
+    holder.release();
+    own.join();
+  }
+  append();
+  CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
+  {
+    // Alone, wherever the caller's rows start in a page: written from there and read back.
+    const std::uint64_t lands = w.committed_rows() * o.dim * 4 % 4096;
+    std::vector<std::byte> storage(n * o.dim * 4 + 3 * 4096);
+    const auto page =
+        (reinterpret_cast<std::uintptr_t>(storage.data()) + 4095) & ~std::uintptr_t{4095};
+    auto rows_at = [&](std::uint64_t offset) {
+      return ConstMatrix{reinterpret_cast<const void*>(page + offset), DType::kFloat32, n, o.dim,
+                         0};
+    };
+    CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands)));
+    CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 64)));
+    CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 16)));
+    CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 4096 - 16)));
+    // Small rows are staged anyway.
+    CHECK(detail::WriterInternals::hashes_before_lock(
+        w, ConstMatrix{reinterpret_cast<const void*>(page + lands), DType::kFloat32, 4, o.dim, 0}));
+    // A heap block's rows, 16 bytes into a page, stored and verified below.
+    std::fill(storage.begin(), storage.end(), std::byte{0x3c});
+    std::vector<std::uint64_t> keys(n, 7);
+    w.append(keys, 1, rows_at(lands + 16));
+  }
+  CHECK(w.committed_rows() == 7 * n + 1);
   w.close();
-  Reader r = Reader::open(dir / "s");
-  CHECK(r.verify().ok());
-  // The stored bytes are the caller's: the first batch's rows hold 0x30 in every byte.
-  const RowsView first = r.rows(0, 1);
-  CHECK(std::all_of(first.data, first.data + first.size_bytes(),
-                    [](std::byte b) { return b == std::byte{0x30}; }));
+  CHECK(Reader::open(dir / "s").verify().ok());
 }
 
 TEST_CASE("A writer killed while holding the lock blocks no one", "[lock][crash]") {

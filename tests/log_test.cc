@@ -23,6 +23,7 @@
 #include "storage/store_files.h"
 #include "support/payload.h"
 #include "support/temp_dir.h"
+#include "writer_internals.h"
 
 using namespace embstore;
 using embstore::detail::IndexEntry;
@@ -60,9 +61,10 @@ ConstMatrix matrix(const std::vector<float>& values, std::uint64_t rows, std::ui
 
 PreparedBatch prepare(const StoreFiles& f, const std::vector<std::uint64_t>& keys,
                       const ConstMatrix& rows, std::uint64_t epoch = 3,
-                      detail::RowMemory memory = detail::RowMemory::kCallers) {
+                      detail::RowMemory memory = detail::RowMemory::kCallers,
+                      detail::HashAt hash_at = detail::HashAt::kStaged) {
   return detail::prepare_batch(f.layout(), f.hash_key(), f.dir(), keys, nullptr, epoch, rows,
-                               memory);
+                               memory, hash_at);
 }
 
 // prepare_batch's error for `rows`: kInvalidArgument naming the store and `what`.
@@ -204,26 +206,45 @@ TEST_CASE("A batch larger than kStageBytes is left to the commit to copy and has
   CHECK(b.hashes == nullptr);
 }
 
-TEST_CASE("The caller's rows of a page or more are copied and hashed before the lock",
-          "[log][batch]") {
+TEST_CASE(
+    "HashAt::kPageCache leaves only the caller's packed, unconverted rows of a page or "
+    "more unhashed, to be written from where they are",
+    "[log][batch]") {
   TempDir dir;
   auto f = make_store(dir);
   const std::uint64_t big = detail::kRowsSyscallMinBytes / (kDim * 4);  // exactly 4 KiB
   const auto values = test::batch_payload(0, 0, big, kDim);
   const auto keys = keys_from(0, big);
-  const PreparedBatch b = prepare(*f, keys, matrix(values, big));
-  REQUIRE(b.hashes != nullptr);
-  CHECK(b.source != reinterpret_cast<const std::byte*>(values.data()));
-  CHECK(std::memcmp(b.source, values.data(), big * kDim * 4) == 0);
-  for (std::uint64_t i = 0; i < big; ++i) {
-    CHECK(b.hashes[i] == detail::payload_hash(b.source + i * kDim * 4, kDim * 4, f->hash_key()));
-  }
+  const auto page_cache = detail::HashAt::kPageCache;
+  const PreparedBatch b =
+      prepare(*f, keys, matrix(values, big), 3, detail::RowMemory::kCallers, page_cache);
+  CHECK(b.hash_written);
+  CHECK(b.hashes == nullptr);
+  CHECK(b.source == reinterpret_cast<const std::byte*>(values.data()));
+  // One row fewer: written through the mapping, so staged and hashed here as before.
+  const std::vector<std::uint64_t> fewer(keys.begin(), keys.end() - 1);
+  const PreparedBatch small =
+      prepare(*f, fewer, matrix(values, big - 1), 3, detail::RowMemory::kCallers, page_cache);
+  CHECK_FALSE(small.hash_written);
+  CHECK(small.hashes != nullptr);
+  CHECK(small.source != reinterpret_cast<const std::byte*>(values.data()));
   // Strided rows are packed into the staging buffer (a commit writes packed rows).
   std::vector<float> wide(big * (kDim + 1));
   const PreparedBatch strided =
-      prepare(*f, keys, matrix(wide, big, kDim, DType::kFloat32, (kDim + 1) * 4));
+      prepare(*f, keys, matrix(wide, big, kDim, DType::kFloat32, (kDim + 1) * 4), 3,
+              detail::RowMemory::kCallers, page_cache);
+  CHECK_FALSE(strided.hash_written);
   CHECK(strided.hashes != nullptr);
-  CHECK(strided.stride == kDim * 4);
+  // Private rows are hashed where they are, before the lock, whatever hash_at says.
+  const PreparedBatch private_rows =
+      prepare(*f, keys, matrix(values, big), 3, detail::RowMemory::kPrivate, page_cache);
+  CHECK_FALSE(private_rows.hash_written);
+  CHECK(private_rows.hashes != nullptr);
+  // kStaged copies and hashes the same batch before the lock.
+  const PreparedBatch staged = prepare(*f, keys, matrix(values, big));
+  CHECK_FALSE(staged.hash_written);
+  CHECK(staged.hashes != nullptr);
+  CHECK(staged.source != reinterpret_cast<const std::byte*>(values.data()));
 }
 
 TEST_CASE("Private packed rows are hashed where they are at any size, strided ones are copied",
@@ -367,11 +388,14 @@ TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed
   detail::testing::set_write_path(mode);
   // The caller's rows, and private ones (the async queue's ring: packed ones written from there).
   const auto memory = GENERATE(detail::RowMemory::kCallers, detail::RowMemory::kPrivate);
+  // Staged before the lock, or written from the caller's array and hashed where they landed.
+  const auto hash_at = GENERATE(detail::HashAt::kStaged, detail::HashAt::kPageCache);
   // A staged batch, and one past kStageBytes that the commit copies in two pieces.
   for (const std::uint64_t n : {std::uint64_t{20000}, detail::kStageBytes / (kDim * 4) + 100}) {
     for (const std::uint64_t stride_floats : {std::uint64_t{kDim}, std::uint64_t{11}}) {
       INFO(mode << ", " << n << " rows " << stride_floats << " floats apart, "
-                << (memory == detail::RowMemory::kPrivate ? "private" : "caller's"));
+                << (memory == detail::RowMemory::kPrivate ? "private" : "caller's")
+                << (hash_at == detail::HashAt::kPageCache ? ", hashed in the page cache" : ""));
       TempDir dir;
       auto f = make_store(dir);
       const auto packed = test::batch_payload(0, 0, n, kDim);
@@ -381,10 +405,10 @@ TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed
       }
       std::uint64_t synced_era = 0;
       const auto keys = keys_from(0, n);
-      commit(
-          *f,
-          prepare(*f, keys, matrix(values, n, kDim, DType::kFloat32, stride_floats * 4), 3, memory),
-          synced_era);
+      commit(*f,
+             prepare(*f, keys, matrix(values, n, kDim, DType::kFloat32, stride_floats * 4), 3,
+                     memory, hash_at),
+             synced_era);
       REQUIRE(std::memcmp(f->row_ptr(0), packed.data(), n * kDim * 4) == 0);
       const std::uint64_t seed = f->layout().seed;
       for (std::uint64_t i = 0; i < n; ++i) {
@@ -396,11 +420,13 @@ TEST_CASE("A commit hashes every row from the bytes it writes, strided or packed
   }
 }
 
-TEST_CASE("Stored rows match their checksums while another thread rewrites the caller's array",
-          "[log][commit][threads]") {
-  // The batch is copied from the caller's array while a thread of the caller changes it: which
-  // values are stored is the race's business, but each stored row must match its entry's
-  // checksum, since the hash is taken from the copy that is written, not from the array.
+TEST_CASE(
+    "Rows hashed in the page cache match their checksums while another thread rewrites "
+    "the caller's array",
+    "[log][commit][threads]") {
+  // pwrite copies the caller's rows while a thread of the caller changes them: which values are
+  // stored is the race's business, but each stored row must match its entry's checksum, since
+  // the hash is taken from the page cache after the write, not from the array.
   WritePathReset reset;
   detail::testing::set_write_path("syscall");
   TempDir dir;
@@ -410,7 +436,7 @@ TEST_CASE("Stored rows match their checksums while another thread rewrites the c
   std::atomic<bool> stop{false};
   std::atomic<std::uint64_t> passes{0};
   std::thread scribbler([&] {
-    // The race with the copy's read of the array is the point: TSan, which sees that read, is
+    // The race with pwritev's read of the array is the point: TSan, which sees that read, is
     // told to ignore this thread's writes (the checks below hold in every build).
     const TsanIgnoreThisThread ignore;
     for (float v = 1.0f; !stop.load(std::memory_order_relaxed); v += 1.0f) {
@@ -424,8 +450,9 @@ TEST_CASE("Stored rows match their checksums while another thread rewrites the c
   std::uint64_t rounds = 0;
   for (; rounds < 2000 && (rounds < 200 || passes.load() < 50); ++rounds) {
     const auto keys = keys_from(rounds * n, n);
-    const PreparedBatch b = prepare(*f, keys, matrix(values, n));
-    REQUIRE(b.hashes != nullptr);
+    const PreparedBatch b = prepare(*f, keys, matrix(values, n), 3, detail::RowMemory::kCallers,
+                                    detail::HashAt::kPageCache);
+    REQUIRE(b.hash_written);
     commit(*f, b, synced_era);
   }
   stop = true;
@@ -464,34 +491,50 @@ std::uint64_t resident_kib(const std::string& path) {
 }
 }  // namespace
 
-TEST_CASE("A writer maps none of the rows it writes, and a failed write publishes nothing",
+TEST_CASE("A writer reads the rows it wrote back with pread to hash them, and maps none of them",
           "[log][commit][mapping]") {
-  // Batches of a page or more go to the data file with pwrite from a buffer of the writer
-  // (log/commit.cc): its mapping of the rows is never touched, so its resident size does not
-  // grow with the store. A failed write fails the append before anything is published, and
-  // the retry lands where the batch would have.
+  // HashAt::kPageCache hashes the caller's rows as they are read back from the page cache into
+  // a buffer of the writer (log/batch.h): the writer's mapping of them is never touched, so its
+  // resident size does not grow with the store. A failed read-back fails the append before
+  // anything is published, and the retry lands where the batch would have.
   TempDir dir;
   CreateOptions o;
-  o.dim = 1024;         // 4 KiB rows
-  o.key_index = false;  // No growth thread writing beside the append when the fault is armed.
+  o.dim = 1024;  // 4 KiB rows
   Writer w = Writer::create(dir / "s", o);
   const std::uint64_t n = 512;  // 2 MiB a batch
-  std::vector<float> values(n * o.dim);
+  // On a page, where each batch lands in the file (a source anywhere in a page would do).
+  std::vector<float> storage(n * o.dim + 2 * detail::kPageBytes / 4);
+  auto* values = reinterpret_cast<float*>(
+      (reinterpret_cast<std::uintptr_t>(storage.data()) + detail::kPageBytes - 1) &
+      ~std::uintptr_t{detail::kPageBytes - 1});
   std::vector<std::uint64_t> keys(n);
   auto append = [&](std::uint64_t b) {
     for (std::uint64_t i = 0; i < n; ++i) keys[i] = b * n + i;
-    std::fill(values.begin(), values.end(), static_cast<float>(b));
-    return w.append(keys, 0, ConstMatrix{values.data(), DType::kFloat32, n, o.dim, 0});
+    std::fill(values, values + n * o.dim, static_cast<float>(b));
+    return w.append(keys, 0, ConstMatrix{values, DType::kFloat32, n, o.dim, 0});
+  };
+  auto reads_back = [&] {
+    return !detail::WriterInternals::hashes_before_lock(
+        w, ConstMatrix{values, DType::kFloat32, n, o.dim, 0});
   };
   // 288 MiB: past a growth at 128 MiB that maps the files anew at a reservation of 512 MiB.
-  std::uint64_t batches = 0;
-  for (; batches < 144; ++batches) append(batches);
+  // A writer stages instead after its locking waited (a growth of the files or the key index).
+  std::uint64_t batches = 0, read_back = 0;
+  for (; batches < 144; ++batches) {
+    read_back += reads_back();
+    append(batches);
+  }
+  INFO(read_back << " of " << batches << " batches read back");
+  CHECK(read_back > batches / 2);
   const std::uint64_t kib = resident_kib(dir / "s/rows.1");
   INFO(kib << " KiB of rows.1 resident");
   CHECK(kib < 64);  // none of the 288 MiB of rows written
 
-  // The append's first write is its rows'.
-  detail::testing::arm_fault(detail::testing::Op::kPwrite, 1, EIO, false);
+  while (!reads_back() && batches < 200) append(batches++);
+  REQUIRE(reads_back());
+  // An append reads one index entry (at its first row), then its rows back: fail the first
+  // read of the rows.
+  detail::testing::arm_fault(detail::testing::Op::kPread, 2, EIO, false);
   std::string message;
   try {
     append(batches);
@@ -500,7 +543,7 @@ TEST_CASE("A writer maps none of the rows it writes, and a failed write publishe
     CHECK(error.code() == ErrorCode::kIO);
   }
   detail::testing::disarm_all();
-  CHECK_THAT(message, Catch::Contains("write") && Catch::Contains("rows.1"));
+  CHECK_THAT(message, Catch::Contains("read") && Catch::Contains("rows.1"));
   CHECK(w.committed_rows() == batches * n);
   CHECK(append(batches + 1) == batches * n);
   w.close();

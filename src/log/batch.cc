@@ -16,9 +16,17 @@ std::byte* staging_buffer(std::vector<std::byte>& storage, std::uint64_t bytes,
   return reinterpret_cast<std::byte*>(page + file_offset % kPageBytes);
 }
 
+bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory memory) {
+  const std::uint64_t record_bytes = layout.record_bytes;
+  return memory == RowMemory::kCallers && rows.dtype == layout.dtype && rows.dim == layout.dim &&
+         (rows.row_stride_bytes == 0 || rows.row_stride_bytes == record_bytes) &&
+         rows.rows >= (kRowsSyscallMinBytes + record_bytes - 1) / record_bytes;
+}
+
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
-                            std::uint64_t single_epoch, const ConstMatrix& rows, RowMemory memory) {
+                            std::uint64_t single_epoch, const ConstMatrix& rows, RowMemory memory,
+                            HashAt hash_at) {
   auto invalid = [&](const std::string& what) {
     throw Error(ErrorCode::kInvalidArgument, where + ": append: " + what);
   };
@@ -65,6 +73,10 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
       hashes[i] = payload_hash(batch.source + i * record_bytes, record_bytes, key);
     }
     batch.hashes = hashes.data();
+    return batch;
+  }
+  if (hash_at == HashAt::kPageCache && hash_at_applies(layout, rows, memory)) {
+    batch.hash_written = true;  // Written from the caller's array, read back and hashed.
     return batch;
   }
   if (!convert && n * record_bytes > kStageBytes) return batch;  // Staged piece by piece.

@@ -13,12 +13,15 @@
 // there itself) are already such a buffer: packed ones are hashed where they are and written from
 // there, with no second copy.
 //
-// The copy costs a pass over the rows, but no other way of keeping the rule was cheaper on every
-// VM measured: hashing the rows where they landed, through the writer's mapping, cost 2.5x the
-// pwrite where page faults are costly, and reading them back with pread after the write lost
-// 3-12% to the copy (and held the writer lock for the read and the hash). bench/append_floor
-// measures the floor of each way against pwrite (bench/RESULTS.md, "What the checksum rule costs
-// a writer alone").
+// The other way to keep the rule (HashAt::kPageCache): packed caller's rows of
+// kRowsSyscallMinBytes or more, unconverted, are not copied here at all. commit_batch() writes
+// them with pwrite straight from the caller's array, then reads the bytes back from the page
+// cache (pread, kReadBackBytes at a time, into a buffer of the thread) and hashes them there:
+// under the writer lock nothing else writes there, so the hash describes exactly what is stored,
+// whatever the caller's threads do to their array meanwhile. That saves the copy before the
+// write (bench/RESULTS.md, "Hashing what was written"), but the read and the hash then run under
+// the lock, so a writer stages instead whenever the lock looks shared (the Writer picks:
+// hash_at() in writer.cc).
 #pragma once
 
 #include <cstddef>
@@ -39,6 +42,9 @@ inline constexpr std::uint64_t kStageBytes = 8 * 1024 * 1024;
 // From this many bytes of rows (a page), a commit writes them with pwrite rather than through the
 // mapping (log/commit.cc says why). Smaller batches touch at most two pages of the mapping.
 inline constexpr std::uint64_t kRowsSyscallMinBytes = 4 * 1024;
+// HashAt::kPageCache reads written rows back this many bytes at a time (at least one row): the
+// piece stays in the second-level cache while it is hashed.
+inline constexpr std::uint64_t kReadBackBytes = 256 * 1024;
 
 // A buffer in `storage` (grown as needed, contents not kept) for `bytes` of rows to be written
 // with pwrite to a file offset that is `file_offset` modulo kPageBytes: it starts at that same
@@ -56,6 +62,13 @@ enum class RowMemory {
   kPrivate,  // Changed by nothing until the append returns. Hashed in place when packed.
 };
 
+// Where a packed, unconverted batch of the caller's rows of kRowsSyscallMinBytes or more is
+// hashed (the rules above). Other batches are staged or private whatever this says.
+enum class HashAt {
+  kStaged,     // Copied into a buffer of the thread and hashed there, before the lock.
+  kPageCache,  // Written from the caller's array, then read back and hashed under the lock.
+};
+
 struct PreparedBatch {
   std::uint64_t rows = 0;
   std::span<const std::uint64_t> keys;
@@ -64,24 +77,33 @@ struct PreparedBatch {
   const std::byte* source = nullptr;  // Row i at source + i * stride, in the store's dtype.
   std::uint64_t stride = 0;
   // The payload_hash of each row, computed over `source`: a packed buffer of the thread, or
-  // the packed private rows of RowMemory::kPrivate. Null when `source` is the caller's memory (an
-  // unconverted batch larger than kStageBytes): commit_batch() copies and hashes it piece by
-  // piece.
+  // the packed private rows of RowMemory::kPrivate. Null when `source` is the caller's memory:
+  // commit_batch() hashes the rows as it reads them back (hash_written), or else copies and hashes
+  // them piece by piece (an unconverted batch larger than kStageBytes).
   const std::uint64_t* hashes = nullptr;
+  // HashAt::kPageCache applies: `source` is the caller's packed rows, to be written from there,
+  // read back from the page cache and hashed.
+  bool hash_written = false;
 
   std::uint64_t epoch(std::uint64_t i) const {
     return epochs != nullptr ? epochs[i] : single_epoch;
   }
 };
 
+// Whether HashAt decides for `rows` (validated or not): the caller's (kCallers), in the store's
+// dtype, packed, kRowsSyscallMinBytes or more. prepare_batch() applies `hash_at` only then; the
+// Writer asks whether the lock is shared only then.
+bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory memory);
+
 // Checks `rows` against the store's layout (kInvalidArgument naming `where`), converts float32
 // rows for float16/bfloat16 stores (dtype_accepts), and copies and hashes the rows (the rules
-// above). The batch points into `rows` and into buffers of the calling thread, valid until its
-// next call.
+// above; `hash_at` for the caller's large packed batches). The batch points into `rows` and into
+// buffers of the calling thread, valid until its next call.
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
                             std::uint64_t single_epoch, const ConstMatrix& rows,
-                            RowMemory memory = RowMemory::kCallers);
+                            RowMemory memory = RowMemory::kCallers,
+                            HashAt hash_at = HashAt::kStaged);
 
 // Copies `count` rows, `stride` bytes apart at `source`, packed to `dest`, and sets hashes[i] to
 // the payload_hash of row i as it is in `dest`.

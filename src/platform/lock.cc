@@ -60,14 +60,31 @@ WriterLock::~WriterLock() {
 
 bool WriterLock::in_owner_process() const noexcept { return os::current_pid() == owner_pid_; }
 
-void WriterLock::acquire() {
+bool WriterLock::acquire() {
   if (!in_owner_process()) {
     throw Error(ErrorCode::kForkedChild, path_ + ": this writer was opened by process " +
                                              std::to_string(owner_pid_) +
                                              "; a forked child must open its own Writer");
   }
-  os::lock_exclusive(fd_, path_);
+  // Tried first, so the caller learns whether another handle held it (a system call more only
+  // when it had to wait anyway).
+  const bool waited = !os::try_lock_exclusive(fd_, path_);
+  if (waited) {
+    os::mark_waiting(fd_, true);
+    try {
+      os::lock_exclusive(fd_, path_);
+    } catch (...) {
+      os::mark_waiting(fd_, false);
+      throw;
+    }
+    os::mark_waiting(fd_, false);
+  }
   held_ = true;
+  return waited;
+}
+
+bool WriterLock::others_waiting() const noexcept {
+  return in_owner_process() && os::others_waiting(fd_);
 }
 
 void WriterLock::release() noexcept {

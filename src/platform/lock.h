@@ -10,7 +10,12 @@
 // never keep a dead parent's lock alive. A WriterLock used in a process other than the one that
 // created it throws kForkedChild and never unlocks.
 //
-// Not thread-safe: one thread at a time per WriterLock (the Writer serializes with a mutex).
+// While a handle waits for the lock it holds a shared OFD lock on byte 1 (the waiting mark), so
+// the holder can tell that others wait (others_waiting()): a hint only, which dies with its
+// holder like the lock; writers before this mark existed wait without it.
+//
+// Not thread-safe: one thread at a time per WriterLock (the Writer serializes with a mutex),
+// except others_waiting(), which any thread may call at any time.
 //
 // Why not Boost.Interprocess, facility by facility:
 //   - file_lock: a per-process fcntl lock, lost when the process closes *any* descriptor of the
@@ -33,8 +38,12 @@ class WriterLock {
   WriterLock(const WriterLock&) = delete;
   WriterLock& operator=(const WriterLock&) = delete;
 
-  // Blocks until held.
-  void acquire();
+  // Blocks until held; true when it had to wait (another handle held the lock). While it waits,
+  // the handle is marked waiting (byte 1 of the file, FORMAT.md "The store directory").
+  bool acquire();
+  // Whether another handle is waiting for the lock right now: a hint, for a holder choosing how
+  // much work to do under the lock (writer.cc, hash_at()).
+  bool others_waiting() const noexcept;
   void release() noexcept;
   // True when called from the process that constructed this lock.
   bool in_owner_process() const noexcept;
@@ -49,13 +58,15 @@ class WriterLock {
 // RAII holder.
 class LockGuard {
  public:
-  explicit LockGuard(WriterLock& lock) : lock_(lock) { lock_.acquire(); }
+  explicit LockGuard(WriterLock& lock) : lock_(lock), waited_(lock_.acquire()) {}
   ~LockGuard() { lock_.release(); }
+  bool waited() const noexcept { return waited_; }
   LockGuard(const LockGuard&) = delete;
   LockGuard& operator=(const LockGuard&) = delete;
 
  private:
   WriterLock& lock_;
+  bool waited_;
 };
 
 }  // namespace embstore::detail

@@ -357,24 +357,47 @@ bool exists(const std::string& path) noexcept {
 }
 
 namespace {
-// An OFD lock request of `type` on byte 0, the writer lock (l_pid must be 0 for OFD locks).
-struct flock byte_lock(short type) noexcept {
+// An OFD lock request of `type` on one byte (l_pid must be 0 for OFD locks): byte 0 is the
+// writer lock, byte 1 the mark of writers waiting for it.
+struct flock byte_lock(short type, off_t byte = 0) noexcept {
   struct flock fl;
   std::memset(&fl, 0, sizeof(fl));
   fl.l_type = type;
   fl.l_whence = SEEK_SET;
-  fl.l_start = 0;
+  fl.l_start = byte;
   fl.l_len = 1;
   return fl;
 }
-}  // namespace
+constexpr off_t kWaitingByte = 1;
 
-void lock_exclusive(int fd, const std::string& path) {
+// The writer lock, waiting for it or not: false when not waiting and another holds it.
+bool take_writer_lock(int fd, const std::string& path, bool wait) {
   if (int err = injected(Op::kLock)) fail("lock", path, err);
   struct flock fl = byte_lock(F_WRLCK);
-  while (::fcntl(fd, F_OFD_SETLKW, &fl) != 0) {
-    if (errno != EINTR) fail("lock", path, errno);
+  while (::fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl) != 0) {
+    if (errno == EINTR) continue;
+    if (!wait && (errno == EAGAIN || errno == EACCES)) return false;
+    fail("lock", path, errno);
   }
+  return true;
+}
+}  // namespace
+
+void lock_exclusive(int fd, const std::string& path) { take_writer_lock(fd, path, true); }
+
+bool try_lock_exclusive(int fd, const std::string& path) {
+  return take_writer_lock(fd, path, false);
+}
+
+void mark_waiting(int fd, bool waiting) noexcept {
+  struct flock fl = byte_lock(waiting ? F_RDLCK : F_UNLCK, kWaitingByte);
+  while (::fcntl(fd, F_OFD_SETLK, &fl) != 0 && errno == EINTR) {
+  }
+}
+
+bool others_waiting(int fd) noexcept {
+  struct flock fl = byte_lock(F_WRLCK, kWaitingByte);
+  return ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
 }
 
 void unlock(int fd) noexcept {
