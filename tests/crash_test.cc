@@ -64,11 +64,12 @@ TEST_CASE("Writers killed at random moments lose nothing acknowledged", "[crash]
   const std::uint64_t seed = std::random_device{}();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  constexpr int kRounds = 30, kWriters = 3, kBatches = 400;
+  const int rounds = test::scaled_rounds(30);
+  constexpr int kWriters = 3, kBatches = 400;
   std::map<std::uint64_t, std::uint64_t> acked;  // writer -> batches acknowledged
   std::uint64_t kills = 0;
 
-  for (int round = 0; round < kRounds; ++round) {
+  for (int round = 0; round < rounds; ++round) {
     test::Pipe acks;
     const std::string stop_file = dir / ("stop." + std::to_string(round));
     const pid_t reader = test::spawn([&] {
@@ -159,9 +160,9 @@ TEST_CASE("Writers killed at random moments lose nothing acknowledged", "[crash]
     REQUIRE(test::payload_matches(keys[0], kDim, r.rows().row(first)));
   }
   // Every victim was killed with hundreds of batches still to go.
-  CHECK(kills == kRounds);
+  CHECK(kills == static_cast<std::uint64_t>(rounds));
   std::printf("crash_test: %d rounds, %llu writers killed, %zu writers, acked rows lost: 0\n",
-              kRounds, static_cast<unsigned long long>(kills), acked.size());
+              rounds, static_cast<unsigned long long>(kills), acked.size());
 }
 
 namespace {

@@ -44,8 +44,12 @@ if [ "$quick" = 0 ]; then
   for sanitizer in address,undefined thread; do
     dir="build-${sanitizer%%,*}"
     step "sanitizer build: $sanitizer ($dir/)"
-    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DEMBSTORE_SANITIZE="$sanitizer" \
-      -DEMBSTORE_BUILD_PYTHON=OFF -DEMBSTORE_BUILD_BENCH=OFF >/dev/null
+    # Debug (assertions on) at -O1 with line tables only, as the sanitizers' own documentation
+    # advises: the suites ran ~35% faster than at -O0 (ASan: 244 -> 157 s for the five longest),
+    # for ~25% more compile time, and reports still name every file and line.
+    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
+      -DEMBSTORE_SANITIZE="$sanitizer" -DEMBSTORE_BUILD_PYTHON=OFF -DEMBSTORE_BUILD_BENCH=OFF \
+      >/dev/null
     cmake --build "$dir" -j"$jobs"
     # TSan allows only a few TiB of application address space: give each store a smaller
     # reservation than the 1 TiB default.

@@ -4,12 +4,21 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <stdexcept>
 
 namespace embstore::test {
+
+int scaled_rounds(int rounds) {
+  const char* text = std::getenv("EMBSTORE_TORTURE_SCALE");
+  const double scale = text != nullptr ? std::strtod(text, nullptr) : 1.0;
+  if (!(scale > 0)) return rounds;
+  return std::max(1, static_cast<int>(rounds * scale + 0.5));
+}
 
 pid_t spawn(const std::function<int()>& body) {
   std::fflush(nullptr);

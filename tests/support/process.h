@@ -10,6 +10,12 @@
 
 namespace embstore::test {
 
+// The rounds a randomized multi-process test runs: `rounds` times $EMBSTORE_TORTURE_SCALE (as the
+// reliability scenarios; tests/reliability/ci.sh sets 0.5 for the sanitizer builds, whose
+// instrumented code runs several times slower), at least 1. Only for rounds that repeat the same
+// paths with fresh random choices; the plain build runs them all.
+int scaled_rounds(int rounds);
+
 // Forks; the child runs `body` and _exits with its return value (1 if it throws, after printing
 // the exception to stderr). Returns the child's pid.
 pid_t spawn(const std::function<int()>& body);

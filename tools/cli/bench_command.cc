@@ -11,7 +11,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -80,12 +79,6 @@ void finish_config(Config& config) {
     const char* tmp = std::getenv("TMPDIR");
     config.dir = tmp && *tmp ? tmp : "/tmp";
   }
-}
-
-std::int64_t now_ns() {
-  timespec ts;
-  ::clock_gettime(CLOCK_MONOTONIC, &ts);
-  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
 }
 
 // State shared by the parent and its children: an anonymous MAP_SHARED page set up before fork.

@@ -9,13 +9,14 @@
 #include <cmath>
 
 namespace embstore::cli {
-namespace {
 
 std::int64_t now_ns() {
   timespec ts;
   ::clock_gettime(CLOCK_MONOTONIC, &ts);
   return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
 }
+
+namespace {
 
 std::string duration_text(double seconds) {
   if (seconds < 60) return fmt::format("{:.0f}s", seconds);

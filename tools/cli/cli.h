@@ -103,4 +103,7 @@ void print_json(const nlohmann::json& value);
 // "2026-12-01T20:11:05Z" for nanoseconds since the Unix epoch.
 std::string utc_time(std::int64_t unix_ns);
 
+// CLOCK_MONOTONIC in nanoseconds (progress rates, `embstore bench` timings).
+std::int64_t now_ns();
+
 }  // namespace embstore::cli
