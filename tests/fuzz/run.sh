@@ -21,22 +21,32 @@ mkdir -p "$build"
 CXX=${FUZZ_CXX:-clang++-14}
 flags="-std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -DEMBSTORE_TESTING=1"
 xxhash_inc=$(dirname "$(echo '#include <xxhash.h>' | cpp -H -o /dev/null 2>&1 | grep -m1 'xxhash.h' | awk '{print $2}')")
-# A small make-free build: one object per source, rebuilt when the source is newer.
+# A small make-free build: one object per source, rebuilt when the source is newer, compiled
+# FUZZ_BUILD_JOBS (default: the CPUs) at a time.
+build_jobs=${FUZZ_BUILD_JOBS:-$(nproc)}
 objs=()
+declare -A compiling=()  # pid -> source
+# Waits for one compile; stops the script naming the source it could not compile.
+reap() {
+  local pid
+  wait -n -p pid "${!compiling[@]}" && { unset "compiling[$pid]"; return; }
+  echo "run.sh: $CXX cannot compile ${compiling[$pid]}" >&2
+  exit 1
+}
 # The library's sources exactly as the top-level CMakeLists.txt lists them (EMBSTORE_SOURCES).
 mapfile -t lib_sources < <(sed -n '/^set(EMBSTORE_SOURCES/,/^)/p' "$root/CMakeLists.txt" |
   grep -o 'src/[A-Za-z0-9_/]*\.cc')
 for src in "${lib_sources[@]/#/$root/}" "$here"/fuzz_store.cc; do
   obj="$build/$(basename "${src%.cc}").o"
   if [[ ! -f $obj || $src -nt $obj || $(find "$root/src" -name '*.h' -newer "$obj" | head -1) ]]; then
-    if ! $CXX $flags -c "$src" -o "$obj" -I"$root/include" -I"$root/src" -I"$here" \
-      -I"$xxhash_inc" -fsanitize=fuzzer-no-link; then
-      echo "run.sh: $CXX cannot compile $src" >&2
-      exit 1
-    fi
+    (( ${#compiling[@]} < build_jobs )) || reap
+    $CXX $flags -c "$src" -o "$obj" -I"$root/include" -I"$root/src" -I"$here" \
+      -I"$xxhash_inc" -fsanitize=fuzzer-no-link &
+    compiling[$!]=$src
   fi
   objs+=("$obj")
 done
+while (( ${#compiling[@]} > 0 )); do reap; done
 $CXX $flags "${objs[@]}" -o "$build/fuzz_store" -lpthread
 
 work="$build/corpus"
