@@ -360,6 +360,26 @@ def test_bench_gives_every_row_a_new_key_that_says_when_it_was_appended(tmp_path
     assert run_report["bytes_on_disk"] - keys_bytes <= run_report["bytes_on_disk_bound"]
 
 
+def test_bench_without_a_key_index_creates_its_store_without_one(tmp_path):
+    r = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
+            tmp_path, "--keep", "--json", "--quiet", "--no-baselines", "--no-key-index")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["config"]["key_index"] is False
+    run_report = report["runs"][0]
+    store = run_report["store"]
+    assert not [f for f in os.listdir(store) if f.startswith("keys.")]
+    assert run_report["key_index_bytes_on_disk"] == 0
+    assert run_report["embstore"]["rows"] == 2000
+    reader = embstore.Reader(store)  # Lookups scan, and still answer.
+    assert reader.find(int(reader.keys[1999])) == 1999
+    # The table says so too.
+    text = run("bench", "--rows", 200, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
+               tmp_path, "--quiet", "--no-baselines", "--no-key-index")
+    assert text.code == 0, text
+    assert "no key index" in text.out.splitlines()[0]
+
+
 def test_python_append_bench_compares_the_binding_with_the_cli_in_the_same_run(tmp_path):
     # bench/python_append.py: Python's synchronous Writer.append against `embstore bench`, rows
     # from a numpy array and from a page-aligned one, each round in a fresh random order.

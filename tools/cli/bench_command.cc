@@ -53,6 +53,7 @@ struct Config {
   bool keep = false;
   bool baselines = true;
   bool no_baselines = false;  // The option; baselines follows it.
+  bool no_key_index = false;  // The store is created without a key index (its cost apart).
   bool json = false;
   bool quiet = false;
 };
@@ -544,6 +545,7 @@ void run_repeat(const Config& config, int r, RunResult& run, const std::string& 
     create.dim = config.dim;
     create.dtype = config.store_dtype;
     create.metadata = "{\"created_by\":\"embstore bench\"}";
+    create.key_index = !config.no_key_index;
     create_store(path, create);
     run.segment_bytes = create.segment_bytes;
     run.stores.push_back(
@@ -654,6 +656,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
                                         {"seconds", config.seconds},
                                         {"readers", config.readers},
                                         {"sync", config.sync_text},
+                                        {"key_index", !config.no_key_index},
                                         {"row_bytes", row_bytes},
                                         {"repeat", config.repeat},
                                         {"dir", config.dir}}},
@@ -672,11 +675,11 @@ void print_spread(int writers, const char* what, const Spread& s) {
 void print_table(const Config& config, const std::vector<RunResult>& runs,
                  std::uint64_t row_bytes) {
   std::printf(
-      "embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s, %d reader%s, %s, median "
+      "embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s,%s %d reader%s, %s, median "
       "of %d interleaved repeats\n",
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
-      static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(), config.readers,
-      config.readers == 1 ? "" : "s",
+      static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(),
+      config.no_key_index ? " no key index," : "", config.readers, config.readers == 1 ? "" : "s",
       config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
                          : (std::to_string(config.rows) + " rows").c_str(),
       config.repeat);
@@ -808,6 +811,8 @@ void add_bench_command(CLI::App& app, Registry& registry) {
   cmd->add_option("--dir", config->dir, "Where the temporary store goes (default $TMPDIR or /tmp)");
   cmd->add_flag("--keep", config->keep, "Keep the store afterwards (its path is printed)");
   cmd->add_flag("--no-baselines", config->no_baselines, "Skip the pwrite/pwrite-pre/memcpy runs");
+  cmd->add_flag("--no-key-index", config->no_key_index,
+                "Create the store without a key index (lookups by key then scan), to see its cost");
   cmd->add_flag("--json", config->json, "One JSON object on stdout instead of the table");
   cmd->add_flag("-q,--quiet", config->quiet, "No progress line on stderr");
   cmd->footer(
