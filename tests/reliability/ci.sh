@@ -54,8 +54,8 @@ done
 
 if [[ $fuzz_seconds != 0 ]]; then
   # The fuzz seconds are split over one job per CI core: as much fuzzing in half the wall time.
-  echo "== libFuzzer for ${fuzz_seconds}s (${FUZZ_JOBS:-$jobs} jobs)"
-  EMBSTORE_STATS_DIR="$stats" FUZZ_JOBS=${FUZZ_JOBS:-$jobs} "$here/../fuzz/run.sh" "$fuzz_seconds" \
-    "$build/fuzz"
+  fuzz_jobs=${FUZZ_JOBS:-$jobs}
+  echo "== libFuzzer for ${fuzz_seconds}s ($fuzz_jobs jobs)"
+  EMBSTORE_STATS_DIR="$stats" FUZZ_JOBS=$fuzz_jobs "$here/../fuzz/run.sh" "$fuzz_seconds" "$build/fuzz"
 fi
 "$build/bin/embstore_torture" summary "$stats"

@@ -27,6 +27,7 @@
 
 #include "embstore/embstore.h"
 #include "support/payload.h"
+#include "support/process.h"
 
 extern char** environ;
 
@@ -591,13 +592,9 @@ bool soak() {
 void set_soak(bool on) { g_soak = on; }
 
 std::uint64_t scaled(std::uint64_t ci, std::uint64_t soak_factor) {
-  // EMBSTORE_TORTURE_SCALE shrinks (or grows) the CI sizes, e.g. 0.25 for sanitizer builds.
-  static const double scale = [] {
-    const char* s = std::getenv("EMBSTORE_TORTURE_SCALE");
-    const double v = s != nullptr ? std::strtod(s, nullptr) : 1.0;
-    return v > 0 ? v : 1.0;
-  }();
-  const auto base = std::max<std::uint64_t>(1, static_cast<std::uint64_t>(ci * scale + 0.5));
+  // EMBSTORE_TORTURE_SCALE shrinks (or grows) the CI sizes, e.g. 0.5 for sanitizer builds.
+  const auto base =
+      std::max<std::uint64_t>(1, static_cast<std::uint64_t>(ci * test::torture_scale() + 0.5));
   return soak() ? base * soak_factor : base;
 }
 

@@ -13,11 +13,17 @@
 
 namespace embstore::test {
 
+double torture_scale() {
+  static const double scale = [] {
+    const char* text = std::getenv("EMBSTORE_TORTURE_SCALE");
+    const double v = text != nullptr ? std::strtod(text, nullptr) : 1.0;
+    return v > 0 ? v : 1.0;
+  }();
+  return scale;
+}
+
 int scaled_rounds(int rounds) {
-  const char* text = std::getenv("EMBSTORE_TORTURE_SCALE");
-  const double scale = text != nullptr ? std::strtod(text, nullptr) : 1.0;
-  if (!(scale > 0)) return rounds;
-  return std::max(1, static_cast<int>(rounds * scale + 0.5));
+  return std::max(1, static_cast<int>(rounds * torture_scale() + 0.5));
 }
 
 pid_t spawn(const std::function<int()>& body) {

@@ -10,10 +10,13 @@
 
 namespace embstore::test {
 
-// The rounds a randomized multi-process test runs: `rounds` times $EMBSTORE_TORTURE_SCALE (as the
-// reliability scenarios; tests/reliability/ci.sh sets 0.5 for the sanitizer builds, whose
-// instrumented code runs several times slower), at least 1. Only for rounds that repeat the same
-// paths with fresh random choices; the plain build runs them all.
+// $EMBSTORE_TORTURE_SCALE, or 1 when unset or not a positive number: the factor on the CI sizes
+// of the reliability scenarios and of randomized multi-process tests (tests/reliability/ci.sh
+// sets 0.5 for the sanitizer builds, whose instrumented code runs several times slower).
+double torture_scale();
+// The rounds a randomized multi-process test runs: `rounds` times torture_scale(), at least 1.
+// Only for rounds that repeat the same paths with fresh random choices; the plain build runs
+// them all.
 int scaled_rounds(int rounds);
 
 // Forks; the child runs `body` and _exits with its return value (1 if it throws, after printing
