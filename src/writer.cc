@@ -41,10 +41,13 @@ class Writer::Impl {
       : files_(std::move(files)),
         path_(files_->dir()),
         lock_(std::make_unique<detail::WriterLock>(path_ + "/" + detail::kLockFileName)),
+        keys_lock_(std::make_unique<detail::WriterLock>(path_ + "/" + detail::kLockFileName,
+                                                        detail::LockByte::kKeyIndex)),
         options_(options),
         owner_pid_(detail::os::current_pid()) {
     {
       detail::LockGuard guard(*lock_);
+      detail::LockGuard keys_guard(*keys_lock_);
       // A truncate killed after deciding its switch: finish it before anything else; and the
       // files opened before the lock may be of a generation a truncate replaced since.
       detail::finish_switch(*files_);
@@ -94,6 +97,7 @@ class Writer::Impl {
     with_writer_lock(Growth::kStop, [this] { rebuild_key_index_locked(); });
   }
   void rebuild_key_index_locked() {
+    detail::LockGuard keys_guard(*keys_lock_);
     if (!files_->layout().key_index) {
       throw Error(ErrorCode::kInvalidArgument,
                   path_ +
@@ -169,6 +173,7 @@ class Writer::Impl {
   };
   // Runs f() with mutex_ and the writer lock held, this handle on the store's current generation
   // (follow_truncate()) and no growth thread left that `growth` stops; returns what f returns.
+  // f may release the writer lock early (lock_->release(): an append, before it indexes).
   // The caller holds lifetime_ shared and has called check_usable().
   template <typename F>
   std::invoke_result_t<F&> with_writer_lock(Growth growth, F&& f);
@@ -182,14 +187,17 @@ class Writer::Impl {
   bool generation_moved() const {
     return files_->state().generation_word() != files_->file_generation();
   }
-  // Writer lock held: opens, rebuilds or catches up the key index (index/key_index_handle.h).
+  // Writer and key index locks held: opens, rebuilds or catches up the key index
+  // (index/key_index_handle.h).
   // kFull leaves the store usable (this handle stops indexing, close() reports it); other
   // errors fail the open.
   void open_key_index();
   // Records the first key index failure; this handle stops indexing (close() reports it).
   void key_index_failed(const Error& error);
-  // Writer lock held, after a publish: indexes the new rows; true when a growth was claimed.
-  bool index_keys(std::uint64_t committed);
+  // mutex_ held, the writer lock not: takes the key index lock and indexes every row committed
+  // so far (this append's and any other writer's not indexed yet); true when a growth was
+  // claimed.
+  bool index_keys();
   // Runs on growth_thread_: builds the larger key index without the lock, then switches to it.
   void grow_key_index();
   // Waits for the growth thread; `abandon` makes it stop early (drops the claim, builds nothing).
@@ -199,16 +207,21 @@ class Writer::Impl {
 
   // Lock order, outermost first; a thread holding one may take only those after it:
   //   close_mutex_ -> sync_mutex_ -> lifetime_ -> mutex_ -> the OFD writer lock (lock_) ->
-  //   poison_mutex_.
+  //   the OFD key index lock (keys_lock_) -> poison_mutex_.
+  // An append commits under mutex_ and lock_, releases lock_ and indexes under mutex_ and
+  // keys_lock_: its indexing overlaps the next writer's commit in another process. Whatever
+  // changes the key index or its generation under lock_ (open, truncate, following a truncate,
+  // rebuild) takes keys_lock_ too; a holder of keys_lock_ never waits for lock_.
   // sync_loop holds sync_mutex_ across sync() (lifetime_ shared); close() releases sync_mutex_
   // and joins the sync thread before it takes lifetime_ exclusively. poison() runs from under
   // mutex_ and the OFD lock (a failed era flush) or under lifetime_ alone (a failed sync).
-  // The key index growth thread takes mutex_ -> lock_ like an append; close() joins it before it
+  // The key index growth thread takes mutex_ -> keys_lock_ to finish; close() joins it before it
   // takes lifetime_. Appends, truncates and rebuilds take mutex_ -> lock_ through
   // with_writer_lock(), which stops a growth in their way before taking either.
   std::unique_ptr<StoreFiles> files_;  // Released by close().
   std::string path_;
-  std::unique_ptr<detail::WriterLock> lock_;  // Released by close().
+  std::unique_ptr<detail::WriterLock> lock_;       // Released by close().
+  std::unique_ptr<detail::WriterLock> keys_lock_;  // Released by close().
   WriterOptions options_;
   int owner_pid_;
   // Held shared by every call that uses files_, exclusively by close() to release them.
@@ -288,6 +301,7 @@ void Writer::Impl::recover() {
 
 bool Writer::Impl::follow_truncate() {
   if (!generation_moved()) return false;
+  detail::LockGuard keys_guard(*keys_lock_);
   detail::finish_switch(*files_);  // Its truncating handle was killed after deciding it.
   files_->follow_generation();
   if (flushes_in_flight_ == 0) files_->close_retired_fds();  // Else the last flush does.
@@ -335,6 +349,8 @@ std::uint64_t Writer::Impl::truncate(std::uint64_t rows, bool from_epoch) {
 }
 
 std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch) {
+  // Held across the switch: the key_generation word and keys.K change with the generation.
+  detail::LockGuard keys_guard(*keys_lock_);
   const std::uint64_t committed = files_->state().committed();
   std::uint64_t keep = rows;
   if (from_epoch) {
@@ -389,9 +405,18 @@ void Writer::Impl::key_index_failed(const Error& error) {
   if (!key_index_error_) key_index_error_.emplace(error);
 }
 
-bool Writer::Impl::index_keys(std::uint64_t committed) {
+bool Writer::Impl::index_keys() {
   if (!keys_usable_) return false;
   try {
+    detail::LockGuard keys_guard(*keys_lock_);
+    // Another handle truncated the store since this commit: it indexed the new generation's
+    // rows under this lock, and this handle follows at its next append.
+    if (generation_moved()) return false;
+    // Every committed row, not only this append's: a writer killed indexing may have left slots
+    // naming rows up to its own commit, which index_rows() refuses past its bound; and rows of
+    // a writer still waiting for this lock are done once, here.
+    const std::uint64_t committed = files_->state().committed();
+    files_->map_rows(committed);
     return keys_->after_publish(files_->entry_ptr(0), committed);
   } catch (const Error& error) {
     // The rows are published: the append succeeded and must not throw (a retry would store them
@@ -423,7 +448,7 @@ void Writer::Impl::grow_key_index() {
     }
     std::lock_guard in_process(mutex_);
     try {
-      detail::LockGuard across_processes(*lock_);
+      detail::LockGuard keys_guard(*keys_lock_);
       if (generation_moved()) {
         // Truncated meanwhile: what was built indexes dropped rows. The next append follows.
         keys_->finish_growth(nullptr, nullptr, 0);
@@ -471,7 +496,11 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     const std::uint64_t at = detail::commit_batch(*files_, batch, synced_era_,
                                                   [this](const Error& error) { poison(error); });
     last_end_.store(at + batch.rows, std::memory_order_relaxed);
-    if (index_keys(at + batch.rows)) {
+    // The rows are published: other writers may commit while this one indexes (mutex_ still
+    // serializes this handle's threads), and readers waiting for rows need not wait for it.
+    lock_->release();
+    detail::os::futex_wake_all(files_->state().committed_word());
+    if (index_keys()) {
       // A new claim means the last growth passed finish_growth() (under mutex_, held here): its
       // thread is exiting, so the join is immediate.
       if (growth_thread_) growth_thread_->join();
@@ -480,8 +509,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     }
     return at;
   });
-  // Outside the lock: waking readers and this writer's flush need not hold other writers up.
-  detail::os::futex_wake_all(files_->state().committed_word());
+  // Outside the locks: this writer's flush need not hold other writers up.
   if (options_.sync == SyncPolicy::kEveryAppend) flush();
   return first;
 }
@@ -608,6 +636,7 @@ void Writer::Impl::close() {
   }
   closed_ = true;
   keys_.reset();
+  keys_lock_.reset();
   lock_.reset();
   files_.reset();
   if (final_error) std::rethrow_exception(final_error);

@@ -1,21 +1,24 @@
 // Lookups by key and epoch through Writer and Reader: model-based against a std::map oracle
-// built from the offset index, across processes, kill -9, growth, reboots, 1.0 stores and
-// damaged key index files.
+// built from the offset index, across processes, kill -9, growth, reboots, 1.0 stores,
+// damaged key index files, and writers indexing outside the writer lock.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <map>
 #include <optional>
 #include <random>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include "embstore/embstore.h"
 #include "format/checksum.h"
 #include "format/format.h"
 #include "index/key_index_format.h"
+#include "platform/lock.h"
 #include "platform/testing.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -471,15 +474,20 @@ TEST_CASE("Missing, damaged or pre-reboot key index files: readers scan, writers
     detail::testing::set_boot_id("6b3a8f6e-8d46-4c1b-9d0e-5b1f3f1b7a21");
     expect_status = "built before the last reboot";
   }
-  SECTION("of an older layout (version 1: 8-byte pair slots)") {
-    // A well-formed header of version 1, as an older library wrote it: not damage, not used.
+  // A well-formed header of an older version, as an older library wrote it: not damage, not
+  // used.
+  auto write_older_version = [&](char version) {
     std::string header = test::read_file(file).substr(0, 120);
-    header[8] = 1;
+    header[8] = version;
     header[9] = 0;
     const std::uint64_t sum = detail::header_hash(header.data(), header.size(), nullptr, 0);
     test::write_bytes(file, 0, header);
     test::write_bytes(file, 120, std::string(reinterpret_cast<const char*>(&sum), 8));
-    expect_status = path + "/keys.1: field version 1 is not 2";
+    expect_status = path + "/keys.1: field version " + std::to_string(version) + " is not 3";
+  };
+  SECTION("of an older layout (version 1: 8-byte pair slots)") { write_older_version(1); }
+  SECTION("of version 2 (the same layout, indexed under the writer lock alone)") {
+    write_older_version(2);
   }
   Reader r = Reader::open(path);
   CHECK(r.info().key_index.find(expect_status) == 0);
@@ -537,4 +545,101 @@ TEST_CASE("verify() reports a damaged key index body and rebuild_key_index() rep
   r.refresh();
   CHECK(r.verify().ok());
   check_lookups(r, {0, 1, 59}, {0, 5, 9});
+}
+
+namespace {
+
+// Waits (up to a minute) until a fresh snapshot of `path` holds `rows` rows.
+bool wait_for_rows(const std::string& path, std::uint64_t rows) {
+  Reader r = Reader::open(path);
+  for (int i = 0; i < 6000 && r.size() < rows; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    r.refresh();
+  }
+  return r.size() == rows;
+}
+
+std::string indexed_status(std::uint64_t rows) {
+  return ", " + std::to_string(rows) + " rows indexed";
+}
+
+}  // namespace
+
+TEST_CASE(
+    "Writers index after releasing the writer lock: others commit meanwhile, lookups stay exact",
+    "[key_lookup][lock]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer first = Writer::create(path, options());
+  Writer second = Writer::open(path);
+  append(first, {1, 2, 3}, {0, 0, 0});
+  // The key index lock, held here by a handle of its own: both appends below commit, then wait
+  // to index. If either still held the writer lock while waiting, the other could not commit.
+  detail::WriterLock keys_lock(path + "/lock", detail::LockByte::kKeyIndex);
+  REQUIRE_FALSE(keys_lock.acquire());
+  std::thread a([&] { append(first, {10, 11}, {1, 1}); });
+  std::thread b([&] { append(second, {20, 21, 2}, {1, 1, 2}); });
+  const bool both_committed = wait_for_rows(path, 8);
+  {
+    Reader r = Reader::open(path);
+    CHECK(r.info().key_index.find(indexed_status(3)) != std::string::npos);
+    // Rows past the watermark are answered by scan, exactly.
+    check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 99}, {0, 1, 2});
+  }
+  keys_lock.release();
+  a.join();
+  b.join();
+  REQUIRE(both_committed);
+  Reader r = Reader::open(path);
+  CHECK(r.info().key_index.find(indexed_status(8)) != std::string::npos);
+  check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 99}, {0, 1, 2});
+  const VerifyReport report = r.verify_key_index();
+  CHECK(report.key_index_checked);
+  CHECK(report.key_index_problems == 0);
+}
+
+TEST_CASE("A truncate while another handle's append waits to index leaves an exact key index",
+          "[key_lookup][lock][truncate]") {
+  // Whichever takes the key index lock first: the append indexes its rows in the old
+  // generation, or it finds the store truncated and leaves the new generation's index alone.
+  for (int round = 0; round < 6; ++round) {
+    INFO("round " << round);
+    TempDir dir;
+    const std::string path = dir / "s";
+    Writer first = Writer::create(path, options());
+    Writer second = Writer::open(path);
+    std::vector<std::uint64_t> keys, epochs;
+    for (std::uint64_t row = 0; row < 200; ++row) {
+      keys.push_back(row % 150);
+      epochs.push_back(row / 100);
+    }
+    append(first, keys, epochs);
+    // keys.2 now, so that the generation the truncate builds (keys.1) differs from the one the
+    // waiting append holds.
+    first.rebuild_key_index();
+    detail::WriterLock keys_lock(path + "/lock", detail::LockByte::kKeyIndex);
+    keys_lock.acquire();
+    std::thread a([&] { append(first, {500, 501}, {2, 2}); });
+    REQUIRE(wait_for_rows(path, 202));
+    std::uint64_t kept = 0;
+    std::thread t([&] { kept = second.truncate_from_epoch(1); });
+    std::this_thread::sleep_for(std::chrono::milliseconds(round % 2 == 0 ? 0 : 20));
+    keys_lock.release();
+    a.join();
+    t.join();
+    CHECK(kept == 100);
+    Reader r = Reader::open(path);
+    REQUIRE(r.size() == 100);
+    CHECK(r.info().key_index.find(indexed_status(100)) != std::string::npos);
+    check_lookups(r, {0, 1, 99, 100, 149, 500, 501}, {0, 1, 2});
+    CHECK(r.verify_key_index().key_index_problems == 0);
+    // The writer whose rows were cut follows the truncate and indexes on.
+    append(first, {600}, {3});
+    r.refresh();
+    CHECK(r.info().key_index.find(indexed_status(101)) != std::string::npos);
+    check_lookups(r, {0, 99, 500, 600}, {0, 2, 3});
+    const VerifyReport report = r.verify_key_index();
+    CHECK(report.key_index_checked);
+    CHECK(report.key_index_problems == 0);
+  }
 }

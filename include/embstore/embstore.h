@@ -53,10 +53,13 @@
 //
 // Lookups by key
 //   Reader::find/history/epoch_rows/epochs/find_many answer for the reader's snapshot through the
-//   key index (src/format/FORMAT.md, "keys.K"): derived data that writers maintain under the writer
-//   lock right after each publish and that readers use without a lock. A lookup never returns a row
-//   at or past the snapshot. The index is never the only copy of anything: rows it has not
-//   covered yet (a writer died before indexing them) are found by a short scan; a missing,
+//   key index (src/format/FORMAT.md, "keys.K"): derived data that readers use without a lock and
+//   that each append brings up to date before it returns: after publishing, a writer releases
+//   the writer lock and indexes every row committed so far under a lock of the key index's own
+//   (byte 2 of the lock file), so its indexing overlaps the next writer's commit. A lookup never
+//   returns a row at or past the snapshot. The index is never the only copy of anything: rows it
+//   has not covered yet (an append still indexing, a writer that died before indexing) are found
+//   by a short scan; a missing,
 //   damaged or pre-reboot index makes lookups scan the whole offset index (info().key_index says
 //   so) until the next Writer opens and rebuilds it (about a second per 10M rows, under the lock).
 //   A store created without a key index (CreateOptions::key_index false) never has one: every

@@ -9,7 +9,8 @@
 // only in the boot that built it and only up to its watermark; verify() checks every slot
 // against the offset index.
 //
-// Writers index under the writer lock after publishing `committed`, redo-only: rows
+// Writers index under the key index lock after publishing `committed` (and releasing the writer
+// lock), redo-only: rows
 // [indexed_rows, committed) are (re)indexed idempotently, so a writer killed half-way leaves a
 // gap that the next writer fills. Readers take no lock: KeyQuery answers rows below
 // min(snapshot, indexed_rows) from the tables and scans the rest of the snapshot.
@@ -52,7 +53,7 @@ struct EpochCount {
 };
 
 // One generation of the key index, mapped. Lookups (through KeyQuery) are thread-safe and
-// lock-free; index_rows() is for one writer at a time (the writer lock). Lives as long as any
+// lock-free; index_rows() is for one writer at a time (the key index lock). Lives as long as any
 // shared_ptr to it; its file may be unlinked meanwhile (a newer generation replaced it).
 class KeyIndexFile {
  public:
@@ -77,7 +78,7 @@ class KeyIndexFile {
   // True when the file was built in the machine's current boot (else it may hold torn pages).
   bool built_in_current_boot() const;
 
-  // Writer, writer lock held (or a private file not yet published): indexes rows
+  // Writer, key index lock held (or a private file not yet published): indexes rows
   // [indexed_rows(), end) of `entries`, every one below the commit point, and publishes the
   // watermark. Returns false when it stopped early because a table is too full to take more
   // (grow first); the watermark then marks how far it got.
@@ -85,7 +86,7 @@ class KeyIndexFile {
   // True when a table is past its load factor (build a larger generation: next_sizes()), or
   // when the epoch count is wrong (epochs_overcounted(); the sizes then may stay the same).
   bool wants_growth() const;
-  // Writer, writer lock held: true when the epoch table holds fewer slots than epochs_used
+  // Writer, key index lock held: true when the epoch table holds fewer slots than epochs_used
   // counts (a writer was killed between raising the count and storing the slot, and the row was
   // indexed again). Lookups stay exact, but readers can never be sure they know every epoch, so
   // history would never answer from the pair slots alone: index_rows() then makes

@@ -12,9 +12,12 @@
 namespace embstore::detail {
 
 inline constexpr char kKeyIndexMagic[8] = {'E', 'M', 'B', 'S', 'K', 'E', 'Y', 'S'};
-// 2: pair slots of 16 bytes holding the key and the epoch (1: 8-byte slots holding a hash tag).
-// A file of another version is not used: readers scan, the next writer rebuilds it.
-inline constexpr std::uint16_t kKeyIndexVersion = 2;
+// 3: the layout of 2, indexed under the key index lock (byte 2 of the lock file) instead of the
+// writer lock, so that a writer of a version-2 library, which indexes under the writer lock
+// alone, never indexes the same file at the same time; 2: pair slots of 16 bytes holding the key
+// and the epoch; 1: 8-byte slots holding a hash tag. A file of another version is not used:
+// readers scan, the next writer rebuilds it.
+inline constexpr std::uint16_t kKeyIndexVersion = 3;
 // Minor format version that introduced the key index; stores of an older minor have none until
 // a writer builds it.
 inline constexpr std::uint16_t kKeyIndexSinceMinor = 1;

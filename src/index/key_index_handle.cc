@@ -20,7 +20,7 @@ void store(std::uint64_t* word, std::uint64_t value) {
 
 // Rows indexed per step of a build, between checks of the stop flag and the table loads.
 constexpr std::uint64_t kBuildStepRows = 1 << 16;
-// A growth that leaves a tail this short finishes under the writer lock.
+// A growth that leaves a tail this short finishes under the key index lock.
 constexpr std::uint64_t kTailRows = 1 << 16;
 // A growth claim older than this is taken over even if its pid exists (the pid may be reused).
 constexpr std::uint64_t kClaimLifetimeSeconds = 3600;

@@ -5,7 +5,7 @@
 // Works from plain inputs (the store directory and identity, the shared key_generation word, the
 // mapped offset index) so that the storage layer only has to call it at three points: at open,
 // after each publish, and at refresh. Thread-safety: current()/status() may be called from any
-// thread; the writer calls must be serialized (the writer lock and the Writer's mutex) except
+// thread; the writer calls must be serialized (the key index lock and the Writer's mutex) except
 // build_next(), which runs without the lock on one thread at a time.
 #pragma once
 
@@ -49,25 +49,29 @@ class KeyIndexHandle {
   // with any other call of a writer's handle (no growth running) or with a Reader's lookups.
   void reset_store_generation(std::uint64_t store_generation);
 
-  // Writer, writer lock held, rows [0, committed) mapped: makes the index usable — opens it, or
+  // Writer, key index lock held, rows [0, committed) mapped, `committed` the store's commit
+  // counter (no writer indexes past it, so a file indexed further was cut by a recovery): makes
+  // the index usable — opens it, or
   // rebuilds it from the offset index when it is missing, damaged, from another boot or ahead of
   // `committed` (or always, with `rebuild`) — then indexes up to `committed` (as far as its
   // tables take: a full one waits for the growth after_publish() claims). I/O errors throw.
   void open_for_writer(const IndexEntry* entries, std::uint64_t committed, bool rebuild = false);
-  // Writer, writer lock held, after publishing `committed`: indexes the new rows. Returns true
+  // Writer, key index lock held, `committed` the store's commit counter read under it, rows
+  // [0, committed) mapped: indexes the rows not indexed yet (of any writer). Returns true
   // when the tables need a larger generation and this handle claimed the job (build_next()).
   bool after_publish(const IndexEntry* entries, std::uint64_t committed);
 
-  // The growth job, run without the writer lock. `bound()` gives rows it may read now (committed
+  // The growth job, run without the key index lock. `bound()` gives rows it may read now (committed
   // and mapped). Builds the larger generation, catching up until the tail left is short, and
-  // returns it (null if `stop` was set). The caller then calls finish_growth() under the lock.
+  // returns it (null if `stop` was set). The caller then calls finish_growth() under the key
+  // index lock.
   std::shared_ptr<KeyIndexFile> build_next(const IndexEntry* entries,
                                            const std::function<std::uint64_t()>& bound,
                                            const std::atomic<bool>& stop);
-  // Writer lock held: indexes the tail into `next`, publishes it as current, removes the old
-  // file, and drops this handle's claim. `next` may be null (an abandoned build): only the claim
-  // is dropped. Returns true when the new tables are already too full again and this handle
-  // claimed the next growth (call build_next() again).
+  // Key index lock held, `committed` as for after_publish(): indexes the tail into `next`,
+  // publishes it as current, removes the old file, and drops this handle's claim. `next` may be
+  // null (an abandoned build): only the claim is dropped. Returns true when the new tables are
+  // already too full again and this handle claimed the next growth (call build_next() again).
   bool finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
                      std::uint64_t committed);
 

@@ -1,5 +1,5 @@
 // truncate.h — dropping the rows past a point by switching the store to a new generation of its
-// files (FORMAT.md, "Protocols", "Truncate"). Writer lock held for every call.
+// files (FORMAT.md, "Protocols", "Truncate"). Writer lock and key index lock held for every call.
 #pragma once
 
 #include <cstdint>

@@ -45,8 +45,8 @@ void unregister_fd(int fd) {
 
 }  // namespace
 
-WriterLock::WriterLock(const std::string& lock_path)
-    : path_(lock_path), owner_pid_(os::current_pid()) {
+WriterLock::WriterLock(const std::string& lock_path, LockByte byte)
+    : path_(lock_path), byte_(byte), owner_pid_(os::current_pid()) {
   fd_ = os::open_file(lock_path, os::Access::kReadWrite);
   register_fd(fd_);
 }
@@ -68,27 +68,29 @@ bool WriterLock::acquire() {
   }
   // Tried first, so the caller learns whether another handle held it (a system call more only
   // when it had to wait anyway).
-  const bool waited = !os::try_lock_exclusive(fd_, path_);
+  const auto byte = static_cast<std::uint64_t>(byte_);
+  const bool waited = !os::try_lock_exclusive(fd_, path_, byte);
   if (waited) {
-    os::mark_waiting(fd_, true);
+    const bool mark = byte_ == LockByte::kWriter;
+    if (mark) os::mark_waiting(fd_, true);
     try {
-      os::lock_exclusive(fd_, path_);
+      os::lock_exclusive(fd_, path_, byte);
     } catch (...) {
-      os::mark_waiting(fd_, false);
+      if (mark) os::mark_waiting(fd_, false);
       throw;
     }
-    os::mark_waiting(fd_, false);
+    if (mark) os::mark_waiting(fd_, false);
   }
   held_ = true;
   return waited;
 }
 
 bool WriterLock::others_waiting() const noexcept {
-  return in_owner_process() && os::others_waiting(fd_);
+  return byte_ == LockByte::kWriter && in_owner_process() && os::others_waiting(fd_);
 }
 
 void WriterLock::release() noexcept {
-  if (held_ && in_owner_process()) os::unlock(fd_);
+  if (held_ && in_owner_process()) os::unlock(fd_, static_cast<std::uint64_t>(byte_));
   held_ = false;
 }
 

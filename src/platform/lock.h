@@ -1,4 +1,10 @@
-// lock.h — the store's writer lock: an OFD lock on the dedicated `lock` file.
+// lock.h — the store's two locks, OFD locks on bytes of the dedicated `lock` file:
+//   - the writer lock (byte 0): the log — commit, truncate, recovery, the switch of generations;
+//   - the key index lock (byte 2): keys.K — indexing rows, opening, rebuilding, growing and
+//     switching the key index, and the key_generation word (FORMAT.md, "keys.K", "Protocols").
+// A holder of the writer lock may take the key index lock, never the other way round: an append
+// commits under the writer lock, releases it, and then indexes under the key index lock, so one
+// writer's indexing overlaps the next writer's commit (src/writer.cc, "Lock order").
 //
 // OFD locks belong to the open file description, not the process: they exclude other
 // WriterLocks in this same process too, and they survive any unrelated open()/close() of the
@@ -10,9 +16,10 @@
 // never keep a dead parent's lock alive. A WriterLock used in a process other than the one that
 // created it throws kForkedChild and never unlocks.
 //
-// While a handle waits for the lock it holds a shared OFD lock on byte 1 (the waiting mark), so
-// the holder can tell that others wait (others_waiting()): a hint only, which dies with its
-// holder like the lock; writers before this mark existed wait without it.
+// While a handle waits for the writer lock it holds a shared OFD lock on byte 1 (the waiting
+// mark), so the holder can tell that others wait (others_waiting()): a hint only, which dies with
+// its holder like the lock; writers before this mark existed wait without it. The key index lock
+// has no mark.
 //
 // Not thread-safe: one thread at a time per WriterLock (the Writer serializes with a mutex),
 // except others_waiting(), which any thread may call at any time.
@@ -27,22 +34,31 @@
 //     Reader::wait uses a futex on the read-only mapped counter instead.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace embstore::detail {
 
+// The byte of the lock file each lock holds (FORMAT.md, "The store directory").
+enum class LockByte : std::uint64_t {
+  kWriter = 0,    // The writer lock; byte 1 is its waiting mark.
+  kKeyIndex = 2,  // The key index lock.
+};
+
 class WriterLock {
  public:
-  explicit WriterLock(const std::string& lock_path);
+  explicit WriterLock(const std::string& lock_path, LockByte byte = LockByte::kWriter);
   ~WriterLock();
   WriterLock(const WriterLock&) = delete;
   WriterLock& operator=(const WriterLock&) = delete;
 
-  // Blocks until held; true when it had to wait (another handle held the lock). While it waits,
-  // the handle is marked waiting (byte 1 of the file, FORMAT.md "The store directory").
+  // Blocks until held; true when it had to wait (another handle held the lock). While it waits
+  // for the writer lock, the handle is marked waiting (byte 1 of the file, FORMAT.md "The store
+  // directory").
   bool acquire();
-  // Whether another handle is waiting for the lock right now: a hint, for a holder choosing how
-  // much work to do under the lock (writer.cc, hash_at()).
+  // Whether another handle is waiting for the writer lock right now: a hint, for a holder
+  // choosing how much work to do under the lock (writer.cc, hash_at()). False for the key index
+  // lock.
   bool others_waiting() const noexcept;
   void release() noexcept;
   // True when called from the process that constructed this lock.
@@ -50,6 +66,7 @@ class WriterLock {
 
  private:
   std::string path_;
+  LockByte byte_;
   int fd_ = -1;
   int owner_pid_ = 0;
   bool held_ = false;

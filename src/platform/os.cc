@@ -358,7 +358,7 @@ bool exists(const std::string& path) noexcept {
 
 namespace {
 // An OFD lock request of `type` on one byte (l_pid must be 0 for OFD locks): byte 0 is the
-// writer lock, byte 1 the mark of writers waiting for it.
+// writer lock, byte 1 the mark of writers waiting for it, byte 2 the key index lock.
 struct flock byte_lock(short type, off_t byte = 0) noexcept {
   struct flock fl;
   std::memset(&fl, 0, sizeof(fl));
@@ -370,10 +370,11 @@ struct flock byte_lock(short type, off_t byte = 0) noexcept {
 }
 constexpr off_t kWaitingByte = 1;
 
-// The writer lock, waiting for it or not: false when not waiting and another holds it.
-bool take_writer_lock(int fd, const std::string& path, bool wait) {
+// An exclusive lock on `byte`, waiting for it or not: false when not waiting and another holds
+// it.
+bool take_exclusive(int fd, const std::string& path, std::uint64_t byte, bool wait) {
   if (int err = injected(Op::kLock)) fail("lock", path, err);
-  struct flock fl = byte_lock(F_WRLCK);
+  struct flock fl = byte_lock(F_WRLCK, static_cast<off_t>(byte));
   while (::fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl) != 0) {
     if (errno == EINTR) continue;
     if (!wait && (errno == EAGAIN || errno == EACCES)) return false;
@@ -383,10 +384,12 @@ bool take_writer_lock(int fd, const std::string& path, bool wait) {
 }
 }  // namespace
 
-void lock_exclusive(int fd, const std::string& path) { take_writer_lock(fd, path, true); }
+void lock_exclusive(int fd, const std::string& path, std::uint64_t byte) {
+  take_exclusive(fd, path, byte, true);
+}
 
-bool try_lock_exclusive(int fd, const std::string& path) {
-  return take_writer_lock(fd, path, false);
+bool try_lock_exclusive(int fd, const std::string& path, std::uint64_t byte) {
+  return take_exclusive(fd, path, byte, false);
 }
 
 void mark_waiting(int fd, bool waiting) noexcept {
@@ -400,8 +403,8 @@ bool others_waiting(int fd) noexcept {
   return ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
 }
 
-void unlock(int fd) noexcept {
-  struct flock fl = byte_lock(F_UNLCK);
+void unlock(int fd, std::uint64_t byte) noexcept {
+  struct flock fl = byte_lock(F_UNLCK, static_cast<off_t>(byte));
   ::fcntl(fd, F_OFD_SETLK, &fl);
 }
 

@@ -90,16 +90,17 @@ bool exists(const std::string& path) noexcept;
 // `path` does not exist yet. Test builds may fake it (testing.h, EMBSTORE_FS_MAGIC).
 std::uint64_t filesystem_magic(const std::string& path);
 
-// Blocks until this open file description holds the exclusive OFD lock on byte 0 of `fd`.
-void lock_exclusive(int fd, const std::string& path);
+// Blocks until this open file description holds the exclusive OFD lock on byte `byte` of `fd`
+// (FORMAT.md, "The store directory": byte 0 the writer lock, byte 2 the key index lock).
+void lock_exclusive(int fd, const std::string& path, std::uint64_t byte = 0);
 // The same lock without waiting: false when another open file description holds it.
-bool try_lock_exclusive(int fd, const std::string& path);
+bool try_lock_exclusive(int fd, const std::string& path, std::uint64_t byte = 0);
 // The mark of a handle waiting for that lock: a shared OFD lock on byte 1, which dies with its
 // holder like the lock itself. Hints only: a failure is ignored (no mark, or none seen).
 void mark_waiting(int fd, bool waiting) noexcept;
 // True when another open file description has the mark set.
 bool others_waiting(int fd) noexcept;
-void unlock(int fd) noexcept;
+void unlock(int fd, std::uint64_t byte = 0) noexcept;
 
 // Shared (cross-process) futex on a 32-bit word of a MAP_SHARED mapping; the word may be mapped
 // read-only. Returns after a wake, a value change, or `timeout_ns`.
