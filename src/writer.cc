@@ -428,20 +428,22 @@ bool Writer::Impl::index_keys() {
 
 void Writer::Impl::grow_key_index() {
   for (bool again = true; again;) {
-    // An append may map the files again at a larger Generation meanwhile: the build reads the
-    // entries of the one pinned here, never more rows than committed and mapped in it.
+    // An append may map the files again at a larger Generation meanwhile: each call pins the
+    // current one, and the build reads the entries of the one it holds, never more rows than
+    // committed and mapped in it. (This handle follows no truncate while the growth runs:
+    // with_writer_lock() stops it first.)
     std::shared_ptr<const detail::Generation> pinned;
-    {
+    auto source = [this, &pinned] {
       std::lock_guard guard(mutex_);
       pinned = files_->pin_generation();
-    }
-    auto bound = [this, &pinned] {
-      std::lock_guard guard(mutex_);
-      return std::min(files_->state().committed(), pinned->mapped_rows());
+      return detail::KeyIndexHandle::Rows{
+          pinned->entry_ptr(0), std::min(files_->state().committed(), pinned->mapped_rows())};
     };
     std::shared_ptr<detail::KeyIndexFile> next;
+    // Released after the locks below (finish_growth()).
+    std::shared_ptr<const detail::KeyIndexFile> retired;
     try {
-      next = keys_->build_next(pinned->entry_ptr(0), bound, stop_growth_);
+      next = keys_->build_next(source, stop_growth_);
     } catch (const Error& error) {
       key_index_failed(error);  // finish_growth(null) drops the claim.
       next.reset();
@@ -451,14 +453,14 @@ void Writer::Impl::grow_key_index() {
       detail::LockGuard keys_guard(*keys_lock_);
       if (generation_moved()) {
         // Truncated meanwhile: what was built indexes dropped rows. The next append follows.
-        keys_->finish_growth(nullptr, nullptr, 0);
+        keys_->finish_growth(nullptr, nullptr, 0, retired);
         again = false;
         continue;
       }
       const std::uint64_t committed = files_->state().committed();
       files_->map_rows(committed);
-      again =
-          keys_->finish_growth(std::move(next), files_->entry_ptr(0), committed) && !stop_growth_;
+      again = keys_->finish_growth(std::move(next), files_->entry_ptr(0), committed, retired) &&
+              !stop_growth_;
     } catch (const Error& error) {
       key_index_failed(error);
       again = false;

@@ -516,7 +516,7 @@ TEST_CASE(
        [](std::uint64_t r) { return r % 10; }},
   };
   // Rows when the writer opens, then per round: rows published (after_publish) and rows appended
-  // more while the growth builds (what bound() reports to build_next).
+  // more while the growth builds (what its source reports to build_next).
   struct Timing {
     std::uint64_t opened;
     std::vector<std::pair<std::uint64_t, std::uint64_t>> rounds;
@@ -567,9 +567,16 @@ TEST_CASE(
           append_to(file.rows() + extra);
           extra = 0;
           auto next = handle.build_next(
-              file.entries(), [&] { return file.rows(); }, stop);
+              [&] {
+                return KeyIndexHandle::Rows{file.entries(), file.rows()};
+              },
+              stop);
           REQUIRE(next);
-          claimed = handle.finish_growth(next, file.entries(), file.rows());
+          std::shared_ptr<const KeyIndexFile> retired;
+          claimed = handle.finish_growth(next, file.entries(), file.rows(), retired);
+          CHECK(retired);
+          CHECK(retired != handle.current());
+          retired.reset();  // The old file's last holder: unmapped here.
           check_bound("grown");
         }
       }

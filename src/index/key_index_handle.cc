@@ -20,8 +20,11 @@ void store(std::uint64_t* word, std::uint64_t value) {
 
 // Rows indexed per step of a build, between checks of the stop flag and the table loads.
 constexpr std::uint64_t kBuildStepRows = 1 << 16;
-// A growth that leaves a tail this short finishes under the key index lock.
-constexpr std::uint64_t kTailRows = 1 << 16;
+// A growth that leaves a tail this short finishes under the key index lock and the Writer's
+// mutex, which this handle's appends wait for: 65,536 rows held them 4.6-7.7 ms (at ~75-115 ns
+// a row into tables not yet in cache); 4,096 rows take well under a millisecond
+// (bench/RESULTS.md, "The key index lock").
+constexpr std::uint64_t kTailRows = 1 << 12;
 // A growth claim older than this is taken over even if its pid exists (the pid may be reused).
 constexpr std::uint64_t kClaimLifetimeSeconds = 3600;
 
@@ -248,17 +251,17 @@ bool KeyIndexHandle::try_claim_growth() {
   return true;
 }
 
-std::shared_ptr<KeyIndexFile> KeyIndexHandle::build_next(
-    const IndexEntry* entries, const std::function<std::uint64_t()>& bound,
-    const std::atomic<bool>& stop) {
-  auto next = build(entries, bound(), growth_sizes_, claim_file_->generation() + 1, &stop);
+std::shared_ptr<KeyIndexFile> KeyIndexHandle::build_next(const std::function<Rows()>& source,
+                                                         const std::atomic<bool>& stop) {
+  const Rows start = source();
+  auto next = build(start.entries, start.rows, growth_sizes_, claim_file_->generation() + 1, &stop);
   if (!next) return nullptr;
   // Catch up without the lock while appends keep coming, so the part done under it is short.
   for (;;) {
-    const std::uint64_t target = bound();
+    const Rows now = source();
     if (stop.load()) return nullptr;
-    if (target < next->indexed_rows() + kTailRows) break;
-    if (!next->index_rows(entries, std::min(target, next->indexed_rows() + kBuildStepRows))) {
+    if (now.rows < next->indexed_rows() + kTailRows) break;
+    if (!next->index_rows(now.entries, std::min(now.rows, next->indexed_rows() + kBuildStepRows))) {
       break;
     }
   }
@@ -266,7 +269,8 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build_next(
 }
 
 bool KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
-                                   std::uint64_t committed) {
+                                   std::uint64_t committed,
+                                   std::shared_ptr<const KeyIndexFile>& retired) {
   const std::uint64_t generation = load(key_generation_);
   bool again = false;
   if (next && claim_file_ && claim_file_->generation() == generation &&
@@ -278,6 +282,7 @@ bool KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const Ind
     store(key_generation_, generation + 1);
     // Readers that mapped the old file keep it; new ones open the new one.
     os::remove_file(claim_file_->path());
+    retired = current();
     set_current(std::move(next), "");
   } else {
     if (next) os::remove_file(next->path());

@@ -61,19 +61,27 @@ class KeyIndexHandle {
   // when the tables need a larger generation and this handle claimed the job (build_next()).
   bool after_publish(const IndexEntry* entries, std::uint64_t committed);
 
-  // The growth job, run without the key index lock. `bound()` gives rows it may read now (committed
-  // and mapped). Builds the larger generation, catching up until the tail left is short, and
-  // returns it (null if `stop` was set). The caller then calls finish_growth() under the key
-  // index lock.
-  std::shared_ptr<KeyIndexFile> build_next(const IndexEntry* entries,
-                                           const std::function<std::uint64_t()>& bound,
+  // What a growth may index now: rows [0, rows), committed, their entries mapped at `entries`,
+  // which stay valid until the next call of the source that gave them.
+  struct Rows {
+    const IndexEntry* entries = nullptr;
+    std::uint64_t rows = 0;
+  };
+  // The growth job, run without the key index lock. `source()` gives the rows it may read now;
+  // it is called again before each step of the catch-up, so the build follows the appends even
+  // when the writer maps its files again at a larger range. Builds the larger generation,
+  // catching up until the tail left is short, and returns it (null if `stop` was set). The
+  // caller then calls finish_growth() under the key index lock.
+  std::shared_ptr<KeyIndexFile> build_next(const std::function<Rows()>& source,
                                            const std::atomic<bool>& stop);
   // Key index lock held, `committed` as for after_publish(): indexes the tail into `next`,
   // publishes it as current, removes the old file, and drops this handle's claim. `next` may be
   // null (an abandoned build): only the claim is dropped. Returns true when the new tables are
   // already too full again and this handle claimed the next growth (call build_next() again).
+  // `retired` receives the replaced file: the caller releases it after its locks, because
+  // unmapping it and dropping the pages of the unlinked file took 1-2 ms (bench/RESULTS.md).
   bool finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
-                     std::uint64_t committed);
+                     std::uint64_t committed, std::shared_ptr<const KeyIndexFile>& retired);
 
  private:
   std::shared_ptr<KeyIndexFile> build(const IndexEntry* entries, std::uint64_t rows,
