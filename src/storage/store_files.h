@@ -114,9 +114,9 @@ class StoreFiles {
   // capacity_for(rows), and flushes them and the directory. Replaces any leftover files of that
   // generation first (an interrupted truncate). Throws with the partial files removed.
   void write_next_generation(std::uint64_t rows);
-  // Writer only, writer lock held: removes rows.<X> and index.<X> for every X other than
-  // file_generation(), and keys.<X> for every X other than `key_generation` (leftovers of a
-  // truncate or of a crash; Readers that mapped them keep their mappings).
+  // Writer only, writer lock and key index lock held: removes rows.<X> and index.<X> for every X
+  // other than file_generation(), and keys.<X> for every X other than `key_generation` (leftovers
+  // of a truncate or of a crash; Readers that mapped them keep their mappings).
   void remove_stale_files(std::uint64_t key_generation) const;
   // Rows the files on disk can hold right now (from their sizes).
   std::uint64_t rows_files_hold() const;
