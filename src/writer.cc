@@ -210,13 +210,15 @@ class Writer::Impl {
   //   the OFD key index lock (keys_lock_) -> poison_mutex_.
   // An append commits under mutex_ and lock_, releases lock_ and indexes under mutex_ and
   // keys_lock_: its indexing overlaps the next writer's commit in another process. Whatever
-  // changes the key index or its generation under lock_ (open, truncate, following a truncate,
-  // rebuild) takes keys_lock_ too; a holder of keys_lock_ never waits for lock_.
+  // replaces key index files or changes key_generation (open, truncate, following a truncate,
+  // rebuild, a growth's switch, an append that finds another generation or a damaged file)
+  // holds both, lock_ first, as libraries before keys_lock_ did lock_ alone; a holder of
+  // keys_lock_ alone never waits for lock_ (index_keys() releases it first).
   // sync_loop holds sync_mutex_ across sync() (lifetime_ shared); close() releases sync_mutex_
   // and joins the sync thread before it takes lifetime_ exclusively. poison() runs from under
   // mutex_ and the OFD lock (a failed era flush) or under lifetime_ alone (a failed sync).
-  // The key index growth thread takes mutex_ -> keys_lock_ to finish; close() joins it before it
-  // takes lifetime_. Appends, truncates and rebuilds take mutex_ -> lock_ through
+  // The key index growth thread takes mutex_ -> lock_ -> keys_lock_ to finish; close() joins it
+  // before it takes lifetime_. Appends, truncates and rebuilds take mutex_ -> lock_ through
   // with_writer_lock(), which stops a growth in their way before taking either.
   std::unique_ptr<StoreFiles> files_;  // Released by close().
   std::string path_;
@@ -407,17 +409,36 @@ void Writer::Impl::key_index_failed(const Error& error) {
 
 bool Writer::Impl::index_keys() {
   if (!keys_usable_) return false;
-  try {
-    detail::LockGuard keys_guard(*keys_lock_);
-    // Another handle truncated the store since this commit: it indexed the new generation's
-    // rows under this lock, and this handle follows at its next append.
-    if (generation_moved()) return false;
-    // Every committed row, not only this append's: a writer killed indexing may have left slots
-    // naming rows up to its own commit, which index_rows() refuses past its bound; and rows of
-    // a writer still waiting for this lock are done once, here.
+  // Every committed row, not only this append's: a writer killed indexing may have left slots
+  // naming rows up to its own commit, which index_rows() refuses past its bound; and rows of a
+  // writer still waiting for this lock are done once, here. The counter is read before the
+  // generation word: a truncate stores the word (its switching flag) before the counters, so an
+  // unchanged word means a counter of this handle's files. A truncate by this library holds the
+  // key index lock; one by a library before it, the writer lock alone. If the store was
+  // truncated, the truncating writer indexed the new generation; this handle follows at its next
+  // append and indexes nothing now.
+  auto committed_here = [this]() -> std::optional<std::uint64_t> {
     const std::uint64_t committed = files_->state().committed();
+    if (generation_moved()) return std::nullopt;
     files_->map_rows(committed);
-    return keys_->after_publish(files_->entry_ptr(0), committed);
+    return committed;
+  };
+  try {
+    {
+      detail::LockGuard keys_guard(*keys_lock_);
+      const std::optional<std::uint64_t> committed = committed_here();
+      if (!committed) return false;
+      if (const auto claimed = keys_->index_current(files_->entry_ptr(0), *committed)) {
+        return *claimed;
+      }
+    }
+    // Another writer switched key index generations, or the file is damaged: opening or
+    // rebuilding one replaces files, which is done under the writer lock too.
+    detail::LockGuard across_processes(*lock_);
+    detail::LockGuard keys_guard(*keys_lock_);
+    const std::optional<std::uint64_t> committed = committed_here();
+    if (!committed) return false;
+    return keys_->after_publish(files_->entry_ptr(0), *committed);
   } catch (const Error& error) {
     // The rows are published: the append succeeded and must not throw (a retry would store them
     // twice). This handle stops indexing; close() reports it; the next writer indexes the rows.
@@ -448,8 +469,11 @@ void Writer::Impl::grow_key_index() {
       key_index_failed(error);  // finish_growth(null) drops the claim.
       next.reset();
     }
+    // The switch replaces files: under the writer lock too, as in every library version (the
+    // part of it under the lock indexes at most a few thousand rows: build_next()).
     std::lock_guard in_process(mutex_);
     try {
+      detail::LockGuard across_processes(*lock_);
       detail::LockGuard keys_guard(*keys_lock_);
       if (generation_moved()) {
         // Truncated meanwhile: what was built indexes dropped rows. The next append follows.
@@ -504,7 +528,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     detail::os::futex_wake_all(files_->state().committed_word());
     if (index_keys()) {
       // A new claim means the last growth passed finish_growth() (under mutex_, held here): its
-      // thread is exiting, so the join is immediate.
+      // thread is exiting, at most releasing the file it replaced (1-2 ms) first.
       if (growth_thread_) growth_thread_->join();
       stop_growth_ = false;
       growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });

@@ -1,6 +1,7 @@
 // Lookups by key and epoch through Writer and Reader: model-based against a std::map oracle
 // built from the offset index, across processes, kill -9, growth, reboots, 1.0 stores,
 // damaged key index files, and writers indexing outside the writer lock.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -559,27 +560,100 @@ bool wait_for_rows(const std::string& path, std::uint64_t rows) {
   return r.size() == rows;
 }
 
+// Whether some handle holds byte `byte` of the store's lock file (0: the writer lock).
+bool byte_locked(const std::string& path, off_t byte) {
+  const int fd = ::open((path + "/lock").c_str(), O_RDWR | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = byte;
+  fl.l_len = 1;
+  const int rc = ::fcntl(fd, F_OFD_GETLK, &fl);
+  ::close(fd);
+  REQUIRE(rc == 0);
+  return fl.l_type != F_UNLCK;
+}
+
+// Waits (up to a minute) until no handle holds the writer lock.
+bool wait_writer_lock_free(const std::string& path) {
+  for (int i = 0; i < 6000 && byte_locked(path, 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return !byte_locked(path, 0);
+}
+
 std::string indexed_status(std::uint64_t rows) {
   return ", " + std::to_string(rows) + " rows indexed";
 }
 
+void touch(const std::string& file) {
+  const int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+  REQUIRE(fd >= 0);
+  ::close(fd);
+}
+
+// A child process that opens a Writer on `path` (opening takes the key index lock too, so it is
+// started before this process takes that lock) and, once told, appends one batch and exits 0.
+class AppendingChild {
+ public:
+  AppendingChild(const std::string& path, std::vector<std::uint64_t> keys,
+                 std::vector<std::uint64_t> epochs)
+      : path_(path), ready_(path + ".ready"), go_(path + ".go") {
+    pid_ = test::spawn([&] {
+      Writer w = Writer::open(path_);
+      touch(ready_);
+      while (::access(go_.c_str(), F_OK) != 0) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      append(w, keys, epochs);
+      return 0;
+    });
+    for (int i = 0; i < 6000 && ::access(ready_.c_str(), F_OK) != 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  // Lets it append while this process holds the key index lock; returns once it waits for that
+  // lock (its rows committed, the writer lock free), stopped with SIGSTOP if `stop`: a stopped
+  // process does not take a lock released meanwhile.
+  void append_and_wait(std::uint64_t rows_after, bool stop) {
+    touch(go_);
+    REQUIRE(wait_for_rows(path_, rows_after));
+    REQUIRE(wait_writer_lock_free(path_));
+    if (stop) REQUIRE(::kill(pid_, SIGSTOP) == 0);
+  }
+  int finish() {
+    ::kill(pid_, SIGCONT);
+    return test::wait_for(pid_);
+  }
+
+ private:
+  std::string path_, ready_, go_;
+  pid_t pid_ = -1;
+};
+
 }  // namespace
 
 TEST_CASE(
-    "Writers index after releasing the writer lock: others commit meanwhile, lookups stay exact",
+    "Writers index after releasing the writer lock: others commit meanwhile, and an indexer "
+    "indexes every committed row",
     "[key_lookup][lock]") {
   TempDir dir;
   const std::string path = dir / "s";
   Writer first = Writer::create(path, options());
-  Writer second = Writer::open(path);
   append(first, {1, 2, 3}, {0, 0, 0});
-  // The key index lock, held here by a handle of its own: both appends below commit, then wait
-  // to index. If either still held the writer lock while waiting, the other could not commit.
+  // The key index lock, held here by a handle of its own: the appends below commit, then wait
+  // to index. Had either kept the writer lock while waiting, the next could not commit.
+  AppendingChild later(path, {20, 21, 2}, {1, 1, 2});
+  // The key index lock, held here by a handle of its own: the appends below commit, then wait
+  // to index. Had either kept the writer lock while waiting, the next could not commit.
   detail::WriterLock keys_lock(path + "/lock", detail::LockByte::kKeyIndex);
   REQUIRE_FALSE(keys_lock.acquire());
   std::thread a([&] { append(first, {10, 11}, {1, 1}); });
-  std::thread b([&] { append(second, {20, 21, 2}, {1, 1, 2}); });
-  const bool both_committed = wait_for_rows(path, 8);
+  const bool a_committed = wait_for_rows(path, 5);
+  // The later commit's writer is stopped while it waits: the earlier one, once the lock is
+  // free, must index its rows too.
+  if (a_committed) later.append_and_wait(8, /*stop=*/true);
   {
     Reader r = Reader::open(path);
     CHECK(r.info().key_index.find(indexed_status(3)) != std::string::npos);
@@ -588,58 +662,63 @@ TEST_CASE(
   }
   keys_lock.release();
   a.join();
-  b.join();
-  REQUIRE(both_committed);
+  REQUIRE(a_committed);
+  {
+    Reader r = Reader::open(path);
+    CHECK(r.info().key_index.find(indexed_status(8)) != std::string::npos);
+    check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 99}, {0, 1, 2});
+  }
+  CHECK(later.finish() == 0);
   Reader r = Reader::open(path);
   CHECK(r.info().key_index.find(indexed_status(8)) != std::string::npos);
-  check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 99}, {0, 1, 2});
   const VerifyReport report = r.verify_key_index();
   CHECK(report.key_index_checked);
   CHECK(report.key_index_problems == 0);
 }
 
-TEST_CASE("A truncate while another handle's append waits to index leaves an exact key index",
+TEST_CASE("A truncate while another process's append waits to index leaves an exact key index",
           "[key_lookup][lock][truncate]") {
-  // Whichever takes the key index lock first: the append indexes its rows in the old
-  // generation, or it finds the store truncated and leaves the new generation's index alone.
-  for (int round = 0; round < 6; ++round) {
-    INFO("round " << round);
-    TempDir dir;
-    const std::string path = dir / "s";
-    Writer first = Writer::create(path, options());
-    Writer second = Writer::open(path);
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = Writer::create(path, options());
     std::vector<std::uint64_t> keys, epochs;
     for (std::uint64_t row = 0; row < 200; ++row) {
       keys.push_back(row % 150);
       epochs.push_back(row / 100);
     }
-    append(first, keys, epochs);
-    // keys.2 now, so that the generation the truncate builds (keys.1) differs from the one the
+    append(w, keys, epochs);
+    // keys.2 now, so that the generation a truncate builds (keys.1) differs from the one the
     // waiting append holds.
-    first.rebuild_key_index();
-    detail::WriterLock keys_lock(path + "/lock", detail::LockByte::kKeyIndex);
-    keys_lock.acquire();
-    std::thread a([&] { append(first, {500, 501}, {2, 2}); });
-    REQUIRE(wait_for_rows(path, 202));
-    std::uint64_t kept = 0;
-    std::thread t([&] { kept = second.truncate_from_epoch(1); });
-    std::this_thread::sleep_for(std::chrono::milliseconds(round % 2 == 0 ? 0 : 20));
-    keys_lock.release();
-    a.join();
-    t.join();
-    CHECK(kept == 100);
-    Reader r = Reader::open(path);
-    REQUIRE(r.size() == 100);
-    CHECK(r.info().key_index.find(indexed_status(100)) != std::string::npos);
-    check_lookups(r, {0, 1, 99, 100, 149, 500, 501}, {0, 1, 2});
-    CHECK(r.verify_key_index().key_index_problems == 0);
-    // The writer whose rows were cut follows the truncate and indexes on.
-    append(first, {600}, {3});
-    r.refresh();
-    CHECK(r.info().key_index.find(indexed_status(101)) != std::string::npos);
-    check_lookups(r, {0, 99, 500, 600}, {0, 2, 3});
-    const VerifyReport report = r.verify_key_index();
-    CHECK(report.key_index_checked);
-    CHECK(report.key_index_problems == 0);
+    w.rebuild_key_index();
   }
+  Writer truncating = Writer::open(path);
+  AppendingChild child(path, {500, 501}, {2, 2});
+  bool truncate_first = false;
+  SECTION("the truncate takes the key index lock first") { truncate_first = true; }
+  SECTION("the waiting append indexes first") {}
+  detail::WriterLock keys_lock(path + "/lock", detail::LockByte::kKeyIndex);
+  keys_lock.acquire();
+  child.append_and_wait(202, /*stop=*/truncate_first);
+  keys_lock.release();
+  if (!truncate_first) {
+    CHECK(child.finish() == 0);
+    CHECK(Reader::open(path).info().key_index.find(indexed_status(202)) != std::string::npos);
+  }
+  CHECK(truncating.truncate_from_epoch(1) == 100);
+  // Resumed after the switch, it must not index the old generation's rows into the new index.
+  if (truncate_first) CHECK(child.finish() == 0);
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 100);
+  CHECK(r.info().key_index.find(indexed_status(100)) != std::string::npos);
+  check_lookups(r, {0, 1, 99, 100, 149, 500, 501}, {0, 1, 2});
+  CHECK(r.verify_key_index().key_index_problems == 0);
+  // A writer whose handle still holds the old generation follows the truncate and indexes on.
+  append(truncating, {600}, {3});
+  r.refresh();
+  CHECK(r.info().key_index.find(indexed_status(101)) != std::string::npos);
+  check_lookups(r, {0, 99, 500, 600}, {0, 2, 3});
+  const VerifyReport report = r.verify_key_index();
+  CHECK(report.key_index_checked);
+  CHECK(report.key_index_problems == 0);
 }

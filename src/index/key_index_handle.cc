@@ -203,6 +203,25 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
   set_current(std::move(file), "");
 }
 
+std::optional<bool> KeyIndexHandle::index_current(const IndexEntry* entries,
+                                                  std::uint64_t committed) {
+  std::shared_ptr<KeyIndexFile> file;
+  {
+    std::lock_guard guard(mutex_);
+    file = current_;
+  }
+  if (!file || file->generation() != load(key_generation_)) return std::nullopt;
+  bool complete;
+  try {
+    complete = file->index_rows(entries, committed);
+  } catch (const Error& error) {
+    if (error.code() != ErrorCode::kCorruption) throw;
+    return std::nullopt;  // Damaged: after_publish() rebuilds it.
+  }
+  if (complete && !file->wants_growth()) return false;
+  return try_claim_growth();
+}
+
 bool KeyIndexHandle::after_publish(const IndexEntry* entries, std::uint64_t committed) {
   std::shared_ptr<KeyIndexFile> file;
   {

@@ -14,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "index/key_index.h"
@@ -60,6 +61,14 @@ class KeyIndexHandle {
   // [0, committed) mapped: indexes the rows not indexed yet (of any writer). Returns true
   // when the tables need a larger generation and this handle claimed the job (build_next()).
   bool after_publish(const IndexEntry* entries, std::uint64_t committed);
+  // The part of after_publish() that changes no file but the current one, for a writer holding
+  // the key index lock alone: indexes into the current file if it is still the store's current
+  // generation and not found damaged, and returns what after_publish() would. Returns nothing
+  // otherwise (another writer switched generations, or the file is damaged): the caller then
+  // calls after_publish() holding the writer lock too, because opening and rebuilding replace
+  // files that writers of libraries before the key index lock replace under the writer lock
+  // alone.
+  std::optional<bool> index_current(const IndexEntry* entries, std::uint64_t committed);
 
   // What a growth may index now: rows [0, rows), committed, their entries mapped at `entries`,
   // which stay valid until the next call of the source that gave them.

@@ -32,8 +32,9 @@ void register_fd(int fd) {
     int expected = 0;
     if (slot.compare_exchange_strong(expected, fd + 1)) return;
   }
-  // More than kMaxLocks writers open at once: the fork guard is lost for this one only; the
-  // pid check in WriterLock still refuses use from a child.
+  // More than kMaxLocks locks open at once (a Writer holds two: kMaxLocks / 2 writers): the
+  // fork guard is lost for this one only; the pid check in WriterLock still refuses use from a
+  // child.
 }
 
 void unregister_fd(int fd) {

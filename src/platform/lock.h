@@ -1,7 +1,8 @@
 // lock.h — the store's two locks, OFD locks on bytes of the dedicated `lock` file:
 //   - the writer lock (byte 0): the log — commit, truncate, recovery, the switch of generations;
-//   - the key index lock (byte 2): keys.K — indexing rows, opening, rebuilding, growing and
-//     switching the key index, and the key_generation word (FORMAT.md, "keys.K", "Protocols").
+//   - the key index lock (byte 2): keys.K — indexing rows into the current file needs it alone;
+//     replacing a keys file or changing the key_generation word (open, truncate, rebuild, a
+//     growth's switch) needs both (FORMAT.md, "keys.K", "Protocols").
 // A holder of the writer lock may take the key index lock, never the other way round: an append
 // commits under the writer lock, releases it, and then indexes under the key index lock, so one
 // writer's indexing overlaps the next writer's commit (src/writer.cc, "Lock order").

@@ -23,8 +23,9 @@ def _wait_until(predicate, timeout=60):
 
 
 class StoreLock:
-    """Holds the store's writer lock from this process (a POSIX record lock conflicts with the
-    OFD lock the writer takes), so the background thread blocks inside its append."""
+    """Holds the store's writer lock from this process (a POSIX record lock over the whole file
+    conflicts with the OFD locks the writer takes: the writer lock, byte 0, and the key index
+    lock, byte 2), so the background thread blocks inside its append."""
 
     def __init__(self, path):
         self.fd = os.open(os.path.join(path, "lock"), os.O_RDWR)

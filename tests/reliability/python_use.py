@@ -317,8 +317,9 @@ def check_store(path, dim, dtype, writers, exact, prefix_ok=()):
 
 
 class StoreLock:
-    """Holds the store's writer lock from this process (a POSIX record lock conflicts with the
-    OFD lock a Writer takes), so background appends block until it is released."""
+    """Holds the store's writer lock from this process (a POSIX record lock over the whole file
+    conflicts with the OFD locks a Writer takes: the writer lock, byte 0, and the key index lock,
+    byte 2), so background appends block until it is released."""
 
     def __init__(self, path):
         self.fd = os.open(os.path.join(path, "lock"), os.O_RDWR)
