@@ -601,7 +601,11 @@ class AppendingChild {
                  std::vector<std::uint64_t> epochs)
       : path_(path), ready_(path + ".ready"), go_(path + ".go") {
     pid_ = test::spawn([&] {
-      Writer w = Writer::open(path_);
+      // No sync thread: this process may be forked beside threads of its own, and a thread
+      // started in the child could reuse the id of one of them (which ThreadSanitizer refuses).
+      WriterOptions options;
+      options.sync = SyncPolicy::kNone;
+      Writer w = Writer::open(path_, options);
       touch(ready_);
       while (::access(go_.c_str(), F_OK) != 0) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -620,7 +624,12 @@ class AppendingChild {
     touch(go_);
     REQUIRE(wait_for_rows(path_, rows_after));
     REQUIRE(wait_writer_lock_free(path_));
-    if (stop) REQUIRE(::kill(pid_, SIGSTOP) == 0);
+    if (!stop) return;
+    REQUIRE(::kill(pid_, SIGSTOP) == 0);
+    // Stopped, not merely signalled: until it stops, a lock released now would still be taken.
+    int status = 0;
+    REQUIRE(::waitpid(pid_, &status, WUNTRACED) == pid_);
+    REQUIRE(WIFSTOPPED(status));
   }
   int finish() {
     ::kill(pid_, SIGCONT);
