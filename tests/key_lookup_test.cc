@@ -53,6 +53,17 @@ void append(Writer& w, const std::vector<std::uint64_t>& keys,
   w.append(keys, epochs, ConstMatrix{values.data(), DType::kFloat32, keys.size(), kDim, 0});
 }
 
+// Appends `rows` rows in one batch: row r has key r % `keys` and epoch r / `rows_per_epoch`.
+void append_cycling(Writer& w, std::uint64_t rows, std::uint64_t keys,
+                    std::uint64_t rows_per_epoch) {
+  std::vector<std::uint64_t> key_of, epoch_of;
+  for (std::uint64_t r = 0; r < rows; ++r) {
+    key_of.push_back(r % keys);
+    epoch_of.push_back(r / rows_per_epoch);
+  }
+  append(w, key_of, epoch_of);
+}
+
 // The oracle: std::maps built from the rows a Reader's snapshot holds (its offset index).
 struct Oracle {
   std::map<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t> pair_latest;
@@ -452,12 +463,7 @@ TEST_CASE("Missing, damaged or pre-reboot key index files: readers scan, writers
   const std::string path = dir / "s";
   {
     Writer w = Writer::create(path, options());
-    std::vector<std::uint64_t> keys, epochs;
-    for (std::uint64_t r = 0; r < 500; ++r) {
-      keys.push_back(r % 50);
-      epochs.push_back(r / 50);
-    }
-    append(w, keys, epochs);
+    append_cycling(w, 500, 50, 50);
   }
   const std::vector<std::uint64_t> keys = {0, 1, 49, 50}, epochs = {0, 3, 9, 10};
   const std::string file = path + "/keys.1";
@@ -523,12 +529,7 @@ TEST_CASE("verify() reports a damaged key index body and rebuild_key_index() rep
   TempDir dir;
   const std::string path = dir / "s";
   Writer w = Writer::create(path, options());
-  std::vector<std::uint64_t> keys, epochs;
-  for (std::uint64_t r = 0; r < 600; ++r) {
-    keys.push_back(r % 60);
-    epochs.push_back(r / 60);
-  }
-  append(w, keys, epochs);
+  append_cycling(w, 600, 60, 60);
   // Zero the first page of slots (pair table): some pairs lose their slot.
   test::write_bytes(path + "/keys.1", 4096, std::string(4096, '\0'));
   Reader r = Reader::open(path);
@@ -691,12 +692,7 @@ TEST_CASE("A truncate while another process's append waits to index leaves an ex
   const std::string path = dir / "s";
   {
     Writer w = Writer::create(path, options());
-    std::vector<std::uint64_t> keys, epochs;
-    for (std::uint64_t row = 0; row < 200; ++row) {
-      keys.push_back(row % 150);
-      epochs.push_back(row / 100);
-    }
-    append(w, keys, epochs);
+    append_cycling(w, 200, 150, 100);
     // keys.2 now, so that the generation a truncate builds (keys.1) differs from the one the
     // waiting append holds.
     w.rebuild_key_index();
