@@ -223,27 +223,17 @@ std::optional<bool> KeyIndexHandle::index_current(const IndexEntry* entries,
 }
 
 bool KeyIndexHandle::after_publish(const IndexEntry* entries, std::uint64_t committed) {
-  std::shared_ptr<KeyIndexFile> file;
-  {
-    std::lock_guard guard(mutex_);
-    file = current_;
-  }
-  if (!file || file->generation() != load(key_generation_)) {
-    // Another writer replaced the generation (or this handle lost its file): take the new one.
-    open_for_writer(entries, committed);
-    file = std::const_pointer_cast<KeyIndexFile>(current());
-  }
-  bool complete;
-  try {
-    complete = file->index_rows(entries, committed);
-  } catch (const Error& error) {
-    if (error.code() != ErrorCode::kCorruption) throw;
+  if (const auto claimed = index_current(entries, committed)) return *claimed;
+  const auto file = current();
+  if (file && file->generation() == load(key_generation_)) {
     // A damaged table: the offset index has everything, build a fresh generation from it.
     open_for_writer(entries, committed, /*rebuild=*/true);
     return false;
   }
-  if (complete && !file->wants_growth()) return false;
-  return try_claim_growth();
+  // Another writer replaced the generation (or this handle lost its file): take the new one,
+  // which open_for_writer() indexes (a damaged one throws there), then see whether it is full.
+  open_for_writer(entries, committed);
+  return index_current(entries, committed).value_or(false);
 }
 
 bool KeyIndexHandle::try_claim_growth() {
