@@ -554,34 +554,10 @@ namespace {
 // Waits (up to a minute) until a fresh snapshot of `path` holds `rows` rows.
 bool wait_for_rows(const std::string& path, std::uint64_t rows) {
   Reader r = Reader::open(path);
-  for (int i = 0; i < 6000 && r.size() < rows; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  return test::within_a_minute([&] {
     r.refresh();
-  }
-  return r.size() == rows;
-}
-
-// Whether some handle holds byte `byte` of the store's lock file (0: the writer lock).
-bool byte_locked(const std::string& path, off_t byte) {
-  const int fd = ::open((path + "/lock").c_str(), O_RDWR | O_CLOEXEC);
-  REQUIRE(fd >= 0);
-  struct flock fl {};
-  fl.l_type = F_WRLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = byte;
-  fl.l_len = 1;
-  const int rc = ::fcntl(fd, F_OFD_GETLK, &fl);
-  ::close(fd);
-  REQUIRE(rc == 0);
-  return fl.l_type != F_UNLCK;
-}
-
-// Waits (up to a minute) until no handle holds the writer lock.
-bool wait_writer_lock_free(const std::string& path) {
-  for (int i = 0; i < 6000 && byte_locked(path, 0); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return !byte_locked(path, 0);
+    return r.size() == rows;
+  });
 }
 
 std::string indexed_status(std::uint64_t rows) {
@@ -614,9 +590,7 @@ class AppendingChild {
       append(w, keys, epochs);
       return 0;
     });
-    for (int i = 0; i < 6000 && ::access(ready_.c_str(), F_OK) != 0; ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
+    test::within_a_minute([&] { return ::access(ready_.c_str(), F_OK) == 0; });
   }
   // Lets it append while this process holds the key index lock; returns once it waits for that
   // lock (its rows committed, the writer lock free), stopped with SIGSTOP if `stop`: a stopped
@@ -624,7 +598,7 @@ class AppendingChild {
   void append_and_wait(std::uint64_t rows_after, bool stop) {
     touch(go_);
     REQUIRE(wait_for_rows(path_, rows_after));
-    REQUIRE(wait_writer_lock_free(path_));
+    REQUIRE(test::within_a_minute([&] { return test::lock_is_free(path_ + "/lock"); }));
     if (!stop) return;
     REQUIRE(::kill(pid_, SIGSTOP) == 0);
     // Stopped, not merely signalled: until it stops, a lock released now would still be taken.

@@ -26,22 +26,7 @@ using embstore::test::TempDir;
 
 namespace {
 
-// Tries to take the lock without waiting, through a fresh open file description; releases it
-// again if it got it. True when the lock was free.
-bool lock_is_free(const std::string& lock_path, bool classic_posix_lock = false) {
-  int fd = ::open(lock_path.c_str(), O_RDWR | O_CLOEXEC);
-  REQUIRE(fd >= 0);
-  struct flock fl;
-  std::memset(&fl, 0, sizeof(fl));
-  fl.l_type = F_WRLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_len = 1;
-  const int rc = ::fcntl(fd, classic_posix_lock ? F_SETLK : F_OFD_SETLK, &fl);
-  const int err = errno;
-  ::close(fd);  // also drops a classic lock taken above
-  if (rc != 0) REQUIRE((err == EAGAIN || err == EACCES));
-  return rc == 0;
-}
+using embstore::test::lock_is_free;
 
 CreateOptions small() {
   CreateOptions o;
@@ -70,7 +55,7 @@ TEST_CASE("The lock excludes another process even after this one opens and close
 
   const pid_t child = test::spawn([&] {
     // Both lock flavours must see it held.
-    return lock_is_free(lock_path) || lock_is_free(lock_path, true) ? 1 : 0;
+    return lock_is_free(lock_path) || lock_is_free(lock_path, 0, true) ? 1 : 0;
   });
   CHECK(test::wait_for(child) == 0);
   lock.release();

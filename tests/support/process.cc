@@ -6,10 +6,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <stdexcept>
+#include <string>
+#include <thread>
 
 namespace embstore::test {
 
@@ -24,6 +27,31 @@ double torture_scale() {
 
 int scaled_rounds(int rounds) {
   return std::max(1, static_cast<int>(rounds * torture_scale() + 0.5));
+}
+
+bool lock_is_free(const std::string& lock_path, std::uint64_t byte, bool classic_posix_lock) {
+  const int fd = ::open(lock_path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error("cannot open " + lock_path);
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = static_cast<off_t>(byte);
+  fl.l_len = 1;
+  const int rc = ::fcntl(fd, classic_posix_lock ? F_SETLK : F_OFD_SETLK, &fl);
+  const int err = errno;
+  ::close(fd);  // Also drops a lock taken above.
+  if (rc != 0 && err != EAGAIN && err != EACCES) {
+    throw std::runtime_error("fcntl on " + lock_path + " failed with errno " + std::to_string(err));
+  }
+  return rc == 0;
+}
+
+bool within_a_minute(const std::function<bool()>& done) {
+  for (int i = 0; i < 6000; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return done();
 }
 
 pid_t spawn(const std::function<int()>& body) {

@@ -25,6 +25,16 @@ pid_t spawn(const std::function<int()>& body);
 // Waits for `pid`; returns its exit status, or 128 + signal number if it was killed.
 int wait_for(pid_t pid);
 
+// Whether byte `byte` of the store lock file `lock_path` is free (0: the writer lock, 2: the
+// key index lock), tried through a fresh open file description (an OFD lock, or with
+// `classic_posix_lock` a per-process fcntl lock) and released again if taken. Throws on any
+// error other than "held".
+bool lock_is_free(const std::string& lock_path, std::uint64_t byte = 0,
+                  bool classic_posix_lock = false);
+
+// Polls `done` every 10 ms for up to a minute; returns its last answer.
+bool within_a_minute(const std::function<bool()>& done);
+
 // A one-way pipe of fixed-size records from children to the parent.
 class Pipe {
  public:
