@@ -430,22 +430,23 @@ TEST_CASE(
   file.append(7, 3);  // Row 4999 repeats the pair of row 1507: its slot is marked repeated.
   auto index = KeyIndexFile::create(dir.path(), 1, identity(), {16384, 2048, 1024}, 5000);
   REQUIRE(index->index_rows(file.entries(), 5000));
+  index->publish_as_current(dir.path());  // Named keys.1, so that the sections can damage it.
   std::string problem;
   REQUIRE(index->check(file.entries(), 5000, &problem) == 0);
   // FORMAT.md "keys.K": 16-byte pair slots, 8-byte key and epoch slots, then the chain.
   const std::uint64_t chain_offset = 4096 + 16 * index->sizes().pair_slots +
                                      8 * (index->sizes().key_slots + index->sizes().epoch_slots);
   SECTION("a chain record overwritten") {
-    embstore::test::write_bytes(dir / "keys.next", round_up(chain_offset, 4096) + 16 * 4000 + 3,
+    embstore::test::write_bytes(dir / "keys.1", round_up(chain_offset, 4096) + 16 * 4000 + 3,
                                 "\x55");
   }
   SECTION("a page of the pair table zeroed") {
-    embstore::test::write_bytes(dir / "keys.next", 4096 * 3, std::string(4096, '\0'));
+    embstore::test::write_bytes(dir / "keys.1", 4096 * 3, std::string(4096, '\0'));
   }
   // A pair slot's word1 holds row + 1 in bits 0..40 and the repeated mark in bit 41 (byte 5,
   // bit 1): flip the mark of the slot naming `row`.
   auto flip_repeated = [&](std::uint64_t row) {
-    std::ifstream in(dir / "keys.next", std::ios::binary);
+    std::ifstream in(dir / "keys.1", std::ios::binary);
     std::vector<std::uint64_t> words(2 * index->sizes().pair_slots);
     in.seekg(4096);
     in.read(reinterpret_cast<char*>(words.data()), static_cast<std::streamsize>(8 * words.size()));
@@ -453,7 +454,7 @@ TEST_CASE(
     for (std::size_t i = 1; i < words.size(); i += 2) {
       if ((words[i] & ((1ull << 41) - 1)) != row + 1) continue;
       const char byte = static_cast<char>((words[i] >> 40 & 0xff) ^ 0x02);
-      embstore::test::write_bytes(dir / "keys.next", 4096 + 8 * i + 5, std::string(1, byte));
+      embstore::test::write_bytes(dir / "keys.1", 4096 + 8 * i + 5, std::string(1, byte));
       return;
     }
     FAIL("no pair slot names row " << row);
@@ -465,7 +466,7 @@ TEST_CASE(
   SECTION("a pair slot made up for a pair with no row, naming another key's row") {
     // An empty slot (word1 0) given key 123456789 (never stored) at epoch 3 and row 10 (key 10,
     // epoch 0): no lookup of a stored pair meets it, only a pass over the table does.
-    std::ifstream in(dir / "keys.next", std::ios::binary);
+    std::ifstream in(dir / "keys.1", std::ios::binary);
     std::vector<std::uint64_t> words(2 * index->sizes().pair_slots);
     in.seekg(4096);
     in.read(reinterpret_cast<char*>(words.data()), static_cast<std::streamsize>(8 * words.size()));
@@ -473,11 +474,11 @@ TEST_CASE(
     std::size_t empty = 1;
     while (words[empty] != 0) empty += 2;
     const std::uint64_t slot[2] = {123456789, (3ull << 42) | 11};
-    embstore::test::write_bytes(dir / "keys.next", 4096 + 8 * (empty - 1),
+    embstore::test::write_bytes(dir / "keys.1", 4096 + 8 * (empty - 1),
                                 std::string(reinterpret_cast<const char*>(slot), sizeof(slot)));
   }
   CHECK(index->check(file.entries(), 5000, &problem) > 0);
-  CHECK(problem.find("keys.next") != std::string::npos);
+  CHECK(problem.find("keys.1") != std::string::npos);
   // Whatever a damaged index answers is never another key's row nor past the snapshot.
   const KeyQuery q(index.get(), file.entries(), 4500);
   for (std::uint64_t key = 0; key < 500; ++key) {
@@ -685,26 +686,30 @@ TEST_CASE("Key index: a writer killed while indexing leaves work the next one re
 
 namespace {
 
-// This process's mappings of `path` (/proc/self/smaps): where each starts, its file offset and
-// its VmFlags ("hg": MADV_HUGEPAGE asked for).
+// This process's mappings of the file `path` names (/proc/self/smaps, matched by inode: a file
+// mapped while it had no name yet, as a key index is built, is not listed under its name):
+// where each starts, its file offset and its VmFlags ("hg": MADV_HUGEPAGE asked for).
 struct Vma {
   std::uintptr_t start = 0;
   std::uint64_t offset = 0;
   std::string flags;
 };
 std::vector<Vma> mappings_of(const std::string& path) {
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
   std::ifstream smaps("/proc/self/smaps");
   std::vector<Vma> out;
   std::string line;
   bool in = false;
   while (std::getline(smaps, line)) {
-    if (line.size() > path.size() &&
-        line.compare(line.size() - path.size(), path.size(), path) == 0) {
+    std::istringstream fields(line);
+    std::string range, perms, offset, device;
+    std::uint64_t inode = 0;
+    // A mapping's first line: "start-end perms offset major:minor inode [path]".
+    if (line.find('-') < line.find(' ') && fields >> range >> perms >> offset >> device >> inode &&
+        inode == st.st_ino) {
       Vma vma;
-      vma.start = std::stoull(line.substr(0, line.find('-')), nullptr, 16);
-      std::istringstream fields(line);
-      std::string range, perms, offset;
-      fields >> range >> perms >> offset;
+      vma.start = std::stoull(range.substr(0, range.find('-')), nullptr, 16);
       vma.offset = std::stoull(offset, nullptr, 16);
       out.push_back(vma);
       in = true;
@@ -752,7 +757,7 @@ TEST_CASE(
   auto created = KeyIndexFile::create(dir.path(), 1, identity(), sizes, 100);
   created->publish_as_current(dir.path());
   auto reader = KeyIndexFile::open(dir.path(), 1, identity(), os::Access::kReadOnly);
-  const std::vector<Vma> vmas = mappings_of("/keys.1");
+  const std::vector<Vma> vmas = mappings_of(dir / "keys.1");
   REQUIRE(vmas.size() >= 2);  // At least one mapping each, each split where the advice ends.
   int advised_from_start = 0;
   for (const Vma& vma : vmas) {

@@ -3,11 +3,15 @@
 // damaged key index files, and writers indexing outside the writer lock.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <cerrno>
 #include <chrono>
+#include <fstream>
 #include <map>
 #include <optional>
 #include <random>
@@ -20,6 +24,7 @@
 #include "format/format.h"
 #include "index/key_index_format.h"
 #include "platform/lock.h"
+#include "platform/os.h"
 #include "platform/testing.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -700,4 +705,198 @@ TEST_CASE("A truncate while another process's append waits to index leaves an ex
   const VerifyReport report = r.verify_key_index();
   CHECK(report.key_index_checked);
   CHECK(report.key_index_problems == 0);
+}
+
+namespace {
+
+// The key index files of `store` by kind (FORMAT.md, "The store directory"): keys.<K>, and
+// build files (keys.build.<pid>.<n>, keys.next of older libraries).
+struct KeyFiles {
+  std::vector<std::string> current;
+  std::vector<std::string> builds;
+};
+KeyFiles key_files(const std::string& store) {
+  KeyFiles files;
+  for (const std::string& name : detail::os::list_dir(store)) {
+    if (name.rfind("keys.", 0) != 0) continue;
+    const bool generation = name.find_first_not_of("0123456789", 5) == std::string::npos;
+    (generation ? files.current : files.builds).push_back(name);
+  }
+  return files;
+}
+
+bool exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
+
+// Appends 100 rows of new keys at a time (epoch 1) until `until` exists, so that a growth is
+// claimed; returns false if none came within 200,000 rows.
+bool append_until(Writer& w, const std::string& until) {
+  for (std::uint64_t first = 1'000'000; !exists(until); first += 100) {
+    if (first > 1'200'000) return false;
+    std::vector<std::uint64_t> keys, epochs;
+    for (std::uint64_t k = first; k < first + 100; ++k) {
+      keys.push_back(k);
+      epochs.push_back(1);
+    }
+    append(w, keys, epochs);
+  }
+  return true;
+}
+
+// On a file system without O_TMPFILE, builders fall back to named files: the test build's
+// fault seam makes this process's file system one.
+void without_unnamed_files(bool named) {
+  if (named) detail::testing::arm_fault(detail::testing::Op::kTmpfile, 1, EOPNOTSUPP, true);
+}
+
+// Kills and reaps child `pid` at scope exit, should it still run: a child paused at a crash
+// point, or looping until killed, outlives a failed REQUIRE otherwise.
+struct KillAtExit {
+  pid_t pid;
+  ~KillAtExit() {
+    if (::kill(pid, SIGKILL) == 0) test::wait_for(pid);
+  }
+};
+
+WriterOptions no_sync_thread() {
+  WriterOptions o;
+  o.sync = SyncPolicy::kNone;  // As AppendingChild: no thread started in a forked child.
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "A rebuild while another process's growth is half built: each publishes only the file it "
+    "built, and no build file outlives its builder",
+    "[key_lookup][lock][build]") {
+  if (!detail::testing::kEnabled) return;
+  TempDir dir;
+  const std::string path = dir / "s";
+  const std::string at_grower = dir / "grower", at_rebuilder = dir / "rebuilder";
+  REQUIRE(::mkdir(at_grower.c_str(), 0755) == 0);
+  REQUIRE(::mkdir(at_rebuilder.c_str(), 0755) == 0);
+  bool named = false;
+  SECTION("builds in unnamed files") {}
+  SECTION("builds in named files (no O_TMPFILE)") { named = true; }
+  {
+    Writer w = Writer::create(path, options());
+    append_cycling(w, 500, 500, 500);
+  }
+  // The grower appends until its growth thread, about to create its file, pauses; the rebuild
+  // below then builds its own file first, and the growth creates its file while the rebuild,
+  // with both locks, is about to publish. Libraries that built both under one name (keys.next)
+  // published the growth's file as the rebuild's and left the rebuild's appends indexed into an
+  // orphan.
+  const pid_t grower = test::spawn([&] {
+    without_unnamed_files(named);
+    detail::testing::arm_pause("key-index-create", 1, at_grower);
+    detail::testing::arm_pause("during-key-index-build", 1, at_grower);
+    Writer w = Writer::open(path, no_sync_thread());
+    if (!append_until(w, at_grower + "/paused.key-index-create")) return 2;
+    touch(at_grower + "/appended");  // No lock held from here on.
+    while (!exists(at_grower + "/close")) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    w.close();  // Waits for the growth, which finds the generation replaced and drops its file.
+    return 0;
+  });
+  const KillAtExit kill_grower{grower};
+  REQUIRE(test::within_a_minute([&] { return exists(at_grower + "/appended"); }));
+  const pid_t rebuilder = test::spawn([&] {
+    without_unnamed_files(named);
+    detail::testing::arm_pause("key-index-publish", 1, at_rebuilder);
+    Writer w = Writer::open(path, no_sync_thread());
+    w.rebuild_key_index();
+    append(w, {7, 8, 9, 10}, {2, 2, 2, 2});
+    append(w, {7, 11}, {3, 3});
+    w.close();
+    return 0;
+  });
+  const KillAtExit kill_rebuilder{rebuilder};
+  REQUIRE(
+      test::within_a_minute([&] { return exists(at_rebuilder + "/paused.key-index-publish"); }));
+  touch(at_grower + "/resume.key-index-create");
+  REQUIRE(
+      test::within_a_minute([&] { return exists(at_grower + "/paused.during-key-index-build"); }));
+  // Both files exist and are half built: neither may be reachable by the other's name.
+  KeyFiles files = key_files(path);
+  CHECK(files.current.size() == 1);
+  if (named) {
+    std::vector<std::string> owners;
+    for (const std::string& name : files.builds) owners.push_back(name.substr(0, name.rfind('.')));
+    std::sort(owners.begin(), owners.end());
+    std::vector<std::string> want = {"keys.build." + std::to_string(grower),
+                                     "keys.build." + std::to_string(rebuilder)};
+    std::sort(want.begin(), want.end());
+    CHECK(owners == want);
+  } else {
+    CHECK(files.builds.empty());
+  }
+  touch(at_rebuilder + "/resume.key-index-publish");
+  CHECK(test::wait_for(rebuilder) == 0);
+  {
+    // The rebuild's file is current, and its writer indexed its appends into it.
+    Reader r = Reader::open(path);
+    INFO(r.info().key_index << " size " << r.size());
+    CHECK(r.info().key_index.find(indexed_status(r.size())) != std::string::npos);
+    check_lookups(r, {0, 7, 8, 11, 499, 1'000'000}, {0, 1, 2, 3});
+  }
+  touch(at_grower + "/resume.during-key-index-build");
+  touch(at_grower + "/close");
+  CHECK(test::wait_for(grower) == 0);
+  Reader r = Reader::open(path);
+  CHECK(r.info().key_index.find(indexed_status(r.size())) != std::string::npos);
+  check_lookups(r, {0, 7, 8, 11, 499, 1'000'000, 1'000'099}, {0, 1, 2, 3});
+  const VerifyReport report = r.verify_key_index();
+  CHECK(report.key_index_checked);
+  CHECK(report.key_index_problems == 0);
+  files = key_files(path);
+  CHECK(files.current.size() == 1);
+  CHECK(files.builds.empty());
+}
+
+TEST_CASE(
+    "A builder killed mid-build: an unnamed file goes with it, a named one and an older "
+    "library's keys.next are removed by the next writer once no live builder can own them",
+    "[key_lookup][crash][build]") {
+  if (!detail::testing::kEnabled) return;
+  TempDir dir;
+  const std::string path = dir / "s";
+  const std::string at_grower = dir / "grower";
+  REQUIRE(::mkdir(at_grower.c_str(), 0755) == 0);
+  bool named = false;
+  SECTION("builds in unnamed files") {}
+  SECTION("builds in named files (no O_TMPFILE)") { named = true; }
+  { Writer::create(path, options()); }
+  const pid_t grower = test::spawn([&] {
+    without_unnamed_files(named);
+    detail::testing::arm_pause("during-key-index-build", 1, at_grower);
+    Writer w = Writer::open(path, no_sync_thread());
+    if (!append_until(w, at_grower + "/paused.during-key-index-build")) return 2;
+    touch(at_grower + "/appended");
+    for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+  });
+  const KillAtExit kill_grower{grower};
+  REQUIRE(test::within_a_minute([&] { return exists(at_grower + "/appended"); }));
+  const std::string own_build = "keys.build." + std::to_string(grower) + ".";
+  KeyFiles files = key_files(path);
+  REQUIRE(files.builds.size() == (named ? 1u : 0u));
+  if (named) CHECK(files.builds[0].rfind(own_build, 0) == 0);
+  // An older library's build file, while the grower's claim is live: it may be that library's
+  // growth (the claim is), so a writer opening now leaves it.
+  std::ofstream(path + "/keys.next", std::ios::binary) << std::string(8192, 'x');
+  { Writer::open(path, no_sync_thread()).close(); }
+  CHECK(key_files(path).builds.size() == (named ? 2u : 1u));
+  REQUIRE(::kill(grower, SIGKILL) == 0);
+  CHECK(test::wait_for(grower) == 128 + SIGKILL);
+  CHECK(key_files(path).builds.size() == (named ? 2u : 1u));
+  {
+    Writer w = Writer::open(path, no_sync_thread());
+    files = key_files(path);
+    CHECK(files.builds.empty());
+    CHECK(files.current.size() == 1);
+    append(w, {42}, {5});
+  }
+  Reader r = Reader::open(path);
+  CHECK(r.info().key_index.find(indexed_status(r.size())) != std::string::npos);
+  check_lookups(r, {42, 1'000'000, 1'000'050}, {1, 5});
+  CHECK(r.verify_key_index().key_index_problems == 0);
 }

@@ -158,11 +158,16 @@ std::string key_index_file_name(std::uint64_t key_generation) {
   return "keys." + std::to_string(key_generation);
 }
 
+std::string key_index_build_file_name(int pid, std::uint64_t n) {
+  return kKeyIndexBuildFilePrefix + std::to_string(pid) + "." + std::to_string(n);
+}
+
 // ---- KeyIndexFile ---------------------------------------------------------------------------
 
 KeyIndexFile::~KeyIndexFile() {
   mappings_.clear();
   if (fd_ >= 0) os::close_fd(fd_);
+  if (build_ == Build::kNamed) os::remove_file(path_);
 }
 
 KeyIndexHeader* KeyIndexFile::header() const { return reinterpret_cast<KeyIndexHeader*>(base_); }
@@ -199,16 +204,25 @@ void KeyIndexFile::map_header_and_tables(int fd, std::uint64_t max_rows) {
 std::shared_ptr<KeyIndexFile> KeyIndexFile::create(const std::string& dir, std::uint64_t generation,
                                                    const KeyIndexIdentity& identity,
                                                    const KeyIndexSizes& sizes, std::uint64_t rows) {
+  EMBSTORE_CRASH_POINT("key-index-create");
   std::shared_ptr<KeyIndexFile> file(new KeyIndexFile());
-  file->path_ = dir + "/" + kKeyIndexBuildFileName;
   file->access_ = os::Access::kReadWrite;
+  file->fd_ = os::create_unnamed_file(dir);
+  if (file->fd_ >= 0) {
+    file->build_ = Build::kUnnamed;
+    file->path_ = dir + "/" + key_index_file_name(generation) + " (being built, not yet named)";
+  } else {
+    static std::atomic<std::uint64_t> builds{0};
+    file->path_ = dir + "/" + key_index_build_file_name(os::current_pid(), ++builds);
+    // A leftover of a process that had this pid before (and died while building).
+    os::remove_file(file->path_);
+    file->fd_ = os::create_file(file->path_);
+    file->build_ = Build::kNamed;  // From here on, dropping `file` (an error below) removes it.
+  }
   file->generation_ = generation;
   file->sizes_ = sizes;
   file->hash_seed_ = key_index_mix(identity.seed ^ 0x6b6579696e646578ull);  // "keyindex"
   file->chain_offset_ = tables_end(sizes);
-  // A leftover of a build that died; the caller holds the growth claim, so it is nobody's.
-  os::remove_file(file->path_);
-  file->fd_ = os::create_file(file->path_);
 
   KeyIndexHeader h{};
   std::memcpy(h.magic, kKeyIndexMagic, sizeof(h.magic));
@@ -569,12 +583,17 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
 }
 
 void KeyIndexFile::publish_as_current(const std::string& dir) {
+  EMBSTORE_CRASH_POINT("key-index-publish");
   const std::string target = dir + "/" + key_index_file_name(generation_);
-  if (const int err = os::rename_path(path_, target); err != 0) {
+  if (build_ == Build::kUnnamed) {
+    os::remove_file(target);  // linkat does not replace; the key index lock is held.
+    os::name_file(fd_, target, path_);
+  } else if (const int err = os::rename_path(path_, target); err != 0) {
     throw Error(ErrorCode::kIO, "rename " + path_ + " to " + target + ": " + std::strerror(err),
                 err);
   }
   path_ = target;
+  build_ = Build::kNone;
 }
 
 std::uint64_t KeyIndexFile::check(const IndexEntry* entries, std::uint64_t rows,

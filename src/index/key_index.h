@@ -61,8 +61,12 @@ class KeyIndexFile {
   // if missing, kCorruption naming the file and field otherwise.
   static std::shared_ptr<KeyIndexFile> open(const std::string& dir, std::uint64_t generation,
                                             const KeyIndexIdentity& identity, os::Access access);
-  // Creates dir/keys.next (replacing any leftover) for `generation` with tables of `sizes`, and
-  // allocates chain space for `rows` rows. Published by publish_as().
+  // Creates the file of `generation`, with tables of `sizes` and chain space for `rows` rows,
+  // private to its builder until publish_as_current(): it has no name (an O_TMPFILE file in
+  // `dir`), or, on a file system that cannot make one, the name
+  // key_index_build_file_name(pid, n), used by no other builder. Either way no other process
+  // can open, replace or remove it while it is built (FORMAT.md, "Growth"). Dropping it
+  // unpublished removes it (an unnamed file vanishes by itself, with a killed process too).
   static std::shared_ptr<KeyIndexFile> create(const std::string& dir, std::uint64_t generation,
                                               const KeyIndexIdentity& identity,
                                               const KeyIndexSizes& sizes, std::uint64_t rows);
@@ -93,7 +97,9 @@ class KeyIndexFile {
   // wants_growth() true, and the next generation, built from the offset index, counts exactly.
   bool epochs_overcounted() const;
   KeyIndexSizes next_sizes() const;
-  // Renames this file (created as keys.next) to keys.<generation()>.
+  // Writer lock and key index lock held: names this file (from create()) keys.<generation()> in
+  // `dir`, replacing a leftover of that name (a publisher killed before it raised key_generation;
+  // not the current generation, so no reader opens it).
   void publish_as_current(const std::string& dir);
 
   // The growth claim word in the header (a writer's pid while it builds the next generation).
@@ -126,8 +132,11 @@ class KeyIndexFile {
   std::uint64_t* chain_words(std::uint64_t row) const;  // Maps more of the file if needed.
   KeyIndexHeader* header() const;
 
-  std::string path_;
-  int fd_ = -1;  // A Writer's; a Reader keeps none (-1).
+  std::string path_;  // For an unnamed file being built, what error messages call it.
+  int fd_ = -1;       // A Writer's; a Reader keeps none (-1).
+  // Built by create() and not published yet: unnamed (no path to remove), or named (removed
+  // when dropped unpublished).
+  enum class Build { kNone, kUnnamed, kNamed } build_ = Build::kNone;
   os::Access access_ = os::Access::kReadOnly;
   std::uint64_t generation_ = 0;
   KeyIndexSizes sizes_;

@@ -22,8 +22,16 @@ inline constexpr std::uint16_t kKeyIndexVersion = 3;
 // a writer builds it.
 inline constexpr std::uint16_t kKeyIndexSinceMinor = 1;
 std::string key_index_file_name(std::uint64_t key_generation);  // "keys.<K>"
-// The file a growth or rebuild writes before it is renamed to "keys.<K>".
-inline constexpr const char* kKeyIndexBuildFileName = "keys.next";
+// A growth or rebuild builds keys.<K> in a file of its own with no name, named only when
+// published. Where the file system cannot make a file without a name, its name is
+// "keys.build.<pid>.<n>" (the builder's pid, and a number its process uses once); a
+// writer opening the store removes those of pids no longer running.
+std::string key_index_build_file_name(int pid, std::uint64_t n);
+inline constexpr const char* kKeyIndexBuildFilePrefix = "keys.build.";
+// Libraries before unnamed builds built every generation under this one name, shared by all
+// builders (two at once could publish each other's file). Never read; a writer opening the
+// store removes a leftover when no live growth claim could still be writing it.
+inline constexpr const char* kKeyIndexLegacyBuildFileName = "keys.next";
 
 // Page 0 of keys.K. Bytes 0..127 are written once, when the file is built; the cache lines after
 // them are mutable and accessed only through std::atomic_ref.

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <cstdlib>
+#include <string>
 
 #include "embstore/error.h"
 #include "platform/testing.h"
@@ -147,8 +149,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
         if (stop != nullptr && stop->load()) return nullptr;
       }
     } catch (...) {
-      // A build that failed (a full disk) gives its space back now, not at the next build.
-      os::remove_file(dir_ + "/" + kKeyIndexBuildFileName);
+      // Dropping `file` gives the space of a build that failed (a full disk) back now.
       throw;
     }
     if (complete) return file;
@@ -184,6 +185,7 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
       file.reset();
     }
   }
+  remove_stale_builds(file.get());
   if (file) {
     // Tables too full to take every row (a growth that never finished) are left to the growth
     // the next append claims; readers scan the rest meanwhile.
@@ -236,6 +238,33 @@ bool KeyIndexHandle::after_publish(const IndexEntry* entries, std::uint64_t comm
   return index_current(entries, committed).value_or(false);
 }
 
+bool KeyIndexHandle::claim_alive(std::uint64_t claim) {
+  if (claim == 0) return false;
+  const std::uint64_t pid = claim & 0xffffffffull;
+  const std::uint64_t since_s = claim >> 32;
+  const std::uint64_t now_s = static_cast<std::uint64_t>(os::unix_time_ns() / 1'000'000'000);
+  const bool alive = pid == static_cast<std::uint64_t>(os::current_pid()) ||
+                     os::exists("/proc/" + std::to_string(pid));
+  return alive && now_s - since_s < kClaimLifetimeSeconds;
+}
+
+void KeyIndexHandle::remove_stale_builds(const KeyIndexFile* current) {
+  const std::size_t prefix = std::char_traits<char>::length(kKeyIndexBuildFilePrefix);
+  for (const std::string& name : os::list_dir(dir_)) {
+    if (name.compare(0, prefix, kKeyIndexBuildFilePrefix) == 0) {
+      // keys.build.<pid>.<n>: its builder's, while that process runs.
+      const long pid = std::strtol(name.c_str() + prefix, nullptr, 10);
+      if (pid > 0 && pid != os::current_pid() && !os::exists("/proc/" + std::to_string(pid))) {
+        os::remove_file(dir_ + "/" + name);
+      }
+    } else if (name == kKeyIndexLegacyBuildFileName &&
+               (current == nullptr || !claim_alive(load(current->grow_claim_word())))) {
+      // An older library builds it under both locks (held here) or under a live growth claim.
+      os::remove_file(dir_ + "/" + name);
+    }
+  }
+}
+
 bool KeyIndexHandle::try_claim_growth() {
   if (claimed_) return false;
   std::shared_ptr<KeyIndexFile> file;
@@ -244,15 +273,8 @@ bool KeyIndexHandle::try_claim_growth() {
     file = current_;
   }
   std::uint64_t* word = file->grow_claim_word();
-  const std::uint64_t claim = load(word);
+  if (claim_alive(load(word))) return false;
   const std::uint64_t now_s = static_cast<std::uint64_t>(os::unix_time_ns() / 1'000'000'000);
-  if (claim != 0) {
-    const std::uint64_t pid = claim & 0xffffffffull;
-    const std::uint64_t since_s = claim >> 32;
-    const bool alive = pid == static_cast<std::uint64_t>(os::current_pid()) ||
-                       os::exists("/proc/" + std::to_string(pid));
-    if (alive && now_s - since_s < kClaimLifetimeSeconds) return false;
-  }
   store(word, (now_s << 32) | static_cast<std::uint32_t>(os::current_pid()));
   claimed_ = true;
   claim_file_ = file;
@@ -293,9 +315,8 @@ bool KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const Ind
     os::remove_file(claim_file_->path());
     retired = current();
     set_current(std::move(next), "");
-  } else {
-    if (next) os::remove_file(next->path());
-    if (claim_file_) store(claim_file_->grow_claim_word(), 0);
+  } else if (claim_file_) {
+    store(claim_file_->grow_claim_word(), 0);  // `next`, unpublished, goes with its last owner.
   }
   claimed_ = false;
   claim_file_.reset();

@@ -50,15 +50,17 @@ class KeyIndexHandle {
   // with any other call of a writer's handle (no growth running) or with a Reader's lookups.
   void reset_store_generation(std::uint64_t store_generation);
 
-  // Writer, key index lock held, rows [0, committed) mapped, `committed` the store's commit
-  // counter (no writer indexes past it, so a file indexed further was cut by a recovery): makes
-  // the index usable — opens it, or
-  // rebuilds it from the offset index when it is missing, damaged, from another boot or ahead of
-  // `committed` (or always, with `rebuild`) — then indexes up to `committed` (as far as its
-  // tables take: a full one waits for the growth after_publish() claims). I/O errors throw.
+  // Writer, writer lock and key index lock held, rows [0, committed) mapped, `committed` the
+  // store's commit counter (no writer indexes past it, so a file indexed further was cut by a
+  // recovery): makes the index usable — opens it, or rebuilds it from the offset index when it
+  // is missing, damaged, from another boot or ahead of `committed` (or always, with `rebuild`)
+  // — then indexes up to `committed` (as far as its tables take: a full one waits for the
+  // growth after_publish() claims). Removes stale build files first (remove_stale_builds()).
+  // I/O errors throw.
   void open_for_writer(const IndexEntry* entries, std::uint64_t committed, bool rebuild = false);
-  // Writer, key index lock held, `committed` the store's commit counter read under it, rows
-  // [0, committed) mapped: indexes the rows not indexed yet (of any writer). Returns true
+  // Writer, writer lock and key index lock held, `committed` the store's commit counter read
+  // under them, rows [0, committed) mapped: indexes the rows not indexed yet (of any writer),
+  // opening or rebuilding the current generation first if needed. Returns true
   // when the tables need a larger generation and this handle claimed the job (build_next()).
   bool after_publish(const IndexEntry* entries, std::uint64_t committed);
   // The part of after_publish() that changes no file but the current one, for a writer holding
@@ -97,6 +99,13 @@ class KeyIndexHandle {
                                       KeyIndexSizes sizes, std::uint64_t generation,
                                       const std::atomic<bool>* stop);
   bool try_claim_growth();
+  // True when growth claim word `claim` is held: by this process, or by a running one within
+  // the claim's lifetime.
+  static bool claim_alive(std::uint64_t claim);
+  // Writer lock and key index lock held, `current` the current generation's file if it opened:
+  // removes the named build files (key_index_format.h) of processes no longer running, and a
+  // legacy keys.next that no live growth claim on `current` could still be writing.
+  void remove_stale_builds(const KeyIndexFile* current);
   void set_current(std::shared_ptr<KeyIndexFile> file, std::string status);
 
   std::string dir_;

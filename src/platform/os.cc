@@ -83,6 +83,32 @@ int create_file(const std::string& path) {
   return fd;
 }
 
+int create_unnamed_file(const std::string& dir) {
+  int err = injected(Op::kTmpfile);
+  if (err == 0) {
+    const int fd = ::open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0644);
+    if (fd >= 0) return fd;
+    err = errno;
+  }
+  // O_TMPFILE unknown to the kernel reads as a directory opened for writing (EISDIR).
+  if (err == EOPNOTSUPP || err == EISDIR) return -1;
+  fail("create an unnamed file in", dir, err);
+}
+
+void name_file(int fd, const std::string& path, const std::string& what) {
+  if (int err = injected(Op::kRename)) fail("link", what + " -> " + path, err);
+  // linkat(fd, "", AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; the /proc link of the descriptor
+  // does not. Without /proc, try the former.
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) == 0) return;
+  int err = errno;
+  if (err == ENOENT && !exists("/proc/self/fd")) {
+    if (::linkat(fd, "", AT_FDCWD, path.c_str(), AT_EMPTY_PATH) == 0) return;
+    err = errno;
+  }
+  fail("link", what + " -> " + path, err);
+}
+
 int open_or_create_file(const std::string& path) {
   if (int err = injected(Op::kOpen)) fail("open", path, err);
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);

@@ -28,6 +28,15 @@ int open_or_create_file(const std::string& path);
 bool same_file(int fd, const std::string& path) noexcept;
 void remove_file(const std::string& path) noexcept;
 void close_fd(int fd) noexcept;
+// Creates a file with no name in directory `dir` (O_TMPFILE), mode 0644, for reading and
+// writing: no other process can open, replace or remove it, and it disappears with its last
+// descriptor, so a process killed while writing it leaves nothing behind. Returns -1 when the
+// file system of `dir` cannot make one (EOPNOTSUPP, or a kernel before 3.11): the caller then
+// creates a named file. Other errors throw.
+int create_unnamed_file(const std::string& dir);
+// Gives the unnamed file `fd` (create_unnamed_file) the name `path`, which must not exist
+// (linkat). `what` names the file in an error.
+void name_file(int fd, const std::string& path, const std::string& what);
 
 std::uint64_t file_size(int fd, const std::string& path);
 void read_exact(int fd, void* buf, std::size_t bytes, std::uint64_t offset,

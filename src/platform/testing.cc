@@ -12,6 +12,7 @@
 #include <iterator>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "platform/os.h"
 
@@ -43,6 +44,8 @@ std::string_view op_name(Op op) noexcept {
       return "getrandom";
     case Op::kFutex:
       return "futex";
+    case Op::kTmpfile:
+      return "tmpfile";
     case Op::kCount:
       break;
   }
@@ -69,6 +72,14 @@ struct Hooks {
   std::atomic<std::uint64_t> write_calls{0};
   std::atomic<std::size_t> pwrite_cap{0};
   std::atomic<std::uint64_t> fs_magic{0};
+  // Pause points (arm_pause), under crash_mutex; pauses_armed says whether any is left.
+  struct Pause {
+    std::string point;
+    std::uint64_t remaining;
+    std::string dir;
+  };
+  std::vector<Pause> pauses;
+  std::atomic<bool> pauses_armed{false};
 };
 
 constexpr std::string_view kWriteModes[] = {"", "mapping", "syscall", "alternate"};
@@ -149,6 +160,13 @@ void arm_crash(std::string_view point, std::uint64_t nth) {
   h.crash_remaining = nth;
 }
 
+void arm_pause(std::string_view point, std::uint64_t nth, std::string_view dir) {
+  auto& h = hooks();
+  std::lock_guard guard(h.crash_mutex);
+  h.pauses.push_back({std::string(point), nth, std::string(dir)});
+  h.pauses_armed = true;
+}
+
 void disarm_all() {
   auto& h = hooks();
   for (auto& slot : h.faults) {
@@ -158,6 +176,8 @@ void disarm_all() {
   }
   std::lock_guard guard(h.crash_mutex);
   h.crash_remaining = 0;
+  h.pauses.clear();
+  h.pauses_armed = false;
 }
 
 std::uint64_t faults_injected() noexcept { return hooks().injected.load(); }
@@ -183,8 +203,35 @@ int fault_for(Op op) noexcept {
   return 0;
 }
 
+namespace {
+
+bool file_exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
+
+// The pause armed for this pass of `point`, if any: its directory ("" if none).
+std::string pause_here(Hooks& h, const char* point) {
+  std::lock_guard guard(h.crash_mutex);
+  for (auto it = h.pauses.begin(); it != h.pauses.end(); ++it) {
+    if (it->point != point || --it->remaining != 0) continue;
+    std::string dir = std::move(it->dir);
+    h.pauses.erase(it);
+    h.pauses_armed = !h.pauses.empty();
+    return dir;
+  }
+  return "";
+}
+
+}  // namespace
+
 void crash_point(const char* point) noexcept {
   auto& h = hooks();
+  if (h.pauses_armed.load()) {
+    if (const std::string dir = pause_here(h, point); !dir.empty()) {
+      const std::string paused = dir + "/paused." + point;
+      const std::string resume = dir + "/resume." + point;
+      if (FILE* f = std::fopen(paused.c_str(), "w")) std::fclose(f);
+      while (!file_exists(resume)) ::usleep(1000);
+    }
+  }
   if (h.crash_remaining.load() == 0) return;
   std::lock_guard guard(h.crash_mutex);
   if (h.crash_remaining == 0 || h.crash_point != point) return;

@@ -15,13 +15,19 @@
 //                                       test the refusal of remote file systems
 //   EMBSTORE_PWRITE_CAP=<bytes>         each pwrite/pwritev writes at most this much, as a
 //                                       kernel may (a short write), so callers must resume
+// A crash point can also pause the thread passing it (arm_pause, in-process only).
 // Points: after-grow-data, after-grow-index, after-copy, mid-index-write, before-publish,
 //         after-publish, mid-sync, during-recovery, create-staged, create-allocated,
 //         create-before-rename, truncate-copied, truncate-files-synced, truncate-flag-stored,
-//         truncate-flagged, truncate-mid-switch, truncate-switched.
+//         truncate-flagged, truncate-mid-switch, truncate-switched, header-copy-written,
+//         mid-key-index, key-index-create (a growth or rebuild about to create its file),
+//         during-key-index-build (after each step of a build), key-index-publish (about to
+//         name a built file keys.<K>), before-key-index-switch.
 // Ops: open, fallocate, fstat, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
-//      rename, mkdir, lock (the OFD writer lock), getrandom, futex (a failed wait returns at
-//      once, as a spurious wake-up; a failed wake wakes no one).
+//      rename (also the link that names an unnamed file), mkdir, lock (the OFD writer lock),
+//      getrandom, futex (a failed wait returns at once, as a spurious wake-up; a failed wake
+//      wakes no one), tmpfile (creating an unnamed file; EOPNOTSUPP makes the caller fall back
+//      to a named one, as on a file system without O_TMPFILE).
 #pragma once
 
 #include <cstddef>
@@ -43,6 +49,7 @@ enum class Op : int {
   kLock,
   kRandom,
   kFutex,
+  kTmpfile,
   kCount,
 };
 
@@ -62,6 +69,11 @@ inline constexpr bool kEnabled = true;
 // call too. Replaces any earlier arming of the same op.
 void arm_fault(Op op, std::uint64_t nth, int err, bool forever);
 void arm_crash(std::string_view point, std::uint64_t nth);
+// At the nth pass (1-based, counted from now) of crash point `point`, the passing thread creates
+// the file <dir>/paused.<point> and waits until <dir>/resume.<point> exists; other threads run
+// on. Several may be armed (one per point and pass). For tests that must order what threads of
+// several processes do (fork after arming, or arm in the child).
+void arm_pause(std::string_view point, std::uint64_t nth, std::string_view dir);
 void disarm_all();
 std::uint64_t faults_injected() noexcept;
 // Returns the errno to fail with, or 0 to proceed. Called by the seam before each real call.

@@ -28,7 +28,9 @@ std::string key_index_path(const std::string& store) {
   std::string found;
   for (const auto& entry : std::filesystem::directory_iterator(store)) {
     const std::string name = entry.path().filename().string();
-    if (name.rfind("keys.", 0) == 0 && name != "keys.next") found = entry.path().string();
+    // keys.<K>, not a build file (keys.build.<pid>.<n>, or keys.next of older libraries).
+    if (name.rfind("keys.", 0) == 0 && name.find_first_not_of("0123456789", 5) == std::string::npos)
+      found = entry.path().string();
   }
   return found;
 }
