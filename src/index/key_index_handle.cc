@@ -30,6 +30,12 @@ constexpr std::uint64_t kTailRows = 1 << 12;
 // A growth claim older than this is taken over even if its pid exists (the pid may be reused).
 constexpr std::uint64_t kClaimLifetimeSeconds = 3600;
 
+// Whether process `pid` runs (this one, or one /proc lists; a reused pid counts as running).
+bool process_running(std::uint64_t pid) {
+  return pid == static_cast<std::uint64_t>(os::current_pid()) ||
+         os::exists("/proc/" + std::to_string(pid));
+}
+
 }  // namespace
 
 KeyIndexHandle::KeyIndexHandle(std::string dir, const KeyIndexIdentity& identity,
@@ -141,16 +147,12 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
   for (;;) {
     std::shared_ptr<KeyIndexFile> file;
     bool complete = true;
-    try {
-      file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
-      while (complete && file->indexed_rows() < rows) {
-        complete = file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
-        EMBSTORE_CRASH_POINT("during-key-index-build");
-        if (stop != nullptr && stop->load()) return nullptr;
-      }
-    } catch (...) {
-      // Dropping `file` gives the space of a build that failed (a full disk) back now.
-      throw;
+    // A build that fails (a full disk) drops `file`, which gives its space back now.
+    file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
+    while (complete && file->indexed_rows() < rows) {
+      complete = file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
+      EMBSTORE_CRASH_POINT("during-key-index-build");
+      if (stop != nullptr && stop->load()) return nullptr;
     }
     if (complete) return file;
     // A table filled up before the end (appends went on after the sizes were chosen): start
@@ -243,9 +245,7 @@ bool KeyIndexHandle::claim_alive(std::uint64_t claim) {
   const std::uint64_t pid = claim & 0xffffffffull;
   const std::uint64_t since_s = claim >> 32;
   const std::uint64_t now_s = static_cast<std::uint64_t>(os::unix_time_ns() / 1'000'000'000);
-  const bool alive = pid == static_cast<std::uint64_t>(os::current_pid()) ||
-                     os::exists("/proc/" + std::to_string(pid));
-  return alive && now_s - since_s < kClaimLifetimeSeconds;
+  return process_running(pid) && now_s - since_s < kClaimLifetimeSeconds;
 }
 
 void KeyIndexHandle::remove_stale_builds(const KeyIndexFile* current) {
@@ -253,10 +253,8 @@ void KeyIndexHandle::remove_stale_builds(const KeyIndexFile* current) {
   for (const std::string& name : os::list_dir(dir_)) {
     if (name.compare(0, prefix, kKeyIndexBuildFilePrefix) == 0) {
       // keys.build.<pid>.<n>: its builder's, while that process runs.
-      const long pid = std::strtol(name.c_str() + prefix, nullptr, 10);
-      if (pid > 0 && pid != os::current_pid() && !os::exists("/proc/" + std::to_string(pid))) {
-        os::remove_file(dir_ + "/" + name);
-      }
+      const std::uint64_t pid = std::strtoull(name.c_str() + prefix, nullptr, 10);
+      if (pid > 0 && !process_running(pid)) os::remove_file(dir_ + "/" + name);
     } else if (name == kKeyIndexLegacyBuildFileName &&
                (current == nullptr || !claim_alive(load(current->grow_claim_word())))) {
       // An older library builds it under both locks (held here) or under a live growth claim.

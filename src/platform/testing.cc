@@ -205,8 +205,6 @@ int fault_for(Op op) noexcept {
 
 namespace {
 
-bool file_exists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
-
 // The pause armed for this pass of `point`, if any: its directory ("" if none).
 std::string pause_here(Hooks& h, const char* point) {
   std::lock_guard guard(h.crash_mutex);
@@ -229,7 +227,7 @@ void crash_point(const char* point) noexcept {
       const std::string paused = dir + "/paused." + point;
       const std::string resume = dir + "/resume." + point;
       if (FILE* f = std::fopen(paused.c_str(), "w")) std::fclose(f);
-      while (!file_exists(resume)) ::usleep(1000);
+      while (!os::exists(resume)) ::usleep(1000);
     }
   }
   if (h.crash_remaining.load() == 0) return;
