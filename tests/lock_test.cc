@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "log/batch.h"
 #include "platform/testing.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -116,7 +117,7 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
   // No key index: its growth thread takes the locks too, so an append could wait for it.
   o.key_index = false;
   Writer w = Writer::create(dir / "s", o);
-  const std::uint64_t n = 256;  // 64 KiB: written by pwrite
+  const std::uint64_t n = detail::kReadBackMinBytes / (o.dim * 4);  // the smallest read back
   const std::vector<float> values(n * o.dim, 1.0f);
   std::vector<std::uint64_t> keys(n);
   std::uint64_t next_key = 0;
@@ -191,9 +192,12 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
     CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 64)));
     CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 16)));
     CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w, rows_at(lands + 4096 - 16)));
-    // Small rows are staged anyway.
-    CHECK(detail::WriterInternals::hashes_before_lock(
-        w, ConstMatrix{reinterpret_cast<const void*>(page + lands), DType::kFloat32, 4, o.dim, 0}));
+    // Smaller batches are staged anyway: one row less, and a few rows.
+    for (const std::uint64_t rows : {n - 1, std::uint64_t{4}}) {
+      CHECK(detail::WriterInternals::hashes_before_lock(
+          w, ConstMatrix{reinterpret_cast<const void*>(page + lands), DType::kFloat32, rows, o.dim,
+                         0}));
+    }
     // A heap block's rows, 16 bytes into a page, stored and verified below.
     std::fill(storage.begin(), storage.end(), std::byte{0x3c});
     std::vector<std::uint64_t> keys(n, 7);

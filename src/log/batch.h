@@ -14,7 +14,7 @@
 // there, with no second copy.
 //
 // The other way to keep the rule (HashAt::kPageCache): packed caller's rows of
-// kRowsSyscallMinBytes or more, unconverted, are not copied here at all. commit_batch() writes
+// kReadBackMinBytes or more, unconverted, are not copied here at all. commit_batch() writes
 // them with pwrite straight from the caller's array, then reads the bytes back from the page
 // cache (pread, kReadBackBytes at a time, into a buffer of the thread) and hashes them there:
 // under the writer lock nothing else writes there, so the hash describes exactly what is stored,
@@ -45,6 +45,14 @@ inline constexpr std::uint64_t kRowsSyscallMinBytes = 4 * 1024;
 // HashAt::kPageCache reads written rows back this many bytes at a time (at least one row): the
 // piece stays in the second-level cache while it is hashed.
 inline constexpr std::uint64_t kReadBackBytes = 256 * 1024;
+// The smallest batch HashAt::kPageCache applies to. Reading back copies as many bytes as staging
+// (the pread after the write instead of a copy before the lock), into a buffer small enough to
+// stay in the cache; it costs two system calls staging does not make (the probe for waiting
+// writers, hash_at() in writer.cc, and the pread), 1.5-2 us each on some VMs. Below one
+// read-back piece they cost more than the smaller buffer saves: 512 x 64 float32 (128 KiB) ran at
+// 0.38-0.41x `pwrite` into a preallocated file staged, 0.35-0.39x read back (bench/RESULTS.md,
+// "Short batches are staged").
+inline constexpr std::uint64_t kReadBackMinBytes = kReadBackBytes;
 
 // A buffer in `storage` (grown as needed, contents not kept) for `bytes` of rows to be written
 // with pwrite to a file offset that is `file_offset` modulo kPageBytes: it starts at that same
@@ -62,7 +70,7 @@ enum class RowMemory {
   kPrivate,  // Changed by nothing until the append returns. Hashed in place when packed.
 };
 
-// Where a packed, unconverted batch of the caller's rows of kRowsSyscallMinBytes or more is
+// Where a packed, unconverted batch of the caller's rows of kReadBackMinBytes or more is
 // hashed (the rules above). Other batches are staged or private whatever this says.
 enum class HashAt {
   kStaged,     // Copied into a buffer of the thread and hashed there, before the lock.
@@ -91,7 +99,7 @@ struct PreparedBatch {
 };
 
 // Whether HashAt decides for `rows` (validated or not): the caller's (kCallers), in the store's
-// dtype, packed, kRowsSyscallMinBytes or more. prepare_batch() applies `hash_at` only then; the
+// dtype, packed, kReadBackMinBytes or more. prepare_batch() applies `hash_at` only then; the
 // Writer asks whether the lock is shared only then.
 bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory memory);
 
