@@ -324,18 +324,26 @@ template <typename F>
 std::invoke_result_t<F&> Writer::Impl::with_writer_lock(Growth growth, F&& f) {
   for (bool stop = growth == Growth::kStop;; stop = true) {
     if (stop) join_growth(/*abandon=*/true);
-    struct Waiting {  // Counted in waiting_threads_ until the locks are held.
-      std::atomic<int>& count;
-      explicit Waiting(std::atomic<int>& c) : count(c) { ++count; }
-      ~Waiting() { --count; }
+    class Waiting {  // Counted in waiting_threads_ until the locks are held (or a throw).
+     public:
+      explicit Waiting(std::atomic<int>& count) : count_(count) { ++count_; }
+      ~Waiting() { done(); }
+      void done() {
+        if (counted_) --count_;
+        counted_ = false;
+      }
+
+     private:
+      std::atomic<int>& count_;
+      bool counted_ = true;
     };
-    std::optional<Waiting> waiting(std::in_place, waiting_threads_);
+    Waiting waiting(waiting_threads_);
     std::unique_lock in_process(mutex_, std::try_to_lock);
     const bool waited_here = !in_process.owns_lock();
     if (waited_here) in_process.lock();
     check_usable();
     detail::LockGuard across_processes(*lock_);
-    waiting.reset();
+    waiting.done();
     lock_waited_.store(waited_here || across_processes.waited(), std::memory_order_relaxed);
     if (growth_thread_ && (growth == Growth::kStop || generation_moved())) continue;
     follow_truncate();
