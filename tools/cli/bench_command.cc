@@ -92,6 +92,7 @@ struct Shared {
   std::atomic<std::int64_t> last_end_ns;
   std::atomic<std::uint64_t> rows_done;
   std::atomic<std::uint64_t> reader_bytes;
+  std::atomic<std::int64_t> close_ns;  // The longest Writer::close() of the phase.
   std::atomic<int> failed;
   char error[512];
 };
@@ -300,7 +301,12 @@ bool is_pwrite(Workload workload) {
       shared->rows_done.fetch_add(n, std::memory_order_relaxed);
       if (t1 >= deadline) break;
     }
-    if (writer) writer->close();
+    if (writer) {
+      // Part of the phase: close() finishes a key index growth in progress first.
+      const std::int64_t close_start = now_ns();
+      writer->close();
+      atomic_max(shared->close_ns, now_ns() - close_start);
+    }
     if (workload == Workload::kMemcpy && !memory.empty()) {
       volatile std::byte sink = memory[memory_offset / 2];
       (void)sink;
@@ -360,6 +366,7 @@ struct PhaseResult {
   Percentiles latency;
   Percentiles reader_lag;
   std::uint64_t reader_bytes = 0;
+  double close_seconds = 0;  // The longest Writer::close() (embstore phases).
   double rows_per_s() const { return seconds > 0 ? rows / seconds : 0; }
 };
 
@@ -456,6 +463,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   PhaseResult result;
   result.rows = shared->rows_done.load();
   result.seconds = (shared->last_end_ns.load() - shared->first_start_ns.load()) / 1e9;
+  result.close_seconds = shared->close_ns.load() / 1e9;
   progress(config, name, start, result.rows, row_bytes, true);
   std::vector<std::uint32_t> all;
   for (int i = 0; i < writers; ++i) {
@@ -617,6 +625,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
   nlohmann::ordered_json out_runs = nlohmann::ordered_json::array();
   for (const RunResult& r : runs) {
     nlohmann::ordered_json run = {{"writers", r.writers}, {"embstore", phase(r.store)}};
+    run["embstore"]["close_ms"] = r.store.close_seconds * 1e3;
     if (config.baselines) {
       run["pwrite"] = phase(r.pwrite);
       run["pwrite_prealloc"] = phase(r.pwrite_prealloc);
@@ -713,6 +722,9 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
           r.store.reader_lag.max_us, static_cast<unsigned long long>(r.store.reader_lag.count),
           r.store.reader_bytes / 1e6);
     }
+    std::printf("%-8d close() %.1f ms of the phase's %.1f ms%s\n", r.writers,
+                r.store.close_seconds * 1e3, r.store.seconds * 1e3,
+                config.no_key_index ? "" : " (it first finishes any key index growth in progress)");
     std::printf(
         "%-8d bytes on disk %llu = payload %llu x %.3f: key index %llu, the rest %llu (bound: "
         "payload + 32 B/row + one segment = %llu)%s%s\n",
@@ -822,7 +834,8 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "embstore writes large batches) and memcpy into private memory, and reports\n"
       "ratios. Row i of a batch has the key t + i, t the append's CLOCK_MONOTONIC time in ns:\n"
       "a new key for every row, as sample ids are in training (readers derive their lag from\n"
-      "them); the epoch is the writer's number.\n\n"
+      "them); the epoch is the writer's number. A phase ends when its last writer's close()\n"
+      "returns (close() finishes a key index growth in progress; its time is reported).\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
   registry.add(cmd, [config] { return run_bench(*config); });
 }
