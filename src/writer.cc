@@ -327,6 +327,8 @@ std::invoke_result_t<F&> Writer::Impl::with_writer_lock(Growth growth, F&& f) {
     class Waiting {  // Counted in waiting_threads_ until the locks are held (or a throw).
      public:
       explicit Waiting(std::atomic<int>& count) : count_(count) { ++count_; }
+      Waiting(const Waiting&) = delete;
+      Waiting& operator=(const Waiting&) = delete;
       ~Waiting() { done(); }
       void done() {
         if (counted_) --count_;

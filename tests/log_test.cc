@@ -446,9 +446,9 @@ TEST_CASE(
   });
   std::uint64_t synced_era = 0;
   // At least 200 batches, and on until the scribbler has rewritten the array 50 times (on a
-  // busy machine it may get little time): at most 2,000.
+  // busy machine it may get little time): at most 600 (150 MiB of rows).
   std::uint64_t rounds = 0;
-  for (; rounds < 2000 && (rounds < 200 || passes.load() < 50); ++rounds) {
+  for (; rounds < 600 && (rounds < 200 || passes.load() < 50); ++rounds) {
     const auto keys = keys_from(rounds * n, n);
     const PreparedBatch b = prepare(*f, keys, matrix(values, n), 3, detail::RowMemory::kCallers,
                                     detail::HashAt::kPageCache);

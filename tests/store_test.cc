@@ -741,10 +741,12 @@ TEST_CASE("Both write paths store the same bytes: packed, strided, in pieces, co
   Writer w = Writer::create(dir / "s", opts(kDim, DType::kFloat32, 4096));
   std::uint64_t seq = 0;
   // Batch sizes on both sides of the 4 KiB switch (63 rows: 4,032 bytes; 64: 4,096); even
-  // sizes are strided (packed by the copy the checksums are computed over); 140,000 rows (8.96
-  // MB) are more than one thread stages: copied, hashed and written in two pieces.
+  // sizes are strided (packed by the copy the checksums are computed over); 4,097 packed rows
+  // (256 KiB and a row) are read back when the writer is alone (log/batch.h, kReadBackMinBytes),
+  // after short pwrites too; 140,000 rows (8.96 MB) are more than one thread stages: copied,
+  // hashed and written in two pieces.
   for (const std::uint64_t rows :
-       {3ull, 3000ull, 1ull, 2501ull, 63ull, 64ull, 511ull, 512ull, 1024ull, 140000ull}) {
+       {3ull, 3000ull, 1ull, 2501ull, 63ull, 64ull, 511ull, 512ull, 1024ull, 4097ull, 140000ull}) {
     const auto packed = test::batch_payload(2, seq, rows, kDim);
     std::vector<std::uint64_t> keys(rows);
     for (std::uint64_t i = 0; i < rows; ++i) keys[i] = test::make_key(2, seq + i);

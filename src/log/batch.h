@@ -45,13 +45,13 @@ inline constexpr std::uint64_t kRowsSyscallMinBytes = 4 * 1024;
 // HashAt::kPageCache reads written rows back this many bytes at a time (at least one row): the
 // piece stays in the second-level cache while it is hashed.
 inline constexpr std::uint64_t kReadBackBytes = 256 * 1024;
-// The smallest batch HashAt::kPageCache applies to. Reading back copies as many bytes as staging
+// HashAt::kPageCache applies to batches of at least one read-back piece (as many rows as
+// write_rows() reads back at a time, log/commit.cc). Reading back copies as many bytes as staging
 // (the pread after the write instead of a copy before the lock), into a buffer small enough to
 // stay in the cache; it costs two system calls staging does not make (the probe for waiting
 // writers, hash_at() in writer.cc, and the pread), 1.5-2 us each on some VMs. Below one
-// read-back piece they cost more than the smaller buffer saves: 512 x 64 float32 (128 KiB) ran at
-// 0.38-0.41x `pwrite` into a preallocated file staged, 0.35-0.39x read back (bench/RESULTS.md,
-// "Short batches are staged").
+// read-back piece they cost more than the smaller buffer saves (bench/RESULTS.md, "Short
+// batches are staged").
 inline constexpr std::uint64_t kReadBackMinBytes = kReadBackBytes;
 
 // A buffer in `storage` (grown as needed, contents not kept) for `bytes` of rows to be written

@@ -722,9 +722,16 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
           r.store.reader_lag.max_us, static_cast<unsigned long long>(r.store.reader_lag.count),
           r.store.reader_bytes / 1e6);
     }
-    std::printf("%-8d close() %.1f ms of the phase's %.1f ms%s\n", r.writers,
-                r.store.close_seconds * 1e3, r.store.seconds * 1e3,
-                config.no_key_index ? "" : " (it first finishes any key index growth in progress)");
+    // What close() waits for besides releasing the files (Writer::close).
+    std::string waits;
+    if (!config.no_key_index) waits = "any key index growth in progress";
+    if (config.sync != SyncPolicy::kNone) {
+      waits += std::string(waits.empty() ? "" : ", then ") + "a last sync";
+    }
+    std::printf(
+        "%-8d close(), the longest of the phase's writers: %.1f ms of the phase's %.1f ms%s\n",
+        r.writers, r.store.close_seconds * 1e3, r.store.seconds * 1e3,
+        waits.empty() ? "" : (" (it finishes " + waits + ")").c_str());
     std::printf(
         "%-8d bytes on disk %llu = payload %llu x %.3f: key index %llu, the rest %llu (bound: "
         "payload + 32 B/row + one segment = %llu)%s%s\n",
@@ -835,7 +842,8 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "ratios. Row i of a batch has the key t + i, t the append's CLOCK_MONOTONIC time in ns:\n"
       "a new key for every row, as sample ids are in training (readers derive their lag from\n"
       "them); the epoch is the writer's number. A phase ends when its last writer's close()\n"
-      "returns (close() finishes a key index growth in progress; its time is reported).\n\n"
+      "returns; close() finishes a key index growth in progress and, unless --sync none, a\n"
+      "last sync: its time is reported.\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
   registry.add(cmd, [config] { return run_bench(*config); });
 }
