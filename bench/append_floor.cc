@@ -72,7 +72,7 @@ void BM_Floor(benchmark::State& state) {
   const detail::RowHashKey key(0x5eed);
   std::vector<std::uint64_t> hashes(batch);
   std::vector<std::byte> storage;  // detail::staging_buffer's, as the library uses it.
-  const std::uint64_t per_read = std::max<std::uint64_t>(1, detail::kReadBackBytes / row_bytes);
+  const std::uint64_t per_read = detail::read_back_rows(row_bytes);
   const std::uint64_t limit =
       std::max<std::uint64_t>(batch, bytes_per_file() / row_bytes) / batch * batch;
 

@@ -117,7 +117,7 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
   // No key index: its growth thread takes the locks too, so an append could wait for it.
   o.key_index = false;
   Writer w = Writer::create(dir / "s", o);
-  const std::uint64_t n = detail::kReadBackMinBytes / (o.dim * 4);  // the smallest read back
+  const std::uint64_t n = detail::read_back_rows(o.dim * 4);  // the smallest read back
   const std::vector<float> values(n * o.dim, 1.0f);
   std::vector<std::uint64_t> keys(n);
   std::uint64_t next_key = 0;

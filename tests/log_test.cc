@@ -207,12 +207,12 @@ TEST_CASE("A batch larger than kStageBytes is left to the commit to copy and has
 }
 
 TEST_CASE(
-    "HashAt::kPageCache leaves only the caller's packed, unconverted rows of kReadBackMinBytes "
-    "or more unhashed, to be written from where they are",
+    "HashAt::kPageCache leaves only the caller's packed, unconverted rows of one read-back "
+    "piece or more unhashed, to be written from where they are",
     "[log][batch]") {
   TempDir dir;
   auto f = make_store(dir);
-  const std::uint64_t big = detail::kReadBackMinBytes / (kDim * 4);  // exactly the least
+  const std::uint64_t big = detail::read_back_rows(kDim * 4);  // exactly the least
   const auto values = test::batch_payload(0, 0, big, kDim);
   const auto keys = keys_from(0, big);
   const auto page_cache = detail::HashAt::kPageCache;
@@ -431,7 +431,7 @@ TEST_CASE(
   detail::testing::set_write_path("syscall");
   TempDir dir;
   auto f = make_store(dir);
-  const std::uint64_t n = detail::kReadBackMinBytes / (kDim * 4);
+  const std::uint64_t n = detail::read_back_rows(kDim * 4);
   std::vector<float> values(n * kDim, 0.0f);
   std::atomic<bool> stop{false};
   std::atomic<std::uint64_t> passes{0};

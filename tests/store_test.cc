@@ -742,7 +742,7 @@ TEST_CASE("Both write paths store the same bytes: packed, strided, in pieces, co
   std::uint64_t seq = 0;
   // Batch sizes on both sides of the 4 KiB switch (63 rows: 4,032 bytes; 64: 4,096); even
   // sizes are strided (packed by the copy the checksums are computed over); 4,097 packed rows
-  // (256 KiB and a row) are read back when the writer is alone (log/batch.h, kReadBackMinBytes),
+  // (256 KiB and a row) are read back when the writer is alone (log/batch.h, read_back_rows()),
   // after short pwrites too; 140,000 rows (8.96 MB) are more than one thread stages: copied,
   // hashed and written in two pieces.
   for (const std::uint64_t rows :

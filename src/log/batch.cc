@@ -1,6 +1,5 @@
 #include "log/batch.h"
 
-#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -21,7 +20,7 @@ bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory me
   const std::uint64_t record_bytes = layout.record_bytes;
   return memory == RowMemory::kCallers && rows.dtype == layout.dtype && rows.dim == layout.dim &&
          (rows.row_stride_bytes == 0 || rows.row_stride_bytes == record_bytes) &&
-         rows.rows >= std::max<std::uint64_t>(1, kReadBackMinBytes / record_bytes);
+         rows.rows >= read_back_rows(record_bytes);
 }
 
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,

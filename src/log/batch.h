@@ -13,9 +13,9 @@
 // there itself) are already such a buffer: packed ones are hashed where they are and written from
 // there, with no second copy.
 //
-// The other way to keep the rule (HashAt::kPageCache): packed caller's rows of
-// kReadBackMinBytes or more, unconverted, are not copied here at all. commit_batch() writes
-// them with pwrite straight from the caller's array, then reads the bytes back from the page
+// The other way to keep the rule (HashAt::kPageCache): packed caller's rows of at least one
+// read-back piece (read_back_rows()), unconverted, are not copied here at all. commit_batch()
+// writes them with pwrite straight from the caller's array, then reads the bytes back from the page
 // cache (pread, kReadBackBytes at a time, into a buffer of the thread) and hashes them there:
 // under the writer lock nothing else writes there, so the hash describes exactly what is stored,
 // whatever the caller's threads do to their array meanwhile. That saves the copy before the
@@ -45,14 +45,16 @@ inline constexpr std::uint64_t kRowsSyscallMinBytes = 4 * 1024;
 // HashAt::kPageCache reads written rows back this many bytes at a time (at least one row): the
 // piece stays in the second-level cache while it is hashed.
 inline constexpr std::uint64_t kReadBackBytes = 256 * 1024;
-// HashAt::kPageCache applies to batches of at least one read-back piece (as many rows as
-// write_rows() reads back at a time, log/commit.cc). Reading back copies as many bytes as staging
-// (the pread after the write instead of a copy before the lock), into a buffer small enough to
-// stay in the cache; it costs two system calls staging does not make (the probe for waiting
-// writers, hash_at() in writer.cc, and the pread), 1.5-2 us each on some VMs. Below one
-// read-back piece they cost more than the smaller buffer saves (bench/RESULTS.md, "Short
-// batches are staged").
-inline constexpr std::uint64_t kReadBackMinBytes = kReadBackBytes;
+// The rows of one read-back piece: what write_rows() (log/commit.cc) reads back per pread, and
+// the fewest a batch needs for HashAt::kPageCache to apply. Reading back copies as many bytes as
+// staging (the pread after the write instead of a copy before the lock), into a buffer small
+// enough to stay in the cache; it costs two system calls staging does not make (the probe for
+// waiting writers, hash_at() in writer.cc, and the pread), 1.5-2 us each on some VMs. Below one
+// piece they cost more than the smaller buffer saves (bench/RESULTS.md, "Short batches are
+// staged").
+inline std::uint64_t read_back_rows(std::uint64_t record_bytes) {
+  return kReadBackBytes >= record_bytes ? kReadBackBytes / record_bytes : 1;
+}
 
 // A buffer in `storage` (grown as needed, contents not kept) for `bytes` of rows to be written
 // with pwrite to a file offset that is `file_offset` modulo kPageBytes: it starts at that same
@@ -70,7 +72,7 @@ enum class RowMemory {
   kPrivate,  // Changed by nothing until the append returns. Hashed in place when packed.
 };
 
-// Where a packed, unconverted batch of the caller's rows of kReadBackMinBytes or more is
+// Where a packed, unconverted batch of the caller's rows of read_back_rows() or more is
 // hashed (the rules above). Other batches are staged or private whatever this says.
 enum class HashAt {
   kStaged,     // Copied into a buffer of the thread and hashed there, before the lock.
@@ -99,7 +101,7 @@ struct PreparedBatch {
 };
 
 // Whether HashAt decides for `rows` (validated or not): the caller's (kCallers), in the store's
-// dtype, packed, kReadBackMinBytes or more. prepare_batch() applies `hash_at` only then; the
+// dtype, packed, read_back_rows() or more. prepare_batch() applies `hash_at` only then; the
 // Writer asks whether the lock is shared only then.
 bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory memory);
 

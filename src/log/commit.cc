@@ -77,7 +77,7 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
     // pwrite itself (bench/RESULTS.md, "Hashing what was written").
     os::write_all(files.data_fd(), batch.source, n * record_bytes, first * record_bytes,
                   files.data_path());
-    const std::uint64_t per_read = std::max<std::uint64_t>(1, kReadBackBytes / record_bytes);
+    const std::uint64_t per_read = read_back_rows(record_bytes);
     for (std::uint64_t begin = 0; begin < n; begin += per_read) {
       const std::uint64_t count = std::min(per_read, n - begin);
       const std::uint64_t offset = (first + begin) * record_bytes;

@@ -302,7 +302,7 @@ bool is_pwrite(Workload workload) {
       if (t1 >= deadline) break;
     }
     if (writer) {
-      // Part of the phase: close() finishes a key index growth in progress first.
+      // Part of the phase: close() finishes a key index growth in progress and any last sync.
       const std::int64_t close_start = now_ns();
       writer->close();
       atomic_max(shared->close_ns, now_ns() - close_start);
