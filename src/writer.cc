@@ -248,6 +248,9 @@ class Writer::Impl {
   std::optional<Error> key_index_error_;        // Under poison_mutex_.
   std::unique_ptr<std::thread> growth_thread_;  // Under mutex_.
   std::atomic<bool> stop_growth_{false};
+  // 0 while this handle appends; close() sets it to the rows committed then, which a growth in
+  // progress sizes itself for (KeyIndexHandle::build_next()).
+  std::atomic<std::uint64_t> growth_final_rows_{0};
   std::unique_ptr<std::thread> sync_thread_;
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
@@ -474,7 +477,7 @@ void Writer::Impl::grow_key_index() {
     // Released after the locks below (finish_growth()).
     std::shared_ptr<const detail::KeyIndexFile> retired;
     try {
-      next = keys_->build_next(source, stop_growth_);
+      next = keys_->build_next(source, stop_growth_, growth_final_rows_);
     } catch (const Error& error) {
       key_index_failed(error);  // finish_growth(null) drops the claim.
       next.reset();
@@ -647,7 +650,9 @@ void Writer::Impl::close() {
     sync_thread_->join();  // Before lifetime_ is taken: its sync() holds lifetime_ shared.
     sync_thread_.reset();
   }
-  // A growth in progress is finished, so the next writer does not redo it under the lock.
+  // A growth in progress is finished, so the next writer does not redo it under the lock; at the
+  // size the rows stored now want (one build, not one at the size claimed and then a larger).
+  growth_final_rows_ = std::max<std::uint64_t>(files_->state().committed(), 1);
   join_growth(/*abandon=*/false);
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   std::exception_ptr final_error;

@@ -563,6 +563,7 @@ TEST_CASE(
         bool claimed = handle.after_publish(file.entries(), file.rows());
         check_bound("published");
         std::atomic<bool> stop{false};
+        const std::atomic<std::uint64_t> appending{0};
         std::uint64_t extra = during_growth;
         while (claimed) {
           append_to(file.rows() + extra);
@@ -571,7 +572,7 @@ TEST_CASE(
               [&] {
                 return KeyIndexHandle::Rows{file.entries(), file.rows()};
               },
-              stop);
+              stop, appending);
           REQUIRE(next);
           std::shared_ptr<const KeyIndexFile> retired;
           claimed = handle.finish_growth(next, file.entries(), file.rows(), retired);
@@ -590,6 +591,80 @@ TEST_CASE(
       CHECK(current->indexed_rows() == file.rows());
     }
   }
+}
+
+TEST_CASE("Key index growth is sized for the rows it builds, and at close for the rows stored then",
+          "[key_index]") {
+  // A growth is claimed when a table passes 11/16 full, but appends go on until its thread
+  // builds, and while it builds. Sized only for the rows at the claim, the new tables were
+  // already too full when published, and a second growth rebuilt everything at once (the close
+  // of a short-row run waited for both).
+  TempDir dir;
+  EntriesFile file(dir / "index.1", 1 << 18);
+  auto append_to = [&](std::uint64_t rows) {
+    while (file.rows() < rows) file.append(file.rows() * 0x9e3779b97f4a7c15ull, 3);
+  };
+  std::uint64_t key_generation = 0;
+  KeyIndexHandle handle(dir.path(), identity(), &key_generation, os::Access::kReadWrite);
+  handle.open_for_writer(file.entries(), 0);
+  // Claimed at 704 rows + 1 (1,024 pair slots past 11/16), as the writer that indexed it does.
+  append_to(705);
+  bool claimed = handle.after_publish(file.entries(), file.rows());
+  // The build finds rows past what twice the claimed size holds under 11/16 (1,408), though not
+  // enough to fill it (14/16: 1,792): without sizing for them the new generation would want
+  // growing again as soon as it is published.
+  const KeyIndexSizes claimed_sizes = handle.current()->next_sizes();
+  REQUIRE(claimed_sizes.pair_slots == 2048);
+  std::atomic<bool> stop{false};
+  std::uint64_t sources = 0;
+  std::uint64_t grown_rows = 0;
+  SECTION("appends between the claim and the build") {
+    const std::atomic<std::uint64_t> appending{0};
+    grown_rows = 1600;
+    append_to(grown_rows);
+    REQUIRE(claimed);
+    auto next = handle.build_next(
+        [&] {
+          ++sources;
+          return KeyIndexHandle::Rows{file.entries(), file.rows()};
+        },
+        stop, appending);
+    REQUIRE(next);
+    CHECK(next->sizes().pair_slots >= key_index_slots_for(grown_rows));
+    std::shared_ptr<const KeyIndexFile> retired;
+    claimed = handle.finish_growth(next, file.entries(), file.rows(), retired);
+  }
+  SECTION("the writer closes while the build is too small for the rows stored") {
+    // The build starts at 705 rows (what the source gives first); the writer then closes with
+    // 200,000 rows stored. The build is given up after its first step and begun again at the
+    // size they want, instead of being finished, published and grown again.
+    grown_rows = 200000;
+    append_to(grown_rows);
+    REQUIRE(claimed);
+    const std::atomic<std::uint64_t> closing{grown_rows};
+    auto next = handle.build_next(
+        [&] {
+          return KeyIndexHandle::Rows{file.entries(), ++sources == 1 ? 705 : file.rows()};
+        },
+        stop, closing);
+    REQUIRE(next);
+    CHECK(sources >= 2);
+    CHECK(next->sizes().pair_slots == key_index_slots_for(grown_rows));
+    std::shared_ptr<const KeyIndexFile> retired;
+    claimed = handle.finish_growth(next, file.entries(), file.rows(), retired);
+  }
+  CHECK_FALSE(claimed);  // No second growth.
+  const auto current = handle.current();
+  REQUIRE(current);
+  CHECK(current->indexed_rows() == grown_rows);
+  CHECK_FALSE(current->wants_growth());
+  std::string problem;
+  CHECK(current->check(file.entries(), file.rows(), &problem) == 0);
+  INFO(problem);
+  // Within the file's bound (FORMAT.md: 112 bytes a row and 160 KiB).
+  struct stat st {};
+  REQUIRE(::stat(current->path().c_str(), &st) == 0);
+  CHECK(static_cast<std::uint64_t>(st.st_blocks) * 512 <= 112 * grown_rows + (160 << 10));
 }
 
 TEST_CASE("Key index: an epoch counted twice by a killed writer's redo asks for a rebuild",

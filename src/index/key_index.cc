@@ -446,13 +446,23 @@ bool KeyIndexFile::wants_growth() const {
          load(h->epochs_used) * 16 > sizes_.epoch_slots * kMaxLoadSixteenths;
 }
 
-KeyIndexSizes KeyIndexFile::next_sizes() const {
+KeyIndexSizes KeyIndexFile::next_sizes(std::uint64_t rows) const {
   const KeyIndexHeader* h = header();
-  // A full table doubles at least (so growth stays rare), and takes the counts now under the
-  // most load a table may have (no more: the file's size bound counts on it).
-  auto next = [](std::uint64_t used, std::uint64_t slots) {
-    return used * 16 > slots * kMaxLoadSixteenths ? std::max(slots * 2, key_index_slots_for(used))
-                                                  : slots;
+  const std::uint64_t indexed = indexed_rows();
+  auto next = [&](std::uint64_t used, std::uint64_t slots) {
+    // A full table doubles at least (so growth stays rare).
+    const std::uint64_t at_least = used * 16 > slots * kMaxLoadSixteenths ? slots * 2 : slots;
+    if (rows > indexed && indexed > 0) {
+      // Entries come with rows as they came so far; a row adds at most one to a table.
+      // (A size estimate: a double's precision is ample, and it cannot overflow.)
+      const double expected =
+          static_cast<double>(used) / static_cast<double>(indexed) * static_cast<double>(rows);
+      used = expected >= static_cast<double>(rows) ? rows : static_cast<std::uint64_t>(expected);
+    }
+    // The expected entries under the most load a table may have (no more: the file's size bound
+    // counts on it).
+    return used * 16 > at_least * kMaxLoadSixteenths ? std::max(at_least, key_index_slots_for(used))
+                                                     : at_least;
   };
   return {next(load(h->pairs_used), sizes_.pair_slots), next(load(h->keys_used), sizes_.key_slots),
           next(load(h->epochs_used), sizes_.epoch_slots)};

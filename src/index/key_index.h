@@ -96,7 +96,13 @@ class KeyIndexFile {
   // history would never answer from the pair slots alone: index_rows() then makes
   // wants_growth() true, and the next generation, built from the offset index, counts exactly.
   bool epochs_overcounted() const;
-  KeyIndexSizes next_sizes() const;
+  // The sizes of the next generation when it is built for rows [0, rows) (at least
+  // indexed_rows()): each table past its load factor doubles at least, and every table gets the
+  // fewest slots that keep under the load factor the entries it would hold at `rows` if they
+  // came on as they came so far (used slots per indexed row, at most one a row). A growth
+  // claimed at one row count and built at a larger one (appends went on) is thus built large
+  // enough at once instead of filling up and being rebuilt.
+  KeyIndexSizes next_sizes(std::uint64_t rows = 0) const;
   // Writer lock and key index lock held: names this file (from create()) keys.<generation()> in
   // `dir`, replacing a leftover of that name (a publisher killed before it raised key_generation;
   // not the current generation, so no reader opens it).

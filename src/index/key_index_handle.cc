@@ -30,6 +30,12 @@ constexpr std::uint64_t kTailRows = 1 << 12;
 // A growth claim older than this is taken over even if its pid exists (the pid may be reused).
 constexpr std::uint64_t kClaimLifetimeSeconds = 3600;
 
+// Each table at the larger of its sizes in `a` and `b`.
+KeyIndexSizes larger(const KeyIndexSizes& a, const KeyIndexSizes& b) {
+  return {std::max(a.pair_slots, b.pair_slots), std::max(a.key_slots, b.key_slots),
+          std::max(a.epoch_slots, b.epoch_slots)};
+}
+
 // Whether process `pid` runs (this one, or one /proc lists; a reused pid counts as running).
 bool process_running(std::uint64_t pid) {
   return pid == static_cast<std::uint64_t>(os::current_pid()) ||
@@ -143,7 +149,8 @@ void KeyIndexHandle::refresh() {
 
 std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, std::uint64_t rows,
                                                     KeyIndexSizes sizes, std::uint64_t generation,
-                                                    const std::atomic<bool>* stop) {
+                                                    const std::atomic<bool>* stop,
+                                                    const std::atomic<std::uint64_t>* final_rows) {
   for (;;) {
     std::shared_ptr<KeyIndexFile> file;
     bool complete = true;
@@ -153,6 +160,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
       complete = file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
       EMBSTORE_CRASH_POINT("during-key-index-build");
       if (stop != nullptr && stop->load()) return nullptr;
+      if (outgrown(sizes, final_rows)) return nullptr;
     }
     if (complete) return file;
     // A table filled up before the end (appends went on after the sizes were chosen): start
@@ -200,7 +208,7 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
   KeyIndexSizes sizes;
   sizes.pair_slots = std::max(sizes.pair_slots, key_index_slots_for(committed));
   sizes.key_slots = std::max(sizes.key_slots, key_index_slots_for(committed / 16));
-  file = build(entries, committed, sizes, generation + 1, nullptr);
+  file = build(entries, committed, sizes, generation + 1, nullptr, nullptr);
   file->publish_as_current(dir_);
   store(key_generation_, generation + 1);
   if (generation != 0) os::remove_file(dir_ + "/" + key_index_file_name(generation));
@@ -238,6 +246,16 @@ bool KeyIndexHandle::after_publish(const IndexEntry* entries, std::uint64_t comm
   // which open_for_writer() indexes (a damaged one throws there), then see whether it is full.
   open_for_writer(entries, committed);
   return index_current(entries, committed).value_or(false);
+}
+
+bool KeyIndexHandle::outgrown(const KeyIndexSizes& sizes,
+                              const std::atomic<std::uint64_t>* final_rows) const {
+  if (final_rows == nullptr || claim_file_ == nullptr) return false;
+  const std::uint64_t rows = final_rows->load();
+  if (rows == 0) return false;
+  const KeyIndexSizes wanted = larger(sizes, claim_file_->next_sizes(rows));
+  return wanted.pair_slots != sizes.pair_slots || wanted.key_slots != sizes.key_slots ||
+         wanted.epoch_slots != sizes.epoch_slots;
 }
 
 bool KeyIndexHandle::claim_alive(std::uint64_t claim) {
@@ -280,21 +298,32 @@ bool KeyIndexHandle::try_claim_growth() {
   return true;
 }
 
-std::shared_ptr<KeyIndexFile> KeyIndexHandle::build_next(const std::function<Rows()>& source,
-                                                         const std::atomic<bool>& stop) {
-  const Rows start = source();
-  auto next = build(start.entries, start.rows, growth_sizes_, claim_file_->generation() + 1, &stop);
-  if (!next) return nullptr;
-  // Catch up without the lock while appends keep coming, so the part done under it is short.
+std::shared_ptr<KeyIndexFile> KeyIndexHandle::build_next(
+    const std::function<Rows()>& source, const std::atomic<bool>& stop,
+    const std::atomic<std::uint64_t>& final_rows) {
+  const std::uint64_t generation = claim_file_->generation() + 1;
+  Rows start = source();
+  // Sized for the rows there are now, which may be many more than at the claim.
+  KeyIndexSizes sizes = larger(growth_sizes_, claim_file_->next_sizes(start.rows));
   for (;;) {
-    const Rows now = source();
+    auto next = build(start.entries, start.rows, sizes, generation, &stop, &final_rows);
     if (stop.load()) return nullptr;
-    if (now.rows < next->indexed_rows() + kTailRows) break;
-    if (!next->index_rows(now.entries, std::min(now.rows, next->indexed_rows() + kBuildStepRows))) {
-      break;
+    // Catch up without the lock while appends keep coming, so the part done under it is short.
+    while (next) {
+      const Rows now = source();
+      if (stop.load()) return nullptr;
+      if (outgrown(sizes, &final_rows)) {
+        next.reset();
+      } else if (now.rows < next->indexed_rows() + kTailRows ||
+                 !next->index_rows(now.entries,
+                                   std::min(now.rows, next->indexed_rows() + kBuildStepRows))) {
+        return next;
+      }
     }
+    // Outgrown: again, at the sizes the rows of the end want.
+    sizes = larger(sizes, claim_file_->next_sizes(final_rows.load()));
+    start = source();
   }
-  return next;
 }
 
 bool KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,

@@ -80,11 +80,17 @@ class KeyIndexHandle {
   };
   // The growth job, run without the key index lock. `source()` gives the rows it may read now;
   // it is called again before each step of the catch-up, so the build follows the appends even
-  // when the writer maps its files again at a larger range. Builds the larger generation,
-  // catching up until the tail left is short, and returns it (null if `stop` was set). The
-  // caller then calls finish_growth() under the key index lock.
+  // when the writer maps its files again at a larger range. Builds the larger generation, its
+  // tables sized for the rows source() gives first (next_sizes(rows): appends go on between
+  // the claim and the build), catching up until the tail left is short, and returns it (null
+  // if `stop` was set). The caller then calls finish_growth() under the key index lock.
+  // `final_rows` is 0 while the writer appends; it sets it to the rows committed when it
+  // closes. From then on a build whose tables those rows would overfill is given up between two
+  // steps and begun again at the sizes they want: finished, it would be published only to be
+  // grown again at once, and close() waits for both.
   std::shared_ptr<KeyIndexFile> build_next(const std::function<Rows()>& source,
-                                           const std::atomic<bool>& stop);
+                                           const std::atomic<bool>& stop,
+                                           const std::atomic<std::uint64_t>& final_rows);
   // Key index lock held, `committed` as for after_publish(): indexes the tail into `next`,
   // publishes it as current, removes the old file, and drops this handle's claim. `next` may be
   // null (an abandoned build): only the claim is dropped. Returns true when the new tables are
@@ -95,9 +101,15 @@ class KeyIndexHandle {
                      std::uint64_t committed, std::shared_ptr<const KeyIndexFile>& retired);
 
  private:
+  // Builds generation `generation` of rows [0, rows) at `sizes` (larger where a table fills
+  // up). Null when `stop` is set, or when outgrown() (growth only: `final_rows` not null).
   std::shared_ptr<KeyIndexFile> build(const IndexEntry* entries, std::uint64_t rows,
                                       KeyIndexSizes sizes, std::uint64_t generation,
-                                      const std::atomic<bool>* stop);
+                                      const std::atomic<bool>* stop,
+                                      const std::atomic<std::uint64_t>* final_rows);
+  // A growth's tables at `sizes` are too small for `*final_rows` rows (when set: see
+  // build_next()), by the proportions of the claimed file (next_sizes(rows)).
+  bool outgrown(const KeyIndexSizes& sizes, const std::atomic<std::uint64_t>* final_rows) const;
   bool try_claim_growth();
   // True when growth claim word `claim` is held: by this process, or by a running one within
   // the claim's lifetime.
