@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <chrono>
@@ -345,6 +346,61 @@ TEST_CASE("Reader processes keep finding every committed key while a writer forc
   CHECK(info.distinct_keys == 20000);
   CHECK(info.key_index.find("20000 rows indexed") != std::string::npos);
   CHECK(info.key_index.find("scan") == std::string::npos);
+}
+
+TEST_CASE("A key index growth takes its turn while one thread appends back to back",
+          "[key_lookup]") {
+  // The growth builds beside the appends and switches generations under the Writer's mutex,
+  // which a thread appending back to back releases only for the moment between two appends
+  // (batches of 320 KiB: read back and hashed under it). std::mutex is not fair: the growth,
+  // woken by each unlock, found it taken again and switched only when the appends ended, so until
+  // close() the first tables, full at 896 rows, left every later row to the readers' scan.
+  // Appends now wait for a growth that asks (Writer::Impl::lock_ahead_of_appends): a Reader
+  // polling on another thread sees the index cover every row at some point while they go on.
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions create;
+  create.dim = 640;
+  WriterOptions writer_options;
+  writer_options.sync = SyncPolicy::kNone;
+  Writer w = Writer::create(path, create, writer_options);
+  constexpr std::uint64_t kBatch = 128, kRows = kBatch * 500;
+  std::atomic<bool> appending{true};
+  std::thread appender([&] {
+    std::vector<float> values(kBatch * 640, 0.25f);
+    std::vector<std::uint64_t> keys(kBatch);
+    for (std::uint64_t rows = 0; rows < kRows; rows += kBatch) {
+      for (std::uint64_t i = 0; i < kBatch; ++i) keys[i] = rows + i;
+      w.append(keys, 0, values);
+    }
+    appending = false;
+  });
+  Reader r = Reader::open(path);
+  // Looks at the index in each quarter of the rows; in every quarter but the first (whose
+  // tables start at 1,024 pair slots) one must find it covering every row of the snapshot.
+  std::uint64_t looks[4] = {}, covered[4] = {};
+  std::string last;
+  while (appending.load()) {
+    const std::uint64_t rows = r.refresh();
+    // "keys.<K>, <N> rows indexed[; <M> of <rows> rows answered by scan]"
+    last = r.info().key_index;
+    const std::size_t comma = last.find(", ");
+    const std::uint64_t indexed =
+        comma == std::string::npos ? 0 : std::strtoull(last.c_str() + comma + 2, nullptr, 10);
+    const std::uint64_t quarter = std::min<std::uint64_t>(3, rows * 4 / kRows);
+    ++looks[quarter];
+    if (indexed >= rows && appending.load()) ++covered[quarter];
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  appender.join();
+  for (int quarter = 1; quarter < 4; ++quarter) {
+    INFO("quarter " << quarter << " of the rows: the index covered them at " << covered[quarter]
+                    << " of " << looks[quarter] << " looks; the last look: " << last);
+    CHECK(covered[quarter] > 0);
+  }
+  w.close();
+  r.refresh();
+  CHECK(r.info().key_index.find(std::to_string(kRows) + " rows indexed") != std::string::npos);
 }
 
 TEST_CASE("A writer killed while growing the key index leaves a store whose lookups are exact",

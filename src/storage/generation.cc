@@ -13,10 +13,10 @@ Generation::Generation(std::uint64_t number, const Layout& layout, const std::st
       previous_(std::move(previous)) {}
 
 void Generation::map_rows(int data_fd, int index_fd, std::uint64_t rows) {
-  if (rows <= mapped_rows_) return;
+  if (rows <= mapped_rows()) return;
   data_.map_to(data_fd, rows * record_bytes_);
   index_.map_to(index_fd, rows * kIndexEntryBytes);
-  mapped_rows_ = rows;
+  mapped_rows_.store(rows, std::memory_order_release);
 }
 
 }  // namespace embstore::detail

@@ -5,9 +5,11 @@
 // and grows its mappings in place inside that reservation. When a store outgrows it, StoreFiles
 // maps the files again at a new, larger Generation; the new one may pin the one it replaces
 // (`previous`), so every pointer handed out from the old range stays valid for as long as
-// anything holds the newest. Not thread-safe for map_rows(); read-only otherwise.
+// anything holds the newest. map_rows() is for one thread at a time; the rest is read-only and
+// safe from any thread.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -30,8 +32,10 @@ class Generation {
 
   std::uint64_t number() const { return number_; }
   std::uint64_t reserved_rows() const { return reserved_rows_; }
-  std::uint64_t mapped_rows() const { return mapped_rows_; }
-  // Maps both files up to `rows` rows; rows <= reserved_rows(), files at least that long.
+  // Any thread (a Writer's key index growth reads it while the appending thread maps more).
+  std::uint64_t mapped_rows() const { return mapped_rows_.load(std::memory_order_acquire); }
+  // Maps both files up to `rows` rows; rows <= reserved_rows(), files at least that long. One
+  // thread at a time; mapped_rows() says so only once the rows are mapped.
   void map_rows(int data_fd, int index_fd, std::uint64_t rows);
 
   std::byte* row_ptr(std::uint64_t row) const { return data_.base() + row * record_bytes_; }
@@ -43,7 +47,7 @@ class Generation {
   std::uint64_t number_;
   std::uint64_t record_bytes_;
   std::uint64_t reserved_rows_;
-  std::uint64_t mapped_rows_ = 0;
+  std::atomic<std::uint64_t> mapped_rows_{0};
   ReservedMapping data_, index_;
   std::shared_ptr<const Generation> previous_;  // Older mappings views may still point into.
 };

@@ -148,7 +148,7 @@ std::uint64_t StoreFiles::read_generation(const std::string& dir) {
 }
 
 StoreFiles::~StoreFiles() {
-  generation_.reset();
+  set_generation(nullptr);
   os::unmap(state_map_, kPageBytes);
   os::close_fd(data_fd_);
   os::close_fd(index_fd_);
@@ -182,7 +182,7 @@ bool StoreFiles::follow_generation() {
     retired_fds_.push_back(index_fd_);
     data_fd_ = data_fd;
     index_fd_ = index_fd;
-    generation_.reset();  // A Writer hands out no pointers; its growth pins what it reads.
+    set_generation(nullptr);  // A Writer hands out no pointers; its growth pins what it reads.
   }
   data_path_ = std::move(data_path);
   index_path_ = std::move(index_path);
@@ -297,10 +297,22 @@ void StoreFiles::map_rows(std::uint64_t rows) {
     auto next = std::make_shared<Generation>(file_generation_, layout_, data_path_, index_path_,
                                              access_, reserve, std::move(keep));
     next->map_rows(data.get(), index.get(), target);
-    generation_ = std::move(next);
+    set_generation(std::move(next));
     return;
   }
   generation_->map_rows(data.get(), index.get(), target);
+}
+
+std::shared_ptr<const Generation> StoreFiles::pin_generation() const {
+  std::lock_guard guard(pin_mutex_);
+  return generation_;
+}
+
+void StoreFiles::set_generation(std::shared_ptr<Generation> generation) {
+  std::shared_ptr<Generation> replaced;  // Unmapped after the mutex is released.
+  std::lock_guard guard(pin_mutex_);
+  replaced = std::move(generation_);
+  generation_ = std::move(generation);
 }
 
 void StoreFiles::grow_to(std::uint64_t rows) {

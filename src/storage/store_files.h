@@ -13,11 +13,12 @@
 // Lifetime: the mappings live as long as the StoreFiles object; Readers hold it in a shared_ptr
 // so views can outlive the Reader. Not thread-safe for map_rows()/grow_to(); callers serialize
 // them (the Writer under its mutex, the Reader by contract). All other members are read-only
-// after open and safe from any thread.
+// after open and safe from any thread, and so is pin_generation().
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -83,9 +84,11 @@ class StoreFiles {
   }
   // The current mappings (null before the first map_rows()); changes when map_rows() remaps.
   const Generation* generation() const { return generation_.get(); }
-  // The current mappings, kept mapped for as long as the caller holds them (a Writer's growth
-  // of the key index reads entries without the lock while appends may remap).
-  std::shared_ptr<const Generation> pin_generation() const { return generation_; }
+  // The current mappings, kept mapped for as long as the caller holds them. Safe from any
+  // thread, beside map_rows() on another: a Writer's key index growth reads entries without the
+  // Writer's mutex while its appends map more rows or a larger Generation (it takes
+  // pin_mutex_, which the appends hold only for the moment they replace the pointer).
+  std::shared_ptr<const Generation> pin_generation() const;
   // Maps both files far enough to cover `rows` rows, at a larger Generation if the current
   // reservation is too small. Checks the files really are that long first (kCorruption naming
   // the file otherwise), so no access can fault past EOF.
@@ -156,9 +159,13 @@ class StoreFiles {
   int header_fd_ = -1, data_fd_ = -1, index_fd_ = -1;
   void* state_map_ = nullptr;
   SharedState state_;
-  std::uint64_t header_bytes_ = 0;          // The header file's size at open.
-  std::uint64_t budget_rows_ = 0;           // The most rows map_bytes lets one Generation reserve.
-  std::shared_ptr<Generation> generation_;  // Null until the first map_rows().
+  std::uint64_t header_bytes_ = 0;  // The header file's size at open.
+  std::uint64_t budget_rows_ = 0;   // The most rows map_bytes lets one Generation reserve.
+  // Null until the first map_rows(). Replaced (and reset) under pin_mutex_ by the one thread
+  // that maps, which reads it without the mutex; other threads only through pin_generation().
+  std::shared_ptr<Generation> generation_;
+  mutable std::mutex pin_mutex_;
+  void set_generation(std::shared_ptr<Generation> generation);
 };
 
 }  // namespace embstore::detail
