@@ -517,6 +517,7 @@ void Writer::Impl::grow_key_index() {
 
 std::unique_lock<std::mutex> Writer::Impl::lock_ahead_of_appends() {
   ++ahead_of_appends_;
+  EMBSTORE_CRASH_POINT("ahead-of-appends");
   std::unique_lock guard(mutex_);
   --ahead_of_appends_;
   ahead_of_appends_.notify_all();
