@@ -118,12 +118,18 @@ class Writer::Impl {
     return f(static_cast<const StoreFiles&>(*files_));
   }
   const std::string& path() const { return path_; }
-  StoreInfo info() const {
-    return with_files([this](const StoreFiles& f) {
-      StoreInfo info = f.info();
-      if (keys_) detail::fill_key_info(*keys_, f, info.committed_rows, info);
-      return info;
-    });
+  StoreInfo info() {
+    std::shared_lock life(lifetime_);
+    check_open();
+    // The key statistics read the offset index through the mappings, which an append may
+    // replace, and rows other processes committed may lie past them: under mutex_.
+    const auto in_process = lock_ahead_of_appends();
+    StoreInfo info = files_->info();
+    if (keys_) {
+      if (files_->mapped_rows() < info.committed_rows) files_->map_rows(info.committed_rows);
+      detail::fill_key_info(*keys_, *files_, info.committed_rows, info);
+    }
+    return info;
   }
   bool in_owner_process() const { return detail::os::current_pid() == owner_pid_; }
   // Where the next append of the caller's large packed rows is hashed (log/batch.h, HashAt):
@@ -224,8 +230,13 @@ class Writer::Impl {
   // and joins the sync thread before it takes lifetime_ exclusively. poison() runs from under
   // mutex_ and the OFD lock (a failed era flush) or under lifetime_ alone (a failed sync).
   // The key index growth thread takes mutex_ -> lock_ -> keys_lock_ to finish; close() joins it
-  // before it takes lifetime_. Appends, truncates and rebuilds take mutex_ -> lock_ through
-  // with_writer_lock(), which stops a growth in their way before taking either.
+  // before it takes lifetime_, and again after (an append in flight may have claimed another).
+  // Appends, truncates and rebuilds take mutex_ -> lock_ through with_writer_lock(), which stops
+  // a growth in their way before taking either. The growth reads the mappings without mutex_,
+  // through StoreFiles::pin_generation(), whose own mutex is the innermost of all.
+  // lock_ahead_of_appends() is taken holding at most lifetime_ (shared, or exclusive in close())
+  // and sync_mutex_, never mutex_ or what an append holds: with_writer_lock() waits for it
+  // holding lifetime_ shared only.
   std::unique_ptr<StoreFiles> files_;  // Released by close().
   std::string path_;
   std::unique_ptr<detail::WriterLock> lock_;       // Released by close().
@@ -253,6 +264,10 @@ class Writer::Impl {
   std::atomic<bool> keys_usable_{false};
   std::optional<Error> key_index_error_;        // Under poison_mutex_.
   std::unique_ptr<std::thread> growth_thread_;  // Under mutex_.
+  // Threads in join_growth() that took growth_thread_ and have not seen it end. Under mutex_;
+  // growth_joined_ is notified when it falls.
+  int growth_joiners_ = 0;
+  std::condition_variable growth_joined_;
   std::atomic<bool> stop_growth_{false};
   // 0 while this handle appends; close() sets it to the rows committed then, which a growth in
   // progress sizes itself for (KeyIndexHandle::build_next()).
@@ -359,7 +374,10 @@ std::invoke_result_t<F&> Writer::Impl::with_writer_lock(Growth growth, F&& f) {
     detail::LockGuard across_processes(*lock_);
     waiting.done();
     lock_waited_.store(waited_here || across_processes.waited(), std::memory_order_relaxed);
-    if (growth_thread_ && (growth == Growth::kStop || generation_moved())) continue;
+    if ((growth_thread_ || growth_joiners_ > 0) &&
+        (growth == Growth::kStop || generation_moved())) {
+      continue;
+    }
     follow_truncate();
     return f();
   }
@@ -516,24 +534,39 @@ void Writer::Impl::grow_key_index() {
 }
 
 std::unique_lock<std::mutex> Writer::Impl::lock_ahead_of_appends() {
-  ++ahead_of_appends_;
+  struct Ahead {  // Counted until mutex_ is held, or the lock throws.
+    std::atomic<int>& count;
+    explicit Ahead(std::atomic<int>& c) : count(c) { ++count; }
+    ~Ahead() {
+      --count;
+      count.notify_all();
+    }
+  };
+  const Ahead ahead(ahead_of_appends_);
   EMBSTORE_CRASH_POINT("ahead-of-appends");
-  std::unique_lock guard(mutex_);
-  --ahead_of_appends_;
-  ahead_of_appends_.notify_all();
-  return guard;
+  return std::unique_lock(mutex_);
 }
 
 void Writer::Impl::join_growth(bool abandon) {
   std::unique_ptr<std::thread> thread;
   {
-    std::lock_guard guard(mutex_);
+    auto in_process = lock_ahead_of_appends();
+    if (!growth_thread_) {
+      // Another thread may be joining it: the growth runs until that join returns, and nothing
+      // that it could be reading (the mappings, the key index handle) may change before.
+      growth_joined_.wait(in_process, [this] { return growth_joiners_ == 0; });
+      return;
+    }
     thread = std::move(growth_thread_);
-  }
-  if (thread) {
     stop_growth_ = abandon;
-    thread->join();
+    ++growth_joiners_;
   }
+  thread->join();
+  {
+    std::lock_guard in_process(mutex_);
+    --growth_joiners_;
+  }
+  growth_joined_.notify_all();
 }
 
 std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
@@ -674,6 +707,8 @@ void Writer::Impl::close() {
   growth_final_rows_ = std::max<std::uint64_t>(files_->state().committed(), 1);
   join_growth(/*abandon=*/false);
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
+  // One of those appends may have claimed another growth meanwhile (it never takes lifetime_).
+  join_growth(/*abandon=*/false);
   std::exception_ptr final_error;
   if (options_.sync != SyncPolicy::kNone) {
     try {

@@ -911,6 +911,47 @@ TEST_CASE("A key index growth that asks for the Writer's mutex gets it before th
   CHECK(std::stoi(file.substr(file.rfind('.') + 1)) >= 2);
 }
 
+TEST_CASE("A truncate waits for a growth that close() is still joining on another thread",
+          "[key_lookup][build][truncate]") {
+  // join_growth() takes the growth's thread out of the Writer before it joins it. A truncate on
+  // another thread then found no growth to stop and switched the files and the key index
+  // handle under a growth that was still building from them. Now it waits until the join
+  // returns: here the growth is paused mid-build while one thread closes the Writer and another
+  // truncates; the truncate must not finish before the growth is resumed.
+  if (!detail::testing::kEnabled) return;
+  TempDir dir;
+  const std::string path = dir / "s";
+  const std::string at = dir / "at";
+  REQUIRE(::mkdir(at.c_str(), 0755) == 0);
+  { Writer::create(path, options()); }
+  const pid_t child = test::spawn([&] {
+    detail::testing::arm_pause("during-key-index-build", 1, at);
+    Writer w = Writer::open(path, no_sync_thread());
+    if (!append_until(w, at + "/paused.during-key-index-build")) return 2;
+    std::atomic<bool> truncated{false};
+    std::thread closer([&] { w.close(); });
+    std::thread truncater([&] {
+      try {
+        w.truncate(100);
+      } catch (const Error& e) {
+        if (e.code() != ErrorCode::kClosed) throw;  // close() may come first: also fine.
+      }
+      truncated = true;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    const bool early = truncated.load();
+    touch(at + "/resume.during-key-index-build");
+    closer.join();
+    truncater.join();
+    return early ? 3 : 0;
+  });
+  CHECK(test::wait_for(child) == 0);
+  Reader r = Reader::open(path);
+  CHECK((r.size() == 100 || r.size() > 1000));
+  const VerifyReport report = r.verify_key_index();
+  CHECK(report.key_index_problems == 0);
+}
+
 TEST_CASE(
     "A builder killed mid-build: an unnamed file goes with it, a named one and an older "
     "library's keys.next are removed by the next writer once no live builder can own them",

@@ -96,8 +96,9 @@ class KeyIndexFile {
   // history would never answer from the pair slots alone: index_rows() then makes
   // wants_growth() true, and the next generation, built from the offset index, counts exactly.
   bool epochs_overcounted() const;
-  // The sizes of the next generation when it is built for rows [0, rows) (at least
-  // indexed_rows()): each table past its load factor doubles at least, and every table gets the
+  // The sizes of the next generation when it is built for rows [0, rows) (`rows` at or below
+  // indexed_rows(), the default 0 among them: for the rows indexed): each table past its load
+  // factor doubles at least, and every table gets the
   // fewest slots that keep under the load factor the entries it would hold at `rows` if they
   // came on as they came so far (used slots per indexed row, at most one a row). A growth
   // claimed at one row count and built at a larger one (appends went on) is thus built large

@@ -308,6 +308,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build_next(
   for (;;) {
     auto next = build(start.entries, start.rows, sizes, generation, &stop, &final_rows);
     if (stop.load()) return nullptr;
+    if (next) sizes = next->sizes();  // Larger where a table filled up (build()).
     // Catch up without the lock while appends keep coming, so the part done under it is short.
     while (next) {
       const Rows now = source();

@@ -161,8 +161,9 @@ class StoreFiles {
   SharedState state_;
   std::uint64_t header_bytes_ = 0;  // The header file's size at open.
   std::uint64_t budget_rows_ = 0;   // The most rows map_bytes lets one Generation reserve.
-  // Null until the first map_rows(). Replaced (and reset) under pin_mutex_ by the one thread
-  // that maps, which reads it without the mutex; other threads only through pin_generation().
+  // Null until the first map_rows(). Replaced (and reset) under pin_mutex_ by the thread that
+  // maps (the callers' serialization, see the top), which reads it without the mutex; a thread
+  // that reads beside it holds its own reference from pin_generation().
   std::shared_ptr<Generation> generation_;
   mutable std::mutex pin_mutex_;
   void set_generation(std::shared_ptr<Generation> generation);
