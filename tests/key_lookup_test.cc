@@ -854,6 +854,18 @@ TEST_CASE(
   CHECK(files.builds.empty());
 }
 
+// A new store (options()) and a directory for a child's pause files (arm_pause: it creates
+// paused.<point> there and waits for resume.<point>).
+struct PausableStore {
+  TempDir dir;
+  std::string path = dir / "s";
+  std::string at = dir / "at";
+  PausableStore() {
+    REQUIRE(::mkdir(at.c_str(), 0755) == 0);
+    Writer::create(path, options());
+  }
+};
+
 TEST_CASE("A key index growth that asks for the Writer's mutex gets it before the next append",
           "[key_lookup][build]") {
   // The growth builds beside the appends and switches generations under the Writer's mutex,
@@ -865,11 +877,9 @@ TEST_CASE("A key index growth that asks for the Writer's mutex gets it before th
   // just after asking, and the appending thread must stop (one append already past the wait
   // may finish), then go on once the growth has switched.
   if (!detail::testing::kEnabled) return;
-  TempDir dir;
-  const std::string path = dir / "s";
-  const std::string at = dir / "at";
-  REQUIRE(::mkdir(at.c_str(), 0755) == 0);
-  { Writer::create(path, options()); }
+  const PausableStore store;
+  const std::string& path = store.path;
+  const std::string& at = store.at;
   const pid_t child = test::spawn([&] {
     detail::testing::arm_pause("ahead-of-appends", 1, at);
     Writer w = Writer::open(path, no_sync_thread());
@@ -919,11 +929,9 @@ TEST_CASE("A truncate waits for a growth that close() is still joining on anothe
   // returns: here the growth is paused mid-build while one thread closes the Writer and another
   // truncates; the truncate must not finish before the growth is resumed.
   if (!detail::testing::kEnabled) return;
-  TempDir dir;
-  const std::string path = dir / "s";
-  const std::string at = dir / "at";
-  REQUIRE(::mkdir(at.c_str(), 0755) == 0);
-  { Writer::create(path, options()); }
+  const PausableStore store;
+  const std::string& path = store.path;
+  const std::string& at = store.at;
   const pid_t child = test::spawn([&] {
     detail::testing::arm_pause("during-key-index-build", 1, at);
     Writer w = Writer::open(path, no_sync_thread());
