@@ -705,6 +705,7 @@ void Writer::Impl::close() {
   // A growth in progress is finished, so the next writer does not redo it under the lock; at the
   // size the rows stored now want (one build, not one at the size claimed and then a larger).
   growth_final_rows_ = std::max<std::uint64_t>(files_->state().committed(), 1);
+  EMBSTORE_CRASH_POINT("close-joins-growth");
   join_growth(/*abandon=*/false);
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   // One of those appends may have claimed another growth meanwhile (it never takes lifetime_).

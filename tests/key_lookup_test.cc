@@ -960,6 +960,45 @@ TEST_CASE("A truncate waits for a growth that close() is still joining on anothe
   CHECK(report.key_index_problems == 0);
 }
 
+TEST_CASE("A Writer closing during a growth too small for its rows builds the index once more",
+          "[key_lookup][build]") {
+  // A growth sized for the rows at its start, still building when its Writer closes with many
+  // more rows stored, used to finish at that size, publish, and grow again at once: close()
+  // waited for two builds, and the store got two generations. close() now tells the growth
+  // the rows stored (KeyIndexHandle::build_next, final_rows): it gives the small build up and
+  // builds once, at their size. Here the growth is paused after its first step while the
+  // writer appends 20,000 rows more, then closes.
+  if (!detail::testing::kEnabled) return;
+  const PausableStore store;
+  const std::string& path = store.path;
+  const std::string& at = store.at;
+  const pid_t child = test::spawn([&] {
+    detail::testing::arm_pause("during-key-index-build", 1, at);
+    detail::testing::arm_pause("close-joins-growth", 1, at);
+    Writer w = Writer::open(path, no_sync_thread());
+    if (!append_until(w, at + "/paused.during-key-index-build")) return 2;
+    for (std::uint64_t first = 0; first < 20000; first += 500) {
+      std::vector<std::uint64_t> keys(500), epochs(500, 2);
+      for (std::uint64_t k = 0; k < 500; ++k) keys[k] = first + k;
+      append(w, keys, epochs);
+    }
+    std::thread closer([&] { w.close(); });
+    // The growth goes on only once close() has told it the rows stored.
+    const bool closing =
+        test::within_a_minute([&] { return exists(at + "/paused.close-joins-growth"); });
+    touch(at + "/resume.close-joins-growth");
+    touch(at + "/resume.during-key-index-build");
+    closer.join();
+    return closing ? 0 : 3;
+  });
+  CHECK(test::wait_for(child) == 0);
+  // keys.1 from the create, keys.2 from the one growth (a second would have made keys.3).
+  CHECK(key_index_file(path) == path + "/keys.2");
+  Reader r = Reader::open(path);
+  CHECK(r.info().key_index.find(indexed_status(r.size())) != std::string::npos);
+  check_lookups(r, {0, 19999, 1'000'000, 1'000'099}, {1, 2});
+}
+
 TEST_CASE(
     "A builder killed mid-build: an unnamed file goes with it, a named one and an older "
     "library's keys.next are removed by the next writer once no live builder can own them",
