@@ -531,8 +531,10 @@ class Writer(_Handle):
     def close(self) -> None:
         """Writes what is queued, stops the background thread and releases the store.
 
-        Idempotent. Raises the error of a failed background append (once), or of the final
-        sync under sync="interval"/"every_append".
+        A key index growth in progress is finished first (one build of the index, at the size
+        the rows stored want), so readers find every row indexed. Idempotent. Raises the error
+        of a failed background append (once), or of the final sync under
+        sync="interval"/"every_append".
         """
         if self._at_exit is not None:
             self._at_exit.cancel()
