@@ -3,6 +3,7 @@
 // damaged key index files, and writers indexing outside the writer lock.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -997,6 +998,40 @@ TEST_CASE("A Writer closing during a growth too small for its rows builds the in
   Reader r = Reader::open(path);
   CHECK(r.info().key_index.find(indexed_status(r.size())) != std::string::npos);
   check_lookups(r, {0, 19999, 1'000'000, 1'000'099}, {1, 2});
+}
+
+TEST_CASE("Writer::info() counts keys of rows another process committed past its mappings",
+          "[key_lookup][multiprocess]") {
+  // info() reads the offset index for the rows the key index does not cover. Another process
+  // may have grown the files and committed rows past what this Writer mapped; info() read their
+  // entries through the mapping without mapping them first (a fault), and without the Writer's
+  // mutex, under which an append may map the files again. The other writer here is paused
+  // while indexing its batch, so its 20,000 rows are committed and not yet indexed.
+  if (!detail::testing::kEnabled) return;
+  const PausableStore store;
+  Writer w = Writer::open(store.path, no_sync_thread());
+  append(w, {1, 2, 3}, {0, 0, 0});
+  const pid_t child = test::spawn([&] {
+    // Paused, it would wait for ever for a parent that crashed in info() (as it did).
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    detail::testing::arm_pause("mid-key-index", 1, store.at);
+    Writer other = Writer::open(store.path, no_sync_thread());
+    std::vector<std::uint64_t> keys(20000), epochs(20000, 1);
+    for (std::uint64_t k = 0; k < keys.size(); ++k) keys[k] = 100 + k;
+    append(other, keys, epochs);
+    other.close();
+    return 0;
+  });
+  const KillAtExit kill_child{child};
+  REQUIRE(test::within_a_minute([&] { return exists(store.at + "/paused.mid-key-index"); }));
+  const StoreInfo info = w.info();
+  touch(store.at + "/resume.mid-key-index");
+  CHECK(test::wait_for(child) == 0);
+  CHECK(info.committed_rows == 20003);
+  CHECK(info.distinct_keys == 20003);
+  INFO(info.key_index);
+  CHECK(info.key_index.find("rows answered by scan") != std::string::npos);
+  w.close();
 }
 
 TEST_CASE(
