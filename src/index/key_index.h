@@ -45,6 +45,7 @@ struct KeyIndexSizes {
   std::uint64_t pair_slots = kMinSlots;
   std::uint64_t key_slots = kMinSlots;
   std::uint64_t epoch_slots = kMinSlots;
+  bool operator==(const KeyIndexSizes&) const = default;
 };
 
 struct EpochCount {
@@ -98,11 +99,11 @@ class KeyIndexFile {
   bool epochs_overcounted() const;
   // The sizes of the next generation when it is built for rows [0, rows) (`rows` at or below
   // indexed_rows(), the default 0 among them: for the rows indexed): each table past its load
-  // factor doubles at least, and every table gets the
-  // fewest slots that keep under the load factor the entries it would hold at `rows` if they
-  // came on as they came so far (used slots per indexed row, at most one a row). A growth
-  // claimed at one row count and built at a larger one (appends went on) is thus built large
-  // enough at once instead of filling up and being rebuilt.
+  // factor doubles at least, and every table gets the fewest slots that keep under the load
+  // factor the entries it would hold at `rows` if they came on as they came so far (used slots
+  // per indexed row, at most one a row). A growth claimed at one row count and built at a
+  // larger one (appends went on) is thus built large enough at once instead of filling up and
+  // being rebuilt.
   KeyIndexSizes next_sizes(std::uint64_t rows = 0) const;
   // Writer lock and key index lock held: names this file (from create()) keys.<generation()> in
   // `dir`, replacing a leftover of that name (a publisher killed before it raised key_generation;

@@ -253,9 +253,7 @@ bool KeyIndexHandle::outgrown(const KeyIndexSizes& sizes,
   if (final_rows == nullptr || claim_file_ == nullptr) return false;
   const std::uint64_t rows = final_rows->load();
   if (rows == 0) return false;
-  const KeyIndexSizes wanted = larger(sizes, claim_file_->next_sizes(rows));
-  return wanted.pair_slots != sizes.pair_slots || wanted.key_slots != sizes.key_slots ||
-         wanted.epoch_slots != sizes.epoch_slots;
+  return larger(sizes, claim_file_->next_sizes(rows)) != sizes;
 }
 
 bool KeyIndexHandle::claim_alive(std::uint64_t claim) {
