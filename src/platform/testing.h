@@ -1,7 +1,9 @@
 // testing.h — crash points and the fault seam, compiled into test builds only.
 //
 // The library is built twice: `embstore` (release: every hook below compiles to nothing) and
-// `embstore_testing` (EMBSTORE_TESTING defined), which the reliability tests link. Hooks are armed
+// `embstore_testing` (EMBSTORE_TESTING defined), which the reliability tests link. Only the
+// sources that include this header differ between the two; the others compile once, into objects
+// both share (CMakeLists.txt, EMBSTORE_HOOK_FREE_SOURCES), and may not include it. Hooks are armed
 // in-process through the functions below or, for child processes, through the environment:
 //   EMBSTORE_CRASH=<point>:<n>          raise SIGKILL at the n-th pass (1-based) of <point>
 //   EMBSTORE_FAULT=<op>:<n>:<errno>[:forever][,...]   fail the n-th call of <op> with <errno>
@@ -31,6 +33,10 @@
 //      wakes no one), tmpfile (creating an unnamed file; EOPNOTSUPP makes the caller fall back
 //      to a named one, as on a file system without O_TMPFILE).
 #pragma once
+
+#ifdef EMBSTORE_HOOK_FREE  // Shared objects must not differ between the two libraries.
+#error "testing.h in a source of EMBSTORE_HOOK_FREE_SOURCES: list it in EMBSTORE_HOOKED_SOURCES"
+#endif
 
 #include <cstddef>
 #include <cstdint>

@@ -33,8 +33,9 @@ reap() {
   echo "run.sh: $CXX cannot compile ${compiling[$pid]}" >&2
   exit 1
 }
-# The library's sources exactly as the top-level CMakeLists.txt lists them (EMBSTORE_SOURCES).
-mapfile -t lib_sources < <(sed -n '/^set(EMBSTORE_SOURCES/,/^)/p' "$root/CMakeLists.txt" |
+# The library's sources exactly as the top-level CMakeLists.txt lists them (both sets:
+# EMBSTORE_HOOK_FREE_SOURCES and EMBSTORE_HOOKED_SOURCES).
+mapfile -t lib_sources < <(sed -n '/^set(EMBSTORE_HOOK\(_FREE\|ED\)_SOURCES/,/^)/p' "$root/CMakeLists.txt" |
   grep -o 'src/[A-Za-z0-9_/]*\.cc')
 for src in "${lib_sources[@]/#/$root/}" "$here"/fuzz_store.cc; do
   obj="$build/$(basename "${src%.cc}").o"
