@@ -61,7 +61,9 @@ class Reader::Impl {
   mutable std::shared_ptr<const detail::KeyIndexFile> key_index_;
 
   // Opens the key index on first use (concurrent const callers: one opens, all see it).
+  // kClosed after close(), which drops the handle.
   detail::KeyIndexHandle& keys() const {
+    files();
     if (!keys_opened_.load(std::memory_order_acquire)) {
       std::lock_guard guard(keys_mutex_);
       if (!keys_opened_.load(std::memory_order_relaxed)) {
@@ -360,6 +362,12 @@ std::shared_ptr<const void> Reader::owner() const {
   return impl_->files_;
 }
 
-void Reader::close() { impl_->files_.reset(); }
+void Reader::close() {
+  impl_->files_.reset();
+  // The key index's mapping too: no view points into it, and a closed Reader holds nothing of
+  // its store (the files can be removed and their file system unmounted).
+  impl_->key_index_.reset();
+  impl_->keys_.reset();
+}
 
 }  // namespace embstore

@@ -142,6 +142,37 @@ TEST_CASE("wait() in one thread wakes for appends from another", "[reader][threa
   CHECK(r.size() == 100);
 }
 
+TEST_CASE("close() unmaps the store's files and its key index, and owner() copies keep the rows",
+          "[reader]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = Writer::create(path, small(4));
+    append_batch(w, 0, 0, 50);
+  }
+  // The mappings of the store's files in this process, by /proc/self/maps.
+  const auto mapped = [&](const std::string& name) {
+    const std::string maps = test::read_file("/proc/self/maps");
+    return maps.find(path + "/" + name) != std::string::npos;
+  };
+  Reader r = Reader::open(path);
+  REQUIRE(r.find(test::make_key(0, 7), 0) == std::optional<std::uint64_t>(7));  // Maps keys.1.
+  REQUIRE(mapped("keys.1"));
+  REQUIRE(mapped("rows.1"));
+  std::shared_ptr<const void> owner = r.owner();
+  r.close();
+  CHECK_FALSE(mapped("keys.1"));
+  CHECK(mapped("rows.1"));  // Held by owner().
+  owner.reset();
+  for (const char* name : {"keys.1", "rows.1", "index.1", "header"}) CHECK_FALSE(mapped(name));
+  try {
+    (void)r.find(test::make_key(0, 7), 0);
+    FAIL("a closed Reader answered a lookup");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kClosed);
+  }
+}
+
 TEST_CASE("A reader needs only read permission and writes nothing", "[reader][read-only]") {
   TempDir dir;
   {
@@ -171,7 +202,10 @@ TEST_CASE("A reader needs only read permission and writes nothing", "[reader][re
       CHECK_THAT(std::string(e.what()), Catch::Contains(ro));
     }
     r.close();
-    ::umount(ro.c_str());
+    // A closed Reader maps nothing of the store, its key index included: the mount is free.
+    const int unmounted = ::umount(ro.c_str());
+    CHECK(unmounted == 0);
+    if (unmounted != 0) ::umount2(ro.c_str(), MNT_DETACH);  // Leave no mount behind.
   }
   Reader r = Reader::open(dir / "s");
   r.verify();

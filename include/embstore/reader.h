@@ -162,7 +162,8 @@ class Reader {
 
   // Keeps the mappings (and so every view) alive after this Reader is closed or destroyed.
   std::shared_ptr<const void> owner() const;
-  // Drops this Reader's hold on the mappings; views stay valid only through owner() copies.
+  // Drops this Reader's hold on the mappings (its key index's too); views stay valid only
+  // through owner() copies. Calls that read the store throw kClosed afterwards.
   void close();
 
   class Impl;
