@@ -796,7 +796,9 @@ class PyReader {
 
   void close() {
     auto lock = guard();
-    reader_.reset();  // Views keep the mappings through mapping_'s owner().
+    reader_.reset();
+    // Views keep the mappings through mapping_ (their base); the closed Reader keeps nothing.
+    mapping_ = py::none();
   }
   bool closed() const { return !reader_; }
   const std::string& path() const { return path_; }

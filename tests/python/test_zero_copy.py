@@ -95,3 +95,29 @@ def test_views_keep_mapping_alive_in_process(store):
     del r
     gc.collect()
     assert v.sum() == sum(range(12))
+
+
+def _mapped_files(store):
+    """Names of the store's files this process maps now (/proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        return sorted({line.split()[-1].rsplit("/", 1)[-1] for line in maps
+                       if str(store) + "/" in line})
+
+
+def test_a_closed_reader_maps_nothing_and_its_views_keep_only_what_they_need(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(3), np.arange(12, dtype=np.float32).reshape(3, 4))
+    r = embstore.Reader(store)
+    assert r.find(1) == 1  # Maps the key index too.
+    assert "keys.1" in _mapped_files(store) and "rows.1" in _mapped_files(store)
+    r.close()
+    assert _mapped_files(store) == []  # Without views nothing stays mapped, keys.1 neither.
+    r = embstore.Reader(store)
+    v = r.vectors
+    r.close()
+    assert "rows.1" in _mapped_files(store) and "keys.1" not in _mapped_files(store)
+    assert v.sum() == sum(range(12))
+    del v
+    gc.collect()
+    assert _mapped_files(store) == []
+    assert r.closed
