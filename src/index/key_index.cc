@@ -179,7 +179,8 @@ class FlatMap {
   // The slot holding `key`, else the empty slot where it goes (the table is never full).
   std::size_t position(const Key& key) const {
     const std::size_t mask = slots_.size() - 1;
-    for (std::size_t i = Hash{}(key)&mask;; i = (i + 1) & mask) {
+    const std::size_t hash = Hash{}(key);
+    for (std::size_t i = hash & mask;; i = (i + 1) & mask) {
       if (slots_[i].value.last == kNone || slots_[i].key == key) return i;
     }
   }
