@@ -255,7 +255,11 @@ VerifyReport Reader::verify_key_index() const {
         report.key_index_problem = error.what();
       }
     }
-  } else if (impl_->keys().damaged()) {
+  } else if (impl_->keys().damaged() && f.layout().key_index) {
+    // Damage only where writers keep a key index. In a store created without one, a file that
+    // `key_generation` names (built by a library before 1.4, or the word itself damaged) is used
+    // while it is sound, and when it is missing or unsound nothing is lost and no writer is
+    // expected to rebuild it: lookups scan, as they always do there.
     report.key_index_checked = true;
     report.key_index_problems = 1;
     report.key_index_problem = impl_->keys().status();

@@ -116,7 +116,8 @@ class Reader {
   // The key index part of verify() alone: checks the key index against the offset index of the
   // snapshot (key_index_checked false when there is none to check: none built yet, or built
   // before the last reboot). A key index file that is missing or unreadable although the store
-  // names it counts as one problem. No row checksum is computed (rows_checked stays 0).
+  // names it counts as one problem, except in a store created without a key index, whose lookups
+  // scan whatever the file's state. No row checksum is computed (rows_checked stays 0).
   VerifyReport verify_key_index() const;
 
   // ---- Lookups by key (sample id) and epoch, through the key index (FORMAT.md, "keys.K") ----

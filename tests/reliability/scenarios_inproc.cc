@@ -1,5 +1,6 @@
 // Scenarios 10-15 (and the threaded variant of 5): threads in one process, capacity edges,
 // corruption, mutation fuzzing through the fuzz entry, Python views, and a model-based test.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -477,6 +478,30 @@ bool scenario_corruption(std::uint64_t seed) {
 
 // ---- 13. Mutation fuzzing through the fuzz entry (the libFuzzer run is tests/fuzz/run.sh) ---
 
+// The input the fuzz entry is running, kept for the SIGABRT handler below: the entry aborts on a
+// broken promise, and the input is what a replay needs (the seed replays the whole run, slowly).
+const std::string* g_fuzz_input = nullptr;
+char g_fuzz_input_path[256];
+
+void save_fuzz_input(int) {
+  // Async-signal-safe calls only; then the default action ends the process as before.
+  if (g_fuzz_input != nullptr) {
+    const int fd = ::open(g_fuzz_input_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      if (::write(fd, g_fuzz_input->data(), g_fuzz_input->size()) > 0) {
+        constexpr char kSaved[] = "scenario 13: the input is saved; replay: embstore_fuzz_replay ";
+        if (::write(STDERR_FILENO, kSaved, sizeof(kSaved) - 1) > 0 &&
+            ::write(STDERR_FILENO, g_fuzz_input_path, std::strlen(g_fuzz_input_path)) > 0 &&
+            ::write(STDERR_FILENO, "\n", 1) > 0) {
+        }
+      }
+      ::close(fd);
+    }
+  }
+  ::signal(SIGABRT, SIG_DFL);
+  ::raise(SIGABRT);
+}
+
 bool scenario_fuzz_smoke(std::uint64_t seed) {
   Rng rng(seed);
   Setup s("fuzzsmoke", seed);
@@ -501,8 +526,15 @@ bool scenario_fuzz_smoke(std::uint64_t seed) {
     seeds.push_back(fuzz::encode_store(store, static_cast<std::uint8_t>(rng.below(8))));
   }
   const std::uint64_t inputs = scaled(8000, 40);
+  const char* tmp = std::getenv("TMPDIR");
+  std::snprintf(g_fuzz_input_path, sizeof(g_fuzz_input_path), "%s/embstore-scenario13-%llu.bin",
+                tmp != nullptr && *tmp != '\0' ? tmp : "/tmp",
+                static_cast<unsigned long long>(seed));
+  std::string in;
+  g_fuzz_input = &in;
+  ::signal(SIGABRT, save_fuzz_input);
   for (std::uint64_t i = 0; i < inputs; ++i) {
-    std::string in = seeds[rng.below(seeds.size())];
+    in = seeds[rng.below(seeds.size())];
     const std::uint64_t kind = rng.below(6);
     if (kind == 0) {
       in.resize(rng.below(in.size() + 1));  // truncated anywhere
@@ -525,6 +557,8 @@ bool scenario_fuzz_smoke(std::uint64_t seed) {
     LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(in.data()), in.size());
     stat_add("corrupt_inputs");
   }
+  ::signal(SIGABRT, SIG_DFL);
+  g_fuzz_input = nullptr;
   return true;  // A failure is a crash or a sanitizer report, which ends the process.
 }
 
