@@ -483,19 +483,22 @@ bool scenario_corruption(std::uint64_t seed) {
 const std::string* g_fuzz_input = nullptr;
 char g_fuzz_input_path[256];
 
+// One write() from the signal handler; its result is of no use to a process that is ending.
+void write_once(int fd, const char* data, std::size_t size) {
+  if (::write(fd, data, size) < 0) return;
+}
+
 void save_fuzz_input(int) {
   // Async-signal-safe calls only; then the default action ends the process as before.
   if (g_fuzz_input != nullptr) {
     const int fd = ::open(g_fuzz_input_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd >= 0) {
-      if (::write(fd, g_fuzz_input->data(), g_fuzz_input->size()) > 0) {
-        constexpr char kSaved[] = "scenario 13: the input is saved; replay: embstore_fuzz_replay ";
-        if (::write(STDERR_FILENO, kSaved, sizeof(kSaved) - 1) > 0 &&
-            ::write(STDERR_FILENO, g_fuzz_input_path, std::strlen(g_fuzz_input_path)) > 0 &&
-            ::write(STDERR_FILENO, "\n", 1) > 0) {
-        }
-      }
+      write_once(fd, g_fuzz_input->data(), g_fuzz_input->size());
       ::close(fd);
+      constexpr char kSaved[] = "scenario 13: the input is saved; replay: embstore_fuzz_replay ";
+      write_once(STDERR_FILENO, kSaved, sizeof(kSaved) - 1);
+      write_once(STDERR_FILENO, g_fuzz_input_path, std::strlen(g_fuzz_input_path));
+      write_once(STDERR_FILENO, "\n", 1);
     }
   }
   ::signal(SIGABRT, SIG_DFL);
