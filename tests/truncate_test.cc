@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "format/format.h"
 #include "platform/testing.h"
 #include "support/error_code.h"
 #include "support/payload.h"
@@ -139,6 +140,67 @@ TEST_CASE("Truncate refuses more rows than the store holds and ignores as many",
   append_rows(w, 0, 0, 5, 0);
   w.close();
   check_prefix(Reader::open(path), 5);
+}
+
+TEST_CASE(
+    "A truncate refuses to keep an all-zero entry or to end on a damaged row, store unchanged",
+    "[truncate]") {
+  // Both only in a damaged store. The switch ends the new generation at its first all-zero
+  // entry, so keeping one dropped every row after it while truncate reported them kept; and the
+  // last row kept gets the batch-end flag with a checksum recomputed over its bytes, which made
+  // a damaged row verify. Reliability scenario 13 found the first through the fuzz entry.
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = make_store(path, unsynced());
+    for (std::uint64_t batch = 0; batch < 3; ++batch) append_rows(w, 0, batch * 10, 10, batch);
+  }
+  auto expect_refused = [&](Writer& w, std::uint64_t rows, const std::vector<std::string>& words) {
+    try {
+      w.truncate(rows);
+      FAIL("a truncate to " << rows << " rows of a damaged store succeeded");
+    } catch (const Error& error) {
+      CHECK(error.code() == ErrorCode::kCorruption);
+      for (const std::string& word : words) CHECK_THAT(error.what(), Catch::Contains(word));
+    }
+    // Nothing was written: the same generation, rows and files.
+    CHECK(w.committed_rows() == 30);
+    CHECK(w.info().generation == 1);
+    CHECK_FALSE(std::filesystem::exists(path + "/index.2"));
+    CHECK_FALSE(std::filesystem::exists(path + "/rows.2"));
+  };
+  auto bad_rows = [&] { return Reader::open(path).verify().bad_rows; };
+
+  SECTION("an all-zero entry among the rows kept") {
+    test::write_bytes(path + "/index.1", 12 * detail::kIndexEntryBytes,
+                      std::string(detail::kIndexEntryBytes, '\0'));
+    Writer w = Writer::open(path, unsynced());
+    expect_refused(w, 20, {path + "/index.1", "row 12", "all zero", "at most 12 rows"});
+    try {
+      w.truncate_from_epoch(2);  // Keeps 20 rows: the same refusal.
+      FAIL("a truncate from epoch 2 of a damaged store succeeded");
+    } catch (const Error& error) {
+      CHECK(error.code() == ErrorCode::kCorruption);
+    }
+    CHECK(bad_rows() == std::vector<std::uint64_t>{12});
+    // The rows before it can be kept, and the writer goes on.
+    CHECK(w.truncate(12) == 12);
+    append_rows(w, 0, 12, 3, 5);
+    w.close();
+    check_prefix(Reader::open(path), 15);
+  }
+  SECTION("a damaged last row that does not end a batch") {
+    test::write_bytes(path + "/rows.1", 14 * kDim * sizeof(float), "damaged!");
+    Writer w = Writer::open(path, unsynced());
+    expect_refused(w, 15, {path + "/rows.1", "row 14", "fails its checksum", path + "/index.1"});
+    CHECK(bad_rows() == std::vector<std::uint64_t>{14});
+    // Kept inside the prefix, the damaged row stays as it is and still fails its checksum.
+    CHECK(w.truncate(20) == 20);
+    w.close();
+    Reader r = Reader::open(path);
+    CHECK(r.size() == 20);
+    CHECK(r.verify().bad_rows == std::vector<std::uint64_t>{14});
+  }
 }
 
 TEST_CASE("Truncate from an epoch drops its first row and everything after", "[truncate]") {

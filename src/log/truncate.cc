@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "embstore/error.h"
 #include "index/key_index_format.h"
 #include "platform/os.h"
 #include "platform/testing.h"
@@ -14,6 +15,38 @@ bool entry_zero(const StoreFiles& files, std::uint64_t row) {
   IndexEntry entry;
   std::memcpy(&entry, files.entry_ptr(row), sizeof(entry));
   return entry.key == 0 && entry.epoch == 0 && entry.row == 0 && entry.checksum == 0;
+}
+
+// What a truncate to `rows` would keep that the protocol cannot carry, both only in a damaged
+// store: an all-zero entry (switched_rows() would end the new generation there, dropping every
+// row after it without a word), and a last row that fails its checksum but needs the batch-end
+// flag (its checksum is recomputed with the flag: the damage would then verify as a sound row).
+// Throws kCorruption naming the row before anything is written.
+void check_keepable(const StoreFiles& files, std::uint64_t rows) {
+  const std::string advice =
+      "; verify lists the damaged rows, and salvage copies every row "
+      "that verifies into a new store";
+  for (std::uint64_t row = 0; row < rows; ++row) {
+    if (entry_zero(files, row)) {
+      throw Error(ErrorCode::kCorruption,
+                  files.index_path() + ": truncate to " + std::to_string(rows) +
+                      " rows: the entry of row " + std::to_string(row) +
+                      " is all zero (damaged), and a truncate keeps only rows before such an "
+                      "entry: truncate to at most " +
+                      std::to_string(row) + " rows" + advice);
+    }
+  }
+  if (rows == 0) return;
+  IndexEntry last;
+  std::memcpy(&last, files.entry_ptr(rows - 1), sizeof(last));
+  if ((last.row & kEntryBatchEnd) == 0 && !files.row_valid(rows - 1)) {
+    throw Error(ErrorCode::kCorruption,
+                files.data_path() + ": truncate to " + std::to_string(rows) + " rows: row " +
+                    std::to_string(rows - 1) +
+                    ", which would be the last one kept, fails its checksum in " +
+                    files.index_path() + ", and a truncate rewrites the last row's checksum: " +
+                    "truncate to fewer rows" + advice);
+  }
 }
 
 }  // namespace
@@ -35,6 +68,7 @@ void truncate_log(StoreFiles& files, std::uint64_t rows) {
   SharedState& state = files.state();
   const std::uint64_t generation = files.file_generation();
   const std::uint64_t key_generation = state.key_generation();
+  check_keepable(files, rows);
   files.write_next_generation(rows);
   EMBSTORE_CRASH_POINT("truncate-files-synced");
   // Until the flag, everything stored here leaves the old store valid: a newer era only means

@@ -13,8 +13,10 @@ namespace embstore::detail {
 // (kGenerationSwitching, with `era` raised and `key_generation` 0) and flushes the header, then
 // finish_switch(). Killed at any instant, the store is the old one (before the flagged header
 // reaches the page cache or the disk) or the new one (after: the next writer or reader finishes
-// the switch). Throws, store unchanged, if the new files cannot be written; an error after the
-// flag is the caller's to treat as a failed flush.
+// the switch). Throws, store unchanged, if the new files cannot be written, or (kCorruption) if
+// a damaged row stands in the way: an all-zero entry among the rows kept, or a last row kept
+// that fails its checksum and does not end a batch. An error after the flag is the caller's to
+// treat as a failed flush.
 void truncate_log(StoreFiles& files, std::uint64_t rows);
 
 // When the state page is switching: follows the new generation, stores its counters (every row

@@ -6,6 +6,8 @@
 //   bit 0  recompute header_checksum after the fuzzer's mutation (reach past the header check)
 //   bit 1  stamp the fuzzer's boot id into the state page (same boot: O(1) open; else recovery)
 //   bit 2  also open a Writer (recovery) and append one row, which must read back valid
+//   bit 3  then truncate: to half the rows before that one, or with bit 4 from epoch 7 (the
+//          appended row's), which must keep exactly that prefix
 // The same entry is linked into libFuzzer (clang, tests/fuzz/run.sh), into the g++ replay driver
 // that ctest runs over the committed corpus, and into the torture suite's scenario 13.
 #pragma once

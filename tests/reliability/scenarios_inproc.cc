@@ -555,7 +555,8 @@ bool scenario_fuzz_smoke(std::uint64_t seed) {
           in[at] = static_cast<char>(rng.next());
         }
       }
-      in[0] = static_cast<char>(rng.below(8));  // flags: fix checksum / same boot / writer
+      // Flags (fuzz_store.h): fix checksum, same boot, writer, truncate (by rows or epoch).
+      in[0] = static_cast<char>(rng.below(32));
     }
     LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(in.data()), in.size());
     stat_add("corrupt_inputs");
