@@ -8,6 +8,8 @@
 //   bit 2  also open a Writer (recovery) and append one row, which must read back valid
 //   bit 3  then truncate: to half the rows before that one, or with bit 4 from epoch 7 (the
 //          appended row's), which must keep exactly that prefix
+//   bit 5  salvage the store into a new one (before any writer), which must copy exactly the
+//          rows that verify, unchanged, and leave the damaged store as it was
 // The same entry is linked into libFuzzer (clang, tests/fuzz/run.sh), into the g++ replay driver
 // that ctest runs over the committed corpus, and into the torture suite's scenario 13.
 #pragma once

@@ -555,11 +555,12 @@ bool scenario_fuzz_smoke(std::uint64_t seed) {
           in[at] = static_cast<char>(rng.next());
         }
       }
-      // Flags (fuzz_store.h): fix checksum, same boot, writer; and in 1 of 8 a truncate (by
-      // rows or from an epoch), which flushes the files 5 times: half the inputs doubled the
-      // scenario's time.
+      // Flags (fuzz_store.h): fix checksum, same boot, writer; and in 1 of 8 each a truncate
+      // (by rows or from an epoch) and a salvage, which flush files several times (a truncate
+      // in half the inputs doubled the scenario's time).
       const std::uint64_t truncate = rng.chance(0.125) ? 8 | (rng.below(2) << 4) : 0;
-      in[0] = static_cast<char>(rng.below(8) | truncate);
+      const std::uint64_t salvage = rng.chance(0.125) ? 32 : 0;
+      in[0] = static_cast<char>(rng.below(8) | truncate | salvage);
     }
     LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(in.data()), in.size());
     stat_add("corrupt_inputs");
