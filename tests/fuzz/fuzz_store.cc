@@ -29,6 +29,7 @@ namespace embstore::fuzz {
 namespace {
 
 constexpr const char* kFuzzBootId = "f0220000-0000-4000-8000-00000000f022";
+constexpr const char* kOtherBootId = "f0220000-0000-4000-8000-00000000f023";  // "after a reboot"
 constexpr const char* kFiles[] = {"header", "rows.1", "index.1"};
 
 // Ends the process on a broken promise, saying which: a fuzzer or scenario 13 that aborts with
@@ -327,7 +328,31 @@ void exercise_truncate(Writer& writer, const std::string& store, const ReaderOpt
   if (before.size() != n) fail("truncate changed an open Reader's snapshot");
 }
 
-void exercise_writer(const std::string& store, bool rebooted, Truncate truncate) {
+// Closes `writer` (its policy syncs first) and opens the store again after a reboot: every row
+// committed at the close was durable, so the recovery that re-checks [durable, committed) after
+// a reboot must keep them all, and a store this library just closed must open.
+void exercise_reopen(Writer& writer, const std::string& store, const WriterOptions& wo,
+                     const ReaderOptions& ro) {
+  const std::uint64_t committed = writer.committed_rows();
+  writer.close();
+  const StoreInfo info = Reader::open(store, ro).info(InfoDetail::kState);
+  if (info.committed_rows != committed || info.durable_rows != committed) {
+    const std::string counts = "committed " + std::to_string(committed) + ", then " +
+                               std::to_string(info.committed_rows) + " committed and " +
+                               std::to_string(info.durable_rows) + " durable";
+    fail("close() left other rows committed or durable", counts.c_str());
+  }
+  detail::testing::set_boot_id(kOtherBootId);
+  try {
+    Writer again = Writer::open(store, wo);
+    if (again.committed_rows() != committed) fail("a recovery after a reboot cut durable rows");
+  } catch (const Error& e) {
+    fail("a store closed by this library does not open after a reboot", e.what());
+  }
+  detail::testing::set_boot_id(kFuzzBootId);
+}
+
+void exercise_writer(const std::string& store, bool rebooted, Truncate truncate, bool reopen) {
   WriterOptions wo;
   wo.map_bytes = 16ull << 20;
   try {
@@ -356,6 +381,7 @@ void exercise_writer(const std::string& store, bool rebooted, Truncate truncate)
     Record rec = reader.record(first);  // and valid (throws otherwise: caught below)
     if (rec.key != key || rec.epoch != 7) fail("an acked row reads back with another key or epoch");
     if (truncate != Truncate::kNone) exercise_truncate(writer, store, ro, first, truncate);
+    if (reopen) exercise_reopen(writer, store, wo, ro);
   } catch (const Error& e) {
     // A row the writer appended must never fail its checksum afterwards.
     if (e.code() == ErrorCode::kCorruption &&
@@ -440,7 +466,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const Truncate truncate = (flags & 8) == 0    ? Truncate::kNone
                               : (flags & 16) == 0 ? Truncate::kRows
                                                   : Truncate::kFromEpoch;
-    exercise_writer(store, (flags & 2) == 0, truncate);
+    exercise_writer(store, (flags & 2) == 0, truncate, (flags & 64) != 0);
     exercise_reader(store);
   }
   return 0;

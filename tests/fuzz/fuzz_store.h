@@ -10,6 +10,8 @@
 //          appended row's), which must keep exactly that prefix
 //   bit 5  salvage the store into a new one (before any writer), which must copy exactly the
 //          rows that verify, unchanged, and leave the damaged store as it was
+//   bit 6  with bit 2: close the writer (it syncs), then open the store again after a reboot,
+//          which must keep every row
 // The same entry is linked into libFuzzer (clang, tests/fuzz/run.sh), into the g++ replay driver
 // that ctest runs over the committed corpus, and into the torture suite's scenario 13.
 #pragma once

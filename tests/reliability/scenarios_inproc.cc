@@ -556,11 +556,12 @@ bool scenario_fuzz_smoke(std::uint64_t seed) {
         }
       }
       // Flags (fuzz_store.h): fix checksum, same boot, writer; and in 1 of 8 each a truncate
-      // (by rows or from an epoch) and a salvage, which flush files several times (a truncate
-      // in half the inputs doubled the scenario's time).
+      // (by rows or from an epoch), a salvage, and a close and reopen, which all flush files (a
+      // truncate in half the inputs doubled the scenario's time).
       const std::uint64_t truncate = rng.chance(0.125) ? 8 | (rng.below(2) << 4) : 0;
       const std::uint64_t salvage = rng.chance(0.125) ? 32 : 0;
-      in[0] = static_cast<char>(rng.below(8) | truncate | salvage);
+      const std::uint64_t reopen = rng.chance(0.125) ? 64 : 0;
+      in[0] = static_cast<char>(rng.below(8) | truncate | salvage | reopen);
     }
     LLVMFuzzerTestOneInput(reinterpret_cast<const std::uint8_t*>(in.data()), in.size());
     stat_add("corrupt_inputs");
