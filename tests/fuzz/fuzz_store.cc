@@ -134,8 +134,9 @@ void check_lookups(const Reader& reader, std::uint64_t n) {
     reader.find_many(many_keys, many_epochs, found);
     if (found != expected_many) fail("find_many() differs from the scan");
   } catch (const Error& e) {
-    if (e.code() != ErrorCode::kCorruption)
+    if (e.code() != ErrorCode::kCorruption) {
       fail("a lookup raised other than kCorruption", e.what());
+    }
   }
 }
 
@@ -159,8 +160,9 @@ void exercise_reader(const std::string& store) {
         Record rec = reader.record(row);
         sum += static_cast<std::uint8_t>(rec.data[0]);
       } catch (const Error& e) {
-        if (e.code() != ErrorCode::kCorruption)
+        if (e.code() != ErrorCode::kCorruption) {
           fail("record() raised other than kCorruption", e.what());
+        }
       }
     }
     check_lookups(reader, n);
@@ -216,44 +218,47 @@ void exercise_salvage(const std::string& store) {
   Reader saved = Reader::open(out, ro);
   if (saved.size() != report.rows_copied) fail("the salvaged store holds other rows than copied");
   if (!saved.verify().ok()) fail("the salvaged store fails verify()");
+  // When the damaged store opens as a Reader (salvage is for stores that may not), every row it
+  // has is compared.
+  std::optional<Reader> opened;
   try {
-    Reader damaged = Reader::open(store, ro);
-    const std::uint64_t row_bytes = std::uint64_t{damaged.dim()} * dtype_size(damaged.dtype());
-    if (saved.dim() != damaged.dim() || saved.dtype() != damaged.dtype()) {
-      fail("the salvaged store has another shape");
-    }
-    auto is_valid = [&](std::uint64_t row) {
-      try {
-        (void)damaged.record(row);
-        return true;
-      } catch (const Error& e) {
-        if (e.code() != ErrorCode::kCorruption) throw;
-        return false;
-      }
-    };
-    std::size_t range = 0;
-    std::uint64_t copied = 0;
-    const std::uint64_t n = damaged.size();
-    for (std::uint64_t row = 0; row < std::max(n, report.rows_scanned); ++row) {
-      while (range < report.lost_ranges.size() && report.lost_ranges[range].second <= row) ++range;
-      const bool lost_here = row >= report.rows_scanned || (range < report.lost_ranges.size() &&
-                                                            report.lost_ranges[range].first <= row);
-      if (lost_here) {
-        if (row < n && is_valid(row)) fail("salvage lost a row that verifies");
-        continue;
-      }
-      const std::uint64_t at = copied++;
-      if (row >= n) continue;  // Past the damaged store's counter: no Reader row to compare.
-      if (!is_valid(row)) fail("salvage copied a row that fails its checksum");
-      const Record a = damaged.record(row);
-      const Record b = saved.record(at);
-      if (a.key != b.key || a.epoch != b.epoch || std::memcmp(a.data, b.data, row_bytes) != 0) {
-        fail("a salvaged row differs from the row it was copied from");
-      }
-    }
+    opened.emplace(Reader::open(store, ro));
   } catch (const Error&) {
-    // The damaged store does not open as a Reader (salvage is for such stores): nothing to
-    // compare row by row.
+    return;
+  }
+  const Reader& damaged = *opened;
+  const std::uint64_t row_bytes = std::uint64_t{damaged.dim()} * dtype_size(damaged.dtype());
+  if (saved.dim() != damaged.dim() || saved.dtype() != damaged.dtype()) {
+    fail("the salvaged store has another shape");
+  }
+  auto is_valid = [&](std::uint64_t row) {
+    try {
+      (void)damaged.record(row);
+      return true;
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kCorruption) throw;
+      return false;
+    }
+  };
+  std::size_t range = 0;
+  std::uint64_t copied = 0;
+  const std::uint64_t n = damaged.size();
+  for (std::uint64_t row = 0; row < std::max(n, report.rows_scanned); ++row) {
+    while (range < report.lost_ranges.size() && report.lost_ranges[range].second <= row) ++range;
+    const bool lost_here = row >= report.rows_scanned || (range < report.lost_ranges.size() &&
+                                                          report.lost_ranges[range].first <= row);
+    if (lost_here) {
+      if (row < n && is_valid(row)) fail("salvage lost a row that verifies");
+      continue;
+    }
+    const std::uint64_t at = copied++;
+    if (row >= n) continue;  // Past the damaged store's counter: no Reader row to compare.
+    if (!is_valid(row)) fail("salvage copied a row that fails its checksum");
+    const Record a = damaged.record(row);
+    const Record b = saved.record(at);
+    if (a.key != b.key || a.epoch != b.epoch || std::memcmp(a.data, b.data, row_bytes) != 0) {
+      fail("a salvaged row differs from the row it was copied from");
+    }
   }
 }
 
