@@ -62,7 +62,11 @@ int make_seeds(const std::string& out_dir) {
       if (s.sync && r == s.rows / 2) w.sync();
     }
     w.close();
-    for (std::uint8_t flags : {0, 3, 7}) {
+    // Flags (fuzz_store.h): none; checksum fixed, same boot; and a writer; and a truncate by
+    // rows (15); after a reboot, a truncate from an epoch and a salvage (61); a close and a
+    // reopen after a reboot, the writer's open after one too (69) or not (71). A truncate leaves
+    // every row durable, so the close is checked on its own.
+    for (std::uint8_t flags : {0, 3, 7, 15, 61, 69, 71}) {
       std::ofstream out(out_dir + "/seed-" + std::to_string(count) + "-f" + std::to_string(flags),
                         std::ios::binary);
       const std::string bytes = embstore::fuzz::encode_store(store, flags);
