@@ -96,6 +96,8 @@ class Writer {
   // step: killed at any instant (or on a power loss), the store is the old one or the new one,
   // never a mix, and the next writer or reader finishes a switch that was decided. The time and
   // the disk space needed are those of copying the rows kept; the old files are removed after.
+  // In a damaged store it throws kCorruption naming the row, store unchanged, rather than keep
+  // an index entry that is all zero or end on a row that fails its checksum.
   //   - Readers: views taken before stay valid and unchanged (the old files stay mapped), and a
   //     Reader keeps its snapshot until refresh(); after that it sees the new generation, and
   //     its size() may go down to `rows`. Lookups never return a dropped row.

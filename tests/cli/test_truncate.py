@@ -72,6 +72,19 @@ def test_truncate_bad_input_is_one_line_and_changes_nothing(store):
     assert missing.code == 12 and "nope" in missing.err
 
 
+def test_truncate_of_a_damaged_store_is_refused_and_changes_nothing(store):
+    # The last row kept would be row 14, which fails its checksum and ends no batch.
+    with open(f"{store}/rows.1", "r+b") as f:
+        f.seek(14 * 4 * 4)
+        f.write(b"damaged!")
+    before = hash_tree(store)
+    r = run("truncate", store, "--rows", 15, "--yes")
+    assert r.code == 14, r
+    lines = [line for line in r.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "row 14" in lines[0] and "rows.1" in lines[0], r.err
+    assert hash_tree(store) == before
+
+
 def test_truncate_help():
     r = run("truncate", "--help")
     assert r.code == 0 and "--from-epoch" in r.out and "--rows" in r.out and "--yes" in r.out

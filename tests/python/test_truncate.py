@@ -70,6 +70,23 @@ def test_truncate_bad_arguments(store):
         assert w.committed_rows() == 10
 
 
+def test_truncate_of_a_damaged_store_raises_naming_the_row_and_changes_nothing(store):
+    with embstore.Writer(store, dim=4) as w:
+        fill(w, 3)
+    # Row 12's index entry zeroed: a truncate that kept it lost every later row before.
+    with open(f"{store}/index.1", "r+b") as f:
+        f.seek(12 * 32)
+        f.write(bytes(32))
+    with embstore.Writer(store) as w:
+        with pytest.raises(embstore.CorruptionError, match="row 12.*all zero.*at most 12 rows"):
+            w.truncate(20)
+        assert w.committed_rows() == 30
+        assert w.info()["generation"] == 1
+        assert w.truncate(12) == 12
+    r = embstore.Reader(store)
+    assert len(r) == 12 and r.verify().ok
+
+
 def test_truncate_writes_the_async_queue_first(store):
     with embstore.Writer(store, dim=4, async_queue_mb=1) as w:
         fill(w, 3)

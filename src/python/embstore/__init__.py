@@ -521,6 +521,8 @@ class Writer(_Handle):
         Writes what is queued first (async mode). Killed at any instant the store is the old one
         or the new one. Readers keep their views and snapshot until ``refresh()``, after which
         ``len(reader)`` may be smaller; Writers of other processes append after the kept rows.
+        In a damaged store, raises CorruptionError naming the row, store unchanged, rather than
+        keep an index entry that is all zero or end on a row that fails its checksum.
         """
         if (rows is None) == (from_epoch is None):
             raise TypeError("truncate() takes exactly one of rows= or from_epoch=")
