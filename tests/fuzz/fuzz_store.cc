@@ -77,6 +77,23 @@ std::uint64_t u64_at(const std::string& s, std::size_t off) {
   return v;
 }
 
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Whether row `row` of the reader's snapshot passes its checksum (record() raises kCorruption
+// when it does not; anything else is a broken promise of its own and propagates).
+bool row_verifies(const Reader& reader, std::uint64_t row) {
+  try {
+    (void)reader.record(row);
+    return true;
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kCorruption) throw;
+    return false;
+  }
+}
+
 // Lookups answer exactly as a scan of the snapshot's offset index would, whether through a key
 // index (after the writer below, one built from whatever the entries hold) or by scan: a key index
 // may refuse with kCorruption, never answer with a wrong row.
@@ -174,11 +191,6 @@ void exercise_reader(const std::string& store) {
   }
 }
 
-std::string file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
 // Salvages the store into a new one and checks what salvage() promises: the damaged store is
 // not changed, the new one verifies and holds exactly the rows the report says were kept, each
 // equal (key, epoch, bytes) to its row in the damaged store, and every row a Reader of the
@@ -231,15 +243,6 @@ void exercise_salvage(const std::string& store) {
   if (saved.dim() != damaged.dim() || saved.dtype() != damaged.dtype()) {
     fail("the salvaged store has another shape");
   }
-  auto is_valid = [&](std::uint64_t row) {
-    try {
-      (void)damaged.record(row);
-      return true;
-    } catch (const Error& e) {
-      if (e.code() != ErrorCode::kCorruption) throw;
-      return false;
-    }
-  };
   std::size_t range = 0;
   std::uint64_t copied = 0;
   const std::uint64_t n = damaged.size();
@@ -248,12 +251,12 @@ void exercise_salvage(const std::string& store) {
     const bool lost_here = row >= report.rows_scanned || (range < report.lost_ranges.size() &&
                                                           report.lost_ranges[range].first <= row);
     if (lost_here) {
-      if (row < n && is_valid(row)) fail("salvage lost a row that verifies");
+      if (row < n && row_verifies(damaged, row)) fail("salvage lost a row that verifies");
       continue;
     }
     const std::uint64_t at = copied++;
     if (row >= n) continue;  // Past the damaged store's counter: no Reader row to compare.
-    if (!is_valid(row)) fail("salvage copied a row that fails its checksum");
+    if (!row_verifies(damaged, row)) fail("salvage copied a row that fails its checksum");
     const Record a = damaged.record(row);
     const Record b = saved.record(at);
     if (a.key != b.key || a.epoch != b.epoch || std::memcmp(a.data, b.data, row_bytes) != 0) {
@@ -272,14 +275,8 @@ void exercise_truncate(Writer& writer, const std::string& store, const ReaderOpt
   const std::uint64_t n = before.size();
   const auto keys = before.keys(0, n);
   const auto epochs = before.epochs(0, n);
-  std::vector<bool> bad(n, false);
-  for (std::uint64_t r = 0; r < n; ++r) {
-    try {
-      (void)before.record(r);
-    } catch (const Error&) {
-      bad[r] = true;
-    }
-  }
+  std::vector<bool> verifies(n);
+  for (std::uint64_t r = 0; r < n; ++r) verifies[r] = row_verifies(before, r);
   std::uint64_t expected = n;
   std::uint64_t kept = 0;
   try {
@@ -320,13 +317,9 @@ void exercise_truncate(Writer& writer, const std::string& store, const ReaderOpt
     if (keys_after[r] != keys[r] || epochs_after[r] != epochs[r]) {
       fail("a row kept by truncate changed its key or epoch");
     }
-    bool bad_after = false;
-    try {
-      (void)after.record(r);
-    } catch (const Error&) {
-      bad_after = true;
+    if (row_verifies(after, r) != verifies[r]) {
+      fail("truncate changed whether a row it kept verifies");
     }
-    if (bad_after != bad[r]) fail("truncate changed whether a row it kept verifies");
   }
   check_lookups(after, expected);
   // The snapshot taken before is unchanged.
@@ -402,8 +395,7 @@ std::string encode_store(const std::string& dir, std::uint8_t flags) {
   std::string out(1, static_cast<char>(flags));
   for (int i = 0; i < 3; ++i) {
     if (i > 0) out.append(kSeparator, kSeparatorBytes);
-    std::ifstream in(dir + "/" + kFiles[i], std::ios::binary);
-    out.append(std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()));
+    out.append(file_bytes(dir + "/" + kFiles[i]));
   }
   return out;
 }
