@@ -13,6 +13,7 @@
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <optional>
@@ -580,8 +581,14 @@ TEST_CASE("verify() reports a damaged key index body and rebuild_key_index() rep
   const std::string path = dir / "s";
   Writer w = Writer::create(path, options());
   append_cycling(w, 600, 60, 60);
-  // Zero the first page of slots (pair table): some pairs lose their slot.
-  test::write_bytes(path + "/keys.1", 4096, std::string(4096, '\0'));
+  // Zero the whole pair table (16 bytes a slot): every pair loses its slot. One page is not
+  // always enough: a key's epochs share one 256-slot page (FORMAT.md).
+  std::uint64_t pair_slots = 0;
+  std::memcpy(
+      &pair_slots,
+      test::read_file(path + "/keys.1").data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
+  REQUIRE(pair_slots >= 1024);
+  test::write_bytes(path + "/keys.1", 4096, std::string(16 * pair_slots, '\0'));
   Reader r = Reader::open(path);
   const VerifyReport report = r.verify();
   CHECK(report.rows_checked == 600);
