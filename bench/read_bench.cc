@@ -4,6 +4,10 @@
 //   BM_ScanViewCold    the same through a freshly opened Reader (its mapping not yet faulted in;
 //                      the file pages are in the page cache); populate:1 fills its page tables
 //                      with MADV_POPULATE_READ first (timed); minor faults as a counter
+//   BM_ScanViewFreshProcess
+//                      the same through a Reader opened in a new process (a fork per
+//                      iteration), timed in the child: open, rows(), sum. What every downstream
+//                      process (a notebook, a loader worker) pays on its first scan
 //   BM_ScanMemory      baseline: the same loop over private, already-touched memory
 //   BM_CopyOutView     memcpy of the view into private memory (what np.array(view) costs)
 //   BM_CopyOutMemory   baseline: memcpy between two private, touched buffers
@@ -13,12 +17,18 @@
 //   BM_OpenReader      Reader::open + first record on stores of 1k .. EMBSTORE_BENCH_OPEN_ROWS rows
 //   BM_OpenWriter      Writer::open + close on the same stores
 //
-// Sizes: EMBSTORE_BENCH_ROWS rows of 768 float32 for scans (default 200000: ~600 MB);
+// Sizes: EMBSTORE_BENCH_ROWS rows of 768 float32 for scans (default 200000: ~600 MB), appended
+// in batches of 512 rows as in training (the page-cache folios the writes create, and so what a
+// new mapping of them costs, depend on the size of each write: bench/RESULTS.md, "A fresh
+// process's first scan, and 2 MiB page-cache folios");
 // EMBSTORE_BENCH_OPEN_ROWS for the largest open (default 10M rows of 16 int8, ~480 MB on disk).
 #include <benchmark/benchmark.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -43,14 +53,14 @@ long minor_faults() {
 std::uint64_t scan_rows() { return env_u64("EMBSTORE_BENCH_ROWS", 200000); }
 std::uint64_t open_rows_max() { return env_u64("EMBSTORE_BENCH_OPEN_ROWS", 10000000); }
 
-// Fills `path` with `rows` rows of `dim` x `dtype` in batches of 4096.
-void fill_store(const std::string& path, std::uint64_t rows, std::uint32_t dim, DType dtype) {
+// Fills `path` with `rows` rows of `dim` x `dtype` in batches of `batch`.
+void fill_store(const std::string& path, std::uint64_t rows, std::uint32_t dim, DType dtype,
+                std::uint64_t batch) {
   CreateOptions create;
   create.dim = dim;
   create.dtype = dtype;
   WriterOptions options;
   Writer writer = Writer::create(path, create, options);
-  const std::uint64_t batch = 4096;
   const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(dtype);
   const Floats values = random_floats(batch * row_bytes / 4 + 1, 1);
   std::vector<std::uint64_t> keys(batch);
@@ -67,7 +77,7 @@ void fill_store(const std::string& path, std::uint64_t rows, std::uint32_t dim, 
 struct ScanStore {
   TempDir dir;
   std::string path = dir.sub("scan");
-  ScanStore() { fill_store(path, scan_rows(), kDim, DType::kFloat32); }
+  ScanStore() { fill_store(path, scan_rows(), kDim, DType::kFloat32, 512); }
   static ScanStore& get() {
     static ScanStore store;
     return store;
@@ -130,6 +140,54 @@ void BM_ScanViewCold(benchmark::State& state) {
   state.counters["faults"] = benchmark::Counter(faults, benchmark::Counter::kAvgIterations);
   state.SetLabel(populate ? "cold mapping (page cache warm), MADV_POPULATE_READ, sum"
                           : "cold mapping (page cache warm), sum");
+}
+
+// Each iteration forks a child that opens a Reader, takes rows() and sums the view, and reports
+// the time of those three steps through a pipe (manual time); the fork and the exit are not
+// timed. The parent holds no Writer and runs no other thread, so the child may allocate.
+void BM_ScanViewFreshProcess(benchmark::State& state) {
+  const std::string& path = ScanStore::get().path;
+  std::uint64_t bytes = 0, rows = 0;
+  for (auto _ : state) {
+    int fds[2];
+    if (::pipe(fds) != 0) {
+      state.SkipWithError("pipe failed");
+      break;
+    }
+    const pid_t child = ::fork();
+    if (child == 0) {
+      ::close(fds[0]);
+      double result[3] = {-1, 0, 0};  // Seconds, bytes, rows; -1: the child failed.
+      try {
+        const auto start = std::chrono::steady_clock::now();
+        Reader reader = Reader::open(path);
+        const RowsView view = reader.rows();
+        benchmark::DoNotOptimize(sum_words(view.data, view.size_bytes()));
+        result[0] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        result[1] = static_cast<double>(view.size_bytes());
+        result[2] = static_cast<double>(view.rows);
+      } catch (...) {
+      }
+      const bool sent = ::write(fds[1], result, sizeof(result)) == sizeof(result);
+      ::_exit(sent ? 0 : 1);
+    }
+    ::close(fds[1]);
+    double result[3] = {-1, 0, 0};
+    const bool got = child > 0 && ::read(fds[0], result, sizeof(result)) == sizeof(result);
+    ::close(fds[0]);
+    int status = 0;
+    if (child > 0) ::waitpid(child, &status, 0);
+    if (!got || result[0] < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      state.SkipWithError("the child process could not open and scan the store");
+      break;
+    }
+    state.SetIterationTime(result[0]);
+    bytes += static_cast<std::uint64_t>(result[1]);
+    rows += static_cast<std::uint64_t>(result[2]);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
+  state.SetItemsProcessed(static_cast<std::int64_t>(rows));
+  state.SetLabel("Reader opened in a new process: open, rows(), sum");
 }
 
 void BM_ScanMemory(benchmark::State& state) {
@@ -212,7 +270,7 @@ const std::string& open_store(std::uint64_t rows) {
   auto it = paths.find(rows);
   if (it != paths.end()) return it->second;
   const std::string path = dir.sub("open" + std::to_string(rows));
-  fill_store(path, rows, 16, DType::kInt8);
+  fill_store(path, rows, 16, DType::kInt8, 4096);
   return paths.emplace(rows, path).first->second;
 }
 
@@ -251,6 +309,10 @@ BENCHMARK(BM_ScanViewCold)
     ->Arg(1)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
+    ->Apply(add_min_max);
+BENCHMARK(BM_ScanViewFreshProcess)
+    ->Unit(benchmark::kMillisecond)
+    ->UseManualTime()
     ->Apply(add_min_max);
 BENCHMARK(BM_ScanMemory)->Unit(benchmark::kMillisecond)->UseRealTime()->Apply(add_min_max);
 BENCHMARK(BM_CopyOutView)->Unit(benchmark::kMillisecond)->UseRealTime()->Apply(add_min_max);
