@@ -10,7 +10,8 @@
 #      Writer.append against it (bench/python_append.py)
 #   2. append_bench: the target cases and the small-batch crossover (batch 1..64), 5 interleaved
 #      repetitions, with same-repetition ratios (bench/ratios.py)
-#   3. read_bench: scans of a warm view and of a freshly opened Reader against private memory
+#   3. read_bench: scans of a warm view, of a freshly opened Reader and of a Reader in a new process
+#      against private memory
 #   4. with --compare: bench/compare/run.sh --repeat 5 (installs packages, minutes)
 # --quick shrinks every size (a check that the command works, not figures). Needs a build with
 # -DEMBSTORE_BUILD_BENCH=ON -DEMBSTORE_BUILD_TOOLS=ON (default build dir: build).
@@ -76,7 +77,8 @@ EMBSTORE_BENCH_ROWS="$scan_rows" EMBSTORE_BENCH_OPEN_ROWS="$open_rows" "$build/b
   --benchmark_out="$out/read.json" --benchmark_out_format=json >/dev/null
 /usr/bin/python3 "$repo/bench/ratios.py" "$out/read.json" \
   --pair 'BM_ScanViewCold/populate:0=BM_ScanMemory' --pair 'BM_ScanViewCold/populate:1=BM_ScanMemory' \
-  --pair 'BM_ScanView=BM_ScanMemory' --times 'BM_OpenReader'
+  --pair 'BM_ScanView=BM_ScanMemory' --pair 'BM_ScanViewFreshProcess=BM_ScanMemory' \
+  --times 'BM_OpenReader'
 echo "-- the same per CPU second:"
 /usr/bin/python3 "$repo/bench/ratios.py" "$out/read.json" --cpu \
   --pair 'BM_ScanViewCold/populate:0=BM_ScanMemory' --pair 'BM_ScanViewCold/populate:1=BM_ScanMemory' \

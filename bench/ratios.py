@@ -37,7 +37,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("report")
     ap.add_argument("--pair", action="append", default=[],
-                    help="NAME_A=NAME_B (run names without /repeats and /real_time suffixes)")
+                    help="NAME_A=NAME_B (run names without /repeats, /real_time and /manual_time"
+                    " suffixes)")
     ap.add_argument("--cpu", action="store_true",
                     help="ratios of work per CPU second of the benchmark thread (kernel time"
                     " included), which a busy machine disturbs less than wall time")
@@ -51,7 +52,8 @@ def main():
     for b in report["benchmarks"]:
         if b.get("run_type") != "iteration" or b.get("error_occurred"):
             continue
-        name = b["run_name"].replace("/real_time", "")
+        # A manual-time run reports the time it measured as its real_time.
+        name = b["run_name"].replace("/real_time", "").replace("/manual_time", "")
         runs[name][b.get("repetition_index", 0)] = rate(b, args.cpu)
         times[name].append((b["real_time"], b.get("time_unit", "ns")))
     pairs = [tuple(p.split("=", 1)) for p in args.pair] or DEFAULT_PAIRS
