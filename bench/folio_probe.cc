@@ -2,9 +2,9 @@
 // cache was created. No store is involved: a file is allocated (posix_fallocate, as a store's
 // segments are), written with `pwrite()` in batches of 512 x 768 float32 (as a writer alone
 // writes rows), and then a fresh child process maps it read-only at a 2 MiB-aligned address (as
-// a Reader does), fills the page tables (MADV_POPULATE_READ, as Reader::rows() does) and sums
-// every 8-byte word twice. Two ways to create the page cache, run in a fresh random order each
-// round:
+// a Reader does, with the library's own platform/os.h), fills the page tables
+// (MADV_POPULATE_READ, as Reader::rows() does) and sums every 8-byte word twice. Two ways to create
+// the page cache, run in a fresh random order each round:
 //   pwrite   the writes allocate the page cache (what every writer does today): folios no larger
 //            than a write, so the child's mapping takes one page-table entry per 4 KiB page;
 //   folios   the file's page cache is first created in 2 MiB folios, by MADV_POPULATE_READ
@@ -12,12 +12,12 @@
 //            copy into those folios: the child's mapping takes one entry per 2 MiB.
 // Prints each round (the time to create the folios, the writes, the child's populate, first and
 // second scan, and how much of its mapping the kernel mapped in 2 MiB pages: FilePmdMapped) and
-// the min / median over the rounds per way. bench/RESULTS.md, "Large folios".
+// the min / median over the rounds per way. bench/RESULTS.md, "A fresh process's first scan, and
+// 2 MiB page-cache folios".
 //
 //   folio_probe [--mib N (default 600)] [--rounds R (default 5)] [--dir D (default $TMPDIR or
 //   /tmp)]
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -33,13 +33,10 @@
 #include <string>
 #include <vector>
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
+#include "platform/os.h"
 
 namespace {
 
-constexpr std::uint64_t kHuge = 2 << 20;
 constexpr std::uint64_t kBatchBytes = 512 * 768 * 4;
 
 double ms_since(std::chrono::steady_clock::time_point start) {
@@ -51,15 +48,13 @@ void check(bool ok, const std::string& what) {
   if (!ok) throw std::runtime_error(what + ": " + std::strerror(errno));
 }
 
-// Maps `bytes` of `fd` shared at a 2 MiB-aligned address; the reservation's slack stays reserved
-// (PROT_NONE) until the process exits.
-char* map_aligned(int fd, std::uint64_t bytes, int prot) {
-  void* reserved =
-      ::mmap(nullptr, bytes + kHuge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  check(reserved != MAP_FAILED, "mmap (reserve)");
-  const auto aligned = (reinterpret_cast<std::uintptr_t>(reserved) + kHuge - 1) & ~(kHuge - 1);
-  void* at = ::mmap(reinterpret_cast<void*>(aligned), bytes, prot, MAP_SHARED | MAP_FIXED, fd, 0);
-  check(at != MAP_FAILED, "mmap (file)");
+namespace os = embstore::detail::os;
+
+// Maps `bytes` of `fd` read-only where a Reader maps a store's files: from offset 0, in an
+// address-space reservation of the library's (2 MiB-aligned). Released with os::unmap.
+char* map_like_a_reader(int fd, std::uint64_t bytes, const std::string& path) {
+  void* at = os::reserve(bytes, path);
+  os::map_fixed(at, bytes, fd, 0, os::Access::kReadOnly, path);
   return static_cast<char*>(at);
 }
 
@@ -78,12 +73,19 @@ struct Round {
   std::uint64_t sum = 0;  // Of the child's first scan: checked against the bytes written.
 };
 
-// The child's part: map, populate, scan twice. Returns through `out` (a pipe).
+// The child's part: map, populate, scan twice. Returns through `out` (a pipe); exits 1 without
+// writing it if the file cannot be mapped (the parent then reports the child failed).
 [[noreturn]] void reader_child(int fd, std::uint64_t bytes, int out) {
   Round r;
-  char* m = map_aligned(fd, bytes, PROT_READ);
+  char* m = nullptr;
+  try {
+    m = map_like_a_reader(fd, bytes, "the probe's file");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "folio_probe: reader child: %s\n", e.what());
+    ::_exit(1);
+  }
   auto t = std::chrono::steady_clock::now();
-  (void)::madvise(m, bytes, MADV_POPULATE_READ);
+  os::populate_read(m, bytes);
   r.populate_ms = ms_since(t);
   const auto* words = reinterpret_cast<const std::uint64_t*>(m);
   for (double* scan : {&r.scan1_ms, &r.scan2_ms}) {
@@ -121,10 +123,10 @@ Round run(bool folios, const std::string& dir, std::uint64_t bytes,
   Round r;
   auto t = std::chrono::steady_clock::now();
   if (folios) {
-    char* m = map_aligned(fd, bytes, PROT_READ);
-    (void)::madvise(m, bytes, MADV_HUGEPAGE);
-    (void)::madvise(m, bytes, MADV_POPULATE_READ);
-    ::munmap(m, bytes);
+    char* m = map_like_a_reader(fd, bytes, path);
+    os::advise_huge_pages(m, bytes);
+    os::populate_read(m, bytes);
+    os::unmap(m, bytes);
     r.create_ms = ms_since(t);
   }
   t = std::chrono::steady_clock::now();
