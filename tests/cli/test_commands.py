@@ -427,9 +427,32 @@ def test_python_append_bench_compares_the_binding_with_the_cli_in_the_same_run(t
     assert os.listdir(tmp_path) == []  # every store removed
 
 
+def test_bench_warms_the_page_cache_before_every_phase_unless_asked_not_to(tmp_path):
+    # Each phase starts from page cache freed a moment ago: a file of the phase's payload is
+    # written and removed first (on a VM whose host takes freed memory back, a phase's figure
+    # otherwise depends on how long ago the last one freed its pages).
+    r = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 2, "--dir",
+            tmp_path, "--json", "--quiet")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["config"]["page_state"] == "warm"
+    warm = report["runs"][0]["page_cache_warm_ms"]
+    assert len(warm) == 2 * 4 and all(ms >= 0 for ms in warm)  # 4 phases in each of 2 repeats
+    assert os.listdir(tmp_path) == []  # the warm-up file went with the rest
+    text = run("bench", "--rows", 200, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
+               tmp_path, "--quiet", "--no-baselines")
+    assert re.search(r"^page cache warmed before each phase .*: 1 times, ", text.out, re.M), text
+    r = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
+            tmp_path, "--json", "--quiet", "--page-state", "as-is")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["config"]["page_state"] == "as-is"
+    assert report["runs"][0]["page_cache_warm_ms"] == []
+
+
 def test_bench_bad_options_are_usage_errors():
     for args in (["--writers", "0"], ["--sync", "sometimes"], ["--dtype", "f64->f8"],
-                 ["--frobnicate"]):
+                 ["--page-state", "cold"], ["--frobnicate"]):
         r = run("bench", *args)
         assert r.code == 2, (args, r)
         one_line(r.err)

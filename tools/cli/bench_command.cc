@@ -56,6 +56,9 @@ struct Config {
   bool no_key_index = false;  // The store is created without a key index (its cost apart).
   bool json = false;
   bool quiet = false;
+  // Before each phase: "warm" writes and removes a file as large as the phase's payload in the
+  // work directory (see warm_page_cache()); "as-is" does nothing.
+  std::string page_state = "warm";
 };
 
 [[noreturn]] void usage_error(const std::string& what) {
@@ -497,6 +500,41 @@ std::uint64_t disk_bytes(const std::string& dir, const std::string& prefix = "")
   return total;
 }
 
+// Puts the page cache in the same state before every phase: writes `bytes` into a scratch file
+// of `dir` and removes it, so the phase's page cache comes from pages freed a moment ago, as on
+// a machine whose page cache recycles itself. Without it, a phase that starts seconds after the
+// last large free writes into memory the VM host has taken back (free page reporting, this
+// kernel's page_reporting module) and pays for the host faulting it in again at first touch:
+// up to 5-8x slower, measured by `dd` (bench/RESULTS.md, "Same state before every phase").
+// Anonymous memory touched and freed does not do it: the page cache's large folios are carved
+// from the freed high-order blocks the host takes back, which anonymous pages are not.
+// Returns the milliseconds it took.
+double warm_page_cache(const std::string& dir, std::uint64_t bytes) {
+  const auto start = now_ns();
+  const std::string path = dir + "/page-cache-warm-up";
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) throw Error(ErrorCode::kIO, "cannot create " + path + ": " + std::strerror(errno));
+  std::vector<std::byte> chunk(std::size_t{8} << 20, std::byte{1});
+  std::uint64_t done = 0;
+  int err = 0;
+  while (done < bytes && err == 0) {
+    const std::size_t n =
+        static_cast<std::size_t>(std::min<std::uint64_t>(chunk.size(), bytes - done));
+    const ssize_t w = ::pwrite(fd, chunk.data(), n, static_cast<off_t>(done));
+    if (w <= 0) err = w < 0 ? errno : EIO;
+    done += w > 0 ? static_cast<std::uint64_t>(w) : 0;
+  }
+  ::close(fd);
+  ::unlink(path.c_str());
+  if (err != 0) {
+    throw Error(ErrorCode::kIO,
+                "warming the page cache: writing " + path + ": " + std::strerror(err) +
+                    " (--page-state as-is skips it)",
+                err);
+  }
+  return (now_ns() - start) / 1e6;
+}
+
 struct RunResult {
   int writers = 0;
   PhaseResult store, pwrite, pwrite_prealloc, memcpy;  // Medians over the repeats.
@@ -507,6 +545,7 @@ struct RunResult {
   // payload + 32 B/row + one segment is for the rest, the data and index files and the header.
   std::uint64_t disk = 0, key_index_disk = 0, payload = 0, segment_bytes = 0;
   std::string store_path;
+  std::vector<double> warm_ms;  // warm_page_cache() before each phase, in the order run.
 };
 
 double ratio(double a, double b) { return b > 0 ? a / b : 0; }
@@ -548,7 +587,15 @@ void run_repeat(const Config& config, int r, RunResult& run, const std::string& 
   const std::string path =
       work_dir + "/store-w" + std::to_string(writers) + "-r" + std::to_string(r);
   std::uint64_t rows = config.rows;
+  // In duration mode the store's phase runs first and sets the row count; before it, the last
+  // repeat's count is the best guess of its size.
+  if (config.seconds > 0 && !run.stores.empty()) rows = run.stores.back().rows;
+  auto prepare = [&] {
+    if (config.page_state == "warm")
+      run.warm_ms.push_back(warm_page_cache(work_dir, rows * row_bytes));
+  };
   auto store_phase = [&] {
+    prepare();
     CreateOptions create;
     create.dim = config.dim;
     create.dtype = config.store_dtype;
@@ -572,6 +619,7 @@ void run_repeat(const Config& config, int r, RunResult& run, const std::string& 
   };
   auto baseline = [&](Workload workload, std::vector<PhaseResult>& results) {
     return [&, workload] {
+      prepare();
       results.push_back(run_phase(config, workload, writers, 0, work_dir, path, rows));
     };
   };
@@ -655,6 +703,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
     run["key_index_bytes_on_disk"] = r.key_index_disk;
     run["bytes_on_disk_bound"] = r.payload + 32 * r.store.rows + r.segment_bytes;  // without it
     run["store"] = config.keep ? r.store_path : "";
+    run["page_cache_warm_ms"] = r.warm_ms;
     out_runs.push_back(std::move(run));
   }
   const nlohmann::ordered_json out = {{"config",
@@ -668,6 +717,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
                                         {"key_index", !config.no_key_index},
                                         {"row_bytes", row_bytes},
                                         {"repeat", config.repeat},
+                                        {"page_state", config.page_state},
                                         {"dir", config.dir}}},
                                       {"runs", out_runs}};
   std::puts(out.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
@@ -741,6 +791,18 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
         static_cast<unsigned long long>(r.disk - r.key_index_disk),
         static_cast<unsigned long long>(r.payload + 32 * r.store.rows + r.segment_bytes),
         config.keep ? ", kept at " : "", config.keep ? r.store_path.c_str() : "");
+  }
+  if (config.page_state == "warm") {
+    std::vector<double> all;
+    for (const RunResult& r : runs) all.insert(all.end(), r.warm_ms.begin(), r.warm_ms.end());
+    std::sort(all.begin(), all.end());
+    if (!all.empty()) {
+      std::printf(
+          "page cache warmed before each phase (a file of the phase's payload written and "
+          "removed; --page-state as-is skips it): %zu times, %.0f / %.0f / %.0f ms min / median / "
+          "max\n",
+          all.size(), all.front(), all[all.size() / 2], all.back());
+    }
   }
   if (runs.size() > 1) {
     std::printf("embstore throughput vs %d writer%s:", runs[0].writers,
@@ -832,6 +894,11 @@ void add_bench_command(CLI::App& app, Registry& registry) {
   cmd->add_flag("--no-baselines", config->no_baselines, "Skip the pwrite/pwrite-pre/memcpy runs");
   cmd->add_flag("--no-key-index", config->no_key_index,
                 "Create the store without a key index (lookups by key then scan), to see its cost");
+  cmd->add_option("--page-state", config->page_state,
+                  "Before each phase: warm (write and remove a file of the phase's payload, so "
+                  "every phase starts from the same page cache state) or as-is")
+      ->check(CLI::IsMember({"warm", "as-is"}))
+      ->capture_default_str();
   cmd->add_flag("--json", config->json, "One JSON object on stdout instead of the table");
   cmd->add_flag("-q,--quiet", config->quiet, "No progress line on stderr");
   cmd->footer(
@@ -843,7 +910,9 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "a new key for every row, as sample ids are in training (readers derive their lag from\n"
       "them); the epoch is the writer's number. A phase ends when its last writer's close()\n"
       "returns; close() finishes a key index growth in progress and, unless --sync none, a\n"
-      "last sync: its time is reported.\n\n"
+      "last sync: its time is reported. Before each phase a file as large as its payload is\n"
+      "written and removed (--page-state warm): on a VM whose host takes freed memory back,\n"
+      "a phase would otherwise pay the host's first-touch faults or not, by its timing.\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
   registry.add(cmd, [config] { return run_bench(*config); });
 }
