@@ -8,7 +8,8 @@ appending 512 x 768 float32 batches, row i of a batch keyed t + i with t the app
 CLOCK_MONOTONIC time in ns, epoch 0, sync none, key index on). The Python figure is the same
 loop written as a user would in Python (this script with --child): the keys made with numpy,
 then `Writer.append(keys, batch, 0)` of one reused float32 array, timed over the same span
-(open excluded, close included). Each round runs both in a fresh random order, each into a
+(open excluded, close included). Both start from page cache freed a moment ago (a file of the
+payload written and removed first: `embstore bench --page-state warm`). Each round runs both in a fresh random order, each into a
 fresh store; a round's ratio is Python MB/s / C++ MB/s (target: >= 0.95, issue "Append at the
 speed of the page cache"). Prints one line per run, then the ratio's min / median / max and
 the p50 latencies of both (medians over rounds).
@@ -46,10 +47,23 @@ def make_batch(source, batch_rows, dim):
     return batch
 
 
+def warm_page_cache(directory, nbytes):
+    """As `embstore bench` does before its phase (--page-state warm): writes a file of the
+    payload and removes it, so this run's page cache comes from pages freed a moment ago, not
+    from memory the VM host took back (bench/RESULTS.md, "Same state before every phase")."""
+    path = os.path.join(directory, "page-cache-warm-up")
+    chunk = bytes(8 << 20)
+    with open(path, "wb") as f:
+        for _ in range(0, nbytes, len(chunk)):
+            f.write(chunk)
+    os.unlink(path)
+
+
 def child(rows, directory, source, batch_rows=512, dim=768):
     import embstore
     path = os.path.join(directory, "python_append.emb")
     batch = make_batch(source, batch_rows, dim)
+    warm_page_cache(directory, rows * dim * 4)
     base = np.arange(batch_rows, dtype=np.uint64)
     keys = np.empty_like(base)
     latencies = []
