@@ -53,13 +53,15 @@ long minor_faults() {
 std::uint64_t scan_rows() { return env_u64("EMBSTORE_BENCH_ROWS", 200000); }
 std::uint64_t open_rows_max() { return env_u64("EMBSTORE_BENCH_OPEN_ROWS", 10000000); }
 
-// Fills `path` with `rows` rows of `dim` x `dtype` in batches of `batch`.
+// Fills `path` with `rows` rows of `dim` x `dtype` in batches of `batch` (through a writer with
+// WriterOptions::huge_pages when `huge_pages`).
 void fill_store(const std::string& path, std::uint64_t rows, std::uint32_t dim, DType dtype,
-                std::uint64_t batch) {
+                std::uint64_t batch, bool huge_pages = false) {
   CreateOptions create;
   create.dim = dim;
   create.dtype = dtype;
   WriterOptions options;
+  options.huge_pages = huge_pages;
   Writer writer = Writer::create(path, create, options);
   const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(dtype);
   const Floats values = random_floats(batch * row_bytes / 4 + 1, 1);
@@ -73,13 +75,20 @@ void fill_store(const std::string& path, std::uint64_t rows, std::uint32_t dim, 
   writer.close();
 }
 
-// One ~600 MB store shared by the scan and lookup benchmarks, built on first use.
+// One ~600 MB store shared by the scan and lookup benchmarks, built on first use; and one
+// written by a writer with WriterOptions::huge_pages (its rows in 2 MiB page-cache pages).
 struct ScanStore {
   TempDir dir;
   std::string path = dir.sub("scan");
-  ScanStore() { fill_store(path, scan_rows(), kDim, DType::kFloat32, 512); }
-  static ScanStore& get() {
-    static ScanStore store;
+  explicit ScanStore(bool huge_pages) {
+    fill_store(path, scan_rows(), kDim, DType::kFloat32, 512, huge_pages);
+  }
+  static ScanStore& get(bool huge_pages = false) {
+    if (huge_pages) {
+      static ScanStore huge(true);
+      return huge;
+    }
+    static ScanStore store(false);
     return store;
   }
 };
@@ -145,8 +154,10 @@ void BM_ScanViewCold(benchmark::State& state) {
 // Each iteration forks a child that opens a Reader, takes rows() and sums the view, and reports
 // the time of those three steps through a pipe (manual time); the fork and the exit are not
 // timed. The parent holds no Writer and runs no other thread, so the child may allocate.
+// huge_pages:1 scans the store written with WriterOptions::huge_pages.
 void BM_ScanViewFreshProcess(benchmark::State& state) {
-  const std::string& path = ScanStore::get().path;
+  const bool huge_pages = state.range(0) != 0;
+  const std::string& path = ScanStore::get(huge_pages).path;
   std::uint64_t bytes = 0, rows = 0;
   for (auto _ : state) {
     int fds[2];
@@ -187,7 +198,9 @@ void BM_ScanViewFreshProcess(benchmark::State& state) {
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
   state.SetItemsProcessed(static_cast<std::int64_t>(rows));
-  state.SetLabel("Reader opened in a new process: open, rows(), sum");
+  state.SetLabel(huge_pages ? "Reader opened in a new process: open, rows(), sum; rows written "
+                              "with WriterOptions::huge_pages"
+                            : "Reader opened in a new process: open, rows(), sum");
 }
 
 void BM_ScanMemory(benchmark::State& state) {
@@ -311,6 +324,9 @@ BENCHMARK(BM_ScanViewCold)
     ->UseRealTime()
     ->Apply(add_min_max);
 BENCHMARK(BM_ScanViewFreshProcess)
+    ->ArgName("huge_pages")
+    ->Arg(0)
+    ->Arg(1)
     ->Unit(benchmark::kMillisecond)
     ->UseManualTime()
     ->Apply(add_min_max);

@@ -831,6 +831,7 @@ Writer Writer::open(const std::string& path, const WriterOptions& options) {
   }
   refuse_remote_filesystem(path, options);
   auto files = StoreFiles::open(path, detail::os::Access::kReadWrite, options.map_bytes);
+  files->set_huge_pages(options.huge_pages);
   const auto& layout = files->layout();
   if (options.expect_dim && *options.expect_dim != layout.dim) {
     throw Error(ErrorCode::kFormatMismatch, files->dir() + ": the store's dim is " +

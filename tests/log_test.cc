@@ -22,6 +22,7 @@
 #include "platform/testing.h"
 #include "storage/store_files.h"
 #include "support/payload.h"
+#include "support/smaps.h"
 #include "support/temp_dir.h"
 #include "writer_internals.h"
 
@@ -29,6 +30,7 @@ using namespace embstore;
 using embstore::detail::IndexEntry;
 using embstore::detail::PreparedBatch;
 using embstore::detail::StoreFiles;
+using embstore::test::resident_kib;
 using embstore::test::TempDir;
 
 namespace {
@@ -471,25 +473,6 @@ TEST_CASE(
   CHECK(seen.size() >= 3);
   CHECK(Reader::open(dir / "s").verify().ok());
 }
-
-namespace {
-// KiB of `path` resident in this process's mappings of it (/proc/self/smaps, Rss).
-std::uint64_t resident_kib(const std::string& path) {
-  std::ifstream smaps("/proc/self/smaps");
-  std::uint64_t kib = 0;
-  bool in = false;
-  for (std::string line; std::getline(smaps, line);) {
-    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
-        line.find('-') != std::string::npos && line.find(' ') > line.find('-')) {
-      in = line.size() >= path.size() &&
-           line.compare(line.size() - path.size(), path.size(), path) == 0;
-    } else if (in && line.rfind("Rss:", 0) == 0) {
-      kib += std::stoull(line.substr(4));
-    }
-  }
-  return kib;
-}
-}  // namespace
 
 TEST_CASE("A writer reads the rows it wrote back with pread to hash them, and maps none of them",
           "[log][commit][mapping]") {

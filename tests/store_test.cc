@@ -24,6 +24,7 @@
 #include "support/error_code.h"
 #include "support/payload.h"
 #include "support/process.h"
+#include "support/smaps.h"
 #include "support/temp_dir.h"
 
 using namespace embstore;
@@ -788,6 +789,85 @@ TEST_CASE("Both write paths store the same bytes: packed, strided, in pieces, co
   for (std::uint64_t i = 0; i < 2 * kDim; ++i) {
     REQUIRE(halves[3000 * kDim + i] == detail::float_to_half(values[i]));
   }
+  CHECK(hr.verify().ok());
+}
+
+TEST_CASE("A writer asked for huge pages writes its rows through a mapping advised for them",
+          "[store][write-path]") {
+  // WriterOptions::huge_pages: every batch's rows go through the writer's mapping of rows.1
+  // (advised MADV_HUGEPAGE, "hg" in its VmFlags), whatever its size, staged, read-back-sized,
+  // strided, converted or larger than one thread stages; a writer without the option, appending
+  // to the same store in between, keeps to pwrite. Every row reads back as written.
+  TempDir dir;
+  constexpr std::uint32_t kDim = 768;  // 3 KB rows
+  Writer w = Writer::create(dir / "s", opts(kDim, DType::kFloat32, 64ull << 20));
+  WriterOptions huge;
+  huge.huge_pages = true;
+  w.close();
+  Writer h = Writer::open(dir / "s", huge);
+  Writer plain = Writer::open(dir / "s");
+  const std::string rows_file = dir / "s/rows.1";
+  std::uint64_t seq = 0;
+  auto append = [&](Writer& writer, std::uint64_t rows) {
+    const auto packed = test::batch_payload(4, seq, rows, kDim);
+    std::vector<std::uint64_t> keys(rows);
+    for (std::uint64_t i = 0; i < rows; ++i) keys[i] = test::make_key(4, seq + i);
+    if (rows % 2 == 0) {  // Strided, the padding poisoned.
+      std::vector<float> strided(rows * (kDim + 4), std::nanf(""));
+      for (std::uint64_t i = 0; i < rows; ++i) {
+        std::memcpy(&strided[i * (kDim + 4)], &packed[i * kDim], kDim * sizeof(float));
+      }
+      CHECK(writer.append(
+                keys, 1,
+                ConstMatrix{strided.data(), DType::kFloat32, rows, kDim, (kDim + 4) * 4}) == seq);
+    } else {
+      CHECK(writer.append(keys, 1, std::span<const float>(packed)) == seq);
+    }
+    seq += rows;
+  };
+  // 1 row, 511 (staged, 1.5 MB), 513 (read back when alone), 3,001 (8.9 MB: more than one
+  // thread stages, copied and hashed in pieces).
+  for (const std::uint64_t rows : {1ull, 511ull, 513ull, 3001ull, 2ull, 1024ull}) append(h, rows);
+  // Both handles map rows.1; only the one with the option asked for huge pages (given to all
+  // of a mapping's whole 2 MiB ranges: the file is larger than that by now).
+  const std::string flags = test::mapping_flags(rows_file);
+  INFO("VmFlags of this process's mappings of rows.1:\n" << flags);
+  CHECK(flags.find(" hg") != std::string::npos);
+  // pwrite leaves no page of a mapping resident (the read-back path maps none: log_test.cc);
+  // the huge-page writer's copy into its mapping does, at least the last batch's 3 MB (a
+  // growth may have mapped the file anew before it, dropping the pages of earlier ones).
+  const std::uint64_t resident = test::resident_kib(rows_file);
+  INFO(resident << " KiB of rows.1 resident in this process");
+  CHECK(resident >= 1024 * kDim * 4 / 1024 * 9 / 10);
+  append(plain, 515);
+  append(h, 515);
+  h.close();
+  plain.close();
+  Reader r = Reader::open(dir / "s");
+  REQUIRE(r.size() == seq);
+  const auto stored_keys = r.keys(0, seq);
+  const RowsView stored = r.rows();
+  std::uint64_t wrong = 0;
+  for (std::uint64_t row = 0; row < seq; ++row) {
+    const std::uint64_t key = test::make_key(4, row);
+    if (stored_keys[row] != key || !test::payload_matches(key, kDim, stored.row(row))) ++wrong;
+  }
+  CHECK(wrong == 0);
+  CHECK(r.verify().ok());
+
+  // float32 into a float16 store: the converted rows take the same path.
+  Writer half = Writer::create(dir / "half", opts(kDim, DType::kFloat16, 64ull << 20), huge);
+  const std::vector<float> values = test::batch_payload(5, 0, 700, kDim);
+  half.append(iota_keys(0, 700), 0, std::span<const float>(values));
+  half.close();
+  Reader hr = Reader::open(dir / "half");
+  REQUIRE(hr.size() == 700);
+  const auto* halves = reinterpret_cast<const std::uint16_t*>(hr.rows().data);
+  std::uint64_t wrong_halves = 0;
+  for (std::uint64_t i = 0; i < 700 * kDim; ++i) {
+    wrong_halves += halves[i] != detail::float_to_half(values[i]);
+  }
+  CHECK(wrong_halves == 0);
   CHECK(hr.verify().ok());
 }
 

@@ -594,8 +594,9 @@ std::unique_ptr<PyWriter> open_writer(
     const std::optional<std::string>& dtype, const std::string& metadata,
     std::optional<std::uint64_t> segment_bytes, const std::string& sync,
     std::optional<double> sync_interval_s, std::optional<std::uint64_t> map_bytes,
-    std::uint64_t async_queue_bytes, bool create_only, bool key_index) {
+    std::uint64_t async_queue_bytes, bool create_only, bool key_index, bool huge_pages) {
   WriterOptions options = writer_options(sync, sync_interval_s, map_bytes);
+  options.huge_pages = huge_pages;
   std::optional<Writer> writer;
   {
     py::gil_scoped_release unlocked;
@@ -948,7 +949,7 @@ PYBIND11_MODULE(_embstore, m) {
       .def(py::init(&open_writer), py::arg("path"), py::arg("dim"), py::arg("dtype"),
            py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"), py::arg("sync_interval"),
            py::arg("map_bytes"), py::arg("async_queue_bytes"), py::arg("create_only"),
-           py::arg("key_index"))
+           py::arg("key_index"), py::arg("huge_pages") = false)
       .def("appender", &make_appender)
       .def("flush", &PyWriter::flush)
       .def("sync", &PyWriter::sync)

@@ -4,10 +4,11 @@ namespace embstore::detail {
 
 Generation::Generation(std::uint64_t number, const Layout& layout, const std::string& data_path,
                        const std::string& index_path, os::Access access, std::uint64_t reserve_rows,
-                       std::shared_ptr<const Generation> previous)
+                       std::shared_ptr<const Generation> previous, bool huge_pages)
     : number_(number),
       record_bytes_(layout.record_bytes),
       reserved_rows_(reserve_rows),
+      huge_pages_(huge_pages),
       data_(reserve_rows * layout.record_bytes, data_path, access),
       index_(Layout::index_bytes_for(reserve_rows), index_path, access),
       previous_(std::move(previous)) {}
@@ -15,6 +16,8 @@ Generation::Generation(std::uint64_t number, const Layout& layout, const std::st
 void Generation::map_rows(int data_fd, int index_fd, std::uint64_t rows) {
   if (rows <= mapped_rows()) return;
   data_.map_to(data_fd, rows * record_bytes_);
+  // Each map_to() maps anew (MAP_FIXED), which drops the advice: given again for all of it.
+  if (huge_pages_) os::advise_huge_pages(data_.base(), data_.mapped_bytes());
   index_.map_to(index_fd, rows * kIndexEntryBytes);
   mapped_rows_.store(rows, std::memory_order_release);
 }

@@ -23,10 +23,11 @@ namespace embstore::detail {
 class Generation {
  public:
   // Reserves room for `reserve_rows` rows in each file (mapping nothing yet) and pins `previous`
-  // (may be null). kFull when the address space is exhausted.
+  // (may be null). kFull when the address space is exhausted. `huge_pages`: map_rows() advises
+  // the data file's mapping for 2 MiB pages (WriterOptions::huge_pages).
   Generation(std::uint64_t number, const Layout& layout, const std::string& data_path,
              const std::string& index_path, os::Access access, std::uint64_t reserve_rows,
-             std::shared_ptr<const Generation> previous);
+             std::shared_ptr<const Generation> previous, bool huge_pages = false);
   Generation(const Generation&) = delete;
   Generation& operator=(const Generation&) = delete;
 
@@ -47,6 +48,7 @@ class Generation {
   std::uint64_t number_;
   std::uint64_t record_bytes_;
   std::uint64_t reserved_rows_;
+  bool huge_pages_;
   std::atomic<std::uint64_t> mapped_rows_{0};
   ReservedMapping data_, index_;
   std::shared_ptr<const Generation> previous_;  // Older mappings views may still point into.

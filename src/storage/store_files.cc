@@ -295,7 +295,7 @@ void StoreFiles::map_rows(std::uint64_t rows) {
     std::shared_ptr<const Generation> keep;
     if (access_ == os::Access::kReadOnly) keep = generation_;
     auto next = std::make_shared<Generation>(file_generation_, layout_, data_path_, index_path_,
-                                             access_, reserve, std::move(keep));
+                                             access_, reserve, std::move(keep), huge_pages_);
     next->map_rows(data.get(), index.get(), target);
     set_generation(std::move(next));
     return;

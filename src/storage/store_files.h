@@ -128,6 +128,11 @@ class StoreFiles {
   // kNotFound without a header file, kCorruption when it is too short for the state page.
   static std::uint64_t read_generation(const std::string& dir);
 
+  // Writer only, before the first map_rows(): rows are written through a mapping advised for 2
+  // MiB pages (WriterOptions::huge_pages; log/commit.cc, plan_writes()).
+  void set_huge_pages(bool on) { huge_pages_ = on; }
+  bool huge_pages() const { return huge_pages_; }
+
   // Rows must be mapped.
   std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }
   IndexEntry* entry_ptr(std::uint64_t row) const { return generation_->entry_ptr(row); }
@@ -154,6 +159,7 @@ class StoreFiles {
   std::uint64_t file_generation_ = 0;
   std::vector<int> retired_fds_;  // A Writer's descriptors of older generations' files.
   os::Access access_ = os::Access::kReadOnly;
+  bool huge_pages_ = false;  // set_huge_pages().
   Layout layout_{};
   RowHashKey hash_key_{0};  // From layout_.seed.
   int header_fd_ = -1, data_fd_ = -1, index_fd_ = -1;

@@ -450,6 +450,24 @@ def test_bench_warms_the_page_cache_before_every_phase_unless_asked_not_to(tmp_p
     assert report["runs"][0]["page_cache_warm_ms"] == []
 
 
+def test_bench_huge_pages_opens_its_writers_with_them_and_says_so(tmp_path):
+    r = run("bench", "--rows", 2000, "--dim", 768, "--batch", 500, "--repeat", 1, "--dir",
+            tmp_path, "--json", "--quiet", "--no-baselines", "--huge-pages", "--keep")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["config"]["huge_pages"] is True
+    store = report["runs"][0]["store"]
+    reader = embstore.Reader(store)
+    assert len(reader) == 2000 and reader.verify().ok
+    text = run("bench", "--rows", 200, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
+               tmp_path, "--quiet", "--no-baselines", "--huge-pages")
+    assert text.code == 0, text
+    assert " huge pages," in text.out.splitlines()[0]
+    assert json.loads(run("bench", "--rows", 200, "--dim", 8, "--batch", 100, "--repeat", 1,
+                          "--dir", tmp_path, "--json", "--quiet", "--no-baselines").out
+                      )["config"]["huge_pages"] is False
+
+
 def test_bench_bad_options_are_usage_errors():
     for args in (["--writers", "0"], ["--sync", "sometimes"], ["--dtype", "f64->f8"],
                  ["--page-state", "cold"], ["--frobnicate"]):

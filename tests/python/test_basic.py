@@ -149,6 +149,46 @@ def test_map_bytes_outgrown_is_an_oserror_enospc_not_a_crash(store):
     assert len(embstore.Reader(store)) == 512
 
 
+def _mapping_flags(path):
+    """VmFlags of this process's mappings of `path` (from /proc/self/smaps), one per mapping."""
+    flags, inside = [], False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if head and "-" in head[0] and not line.startswith(("VmFlags", " ")) and \
+                    not head[0].endswith(":"):
+                inside = line.rstrip("\n").endswith(path)
+            elif inside and line.startswith("VmFlags:"):
+                flags.append(line[8:].split())
+    return flags
+
+
+def test_huge_pages_writer_writes_through_a_mapping_advised_for_them_and_reads_back(tmp_path):
+    store = str(tmp_path / "huge")
+    # Writer(huge_pages=True): rows go through the writer's mapping of rows.1, advised for 2 MiB
+    # pages ("hg" among its VmFlags); a writer without it maps the file without the advice.
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((3000, 768)).astype(np.float32)  # 9.2 MB: past 2 MiB pages
+    with embstore.Writer(store, dim=768, huge_pages=True, sync="none") as w:
+        for first in range(0, 2000, 500):
+            w.append(range(first, first + 500), rows[first:first + 500], 1)
+        flags = _mapping_flags(os.path.join(store, "rows.1"))
+        assert any("hg" in f for f in flags), flags
+    with embstore.Writer(store, huge_pages=False, sync="none") as w:  # the same store, mixed
+        w.append(range(2000, 2500), rows[2000:2500], 2)
+        assert not any("hg" in f for f in _mapping_flags(os.path.join(store, "rows.1")))
+    with embstore.Writer(store, huge_pages=True) as w:
+        w.append(range(2500, 3000), rows[2500:3000][:, :], 3)
+    r = embstore.Reader(store)
+    np.testing.assert_array_equal(r.vectors, rows)
+    assert r.keys.tolist() == list(range(3000))
+    assert r.find(2750) == 2750
+    assert r.verify().ok and r.verify().rows_checked == 3000
+    with pytest.raises(ValueError, match="huge_pages must be True or False; got 'yes'"):
+        embstore.Writer(store, huge_pages="yes")
+    assert len(embstore.Reader(store)) == 3000  # the refused open changed nothing
+
+
 def test_corrupted_row_is_named_by_verify(store):
     with embstore.Writer(store, dim=4) as w:
         w.append(range(10), np.arange(40, dtype=np.float32).reshape(10, 4))

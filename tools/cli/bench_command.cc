@@ -54,6 +54,7 @@ struct Config {
   bool baselines = true;
   bool no_baselines = false;  // The option; baselines follows it.
   bool no_key_index = false;  // The store is created without a key index (its cost apart).
+  bool huge_pages = false;    // Writers open with WriterOptions::huge_pages.
   bool json = false;
   bool quiet = false;
   // Before each phase: "warm" writes and removes a file as large as the phase's payload in the
@@ -257,6 +258,7 @@ bool is_pwrite(Workload workload) {
     if (workload == Workload::kEmbstore) {
       WriterOptions options;
       options.sync = config.sync;
+      options.huge_pages = config.huge_pages;
       writer.emplace(Writer::open(store, options));
     } else if (is_pwrite(workload)) {
       fd = ::open(pwrite_path.c_str(), O_WRONLY);
@@ -715,6 +717,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
                                         {"readers", config.readers},
                                         {"sync", config.sync_text},
                                         {"key_index", !config.no_key_index},
+                                        {"huge_pages", config.huge_pages},
                                         {"row_bytes", row_bytes},
                                         {"repeat", config.repeat},
                                         {"page_state", config.page_state},
@@ -738,7 +741,10 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
       "of %d interleaved repeats\n",
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
       static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(),
-      config.no_key_index ? " no key index," : "", config.readers, config.readers == 1 ? "" : "s",
+      (std::string(config.no_key_index ? " no key index," : "") +
+       (config.huge_pages ? " huge pages," : ""))
+          .c_str(),
+      config.readers, config.readers == 1 ? "" : "s",
       config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
                          : (std::to_string(config.rows) + " rows").c_str(),
       config.repeat);
@@ -894,6 +900,8 @@ void add_bench_command(CLI::App& app, Registry& registry) {
   cmd->add_flag("--no-baselines", config->no_baselines, "Skip the pwrite/pwrite-pre/memcpy runs");
   cmd->add_flag("--no-key-index", config->no_key_index,
                 "Create the store without a key index (lookups by key then scan), to see its cost");
+  cmd->add_flag("--huge-pages", config->huge_pages,
+                "Writers write rows through a 2 MiB-page mapping (WriterOptions::huge_pages)");
   cmd->add_option("--page-state", config->page_state,
                   "Before each phase: warm (write and remove a file of the phase's payload, so "
                   "every phase starts from the same page cache state) or as-is")
