@@ -34,10 +34,13 @@ struct Ack {
 };
 
 // Appends batches until `batches` are done (forever if negative), reporting each one after
-// append() returned.
+// append() returned. Every other writer writes its rows through a mapping advised for huge
+// pages (WriterOptions::huge_pages), the others with pwrite.
 int writer_role(const std::string& path, std::uint64_t writer, int batches,
                 const test::Pipe& acks) {
-  Writer w = Writer::open(path);
+  WriterOptions options;
+  options.huge_pages = writer % 2 == 1;
+  Writer w = Writer::open(path, options);
   const std::uint64_t n = test::batch_rows(writer);
   for (int b = 0; batches < 0 || b < batches; ++b) {
     const std::uint64_t seq = std::uint64_t(b) * n;

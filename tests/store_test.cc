@@ -728,6 +728,23 @@ struct WritePathGuard {
   std::size_t saved_cap;
 };
 
+// Rows of the store at `path` (which must hold exactly `rows`, and verify) whose key or bytes are
+// not those test::make_key / test::batch_payload make for writer `writer` at that row.
+std::uint64_t rows_not_as_appended(const std::string& path, std::uint64_t writer, std::uint32_t dim,
+                                   std::uint64_t rows) {
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == rows);
+  CHECK(r.verify().ok());
+  const auto stored_keys = r.keys(0, rows);
+  const RowsView stored = r.rows();
+  std::uint64_t wrong = 0;
+  for (std::uint64_t row = 0; row < rows; ++row) {
+    const std::uint64_t key = test::make_key(writer, row);
+    if (stored_keys[row] != key || !test::payload_matches(key, dim, stored.row(row))) ++wrong;
+  }
+  return wrong;
+}
+
 }  // namespace
 
 TEST_CASE("Both write paths store the same bytes: packed, strided, in pieces, converted",
@@ -763,17 +780,7 @@ TEST_CASE("Both write paths store the same bytes: packed, strided, in pieces, co
     seq += rows;
   }
   w.close();
-  Reader r = Reader::open(dir / "s");
-  REQUIRE(r.size() == seq);
-  const auto stored_keys = r.keys(0, seq);
-  const RowsView stored = r.rows();
-  std::uint64_t wrong = 0;
-  for (std::uint64_t row = 0; row < seq; ++row) {
-    const std::uint64_t key = test::make_key(2, row);
-    if (stored_keys[row] != key || !test::payload_matches(key, kDim, stored.row(row))) ++wrong;
-  }
-  CHECK(wrong == 0);
-  CHECK(r.verify().ok());
+  CHECK(rows_not_as_appended(dir / "s", 2, kDim, seq) == 0);
 
   // float32 into a float16 store: the converted staging copy takes the same paths.
   Writer half = Writer::create(dir / "h", opts(kDim, DType::kFloat16, 4096));
@@ -843,17 +850,7 @@ TEST_CASE("A writer asked for huge pages writes its rows through a mapping advis
   append(h, 515);
   h.close();
   plain.close();
-  Reader r = Reader::open(dir / "s");
-  REQUIRE(r.size() == seq);
-  const auto stored_keys = r.keys(0, seq);
-  const RowsView stored = r.rows();
-  std::uint64_t wrong = 0;
-  for (std::uint64_t row = 0; row < seq; ++row) {
-    const std::uint64_t key = test::make_key(4, row);
-    if (stored_keys[row] != key || !test::payload_matches(key, kDim, stored.row(row))) ++wrong;
-  }
-  CHECK(wrong == 0);
-  CHECK(r.verify().ok());
+  CHECK(rows_not_as_appended(dir / "s", 4, kDim, seq) == 0);
 
   // float32 into a float16 store: the converted rows take the same path.
   Writer half = Writer::create(dir / "half", opts(kDim, DType::kFloat16, 64ull << 20), huge);
