@@ -65,10 +65,11 @@ struct WriterOptions {
   // pwrite: the first write into each 2 MiB of the data file then creates one 2 MiB page-cache
   // page, which every process that maps the rows later (a Reader) maps in one step instead of
   // 512. Readers gain the most where a page fault is costly (virtual machines): a fresh
-  // process's first scan of 600 MB ran 5.5x faster on the VM of bench/RESULTS.md. The appends
-  // pay for it: each new 2 MiB page is zeroed, and made from memory that VM's host had taken
-  // back; one writer appended at a median 0.44x of a plain writer's there, with p99 up to 15 ms
-  // (bench/RESULTS.md, "Rows in 2 MiB pages"). For stores read by many processes. Advisory:
+  // process's first scan of 600 MB ran ~10x faster on the VM of bench/RESULTS.md. The appends
+  // pay for it: each growth of the files makes and zeroes the new rows' 2 MiB pages at once,
+  // there from memory the host had taken back; one writer appended at a median 0.63x of a
+  // plain writer's, with p99 up to 13 ms (bench/RESULTS.md, "Rows in 2 MiB pages"). For stores
+  // read by many processes. Advisory:
   // where the kernel or file system cannot make such pages it makes small ones, and the rows
   // are stored the same either way.
   bool huge_pages = false;

@@ -327,7 +327,7 @@ void StoreFiles::grow_to(std::uint64_t rows) {
     // Every whole 2 MiB of the new rows made a 2 MiB page now, in one call. Left to the appends'
     // faults, the kernel's read-ahead around the file's end (mid-way through a 2 MiB range
     // after each growth) made small pages there and past it: 9% of a 1.8 GB store, each such
-    // page a fault of its own, and appends ran at a median 0.44x of a plain writer's, not 0.76x
+    // page a fault of its own, and appends ran at a median 0.44x of a plain writer's, not 0.63x
     // (bench/RESULTS.md, "Rows in 2 MiB pages").
     const std::uint64_t from = round_up(capacity * layout_.record_bytes, os::kHugePageBytes);
     const std::uint64_t to =

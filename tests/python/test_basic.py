@@ -177,8 +177,8 @@ def test_huge_pages_writer_writes_through_a_mapping_advised_for_them_and_reads_b
     with embstore.Writer(store, huge_pages=False, sync="none") as w:  # the same store, mixed
         w.append(range(2000, 2500), rows[2000:2500], 2)
         assert not any("hg" in f for f in _mapping_flags(os.path.join(store, "rows.1")))
-    with embstore.Writer(store, huge_pages=True) as w:
-        w.append(range(2500, 3000), rows[2500:3000][:, :], 3)
+    with embstore.Writer(store, huge_pages=True, async_queue_mb=16) as w:  # from its queue
+        w.append(range(2500, 3000), rows[2500:3000], 3)
     r = embstore.Reader(store)
     np.testing.assert_array_equal(r.vectors, rows)
     assert r.keys.tolist() == list(range(3000))

@@ -434,7 +434,7 @@ class Writer(_Handle):
             (default 1 TiB). Appends beyond it fail with OSError(ENOSPC).
         huge_pages: write rows through a mapping advised for 2 MiB pages, so the page cache
             holds them in 2 MiB pages that every later reader maps in one step (a new process's
-            first scan 5.5x faster on the benchmark VM); appends pay for it (a median 0.44x of
+            first scan ~10x faster on the benchmark VM); appends pay for it (a median 0.63x of
             a plain writer's there): for stores read by many processes
             (WriterOptions::huge_pages; bench/RESULTS.md, "Rows in 2 MiB pages").
     """
