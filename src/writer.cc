@@ -27,6 +27,7 @@
 #include "platform/lock.h"
 #include "platform/os.h"
 #include "platform/testing.h"
+#include "storage/pages_ahead.h"
 #include "storage/store_files.h"
 #include "writer_internals.h"
 
@@ -60,6 +61,12 @@ class Writer::Impl {
       open_key_index();
       files_->remove_stale_files(files_->state().key_generation());
       last_end_.store(files_->state().committed(), std::memory_order_relaxed);
+      if (options_.huge_pages) {
+        // The rows allocated and not written yet, and those of every growth from here on.
+        files_->take_grown_rows();
+        pages_ahead_ = std::make_unique<detail::PagesAhead>();
+        make_pages_ahead(files_->state().committed(), files_->state().capacity());
+      }
     }
     if (options_.sync == SyncPolicy::kInterval) {
       // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in
@@ -157,6 +164,12 @@ class Writer::Impl {
     return detail::hash_at_applies(files_->layout(), rows, memory) ? hash_at(committed)
                                                                    : detail::HashAt::kStaged;
   }
+  // WriterInternals::wait_for_pages_ahead().
+  bool wait_for_pages_ahead() const {
+    if (!pages_ahead_) return false;
+    pages_ahead_->wait_idle();
+    return true;
+  }
   detail::HashAt next_hash_at() const {
     return with_files([this](const StoreFiles& f) { return hash_at(f.state().committed()); });
   }
@@ -167,7 +180,13 @@ class Writer::Impl {
   }
 
  private:
-  void check_open() const;    // Same process, not closed.
+  void check_open() const;  // Same process, not closed.
+  // Writer lock held (or at open): has the 2 MiB pages of rows [first, end) of the current
+  // files made ahead of the appends (pages_ahead_).
+  void make_pages_ahead(std::uint64_t first, std::uint64_t end) {
+    const std::uint64_t record = files_->layout().record_bytes;
+    if (end > first) pages_ahead_->make(files_->pin_generation(), first * record, end * record);
+  }
   void check_usable() const;  // check_open() and not poisoned.
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
   void allocate_files();
@@ -278,6 +297,9 @@ class Writer::Impl {
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
   bool stop_sync_ = false;
+  // WriterOptions::huge_pages: makes the 2 MiB pages of rows a growth added ahead of the
+  // appends (storage/pages_ahead.h). Null without the option.
+  std::unique_ptr<detail::PagesAhead> pages_ahead_;
 };
 
 void Writer::Impl::check_usable() const {
@@ -587,6 +609,11 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     const std::uint64_t at = detail::commit_batch(*files_, batch, synced_era_,
                                                   [this](const Error& error) { poison(error); });
     last_end_.store(at + batch.rows, std::memory_order_relaxed);
+    if (pages_ahead_) {
+      // Rows past this batch: its own were written by now (the growth made them room).
+      const auto [grown_from, grown_to] = files_->take_grown_rows();
+      make_pages_ahead(std::max(grown_from, at + batch.rows), grown_to);
+    }
     // The rows are published: other writers may commit while this one indexes (mutex_ still
     // serializes this handle's threads), and readers waiting for rows need not wait for it.
     lock_->release();
@@ -702,6 +729,7 @@ void Writer::Impl::close() {
     sync_thread_->join();  // Before lifetime_ is taken: its sync() holds lifetime_ shared.
     sync_thread_.reset();
   }
+  if (pages_ahead_) pages_ahead_->stop();  // Drops the pages not made yet (advisory).
   // A growth in progress is finished, so the next writer does not redo it under the lock; at the
   // size the rows stored now want (one build, not one at the size claimed and then a larger).
   growth_final_rows_ = std::max<std::uint64_t>(files_->state().committed(), 1);
@@ -900,6 +928,10 @@ bool detail::WriterInternals::hashes_before_lock(const Writer& writer) {
 
 bool detail::WriterInternals::hashes_before_lock(const Writer& writer, const ConstMatrix& rows) {
   return writer.impl_->next_hash_at(rows) == HashAt::kStaged;
+}
+
+bool detail::WriterInternals::wait_for_pages_ahead(const Writer& writer) {
+  return writer.impl_->wait_for_pages_ahead();
 }
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,

@@ -26,6 +26,10 @@ struct WriterInternals {
   // The same for an append of the caller's `rows`: also true when HashAt does not decide for
   // them (hash_at_applies, log/batch.h). For tests.
   static bool hashes_before_lock(const Writer& writer, const ConstMatrix& rows);
+  // Waits until the pages a writer with WriterOptions::huge_pages has queued to be made ahead
+  // of its appends are made (storage/pages_ahead.h); false for a writer without the option.
+  // For tests.
+  static bool wait_for_pages_ahead(const Writer& writer);
 };
 
 }  // namespace embstore::detail

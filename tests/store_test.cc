@@ -5,12 +5,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <optional>
 #include <thread>
@@ -26,6 +28,7 @@
 #include "support/process.h"
 #include "support/smaps.h"
 #include "support/temp_dir.h"
+#include "writer_internals.h"
 
 using namespace embstore;
 using embstore::test::code_of;
@@ -866,6 +869,58 @@ TEST_CASE("A writer asked for huge pages writes its rows through a mapping advis
   }
   CHECK(wrong_halves == 0);
   CHECK(hr.verify().ok());
+}
+
+TEST_CASE("A huge-page writer has the 2 MiB pages of the rows a growth added made ahead",
+          "[store][write-path]") {
+  // storage/pages_ahead.h: after the growth an append makes, a thread of the writer makes the
+  // pages of the rows past the batch (so they are resident in this process's mapping of rows.1
+  // before any append writes them), changing no byte; a writer without the option has none.
+  TempDir dir;
+  constexpr std::uint32_t kDim = 768;  // 3 KB rows
+  create_store(dir / "s", opts(kDim, DType::kFloat32, 64ull << 20));
+  {
+    Writer plain = Writer::open(dir / "s");
+    CHECK_FALSE(detail::WriterInternals::wait_for_pages_ahead(plain));
+  }
+  WriterOptions huge;
+  huge.huge_pages = true;
+  Writer w = Writer::open(dir / "s", huge);
+  constexpr std::uint64_t kRowBytes = kDim * 4, kHuge = 2ull << 20;
+  std::uint64_t rows = 0;
+  auto append = [&](std::uint64_t n) {
+    const auto values = test::batch_payload(6, rows, n, kDim);
+    std::vector<std::uint64_t> keys(n);
+    for (std::uint64_t i = 0; i < n; ++i) keys[i] = test::make_key(6, rows + i);
+    w.append(keys, 0, std::span<const float>(values));
+    rows += n;
+  };
+  // The files double while small: each batch after the first outgrows what the last left by
+  // a row, so the growth it makes leaves many whole 2 MiB ranges past it.
+  append(2000);
+  for (int growth = 0; growth < 2; ++growth) append(w.info().capacity_rows - rows + 1);
+  REQUIRE(detail::WriterInternals::wait_for_pages_ahead(w));
+  const std::uint64_t capacity_bytes = w.info().capacity_rows * kRowBytes;
+  const std::uint64_t ahead_from = (rows * kRowBytes + kHuge - 1) / kHuge * kHuge;
+  const std::uint64_t ahead_end = capacity_bytes / kHuge * kHuge;
+  INFO("capacity " << capacity_bytes << " bytes, pages made ahead over [" << ahead_from << ", "
+                   << ahead_end << ")");
+  // The first 2 MiB past the rows may have come with the appends' read-ahead; from the second
+  // on, only the thread makes them before rows are written there.
+  const std::uint64_t check_from = ahead_from + 2 * kHuge;
+  REQUIRE(ahead_end >= check_from + kHuge);
+  CHECK(test::cached_pages(dir / "s/rows.1", check_from, ahead_end) ==
+        (ahead_end - check_from) / 4096);
+  // Made, not written: past the rows the file still reads as zeros, and the rows are intact.
+  w.close();
+  {
+    std::ifstream file(dir / "s/rows.1", std::ios::binary);
+    file.seekg(static_cast<std::streamoff>(rows * kRowBytes));
+    std::vector<char> tail(ahead_end - rows * kRowBytes);
+    REQUIRE(file.read(tail.data(), static_cast<std::streamsize>(tail.size())));
+    CHECK(std::count(tail.begin(), tail.end(), 0) == static_cast<std::ptrdiff_t>(tail.size()));
+  }
+  CHECK(rows_not_as_appended(dir / "s", 6, kDim, rows) == 0);
 }
 
 TEST_CASE("A failed write of a batch publishes nothing and the writer carries on",

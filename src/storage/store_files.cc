@@ -323,17 +323,7 @@ void StoreFiles::grow_to(std::uint64_t rows) {
   }
   const std::uint64_t new_capacity = allocate_rows(capacity, rows);
   map_rows(new_capacity);
-  if (huge_pages_) {
-    // Every whole 2 MiB of the new rows made a 2 MiB page now, in one call. Left to the appends'
-    // faults, the kernel's read-ahead around the file's end (mid-way through a 2 MiB range
-    // after each growth) made small pages there and past it: 9% of a 1.8 GB store, each such
-    // page a fault of its own, and appends ran at a median 0.44x of a plain writer's, not 0.63x
-    // (bench/RESULTS.md, "Rows in 2 MiB pages").
-    const std::uint64_t from = round_up(capacity * layout_.record_bytes, os::kHugePageBytes);
-    const std::uint64_t to =
-        new_capacity * layout_.record_bytes / os::kHugePageBytes * os::kHugePageBytes;
-    if (to > from) os::populate_write(generation_->row_ptr(0) + from, to - from);
-  }
+  if (huge_pages_) grown_rows_ = {capacity, new_capacity};
   state_.set_capacity(new_capacity);
 }
 

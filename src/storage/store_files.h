@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "embstore/options.h"
@@ -132,6 +133,11 @@ class StoreFiles {
   // MiB pages (WriterOptions::huge_pages; log/commit.cc, plan_writes()).
   void set_huge_pages(bool on) { huge_pages_ = on; }
   bool huge_pages() const { return huge_pages_; }
+  // With huge pages: the rows [first, second) the last grow_to() added, then {0, 0} until the
+  // next growth. The writer has their 2 MiB pages made ahead of its appends (PagesAhead).
+  std::pair<std::uint64_t, std::uint64_t> take_grown_rows() {
+    return std::exchange(grown_rows_, {});
+  }
 
   // Rows must be mapped.
   std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }
@@ -159,7 +165,8 @@ class StoreFiles {
   std::uint64_t file_generation_ = 0;
   std::vector<int> retired_fds_;  // A Writer's descriptors of older generations' files.
   os::Access access_ = os::Access::kReadOnly;
-  bool huge_pages_ = false;  // set_huge_pages().
+  bool huge_pages_ = false;                             // set_huge_pages().
+  std::pair<std::uint64_t, std::uint64_t> grown_rows_;  // take_grown_rows().
   Layout layout_{};
   RowHashKey hash_key_{0};  // From layout_.seed.
   int header_fd_ = -1, data_fd_ = -1, index_fd_ = -1;

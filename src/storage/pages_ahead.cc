@@ -1,0 +1,74 @@
+#include "storage/pages_ahead.h"
+
+#include <future>
+
+#include "platform/os.h"
+
+namespace embstore::detail {
+
+PagesAhead::PagesAhead() {
+  // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in that
+  // instant would hand the child an allocator locked by a thread it does not have.
+  std::promise<void> started;
+  std::future<void> running = started.get_future();
+  thread_ = std::thread([this, &started] {
+    started.set_value();
+    run();
+  });
+  running.wait();
+}
+
+PagesAhead::~PagesAhead() { stop(); }
+
+void PagesAhead::make(std::shared_ptr<const Generation> pinned, std::uint64_t from,
+                      std::uint64_t to) {
+  from = (from + os::kHugePageBytes - 1) / os::kHugePageBytes * os::kHugePageBytes;
+  to = to / os::kHugePageBytes * os::kHugePageBytes;
+  if (to <= from || pinned == nullptr) return;
+  {
+    std::lock_guard guard(mutex_);
+    if (stopping_) return;
+    jobs_.push_back(Job{std::move(pinned), from, to});
+  }
+  wake_.notify_one();
+}
+
+void PagesAhead::stop() {
+  {
+    std::lock_guard guard(mutex_);
+    stopping_ = true;
+    jobs_.clear();
+  }
+  wake_.notify_one();
+  if (thread_.joinable()) thread_.join();
+}
+
+void PagesAhead::wait_idle() {
+  std::unique_lock guard(mutex_);
+  idle_.wait(guard, [this] { return (jobs_.empty() && !busy_) || stopping_; });
+}
+
+void PagesAhead::run() {
+  std::unique_lock guard(mutex_);
+  for (;;) {
+    wake_.wait(guard, [this] { return stopping_ || !jobs_.empty(); });
+    if (stopping_) break;
+    Job job = std::move(jobs_.front());
+    jobs_.pop_front();
+    busy_ = true;
+    guard.unlock();
+    for (std::uint64_t at = job.from; at < job.to; at += os::kHugePageBytes) {
+      os::populate_write(job.pinned->data_at(at), os::kHugePageBytes);
+      std::lock_guard check(mutex_);
+      if (stopping_) break;
+    }
+    job.pinned.reset();  // Unmaps a Generation the writer replaced meanwhile: without the lock.
+    guard.lock();
+    busy_ = false;
+    if (jobs_.empty()) idle_.notify_all();
+  }
+  busy_ = false;
+  idle_.notify_all();
+}
+
+}  // namespace embstore::detail
