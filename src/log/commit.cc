@@ -26,10 +26,11 @@ namespace {
 // Readers cannot tell them apart: both write the one page cache their mappings show, before the
 // release store of `committed` that publishes the rows.
 // A writer that asked for 2 MiB pages (WriterOptions::huge_pages) writes every batch's rows
-// through its mapping, advised for them: the first write-touch of each 2 MiB of the file creates
-// one 2 MiB page-cache page (zeroed, then copied into), which a pwrite of a batch smaller than 2
-// MiB never makes (the kernel sizes a write's pages by the write), and which readers then map in
-// one step (bench/RESULTS.md, "Rows in 2 MiB pages"). Its index entries follow the rule above.
+// through its mapping, advised for them: the page cache then holds them in 2 MiB pages (made
+// ahead of the appends by storage/pages_ahead.h, or by the first write into each), which a
+// pwrite of a batch smaller than 2 MiB never makes (the kernel sizes a write's pages by the
+// write), and which readers map in one step (bench/RESULTS.md, "Rows in 2 MiB pages"). Its index
+// entries follow the rule above.
 constexpr std::uint64_t kEntriesSyscallMinBytes = 4 * 1024;
 // Index entries per system call (32 KiB), built in a buffer of the writing thread.
 constexpr std::uint64_t kEntriesPerWrite = 1024;

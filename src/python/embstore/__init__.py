@@ -432,10 +432,11 @@ class Writer(_Handle):
             (``embstore.DEFAULT_SYNC_INTERVAL``, 5 s).
         map_bytes: address space reserved for the data file; the store can grow to this size
             (default 1 TiB). Appends beyond it fail with OSError(ENOSPC).
-        huge_pages: write rows through a mapping advised for 2 MiB pages, so the page cache
-            holds them in 2 MiB pages that every later reader maps in one step (a new process's
-            first scan ~10x faster on the benchmark VM); appends pay for it (a median 0.63x of
-            a plain writer's there): for stores read by many processes
+        huge_pages: write rows through a mapping advised for 2 MiB pages, made ahead of the
+            appends by a thread of the writer, so the page cache holds them in 2 MiB pages that
+            every later reader maps in one step (a new process's first scan ~6x faster on the
+            benchmark VM, appends at a median 1.2x of a plain writer's there); the pages made
+            ahead are written back too, up to a segment past the last row
             (WriterOptions::huge_pages; bench/RESULTS.md, "Rows in 2 MiB pages").
     """
 
