@@ -65,7 +65,8 @@ class Writer::Impl {
         // The rows allocated and not written yet, and those of every growth from here on.
         files_->take_grown_rows();
         pages_ahead_ = std::make_unique<detail::PagesAhead>();
-        make_pages_ahead(files_->state().committed(), files_->state().capacity());
+        pages_ahead_->make(files_->pin_generation(), files_->state().committed(),
+                           files_->state().capacity());
       }
     }
     if (options_.sync == SyncPolicy::kInterval) {
@@ -180,13 +181,7 @@ class Writer::Impl {
   }
 
  private:
-  void check_open() const;  // Same process, not closed.
-  // Writer lock held (or at open): has the 2 MiB pages of rows [first, end) of the current
-  // files made ahead of the appends (pages_ahead_).
-  void make_pages_ahead(std::uint64_t first, std::uint64_t end) {
-    const std::uint64_t record = files_->layout().record_bytes;
-    if (end > first) pages_ahead_->make(files_->pin_generation(), first * record, end * record);
-  }
+  void check_open() const;    // Same process, not closed.
   void check_usable() const;  // check_open() and not poisoned.
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
   void allocate_files();
@@ -612,7 +607,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     if (pages_ahead_) {
       // Rows past this batch: its own were written by now (the growth made them room).
       const auto [grown_from, grown_to] = files_->take_grown_rows();
-      make_pages_ahead(std::max(grown_from, at + batch.rows), grown_to);
+      pages_ahead_->make(files_->pin_generation(), std::max(grown_from, at + batch.rows), grown_to);
     }
     // The rows are published: other writers may commit while this one indexes (mutex_ still
     // serializes this handle's threads), and readers waiting for rows need not wait for it.

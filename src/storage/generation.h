@@ -40,8 +40,6 @@ class Generation {
   void map_rows(int data_fd, int index_fd, std::uint64_t rows);
 
   std::byte* row_ptr(std::uint64_t row) const { return data_.base() + row * record_bytes_; }
-  // Byte `offset` of the data file in this mapping (mapped or not yet).
-  std::byte* data_at(std::uint64_t offset) const { return data_.base() + offset; }
   IndexEntry* entry_ptr(std::uint64_t row) const {
     return reinterpret_cast<IndexEntry*>(index_.base()) + row;
   }

@@ -1,5 +1,7 @@
 #include "storage/pages_ahead.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <future>
 
 #include "platform/os.h"
@@ -20,15 +22,24 @@ PagesAhead::PagesAhead() {
 
 PagesAhead::~PagesAhead() { stop(); }
 
-void PagesAhead::make(std::shared_ptr<const Generation> pinned, std::uint64_t from,
-                      std::uint64_t to) {
-  from = (from + os::kHugePageBytes - 1) / os::kHugePageBytes * os::kHugePageBytes;
-  to = to / os::kHugePageBytes * os::kHugePageBytes;
-  if (to <= from || pinned == nullptr) return;
+void PagesAhead::make(std::shared_ptr<const Generation> pinned, std::uint64_t first,
+                      std::uint64_t end) {
+  if (pinned == nullptr) return;
+  end = std::min(end, pinned->mapped_rows());
+  if (end <= first) return;
+  // The mapping starts on a 2 MiB boundary (ReservedMapping): aligned addresses are aligned
+  // file offsets.
+  const auto from = reinterpret_cast<std::uintptr_t>(pinned->row_ptr(first));
+  const auto to = reinterpret_cast<std::uintptr_t>(pinned->row_ptr(end));
+  const std::uintptr_t first_page =
+      (from + os::kHugePageBytes - 1) / os::kHugePageBytes * os::kHugePageBytes;
+  const std::uintptr_t end_page = to / os::kHugePageBytes * os::kHugePageBytes;
+  if (end_page <= first_page) return;
   {
     std::lock_guard guard(mutex_);
     if (stopping_) return;
-    jobs_.push_back(Job{std::move(pinned), from, to});
+    jobs_.push_back(Job{std::move(pinned), reinterpret_cast<std::byte*>(first_page),
+                        reinterpret_cast<std::byte*>(end_page)});
   }
   wake_.notify_one();
 }
@@ -57,8 +68,8 @@ void PagesAhead::run() {
     jobs_.pop_front();
     busy_ = true;
     guard.unlock();
-    for (std::uint64_t at = job.from; at < job.to; at += os::kHugePageBytes) {
-      os::populate_write(job.pinned->data_at(at), os::kHugePageBytes);
+    for (std::byte* at = job.from; at < job.to; at += os::kHugePageBytes) {
+      os::populate_write(at, os::kHugePageBytes);
       std::lock_guard check(mutex_);
       if (stopping_) break;
     }

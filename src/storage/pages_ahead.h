@@ -34,8 +34,9 @@ class PagesAhead {
   PagesAhead(const PagesAhead&) = delete;
   PagesAhead& operator=(const PagesAhead&) = delete;
 
-  // Queues the whole 2 MiB ranges inside bytes [from, to) of the data file, mapped by `pinned`.
-  void make(std::shared_ptr<const Generation> pinned, std::uint64_t from, std::uint64_t to);
+  // Queues the whole 2 MiB pages inside the data file's rows [first, end) as `pinned` maps them
+  // (never past its mapped rows).
+  void make(std::shared_ptr<const Generation> pinned, std::uint64_t first, std::uint64_t end);
   // Drops the jobs not done and joins the thread. Idempotent.
   void stop();
   // Blocks until every job queued so far is done (tests; close() does not wait for them).
@@ -44,7 +45,8 @@ class PagesAhead {
  private:
   struct Job {
     std::shared_ptr<const Generation> pinned;
-    std::uint64_t from = 0, to = 0;  // File offsets, 2 MiB-aligned.
+    std::byte* from = nullptr;  // [from, to) inside pinned's mapping, 2 MiB-aligned.
+    std::byte* to = nullptr;
   };
   void run();
 
@@ -53,7 +55,7 @@ class PagesAhead {
   std::condition_variable idle_;  // The queue ran empty.
   std::deque<Job> jobs_;          // Under mutex_.
   bool busy_ = false;             // The thread works on a job taken from jobs_. Under mutex_.
-  bool stopping_ = false;         // Under mutex_; also read between pages without it.
+  bool stopping_ = false;         // Under mutex_ (the thread looks between pages).
   std::thread thread_;
 };
 
