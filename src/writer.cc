@@ -19,6 +19,7 @@
 
 #include "embstore/error.h"
 #include "format/format.h"
+#include "index/background_indexer.h"
 #include "index/store_keys.h"
 #include "log/batch.h"
 #include "log/commit.h"
@@ -36,6 +37,11 @@ namespace embstore {
 using detail::IndexEntry;
 using detail::StoreFiles;
 
+// The smallest batch (bytes of rows) whose indexing an append leaves to its indexer thread
+// (Writer::Impl::append()). Measured: batches of 1.5 MiB (512 x 768 float32) appended with p50
+// ~20% lower; of 128 KiB (512 x 64) with p50 up to 2x higher. Between them, unmeasured.
+inline constexpr std::uint64_t kIndexLaterMinBytes = 1024 * 1024;
+
 class Writer::Impl {
  public:
   Impl(std::unique_ptr<StoreFiles> files, const WriterOptions& options)
@@ -48,7 +54,7 @@ class Writer::Impl {
         owner_pid_(detail::os::current_pid()) {
     {
       detail::LockGuard guard(*lock_);
-      detail::LockGuard keys_guard(*keys_lock_);
+      const KeysGuard keys_guard(*this);
       // A truncate killed after deciding its switch: finish it before anything else; and the
       // files opened before the lock may be of a generation a truncate replaced since.
       detail::finish_switch(*files_);
@@ -105,7 +111,7 @@ class Writer::Impl {
     with_writer_lock(Growth::kStop, [this] { rebuild_key_index_locked(); });
   }
   void rebuild_key_index_locked() {
-    detail::LockGuard keys_guard(*keys_lock_);
+    const KeysGuard keys_guard(*this);
     if (!files_->layout().key_index) {
       throw Error(ErrorCode::kInvalidArgument,
                   path_ +
@@ -129,6 +135,8 @@ class Writer::Impl {
   StoreInfo info() {
     std::shared_lock life(lifetime_);
     check_open();
+    // The statistics count the rows this handle's appends left to the indexer as indexed.
+    if (detail::BackgroundIndexer* indexer = indexer_.load()) indexer->wait_idle();
     // The key statistics read the offset index through the mappings, which an append may
     // replace, and rows other processes committed may lie past them: under mutex_.
     const auto in_process = lock_ahead_of_appends();
@@ -170,6 +178,11 @@ class Writer::Impl {
     if (!pages_ahead_) return false;
     pages_ahead_->wait_idle();
     return true;
+  }
+  // WriterInternals::background_index_runs().
+  std::uint64_t background_index_runs() const {
+    const detail::BackgroundIndexer* indexer = indexer_.load();
+    return indexer != nullptr ? indexer->runs() : 0;
   }
   detail::HashAt next_hash_at() const {
     return with_files([this](const StoreFiles& f) { return hash_at(f.state().committed()); });
@@ -215,9 +228,19 @@ class Writer::Impl {
   // Records the first key index failure; this handle stops indexing (close() reports it).
   void key_index_failed(const Error& error);
   // mutex_ held, the writer lock not: takes the key index lock and indexes every row committed
-  // so far (this append's and any other writer's not indexed yet); true when a growth was
-  // claimed.
+  // so far (this handle's appends' and any other writer's not indexed yet); true when a growth
+  // was claimed. Opens or rebuilds the key index when another writer switched it or it is
+  // damaged (index/key_index_handle.h, after_publish()).
   bool index_keys();
+  // The job of indexer_ (index/background_indexer.h), after an append: indexes every committed
+  // row under the key index lock alone, as long as this handle's files and key index are the
+  // store's current ones and the rows are mapped; anything else (rows another writer committed
+  // past this handle's mappings, another generation, a damaged file, a growth to start) is done
+  // by index_keys() and start_growth() under mutex_, as an append did before indexing left its
+  // path. Never throws: a failure stops this handle's indexing (key_index_failed()).
+  void index_in_background() noexcept;
+  // mutex_ held, a growth claimed by this handle: starts growth_thread_ on grow_key_index().
+  void start_growth();
   // Runs on growth_thread_: builds the larger key index without the lock, then switches to it.
   void grow_key_index();
   // Waits for the growth thread; `abandon` makes it stop early (drops the claim, builds nothing).
@@ -233,9 +256,15 @@ class Writer::Impl {
 
   // Lock order, outermost first; a thread holding one may take only those after it:
   //   close_mutex_ -> sync_mutex_ -> lifetime_ -> mutex_ -> the OFD writer lock (lock_) ->
-  //   the OFD key index lock (keys_lock_) -> poison_mutex_.
-  // An append commits under mutex_ and lock_, releases lock_ and indexes under mutex_ and
-  // keys_lock_: its indexing overlaps the next writer's commit in another process. Whatever
+  //   keys_mutex_ -> the OFD key index lock (keys_lock_) -> poison_mutex_.
+  // keys_mutex_ and keys_lock_ are always taken together (KeysGuard). An append commits under
+  // mutex_ and lock_ and releases lock_; then it indexes under mutex_, keys_mutex_ and keys_lock_
+  // (index_keys()), or, for a large batch of a writer alone, releases mutex_ too and hands the
+  // indexing to indexer_, whose thread indexes under keys_mutex_ and keys_lock_ alone
+  // (index_in_background()). Either way the indexing overlaps other writers' commits; the
+  // thread's overlaps this handle's next commit too. The indexer's thread holds no lock when it
+  // takes mutex_ (through lock_ahead_of_appends(), for what only index_keys() can do), and an
+  // append waits for the indexer (wait_idle()) holding lifetime_ shared only. Whatever
   // replaces key index files or changes key_generation (open, truncate, following a truncate,
   // rebuild, a growth's switch, an append that finds another generation or a damaged file)
   // holds both, lock_ first, as libraries before keys_lock_ did lock_ alone; a holder of
@@ -255,6 +284,18 @@ class Writer::Impl {
   std::string path_;
   std::unique_ptr<detail::WriterLock> lock_;       // Released by close().
   std::unique_ptr<detail::WriterLock> keys_lock_;  // Released by close().
+  // Serializes this handle's threads on keys_lock_ (an OFD lock is its open file description's:
+  // two threads of one handle would both hold it) and on the writer calls of keys_.
+  std::mutex keys_mutex_;
+  // keys_mutex_, then keys_lock_: the key index lock for one thread of this handle.
+  class KeysGuard {
+   public:
+    explicit KeysGuard(Impl& impl) : in_process_(impl.keys_mutex_), across_(*impl.keys_lock_) {}
+
+   private:
+    std::lock_guard<std::mutex> in_process_;
+    detail::LockGuard across_;
+  };
   WriterOptions options_;
   int owner_pid_;
   // Held shared by every call that uses files_, exclusively by close() to release them.
@@ -295,6 +336,11 @@ class Writer::Impl {
   // WriterOptions::huge_pages: makes the 2 MiB pages of rows a growth added ahead of the
   // appends (storage/pages_ahead.h). Null without the option.
   std::unique_ptr<detail::PagesAhead> pages_ahead_;
+  // Indexes the rows of appends on a thread of its own (index/background_indexer.h). Made by the
+  // first append that leaves its indexing to it (under mutex_), published in indexer_ for the
+  // threads that wait for it without mutex_; stopped by close() once the appends have ended.
+  std::unique_ptr<detail::BackgroundIndexer> indexer_owner_;
+  std::atomic<detail::BackgroundIndexer*> indexer_{nullptr};
 };
 
 void Writer::Impl::check_usable() const {
@@ -346,7 +392,7 @@ void Writer::Impl::recover() {
 
 bool Writer::Impl::follow_truncate() {
   if (!generation_moved()) return false;
-  detail::LockGuard keys_guard(*keys_lock_);
+  const KeysGuard keys_guard(*this);
   detail::finish_switch(*files_);  // Its truncating handle was killed after deciding it.
   files_->follow_generation();
   if (flushes_in_flight_ == 0) files_->close_retired_fds();  // Else the last flush does.
@@ -409,7 +455,7 @@ std::uint64_t Writer::Impl::truncate(std::uint64_t rows, bool from_epoch) {
 
 std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch) {
   // Held across the switch: the key_generation word and keys.K change with the generation.
-  detail::LockGuard keys_guard(*keys_lock_);
+  const KeysGuard keys_guard(*this);
   const std::uint64_t committed = files_->state().committed();
   std::uint64_t keep = rows;
   if (from_epoch) {
@@ -482,7 +528,7 @@ bool Writer::Impl::index_keys() {
   };
   try {
     {
-      detail::LockGuard keys_guard(*keys_lock_);
+      const KeysGuard keys_guard(*this);
       const std::optional<std::uint64_t> committed = committed_here();
       if (!committed) return false;
       if (const auto claimed = keys_->index_current(files_->entry_ptr(0), *committed)) {
@@ -492,7 +538,7 @@ bool Writer::Impl::index_keys() {
     // Another writer switched key index generations, or the file is damaged: opening or
     // rebuilding one replaces files, which is done under the writer lock too.
     detail::LockGuard across_processes(*lock_);
-    detail::LockGuard keys_guard(*keys_lock_);
+    const KeysGuard keys_guard(*this);
     const std::optional<std::uint64_t> committed = committed_here();
     if (!committed) return false;
     return keys_->after_publish(files_->entry_ptr(0), *committed);
@@ -502,6 +548,45 @@ bool Writer::Impl::index_keys() {
     key_index_failed(error);
     return false;
   }
+}
+
+void Writer::Impl::index_in_background() noexcept {
+  try {
+    if (!keys_usable_) return;
+    std::optional<bool> claimed;
+    {
+      const KeysGuard keys_guard(*this);
+      // Under the key index lock no truncate of this library switches generations, and this
+      // handle follows one only holding keys_mutex_: the files, their mapping and keys_ agree.
+      // The counter is read before the generation word (index_keys() says why).
+      const std::shared_ptr<const detail::Generation> pinned = files_->pin_generation();
+      const std::uint64_t committed = files_->state().committed();
+      // Only every committed row at once: a writer killed indexing may have left slots naming
+      // rows up to its commit, which index_rows() would take for damage below it.
+      if (pinned && pinned->number() == files_->file_generation() && !generation_moved() &&
+          pinned->mapped_rows() >= committed) {
+        claimed = keys_->index_current(pinned->entry_ptr(0), committed);
+      }
+    }
+    if (claimed && !*claimed) return;
+    const auto in_process = lock_ahead_of_appends();
+    // A claim made above is still this handle's unless a truncate or rebuild (under mutex_)
+    // dropped it meanwhile.
+    const bool claimed_above = claimed.value_or(false) && keys_->growth_claimed();
+    if (index_keys() || claimed_above) start_growth();
+  } catch (const Error& error) {
+    key_index_failed(error);  // Readers scan; the next writer indexes the rows.
+  } catch (const std::exception& error) {
+    key_index_failed(Error(ErrorCode::kIO, path_ + ": indexing keys: " + error.what()));
+  }
+}
+
+void Writer::Impl::start_growth() {
+  // A new claim means the last growth passed finish_growth() (under mutex_, held here): its
+  // thread is exiting, at most releasing the file it replaced (1-2 ms) first.
+  if (growth_thread_) growth_thread_->join();
+  stop_growth_ = false;
+  growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
 }
 
 void Writer::Impl::grow_key_index() {
@@ -532,7 +617,7 @@ void Writer::Impl::grow_key_index() {
     const auto in_process = lock_ahead_of_appends();
     try {
       detail::LockGuard across_processes(*lock_);
-      detail::LockGuard keys_guard(*keys_lock_);
+      const KeysGuard keys_guard(*this);
       if (generation_moved()) {
         // Truncated meanwhile: what was built indexes dropped rows. The next append follows.
         keys_->finish_growth(nullptr, nullptr, 0, retired);
@@ -600,6 +685,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   if (batch.rows == 0) return files_->state().committed();
   // A growth of this generation keeps running beside the append; with_writer_lock() follows
   // another handle's truncate first, so rows never go into the old generation's files.
+  bool index_later = false;
   const std::uint64_t first = with_writer_lock(Growth::kStopIfMoved, [&] {
     const std::uint64_t at = detail::commit_batch(*files_, batch, synced_era_,
                                                   [this](const Error& error) { poison(error); });
@@ -609,19 +695,34 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
       const auto [grown_from, grown_to] = files_->take_grown_rows();
       pages_ahead_->make(files_->pin_generation(), std::max(grown_from, at + batch.rows), grown_to);
     }
-    // The rows are published: other writers may commit while this one indexes (mutex_ still
-    // serializes this handle's threads), and readers waiting for rows need not wait for it.
+    // Indexed on indexer_'s thread when the batch is large and this handle looks like the
+    // store's one active writer (as hash_at() judges); else here, as before that thread existed:
+    // for short batches, and with several writers on few cores, the thread's wake-ups and polls
+    // cost more than the overlap gains (bench/RESULTS.md, "Indexing off the append's path").
+    index_later = files_->layout().key_index &&
+                  batch.rows * files_->layout().record_bytes >= kIndexLaterMinBytes &&
+                  !lock_waited_.load(std::memory_order_relaxed) &&
+                  waiting_threads_.load(std::memory_order_relaxed) == 0 && !lock_->others_waiting();
+    // The rows are published: other writers may commit while this one's are indexed, and
+    // readers waiting for rows need not wait for it.
     lock_->release();
     detail::os::futex_wake_all(files_->state().committed_word());
-    if (index_keys()) {
-      // A new claim means the last growth passed finish_growth() (under mutex_, held here): its
-      // thread is exiting, at most releasing the file it replaced (1-2 ms) first.
-      if (growth_thread_) growth_thread_->join();
-      stop_growth_ = false;
-      growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
+    if (!index_later && index_keys()) start_growth();
+    if (index_later && !indexer_owner_) {
+      indexer_owner_ =
+          std::make_unique<detail::BackgroundIndexer>([this] { index_in_background(); });
+      indexer_.store(indexer_owner_.get());
     }
     return at;
   });
+  if (index_later && keys_usable_.load()) {
+    // The rows of the appends before this one are indexed by now, so the indexing never falls
+    // further behind than one append of each thread; this one's are indexed while the caller
+    // goes on (index/background_indexer.h). Outside mutex_, which the indexer's run may take.
+    detail::BackgroundIndexer* indexer = indexer_.load();
+    indexer->wait_idle();
+    indexer->post();
+  }
   // Outside the locks: this writer's flush need not hold other writers up.
   if (options_.sync == SyncPolicy::kEveryAppend) flush();
   return first;
@@ -731,7 +832,9 @@ void Writer::Impl::close() {
   EMBSTORE_CRASH_POINT("close-joins-growth");
   join_growth(/*abandon=*/false);
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
-  // One of those appends may have claimed another growth meanwhile (it never takes lifetime_).
+  // Indexes what the last appends left to it (its run may take mutex_, free now).
+  if (indexer_owner_) indexer_owner_->stop();
+  // The indexer may have claimed another growth meanwhile (it never takes lifetime_).
   join_growth(/*abandon=*/false);
   std::exception_ptr final_error;
   if (options_.sync != SyncPolicy::kNone) {
@@ -927,6 +1030,10 @@ bool detail::WriterInternals::hashes_before_lock(const Writer& writer, const Con
 
 bool detail::WriterInternals::wait_for_pages_ahead(const Writer& writer) {
   return writer.impl_->wait_for_pages_ahead();
+}
+
+std::uint64_t detail::WriterInternals::background_index_runs(const Writer& writer) {
+  return writer.impl_->background_index_runs();
 }
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,

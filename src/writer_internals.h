@@ -30,6 +30,9 @@ struct WriterInternals {
   // of its appends are made (storage/pages_ahead.h); false for a writer without the option.
   // For tests.
   static bool wait_for_pages_ahead(const Writer& writer);
+  // Runs of the writer's indexer thread finished so far (index/background_indexer.h): appends
+  // whose indexing was left to it. 0 for a store without a key index. For tests.
+  static std::uint64_t background_index_runs(const Writer& writer);
 };
 
 }  // namespace embstore::detail

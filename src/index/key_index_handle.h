@@ -99,6 +99,9 @@ class KeyIndexHandle {
   // unmapping it and dropping the pages of the unlinked file took 1-2 ms (bench/RESULTS.md).
   bool finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
                      std::uint64_t committed, std::shared_ptr<const KeyIndexFile>& retired);
+  // Writer: this handle holds a growth claim (made by after_publish() or index_current(), dropped
+  // by finish_growth() or reset_store_generation()).
+  bool growth_claimed() const { return claimed_; }
 
  private:
   // Builds generation `generation` of rows [0, rows) at `sizes` (larger where a table fills
