@@ -7,7 +7,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <future>
 #include <mutex>
 #include <optional>
 #include <shared_mutex>
@@ -28,6 +27,7 @@
 #include "platform/lock.h"
 #include "platform/os.h"
 #include "platform/testing.h"
+#include "platform/thread.h"
 #include "storage/pages_ahead.h"
 #include "storage/store_files.h"
 #include "writer_internals.h"
@@ -76,15 +76,7 @@ class Writer::Impl {
       }
     }
     if (options_.sync == SyncPolicy::kInterval) {
-      // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in
-      // that instant would hand the child an allocator locked by a thread it does not have.
-      std::promise<void> started;
-      std::future<void> running = started.get_future();
-      sync_thread_ = std::make_unique<std::thread>([this, &started] {
-        started.set_value();
-        sync_loop();
-      });
-      running.wait();
+      sync_thread_ = std::make_unique<std::thread>(detail::start_thread([this] { sync_loop(); }));
     }
   }
 
@@ -586,7 +578,8 @@ void Writer::Impl::start_growth() {
   // thread is exiting, at most releasing the file it replaced (1-2 ms) first.
   if (growth_thread_) growth_thread_->join();
   stop_growth_ = false;
-  growth_thread_ = std::make_unique<std::thread>([this] { grow_key_index(); });
+  growth_thread_ =
+      std::make_unique<std::thread>(detail::start_thread([this] { grow_key_index(); }));
 }
 
 void Writer::Impl::grow_key_index() {

@@ -3,8 +3,9 @@
 #include <sched.h>
 
 #include <chrono>
-#include <future>
 #include <utility>
+
+#include "platform/thread.h"
 
 namespace embstore::detail {
 
@@ -21,17 +22,8 @@ bool poll_for(std::int64_t micros, Done done) {
 }
 }  // namespace
 
-BackgroundIndexer::BackgroundIndexer(std::function<void()> job) : job_(std::move(job)) {
-  // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in that
-  // instant would hand the child an allocator locked by a thread it does not have.
-  std::promise<void> started;
-  std::future<void> running = started.get_future();
-  thread_ = std::thread([this, &started] {
-    started.set_value();
-    loop();
-  });
-  running.wait();
-}
+BackgroundIndexer::BackgroundIndexer(std::function<void()> job)
+    : job_(std::move(job)), thread_(start_thread([this] { loop(); })) {}
 
 BackgroundIndexer::~BackgroundIndexer() { stop(); }
 

@@ -14,7 +14,7 @@
 // Contract: post() asks for one run of the job that begins after the call; wait_idle() returns
 // once every run asked for before it has finished; stop() waits for those, then ends the thread
 // (idempotent; the destructor calls it). The job must not throw. A job that blocks blocks
-// wait_idle() and stop() with it. The thread starts at construction, which returns once it runs.
+// wait_idle() and stop() with it. The thread starts at construction (platform/thread.h).
 // In a forked child the owner (Writer::Impl) is leaked, never destroyed, so the child never
 // joins the parent's thread.
 #pragma once

@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+#include "platform/thread.h"
 #include "writer_internals.h"
 
 namespace embstore::python {
@@ -83,7 +84,7 @@ AsyncAppender::AsyncAppender(Writer& writer, std::uint64_t capacity_bytes)
       capacity_bytes_(capacity_bytes),
       record_bytes_(std::uint64_t{writer.dim()} * dtype_size(writer.dtype())),
       ring_(capacity_bytes, writer.path()) {
-  thread_ = std::thread([this] { run(); });
+  thread_ = detail::start_thread([this] { run(); });
 }
 
 AsyncAppender::~AsyncAppender() { stop(); }

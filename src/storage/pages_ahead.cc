@@ -2,23 +2,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <future>
 
 #include "platform/os.h"
+#include "platform/thread.h"
 
 namespace embstore::detail {
 
-PagesAhead::PagesAhead() {
-  // Returns only once the thread runs: its start-up allocates (stack, TLS), and a fork in that
-  // instant would hand the child an allocator locked by a thread it does not have.
-  std::promise<void> started;
-  std::future<void> running = started.get_future();
-  thread_ = std::thread([this, &started] {
-    started.set_value();
-    run();
-  });
-  running.wait();
-}
+PagesAhead::PagesAhead() : thread_(start_thread([this] { run(); })) {}
 
 PagesAhead::~PagesAhead() { stop(); }
 

@@ -29,7 +29,7 @@ namespace embstore::detail {
 
 class PagesAhead {
  public:
-  PagesAhead();  // Returns once the thread runs.
+  PagesAhead();  // Returns once the thread runs (platform/thread.h).
   ~PagesAhead();
   PagesAhead(const PagesAhead&) = delete;
   PagesAhead& operator=(const PagesAhead&) = delete;
