@@ -171,6 +171,8 @@ class Writer::Impl {
     pages_ahead_->wait_idle();
     return true;
   }
+  // WriterInternals::set_index_later_min_bytes().
+  void set_index_later_min_bytes(std::uint64_t bytes) { index_later_min_bytes_ = bytes; }
   // WriterInternals::background_index_runs().
   std::uint64_t background_index_runs() const {
     const detail::BackgroundIndexer* indexer = indexer_.load();
@@ -332,6 +334,7 @@ class Writer::Impl {
   // first append that leaves its indexing to it (under mutex_), published in indexer_ for the
   // threads that wait for it without mutex_; stopped by close() once the appends have ended.
   std::unique_ptr<detail::BackgroundIndexer> indexer_owner_;
+  std::atomic<std::uint64_t> index_later_min_bytes_{kIndexLaterMinBytes};
   std::atomic<detail::BackgroundIndexer*> indexer_{nullptr};
 };
 
@@ -693,7 +696,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     // for short batches, and with several writers on few cores, the thread's wake-ups and polls
     // cost more than the overlap gains (bench/RESULTS.md, "Indexing off the append's path").
     index_later = files_->layout().key_index &&
-                  batch.rows * files_->layout().record_bytes >= kIndexLaterMinBytes &&
+                  batch.rows * files_->layout().record_bytes >= index_later_min_bytes_.load() &&
                   !lock_waited_.load(std::memory_order_relaxed) &&
                   waiting_threads_.load(std::memory_order_relaxed) == 0 && !lock_->others_waiting();
     // The rows are published: other writers may commit while this one's are indexed, and
@@ -1027,6 +1030,10 @@ bool detail::WriterInternals::wait_for_pages_ahead(const Writer& writer) {
 
 std::uint64_t detail::WriterInternals::background_index_runs(const Writer& writer) {
   return writer.impl_->background_index_runs();
+}
+
+void detail::WriterInternals::set_index_later_min_bytes(Writer& writer, std::uint64_t bytes) {
+  writer.impl_->set_index_later_min_bytes(bytes);
 }
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,

@@ -33,6 +33,10 @@ struct WriterInternals {
   // Runs of the writer's indexer thread finished so far (index/background_indexer.h): appends
   // whose indexing was left to it. 0 for a store without a key index. For tests.
   static std::uint64_t background_index_runs(const Writer& writer);
+  // Sets the smallest batch (bytes of rows) whose indexing the writer leaves to its indexer
+  // thread while it looks alone (kIndexLaterMinBytes in writer.cc; 0: every batch), so that
+  // tests with small batches run that path too. For tests.
+  static void set_index_later_min_bytes(Writer& writer, std::uint64_t bytes);
 };
 
 }  // namespace embstore::detail

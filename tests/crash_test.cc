@@ -20,6 +20,7 @@
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
+#include "writer_internals.h"
 
 using namespace embstore;
 using embstore::test::TempDir;
@@ -35,12 +36,15 @@ struct Ack {
 
 // Appends batches until `batches` are done (forever if negative), reporting each one after
 // append() returned. Every other writer writes its rows through a mapping advised for huge
-// pages (WriterOptions::huge_pages), the others with pwrite.
+// pages (WriterOptions::huge_pages), the others with pwrite; writers 0 and 1 of every four leave
+// the indexing of every batch to their indexer thread while they look alone (writer.cc,
+// kIndexLaterMinBytes), the others only of batches of 1 MiB (none here).
 int writer_role(const std::string& path, std::uint64_t writer, int batches,
                 const test::Pipe& acks) {
   WriterOptions options;
   options.huge_pages = writer % 2 == 1;
   Writer w = Writer::open(path, options);
+  if (writer % 4 < 2) detail::WriterInternals::set_index_later_min_bytes(w, 0);
   const std::uint64_t n = test::batch_rows(writer);
   for (int b = 0; batches < 0 || b < batches; ++b) {
     const std::uint64_t seq = std::uint64_t(b) * n;
