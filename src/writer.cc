@@ -548,7 +548,8 @@ bool Writer::Impl::index_keys() {
 void Writer::Impl::index_in_background() noexcept {
   try {
     if (!keys_usable_) return;
-    std::optional<bool> claimed;
+    // Empty: not indexed here; true: indexed, and the tables want a growth nobody claimed.
+    std::optional<bool> wants_more;
     {
       const KeysGuard keys_guard(*this);
       // Under the key index lock no truncate of this library switches generations, and this
@@ -560,15 +561,15 @@ void Writer::Impl::index_in_background() noexcept {
       // rows up to its commit, which index_rows() would take for damage below it.
       if (pinned && pinned->number() == files_->file_generation() && !generation_moved() &&
           pinned->mapped_rows() >= committed) {
-        claimed = keys_->index_current(pinned->entry_ptr(0), committed);
+        wants_more = keys_->index_current(pinned->entry_ptr(0), committed, /*claim=*/false);
       }
     }
-    if (claimed && !*claimed) return;
+    if (wants_more && !*wants_more) return;
+    // A growth is claimed only here, under mutex_, by the call that starts it: a claim made
+    // without mutex_ could be dropped by a truncate or rebuild, or followed by another, before
+    // its thread was started.
     const auto in_process = lock_ahead_of_appends();
-    // A claim made above is still this handle's unless a truncate or rebuild (under mutex_)
-    // dropped it meanwhile.
-    const bool claimed_above = claimed.value_or(false) && keys_->growth_claimed();
-    if (index_keys() || claimed_above) start_growth();
+    if (index_keys()) start_growth();
   } catch (const Error& error) {
     key_index_failed(error);  // Readers scan; the next writer indexes the rows.
   } catch (const std::exception& error) {
@@ -683,6 +684,21 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   // another handle's truncate first, so rows never go into the old generation's files.
   bool index_later = false;
   const std::uint64_t first = with_writer_lock(Growth::kStopIfMoved, [&] {
+    // Indexed on indexer_'s thread when the batch is large and this handle looks like the
+    // store's one active writer (as hash_at() judges); else after the commit, here, as before
+    // that thread existed: for short batches, and with several writers on few cores, the
+    // thread's wake-ups and polls cost more than the overlap gains (bench/RESULTS.md, "Indexing
+    // off the append's path"). Decided, and the thread made, before the commit: once the rows
+    // are published the append must not throw (a retry would store them twice).
+    index_later = files_->layout().key_index &&
+                  batch.rows * files_->layout().record_bytes >= index_later_min_bytes_.load() &&
+                  !lock_waited_.load(std::memory_order_relaxed) &&
+                  waiting_threads_.load(std::memory_order_relaxed) == 0 && !lock_->others_waiting();
+    if (index_later && !indexer_owner_) {
+      indexer_owner_ =
+          std::make_unique<detail::BackgroundIndexer>([this] { index_in_background(); });
+      indexer_.store(indexer_owner_.get());
+    }
     const std::uint64_t at = detail::commit_batch(*files_, batch, synced_era_,
                                                   [this](const Error& error) { poison(error); });
     last_end_.store(at + batch.rows, std::memory_order_relaxed);
@@ -691,23 +707,19 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
       const auto [grown_from, grown_to] = files_->take_grown_rows();
       pages_ahead_->make(files_->pin_generation(), std::max(grown_from, at + batch.rows), grown_to);
     }
-    // Indexed on indexer_'s thread when the batch is large and this handle looks like the
-    // store's one active writer (as hash_at() judges); else here, as before that thread existed:
-    // for short batches, and with several writers on few cores, the thread's wake-ups and polls
-    // cost more than the overlap gains (bench/RESULTS.md, "Indexing off the append's path").
-    index_later = files_->layout().key_index &&
-                  batch.rows * files_->layout().record_bytes >= index_later_min_bytes_.load() &&
-                  !lock_waited_.load(std::memory_order_relaxed) &&
-                  waiting_threads_.load(std::memory_order_relaxed) == 0 && !lock_->others_waiting();
     // The rows are published: other writers may commit while this one's are indexed, and
     // readers waiting for rows need not wait for it.
     lock_->release();
     detail::os::futex_wake_all(files_->state().committed_word());
-    if (!index_later && index_keys()) start_growth();
-    if (index_later && !indexer_owner_) {
-      indexer_owner_ =
-          std::make_unique<detail::BackgroundIndexer>([this] { index_in_background(); });
-      indexer_.store(indexer_owner_.get());
+    if (!index_later) {
+      try {
+        if (index_keys()) start_growth();
+      } catch (const std::exception& error) {
+        // No thread for the growth: the append succeeded and must not throw. This handle stops
+        // indexing; close() reports it; the next writer indexes the rows.
+        key_index_failed(
+            Error(ErrorCode::kIO, path_ + ": starting a key index growth: " + error.what()));
+      }
     }
     return at;
   });

@@ -736,10 +736,22 @@ TEST_CASE(
     for (std::uint64_t i = 0; i < kBatch; ++i) keys[i] = (b * kBatch + i) % kKeys;
     append(writer, keys, epochs);
   };
+  {
+    // A few rows, left to the thread: info() returns once they are indexed.
+    detail::WriterInternals::set_index_later_min_bytes(w, 0);
+    append(w, {kKeys + 1, kKeys + 2, kKeys + 3}, {8, 8, 8});
+    REQUIRE(detail::WriterInternals::background_index_runs(w) <= 1);
+    (void)w.info();
+    CHECK(detail::WriterInternals::background_index_runs(w) == 1);
+    r.refresh();
+    CHECK(r.info().key_index.find(indexed_status(3)) != std::string::npos);
+    detail::WriterInternals::set_index_later_min_bytes(w, std::uint64_t{1} << 20);  // The default.
+  }
   for (std::uint64_t b = 0; b < 4; ++b) {
     append_batch(w, b);
     // Indexed yet or answered by scan, the last batch's rows are found exactly; the tables
-    // grow several times on the way (growths the indexer thread claims and starts).
+    // grow several times on the way (growths the indexer thread claims and starts, under
+    // mutex_).
     r.refresh();
     check_lookups(r, {0, 1, kKeys - 1, (b * kBatch) % kKeys, kKeys}, {0, 1, 2, 3});
   }
@@ -762,6 +774,23 @@ TEST_CASE(
   SECTION("a truncate, then appends again") {
     CHECK(w.truncate(kBatch + 5) == kBatch + 5);
     append_batch(w, 4);
+  }
+  SECTION("truncates and rebuilds right after appends, while another thread appends") {
+    // Every batch to the thread (while the handle looks alone), so claims and growths meet
+    // truncates and rebuilds of the same handle at any moment.
+    detail::WriterInternals::set_index_later_min_bytes(w, 0);
+    std::atomic<bool> done{false};
+    std::thread small([&] {
+      for (std::uint64_t i = 0; !done.load(); ++i) append(w, {kKeys + i % 7}, {9});
+    });
+    for (std::uint64_t round = 0; round < 3; ++round) {
+      append_batch(w, 4 + round);
+      CHECK(w.truncate(kBatch + round) == kBatch + round);
+      append_batch(w, 4 + round);
+      w.rebuild_key_index();
+    }
+    done = true;
+    small.join();
   }
   SECTION("another handle appends between") {
     {

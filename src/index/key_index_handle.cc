@@ -216,7 +216,7 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
 }
 
 std::optional<bool> KeyIndexHandle::index_current(const IndexEntry* entries,
-                                                  std::uint64_t committed) {
+                                                  std::uint64_t committed, bool claim) {
   std::shared_ptr<KeyIndexFile> file;
   {
     std::lock_guard guard(mutex_);
@@ -231,6 +231,7 @@ std::optional<bool> KeyIndexHandle::index_current(const IndexEntry* entries,
     return std::nullopt;  // Damaged: after_publish() rebuilds it.
   }
   if (complete && !file->wants_growth()) return false;
+  if (!claim) return !claimed_;
   return try_claim_growth();
 }
 

@@ -70,7 +70,11 @@ class KeyIndexHandle {
   // calls after_publish() holding the writer lock too, because opening and rebuilding replace
   // files that writers of libraries before the key index lock replace under the writer lock
   // alone.
-  std::optional<bool> index_current(const IndexEntry* entries, std::uint64_t committed);
+  // With `claim` false it claims nothing, and returns true where it would have tried to claim a
+  // growth (the tables want one and this handle holds no claim): the caller then calls it again
+  // where it can start the growth (a Writer's indexer thread, writer.cc).
+  std::optional<bool> index_current(const IndexEntry* entries, std::uint64_t committed,
+                                    bool claim = true);
 
   // What a growth may index now: rows [0, rows), committed, their entries mapped at `entries`,
   // which stay valid until the next call of the source that gave them.
@@ -99,9 +103,6 @@ class KeyIndexHandle {
   // unmapping it and dropping the pages of the unlinked file took 1-2 ms (bench/RESULTS.md).
   bool finish_growth(std::shared_ptr<KeyIndexFile> next, const IndexEntry* entries,
                      std::uint64_t committed, std::shared_ptr<const KeyIndexFile>& retired);
-  // Writer: this handle holds a growth claim (made by after_publish() or index_current(), dropped
-  // by finish_growth() or reset_store_generation()).
-  bool growth_claimed() const { return claimed_; }
 
  private:
   // Builds generation `generation` of rows [0, rows) at `sizes` (larger where a table fills
