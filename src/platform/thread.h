@@ -7,6 +7,7 @@
 #pragma once
 
 #include <future>
+#include <memory>
 #include <thread>
 #include <utility>
 
@@ -14,10 +15,12 @@ namespace embstore::detail {
 
 template <typename Body>
 std::thread start_thread(Body&& body) {
-  std::promise<void> started;
-  std::future<void> running = started.get_future();
-  std::thread thread([&started, body = std::forward<Body>(body)]() mutable {
-    started.set_value();
+  // Shared with the new thread, which may still be inside set_value() when the wait returns.
+  auto started = std::make_shared<std::promise<void>>();
+  std::future<void> running = started->get_future();
+  std::thread thread([started, body = std::forward<Body>(body)]() mutable {
+    started->set_value();
+    started.reset();
     body();
   });
   running.wait();
