@@ -725,27 +725,40 @@ TEST_CASE(
     "[key_lookup][indexer]") {
   TempDir dir;
   const std::string path = dir / "s";
+  constexpr std::uint64_t kMiBRows = 65536;  // 1 MiB of 4-float rows: kIndexLaterMinBytes.
+  {
+    // At the default, a batch of 1 MiB of rows is left to the thread, a row fewer is not.
+    Writer alone = Writer::create(dir / "threshold", options());
+    std::vector<std::uint64_t> keys(kMiBRows), epochs(kMiBRows, 0);
+    for (std::uint64_t i = 0; i < kMiBRows; ++i) keys[i] = i;
+    append(alone, std::vector<std::uint64_t>(keys.begin(), keys.end() - 1),
+           std::vector<std::uint64_t>(epochs.begin(), epochs.end() - 1));
+    (void)alone.info();
+    CHECK(detail::WriterInternals::background_index_runs(alone) == 0);
+    append(alone, keys, epochs);
+    (void)alone.info();
+    CHECK(detail::WriterInternals::background_index_runs(alone) == 1);
+  }
   Writer w = Writer::create(path, options());
   Reader r = Reader::open(path);
-  // 1 MiB of 4-float rows a batch: the smallest batch whose indexing an append leaves to the
-  // thread (kIndexLaterMinBytes, src/writer.cc). Keys repeat across batches, epoch = batch.
-  constexpr std::uint64_t kBatch = 65536;
-  constexpr std::uint64_t kKeys = 100'000;
+  // Batches of 8,192 rows, every one left to the thread (the knob: a batch of 1 MiB costs the
+  // sanitizer builds too much); keys repeat across batches, epoch = batch.
+  detail::WriterInternals::set_index_later_min_bytes(w, 0);
+  constexpr std::uint64_t kBatch = 8192;
+  constexpr std::uint64_t kKeys = 20'000;
   auto append_batch = [&](Writer& writer, std::uint64_t b) {
     std::vector<std::uint64_t> keys(kBatch), epochs(kBatch, b);
     for (std::uint64_t i = 0; i < kBatch; ++i) keys[i] = (b * kBatch + i) % kKeys;
     append(writer, keys, epochs);
   };
   {
-    // A few rows, left to the thread: info() returns once they are indexed.
-    detail::WriterInternals::set_index_later_min_bytes(w, 0);
+    // A few rows: info() returns once the thread has indexed them.
     append(w, {kKeys + 1, kKeys + 2, kKeys + 3}, {8, 8, 8});
     REQUIRE(detail::WriterInternals::background_index_runs(w) <= 1);
     (void)w.info();
     CHECK(detail::WriterInternals::background_index_runs(w) == 1);
     r.refresh();
     CHECK(r.info().key_index.find(indexed_status(3)) != std::string::npos);
-    detail::WriterInternals::set_index_later_min_bytes(w, std::uint64_t{1} << 20);  // The default.
   }
   for (std::uint64_t b = 0; b < 4; ++b) {
     append_batch(w, b);
@@ -776,9 +789,7 @@ TEST_CASE(
     append_batch(w, 4);
   }
   SECTION("truncates and rebuilds right after appends, while another thread appends") {
-    // Every batch to the thread (while the handle looks alone), so claims and growths meet
-    // truncates and rebuilds of the same handle at any moment.
-    detail::WriterInternals::set_index_later_min_bytes(w, 0);
+    // Claims and growths meet truncates and rebuilds of the same handle at any moment.
     std::atomic<bool> done{false};
     std::thread small([&] {
       for (std::uint64_t i = 0; !done.load(); ++i) append(w, {kKeys + i % 7}, {9});
@@ -796,6 +807,7 @@ TEST_CASE(
     {
       // A handle of its own: its own locks, its own indexer thread, rows this one did not map.
       Writer other = Writer::open(path);
+      detail::WriterInternals::set_index_later_min_bytes(other, 0);
       append_batch(other, 4);
       append_batch(other, 5);
     }
