@@ -140,29 +140,31 @@ class Writer::Impl {
     return info;
   }
   bool in_owner_process() const { return detail::os::current_pid() == owner_pid_; }
-  // Where the next append of the caller's large packed rows is hashed (log/batch.h, HashAt):
-  // read back from the page cache under the lock only while this handle looks like the store's one
-  // active writer: its last taking of the locks did not wait, nothing was committed since its last
-  // append, and no thread of this handle and no other handle waits for the lock now. Else
-  // before the lock, as writers that share the lock must: hashing under it would serialize
-  // their hashes, and a writer that skips the copy is back for the lock before a woken waiter
-  // can take it, starving the others (bench/RESULTS.md, "Hashing what was written").
-  // Hints only: either way stores the same bytes under checksums of them. The last check is a
-  // system call, made last.
-  detail::HashAt hash_at(std::uint64_t committed) const {
-    const bool alone = !lock_waited_.load(std::memory_order_relaxed) &&
-                       committed == last_end_.load(std::memory_order_relaxed) &&
-                       waiting_threads_.load(std::memory_order_relaxed) == 0 &&
-                       !lock_->others_waiting();
+  // Whether this handle looks like the store's one active writer, `committed` read now: its
+  // last taking of the locks did not wait, nothing was committed since its last append, and no
+  // thread of this handle and no other handle waits for the lock now. A hint, asked before the
+  // lock by the two choices an append makes by it: where its rows are hashed (hash_at()) and who
+  // indexes them (append()). The last check is a system call, made last.
+  bool looks_alone(std::uint64_t committed) const {
+    return !lock_waited_.load(std::memory_order_relaxed) &&
+           committed == last_end_.load(std::memory_order_relaxed) &&
+           waiting_threads_.load(std::memory_order_relaxed) == 0 && !lock_->others_waiting();
+  }
+  // Where the next append of the caller's large packed rows is hashed (log/batch.h, HashAt),
+  // `alone` what looks_alone() says: read back from the page cache under the lock only while
+  // the handle looks alone. Else before the lock, as writers that share the lock must: hashing
+  // under it would serialize their hashes, and a writer that skips the copy is back for the
+  // lock before a woken waiter can take it, starving the others (bench/RESULTS.md, "Hashing
+  // what was written"). Hints only: either way stores the same bytes under checksums of them.
+  static detail::HashAt hash_at(bool alone) {
     return alone ? detail::HashAt::kPageCache : detail::HashAt::kStaged;
   }
   // Where an append of `rows` is hashed: hash_at(), when HashAt decides for them at all
   // (hash_at_applies); else staged. Wherever the rows start in a page: from a source a few bytes
   // off where they land, the kernel's copy runs up to 10% slower, but staging them costs more
   // (bench/RESULTS.md, "Rows a few bytes into a page are read back too").
-  detail::HashAt hash_at_for(const ConstMatrix& rows, detail::RowMemory memory,
-                             std::uint64_t committed) const {
-    return detail::hash_at_applies(files_->layout(), rows, memory) ? hash_at(committed)
+  detail::HashAt hash_at_for(const ConstMatrix& rows, detail::RowMemory memory, bool alone) const {
+    return detail::hash_at_applies(files_->layout(), rows, memory) ? hash_at(alone)
                                                                    : detail::HashAt::kStaged;
   }
   // WriterInternals::wait_for_pages_ahead().
@@ -179,11 +181,12 @@ class Writer::Impl {
     return indexer != nullptr ? indexer->runs() : 0;
   }
   detail::HashAt next_hash_at() const {
-    return with_files([this](const StoreFiles& f) { return hash_at(f.state().committed()); });
+    return with_files(
+        [this](const StoreFiles& f) { return hash_at(looks_alone(f.state().committed())); });
   }
   detail::HashAt next_hash_at(const ConstMatrix& rows) const {
     return with_files([&](const StoreFiles& f) {
-      return hash_at_for(rows, detail::RowMemory::kCallers, f.state().committed());
+      return hash_at_for(rows, detail::RowMemory::kCallers, looks_alone(f.state().committed()));
     });
   }
 
@@ -234,7 +237,9 @@ class Writer::Impl {
   // path. Never throws: a failure stops this handle's indexing (key_index_failed()).
   void index_in_background() noexcept;
   // mutex_ held, a growth claimed by this handle: starts growth_thread_ on grow_key_index().
-  void start_growth();
+  // Never throws (it runs after a commit, which must not): a thread that cannot start stops
+  // this handle's indexing (key_index_failed()).
+  void start_growth() noexcept;
   // Runs on growth_thread_: builds the larger key index without the lock, then switches to it.
   void grow_key_index();
   // Waits for the growth thread; `abandon` makes it stop early (drops the claim, builds nothing).
@@ -577,13 +582,19 @@ void Writer::Impl::index_in_background() noexcept {
   }
 }
 
-void Writer::Impl::start_growth() {
-  // A new claim means the last growth passed finish_growth() (under mutex_, held here): its
-  // thread is exiting, at most releasing the file it replaced (1-2 ms) first.
-  if (growth_thread_) growth_thread_->join();
-  stop_growth_ = false;
-  growth_thread_ =
-      std::make_unique<std::thread>(detail::start_thread([this] { grow_key_index(); }));
+void Writer::Impl::start_growth() noexcept {
+  try {
+    // A new claim means the last growth passed finish_growth() (under mutex_, held here): its
+    // thread is exiting, at most releasing the file it replaced (1-2 ms) first.
+    if (growth_thread_) growth_thread_->join();
+    stop_growth_ = false;
+    growth_thread_ =
+        std::make_unique<std::thread>(detail::start_thread([this] { grow_key_index(); }));
+  } catch (const std::exception& error) {
+    // Readers scan; close() reports it; the next writer indexes the rows.
+    key_index_failed(
+        Error(ErrorCode::kIO, path_ + ": starting a key index growth: " + error.what()));
+  }
 }
 
 void Writer::Impl::grow_key_index() {
@@ -674,26 +685,28 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
   std::shared_lock life(lifetime_);
   check_usable();
   // Everything that does not need the row number happens before the lock; so does the hash,
-  // unless this handle looks like the store's one active writer (hash_at(), asked only for
-  // batches it decides: hash_at_for()).
-  const detail::PreparedBatch batch = detail::prepare_batch(
-      files_->layout(), files_->hash_key(), files_->dir(), keys, epochs, single_epoch, rows, memory,
-      hash_at_for(rows, memory, files_->state().committed()));
+  // unless this handle looks like the store's one active writer (hash_at_for()). Its indexing is
+  // left to indexer_'s thread when the batch is large and the handle looks alone (and did not
+  // wait for the locks below); else it indexes after the commit, as before that thread existed:
+  // for short batches, and with several writers on few cores, the thread's wake-ups and polls
+  // cost more than the overlap gains (bench/RESULTS.md, "Indexing off the append's path"). One
+  // look (looks_alone(), a system call) serves both choices, made only for batches they concern.
+  const bool may_index_later =
+      files_->layout().key_index &&
+      rows.rows * files_->layout().record_bytes >= index_later_min_bytes_.load();
+  const bool alone = (may_index_later || detail::hash_at_applies(files_->layout(), rows, memory)) &&
+                     looks_alone(files_->state().committed());
+  const detail::PreparedBatch batch =
+      detail::prepare_batch(files_->layout(), files_->hash_key(), files_->dir(), keys, epochs,
+                            single_epoch, rows, memory, hash_at_for(rows, memory, alone));
   if (batch.rows == 0) return files_->state().committed();
   // A growth of this generation keeps running beside the append; with_writer_lock() follows
   // another handle's truncate first, so rows never go into the old generation's files.
   bool index_later = false;
   const std::uint64_t first = with_writer_lock(Growth::kStopIfMoved, [&] {
-    // Indexed on indexer_'s thread when the batch is large and this handle looks like the
-    // store's one active writer (as hash_at() judges); else after the commit, here, as before
-    // that thread existed: for short batches, and with several writers on few cores, the
-    // thread's wake-ups and polls cost more than the overlap gains (bench/RESULTS.md, "Indexing
-    // off the append's path"). Decided, and the thread made, before the commit: once the rows
-    // are published the append must not throw (a retry would store them twice).
-    index_later = files_->layout().key_index &&
-                  batch.rows * files_->layout().record_bytes >= index_later_min_bytes_.load() &&
-                  !lock_waited_.load(std::memory_order_relaxed) &&
-                  waiting_threads_.load(std::memory_order_relaxed) == 0 && !lock_->others_waiting();
+    // The thread is made before the commit: once the rows are published the append must not
+    // throw (a retry would store them twice).
+    index_later = may_index_later && alone && !lock_waited_.load(std::memory_order_relaxed);
     if (index_later && !indexer_owner_) {
       indexer_owner_ =
           std::make_unique<detail::BackgroundIndexer>([this] { index_in_background(); });
@@ -711,16 +724,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     // readers waiting for rows need not wait for it.
     lock_->release();
     detail::os::futex_wake_all(files_->state().committed_word());
-    if (!index_later) {
-      try {
-        if (index_keys()) start_growth();
-      } catch (const std::exception& error) {
-        // No thread for the growth: the append succeeded and must not throw. This handle stops
-        // indexing; close() reports it; the next writer indexes the rows.
-        key_index_failed(
-            Error(ErrorCode::kIO, path_ + ": starting a key index growth: " + error.what()));
-      }
-    }
+    if (!index_later && index_keys()) start_growth();
     return at;
   });
   if (index_later && keys_usable_.load()) {
