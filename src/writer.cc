@@ -196,6 +196,11 @@ class Writer::Impl {
   void flush();               // The sync itself; callers hold lifetime_ and have checked usability.
   void allocate_files();
   void recover();
+  // How index_keys() takes the key index lock.
+  enum class KeysWait {
+    kBlock,       // Waits for it.
+    kUnlessHeld,  // Not at all while another handle holds it: that handle indexes the rows.
+  };
   // What with_writer_lock() does with a key index growth running on growth_thread_.
   enum class Growth {
     kStop,         // Stops it: the call resets the key index handle (truncate, rebuild).
@@ -228,7 +233,11 @@ class Writer::Impl {
   // so far (this handle's appends' and any other writer's not indexed yet); true when a growth
   // was claimed. Opens or rebuilds the key index when another writer switched it or it is
   // damaged (index/key_index_handle.h, after_publish()).
-  bool index_keys();
+  // With KeysWait::kUnlessHeld (an append) it returns at once, indexing nothing, while another
+  // handle holds the key index lock: that handle looks at `committed` again after releasing the
+  // lock and indexes the rows it finds unindexed (one pass more); whatever is still left
+  // then is indexed by the next append of any handle, or by close().
+  bool index_keys(KeysWait wait);
   // The job of indexer_ (index/background_indexer.h), after an append: indexes every committed
   // row under the key index lock alone, as long as this handle's files and key index are the
   // store's current ones and the rows are mapped; anything else (rows another writer committed
@@ -258,16 +267,16 @@ class Writer::Impl {
   //   keys_mutex_ -> the OFD key index lock (keys_lock_) -> poison_mutex_.
   // keys_mutex_ and keys_lock_ are always taken together (KeysGuard). An append commits under
   // mutex_ and lock_ and releases lock_; then it indexes under mutex_, keys_mutex_ and keys_lock_
-  // (index_keys()), or, for a large batch of a writer alone, releases mutex_ too and hands the
-  // indexing to indexer_, whose thread indexes under keys_mutex_ and keys_lock_ alone
-  // (index_in_background()). Either way the indexing overlaps other writers' commits; the
-  // thread's overlaps this handle's next commit too. The indexer's thread holds no lock when it
-  // takes mutex_ (through lock_ahead_of_appends(), for what only index_keys() can do), and an
-  // append waits for the indexer (wait_idle()) holding lifetime_ shared only. Whatever
-  // replaces key index files or changes key_generation (open, truncate, following a truncate,
-  // rebuild, a growth's switch, an append that finds another generation or a damaged file)
-  // holds both, lock_ first, as libraries before keys_lock_ did lock_ alone; a holder of
-  // keys_lock_ alone never waits for lock_ (index_keys() releases it first).
+  // (index_keys(); keys_lock_ only if no other handle holds it, else that handle indexes), or, for
+  // a large batch of a writer alone, releases mutex_ too and hands the indexing to indexer_, whose
+  // thread indexes under keys_mutex_ and keys_lock_ alone (index_in_background()). Either way the
+  // indexing overlaps other writers' commits; the thread's overlaps this handle's next commit too.
+  // The indexer's thread holds no lock when it takes mutex_ (through lock_ahead_of_appends(), for
+  // what only index_keys() can do), and an append waits for the indexer (wait_idle()) holding
+  // lifetime_ shared only. Whatever replaces key index files or changes key_generation (open,
+  // truncate, following a truncate, rebuild, a growth's switch, an append that finds another
+  // generation or a damaged file) holds both, lock_ first, as libraries before keys_lock_ did lock_
+  // alone; a holder of keys_lock_ alone never waits for lock_ (index_keys() releases it first).
   // sync_loop holds sync_mutex_ across sync() (lifetime_ shared); close() releases sync_mutex_
   // and joins the sync thread before it takes lifetime_ exclusively. poison() runs from under
   // mutex_ and the OFD lock (a failed era flush) or under lifetime_ alone (a failed sync).
@@ -286,14 +295,30 @@ class Writer::Impl {
   // Serializes this handle's threads on keys_lock_ (an OFD lock is its open file description's:
   // two threads of one handle would both hold it) and on the writer calls of keys_.
   std::mutex keys_mutex_;
-  // keys_mutex_, then keys_lock_: the key index lock for one thread of this handle.
+  // keys_mutex_, then keys_lock_: the key index lock for one thread of this handle. With
+  // KeysWait::kUnlessHeld, keys_lock_ only if no other handle holds it now (held() says).
   class KeysGuard {
    public:
-    explicit KeysGuard(Impl& impl) : in_process_(impl.keys_mutex_), across_(*impl.keys_lock_) {}
+    explicit KeysGuard(Impl& impl, KeysWait wait = KeysWait::kBlock)
+        : in_process_(impl.keys_mutex_), across_(*impl.keys_lock_) {
+      if (wait == KeysWait::kBlock) {
+        across_.acquire();
+        held_ = true;
+      } else {
+        held_ = across_.try_acquire();
+      }
+    }
+    ~KeysGuard() {
+      if (held_) across_.release();
+    }
+    KeysGuard(const KeysGuard&) = delete;
+    KeysGuard& operator=(const KeysGuard&) = delete;
+    bool held() const { return held_; }
 
    private:
     std::lock_guard<std::mutex> in_process_;
-    detail::LockGuard across_;
+    detail::WriterLock& across_;
+    bool held_ = false;
   };
   WriterOptions options_;
   int owner_pid_;
@@ -510,11 +535,11 @@ void Writer::Impl::key_index_failed(const Error& error) {
   if (!key_index_error_) key_index_error_.emplace(error);
 }
 
-bool Writer::Impl::index_keys() {
+bool Writer::Impl::index_keys(KeysWait wait) {
   if (!keys_usable_) return false;
   // Every committed row, not only this append's: a writer killed indexing may have left slots
-  // naming rows up to its own commit, which index_rows() refuses past its bound; and rows of a
-  // writer still waiting for this lock are done once, here. The counter is read before the
+  // naming rows up to its own commit, which index_rows() refuses past its bound; and rows of
+  // writers that found this lock held are done once, here. The counter is read before the
   // generation word: a truncate stores the word (its switching flag) before the counters, so an
   // unchanged word means a counter of this handle's files. A truncate by this library holds the
   // key index lock; one by a library before it, the writer lock alone. If the store was
@@ -527,14 +552,34 @@ bool Writer::Impl::index_keys() {
     return committed;
   };
   try {
-    {
-      const KeysGuard keys_guard(*this);
-      const std::optional<std::uint64_t> committed = committed_here();
-      if (!committed) return false;
-      if (const auto claimed = keys_->index_current(files_->entry_ptr(0), *committed)) {
-        return *claimed;
+    // Pass 2 indexes rows committed during pass 1 by handles that found the lock held and
+    // returned (KeysWait::kUnlessHeld). Such a handle published its rows before its attempt
+    // failed, which came before this release: the kernel orders both under the lock file's
+    // lock, so the load of `committed` after the release sees them.
+    bool indexed_here = true;
+    for (int pass = 1; pass <= 2 && indexed_here; ++pass) {
+      std::uint64_t indexed_to = 0;
+      {
+        const KeysGuard keys_guard(*this, pass == 1 ? wait : KeysWait::kUnlessHeld);
+        if (!keys_guard.held()) return false;
+        const std::optional<std::uint64_t> committed = committed_here();
+        if (!committed) return false;
+        const auto claimed = keys_->index_current(files_->entry_ptr(0), *committed);
+        indexed_here = claimed.has_value();
+        if (claimed && *claimed) return true;
+        indexed_to = *committed;
+      }
+      if (indexed_here) {
+        // Only when this pass indexed every row it saw (not stopped by a full table: the
+        // growth catches up then) and more were committed meanwhile.
+        const auto file = keys_->current();
+        if (file == nullptr || file->indexed_rows() < indexed_to ||
+            files_->state().committed() <= indexed_to) {
+          return false;
+        }
       }
     }
+    if (indexed_here) return false;
     // Another writer switched key index generations, or the file is damaged: opening or
     // rebuilding one replaces files, which is done under the writer lock too.
     detail::LockGuard across_processes(*lock_);
@@ -574,7 +619,7 @@ void Writer::Impl::index_in_background() noexcept {
     // without mutex_ could be dropped by a truncate or rebuild, or followed by another, before
     // its thread was started.
     const auto in_process = lock_ahead_of_appends();
-    if (index_keys()) start_growth();
+    if (index_keys(KeysWait::kBlock)) start_growth();
   } catch (const Error& error) {
     key_index_failed(error);  // Readers scan; the next writer indexes the rows.
   } catch (const std::exception& error) {
@@ -724,7 +769,7 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     // readers waiting for rows need not wait for it.
     lock_->release();
     detail::os::futex_wake_all(files_->state().committed_word());
-    if (!index_later && index_keys()) start_growth();
+    if (!index_later && index_keys(KeysWait::kUnlessHeld)) start_growth();
     return at;
   });
   if (index_later && keys_usable_.load()) {
@@ -846,7 +891,15 @@ void Writer::Impl::close() {
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   // Indexes what the last appends left to it (its run may take mutex_, free now).
   if (indexer_owner_) indexer_owner_->stop();
-  // The indexer may have claimed another growth meanwhile (it never takes lifetime_).
+  if (!poisoned_.load()) {
+    // Rows this handle's appends left to another handle indexing at the time (index_keys())
+    // are indexed by that handle or by the next append of any; should neither come (that
+    // handle died, or this was the last append), here.
+    const auto in_process = lock_ahead_of_appends();
+    if (index_keys(KeysWait::kBlock)) start_growth();
+  }
+  // The indexer, or the call above, may have claimed another growth meanwhile (the indexer
+  // never takes lifetime_).
   join_growth(/*abandon=*/false);
   std::exception_ptr final_error;
   if (options_.sync != SyncPolicy::kNone) {

@@ -677,23 +677,33 @@ class AppendingChild {
 }  // namespace
 
 TEST_CASE(
-    "Writers index after releasing the writer lock: others commit meanwhile, and an indexer "
-    "indexes every committed row",
+    "Writers index after releasing the writer lock, and an append that finds the key index lock "
+    "held returns without indexing: the next append of any writer, or close(), indexes every "
+    "committed row",
     "[key_lookup][lock]") {
   TempDir dir;
   const std::string path = dir / "s";
   Writer first = Writer::create(path, options());
   append(first, {1, 2, 3}, {0, 0, 0});
   AppendingChild later(path, {20, 21, 2}, {1, 1, 2});
-  // The key index lock, held here by a handle of its own: the appends below commit, then their
-  // indexing waits. Had either kept the writer lock while waiting, the next could not commit.
+  // The key index lock, held here by a handle of its own (one that never looks at `committed`
+  // again after releasing it, as a writer's index_keys() does).
   detail::WriterLock keys_lock(path + "/lock", detail::LockByte::kKeyIndex);
   REQUIRE_FALSE(keys_lock.acquire());
-  std::thread a([&] { append(first, {10, 11}, {1, 1}); });
-  const bool a_committed = wait_for_rows(path, 5);
-  // The later commit's writer is stopped while it waits: the earlier one, once the lock is
-  // free, must index its rows too.
-  if (a_committed) later.append_and_wait(8, /*stop=*/true);
+  // The append commits and returns while the lock is held: it does not wait for it.
+  std::atomic<bool> returned{false};
+  std::thread a([&] {
+    append(first, {10, 11}, {1, 1});
+    returned = true;
+  });
+  const bool a_returned = test::within_a_minute([&] { return returned.load(); });
+  if (!a_returned) keys_lock.release();  // Lets a hung append finish, so the test can fail.
+  a.join();
+  REQUIRE(a_returned);
+  // Nor did it keep the writer lock: another process commits. That process then closes its
+  // writer, whose close() waits for the key index lock to index what is left; it is stopped
+  // there (a stopped process does not take a lock released meanwhile).
+  later.append_and_wait(8, /*stop=*/true);
   {
     Reader r = Reader::open(path);
     CHECK(r.info().key_index.find(indexed_status(3)) != std::string::npos);
@@ -701,19 +711,27 @@ TEST_CASE(
     check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 99}, {0, 1, 2});
   }
   keys_lock.release();
-  a.join();
-  REQUIRE(a_committed);
-  // The append returned once its rows were published; first's info() returns once its indexer
-  // has indexed them (index/background_indexer.h).
+  // The next append indexes every committed row, the other process's too.
+  append(first, {30}, {3});
   (void)first.info();
   {
     Reader r = Reader::open(path);
-    CHECK(r.info().key_index.find(indexed_status(8)) != std::string::npos);
-    check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 99}, {0, 1, 2});
+    CHECK(r.info().key_index.find(indexed_status(9)) != std::string::npos);
+    check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 30, 99}, {0, 1, 2, 3});
   }
   CHECK(later.finish() == 0);
+  // close() indexes the rows its handle's last append left unindexed.
+  REQUIRE_FALSE(keys_lock.acquire());
+  append(first, {40}, {4});
+  {
+    Reader r = Reader::open(path);
+    CHECK(r.info().key_index.find(indexed_status(9)) != std::string::npos);
+  }
+  keys_lock.release();
+  first.close();
   Reader r = Reader::open(path);
-  CHECK(r.info().key_index.find(indexed_status(8)) != std::string::npos);
+  CHECK(r.info().key_index.find(indexed_status(10)) != std::string::npos);
+  check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 30, 40, 99}, {0, 1, 2, 3, 4});
   const VerifyReport report = r.verify_key_index();
   CHECK(report.key_index_checked);
   CHECK(report.key_index_problems == 0);

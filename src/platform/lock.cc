@@ -61,12 +61,22 @@ WriterLock::~WriterLock() {
 
 bool WriterLock::in_owner_process() const noexcept { return os::current_pid() == owner_pid_; }
 
-bool WriterLock::acquire() {
+void WriterLock::check_owner_process() const {
   if (!in_owner_process()) {
     throw Error(ErrorCode::kForkedChild, path_ + ": this writer was opened by process " +
                                              std::to_string(owner_pid_) +
                                              "; a forked child must open its own Writer");
   }
+}
+
+bool WriterLock::try_acquire() {
+  check_owner_process();
+  held_ = os::try_lock_exclusive(fd_, path_, static_cast<std::uint64_t>(byte_));
+  return held_;
+}
+
+bool WriterLock::acquire() {
+  check_owner_process();
   // Tried first, so the caller learns whether another handle held it (a system call more only
   // when it had to wait anyway).
   const auto byte = static_cast<std::uint64_t>(byte_);

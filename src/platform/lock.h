@@ -57,6 +57,9 @@ class WriterLock {
   // for the writer lock, the handle is marked waiting (byte 1 of the file, FORMAT.md "The store
   // directory").
   bool acquire();
+  // Takes the lock only if no other handle holds it now; true when it did. Never waits, and
+  // never marks this handle waiting.
+  bool try_acquire();
   // Whether another handle is waiting for the writer lock right now: a hint, for a holder
   // choosing how much work to do under the lock (writer.cc, hash_at()). False for the key index
   // lock.
@@ -66,6 +69,8 @@ class WriterLock {
   bool in_owner_process() const noexcept;
 
  private:
+  void check_owner_process() const;  // kForkedChild in a process other than the creator.
+
   std::string path_;
   LockByte byte_;
   int fd_ = -1;
