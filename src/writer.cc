@@ -199,7 +199,7 @@ class Writer::Impl {
   // How index_keys() takes the key index lock.
   enum class KeysWait {
     kBlock,       // Waits for it.
-    kUnlessHeld,  // Not at all while another handle holds it: that handle indexes the rows.
+    kUnlessHeld,  // Not at all while another thread or handle holds it (index_keys()).
   };
   // What with_writer_lock() does with a key index growth running on growth_thread_.
   enum class Growth {
@@ -234,10 +234,17 @@ class Writer::Impl {
   // was claimed. Opens or rebuilds the key index when another writer switched it or it is
   // damaged (index/key_index_handle.h, after_publish()).
   // With KeysWait::kUnlessHeld (an append) it returns at once, indexing nothing, while another
-  // handle holds the key index lock: that handle looks at `committed` again after releasing the
-  // lock and indexes the rows it finds unindexed (one pass more); whatever is still left
-  // then is indexed by the next append of any handle, or by close().
+  // thread of this handle or another handle holds the key index lock. The rows are then indexed
+  // by the next append of any handle, or by a close() (every indexing starts from the
+  // watermark); sooner, as a rule: a call of this function that indexed every row it saw looks
+  // at `committed` again after releasing the lock, and indexes once more what it finds.
   bool index_keys(KeysWait wait);
+  // Every committed row is indexed in this handle's key index file (read without the lock: a
+  // hint, for close()).
+  bool all_indexed() const {
+    const std::shared_ptr<const detail::KeyIndexFile> file = keys_->current();
+    return file != nullptr && file->indexed_rows() >= files_->state().committed();
+  }
   // The job of indexer_ (index/background_indexer.h), after an append: indexes every committed
   // row under the key index lock alone, as long as this handle's files and key index are the
   // store's current ones and the rows are mapped; anything else (rows another writer committed
@@ -267,7 +274,7 @@ class Writer::Impl {
   //   keys_mutex_ -> the OFD key index lock (keys_lock_) -> poison_mutex_.
   // keys_mutex_ and keys_lock_ are always taken together (KeysGuard). An append commits under
   // mutex_ and lock_ and releases lock_; then it indexes under mutex_, keys_mutex_ and keys_lock_
-  // (index_keys(); keys_lock_ only if no other handle holds it, else that handle indexes), or, for
+  // (index_keys(); for an append only if both are free, else a later call indexes), or, for
   // a large batch of a writer alone, releases mutex_ too and hands the indexing to indexer_, whose
   // thread indexes under keys_mutex_ and keys_lock_ alone (index_in_background()). Either way the
   // indexing overlaps other writers' commits; the thread's overlaps this handle's next commit too.
@@ -296,16 +303,18 @@ class Writer::Impl {
   // two threads of one handle would both hold it) and on the writer calls of keys_.
   std::mutex keys_mutex_;
   // keys_mutex_, then keys_lock_: the key index lock for one thread of this handle. With
-  // KeysWait::kUnlessHeld, keys_lock_ only if no other handle holds it now (held() says).
+  // KeysWait::kUnlessHeld, each only if free now (held() says): another thread of this handle
+  // (its indexer) or another handle holds it otherwise.
   class KeysGuard {
    public:
     explicit KeysGuard(Impl& impl, KeysWait wait = KeysWait::kBlock)
-        : in_process_(impl.keys_mutex_), across_(*impl.keys_lock_) {
+        : in_process_(impl.keys_mutex_, std::defer_lock), across_(*impl.keys_lock_) {
       if (wait == KeysWait::kBlock) {
+        in_process_.lock();
         across_.acquire();
         held_ = true;
       } else {
-        held_ = across_.try_acquire();
+        held_ = in_process_.try_lock() && across_.try_acquire();
       }
     }
     ~KeysGuard() {
@@ -316,7 +325,7 @@ class Writer::Impl {
     bool held() const { return held_; }
 
    private:
-    std::lock_guard<std::mutex> in_process_;
+    std::unique_lock<std::mutex> in_process_;
     detail::WriterLock& across_;
     bool held_ = false;
   };
@@ -555,7 +564,9 @@ bool Writer::Impl::index_keys(KeysWait wait) {
     // Pass 2 indexes rows committed during pass 1 by handles that found the lock held and
     // returned (KeysWait::kUnlessHeld). Such a handle published its rows before its attempt
     // failed, which came before this release: the kernel orders both under the lock file's
-    // lock, so the load of `committed` after the release sees them.
+    // lock, so the load of `committed` after the release sees them. (Other holders do not look
+    // again: this handle's indexer thread, a pass stopped by a full table or a growth claim,
+    // a writer of an earlier library. Their rows wait for the next append or close().)
     bool indexed_here = true;
     for (int pass = 1; pass <= 2 && indexed_here; ++pass) {
       std::uint64_t indexed_to = 0;
@@ -891,10 +902,9 @@ void Writer::Impl::close() {
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   // Indexes what the last appends left to it (its run may take mutex_, free now).
   if (indexer_owner_) indexer_owner_->stop();
-  if (!poisoned_.load()) {
-    // Rows this handle's appends left to another handle indexing at the time (index_keys())
-    // are indexed by that handle or by the next append of any; should neither come (that
-    // handle died, or this was the last append), here.
+  if (!poisoned_.load() && keys_usable_.load() && !all_indexed()) {
+    // Rows appends left unindexed because another thread or handle held the key index lock
+    // (this handle's, or another's while this one held it: index_keys()).
     const auto in_process = lock_ahead_of_appends();
     if (index_keys(KeysWait::kBlock)) start_growth();
   }

@@ -650,9 +650,11 @@ class AppendingChild {
     });
     test::within_a_minute([&] { return ::access(ready_.c_str(), F_OK) == 0; });
   }
-  // Lets it append while this process holds the key index lock; returns once it waits for that
-  // lock (its rows committed, the writer lock free), stopped with SIGSTOP if `stop`: a stopped
-  // process does not take a lock released meanwhile.
+  // Lets it append while this process holds the key index lock; returns once its rows are
+  // committed and the writer lock is free. Its append returns without indexing (the lock is
+  // held), and its Writer's close() then waits for the key index lock to index them. Stopped
+  // with SIGSTOP if `stop` (wherever it is by then): a stopped process does not take a lock
+  // released meanwhile.
   void append_and_wait(std::uint64_t rows_after, bool stop) {
     touch(go_);
     REQUIRE(wait_for_rows(path_, rows_after));
@@ -841,7 +843,7 @@ TEST_CASE(
   CHECK(report.key_index_problems == 0);
 }
 
-TEST_CASE("A truncate while another process's append waits to index leaves an exact key index",
+TEST_CASE("A truncate while another process's writer waits to index leaves an exact key index",
           "[key_lookup][lock][truncate]") {
   TempDir dir;
   const std::string path = dir / "s";
@@ -856,7 +858,7 @@ TEST_CASE("A truncate while another process's append waits to index leaves an ex
   AppendingChild child(path, {500, 501}, {2, 2});
   bool truncate_first = false;
   SECTION("the truncate takes the key index lock first") { truncate_first = true; }
-  SECTION("the waiting append indexes first") {}
+  SECTION("the waiting writer (in close()) indexes first") {}
   detail::WriterLock keys_lock(path + "/lock", detail::LockByte::kKeyIndex);
   keys_lock.acquire();
   child.append_and_wait(202, /*stop=*/truncate_first);
@@ -1041,6 +1043,48 @@ struct PausableStore {
     Writer::create(path, options());
   }
 };
+
+TEST_CASE(
+    "A writer that indexed every row it saw looks at the commit counter again after releasing "
+    "the key index lock, and indexes the rows of appends that found it held",
+    "[key_lookup][lock]") {
+  if (!detail::testing::kEnabled) return;
+  const PausableStore store;
+  const std::string& path = store.path;
+  const std::string& at = store.at;
+  Writer first = Writer::open(path, no_sync_thread());
+  append(first, {1, 2, 3}, {0, 0, 0});
+  const std::string appended = at + "/appended", may_close = at + "/may-close";
+  const pid_t child = test::spawn([&] {
+    Writer w = Writer::open(path, no_sync_thread());
+    // Its indexing pauses at its last row, holding the key index lock (the watermark unmoved).
+    detail::testing::arm_pause("mid-key-index", 1, at);
+    append(w, {20, 21, 22}, {1, 1, 1});
+    touch(appended);
+    // Closes only when told: its close() would index what is left, which must be done by then.
+    while (!exists(may_close)) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return 0;
+  });
+  REQUIRE(test::within_a_minute([&] { return exists(at + "/paused.mid-key-index"); }));
+  append(first, {10, 11}, {2, 2});  // Finds the key index lock held: returns, rows unindexed.
+  {
+    Reader r = Reader::open(path);
+    CHECK(r.size() == 8);
+    CHECK(r.info().key_index.find(indexed_status(3)) != std::string::npos);
+  }
+  touch(at + "/resume.mid-key-index");
+  const bool child_appended = test::within_a_minute([&] { return exists(appended); });
+  {
+    // No append and no close() came since: the child's second pass indexed rows 6 and 7.
+    Reader r = Reader::open(path);
+    CHECK(r.info().key_index.find(indexed_status(8)) != std::string::npos);
+    check_lookups(r, {1, 2, 3, 10, 11, 20, 21, 22, 99}, {0, 1, 2});
+  }
+  touch(may_close);
+  CHECK(test::wait_for(child) == 0);
+  REQUIRE(child_appended);
+  CHECK(Reader::open(path).verify_key_index().key_index_problems == 0);
+}
 
 TEST_CASE("A key index growth that asks for the Writer's mutex gets it before the next append",
           "[key_lookup][build]") {

@@ -120,7 +120,9 @@ class Writer {
   // a store closed this way has nothing to re-check after a reboot. A key index growth in
   // progress is finished first, at the size the rows stored by then want, so that readers and
   // the next writer find every row indexed: one build of the index (21-72 ms for 400,000 rows
-  // on a 2-core VM, bench/RESULTS.md). Throws if this handle could not maintain the key index
+  // on a 2-core VM, bench/RESULTS.md). Rows that appends left unindexed because another
+  // thread or writer held the key index lock then are indexed too (waiting for that lock).
+  // Throws if this handle could not maintain the key index
   // (every row is stored; lookups scan the rows it did not index until a writer indexes them).
   void close();
 

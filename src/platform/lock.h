@@ -4,8 +4,9 @@
 //     replacing a keys file or changing the key_generation word (open, truncate, rebuild, a
 //     growth's switch) needs both (FORMAT.md, "keys.K", "Protocols").
 // A holder of the writer lock may take the key index lock, never the other way round: an append
-// commits under the writer lock, releases it, and then indexes under the key index lock, so one
-// writer's indexing overlaps the next writer's commit (src/writer.cc, "Lock order").
+// commits under the writer lock, releases it, and then indexes under the key index lock if it is
+// free (try_acquire(); a later indexing covers its rows otherwise), so one writer's indexing
+// overlaps the next writer's commit (src/writer.cc, "Lock order").
 //
 // OFD locks belong to the open file description, not the process: they exclude other
 // WriterLocks in this same process too, and they survive any unrelated open()/close() of the

@@ -543,7 +543,9 @@ class Writer(_Handle):
         """Writes what is queued, stops the background thread and releases the store.
 
         A key index growth in progress is finished first (one build of the index, at the size
-        the rows stored want), so readers find every row indexed. Idempotent. Raises the error
+        the rows stored want), and rows that appends left unindexed because another writer was
+        indexing at the time are indexed (waiting for that writer's key index lock), so readers
+        find every row indexed. Idempotent. Raises the error
         of a failed background append (once), or of the final sync under
         sync="interval"/"every_append".
         """
