@@ -9,7 +9,8 @@ CLOCK_MONOTONIC time in ns, epoch 0, sync none, key index on). The Python figure
 loop written as a user would in Python (this script with --child): the keys made with numpy,
 then `Writer.append(keys, batch, 0)` of one reused float32 array, timed over the same span
 (open excluded, close included). Both start from page cache freed a moment ago (a file of the
-payload written and removed first: `embstore bench --page-state warm`). Each round runs both in a fresh random order, each into a
+payload written first and removed as the run starts, after a free page reporting pass where
+the kernel makes them: `embstore bench --page-state warm`). Each round runs both in a fresh random order, each into a
 fresh store; a round's ratio is Python MB/s / C++ MB/s (target: >= 0.95, issue "Append at the
 speed of the page cache"). Prints one line per run, then the ratio's min / median / max and
 the p50 latencies of both (medians over rounds).
@@ -49,13 +50,34 @@ def make_batch(source, batch_rows, dim):
 
 def warm_page_cache(directory, nbytes):
     """As `embstore bench` does before its phase (--page-state warm): writes a file of the
-    payload and removes it, so this run's page cache comes from pages freed a moment ago, not
-    from memory the VM host took back (bench/RESULTS.md, "Same state before every phase")."""
+    payload, which release_warm_file() removes as the run starts, so this run's page cache comes
+    from pages freed a moment ago, not from memory the VM host took back (bench/RESULTS.md,
+    "Same state before every phase"). Returns its path."""
     path = os.path.join(directory, "page-cache-warm-up")
     chunk = bytes(8 << 20)
     with open(path, "wb") as f:
         for _ in range(0, nbytes, len(chunk)):
             f.write(chunk)
+    return path
+
+
+REPORTING_PASSES = "/sys/module/page_reporting/parameters/passes"
+
+
+def release_warm_file(path, nbytes):
+    """Removes the warm-up file, as `embstore bench` does: where the kernel reports free pages to
+    the VM host, after its next reporting pass (payloads of 256 MiB or more, at most 4 s), so
+    that the next pass comes ~2 s later, after the run (bench/RESULTS.md, "Phases that met a
+    reporting pass")."""
+    if nbytes >= 256 << 20 and os.path.exists(REPORTING_PASSES):
+        with open(REPORTING_PASSES) as f:
+            before = f.read()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            with open(REPORTING_PASSES) as f:
+                if f.read() != before:
+                    break
+            time.sleep(0.002)
     os.unlink(path)
 
 
@@ -63,11 +85,12 @@ def child(rows, directory, source, batch_rows=512, dim=768):
     import embstore
     path = os.path.join(directory, "python_append.emb")
     batch = make_batch(source, batch_rows, dim)
-    warm_page_cache(directory, rows * dim * 4)
+    warm = warm_page_cache(directory, rows * dim * 4)
     base = np.arange(batch_rows, dtype=np.uint64)
     keys = np.empty_like(base)
     latencies = []
     w = embstore.Writer(path, dim=dim, sync="none")
+    release_warm_file(warm, rows * dim * 4)
     start = time.monotonic_ns()
     done = 0
     in_calls = 0.0

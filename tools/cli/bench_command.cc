@@ -385,9 +385,50 @@ void progress(const Config& config, const char* what, std::int64_t start, std::u
   std::fflush(stderr);
 }
 
+// The free page reporting passes the kernel has made so far, or -1 where it reports none.
+long long page_reporting_passes() {
+  std::FILE* f = std::fopen("/sys/module/page_reporting/parameters/passes", "r");
+  if (f == nullptr) return -1;
+  long long passes = -1;
+  if (std::fscanf(f, "%lld", &passes) != 1) passes = -1;
+  std::fclose(f);
+  return passes;
+}
+
+// Removes the warm-up file right before a phase starts. Where the kernel reports free pages to
+// the VM host, it first waits for the next reporting pass (at most kReportingWaitMs): a pass
+// comes ~2 s after the first free since the last one and hands every free page over, so a phase
+// that began just before a pass wrote part of its payload into pages the host had taken back
+// (5-8x slower: about a third of all phases, bench/RESULTS.md, "Phases that met a reporting
+// pass"). Right after a pass, the pages freed here are the host's until the next one, ~2 s away:
+// longer than a phase of this tool at its default sizes. Small payloads skip the wait (a pass
+// takes whole 2 MiB blocks; a few MiB make no difference). Returns the milliseconds waited.
+double release_warm_file(const std::string& path, std::uint64_t bytes) {
+  constexpr double kReportingWaitMs = 4000;
+  constexpr std::uint64_t kReportingMinBytes = 256ull << 20;
+  const auto start = now_ns();
+  if (bytes >= kReportingMinBytes) {
+    if (const long long before = page_reporting_passes(); before >= 0) {
+      while (page_reporting_passes() == before && (now_ns() - start) / 1e6 < kReportingWaitMs) {
+        ::usleep(2000);
+      }
+    }
+  }
+  ::unlink(path.c_str());
+  return (now_ns() - start) / 1e6;
+}
+
+// `warm` (may be null): the warm-up file to remove right before the phase starts, and where to
+// add the milliseconds that took (release_warm_file()).
+struct WarmFile {
+  std::string path;
+  std::uint64_t bytes = 0;
+  std::vector<double>* waited_ms = nullptr;
+};
+
 PhaseResult run_phase(const Config& config, Workload workload, int writers, int readers,
                       const std::string& work_dir, const std::string& store,
-                      std::uint64_t total_rows) {
+                      std::uint64_t total_rows, const WarmFile* warm) {
   Shared* shared = map_shared();
   const std::string pwrite_path = work_dir + "/pwrite.data";
   if (is_pwrite(workload)) {
@@ -426,6 +467,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   }
   const int children = writers + readers;
   while (shared->ready.load() < children && shared->failed.load() == 0) ::usleep(200);
+  if (warm != nullptr) warm->waited_ms->push_back(release_warm_file(warm->path, warm->bytes));
   const char* name = workload_name(workload);
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
   const std::int64_t start = now_ns();
@@ -503,17 +545,16 @@ std::uint64_t disk_bytes(const std::string& dir, const std::string& prefix = "")
 }
 
 // Puts the page cache in the same state before every phase: writes `bytes` into a scratch file
-// of `dir` and removes it, so the phase's page cache comes from pages freed a moment ago, as on
-// a machine whose page cache recycles itself. Without it, a phase that starts seconds after the
-// last large free writes into memory the VM host has taken back (free page reporting, this
-// kernel's page_reporting module) and pays for the host faulting it in again at first touch:
-// up to 5-8x slower, measured by `dd` (bench/RESULTS.md, "Same state before every phase").
-// Anonymous memory touched and freed does not do it: the page cache's large folios are carved
-// from the freed high-order blocks the host takes back, which anonymous pages are not.
-// Returns the milliseconds it took.
-double warm_page_cache(const std::string& dir, std::uint64_t bytes) {
+// of `dir`, which run_phase() removes right before the phase starts (release_warm_file()), so
+// the phase's page cache comes from pages freed a moment ago, as on a machine whose page cache
+// recycles itself. Without it, a phase that starts seconds after the last large free writes into
+// memory the VM host has taken back (free page reporting, this kernel's page_reporting module)
+// and pays for the host faulting it in again at first touch: up to 5-8x slower, measured by `dd`
+// (bench/RESULTS.md, "Same state before every phase"). Anonymous memory touched and freed does
+// not do it: the page cache's large folios are carved from the freed high-order blocks the host
+// takes back, which anonymous pages are not. Returns the milliseconds the write took.
+double warm_page_cache(const std::string& path, std::uint64_t bytes) {
   const auto start = now_ns();
-  const std::string path = dir + "/page-cache-warm-up";
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) throw Error(ErrorCode::kIO, "cannot create " + path + ": " + std::strerror(errno));
   std::vector<std::byte> chunk(std::size_t{8} << 20, std::byte{1});
@@ -527,8 +568,8 @@ double warm_page_cache(const std::string& dir, std::uint64_t bytes) {
     done += w > 0 ? static_cast<std::uint64_t>(w) : 0;
   }
   ::close(fd);
-  ::unlink(path.c_str());
   if (err != 0) {
+    ::unlink(path.c_str());
     throw Error(ErrorCode::kIO,
                 "warming the page cache: writing " + path + ": " + std::strerror(err) +
                     " (--page-state as-is skips it)",
@@ -547,7 +588,8 @@ struct RunResult {
   // payload + 32 B/row + one segment is for the rest, the data and index files and the header.
   std::uint64_t disk = 0, key_index_disk = 0, payload = 0, segment_bytes = 0;
   std::string store_path;
-  std::vector<double> warm_ms;  // warm_page_cache() before each phase, in the order run.
+  std::vector<double> warm_ms;            // warm_page_cache() before each phase, in the order run.
+  std::vector<double> reporting_wait_ms;  // release_warm_file()'s wait, likewise.
 };
 
 double ratio(double a, double b) { return b > 0 ? a / b : 0; }
@@ -592,12 +634,16 @@ void run_repeat(const Config& config, int r, RunResult& run, const std::string& 
   // In duration mode the store's phase runs first and sets the row count; before it, the last
   // repeat's count is the best guess of its size.
   if (config.seconds > 0 && !run.stores.empty()) rows = run.stores.back().rows;
-  auto prepare = [&] {
-    if (config.page_state == "warm")
-      run.warm_ms.push_back(warm_page_cache(work_dir, rows * row_bytes));
+  WarmFile warm{work_dir + "/page-cache-warm-up", 0, &run.reporting_wait_ms};
+  // Writes the warm-up file; the phase removes it (run_phase()).
+  auto prepare = [&]() -> const WarmFile* {
+    if (config.page_state != "warm") return nullptr;
+    warm.bytes = rows * row_bytes;
+    run.warm_ms.push_back(warm_page_cache(warm.path, warm.bytes));
+    return &warm;
   };
   auto store_phase = [&] {
-    prepare();
+    const WarmFile* warmed = prepare();
     CreateOptions create;
     create.dim = config.dim;
     create.dtype = config.store_dtype;
@@ -605,8 +651,8 @@ void run_repeat(const Config& config, int r, RunResult& run, const std::string& 
     create.key_index = !config.no_key_index;
     create_store(path, create);
     run.segment_bytes = create.segment_bytes;
-    run.stores.push_back(
-        run_phase(config, Workload::kEmbstore, writers, config.readers, work_dir, path, rows));
+    run.stores.push_back(run_phase(config, Workload::kEmbstore, writers, config.readers, work_dir,
+                                   path, rows, warmed));
     rows = run.stores.back().rows;
     if (r == 0) {
       run.payload = rows * row_bytes;
@@ -621,8 +667,8 @@ void run_repeat(const Config& config, int r, RunResult& run, const std::string& 
   };
   auto baseline = [&](Workload workload, std::vector<PhaseResult>& results) {
     return [&, workload] {
-      prepare();
-      results.push_back(run_phase(config, workload, writers, 0, work_dir, path, rows));
+      const WarmFile* warmed = prepare();
+      results.push_back(run_phase(config, workload, writers, 0, work_dir, path, rows, warmed));
     };
   };
   std::function<void()> phases[] = {store_phase, baseline(Workload::kPwrite, run.pwrites),
@@ -706,6 +752,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
     run["bytes_on_disk_bound"] = r.payload + 32 * r.store.rows + r.segment_bytes;  // without it
     run["store"] = config.keep ? r.store_path : "";
     run["page_cache_warm_ms"] = r.warm_ms;
+    run["page_reporting_wait_ms"] = r.reporting_wait_ms;
     out_runs.push_back(std::move(run));
   }
   const nlohmann::ordered_json out = {{"config",
@@ -799,15 +846,25 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
         config.keep ? ", kept at " : "", config.keep ? r.store_path.c_str() : "");
   }
   if (config.page_state == "warm") {
-    std::vector<double> all;
-    for (const RunResult& r : runs) all.insert(all.end(), r.warm_ms.begin(), r.warm_ms.end());
+    std::vector<double> all, waits;
+    for (const RunResult& r : runs) {
+      all.insert(all.end(), r.warm_ms.begin(), r.warm_ms.end());
+      waits.insert(waits.end(), r.reporting_wait_ms.begin(), r.reporting_wait_ms.end());
+    }
     std::sort(all.begin(), all.end());
+    std::sort(waits.begin(), waits.end());
     if (!all.empty()) {
       std::printf(
-          "page cache warmed before each phase (a file of the phase's payload written and "
-          "removed; --page-state as-is skips it): %zu times, %.0f / %.0f / %.0f ms min / median / "
-          "max\n",
+          "page cache warmed before each phase (a file of the phase's payload written, removed "
+          "as the phase starts; --page-state as-is skips it): %zu times, %.0f / %.0f / %.0f ms "
+          "min / median / max\n",
           all.size(), all.front(), all[all.size() / 2], all.back());
+    }
+    if (!waits.empty() && page_reporting_passes() >= 0) {
+      std::printf(
+          "free page reporting pass waited for before removing it (payloads of 256 MiB or more): "
+          "%.0f / %.0f / %.0f ms min / median / max\n",
+          waits.front(), waits[waits.size() / 2], waits.back());
     }
   }
   if (runs.size() > 1) {
@@ -903,8 +960,9 @@ void add_bench_command(CLI::App& app, Registry& registry) {
   cmd->add_flag("--huge-pages", config->huge_pages,
                 "Writers write rows through a 2 MiB-page mapping (WriterOptions::huge_pages)");
   cmd->add_option("--page-state", config->page_state,
-                  "Before each phase: warm (write and remove a file of the phase's payload, so "
-                  "every phase starts from the same page cache state) or as-is")
+                  "Before each phase: warm (write a file of the phase's payload and remove it as "
+                  "the phase starts, after a free page reporting pass where the kernel makes "
+                  "them, so every phase starts from the same page cache state) or as-is")
       ->check(CLI::IsMember({"warm", "as-is"}))
       ->capture_default_str();
   cmd->add_flag("--json", config->json, "One JSON object on stdout instead of the table");
@@ -919,8 +977,11 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "them); the epoch is the writer's number. A phase ends when its last writer's close()\n"
       "returns; close() finishes a key index growth in progress and, unless --sync none, a\n"
       "last sync: its time is reported. Before each phase a file as large as its payload is\n"
-      "written and removed (--page-state warm): on a VM whose host takes freed memory back,\n"
-      "a phase would otherwise pay the host's first-touch faults or not, by its timing.\n\n"
+      "written, and removed as the phase starts (--page-state warm): on a VM whose host takes\n"
+      "freed memory back, a phase would otherwise pay the host's first-touch faults or not, by\n"
+      "its timing. Where the kernel reports free pages to the host, the removal waits for a\n"
+      "reporting pass first (payloads of 256 MiB or more; at most 4 s), so that the next pass\n"
+      "comes seconds later, after the phase.\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
   registry.add(cmd, [config] { return run_bench(*config); });
 }
