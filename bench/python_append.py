@@ -61,22 +61,25 @@ def warm_page_cache(directory, nbytes):
     return path
 
 
-REPORTING_PASSES = "/sys/module/page_reporting/parameters/passes"
+def page_reporting(parameter):
+    """A parameter of the kernel's free page reporting, or None where it has none."""
+    try:
+        with open(f"/sys/module/page_reporting/parameters/{parameter}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def release_warm_file(path, nbytes):
     """Removes the warm-up file, as `embstore bench` does: where the kernel reports free pages to
-    the VM host, after its next reporting pass (payloads of 256 MiB or more, at most 4 s), so
-    that the next pass comes ~2 s later, after the run (bench/RESULTS.md, "Phases that met a
-    reporting pass")."""
-    if nbytes >= 256 << 20 and os.path.exists(REPORTING_PASSES):
-        with open(REPORTING_PASSES) as f:
-            before = f.read()
+    the VM host and the payload is as large as the free memory that starts a pass
+    (max_waiting_mib), after the next reporting pass (at most 4 s), so that the next pass comes
+    ~2 s later, after the run (bench/RESULTS.md, "Phases that met a reporting pass")."""
+    threshold = page_reporting("max_waiting_mib")
+    before = page_reporting("passes")
+    if threshold is not None and before is not None and nbytes >= threshold << 20:
         deadline = time.monotonic() + 4
-        while time.monotonic() < deadline:
-            with open(REPORTING_PASSES) as f:
-                if f.read() != before:
-                    break
+        while time.monotonic() < deadline and page_reporting("passes") == before:
             time.sleep(0.002)
     os.unlink(path)
 

@@ -431,9 +431,9 @@ def test_bench_warms_the_page_cache_before_every_phase_unless_asked_not_to(tmp_p
     # Each phase starts from page cache freed a moment ago: a file of the phase's payload is
     # written first and removed as the phase starts (on a VM whose host takes freed memory back,
     # a phase's figure otherwise depends on how long ago the last one freed its pages). Before
-    # the removal, a payload of 256 MiB or more waits for the kernel's next free page reporting
-    # pass (where it makes them): these payloads are too small to wait, but each removal is
-    # counted.
+    # the removal, a payload as large as the free memory that starts a free page reporting pass
+    # (where the kernel makes them) waits for the next pass: these payloads are too small to
+    # wait, but each removal is counted.
     r = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 2, "--dir",
             tmp_path, "--json", "--quiet")
     assert r.code == 0, r

@@ -385,31 +385,34 @@ void progress(const Config& config, const char* what, std::int64_t start, std::u
   std::fflush(stderr);
 }
 
-// The free page reporting passes the kernel has made so far, or -1 where it reports none.
-long long page_reporting_passes() {
-  std::FILE* f = std::fopen("/sys/module/page_reporting/parameters/passes", "r");
+// A parameter of the kernel's free page reporting (/sys/module/page_reporting/parameters), or -1
+// where it has none: `passes` (made so far), `max_waiting_mib` (free memory that starts one).
+long long page_reporting(const char* parameter) {
+  const std::string path = std::string("/sys/module/page_reporting/parameters/") + parameter;
+  std::FILE* f = std::fopen(path.c_str(), "r");
   if (f == nullptr) return -1;
-  long long passes = -1;
-  if (std::fscanf(f, "%lld", &passes) != 1) passes = -1;
+  long long value = -1;
+  if (std::fscanf(f, "%lld", &value) != 1) value = -1;
   std::fclose(f);
-  return passes;
+  return value;
 }
 
 // Removes the warm-up file right before a phase starts. Where the kernel reports free pages to
-// the VM host, it first waits for the next reporting pass (at most kReportingWaitMs): a pass
-// comes ~2 s after the first free since the last one and hands every free page over, so a phase
-// that began just before a pass wrote part of its payload into pages the host had taken back
-// (5-8x slower: about a third of all phases, bench/RESULTS.md, "Phases that met a reporting
-// pass"). Right after a pass, the pages freed here are the host's until the next one, ~2 s away:
-// longer than a phase of this tool at its default sizes. Small payloads skip the wait (a pass
-// takes whole 2 MiB blocks; a few MiB make no difference). Returns the milliseconds waited.
+// the VM host, a payload at least as large as the free memory that starts a reporting pass
+// (max_waiting_mib) first waits for the next pass to end (at most kReportingWaitMs): a pass
+// comes ~2 s after such a free and hands the free pages over, so a phase that began just before
+// one wrote part of its payload into pages the host had taken back (5-8x slower: about a third
+// of all phases, bench/RESULTS.md, "Phases that met a reporting pass"). Right after a pass the
+// pages freed here stay the VM's until the next one, ~2 s later: longer than a phase of this
+// tool at its default sizes. A smaller payload starts no pass and does not wait (a wait then
+// only lets earlier frees start one). Returns the milliseconds waited.
 double release_warm_file(const std::string& path, std::uint64_t bytes) {
   constexpr double kReportingWaitMs = 4000;
-  constexpr std::uint64_t kReportingMinBytes = 256ull << 20;
   const auto start = now_ns();
-  if (bytes >= kReportingMinBytes) {
-    if (const long long before = page_reporting_passes(); before >= 0) {
-      while (page_reporting_passes() == before && (now_ns() - start) / 1e6 < kReportingWaitMs) {
+  const long long threshold_mib = page_reporting("max_waiting_mib");
+  if (threshold_mib >= 0 && bytes >= static_cast<std::uint64_t>(threshold_mib) << 20) {
+    if (const long long before = page_reporting("passes"); before >= 0) {
+      while (page_reporting("passes") == before && (now_ns() - start) / 1e6 < kReportingWaitMs) {
         ::usleep(2000);
       }
     }
@@ -860,9 +863,10 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
           "min / median / max\n",
           all.size(), all.front(), all[all.size() / 2], all.back());
     }
-    if (!waits.empty() && page_reporting_passes() >= 0) {
+    if (!waits.empty() && page_reporting("passes") >= 0) {
       std::printf(
-          "free page reporting pass waited for before removing it (payloads of 256 MiB or more): "
+          "free page reporting pass waited for before removing it (payloads of max_waiting_mib or "
+          "more): "
           "%.0f / %.0f / %.0f ms min / median / max\n",
           waits.front(), waits[waits.size() / 2], waits.back());
     }
@@ -979,9 +983,9 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "last sync: its time is reported. Before each phase a file as large as its payload is\n"
       "written, and removed as the phase starts (--page-state warm): on a VM whose host takes\n"
       "freed memory back, a phase would otherwise pay the host's first-touch faults or not, by\n"
-      "its timing. Where the kernel reports free pages to the host, the removal waits for a\n"
-      "reporting pass first (payloads of 256 MiB or more; at most 4 s), so that the next pass\n"
-      "comes seconds later, after the phase.\n\n"
+      "its timing. Where the kernel reports free pages to the host, the removal of a payload\n"
+      "as large as its max_waiting_mib or more waits for a reporting pass first (at most 4 s),\n"
+      "so that the next pass comes seconds later, after the phase.\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
   registry.add(cmd, [config] { return run_bench(*config); });
 }
