@@ -1086,6 +1086,52 @@ TEST_CASE(
   CHECK(Reader::open(path).verify_key_index().key_index_problems == 0);
 }
 
+TEST_CASE("A key index growth claimed by a writer that was killed and not reaped yet is taken over",
+          "[key_lookup][crash]") {
+  if (!detail::testing::kEnabled) return;
+  TempDir dir;
+  const std::string path = dir / "s";
+  { Writer::create(path, options()); }
+  // The child claims a growth and is killed as its growth thread starts building. This process
+  // does not reap it until the end: the claim names a zombie, whose /proc entry remains.
+  const pid_t child = test::spawn([&] {
+    detail::testing::arm_crash("during-key-index-build", 1);
+    Writer w = Writer::open(path, no_sync_thread());
+    for (std::uint64_t first = 0; first < 4000; first += 100) {
+      std::vector<std::uint64_t> keys(100), epochs(100, 1);
+      for (std::uint64_t k = 0; k < 100; ++k) keys[k] = first + k;
+      append(w, keys, epochs);
+    }
+    w.close();  // Joins the growth, so the crash point is passed before exit.
+    return 0;
+  });
+  auto zombie = [&] {
+    std::ifstream in("/proc/" + std::to_string(child) + "/stat");
+    std::string line;
+    std::getline(in, line);
+    const std::size_t close = line.rfind(')');
+    return close != std::string::npos && close + 2 < line.size() && line[close + 2] == 'Z';
+  };
+  REQUIRE(test::within_a_minute(zombie));
+  CHECK_FALSE(detail::os::process_alive(static_cast<std::uint64_t>(child)));
+  CHECK(detail::os::process_alive(static_cast<std::uint64_t>(::getpid())));
+  {
+    // More rows than the tables the child left can take: this writer must claim the growth
+    // the zombie's claim names, or stop indexing at the full tables.
+    Writer w = Writer::open(path, no_sync_thread());
+    for (std::uint64_t first = 4000; first < 12000; first += 100) {
+      std::vector<std::uint64_t> keys(100), epochs(100, 2);
+      for (std::uint64_t k = 0; k < 100; ++k) keys[k] = first + k;
+      append(w, keys, epochs);
+    }
+  }  // close() finishes the growth.
+  Reader r = Reader::open(path);
+  CHECK(r.info().key_index.find(indexed_status(r.size())) != std::string::npos);
+  check_lookups(r, {0, 3999, 4000, 11999, 12000}, {1, 2});
+  CHECK(r.verify().ok());
+  CHECK(test::wait_for(child) == 128 + SIGKILL);
+}
+
 TEST_CASE("A key index growth that asks for the Writer's mutex gets it before the next append",
           "[key_lookup][build]") {
   // The growth builds beside the appends and switches generations under the Writer's mutex,

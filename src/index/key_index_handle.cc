@@ -36,10 +36,10 @@ KeyIndexSizes larger(const KeyIndexSizes& a, const KeyIndexSizes& b) {
           std::max(a.epoch_slots, b.epoch_slots)};
 }
 
-// Whether process `pid` runs (this one, or one /proc lists; a reused pid counts as running).
+// Whether process `pid` runs (this one, or one /proc lists that is not a zombie:
+// os::process_alive(); a reused pid counts as running).
 bool process_running(std::uint64_t pid) {
-  return pid == static_cast<std::uint64_t>(os::current_pid()) ||
-         os::exists("/proc/" + std::to_string(pid));
+  return pid == static_cast<std::uint64_t>(os::current_pid()) || os::process_alive(pid);
 }
 
 }  // namespace

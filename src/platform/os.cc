@@ -382,6 +382,24 @@ bool exists(const std::string& path) noexcept {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+bool process_alive(std::uint64_t pid) noexcept {
+  const std::string dir = "/proc/" + std::to_string(pid);
+  if (!exists(dir)) return false;
+  try {
+    // "pid (comm) state ...": comm may hold spaces and parentheses, so the state is the first
+    // field after the last ')'.
+    std::ifstream in(dir + "/stat");
+    std::string line;
+    if (!std::getline(in, line)) return exists(dir);  // Gone meanwhile, or unreadable.
+    const std::size_t close = line.rfind(')');
+    if (close == std::string::npos || close + 2 >= line.size()) return true;
+    const char state = line[close + 2];
+    return state != 'Z' && state != 'X';
+  } catch (...) {
+    return true;
+  }
+}
+
 namespace {
 // An OFD lock request of `type` on one byte (l_pid must be 0 for OFD locks): byte 0 is the
 // writer lock, byte 1 the mark of writers waiting for it, byte 2 the key index lock.

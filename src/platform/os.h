@@ -95,6 +95,10 @@ void remove_tree(const std::string& path) noexcept;
 // The names in directory `path` (without "." and ".."); empty if it cannot be read.
 std::vector<std::string> list_dir(const std::string& path) noexcept;
 bool exists(const std::string& path) noexcept;
+// True while process `pid` can still run: it exists and is not a zombie (a process that died,
+// killed or not, keeps its /proc entry, as state Z, until its parent reaps it, which a parent
+// may never do). Reads /proc/<pid>/stat; a process whose state cannot be read counts as alive.
+bool process_alive(std::uint64_t pid) noexcept;
 // statfs(2)'s f_type for the file system holding `path`, or its nearest existing ancestor when
 // `path` does not exist yet. Test builds may fake it (testing.h, EMBSTORE_FS_MAGIC).
 std::uint64_t filesystem_magic(const std::string& path);
