@@ -1,7 +1,7 @@
 """Python's synchronous Writer.append against the C++ library's append, same workload, same run.
 
 Usage: PYTHONPATH=build/python /usr/bin/python3 bench/python_append.py [--bin build/bin/embstore]
-           [--rounds 5] [--rows 200000] [--dir DIR]
+           [--rounds 5] [--rows 400000] [--dir DIR]
 
 The C++ figure is `embstore bench --writers 1 --no-baselines --repeat 1` (one writer process
 appending 512 x 768 float32 batches, row i of a batch keyed t + i with t the append's
@@ -132,7 +132,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bin", default="build/bin/embstore")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--rows", type=int, default=200000)
+    ap.add_argument("--rows", type=int, default=400000)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--source", default="numpy", help=argparse.SUPPRESS)
