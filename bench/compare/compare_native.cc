@@ -28,7 +28,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -39,6 +38,7 @@
 #include <vector>
 
 #include "embstore/embstore.h"
+#include "page_reporting.h"
 
 namespace {
 
@@ -621,11 +621,8 @@ struct MmCounters {
       }
       std::fclose(f);
     }
-    if (FILE* f = std::fopen("/sys/module/page_reporting/parameters/reported_kib", "r")) {
-      unsigned long long value = 0;
-      if (std::fscanf(f, "%llu", &value) == 1) c.reported_kib = value;
-      std::fclose(f);
-    }
+    const long long reported = embstore::bench::page_reporting("reported_kib");
+    c.reported_kib = reported > 0 ? static_cast<std::uint64_t>(reported) : 0;
     return c;
   }
   // JSON object of `after - this` for counters, the value at `this` for the nr_* gauges.
@@ -644,27 +641,6 @@ struct MmCounters {
   }
 };
 
-// Where the kernel reports free pages to the VM host and `bytes` are as many as start a pass
-// (max_waiting_mib), waits for the next pass (at most 4 s), so that the pages freed right after
-// are the VM's own until the pass after it, ~2 s later: as `embstore bench` does before each
-// phase (tools/cli/bench_command.cc, release_warm_file(); bench/RESULTS.md, "Phases that met a
-// reporting pass").
-void wait_for_reporting_pass(std::uint64_t bytes) {
-  const auto parameter = [](const char* name) {
-    std::ifstream in(std::string("/sys/module/page_reporting/parameters/") + name);
-    long long n = -1;
-    in >> n;
-    return in ? n : -1;
-  };
-  const long long threshold_mib = parameter("max_waiting_mib");
-  const long long before = parameter("passes");
-  if (threshold_mib < 0 || before < 0 || bytes < static_cast<std::uint64_t>(threshold_mib) << 20) {
-    return;
-  }
-  const auto t = Clock::now();
-  while (parameter("passes") == before && seconds_since(t) < 4) ::usleep(2000);
-}
-
 // Prepares a timed phase (run.sh also settles the machine between processes; bench/RESULTS.md,
 // "Comparison"). sync(): the previous system's dirty pages must not be written back, and its
 // deleted files' ext4 journal commit (with online discard here) must not be waited for, on this
@@ -674,7 +650,7 @@ void wait_for_reporting_pass(std::uint64_t bytes) {
 // the host takes back within seconds, which the anonymous touch does not give back to it
 // (bench/RESULTS.md, "Same state before every phase"), so every system's files start from pages
 // freed a moment ago (a payload large enough to start a free page reporting pass is removed right
-// after one: wait_for_reporting_pass()). Returns the anonymous touch's ns per 4 KiB page, which
+// after one: bench/page_reporting.h). Returns the anonymous touch's ns per 4 KiB page, which
 // shows how much of the memory the host had taken back.
 double warm_memory(std::uint64_t bytes, const std::string& dir) {
   ::sync();
@@ -693,7 +669,7 @@ double warm_memory(std::uint64_t bytes, const std::string& dir) {
       done += static_cast<std::uint64_t>(n);
     }
     ::close(fd);
-    wait_for_reporting_pass(bytes / 2);
+    embstore::bench::wait_for_reporting_pass(bytes / 2);
     ::unlink(path.c_str());
   }
   ::munmap(p, bytes);

@@ -32,6 +32,7 @@
 
 #include "cli.h"
 #include "embstore/embstore.h"
+#include "page_reporting.h"
 
 namespace embstore::cli {
 namespace {
@@ -385,38 +386,13 @@ void progress(const Config& config, const char* what, std::int64_t start, std::u
   std::fflush(stderr);
 }
 
-// A parameter of the kernel's free page reporting (/sys/module/page_reporting/parameters), or -1
-// where it has none: `passes` (made so far), `max_waiting_mib` (free memory that starts one).
-long long page_reporting(const char* parameter) {
-  const std::string path = std::string("/sys/module/page_reporting/parameters/") + parameter;
-  std::FILE* f = std::fopen(path.c_str(), "r");
-  if (f == nullptr) return -1;
-  long long value = -1;
-  if (std::fscanf(f, "%lld", &value) != 1) value = -1;
-  std::fclose(f);
-  return value;
-}
-
-// Removes the warm-up file right before a phase starts. Where the kernel reports free pages to
-// the VM host, a payload at least as large as the free memory that starts a reporting pass
-// (max_waiting_mib) first waits for the next pass to end (at most kReportingWaitMs): a pass
-// comes ~2 s after such a free and hands the free pages over, so a phase that began just before
-// one wrote part of its payload into pages the host had taken back (5-8x slower: about a third
-// of all phases, bench/RESULTS.md, "Phases that met a reporting pass"). Right after a pass the
-// pages freed here stay the VM's until the next one, ~2 s later: longer than a phase of this
-// tool at its default sizes. A smaller payload starts no pass and does not wait (a wait then
-// only lets earlier frees start one). Returns the milliseconds waited.
+// Removes the warm-up file right before a phase starts, right after a free page reporting pass
+// where the kernel makes them and the payload is large enough to start one
+// (bench/page_reporting.h): the pages freed here then stay the VM's for ~2 s, longer than a
+// phase of this tool at its default sizes. Returns the milliseconds that took.
 double release_warm_file(const std::string& path, std::uint64_t bytes) {
-  constexpr double kReportingWaitMs = 4000;
   const auto start = now_ns();
-  const long long threshold_mib = page_reporting("max_waiting_mib");
-  if (threshold_mib >= 0 && bytes >= static_cast<std::uint64_t>(threshold_mib) << 20) {
-    if (const long long before = page_reporting("passes"); before >= 0) {
-      while (page_reporting("passes") == before && (now_ns() - start) / 1e6 < kReportingWaitMs) {
-        ::usleep(2000);
-      }
-    }
-  }
+  bench::wait_for_reporting_pass(bytes);
   ::unlink(path.c_str());
   return (now_ns() - start) / 1e6;
 }
@@ -863,7 +839,7 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
           "min / median / max\n",
           all.size(), all.front(), all[all.size() / 2], all.back());
     }
-    if (!waits.empty() && page_reporting("passes") >= 0) {
+    if (!waits.empty() && bench::page_reporting("passes") >= 0) {
       std::printf(
           "free page reporting pass waited for before removing it (payloads of max_waiting_mib or "
           "more): "
