@@ -567,8 +567,7 @@ bool Writer::Impl::index_keys(KeysWait wait) {
     // lock, so the load of `committed` after the release sees them. (Other holders do not look
     // again: this handle's indexer thread, a pass stopped by a full table or a growth claim,
     // a writer of an earlier library. Their rows wait for the next append or close().)
-    bool indexed_here = true;
-    for (int pass = 1; pass <= 2 && indexed_here; ++pass) {
+    for (int pass = 1;; ++pass) {
       std::uint64_t indexed_to = 0;
       {
         const KeysGuard keys_guard(*this, pass == 1 ? wait : KeysWait::kUnlessHeld);
@@ -576,21 +575,16 @@ bool Writer::Impl::index_keys(KeysWait wait) {
         const std::optional<std::uint64_t> committed = committed_here();
         if (!committed) return false;
         const auto claimed = keys_->index_current(files_->entry_ptr(0), *committed);
-        indexed_here = claimed.has_value();
-        if (claimed && *claimed) return true;
+        if (!claimed) break;  // Another generation, or a damaged file: below.
+        if (*claimed) return true;
         indexed_to = *committed;
       }
-      if (indexed_here) {
-        // Only when this pass indexed every row it saw (not stopped by a full table: the
-        // growth catches up then) and more were committed meanwhile.
-        const auto file = keys_->current();
-        if (file == nullptr || file->indexed_rows() < indexed_to ||
-            files_->state().committed() <= indexed_to) {
-          return false;
-        }
-      }
+      // Again only after pass 1, when more were committed meanwhile and this pass indexed every
+      // row it saw (not stopped by a full table: the growth catches up then).
+      if (pass == 2 || files_->state().committed() <= indexed_to) return false;
+      const auto file = keys_->current();
+      if (file == nullptr || file->indexed_rows() < indexed_to) return false;
     }
-    if (indexed_here) return false;
     // Another writer switched key index generations, or the file is damaged: opening or
     // rebuilding one replaces files, which is done under the writer lock too.
     detail::LockGuard across_processes(*lock_);

@@ -384,13 +384,12 @@ bool exists(const std::string& path) noexcept {
 
 bool process_alive(std::uint64_t pid) noexcept {
   const std::string dir = "/proc/" + std::to_string(pid);
-  if (!exists(dir)) return false;
   try {
     // "pid (comm) state ...": comm may hold spaces and parentheses, so the state is the first
     // field after the last ')'.
     std::ifstream in(dir + "/stat");
     std::string line;
-    if (!std::getline(in, line)) return exists(dir);  // Gone meanwhile, or unreadable.
+    if (!std::getline(in, line)) return exists(dir);  // Gone, or unreadable.
     const std::size_t close = line.rfind(')');
     if (close == std::string::npos || close + 2 >= line.size()) return true;
     const char state = line[close + 2];
