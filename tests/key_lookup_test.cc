@@ -679,9 +679,8 @@ class AppendingChild {
 }  // namespace
 
 TEST_CASE(
-    "Writers index after releasing the writer lock, and an append that finds the key index lock "
-    "held returns without indexing: the next append of any writer, or close(), indexes every "
-    "committed row",
+    "An append that finds the key index lock held returns without indexing, and the next append "
+    "of any writer or close() indexes every committed row",
     "[key_lookup][lock]") {
   TempDir dir;
   const std::string path = dir / "s";
