@@ -385,6 +385,35 @@ def test_bench_reports_the_writers_close_within_the_phase_it_ends(tmp_path, flag
                      r"phase's [0-9.]+ ms" + waits + "$", text.out, re.M), text.out
 
 
+def test_bench_reports_the_cpu_its_writer_processes_used_in_each_phase(tmp_path):
+    # Whether a phase computed or waited: the CPU time of the writer processes (every thread)
+    # from the start to the end of their part of the phase, per phase and per row.
+    r = run("bench", "--rows", 20000, "--dim", 64, "--batch", 500, "--repeat", 1, "--dir",
+            tmp_path, "--json", "--quiet")
+    assert r.code == 0, r
+    run_report = json.loads(r.out)["runs"][0]
+    for name in ("embstore", "pwrite", "pwrite_prealloc", "memcpy"):
+        phase = run_report[name]
+        ms = phase["seconds"] * 1e3
+        assert phase["writer_cpu_ms"] > 0, (name, phase)
+        # One writer process: its threads cannot use more than every processor for the phase;
+        # the baselines' one thread, not more than the phase itself (a 1 ms clock slack).
+        bound = ms * (os.cpu_count() if name == "embstore" else 1) + 1
+        assert phase["writer_cpu_ms"] <= bound, (name, phase)
+        assert phase["writer_cpu_ns_per_row"] == pytest.approx(
+            phase["writer_cpu_ms"] * 1e6 / phase["rows"]), (name, phase)
+    text = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
+               tmp_path, "--quiet")
+    assert text.code == 0, text
+    assert re.search(r"^1 +writers' CPU per row \(the median phases\): embstore [0-9]+ ns, "
+                     r"[0-9.]+ CPUs busy; pwrite [0-9]+ ns, [0-9.]+; pwrite-pre [0-9]+ ns, "
+                     r"[0-9.]+; memcpy [0-9]+ ns, [0-9.]+$", text.out, re.M), text.out
+    text = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
+               tmp_path, "--quiet", "--no-baselines")
+    assert re.search(r"^1 +writers' CPU per row \(the median phases\): embstore [0-9]+ ns, "
+                     r"[0-9.]+ CPUs busy$", text.out, re.M), text.out
+
+
 def test_bench_without_a_key_index_creates_its_store_without_one(tmp_path):
     r = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
             tmp_path, "--keep", "--json", "--quiet", "--no-baselines", "--no-key-index")

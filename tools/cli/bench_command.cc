@@ -88,6 +88,13 @@ void finish_config(Config& config) {
 }
 
 // State shared by the parent and its children: an anonymous MAP_SHARED page set up before fork.
+// CPU time of this process, all its threads, in nanoseconds.
+std::int64_t process_cpu_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+}
+
 struct Shared {
   std::atomic<int> ready;
   std::atomic<int> go;
@@ -98,6 +105,9 @@ struct Shared {
   std::atomic<std::uint64_t> rows_done;
   std::atomic<std::uint64_t> reader_bytes;
   std::atomic<std::int64_t> close_ns;  // The longest Writer::close() of the phase.
+  // CPU time of the writer processes (all their threads) from "go" to the end of their close():
+  // what a phase cost the machine, whether it waited or computed (writer_child()).
+  std::atomic<std::int64_t> writer_cpu_ns;
   std::atomic<int> failed;
   char error[512];
 };
@@ -272,6 +282,7 @@ bool is_pwrite(Workload workload) {
     }
     wait_for_go(shared);
     const std::int64_t start = now_ns();
+    const std::int64_t cpu_start = process_cpu_ns();
     const std::int64_t deadline =
         by_time ? start + static_cast<std::int64_t>(config.seconds * 1e9) : INT64_MAX;
     std::uint64_t done = 0;
@@ -318,6 +329,7 @@ bool is_pwrite(Workload workload) {
       (void)sink;
     }
     const std::int64_t end = now_ns();
+    shared->writer_cpu_ns.fetch_add(process_cpu_ns() - cpu_start);
     atomic_min(shared->first_start_ns, start);
     atomic_max(shared->last_end_ns, end);
     if (fd >= 0) ::close(fd);
@@ -372,8 +384,12 @@ struct PhaseResult {
   Percentiles latency;
   Percentiles reader_lag;
   std::uint64_t reader_bytes = 0;
-  double close_seconds = 0;  // The longest Writer::close() (embstore phases).
+  double close_seconds = 0;       // The longest Writer::close() (embstore phases).
+  double writer_cpu_seconds = 0;  // Shared::writer_cpu_ns.
   double rows_per_s() const { return seconds > 0 ? rows / seconds : 0; }
+  // Writer CPU per row, and the processors the writers kept busy on average over the phase.
+  double cpu_ns_per_row() const { return rows > 0 ? writer_cpu_seconds * 1e9 / rows : 0; }
+  double cpus_busy() const { return seconds > 0 ? writer_cpu_seconds / seconds : 0; }
 };
 
 void progress(const Config& config, const char* what, std::int64_t start, std::uint64_t rows,
@@ -490,6 +506,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   result.rows = shared->rows_done.load();
   result.seconds = (shared->last_end_ns.load() - shared->first_start_ns.load()) / 1e9;
   result.close_seconds = shared->close_ns.load() / 1e9;
+  result.writer_cpu_seconds = shared->writer_cpu_ns.load() / 1e9;
   progress(config, name, start, result.rows, row_bytes, true);
   std::vector<std::uint32_t> all;
   for (int i = 0; i < writers; ++i) {
@@ -695,7 +712,9 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
         {"rows_per_s", p.rows_per_s()},
         {"mb_per_s", p.rows_per_s() * row_bytes / 1e6},
         {"latency_us",
-         {{"p50", p.latency.p50_us}, {"p99", p.latency.p99_us}, {"max", p.latency.max_us}}}};
+         {{"p50", p.latency.p50_us}, {"p99", p.latency.p99_us}, {"max", p.latency.max_us}}},
+        {"writer_cpu_ms", p.writer_cpu_seconds * 1e3},
+        {"writer_cpu_ns_per_row", p.cpu_ns_per_row()}};
   };
   nlohmann::ordered_json out_runs = nlohmann::ordered_json::array();
   for (const RunResult& r : runs) {
@@ -810,6 +829,17 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
     if (config.sync != SyncPolicy::kNone) {
       waits += std::string(waits.empty() ? "" : ", then ") + "a last sync";
     }
+    // Whether a phase computed or waited: CPU of the writer processes, every thread (the key
+    // index's included), per row, and the processors they kept busy over the phase.
+    std::printf("%-8d writers' CPU per row (the median phases): embstore %.0f ns, %.2f CPUs busy",
+                r.writers, r.store.cpu_ns_per_row(), r.store.cpus_busy());
+    if (config.baselines) {
+      std::printf("; pwrite %.0f ns, %.2f; pwrite-pre %.0f ns, %.2f; memcpy %.0f ns, %.2f",
+                  r.pwrite.cpu_ns_per_row(), r.pwrite.cpus_busy(),
+                  r.pwrite_prealloc.cpu_ns_per_row(), r.pwrite_prealloc.cpus_busy(),
+                  r.memcpy.cpu_ns_per_row(), r.memcpy.cpus_busy());
+    }
+    std::printf("\n");
     std::printf(
         "%-8d close(), the longest of the phase's writers: %.1f ms of the phase's %.1f ms%s\n",
         r.writers, r.store.close_seconds * 1e3, r.store.seconds * 1e3,
@@ -956,7 +986,10 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "a new key for every row, as sample ids are in training (readers derive their lag from\n"
       "them); the epoch is the writer's number. A phase ends when its last writer's close()\n"
       "returns; close() finishes a key index growth in progress and, unless --sync none, a\n"
-      "last sync: its time is reported. Before each phase a file as large as its payload is\n"
+      "last sync: its time is reported, and so is the CPU time of the writer processes (all\n"
+      "their threads, the kernel's work in their system calls included) per row, with the\n"
+      "processors they kept busy: whether a phase computed or waited. Before each phase a file\n"
+      "as large as its payload is\n"
       "written, and removed as the phase starts (--page-state warm): on a VM whose host takes\n"
       "freed memory back, a phase would otherwise pay the host's first-touch faults or not, by\n"
       "its timing. Where the kernel reports free pages to the host, the removal of a payload\n"
