@@ -77,8 +77,10 @@ EMBSTORE_BENCH_ROWS="$scan_rows" EMBSTORE_BENCH_OPEN_ROWS="$open_rows" "$build/b
   --benchmark_out="$out/read.json" --benchmark_out_format=json >/dev/null
 /usr/bin/python3 "$repo/bench/ratios.py" "$out/read.json" \
   --pair 'BM_ScanViewCold/populate:0=BM_ScanMemory' --pair 'BM_ScanViewCold/populate:1=BM_ScanMemory' \
-  --pair 'BM_ScanView=BM_ScanMemory' --pair 'BM_ScanViewFreshProcess/huge_pages:0=BM_ScanMemory' \
-  --pair 'BM_ScanViewFreshProcess/huge_pages:1=BM_ScanMemory' \
+  --pair 'BM_ScanView=BM_ScanMemory' \
+  --pair 'BM_ScanViewFreshProcess/huge_pages:0/read:0=BM_ScanMemory' \
+  --pair 'BM_ScanViewFreshProcess/huge_pages:1/read:0=BM_ScanMemory' \
+  --pair 'BM_ScanViewFreshProcess/huge_pages:0/read:1=BM_ScanMemory' \
   --times 'BM_OpenReader'
 echo "-- the same per CPU second:"
 /usr/bin/python3 "$repo/bench/ratios.py" "$out/read.json" --cpu \

@@ -7,7 +7,9 @@
 //   BM_ScanViewFreshProcess
 //                      the same through a Reader opened in a new process (a fork per
 //                      iteration), timed in the child: open, rows(), sum. What every downstream
-//                      process (a notebook, a loader worker) pays on its first scan
+//                      process (a notebook, a loader worker) pays on its first scan; read:1
+//                      copies the rows with Reader::read() in 1 MiB pieces into one buffer and
+//                      sums each piece instead
 //   BM_ScanMemory      baseline: the same loop over private, already-touched memory
 //   BM_CopyOutView     memcpy of the view into private memory (what np.array(view) costs)
 //   BM_CopyOutMemory   baseline: memcpy between two private, touched buffers
@@ -157,6 +159,7 @@ void BM_ScanViewCold(benchmark::State& state) {
 // huge_pages:1 scans the store written with WriterOptions::huge_pages.
 void BM_ScanViewFreshProcess(benchmark::State& state) {
   const bool huge_pages = state.range(0) != 0;
+  const bool by_read = state.range(1) != 0;
   const std::string& path = ScanStore::get(huge_pages).path;
   std::uint64_t bytes = 0, rows = 0;
   for (auto _ : state) {
@@ -173,7 +176,18 @@ void BM_ScanViewFreshProcess(benchmark::State& state) {
         const auto start = std::chrono::steady_clock::now();
         Reader reader = Reader::open(path);
         const RowsView view = reader.rows();
-        benchmark::DoNotOptimize(sum_words(view.data, view.size_bytes()));
+        if (by_read) {
+          // Pieces of ~1 MiB into one buffer, summed while in the second-level cache.
+          const std::uint64_t per_piece = std::max<std::uint64_t>(1, (1 << 20) / view.row_bytes);
+          std::vector<std::byte> piece(per_piece * view.row_bytes);
+          for (std::uint64_t begin = 0; begin < view.rows; begin += per_piece) {
+            const std::uint64_t end = std::min(view.rows, begin + per_piece);
+            reader.read(begin, end, piece.data(), (end - begin) * view.row_bytes);
+            benchmark::DoNotOptimize(sum_words(piece.data(), (end - begin) * view.row_bytes));
+          }
+        } else {
+          benchmark::DoNotOptimize(sum_words(view.data, view.size_bytes()));
+        }
         result[0] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         result[1] = static_cast<double>(view.size_bytes());
         result[2] = static_cast<double>(view.rows);
@@ -198,9 +212,9 @@ void BM_ScanViewFreshProcess(benchmark::State& state) {
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
   state.SetItemsProcessed(static_cast<std::int64_t>(rows));
-  state.SetLabel(huge_pages ? "Reader opened in a new process: open, rows(), sum; rows written "
-                              "with WriterOptions::huge_pages"
-                            : "Reader opened in a new process: open, rows(), sum");
+  state.SetLabel(std::string("Reader opened in a new process: open, ") +
+                 (by_read ? "read() in 1 MiB pieces into one buffer, sum" : "rows(), sum") +
+                 (huge_pages ? "; rows written with WriterOptions::huge_pages" : ""));
 }
 
 void BM_ScanMemory(benchmark::State& state) {
@@ -324,9 +338,10 @@ BENCHMARK(BM_ScanViewCold)
     ->UseRealTime()
     ->Apply(add_min_max);
 BENCHMARK(BM_ScanViewFreshProcess)
-    ->ArgName("huge_pages")
-    ->Arg(0)
-    ->Arg(1)
+    ->ArgNames({"huge_pages", "read"})
+    ->Args({0, 0})
+    ->Args({1, 0})
+    ->Args({0, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseManualTime()
     ->Apply(add_min_max);

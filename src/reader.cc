@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstring>
+#include <vector>
 
 #include "embstore/error.h"
 #include "format/format.h"
@@ -213,17 +214,55 @@ Record Reader::record(std::uint64_t row) const {
   return Record{row, entry.key, entry.epoch, f.row_ptr(row)};
 }
 
+namespace {
+
+// From this many bytes read() copies with pread rather than from the mapping (reader.h).
+constexpr std::uint64_t kReadSyscallMinBytes = 256 * 1024;
+// verify() reads and checks rows this many bytes at a time (at least one row), into a buffer
+// that stays in the second-level cache while it is hashed.
+constexpr std::uint64_t kVerifyPieceBytes = 1024 * 1024;
+
+// Rows [begin, begin + count) of the snapshot in `f`, copied to `out` (Reader::read()).
+void copy_rows(const StoreFiles& f, std::uint64_t begin, std::uint64_t count, std::byte* out) {
+  const std::uint64_t bytes = count * f.layout().record_bytes;
+  if (bytes >= kReadSyscallMinBytes && f.read_rows(begin, count, out)) return;
+  std::memcpy(out, f.row_ptr(begin), bytes);
+}
+
+}  // namespace
+
+void Reader::read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t out_bytes) const {
+  impl_->check_range(begin, end, "read");
+  const StoreFiles& f = impl_->files();
+  const std::uint64_t row_bytes = f.layout().record_bytes;
+  if (out_bytes != (end - begin) * row_bytes) {
+    throw Error(ErrorCode::kInvalidArgument, impl_->path_ + ": read: " + std::to_string(out_bytes) +
+                                                 " bytes for " + std::to_string(end - begin) +
+                                                 " rows of " + std::to_string(row_bytes));
+  }
+  if (end > begin) copy_rows(f, begin, end - begin, static_cast<std::byte*>(out));
+}
+
 VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
   impl_->check_range(begin, end, "verify");
   const StoreFiles& f = impl_->files();
   VerifyReport report;
   report.begin_row = begin;
   report.end_row = end;
-  for (std::uint64_t row = begin; row < end; ++row) {
-    ++report.rows_checked;
-    if (f.row_valid(row)) continue;
-    ++report.bad_row_count;
-    if (report.bad_rows.size() < VerifyReport::kMaxListed) report.bad_rows.push_back(row);
+  // Read, not hashed through the mapping: `embstore verify` runs in a fresh process (read()).
+  const std::uint64_t row_bytes = f.layout().record_bytes;
+  const std::uint64_t per_piece = std::max<std::uint64_t>(1, kVerifyPieceBytes / row_bytes);
+  std::vector<std::byte> piece(std::min(end - begin, per_piece) * row_bytes);
+  for (std::uint64_t first = begin; first < end; first += per_piece) {
+    const std::uint64_t count = std::min(per_piece, end - first);
+    copy_rows(f, first, count, piece.data());
+    for (std::uint64_t i = 0; i < count; ++i) {
+      const std::uint64_t row = first + i;
+      ++report.rows_checked;
+      if (f.row_valid(row, piece.data() + i * row_bytes)) continue;
+      ++report.bad_row_count;
+      if (report.bad_rows.size() < VerifyReport::kMaxListed) report.bad_rows.push_back(row);
+    }
   }
   if (begin == 0 && end == impl_->snapshot_) {
     const VerifyReport keys = verify_key_index();

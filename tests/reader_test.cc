@@ -340,3 +340,86 @@ TEST_CASE("rows() after a refresh past the populated rows reads the new rows exa
   CHECK(std::memcmp(all.data, expected.data(), all.size_bytes()) == 0);
   CHECK(r.verify().ok());
 }
+
+TEST_CASE("read() copies the rows rows() shows, and names the rows file when a read fails",
+          "[reader][read]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(64));  // 256 B rows
+  for (std::uint64_t seq = 0; seq < 3000; seq += 500) append_batch(w, 1, seq, 500);
+  Reader r = Reader::open(dir / "s");
+  REQUIRE(r.size() == 3000);
+  const std::uint64_t row_bytes = 64 * sizeof(float);
+  auto check_range = [&](std::uint64_t begin, std::uint64_t end) {
+    std::vector<std::byte> out((end - begin) * row_bytes, std::byte{0x5a});
+    r.read(begin, end, out.data(), out.size());
+    const RowsView view = r.rows(begin, end);
+    CHECK(std::memcmp(out.data(), view.data, out.size()) == 0);
+  };
+  check_range(0, 3000);     // 768,000 bytes: read with pread
+  check_range(1, 2999);     // rows not on a page boundary
+  check_range(1000, 1100);  // 25,600 bytes: copied from the mapping
+  check_range(2999, 3000);
+  check_range(7, 7);  // no rows
+  std::vector<std::byte> out(10 * row_bytes);
+  // Bad arguments: the range and the size, by name.
+  try {
+    r.read(2995, 3005, out.data(), out.size());
+    FAIL("a range past the snapshot was read");
+  } catch (const Error& error) {
+    CHECK(error.code() == ErrorCode::kInvalidArgument);
+    CHECK(std::string(error.what()).find("read(2995, 3005) is outside the snapshot of 3000") !=
+          std::string::npos);
+  }
+  try {
+    r.read(0, 10, out.data(), out.size() - 1);
+    FAIL("a buffer a byte short was filled");
+  } catch (const Error& error) {
+    CHECK(error.code() == ErrorCode::kInvalidArgument);
+    CHECK(std::string(error.what()).find("read: 2559 bytes for 10 rows of 256") !=
+          std::string::npos);
+  }
+  // A failed read raises, naming the file, where the mapping would have raised SIGBUS.
+  detail::testing::arm_fault(detail::testing::Op::kPread, 1, EIO, false);
+  std::vector<std::byte> all(3000 * row_bytes);
+  try {
+    r.read(0, 3000, all.data(), all.size());
+    FAIL("a failed read went unnoticed");
+  } catch (const Error& error) {
+    CHECK(error.code() == ErrorCode::kIO);
+    CHECK(std::string(error.what()).find(dir / "s" + "/rows.1") != std::string::npos);
+  }
+  detail::testing::disarm_all();
+  r.read(0, 3000, all.data(), all.size());  // and the next read is whole again
+  CHECK(std::memcmp(all.data(), r.rows().data, all.size()) == 0);
+}
+
+TEST_CASE(
+    "A Reader reads and verifies its snapshot once a truncate removed its files, and scans for "
+    "keys",
+    "[reader][read][truncate]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(64));
+  for (std::uint64_t seq = 0; seq < 3000; seq += 500) append_batch(w, 1, seq, 500);
+  Reader r = Reader::open(dir / "s");
+  const std::uint64_t row_bytes = 64 * sizeof(float);
+  std::vector<std::byte> before(3000 * row_bytes);
+  r.read(0, 3000, before.data(), before.size());
+  REQUIRE(w.truncate(1000) == 1000);
+  append_batch(w, 2, 0, 500);                                     // new rows in the new files
+  REQUIRE(::access((dir / "s" + "/rows.1").c_str(), F_OK) != 0);  // the old file is gone
+  std::vector<std::byte> after(3000 * row_bytes);
+  r.read(0, 3000, after.data(), after.size());  // the snapshot still says 3,000 rows
+  CHECK(after == before);
+  const VerifyReport report = r.verify();
+  CHECK(report.bad_row_count == 0);
+  // The key index now belongs to the new generation: not this snapshot's, and not damage.
+  INFO(report.key_index_problem);
+  CHECK(report.key_index_problems == 0);
+  CHECK_FALSE(report.key_index_checked);
+  CHECK(r.find(test::make_key(1, 2500)) == 2500);  // by scan
+  REQUIRE(r.refresh() == 1500);
+  std::vector<std::byte> now(1500 * row_bytes);
+  r.read(0, 1500, now.data(), now.size());
+  CHECK(std::memcmp(now.data(), before.data(), 1000 * row_bytes) == 0);
+  CHECK(std::memcmp(now.data(), r.rows(0, 1500).data, now.size()) == 0);
+}

@@ -143,6 +143,16 @@ class Reader {
   // block of keys before resolving it).
   void find_many(std::span<const std::uint64_t> keys, std::span<const std::uint64_t> epochs,
                  std::span<std::int64_t> out) const;
+  // Copies rows [begin, end) of the snapshot to `out` (out_bytes == (end - begin) * row_bytes,
+  // else kInvalidArgument; a range outside the snapshot too): the same bytes rows() shows, as a
+  // copy. For one pass over many rows in a process that has not touched them yet (an export, an
+  // index build, a notebook's first scan), in pieces of a few MiB into one reused buffer: the
+  // kernel copies from the page cache, where a first pass through a new mapping pays for every
+  // 4 KiB page's page-table entry, on some VMs ~7x the copy (bench/RESULTS.md, "A fresh
+  // process's scan: read() into a buffer"). Ranges under 256 KiB are copied from the mapping.
+  // kIO naming the file if the read fails. Opens the rows file for the call (a Reader keeps no
+  // descriptor).
+  void read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t out_bytes) const;
   // Copies rows[i] of the snapshot to out + i * row_bytes (one dense row-major matrix in the
   // store's dtype); a row of -1 (missing, as from find_many) becomes a row of zeros.
   // kInvalidArgument if out_bytes != rows.size() * row_bytes or a row is outside the snapshot.

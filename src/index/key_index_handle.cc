@@ -45,10 +45,12 @@ bool process_running(std::uint64_t pid) {
 }  // namespace
 
 KeyIndexHandle::KeyIndexHandle(std::string dir, const KeyIndexIdentity& identity,
-                               std::uint64_t* key_generation, os::Access access)
+                               std::uint64_t* key_generation, os::Access access,
+                               const std::uint64_t* store_generation)
     : dir_(std::move(dir)),
       identity_(identity),
       key_generation_(key_generation),
+      store_generation_(store_generation),
       access_(access),
       status_("not opened") {}
 
@@ -103,6 +105,15 @@ void KeyIndexHandle::reset_store_generation(std::uint64_t store_generation) {
 void KeyIndexHandle::refresh() {
   for (int attempt = 0; attempt < 3; ++attempt) {
     const std::uint64_t generation = load(key_generation_);
+    // Read after key_generation: a truncate moves the store's generation word before any key
+    // index of the new generation is named (FORMAT.md, "Truncate"), so a word that still holds
+    // this snapshot's generation means `generation` is one of its key indexes, or none.
+    if (store_generation_ != nullptr && load(store_generation_) != identity_.store_generation) {
+      set_current(nullptr, "for generation " + std::to_string(identity_.store_generation) +
+                               " of the store, which a truncate has replaced: lookups scan "
+                               "until the Reader refreshes");
+      return;
+    }
     {
       std::lock_guard guard(mutex_);
       if (current_ && current_->generation() == generation) return;

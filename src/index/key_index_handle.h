@@ -24,9 +24,12 @@ namespace embstore::detail {
 
 class KeyIndexHandle {
  public:
-  // `key_generation` points at StatePage::key_generation in the shared state mapping.
+  // `key_generation` points at StatePage::key_generation in the shared state mapping. A
+  // Reader's handle also gets `store_generation` (StatePage::generation): once a truncate has
+  // moved the store past the snapshot's generation (identity.store_generation), the key index
+  // the word names is the new generation's, and refresh() leaves current() null, not damaged.
   KeyIndexHandle(std::string dir, const KeyIndexIdentity& identity, std::uint64_t* key_generation,
-                 os::Access access);
+                 os::Access access, const std::uint64_t* store_generation = nullptr);
 
   // The index to answer from, or null when there is none this handle may use (none built yet,
   // missing, damaged, or built in another boot): lookups then scan. The pointer stays valid as
@@ -127,6 +130,7 @@ class KeyIndexHandle {
   std::string dir_;
   KeyIndexIdentity identity_;
   std::uint64_t* key_generation_;
+  const std::uint64_t* store_generation_;  // A Reader's: the constructor.
   os::Access access_;
   mutable std::mutex mutex_;  // Guards current_ and status_.
   std::shared_ptr<KeyIndexFile> current_;

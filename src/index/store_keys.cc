@@ -14,8 +14,9 @@ KeyIndexIdentity key_index_identity(const StoreFiles& files) {
 }
 
 std::unique_ptr<KeyIndexHandle> make_key_index_handle(const StoreFiles& files, os::Access access) {
-  return std::make_unique<KeyIndexHandle>(files.dir(), key_index_identity(files),
-                                          files.state().key_generation_word(), access);
+  return std::make_unique<KeyIndexHandle>(
+      files.dir(), key_index_identity(files), files.state().key_generation_word(), access,
+      access == os::Access::kReadOnly ? files.state().store_generation_word() : nullptr);
 }
 
 void fill_key_info(KeyIndexHandle& handle, const StoreFiles& files, std::uint64_t snapshot,

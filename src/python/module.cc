@@ -747,6 +747,49 @@ class PyReader {
     reader().find_many(k, e, o);
     return out;
   }
+  // Rows [begin, end) copied into `out` (checked: C-contiguous, writeable, the store's dtype,
+  // shape (end - begin, dim)) or a new array; Reader::read(), GIL released.
+  py::array read(std::uint64_t begin, std::optional<std::uint64_t> end,
+                 std::optional<py::array> out) {
+    auto lock = guard();
+    const Reader& r = reader();
+    const std::uint64_t stop = end.value_or(r.size());
+    const py::dtype dtype = numpy_dtype(r.dtype());
+    const auto rows = static_cast<py::ssize_t>(stop >= begin ? stop - begin : 0);
+    const auto dim = static_cast<py::ssize_t>(r.dim());
+    py::array dest;
+    if (out) {
+      dest = *out;
+      const std::string where = r.path() + ": read: out ";
+      if (!dest.dtype().equal(dtype)) {
+        invalid(where + "has dtype " +
+                py::str(static_cast<py::handle>(dest.dtype())).cast<std::string>() +
+                "; the store's rows are " +
+                py::str(static_cast<py::handle>(dtype)).cast<std::string>());
+      }
+      if (dest.ndim() != 2 || dest.shape(0) != rows || dest.shape(1) != dim) {
+        std::string shape;
+        for (py::ssize_t i = 0; i < dest.ndim(); ++i) {
+          shape += (i ? ", " : "") + std::to_string(dest.shape(i));
+        }
+        invalid(where + "has shape (" + shape + "); rows [" + std::to_string(begin) + ", " +
+                std::to_string(stop) + ") need (" + std::to_string(rows) + ", " +
+                std::to_string(dim) + ")");
+      }
+      if (!(dest.flags() & py::array::c_style) || !dest.writeable()) {
+        invalid(where + "must be C-contiguous and writeable");
+      }
+    } else {
+      dest = py::array(dtype, {rows, dim});
+    }
+    void* data = dest.mutable_data();
+    const auto bytes = static_cast<std::size_t>(dest.nbytes());
+    {
+      py::gil_scoped_release unlocked;
+      r.read(begin, stop, data, bytes);
+    }
+    return dest;
+  }
   // rows (-1: a row of zeros) copied into one dense (n, dim) array.
   py::array gather(py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> rows) {
     auto lock = guard();
@@ -1000,6 +1043,7 @@ PYBIND11_MODULE(_embstore, m) {
       .def("get", &PyReader::get, py::arg("key"), py::arg("epoch"))
       .def("find_many", &PyReader::find_many, py::arg("keys"), py::arg("epochs"))
       .def("gather", &PyReader::gather, py::arg("rows"))
+      .def("read", &PyReader::read, py::arg("begin"), py::arg("end"), py::arg("out"))
       .def("history", &PyReader::history, py::arg("key"))
       .def("epoch_rows", &PyReader::epoch_rows, py::arg("epoch"))
       .def("epoch_counts", &PyReader::epoch_counts)

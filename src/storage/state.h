@@ -67,6 +67,8 @@ class SharedState {
 
   // The key_generation word, for the key index (src/index/key_index_handle.h).
   std::uint64_t* key_generation_word() const { return &page_->key_generation; }
+  // The generation word, for a Reader's key index (src/index/key_index_handle.h).
+  const std::uint64_t* store_generation_word() const { return &page_->generation; }
 
   // The low 32 bits of committed_rows, the word futex waiters sleep on.
   std::uint32_t* committed_word() const {

@@ -367,6 +367,35 @@ bool StoreFiles::row_valid(std::uint64_t row) const {
   return entry_valid(entry, row, row_ptr(row), layout_.record_bytes, hash_key_);
 }
 
+bool StoreFiles::row_valid(std::uint64_t row, const std::byte* bytes) const {
+  IndexEntry entry;
+  std::memcpy(&entry, entry_ptr(row), sizeof(entry));
+  return entry_valid(entry, row, bytes, layout_.record_bytes, hash_key_);
+}
+
+bool StoreFiles::read_rows(std::uint64_t begin, std::uint64_t count, std::byte* out) const {
+  int fd = data_fd_;
+  if (fd < 0) {
+    // The path names this Generation's file until a truncate retires it: generation numbers
+    // are never used again for other files once the counter named them (FORMAT.md, "Truncate").
+    try {
+      fd = os::open_file(data_path_, os::Access::kReadOnly);
+    } catch (const Error& error) {
+      if (error.code() == ErrorCode::kNotFound) return false;
+      throw;
+    }
+  }
+  struct Closer {
+    int fd;
+    bool own;
+    ~Closer() {
+      if (own) os::close_fd(fd);
+    }
+  } closer{fd, fd != data_fd_};
+  os::read_exact(fd, out, count * layout_.record_bytes, begin * layout_.record_bytes, data_path_);
+  return true;
+}
+
 std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {
   auto entry_at = [this](std::uint64_t row) {
     IndexEntry entry;

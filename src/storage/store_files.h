@@ -143,6 +143,14 @@ class StoreFiles {
   std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }
   IndexEntry* entry_ptr(std::uint64_t row) const { return generation_->entry_ptr(row); }
   bool row_valid(std::uint64_t row) const;
+  // Whether `bytes` (record_bytes of them) are row `row` as its entry records it.
+  bool row_valid(std::uint64_t row, const std::byte* bytes) const;
+  // Copies rows [begin, begin + count) of this Generation's data file to `out` with pread (in
+  // the kernel, from the page cache), through the Writer's descriptor, or for a Reader one
+  // opened for the call (it keeps none). False, nothing copied, when the file is gone (a
+  // truncate retired this Generation): the caller copies from the mapping, which stays valid.
+  // A failed read throws kIO naming the file. The rows must be committed.
+  bool read_rows(std::uint64_t begin, std::uint64_t count, std::byte* out) const;
   // The end of the longest run of whole, valid batches starting at `begin` (a batch boundary)
   // within [begin, end): a batch counts only if all its rows, up to the one flagged
   // kEntryBatchEnd, validate. Rows must be mapped.

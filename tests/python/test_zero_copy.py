@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 import embstore
 
@@ -121,3 +122,46 @@ def test_a_closed_reader_maps_nothing_and_its_views_keep_only_what_they_need(sto
     gc.collect()
     assert _mapped_files(store) == []
     assert r.closed
+
+
+def test_read_copies_the_rows_the_view_shows_into_a_new_array_or_out(store):
+    # Reader.read: a copy (the kernel's, from the page cache, for 256 KiB and more), for one
+    # pass over rows a process has not touched yet.
+    x = np.random.default_rng(1).standard_normal((3000, 64)).astype(np.float32)  # 768,000 B
+    with embstore.Writer(store, dim=64) as w:
+        for b in range(0, 3000, 500):
+            w.append(np.arange(b, b + 500), x[b:b + 500])
+    r = embstore.Reader(store)
+    whole = r.read()
+    assert whole.shape == (3000, 64) and whole.dtype == np.float32
+    assert not np.shares_memory(whole, r.vectors)
+    np.testing.assert_array_equal(whole, x)
+    np.testing.assert_array_equal(r.read(1, 2999), x[1:2999])
+    np.testing.assert_array_equal(r.read(1000, 1100), x[1000:1100])  # under 256 KiB
+    assert r.read(7, 7).shape == (0, 64)
+    # Into the caller's buffer, piece by piece, as a scan would.
+    out = np.empty((1000, 64), np.float32)
+    total = np.zeros(64, np.float64)
+    for b in range(0, 3000, 1000):
+        assert r.read(b, b + 1000, out=out) is out
+        total += out.sum(axis=0, dtype=np.float64)
+    np.testing.assert_allclose(total, x.sum(axis=0, dtype=np.float64))
+    # What does not fit is refused, naming it, and nothing is written.
+    for bad, says in [(np.empty((1000, 64), np.float64), "out has dtype float64; the store's "
+                       "rows are float32"),
+                      (np.empty((999, 64), np.float32), "out has shape (999, 64); rows [0, "
+                       "1000) need (1000, 64)"),
+                      (np.empty((64, 1000), np.float32).T, "must be C-contiguous"),
+                      ([[0.0] * 64] * 1000, "out must be a numpy array")]:
+        with pytest.raises(ValueError) as info:
+            r.read(0, 1000, out=bad)
+        assert says in str(info.value)
+    frozen = np.zeros((10, 64), np.float32)
+    frozen.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        r.read(0, 10, out=frozen)
+    assert not frozen.any()
+    with pytest.raises(ValueError, match=r"read\(2990, 3010\) is outside the snapshot of 3000"):
+        r.read(2990, 3010)
+    with pytest.raises(ValueError, match="end 5 is before begin 9"):
+        r.read(9, 5)

@@ -32,6 +32,15 @@ void copy_strided(const StridedView<std::uint64_t>& view, std::vector<std::uint6
   for (std::uint64_t i = 0; i < view.size; ++i) (*out)[i] = view[i];
 }
 
+// Rows [first, first + rows) copied into `run` (Reader::read(): an export runs in a process of
+// its own, whose first pass through a mapping would pay for every page's page-table entry).
+const std::byte* read_run(const Reader& reader, std::uint64_t first, std::uint64_t rows,
+                          std::vector<std::byte>& run) {
+  run.resize(rows * reader.dim() * dtype_size(reader.dtype()));
+  reader.read(first, first + rows, run.data(), run.size());
+  return run.data();
+}
+
 std::string sidecar_text(const Reader& reader, std::uint64_t rows) {
   const StoreInfo info = reader.info();
   nlohmann::json sidecar = {
@@ -76,11 +85,12 @@ void export_npy(const Reader& reader, const RowSelector& selector, const std::st
   NpyWriter keys(dir + "/" + kNpyKeysFile, "<u8", {n});
   NpyWriter epochs(dir + "/" + kNpyEpochsFile, "<u8", {n});
   std::vector<std::uint64_t> buffer;
+  std::vector<std::byte> run;
   std::uint64_t done = 0;
   selector.for_each_run(run_rows(reader), [&](std::uint64_t first, std::uint64_t rows) {
     check_rows(reader, first, rows);
-    const RowsView view = reader.rows(first, first + rows);
-    vectors.write(view.data, view.size_bytes());
+    const std::byte* rows_read = read_run(reader, first, rows, run);
+    vectors.write(rows_read, run.size());
     copy_strided(reader.keys(first, first + rows), &buffer);
     keys.write(buffer.data(), buffer.size() * 8);
     copy_strided(reader.epochs(first, first + rows), &buffer);
@@ -102,12 +112,13 @@ void export_hdf5(const Reader& reader, const RowSelector& selector, const std::s
       path, reader.dtype(), reader.dim(), n,
       {std::string(dtype_name(reader.dtype())), reader.dim(), info.metadata, info.store_id});
   std::vector<std::uint64_t> keys, epochs;
+  std::vector<std::byte> run;
   std::uint64_t done = 0;
   selector.for_each_run(run_rows(reader), [&](std::uint64_t first, std::uint64_t rows) {
     check_rows(reader, first, rows);
     copy_strided(reader.keys(first, first + rows), &keys);
     copy_strided(reader.epochs(first, first + rows), &epochs);
-    writer.write(done, rows, reader.rows(first, first + rows).data, keys.data(), epochs.data());
+    writer.write(done, rows, read_run(reader, first, rows, run), keys.data(), epochs.data());
     done += rows;
     if (options.progress) options.progress(done, n);
   });
