@@ -216,18 +216,9 @@ Record Reader::record(std::uint64_t row) const {
 
 namespace {
 
-// From this many bytes read() copies with pread rather than from the mapping (reader.h).
-constexpr std::uint64_t kReadSyscallMinBytes = 256 * 1024;
 // verify() reads and checks rows this many bytes at a time (at least one row), into a buffer
 // that stays in the second-level cache while it is hashed.
 constexpr std::uint64_t kVerifyPieceBytes = 1024 * 1024;
-
-// Rows [begin, begin + count) of the snapshot in `f`, copied to `out` (Reader::read()).
-void copy_rows(const StoreFiles& f, std::uint64_t begin, std::uint64_t count, std::byte* out) {
-  const std::uint64_t bytes = count * f.layout().record_bytes;
-  if (bytes >= kReadSyscallMinBytes && f.read_rows(begin, count, out)) return;
-  std::memcpy(out, f.row_ptr(begin), bytes);
-}
 
 }  // namespace
 
@@ -240,7 +231,7 @@ void Reader::read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t
                                                  " bytes for " + std::to_string(end - begin) +
                                                  " rows of " + std::to_string(row_bytes));
   }
-  if (end > begin) copy_rows(f, begin, end - begin, static_cast<std::byte*>(out));
+  if (end > begin) detail::RowCopier(f).copy(begin, end - begin, static_cast<std::byte*>(out));
 }
 
 VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
@@ -253,9 +244,10 @@ VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
   const std::uint64_t row_bytes = f.layout().record_bytes;
   const std::uint64_t per_piece = std::max<std::uint64_t>(1, kVerifyPieceBytes / row_bytes);
   std::vector<std::byte> piece(std::min(end - begin, per_piece) * row_bytes);
+  detail::RowCopier copier(f);
   for (std::uint64_t first = begin; first < end; first += per_piece) {
     const std::uint64_t count = std::min(per_piece, end - first);
-    copy_rows(f, first, count, piece.data());
+    copier.copy(first, count, piece.data());
     for (std::uint64_t i = 0; i < count; ++i) {
       const std::uint64_t row = first + i;
       ++report.rows_checked;

@@ -149,9 +149,10 @@ class Reader {
   // index build, a notebook's first scan), in pieces of a few MiB into one reused buffer: the
   // kernel copies from the page cache, where a first pass through a new mapping pays for every
   // 4 KiB page's page-table entry, on some VMs ~7x the copy (bench/RESULTS.md, "A fresh
-  // process's scan: read() into a buffer"). Ranges under 256 KiB are copied from the mapping.
-  // kIO naming the file if the read fails. Opens the rows file for the call (a Reader keeps no
-  // descriptor).
+  // process's scan: read() into a buffer"). Opens the rows file for the call (a Reader keeps no
+  // descriptor); copies from the mapping instead for ranges under 256 KiB and wherever that file
+  // cannot be used (removed by a truncate, not the file mapped, not openable). kIO naming the
+  // file if a read fails.
   void read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t out_bytes) const;
   // Copies rows[i] of the snapshot to out + i * row_bytes (one dense row-major matrix in the
   // store's dtype); a row of -1 (missing, as from find_many) becomes a row of zeros.

@@ -102,18 +102,34 @@ void KeyIndexHandle::reset_store_generation(std::uint64_t store_generation) {
   claimed_ = false;
 }
 
+bool KeyIndexHandle::store_moved() const {
+  if (store_generation_ == nullptr) return false;
+  const std::uint64_t word = load(store_generation_);
+  // The generation whose files hold the store: G, or G+1 while a truncate switches (state.h).
+  const std::uint64_t generation =
+      (word & ~kGenerationSwitching) + ((word & kGenerationSwitching) != 0 ? 1 : 0);
+  return generation != identity_.store_generation;
+}
+
+void KeyIndexHandle::replaced() {
+  {
+    std::lock_guard guard(mutex_);
+    if (current_) return;  // The snapshot's own file: frozen by the truncate, still right.
+  }
+  set_current(nullptr, "for generation " + std::to_string(identity_.store_generation) +
+                           " of the store, which a truncate has replaced: lookups scan until "
+                           "the Reader refreshes");
+}
+
 void KeyIndexHandle::refresh() {
   for (int attempt = 0; attempt < 3; ++attempt) {
     const std::uint64_t generation = load(key_generation_);
-    // Read after key_generation: a truncate moves the store's generation word before any key
-    // index of the new generation is named (FORMAT.md, "Truncate"), so a word that still holds
-    // this snapshot's generation means `generation` is one of its key indexes, or none.
-    if (store_generation_ != nullptr && load(store_generation_) != identity_.store_generation) {
-      set_current(nullptr, "for generation " + std::to_string(identity_.store_generation) +
-                               " of the store, which a truncate has replaced: lookups scan "
-                               "until the Reader refreshes");
-      return;
-    }
+    // A Reader's snapshot may predate a truncate, and the word then names a key index of the
+    // new generation (whose file names start over at keys.1). Read after key_generation: a
+    // truncate moves the store's generation word before any key index of the new generation
+    // is named (FORMAT.md, "Truncate"), so an unmoved word means `generation` is this
+    // generation's key index, or none. Looked at again if the open fails: the names repeat.
+    if (store_moved()) return replaced();
     {
       std::lock_guard guard(mutex_);
       if (current_ && current_->generation() == generation) return;
@@ -136,6 +152,7 @@ void KeyIndexHandle::refresh() {
       set_current(std::move(file), "");
       return;
     } catch (const Error& error) {
+      if (store_moved()) return replaced();  // A truncate and a rebuild meanwhile.
       // A growth may have replaced and removed the file between the load and the open.
       if (error.code() == ErrorCode::kNotFound && load(key_generation_) != generation) continue;
       if (error.code() == ErrorCode::kUnsupportedVersion) {

@@ -126,6 +126,10 @@ class KeyIndexHandle {
   // legacy keys.next that no live growth claim on `current` could still be writing.
   void remove_stale_builds(const KeyIndexFile* current);
   void set_current(std::shared_ptr<KeyIndexFile> file, std::string status);
+  // A Reader's handle: a truncate has moved the store past identity_.store_generation.
+  bool store_moved() const;
+  // refresh() for such a handle: keeps a file it holds (its snapshot's), else uses none.
+  void replaced();
 
   std::string dir_;
   KeyIndexIdentity identity_;

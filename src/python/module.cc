@@ -754,6 +754,7 @@ class PyReader {
     auto lock = guard();
     const Reader& r = reader();
     const std::uint64_t stop = end.value_or(r.size());
+    if (stop > r.size()) r.read(begin, stop, nullptr, 0);  // Raises, naming the range.
     const py::dtype dtype = numpy_dtype(r.dtype());
     const auto rows = static_cast<py::ssize_t>(stop >= begin ? stop - begin : 0);
     const auto dim = static_cast<py::ssize_t>(r.dim());

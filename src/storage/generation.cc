@@ -1,5 +1,7 @@
 #include "storage/generation.h"
 
+#include <sys/stat.h>
+
 namespace embstore::detail {
 
 Generation::Generation(std::uint64_t number, const Layout& layout, const std::string& data_path,
@@ -16,10 +18,24 @@ Generation::Generation(std::uint64_t number, const Layout& layout, const std::st
 void Generation::map_rows(int data_fd, int index_fd, std::uint64_t rows) {
   if (rows <= mapped_rows()) return;
   data_.map_to(data_fd, rows * record_bytes_);
+  struct stat st;
+  data_id_known_.store(false, std::memory_order_relaxed);
+  if (::fstat(data_fd, &st) == 0) {
+    data_dev_.store(static_cast<std::uint64_t>(st.st_dev), std::memory_order_relaxed);
+    data_ino_.store(static_cast<std::uint64_t>(st.st_ino), std::memory_order_relaxed);
+    data_id_known_.store(true, std::memory_order_release);
+  }
   // Each map_to() maps anew (MAP_FIXED), which drops the advice: given again for all of it.
   if (huge_pages_) os::advise_huge_pages(data_.base(), data_.mapped_bytes());
   index_.map_to(index_fd, rows * kIndexEntryBytes);
   mapped_rows_.store(rows, std::memory_order_release);
+}
+
+bool Generation::maps_data_file(int fd) const noexcept {
+  struct stat st;
+  if (!data_id_known_.load(std::memory_order_acquire) || ::fstat(fd, &st) != 0) return false;
+  return static_cast<std::uint64_t>(st.st_dev) == data_dev_.load(std::memory_order_relaxed) &&
+         static_cast<std::uint64_t>(st.st_ino) == data_ino_.load(std::memory_order_relaxed);
 }
 
 }  // namespace embstore::detail

@@ -39,6 +39,11 @@ class Generation {
   // thread at a time; mapped_rows() says so only once the rows are mapped.
   void map_rows(int data_fd, int index_fd, std::uint64_t rows);
 
+  // Whether `fd` is the data file map_rows() last mapped (the same device and inode): a file
+  // opened by path again may be another one (the directory replaced under a Reader, a relative
+  // path after a chdir). False while unknown.
+  bool maps_data_file(int fd) const noexcept;
+
   std::byte* row_ptr(std::uint64_t row) const { return data_.base() + row * record_bytes_; }
   IndexEntry* entry_ptr(std::uint64_t row) const {
     return reinterpret_cast<IndexEntry*>(index_.base()) + row;
@@ -50,6 +55,9 @@ class Generation {
   std::uint64_t reserved_rows_;
   bool huge_pages_;
   std::atomic<std::uint64_t> mapped_rows_{0};
+  // The data file's device and inode at the last map_rows(); data_id_known_ once they are set.
+  std::atomic<std::uint64_t> data_dev_{0}, data_ino_{0};
+  std::atomic<bool> data_id_known_{false};
   ReservedMapping data_, index_;
   std::shared_ptr<const Generation> previous_;  // Older mappings views may still point into.
 };

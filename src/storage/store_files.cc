@@ -373,27 +373,44 @@ bool StoreFiles::row_valid(std::uint64_t row, const std::byte* bytes) const {
   return entry_valid(entry, row, bytes, layout_.record_bytes, hash_key_);
 }
 
-bool StoreFiles::read_rows(std::uint64_t begin, std::uint64_t count, std::byte* out) const {
-  int fd = data_fd_;
-  if (fd < 0) {
-    // The path names this Generation's file until a truncate retires it: generation numbers
-    // are never used again for other files once the counter named them (FORMAT.md, "Truncate").
-    try {
-      fd = os::open_file(data_path_, os::Access::kReadOnly);
-    } catch (const Error& error) {
-      if (error.code() == ErrorCode::kNotFound) return false;
-      throw;
-    }
+RowCopier::~RowCopier() {
+  if (own_fd_) os::close_fd(fd_);
+}
+
+int RowCopier::descriptor() {
+  if (looked_) return fd_;
+  looked_ = true;
+  const Generation* generation = files_.generation();
+  // Only the Generation the handle's paths name (a refresh that failed half-way may have moved
+  // the paths on and not the mapping).
+  if (generation == nullptr || generation->number() != files_.file_generation()) return -1;
+  if (files_.data_fd() >= 0) return fd_ = files_.data_fd();
+  // The path names the mapped file unless a truncate retired it (then it is gone: generation
+  // numbers are never used again once the counter named them, FORMAT.md "Truncate") or the
+  // directory changed under this process; the identity check covers both.
+  int fd = -1;
+  try {
+    fd = os::open_file(files_.data_path(), os::Access::kReadOnly);
+  } catch (const Error&) {
+    return -1;  // Gone, out of descriptors, not permitted: the mapping has the same bytes.
   }
-  struct Closer {
-    int fd;
-    bool own;
-    ~Closer() {
-      if (own) os::close_fd(fd);
-    }
-  } closer{fd, fd != data_fd_};
-  os::read_exact(fd, out, count * layout_.record_bytes, begin * layout_.record_bytes, data_path_);
-  return true;
+  if (!generation->maps_data_file(fd)) {
+    os::close_fd(fd);
+    return -1;
+  }
+  own_fd_ = true;
+  return fd_ = fd;
+}
+
+void RowCopier::copy(std::uint64_t begin, std::uint64_t count, std::byte* out) {
+  const std::uint64_t record_bytes = files_.layout().record_bytes;
+  const std::uint64_t bytes = count * record_bytes;
+  const int fd = bytes >= kMinBytes ? descriptor() : -1;
+  if (fd < 0) {
+    std::memcpy(out, files_.row_ptr(begin), bytes);
+    return;
+  }
+  os::read_exact(fd, out, bytes, begin * record_bytes, files_.data_path());
 }
 
 std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {

@@ -145,12 +145,6 @@ class StoreFiles {
   bool row_valid(std::uint64_t row) const;
   // Whether `bytes` (record_bytes of them) are row `row` as its entry records it.
   bool row_valid(std::uint64_t row, const std::byte* bytes) const;
-  // Copies rows [begin, begin + count) of this Generation's data file to `out` with pread (in
-  // the kernel, from the page cache), through the Writer's descriptor, or for a Reader one
-  // opened for the call (it keeps none). False, nothing copied, when the file is gone (a
-  // truncate retired this Generation): the caller copies from the mapping, which stays valid.
-  // A failed read throws kIO naming the file. The rows must be committed.
-  bool read_rows(std::uint64_t begin, std::uint64_t count, std::byte* out) const;
   // The end of the longest run of whole, valid batches starting at `begin` (a batch boundary)
   // within [begin, end): a batch counts only if all its rows, up to the one flagged
   // kEntryBatchEnd, validate. Rows must be mapped.
@@ -188,6 +182,37 @@ class StoreFiles {
   std::shared_ptr<Generation> generation_;
   mutable std::mutex pin_mutex_;
   void set_generation(std::shared_ptr<Generation> generation);
+};
+
+// Copies committed rows of `files`' current Generation to memory: with pread from its data file
+// (the kernel copies out of the page cache, where a first pass through a new mapping pays a
+// page-table entry per 4 KiB page: bench/RESULTS.md, "A fresh process's scan"), or from the
+// mapping for copies under kMinBytes and wherever the file cannot be used. The copier holds one
+// descriptor for its life: the Writer's, or for a Reader (whose StoreFiles keeps none) one it
+// opens at its first large copy and uses only if it is the file mapped (Generation::
+// maps_data_file(): the path could name another file by now). No open failure is an error: the
+// mapping holds the same bytes. A failed read is (kIO, or kCorruption for a file shorter than
+// its rows, naming the file). Used by one thread; `files` outlives it and is not remapped
+// meanwhile (Reader: no refresh() during a const call).
+class RowCopier {
+ public:
+  static constexpr std::uint64_t kMinBytes = 256 * 1024;
+
+  explicit RowCopier(const StoreFiles& files) : files_(files) {}
+  ~RowCopier();
+  RowCopier(const RowCopier&) = delete;
+  RowCopier& operator=(const RowCopier&) = delete;
+
+  // Rows [begin, begin + count) to `out` (count * record_bytes bytes).
+  void copy(std::uint64_t begin, std::uint64_t count, std::byte* out);
+
+ private:
+  int descriptor();  // -1: copy from the mapping.
+
+  const StoreFiles& files_;
+  int fd_ = -1;
+  bool own_fd_ = false;
+  bool looked_ = false;
 };
 
 }  // namespace embstore::detail

@@ -400,8 +400,6 @@ def test_bench_reports_the_cpu_its_writer_processes_used_in_each_phase(tmp_path)
         # the baselines' one thread, not more than the phase itself (a 1 ms clock slack).
         bound = ms * (os.cpu_count() if name == "embstore" else 1) + 1
         assert phase["writer_cpu_ms"] <= bound, (name, phase)
-        assert phase["writer_cpu_ns_per_row"] == pytest.approx(
-            phase["writer_cpu_ms"] * 1e6 / phase["rows"]), (name, phase)
     text = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
                tmp_path, "--quiet")
     assert text.code == 0, text

@@ -151,11 +151,12 @@ def test_read_copies_the_rows_the_view_shows_into_a_new_array_or_out(store):
                        "rows are float32"),
                       (np.empty((999, 64), np.float32), "out has shape (999, 64); rows [0, "
                        "1000) need (1000, 64)"),
-                      (np.empty((64, 1000), np.float32).T, "must be C-contiguous"),
-                      ([[0.0] * 64] * 1000, "out must be a numpy array")]:
+                      (np.empty((64, 1000), np.float32).T, "must be C-contiguous")]:
         with pytest.raises(ValueError) as info:
             r.read(0, 1000, out=bad)
         assert says in str(info.value)
+    with pytest.raises(TypeError, match="out must be a numpy array; got list"):
+        r.read(0, 1000, out=[[0.0] * 64] * 1000)
     frozen = np.zeros((10, 64), np.float32)
     frozen.setflags(write=False)
     with pytest.raises(ValueError, match="writeable"):
@@ -163,5 +164,7 @@ def test_read_copies_the_rows_the_view_shows_into_a_new_array_or_out(store):
     assert not frozen.any()
     with pytest.raises(ValueError, match=r"read\(2990, 3010\) is outside the snapshot of 3000"):
         r.read(2990, 3010)
+    with pytest.raises(ValueError, match=r"read\(0, 1000000000000\) is outside the snapshot"):
+        r.read(0, 10**12)  # refused before anything is allocated
     with pytest.raises(ValueError, match="end 5 is before begin 9"):
         r.read(9, 5)

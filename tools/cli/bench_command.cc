@@ -87,14 +87,14 @@ void finish_config(Config& config) {
   }
 }
 
-// State shared by the parent and its children: an anonymous MAP_SHARED page set up before fork.
-// CPU time of this process, all its threads, in nanoseconds.
+// CPU time of this process, all its threads (those that ended too), in nanoseconds.
 std::int64_t process_cpu_ns() {
   timespec ts;
   ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return std::int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
 }
 
+// State shared by the parent and its children: an anonymous MAP_SHARED page set up before fork.
 struct Shared {
   std::atomic<int> ready;
   std::atomic<int> go;
@@ -987,13 +987,13 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "them); the epoch is the writer's number. A phase ends when its last writer's close()\n"
       "returns; close() finishes a key index growth in progress and, unless --sync none, a\n"
       "last sync: its time is reported, and so is the CPU time of the writer processes (all\n"
-      "their threads, the kernel's work in their system calls included) per row, with the\n"
-      "processors they kept busy: whether a phase computed or waited. Before each phase a file\n"
-      "as large as its payload is\n"
-      "written, and removed as the phase starts (--page-state warm): on a VM whose host takes\n"
-      "freed memory back, a phase would otherwise pay the host's first-touch faults or not, by\n"
-      "its timing. Where the kernel reports free pages to the host, the removal of a payload\n"
-      "as large as its max_waiting_mib or more waits for a reporting pass first (at most 4 s),\n"
+      "their threads, the kernel's work in their system calls included; not the kernel's own\n"
+      "threads, such as writeback) per row, with the processors they kept busy: whether a\n"
+      "phase computed or waited. Before each phase a file as large as its payload is written,\n"
+      "and removed as the phase starts (--page-state warm): on a VM whose host takes freed\n"
+      "memory back, a phase would otherwise pay the host's first-touch faults or not, by its\n"
+      "timing. Where the kernel reports free pages to the host, the removal of a payload as\n"
+      "large as its max_waiting_mib or more waits for a reporting pass first (at most 4 s),\n"
       "so that the next pass comes seconds later, after the phase.\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
   registry.add(cmd, [config] { return run_bench(*config); });

@@ -107,7 +107,8 @@ void RowSelector::for_each_run(
 
 void check_rows(const Reader& reader, std::uint64_t first, std::uint64_t n) {
   const VerifyReport report = reader.verify(first, first + n);
-  if (report.ok()) return;
+  // Rows only: a run over the whole snapshot also checks the key index, which exports ignore.
+  if (report.bad_row_count == 0) return;
   const std::uint64_t bad = report.bad_rows.front();
   throw Error(ErrorCode::kCorruption,
               "row " + std::to_string(bad) + " (key " +

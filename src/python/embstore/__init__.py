@@ -743,11 +743,12 @@ class Reader(_Handle):
         ``rows`` shows, GIL released. For one pass over many rows in a process that has not
         touched them yet, read pieces of a few MiB into one ``out``: the kernel copies them from
         the page cache, where a first pass through the zero-copy view pays a page-table entry
-        per 4 KiB page (on some VMs ~7x the copy). ValueError for a range outside the snapshot
-        or an unfit ``out``."""
+        per 4 KiB page (on some VMs ~7x the copy). ``out`` has the dtype of ``vectors`` (bfloat16:
+        uint16). ValueError for a range outside the snapshot or an unfit ``out``, TypeError for
+        an ``out`` that is not a numpy array."""
         begin, end = self._range("read", begin, end)
         if out is not None and not isinstance(out, np.ndarray):
-            raise ValueError(f"read: out must be a numpy array; got {type(out).__name__}")
+            raise TypeError(f"read: out must be a numpy array; got {type(out).__name__}")
         return self._native.read(begin, end, out)
 
     def record(self, row: int) -> "Record":
