@@ -703,3 +703,23 @@ def test_writes_the_user_may_not_make_exit_19_not_23(as_nobody, tmp_path):
     assert run_as_nobody("verify", store).code == 0
     assert hash_tree(store) == before
     assert sorted(os.listdir(top)) == ["s", "v.npy"]
+
+
+def test_export_and_compact_copy_the_rows_of_a_store_whose_key_index_is_damaged(tmp_path):
+    # The rows are whole; only the key index (derived data, rebuilt by the next writer) is
+    # damaged. Export and compact check the rows they copy, not the key index: they used to
+    # read the first bad row of a report that had none (undefined behaviour).
+    store = make_store(tmp_path / "s")
+    keys_files = [f for f in os.listdir(store) if f.startswith("keys.")]
+    assert len(keys_files) == 1
+    with open(os.path.join(store, keys_files[0]), "r+b") as f:
+        f.write(b"\xff" * 64)  # its header: no longer a key index of this store
+    check = run("verify", store)
+    assert check.code == 1 and "key index" in check.out, check  # the damage is seen
+    r = run("export", store, tmp_path / "out", "-q")
+    assert r.code == 0, r
+    vectors = np.load(tmp_path / "out" / "vectors.npy")
+    np.testing.assert_array_equal(vectors, embstore.Reader(store).vectors)
+    r = run("compact", store, tmp_path / "small", "-q")
+    assert r.code == 0, r
+    np.testing.assert_array_equal(embstore.Reader(str(tmp_path / "small")).vectors, vectors)
