@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -420,6 +421,14 @@ TEST_CASE(
   CHECK(report.key_index_problems == 0);
   CHECK_FALSE(report.key_index_checked);
   CHECK(r.find(test::make_key(1, 2500)) == 2500);  // by scan
+  // info() describes the store as it is now: its counters and files are the new generation's.
+  const StoreInfo now_info = r.info();
+  CHECK(now_info.generation == 2);
+  CHECK(now_info.committed_rows == 1500);
+  struct stat st;
+  REQUIRE(::stat((dir / "s" + "/rows.2").c_str(), &st) == 0);
+  CHECK(now_info.data_file_bytes == static_cast<std::uint64_t>(st.st_size));
+  CHECK_THAT(now_info.key_index, Catch::Contains("which a truncate has replaced"));
   // A Reader that held its snapshot's key index keeps it: frozen by the truncate, still right.
   const VerifyReport kept = looked.verify();
   INFO(kept.key_index_problem);

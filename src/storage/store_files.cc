@@ -490,16 +490,32 @@ StoreInfo StoreFiles::info() const {
   info.store_id = store_id_hex(layout_.store_id);
   info.created_unix_ns = layout_.created_unix_ns;
   info.metadata = layout_.metadata;
-  info.generation = state_.generation();
-  info.last_commit_unix_ns = state_.last_commit_unix_ns();
-  info.durable_rows = state_.durable();
-  info.committed_rows = state_.committed();
-  info.capacity_rows = state_.capacity();
-  const FileHandle data(data_fd_, data_path_, access_);
-  const FileHandle index(index_fd_, index_path_, access_);
-  info.data_file_bytes = os::file_size(data.get(), data_path_);
-  info.index_file_bytes = os::file_size(index.get(), index_path_);
-  return info;
+  // The store as it is now, counters and files alike: for a Reader whose snapshot predates a
+  // truncate, the files of the generation the store has moved to (its own may be gone). Another
+  // truncate may remove those in turn while they are opened: then the counters are read again.
+  for (int attempt = 0;; ++attempt) {
+    info.generation = state_.generation();
+    info.last_commit_unix_ns = state_.last_commit_unix_ns();
+    info.durable_rows = state_.durable();
+    info.committed_rows = state_.committed();
+    info.capacity_rows = state_.capacity();
+    const bool own = info.generation == file_generation_;
+    const std::string data_path = own ? data_path_ : dir_ + "/" + data_file_name(info.generation);
+    const std::string index_path =
+        own ? index_path_ : dir_ + "/" + index_file_name(info.generation);
+    try {
+      const FileHandle data(own ? data_fd_ : -1, data_path, access_);
+      const FileHandle index(own ? index_fd_ : -1, index_path, access_);
+      info.data_file_bytes = os::file_size(data.get(), data_path);
+      info.index_file_bytes = os::file_size(index.get(), index_path);
+      return info;
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kNotFound || attempt == 2 ||
+          state_.generation() == info.generation) {
+        throw;
+      }
+    }
+  }
 }
 
 }  // namespace embstore::detail
