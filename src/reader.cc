@@ -196,6 +196,24 @@ StridedView<std::uint64_t> Reader::epochs(std::uint64_t begin, std::uint64_t end
   return {entry + offsetof(detail::IndexEntry, epoch), end - begin, detail::kIndexEntryBytes};
 }
 
+namespace {
+
+// verify() reads and checks rows this many bytes at a time (at least one row), into a buffer
+// that stays in the second-level cache while it is hashed.
+constexpr std::uint64_t kVerifyPieceBytes = 1024 * 1024;
+
+// kCorruption for row `row` of `f`, which fails its checksum (record(), read()).
+[[noreturn]] void row_fails_checksum(const StoreFiles& f, std::uint64_t row) {
+  detail::IndexEntry entry;
+  std::memcpy(&entry, f.entry_ptr(row), sizeof(entry));
+  throw Error(ErrorCode::kCorruption, f.data_path() + ": row " + std::to_string(row) + " (key " +
+                                          std::to_string(entry.key) + ", epoch " +
+                                          std::to_string(entry.epoch) + ") fails its checksum in " +
+                                          f.index_path());
+}
+
+}  // namespace
+
 Record Reader::record(std::uint64_t row) const {
   if (row >= impl_->snapshot_) {
     throw Error(ErrorCode::kInvalidArgument, impl_->path_ + ": row " + std::to_string(row) +
@@ -203,26 +221,14 @@ Record Reader::record(std::uint64_t row) const {
                                                  std::to_string(impl_->snapshot_) + " rows");
   }
   const StoreFiles& f = impl_->files();
+  if (!f.row_valid(row)) row_fails_checksum(f, row);
   detail::IndexEntry entry;
   std::memcpy(&entry, f.entry_ptr(row), sizeof(entry));
-  if (!f.row_valid(row)) {
-    throw Error(ErrorCode::kCorruption, f.data_path() + ": row " + std::to_string(row) + " (key " +
-                                            std::to_string(entry.key) + ", epoch " +
-                                            std::to_string(entry.epoch) +
-                                            ") fails its checksum in " + f.index_path());
-  }
   return Record{row, entry.key, entry.epoch, f.row_ptr(row)};
 }
 
-namespace {
-
-// verify() reads and checks rows this many bytes at a time (at least one row), into a buffer
-// that stays in the second-level cache while it is hashed.
-constexpr std::uint64_t kVerifyPieceBytes = 1024 * 1024;
-
-}  // namespace
-
-void Reader::read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t out_bytes) const {
+void Reader::read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t out_bytes,
+                  ReadCheck check) const {
   impl_->check_range(begin, end, "read");
   const StoreFiles& f = impl_->files();
   const std::uint64_t row_bytes = f.layout().record_bytes;
@@ -231,7 +237,13 @@ void Reader::read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t
                                                  " bytes for " + std::to_string(end - begin) +
                                                  " rows of " + std::to_string(row_bytes));
   }
-  if (end > begin) detail::RowCopier(f).copy(begin, end - begin, static_cast<std::byte*>(out));
+  if (end == begin) return;
+  auto* rows = static_cast<std::byte*>(out);
+  detail::RowCopier(f).copy(begin, end - begin, rows);
+  if (check == ReadCheck::kNone) return;
+  for (std::uint64_t row = begin; row < end; ++row) {
+    if (!f.row_valid(row, rows + (row - begin) * row_bytes)) row_fails_checksum(f, row);
+  }
 }
 
 VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {

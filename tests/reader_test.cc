@@ -478,3 +478,38 @@ TEST_CASE("read() copies from the mapping when the rows file cannot be opened or
   CHECK(report.rows_checked == 3000);
   CHECK(report.bad_row_count == 0);
 }
+
+TEST_CASE(
+    "read() with ReadCheck::kChecksums names the first row of the copy that fails its checksum",
+    "[reader][read]") {
+  TempDir dir;
+  {
+    Writer w = Writer::create(dir / "s", small(64));
+    for (std::uint64_t seq = 0; seq < 3000; seq += 500) append_batch(w, 1, seq, 500);
+  }
+  const std::uint64_t row_bytes = 64 * sizeof(float);
+  {
+    const int fd = ::open((dir / "s" + "/rows.1").c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    const unsigned char flipped = 0x5a;
+    REQUIRE(::pwrite(fd, &flipped, 1, 2100 * row_bytes + 3) == 1);
+    ::close(fd);
+  }
+  Reader r = Reader::open(dir / "s");
+  std::vector<std::byte> out(3000 * row_bytes);
+  r.read(0, 3000, out.data(), out.size());  // unchecked: the bytes as stored
+  CHECK(std::memcmp(out.data(), r.rows().data, out.size()) == 0);
+  r.read(0, 2100, out.data(), 2100 * row_bytes, ReadCheck::kChecksums);  // before it: whole
+  for (const auto& [begin, end] :
+       {std::pair<std::uint64_t, std::uint64_t>{0, 3000}, {2100, 2101}}) {
+    try {
+      r.read(begin, end, out.data(), (end - begin) * row_bytes, ReadCheck::kChecksums);
+      FAIL("a damaged row was copied unchecked");
+    } catch (const Error& error) {
+      CHECK(error.code() == ErrorCode::kCorruption);
+      const std::string says = "row 2100 (key " + std::to_string(test::make_key(1, 2100)) +
+                               ", epoch 0) fails its checksum";
+      CHECK_THAT(error.what(), Catch::Contains(says) && Catch::Contains("rows.1"));
+    }
+  }
+}

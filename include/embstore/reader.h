@@ -78,6 +78,12 @@ struct KeyVersion {
   std::uint64_t epoch = 0;
 };
 
+// What Reader::read() checks of the rows it copies.
+enum class ReadCheck {
+  kNone,       // The bytes as stored.
+  kChecksums,  // Each row against its checksum.
+};
+
 // Reads a store without any lock and without writing a byte; needs only read permission, so it
 // works on a read-only mount. Sees the snapshot [0, size()) taken at open() or at the last
 // refresh()/wait(); rows inside a snapshot never change.
@@ -152,8 +158,11 @@ class Reader {
   // process's scan: read() into a buffer"). Opens the rows file for the call (a Reader keeps no
   // descriptor); copies from the mapping instead for ranges under 256 KiB and wherever that file
   // cannot be used (removed by a truncate, not the file mapped, not openable). kIO naming the
-  // file if a read fails.
-  void read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t out_bytes) const;
+  // file if a read fails. With ReadCheck::kChecksums every row copied is checked against its
+  // checksum (verify()'s check, over the copy): the first that fails raises kCorruption naming
+  // the row, its key and epoch, as record() does.
+  void read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t out_bytes,
+            ReadCheck check = ReadCheck::kNone) const;
   // Copies rows[i] of the snapshot to out + i * row_bytes (one dense row-major matrix in the
   // store's dtype); a row of -1 (missing, as from find_many) becomes a row of zeros.
   // kInvalidArgument if out_bytes != rows.size() * row_bytes or a row is outside the snapshot.

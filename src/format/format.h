@@ -106,6 +106,10 @@ static_assert(sizeof(StatePage) <= 512, "counters must share one 512-byte sector
 // Bit 63 of StatePage::generation: a truncate is switching the store from generation G (the
 // word's low bits) to G+1, whose files are complete and durable (FORMAT.md, "Truncate").
 inline constexpr std::uint64_t kGenerationSwitching = 1ull << 63;
+// The generation whose files hold the store, from the word: G, or G+1 while switching.
+inline constexpr std::uint64_t store_generation_of(std::uint64_t word) {
+  return (word & ~kGenerationSwitching) + ((word & kGenerationSwitching) != 0 ? 1 : 0);
+}
 
 struct IndexEntry {
   std::uint64_t key;

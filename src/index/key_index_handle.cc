@@ -103,12 +103,8 @@ void KeyIndexHandle::reset_store_generation(std::uint64_t store_generation) {
 }
 
 bool KeyIndexHandle::store_moved() const {
-  if (store_generation_ == nullptr) return false;
-  const std::uint64_t word = load(store_generation_);
-  // The generation whose files hold the store: G, or G+1 while a truncate switches (state.h).
-  const std::uint64_t generation =
-      (word & ~kGenerationSwitching) + ((word & kGenerationSwitching) != 0 ? 1 : 0);
-  return generation != identity_.store_generation;
+  return store_generation_ != nullptr &&
+         store_generation_of(load(store_generation_)) != identity_.store_generation;
 }
 
 void KeyIndexHandle::replaced() {

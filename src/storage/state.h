@@ -25,10 +25,7 @@ class SharedState {
   std::uint64_t capacity() const { return load(page_->capacity_rows); }
   // The generation whose files hold the store: G, or G+1 while a truncate switches from G to
   // G+1 (the word carries kGenerationSwitching).
-  std::uint64_t generation() const {
-    const std::uint64_t word = generation_word();
-    return (word & ~kGenerationSwitching) + (word & kGenerationSwitching ? 1 : 0);
-  }
+  std::uint64_t generation() const { return store_generation_of(generation_word()); }
   // The generation word as stored, flag included.
   std::uint64_t generation_word() const { return load(page_->generation); }
   bool switching() const { return (generation_word() & kGenerationSwitching) != 0; }

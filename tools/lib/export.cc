@@ -32,12 +32,13 @@ void copy_strided(const StridedView<std::uint64_t>& view, std::vector<std::uint6
   for (std::uint64_t i = 0; i < view.size; ++i) (*out)[i] = view[i];
 }
 
-// Rows [first, first + rows) copied into `run` (Reader::read(): an export runs in a process of
-// its own, whose first pass through a mapping would pay for every page's page-table entry).
+// Rows [first, first + rows) copied into `run`, each checked against its checksum, so no damaged
+// row leaves the store unnoticed (Reader::read(): an export runs in a process of its own, whose
+// first pass through a mapping would pay for every page's page-table entry).
 const std::byte* read_run(const Reader& reader, std::uint64_t first, std::uint64_t rows,
                           std::vector<std::byte>& run) {
   run.resize(rows * reader.dim() * dtype_size(reader.dtype()));
-  reader.read(first, first + rows, run.data(), run.size());
+  reader.read(first, first + rows, run.data(), run.size(), ReadCheck::kChecksums);
   return run.data();
 }
 
@@ -88,7 +89,6 @@ void export_npy(const Reader& reader, const RowSelector& selector, const std::st
   std::vector<std::byte> run;
   std::uint64_t done = 0;
   selector.for_each_run(run_rows(reader), [&](std::uint64_t first, std::uint64_t rows) {
-    check_rows(reader, first, rows);
     const std::byte* rows_read = read_run(reader, first, rows, run);
     vectors.write(rows_read, run.size());
     copy_strided(reader.keys(first, first + rows), &buffer);
@@ -115,7 +115,6 @@ void export_hdf5(const Reader& reader, const RowSelector& selector, const std::s
   std::vector<std::byte> run;
   std::uint64_t done = 0;
   selector.for_each_run(run_rows(reader), [&](std::uint64_t first, std::uint64_t rows) {
-    check_rows(reader, first, rows);
     copy_strided(reader.keys(first, first + rows), &keys);
     copy_strided(reader.epochs(first, first + rows), &epochs);
     writer.write(done, rows, read_run(reader, first, rows, run), keys.data(), epochs.data());
@@ -138,6 +137,8 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
   fmt::format_to(std::back_inserter(line), "row,key,epoch");
   for (std::uint32_t i = 0; i < dim; ++i) fmt::format_to(std::back_inserter(line), ",v{}", i);
   line.push_back('\n');
+  const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(dtype);
+  std::vector<std::byte> run;
   std::uint64_t done = 0;
   const std::uint64_t n = selector.count();
   auto flush = [&] {
@@ -147,14 +148,13 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
     line.clear();
   };
   selector.for_each_run(run_rows(reader), [&](std::uint64_t first, std::uint64_t rows) {
-    check_rows(reader, first, rows);
-    const RowsView view = reader.rows(first, first + rows);
+    const std::byte* rows_read = read_run(reader, first, rows, run);
     const auto keys = reader.keys(first, first + rows);
     const auto epochs = reader.epochs(first, first + rows);
     for (std::uint64_t r = 0; r < rows; ++r) {
       fmt::format_to(std::back_inserter(line), "{},{},{}", first + r, keys[r], epochs[r]);
       for (std::uint32_t i = 0; i < dim; ++i) {
-        const double value = element_value(dtype, view.row(r), i);
+        const double value = element_value(dtype, rows_read + r * row_bytes, i);
         // Shortest text that reads back to the same stored value.
         if (dtype == DType::kFloat64) {
           fmt::format_to(std::back_inserter(line), ",{}", value);

@@ -105,18 +105,6 @@ void RowSelector::for_each_run(
   if (run_rows > 0) fn(run_first, run_rows);
 }
 
-void check_rows(const Reader& reader, std::uint64_t first, std::uint64_t n) {
-  const VerifyReport report = reader.verify(first, first + n);
-  // Rows only: a run over the whole snapshot also checks the key index, which exports ignore.
-  if (report.bad_row_count == 0) return;
-  const std::uint64_t bad = report.bad_rows.front();
-  throw Error(ErrorCode::kCorruption,
-              "row " + std::to_string(bad) + " (key " +
-                  std::to_string(reader.keys(bad, bad + 1)[0]) + ", epoch " +
-                  std::to_string(reader.epochs(bad, bad + 1)[0]) + ") of " + reader.path() +
-                  " fails its checksum; run embstore verify");
-}
-
 float half_to_float(std::uint16_t bits) {
   const std::uint32_t sign = (bits >> 15) & 1;
   const std::uint32_t exponent = (bits >> 10) & 0x1f;

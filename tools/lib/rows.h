@@ -54,10 +54,6 @@ class RowSelector {
   std::unordered_map<std::uint64_t, std::uint64_t> latest_row_;  // key -> row (latest only).
 };
 
-// Throws kCorruption naming the first row of [first, first + n) that fails its checksum, with
-// its key and epoch (as the index says), so no damaged row leaves the store unnoticed.
-void check_rows(const Reader& reader, std::uint64_t first, std::uint64_t n);
-
 // Element `i` of a row of `dtype` as a double (float16 and bfloat16 decoded exactly).
 double element_value(DType dtype, const std::byte* row, std::uint32_t i);
 
