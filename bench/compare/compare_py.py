@@ -49,6 +49,29 @@ def wait_for_reporting_pass(nbytes):
         time.sleep(0.002)
 
 
+def sum_words(a):
+    """The wrapping sum of the array's bytes as little-endian 64-bit words, whole words only (a
+    tail of fewer than 8 bytes is left out), as compare_native's sum_words(): rows of any width,
+    not only those that are a multiple of 8 bytes. Reads every byte once, copies nothing."""
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    words = flat[:flat.size // 8 * 8].view(np.uint64)
+    return int(words.sum(dtype=np.uint64))
+
+
+def expected_sum(pool, w):
+    """sum_words() of the payload the run appended (pool batches in turn), computed batch by batch
+    with the bytes of a word cut by a batch's end carried to the next: the scan is checked
+    against it."""
+    total, carry = 0, b""
+    for first in range(0, w.rows, w.batch):
+        n = min(w.batch, w.rows - first)
+        data = carry + pool[(first // w.batch) % len(pool)][:n].tobytes()
+        whole = len(data) // 8 * 8
+        total += int(np.frombuffer(data[:whole], dtype=np.uint64).sum(dtype=np.uint64))
+        carry = data[whole:]
+    return total % 2**64
+
+
 def disk_bytes(path):
     if os.path.isfile(path):
         return os.stat(path).st_blocks * 512
@@ -86,7 +109,7 @@ class Numpy:
         return np.array(self.mm[row])
 
     def scan(self):
-        return int(self.mm.view(np.uint64).sum()), self.mm.nbytes
+        return sum_words(self.mm), self.mm.nbytes
 
     def close_reader(self):
         del self.mm
@@ -125,7 +148,7 @@ class H5py:
 
     def scan(self):
         a = self.ds[...]
-        return int(a.view(np.uint64).sum()), a.nbytes
+        return sum_words(a), a.nbytes
 
     def close_reader(self):
         self.f.close()
@@ -171,7 +194,7 @@ class EmbstorePy:
 
     def scan(self):
         v = self.r.vectors
-        return int(v.view(np.uint64).sum()), v.nbytes
+        return sum_words(v), v.nbytes
 
     def close_reader(self):
         self.r.close()
@@ -290,8 +313,11 @@ def main():
         lat.sort()
     s.scan()
     t = time.perf_counter()
-    _, nbytes = s.scan()
+    scanned, nbytes = s.scan()
     scan_mb_s = nbytes / (time.perf_counter() - t) / 1e6
+    if nbytes != w.rows * w.dim * 4 or scanned != expected_sum(pool, w):
+        raise SystemExit(f"compare_py.py: {w.system} scan of {nbytes} bytes summed to {scanned}, "
+                         f"not {expected_sum(pool, w)} over {w.rows * w.dim * 4} bytes")
     s.close_reader()
     shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 

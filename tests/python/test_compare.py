@@ -27,6 +27,27 @@ def test_embstore_lookup_cells_filled(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("system", ["embstore-py", "numpy", "h5py"])
+def test_rows_of_any_width_are_scanned_and_checked(tmp_path, system):
+    # 25 float32 are 100 bytes a row: a row ends inside a 64-bit word of the scan's sum.
+    out = subprocess.run([sys.executable, os.path.join(_COMPARE, "compare_py.py"), "--system",
+                          system, "--dir", str(tmp_path), "--rows", "1001", "--dim", "25",
+                          "--batch", "100", "--lookups", "100"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["scan_mb_s"] > 0
+
+
+def test_a_wrong_scan_fails_the_run(compare_py, monkeypatch, tmp_path):
+    real_scan = compare_py.EmbstorePy.scan
+
+    def one_off(self):
+        total, nbytes = real_scan(self)
+        return total + 1, nbytes
+    monkeypatch.setattr(compare_py.EmbstorePy, "scan", one_off)
+    assert "scan of" in _run(compare_py, monkeypatch, tmp_path)
+
+
 @pytest.fixture
 def compare_py(monkeypatch):
     monkeypatch.syspath_prepend(_COMPARE)
