@@ -747,8 +747,9 @@ class PyReader {
     reader().find_many(k, e, o);
     return out;
   }
-  // Rows [begin, end) copied into `out` (checked: C-contiguous, writeable, the store's dtype,
-  // shape (end - begin, dim)) or a new array; Reader::read(), GIL released.
+  // Rows [begin, end) copied into `out` (checked: C-contiguous, writeable, the store's dtype or,
+  // for bfloat16, int16 too, shape (end - begin, dim)) or a new array; Reader::read(), GIL
+  // released.
   py::array read(std::uint64_t begin, std::optional<std::uint64_t> end,
                  std::optional<py::array> out) {
     auto lock = guard();
@@ -762,7 +763,10 @@ class PyReader {
     if (out) {
       dest = *out;
       const std::string where = r.path() + ": read: out ";
-      if (!dest.dtype().equal(dtype)) {
+      // bfloat16 rows are 16-bit patterns: uint16 as `vectors` shows them, or int16 as a
+      // torch.bfloat16 tensor's .view(torch.int16).numpy() does.
+      const bool bits16 = r.dtype() == DType::kBFloat16 && dest.dtype().equal(py::dtype("int16"));
+      if (!dest.dtype().equal(dtype) && !bits16) {
         invalid(where + "has dtype " +
                 py::str(static_cast<py::handle>(dest.dtype())).cast<std::string>() +
                 "; the store's rows are " +

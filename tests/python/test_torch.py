@@ -24,6 +24,44 @@ def test_bfloat16_round_trip_from_torch_is_bit_exact(store):
     np.testing.assert_array_equal(bits.view(np.float32), t.float().numpy())
 
 
+def test_read_into_a_torch_tensor_or_an_int16_array_of_a_bfloat16_store(store):
+    t = torch.randn(300, 24).to(torch.bfloat16)
+    with embstore.Writer(store, dim=24, dtype=torch.bfloat16) as w:
+        w.append(torch.arange(300), t)
+    r = embstore.Reader(store)
+    # A bfloat16 tensor, pinned where CUDA offers it (the path to a GPU), filled and returned.
+    out = torch.empty(100, 24, dtype=torch.bfloat16,
+                      pin_memory=torch.cuda.is_available())
+    assert r.read(100, 200, out=out) is out
+    assert torch.equal(out, t[100:200])
+    # int16, as tensor() views the bits, as well as uint16, as vectors shows them.
+    bits = np.zeros((300, 24), np.int16)
+    assert r.read(out=bits) is bits
+    assert torch.equal(torch.from_numpy(bits).view(torch.bfloat16), t)
+    np.testing.assert_array_equal(r.read(0, 300, out=np.zeros((300, 24), np.uint16)),
+                                  bits.view(np.uint16))
+    # What does not fit is refused, naming it, and nothing is written.
+    for bad, says in [(torch.zeros(100, 24), "out has dtype float32; the store's rows are uint16"),
+                      (torch.zeros(100, 24, dtype=torch.bfloat16, requires_grad=True),
+                       "out requires grad"),
+                      (torch.zeros(24, 100, dtype=torch.bfloat16).T, "must be C-contiguous"),
+                      (torch.zeros(99, 24, dtype=torch.bfloat16), "out has shape (99, 24)"),
+                      (np.zeros((100, 24), np.float16), "out has dtype float16")]:
+        with pytest.raises(ValueError) as info:
+            r.read(0, 100, out=bad)
+        assert says in str(info.value) and store in str(info.value)
+        assert not bad.any()
+
+
+def test_read_into_a_float32_tensor(store):
+    x = torch.randn(500, 16)
+    with embstore.Writer(store, dim=16) as w:
+        w.append(range(500), x)
+    out = torch.full((500, 16), float("nan"))
+    assert embstore.Reader(store).read(out=out) is out
+    assert torch.equal(out, x)
+
+
 def test_float32_rounding_to_bfloat16_matches_torch_on_hard_values(store):
     # Ties, values near overflow, subnormals and signed zero.
     values = torch.tensor([[1.00390625, 1.01171875, -2.0078125, 3.3895e38,

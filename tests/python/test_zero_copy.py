@@ -155,7 +155,7 @@ def test_read_copies_the_rows_the_view_shows_into_a_new_array_or_out(store):
         with pytest.raises(ValueError) as info:
             r.read(0, 1000, out=bad)
         assert says in str(info.value)
-    with pytest.raises(TypeError, match="out must be a numpy array; got list"):
+    with pytest.raises(TypeError, match="out must be a numpy array or a torch tensor; got list"):
         r.read(0, 1000, out=[[0.0] * 64] * 1000)
     frozen = np.zeros((10, 64), np.float32)
     frozen.setflags(write=False)

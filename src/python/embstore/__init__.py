@@ -744,12 +744,29 @@ class Reader(_Handle):
         touched them yet, read pieces of a few MiB into one ``out``: the kernel copies them from
         the page cache, where a first pass through the zero-copy view pays a page-table entry
         per 4 KiB page (on some VMs ~7x the copy). ``out`` has the dtype of ``vectors`` (bfloat16:
-        uint16). ValueError for a range outside the snapshot or an unfit ``out``, TypeError for
-        an ``out`` that is not a numpy array."""
+        uint16, or int16 as ``tensor()`` views it). ``out`` may also be a CPU torch tensor of the
+        store's dtype (bfloat16 as torch.bfloat16), pinned memory included, so rows go to a GPU
+        with one more copy (``out.to(device, non_blocking=True)``); it is returned. ValueError
+        for a range outside the snapshot or an unfit ``out``, TypeError for an ``out`` that is
+        neither a numpy array nor a torch tensor."""
         begin, end = self._range("read", begin, end)
-        if out is not None and not isinstance(out, np.ndarray):
-            raise TypeError(f"read: out must be a numpy array; got {type(out).__name__}")
-        return self._native.read(begin, end, out)
+        if out is None or isinstance(out, np.ndarray):
+            return self._native.read(begin, end, out)
+        if not _is_torch_tensor(out):
+            raise TypeError(f"read: out must be a numpy array or a torch tensor; got "
+                            f"{type(out).__name__}")
+        if out.device.type != "cpu":
+            raise ValueError(f"{self.path}: read: out is on {out.device}; rows are copied into "
+                             "CPU memory (pinned or not), then to the device with out.to()")
+        if out.requires_grad:
+            raise ValueError(f"{self.path}: read: out requires grad; autograd would not see the "
+                             "copy (pass a tensor that does not, or out.detach())")
+        if str(out.dtype) == "torch.bfloat16":
+            import torch
+            self._native.read(begin, end, out.view(torch.int16).numpy())  # The same memory.
+        else:
+            self._native.read(begin, end, out.numpy())  # Its dtype and shape checked there.
+        return out
 
     def record(self, row: int) -> "Record":
         """Row ``row`` after checking its checksum: a Record (row, key, epoch, vector), vector
