@@ -8,7 +8,7 @@ Both sides get the same keys (random u64 keys, rows spread round-robin over the 
 epochs). Lookups: the first find after open (builds the per-shard key tables while Reader has no
 key index) and warm find / find_many of 4,096 ids. Scan: sum of every vector (float32, warm
 page cache) on a LocalCluster of 2 worker processes (1 thread each) vs numpy over one Reader's
-zero-copy view in this process. Prints a Markdown table.
+zero-copy view in this process, min / median / max over the runs. Prints a Markdown table.
 """
 import argparse
 import os
@@ -92,8 +92,8 @@ def main():
         import distributed
         reader = embstore.Reader(os.path.join(root, "merged"))
         want = reader.vectors.sum(axis=0, dtype=np.float64)
-        one = min(_timed(lambda: reader.vectors.sum(axis=0, dtype=np.float64))
-                  for _ in range(args.repeat))
+        one = [_timed(lambda: reader.vectors.sum(axis=0, dtype=np.float64))
+               for _ in range(args.repeat)]
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                       dashboard_address=None, host="127.0.0.1") as cluster, \
                 distributed.Client(cluster):
@@ -105,13 +105,18 @@ def main():
                 np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
             scan_once(0)  # warms the workers (imports) and checks the result
-            scan = min(_timed(lambda: scan_once(run)) for run in range(1, args.repeat + 1))
-        print("\n| scan (sum of every vector, warm) | MB/s |")
-        print("|---|---:|")
-        print(f"| one Reader, numpy over the zero-copy view (1 thread) | {mb / one:,.0f} |")
-        print(f"| embstore.dask over 4 shards, LocalCluster 2 processes x 1 thread "
-              f"| {mb / scan:,.0f} |")
+            scans = [_timed(lambda: scan_once(run)) for run in range(1, args.repeat + 1)]
 
+        def spread(seconds):
+            rates = sorted(mb / t for t in seconds)
+            return f"{rates[0]:,.0f} / {rates[len(rates) // 2]:,.0f} / {rates[-1]:,.0f}"
+
+        print(f"\n| scan (sum of every vector, warm page cache), {args.repeat} runs each "
+              "| MB/s min / median / max |")
+        print("|---|---|")
+        print(f"| one Reader, numpy over the zero-copy view (1 thread) | {spread(one)} |")
+        print(f"| embstore.dask over 4 shards, LocalCluster 2 processes x 1 thread "
+              f"| {spread(scans)} |")
 
 if __name__ == "__main__":
     main()
