@@ -392,15 +392,30 @@ void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t o
 
 std::vector<Record> Reader::lookup(std::uint64_t key, std::optional<std::uint64_t> epoch,
                                    bool all_versions) const {
-  std::vector<Record> out;
-  if (all_versions) {
-    for (const KeyVersion& v : history(key)) {
-      if (!epoch || v.epoch == *epoch) out.push_back(record(v.row));
+  // find() answers from a key index slot alone (one load from memory), so a damaged slot can
+  // name another key's row. The records read here carry each row's own key and epoch, which
+  // catches that at no cost: the index is then left unused, as when a lookup finds it damaged
+  // (a writer rebuilds it), and the scan of the offset index answers instead.
+  auto answer = [&] {
+    std::vector<Record> out;
+    if (all_versions) {
+      for (const KeyVersion& v : history(key)) {
+        if (!epoch || v.epoch == *epoch) out.push_back(record(v.row));
+      }
+    } else if (const auto row = epoch ? find(key, *epoch) : find(key)) {
+      out.push_back(record(*row));
     }
     return out;
+  };
+  std::vector<Record> out = answer();
+  for (const Record& r : out) {
+    if (r.key == key && (!epoch || r.epoch == *epoch)) continue;
+    impl_->keys().mark_damaged("a lookup of key " + std::to_string(key) +
+                               (epoch ? " epoch " + std::to_string(*epoch) : std::string()) +
+                               " was answered with row " + std::to_string(r.row) + " (key " +
+                               std::to_string(r.key) + ", epoch " + std::to_string(r.epoch) + ")");
+    return answer();
   }
-  const std::optional<std::uint64_t> row = epoch ? find(key, *epoch) : find(key);
-  if (row) out.push_back(record(*row));
   return out;
 }
 

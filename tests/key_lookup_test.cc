@@ -607,6 +607,47 @@ TEST_CASE("verify() reports a damaged key index body and rebuild_key_index() rep
   check_lookups(r, {0, 1, 59}, {0, 5, 9});
 }
 
+TEST_CASE("A key index slot naming another key's row: lookup() scans and never returns that row",
+          "[key_lookup][corruption]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = Writer::create(path, options());
+  append_cycling(w, 600, 60, 60);  // Key k at epoch e is row 60 e + k.
+  w.close();
+  // Point the pair slot of (key 3, epoch 2), row 123, at row 121 (key 1, epoch 2): the slot's
+  // key and epoch still match, only its row is wrong.
+  const std::string file = path + "/keys.1";
+  const std::string bytes = test::read_file(file);
+  std::uint64_t pair_slots = 0;
+  std::memcpy(&pair_slots, bytes.data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
+  bool damaged = false;
+  for (std::uint64_t i = 0; i < pair_slots && !damaged; ++i) {
+    std::uint64_t slot[2];
+    std::memcpy(slot, bytes.data() + detail::kKeyIndexTablesOffset + 16 * i, 16);
+    if (slot[0] != 3 || (slot[1] & detail::kSlotRowMask) != 124) continue;
+    slot[1] = (slot[1] & ~detail::kSlotRowMask) | 122;
+    test::write_bytes(file, detail::kKeyIndexTablesOffset + 16 * i + 8,
+                      std::string(reinterpret_cast<const char*>(&slot[1]), 8));
+    damaged = true;
+  }
+  REQUIRE(damaged);
+  Reader r = Reader::open(path);
+  CHECK(r.find(3, 2) == std::optional<std::uint64_t>(121));  // The slot alone, as documented.
+  const std::vector<Record> got = r.lookup(3, 2, false);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].row == 123);
+  CHECK(got[0].key == 3);
+  CHECK(got[0].epoch == 2);
+  // The index is left unused from then on: lookups scan, and info() says why.
+  CHECK(r.find(3, 2) == std::optional<std::uint64_t>(123));
+  const std::string status = r.info(InfoDetail::kFull).key_index;
+  CHECK(status.find("damaged (a lookup of key 3 epoch 2 was answered with row 121 (key 1, "
+                    "epoch 2))") != std::string::npos);
+  CHECK(r.lookup(1, 2, false).at(0).row == 121);
+  Reader latest = Reader::open(path);
+  CHECK(latest.lookup(3, std::nullopt, true).size() == 10);
+}
+
 namespace {
 
 // Waits (up to a minute) until a fresh snapshot of `path` holds `rows` rows.

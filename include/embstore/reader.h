@@ -134,6 +134,9 @@ class Reader {
   // any writer opened it, a damaged index file, or after a reboot before a writer recovered the
   // store) are answered by a scan of the offset index: same answers, slower; info().key_index
   // says which. Rows are the index of rows()/record(); check them with record().
+  // find(key, epoch) answers from the index's slot alone (one load from memory): a slot damaged
+  // in this boot (verify() finds it) can name another key's row. lookup() confirms the key and
+  // epoch of every row it returns, and on a mismatch stops using the index and scans.
   std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
   // The latest row of `key` (the highest row number).
   std::optional<std::uint64_t> find(std::uint64_t key) const;
@@ -167,9 +170,11 @@ class Reader {
   // store's dtype); a row of -1 (missing, as from find_many) becomes a row of zeros.
   // kInvalidArgument if out_bytes != rows.size() * row_bytes or a row is outside the snapshot.
   void gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes) const;
-  // The rows a `get` of `key` shows, checksum-checked: the one at `epoch`, or the latest (no
-  // epoch), or every version (all_versions). Empty when there is none. kCorruption if one fails
-  // its checksum.
+  // The rows a `get` of `key` shows, checksum-checked and confirmed to be of `key` (and
+  // `epoch`): the one at `epoch`, or the latest (no epoch), or every version (all_versions).
+  // Empty when there is none. kCorruption if one fails its checksum. A key index that named
+  // another key's row is marked damaged (info().key_index says so) and the answer comes from a
+  // scan.
   std::vector<Record> lookup(std::uint64_t key, std::optional<std::uint64_t> epoch,
                              bool all_versions) const;
 

@@ -721,17 +721,20 @@ class PyReader {
     const auto row = epoch ? reader().find(key, *epoch) : reader().find(key);
     return row ? static_cast<std::int64_t>(*row) : -1;
   }
-  // The zero-copy row of find(key, epoch), or KeyError.
+  // The zero-copy row of (key, epoch) as Reader::lookup() finds it (its key and epoch
+  // confirmed, its checksum checked), or KeyError.
   py::array get(std::uint64_t key, std::optional<std::uint64_t> epoch) {
-    const std::int64_t row = find(key, epoch);
-    if (row < 0) {
+    auto lock = guard();
+    const std::vector<Record> found = reader().lookup(key, epoch, false);
+    if (found.empty()) {
       throw py::key_error("key " + std::to_string(key) +
                           (epoch ? " at epoch " + std::to_string(*epoch) : std::string()) +
                           " is not in " + path_ + " (snapshot of " +
                           std::to_string(reader().size()) + " rows)");
     }
-    py::array rows = vectors(row, row + 1);
-    return rows[py::int_(0)];
+    const DType dtype = reader().dtype();
+    return make_view(mapping_, numpy_dtype(dtype), {static_cast<py::ssize_t>(reader().dim())},
+                     {static_cast<py::ssize_t>(dtype_size(dtype))}, found[0].data);
   }
   py::array find_many(
       py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast> keys,
