@@ -100,3 +100,60 @@ def test_tail_follow_on_a_missing_store_fails_at_once(tmp_path):
     r = subprocess.run([CLI, "tail", "-f", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=10)
     assert r.returncode == 12 and str(tmp_path / "nope") in r.stderr
+
+
+def row_reader(proc):
+    """next_row() of `proc`'s JSON lines: a failure after `timeout` seconds, not a hang; and
+    rest(), the lines left once it has ended."""
+    import queue
+    import threading
+    lines = queue.Queue()
+    pump = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    pump.start()
+
+    def next_row(timeout=30):
+        try:
+            return json.loads(lines.get(timeout=timeout))
+        except queue.Empty:
+            pytest.fail(f"no row from tail -f within {timeout} s")
+
+    def rest():
+        pump.join(timeout=10)
+        return [lines.get() for _ in range(lines.qsize())]
+    return next_row, rest
+
+
+TRUNCATE = """
+import sys, embstore
+with embstore.Writer(sys.argv[1]) as w:
+    w.truncate(rows=int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("appended", [1, 6])
+def test_tail_follow_after_another_process_truncates_prints_the_new_rows_and_says_so(
+        tmp_path, appended):
+    # make_store's 30 rows; tail prints row 29, then rows 30..34 appended. A truncate to 32 rows
+    # drops rows 32..34, which were printed; the rows appended after it are rows 32, 33, ...,
+    # even fewer than were dropped (1): each is printed under its own row number.
+    store = make_store(tmp_path / "s")
+    proc = start_follow(store)
+    next_row, rest = row_reader(proc)
+    try:
+        append_from_another_process(store, 1000, 5, 7)
+        assert [next_row()["row"] for _ in range(5)] == list(range(30, 35))
+        subprocess.run([sys.executable, "-c", TRUNCATE, store, "32"], check=True, timeout=60)
+        append_from_another_process(store, 2000, appended, 8)
+        seen = [next_row() for _ in range(appended)]
+        assert [r["row"] for r in seen] == list(range(32, 32 + appended))
+        assert [r["key"] for r in seen] == list(range(2000, 2000 + appended))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert rest() == []
+        assert proc.stderr.read() == (f"embstore tail: {store} was truncated: rows [32, 35) "
+                                      "printed above are no longer in it; following from row 32\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+

@@ -4,9 +4,11 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstring>
 #include <memory>
 
 #include "cli.h"
@@ -73,6 +75,25 @@ bool flush_stdout() {
               errno);
 }
 
+// Row `row` as `old` and `now` show it is the same row: key, epoch and bytes.
+bool same_row(const Reader& old, const Reader& now, std::uint64_t row) {
+  const Record a = old.record(row);
+  const Record b = now.record(row);
+  return a.key == b.key && a.epoch == b.epoch &&
+         std::memcmp(a.data, b.data, old.dim() * dtype_size(old.dtype())) == 0;
+}
+
+// After a truncate, where following goes on: the first of the rows [0, printed) that `old` (the
+// snapshot they were printed from) showed and `now` (the store after the truncate) no longer
+// holds. A truncate keeps a prefix and later appends go after it, so the rows dropped are the
+// last ones printed: look back from the end while they differ (only as far as was dropped). A
+// new row equal to the old one in key, epoch and bytes counts as kept: what was printed holds.
+std::uint64_t first_row_dropped(const Reader& old, const Reader& now, std::uint64_t printed) {
+  std::uint64_t row = std::min(printed, now.size());
+  while (row > 0 && !same_row(old, now, row - 1)) --row;
+  return row;
+}
+
 int run_rows(const RowArgs& args, bool tail) {
   Reader reader = Reader::open(args.store);
   if (args.follow) {
@@ -93,9 +114,31 @@ int run_rows(const RowArgs& args, bool tail) {
   if (!flush_stdout()) return kExitOk;
   if (!args.follow) return kExitOk;
   std::uint64_t next = size;
+  // `reader` keeps the snapshot the rows were printed from; `latest` waits for new ones. When
+  // another process truncates the store (a new generation), the rows printed that the truncate
+  // dropped are said so on stderr, and following goes on from the first of them: the rows
+  // appended after the truncate are printed under their row numbers.
+  Reader latest = Reader::open(args.store);
+  std::uint64_t generation = reader.info(InfoDetail::kState).generation;
   while (!g_stop) {
     if (stdout_closed()) break;
-    if (!reader.wait(next + 1, kFollowCheck)) continue;
+    const bool more = latest.wait(next + 1, kFollowCheck);
+    const std::uint64_t now_generation = latest.info(InfoDetail::kState).generation;
+    if (now_generation != generation) {
+      latest.refresh();  // A snapshot of that generation at least (the wait may predate it).
+      const std::uint64_t kept = first_row_dropped(reader, latest, next);
+      if (kept < next) {
+        fmt::print(stderr,
+                   "embstore tail: {} was truncated: rows [{}, {}) printed above are no longer "
+                   "in it; following from row {}\n",
+                   args.store, kept, next, kept);
+      }
+      next = std::min(next, kept);
+      generation = now_generation;
+    } else if (!more) {
+      continue;
+    }
+    reader.refresh();
     const std::uint64_t now = reader.size();
     for (; next < now && !g_stop; ++next) printer.print(next);
     if (!flush_stdout()) break;
