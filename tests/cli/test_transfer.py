@@ -4,6 +4,7 @@ the same rows, keys and epochs, compaction, kill -9 during compact, and bad inpu
 import json
 import os
 import signal
+import struct
 import subprocess
 import time
 
@@ -22,6 +23,19 @@ NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1", "
 def store_arrays(path):
     r = embstore.Reader(path)
     return np.array(r.vectors), np.array(r.keys), np.array(r.epochs)
+
+
+def one_line(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def write_npy(path, header, data=b""):
+    """A .npy file (format 1.0) with `header` as written, however hostile, and `data` after it."""
+    h = header.encode()
+    h += b" " * ((64 - (10 + len(h) + 1) % 64) % 64) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h + data)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -289,3 +303,14 @@ def test_python_and_cli_read_each_others_exports(store, tmp_path):
     for copy in ("py_copy", "cli_copy"):
         for a, b in zip(store_arrays(store), store_arrays(tmp_path / copy)):
             assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_import_names_the_file_and_value_of_an_unparsable_npy_dtype(tmp_path):
+    data = np.arange(16, dtype=np.float32).tobytes()
+    write_npy(tmp_path / "bad.npy", "{'descr': '<fx', 'fortran_order': False, 'shape': (2, 8), }",
+              data)
+    r = run("import", tmp_path / "new", tmp_path / "bad.npy")
+    assert r.code == 2, r
+    assert one_line(r.err) == (f"embstore import: {tmp_path / 'bad.npy'} is not a .npy file "
+                               "embstore can read: unsupported dtype '<fx'")
+    assert not os.path.exists(tmp_path / "new")

@@ -4,7 +4,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cstring>
 
 #include "embstore/error.h"
@@ -26,15 +28,20 @@ std::string shape_text(const std::vector<std::uint64_t>& shape) {
   return text + ")";
 }
 
-std::uint64_t element_bytes(const std::string& descr, const std::string& what) {
-  if (descr.size() < 3) {
-    throw Error(ErrorCode::kInvalidArgument, what + ": unsupported .npy dtype '" + descr + "'");
-  }
-  return std::stoull(descr.substr(2));
-}
-
 [[noreturn]] void bad_header(const std::string& path, const std::string& why) {
   throw Error(ErrorCode::kInvalidArgument, path + " is not a .npy file embstore can read: " + why);
+}
+
+// The element size of a descr such as "<f4": the digits after the byte order and kind (trailing
+// text such as "[ns]" is left to the dtype check, which names the type).
+std::uint64_t element_bytes(const std::string& descr, const std::string& path) {
+  std::uint64_t bytes = 0;
+  const char* digits = descr.data() + std::min<std::size_t>(2, descr.size());
+  const auto [end, ec] = std::from_chars(digits, descr.data() + descr.size(), bytes);
+  if (descr.size() < 3 || ec != std::errc()) {
+    bad_header(path, "unsupported dtype '" + descr + "'");
+  }
+  return bytes;
 }
 
 }  // namespace
