@@ -13,10 +13,11 @@ namespace embstore {
 inline constexpr std::uint64_t kDefaultSegmentBytes = 64ull << 20;  // 64 MiB
 inline constexpr std::uint64_t kMaxMetadataBytes = 64ull << 10;     // 64 KiB
 inline constexpr std::uint64_t kDefaultMapBytes = 1ull << 40;       // 1 TiB of address space
+inline constexpr std::uint32_t kMaxDim = 1u << 24;                  // Elements per row
 
 // Fixed at creation, stored in the header, never changed afterwards.
 struct CreateOptions {
-  std::uint32_t dim = 0;          // Elements per row; 1 .. 2^24.
+  std::uint32_t dim = 0;          // Elements per row; 1 .. kMaxDim.
   DType dtype = DType::kFloat32;  // Element type of every row.
   // The growth step: the data and index files together double from 64 KiB up to this many bytes,
   // then grow by about this much at a time (posix_fallocate'd before first touch; FORMAT.md

@@ -20,7 +20,7 @@ namespace embstore::detail {
 static_assert(std::endian::native == std::endian::little, "embstore needs a little-endian host");
 
 inline constexpr char kMagic[8] = {'E', 'M', 'B', 'S', 'T', 'O', 'R', 'E'};
-// The public version.h and options.h own these; the header fields are 16-bit.
+// The public version.h and options.h own these (and kMaxDim); the header fields are 16-bit.
 inline constexpr std::uint16_t kFormatMajor = kFormatVersionMajor;
 inline constexpr std::uint16_t kFormatMinor = kFormatVersionMinor;
 
@@ -32,7 +32,6 @@ inline constexpr std::uint64_t kHeaderCopyOffset = 2048;
 // Bytes of the header file a reader reads: both copies of the largest metadata.
 inline constexpr std::uint64_t kMaxHeaderReadBytes = kMetadataOffset + 2 * kMaxMetadataBytes;
 inline constexpr std::uint32_t kIndexEntryBytes = 32;
-inline constexpr std::uint32_t kMaxDim = 1u << 24;
 inline constexpr std::uint64_t kMaxSegmentBytes = 1ull << 40;
 // Largest row count any store may claim; bounds the index reservation and every multiplication.
 inline constexpr std::uint64_t kMaxRows = 1ull << 40;

@@ -305,6 +305,32 @@ def test_python_and_cli_read_each_others_exports(store, tmp_path):
             assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
+def test_import_refuses_an_npy_whose_shape_is_negative_or_overflows(tmp_path):
+    data = np.arange(16, dtype=np.float32).tobytes()
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }"
+    write_npy(tmp_path / "ovf.npy", header % "(2, 4611686018427387912)", data)
+    write_npy(tmp_path / "wide.npy", header % "(0, 4294967304)")
+    write_npy(tmp_path / "neg.npy", header % "(-1, 8)", data)
+    store = make_store(tmp_path / "s", dim=8, dtype="float32")
+    before = hash_tree(store)
+    cases = [
+        ("ovf.npy", "ovf.npy is not a .npy file embstore can read: "
+                    "shape (2, 4611686018427387912) of '<f4' elements is too large"),
+        ("wide.npy", "wide.npy has 4294967304 columns; a store's dim is 1..16777216"),
+        ("neg.npy", "neg.npy is not a .npy file embstore can read: "
+                    "negative extent in shape (-1, 8)"),
+    ]
+    for name, message in cases:
+        # Into a new store and into an existing one of dim 8, the dim the sizes wrapped to.
+        for target in (tmp_path / "new", store):
+            r = run("import", target, tmp_path / name)
+            assert r.code == 2, (name, target, r)
+            assert message in one_line(r.err), (name, target, r)
+        assert not os.path.exists(tmp_path / "new")
+        assert not [p for p in os.listdir(tmp_path) if ".partial-" in p], name
+    assert hash_tree(store) == before
+
+
 def test_import_names_the_file_and_value_of_an_unparsable_npy_dtype(tmp_path):
     data = np.arange(16, dtype=np.float32).tobytes()
     write_npy(tmp_path / "bad.npy", "{'descr': '<fx', 'fortran_order': False, 'shape': (2, 8), }",

@@ -217,6 +217,11 @@ ImportResult import_rows(const std::string& store, const std::string& source,
                     "uint16 with --dtype bfloat16, int8, uint8, float64)");
   }
   const std::uint64_t n = vectors->rows();
+  if (vectors->columns() == 0 || vectors->columns() > kMaxDim) {
+    throw Error(ErrorCode::kInvalidArgument,
+                vectors->name() + " has " + std::to_string(vectors->columns()) +
+                    " columns; a store's dim is 1.." + std::to_string(kMaxDim));
+  }
   const auto dim = static_cast<std::uint32_t>(vectors->columns());
   for (const auto* column : {keys.get(), epochs.get()}) {
     if (column != nullptr && column->rows() != n) {

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstring>
+#include <limits>
 
 #include "embstore/error.h"
 
@@ -194,21 +195,30 @@ NpyReader::NpyReader(const std::string& path) : path_(path) {
   while (i < shape.size()) {
     while (i < shape.size() && (shape[i] == ' ' || shape[i] == ',')) ++i;
     if (i >= shape.size()) break;
-    std::size_t used = 0;
-    try {
-      shape_.push_back(std::stoull(shape.substr(i), &used));
-    } catch (const std::exception&) {
-      bad_header(path, "bad shape (" + shape + ")");
-    }
-    i += used;
+    // from_chars, unlike stoull, takes no sign: "-1" must not wrap to 2^64 - 1.
+    std::uint64_t extent = 0;
+    const auto [end, ec] = std::from_chars(shape.data() + i, shape.data() + shape.size(), extent);
+    if (shape[i] == '-') bad_header(path, "negative extent in shape (" + shape + ")");
+    if (ec != std::errc()) bad_header(path, "bad shape (" + shape + ")");
+    shape_.push_back(extent);
+    i = static_cast<std::size_t>(end - shape.data());
   }
   if (descr_.size() >= 1 && descr_[0] == '>') bad_header(path, "big-endian data");
+  // A hostile shape must not wrap the sizes around to ones the file happens to satisfy.
   std::uint64_t row_bytes = element_bytes(descr_, path);
-  for (std::size_t d = 1; d < shape_.size(); ++d) row_bytes *= shape_[d];
+  std::uint64_t data_bytes = 0;
+  bool overflow = false;
+  for (std::size_t d = 1; d < shape_.size(); ++d) {
+    overflow |= __builtin_mul_overflow(row_bytes, shape_[d], &row_bytes);
+  }
+  overflow |= __builtin_mul_overflow(rows(), row_bytes, &data_bytes);
+  if (overflow || data_bytes > std::numeric_limits<std::uint64_t>::max() - data_offset_) {
+    bad_header(path, "shape (" + shape + ") of '" + descr_ + "' elements is too large");
+  }
   row_bytes_ = row_bytes;
   struct stat st;
   if (::fstat(fd_, &st) != 0 ||
-      static_cast<std::uint64_t>(st.st_size) < data_offset_ + rows() * row_bytes_) {
+      static_cast<std::uint64_t>(st.st_size) < data_offset_ + data_bytes) {
     bad_header(path, "the file is shorter than its shape says");
   }
 }
