@@ -305,6 +305,36 @@ def test_python_and_cli_read_each_others_exports(store, tmp_path):
             assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
+def test_hdf5_keys_and_epochs_must_be_integers_and_never_negative(tmp_path):
+    h5 = tmp_path / "d.h5"
+    with h5py.File(h5, "w") as f:
+        f["vectors"] = np.ones((4, 4), np.float32)
+        f["keys"] = np.array([5, -1, -7, 9], np.int64)
+        f["epochs"] = np.array([1.9, 2.5, -3.0, 1e30], np.float64)
+        f["signed_keys"] = np.array([5, 1, 7, 9], np.int32)
+        f["small_epochs"] = np.array([1, 2, 3, 255], np.uint8)
+    store = make_store(tmp_path / "s", dim=4, dtype="float32")
+    before = hash_tree(store)
+    cases = [
+        ([store, h5], f"{h5}:/keys holds a negative value at position 1"),
+        ([store, h5, "--keys", f"{h5}:/signed_keys"],
+         f"{h5}:/epochs holds float64 elements; keys and epochs must be integers"),
+        ([tmp_path / "new", h5, "--keys", f"{h5}:/signed_keys"], f"{h5}:/epochs holds float64"),
+    ]
+    for args, message in cases:
+        r = run("import", *args)
+        assert r.code == 2, (args, r)
+        assert message in one_line(r.err), (args, r)
+    assert hash_tree(store) == before
+    assert not os.path.exists(tmp_path / "new")
+    # Signed and narrow integers that hold no negative value are taken as they are.
+    r = run("import", tmp_path / "new", h5, "--keys", f"{h5}:/signed_keys", "--epochs",
+            f"{h5}:/small_epochs")
+    assert r.code == 0, r
+    _, k, e = store_arrays(tmp_path / "new")
+    assert list(k) == [5, 1, 7, 9] and list(e) == [1, 2, 3, 255]
+
+
 def test_import_refuses_an_npy_whose_shape_is_negative_or_overflows(tmp_path):
     data = np.arange(16, dtype=np.float32).tobytes()
     header = "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }"

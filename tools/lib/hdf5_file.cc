@@ -106,6 +106,39 @@ void write_string_attribute(hid_t object, const char* name, const std::string& v
   if (H5Awrite(attr.get(), type.get(), &text) < 0) fail(path, std::string("attribute ") + name);
 }
 
+// Reads rows [first, first + n) of a 1-D or 2-D dataset into `out` as `memory_type`.
+void read_hyperslab(hid_t dataset, const std::string& name, int rank, hsize_t columns,
+                    std::uint64_t first, std::uint64_t n, void* out, hid_t memory_type) {
+  if (n == 0) return;
+  Id file_space = checked(H5Dget_space(dataset), H5Sclose, name, "dataspace");
+  const hsize_t start[2] = {first, 0};
+  const hsize_t count[2] = {n, columns};
+  H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
+  Id memory_space = checked(H5Screate_simple(rank, count, nullptr), H5Sclose, name, "dataspace");
+  if (H5Dread(dataset, memory_type, memory_space.get(), file_space.get(), H5P_DEFAULT, out) < 0) {
+    throw Error(ErrorCode::kIO, "cannot read rows of " + name);
+  }
+}
+
+// An HDF5 element type as numpy would name it, for messages.
+std::string element_type_name(H5T_class_t type_class, std::size_t size, bool is_signed) {
+  const std::string bits = std::to_string(8 * size);
+  switch (type_class) {
+    case H5T_INTEGER:
+      return (is_signed ? "int" : "uint") + bits;
+    case H5T_FLOAT:
+      return "float" + bits;
+    case H5T_STRING:
+      return "string";
+    case H5T_ENUM:
+      return "enum";
+    case H5T_COMPOUND:
+      return "compound";
+    default:
+      return "non-numeric";
+  }
+}
+
 }  // namespace
 
 struct Hdf5Writer::Handles {
@@ -214,6 +247,9 @@ Hdf5Dataset::Hdf5Dataset(const std::string& path, const std::string& dataset)
   Id type = checked(H5Dget_type(h_->dataset.get()), H5Tclose, path, "type");
   const H5T_class_t type_class = H5Tget_class(type.get());
   const std::size_t size = H5Tget_size(type.get());
+  signed_ = type_class == H5T_INTEGER && H5Tget_sign(type.get()) != H5T_SGN_NONE;
+  integer_ = type_class == H5T_INTEGER && size <= 8;
+  type_name_ = element_type_name(type_class, size, signed_);
   if (type_class == H5T_FLOAT) {
     if (size == 4) dtype_ = DType::kFloat32;
     if (size == 8) dtype_ = DType::kFloat64;
@@ -256,18 +292,29 @@ std::optional<std::string> Hdf5Dataset::root_attribute(const std::string& name) 
   return std::string(buffer.data());
 }
 
-void Hdf5Dataset::read_rows(std::uint64_t first, std::uint64_t n, void* out, bool as_uint64) const {
-  if (n == 0) return;
-  Id memory_type_id =
-      as_uint64 ? Id(H5Tcopy(H5T_NATIVE_UINT64), H5Tclose) : memory_type(dtype_.value());
-  Id file_space = checked(H5Dget_space(h_->dataset.get()), H5Sclose, name_, "dataspace");
-  const hsize_t start[2] = {first, 0};
-  const hsize_t count[2] = {n, columns_};
-  H5Sselect_hyperslab(file_space.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
-  Id memory_space = checked(H5Screate_simple(rank_, count, nullptr), H5Sclose, name_, "dataspace");
-  if (H5Dread(h_->dataset.get(), memory_type_id.get(), memory_space.get(), file_space.get(),
-              H5P_DEFAULT, out) < 0) {
-    throw Error(ErrorCode::kIO, "cannot read rows of " + name_);
+void Hdf5Dataset::read_rows(std::uint64_t first, std::uint64_t n, void* out) const {
+  read_hyperslab(h_->dataset.get(), name_, rank_, columns_, first, n, out,
+                 memory_type(dtype_.value()).get());
+}
+
+void Hdf5Dataset::read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const {
+  // HDF5 would convert any number to uint64, clamping negatives to 0 and truncating fractions:
+  // a key or epoch would change without a word.
+  if (!integer_) {
+    throw Error(ErrorCode::kInvalidArgument,
+                name_ + " holds " + type_name_ + " elements; keys and epochs must be integers");
+  }
+  if (!signed_) {
+    read_hyperslab(h_->dataset.get(), name_, rank_, columns_, first, n, out, H5T_NATIVE_UINT64);
+    return;
+  }
+  auto* values = reinterpret_cast<std::int64_t*>(out);
+  read_hyperslab(h_->dataset.get(), name_, rank_, columns_, first, n, values, H5T_NATIVE_INT64);
+  for (std::uint64_t i = 0; i < n; ++i) {
+    if (values[i] < 0) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  name_ + " holds a negative value at position " + std::to_string(first + i));
+    }
   }
 }
 

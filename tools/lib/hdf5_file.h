@@ -63,8 +63,11 @@ class Hdf5Dataset {
   std::optional<DType> dtype() const { return dtype_; }
   // A root attribute of the file as text, if present (metadata, dtype, store_id).
   std::optional<std::string> root_attribute(const std::string& name) const;
-  // Reads rows [first, first + n) as `as` (uint64 when as_uint64, else the element dtype()).
-  void read_rows(std::uint64_t first, std::uint64_t n, void* out, bool as_uint64) const;
+  // Reads rows [first, first + n) as the element dtype().
+  void read_rows(std::uint64_t first, std::uint64_t n, void* out) const;
+  // Reads elements [first, first + n) of an integer dataset as uint64. kInvalidArgument naming
+  // the dataset for any other element type, or naming the position of a negative value.
+  void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const;
 
   const std::string& name() const { return name_; }
 
@@ -76,6 +79,9 @@ class Hdf5Dataset {
   std::uint64_t rows_ = 0;
   std::uint64_t columns_ = 1;
   std::optional<DType> dtype_;
+  std::string type_name_;  // The file's element type, for messages ("float64", "int32", ...).
+  bool integer_ = false;   // Integers of at most 64 bits.
+  bool signed_ = false;
 };
 
 // True when `path` starts with the HDF5 signature.

@@ -111,13 +111,13 @@ class Hdf5Source : public ArraySource {
     return dataset_.dtype();
   }
   void read_rows(std::uint64_t first, std::uint64_t n, void* out) const override {
-    dataset_.read_rows(first, n, out, false);
+    dataset_.read_rows(first, n, out);
   }
   void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const override {
     if (rank() != 1) {
       throw Error(ErrorCode::kInvalidArgument, name() + " must be a 1-D integer dataset");
     }
-    dataset_.read_rows(first, n, out, true);
+    dataset_.read_uint64(first, n, out);
   }
   const Hdf5Dataset& dataset() const { return dataset_; }
 
