@@ -3,6 +3,7 @@ the same rows, keys and epochs, compaction, kill -9 during compact, and bad inpu
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -303,6 +304,52 @@ def test_python_and_cli_read_each_others_exports(store, tmp_path):
     for copy in ("py_copy", "cli_copy"):
         for a, b in zip(store_arrays(store), store_arrays(tmp_path / copy)):
             assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_import_refused_for_a_negative_key_or_epoch_stores_nothing_in_an_existing_store(tmp_path):
+    # Two batches of rows (4 MiB each): the bad value is in the second, after the first was read.
+    store = make_store(tmp_path / "s", dim=256, dtype="float32")
+    before = store_arrays(store)
+    n = 4100
+    np.save(tmp_path / "v.npy", np.ones((n, 256), np.float32))
+    good = np.arange(n, dtype=np.int64)
+    bad = good.copy()
+    bad[-1] = -5
+    np.save(tmp_path / "good.npy", good)
+    np.save(tmp_path / "bad.npy", bad)
+    for column in ("--keys", "--epochs"):
+        other = "--epochs" if column == "--keys" else "--keys"
+        r = run("import", store, tmp_path / "v.npy", column, tmp_path / "bad.npy",
+                other, tmp_path / "good.npy", "--quiet")
+        assert r.code == 2, (column, r)
+        assert f"bad.npy holds a negative value at position {n - 1}" in one_line(r.err), column
+        after = store_arrays(store)
+        assert len(after[0]) == 30, column
+        assert all(np.array_equal(a, b) for a, b in zip(before, after)), column
+
+
+def test_import_failing_part_way_into_an_existing_store_says_which_rows_it_committed(tmp_path):
+    # The writer may reserve 8 MiB of address space: batches of 4096 rows of 1 KiB fit, then the
+    # store is full (18) with the 10,000 rows half imported.
+    store = make_store(tmp_path / "s", dim=256, dtype="float32")
+    vectors = np.random.default_rng(4).standard_normal((10000, 256)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    np.save(tmp_path / "k.npy", np.arange(1000, 11000, dtype=np.uint64))
+    env = dict(os.environ, EMBSTORE_MAP_BYTES=str(8 << 20))
+    r = run("import", store, tmp_path / "v.npy", "--keys", tmp_path / "k.npy", "--epoch", 5,
+            "--quiet", env=env)
+    assert r.code == 18, r
+    line = one_line(r.err)
+    found = re.search(r"; (\d+) of 10000 rows were imported into (.+) before this "
+                      r"\(rows 30\.\.(\d+)\) and stay there$", line)
+    assert found and found.group(2) == str(store), line
+    imported, end = int(found.group(1)), int(found.group(3))
+    assert 0 < imported < 10000 and end == 30 + imported
+    # What the message says is what the store holds.
+    v, k, e = store_arrays(store)
+    assert len(v) == end
+    assert np.array_equal(v[30:], vectors[:imported])
+    assert np.array_equal(k[30:], np.arange(1000, 1000 + imported)) and (e[30:] == 5).all()
 
 
 def test_hdf5_keys_and_epochs_must_be_integers_and_never_negative(tmp_path):

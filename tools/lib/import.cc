@@ -157,6 +157,18 @@ SourceFacts read_sidecar(const std::string& path) {
   return facts;
 }
 
+// Rethrows the exception being handled with `note` added to its message: into an existing
+// store, the batches appended before a failure stay committed, and the user must learn which.
+[[noreturn]] void rethrow_with_note(const std::string& note) {
+  try {
+    throw;
+  } catch (const Error& e) {
+    throw Error(e.code(), e.what() + note, e.sys_errno());
+  } catch (const std::exception& e) {
+    throw Error(ErrorCode::kIO, e.what() + note);
+  }
+}
+
 }  // namespace
 
 ImportResult import_rows(const std::string& store, const std::string& source,
@@ -230,6 +242,20 @@ ImportResult import_rows(const std::string& store, const std::string& source,
                       vectors->name() + " has " + std::to_string(n) + " rows");
     }
   }
+  // Every key and epoch is checked before the first append, so input refused for a bad value
+  // stores nothing, in an existing store too. Read in batches (and again when appending): the
+  // columns may be larger than memory.
+  {
+    std::vector<std::uint64_t> scratch;
+    for (const auto* column : {keys.get(), epochs.get()}) {
+      if (column == nullptr) continue;
+      for (std::uint64_t first = 0; first < n; first += kBatchBytes / 8) {
+        const std::uint64_t count = std::min<std::uint64_t>(kBatchBytes / 8, n - first);
+        scratch.resize(count);
+        column->read_uint64(first, count, scratch.data());
+      }
+    }
+  }
 
   ImportResult result;
   result.source_dtype = *source_dtype;
@@ -259,6 +285,8 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     result.created = true;
   }
   result.store_dtype = writer->dtype();
+  std::uint64_t end_row = 0;  // After the last row appended.
+  bool contiguous = true;     // No other writer's rows between ours.
   try {
     RowConverter converter(*source_dtype, writer->dtype(), dim);
     const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(*source_dtype);
@@ -287,6 +315,8 @@ ImportResult import_rows(const std::string& store, const std::string& source,
         row = writer->append(key_buffer, options.epoch.value_or(0), matrix);
       }
       if (first == 0) result.first_row = row;
+      contiguous = contiguous && (first == 0 || row == end_row);
+      end_row = row + count;
       result.rows += count;
       if (options.progress) options.progress(result.rows, n);
     }
@@ -298,8 +328,14 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       writer.reset();
       std::error_code ec;
       std::filesystem::remove_all(partial, ec);
+      throw;
     }
-    throw;
+    if (result.rows == 0) throw;
+    rethrow_with_note("; " + std::to_string(result.rows) + " of " + std::to_string(n) +
+                      " rows were imported into " + store + " before this" +
+                      (contiguous ? " (rows " : " (among other writers' rows, in rows ") +
+                      std::to_string(result.first_row) + ".." + std::to_string(end_row) +
+                      ") and stay there");
   }
   return result;
 }

@@ -38,11 +38,13 @@ struct ImportResult {
 // Appends every row of `source` to the store at `store`, creating the store if it does not
 // exist (then it appears whole, or not at all, when the import finishes). `source` is an npy
 // export directory (vectors.npy, keys.npy, epochs.npy, embstore.json), a 2-D .npy file, or an
-// HDF5 file with an optional dataset (FILE.h5 means FILE.h5:/vectors). Rows go in batches of a
-// few MiB, each one atomic append; into an existing store, a failure part-way leaves the batches
-// already appended. Float rows are converted to a float store's dtype (RowConverter); dims must
-// match (kFormatMismatch). Errors name the file: kNotFound for a missing source or dataset,
-// kInvalidArgument for a wrong shape, element type or length.
+// HDF5 file with an optional dataset (FILE.h5 means FILE.h5:/vectors). Every key and epoch is
+// checked before the first append, so input refused for its shape, type or values stores nothing.
+// Rows go in batches of a few MiB, each one atomic append; into an existing store, a failure
+// part-way (I/O) leaves the batches already appended, and its message says how many rows and
+// which. Float rows are converted to a float store's dtype (RowConverter); dims must match
+// (kFormatMismatch). Errors name the file: kNotFound for a missing source or dataset,
+// kInvalidArgument for a wrong shape, element type, length or a negative key or epoch.
 ImportResult import_rows(const std::string& store, const std::string& source,
                          const ImportOptions& options);
 
