@@ -417,3 +417,29 @@ def test_import_names_the_file_and_value_of_an_unparsable_npy_dtype(tmp_path):
     assert one_line(r.err) == (f"embstore import: {tmp_path / 'bad.npy'} is not a .npy file "
                                "embstore can read: unsupported dtype '<fx'")
     assert not os.path.exists(tmp_path / "new")
+
+
+def test_an_output_path_ending_in_a_slash_names_that_directory(store, tmp_path, monkeypatch):
+    # The README's example: embstore export run.emb out/ --epoch 9.
+    monkeypatch.chdir(tmp_path)
+    r = run("export", store, "out/", "--epoch", 1)
+    assert r.code == 0, r
+    v, k, e = store_arrays(store)
+    assert np.array_equal(np.load(tmp_path / "out" / "keys.npy"), k[e == 1])
+    r = run("export", store, f"{tmp_path}/abs//")
+    assert r.code == 0, r
+    assert np.array_equal(np.load(tmp_path / "abs" / "vectors.npy"), v)
+    r = run("compact", store, "small/", "--epochs", 2)
+    assert r.code == 0, r
+    assert np.array_equal(store_arrays(tmp_path / "small")[1], k[e == 2])
+    r = run("import", "copy/", "out/")
+    assert r.code == 0, r
+    assert np.array_equal(store_arrays(tmp_path / "copy")[1], k[e == 1])
+    r = run("import", "copy/", "out/")  # into the now existing store
+    assert r.code == 0, r
+    assert len(embstore.Reader(tmp_path / "copy")) == 20
+    # Outputs that exist are still refused, with or without the slash.
+    for args in (["export", store, "out/"], ["compact", store, "small/"]):
+        r = run(*args)
+        assert r.code == 13 and "already exists" in one_line(r.err), (args, r)
+    assert sorted(os.listdir(tmp_path)) == ["abs", "copy", "out", "s", "small"]

@@ -174,17 +174,26 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
   }
 }
 
+// "out/" names the directory "out": without the separators, its parent and name are the ones
+// the user means (path("out/") has parent "out" and an empty name).
+std::filesystem::path without_trailing_separators(const std::string& path) {
+  std::size_t end = path.size();
+  while (end > 1 && path[end - 1] == '/') --end;
+  return path.substr(0, end);
+}
+
 }  // namespace
 
 void require_absent(const std::string& out) {
   std::error_code ec;
-  if (std::filesystem::symlink_status(out, ec).type() != std::filesystem::file_type::not_found) {
+  if (std::filesystem::symlink_status(without_trailing_separators(out), ec).type() !=
+      std::filesystem::file_type::not_found) {
     throw Error(ErrorCode::kAlreadyExists, "output " + out + " already exists");
   }
 }
 
 std::string make_partial_dir(const std::string& out) {
-  const std::filesystem::path target(out);
+  const std::filesystem::path target = without_trailing_separators(out);
   std::filesystem::path parent = target.parent_path();
   if (parent.empty()) parent = ".";
   std::string name = target.filename().string();
@@ -200,14 +209,15 @@ std::string make_partial_dir(const std::string& out) {
 }
 
 void rename_no_replace(const std::string& from, const std::string& to) {
-  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) != 0) {
+  const std::filesystem::path target = without_trailing_separators(to);
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, target.c_str(), RENAME_NOREPLACE) != 0) {
     const int err = errno;
     if (err == EEXIST) throw Error(ErrorCode::kAlreadyExists, "output " + to + " already exists");
     throw Error(error_code_for_write_errno(err),
                 "cannot rename " + from + " to " + to + ": " + std::strerror(err), err);
   }
   // The rename is durable once the parent directory is.
-  std::filesystem::path parent = std::filesystem::path(to).parent_path();
+  std::filesystem::path parent = target.parent_path();
   if (parent.empty()) parent = ".";
   const int fd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd >= 0) {
