@@ -4,6 +4,7 @@ the same rows, keys and epochs, compaction, kill -9 during compact, and bad inpu
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -37,6 +38,26 @@ def write_npy(path, header, data=b""):
     h = header.encode()
     h += b" " * ((64 - (10 + len(h) + 1) % 64) % 64) + b"\n"
     path.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(h)) + h + data)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/full, too small for the exports written to it. Unmounted after."""
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("no mount(8) on this machine: cannot make a small file system")
+    point = tmp_path / "full"
+    point.mkdir()
+    r = subprocess.run([mount, "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(point)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here (needs root / CAP_SYS_ADMIN): "
+                    + (r.stderr.strip().splitlines() or ["?"])[0])
+    try:
+        yield point
+    finally:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -443,3 +464,16 @@ def test_an_output_path_ending_in_a_slash_names_that_directory(store, tmp_path, 
         r = run(*args)
         assert r.code == 13 and "already exists" in one_line(r.err), (args, r)
     assert sorted(os.listdir(tmp_path)) == ["abs", "copy", "out", "s", "small"]
+
+
+def test_hdf5_export_to_a_full_disk_exits_18_with_one_line_and_leaves_nothing(full_disk, tmp_path):
+    store = make_store(tmp_path / "s", dim=64, dtype="float32", rows_per_epoch=3000)  # 2.3 MB
+    r = run("export", store, full_disk / "o.h5", "--quiet")
+    assert r.code == 18, r  # was a crash (139) in HDF5's exit handler
+    assert "No space left on device" in one_line(r.err)
+    assert os.listdir(full_disk) == []
+    # The disk is usable again: a smaller export fits.
+    r = run("export", store, full_disk / "small.h5", "--to", 100, "--quiet")
+    assert r.code == 0, r
+    with h5py.File(full_disk / "small.h5", "r") as f:
+        assert np.array_equal(f["vectors"][:], store_arrays(store)[0][:100])

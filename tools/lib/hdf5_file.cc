@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <vector>
@@ -14,12 +15,33 @@ namespace embstore::tools {
 namespace {
 
 // HDF5 prints its own error stack on stderr by default; embstore reports one line instead.
+// H5dont_atexit comes first, before the library initialises: HDF5's exit handler would close
+// again a file whose close failed (a full disk) after its directory was removed, and crash.
+// Every file is closed explicitly instead.
 void silence_hdf5() {
   static const bool done = [] {
+    H5dont_atexit();
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
     return true;
   }();
   (void)done;
+}
+
+// The errno of the failed system call recorded on HDF5's error stack by its file driver
+// ("..., errno = 28, ..."), 0 if there is none: a full disk must be reported as one.
+int hdf5_errno() {
+  int err = 0;
+  H5Ewalk2(
+      H5E_DEFAULT, H5E_WALK_DOWNWARD,
+      [](unsigned, const H5E_error2_t* entry, void* data) -> herr_t {
+        const char* at = entry->desc != nullptr ? std::strstr(entry->desc, "errno = ") : nullptr;
+        if (at != nullptr && *static_cast<int*>(data) == 0) {
+          *static_cast<int*>(data) = std::atoi(at + std::strlen("errno = "));
+        }
+        return 0;
+      },
+      &err);
+  return err;
 }
 
 // Owns one hid_t and closes it with the matching H5*close.
@@ -55,8 +77,14 @@ class Id {
   herr_t (*closer_)(hid_t) = nullptr;
 };
 
+// kFull for a full disk, as the other exports give; kIO for anything else (fail() serves
+// reading too, where the write mapping of EACCES to kReadOnly would be wrong).
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
-  throw Error(ErrorCode::kIO, "HDF5 " + what + " failed for " + path);
+  const int err = hdf5_errno();
+  if (err == 0) throw Error(ErrorCode::kIO, "HDF5 " + what + " failed for " + path);
+  const ErrorCode code =
+      error_code_for_write_errno(err) == ErrorCode::kFull ? ErrorCode::kFull : ErrorCode::kIO;
+  throw Error(code, "HDF5 " + what + " failed for " + path + ": " + std::strerror(err), err);
 }
 
 Id checked(hid_t id, herr_t (*closer)(hid_t), const std::string& path, const std::string& what) {
@@ -181,7 +209,15 @@ Hdf5Writer::Hdf5Writer(const std::string& path, DType dtype, std::uint32_t dim, 
   if (H5Awrite(dim_attr.get(), H5T_NATIVE_UINT32, &dim_value) < 0) fail(path, "attribute dim");
 }
 
-Hdf5Writer::~Hdf5Writer() = default;
+Hdf5Writer::~Hdf5Writer() {
+  // After a failed write: everything is closed here, datasets before the file, before export
+  // removes the working directory. Nothing is left for an exit handler to close.
+  h_->vectors.reset();
+  h_->keys.reset();
+  h_->epochs.reset();
+  h_->vector_type.reset();
+  h_->file.reset();
+}
 
 void Hdf5Writer::write(std::uint64_t first, std::uint64_t n, const void* vectors,
                        const std::uint64_t* keys, const std::uint64_t* epochs) {
