@@ -477,3 +477,18 @@ def test_hdf5_export_to_a_full_disk_exits_18_with_one_line_and_leaves_nothing(fu
     assert r.code == 0, r
     with h5py.File(full_disk / "small.h5", "r") as f:
         assert np.array_equal(f["vectors"][:], store_arrays(store)[0][:100])
+
+
+def test_export_errors_name_the_output_asked_for_not_its_working_path(full_disk, tmp_path):
+    store = make_store(tmp_path / "s", dim=64, dtype="float32", rows_per_epoch=3000)
+    for out, named in ((full_disk / "o", full_disk / "o" / "vectors.npy"),
+                       (full_disk / "o.csv", full_disk / "o.csv"),
+                       (full_disk / "o.h5", full_disk / "o.h5")):
+        r = run("export", store, out, "--quiet")
+        assert r.code == 18, (out, r)
+        line = one_line(r.err)
+        # The working path may follow in parentheses, never in the user's place.
+        assert re.match(rf"embstore export: \S.* {re.escape(str(named))}: No space left on device "
+                        rf"\(writing {re.escape(str(full_disk))}/\.{re.escape(out.name)}\.partial-\w+", line), \
+            (out, line)
+        assert os.listdir(full_disk) == []

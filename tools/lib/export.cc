@@ -182,6 +182,17 @@ std::filesystem::path without_trailing_separators(const std::string& path) {
   return path.substr(0, end);
 }
 
+// Rethrows `e`, met while writing `working` (the hidden path that is renamed to `out` at the
+// end), naming `out` instead: the user asked for `out` and has never heard of `working`.
+[[noreturn]] void rethrow_naming_output(const Error& e, const std::string& working,
+                                        const std::string& out) {
+  std::string message = e.what();
+  const std::size_t at = message.find(working);
+  if (at == std::string::npos) throw;
+  message.replace(at, working.size(), out);
+  throw Error(e.code(), message + " (writing " + working + ")", e.sys_errno());
+}
+
 }  // namespace
 
 void require_absent(const std::string& out) {
@@ -233,14 +244,22 @@ ExportResult export_store(const Reader& reader, const std::string& out,
   const std::string partial = make_partial_dir(out);
   try {
     if (options.format == ExportFormat::kNpy) {
-      export_npy(reader, selector, partial, options);
+      try {
+        export_npy(reader, selector, partial, options);
+      } catch (const Error& e) {
+        rethrow_naming_output(e, partial, without_trailing_separators(out).string());
+      }
       rename_no_replace(partial, out);
     } else {
       const std::string file = partial + "/out";
-      if (options.format == ExportFormat::kHdf5) {
-        export_hdf5(reader, selector, file, options);
-      } else {
-        export_csv(reader, selector, file, options);
+      try {
+        if (options.format == ExportFormat::kHdf5) {
+          export_hdf5(reader, selector, file, options);
+        } else {
+          export_csv(reader, selector, file, options);
+        }
+      } catch (const Error& e) {
+        rethrow_naming_output(e, file, without_trailing_separators(out).string());
       }
       rename_no_replace(file, out);
       std::filesystem::remove(partial);
