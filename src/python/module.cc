@@ -752,9 +752,9 @@ class PyReader {
   }
   // Rows [begin, end) copied into `out` (checked: C-contiguous, writeable, the store's dtype or,
   // for bfloat16, int16 too, shape (end - begin, dim)) or a new array; Reader::read(), GIL
-  // released.
+  // released. With `check` each row is checked against its checksum (ReadCheck::kChecksums).
   py::array read(std::uint64_t begin, std::optional<std::uint64_t> end,
-                 std::optional<py::array> out) {
+                 std::optional<py::array> out, bool check) {
     auto lock = guard();
     const Reader& r = reader();
     const std::uint64_t stop = end.value_or(r.size());
@@ -794,7 +794,7 @@ class PyReader {
     const auto bytes = static_cast<std::size_t>(dest.nbytes());
     {
       py::gil_scoped_release unlocked;
-      r.read(begin, stop, data, bytes);
+      r.read(begin, stop, data, bytes, check ? ReadCheck::kChecksums : ReadCheck::kNone);
     }
     return dest;
   }
@@ -1051,7 +1051,8 @@ PYBIND11_MODULE(_embstore, m) {
       .def("get", &PyReader::get, py::arg("key"), py::arg("epoch"))
       .def("find_many", &PyReader::find_many, py::arg("keys"), py::arg("epochs"))
       .def("gather", &PyReader::gather, py::arg("rows"))
-      .def("read", &PyReader::read, py::arg("begin"), py::arg("end"), py::arg("out"))
+      .def("read", &PyReader::read, py::arg("begin"), py::arg("end"), py::arg("out"),
+           py::arg("check"))
       .def("history", &PyReader::history, py::arg("key"))
       .def("epoch_rows", &PyReader::epoch_rows, py::arg("epoch"))
       .def("epoch_counts", &PyReader::epoch_counts)

@@ -201,6 +201,25 @@ def test_corrupted_row_is_named_by_verify(store):
     assert not report and report.bad_rows == [7] and report.bad_row_count == 1
 
 
+def test_read_with_check_names_a_corrupt_row_and_without_returns_it_as_stored(store):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(10), x, epoch=3)
+    with open(os.path.join(store, "rows.1"), "r+b") as f:
+        f.seek(7 * 16)
+        f.write(np.float32(-1).tobytes())
+    r = embstore.Reader(store)
+    np.testing.assert_array_equal(r.read(0, 7, check=True), x[:7])
+    with pytest.raises(embstore.CorruptionError, match=r"row 7 \(key 7, epoch 3\)"):
+        r.read(2, 9, check=True)
+    out = np.zeros((1, 4), np.float32)
+    with pytest.raises(embstore.CorruptionError, match="row 7"):
+        r.read(7, 8, out=out, check=True)
+    assert r.read(7, 8)[0, 0] == -1  # unchecked: the bytes as stored
+    with pytest.raises(ValueError, match="check must be True or False"):
+        r.read(0, 1, check=1)
+
+
 def test_corrupted_header_raises_corruption_error(store):
     embstore.create(store, dim=4)
     with open(os.path.join(store, "header"), "r+b") as f:

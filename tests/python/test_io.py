@@ -171,3 +171,28 @@ def test_a_corrupt_row_stops_export_and_compact_naming_it(tmp_path):
     with pytest.raises(embstore.CorruptionError, match="row 12"):
         embstore.compact(src, tmp_path / "c")
     assert sorted(os.listdir(tmp_path)) == ["s"]
+
+
+def test_a_corrupt_selected_row_after_a_thousand_bad_unselected_ones_is_still_named(tmp_path):
+    # verify() lists only the first 1000 bad rows; export and compact must check every row they
+    # copy, not look it up in that list.
+    src = str(tmp_path / "s")
+    n = 3000
+    with embstore.Writer(src, dim=2, dtype="float32") as w:
+        # key row // 2 at epoch row % 2: epoch 1 rows are every key's latest.
+        w.append(np.arange(n) // 2, np.ones((n, 2), np.float32), epoch=np.arange(n) % 2)
+    with open(os.path.join(src, "rows.1"), "r+b") as f:
+        for row in [*range(0, 2400, 2), 2501]:  # 1200 bad epoch-0 rows, one bad epoch-1 row
+            f.seek(row * 8)
+            f.write(np.float32(7).tobytes())
+    assert embstore.Reader(src).verify().bad_row_count == 1201
+    named = r"row 2501 \(key 1250, epoch 1\)"
+    with pytest.raises(embstore.CorruptionError, match=named):
+        embstore.export_npy(src, tmp_path / "a", epochs=[1])
+    with pytest.raises(embstore.CorruptionError, match=named):
+        embstore.export_npy(src, tmp_path / "b", latest=True)
+    with pytest.raises(embstore.CorruptionError, match=named):
+        embstore.compact(src, tmp_path / "c", epochs=[1])
+    with pytest.raises(embstore.CorruptionError, match=named):
+        embstore.compact(src, tmp_path / "d", latest_per_key=True)
+    assert sorted(os.listdir(tmp_path)) == ["s"]

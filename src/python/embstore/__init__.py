@@ -737,7 +737,7 @@ class Reader(_Handle):
         return self._native.vectors(begin, end)
 
     def read(self, begin: int = 0, end: Optional[int] = None,
-             out: Optional[np.ndarray] = None) -> np.ndarray:
+             out: Optional[np.ndarray] = None, check: bool = False) -> np.ndarray:
         """Rows [begin, end) of the snapshot copied into ``out`` (C-contiguous, writeable, the
         store's dtype, shape (end - begin, dim)), or into a new array; returns it. The same bytes
         ``rows`` shows, GIL released. For one pass over many rows in a process that has not
@@ -748,10 +748,17 @@ class Reader(_Handle):
         store's dtype (bfloat16 as torch.bfloat16), pinned memory included, so rows go to a GPU
         with one more copy (``out.to(device, non_blocking=True)``); it is returned. ValueError
         for a range outside the snapshot or an unfit ``out``, TypeError for an ``out`` that is
-        neither a numpy array nor a torch tensor."""
+        neither a numpy array nor a torch tensor.
+
+        ``check=True`` checks each row copied against its checksum (as ``record`` and
+        ``verify`` do, over the copy) and raises CorruptionError naming the first row that fails,
+        its key and epoch; ``out`` then holds the rows as stored, the bad ones included. The
+        default copies the bytes as stored without a check (``verify`` finds bad rows)."""
+        if not isinstance(check, bool):
+            raise ValueError(f"read: check must be True or False; got {check!r}")
         begin, end = self._range("read", begin, end)
         if out is None or isinstance(out, np.ndarray):
-            return self._native.read(begin, end, out)
+            return self._native.read(begin, end, out, check)
         if not _is_torch_tensor(out):
             raise TypeError(f"read: out must be a numpy array or a torch tensor; got "
                             f"{type(out).__name__}")
@@ -763,9 +770,9 @@ class Reader(_Handle):
                              "copy (pass a tensor that does not, or out.detach())")
         if str(out.dtype) == "torch.bfloat16":
             import torch
-            self._native.read(begin, end, out.view(torch.int16).numpy())  # The same memory.
+            self._native.read(begin, end, out.view(torch.int16).numpy(), check)  # Same memory.
         else:
-            self._native.read(begin, end, out.numpy())  # Its dtype and shape checked there.
+            self._native.read(begin, end, out.numpy(), check)  # Its dtype and shape checked there.
         return out
 
     def record(self, row: int) -> "Record":

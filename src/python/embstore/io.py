@@ -107,17 +107,15 @@ def _selected_runs(reader: Reader, begin: int, end: Optional[int], epochs: Optio
     return count, chunks()
 
 
-def _check(reader: Reader, rows: np.ndarray) -> None:
-    """Raises CorruptionError for the first row of `rows` that fails its checksum."""
-    from ._errors import CorruptionError
-    lo, hi = int(rows[0]), int(rows[-1]) + 1
-    report = reader.verify(lo, hi)
-    chosen = set(rows.tolist())
-    bad = [r for r in report.bad_rows if r in chosen]
-    if bad:
-        r = bad[0]
-        raise CorruptionError(f"row {r} (key {int(reader.keys[r])}, epoch "
-                              f"{int(reader.epochs[r])}) of {reader.path} fails its checksum")
+def _read_checked(reader: Reader, rows: np.ndarray) -> np.ndarray:
+    """The vectors of ``rows`` (ascending row numbers) copied out of ``reader``, each checked
+    against its checksum (CorruptionError naming the first that fails, its key and epoch): one
+    ``Reader.read(check=True)`` per run of consecutive rows."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    out = np.empty((len(rows), reader.dim), dtype=reader.rows(0, 0).dtype)
+    for lo, hi in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+        reader.read(int(rows[lo]), int(rows[hi - 1]) + 1, out=out[lo:hi], check=True)
+    return out
 
 
 def _sidecar(reader: Reader, rows: int) -> dict:
@@ -172,11 +170,10 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
 def _copy_runs(reader: Reader, runs, vectors, keys, epochs) -> None:
     """Copies the selected runs of rows, checksum-checked, into the output arrays (numpy memmaps
     or h5py datasets) one run at a time."""
-    at, source = 0, reader.vectors
+    at = 0
     for rows in runs:
-        _check(reader, rows)
         n = len(rows)
-        vectors[at:at + n] = source[rows]
+        vectors[at:at + n] = _read_checked(reader, rows)
         keys[at:at + n] = reader.keys[rows]
         epochs[at:at + n] = reader.epochs[rows]
         at += n
@@ -349,10 +346,8 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
         with Writer(partial, dim=reader.dim, dtype=target, metadata=reader.metadata_text,
                     segment_mb=info["segment_bytes"] / (1 << 20),
                     key_index=info["keeps_key_index"]) as writer:
-            source = reader.vectors
             for rows in runs:
-                _check(reader, rows)
-                chunk = np.ascontiguousarray(source[rows])
+                chunk = _read_checked(reader, rows)
                 if reader.dtype == "bfloat16" and target != "bfloat16":
                     chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
                 if target == "float64":
