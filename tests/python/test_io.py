@@ -196,3 +196,33 @@ def test_a_corrupt_selected_row_after_a_thousand_bad_unselected_ones_is_still_na
     with pytest.raises(embstore.CorruptionError, match=named):
         embstore.compact(src, tmp_path / "d", latest_per_key=True)
     assert sorted(os.listdir(tmp_path)) == ["s"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(keys=np.array([1.5, 2.7, -3.2])), "keys must be integers .*float64, first value 1.5"),
+    (dict(keys=np.array([True, False, True])), "keys must be integers .*bool"),
+    (dict(keys=np.array([2**64 - 1, 1, 2], dtype=object)), "keys must be integers .*object"),
+    (dict(keys=[1, 2.5, 3]), r"keys\[1\] must be an integer .*float 2.5"),
+    (dict(keys=np.array([4, 5, -6])), r"keys\[2\] is negative \(-6\)"),
+    (dict(epochs=np.array([0.9, 1.9, 2.5])), "epochs must be integers .*float64"),
+    (dict(epochs=[0, True, 1]), r"epochs\[1\] must be an integer .*bool True"),
+    (dict(epoch=1.7), "epoch must be an integer .*float 1.7"),
+    (dict(epoch=-1), "epoch is -1"),
+    (dict(epoch=True), "epoch must be an integer .*bool True"),
+])
+def test_import_refuses_the_keys_and_epochs_append_refuses(tmp_path, kwargs, message):
+    v = np.arange(6, dtype=np.float32).reshape(3, 2)
+    with pytest.raises(ValueError, match=message):
+        embstore.import_npy(tmp_path / "new", v, **kwargs)
+    src = make(tmp_path / "s", dim=2)
+    with pytest.raises(ValueError, match=message):
+        embstore.import_npy(src, v, **kwargs)
+    assert sorted(os.listdir(tmp_path)) == ["s"] and len(embstore.Reader(src)) == 30
+
+
+def test_import_names_the_key_file_it_refuses(tmp_path):
+    np.save(tmp_path / "keys.npy", np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"keys \(.*keys\.npy\) must be integers"):
+        embstore.import_npy(tmp_path / "new", np.zeros((3, 2), np.float32),
+                            keys=tmp_path / "keys.npy")
+    assert not os.path.exists(tmp_path / "new")

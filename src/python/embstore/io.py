@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import Reader, Writer, _dtype_name
+from . import Reader, Writer, _as_ints, _check_u64, _dtype_name
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -258,18 +258,31 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     n, dim = vectors.shape
 
     def column(value: Any, name: str) -> Optional[np.ndarray]:
+        """One key or epoch per row, refused as Writer.append refuses them: bools, floats,
+        objects and negative values (never truncated or wrapped)."""
         if value is None:
             return None
-        array = np.load(os.fspath(value), mmap_mode="r") if isinstance(
-            value, (str, os.PathLike)) else np.asarray(value)
+        if isinstance(value, (str, os.PathLike)):
+            what = f"{name} ({os.fspath(value)})"
+            array = np.load(os.fspath(value), mmap_mode="r")
+        else:
+            what = name
+            array = _as_ints(value, name)  # a list: value by value, as append checks it
         if array.shape != (n,):
-            raise ValueError(f"{name} has shape {array.shape}; expected ({n},) for {n} rows")
+            raise ValueError(f"{what} has shape {array.shape}; expected ({n},) for {n} rows")
+        if array.dtype.kind not in "iu":
+            first = f", first value {array[0]!r}" if n else ""
+            raise ValueError(f"{what} must be integers in [0, 2**64); got dtype {array.dtype}"
+                             f"{first}")
         if array.dtype.kind == "i" and n and int(array.min()) < 0:
-            raise ValueError(f"{name} holds negative values")
+            i = int(np.argmax(np.asarray(array) < 0))
+            raise ValueError(f"{what}[{i}] is negative ({int(array[i])}); keys and epochs are "
+                             "integers in [0, 2**64)")
         return array
 
     key_array = column(keys, "keys")
     epoch_array = column(epochs, "epochs")
+    epoch = 0 if epoch is None else _check_u64(epoch, "epoch")
     source_dtype = side.get("dtype")
     if source_dtype is None:
         source_dtype = "bfloat16" if vectors.dtype == np.uint16 else _dtype_name(vectors.dtype)
@@ -305,7 +318,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
                 chunk = chunk.astype(np.float32)
             k = (np.arange(lo, hi, dtype=np.uint64) if key_array is None
                  else np.asarray(key_array[lo:hi], dtype=np.uint64))
-            e = (np.full(hi - lo, 0 if epoch is None else int(epoch), dtype=np.uint64)
+            e = (np.full(hi - lo, epoch, dtype=np.uint64)
                  if epoch_array is None else np.asarray(epoch_array[lo:hi], dtype=np.uint64))
             _append(writer, k, e, chunk, source_dtype if chunk.dtype == np.uint16 else "")
         writer.sync()
