@@ -226,3 +226,22 @@ def test_import_names_the_key_file_it_refuses(tmp_path):
         embstore.import_npy(tmp_path / "new", np.zeros((3, 2), np.float32),
                             keys=tmp_path / "keys.npy")
     assert not os.path.exists(tmp_path / "new")
+
+
+def test_uint16_input_is_bfloat16_only_when_the_sidecar_or_dtype_says_so(tmp_path):
+    bits = np.array([[16256, 16384, 300], [1000, 40000, 65535]], dtype=np.uint16)
+    np.save(tmp_path / "bits.npy", bits)
+    embstore.create(tmp_path / "f32", dim=3, dtype="float32")
+    for store, source in [(tmp_path / "new", bits), (tmp_path / "f32", bits),
+                          (tmp_path / "new", tmp_path / "bits.npy")]:
+        with pytest.raises(ValueError, match="uint16 vectors are read as bfloat16 bit patterns "
+                                             "only with dtype='bfloat16'"):
+            embstore.import_npy(store, source)
+    with pytest.raises(ValueError, match=r"bits\.npy: uint16"):
+        embstore.import_npy(tmp_path / "new", tmp_path / "bits.npy")
+    assert not os.path.exists(tmp_path / "new") and len(embstore.Reader(tmp_path / "f32")) == 0
+    assert embstore.import_npy(tmp_path / "new", bits, dtype="bfloat16") == 2
+    r = embstore.Reader(tmp_path / "new")
+    assert r.dtype == "bfloat16" and np.array_equal(r.vectors, bits)
+    assert embstore.import_npy(tmp_path / "f32", bits[:1], dtype="bfloat16") == 1
+    assert embstore.Reader(tmp_path / "f32").vectors[0, :2].tolist() == [1.0, 2.0]

@@ -233,7 +233,8 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         keys: a .npy path or array of one key per row (default: the export's, else 0..rows-1).
         epochs: a .npy path or array of one epoch per row; or ``epoch`` for all rows (default 0).
         dtype: the new store's dtype (default: the source's); "bfloat16" also reads uint16
-            input as bfloat16 bit patterns. Float rows are converted to a float store's dtype.
+            input as bfloat16 bit patterns (without it or a sidecar saying so, uint16 input is
+            refused). Float rows are converted to a float store's dtype.
         metadata: the new store's metadata (default: the export's).
     """
     store = os.fspath(store)
@@ -284,12 +285,19 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     epoch_array = column(epochs, "epochs")
     epoch = 0 if epoch is None else _check_u64(epoch, "epoch")
     source_dtype = side.get("dtype")
-    if source_dtype is None:
-        source_dtype = "bfloat16" if vectors.dtype == np.uint16 else _dtype_name(vectors.dtype)
+    if vectors.dtype == np.uint16:
+        # numpy has no bfloat16: uint16 rows are its bit patterns when an export's sidecar says
+        # so, or (no sidecar) the caller does with dtype="bfloat16"; no store holds uint16.
+        said = source_dtype or (_dtype_name(dtype) if dtype is not None else None)
+        if said != "bfloat16":
+            where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "source"
+            raise ValueError(f"{where}: uint16 vectors are read as bfloat16 bit patterns only "
+                             "with dtype='bfloat16' or an export's sidecar saying so; got "
+                             f"{'sidecar dtype' if source_dtype else 'dtype'} {said!r}")
+        source_dtype = "bfloat16"
+    elif source_dtype is None:
+        source_dtype = _dtype_name(vectors.dtype)
     store_dtype = _dtype_name(dtype) if dtype is not None else source_dtype
-    if vectors.dtype == np.uint16 and "bfloat16" not in (source_dtype, store_dtype):
-        raise ValueError("uint16 vectors are read as bfloat16 bit patterns only with "
-                         "dtype='bfloat16' or an export's sidecar")
     partial = None
     if os.path.exists(store):
         writer = Writer(store)
