@@ -136,7 +136,12 @@ def test_import_bad_input(tmp_path):
         embstore.import_npy(tmp_path / "n", np.zeros(3, np.float32))
     with pytest.raises(embstore.FormatMismatchError, match="dim 4"):
         embstore.import_npy(src, np.zeros((3, 5), np.float32))
-    assert not os.path.exists(tmp_path / "n") and len(embstore.Reader(src)) == 30
+    # Refused when the new store is created: no hidden partial directory is left behind.
+    with pytest.raises(ValueError, match="dim 0 is outside"):
+        embstore.import_npy(tmp_path / "n", np.zeros((3, 0), np.float32))
+    with pytest.raises(ValueError, match="metadata is 100000 bytes"):
+        embstore.import_npy(tmp_path / "n", np.zeros((3, 2), np.float32), metadata="x" * 100000)
+    assert sorted(os.listdir(tmp_path)) == ["s"] and len(embstore.Reader(src)) == 30
 
 
 def test_compact_latest_epochs_dtype_and_the_source_untouched(tmp_path):

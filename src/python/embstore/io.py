@@ -310,7 +310,11 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     else:
         partial = _partial_dir(store)
         meta = metadata if metadata is not None else side.get("metadata")
-        writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
+        try:
+            writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
+        except BaseException:  # e.g. a bad dim or metadata: leave no hidden directory
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     try:
         step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
         for lo in range(0, n, step):
