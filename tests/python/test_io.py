@@ -250,3 +250,26 @@ def test_uint16_input_is_bfloat16_only_when_the_sidecar_or_dtype_says_so(tmp_pat
     assert r.dtype == "bfloat16" and np.array_equal(r.vectors, bits)
     assert embstore.import_npy(tmp_path / "f32", bits[:1], dtype="bfloat16") == 1
     assert embstore.Reader(tmp_path / "f32").vectors[0, :2].tolist() == [1.0, 2.0]
+
+
+def test_float64_rows_are_rounded_once_to_float16_and_bfloat16(tmp_path):
+    # Each value lies just off a tie of the narrow type; through float32 it lands on the tie
+    # and rounds to even: the wrong neighbour.
+    tiny = 2.0**-40
+    x16 = np.array([[1 + 2**-11 + tiny, 1 + 2**-11 - tiny, 1 + 3 * 2**-11, -1 - 2**-11 - tiny]])
+    want16 = [1 + 2**-10, 1.0, 1 + 2**-9, -1 - 2**-10]
+    assert x16.astype(np.float16).tolist() == [want16]
+    x_bf = np.array([[1 + 2**-8 + tiny, 1 + 2**-8 - tiny, 1 + 2**-8, 1 + 3 * 2**-8, 3.5e38,
+                      -1 - 2**-8 - tiny, 1e-300]])
+    want_bf = [0x3F81, 0x3F80, 0x3F80, 0x3F82, 0x7F80, 0xBF81, 0]  # bit patterns
+    for x, dtype, want in [(x16, "float16", want16), (x_bf, "bfloat16", want_bf)]:
+        src = tmp_path / f"f64-{dtype}"
+        with embstore.Writer(src, dim=x.shape[1], dtype="float64") as w:
+            w.append([0], x)
+        embstore.compact(src, tmp_path / f"compact-{dtype}", dtype=dtype)
+        embstore.import_npy(tmp_path / f"import-{dtype}", x, dtype=dtype)
+        embstore.create(tmp_path / f"existing-{dtype}", dim=x.shape[1], dtype=dtype)
+        embstore.import_npy(tmp_path / f"existing-{dtype}", x)
+        for out in ("compact", "import", "existing"):
+            stored = embstore.Reader(tmp_path / f"{out}-{dtype}").vectors
+            assert stored.tolist() == [want], (out, dtype)

@@ -213,6 +213,22 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     return count
 
 
+def _narrowed(chunk: np.ndarray, target: str) -> np.ndarray:
+    """Float rows (float64 or float16) for a float32, float16 or bfloat16 store, rounded once
+    (to nearest even), never twice through float32: numpy rounds float64 to float16 directly.
+    numpy has no bfloat16, so float64 goes to float32 rounded to odd (toward zero, the last bit
+    set when inexact) and the store rounds that to bfloat16: with float32's 16 more bits, the
+    result is float64 rounded to nearest bfloat16 directly."""
+    if target == "float16":
+        return chunk.astype(np.float16)
+    if target == "bfloat16" and chunk.dtype == np.float64:
+        with np.errstate(over="ignore"):
+            near = chunk.astype(np.float32)  # beyond float32's range: inf, stepped back below
+        cut = np.where(np.abs(near) > np.abs(chunk), np.nextafter(near, np.float32(0)), near)
+        return (cut.view(np.uint32) | (cut != chunk)).view(np.float32)
+    return chunk.astype(np.float32)
+
+
 def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
             dtype: str) -> None:
     if dtype == "bfloat16" and vectors.dtype == np.uint16:
@@ -327,7 +343,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             elif writer.dtype in ("float16", "bfloat16", "float32") and \
                     chunk.dtype.kind == "f" and chunk.dtype != np.float32 and \
                     writer.dtype != _dtype_name(chunk.dtype):
-                chunk = chunk.astype(np.float32)
+                chunk = _narrowed(chunk, writer.dtype)
             k = (np.arange(lo, hi, dtype=np.uint64) if key_array is None
                  else np.asarray(key_array[lo:hi], dtype=np.uint64))
             e = (np.full(hi - lo, epoch, dtype=np.uint64)
@@ -379,7 +395,7 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
                     chunk = chunk.astype(np.float64)
                 elif target != reader.dtype and chunk.dtype != np.float32 and \
                         chunk.dtype != np.uint16:
-                    chunk = chunk.astype(np.float32)
+                    chunk = _narrowed(chunk, target)
                 _append(writer, np.asarray(reader.keys[rows]), np.asarray(reader.epochs[rows]),
                         chunk, target if chunk.dtype == np.uint16 else "")
             writer.sync()
