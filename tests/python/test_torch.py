@@ -293,3 +293,34 @@ def test_recorder_batch_names_bad_ids_and_epochs_and_records_nothing_for_them(st
             layer(torch.randn(1, 4))
     r = embstore.Reader(store)
     assert r.keys.tolist() == [1, 2, 5] and r.epochs.tolist() == [0, 0, 0]
+
+
+def test_recorder_refuses_an_output_of_another_width_than_the_store_naming_it(store):
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Identity()
+
+        def forward(self, x):
+            return self.head(x)
+
+    model = Model()
+    bad = [(torch.tensor([[5.0], [6.0]]), r"\(2, 1\), rows of 1 values"),
+           (torch.tensor([7.0, 8.0]), r"\(2,\), rows of 1 values"),
+           (torch.ones(2, 5), r"\(2, 5\), rows of 5 values")]
+    with EmbeddingRecorder(model, "head", store, dim=4, async_queue_mb=1, buffer_rows=8) as rec:
+        for output, shape in bad[:1] + [(torch.ones(2, 4), None)] + bad[1:]:
+            if shape is None:
+                with rec.batch([0, 1], 0):
+                    model(output)
+                continue
+            with pytest.raises(ValueError, match=f"head produced an output of shape {shape}; "
+                                                 f"the store {store} has dim 4"):
+                with rec.batch([2, 3], 0):
+                    model(output)
+        with rec.batch([4, 5], 0):
+            model(torch.full((2, 4), 3.0))
+        assert rec.rows_recorded == 4
+    r = embstore.Reader(store)
+    assert r.keys.tolist() == [0, 1, 4, 5]
+    assert r.vectors.tolist() == [[1.0] * 4] * 2 + [[3.0] * 4] * 2

@@ -416,6 +416,15 @@ class EmbeddingRecorder:
         n = out.shape[0]
         if n != len(self._ids):
             raise ValueError(f"{self.module_name} produced {n} rows for {len(self._ids)} ids")
+        staging = self._staging
+        if staging is None or staging.pid != _pid:
+            self.writer()
+            staging = self._staging
+        if out.shape[1] != staging.writer.dim:
+            # Refused here: copy_ into the staged rows would broadcast a narrower output.
+            raise ValueError(f"{self.module_name} produced an output of shape "
+                             f"{tuple(output.shape)}, rows of {out.shape[1]} values; the store "
+                             f"{staging.writer.path} has dim {staging.writer.dim}")
         ids = self._ids
         keep = self._padding_mask(n)
         self._epoch_position += n
@@ -425,10 +434,6 @@ class EmbeddingRecorder:
             n = len(ids)
             if n == 0:
                 return
-        staging = self._staging
-        if staging is None or staging.pid != _pid:
-            self.writer()
-            staging = self._staging
         if n > self._buffer_rows:
             # Too big to stage: one append of a private copy (converted, on the CPU).
             staging.submit()
