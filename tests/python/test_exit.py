@@ -154,3 +154,25 @@ def test_recorder_dropped_without_close_is_flushed_by_garbage_collection(store):
     gc.collect()
     r = embstore.Reader(store)
     assert len(r) == 100 and sorted(r.keys.tolist()) == list(range(100))
+
+
+def test_a_failed_close_after_an_exception_in_a_with_block_is_reported_not_dropped(store):
+    embstore.create(store, dim=1024, segment_mb=1)
+    script = run_script("""
+        import sys
+        import numpy as np
+        import embstore
+        try:
+            with embstore.Writer(sys.argv[1], async_queue_mb=8, map_bytes=2 << 20) as w:
+                for i in range(3):  # the third batch is beyond map_bytes: its append fails
+                    w.append(np.arange(256) + i * 256, np.ones((256, 1024), np.float32))
+                raise KeyboardInterrupt  # e.g. Ctrl-C, or a bug in the loop
+        except KeyboardInterrupt as body:
+            print("raised:", type(body).__name__, "notes:", getattr(body, "__notes__", []))
+    """, store)
+    out, err = script.communicate(timeout=120)
+    assert script.returncode == 0, err
+    lost = "256 appended rows were not written"
+    assert store in err and lost in err, err  # logged
+    assert out.startswith("raised: KeyboardInterrupt") and store in out and lost in out, out
+    assert len(embstore.Reader(store)) == 512

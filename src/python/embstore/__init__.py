@@ -407,6 +407,8 @@ class Writer(_Handle):
     child ends, or when it is garbage-collected is flushed and closed then. A failure then
     (e.g. a full disk) is logged on the ``embstore`` logger with the store's path and the number
     of rows lost (when ``__del__`` closes it, the error also goes to ``sys.unraisablehook``).
+    So is a failed close at the end of a ``with`` block whose body raised: the body's exception
+    is raised, with that failure added to it as a note.
     Nothing can run when a process is killed or leaves through ``os._exit`` outside
     multiprocessing: queued rows are then lost, so call ``close()`` or ``flush()``.
 
@@ -582,13 +584,21 @@ class Writer(_Handle):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is None or self.closed:
             self.close()
-        else:
-            try:
-                self.close()
-            except Exception:  # The body's exception is the one to report.
-                pass
+            return
+        path = self.path
+        try:
+            self.close()
+        except Exception as error:
+            # The body's exception is the one raised; this one is reported, not dropped: logged
+            # as at exit, and noted on the body's exception.
+            message = (f"{path}: closing the Writer after an exception in its with-block "
+                       f"failed; {self._native.stats().get('dropped_rows', 0)} appended rows "
+                       f"were not written: {error}")
+            _log.error("%s", message)
+            if hasattr(exc, "add_note"):  # Python 3.11
+                exc.add_note(message)
 
     def __del__(self) -> None:
         # An unclosed Writer is closed here; an error (e.g. of a background append) is logged
