@@ -187,3 +187,45 @@ def test_model_against_a_dict(tmp_path_factory, steps):
         for epoch in range(4):
             assert r.epoch_rows(epoch).tolist() == [i for i, p in enumerate(snap) if p[1] == epoch]
     w.close()
+
+
+def test_lookups_refuse_keys_epochs_and_rows_that_are_not_integers_in_range(store):
+    with embstore.Writer(store, dim=1) as w:
+        w.append([1, 2**64 - 1], np.array([[10.0], [99.0]], np.float32), epoch=[0, 5])
+    r = embstore.Reader(store)
+    # What append refuses, a lookup refuses: never truncated, wrapped or read as 0/1.
+    for bad in (1.7, 0.99, True, np.bool_(True), -1, 2**64, "1", np.float64(1.0)):
+        for name in ("find", "get", "history"):
+            with pytest.raises(ValueError, match=f"{name}: key"):
+                getattr(r, name)(bad)
+        for name in ("find", "get"):
+            with pytest.raises(ValueError, match=f"{name}: epoch"):
+                getattr(r, name)(1, bad)
+        with pytest.raises(ValueError, match="epoch_rows: epoch"):
+            r.epoch_rows(bad)
+        with pytest.raises(ValueError, match="find_many: epochs"):
+            r.find_many([1], bad)
+    for keys, message in [([1.9], r"keys\[0\] must be an integer .*float 1.9"),
+                          ([True], r"keys\[0\] must be an integer .*bool True"),
+                          (np.array([1.0]), "keys must be integers .*float64, first value 1.0"),
+                          (np.array([True]), "keys must be integers .*bool"),
+                          (np.array([3, -1]), r"keys\[1\] is negative \(-1\)")]:
+        with pytest.raises(ValueError, match="find_many: " + message):
+            r.find_many(keys)
+        with pytest.raises(ValueError, match="find_many: " + message):
+            r.get_many(keys, 5)
+    with pytest.raises(ValueError, match=r"find_many: epochs\[0\] is negative"):
+        r.find_many([1], np.array([-1]))
+    for rows, message in [([0.99], "rows must be integer row numbers .*float64"),
+                          ([True], "rows must be integer row numbers .*bool"),
+                          (np.array([2**64 - 1], np.uint64), "row 18446744073709551615 is beyond")]:
+        with pytest.raises(ValueError, match="gather: " + message):
+            r.gather(rows)
+    # Integers of any kind still work, and so do empty lists.
+    assert r.find(np.uint64(2**64 - 1)) == 1 and r.find(1, np.int8(0)) == 0
+    assert r.history(1) == [(0, 0)] and r.epoch_rows(np.uint32(5)).tolist() == [1]
+    assert r.find_many(np.array([1, 2**64 - 1], np.uint64), 5).tolist() == [-1, 1]
+    assert r.find_many([1, 2**64 - 1], np.array(0)).tolist() == [0, -1]
+    assert r.find_many([]).tolist() == [] and r.gather([]).shape == (0, 1)
+    assert r.gather([-1, 1]).tolist() == [[0.0], [99.0]]
+    assert r.gather(np.array([0], np.uint64)).tolist() == [[10.0]]

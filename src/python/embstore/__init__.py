@@ -307,6 +307,34 @@ def _as_ints(values: Any, what: str) -> np.ndarray:
                        dtype=np.uint64, count=array.size)
 
 
+def _u64_arg(value: Any, what: str) -> int:
+    """A key, epoch or count as an int in [0, 2**64), refused as ``_check_u64`` refuses it."""
+    if type(value) is int and 0 <= value < _U64_LIMIT:  # the common case, checked cheaply
+        return value
+    return _check_u64(value, what)
+
+
+def _check_int_array(array: np.ndarray, what: str) -> None:
+    """Refuses, as append does, an array of keys or epochs whose dtype is not an integer one
+    (bool, float, object) or that holds a negative value; the error names the first."""
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers in [0, 2**64); got dtype {array.dtype}, "
+                         f"first value {array.reshape(-1)[0]!r}")
+    if array.dtype.kind == "i" and array.size and int(array.min()) < 0:
+        flat = np.asarray(array).reshape(-1)
+        i = int(np.argmax(flat < 0))
+        raise ValueError(f"{what}[{i}] is negative ({int(flat[i])}); keys and epochs are "
+                         "integers in [0, 2**64)")
+
+
+def _u64_array(values: Any, what: str) -> np.ndarray:
+    """Keys or epochs (an array, list or tensor) as a uint64 array, checked as append checks
+    them: never truncated (floats) or wrapped (negative values)."""
+    array = _as_ints(values, what)
+    _check_int_array(array, what)
+    return np.asarray(array, dtype=np.uint64)
+
+
 def _epoch_arg(epoch: Any) -> Any:
     """An epoch for every row (an int in [0, 2**64)) or per-row epochs (a 1-D array)."""
     if type(epoch) is int and 0 <= epoch < _U64_LIMIT:  # the common case, checked cheaply
@@ -848,29 +876,43 @@ class Reader(_Handle):
     # Lookups by key (sample id) and epoch, for this snapshot, through the store's key index (a
     # scan where there is none; see info()["key_index"]). A (key, epoch) appended twice: the
     # later row wins in find/get, history lists both. ``r[i]`` stays row-number indexing.
+    # Keys and epochs are checked as append checks them: a bool, float, str, negative or too
+    # large value (or array dtype) raises ValueError naming the argument, never another key.
 
     def get(self, key: int, epoch: Optional[int] = None) -> np.ndarray:
         """The vector of ``key`` at ``epoch`` (None: its latest), a zero-copy read-only view;
         KeyError if there is none."""
-        return self._native.get(int(key), None if epoch is None else int(epoch))
+        return self._native.get(_u64_arg(key, "get: key"),
+                                None if epoch is None else _u64_arg(epoch, "get: epoch"))
 
     def find(self, key: int, epoch: Optional[int] = None) -> Optional[int]:
         """The row of ``key`` at ``epoch`` (None: its latest row), or None."""
-        row = self._native.find(int(key), None if epoch is None else int(epoch))
+        row = self._native.find(_u64_arg(key, "find: key"),
+                                None if epoch is None else _u64_arg(epoch, "find: epoch"))
         return None if row < 0 else row
 
     def find_many(self, keys, epochs=None) -> np.ndarray:
         """Rows (int64, -1 where missing) of ``keys`` at ``epochs`` (an array as long as
         ``keys``, one int for all, or None: the latest). Vectorised, GIL released."""
-        if epochs is not None and np.ndim(epochs) == 0:
-            epochs = np.array([epochs], dtype=np.uint64)
-        return self._native.find_many(np.asarray(keys, dtype=np.uint64),
-                                      None if epochs is None else np.asarray(epochs, np.uint64))
+        keys = _u64_array(keys, "find_many: keys")
+        if epochs is not None and np.ndim(epochs) == 0:  # one epoch for every key
+            if isinstance(epochs, np.ndarray) or _is_torch_tensor(epochs):
+                epochs = epochs.item()
+            epochs = np.array([_check_u64(epochs, "find_many: epochs")], dtype=np.uint64)
+        elif epochs is not None:
+            epochs = _u64_array(epochs, "find_many: epochs")
+        return self._native.find_many(keys, epochs)
 
     def gather(self, rows) -> np.ndarray:
-        """Copies ``rows`` (as from find_many; -1 gives a row of zeros) into one dense
+        """Copies ``rows`` (integers as from find_many; -1 gives a row of zeros) into one dense
         (len(rows), dim) array, GIL released."""
-        return self._native.gather(np.asarray(rows, dtype=np.int64))
+        array = np.asarray(rows.detach().cpu().numpy() if _is_torch_tensor(rows) else rows)
+        if array.size and array.dtype.kind not in "iu":
+            raise ValueError(f"gather: rows must be integer row numbers (-1 for none); got "
+                             f"dtype {array.dtype}, first value {array.reshape(-1)[0]!r}")
+        if array.dtype.kind == "u" and array.size and int(array.max()) >= 1 << 63:
+            raise ValueError(f"gather: row {int(array.max())} is beyond any store")
+        return self._native.gather(np.asarray(array, dtype=np.int64))
 
     def get_many(self, keys, epochs=None) -> np.ndarray:
         """The vectors of ``keys`` (at ``epochs``, as in find_many) as one dense matrix;
@@ -884,11 +926,11 @@ class Reader(_Handle):
 
     def history(self, key: int) -> list:
         """Every version of ``key`` in commit order, as (row, epoch) tuples."""
-        return self._native.history(int(key))
+        return self._native.history(_u64_arg(key, "history: key"))
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """The rows of ``epoch`` in commit order (int64)."""
-        return self._native.epoch_rows(int(epoch))
+        return self._native.epoch_rows(_u64_arg(epoch, "epoch_rows: epoch"))
 
     def epoch_counts(self) -> dict:
         """The epochs present, {epoch: row count}, ascending."""

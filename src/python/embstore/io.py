@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import Reader, Writer, _as_ints, _check_u64, _dtype_name
+from . import Reader, Writer, _as_ints, _check_int_array, _check_u64, _dtype_name
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -287,14 +287,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             array = _as_ints(value, name)  # a list: value by value, as append checks it
         if array.shape != (n,):
             raise ValueError(f"{what} has shape {array.shape}; expected ({n},) for {n} rows")
-        if array.dtype.kind not in "iu":
-            first = f", first value {array[0]!r}" if n else ""
-            raise ValueError(f"{what} must be integers in [0, 2**64); got dtype {array.dtype}"
-                             f"{first}")
-        if array.dtype.kind == "i" and n and int(array.min()) < 0:
-            i = int(np.argmax(np.asarray(array) < 0))
-            raise ValueError(f"{what}[{i}] is negative ({int(array[i])}); keys and epochs are "
-                             "integers in [0, 2**64)")
+        _check_int_array(array, what)
         return array
 
     key_array = column(keys, "keys")
