@@ -183,6 +183,21 @@ def test_an_existing_directory_that_is_not_a_store_is_named_as_such(tmp_path):
         embstore.Writer(tmp_path / "missing")
 
 
+
+@pytest.mark.parametrize("lost", ["rows.1", "index.1"])
+def test_a_store_that_lost_a_file_other_than_its_header_names_that_file(tmp_path, lost):
+    store = tmp_path / "s"
+    with embstore.Writer(store, dim=2) as w:
+        w.append([1], np.ones((1, 2), np.float32))
+    os.remove(store / lost)
+    for open_it in (lambda: embstore.Reader(store), lambda: embstore.info(store),
+                    lambda: embstore.Writer(store), lambda: embstore.Writer(store, dim=2)):
+        with pytest.raises(FileNotFoundError, match=f"{store / lost}") as error:
+            open_it()
+        assert not isinstance(error.value, embstore.NotAStoreError)
+    assert lost not in os.listdir(store)  # nothing recreated
+
+
 def _store_info_fields():
     header = open(os.path.join(REPO, "include", "embstore", "store.h")).read()
     body = header[header.index("struct StoreInfo {"):]

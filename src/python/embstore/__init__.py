@@ -199,8 +199,9 @@ def salvage(store: PathLike, out: PathLike) -> dict:
 
 
 class _not_a_store_check:
-    """Turns the FileNotFoundError of opening a path that exists but holds no store into
-    NotAStoreError naming the path; a missing path stays FileNotFoundError."""
+    """Turns the FileNotFoundError of opening a path that exists but holds no store (no
+    header) into NotAStoreError naming the path; a missing path, or a missing file of a store
+    that has its header, stays FileNotFoundError naming what is missing."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -212,6 +213,8 @@ class _not_a_store_check:
         if exc_type is None or not issubclass(exc_type, FileNotFoundError):
             return False
         if os.path.isdir(self.path):
+            if os.path.lexists(os.path.join(self.path, "header")):
+                return False  # a store that lost another file: the error names that file
             what = "is a directory but not an embstore store (it has no 'header' file)"
         elif os.path.lexists(self.path):
             what = "is a file, not an embstore store (a store is a directory)"
