@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -22,6 +23,7 @@
 
 #include "async_writer.h"
 #include "embstore/embstore.h"
+#include "format/format.h"
 
 namespace py = pybind11;
 
@@ -568,6 +570,8 @@ py::object make_appender(py::object native) {
   return py::reinterpret_steal<py::object>(function);
 }
 
+constexpr double kMaxSyncIntervalSeconds = 1e9;
+
 WriterOptions writer_options(const std::string& sync, std::optional<double> sync_interval_s,
                              std::optional<std::uint64_t> map_bytes) {
   WriterOptions options;
@@ -582,8 +586,16 @@ WriterOptions writer_options(const std::string& sync, std::optional<double> sync
   }
   // None keeps the core's default (kDefaultSyncInterval).
   if (sync_interval_s) {
+    // Checked before the conversion (a double beyond int64 is undefined behaviour there), and
+    // at most 1e9 s (~31 years): the sync thread adds it to steady_clock::now() in int64
+    // nanoseconds. Rounded up to whole milliseconds, so 0.0001 s is 1 ms, not 0.
+    const double seconds = *sync_interval_s;
+    if (!(seconds > 0 && seconds <= kMaxSyncIntervalSeconds)) {
+      invalid("sync_interval is " + py::repr(py::float_(seconds)).cast<std::string>() +
+              " s; use seconds > 0, at most 1e9");
+    }
     options.sync_interval =
-        std::chrono::milliseconds(static_cast<std::int64_t>(*sync_interval_s * 1000.0));
+        std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0)));
   }
   if (map_bytes) options.map_bytes = *map_bytes;
   return options;
@@ -910,6 +922,7 @@ PYBIND11_MODULE(_embstore, m) {
   m.attr("library_version") = kLibraryVersion;
   m.attr("format_version") =
       std::to_string(kFormatVersionMajor) + "." + std::to_string(kFormatVersionMinor);
+  m.attr("max_dim") = detail::kMaxDim;
   m.attr("default_segment_bytes") = kDefaultSegmentBytes;
   m.attr("default_map_bytes") = kDefaultMapBytes;
   m.attr("default_sync_interval") =

@@ -276,3 +276,40 @@ def test_wait_refuses_a_negative_or_nan_timeout(store):
         r.wait(-1)
     assert r.wait(0, timeout=0) is True
     assert r.wait(1, timeout=0) is False
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: embstore.create(p, dim=4.7), "dim must be an integer; got float 4.7"),
+    (lambda p: embstore.create(p, dim=True), "dim must be an integer; got bool True"),
+    (lambda p: embstore.create(p, dim=-1), r"dim -1 is outside 1\.\.16777216"),
+    (lambda p: embstore.Writer(p, dim=2**32 + 4), r"dim 4294967300 is outside 1\.\.16777216"),
+    (lambda p: embstore.create(p, dim=4, segment_mb=-1), "segment_mb is -1; it must be a"),
+    (lambda p: embstore.Writer(p, dim=4, segment_mb="1"), "segment_mb must be a number"),
+    (lambda p: embstore.Writer(p, dim=4, segment_mb=1e30), "segment_mb is 1e.30: too large"),
+    (lambda p: embstore.create(p, dim=4, metadata=b"\xff"), "metadata must be UTF-8 text"),
+    (lambda p: embstore.create(p, dim=4, metadata={1, 2}), "metadata must be text, UTF-8"),
+    (lambda p: embstore.Writer(p, dim=4, map_bytes=-1), "map_bytes is -1"),
+    (lambda p: embstore.Writer(p, dim=4, map_bytes=1.5), "map_bytes must be an integer"),
+    (lambda p: embstore.Writer(p, dim=4, sync_interval=1e30), r"sync_interval is 1e\+30 s"),
+    (lambda p: embstore.Writer(p, dim=4, sync_interval=-1), r"sync_interval is -1.0 s"),
+    (lambda p: embstore.Writer(p, dim=4, sync_interval=float("nan")), "sync_interval is nan"),
+    (lambda p: embstore.Writer(p, dim=4, sync_interval="5"), "sync_interval must be a number"),
+    (lambda p: embstore.Writer(p, dim=4, async_queue_mb=float("inf")), "async_queue_mb is inf"),
+    (lambda p: embstore.Writer(p, dim=4, async_queue_mb=float("nan")), "async_queue_mb is nan"),
+    (lambda p: embstore.Writer(p, dim=4, async_queue_mb=-1), "async_queue_mb is -1"),
+])
+def test_bad_constructor_arguments_are_named_and_create_nothing(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path / "s")
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_reader_map_bytes_is_checked_and_small_sync_interval_or_queue_round_up(tmp_path):
+    embstore.create(tmp_path / "r", dim=4)
+    with pytest.raises(ValueError, match="map_bytes is -1"):
+        embstore.Reader(tmp_path / "r", map_bytes=-1)
+    with embstore.Writer(tmp_path / "s", dim=4, sync_interval=0.0001) as w:  # 1 ms, not 0
+        w.append([1], np.ones((1, 4), np.float32))
+    with embstore.Writer(tmp_path / "s", async_queue_mb=1e-9) as w:  # a tiny queue, not none
+        assert "async" in repr(w) and w.append([2], np.ones((1, 4), np.float32)) is None
+    assert embstore.Reader(tmp_path / "s").keys.tolist() == [1, 2]

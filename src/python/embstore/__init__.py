@@ -117,16 +117,53 @@ def _metadata_text(metadata: Any) -> str:
     if metadata is None:
         return ""
     if isinstance(metadata, (bytes, bytearray)):
-        return bytes(metadata).decode("utf-8")
+        try:
+            return bytes(metadata).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"metadata must be UTF-8 text; the bytes given are not: "
+                             f"{error}") from None
     if isinstance(metadata, str):
         return metadata
-    return json.dumps(metadata, sort_keys=True)
+    try:
+        return json.dumps(metadata, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"metadata must be text, UTF-8 bytes or JSON-serializable; "
+                         f"{error}") from None
+
+
+def _number(value: Any, what: str, unit: str) -> float:
+    """A real number (not a bool or str) as a float; NaN refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what} must be a number of {unit}; got {type(value).__name__} "
+                         f"{value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if math.isnan(number):
+        raise ValueError(f"{what} is nan; it must be a number of {unit}")
+    return number
+
+
+def _dim_arg(dim: Any) -> int:
+    if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)):
+        raise ValueError(f"dim must be an integer; got {type(dim).__name__} {dim!r}")
+    dim = int(dim)
+    if not 1 <= dim <= _embstore.max_dim:
+        raise ValueError(f"dim {dim} is outside 1..{_embstore.max_dim}")
+    return dim
 
 
 def _segment_bytes(segment_mb: Optional[float]) -> Optional[int]:
     if segment_mb is None:
         return None
-    return int(segment_mb * (1 << 20))
+    mb = _number(segment_mb, "segment_mb", "MiB")
+    if not mb > 0:
+        raise ValueError(f"segment_mb is {segment_mb!r}; it must be a positive number of MiB")
+    if not mb < _U64_LIMIT / (1 << 20):
+        raise ValueError(f"segment_mb is {segment_mb!r}: too large for a segment")
+    return int(mb * (1 << 20))  # the store checks the size (a multiple of 4 KiB, ...)
 
 
 def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = None,
@@ -152,7 +189,7 @@ def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = Non
     """
     if not isinstance(key_index, bool):
         raise ValueError(f"key_index must be True or False; got {key_index!r}")
-    _embstore.create_store(os.fspath(path), int(dim), _dtype_name(dtype),
+    _embstore.create_store(os.fspath(path), _dim_arg(dim), _dtype_name(dtype),
                            _metadata_text(metadata), _segment_bytes(segment_mb), key_index)
 
 
@@ -456,12 +493,14 @@ class Writer(_Handle):
             ``create``); with
             ``dim`` given an existing store must match (FormatMismatchError otherwise). ``dtype``
             alone (no ``dim``) only checks an existing store's dtype.
-        async_queue_mb: 0 for synchronous appends, else the queue bound in MiB.
+        async_queue_mb: 0 for synchronous appends, else the queue bound in MiB (rounded up to
+            whole bytes).
         sync: "interval" (the default: a background thread syncs every ``sync_interval``
             seconds when rows were committed since, and ``close`` syncs, so a reboot re-checks
             at most the last interval's rows), "every_append" (each append returns after its
             rows are durable) or "none" (sync only when asked; ``close`` flushes nothing).
-        sync_interval: seconds between background syncs; None is the library's default
+        sync_interval: seconds between background syncs, > 0 and at most 1e9, rounded up to
+            whole milliseconds; None is the library's default
             (``embstore.DEFAULT_SYNC_INTERVAL``, 5 s).
         map_bytes: address space reserved for the data file; the store can grow to this size
             (default 1 TiB). Appends beyond it fail with OSError(ENOSPC).
@@ -481,8 +520,16 @@ class Writer(_Handle):
                  huge_pages: bool = False) -> None:
         self._native = None
         self._at_exit = None
-        if async_queue_mb < 0:
-            raise ValueError(f"async_queue_mb must be >= 0; got {async_queue_mb}")
+        queue_mb = _number(async_queue_mb, "async_queue_mb", "MiB")
+        if not 0 <= queue_mb < _U64_LIMIT / (1 << 20):
+            raise ValueError(f"async_queue_mb is {async_queue_mb!r}; use 0 for synchronous "
+                             "appends, else the queue's size in MiB")
+        # Rounded up: a queue asked for is at least a byte, never a silently synchronous Writer.
+        queue_bytes = math.ceil(queue_mb * (1 << 20))
+        if sync_interval is not None:
+            sync_interval = _number(sync_interval, "sync_interval", "seconds")  # range: native
+        if map_bytes is not None:
+            map_bytes = _check_u64(map_bytes, "map_bytes")
         if not isinstance(key_index, bool):
             raise ValueError(f"key_index must be True or False; got {key_index!r}")
         if not isinstance(huge_pages, bool):
@@ -490,11 +537,10 @@ class Writer(_Handle):
         path = os.fspath(path)
         with _not_a_store_check(path):
             self._native = _embstore.NativeWriter(
-                path, None if dim is None else int(dim),
+                path, None if dim is None else _dim_arg(dim),
                 None if dtype is None else _dtype_name(dtype), _metadata_text(metadata),
-                _segment_bytes(segment_mb), sync,
-                None if sync_interval is None else float(sync_interval), map_bytes,
-                int(async_queue_mb * (1 << 20)), False, key_index, huge_pages)
+                _segment_bytes(segment_mb), sync, sync_interval, map_bytes, queue_bytes, False,
+                key_index, huge_pages)
         self._dtype_name = self._native.dtype
         self._append = self._native.appender()  # the native append, called without a dispatcher
         # Runs at interpreter exit and in multiprocessing children before their os._exit
@@ -733,6 +779,8 @@ class Reader(_Handle):
         UnsupportedVersionError for a damaged or newer store."""
         self._native = None
         path = os.fspath(path)
+        if map_bytes is not None:
+            map_bytes = _check_u64(map_bytes, "map_bytes")
         with _not_a_store_check(path):
             self._native = _embstore.NativeReader(path, map_bytes)
         self._metadata_cache = None
