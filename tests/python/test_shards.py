@@ -102,6 +102,21 @@ def test_shardset_answers_like_the_concatenated_store(tmp_path):
         s.locate(len(s))
 
 
+
+def test_shardset_lookups_take_an_empty_list_and_refuse_what_a_reader_refuses(tmp_path):
+    paths, keys, epochs, _ = make_shards(tmp_path, [5, 7])
+    s, r = embstore.ShardSet(paths), embstore.Reader(paths[0])
+    for lookup in (s, r):
+        assert lookup.find_many([]).tolist() == [] and lookup.find_many([], 0).tolist() == []
+        assert lookup.find_many(np.array([], np.uint64), []).tolist() == []
+    for bad, message in [([1.5], r"keys\[0\] must be an integer"),
+                         (np.array([-1]), r"keys\[0\] is negative \(-1\)"),
+                         (np.array([True]), "keys must be integers .*bool")]:
+        with pytest.raises(ValueError, match=message):
+            s.find_many(bad)
+    with pytest.raises(ValueError, match="epochs must be integers .*float64"):
+        s.find_many([int(keys[0])], 0.5)
+
 def test_refresh_takes_in_new_rows_and_renumbers(tmp_path):
     paths, keys, epochs, _ = make_shards(tmp_path, [20, 20])
     s = embstore.ShardSet(paths)

@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import Reader, _embstore
+from . import Reader, _embstore, _u64_array
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -140,11 +140,8 @@ def _epoch_rows(reader: Reader, epoch: int) -> np.ndarray:
 
 
 def _u64(values: Any, what: str) -> np.ndarray:
-    array = np.asarray(values)
-    if array.dtype.kind not in "iu" or (array.dtype.kind == "i" and array.size and
-                                        array.min() < 0):
-        raise ValueError(f"{what} must be integers >= 0; got {array.dtype} {array[:5]}")
-    return np.ascontiguousarray(array.reshape(-1), dtype=np.uint64)
+    """Keys or epochs checked as Reader.find_many checks them (an empty list is no keys)."""
+    return np.ascontiguousarray(_u64_array(values, what).reshape(-1))
 
 
 class ShardSet:
