@@ -23,7 +23,6 @@
 
 #include "async_writer.h"
 #include "embstore/embstore.h"
-#include "format/format.h"
 
 namespace py = pybind11;
 
@@ -922,7 +921,7 @@ PYBIND11_MODULE(_embstore, m) {
   m.attr("library_version") = kLibraryVersion;
   m.attr("format_version") =
       std::to_string(kFormatVersionMajor) + "." + std::to_string(kFormatVersionMinor);
-  m.attr("max_dim") = detail::kMaxDim;
+  m.attr("max_dim") = kMaxDim;
   m.attr("default_segment_bytes") = kDefaultSegmentBytes;
   m.attr("default_map_bytes") = kDefaultMapBytes;
   m.attr("default_sync_interval") =
