@@ -9,6 +9,7 @@
 #include "embstore/writer.h"
 #include "format/format.h"
 #include "storage/store_files.h"
+#include "store_build.h"
 
 namespace embstore {
 
@@ -44,7 +45,10 @@ SalvageReport salvage(
   create.metadata = layout.metadata;
   WriterOptions options;
   options.sync = SyncPolicy::kNone;  // One sync at the end.
-  Writer writer = Writer::create(out, create, options);
+  // Built aside and renamed into place when complete: a salvage that fails (a full disk), or is
+  // killed, leaves no store at `out`.
+  detail::StoreBuild build(out);
+  Writer writer = Writer::create(build.path(), create, options);
 
   // Runs of valid rows are appended in chunks: contiguous in the old store, so one view each.
   constexpr std::uint64_t kChunkRows = 4096;
@@ -90,6 +94,7 @@ SalvageReport salvage(
   if (progress) progress(report.rows_scanned, report.rows_scanned);
   writer.sync();
   writer.close();
+  build.publish();
   return report;
 }
 

@@ -13,6 +13,7 @@
 #include "embstore/writer.h"
 #include "log/batch.h"
 #include "platform/os.h"
+#include "store_build.h"
 
 namespace embstore {
 namespace {
@@ -462,57 +463,53 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   create.dim = shards.dim();
   create.dtype = shards.dtype();
   create.metadata = shards.metadata();
-  Writer writer = Writer::create(out, create);
-  try {
-    // Chunks as large as an append stages whole before the lock (log/batch.h): large appends
-    // written by system call, with bounded key/epoch copies.
-    const std::uint64_t row_bytes = writer.info().record_bytes;
-    const std::uint64_t chunk_rows = std::max<std::uint64_t>(1, detail::kStageBytes / row_bytes);
-    MergeProgress done;
-    done.rows_total = shards.size();
-    std::vector<std::uint64_t> keys;
-    std::vector<std::uint64_t> epochs;
-    for (std::size_t s = 0; s < shards.shard_count(); ++s) {
-      const Reader& reader = shards.shard(s);
-      done.shard = s;
-      done.shard_path = &shards.shard_path(s);
-      for (std::uint64_t begin = 0; begin < reader.size(); begin += chunk_rows) {
-        const std::uint64_t end = std::min(reader.size(), begin + chunk_rows);
-        const VerifyReport report = reader.verify(begin, end);
-        if (!report.ok()) {
-          throw Error(ErrorCode::kCorruption, "merge: shard " + shards.shard_path(s) + ": row " +
-                                                  std::to_string(report.bad_rows.front()) +
-                                                  " fails its checksum (" +
-                                                  std::to_string(report.bad_row_count) +
-                                                  " bad rows in [" + std::to_string(begin) + ", " +
-                                                  std::to_string(end) + ")); nothing was merged");
-        }
-        const RowsView rows = reader.rows(begin, end);
-        const auto key_view = reader.keys(begin, end);
-        const auto epoch_view = reader.epochs(begin, end);
-        keys.resize(rows.rows);
-        epochs.resize(rows.rows);
-        for (std::uint64_t i = 0; i < rows.rows; ++i) {
-          keys[i] = key_view[i];
-          epochs[i] = epoch_view[i];
-        }
-        writer.append(keys, epochs, ConstMatrix{rows.data, rows.dtype, rows.rows, rows.dim, 0});
-        done.rows_done += rows.rows;
-        if (progress) progress(done);
+  // Built aside and renamed into place when complete: a merge that fails, or is killed, leaves
+  // no store at `out`.
+  detail::StoreBuild build(out);
+  Writer writer = Writer::create(build.path(), create);
+  // Chunks as large as an append stages whole before the lock (log/batch.h): large appends
+  // written by system call, with bounded key/epoch copies.
+  const std::uint64_t row_bytes = writer.info().record_bytes;
+  const std::uint64_t chunk_rows = std::max<std::uint64_t>(1, detail::kStageBytes / row_bytes);
+  MergeProgress done;
+  done.rows_total = shards.size();
+  std::vector<std::uint64_t> keys;
+  std::vector<std::uint64_t> epochs;
+  for (std::size_t s = 0; s < shards.shard_count(); ++s) {
+    const Reader& reader = shards.shard(s);
+    done.shard = s;
+    done.shard_path = &shards.shard_path(s);
+    for (std::uint64_t begin = 0; begin < reader.size(); begin += chunk_rows) {
+      const std::uint64_t end = std::min(reader.size(), begin + chunk_rows);
+      const VerifyReport report = reader.verify(begin, end);
+      if (!report.ok()) {
+        throw Error(ErrorCode::kCorruption, "merge: shard " + shards.shard_path(s) + ": row " +
+                                                std::to_string(report.bad_rows.front()) +
+                                                " fails its checksum (" +
+                                                std::to_string(report.bad_row_count) +
+                                                " bad rows in [" + std::to_string(begin) + ", " +
+                                                std::to_string(end) + ")); nothing was merged");
       }
+      const RowsView rows = reader.rows(begin, end);
+      const auto key_view = reader.keys(begin, end);
+      const auto epoch_view = reader.epochs(begin, end);
+      keys.resize(rows.rows);
+      epochs.resize(rows.rows);
+      for (std::uint64_t i = 0; i < rows.rows; ++i) {
+        keys[i] = key_view[i];
+        epochs[i] = epoch_view[i];
+      }
+      writer.append(keys, epochs, ConstMatrix{rows.data, rows.dtype, rows.rows, rows.dim, 0});
+      done.rows_done += rows.rows;
+      if (progress) progress(done);
     }
-    writer.sync();
-    StoreInfo info = writer.info();
-    writer.close();
-    return info;
-  } catch (...) {
-    try {
-      writer.close();
-    } catch (const Error&) {  // The first error is the one to report.
-    }
-    detail::os::remove_tree(out);
-    throw;
   }
+  writer.sync();
+  StoreInfo info = writer.info();
+  info.path = build.out();
+  writer.close();
+  build.publish();
+  return info;
 }
 
 }  // namespace embstore

@@ -27,6 +27,10 @@ struct SalvageReport {
 // verifies, or the committed counter if that is larger and the files can hold that many rows.
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
 // verifies (the rows cannot be checked without the header), kAlreadyExists if `out` exists.
+// The new store is built in a hidden directory `.<name of out>.partial-<hex>` beside `out` and
+// renamed to `out` only when complete: on any error (a full disk, say) nothing is left at
+// `out`. A process killed meanwhile leaves that directory, never `out`; it is not the salvaged
+// store and may be deleted.
 // `progress`, if set, is called from the calling thread with (rows examined, rows to examine)
 // every few thousand rows and once at the end.
 SalvageReport salvage(

@@ -143,7 +143,11 @@ struct MergeProgress {
 // Consolidates the shards' rows, in global row order, into a new store at `out` (which must not
 // exist), with the shards' dim, dtype and metadata; each row keeps its key and epoch. Every row's
 // checksum is verified before it is copied: a bad row is kCorruption naming the shard and the row,
-// and nothing is left at `out`. The result is synced before returning. Returns its info.
+// and nothing is left at `out`. The new store is built in a hidden directory
+// `.<name of out>.partial-<hex>` beside `out` and renamed to `out` (never replacing anything) only
+// when complete: on any error (a full disk, say) nothing is left at `out`. A process killed
+// meanwhile leaves that directory, never `out`; it is not the merged store and may be deleted.
+// The result is synced before returning. Returns its info.
 StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
                        const std::function<void(const MergeProgress&)>& progress = {});
 

@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -333,6 +334,14 @@ int rename_path(const std::string& from, const std::string& to) {
   if (::rename(from.c_str(), to.c_str()) == 0) return 0;
   int err = errno;
   if (err == EEXIST || err == ENOTEMPTY || err == EISDIR || err == ENOTDIR) return err;
+  fail("rename", from + " -> " + to, err);
+}
+
+int rename_no_replace(const std::string& from, const std::string& to) {
+  if (int err = injected(Op::kRename)) fail("rename", from + " -> " + to, err);
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return 0;
+  int err = errno;
+  if (err == EEXIST) return err;
   fail("rename", from + " -> " + to, err);
 }
 

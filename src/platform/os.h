@@ -91,6 +91,9 @@ void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access acces
 void make_dir(const std::string& path);
 // rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).
 int rename_path(const std::string& from, const std::string& to);
+// renameat2(2) with RENAME_NOREPLACE: returns 0, or EEXIST when something exists at `to` (which
+// is left as it was); other errors are thrown.
+int rename_no_replace(const std::string& from, const std::string& to);
 void remove_tree(const std::string& path) noexcept;
 // The names in directory `path` (without "." and ".."); empty if it cannot be read.
 std::vector<std::string> list_dir(const std::string& path) noexcept;

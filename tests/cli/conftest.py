@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 
 import numpy as np
@@ -75,3 +76,38 @@ def corrupt_row(store, row, record_bytes):
 @pytest.fixture
 def store(tmp_path):
     return make_store(tmp_path / "s")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A function that mounts a tmpfs of `size` (mount(8) syntax: "4m") at a new directory under
+    tmp_path and returns it: a full disk on demand. Skips the test where mounting is not
+    permitted (it needs root / CAP_SYS_ADMIN). Unmounted afterwards."""
+    mount = shutil.which("mount")
+    if mount is None:
+        pytest.skip("no mount(8) on this machine: cannot make a small file system")
+    points = []
+
+    def make(size):
+        point = tmp_path / f"tmpfs{len(points)}"
+        point.mkdir()
+        r = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                            str(point)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip("mounting a tmpfs is not permitted here (needs root / CAP_SYS_ADMIN): "
+                        + (r.stderr.strip().splitlines() or ["?"])[0])
+        points.append(point)
+        return point
+
+    try:
+        yield make
+    finally:
+        for point in points:
+            if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def partial_dirs(directory):
+    """The hidden working directories (.NAME.partial-*) in `directory`."""
+    return sorted(name for name in os.listdir(directory)
+                  if name.startswith(".") and ".partial-" in name)

@@ -1,15 +1,19 @@
 """embstore merge: shards of a manifest or several stores into one store, row for row; shards that
-disagree are refused by name; the inputs are left as they were."""
+disagree are refused by name; the inputs are left as they were; a merge killed or failing
+part-way leaves no store at the output."""
 
 import json
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 
 import embstore
-from conftest import hash_tree, make_store, run
+from conftest import CLI, hash_tree, make_store, partial_dirs, run
 
-FORMAT_MISMATCH, ALREADY_EXISTS, NOT_FOUND = 15, 13, 12
+FORMAT_MISMATCH, ALREADY_EXISTS, NOT_FOUND, FULL = 15, 13, 12, 18
 
 
 def test_merge_of_two_stores_keeps_every_row_key_and_epoch_in_order(tmp_path):
@@ -48,3 +52,74 @@ def test_merge_into_an_existing_path_or_from_a_missing_store_is_an_error(tmp_pat
     r = run("merge", tmp_path / "out", tmp_path / "missing")
     assert r.code == NOT_FOUND, r
     assert "missing" in r.err
+
+
+def _committed_rows(store):
+    """The state page's committed_rows (src/format/FORMAT.md, byte 4096 of the header), or 0
+    while the store has no header yet."""
+    try:
+        with open(os.path.join(store, "header"), "rb") as f:
+            f.seek(4096)
+            return int.from_bytes(f.read(8), "little")
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def test_merge_killed_mid_way_leaves_no_store_at_the_output(tmp_path):
+    # Big enough that a merge takes a while: 2 x 30k rows x 256 float32 = 60 MiB.
+    inputs = []
+    block = np.random.default_rng(5).standard_normal((3000, 256)).astype(np.float32)
+    for name in ("a", "b"):
+        path = tmp_path / name
+        embstore.create(path, dim=256, dtype="float32", segment_mb=16)
+        with embstore.Writer(path) as w:
+            for i in range(10):
+                w.append(keys=np.arange(3000) + i * 3000, vectors=block, epoch=i)
+        inputs.append(str(path))
+    before = [hash_tree(p) for p in inputs]
+    killed_mid_way = 0
+    for attempt in range(3):
+        out = tmp_path / f"merged{attempt}"
+        proc = subprocess.Popen([CLI, "merge", str(out), *inputs, "--quiet"],
+                                stdout=subprocess.DEVNULL)
+        # Kill as soon as the new store, wherever it is being built, holds a row.
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            building = [out] + [tmp_path / d for d in partial_dirs(tmp_path)
+                                if d.startswith(f".merged{attempt}.")]
+            if any(_committed_rows(p) > 0 for p in building):
+                break
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            killed_mid_way += 1
+            # Nothing at the output name: no half store can be mistaken for the result.
+            assert not os.path.exists(out), attempt
+            assert run("info", out).code == NOT_FOUND
+            # What is left is hidden and says it is partial.
+            left = [d for d in partial_dirs(tmp_path) if d.startswith(f".merged{attempt}.")]
+            assert len(left) == 1 and left[0].startswith(f".merged{attempt}.partial-"), left
+        else:
+            assert proc.returncode == 0 and run("verify", out).code == 0
+    assert killed_mid_way >= 1
+    assert [hash_tree(p) for p in inputs] == before
+    # The leftovers do not block a merge to the same name.
+    r = run("merge", tmp_path / "merged0", *inputs, "--quiet")
+    assert r.code == 0, r
+    assert len(embstore.Reader(tmp_path / "merged0")) == 60000
+
+
+def test_merge_on_a_full_disk_is_an_error_that_leaves_nothing_at_the_output(tmp_path,
+                                                                            small_tmpfs):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make_store(a, dim=256, dtype="float32", epochs=3, rows_per_epoch=1000)
+    make_store(b, dim=256, dtype="float32", epochs=3, rows_per_epoch=1000)
+    disk = small_tmpfs("4m")  # 6 MiB of rows do not fit
+    out = disk / "merged"
+    r = run("merge", out, a, b)
+    assert r.code == FULL, r
+    assert "No space left on device" in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert not os.path.exists(out)
+    assert os.listdir(disk) == []  # no working directory or lock file left either
+    assert run("verify", a).code == 0 and run("verify", b).code == 0

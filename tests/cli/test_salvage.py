@@ -1,5 +1,6 @@
 """embstore salvage: the rows that verify, out of a store too damaged to open, into a new store;
-what was lost is reported and the damaged store is left as it was."""
+what was lost is reported and the damaged store is left as it was; a salvage that fails leaves
+no store at the output."""
 
 import json
 import os
@@ -7,9 +8,11 @@ import os
 import numpy as np
 
 import embstore
+import pytest
+
 from conftest import corrupt_row, hash_tree, make_store, run
 
-ALREADY_EXISTS, NOT_FOUND = 13, 12
+ALREADY_EXISTS, NOT_FOUND, FULL = 13, 12, 18
 HEADER_COPY_OFFSET = 2048  # src/format/FORMAT.md: the second copy of the fixed header
 COMMITTED_ROWS_OFFSET = 4096  # the state page's committed_rows
 RECORD_BYTES = 4 * 2  # make_store's default: dim 4, float16
@@ -101,3 +104,17 @@ def test_salvage_help_and_usage(tmp_path):
     r = run("salvage", tmp_path / "s")
     assert r.code == 2 and "out" in r.err.lower(), r
     assert "salvage" in run("--help").out
+
+
+@pytest.mark.parametrize("size", ["4m", "256k"])
+def test_salvage_on_a_full_disk_is_an_error_that_leaves_nothing_at_the_output(tmp_path,
+                                                                              small_tmpfs, size):
+    # 6000 rows of 1 KiB: on 4 MiB the copy fails part-way, on 256 KiB when the store is made.
+    store = make_store(tmp_path / "s", dim=256, dtype="float32", epochs=3, rows_per_epoch=2000)
+    disk = small_tmpfs(size)
+    out = disk / "saved"
+    r = run("salvage", store, out)
+    assert r.code == FULL, r
+    assert "No space left on device" in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert not os.path.exists(out)
+    assert os.listdir(disk) == []  # no working directory or lock file left either

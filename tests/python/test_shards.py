@@ -201,6 +201,25 @@ def test_merge_verifies_and_keeps_order(tmp_path):
     with pytest.raises(embstore.CorruptionError, match=r"s2: row 11"):
         embstore.merge(tmp_path / "again", paths)
     assert not os.path.exists(tmp_path / "again")
+    # Built aside (.again.partial-*) and removed on the error: nothing of it is left either.
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".again.")]
+
+
+def test_merge_builds_the_store_aside_and_renames_it_into_place(tmp_path):
+    paths = make_shards(tmp_path, [20, 30])[0]
+    seen = []
+
+    def progress(done, total, shard):
+        # While rows are copied, nothing is at the output; a hidden working directory is.
+        seen.append((os.path.exists(tmp_path / "merged"),
+                     sorted(n for n in os.listdir(tmp_path) if n.startswith(".merged."))))
+
+    embstore.merge(tmp_path / "merged", paths, progress=progress)
+    assert seen and all(not exists for exists, _ in seen)
+    assert all(len(names) == 1 and names[0].startswith(".merged.partial-") for _, names in seen)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".merged.")]
+    with embstore.Reader(tmp_path / "merged") as r:
+        assert len(r) == 50 and r.verify().ok
 
 
 def test_node_name_follows_torchrun_then_the_host(monkeypatch):

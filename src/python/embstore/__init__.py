@@ -226,6 +226,10 @@ def salvage(store: PathLike, out: PathLike) -> dict:
     Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost
     and lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify).
 
+    ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed into
+    place only when complete: on an error (a full disk, say) nothing is left at ``out``. A
+    process killed meanwhile leaves that directory, which is not the salvaged store.
+
     Raises:
         CorruptionError: neither copy of the header verifies.
         FileExistsError: ``out`` exists.

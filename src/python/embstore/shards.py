@@ -59,7 +59,10 @@ def merge(out: PathLike, manifest_or_paths: Any,
     """Consolidates the shards (a manifest, its directory, or store paths) into a new store at
     ``out``, rows in ShardSet order, keys and epochs kept. Every row's checksum is verified on the
     way: a bad row raises CorruptionError naming the shard and row, and nothing is left at
-    ``out``. Shards that disagree on dim or dtype are refused (FormatMismatchError naming them).
+    ``out``. ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed
+    into place only when complete: after any error nothing is left at ``out``, and a process
+    killed meanwhile leaves only that directory, which is not the merged store. Shards that
+    disagree on dim or dtype are refused (FormatMismatchError naming them).
     ``progress(rows_done, rows_total, shard_path)`` is called after each chunk. Returns the new
     store's info (synced: durable)."""
     return _embstore.merge_stores(os.fspath(out), _inputs(manifest_or_paths), progress)

@@ -1,0 +1,53 @@
+#include "store_build.h"
+
+#include <cerrno>
+#include <cstdint>
+
+#include "embstore/error.h"
+#include "format/format.h"
+#include "platform/os.h"
+#include "storage/store_files.h"
+
+namespace embstore::detail {
+
+StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out)) {
+  if (out_.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
+  if (os::exists(out_)) throw Error(ErrorCode::kAlreadyExists, out_ + ": already exists");
+  const auto slash = out_.rfind('/');
+  parent_ = slash == std::string::npos ? "." : slash == 0 ? "/" : out_.substr(0, slash);
+  if (!os::exists(parent_)) {
+    throw Error(ErrorCode::kNotFound, out_ + ": parent directory " + parent_ + " does not exist",
+                ENOENT);
+  }
+  const std::string name = slash == std::string::npos ? out_ : out_.substr(slash + 1);
+  std::uint8_t suffix[16];
+  os::random_bytes(suffix, sizeof(suffix), out_);
+  path_ = (parent_ == "/" ? "/" : parent_ + "/") + "." + name + ".partial-" +
+          store_id_hex(suffix).substr(0, 12);
+  // make_dir, not mkdtemp: the published store gets the mode a created store has (0755 less
+  // the umask), not mkdtemp's 0700.
+  os::make_dir(path_);
+}
+
+StoreBuild::~StoreBuild() {
+  if (!published_) os::remove_tree(path_);
+}
+
+void StoreBuild::publish() {
+  if (os::rename_no_replace(path_, out_) != 0) {
+    throw Error(ErrorCode::kAlreadyExists, out_ + ": already exists (the new store was removed)");
+  }
+  published_ = true;
+  try {
+    os::sync_dir(parent_);
+  } catch (const Error& error) {
+    // As create_store: the store exists and works, only its directory entry may not survive a
+    // power loss. Say so, so a caller does not retry into "already exists".
+    throw Error(error.code(),
+                out_ + ": the store was created, but flushing its directory entry failed (" +
+                    error.what() + "); it may vanish after a power loss",
+                error.sys_errno());
+  }
+}
+
+}  // namespace embstore::detail

@@ -1,0 +1,42 @@
+// store_build.h — a new store filled from others (merge_stores, salvage) that appears at its
+// path whole or not at all.
+//
+// The store is built in a hidden working directory beside its path, `.<name>.partial-<12 hex>`
+// (the naming of the tool's compact, import and export), and renamed into place, never replacing
+// anything, only once complete. A process killed while building leaves only that directory: it
+// may hold a store that opens, but never a whole one, and its name says so; nothing removes it
+// but the user (another process may still be building in it). Not thread-safe.
+#pragma once
+
+#include <string>
+
+namespace embstore::detail {
+
+class StoreBuild {
+ public:
+  // Creates the working directory next to `out`. Throws kAlreadyExists if something exists at
+  // `out`, kNotFound if its parent directory does not exist, and the error of mkdir (naming the
+  // working directory, hence the parent) otherwise.
+  explicit StoreBuild(const std::string& out);
+  // Removes the working directory and everything in it, unless published.
+  ~StoreBuild();
+  StoreBuild(const StoreBuild&) = delete;
+  StoreBuild& operator=(const StoreBuild&) = delete;
+
+  // The working directory: create the new store here (create_store replaces an empty directory).
+  const std::string& path() const { return path_; }
+  // Where publish() puts it: `out` without trailing slashes.
+  const std::string& out() const { return out_; }
+  // Renames the working directory to `out` and flushes the parent directory; the store in it
+  // must be closed. Throws kAlreadyExists, leaving `out` as it is, if something appeared there
+  // meanwhile.
+  void publish();
+
+ private:
+  std::string out_;
+  std::string parent_;
+  std::string path_;
+  bool published_ = false;
+};
+
+}  // namespace embstore::detail
