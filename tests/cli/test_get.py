@@ -10,7 +10,7 @@ import pytest
 import embstore
 from conftest import hash_tree, make_store, run
 
-NOT_FOUND, ALREADY_EXISTS, USAGE = 12, 13, 2
+NOT_FOUND, ALREADY_EXISTS, USAGE, FULL = 12, 13, 2, 18
 
 
 def one_line(text):
@@ -155,3 +155,21 @@ def test_get_leaves_every_byte_of_the_store_as_it_was(store, tmp_path):
                  ["5", "--history", "--npy", tmp_path / "h.npy"]):
         run("get", store, *args)
     assert hash_tree(store) == before
+
+
+def test_get_npy_on_a_full_disk_leaves_no_file_and_a_rerun_writes_it(tmp_path, small_tmpfs):
+    # Key 0 has 8 versions of 16 KiB: its history (128 KiB) does not fit on 64 KiB, one row does.
+    store = make_store(tmp_path / "s", dim=4096, dtype="float32", epochs=8, rows_per_epoch=2,
+                       key_offset=False)
+    disk = small_tmpfs("64k")
+    out = disk / "h.npy"
+    r = run("get", store, 0, "--history", "--npy", out)
+    assert r.code == FULL, r
+    assert str(out) in one_line(r.err) and "No space left on device" in r.err
+    assert not os.path.exists(out)
+    assert os.listdir(disk) == []  # the hidden working file is gone too
+    # The same output name works at once (it used to fail: "File exists").
+    r = run("get", store, 0, "--epoch", 3, "--npy", out)
+    assert r.code == 0, r
+    with embstore.Reader(store) as reader:
+        np.testing.assert_array_equal(np.load(out), reader.vectors[reader.find(0, 3)])
