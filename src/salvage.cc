@@ -3,15 +3,36 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "embstore/error.h"
 #include "embstore/writer.h"
 #include "format/format.h"
+#include "log/recovery.h"
 #include "storage/store_files.h"
 #include "store_build.h"
 
 namespace embstore {
+namespace {
+
+// Why the store's normal open refuses it (the header and files, then the one recovery loader,
+// log/recovery.h, as a Reader runs it, on a StoreFiles of its own), or "" if it opens: what
+// salvage works around besides lost rows and a damaged primary header, reported by the same
+// checks and words as info and verify give.
+std::string open_refusal(const std::string& store) {
+  try {
+    auto files = detail::StoreFiles::open(store, detail::os::Access::kReadOnly, 0);
+    detail::load_log(*files);
+  } catch (const Error& error) {
+    if (error.code() != ErrorCode::kCorruption) throw;
+    return error.what();
+  }
+  return "";
+}
+
+}  // namespace
 
 SalvageReport salvage(
     const std::string& store, const std::string& out,
@@ -20,6 +41,9 @@ SalvageReport salvage(
   const detail::Layout& layout = files->layout();
   SalvageReport report;
   report.header_source = files->header_source();
+  if (std::string refused = open_refusal(store); !refused.empty()) {
+    report.damage.push_back(std::move(refused));
+  }
 
   // The counters may be what is damaged: the files' sizes bound the scan, not capacity_rows.
   const std::uint64_t held = files->rows_files_hold();

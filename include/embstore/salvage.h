@@ -17,6 +17,10 @@ struct SalvageReport {
   std::uint64_t rows_lost = 0;     // rows_scanned - rows_copied.
   // The lost rows as [begin, end) ranges of row numbers in the damaged store, in order.
   std::vector<std::pair<std::uint64_t, std::uint64_t>> lost_ranges;
+  // Damage worked around besides lost rows and the header copy: why the store does not open
+  // (the error info and verify give, naming the file and field, e.g. "field durable_rows 25
+  // exceeds committed_rows 5"). Empty when the store opens.
+  std::vector<std::string> damage;
 };
 
 // Copies every row of the store at `store` whose index entry and checksum verify, in order and

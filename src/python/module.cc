@@ -978,6 +978,7 @@ PYBIND11_MODULE(_embstore, m) {
         d["rows_copied"] = report.rows_copied;
         d["rows_lost"] = report.rows_lost;
         d["lost_ranges"] = lost;
+        d["damage"] = report.damage;
         return d;
       },
       py::arg("store"), py::arg("out"));

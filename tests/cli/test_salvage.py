@@ -1,6 +1,6 @@
 """embstore salvage: the rows that verify, out of a store too damaged to open, into a new store;
-what was lost is reported and the damaged store is left as it was; a salvage that fails leaves
-no store at the output."""
+what was lost (and any damaged field worked around) is reported and the damaged store is left as
+it was; a salvage that fails leaves no store at the output."""
 
 import json
 import os
@@ -12,9 +12,10 @@ import pytest
 
 from conftest import corrupt_row, hash_tree, make_store, run
 
-ALREADY_EXISTS, NOT_FOUND, FULL = 13, 12, 18
+ALREADY_EXISTS, NOT_FOUND, CORRUPTION, FULL = 13, 12, 14, 18
 HEADER_COPY_OFFSET = 2048  # src/format/FORMAT.md: the second copy of the fixed header
 COMMITTED_ROWS_OFFSET = 4096  # the state page's committed_rows
+DURABLE_ROWS_OFFSET = 4160  # the state page's durable_rows
 RECORD_BYTES = 4 * 2  # make_store's default: dim 4, float16
 
 
@@ -104,6 +105,37 @@ def test_salvage_help_and_usage(tmp_path):
     r = run("salvage", tmp_path / "s")
     assert r.code == 2 and "out" in r.err.lower(), r
     assert "salvage" in run("--help").out
+
+
+def _set_state_field(store, offset, value):
+    with open(os.path.join(store, "header"), "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(8, "little"))
+
+
+def test_salvage_names_a_damaged_counter_and_exits_1_though_no_row_is_lost(tmp_path):
+    store = make_store(tmp_path / "s")  # 30 rows, all durable
+    _set_state_field(store, DURABLE_ROWS_OFFSET, 40)
+    message = "field durable_rows 40 exceeds committed_rows 30"
+    refused = run("verify", store)
+    assert refused.code == CORRUPTION and message in refused.err, refused
+    r = run("salvage", store, tmp_path / "out")
+    assert r.code == 1, r  # damage found, though every row was copied
+    assert "copied 30 of 30 rows" in r.out and "no row lost" in r.out
+    assert f"damaged: {os.path.join(store, 'header')}: {message}" in r.out.splitlines()
+    r = run("salvage", store, tmp_path / "out2", "--json")
+    assert r.code == 1, r
+    report = json.loads(r.out)
+    assert report["rows_lost"] == 0 and report["header_source"] == "primary"
+    assert len(report["damage"]) == 1 and message in report["damage"][0]
+    with embstore.Reader(tmp_path / "out") as salvaged:
+        assert len(salvaged) == 30 and salvaged.verify().ok
+
+
+def test_salvage_json_of_an_intact_store_lists_no_damage(tmp_path):
+    r = run("salvage", make_store(tmp_path / "s"), tmp_path / "out", "--json")
+    assert r.code == 0, r
+    assert json.loads(r.out)["damage"] == []
 
 
 @pytest.mark.parametrize("size", ["4m", "256k"])

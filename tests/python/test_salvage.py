@@ -50,6 +50,9 @@ def test_salvage_copies_the_rows_that_verify(store, tmp_path):
     assert report["rows_lost"] == 1
     assert report["lost_ranges"] == [(7, 8)]
     assert report["header_source"] == "primary"
+    # The counter that keeps the store from opening is named, as Reader names it.
+    assert len(report["damage"]) == 1
+    assert "field committed_rows 1000000000 exceeds capacity_rows" in report["damage"][0]
     with embstore.Reader(out) as r:
         assert len(r) == 199
         kept = np.delete(np.arange(200), 7)

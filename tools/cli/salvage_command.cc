@@ -26,8 +26,10 @@ int run_salvage(const SalvageArgs& args) {
       progress.update(done, total);
     });
   }
-  // Damage found: rows that did not verify, or a primary header that did not.
-  const bool damaged = report.rows_lost != 0 || report.header_source != "primary";
+  // Damage found: rows that did not verify, a primary header that did not, or a field that
+  // keeps the store from opening (a counter, the generation).
+  const bool damaged =
+      report.rows_lost != 0 || report.header_source != "primary" || !report.damage.empty();
   if (args.json) {
     nlohmann::json lost = nlohmann::json::array();
     for (const auto& [begin, end] : report.lost_ranges) lost.push_back({begin, end});
@@ -37,10 +39,12 @@ int run_salvage(const SalvageArgs& args) {
                 {"rows_scanned", report.rows_scanned},
                 {"rows_copied", report.rows_copied},
                 {"rows_lost", report.rows_lost},
-                {"lost_ranges", lost}});
+                {"lost_ranges", lost},
+                {"damage", report.damage}});
   } else {
     fmt::print("{}: copied {} of {} rows into {} (header: {} copy)\n", args.store,
                report.rows_copied, report.rows_scanned, args.out, report.header_source);
+    for (const std::string& damage : report.damage) fmt::print("damaged: {}\n", damage);
     if (report.rows_lost == 0) {
       fmt::print("no row lost\n");
     } else {

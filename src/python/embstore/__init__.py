@@ -223,8 +223,10 @@ def salvage(store: PathLike, out: PathLike) -> dict:
     each row's own checksum, never the counters. Rows keep their order, keys and epochs; ``out``
     gets the same dtype, dim and metadata and must not exist. Writes nothing to ``store``.
 
-    Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost
-    and lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify).
+    Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost,
+    lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify) and
+    damage (a list of messages, each naming the file and field, of damage worked around that
+    keeps the store from opening, such as a damaged counter; empty when the store opens).
 
     ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed into
     place only when complete: on an error (a full disk, say) nothing is left at ``out``. A
