@@ -37,11 +37,16 @@ std::string open_refusal(const std::string& store) {
 SalvageReport salvage(
     const std::string& store, const std::string& out,
     const std::function<void(std::uint64_t rows_done, std::uint64_t rows_total)>& progress) {
-  auto files = detail::StoreFiles::open(store, detail::os::Access::kReadOnly, 0);
+  auto files = detail::StoreFiles::open(store, detail::os::Access::kReadOnly, 0,
+                                        detail::DamagedGeneration::kUseOnlyPair);
   const detail::Layout& layout = files->layout();
   SalvageReport report;
   report.header_source = files->header_source();
-  if (std::string refused = open_refusal(store); !refused.empty()) {
+  if (!files->generation_damage().empty()) {
+    // The normal open stops at this field, so the counter checks after it are not run (the
+    // files bound the scan anyway).
+    report.damage.push_back(files->generation_damage());
+  } else if (std::string refused = open_refusal(store); !refused.empty()) {
     report.damage.push_back(std::move(refused));
   }
 

@@ -19,7 +19,9 @@ struct SalvageReport {
   std::vector<std::pair<std::uint64_t, std::uint64_t>> lost_ranges;
   // Damage worked around besides lost rows and the header copy: why the store does not open
   // (the error info and verify give, naming the file and field, e.g. "field durable_rows 25
-  // exceeds committed_rows 5"). Empty when the store opens.
+  // exceeds committed_rows 5"), or a `generation` field naming files that do not exist when the
+  // directory holds exactly one rows.X/index.X pair (then salvaged from those). Empty when the
+  // store opens.
   std::vector<std::string> damage;
 };
 
@@ -30,11 +32,12 @@ struct SalvageReport {
 // holds and each row's own checksum. Scans rows [0, n): n is one past the last row that
 // verifies, or the committed counter if that is larger and the files can hold that many rows.
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
-// verifies (the rows cannot be checked without the header), kAlreadyExists if `out` exists.
-// The new store is built in a hidden directory `.<name of out>.partial-<hex>` beside `out` and
-// renamed to `out` only when complete: on any error (a full disk, say) nothing is left at
-// `out`. A process killed meanwhile leaves that directory, never `out`; it is not the salvaged
-// store and may be deleted.
+// verifies (the rows cannot be checked without the header), or if the `generation` field is
+// damaged and the directory does not hold exactly one rows.X/index.X pair; kAlreadyExists if
+// `out` exists. The new store is built in a hidden directory `.<name of out>.partial-<hex>`
+// beside `out` and renamed to `out` only when complete: on any error (a full disk, say) nothing
+// is left at `out`. A process killed meanwhile leaves that directory, never `out`; it is not
+// the salvaged store and may be deleted.
 // `progress`, if set, is called from the calling thread with (rows examined, rows to examine)
 // every few thousand rows and once at the end.
 SalvageReport salvage(

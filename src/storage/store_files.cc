@@ -35,6 +35,31 @@ class FileHandle {
   bool owned_;
 };
 
+constexpr std::uint64_t kMaxGeneration = 1'000'000'000;
+
+// The generation X of the one rows.X/index.X pair in `dir`, or 0 when there is none or more
+// than one.
+std::uint64_t only_generation_in(const std::string& dir) {
+  std::uint64_t only = 0;
+  for (const std::string& name : os::list_dir(dir)) {
+    if (!name.starts_with("rows.")) continue;
+    const std::string number = name.substr(5);
+    if (number.empty() || number.size() > 10 ||
+        number.find_first_not_of("0123456789") != std::string::npos) {
+      continue;
+    }
+    const std::uint64_t x = std::strtoull(number.c_str(), nullptr, 10);
+    // The name as the store would spell it (no leading zeros), with its index file beside it.
+    if (x == 0 || x > kMaxGeneration || data_file_name(x) != name ||
+        !os::exists(dir + "/" + index_file_name(x))) {
+      continue;
+    }
+    if (only != 0) return 0;
+    only = x;
+  }
+  return only;
+}
+
 }  // namespace
 
 std::uint64_t capacity_for(std::uint64_t rows, std::uint64_t record_bytes,
@@ -78,7 +103,8 @@ std::uint64_t resolve_map_bytes(std::uint64_t requested) {
 }
 
 std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Access access,
-                                             std::uint64_t map_bytes) {
+                                             std::uint64_t map_bytes,
+                                             DamagedGeneration damaged_generation) {
   std::unique_ptr<StoreFiles> files(new StoreFiles());
   files->dir_ = strip_trailing_slashes(dir_in);
   files->access_ = access;
@@ -102,10 +128,30 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   files->state_map_ =
       os::map_shared(files->header_fd_, kStateOffset, kPageBytes, access, files->header_path_);
   files->state_ = SharedState(static_cast<StatePage*>(files->state_map_));
-  const std::uint64_t generation = files->state_.generation();
-  if (generation == 0 || generation > 1'000'000'000) {
-    corrupt(files->header_path_,
-            "field generation " + std::to_string(generation) + " is outside 1..10^9");
+  const std::uint64_t word = files->state_.generation_word();
+  std::uint64_t generation = store_generation_of(word);
+  std::string damage;
+  if (generation == 0 || generation > kMaxGeneration) {
+    damage = "field generation " + std::to_string(generation) + " is outside 1..10^9";
+  } else if (!os::exists(dir + "/" + data_file_name(generation)) &&
+             !os::exists(dir + "/" + index_file_name(generation)) &&
+             files->state_.generation_word() == word) {
+    // The word unchanged after the look: no truncate switched the store and removed the files
+    // meanwhile, so the field names files that were never there.
+    damage = "field generation " + std::to_string(generation) + " names " +
+             data_file_name(generation) + " and " + index_file_name(generation) +
+             ", which do not exist";
+  }
+  if (!damage.empty()) {
+    const std::uint64_t only = only_generation_in(dir);
+    if (only == 0) corrupt(files->header_path_, damage);
+    const std::string found = data_file_name(only) + " and " + index_file_name(only);
+    if (damaged_generation == DamagedGeneration::kRefuse) {
+      corrupt(files->header_path_, damage + " (the only generation files here are " + found + ")");
+    }
+    files->generation_damage_ = files->header_path_ + ": " + damage + "; read " + found +
+                                ", the only generation files here";
+    generation = only;
   }
   files->file_generation_ = generation;
   files->data_path_ = dir + "/" + data_file_name(generation);
@@ -164,7 +210,7 @@ void StoreFiles::close_retired_fds() {
 bool StoreFiles::follow_generation() {
   const std::uint64_t generation = state_.generation();
   if (generation == file_generation_) return false;
-  if (generation == 0 || generation > 1'000'000'000) {
+  if (generation == 0 || generation > kMaxGeneration) {
     corrupt(header_path_, "field generation " + std::to_string(generation) + " is outside 1..10^9");
   }
   std::string data_path = dir_ + "/" + data_file_name(generation);

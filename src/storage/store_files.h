@@ -50,12 +50,22 @@ std::uint64_t capacity_for(std::uint64_t rows, std::uint64_t record_bytes,
 // `path` without trailing slashes ("/" stays "/"): the store's name in every message.
 std::string strip_trailing_slashes(std::string path);
 
+// What StoreFiles::open does when the state page's `generation` is damaged: outside 1..10^9, or
+// naming files rows.G and index.G of which neither exists.
+enum class DamagedGeneration {
+  kRefuse,  // kCorruption naming the field.
+  // For salvage: opens the files of the one generation the directory holds, when it holds
+  // exactly one rows.X/index.X pair, and says so in generation_damage(); refuses otherwise.
+  kUseOnlyPair,
+};
+
 class StoreFiles {
  public:
   // Opens and validates `dir`. Maps nothing of the data files yet. Throws kNotFound for a path
   // that is not a store, kUnsupportedVersion, kCorruption naming the file and field.
-  static std::unique_ptr<StoreFiles> open(const std::string& dir, os::Access access,
-                                          std::uint64_t map_bytes);
+  static std::unique_ptr<StoreFiles> open(
+      const std::string& dir, os::Access access, std::uint64_t map_bytes,
+      DamagedGeneration damaged_generation = DamagedGeneration::kRefuse);
   ~StoreFiles();
   StoreFiles(const StoreFiles&) = delete;
   StoreFiles& operator=(const StoreFiles&) = delete;
@@ -153,6 +163,9 @@ class StoreFiles {
   bool same_boot() const;  // The state's boot id is the machine's current boot id.
   // Which fixed header verified: "primary", or "copy" when the primary failed its checks.
   const char* header_source() const { return layout_.from_copy ? "copy" : "primary"; }
+  // After open() with DamagedGeneration::kUseOnlyPair: the damage to `generation` it worked
+  // around (naming the header, the field and the files used), or "".
+  const std::string& generation_damage() const { return generation_damage_; }
   // Writer only, writer lock held: gives a store older than format 1.2 its header copy, or a
   // store whose primary failed its checks the primary back from the copy, and flushes the
   // header. The copy is written and flushed before the primary is touched, so an interruption
@@ -165,6 +178,7 @@ class StoreFiles {
 
   std::string dir_, header_path_, data_path_, index_path_;
   std::uint64_t file_generation_ = 0;
+  std::string generation_damage_;
   std::vector<int> retired_fds_;  // A Writer's descriptors of older generations' files.
   os::Access access_ = os::Access::kReadOnly;
   bool huge_pages_ = false;                             // set_huge_pages().

@@ -4,6 +4,7 @@ it was; a salvage that fails leaves no store at the output."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -16,6 +17,7 @@ ALREADY_EXISTS, NOT_FOUND, CORRUPTION, FULL = 13, 12, 14, 18
 HEADER_COPY_OFFSET = 2048  # src/format/FORMAT.md: the second copy of the fixed header
 COMMITTED_ROWS_OFFSET = 4096  # the state page's committed_rows
 DURABLE_ROWS_OFFSET = 4160  # the state page's durable_rows
+GENERATION_OFFSET = 4352  # the state page's generation
 RECORD_BYTES = 4 * 2  # make_store's default: dim 4, float16
 
 
@@ -136,6 +138,58 @@ def test_salvage_json_of_an_intact_store_lists_no_damage(tmp_path):
     r = run("salvage", make_store(tmp_path / "s"), tmp_path / "out", "--json")
     assert r.code == 0, r
     assert json.loads(r.out)["damage"] == []
+
+
+def _truncated_store(tmp_path):
+    """30 rows truncated to 20: generation 2 (rows.2, index.2). Returns it and its vectors."""
+    store = make_store(tmp_path / "s")
+    assert run("truncate", store, "--rows", 20, "--yes").code == 0
+    with embstore.Reader(store) as r:
+        assert embstore.info(store)["generation"] == 2
+        return store, r.vectors.copy()
+
+
+@pytest.mark.parametrize("generation, problem", [
+    (7, "field generation 7 names rows.7 and index.7, which do not exist"),
+    (0, "field generation 0 is outside 1..10^9"),
+])
+def test_a_damaged_generation_is_corruption_naming_the_field_and_salvage_reads_the_only_pair(
+        tmp_path, generation, problem):
+    store, vectors = _truncated_store(tmp_path)
+    _set_state_field(store, GENERATION_OFFSET, generation)
+    damaged = hash_tree(store)
+    header = os.path.join(store, "header")
+    for args in (["info", store], ["verify", store], ["get", store, 3], ["head", store]):
+        r = run(*args)
+        assert r.code == CORRUPTION, (args, r)
+        line = r.err.strip()
+        assert len(line.splitlines()) == 1, (args, r)
+        assert f"{header}: {problem}" in line, (args, r)
+        assert "the only generation files here are rows.2 and index.2" in line, (args, r)
+    with pytest.raises(embstore.CorruptionError, match="field generation"):
+        embstore.Writer(store)
+    out = tmp_path / "out"
+    r = run("salvage", store, out, "--json")
+    assert r.code == 1, r
+    report = json.loads(r.out)
+    assert report["rows_copied"] == 20 and report["rows_lost"] == 0
+    assert len(report["damage"]) == 1
+    assert problem in report["damage"][0] and "read rows.2 and index.2" in report["damage"][0]
+    with embstore.Reader(out) as salvaged:
+        np.testing.assert_array_equal(salvaged.vectors, vectors)
+        assert salvaged.verify().ok
+    assert hash_tree(store) == damaged
+
+
+def test_salvage_refuses_a_damaged_generation_when_two_generations_are_on_disk(tmp_path):
+    store, _ = _truncated_store(tmp_path)
+    _set_state_field(store, GENERATION_OFFSET, 7)
+    for name in ("rows", "index"):  # a second pair: which one held the store is not known
+        shutil.copy(os.path.join(store, f"{name}.2"), os.path.join(store, f"{name}.3"))
+    r = run("salvage", store, tmp_path / "out")
+    assert r.code == CORRUPTION, r
+    assert "field generation 7 names rows.7 and index.7, which do not exist" in r.err
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("size", ["4m", "256k"])

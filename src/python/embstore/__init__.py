@@ -226,14 +226,16 @@ def salvage(store: PathLike, out: PathLike) -> dict:
     Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost,
     lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify) and
     damage (a list of messages, each naming the file and field, of damage worked around that
-    keeps the store from opening, such as a damaged counter; empty when the store opens).
+    keeps the store from opening, such as a damaged counter or a ``generation`` field naming
+    files that do not exist; empty when the store opens).
 
     ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed into
     place only when complete: on an error (a full disk, say) nothing is left at ``out``. A
     process killed meanwhile leaves that directory, which is not the salvaged store.
 
     Raises:
-        CorruptionError: neither copy of the header verifies.
+        CorruptionError: neither copy of the header verifies, or the ``generation`` field is
+            damaged and the directory does not hold exactly one rows.X/index.X pair.
         FileExistsError: ``out`` exists.
     """
     store, out = os.fspath(store), os.fspath(out)
