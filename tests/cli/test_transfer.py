@@ -115,6 +115,25 @@ def test_export_selects_by_epoch_latest_and_row_range(store, tmp_path):
     assert len(np.load(tmp_path / "le" / "keys.npy")) == 10
 
 
+def test_exported_compacted_and_imported_outputs_get_the_mode_of_a_new_directory(store, tmp_path):
+    # Built in a private working directory, published with the mode mkdir gives (not 0700), so
+    # that other users and services read them as they read the source store.
+    old = os.umask(0o022)
+    try:
+        outputs = {"npy": tmp_path / "out.npy", "copy": tmp_path / "copy.emb",
+                   "import": tmp_path / "imported.emb"}
+        assert run("export", store, outputs["npy"]).code == 0
+        assert run("compact", store, outputs["copy"]).code == 0
+        assert run("import", outputs["import"], outputs["npy"]).code == 0
+        os.mkdir(tmp_path / "plain")
+        plain = os.stat(tmp_path / "plain").st_mode & 0o777
+        assert plain == 0o755
+        for name, path in outputs.items():
+            assert os.stat(path).st_mode & 0o777 == plain, name
+    finally:
+        os.umask(old)
+
+
 def test_csv_export_has_a_header_and_one_line_per_row(store, tmp_path):
     out = tmp_path / "x.csv"
     assert run("export", store, out, "--to", 4).code == 0

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -215,6 +216,17 @@ std::string make_partial_dir(const std::string& out) {
     throw Error(
         error_code_for_write_errno(err),
         "cannot create a working directory in " + parent.string() + ": " + std::strerror(err), err);
+  }
+  // mkdtemp makes it 0700; the output it becomes gets the mode of any new directory (0777 less
+  // the umask, as mkdir gives, and as a store made by `create` or `merge` has), so that other
+  // users and services can read what was exported or compacted as they can read the source.
+  const mode_t umask = ::umask(0);
+  ::umask(umask);
+  if (::chmod(tmpl.c_str(), 0777 & ~umask) != 0) {
+    const int err = errno;
+    std::filesystem::remove(tmpl);
+    throw Error(error_code_for_write_errno(err),
+                "cannot set the mode of " + tmpl + ": " + std::strerror(err), err);
   }
   return tmpl;
 }
