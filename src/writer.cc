@@ -41,6 +41,11 @@ using detail::StoreFiles;
 // (Writer::Impl::append()). Measured: batches of 1.5 MiB (512 x 768 float32) appended with p50
 // ~20% lower; of 128 KiB (512 x 64) with p50 up to 2x higher. Between them, unmeasured.
 inline constexpr std::uint64_t kIndexLaterMinBytes = 1024 * 1024;
+// Such appends hand their rows to the indexer thread this many at a time: each post wakes the
+// thread, and on these VMs a wake-up and the sleep after it cost about as much CPU as indexing
+// the batch (bench/RESULTS.md, "The indexer woken every fourth append"). Lookups stay exact
+// (rows past the watermark are scanned): at most 2 x 4 - 1 appends' rows past it.
+inline constexpr std::uint64_t kIndexLaterAppends = 4;
 
 class Writer::Impl {
  public:
@@ -128,7 +133,7 @@ class Writer::Impl {
     std::shared_lock life(lifetime_);
     check_open();
     // The statistics count the rows this handle's appends left to the indexer as indexed.
-    if (detail::BackgroundIndexer* indexer = indexer_.load()) indexer->wait_idle();
+    post_unposted(true);
     // The key statistics read the offset index through the mappings, which an append may
     // replace, and rows other processes committed may lie past them: under mutex_.
     const auto in_process = lock_ahead_of_appends();
@@ -175,6 +180,14 @@ class Writer::Impl {
   }
   // WriterInternals::set_index_later_min_bytes().
   void set_index_later_min_bytes(std::uint64_t bytes) { index_later_min_bytes_ = bytes; }
+  // Asks the indexer thread to index the rows of the appends that left it their indexing but
+  // did not post it yet (kIndexLaterAppends), and with `wait` waits until it has.
+  void post_unposted(bool wait) {
+    detail::BackgroundIndexer* indexer = indexer_.load();
+    if (indexer == nullptr) return;
+    if (appends_unposted_.exchange(0) > 0) indexer->post();
+    if (wait) indexer->wait_idle();
+  }
   // WriterInternals::background_index_runs().
   std::uint64_t background_index_runs() const {
     const detail::BackgroundIndexer* indexer = indexer_.load();
@@ -375,6 +388,8 @@ class Writer::Impl {
   std::unique_ptr<detail::BackgroundIndexer> indexer_owner_;
   std::atomic<std::uint64_t> index_later_min_bytes_{kIndexLaterMinBytes};
   std::atomic<detail::BackgroundIndexer*> indexer_{nullptr};
+  // Appends that left their rows to indexer_ since the last post (kIndexLaterAppends).
+  std::atomic<std::uint64_t> appends_unposted_{0};
 };
 
 void Writer::Impl::check_usable() const {
@@ -777,10 +792,13 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     if (!index_later && index_keys(KeysWait::kUnlessHeld)) start_growth();
     return at;
   });
-  if (index_later && keys_usable_.load()) {
-    // The rows of the appends before this one are indexed by now, so the indexing never falls
-    // further behind than one append of each thread; this one's are indexed while the caller
-    // goes on (index/background_indexer.h). Outside mutex_, which the indexer's run may take.
+  if (index_later && keys_usable_.load() &&
+      appends_unposted_.fetch_add(1) + 1 >= kIndexLaterAppends) {
+    // Every kIndexLaterAppends-th such append: the rows of the run posted before are indexed
+    // by now, so the indexing never falls further behind than 2 x kIndexLaterAppends - 1
+    // appends; these are indexed while the caller goes on (index/background_indexer.h). Outside
+    // mutex_, which the indexer's run may take. sync(), info() and close() post what is left.
+    appends_unposted_.store(0);
     detail::BackgroundIndexer* indexer = indexer_.load();
     indexer->wait_idle();
     indexer->post();
@@ -803,6 +821,8 @@ void Writer::Impl::poison(const Error& error) {
 void Writer::Impl::sync() {
   std::shared_lock life(lifetime_);
   check_usable();
+  // The key index is never flushed; the rows left to the indexer are indexed soon after.
+  post_unposted(false);
   flush();
 }
 

@@ -888,6 +888,42 @@ TEST_CASE(
   CHECK(report.key_index_problems == 0);
 }
 
+TEST_CASE("The indexer thread is posted every fourth append and by sync(): lookups are exact",
+          "[key_lookup][indexer]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = Writer::create(path, options());
+  detail::WriterInternals::set_index_later_min_bytes(w, 0);  // Every batch left to the thread.
+  Reader r = Reader::open(path);
+  for (std::uint64_t b = 0; b < 3; ++b) {
+    append(w, {10 * b, 10 * b + 1}, {b, b});
+    CHECK(detail::WriterInternals::background_index_runs(w) == 0);
+    r.refresh();
+    check_lookups(r, {0, 1, 10, 11, 20, 21, 99}, {0, 1, 2, 3});  // Past the watermark: a scan.
+  }
+  // sync() posts what the appends left (the sync thread of the default policy calls it too);
+  // it does not wait for the indexing, which is never flushed.
+  w.sync();
+  CHECK(test::within_a_minute([&] {
+    r.refresh();
+    return r.info().key_index.find(indexed_status(6)) != std::string::npos;
+  }));
+  CHECK(detail::WriterInternals::background_index_runs(w) == 1);
+  // The fourth append after a post posts by itself.
+  for (std::uint64_t b = 3; b < 7; ++b) append(w, {10 * b}, {b});
+  CHECK(test::within_a_minute(
+      [&] { return detail::WriterInternals::background_index_runs(w) == 2; }));
+  CHECK(test::within_a_minute([&] {
+    r.refresh();
+    return r.info().key_index.find(indexed_status(10)) != std::string::npos;
+  }));
+  append(w, {70}, {7});
+  w.close();  // Indexes the one append left.
+  r.refresh();
+  CHECK(r.info().key_index.find(indexed_status(11)) != std::string::npos);
+  check_lookups(r, {0, 10, 30, 60, 70}, {0, 3, 6, 7});
+}
+
 TEST_CASE("A truncate while another process's writer waits to index leaves an exact key index",
           "[key_lookup][lock][truncate]") {
   TempDir dir;

@@ -3,13 +3,16 @@
 //
 // The key index is derived data (key_index.h): rows past its watermark are answered by a scan
 // of the offset index, so indexing late changes no lookup's answer, only its cost. An append
-// publishes its rows, wakes the readers and post()s; this thread then indexes every committed
-// row (Writer::Impl::index_in_background(), under the key index lock) while the caller prepares
-// and commits its next batch. Before it posts, an append waits for the runs the appends before
-// it asked for (wait_idle()): at most one append's rows of each thread are left to index when
-// an append returns, the indexing of one batch overlaps the commit of the next, and a writer
-// whose indexing is slower than its commits is held to the indexing's pace (the watermark never
-// falls further behind). src/writer.cc, "Lock order", says which locks the run takes.
+// publishes its rows and wakes the readers; every fourth such append post()s
+// (kIndexLaterAppends in src/writer.cc: a wake-up costs about what indexing a batch does), and
+// this thread then indexes every committed row (Writer::Impl::index_in_background(), under the
+// key index lock) while the caller prepares and commits its next batches. Before it posts, an
+// append waits for the runs the appends before it asked for (wait_idle()): at most 2 x 4 - 1
+// appends' rows are left to index when an append returns, the indexing of some batches
+// overlaps the commits of the next, and a writer whose indexing is slower than its commits is
+// held to the indexing's pace (the watermark never falls further behind). sync(), info() and
+// close() post what the last appends left. src/writer.cc, "Lock order", says which locks the
+// run takes.
 //
 // Contract: post() asks for one run of the job that begins after the call; wait_idle() returns
 // once every run asked for before it has finished; stop() waits for those, then ends the thread
