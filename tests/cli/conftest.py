@@ -111,3 +111,18 @@ def partial_dirs(directory):
     """The hidden working directories (.NAME.partial-*) in `directory`."""
     return sorted(name for name in os.listdir(directory)
                   if name.startswith(".") and ".partial-" in name)
+
+
+def kill_when(proc, ready, timeout):
+    """Kills `proc` (SIGKILL) as soon as ready() holds, polled every millisecond for at most
+    `timeout` seconds. True if it was killed running (mid-way), False if it had ended first."""
+    import signal
+    import time
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if ready():
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.returncode == -signal.SIGKILL

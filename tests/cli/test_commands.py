@@ -562,31 +562,18 @@ def test_io_and_full_errors_have_their_exit_codes(store, tmp_path):
 
 
 @pytest.fixture
-def read_only_mount(tmp_path):
-    """A small tmpfs at tmp_path/ro; the test fills it, then calls the function it gets to remount
-    it read-only (as root, chmod alone does not make a write fail). Unmounted afterwards."""
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount(8) on this machine: cannot make a read-only file system")
-    point = tmp_path / "ro"
-    point.mkdir()
-    r = subprocess.run([mount, "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(point)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip("mounting a tmpfs is not permitted here (needs root / CAP_SYS_ADMIN): "
-                    + (r.stderr.strip().splitlines() or ["?"])[0])
+def read_only_mount(small_tmpfs):
+    """A small tmpfs (conftest.small_tmpfs); the test fills it, then calls the function it gets
+    to remount it read-only (as root, chmod alone does not make a write fail)."""
+    point = small_tmpfs("16m")
 
     def make_read_only():
-        r = subprocess.run([mount, "-o", "remount,ro", str(point)], capture_output=True, text=True)
+        r = subprocess.run(["mount", "-o", "remount,ro", str(point)], capture_output=True,
+                           text=True)
         if r.returncode != 0:
             pytest.skip("remounting the tmpfs read-only is not permitted here: "
                         + (r.stderr.strip().splitlines() or ["?"])[0])
-
-    try:
-        yield point, make_read_only
-    finally:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    return point, make_read_only
 
 
 def test_writes_to_a_read_only_file_system_exit_19_and_change_nothing(read_only_mount, tmp_path):

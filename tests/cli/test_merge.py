@@ -4,14 +4,12 @@ part-way leaves no store at the output."""
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import numpy as np
 
 import embstore
-from conftest import CLI, hash_tree, make_store, partial_dirs, run
+from conftest import CLI, hash_tree, kill_when, make_store, partial_dirs, run
 
 FORMAT_MISMATCH, ALREADY_EXISTS, NOT_FOUND, FULL = 15, 13, 12, 18
 
@@ -83,16 +81,11 @@ def test_merge_killed_mid_way_leaves_no_store_at_the_output(tmp_path):
         proc = subprocess.Popen([CLI, "merge", str(out), *inputs, "--quiet"],
                                 stdout=subprocess.DEVNULL)
         # Kill as soon as the new store, wherever it is being built, holds a row.
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
+        def holds_a_row():
             building = [out] + [tmp_path / d for d in partial_dirs(tmp_path)
                                 if d.startswith(f".merged{attempt}.")]
-            if any(_committed_rows(p) > 0 for p in building):
-                break
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode == -signal.SIGKILL:
+            return any(_committed_rows(p) > 0 for p in building)
+        if kill_when(proc, holds_a_row, 60):
             killed_mid_way += 1
             # Nothing at the output name: no half store can be mistaken for the result.
             assert not os.path.exists(out), attempt

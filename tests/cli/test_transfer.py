@@ -4,18 +4,15 @@ the same rows, keys and epochs, compaction, kill -9 during compact, and bad inpu
 import json
 import os
 import re
-import shutil
-import signal
 import struct
 import subprocess
-import time
 
 import h5py
 import numpy as np
 import pytest
 
 import embstore
-from conftest import CLI, SEGMENT_MB, corrupt_row, hash_tree, make_store, run
+from conftest import CLI, SEGMENT_MB, corrupt_row, hash_tree, kill_when, make_store, run
 
 DTYPES = ["float32", "float16", "bfloat16", "int8", "uint8", "float64"]
 NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1", "uint8": "|u1",
@@ -41,23 +38,9 @@ def write_npy(path, header, data=b""):
 
 
 @pytest.fixture
-def full_disk(tmp_path):
-    """A 1 MiB tmpfs at tmp_path/full, too small for the exports written to it. Unmounted after."""
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("no mount(8) on this machine: cannot make a small file system")
-    point = tmp_path / "full"
-    point.mkdir()
-    r = subprocess.run([mount, "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(point)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip("mounting a tmpfs is not permitted here (needs root / CAP_SYS_ADMIN): "
-                    + (r.stderr.strip().splitlines() or ["?"])[0])
-    try:
-        yield point
-    finally:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+def full_disk(small_tmpfs):
+    """A 1 MiB tmpfs, too small for the exports written to it (conftest.small_tmpfs)."""
+    return small_tmpfs("1m")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -313,14 +296,8 @@ def test_kill_9_during_compact_leaves_the_source_intact_and_no_store_at_the_outp
         out = tmp_path / f"out{attempt}"
         proc = subprocess.Popen([CLI, "compact", str(src), str(out), "--quiet"])
         # Wait for the working directory to appear, then kill at once.
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            if any(name.startswith(f".out{attempt}.partial-") for name in os.listdir(tmp_path)):
-                break
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode == -signal.SIGKILL:
+        if kill_when(proc, lambda: any(name.startswith(f".out{attempt}.partial-")
+                                       for name in os.listdir(tmp_path)), 30):
             killed_mid_way += 1
             # Nothing at the output name: no half store can be mistaken for the result.
             assert not os.path.exists(out)
