@@ -475,6 +475,22 @@ def test_hdf5_export_to_a_full_disk_exits_18_with_one_line_and_leaves_nothing(fu
         assert np.array_equal(f["vectors"][:], store_arrays(store)[0][:100])
 
 
+def test_compact_and_import_errors_name_the_output_asked_for(full_disk, tmp_path):
+    store = make_store(tmp_path / "s", dim=64, dtype="float32", rows_per_epoch=3000)
+    np.save(tmp_path / "v.npy", np.ones((9000, 64), np.float32))
+    for args, out in ((["compact", store], full_disk / "c"),
+                      (["import"], full_disk / "i")):
+        extra = [tmp_path / "v.npy"] if args[0] == "import" else []
+        r = run(*args, out, *extra, "--quiet")
+        assert r.code == 18, (args, r)
+        line = one_line(r.err)
+        assert str(out) in line and "No space left on device" in line, line
+        # The working path only in parentheses after it.
+        assert re.search(rf"\(writing {re.escape(str(full_disk))}/\.{out.name}\.partial-\w+", line), line
+        assert line.index(str(out)) < line.index("(writing"), line
+        assert os.listdir(full_disk) == []
+
+
 def test_export_errors_name_the_output_asked_for_not_its_working_path(full_disk, tmp_path):
     store = make_store(tmp_path / "s", dim=64, dtype="float32", rows_per_epoch=3000)
     for out, named in ((full_disk / "o", full_disk / "o" / "vectors.npy"),

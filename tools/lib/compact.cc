@@ -69,7 +69,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   } catch (...) {
     std::error_code ec;
     std::filesystem::remove_all(partial, ec);
-    throw;
+    rethrow_naming_output_if_error(partial, out);
   }
   return result;
 }

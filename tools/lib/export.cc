@@ -183,18 +183,23 @@ std::filesystem::path without_trailing_separators(const std::string& path) {
   return path.substr(0, end);
 }
 
-// Rethrows `e`, met while writing `working` (the hidden path that is renamed to `out` at the
-// end), naming `out` instead: the user asked for `out` and has never heard of `working`.
-[[noreturn]] void rethrow_naming_output(const Error& e, const std::string& working,
-                                        const std::string& out) {
+}  // namespace
+
+void rethrow_naming_output(const Error& e, const std::string& working, const std::string& out) {
   std::string message = e.what();
   const std::size_t at = message.find(working);
   if (at == std::string::npos) throw;
-  message.replace(at, working.size(), out);
+  message.replace(at, working.size(), without_trailing_separators(out).string());
   throw Error(e.code(), message + " (writing " + working + ")", e.sys_errno());
 }
 
-}  // namespace
+void rethrow_naming_output_if_error(const std::string& working, const std::string& out) {
+  try {
+    throw;
+  } catch (const Error& e) {
+    rethrow_naming_output(e, working, out);
+  }
+}
 
 void require_absent(const std::string& out) {
   std::error_code ec;
@@ -259,7 +264,7 @@ ExportResult export_store(const Reader& reader, const std::string& out,
       try {
         export_npy(reader, selector, partial, options);
       } catch (const Error& e) {
-        rethrow_naming_output(e, partial, without_trailing_separators(out).string());
+        rethrow_naming_output(e, partial, out);
       }
       rename_no_replace(partial, out);
     } else {
@@ -271,7 +276,7 @@ ExportResult export_store(const Reader& reader, const std::string& out,
           export_csv(reader, selector, file, options);
         }
       } catch (const Error& e) {
-        rethrow_naming_output(e, file, without_trailing_separators(out).string());
+        rethrow_naming_output(e, file, out);
       }
       rename_no_replace(file, out);
       std::filesystem::remove(partial);

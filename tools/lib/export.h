@@ -43,6 +43,14 @@ ExportResult export_store(const Reader& reader, const std::string& out,
 
 // Creates a hidden working directory next to `out` (same file system, so a rename publishes).
 std::string make_partial_dir(const std::string& out);
+// Inside a catch handler of `e`, met while writing `working` (the hidden path renamed to `out`
+// when complete): rethrows it naming `out` instead, the working path in parentheses (the user
+// asked for `out` and has never heard of `working`); unchanged if it does not name `working`.
+[[noreturn]] void rethrow_naming_output(const Error& e, const std::string& working,
+                                        const std::string& out);
+// Inside any catch handler: rethrow_naming_output() for an Error, the exception as it is else.
+[[noreturn]] void rethrow_naming_output_if_error(const std::string& working,
+                                                 const std::string& out);
 // Renames `from` to `to`, failing with kAlreadyExists instead of replacing anything at `to`.
 void rename_no_replace(const std::string& from, const std::string& to);
 // Throws kAlreadyExists when something exists at `out`.

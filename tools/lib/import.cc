@@ -280,7 +280,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     } catch (...) {
       std::error_code ec;
       std::filesystem::remove_all(partial, ec);
-      throw;
+      rethrow_naming_output_if_error(partial, store);
     }
     result.created = true;
   }
@@ -328,7 +328,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       writer.reset();
       std::error_code ec;
       std::filesystem::remove_all(partial, ec);
-      throw;
+      rethrow_naming_output_if_error(partial, store);
     }
     if (result.rows == 0) throw;
     rethrow_with_note("; " + std::to_string(result.rows) + " of " + std::to_string(n) +
