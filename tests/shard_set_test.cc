@@ -5,6 +5,7 @@
 
 #include <catch2/catch.hpp>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <random>
@@ -306,6 +307,44 @@ TEST_CASE("merge_stores copies a ShardSet's rows in global order and refuses bad
   REQUIRE(message.find(dir / "b") != std::string::npos);
   REQUIRE(message.find("row 7") != std::string::npos);
   REQUIRE(code_of([&] { read_info(dir / "again"); }) == ErrorCode::kNotFound);
+}
+
+TEST_CASE("A ShardSet after a shard was truncated and refilled to its old size answers anew",
+          "[shard_set][truncate]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s0", opts(2));
+  const std::vector<float> v(8, 1.0f);
+  w.append(std::vector<std::uint64_t>{10, 11, 12, 13}, 1, v);
+  ShardSet set = ShardSet::open({dir / "s0"});
+  REQUIRE(set.find(12, 1) == std::optional<std::uint64_t>(2));
+  REQUIRE(set.history(13).size() == 1);
+  w.truncate(2);
+  w.append(std::vector<std::uint64_t>{20, 21}, 1, std::span<const float>(v.data(), 4));
+  set.refresh();
+  REQUIRE(set.size() == 4);  // As before the truncate: the size alone does not tell.
+  CHECK(set.find(12, 1) == std::nullopt);
+  CHECK(set.find(21) == std::optional<std::uint64_t>(3));
+  CHECK(set.history(13).empty());
+  CHECK(set.epoch_rows(1) == std::vector<std::uint64_t>{0, 1, 2, 3});
+  const std::vector<std::uint64_t> keys{12, 20, 10};
+  CHECK(set.find_many(keys, 1) == std::vector<std::uint64_t>{ShardSet::kNoRow, 2, 0});
+}
+
+TEST_CASE("merge_stores merges a shard whose key index file is missing (no row is lost)",
+          "[shard_set][corruption]") {
+  TempDir dir;
+  {
+    Writer w = Writer::create(dir / "m0", opts(2));
+    w.append(std::vector<std::uint64_t>{1, 2, 3}, 1, std::vector<float>(6, 1.0f));
+  }
+  std::filesystem::remove(dir / "m0/keys.1");
+  const ShardSet set = ShardSet::open({dir / "m0"});
+  REQUIRE(set.shard(0).verify().key_index_problems == 1);  // A problem of derived data only.
+  const StoreInfo info = merge_stores(dir / "merged", set);
+  CHECK(info.committed_rows == 3);
+  Reader merged = Reader::open(dir / "merged");
+  CHECK(merged.verify().ok());
+  CHECK(merged.find(2, 1) == std::optional<std::uint64_t>(1));
 }
 
 TEST_CASE("Writers refuse network file systems unless forced, and readers read anywhere",

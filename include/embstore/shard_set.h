@@ -102,6 +102,8 @@ class ShardSet {
   // row is the global number.
   Record record(std::uint64_t row) const;
 
+  // Lookups ask each shard's Reader (its key index, or its scan: Reader's "Lookups by key"),
+  // for the shards' snapshots as of the last refresh().
   // The global row of (key, epoch), or of the latest row of `key` (highest global number).
   std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
   std::optional<std::uint64_t> find(std::uint64_t key) const;

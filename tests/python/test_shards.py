@@ -198,7 +198,7 @@ def test_merge_verifies_and_keeps_order(tmp_path):
         byte = f.read(1)
         f.seek(11 * 12)
         f.write(bytes([byte[0] ^ 0x10]))
-    with pytest.raises(embstore.CorruptionError, match=r"s2: row 11"):
+    with pytest.raises(embstore.CorruptionError, match=r"s2/rows.1: row 11 \(key \d+, epoch \d+\) fails its checksum"):
         embstore.merge(tmp_path / "again", paths)
     assert not os.path.exists(tmp_path / "again")
     # Built aside (.again.partial-*) and removed on the error: nothing of it is left either.

@@ -78,70 +78,6 @@ def node_name() -> str:
     return "host-" + re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
 
 
-class _KeyTable:
-    """One shard's keys and epochs sorted for lookup; rebuilt when the shard's snapshot grows.
-
-    Stands in for the shard Reader's own find/history/find_many (a persistent key index) where
-    the Reader has none: _find_many, _history and _epoch_rows use the Reader's when present."""
-
-    def __init__(self, reader: Reader) -> None:
-        self.rows = len(reader)
-        keys = np.ascontiguousarray(reader.keys)
-        epochs = np.ascontiguousarray(reader.epochs)
-        self.epochs = epochs
-        self.by_key = np.argsort(keys, kind="stable")  # a key's rows stay in commit order
-        self.sorted_keys = keys[self.by_key]
-        pairs = np.empty(self.rows, dtype=[("k", "<u8"), ("e", "<u8")])
-        pairs["k"], pairs["e"] = keys, epochs
-        self.by_pair = np.argsort(pairs, order=("k", "e"), kind="stable")
-        self.sorted_pairs = pairs[self.by_pair]
-
-
-def _find_many(reader: Reader, table: Callable[[], _KeyTable], keys: np.ndarray,
-               epochs: Optional[np.ndarray]) -> np.ndarray:
-    """Shard-local rows (int64, -1 where absent) of (keys[i], epochs[i]), or of each key's
-    latest row when ``epochs`` is None."""
-    if hasattr(reader, "find_many"):
-        return np.asarray(reader.find_many(keys, epochs), dtype=np.int64)
-    t = table()
-    if epochs is None:
-        hi = np.searchsorted(t.sorted_keys, keys, side="right")
-        lo = np.searchsorted(t.sorted_keys, keys, side="left")
-        order = t.by_key
-    else:
-        wanted = np.empty(len(keys), dtype=t.sorted_pairs.dtype)
-        wanted["k"], wanted["e"] = keys, epochs
-        hi = np.searchsorted(t.sorted_pairs, wanted, side="right")
-        lo = np.searchsorted(t.sorted_pairs, wanted, side="left")
-        order = t.by_pair
-    found = hi > lo
-    out = np.full(len(keys), -1, dtype=np.int64)
-    out[found] = order[hi[found] - 1]  # stable sort: the last of a run is the latest row
-    return out
-
-
-def _history(reader: Reader, table: Callable[[], _KeyTable], key: int) -> np.ndarray:
-    """Shard-local rows of ``key`` in commit order (int64)."""
-    if hasattr(reader, "history"):
-        versions = reader.history(key)
-        names = getattr(getattr(versions, "dtype", None), "names", None)
-        if names:  # a structured array: its "row" field (else the first)
-            return np.asarray(versions["row" if "row" in names else names[0]], dtype=np.int64)
-        return np.asarray([v[0] if isinstance(v, (tuple, list)) else v for v in versions],
-                          dtype=np.int64).reshape(-1)
-    t = table()
-    k = np.uint64(key)
-    lo, hi = np.searchsorted(t.sorted_keys, k, "left"), np.searchsorted(t.sorted_keys, k, "right")
-    return t.by_key[lo:hi].astype(np.int64)
-
-
-def _epoch_rows(reader: Reader, epoch: int) -> np.ndarray:
-    """Shard-local rows of ``epoch`` in commit order (int64)."""
-    if hasattr(reader, "epoch_rows"):
-        return np.asarray(reader.epoch_rows(epoch), dtype=np.int64)
-    return np.flatnonzero(reader.epochs == np.uint64(epoch)).astype(np.int64)
-
-
 def _u64(values: Any, what: str) -> np.ndarray:
     """Keys or epochs checked as Reader.find_many checks them (an empty list is no keys)."""
     return np.ascontiguousarray(_u64_array(values, what).reshape(-1))
@@ -178,18 +114,11 @@ class ShardSet:
         self.paths: List[str] = list(paths)
         self.metadata_text: str = metadata.decode("utf-8", errors="replace")
         self.shards: List[Reader] = [Reader(p, map_bytes=map_bytes) for p in self.paths]
-        self._tables: List[Optional[_KeyTable]] = [None] * len(self.shards)
         self._renumber()
 
     def _renumber(self) -> None:
         sizes = np.array([len(r) for r in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-
-    def _table(self, i: int) -> _KeyTable:
-        table = self._tables[i]
-        if table is None or table.rows != len(self.shards[i]):
-            table = self._tables[i] = _KeyTable(self.shards[i])
-        return table
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -266,7 +195,7 @@ class ShardSet:
             epochs = _u64(np.broadcast_to(np.asarray(epochs), keys.shape), "epochs")
         out = np.full(len(keys), -1, dtype=np.int64)
         for i, reader in enumerate(self.shards):
-            found = _find_many(reader, lambda i=i: self._table(i), keys, epochs)
+            found = np.asarray(reader.find_many(keys, epochs), dtype=np.int64)
             hit = found >= 0
             out[hit] = found[hit] + self.offsets[i]  # later shards overwrite: the higher row
         return out
@@ -288,14 +217,12 @@ class ShardSet:
         """Every (global row, epoch) of ``key``, in global row order."""
         out = []
         for i, reader in enumerate(self.shards):
-            rows = _history(reader, lambda i=i: self._table(i), int(key))
-            epochs = reader.epochs[rows] if rows.size else ()
-            out.extend(zip((rows + self.offsets[i]).tolist(), np.asarray(epochs).tolist()))
+            out.extend((row + int(self.offsets[i]), epoch) for row, epoch in reader.history(key))
         return out
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """Global rows of ``epoch``, ascending (int64)."""
-        return np.concatenate([_epoch_rows(r, int(epoch)) + self.offsets[i]
+        return np.concatenate([r.epoch_rows(epoch) + self.offsets[i]
                                for i, r in enumerate(self.shards)]).astype(np.int64)
 
     @property
