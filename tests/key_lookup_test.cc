@@ -888,6 +888,33 @@ TEST_CASE(
   CHECK(report.key_index_problems == 0);
 }
 
+TEST_CASE("A key index growth near the map_bytes limit is sized within it and close() succeeds",
+          "[key_lookup][full]") {
+  // map_bytes leaves room for 8,192 rows of 1 KiB; a growth at close() used to allocate its
+  // chain 1/8 past the rows (9,216) and then report the row past the reservation as damage.
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions create;
+  create.dim = 256;
+  create.segment_bytes = 1 << 20;
+  WriterOptions options;
+  options.map_bytes = 8 << 20;
+  {
+    Writer w = Writer::create(path, create, options);
+    const std::vector<float> rows(1000 * 256, 1.0f);
+    std::vector<std::uint64_t> keys(1000);
+    for (std::uint64_t b = 0; b < 8; ++b) {
+      for (std::uint64_t i = 0; i < 1000; ++i) keys[i] = b * 1000 + i;
+      w.append(keys, b, rows);
+    }
+    w.close();
+  }
+  Reader r = Reader::open(path);
+  CHECK(r.info().key_index.find(indexed_status(8000)) != std::string::npos);
+  CHECK(r.verify().ok());
+  CHECK(r.find(7999, 7) == std::optional<std::uint64_t>(7999));
+}
+
 TEST_CASE("The indexer thread is posted every fourth append and by sync(): lookups are exact",
           "[key_lookup][indexer]") {
   TempDir dir;

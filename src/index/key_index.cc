@@ -295,9 +295,12 @@ std::shared_ptr<KeyIndexFile> KeyIndexFile::create(const std::string& dir, std::
   h.hash_seed = file->hash_seed_;
   if (!os::boot_id(h.boot_id)) h.boot_id[0] = h.boot_id[1] = 0;
   h.header_checksum = header_hash(&h, kKeyIndexChecksummedBytes, nullptr, 0);
-  const std::uint64_t bytes =
+  // Chain space 1/8 ahead of `rows`, but none past what map_bytes lets a mapping reserve.
+  const std::uint64_t bytes = std::min(
       file->chain_offset_ +
-      round_up(std::max<std::uint64_t>(rows, 1) * kChainRecordBytes * 9 / 8, kPageBytes);
+          round_up(std::max<std::uint64_t>(rows, 1) * kChainRecordBytes * 9 / 8, kPageBytes),
+      std::max(reserve_for(file->chain_offset_, identity.max_rows),
+               file->chain_offset_ + round_up(rows * kChainRecordBytes, kPageBytes)));
   os::allocate(file->fd_, 0, bytes, file->path_);
   file->map_header_and_tables(file->fd_, identity.max_rows);
   file->allocated_bytes_ = bytes;
@@ -430,9 +433,14 @@ void KeyIndexFile::map_chain(std::uint64_t row) const {
   const std::uint64_t file_bytes = os::file_size(fd, path_);
   const std::uint64_t file_rows =
       file_bytes < chain_offset_ ? 0 : (file_bytes - chain_offset_) / kChainRecordBytes;
-  if (row >= file_rows || chain_offset_ + (row + 1) * kChainRecordBytes > max_reserve_bytes_) {
+  if (row >= file_rows) {
     corrupt(path_, "row " + std::to_string(row) + " is referenced but the chain holds " +
                        std::to_string(file_rows) + " rows");
+  }
+  if (chain_offset_ + (row + 1) * kChainRecordBytes > max_reserve_bytes_) {
+    // Not damage: the store's map_bytes leaves the chain no address space for this row.
+    throw Error(ErrorCode::kFull, path_ + ": row " + std::to_string(row) +
+                                      " is past the chain rows map_bytes leaves address space for");
   }
   const std::uint64_t bytes = std::min(file_bytes / kPageBytes * kPageBytes, max_reserve_bytes_);
   ReservedMapping* mapping = mappings_.back().get();
@@ -482,7 +490,9 @@ void KeyIndexFile::populate_chain(std::uint64_t begin, std::uint64_t end) {
   // one call per 256.
   constexpr std::uint64_t kAheadRows = 1 << 16;
   const std::uint64_t from = std::max(populated_rows_, begin);
-  const std::uint64_t allocated_rows = (allocated_bytes_ - chain_offset_) / kChainRecordBytes;
+  // Within the file, and within what the reservation can map (map_bytes bounds it).
+  const std::uint64_t allocated_rows =
+      (std::min(allocated_bytes_, max_reserve_bytes_) - chain_offset_) / kChainRecordBytes;
   const std::uint64_t to = std::min(allocated_rows, std::max(end, from + kAheadRows));
   chain_words(to - 1);  // Maps through `to`, so the range lies in one mapping.
   os::populate_write(chain_words(from), (to - from) * kChainRecordBytes);
