@@ -76,6 +76,7 @@ SalvageReport salvage(
   options.sync = SyncPolicy::kNone;  // One sync at the end.
   // Built aside and renamed into place when complete: a salvage that fails (a full disk), or is
   // killed, leaves no store at `out`.
+  detail::refuse_output_inside(out, store);
   detail::StoreBuild build(out);
   Writer writer = Writer::create(build.path(), create, options);
 

@@ -413,6 +413,9 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   create.metadata = shards.metadata();
   // Built aside and renamed into place when complete: a merge that fails, or is killed, leaves
   // no store at `out`.
+  for (std::size_t s = 0; s < shards.shard_count(); ++s) {
+    detail::refuse_output_inside(out, shards.shard_path(s));
+  }
   detail::StoreBuild build(out);
   Writer writer = Writer::create(build.path(), create);
   // Chunks as large as an append stages whole before the lock (log/batch.h): large appends

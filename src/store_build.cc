@@ -2,6 +2,8 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <filesystem>
+#include <iterator>
 
 #include "embstore/error.h"
 #include "format/format.h"
@@ -27,6 +29,23 @@ StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out
   // make_dir, not mkdtemp: the published store gets the mode a created store has (0755 less
   // the umask), not mkdtemp's 0700.
   os::make_dir(path_);
+}
+
+void refuse_output_inside(const std::string& out, const std::string& source) {
+  // Both resolved as far as they exist (symbolic links, "..", a relative path).
+  std::error_code ec;
+  const auto inside = std::filesystem::weakly_canonical(strip_trailing_slashes(out), ec);
+  const auto store = std::filesystem::weakly_canonical(source, ec);
+  if (ec) return;  // A source that cannot be resolved fails on its own when it is opened.
+  auto s = store.begin();
+  auto i = inside.begin();
+  for (; s != store.end() && i != inside.end() && *s == *i; ++s, ++i) {
+  }
+  if (s == store.end() || (std::next(s) == store.end() && s->empty())) {
+    throw Error(ErrorCode::kInvalidArgument, strip_trailing_slashes(out) + ": inside the store " +
+                                                 source +
+                                                 ", which is only read: give an output outside it");
+  }
 }
 
 StoreBuild::~StoreBuild() {

@@ -12,6 +12,11 @@
 
 namespace embstore::detail {
 
+// kInvalidArgument, naming both, if `out` lies inside the store directory `source` (or is it):
+// the new store would be written into a store the caller only reads. Call before a StoreBuild
+// of `out` makes its working directory.
+void refuse_output_inside(const std::string& out, const std::string& source);
+
 class StoreBuild {
  public:
   // Creates the working directory next to `out`. Throws kAlreadyExists if something exists at

@@ -34,7 +34,7 @@ struct SalvageReport {
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
 // verifies (the rows cannot be checked without the header), or if the `generation` field is
 // damaged and the directory does not hold exactly one rows.X/index.X pair; kAlreadyExists if
-// `out` exists. The new store is built in a hidden directory `.<name of out>.partial-<hex>`
+// `out` exists; kInvalidArgument if `out` lies inside `store`. The new store is built in a hidden directory `.<name of out>.partial-<hex>`
 // beside `out` and renamed to `out` only when complete: on any error (a full disk, say) nothing
 // is left at `out`. A process killed meanwhile leaves that directory, never `out`; it is not
 // the salvaged store and may be deleted.

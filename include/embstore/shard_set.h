@@ -145,7 +145,8 @@ struct MergeProgress {
 // Consolidates the shards' rows, in global row order, into a new store at `out` (which must not
 // exist), with the shards' dim, dtype and metadata; each row keeps its key and epoch. Every row's
 // checksum is verified before it is copied: a bad row is kCorruption naming the shard and the row,
-// and nothing is left at `out`. The new store is built in a hidden directory
+// and nothing is left at `out`. An `out` inside a shard is kInvalidArgument (shards are only
+// read). The new store is built in a hidden directory
 // `.<name of out>.partial-<hex>` beside `out` and renamed to `out` (never replacing anything) only
 // when complete: on any error (a full disk, say) nothing is left at `out`. A process killed
 // meanwhile leaves that directory, never `out`; it is not the merged store and may be deleted.

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import corrupt_row, hash_tree, make_store, run
 
-ALREADY_EXISTS, NOT_FOUND, CORRUPTION, FULL = 13, 12, 14, 18
+ALREADY_EXISTS, NOT_FOUND, CORRUPTION, FULL, USAGE = 13, 12, 14, 18, 2
 HEADER_COPY_OFFSET = 2048  # src/format/FORMAT.md: the second copy of the fixed header
 COMMITTED_ROWS_OFFSET = 4096  # the state page's committed_rows
 DURABLE_ROWS_OFFSET = 4160  # the state page's durable_rows
@@ -97,6 +97,23 @@ def test_salvage_into_an_existing_path_is_a_clear_error_that_changes_nothing(tmp
     r = run("salvage", tmp_path / "missing", tmp_path / "out")
     assert r.code == NOT_FOUND, r
     assert "missing" in r.err and not os.path.exists(tmp_path / "out")
+
+
+def test_salvage_and_merge_into_the_store_they_read_are_refused_and_change_nothing(tmp_path):
+    store = make_store(tmp_path / "s")
+    (tmp_path / "link").symlink_to(store)
+    inside = os.path.join(store, "inside")
+    before, names = hash_tree(store), sorted(os.listdir(store))
+    make_store(tmp_path / "other")
+    for args in (["salvage", store, inside],
+                 ["salvage", store, tmp_path / "link" / "deep" / "er"],
+                 ["merge", inside, store],
+                 ["merge", tmp_path / "link" / "inside", tmp_path / "other", store]):
+        r = run(*args)
+        assert r.code == USAGE, (args, r)
+        assert f"inside the store {store}" in r.err and len(r.err.strip().splitlines()) == 1, r
+        assert hash_tree(store) == before
+        assert sorted(os.listdir(store)) == names
 
 
 def test_salvage_help_and_usage(tmp_path):
