@@ -28,8 +28,10 @@ struct ConstMatrix {
 //
 // Thread-safety: a Writer is thread-safe; concurrent calls on one Writer are serialized.
 // Fork: a Writer belongs to the process that opened it. In a forked child every call except
-// the destructor throws kForkedChild; the child must open its own Writer. The child's
-// destructor releases only its own copies of the mappings, never the parent's lock.
+// close() and the destructor throws kForkedChild; the child must open its own Writer. There
+// close() does nothing (a child that closes what it inherited, as Python's exit handlers do,
+// neither fails nor flushes the parent's work), and the destructor releases only the child's
+// own copies of the mappings, never the parent's lock.
 class Writer;
 
 namespace detail {
