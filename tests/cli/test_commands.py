@@ -102,6 +102,11 @@ def test_create_refuses_bad_input_with_one_line_each(tmp_path):
         (["--dim", "x"], 2, '--dim: takes a dimension (a non-negative integer), not "x"'),
         (["--dim", 0], 2, "dim"),
         ([], 2, "--dim is required"),
+        # Checked before the conversion to bytes, which is undefined for these.
+        (["--dim", 4, "--segment-mb", "nan"], 2, "--segment-mb nan is not a size in MiB"),
+        (["--dim", 4, "--segment-mb", "1e30"], 2, "--segment-mb 1e+30 is not a size in MiB"),
+        (["--dim", 4, "--segment-mb", "-1"], 2, "--segment-mb -1 is not a size in MiB"),
+        (["--dim", 4, "--segment-mb", "0.001"], 2, "segment_bytes 1048 "),
     ]
     for extra, code, message in cases:
         r = run("create", path, *extra)

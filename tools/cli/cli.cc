@@ -63,6 +63,15 @@ DType dtype_from_name(const std::string& name) {
   throw Error(ErrorCode::kInvalidArgument, "unknown dtype \"" + name + "\"");
 }
 
+std::uint64_t segment_bytes_from_mb(double mb) {
+  // Checked before the conversion: a NaN or a value past 2^64 bytes converts undefined.
+  if (!std::isfinite(mb) || mb <= 0 || mb > static_cast<double>(1 << 20)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("--segment-mb {} is not a size in MiB in (0, 1048576]", mb));
+  }
+  return static_cast<std::uint64_t>(mb * (1 << 20));
+}
+
 std::string checked_metadata(const std::string& text) {
   try {
     [[maybe_unused]] const nlohmann::json parsed = nlohmann::json::parse(text);

@@ -56,6 +56,10 @@ CLI::Validator unsigned_validator(const std::string& what);
 // parse_dtype() of a name the validator has accepted.
 DType dtype_from_name(const std::string& name);
 
+// --segment-mb as bytes; kInvalidArgument naming the value when it is not a finite number of
+// MiB in (0, 2^20] (the library checks the rest: a multiple of 4 KiB, at least one row).
+std::uint64_t segment_bytes_from_mb(double mb);
+
 // Parses --metadata text as JSON (nlohmann-json) and returns it unchanged; throws
 // kInvalidArgument with the parser's message otherwise.
 std::string checked_metadata(const std::string& text);

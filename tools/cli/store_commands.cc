@@ -26,7 +26,7 @@ int run_create(const CreateArgs& args) {
   CreateOptions options;
   options.dim = args.dim;
   options.dtype = dtype_from_name(args.dtype);
-  options.segment_bytes = static_cast<std::uint64_t>(args.segment_mb * (1 << 20));
+  options.segment_bytes = segment_bytes_from_mb(args.segment_mb);
   if (!args.metadata.empty()) options.metadata = checked_metadata(args.metadata);
   options.key_index = !args.no_key_index;
   create_store(args.store, options);
@@ -235,8 +235,9 @@ void add_store_commands(CLI::App& app, Registry& registry) {
     cmd->add_option("--dtype", args->dtype, "Element type")
         ->check(dtype_validator())
         ->capture_default_str();
+    // Checked by segment_bytes_from_mb(), which names the value (CLI11's range check printed
+    // the whole range of a double).
     cmd->add_option("--segment-mb", args->segment_mb, "Growth step of the data file, MiB")
-        ->check(CLI::PositiveNumber)
         ->capture_default_str();
     cmd->add_option("--metadata", args->metadata, "Free-form metadata; must parse as JSON");
     cmd->add_flag("--no-key-index", args->no_key_index,

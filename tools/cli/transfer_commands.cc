@@ -88,7 +88,7 @@ int run_import(const ImportArgs& args) {
   if (!args.dtype.empty()) options.dtype = dtype_from_name(args.dtype);
   if (!args.metadata.empty()) options.metadata = checked_metadata(args.metadata);
   if (args.segment_mb) {
-    options.segment_bytes = static_cast<std::uint64_t>(*args.segment_mb * (1 << 20));
+    options.segment_bytes = segment_bytes_from_mb(*args.segment_mb);
   }
   tools::ImportResult result;
   {
@@ -200,8 +200,8 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
         ->check(dtype_validator());
     cmd->add_option("--metadata", args->metadata,
                     "Metadata of a new store, JSON (default: the source's)");
-    cmd->add_option("--segment-mb", args->segment_mb, "Growth step of a new store, MiB")
-        ->check(CLI::PositiveNumber);
+    cmd->add_option("--segment-mb", args->segment_mb,
+                    "Growth step of a new store, MiB");  // Checked by segment_bytes_from_mb().
     cmd->add_flag("--json", args->json, "Print the summary as JSON");
     cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
     cmd->footer(
