@@ -32,6 +32,8 @@ StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out
 }
 
 void refuse_output_inside(const std::string& out, const std::string& source) {
+  // An `out` that exists is refused as such by StoreBuild (the plainer message).
+  if (os::exists(strip_trailing_slashes(out))) return;
   // Both resolved as far as they exist (symbolic links, "..", a relative path).
   std::error_code ec;
   const auto inside = std::filesystem::weakly_canonical(strip_trailing_slashes(out), ec);
