@@ -148,6 +148,7 @@ Reader Reader::open(const std::string& path, const ReaderOptions& options) {
 }
 
 std::uint64_t Reader::size() const { return impl_->snapshot_; }
+std::uint64_t Reader::generation() const { return impl_->snapshot_generation_; }
 std::uint64_t Reader::refresh() { return impl_->refresh(); }
 
 bool Reader::wait(std::uint64_t min_rows, std::chrono::nanoseconds timeout) {

@@ -99,6 +99,10 @@ class Reader {
   ~Reader();
 
   std::uint64_t size() const;  // Rows in the snapshot.
+  // The generation (StoreInfo::generation) whose files hold the snapshot's rows, as of open() or
+  // the last refresh()/wait(). info().generation is the store's now: newer after a truncate this
+  // Reader has not refreshed past.
+  std::uint64_t generation() const;
   // Takes a new snapshot of the committed rows and returns its size: never smaller than before,
   // except after a Writer::truncate(), when it is the truncated store's (possibly smaller)
   // size. Views taken before stay valid and unchanged either way.

@@ -649,6 +649,10 @@ class PyReader {
     auto lock = guard();
     return reader().refresh();
   }
+  std::uint64_t generation() {
+    auto lock = guard();
+    return reader().generation();
+  }
 
   // `timeout_s`: None or any value beyond what the clock can count waits without a limit
   // (Reader.wait rejects negative and NaN timeouts).
@@ -1044,6 +1048,7 @@ PYBIND11_MODULE(_embstore, m) {
            py::arg("path"), py::arg("map_bytes"))
       .def("size", &PyReader::size)
       .def("refresh", &PyReader::refresh)
+      .def_property_readonly("generation", &PyReader::generation)
       .def("wait", &PyReader::wait, py::arg("min_rows"), py::arg("timeout"))
       .def("vectors", &PyReader::vectors, py::arg("begin"), py::arg("end"))
       .def(

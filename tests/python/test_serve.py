@@ -239,6 +239,65 @@ def test_a_truncated_store_is_followed_to_its_new_generation(store, server_on):
     assert server.ok("/api/neighbours?key=5&epoch=2&k=3")["row"] == 305
 
 
+def test_a_truncate_back_to_the_same_row_count_is_followed(store):
+    """A truncate and re-append that end on as many rows as the snapshot had: the follower takes
+    the new generation (its epochs), not "no new rows"."""
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(100), np.ones((100, 4), np.float32), 0)
+        w.append(np.arange(100), np.ones((100, 4), np.float32), 1)
+    follower = serve_store.Follower(store)
+    assert follower.snapshot.epoch_counts == {0: 100, 1: 100}
+    with embstore.Writer(store) as w:
+        w.truncate(rows=0)
+        w.append(np.arange(5000, 5200), np.ones((200, 4), np.float32), 7)
+    follower._advance()
+    snap = follower.check()
+    assert (snap.rows, snap.generation, snap.epoch_counts) == (200, 2, {7: 200})
+    assert follower.lookup.history(snap, 5000).tolist() == [0]
+    assert follower.lookup.history(snap, 3).tolist() == []
+
+
+def test_a_truncate_during_a_refresh_or_a_check_is_not_taken_for_damage(store, monkeypatch):
+    """A writer truncating often: the follower's snapshot carries the generation of the rows the
+    Reader's refresh saw (Reader.generation), not the store's generation read afterwards, which a
+    truncate in between makes newer (its files too small for the snapshot: "damaged"). And a check
+    that finds the snapshot's files removed by a truncate re-reads the generation before it says
+    the store is damaged."""
+    embstore.create(store, dim=1024, segment_mb=1)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(300), np.ones((300, 1024), np.float32), 0)
+    follower = serve_store.Follower(store)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(300), np.ones((300, 1024), np.float32), 1)
+    refresh = follower.reader.refresh
+
+    def refresh_then_truncate():
+        rows = refresh()
+        with embstore.Writer(store) as w:
+            w.truncate(rows=10)  # generation 2: 1 MiB files, less than 600 rows of 4 KiB
+        return rows
+    follower.reader.refresh = refresh_then_truncate
+    follower._advance()
+    assert follower.reader.generation == 1 and follower.reader.info()["generation"] == 2
+    snap = follower.check()
+    assert (snap.rows, snap.generation, snap.epoch_counts) == (600, 1, {0: 300, 1: 300})
+    follower.reader.refresh = refresh
+    follower._advance()
+    snap = follower.check()
+    assert (snap.rows, snap.generation, snap.epoch_counts) == (10, 2, {0: 10})
+
+    # The generation read just before a truncate removes the snapshot's files (rows.2).
+    with embstore.Writer(store) as w:
+        w.truncate(rows=5)
+    assert not os.path.exists(os.path.join(store, "rows.2"))
+    reads = iter([2])
+    read_generation = serve_store.store_generation
+    monkeypatch.setattr(serve_store, "store_generation",
+                        lambda path: next(reads, None) or read_generation(path))
+    assert follower.check() is snap and follower.error is None
+
+
 def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
     """store_generation() asks the library (no offsets or flag bits restated in Python): the
     generation a truncate switched to, and None where no header can be read."""

@@ -803,6 +803,13 @@ class Reader(_Handle):
         before stay valid and unchanged either way."""
         return self._native.refresh()
 
+    @property
+    def generation(self) -> int:
+        """The generation whose files hold the snapshot's rows (as of open or the last
+        ``refresh()``/``wait()``). ``info()["generation"]`` is the store's generation now: newer
+        after a ``Writer.truncate()`` this Reader has not refreshed past."""
+        return self._native.generation
+
     def wait(self, n: int, timeout: Optional[float] = None) -> bool:
         """Refreshes until the snapshot holds at least ``n`` rows or ``timeout`` seconds pass
         (None or ``float("inf")``: no limit; so is any timeout too long for the clock, about
@@ -1015,7 +1022,8 @@ class Reader(_Handle):
         """As ``embstore.info(path)`` (header plus the counters as they are now), with the key
         statistics of this snapshot (``distinct_keys``, ``epochs``, ``key_index``): a pass over
         the key table, milliseconds per million keys. ``key_stats=False`` leaves those empty and
-        takes constant time (for callers that poll)."""
+        takes constant time (for callers that poll). Its ``generation`` is the store's now;
+        ``generation`` (the property) is the snapshot's."""
         return self._native.info(key_stats)
 
     def close(self) -> None:

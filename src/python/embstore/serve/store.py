@@ -18,6 +18,7 @@ and reports a missing store directory; a Reader error on refresh is kept as the 
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import sys
 import threading
@@ -231,16 +232,18 @@ class Follower:
     def _advance(self) -> None:
         """Refreshes the lookup Reader and publishes a snapshot if rows arrived."""
         rows = self.reader.refresh()
+        # The generation of the rows refresh() saw: info()'s is the store's now, newer if a
+        # truncate came in between (its files would not hold this snapshot's rows).
+        generation = self.reader.generation if self.single_store else 0
         self._rate.append((time.monotonic(), rows))
         while len(self._rate) > 2 and self._rate[1][0] < time.monotonic() - kRateWindowSeconds:
             self._rate.popleft()
         old = self.snapshot
-        if rows == old.rows and self.refreshes:
+        if rows == old.rows and generation == old.generation and self.refreshes:
             return
         # Without key statistics: a pass over the key table at every refresh took most of a
         # core from the writers on a large store.
         info = self.reader.info(key_stats=False) if hasattr(self.reader, "info") else {}
-        generation = int(info.get("generation", 0)) if isinstance(info, dict) else 0
         self._check_files(rows, generation)
         keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
         vectors = self.reader.vectors[:rows] if self.single_store else \
@@ -319,6 +322,9 @@ class Follower:
             try:
                 size = os.stat(file).st_size
             except OSError as e:
+                if e.errno == errno.ENOENT and \
+                        store_generation(self.path) not in (None, generation):
+                    return  # Removed by a truncate since the generation was read above.
                 raise StoreError(f"{file}: {e.strerror}") from None
             if size < need:
                 raise StoreError(f"{file} was truncated under the server: {size} bytes, the "
