@@ -298,6 +298,34 @@ def test_a_truncate_during_a_refresh_or_a_check_is_not_taken_for_damage(store, m
     assert follower.check() is snap and follower.error is None
 
 
+def test_a_projection_after_a_truncate_is_fitted_on_the_new_rows(store):
+    """After a truncate an epoch can hold as many rows as before, at other row numbers and with
+    other vectors: its projection is computed again (the generation is in the cache key), not
+    the cached one (rows of another epoch now, with the old coordinates)."""
+    from embstore.serve.app import Server
+    rng = np.random.default_rng(5)
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(100), rng.standard_normal((100, 4)).astype(np.float32), 0)
+        w.append(np.arange(100), rng.standard_normal((100, 4)).astype(np.float32), 1)
+    server = Server(serve_store.Follower(store))
+    try:
+        assert server.projection({"epoch": "1"})["rows"] == list(range(100, 200))
+        vectors = rng.standard_normal((100, 4)).astype(np.float32) * 100
+        with embstore.Writer(store) as w:
+            w.truncate(rows=0)
+            w.append(np.arange(1000, 1100), vectors, 1)
+            w.append(np.arange(150), rng.standard_normal((150, 4)).astype(np.float32), 2)
+        server.follower._advance()
+        p = server.projection({"epoch": "1"})
+        assert p["rows"] == list(range(100)) and p["keys"] == list(range(1000, 1100))
+        np.testing.assert_allclose(np.abs(np.stack([p["x"], p["y"]], 1)),
+                                   np.abs(numpy_pca(vectors)), rtol=1e-3, atol=1e-3)
+        assert server.neighbours({"key": "1000", "epoch": "1", "k": "1"})["row"] == 0
+    finally:
+        server.close()
+
+
 def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
     """store_generation() asks the library (no offsets or flag bits restated in Python): the
     generation a truncate switched to, and None where no header can be read."""

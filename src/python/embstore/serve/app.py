@@ -92,6 +92,10 @@ class Server:
         self._cache_lock = threading.Lock()
         self.started_unix = time.time()
 
+    def close(self) -> None:
+        """Stops the compute threads (the follower is stopped by its owner)."""
+        self.pool.shutdown(wait=False)
+
     # ---- helpers ---------------------------------------------------------------------------
 
     def _cached(self, key, compute):
@@ -128,13 +132,15 @@ class Server:
 
     def _fit(self, snap, epoch: int, limit: int):
         """(basis, sample rows, rows in the epoch, the sample's 2-D points) of an epoch; cached
-        per (epoch, its row count, limit). The cache holds no vectors (bounded memory)."""
+        per (generation, epoch, its row count, limit): a truncate can leave an epoch with as
+        many rows as before, other ones. The cache holds no vectors (bounded memory)."""
         def compute():
             rows, sample = self._sample(snap, epoch, limit)
             vectors = analysis.as_float(snap.vectors[sample], self.follower.dtype)
             basis = analysis.Basis.fit(vectors)
             return basis, sample, len(rows), basis.project(vectors)
-        return self._cached(("fit", epoch, snap.epoch_counts[epoch], limit), compute)
+        return self._cached(("fit", snap.generation, epoch, snap.epoch_counts[epoch], limit),
+                            compute)
 
     def _label_codes(self, keys):
         if self.labels is None:
@@ -336,7 +342,7 @@ def make_app(server: Server) -> web.Application:
 
     async def on_cleanup(_):
         server.follower.stop()
-        server.pool.shutdown(wait=False)
+        server.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
