@@ -3,6 +3,7 @@ process appends, checked against numpy on the store; bad input, static files, da
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -443,6 +444,32 @@ def test_damaged_or_removed_store_gives_errors_not_a_crash(store, server_on):
         time.sleep(0.05)
     status, body = server.get("/api/stats")
     assert status == 503 and f"the store directory {store} is gone" in body["error"], body
+    assert server.alive()
+
+
+def test_a_store_replaced_at_its_path_is_refused_not_served_from_the_deleted_files(
+        store, server_on):
+    """A store deleted and created again at the same path (a training run started over): the
+    server's Readers still map the deleted store's files, so every request gets a 503 naming both
+    store ids and saying to restart the server, never the deleted store's rows."""
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(5), np.eye(5, 4, dtype=np.float32), 0)
+    old_id = embstore.info(store)["store_id"]
+    server = server_on(store)
+    assert server.ok("/api/projection")["sampled"] == 5
+    shutil.rmtree(store)
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(10, 15), np.ones((5, 4), np.float32), 0)
+    new_id = embstore.info(store)["store_id"]
+    for path in ("/api/stats", "/api/epochs", "/api/projection", "/api/history?key=1",
+                 "/api/neighbours?key=1", "/api/stats"):
+        status, body = server.get(path)
+        assert status == 503, (path, status, body)
+        assert f"the store at {store} was replaced by another store (store id {new_id}; this " \
+               f"server opened store id {old_id})" in body["error"], (path, body)
+        assert "restart embstore serve" in body["error"]
     assert server.alive()
 
 

@@ -17,7 +17,9 @@ package, plus Chart.js from Debian's libjs-chart.js at /usr/share/javascript/cha
 
 Damage: before a request touches rows, the server compares the sizes of the store's files with
 what its snapshot needs and checks that the store directory is still there; a failure is a 503
-naming the file, and the server goes on answering. Caveat: a file shrunk by another program in
+naming the file, and the server goes on answering. A store deleted and created again at the
+same path (a run started over) is not followed: the server's Readers map the deleted store, so
+every request gets a 503 naming both store ids until the server is restarted. Caveat: a file shrunk by another program in
 the instant between that check and the read still ends the server with SIGBUS (embstore itself
 never shrinks a store's files).
 

@@ -13,7 +13,9 @@ rows at or past its size are dropped.
 
 Damage: before rows are touched, ``check()`` compares the sizes of the store's data and index
 files with what the snapshot needs (a file shrunk under a mapping would raise SIGBUS on access)
-and reports a missing store directory; a Reader error on refresh is kept as the store's error.
+and reports a missing store directory, or another store at its path (deleted and created again:
+a 503 naming both store ids until the server is restarted); a Reader error on refresh is kept as
+the store's error.
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ from embstore import _embstore
 
 # Bytes per index entry (FORMAT.md: "entry r at byte r * 32").
 kIndexEntryBytes = 32
+# The file of a store's header (FORMAT.md), whose identity tells the store opened from another
+# created at the same path.
+kHeaderName = "header"
 # rows/s is measured over the commits seen in this many seconds.
 kRateWindowSeconds = 5.0
 # The follower wakes at least this often (to sample rows/s and check the files).
@@ -161,6 +166,12 @@ class ShardVectors:
         return out[0] if scalar else out
 
 
+def _file_id(path: str):
+    """(device, inode) of a file; OSError if it cannot be stat'ed."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def store_generation(path: str) -> Optional[int]:
     """The generation of the store's files now (the core's read_generation: one open and one
     mapped page of its header), or None when the header cannot be read."""
@@ -212,8 +223,12 @@ class Follower:
         # scans of the snapshot, which are always in its numbering.
         self.lookup = KeyLookup(self.reader, use_index if self.single_store else False)
         self.dim = self.reader.dim
-        self.record_bytes = \
-            self.reader.info(key_stats=False)["record_bytes"] if self.single_store else 0
+        info = self.reader.info(key_stats=False) if self.single_store else {}
+        self.record_bytes = info.get("record_bytes", 0)
+        # The store opened. A store deleted and created again at the path has another header
+        # file (the deleted one's inode stays in use while the Readers map it).
+        self.store_id = info.get("store_id")
+        self._header_id = _file_id(os.path.join(path, kHeaderName)) if self.single_store else None
         self.dtype = self.reader.dtype
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -312,6 +327,7 @@ class Follower:
             return
         if not os.path.isdir(self.path):
             raise StoreError(f"the store directory {self.path} is gone (deleted or renamed)")
+        self._check_same_store()
         if store_generation(self.path) not in (None, generation):
             # A truncate moved the store to new files and removed these: the snapshot's mappings
             # stay valid, and the next refresh takes the new generation.
@@ -329,6 +345,24 @@ class Follower:
             if size < need:
                 raise StoreError(f"{file} was truncated under the server: {size} bytes, the "
                                  f"{rows} committed rows need {need}; the store is damaged")
+
+    def _check_same_store(self) -> None:
+        """Raises StoreError when another store is at the path than the one the Readers opened:
+        they would go on showing the deleted store. Not reopened: the new store may have another
+        dim or dtype, and a page showing one store must not turn into another; restart."""
+        header = os.path.join(self.path, kHeaderName)
+        try:
+            if _file_id(header) == self._header_id:
+                return
+        except OSError as e:
+            raise StoreError(f"{header}: {e.strerror}") from None
+        try:
+            now = f"store id {embstore.info(self.path)['store_id']}"
+        except (OSError, ValueError, embstore.Error) as e:
+            now = f"not readable yet: {e}"
+        raise StoreError(f"the store at {self.path} was replaced by another store ({now}; this "
+                         f"server opened store id {self.store_id}): its rows are not served; "
+                         "restart embstore serve to serve the new store")
 
     def check(self) -> Snapshot:
         """The current snapshot, after checking the store can be read; raises StoreError."""
