@@ -601,6 +601,44 @@ def test_narrow_dtypes_are_read_as_their_values(store, dtype):
         server.pool.shutdown()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_rows_with_nan_or_inf_are_left_out_and_counted(store, dtype):
+    """A row holding NaN or Inf has no place in a PCA or a distance: projections, neighbours and
+    trajectories leave it out and say how many they left out; the answers stay valid JSON (no
+    NaN) and are those of the finite rows."""
+    from embstore.serve.app import ApiError, Server
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal((2, 40, 4)).astype(np.float32)
+    values[0, 3, 1], values[0, 7, 0], values[1, 3, 2] = np.nan, np.inf, -np.inf
+    embstore.create(store, dim=4, dtype=dtype)
+    with embstore.Writer(store) as w:
+        for epoch in (0, 1):
+            w.append(np.arange(40), values[epoch], epoch)
+    stored = analysis.as_float(embstore.Reader(store).vectors, dtype).reshape(2, 40, 4)
+    server = Server(serve_store.Follower(store))
+    try:
+        p = server.projection({"epoch": "0"})
+        finite = [r for r in range(40) if r not in (3, 7)]
+        assert (p["non_finite"], p["sampled"], p["rows"]) == (2, 38, finite)
+        np.testing.assert_allclose(np.abs(np.stack([p["x"], p["y"]], 1)),
+                                   np.abs(numpy_pca(stored[0, finite])), rtol=1e-3, atol=1e-3)
+        n = server.neighbours({"key": "0", "epoch": "0", "k": "100"})
+        assert n["non_finite"] == 2 and [x["row"] for x in n["neighbours"]] == \
+            sorted(finite[1:], key=lambda r: np.linalg.norm(stored[0, r] - stored[0, 0]))
+        with pytest.raises(ApiError) as error:
+            server.neighbours({"key": "3", "epoch": "0"})
+        assert error.value.status == 422
+        assert "key 3's row 3 at epoch 0 holds NaN or infinite values" in error.value.message
+        h = server.history({"key": "3"})
+        assert h["rows"] == [3, 43] and h["trajectory"] == [] and h["non_finite"] == 2
+        h = server.history({"key": "7"})
+        assert [t["epoch"] for t in h["trajectory"]] == [1] and h["non_finite"] == 1
+        for answer in (p, n, h):
+            json.dumps(answer, allow_nan=False)
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("dim", [16, 300])
 def test_pca_basis_matches_numpy_svd(dim):
     rng = np.random.default_rng(dim)

@@ -28,9 +28,11 @@ Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...
 
 JSON API (GET only; every answer is JSON; an error is ``{"error": MESSAGE}`` with status 400 for a
 bad parameter (not a number, out of range, unknown name), 404 for an absent key or epoch, 405 for
-a method other than GET, 503 when the store is damaged or gone (the message says which file),
-500 for anything else; the server keeps running). Keys and epochs are decimal integers
-0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaScript.
+a method other than GET, 422 for neighbours of a row holding NaN or Inf, 503 when the store is
+damaged or gone (the message says which file), 500 for anything else; the server keeps running).
+Rows holding NaN or Inf have no place in a PCA or a distance: every endpoint leaves them out and
+says how many it left out (``non_finite``); no answer holds NaN (not JSON). Keys and epochs are
+decimal integers 0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaScript.
 
 ``/api/stats``
     ``rows``, ``rows_per_second`` (commits seen in the last 5 s), ``epoch_count``, ``epochs``
@@ -51,14 +53,16 @@ a method other than GET, 503 when the store is damaged or gone (the message says
     their covariance) up to dim 128, by randomized subspace iteration (numpy QR and SVD) above;
     signs are fixed so that each direction's largest element is positive. Returns ``epoch``,
     ``epoch_rows``, ``sampled``, ``explained_variance`` (two fractions), ``x``, ``y``, ``keys``,
-    ``rows``, ``labels`` (per point an index into ``label_names``, -1 without a label; null
-    without a labels file), ``label_names``.
+    ``rows``, ``non_finite`` (sampled rows left out: NaN or Inf; ``sampled`` counts the others),
+    ``labels`` (per point an index into ``label_names``, -1 without a label; null without a
+    labels file), ``label_names``.
 ``/api/neighbours?key=K&epoch=E&k=N``
     The N (1 .. 100, default 10) rows of epoch E (default: the newest) nearest to key K's row at
-    that epoch, in Euclidean distance, nearest first, leaving out K's own rows. Epochs of more
-    than 1,000,000 rows are searched in a random sample of that size (``exact`` false). Returns
-    ``key``, ``epoch``, ``row``, ``x``/``y`` (K in the epoch's projection at the default
-    sample), ``epoch_rows``, ``scanned``, ``exact``, ``neighbours``
+    that epoch, in Euclidean distance, nearest first, leaving out K's own rows and rows holding
+    NaN or Inf (422 when K's row holds one). Epochs of more than 1,000,000 rows are searched in a
+    random sample of that size (``exact`` false). Returns ``key``, ``epoch``, ``row``, ``x``/``y``
+    (K in the epoch's projection at the default sample), ``epoch_rows``, ``scanned``, ``exact``,
+    ``non_finite`` (rows scanned and left out: NaN or Inf), ``neighbours``
     (``[{"key", "row", "distance", "label", "x", "y"}]``).
 ``/api/history?key=K``
     Every row of key K in commit order (the latest 1,000): ``rows``, ``epochs``, ``total_rows``,
@@ -66,7 +70,8 @@ a method other than GET, 503 when the store is damaged or gone (the message says
     key's vector at that epoch (its latest row there) is projected with *that epoch's own*
     PCA basis (the one ``/api/projection?epoch=E`` draws at the default sample). Each point
     therefore says where the sample sits inside its epoch's cloud; the bases of two epochs
-    differ, so the path between points is not a motion in one fixed space.
+    differ, so the path between points is not a motion in one fixed space. An epoch where the
+    key's vector holds NaN or Inf has no point; ``non_finite`` counts them.
 
 The page (``/``) polls ``/api/stats`` every second: figures update live, the epoch slider
 follows new epochs (unless moved by hand) and the projection is drawn at once for a new epoch and

@@ -150,14 +150,22 @@ class Basis:
         return (np.asarray(vectors, np.float64) - self.mean) @ self.components.T
 
 
+def finite_rows(vectors: np.ndarray) -> np.ndarray:
+    """True for each row (of float values) without a NaN or an infinite value: the rows a PCA
+    or a distance can use."""
+    return np.isfinite(vectors).all(axis=1)
+
+
 def nearest(vectors: np.ndarray, dtype: str, rows: np.ndarray, query: np.ndarray, k: int,
             exclude: Optional[np.ndarray] = None):
-    """The ``k`` rows (of ``rows``) nearest to ``query`` in Euclidean distance, nearest first
-    (ties: lower row first), skipping rows where ``exclude`` is True. Returns (rows, distances).
+    """The ``k`` rows (of ``rows``) nearest to ``query`` (finite) in Euclidean distance, nearest
+    first (ties: lower row first), skipping rows where ``exclude`` is True and rows holding NaN or
+    Inf (no distance). Returns (rows, distances, how many rows were skipped as not finite).
     """
     query = as_float(query[None, :], dtype)[0].astype(np.float64)
     best_rows = np.zeros(0, np.int64)
     best_dist = np.zeros(0, np.float64)
+    non_finite = 0
     for start in range(0, len(rows), kScanChunkRows):
         chunk = rows[start:start + kScanChunkRows]
         block = as_float(vectors[chunk], dtype).astype(np.float64)
@@ -165,10 +173,14 @@ def nearest(vectors: np.ndarray, dtype: str, rows: np.ndarray, query: np.ndarray
         if exclude is not None:
             keep = ~exclude[start:start + kScanChunkRows]
             chunk, dist = chunk[keep], dist[keep]
+        # A float32 row's distance is finite in float64 unless the row holds NaN or Inf.
+        keep = np.isfinite(dist)
+        non_finite += len(dist) - int(keep.sum())
+        chunk, dist = chunk[keep], dist[keep]
         best_rows = np.concatenate([best_rows, chunk])
         best_dist = np.concatenate([best_dist, dist])
         if len(best_rows) > k:
             order = np.lexsort((best_rows, best_dist))[:k]
             best_rows, best_dist = best_rows[order], best_dist[order]
     order = np.lexsort((best_rows, best_dist))
-    return best_rows[order], best_dist[order]
+    return best_rows[order], best_dist[order], non_finite

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
+import json
 import os
 import sys
 import threading
@@ -131,14 +133,18 @@ class Server:
         return rows, np.sort(rng.choice(rows, size=limit, replace=False))
 
     def _fit(self, snap, epoch: int, limit: int):
-        """(basis, sample rows, rows in the epoch, the sample's 2-D points) of an epoch; cached
-        per (generation, epoch, its row count, limit): a truncate can leave an epoch with as
-        many rows as before, other ones. The cache holds no vectors (bounded memory)."""
+        """(basis, sample rows, rows in the epoch, the sample's 2-D points, sampled rows left out
+        as not finite) of an epoch; cached per (generation, epoch, its row count, limit): a
+        truncate can leave an epoch with as many rows as before, other ones. Rows holding NaN or
+        Inf are left out of the sample (a PCA of them is NaN, or fails). The cache holds no
+        vectors (bounded memory)."""
         def compute():
             rows, sample = self._sample(snap, epoch, limit)
             vectors = analysis.as_float(snap.vectors[sample], self.follower.dtype)
+            finite = analysis.finite_rows(vectors)
+            sample, vectors = sample[finite], vectors[finite]
             basis = analysis.Basis.fit(vectors)
-            return basis, sample, len(rows), basis.project(vectors)
+            return basis, sample, len(rows), basis.project(vectors), len(finite) - len(sample)
         return self._cached(("fit", snap.generation, epoch, snap.epoch_counts[epoch], limit),
                             compute)
 
@@ -199,10 +205,11 @@ class Server:
         snap = self.follower.check()
         epoch = self._epoch(snap, query)
         limit = _int_param(query, "limit", 1, kMaxSample, default=kDefaultSample)
-        basis, sample, epoch_rows, xy = self._fit(snap, epoch, limit)
+        basis, sample, epoch_rows, xy, non_finite = self._fit(snap, epoch, limit)
         keys = snap.keys[sample]
         return {
             "epoch": epoch, "epoch_rows": epoch_rows, "sampled": len(sample), "limit": limit,
+            "non_finite": non_finite,
             "snapshot_rows": snap.rows, "explained_variance": basis.explained,
             "x": _rounded(xy[:, 0]), "y": _rounded(xy[:, 1]),
             "keys": keys.tolist(), "rows": sample.tolist(),
@@ -219,10 +226,14 @@ class Server:
         row = self.follower.lookup.find(snap, key, epoch)
         if row is None:
             raise ApiError(404, f"key {key} has no row at epoch {epoch}")
+        if not analysis.finite_rows(
+                analysis.as_float(snap.vectors[[row]], self.follower.dtype))[0]:
+            raise ApiError(422, f"key {key}'s row {row} at epoch {epoch} holds NaN or infinite "
+                                "values: it has no distance to other rows")
         rows, scanned = self._sample(snap, epoch, kMaxScanRows)
         exclude = snap.keys[scanned] == np.uint64(key)
-        found, dist = analysis.nearest(snap.vectors, self.follower.dtype, scanned,
-                                       snap.vectors[row], k, exclude)
+        found, dist, non_finite = analysis.nearest(snap.vectors, self.follower.dtype, scanned,
+                                                   snap.vectors[row], k, exclude)
         basis = self._fit(snap, epoch, kDefaultSample)[0]
         xy = basis.project(analysis.as_float(snap.vectors[np.append(found, row)],
                                              self.follower.dtype))
@@ -231,6 +242,7 @@ class Server:
             "key": key, "epoch": epoch, "k": k, "row": row, "label": self._label_of(key),
             "x": float(xy[-1, 0]), "y": float(xy[-1, 1]),
             "epoch_rows": len(rows), "scanned": len(scanned), "exact": len(scanned) == len(rows),
+            "non_finite": non_finite,
             "neighbours": [
                 {"key": kk, "row": int(r), "distance": float(d), "label": self._label_of(kk),
                  "x": float(p[0]), "y": float(p[1])}
@@ -252,19 +264,30 @@ class Server:
         for r, e in zip(rows.tolist(), epochs.tolist()):
             latest[e] = r
         trajectory = []
+        non_finite = 0
         for e in sorted(latest)[-kMaxTrajectoryEpochs:]:
             r = latest[e]
+            vector = analysis.as_float(snap.vectors[[r]], self.follower.dtype)
+            if not analysis.finite_rows(vector)[0]:
+                non_finite += 1  # No place in a projection.
+                continue
             basis = self._fit(snap, e, kDefaultSample)[0]
-            p = basis.project(analysis.as_float(snap.vectors[[r]], self.follower.dtype))[0]
+            p = basis.project(vector)[0]
             trajectory.append({"epoch": e, "row": r, "x": float(p[0]), "y": float(p[1])})
         return {
             "key": key, "label": self._label_of(key), "total_rows": total,
             "rows": rows.tolist(), "epochs": epochs.tolist(), "trajectory": trajectory,
+            "non_finite": non_finite,
         }
 
 
+# Strict JSON: a NaN or Infinity (not JSON: the page's JSON.parse refuses it) is a 500 naming it.
+_strict_dumps = functools.partial(json.dumps, allow_nan=False)
+
+
 def _json(data, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"})
+    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"},
+                             dumps=_strict_dumps)
 
 
 def make_app(server: Server) -> web.Application:

@@ -152,7 +152,8 @@ async function loadProjection() {
     status.dataset.rows = p.epoch_rows;
     status.dataset.draws = state.draws;
     const ev = p.explained_variance.map((v) => (100 * v).toFixed(1) + "%").join(" + ");
-    status.textContent = `epoch ${p.epoch}: ${p.sampled} of ${p.epoch_rows} rows sampled, ` +
+    const left = p.non_finite ? ` (${p.non_finite} more left out: NaN or Inf)` : "";
+    status.textContent = `epoch ${p.epoch}: ${p.sampled} of ${p.epoch_rows} rows sampled${left}, ` +
                          `PCA explains ${ev} of their variance (${p.snapshot_rows} rows in the store)`;
     showError($("error"), "");
   } catch (e) {
