@@ -601,6 +601,78 @@ def test_narrow_dtypes_are_read_as_their_values(store, dtype):
         server.pool.shutdown()
 
 
+def test_a_history_walk_is_fitted_once(store, monkeypatch):
+    """A trajectory needs the PCA basis of every epoch it walks (kMaxTrajectoryEpochs): all of
+    them stay cached, so another history, or a projection of one of those epochs, fits nothing
+    again (the page searches keys one after the other; each walk cost seconds of CPU)."""
+    from embstore.serve import app
+    epochs = app.kMaxTrajectoryEpochs
+    rng = np.random.default_rng(4)
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        for epoch in range(epochs + 5):
+            w.append(np.arange(20), rng.standard_normal((20, 4)).astype(np.float32), epoch)
+    fits = []
+    fit = analysis.Basis.fit
+    monkeypatch.setattr(analysis.Basis, "fit",
+                        staticmethod(lambda sample: (fits.append(len(sample)), fit(sample))[1]))
+    server = app.Server(serve_store.Follower(store))
+    try:
+        first = server.history({"key": "3"})
+        assert len(first["trajectory"]) == epochs and len(fits) == epochs
+        assert server.history({"key": "3"}) == first
+        assert len(server.history({"key": "4"})["trajectory"]) == epochs
+        p = server.projection({"epoch": str(epochs + 4)})
+        assert len(fits) == epochs
+        point = first["trajectory"][-1]
+        assert (point["x"], point["y"]) == pytest.approx((p["x"][3], p["y"][3]), abs=1e-4)
+    finally:
+        server.close()
+
+
+def test_stats_answer_while_histories_are_computed(store, monkeypatch):
+    """The page polls /api/stats every second: it must not queue behind long computations
+    (projections, neighbours, histories) that fill the compute threads."""
+    import asyncio
+    import threading
+    from aiohttp.test_utils import TestClient, TestServer
+    from embstore.serve import app
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        for epoch in range(3):
+            w.append(np.arange(20), np.random.default_rng(epoch).random((20, 4), np.float32),
+                     epoch)
+    entered, release = threading.Semaphore(0), threading.Event()
+    fit = analysis.Basis.fit
+
+    def blocked_fit(sample):
+        entered.release()
+        assert release.wait(60)
+        return fit(sample)
+    monkeypatch.setattr(analysis.Basis, "fit", staticmethod(blocked_fit))
+    server = app.Server(serve_store.Follower(store))
+
+    async def run():
+        async with TestClient(TestServer(app.make_app(server))) as client:
+            loop = asyncio.get_running_loop()
+            histories = [asyncio.ensure_future(client.get(f"/api/history?key={key}"))
+                         for key in range(3)]  # more than the compute threads
+            try:
+                for _ in range(2):  # both compute threads are inside a fit
+                    assert await loop.run_in_executor(None, entered.acquire, True, 60)
+                for path in ("/api/stats", "/api/epochs"):
+                    response = await asyncio.wait_for(client.get(path), 60)
+                    assert response.status == 200 and (await response.json())["rows"] == 60
+                assert not any(h.done() for h in histories)
+            finally:
+                release.set()
+            for history in histories:
+                response = await history
+                assert response.status == 200
+                assert len((await response.json())["trajectory"]) == 3
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_rows_with_nan_or_inf_are_left_out_and_counted(store, dtype):
     """A row holding NaN or Inf has no place in a PCA or a distance: projections, neighbours and

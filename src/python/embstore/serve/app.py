@@ -2,7 +2,8 @@
 
 See the package docstring (``embstore.serve``) for the API. Request handlers parse and validate
 their parameters, then run the numpy work on a small thread pool against the follower's current
-snapshot, so the event loop keeps answering while a projection is computed.
+snapshot, so the event loop keeps answering while a projection is computed; what the page polls
+every second (stats, epochs) runs on a thread of its own, never queued behind that work.
 """
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ kMaxScanRows = 1_000_000  # rows of one epoch compared by a neighbour query (sam
 kMaxHistoryRows = 1000  # the latest rows of a key's history
 kMaxTrajectoryEpochs = 100  # the latest epochs of a history that get a projected point
 kMaxEpochsListed = 10000  # the latest epochs listed by /api/epochs and /api/stats
+# Projections cached (sample rows and 2-D points: ~120 KB each at the default sample).
 kCacheEntries = 64
+# PCA bases cached (a mean and two directions: 24 * dim bytes each), apart from the projections: a
+# history walks the bases of kMaxTrajectoryEpochs epochs, and a cache smaller than that walk
+# would miss at every step (a fit per epoch, seconds of CPU per history).
+kBasisCacheEntries = 2 * kMaxTrajectoryEpochs + kCacheEntries
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # Debian's libjs-chart.js; served as /static/chart.js so the page needs no CDN.
@@ -89,27 +95,36 @@ class Server:
         self.follower = follower
         self.labels = labels
         self.check_host = host in LOOPBACK_HOSTS
+        # Projections, neighbours and histories (seconds of numpy each, at worst) ...
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="embstore-api")
-        self._cache = collections.OrderedDict()
+        # ... and apart from them, what the page polls every second (stats, epochs): constant
+        # time, never queued behind the former.
+        self.poll_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="embstore-poll")
+        self._fits = collections.OrderedDict()
+        self._bases = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self.started_unix = time.time()
 
     def close(self) -> None:
-        """Stops the compute threads (the follower is stopped by its owner)."""
+        """Stops the request threads (the follower is stopped by its owner)."""
         self.pool.shutdown(wait=False)
+        self.poll_pool.shutdown(wait=False)
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _cached(self, key, compute):
+    def _cached(self, cache, entries: int, key, compute):
+        """cache[key], or compute() stored there; the least recently used beyond ``entries``
+        are dropped."""
         with self._cache_lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
         value = compute()
         with self._cache_lock:
-            self._cache[key] = value
-            while len(self._cache) > kCacheEntries:
-                self._cache.popitem(last=False)
+            cache[key] = value
+            while len(cache) > entries:
+                cache.popitem(last=False)
         return value
 
     def _epoch(self, snap, query, name: str = "epoch") -> int:
@@ -132,21 +147,38 @@ class Server:
         rng = np.random.default_rng(epoch % 2**63)
         return rows, np.sort(rng.choice(rows, size=limit, replace=False))
 
+    def _finite_sample(self, snap, epoch: int, limit: int):
+        """(rows in the epoch, the rows of its sample without NaN or Inf, their vectors as
+        float32, sampled rows left out for holding NaN or Inf: a PCA of them is NaN, or fails)."""
+        rows, sample = self._sample(snap, epoch, limit)
+        vectors = analysis.as_float(snap.vectors[sample], self.follower.dtype)
+        finite = analysis.finite_rows(vectors)
+        return len(rows), sample[finite], vectors[finite], len(sample) - int(finite.sum())
+
+    @staticmethod
+    def _fit_key(snap, epoch: int, limit: int):
+        # The generation too: a truncate can leave an epoch with as many rows as before, others.
+        return snap.generation, epoch, snap.epoch_counts[epoch], limit
+
+    def _basis(self, snap, epoch: int, limit: int = kDefaultSample, vectors=None):
+        """The PCA basis of an epoch's sample at ``limit`` (``vectors``: that sample's finite
+        vectors, when the caller has them); cached per (generation, epoch, its row count,
+        limit)."""
+        def compute():
+            return analysis.Basis.fit(
+                vectors if vectors is not None else self._finite_sample(snap, epoch, limit)[2])
+        return self._cached(self._bases, kBasisCacheEntries, self._fit_key(snap, epoch, limit),
+                            compute)
+
     def _fit(self, snap, epoch: int, limit: int):
         """(basis, sample rows, rows in the epoch, the sample's 2-D points, sampled rows left out
-        as not finite) of an epoch; cached per (generation, epoch, its row count, limit): a
-        truncate can leave an epoch with as many rows as before, other ones. Rows holding NaN or
-        Inf are left out of the sample (a PCA of them is NaN, or fails). The cache holds no
-        vectors (bounded memory)."""
+        as not finite) of an epoch; cached as the basis is. The cache holds no vectors (bounded
+        memory)."""
         def compute():
-            rows, sample = self._sample(snap, epoch, limit)
-            vectors = analysis.as_float(snap.vectors[sample], self.follower.dtype)
-            finite = analysis.finite_rows(vectors)
-            sample, vectors = sample[finite], vectors[finite]
-            basis = analysis.Basis.fit(vectors)
-            return basis, sample, len(rows), basis.project(vectors), len(finite) - len(sample)
-        return self._cached(("fit", snap.generation, epoch, snap.epoch_counts[epoch], limit),
-                            compute)
+            epoch_rows, sample, vectors, non_finite = self._finite_sample(snap, epoch, limit)
+            basis = self._basis(snap, epoch, limit, vectors)
+            return basis, sample, epoch_rows, basis.project(vectors), non_finite
+        return self._cached(self._fits, kCacheEntries, self._fit_key(snap, epoch, limit), compute)
 
     def _label_codes(self, keys):
         if self.labels is None:
@@ -234,7 +266,7 @@ class Server:
         exclude = snap.keys[scanned] == np.uint64(key)
         found, dist, non_finite = analysis.nearest(snap.vectors, self.follower.dtype, scanned,
                                                    snap.vectors[row], k, exclude)
-        basis = self._fit(snap, epoch, kDefaultSample)[0]
+        basis = self._basis(snap, epoch)
         xy = basis.project(analysis.as_float(snap.vectors[np.append(found, row)],
                                              self.follower.dtype))
         keys = snap.keys[found].tolist()
@@ -271,8 +303,7 @@ class Server:
             if not analysis.finite_rows(vector)[0]:
                 non_finite += 1  # No place in a projection.
                 continue
-            basis = self._fit(snap, e, kDefaultSample)[0]
-            p = basis.project(vector)[0]
+            p = self._basis(snap, e).project(vector)[0]
             trajectory.append({"epoch": e, "row": r, "x": float(p[0]), "y": float(p[1])})
         return {
             "key": key, "label": self._label_of(key), "total_rows": total,
@@ -322,11 +353,11 @@ def make_app(server: Server) -> web.Application:
             "Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
         return response
 
-    def api(method):
+    def api(method, pool=server.pool):
         async def handler(request):
             loop = asyncio.get_running_loop()
             query = request.rel_url.query
-            data = await loop.run_in_executor(server.pool, method, query)
+            data = await loop.run_in_executor(pool, method, query)
             return _json(data)
         return handler
 
@@ -353,8 +384,10 @@ def make_app(server: Server) -> web.Application:
     app = web.Application(middlewares=[guard])
     app.router.add_get("/", static)
     app.router.add_get("/static/{name}", static)
-    app.router.add_get("/api/stats", api(lambda q: (_check_params(q, ()), server.stats())[1]))
-    app.router.add_get("/api/epochs", api(lambda q: (_check_params(q, ()), server.epochs())[1]))
+    app.router.add_get("/api/stats", api(lambda q: (_check_params(q, ()), server.stats())[1],
+                                         server.poll_pool))
+    app.router.add_get("/api/epochs", api(lambda q: (_check_params(q, ()), server.epochs())[1],
+                                          server.poll_pool))
     app.router.add_get("/api/projection", api(server.projection))
     app.router.add_get("/api/neighbours", api(server.neighbours))
     app.router.add_get("/api/history", api(server.history))
