@@ -366,12 +366,20 @@ def test_parameters_are_validated(store, server_on):
         ("/api/projection?epoch=3&color=red", 400, "unknown parameter 'color'"),
         ("/api/stats?verbose=1", 400, "unknown parameter 'verbose'"),
         ("/api/delete", 404, "no such endpoint"),
+        ("/api/history?key=" + "1" * 5000, 400, "key must be in 0 .. 18446744073709551615; "
+                                                "got a number of 5000 digits"),
+        ("/api/projection?limit=" + "9" * 30, 400, "limit must be in 1 .. 20000; got a "
+                                                   "number of 30 digits"),
+        ("/api/projection?epoch=3&epoch=4", 400, "parameter 'epoch' is given 2 times"),
+        ("/api/neighbours?key=1&k=2&key=1", 400, "parameter 'key' is given 2 times"),
+        ("/api/stats?x=1&x=2", 400, "unknown parameter 'x'"),
     ]
     for path, status, message in cases:
         got, body = server.get(path)
         assert (got, message in body.get("error", "")) == (status, True), (path, got, body)
     assert len(server.ok("/api/neighbours?key=1&k=100")["neighbours"]) == 4  # all other rows
     assert server.ok("/api/projection?limit=20000")["sampled"] == 5
+    assert server.ok("/api/history?key=" + "0" * 40 + "1")["key"] == 1  # leading zeros
 
 
 def test_static_files_are_a_fixed_set(store, server_on):

@@ -70,6 +70,10 @@ def _int_param(query, name: str, low: int, high: int, default: Optional[int] = N
         return default
     if not text.isascii() or not text.isdigit():
         raise ApiError(400, f"{name} must be a non-negative integer; got {text!r}")
+    digits = text.lstrip("0")
+    if len(digits) > len(str(high)):  # Never converted: int() refuses over 4300 digits.
+        raise ApiError(400, f"{name} must be in {low} .. {high}; got a number of {len(digits)} "
+                            "digits")
     value = int(text)
     if not low <= value <= high:
         raise ApiError(400, f"{name} must be in {low} .. {high}; got {value}")
@@ -77,10 +81,13 @@ def _int_param(query, name: str, low: int, high: int, default: Optional[int] = N
 
 
 def _check_params(query, allowed) -> None:
-    for name in query:
+    seen = collections.Counter(list(query))  # Its names; a query string repeats repeated ones.
+    for name, times in seen.items():
         if name not in allowed:
             raise ApiError(400, f"unknown parameter {name!r}; this endpoint takes "
                                 f"{', '.join(allowed) or 'none'}")
+        if times > 1:
+            raise ApiError(400, f"parameter {name!r} is given {times} times; give it once")
 
 
 def _rounded(values: np.ndarray) -> list:
