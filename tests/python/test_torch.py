@@ -324,3 +324,20 @@ def test_recorder_refuses_an_output_of_another_width_than_the_store_naming_it(st
     r = embstore.Reader(store)
     assert r.keys.tolist() == [0, 1, 4, 5]
     assert r.vectors.tolist() == [[1.0] * 4] * 2 + [[3.0] * 4] * 2
+
+
+def test_recording_under_inference_mode_first_then_training_stores_every_row(store):
+    """A validation pass under torch.inference_mode() before training: the staging buffer made
+    there must not be an inference tensor, which the next training forward could not write (its
+    rows were lost)."""
+    layer = torch.nn.Linear(3, 4)
+    x = torch.randn(6, 3)
+    with EmbeddingRecorder(layer, "", store, dim=4, async_queue_mb=0) as rec:
+        with torch.inference_mode(), rec.batch(torch.arange(6), 0):
+            first = layer(x)
+        with rec.batch(torch.arange(6, 12), 0):
+            second = layer(x)
+        second.sum().backward()
+    r = embstore.Reader(store)
+    assert r.keys.tolist() == list(range(12))
+    assert torch.equal(torch.from_numpy(r.vectors.copy()), torch.cat([first, second.detach()]))

@@ -444,8 +444,11 @@ class EmbeddingRecorder:
                                    staging.epoch != self._epoch):
                 staging.submit()
             if staging.buffer is None:
-                staging.buffer = torch.empty((self._buffer_rows, out.shape[1]),
-                                             dtype=staging.dtype)
+                # Never an inference tensor (made under torch.inference_mode()): a later
+                # forward outside it could not copy into it.
+                with torch.inference_mode(False):
+                    staging.buffer = torch.empty((self._buffer_rows, out.shape[1]),
+                                                 dtype=staging.dtype)
             begin, end = staging.filled, staging.filled + n
             staging.buffer[begin:end].copy_(out)  # converts dtype, copies from any device
             staging.keys[begin:end] = ids
