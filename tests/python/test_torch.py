@@ -341,3 +341,26 @@ def test_recording_under_inference_mode_first_then_training_stores_every_row(sto
     r = embstore.Reader(store)
     assert r.keys.tolist() == list(range(12))
     assert torch.equal(torch.from_numpy(r.vectors.copy()), torch.cat([first, second.detach()]))
+
+
+def test_dataset_indices_and_rows_are_integers_and_errors_name_them(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.arange(100, 110), np.zeros((10, 4), np.float32), 3)
+    ds = EmbeddingDataset(store)
+    assert [ds[i][1] for i in (np.int64(3), torch.tensor(4), -1, -10)] == [103, 104, 109, 100]
+    for bad in (2.7, "1", True, np.bool_(True), torch.tensor(True), torch.tensor(1.0),
+                slice(0, 2)):
+        with pytest.raises(TypeError, match=f"{store}: dataset indices are integers; got "):
+            ds[bad]
+    for bad in (10, -11):
+        with pytest.raises(IndexError, match=f"index {bad} out of range for 10 rows"):
+            ds[bad]
+    subset = EmbeddingDataset(store, rows=np.array([9, 0], np.uint64))
+    assert [subset[i][1] for i in range(2)] == [109, 100] and len(EmbeddingDataset(store, rows=[])) == 0
+    for rows, says in (([1.5], "rows must be integer row numbers; got dtype float64"),
+                       ([True], "rows must be integer row numbers; got dtype bool"),
+                       ([[1, 2]], r"rows must be 1-D; got shape \(1, 2\)"),
+                       ([3, -1], r"rows\[1\] is -1, outside the snapshot's rows \[0, 10\)"),
+                       ([10], r"rows\[0\] is 10, outside the snapshot's rows \[0, 10\)")):
+        with pytest.raises(ValueError, match=f"{store}: {says}"):
+            EmbeddingDataset(store, rows=rows)

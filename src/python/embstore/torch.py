@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing.util as _mp_util
+import operator
 import os
 import time
 from typing import Any, Callable, ContextManager, Optional, Sequence
@@ -69,13 +70,10 @@ class EmbeddingDataset(torch.utils.data.Dataset):
                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         self._reader = store if isinstance(store, Reader) else Reader(store)
         self._path = self._reader.path
-        self._rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self._dtype = dtype
         self._transform = transform
         self._size = len(self._reader)
-        if self._rows is not None and self._rows.size and (
-                self._rows.min() < 0 or self._rows.max() >= self._size):
-            raise ValueError(f"{self._path}: rows must lie in [0, {self._size})")
+        self._rows = None if rows is None else self._row_numbers(rows)
 
     def refresh(self) -> int:
         """Takes in rows committed since construction (when no explicit ``rows`` were given);
@@ -86,16 +84,43 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self._size if self._rows is None else int(self._rows.size)
 
-    def _row(self, index: int) -> int:
+    def _row_numbers(self, rows: Any) -> np.ndarray:
+        """``rows`` as int64 row numbers, checked: 1-D, integers (not floats or bools, which
+        numpy would truncate or take as 0/1), inside the snapshot."""
+        array = np.asarray(rows)
+        if array.ndim != 1:
+            raise ValueError(f"{self._path}: rows must be 1-D; got shape {array.shape}")
+        if array.size and array.dtype.kind not in "iu":
+            raise ValueError(f"{self._path}: rows must be integer row numbers; got dtype "
+                             f"{array.dtype}")
+        outside = np.flatnonzero((array < 0) | (array >= self._size)) if array.size else []
+        if len(outside):
+            raise ValueError(f"{self._path}: rows[{outside[0]}] is {array[outside[0]]}, outside "
+                             f"the snapshot's rows [0, {self._size})")
+        return array.astype(np.int64)
+
+    def _row(self, index: Any) -> int:
+        """The row of dataset index ``index``: an integer (a numpy or 0-d torch integer too,
+        not a float, str or bool), negative counting from the end."""
+        i = None
+        if not isinstance(index, (bool, np.bool_)) and not (
+                isinstance(index, torch.Tensor) and index.dtype == torch.bool):
+            try:
+                i = operator.index(index)
+            except TypeError:
+                pass
+        if i is None:
+            raise TypeError(f"{self._path}: dataset indices are integers; got "
+                            f"{type(index).__name__} {index!r}")
         n = len(self)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} rows")
-        return index if self._rows is None else int(self._rows[index])
+        if not -n <= i < n:
+            raise IndexError(f"{self._path}: index {i} out of range for {n} rows")
+        if i < 0:
+            i += n
+        return i if self._rows is None else int(self._rows[i])
 
     def __getitem__(self, index: int):
-        row = self._row(int(index))
+        row = self._row(index)
         view = self._reader.rows(row, row + 1)[0]
         if self._reader.dtype == "bfloat16":
             vector = torch.from_numpy(view.view(np.int16).copy()).view(torch.bfloat16)
