@@ -356,7 +356,8 @@ def test_dataset_indices_and_rows_are_integers_and_errors_name_them(store):
         with pytest.raises(IndexError, match=f"index {bad} out of range for 10 rows"):
             ds[bad]
     subset = EmbeddingDataset(store, rows=np.array([9, 0], np.uint64))
-    assert [subset[i][1] for i in range(2)] == [109, 100] and len(EmbeddingDataset(store, rows=[])) == 0
+    assert [subset[i][1] for i in range(2)] == [109, 100]
+    assert len(EmbeddingDataset(store, rows=[])) == 0
     for rows, says in (([1.5], "rows must be integer row numbers; got dtype float64"),
                        ([True], "rows must be integer row numbers; got dtype bool"),
                        ([[1, 2]], r"rows must be 1-D; got shape \(1, 2\)"),
@@ -364,3 +365,65 @@ def test_dataset_indices_and_rows_are_integers_and_errors_name_them(store):
                        ([10], r"rows\[0\] is 10, outside the snapshot's rows \[0, 10\)")):
         with pytest.raises(ValueError, match=f"{store}: {says}"):
             EmbeddingDataset(store, rows=rows)
+
+
+def _loader_keys(loader):
+    return sorted(torch.cat([keys for _, keys, _ in loader]).tolist())
+
+
+def test_a_dataset_reopened_after_a_truncate_or_in_a_new_store_refuses_to_serve_other_rows(
+        store):
+    """A dataset pickled to a spawned DataLoader worker reopens the store by its path. Rows
+    appended since do not matter (its snapshot's rows are still there); after a truncate, or a
+    new store made at the path, they are gone, and the worker says so instead of serving other
+    rows under the same indices."""
+    import pickle
+    import shutil
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.arange(8), np.zeros((8, 4), np.float32), 0)
+        ds = EmbeddingDataset(store)
+        w.append(np.arange(8, 10), np.ones((2, 4), np.float32), 0)
+        copy = pickle.loads(pickle.dumps(ds))
+        assert len(copy) == 8 and [copy[i][1] for i in range(8)] == list(range(8))
+        w.truncate(rows=4)
+        w.append(np.arange(100, 104), np.full((4, 4), 7, np.float32), 1)
+    truncated = (f"{store}: the store was truncated since this dataset's snapshot of 8 rows "
+                 r"\(generation 1; the store is at generation 2 now, 8 rows\)")
+    copy = pickle.loads(pickle.dumps(ds))
+    with pytest.raises(embstore.Error, match=truncated):
+        copy[0]
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1,
+                                         multiprocessing_context="spawn")
+    with pytest.raises(embstore.Error, match=truncated):
+        next(iter(loader))
+    assert [ds[i][1] for i in range(8)] == list(range(8))  # its own Reader still has them
+    old_id = ds.reader.info()["store_id"]
+    shutil.rmtree(store)
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.arange(8), np.zeros((8, 4), np.float32), 0)
+    with pytest.raises(embstore.Error, match=f"{store}: another store is there now "
+                                             rf"\(store id {embstore.info(store)['store_id']}; "
+                                             rf"this dataset's: {old_id}\)"):
+        pickle.loads(pickle.dumps(ds))[0]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_refresh_reaches_persistent_workers(store, context):
+    """persistent_workers=True keeps the workers' copies of the dataset from one epoch to the
+    next: a refresh() in the main process reaches them (through shared memory), past appends and
+    a truncate."""
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.arange(8), np.zeros((8, 4), np.float32), 0)
+        ds = EmbeddingDataset(store)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2,
+                                             persistent_workers=True,
+                                             multiprocessing_context=context)
+        assert _loader_keys(loader) == list(range(8))
+        w.append(np.arange(8, 16), np.ones((8, 4), np.float32), 1)
+        assert ds.refresh() == 16 and _loader_keys(loader) == list(range(16))
+        w.truncate(rows=4)
+        w.append(np.arange(100, 104), np.full((4, 4), 7, np.float32), 2)
+        assert ds.refresh() == 8
+        assert _loader_keys(loader) == [0, 1, 2, 3, 100, 101, 102, 103]
+        assert sorted(v.sum().item() for v, _, _ in ds) == sorted(
+            torch.cat([v.sum(1) for v, _, _ in loader]).tolist())

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from . import Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _embstore, _log, shards
+from . import Error, Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _embstore, _log, shards
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
 
@@ -56,7 +56,12 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     for another torch dtype (e.g. torch.float32).
 
     Works with DataLoader workers under fork (Readers are fork-safe) and spawn (it pickles as
-    the path and reopens).
+    the path and reopens), persistent ones too: the main process's snapshot (generation and rows)
+    sits in shared memory, and a worker whose snapshot differs (after ``refresh()`` in the main
+    process, or after reopening the store) refreshes its Reader to it. Where the store no longer
+    holds that snapshot's rows (truncated since, or another store made at the path) the worker
+    raises ``embstore.Error`` naming the store and what changed: never other rows under the
+    same indices.
 
     Args:
         store: a path or an open ``embstore.Reader``.
@@ -73,12 +78,22 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         self._dtype = dtype
         self._transform = transform
         self._size = len(self._reader)
+        self._generation = self._reader.generation
+        self._store_id = self._reader.info(key_stats=False)["store_id"]
         self._rows = None if rows is None else self._row_numbers(rows)
+        # The main process's snapshot (generation, rows), shared with DataLoader workers (a
+        # pickled shared tensor stays shared, and fork shares the memory): a persistent worker's
+        # copy of the dataset is never pickled again, and must learn of a refresh() here.
+        self._main = torch.tensor([self._generation, self._size]).share_memory_()
+        self._main_view = self._main.numpy()
 
     def refresh(self) -> int:
         """Takes in rows committed since construction (when no explicit ``rows`` were given);
-        returns the new length."""
+        returns the new length. Call it in the main process: DataLoader workers, persistent
+        ones included, follow at their next item."""
         self._size = self._reader.refresh()
+        self._generation = self._reader.generation
+        self._main_view[:] = (self._generation, self._size)
         return len(self)
 
     def __len__(self) -> int:
@@ -119,7 +134,29 @@ class EmbeddingDataset(torch.utils.data.Dataset):
             i += n
         return i if self._rows is None else int(self._rows[i])
 
+    def _follow(self) -> None:
+        """Takes the main process's snapshot (in a worker, or a copy unpickled): refreshes this
+        process's Reader to it, or raises embstore.Error when the store no longer holds it."""
+        generation, size = (int(v) for v in self._main_view)
+        reader = self._reader
+        if reader.generation != generation or len(reader) < size:
+            reader.refresh()
+        store_id = reader.info(key_stats=False)["store_id"]
+        if store_id != self._store_id:
+            raise Error(f"{self._path}: another store is there now (store id {store_id}; "
+                        f"this dataset's: {self._store_id}): its rows are gone; make a new "
+                        "EmbeddingDataset (and DataLoader)")
+        if reader.generation != generation:
+            raise Error(f"{self._path}: the store was truncated since this dataset's snapshot "
+                        f"of {size} rows (generation {generation}; the store is at generation "
+                        f"{reader.generation} now, {len(reader)} rows): those rows are gone; "
+                        "make a new EmbeddingDataset (and DataLoader)")
+        self._generation, self._size = generation, size
+
     def __getitem__(self, index: int):
+        main = self._main_view
+        if main[1] != self._size or main[0] != self._generation:
+            self._follow()
         row = self._row(index)
         view = self._reader.rows(row, row + 1)[0]
         if self._reader.dtype == "bfloat16":
@@ -141,12 +178,14 @@ class EmbeddingDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_reader"] = None
+        state["_reader"] = state["_main_view"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._reader = Reader(self._path)
+        self._reader = Reader(self._path)  # The newest snapshot: checked at the first item.
+        self._main_view = self._main.numpy()
+        self._generation = -1
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,

@@ -19,17 +19,18 @@ Damage: before a request touches rows, the server compares the sizes of the stor
 what its snapshot needs and checks that the store directory is still there; a failure is a 503
 naming the file, and the server goes on answering. A store deleted and created again at the
 same path (a run started over) is not followed: the server's Readers map the deleted store, so
-every request gets a 503 naming both store ids until the server is restarted. Caveat: a file shrunk by another program in
-the instant between that check and the read still ends the server with SIGBUS (embstore itself
-never shrinks a store's files).
+every request gets a 503 naming both store ids until the server is restarted. Caveat: a file
+shrunk by another program in the instant between that check and the read still ends the server
+with SIGBUS (embstore itself never shrinks a store's files).
 
 Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...}`` or CSV lines
 ``KEY,LABEL`` (an optional ``key,label`` header line); see ``analysis.Labels``.
 
 JSON API (GET only; every answer is JSON; an error is ``{"error": MESSAGE}`` with status 400 for a
-bad parameter (not a number, out of range, unknown name, given twice), 404 for an absent key or epoch, 405 for
-a method other than GET, 422 for neighbours of a row holding NaN or Inf, 503 when the store is
-damaged or gone (the message says which file), 500 for anything else; the server keeps running).
+bad parameter (not a number, out of range, unknown name, given twice), 404 for an absent key or
+epoch, 405 for a method other than GET, 422 for neighbours of a row holding NaN or Inf, 503 when
+the store is damaged or gone (the message says which file), 500 for anything else; the server
+keeps running).
 Rows holding NaN or Inf have no place in a PCA or a distance: every endpoint leaves them out and
 says how many it left out (``non_finite``); no answer holds NaN (not JSON). Keys and epochs are
 decimal integers 0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaScript.
