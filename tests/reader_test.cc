@@ -424,6 +424,7 @@ TEST_CASE(
   // info() describes the store as it is now: its counters and files are the new generation's.
   const StoreInfo now_info = r.info();
   CHECK(now_info.generation == 2);
+  CHECK(r.generation() == 1);  // The snapshot's, until refresh().
   CHECK(now_info.committed_rows == 1500);
   struct stat st;
   REQUIRE(::stat((dir / "s" + "/rows.2").c_str(), &st) == 0);
@@ -436,6 +437,7 @@ TEST_CASE(
   CHECK(kept.key_index_problems == 0);
   CHECK(looked.find(test::make_key(1, 2999)) == 2999);
   REQUIRE(r.refresh() == 1500);
+  CHECK(r.generation() == 2);
   std::vector<std::byte> now(1500 * row_bytes);
   r.read(0, 1500, now.data(), now.size());
   CHECK(std::memcmp(now.data(), before.data(), 1000 * row_bytes) == 0);
