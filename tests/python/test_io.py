@@ -201,6 +201,15 @@ def test_a_corrupt_selected_row_after_a_thousand_bad_unselected_ones_is_still_na
     with pytest.raises(embstore.CorruptionError, match=named):
         embstore.compact(src, tmp_path / "d", latest_per_key=True)
     assert sorted(os.listdir(tmp_path)) == ["s"]
+    # Only rows that are not chosen fail (row 2501 mended): the chosen ones are copied, exactly.
+    with open(os.path.join(src, "rows.1"), "r+b") as f:
+        f.seek(2501 * 8)
+        f.write(np.float32(1).tobytes())
+    assert embstore.export_npy(src, tmp_path / "e", epochs=[1]) == 1500
+    assert np.array_equal(np.load(tmp_path / "e" / "keys.npy"), np.arange(1500))
+    assert (np.load(tmp_path / "e" / "vectors.npy") == 1).all()
+    embstore.compact(src, tmp_path / "f", latest_per_key=True)
+    assert embstore.Reader(tmp_path / "f").verify().ok and len(embstore.Reader(tmp_path / "f")) == 1500
 
 
 @pytest.mark.parametrize("kwargs, message", [
