@@ -367,6 +367,23 @@ def test_dataset_indices_and_rows_are_integers_and_errors_name_them(store):
             EmbeddingDataset(store, rows=rows)
 
 
+def test_refresh_of_a_dataset_of_chosen_rows_after_a_truncate_is_refused(store):
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.arange(100, 110), np.arange(40, dtype=np.float32).reshape(10, 4), 3)
+    subset = EmbeddingDataset(store, rows=[9, 2])
+    with embstore.Writer(store) as w:
+        w.truncate(rows=5)
+        w.append([200, 201, 202, 203, 204], np.zeros((5, 4), np.float32), 4)
+    # Row 9 is now another key's row: the subset refuses rather than serve it.
+    with pytest.raises(ValueError, match=f"{store}: truncated since this dataset's rows were "
+                                         r"chosen \(generation 1 -> 2\)"):
+        subset.refresh()
+    vector, key, epoch = subset[0]  # Still the snapshot the rows were chosen in.
+    assert (key, epoch) == (109, 3) and vector.tolist() == [36.0, 37.0, 38.0, 39.0]
+    whole = EmbeddingDataset(store)
+    assert whole.refresh() == 10  # Without chosen rows a truncate is followed.
+
+
 def _loader_keys(loader):
     return sorted(torch.cat([keys for _, keys, _ in loader]).tolist())
 

@@ -81,6 +81,7 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         self._generation = self._reader.generation
         self._store_id = self._reader.info(key_stats=False)["store_id"]
         self._rows = None if rows is None else self._row_numbers(rows)
+        self._stale: Optional[str] = None  # Why it serves no more rows (refresh()).
         # The main process's snapshot (generation, rows), shared with DataLoader workers (a
         # pickled shared tensor stays shared, and fork shares the memory): a persistent worker's
         # copy of the dataset is never pickled again, and must learn of a refresh() here.
@@ -91,7 +92,24 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         """Takes in rows committed since construction (when no explicit ``rows`` were given);
         returns the new length. Call it in the main process: DataLoader workers, persistent
         ones included, follow at their next item."""
-        self._size = self._reader.refresh()
+        if self._rows is not None:
+            # The rows given are numbers in this snapshot's generation: after a truncate they
+            # name other rows, or none. Refused before the snapshot moves, so this dataset still
+            # serves the rows it was given.
+            now = self._reader.info(key_stats=False)["generation"]
+            if now != self._generation:
+                raise ValueError(f"{self._path}: truncated since this dataset's rows were chosen "
+                                 f"(generation {self._generation} -> {now}); choose them again "
+                                 "and make a new dataset")
+        size = self._reader.refresh()
+        if self._rows is not None and self._reader.generation != self._generation:
+            # A truncate between the look above and the refresh: this process's snapshot moved
+            # past the rows given. It serves nothing more (workers keep the old snapshot).
+            self._stale = (f"{self._path}: truncated since this dataset's rows were chosen "
+                           f"(generation {self._generation} -> {self._reader.generation}); "
+                           "choose them again and make a new dataset")
+            raise ValueError(self._stale)
+        self._size = size
         self._generation = self._reader.generation
         self._main_view[:] = (self._generation, self._size)
         return len(self)
@@ -132,6 +150,8 @@ class EmbeddingDataset(torch.utils.data.Dataset):
             raise IndexError(f"{self._path}: index {i} out of range for {n} rows")
         if i < 0:
             i += n
+        if self._stale is not None:
+            raise ValueError(self._stale)
         return i if self._rows is None else int(self._rows[i])
 
     def _follow(self) -> None:
