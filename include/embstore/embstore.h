@@ -90,10 +90,10 @@
 //     those readers: an access past the end of a mapped file is a signal, inherent to mmap.
 //   - Stores open per process: each open Reader or Writer holds about five memory mappings (two
 //     more once a Reader has looked a key up), so the kernel's vm.max_map_count (65530 by
-//     default) allows roughly 10,000 open stores; raise it for more. A Writer holds five file
-//     descriptors (RLIMIT_NOFILE), a Reader none: it reopens its files by path when they grew
-//     past its mapping, so a store moved or deleted under an open Reader fails that refresh
-//     (kNotFound or kIO) while its views stay valid.
+//     default) allows roughly 10,000 open stores; raise it for more. A Writer holds six file
+//     descriptors (five without a key index) (RLIMIT_NOFILE), a Reader none: it reopens its files
+//     by path when they grew past its mapping, so a store moved or deleted under an open Reader
+//     fails that refresh (kNotFound or kIO) while its views stay valid.
 //   - A file the process may not read is kPermissionDenied (EACCES/EPERM); kReadOnly is a
 //     write refused by a read-only file or file system.
 #pragma once

@@ -99,7 +99,8 @@ class Writer {
   // never a mix, and the next writer or reader finishes a switch that was decided. The time and
   // the disk space needed are those of copying the rows kept; the old files are removed after.
   // In a damaged store it throws kCorruption naming the row, store unchanged, rather than keep
-  // an index entry that is all zero or end on a row that fails its checksum.
+  // an index entry that is all zero or end on a row that fails its checksum and does not end
+  // its batch (a bad row that ends one is kept as it is: recovery and verify() still name it).
   //   - Readers: views taken before stay valid and unchanged (the old files stay mapped), and a
   //     Reader keeps its snapshot until refresh(); after that it sees the new generation, and
   //     its size() may go down to `rows`. Lookups never return a dropped row.

@@ -510,8 +510,9 @@ class Writer(_Handle):
         sync_interval: seconds between background syncs, > 0 and at most 1e9, rounded up to
             whole milliseconds; None is the library's default
             (``embstore.DEFAULT_SYNC_INTERVAL``, 5 s).
-        map_bytes: address space reserved for the data file; the store can grow to this size
-            (default 1 TiB). Appends beyond it fail with OSError(ENOSPC).
+        map_bytes: address space reserved for the data and index files together, rounded up to
+            whole segments; the store can grow to that size (default 1 TiB). Appends beyond it
+            fail with OSError(ENOSPC).
         huge_pages: write rows through a mapping advised for 2 MiB pages, made ahead of the
             appends by a thread of the writer, so the page cache holds them in 2 MiB pages that
             every later reader maps in one step (a new process's first scan ~6x faster on the
@@ -618,7 +619,8 @@ class Writer(_Handle):
         or the new one. Readers keep their views and snapshot until ``refresh()``, after which
         ``len(reader)`` may be smaller; Writers of other processes append after the kept rows.
         In a damaged store, raises CorruptionError naming the row, store unchanged, rather than
-        keep an index entry that is all zero or end on a row that fails its checksum.
+        keep an index entry that is all zero or end on a row that fails its checksum and does not
+        end its batch (one that ends its batch is kept as it is; verify still names it).
         """
         if (rows is None) == (from_epoch is None):
             raise TypeError("truncate() takes exactly one of rows= or from_epoch=")

@@ -6,7 +6,7 @@ keeps a manifest (``manifest.json``) listing the shards. Afterwards (or while th
 quiescent) copy the node directories next to the manifest and read them as one::
 
     s = embstore.ShardSet("/data/run17")          # a manifest, its directory, or store paths
-    len(s); s.find(key, epoch); s.history(key); s.epoch_rows(3); s.find_many(ids, epoch=3)
+    len(s); s.find(key, epoch); s.history(key); s.epoch_rows(3); s.find_many(ids, epochs=3)
     s.shard_vectors(0)                            # zero-copy view of one shard's rows
     embstore.merge("/data/run17-merged.emb", "/data/run17")   # one store, checksums verified
 
