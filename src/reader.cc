@@ -289,6 +289,13 @@ VerifyReport Reader::verify_key_index() const {
       report.key_index_problems =
           index->check(f.entry_ptr(0), std::min(impl_->snapshot_, index->indexed_rows()),
                        &report.key_index_problem);
+      // Damage inside the tables (a header that opens well): lookups through them could miss
+      // rows or name others, so this Reader scans from now on. Nothing at open can see it
+      // (checking every slot is O(n)); Writer::rebuild_key_index() repairs it.
+      if (report.key_index_problems > 0) {
+        impl_->keys().mark_damaged("verify found " + std::to_string(report.key_index_problems) +
+                                   " problems: " + report.key_index_problem);
+      }
     } catch (const Error& error) {
       if (error.code() == ErrorCode::kNotFound) {
         // Replaced by a newer generation while being checked: refresh() and verify again.

@@ -325,6 +325,15 @@ class PyWriter {
     writer_->sync();
   }
 
+  // Writes what is queued first: the rebuilt index covers every row appended before the call.
+  void rebuild_key_index() {
+    flush();
+    std::shared_lock alive = lock_alive();
+    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    py::gil_scoped_release unlocked;
+    writer_->rebuild_key_index();
+  }
+
   // Writes what is queued first, so the rows appended before the call are the ones it counts.
   std::uint64_t truncate(std::uint64_t value, bool from_epoch) {
     flush();
@@ -1022,6 +1031,7 @@ PYBIND11_MODULE(_embstore, m) {
       .def("flush", &PyWriter::flush)
       .def("sync", &PyWriter::sync)
       .def("truncate", &PyWriter::truncate, py::arg("value"), py::arg("from_epoch"))
+      .def("rebuild_key_index", &PyWriter::rebuild_key_index)
       .def("close", &PyWriter::close)
       .def("stats", &PyWriter::stats)
       .def_property_readonly("closed", &PyWriter::closed)

@@ -137,6 +137,31 @@ def test_get_never_returns_another_keys_row_when_a_key_index_slot_is_damaged(sto
     assert not r.verify().ok
 
 
+def test_damage_inside_the_tables_found_by_verify_makes_lookups_scan_until_rebuilt(store):
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(50), np.ones((50, 4), np.float32), epoch=1)
+    path = os.path.join(store, "keys.1")
+    with open(path, "r+b") as f:  # every pair slot zeroed: the header still opens well
+        f.seek(48)
+        pair_slots = int.from_bytes(f.read(8), "little")
+        f.seek(4096)
+        f.write(bytes(16 * pair_slots))
+    r = embstore.Reader(store)
+    assert r.find(7, epoch=1) is None  # Not seen at open (checking every slot is O(n)).
+    report = r.verify()
+    assert not report.ok and report.key_index_problems > 0
+    assert r.info()["key_index"].startswith("damaged (verify found ")
+    assert r.find(7, epoch=1) == 7  # This Reader scans from then on.
+    with embstore.Writer(store) as w:
+        w.rebuild_key_index()
+    fresh = embstore.Reader(store)
+    assert fresh.verify().ok and fresh.find(7, epoch=1) == 7
+    embstore.create(os.path.join(store, "..", "plain"), dim=4, key_index=False)
+    with embstore.Writer(os.path.join(store, "..", "plain")) as w, pytest.raises(ValueError):
+        w.rebuild_key_index()
+
+
 def test_lookups_never_see_past_the_snapshot(store):
     embstore.create(store, dim=4)
     w = embstore.Writer(store)

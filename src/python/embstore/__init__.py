@@ -605,6 +605,13 @@ class Writer(_Handle):
         """
         self._native.sync()
 
+    def rebuild_key_index(self) -> None:
+        """Rebuilds the key index from the offset index, for one ``Reader.verify()`` reports
+        damaged (a writer rebuilds a missing or unreadable one by itself when it opens; damage
+        inside its tables only verify finds). Takes the writer lock: about a second per 10M rows.
+        ValueError for a store created without a key index."""
+        self._native.rebuild_key_index()
+
     def truncate(self, rows: Optional[int] = None, *, from_epoch: Optional[int] = None) -> int:
         """Rolls the store back, for training that resumes from a checkpoint; returns the rows kept.
 
