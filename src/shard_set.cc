@@ -246,6 +246,7 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
     throw Error(ErrorCode::kInvalidArgument, manifest_path + ": the manifest lists no shards");
   }
 
+  std::vector<std::string> store_ids;  // Of the shards opened so far.
   for (std::size_t i = 0; i < paths.size(); ++i) {
     auto shard = std::make_unique<Shard>(paths[i], [&] {
       try {
@@ -292,6 +293,16 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
                         std::to_string(entry.rows) + " the manifest recorded");
       }
     }
+    // The same store twice (two paths, or a copy) would count its rows twice, in a merge too.
+    const std::string id = reader.info(InfoDetail::kState).store_id;
+    for (std::size_t j = 0; j < store_ids.size(); ++j) {
+      if (store_ids[j] == id) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    "shard " + paths[i] + " is the same store as shard " + impl->shards[j]->path +
+                        " (store id " + id + "): a set lists each store once");
+      }
+    }
+    store_ids.push_back(id);
     impl->shards.push_back(std::move(shard));
   }
   if (!manifest) impl->metadata = impl->shards[0]->reader.metadata();

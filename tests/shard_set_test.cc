@@ -330,6 +330,25 @@ TEST_CASE("A ShardSet after a shard was truncated and refilled to its old size a
   CHECK(set.find_many(keys, 1) == std::vector<std::uint64_t>{ShardSet::kNoRow, 2, 0});
 }
 
+TEST_CASE("A set that lists one store twice is refused naming both paths", "[shard_set]") {
+  TempDir dir;
+  {
+    Writer w = Writer::create(dir / "a", opts(2));
+    w.append(std::vector<std::uint64_t>{1, 2}, 0, std::vector<float>(4, 1.0f));
+  }
+  std::string message;
+  REQUIRE(code_of(
+              [&] {
+                ShardSet::open({dir / "a", dir / "a/"});
+              },
+              &message) == ErrorCode::kInvalidArgument);
+  CHECK(message.find("is the same store as shard " + (dir / "a")) != std::string::npos);
+  REQUIRE(code_of([&] {
+            merge_stores(dir / "m", ShardSet::open({dir / "a", dir / "a"}));
+          }) == ErrorCode::kInvalidArgument);
+  CHECK(code_of([&] { read_info(dir / "m"); }) == ErrorCode::kNotFound);
+}
+
 TEST_CASE("merge_stores merges a shard whose key index file is missing (no row is lost)",
           "[shard_set][corruption]") {
   TempDir dir;

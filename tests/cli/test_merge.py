@@ -32,6 +32,14 @@ def test_merge_of_two_stores_keeps_every_row_key_and_epoch_in_order(tmp_path):
     assert (hash_tree(a), hash_tree(b)) == before
 
 
+def test_merge_refuses_a_store_listed_twice(tmp_path):
+    a = make_store(tmp_path / "a")
+    r = run("merge", tmp_path / "m", a, a)
+    assert r.code == 2, r
+    assert f"is the same store as shard {a}" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "m")
+
+
 def test_merge_refuses_shards_of_another_dim_naming_them_and_leaves_no_output(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     make_store(a, dim=4)
