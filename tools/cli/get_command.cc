@@ -1,7 +1,6 @@
 // get: the vector of one sample by key (and epoch), or every version of it, via the key index.
 #include <fmt/format.h>
 
-#include <filesystem>
 #include <memory>
 #include <optional>
 #include <set>
@@ -49,28 +48,13 @@ void write_npy(const Reader& reader, const std::vector<Record>& records, const G
   std::vector<std::uint64_t> shape;
   if (args.history) shape.push_back(records.size());
   shape.push_back(reader.dim());
-  // Written under a hidden name beside the output and renamed into place when complete, as
-  // export does: a failed write (a full disk) leaves no file at args.npy.
-  tools::require_absent(args.npy);
-  const std::string partial = tools::make_partial_dir(args.npy);
-  try {
-    const std::string file = partial + "/out";
+  // As export writes a file: a failed write (a full disk) leaves no file at args.npy.
+  tools::write_file_aside(args.npy, [&](const std::string& file) {
     tools::NpyWriter out(file, tools::npy_descr(reader.dtype()), shape);
     const std::size_t row_bytes = reader.dim() * dtype_size(reader.dtype());
     for (const Record& record : records) out.write(record.data, row_bytes);
     out.finish();
-    tools::rename_no_replace(file, args.npy);
-    std::filesystem::remove(partial);
-  } catch (const Error& error) {
-    std::error_code ec;
-    std::filesystem::remove_all(partial, ec);
-    if (error.code() == ErrorCode::kAlreadyExists) throw;  // Names args.npy already.
-    throw Error(error.code(), args.npy + ": " + error.what(), error.sys_errno());
-  } catch (...) {
-    std::error_code ec;
-    std::filesystem::remove_all(partial, ec);
-    throw;
-  }
+  });
 }
 
 int run_get(const GetArgs& args) {

@@ -254,37 +254,52 @@ void rename_no_replace(const std::string& from, const std::string& to) {
   }
 }
 
-ExportResult export_store(const Reader& reader, const std::string& out,
-                          const ExportOptions& options) {
+void write_file_aside(const std::string& out,
+                      const std::function<void(const std::string&)>& write) {
   require_absent(out);
-  const RowSelector selector(reader, options.selection, nullptr);
   const std::string partial = make_partial_dir(out);
   try {
-    if (options.format == ExportFormat::kNpy) {
-      try {
-        export_npy(reader, selector, partial, options);
-      } catch (const Error& e) {
-        rethrow_naming_output(e, partial, out);
-      }
-      rename_no_replace(partial, out);
-    } else {
-      const std::string file = partial + "/out";
-      try {
-        if (options.format == ExportFormat::kHdf5) {
-          export_hdf5(reader, selector, file, options);
-        } else {
-          export_csv(reader, selector, file, options);
-        }
-      } catch (const Error& e) {
-        rethrow_naming_output(e, file, out);
-      }
-      rename_no_replace(file, out);
-      std::filesystem::remove(partial);
+    const std::string file = partial + "/out";
+    try {
+      write(file);
+    } catch (...) {
+      rethrow_naming_output_if_error(file, out);
     }
+    rename_no_replace(file, out);
+    std::filesystem::remove(partial);
   } catch (...) {
     std::error_code ec;
     std::filesystem::remove_all(partial, ec);
     throw;
+  }
+}
+
+ExportResult export_store(const Reader& reader, const std::string& out,
+                          const ExportOptions& options) {
+  require_absent(out);
+  const RowSelector selector(reader, options.selection, nullptr);
+  if (options.format == ExportFormat::kNpy) {
+    const std::string partial = make_partial_dir(out);
+    try {
+      try {
+        export_npy(reader, selector, partial, options);
+      } catch (...) {
+        rethrow_naming_output_if_error(partial, out);
+      }
+      rename_no_replace(partial, out);  // Its message names both paths.
+    } catch (...) {
+      std::error_code ec;
+      std::filesystem::remove_all(partial, ec);
+      throw;
+    }
+  } else {
+    write_file_aside(out, [&](const std::string& file) {
+      if (options.format == ExportFormat::kHdf5) {
+        export_hdf5(reader, selector, file, options);
+      } else {
+        export_csv(reader, selector, file, options);
+      }
+    });
   }
   ExportResult result;
   result.rows = selector.count();

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "embstore/embstore.h"
@@ -51,6 +52,11 @@ std::string make_partial_dir(const std::string& out);
 // Inside any catch handler: rethrow_naming_output() for an Error, the exception as it is else.
 [[noreturn]] void rethrow_naming_output_if_error(const std::string& working,
                                                  const std::string& out);
+// Writes one file at `out`, whole or not at all: `write` fills a file in a hidden working
+// directory beside `out`, which is renamed to `out` once `write` returns, and removed (with the
+// directory) when anything throws; errors name `out` (rethrow_naming_output()). kAlreadyExists
+// if `out` exists.
+void write_file_aside(const std::string& out, const std::function<void(const std::string&)>& write);
 // Renames `from` to `to`, failing with kAlreadyExists instead of replacing anything at `to`.
 void rename_no_replace(const std::string& from, const std::string& to);
 // Throws kAlreadyExists when something exists at `out`.
