@@ -84,8 +84,8 @@ struct Shard {
   std::uint64_t first_row = 0;
 };
 
-// A key's rows in every shard, through each shard's Reader (its key index): global rows, `ok`
-// where found. Shards are searched last to first, so the first found is the latest.
+// The global row of each of n lookups, through each shard's Reader (its key index), kNoRow
+// where no shard has it. Shards are searched last to first, so the first found is the latest.
 template <typename FindMany>
 std::vector<std::uint64_t> find_in_shards(const std::vector<std::unique_ptr<Shard>>& shards,
                                           std::size_t n, FindMany&& find_many) {
@@ -277,9 +277,9 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
                       std::to_string(want_dim) + " " + std::string(dtype_name(want_dtype)) +
                       ": shards of one set must agree");
     }
+    const std::string id = reader.info(InfoDetail::kState).store_id;
     if (manifest) {
       const auto& entry = manifest->shards[i];
-      const std::string id = reader.info().store_id;
       if (id != entry.store_id) {
         throw Error(ErrorCode::kFormatMismatch,
                     manifest_path + ": shard '" + entry.path + "' is store " + id +
@@ -294,7 +294,6 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
       }
     }
     // The same store twice (two paths, or a copy) would count its rows twice, in a merge too.
-    const std::string id = reader.info(InfoDetail::kState).store_id;
     for (std::size_t j = 0; j < store_ids.size(); ++j) {
       if (store_ids[j] == id) {
         throw Error(ErrorCode::kInvalidArgument,
