@@ -2,9 +2,10 @@
 
 Run::
 
-    python3 -m embstore.serve STORE [--host 127.0.0.1] [--port 8080] [--labels FILE]
+    python3 -m embstore.serve STORE_OR_MANIFEST [--host 127.0.0.1] [--port 8080] [--labels FILE]
 
-(``embstore serve ...`` runs the same). It opens the store with a Reader, follows rows as writers
+(``embstore serve ...`` runs the same). It opens the store with a Reader (a manifest file of
+shards with a ``ShardSet``, whose global rows it serves as one store), follows rows as writers
 commit them (``Reader.wait``), prints the URL and serves the page at ``/`` until Ctrl-C. It binds
 127.0.0.1 unless ``--host`` says otherwise; another host prints a warning, because there is no
 authentication: anyone who can reach the port can read the embeddings. On a loopback bind,
