@@ -17,7 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embstore serve",
         description="Serves a read-only live page (and a JSON API) of a store's embeddings.")
-    parser.add_argument("store", metavar="STORE_OR_MANIFEST", help="a store directory, or a manifest file of shards (read as one store)")
+    parser.add_argument("store", metavar="STORE_OR_MANIFEST",
+                        help="a store directory, or a manifest file of shards (read as one store)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; others are reachable by "
                              "anyone on the network, without authentication)")
