@@ -254,3 +254,25 @@ def test_lookups_refuse_keys_epochs_and_rows_that_are_not_integers_in_range(stor
     assert r.find_many([]).tolist() == [] and r.gather([]).shape == (0, 1)
     assert r.gather([-1, 1]).tolist() == [[0.0], [99.0]]
     assert r.gather(np.array([0], np.uint64)).tolist() == [[10.0]]
+
+
+def test_lookups_refuse_a_bool_in_a_list_that_numpy_would_read_as_an_integer(store):
+    # np.asarray([True, 1]) is the int64 array [1, 1]: without a look at the items, a bool
+    # would silently be row, key or epoch 1 (or 0).
+    with embstore.Writer(store, dim=1) as w:
+        w.append([0, 1], np.array([[10.0], [11.0]], np.float32), epoch=0)
+    r = embstore.Reader(store)
+    for rows, message in [([True, 1], r"rows\[0\] is bool True"),
+                          ((0, False), r"rows\[1\] is bool False"),
+                          ([1, np.True_], r"rows\[1\] is bool_ True")]:
+        with pytest.raises(ValueError, match="gather: rows must be integer row numbers .*"
+                                             + message):
+            r.gather(rows)
+    for call, message in [(lambda: r.find_many([np.True_, 1]), r"find_many: keys\[0\] .*bool_"),
+                          (lambda: r.find_many([0, 1], [0, np.False_]),
+                           r"find_many: epochs\[1\] .*bool_"),
+                          (lambda: r.get_many([1, np.True_]), r"find_many: keys\[1\] .*bool_")]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert r.gather([1, -1]).tolist() == [[11.0], [0.0]]
+    assert r.find_many([1, 0]).tolist() == [1, 0]

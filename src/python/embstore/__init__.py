@@ -331,6 +331,16 @@ def _check_u64(value: Any, what: str) -> int:
     return value
 
 
+def _first_bool(values: Any) -> Optional[int]:
+    """The index of the first bool (or numpy bool) in a list or tuple, else None: numpy reads
+    [True, 2] as the integers [1, 2], and a bool is never a key, epoch or row number."""
+    if isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            if isinstance(value, (bool, np.bool_)):
+                return i
+    return None
+
+
 def _as_ints(values: Any, what: str) -> np.ndarray:
     """Keys or per-row epochs as a 1-D integer array (range and sign are checked by the caller
     for Python ints here, for arrays by the C++ module)."""
@@ -343,8 +353,7 @@ def _as_ints(values: Any, what: str) -> np.ndarray:
     if isinstance(values, (str, bytes)):
         raise ValueError(f"{what} must be integers; got {type(values).__name__} {values!r}")
     array = np.asarray(values)
-    if array.dtype.kind in "iu" and not (
-            isinstance(values, (list, tuple)) and any(isinstance(v, bool) for v in values)):
+    if array.dtype.kind in "iu" and _first_bool(values) is None:
         return array
     if array.ndim != 1 or array.dtype.kind not in "bifO":
         return array  # the C++ module names the wrong shape or dtype
@@ -981,6 +990,10 @@ class Reader(_Handle):
     def gather(self, rows) -> np.ndarray:
         """Copies ``rows`` (integers as from find_many; -1 gives a row of zeros) into one dense
         (len(rows), dim) array, GIL released."""
+        bad = _first_bool(rows)
+        if bad is not None:
+            raise ValueError(f"gather: rows must be integer row numbers (-1 for none); "
+                             f"rows[{bad}] is {type(rows[bad]).__name__} {rows[bad]!r}")
         array = np.asarray(rows.detach().cpu().numpy() if _is_torch_tensor(rows) else rows)
         if array.size and array.dtype.kind not in "iu":
             raise ValueError(f"gather: rows must be integer row numbers (-1 for none); got "
