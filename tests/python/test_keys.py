@@ -276,3 +276,28 @@ def test_lookups_refuse_a_bool_in_a_list_that_numpy_would_read_as_an_integer(sto
             call()
     assert r.gather([1, -1]).tolist() == [[11.0], [0.0]]
     assert r.find_many([1, 0]).tolist() == [1, 0]
+
+
+def test_lookups_refuse_keys_epochs_and_rows_that_are_not_1d_naming_the_shape(store):
+    # Read flat, a (2, 2) array of keys gave 4 rows (and get_many a (4, dim) matrix): answers
+    # in a shape the caller did not ask for.
+    with embstore.Writer(store, dim=1) as w:
+        w.append([0, 1, 2], np.array([[10.0], [11.0], [12.0]], np.float32), epoch=0)
+    r, s = embstore.Reader(store), embstore.ShardSet([store])
+    square = np.array([[0, 1], [2, 0]], np.uint64)
+    for call, message in [(lambda: r.find_many(square), r"find_many: keys .* shape \(2, 2\)"),
+                          (lambda: r.find_many(5), r"find_many: keys .* shape \(\)"),
+                          (lambda: r.find_many([0, 1], [[0, 0]]),
+                           r"find_many: epochs .* shape \(1, 2\)"),
+                          (lambda: r.get_many(square), r"find_many: keys .* shape \(2, 2\)"),
+                          (lambda: r.gather(square), r"gather: rows .* shape \(2, 2\)"),
+                          (lambda: r.gather(1), r"gather: rows .* shape \(\)"),
+                          (lambda: s.find_many(square), r"keys .* shape \(2, 2\)"),
+                          (lambda: s.find_many([0, 1], np.zeros((1, 2), np.uint64)),
+                           r"epochs .* shape \(1, 2\)")]:
+        with pytest.raises(ValueError, match=r"must be 1-D \(one per lookup\); got shape"):
+            call()
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert r.find_many(square.reshape(-1)).reshape(square.shape).tolist() == [[0, 1], [2, 0]]
+    assert s.find_many([0, 2], 0).tolist() == [0, 2] and r.gather([2]).tolist() == [[12.0]]

@@ -384,6 +384,14 @@ def _check_int_array(array: np.ndarray, what: str) -> None:
                          "integers in [0, 2**64)")
 
 
+def _check_1d(array: np.ndarray, what: str) -> None:
+    """Refuses keys, epochs or row numbers for a lookup that are not one 1-D array: a lookup
+    answers one row per item, and read flat a 2-D array (or a scalar) would get answers in a
+    shape the caller did not ask for."""
+    if array.ndim != 1:
+        raise ValueError(f"{what} must be 1-D (one per lookup); got shape {array.shape}")
+
+
 def _u64_array(values: Any, what: str) -> np.ndarray:
     """Keys or epochs (an array, list or tensor) as a uint64 array, checked as append checks
     them: never truncated (floats) or wrapped (negative values)."""
@@ -977,24 +985,31 @@ class Reader(_Handle):
 
     def find_many(self, keys, epochs=None) -> np.ndarray:
         """Rows (int64, -1 where missing) of ``keys`` at ``epochs`` (an array as long as
-        ``keys``, one int for all, or None: the latest). Vectorised, GIL released."""
+        ``keys``, one int for all, or None: the latest). Vectorised, GIL released.
+
+        ``keys`` (and an array of ``epochs``) must be 1-D: the result is 1-D, one row per key;
+        other shapes raise ValueError naming the argument and its shape (flatten them first,
+        and reshape the result)."""
         keys = _u64_array(keys, "find_many: keys")
+        _check_1d(keys, "find_many: keys")
         if epochs is not None and np.ndim(epochs) == 0:  # one epoch for every key
             if isinstance(epochs, np.ndarray) or _is_torch_tensor(epochs):
                 epochs = epochs.item()
             epochs = np.array([_check_u64(epochs, "find_many: epochs")], dtype=np.uint64)
         elif epochs is not None:
             epochs = _u64_array(epochs, "find_many: epochs")
+            _check_1d(epochs, "find_many: epochs")
         return self._native.find_many(keys, epochs)
 
     def gather(self, rows) -> np.ndarray:
         """Copies ``rows`` (integers as from find_many; -1 gives a row of zeros) into one dense
-        (len(rows), dim) array, GIL released."""
+        (len(rows), dim) array, GIL released. ``rows`` must be 1-D, as in find_many."""
         bad = _first_bool(rows)
         if bad is not None:
             raise ValueError(f"gather: rows must be integer row numbers (-1 for none); "
                              f"rows[{bad}] is {type(rows[bad]).__name__} {rows[bad]!r}")
         array = np.asarray(rows.detach().cpu().numpy() if _is_torch_tensor(rows) else rows)
+        _check_1d(array, "gather: rows")
         if array.size and array.dtype.kind not in "iu":
             raise ValueError(f"gather: rows must be integer row numbers (-1 for none); got "
                              f"dtype {array.dtype}, first value {array.reshape(-1)[0]!r}")
@@ -1003,8 +1018,8 @@ class Reader(_Handle):
         return self._native.gather(np.asarray(array, dtype=np.int64))
 
     def get_many(self, keys, epochs=None) -> np.ndarray:
-        """The vectors of ``keys`` (at ``epochs``, as in find_many) as one dense matrix;
-        KeyError naming the first missing key."""
+        """The vectors of ``keys`` (at ``epochs``, as in find_many: 1-D) as one dense
+        (len(keys), dim) matrix; KeyError naming the first missing key."""
         rows = self.find_many(keys, epochs)
         missing = np.flatnonzero(rows < 0)
         if missing.size:

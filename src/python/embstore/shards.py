@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import Reader, _embstore, _u64_array
+from . import Reader, _check_1d, _embstore, _u64_array
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -80,7 +80,9 @@ def node_name() -> str:
 
 def _u64(values: Any, what: str) -> np.ndarray:
     """Keys or epochs checked as Reader.find_many checks them (an empty list is no keys)."""
-    return np.ascontiguousarray(_u64_array(values, what).reshape(-1))
+    array = _u64_array(values, what)
+    _check_1d(array, what)
+    return np.ascontiguousarray(array)
 
 
 class ShardSet:
@@ -189,10 +191,12 @@ class ShardSet:
 
     def find_many(self, keys: Any, epochs: Any = None) -> np.ndarray:
         """Global rows (int64, -1 where absent) of (keys[i], epochs[i]); ``epochs`` may be one
-        int for all keys, or None for each key's latest row."""
+        int for all keys, or None for each key's latest row. 1-D arrays, as Reader.find_many."""
         keys = _u64(keys, "keys")
-        if epochs is not None:
+        if epochs is not None and np.ndim(epochs) == 0:  # one epoch for every key
             epochs = _u64(np.broadcast_to(np.asarray(epochs), keys.shape), "epochs")
+        elif epochs is not None:
+            epochs = _u64(epochs, "epochs")
         out = np.full(len(keys), -1, dtype=np.int64)
         for i, reader in enumerate(self.shards):
             found = np.asarray(reader.find_many(keys, epochs), dtype=np.int64)
