@@ -144,6 +144,22 @@ def test_import_bad_input(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s"] and len(embstore.Reader(src)) == 30
 
 
+def test_import_into_an_existing_store_of_another_dtype_than_asked_is_refused(tmp_path):
+    # dtype= was ignored there: float16 was asked for, float32 rows were stored.
+    store = str(tmp_path / "f32")
+    embstore.create(store, dim=2, dtype="float32")
+    rows = np.array([[1.0, 2.0], [3.0, 4.0]])
+    for asked in ("float16", np.float64, "int8"):
+        with pytest.raises(embstore.FormatMismatchError,
+                           match=f"{store} holds float32 rows but dtype='{np.dtype(asked).name}' "
+                                 "was asked for"):
+            embstore.import_npy(store, rows, dtype=asked)
+    assert len(embstore.Reader(store)) == 0
+    assert embstore.import_npy(store, rows, dtype="float32") == 2  # the store's: as asked
+    assert embstore.import_npy(store, rows.astype(np.float16)) == 2  # none asked: converted
+    assert embstore.Reader(store).vectors.tolist() == rows.tolist() * 2
+
+
 def test_compact_latest_epochs_dtype_and_the_source_untouched(tmp_path):
     src = make(tmp_path / "s")
     before = hashes(src)

@@ -259,7 +259,9 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         epochs: a .npy path or array of one epoch per row; or ``epoch`` for all rows (default 0).
         dtype: the new store's dtype (default: the source's); "bfloat16" also reads uint16
             input as bfloat16 bit patterns (without it or a sidecar saying so, uint16 input is
-            refused). Float rows are converted to a float store's dtype.
+            refused). Float rows are converted to a float store's dtype. For an existing store,
+            a dtype other than the store's raises FormatMismatchError and appends nothing
+            (except "bfloat16" naming uint16 input as bit patterns).
         metadata: the new store's metadata (default: the export's).
     """
     store = os.fspath(store)
@@ -319,12 +321,19 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     partial = None
     if os.path.exists(store):
         writer = Writer(store)
+        mismatch = None
         if writer.dim != dim:
-            store_dim = writer.dim
+            mismatch = f"{store} has dim {writer.dim} but the source has {dim} columns"
+        elif dtype is not None and store_dtype != writer.dtype and not (
+                vectors.dtype == np.uint16 and store_dtype == "bfloat16"):
+            # Rows converted to the store's dtype anyway would not be what was asked for. With
+            # uint16 rows, dtype="bfloat16" only says what the input is (bit patterns).
+            mismatch = (f"{store} holds {writer.dtype} rows but dtype={store_dtype!r} was "
+                        "asked for; a store's dtype is fixed when it is created")
+        if mismatch is not None:
             writer.close()
             from ._errors import FormatMismatchError
-            raise FormatMismatchError(f"{store} has dim {store_dim} but the source has {dim} "
-                                      "columns")
+            raise FormatMismatchError(mismatch)
     else:
         partial = _partial_dir(store)
         meta = metadata if metadata is not None else side.get("metadata")
