@@ -281,6 +281,9 @@ def test_wait_refuses_a_negative_or_nan_timeout(store):
 @pytest.mark.parametrize("make, message", [
     (lambda p: embstore.create(p, dim=4.7), "dim must be an integer; got float 4.7"),
     (lambda p: embstore.create(p, dim=True), "dim must be an integer; got bool True"),
+    (lambda p: embstore.create(p, dim=np.bool_(True)), "dim must be an integer; got bool_ True"),
+    (lambda p: embstore.Writer(p, dim="4"), "dim must be an integer; got str '4'"),
+    (lambda p: embstore.create(p, dim=np.float32(4)), "dim must be an integer; got float32 4.0"),
     (lambda p: embstore.create(p, dim=-1), r"dim -1 is outside 1\.\.16777216"),
     (lambda p: embstore.Writer(p, dim=2**32 + 4), r"dim 4294967300 is outside 1\.\.16777216"),
     (lambda p: embstore.create(p, dim=4, segment_mb=-1), "segment_mb is -1; it must be a"),
@@ -302,6 +305,12 @@ def test_bad_constructor_arguments_are_named_and_create_nothing(tmp_path, make, 
     with pytest.raises(ValueError, match=message):
         make(tmp_path / "s")
     assert not os.path.exists(tmp_path / "s")
+
+
+def test_dim_may_be_any_python_or_numpy_integer(tmp_path):
+    for i, dim in enumerate((4, np.uint8(4), np.int64(4))):
+        embstore.create(tmp_path / str(i), dim=dim)
+        assert embstore.Reader(tmp_path / str(i)).dim == 4
 
 
 def test_reader_map_bytes_is_checked_and_small_sync_interval_or_queue_round_up(tmp_path):

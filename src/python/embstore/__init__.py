@@ -147,9 +147,7 @@ def _number(value: Any, what: str, unit: str) -> float:
 
 
 def _dim_arg(dim: Any) -> int:
-    if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)):
-        raise ValueError(f"dim must be an integer; got {type(dim).__name__} {dim!r}")
-    dim = int(dim)
+    dim = _check_integer(dim, "dim")
     if not 1 <= dim <= _embstore.max_dim:
         raise ValueError(f"dim {dim} is outside 1..{_embstore.max_dim}")
     return dim
@@ -320,12 +318,17 @@ def _as_vectors(vectors: Any, store_dtype: str):
 _U64_LIMIT = 1 << 64
 
 
+def _check_integer(value: Any, what: str, expected: str = "an integer") -> int:
+    """`value` as an int: a Python or numpy integer, never a bool (numpy's too), float or
+    string, which int() would turn into one. The error says "{what} must be {expected}"."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what} must be {expected}; got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _check_u64(value: Any, what: str) -> int:
     """`value` as an int in [0, 2**64): rejects bools, floats, strings and out-of-range ints."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{what} must be an integer in [0, 2**64); got {type(value).__name__} "
-                        f"{value!r}")
-    value = int(value)
+    value = _check_integer(value, what, "an integer in [0, 2**64)")
     if not 0 <= value < _U64_LIMIT:
         raise ValueError(f"{what} is {value}; it must be in [0, 2**64)")
     return value
