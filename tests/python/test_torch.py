@@ -424,6 +424,29 @@ def test_a_dataset_reopened_after_a_truncate_or_in_a_new_store_refuses_to_serve_
         pickle.loads(pickle.dumps(ds))[0]
 
 
+def test_a_spawned_worker_whose_store_was_deleted_raises_an_error_naming_it_in_the_parent(
+        store):
+    """The store's directory removed after the dataset was made: a spawned worker, which
+    unpickles the dataset and reopens the store by path, reports the store gone through the
+    DataLoader (it died while unpickling: "DataLoader worker exited unexpectedly")."""
+    import pickle
+    import shutil
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.arange(8), np.zeros((8, 4), np.float32), 0)
+    ds = EmbeddingDataset(store)
+    shutil.rmtree(store)
+    gone = f"{store}: this dataset's store cannot be reopened .*{store}: no store here"
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1,
+                                         multiprocessing_context="spawn")
+    with pytest.raises(embstore.Error, match=gone):
+        next(iter(loader))
+    copy = pickle.loads(pickle.dumps(ds))
+    assert len(copy) == 8
+    with pytest.raises(embstore.Error, match=gone):
+        copy[0]
+    assert [ds[i][1] for i in range(8)] == list(range(8))  # its own Reader still maps them
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_refresh_reaches_persistent_workers(store, context):
     """persistent_workers=True keeps the workers' copies of the dataset from one epoch to the

@@ -59,9 +59,10 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     the path and reopens), persistent ones too: the main process's snapshot (generation and rows)
     sits in shared memory, and a worker whose snapshot differs (after ``refresh()`` in the main
     process, or after reopening the store) refreshes its Reader to it. Where the store no longer
-    holds that snapshot's rows (truncated since, or another store made at the path) the worker
-    raises ``embstore.Error`` naming the store and what changed: never other rows under the
-    same indices.
+    holds that snapshot's rows (truncated since, removed, or another store made at the path)
+    the worker raises ``embstore.Error`` naming the store and what changed, at its first item
+    (so the DataLoader raises it in the main process): never other rows under the same
+    indices.
 
     Args:
         store: a path or an open ``embstore.Reader``.
@@ -96,12 +97,12 @@ class EmbeddingDataset(torch.utils.data.Dataset):
             # The rows given are numbers in this snapshot's generation: after a truncate they
             # name other rows, or none. Refused before the snapshot moves, so this dataset still
             # serves the rows it was given.
-            now = self._reader.info(key_stats=False)["generation"]
+            now = self._opened().info(key_stats=False)["generation"]
             if now != self._generation:
                 raise ValueError(f"{self._path}: truncated since this dataset's rows were chosen "
                                  f"(generation {self._generation} -> {now}); choose them again "
                                  "and make a new dataset")
-        size = self._reader.refresh()
+        size = self._opened().refresh()
         if self._rows is not None and self._reader.generation != self._generation:
             # A truncate between the look above and the refresh: this process's snapshot moved
             # past the rows given. It serves nothing more (workers keep the old snapshot).
@@ -158,7 +159,7 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         """Takes the main process's snapshot (in a worker, or a copy unpickled): refreshes this
         process's Reader to it, or raises embstore.Error when the store no longer holds it."""
         generation, size = (int(v) for v in self._main_view)
-        reader = self._reader
+        reader = self._opened()
         if reader.generation != generation or len(reader) < size:
             reader.refresh()
         store_id = reader.info(key_stats=False)["store_id"]
@@ -194,6 +195,17 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     @property
     def reader(self) -> Reader:
         """The underlying Reader (for keys/epochs/metadata)."""
+        return self._opened()
+
+    def _opened(self) -> Reader:
+        """This process's Reader; an unpickled copy opens it here, at first use."""
+        if self._reader is None:
+            try:
+                self._reader = Reader(self._path)
+            except FileNotFoundError as error:
+                raise Error(f"{self._path}: this dataset's store cannot be reopened ({error}); "
+                            "its rows are gone: make a new EmbeddingDataset (and DataLoader)"
+                            ) from error
         return self._reader
 
     def __getstate__(self):
@@ -203,7 +215,11 @@ class EmbeddingDataset(torch.utils.data.Dataset):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._reader = Reader(self._path)  # The newest snapshot: checked at the first item.
+        # Opened at the first item (the newest snapshot, checked there), not here: a spawned
+        # DataLoader worker unpickles the dataset before it serves anything, and an error then
+        # kills it with no message for the main process ("worker exited unexpectedly"); one
+        # raised by an item is sent to the main process and raised there.
+        self._reader = None
         self._main_view = self._main.numpy()
         self._generation = -1
 
