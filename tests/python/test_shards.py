@@ -117,6 +117,19 @@ def test_shardset_lookups_take_an_empty_list_and_refuse_what_a_reader_refuses(tm
     with pytest.raises(ValueError, match="epochs must be integers .*float64"):
         s.find_many([int(keys[0])], 0.5)
 
+
+def test_shardset_gather_refuses_bools_and_floats_as_reader_gather_does(tmp_path):
+    # It converted with np.asarray(rows, dtype=np.int64): 0.7 and True became rows 0 and 1.
+    paths, _, _, vectors = make_shards(tmp_path, [5, 7])
+    s = embstore.ShardSet(paths)
+    for rows, message in [([0.7], "must be integer row numbers; got dtype float64"),
+                          ([True, 2], r"must be integer row numbers; rows\[0\] is bool"),
+                          (np.array([1, 0], bool), "must be integer row numbers; got dtype bool"),
+                          (np.zeros((2, 2), np.int64), r"must be 1-D .* shape \(2, 2\)")]:
+        with pytest.raises(ValueError, match="gather: rows " + message):
+            s.gather(rows)
+    assert np.array_equal(s.gather([7, 0]), vectors[[7, 0]])
+
 def test_refresh_takes_in_new_rows_and_renumbers(tmp_path):
     paths, keys, epochs, _ = make_shards(tmp_path, [20, 20])
     s = embstore.ShardSet(paths)

@@ -403,6 +403,24 @@ def _u64_array(values: Any, what: str) -> np.ndarray:
     return np.asarray(array, dtype=np.uint64)
 
 
+def _row_array(rows: Any, caller: str, hint: str = " (-1 for none)") -> np.ndarray:
+    """Row numbers (a list, array or tensor) as a 1-D int64 array: never a bool or float read
+    as a row, never a uint64 wrapped to a negative one. Errors name ``caller``; ``hint``
+    follows "rows must be integer row numbers" in them."""
+    bad = _first_bool(rows)
+    if bad is not None:
+        raise ValueError(f"{caller}: rows must be integer row numbers{hint}; "
+                         f"rows[{bad}] is {type(rows[bad]).__name__} {rows[bad]!r}")
+    array = np.asarray(rows.detach().cpu().numpy() if _is_torch_tensor(rows) else rows)
+    _check_1d(array, f"{caller}: rows")
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"{caller}: rows must be integer row numbers{hint}; got "
+                         f"dtype {array.dtype}, first value {array.reshape(-1)[0]!r}")
+    if array.dtype.kind == "u" and array.size and int(array.max()) >= 1 << 63:
+        raise ValueError(f"{caller}: row {int(array.max())} is beyond any store")
+    return np.asarray(array, dtype=np.int64)
+
+
 def _epoch_arg(epoch: Any) -> Any:
     """An epoch for every row (an int in [0, 2**64)) or per-row epochs (a 1-D array)."""
     if type(epoch) is int and 0 <= epoch < _U64_LIMIT:  # the common case, checked cheaply
@@ -1007,18 +1025,7 @@ class Reader(_Handle):
     def gather(self, rows) -> np.ndarray:
         """Copies ``rows`` (integers as from find_many; -1 gives a row of zeros) into one dense
         (len(rows), dim) array, GIL released. ``rows`` must be 1-D, as in find_many."""
-        bad = _first_bool(rows)
-        if bad is not None:
-            raise ValueError(f"gather: rows must be integer row numbers (-1 for none); "
-                             f"rows[{bad}] is {type(rows[bad]).__name__} {rows[bad]!r}")
-        array = np.asarray(rows.detach().cpu().numpy() if _is_torch_tensor(rows) else rows)
-        _check_1d(array, "gather: rows")
-        if array.size and array.dtype.kind not in "iu":
-            raise ValueError(f"gather: rows must be integer row numbers (-1 for none); got "
-                             f"dtype {array.dtype}, first value {array.reshape(-1)[0]!r}")
-        if array.dtype.kind == "u" and array.size and int(array.max()) >= 1 << 63:
-            raise ValueError(f"gather: row {int(array.max())} is beyond any store")
-        return self._native.gather(np.asarray(array, dtype=np.int64))
+        return self._native.gather(_row_array(rows, "gather"))
 
     def get_many(self, keys, epochs=None) -> np.ndarray:
         """The vectors of ``keys`` (at ``epochs``, as in find_many: 1-D) as one dense

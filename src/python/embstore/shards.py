@@ -22,7 +22,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import Reader, _check_1d, _embstore, _u64_array
+from . import Reader, _check_1d, _embstore, _row_array, _u64_array
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -167,8 +167,9 @@ class ShardSet:
         return np.concatenate(parts)
 
     def gather(self, rows: Any) -> np.ndarray:
-        """The vectors of global rows ``rows`` (any order) as one new (len(rows), dim) array."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        """The vectors of global rows ``rows`` (any order; 1-D integers, checked as
+        Reader.gather checks them) as one new (len(rows), dim) array."""
+        rows = _row_array(rows, "gather", hint="")
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows must lie in [0, {len(self)})")
         out = np.empty((rows.size, self.dim), dtype=self.shards[0].vectors.dtype)
