@@ -201,6 +201,9 @@ def test_import_bad_input_gets_one_line_and_leaves_no_store(tmp_path, store):
         ([tmp_path / "new", tmp_path / "v.npy", "--dtype", "int8"], 2, "cannot convert float32"),
         ([tmp_path / "new", tmp_path / "v.npy", "--metadata", "{"], 2, "not valid JSON"),
         ([store, tmp_path / "v3.npy"], 15, "dim 4"),
+        # An existing store's dtype is fixed: rows are not silently converted to it.
+        ([store, tmp_path / "v.npy", "--dtype", "float32"], 15,
+         "holds float16 rows but --dtype float32"),
         ([tmp_path / "new", f"{tmp_path / 'v.npy'}x"], 12, "no such file"),
     ]
     for args, code, message in cases:

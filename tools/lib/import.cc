@@ -268,6 +268,17 @@ ImportResult import_rows(const std::string& store, const std::string& source,
                                                   " but " + vectors->name() + " has " +
                                                   std::to_string(dim) + " columns");
     }
+    // --dtype names the store's dtype (a store's dtype is fixed at its creation): rows
+    // converted to another one would not be what was asked for. Only uint16 rows with
+    // bfloat16 asked say what the source holds (bit patterns), whatever the store is.
+    const bool names_bit_patterns =
+        options.dtype == DType::kBFloat16 && *source_dtype == DType::kBFloat16;
+    if (options.dtype && *options.dtype != writer->dtype() && !names_bit_patterns) {
+      throw Error(ErrorCode::kFormatMismatch,
+                  store + " holds " + std::string(dtype_name(writer->dtype())) +
+                      " rows but --dtype " + std::string(dtype_name(*options.dtype)) +
+                      " was asked for; a store's dtype is fixed when it is created");
+    }
   } else {
     CreateOptions create;
     create.dim = dim;

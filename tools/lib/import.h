@@ -18,7 +18,8 @@ struct ImportOptions {
   std::optional<std::string> epochs;
   std::optional<std::uint64_t> epoch;
   // The store's dtype when import creates it (default: the source's). Also says that uint16
-  // data is bfloat16.
+  // data is bfloat16. For an existing store of another dtype, kFormatMismatch and nothing
+  // appended (except bfloat16 for uint16 data: that says what the source holds).
   std::optional<DType> dtype;
   // For a new store: its metadata (default: the source's, from the sidecar or HDF5 attribute)
   // and segment size.
