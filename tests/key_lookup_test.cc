@@ -648,6 +648,48 @@ TEST_CASE("A key index slot naming another key's row: lookup() scans and never r
   CHECK(latest.lookup(3, std::nullopt, true).size() == 10);
 }
 
+TEST_CASE("A writer opens a store whose key index is damaged where rows are left to index",
+          "[key_lookup][corruption]") {
+  // A writer killed before it indexed its last rows leaves them to the next writer's open, which
+  // indexes them into the file it finds. If that file's tables are damaged there (here: key 3's
+  // key slot names a row far past the commit point), the open rebuilds the key index from the
+  // offset index instead of failing: every Writer::open (and so rebuild-index) failed before.
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = Writer::create(path, options());
+  append_cycling(w, 600, 60, 60);  // Key k at epoch e is row 60 e + k.
+  w.close();
+  const std::string file = path + "/keys.1";
+  const std::string bytes = test::read_file(file);
+  std::uint64_t pair_slots = 0;
+  std::uint64_t key_slots = 0;
+  std::memcpy(&pair_slots, bytes.data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
+  std::memcpy(&key_slots, bytes.data() + offsetof(detail::KeyIndexHeader, key_slots), 8);
+  const std::uint64_t key_table = detail::kKeyIndexTablesOffset + 16 * pair_slots;
+  bool damaged = false;
+  for (std::uint64_t i = 0; i < key_slots && !damaged; ++i) {
+    std::uint64_t slot = 0;
+    std::memcpy(&slot, bytes.data() + key_table + 8 * i, 8);
+    if ((slot & detail::kSlotRowMask) != 60 * 9 + 3 + 1) continue;  // Key 3's latest row.
+    slot = (slot & ~detail::kSlotRowMask) | (1ull << 39);
+    test::write_bytes(file, key_table + 8 * i, std::string(reinterpret_cast<char*>(&slot), 8));
+    damaged = true;
+  }
+  REQUIRE(damaged);
+  // Rows 540.. (key 3's among them) left unindexed, as by a writer killed before it indexed them.
+  const std::uint64_t watermark = 540;
+  test::write_bytes(file, offsetof(detail::KeyIndexHeader, indexed_rows),
+                    std::string(reinterpret_cast<const char*>(&watermark), 8));
+
+  Writer again = Writer::open(path);
+  CHECK(again.info().key_index.find("keys.2") != std::string::npos);
+  again.close();
+  Reader r = Reader::open(path);
+  CHECK(r.verify().ok());
+  check_lookups(r, {0, 3, 59}, {0, 5, 9});
+  CHECK(r.lookup(3, std::nullopt, true).size() == 10);
+}
+
 namespace {
 
 // Waits (up to a minute) until a fresh snapshot of `path` holds `rows` rows.

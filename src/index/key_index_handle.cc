@@ -219,11 +219,20 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
       file.reset();
     }
   }
-  remove_stale_builds(file.get());
   if (file) {
     // Tables too full to take every row (a growth that never finished) are left to the growth
-    // the next append claims; readers scan the rest meanwhile.
-    file->index_rows(entries, committed);
+    // the next append claims; readers scan the rest meanwhile. Tables found damaged while the
+    // rows a dead writer left are indexed (a slot naming a row past the commit point) are
+    // rebuilt below, as a damaged header is: derived data never keeps a writer from the store.
+    try {
+      file->index_rows(entries, committed);
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kCorruption) throw;
+      file.reset();
+    }
+  }
+  remove_stale_builds(file.get());
+  if (file) {
     set_current(std::move(file), "");
     return;
   }
@@ -268,7 +277,7 @@ bool KeyIndexHandle::after_publish(const IndexEntry* entries, std::uint64_t comm
     return false;
   }
   // Another writer replaced the generation (or this handle lost its file): take the new one,
-  // which open_for_writer() indexes (a damaged one throws there), then see whether it is full.
+  // which open_for_writer() indexes (or rebuilds, when damaged), then see whether it is full.
   open_for_writer(entries, committed);
   return index_current(entries, committed).value_or(false);
 }

@@ -56,10 +56,11 @@ class KeyIndexHandle {
   // Writer, writer lock and key index lock held, rows [0, committed) mapped, `committed` the
   // store's commit counter (no writer indexes past it, so a file indexed further was cut by a
   // recovery): makes the index usable — opens it, or rebuilds it from the offset index when it
-  // is missing, damaged, from another boot or ahead of `committed` (or always, with `rebuild`)
-  // — then indexes up to `committed` (as far as its tables take: a full one waits for the
-  // growth after_publish() claims). Removes stale build files first (remove_stale_builds()).
-  // I/O errors throw.
+  // is missing, damaged (its header, or tables found inconsistent while indexing up to
+  // `committed`), from another boot or ahead of `committed` (or always, with `rebuild`) — then
+  // indexes up to `committed` (as far as its tables take: a full one waits for the growth
+  // after_publish() claims). Removes stale build files (remove_stale_builds()). I/O errors
+  // throw.
   void open_for_writer(const IndexEntry* entries, std::uint64_t committed, bool rebuild = false);
   // Writer, writer lock and key index lock held, `committed` the store's commit counter read
   // under them, rows [0, committed) mapped: indexes the rows not indexed yet (of any writer),
