@@ -157,3 +157,37 @@ def test_tail_follow_after_another_process_truncates_prints_the_new_rows_and_say
             proc.kill()
             proc.wait()
 
+
+REPLACE = """
+import sys, numpy as np, embstore
+with embstore.Writer(sys.argv[1]) as w:
+    w.truncate(rows=32)
+    w.append(keys=[2000, 2001], vectors=np.zeros((2, 4), np.float32), epoch=8)
+    # Row 34 again as it was printed: key 1004, epoch 7, every value 4.
+    w.append(keys=[1004], vectors=np.full((1, 4), 4, np.float32), epoch=7)
+"""
+
+
+def test_tail_follow_reprints_rows_a_truncate_replaced_though_the_last_is_equal_again(tmp_path):
+    # Rows 32..34 were printed; a truncate to 32 and new appends make them keys 2000, 2001 and
+    # then a row equal to the old row 34. Rows 32 and 33 are not what was printed: tail says so
+    # and prints from row 32, though the last printed row looks the same as before.
+    store = make_store(tmp_path / "s")
+    proc = start_follow(store)
+    next_row, rest = row_reader(proc)
+    try:
+        append_from_another_process(store, 1000, 5, 7)
+        assert [next_row()["row"] for _ in range(5)] == list(range(30, 35))
+        subprocess.run([sys.executable, "-c", REPLACE, store], check=True, timeout=60)
+        seen = [next_row() for _ in range(3)]
+        assert [(r["row"], r["key"], r["epoch"]) for r in seen] == [
+            (32, 2000, 8), (33, 2001, 8), (34, 1004, 7)]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert rest() == []
+        assert proc.stderr.read() == (f"embstore tail: {store} was truncated: rows [32, 35) "
+                                      "printed above are no longer in it; following from row 32\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

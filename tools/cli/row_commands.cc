@@ -83,15 +83,27 @@ bool same_row(const Reader& old, const Reader& now, std::uint64_t row) {
          std::memcmp(a.data, b.data, old.dim() * dtype_size(old.dtype())) == 0;
 }
 
-// After a truncate, where following goes on: the first of the rows [0, printed) that `old` (the
-// snapshot they were printed from) showed and `now` (the store after the truncate) no longer
-// holds. A truncate keeps a prefix and later appends go after it, so the rows dropped are the
-// last ones printed: look back from the end while they differ (only as far as was dropped). A
-// new row equal to the old one in key, epoch and bytes counts as kept: what was printed holds.
-std::uint64_t first_row_dropped(const Reader& old, const Reader& now, std::uint64_t printed) {
-  std::uint64_t row = std::min(printed, now.size());
-  while (row > 0 && !same_row(old, now, row - 1)) --row;
-  return row;
+// After a truncate, where following goes on: the first of the rows [first, printed) that `old`
+// (the snapshot they were printed from) showed and `now` (the store after the truncate) no
+// longer holds, or min(printed, now's size). Rows before `first` were never printed. Scanned
+// from `first` up: rows appended after the truncate may equal the ones they replaced (the same
+// key, epoch and bytes) anywhere, so no row past the first that differs says what came before
+// it. Key and epoch come first; the bytes are compared only when both match.
+std::uint64_t first_row_dropped(const Reader& old, const Reader& now, std::uint64_t first,
+                                std::uint64_t printed) {
+  const std::uint64_t end = std::min(printed, now.size());
+  if (first >= end) return end;
+  const StridedView<std::uint64_t> old_keys = old.keys(first, end);
+  const StridedView<std::uint64_t> now_keys = now.keys(first, end);
+  const StridedView<std::uint64_t> old_epochs = old.epochs(first, end);
+  const StridedView<std::uint64_t> now_epochs = now.epochs(first, end);
+  for (std::uint64_t i = 0; i < end - first; ++i) {
+    if (old_keys[i] != now_keys[i] || old_epochs[i] != now_epochs[i] ||
+        !same_row(old, now, first + i)) {
+      return first + i;
+    }
+  }
+  return end;
 }
 
 int run_rows(const RowArgs& args, bool tail) {
@@ -126,7 +138,7 @@ int run_rows(const RowArgs& args, bool tail) {
     const std::uint64_t now_generation = latest.info(InfoDetail::kState).generation;
     if (now_generation != generation) {
       latest.refresh();  // A snapshot of that generation at least (the wait may predate it).
-      const std::uint64_t kept = first_row_dropped(reader, latest, next);
+      const std::uint64_t kept = first_row_dropped(reader, latest, begin, next);
       if (kept < next) {
         fmt::print(stderr,
                    "embstore tail: {} was truncated: rows [{}, {}) printed above are no longer "
