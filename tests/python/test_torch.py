@@ -384,6 +384,27 @@ def test_refresh_of_a_dataset_of_chosen_rows_after_a_truncate_is_refused(store):
     assert whole.refresh() == 10  # Without chosen rows a truncate is followed.
 
 
+def test_a_dataset_over_a_reader_its_caller_refreshed_past_a_truncate_refuses_other_rows(store):
+    """The Reader passed in stays the caller's: refreshed by the caller after a truncate, it
+    holds other rows under the dataset's indices, which the dataset then refuses to serve."""
+    with embstore.Writer(store, dim=1) as w:
+        w.append(np.arange(10), np.arange(10, dtype=np.float32).reshape(10, 1), 1)
+    reader = embstore.Reader(store)
+    ds = EmbeddingDataset(reader)
+    subset = EmbeddingDataset(reader, rows=[7, 8])
+    assert ds[7][1] == 7 and subset[0][1] == 7
+    with embstore.Writer(store) as w:
+        w.truncate(rows=5)
+        w.append(np.arange(100, 105), np.arange(100, 105, dtype=np.float32).reshape(5, 1), 2)
+    reader.refresh()  # the caller's own use of its Reader
+    truncated = (f"{store}: the store was truncated since this dataset's snapshot of 10 rows "
+                 r"\(generation 1; the store is at generation 2 now, 10 rows\)")
+    for dataset in (ds, subset):
+        with pytest.raises(embstore.Error, match=truncated):
+            dataset[0]
+    assert ds.refresh() == 10 and ds[7][1] == 102  # A whole store's dataset follows on refresh.
+
+
 def _loader_keys(loader):
     return sorted(torch.cat([keys for _, keys, _ in loader]).tolist())
 

@@ -176,7 +176,10 @@ class EmbeddingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         main = self._main_view
-        if main[1] != self._size or main[0] != self._generation:
+        # The Reader too: one the caller passed in may have been refreshed by the caller, past
+        # a truncate, under this dataset's snapshot.
+        if (main[1] != self._size or main[0] != self._generation or self._reader is None
+                or self._reader.generation != self._generation):
             self._follow()
         row = self._row(index)
         view = self._reader.rows(row, row + 1)[0]
