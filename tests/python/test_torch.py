@@ -41,7 +41,10 @@ def test_read_into_a_torch_tensor_or_an_int16_array_of_a_bfloat16_store(store):
     np.testing.assert_array_equal(r.read(0, 300, out=np.zeros((300, 24), np.uint16)),
                                   bits.view(np.uint16))
     # What does not fit is refused, naming it, and nothing is written.
-    for bad, says in [(torch.zeros(100, 24), "out has dtype float32; the store's rows are uint16"),
+    for bad, says in [(torch.zeros(100, 24), "out is a torch.float32 tensor; this store's rows "
+                                             "are bfloat16: pass a torch.bfloat16 tensor"),
+                      (torch.zeros(100, 24, dtype=torch.bfloat16).to_sparse(),
+                       "out is a torch.sparse_coo tensor"),
                       (torch.zeros(100, 24, dtype=torch.bfloat16, requires_grad=True),
                        "out requires grad"),
                       (torch.zeros(24, 100, dtype=torch.bfloat16).T, "must be C-contiguous"),
@@ -60,6 +63,11 @@ def test_read_into_a_float32_tensor(store):
     out = torch.full((500, 16), float("nan"))
     assert embstore.Reader(store).read(out=out) is out
     assert torch.equal(out, x)
+    bf16 = torch.zeros(500, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="out is a torch.bfloat16 tensor; this store's rows are "
+                                         "float32: pass a torch.float32 tensor"):
+        embstore.Reader(store).read(out=bf16)
+    assert not bf16.any()
 
 
 def test_float32_rounding_to_bfloat16_matches_torch_on_hard_values(store):

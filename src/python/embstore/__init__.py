@@ -919,7 +919,15 @@ class Reader(_Handle):
         if out.requires_grad:
             raise ValueError(f"{self.path}: read: out requires grad; autograd would not see the "
                              "copy (pass a tensor that does not, or out.detach())")
-        if str(out.dtype) == "torch.bfloat16":
+        if str(out.layout) != "torch.strided":
+            raise ValueError(f"{self.path}: read: out is a {out.layout} tensor; rows are copied "
+                             "into a dense (torch.strided), C-contiguous one")
+        store_bf16 = self.dtype == "bfloat16"
+        if (str(out.dtype) == "torch.bfloat16") != store_bf16:
+            wanted = f"torch.{self.dtype}"  # Every store dtype has a torch dtype of its name.
+            raise ValueError(f"{self.path}: read: out is a {out.dtype} tensor; this store's rows "
+                             f"are {self.dtype}: pass a {wanted} tensor")
+        if store_bf16:
             import torch
             self._native.read(begin, end, out.view(torch.int16).numpy(), check)  # Same memory.
         else:
