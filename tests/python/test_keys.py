@@ -135,6 +135,15 @@ def test_get_never_returns_another_keys_row_when_a_key_index_slot_is_damaged(sto
                                             "with row 1 (key 1, epoch 2))")
     assert r.find(3, epoch=2) == 3  # lookups scan from then on
     assert not r.verify().ok
+    # get_many confirms as get does, with one epoch for all keys or one per key.
+    for epochs in (2, [2, 2, 2]):
+        fresh = embstore.Reader(store)
+        assert fresh.find_many([0, 3, 9], epochs)[1] == 1  # the slot alone, as documented
+        np.testing.assert_array_equal(fresh.get_many([0, 3, 9], epochs=epochs)[:, 0], [0, 12, 36])
+        assert fresh.info()["key_index"].startswith("damaged (a lookup of key 3 epoch 2 ")
+        assert list(fresh.find_many([0, 3, 9], epochs)) == [0, 3, 9]
+    # The latest rows come from the key slots, sound here.
+    np.testing.assert_array_equal(embstore.Reader(store).get_many([3, 9])[:, 0], [12, 36])
 
 
 def test_damage_inside_the_tables_found_by_verify_makes_lookups_scan_until_rebuilt(store):

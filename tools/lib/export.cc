@@ -223,8 +223,9 @@ std::string make_partial_dir(const std::string& out) {
         "cannot create a working directory in " + parent.string() + ": " + std::strerror(err), err);
   }
   // mkdtemp makes it 0700; the output it becomes gets the mode of any new directory (0777 less
-  // the umask, as mkdir gives, and as a store made by `create` or `merge` has), so that other
-  // users and services can read what was exported or compacted as they can read the source.
+  // the umask, as mkdir(1) gives), so that other users and services can read what was exported
+  // as they can read the source. (A store the library makes gets 0755 less the umask:
+  // src/platform/os.cc, make_dir.)
   const mode_t umask = ::umask(0);
   ::umask(umask);
   if (::chmod(tmpl.c_str(), 0777 & ~umask) != 0) {

@@ -1014,11 +1014,19 @@ class Reader(_Handle):
 
     def find_many(self, keys, epochs=None) -> np.ndarray:
         """Rows (int64, -1 where missing) of ``keys`` at ``epochs`` (an array as long as
-        ``keys``, one int for all, or None: the latest). Vectorised, GIL released.
+        ``keys``, one int for all, or None: the latest). Vectorised, GIL released. Answers from
+        the key index's slots, as ``find`` does (README, "Key lookups": a slot damaged inside
+        the tables can name another key's row; ``get_many`` confirms).
 
         ``keys`` (and an array of ``epochs``) must be 1-D: the result is 1-D, one row per key;
         other shapes raise ValueError naming the argument and its shape (flatten them first,
         and reshape the result)."""
+        return self._native.find_many(*self._find_many_args(keys, epochs))
+
+    @staticmethod
+    def _find_many_args(keys, epochs):
+        """``keys`` and ``epochs`` of find_many as the uint64 arrays the core takes (epochs:
+        None, one for every key, or one per key), checked."""
         keys = _u64_array(keys, "find_many: keys")
         _check_1d(keys, "find_many: keys")
         if epochs is not None and np.ndim(epochs) == 0:  # one epoch for every key
@@ -1028,7 +1036,7 @@ class Reader(_Handle):
         elif epochs is not None:
             epochs = _u64_array(epochs, "find_many: epochs")
             _check_1d(epochs, "find_many: epochs")
-        return self._native.find_many(keys, epochs)
+        return keys, epochs
 
     def gather(self, rows) -> np.ndarray:
         """Copies ``rows`` (integers as from find_many; -1 gives a row of zeros) into one dense
@@ -1037,13 +1045,31 @@ class Reader(_Handle):
 
     def get_many(self, keys, epochs=None) -> np.ndarray:
         """The vectors of ``keys`` (at ``epochs``, as in find_many: 1-D) as one dense
-        (len(keys), dim) matrix; KeyError naming the first missing key."""
-        rows = self.find_many(keys, epochs)
+        (len(keys), dim) matrix; KeyError naming the first missing key. Every row found is
+        confirmed to be of its key (and epoch), as ``get`` does: where a damaged key index slot
+        named another key's row, the index is marked damaged (``info()["key_index"]`` says so)
+        and the rows are found again by a scan."""
+        keys, epochs = self._find_many_args(keys, epochs)
+        rows = self._native.find_many(keys, epochs)
+        found = rows >= 0
+        wrong = found & (self._native.keys(0, None)[np.where(found, rows, 0)] != keys)
+        if epochs is not None:
+            wrong |= found & (self._native.epochs(0, None)[np.where(found, rows, 0)] != epochs)
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            # get() confirms the row and, finding another key's, stops this Reader's use of the
+            # key index: the lookups below scan.
+            try:
+                self._native.get(int(keys[i]), None if epochs is None else
+                                 int(epochs[i if epochs.size > 1 else 0]))
+            except KeyError:
+                pass
+            rows = self._native.find_many(keys, epochs)
         missing = np.flatnonzero(rows < 0)
         if missing.size:
-            raise KeyError(f"key {int(np.asarray(keys)[missing[0]])} is not in {self.path} "
+            raise KeyError(f"key {int(keys[missing[0]])} is not in {self.path} "
                            f"({missing.size} of {rows.size} keys missing)")
-        return self.gather(rows)
+        return self._native.gather(rows)
 
     def history(self, key: int) -> list:
         """Every version of ``key`` in commit order, as (row, epoch) tuples."""

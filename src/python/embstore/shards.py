@@ -211,12 +211,14 @@ class ShardSet:
         return None if row < 0 else row
 
     def get(self, key: int, epoch: Optional[int] = None) -> np.ndarray:
-        """The vector of ``find(key, epoch)`` as a zero-copy view; KeyError when absent."""
-        row = self.find(key, epoch)
-        if row is None:
-            raise KeyError(key if epoch is None else (key, epoch))
-        shard, local = self.locate(row)
-        return self.shards[shard].rows(local, local + 1)[0]
+        """The vector of ``find(key, epoch)`` as a zero-copy view, confirmed to be of ``key``
+        (and ``epoch``) as ``Reader.get`` does; KeyError when absent."""
+        for reader in reversed(self.shards):  # The highest global row: the last shard's.
+            try:
+                return reader.get(key, epoch)
+            except KeyError:
+                continue
+        raise KeyError(key if epoch is None else (key, epoch))
 
     def history(self, key: int) -> List[Tuple[int, int]]:
         """Every (global row, epoch) of ``key``, in global row order."""
