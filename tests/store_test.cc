@@ -369,6 +369,18 @@ TEST_CASE("Creating over a store, or opening with another dim or dtype, is an er
   CHECK_NOTHROW(create_store(dir / "empty", opts(4)));
 }
 
+TEST_CASE("A path under a regular file is kNotFound for writers and readers", "[store][errors]") {
+  TempDir dir;
+  std::ofstream(dir / "file.txt") << "not a directory";
+  const std::string path = dir / "file.txt/store";
+  std::string message;
+  CHECK(code_of([&] { Writer::open(path); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains(path));
+  CHECK(code_of([&] { Reader::open(path); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains(path));
+  CHECK(test::read_file(dir / "file.txt") == "not a directory");
+}
+
 TEST_CASE("open_or_create from racing threads yields one store everyone appends to",
           "[store][threads]") {
   TempDir dir;

@@ -353,7 +353,9 @@ std::uint64_t filesystem_magic(const std::string& path) {
     if (::statfs(at.c_str(), &st) == 0) return static_cast<std::uint64_t>(st.f_type);
     const int err = errno;
     const auto slash = at.find_last_of('/', at.size() > 1 ? at.size() - 2 : 0);
-    if (err != ENOENT || at == "/" || at == ".") fail("statfs", at, err);
+    // ENOTDIR: a path under a regular file, which cannot exist either; the caller's own open
+    // then names it (kNotFound), as a Reader's does, rather than this look-up failing with kIO.
+    if ((err != ENOENT && err != ENOTDIR) || at == "/" || at == ".") fail("statfs", at, err);
     at = slash == std::string::npos ? "." : slash == 0 ? "/" : at.substr(0, slash);
   }
 }
