@@ -1032,18 +1032,34 @@ void refuse_remote_filesystem(const std::string& path, const WriterOptions& opti
 }
 }  // namespace
 
+namespace {
+void check_writer_options(const std::string& path, const WriterOptions& options) {
+  // An enum from an integer (a binding, a cast) can hold any value: one the policy switches do
+  // not know would silently sync like none of them.
+  if (options.sync != SyncPolicy::kNone && options.sync != SyncPolicy::kEveryAppend &&
+      options.sync != SyncPolicy::kInterval) {
+    throw Error(ErrorCode::kInvalidArgument,
+                path + ": WriterOptions::sync " + std::to_string(static_cast<int>(options.sync)) +
+                    " is not a SyncPolicy (0 kNone, 1 kEveryAppend, 2 kInterval)");
+  }
+  if (options.sync == SyncPolicy::kInterval && options.sync_interval.count() <= 0) {
+    throw Error(ErrorCode::kInvalidArgument,
+                path + ": sync_interval must be positive with SyncPolicy::kInterval");
+  }
+}
+}  // namespace
+
 Writer Writer::create(const std::string& path, const CreateOptions& create_options,
                       const WriterOptions& options) {
+  // Before the store is made: options open() would refuse must not leave a new store behind.
+  check_writer_options(path, options);
   refuse_remote_filesystem(path, options);
   create_store(path, create_options);
   return open(path, options);
 }
 
 Writer Writer::open(const std::string& path, const WriterOptions& options) {
-  if (options.sync == SyncPolicy::kInterval && options.sync_interval.count() <= 0) {
-    throw Error(ErrorCode::kInvalidArgument,
-                path + ": sync_interval must be positive with SyncPolicy::kInterval");
-  }
+  check_writer_options(path, options);
   refuse_remote_filesystem(path, options);
   auto files = StoreFiles::open(path, detail::os::Access::kReadWrite, options.map_bytes);
   files->set_huge_pages(options.huge_pages);

@@ -381,6 +381,25 @@ TEST_CASE("A path under a regular file is kNotFound for writers and readers", "[
   CHECK(test::read_file(dir / "file.txt") == "not a directory");
 }
 
+TEST_CASE("A sync policy outside SyncPolicy is refused naming field and value", "[store][errors]") {
+  TempDir dir;
+  create_store(dir / "s", opts(4));
+  WriterOptions bad;
+  bad.sync = static_cast<SyncPolicy>(7);
+  std::string message;
+  CHECK(code_of([&] { Writer::open(dir / "s", bad); }, &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains(dir / "s") && Catch::Contains("WriterOptions::sync 7"));
+  CHECK(code_of([&] { Writer::open_or_create(dir / "s", opts(4), bad); }) ==
+        ErrorCode::kInvalidArgument);
+  // create() checks before it makes the store: nothing is left behind.
+  CHECK(code_of([&] { Writer::create(dir / "new", opts(4), bad); }, &message) ==
+        ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("WriterOptions::sync 7"));
+  CHECK(code_of([&] { Reader::open(dir / "new"); }) == ErrorCode::kNotFound);
+  // The store refused is untouched and opens with a valid policy.
+  CHECK(Writer::open(dir / "s").committed_rows() == 0);
+}
+
 TEST_CASE("open_or_create from racing threads yields one store everyone appends to",
           "[store][threads]") {
   TempDir dir;
