@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string_view>
@@ -75,6 +76,31 @@ T field(const Json& object, const char* name, const std::string& where) {
   }
 }
 
+// An integer of type T, whole and in T's range. nlohmann's get<T>() casts whatever number it
+// finds: -1 would be 2^64-1 rows, a dim of 2^32+4 a dim of 4 (matching a shard of dim 4), 4.7
+// a dim of 4.
+template <typename T>
+T integer(const Json& value, const std::string& name, const std::string& where) {
+  if (!value.is_number_integer()) {
+    throw Error(ErrorCode::kCorruption,
+                where + ": field '" + name + "' has the wrong type (" + value.dump() + ")");
+  }
+  const bool in_range = value.is_number_unsigned() ? std::in_range<T>(value.get<std::uint64_t>())
+                                                   : std::in_range<T>(value.get<std::int64_t>());
+  if (!in_range) {
+    throw Error(ErrorCode::kCorruption, where + ": field '" + name + "' is " + value.dump() +
+                                            ", outside " +
+                                            std::to_string(std::numeric_limits<T>::min()) + ".." +
+                                            std::to_string(std::numeric_limits<T>::max()));
+  }
+  return value.get<T>();
+}
+
+template <typename T>
+T integer_field(const Json& object, const char* name, const std::string& where) {
+  return integer<T>(field<Json>(object, name, where), name, where);
+}
+
 struct Shard {
   Shard(std::string shard_path, Reader shard_reader)
       : path(std::move(shard_path)), reader(std::move(shard_reader)) {}
@@ -128,14 +154,14 @@ Manifest read_manifest(const std::string& path) {
                 path + ": not a manifest (invalid JSON: " + std::string(e.what()) + ")");
   }
   if (!json.is_object()) throw Error(ErrorCode::kCorruption, path + ": not a JSON object");
-  const int version = field<int>(json, "embstore_manifest", path);
+  const auto version = integer_field<std::int64_t>(json, "embstore_manifest", path);
   if (version > kManifestVersion) {
     throw Error(ErrorCode::kUnsupportedVersion,
                 path + ": manifest version " + std::to_string(version) +
                     " is newer than this library's " + std::to_string(kManifestVersion));
   }
   Manifest manifest;
-  manifest.dim = field<std::uint32_t>(json, "dim", path);
+  manifest.dim = integer_field<std::uint32_t>(json, "dim", path);
   const auto dtype_text = field<std::string>(json, "dtype", path);
   const auto dtype = parse_dtype(dtype_text);
   if (!dtype) throw Error(ErrorCode::kCorruption, path + ": unknown dtype '" + dtype_text + "'");
@@ -149,9 +175,17 @@ Manifest read_manifest(const std::string& path) {
     shard.path = field<std::string>(shards[i], "path", where);
     check_shard_path(path, shard.path);
     shard.store_id = field<std::string>(shards[i], "store_id", where);
-    shard.rows = field<std::uint64_t>(shards[i], "rows", where);
+    shard.rows = integer_field<std::uint64_t>(shards[i], "rows", where);
     if (shards[i].contains("epochs")) {
-      shard.epochs = field<std::vector<std::uint64_t>>(shards[i], "epochs", where);
+      const auto epochs = field<Json>(shards[i], "epochs", where);
+      if (!epochs.is_array()) {
+        throw Error(ErrorCode::kCorruption,
+                    where + ": field 'epochs' has the wrong type (" + epochs.dump() + ")");
+      }
+      for (std::size_t e = 0; e < epochs.size(); ++e) {
+        shard.epochs.push_back(
+            integer<std::uint64_t>(epochs[e], "epochs[" + std::to_string(e) + "]", where));
+      }
     }
     manifest.shards.push_back(std::move(shard));
   }

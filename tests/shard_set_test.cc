@@ -274,6 +274,43 @@ TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards ar
   REQUIRE(code_of([&] { read_manifest(path); }) == ErrorCode::kUnsupportedVersion);
 }
 
+TEST_CASE("Manifest integers out of range or not whole are refused by field name", "[shard_set]") {
+  TempDir dir;
+  Writer::create(dir / "node-0", opts(4)).close();
+  const StoreInfo info = read_info(dir / "node-0");
+  auto manifest = [&](const std::string& dim, const std::string& rows, const std::string& epochs) {
+    return R"({"embstore_manifest": 1, "dim": )" + dim +
+           R"(, "dtype": "float32", "shards": [{"path": "node-0", "store_id": ")" + info.store_id +
+           R"(", "rows": )" + rows + R"(, "epochs": )" + epochs + "}]}";
+  };
+  struct Case {
+    std::string dim, rows, epochs, words;
+  };
+  // 4294967300 is 2^32 + 4: cast to uint32 it was a dim of 4, matching the shard.
+  for (const Case& c : {Case{"4294967300", "0", "[]", "field 'dim' is 4294967300"},
+                        Case{"-1", "0", "[]", "field 'dim' is -1"},
+                        Case{"4.7", "0", "[]", "field 'dim' has the wrong type (4.7)"},
+                        Case{"true", "0", "[]", "field 'dim' has the wrong type (true)"},
+                        Case{"4", "-1", "[]", "shards[0]: field 'rows' is -1"},
+                        Case{"4", "0", "[0, -2]", "shards[0]: field 'epochs[1]' is -2"},
+                        Case{"4", "0", "7", "shards[0]: field 'epochs' has the wrong type (7)"}}) {
+    INFO(c.words);
+    const std::string path = write_text(dir / "m.json", manifest(c.dim, c.rows, c.epochs));
+    std::string message;
+    REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::StartsWith(path) && Catch::Contains(c.words));
+  }
+  // A version beyond int: named as it is, not wrapped to 1.
+  std::string newer = manifest("4", "0", "[]");
+  newer.replace(newer.find("1,"), 1, "4294967297");
+  const std::string path = write_text(dir / "new.json", newer);
+  std::string message;
+  REQUIRE(code_of([&] { read_manifest(path); }, &message) == ErrorCode::kUnsupportedVersion);
+  CHECK_THAT(message, Catch::Contains("manifest version 4294967297"));
+  // The same manifest with sound integers opens.
+  CHECK(ShardSet::open(write_text(dir / "ok.json", manifest("4", "0", "[]"))).size() == 0);
+}
+
 TEST_CASE("merge_stores copies a ShardSet's rows in global order and refuses bad rows",
           "[shard_set]") {
   TempDir dir;
