@@ -193,9 +193,22 @@ TEST_CASE("Counters beyond capacity or the files are refused by name", "[corrupt
     REQUIRE(::truncate((path + "/index.1").c_str(), 64) == 0);
     expect_refused(path, ErrorCode::kCorruption, {"index.1"});
   }
+  // Damage, not "no store here" (which open_or_create would take as a path to create at).
   SECTION("a missing index file") {
     REQUIRE(::unlink((path + "/index.1").c_str()) == 0);
-    expect_refused(path, ErrorCode::kNotFound, {"index.1"});
+    expect_refused(path, ErrorCode::kCorruption, {path + "/index.1: missing", "rows.1 is there"});
+  }
+  SECTION("a missing data file") {
+    REQUIRE(::unlink((path + "/rows.1").c_str()) == 0);
+    expect_refused(path, ErrorCode::kCorruption, {path + "/rows.1: missing", "index.1 is there"});
+    try {
+      salvage(path, dir / "out");
+      FAIL("salvaged without the data file");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kCorruption);
+      CHECK_THAT(std::string(e.what()), Catch::Contains(path + "/rows.1: missing"));
+    }
+    CHECK(::access((dir / "out").c_str(), F_OK) != 0);
   }
 }
 

@@ -13,9 +13,10 @@ namespace embstore {
 // Frozen numeric values: bindings and the CLI's exit codes depend on them.
 enum class ErrorCode : int {
   kInvalidArgument = 1,     // A caller's argument is wrong (dim, dtype, lengths, ranges, options).
-  kNotFound = 2,            // The path is not a store, or a file of the store is missing.
+  kNotFound = 2,            // Nothing at the path asked for, or it is not a store.
   kAlreadyExists = 3,       // create() over an existing store.
-  kCorruption = 4,          // Bytes on disk fail a checksum or a structural check.
+  kCorruption = 4,          // Bytes on disk fail a checksum or a structural check, or a
+                            // file a store's header implies is missing (rows.G, index.G).
   kFormatMismatch = 5,      // The store's dim/dtype differ from what the caller asked for.
   kUnsupportedVersion = 6,  // Written by a newer, incompatible format major version.
   kIO = 7,                  // An operating-system call failed (errno in sys_errno()).

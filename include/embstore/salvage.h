@@ -33,13 +33,14 @@ struct SalvageReport {
 // verifies, or the committed counter if that is larger and the files can hold that many rows.
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
 // verifies (the rows cannot be checked without the header), or if the `generation` field is
-// damaged and the directory does not hold exactly one rows.X/index.X pair; kAlreadyExists if
-// `out` exists; kInvalidArgument if `out` lies inside `store`. The new store is built in a hidden
-// directory `.<name of out>.partial-<hex>` beside `out` and renamed to `out` only when complete: on
-// any error (a full disk, say) nothing is left at `out`. A process killed meanwhile leaves that
-// directory, never `out`; it is not the salvaged store and may be deleted. `progress`, if set, is
-// called from the calling thread with (rows examined, rows to examine) every few thousand rows and
-// once at the end.
+// damaged and the directory does not hold exactly one rows.X/index.X pair, or if one of the
+// generation's rows.G and index.G is missing (naming it: the rows cannot be read or checked
+// without both); kAlreadyExists if `out` exists; kInvalidArgument if `out` lies inside `store`.
+// The new store is built in a hidden directory `.<name of out>.partial-<hex>` beside `out` and
+// renamed to `out` only when complete: on any error (a full disk, say) nothing is left at `out`.
+// A process killed meanwhile leaves that directory, never `out`; it is not the salvaged store
+// and may be deleted. `progress`, if set, is called from the calling thread with (rows examined,
+// rows to examine) every few thousand rows and once at the end.
 SalvageReport salvage(
     const std::string& store, const std::string& out,
     const std::function<void(std::uint64_t rows_done, std::uint64_t rows_total)>& progress = {});

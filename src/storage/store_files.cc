@@ -156,6 +156,16 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   files->file_generation_ = generation;
   files->data_path_ = dir + "/" + data_file_name(generation);
   files->index_path_ = dir + "/" + index_file_name(generation);
+  // One of the pair without the other is damage as well (a truncate removes both, after
+  // switching the word): not "no store here", which callers take as a path to create a store at.
+  const bool has_data = os::exists(files->data_path_);
+  if (has_data != os::exists(files->index_path_) && files->state_.generation_word() == word) {
+    const std::string& missing = has_data ? files->index_path_ : files->data_path_;
+    const std::string& present = has_data ? files->data_path_ : files->index_path_;
+    corrupt(missing, "missing, although " + present +
+                         " is there and the store's generation (field generation of " +
+                         files->header_path_ + ") is " + std::to_string(generation));
+  }
   if (access == os::Access::kReadWrite) {
     files->data_fd_ = os::open_file(files->data_path_, access);
     files->index_fd_ = os::open_file(files->index_path_, access);

@@ -209,6 +209,27 @@ def test_salvage_refuses_a_damaged_generation_when_two_generations_are_on_disk(t
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("missing, present", [("rows.1", "index.1"), ("index.1", "rows.1")])
+def test_a_store_missing_its_rows_or_index_file_is_corruption_naming_it(tmp_path, missing,
+                                                                         present):
+    store = make_store(tmp_path / "s")
+    os.remove(os.path.join(store, missing))
+    damaged = hash_tree(store)
+    for args in (["info", store], ["verify", store], ["get", store, 3]):
+        r = run(*args)
+        assert r.code == CORRUPTION, (args, r)
+        assert len(r.err.strip().splitlines()) == 1, (args, r)
+        assert f"{os.path.join(store, missing)}: missing, although" in r.err, (args, r)
+        assert os.path.join(store, present) in r.err, (args, r)
+    # Salvage cannot read or check rows without both files: refused the same way, nothing made.
+    out = tmp_path / "out"
+    r = run("salvage", store, out)
+    assert r.code == CORRUPTION, r
+    assert f"{os.path.join(store, missing)}: missing, although" in r.err, r
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["s"]
+    assert hash_tree(store) == damaged
+
+
 @pytest.mark.parametrize("size", ["4m", "256k"])
 def test_salvage_on_a_full_disk_is_an_error_that_leaves_nothing_at_the_output(tmp_path,
                                                                               small_tmpfs, size):
