@@ -78,52 +78,56 @@ SalvageReport salvage(
   // killed, leaves no store at `out`.
   detail::refuse_output_inside(out, store);
   detail::StoreBuild build(out);
-  Writer writer = Writer::create(build.path(), create, options);
+  try {
+    Writer writer = Writer::create(build.path(), create, options);
 
-  // Runs of valid rows are appended in chunks: contiguous in the old store, so one view each.
-  constexpr std::uint64_t kChunkRows = 4096;
-  std::vector<std::uint64_t> keys, epochs;
-  std::uint64_t run_begin = 0;
-  auto flush_run = [&](std::uint64_t end) {
-    for (std::uint64_t begin = run_begin; begin < end; begin += kChunkRows) {
-      const std::uint64_t rows = std::min(kChunkRows, end - begin);
-      keys.clear();
-      epochs.clear();
-      for (std::uint64_t row = begin; row < begin + rows; ++row) {
-        detail::IndexEntry entry;
-        std::memcpy(&entry, files->entry_ptr(row), sizeof(entry));
-        keys.push_back(entry.key);
-        epochs.push_back(entry.epoch);
+    // Runs of valid rows are appended in chunks: contiguous in the old store, so one view each.
+    constexpr std::uint64_t kChunkRows = 4096;
+    std::vector<std::uint64_t> keys, epochs;
+    std::uint64_t run_begin = 0;
+    auto flush_run = [&](std::uint64_t end) {
+      for (std::uint64_t begin = run_begin; begin < end; begin += kChunkRows) {
+        const std::uint64_t rows = std::min(kChunkRows, end - begin);
+        keys.clear();
+        epochs.clear();
+        for (std::uint64_t row = begin; row < begin + rows; ++row) {
+          detail::IndexEntry entry;
+          std::memcpy(&entry, files->entry_ptr(row), sizeof(entry));
+          keys.push_back(entry.key);
+          epochs.push_back(entry.epoch);
+        }
+        writer.append(keys, epochs,
+                      ConstMatrix{files->row_ptr(begin), layout.dtype, rows, layout.dim, 0});
+        report.rows_copied += rows;
       }
-      writer.append(keys, epochs,
-                    ConstMatrix{files->row_ptr(begin), layout.dtype, rows, layout.dim, 0});
-      report.rows_copied += rows;
-    }
-  };
-  bool in_run = false;
-  for (std::uint64_t row = 0; row < report.rows_scanned; ++row) {
-    const bool valid = files->row_valid(row);
-    if (valid && !in_run) {
-      run_begin = row;
-      in_run = true;
-    } else if (!valid && in_run) {
-      flush_run(row);
-      in_run = false;
-    }
-    if (progress && row % kChunkRows == 0) progress(row, report.rows_scanned);
-    if (!valid) {
-      if (!report.lost_ranges.empty() && report.lost_ranges.back().second == row) {
-        ++report.lost_ranges.back().second;
-      } else {
-        report.lost_ranges.emplace_back(row, row + 1);
+    };
+    bool in_run = false;
+    for (std::uint64_t row = 0; row < report.rows_scanned; ++row) {
+      const bool valid = files->row_valid(row);
+      if (valid && !in_run) {
+        run_begin = row;
+        in_run = true;
+      } else if (!valid && in_run) {
+        flush_run(row);
+        in_run = false;
+      }
+      if (progress && row % kChunkRows == 0) progress(row, report.rows_scanned);
+      if (!valid) {
+        if (!report.lost_ranges.empty() && report.lost_ranges.back().second == row) {
+          ++report.lost_ranges.back().second;
+        } else {
+          report.lost_ranges.emplace_back(row, row + 1);
+        }
       }
     }
+    if (in_run) flush_run(report.rows_scanned);
+    report.rows_lost = report.rows_scanned - report.rows_copied;
+    if (progress) progress(report.rows_scanned, report.rows_scanned);
+    writer.sync();
+    writer.close();
+  } catch (...) {
+    build.rethrow_naming_out();
   }
-  if (in_run) flush_run(report.rows_scanned);
-  report.rows_lost = report.rows_scanned - report.rows_copied;
-  if (progress) progress(report.rows_scanned, report.rows_scanned);
-  writer.sync();
-  writer.close();
   build.publish();
   return report;
 }

@@ -461,52 +461,57 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
     detail::refuse_output_inside(out, shards.shard_path(s));
   }
   detail::StoreBuild build(out);
-  Writer writer = Writer::create(build.path(), create);
-  // Chunks as large as an append stages whole before the lock (log/batch.h): large appends
-  // written by system call, with bounded key/epoch copies.
-  const std::uint64_t row_bytes = writer.info().record_bytes;
-  const std::uint64_t chunk_rows = std::max<std::uint64_t>(1, detail::kStageBytes / row_bytes);
-  MergeProgress done;
-  done.rows_total = shards.size();
-  std::vector<std::uint64_t> keys;
-  std::vector<std::uint64_t> epochs;
-  std::vector<std::byte> run;
-  for (std::size_t s = 0; s < shards.shard_count(); ++s) {
-    const Reader& reader = shards.shard(s);
-    done.shard = s;
-    done.shard_path = &shards.shard_path(s);
-    for (std::uint64_t begin = 0; begin < reader.size(); begin += chunk_rows) {
-      const std::uint64_t end = std::min(reader.size(), begin + chunk_rows);
-      // Copied with Reader::read(), each row checked against its checksum over the copy (a row
-      // that fails is named, and nothing is published); a key index problem of the shard is no
-      // reason to refuse its rows.
-      const std::uint64_t n = end - begin;
-      run.resize(n * row_bytes);
-      try {
-        reader.read(begin, end, run.data(), run.size(), ReadCheck::kChecksums);
-      } catch (const Error& e) {
-        if (e.code() != ErrorCode::kCorruption) throw;
-        // The message names the shard's rows file, the row, its key and epoch.
-        throw Error(ErrorCode::kCorruption,
-                    "merge: " + std::string(e.what()) + "; nothing was merged");
+  StoreInfo info;
+  try {
+    Writer writer = Writer::create(build.path(), create);
+    // Chunks as large as an append stages whole before the lock (log/batch.h): large appends
+    // written by system call, with bounded key/epoch copies.
+    const std::uint64_t row_bytes = writer.info().record_bytes;
+    const std::uint64_t chunk_rows = std::max<std::uint64_t>(1, detail::kStageBytes / row_bytes);
+    MergeProgress done;
+    done.rows_total = shards.size();
+    std::vector<std::uint64_t> keys;
+    std::vector<std::uint64_t> epochs;
+    std::vector<std::byte> run;
+    for (std::size_t s = 0; s < shards.shard_count(); ++s) {
+      const Reader& reader = shards.shard(s);
+      done.shard = s;
+      done.shard_path = &shards.shard_path(s);
+      for (std::uint64_t begin = 0; begin < reader.size(); begin += chunk_rows) {
+        const std::uint64_t end = std::min(reader.size(), begin + chunk_rows);
+        // Copied with Reader::read(), each row checked against its checksum over the copy (a row
+        // that fails is named, and nothing is published); a key index problem of the shard is no
+        // reason to refuse its rows.
+        const std::uint64_t n = end - begin;
+        run.resize(n * row_bytes);
+        try {
+          reader.read(begin, end, run.data(), run.size(), ReadCheck::kChecksums);
+        } catch (const Error& e) {
+          if (e.code() != ErrorCode::kCorruption) throw;
+          // The message names the shard's rows file, the row, its key and epoch.
+          throw Error(ErrorCode::kCorruption,
+                      "merge: " + std::string(e.what()) + "; nothing was merged");
+        }
+        const auto key_view = reader.keys(begin, end);
+        const auto epoch_view = reader.epochs(begin, end);
+        keys.resize(n);
+        epochs.resize(n);
+        for (std::uint64_t i = 0; i < n; ++i) {
+          keys[i] = key_view[i];
+          epochs[i] = epoch_view[i];
+        }
+        writer.append(keys, epochs, ConstMatrix{run.data(), reader.dtype(), n, reader.dim(), 0});
+        done.rows_done += n;
+        if (progress) progress(done);
       }
-      const auto key_view = reader.keys(begin, end);
-      const auto epoch_view = reader.epochs(begin, end);
-      keys.resize(n);
-      epochs.resize(n);
-      for (std::uint64_t i = 0; i < n; ++i) {
-        keys[i] = key_view[i];
-        epochs[i] = epoch_view[i];
-      }
-      writer.append(keys, epochs, ConstMatrix{run.data(), reader.dtype(), n, reader.dim(), 0});
-      done.rows_done += n;
-      if (progress) progress(done);
     }
+    writer.sync();
+    info = writer.info();
+    info.path = build.out();
+    writer.close();
+  } catch (...) {
+    build.rethrow_naming_out();
   }
-  writer.sync();
-  StoreInfo info = writer.info();
-  info.path = build.out();
-  writer.close();
   build.publish();
   return info;
 }

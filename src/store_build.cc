@@ -54,6 +54,25 @@ StoreBuild::~StoreBuild() {
   if (!published_) os::remove_tree(path_);
 }
 
+void StoreBuild::rethrow_naming_out() const {
+  try {
+    throw;
+  } catch (const Error& e) {
+    std::string message = e.what();
+    const std::size_t at = message.find(path_);
+    if (at == std::string::npos) throw;
+    const std::size_t after = at + path_.size();
+    if (after < message.size() && message[after] != '/' && message[after] != ':' &&
+        message[after] != ' ') {
+      // A sibling named after it (create_store's `<path>.creating.<hex>`): replaced, the name
+      // would be of a path that never existed.
+      throw Error(e.code(), out_ + ": " + message, e.sys_errno());
+    }
+    message.replace(at, path_.size(), out_);
+    throw Error(e.code(), message + " (writing " + path_ + ")", e.sys_errno());
+  }
+}
+
 void StoreBuild::publish() {
   if (os::rename_no_replace(path_, out_) != 0) {
     throw Error(ErrorCode::kAlreadyExists, out_ + ": already exists (the new store was removed)");

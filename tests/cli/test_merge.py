@@ -4,9 +4,12 @@ part-way leaves no store at the output."""
 
 import json
 import os
+import resource
+import signal
 import subprocess
 
 import numpy as np
+import pytest
 
 import embstore
 from conftest import CLI, hash_tree, kill_when, make_store, partial_dirs, run
@@ -124,3 +127,28 @@ def test_merge_on_a_full_disk_is_an_error_that_leaves_nothing_at_the_output(tmp_
     assert not os.path.exists(out)
     assert os.listdir(disk) == []  # no working directory or lock file left either
     assert run("verify", a).code == 0 and run("verify", b).code == 0
+
+
+@pytest.mark.parametrize("command", ["merge", "salvage"])
+@pytest.mark.parametrize("limit", [4096, 100_000])  # fails making the store / appending to it
+def test_merge_and_salvage_errors_name_the_output_not_the_hidden_working_directory(
+        tmp_path, command, limit):
+    source = make_store(tmp_path / "s", dim=256, dtype="float32", epochs=1, rows_per_epoch=400)
+    before = hash_tree(source)
+    out = str(tmp_path / "out")
+    args = [out, source] if command == "merge" else [source, out]
+
+    def file_size_limit():  # a file may not grow past `limit`: EFBIG, a full disk for the tool
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([CLI, command, *args], capture_output=True, text=True, timeout=120,
+                          preexec_fn=file_size_limit)
+    assert proc.returncode == FULL, proc
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1, proc
+    # The output the user gave comes first; the hidden directory may follow it.
+    assert out in err and ".out.partial-" in err, proc
+    assert err.index(out) < err.index(".out.partial-"), proc
+    assert not os.path.exists(out) and partial_dirs(tmp_path) == []
+    assert hash_tree(source) == before
