@@ -130,12 +130,28 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   files->state_ = SharedState(static_cast<StatePage*>(files->state_map_));
   const std::uint64_t word = files->state_.generation_word();
   std::uint64_t generation = store_generation_of(word);
+  // Whether a file of the generation is there: a Writer opens it (keeping the descriptor, so
+  // what it found is what it uses, with no stat before the open for the file to change in
+  // between); a Reader, which keeps no descriptor, looks.
+  const auto present = [&](const std::string& path, int& fd) {
+    if (access == os::Access::kReadOnly) return os::exists(path);
+    try {
+      fd = os::open_file(path, access);
+      return true;
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kNotFound) throw;
+      return false;
+    }
+  };
+  const bool in_range = generation != 0 && generation <= kMaxGeneration;
+  const bool has_data =
+      in_range && present(dir + "/" + data_file_name(generation), files->data_fd_);
+  const bool has_index =
+      in_range && present(dir + "/" + index_file_name(generation), files->index_fd_);
   std::string damage;
-  if (generation == 0 || generation > kMaxGeneration) {
+  if (!in_range) {
     damage = "field generation " + std::to_string(generation) + " is outside 1..10^9";
-  } else if (!os::exists(dir + "/" + data_file_name(generation)) &&
-             !os::exists(dir + "/" + index_file_name(generation)) &&
-             files->state_.generation_word() == word) {
+  } else if (!has_data && !has_index && files->state_.generation_word() == word) {
     // The word unchanged after the look: no truncate switched the store and removed the files
     // meanwhile, so the field names files that were never there.
     damage = "field generation " + std::to_string(generation) + " names " +
@@ -158,17 +174,18 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   files->index_path_ = dir + "/" + index_file_name(generation);
   // One of the pair without the other is damage as well (a truncate removes both, after
   // switching the word): not "no store here", which callers take as a path to create a store at.
-  const bool has_data = os::exists(files->data_path_);
-  if (has_data != os::exists(files->index_path_) && files->state_.generation_word() == word) {
+  if (has_data != has_index && files->state_.generation_word() == word) {
     const std::string& missing = has_data ? files->index_path_ : files->data_path_;
-    const std::string& present = has_data ? files->data_path_ : files->index_path_;
-    corrupt(missing, "missing, although " + present +
+    const std::string& there = has_data ? files->data_path_ : files->index_path_;
+    corrupt(missing, "missing, although " + there +
                          " is there and the store's generation (field generation of " +
                          files->header_path_ + ") is " + std::to_string(generation));
   }
   if (access == os::Access::kReadWrite) {
-    files->data_fd_ = os::open_file(files->data_path_, access);
-    files->index_fd_ = os::open_file(files->index_path_, access);
+    // Not opened above: the only pair read instead of a damaged generation, or a file a truncate
+    // removed meanwhile (then this names it, kNotFound, as before).
+    if (files->data_fd_ < 0) files->data_fd_ = os::open_file(files->data_path_, access);
+    if (files->index_fd_ < 0) files->index_fd_ = os::open_file(files->index_path_, access);
   } else {
     // The state page stays mapped; the descriptor is not needed again (see the file comment).
     os::close_fd(files->header_fd_);
