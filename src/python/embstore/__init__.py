@@ -243,8 +243,9 @@ def salvage(store: PathLike, out: PathLike) -> dict:
 
 class _not_a_store_check:
     """Turns the FileNotFoundError of opening a path that exists but holds no store (no
-    header) into NotAStoreError naming the path; a missing path, or a missing file of a store
-    that has its header, stays FileNotFoundError naming what is missing."""
+    header) into NotAStoreError naming the path; a missing path stays FileNotFoundError. (A
+    store that has its header but misses rows.G or index.G is damage: CorruptionError naming
+    the file, from the core.)"""
 
     def __init__(self, path: str) -> None:
         self.path = path
