@@ -14,7 +14,11 @@ namespace embstore::detail {
 
 StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out)) {
   if (out_.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
-  if (os::exists(out_)) throw Error(ErrorCode::kAlreadyExists, out_ + ": already exists");
+  // A symbolic link counts, dangling or not: the rename that publishes would fail on it only
+  // after every row was copied.
+  if (os::entry_exists(out_)) {
+    throw Error(ErrorCode::kAlreadyExists, out_ + ": already exists");
+  }
   const auto slash = out_.rfind('/');
   parent_ = slash == std::string::npos ? "." : slash == 0 ? "/" : out_.substr(0, slash);
   if (!os::exists(parent_)) {
@@ -33,7 +37,7 @@ StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out
 
 void refuse_output_inside(const std::string& out, const std::string& source) {
   // An `out` that exists is refused as such by StoreBuild (the plainer message).
-  if (os::exists(strip_trailing_slashes(out))) return;
+  if (os::entry_exists(strip_trailing_slashes(out))) return;
   // Both resolved as far as they exist (symbolic links, "..", a relative path).
   std::error_code ec;
   const auto inside = std::filesystem::weakly_canonical(strip_trailing_slashes(out), ec);

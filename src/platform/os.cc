@@ -393,6 +393,11 @@ bool exists(const std::string& path) noexcept {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+bool entry_exists(const std::string& path) noexcept {
+  struct stat st;
+  return ::lstat(path.c_str(), &st) == 0;
+}
+
 bool process_alive(std::uint64_t pid) noexcept {
   const std::string dir = "/proc/" + std::to_string(pid);
   try {

@@ -98,6 +98,9 @@ void remove_tree(const std::string& path) noexcept;
 // The names in directory `path` (without "." and ".."); empty if it cannot be read.
 std::vector<std::string> list_dir(const std::string& path) noexcept;
 bool exists(const std::string& path) noexcept;
+// True when a directory entry has this name, whatever it is: a symbolic link counts as itself,
+// even one naming nothing (lstat). What an output that must not exist is checked with.
+bool entry_exists(const std::string& path) noexcept;
 // True while process `pid` can still run: it exists and is not a zombie (a process that died,
 // killed or not, keeps its /proc entry, as state Z, until its parent reaps it, which a parent
 // may never do). Reads /proc/<pid>/stat; a process whose state cannot be read counts as alive.

@@ -61,6 +61,16 @@ def test_merge_into_an_existing_path_or_from_a_missing_store_is_an_error(tmp_pat
     r = run("merge", tmp_path / "out", tmp_path / "missing")
     assert r.code == NOT_FOUND, r
     assert "missing" in r.err
+    # A symbolic link at the output, dangling or not, is refused before any row is copied.
+    os.symlink(tmp_path / "nowhere" / "x", tmp_path / "dangling")
+    os.symlink(tmp_path / "target", tmp_path / "dangling2")
+    for args, out in ((("merge", tmp_path / "dangling", a), tmp_path / "dangling"),
+                      (("salvage", a, tmp_path / "dangling2"), tmp_path / "dangling2")):
+        r = run(*args)
+        assert r.code == ALREADY_EXISTS, (args, r)
+        assert r.err.strip() == f"embstore {args[0]}: {out}: already exists", (args, r)
+        assert not [p for p in os.listdir(tmp_path) if ".partial-" in p], args
+    assert not os.path.lexists(tmp_path / "target")
 
 
 def _committed_rows(store):
