@@ -2,7 +2,9 @@
 // Reader).
 #include "embstore/store.h"
 
+#include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <string_view>
 
 #include "embstore/error.h"
@@ -101,6 +103,12 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   if (!detail::os::exists(parent)) {
     throw Error(ErrorCode::kNotFound, path + ": parent directory " + parent + " does not exist",
                 ENOENT);
+  }
+  // A path under a regular file cannot exist, as Writer::open and Reader::open say (kNotFound),
+  // rather than an I/O error from the first file made in it.
+  std::error_code ec;
+  if (!std::filesystem::is_directory(parent, ec)) {
+    throw Error(ErrorCode::kNotFound, path + ": " + parent + " is not a directory", ENOTDIR);
   }
   const CreateLock create_lock(path);
   remove_stale_staging(parent, path);

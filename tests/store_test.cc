@@ -369,7 +369,8 @@ TEST_CASE("Creating over a store, or opening with another dim or dtype, is an er
   CHECK_NOTHROW(create_store(dir / "empty", opts(4)));
 }
 
-TEST_CASE("A path under a regular file is kNotFound for writers and readers", "[store][errors]") {
+TEST_CASE("A path under a regular file is kNotFound for creators writers and readers",
+          "[store][errors]") {
   TempDir dir;
   std::ofstream(dir / "file.txt") << "not a directory";
   const std::string path = dir / "file.txt/store";
@@ -378,6 +379,9 @@ TEST_CASE("A path under a regular file is kNotFound for writers and readers", "[
   CHECK_THAT(message, Catch::Contains(path));
   CHECK(code_of([&] { Reader::open(path); }, &message) == ErrorCode::kNotFound);
   CHECK_THAT(message, Catch::Contains(path));
+  CHECK(code_of([&] { create_store(path, opts(4)); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains(path) && Catch::Contains("is not a directory"));
+  CHECK(code_of([&] { Writer::open_or_create(path, opts(4)); }) == ErrorCode::kNotFound);
   CHECK(test::read_file(dir / "file.txt") == "not a directory");
 }
 

@@ -59,7 +59,7 @@ enum class InfoDetail { kFull, kState };
 // Creates an empty store at `path`, which must not exist (or be an empty directory). The store
 // appears whole or not at all: it is built beside `path` and renamed into place. Throws
 // kAlreadyExists if a store (or any non-empty directory) is there, kInvalidArgument for bad
-// options.
+// options, kNotFound when its parent directory does not exist or is not a directory.
 void create_store(const std::string& path, const CreateOptions& options);
 
 // Reads the header and counters without taking any lock or writing anything.
