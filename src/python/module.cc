@@ -6,6 +6,7 @@
 // are read in place: the GIL is released while rows are copied into the store. An async writer
 // copies them into its queue before append returns, or (copy=False) keeps a reference to the
 // caller's array until its background thread has copied it (async_writer.h).
+#include <cxxabi.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,6 +14,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -28,6 +30,85 @@ namespace py = pybind11;
 
 namespace embstore::python {
 namespace {
+
+constexpr const char* kCutOffAtExit =
+    "embstore: a thread was inside an embstore call when the interpreter finalized (a daemon "
+    "thread); the call does not return, and rows it had not handed over are not stored\n";
+
+// The interpreter's main thread (threading.main_thread()), set at import: the thread that
+// finalizes it, and may take the GIL while it does.
+unsigned long g_main_thread = 0;
+
+// True when the interpreter is finalizing and this thread is not the one doing it: CPython will
+// not give it the GIL again.
+bool cut_off_by_finalization() {
+#if PY_VERSION_HEX >= 0x030D0000
+  const bool finalizing = Py_IsFinalizing() != 0;
+#else
+  const bool finalizing = _Py_IsFinalizing() != 0;
+#endif
+  return finalizing && PyThread_get_thread_ident() != g_main_thread;
+}
+
+// Releases the GIL for its scope and takes it back at the end, as py::gil_scoped_release does,
+// except once the interpreter is finalizing. CPython ends a thread that asks for the GIL then
+// (pthread_exit, a forced unwinding), and that unwinding through a noexcept frame (the
+// destructor of py::gil_scoped_release, append_call) was std::terminate: a daemon thread inside
+// an append when the program ended aborted the process (SIGABRT, exit 134). Such a thread is
+// parked instead, without the GIL, and ends with the process. It first drops the Writer
+// lifetime lock taken in the scope, if any (`held`), and one its caller holds (AliveLock), so
+// that closing the Writer during finalization does not wait for it, and says on stderr that the
+// call did not return. A thread that was already waiting for the GIL when finalization began
+// is ended by CPython inside PyEval_RestoreThread: hence the destructor may throw (the forced
+// unwinding passes through it, releasing the locks on its way; append_call lets it through).
+// (Python does not run daemon threads past its finalization anyway; nothing they had not
+// handed over is stored.)
+// The Writer lifetime lock a thread holds shared across a ReleaseGil scope (AliveLock), for
+// ReleaseGil's park() to drop.
+thread_local std::shared_mutex* t_alive_held = nullptr;
+
+class ReleaseGil {
+ public:
+  ReleaseGil() : state_(PyEval_SaveThread()) {}
+  explicit ReleaseGil(std::shared_lock<std::shared_mutex>& held) : ReleaseGil() { shared_ = &held; }
+  explicit ReleaseGil(std::unique_lock<std::shared_mutex>& held) : ReleaseGil() { unique_ = &held; }
+  ~ReleaseGil() noexcept(false) {
+    if (cut_off_by_finalization()) park();
+    PyEval_RestoreThread(state_);
+  }
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+ private:
+  [[noreturn]] void park() {
+    if (shared_ != nullptr && shared_->owns_lock()) shared_->unlock();
+    if (unique_ != nullptr && unique_->owns_lock()) unique_->unlock();
+    if (t_alive_held != nullptr) t_alive_held->unlock_shared();  // Its holder never resumes.
+    std::fputs(kCutOffAtExit, stderr);
+    for (;;) ::pause();
+  }
+
+  PyThreadState* state_;
+  std::shared_lock<std::shared_mutex>* shared_ = nullptr;
+  std::unique_lock<std::shared_mutex>* unique_ = nullptr;
+};
+
+// The Writer lifetime lock held shared by the calling thread (PyWriter::lock_alive()), known to
+// ReleaseGil while held.
+class AliveLock {
+ public:
+  explicit AliveLock(std::shared_lock<std::shared_mutex> lock)
+      : lock_(std::move(lock)), previous_(t_alive_held) {
+    t_alive_held = lock_.mutex();
+  }
+  ~AliveLock() { t_alive_held = previous_; }
+  AliveLock(const AliveLock&) = delete;
+  AliveLock& operator=(const AliveLock&) = delete;
+
+ private:
+  std::shared_lock<std::shared_mutex> lock_;
+  std::shared_mutex* previous_;
+};
 
 [[noreturn]] void invalid(const std::string& message) {
   throw Error(ErrorCode::kInvalidArgument, message);
@@ -245,7 +326,7 @@ class PyWriter {
       invalid(writer_path() + ": append: " + std::to_string(batch.keys.size()) + " keys for " +
               std::to_string(batch.rows.rows) + " rows");
     }
-    std::shared_lock alive = lock_alive();
+    const AliveLock alive(lock_alive());
     if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
     if (copied) ++copied_batches_;
     if (async_ && async_->fits(packed_bytes(batch.rows))) {
@@ -259,7 +340,7 @@ class PyWriter {
         batch.hold = keep.ptr();
       }
       {
-        py::gil_scoped_release unlocked;
+        ReleaseGil unlocked;
         async_->push(std::move(batch));
       }
       (void)keep.release();  // The queue owns this reference now; release_done() drops it.
@@ -269,7 +350,7 @@ class PyWriter {
       // Larger than the whole queue: written here, after what is queued, straight from the
       // caller's array, as a synchronous append would.
       {
-        py::gil_scoped_release unlocked;
+        ReleaseGil unlocked;
         async_->flush();
       }
       write_now(batch);
@@ -282,7 +363,7 @@ class PyWriter {
   std::uint64_t write_now(const Batch& batch) {
     std::uint64_t first;
     {
-      py::gil_scoped_release unlocked;
+      ReleaseGil unlocked;
       const auto start = std::chrono::steady_clock::now();
       const double cpu_start = thread_cpu_seconds();
       const std::span<const std::uint64_t> key_span(batch.keys);
@@ -307,10 +388,10 @@ class PyWriter {
     check_process();
     release_done();
     {
-      std::shared_lock alive = lock_alive();
+      const AliveLock alive(lock_alive());
       if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
       if (async_) {
-        py::gil_scoped_release unlocked;
+        ReleaseGil unlocked;
         async_->flush();
       }
     }
@@ -319,27 +400,27 @@ class PyWriter {
 
   void sync() {
     flush();
-    std::shared_lock alive = lock_alive();
+    const AliveLock alive(lock_alive());
     if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
-    py::gil_scoped_release unlocked;
+    ReleaseGil unlocked;
     writer_->sync();
   }
 
   // Writes what is queued first: the rebuilt index covers every row appended before the call.
   void rebuild_key_index() {
     flush();
-    std::shared_lock alive = lock_alive();
+    const AliveLock alive(lock_alive());
     if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
-    py::gil_scoped_release unlocked;
+    ReleaseGil unlocked;
     writer_->rebuild_key_index();
   }
 
   // Writes what is queued first, so the rows appended before the call are the ones it counts.
   std::uint64_t truncate(std::uint64_t value, bool from_epoch) {
     flush();
-    std::shared_lock alive = lock_alive();
+    const AliveLock alive(lock_alive());
     if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
-    py::gil_scoped_release unlocked;
+    ReleaseGil unlocked;
     return from_epoch ? writer_->truncate_from_epoch(value) : writer_->truncate(value);
   }
 
@@ -353,7 +434,7 @@ class PyWriter {
     {
       std::unique_lock lifetime(lifetime_mutex_, std::defer_lock);
       {
-        py::gil_scoped_release unlocked;
+        ReleaseGil unlocked(lifetime);
         lifetime.lock();
         if (!writer_) return;
         if (async_) async_error = async_->stop();
@@ -449,7 +530,7 @@ class PyWriter {
   std::shared_lock<std::shared_mutex> lock_alive() {
     std::shared_lock lock(lifetime_mutex_, std::try_to_lock);
     if (!lock.owns_lock()) {
-      py::gil_scoped_release unlocked;
+      ReleaseGil unlocked(lock);
       lock.lock();
     }
     return lock;
@@ -532,7 +613,8 @@ void set_error_from_current_exception() noexcept {
   }
 }
 
-PyObject* append_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) noexcept {
+// Not noexcept: a thread CPython ends while it waits for the GIL (ReleaseGil) unwinds through.
+PyObject* append_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
   try {
     if (nargs != 5) {
       throw py::type_error("append(keys, epoch, vectors, as_dtype, copy) takes 5 arguments; got " +
@@ -556,6 +638,9 @@ PyObject* append_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs
                  py::reinterpret_borrow<py::array>(args[2]), as_dtype, copy != 0)
         .release()
         .ptr();
+  } catch (abi::__forced_unwind&) {
+    std::fputs(kCutOffAtExit, stderr);
+    throw;  // The thread's end (ReleaseGil): never swallowed.
   } catch (...) {
     set_error_from_current_exception();
     return nullptr;
@@ -619,7 +704,7 @@ std::unique_ptr<PyWriter> open_writer(
   options.huge_pages = huge_pages;
   std::optional<Writer> writer;
   {
-    py::gil_scoped_release unlocked;
+    ReleaseGil unlocked;
     if (dim) {
       CreateOptions create;
       create.dim = *dim;
@@ -681,7 +766,7 @@ class PyReader {
       const auto now = Clock::now();
       const auto slice_end = deadline - now > kSlice ? now + kSlice : deadline;
       {
-        py::gil_scoped_release unlocked;
+        ReleaseGil unlocked;
         std::lock_guard lock(mutex_);
         reached = reader().wait(min_rows, slice_end - Clock::now());
       }
@@ -724,7 +809,7 @@ class PyReader {
     auto lock = guard();
     VerifyReport report;
     {
-      py::gil_scoped_release unlocked;
+      ReleaseGil unlocked;
       report = reader().verify(begin, end.value_or(reader().size()));
     }
     py::dict out;
@@ -770,7 +855,7 @@ class PyReader {
         epochs ? std::span<const std::uint64_t>(epochs->data(), epochs->size())
                : std::span<const std::uint64_t>();
     const std::span<std::int64_t> o(out.mutable_data(), out.size());
-    py::gil_scoped_release unlocked;
+    ReleaseGil unlocked;
     reader().find_many(k, e, o);
     return out;
   }
@@ -817,7 +902,7 @@ class PyReader {
     void* data = dest.mutable_data();
     const auto bytes = static_cast<std::size_t>(dest.nbytes());
     {
-      py::gil_scoped_release unlocked;
+      ReleaseGil unlocked;
       r.read(begin, stop, data, bytes, check ? ReadCheck::kChecksums : ReadCheck::kNone);
     }
     return dest;
@@ -832,7 +917,7 @@ class PyReader {
     const std::span<const std::int64_t> in(rows.data(), rows.size());
     void* dest = out.mutable_data();
     const std::size_t bytes = static_cast<std::size_t>(out.nbytes());
-    py::gil_scoped_release unlocked;
+    ReleaseGil unlocked;
     r.gather(in, dest, bytes);
     return out;
   }
@@ -864,7 +949,7 @@ class PyReader {
   std::unique_lock<std::mutex> guard() {
     std::unique_lock lock(mutex_, std::try_to_lock);
     if (!lock.owns_lock()) {
-      py::gil_scoped_release unlocked;
+      ReleaseGil unlocked;
       lock.lock();
     }
     return lock;
@@ -922,6 +1007,8 @@ PYBIND11_MODULE(_embstore, m) {
   using namespace embstore;
   using namespace embstore::python;
   m.doc() = "Private C++ core of the embstore package; use the names exported by `embstore`.";
+  g_main_thread =
+      py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -969,7 +1056,7 @@ PYBIND11_MODULE(_embstore, m) {
         options.metadata = metadata;
         if (segment_bytes) options.segment_bytes = *segment_bytes;
         options.key_index = key_index;
-        py::gil_scoped_release unlocked;
+        ReleaseGil unlocked;
         create_store(path, options);
       },
       py::arg("path"), py::arg("dim"), py::arg("dtype"), py::arg("metadata"),
@@ -980,7 +1067,7 @@ PYBIND11_MODULE(_embstore, m) {
       [](const std::string& store, const std::string& out) {
         SalvageReport report;
         {
-          py::gil_scoped_release unlocked;
+          ReleaseGil unlocked;
           report = salvage(store, out);
         }
         py::list lost;
@@ -1001,7 +1088,7 @@ PYBIND11_MODULE(_embstore, m) {
       [](const std::string& path) {
         StoreInfo info;
         {
-          py::gil_scoped_release unlocked;
+          ReleaseGil unlocked;
           info = read_info(path);
         }
         return info_dict(info);
@@ -1011,7 +1098,7 @@ PYBIND11_MODULE(_embstore, m) {
   m.def(
       "read_generation",
       [](const std::string& path) {
-        py::gil_scoped_release unlocked;
+        ReleaseGil unlocked;
         return read_generation(path);
       },
       py::arg("path"));
@@ -1050,7 +1137,7 @@ PYBIND11_MODULE(_embstore, m) {
              if (map_bytes) options.map_bytes = *map_bytes;
              std::optional<Reader> reader;
              {
-               py::gil_scoped_release unlocked;
+               ReleaseGil unlocked;
                reader = Reader::open(path, options);
              }
              return std::make_unique<PyReader>(std::move(*reader));
@@ -1137,7 +1224,7 @@ PYBIND11_MODULE(_embstore, m) {
                                      entry["rows"].cast<std::uint64_t>(),
                                      entry["epochs"].cast<std::vector<std::uint64_t>>()});
         }
-        py::gil_scoped_release unlocked;
+        ReleaseGil unlocked;
         write_manifest(path, manifest);
       },
       py::arg("path"), py::arg("manifest"));
@@ -1147,7 +1234,7 @@ PYBIND11_MODULE(_embstore, m) {
         std::vector<std::string> paths;
         std::string metadata;
         {
-          py::gil_scoped_release unlocked;
+          ReleaseGil unlocked;
           const ShardSet set = ShardSet::open(manifest_or_stores);
           for (std::size_t i = 0; i < set.shard_count(); ++i) paths.push_back(set.shard_path(i));
           metadata = set.metadata();
@@ -1161,7 +1248,7 @@ PYBIND11_MODULE(_embstore, m) {
          const py::object& progress) {
         StoreInfo info;
         {
-          py::gil_scoped_release unlocked;
+          ReleaseGil unlocked;
           const ShardSet set = ShardSet::open(manifest_or_stores);
           info = merge_stores(out, set, [&](const MergeProgress& done) {
             if (progress.is_none()) return;

@@ -176,3 +176,39 @@ def test_a_failed_close_after_an_exception_in_a_with_block_is_reported_not_dropp
     assert store in err and lost in err, err  # logged
     assert out.startswith("raised: KeyboardInterrupt") and store in out and lost in out, out
     assert len(embstore.Reader(store)) == 512
+
+
+@pytest.mark.parametrize("queue_mb", [0, 1])
+def test_a_daemon_thread_appending_when_the_program_ends_does_not_abort_it(store, queue_mb):
+    """A saver thread (daemon) still appending when the main program ends: the process exits 0
+    (it aborted with std::terminate, SIGABRT, when CPython ended the thread inside a call), and
+    every append that returned is stored."""
+    embstore.create(store, dim=8)
+    for _ in range(3):
+        before = len(embstore.Reader(store))
+        script = run_script("""
+            import sys, threading, time
+            import numpy as np
+            import embstore
+            w = embstore.Writer(sys.argv[1], async_queue_mb=int(sys.argv[2]))
+            returned = open(sys.argv[1] + ".returned", "w")
+            x = np.ones((64, 8), np.float32)
+            def saver():
+                i = 0
+                while True:
+                    w.append(np.arange(i * 64, i * 64 + 64), x, epoch=0)
+                    i += 1
+                    returned.seek(0)
+                    returned.write(f"{i * 64:12d}")
+                    returned.flush()
+            threading.Thread(target=saver, daemon=True).start()
+            time.sleep(0.3)
+            print("done", flush=True)
+        """, store, str(queue_mb))
+        out, err = script.communicate(timeout=120)
+        assert script.returncode == 0, err
+        assert out == "done\n" and "terminate" not in err, err
+        with open(store + ".returned") as f:
+            returned = int(f.read())
+        r = embstore.Reader(store)
+        assert len(r) - before >= returned > 0 and r.verify().ok
