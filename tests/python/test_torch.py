@@ -226,13 +226,13 @@ def test_recorder_stages_rows_into_few_appends_and_submits_on_epoch_change(store
         assert r.refresh() == 33
         rec.flush(wait=False)
         assert r.refresh() == 34
+        with pytest.raises(ValueError, match=">= 0"):
+            with rec.batch([-1], 0):
+                pass
     expected = torch.cat([a, b, c, d, e, f]).detach()
     assert torch.equal(torch.from_numpy(r.vectors.copy()), expected)
     assert r.keys.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] + list(range(20, 40)) + [50, 51]
     assert r.epochs.tolist() == [0] * 32 + [1, 2]
-    with pytest.raises(ValueError, match=">= 0"):
-        with rec.batch([-1], 0):
-            pass
 
 
 def _record_sampler_epochs(store, rank, replicas, dataset_len, epochs, skip_padding):
@@ -301,6 +301,19 @@ def test_recorder_batch_names_bad_ids_and_epochs_and_records_nothing_for_them(st
             layer(torch.randn(1, 4))
     r = embstore.Reader(store)
     assert r.keys.tolist() == [1, 2, 5] and r.epochs.tolist() == [0, 0, 0]
+
+
+def test_a_closed_recorder_refuses_batches_instead_of_recording_nothing(store):
+    layer = torch.nn.Linear(3, 4)
+    rec = EmbeddingRecorder(layer, "", store, dim=4, buffer_rows=16, async_queue_mb=0)
+    with rec.batch([0, 1], 0):
+        layer(torch.ones(2, 3))
+    rec.close()
+    with pytest.raises(embstore.ClosedError, match=f"{store}: the recorder of '' is closed"):
+        with rec.batch([2, 3], 1):
+            layer(torch.ones(2, 3))
+    rec.close()  # again: nothing to do
+    assert rec.rows_recorded == 2 and len(embstore.Reader(store)) == 2
 
 
 def test_recorder_refuses_an_output_of_another_width_than_the_store_naming_it(store):

@@ -29,6 +29,7 @@ import torch
 import torch.utils.data
 
 from . import Error, Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _embstore, _log, shards
+from ._errors import ClosedError
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
 
@@ -400,6 +401,7 @@ class EmbeddingRecorder:
         self._dataset_len = None if dataset_len is None else int(dataset_len)
         self._staging: Optional[_Staging] = None
         self._finalizer = None
+        self._closed = False
         self._ids: Optional[np.ndarray] = None
         self._epoch = 0
         self._epoch_position = 0  # this rank's rows of the epoch so far, padding included
@@ -424,7 +426,11 @@ class EmbeddingRecorder:
         return self._ranks is None or self.rank in self._ranks
 
     def batch(self, ids: Any, epoch: int) -> ContextManager[None]:
-        """Records the forward passes in the block under these sample ids and this epoch."""
+        """Records the forward passes in the block under these sample ids and this epoch.
+        ClosedError after ``close()``: nothing more would be recorded."""
+        if self._closed:
+            raise ClosedError(f"{self.path}: the recorder of {self.module_name!r} is closed; it "
+                              "records nothing more (make a new EmbeddingRecorder)")
         # Runs every training step: the cheap conversions first, and the checks in one call.
         start = time.perf_counter()
         if isinstance(ids, torch.Tensor):
@@ -635,7 +641,11 @@ class EmbeddingRecorder:
 
     def close(self) -> None:
         """Appends the staged rows, removes the hook and closes this rank's Writer (raising a
-        pending write error)."""
+        pending write error). Afterwards ``batch()`` raises ClosedError; closing again does
+        nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._handle.remove()
         if self._finalizer is not None:
             self._finalizer.cancel()
