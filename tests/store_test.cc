@@ -12,9 +12,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -23,6 +25,7 @@
 #include "format/convert.h"
 #include "format/format.h"
 #include "platform/testing.h"
+#include "platform/thread.h"
 #include "support/error_code.h"
 #include "support/payload.h"
 #include "support/process.h"
@@ -1069,4 +1072,41 @@ TEST_CASE("A store the process may not read is kPermissionDenied, not kReadOnly"
     }
   });
   CHECK(test::wait_for(child) == 0);
+}
+
+TEST_CASE("Library threads leave signals sent to the process to the application's threads",
+          "[store][threads]") {
+  // Python runs signal handlers in its main thread only: a SIGTERM the kernel handed to a
+  // library thread was never handled (src/platform/thread.h).
+  sigset_t before;
+  REQUIRE(pthread_sigmask(SIG_BLOCK, nullptr, &before) == 0);
+  sigset_t seen;
+  std::thread thread = detail::start_thread([&] { pthread_sigmask(SIG_BLOCK, nullptr, &seen); });
+  thread.join();
+  for (const int sent : {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGCHLD, SIGALRM}) {
+    CHECK(sigismember(&seen, sent) == 1);
+  }
+  for (const int fault : {SIGSEGV, SIGBUS, SIGFPE, SIGILL}) CHECK(sigismember(&seen, fault) == 0);
+  sigset_t after;
+  REQUIRE(pthread_sigmask(SIG_BLOCK, nullptr, &after) == 0);
+  for (int s = 1; s < SIGRTMIN; ++s) CHECK(sigismember(&after, s) == sigismember(&before, s));
+  // A Writer's own threads (its interval sync thread here) start the same way: SigBlk in
+  // /proc/self/task/<tid>/status, the blocked signals as a hexadecimal mask (bit n-1: signal n).
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", opts(4));
+  int others = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    if (task.path().filename() == std::to_string(::gettid())) continue;
+    std::ifstream status(task.path() / "status");
+    std::string line;
+    while (std::getline(status, line)) {
+      if (line.rfind("SigBlk:", 0) != 0) continue;
+      const unsigned long long blocked = std::stoull(line.substr(7), nullptr, 16);
+      CHECK((blocked >> (SIGTERM - 1) & 1) == 1);
+      CHECK((blocked >> (SIGSEGV - 1) & 1) == 0);
+      ++others;
+    }
+  }
+  CHECK(others >= 1);
+  w.close();
 }

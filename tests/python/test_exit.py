@@ -212,3 +212,86 @@ def test_a_daemon_thread_appending_when_the_program_ends_does_not_abort_it(store
             returned = int(f.read())
         r = embstore.Reader(store)
         assert len(r) - before >= returned > 0 and r.verify().ok
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_rows_of_pool_workers_ended_by_terminate_are_written(store, tmp_path, method):
+    """``with Pool() as pool:`` ends in terminate(): SIGTERM to workers whose async Writers
+    still hold rows of tasks that returned (held here by the store's lock, released a second
+    after the terminate began). Each worker writes them before it ends; they were dropped
+    without a word."""
+    import functools
+    import threading
+    import time
+    embstore.create(store, dim=workers.DIM)
+    markers = tmp_path / "opened"
+    markers.mkdir()
+    tasks, rows = 6, 500
+    with multiprocessing.get_context(method).Pool(
+            2, initializer=workers.pool_open, initargs=(store, str(markers))) as pool:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(markers)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # both workers have opened their Writers
+        lock = StoreLock(store).__enter__()
+        assert pool.map(functools.partial(workers.pool_task, rows=rows),
+                        range(tasks)) == list(range(tasks))
+        assert len(embstore.Reader(store)) == 0  # every row still queued
+        threading.Timer(1.0, lock.__exit__, args=(None, None, None)).start()
+    r = embstore.Reader(store)
+    assert len(r) == tasks * rows and r.verify().ok
+    assert sorted(r.keys.tolist()) == list(range(tasks * rows))
+
+
+def test_a_program_that_installed_its_own_sigterm_handler_keeps_it(store):
+    embstore.create(store, dim=4)
+    script = run_script("""
+        import multiprocessing, signal, sys
+        import embstore
+        def mine(signum, frame):
+            pass
+        def child(path, queue):
+            signal.signal(signal.SIGTERM, mine)
+            w = embstore.Writer(path)
+            queue.put(signal.getsignal(signal.SIGTERM) is mine)
+            w.close()
+        if __name__ == "__main__":
+            q = multiprocessing.get_context("fork").Queue()
+            p = multiprocessing.get_context("fork").Process(target=child, args=(sys.argv[1], q))
+            p.start()
+            print(q.get(timeout=60))
+            p.join()
+    """, store)
+    out, err = script.communicate(timeout=120)
+    assert script.returncode == 0 and out == "True\n", err
+
+
+def test_recorder_rows_of_persistent_dataloader_workers_are_written_at_exit(store):
+    """Persistent DataLoader workers recording through an EmbeddingRecorder: at the program's
+    end torch leaves them to multiprocessing, which terminates them (SIGTERM). Their staged
+    rows are written (128 of 200 were stored, without a word), and the program ends cleanly."""
+    script = run_script("""
+        import sys
+        import torch
+        from embstore.torch import EmbeddingRecorder
+        class Data(torch.utils.data.Dataset):
+            def __init__(self, path):
+                self.model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+                self.rec = EmbeddingRecorder(self.model, "0", path, dim=4, async_queue_mb=1,
+                                             buffer_rows=64)
+            def __len__(self):
+                return 200
+            def __getitem__(self, i):
+                with torch.no_grad(), self.rec.batch([i], 0):
+                    self.model(torch.ones(1, 4))
+                return i
+        if __name__ == "__main__":
+            loader = torch.utils.data.DataLoader(Data(sys.argv[1]), batch_size=10, num_workers=2,
+                                                 persistent_workers=True,
+                                                 multiprocessing_context="fork")
+            print(sum(len(b) for b in loader))
+    """, store)
+    out, err = script.communicate(timeout=300)
+    assert script.returncode == 0 and out == "200\n", err
+    assert "Error" not in err, err
+    r = embstore.Reader(store)
+    assert sorted(r.keys.tolist()) == list(range(200)) and r.verify().ok

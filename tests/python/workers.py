@@ -58,3 +58,22 @@ def append_through_global_writer(path, batches, batch_rows, opened, locked, appe
         keys = np.arange(b * batch_rows, (b + 1) * batch_rows)
         GLOBAL_WRITER.append(keys, payload(keys), b)
     appended.set()
+
+
+_pool_writer = None
+
+
+def pool_open(path, marker_dir):
+    """A Pool initializer: opens this worker's async Writer, then says so (a file named by its
+    pid in marker_dir)."""
+    global _pool_writer
+    _pool_writer = embstore.Writer(path, async_queue_mb=16)
+    open(os.path.join(marker_dir, str(os.getpid())), "w").close()
+
+
+def pool_task(task, rows):
+    """A Pool task: appends `rows` rows (keys task * rows + i) through this worker's Writer,
+    never closed by the task: queued when it returns."""
+    keys = np.arange(task * rows, (task + 1) * rows)
+    _pool_writer.append(keys, payload(keys), 0)
+    return task

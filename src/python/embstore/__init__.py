@@ -524,8 +524,13 @@ class Writer(_Handle):
     of rows lost (when ``__del__`` closes it, the error also goes to ``sys.unraisablehook``).
     So is a failed close at the end of a ``with`` block whose body raised: the body's exception
     is raised, with that failure added to it as a note.
-    Nothing can run when a process is killed or leaves through ``os._exit`` outside
-    multiprocessing: queued rows are then lost, so call ``close()`` or ``flush()``.
+    In a ``multiprocessing`` child (a Pool or DataLoader worker) whose SIGTERM has its default
+    action, opening a Writer has SIGTERM run these exit handlers and then end the child with
+    exit status 0: multiprocessing sends it in ordinary shutdowns (``Pool.terminate()``, which
+    ``with Pool() as pool:`` calls, and the parent's exit for daemon children).
+    Nothing can run when a process is killed otherwise (SIGKILL, or SIGTERM outside such a
+    child) or leaves through ``os._exit`` outside multiprocessing: queued rows are then lost,
+    so call ``close()`` or ``flush()``.
 
     Thread-safety: one Writer may be used from several threads (calls are serialized). The GIL
     is released while rows are copied into the store, while waiting for queue room and in
@@ -596,6 +601,7 @@ class Writer(_Handle):
         # garbage collection still reaches __del__.
         self._at_exit = _mp_util.Finalize(self, _close_at_exit, args=(self._native,),
                                           exitpriority=_WRITER_EXIT_PRIORITY)
+        _leave_cleanly_on_sigterm()
 
     def append(self, keys: Any, vectors: Any, epoch: Any = 0, *,
                copy: bool = True) -> Optional[int]:
@@ -752,6 +758,40 @@ class Writer(_Handle):
 _log = logging.getLogger("embstore")
 # Exit finalizers run highest priority first: recorders (which append) before Writers.
 _WRITER_EXIT_PRIORITY = 10
+
+
+def _write_then_terminate(signum, frame) -> None:
+    """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm): runs the exit finalizers
+    of this process's recorders and Writers (priority _WRITER_EXIT_PRIORITY and up: they write
+    what they hold and close), then ends the child with SystemExit(0), a clean exit, as one
+    asked to terminate does. Not by the signal again: a DataLoader's parent reports a worker
+    killed by a signal as a RuntimeError, which cut its own exit handlers short. A second
+    SIGTERM meanwhile kills at once (default action restored)."""
+    import signal
+    signal.signal(signum, signal.SIG_DFL)
+    _mp_util._run_finalizers(_WRITER_EXIT_PRIORITY)
+    raise SystemExit(0)
+
+
+def _leave_cleanly_on_sigterm() -> None:
+    """In a ``multiprocessing`` child (a Pool worker, a DataLoader worker) whose SIGTERM still
+    has its default action, has SIGTERM write what this process's Writers and recorders hold
+    before it ends the child (_write_then_terminate). multiprocessing itself sends SIGTERM in an
+    ordinary shutdown (``with Pool() as pool:`` ends in ``terminate()``; daemon children are
+    terminated at the parent's exit), and the default action dropped those rows without a word.
+    Only from the child's main thread (Python's rule for signal handlers); a handler of the
+    program's own is left alone."""
+    import multiprocessing
+    import signal
+    import threading
+    if multiprocessing.parent_process() is None or \
+            threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _write_then_terminate)
+    except (ValueError, OSError):  # not the main interpreter, or no signals here
+        pass
 
 
 def _close_reporting_loss(native, when: str) -> None:

@@ -337,7 +337,9 @@ class EmbeddingRecorder:
     Not closed: staged and queued rows are still written when the interpreter exits, when a
     ``multiprocessing`` child ends (before its ``os._exit``) and when the recorder is
     garbage-collected; a failure then is logged on the ``embstore`` logger with the store's
-    path and the rows lost. A process killed, or leaving through ``os._exit`` outside
+    path and the rows lost. In a DataLoader or Pool worker, SIGTERM (which multiprocessing
+    sends its daemon children at exit) runs those handlers before it ends the worker
+    (``Writer``, "Exit"). A process killed otherwise, or leaving through ``os._exit`` outside
     multiprocessing, loses them: call ``close()``.
 
     DistributedSampler padding: unless ``drop_last=True``, torch's DistributedSampler pads each
