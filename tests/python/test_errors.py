@@ -153,6 +153,14 @@ def test_list_values_an_integer_store_cannot_hold_are_refused(store):
         assert w.committed_rows() == 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8", "uint8"])
+def test_lists_of_bools_are_refused_as_vectors_as_bool_arrays_are(store, dtype):
+    with embstore.Writer(store, dim=3, dtype=dtype) as w:
+        with pytest.raises(ValueError, match="a list of bool values; rows must hold numbers"):
+            w.append([1], [[True, False, True]])
+        assert w.committed_rows() == 0
+
+
 def test_an_array_of_another_dtype_is_refused_not_converted(store):
     with embstore.Writer(store, dim=4) as w:
         with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):

@@ -284,7 +284,7 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
     """A list of rows (or another non-array sequence) as an array of the store's dtype."""
     target = np.dtype(_SEQUENCE_DTYPES[store_dtype])
     values = np.asarray(vectors)
-    if values.dtype.kind not in "biuf":
+    if values.dtype.kind not in "iuf":  # bools too: refused as numpy and torch bool arrays are
         raise ValueError(f"vectors: a {type(vectors).__name__} of {values.dtype} values; "
                         "rows must hold numbers")
     if target.kind in "iu":
@@ -537,7 +537,8 @@ class Writer(_Handle):
     ``sync``/``flush``/``close``.
 
     Fork: a Writer belongs to the process that opened it; in a forked child every call raises
-    ForkedChildError. Open a new Writer in the child.
+    ForkedChildError, except ``close()`` (and a ``with`` block's end), which does nothing there:
+    the parent's rows and lock stay the parent's. Open a new Writer in the child.
 
     Args:
         path: the store directory.
