@@ -607,19 +607,39 @@ TEST_CASE("verify() reports a damaged key index body and rebuild_key_index() rep
   check_lookups(r, {0, 1, 59}, {0, 5, 9});
 }
 
+namespace {
+
+// A store of 600 rows written by append_cycling (key k at epoch e is row 60 e + k) and closed,
+// with the bytes and table sizes of its key index file keys.1: for the tests that damage it.
+struct ClosedCyclingStore {
+  TempDir dir;
+  std::string path = dir / "s";
+  std::string file = path + "/keys.1";
+  std::string bytes;
+  std::uint64_t pair_slots = 0;
+  std::uint64_t key_slots = 0;
+
+  ClosedCyclingStore() {
+    Writer w = Writer::create(path, options());
+    append_cycling(w, 600, 60, 60);
+    w.close();
+    bytes = test::read_file(file);
+    std::memcpy(&pair_slots, bytes.data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
+    std::memcpy(&key_slots, bytes.data() + offsetof(detail::KeyIndexHeader, key_slots), 8);
+  }
+};
+
+}  // namespace
+
 TEST_CASE("A key index slot naming another key's row: lookup() scans and never returns that row",
           "[key_lookup][corruption]") {
-  TempDir dir;
-  const std::string path = dir / "s";
-  Writer w = Writer::create(path, options());
-  append_cycling(w, 600, 60, 60);  // Key k at epoch e is row 60 e + k.
-  w.close();
+  const ClosedCyclingStore store;
+  const std::string& path = store.path;
+  const std::string& file = store.file;
+  const std::string& bytes = store.bytes;
+  const std::uint64_t pair_slots = store.pair_slots;
   // Point the pair slot of (key 3, epoch 2), row 123, at row 121 (key 1, epoch 2): the slot's
   // key and epoch still match, only its row is wrong.
-  const std::string file = path + "/keys.1";
-  const std::string bytes = test::read_file(file);
-  std::uint64_t pair_slots = 0;
-  std::memcpy(&pair_slots, bytes.data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
   bool damaged = false;
   for (std::uint64_t i = 0; i < pair_slots && !damaged; ++i) {
     std::uint64_t slot[2];
@@ -654,18 +674,12 @@ TEST_CASE("A writer opens a store whose key index is damaged where rows are left
   // indexes them into the file it finds. If that file's tables are damaged there (here: key 3's
   // key slot names a row far past the commit point), the open rebuilds the key index from the
   // offset index instead of failing: every Writer::open (and so rebuild-index) failed before.
-  TempDir dir;
-  const std::string path = dir / "s";
-  Writer w = Writer::create(path, options());
-  append_cycling(w, 600, 60, 60);  // Key k at epoch e is row 60 e + k.
-  w.close();
-  const std::string file = path + "/keys.1";
-  const std::string bytes = test::read_file(file);
-  std::uint64_t pair_slots = 0;
-  std::uint64_t key_slots = 0;
-  std::memcpy(&pair_slots, bytes.data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
-  std::memcpy(&key_slots, bytes.data() + offsetof(detail::KeyIndexHeader, key_slots), 8);
-  const std::uint64_t key_table = detail::kKeyIndexTablesOffset + 16 * pair_slots;
+  const ClosedCyclingStore store;
+  const std::string& path = store.path;
+  const std::string& file = store.file;
+  const std::string& bytes = store.bytes;
+  const std::uint64_t key_slots = store.key_slots;
+  const std::uint64_t key_table = detail::kKeyIndexTablesOffset + 16 * store.pair_slots;
   bool damaged = false;
   for (std::uint64_t i = 0; i < key_slots && !damaged; ++i) {
     std::uint64_t slot = 0;

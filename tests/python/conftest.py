@@ -29,3 +29,19 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 def store(tmp_path):
     """A path (str) where a test may create a store."""
     return str(tmp_path / "store")
+
+
+def point_pair_slot_at(store, key, row):
+    """Damages the store's key index (keys.1, src/format/FORMAT.md "keys.K"): the first pair slot
+    of `key` is made to name `row` instead (its key and epoch fields stay as they were)."""
+    import struct
+    with open(os.path.join(store, "keys.1"), "r+b") as f:
+        data = f.read()
+        pair_slots = struct.unpack_from("<Q", data, 48)[0]
+        for i in range(pair_slots):
+            slot_key, word = struct.unpack_from("<QQ", data, 4096 + 16 * i)
+            if word and slot_key == key:
+                f.seek(4096 + 16 * i + 8)
+                f.write(struct.pack("<Q", (word & ~((1 << 41) - 1)) | (row + 1)))
+                return
+    pytest.fail(f"no pair slot of key {key}")

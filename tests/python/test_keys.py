@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import embstore
+from conftest import point_pair_slot_at
 
 MAX_KEY = 2**64 - 1
 
@@ -112,23 +113,11 @@ def test_a_missing_key_index_file_is_answered_by_scan_and_reported(store):
 
 
 def test_get_never_returns_another_keys_row_when_a_key_index_slot_is_damaged(store):
-    import struct
     embstore.create(store, dim=4)
     with embstore.Writer(store) as w:
         w.append(np.arange(10), np.arange(40, dtype=np.float32).reshape(10, 4), epoch=2)
     # The pair slot of (key 3, epoch 2) made to name row 1 (key 1): key and epoch still match.
-    path = os.path.join(store, "keys.1")
-    with open(path, "r+b") as f:
-        data = f.read()
-        pair_slots = struct.unpack_from("<Q", data, 48)[0]
-        for i in range(pair_slots):
-            key, word = struct.unpack_from("<QQ", data, 4096 + 16 * i)
-            if word and key == 3:
-                f.seek(4096 + 16 * i + 8)
-                f.write(struct.pack("<Q", (word & ~((1 << 41) - 1)) | 2))
-                break
-        else:
-            pytest.fail("no pair slot of key 3")
+    point_pair_slot_at(store, key=3, row=1)
     r = embstore.Reader(store)
     np.testing.assert_array_equal(r.get(3, epoch=2), [12, 13, 14, 15])  # not row 1's
     assert r.info()["key_index"].startswith("damaged (a lookup of key 3 epoch 2 was answered "

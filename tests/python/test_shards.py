@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import embstore
+from conftest import point_pair_slot_at
 from embstore import shards as es
 
 
@@ -276,23 +277,13 @@ def test_recorder_directory_mode_in_one_process(tmp_path, monkeypatch):
 def test_shardset_get_confirms_the_key_as_reader_get_does(tmp_path):
     """A pair slot of a shard's key index damaged to name another key's row (its key and epoch
     still match): ShardSet.get answers with the key's own row, as Reader.get does."""
-    import struct
     paths = [str(tmp_path / "a"), str(tmp_path / "b")]
     for n, path in enumerate(paths):
         embstore.create(path, dim=4)
         with embstore.Writer(path) as w:
             w.append(np.arange(10), np.arange(40, dtype=np.float32).reshape(10, 4) + 100 * n,
                      epoch=2)
-    with open(os.path.join(paths[1], "keys.1"), "r+b") as f:
-        data = f.read()
-        for i in range(struct.unpack_from("<Q", data, 48)[0]):
-            key, word = struct.unpack_from("<QQ", data, 4096 + 16 * i)
-            if word and key == 3:  # (key 3, epoch 2) made to name row 1 (key 1)
-                f.seek(4096 + 16 * i + 8)
-                f.write(struct.pack("<Q", (word & ~((1 << 41) - 1)) | 2))
-                break
-        else:
-            pytest.fail("no pair slot of key 3")
+    point_pair_slot_at(paths[1], key=3, row=1)  # (key 3, epoch 2) made to name row 1 (key 1)
     s = embstore.ShardSet(paths)
     assert s.find(3, 2) == 10 + 1  # the slot alone, as documented for find
     np.testing.assert_array_equal(s.get(3, 2), [112, 113, 114, 115])
