@@ -346,7 +346,15 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
 std::uint64_t ShardSet::size() const { return impl_->size; }
 
 std::uint64_t ShardSet::refresh() {
-  for (auto& shard : impl_->shards) shard->reader.refresh();
+  // When a shard's refresh throws, the shards before it have taken their new snapshots: left
+  // numbered as before, find() would name rows that record() puts in another shard. Renumbered
+  // for the snapshots the Readers hold, the set stays consistent (shard_set.h).
+  try {
+    for (auto& shard : impl_->shards) shard->reader.refresh();
+  } catch (...) {
+    impl_->renumber();
+    throw;
+  }
   impl_->renumber();
   return impl_->size;
 }

@@ -367,6 +367,37 @@ TEST_CASE("A ShardSet after a shard was truncated and refilled to its old size a
   CHECK(set.find_many(keys, 1) == std::vector<std::uint64_t>{ShardSet::kNoRow, 2, 0});
 }
 
+TEST_CASE("A refresh that fails at a later shard leaves the set numbered as its snapshots",
+          "[shard_set]") {
+  TempDir dir;
+  Writer a = Writer::create(dir / "a", opts(4));
+  Writer b = Writer::create(dir / "b", opts(4));
+  const std::vector<float> v(4 * 10, 1.0f);
+  a.append(std::vector<std::uint64_t>{100, 101}, 0, std::span<const float>(v.data(), 8));
+  b.append(std::vector<std::uint64_t>{500, 501}, 0, std::span<const float>(v.data(), 8));
+  ShardSet set = ShardSet::open({dir / "a", dir / "b"});
+  REQUIRE(set.size() == 4);
+  // Shard a gains a row; shard b grows past its mapping (a refresh must open its files again),
+  // then its directory is moved away, so refreshing it fails after shard a was refreshed.
+  a.append(std::vector<std::uint64_t>{102}, 0, std::span<const float>(v.data(), 4));
+  const std::uint64_t grown = 200000;
+  b.append(std::vector<std::uint64_t>(grown, 9), 1, std::vector<float>(4 * grown, 2.0f));
+  b.close();
+  std::filesystem::rename(dir / "b", dir / "b-moved");
+  REQUIRE(code_of([&] { set.refresh(); }) == ErrorCode::kNotFound);
+  // Shard a holds its new snapshot and shard b its old one: numbered for those.
+  REQUIRE(set.shard(0).size() == 3);
+  REQUIRE(set.shard(1).size() == 2);
+  CHECK(set.shard_first_row(1) == 3);
+  CHECK(set.size() == 5);
+  const auto row = set.find(102);
+  REQUIRE(row == std::optional<std::uint64_t>(2));
+  CHECK(set.record(*row).key == 102);
+  CHECK(set.find(500) == std::optional<std::uint64_t>(3));
+  CHECK(set.record(3).key == 500);
+  CHECK(set.locate(4).shard == 1);
+}
+
 TEST_CASE("A set that lists one store twice is refused naming both paths", "[shard_set]") {
   TempDir dir;
   {

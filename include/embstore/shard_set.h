@@ -83,7 +83,11 @@ class ShardSet {
   ~ShardSet();
 
   std::uint64_t size() const;  // Rows in all shards' snapshots together.
-  // Refreshes every shard's snapshot; returns the new size().
+  // Refreshes every shard's snapshot, in shard order; returns the new size(). If a shard's
+  // refresh throws (its files were moved or removed, say), the error propagates and the set
+  // is renumbered for the snapshots its Readers then hold: the shards before that one have
+  // their new snapshots, the shards after it their old ones. size(), locate(), record() and
+  // the lookups agree with each other; calling refresh() again retries every shard.
   std::uint64_t refresh();
 
   std::size_t shard_count() const;
