@@ -38,9 +38,12 @@ StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out
 void refuse_output_inside(const std::string& out, const std::string& source) {
   // An `out` that exists is refused as such by StoreBuild (the plainer message).
   if (os::entry_exists(strip_trailing_slashes(out))) return;
-  // Both resolved as far as they exist (symbolic links, "..", a relative path).
+  // Both resolved as far as they exist (symbolic links, "..", a relative path). `out` made
+  // absolute first: weakly_canonical leaves a relative path whose first part does not exist
+  // relative ("out" with the working directory inside the store), and it would match nothing.
   std::error_code ec;
-  const auto inside = std::filesystem::weakly_canonical(strip_trailing_slashes(out), ec);
+  const auto inside = std::filesystem::weakly_canonical(
+      std::filesystem::absolute(strip_trailing_slashes(out), ec), ec);
   const auto store = std::filesystem::weakly_canonical(source, ec);
   if (ec) return;  // A source that cannot be resolved fails on its own when it is opened.
   auto s = store.begin();

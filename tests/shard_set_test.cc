@@ -417,6 +417,28 @@ TEST_CASE("A set that lists one store twice is refused naming both paths", "[sha
   CHECK(code_of([&] { read_info(dir / "m"); }) == ErrorCode::kNotFound);
 }
 
+TEST_CASE("merge and salvage refuse a bare relative output from a cwd inside the store",
+          "[shard_set][salvage]") {
+  TempDir dir;
+  {
+    Writer w = Writer::create(dir / "s", opts(2));
+    w.append(std::vector<std::uint64_t>{1, 2}, 0, std::vector<float>(4, 1.0f));
+  }
+  const ShardSet set = ShardSet::open({dir / "s"});
+  struct InDirectory {  // The working directory, restored however the test ends.
+    std::filesystem::path before = std::filesystem::current_path();
+    explicit InDirectory(const std::string& path) { std::filesystem::current_path(path); }
+    ~InDirectory() { std::filesystem::current_path(before); }
+  } in_store(dir / "s");
+  std::string message;
+  CHECK(code_of([&] { merge_stores("merged", set); }, &message) == ErrorCode::kInvalidArgument);
+  CHECK(message.find("inside the store " + (dir / "s")) != std::string::npos);
+  CHECK(code_of([&] { salvage("../s", "out"); }, &message) == ErrorCode::kInvalidArgument);
+  CHECK(message.find("inside the store ../s") != std::string::npos);
+  CHECK(!std::filesystem::exists(dir / "s/merged"));
+  CHECK(!std::filesystem::exists(dir / "s/out"));
+}
+
 TEST_CASE("merge_stores merges a shard whose key index file is missing (no row is lost)",
           "[shard_set][corruption]") {
   TempDir dir;
