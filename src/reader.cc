@@ -140,6 +140,14 @@ Reader::Reader(Reader&&) noexcept = default;
 Reader& Reader::operator=(Reader&&) noexcept = default;
 Reader::~Reader() = default;
 
+Reader::Impl& Reader::impl() const {
+  // A moved-from Reader has no Impl: its calls are refused rather than dereference null.
+  if (!impl_) {
+    throw Error(ErrorCode::kClosed, "this Reader was moved from; use the Reader it was moved to");
+  }
+  return *impl_;
+}
+
 Reader Reader::open(const std::string& path, const ReaderOptions& options) {
   auto impl = std::make_unique<Impl>(
       StoreFiles::open(path, detail::os::Access::kReadOnly, options.map_bytes));
@@ -147,9 +155,9 @@ Reader Reader::open(const std::string& path, const ReaderOptions& options) {
   return Reader(std::move(impl));
 }
 
-std::uint64_t Reader::size() const { return impl_->snapshot_; }
-std::uint64_t Reader::generation() const { return impl_->snapshot_generation_; }
-std::uint64_t Reader::refresh() { return impl_->refresh(); }
+std::uint64_t Reader::size() const { return impl().snapshot_; }
+std::uint64_t Reader::generation() const { return impl().snapshot_generation_; }
+std::uint64_t Reader::refresh() { return impl().refresh(); }
 
 bool Reader::wait(std::uint64_t min_rows, std::chrono::nanoseconds timeout) {
   using Clock = std::chrono::steady_clock;
@@ -163,37 +171,37 @@ bool Reader::wait(std::uint64_t min_rows, std::chrono::nanoseconds timeout) {
     // Read the counter before refreshing: if it moves after this, the futex below returns at
     // once (no lost wake-up); if it does not, we sleep even when the snapshot cannot reach it
     // (after a reboot, unverifiable rows), instead of spinning.
-    const std::uint64_t before = impl_->files().state().committed();
-    if (impl_->refresh() >= min_rows) return true;
+    const std::uint64_t before = impl().files().state().committed();
+    if (impl().refresh() >= min_rows) return true;
     const auto now = Clock::now();
     if (now >= deadline) return false;
     const std::int64_t left =
         deadline == Clock::time_point::max()
             ? kMaxSliceNs
             : std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - now).count();
-    detail::os::futex_wait(impl_->files().state().committed_word(),
+    detail::os::futex_wait(impl().files().state().committed_word(),
                            static_cast<std::uint32_t>(before), std::min(left, kMaxSliceNs));
   }
 }
 
 RowsView Reader::rows(std::uint64_t begin, std::uint64_t end) const {
-  impl_->check_range(begin, end, "rows");
-  const StoreFiles& f = impl_->files();
+  impl().check_range(begin, end, "rows");
+  const StoreFiles& f = impl().files();
   const auto& layout = f.layout();
-  impl_->populate(f, begin, end);
+  impl().populate(f, begin, end);
   return RowsView{f.row_ptr(begin), begin,        end - begin,
                   layout.dim,       layout.dtype, layout.record_bytes};
 }
 
 StridedView<std::uint64_t> Reader::keys(std::uint64_t begin, std::uint64_t end) const {
-  impl_->check_range(begin, end, "keys");
-  const auto* entry = reinterpret_cast<const std::byte*>(impl_->files().entry_ptr(begin));
+  impl().check_range(begin, end, "keys");
+  const auto* entry = reinterpret_cast<const std::byte*>(impl().files().entry_ptr(begin));
   return {entry + offsetof(detail::IndexEntry, key), end - begin, detail::kIndexEntryBytes};
 }
 
 StridedView<std::uint64_t> Reader::epochs(std::uint64_t begin, std::uint64_t end) const {
-  impl_->check_range(begin, end, "epochs");
-  const auto* entry = reinterpret_cast<const std::byte*>(impl_->files().entry_ptr(begin));
+  impl().check_range(begin, end, "epochs");
+  const auto* entry = reinterpret_cast<const std::byte*>(impl().files().entry_ptr(begin));
   return {entry + offsetof(detail::IndexEntry, epoch), end - begin, detail::kIndexEntryBytes};
 }
 
@@ -216,12 +224,12 @@ constexpr std::uint64_t kVerifyPieceBytes = 1024 * 1024;
 }  // namespace
 
 Record Reader::record(std::uint64_t row) const {
-  if (row >= impl_->snapshot_) {
-    throw Error(ErrorCode::kInvalidArgument, impl_->path_ + ": row " + std::to_string(row) +
+  if (row >= impl().snapshot_) {
+    throw Error(ErrorCode::kInvalidArgument, impl().path_ + ": row " + std::to_string(row) +
                                                  " is outside the snapshot of " +
-                                                 std::to_string(impl_->snapshot_) + " rows");
+                                                 std::to_string(impl().snapshot_) + " rows");
   }
-  const StoreFiles& f = impl_->files();
+  const StoreFiles& f = impl().files();
   if (!f.row_valid(row)) row_fails_checksum(f, row);
   detail::IndexEntry entry;
   std::memcpy(&entry, f.entry_ptr(row), sizeof(entry));
@@ -230,11 +238,11 @@ Record Reader::record(std::uint64_t row) const {
 
 void Reader::read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t out_bytes,
                   ReadCheck check) const {
-  impl_->check_range(begin, end, "read");
-  const StoreFiles& f = impl_->files();
+  impl().check_range(begin, end, "read");
+  const StoreFiles& f = impl().files();
   const std::uint64_t row_bytes = f.layout().record_bytes;
   if (out_bytes != (end - begin) * row_bytes) {
-    throw Error(ErrorCode::kInvalidArgument, impl_->path_ + ": read: " + std::to_string(out_bytes) +
+    throw Error(ErrorCode::kInvalidArgument, impl().path_ + ": read: " + std::to_string(out_bytes) +
                                                  " bytes for " + std::to_string(end - begin) +
                                                  " rows of " + std::to_string(row_bytes));
   }
@@ -248,8 +256,8 @@ void Reader::read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t
 }
 
 VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
-  impl_->check_range(begin, end, "verify");
-  const StoreFiles& f = impl_->files();
+  impl().check_range(begin, end, "verify");
+  const StoreFiles& f = impl().files();
   VerifyReport report;
   report.begin_row = begin;
   report.end_row = end;
@@ -269,7 +277,7 @@ VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
       if (report.bad_rows.size() < VerifyReport::kMaxListed) report.bad_rows.push_back(row);
     }
   }
-  if (begin == 0 && end == impl_->snapshot_) {
+  if (begin == 0 && end == impl().snapshot_) {
     const VerifyReport keys = verify_key_index();
     report.key_index_checked = keys.key_index_checked;
     report.key_index_problems = keys.key_index_problems;
@@ -279,21 +287,21 @@ VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
 }
 
 VerifyReport Reader::verify_key_index() const {
-  const StoreFiles& f = impl_->files();
+  const StoreFiles& f = impl().files();
   VerifyReport report;
   report.begin_row = 0;
-  report.end_row = impl_->snapshot_;
-  if (const auto index = impl_->keys().current()) {
+  report.end_row = impl().snapshot_;
+  if (const auto index = impl().keys().current()) {
     report.key_index_checked = true;
     try {
       report.key_index_problems =
-          index->check(f.entry_ptr(0), std::min(impl_->snapshot_, index->indexed_rows()),
+          index->check(f.entry_ptr(0), std::min(impl().snapshot_, index->indexed_rows()),
                        &report.key_index_problem);
       // Damage inside the tables (a header that opens well): lookups through them could miss
       // rows or name others, so this Reader scans from now on. Nothing at open can see it
       // (checking every slot is O(n)); Writer::rebuild_key_index() repairs it.
       if (report.key_index_problems > 0) {
-        impl_->keys().mark_damaged("verify found " + std::to_string(report.key_index_problems) +
+        impl().keys().mark_damaged("verify found " + std::to_string(report.key_index_problems) +
                                    " problems: " + report.key_index_problem);
       }
     } catch (const Error& error) {
@@ -306,42 +314,42 @@ VerifyReport Reader::verify_key_index() const {
         report.key_index_problem = error.what();
       }
     }
-  } else if (impl_->keys().damaged() && f.layout().key_index) {
+  } else if (impl().keys().damaged() && f.layout().key_index) {
     // Damage only where writers keep a key index. In a store created without one, a file that
     // `key_generation` names (built by a library before 1.4, or the word itself damaged) is used
     // while it is sound, and when it is missing or unsound nothing is lost and no writer is
     // expected to rebuild it: lookups scan, as they always do there.
     report.key_index_checked = true;
     report.key_index_problems = 1;
-    report.key_index_problem = impl_->keys().status();
+    report.key_index_problem = impl().keys().status();
   }
   return report;
 }
 
-std::uint32_t Reader::dim() const { return impl_->files().layout().dim; }
-DType Reader::dtype() const { return impl_->files().layout().dtype; }
-const std::string& Reader::path() const { return impl_->path_; }
-const std::string& Reader::metadata() const { return impl_->metadata_; }
+std::uint32_t Reader::dim() const { return impl().files().layout().dim; }
+DType Reader::dtype() const { return impl().files().layout().dtype; }
+const std::string& Reader::path() const { return impl().path_; }
+const std::string& Reader::metadata() const { return impl().metadata_; }
 StoreInfo Reader::info(InfoDetail detail) const {
-  StoreInfo info = impl_->files().info();
+  StoreInfo info = impl().files().info();
   if (detail == InfoDetail::kFull) {
-    detail::fill_key_info(impl_->keys(), impl_->files(), impl_->snapshot_, info);
+    detail::fill_key_info(impl().keys(), impl().files(), impl().snapshot_, info);
   }
   return info;
 }
 
 std::optional<std::uint64_t> Reader::find(std::uint64_t key, std::uint64_t epoch) const {
-  return impl_->query([&](const detail::KeyQuery& q) { return q.find(key, epoch); });
+  return impl().query([&](const detail::KeyQuery& q) { return q.find(key, epoch); });
 }
 
 std::optional<std::uint64_t> Reader::find(std::uint64_t key) const {
-  return impl_->query([&](const detail::KeyQuery& q) { return q.find_latest(key); });
+  return impl().query([&](const detail::KeyQuery& q) { return q.find_latest(key); });
 }
 
 std::vector<KeyVersion> Reader::history(std::uint64_t key) const {
   std::vector<std::uint64_t> epochs;
   const std::vector<std::uint64_t> rows =
-      impl_->query([&](const detail::KeyQuery& q) { return q.history(key, &epochs); });
+      impl().query([&](const detail::KeyQuery& q) { return q.history(key, &epochs); });
   std::vector<KeyVersion> out;
   out.reserve(rows.size());
   for (std::size_t i = 0; i < rows.size(); ++i) out.push_back({rows[i], epochs[i]});
@@ -349,11 +357,11 @@ std::vector<KeyVersion> Reader::history(std::uint64_t key) const {
 }
 
 std::vector<std::uint64_t> Reader::epoch_rows(std::uint64_t epoch) const {
-  return impl_->query([&](const detail::KeyQuery& q) { return q.epoch_rows(epoch); });
+  return impl().query([&](const detail::KeyQuery& q) { return q.epoch_rows(epoch); });
 }
 
 std::vector<EpochRows> Reader::epochs() const {
-  const auto counts = impl_->query([](const detail::KeyQuery& q) { return q.epochs(); });
+  const auto counts = impl().query([](const detail::KeyQuery& q) { return q.epochs(); });
   std::vector<EpochRows> out;
   out.reserve(counts.size());
   for (const auto& c : counts) out.push_back({c.epoch, c.rows});
@@ -364,22 +372,22 @@ void Reader::find_many(std::span<const std::uint64_t> keys, std::span<const std:
                        std::span<std::int64_t> out) const {
   if (out.size() != keys.size() || (epochs.size() > 1 && epochs.size() != keys.size())) {
     throw Error(ErrorCode::kInvalidArgument,
-                impl_->path_ + ": find_many: " + std::to_string(keys.size()) + " keys, " +
+                impl().path_ + ": find_many: " + std::to_string(keys.size()) + " keys, " +
                     std::to_string(epochs.size()) + " epochs (want as many as keys, 1 or 0) and " +
                     std::to_string(out.size()) + " outputs");
   }
-  impl_->query([&](const detail::KeyQuery& q) {
+  impl().query([&](const detail::KeyQuery& q) {
     q.find_many(keys, epochs, out.data());
     return 0;
   });
 }
 
 void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes) const {
-  const StoreFiles& f = impl_->files();
+  const StoreFiles& f = impl().files();
   const std::uint64_t row_bytes = f.layout().record_bytes;
   if (out_bytes != rows.size() * row_bytes) {
     throw Error(ErrorCode::kInvalidArgument,
-                impl_->path_ + ": gather: " + std::to_string(out_bytes) + " bytes for " +
+                impl().path_ + ": gather: " + std::to_string(out_bytes) + " bytes for " +
                     std::to_string(rows.size()) + " rows of " + std::to_string(row_bytes));
   }
   auto* dest = static_cast<std::byte*>(out);
@@ -389,10 +397,10 @@ void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t o
       std::memset(dest, 0, row_bytes);
       continue;
     }
-    if (row < 0 || static_cast<std::uint64_t>(row) >= impl_->snapshot_) {
+    if (row < 0 || static_cast<std::uint64_t>(row) >= impl().snapshot_) {
       throw Error(ErrorCode::kInvalidArgument,
-                  impl_->path_ + ": gather: row " + std::to_string(row) +
-                      " is outside the snapshot of " + std::to_string(impl_->snapshot_) + " rows");
+                  impl().path_ + ": gather: row " + std::to_string(row) +
+                      " is outside the snapshot of " + std::to_string(impl().snapshot_) + " rows");
     }
     std::memcpy(dest, f.row_ptr(static_cast<std::uint64_t>(row)), row_bytes);
   }
@@ -418,7 +426,7 @@ std::vector<Record> Reader::lookup(std::uint64_t key, std::optional<std::uint64_
   std::vector<Record> out = answer();
   for (const Record& r : out) {
     if (r.key == key && (!epoch || r.epoch == *epoch)) continue;
-    impl_->keys().mark_damaged("a lookup of key " + std::to_string(key) +
+    impl().keys().mark_damaged("a lookup of key " + std::to_string(key) +
                                (epoch ? " epoch " + std::to_string(*epoch) : std::string()) +
                                " was answered with row " + std::to_string(r.row) + " (key " +
                                std::to_string(r.key) + ", epoch " + std::to_string(r.epoch) + ")");
@@ -428,11 +436,12 @@ std::vector<Record> Reader::lookup(std::uint64_t key, std::optional<std::uint64_
 }
 
 std::shared_ptr<const void> Reader::owner() const {
-  impl_->files();
-  return impl_->files_;
+  impl().files();
+  return impl().files_;
 }
 
 void Reader::close() {
+  if (!impl_) return;  // Moved from: holds nothing.
   impl_->files_.reset();
   // The key index's mapping too: no view points into it, and a closed Reader holds nothing of
   // its store (the files can be removed and their file system unmounted).

@@ -257,6 +257,15 @@ ShardSet::ShardSet(ShardSet&&) noexcept = default;
 ShardSet& ShardSet::operator=(ShardSet&&) noexcept = default;
 ShardSet::~ShardSet() = default;
 
+ShardSet::Impl& ShardSet::impl() const {
+  // A moved-from ShardSet has no Impl: its calls are refused rather than dereference null.
+  if (!impl_) {
+    throw Error(ErrorCode::kClosed,
+                "this ShardSet was moved from; use the ShardSet it was moved to");
+  }
+  return *impl_;
+}
+
 ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
                         const ReaderOptions& options) {
   if (manifest_or_stores.empty()) {
@@ -343,38 +352,38 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
   return ShardSet(std::move(impl));
 }
 
-std::uint64_t ShardSet::size() const { return impl_->size; }
+std::uint64_t ShardSet::size() const { return impl().size; }
 
 std::uint64_t ShardSet::refresh() {
   // When a shard's refresh throws, the shards before it have taken their new snapshots: left
   // numbered as before, find() would name rows that record() puts in another shard. Renumbered
   // for the snapshots the Readers hold, the set stays consistent (shard_set.h).
   try {
-    for (auto& shard : impl_->shards) shard->reader.refresh();
+    for (auto& shard : impl().shards) shard->reader.refresh();
   } catch (...) {
-    impl_->renumber();
+    impl().renumber();
     throw;
   }
-  impl_->renumber();
-  return impl_->size;
+  impl().renumber();
+  return impl().size;
 }
 
-std::size_t ShardSet::shard_count() const { return impl_->shards.size(); }
-const Reader& ShardSet::shard(std::size_t index) const { return impl_->shard(index).reader; }
+std::size_t ShardSet::shard_count() const { return impl().shards.size(); }
+const Reader& ShardSet::shard(std::size_t index) const { return impl().shard(index).reader; }
 const std::string& ShardSet::shard_path(std::size_t index) const {
-  return impl_->shard(index).path;
+  return impl().shard(index).path;
 }
 std::uint64_t ShardSet::shard_first_row(std::size_t index) const {
-  return impl_->shard(index).first_row;
+  return impl().shard(index).first_row;
 }
 
 ShardSet::Location ShardSet::locate(std::uint64_t row) const {
-  if (row >= impl_->size) {
+  if (row >= impl().size) {
     throw Error(ErrorCode::kInvalidArgument, "row " + std::to_string(row) +
                                                  " is past the ShardSet's " +
-                                                 std::to_string(impl_->size) + " rows");
+                                                 std::to_string(impl().size) + " rows");
   }
-  const auto& shards = impl_->shards;
+  const auto& shards = impl().shards;
   // The last shard starting at or before `row` (empty shards share their successor's start).
   auto it = std::upper_bound(shards.begin(), shards.end(), row,
                              [](std::uint64_t r, const auto& s) { return r < s->first_row; });
@@ -383,7 +392,7 @@ ShardSet::Location ShardSet::locate(std::uint64_t row) const {
 }
 
 std::uint64_t ShardSet::global_row(std::size_t shard, std::uint64_t row) const {
-  const Shard& s = impl_->shard(shard);
+  const Shard& s = impl().shard(shard);
   if (row >= s.reader.size()) {
     throw Error(ErrorCode::kInvalidArgument, s.path + ": row " + std::to_string(row) +
                                                  " is past the snapshot's " +
@@ -394,7 +403,7 @@ std::uint64_t ShardSet::global_row(std::size_t shard, std::uint64_t row) const {
 
 Record ShardSet::record(std::uint64_t row) const {
   const Location at = locate(row);
-  Record record = impl_->shards[at.shard]->reader.record(at.row);
+  Record record = impl().shards[at.shard]->reader.record(at.row);
   record.row = row;
   return record;
 }
@@ -409,7 +418,7 @@ std::optional<std::uint64_t> ShardSet::find(std::uint64_t key) const {
 
 std::vector<ShardSet::Version> ShardSet::history(std::uint64_t key) const {
   std::vector<Version> out;
-  for (const auto& shard : impl_->shards) {
+  for (const auto& shard : impl().shards) {
     for (const KeyVersion& v : shard->reader.history(key)) {
       out.push_back({shard->first_row + v.row, v.epoch});
     }
@@ -419,7 +428,7 @@ std::vector<ShardSet::Version> ShardSet::history(std::uint64_t key) const {
 
 std::vector<std::uint64_t> ShardSet::epoch_rows(std::uint64_t epoch) const {
   std::vector<std::uint64_t> out;
-  for (const auto& shard : impl_->shards) {
+  for (const auto& shard : impl().shards) {
     for (const std::uint64_t row : shard->reader.epoch_rows(epoch)) {
       out.push_back(shard->first_row + row);
     }
@@ -435,13 +444,13 @@ std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> ke
                                                  " keys");
   }
   return find_in_shards(
-      impl_->shards, keys.size(),
+      impl().shards, keys.size(),
       [&](const Reader& r, std::span<std::int64_t> rows) { r.find_many(keys, epochs, rows); });
 }
 
 std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> keys,
                                                std::uint64_t epoch) const {
-  return find_in_shards(impl_->shards, keys.size(),
+  return find_in_shards(impl().shards, keys.size(),
                         [&](const Reader& r, std::span<std::int64_t> rows) {
                           r.find_many(keys, std::span<const std::uint64_t>(&epoch, 1), rows);
                         });
@@ -449,13 +458,13 @@ std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> ke
 
 std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> keys) const {
   return find_in_shards(
-      impl_->shards, keys.size(),
+      impl().shards, keys.size(),
       [&](const Reader& r, std::span<std::int64_t> rows) { r.find_many(keys, {}, rows); });
 }
 
-std::uint32_t ShardSet::dim() const { return impl_->shards[0]->reader.dim(); }
-DType ShardSet::dtype() const { return impl_->shards[0]->reader.dtype(); }
-const std::string& ShardSet::metadata() const { return impl_->metadata; }
+std::uint32_t ShardSet::dim() const { return impl().shards[0]->reader.dim(); }
+DType ShardSet::dtype() const { return impl().shards[0]->reader.dtype(); }
+const std::string& ShardSet::metadata() const { return impl().metadata; }
 
 StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
                        const std::function<void(const MergeProgress&)>& progress) {

@@ -977,6 +977,14 @@ Writer& Writer::operator=(Writer&& other) noexcept {
 
 Writer::~Writer() { release_impl(impl_); }
 
+Writer::Impl& Writer::impl() const {
+  // A moved-from Writer has no Impl: its calls are refused rather than dereference null.
+  if (!impl_) {
+    throw Error(ErrorCode::kClosed, "this Writer was moved from; use the Writer it was moved to");
+  }
+  return *impl_;
+}
+
 namespace {
 void check_epoch_count(const std::string& path, std::uint64_t epochs, std::uint64_t rows) {
   if (epochs != rows) {
@@ -1106,13 +1114,13 @@ Writer Writer::open_or_create(const std::string& path, const CreateOptions& crea
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
                              const ConstMatrix& rows) {
-  return impl_->append(keys, nullptr, epoch, rows);
+  return impl().append(keys, nullptr, epoch, rows);
 }
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys,
                              std::span<const std::uint64_t> epochs, const ConstMatrix& rows) {
-  check_epoch_count(impl_->path(), epochs.size(), rows.rows);
-  return impl_->append(keys, epochs.data(), 0, rows);
+  check_epoch_count(impl().path(), epochs.size(), rows.rows);
+  return impl().append(keys, epochs.data(), 0, rows);
 }
 
 std::uint64_t detail::WriterInternals::append_private(Writer& writer,
@@ -1121,62 +1129,64 @@ std::uint64_t detail::WriterInternals::append_private(Writer& writer,
                                                       std::uint64_t epoch,
                                                       const ConstMatrix& rows) {
   if (!epochs.empty()) check_epoch_count(writer.path(), epochs.size(), rows.rows);
-  return writer.impl_->append(keys, epochs.empty() ? nullptr : epochs.data(), epoch, rows,
+  return writer.impl().append(keys, epochs.empty() ? nullptr : epochs.data(), epoch, rows,
                               RowMemory::kPrivate);
 }
 
 bool detail::WriterInternals::hashes_before_lock(const Writer& writer) {
-  return writer.impl_->next_hash_at() == HashAt::kStaged;
+  return writer.impl().next_hash_at() == HashAt::kStaged;
 }
 
 bool detail::WriterInternals::hashes_before_lock(const Writer& writer, const ConstMatrix& rows) {
-  return writer.impl_->next_hash_at(rows) == HashAt::kStaged;
+  return writer.impl().next_hash_at(rows) == HashAt::kStaged;
 }
 
 bool detail::WriterInternals::wait_for_pages_ahead(const Writer& writer) {
-  return writer.impl_->wait_for_pages_ahead();
+  return writer.impl().wait_for_pages_ahead();
 }
 
 std::uint64_t detail::WriterInternals::background_index_runs(const Writer& writer) {
-  return writer.impl_->background_index_runs();
+  return writer.impl().background_index_runs();
 }
 
 void detail::WriterInternals::set_index_later_min_bytes(Writer& writer, std::uint64_t bytes) {
-  writer.impl_->set_index_later_min_bytes(bytes);
+  writer.impl().set_index_later_min_bytes(bytes);
 }
 
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
                              std::span<const float> values) {
-  const std::uint32_t d = impl_->with_files([](const StoreFiles& f) { return f.layout().dim; });
+  const std::uint32_t d = impl().with_files([](const StoreFiles& f) { return f.layout().dim; });
   if (values.size() != keys.size() * d) {
     throw Error(ErrorCode::kInvalidArgument,
-                impl_->path() + ": append: " + std::to_string(values.size()) + " floats is not " +
+                impl().path() + ": append: " + std::to_string(values.size()) + " floats is not " +
                     std::to_string(keys.size()) + " keys x dim " + std::to_string(d));
   }
-  return impl_->append(keys, nullptr, epoch,
+  return impl().append(keys, nullptr, epoch,
                        ConstMatrix{values.data(), DType::kFloat32, keys.size(), d, 0});
 }
 
-void Writer::sync() { impl_->sync(); }
-void Writer::rebuild_key_index() { impl_->rebuild_key_index(); }
-void Writer::close() { impl_->close(); }
-std::uint64_t Writer::committed_rows() const {
-  return impl_->with_files([](const StoreFiles& f) { return f.state().committed(); });
+void Writer::sync() { impl().sync(); }
+void Writer::rebuild_key_index() { impl().rebuild_key_index(); }
+void Writer::close() {
+  if (impl_) impl_->close();  // Moved from: holds nothing to close.
 }
-std::uint64_t Writer::truncate(std::uint64_t rows) { return impl_->truncate(rows, false); }
+std::uint64_t Writer::committed_rows() const {
+  return impl().with_files([](const StoreFiles& f) { return f.state().committed(); });
+}
+std::uint64_t Writer::truncate(std::uint64_t rows) { return impl().truncate(rows, false); }
 std::uint64_t Writer::truncate_from_epoch(std::uint64_t epoch) {
-  return impl_->truncate(epoch, true);
+  return impl().truncate(epoch, true);
 }
 std::uint64_t Writer::durable_rows() const {
-  return impl_->with_files([](const StoreFiles& f) { return f.state().durable(); });
+  return impl().with_files([](const StoreFiles& f) { return f.state().durable(); });
 }
 std::uint32_t Writer::dim() const {
-  return impl_->with_files([](const StoreFiles& f) { return f.layout().dim; });
+  return impl().with_files([](const StoreFiles& f) { return f.layout().dim; });
 }
 DType Writer::dtype() const {
-  return impl_->with_files([](const StoreFiles& f) { return f.layout().dtype; });
+  return impl().with_files([](const StoreFiles& f) { return f.layout().dtype; });
 }
-const std::string& Writer::path() const { return impl_->path(); }
-StoreInfo Writer::info() const { return impl_->info(); }
+const std::string& Writer::path() const { return impl().path(); }
+StoreInfo Writer::info() const { return impl().info(); }
 
 }  // namespace embstore

@@ -628,6 +628,47 @@ TEST_CASE("Closed writers and readers refuse further calls", "[store][errors]") 
   CHECK(code_of([&] { r.refresh(); }) == ErrorCode::kClosed);
 }
 
+TEST_CASE("Moved-from writers and readers and shard sets refuse calls with kClosed",
+          "[store][errors]") {
+  TempDir dir;
+  const std::vector<float> v(4, 1.0f);
+  const std::vector<std::uint64_t> k = {1};
+  Writer w = Writer::create(dir / "s", opts(4));
+  Writer w2 = std::move(w);
+  std::string message;
+  CHECK(code_of([&] { w.append(k, 0, std::span<const float>(v)); }, &message) ==
+        ErrorCode::kClosed);
+  CHECK(message.find("moved from") != std::string::npos);
+  CHECK(code_of([&] { w.committed_rows(); }) == ErrorCode::kClosed);
+  CHECK(code_of([&] { w.path(); }) == ErrorCode::kClosed);
+  CHECK(code_of([&] { w.sync(); }) == ErrorCode::kClosed);
+  w.close();  // Nothing to close.
+  w2.append(k, 0, std::span<const float>(v));
+  w = std::move(w2);  // Usable again.
+  CHECK(w.committed_rows() == 1);
+  w.close();
+
+  Reader r = Reader::open(dir / "s");
+  Reader r2 = std::move(r);
+  CHECK(code_of([&] { r.size(); }, &message) == ErrorCode::kClosed);
+  CHECK(message.find("moved from") != std::string::npos);
+  CHECK(code_of([&] { r.refresh(); }) == ErrorCode::kClosed);
+  CHECK(code_of([&] { r.rows(); }) == ErrorCode::kClosed);
+  CHECK(code_of([&] { r.find(1); }) == ErrorCode::kClosed);
+  CHECK(code_of([&] { r.owner(); }) == ErrorCode::kClosed);
+  r.close();  // Nothing to close.
+  CHECK(r2.size() == 1);
+
+  ShardSet set = ShardSet::open(dir / "s");
+  ShardSet set2 = std::move(set);
+  CHECK(code_of([&] { set.size(); }, &message) == ErrorCode::kClosed);
+  CHECK(message.find("moved from") != std::string::npos);
+  CHECK(code_of([&] { set.refresh(); }) == ErrorCode::kClosed);
+  CHECK(code_of([&] { set.find(1); }) == ErrorCode::kClosed);
+  CHECK(code_of([&] { set.dim(); }) == ErrorCode::kClosed);
+  CHECK(set2.size() == 1);
+}
+
 TEST_CASE("A store that outgrows map_bytes gets kFull, keeps its rows, and reopens larger",
           "[store][growth][edges]") {
   TempDir dir;

@@ -24,7 +24,7 @@ enum class ErrorCode : int {
   kReadOnly = 9,            // Writing was asked of a read-only file or file system.
   kPoisoned = 10,           // A previous sync failed; the Writer refuses writes until reopened.
   kForkedChild = 11,        // A forked child used a Writer its parent opened.
-  kClosed = 12,             // The object was closed.
+  kClosed = 12,             // The object was closed (or moved from).
   kPermissionDenied = 13,   // The OS refused access to a file (EACCES/EPERM) when reading it.
 };
 

@@ -90,6 +90,9 @@ enum class ReadCheck {
 //
 // Thread-safety: const calls may run concurrently; refresh(), wait() and close() must not run
 // concurrently with any other call on the same Reader. Views may be used from any thread.
+// Moved from (by the move constructor or move assignment), a Reader holds nothing: every call
+// throws kClosed saying so, except close() and the destructor, which do nothing; assigning
+// another Reader to it makes it usable again.
 class Reader {
  public:
   static Reader open(const std::string& path, const ReaderOptions& options = {});
@@ -200,6 +203,7 @@ class Reader {
 
  private:
   explicit Reader(std::unique_ptr<Impl> impl);
+  Impl& impl() const;  // *impl_; kClosed when moved from.
   std::unique_ptr<Impl> impl_;
 };
 

@@ -63,6 +63,9 @@ void write_manifest(const std::string& path, const Manifest& manifest);
 //
 // Thread-safety: const calls may run concurrently; refresh() must not run concurrently with any
 // other call. Views have the lifetime of the shard's Reader views (reader.h).
+// Moved from (by the move constructor or move assignment), a ShardSet holds nothing: every call
+// but the destructor (which does nothing) throws kClosed saying so; assigning another ShardSet
+// to it makes it usable again.
 class ShardSet {
  public:
   // Global row number of a (key, epoch) that is not there, in find_many's result.
@@ -135,6 +138,7 @@ class ShardSet {
 
  private:
   explicit ShardSet(std::unique_ptr<Impl> impl);
+  Impl& impl() const;  // *impl_; kClosed when moved from.
   std::unique_ptr<Impl> impl_;
 };
 

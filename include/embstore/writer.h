@@ -32,6 +32,9 @@ struct ConstMatrix {
 // close() does nothing (a child that closes what it inherited, as Python's exit handlers do,
 // neither fails nor flushes the parent's work), and the destructor releases only the child's
 // own copies of the mappings, never the parent's lock.
+// Moved from (by the move constructor or move assignment), a Writer holds nothing: every call
+// throws kClosed saying so, except close() and the destructor, which do nothing; assigning
+// another Writer to it makes it usable again.
 class Writer;
 
 namespace detail {
@@ -141,6 +144,7 @@ class Writer {
  private:
   friend struct detail::WriterInternals;
   explicit Writer(std::unique_ptr<Impl> impl);
+  Impl& impl() const;  // *impl_; kClosed when moved from.
   std::unique_ptr<Impl> impl_;
 };
 
