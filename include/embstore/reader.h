@@ -19,8 +19,11 @@ namespace embstore {
 
 // Rows [first_row, first_row + rows) as one contiguous, row-major block of
 // rows * row_bytes bytes. Points straight into the store's mapping (zero-copy).
-// Lifetime: valid while the Reader that returned it, or any owner() copy taken from that
-// Reader, is alive — across refresh() and while writers grow the store.
+// Lifetime: valid while the mappings the Reader held when it returned the view are held, by
+// that Reader's open state or by an owner() copy taken from it. The open state moves along
+// when the Reader is moved (to the Reader it was moved to) and is dropped when the Reader is
+// closed, destroyed or move-assigned to (`r = Reader::open(other)`: r's earlier views dangle
+// unless an owner() copy holds them). Neither refresh() nor writers growing the store end it.
 struct RowsView {
   const std::byte* data = nullptr;
   std::uint64_t first_row = 0;
@@ -193,7 +196,8 @@ class Reader {
   // pass over the key table: milliseconds per million keys).
   StoreInfo info(InfoDetail detail = InfoDetail::kFull) const;
 
-  // Keeps the mappings (and so every view) alive after this Reader is closed or destroyed.
+  // Keeps the mappings (and so every view taken so far) alive after this Reader is closed,
+  // destroyed or move-assigned to.
   std::shared_ptr<const void> owner() const;
   // Drops this Reader's hold on the mappings (its key index's too); views stay valid only
   // through owner() copies. Calls that read the store throw kClosed afterwards.
