@@ -1156,7 +1156,9 @@ void detail::WriterInternals::set_index_later_min_bytes(Writer& writer, std::uin
 std::uint64_t Writer::append(std::span<const std::uint64_t> keys, std::uint64_t epoch,
                              std::span<const float> values) {
   const std::uint32_t d = impl().with_files([](const StoreFiles& f) { return f.layout().dim; });
-  if (values.size() != keys.size() * d) {
+  // Not values.size() != keys.size() * d: the product wraps (2^40 keys of dim 2^24 would match
+  // 0 floats). d is at least 1.
+  if (values.size() % d != 0 || values.size() / d != keys.size()) {
     throw Error(ErrorCode::kInvalidArgument,
                 impl().path() + ": append: " + std::to_string(values.size()) + " floats is not " +
                     std::to_string(keys.size()) + " keys x dim " + std::to_string(d));

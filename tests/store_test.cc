@@ -1,6 +1,7 @@
 // Writer and store lifecycle: create, open, append, convert, grow, sync, errors, threads, fork.
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -197,6 +198,47 @@ TEST_CASE("Input of another dtype, dim or length is refused and writes nothing",
         }) == ErrorCode::kInvalidArgument);  // stride shorter than a row
   CHECK(w.committed_rows() == 0);
   CHECK(Reader::open(dir / "s").size() == 0);
+}
+
+TEST_CASE("A batch of more than 2^64 bytes is refused naming its sizes", "[store][errors]") {
+  TempDir dir;
+  CreateOptions o = opts(kMaxDim, DType::kFloat16, 32ull << 20);
+  Writer w = Writer::create(dir / "s", o);
+  // 2^40 keys (the most a batch may have), in an address range that is reserved, never touched:
+  // each batch below must be refused before a key or a row is read.
+  const std::uint64_t n = 1ull << 40;
+  void* const keys_at =
+      ::mmap(nullptr, n * 8, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  REQUIRE(keys_at != MAP_FAILED);
+  struct Unmap {
+    void* at;
+    std::uint64_t bytes;
+    ~Unmap() { ::munmap(at, bytes); }
+  } unmap{keys_at, n * 8};
+  const std::span<const std::uint64_t> keys(static_cast<const std::uint64_t*>(keys_at), n);
+  const float one = 1.0f;
+  std::string message;
+  // n * dim is 2^64, which wraps to 0: it must not match 0 floats.
+  CHECK(code_of([&] { w.append(keys, 0, std::span<const float>(&one, 0)); }, &message) ==
+        ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("0 floats is not 1099511627776 keys x dim 16777216"));
+  // 2^40 rows of 2^25 bytes.
+  CHECK(code_of(
+            [&] {
+              w.append(keys, 0, ConstMatrix{keys_at, DType::kFloat16, n, kMaxDim});
+            },
+            &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("1099511627776 rows of 33554432 bytes"));
+  // Small rows, 2^30 bytes apart in the input.
+  Writer small = Writer::create(dir / "small", opts(4));
+  CHECK(code_of(
+            [&] {
+              small.append(keys, 0, ConstMatrix{keys_at, DType::kFloat32, n, 4, 1ull << 30});
+            },
+            &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("1073741824 bytes apart"));
+  CHECK(w.committed_rows() == 0);
+  CHECK(small.committed_rows() == 0);
 }
 
 TEST_CASE("A batch of zero rows is a no-op and a batch of one works", "[store][edges]") {

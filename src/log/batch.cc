@@ -1,6 +1,7 @@
 #include "log/batch.h"
 
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "embstore/error.h"
@@ -56,8 +57,15 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
             std::to_string(input_row_bytes) + " bytes");
   }
   if (n > kMaxRows) invalid(std::to_string(n) + " rows in one batch is beyond 2^40");
-
   const std::uint64_t record_bytes = layout.record_bytes;
+  // 2^40 rows of up to 2^26 bytes may still be more than 2^64 bytes: n * record_bytes (the
+  // staging buffer, the rows' place in the files) or n * stride (the caller's rows) would wrap,
+  // so such a batch is refused before either sizes anything.
+  constexpr std::uint64_t kMaxBytes = std::numeric_limits<std::uint64_t>::max();
+  if (n > kMaxBytes / record_bytes || n > kMaxBytes / stride) {
+    invalid(std::to_string(n) + " rows of " + std::to_string(record_bytes) + " bytes, " +
+            std::to_string(stride) + " bytes apart in the input, are beyond 2^64 bytes");
+  }
   thread_local std::vector<std::byte> staging;
   thread_local std::vector<std::uint64_t> hashes;
   batch.rows = n;
