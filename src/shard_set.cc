@@ -138,7 +138,15 @@ Manifest read_manifest(const std::string& path) {
   const int fd = detail::os::open_file(path, detail::os::Access::kReadOnly);
   std::string text;
   try {
-    text.resize(detail::os::file_size(fd, path));
+    // Read whole and parsed in memory (the parse takes several times the text): the size of a
+    // file that is no manifest (a 1 TiB sparse one, say) must not become an allocation.
+    const std::uint64_t bytes = detail::os::file_size(fd, path);
+    if (bytes > kMaxManifestBytes) {
+      throw Error(ErrorCode::kCorruption, path + ": not a manifest (" + std::to_string(bytes) +
+                                              " bytes, more than a manifest's limit of " +
+                                              std::to_string(kMaxManifestBytes) + ")");
+    }
+    text.resize(bytes);
     detail::os::read_exact(fd, text.data(), text.size(), 0, path);
   } catch (...) {
     detail::os::close_fd(fd);

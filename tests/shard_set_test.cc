@@ -274,6 +274,18 @@ TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards ar
   REQUIRE(code_of([&] { read_manifest(path); }) == ErrorCode::kUnsupportedVersion);
 }
 
+TEST_CASE("A manifest file larger than kMaxManifestBytes is refused naming its size",
+          "[shard_set]") {
+  TempDir dir;
+  // 1 TiB, sparse: read whole, it would be an allocation of 1 TiB.
+  const std::string path = write_text(dir / "huge.json", "");
+  REQUIRE(::truncate(path.c_str(), 1ll << 40) == 0);
+  std::string message;
+  REQUIRE(code_of([&] { read_manifest(path); }, &message) == ErrorCode::kCorruption);
+  CHECK(message.find(path + ": not a manifest (1099511627776 bytes") != std::string::npos);
+  CHECK(code_of([&] { ShardSet::open(path); }) == ErrorCode::kCorruption);
+}
+
 TEST_CASE("Manifest integers out of range or not whole are refused by field name", "[shard_set]") {
   TempDir dir;
   Writer::create(dir / "node-0", opts(4)).close();

@@ -40,12 +40,16 @@ struct Manifest {
 };
 
 inline constexpr int kManifestVersion = 1;
+// The largest manifest file read_manifest() reads (it reads it whole): 1 GiB. A manifest takes
+// about 110 bytes per shard and 8 per epoch listed: millions of shards fit in a few hundred MB.
+inline constexpr std::uint64_t kMaxManifestBytes = 1ull << 30;
 // The name a manifest gets inside a directory of shards (the recorder's directory mode).
 inline constexpr const char* kManifestFileName = "manifest.json";
 
 // Reads and checks a manifest: kNotFound if there is none, kCorruption for text that is not a
-// manifest (naming the field), kUnsupportedVersion for a newer one, kInvalidArgument for a shard
-// path that is empty, absolute or goes through ".." (naming it).
+// manifest (naming the field) or a file larger than kMaxManifestBytes (naming its size),
+// kUnsupportedVersion for a newer one, kInvalidArgument for a shard path that is empty,
+// absolute or goes through ".." (naming it).
 Manifest read_manifest(const std::string& path);
 // Writes `manifest` to `path` atomically: a temporary file beside it, flushed, renamed over
 // `path`, and the directory flushed. Readers see the old manifest or the new one, never a mix.
