@@ -42,6 +42,18 @@ void check_shard_path(const std::string& manifest, const std::string& path) {
   }
 }
 
+// JSON text is Unicode, and nlohmann's dump() throws its own type_error for a string that is not
+// UTF-8. Refused by field rather than written with the bytes replaced: the manifest would not
+// read back as written (metadata a merge gives its store, a path that names no shard).
+void check_utf8(const std::string& manifest, const std::string& field, const std::string& text) {
+  try {
+    (void)Json(text).dump();
+  } catch (const Json::type_error& e) {
+    throw Error(ErrorCode::kInvalidArgument, manifest + ": " + field + " is not UTF-8 (" +
+                                                 e.what() + "); a manifest holds JSON text");
+  }
+}
+
 std::string directory_of(const std::string& path) {
   const auto slash = path.find_last_of('/');
   if (slash == std::string::npos) return ".";
@@ -201,8 +213,12 @@ Manifest read_manifest(const std::string& path) {
 }
 
 void write_manifest(const std::string& path, const Manifest& manifest) {
+  check_utf8(path, "metadata", manifest.metadata);
   Json shards = Json::array();
-  for (const auto& shard : manifest.shards) {
+  for (std::size_t i = 0; i < manifest.shards.size(); ++i) {
+    const ManifestShard& shard = manifest.shards[i];
+    check_utf8(path, "shards[" + std::to_string(i) + "].path", shard.path);
+    check_utf8(path, "shards[" + std::to_string(i) + "].store_id", shard.store_id);
     check_shard_path(path, shard.path);
     shards.push_back({{"path", shard.path},
                       {"store_id", shard.store_id},

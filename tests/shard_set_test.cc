@@ -210,6 +210,32 @@ TEST_CASE("A manifest round-trips and is replaced atomically", "[shard_set]") {
   REQUIRE(test::read_file(path).find(".tmp") == std::string::npos);
 }
 
+TEST_CASE("write_manifest refuses text that is not UTF-8 naming the field", "[shard_set]") {
+  TempDir dir;
+  const std::string latin1 = "caf\xe9";
+  Manifest manifest;
+  manifest.dim = 4;
+  manifest.metadata = "model " + latin1;
+  std::string message;
+  REQUIRE(code_of([&] { write_manifest(dir / "m.json", manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK(message.find(dir / "m.json: metadata is not UTF-8") != std::string::npos);
+  manifest.metadata = "caf\u00e9";  // UTF-8: written, and read back as written.
+  manifest.shards.push_back({"node-" + latin1, std::string(32, 'a'), 0, {}});
+  REQUIRE(code_of([&] { write_manifest(dir / "m.json", manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK(message.find("shards[0].path is not UTF-8") != std::string::npos);
+  manifest.shards[0].path = "node-0";
+  manifest.shards[0].store_id = latin1;
+  REQUIRE(code_of([&] { write_manifest(dir / "m.json", manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK(message.find("shards[0].store_id is not UTF-8") != std::string::npos);
+  CHECK(!std::filesystem::exists(dir / "m.json"));
+  manifest.shards[0].store_id = std::string(32, 'a');
+  write_manifest(dir / "m.json", manifest);
+  CHECK(read_manifest(dir / "m.json").metadata == manifest.metadata);
+}
+
 TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards are named errors",
           "[shard_set]") {
   TempDir dir;

@@ -53,7 +53,9 @@ inline constexpr const char* kManifestFileName = "manifest.json";
 Manifest read_manifest(const std::string& path);
 // Writes `manifest` to `path` atomically: a temporary file beside it, flushed, renamed over
 // `path`, and the directory flushed. Readers see the old manifest or the new one, never a mix.
-// Checks the shard paths as read_manifest does.
+// Checks the shard paths as read_manifest does. Metadata, a shard path or a store id that is
+// not UTF-8 is kInvalidArgument naming the field: JSON text is Unicode, and its bytes would not
+// read back as written.
 void write_manifest(const std::string& path, const Manifest& manifest);
 
 // Several stores read as one. Rows are numbered globally in shard order: shard 0's rows first,
