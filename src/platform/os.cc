@@ -57,6 +57,16 @@ ssize_t pwritev_seam(int fd, const iovec* iov, int count, off_t offset) {
   return ::pwritev(fd, iov, count, offset);
 }
 
+// A look (stat, statfs) that fails: EACCES/EPERM is a directory on the way the process may not
+// search, a permission problem whatever the caller means to do next, not a read-only store.
+[[noreturn]] void fail_looking(const char* op, const std::string& path, int err) {
+  if (err == EACCES || err == EPERM) {
+    throw Error(ErrorCode::kPermissionDenied,
+                std::string(op) + " " + path + ": " + std::strerror(err), err);
+  }
+  fail(op, path, err);
+}
+
 }  // namespace
 
 int open_file(const std::string& path, Access access) {
@@ -355,7 +365,9 @@ std::uint64_t filesystem_magic(const std::string& path) {
     const auto slash = at.find_last_of('/', at.size() > 1 ? at.size() - 2 : 0);
     // ENOTDIR: a path under a regular file, which cannot exist either; the caller's own open
     // then names it (kNotFound), as a Reader's does, rather than this look-up failing with kIO.
-    if ((err != ENOENT && err != ENOTDIR) || at == "/" || at == ".") fail("statfs", at, err);
+    if ((err != ENOENT && err != ENOTDIR) || at == "/" || at == ".") {
+      fail_looking("statfs", at, err);
+    }
     at = slash == std::string::npos ? "." : slash == 0 ? "/" : at.substr(0, slash);
   }
 }
@@ -391,6 +403,14 @@ std::vector<std::string> list_dir(const std::string& path) noexcept {
 bool exists(const std::string& path) noexcept {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0;
+}
+
+bool look_up(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) return true;
+  const int err = errno;
+  if (err == ENOENT || err == ENOTDIR) return false;
+  fail_looking("stat", path, err);
 }
 
 bool entry_exists(const std::string& path) noexcept {

@@ -4,8 +4,8 @@
 // demand (testing.h) and so the rest of the code never includes POSIX headers. Each function
 // that can fail throws embstore::Error with the operation, the path and strerror in the message:
 // ENOENT -> kNotFound, ENOSPC/EFBIG/EDQUOT -> kFull, EROFS -> kReadOnly, EACCES/EPERM ->
-// kReadOnly when writing was asked and kPermissionDenied when only reading was, anything
-// else -> kIO. Thread-safe.
+// kReadOnly when writing was asked and kPermissionDenied when only reading or looking (stat,
+// statfs) was, anything else -> kIO. Thread-safe.
 #pragma once
 
 #include <cstddef>
@@ -98,6 +98,11 @@ void remove_tree(const std::string& path) noexcept;
 // The names in directory `path` (without "." and ".."); empty if it cannot be read.
 std::vector<std::string> list_dir(const std::string& path) noexcept;
 bool exists(const std::string& path) noexcept;
+// Whether `path` exists (stat, following links): false when nothing is there (ENOENT, or
+// ENOTDIR for a path under a regular file). A look that fails otherwise throws naming the path:
+// EACCES/EPERM (a directory on the way the process may not search) is kPermissionDenied
+// whatever the caller means to do next, as for filesystem_magic(); anything else kIO.
+bool look_up(const std::string& path);
 // True when a directory entry has this name, whatever it is: a symbolic link counts as itself,
 // even one naming nothing (lstat). What an output that must not exist is checked with.
 bool entry_exists(const std::string& path) noexcept;

@@ -109,11 +109,13 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   files->dir_ = strip_trailing_slashes(dir_in);
   files->access_ = access;
   const std::string& dir = files->dir_;
-  if (!os::exists(dir)) {
+  // Not stat() == 0 alone: a directory the process may not search is kPermissionDenied, not
+  // "no store here", which callers take as a path to create a store at (os::look_up).
+  if (!os::look_up(dir)) {
     throw Error(ErrorCode::kNotFound, dir + ": no store here (no such file or directory)", ENOENT);
   }
   files->header_path_ = dir + "/" + kHeaderFileName;
-  if (!os::exists(files->header_path_)) {
+  if (!os::look_up(files->header_path_)) {
     throw Error(ErrorCode::kNotFound, dir + ": not an embstore store (no header file)", ENOENT);
   }
   files->header_fd_ = os::open_file(files->header_path_, access);
