@@ -66,9 +66,11 @@ bool ends_with(const std::string& text, std::string_view suffix) {
 }
 
 // The file holding a manifest, if `path` names one: a *.json file, or a directory with
-// kManifestFileName in it.
+// kManifestFileName in it. A *.json directory is no file: a store or a directory of shards may
+// be named so. Anything else named *.json is read as a manifest, so that its error (missing,
+// not a regular file) names it as one.
 std::optional<std::string> manifest_file(const std::string& path) {
-  if (ends_with(path, ".json")) return path;
+  if (ends_with(path, ".json") && !detail::os::is_directory(path)) return path;
   const std::string inside = path + "/" + kManifestFileName;
   if (detail::os::exists(inside)) return inside;
   return std::nullopt;

@@ -312,6 +312,26 @@ TEST_CASE("A manifest file larger than kMaxManifestBytes is refused naming its s
   CHECK(code_of([&] { ShardSet::open(path); }) == ErrorCode::kCorruption);
 }
 
+TEST_CASE("A store or a directory of shards named .json is no manifest file", "[shard_set]") {
+  TempDir dir;
+  {
+    Writer w = Writer::create(dir / "store.json", opts(2));
+    w.append(std::vector<std::uint64_t>{1, 2}, 0, std::vector<float>(4, 1.0f));
+  }
+  ShardSet set = ShardSet::open(dir / "store.json");
+  CHECK(set.size() == 2);
+  CHECK(set.shard_path(0) == dir / "store.json");
+  // A directory of shards named so: its manifest.json is read.
+  std::filesystem::create_directory(dir / "run.json");
+  std::filesystem::rename(dir / "store.json", dir / "run.json/node-0");
+  Manifest manifest;
+  manifest.dim = 2;
+  manifest.shards.push_back(
+      {"node-0", read_info(dir / "run.json/node-0").store_id, 2, std::vector<std::uint64_t>{0}});
+  write_manifest(dir / "run.json/manifest.json", manifest);
+  CHECK(ShardSet::open(dir / "run.json").find(2) == std::optional<std::uint64_t>(1));
+}
+
 TEST_CASE("Manifest integers out of range or not whole are refused by field name", "[shard_set]") {
   TempDir dir;
   Writer::create(dir / "node-0", opts(4)).close();

@@ -78,9 +78,10 @@ class ShardSet {
   static constexpr std::uint64_t kNoRow = ~std::uint64_t{0};
 
   // One manifest (a file, or a directory holding kManifestFileName) or one or more store
-  // directories. A shard that is missing (kNotFound), has fewer rows than its manifest entry
-  // recorded (kCorruption), or has another store id than its entry or disagrees with the
-  // manifest or the other shards on dim or dtype (kFormatMismatch) is an error naming the shard.
+  // directories. A path ending in ".json" is a manifest file unless it is a directory. A shard that
+  // is missing (kNotFound), has fewer rows than its manifest entry recorded (kCorruption), or has
+  // another store id than its entry or disagrees with the manifest or the other shards on dim or
+  // dtype (kFormatMismatch) is an error naming the shard.
   static ShardSet open(const std::vector<std::string>& manifest_or_stores,
                        const ReaderOptions& options = {});
   static ShardSet open(const std::string& manifest_or_store, const ReaderOptions& options = {}) {

@@ -405,6 +405,11 @@ bool exists(const std::string& path) noexcept {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+bool is_directory(const std::string& path) noexcept {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
 bool look_up(const std::string& path) {
   struct stat st;
   if (::stat(path.c_str(), &st) == 0) return true;

@@ -98,6 +98,8 @@ void remove_tree(const std::string& path) noexcept;
 // The names in directory `path` (without "." and ".."); empty if it cannot be read.
 std::vector<std::string> list_dir(const std::string& path) noexcept;
 bool exists(const std::string& path) noexcept;
+// True when `path` is a directory (stat, following links); false for anything else, or nothing.
+bool is_directory(const std::string& path) noexcept;
 // Whether `path` exists (stat, following links): false when nothing is there (ENOENT, or
 // ENOTDIR for a path under a regular file). A look that fails otherwise throws naming the path:
 // EACCES/EPERM (a directory on the way the process may not search) is kPermissionDenied
