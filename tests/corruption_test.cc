@@ -1,8 +1,10 @@
 // Hostile and truncated store files: every open refuses with an error naming the file and the
 // field, never crashes, and never changes a byte of what is stored.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <vector>
@@ -11,6 +13,7 @@
 #include "format/checksum.h"
 #include "format/format.h"
 #include "support/payload.h"
+#include "support/process.h"
 #include "support/temp_dir.h"
 
 using namespace embstore;
@@ -316,6 +319,49 @@ TEST_CASE("A format 1.0 store is read as is and upgraded by a writer to two head
   Reader r = Reader::open(path);
   CHECK(r.size() == 100);
   CHECK(r.verify().ok());
+}
+
+TEST_CASE("A store file or a manifest that is a FIFO is refused naming it without blocking",
+          "[corruption]") {
+  TempDir dir;
+  const std::string path = make_store(dir);
+  const std::string header = path + "/header";
+  REQUIRE(std::rename(header.c_str(), (dir / "header.saved").c_str()) == 0);
+  REQUIRE(::mkfifo(header.c_str(), 0644) == 0);
+  const std::string manifest = dir / "m.json";
+  REQUIRE(::mkfifo(manifest.c_str(), 0644) == 0);
+  // In a child with an alarm: an open of a FIFO with no writer blocks for good.
+  const pid_t child = test::spawn([&] {
+    ::alarm(30);
+    auto refused = [](const std::string& named, const std::function<void()>& open) {
+      try {
+        open();
+      } catch (const Error& e) {
+        if (e.code() == ErrorCode::kCorruption &&
+            std::string(e.what()).find(named + ": is a FIFO") != std::string::npos) {
+          return true;
+        }
+        std::fprintf(stderr, "unexpected: %s\n", e.what());
+      }
+      return false;
+    };
+    if (!refused(header, [&] { Reader::open(path); })) return 2;
+    if (!refused(header, [&] { Writer::open(path); })) return 3;
+    if (!refused(manifest, [&] { read_manifest(manifest); })) return 4;
+    if (!refused(manifest, [&] { ShardSet::open(manifest); })) return 5;
+    return 0;
+  });
+  CHECK(test::wait_for(child) == 0);
+  // A directory in its place is refused the same way.
+  REQUIRE(std::remove(header.c_str()) == 0);
+  REQUIRE(::mkdir(header.c_str(), 0755) == 0);
+  try {
+    Reader::open(path);
+    FAIL("a store whose header is a directory opened");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kCorruption);
+    CHECK_THAT(std::string(e.what()), Catch::Contains(header + ": is a directory"));
+  }
 }
 
 TEST_CASE("salvage copies every row that verifies out of a store that will not open",

@@ -47,9 +47,10 @@ inline constexpr std::uint64_t kMaxManifestBytes = 1ull << 30;
 inline constexpr const char* kManifestFileName = "manifest.json";
 
 // Reads and checks a manifest: kNotFound if there is none, kCorruption for text that is not a
-// manifest (naming the field) or a file larger than kMaxManifestBytes (naming its size),
-// kUnsupportedVersion for a newer one, kInvalidArgument for a shard path that is empty,
-// absolute or goes through ".." (naming it).
+// manifest (naming the field), a file larger than kMaxManifestBytes (naming its size) or one
+// that is not a regular file (a FIFO, a directory: refused without waiting for a writer),
+// kUnsupportedVersion for a newer one, kInvalidArgument for a shard path that is empty, absolute
+// or goes through ".." (naming it).
 Manifest read_manifest(const std::string& path);
 // Writes `manifest` to `path` atomically: a temporary file beside it, flushed, renamed over
 // `path`, and the directory flushed. Readers see the old manifest or the new one, never a mix.

@@ -71,7 +71,9 @@ ssize_t pwritev_seam(int fd, const iovec* iov, int count, off_t offset) {
 
 int open_file(const std::string& path, Access access) {
   if (int err = injected(Op::kOpen)) fail("open", path, err);
-  int flags = (access == Access::kReadOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  // O_NONBLOCK: a FIFO where a store's file or a manifest should be would block the open (and a
+  // read) until some writer came; it is refused below instead, as is anything not a regular file.
+  int flags = (access == Access::kReadOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK;
   int fd;
   do fd = ::open(path.c_str(), flags);
   while (fd < 0 && errno == EINTR);
@@ -83,6 +85,26 @@ int open_file(const std::string& path, Access access) {
                   "open " + path + " for reading: " + std::strerror(err), err);
     }
     fail("open", path, err);
+  }
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    fail("fstat", path, err);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    const char* kind = S_ISDIR(st.st_mode)    ? "a directory"
+                       : S_ISFIFO(st.st_mode) ? "a FIFO"
+                       : S_ISSOCK(st.st_mode) ? "a socket"
+                                              : "a device";
+    throw Error(ErrorCode::kCorruption, path + ": is " + kind + ", not a regular file");
+  }
+  // Blocking again, as every descriptor the code uses is assumed to be.
+  if (::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
+    const int err = errno;
+    ::close(fd);
+    fail("fcntl", path, err);
   }
   return fd;
 }

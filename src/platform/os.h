@@ -18,7 +18,8 @@ namespace embstore::detail::os {
 
 enum class Access { kReadOnly, kReadWrite };
 
-// Opens an existing file.
+// Opens an existing regular file: anything else there (a FIFO, a directory, a device) is
+// kCorruption naming it, without blocking (every file opened so is a store's or a manifest).
 int open_file(const std::string& path, Access access);
 // Creates a new file (O_EXCL) for reading and writing, mode 0644.
 int create_file(const std::string& path);
