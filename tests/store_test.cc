@@ -1192,46 +1192,47 @@ TEST_CASE("Library threads leave signals sent to the process to the application'
   }
   CHECK(others >= 1);
   w.close();
+}
 
-  TEST_CASE("A store in or under a directory the process may not search is kPermissionDenied",
-            "[store][errors]") {
-    TempDir dir;
-    CreateOptions o;
-    o.dim = 4;
-    ::mkdir((dir / "locked").c_str(), 0755);
-    create_store(dir / "locked/s", o);  // Under a directory only its owner may enter.
-    ::chmod((dir / "locked").c_str(), 0700);
-    create_store(dir / "closed", o);  // A store directory only its owner may enter.
-    ::chmod((dir / "closed").c_str(), 0600);
-    ::chmod(dir.path().c_str(), 0755);
-    if (::geteuid() != 0) {
-      WARN("needs root to switch to an unprivileged user: skipped");
-      return;
-    }
-    const pid_t child = test::spawn([&] {
-      if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 10;  // nobody
-      int status = 0;
-      auto expect_denied = [&](const std::string& store, const std::string& named,
-                               const std::function<void()>& open) {
-        try {
-          open();
-          std::fprintf(stderr, "%s: opened\n", store.c_str());
-          status = 2;
-        } catch (const Error& e) {
-          if (e.code() != ErrorCode::kPermissionDenied || e.sys_errno() != EACCES ||
-              std::string(e.what()).find(named) == std::string::npos) {
-            std::fprintf(stderr, "%s: unexpected: %s (%s, errno %d)\n", store.c_str(), e.what(),
-                         error_code_name(e.code()), e.sys_errno());
-            status = 3;
-          }
-        }
-      };
-      for (const std::string store : {dir / "locked/s", dir / "closed"}) {
-        const std::string named = store == dir / "closed" ? store + "/header" : store;
-        expect_denied(store, named, [&] { Reader::open(store); });
-        expect_denied(store, named, [&] { Writer::open(store); });
-      }
-      return status;
-    });
-    CHECK(test::wait_for(child) == 0);
+TEST_CASE("A store in or under a directory the process may not search is kPermissionDenied",
+          "[store][errors]") {
+  TempDir dir;
+  CreateOptions o;
+  o.dim = 4;
+  ::mkdir((dir / "locked").c_str(), 0755);
+  create_store(dir / "locked/s", o);  // Under a directory only its owner may enter.
+  ::chmod((dir / "locked").c_str(), 0700);
+  create_store(dir / "closed", o);  // A store directory only its owner may enter.
+  ::chmod((dir / "closed").c_str(), 0600);
+  ::chmod(dir.path().c_str(), 0755);
+  if (::geteuid() != 0) {
+    WARN("needs root to switch to an unprivileged user: skipped");
+    return;
   }
+  const pid_t child = test::spawn([&] {
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 10;  // nobody
+    int status = 0;
+    auto expect_denied = [&](const std::string& store, const std::string& named,
+                             const std::function<void()>& open) {
+      try {
+        open();
+        std::fprintf(stderr, "%s: opened\n", store.c_str());
+        status = 2;
+      } catch (const Error& e) {
+        if (e.code() != ErrorCode::kPermissionDenied || e.sys_errno() != EACCES ||
+            std::string(e.what()).find(named) == std::string::npos) {
+          std::fprintf(stderr, "%s: unexpected: %s (%s, errno %d)\n", store.c_str(), e.what(),
+                       error_code_name(e.code()), e.sys_errno());
+          status = 3;
+        }
+      }
+    };
+    for (const std::string store : {dir / "locked/s", dir / "closed"}) {
+      const std::string named = store == dir / "closed" ? store + "/header" : store;
+      expect_denied(store, named, [&] { Reader::open(store); });
+      expect_denied(store, named, [&] { Writer::open(store); });
+    }
+    return status;
+  });
+  CHECK(test::wait_for(child) == 0);
+}
