@@ -17,6 +17,7 @@
 #include <fstream>
 #include <functional>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -209,7 +210,12 @@ TEST_CASE("A batch of more than 2^64 bytes is refused naming its sizes", "[store
   const std::uint64_t n = 1ull << 40;
   void* const keys_at =
       ::mmap(nullptr, n * 8, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  REQUIRE(keys_at != MAP_FAILED);
+  if (keys_at == MAP_FAILED) {
+    // ThreadSanitizer leaves a process a few TiB of address space: the 8 TiB cannot be
+    // reserved there. The other builds run the test.
+    WARN("skipped: cannot reserve 8 TiB of address space here (errno " << errno << ")");
+    return;
+  }
   struct Unmap {
     void* at;
     std::uint64_t bytes;
@@ -1175,12 +1181,21 @@ TEST_CASE("Library threads leave signals sent to the process to the application'
   for (int s = 1; s < SIGRTMIN; ++s) CHECK(sigismember(&after, s) == sigismember(&before, s));
   // A Writer's own threads (its interval sync thread here) start the same way: SigBlk in
   // /proc/self/task/<tid>/status, the blocked signals as a hexadecimal mask (bit n-1: signal n).
+  // Only the threads the Writer started: a sanitizer's runtime has threads of its own.
+  const auto tasks = [] {
+    std::set<std::string> ids;
+    for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+      ids.insert(task.path().filename());
+    }
+    return ids;
+  };
+  const std::set<std::string> before_writer = tasks();
   TempDir dir;
   Writer w = Writer::create(dir / "s", opts(4));
   int others = 0;
-  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
-    if (task.path().filename() == std::to_string(::gettid())) continue;
-    std::ifstream status(task.path() / "status");
+  for (const std::string& id : tasks()) {
+    if (before_writer.count(id) != 0) continue;
+    std::ifstream status("/proc/self/task/" + id + "/status");
     std::string line;
     while (std::getline(status, line)) {
       if (line.rfind("SigBlk:", 0) != 0) continue;
