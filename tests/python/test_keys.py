@@ -112,6 +112,19 @@ def test_a_missing_key_index_file_is_answered_by_scan_and_reported(store):
     assert r.info()["key_index_used"] is True and r.verify().ok
 
 
+def test_get_many_of_keys_not_in_the_store_is_a_key_error_even_when_it_is_empty(store):
+    embstore.create(store, dim=4)
+    r = embstore.Reader(store)
+    with pytest.raises(KeyError, match="key 1 is not in .* \\(2 of 2 keys missing\\)"):
+        r.get_many([1, 2])
+    with embstore.Writer(store) as w:
+        w.append([7], np.ones((1, 4), np.float32), epoch=3)
+    r.refresh()
+    with pytest.raises(KeyError, match="key 1 is not in .* \\(1 of 2 keys missing\\)"):
+        r.get_many([7, 1], epochs=3)
+    np.testing.assert_array_equal(r.get_many([7], epochs=[3]), np.ones((1, 4), np.float32))
+
+
 def test_get_never_returns_another_keys_row_when_a_key_index_slot_is_damaged(store):
     embstore.create(store, dim=4)
     with embstore.Writer(store) as w:

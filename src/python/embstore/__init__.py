@@ -1093,12 +1093,13 @@ class Reader(_Handle):
         and the rows are found again by a scan."""
         keys, epochs = self._find_many_args(keys, epochs)
         rows = self._native.find_many(keys, epochs)
-        found = rows >= 0
-        wrong = found & (self._native.keys(0, None)[np.where(found, rows, 0)] != keys)
+        hit = np.flatnonzero(rows >= 0)
+        wrong = self._native.keys(0, None)[rows[hit]] != keys[hit]
         if epochs is not None:
-            wrong |= found & (self._native.epochs(0, None)[np.where(found, rows, 0)] != epochs)
+            wrong |= self._native.epochs(0, None)[rows[hit]] != (
+                epochs if epochs.size == 1 else epochs[hit])
         if wrong.any():
-            i = int(np.flatnonzero(wrong)[0])
+            i = int(hit[np.flatnonzero(wrong)[0]])
             # get() confirms the row and, finding another key's, stops this Reader's use of the
             # key index: the lookups below scan.
             try:
