@@ -383,13 +383,15 @@ void Reader::find_many(std::span<const std::uint64_t> keys, std::span<const std:
 }
 
 void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes) const {
-  const StoreFiles& f = impl().files();
+  const Impl& self = impl();
+  const StoreFiles& f = self.files();
   const std::uint64_t row_bytes = f.layout().record_bytes;
   if (out_bytes != rows.size() * row_bytes) {
-    throw Error(ErrorCode::kInvalidArgument,
-                impl().path_ + ": gather: " + std::to_string(out_bytes) + " bytes for " +
-                    std::to_string(rows.size()) + " rows of " + std::to_string(row_bytes));
+    throw Error(ErrorCode::kInvalidArgument, self.path_ + ": gather: " + std::to_string(out_bytes) +
+                                                 " bytes for " + std::to_string(rows.size()) +
+                                                 " rows of " + std::to_string(row_bytes));
   }
+  const std::uint64_t snapshot = self.snapshot_;
   auto* dest = static_cast<std::byte*>(out);
   for (std::size_t i = 0; i < rows.size(); ++i, dest += row_bytes) {
     const std::int64_t row = rows[i];
@@ -397,10 +399,10 @@ void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t o
       std::memset(dest, 0, row_bytes);
       continue;
     }
-    if (row < 0 || static_cast<std::uint64_t>(row) >= impl().snapshot_) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  impl().path_ + ": gather: row " + std::to_string(row) +
-                      " is outside the snapshot of " + std::to_string(impl().snapshot_) + " rows");
+    if (row < 0 || static_cast<std::uint64_t>(row) >= snapshot) {
+      throw Error(ErrorCode::kInvalidArgument, self.path_ + ": gather: row " + std::to_string(row) +
+                                                   " is outside the snapshot of " +
+                                                   std::to_string(snapshot) + " rows");
     }
     std::memcpy(dest, f.row_ptr(static_cast<std::uint64_t>(row)), row_bytes);
   }

@@ -4,7 +4,6 @@
 
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
 #include <string_view>
 
 #include "embstore/error.h"
@@ -106,8 +105,7 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   }
   // A path under a regular file cannot exist, as Writer::open and Reader::open say (kNotFound),
   // rather than an I/O error from the first file made in it.
-  std::error_code ec;
-  if (!std::filesystem::is_directory(parent, ec)) {
+  if (!detail::os::is_directory(parent)) {
     throw Error(ErrorCode::kNotFound, path + ": " + parent + " is not a directory", ENOTDIR);
   }
   const CreateLock create_lock(path);

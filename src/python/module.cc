@@ -50,6 +50,10 @@ bool cut_off_by_finalization() {
   return finalizing && PyThread_get_thread_ident() != g_main_thread;
 }
 
+// The Writer lifetime lock a thread holds shared across a ReleaseGil scope (AliveLock), for
+// ReleaseGil's park() to drop.
+thread_local std::shared_mutex* t_alive_held = nullptr;
+
 // Releases the GIL for its scope and takes it back at the end, as py::gil_scoped_release does,
 // except once the interpreter is finalizing. CPython ends a thread that asks for the GIL then
 // (pthread_exit, a forced unwinding), and that unwinding through a noexcept frame (the
@@ -63,10 +67,6 @@ bool cut_off_by_finalization() {
 // unwinding passes through it, releasing the locks on its way; append_call lets it through).
 // (Python does not run daemon threads past its finalization anyway; nothing they had not
 // handed over is stored.)
-// The Writer lifetime lock a thread holds shared across a ReleaseGil scope (AliveLock), for
-// ReleaseGil's park() to drop.
-thread_local std::shared_mutex* t_alive_held = nullptr;
-
 class ReleaseGil {
  public:
   ReleaseGil() : state_(PyEval_SaveThread()) {}
@@ -326,8 +326,7 @@ class PyWriter {
       invalid(writer_path() + ": append: " + std::to_string(batch.keys.size()) + " keys for " +
               std::to_string(batch.rows.rows) + " rows");
     }
-    const AliveLock alive(lock_alive());
-    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    const AliveLock alive = lock_open();
     if (copied) ++copied_batches_;
     if (async_ && async_->fits(packed_bytes(batch.rows))) {
       // Checked here so a wrong dim or dtype is a ValueError from this call, not a deferred one.
@@ -388,8 +387,7 @@ class PyWriter {
     check_process();
     release_done();
     {
-      const AliveLock alive(lock_alive());
-      if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+      const AliveLock alive = lock_open();
       if (async_) {
         ReleaseGil unlocked;
         async_->flush();
@@ -400,8 +398,7 @@ class PyWriter {
 
   void sync() {
     flush();
-    const AliveLock alive(lock_alive());
-    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    const AliveLock alive = lock_open();
     ReleaseGil unlocked;
     writer_->sync();
   }
@@ -409,8 +406,7 @@ class PyWriter {
   // Writes what is queued first: the rebuilt index covers every row appended before the call.
   void rebuild_key_index() {
     flush();
-    const AliveLock alive(lock_alive());
-    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    const AliveLock alive = lock_open();
     ReleaseGil unlocked;
     writer_->rebuild_key_index();
   }
@@ -418,8 +414,7 @@ class PyWriter {
   // Writes what is queued first, so the rows appended before the call are the ones it counts.
   std::uint64_t truncate(std::uint64_t value, bool from_epoch) {
     flush();
-    const AliveLock alive(lock_alive());
-    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    const AliveLock alive = lock_open();
     ReleaseGil unlocked;
     return from_epoch ? writer_->truncate_from_epoch(value) : writer_->truncate(value);
   }
@@ -524,6 +519,14 @@ class PyWriter {
       invalid(path_ + ": append: cannot append " + std::string(dtype_name(rows.dtype)) +
               " rows to a " + std::string(dtype_name(store)) + " store");
     }
+  }
+
+  // Called with the GIL held: the lifetime lock (lock_alive()) of a Writer still open, else
+  // kClosed.
+  AliveLock lock_open() {
+    std::shared_lock lock = lock_alive();
+    if (!writer_) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+    return AliveLock(std::move(lock));
   }
 
   // Called with the GIL held; takes the lifetime lock without blocking while holding the GIL.
