@@ -25,6 +25,7 @@
 
 #include "async_writer.h"
 #include "embstore/embstore.h"
+#include "sigterm_relay.h"
 
 namespace py = pybind11;
 
@@ -1020,6 +1021,10 @@ PYBIND11_MODULE(_embstore, m) {
       raise_python_error(error);
     }
   });
+
+  m.def("_relay_sigterm", &relay_sigterm,
+        "Puts the SIGTERM relay (sigterm_relay.h) in front of Python's SIGTERM handler; from the "
+        "main thread. False if it could not.");
 
   m.attr("library_version") = kLibraryVersion;
   m.attr("format_version") =

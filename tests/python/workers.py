@@ -2,7 +2,10 @@
 
 Payloads are derived from the key, so any process can recompute and check a row.
 """
+import logging
+import multiprocessing.util
 import os
+import signal
 
 import numpy as np
 
@@ -77,3 +80,113 @@ def pool_task(task, rows):
     keys = np.arange(task * rows, (task + 1) * rows)
     _pool_writer.append(keys, payload(keys), 0)
     return task
+
+
+_sigterms_sent = 0
+
+
+def _sigterm_self():
+    """Sends this process SIGTERM, the first time it is called."""
+    global _sigterms_sent
+    if not _sigterms_sent:
+        _sigterms_sent += 1
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _after(function, hook):
+    """function, then hook()."""
+    def call(*args, **kwargs):
+        value = function(*args, **kwargs)
+        hook()
+        return value
+    return call
+
+
+def _before(hook, function):
+    """hook(), then function."""
+    def call(*args, **kwargs):
+        hook()
+        return function(*args, **kwargs)
+    return call
+
+
+class _SigtermInsideWriterExitFinalizer(logging.Handler):
+    """multiprocessing logs 'finalizer calling <function _close_at_exit ...>' (at SUBDEBUG) once it
+    has taken the Writer's exit finalizer off its list and before calling it: a SIGTERM sent here
+    is handled inside that finalizer."""
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("finalizer calling") and "_close_at_exit" in message:
+            _sigterm_self()
+
+
+_kept = []
+
+
+def sigterm_inside(path, where, opened, locked):
+    """A multiprocessing child that queues 500 rows (keys 0..499) and is sent SIGTERM (by itself)
+    at `where`, a point between taking rows over and writing them:
+    - "exit": inside the exit function's finalizer of its Writer (left open);
+    - "writer close": inside Writer.close(), where its exit finalizer is cancelled;
+    - "recorder close": inside EmbeddingRecorder.close(), where its exit finalizer is cancelled;
+    - "recorder submit": inside the append of the recorder's staged rows (its close()).
+    The parent holds the store's lock from `opened` until a while after `locked`, so that every
+    row is still queued when the signal comes. The Writer and recorder are kept in a global, as
+    a worker keeps them: garbage collection does not close them."""
+    rows = 500
+    keys = np.arange(rows)
+    if where.startswith("recorder"):
+        import torch
+        from embstore.torch import EmbeddingRecorder
+        model = torch.nn.Sequential(torch.nn.Linear(DIM, DIM))
+        recorder = EmbeddingRecorder(model, "0", path, async_queue_mb=16, buffer_rows=2 * rows)
+        _kept.append(recorder)
+        with torch.no_grad(), recorder.batch(keys, 0):  # opens the Writer: staged, not appended
+            model(torch.ones(rows, DIM))
+        opened.set()
+        locked.wait()
+        if where == "recorder close":
+            recorder._finalizer.cancel = _after(recorder._finalizer.cancel, _sigterm_self)
+        else:
+            writer = recorder._staging.writer
+            writer.append = _before(_sigterm_self, writer.append)
+        recorder.close()
+        return
+    writer = embstore.Writer(path, async_queue_mb=16)
+    _kept.append(writer)
+    opened.set()
+    locked.wait()
+    writer.append(keys, payload(keys), 0)
+    if where == "exit":
+        logger = multiprocessing.util.get_logger()
+        logger.setLevel(multiprocessing.util.SUBDEBUG)
+        logger.addHandler(_SigtermInsideWriterExitFinalizer())
+        return  # left open: multiprocessing's exit function closes it
+    writer._at_exit.cancel = _after(writer._at_exit.cancel, _sigterm_self)
+    writer.close()
+
+
+def sigterm_to_another_thread(path, opened, locked):
+    """A multiprocessing child that queues 500 rows (keys 0..499), then waits in its main thread
+    on a lock nobody releases, while SIGTERM goes to another of its threads (the kernel hands a
+    process's signal to any thread that does not block it; here the thread sends it to itself).
+    Python records it there and runs the handler only in the main thread, whose wait the signal
+    did not interrupt."""
+    import threading
+    import time
+    writer = embstore.Writer(path, async_queue_mb=16)
+    _kept.append(writer)
+    opened.set()
+    locked.wait()
+    keys = np.arange(500)
+    writer.append(keys, payload(keys), 0)
+
+    def sigterm_this_thread():
+        time.sleep(0.2)  # the main thread waits by then
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    threading.Thread(target=sigterm_this_thread, daemon=True).start()
+    never = threading.Lock()
+    never.acquire()
+    never.acquire()

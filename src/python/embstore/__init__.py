@@ -45,6 +45,7 @@ import logging
 import math
 import multiprocessing.util as _mp_util
 import os
+import threading
 from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
@@ -691,10 +692,12 @@ class Writer(_Handle):
         of a failed background append (once), or of the final sync under
         sync="interval"/"every_append".
         """
-        if self._at_exit is not None:
-            self._at_exit.cancel()
+        # Closed before the exit finalizer is cancelled: a SIGTERM handled in between
+        # (_write_then_terminate) still finds this Writer to close.
         if self._native is not None:
             self._native.close()
+        if self._at_exit is not None:
+            self._at_exit.cancel()
 
     def stats(self) -> dict:
         """What this Writer wrote: batches, rows, bytes (as stored), append_seconds (time spent
@@ -743,11 +746,13 @@ class Writer(_Handle):
     def __del__(self) -> None:
         # An unclosed Writer is closed here; an error (e.g. of a background append) is logged
         # and goes to sys.unraisablehook ("Exception ignored in ...") rather than vanishing.
-        if getattr(self, "_at_exit", None) is not None:
-            self._at_exit.cancel()
         native = getattr(self, "_native", None)
-        if native is not None and not native.closed:
-            _close_reporting_loss(native, "garbage-collected")
+        try:
+            if native is not None and not native.closed:
+                _close_reporting_loss(native, "garbage-collected")
+        finally:
+            if getattr(self, "_at_exit", None) is not None:
+                self._at_exit.cancel()
 
     def __repr__(self) -> str:
         if self.closed:
@@ -761,15 +766,60 @@ _log = logging.getLogger("embstore")
 _WRITER_EXIT_PRIORITY = 10
 
 
+class _Termination:
+    """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm), and the stretches of
+    code it must not cut: between taking rows out of a buffer and the append that takes them
+    (_Staging.submit in embstore.torch). Python runs a signal handler between any two
+    bytecodes; one that closed the Writers there would drop the rows in flight without a word.
+    Inside ``with _TERMINATION:`` in the main thread (the handler's: other threads are not cut
+    by it) the handler only notes the signal; the outermost block's end acts on it."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.depth -= 1
+        if self.depth == 0 and self.pending:
+            self.pending = False
+            _write_and_exit()
+
+
+_TERMINATION = _Termination()
+# A child forked by another thread while the main thread was inside a stretch starts outside.
+os.register_at_fork(after_in_child=_TERMINATION.__init__)
+
+
 def _write_then_terminate(signum, frame) -> None:
-    """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm): runs the exit finalizers
-    of this process's recorders and Writers (priority _WRITER_EXIT_PRIORITY and up: they write
-    what they hold and close), then ends the child with SystemExit(0), a clean exit, as one
-    asked to terminate does. Not by the signal again: a DataLoader's parent reports a worker
-    killed by a signal as a RuntimeError, which cut its own exit handlers short. A second
-    SIGTERM meanwhile kills at once (default action restored)."""
+    """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm). A second SIGTERM
+    meanwhile kills at once (default action restored). Three cases:
+    - the child is already ending (multiprocessing's exit function has begun: it runs the
+      same finalizers, and may be inside one, the Writer it has just taken off the list not yet
+      closed): nothing more to do, that exit goes on;
+    - inside a deferred stretch (_Termination): noted, acted on at its end;
+    - else at once (_write_and_exit)."""
     import signal
     signal.signal(signum, signal.SIG_DFL)
+    if _mp_util._exiting:
+        return
+    if _TERMINATION.depth:
+        _TERMINATION.pending = True
+        return
+    _write_and_exit()
+
+
+def _write_and_exit() -> None:
+    """Runs the exit finalizers of this process's recorders and Writers (priority
+    _WRITER_EXIT_PRIORITY and up: they write what they hold and close), then ends the child with
+    SystemExit(0), a clean exit, as one asked to terminate does. Not by the signal again: a
+    DataLoader's parent reports a worker killed by a signal as a RuntimeError, which cut its
+    own exit handlers short."""
     _mp_util._run_finalizers(_WRITER_EXIT_PRIORITY)
     raise SystemExit(0)
 
@@ -784,13 +834,16 @@ def _leave_cleanly_on_sigterm() -> None:
     program's own is left alone."""
     import multiprocessing
     import signal
-    import threading
     if multiprocessing.parent_process() is None or \
             threading.current_thread() is not threading.main_thread():
         return
     try:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _write_then_terminate)
+        if signal.getsignal(signal.SIGTERM) is _write_then_terminate:
+            # Python acts on a signal only in the main thread, and not while it is blocked in a
+            # wait the signal did not interrupt (src/python/sigterm_relay.h).
+            _embstore._relay_sigterm()
     except (ValueError, OSError):  # not the main interpreter, or no signals here
         pass
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from . import Error, Reader, Writer, _WRITER_EXIT_PRIORITY, _dtype_name, _embstore, _log, shards
+from . import (Error, Reader, Writer, _TERMINATION, _WRITER_EXIT_PRIORITY, _dtype_name, _embstore,
+               _log, shards)
 from ._errors import ClosedError
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
@@ -261,10 +262,12 @@ class _Staging:
         """Hands the staged rows to the Writer as one append (queued in async mode)."""
         if not self.filled:
             return
-        n, self.filled = self.filled, 0
-        buffer, self.buffer = self.buffer, None
-        # Donated (copy=False): the recorder never touches this buffer again.
-        self.writer.append(self.keys[:n], buffer[:n], self.epoch, copy=False)
+        # A SIGTERM's writing (_TERMINATION) waits until the rows taken out are appended.
+        with _TERMINATION:
+            n, self.filled = self.filled, 0
+            buffer, self.buffer = self.buffer, None
+            # Donated (copy=False): the recorder never touches this buffer again.
+            self.writer.append(self.keys[:n], buffer[:n], self.epoch, copy=False)
 
     def finish(self) -> None:
         """Appends the staged rows and closes the Writer (raising a write error)."""
@@ -649,11 +652,14 @@ class EmbeddingRecorder:
             return
         self._closed = True
         self._handle.remove()
-        if self._finalizer is not None:
-            self._finalizer.cancel()
-        staging = self._local_staging()
-        if staging is not None:
-            staging.finish()
+        try:
+            staging = self._local_staging()
+            if staging is not None:
+                staging.finish()
+        finally:
+            # After the rows are written: a SIGTERM handled before that still finds them.
+            if self._finalizer is not None:
+                self._finalizer.cancel()
 
     def __enter__(self) -> "EmbeddingRecorder":
         return self

@@ -1,0 +1,87 @@
+// sigterm_relay.cc — see sigterm_relay.h for the contract.
+#include "sigterm_relay.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
+
+#include "platform/thread.h"
+
+namespace embstore::python {
+namespace {
+
+using Handler = void (*)(int);
+
+std::atomic<Handler> g_python_handler{nullptr};  // Python's C-level SIGTERM handler
+std::atomic<pthread_t> g_main_thread{};          // the thread nudged
+sem_t g_sigterm_seen;                            // posted by relay() (async-signal-safe)
+pid_t g_relay_thread_pid = 0;                    // the process whose relay thread runs
+
+// SIGTERM's handler: Python's, then a wake-up of the relay thread. Async-signal-safe.
+void relay(int signal_number) {
+  const int saved_errno = errno;
+  if (const Handler python = g_python_handler.load(); python != nullptr) python(signal_number);
+  sem_post(&g_sigterm_seen);
+  errno = saved_errno;
+}
+
+// kNudgeSignal's handler: nothing; being run is what interrupts the main thread's wait.
+void ignore_nudge(int) {}
+
+Handler current_handler(int signal_number) {
+  struct sigaction current {};
+  sigaction(signal_number, nullptr, &current);
+  return (current.sa_flags & SA_SIGINFO) != 0 ? nullptr : current.sa_handler;
+}
+
+[[noreturn]] void relay_loop() {
+  for (;;) {
+    while (sem_wait(&g_sigterm_seen) != 0) {
+      // EINTR only: every signal is blocked in this thread, but a debugger may interrupt it.
+    }
+    // Until Python's handler has run (it restores SIGTERM's default action first) or the
+    // program took SIGTERM or the nudge signal over.
+    for (;;) {
+      std::this_thread::sleep_for(kNudgeInterval);
+      if (current_handler(SIGTERM) != &relay || current_handler(nudge_signal()) != &ignore_nudge) {
+        break;
+      }
+      pthread_kill(g_main_thread.load(), nudge_signal());
+    }
+  }
+}
+
+}  // namespace
+
+bool relay_sigterm() {
+  const Handler python = current_handler(SIGTERM);
+  const Handler nudge = current_handler(nudge_signal());
+  if (python == nullptr || python == SIG_DFL || python == SIG_IGN) return false;
+  if (nudge != SIG_DFL && nudge != &ignore_nudge) return false;
+  g_main_thread.store(pthread_self());
+  if (g_relay_thread_pid != getpid()) {
+    // First call in this process (a forked child inherits the handlers, not the thread).
+    sem_init(&g_sigterm_seen, 0, 0);
+    detail::start_thread(&relay_loop).detach();
+    g_relay_thread_pid = getpid();
+  }
+  struct sigaction action {};
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = 0;  // no SA_RESTART: the nudge must interrupt the main thread's wait
+  action.sa_handler = &ignore_nudge;
+  sigaction(nudge_signal(), &action, nullptr);
+  if (python != &relay) {
+    struct sigaction current {};
+    sigaction(SIGTERM, nullptr, &current);
+    g_python_handler.store(python);
+    current.sa_handler = &relay;
+    sigaction(SIGTERM, &current, nullptr);
+  }
+  return true;
+}
+
+}  // namespace embstore::python
