@@ -76,6 +76,13 @@ std::optional<std::string> manifest_file(const std::string& path) {
   return std::nullopt;
 }
 
+[[noreturn]] void too_large_manifest(const std::string& path, std::uint64_t bytes) {
+  throw Error(ErrorCode::kInvalidArgument,
+              path + ": the manifest would be " + std::to_string(bytes) +
+                  " bytes or more, beyond a manifest's limit of " +
+                  std::to_string(kMaxManifestBytes) + " (read_manifest reads no more)");
+}
+
 template <typename T>
 T field(const Json& object, const char* name, const std::string& where) {
   auto it = object.find(name);
@@ -182,8 +189,16 @@ Manifest read_manifest(const std::string& path) {
                 path + ": manifest version " + std::to_string(version) +
                     " is newer than this library's " + std::to_string(kManifestVersion));
   }
+  if (version < 1) {
+    throw Error(ErrorCode::kCorruption, path + ": field 'embstore_manifest' is " +
+                                            std::to_string(version) + ", not a manifest version");
+  }
   Manifest manifest;
   manifest.dim = integer_field<std::uint32_t>(json, "dim", path);
+  if (manifest.dim == 0 || manifest.dim > kMaxDim) {
+    throw Error(ErrorCode::kCorruption, path + ": field 'dim' is " + std::to_string(manifest.dim) +
+                                            ", outside 1.." + std::to_string(kMaxDim));
+  }
   const auto dtype_text = field<std::string>(json, "dtype", path);
   const auto dtype = parse_dtype(dtype_text);
   if (!dtype) throw Error(ErrorCode::kCorruption, path + ": unknown dtype '" + dtype_text + "'");
@@ -215,6 +230,22 @@ Manifest read_manifest(const std::string& path) {
 }
 
 void write_manifest(const std::string& path, const Manifest& manifest) {
+  // What read_manifest() would refuse is not written: a manifest nothing can read back.
+  if (manifest.dim == 0 || manifest.dim > kMaxDim) {
+    throw Error(ErrorCode::kInvalidArgument, path + ": dim is " + std::to_string(manifest.dim) +
+                                                 ", outside 1.." + std::to_string(kMaxDim));
+  }
+  if (!parse_dtype(dtype_name(manifest.dtype))) {
+    throw Error(ErrorCode::kInvalidArgument, path + ": dtype " +
+                                                 std::to_string(static_cast<int>(manifest.dtype)) +
+                                                 " is not one of the store's types");
+  }
+  // The text holds at least these bytes: refused before it is built (gigabytes, and seconds).
+  std::uint64_t least_bytes = manifest.metadata.size();
+  for (const ManifestShard& shard : manifest.shards) {
+    least_bytes += shard.path.size() + shard.store_id.size() + shard.epochs.size();
+  }
+  if (least_bytes > kMaxManifestBytes) too_large_manifest(path, least_bytes);
   check_utf8(path, "metadata", manifest.metadata);
   Json shards = Json::array();
   for (std::size_t i = 0; i < manifest.shards.size(); ++i) {
@@ -233,6 +264,7 @@ void write_manifest(const std::string& path, const Manifest& manifest) {
                      {"metadata", manifest.metadata},
                      {"shards", shards}};
   const std::string text = json.dump(1) + "\n";
+  if (text.size() > kMaxManifestBytes) too_large_manifest(path, text.size());
 
   std::uint64_t nonce[2];
   detail::os::random_bytes(nonce, sizeof nonce, path);

@@ -236,6 +236,33 @@ TEST_CASE("write_manifest refuses text that is not UTF-8 naming the field", "[sh
   CHECK(read_manifest(dir / "m.json").metadata == manifest.metadata);
 }
 
+TEST_CASE("write_manifest refuses what read_manifest would refuse", "[shard_set]") {
+  TempDir dir;
+  const std::string path = dir / "m.json";
+  Manifest manifest;
+  manifest.shards.push_back({"node-0", std::string(32, 'a'), 0, {}});
+  std::string message;
+  for (const std::uint32_t dim : {0u, kMaxDim + 1}) {
+    manifest.dim = dim;
+    REQUIRE(code_of([&] { write_manifest(path, manifest); }, &message) ==
+            ErrorCode::kInvalidArgument);
+    CHECK_THAT(message, Catch::StartsWith(path + ": dim is " + std::to_string(dim)));
+  }
+  manifest.dim = 4;
+  manifest.dtype = static_cast<DType>(99);
+  REQUIRE(code_of([&] { write_manifest(path, manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::StartsWith(path + ": dtype 99 is not one of"));
+  CHECK(!std::filesystem::exists(path));
+  // Text beyond kMaxManifestBytes: refused before the JSON is built.
+  manifest.dtype = DType::kFloat32;
+  manifest.metadata.assign(kMaxManifestBytes + 1, 'm');
+  REQUIRE(code_of([&] { write_manifest(path, manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("beyond a manifest's limit of 1073741824"));
+  CHECK(!std::filesystem::exists(path));
+}
+
 TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards are named errors",
           "[shard_set]") {
   TempDir dir;
@@ -347,6 +374,8 @@ TEST_CASE("Manifest integers out of range or not whole are refused by field name
   // 4294967300 is 2^32 + 4: cast to uint32 it was a dim of 4, matching the shard.
   for (const Case& c : {Case{"4294967300", "0", "[]", "field 'dim' is 4294967300"},
                         Case{"-1", "0", "[]", "field 'dim' is -1"},
+                        Case{"0", "0", "[]", "field 'dim' is 0, outside 1..16777216"},
+                        Case{"16777217", "0", "[]", "field 'dim' is 16777217, outside 1.."},
                         Case{"4.7", "0", "[]", "field 'dim' has the wrong type (4.7)"},
                         Case{"true", "0", "[]", "field 'dim' has the wrong type (true)"},
                         Case{"4", "-1", "[]", "shards[0]: field 'rows' is -1"},
@@ -357,6 +386,16 @@ TEST_CASE("Manifest integers out of range or not whole are refused by field name
     std::string message;
     REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kCorruption);
     CHECK_THAT(message, Catch::StartsWith(path) && Catch::Contains(c.words));
+  }
+  // Version 0 (or below) was read as version 1.
+  for (const char* version : {"0", "-3"}) {
+    std::string older = manifest("4", "0", "[]");
+    older.replace(older.find("1,"), 1, version);
+    const std::string path = write_text(dir / "old.json", older);
+    std::string message;
+    REQUIRE(code_of([&] { read_manifest(path); }, &message) == ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::Contains("field 'embstore_manifest' is " + std::string(version) +
+                                        ", not a manifest version"));
   }
   // A version beyond int: named as it is, not wrapped to 1.
   std::string newer = manifest("4", "0", "[]");

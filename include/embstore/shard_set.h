@@ -47,16 +47,17 @@ inline constexpr std::uint64_t kMaxManifestBytes = 1ull << 30;
 inline constexpr const char* kManifestFileName = "manifest.json";
 
 // Reads and checks a manifest: kNotFound if there is none, kCorruption for text that is not a
-// manifest (naming the field), a file larger than kMaxManifestBytes (naming its size) or one
+// manifest (naming the field: a version below 1, a dim outside 1..kMaxDim, ...), a file larger than kMaxManifestBytes (naming its size) or one
 // that is not a regular file (a FIFO, a directory: refused without waiting for a writer),
 // kUnsupportedVersion for a newer one, kInvalidArgument for a shard path that is empty, absolute
 // or goes through ".." (naming it).
 Manifest read_manifest(const std::string& path);
 // Writes `manifest` to `path` atomically: a temporary file beside it, flushed, renamed over
 // `path`, and the directory flushed. Readers see the old manifest or the new one, never a mix.
-// Checks the shard paths as read_manifest does. Metadata, a shard path or a store id that is
-// not UTF-8 is kInvalidArgument naming the field: JSON text is Unicode, and its bytes would not
-// read back as written.
+// Checks the shard paths as read_manifest does, and refuses (kInvalidArgument) what it would
+// not read back: a dim outside 1..kMaxDim, a dtype outside the enum, text beyond
+// kMaxManifestBytes. Metadata, a shard path or a store id that is not UTF-8 is kInvalidArgument
+// naming the field: JSON text is Unicode, and its bytes would not read back as written.
 void write_manifest(const std::string& path, const Manifest& manifest);
 
 // Several stores read as one. Rows are numbered globally in shard order: shard 0's rows first,
