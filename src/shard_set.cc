@@ -530,6 +530,14 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   create.dim = shards.dim();
   create.dtype = shards.dtype();
   create.metadata = shards.metadata();
+  if (create.metadata.size() > kMaxMetadataBytes) {
+    // Only a manifest's can be (a store's is within the limit); refused here, before the build,
+    // where the error can name the output.
+    throw Error(ErrorCode::kInvalidArgument, out + ": the shards' manifest gives metadata of " +
+                                                 std::to_string(create.metadata.size()) +
+                                                 " bytes; a store holds at most " +
+                                                 std::to_string(kMaxMetadataBytes));
+  }
   // Built aside and renamed into place when complete: a merge that fails, or is killed, leaves
   // no store at `out`.
   for (std::size_t s = 0; s < shards.shard_count(); ++s) {

@@ -408,6 +408,23 @@ TEST_CASE("Manifest integers out of range or not whole are refused by field name
   CHECK(ShardSet::open(write_text(dir / "ok.json", manifest("4", "0", "[]"))).size() == 0);
 }
 
+TEST_CASE("merge_stores refuses a manifest's metadata beyond a store's limit naming the output",
+          "[shard_set]") {
+  TempDir dir;
+  Writer::create(dir / "node-0", opts(4)).close();
+  Manifest manifest;
+  manifest.dim = 4;
+  manifest.metadata.assign(kMaxMetadataBytes + 1, 'm');
+  manifest.shards.push_back({"node-0", read_info(dir / "node-0").store_id, 0, {}});
+  write_manifest(dir / "m.json", manifest);
+  const ShardSet set = ShardSet::open(dir / "m.json");
+  std::string message;
+  REQUIRE(code_of([&] { merge_stores(dir / "out", set); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::StartsWith(dir / "out") && Catch::Contains("65537 bytes"));
+  CHECK(!std::filesystem::exists(dir / "out"));
+}
+
 TEST_CASE("merge_stores copies a ShardSet's rows in global order and refuses bad rows",
           "[shard_set]") {
   TempDir dir;
