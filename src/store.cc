@@ -147,8 +147,11 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
     EMBSTORE_CRASH_POINT("create-before-rename");
     // rename(2) replaces an empty directory but fails on a non-empty one: the store appears
     // whole or not at all, and two racing creators cannot both win.
-    if (detail::os::rename_path(staging, path) != 0) {
-      throw Error(ErrorCode::kAlreadyExists, path + ": already exists and is not empty");
+    if (const int err = detail::os::rename_path(staging, path); err != 0) {
+      throw Error(ErrorCode::kAlreadyExists,
+                  path + (err == ENOTDIR ? ": already exists and is a file, not a directory"
+                                         : ": already exists and is not empty"),
+                  err);
     }
   } catch (...) {
     detail::os::remove_tree(staging);

@@ -410,7 +410,16 @@ TEST_CASE("Creating over a store, or opening with another dim or dtype, is an er
   CHECK_THAT(message, Catch::Contains("float32"));
   // A non-empty directory that is not a store is never taken over.
   test::run_shell("mkdir -p '" + (dir / "other") + "' && touch '" + (dir / "other/x") + "'");
-  CHECK(code_of([&] { create_store(dir / "other", opts(4)); }) == ErrorCode::kAlreadyExists);
+  CHECK(code_of([&] { create_store(dir / "other", opts(4)); }, &message) ==
+        ErrorCode::kAlreadyExists);
+  CHECK_THAT(message, Catch::EndsWith(dir / "other: already exists and is not empty"));
+  // Nor is a regular file, named as what it is (it was "not empty"), and left as it was.
+  std::ofstream(dir / "file.txt") << "a file";
+  CHECK(code_of([&] { create_store(dir / "file.txt", opts(4)); }, &message) ==
+        ErrorCode::kAlreadyExists);
+  CHECK_THAT(message,
+             Catch::EndsWith(dir / "file.txt: already exists and is a file, not a directory"));
+  CHECK(test::read_file(dir / "file.txt") == "a file");
   CHECK(code_of([&] { Writer::open(dir / "other"); }, &message) == ErrorCode::kNotFound);
   CHECK_THAT(message, Catch::Contains("not an embstore store"));
   CHECK(code_of([&] { Reader::open(dir / "missing"); }) == ErrorCode::kNotFound);
