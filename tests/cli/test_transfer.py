@@ -507,3 +507,96 @@ def test_export_errors_name_the_output_asked_for_not_its_working_path(full_disk,
                         rf"\(writing {re.escape(str(full_disk))}/\.{re.escape(out.name)}\.partial-\w+", line), \
             (out, line)
         assert os.listdir(full_disk) == []
+
+
+def test_a_value_that_would_become_infinite_is_refused_naming_row_element_and_value(tmp_path):
+    """Rows converted to a narrower float type: a finite value beyond its range became
+    infinite without a word (float32 70000 into a float16 store, float64 1e300 into float32),
+    in import and in compact --dtype. Refused naming the file, row, element and value; an
+    existing store keeps what it had, and a new output is not left behind."""
+    vectors = np.array([[1.0, 2.0, 3.0, 4.0], [0.1, 70000.0, 3.0, 4.0]], np.float32)
+    np.save(tmp_path / "f32.npy", vectors)
+    store = make_store(tmp_path / "s16", dtype="float16", epochs=1)
+    r = run("import", store, tmp_path / "f32.npy", "--quiet")
+    assert r.code == 2 and one_line(r.err).endswith(
+        f"{tmp_path / 'f32.npy'}: row 1, element 1: the float32 value 70000 does not fit in "
+        "float16 (it would become infinite); nothing of its batch was stored"), r
+    assert len(embstore.Reader(store)) == 10
+    r = run("import", tmp_path / "new16", tmp_path / "f32.npy", "--dtype", "float16", "--quiet")
+    assert r.code == 2 and "70000 does not fit in float16" in r.err, r
+    assert not (tmp_path / "new16").exists()
+    # 65519 rounds to 65504, the largest float16: stored; the same for bfloat16's range.
+    np.save(tmp_path / "edge.npy", np.array([[65519.0, -65519.0, 1.0, 2.0]], np.float32))
+    r = run("import", tmp_path / "edge16", tmp_path / "edge.npy", "--dtype", "float16", "-q")
+    assert r.code == 0, r
+    assert embstore.Reader(tmp_path / "edge16").vectors[0, :2].tolist() == [65504.0, -65504.0]
+    # bfloat16's largest value is 3.3895e38: 3.39e38 rounds to it, 3.4e38 to infinity.
+    np.save(tmp_path / "big.npy", np.array([[3.39e38, 1.0, 2.0, 3.0], [3.4e38, 0, 0, 0]],
+                                           np.float32))
+    r = run("import", tmp_path / "bf", tmp_path / "big.npy", "--dtype", "bfloat16", "-q")
+    assert r.code == 2 and "row 1, element 0: the float32 value 3.4e+38 does not fit in " \
+        "bfloat16" in r.err, r
+    # float64 beyond float32's range, with the conversion asked for.
+    np.save(tmp_path / "f64.npy", np.array([[1.0, 2.0, 1e300, 4.0]]))
+    r = run("import", tmp_path / "new32", tmp_path / "f64.npy", "--dtype", "float32", "-q")
+    assert r.code == 2 and "row 0, element 2: the float64 value 1e+300 does not fit" in r.err, r
+    # compact --dtype float16 of a float32 store holding 70000.
+    src = tmp_path / "s32"
+    embstore.create(src, dim=4, dtype="float32")
+    with embstore.Writer(src) as w:
+        w.append([7, 8], vectors, 0)
+    r = run("compact", src, tmp_path / "c16", "--dtype", "float16", "--quiet")
+    assert r.code == 2 and f"{src}: row 1, element 1: the float32 value 70000" in r.err, r
+    assert not (tmp_path / "c16").exists()
+    # NaN and infinities of the input stay what they are.
+    np.save(tmp_path / "nonfinite.npy", np.array([[np.nan, np.inf, -np.inf, 1.0]], np.float32))
+    r = run("import", tmp_path / "nf16", tmp_path / "nonfinite.npy", "--dtype", "float16", "-q")
+    assert r.code == 0, r
+    got = embstore.Reader(tmp_path / "nf16").vectors[0].astype(np.float32)
+    assert np.isnan(got[0]) and got[1] == np.inf and got[2] == -np.inf
+
+
+def test_import_into_an_existing_store_of_a_narrower_dtype_asks_for_dtype(tmp_path):
+    """A float64 file imported into a float32 store was rounded without a word (the Python
+    Writer refuses float64 rows for a float32 store). Refused unless --dtype names the store's
+    dtype; wider types (float16 into float32) and float32 into a 16-bit store, which every
+    Writer takes, are converted as before."""
+    store = tmp_path / "s32"
+    embstore.create(store, dim=4, dtype="float32")
+    values = np.array([[1e-8, 0.1, 3.0, 4.0]])
+    np.save(tmp_path / "f64.npy", values)
+    r = run("import", store, tmp_path / "f64.npy", "--quiet")
+    assert r.code == 15 and one_line(r.err).endswith(
+        f"{store} holds float32 rows but {tmp_path / 'f64.npy'} holds float64; give --dtype "
+        "float32 to convert them (rounded to the nearest float32)"), r
+    assert len(embstore.Reader(store)) == 0
+    r = run("import", store, tmp_path / "f64.npy", "--dtype", "float32", "--quiet")
+    assert r.code == 0, r
+    assert embstore.Reader(store).vectors[0].tolist() == values.astype(np.float32)[0].tolist()
+    np.save(tmp_path / "f16.npy", np.array([[0.5, 1.5, 2.5, 65504.0]], np.float16))
+    r = run("import", store, tmp_path / "f16.npy", "--quiet")
+    assert r.code == 0, r
+    assert embstore.Reader(store).vectors[1].tolist() == [0.5, 1.5, 2.5, 65504.0]
+
+
+def test_hdf5_floats_of_a_non_ieee_layout_are_refused_and_uint16_reads_as_bfloat16(tmp_path):
+    """A 2-byte HDF5 float of bfloat16's layout (8 exponent bits) was read as IEEE half, its
+    values overflowing to infinity; it is refused, naming the layout. uint16 data with
+    --dtype bfloat16 reads as bfloat16 bit patterns, as --help says (it was refused)."""
+    t = h5py.h5t.IEEE_F32LE.copy()
+    t.set_fields(15, 7, 8, 0, 7)
+    t.set_size(2)
+    t.set_ebias(127)
+    bits = (np.array([[1e6, 3.0e38, 0.1, -70000.0]], np.float32).view(np.uint32) >> 16)
+    bits = bits.astype(np.uint16)
+    with h5py.File(tmp_path / "bf.h5", "w") as f:
+        dataset = h5py.h5d.create(f.id, b"vectors", t, h5py.h5s.create_simple((1, 4)))
+        dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, bits, mtype=t)
+        f.create_dataset("u16", data=bits)
+    r = run("import", tmp_path / "st", tmp_path / "bf.h5", "--quiet")
+    assert r.code == 2 and "float16 of a layout other than IEEE binary16/32/64" in r.err, r
+    assert not (tmp_path / "st").exists()
+    r = run("import", tmp_path / "bf16", f"{tmp_path / 'bf.h5'}:u16", "--dtype", "bfloat16", "-q")
+    assert r.code == 0, r
+    reader = embstore.Reader(tmp_path / "bf16")
+    assert reader.dtype == "bfloat16" and reader.vectors[0].tolist() == bits[0].tolist()

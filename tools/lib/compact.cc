@@ -28,7 +28,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   create.segment_bytes = info.segment_bytes;
   create.key_index = info.keeps_key_index;
   create.metadata = info.metadata;
-  RowConverter converter(reader.dtype(), create.dtype, reader.dim());
+  RowConverter converter(reader.dtype(), create.dtype, reader.dim(), reader.path());
 
   CompactResult result;
   result.source_rows = reader.size();
@@ -56,7 +56,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
                             run.resize(n * row_bytes);
                             reader.read(first, first + n, run.data(), run.size(),
                                         ReadCheck::kChecksums);
-                            writer->append(keys, epochs, converter.convert(run.data(), n));
+                            writer->append(keys, epochs, converter.convert(run.data(), n, first));
                             result.rows += n;
                             if (options.progress) options.progress(result.rows, selector.count());
                           });

@@ -167,6 +167,32 @@ std::string element_type_name(H5T_class_t type_class, std::size_t size, bool is_
   }
 }
 
+// The store dtype of an HDF5 float type laid out as IEEE binary16, binary32 or binary64 (sign,
+// exponent and mantissa where IEEE puts them, IEEE's bias, an implied leading bit); else nullopt.
+std::optional<DType> ieee_float_dtype(hid_t type, std::size_t size) {
+  struct Layout {
+    std::size_t size, exponent, mantissa;
+    std::size_t bias;
+    DType dtype;
+  };
+  static constexpr Layout kIeee[] = {{2, 5, 10, 15, DType::kFloat16},
+                                     {4, 8, 23, 127, DType::kFloat32},
+                                     {8, 11, 52, 1023, DType::kFloat64}};
+  std::size_t sign = 0, exponent_at = 0, exponent = 0, mantissa_at = 0, mantissa = 0;
+  if (H5Tget_fields(type, &sign, &exponent_at, &exponent, &mantissa_at, &mantissa) < 0) {
+    return std::nullopt;
+  }
+  for (const Layout& ieee : kIeee) {
+    if (size == ieee.size && sign == size * 8 - 1 && exponent == ieee.exponent &&
+        exponent_at == ieee.mantissa && mantissa == ieee.mantissa && mantissa_at == 0 &&
+        H5Tget_ebias(type) == ieee.bias && H5Tget_norm(type) == H5T_NORM_IMPLIED &&
+        H5Tget_precision(type) == size * 8 && H5Tget_offset(type) == 0) {
+      return ieee.dtype;
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 struct Hdf5Writer::Handles {
@@ -287,15 +313,22 @@ Hdf5Dataset::Hdf5Dataset(const std::string& path, const std::string& dataset)
   integer_ = type_class == H5T_INTEGER && size <= 8;
   type_name_ = element_type_name(type_class, size, signed_);
   if (type_class == H5T_FLOAT) {
-    if (size == 4) dtype_ = DType::kFloat32;
-    if (size == 8) dtype_ = DType::kFloat64;
-    if (size == 2) dtype_ = DType::kFloat16;
+    // Only IEEE binary16/32/64 (either byte order): HDF5 converts any float type to another,
+    // so a 2-byte float of another layout (bfloat16's 8 exponent bits, say) read as binary16
+    // would have its values changed without a word (overflowing to infinity).
+    dtype_ = ieee_float_dtype(type.get(), size);
+    if (!dtype_) type_name_ += " of a layout other than IEEE binary16/32/64";
   } else if (type_class == H5T_INTEGER && size == 1) {
     dtype_ = H5Tget_sign(type.get()) == H5T_SGN_NONE ? DType::kUInt8 : DType::kInt8;
-  } else if (type_class == H5T_INTEGER && size == 2 && H5Tget_sign(type.get()) == H5T_SGN_NONE &&
-             root_attribute("dtype") == std::string("bfloat16")) {
-    dtype_ = DType::kBFloat16;
+  } else if (type_class == H5T_INTEGER && size == 2 && H5Tget_sign(type.get()) == H5T_SGN_NONE) {
+    uint16_ = true;
+    if (root_attribute("dtype") == std::string("bfloat16")) dtype_ = DType::kBFloat16;
   }
+}
+
+std::optional<DType> Hdf5Dataset::dtype(bool u2_is_bfloat16) const {
+  if (!dtype_ && uint16_ && u2_is_bfloat16) return DType::kBFloat16;
+  return dtype_;
 }
 
 Hdf5Dataset::~Hdf5Dataset() = default;
@@ -328,9 +361,8 @@ std::optional<std::string> Hdf5Dataset::root_attribute(const std::string& name) 
   return std::string(buffer.data());
 }
 
-void Hdf5Dataset::read_rows(std::uint64_t first, std::uint64_t n, void* out) const {
-  read_hyperslab(h_->dataset.get(), name_, rank_, columns_, first, n, out,
-                 memory_type(dtype_.value()).get());
+void Hdf5Dataset::read_rows(std::uint64_t first, std::uint64_t n, void* out, DType as) const {
+  read_hyperslab(h_->dataset.get(), name_, rank_, columns_, first, n, out, memory_type(as).get());
 }
 
 void Hdf5Dataset::read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const {

@@ -58,18 +58,21 @@ class Hdf5Dataset {
   std::uint64_t rows() const { return rows_; }
   std::uint64_t columns() const { return columns_; }  // 1 for a 1-D dataset.
   int rank() const { return rank_; }
-  // The store dtype of the elements: float32/float16/float64/int8/uint8, or bfloat16 for uint16
-  // data under a root attribute dtype = "bfloat16"; nullopt for anything else.
-  std::optional<DType> dtype() const { return dtype_; }
+  // The store dtype of the elements: float32/float16/float64 (IEEE layouts only), int8/uint8,
+  // or bfloat16 for uint16 data under a root attribute dtype = "bfloat16" or with
+  // u2_is_bfloat16 (import --dtype bfloat16); nullopt for anything else.
+  std::optional<DType> dtype(bool u2_is_bfloat16 = false) const;
   // A root attribute of the file as text, if present (metadata, dtype, store_id).
   std::optional<std::string> root_attribute(const std::string& name) const;
-  // Reads rows [first, first + n) as the element dtype().
-  void read_rows(std::uint64_t first, std::uint64_t n, void* out) const;
+  // Reads rows [first, first + n) as `as`, one of the dtype()s this dataset answers.
+  void read_rows(std::uint64_t first, std::uint64_t n, void* out, DType as) const;
   // Reads elements [first, first + n) of an integer dataset as uint64. kInvalidArgument naming
   // the dataset for any other element type, or naming the position of a negative value.
   void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const;
 
   const std::string& name() const { return name_; }
+  // The file's element type, for messages ("float64", "int32", ...).
+  const std::string& type_name() const { return type_name_; }
 
  private:
   struct Handles;
@@ -81,6 +84,7 @@ class Hdf5Dataset {
   std::optional<DType> dtype_;
   std::string type_name_;  // The file's element type, for messages ("float64", "int32", ...).
   bool integer_ = false;   // Integers of at most 64 bits.
+  bool uint16_ = false;    // Unsigned 16-bit integers (bfloat16 bit patterns when so named).
   bool signed_ = false;
 };
 

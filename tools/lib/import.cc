@@ -38,6 +38,13 @@ std::pair<std::string, std::string> split_hdf5_spec(const std::string& spec,
   return {spec, default_dataset};
 }
 
+// True when every `from` value is a `to` value: a narrower float type into a wider one.
+bool widens_exactly(DType from, DType to) {
+  const bool half = from == DType::kFloat16 || from == DType::kBFloat16;
+  return (half && (to == DType::kFloat32 || to == DType::kFloat64)) ||
+         (from == DType::kFloat32 && to == DType::kFloat64);
+}
+
 // A 1-D or 2-D array read by rows, from a .npy file or an HDF5 dataset.
 class ArraySource {
  public:
@@ -48,7 +55,10 @@ class ArraySource {
   virtual int rank() const = 0;
   // The element type as a store dtype, nullopt when it is none of them.
   virtual std::optional<DType> dtype(bool u2_is_bfloat16) const = 0;
-  virtual void read_rows(std::uint64_t first, std::uint64_t n, void* out) const = 0;
+  // The file's element type as the file names it, for messages.
+  virtual std::string type_name() const = 0;
+  // Reads rows as `as`, the dtype() given for them (an HDF5 dataset is converted to it).
+  virtual void read_rows(std::uint64_t first, std::uint64_t n, void* out, DType as) const = 0;
   // Reads n integers as uint64, refusing negative values.
   virtual void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const = 0;
 };
@@ -67,8 +77,9 @@ class NpySource : public ArraySource {
       return std::nullopt;
     }
   }
-  void read_rows(std::uint64_t first, std::uint64_t n, void* out) const override {
-    npy_.read_rows(first, n, out);
+  std::string type_name() const override { return "'" + npy_.descr() + "'"; }
+  void read_rows(std::uint64_t first, std::uint64_t n, void* out, DType) const override {
+    npy_.read_rows(first, n, out);  // The file's bytes, which dtype() described.
   }
   void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const override {
     const std::string& d = npy_.descr();
@@ -107,11 +118,11 @@ class Hdf5Source : public ArraySource {
   std::uint64_t columns() const override { return dataset_.columns(); }
   int rank() const override { return dataset_.rank(); }
   std::optional<DType> dtype(bool u2_is_bfloat16) const override {
-    (void)u2_is_bfloat16;
-    return dataset_.dtype();
+    return dataset_.dtype(u2_is_bfloat16);
   }
-  void read_rows(std::uint64_t first, std::uint64_t n, void* out) const override {
-    dataset_.read_rows(first, n, out);
+  std::string type_name() const override { return dataset_.type_name(); }
+  void read_rows(std::uint64_t first, std::uint64_t n, void* out, DType as) const override {
+    dataset_.read_rows(first, n, out, as);
   }
   void read_uint64(std::uint64_t first, std::uint64_t n, std::uint64_t* out) const override {
     if (rank() != 1) {
@@ -224,9 +235,9 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   const std::optional<DType> source_dtype = vectors->dtype(says_bfloat16);
   if (!source_dtype) {
     throw Error(ErrorCode::kInvalidArgument,
-                vectors->name() +
-                    ": element type is not one a store holds (float32, float16, bfloat16 as "
-                    "uint16 with --dtype bfloat16, int8, uint8, float64)");
+                vectors->name() + ": element type " + vectors->type_name() +
+                    " is not one a store holds (float32, float16, bfloat16 as uint16 with "
+                    "--dtype bfloat16, int8, uint8, float64)");
   }
   const std::uint64_t n = vectors->rows();
   if (vectors->columns() == 0 || vectors->columns() > kMaxDim) {
@@ -279,6 +290,20 @@ ImportResult import_rows(const std::string& store, const std::string& source,
                       " rows but --dtype " + std::string(dtype_name(*options.dtype)) +
                       " was asked for; a store's dtype is fixed when it is created");
     }
+    // Other rows are converted to the store's dtype where nothing is lost (a wider float type),
+    // where the library takes them as they are (float32 into a 16-bit store, as every Writer
+    // does), or where --dtype names the store's dtype, asking for it: float64 rows rounded into
+    // a float32 store without a word are the mistake the Python Writer refuses them as.
+    const DType stored = writer->dtype();
+    if (!options.dtype && *source_dtype != stored && !dtype_accepts(stored, *source_dtype) &&
+        !widens_exactly(*source_dtype, stored)) {
+      throw Error(ErrorCode::kFormatMismatch,
+                  store + " holds " + std::string(dtype_name(stored)) + " rows but " +
+                      vectors->name() + " holds " + std::string(dtype_name(*source_dtype)) +
+                      "; give --dtype " + std::string(dtype_name(stored)) +
+                      " to convert them (rounded to the nearest " +
+                      std::string(dtype_name(stored)) + ")");
+    }
   } else {
     CreateOptions create;
     create.dim = dim;
@@ -299,7 +324,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   std::uint64_t end_row = 0;  // After the last row appended.
   bool contiguous = true;     // No other writer's rows between ours.
   try {
-    RowConverter converter(*source_dtype, writer->dtype(), dim);
+    RowConverter converter(*source_dtype, writer->dtype(), dim, vectors->name());
     const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(*source_dtype);
     const std::uint64_t batch =
         std::max<std::uint64_t>(1, kBatchBytes / std::max<std::uint64_t>(1, row_bytes));
@@ -309,14 +334,14 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     for (std::uint64_t first = 0; first < n; first += batch) {
       const std::uint64_t count = std::min(batch, n - first);
       rows_buffer.resize(count * row_bytes);
-      vectors->read_rows(first, count, rows_buffer.data());
+      vectors->read_rows(first, count, rows_buffer.data(), *source_dtype);
       key_buffer.resize(count);
       if (keys) {
         keys->read_uint64(first, count, key_buffer.data());
       } else {
         for (std::uint64_t i = 0; i < count; ++i) key_buffer[i] = first + i;
       }
-      const ConstMatrix matrix = converter.convert(rows_buffer.data(), count);
+      const ConstMatrix matrix = converter.convert(rows_buffer.data(), count, first);
       std::uint64_t row;
       if (epochs) {
         epoch_buffer.resize(count);

@@ -1,8 +1,13 @@
 #include "rows.h"
 
+#include <fmt/format.h>
+
+#include <bit>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
+#include <utility>
 
 namespace embstore::tools {
 namespace {
@@ -162,8 +167,8 @@ bool is_float(DType dtype) {
 
 }  // namespace
 
-RowConverter::RowConverter(DType from, DType to, std::uint32_t dim)
-    : from_(from), to_(to), dim_(dim) {
+RowConverter::RowConverter(DType from, DType to, std::uint32_t dim, std::string source)
+    : from_(from), to_(to), dim_(dim), source_(std::move(source)) {
   if (from != to && !(is_float(from) && is_float(to))) {
     throw Error(ErrorCode::kInvalidArgument, "cannot convert " + std::string(dtype_name(from)) +
                                                  " rows to " + std::string(dtype_name(to)) +
@@ -171,20 +176,64 @@ RowConverter::RowConverter(DType from, DType to, std::uint32_t dim)
   }
 }
 
-ConstMatrix RowConverter::convert(const void* rows, std::uint64_t n) {
+namespace {
+
+// The largest magnitude a float32 may have and still round (to nearest even) to a finite value
+// of a 16-bit store dtype: halfway between its largest finite value and the next power of two,
+// exclusive (the halfway value rounds to the even neighbour, infinity).
+float overflow_limit(DType to) {
+  if (to == DType::kFloat16) return 65520.0f;  // 65504 is the largest binary16
+  if (to == DType::kBFloat16) return std::bit_cast<float>(0x7f7f8000u);
+  return std::numeric_limits<float>::infinity();
+}
+
+}  // namespace
+
+void RowConverter::refuse_overflow(const float* values, std::uint64_t n, std::uint64_t first_row,
+                                   const std::byte* source) const {
+  const float limit = overflow_limit(to_);
+  const std::uint64_t row_bytes = std::uint64_t{dim_} * dtype_size(from_);
+  const auto source_value = [&](std::uint64_t e) {
+    return source == nullptr ? static_cast<double>(values[e])
+                             : element_value(from_, source + e / dim_ * row_bytes,
+                                             static_cast<std::uint32_t>(e % dim_));
+  };
+  for (std::uint64_t e = 0; e < n * dim_; ++e) {
+    const float value = values[e];
+    // Infinite already: overflowed on the way to float32 if the source value was finite (a
+    // float64 beyond float32's range). Else beyond what rounds to a finite 16-bit value. NaN is
+    // neither, and stays NaN.
+    const bool becomes_infinite =
+        std::isinf(value) ? std::isfinite(source_value(e)) : std::fabs(value) >= limit;
+    if (!becomes_infinite) continue;
+    // Shortest text that reads back as the value, in the source's own precision.
+    const double was = source_value(e);
+    const std::string shown =
+        from_ == DType::kFloat64 ? fmt::format("{}", was) : fmt::format("{}", float(was));
+    throw Error(ErrorCode::kInvalidArgument,
+                source_ + ": row " + std::to_string(first_row + e / dim_) + ", element " +
+                    std::to_string(e % dim_) + ": the " + std::string(dtype_name(from_)) +
+                    " value " + shown + " does not fit in " + std::string(dtype_name(to_)) +
+                    " (it would become infinite); nothing of its batch was stored");
+  }
+}
+
+ConstMatrix RowConverter::convert(const void* rows, std::uint64_t n, std::uint64_t first_row) {
   ConstMatrix matrix;
   matrix.rows = n;
   matrix.dim = dim_;
+  const auto* bytes = static_cast<const std::byte*>(rows);
   if (from_ == to_ || (from_ == DType::kFloat32 && to_ != DType::kFloat64)) {
-    // Same dtype, or float32 into a 16-bit store: the Writer takes it as is.
+    // Same dtype, or float32 into a 16-bit store: the Writer takes it as is (and rounds it).
+    if (from_ != to_) refuse_overflow(static_cast<const float*>(rows), n, first_row, nullptr);
     matrix.data = rows;
     matrix.dtype = from_;
     return matrix;
   }
-  const auto* bytes = static_cast<const std::byte*>(rows);
   const std::uint64_t row_bytes = std::uint64_t{dim_} * dtype_size(from_);
   const std::uint64_t elements = n * dim_;
   if (to_ == DType::kFloat64) {
+    // Every other float type widens to float64 exactly.
     doubles_.resize(elements);
     for (std::uint64_t r = 0; r < n; ++r) {
       for (std::uint32_t i = 0; i < dim_; ++i) {
@@ -201,6 +250,7 @@ ConstMatrix RowConverter::convert(const void* rows, std::uint64_t n) {
       floats_[r * dim_ + i] = static_cast<float>(element_value(from_, bytes + r * row_bytes, i));
     }
   }
+  refuse_overflow(floats_.data(), n, first_row, bytes);
   matrix.data = floats_.data();
   matrix.dtype = DType::kFloat32;
   return matrix;

@@ -7,6 +7,7 @@
 #include <functional>
 #include <optional>
 #include <set>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -65,17 +66,26 @@ float bfloat16_to_float(std::uint16_t bits);
 // another: the same dtype passes through untouched; float types are re-encoded through
 // float32 (the Writer rounds float32 to a float16/bfloat16 store) or float64. Throws
 // kInvalidArgument for conversions that would change integer data (int8/uint8 to or from
-// anything else). Reuses one buffer; a returned matrix lives until the next convert().
+// anything else), and, from convert(), for a finite value that would become infinite (beyond
+// the target's range), naming `source`, the row (first_row + its place) and the element. Reuses
+// one buffer; a returned matrix lives until the next convert().
 class RowConverter {
  public:
-  RowConverter(DType from, DType to, std::uint32_t dim);
+  RowConverter(DType from, DType to, std::uint32_t dim, std::string source);
 
-  ConstMatrix convert(const void* rows, std::uint64_t n);
+  ConstMatrix convert(const void* rows, std::uint64_t n, std::uint64_t first_row);
 
  private:
+  // kInvalidArgument for the first of n rows of float32 `values` that is, or would become when
+  // rounded to to_, infinite where the source value (`source`, rows of from_; nullptr: the
+  // values are the source) is finite.
+  void refuse_overflow(const float* values, std::uint64_t n, std::uint64_t first_row,
+                       const std::byte* source) const;
+
   DType from_;
   DType to_;
   std::uint32_t dim_;
+  std::string source_;
   std::vector<float> floats_;
   std::vector<double> doubles_;
 };
