@@ -600,3 +600,17 @@ def test_hdf5_floats_of_a_non_ieee_layout_are_refused_and_uint16_reads_as_bfloat
     assert r.code == 0, r
     reader = embstore.Reader(tmp_path / "bf16")
     assert reader.dtype == "bfloat16" and reader.vectors[0].tolist() == bits[0].tolist()
+
+
+@pytest.mark.parametrize("command", [["export", "--format", "csv"], ["export", "--format", "npy"],
+                                     ["compact"]])
+def test_an_output_inside_the_store_read_is_refused(store, tmp_path, monkeypatch, command):
+    """export and compact wrote into the store they read (merge and salvage refused): a
+    Writer of the store later removed the file (rows.7 looks like another generation's)."""
+    before = hash_tree(store)
+    for out in [os.path.join(store, "rows.7"), os.path.join(store, "sub", "..", "x"), "inside"]:
+        if out == "inside":
+            monkeypatch.chdir(store)  # a bare relative name, from a directory inside the store
+        r = run(command[0], store, out, *command[1:], "--quiet")
+        assert r.code == 2 and "inside the store" in r.err and "only read" in r.err, (out, r)
+    assert hash_tree(store) == before
