@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cmath>
+#include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -703,6 +704,20 @@ std::vector<RunResult> run_all(const Config& config, const std::string& work_dir
   return runs;
 }
 
+// printf on stdout, through write_stdout(), so that a report that cannot be written is an error.
+__attribute__((format(printf, 1, 2))) void printf_out(const char* format, ...) {
+  std::va_list args;
+  va_start(args, format);
+  std::va_list again;
+  va_copy(again, args);
+  const int length = std::vsnprintf(nullptr, 0, format, args);
+  va_end(args);
+  std::string text(length > 0 ? length : 0, '\0');
+  std::vsnprintf(text.data(), text.size() + 1, format, again);
+  va_end(again);
+  write_stdout(text);
+}
+
 // Keys in the order written (ordered_json), as the report has always printed them.
 void print_json(const Config& config, const std::vector<RunResult>& runs, std::uint64_t row_bytes) {
   auto phase = [&](const PhaseResult& p) {
@@ -768,20 +783,20 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
                                         {"page_state", config.page_state},
                                         {"dir", config.dir}}},
                                       {"runs", out_runs}};
-  std::puts(out.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
+  write_stdout(out.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) + "\n");
 }
 
 // One line: a same-repeat ratio's min / median / max, then every repeat in the order run.
 void print_spread(int writers, const char* what, const Spread& s) {
-  std::printf("%-8d %-22s per repeat min %.2f median %.2f max %.2f (all:", writers, what, s.min,
-              s.median, s.max);
-  for (double v : s.all) std::printf(" %.2f", v);
-  std::printf(")\n");
+  printf_out("%-8d %-22s per repeat min %.2f median %.2f max %.2f (all:", writers, what, s.min,
+             s.median, s.max);
+  for (double v : s.all) printf_out(" %.2f", v);
+  printf_out(")\n");
 }
 
 void print_table(const Config& config, const std::vector<RunResult>& runs,
                  std::uint64_t row_bytes) {
-  std::printf(
+  printf_out(
       "embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s,%s %d reader%s, %s, median "
       "of %d interleaved repeats\n",
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
@@ -793,19 +808,19 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
       config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
                          : (std::to_string(config.rows) + " rows").c_str(),
       config.repeat);
-  std::printf("%-8s %-10s %12s %10s %10s %10s %10s %9s %11s %9s\n", "writers", "workload", "rows/s",
-              "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x pwrite-pre", "x memcpy");
+  printf_out("%-8s %-10s %12s %10s %10s %10s %10s %9s %11s %9s\n", "writers", "workload", "rows/s",
+             "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x pwrite-pre", "x memcpy");
   for (const RunResult& r : runs) {
     auto line = [&](const char* name, const PhaseResult& p, bool ratios) {
-      std::printf("%-8d %-10s %12.0f %10.1f %10.1f %10.1f %10.1f", r.writers, name, p.rows_per_s(),
-                  p.rows_per_s() * row_bytes / 1e6, p.latency.p50_us, p.latency.p99_us,
-                  p.latency.max_us);
+      printf_out("%-8d %-10s %12.0f %10.1f %10.1f %10.1f %10.1f", r.writers, name, p.rows_per_s(),
+                 p.rows_per_s() * row_bytes / 1e6, p.latency.p50_us, p.latency.p99_us,
+                 p.latency.max_us);
       if (ratios && config.baselines) {
-        std::printf(" %9.2f %11.2f %9.2f", ratio(p.rows_per_s(), r.pwrite.rows_per_s()),
-                    ratio(p.rows_per_s(), r.pwrite_prealloc.rows_per_s()),
-                    ratio(p.rows_per_s(), r.memcpy.rows_per_s()));
+        printf_out(" %9.2f %11.2f %9.2f", ratio(p.rows_per_s(), r.pwrite.rows_per_s()),
+                   ratio(p.rows_per_s(), r.pwrite_prealloc.rows_per_s()),
+                   ratio(p.rows_per_s(), r.memcpy.rows_per_s()));
       }
-      std::printf("\n");
+      printf_out("\n");
     };
     line("embstore", r.store, true);
     if (config.baselines) {
@@ -816,7 +831,7 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
       print_spread(r.writers, "x pwrite-pre", ratio_spread(r.stores, r.preallocs));
     }
     if (config.readers > 0) {
-      std::printf(
+      printf_out(
           "%-8d reader lag p50/p99/max %.1f / %.1f / %.1f us over %llu wakeups, "
           "%.1f MB read\n",
           r.writers, r.store.reader_lag.p50_us, r.store.reader_lag.p99_us,
@@ -831,20 +846,20 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
     }
     // Whether a phase computed or waited: CPU of the writer processes, every thread (the key
     // index's included), per row, and the processors they kept busy over the phase.
-    std::printf("%-8d writers' CPU per row (the median phases): embstore %.0f ns, %.2f CPUs busy",
-                r.writers, r.store.cpu_ns_per_row(), r.store.cpus_busy());
+    printf_out("%-8d writers' CPU per row (the median phases): embstore %.0f ns, %.2f CPUs busy",
+               r.writers, r.store.cpu_ns_per_row(), r.store.cpus_busy());
     if (config.baselines) {
-      std::printf("; pwrite %.0f ns, %.2f; pwrite-pre %.0f ns, %.2f; memcpy %.0f ns, %.2f",
-                  r.pwrite.cpu_ns_per_row(), r.pwrite.cpus_busy(),
-                  r.pwrite_prealloc.cpu_ns_per_row(), r.pwrite_prealloc.cpus_busy(),
-                  r.memcpy.cpu_ns_per_row(), r.memcpy.cpus_busy());
+      printf_out("; pwrite %.0f ns, %.2f; pwrite-pre %.0f ns, %.2f; memcpy %.0f ns, %.2f",
+                 r.pwrite.cpu_ns_per_row(), r.pwrite.cpus_busy(),
+                 r.pwrite_prealloc.cpu_ns_per_row(), r.pwrite_prealloc.cpus_busy(),
+                 r.memcpy.cpu_ns_per_row(), r.memcpy.cpus_busy());
     }
-    std::printf("\n");
-    std::printf(
+    printf_out("\n");
+    printf_out(
         "%-8d close(), the longest of the phase's writers: %.1f ms of the phase's %.1f ms%s\n",
         r.writers, r.store.close_seconds * 1e3, r.store.seconds * 1e3,
         waits.empty() ? "" : (" (it finishes " + waits + ")").c_str());
-    std::printf(
+    printf_out(
         "%-8d bytes on disk %llu = payload %llu x %.3f: key index %llu, the rest %llu (bound: "
         "payload + 32 B/row + one segment = %llu)%s%s\n",
         r.writers, static_cast<unsigned long long>(r.disk),
@@ -863,14 +878,14 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
     std::sort(all.begin(), all.end());
     std::sort(waits.begin(), waits.end());
     if (!all.empty()) {
-      std::printf(
+      printf_out(
           "page cache warmed before each phase (a file of the phase's payload written, removed "
           "as the phase starts; --page-state as-is skips it): %zu times, %.0f / %.0f / %.0f ms "
           "min / median / max\n",
           all.size(), all.front(), all[all.size() / 2], all.back());
     }
     if (!waits.empty() && bench::page_reporting("passes") >= 0) {
-      std::printf(
+      printf_out(
           "free page reporting pass waited for before removing it (payloads of max_waiting_mib or "
           "more): "
           "%.0f / %.0f / %.0f ms min / median / max\n",
@@ -878,13 +893,13 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
     }
   }
   if (runs.size() > 1) {
-    std::printf("embstore throughput vs %d writer%s:", runs[0].writers,
-                runs[0].writers == 1 ? "" : "s");
+    printf_out("embstore throughput vs %d writer%s:", runs[0].writers,
+               runs[0].writers == 1 ? "" : "s");
     for (const RunResult& r : runs) {
-      std::printf(" %d -> %.2fx", r.writers,
-                  ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
+      printf_out(" %d -> %.2fx", r.writers,
+                 ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
     }
-    std::printf("\n");
+    printf_out("\n");
     for (const RunResult& r : runs) {
       const std::string what = "x " + std::to_string(runs[0].writers) + " writer(s)";
       print_spread(r.writers, what.c_str(), ratio_spread(r.stores, runs[0].stores));

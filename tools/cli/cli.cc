@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 
 namespace embstore::cli {
 
@@ -115,7 +117,7 @@ void Progress::update(std::uint64_t done, std::uint64_t total) {
   drawn_ = true;
 }
 
-void Table::print(std::FILE* out, const std::string& indent) const {
+void Table::print(const std::string& indent) const {
   std::vector<std::size_t> widths;
   std::vector<bool> numeric;
   for (std::size_t r = 0; r < rows_.size(); ++r) {
@@ -141,7 +143,8 @@ void Table::print(std::FILE* out, const std::string& indent) const {
       if (!numeric[i]) line.append(pad, ' ');
     }
     while (!line.empty() && line.back() == ' ') line.pop_back();
-    fmt::print(out, "{}\n", line);
+    line += '\n';
+    write_stdout(line);
   }
 }
 
@@ -192,11 +195,59 @@ std::string vector_text(const Reader& reader, const Record& record) {
   return text;
 }
 
+namespace {
+
+// The errno of the first write to stdout that failed, 0 while none has. stdio keeps only a
+// flag: glibc drops the buffer a write failed for, so a later fflush() succeeds and its errno
+// says nothing.
+int g_stdout_errno = 0;
+
+std::string g_done_note;
+
+void stdout_failed(int err) {
+  if (g_stdout_errno == 0) g_stdout_errno = err;
+}
+
+}  // namespace
+
+StdoutError::StdoutError(int err)
+    : Error(ErrorCode::kIO,
+            std::string("cannot write to stdout: ") +
+                (err != 0 ? std::strerror(err) : "an earlier write failed"),
+            err) {}
+
+void write_stdout(std::string_view text) {
+  if (text.empty() || std::fwrite(text.data(), 1, text.size(), stdout) == text.size()) return;
+  const int err = errno != 0 ? errno : EIO;
+  stdout_failed(err);
+  // A closed pipe is how tail -f learns to stop (flush_stdout() returns false); anything else
+  // (a full disk) ends the command now rather than after all its output was computed.
+  if (err != EPIPE) throw StdoutError(err);
+}
+
+bool flush_stdout() {
+  if (std::fflush(stdout) != 0) stdout_failed(errno);
+  if (!std::ferror(stdout)) return true;
+  // A write that failed outside write_stdout() (CLI11's --help text, say) recorded no errno:
+  // the error then says only that a write failed.
+  if (g_stdout_errno == EPIPE) return false;
+  throw StdoutError(g_stdout_errno);
+}
+
+void accept_closed_stdout() {
+  std::clearerr(stdout);
+  g_stdout_errno = 0;
+}
+
+void note_done(std::string what) { g_done_note = std::move(what); }
+
+const std::string& done_note() { return g_done_note; }
+
 void print_json(const nlohmann::json& value) {
   // Replace, not throw, on bytes that are not UTF-8 (metadata is free-form text).
-  const std::string text = value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  std::fwrite(text.data(), 1, text.size(), stdout);
-  std::fputc('\n', stdout);
+  std::string text = value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  text += '\n';
+  write_stdout(text);
 }
 
 std::string utc_time(std::int64_t unix_ns) {

@@ -2,11 +2,14 @@
 // option helpers, the progress bar and table output.
 #pragma once
 
+#include <fmt/format.h>
+
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -81,12 +84,49 @@ class Progress {
   std::int64_t last_draw_ns_ = 0;
 };
 
-// Rows of text printed in aligned columns: numbers (cells starting with a digit) right-aligned.
+// Standard output. Every command writes it through write_stdout() (print_out(), print_json(),
+// Table::print() call it), and main() flushes and checks it once more after the command ran: a
+// write that fails is an error (exit status 17, "cannot write to stdout: ..."), never output
+// lost behind exit status 0 (README, "Command-line tool").
+
+// stdout could not be written: an Error with code kIO and the errno (0 when it is not known).
+class StdoutError : public Error {
+ public:
+  explicit StdoutError(int err);
+};
+
+// Writes `text` on stdout; throws StdoutError when that fails, except for EPIPE (the reader of
+// a pipe went away), which is kept for flush_stdout() to report.
+void write_stdout(std::string_view text);
+
+// fmt::print on stdout, through write_stdout().
+template <typename... T>
+void print_out(fmt::format_string<T...> format, T&&... args) {
+  write_stdout(fmt::format(format, std::forward<T>(args)...));
+}
+
+// Flushes stdout and checks every write to it so far: true when all of them reached it, false
+// when its reader went away (EPIPE); throws StdoutError on any other failure.
+bool flush_stdout();
+
+// For head and tail, which end when the reader of stdout goes away (tail -f | head -5): forgets
+// the EPIPE flush_stdout() returned false for, so that main() does not report it.
+void accept_closed_stdout();
+
+// Called by a command once its action has changed something on disk, with what it did in a few
+// words ("run.emb: kept rows [0, 20)"): if stdout then fails, main() says the action was done
+// and only its report was lost, not just that stdout failed.
+void note_done(std::string what);
+// What note_done() was given, or "" when nothing was done.
+const std::string& done_note();
+
+// Rows of text printed in aligned columns on stdout: numbers (cells starting with a digit)
+// right-aligned.
 class Table {
  public:
   explicit Table(std::vector<std::string> header) { rows_.push_back(std::move(header)); }
   void add(std::vector<std::string> row) { rows_.push_back(std::move(row)); }
-  void print(std::FILE* out, const std::string& indent = "") const;
+  void print(const std::string& indent = "") const;
 
  private:
   std::vector<std::vector<std::string>> rows_;
@@ -101,7 +141,7 @@ nlohmann::json info_json(const StoreInfo& info);
 nlohmann::json vector_json(const Reader& reader, const Record& record);
 std::string vector_text(const Reader& reader, const Record& record);
 
-// Prints `value` as one line of JSON on stdout.
+// Prints `value` as one line of JSON on stdout, through write_stdout().
 void print_json(const nlohmann::json& value);
 
 // "2026-12-01T20:11:05Z" for nanoseconds since the Unix epoch.

@@ -65,10 +65,10 @@ int run_get(const GetArgs& args) {
 
   if (!args.npy.empty()) {
     write_npy(reader, records, args);
-    fmt::print("{}: {} row{} of key {} ({} x {} {}{})\n", args.npy, records.size(),
-               records.size() == 1 ? "" : "s", args.key, records.size(), reader.dim(),
-               dtype_name(reader.dtype()),
-               reader.dtype() == DType::kBFloat16 ? ", stored as uint16 bit patterns" : "");
+    print_out("{}: {} row{} of key {} ({} x {} {}{})\n", args.npy, records.size(),
+              records.size() == 1 ? "" : "s", args.key, records.size(), reader.dim(),
+              dtype_name(reader.dtype()),
+              reader.dtype() == DType::kBFloat16 ? ", stored as uint16 bit patterns" : "");
     return kExitOk;
   }
   if (args.json) {
@@ -85,9 +85,9 @@ int run_get(const GetArgs& args) {
     }
     return kExitOk;
   }
-  fmt::print("{:>12}  {:>20}  {:>10}  vector\n", "row", "key", "epoch");
+  print_out("{:>12}  {:>20}  {:>10}  vector\n", "row", "key", "epoch");
   for (const Record& r : records) {
-    fmt::print("{:>12}  {:>20}  {:>10}  [{}]\n", r.row, r.key, r.epoch, vector_text(reader, r));
+    print_out("{:>12}  {:>20}  {:>10}  [{}]\n", r.row, r.key, r.epoch, vector_text(reader, r));
   }
   return kExitOk;
 }

@@ -2,11 +2,42 @@
 // `embstore CMD --help`; the README's "Command-line tool" section has an example of each.
 // Built on the public headers only; read-only commands never change a byte of a store.
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdio>
 #include <exception>
 #include <string>
 
 #include "cli.h"
+
+namespace {
+
+// The one line a command whose stdout cannot be written ends with. A command that had already
+// changed something says so, since the user cannot tell from the missing report.
+// `command` is "" for --help and --version.
+int stdout_failure(const std::string& command, const embstore::cli::StdoutError& error) {
+  const std::string where = command.empty() ? "embstore" : "embstore " + command;
+  const std::string& done = embstore::cli::done_note();
+  if (done.empty()) {
+    std::fprintf(stderr, "%s: %s\n", where.c_str(), error.what());
+  } else {
+    std::fprintf(stderr, "%s: %s; the %s itself was done (%s), only its report was lost\n",
+                 where.c_str(), error.what(), command.c_str(), done.c_str());
+  }
+  return embstore::cli::exit_status(error);
+}
+
+// --help and --version, printed by CLI11: their text is the output asked for, so a failure to
+// write it is an error too.
+int help_printed(int status) {
+  try {
+    if (!embstore::cli::flush_stdout()) throw embstore::cli::StdoutError(EPIPE);
+  } catch (const embstore::cli::StdoutError& error) {
+    return stdout_failure("", error);
+  }
+  return status;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace embstore::cli;
@@ -49,11 +80,11 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
+    return help_printed(app.exit(e));
   } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
+    return help_printed(app.exit(e));
   } catch (const CLI::CallForVersion& e) {
-    return app.exit(e);
+    return help_printed(app.exit(e));
   } catch (const CLI::ParseError& e) {
     // One line naming the problem; the usage banner only on --help.
     std::string where = "embstore";
@@ -64,7 +95,13 @@ int main(int argc, char** argv) {
   for (const auto& [command, action] : registry.commands()) {
     if (!command->parsed()) continue;
     try {
-      return action();
+      const int status = action();
+      // What the command printed may still sit in stdio's buffer (all of it, for a short
+      // report on a file): writing it can fail only now, and that must not exit 0.
+      if (!flush_stdout()) throw StdoutError(EPIPE);
+      return status;
+    } catch (const StdoutError& error) {
+      return stdout_failure(command->get_name(), error);
     } catch (const embstore::Error& error) {
       std::fprintf(stderr, "embstore %s: %s\n", command->get_name().c_str(), error.what());
       return exit_status(error);

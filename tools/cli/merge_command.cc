@@ -28,13 +28,14 @@ int run_merge(const MergeArgs& args) {
       progress.update(p.rows_done, p.rows_total);
     });
   }
+  note_done(fmt::format("wrote {} rows to {}", info.committed_rows, args.out));
   if (args.json) {
     nlohmann::json out = info_json(info);
     out["shards"] = shards.shard_count();
     print_json(out);
   } else {
-    fmt::print("merged {} shard(s), {} rows, into {}\n", shards.shard_count(), info.committed_rows,
-               args.out);
+    print_out("merged {} shard(s), {} rows, into {}\n", shards.shard_count(), info.committed_rows,
+              args.out);
   }
   return kExitOk;
 }

@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstring>
@@ -39,8 +38,8 @@ class RowPrinter {
 
   void header() {
     if (!args_.json)
-      fmt::print("{:>12}  {:>20}  {:>10}{}\n", "row", "key", "epoch",
-                 args_.vectors ? "  vector" : "");
+      print_out("{:>12}  {:>20}  {:>10}{}\n", "row", "key", "epoch",
+                args_.vectors ? "  vector" : "");
   }
 
   void print(std::uint64_t row) {
@@ -51,9 +50,9 @@ class RowPrinter {
       print_json(line);
       return;
     }
-    fmt::print("{:>12}  {:>20}  {:>10}", record.row, record.key, record.epoch);
-    if (args_.vectors) fmt::print("  [{}]", vector_text(reader_, record));
-    fmt::print("\n");
+    print_out("{:>12}  {:>20}  {:>10}", record.row, record.key, record.epoch);
+    if (args_.vectors) print_out("  [{}]", vector_text(reader_, record));
+    print_out("\n");
   }
 
  private:
@@ -67,12 +66,11 @@ bool stdout_closed() {
   return ::poll(&fd, 1, 0) == 1 && (fd.revents & (POLLERR | POLLHUP)) != 0;
 }
 
-// False when stdout is gone (EPIPE): the caller stops quietly.
-bool flush_stdout() {
-  if (std::fflush(stdout) == 0) return true;
-  if (errno == EPIPE) return false;
-  throw Error(ErrorCode::kIO, std::string("cannot write to stdout: ") + std::strerror(errno),
-              errno);
+// Flushes stdout; false when its reader went away, which ends head and tail without an error.
+bool flush_rows() {
+  if (flush_stdout()) return true;
+  accept_closed_stdout();
+  return false;
 }
 
 // Row `row` as `old` and `now` show it is the same row: key, epoch and bytes.
@@ -123,7 +121,7 @@ int run_rows(const RowArgs& args, bool tail) {
   const std::uint64_t begin = tail ? size - count : 0;
   printer.header();
   for (std::uint64_t row = begin; row < begin + count; ++row) printer.print(row);
-  if (!flush_stdout()) return kExitOk;
+  if (!flush_rows()) return kExitOk;
   if (!args.follow) return kExitOk;
   std::uint64_t next = size;
   // `reader` keeps the snapshot the rows were printed from; `latest` waits for new ones. When
@@ -153,7 +151,7 @@ int run_rows(const RowArgs& args, bool tail) {
     reader.refresh();
     const std::uint64_t now = reader.size();
     for (; next < now && !g_stop; ++next) printer.print(next);
-    if (!flush_stdout()) break;
+    if (!flush_rows()) break;
   }
   return kExitOk;
 }

@@ -26,6 +26,8 @@ int run_salvage(const SalvageArgs& args) {
       progress.update(done, total);
     });
   }
+  note_done(fmt::format("copied {} of {} rows of {} into {}, {} lost", report.rows_copied,
+                        report.rows_scanned, args.store, args.out, report.rows_lost));
   // Damage found: rows that did not verify, a primary header that did not, or a field that
   // keeps the store from opening (a counter, the generation).
   const bool damaged =
@@ -42,18 +44,18 @@ int run_salvage(const SalvageArgs& args) {
                 {"lost_ranges", lost},
                 {"damage", report.damage}});
   } else {
-    fmt::print("{}: copied {} of {} rows into {} (header: {} copy)\n", args.store,
-               report.rows_copied, report.rows_scanned, args.out, report.header_source);
-    for (const std::string& damage : report.damage) fmt::print("damaged: {}\n", damage);
+    print_out("{}: copied {} of {} rows into {} (header: {} copy)\n", args.store,
+              report.rows_copied, report.rows_scanned, args.out, report.header_source);
+    for (const std::string& damage : report.damage) print_out("damaged: {}\n", damage);
     if (report.rows_lost == 0) {
-      fmt::print("no row lost\n");
+      print_out("no row lost\n");
     } else {
-      fmt::print("lost {} row(s):\n", report.rows_lost);
+      print_out("lost {} row(s):\n", report.rows_lost);
       Table table({"first row", "end row", "rows"});
       for (const auto& [begin, end] : report.lost_ranges) {
         table.add({std::to_string(begin), std::to_string(end), std::to_string(end - begin)});
       }
-      table.print(stdout, "  ");
+      table.print("  ");
     }
   }
   return damaged ? kExitDamage : kExitOk;

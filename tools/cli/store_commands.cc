@@ -30,12 +30,13 @@ int run_create(const CreateArgs& args) {
   if (!args.metadata.empty()) options.metadata = checked_metadata(args.metadata);
   options.key_index = !args.no_key_index;
   create_store(args.store, options);
+  note_done("created " + args.store);
   const StoreInfo info = read_info(args.store);
   if (args.json) {
     print_json(info_json(info));
   } else {
-    fmt::print("created {}: dim {} {}, store id {}\n", info.path, info.dim, dtype_name(info.dtype),
-               info.store_id);
+    print_out("created {}: dim {} {}, store id {}\n", info.path, info.dim, dtype_name(info.dtype),
+              info.store_id);
   }
   return kExitOk;
 }
@@ -95,7 +96,7 @@ int run_info(const InfoArgs& args) {
   }
   const std::size_t width = std::string("committed rows").size();
   auto line = [&](const std::string& name, const std::string& value) {
-    fmt::print("{:<{}}  {}\n", name, width, value);
+    print_out("{:<{}}  {}\n", name, width, value);
   };
   line("store", info.path);
   line("format", fmt::format("{}.{}", info.format_major, info.format_minor));
@@ -132,7 +133,7 @@ int run_info(const InfoArgs& args) {
               {std::to_string(e.epoch), std::to_string(e.rows), std::to_string(e.distinct_keys)});
         }
       }
-      epochs.print(stdout, "  ");
+      epochs.print("  ");
     }
   }
   return kExitOk;
@@ -142,7 +143,8 @@ int run_rebuild_index(const std::string& store) {
   Writer writer = Writer::open(store);
   writer.rebuild_key_index();
   writer.close();
-  fmt::print("rebuilt the key index of {}: {}\n", store, read_info(store).key_index);
+  note_done("rebuilt the key index of " + store);
+  print_out("rebuilt the key index of {}: {}\n", store, read_info(store).key_index);
   return kExitOk;
 }
 
@@ -204,27 +206,27 @@ int run_verify(const VerifyArgs& args) {
                   {"problems", keys.key_index_problems},
                   {"first_problem", keys.key_index_problem}}}});
   } else {
-    fmt::print("{}: checked rows [{}, {}): {} bad\n", reader.path(), begin, end,
-               total.bad_row_count);
+    print_out("{}: checked rows [{}, {}): {} bad\n", reader.path(), begin, end,
+              total.bad_row_count);
     if (!total.bad_rows.empty()) {
       Table table({"bad row", "key", "epoch"});
       for (std::uint64_t row : total.bad_rows) {
         table.add(
             {std::to_string(row), std::to_string(key_of(row)), std::to_string(epoch_of(row))});
       }
-      table.print(stdout);
+      table.print();
       if (total.bad_rows.size() < total.bad_row_count) {
-        fmt::print("... and {} more\n", total.bad_row_count - total.bad_rows.size());
+        print_out("... and {} more\n", total.bad_row_count - total.bad_rows.size());
       }
     }
     if (keys.key_index_problems > 0) {
-      fmt::print("key index: {} problem{}: {} (repair it: embstore rebuild-index {})\n",
-                 keys.key_index_problems, keys.key_index_problems == 1 ? "" : "s",
-                 keys.key_index_problem, args.store);
+      print_out("key index: {} problem{}: {} (repair it: embstore rebuild-index {})\n",
+                keys.key_index_problems, keys.key_index_problems == 1 ? "" : "s",
+                keys.key_index_problem, args.store);
     } else if (keys.key_index_checked) {
-      fmt::print("key index: consistent with the offset index\n");
+      print_out("key index: consistent with the offset index\n");
     } else if (whole) {
-      fmt::print("key index: none to check ({})\n", reader.info().key_index);
+      print_out("key index: none to check ({})\n", reader.info().key_index);
     }
   }
   return total.ok() && keys.ok() ? kExitOk : kExitDamage;
@@ -311,8 +313,8 @@ void add_store_commands(CLI::App& app, Registry& registry) {
         print_json({{"library", kLibraryVersion},
                     {"format", fmt::format("{}.{}", kFormatVersionMajor, kFormatVersionMinor)}});
       } else {
-        fmt::print("embstore {} (format {}.{})\n", kLibraryVersion, kFormatVersionMajor,
-                   kFormatVersionMinor);
+        print_out("embstore {} (format {}.{})\n", kLibraryVersion, kFormatVersionMajor,
+                  kFormatVersionMinor);
       }
       return kExitOk;
     });

@@ -54,6 +54,7 @@ int run_export(const ExportArgs& args) {
     options.progress = progress.fn();
     result = tools::export_store(reader, args.out, options);
   }
+  note_done(fmt::format("wrote {} rows to {}", result.rows, args.out));
   if (args.json) {
     print_json({{"store", reader.path()},
                 {"out", args.out},
@@ -61,8 +62,8 @@ int run_export(const ExportArgs& args) {
                 {"rows", result.rows},
                 {"bytes", result.bytes}});
   } else {
-    fmt::print("exported {} rows ({} bytes of {}) from {} to {} ({})\n", result.rows, result.bytes,
-               dtype_name(reader.dtype()), reader.path(), args.out, format);
+    print_out("exported {} rows ({} bytes of {}) from {} to {} ({})\n", result.rows, result.bytes,
+              dtype_name(reader.dtype()), reader.path(), args.out, format);
   }
   return kExitOk;
 }
@@ -96,6 +97,8 @@ int run_import(const ImportArgs& args) {
     options.progress = progress.fn();
     result = tools::import_rows(args.store, args.from, options);
   }
+  note_done(fmt::format("appended {} rows to {} (rows {}..{})", result.rows, args.store,
+                        result.first_row, result.first_row + result.rows));
   if (args.json) {
     print_json({{"store", args.store},
                 {"from", args.from},
@@ -105,9 +108,9 @@ int run_import(const ImportArgs& args) {
                 {"source_dtype", std::string(dtype_name(result.source_dtype))},
                 {"store_dtype", std::string(dtype_name(result.store_dtype))}});
   } else {
-    fmt::print("imported {} rows from {} into {}{} (rows {}..{})\n", result.rows, args.from,
-               result.created ? "new store " : "", args.store, result.first_row,
-               result.first_row + result.rows);
+    print_out("imported {} rows from {} into {}{} (rows {}..{})\n", result.rows, args.from,
+              result.created ? "new store " : "", args.store, result.first_row,
+              result.first_row + result.rows);
   }
   return kExitOk;
 }
@@ -133,6 +136,7 @@ int run_compact(const CompactArgs& args) {
     options.progress = progress.fn();
     result = tools::compact_store(args.store, args.out, options);
   }
+  note_done(fmt::format("wrote {} rows to {}", result.rows, args.out));
   if (args.json) {
     print_json({{"store", args.store},
                 {"out", args.out},
@@ -141,8 +145,8 @@ int run_compact(const CompactArgs& args) {
                 {"source_bytes", result.source_bytes},
                 {"bytes", result.bytes}});
   } else {
-    fmt::print("compacted {} ({} rows, {} bytes) into {} ({} rows, {} bytes)\n", args.store,
-               result.source_rows, result.source_bytes, args.out, result.rows, result.bytes);
+    print_out("compacted {} ({} rows, {} bytes) into {} ({} rows, {} bytes)\n", args.store,
+              result.source_rows, result.source_bytes, args.out, result.rows, result.bytes);
   }
   return kExitOk;
 }

@@ -99,6 +99,8 @@ int run_truncate(const TruncateArgs& args) {
     kept = args.rows ? writer.truncate(*args.rows) : writer.truncate_from_epoch(*args.from_epoch);
     generation = writer.info().generation;
     writer.close();
+    note_done(fmt::format("{}: kept rows [0, {}), dropped {}; now generation {}", args.store, kept,
+                          before - kept, generation));
   } else {
     generation = Reader::open(args.store).info().generation;
   }
@@ -119,11 +121,11 @@ int run_truncate(const TruncateArgs& args) {
     return kExitOk;
   }
   if (dropped == 0) {
-    fmt::print("{}: nothing to drop ({} rows kept)\n", args.store, kept);
+    print_out("{}: nothing to drop ({} rows kept)\n", args.store, kept);
   } else {
-    fmt::print("{}: kept rows [0, {}), dropped {} rows [{}, {}) ({}); now generation {}\n",
-               args.store, kept, dropped, kept, before, epochs_text(plan.dropped_epochs),
-               generation);
+    print_out("{}: kept rows [0, {}), dropped {} rows [{}, {}) ({}); now generation {}\n",
+              args.store, kept, dropped, kept, before, epochs_text(plan.dropped_epochs),
+              generation);
   }
   return kExitOk;
 }
