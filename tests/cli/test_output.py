@@ -1,12 +1,17 @@
 """What every command prints on stdout: a report that cannot be written (stdout on a full disk,
-/dev/full) is an error, exit 17, never lost behind exit 0."""
+/dev/full) is an error, exit 17, never lost behind exit 0; and the vectors of --json output keep
+NaN and the infinities, as the strings "NaN", "Infinity" and "-Infinity" (protobuf's JSON
+mapping), where JSON numbers cannot hold them."""
 
+import json
+import math
 import subprocess
 
+import numpy as np
 import pytest
 
 import embstore
-from conftest import CLI, run
+from conftest import CLI, SEGMENT_MB, run
 
 IO = 17
 NO_SPACE = "cannot write to stdout: No space left on device"
@@ -91,3 +96,96 @@ def test_nothing_changed_says_only_that_stdout_failed(store):
     code, err = run_to_full("truncate", store, "--rows", 30, "--yes")
     assert code == IO, err
     assert one_line(err) == f"embstore truncate: {NO_SPACE}"
+
+
+# Values that JSON numbers hold (a negative zero among them) and those they cannot: NaN, +inf
+# and -inf.
+SPECIAL = [math.nan, math.inf, -math.inf, 0.1, -0.0, 1.5, -2.0e-3]
+
+
+def non_finite_store(path, dtype):
+    embstore.create(path, dim=len(SPECIAL), dtype=dtype, segment_mb=SEGMENT_MB)
+    values = np.array([SPECIAL, SPECIAL[::-1]],
+                      dtype=np.float64 if dtype == "float64" else np.float32)
+    with embstore.Writer(path) as w:
+        w.append(keys=np.array([7, 8], dtype=np.uint64), vectors=values, epoch=3)
+    return str(path)
+
+
+def from_json(values):
+    """The JSON vector as floats: the strings of protobuf's JSON mapping back to NaN and inf."""
+    names = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+    out = []
+    for v in values:
+        if isinstance(v, str):
+            out.append(names[v])  # KeyError for any other string.
+        else:
+            assert isinstance(v, (int, float)), values
+            out.append(float(v))
+    return out
+
+
+def as_stored(values, dtype):
+    """`values` converted to the store's dtype, as the bit patterns the Reader returns."""
+    if dtype == "bfloat16":
+        # A bfloat16 is the upper half of the float32 of the same value (exact here: the CLI
+        # printed a value the store holds).
+        return (np.array(values, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return np.array(values, dtype=np.dtype(dtype))
+
+
+def assert_same_row(values, reader, row, dtype):
+    stored = reader.vectors[row]
+    printed = as_stored(from_json(values), dtype)
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[stored.dtype.itemsize]
+    as_floats = (stored.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else stored
+    nan = np.isnan(as_floats)
+    assert np.array_equal(nan, np.isnan(from_json(values))), values
+    # Finite values and the infinities bit-exact (-0.0 included); NaN as NaN.
+    assert np.array_equal(printed.view(uint)[~nan], stored.view(uint)[~nan]), (values, stored)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_json_vectors_keep_nan_and_infinities_as_protobuf_strings(tmp_path, dtype):
+    store = non_finite_store(tmp_path / "s", dtype)
+    reader = embstore.Reader(store)
+    outputs = {
+        "get": run("get", store, 7, "--json"),
+        "get --history": run("get", store, 8, "--history", "--json"),
+        "head": run("head", store, "--vectors", "--json"),
+        "tail": run("tail", store, "--vectors", "--json", "-n", 1),
+    }
+    for what, r in outputs.items():
+        assert r.code == 0, (what, r)
+        assert "null" not in r.out, (what, r.out)
+    got = json.loads(outputs["get"].out)
+    assert got["vector"][:3] == ["NaN", "Infinity", "-Infinity"]
+    assert_same_row(got["vector"], reader, 0, dtype)
+    history = json.loads(outputs["get --history"].out)["versions"]
+    assert [v["row"] for v in history] == [1]
+    assert history[0]["vector"][-3:] == ["-Infinity", "Infinity", "NaN"]
+    assert_same_row(history[0]["vector"], reader, 1, dtype)
+    head = [json.loads(line) for line in outputs["head"].out.splitlines()]
+    assert [h["row"] for h in head] == [0, 1]
+    for h in head:
+        assert_same_row(h["vector"], reader, h["row"], dtype)
+    tail = json.loads(outputs["tail"].out)
+    assert tail["row"] == 1
+    assert_same_row(tail["vector"], reader, 1, dtype)
+
+
+def test_csv_export_spells_nan_and_infinities_as_numpy_reads_them(tmp_path):
+    # Not JSON: CSV has no null, and "nan", "inf", "-inf" are what numpy, pandas and Python's
+    # float() read; pinned here so that the two outputs are changed knowingly.
+    store = non_finite_store(tmp_path / "s", "float32")
+    out = str(tmp_path / "rows.csv")
+    assert run("export", store, out, "-q").code == 0
+    with open(out) as f:
+        header = f.readline().strip().split(",")
+        rows = [line.strip().split(",") for line in f]
+    assert header[:3] == ["row", "key", "epoch"]
+    assert rows[0][3:6] == ["nan", "inf", "-inf"]
+    values = np.genfromtxt(out, delimiter=",", skip_header=1, dtype=np.float64)[:, 3:]
+    stored = embstore.Reader(store).vectors[:]
+    assert np.array_equal(values.astype(np.float32), stored, equal_nan=True)
+    assert np.array_equal(np.signbit(values), np.signbit(stored))

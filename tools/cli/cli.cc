@@ -176,7 +176,13 @@ nlohmann::json vector_json(const Reader& reader, const Record& record) {
   const DType dtype = reader.dtype();
   for (std::uint32_t i = 0; i < reader.dim(); ++i) {
     const double value = tools::element_value(dtype, record.data, i);
-    if (dtype == DType::kFloat64) {
+    if (std::isnan(value)) {
+      // nlohmann-json dumps a non-finite number as null, which would read back as a missing
+      // value; these are the strings protobuf's JSON mapping (and Python's float()) reads.
+      out.push_back("NaN");
+    } else if (std::isinf(value)) {
+      out.push_back(value > 0 ? "Infinity" : "-Infinity");
+    } else if (dtype == DType::kFloat64) {
       out.push_back(value);
     } else if (dtype == DType::kInt8 || dtype == DType::kUInt8) {
       out.push_back(static_cast<int>(value));

@@ -136,8 +136,10 @@ class Table {
 // format_major and format_minor: the names Python's embstore.info() uses for every field).
 nlohmann::json info_json(const StoreInfo& info);
 
-// A row's values as a JSON array (integers for int8/uint8, float for the float types) and as
-// text ("v0 v1 ..."), decoded from the store's dtype.
+// A row's values as a JSON array (integers for int8/uint8, numbers for the float types, except
+// NaN, +inf and -inf, which JSON numbers cannot hold: the strings "NaN", "Infinity" and
+// "-Infinity", as in protobuf's JSON mapping) and as text ("v0 v1 ..."), decoded from the
+// store's dtype.
 nlohmann::json vector_json(const Reader& reader, const Record& record);
 std::string vector_text(const Reader& reader, const Record& record);
 
