@@ -29,7 +29,7 @@ void relay(int signal_number) {
   errno = saved_errno;
 }
 
-// kNudgeSignal's handler: nothing; being run is what interrupts the main thread's wait.
+// The nudge signal's handler: nothing; being run is what interrupts the main thread's wait.
 void ignore_nudge(int) {}
 
 Handler current_handler(int signal_number) {
@@ -43,9 +43,9 @@ Handler current_handler(int signal_number) {
     while (sem_wait(&g_sigterm_seen) != 0) {
       // EINTR only: every signal is blocked in this thread, but a debugger may interrupt it.
     }
-    // Until Python's handler has run (it restores SIGTERM's default action first) or the
-    // program took SIGTERM or the nudge signal over.
-    for (;;) {
+    // Until Python's handler has run (it restores SIGTERM's default action first), the program
+    // took SIGTERM or the nudge signal over, or kMaxNudges were sent.
+    for (int nudges = 0; nudges < kMaxNudges; ++nudges) {
       std::this_thread::sleep_for(kNudgeInterval);
       if (current_handler(SIGTERM) != &relay || current_handler(nudge_signal()) != &ignore_nudge) {
         break;
@@ -62,6 +62,13 @@ bool relay_sigterm() {
   const Handler nudge = current_handler(nudge_signal());
   if (python == nullptr || python == SIG_DFL || python == SIG_IGN) return false;
   if (nudge != SIG_DFL && nudge != &ignore_nudge) return false;
+  // Blocked by this (the main) thread: the program reads it with sigwait() or a signalfd, and
+  // nudges would reach it (or pile up) instead of interrupting anything.
+  sigset_t blocked;
+  if (pthread_sigmask(SIG_BLOCK, nullptr, &blocked) != 0 ||
+      sigismember(&blocked, nudge_signal()) == 1) {
+    return false;
+  }
   g_main_thread.store(pthread_self());
   if (g_relay_thread_pid != getpid()) {
     // First call in this process (a forked child inherits the handlers, not the thread).

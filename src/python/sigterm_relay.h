@@ -15,15 +15,18 @@
 // records the signal, as before) and wakes a thread of the library (started once per process,
 // every signal blocked, see platform/thread.h). Until Python's handler has run — seen as
 // SIGTERM's disposition no longer being the relay, since that handler's first act is to restore
-// the default — that thread sends the main thread kNudgeSignal every kNudgeInterval: a signal
-// whose handler does nothing and, without SA_RESTART, interrupts the main thread's blocking call,
-// which then checks for signals and runs the pending handler. A SIGTERM Python handles at once
-// costs one wake-up of that thread and no nudge.
+// the default — that thread sends the main thread nudge_signal() every kNudgeInterval, at most
+// kMaxNudges times: a signal whose handler does nothing and, without SA_RESTART, interrupts the
+// main thread's blocking call, which then checks for signals and runs the pending handler. A
+// SIGTERM Python handles at once costs one wake-up of that thread and no nudge. A main thread
+// inside a long call of native code meanwhile sees its system calls interrupted (EINTR) up to
+// 50 times a second until it returns to Python, or for kMaxNudges intervals.
 //
 // Called from the main thread (the one nudged), after Python's handler for SIGTERM was installed.
 // Returns false, changing nothing, when SIGTERM's handler is not a plain one (SA_SIGINFO: not
-// Python's) or the program has a handler of its own for kNudgeSignal. Safe to call again (and in
-// a forked child, whose relay thread it starts). A program that installs its own SIGTERM handler
+// Python's), or the program uses nudge_signal(): a handler of its own, or blocked in the main
+// thread (read with sigwait() or a signalfd). Safe to call again from the main thread, and in a
+// forked child, whose relay thread it starts. A program that installs its own SIGTERM handler
 // later replaces the relay with it; nothing is nudged then.
 #pragma once
 
@@ -33,9 +36,11 @@
 
 namespace embstore::python {
 
-// The last real-time signal: no default use, and queued rather than merged.
+// The last real-time signal: no default use. (Real-time signals queue: hence no nudge to a
+// main thread that blocks it, and at most kMaxNudges.)
 inline int nudge_signal() { return SIGRTMAX; }
 constexpr std::chrono::milliseconds kNudgeInterval{20};
+constexpr int kMaxNudges = 250;  // 5 s of nudges
 
 bool relay_sigterm();
 

@@ -267,11 +267,66 @@ def test_a_sigterm_another_thread_of_a_waiting_child_received_is_acted_on(store)
     run_child_holding_the_store_lock(store, workers.sigterm_to_another_thread)
 
 
-def run_child_holding_the_store_lock(store, target, *args):
+def test_a_child_whose_exit_waits_for_its_thread_ends_when_terminated(store):
+    """A child in its exit, waiting for a thread of its own that never ends: terminate()'s
+    SIGTERM came while (or after) the exit wrote its rows, and the handler left the exit to go
+    on, so the child never ended (nor Pool.terminate(), which joins it). It ends once its rows
+    are written, as the default SIGTERM would have ended it (without writing them)."""
+    run_child_holding_the_store_lock(store, workers.end_leaving_a_thread_running, terminate=0.5)
+    run_child_holding_the_store_lock(store, workers.end_leaving_a_thread_running, terminate=2.0)
+
+
+def test_an_append_failing_after_a_deferred_sigterm_is_reported_not_swallowed(store):
+    """A SIGTERM noted inside a recorder's append of its staged rows, which then failed: the
+    end of the stretch exited 0 over the error, the rows lost without a word. The error is
+    logged and the exit status is 1."""
+    pytest.importorskip("torch")
+    run_child_holding_the_store_lock(store, workers.recorder_append_failing_after_sigterm,
+                                     exit_code=1, rows=0)
+    with open(store + ".log") as f:
+        log = f.read()
+    assert "SIGTERM came while rows were being appended, and the append failed; those rows " \
+        "were not written: OSError(28, 'No space left on device (injected)')" in log, log
+
+
+def test_no_nudge_signal_for_a_program_that_blocks_it(store):
+    """A child that blocks SIGRTMAX (to read it with sigwait or a signalfd) gets no relay:
+    its nudges would have reached that reader, or piled up in its queue."""
+    script = run_script("""
+        import multiprocessing, signal, sys
+        import embstore
+        def caught():  # whether SIGRTMAX has a handler (Python's getsignal() knows only its own)
+            with open("/proc/self/status") as f:
+                line = next(l for l in f if l.startswith("SigCgt:"))
+            return bool(int(line.split()[1], 16) >> (signal.SIGRTMAX - 1) & 1)
+        def child(queue):
+            signal.signal(signal.SIGTERM, embstore._write_then_terminate)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMAX})
+            blocked = (embstore._embstore._relay_sigterm(), caught())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGRTMAX})
+            queue.put((blocked, (embstore._embstore._relay_sigterm(), caught())))
+        if __name__ == "__main__":
+            q = multiprocessing.get_context("fork").Queue()
+            p = multiprocessing.get_context("fork").Process(target=child, args=(q,))
+            p.start()
+            print(q.get(timeout=60))
+            p.join()
+    """)
+    out, err = script.communicate(timeout=120)
+    assert script.returncode == 0 and out == "((False, False), (True, True))\n", (out, err)
+
+
+def run_child_holding_the_store_lock(store, target, *args, terminate=None, exit_code=0,
+                                     rows=500):
     """Runs target(store, *args, opened, locked) in a fork-started child that must end with
-    exit code 0 having written keys 0..499: this process holds the store's lock from `opened`
-    until a second after `locked`, so the child's rows are still queued when it is signalled."""
+    `exit_code` having written keys 0..rows-1: this process holds the store's lock from `opened`
+    until a second after `locked`, so the child's rows are still queued when it is signalled
+    (by itself, or by terminate() `terminate` seconds after `locked`)."""
+    import shutil
     import threading
+    import time
+    if os.path.exists(store):
+        shutil.rmtree(store)
     embstore.create(store, dim=workers.DIM)
     ctx = multiprocessing.get_context("fork")
     opened, locked = ctx.Event(), ctx.Event()
@@ -282,15 +337,18 @@ def run_child_holding_the_store_lock(store, target, *args):
     release = threading.Timer(1.0, lock.__exit__, args=(None, None, None))
     release.start()
     locked.set()
+    if terminate is not None:
+        time.sleep(terminate)
+        child.terminate()
     child.join(60)
     release.join()
     if child.exitcode is None:
         child.kill()
         child.join()
         pytest.fail("the child did not end within 60 s of its SIGTERM")
-    assert child.exitcode == 0
+    assert child.exitcode == exit_code
     r = embstore.Reader(store)
-    assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
+    assert sorted(r.keys.tolist()) == list(range(rows)) and r.verify().ok
 
 
 def test_a_program_that_installed_its_own_sigterm_handler_keeps_it(store):

@@ -190,3 +190,41 @@ def sigterm_to_another_thread(path, opened, locked):
     never = threading.Lock()
     never.acquire()
     never.acquire()
+
+
+def end_leaving_a_thread_running(path, opened, locked):
+    """A multiprocessing child that queues 500 rows (keys 0..499) on a Writer it leaves open,
+    starts a thread that never ends (not a daemon) and returns: its exit waits for that thread
+    for good, until it is terminated."""
+    import threading
+    writer = embstore.Writer(path, async_queue_mb=16)
+    _kept.append(writer)
+    opened.set()
+    locked.wait()
+    keys = np.arange(500)
+    writer.append(keys, payload(keys), 0)
+    threading.Thread(target=threading.Event().wait, name="never ends").start()
+
+
+def recorder_append_failing_after_sigterm(path, opened, locked):
+    """A multiprocessing child whose recorder's append of its 500 staged rows fails
+    (ENOSPC, injected) after a SIGTERM came inside it. The embstore logger writes to
+    `path`.log."""
+    import errno
+    import torch
+    logging.getLogger("embstore").addHandler(logging.FileHandler(path + ".log"))
+    from embstore.torch import EmbeddingRecorder
+    model = torch.nn.Sequential(torch.nn.Linear(DIM, DIM))
+    recorder = EmbeddingRecorder(model, "0", path, buffer_rows=1000)
+    _kept.append(recorder)
+    with torch.no_grad(), recorder.batch(np.arange(500), 0):
+        model(torch.ones(500, DIM))
+    opened.set()
+    locked.wait()
+
+    def failing_append(*args, **kwargs):
+        _sigterm_self()
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    recorder._staging.writer.append = failing_append
+    recorder.close()

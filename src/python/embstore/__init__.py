@@ -45,6 +45,7 @@ import logging
 import math
 import multiprocessing.util as _mp_util
 import os
+import sys
 import threading
 from typing import Any, NamedTuple, Optional, Union
 
@@ -694,10 +695,12 @@ class Writer(_Handle):
         """
         # Closed before the exit finalizer is cancelled: a SIGTERM handled in between
         # (_write_then_terminate) still finds this Writer to close.
-        if self._native is not None:
-            self._native.close()
-        if self._at_exit is not None:
-            self._at_exit.cancel()
+        try:
+            if self._native is not None:
+                self._native.close()
+        finally:
+            if self._at_exit is not None:
+                self._at_exit.cancel()
 
     def stats(self) -> dict:
         """What this Writer wrote: batches, rows, bytes (as stored), append_seconds (time spent
@@ -767,28 +770,54 @@ _WRITER_EXIT_PRIORITY = 10
 
 
 class _Termination:
-    """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm), and the stretches of
-    code it must not cut: between taking rows out of a buffer and the append that takes them
-    (_Staging.submit in embstore.torch). Python runs a signal handler between any two
-    bytecodes; one that closed the Writers there would drop the rows in flight without a word.
-    Inside ``with _TERMINATION:`` in the main thread (the handler's: other threads are not cut
-    by it) the handler only notes the signal; the outermost block's end acts on it."""
+    """What a SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm) has to do, and when.
+
+    It writes what this process's recorders and Writers hold (their exit finalizers, priority
+    _WRITER_EXIT_PRIORITY and up), then ends the child, as the signal asks: by SystemExit, so
+    the program's ``finally`` blocks and multiprocessing's exit function run, which ends the
+    process with os._exit once those finalizers are done (the epilogue, _after_writers, priority
+    _WRITER_EXIT_PRIORITY - 1), not waiting for the program's other threads or children as a
+    normal exit would (default SIGTERM would not have waited either).
+
+    Not everywhere at once. Python runs a signal handler between any two bytecodes, and one that
+    closed the Writers between taking rows out of a buffer and the append that takes them
+    (_Staging.submit in embstore.torch) would drop those rows without a word: inside
+    ``with _TERMINATION:`` in the main thread (the handler's: other threads are not cut by it)
+    the handler only notes the signal, and the outermost block's end acts on it. Nor inside
+    multiprocessing's exit function, which runs the same finalizers and may be inside one (a
+    Writer taken off the list, not yet closed): the epilogue ends the process after them."""
 
     def __init__(self) -> None:
         self.depth = 0
-        self.pending = False
+        self.pending = False  # a SIGTERM noted inside a deferred stretch
+        self.ending = False  # a SIGTERM asked this process to end: the epilogue ends it
+        self.exit_code = 0
+        self.writers_done = False  # the epilogue has run (every exit finalizer of ours has)
+        self.epilogue_pid = 0  # the process whose epilogue is registered
 
     def __enter__(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self.depth += 1
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         self.depth -= 1
         if self.depth == 0 and self.pending:
             self.pending = False
-            _write_and_exit()
+            if exc is not None:
+                # The stretch failed (its append raised): its rows are lost, and the signal still
+                # ends the child. Said here, and by the exit status.
+                _log.error("SIGTERM came while rows were being appended, and the append failed; "
+                           "those rows were not written: %r", exc)
+                _write_and_exit(1)
+            _write_and_exit(0)
+
+    def register_epilogue(self) -> None:
+        if self.epilogue_pid != os.getpid():
+            self.epilogue_pid = os.getpid()
+            self.writers_done = self.ending = False
+            _mp_util.Finalize(None, _after_writers, exitpriority=_WRITER_EXIT_PRIORITY - 1)
 
 
 _TERMINATION = _Termination()
@@ -797,31 +826,50 @@ os.register_at_fork(after_in_child=_TERMINATION.__init__)
 
 
 def _write_then_terminate(signum, frame) -> None:
-    """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm). A second SIGTERM
-    meanwhile kills at once (default action restored). Three cases:
-    - the child is already ending (multiprocessing's exit function has begun: it runs the
-      same finalizers, and may be inside one, the Writer it has just taken off the list not yet
-      closed): nothing more to do, that exit goes on;
-    - inside a deferred stretch (_Termination): noted, acted on at its end;
-    - else at once (_write_and_exit)."""
+    """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm; what it does and when:
+    _Termination). A second SIGTERM meanwhile kills at once (default action restored)."""
     import signal
     signal.signal(signum, signal.SIG_DFL)
     if _mp_util._exiting:
+        # Already in multiprocessing's exit function: it writes; the epilogue ends the process
+        # after that, or it has already run and the process waits for something else.
+        _TERMINATION.ending = True
+        if _TERMINATION.writers_done:
+            _end_now()
         return
     if _TERMINATION.depth:
         _TERMINATION.pending = True
         return
-    _write_and_exit()
+    _write_and_exit(0)
 
 
-def _write_and_exit() -> None:
-    """Runs the exit finalizers of this process's recorders and Writers (priority
-    _WRITER_EXIT_PRIORITY and up: they write what they hold and close), then ends the child with
-    SystemExit(0), a clean exit, as one asked to terminate does. Not by the signal again: a
-    DataLoader's parent reports a worker killed by a signal as a RuntimeError, which cut its
-    own exit handlers short."""
+def _write_and_exit(code: int) -> None:
+    """Runs the exit finalizers of this process's recorders and Writers (they write what they
+    hold and close), then ends the child with SystemExit(code) (0: a clean exit, as one asked to
+    terminate does; not by the signal again: a DataLoader's parent reports a worker killed by a
+    signal as a RuntimeError, which cut its own exit handlers short)."""
     _mp_util._run_finalizers(_WRITER_EXIT_PRIORITY)
-    raise SystemExit(0)
+    _TERMINATION.ending = True
+    _TERMINATION.exit_code = code
+    raise SystemExit(code)
+
+
+def _after_writers() -> None:
+    """The epilogue (an exit finalizer just below the Writers'): ends a process a SIGTERM asked
+    to end, now that everything of ours is written."""
+    _TERMINATION.writers_done = True
+    if _TERMINATION.ending:
+        _end_now()
+
+
+def _end_now() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(_TERMINATION.exit_code)
 
 
 def _leave_cleanly_on_sigterm() -> None:
@@ -841,6 +889,7 @@ def _leave_cleanly_on_sigterm() -> None:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _write_then_terminate)
         if signal.getsignal(signal.SIGTERM) is _write_then_terminate:
+            _TERMINATION.register_epilogue()
             # Python acts on a signal only in the main thread, and not while it is blocked in a
             # wait the signal did not interrupt (src/python/sigterm_relay.h).
             _embstore._relay_sigterm()
