@@ -6,6 +6,8 @@ import os
 import re
 import struct
 import subprocess
+import sys
+import textwrap
 
 import h5py
 import numpy as np
@@ -614,3 +616,37 @@ def test_an_output_inside_the_store_read_is_refused(store, tmp_path, monkeypatch
         r = run(command[0], store, out, *command[1:], "--quiet")
         assert r.code == 2 and "inside the store" in r.err and "only read" in r.err, (out, r)
     assert hash_tree(store) == before
+
+
+def test_import_beside_another_writer_reports_the_rows_it_took(tmp_path):
+    """Another process appending while an import runs: the summary said 'rows a..a+n' where
+    other writers' rows lay inside that range and the import's last rows beyond it. The
+    summary (text and --json) says what the store holds: a range whose rows are all the
+    import's, or the range the import's rows lie in, among other writers' rows."""
+    store = tmp_path / "s"
+    embstore.create(store, dim=64)
+    n = 200_000
+    np.save(tmp_path / "v.npy", np.ones((n, 64), np.float32))
+    np.save(tmp_path / "k.npy", np.arange(n, dtype=np.uint64) + 10**9)
+    appender = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, numpy as np, embstore
+        with embstore.Writer(sys.argv[1]) as w:
+            for i in range(10**9):  # 50 rows at a time until killed
+                w.append(np.arange(50), np.zeros((50, 64), np.float32), 0)
+                if i == 0:
+                    print("appending", flush=True)
+        """), str(store)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert appender.stdout.readline() == "appending\n"
+        r = run("import", store, tmp_path / "v.npy", "--keys", tmp_path / "k.npy", "--json",
+                "--quiet")
+    finally:
+        appender.kill()
+        appender.wait()
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    keys = embstore.Reader(store).keys
+    first, end = report["first_row"], report["end_row"]
+    mine = np.flatnonzero(keys >= 10**9)
+    assert report["rows"] == n == len(mine) and mine[0] == first and mine[-1] == end - 1
+    assert report["contiguous"] == (end - first == n)

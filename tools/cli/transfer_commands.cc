@@ -97,20 +97,24 @@ int run_import(const ImportArgs& args) {
     options.progress = progress.fn();
     result = tools::import_rows(args.store, args.from, options);
   }
-  note_done(fmt::format("appended {} rows to {} (rows {}..{})", result.rows, args.store,
-                        result.first_row, result.first_row + result.rows));
+  // Other writers may have appended between the batches: then the rows are among theirs.
+  const std::string where =
+      fmt::format("{}rows {}..{}", result.contiguous ? "" : "among other writers' rows, in ",
+                  result.first_row, result.end_row);
+  note_done(fmt::format("appended {} rows to {} ({})", result.rows, args.store, where));
   if (args.json) {
     print_json({{"store", args.store},
                 {"from", args.from},
                 {"rows", result.rows},
                 {"first_row", result.first_row},
+                {"end_row", result.end_row},
+                {"contiguous", result.contiguous},
                 {"created", result.created},
                 {"source_dtype", std::string(dtype_name(result.source_dtype))},
                 {"store_dtype", std::string(dtype_name(result.store_dtype))}});
   } else {
-    print_out("imported {} rows from {} into {}{} (rows {}..{})\n", result.rows, args.from,
-              result.created ? "new store " : "", args.store, result.first_row,
-              result.first_row + result.rows);
+    print_out("imported {} rows from {} into {}{} ({})\n", result.rows, args.from,
+              result.created ? "new store " : "", args.store, where);
   }
   return kExitOk;
 }

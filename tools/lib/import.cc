@@ -359,6 +359,8 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     writer->sync();
     writer->close();
     if (!partial.empty()) rename_no_replace(partial, store);
+    result.end_row = n == 0 ? result.first_row : end_row;
+    result.contiguous = contiguous;
   } catch (...) {
     if (!partial.empty()) {
       writer.reset();

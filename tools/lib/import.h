@@ -31,7 +31,11 @@ struct ImportOptions {
 struct ImportResult {
   std::uint64_t rows = 0;
   std::uint64_t first_row = 0;  // Row number of the first imported row.
-  bool created = false;         // The store did not exist before.
+  std::uint64_t end_row = 0;    // After the last imported row.
+  // No other writer's rows between the imported ones: they are rows [first_row, end_row).
+  // Else they are `rows` of the rows in that range (each batch of a few MiB is contiguous).
+  bool contiguous = true;
+  bool created = false;  // The store did not exist before.
   DType source_dtype = DType::kFloat32;
   DType store_dtype = DType::kFloat32;
 };
