@@ -124,6 +124,18 @@ class _SigtermInsideWriterExitFinalizer(logging.Handler):
 _kept = []
 
 
+def _queue_rows(path, opened, locked, rows=500):
+    """Opens an async Writer (kept), says `opened`, waits for `locked` (the parent holds the
+    store's lock), then appends keys 0..rows-1: queued, not written. Returns the Writer."""
+    writer = embstore.Writer(path, async_queue_mb=16)
+    _kept.append(writer)
+    opened.set()
+    locked.wait()
+    keys = np.arange(rows)
+    writer.append(keys, payload(keys), 0)
+    return writer
+
+
 def sigterm_inside(path, where, opened, locked):
     """A multiprocessing child that queues 500 rows (keys 0..499) and is sent SIGTERM (by itself)
     at `where`, a point between taking rows over and writing them:
@@ -153,11 +165,7 @@ def sigterm_inside(path, where, opened, locked):
             writer.append = _before(_sigterm_self, writer.append)
         recorder.close()
         return
-    writer = embstore.Writer(path, async_queue_mb=16)
-    _kept.append(writer)
-    opened.set()
-    locked.wait()
-    writer.append(keys, payload(keys), 0)
+    writer = _queue_rows(path, opened, locked)
     if where == "exit":
         logger = multiprocessing.util.get_logger()
         logger.setLevel(multiprocessing.util.SUBDEBUG)
@@ -175,12 +183,7 @@ def sigterm_to_another_thread(path, opened, locked):
     did not interrupt."""
     import threading
     import time
-    writer = embstore.Writer(path, async_queue_mb=16)
-    _kept.append(writer)
-    opened.set()
-    locked.wait()
-    keys = np.arange(500)
-    writer.append(keys, payload(keys), 0)
+    _queue_rows(path, opened, locked)
 
     def sigterm_this_thread():
         time.sleep(0.2)  # the main thread waits by then
@@ -197,12 +200,7 @@ def end_leaving_a_thread_running(path, opened, locked):
     starts a thread that never ends (not a daemon) and returns: its exit waits for that thread
     for good, until it is terminated."""
     import threading
-    writer = embstore.Writer(path, async_queue_mb=16)
-    _kept.append(writer)
-    opened.set()
-    locked.wait()
-    keys = np.arange(500)
-    writer.append(keys, payload(keys), 0)
+    _queue_rows(path, opened, locked)
     threading.Thread(target=threading.Event().wait, name="never ends").start()
 
 
