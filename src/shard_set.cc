@@ -83,6 +83,11 @@ std::optional<std::string> manifest_file(const std::string& path) {
                   std::to_string(kMaxManifestBytes) + " (read_manifest reads no more)");
 }
 
+// Metadata text for a message: quoted, at most 80 characters of it.
+std::string clip(const std::string& text) {
+  return "'" + (text.size() <= 80 ? text : text.substr(0, 77) + "...") + "'";
+}
+
 template <typename T>
 T field(const Json& object, const char* name, const std::string& where) {
   auto it = object.find(name);
@@ -290,6 +295,7 @@ class ShardSet::Impl {
  public:
   std::vector<std::unique_ptr<Shard>> shards;
   std::string metadata;
+  bool from_manifest = false;
   std::uint64_t size = 0;
 
   void renumber() {
@@ -340,6 +346,7 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
       const std::string dir = directory_of(manifest_path);
       for (const auto& shard : manifest->shards) paths.push_back(dir + "/" + shard.path);
       impl->metadata = manifest->metadata;
+      impl->from_manifest = true;
     }
   }
   if (!manifest) paths = manifest_or_stores;
@@ -523,6 +530,7 @@ std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> ke
 std::uint32_t ShardSet::dim() const { return impl().shards[0]->reader.dim(); }
 DType ShardSet::dtype() const { return impl().shards[0]->reader.dtype(); }
 const std::string& ShardSet::metadata() const { return impl().metadata; }
+bool ShardSet::from_manifest() const { return impl().from_manifest; }
 
 StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
                        const std::function<void(const MergeProgress&)>& progress) {
@@ -537,6 +545,19 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
                                                  std::to_string(create.metadata.size()) +
                                                  " bytes; a store holds at most " +
                                                  std::to_string(kMaxMetadataBytes));
+  }
+  // One metadata for the merged store: the manifest's, else every shard's. Shards of other
+  // metadata (another model, another run's config) were merged under the first one's.
+  if (!shards.from_manifest()) {
+    for (std::size_t s = 1; s < shards.shard_count(); ++s) {
+      if (shards.shard(s).metadata() != create.metadata) {
+        throw Error(ErrorCode::kFormatMismatch,
+                    out + ": shards " + shards.shard_path(0) + " and " + shards.shard_path(s) +
+                        " have different metadata (" + clip(create.metadata) + " and " +
+                        clip(shards.shard(s).metadata()) +
+                        "); a merged store has one: merge from a manifest that gives it");
+      }
+    }
   }
   // Built aside and renamed into place when complete: a merge that fails, or is killed, leaves
   // no store at `out`.

@@ -600,3 +600,32 @@ TEST_CASE("Writers refuse network file systems unless forced, and readers read a
   detail::testing::set_filesystem_magic(0);  // The real file system: local in the test's $TMPDIR.
   Writer::open(dir / "local").close();
 }
+
+TEST_CASE("merge_stores refuses stores of different metadata unless a manifest gives it",
+          "[shard_set]") {
+  TempDir dir;
+  CreateOptions a = opts(4);
+  a.metadata = R"({"model": "A"})";
+  CreateOptions b = opts(4);
+  b.metadata = R"({"model": "B"})";
+  Writer::create(dir / "a", a).close();
+  Writer::create(dir / "b", b).close();
+  const ShardSet set = ShardSet::open({dir / "a", dir / "b"});
+  CHECK_FALSE(set.from_manifest());
+  std::string message;
+  REQUIRE(code_of([&] { merge_stores(dir / "out", set); }, &message) == ErrorCode::kFormatMismatch);
+  CHECK_THAT(message, Catch::StartsWith(dir / "out: shards " + dir / "a" + " and " + dir / "b" +
+                                        " have different metadata"));
+  CHECK(!std::filesystem::exists(dir / "out"));
+  Manifest manifest;
+  manifest.dim = 4;
+  manifest.metadata = "both";
+  for (const char* name : {"a", "b"}) {
+    manifest.shards.push_back({name, read_info(dir / name).store_id, 0, {}});
+  }
+  write_manifest(dir / "m.json", manifest);
+  const ShardSet listed = ShardSet::open(dir / "m.json");
+  CHECK(listed.from_manifest());
+  merge_stores(dir / "out", listed);
+  CHECK(Reader::open(dir / "out").metadata() == "both");
+}

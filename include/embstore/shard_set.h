@@ -47,10 +47,10 @@ inline constexpr std::uint64_t kMaxManifestBytes = 1ull << 30;
 inline constexpr const char* kManifestFileName = "manifest.json";
 
 // Reads and checks a manifest: kNotFound if there is none, kCorruption for text that is not a
-// manifest (naming the field: a version below 1, a dim outside 1..kMaxDim, ...), a file larger than kMaxManifestBytes (naming its size) or one
-// that is not a regular file (a FIFO, a directory: refused without waiting for a writer),
-// kUnsupportedVersion for a newer one, kInvalidArgument for a shard path that is empty, absolute
-// or goes through ".." (naming it).
+// manifest (naming the field: a version below 1, a dim outside 1..kMaxDim, ...), a file larger than
+// kMaxManifestBytes (naming its size) or one that is not a regular file (a FIFO, a directory:
+// refused without waiting for a writer), kUnsupportedVersion for a newer one, kInvalidArgument for
+// a shard path that is empty, absolute or goes through ".." (naming it).
 Manifest read_manifest(const std::string& path);
 // Writes `manifest` to `path` atomically: a temporary file beside it, flushed, renamed over
 // `path`, and the directory flushed. Readers see the old manifest or the new one, never a mix.
@@ -142,6 +142,7 @@ class ShardSet {
   std::uint32_t dim() const;
   DType dtype() const;
   const std::string& metadata() const;  // The manifest's, else shard 0's.
+  bool from_manifest() const;           // Opened from a manifest (whose metadata() it has).
 
   class Impl;
 
@@ -160,7 +161,9 @@ struct MergeProgress {
 };
 
 // Consolidates the shards' rows, in global row order, into a new store at `out` (which must not
-// exist), with the shards' dim, dtype and metadata; each row keeps its key and epoch. Every row's
+// exist), with the shards' dim, dtype and metadata (the manifest's; without one, shards whose
+// metadata differ are kFormatMismatch naming two of them: which one the merged store should
+// keep is the caller's to say, in a manifest); each row keeps its key and epoch. Every row's
 // checksum is verified before it is copied: a bad row is kCorruption naming the shard and the row,
 // and nothing is left at `out`. An `out` inside a shard is kInvalidArgument (shards are only
 // read). The new store is built in a hidden directory

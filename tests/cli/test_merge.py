@@ -53,6 +53,28 @@ def test_merge_refuses_shards_of_another_dim_naming_them_and_leaves_no_output(tm
     assert not os.path.exists(tmp_path / "merged")
 
 
+def test_merge_of_stores_with_different_metadata_is_refused_unless_a_manifest_gives_it(
+        tmp_path):
+    """Stores of different metadata (another model, another run's config) were merged under
+    the first one's, the others' dropped without a word. Refused naming both; a manifest says
+    which metadata the merged store has."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make_store(a, metadata={"model": "A"})
+    make_store(b, metadata={"model": "B"})
+    r = run("merge", tmp_path / "merged", a, b)
+    assert r.code == FORMAT_MISMATCH, r
+    assert f"shards {a} and {b} have different metadata" in r.err and '"B"' in r.err, r
+    assert not os.path.exists(tmp_path / "merged")
+    manifest = {"embstore_manifest": 1, "dim": 4, "dtype": "float16",
+                "metadata": '{"models": ["A", "B"]}',
+                "shards": [{"path": name, "store_id": embstore.info(tmp_path / name)["store_id"],
+                            "rows": 30} for name in ("a", "b")]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    r = run("merge", tmp_path / "merged", tmp_path / "manifest.json")
+    assert r.code == 0, r
+    assert embstore.Reader(tmp_path / "merged").metadata == {"models": ["A", "B"]}
+
+
 def test_merge_into_an_existing_path_or_from_a_missing_store_is_an_error(tmp_path):
     a = str(tmp_path / "a")
     make_store(a)

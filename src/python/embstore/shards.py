@@ -62,7 +62,8 @@ def merge(out: PathLike, manifest_or_paths: Any,
     ``out``. ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed
     into place only when complete: after any error nothing is left at ``out``, and a process
     killed meanwhile leaves only that directory, which is not the merged store. Shards that
-    disagree on dim or dtype are refused (FormatMismatchError naming them).
+    disagree on dim or dtype are refused (FormatMismatchError naming them), and without a
+    manifest (whose metadata the merged store takes) so are shards of different metadata.
     ``progress(rows_done, rows_total, shard_path)`` is called after each chunk. Returns the new
     store's info (synced: durable)."""
     return _embstore.merge_stores(os.fspath(out), _inputs(manifest_or_paths), progress)
