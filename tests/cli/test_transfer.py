@@ -650,3 +650,48 @@ def test_import_beside_another_writer_reports_the_rows_it_took(tmp_path):
     mine = np.flatnonzero(keys >= 10**9)
     assert report["rows"] == n == len(mine) and mine[0] == first and mine[-1] == end - 1
     assert report["contiguous"] == (end - first == n)
+
+
+def test_conversions_round_once_and_refused_values_leave_an_existing_store_as_it_was(tmp_path):
+    """From a review of the conversion checks: a value refused in the last batch of an import
+    into an existing store left the earlier batches there (a retry stored them twice); bfloat16
+    bit patterns named by --dtype bfloat16 were rounded into a float16 store without a word
+    (1e-10 became 0); float64 went to 16-bit types through float32 rounded to nearest, rounding
+    twice (1 + 2^-11 + 2^-40 became 1.0, 65519.99999999 was refused as beyond float16)."""
+    store = make_store(tmp_path / "s16", dtype="float16", epochs=1)
+    rows = np.zeros((300_000, 4), np.float32)
+    rows[-1, 3] = 70000.0
+    np.save(tmp_path / "big.npy", rows)
+    r = run("import", store, tmp_path / "big.npy", "--quiet")
+    assert r.code == 2 and "row 299999, element 3: the float32 value 70000" in r.err, r
+    assert "were imported" not in r.err and len(embstore.Reader(store)) == 10
+    bits = np.array([[0x3F81, 0x2EDB, 0, 0]], np.uint16)  # bfloat16 1.0078125 and ~1e-10
+    np.save(tmp_path / "bf16.npy", bits)
+    r = run("import", store, tmp_path / "bf16.npy", "--dtype", "bfloat16", "--quiet")
+    assert r.code == 15 and "holds float16 rows but" in r.err and "holds bfloat16" in r.err, r
+    assert len(embstore.Reader(store)) == 10
+    values = np.array([[1 + 2**-11 + 2**-40, 65519.99999999, -(1 + 2**-11 + 2**-40), 0.5]])
+    np.save(tmp_path / "f64.npy", values)
+    r = run("import", tmp_path / "n16", tmp_path / "f64.npy", "--dtype", "float16", "--quiet")
+    assert r.code == 0, r
+    got = embstore.Reader(tmp_path / "n16").vectors[0]
+    assert got.tolist() == values[0].astype(np.float16).tolist()  # numpy rounds once
+    assert got.tolist() == [1.0009765625, 65504.0, -1.0009765625, 0.5]
+
+
+def test_an_output_inside_the_store_under_a_bind_mount_is_refused(store, tmp_path):
+    """The store's directory under another name (a bind mount): export wrote into the store,
+    and its next Writer removed the file."""
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    if subprocess.run(["mount", "--bind", store, alias], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (not root, or no mount permission)")
+    try:
+        before = hash_tree(store)
+        for command in (["export", store, alias / "rows.7", "--format", "csv"],
+                        ["compact", store, alias / "c"]):
+            r = run(*command, "--quiet")
+            assert r.code == 2 and "inside the store" in r.err, (command, r)
+        assert hash_tree(store) == before
+    finally:
+        subprocess.run(["umount", alias], check=True)

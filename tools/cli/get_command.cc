@@ -65,6 +65,8 @@ int run_get(const GetArgs& args) {
 
   if (!args.npy.empty()) {
     write_npy(reader, records, args);
+    note_done(fmt::format("wrote {} row{} of key {} to {}", records.size(),
+                          records.size() == 1 ? "" : "s", args.key, args.npy));
     print_out("{}: {} row{} of key {} ({} x {} {}{})\n", args.npy, records.size(),
               records.size() == 1 ? "" : "s", args.key, records.size(), reader.dim(),
               dtype_name(reader.dtype()),

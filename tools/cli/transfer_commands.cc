@@ -203,9 +203,9 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
                       ->check(unsigned_validator("an epoch"));
     epochs->excludes(epoch);
     cmd->add_option("--dtype", args->dtype,
-                    "dtype of a new store (default: the source's), or an existing store's to "
-                    "convert rows of a narrower float type into it; bfloat16 also reads uint16 "
-                    "input as bfloat16 bit patterns")
+                    "dtype of a new store (default: the source's), or an existing store's, to "
+                    "convert rows of a float type it does not take as they are (float64 into "
+                    "float32, say); bfloat16 also reads uint16 input as bfloat16 bit patterns")
         ->check(dtype_validator());
     cmd->add_option("--metadata", args->metadata,
                     "Metadata of a new store, JSON (default: the source's)");

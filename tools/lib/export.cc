@@ -219,7 +219,19 @@ void require_outside_store(const std::string& out, const std::string& store) {
   auto o = output.begin();
   for (; d != directory.end() && o != output.end() && *d == *o; ++d, ++o) {
   }
-  if (d == directory.end() || (std::next(d) == directory.end() && d->empty())) {
+  bool inside = d == directory.end() || (std::next(d) == directory.end() && d->empty());
+  // The same directory under another name (a bind mount): an ancestor of the output that is the
+  // store's directory itself.
+  struct stat store_stat {};
+  if (!inside && ::stat(directory.c_str(), &store_stat) == 0) {
+    for (std::filesystem::path p = output; !inside; p = p.parent_path()) {
+      struct stat st {};
+      inside = ::stat(p.c_str(), &st) == 0 && st.st_dev == store_stat.st_dev &&
+               st.st_ino == store_stat.st_ino;
+      if (p == p.parent_path()) break;
+    }
+  }
+  if (inside) {
     throw Error(ErrorCode::kInvalidArgument, without_trailing_separators(out).string() +
                                                  ": inside the store " + store +
                                                  ", which is only read: give an output outside it");

@@ -282,21 +282,22 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     // --dtype names the store's dtype (a store's dtype is fixed at its creation): rows
     // converted to another one would not be what was asked for. Only uint16 rows with
     // bfloat16 asked say what the source holds (bit patterns), whatever the store is.
+    const DType stored = writer->dtype();
     const bool names_bit_patterns =
         options.dtype == DType::kBFloat16 && *source_dtype == DType::kBFloat16;
-    if (options.dtype && *options.dtype != writer->dtype() && !names_bit_patterns) {
+    if (options.dtype && *options.dtype != stored && !names_bit_patterns) {
       throw Error(ErrorCode::kFormatMismatch,
-                  store + " holds " + std::string(dtype_name(writer->dtype())) +
-                      " rows but --dtype " + std::string(dtype_name(*options.dtype)) +
+                  store + " holds " + std::string(dtype_name(stored)) + " rows but --dtype " +
+                      std::string(dtype_name(*options.dtype)) +
                       " was asked for; a store's dtype is fixed when it is created");
     }
     // Other rows are converted to the store's dtype where nothing is lost (a wider float type),
     // where the library takes them as they are (float32 into a 16-bit store, as every Writer
     // does), or where --dtype names the store's dtype, asking for it: float64 rows rounded into
-    // a float32 store without a word are the mistake the Python Writer refuses them as.
-    const DType stored = writer->dtype();
-    if (!options.dtype && *source_dtype != stored && !dtype_accepts(stored, *source_dtype) &&
-        !widens_exactly(*source_dtype, stored)) {
+    // a float32 store without a word are the mistake the Python Writer refuses them as (and
+    // bfloat16 bit patterns, named by --dtype bfloat16, rounded into a float16 store).
+    if (options.dtype != stored && *source_dtype != stored &&
+        !dtype_accepts(stored, *source_dtype) && !widens_exactly(*source_dtype, stored)) {
       throw Error(ErrorCode::kFormatMismatch,
                   store + " holds " + std::string(dtype_name(stored)) + " rows but " +
                       vectors->name() + " holds " + std::string(dtype_name(*source_dtype)) +
@@ -329,6 +330,17 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     const std::uint64_t batch =
         std::max<std::uint64_t>(1, kBatchBytes / std::max<std::uint64_t>(1, row_bytes));
     std::vector<std::byte> rows_buffer;
+    if (partial.empty() && converter.may_refuse()) {
+      // Into an existing store, every value is checked before the first append, as the keys
+      // and epochs are: input refused for a value stores nothing (a retry after fixing the file
+      // would store the earlier batches twice).
+      for (std::uint64_t first = 0; first < n; first += batch) {
+        const std::uint64_t count = std::min(batch, n - first);
+        rows_buffer.resize(count * row_bytes);
+        vectors->read_rows(first, count, rows_buffer.data(), *source_dtype);
+        (void)converter.convert(rows_buffer.data(), count, first);
+      }
+    }
     std::vector<std::uint64_t> key_buffer, epoch_buffer;
     result.first_row = writer->committed_rows();
     for (std::uint64_t first = 0; first < n; first += batch) {

@@ -187,6 +187,17 @@ float overflow_limit(DType to) {
   return std::numeric_limits<float>::infinity();
 }
 
+// `value` rounded to float32 toward zero, then made odd if that was inexact ("round to odd"):
+// a later rounding to a narrower type gives what rounding `value` itself would.
+float to_float_rounding_to_odd(double value) {
+  float rounded = static_cast<float>(value);  // to nearest
+  if (!std::isfinite(rounded) || static_cast<double>(rounded) == value) return rounded;
+  if (std::fabs(static_cast<double>(rounded)) > std::fabs(value)) {
+    rounded = std::nextafter(rounded, 0.0f);  // toward zero
+  }
+  return std::bit_cast<float>(std::bit_cast<std::uint32_t>(rounded) | 1u);
+}
+
 }  // namespace
 
 void RowConverter::refuse_overflow(const float* values, std::uint64_t n, std::uint64_t first_row,
@@ -218,6 +229,11 @@ void RowConverter::refuse_overflow(const float* values, std::uint64_t n, std::ui
   }
 }
 
+bool RowConverter::may_refuse() const {
+  return from_ != to_ && to_ != DType::kFloat64 &&
+         !(to_ == DType::kFloat32 && (from_ == DType::kFloat16 || from_ == DType::kBFloat16));
+}
+
 ConstMatrix RowConverter::convert(const void* rows, std::uint64_t n, std::uint64_t first_row) {
   ConstMatrix matrix;
   matrix.rows = n;
@@ -245,9 +261,14 @@ ConstMatrix RowConverter::convert(const void* rows, std::uint64_t n, std::uint64
     return matrix;
   }
   floats_.resize(elements);
+  // float64 into a 16-bit store goes through float32, which the Writer then rounds: rounded to
+  // float32 to odd, not to nearest, so that the second rounding gives the value nearest the
+  // float64 (float32 keeps more than two bits beyond a 16-bit type's).
+  const bool twice = from_ == DType::kFloat64 && to_ != DType::kFloat32;
   for (std::uint64_t r = 0; r < n; ++r) {
     for (std::uint32_t i = 0; i < dim_; ++i) {
-      floats_[r * dim_ + i] = static_cast<float>(element_value(from_, bytes + r * row_bytes, i));
+      const double value = element_value(from_, bytes + r * row_bytes, i);
+      floats_[r * dim_ + i] = twice ? to_float_rounding_to_odd(value) : static_cast<float>(value);
     }
   }
   refuse_overflow(floats_.data(), n, first_row, bytes);

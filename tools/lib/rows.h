@@ -74,6 +74,8 @@ class RowConverter {
   RowConverter(DType from, DType to, std::uint32_t dim, std::string source);
 
   ConstMatrix convert(const void* rows, std::uint64_t n, std::uint64_t first_row);
+  // Whether convert() may refuse a value: a conversion to a narrower type.
+  bool may_refuse() const;
 
  private:
   // kInvalidArgument for the first of n rows of float32 `values` that is, or would become when
