@@ -695,3 +695,19 @@ def test_an_output_inside_the_store_under_a_bind_mount_is_refused(store, tmp_pat
         assert hash_tree(store) == before
     finally:
         subprocess.run(["umount", alias], check=True)
+
+
+def test_options_of_a_new_store_given_for_an_existing_one_are_refused_not_ignored(tmp_path):
+    """import --metadata / --segment-mb into an existing store exited 0 and ignored them (from
+    a review). Refused when they differ from what the store has; nothing is appended."""
+    store = make_store(tmp_path / "s", dtype="float32", epochs=1, metadata={"model": "A"})
+    np.save(tmp_path / "v.npy", np.ones((3, 4), np.float32))
+    r = run("import", store, tmp_path / "v.npy", "--metadata", '{"model": "B"}', "--quiet")
+    assert r.code == 15 and "--metadata is for a new store" in r.err, r
+    r = run("import", store, tmp_path / "v.npy", "--segment-mb", 3, "--quiet")
+    assert r.code == 15 and "--segment-mb is for a new store" in r.err, r
+    assert len(embstore.Reader(store)) == 10
+    segment_mb = embstore.info(store)["segment_bytes"] / 2**20
+    r = run("import", store, tmp_path / "v.npy", "--metadata", '{"model":"A"}', "--segment-mb",
+            segment_mb, "--quiet")  # the same JSON, spaced otherwise
+    assert r.code == 0 and len(embstore.Reader(store)) == 13, r

@@ -38,6 +38,14 @@ std::pair<std::string, std::string> split_hdf5_spec(const std::string& spec,
   return {spec, default_dataset};
 }
 
+// The same text, or the same JSON value (spacing and key order aside).
+bool same_metadata(const std::string& a, const std::string& b) {
+  if (a == b) return true;
+  const auto parsed_a = nlohmann::json::parse(a, nullptr, false);
+  const auto parsed_b = nlohmann::json::parse(b, nullptr, false);
+  return !parsed_a.is_discarded() && !parsed_b.is_discarded() && parsed_a == parsed_b;
+}
+
 // True when every `from` value is a `to` value: a narrower float type into a wider one.
 bool widens_exactly(DType from, DType to) {
   const bool half = from == DType::kFloat16 || from == DType::kBFloat16;
@@ -278,6 +286,20 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       throw Error(ErrorCode::kFormatMismatch, store + " has dim " + std::to_string(writer->dim()) +
                                                   " but " + vectors->name() + " has " +
                                                   std::to_string(dim) + " columns");
+    }
+    // What only a new store takes (its metadata and growth step) is not dropped without a word
+    // when the store exists: asked for and different from what the store has, it is refused.
+    const StoreInfo info = writer->info();
+    if (options.metadata && !same_metadata(*options.metadata, info.metadata)) {
+      throw Error(ErrorCode::kFormatMismatch,
+                  store +
+                      " exists, with other metadata than --metadata gives; --metadata is for "
+                      "a new store (an existing store's metadata is fixed)");
+    }
+    if (options.segment_bytes && *options.segment_bytes != info.segment_bytes) {
+      throw Error(ErrorCode::kFormatMismatch, store + " exists, with segments of " +
+                                                  std::to_string(info.segment_bytes) +
+                                                  " bytes; --segment-mb is for a new store");
     }
     // --dtype names the store's dtype (a store's dtype is fixed at its creation): rows
     // converted to another one would not be what was asked for. Only uint16 rows with
