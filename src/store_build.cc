@@ -50,7 +50,13 @@ void refuse_output_inside(const std::string& out, const std::string& source) {
   auto i = inside.begin();
   for (; s != store.end() && i != inside.end() && *s == *i; ++s, ++i) {
   }
-  if (s == store.end() || (std::next(s) == store.end() && s->empty())) {
+  bool within = s == store.end() || (std::next(s) == store.end() && s->empty());
+  // The store under another name (a bind mount): an ancestor of `out` that is its directory.
+  for (auto p = inside; !within; p = p.parent_path()) {
+    within = os::same_entry(p.string(), store.string());
+    if (p == p.parent_path()) break;
+  }
+  if (within) {
     throw Error(ErrorCode::kInvalidArgument, strip_trailing_slashes(out) + ": inside the store " +
                                                  source +
                                                  ", which is only read: give an output outside it");

@@ -155,6 +155,12 @@ bool same_file(int fd, const std::string& path) noexcept {
          by_fd.st_dev == by_path.st_dev && by_fd.st_ino == by_path.st_ino;
 }
 
+bool same_entry(const std::string& a, const std::string& b) noexcept {
+  struct stat first, second;
+  return ::stat(a.c_str(), &first) == 0 && ::stat(b.c_str(), &second) == 0 &&
+         first.st_dev == second.st_dev && first.st_ino == second.st_ino;
+}
+
 void remove_file(const std::string& path) noexcept { ::unlink(path.c_str()); }
 
 void close_fd(int fd) noexcept {

@@ -27,6 +27,9 @@ int create_file(const std::string& path);
 int open_or_create_file(const std::string& path);
 // True when `fd` is the file `path` names now (same device and inode).
 bool same_file(int fd, const std::string& path) noexcept;
+// True when paths `a` and `b` name the same file or directory now (same device and inode; a
+// bind mount or a symbolic link gives one several names); false if either does not exist.
+bool same_entry(const std::string& a, const std::string& b) noexcept;
 void remove_file(const std::string& path) noexcept;
 void close_fd(int fd) noexcept;
 // Creates a file with no name in directory `dir` (O_TMPFILE), mode 0644, for reading and

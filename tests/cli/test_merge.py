@@ -184,3 +184,21 @@ def test_merge_and_salvage_errors_name_the_output_not_the_hidden_working_directo
     assert err.index(out) < err.index(".out.partial-"), proc
     assert not os.path.exists(out) and partial_dirs(tmp_path) == []
     assert hash_tree(source) == before
+
+
+def test_merge_and_salvage_into_the_store_under_a_bind_mount_are_refused(tmp_path):
+    """The store's directory under another name (a bind mount) passed the inside-the-store
+    check of merge and salvage: their output went into the store they read."""
+    store = make_store(tmp_path / "s")
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    if subprocess.run(["mount", "--bind", store, alias], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (not root, or no mount permission)")
+    try:
+        before = hash_tree(store)
+        for command in (["merge", alias / "m", store], ["salvage", store, alias / "m"]):
+            r = run(*command)
+            assert r.code == 2 and "inside the store" in r.err, (command, r)
+        assert hash_tree(store) == before
+    finally:
+        subprocess.run(["umount", alias], check=True)
