@@ -1,5 +1,6 @@
 """Shared helpers for the command-line tests: the binary, a runner, small stores, file hashes."""
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -105,6 +106,19 @@ def small_tmpfs(tmp_path):
         for point in points:
             if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@contextlib.contextmanager
+def bind_mounted(directory, alias):
+    """`directory` also at `alias` (a bind mount, removed afterwards); skips the test where
+    mounting is not permitted."""
+    os.makedirs(alias)
+    if subprocess.run(["mount", "--bind", directory, alias], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (not root, or no mount permission)")
+    try:
+        yield alias
+    finally:
+        subprocess.run(["umount", alias], check=True)
 
 
 def partial_dirs(directory):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import embstore
-from conftest import CLI, SEGMENT_MB, corrupt_row, hash_tree, kill_when, make_store, run
+from conftest import (CLI, SEGMENT_MB, bind_mounted, corrupt_row, hash_tree, kill_when,
+                      make_store, run)
 
 DTYPES = ["float32", "float16", "bfloat16", "int8", "uint8", "float64"]
 NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1", "uint8": "|u1",
@@ -682,19 +683,13 @@ def test_conversions_round_once_and_refused_values_leave_an_existing_store_as_it
 def test_an_output_inside_the_store_under_a_bind_mount_is_refused(store, tmp_path):
     """The store's directory under another name (a bind mount): export wrote into the store,
     and its next Writer removed the file."""
-    alias = tmp_path / "alias"
-    alias.mkdir()
-    if subprocess.run(["mount", "--bind", store, alias], capture_output=True).returncode != 0:
-        pytest.skip("cannot bind-mount here (not root, or no mount permission)")
-    try:
+    with bind_mounted(store, tmp_path / "alias") as alias:
         before = hash_tree(store)
         for command in (["export", store, alias / "rows.7", "--format", "csv"],
                         ["compact", store, alias / "c"]):
             r = run(*command, "--quiet")
             assert r.code == 2 and "inside the store" in r.err, (command, r)
         assert hash_tree(store) == before
-    finally:
-        subprocess.run(["umount", alias], check=True)
 
 
 def test_options_of_a_new_store_given_for_an_existing_one_are_refused_not_ignored(tmp_path):
