@@ -426,6 +426,42 @@ def test_bench_reports_the_cpu_its_writer_processes_used_in_each_phase(tmp_path)
                      r"[0-9.]+ CPUs busy$", text.out, re.M), text.out
 
 
+def test_bench_reports_the_kernels_own_scaling_beside_embstores(tmp_path):
+    # The target "N writers >= 0.9x one" has a floor: N processes pwrite()ing one file. Both
+    # scalings, repeat by repeat, and embstore's over the kernel's, from the same phases.
+    r = run("bench", "--rows", 4000, "--dim", 8, "--batch", 100, "--repeat", 3, "--writers",
+            "1,2", "--dir", tmp_path, "--json", "--quiet", "--page-state", "as-is")
+    assert r.code == 0, r
+    first, second = json.loads(r.out)["runs"]
+    for key in ("ratio_vs_first_run_repeats", "pwrite_ratio_vs_first_run_repeats",
+                "pwrite_prealloc_ratio_vs_first_run_repeats",
+                "ratio_vs_first_run_over_pwrite_repeats"):
+        assert first[key]["all"] == [1.0, 1.0, 1.0], (key, first[key])
+        spread = second[key]
+        assert len(spread["all"]) == 3, (key, spread)
+        assert all(v > 0 for v in spread["all"]), (key, spread)
+        assert spread["min"] == min(spread["all"]) and spread["max"] == max(spread["all"])
+        assert spread["median"] == sorted(spread["all"])[1]
+    ours = second["ratio_vs_first_run_repeats"]["all"]
+    kernel = second["pwrite_ratio_vs_first_run_repeats"]["all"]
+    over = second["ratio_vs_first_run_over_pwrite_repeats"]["all"]
+    assert over == pytest.approx([a / b for a, b in zip(ours, kernel)], rel=1e-9)
+    text = run("bench", "--rows", 400, "--dim", 8, "--batch", 100, "--repeat", 2, "--writers",
+               "1,2", "--dir", tmp_path, "--quiet", "--page-state", "as-is")
+    assert text.code == 0, text
+    assert re.search(r"^pwrite throughput vs 1 writer \(the kernel alone, N processes writing "
+                     r"one file\): 1 -> 1\.00x 2 -> [0-9.]+x$", text.out, re.M), text.out
+    for label in ("pwrite x 1 writer\\(s\\)", "pwrite-pre x 1 writer\\(s\\)",
+                  "x 1 writer\\(s\\) over pwrite's"):
+        assert re.search(r"^2 +" + label + r" +per repeat min [0-9.]+ median [0-9.]+ max [0-9.]+ "
+                         r"\(all: [0-9.]+ [0-9.]+\)$", text.out, re.M), (label, text.out)
+    text = run("bench", "--rows", 400, "--dim", 8, "--batch", 100, "--repeat", 1, "--writers",
+               "1,2", "--dir", tmp_path, "--quiet", "--no-baselines", "--page-state", "as-is")
+    assert text.code == 0, text
+    assert "pwrite throughput" not in text.out and "over pwrite's" not in text.out, text.out
+    assert "x 1 writer(s)" in text.out, text.out
+
+
 def test_bench_without_a_key_index_creates_its_store_without_one(tmp_path):
     r = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
             tmp_path, "--keep", "--json", "--quiet", "--no-baselines", "--no-key-index")

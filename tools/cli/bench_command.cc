@@ -599,16 +599,14 @@ PhaseResult median_phase(std::vector<PhaseResult> phases) {
   return phases[phases.size() / 2];
 }
 
-// min / median / max of a[r] / b[r] over the repeats, and each of them.
+// min / median / max of values over the repeats, and each of them in the order run.
 struct Spread {
   double min = 0, median = 0, max = 0;
   std::vector<double> all;
 };
-Spread ratio_spread(const std::vector<PhaseResult>& a, const std::vector<PhaseResult>& b) {
+Spread spread_of(std::vector<double> all) {
   Spread s;
-  for (std::size_t r = 0; r < a.size() && r < b.size(); ++r) {
-    s.all.push_back(ratio(a[r].rows_per_s(), b[r].rows_per_s()));
-  }
+  s.all = std::move(all);
   if (s.all.empty()) return s;
   std::vector<double> sorted = s.all;
   std::sort(sorted.begin(), sorted.end());
@@ -617,6 +615,30 @@ Spread ratio_spread(const std::vector<PhaseResult>& a, const std::vector<PhaseRe
   const std::size_t n = sorted.size();
   s.median = n % 2 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
   return s;
+}
+
+// a[r] / b[r], the same repeat's phases.
+Spread ratio_spread(const std::vector<PhaseResult>& a, const std::vector<PhaseResult>& b) {
+  std::vector<double> all;
+  for (std::size_t r = 0; r < a.size() && r < b.size(); ++r) {
+    all.push_back(ratio(a[r].rows_per_s(), b[r].rows_per_s()));
+  }
+  return spread_of(std::move(all));
+}
+
+// Per repeat, how a workload at N writers scales against its own first run, over how `base`
+// scales: (a[r] / a_first[r]) / (base[r] / base_first[r]). Against pwrite that is what embstore
+// adds to (or takes from) the kernel's own behaviour when N processes write one file.
+Spread scaling_over(const std::vector<PhaseResult>& a, const std::vector<PhaseResult>& a_first,
+                    const std::vector<PhaseResult>& base,
+                    const std::vector<PhaseResult>& base_first) {
+  const Spread ours = ratio_spread(a, a_first);
+  const Spread theirs = ratio_spread(base, base_first);
+  std::vector<double> all;
+  for (std::size_t r = 0; r < ours.all.size() && r < theirs.all.size(); ++r) {
+    all.push_back(theirs.all[r] > 0 ? ours.all[r] / theirs.all[r] : 0);
+  }
+  return spread_of(std::move(all));
 }
 
 // Repeat `r` for one writer count: the embstore phase and the three baselines once each, in an
@@ -754,6 +776,14 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
       run["ratio_vs_pwrite_prealloc_repeats"] = spread(ratio_spread(r.stores, r.preallocs));
     }
     run["ratio_vs_first_run_repeats"] = spread(ratio_spread(r.stores, runs[0].stores));
+    if (config.baselines) {
+      // The kernel's own scaling from the first writer count, and embstore's over it.
+      run["pwrite_ratio_vs_first_run_repeats"] = spread(ratio_spread(r.pwrites, runs[0].pwrites));
+      run["pwrite_prealloc_ratio_vs_first_run_repeats"] =
+          spread(ratio_spread(r.preallocs, runs[0].preallocs));
+      run["ratio_vs_first_run_over_pwrite_repeats"] =
+          spread(scaling_over(r.stores, runs[0].stores, r.pwrites, runs[0].pwrites));
+    }
     run["reader_lag_us"] = {{"count", r.store.reader_lag.count},
                             {"p50", r.store.reader_lag.p50_us},
                             {"p99", r.store.reader_lag.p99_us},
@@ -788,7 +818,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
 
 // One line: a same-repeat ratio's min / median / max, then every repeat in the order run.
 void print_spread(int writers, const char* what, const Spread& s) {
-  printf_out("%-8d %-22s per repeat min %.2f median %.2f max %.2f (all:", writers, what, s.min,
+  printf_out("%-8d %-28s per repeat min %.2f median %.2f max %.2f (all:", writers, what, s.min,
              s.median, s.max);
   for (double v : s.all) printf_out(" %.2f", v);
   printf_out(")\n");
@@ -900,9 +930,31 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
                  ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
     }
     printf_out("\n");
+    const std::string what = "x " + std::to_string(runs[0].writers) + " writer(s)";
     for (const RunResult& r : runs) {
-      const std::string what = "x " + std::to_string(runs[0].writers) + " writer(s)";
       print_spread(r.writers, what.c_str(), ratio_spread(r.stores, runs[0].stores));
+    }
+    if (config.baselines) {
+      // The same for the kernel alone (N processes pwrite() one file): the floor of embstore's
+      // scaling on this machine. Then embstore's scaling over it, repeat by repeat: 1.00 means
+      // embstore loses no more than the kernel does when writers are added.
+      printf_out(
+          "pwrite throughput vs %d writer%s (the kernel alone, N processes writing one "
+          "file):",
+          runs[0].writers, runs[0].writers == 1 ? "" : "s");
+      for (const RunResult& r : runs) {
+        printf_out(" %d -> %.2fx", r.writers,
+                   ratio(r.pwrite.rows_per_s(), runs[0].pwrite.rows_per_s()));
+      }
+      printf_out("\n");
+      for (const RunResult& r : runs) {
+        print_spread(r.writers, ("pwrite " + what).c_str(),
+                     ratio_spread(r.pwrites, runs[0].pwrites));
+        print_spread(r.writers, ("pwrite-pre " + what).c_str(),
+                     ratio_spread(r.preallocs, runs[0].preallocs));
+        print_spread(r.writers, (what + " over pwrite's").c_str(),
+                     scaling_over(r.stores, runs[0].stores, r.pwrites, runs[0].pwrites));
+      }
     }
   }
 }
@@ -1009,7 +1061,10 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       "memory back, a phase would otherwise pay the host's first-touch faults or not, by its\n"
       "timing. Where the kernel reports free pages to the host, the removal of a payload as\n"
       "large as its max_waiting_mib or more waits for a reporting pass first (at most 4 s),\n"
-      "so that the next pass comes seconds later, after the phase.\n\n"
+      "so that the next pass comes seconds later, after the phase. With several writer\n"
+      "counts, each is reported against the first, repeat by repeat, for embstore and for\n"
+      "pwrite() alone (N processes writing one file: the kernel's own scaling, the floor of\n"
+      "embstore's), with embstore's scaling over pwrite's.\n\n"
       "Example: embstore bench --writers 1,2,4 --rows 100000 --json");
   registry.add(cmd, [config] { return run_bench(*config); });
 }
