@@ -7,9 +7,11 @@
 // Uses only the public headers plus POSIX (fork, pwrite) for the baselines.
 // Registered by add_bench_command() (cli.h).
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -225,9 +227,22 @@ std::uint64_t rows_for_writer(std::uint64_t total, int writers, int index) {
   return base + (static_cast<std::uint64_t>(index) < total % writers ? 1 : 0);
 }
 
+// The children sleep on `go` (a futex shared by the processes, not a polling loop): the phase's
+// N writers would otherwise wake thousands of times a second while the parent waits for a free
+// page reporting pass, and fill a profile of the run (bench/RESULTS.md's perf recipe) with it.
+static_assert(sizeof(std::atomic<int>) == sizeof(int) && std::atomic<int>::is_always_lock_free);
+int* go_word(Shared* shared) { return reinterpret_cast<int*>(&shared->go); }
+
 void wait_for_go(Shared* shared) {
   shared->ready.fetch_add(1);
-  while (shared->go.load() == 0) ::usleep(100);
+  while (shared->go.load() == 0) {
+    ::syscall(SYS_futex, go_word(shared), FUTEX_WAIT, 0, nullptr, nullptr, 0);
+  }
+}
+
+void start_phase(Shared* shared) {
+  shared->go.store(1);
+  ::syscall(SYS_futex, go_word(shared), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
 }
 
 enum class Workload { kEmbstore, kPwrite, kPwritePrealloc, kMemcpy };
@@ -467,7 +482,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   const char* name = workload_name(workload);
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
   const std::int64_t start = now_ns();
-  shared->go.store(1);
+  start_phase(shared);
   int writers_left = writers;
   std::int64_t last_progress = start;
   bool failed = false;
