@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <exception>
+#include <sstream>
 #include <string>
 
 #include "cli.h"
@@ -26,10 +27,14 @@ int stdout_failure(const std::string& command, const embstore::cli::StdoutError&
   return embstore::cli::exit_status(error);
 }
 
-// --help and --version, printed by CLI11: their text is the output asked for, so a failure to
-// write it is an error too.
-int help_printed(int status) {
+// --help and --version: their text is the output asked for, so a failure to write it is an
+// error too. CLI11 prints it into a string here, written like every report (write_stdout()): on
+// std::cout, its std::endl flushed stdio's buffer, and the reason of a failed write was lost.
+int help_printed(const CLI::App& app, const CLI::Error& call) {
+  std::ostringstream text;
+  const int status = app.exit(call, text, std::cerr);
   try {
+    embstore::cli::write_stdout(text.str());
     if (!embstore::cli::flush_stdout()) throw embstore::cli::StdoutError(EPIPE);
   } catch (const embstore::cli::StdoutError& error) {
     return stdout_failure("", error);
@@ -80,11 +85,11 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
-    return help_printed(app.exit(e));
+    return help_printed(app, e);
   } catch (const CLI::CallForAllHelp& e) {
-    return help_printed(app.exit(e));
+    return help_printed(app, e);
   } catch (const CLI::CallForVersion& e) {
-    return help_printed(app.exit(e));
+    return help_printed(app, e);
   } catch (const CLI::ParseError& e) {
     // One line naming the problem; the usage banner only on --help.
     std::string where = "embstore";
