@@ -42,7 +42,7 @@ def test_task_graphs_carry_no_vector_data(two_shards):
     for array in arrays:
         graph = dict(array.__dask_graph__())
         size = len(pickle.dumps(graph))
-        assert size < 200 * len(graph), size  # a path, a store id and two ints per task
+        assert size < 200 * len(graph), size  # a path, a store id, its generation and two row numbers per task
         assert size < data_bytes / 100
         for task in graph.values():
             assert not any(isinstance(part, np.ndarray) for part in task)
@@ -122,3 +122,68 @@ def test_epoch_means_and_knn_on_a_cluster_match_numpy(two_shards, client):
     holders = set().union(*client.who_has(persisted).values())
     assert holders and holders <= set(client.scheduler_info()["workers"])
 
+
+
+def _rolled_back(path):
+    """Rows 0..3 (keys 1..4, epoch 0), then a resume from a checkpoint: truncated to 2 rows and
+    appended again (keys 77, 88, epoch 9): rows 2 and 3 are other rows now."""
+    with embstore.Writer(path) as w:
+        w.truncate(rows=2)
+        w.append(np.array([77, 88], np.uint64), np.full((2, 4), -5, np.float32), epoch=9)
+
+
+def _four_rows(path):
+    with embstore.Writer(path, dim=4) as w:
+        w.append(np.array([1, 2, 3, 4], np.uint64), np.arange(16, dtype=np.float32).reshape(4, 4),
+                 epoch=0)
+
+
+def test_a_graph_refuses_a_store_truncated_and_refilled_since(tmp_path, client):
+    _four_rows(tmp_path / "a")
+    arrays = embstore.dask.from_store(tmp_path / "a", chunk_rows=2)
+    assert client.compute(arrays.keys, sync=True).tolist() == [1, 2, 3, 4]
+    _rolled_back(tmp_path / "a")
+    assert len(embstore.Reader(tmp_path / "a")) == 4  # as many rows as the graph's snapshot
+    for array in arrays:
+        with pytest.raises(ValueError, match="generation 2 of the store, not generation 1"):
+            client.compute(array, sync=True)
+    # Arrays built again cover the new snapshot.
+    again = embstore.dask.from_store(tmp_path / "a", chunk_rows=2)
+    assert client.compute(again.keys, sync=True).tolist() == [1, 2, 77, 88]
+    assert client.compute(again.epochs, sync=True).tolist() == [0, 0, 9, 9]
+    assert (client.compute(again.vectors, sync=True)[2:] == -5).all()
+
+
+def test_arrays_built_after_a_truncate_share_no_task_with_those_before(tmp_path, client):
+    # Results held on the cluster (persisted, say) answer every task of the same name: a new
+    # snapshot must not be given the old one's names.
+    _four_rows(tmp_path / "a")
+    old = embstore.dask.from_store(tmp_path / "a", chunk_rows=2)
+    old_keys = old.keys.persist()
+    distributed.wait(old_keys)
+    _rolled_back(tmp_path / "a")
+    new = embstore.dask.from_store(tmp_path / "a", chunk_rows=2)
+    assert not set(dict(new.keys.__dask_graph__())) & set(dict(old.keys.__dask_graph__()))
+    assert client.compute(new.keys, sync=True).tolist() == [1, 2, 77, 88]
+    with embstore.Writer(tmp_path / "a") as w:
+        w.append(np.array([99], np.uint64), np.zeros((1, 4), np.float32), epoch=9)
+    grown = embstore.dask.from_store(tmp_path / "a", chunk_rows=2)
+    assert client.compute(grown.keys, sync=True).tolist() == [1, 2, 77, 88, 99]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"chunk_rows": 0}, "chunk_rows must be a positive integer; got 0"),
+    ({"chunk_rows": -1}, "chunk_rows must be a positive integer; got -1"),
+    ({"chunk_rows": 1.5}, "chunk_rows must be a positive integer; got float 1.5"),
+    ({"chunk_rows": True}, "chunk_rows must be a positive integer; got bool True"),
+    ({"chunk_mb": 0}, "chunk_mb must be a positive number of MiB; got 0"),
+    ({"chunk_mb": -5}, "chunk_mb must be a positive number of MiB; got -5"),
+    ({"chunk_mb": float("inf")}, "chunk_mb must be a positive number of MiB; got inf"),
+    ({"chunk_mb": float("nan")}, "chunk_mb is nan"),
+    ({"chunk_mb": "64"}, "chunk_mb must be a number of MiB; got str '64'"),
+])
+def test_chunk_sizes_that_are_not_positive_are_refused(tmp_path, arguments, message):
+    _four_rows(tmp_path / "a")
+    with pytest.raises(ValueError) as error:
+        embstore.dask.from_store(tmp_path / "a", **arguments)
+    assert message in str(error.value)

@@ -6,16 +6,20 @@
     mask = (a.epochs == 3)[:, None]
     mean3 = ((a.vectors * mask).sum(0) / mask.sum()).compute()
 
-The task graph holds only paths, store ids and row ranges: each task opens its own Reader on
-the worker that runs it and returns a read-only view of the mapping (no copy on that worker;
-dask copies only what it moves between workers). The arrays describe the shards' snapshots
-when ``from_store`` was called; rows appended later are not in them. The workers must see the
+The task graph holds only paths, store ids, generations and row ranges: each task opens its
+own Reader on the worker that runs it and returns a read-only view of the mapping (no copy on
+that worker; dask copies only what it moves between workers). The arrays describe the shards'
+snapshots when ``from_store`` was called; rows appended later are not in them. A task whose
+shard was truncated since (another generation: its rows may now be other rows) or replaced
+raises instead of reading, and arrays built after a truncate never share a task name with
+those built before it. The workers must see the
 shard paths: run them where the stores are (or on a copy of them), never a Writer on a network
 file system (see the README, "Several machines").
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, NamedTuple, Optional
 
@@ -24,7 +28,7 @@ import numpy as np
 import dask.array as da
 from dask.base import tokenize
 
-from . import Reader
+from . import Reader, _check_integer, _number
 from .shards import ShardSet
 
 __all__ = ["from_store", "StoreArrays"]
@@ -37,28 +41,37 @@ class StoreArrays(NamedTuple):
     epochs: da.Array
 
 
-def _open(path: str, store_id: str, end: int) -> Reader:
+def _open(path: str, store_id: str, generation: int, end: int) -> Reader:
     reader = Reader(path)
-    actual = reader.info()["store_id"]
+    actual = reader.info(key_stats=False)["store_id"]
     if actual != store_id:
         raise ValueError(f"{path}: this worker sees store {actual}, not the store {store_id} the "
                          "graph was built for (another machine's disk at the same path?)")
+    if reader.generation != generation:
+        # A truncate keeps a prefix of the rows, but which one this snapshot cannot tell: rows
+        # past it are new rows under the numbers the graph was built with.
+        raise ValueError(f"{path}: this worker sees generation {reader.generation} of the store, "
+                         f"not generation {generation} the graph was built for: it was "
+                         "truncated since from_store, so these rows may be other rows now; "
+                         "call from_store again")
     if len(reader) < end:
         raise ValueError(f"{path}: this worker sees {len(reader)} rows, not the {end} the graph "
                          "was built for")
     return reader
 
 
-def _read_vectors(path: str, store_id: str, begin: int, end: int) -> np.ndarray:
-    return _open(path, store_id, end).rows(begin, end)
+def _read_vectors(path: str, store_id: str, generation: int, begin: int,
+                  end: int) -> np.ndarray:
+    return _open(path, store_id, generation, end).rows(begin, end)
 
 
-def _read_keys(path: str, store_id: str, begin: int, end: int) -> np.ndarray:
-    return _open(path, store_id, end)._native.keys(begin, end)
+def _read_keys(path: str, store_id: str, generation: int, begin: int, end: int) -> np.ndarray:
+    return _open(path, store_id, generation, end)._native.keys(begin, end)
 
 
-def _read_epochs(path: str, store_id: str, begin: int, end: int) -> np.ndarray:
-    return _open(path, store_id, end)._native.epochs(begin, end)
+def _read_epochs(path: str, store_id: str, generation: int, begin: int,
+                 end: int) -> np.ndarray:
+    return _open(path, store_id, generation, end)._native.epochs(begin, end)
 
 
 def _empty(shape: tuple, dtype: str) -> np.ndarray:
@@ -74,9 +87,21 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
         path_or_manifest: a store directory, a manifest file, a directory with a manifest, or a
             list of store directories (as ``embstore.ShardSet``). Relative paths are resolved
             here, so the workers get absolute ones.
-        chunk_mb: target chunk size of ``vectors`` in MiB; chunks never span two shards.
-        chunk_rows: rows per chunk, overriding ``chunk_mb``.
+        chunk_mb: target chunk size of ``vectors`` in MiB (a positive number); chunks never
+            span two shards.
+        chunk_rows: rows per chunk (a positive integer), overriding ``chunk_mb``.
+
+    Raises:
+        ValueError: a chunk size that is not positive.
     """
+    if chunk_rows is not None:
+        chunk_rows = _check_integer(chunk_rows, "chunk_rows", "a positive integer")
+        if chunk_rows <= 0:
+            raise ValueError(f"chunk_rows must be a positive integer; got {chunk_rows}")
+    else:
+        chunk_mb = _number(chunk_mb, "chunk_mb", "MiB")
+        if not 0 < chunk_mb < math.inf:
+            raise ValueError(f"chunk_mb must be a positive number of MiB; got {chunk_mb}")
     inputs = path_or_manifest
     if isinstance(inputs, (str, bytes, os.PathLike)):
         inputs = os.path.abspath(os.fspath(inputs))
@@ -86,26 +111,25 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
     try:
         dim, dtype = shards.dim, shards.shards[0].rows(0, 0).dtype.name  # as Reader.vectors
         row_bytes = dim * np.dtype(dtype).itemsize
-        step = int(chunk_rows) if chunk_rows else max(1, int(chunk_mb * (1 << 20)) // row_bytes)
-        if step <= 0:
-            raise ValueError(f"chunk_rows must be positive; got {chunk_rows}")
-        pieces = []  # (path, store id, begin, end) of every chunk, in global row order
+        step = chunk_rows if chunk_rows is not None else max(
+            1, int(chunk_mb * (1 << 20)) // row_bytes)
+        pieces = []  # (path, store id, generation, begin, end) of every chunk, in row order
         for path, reader in zip(shards.paths, shards.shards):
-            store_id, rows = reader.info()["store_id"], len(reader)
-            pieces += [(os.path.abspath(path), store_id, b, min(rows, b + step))
+            store_id, rows = reader.info(key_stats=False)["store_id"], len(reader)
+            generation = reader.generation
+            pieces += [(os.path.abspath(path), store_id, generation, b, min(rows, b + step))
                        for b in range(0, rows, step)]
     finally:
         shards.close()
 
     token = tokenize(pieces, dim, dtype)
-    row_chunks = tuple(end - begin for _, _, begin, end in pieces) or (0,)
+    row_chunks = tuple(end - begin for *_, begin, end in pieces) or (0,)
 
     def array(kind: str, read, shape_tail: tuple, np_dtype: str) -> da.Array:
         name = f"embstore-{kind}-{token}"
         index = (0,) * len(shape_tail)
         if pieces:
-            graph = {(name, i) + index: (read, path, store_id, begin, end)
-                     for i, (path, store_id, begin, end) in enumerate(pieces)}
+            graph = {(name, i) + index: (read, *piece) for i, piece in enumerate(pieces)}
         else:
             graph = {(name, 0) + index: (_empty, (0,) + shape_tail, np_dtype)}
         chunks = (row_chunks,) + tuple((n,) for n in shape_tail)
