@@ -145,6 +145,32 @@ def test_refresh_takes_in_new_rows_and_renumbers(tmp_path):
     assert s.find(999, 9) == 22
 
 
+def test_a_refresh_that_fails_part_way_leaves_lookups_that_agree_with_the_rows(tmp_path):
+    # Shard 0 grows; shard 1 is rolled back and its new data file is gone: its refresh raises,
+    # after shard 0's took in the new rows. Global numbers must follow what the Readers hold.
+    def make(path, keys, value):
+        with embstore.Writer(path, dim=4) as w:
+            w.append(np.array(keys, np.uint64), np.full((len(keys), 4), value, np.float32), 0)
+    make(tmp_path / "a", [1, 2], 0.0)
+    make(tmp_path / "b", [10, 11], 1000.0)
+    s = embstore.ShardSet([tmp_path / "a", tmp_path / "b"])
+    make(tmp_path / "a", [3, 4], 500.0)
+    with embstore.Writer(tmp_path / "b") as w:
+        w.truncate(rows=1)
+    os.remove(tmp_path / "b" / "rows.2")
+    with pytest.raises(FileNotFoundError, match="rows.2"):
+        s.refresh()
+    assert [len(r) for r in s.shards] == [4, 2]
+    assert len(s) == 6 and s.offsets.tolist() == [0, 4, 6]
+    assert s.keys.tolist() == [1, 2, 3, 4, 10, 11]
+    for key, value in ((3, 500.0), (4, 500.0), (10, 1000.0), (11, 1000.0), (1, 0.0)):
+        row = s.find(key)
+        assert s.keys[row] == key
+        assert (s.gather([row]) == value).all() and (s.get(key) == value).all()
+        assert s.locate(row) == ((0, row) if key < 10 else (1, row - 4))
+    assert s.epoch_rows(0).tolist() == list(range(6))
+
+
 def test_manifest_directory_and_pickling(tmp_path):
     import pickle
     _, keys, epochs, _ = make_shards(tmp_path, [10, 15])

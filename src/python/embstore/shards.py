@@ -97,7 +97,9 @@ class ShardSet:
 
     Per-shard data is zero-copy (``shard_vectors``, ``shards[i].vectors``); ``rows``/``get``
     return a view when the rows lie in one shard, ``gather`` and the whole-set ``keys``/``epochs``
-    copy. A ShardSet pickles as its inputs and reopens.
+    copy. A ShardSet pickles as its inputs and reopens: the copy takes new snapshots, so global
+    row numbers found in one process may name other rows in another (where a shard grew
+    meanwhile); send keys, or (shard, row) pairs from ``locate``, to other processes instead.
 
     Args:
         manifest_or_paths: a manifest file, a directory holding ``manifest.json``, a store
@@ -127,10 +129,15 @@ class ShardSet:
         return int(self.offsets[-1])
 
     def refresh(self) -> int:
-        """New snapshots of every shard; returns the new length."""
-        for reader in self.shards:
-            reader.refresh()
-        self._renumber()
+        """New snapshots of every shard; returns the new length. When a shard's refresh raises,
+        the set is renumbered for the snapshots its Readers then hold (the shards before it
+        refreshed, it and those after as they were) before the error propagates: its length,
+        rows and lookups agree with each other, as C++ ``ShardSet::refresh`` promises."""
+        try:
+            for reader in self.shards:
+                reader.refresh()
+        finally:
+            self._renumber()
         return len(self)
 
     @property
