@@ -300,6 +300,38 @@ def test_recorder_directory_mode_in_one_process(tmp_path, monkeypatch):
     assert embstore.info(tmp_path / "run" / "node-0")["durable_rows"] == 30
 
 
+def test_recorder_manifest_after_a_truncate_lists_the_epochs_the_store_holds(tmp_path,
+                                                                            monkeypatch):
+    # A resume from a checkpoint in the same process: epochs 1 and 2 are dropped, epoch 9
+    # follows. The manifest's epochs must be the store's, not those seen before the truncate.
+    torch = pytest.importorskip("torch")
+    from embstore.torch import EmbeddingRecorder
+    monkeypatch.setenv("GROUP_RANK", "0")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    recorder = EmbeddingRecorder(model, "0", tmp_path / "run", dim=6, per_node=True,
+                                 async_queue_mb=1)
+    manifest = tmp_path / "run" / es.MANIFEST_NAME
+    for epoch in range(3):
+        with torch.no_grad(), recorder.batch(torch.arange(10), epoch):
+            model(torch.randn(10, 4))
+        recorder.end_epoch()
+    assert [(s["rows"], s["epochs"]) for s in es.read_manifest(manifest)["shards"]] == \
+        [(30, [0, 1, 2])]
+    recorder.writer().truncate(from_epoch=1)
+    with torch.no_grad(), recorder.batch(torch.arange(3), 9):
+        model(torch.randn(3, 4))
+    recorder.end_epoch()
+    assert embstore.Reader(tmp_path / "run" / "node-0").epoch_counts() == {0: 10, 9: 3}
+    assert [(s["rows"], s["epochs"]) for s in es.read_manifest(manifest)["shards"]] == \
+        [(13, [0, 9])]
+    with torch.no_grad(), recorder.batch(torch.arange(2), 10):
+        model(torch.randn(2, 4))
+    recorder.end_epoch()
+    assert [(s["rows"], s["epochs"]) for s in es.read_manifest(manifest)["shards"]] == \
+        [(15, [0, 9, 10])]
+    recorder.close()
+
+
 def test_shardset_get_confirms_the_key_as_reader_get_does(tmp_path):
     """A pair slot of a shard's key index damaged to name another key's row (its key and epoch
     still match): ShardSet.get answers with the key's own row, as Reader.get does."""

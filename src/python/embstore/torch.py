@@ -628,15 +628,19 @@ class EmbeddingRecorder:
 
     def _describe(self, path: str) -> dict:
         """This node's store for the manifest; epochs found by scanning only the rows new since
-        the last call."""
+        the last call, unless the store was truncated (another generation) or replaced since:
+        then every row, since the epochs seen may be gone."""
         reader = Reader(path)
-        rows, epochs = getattr(self, "_epochs_seen", (0, set()))
+        info = reader.info(key_stats=False)
+        snapshot = (info["store_id"], reader.generation)
+        seen, rows, epochs = getattr(self, "_epochs_seen", (None, 0, set()))
+        if seen != snapshot:
+            rows, epochs = 0, set()
         epochs = epochs | set(np.unique(reader.epochs[rows:]).tolist())
-        self._epochs_seen = (len(reader), epochs)
-        info = reader.info()
+        self._epochs_seen = (snapshot, len(reader), epochs)
         reader.close()
         return {"shard": {"path": os.path.basename(path), "store_id": info["store_id"],
-                          "rows": self._epochs_seen[0], "epochs": sorted(epochs)},
+                          "rows": self._epochs_seen[1], "epochs": sorted(epochs)},
                 "dim": info["dim"], "dtype": info["dtype"], "metadata": info["metadata"]}
 
     def stats(self) -> dict:
