@@ -185,6 +185,46 @@ def test_manifest_directory_and_pickling(tmp_path):
     assert es.read_manifest(tmp_path / es.MANIFEST_NAME)["shards"][1]["rows"] == 15
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"rows": -1}, "manifest shards[0]['rows'] is -1; it must be in [0, 2**64)"),
+    ({"rows": "5"}, "manifest shards[0]['rows'] must be an integer in [0, 2**64); got str '5'"),
+    ({"rows": 5.0}, "manifest shards[0]['rows'] must be an integer"),
+    ({"epochs": [0, -1]}, "manifest shards[0]['epochs'][1] is -1"),
+    ({"epochs": 3}, "manifest shards[0]['epochs'] must be a list of integers; got int 3"),
+    ({"store_id": 7}, "manifest shards[0]['store_id'] must be text; got int 7"),
+    ({"row": 5}, "manifest shards[0] has no field 'row'"),
+    ({"dim": 2**32 + 6}, "manifest: dim 4294967302 is outside 1..")],
+    ids=["negative rows", "rows text", "rows float", "negative epoch", "epochs int",
+         "store id int", "misspelt field", "dim past 32 bits"])
+def test_write_manifest_names_the_field_of_a_bad_value(tmp_path, change, message):
+    make_shards(tmp_path, [5])
+    manifest = manifest_for(str(tmp_path), ["s0"])
+    if "dim" in change:
+        manifest.update(change)
+    else:
+        manifest["shards"][0].update(change)
+    with pytest.raises(ValueError) as error:
+        es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest)
+    assert message in str(error.value)
+    assert not (tmp_path / es.MANIFEST_NAME).exists()
+
+
+def test_write_manifest_takes_what_read_manifest_leaves_optional(tmp_path):
+    # Metadata (a dict stored as JSON, as Writer(metadata=) takes it) and epochs may be omitted.
+    make_shards(tmp_path, [5])
+    manifest = manifest_for(str(tmp_path), ["s0"])
+    del manifest["shards"][0]["epochs"]
+    manifest["metadata"] = {"model": "resnet", "run": 17}
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest)
+    back = es.read_manifest(tmp_path / es.MANIFEST_NAME)
+    assert back["shards"][0]["epochs"] == [] and back["shards"][0]["rows"] == 5
+    assert json.loads(back["metadata"]) == {"model": "resnet", "run": 17}
+    del manifest["metadata"]
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest)
+    assert es.read_manifest(tmp_path / es.MANIFEST_NAME)["metadata"] == ""
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, es.read_manifest(tmp_path / es.MANIFEST_NAME))
+
+
 def test_bad_manifests_and_mismatched_shards_are_named_errors(tmp_path):
     make_shards(tmp_path, [5])
     good = manifest_for(str(tmp_path), ["s0"])

@@ -22,7 +22,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import Reader, _check_1d, _embstore, _row_array, _u64_array
+from . import (Reader, _check_1d, _check_u64, _dim_arg, _dtype_name, _embstore, _metadata_text,
+               _row_array, _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -49,9 +50,66 @@ def read_manifest(path: PathLike) -> dict:
     return _embstore.read_manifest(os.fspath(path))
 
 
+_MANIFEST_FIELDS = {"dim", "dtype", "metadata", "shards"}
+_SHARD_FIELDS = {"path", "store_id", "rows", "epochs"}
+
+
+def _manifest_fields(manifest: Any) -> dict:
+    """``manifest`` checked field by field, as ``read_manifest`` returns one: dim, dtype and
+    shards required, metadata optional (text, or a dict/list stored as JSON, as
+    ``Writer(metadata=)`` takes it); each shard a dict of path and store_id (text), rows and,
+    optionally, epochs (integers in [0, 2**64)). ValueError naming the field otherwise."""
+    def fields_of(value: Any, what: str, allowed: set, required: Sequence[str]) -> None:
+        if not isinstance(value, dict):
+            raise ValueError(f"{what} must be a dict; got {type(value).__name__}")
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            raise ValueError(f"{what} has no field {unknown[0]!r} (its fields: "
+                             f"{', '.join(sorted(allowed))})")
+        for name in required:
+            if name not in value:
+                raise ValueError(f"{what} lacks the field {name!r}")
+
+    def text(value: Any, what: str) -> str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{what} must be text; got {type(value).__name__} {value!r}")
+        return value
+
+    fields_of(manifest, "manifest", _MANIFEST_FIELDS, ("dim", "dtype", "shards"))
+    shards = manifest["shards"]
+    if not isinstance(shards, (list, tuple)):
+        raise ValueError(f"manifest field 'shards' must be a list; got {type(shards).__name__}")
+    out = []
+    for i, shard in enumerate(shards):
+        what = f"manifest shards[{i}]"
+        fields_of(shard, what, _SHARD_FIELDS, ("path", "store_id", "rows"))
+        epochs = shard.get("epochs", [])
+        if isinstance(epochs, (str, bytes)) or not hasattr(epochs, "__iter__"):
+            raise ValueError(f"{what}['epochs'] must be a list of integers; got "
+                             f"{type(epochs).__name__} {epochs!r}")
+        out.append({"path": text(shard["path"], f"{what}['path']"),
+                    "store_id": text(shard["store_id"], f"{what}['store_id']"),
+                    "rows": _check_u64(shard["rows"], f"{what}['rows']"),
+                    "epochs": [_check_u64(e, f"{what}['epochs'][{j}]")
+                               for j, e in enumerate(epochs)]})
+    try:
+        dim = _dim_arg(manifest["dim"])
+        dtype = _dtype_name(manifest["dtype"])
+        metadata = _metadata_text(manifest.get("metadata"))
+    except ValueError as error:
+        raise ValueError(f"manifest: {error}") from None
+    return {"dim": dim, "dtype": dtype, "metadata": metadata, "shards": out}
+
+
 def write_manifest(path: PathLike, manifest: dict) -> None:
-    """Writes a manifest atomically (temporary file, fsync, rename, fsync of the directory)."""
-    _embstore.write_manifest(os.fspath(path), manifest)
+    """Writes a manifest atomically (temporary file, fsync, rename, fsync of the directory).
+    ``manifest`` is what ``read_manifest`` returns; metadata and each shard's epochs may be left
+    out, and metadata may be a dict or list (stored as JSON). Raises ValueError naming the field
+    of a value that is missing, of the wrong type or out of range, and for a shard path that is
+    absolute or goes through ``..``."""
+    _embstore.write_manifest(os.fspath(path), _manifest_fields(manifest))
 
 
 def merge(out: PathLike, manifest_or_paths: Any,
