@@ -446,6 +446,16 @@ def test_bench_reports_the_kernels_own_scaling_beside_embstores(tmp_path):
     kernel = second["pwrite_ratio_vs_first_run_repeats"]["all"]
     over = second["ratio_vs_first_run_over_pwrite_repeats"]["all"]
     assert over == pytest.approx([a / b for a, b in zip(ours, kernel)], rel=1e-9)
+    # With one repeat each spread is that repeat's phases: each scaling is its own workload's.
+    r = run("bench", "--rows", 4000, "--dim", 8, "--batch", 100, "--repeat", 1, "--writers",
+            "1,2", "--dir", tmp_path, "--json", "--quiet", "--page-state", "as-is")
+    assert r.code == 0, r
+    first, second = json.loads(r.out)["runs"]
+    for key, phase in (("ratio_vs_first_run_repeats", "embstore"),
+                       ("pwrite_ratio_vs_first_run_repeats", "pwrite"),
+                       ("pwrite_prealloc_ratio_vs_first_run_repeats", "pwrite_prealloc")):
+        want = second[phase]["rows_per_s"] / first[phase]["rows_per_s"]
+        assert second[key]["all"] == [pytest.approx(want, rel=1e-9)], (key, second[key], want)
     text = run("bench", "--rows", 400, "--dim", 8, "--batch", 100, "--repeat", 2, "--writers",
                "1,2", "--dir", tmp_path, "--quiet", "--page-state", "as-is")
     assert text.code == 0, text

@@ -5,6 +5,7 @@ mapping), where JSON numbers cannot hold them."""
 
 import json
 import math
+import os
 import subprocess
 
 import numpy as np
@@ -36,7 +37,7 @@ def one_line(text):
     ["get", "{s}", 1, "--history", "--json"],
     ["get", "{s}", 1],
     ["head", "{s}", "--json"],
-    ["head", "{s}", "--vectors", "-n", 1000],  # more than stdio's buffer: fails part-way
+    ["head", "{s}", "--vectors", "-n", 1000],
     ["tail", "{s}", "--vectors", "--json"],
     ["info", "{s}", "--json"],
     ["info", "{s}"],
@@ -48,6 +49,47 @@ def test_a_read_only_command_whose_output_cannot_be_written_exits_17_naming_stdo
     code, err = run_to_full(*[a.format(s=store) if isinstance(a, str) else a for a in args])
     assert code == IO, err
     assert one_line(err) == f"embstore {args[0]}: {NO_SPACE}"
+
+
+def test_a_long_report_that_cannot_be_written_ends_at_the_first_failed_write(tmp_path):
+    # 3.8 MB of vectors: the first write of stdio's buffer fails, and the command stops there
+    # rather than format every row for a stdout that takes none (strace counts its writes).
+    path = str(tmp_path / "big")
+    with embstore.Writer(path, dim=64) as w:
+        w.append(np.arange(3000), np.random.default_rng(1).random((3000, 64), np.float32))
+    trace = tmp_path / "trace"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=write", "-o", str(trace), CLI,
+                               "head", path, "--vectors", "-n", "3000"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == IO, proc.stderr
+    assert one_line(proc.stderr) == f"embstore head: {NO_SPACE}"
+    to_stdout = [line for line in trace.read_text().splitlines() if "write(1," in line]
+    assert len(to_stdout) == 1, to_stdout[:5]
+    assert "ENOSPC" in to_stdout[0]
+
+
+@pytest.mark.parametrize("command", ["get --npy", "export", "compact", "merge", "create",
+                                     "rebuild-index"])
+def test_a_command_that_changed_something_says_so_when_its_report_is_lost(store, tmp_path,
+                                                                           command):
+    out = str(tmp_path / "out")
+    args, done = {
+        "get --npy": (["get", store, 5, "--npy", out + ".npy"],
+                      f"wrote 1 row of key 5 to {out}.npy"),
+        "export": (["export", store, out, "-q"], f"wrote 30 rows to {out}"),
+        "compact": (["compact", store, out, "-q"], f"wrote 30 rows to {out}"),
+        "merge": (["merge", out, store, "-q"], f"wrote 30 rows to {out}"),
+        "create": (["create", out, "--dim", 4], f"created {out}"),
+        "rebuild-index": (["rebuild-index", store], f"rebuilt the key index of {store}"),
+    }[command]
+    code, err = run_to_full(*args)
+    assert code == IO, err
+    name = command.split()[0]
+    assert one_line(err) == (f"embstore {name}: {NO_SPACE}; the {name} itself was done ({done}), "
+                             "only its report was lost")
+    assert os.path.exists(out + ".npy" if command == "get --npy" else
+                          store if command == "rebuild-index" else out)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["get", "--help"]])
