@@ -1025,6 +1025,28 @@ PYBIND11_MODULE(_embstore, m) {
   m.def("_relay_sigterm", &relay_sigterm,
         "Puts the SIGTERM relay (sigterm_relay.h) in front of Python's SIGTERM handler; from the "
         "main thread. False if it could not.");
+  m.def(
+      "_write_on_sigterm",
+      [](py::object write) {
+        // Kept for the life of the process (called from the relay thread, maybe at its end).
+        static py::object* kept = nullptr;
+        if (kept == nullptr) kept = new py::object();
+        *kept = std::move(write);
+        return write_on_sigterm([] {
+          if (!Py_IsInitialized()) return false;  // the interpreter has ended: the default action
+          py::gil_scoped_acquire locked;
+          try {
+            (*kept)();
+            return true;
+          } catch (py::error_already_set& error) {
+            error.discard_as_unraisable("embstore: writing at SIGTERM");
+            return false;
+          }
+        });
+      },
+      "Has SIGTERM call `write` from the relay thread where Python cannot handle it "
+      "(sigterm_relay.h, write_on_sigterm); from any thread. False if SIGTERM is not at its "
+      "default action.");
 
   m.attr("library_version") = kLibraryVersion;
   m.attr("format_version") =

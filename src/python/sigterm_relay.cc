@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <mutex>
 #include <thread>
 
 #include "platform/thread.h"
@@ -29,6 +30,40 @@ void relay(int signal_number) {
   errno = saved_errno;
 }
 
+// write_on_sigterm(): what the relay thread calls, and whether a SIGTERM asked for it.
+std::atomic<WriteAndEnd> g_write{nullptr};
+std::atomic<bool> g_write_asked{false};
+
+// Ends the process by SIGTERM's default action (async-signal-safe), from any thread: every
+// thread but the library's takes it; _exit if none does within a second.
+[[noreturn]] void end_by_sigterm() {
+  struct sigaction fallback {};
+  sigemptyset(&fallback.sa_mask);
+  fallback.sa_handler = SIG_DFL;
+  sigaction(SIGTERM, &fallback, nullptr);
+  kill(getpid(), SIGTERM);
+  sleep(1);
+  _exit(128 + SIGTERM);
+}
+
+// SIGTERM's handler of write_on_sigterm(). Async-signal-safe. In a forked child of the process
+// that installed it there is no relay thread: the default action, at once (the signal is blocked
+// while its handler runs, so raise() delivers it when the handler returns).
+void relay_write(int signal_number) {
+  const int saved_errno = errno;
+  if (getpid() != g_relay_thread_pid) {
+    struct sigaction fallback {};
+    sigemptyset(&fallback.sa_mask);
+    fallback.sa_handler = SIG_DFL;
+    sigaction(signal_number, &fallback, nullptr);
+    raise(signal_number);
+  } else {
+    g_write_asked.store(true);
+    sem_post(&g_sigterm_seen);
+  }
+  errno = saved_errno;
+}
+
 // The nudge signal's handler: nothing; being run is what interrupts the main thread's wait.
 void ignore_nudge(int) {}
 
@@ -42,6 +77,21 @@ Handler current_handler(int signal_number) {
   for (;;) {
     while (sem_wait(&g_sigterm_seen) != 0) {
       // EINTR only: every signal is blocked in this thread, but a debugger may interrupt it.
+    }
+    if (g_write_asked.load()) {
+      // A deadline, then the write (which ends the process unless it fails).
+      detail::start_thread([] {
+        std::this_thread::sleep_for(kWriteDeadline);
+        static const char message[] =
+            "embstore: SIGTERM: the rows held could not be written in time; ending\n";
+        [[maybe_unused]] const ssize_t ignored = write(2, message, sizeof message - 1);
+        end_by_sigterm();
+      }).detach();
+      if (const WriteAndEnd write_and_end = g_write.load();
+          write_and_end == nullptr || !write_and_end()) {
+        end_by_sigterm();
+      }
+      for (;;) pause();  // The process ends by Python's hand, or at the deadline.
     }
     // Until Python's handler has run (it restores SIGTERM's default action first), the program
     // took SIGTERM or the nudge signal over, or kMaxNudges were sent.
@@ -57,6 +107,35 @@ Handler current_handler(int signal_number) {
 
 }  // namespace
 
+namespace {
+
+// Starts the relay thread in this process, once (a forked child inherits handlers, not threads).
+void start_relay_thread() {
+  if (g_relay_thread_pid != getpid()) {
+    sem_init(&g_sigterm_seen, 0, 0);
+    detail::start_thread(&relay_loop).detach();
+    g_relay_thread_pid = getpid();
+  }
+}
+
+}  // namespace
+
+bool write_on_sigterm(WriteAndEnd write) {
+  static std::mutex once;  // callers on several threads
+  const std::lock_guard guard(once);
+  const Handler current = current_handler(SIGTERM);
+  if (current == &relay_write && g_relay_thread_pid == getpid()) return true;
+  if (current != SIG_DFL && current != &relay_write) return false;
+  g_write.store(write);
+  start_relay_thread();
+  struct sigaction action {};
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;  // the program's calls go on; the relay thread writes
+  action.sa_handler = &relay_write;
+  sigaction(SIGTERM, &action, nullptr);
+  return true;
+}
+
 bool relay_sigterm() {
   const Handler python = current_handler(SIGTERM);
   const Handler nudge = current_handler(nudge_signal());
@@ -70,12 +149,7 @@ bool relay_sigterm() {
     return false;
   }
   g_main_thread.store(pthread_self());
-  if (g_relay_thread_pid != getpid()) {
-    // First call in this process (a forked child inherits the handlers, not the thread).
-    sem_init(&g_sigterm_seen, 0, 0);
-    detail::start_thread(&relay_loop).detach();
-    g_relay_thread_pid = getpid();
-  }
+  start_relay_thread();
   struct sigaction action {};
   sigemptyset(&action.sa_mask);
   action.sa_flags = 0;  // no SA_RESTART: the nudge must interrupt the main thread's wait

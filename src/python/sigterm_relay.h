@@ -44,4 +44,20 @@ constexpr int kMaxNudges = 250;  // 5 s of nudges
 
 bool relay_sigterm();
 
+// The same job where Python cannot take SIGTERM: a Writer opened in a thread other than the main
+// one (Python installs signal handlers from its main thread only), in a multiprocessing child
+// whose SIGTERM still has its default action. Puts a C handler in its place, which wakes the
+// relay thread; that thread calls `write`, which takes the GIL and has what the process's Writers
+// and recorders hold written, then the process ended (embstore._write_off_main_thread: at once,
+// or by the exit function's epilogue when the main thread is already exiting), and returns true;
+// false when it could do neither (the interpreter gone, an error), and then, or when the process
+// is still there kWriteDeadline after the signal (the GIL held for good by a thread in native
+// code), the relay thread ends it by the signal's default action. A SIGTERM in a forked child
+// of this process, which has no relay thread, takes the default action at once. Returns false,
+// changing nothing, when SIGTERM's action is not the default (Python's handler, the program's
+// own, or ignored). Safe to call again, from any thread.
+using WriteAndEnd = bool (*)();
+constexpr std::chrono::seconds kWriteDeadline{30};
+bool write_on_sigterm(WriteAndEnd write);
+
 }  // namespace embstore::python

@@ -3,6 +3,7 @@ interpreter exit, multiprocessing children (os._exit after finalizers), garbage 
 import gc
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -217,12 +218,14 @@ def test_a_daemon_thread_appending_when_the_program_ends_does_not_abort_it(store
 # The fork case lost a worker's rows in about 1 run in 15 (its SIGTERM landed in the exit
 # finalizer of its Writer) and hung in about 1 in 60 (its SIGTERM landed just before its wait on
 # the task queue): the two tests below reproduce each every time.
+@pytest.mark.parametrize("opened_in", ["main thread", "another thread"])
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_rows_of_pool_workers_ended_by_terminate_are_written(store, tmp_path, method):
+def test_rows_of_pool_workers_ended_by_terminate_are_written(store, tmp_path, method, opened_in):
     """``with Pool() as pool:`` ends in terminate(): SIGTERM to workers whose async Writers
     still hold rows of tasks that returned (held here by the store's lock, released a second
     after the terminate began). Each worker writes them before it ends; they were dropped
-    without a word."""
+    without a word, and still were where a thread other than the worker's main one had opened
+    its Writer (Python installs signal handlers from the main thread only)."""
     import functools
     import threading
     import time
@@ -231,7 +234,8 @@ def test_rows_of_pool_workers_ended_by_terminate_are_written(store, tmp_path, me
     markers.mkdir()
     tasks, rows = 6, 500
     with multiprocessing.get_context(method).Pool(
-            2, initializer=workers.pool_open, initargs=(store, str(markers))) as pool:
+            2, initializer=workers.pool_open,
+            initargs=(store, str(markers), opened_in == "another thread")) as pool:
         deadline = time.monotonic() + 60
         while len(os.listdir(markers)) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)  # both workers have opened their Writers
@@ -243,6 +247,49 @@ def test_rows_of_pool_workers_ended_by_terminate_are_written(store, tmp_path, me
     r = embstore.Reader(store)
     assert len(r) == tasks * rows and r.verify().ok
     assert sorted(r.keys.tolist()) == list(range(tasks * rows))
+
+
+def test_a_child_whose_writer_another_thread_opened_writes_its_rows_when_terminated(store):
+    """The Writer of a thread other than the child's main one (a saver thread), its rows queued,
+    the main thread waiting for good: terminate() has them written, and the child ends with
+    status 0 (the default action dropped them, and ended the child by the signal)."""
+    run_child_holding_the_store_lock(store, workers.queue_from_a_thread_then_wait, terminate=0.2)
+
+
+def test_a_forked_child_of_such_a_process_still_ends_at_sigterm():
+    """A process whose SIGTERM handler is the library's C one (its Writer opened off the main
+    thread) forks: the forked child has no relay thread, so its SIGTERM takes the default
+    action at once rather than waking nobody (a child that ignored SIGTERM)."""
+    script = run_script("""
+        import multiprocessing, os, signal, sys, tempfile, threading, time
+        import embstore
+
+        def child():
+            def open_writer():
+                embstore.Writer(os.path.join(tempfile.mkdtemp(), "s"), dim=4).close()
+            thread = threading.Thread(target=open_writer)
+            thread.start()
+            thread.join()
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(3)
+            time.sleep(0.2)
+            os.kill(pid, signal.SIGTERM)
+            _, status = os.waitpid(pid, 0)
+            print("grandchild", "killed by", os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                  else "exit " + str(os.WEXITSTATUS(status)), flush=True)
+
+        if __name__ == "__main__":
+            p = multiprocessing.get_context("fork").Process(target=child)
+            p.start()
+            p.join(30)
+            print("child exit", p.exitcode, flush=True)
+        """)
+    out, err = script.communicate(timeout=60)
+    assert script.returncode == 0, err
+    assert f"grandchild killed by {int(signal.SIGTERM)}" in out, (out, err)
+    assert "child exit 0" in out, (out, err)
 
 
 @pytest.mark.parametrize("where", ["exit", "writer close", "recorder close", "recorder submit"])

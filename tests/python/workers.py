@@ -5,6 +5,7 @@ Payloads are derived from the key, so any process can recompute and check a row.
 import logging
 import multiprocessing.util
 import os
+import threading
 import signal
 
 import numpy as np
@@ -66,12 +67,38 @@ def append_through_global_writer(path, batches, batch_rows, opened, locked, appe
 _pool_writer = None
 
 
-def pool_open(path, marker_dir):
-    """A Pool initializer: opens this worker's async Writer, then says so (a file named by its
-    pid in marker_dir)."""
-    global _pool_writer
-    _pool_writer = embstore.Writer(path, async_queue_mb=16)
+def pool_open(path, marker_dir, in_thread=False):
+    """A Pool initializer: opens this worker's async Writer (in a thread of the worker other than
+    its main one, where Python cannot install a SIGTERM handler, with `in_thread`), then says so
+    (a file named by its pid in marker_dir)."""
+    def open_writer():
+        global _pool_writer
+        _pool_writer = embstore.Writer(path, async_queue_mb=16)
+    if in_thread:
+        thread = threading.Thread(target=open_writer)
+        thread.start()
+        thread.join()
+    else:
+        open_writer()
     open(os.path.join(marker_dir, str(os.getpid())), "w").close()
+
+
+def queue_from_a_thread_then_wait(path, opened, locked):
+    """A multiprocessing child whose Writer a thread other than the main one opened and
+    appended 500 rows to (keys 0..499, queued: the parent holds the store's lock), while its
+    main thread waits for good, as a worker waits for its next task."""
+    def saver():
+        writer = embstore.Writer(path, async_queue_mb=16)
+        _kept.append(writer)
+        opened.set()
+        locked.wait()
+        keys = np.arange(500)
+        writer.append(keys, payload(keys), 0)
+        appended.set()
+    appended = threading.Event()
+    threading.Thread(target=saver, daemon=True).start()
+    appended.wait()
+    threading.Event().wait()
 
 
 def pool_task(task, rows):

@@ -872,18 +872,49 @@ def _end_now() -> None:
     os._exit(_TERMINATION.exit_code)
 
 
+def _write_off_main_thread() -> None:
+    """SIGTERM in a multiprocessing child whose Writers were opened in threads other than its
+    main one (no Python handler: _leave_cleanly_on_sigterm). Runs in the library's relay
+    thread: writes what this process's recorders and Writers hold (their exit finalizers), then
+    ends the child at once with exit status 0, as _write_then_terminate does, without the
+    program's ``finally`` blocks (the default action, which this replaces, ran none either).
+    When the main thread is in multiprocessing's exit function, which runs the same finalizers
+    and may be inside one (a Writer taken off the list, not yet closed), the epilogue ends the
+    process after them instead (_Termination)."""
+    _TERMINATION.ending = True
+    if not _mp_util._exiting:
+        try:
+            _mp_util._run_finalizers(_WRITER_EXIT_PRIORITY)
+        except BaseException as error:  # a Writer that failed to close logged what it lost
+            _log.error("SIGTERM: writing what this process's Writers hold failed: %r", error)
+            _TERMINATION.exit_code = 1
+    if not _mp_util._exiting or _TERMINATION.writers_done:
+        _end_now()
+
+
 def _leave_cleanly_on_sigterm() -> None:
     """In a ``multiprocessing`` child (a Pool worker, a DataLoader worker) whose SIGTERM still
     has its default action, has SIGTERM write what this process's Writers and recorders hold
     before it ends the child (_write_then_terminate). multiprocessing itself sends SIGTERM in an
     ordinary shutdown (``with Pool() as pool:`` ends in ``terminate()``; daemon children are
     terminated at the parent's exit), and the default action dropped those rows without a word.
-    Only from the child's main thread (Python's rule for signal handlers); a handler of the
-    program's own is left alone."""
+    From the child's main thread, a Python handler; from another thread, where Python cannot
+    install one, a C handler whose relay thread writes (_write_off_main_thread). A handler of
+    the program's own is left alone."""
     import multiprocessing
     import signal
-    if multiprocessing.parent_process() is None or \
-            threading.current_thread() is not threading.main_thread():
+    if multiprocessing.parent_process() is None:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        # Python cannot install a handler from here: a C one has the library's relay thread
+        # write (_write_off_main_thread), unless SIGTERM has a handler already. Once the main
+        # thread opens a Writer, Python's handler replaces it.
+        try:
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and \
+                    _embstore._write_on_sigterm(_write_off_main_thread):
+                _TERMINATION.register_epilogue()
+        except (ValueError, OSError):
+            pass
         return
     try:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
