@@ -151,6 +151,7 @@ void AsyncAppender::push(Batch&& batch) {
   }
   stats_.queued_bytes += bytes;
   queue_.push_back(std::move(batch));
+  ++pushed_;
   // A napping thread takes this batch when its nap ends, unless another one already waits.
   const bool wake = writer_asleep_ || (writer_napping_ && queue_.size() > 1);
   if (wake) ++stats_.appends_woke_writer;
@@ -163,8 +164,13 @@ void AsyncAppender::push(Batch&& batch) {
 
 void AsyncAppender::flush() {
   std::unique_lock lock(mutex_);
-  if (!queue_.empty()) work_cv_.notify_one();  // Do not wait for the end of a nap.
-  idle_cv_.wait(lock, [&] { return queue_.empty(); });
+  const std::uint64_t target = pushed_;
+  if (finished_ < target) {
+    work_cv_.notify_one();  // Do not wait for the end of a nap.
+    ++flush_waiters_;
+    idle_cv_.wait(lock, [&] { return finished_ >= target; });
+    --flush_waiters_;
+  }
   if (error_) throw Error(*error_);
 }
 
@@ -285,9 +291,11 @@ void AsyncAppender::run() {
       spare_keys_.push_back(std::move(batch.keys));
     }
     queue_.pop_front();
+    ++finished_;
     if (failure) {
       std::uint64_t dropped_rows = failed_rows;
       const std::uint64_t dropped = queue_.size() + 1;
+      finished_ += queue_.size();
       for (Batch& later : queue_) {
         dropped_rows += later.rows.rows;
         if (later.hold != nullptr) done_.push_back(later.hold);
@@ -304,7 +312,7 @@ void AsyncAppender::run() {
                      failure->sys_errno());
     }
     space_cv_.notify_all();
-    if (queue_.empty()) idle_cv_.notify_all();
+    if (flush_waiters_ > 0) idle_cv_.notify_all();
   }
   idle_cv_.notify_all();
 }

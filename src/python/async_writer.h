@@ -143,7 +143,7 @@ class AsyncAppender {
   std::mutex mutex_;
   std::condition_variable work_cv_;   // A batch arrived, or stop.
   std::condition_variable space_cv_;  // Room freed, or failure.
-  std::condition_variable idle_cv_;   // The queue became empty.
+  std::condition_variable idle_cv_;   // A batch was written or dropped, while flush() waits.
   std::deque<Batch> queue_;  // Front is being written; its ring range stays taken until done.
   // (offset, bytes) of the ring ranges taken, oldest first: those of queue_'s batches that have
   // rows, then possibly one that push() is filling.
@@ -151,6 +151,12 @@ class AsyncAppender {
   std::vector<void*> done_;
   std::vector<std::vector<std::uint64_t>> spare_keys_;
   std::optional<Error> error_;
+  // Batches queued, and batches written or dropped, since the start: flush() waits for the
+  // second to reach what the first was when it was called (not for an empty queue, which
+  // another thread appending meanwhile keeps from ever coming).
+  std::uint64_t pushed_ = 0;
+  std::uint64_t finished_ = 0;
+  int flush_waiters_ = 0;
   WriteStats stats_;
   bool stopping_ = false;
   bool stopped_ = false;

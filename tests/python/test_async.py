@@ -57,6 +57,43 @@ def test_async_append_returns_before_writing_and_flush_commits(store):
     w.close()
 
 
+@pytest.mark.parametrize("call", ["flush", "sync"])
+def test_flush_waits_for_the_batches_before_it_not_for_those_another_thread_adds(store, call):
+    """A training thread keeps the queue from ever emptying (a batch per step, each synced):
+    flush() (and sync(), which flushes) must return once the batches appended before it are
+    written. It waited for an empty queue, so it returned only when that thread stopped."""
+    w = embstore.Writer(store, dim=8, async_queue_mb=0.01, sync="every_append")
+    stop = threading.Event()
+    returned = [0]  # rows whose append has returned
+
+    def training_loop():
+        row = np.ones((1, 8), np.float32)
+        while not stop.is_set():
+            w.append([returned[0]], row, 0)
+            returned[0] += 1
+
+    trainer = threading.Thread(target=training_loop)
+    trainer.start()
+    try:
+        _wait_until(lambda: returned[0] >= 50)
+        before = returned[0]
+        done = threading.Event()
+        flusher = threading.Thread(target=lambda: (getattr(w, call)(), done.set()))
+        flusher.start()
+        flushed = done.wait(30)
+        committed = len(embstore.Reader(store))
+        still_appending = trainer.is_alive() and not stop.is_set()
+    finally:
+        stop.set()
+        trainer.join()
+        flusher.join()
+    assert flushed, f"{call}() did not return while another thread kept appending"
+    assert still_appending
+    assert committed >= before
+    w.close()
+    assert sorted(embstore.Reader(store).keys.tolist()) == list(range(returned[0]))
+
+
 def test_async_append_copies_the_rows_so_the_caller_may_change_its_array_at_once(store):
     embstore.create(store, dim=4)
     w = embstore.Writer(store, async_queue_mb=16)
