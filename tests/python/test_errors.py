@@ -161,6 +161,23 @@ def test_lists_of_bools_are_refused_as_vectors_as_bool_arrays_are(store, dtype):
         assert w.committed_rows() == 0
 
 
+@pytest.mark.parametrize("async_queue_mb", [0, 1])
+@pytest.mark.parametrize("rows, shapes", [
+    ([[1, 2, 3, 4], [1, 2, 3]], "(4,), (3,)"),
+    ([[1, 2, 3, 4], 5], "(), (4,)"),
+    ([[1, 2, 3, 4], [3, [4, 5], 6, 7]], "(4,), ragged"),
+], ids=["short row", "a number for a row", "a row holding a list"])
+def test_a_ragged_list_of_rows_is_refused_naming_vectors(store, async_queue_mb, rows, shapes):
+    # numpy's own words ("setting an array element with a sequence") named nothing.
+    with embstore.Writer(store, dim=4, async_queue_mb=async_queue_mb) as w:
+        with pytest.raises(ValueError) as error:
+            w.append([1, 2], rows)
+        assert str(error.value) == (f"vectors: rows of different shapes ({shapes}); every row "
+                                    "must be dim numbers")
+        w.flush()
+        assert w.committed_rows() == 0
+
+
 def test_an_array_of_another_dtype_is_refused_not_converted(store):
     with embstore.Writer(store, dim=4) as w:
         with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):

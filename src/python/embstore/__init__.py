@@ -285,7 +285,17 @@ _SEQUENCE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np
 def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
     """A list of rows (or another non-array sequence) as an array of the store's dtype."""
     target = np.dtype(_SEQUENCE_DTYPES[store_dtype])
-    values = np.asarray(vectors)
+    try:
+        values = np.asarray(vectors)
+    except ValueError:  # numpy's words for a ragged list
+        def shape(row):
+            try:
+                return str(np.shape(row))
+            except ValueError:
+                return "ragged"
+        shapes = sorted({shape(row) for row in vectors}, key=len)
+        raise ValueError(f"vectors: rows of different shapes ({', '.join(shapes)}); every row "
+                         "must be dim numbers") from None
     if values.dtype.kind not in "iuf":  # bools too: refused as numpy and torch bool arrays are
         raise ValueError(f"vectors: a {type(vectors).__name__} of {values.dtype} values; "
                         "rows must hold numbers")
