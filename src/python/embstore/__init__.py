@@ -293,7 +293,7 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
                 return str(np.shape(row))
             except ValueError:
                 return "ragged"
-        shapes = sorted({shape(row) for row in vectors}, key=len)
+        shapes = sorted({shape(row) for row in vectors}, key=lambda text: (len(text), text))
         raise ValueError(f"vectors: rows of different shapes ({', '.join(shapes)}); every row "
                          "must be dim numbers") from None
     if values.dtype.kind not in "iuf":  # bools too: refused as numpy and torch bool arrays are
