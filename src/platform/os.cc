@@ -247,6 +247,7 @@ void allocate(int fd, std::uint64_t offset, std::uint64_t bytes, const std::stri
 void datasync(int fd, const std::string& path) {
   if (int err = injected(Op::kMsync)) fail("fdatasync", path, err);
   if (::fdatasync(fd) != 0) fail("fdatasync", path, errno);
+  EMBSTORE_SYNCED(path.c_str());
 }
 
 void start_writeback(int fd) noexcept { (void)::sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE); }

@@ -220,6 +220,16 @@ std::string pause_here(Hooks& h, const char* point) {
 
 }  // namespace
 
+namespace {
+std::atomic<SyncObserver> g_sync_observer{nullptr};
+}  // namespace
+
+void set_sync_observer(SyncObserver observer) { g_sync_observer.store(observer); }
+
+void synced(const char* path) noexcept {
+  if (const SyncObserver observer = g_sync_observer.load(); observer != nullptr) observer(path);
+}
+
 void crash_point(const char* point) noexcept {
   auto& h = hooks();
   if (h.pauses_armed.load()) {

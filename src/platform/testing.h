@@ -100,6 +100,13 @@ void set_pwrite_cap(std::size_t bytes);
 // The f_type os::filesystem_magic reports for every path (EMBSTORE_FS_MAGIC); 0: the real one.
 std::uint64_t filesystem_magic() noexcept;
 void set_filesystem_magic(std::uint64_t f_type);
+// Called by os::datasync with the file's path each time an fdatasync of it succeeds, in the
+// thread that made it, before the caller goes on: a power-loss model records the file as the
+// disk then holds it (tests/reliability, scenario 6). nullptr: none. In-process only.
+using SyncObserver = void (*)(const char* path);
+void set_sync_observer(SyncObserver observer);
+void synced(const char* path) noexcept;
+#define EMBSTORE_SYNCED(path) ::embstore::detail::testing::synced(path)
 #define EMBSTORE_CRASH_POINT(name) ::embstore::detail::testing::crash_point(name)
 #define EMBSTORE_FAULT(op) ::embstore::detail::testing::fault_for(op)
 #define EMBSTORE_WRITE_PATH() ::embstore::detail::testing::write_path()
@@ -115,6 +122,7 @@ inline constexpr bool kEnabled = false;
   std::size_t { 0 }
 #define EMBSTORE_FS_MAGIC() \
   std::uint64_t { 0 }
+#define EMBSTORE_SYNCED(path) ((void)0)
 #endif
 
 }  // namespace embstore::detail::testing

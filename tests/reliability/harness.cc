@@ -352,9 +352,11 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
   stat_add("invariant_checks");
   // 1. The store opens, for reading before any writer recovered it, then for writing.
   std::uint64_t before_recovery = 0;
+  std::uint64_t durable_before = 0;  // What the store's header says a completed sync covers.
   try {
     Reader early = Reader::open(p.store, ropts());
     before_recovery = early.size();
+    durable_before = early.info(InfoDetail::kState).durable_rows;
     VerifyReport report = early.verify();
     if (report.bad_row_count != 0) {
       problem("a Reader opened before recovery hands out " + std::to_string(report.bad_row_count) +
@@ -385,6 +387,11 @@ CheckResult check_invariant(const Params& p, const CheckOptions& options) {
   if (options.power_loss && before_recovery != rows) {
     problem("a Reader before recovery saw " + std::to_string(before_recovery) +
             " rows but recovery kept " + std::to_string(rows));
+  }
+  // The store's own promise: rows it called durable survive a power cut.
+  if (options.power_loss && rows < durable_before) {
+    problem("the header called " + std::to_string(durable_before) +
+            " rows durable, but after the power cut recovery kept " + std::to_string(rows));
   }
   if (!options.power_loss && before_recovery > rows) {
     problem("recovery dropped committed rows: " + std::to_string(before_recovery) + " -> " +

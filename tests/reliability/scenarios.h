@@ -30,9 +30,10 @@ class Setup {
   // Runs the verifier process to the end: the invariant, plus a fresh batch.
   bool verify(const std::string& context, bool power_loss = false,
               const std::vector<std::string>& env = {});
-  // With another store directory (a power-loss image) but the same logs.
+  // With another store directory (a power-loss image) but the same logs, or those of
+  // `log_dir` (a copy of them taken when the image's moment came).
   bool verify_store(const std::string& store, const std::string& context, bool power_loss,
-                    const std::vector<std::string>& env);
+                    const std::vector<std::string>& env, const std::string& log_dir = "");
 
  private:
   std::string dir_;

@@ -96,9 +96,10 @@ bool Setup::verify(const std::string& context, bool power_loss,
 }
 
 bool Setup::verify_store(const std::string& store, const std::string& context, bool power_loss,
-                         const std::vector<std::string>& env) {
+                         const std::vector<std::string>& env, const std::string& log_dir) {
   Params p = p_;
   p.store = store;
+  if (!log_dir.empty()) p.log_dir = log_dir;
   auto args = role_args("verifier", p);
   args.insert(args.end(), {"--fresh-writer", std::to_string(new_writer()), "--context", context});
   if (power_loss) args.push_back("--power-loss");
@@ -483,6 +484,64 @@ Image crash_image(const Image& shadow, const std::vector<Image>& versions, Rng& 
   return out;
 }
 
+// The disk as the store's own fdatasync calls leave it (testing.h, set_sync_observer): when an
+// fdatasync of one of the store's files returns, the disk holds that file as it is then (the
+// shadow), and no earlier version of it can surface after a power cut. Rather than assume the
+// store flushes what it promised in the order it promised, the model follows the calls the
+// store makes. Some of those moments are also kept as cuts: the power fails right after that
+// fdatasync (images are made of them after the run, when nothing is being written).
+struct SyncModel {
+  std::string store;
+  Image* shadow = nullptr;
+  std::vector<Image>* versions = nullptr;
+  std::string log_dir;   // The writers' ack logs,
+  std::string cuts_dir;  // copied here at each cut: what was acked and durable then.
+  struct Cut {
+    Image shadow;
+    std::vector<Image> versions;
+    std::string log_dir;
+  };
+  std::vector<Cut> cuts;
+  std::size_t max_cuts = 0;
+  Rng rng{1};
+};
+SyncModel* g_sync_model = nullptr;
+
+void observe_sync(const char* path) {
+  SyncModel* model = g_sync_model;
+  if (model == nullptr) return;
+  const std::filesystem::path file(path);
+  if (file.parent_path() != std::filesystem::path(model->store)) return;
+  const std::string name = file.filename().string();
+  (*model->shadow)[name] = read_all(path);
+  for (Image& v : *model->versions) v.erase(name);
+  if (model->cuts.size() < model->max_cuts && model->rng.chance(0.3)) {
+    std::vector<Image> versions = *model->versions;
+    versions.push_back(snapshot(model->store));
+    const std::string logs = model->cuts_dir + "/logs" + std::to_string(model->cuts.size());
+    std::filesystem::create_directories(logs);
+    std::filesystem::copy(model->log_dir, logs,
+                          std::filesystem::copy_options::recursive |
+                              std::filesystem::copy_options::overwrite_existing);
+    model->cuts.push_back({*model->shadow, std::move(versions), logs});
+  }
+}
+
+// Installs the model for one writer's run, and removes it when the run ends.
+class SyncModelScope {
+ public:
+  explicit SyncModelScope(SyncModel& model) {
+    g_sync_model = &model;
+    detail::testing::set_sync_observer(&observe_sync);
+  }
+  ~SyncModelScope() {
+    detail::testing::set_sync_observer(nullptr);
+    g_sync_model = nullptr;
+  }
+  SyncModelScope(const SyncModelScope&) = delete;
+  SyncModelScope& operator=(const SyncModelScope&) = delete;
+};
+
 }  // namespace
 
 namespace {
@@ -531,8 +590,17 @@ bool scenario_power_loss(std::uint64_t seed) {
     const std::uint64_t w = s.new_writer();
     Image shadow = snapshot(p.store);
     std::vector<Image> versions;
+    SyncModel model;
+    model.store = p.store;
+    model.shadow = &shadow;
+    model.versions = &versions;
+    model.max_cuts = 2;
+    model.log_dir = p.log_dir;
+    model.cuts_dir = s.dir() + "/cuts";
+    model.rng = Rng(rng.next());
     const char* kill_points[] = {"before-publish", "mid-index-write", "after-copy"};
     {
+      const SyncModelScope observing(model);
       Writer writer = Writer::open(p.store, wopts_unsynced());
       AckLog log(p.log_dir, w);
       Schedule schedule(p.seed, w, p.max_batch);
@@ -559,42 +627,17 @@ bool scenario_power_loss(std::uint64_t seed) {
         for (std::uint64_t j = 0; j < b.rows; ++j)
           keys.push_back(test::make_key(w, b.first_seq + j));
         log.intent(b.first_seq, b.rows);
-        // Entries already at the commit point (the dead helper wrote some): the append syncs
-        // its rows and entries before publishing (FORMAT.md "Append over an unpublished tail").
-        bool over_tail = false;
-        if (after_crash) {
-          const std::string& index = versions.back().at("index.1");
-          const std::uint64_t at = writer.committed_rows() * 32;
-          over_tail = index.size() >= at + 32 && index.compare(at, 32, std::string(32, '\0')) != 0;
-        }
-        const std::uint64_t first =
-            writer.append(keys, b.index, test::batch_payload(w, b.first_seq, b.rows, p.dim));
+        // An append over the dead writer's entries (past the commit point) raises the store's
+        // era and flushes the header before writing over them, then flushes its rows and
+        // entries before publishing (FORMAT.md "Append over an unpublished tail"; the probe
+        // above checks that a flush happens): the sync model records each file when its
+        // fdatasync returns. Until then the index keeps every version: the dead writer's
+        // entries may still surface there, and recovery must tell them apart by their older era.
+        writer.append(keys, b.index, test::batch_payload(w, b.first_seq, b.rows, p.dim));
         log.acked(b.first_seq, b.rows);
-        if (over_tail) {
-          // From then on the disk holds at least these pages of the data and index files; an
-          // earlier version of them can no longer surface.
-          const Image now = snapshot(p.store);
-          shadow["rows.1"] = now.at("rows.1");
-          shadow["index.1"] = now.at("index.1");
-          versions.clear();
-        }
-        if (after_crash) {
-          // The append found the dead writer's entries past the commit point and, before
-          // writing over them, raised the store's era and flushed the header (the probe above
-          // checks that a flush happens): from then on the disk's header is at least that one,
-          // the state page as it was just before this append's publish. The index keeps every
-          // version: the dead writer's entries may still surface there, and recovery must tell
-          // them apart by their older era.
-          std::string header = snapshot(p.store).at("header");
-          std::memcpy(header.data() + 4096, &first, sizeof(first));  // committed_rows before
-          shadow["header"] = header;
-          for (Image& v : versions) v.erase("header");
-        }
         if (rng.chance(0.2) && i + 1 < batches) {
-          writer.sync();
+          writer.sync();  // The sync model recorded what each of its fdatasyncs left on disk.
           log.durable(b.first_seq + b.rows);
-          shadow = snapshot(p.store);  // What a completed sync guarantees is on the disk.
-          versions.clear();
         } else if (after_crash || rng.chance(0.3)) {
           versions.push_back(snapshot(p.store));
         }
@@ -603,16 +646,28 @@ bool scenario_power_loss(std::uint64_t seed) {
       // The power fails here: the writer never closes.
     }
     versions.push_back(snapshot(p.store));
-    for (std::uint64_t i = 0; i < images_per_run; ++i) {
-      const int mode = i == 0 ? 1 : i == 1 ? 2 : rng.chance(0.5) ? 3 : 0;
-      const Image img = crash_image(shadow, versions, rng, mode);
+    // The images of the end of the run, then one of each cut (right after an fdatasync of the
+    // store's: data and index pages as old as the disk allows with the header as new, or any).
+    const std::uint64_t images = images_per_run + model.cuts.size();
+    for (std::uint64_t i = 0; i < images; ++i) {
+      const bool at_cut = i >= images_per_run;
+      const SyncModel::Cut* cut = at_cut ? &model.cuts[i - images_per_run] : nullptr;
+      const int mode = at_cut            ? (rng.chance(0.7) ? 2 : 0)
+                       : i == 0          ? 1
+                       : i == 1          ? 2
+                       : rng.chance(0.5) ? 3
+                                         : 0;
+      const Image img = cut != nullptr ? crash_image(cut->shadow, cut->versions, rng, mode)
+                                       : crash_image(shadow, versions, rng, mode);
       const std::string dir = s.dir() + "/image" + std::to_string(i);
       std::filesystem::create_directories(dir);
       for (const auto& [name, bytes] : img) write_all(dir + "/" + name, bytes);
       stat_add("powerloss_images");
-      if (!s.verify_store(
-              dir, "power-loss image " + std::to_string(i) + " of run " + std::to_string(run), true,
-              {"EMBSTORE_BOOT_ID=" + random_boot_id(rng)})) {
+      const std::string context =
+          (at_cut ? "power-loss image (a cut after an fdatasync) " : "power-loss image ") +
+          std::to_string(i) + " of run " + std::to_string(run);
+      if (!s.verify_store(dir, context, true, {"EMBSTORE_BOOT_ID=" + random_boot_id(rng)},
+                          cut != nullptr ? cut->log_dir : "")) {
         ok = false;
         std::fprintf(stderr, "  (image kept for inspection would be %s)\n", dir.c_str());
       }
