@@ -34,13 +34,18 @@ void relay(int signal_number) {
 std::atomic<WriteAndEnd> g_write{nullptr};
 std::atomic<bool> g_write_asked{false};
 
-// Ends the process by SIGTERM's default action (async-signal-safe), from any thread: every
-// thread but the library's takes it; _exit if none does within a second.
-[[noreturn]] void end_by_sigterm() {
+// Gives `signal_number` its default action again. Async-signal-safe.
+void restore_default(int signal_number) {
   struct sigaction fallback {};
   sigemptyset(&fallback.sa_mask);
   fallback.sa_handler = SIG_DFL;
-  sigaction(SIGTERM, &fallback, nullptr);
+  sigaction(signal_number, &fallback, nullptr);
+}
+
+// Ends the process by SIGTERM's default action (async-signal-safe), from any thread: every
+// thread but the library's takes it; _exit if none does within a second.
+[[noreturn]] void end_by_sigterm() {
+  restore_default(SIGTERM);
   kill(getpid(), SIGTERM);
   sleep(1);
   _exit(128 + SIGTERM);
@@ -52,10 +57,7 @@ std::atomic<bool> g_write_asked{false};
 void relay_write(int signal_number) {
   const int saved_errno = errno;
   if (getpid() != g_relay_thread_pid) {
-    struct sigaction fallback {};
-    sigemptyset(&fallback.sa_mask);
-    fallback.sa_handler = SIG_DFL;
-    sigaction(signal_number, &fallback, nullptr);
+    restore_default(signal_number);
     raise(signal_number);
   } else {
     g_write_asked.store(true);
@@ -104,10 +106,6 @@ Handler current_handler(int signal_number) {
     }
   }
 }
-
-}  // namespace
-
-namespace {
 
 // Starts the relay thread in this process, once (a forked child inherits handlers, not threads).
 void start_relay_thread() {
