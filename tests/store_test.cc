@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <chrono>
@@ -16,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <set>
 #include <string>
@@ -138,7 +140,7 @@ TEST_CASE("float32 input is converted to float16 and bfloat16 stores, rounding t
                                      0.1f,
                                      1e-8f,
                                      3.0f,
-                                     1e30f};
+                                     -std::numeric_limits<float>::infinity()};
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     DYNAMIC_SECTION("into " << dtype_name(dtype)) {
       TempDir dir;
@@ -153,6 +155,55 @@ TEST_CASE("float32 input is converted to float16 and bfloat16 stores, rounding t
                                            : detail::float_to_bfloat16(values[i]);
         CHECK(stored[i] == expected);
       }
+      CHECK(r.verify().ok());
+    }
+  }
+}
+
+TEST_CASE(
+    "float32 values beyond a float16 or bfloat16 store's range are refused, not stored "
+    "as infinity",
+    "[store][errors]") {
+  const std::uint32_t dim = 4;
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  struct Case {
+    DType dtype;
+    float largest;    // Rounds to the largest finite value: stored.
+    float too_large;  // Rounds to infinity: refused.
+    const char* named;
+  };
+  for (const Case& c : {Case{DType::kFloat16, 65519.0f, 65520.0f, "65520"},
+                        Case{DType::kBFloat16, std::bit_cast<float>(0x7f7f7fffu),
+                             std::numeric_limits<float>::max(), "3.40282347e+38"}}) {
+    DYNAMIC_SECTION(dtype_name(c.dtype)) {
+      TempDir dir;
+      Writer w = Writer::create(dir / "s", opts(dim, c.dtype));
+      // Infinite and NaN input, and values that round to the largest finite one, are stored.
+      const std::vector<float> fine = {inf, -inf, nan, c.largest, -c.largest, 1, 2, 3};
+      w.append(iota_keys(0, 2), 0, std::span<const float>(fine));
+      // One finite value that becomes infinite, in the second row of a batch of 3, column 2;
+      // sizes past the staging limit take the same path (conversion is always staged).
+      for (const std::uint64_t rows : {3ull, 40000ull}) {
+        INFO(rows << " rows");
+        std::vector<float> batch(rows * dim, 0.5f);
+        batch[1 * dim + 2] = -c.too_large;
+        std::string message;
+        CHECK(code_of([&] { w.append(iota_keys(10, rows), 0, std::span<const float>(batch)); },
+                      &message) == ErrorCode::kInvalidArgument);
+        CHECK_THAT(message, Catch::Contains("row 1 of the batch, column 2") &&
+                                Catch::Contains(std::string("-") + c.named) &&
+                                Catch::Contains(std::string(dtype_name(c.dtype)) + "'s range"));
+        CHECK(w.committed_rows() == 2);
+      }
+      Reader r = Reader::open(dir / "s");
+      REQUIRE(r.size() == 2);
+      const auto* stored = reinterpret_cast<const std::uint16_t*>(r.rows().data);
+      const std::uint16_t infinity =
+          c.dtype == DType::kFloat16 ? detail::kHalfInfinity : detail::kBFloat16Infinity;
+      CHECK(stored[0] == infinity);
+      CHECK(stored[1] == (infinity | 0x8000));
+      CHECK((stored[3] & 0x7fff) == infinity - 1);  // The largest finite value.
       CHECK(r.verify().ok());
     }
   }

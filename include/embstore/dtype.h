@@ -41,7 +41,8 @@ std::span<const DTypeAlias> dtype_aliases() noexcept;
 std::optional<DType> parse_dtype(std::string_view name) noexcept;
 
 // True when rows of dtype `input` may be appended to a `store` store: the same dtype, or float32
-// into a float16/bfloat16 store (converted on append, round to nearest even).
+// into a float16/bfloat16 store (converted on append, round to nearest even; a finite value
+// beyond the store's range is refused, Writer::append()).
 bool dtype_accepts(DType store, DType input) noexcept;
 
 // True when `raw` is one of the enum's values (for data read from disk).

@@ -65,8 +65,10 @@ class Writer {
 
   // Appends rows.rows rows with keys[i] and one epoch (or epochs[i]) atomically: readers see all
   // of them or none. Input of the store's dtype is copied as is; float32 input is converted to
-  // a float16 or bfloat16 store (round to nearest even). Anything else — another dtype, a wrong
-  // dim, keys/epochs of another length — throws kInvalidArgument and writes nothing.
+  // a float16 or bfloat16 store (round to nearest even; NaN and infinities stay what they are).
+  // Anything else — another dtype, a wrong dim, keys/epochs of another length, a finite float32
+  // value beyond the store's float16/bfloat16 range (it would become infinity) — throws
+  // kInvalidArgument naming it and writes nothing.
   // Returns the row number of the first appended row (rows are numbered from 0 in append order).
   // A batch of 0 rows is valid and returns the current committed count.
   // The rows are read during the call. Another thread that changes them meanwhile decides which

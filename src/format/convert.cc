@@ -1,6 +1,7 @@
 #include "format/convert.h"
 
 #include <bit>
+#include <cmath>
 #include <cstring>
 
 namespace embstore::detail {
@@ -56,6 +57,14 @@ void convert_to_half(const float* in, std::uint16_t* out, std::size_t count) noe
 
 void convert_to_bfloat16(const float* in, std::uint16_t* out, std::size_t count) noexcept {
   for (std::size_t i = 0; i < count; ++i) out[i] = float_to_bfloat16(in[i]);
+}
+
+std::size_t first_overflow(const float* in, const std::uint16_t* out, std::size_t count,
+                           std::uint16_t infinity) noexcept {
+  for (std::size_t i = 0; i < count; ++i) {
+    if ((out[i] & 0x7fffu) == infinity && std::isfinite(in[i])) return i;
+  }
+  return count;
 }
 
 }  // namespace embstore::detail

@@ -4,7 +4,9 @@
 // (round to nearest even, overflow to infinity, NaN -> quiet NaN exactly as those functions make
 // it) for every input bit pattern, only faster: AVX2 + F16C when the CPU has them (checked once
 // at run time), else the scalar loops of convert.h. bench/convert_check.cc compares the two over
-// all 2^32 float32 bit patterns. Pure functions, thread-safe.
+// all 2^32 float32 bit patterns. Each also says whether any element it wrote is an infinity
+// (then convert.h's first_overflow() tells a finite input's overflow from an infinite input).
+// Pure functions, thread-safe.
 #pragma once
 
 #include <cstddef>
@@ -12,7 +14,8 @@
 
 namespace embstore::detail {
 
-void convert_to_half_fast(const float* in, std::uint16_t* out, std::size_t count) noexcept;
-void convert_to_bfloat16_fast(const float* in, std::uint16_t* out, std::size_t count) noexcept;
+// True when some out[i] is +-infinity.
+bool convert_to_half_fast(const float* in, std::uint16_t* out, std::size_t count) noexcept;
+bool convert_to_bfloat16_fast(const float* in, std::uint16_t* out, std::size_t count) noexcept;
 
 }  // namespace embstore::detail

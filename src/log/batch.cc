@@ -1,10 +1,12 @@
 #include "log/batch.h"
 
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "embstore/error.h"
+#include "format/convert.h"
 #include "format/convert_fast.h"
 
 namespace embstore::detail {
@@ -23,6 +25,27 @@ bool hash_at_applies(const Layout& layout, const ConstMatrix& rows, RowMemory me
          (rows.row_stride_bytes == 0 || rows.row_stride_bytes == record_bytes) &&
          rows.rows >= read_back_rows(record_bytes);
 }
+
+namespace {
+
+// Refuses row i of a batch when a finite float32 value of it (`in`, dim of them) became an
+// infinity converted to the store's float16 or bfloat16 (`out`): storing it would not store what
+// the caller passed. Infinite input stays infinite, as any other value is stored as given.
+template <typename Invalid>
+void refuse_overflow(const Invalid& invalid, DType dtype, std::uint64_t i, const float* in,
+                     const std::uint16_t* out, std::uint32_t dim) {
+  const bool half = dtype == DType::kFloat16;
+  const std::size_t column = first_overflow(in, out, dim, half ? kHalfInfinity : kBFloat16Infinity);
+  if (column == dim) return;
+  char value[32];
+  std::snprintf(value, sizeof value, "%.9g", static_cast<double>(in[column]));
+  invalid(std::string("row ") + std::to_string(i) + " of the batch, column " +
+          std::to_string(column) + ": " + value + " is beyond " + std::string(dtype_name(dtype)) +
+          "'s range (largest " + (half ? "65504" : "3.3895314e+38") +
+          ") and would be stored as infinity; scale or clip it, or use a wider dtype");
+}
+
+}  // namespace
 
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
@@ -97,11 +120,10 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
       const auto* in = reinterpret_cast<const float*>(batch.source + i * stride);
       std::byte* row = staged + i * record_bytes;
       auto* out = reinterpret_cast<std::uint16_t*>(row);
-      if (layout.dtype == DType::kFloat16) {
-        convert_to_half_fast(in, out, rows.dim);
-      } else {
-        convert_to_bfloat16_fast(in, out, rows.dim);
-      }
+      const bool half = layout.dtype == DType::kFloat16;
+      const bool infinite = half ? convert_to_half_fast(in, out, rows.dim)
+                                 : convert_to_bfloat16_fast(in, out, rows.dim);
+      if (infinite) refuse_overflow(invalid, layout.dtype, i, in, out, rows.dim);
       hashes[i] = payload_hash(row, record_bytes, key);
     }
   } else {

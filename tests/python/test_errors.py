@@ -144,6 +144,38 @@ def test_lists_of_rows_are_converted_to_the_stores_dtype(store, dtype):
     assert len(r) == 3
 
 
+@pytest.mark.parametrize("async_queue_mb", [0, 1])
+@pytest.mark.parametrize("dtype, too_large, largest", [
+    ("float16", 65520, 65504), ("bfloat16", 3.4e38, 3.38e38), ("float32", 1e39, 3.4e38)])
+def test_float_values_beyond_the_stores_range_are_refused_not_stored_as_infinity(
+        store, async_queue_mb, dtype, too_large, largest):
+    # numpy, torch and the library's own conversion make such a value infinity without a word.
+    w = embstore.Writer(store, dim=3, dtype=dtype, async_queue_mb=async_queue_mb)
+    w.append([1], [[largest, -largest, float("inf")]])  # in range, or infinite already
+    # A list is converted before it is queued: refused by the call in both modes.
+    with pytest.raises(ValueError, match=rf"vectors: row 1, column 2: .* beyond {dtype}'s range"):
+        w.append([2, 3], [[1, 2, 3], [4, 5, -too_large]])
+    w.flush()
+    assert w.committed_rows() == 1
+    if dtype != "float32":
+        # A float32 array is converted by the store: refused by the append, or in async mode by
+        # the next call, as every failed background append is (and the writer stays failed).
+        rows = np.ones((2, 3), dtype=np.float32)
+        rows[1, 2] = too_large
+        message = rf"row 1 of the batch, column 2: .* beyond {dtype}'s range"
+        with pytest.raises(ValueError, match=message):
+            w.append([2, 3], rows)
+            w.flush()
+        if async_queue_mb:
+            with pytest.raises(ValueError, match=message):
+                w.close()
+    w.close()
+    r = embstore.Reader(store)
+    assert len(r) == 1
+    got = r.tensor().float().numpy()
+    assert np.isinf(got[0, 2]) and np.isfinite(got[0, :2]).all()
+
+
 def test_list_values_an_integer_store_cannot_hold_are_refused(store):
     with embstore.Writer(store, dim=2, dtype="int8") as w:
         with pytest.raises(ValueError, match=r"integers in \[-128, 127\] .* int8 store"):

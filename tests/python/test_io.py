@@ -284,9 +284,12 @@ def test_float64_rows_are_rounded_once_to_float16_and_bfloat16(tmp_path):
     x16 = np.array([[1 + 2**-11 + tiny, 1 + 2**-11 - tiny, 1 + 3 * 2**-11, -1 - 2**-11 - tiny]])
     want16 = [1 + 2**-10, 1.0, 1 + 2**-9, -1 - 2**-10]
     assert x16.astype(np.float16).tolist() == [want16]
-    x_bf = np.array([[1 + 2**-8 + tiny, 1 + 2**-8 - tiny, 1 + 2**-8, 1 + 3 * 2**-8, 3.5e38,
-                      -1 - 2**-8 - tiny, 1e-300]])
-    want_bf = [0x3F81, 0x3F80, 0x3F80, 0x3F82, 0x7F80, 0xBF81, 0]  # bit patterns
+    # Just below the smallest value that rounds to infinity: float32 rounds it up onto that tie
+    # (so it would become infinity); once, it is bfloat16's largest value.
+    below_infinity = (2 - 2.0**-8) * 2.0**127 - 2.0**98
+    x_bf = np.array([[1 + 2**-8 + tiny, 1 + 2**-8 - tiny, 1 + 2**-8, 1 + 3 * 2**-8,
+                      below_infinity, -1 - 2**-8 - tiny, 1e-300]])
+    want_bf = [0x3F81, 0x3F80, 0x3F80, 0x3F82, 0x7F7F, 0xBF81, 0]  # bit patterns
     for x, dtype, want in [(x16, "float16", want16), (x_bf, "bfloat16", want_bf)]:
         src = tmp_path / f"f64-{dtype}"
         with embstore.Writer(src, dim=x.shape[1], dtype="float64") as w:
@@ -298,3 +301,42 @@ def test_float64_rows_are_rounded_once_to_float16_and_bfloat16(tmp_path):
         for out in ("compact", "import", "existing"):
             stored = embstore.Reader(tmp_path / f"{out}-{dtype}").vectors
             assert stored.tolist() == [want], (out, dtype)
+
+
+@pytest.mark.parametrize("dtype, too_large", [("float16", 65520.0), ("bfloat16", 3.4e38),
+                                              ("float32", 3.5e38)])
+def test_import_and_compact_refuse_values_that_would_become_infinite(tmp_path, dtype, too_large):
+    # Rounded to the narrower float type these values become infinity: refused, naming the row
+    # of the source, never stored as infinity; a new store is not left behind and an existing
+    # one keeps exactly what it had.
+    x = np.ones((5, 3))
+    x[3, 1] = -too_large
+    x[1, 0] = np.inf  # infinite already: not an overflow
+    pattern = rf"row 3, column 1: .* beyond {dtype}'s range"
+    with pytest.raises(ValueError, match=pattern):
+        embstore.import_npy(tmp_path / "new", x, dtype=dtype)
+    assert not (tmp_path / "new").exists()
+    embstore.create(tmp_path / "existing", dim=3, dtype=dtype)
+    with pytest.raises(ValueError, match=pattern):
+        embstore.import_npy(tmp_path / "existing", x)
+    assert len(embstore.Reader(tmp_path / "existing")) == 0
+    src = tmp_path / "f64"
+    with embstore.Writer(src, dim=3, dtype="float64") as w:
+        w.append(np.arange(5), x)
+    with pytest.raises(ValueError, match=pattern):
+        embstore.compact(src, tmp_path / "compact", dtype=dtype)
+    assert not (tmp_path / "compact").exists()
+    # Selected rows are named by their row in the source.
+    with embstore.Writer(src) as w:
+        w.append(np.arange(5, 10), np.ones((5, 3)), epoch=1)
+        w.append(np.arange(10, 15), x, epoch=2)
+    with pytest.raises(ValueError, match=rf"row 13, column 1: .* beyond {dtype}'s range"):
+        embstore.compact(src, tmp_path / "compact", dtype=dtype, epochs=[2])
+    if dtype != "float32":  # a float32 source into a 16-bit store: the same refusal
+        src32 = tmp_path / "f32"
+        with embstore.Writer(src32, dim=3, dtype="float32") as w:
+            w.append(np.arange(5), x.astype(np.float32))
+        with pytest.raises(ValueError, match=pattern):
+            embstore.compact(src32, tmp_path / "compact32", dtype=dtype)
+        with pytest.raises(ValueError, match=pattern):
+            embstore.import_npy(tmp_path / "import32", x.astype(np.float32), dtype=dtype)

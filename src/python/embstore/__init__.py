@@ -47,7 +47,7 @@ import multiprocessing.util as _mp_util
 import os
 import sys
 import threading
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -306,7 +306,36 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
             raise ValueError(f"vectors: values that are not integers in [{limits.min}, "
                              f"{limits.max}] cannot be stored in a {store_dtype} store")
         return converted
-    return values.astype(target)
+    with np.errstate(over="ignore"):
+        converted = values.astype(target)
+    _refuse_overflow(values, converted, store_dtype)
+    if store_dtype == "bfloat16":  # checked here, not by the store, so also before it is queued
+        _refuse_overflow(values, np.where(np.abs(values) >= _BFLOAT16_OVERFLOW, np.inf, 0.0),
+                         store_dtype)
+    return converted
+
+
+# The smallest magnitude that rounds to infinity in bfloat16: halfway between its largest finite
+# value, (2 - 2^-7) * 2^127, and 2^128 (the tie goes to the even neighbour, infinity).
+_BFLOAT16_OVERFLOW = (2 - 2.0 ** -8) * 2.0 ** 127
+_FLOAT_LARGEST = {"float16": " (largest 65504)", "bfloat16": " (largest 3.3895314e+38)",
+                  "float32": " (largest 3.4028235e+38)"}
+
+
+def _refuse_overflow(values: np.ndarray, converted: np.ndarray, store_dtype: str,
+                     rows: Optional[Sequence[int]] = None) -> None:
+    """Raises ValueError when a finite value of ``values`` became infinite in ``converted``
+    (beyond the range of the float type it was converted to), naming its row (``rows[i]`` for
+    row i of ``values`` when given) and column: storing it would not store what was passed."""
+    overflowed = np.isinf(converted) & np.isfinite(values)
+    if overflowed.any():
+        at = np.unravel_index(int(np.flatnonzero(overflowed)[0]), overflowed.shape)
+        row, column = (at[0], at[1]) if len(at) == 2 else (0, at[0])
+        row = int(row) if rows is None else int(rows[int(row)])
+        largest = _FLOAT_LARGEST.get(store_dtype, "")
+        raise ValueError(f"vectors: row {row}, column {int(column)}: {values[at]!r} is beyond "
+                         f"{store_dtype}'s range{largest} and would be stored as infinity; "
+                         "scale or clip it, or use a wider dtype")
 
 
 def _as_vectors(vectors: Any, store_dtype: str):
@@ -513,12 +542,15 @@ class Writer(_Handle):
     checksum: each row is hashed from the copy that is written.
 
     Input (``vectors``): a 2-D numpy array or CPU torch tensor of the store's dtype, or float32
-    for a float16/bfloat16 store (converted, round to nearest even). torch bfloat16 tensors are
+    for a float16/bfloat16 store (converted, round to nearest even; a finite value beyond the
+    store's range raises ValueError naming its row and column instead of being stored as
+    infinity, and nothing of the batch is written). torch bfloat16 tensors are
     accepted as is. Arrays and tensors of other dtypes are refused, never converted silently
     (a float64 array for a float32 store is usually a mistake; pass ``x.astype(np.float32)`` or
     ``t.float()``). Python lists (and tuples) of rows have no dtype of their own and are
     converted to the store's dtype (float32 for a bfloat16 store, then rounded by the store;
-    values of an int8/uint8 store must be integers in range). Cost of layouts:
+    values of an int8/uint8 store must be integers in range, those of a float store finite
+    in it unless infinite already). Cost of layouts:
 
     * C-contiguous rows: no copy.
     * Rows with contiguous elements but a gap between them (e.g. ``x[::2]``, ``x[:, :d]`` of a

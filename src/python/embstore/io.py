@@ -27,7 +27,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import CorruptionError, Reader, Writer, _as_ints, _check_int_array, _check_u64, _dtype_name
+from . import (CorruptionError, Reader, Writer, _as_ints, _check_int_array, _check_u64, _dtype_name,
+               _BFLOAT16_OVERFLOW, _refuse_overflow)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -222,20 +223,26 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     return count
 
 
-def _narrowed(chunk: np.ndarray, target: str) -> np.ndarray:
-    """Float rows (float64 or float16) for a float32, float16 or bfloat16 store, rounded once
-    (to nearest even), never twice through float32: numpy rounds float64 to float16 directly.
-    numpy has no bfloat16, so float64 goes to float32 rounded to odd (toward zero, the last bit
-    set when inexact) and the store rounds that to bfloat16: with float32's 16 more bits, the
-    result is float64 rounded to nearest bfloat16 directly."""
-    if target == "float16":
-        return chunk.astype(np.float16)
-    if target == "bfloat16" and chunk.dtype == np.float64:
-        with np.errstate(over="ignore"):
-            near = chunk.astype(np.float32)  # beyond float32's range: inf, stepped back below
+def _narrowed(chunk: np.ndarray, target: str, rows: Sequence[int]) -> np.ndarray:
+    """Float rows (float64, float32 or float16) for a float32, float16 or bfloat16 store,
+    rounded once (to nearest even), never twice through float32: numpy rounds float64 to
+    float16 directly. numpy has no bfloat16, so float64 goes to float32 rounded to odd (toward
+    zero, the last bit set when inexact) and the store rounds that to bfloat16: with float32's
+    16 more bits, the result is float64 rounded to nearest bfloat16 directly. A finite value
+    that would become infinite is refused first (ValueError naming its row: ``rows`` holds the
+    row numbers of the chunk's rows), so nothing of the chunk is appended."""
+    if target == "bfloat16":
+        beyond = np.where(np.abs(chunk) >= _BFLOAT16_OVERFLOW, np.inf, 0.0)
+        _refuse_overflow(chunk, beyond, target, rows)
+        if chunk.dtype != np.float64:
+            return chunk.astype(np.float32)  # exact: the store rounds it once
+        near = chunk.astype(np.float32)  # below the limit, so finite
         cut = np.where(np.abs(near) > np.abs(chunk), np.nextafter(near, np.float32(0)), near)
         return (cut.view(np.uint32) | (cut != chunk)).view(np.float32)
-    return chunk.astype(np.float32)
+    with np.errstate(over="ignore"):
+        converted = chunk.astype(np.float16 if target == "float16" else np.float32)
+    _refuse_overflow(chunk, converted, target, rows)
+    return converted
 
 
 def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
@@ -352,9 +359,8 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             elif writer.dtype == "float64" and chunk.dtype != np.float64:
                 chunk = chunk.astype(np.float64)
             elif writer.dtype in ("float16", "bfloat16", "float32") and \
-                    chunk.dtype.kind == "f" and chunk.dtype != np.float32 and \
-                    writer.dtype != _dtype_name(chunk.dtype):
-                chunk = _narrowed(chunk, writer.dtype)
+                    chunk.dtype.kind == "f" and writer.dtype != _dtype_name(chunk.dtype):
+                chunk = _narrowed(chunk, writer.dtype, range(lo, hi))
             k = (np.arange(lo, hi, dtype=np.uint64) if key_array is None
                  else np.asarray(key_array[lo:hi], dtype=np.uint64))
             e = (np.full(hi - lo, epoch, dtype=np.uint64)
@@ -404,9 +410,8 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
                     chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
                 if target == "float64":
                     chunk = chunk.astype(np.float64)
-                elif target != reader.dtype and chunk.dtype != np.float32 and \
-                        chunk.dtype != np.uint16:
-                    chunk = _narrowed(chunk, target)
+                elif target != reader.dtype and chunk.dtype != np.uint16:
+                    chunk = _narrowed(chunk, target, rows)
                 _append(writer, np.asarray(reader.keys[rows]), np.asarray(reader.epochs[rows]),
                         chunk, target if chunk.dtype == np.uint16 else "")
             writer.sync()
