@@ -509,3 +509,29 @@ def test_refresh_reaches_persistent_workers(store, context):
         assert _loader_keys(loader) == [0, 1, 2, 3, 100, 101, 102, 103]
         assert sorted(v.sum().item() for v, _, _ in ds) == sorted(
             torch.cat([v.sum(1) for v, _, _ in loader]).tolist())
+
+
+@pytest.mark.parametrize("dtype, too_large", [("float16", 7e4), ("bfloat16", 3.4e38)])
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "larger than the buffer"])
+def test_recorder_refuses_outputs_beyond_a_16_bit_stores_range(store, dtype, too_large, staged):
+    # torch's conversion to float16/bfloat16 makes such a value infinity without a word.
+    layer = torch.nn.Identity()
+    n = 4 if staged else 12
+    with EmbeddingRecorder(layer, "", store, dim=3, dtype=dtype, buffer_rows=8,
+                           async_queue_mb=1) as rec:
+        with rec.batch(torch.arange(n), 0):
+            layer(torch.full((n, 3), 1.5).index_fill_(1, torch.tensor([2]), float("inf")))
+        bad = torch.ones(n, 3)
+        bad[2, 1] = -too_large
+        with pytest.raises(ValueError, match=rf"^the model's output row 2, column 1: -[0-9.e+]+ "
+                                             rf"is beyond the store's {dtype} range"):
+            with rec.batch(torch.arange(100, 100 + n), 0):
+                layer(bad)
+        with rec.batch(torch.arange(200, 200 + n), 0):
+            layer(torch.full((n, 3), 2.5))
+        assert rec.rows_recorded == 2 * n
+    r = embstore.Reader(store)
+    assert sorted(r.keys.tolist()) == list(range(n)) + list(range(200, 200 + n))
+    got = r.tensor().float()
+    assert torch.isinf(got[:, 2]).sum() == n  # infinite outputs are stored as they are
+    assert torch.isfinite(got[:, :2]).all()
