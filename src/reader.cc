@@ -152,6 +152,7 @@ Reader Reader::open(const std::string& path, const ReaderOptions& options) {
   auto impl = std::make_unique<Impl>(
       StoreFiles::open(path, detail::os::Access::kReadOnly, options.map_bytes));
   impl->refresh();
+  impl->snapshot_ = std::min(impl->snapshot_, options.max_rows);
   return Reader(std::move(impl));
 }
 

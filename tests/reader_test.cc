@@ -51,6 +51,27 @@ TEST_CASE("A reader sees the snapshot taken at open until it refreshes", "[reade
   CHECK(r.rows(10, 15).rows == 5);
 }
 
+TEST_CASE("ReaderOptions::max_rows caps the snapshot open() takes, lookups included", "[reader]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(8));
+  append_batch(w, 0, 0, 10);
+  const std::uint64_t key = test::make_key(0, 3);
+  const std::vector<std::uint64_t> again = {key, key};
+  const auto values = test::batch_payload(0, 99, 2, 8);
+  w.append(again, 0, std::span<const float>(values));  // rows 10 and 11: key's latest
+  ReaderOptions capped;
+  capped.max_rows = 10;
+  Reader r = Reader::open(dir / "s", capped);
+  CHECK(r.size() == 10);
+  CHECK(r.find(key) == std::optional<std::uint64_t>(3));  // not row 11, past the snapshot
+  CHECK(r.find(key, 0) == std::optional<std::uint64_t>(3));
+  CHECK_THROWS_AS(r.rows(0, 11), Error);
+  CHECK(r.refresh() == 12);
+  CHECK(r.find(key) == std::optional<std::uint64_t>(11));
+  capped.max_rows = 100;  // more than are committed: all of them
+  CHECK(Reader::open(dir / "s", capped).size() == 12);
+}
+
 TEST_CASE("Views stay valid and unchanged while writers grow the store by many segments",
           "[reader][zero-copy]") {
   TempDir dir;

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -77,6 +78,12 @@ struct WriterOptions {
 struct ReaderOptions {
   // As WriterOptions::map_bytes. A reader of a larger store gets kFull from open()/refresh().
   std::uint64_t map_bytes = 0;
+  // open() takes a snapshot of at most this many rows: the first max_rows rows when that many
+  // are committed, else every committed row (size() says which). For a process that must see
+  // the very rows another one saw, whose row numbers it was given (with the store id and
+  // generation that say they are the same rows). refresh() and wait() take every committed row
+  // as usual.
+  std::uint64_t max_rows = std::numeric_limits<std::uint64_t>::max();
 };
 
 }  // namespace embstore

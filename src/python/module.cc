@@ -1162,9 +1162,11 @@ PYBIND11_MODULE(_embstore, m) {
       .def("info", [](PyWriter& self) { return info_dict(self.writer().info()); });
 
   py::class_<PyReader>(m, "NativeReader")
-      .def(py::init([](const std::string& path, std::optional<std::uint64_t> map_bytes) {
+      .def(py::init([](const std::string& path, std::optional<std::uint64_t> map_bytes,
+                       std::optional<std::uint64_t> max_rows) {
              ReaderOptions options;
              if (map_bytes) options.map_bytes = *map_bytes;
+             if (max_rows) options.max_rows = *max_rows;
              std::optional<Reader> reader;
              {
                ReleaseGil unlocked;
@@ -1172,7 +1174,7 @@ PYBIND11_MODULE(_embstore, m) {
              }
              return std::make_unique<PyReader>(std::move(*reader));
            }),
-           py::arg("path"), py::arg("map_bytes"))
+           py::arg("path"), py::arg("map_bytes"), py::arg("max_rows") = py::none())
       .def("size", &PyReader::size)
       .def("refresh", &PyReader::refresh)
       .def_property_readonly("generation", &PyReader::generation)

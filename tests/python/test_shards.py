@@ -388,3 +388,52 @@ def test_shardset_get_confirms_the_key_as_reader_get_does(tmp_path):
     np.testing.assert_array_equal(s.get(3), [112, 113, 114, 115])
     with pytest.raises(KeyError):
         s.get(3, 5)
+
+
+def test_a_pickled_shardset_reopens_at_the_same_snapshots_in_another_process(tmp_path):
+    # Another process (spawned: it unpickles) must answer the original's global row numbers
+    # with the same rows while shard 0 grows; before, it took new snapshots, so global row 20
+    # (shard 1's row 10) named shard 1's row 5 there, without a word.
+    import multiprocessing
+    import operator
+    import pickle
+    paths, keys, epochs, vectors = make_shards(tmp_path, [10, 15])
+    s = embstore.ShardSet(paths)
+    state = pickle.dumps(s)
+    late_key = int(keys[3])  # stored again in shard 0 after the pickle
+    with embstore.Writer(paths[0]) as w:
+        w.append([late_key] * 5, np.full((5, 6), 9.0, np.float32), epoch=0)
+    calls = [len, operator.methodcaller("gather", [3, 20, 24]), operator.methodcaller(
+        "find", late_key), operator.methodcaller("rows", 8, 12)]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        answers = [pool.apply(call, (s,)) for call in calls]
+    assert answers[0] == 25
+    np.testing.assert_array_equal(answers[1], vectors[[3, 20, 24]])
+    assert answers[2] == oracle_find(keys, epochs, late_key)
+    np.testing.assert_array_equal(answers[3], vectors[8:12])
+    again = pickle.loads(state)
+    assert len(again) == 25 and again.find(late_key) == answers[2]
+    assert again.refresh() == 30 and again.locate(again.find(late_key)) == (0, 14)
+    again.close()
+    # Truncated since: the copy cannot be those rows; it says so, naming the shard.
+    with embstore.Writer(paths[1]) as w:
+        w.truncate(12)
+    with pytest.raises(embstore.Error, match=rf"{paths[1]}: this process sees store .*, "
+                                             r"generation 2, 12 rows; the pickled ShardSet"):
+        pickle.loads(state)
+    s.close()
+
+
+def test_a_reader_opened_with_max_rows_sees_only_those_rows(tmp_path):
+    with embstore.Writer(tmp_path / "s", dim=2) as w:
+        w.append([1, 2, 3], np.ones((3, 2), np.float32))
+        w.append([2, 4], np.full((2, 2), 5.0, np.float32))
+    r = embstore.Reader(tmp_path / "s", max_rows=3)
+    assert len(r) == 3 and r.find(2) == 1 and r.find(4) is None
+    assert r.keys.tolist() == [1, 2, 3]
+    with pytest.raises(ValueError):
+        r.rows(0, 4)
+    assert r.refresh() == 5 and r.find(2) == 3
+    assert len(embstore.Reader(tmp_path / "s", max_rows=99)) == 5
+    with pytest.raises(ValueError, match="max_rows is -1"):
+        embstore.Reader(tmp_path / "s", max_rows=-1)

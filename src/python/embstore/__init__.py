@@ -1045,16 +1045,24 @@ class Reader(_Handle):
     Fork: a Reader may be used in a forked child.
     """
 
-    def __init__(self, path: PathLike, *, map_bytes: Optional[int] = None) -> None:
+    def __init__(self, path: PathLike, *, map_bytes: Optional[int] = None,
+                 max_rows: Optional[int] = None) -> None:
         """Opens the store at ``path``. Raises FileNotFoundError if nothing is there,
         NotAStoreError for a file or directory that is not a store, CorruptionError /
-        UnsupportedVersionError for a damaged or newer store."""
+        UnsupportedVersionError for a damaged or newer store.
+
+        ``max_rows``: the snapshot taken holds at most this many rows (the first ones; fewer
+        when fewer are committed: compare ``len``), so that a process sees the very rows
+        another one saw (check ``generation`` and ``info()["store_id"]`` too). ``refresh()``
+        and ``wait()`` then take every committed row as usual."""
         self._native = None
         path = os.fspath(path)
         if map_bytes is not None:
             map_bytes = _check_u64(map_bytes, "map_bytes")
+        if max_rows is not None:
+            max_rows = _check_u64(max_rows, "max_rows")
         with _not_a_store_check(path):
-            self._native = _embstore.NativeReader(path, map_bytes)
+            self._native = _embstore.NativeReader(path, map_bytes, max_rows)
         self._metadata_cache = None
 
     def __len__(self) -> int:

@@ -22,8 +22,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import (Reader, _check_1d, _check_u64, _dim_arg, _dtype_name, _embstore, _metadata_text,
-               _row_array, _u64_array)
+from . import (Error, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name, _embstore,
+               _metadata_text, _row_array, _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -155,9 +155,11 @@ class ShardSet:
 
     Per-shard data is zero-copy (``shard_vectors``, ``shards[i].vectors``); ``rows``/``get``
     return a view when the rows lie in one shard, ``gather`` and the whole-set ``keys``/``epochs``
-    copy. A ShardSet pickles as its inputs and reopens: the copy takes new snapshots, so global
-    row numbers found in one process may name other rows in another (where a shard grew
-    meanwhile); send keys, or (shard, row) pairs from ``locate``, to other processes instead.
+    copy. A ShardSet pickles as its shards and their snapshots (path, store id, generation,
+    rows): the copy another process unpickles reopens each shard at the same snapshot, so its
+    global row numbers, lengths and lookups are the original's, and it raises ``Error``
+    naming the shard when it cannot be (truncated or replaced since, or fewer rows committed
+    there). Its ``refresh()`` then takes new snapshots as usual.
 
     Args:
         manifest_or_paths: a manifest file, a directory holding ``manifest.json``, a store
@@ -326,10 +328,31 @@ class ShardSet:
         self.close()
 
     def __getstate__(self):
-        return {"inputs": self._inputs, "map_bytes": self._map_bytes}
+        snapshots = [(path, reader.info(key_stats=False)["store_id"], reader.generation,
+                      len(reader)) for path, reader in zip(self.paths, self.shards)]
+        return {"inputs": self._inputs, "map_bytes": self._map_bytes, "paths": self.paths,
+                "metadata_text": self.metadata_text, "snapshots": snapshots}
 
     def __setstate__(self, state):
-        self.__init__(state["inputs"], map_bytes=state["map_bytes"])
+        # The shards pickled, at their snapshots: the inputs (a manifest) may list others by now.
+        self._inputs, self._map_bytes = state["inputs"], state["map_bytes"]
+        self.paths, self.metadata_text = list(state["paths"]), state["metadata_text"]
+        self.shards = []
+        try:
+            for path, store_id, generation, rows in state["snapshots"]:
+                reader = Reader(path, map_bytes=self._map_bytes, max_rows=rows)
+                self.shards.append(reader)
+                seen = (reader.info(key_stats=False)["store_id"], reader.generation, len(reader))
+                if seen != (store_id, generation, rows):
+                    raise Error(f"{path}: this process sees store {seen[0]}, generation "
+                                f"{seen[1]}, {seen[2]} rows; the pickled ShardSet holds a "
+                                f"snapshot of store {store_id}, generation {generation}, "
+                                f"{rows} rows (truncated, replaced or cut since), so its row "
+                                "numbers would name other rows here; make a new ShardSet")
+        except BaseException:
+            self.close()
+            raise
+        self._renumber()
 
     def __repr__(self) -> str:
         return (f"<embstore.ShardSet {len(self.shards)} shards rows={len(self)} dim={self.dim} "
