@@ -1007,6 +1007,43 @@ TEST_CASE("The indexer thread is posted every fourth append and by sync(): looku
   check_lookups(r, {0, 10, 30, 60, 70}, {0, 3, 6, 7});
 }
 
+TEST_CASE(
+    "A reader whose snapshot predates a truncate never reads the new key index file's "
+    "chain as its own",
+    "[keys][truncate]") {
+  // Its snapshot's keys.1 was replaced by the truncate's keys.1 (the numbering starts over);
+  // mapping more of its chain reopens the file by name, which then names the new one: it read
+  // other rows' chain records and answered with older rows of the key, or none.
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", options());
+  auto append_keys = [&](std::uint64_t first, std::uint64_t n, std::uint64_t base,
+                         std::uint64_t cycle) {
+    std::vector<std::uint64_t> keys(n), epochs(n, 0);
+    for (std::uint64_t i = 0; i < n; ++i) keys[i] = base + (first + i) % cycle;
+    append(w, keys, epochs);
+  };
+  for (std::uint64_t r = 0; r < 10000; r += 1000) append_keys(r, 1000, 0, 10);
+  w.sync();  // The reader's index reaches its snapshot.
+  Reader r = Reader::open(dir / "s");
+  REQUIRE(r.find(3) == std::optional<std::uint64_t>(9993));
+  for (std::uint64_t row = 10000; row < 110000; row += 1000) append_keys(row, 1000, 0, 10);
+  w.truncate(5000);
+  for (std::uint64_t row = 5000; row < 160000; row += 1000) append_keys(row, 1000, 1000, 7);
+  w.sync();
+  // The reader has not refreshed: it answers for its snapshot, rows [0, 10000) of generation 1.
+  CHECK(r.generation() == 1);
+  CHECK(r.find(3) == std::optional<std::uint64_t>(9993));
+  CHECK(r.find(3, 0) == std::optional<std::uint64_t>(9993));
+  CHECK(r.history(3).size() == 1000);
+  const auto found = r.lookup(3, std::nullopt, false);
+  REQUIRE(found.size() == 1);
+  CHECK(found[0].row == 9993);
+  CHECK(r.epoch_rows(0).size() == 10000);
+  CHECK(r.refresh() == 160000);
+  CHECK(r.find(3) == std::optional<std::uint64_t>(4993));
+  CHECK(r.find(1003) == std::optional<std::uint64_t>(159995));  // 159995 % 7 == 3
+}
+
 TEST_CASE("A truncate while another process's writer waits to index leaves an exact key index",
           "[key_lookup][lock][truncate]") {
   TempDir dir;

@@ -381,9 +381,10 @@ std::shared_ptr<KeyIndexFile> KeyIndexFile::open(const std::string& dir, std::ui
     corrupt(path, "field indexed_rows " + std::to_string(indexed) + " exceeds the chain's " +
                       std::to_string(chain_rows) + " rows");
   }
+  file->file_id_ = os::file_id(file->fd_);
   if (access == os::Access::kReadOnly) {
     // A Reader keeps no descriptor (RLIMIT_NOFILE must not bound open Readers): it opens the
-    // file by path again only to map more of its chain.
+    // file by path again only to map more of its chain (reopen(): the same file only).
     os::close_fd(file->fd_);
     file->fd_ = -1;
   }
@@ -400,6 +401,13 @@ std::uint64_t* KeyIndexFile::chain_words(std::uint64_t row) const {
 int KeyIndexFile::reopen() const {
   // kNotFound when a newer generation replaced the file and it was removed.
   const int fd = os::open_file(path_, access_);
+  // Another file under the same name: after a truncate, the new generation's (its numbering
+  // starts over), whose header can match this one's field for field. This file's mapping keeps
+  // it in existence, so no other file can have its identity meanwhile.
+  if (!file_id_ || os::file_id(fd) != file_id_) {
+    os::close_fd(fd);
+    throw Error(ErrorCode::kNotFound, path_ + ": the file was replaced since it was opened");
+  }
   KeyIndexHeader h;
   try {
     if (os::file_size(fd, path_) >= sizeof(h)) os::read_exact(fd, &h, sizeof(h), 0, path_);

@@ -129,7 +129,8 @@ class KeyIndexFile {
   // [begin, end) and some way past, made in one call (os::populate_write).
   void populate_chain(std::uint64_t begin, std::uint64_t end);
   // Maps the chain as far as the file holds it, at least through `row` (kCorruption if the file
-  // does not hold it); a Reader reopens the file by path (kNotFound: it was replaced).
+  // does not hold it); a Reader reopens the file by path (kNotFound: it was replaced, so
+  // lookups scan the offset index instead).
   void map_chain(std::uint64_t row) const;
   int reopen() const;
 
@@ -142,6 +143,9 @@ class KeyIndexFile {
 
   std::string path_;  // For an unnamed file being built, what error messages call it.
   int fd_ = -1;       // A Writer's; a Reader keeps none (-1).
+  // The file open() opened: reopen() refuses any other file at path_ (after a truncate the
+  // key index numbering starts over, so the same name may hold another generation's file).
+  std::optional<os::FileId> file_id_;
   // Built by create() and not published yet: unnamed (no path to remove), or named (removed
   // when dropped unpublished).
   enum class Build { kNone, kUnnamed, kNamed } build_ = Build::kNone;

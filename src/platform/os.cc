@@ -155,6 +155,12 @@ bool same_file(int fd, const std::string& path) noexcept {
          by_fd.st_dev == by_path.st_dev && by_fd.st_ino == by_path.st_ino;
 }
 
+std::optional<FileId> file_id(int fd) noexcept {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return std::nullopt;
+  return FileId{static_cast<std::uint64_t>(st.st_dev), static_cast<std::uint64_t>(st.st_ino)};
+}
+
 bool same_entry(const std::string& a, const std::string& b) noexcept {
   struct stat first, second;
   return ::stat(a.c_str(), &first) == 0 && ::stat(b.c_str(), &second) == 0 &&

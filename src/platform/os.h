@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -27,6 +28,15 @@ int create_file(const std::string& path);
 int open_or_create_file(const std::string& path);
 // True when `fd` is the file `path` names now (same device and inode).
 bool same_file(int fd, const std::string& path) noexcept;
+// A file's identity: no other file has it while this one exists (a mapping keeps a removed
+// file in existence).
+struct FileId {
+  std::uint64_t device = 0;
+  std::uint64_t inode = 0;
+  bool operator==(const FileId&) const = default;
+};
+// The identity of the file `fd` is open on; nullopt if fstat fails.
+std::optional<FileId> file_id(int fd) noexcept;
 // True when paths `a` and `b` name the same file or directory now (same device and inode; a
 // bind mount or a symbolic link gives one several names); false if either does not exist.
 bool same_entry(const std::string& a, const std::string& b) noexcept;
