@@ -420,7 +420,7 @@ def test_a_pickled_shardset_reopens_at_the_same_snapshots_in_another_process(tmp
         w.truncate(12)
     with pytest.raises(embstore.Error, match=rf"{paths[1]}: this process sees store .*, "
                                              r"generation 2, 12 rows; the pickled ShardSet"):
-        pickle.loads(state)
+        len(pickle.loads(state))  # raised by the first call, not by unpickling
     s.close()
 
 
@@ -437,3 +437,25 @@ def test_a_reader_opened_with_max_rows_sees_only_those_rows(tmp_path):
     assert len(embstore.Reader(tmp_path / "s", max_rows=99)) == 5
     with pytest.raises(ValueError, match="max_rows is -1"):
         embstore.Reader(tmp_path / "s", max_rows=-1)
+
+
+def test_a_pickled_shardset_that_cannot_reopen_raises_in_the_parent_not_in_the_worker(tmp_path):
+    # Raised while a Pool worker unpickled its task, the error killed the worker and lost the
+    # task: map() waited forever. Raised by the first call, it reaches the caller.
+    import multiprocessing
+    import pickle
+    paths, _, _, _ = make_shards(tmp_path, [10, 15])
+    s = embstore.ShardSet(paths)
+    with embstore.Writer(paths[1]) as w:
+        w.truncate(12)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result = pool.map_async(len, [s])
+        with pytest.raises(embstore.Error, match=rf"{paths[1]}: this process sees store"):
+            result.get(timeout=60)
+    again = pickle.loads(pickle.dumps(s))
+    assert again.paths == paths
+    for call in (len, lambda x: x.rows(0, 1), lambda x: x.find(1), lambda x: x.refresh()):
+        with pytest.raises(embstore.Error, match="the pickled ShardSet holds a snapshot"):
+            call(again)
+    again.close()  # nothing was opened: nothing to close, no error
+    s.close()

@@ -178,12 +178,28 @@ class ShardSet:
         paths, metadata = _embstore.resolve_shards(self._inputs)  # the core's checks
         self.paths: List[str] = list(paths)
         self.metadata_text: str = metadata.decode("utf-8", errors="replace")
-        self.shards: List[Reader] = [Reader(p, map_bytes=map_bytes) for p in self.paths]
+        self._snapshots: Optional[list] = None  # an unpickled copy's, until its shards open
+        self._shards: Optional[List[Reader]] = [Reader(p, map_bytes=map_bytes)
+                                                for p in self.paths]
         self._renumber()
 
+    @property
+    def shards(self) -> List[Reader]:
+        """Each shard's Reader, in shard order."""
+        if self._shards is None:
+            self._reopen()
+        return self._shards
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Global row number of each shard's row 0, then the set's length."""
+        if self._shards is None:
+            self._reopen()
+        return self._offsets
+
     def _renumber(self) -> None:
-        sizes = np.array([len(r) for r in self.shards], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        sizes = np.array([len(r) for r in self._shards], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -193,8 +209,9 @@ class ShardSet:
         the set is renumbered for the snapshots its Readers then hold (the shards before it
         refreshed, it and those after as they were) before the error propagates: its length,
         rows and lookups agree with each other, as C++ ``ShardSet::refresh`` promises."""
+        shards = self.shards
         try:
-            for reader in self.shards:
+            for reader in shards:
                 reader.refresh()
         finally:
             self._renumber()
@@ -318,7 +335,7 @@ class ShardSet:
         return all(r.verify().ok for r in self.shards)
 
     def close(self) -> None:
-        for reader in self.shards:
+        for reader in self._shards or []:
             reader.close()
 
     def __enter__(self) -> "ShardSet":
@@ -328,6 +345,9 @@ class ShardSet:
         self.close()
 
     def __getstate__(self):
+        if self._shards is None and self._snapshots is not None:
+            return {"inputs": self._inputs, "map_bytes": self._map_bytes, "paths": self.paths,
+                    "metadata_text": self.metadata_text, "snapshots": self._snapshots}
         snapshots = [(path, reader.info(key_stats=False)["store_id"], reader.generation,
                       len(reader)) for path, reader in zip(self.paths, self.shards)]
         return {"inputs": self._inputs, "map_bytes": self._map_bytes, "paths": self.paths,
@@ -335,13 +355,21 @@ class ShardSet:
 
     def __setstate__(self, state):
         # The shards pickled, at their snapshots: the inputs (a manifest) may list others by now.
+        # Opened at first use, not here: an error raised while a multiprocessing Pool or
+        # DataLoader worker unpickles its task kills the worker and loses the task (the parent
+        # waits forever or hears "exited unexpectedly"); raised by a call, it reaches the parent.
         self._inputs, self._map_bytes = state["inputs"], state["map_bytes"]
         self.paths, self.metadata_text = list(state["paths"]), state["metadata_text"]
-        self.shards = []
+        self._snapshots, self._shards = state["snapshots"], None
+
+    def _reopen(self) -> None:
+        """Opens an unpickled copy's shards at their pickled snapshots, or raises Error naming
+        the first that cannot be (and stays unopened: every call raises it again)."""
+        shards: List[Reader] = []
         try:
-            for path, store_id, generation, rows in state["snapshots"]:
+            for path, store_id, generation, rows in self._snapshots:
                 reader = Reader(path, map_bytes=self._map_bytes, max_rows=rows)
-                self.shards.append(reader)
+                shards.append(reader)
                 seen = (reader.info(key_stats=False)["store_id"], reader.generation, len(reader))
                 if seen != (store_id, generation, rows):
                     raise Error(f"{path}: this process sees store {seen[0]}, generation "
@@ -350,8 +378,10 @@ class ShardSet:
                                 f"{rows} rows (truncated, replaced or cut since), so its row "
                                 "numbers would name other rows here; make a new ShardSet")
         except BaseException:
-            self.close()
+            for reader in shards:
+                reader.close()
             raise
+        self._shards = shards
         self._renumber()
 
     def __repr__(self) -> str:
