@@ -340,3 +340,29 @@ def test_import_and_compact_refuse_values_that_would_become_infinite(tmp_path, d
             embstore.compact(src32, tmp_path / "compact32", dtype=dtype)
         with pytest.raises(ValueError, match=pattern):
             embstore.import_npy(tmp_path / "import32", x.astype(np.float32), dtype=dtype)
+
+
+def test_a_refused_import_into_an_existing_store_appends_nothing(tmp_path, monkeypatch):
+    # Checked chunk by chunk while appending, the chunks before the bad value were stored (and
+    # synced) although the import raised. bfloat16 source rows were checked by the store only,
+    # naming the row inside the chunk (and, for a new store, its hidden directory).
+    import embstore.io as eio
+    monkeypatch.setattr(eio, "_CHUNK_BYTES", 3 * 4 * 4)  # chunks of 3 float32 rows of 4
+    x = np.ones((10, 4), np.float32)
+    x[7, 2] = 7e4  # beyond float16, not bfloat16 (69632 there)
+    with embstore.Writer(tmp_path / "bf16", dim=4, dtype="bfloat16") as w:
+        w.append(np.arange(10), x)
+    embstore.export_npy(tmp_path / "bf16", tmp_path / "bf16-export")
+    pattern = r"^vectors: row 7, column 2: .* beyond float16's range"
+    for i, source in enumerate([x, x.astype(np.float64), tmp_path / "bf16-export"]):
+        store = tmp_path / f"existing-{i}"
+        with embstore.Writer(store, dim=4, dtype="float16") as w:
+            w.append([99], np.zeros((1, 4), np.float32))
+        with pytest.raises(ValueError, match=pattern):
+            embstore.import_npy(store, source)
+        r = embstore.Reader(store)
+        assert len(r) == 1 and r.keys.tolist() == [99], i
+    with pytest.raises(ValueError, match=pattern):
+        embstore.import_npy(tmp_path / "new", tmp_path / "bf16-export", dtype="float16")
+    assert not (tmp_path / "new").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []

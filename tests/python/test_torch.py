@@ -523,7 +523,8 @@ def test_recorder_refuses_outputs_beyond_a_16_bit_stores_range(store, dtype, too
             layer(torch.full((n, 3), 1.5).index_fill_(1, torch.tensor([2]), float("inf")))
         bad = torch.ones(n, 3)
         bad[2, 1] = -too_large
-        with pytest.raises(ValueError, match=rf"^the model's output row 2, column 1: -[0-9.e+]+ "
+        with pytest.raises(ValueError, match=rf"^the model's output row 2 \(sample id 102\), "
+                                             rf"column 1: -[0-9.e+]+ "
                                              rf"is beyond the store's {dtype} range"):
             with rec.batch(torch.arange(100, 100 + n), 0):
                 layer(bad)
@@ -535,3 +536,28 @@ def test_recorder_refuses_outputs_beyond_a_16_bit_stores_range(store, dtype, too
     got = r.tensor().float()
     assert torch.isinf(got[:, 2]).sum() == n  # infinite outputs are stored as they are
     assert torch.isfinite(got[:, :2]).all()
+
+
+def test_recorder_refusals_name_the_output_row_and_sample_and_cover_integer_outputs(store):
+    import types
+    # Integer outputs were converted to infinity by torch without a check; with a sampler's
+    # padding skipped, the row named was the row among those kept, not the output's.
+    model = torch.nn.Sequential(torch.nn.Identity())
+    sampler = types.SimpleNamespace(num_replicas=2, rank=1, dataset=[0, 1, 2], drop_last=False)
+    rec = EmbeddingRecorder(model, "0", store, dim=3, dtype="float16", sampler=sampler,
+                            async_queue_mb=0)
+    x = torch.ones(4, 3)
+    x[2, 1] = 1e5  # output row 2, sample 12; row 1 is the sampler's padding
+    with pytest.raises(ValueError, match=r"^0's output row 2 \(sample id 12\), column 1: "):
+        with rec.batch(np.array([10, 11, 12, 13]), 0):
+            model(x)
+    rec.close()
+    for output in (torch.tensor([[1, 100000, 2]], dtype=torch.int32),
+                   torch.tensor([[1, -100000, 2]], dtype=torch.int64)):
+        with EmbeddingRecorder(model, "0", store, async_queue_mb=0, buffer_rows=1 if
+                               output.dtype == torch.int32 else 8) as rec:
+            with pytest.raises(ValueError, match=r"output row 0 \(sample id 5\), column 1: "
+                                                 r"-?100000 is beyond the store's float16"):
+                with rec.batch([5], 0):
+                    model(output)
+    assert len(embstore.Reader(store)) == 0

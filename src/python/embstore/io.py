@@ -245,6 +245,31 @@ def _narrowed(chunk: np.ndarray, target: str, rows: Sequence[int]) -> np.ndarray
     return converted
 
 
+# Float types by range: converting into a type of lower rank can make a finite value infinite.
+_RANGE_RANK = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
+
+
+def _may_overflow(source: str, target: str) -> bool:
+    return _RANGE_RANK.get(target, 9) < _RANGE_RANK.get(source, -1)
+
+
+def _as_store_rows(chunk: np.ndarray, source: str, target: str,
+                   rows: Sequence[int]) -> np.ndarray:
+    """A chunk of rows of dtype ``source`` (bfloat16 as uint16 bit patterns) as a ``target``
+    store takes them: bfloat16 widened exactly to float32 first, then float64 for a float64
+    store, or rounded once to a narrower float type (``_narrowed``: a value that would become
+    infinite raises ValueError naming its row, ``rows`` holding the chunk's row numbers).
+    bfloat16 bit patterns for a bfloat16 store stay as they are."""
+    if source == "bfloat16" and target != "bfloat16":
+        chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
+    if target == "float64":
+        return chunk if chunk.dtype == np.float64 else chunk.astype(np.float64)
+    if target in ("float16", "bfloat16", "float32") and chunk.dtype.kind == "f" and \
+            target != _dtype_name(chunk.dtype):
+        return _narrowed(chunk, target, rows)
+    return chunk
+
+
 def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
             dtype: str) -> None:
     if dtype == "bfloat16" and vectors.dtype == np.uint16:
@@ -351,16 +376,16 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             raise
     try:
         step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
+        if partial is None and _may_overflow(source_dtype, writer.dtype):
+            # Into an existing store: every value is checked before the first row is appended,
+            # so a refused import leaves the store as it was (a new one is simply not made).
+            for lo in range(0, n, step):
+                _as_store_rows(np.ascontiguousarray(vectors[lo:lo + step]), source_dtype,
+                               writer.dtype, range(lo, min(n, lo + step)))
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            chunk = np.ascontiguousarray(vectors[lo:hi])
-            if source_dtype == "bfloat16" and writer.dtype != "bfloat16":
-                chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
-            elif writer.dtype == "float64" and chunk.dtype != np.float64:
-                chunk = chunk.astype(np.float64)
-            elif writer.dtype in ("float16", "bfloat16", "float32") and \
-                    chunk.dtype.kind == "f" and writer.dtype != _dtype_name(chunk.dtype):
-                chunk = _narrowed(chunk, writer.dtype, range(lo, hi))
+            chunk = _as_store_rows(np.ascontiguousarray(vectors[lo:hi]), source_dtype,
+                                   writer.dtype, range(lo, hi))
             k = (np.arange(lo, hi, dtype=np.uint64) if key_array is None
                  else np.asarray(key_array[lo:hi], dtype=np.uint64))
             e = (np.full(hi - lo, epoch, dtype=np.uint64)
@@ -405,13 +430,7 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
                     segment_mb=info["segment_bytes"] / (1 << 20),
                     key_index=info["keeps_key_index"]) as writer:
             for rows in runs:
-                chunk = _read_checked(reader, rows)
-                if reader.dtype == "bfloat16" and target != "bfloat16":
-                    chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
-                if target == "float64":
-                    chunk = chunk.astype(np.float64)
-                elif target != reader.dtype and chunk.dtype != np.uint16:
-                    chunk = _narrowed(chunk, target, rows)
+                chunk = _as_store_rows(_read_checked(reader, rows), reader.dtype, target, rows)
                 _append(writer, np.asarray(reader.keys[rows]), np.asarray(reader.epochs[rows]),
                         chunk, target if chunk.dtype == np.uint16 else "")
             writer.sync()

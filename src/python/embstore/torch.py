@@ -545,6 +545,7 @@ class EmbeddingRecorder:
                              f"{staging.writer.path} has dim {staging.writer.dim}")
         ids = self._ids
         keep = self._padding_mask(n)
+        kept = None if keep is None else np.flatnonzero(keep)
         self._epoch_position += n
         if keep is not None:
             out, ids = out[torch.from_numpy(keep).to(out.device)], ids[keep]
@@ -556,7 +557,7 @@ class EmbeddingRecorder:
             # Too big to stage: one append of a private copy (converted, on the CPU).
             staging.submit()
             rows = out.to("cpu", staging.dtype, copy=True)
-            self._refuse_overflow(rows, out, staging)
+            self._refuse_overflow(rows, out, staging, kept, ids)
             staging.writer.append(ids, rows, self._epoch, copy=False)
         else:
             if staging.filled and (staging.filled + n > self._buffer_rows or
@@ -570,7 +571,7 @@ class EmbeddingRecorder:
                                                  dtype=staging.dtype)
             begin, end = staging.filled, staging.filled + n
             staging.buffer[begin:end].copy_(out)  # converts dtype, copies from any device
-            self._refuse_overflow(staging.buffer[begin:end], out, staging)
+            self._refuse_overflow(staging.buffer[begin:end], out, staging, kept, ids)
             staging.keys[begin:end] = ids
             staging.epoch = self._epoch
             staging.filled = end
@@ -578,14 +579,16 @@ class EmbeddingRecorder:
                 staging.submit()
         self.rows_recorded += n
 
-    def _refuse_overflow(self, rows: torch.Tensor, out: torch.Tensor,
-                         staging: _Staging) -> None:
-        """Raises ValueError when converting ``out`` to the store's dtype made a finite value
-        infinite in ``rows`` (torch does so without a word), before the rows count as staged.
+    def _refuse_overflow(self, rows: torch.Tensor, out: torch.Tensor, staging: _Staging,
+                         kept: Optional[np.ndarray], ids: np.ndarray) -> None:
+        """Raises ValueError when converting ``out`` (integers too) to the store's dtype made a
+        finite value infinite in ``rows`` (torch does so without a word), before the rows count
+        as staged. ``kept``: the module output's row of each of out's rows (None: the same);
+        ``ids``: their sample ids.
         The common case costs one pass over the converted rows on the CPU (~45 us for
         512 x 768 float16), and nothing when no conversion narrows."""
         limit = _INFINITY_BITS.get(staging.dtype)
-        if limit is None or out.dtype == staging.dtype or not out.is_floating_point():
+        if limit is None or out.dtype == staging.dtype:
             return
         if out.dtype in (torch.float16, torch.bfloat16) and staging.dtype != out.dtype and \
                 staging.dtype in (torch.float32, torch.float64):
@@ -599,9 +602,11 @@ class EmbeddingRecorder:
         overflowed = (torch.isinf(rows.to(torch.float64)) & finite).nonzero()
         if len(overflowed):
             row, column = (int(i) for i in overflowed[0])
-            value = float(out[row, column])
+            value = out[row, column].item()
             module = f"{self.module_name}'s" if self.module_name else "the model's"
-            raise ValueError(f"{module} output row {row}, column {column}: "
+            output_row = row if kept is None else int(kept[row])
+            raise ValueError(f"{module} output row {output_row} (sample id {int(ids[row])}), "
+                             f"column {column}: "
                              f"{value!r} is beyond the store's {staging.writer.dtype} range "
                              "and would be stored as infinity; nothing of this batch was "
                              "recorded (scale or clip the output, or record into a store of "
