@@ -327,6 +327,62 @@ def test_a_projection_after_a_truncate_is_fitted_on_the_new_rows(store):
         server.close()
 
 
+def test_lookups_answer_for_the_published_snapshot_while_the_reader_is_past_a_truncate(store):
+    """The follower refreshes its lookup Reader before it publishes the next snapshot: a request
+    served in between queried the Reader's key index (the new generation's rows) and kept the
+    rows below the snapshot's count, rows of other keys in the snapshot."""
+    with embstore.Writer(store, dim=4) as w:
+        for epoch in range(3):  # keys 0..99 at epochs 0, 1, 2: rows 0..299
+            w.append(np.arange(100), np.full((100, 4), epoch, np.float32), epoch=epoch)
+    follower = serve_store.Follower(store)
+    snap = follower.check()
+    with embstore.Writer(store) as w:
+        w.truncate(100)
+        w.append(np.arange(1000, 1100), np.full((100, 4), 7, np.float32), epoch=1)
+        w.append(np.arange(1000, 1100), np.full((100, 4), 8, np.float32), epoch=2)
+    follower.reader.refresh()  # what _advance() does first
+    assert follower.check() is snap
+    lookup = follower.lookup
+    assert lookup.find(snap, 5, 1) == 105
+    assert lookup.history(snap, 5).tolist() == [5, 105, 205]
+    assert lookup.history(snap, 1005).tolist() == []
+    assert lookup.epoch_rows(snap, 2).tolist() == list(range(200, 300))
+    follower._advance()
+    new = follower.check()
+    assert lookup.find(new, 1005, 1) == 105 and lookup.history(new, 5).tolist() == [5]
+
+
+def test_a_manifest_whose_shard_was_truncated_and_refilled_is_counted_afresh(tmp_path):
+    """A shard set's snapshots carried the generation 0: a shard truncated and grown past the
+    old row count kept its old epoch counts, and the cached projection of an epoch that no
+    longer existed was served."""
+    from embstore.serve.app import Server
+    rng = np.random.default_rng(3)
+    ids = []
+    for name, epoch, base in (("a", 0, 0), ("b", 1, 1000)):
+        with embstore.Writer(tmp_path / name, dim=4) as w:
+            w.append(np.arange(base, base + 100), rng.random((100, 4), np.float32), epoch=epoch)
+        ids.append(embstore.Reader(tmp_path / name).info(key_stats=False)["store_id"])
+    embstore.shards.write_manifest(tmp_path / "manifest.json", {
+        "dim": 4, "dtype": "float32", "shards": [
+            {"path": "a", "store_id": ids[0], "rows": 100},
+            {"path": "b", "store_id": ids[1], "rows": 100}]})
+    server = Server(serve_store.Follower(str(tmp_path / "manifest.json")))
+    try:
+        assert server.projection({"epoch": "0"})["epoch_rows"] == 100
+        with embstore.Writer(tmp_path / "a") as w:
+            w.truncate(0)
+            w.append(np.arange(5000, 5150), rng.random((150, 4), np.float32), epoch=5)
+        server.follower._advance()
+        assert server.follower.check().epoch_counts == {1: 100, 5: 150}
+        with pytest.raises(Exception, match="epoch 0"):
+            server.projection({"epoch": "0"})
+        p = server.projection({"epoch": "5"})
+        assert p["epoch_rows"] == 150 and p["keys"][:2] == [5000, 5001]
+    finally:
+        server.close()
+
+
 def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
     """store_generation() asks the library (no offsets or flag bits restated in Python): the
     generation a truncate switched to, and None where no header can be read."""

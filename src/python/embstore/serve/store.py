@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -54,12 +54,13 @@ class Snapshot:
     """Rows [0, rows) of the store as seen at one refresh; never changes once published."""
 
     def __init__(self, rows: int, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
-                 epoch_counts: Dict[int, int], generation: int) -> None:
+                 epoch_counts: Dict[int, int], generation: Any) -> None:
         self.rows = rows
         self.keys = keys
         self.epochs = epochs
         self.vectors = vectors
         self.epoch_counts = epoch_counts  # epoch -> rows of that epoch in [0, rows)
+        # The store's generation (int), or a shard set's tuple of its shards' generations.
         self.generation = generation
 
     def sorted_epochs(self) -> list:
@@ -87,6 +88,10 @@ def has_key_index(reader) -> bool:
         callable(getattr(reader, "epoch_rows", None))
 
 
+# What KeyLookup._indexed returns when the key index cannot answer for the snapshot.
+_STALE = object()
+
+
 class KeyLookup:
     """find / history / epoch_rows for a snapshot: the Reader's key index when present, else
     numpy scans of the snapshot (``use_index=False`` forces the scans)."""
@@ -95,20 +100,31 @@ class KeyLookup:
         self.reader = reader
         self.use_index = has_key_index(reader) if use_index is None else use_index
 
+    def _indexed(self, snap: Snapshot, query):
+        """query() through the lookup Reader's key index, or _STALE when the Reader does not hold
+        the snapshot's generation (the follower refreshes it before it publishes a snapshot,
+        so after a truncate its rows below snap.rows may be other rows): read before and after
+        the query, since generations only go up, equal readings mean it answered for them."""
+        if not self.use_index or getattr(self.reader, "generation", 0) != snap.generation:
+            return _STALE
+        result = query()
+        return result if getattr(self.reader, "generation", 0) == snap.generation else _STALE
+
     def history(self, snap: Snapshot, key: int) -> np.ndarray:
         """Rows of ``key`` in the snapshot, in commit (row) order."""
-        if self.use_index:
-            rows = _as_rows(self.reader.history(key))
+        found = self._indexed(snap, lambda: self.reader.history(key))
+        if found is not _STALE:
+            rows = _as_rows(found)
             return np.sort(rows[rows < snap.rows])
         return np.flatnonzero(snap.keys == np.uint64(key)).astype(np.int64)
 
     def find(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
         """The row of (key, epoch) in the snapshot (the later one if appended twice), or None."""
-        if self.use_index and callable(getattr(self.reader, "find", None)):
-            row = self.reader.find(key, epoch)
+        if callable(getattr(self.reader, "find", None)):
+            row = self._indexed(snap, lambda: self.reader.find(key, epoch))
             # The lookup Reader may already be refreshed past this snapshot: a row inside it is
             # the answer; a newer one hides whether an older row is in it (history decides).
-            if row is None or row < snap.rows:
+            if row is not _STALE and (row is None or row < snap.rows):
                 return None if row is None else int(row)
         rows = self.history(snap, key)
         rows = rows[snap.epochs[rows] == np.uint64(epoch)]
@@ -116,8 +132,9 @@ class KeyLookup:
 
     def epoch_rows(self, snap: Snapshot, epoch: int) -> np.ndarray:
         """Rows of ``epoch`` in the snapshot, in commit order."""
-        if self.use_index:
-            rows = _as_rows(self.reader.epoch_rows(epoch))
+        found = self._indexed(snap, lambda: self.reader.epoch_rows(epoch))
+        if found is not _STALE:
+            rows = _as_rows(found)
             return np.sort(rows[rows < snap.rows])
         return np.flatnonzero(snap.epochs == np.uint64(epoch)).astype(np.int64)
 
@@ -248,8 +265,10 @@ class Follower:
         """Refreshes the lookup Reader and publishes a snapshot if rows arrived."""
         rows = self.reader.refresh()
         # The generation of the rows refresh() saw: info()'s is the store's now, newer if a
-        # truncate came in between (its files would not hold this snapshot's rows).
-        generation = self.reader.generation if self.single_store else 0
+        # truncate came in between (its files would not hold this snapshot's rows). A shard
+        # set's: every shard's, so that a truncated shard's rows are counted afresh.
+        generation = self.reader.generation if self.single_store else \
+            tuple(shard.generation for shard in self.reader.shards)
         self._rate.append((time.monotonic(), rows))
         while len(self._rate) > 2 and self._rate[1][0] < time.monotonic() - kRateWindowSeconds:
             self._rate.popleft()
