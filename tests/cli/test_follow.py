@@ -3,6 +3,7 @@ SIGINT and when the reader of its stdout goes away."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,27 @@ def test_tail_follow_after_another_process_truncates_prints_the_new_rows_and_say
         assert rest() == []
         assert proc.stderr.read() == (f"embstore tail: {store} was truncated: rows [32, 35) "
                                       "printed above are no longer in it; following from row 32\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("how", ["replaced", "deleted"])
+def test_tail_follow_of_a_store_replaced_or_deleted_at_its_path_says_so_and_fails(tmp_path, how):
+    # It followed the deleted store's files: nothing printed again, no word, never ending.
+    store = make_store(tmp_path / "s")
+    other = make_store(tmp_path / "other")
+    proc = start_follow(store)
+    try:
+        shutil.rmtree(store)
+        if how == "replaced":
+            os.rename(other, store)
+            append_from_another_process(store, 500, 2, 3)
+        assert proc.wait(timeout=30) == 12
+        assert f"{store}: the store followed was deleted or replaced by another at its path" \
+            in proc.stderr.read()
+        assert proc.stdout.read() == ""  # none of the other store's rows
     finally:
         if proc.poll() is None:
             proc.kill()

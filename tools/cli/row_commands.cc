@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -9,6 +10,8 @@
 #include <csignal>
 #include <cstring>
 #include <memory>
+#include <optional>
+#include <utility>
 
 #include "cli.h"
 
@@ -104,7 +107,17 @@ std::uint64_t first_row_dropped(const Reader& old, const Reader& now, std::uint6
   return end;
 }
 
+// The identity (device, inode) of the store's header file: a store deleted and created again at
+// its path (or another renamed onto it) has another, while the deleted one's stays in use as
+// long as a Reader maps it. nullopt when there is none at the path.
+std::optional<std::pair<dev_t, ino_t>> header_identity(const std::string& store) {
+  struct stat st;
+  if (::stat((store + "/header").c_str(), &st) != 0) return std::nullopt;
+  return std::make_pair(st.st_dev, st.st_ino);
+}
+
 int run_rows(const RowArgs& args, bool tail) {
+  const auto identity = header_identity(args.store);
   Reader reader = Reader::open(args.store);
   if (args.follow) {
     // End cleanly on Ctrl-C, kill and a closed pipe: no signal death, exit 0.
@@ -133,6 +146,14 @@ int run_rows(const RowArgs& args, bool tail) {
   while (!g_stop) {
     if (stdout_closed()) break;
     const bool more = latest.wait(next + 1, kFollowCheck);
+    if (header_identity(args.store) != identity) {
+      // The Readers map the files of a store no longer at the path: nothing would ever be
+      // printed again, while another store there may be growing.
+      throw Error(ErrorCode::kNotFound,
+                  args.store +
+                      ": the store followed was deleted or replaced by another at its "
+                      "path; the rows printed above are its last");
+    }
     const std::uint64_t now_generation = latest.info(InfoDetail::kState).generation;
     if (now_generation != generation) {
       latest.refresh();  // A snapshot of that generation at least (the wait may predate it).
