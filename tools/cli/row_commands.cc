@@ -119,7 +119,11 @@ std::optional<std::pair<dev_t, ino_t>> header_identity(const std::string& store)
 int run_rows(const RowArgs& args, bool tail) {
   const auto identity = header_identity(args.store);
   Reader reader = Reader::open(args.store);
+  // `reader` keeps the snapshot the rows were printed from; `latest` waits for new ones. Both
+  // are opened before a row is printed: a caller may act on a row (delete the store) at once.
+  std::optional<Reader> latest;
   if (args.follow) {
+    latest = Reader::open(args.store);
     // End cleanly on Ctrl-C, kill and a closed pipe: no signal death, exit 0.
     struct sigaction action = {};
     action.sa_handler = on_stop_signal;
@@ -137,42 +141,47 @@ int run_rows(const RowArgs& args, bool tail) {
   if (!flush_rows()) return kExitOk;
   if (!args.follow) return kExitOk;
   std::uint64_t next = size;
-  // `reader` keeps the snapshot the rows were printed from; `latest` waits for new ones. When
-  // another process truncates the store (a new generation), the rows printed that the truncate
-  // dropped are said so on stderr, and following goes on from the first of them: the rows
-  // appended after the truncate are printed under their row numbers.
-  Reader latest = Reader::open(args.store);
-  std::uint64_t generation = reader.info(InfoDetail::kState).generation;
-  while (!g_stop) {
-    if (stdout_closed()) break;
-    const bool more = latest.wait(next + 1, kFollowCheck);
-    if (header_identity(args.store) != identity) {
-      // The Readers map the files of a store no longer at the path: nothing would ever be
-      // printed again, while another store there may be growing.
-      throw Error(ErrorCode::kNotFound,
-                  args.store +
-                      ": the store followed was deleted or replaced by another at its "
-                      "path; the rows printed above are its last");
-    }
-    const std::uint64_t now_generation = latest.info(InfoDetail::kState).generation;
-    if (now_generation != generation) {
-      latest.refresh();  // A snapshot of that generation at least (the wait may predate it).
-      const std::uint64_t kept = first_row_dropped(reader, latest, begin, next);
-      if (kept < next) {
-        fmt::print(stderr,
-                   "embstore tail: {} was truncated: rows [{}, {}) printed above are no longer "
-                   "in it; following from row {}\n",
-                   args.store, kept, next, kept);
+  // When another process truncates the store (a new generation), the rows printed that the
+  // truncate dropped are said so on stderr, and following goes on from the first of them: the
+  // rows appended after the truncate are printed under their row numbers. When the store is
+  // deleted, or replaced by another at its path, the Readers map files no longer there: nothing
+  // would ever be printed again (or a refresh fails with a message that does not say so).
+  auto check_same_store = [&] {
+    if (header_identity(args.store) == identity) return;
+    throw Error(ErrorCode::kNotFound,
+                args.store +
+                    ": the store followed was deleted or replaced by another at its "
+                    "path; the rows printed above are its last");
+  };
+  // The generations of the Readers' snapshots (no file read: info() would stat the files).
+  std::uint64_t generation = reader.generation();
+  try {
+    while (!g_stop) {
+      if (stdout_closed()) break;
+      const bool more = latest->wait(next + 1, kFollowCheck);
+      check_same_store();
+      const std::uint64_t now_generation = latest->generation();  // As of the wait's refresh.
+      if (now_generation != generation) {
+        const std::uint64_t kept = first_row_dropped(reader, *latest, begin, next);
+        if (kept < next) {
+          fmt::print(stderr,
+                     "embstore tail: {} was truncated: rows [{}, {}) printed above are no "
+                     "longer in it; following from row {}\n",
+                     args.store, kept, next, kept);
+        }
+        next = std::min(next, kept);
+        generation = now_generation;
+      } else if (!more) {
+        continue;
       }
-      next = std::min(next, kept);
-      generation = now_generation;
-    } else if (!more) {
-      continue;
+      reader.refresh();
+      const std::uint64_t now = reader.size();
+      for (; next < now && !g_stop; ++next) printer.print(next);
+      if (!flush_rows()) break;
     }
-    reader.refresh();
-    const std::uint64_t now = reader.size();
-    for (; next < now && !g_stop; ++next) printer.print(next);
-    if (!flush_rows()) break;
+  } catch (const Error&) {
+    check_same_store();
+    throw;
   }
   return kExitOk;
 }
