@@ -9,11 +9,13 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <thread>
 #include <vector>
 
 #include "embstore/embstore.h"
 #include "platform/testing.h"
+#include "support/error_code.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -70,6 +72,28 @@ TEST_CASE("ReaderOptions::max_rows caps the snapshot open() takes, lookups inclu
   CHECK(r.find(key) == std::optional<std::uint64_t>(11));
   capped.max_rows = 100;  // more than are committed: all of them
   CHECK(Reader::open(dir / "s", capped).size() == 12);
+}
+
+TEST_CASE("A reader of a store replaced at its path never maps the other store's files",
+          "[reader]") {
+  // The old store's Writer goes on appending to its (deleted) files; the Reader, following its
+  // state page, reopened rows.1 and index.1 by name to map the new rows: the other store's.
+  TempDir dir;
+  CreateOptions o = small(8);
+  o.key_index = false;  // The old Writer's key index work would go to the new directory.
+  Writer w = Writer::create(dir / "s", o);
+  append_batch(w, 0, 0, 10);
+  Reader r = Reader::open(dir / "s");
+  std::filesystem::rename(dir / "s", dir / "trash");
+  std::filesystem::remove_all(dir / "trash");
+  Writer other = Writer::create(dir / "s", o);
+  append_batch(other, 7, 0, 3000);
+  append_batch(w, 0, 10, 3000);  // Past every mapping the Reader has.
+  std::string message;
+  CHECK(test::code_of([&] { r.refresh(); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("the store opened is no longer at this path"));
+  CHECK(r.size() == 10);  // The snapshot is still the old store's, whole.
+  CHECK(r.record(9).key == test::make_key(0, 9));
 }
 
 TEST_CASE("Views stay valid and unchanged while writers grow the store by many segments",

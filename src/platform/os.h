@@ -37,6 +37,8 @@ struct FileId {
 };
 // The identity of the file `fd` is open on; nullopt if fstat fails.
 std::optional<FileId> file_id(int fd) noexcept;
+// The identity of the file `path` names now; nullopt if there is none (or stat fails).
+std::optional<FileId> file_id_at(const std::string& path) noexcept;
 // True when paths `a` and `b` name the same file or directory now (same device and inode; a
 // bind mount or a symbolic link gives one several names); false if either does not exist.
 bool same_entry(const std::string& a, const std::string& b) noexcept;

@@ -23,6 +23,8 @@ class FileHandle {
  public:
   FileHandle(int own_fd, const std::string& path, os::Access access)
       : fd_(own_fd >= 0 ? own_fd : os::open_file(path, access)), owned_(own_fd < 0) {}
+  FileHandle(int own_fd, const StoreFiles& files, const std::string& path)
+      : fd_(own_fd >= 0 ? own_fd : files.open_by_path(path)), owned_(own_fd < 0) {}
   ~FileHandle() {
     if (owned_) os::close_fd(fd_);
   }
@@ -119,6 +121,7 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
     throw Error(ErrorCode::kNotFound, dir + ": not an embstore store (no header file)", ENOENT);
   }
   files->header_fd_ = os::open_file(files->header_path_, access);
+  files->header_id_ = os::file_id(files->header_fd_);
   const std::uint64_t header_bytes = os::file_size(files->header_fd_, files->header_path_);
   const std::uint64_t to_read = std::min<std::uint64_t>(header_bytes, kMaxHeaderReadBytes);
   files->header_bytes_ = header_bytes;
@@ -236,6 +239,19 @@ void StoreFiles::close_retired_fds() {
   retired_fds_.clear();
 }
 
+int StoreFiles::open_by_path(const std::string& path) const {
+  const int fd = os::open_file(path, access_);
+  if (!header_id_ || os::file_id_at(header_path_) != header_id_) {
+    os::close_fd(fd);
+    throw Error(ErrorCode::kNotFound,
+                dir_ +
+                    ": the store opened is no longer at this path (deleted, or replaced by "
+                    "another created or moved there), so " +
+                    path + " is not its file; open the store again");
+  }
+  return fd;
+}
+
 bool StoreFiles::follow_generation() {
   const std::uint64_t generation = state_.generation();
   if (generation == file_generation_) return false;
@@ -325,8 +341,8 @@ void StoreFiles::remove_stale_files(std::uint64_t key_generation) const {
 }
 
 std::uint64_t StoreFiles::rows_files_hold() const {
-  const FileHandle data(data_fd_, data_path_, access_);
-  const FileHandle index(index_fd_, index_path_, access_);
+  const FileHandle data(data_fd_, *this, data_path_);
+  const FileHandle index(index_fd_, *this, index_path_);
   const std::uint64_t data_rows = os::file_size(data.get(), data_path_) / layout_.record_bytes;
   const std::uint64_t index_rows = os::file_size(index.get(), index_path_) / kIndexEntryBytes;
   return std::min({data_rows, index_rows, kMaxRows});
@@ -339,8 +355,8 @@ void StoreFiles::map_rows(std::uint64_t rows) {
   if (rows > kMaxRows) {
     corrupt(header_path_, "a counter claims " + std::to_string(rows) + " rows, beyond 2^40");
   }
-  const FileHandle data(data_fd_, data_path_, access_);
-  const FileHandle index(index_fd_, index_path_, access_);
+  const FileHandle data(data_fd_, *this, data_path_);
+  const FileHandle index(index_fd_, *this, index_path_);
   const std::uint64_t data_bytes = os::file_size(data.get(), data_path_);
   if (data_bytes / layout_.record_bytes < rows) {
     corrupt(data_path_, "file is " + std::to_string(data_bytes) + " bytes, too short for " +
@@ -579,8 +595,8 @@ StoreInfo StoreFiles::info() const {
     const std::string index_path =
         own ? index_path_ : dir_ + "/" + index_file_name(info.generation);
     try {
-      const FileHandle data(own ? data_fd_ : -1, data_path, access_);
-      const FileHandle index(own ? index_fd_ : -1, index_path, access_);
+      const FileHandle data(own ? data_fd_ : -1, *this, data_path);
+      const FileHandle index(own ? index_fd_ : -1, *this, index_path);
       info.data_file_bytes = os::file_size(data.get(), data_path);
       info.index_file_bytes = os::file_size(index.get(), index_path);
       return info;

@@ -78,6 +78,12 @@ class StoreFiles {
   const std::string& data_path() const { return data_path_; }
   const std::string& index_path() const { return index_path_; }
   const std::string& header_path() const { return header_path_; }
+  // Opens one of the store's files by path (a Reader keeps no descriptor of them), refusing it
+  // with kNotFound when the store at the path is no longer the one opened: deleted and created
+  // again, or another renamed onto it, which has files of the same names. Checked after the
+  // open by the header file's identity (the state page's mapping keeps the opened one in
+  // existence, so no other file can have it).
+  int open_by_path(const std::string& path) const;
   // Writer only (a Reader's are closed: -1).
   int data_fd() const { return data_fd_; }
   int index_fd() const { return index_fd_; }
@@ -186,6 +192,7 @@ class StoreFiles {
   Layout layout_{};
   RowHashKey hash_key_{0};  // From layout_.seed.
   int header_fd_ = -1, data_fd_ = -1, index_fd_ = -1;
+  std::optional<os::FileId> header_id_;  // The header file opened (open_by_path()).
   void* state_map_ = nullptr;
   SharedState state_;
   std::uint64_t header_bytes_ = 0;  // The header file's size at open.
