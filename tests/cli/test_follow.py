@@ -188,8 +188,8 @@ def test_tail_follow_after_another_process_truncates_prints_the_new_rows_and_say
             proc.wait()
 
 
-@pytest.mark.parametrize("how", ["replaced", "deleted"])
-def test_tail_follow_of_a_store_replaced_or_deleted_at_its_path_says_so_and_fails(tmp_path, how):
+@pytest.mark.parametrize("how", ["replaced", "deleted", "moved"])
+def test_tail_follow_of_a_store_no_longer_at_its_path_says_so_and_fails(tmp_path, how):
     # It followed the deleted store's files: nothing printed again, no word, never ending.
     store = make_store(tmp_path / "s")
     other = make_store(tmp_path / "other")
@@ -198,13 +198,16 @@ def test_tail_follow_of_a_store_replaced_or_deleted_at_its_path_says_so_and_fail
         # Moved away whole first: while `rm -rf` is half done, the tool may instead report the
         # first missing file it needed (also exit 12).
         os.rename(store, tmp_path / "trash")
-        shutil.rmtree(tmp_path / "trash")
+        if how == "moved":  # still a store, growing, but not at the path followed
+            append_from_another_process(str(tmp_path / "trash"), 500, 2, 3)
+        else:
+            shutil.rmtree(tmp_path / "trash")
         if how == "replaced":
             os.rename(other, store)
             append_from_another_process(store, 500, 2, 3)
         assert proc.wait(timeout=30) == 12
-        assert f"{store}: the store followed was deleted or replaced by another at its path" \
-            in proc.stderr.read()
+        assert f"{store}: the store followed is no longer at this path (deleted, moved, or " \
+            "replaced by another store)" in proc.stderr.read()
         assert proc.stdout.read() == ""  # none of the other store's rows
     finally:
         if proc.poll() is None:

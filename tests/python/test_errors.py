@@ -176,6 +176,18 @@ def test_float_values_beyond_the_stores_range_are_refused_not_stored_as_infinity
     assert np.isinf(got[0, 2]) and np.isfinite(got[0, :2]).all()
 
 
+@pytest.mark.parametrize("async_queue_mb", [0, 1])
+def test_list_values_for_a_bfloat16_store_are_rounded_once(store, async_queue_mb):
+    # Through float32 first this value lands on the tie between bfloat16's largest value and
+    # infinity, and the store's rounding made it infinity (refused); once, it is the largest.
+    # 1 + 2^-8 + 2^-40 is just above the tie between 1 and 1 + 2^-7: rounded up, not to even.
+    below_infinity = (2 - 2.0**-8) * 2.0**127 - 2.0**100
+    with embstore.Writer(store, dim=2, dtype="bfloat16", async_queue_mb=async_queue_mb) as w:
+        w.append([1], [[below_infinity, 1 + 2**-8 + 2**-40]])
+    bits = embstore.Reader(store).vectors[0].tolist()
+    assert bits == [0x7F7F, 0x3F81]
+
+
 def test_list_values_an_integer_store_cannot_hold_are_refused(store):
     with embstore.Writer(store, dim=2, dtype="int8") as w:
         with pytest.raises(ValueError, match=r"integers in \[-128, 127\] .* int8 store"):

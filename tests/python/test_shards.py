@@ -459,3 +459,14 @@ def test_a_pickled_shardset_that_cannot_reopen_raises_in_the_parent_not_in_the_w
             call(again)
     again.close()  # nothing was opened: nothing to close, no error
     s.close()
+
+
+def test_a_closed_shardset_still_pickles_and_its_copy_reopens(tmp_path):
+    import pickle
+    paths, _, _, vectors = make_shards(tmp_path, [4, 6])
+    with embstore.ShardSet(paths) as s:
+        pass
+    again = pickle.loads(pickle.dumps(s))  # raised ClosedError
+    assert len(again) == 10
+    np.testing.assert_array_equal(again.rows(0, 10), vectors)
+    again.close()

@@ -150,8 +150,8 @@ int run_rows(const RowArgs& args, bool tail) {
     if (header_identity(args.store) == identity) return;
     throw Error(ErrorCode::kNotFound,
                 args.store +
-                    ": the store followed was deleted or replaced by another at its "
-                    "path; the rows printed above are its last");
+                    ": the store followed is no longer at this path (deleted, moved, "
+                    "or replaced by another store)");
   };
   // The generations of the Readers' snapshots (no file read: info() would stat the files).
   std::uint64_t generation = reader.generation();
@@ -201,7 +201,8 @@ void add_row_command(CLI::App& app, Registry& registry, bool tail) {
   if (tail) {
     cmd->add_flag("-f,--follow", args->follow,
                   "Keep printing rows as other processes commit them, until Ctrl-C or the "
-                  "reader of stdout goes away");
+                  "reader of stdout goes away (exit 0), or until the store is no longer at "
+                  "its path (deleted, moved or replaced: exit 12)");
     cmd->footer("Example: embstore tail -f run.emb --json | head -100");
   } else {
     cmd->footer("Example: embstore head run.emb -n 5 --vectors");

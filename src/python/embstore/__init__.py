@@ -306,13 +306,30 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
             raise ValueError(f"vectors: values that are not integers in [{limits.min}, "
                              f"{limits.max}] cannot be stored in a {store_dtype} store")
         return converted
+    if store_dtype == "bfloat16":  # checked here, not by the store, so also before it is queued
+        return _bfloat16_ready(values)
     with np.errstate(over="ignore"):
         converted = values.astype(target)
     _refuse_overflow(values, converted, store_dtype)
-    if store_dtype == "bfloat16":  # checked here, not by the store, so also before it is queued
-        _refuse_overflow(values, np.where(np.abs(values) >= _BFLOAT16_OVERFLOW, np.inf, 0.0),
-                         store_dtype)
     return converted
+
+
+def _bfloat16_ready(values: np.ndarray, rows: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Numbers (float64, float32, float16 or integers) as float32 that the store rounds to
+    bfloat16 as rounding each value once would (numpy has no bfloat16). Through float32 with
+    rounding to nearest, a value could land on a tie and round again (to infinity, or the
+    wrong neighbour); so float64 is rounded to odd instead (toward zero, the last bit set when
+    inexact): with float32's 16 more bits, the store's rounding of that is the value's own.
+    A value that would become infinite raises ValueError naming its row (``rows[i]``)."""
+    if values.dtype.kind in "iu":
+        values = values.astype(np.float64)  # exact below 2^53; beyond, rounded once here
+    _refuse_overflow(values, np.where(np.abs(values) >= _BFLOAT16_OVERFLOW, np.inf, 0.0),
+                     "bfloat16", rows)
+    if values.dtype != np.float64:
+        return values.astype(np.float32)  # exact
+    near = values.astype(np.float32)  # below the limit, so finite
+    cut = np.where(np.abs(near) > np.abs(values), np.nextafter(near, np.float32(0)), near)
+    return (cut.view(np.uint32) | (cut != values)).view(np.float32)
 
 
 # The smallest magnitude that rounds to infinity in bfloat16: halfway between its largest finite

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from . import (CorruptionError, Reader, Writer, _as_ints, _check_int_array, _check_u64, _dtype_name,
-               _BFLOAT16_OVERFLOW, _refuse_overflow)
+               _bfloat16_ready, _refuse_overflow)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -232,13 +232,7 @@ def _narrowed(chunk: np.ndarray, target: str, rows: Sequence[int]) -> np.ndarray
     that would become infinite is refused first (ValueError naming its row: ``rows`` holds the
     row numbers of the chunk's rows), so nothing of the chunk is appended."""
     if target == "bfloat16":
-        beyond = np.where(np.abs(chunk) >= _BFLOAT16_OVERFLOW, np.inf, 0.0)
-        _refuse_overflow(chunk, beyond, target, rows)
-        if chunk.dtype != np.float64:
-            return chunk.astype(np.float32)  # exact: the store rounds it once
-        near = chunk.astype(np.float32)  # below the limit, so finite
-        cut = np.where(np.abs(near) > np.abs(chunk), np.nextafter(near, np.float32(0)), near)
-        return (cut.view(np.uint32) | (cut != chunk)).view(np.float32)
+        return _bfloat16_ready(chunk, rows)
     with np.errstate(over="ignore"):
         converted = chunk.astype(np.float16 if target == "float16" else np.float32)
     _refuse_overflow(chunk, converted, target, rows)

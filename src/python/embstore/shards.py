@@ -22,8 +22,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import (Error, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name, _embstore,
-               _metadata_text, _row_array, _u64_array)
+from . import (ClosedError, Error, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name,
+               _embstore, _metadata_text, _row_array, _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -200,6 +200,9 @@ class ShardSet:
     def _renumber(self) -> None:
         sizes = np.array([len(r) for r in self._shards], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        # Each shard's snapshot (generation, rows): what a pickled copy reopens, also once
+        # the set is closed.
+        self._sizes = [(r.generation, len(r)) for r in self._shards]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -348,8 +351,13 @@ class ShardSet:
         if self._shards is None and self._snapshots is not None:
             return {"inputs": self._inputs, "map_bytes": self._map_bytes, "paths": self.paths,
                     "metadata_text": self.metadata_text, "snapshots": self._snapshots}
-        snapshots = [(path, reader.info(key_stats=False)["store_id"], reader.generation,
-                      len(reader)) for path, reader in zip(self.paths, self.shards)]
+        snapshots = []
+        for path, reader, (generation, rows) in zip(self.paths, self._shards, self._sizes):
+            try:
+                store_id = reader.info(key_stats=False)["store_id"]
+            except ClosedError:  # a closed set pickles too; its copy checks the rest
+                store_id = None
+            snapshots.append((path, store_id, generation, rows))
         return {"inputs": self._inputs, "map_bytes": self._map_bytes, "paths": self.paths,
                 "metadata_text": self.metadata_text, "snapshots": snapshots}
 
@@ -371,7 +379,7 @@ class ShardSet:
                 reader = Reader(path, map_bytes=self._map_bytes, max_rows=rows)
                 shards.append(reader)
                 seen = (reader.info(key_stats=False)["store_id"], reader.generation, len(reader))
-                if seen != (store_id, generation, rows):
+                if seen != (seen[0] if store_id is None else store_id, generation, rows):
                     raise Error(f"{path}: this process sees store {seen[0]}, generation "
                                 f"{seen[1]}, {seen[2]} rows; the pickled ShardSet holds a "
                                 f"snapshot of store {store_id}, generation {generation}, "
