@@ -470,3 +470,32 @@ def test_a_closed_shardset_still_pickles_and_its_copy_reopens(tmp_path):
     assert len(again) == 10
     np.testing.assert_array_equal(again.rows(0, 10), vectors)
     again.close()
+
+
+def test_an_unpickled_shardset_opens_its_shards_once_when_threads_race_to_it(tmp_path,
+                                                                             monkeypatch):
+    import pickle
+    import threading
+    import time
+    paths, _, _, _ = make_shards(tmp_path, [4, 6])
+    with embstore.ShardSet(paths) as s:
+        state = pickle.dumps(s)
+    opened = []
+
+    class SlowReader(embstore.Reader):  # widens the window between the check and the open
+        def __init__(self, *args, **kwargs):
+            time.sleep(0.05)
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(es, "Reader", SlowReader)
+    again = pickle.loads(state)
+    lengths = []
+    threads = [threading.Thread(target=lambda: lengths.append(len(again))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert lengths == [10] * 4
+    assert len(opened) == 2 and all(r in again.shards for r in opened)
+    again.close()

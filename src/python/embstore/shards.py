@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -369,10 +370,17 @@ class ShardSet:
         self._inputs, self._map_bytes = state["inputs"], state["map_bytes"]
         self.paths, self.metadata_text = list(state["paths"]), state["metadata_text"]
         self._snapshots, self._shards = state["snapshots"], None
+        self._open_lock = threading.Lock()
 
     def _reopen(self) -> None:
         """Opens an unpickled copy's shards at their pickled snapshots, or raises Error naming
-        the first that cannot be (and stays unopened: every call raises it again)."""
+        the first that cannot be (and stays unopened: every call raises it again). Once, when
+        several threads make the first call."""
+        with self._open_lock:
+            if self._shards is None:
+                self._open_snapshots()
+
+    def _open_snapshots(self) -> None:
         shards: List[Reader] = []
         try:
             for path, store_id, generation, rows in self._snapshots:
