@@ -404,24 +404,10 @@ int KeyIndexFile::reopen() const {
   // Another file under the same name: after a truncate, the new generation's (its numbering
   // starts over), whose header can match this one's field for field. This file's mapping keeps
   // it in existence, so no other file can have its identity meanwhile.
+  // The same file has the same header (its first 128 bytes are written once).
   if (!file_id_ || os::file_id(fd) != file_id_) {
     os::close_fd(fd);
     throw Error(ErrorCode::kNotFound, path_ + ": the file was replaced since it was opened");
-  }
-  KeyIndexHeader h;
-  try {
-    if (os::file_size(fd, path_) >= sizeof(h)) os::read_exact(fd, &h, sizeof(h), 0, path_);
-  } catch (...) {
-    os::close_fd(fd);
-    throw;
-  }
-  const KeyIndexHeader* mine = header();
-  if (std::memcmp(h.magic, mine->magic, sizeof(h.magic)) != 0 ||
-      std::memcmp(h.store_id, mine->store_id, sizeof(h.store_id)) != 0 ||
-      h.key_generation != mine->key_generation || h.hash_seed != mine->hash_seed) {
-    os::close_fd(fd);
-    throw Error(ErrorCode::kNotFound,
-                path_ + ": the file was replaced since it was opened (another store's)");
   }
   return fd;
 }

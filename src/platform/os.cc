@@ -150,9 +150,8 @@ int open_or_create_file(const std::string& path) {
 }
 
 bool same_file(int fd, const std::string& path) noexcept {
-  struct stat by_fd, by_path;
-  return ::fstat(fd, &by_fd) == 0 && ::stat(path.c_str(), &by_path) == 0 &&
-         by_fd.st_dev == by_path.st_dev && by_fd.st_ino == by_path.st_ino;
+  const std::optional<FileId> id = file_id(fd);
+  return id && id == file_id_at(path);
 }
 
 std::optional<FileId> file_id(int fd) noexcept {
@@ -168,9 +167,8 @@ std::optional<FileId> file_id_at(const std::string& path) noexcept {
 }
 
 bool same_entry(const std::string& a, const std::string& b) noexcept {
-  struct stat first, second;
-  return ::stat(a.c_str(), &first) == 0 && ::stat(b.c_str(), &second) == 0 &&
-         first.st_dev == second.st_dev && first.st_ino == second.st_ino;
+  const std::optional<FileId> id = file_id_at(a);
+  return id && id == file_id_at(b);
 }
 
 void remove_file(const std::string& path) noexcept { ::unlink(path.c_str()); }

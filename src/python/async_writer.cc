@@ -151,7 +151,6 @@ void AsyncAppender::push(Batch&& batch) {
   }
   stats_.queued_bytes += bytes;
   queue_.push_back(std::move(batch));
-  ++pushed_;
   // A napping thread takes this batch when its nap ends, unless another one already waits.
   const bool wake = writer_asleep_ || (writer_napping_ && queue_.size() > 1);
   if (wake) ++stats_.appends_woke_writer;
@@ -164,8 +163,9 @@ void AsyncAppender::push(Batch&& batch) {
 
 void AsyncAppender::flush() {
   std::unique_lock lock(mutex_);
-  const std::uint64_t target = pushed_;
-  if (finished_ < target) {
+  if (!queue_.empty()) {
+    // Every batch pushed so far is written or dropped once finished_ counts those queued now.
+    const std::uint64_t target = finished_ + queue_.size();
     work_cv_.notify_one();  // Do not wait for the end of a nap.
     ++flush_waiters_;
     idle_cv_.wait(lock, [&] { return finished_ >= target; });

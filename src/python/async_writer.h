@@ -151,10 +151,9 @@ class AsyncAppender {
   std::vector<void*> done_;
   std::vector<std::vector<std::uint64_t>> spare_keys_;
   std::optional<Error> error_;
-  // Batches queued, and batches written or dropped, since the start: flush() waits for the
-  // second to reach what the first was when it was called (not for an empty queue, which
-  // another thread appending meanwhile keeps from ever coming).
-  std::uint64_t pushed_ = 0;
+  // Batches written or dropped since the start: flush() waits for it to count the batches
+  // queued when it was called (not for an empty queue, which another thread appending
+  // meanwhile keeps from ever coming).
   std::uint64_t finished_ = 0;
   int flush_waiters_ = 0;
   WriteStats stats_;

@@ -1,6 +1,6 @@
 #include "storage/generation.h"
 
-#include <sys/stat.h>
+#include <optional>
 
 namespace embstore::detail {
 
@@ -18,11 +18,10 @@ Generation::Generation(std::uint64_t number, const Layout& layout, const std::st
 void Generation::map_rows(int data_fd, int index_fd, std::uint64_t rows) {
   if (rows <= mapped_rows()) return;
   data_.map_to(data_fd, rows * record_bytes_);
-  struct stat st;
   data_id_known_.store(false, std::memory_order_relaxed);
-  if (::fstat(data_fd, &st) == 0) {
-    data_dev_.store(static_cast<std::uint64_t>(st.st_dev), std::memory_order_relaxed);
-    data_ino_.store(static_cast<std::uint64_t>(st.st_ino), std::memory_order_relaxed);
+  if (const std::optional<os::FileId> id = os::file_id(data_fd)) {
+    data_dev_.store(id->device, std::memory_order_relaxed);
+    data_ino_.store(id->inode, std::memory_order_relaxed);
     data_id_known_.store(true, std::memory_order_release);
   }
   // Each map_to() maps anew (MAP_FIXED), which drops the advice: given again for all of it.
@@ -32,10 +31,10 @@ void Generation::map_rows(int data_fd, int index_fd, std::uint64_t rows) {
 }
 
 bool Generation::maps_data_file(int fd) const noexcept {
-  struct stat st;
-  if (!data_id_known_.load(std::memory_order_acquire) || ::fstat(fd, &st) != 0) return false;
-  return static_cast<std::uint64_t>(st.st_dev) == data_dev_.load(std::memory_order_relaxed) &&
-         static_cast<std::uint64_t>(st.st_ino) == data_ino_.load(std::memory_order_relaxed);
+  if (!data_id_known_.load(std::memory_order_acquire)) return false;
+  const std::optional<os::FileId> id = os::file_id(fd);
+  return id && id->device == data_dev_.load(std::memory_order_relaxed) &&
+         id->inode == data_ino_.load(std::memory_order_relaxed);
 }
 
 }  // namespace embstore::detail

@@ -306,11 +306,20 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
             raise ValueError(f"vectors: values that are not integers in [{limits.min}, "
                              f"{limits.max}] cannot be stored in a {store_dtype} store")
         return converted
-    if store_dtype == "bfloat16":  # checked here, not by the store, so also before it is queued
-        return _bfloat16_ready(values)
+    return _rounded_once(values, store_dtype)
+
+
+def _rounded_once(values: np.ndarray, store_dtype: str,
+                  rows: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Numbers for a float store (float16, bfloat16, float32 or float64), each rounded once to
+    nearest even (never twice through float32; bfloat16 as float32 the store rounds exactly).
+    A finite value that would become infinite raises ValueError naming its row (``rows[i]``),
+    here, before anything is appended or queued."""
+    if store_dtype == "bfloat16":
+        return _bfloat16_ready(values, rows)
     with np.errstate(over="ignore"):
-        converted = values.astype(target)
-    _refuse_overflow(values, converted, store_dtype)
+        converted = values.astype(_SEQUENCE_DTYPES[store_dtype])
+    _refuse_overflow(values, converted, store_dtype, rows)
     return converted
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from . import (CorruptionError, Reader, Writer, _as_ints, _check_int_array, _check_u64, _dtype_name,
-               _bfloat16_ready, _refuse_overflow)
+               _rounded_once)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -223,22 +223,6 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     return count
 
 
-def _narrowed(chunk: np.ndarray, target: str, rows: Sequence[int]) -> np.ndarray:
-    """Float rows (float64, float32 or float16) for a float32, float16 or bfloat16 store,
-    rounded once (to nearest even), never twice through float32: numpy rounds float64 to
-    float16 directly. numpy has no bfloat16, so float64 goes to float32 rounded to odd (toward
-    zero, the last bit set when inexact) and the store rounds that to bfloat16: with float32's
-    16 more bits, the result is float64 rounded to nearest bfloat16 directly. A finite value
-    that would become infinite is refused first (ValueError naming its row: ``rows`` holds the
-    row numbers of the chunk's rows), so nothing of the chunk is appended."""
-    if target == "bfloat16":
-        return _bfloat16_ready(chunk, rows)
-    with np.errstate(over="ignore"):
-        converted = chunk.astype(np.float16 if target == "float16" else np.float32)
-    _refuse_overflow(chunk, converted, target, rows)
-    return converted
-
-
 # Float types by range: converting into a type of lower rank can make a finite value infinite.
 _RANGE_RANK = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3}
 
@@ -251,16 +235,16 @@ def _as_store_rows(chunk: np.ndarray, source: str, target: str,
                    rows: Sequence[int]) -> np.ndarray:
     """A chunk of rows of dtype ``source`` (bfloat16 as uint16 bit patterns) as a ``target``
     store takes them: bfloat16 widened exactly to float32 first, then float64 for a float64
-    store, or rounded once to a narrower float type (``_narrowed``: a value that would become
-    infinite raises ValueError naming its row, ``rows`` holding the chunk's row numbers).
-    bfloat16 bit patterns for a bfloat16 store stay as they are."""
+    store, or rounded once to a narrower float type (``_rounded_once``: a value that would
+    become infinite raises ValueError naming its row, ``rows`` holding the chunk's row
+    numbers). bfloat16 bit patterns for a bfloat16 store stay as they are."""
     if source == "bfloat16" and target != "bfloat16":
         chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
     if target == "float64":
         return chunk if chunk.dtype == np.float64 else chunk.astype(np.float64)
     if target in ("float16", "bfloat16", "float32") and chunk.dtype.kind == "f" and \
             target != _dtype_name(chunk.dtype):
-        return _narrowed(chunk, target, rows)
+        return _rounded_once(chunk, target, rows)
     return chunk
 
 

@@ -23,8 +23,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import (ClosedError, Error, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name,
-               _embstore, _metadata_text, _row_array, _u64_array)
+from . import (Error, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name, _embstore,
+               _metadata_text, _row_array, _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -179,9 +179,9 @@ class ShardSet:
         paths, metadata = _embstore.resolve_shards(self._inputs)  # the core's checks
         self.paths: List[str] = list(paths)
         self.metadata_text: str = metadata.decode("utf-8", errors="replace")
-        self._snapshots: Optional[list] = None  # an unpickled copy's, until its shards open
         self._shards: Optional[List[Reader]] = [Reader(p, map_bytes=map_bytes)
                                                 for p in self.paths]
+        self._store_ids = [r.info(key_stats=False)["store_id"] for r in self._shards]
         self._renumber()
 
     @property
@@ -201,9 +201,10 @@ class ShardSet:
     def _renumber(self) -> None:
         sizes = np.array([len(r) for r in self._shards], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        # Each shard's snapshot (generation, rows): what a pickled copy reopens, also once
-        # the set is closed.
-        self._sizes = [(r.generation, len(r)) for r in self._shards]
+        # Each shard's snapshot (path, store id, generation, rows): what a pickled copy reopens
+        # (also once the set is closed).
+        self._snapshots = [(path, store_id, r.generation, len(r)) for path, store_id, r in
+                           zip(self.paths, self._store_ids, self._shards)]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -349,18 +350,8 @@ class ShardSet:
         self.close()
 
     def __getstate__(self):
-        if self._shards is None and self._snapshots is not None:
-            return {"inputs": self._inputs, "map_bytes": self._map_bytes, "paths": self.paths,
-                    "metadata_text": self.metadata_text, "snapshots": self._snapshots}
-        snapshots = []
-        for path, reader, (generation, rows) in zip(self.paths, self._shards, self._sizes):
-            try:
-                store_id = reader.info(key_stats=False)["store_id"]
-            except ClosedError:  # a closed set pickles too; its copy checks the rest
-                store_id = None
-            snapshots.append((path, store_id, generation, rows))
         return {"inputs": self._inputs, "map_bytes": self._map_bytes, "paths": self.paths,
-                "metadata_text": self.metadata_text, "snapshots": snapshots}
+                "metadata_text": self.metadata_text, "snapshots": self._snapshots}
 
     def __setstate__(self, state):
         # The shards pickled, at their snapshots: the inputs (a manifest) may list others by now.
@@ -370,6 +361,7 @@ class ShardSet:
         self._inputs, self._map_bytes = state["inputs"], state["map_bytes"]
         self.paths, self.metadata_text = list(state["paths"]), state["metadata_text"]
         self._snapshots, self._shards = state["snapshots"], None
+        self._store_ids = [store_id for _, store_id, _, _ in self._snapshots]
         self._open_lock = threading.Lock()
 
     def _reopen(self) -> None:
@@ -387,7 +379,7 @@ class ShardSet:
                 reader = Reader(path, map_bytes=self._map_bytes, max_rows=rows)
                 shards.append(reader)
                 seen = (reader.info(key_stats=False)["store_id"], reader.generation, len(reader))
-                if seen != (seen[0] if store_id is None else store_id, generation, rows):
+                if seen != (store_id, generation, rows):
                     raise Error(f"{path}: this process sees store {seen[0]}, generation "
                                 f"{seen[1]}, {seen[2]} rows; the pickled ShardSet holds a "
                                 f"snapshot of store {store_id}, generation {generation}, "
