@@ -1314,3 +1314,56 @@ TEST_CASE("A store in or under a directory the process may not search is kPermis
   });
   if (child_status) CHECK(*child_status == 0);
 }
+
+TEST_CASE(
+    "A writer of a store deleted and created again at its path changes nothing of the new one",
+    "[writer][keys]") {
+  // The old store's Writer goes on appending to its (deleted) files. Its key index growth
+  // published keys.2 into the new store's directory and removed that store's keys.1 (lookups
+  // there scanned, info() said damaged); its truncate wrote rows.2/index.2 there and removed the
+  // new store's rows.1, index.1 and keys.1 as stale: every row of the new store gone.
+  TempDir dir;
+  const CreateOptions o = opts(8);
+  Writer old = Writer::create(dir / "s", o);
+  std::vector<float> rows(3000 * 8, 2.0f);
+  old.append(iota_keys(0, 10), 0, std::span<const float>(rows.data(), 10 * 8));
+  std::filesystem::rename(dir / "s", dir / "trash");
+  std::filesystem::remove_all(dir / "trash");
+  {
+    Writer other = Writer::create(dir / "s", o);
+    other.append(iota_keys(1000, 100), 3, std::span<const float>(rows.data(), 100 * 8));
+    other.close();
+  }
+  // Enough new keys for the old writer's key index tables (1,024 slots) to grow.
+  for (std::uint64_t i = 0; i < 6; ++i) {
+    old.append(iota_keys(10 + i * 500, 500), 0, std::span<const float>(rows.data(), 500 * 8));
+  }
+  std::string message;
+  CHECK(code_of([&] { old.truncate(5); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("the store opened is no longer at this path"));
+  // The growth's failure, reported as every key index failure is: at close.
+  CHECK(code_of([&] { old.close(); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("no longer at this path"));
+
+  std::set<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(dir / "s")) {
+    names.insert(entry.path().filename().string());
+  }
+  CHECK(names.count("rows.1") == 1);
+  CHECK(names.count("index.1") == 1);
+  CHECK(names.count("keys.1") == 1);
+  CHECK(names.count("rows.2") == 0);
+  CHECK(names.count("keys.2") == 0);
+  Reader r = Reader::open(dir / "s");
+  REQUIRE(r.size() == 100);
+  const StoreInfo info = r.info();
+  CHECK(info.generation == 1);
+  CHECK_THAT(info.key_index, !Catch::Contains("damaged"));
+  CHECK(info.key_index_used);
+  const VerifyReport report = r.verify();
+  CHECK(report.bad_row_count == 0);
+  CHECK(report.key_index_checked);
+  CHECK(report.key_index_problems == 0);
+  CHECK(r.find(1042) == std::optional<std::uint64_t>(42));
+  CHECK(r.find(5) == std::nullopt);
+}

@@ -94,6 +94,11 @@
 //     descriptors (five without a key index) (RLIMIT_NOFILE), a Reader none: it reopens its files
 //     by path when they grew past its mapping, so a store moved or deleted under an open Reader
 //     fails that refresh (kNotFound or kIO) while its views stay valid.
+//   - A store deleted, moved or replaced at its path under an open Writer: the Writer keeps
+//     appending to the files it opened (gone with the deleted directory, or at the new path).
+//     Whatever it would change by name in the directory (a truncate, another process's truncate
+//     it follows, the key index's builds) fails with kNotFound instead of touching the store now
+//     at the path; a key index failure is reported by close(), as every one is.
 //   - A file the process may not read is kPermissionDenied (EACCES/EPERM); kReadOnly is a
 //     write refused by a read-only file or file system.
 #pragma once

@@ -46,8 +46,10 @@ bool process_running(std::uint64_t pid) {
 
 KeyIndexHandle::KeyIndexHandle(std::string dir, const KeyIndexIdentity& identity,
                                std::uint64_t* key_generation, os::Access access,
-                               const std::uint64_t* store_generation)
+                               const std::uint64_t* store_generation,
+                               std::function<void()> check_at_path)
     : dir_(std::move(dir)),
+      check_at_path_(std::move(check_at_path)),
       identity_(identity),
       key_generation_(key_generation),
       store_generation_(store_generation),
@@ -179,6 +181,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
     std::shared_ptr<KeyIndexFile> file;
     bool complete = true;
     // A build that fails (a full disk) drops `file`, which gives its space back now.
+    check_dir();
     file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
     while (complete && file->indexed_rows() < rows) {
       complete = file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
@@ -201,6 +204,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
 
 void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t committed,
                                      bool rebuild) {
+  check_dir();
   const std::uint64_t generation = load(key_generation_);
   std::shared_ptr<KeyIndexFile> file;
   if (generation != 0 && !rebuild) {
@@ -242,6 +246,7 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
   sizes.pair_slots = std::max(sizes.pair_slots, key_index_slots_for(committed));
   sizes.key_slots = std::max(sizes.key_slots, key_index_slots_for(committed / 16));
   file = build(entries, committed, sizes, generation + 1, nullptr, nullptr);
+  check_dir();
   file->publish_as_current(dir_);
   store(key_generation_, generation + 1);
   if (generation != 0) os::remove_file(dir_ + "/" + key_index_file_name(generation));
@@ -369,6 +374,7 @@ bool KeyIndexHandle::finish_growth(std::shared_ptr<KeyIndexFile> next, const Ind
     // Appends went on during the build: the tables may need to grow again right away.
     again = !next->index_rows(entries, committed) || next->wants_growth();
     EMBSTORE_CRASH_POINT("before-key-index-switch");
+    check_dir();
     next->publish_as_current(dir_);
     store(key_generation_, generation + 1);
     // Readers that mapped the old file keep it; new ones open the new one.

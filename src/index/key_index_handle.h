@@ -28,8 +28,14 @@ class KeyIndexHandle {
   // Reader's handle also gets `store_generation` (StatePage::generation): once a truncate has
   // moved the store past the snapshot's generation (identity.store_generation), the key index
   // the word names is the new generation's, and refresh() leaves current() null, not damaged.
+  // A Writer's handle gets `check_at_path`, called before the handle opens, creates, publishes
+  // or removes a file by name in `dir`; it throws (kNotFound) when the store is no longer at
+  // that path (StoreFiles::check_at_path()), so that a writer of a store deleted or replaced
+  // under it never changes another store's key index. The error reaches the writer's caller as
+  // any key index failure does (Writer::close() reports it).
   KeyIndexHandle(std::string dir, const KeyIndexIdentity& identity, std::uint64_t* key_generation,
-                 os::Access access, const std::uint64_t* store_generation = nullptr);
+                 os::Access access, const std::uint64_t* store_generation = nullptr,
+                 std::function<void()> check_at_path = {});
 
   // The index to answer from, or null when there is none this handle may use (none built yet,
   // missing, damaged, or built in another boot): lookups then scan. The pointer stays valid as
@@ -111,6 +117,10 @@ class KeyIndexHandle {
  private:
   // Builds generation `generation` of rows [0, rows) at `sizes` (larger where a table fills
   // up). Null when `stop` is set, or when outgrown() (growth only: `final_rows` not null).
+  // Before a file of `dir_` is opened, created, published or removed by name: check_at_path_.
+  void check_dir() const {
+    if (check_at_path_) check_at_path_();
+  }
   std::shared_ptr<KeyIndexFile> build(const IndexEntry* entries, std::uint64_t rows,
                                       KeyIndexSizes sizes, std::uint64_t generation,
                                       const std::atomic<bool>* stop,
@@ -133,6 +143,7 @@ class KeyIndexHandle {
   void replaced();
 
   std::string dir_;
+  std::function<void()> check_at_path_;  // Writer only (see the constructor).
   KeyIndexIdentity identity_;
   std::uint64_t* key_generation_;
   const std::uint64_t* store_generation_;  // A Reader's: the constructor.

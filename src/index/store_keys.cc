@@ -14,9 +14,13 @@ KeyIndexIdentity key_index_identity(const StoreFiles& files) {
 }
 
 std::unique_ptr<KeyIndexHandle> make_key_index_handle(const StoreFiles& files, os::Access access) {
+  const bool writer = access == os::Access::kReadWrite;
+  // The handle lives no longer than `files` (the Writer releases it first).
   return std::make_unique<KeyIndexHandle>(
       files.dir(), key_index_identity(files), files.state().key_generation_word(), access,
-      access == os::Access::kReadOnly ? files.state().store_generation_word() : nullptr);
+      writer ? nullptr : files.state().store_generation_word(),
+      writer ? std::function<void()>([&files] { files.check_at_path(); })
+             : std::function<void()>());
 }
 
 void fill_key_info(KeyIndexHandle& handle, const StoreFiles& files, std::uint64_t snapshot,

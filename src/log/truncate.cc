@@ -81,7 +81,10 @@ void truncate_log(StoreFiles& files, std::uint64_t rows) {
   EMBSTORE_CRASH_POINT("truncate-flag-stored");
   os::datasync(files.header_fd(), files.header_path());
   EMBSTORE_CRASH_POINT("truncate-flagged");
-  if (key_generation != 0) os::remove_file(files.dir() + "/" + key_index_file_name(key_generation));
+  if (key_generation != 0) {
+    files.check_at_path();
+    os::remove_file(files.dir() + "/" + key_index_file_name(key_generation));
+  }
   finish_switch(files);
 }
 

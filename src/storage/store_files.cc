@@ -239,15 +239,22 @@ void StoreFiles::close_retired_fds() {
   retired_fds_.clear();
 }
 
+void StoreFiles::check_at_path() const {
+  if (header_id_ && os::file_id_at(header_path_) == header_id_) return;
+  throw Error(ErrorCode::kNotFound,
+              dir_ +
+                  ": the store opened is no longer at this path (deleted, moved away, or "
+                  "replaced by another created or moved there), so the files there are not its "
+                  "files; open the store again");
+}
+
 int StoreFiles::open_by_path(const std::string& path) const {
   const int fd = os::open_file(path, access_);
-  if (!header_id_ || os::file_id_at(header_path_) != header_id_) {
+  try {
+    check_at_path();
+  } catch (...) {
     os::close_fd(fd);
-    throw Error(ErrorCode::kNotFound,
-                dir_ +
-                    ": the store opened is no longer at this path (deleted, or replaced by "
-                    "another created or moved there), so " +
-                    path + " is not its file; open the store again");
+    throw;
   }
   return fd;
 }
@@ -261,10 +268,10 @@ bool StoreFiles::follow_generation() {
   std::string data_path = dir_ + "/" + data_file_name(generation);
   std::string index_path = dir_ + "/" + index_file_name(generation);
   if (access_ == os::Access::kReadWrite) {
-    const int data_fd = os::open_file(data_path, access_);
+    const int data_fd = open_by_path(data_path);
     int index_fd = -1;
     try {
-      index_fd = os::open_file(index_path, access_);
+      index_fd = open_by_path(index_path);
     } catch (...) {
       os::close_fd(data_fd);
       throw;
@@ -285,6 +292,7 @@ void StoreFiles::write_next_generation(std::uint64_t rows) {
   const std::uint64_t next = file_generation_ + 1;
   const std::string data_path = dir_ + "/" + data_file_name(next);
   const std::string index_path = dir_ + "/" + index_file_name(next);
+  check_at_path();
   // Leftovers of an interrupted truncate: no one ever mapped them (the counter never named them).
   os::remove_file(data_path);
   os::remove_file(index_path);
@@ -327,6 +335,7 @@ void StoreFiles::write_next_generation(std::uint64_t rows) {
 }
 
 void StoreFiles::remove_stale_files(std::uint64_t key_generation) const {
+  check_at_path();
   for (const std::string& name : os::list_dir(dir_)) {
     const std::size_t dot = name.find('.');
     if (dot == std::string::npos || dot + 1 == name.size()) continue;

@@ -78,11 +78,18 @@ class StoreFiles {
   const std::string& data_path() const { return data_path_; }
   const std::string& index_path() const { return index_path_; }
   const std::string& header_path() const { return header_path_; }
+  // Throws kNotFound unless the store at dir() is still the one opened: not deleted and created
+  // again, moved away, or replaced by another renamed onto it, which has files of the same
+  // names. Decided by the header file's identity (the state page's mapping keeps the opened
+  // one in existence, so no other file can have it). Called before every use of a file of the
+  // store by its name after open (the one rule; DESIGN-NOTES "What a handle holds by name"):
+  // a Reader's opens (open_by_path()), and a Writer's opens, creates and removes (a truncate,
+  // its stale files, the key index's builds and publishes through KeyIndexHandle), so that a
+  // handle of a store removed under it never reads, replaces or removes another store's files.
+  void check_at_path() const;
   // Opens one of the store's files by path (a Reader keeps no descriptor of them), refusing it
-  // with kNotFound when the store at the path is no longer the one opened: deleted and created
-  // again, or another renamed onto it, which has files of the same names. Checked after the
-  // open by the header file's identity (the state page's mapping keeps the opened one in
-  // existence, so no other file can have it).
+  // with kNotFound (check_at_path(), after the open) when the store at the path is no longer
+  // the one opened.
   int open_by_path(const std::string& path) const;
   // Writer only (a Reader's are closed: -1).
   int data_fd() const { return data_fd_; }
@@ -132,11 +139,13 @@ class StoreFiles {
   // Writer only, writer lock held: writes the files of generation file_generation() + 1 holding
   // copies of rows [0, rows) (mapped), the last one flagged as a batch end, sized for
   // capacity_for(rows), and flushes them and the directory. Replaces any leftover files of that
-  // generation first (an interrupted truncate). Throws with the partial files removed.
+  // generation first (an interrupted truncate). Throws with the partial files removed, and
+  // kNotFound before touching any file when the store is no longer at its path.
   void write_next_generation(std::uint64_t rows);
   // Writer only, writer lock and key index lock held: removes rows.<X> and index.<X> for every X
   // other than file_generation(), and keys.<X> for every X other than `key_generation` (leftovers
-  // of a truncate or of a crash; Readers that mapped them keep their mappings).
+  // of a truncate or of a crash; Readers that mapped them keep their mappings). kNotFound, with
+  // nothing removed, when the store is no longer at its path.
   void remove_stale_files(std::uint64_t key_generation) const;
   // Rows the files on disk can hold right now (from their sizes).
   std::uint64_t rows_files_hold() const;
