@@ -1004,6 +1004,28 @@ py::dict info_dict(const StoreInfo& info) {
   return out;
 }
 
+// A Python callable the SIGTERM relay thread calls (sigterm_relay.h), kept for the life of the
+// process: the thread may call it at the interpreter's end.
+void keep_for_relay(py::object*& kept, py::object callable) {
+  if (kept == nullptr) kept = new py::object();
+  *kept = std::move(callable);
+}
+
+// Calls it from the relay thread under the GIL. With `result_matters`, returns what it returned
+// (as a bool); otherwise true once it returned. False when it raised (reported as unraisable)
+// or the interpreter has ended (the caller then takes the signal's default action).
+bool call_from_relay(py::object* kept, bool result_matters) {
+  if (!Py_IsInitialized()) return false;
+  py::gil_scoped_acquire locked;
+  try {
+    const py::object result = (*kept)();
+    return !result_matters || py::bool_(result);
+  } catch (py::error_already_set& error) {
+    error.discard_as_unraisable("embstore: writing at SIGTERM");
+    return false;
+  }
+}
+
 }  // namespace
 }  // namespace embstore::python
 
@@ -1022,27 +1044,24 @@ PYBIND11_MODULE(_embstore, m) {
     }
   });
 
-  m.def("_relay_sigterm", &relay_sigterm,
-        "Puts the SIGTERM relay (sigterm_relay.h) in front of Python's SIGTERM handler; from the "
-        "main thread. False if it could not.");
+  m.def(
+      "_relay_sigterm",
+      [](py::object stuck) {
+        if (stuck.is_none()) return relay_sigterm();
+        static py::object* kept = nullptr;
+        keep_for_relay(kept, std::move(stuck));
+        return relay_sigterm([] { return call_from_relay(kept, /*result_matters=*/true); });
+      },
+      py::arg("stuck") = py::none(),
+      "Puts the SIGTERM relay (sigterm_relay.h) in front of Python's SIGTERM handler; from the "
+      "main thread. `stuck()` is called from the relay thread when the main thread did not run "
+      "the handler within the nudges: true if it had the process ended. False if it could not.");
   m.def(
       "_write_on_sigterm",
       [](py::object write) {
-        // Kept for the life of the process (called from the relay thread, maybe at its end).
         static py::object* kept = nullptr;
-        if (kept == nullptr) kept = new py::object();
-        *kept = std::move(write);
-        return write_on_sigterm([] {
-          if (!Py_IsInitialized()) return false;  // the interpreter has ended: the default action
-          py::gil_scoped_acquire locked;
-          try {
-            (*kept)();
-            return true;
-          } catch (py::error_already_set& error) {
-            error.discard_as_unraisable("embstore: writing at SIGTERM");
-            return false;
-          }
-        });
+        keep_for_relay(kept, std::move(write));
+        return write_on_sigterm([] { return call_from_relay(kept, /*result_matters=*/false); });
       },
       "Has SIGTERM call `write` from the relay thread where Python cannot handle it "
       "(sigterm_relay.h, write_on_sigterm); from any thread. False if SIGTERM is not at its "

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdint>
 #include <mutex>
 #include <thread>
 
@@ -33,6 +34,11 @@ void relay(int signal_number) {
 // write_on_sigterm(): what the relay thread calls, and whether a SIGTERM asked for it.
 std::atomic<WriteAndEnd> g_write{nullptr};
 std::atomic<bool> g_write_asked{false};
+// relay_sigterm(): what the relay thread calls when the nudges did not get Python's handler run.
+std::atomic<WriteAndEnd> g_stuck{nullptr};
+// The armed deadline's number (arm_deadline()), 0 when none is: a call of `stuck` that
+// returned false disarms its deadline.
+std::atomic<std::uint64_t> g_deadline_armed{0};
 
 // Gives `signal_number` its default action again. Async-signal-safe.
 void restore_default(int signal_number) {
@@ -75,6 +81,21 @@ Handler current_handler(int signal_number) {
   return (current.sa_flags & SA_SIGINFO) != 0 ? nullptr : current.sa_handler;
 }
 
+// Ends the process kWriteDeadline from now unless disarmed (g_deadline_armed) by then.
+void arm_deadline() {
+  static std::uint64_t armed = 0;  // relay thread only
+  const std::uint64_t number = ++armed;
+  g_deadline_armed.store(number);
+  detail::start_thread([number] {
+    std::this_thread::sleep_for(kWriteDeadline);
+    if (g_deadline_armed.load() != number) return;
+    static const char message[] =
+        "embstore: SIGTERM: the rows held could not be written in time; ending\n";
+    [[maybe_unused]] const ssize_t ignored = write(2, message, sizeof message - 1);
+    end_by_sigterm();
+  }).detach();
+}
+
 [[noreturn]] void relay_loop() {
   for (;;) {
     while (sem_wait(&g_sigterm_seen) != 0) {
@@ -82,13 +103,7 @@ Handler current_handler(int signal_number) {
     }
     if (g_write_asked.load()) {
       // A deadline, then the write (which ends the process unless it fails).
-      detail::start_thread([] {
-        std::this_thread::sleep_for(kWriteDeadline);
-        static const char message[] =
-            "embstore: SIGTERM: the rows held could not be written in time; ending\n";
-        [[maybe_unused]] const ssize_t ignored = write(2, message, sizeof message - 1);
-        end_by_sigterm();
-      }).detach();
+      arm_deadline();
       if (const WriteAndEnd write_and_end = g_write.load();
           write_and_end == nullptr || !write_and_end()) {
         end_by_sigterm();
@@ -97,12 +112,21 @@ Handler current_handler(int signal_number) {
     }
     // Until Python's handler has run (it restores SIGTERM's default action first), the program
     // took SIGTERM or the nudge signal over, or kMaxNudges were sent.
-    for (int nudges = 0; nudges < kMaxNudges; ++nudges) {
+    bool handled = false;
+    for (int nudges = 0; nudges < kMaxNudges && !handled; ++nudges) {
       std::this_thread::sleep_for(kNudgeInterval);
-      if (current_handler(SIGTERM) != &relay || current_handler(nudge_signal()) != &ignore_nudge) {
-        break;
+      handled =
+          current_handler(SIGTERM) != &relay || current_handler(nudge_signal()) != &ignore_nudge;
+      if (!handled) pthread_kill(g_main_thread.load(), nudge_signal());
+    }
+    if (handled) continue;
+    // The main thread did not come back to Python (see the header): write from here.
+    if (const WriteAndEnd stuck = g_stuck.load(); stuck != nullptr) {
+      arm_deadline();
+      if (stuck()) {
+        for (;;) pause();  // The process ends by Python's hand, or at the deadline.
       }
-      pthread_kill(g_main_thread.load(), nudge_signal());
+      g_deadline_armed.store(0);
     }
   }
 }
@@ -134,7 +158,7 @@ bool write_on_sigterm(WriteAndEnd write) {
   return true;
 }
 
-bool relay_sigterm() {
+bool relay_sigterm(WriteAndEnd stuck) {
   const Handler python = current_handler(SIGTERM);
   const Handler nudge = current_handler(nudge_signal());
   if (python == nullptr || python == SIG_DFL || python == SIG_IGN) return false;
@@ -147,6 +171,7 @@ bool relay_sigterm() {
     return false;
   }
   g_main_thread.store(pthread_self());
+  if (stuck != nullptr) g_stuck.store(stuck);
   start_relay_thread();
   struct sigaction action {};
   sigemptyset(&action.sa_mask);

@@ -22,6 +22,16 @@
 // inside a long call of native code meanwhile sees its system calls interrupted (EINTR) up to
 // 50 times a second until it returns to Python, or for kMaxNudges intervals.
 //
+// A main thread that never returns to Python within those nudges (a collective of
+// torch.distributed waiting for a slow or dead peer: gloo and NCCL retry on EINTR) would keep
+// the process alive until that wait ended, 30 minutes by default, where the default action
+// ended it at once. Then the relay thread calls `stuck` (when given), as write_on_sigterm()'s
+// relay thread calls `write`: it takes the GIL and, unless the main thread is where the handler
+// must wait for it (embstore._Termination), has the rows written and the process ended, and
+// returns true; false leaves the process to the handler. From a call of `stuck` that returned
+// true or never returned, the process ends within kWriteDeadline, by the signal's default
+// action if not by Python's hand (the GIL held for good by native code).
+//
 // Called from the main thread (the one nudged), after Python's handler for SIGTERM was installed.
 // Returns false, changing nothing, when SIGTERM's handler is not a plain one (SA_SIGINFO: not
 // Python's), or the program uses nudge_signal(): a handler of its own, or blocked in the main
@@ -42,7 +52,8 @@ inline int nudge_signal() { return SIGRTMAX; }
 constexpr std::chrono::milliseconds kNudgeInterval{20};
 constexpr int kMaxNudges = 250;  // 5 s of nudges
 
-bool relay_sigterm();
+using WriteAndEnd = bool (*)();
+bool relay_sigterm(WriteAndEnd stuck = nullptr);
 
 // The same job where Python cannot take SIGTERM: a Writer opened in a thread other than the main
 // one (Python installs signal handlers from its main thread only), in a multiprocessing child
@@ -56,7 +67,6 @@ bool relay_sigterm();
 // of this process, which has no relay thread, takes the default action at once. Returns false,
 // changing nothing, when SIGTERM's action is not the default (Python's handler, the program's
 // own, or ignored). Safe to call again, from any thread.
-using WriteAndEnd = bool (*)();
 constexpr std::chrono::seconds kWriteDeadline{30};
 bool write_on_sigterm(WriteAndEnd write);
 

@@ -81,3 +81,60 @@ def test_four_ranks_on_two_nodes_write_per_node_stores_and_a_manifest(tmp_path):
         shard, local = s.locate(row)
         assert np.array_equal(r.vectors[row], s.shards[shard].vectors[local])
     assert np.array_equal(r.keys, s.keys) and np.array_equal(r.epochs, s.epochs)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_a_rank_waiting_in_a_collective_ends_at_one_sigterm_with_its_rows_written(tmp_path):
+    """A spawned rank waiting in end_epoch()'s all_gather for a peer that never comes, sent one
+    SIGTERM (spawn's join, a Pool, a scheduler): gloo retries the wait on EINTR, so Python's
+    handler never ran and the rank lived until the collective's timeout (30 minutes), where the
+    default action ended it at once. Now the relay thread writes its rows and ends it after its
+    nudges (about 5 s)."""
+    import signal
+    import time
+    ready = str(tmp_path / "ready")
+    context = tmp.spawn(workers_torch.rank_waiting_in_a_collective,
+                        args=(2, free_port(), str(tmp_path), ready), nprocs=2, join=False)
+    waiting, sleeping = context.processes
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(ready)
+        time.sleep(1)  # inside the all_gather
+        os.kill(waiting.pid, signal.SIGTERM)
+        waiting.join(timeout=30)
+        assert not waiting.is_alive(), "rank 0 still waits in its collective 30 s after SIGTERM"
+        assert waiting.exitcode == 0  # a multiprocessing child, as at any SIGTERM (test_exit.py)
+    finally:
+        for process in (waiting, sleeping):
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+            process.join()
+    r = embstore.Reader(str(tmp_path / "node-0"))
+    assert sorted(r.keys.astype(np.int64).tolist()) == list(range(40))
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_a_torchrun_worker_ended_by_its_agent_writes_the_rows_it_held(tmp_path):
+    """torchrun: rank 1 fails, and the agent sends rank 0 SIGTERM. Only multiprocessing children
+    had SIGTERM write what they held: rank 0's staged rows were lost without a word. Now they
+    are written, and the worker ends with status 143 (128 + SIGTERM), not 0, which the agent
+    would take for a worker that finished."""
+    import subprocess
+    import sys
+    script = tmp_path / "worker.py"
+    script.write_text(workers_torch.TORCHRUN_WORKER)
+    store, ready = str(tmp_path / "store"), str(tmp_path / "ready")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # --redirects/--tee 2: the workers' stderr, teed into torchrun's (this torch's parser turns
+    # "0" and "3" into nothing and fails).
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+         "--nproc_per_node=2", "--master_addr=127.0.0.1", "--redirects", "2", "--tee", "2",
+         str(script), store, ready],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "rank 1 fails" in run.stderr, run.stderr[-3000:]
+    assert "closing signal SIGTERM" in run.stderr, run.stderr[-3000:]
+    r = embstore.Reader(store)
+    assert sorted(r.keys.astype(np.int64).tolist()) == list(range(40))

@@ -89,3 +89,50 @@ def padded_epochs_rank(rank, world, run_dir, store, dataset_len):
                 model(batch_ids.float()[:, None].expand(-1, 8))
     recorder.close()
     dist.destroy_process_group()
+
+
+def rank_waiting_in_a_collective(rank, world, port, run_dir, ready):
+    """Rank 0 records 5 batches (staged: buffer_rows 1000), then waits in end_epoch()'s
+    all_gather for rank 1, which never comes (it sleeps until killed). Rank 0 touches `ready`
+    once it is about to enter the collective."""
+    os.environ.update(GROUP_RANK="0", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    model = torch.nn.Linear(8, 16)
+    recorder = EmbeddingRecorder(model, "", run_dir, dim=16, per_node=True, buffer_rows=1000)
+    if rank == 1:
+        import time
+        time.sleep(600)
+    for b in range(5):
+        with recorder.batch(torch.arange(b * 8, b * 8 + 8), 0):
+            model(torch.randn(8, 8))
+    with open(ready, "w"):
+        pass
+    recorder.end_epoch()
+
+
+# A torchrun worker (test_distributed.py): rank 0 records 5 batches into the staging buffer and
+# then waits; rank 1 waits until rank 0 has said so, then fails, and torchrun's agent ends rank 0
+# with SIGTERM.
+TORCHRUN_WORKER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from embstore.torch import EmbeddingRecorder
+store, ready = sys.argv[1], sys.argv[2]
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+model = torch.nn.Linear(8, 16)
+recorder = EmbeddingRecorder(model, "", store, dim=16, buffer_rows=1000)
+dist.barrier()
+if rank == 0:
+    for b in range(5):
+        with recorder.batch(torch.arange(b * 8, b * 8 + 8), 0):
+            model(torch.randn(8, 8))
+    open(ready, "w").close()
+    time.sleep(600)
+while not os.path.exists(ready):
+    time.sleep(0.05)
+raise RuntimeError("rank 1 fails")
+"""

@@ -862,6 +862,15 @@ class _Termination:
         self.exit_code = 0
         self.writers_done = False  # the epilogue has run (every exit finalizer of ours has)
         self.epilogue_pid = 0  # the process whose epilogue is registered
+        # Not a multiprocessing child (a torchrun worker): the process ends as the signal would
+        # have ended it, at once after the writing, with status 128 + SIGTERM (_end_now).
+        self.as_signal = False
+        # Which of SIGTERM's Python handler and the relay thread (the main thread did not come
+        # back to Python in time: _write_if_main_thread_stuck) acts on the signal: the first to
+        # take `deciding`. The other leaves it to that one.
+        self.deciding = threading.Lock()
+        self.handler_ran = False
+        self.relay_writing = False
 
     def __enter__(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -898,6 +907,10 @@ def _write_then_terminate(signum, frame) -> None:
     _Termination). A second SIGTERM meanwhile kills at once (default action restored)."""
     import signal
     signal.signal(signum, signal.SIG_DFL)
+    with _TERMINATION.deciding:
+        _TERMINATION.handler_ran = not _TERMINATION.relay_writing
+    if not _TERMINATION.handler_ran:
+        _wait_for_the_end()
     if _mp_util._exiting:
         # Already in multiprocessing's exit function: it writes; the epilogue ends the process
         # after that, or it has already run and the process waits for something else.
@@ -919,6 +932,11 @@ def _write_and_exit(code: int) -> None:
     _mp_util._run_finalizers(_WRITER_EXIT_PRIORITY)
     _TERMINATION.ending = True
     _TERMINATION.exit_code = code
+    if _TERMINATION.as_signal:
+        # Not a multiprocessing child: nobody reads an exit status of 0 as "terminated", and
+        # a torchrun agent would take it for a worker that finished. End as the signal would
+        # have (no ``finally`` blocks, no waiting for the program's threads).
+        _end_now()
     raise SystemExit(code)
 
 
@@ -937,7 +955,18 @@ def _end_now() -> None:
                 stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(_TERMINATION.exit_code)
+    code = _TERMINATION.exit_code
+    if _TERMINATION.as_signal and code == 0:
+        code = 128 + 15  # SIGTERM, as a shell reports a process it ended
+    os._exit(code)
+
+
+def _wait_for_the_end() -> None:
+    """Another thread writes and ends the process (_write_if_main_thread_stuck): wait for it
+    (its deadline ends the process if the writing never finishes, sigterm_relay.h)."""
+    import time
+    while True:
+        time.sleep(3600)
 
 
 def _write_off_main_thread() -> None:
@@ -958,21 +987,51 @@ def _write_off_main_thread() -> None:
             _TERMINATION.exit_code = 1
     if not _mp_util._exiting or _TERMINATION.writers_done:
         _end_now()
+    return True
+
+
+def _write_if_main_thread_stuck() -> bool:
+    """SIGTERM's Python handler (_write_then_terminate) was not run: the main thread did not
+    come back to Python within the relay thread's nudges (sigterm_relay.h), as when it waits in
+    a collective of torch.distributed for a slow or dead peer (gloo and NCCL retry on EINTR),
+    which kept the process alive until that wait's timeout, 30 minutes by default. Called by the
+    relay thread with the GIL: writes what this process's Writers and recorders hold and ends
+    the process, as _write_off_main_thread does, and returns True; returns False, leaving it to
+    the handler, when the handler ran meanwhile or was replaced, or the main thread is inside a
+    stretch the handler must wait for (_Termination: rows taken over, not yet appended)."""
+    import signal
+    with _TERMINATION.deciding:
+        if _TERMINATION.handler_ran or _TERMINATION.depth or _TERMINATION.ending or \
+                signal.getsignal(signal.SIGTERM) is not _write_then_terminate:
+            return False
+        _TERMINATION.relay_writing = True
+    return _write_off_main_thread()
+
+
+def _launched_by_torchrun() -> bool:
+    """A worker process of torchrun (torch.distributed.run), whose agent ends the workers with
+    SIGTERM when one of them fails or the job is stopped."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def _leave_cleanly_on_sigterm() -> None:
-    """In a ``multiprocessing`` child (a Pool worker, a DataLoader worker) whose SIGTERM still
-    has its default action, has SIGTERM write what this process's Writers and recorders hold
-    before it ends the child (_write_then_terminate). multiprocessing itself sends SIGTERM in an
-    ordinary shutdown (``with Pool() as pool:`` ends in ``terminate()``; daemon children are
-    terminated at the parent's exit), and the default action dropped those rows without a word.
+    """In a ``multiprocessing`` child (a Pool worker, a DataLoader worker) or a torchrun worker
+    whose SIGTERM still has its default action, has SIGTERM write what this process's Writers
+    and recorders hold before it ends the process (_write_then_terminate). multiprocessing
+    itself sends SIGTERM in an ordinary shutdown (``with Pool() as pool:`` ends in
+    ``terminate()``; daemon children are terminated at the parent's exit), torchrun's agent when
+    another worker failed, and the default action dropped those rows without a word. A torchrun
+    worker then ends with status 128 + SIGTERM (_Termination.as_signal), a multiprocessing child
+    with 0.
     From the child's main thread, a Python handler; from another thread, where Python cannot
     install one, a C handler whose relay thread writes (_write_off_main_thread). A handler of
     the program's own is left alone."""
     import multiprocessing
     import signal
     if multiprocessing.parent_process() is None:
-        return
+        if not _launched_by_torchrun():
+            return
+        _TERMINATION.as_signal = True
     if threading.current_thread() is not threading.main_thread():
         # Python cannot install a handler from here: a C one has the library's relay thread
         # write (_write_off_main_thread), unless SIGTERM has a handler already. Once the main
@@ -991,7 +1050,7 @@ def _leave_cleanly_on_sigterm() -> None:
             _TERMINATION.register_epilogue()
             # Python acts on a signal only in the main thread, and not while it is blocked in a
             # wait the signal did not interrupt (src/python/sigterm_relay.h).
-            _embstore._relay_sigterm()
+            _embstore._relay_sigterm(_write_if_main_thread_stuck)
     except (ValueError, OSError):  # not the main interpreter, or no signals here
         pass
 
