@@ -451,3 +451,45 @@ def test_recorder_rows_of_persistent_dataloader_workers_are_written_at_exit(stor
     assert "Error" not in err, err
     r = embstore.Reader(store)
     assert sorted(r.keys.tolist()) == list(range(200)) and r.verify().ok
+
+
+def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(store):
+    """A torchrun worker (not a multiprocessing child: TORCHELASTIC_RUN_ID in its environment),
+    500 rows queued in its async Writer (this process holds the store's lock), sent SIGTERM as
+    its agent does when another worker fails: the rows are written, and it ends with 128 +
+    SIGTERM, which its agent reads as a failed worker (0 would read as one that finished).
+    Before, the default action dropped the rows without a word."""
+    import threading
+    import time
+    embstore.create(store, dim=workers.DIM)
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="test-run")
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, threading
+        import numpy as np
+        import embstore, workers
+        writer = embstore.Writer(sys.argv[1], async_queue_mb=16)
+        keys = np.arange(500)
+        print("opened", flush=True)
+        sys.stdin.readline()  # the parent holds the lock now
+        writer.append(keys, workers.payload(keys), 0)
+        print("queued", flush=True)
+        threading.Event().wait()
+        """), store], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "opened\n"
+        with StoreLock(store):
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "queued\n"
+            child.terminate()
+            time.sleep(1)  # the rows are still queued behind the lock
+            assert child.poll() is None
+        code = child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code == 128 + signal.SIGTERM, child.stderr.read()
+    r = embstore.Reader(store)
+    assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
