@@ -53,18 +53,25 @@ SalvageReport salvage(
   // The counters may be what is damaged: the files' sizes bound the scan, not capacity_rows.
   const std::uint64_t held = files->rows_files_hold();
   files->map_rows(held);
-  std::uint64_t last_valid_end = 0;
-  for (std::uint64_t row = held; row > 0; --row) {
-    if (files->row_valid(row - 1)) {
-      last_valid_end = row;
-      break;
+  // A committed counter the files can hold says how many rows there were, so rows below it
+  // that fail are lost; past it, whole batches that verify are kept, as recovery after a reboot
+  // keeps them (log/recovery.h), and never part of one: a writer killed while writing a batch
+  // leaves its first rows valid, and that batch was never committed (atomic batches). A
+  // counter beyond the files is itself damaged: the last valid row that ends a batch ends the
+  // scan.
+  const std::uint64_t committed = files->state().committed();
+  if (committed <= held) {
+    report.rows_scanned = files->valid_batch_prefix(committed, held);
+  } else {
+    for (std::uint64_t row = held; row > 0; --row) {
+      detail::IndexEntry entry;
+      std::memcpy(&entry, files->entry_ptr(row - 1), sizeof(entry));
+      if ((entry.row & detail::kEntryBatchEnd) != 0 && files->row_valid(row - 1)) {
+        report.rows_scanned = row;
+        break;
+      }
     }
   }
-  // A committed counter the files can hold says how many rows there were, so rows below it
-  // that fail are lost; one beyond the files is itself damaged, and the last row that verifies
-  // ends the scan.
-  const std::uint64_t committed = files->state().committed();
-  report.rows_scanned = committed <= held ? std::max(committed, last_valid_end) : last_valid_end;
 
   CreateOptions create;
   create.dim = layout.dim;

@@ -418,3 +418,55 @@ TEST_CASE("salvage copies every row that verifies out of a store that will not o
   }
   SECTION("an existing output is refused") { CHECK_THROWS_AS(salvage(path, dir / "out"), Error); }
 }
+
+TEST_CASE("salvage never copies part of a batch a killed writer left past the commit point",
+          "[corruption][salvage]") {
+  // A writer killed while writing its fifth batch leaves that batch's first rows valid and its
+  // last entry unwritten; the counters say 4 batches. salvage copied the valid rows of the
+  // fifth (an append that never returned, half of it), and called nothing lost.
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  {
+    Writer w = Writer::create(path, o);
+    for (std::uint64_t b = 0; b < 6; ++b) {  // 6 batches of 30 rows, epoch = batch
+      const auto values = test::batch_payload(0, b * 30, 30, kDim);
+      std::vector<std::uint64_t> keys(30);
+      for (std::uint64_t i = 0; i < 30; ++i) keys[i] = test::make_key(0, b * 30 + i);
+      w.append(keys, b, std::span<const float>(values));
+    }
+  }
+  // Batch 5 (rows 120..149) whole past the counters; batch 6 (rows 150..179) without its last
+  // entry, as the kill left it.
+  put<std::uint64_t>(path + "/header", 4096, 120);  // committed_rows
+  put<std::uint64_t>(path + "/header", 4160, 120);  // durable_rows
+  for (std::uint64_t byte = 0; byte < 32; ++byte) {
+    put<std::uint8_t>(path + "/index.1", 179 * 32 + byte, 0);
+  }
+  auto check_copy = [&](const std::string& out, std::uint64_t rows) {
+    Reader r = Reader::open(out);
+    REQUIRE(r.size() == rows);
+    CHECK(r.verify().ok());
+    for (std::uint64_t row = 0; row < rows; ++row) {
+      const Record rec = r.record(row);
+      CHECK(rec.key == test::make_key(0, row));
+      CHECK(rec.epoch == row / 30);
+    }
+  };
+  SECTION("the counter sound: its rows, then whole batches that verify") {
+    const SalvageReport report = salvage(path, dir / "out");
+    CHECK(report.rows_scanned == 150);
+    CHECK(report.rows_copied == 150);
+    CHECK(report.rows_lost == 0);
+    check_copy(dir / "out", 150);
+  }
+  SECTION("the counter damaged (beyond the files): up to the last valid row ending a batch") {
+    put<std::uint64_t>(path + "/header", 4096, 1'000'000);
+    const SalvageReport report = salvage(path, dir / "out");
+    CHECK(report.rows_scanned == 150);
+    CHECK(report.rows_copied == 150);
+    check_copy(dir / "out", 150);
+  }
+}
