@@ -522,9 +522,23 @@ std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> ke
 }
 
 std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> keys) const {
-  return find_in_shards(
-      impl().shards, keys.size(),
-      [&](const Reader& r, std::span<std::int64_t> rows) { r.find_many(keys, {}, rows); });
+  // Of each shard's latest row of a key, the one of the highest epoch; ties: the later shard.
+  std::vector<std::uint64_t> out(keys.size(), kNoRow);
+  std::vector<std::uint64_t> best(keys.size(), 0);
+  std::vector<std::int64_t> rows(keys.size());
+  for (const auto& shard : impl().shards) {
+    shard->reader.find_many(keys, {}, rows);
+    for (std::size_t i = 0; i < keys.size(); ++i) {
+      if (rows[i] < 0) continue;
+      const auto row = static_cast<std::uint64_t>(rows[i]);
+      const std::uint64_t epoch = shard->reader.epochs(row, row + 1)[0];
+      if (out[i] == kNoRow || epoch >= best[i]) {
+        out[i] = shard->first_row + row;
+        best[i] = epoch;
+      }
+    }
+  }
+  return out;
 }
 
 std::uint32_t ShardSet::dim() const { return impl().shards[0]->reader.dim(); }
@@ -577,12 +591,45 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
     std::vector<std::uint64_t> keys;
     std::vector<std::uint64_t> epochs;
     std::vector<std::byte> run;
-    for (std::size_t s = 0; s < shards.shard_count(); ++s) {
+    // Epoch order: the shards' rows merged as sorted sequences by (epoch, shard), each shard's
+    // own order kept. Shards are written side by side, so one shard after another would put a
+    // sample's epoch-0 row of a later shard after its epoch-2 row of an earlier one, and the
+    // merged store's latest row of the key (its last) would be the older one.
+    const std::size_t count = shards.shard_count();
+    std::vector<std::uint64_t> next(count, 0);  // Each shard's first row not yet copied.
+    auto head = [&](std::size_t s) { return shards.shard(s).epochs(next[s], next[s] + 1)[0]; };
+    for (;;) {
+      // The shard whose next row comes first, and the first of the others it must not pass.
+      std::size_t s = count;
+      for (std::size_t t = 0; t < count; ++t) {
+        if (next[t] < shards.shard(t).size() && (s == count || head(t) < head(s))) s = t;
+      }
+      if (s == count) break;
+      std::size_t rival = count;
+      for (std::size_t t = 0; t < count; ++t) {
+        if (t != s && next[t] < shards.shard(t).size() &&
+            (rival == count || head(t) < head(rival))) {
+          rival = t;
+        }
+      }
       const Reader& reader = shards.shard(s);
+      // Rows of s come first while their epoch is below the rival's next one, or equal to it
+      // with s the earlier shard.
+      std::uint64_t run_end = reader.size();
+      if (rival != count) {
+        const std::uint64_t bound = head(rival);
+        const auto all = reader.epochs(next[s], reader.size());
+        for (std::uint64_t i = 0; i < all.size; ++i) {
+          if (all[i] > bound || (all[i] == bound && rival < s)) {
+            run_end = next[s] + i;
+            break;
+          }
+        }
+      }
       done.shard = s;
       done.shard_path = &shards.shard_path(s);
-      for (std::uint64_t begin = 0; begin < reader.size(); begin += chunk_rows) {
-        const std::uint64_t end = std::min(reader.size(), begin + chunk_rows);
+      for (std::uint64_t begin = next[s]; begin < run_end; begin += chunk_rows) {
+        const std::uint64_t end = std::min(run_end, begin + chunk_rows);
         // Copied with Reader::read(), each row checked against its checksum over the copy (a row
         // that fails is named, and nothing is published); a key index problem of the shard is no
         // reason to refuse its rows.
@@ -608,6 +655,7 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
         done.rows_done += n;
         if (progress) progress(done);
       }
+      next[s] = run_end;
     }
     writer.sync();
     info = writer.info();

@@ -47,17 +47,57 @@ struct Oracle {
     float value;
   };
   std::vector<Row> rows;                                                  // By global row.
+  std::vector<std::size_t> shard_of;                                      // By global row.
   std::map<std::pair<std::uint64_t, std::uint64_t>, std::uint64_t> last;  // (key, epoch) -> row
 
   static Oracle of(const std::vector<std::vector<Row>>& shards) {
     Oracle oracle;
-    for (const auto& shard : shards) {
-      for (const Row& row : shard) {
+    for (std::size_t s = 0; s < shards.size(); ++s) {
+      for (const Row& row : shards[s]) {
         oracle.last[{row.key, row.epoch}] = oracle.rows.size();
         oracle.rows.push_back(row);
+        oracle.shard_of.push_back(s);
       }
     }
     return oracle;
+  }
+
+  // The rows merge_stores() writes: the shards merged as sorted sequences by (epoch, shard),
+  // one row at a time.
+  Oracle merged() const {
+    std::vector<std::vector<Row>> by_shard;
+    for (std::uint64_t row = 0; row < rows.size(); ++row) {
+      if (by_shard.size() <= shard_of[row]) by_shard.resize(shard_of[row] + 1);
+      by_shard[shard_of[row]].push_back(rows[row]);
+    }
+    std::vector<std::size_t> next(by_shard.size(), 0);
+    std::vector<Row> out;
+    for (;;) {
+      std::size_t s = by_shard.size();
+      for (std::size_t t = 0; t < by_shard.size(); ++t) {
+        if (next[t] < by_shard[t].size() &&
+            (s == by_shard.size() || by_shard[t][next[t]].epoch < by_shard[s][next[s]].epoch)) {
+          s = t;
+        }
+      }
+      if (s == by_shard.size()) break;
+      out.push_back(by_shard[s][next[s]++]);
+    }
+    return of({out});
+  }
+
+  // find(key)'s answer: of each shard's last row of `key`, the one of the highest epoch (ties:
+  // the later shard), or kNoRow.
+  std::uint64_t latest(std::uint64_t key) const {
+    std::map<std::size_t, std::uint64_t> last_in_shard;
+    for (std::uint64_t row = 0; row < rows.size(); ++row) {
+      if (rows[row].key == key) last_in_shard[shard_of[row]] = row;
+    }
+    std::uint64_t best = ShardSet::kNoRow;
+    for (const auto& [shard, row] : last_in_shard) {
+      if (best == ShardSet::kNoRow || rows[row].epoch >= rows[best].epoch) best = row;
+    }
+    return best;
   }
 };
 
@@ -109,8 +149,8 @@ void check_against(const ShardSet& set, const Oracle& oracle) {
     }
     const auto latest = set.find(key);
     REQUIRE(latest.has_value() == !history.empty());
-    if (latest) REQUIRE(*latest == history.back().row);
-    expected_latest.push_back(history.empty() ? ShardSet::kNoRow : history.back().row);
+    if (latest) REQUIRE(*latest == oracle.latest(key));
+    expected_latest.push_back(oracle.latest(key));
     for (std::uint64_t epoch = 0; epoch < 5; ++epoch) {
       auto it = oracle.last.find({key, epoch});
       const auto found = set.find(key, epoch);
@@ -425,7 +465,7 @@ TEST_CASE("merge_stores refuses a manifest's metadata beyond a store's limit nam
   CHECK(!std::filesystem::exists(dir / "out"));
 }
 
-TEST_CASE("merge_stores copies a ShardSet's rows in global order and refuses bad rows",
+TEST_CASE("merge_stores copies a ShardSet's rows in epoch order and refuses bad rows",
           "[shard_set]") {
   TempDir dir;
   Writer a = Writer::create(dir / "a", opts(4));
@@ -446,7 +486,7 @@ TEST_CASE("merge_stores copies a ShardSet's rows in global order and refuses bad
   REQUIRE(info.durable_rows == 100);
   REQUIRE(info.metadata == R"({"run": 7})");
   REQUIRE(progress.back() == 100);
-  check_against(ShardSet::open(dir / "merged"), oracle);
+  check_against(ShardSet::open(dir / "merged"), oracle.merged());
   REQUIRE(code_of([&] { merge_stores(dir / "merged", set); }) == ErrorCode::kAlreadyExists);
 
   // A flipped byte in shard b's row 7: the merge stops, names it, and leaves nothing behind.
@@ -628,4 +668,86 @@ TEST_CASE("merge_stores refuses stores of different metadata unless a manifest g
   CHECK(listed.from_manifest());
   merge_stores(dir / "out", listed);
   CHECK(Reader::open(dir / "out").metadata() == "both");
+}
+
+TEST_CASE("A ShardSet's latest row of a key is of its highest epoch, not of the last shard",
+          "[shard_set]") {
+  // Per-node shards written side by side (a shuffled DistributedSampler): sample 10 went to
+  // node 0 in epochs 1 and 2 and to node 1 in epoch 0. find(10) answered node 1's epoch-0 row,
+  // the highest global row.
+  TempDir dir;
+  auto put_rows = [&](Writer& w, std::vector<std::uint64_t> keys,
+                      std::vector<std::uint64_t> epochs) {
+    std::vector<float> values(keys.size() * 4, 1.0f);
+    w.append(keys, epochs, ConstMatrix{values.data(), DType::kFloat32, keys.size(), 4, 0});
+  };
+  {
+    Writer a = Writer::create(dir / "node-0", opts(4));
+    Writer b = Writer::create(dir / "node-1", opts(4));
+    put_rows(a, {10, 11, 12}, {1, 1, 1});  // rows 0..2
+    put_rows(a, {10, 11}, {2, 3});         // rows 3, 4
+    put_rows(b, {10, 11, 13}, {0, 3, 0});  // rows 5..7
+  }
+  ShardSet set =
+      ShardSet::open(std::vector<std::string>{dir / "node-0", dir / "node-1"}, ReaderOptions{});
+  CHECK(set.find(10) == std::optional<std::uint64_t>(3));  // epoch 2 on node 0
+  CHECK(set.find(11) == std::optional<std::uint64_t>(6));  // epoch 3 on both: the higher row
+  CHECK(set.find(12) == std::optional<std::uint64_t>(2));
+  CHECK(set.find(13) == std::optional<std::uint64_t>(7));
+  CHECK(set.find(14) == std::nullopt);
+  const std::vector<std::uint64_t> keys = {10, 11, 12, 13, 14};
+  CHECK(set.find_many(keys) == std::vector<std::uint64_t>{3, 6, 2, 7, ShardSet::kNoRow});
+  CHECK(set.find(10, 0) == std::optional<std::uint64_t>(5));
+}
+
+TEST_CASE("merge_stores puts per-node shards in epoch order: the merged latest is the set's",
+          "[shard_set]") {
+  TempDir dir;
+  auto put_rows = [&](Writer& w, std::vector<std::uint64_t> keys,
+                      std::vector<std::uint64_t> epochs) {
+    std::vector<float> values(keys.size() * 4);
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i / 4);
+    w.append(keys, epochs, ConstMatrix{values.data(), DType::kFloat32, keys.size(), 4, 0});
+  };
+  {
+    Writer a = Writer::create(dir / "node-0", opts(4));
+    Writer b = Writer::create(dir / "node-1", opts(4));
+    put_rows(a, {10, 11}, {0, 0});
+    put_rows(b, {12, 13}, {0, 0});
+    put_rows(a, {12, 13}, {1, 1});
+    put_rows(b, {10, 11}, {1, 1});
+    put_rows(a, {11, 10}, {2, 2});
+    put_rows(b, {13, 12}, {2, 2});
+  }
+  const ShardSet set =
+      ShardSet::open(std::vector<std::string>{dir / "node-0", dir / "node-1"}, ReaderOptions{});
+  merge_stores(dir / "merged", set);
+  Reader merged = Reader::open(dir / "merged");
+  REQUIRE(merged.size() == 12);
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> order;
+  for (std::uint64_t row = 0; row < 12; ++row) {
+    const Record record = merged.record(row);
+    order.emplace_back(record.key, record.epoch);
+  }
+  using P = std::pair<std::uint64_t, std::uint64_t>;
+  CHECK(order == std::vector<P>{{10, 0},
+                                {11, 0},
+                                {12, 0},
+                                {13, 0},
+                                {12, 1},
+                                {13, 1},
+                                {10, 1},
+                                {11, 1},
+                                {11, 2},
+                                {10, 2},
+                                {13, 2},
+                                {12, 2}});
+  for (const std::uint64_t key : {10, 11, 12, 13}) {
+    const auto row = merged.find(key);
+    REQUIRE(row);
+    CHECK(merged.record(*row).epoch == 2);
+    const auto in_set = set.find(key);
+    REQUIRE(in_set);
+    CHECK(set.record(*in_set).epoch == 2);
+  }
 }

@@ -120,7 +120,10 @@ class ShardSet {
 
   // Lookups ask each shard's Reader (its key index, or its scan: Reader's "Lookups by key"),
   // for the shards' snapshots as of the last refresh().
-  // The global row of (key, epoch), or of the latest row of `key` (highest global number).
+  // The global row of (key, epoch) (the higher one if stored twice), or of the latest row of
+  // `key`: of each shard's latest row of it (Reader::find), the one of the highest epoch, and
+  // of several of that epoch the higher global row. Shards are written side by side, so their
+  // order says nothing of time: the last shard's row of a key may be of an earlier epoch.
   std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
   std::optional<std::uint64_t> find(std::uint64_t key) const;
   struct Version {
@@ -160,9 +163,13 @@ struct MergeProgress {
   const std::string* shard_path = nullptr;
 };
 
-// Consolidates the shards' rows, in global row order, into a new store at `out` (which must not
-// exist), with the shards' dim, dtype and metadata (the manifest's; without one, shards whose
-// metadata differ are kFormatMismatch naming two of them: which one the merged store should
+// Consolidates the shards' rows into a new store at `out` (which must not exist), in epoch
+// order: the shards merged as sorted sequences by (epoch, shard index), each shard's own row
+// order kept (shards whose epochs never go down give rows sorted by epoch, then shard, then
+// row). So the merged store's latest row of a key (its last) is the one ShardSet::find(key)
+// answers when each shard's epochs never go down. Global row numbers of the ShardSet are not
+// the merged store's. With the shards' dim, dtype and metadata (the manifest's; without one, shards
+// whose metadata differ are kFormatMismatch naming two of them: which one the merged store should
 // keep is the caller's to say, in a manifest); each row keeps its key and epoch. Every row's
 // checksum is verified before it is copied: a bad row is kCorruption naming the shard and the row,
 // and nothing is left at `out`. An `out` inside a shard is kInvalidArgument (shards are only

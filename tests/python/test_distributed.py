@@ -77,10 +77,15 @@ def test_four_ranks_on_two_nodes_write_per_node_stores_and_a_manifest(tmp_path):
     info = embstore.merge(tmp_path / "merged", disks[0])
     r = embstore.Reader(tmp_path / "merged")
     assert info["committed_rows"] == len(r) == len(s) and r.verify().ok
-    for row in range(len(s)):  # row for row: same vector, key and epoch
-        shard, local = s.locate(row)
+    # Row for row the ShardSet's in epoch order (each node's shard in epoch order already): same
+    # vector, key and epoch; the merged store's latest row of a key is the set's.
+    order = np.argsort(s.epochs, kind="stable")
+    for row in range(len(s)):
+        shard, local = s.locate(int(order[row]))
         assert np.array_equal(r.vectors[row], s.shards[shard].vectors[local])
-    assert np.array_equal(r.keys, s.keys) and np.array_equal(r.epochs, s.epochs)
+    assert np.array_equal(r.keys, s.keys[order]) and np.array_equal(r.epochs, s.epochs[order])
+    for key in (0, 5, 63):
+        assert r.epochs[r.find(key)] == 2 and s.epochs[s.find(key)] == 2
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

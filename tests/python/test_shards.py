@@ -40,6 +40,19 @@ def oracle_find(keys, epochs, key, epoch=None):
     return int(rows[-1]) if rows.size else None
 
 
+def oracle_latest(offsets, keys, epochs, key):
+    """ShardSet.find(key): of each shard's last row of the key, the one of the highest epoch
+    (ties: the later shard)."""
+    best = None
+    for begin, end in zip(offsets[:-1], offsets[1:]):
+        rows = np.flatnonzero(keys[begin:end] == np.uint64(key))
+        if rows.size:
+            row = int(begin + rows[-1])
+            if best is None or epochs[row] >= epochs[best]:
+                best = row
+    return best
+
+
 def manifest_for(directory, names):
     shard_list = []
     for name in names:
@@ -56,7 +69,7 @@ def check_lookups(s, keys, epochs):
     assert np.array_equal(s.keys, keys) and np.array_equal(s.epochs, epochs)
     probe = np.array([0, 3, 17, 49, 50, 2**64 - 1], dtype=np.uint64)
     for key in probe:
-        assert s.find(int(key)) == oracle_find(keys, epochs, key)
+        assert s.find(int(key)) == oracle_latest(s.offsets, keys, epochs, key)
         expected = [(int(r), int(epochs[r])) for r in np.flatnonzero(keys == key)]
         assert s.history(int(key)) == expected
         for epoch in range(5):
@@ -67,7 +80,7 @@ def check_lookups(s, keys, epochs):
     assert s.find_many(qk, qe).tolist() == [-1 if w is None else w for w in want]
     want = [oracle_find(keys, epochs, k, 2) for k in probe]
     assert s.find_many(probe, 2).tolist() == [-1 if w is None else w for w in want]
-    want = [oracle_find(keys, epochs, k) for k in probe]
+    want = [oracle_latest(s.offsets, keys, epochs, k) for k in probe]
     assert s.find_many(probe).tolist() == [-1 if w is None else w for w in want]
     for epoch in range(5):
         assert np.array_equal(s.epoch_rows(epoch), np.flatnonzero(epochs == epoch))
@@ -89,8 +102,9 @@ def test_shardset_answers_like_the_concatenated_store(tmp_path):
     rows = np.array([100, 0, 72, 40, 39])
     assert np.array_equal(s.gather(rows), vectors[rows])
     key = int(keys[50])
-    assert np.array_equal(s.get(key), vectors[oracle_find(keys, epochs, key)])
-    assert np.shares_memory(s.get(key), s.shards[2].vectors)
+    latest = oracle_latest(s.offsets, keys, epochs, key)
+    assert np.array_equal(s.get(key), vectors[latest])
+    assert np.shares_memory(s.get(key), s.shards[s.locate(latest)[0]].vectors)
     assert s.locate(73) == (3, 0) and s.locate(39) == (0, 39)
     infos, states = s.info(), s.info(key_stats=False)
     assert [i["committed_rows"] for i in states] == [i["committed_rows"] for i in infos] == \
@@ -499,3 +513,32 @@ def test_an_unpickled_shardset_opens_its_shards_once_when_threads_race_to_it(tmp
     assert lengths == [10] * 4
     assert len(opened) == 2 and all(r in again.shards for r in opened)
     again.close()
+
+
+def test_the_latest_row_of_a_key_is_of_its_highest_epoch_in_the_set_and_once_merged(tmp_path):
+    """Per-node shards (a shuffled DistributedSampler): sample 10 went to node 0 in epochs 1 and
+    2, to node 1 in epoch 0. find(10), get(10) and find_many([10]) gave node 1's epoch-0 row (the
+    highest global row), and so did the merged store and compact(latest_per_key=True) of it."""
+    rows = {"node-0": ([10, 11, 12, 10, 11], [1, 1, 1, 2, 3]),
+            "node-1": ([10, 13, 11], [0, 0, 3])}
+    for name, (keys, epochs) in rows.items():
+        with embstore.Writer(tmp_path / name, dim=2) as w:
+            values = np.array([[k, e] for k, e in zip(keys, epochs)], np.float32)
+            w.append(keys, values, epochs)
+    s = embstore.ShardSet([tmp_path / "node-0", tmp_path / "node-1"])
+    assert s.find(10) == 3 and s.find(11) == 7 and s.find(12) == 2 and s.find(13) == 6
+    assert s.find(14) is None
+    assert s.find_many([10, 11, 12, 13, 14]).tolist() == [3, 7, 2, 6, -1]
+    assert s.get(10).tolist() == [10, 2] and s.get(11).tolist() == [11, 3]
+    assert s.find(10, 0) == 5 and s.get(10, 0).tolist() == [10, 0]
+    with pytest.raises(KeyError):
+        s.get(14)
+    embstore.merge(tmp_path / "merged", [tmp_path / "node-0", tmp_path / "node-1"])
+    merged = embstore.Reader(tmp_path / "merged")
+    assert list(zip(merged.keys.tolist(), merged.epochs.tolist())) == [
+        (10, 0), (13, 0), (10, 1), (11, 1), (12, 1), (10, 2), (11, 3), (11, 3)]
+    assert merged.get(10).tolist() == [10, 2] and merged.get(11).tolist() == [11, 3]
+    embstore.compact(tmp_path / "merged", tmp_path / "latest", latest_per_key=True)
+    latest = embstore.Reader(tmp_path / "latest")
+    assert sorted(zip(latest.keys.tolist(), latest.epochs.tolist())) == [
+        (10, 2), (11, 3), (12, 1), (13, 0)]

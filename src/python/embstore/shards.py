@@ -116,7 +116,10 @@ def write_manifest(path: PathLike, manifest: dict) -> None:
 def merge(out: PathLike, manifest_or_paths: Any,
           progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
     """Consolidates the shards (a manifest, its directory, or store paths) into a new store at
-    ``out``, rows in ShardSet order, keys and epochs kept. Every row's checksum is verified on the
+    ``out``, keys and epochs kept, rows in epoch order: the shards merged as sorted sequences
+    by (epoch, shard), each shard's own order kept, so that the merged store's latest row of a
+    key (its last) is the one ``ShardSet.find(key)`` gives, not the last shard's (shards are
+    written side by side). Row numbers are not the ShardSet's. Every row's checksum is verified on the
     way: a bad row raises CorruptionError naming the shard and row, and nothing is left at
     ``out``. ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed
     into place only when complete: after any error nothing is left at ``out``, and a process
@@ -282,33 +285,51 @@ class ShardSet:
 
     def find_many(self, keys: Any, epochs: Any = None) -> np.ndarray:
         """Global rows (int64, -1 where absent) of (keys[i], epochs[i]); ``epochs`` may be one
-        int for all keys, or None for each key's latest row. 1-D arrays, as Reader.find_many."""
+        int for all keys, or None for each key's latest row (``find``). 1-D arrays, as
+        Reader.find_many."""
         keys = _u64(keys, "keys")
         if epochs is not None and np.ndim(epochs) == 0:  # one epoch for every key
             epochs = _u64(np.broadcast_to(np.asarray(epochs), keys.shape), "epochs")
         elif epochs is not None:
             epochs = _u64(epochs, "epochs")
         out = np.full(len(keys), -1, dtype=np.int64)
+        # Without epochs: of each shard's latest row, the one of the highest epoch.
+        best = np.zeros(len(keys), dtype=np.uint64)
         for i, reader in enumerate(self.shards):
             found = np.asarray(reader.find_many(keys, epochs), dtype=np.int64)
-            hit = found >= 0
-            out[hit] = found[hit] + self.offsets[i]  # later shards overwrite: the higher row
+            hit = np.flatnonzero(found >= 0)
+            if epochs is None and len(hit):
+                epoch = np.asarray(reader.epochs)[found[hit]].astype(np.uint64)
+                newer = (out[hit] < 0) | (epoch >= best[hit])
+                hit = hit[newer]
+                best[hit] = epoch[newer]
+            out[hit] = found[hit] + self.offsets[i]  # later shards win ties: the higher row
         return out
 
     def find(self, key: int, epoch: Optional[int] = None) -> Optional[int]:
-        """Global row of (key, epoch), or of the latest row of ``key``; None when absent."""
+        """Global row of (key, epoch) (the higher one if stored twice), or of the latest row of
+        ``key``: of each shard's latest row of it, the one of the highest epoch, and of several
+        of that epoch the higher global row. (Shards are written side by side, so their order
+        says nothing of time: the last shard's row of a key may be of an earlier epoch than
+        another's.) None when absent."""
         row = int(self.find_many([key], None if epoch is None else [epoch])[0])
         return None if row < 0 else row
 
     def get(self, key: int, epoch: Optional[int] = None) -> np.ndarray:
         """The vector of ``find(key, epoch)`` as a zero-copy view, confirmed to be of ``key``
         (and ``epoch``) as ``Reader.get`` does; KeyError when absent."""
+        if epoch is None:
+            row = self.find(key)
+            if row is None:
+                raise KeyError(key)
+            shard, local = self.locate(row)
+            return self.shards[shard].get(key, int(self.shards[shard].epochs[local]))
         for reader in reversed(self.shards):  # The highest global row: the last shard's.
             try:
                 return reader.get(key, epoch)
             except KeyError:
                 continue
-        raise KeyError(key if epoch is None else (key, epoch))
+        raise KeyError((key, epoch))
 
     def history(self, key: int) -> List[Tuple[int, int]]:
         """Every (global row, epoch) of ``key``, in global row order."""
