@@ -17,7 +17,7 @@ from conftest import CLI, bind_mounted, hash_tree, kill_when, make_store, partia
 FORMAT_MISMATCH, ALREADY_EXISTS, NOT_FOUND, FULL = 15, 13, 12, 18
 
 
-def test_merge_of_two_stores_keeps_every_row_key_and_epoch_in_order(tmp_path):
+def test_merge_of_two_stores_keeps_every_row_key_and_epoch_in_epoch_order(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     make_store(a, epochs=2, rows_per_epoch=5)
     make_store(b, epochs=3, rows_per_epoch=4)
@@ -29,9 +29,12 @@ def test_merge_of_two_stores_keeps_every_row_key_and_epoch_in_order(tmp_path):
     assert info["committed_rows"] == 22 and info["shards"] == 2
     merged, ra, rb = embstore.Reader(out), embstore.Reader(a), embstore.Reader(b)
     assert merged.verify().ok
-    assert np.array_equal(merged.vectors, np.concatenate([ra.vectors, rb.vectors]))
-    assert np.array_equal(merged.keys, np.concatenate([ra.keys, rb.keys]))
-    assert np.array_equal(merged.epochs, np.concatenate([ra.epochs, rb.epochs]))
+    # Epoch order: by epoch, then store, each store's own order kept (both are in epoch order).
+    order = np.argsort(np.concatenate([ra.epochs, rb.epochs]), kind="stable")
+    assert np.array_equal(merged.vectors, np.concatenate([ra.vectors, rb.vectors])[order])
+    assert np.array_equal(merged.keys, np.concatenate([ra.keys, rb.keys])[order])
+    assert np.array_equal(merged.epochs, np.concatenate([ra.epochs, rb.epochs])[order])
+    assert merged.epochs.tolist() == sorted(merged.epochs.tolist())
     assert (hash_tree(a), hash_tree(b)) == before
 
 
