@@ -229,6 +229,9 @@ Manifest read_manifest(const std::string& path) {
             integer<std::uint64_t>(epochs[e], "epochs[" + std::to_string(e) + "]", where));
       }
     }
+    if (shards[i].contains("generation")) {
+      shard.generation = integer_field<std::uint64_t>(shards[i], "generation", where);
+    }
     manifest.shards.push_back(std::move(shard));
   }
   return manifest;
@@ -258,10 +261,12 @@ void write_manifest(const std::string& path, const Manifest& manifest) {
     check_utf8(path, "shards[" + std::to_string(i) + "].path", shard.path);
     check_utf8(path, "shards[" + std::to_string(i) + "].store_id", shard.store_id);
     check_shard_path(path, shard.path);
-    shards.push_back({{"path", shard.path},
-                      {"store_id", shard.store_id},
-                      {"rows", shard.rows},
-                      {"epochs", shard.epochs}});
+    Json entry = {{"path", shard.path},
+                  {"store_id", shard.store_id},
+                  {"rows", shard.rows},
+                  {"epochs", shard.epochs}};
+    if (shard.generation != 0) entry["generation"] = shard.generation;
+    shards.push_back(std::move(entry));
   }
   const Json json = {{"embstore_manifest", kManifestVersion},
                      {"dim", manifest.dim},
@@ -394,11 +399,20 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
                         ", not the store " + entry.store_id +
                         " the manifest lists (replaced or copied from another run?)");
       }
-      if (reader.size() < entry.rows) {
+      // Fewer rows than recorded: a stale copy of the shard, unless a truncate (a resume from a
+      // checkpoint) moved it to another generation since the manifest was written.
+      const std::uint64_t generation = reader.info(InfoDetail::kState).generation;
+      const bool truncated_since = entry.generation != 0 && generation != entry.generation;
+      if (reader.size() < entry.rows && !truncated_since) {
         throw Error(ErrorCode::kCorruption,
                     manifest_path + ": shard '" + entry.path + "' holds " +
                         std::to_string(reader.size()) + " rows, fewer than the " +
-                        std::to_string(entry.rows) + " the manifest recorded");
+                        std::to_string(entry.rows) + " the manifest recorded" +
+                        (entry.generation == 0
+                             ? " (a stale copy? a manifest that records no generation cannot "
+                               "tell a truncate since: write the manifest again)"
+                             : " in the same generation " + std::to_string(generation) +
+                                   " (a stale copy?)"));
       }
     }
     // The same store twice (two paths, or a copy) would count its rows twice, in a merge too.

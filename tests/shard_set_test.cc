@@ -233,7 +233,7 @@ TEST_CASE("A manifest round-trips and is replaced atomically", "[shard_set]") {
   manifest.dim = 8;
   manifest.dtype = DType::kBFloat16;
   manifest.metadata = "quote \" and \\ and \n newline";
-  manifest.shards.push_back({"node-0", std::string(32, 'a'), 10, {0, 1, 2}});
+  manifest.shards.push_back({"node-0", std::string(32, 'a'), 10, {0, 1, 2}, 3});
   manifest.shards.push_back({"nodes/host-b", std::string(32, 'b'), 0, {}});
   const std::string path = dir / "m.json";
   write_manifest(path, manifest);
@@ -247,6 +247,10 @@ TEST_CASE("A manifest round-trips and is replaced atomically", "[shard_set]") {
   REQUIRE(back.shards[0].rows == 20);
   REQUIRE(back.shards[0].epochs == std::vector<std::uint64_t>{0, 1, 2});
   REQUIRE(back.shards[1].path == "nodes/host-b");
+  REQUIRE(back.shards[0].generation == 3);
+  REQUIRE(back.shards[1].generation == 0);  // Not recorded: no field written.
+  REQUIRE(test::read_file(path).find("\"generation\": 3") != std::string::npos);
+  REQUIRE(test::read_file(path).find("\"generation\": 0") == std::string::npos);
   REQUIRE(test::read_file(path).find(".tmp") == std::string::npos);
 }
 
@@ -750,4 +754,44 @@ TEST_CASE("merge_stores puts per-node shards in epoch order: the merged latest i
     REQUIRE(in_set);
     CHECK(set.record(*in_set).epoch == 2);
   }
+}
+
+TEST_CASE("A shard truncated since its manifest was written opens with fewer rows",
+          "[shard_set][truncate]") {
+  // A resume from a checkpoint truncates a node's shard; until the next end_epoch() rewrote
+  // the manifest, the run could not be read ("holds 80 rows, fewer than the 96 the manifest
+  // recorded"). The manifest now records each shard's generation.
+  TempDir dir;
+  {
+    Writer w = Writer::create(dir / "node-0", opts(4));
+    std::vector<float> values(4 * 10, 1.0f);
+    std::vector<std::uint64_t> keys(10), epochs(10);
+    for (std::uint64_t i = 0; i < 10; ++i) keys[i] = i, epochs[i] = i / 5;
+    w.append(keys, epochs, ConstMatrix{values.data(), DType::kFloat32, 10, 4, 0});
+  }
+  const StoreInfo info = read_info(dir / "node-0");
+  Manifest manifest;
+  manifest.dim = 4;
+  manifest.metadata = R"({"run": 7})";
+  manifest.shards.push_back({"node-0", info.store_id, 10, {0, 1}, info.generation});
+  write_manifest(dir / kManifestFileName, manifest);
+  Manifest unrecorded = manifest;
+  unrecorded.shards[0].generation = 0;
+  write_manifest(dir / "old.json", unrecorded);
+  {
+    Writer w = Writer::open(dir / "node-0");
+    REQUIRE(w.truncate_from_epoch(1) == 5);
+  }
+  const ShardSet set = ShardSet::open(dir.path());
+  CHECK(set.size() == 5);
+  std::string message;
+  // Without a recorded generation a truncate cannot be told from a stale copy: refused.
+  CHECK(code_of([&] { ShardSet::open(dir / "old.json"); }, &message) == ErrorCode::kCorruption);
+  CHECK_THAT(message, Catch::Contains("fewer than the 10 the manifest recorded (a stale copy? a "
+                                      "manifest that records no generation"));
+  // The same generation with fewer rows: a stale copy, refused.
+  manifest.shards[0].generation = read_info(dir / "node-0").generation;
+  write_manifest(dir / kManifestFileName, manifest);
+  CHECK(code_of([&] { ShardSet::open(dir.path()); }, &message) == ErrorCode::kCorruption);
+  CHECK_THAT(message, Catch::Contains("in the same generation 2 (a stale copy?)"));
 }

@@ -27,11 +27,17 @@ struct ManifestShard {
   std::string store_id;               // StoreInfo::store_id of the shard.
   std::uint64_t rows = 0;             // Committed rows then.
   std::vector<std::uint64_t> epochs;  // Epochs present then, ascending.
+  // The shard's generation then (StoreInfo::generation; 0: not recorded, as by manifests
+  // before this field). A shard of another generation now was truncated since (a resume from a
+  // checkpoint): it may hold fewer rows than `rows`, and ShardSet::open takes it as it is.
+  std::uint64_t generation = 0;
 };
 
 // A manifest: a JSON file (format below) describing a set of shards with one dim and dtype.
 //   {"embstore_manifest": 1, "dim": 768, "dtype": "float16", "metadata": "<text>",
-//    "shards": [{"path": "node-0", "store_id": "<32 hex>", "rows": 1024, "epochs": [0, 1]}]}
+//    "shards": [{"path": "node-0", "store_id": "<32 hex>", "rows": 1024, "epochs": [0, 1],
+//                "generation": 1}]}
+// ("generation" optional: manifests written before it have none.)
 struct Manifest {
   std::uint32_t dim = 0;
   DType dtype = DType::kFloat32;

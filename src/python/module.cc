@@ -1251,6 +1251,7 @@ PYBIND11_MODULE(_embstore, m) {
           entry["store_id"] = shard.store_id;
           entry["rows"] = shard.rows;
           entry["epochs"] = shard.epochs;
+          entry["generation"] = shard.generation;
           shards.append(entry);
         }
         py::dict out;
@@ -1270,10 +1271,11 @@ PYBIND11_MODULE(_embstore, m) {
         manifest.metadata = fields["metadata"].cast<std::string>();
         for (const auto& item : fields["shards"].cast<py::list>()) {
           const auto entry = item.cast<py::dict>();
-          manifest.shards.push_back({entry["path"].cast<std::string>(),
-                                     entry["store_id"].cast<std::string>(),
-                                     entry["rows"].cast<std::uint64_t>(),
-                                     entry["epochs"].cast<std::vector<std::uint64_t>>()});
+          manifest.shards.push_back(
+              {entry["path"].cast<std::string>(), entry["store_id"].cast<std::string>(),
+               entry["rows"].cast<std::uint64_t>(),
+               entry["epochs"].cast<std::vector<std::uint64_t>>(),
+               entry.contains("generation") ? entry["generation"].cast<std::uint64_t>() : 0});
         }
         ReleaseGil unlocked;
         write_manifest(path, manifest);

@@ -542,3 +542,55 @@ def test_the_latest_row_of_a_key_is_of_its_highest_epoch_in_the_set_and_once_mer
     latest = embstore.Reader(tmp_path / "latest")
     assert sorted(zip(latest.keys.tolist(), latest.epochs.tolist())) == [
         (10, 2), (11, 3), (12, 1), (13, 0)]
+
+
+def test_a_run_resumed_from_a_checkpoint_reads_before_its_next_end_epoch(tmp_path, monkeypatch):
+    """README's resume: truncate(from_epoch=2) of a node's shard, then epoch 2 again. Until that
+    epoch's end_epoch() rewrote the manifest, ShardSet(run_dir), dask.from_store and merge
+    raised "holds 80 rows, fewer than the 96 the manifest recorded" (and for good if the
+    resumed run died first). The manifest records each shard's generation: a shard truncated
+    since is read as it is; a stale copy (fewer rows, same generation) is still refused."""
+    torch = pytest.importorskip("torch")
+    import embstore.dask
+    from embstore.torch import EmbeddingRecorder
+    monkeypatch.setenv("GROUP_RANK", "0")
+    model = torch.nn.Linear(4, 4)
+
+    def train(recorder, epochs, end=True, batches=4):
+        for epoch in epochs:
+            for b in range(batches):
+                with recorder.batch(torch.arange(b * 8, b * 8 + 8), epoch):
+                    model(torch.randn(8, 4))
+            if end:
+                recorder.end_epoch()
+
+    recorder = EmbeddingRecorder(model, "", tmp_path, dim=4, per_node=True, buffer_rows=8)
+    train(recorder, range(3))
+    recorder.close()
+    entry = es.read_manifest(tmp_path / es.MANIFEST_NAME)["shards"][0]
+    assert (entry["rows"], entry["generation"]) == (96, 1)
+    with embstore.Writer(tmp_path / "node-0") as w:
+        assert w.truncate(from_epoch=2) == 64
+    recorder = EmbeddingRecorder(model, "", tmp_path, dim=4, per_node=True, buffer_rows=8)
+    train(recorder, [2], end=False, batches=2)
+    recorder.flush()
+    s = embstore.ShardSet(tmp_path)
+    assert len(s) == 80 and s.epochs.tolist() == [0] * 32 + [1] * 32 + [2] * 16
+    assert embstore.dask.from_store(tmp_path).vectors.shape == (80, 4)
+    assert embstore.merge(tmp_path / "merged", tmp_path)["committed_rows"] == 80
+    recorder.end_epoch()
+    recorder.close()
+    entry = es.read_manifest(tmp_path / es.MANIFEST_NAME)["shards"][0]
+    assert (entry["rows"], entry["generation"]) == (80, 2)
+    # A stale copy: the manifest's generation, fewer rows.
+    shutil.copytree(tmp_path / "node-0", tmp_path / "copy")
+    with embstore.Writer(tmp_path / "node-0") as w:
+        w.append(np.arange(5), np.ones((5, 4), np.float32), 3)
+    manifest = es.read_manifest(tmp_path / es.MANIFEST_NAME)
+    manifest["shards"][0]["rows"] = 85
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest)
+    shutil.rmtree(tmp_path / "node-0")
+    os.rename(tmp_path / "copy", tmp_path / "node-0")
+    with pytest.raises(embstore.CorruptionError, match="fewer than the 85 the manifest recorded "
+                       "in the same generation 2"):
+        embstore.ShardSet(tmp_path)

@@ -46,13 +46,14 @@ def _inputs(manifest_or_paths: Any) -> List[str]:
 
 def read_manifest(path: PathLike) -> dict:
     """The manifest at ``path`` as a dict: dim, dtype, metadata (text) and shards (each a dict of
-    path, store_id, rows, epochs). Raises ValueError for a shard path that is absolute or goes
+    path, store_id, rows, epochs, generation: the shard's then, 0 when not recorded). A shard of
+    another generation now was truncated since, and is taken with fewer rows. Raises ValueError for a shard path that is absolute or goes
     through ``..``, CorruptionError for a file that is not a manifest."""
     return _embstore.read_manifest(os.fspath(path))
 
 
 _MANIFEST_FIELDS = {"dim", "dtype", "metadata", "shards"}
-_SHARD_FIELDS = {"path", "store_id", "rows", "epochs"}
+_SHARD_FIELDS = {"path", "store_id", "rows", "epochs", "generation"}
 
 
 def _manifest_fields(manifest: Any) -> dict:
@@ -94,7 +95,9 @@ def _manifest_fields(manifest: Any) -> dict:
                     "store_id": text(shard["store_id"], f"{what}['store_id']"),
                     "rows": _check_u64(shard["rows"], f"{what}['rows']"),
                     "epochs": [_check_u64(e, f"{what}['epochs'][{j}]")
-                               for j, e in enumerate(epochs)]})
+                               for j, e in enumerate(epochs)],
+                    "generation": _check_u64(shard.get("generation", 0),
+                                             f"{what}['generation']")})
     try:
         dim = _dim_arg(manifest["dim"])
         dtype = _dtype_name(manifest["dtype"])
@@ -106,8 +109,8 @@ def _manifest_fields(manifest: Any) -> dict:
 
 def write_manifest(path: PathLike, manifest: dict) -> None:
     """Writes a manifest atomically (temporary file, fsync, rename, fsync of the directory).
-    ``manifest`` is what ``read_manifest`` returns; metadata and each shard's epochs may be left
-    out, and metadata may be a dict or list (stored as JSON). Raises ValueError naming the field
+    ``manifest`` is what ``read_manifest`` returns; metadata and each shard's epochs and
+    generation may be left out, and metadata may be a dict or list (stored as JSON). Raises ValueError naming the field
     of a value that is missing, of the wrong type or out of range, and for a shard path that is
     absolute or goes through ``..``."""
     _embstore.write_manifest(os.fspath(path), _manifest_fields(manifest))

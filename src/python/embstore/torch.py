@@ -680,7 +680,8 @@ class EmbeddingRecorder:
         self._epochs_seen = (snapshot, len(reader), epochs)
         reader.close()
         return {"shard": {"path": os.path.basename(path), "store_id": info["store_id"],
-                          "rows": self._epochs_seen[1], "epochs": sorted(epochs)},
+                          "rows": self._epochs_seen[1], "epochs": sorted(epochs),
+                          "generation": snapshot[1]},
                 "dim": info["dim"], "dtype": info["dtype"], "metadata": info["metadata"]}
 
     def stats(self) -> dict:
