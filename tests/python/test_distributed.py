@@ -143,3 +143,34 @@ def test_a_torchrun_worker_ended_by_its_agent_writes_the_rows_it_held(tmp_path):
     assert "closing signal SIGTERM" in run.stderr, run.stderr[-3000:]
     r = embstore.Reader(store)
     assert sorted(r.keys.astype(np.int64).tolist()) == list(range(40))
+
+
+def test_a_launchers_rank_counts_without_a_process_group(tmp_path, monkeypatch):
+    """torchrun's environment (RANK, WORLD_SIZE, GROUP_RANK) in a job that never calls
+    init_process_group (an inference-only extraction): every process was rank 0, ``ranks=[1]``
+    recorded nothing, and each node's rank 0 wrote a manifest of its own node only, so the
+    gathered run read as half its rows without a word. The recorder takes the launcher's rank,
+    and end_epoch() with per_node refuses to write a manifest it cannot make whole (after
+    storing and syncing this rank's rows)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("GROUP_RANK", "1")
+    model = torch.nn.Linear(4, 4)
+    from embstore.torch import EmbeddingRecorder
+    only_rank_0 = EmbeddingRecorder(model, "", str(tmp_path), dim=4, per_node=True, ranks=[0])
+    assert only_rank_0.rank == 1 and not only_rank_0.enabled
+    only_rank_0.close()
+    recorder = EmbeddingRecorder(model, "", str(tmp_path), dim=4, per_node=True, ranks=[1])
+    assert recorder.rank == 1 and recorder.enabled
+    with recorder.batch(torch.arange(8), 0):
+        model(torch.randn(8, 4))
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 .rank 1. but torch.distributed has no "
+                                           "process group"):
+        recorder.end_epoch()
+    recorder.close()
+    assert not os.path.exists(tmp_path / "manifest.json")
+    r = embstore.Reader(str(tmp_path / "node-1"))
+    assert r.keys.tolist() == list(range(8)) and r.info(key_stats=False)["durable_rows"] == 8
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="environment variable RANK='one' is not an integer"):
+        EmbeddingRecorder(model, "", str(tmp_path), dim=4, per_node=True).rank

@@ -236,16 +236,31 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
 _INFINITY_BITS = {torch.float16: 0x7c00, torch.bfloat16: 0x7f80, torch.float32: 0x7f800000}
 
 
+def _group_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer torchrun (or another launcher) put in the environment, else `default`."""
+    text = os.environ.get(name, "")
+    try:
+        return int(text) if text.strip() else default
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
 def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """The process group's rank; without one, the launcher's RANK (torchrun sets it for a job
+    that never calls init_process_group, an inference-only extraction say), else 0."""
+    if _group_initialized():
         return torch.distributed.get_rank()
-    return 0
+    return _env_int("RANK", 0)
 
 
 def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _group_initialized():
         return torch.distributed.get_world_size()
-    return 1
+    return _env_int("WORLD_SIZE", 1)
 
 
 class _Staging:
@@ -426,7 +441,8 @@ class EmbeddingRecorder:
 
     @property
     def rank(self) -> int:
-        """This process's torch.distributed rank (0 when not distributed)."""
+        """This process's torch.distributed rank; without a process group the launcher's
+        ``RANK`` (torchrun's), else 0."""
         return _rank()
 
     @property
@@ -635,7 +651,19 @@ class EmbeddingRecorder:
         and replaces ``manifest.json`` atomically.
         """
         self.flush(wait=True)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = _group_initialized()
+        if self._per_node and not distributed and _world_size() > 1:
+            # Rank 0 alone would write a manifest of its own node: the gathered run would read
+            # as that node's rows only, the others' stores sitting beside it unlisted.
+            staging = self._local_staging()
+            if sync and staging is not None:
+                staging.writer.sync()
+            raise RuntimeError(
+                f"end_epoch() with per_node=True: WORLD_SIZE={_world_size()} (rank "
+                f"{self.rank}) but torch.distributed has no process group, so the nodes' shards "
+                f"cannot be gathered into {os.path.join(self.path, shards.MANIFEST_NAME)}; call "
+                f"torch.distributed.init_process_group() first, or read the node stores by "
+                f"their paths (embstore.ShardSet([...])). This rank's rows are stored and synced.")
         world = torch.distributed.get_world_size() if distributed else 1
         names = [None] * world
         mine = (shards.node_name(), self.rank)
