@@ -770,3 +770,76 @@ def test_export_and_compact_copy_the_rows_of_a_store_whose_key_index_is_damaged(
     r = run("compact", store, tmp_path / "small", "-q")
     assert r.code == 0, r
     np.testing.assert_array_equal(embstore.Reader(str(tmp_path / "small")).vectors, vectors)
+
+
+@pytest.fixture
+def twelve_epochs(tmp_path):
+    """Twelve epochs (0..11) of keys 0..11; row 12 * e + k is key k of epoch e, every value e."""
+    path = str(tmp_path / "twelve")
+    embstore.create(path, dim=2, segment_mb=1 / 16)
+    with embstore.Writer(path) as w:
+        for e in range(12):
+            w.append(keys=np.arange(12, dtype=np.uint64), vectors=np.full((12, 2), e, np.float32),
+                     epoch=e)
+    return path
+
+
+def test_numbers_with_a_leading_zero_are_decimal_in_every_command(twelve_epochs, tmp_path):
+    # CLI11 2.1 converts with strtoull(text, 0) once the validator accepted the digits: "010"
+    # was octal 8 (key 8, epoch 8, 8 rows) and "09" a "Could not convert".
+    store = twelve_epochs
+    got = run("get", store, "010", "--epoch", "010", "--json")
+    assert got.code == 0, got
+    assert json.loads(got.out) == {"row": 130, "key": 10, "epoch": 10, "vector": [10.0, 10.0]}
+    got = run("get", store, "09", "--epoch", "09", "--json")
+    assert got.code == 0, got
+    assert (json.loads(got.out)["key"], json.loads(got.out)["epoch"]) == (9, 9)
+    head = run("head", store, "-n", "010", "--json")
+    assert head.code == 0, head
+    assert [json.loads(line)["row"] for line in head.out.splitlines()] == list(range(10))
+    assert run("head", store, "-n", "000").out == run("head", store, "-n", 0).out  # the header
+    out = tmp_path / "out"
+    exported = run("export", store, out, "--epoch", "010,09", "--from", "0112", "-q")
+    assert exported.code == 0, exported
+    # Rows 112..119 of epoch 9, and epoch 10.
+    assert np.load(out / "epochs.npy").tolist() == [9] * 8 + [10] * 12
+    compacted = run("compact", store, tmp_path / "c", "--epochs", "010", "-q")
+    assert compacted.code == 0, compacted
+    assert set(embstore.Reader(str(tmp_path / "c")).epochs.tolist()) == {10}
+    checked = run("verify", store, "--from", "010", "--to", "0020")
+    assert checked.code == 0 and "checked rows [10, 20)" in checked.out, checked
+    created = run("create", tmp_path / "d", "--dim", "010")
+    assert created.code == 0 and embstore.Reader(str(tmp_path / "d")).dim == 10, created
+    np.save(tmp_path / "v.npy", np.ones((3, 2), np.float32))
+    imported = run("import", tmp_path / "i", tmp_path / "v.npy", "--epoch", "010", "-q")
+    assert imported.code == 0, imported
+    assert embstore.Reader(str(tmp_path / "i")).epochs.tolist() == [10, 10, 10]
+
+
+@pytest.mark.parametrize("args, option, value", [
+    (["get", "{s}", "0x10"], "key", "0x10"),
+    (["get", "{s}", "1", "--epoch", "+9"], "--epoch", "+9"),
+    (["head", "{s}", "-n", "1_0"], "--rows", "1_0"),
+    (["export", "{s}", "{out}", "--epoch", "1,0x2"], "--epoch", "0x2"),
+    (["verify", "{s}", "--from", "0b1"], "--from", "0b1"),
+    (["get", "{s}", "000000000000000000018446744073709551616"], "key",
+     "000000000000000000018446744073709551616"),
+])
+def test_a_number_that_is_not_decimal_digits_is_a_usage_error_naming_it(
+        twelve_epochs, tmp_path, args, option, value):
+    r = run(*[a.format(s=twelve_epochs, out=tmp_path / "out") for a in args])
+    assert r.code == 2, r
+    line = one_line(r.err)
+    assert f"{option}: " in line and f'"{value}"' in line, line
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_range_from_past_the_end_of_an_empty_store_names_its_size_not_a_to(tmp_path):
+    # It said "--from 5 is after --to 0", and no --to was given.
+    path = str(tmp_path / "empty")
+    embstore.create(path, dim=2, segment_mb=1 / 16)
+    for command in (["verify", path], ["export", path, tmp_path / "out"]):
+        r = run(*command, "--from", 5)
+        assert r.code == 2, r
+        assert one_line(r.err) == (f"embstore {command[0]}: --from 5 is past the end of {path} "
+                                   "(0 rows)")

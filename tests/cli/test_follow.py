@@ -213,3 +213,126 @@ def test_tail_follow_of_a_store_no_longer_at_its_path_says_so_and_fails(tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tail_follow_after_a_truncate_below_the_rows_printed_names_only_those_printed(tmp_path):
+    # It said rows [4, 30) were printed above, when only 28 and 29 were.
+    store = make_store(tmp_path / "s")  # 30 rows
+    proc = subprocess.Popen([CLI, "tail", "-f", store, "-n", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    next_row, rest = row_reader(proc)
+    try:
+        assert [next_row()["row"] for _ in range(2)] == [28, 29]
+        subprocess.run([sys.executable, "-c", TRUNCATE, store, "4"], check=True, timeout=60)
+        append_from_another_process(store, 2000, 1, 8)
+        assert (lambda r: (r["row"], r["key"], r["epoch"]))(next_row()) == (4, 2000, 8)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert rest() == []
+        assert proc.stderr.read() == (f"embstore tail: {store} was truncated: rows [28, 30) "
+                                      "printed above are no longer in it; following from row 4\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _blocked_on_a_full_pipe(pid, read_end):
+    """Waits until process `pid` sleeps with the pipe it writes (read end `read_end`) full."""
+    import fcntl
+    import termios
+    import time
+    capacity = fcntl.fcntl(read_end, 1032)  # F_GETPIPE_SZ
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        queued = fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0")
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        # Within a page of full: a write of a page (PIPE_BUF) more cannot go in.
+        if int.from_bytes(queued, "little") > capacity - 4096 and state == "S":
+            return
+        time.sleep(0.01)
+    pytest.fail("tail -f never filled its pipe")
+
+
+def _taken(pid, sig):
+    """Waits until process `pid` has taken signal `sig` sent to it (no longer pending)."""
+    import time
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            pending = [int(line.split()[1], 16) for line in f
+                       if line.startswith(("SigPnd:", "ShdPnd:"))]
+        if not any(mask & (1 << (sig - 1)) for mask in pending):
+            return
+        time.sleep(0.001)
+    pytest.fail(f"signal {sig} still pending")
+
+
+def _read_all(read_end):
+    chunks = []
+    while chunk := os.read(read_end, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_tail_follow_stopped_while_its_reader_does_not_read_exits_0_after_whole_lines(
+        tmp_path, sig):
+    # A reader that does not keep up (`| less` at its prompt): the signal interrupted the blocked
+    # write, which was taken for a failure: exit 17, "cannot write to stdout: Interrupted system
+    # call".
+    store = make_store(tmp_path / "s", epochs=1, rows_per_epoch=20000)
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([CLI, "tail", "-f", store, "-n", "20000", "--json"],
+                            stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    try:
+        _blocked_on_a_full_pipe(proc.pid, read_end)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == ""
+        out = _read_all(read_end)
+    finally:
+        os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The rows from the first, each on a whole line.
+    assert out.endswith("\n")
+    rows = [json.loads(line)["row"] for line in out.splitlines()]
+    assert 0 < len(rows) < 20000 and rows == list(range(rows[0], rows[0] + len(rows)))
+
+
+def test_tail_follow_stopped_in_the_middle_of_a_long_line_ends_it_or_stops_at_a_second_signal(
+        tmp_path):
+    # Lines longer than PIPE_BUF (vectors of 2,000 values) are written in pieces: a stop while
+    # one is half written lets it end, and a second stop ends the output at once.
+    store = make_store(tmp_path / "s", dim=2000, dtype="float32", epochs=1, rows_per_epoch=100)
+    for second_signal in (False, True):
+        read_end, write_end = os.pipe()
+        proc = subprocess.Popen([CLI, "tail", "-f", store, "-n", "100", "--json", "--vectors"],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True)
+        os.close(write_end)
+        try:
+            _blocked_on_a_full_pipe(proc.pid, read_end)
+            proc.send_signal(signal.SIGINT)
+            if second_signal:
+                _taken(proc.pid, signal.SIGINT)  # else the two may arrive as one
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(timeout=30) == 0
+            out = _read_all(read_end)  # the reader reads again: the line (if any) ends
+            assert proc.wait(timeout=30) == 0
+            assert proc.stderr.read() == ""
+        finally:
+            os.close(read_end)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        lines = out.split("\n")
+        whole = [json.loads(line) for line in lines[:-1]]
+        assert 0 < len(whole) < 100
+        assert [r["row"] for r in whole] == list(range(whole[0]["row"], whole[-1]["row"] + 1))
+        assert all(len(r["vector"]) == 2000 for r in whole)
+        if not second_signal:
+            assert lines[-1] == ""  # nothing after the last line end

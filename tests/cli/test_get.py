@@ -173,3 +173,17 @@ def test_get_npy_on_a_full_disk_leaves_no_file_and_a_rerun_writes_it(tmp_path, s
     assert r.code == 0, r
     with embstore.Reader(store) as reader:
         np.testing.assert_array_equal(np.load(out), reader.vectors[reader.find(0, 3)])
+
+
+def test_get_npy_inside_the_store_is_refused_and_leaves_it_as_it_was(store, tmp_path):
+    # It wrote the file (and a hidden working directory) into the store it only reads; the
+    # store's next writer then removed it without a word.
+    before, names = hash_tree(store), sorted(os.listdir(store))
+    os.symlink(store, tmp_path / "link")
+    for out in (os.path.join(store, "rows.7"), os.path.join(store, "v.npy"),
+                str(tmp_path / "link" / "v.npy")):
+        r = run("get", store, 5, "--npy", out)
+        assert r.code == USAGE, (out, r)
+        assert one_line(r.err) == (f"embstore get: {out}: inside the store {store}, which is "
+                                   "only read: give an output outside it")
+    assert hash_tree(store) == before and sorted(os.listdir(store)) == names

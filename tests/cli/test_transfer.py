@@ -706,3 +706,66 @@ def test_options_of_a_new_store_given_for_an_existing_one_are_refused_not_ignore
     r = run("import", store, tmp_path / "v.npy", "--metadata", '{"model":"A"}', "--segment-mb",
             segment_mb, "--quiet")  # the same JSON, spaced otherwise
     assert r.code == 0 and len(embstore.Reader(store)) == 13, r
+
+
+def test_import_of_a_npy_file_with_a_dataset_suffix_is_refused_naming_it(tmp_path):
+    # "v.npy:/foo" imported v.npy whole: the suffix, meaningful for HDF5 only, was dropped.
+    np.save(tmp_path / "v.npy", np.ones((3, 4), np.float32))
+    np.save(tmp_path / "k.npy", np.arange(3, dtype=np.uint64))
+    for args in ([f"{tmp_path / 'v.npy'}:/foo"],
+                 [tmp_path / "v.npy", "--keys", f"{tmp_path / 'k.npy'}:/ids"]):
+        r = run("import", tmp_path / "new", *args, "-q")
+        assert r.code == 2, (args, r)
+        spec = str(args[-1])
+        file = spec.rsplit(":", 1)[0]
+        assert one_line(r.err) == (f"embstore import: {spec}: {file} is not an HDF5 file, and "
+                                   f"only an HDF5 file has datasets (\"{spec[len(file):]}\"); "
+                                   "give the .npy file alone"), r
+        assert not os.path.exists(tmp_path / "new")
+
+
+@pytest.mark.parametrize("source", ["int8", "uint8"])
+def test_integer_rows_into_a_float_store_get_no_hint_that_does_not_work(tmp_path, source):
+    # The refusal said "give --dtype float32 to convert them", and --dtype float32 then said
+    # "cannot convert int8 rows to float32", naming no file.
+    store = tmp_path / "f32"
+    embstore.create(store, dim=3, dtype="float32")
+    npy = tmp_path / "i.npy"
+    np.save(npy, np.array([[1, 2, 3]], source))
+    r = run("import", store, npy, "-q")
+    assert r.code == 15, r
+    assert one_line(r.err) == (f"embstore import: {store} holds float32 rows but {npy} holds "
+                               f"{source} (import converts rows between float types only)")
+    r = run("import", tmp_path / "new", npy, "--dtype", "float32", "-q")
+    assert r.code == 2, r
+    assert one_line(r.err) == (f"embstore import: {npy}: cannot convert {source} rows to float32 "
+                               "(only between float types)")
+    assert len(embstore.Reader(str(store))) == 0 and not os.path.exists(tmp_path / "new")
+
+
+def test_compact_into_a_wider_dtype_keeps_rows_per_segment(tmp_path):
+    """A float16 store of 4 KiB segments (dim 2048: one row a segment) compacted to float32 kept
+    the 4 KiB segment, smaller than one float32 row, and was refused (exit 2)."""
+    source = str(tmp_path / "h")
+    with embstore.Writer(source, dim=2048, dtype="float16", segment_mb=4096 / (1 << 20)) as w:
+        w.append([1, 2], np.ones((2, 2048), np.float16), 0)
+    r = run("compact", source, tmp_path / "wide", "--dtype", "float32")
+    assert r.code == 0, r
+    wide = embstore.Reader(tmp_path / "wide")
+    assert wide.dtype == "float32" and wide.info()["segment_bytes"] == 8192
+    assert np.array_equal(wide.vectors, np.ones((2, 2048), np.float32))
+
+
+def test_import_of_rows_larger_than_the_default_segment_into_a_new_store(tmp_path):
+    """A 2-D .npy of float64 rows of dim 2^24 (128 MiB each) into a new store: the default 64 MiB
+    segment refused them ("segment_bytes 67108864 is smaller than one row"), naming an option
+    never given. The new store gets segments of one row."""
+    dim = 1 << 24
+    source = tmp_path / "big.npy"
+    np.save(source, np.full((1, dim), 0.25))
+    np.save(tmp_path / "keys.npy", np.array([9], np.uint64))
+    r = run("import", tmp_path / "s", source, "--keys", tmp_path / "keys.npy", "--epoch", "1")
+    assert r.code == 0, r
+    s = embstore.Reader(tmp_path / "s")
+    assert s.info()["segment_bytes"] == 128 << 20 and s.keys.tolist() == [9]
+    assert s.vectors[0, ::1 << 20].tolist() == [0.25] * 16

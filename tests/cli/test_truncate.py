@@ -138,3 +138,53 @@ def test_kill_at_random_instants_leaves_the_old_or_the_new_store(tmp_path):
         with embstore.Writer(path) as w:
             assert w.committed_rows() == len(reader)
         assert embstore.Reader(path).verify().ok
+
+
+def test_leading_zeros_are_decimal_for_rows_and_epochs(tmp_path):
+    # CLI11 2.1 read "010" as octal 8: --from-epoch 010 dropped epochs 8 and 9 too, --rows 010
+    # kept 8 rows.
+    path = make_store(tmp_path / "s", dim=2, dtype="float32", epochs=12, rows_per_epoch=3)
+    r = run("truncate", path, "--from-epoch", "010", "--yes", "--json")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["rows_kept"] == 30
+    assert report["dropped_epochs"] == [{"epoch": 10, "rows": 3}, {"epoch": 11, "rows": 3}]
+    r = run("truncate", path, "--rows", "010", "--yes", "--json")
+    assert r.code == 0, r
+    assert json.loads(r.out)["rows_kept"] == 10
+    r = run("truncate", path, "--from-epoch", "09", "--yes")  # not octal: a usage error before
+    assert r.code == 0, r
+    assert len(embstore.Reader(path)) == 10 and embstore.Reader(path).epochs.max() == 3
+
+
+def test_the_report_counts_the_rows_appended_while_it_asked(store):
+    # Rows appended between the question and the answer are past the cut, so dropped: the
+    # report said so in rows_dropped but listed only the epochs counted before it asked.
+    import pty
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([CLI, "truncate", store, "--from-epoch", "1", "--json"],
+                            stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(secondary)
+    try:
+        asked = b""
+        while b"[y/N]" not in asked:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, asked
+            asked += chunk
+        assert b"drop rows [10, 30)" in asked and b"epoch 2: 10 rows" in asked, asked
+        with embstore.Writer(store) as w:
+            w.append(keys=np.arange(4, dtype=np.uint64), vectors=np.ones((4, 4), np.float32),
+                     epoch=7)
+        os.write(primary, b"y\n")
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    report = json.loads(out)
+    assert (report["rows_before"], report["rows_kept"], report["rows_dropped"]) == (34, 10, 24)
+    assert report["dropped_epochs"] == [{"epoch": 1, "rows": 10}, {"epoch": 2, "rows": 10},
+                                        {"epoch": 7, "rows": 4}]
+    assert len(embstore.Reader(store)) == 10

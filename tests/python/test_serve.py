@@ -542,7 +542,7 @@ def test_command_line_errors(store, tmp_path):
         return subprocess.run([sys.executable, "-m", "embstore.serve", *args],
                               capture_output=True, text=True, timeout=60)
     missing = run(str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "no embstore store at" in missing.stderr
+    assert missing.returncode == 12 and "no embstore store at" in missing.stderr
     manifest = tmp_path / "shards.json"
     manifest.write_text("{}")
     if not hasattr(embstore, "ShardSet"):
@@ -787,3 +787,37 @@ def test_pca_basis_matches_numpy_svd(dim):
     np.testing.assert_allclose(np.abs(basis.components @ vt[:2].T), np.eye(2), atol=1e-6)
     np.testing.assert_allclose(basis.explained, s[:2] ** 2 / (s**2).sum(), rtol=1e-6)
     np.testing.assert_allclose(np.abs(basis.project(x)), np.abs(centred @ vt[:2].T), atol=1e-3)
+
+
+def test_exit_statuses_are_those_of_the_command_line_tool(store, tmp_path):
+    # README "Command-line tool": 2 usage, 10 + the C++ ErrorCode otherwise, 1 only for damage
+    # found. A missing store exited 2 (not found is 12) and a port in use 1 (an I/O error: 17).
+    import socket
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "embstore.serve", *map(str, args)],
+                              capture_output=True, text=True, timeout=60)
+    embstore.create(store, dim=4)
+    not_a_store = tmp_path / "empty"
+    not_a_store.mkdir()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("1,cat\nx,dog\n")
+    cases = [
+        ([tmp_path / "nothing"], 12, f"no embstore store at {tmp_path / 'nothing'}"),
+        ([not_a_store], 12, str(not_a_store)),
+        ([store, "--labels", tmp_path / "missing.csv"], 12, str(tmp_path / "missing.csv")),
+        ([store, "--labels", labels], 2, f"{labels} line 2: key 'x' is not an integer"),
+        ([store, "--port", 70000], 2, "--port must be in 0 .. 65535"),
+    ]
+    for args, code, message in cases:
+        result = run(*args)
+        assert result.returncode == code and message in result.stderr, (args, result)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(store, "--port", port)
+    assert result.returncode == 17, result
+    assert f"embstore serve: cannot listen on 127.0.0.1:{port}: " in result.stderr
+    assert "address already in use" in result.stderr

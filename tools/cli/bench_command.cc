@@ -1014,15 +1014,19 @@ void add_bench_command(CLI::App& app, Registry& registry) {
   cmd->add_option("--writers", config->writers,
                   "Writer processes; a comma list runs each count in turn")
       ->delimiter(',')
+      ->transform(unsigned_validator("a writer count"))
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
   cmd->add_option("--readers", config->readers, "Reader processes following the store")
+      ->transform(unsigned_validator("a reader count"))
       ->check(CLI::Range(0, 256))
       ->capture_default_str();
   cmd->add_option("--batch", config->batch, "Rows per append")
+      ->transform(unsigned_validator("a row count"))
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 32))
       ->capture_default_str();
   cmd->add_option("--dim", config->dim, "Elements per row")
+      ->transform(unsigned_validator("a dimension"))
       ->check(CLI::Range(1u, 1u << 24))
       ->capture_default_str();
   cmd->add_option("--dtype", config->dtype_text,
@@ -1031,6 +1035,7 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       ->check(CLI::IsMember({"f32->f16", "f32->bf16"}) | dtype_validator())
       ->capture_default_str();
   cmd->add_option("--rows", config->rows, "Total rows over all writers")
+      ->transform(unsigned_validator("a row count"))
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->add_option("--seconds", config->seconds, "Run for S seconds instead of a row count")
@@ -1039,6 +1044,7 @@ void add_bench_command(CLI::App& app, Registry& registry) {
          "--repeat", config->repeat,
          "Repeats; each runs every workload once in a fresh random order (writer counts "
          "interleaved too); reports medians and each same-repeat ratio's min / median / max")
+      ->transform(unsigned_validator("a repeat count"))
       ->check(CLI::Range(1, 100))
       ->capture_default_str();
   cmd->add_option("--sync", config->sync_text, "Sync policy")

@@ -1,6 +1,9 @@
 #include "cli.h"
 
 #include <fmt/format.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -8,6 +11,8 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <csignal>
+#include <cstdio>
 #include <cstring>
 
 namespace embstore::cli {
@@ -47,15 +52,20 @@ CLI::Validator dtype_validator() {
 CLI::Validator unsigned_validator(const std::string& what) {
   return CLI::Validator(
       [what](std::string& text) -> std::string {
-        const bool digits =
-            !text.empty() && text.size() <= 20 && std::all_of(text.begin(), text.end(), [](char c) {
-              return std::isdigit(static_cast<unsigned char>(c));
-            });
+        const bool digits = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
+          return std::isdigit(static_cast<unsigned char>(c));
+        });
+        if (!digits) return "takes " + what + " (a non-negative integer), not \"" + text + "\"";
+        // CLI11 2.1 converts with strtoull(text, 0): "010" would be octal 8 and "09" refused.
+        // Numbers here are decimal, so the text CLI11 converts is the canonical decimal one.
+        const std::size_t first = std::min(text.find_first_not_of('0'), text.size() - 1);
+        const std::string decimal = text.substr(first);
         // Past 2^64 - 1 CLI11 would saturate the value silently (same length: compare as text).
-        const bool fits = text.size() < 20 || text <= "18446744073709551615";
-        if (digits && fits) return {};
-        if (digits) return what + " \"" + text + "\" is beyond 2^64 - 1";
-        return "takes " + what + " (a non-negative integer), not \"" + text + "\"";
+        if (decimal.size() > 20 || (decimal.size() == 20 && decimal > "18446744073709551615")) {
+          return what + " \"" + text + "\" is beyond 2^64 - 1";
+        }
+        text = decimal;
+        return {};
       },
       "UINT", "unsigned");
 }
@@ -196,23 +206,141 @@ nlohmann::json vector_json(const Reader& reader, const Record& record) {
 std::string vector_text(const Reader& reader, const Record& record) {
   std::string text;
   for (std::uint32_t i = 0; i < reader.dim(); ++i) {
-    text += fmt::format("{}{}", i ? " " : "", tools::element_value(reader.dtype(), record.data, i));
+    text += fmt::format("{}{}", i ? " " : "",
+                        tools::printable(tools::element_value(reader.dtype(), record.data, i)));
   }
   return text;
 }
 
 namespace {
 
-// The errno of the first write to stdout that failed, 0 while none has. stdio keeps only a
-// flag: glibc drops the buffer a write failed for, so a later fflush() succeeds and its errno
-// says nothing.
+// Standard output is written here, not through stdio: stdio cannot retry a write a signal
+// interrupted (glibc drops the buffer a write failed for), and its chunks end mid-line.
+// g_stdout holds what write_stdout() was given and write(2) has not taken yet.
+std::string g_stdout;
+
+// Each write(2) takes at most PIPE_BUF bytes, ending at a line end when one is in reach: into
+// a pipe such a write is atomic, so a stop signal that interrupts it leaves whole lines.
+constexpr std::size_t kStdoutChunk = PIPE_BUF;
+
+// The errno of the first write to stdout that failed, 0 while none has; kStopped once a stop
+// signal (tail -f) ended the output. Once set, output is dropped, not retried.
 int g_stdout_errno = 0;
+constexpr int kStopped = -1;
 
 std::string g_done_note;
+
+volatile std::sig_atomic_t g_stop_signals = 0;
+bool g_stop_handlers = false;  // install_stop_handlers() was called.
+
+void on_stop_signal(int) {
+  // Only this handler writes it, with SIGINT and SIGTERM both blocked while it runs.
+  g_stop_signals = g_stop_signals + 1;
+}
 
 void stdout_failed(int err) {
   if (g_stdout_errno == 0) g_stdout_errno = err;
 }
+
+// Whether a stop signal ends `data` with `done` bytes of it written: at once at a line end (or
+// with nothing of it written); in the middle of a line once the line is ended (a stop that
+// came while a line longer than PIPE_BUF was half written), or at once at another stop signal,
+// so that a reader that never reads cannot keep the command from ending.
+bool stop_now(std::string_view data, std::size_t done, int& stops_at_cut) {
+  if (!stop_requested()) return false;
+  if (done == 0 || data[done - 1] == '\n') return true;
+  if (stops_at_cut < 0) {
+    stops_at_cut = g_stop_signals;
+    return false;
+  }
+  return g_stop_signals != stops_at_cut;
+}
+
+// One write(2) of at most PIPE_BUF bytes of `data` from `done`, made only once stdout takes it
+// (poll: a pipe then has room for all of it) and unless a stop signal ends the output
+// (stop_now()). The stop signals are blocked from the check of stop_requested() to the write,
+// except while ppoll() waits: one that comes at any instant ends a wait for a reader that does
+// not read, and none can come between the check and a write that would then wait. The bytes
+// written, -1 with errno set (EINTR: a signal, look again), or 0 with `stopped` set.
+::ssize_t write_unless_stopped(std::string_view data, std::size_t done, int& stops_at_cut,
+                               bool& stopped) {
+  sigset_t stops, old;
+  ::sigemptyset(&stops);
+  ::sigaddset(&stops, SIGINT);
+  ::sigaddset(&stops, SIGTERM);
+  ::pthread_sigmask(SIG_BLOCK, &stops, &old);
+  ::ssize_t n = 0;
+  stopped = stop_now(data, done, stops_at_cut);
+  if (!stopped) {
+    pollfd fd{STDOUT_FILENO, POLLOUT, 0};
+    // POLLERR or POLLHUP: the write says which (EPIPE).
+    n = ::ppoll(&fd, 1, nullptr, &old) < 0 ? -1
+                                           : ::write(STDOUT_FILENO, data.data() + done,
+                                                     std::min(data.size() - done, kStdoutChunk));
+  }
+  const int err = errno;
+  ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  errno = err;
+  return n;
+}
+
+// Writes `data` whole with write(2); 0 once done, else the errno that ended it (kStopped for
+// a stop signal, with install_stop_handlers()). EINTR of another signal is retried, and a
+// non-blocking stdout that is full is waited for.
+int write_all(std::string_view data) {
+  std::size_t done = 0;
+  int stops_at_cut = -1;  // g_stop_signals when a stop found a line half written.
+  while (done < data.size()) {
+    bool stopped = false;
+    const ::ssize_t n = g_stop_handlers
+                            ? write_unless_stopped(data, done, stops_at_cut, stopped)
+                            : ::write(STDOUT_FILENO, data.data() + done, data.size() - done);
+    if (stopped) return kStopped;
+    if (n > 0) {
+      done += static_cast<std::size_t>(n);
+      continue;
+    }
+    const int err = n == 0 ? EIO : errno;
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+      pollfd fd{STDOUT_FILENO, POLLOUT, 0};
+      if (::poll(&fd, 1, -1) >= 0 || errno == EINTR) continue;
+      return errno;
+    }
+    if (err != EINTR) return err;
+  }
+  return 0;
+}
+
+// Hands g_stdout to write(2): all of it, or with `all` false what is beyond a chunk
+// (kStdoutChunk). A chunk ends at the last line end in reach; a line longer than a chunk is
+// written whole (as far as it is there: past kLongLine bytes without one, all of them). A
+// failure is recorded (stdout_failed()) and the rest dropped.
+void drain_stdout(bool all) {
+  constexpr std::size_t kLongLine = std::size_t{1} << 20;
+  std::string_view rest = g_stdout;
+  while (!rest.empty() && g_stdout_errno == 0) {
+    std::size_t length = rest.size();
+    if (rest.size() <= kStdoutChunk) {
+      if (!all) break;
+    } else if (const std::size_t end = rest.rfind('\n', kStdoutChunk - 1);
+               end != std::string_view::npos) {
+      length = end + 1;
+    } else if (const std::size_t long_end = rest.find('\n', kStdoutChunk);
+               long_end != std::string_view::npos) {
+      length = long_end + 1;
+    } else if (!all && rest.size() < kLongLine) {
+      break;
+    }
+    const int err = write_all(rest.substr(0, length));
+    if (err != 0) stdout_failed(err);
+    rest.remove_prefix(length);
+  }
+  if (g_stdout_errno != 0) rest = {};
+  g_stdout.erase(0, g_stdout.size() - rest.size());
+}
+
+// The error for a failed stdout (g_stdout_errno neither EPIPE nor kStopped).
+StdoutError stdout_error() { return StdoutError(g_stdout_errno); }
 
 }  // namespace
 
@@ -223,27 +351,51 @@ StdoutError::StdoutError(int err)
             err) {}
 
 void write_stdout(std::string_view text) {
-  if (text.empty() || std::fwrite(text.data(), 1, text.size(), stdout) == text.size()) return;
-  const int err = errno != 0 ? errno : EIO;
-  stdout_failed(err);
+  // After a failure the output goes nowhere: a closed pipe or a stop signal ends head and tail
+  // at their next flush_stdout(); anything else has thrown already.
+  if (text.empty() || g_stdout_errno != 0) return;
+  g_stdout.append(text);
+  // On a terminal every line shows at once, in order with what goes to stderr.
+  static const bool terminal = ::isatty(STDOUT_FILENO) == 1;
+  drain_stdout(terminal && text.find('\n') != std::string_view::npos);
   // A closed pipe is how tail -f learns to stop (flush_stdout() returns false); anything else
   // (a full disk) ends the command now rather than after all its output was computed.
-  if (err != EPIPE) throw StdoutError(err);
+  if (g_stdout_errno != 0 && g_stdout_errno != EPIPE && g_stdout_errno != kStopped) {
+    throw stdout_error();
+  }
 }
 
 bool flush_stdout() {
-  if (std::fflush(stdout) != 0) stdout_failed(errno);
-  if (!std::ferror(stdout)) return true;
-  // A write that failed outside write_stdout() (CLI11's --help text, say) recorded no errno:
-  // the error then says only that a write failed.
-  if (g_stdout_errno == EPIPE) return false;
-  throw StdoutError(g_stdout_errno);
+  drain_stdout(true);
+  // Nothing should write stdout through stdio; if something did (a library), check it too. Its
+  // failure recorded no errno: the error then says only that a write failed.
+  if (g_stdout_errno == 0 && (std::fflush(stdout) != 0 || std::ferror(stdout))) stdout_failed(0);
+  if (g_stdout_errno == 0) return true;
+  if (g_stdout_errno == EPIPE || g_stdout_errno == kStopped) return false;
+  throw stdout_error();
 }
 
 void accept_closed_stdout() {
   std::clearerr(stdout);
+  g_stdout.clear();
   g_stdout_errno = 0;
 }
+
+void install_stop_handlers() {
+  struct sigaction action = {};
+  action.sa_handler = on_stop_signal;
+  ::sigemptyset(&action.sa_mask);
+  ::sigaddset(&action.sa_mask, SIGINT);
+  ::sigaddset(&action.sa_mask, SIGTERM);
+  // No SA_RESTART: a wait for a reader that does not read (a full pipe) returns EINTR, and
+  // write_stdout() ends the output instead of waiting on (write_unless_stopped()).
+  action.sa_flags = 0;
+  ::sigaction(SIGINT, &action, nullptr);
+  ::sigaction(SIGTERM, &action, nullptr);
+  g_stop_handlers = true;
+}
+
+bool stop_requested() { return g_stop_signals != 0; }
 
 void note_done(std::string what) { g_done_note = std::move(what); }
 

@@ -53,7 +53,9 @@ void add_bench_command(CLI::App& app, Registry& registry);
 // A CLI11 validator that accepts the dtype names parse_dtype() knows and names them otherwise.
 CLI::Validator dtype_validator();
 // A CLI11 validator for a non-negative decimal integer (a row, a key, an epoch, a count):
-// "-3" or "1e3" are refused with a message naming `what`, never wrapped around.
+// "-3" or "1e3" are refused with a message naming `what`, never wrapped around; "010" is ten.
+// It rewrites the text to its canonical decimal form, so add it with ->transform(), never
+// ->check() (which hands it a copy: CLI11 would then read "010" as octal 8).
 CLI::Validator unsigned_validator(const std::string& what);
 
 // parse_dtype() of a name the validator has accepted.
@@ -95,8 +97,11 @@ class StdoutError : public Error {
   explicit StdoutError(int err);
 };
 
-// Writes `text` on stdout; throws StdoutError when that fails, except for EPIPE (the reader of
-// a pipe went away), which is kept for flush_stdout() to report.
+// Writes `text` on stdout (buffered, in chunks of up to PIPE_BUF bytes that end at a line end
+// where one is in reach: atomic into a pipe); throws StdoutError when that fails, except
+// for EPIPE (the reader of a pipe went away) and a stop signal that interrupted a blocked
+// write (install_stop_handlers()), which are kept for flush_stdout() to report. Other EINTR
+// is retried. Once a write failed, the rest of the output is dropped.
 void write_stdout(std::string_view text);
 
 // fmt::print on stdout, through write_stdout().
@@ -106,12 +111,21 @@ void print_out(fmt::format_string<T...> format, T&&... args) {
 }
 
 // Flushes stdout and checks every write to it so far: true when all of them reached it, false
-// when its reader went away (EPIPE); throws StdoutError on any other failure.
+// when its reader went away (EPIPE) or a stop signal ended a write that was blocked; throws
+// StdoutError on any other failure.
 bool flush_stdout();
 
-// For head and tail, which end when the reader of stdout goes away (tail -f | head -5): forgets
-// the EPIPE flush_stdout() returned false for, so that main() does not report it.
+// For head and tail, which end when the reader of stdout goes away (tail -f | head -5) or on a
+// stop signal: forgets what flush_stdout() returned false for, so that main() does not report
+// it.
 void accept_closed_stdout();
+
+// For tail -f, which ends on SIGINT and SIGTERM with exit 0: from now on they only set
+// stop_requested(), and interrupt a write to stdout blocked on a reader that does not read
+// (the output then ends after the last whole line written; a second signal ends it even in the
+// middle of a line longer than PIPE_BUF).
+void install_stop_handlers();
+bool stop_requested();
 
 // Called by a command once its action has changed something on disk, with what it did in a few
 // words ("run.emb: kept rows [0, 20)"): if stdout then fails, main() says the action was done

@@ -59,6 +59,8 @@ void write_npy(const Reader& reader, const std::vector<Record>& records, const G
 
 int run_get(const GetArgs& args) {
   const Reader reader = Reader::open(args.store);
+  // As export: the store is only read, and its next Writer removes files it does not know.
+  if (!args.npy.empty()) tools::require_outside_store(args.npy, reader.path());
   // Checksum-checked rows: the one at --epoch, the latest, or every version (of --epoch).
   const std::vector<Record> records = reader.lookup(args.key, args.epoch, args.history);
   if (records.empty()) throw not_found(reader, args);
@@ -105,10 +107,10 @@ void add_get_command(CLI::App& app, Registry& registry) {
   cmd->add_option("store", args->store, "Store directory")->required();
   cmd->add_option("key", args->key, "The sample's key (a non-negative integer)")
       ->required()
-      ->check(unsigned_validator("a key"));
+      ->transform(unsigned_validator("a key"));
   cmd->add_option("--epoch", args->epoch,
                   "The epoch to read; if (key, epoch) was appended more than once, the later row")
-      ->check(unsigned_validator("an epoch"));
+      ->transform(unsigned_validator("an epoch"));
   cmd->add_flag("--history", args->history,
                 "Every row of the key in commit order, with its epoch (with --epoch: every row "
                 "of that epoch)");
@@ -118,8 +120,8 @@ void add_get_command(CLI::App& app, Registry& registry) {
                   "dim)), to a new .npy file; bfloat16 as uint16 bit patterns")
       ->excludes(json);
   cmd->footer(
-      "Exit status: 0 found, 2 usage (a key or epoch that is not a number), 12 the key, or the "
-      "key at --epoch, is not in the store.\n"
+      "Exit status: 0 found, 2 usage (a key or epoch that is not a number, a --npy file inside "
+      "the store), 12 the key, or the key at --epoch, is not in the store.\n"
       "Examples: embstore get run.emb 10 --epoch 5 ; embstore get run.emb 10 --history --json ; "
       "embstore get run.emb 10 --npy v10.npy");
   registry.add(cmd, [args] { return run_get(*args); });

@@ -27,6 +27,15 @@ int stdout_failure(const std::string& command, const embstore::cli::StdoutError&
   return embstore::cli::exit_status(error);
 }
 
+// Before a failed command's error line: what it printed so far (rows before a damaged one, say)
+// is written, as stdio's buffer was at exit. A failure to write it adds nothing to the error.
+void flush_before_error() {
+  try {
+    embstore::cli::flush_stdout();
+  } catch (const embstore::cli::StdoutError&) {
+  }
+}
+
 // --help and --version: their text is the output asked for, so a failure to write it is an
 // error too. CLI11 prints it into a string here, written like every report (write_stdout()): on
 // std::cout, its std::endl flushed stdio's buffer, and the reason of a failed write was lost.
@@ -108,9 +117,11 @@ int main(int argc, char** argv) {
     } catch (const StdoutError& error) {
       return stdout_failure(command->get_name(), error);
     } catch (const embstore::Error& error) {
+      flush_before_error();
       std::fprintf(stderr, "embstore %s: %s\n", command->get_name().c_str(), error.what());
       return exit_status(error);
     } catch (const CLI::ParseError& e) {
+      flush_before_error();
       std::fprintf(stderr, "embstore %s: %s\n", command->get_name().c_str(), e.what());
       return kExitUsage;
     } catch (const std::bad_alloc&) {
@@ -118,6 +129,7 @@ int main(int argc, char** argv) {
       return kExitErrorBase + static_cast<int>(embstore::ErrorCode::kIO);
     } catch (const std::exception& e) {
       // Anything else (a filesystem_error, say) still ends in one line, never a core dump.
+      flush_before_error();
       std::fprintf(stderr, "embstore %s: %s\n", command->get_name().c_str(), e.what());
       return kExitErrorBase + static_cast<int>(embstore::ErrorCode::kIO);
     }

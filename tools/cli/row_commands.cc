@@ -22,10 +22,6 @@ namespace {
 // stdout; rows committed meanwhile wake it at once.
 constexpr auto kFollowCheck = std::chrono::milliseconds(200);
 
-volatile std::sig_atomic_t g_stop = 0;
-
-void on_stop_signal(int) { g_stop = 1; }
-
 struct RowArgs {
   std::string store;
   std::uint64_t n = 10;
@@ -125,11 +121,7 @@ int run_rows(const RowArgs& args, bool tail) {
   if (args.follow) {
     latest = Reader::open(args.store);
     // End cleanly on Ctrl-C, kill and a closed pipe: no signal death, exit 0.
-    struct sigaction action = {};
-    action.sa_handler = on_stop_signal;
-    ::sigemptyset(&action.sa_mask);
-    ::sigaction(SIGINT, &action, nullptr);
-    ::sigaction(SIGTERM, &action, nullptr);
+    install_stop_handlers();
     ::signal(SIGPIPE, SIG_IGN);
   }
   RowPrinter printer(reader, args);
@@ -137,7 +129,9 @@ int run_rows(const RowArgs& args, bool tail) {
   const std::uint64_t count = std::min(args.n, size);
   const std::uint64_t begin = tail ? size - count : 0;
   printer.header();
-  for (std::uint64_t row = begin; row < begin + count; ++row) printer.print(row);
+  for (std::uint64_t row = begin; row < begin + count && !stop_requested(); ++row) {
+    printer.print(row);
+  }
   if (!flush_rows()) return kExitOk;
   if (!args.follow) return kExitOk;
   std::uint64_t next = size;
@@ -156,18 +150,25 @@ int run_rows(const RowArgs& args, bool tail) {
   // The generations of the Readers' snapshots (no file read: info() would stat the files).
   std::uint64_t generation = reader.generation();
   try {
-    while (!g_stop) {
+    while (!stop_requested()) {
       if (stdout_closed()) break;
       const bool more = latest->wait(next + 1, kFollowCheck);
       check_same_store();
       const std::uint64_t now_generation = latest->generation();  // As of the wait's refresh.
       if (now_generation != generation) {
         const std::uint64_t kept = first_row_dropped(reader, *latest, begin, next);
-        if (kept < next) {
+        // Rows before `begin` were never printed: only [max(kept, begin), next) were.
+        const std::uint64_t lost = std::max(kept, begin);
+        if (lost < next) {
           fmt::print(stderr,
                      "embstore tail: {} was truncated: rows [{}, {}) printed above are no "
                      "longer in it; following from row {}\n",
-                     args.store, kept, next, kept);
+                     args.store, lost, next, kept);
+        } else if (kept < next) {
+          fmt::print(stderr,
+                     "embstore tail: {} was truncated (no row printed above was dropped); "
+                     "following from row {}\n",
+                     args.store, kept);
         }
         next = std::min(next, kept);
         generation = now_generation;
@@ -176,7 +177,7 @@ int run_rows(const RowArgs& args, bool tail) {
       }
       reader.refresh();
       const std::uint64_t now = reader.size();
-      for (; next < now && !g_stop; ++next) printer.print(next);
+      for (; next < now && !stop_requested(); ++next) printer.print(next);
       if (!flush_rows()) break;
     }
   } catch (const Error&) {
@@ -194,7 +195,7 @@ void add_row_command(CLI::App& app, Registry& registry, bool tail) {
            : "First rows (key, epoch, optionally the vector) (read-only)");
   cmd->add_option("store", args->store, "Store directory")->required();
   cmd->add_option("-n,--rows", args->n, "Rows to print")
-      ->check(unsigned_validator("a row count"))
+      ->transform(unsigned_validator("a row count"))
       ->capture_default_str();
   cmd->add_flag("--vectors", args->vectors, "Print each row's values too");
   cmd->add_flag("--json", args->json, "One JSON object per row (JSON lines)");

@@ -38,7 +38,7 @@ int run_serve(const std::vector<std::string>& args) {
   argv.push_back(const_cast<char*>("embstore.serve"));
   for (const std::string& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
   argv.push_back(nullptr);
-  std::fflush(stdout);
+  flush_stdout();
   ::execv(kPython, argv.data());
   const int err = errno;
   throw Error(ErrorCode::kNotFound,

@@ -159,14 +159,7 @@ struct VerifyArgs {
 int run_verify(const VerifyArgs& args) {
   const Reader reader = Reader::open(args.store);
   const std::uint64_t begin = args.from.value_or(0);
-  const std::uint64_t end = args.to.value_or(reader.size());
-  if (begin > end) {
-    throw Error(ErrorCode::kInvalidArgument, fmt::format("--from {} is after --to {}", begin, end));
-  }
-  if (end > reader.size()) {
-    throw Error(ErrorCode::kInvalidArgument, fmt::format("--to {} is past the end of {} ({} rows)",
-                                                         end, reader.path(), reader.size()));
-  }
+  const std::uint64_t end = tools::checked_end_row(reader, begin, args.to);
   VerifyReport total;
   total.begin_row = begin;
   total.end_row = end;
@@ -241,7 +234,7 @@ void add_store_commands(CLI::App& app, Registry& registry) {
     cmd->add_option("store", args->store, "Store directory to create")->required();
     cmd->add_option("--dim", args->dim, "Elements per row (1 .. 2^24)")
         ->required()
-        ->check(unsigned_validator("a dimension"));
+        ->transform(unsigned_validator("a dimension"));
     cmd->add_option("--dtype", args->dtype, "Element type")
         ->check(dtype_validator())
         ->capture_default_str();
@@ -286,9 +279,9 @@ void add_store_commands(CLI::App& app, Registry& registry) {
         "key index's first problem (read-only)");
     cmd->add_option("store", args->store, "Store directory")->required();
     cmd->add_option("--from", args->from, "First row to check (default 0)")
-        ->check(unsigned_validator("a row number"));
+        ->transform(unsigned_validator("a row number"));
     cmd->add_option("--to", args->to, "Row to stop before (default: all committed rows)")
-        ->check(unsigned_validator("a row number"));
+        ->transform(unsigned_validator("a row number"));
     cmd->add_flag("--json", args->json, "One JSON object on stdout");
     cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
     cmd->footer("Example: embstore verify run.emb --from 1000 --to 2000");

@@ -172,12 +172,12 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
         ->check(CLI::IsMember({"npy", "hdf5", "csv"}));
     cmd->add_option("--epoch", args->epochs, "Only this epoch (repeatable, or a comma list)")
         ->delimiter(',')
-        ->check(unsigned_validator("an epoch"));
+        ->transform(unsigned_validator("an epoch"));
     cmd->add_flag("--latest", args->latest, "Only the latest row of each key");
     cmd->add_option("--from", args->from, "First row (default 0)")
-        ->check(unsigned_validator("a row number"));
+        ->transform(unsigned_validator("a row number"));
     cmd->add_option("--to", args->to, "Row to stop before (default: all committed rows)")
-        ->check(unsigned_validator("a row number"));
+        ->transform(unsigned_validator("a row number"));
     cmd->add_flag("--json", args->json, "Print the summary as JSON");
     cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
     cmd->footer(
@@ -200,7 +200,7 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
     auto* epochs = cmd->add_option("--epochs", args->epochs,
                                    "Per-row epochs: a .npy file or FILE.h5:/dataset");
     auto* epoch = cmd->add_option("--epoch", args->epoch, "One epoch for every row (default 0)")
-                      ->check(unsigned_validator("an epoch"));
+                      ->transform(unsigned_validator("an epoch"));
     epochs->excludes(epoch);
     cmd->add_option("--dtype", args->dtype,
                     "dtype of a new store (default: the source's), or an existing store's, to "
@@ -227,7 +227,7 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
     cmd->add_flag("--latest-per-key", args->latest_per_key, "Keep only each key's latest row");
     cmd->add_option("--epochs", args->epochs, "Keep only these epochs (comma list)")
         ->delimiter(',')
-        ->check(unsigned_validator("an epoch"));
+        ->transform(unsigned_validator("an epoch"));
     cmd->add_option("--dtype", args->dtype, "Convert rows (float types only)")
         ->check(dtype_validator());
     cmd->add_flag("--json", args->json, "Print the summary as JSON");

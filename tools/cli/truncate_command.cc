@@ -3,6 +3,7 @@
 #include <fmt/core.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -83,20 +84,37 @@ bool confirmed(const TruncateArgs& args, const Plan& plan) {
   return answer == "y" || answer == "Y" || answer == "yes";
 }
 
+// The epochs of rows [begin, end) of `reader`'s snapshot, with their row counts.
+std::map<std::uint64_t, std::uint64_t> epochs_of(const Reader& reader, std::uint64_t begin,
+                                                 std::uint64_t end) {
+  std::map<std::uint64_t, std::uint64_t> counts;
+  if (begin >= end) return counts;
+  const auto epochs = reader.epochs(begin, end);
+  for (std::uint64_t i = 0; i < end - begin; ++i) ++counts[epochs[i]];
+  return counts;
+}
+
 int run_truncate(const TruncateArgs& args) {
   if (args.rows.has_value() == args.from_epoch.has_value()) {
     throw CLI::ValidationError("exactly one of --rows and --from-epoch is required");
   }
   const Plan plan = plan_truncate(args);
   std::uint64_t before = plan.rows_before, kept = plan.keep, generation = 0;
+  std::map<std::uint64_t, std::uint64_t> dropped_epochs;
   if (plan.keep < plan.rows_before) {
     if (!confirmed(args, plan)) {
       std::fprintf(stderr, "embstore truncate: nothing changed\n");
       return kExitUsage;
     }
     Writer writer = Writer::open(args.store);
-    before = writer.committed_rows();
+    // Other writers may have appended since the plan (while the question was asked, say): the
+    // report is counted from a snapshot taken just before the truncate, whose views still show
+    // the rows it dropped once it is done. Rows committed in the instant between this snapshot
+    // and the truncate's lock are dropped too (they are past the cut) and not counted.
+    const Reader snapshot = Reader::open(args.store);
     kept = args.rows ? writer.truncate(*args.rows) : writer.truncate_from_epoch(*args.from_epoch);
+    before = std::max(snapshot.size(), kept);
+    dropped_epochs = epochs_of(snapshot, kept, before);
     generation = writer.info().generation;
     writer.close();
     note_done(fmt::format("{}: kept rows [0, {}), dropped {}; now generation {}", args.store, kept,
@@ -104,12 +122,10 @@ int run_truncate(const TruncateArgs& args) {
   } else {
     generation = Reader::open(args.store).info().generation;
   }
-  // Rows appended by other writers between the plan and the truncate were dropped too; the
-  // epochs listed are those the plan saw.
   const std::uint64_t dropped = before - kept;
   if (args.json) {
     nlohmann::json epochs = nlohmann::json::array();
-    for (const auto& [epoch, rows] : plan.dropped_epochs) {
+    for (const auto& [epoch, rows] : dropped_epochs) {
       epochs.push_back({{"epoch", epoch}, {"rows", rows}});
     }
     print_json({{"store", args.store},
@@ -124,8 +140,7 @@ int run_truncate(const TruncateArgs& args) {
     print_out("{}: nothing to drop ({} rows kept)\n", args.store, kept);
   } else {
     print_out("{}: kept rows [0, {}), dropped {} rows [{}, {}) ({}); now generation {}\n",
-              args.store, kept, dropped, kept, before, epochs_text(plan.dropped_epochs),
-              generation);
+              args.store, kept, dropped, kept, before, epochs_text(dropped_epochs), generation);
   }
   return kExitOk;
 }
@@ -141,11 +156,11 @@ void add_truncate_command(CLI::App& app, Registry& registry) {
       "(takes the writer lock; killed at any instant it leaves the old store or the new one)");
   cmd->add_option("store", args->store, "Store directory")->required();
   CLI::Option* rows = cmd->add_option("--rows", args->rows, "Rows to keep")
-                          ->check(unsigned_validator("a row count"));
+                          ->transform(unsigned_validator("a row count"));
   CLI::Option* epoch =
       cmd->add_option("--from-epoch", args->from_epoch,
                       "Drop the first row whose epoch is >= E and every row after it")
-          ->check(unsigned_validator("an epoch"));
+          ->transform(unsigned_validator("an epoch"));
   rows->excludes(epoch);
   cmd->add_flag("-y,--yes", args->yes,
                 "Do not ask (without it, asks on a terminal and refuses otherwise)");

@@ -1,5 +1,6 @@
 #include "compact.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <optional>
 #include <vector>
@@ -26,7 +27,10 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   CreateOptions create;
   create.dim = reader.dim();
   create.dtype = options.dtype.value_or(reader.dtype());
-  create.segment_bytes = info.segment_bytes;
+  // As many rows per segment as the source: a wider dtype's row would not fit its segment.
+  create.segment_bytes =
+      info.segment_bytes *
+      std::max<std::uint64_t>(1, dtype_size(create.dtype) / dtype_size(reader.dtype()));
   create.key_index = info.keeps_key_index;
   create.metadata = info.metadata;
   RowConverter converter(reader.dtype(), create.dtype, reader.dim(), reader.path());

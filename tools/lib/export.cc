@@ -155,7 +155,7 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
     for (std::uint64_t r = 0; r < rows; ++r) {
       fmt::format_to(std::back_inserter(line), "{},{},{}", first + r, keys[r], epochs[r]);
       for (std::uint32_t i = 0; i < dim; ++i) {
-        const double value = element_value(dtype, rows_read + r * row_bytes, i);
+        const double value = printable(element_value(dtype, rows_read + r * row_bytes, i));
         // Shortest text that reads back to the same stored value.
         if (dtype == DType::kFloat64) {
           fmt::format_to(std::back_inserter(line), ",{}", value);

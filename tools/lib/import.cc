@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -144,10 +145,19 @@ class Hdf5Source : public ArraySource {
   Hdf5Dataset dataset_;
 };
 
+// A .npy file named with a dataset ("v.npy:/emb"): refused, not read whole without a word.
+void refuse_dataset_of_npy(const std::string& spec, const std::string& file) {
+  if (file == spec) return;
+  throw Error(ErrorCode::kInvalidArgument,
+              spec + ": " + file + " is not an HDF5 file, and only an HDF5 file has datasets (\"" +
+                  spec.substr(file.size()) + "\"); give the .npy file alone");
+}
+
 std::unique_ptr<ArraySource> open_array(const std::string& spec, const std::string& dataset) {
   const auto [file, name] = split_hdf5_spec(spec, dataset);
   if (!exists(file)) throw Error(ErrorCode::kNotFound, "no such file " + file);
   if (is_hdf5_file(file)) return std::make_unique<Hdf5Source>(file, name);
+  refuse_dataset_of_npy(spec, file);
   return std::make_unique<NpySource>(file);
 }
 
@@ -226,6 +236,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       if (!options.keys) keys = sibling("/keys");
       if (!options.epochs && !options.epoch) epochs = sibling("/epochs");
     } else {
+      refuse_dataset_of_npy(source, file);
       vectors = std::make_unique<NpySource>(file);
     }
   }
@@ -320,19 +331,29 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     // bfloat16 bit patterns, named by --dtype bfloat16, rounded into a float16 store).
     if (options.dtype != stored && *source_dtype != stored &&
         !dtype_accepts(stored, *source_dtype) && !widens_exactly(*source_dtype, stored)) {
-      throw Error(ErrorCode::kFormatMismatch,
-                  store + " holds " + std::string(dtype_name(stored)) + " rows but " +
-                      vectors->name() + " holds " + std::string(dtype_name(*source_dtype)) +
-                      "; give --dtype " + std::string(dtype_name(stored)) +
-                      " to convert them (rounded to the nearest " +
-                      std::string(dtype_name(stored)) + ")");
+      // --dtype converts between float types only (RowConverter): for the others no hint.
+      const std::string hint = RowConverter::converts(*source_dtype, stored)
+                                   ? "; give --dtype " + std::string(dtype_name(stored)) +
+                                         " to convert them (rounded to the nearest " +
+                                         std::string(dtype_name(stored)) + ")"
+                                   : " (import converts rows between float types only)";
+      throw Error(ErrorCode::kFormatMismatch, store + " holds " + std::string(dtype_name(stored)) +
+                                                  " rows but " + vectors->name() + " holds " +
+                                                  std::string(dtype_name(*source_dtype)) + hint);
     }
   } else {
     CreateOptions create;
     create.dim = dim;
     create.dtype = options.dtype.value_or(*source_dtype);
     create.metadata = options.metadata.value_or(facts.metadata.value_or(""));
-    if (options.segment_bytes) create.segment_bytes = *options.segment_bytes;
+    if (options.segment_bytes) {
+      create.segment_bytes = *options.segment_bytes;
+    } else {
+      // Rows larger than the default segment (a dim of millions) get a segment of one row,
+      // whole pages: the default would refuse them, naming an option the caller never gave.
+      const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(create.dtype);
+      create.segment_bytes = std::max(create.segment_bytes, (row_bytes + 4095) / 4096 * 4096);
+    }
     partial = make_partial_dir(store);
     try {
       writer.emplace(Writer::create(partial, create));

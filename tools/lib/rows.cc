@@ -23,21 +23,29 @@ std::string epoch_list(const std::set<std::uint64_t>& epochs) {
 
 }  // namespace
 
+std::uint64_t checked_end_row(const Reader& reader, std::uint64_t begin,
+                              std::optional<std::uint64_t> end_row) {
+  const std::uint64_t size = reader.size();
+  const std::uint64_t end = end_row.value_or(size);
+  const std::string rows =
+      " is past the end of " + reader.path() + " (" + std::to_string(size) + " rows)";
+  if (begin > end) {
+    // Without --to, the end is the store's: say so rather than name a --to never given.
+    throw Error(ErrorCode::kInvalidArgument,
+                "--from " + std::to_string(begin) +
+                    (end_row ? " is after --to " + std::to_string(end) : rows));
+  }
+  if (end > size) {
+    throw Error(ErrorCode::kInvalidArgument, "--to " + std::to_string(end) + rows);
+  }
+  return end;
+}
+
 RowSelector::RowSelector(const Reader& reader, const RowSelection& selection,
                          const ProgressFn& progress)
     : reader_(reader), selection_(selection) {
-  const std::uint64_t size = reader.size();
   begin_ = selection.begin_row;
-  end_ = selection.end_row.value_or(size);
-  if (begin_ > end_) {
-    throw Error(ErrorCode::kInvalidArgument,
-                "--from " + std::to_string(begin_) + " is after --to " + std::to_string(end_));
-  }
-  if (end_ > size) {
-    throw Error(ErrorCode::kInvalidArgument, "--to " + std::to_string(end_) +
-                                                 " is past the end of " + reader.path() + " (" +
-                                                 std::to_string(size) + " rows)");
-  }
+  end_ = checked_end_row(reader, begin_, selection.end_row);
   const bool filtered = !selection.epochs.empty() || selection.latest_per_key;
   if (!filtered) {
     count_ = end_ - begin_;
@@ -167,12 +175,16 @@ bool is_float(DType dtype) {
 
 }  // namespace
 
+bool RowConverter::converts(DType from, DType to) {
+  return from == to || (is_float(from) && is_float(to));
+}
+
 RowConverter::RowConverter(DType from, DType to, std::uint32_t dim, std::string source)
     : from_(from), to_(to), dim_(dim), source_(std::move(source)) {
-  if (from != to && !(is_float(from) && is_float(to))) {
-    throw Error(ErrorCode::kInvalidArgument, "cannot convert " + std::string(dtype_name(from)) +
-                                                 " rows to " + std::string(dtype_name(to)) +
-                                                 " (only between float types)");
+  if (!converts(from, to)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                source_ + ": cannot convert " + std::string(dtype_name(from)) + " rows to " +
+                    std::string(dtype_name(to)) + " (only between float types)");
   }
 }
 

@@ -2,6 +2,7 @@
 // elements as numbers. Public API only (include/embstore/).
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -55,8 +56,17 @@ class RowSelector {
   std::unordered_map<std::uint64_t, std::uint64_t> latest_row_;  // key -> row (latest only).
 };
 
+// The end of rows [begin, end_row or the snapshot's size) of `reader`, after checking the range
+// (--from, --to): kInvalidArgument naming the option and value when it is not one of its rows.
+std::uint64_t checked_end_row(const Reader& reader, std::uint64_t begin,
+                              std::optional<std::uint64_t> end_row);
+
 // Element `i` of a row of `dtype` as a double (float16 and bfloat16 decoded exactly).
 double element_value(DType dtype, const std::byte* row, std::uint32_t i);
+
+// `value` as tables and CSV print it: a NaN without its sign bit, which fmt would print as
+// "-nan" where the README promises "nan" (what numpy, pandas and float() read).
+inline double printable(double value) { return std::isnan(value) ? std::fabs(value) : value; }
 
 // Float32 value of an IEEE binary16 / bfloat16 bit pattern (exact).
 float half_to_float(std::uint16_t bits);
@@ -72,6 +82,8 @@ float bfloat16_to_float(std::uint16_t bits);
 class RowConverter {
  public:
   RowConverter(DType from, DType to, std::uint32_t dim, std::string source);
+  // Whether rows of `from` can be converted to `to` (else the constructor throws).
+  static bool converts(DType from, DType to);
 
   ConstMatrix convert(const void* rows, std::uint64_t n, std::uint64_t first_row);
   // Whether convert() may refuse a value: a conversion to a narrower type.

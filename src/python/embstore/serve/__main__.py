@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import signal
 import sys
 
 from aiohttp import web
+
+import embstore
+from embstore import _embstore
 
 from .analysis import Labels, LabelsError
 from .app import LOOPBACK_HOSTS, Server, make_app
@@ -16,7 +20,10 @@ from .store import Follower, StoreError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embstore serve",
-        description="Serves a read-only live page (and a JSON API) of a store's embeddings.")
+        description="Serves a read-only live page (and a JSON API) of a store's embeddings.",
+        epilog="Exit status: 0 once stopped by Ctrl-C or SIGTERM, 2 usage, 12 the store or the "
+               "labels file is not there, 17 cannot listen (the port in use, say), 10 + error "
+               "code otherwise (as the embstore tool's).")
     parser.add_argument("store", metavar="STORE_OR_MANIFEST",
                         help="a store directory, or a manifest file of shards (read as one store)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -28,7 +35,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(server: Server, host: str, port: int) -> None:
+# Exit statuses, those of the command-line tool (README, "Command-line tool"): 0 once stopped by
+# SIGINT or SIGTERM, 2 usage, 10 + the C++ ErrorCode otherwise.
+USAGE = 2
+_ERROR_BASE = 10
+# The C++ ErrorCode of each name, from the core's one table.
+_CODES = {name: number for number, name in
+          ((n, _embstore.error_code_name(n)) for n in range(1, 64)) if name != "unknown"}
+# The code of an OSError that carries none (one raised by Python, not by the core), by errno.
+_ERRNO_CODES = {errno.ENOENT: "not_found", errno.ENOTDIR: "not_found",
+                errno.EACCES: "permission_denied", errno.EPERM: "permission_denied",
+                errno.ENOSPC: "full", errno.EROFS: "read_only"}
+
+
+def exit_status(error: BaseException) -> int:
+    """The exit status for the error that stops the server before it serves. A StoreError or
+    LabelsError is judged by the error it was raised for (a missing store or labels file: 12),
+    or is a usage error when it was raised for none (a labels file that does not parse)."""
+    if isinstance(error, (StoreError, LabelsError)):
+        if error.__context__ is None:
+            return USAGE
+        error = error.__context__
+    if isinstance(error, embstore.NotAStoreError):
+        name = "not_found"  # NotAStoreError is the core's kNotFound for a path that exists.
+    else:
+        name = getattr(error, "code", None)
+    if name not in _CODES:
+        if isinstance(error, OSError):
+            name = _ERRNO_CODES.get(error.errno, "io")
+        elif isinstance(error, ValueError):
+            name = "invalid_argument"
+        else:
+            name = "io"
+    return USAGE if name == "invalid_argument" else _ERROR_BASE + _CODES[name]
+
+
+async def _serve(server: Server, host: str, port: int) -> int:
     runner = web.AppRunner(make_app(server), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -36,7 +78,11 @@ async def _serve(server: Server, host: str, port: int) -> None:
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        raise SystemExit(f"embstore serve: cannot listen on {host}:{port}: {e.strerror}")
+        # Whatever the reason (the port in use, an address not of this machine, a port this
+        # user may not bind): an I/O error, 17, not 1 (damage found).
+        print(f"embstore serve: cannot listen on {host}:{port}: {e.strerror or e}",
+              file=sys.stderr)
+        return _ERROR_BASE + _CODES["io"]
     bound = site._server.sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"embstore serve: {server.follower.path} (read-only, {server.follower.snapshot.rows} "
@@ -49,27 +95,27 @@ async def _serve(server: Server, host: str, port: int) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+    return 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if not 0 <= args.port <= 65535:
         print(f"embstore serve: --port must be in 0 .. 65535; got {args.port}", file=sys.stderr)
-        return 2
+        return USAGE
     labels = None
     try:
         if args.labels is not None:
             labels = Labels.load(args.labels)
         follower = Follower(args.store)
-    except (StoreError, LabelsError) as e:
+    except (StoreError, LabelsError, embstore.Error, OSError, ValueError) as e:
         print(f"embstore serve: {e}", file=sys.stderr)
-        return 2
+        return exit_status(e)
     if args.host not in LOOPBACK_HOSTS:
         print(f"embstore serve: WARNING: listening on {args.host}: there is no authentication; "
               "anyone who can reach this port can read every embedding in the store",
               file=sys.stderr, flush=True)
-    asyncio.run(_serve(Server(follower, labels, args.host), args.host, args.port))
-    return 0
+    return asyncio.run(_serve(Server(follower, labels, args.host), args.host, args.port))
 
 
 if __name__ == "__main__":
