@@ -566,6 +566,12 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   create.dim = shards.dim();
   create.dtype = shards.dtype();
   create.metadata = shards.metadata();
+  // The default segment, or the largest shard's: a row larger than the default (a dim of
+  // millions) fits a segment of the shard that holds it, and the merged store takes it.
+  for (std::size_t s = 0; s < shards.shard_count(); ++s) {
+    create.segment_bytes =
+        std::max(create.segment_bytes, shards.shard(s).info(InfoDetail::kState).segment_bytes);
+  }
   if (create.metadata.size() > kMaxMetadataBytes) {
     // Only a manifest's can be (a store's is within the limit); refused here, before the build,
     // where the error can name the output.

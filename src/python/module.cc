@@ -26,6 +26,7 @@
 #include "async_writer.h"
 #include "embstore/embstore.h"
 #include "sigterm_relay.h"
+#include "store_build.h"
 
 namespace py = pybind11;
 
@@ -1044,6 +1045,9 @@ PYBIND11_MODULE(_embstore, m) {
     }
   });
 
+  m.def("_refuse_output_inside", &detail::refuse_output_inside, py::arg("out"), py::arg("store"),
+        "ValueError naming both when `out` lies inside the store directory `store` (the rule "
+        "of compact, merge and salvage: src/store_build.h), for io.py's outputs.");
   m.def(
       "_relay_sigterm",
       [](py::object stuck) {

@@ -366,3 +366,31 @@ def test_a_refused_import_into_an_existing_store_appends_nothing(tmp_path, monke
         embstore.import_npy(tmp_path / "new", tmp_path / "bf16-export", dtype="float16")
     assert not (tmp_path / "new").exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("what", ["export_npy", "export_hdf5", "compact"])
+def test_an_output_inside_the_store_read_is_refused(tmp_path, what):
+    """export_npy, export_hdf5 and compact wrote into the store they read (``s/rows.7``), and the
+    next Writer removed that file as stale without a word; the CLI refused such outputs."""
+    if what == "export_hdf5":
+        pytest.importorskip("h5py")
+    store = str(tmp_path / "s")
+    with embstore.Writer(store, dim=2) as w:
+        w.append([1, 2], np.ones((2, 2), np.float32), 0)
+    before = sorted(os.listdir(store))
+    with pytest.raises(ValueError, match=f"{store}/rows.7: inside the store {store}, which is "
+                                         "only read"):
+        getattr(embstore, what)(store, os.path.join(store, "rows.7"))
+    assert sorted(os.listdir(store)) == before
+
+
+def test_compact_into_a_wider_dtype_keeps_rows_per_segment(tmp_path):
+    """A float16 store of 4 KiB segments (dim 2048: one row a segment) compacted to float32 kept
+    the 4 KiB segment, smaller than one float32 row, and was refused."""
+    store = str(tmp_path / "h")
+    with embstore.Writer(store, dim=2048, dtype="float16", segment_mb=4096 / (1 << 20)) as w:
+        w.append([1, 2], np.ones((2, 2048), np.float16), 0)
+    assert embstore.compact(store, tmp_path / "wide", dtype="float32") == 2
+    r = embstore.Reader(tmp_path / "wide")
+    assert r.dtype == "float32" and r.info()["segment_bytes"] == 8192
+    assert np.array_equal(r.vectors, np.ones((2, 2048), np.float32))

@@ -594,3 +594,17 @@ def test_a_run_resumed_from_a_checkpoint_reads_before_its_next_end_epoch(tmp_pat
     with pytest.raises(embstore.CorruptionError, match="fewer than the 85 the manifest recorded "
                        "in the same generation 2"):
         embstore.ShardSet(tmp_path)
+
+
+def test_merge_of_shards_whose_rows_exceed_the_default_segment(tmp_path):
+    """A float64 store of dim 2^24 (128 MiB rows, created with 128 MiB segments): merge gave the
+    merged store the default 64 MiB segment, smaller than one row, and failed with
+    "segment_bytes 67108864 is smaller than one row", an option the caller never gave."""
+    dim = 1 << 24
+    store = tmp_path / "big"
+    with embstore.Writer(store, dim=dim, dtype="float64", segment_mb=128) as w:
+        w.append([7], np.full((1, dim), 0.5), 0)
+    info = embstore.merge(tmp_path / "merged", [store])
+    assert info["committed_rows"] == 1 and info["segment_bytes"] == 128 << 20
+    merged = embstore.Reader(tmp_path / "merged")
+    assert merged.keys.tolist() == [7] and merged.vectors[0, ::1 << 20].tolist() == [0.5] * 16

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from . import (CorruptionError, Reader, Writer, _as_ints, _check_int_array, _check_u64, _dtype_name,
-               _rounded_once)
+               _embstore, _rounded_once)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -149,10 +149,12 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
 
     Raises:
         FileExistsError: ``out`` exists.  CorruptionError: a row fails its checksum.
+        ValueError: ``out`` lies inside the store (which is only read).
     """
     out = os.fspath(out)
     _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
+    _embstore._refuse_output_inside(out, reader.path)
     count, runs = _selected_runs(reader, begin, end, epochs, latest)
     partial = _partial_dir(out)
     try:
@@ -197,6 +199,7 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     out = os.fspath(out)
     _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
+    _embstore._refuse_output_inside(out, reader.path)
     count, runs = _selected_runs(reader, begin, end, epochs, latest)
     partial = _partial_dir(out)
     path = os.path.join(partial, "out")
@@ -383,7 +386,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
 
 def compact(store: Any, out: Any, *, latest_per_key: bool = False,
             epochs: Optional[Sequence[int]] = None, dtype: Any = None) -> int:
-    """Writes the kept rows of ``store`` into a new store at ``out`` (same dim, segment size,
+    """Writes the kept rows of ``store`` into a new store at ``out`` (same dim, rows per segment,
     metadata and key-index choice; a new store id), built under a hidden name and renamed into place when complete.
     The source is only read. Returns the rows kept.
 
@@ -395,6 +398,7 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
     out = os.fspath(out)
     _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
+    _embstore._refuse_output_inside(out, reader.path)
     target = _dtype_name(dtype) if dtype is not None else reader.dtype
     floats = ("float32", "float16", "bfloat16", "float64")
     if target != reader.dtype and not (target in floats and reader.dtype in floats):
@@ -402,10 +406,13 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
                          "types)")
     count, runs = _selected_runs(reader, 0, None, epochs, latest_per_key)
     info = reader.info()
+    # As many rows per segment as the source: a wider dtype's rows would not fit its segment.
+    sizes = [np.dtype(_NPY_DTYPES[t]).itemsize for t in (target, reader.dtype)]
+    widen = max(1, sizes[0] // sizes[1])
     partial = _partial_dir(out)
     try:
         with Writer(partial, dim=reader.dim, dtype=target, metadata=reader.metadata_text,
-                    segment_mb=info["segment_bytes"] / (1 << 20),
+                    segment_mb=info["segment_bytes"] * widen / (1 << 20),
                     key_index=info["keeps_key_index"]) as writer:
             for rows in runs:
                 chunk = _as_store_rows(_read_checked(reader, rows), reader.dtype, target, rows)
