@@ -53,25 +53,21 @@ SalvageReport salvage(
   // The counters may be what is damaged: the files' sizes bound the scan, not capacity_rows.
   const std::uint64_t held = files->rows_files_hold();
   files->map_rows(held);
-  // A committed counter the files can hold says how many rows there were, so rows below it
-  // that fail are lost; past it, whole batches that verify are kept, as recovery after a reboot
-  // keeps them (log/recovery.h), and never part of one: a writer killed while writing a batch
-  // leaves its first rows valid, and that batch was never committed (atomic batches). A
-  // counter beyond the files is itself damaged: the last valid row that ends a batch ends the
-  // scan.
-  const std::uint64_t committed = files->state().committed();
-  if (committed <= held) {
-    report.rows_scanned = files->valid_batch_prefix(committed, held);
-  } else {
-    for (std::uint64_t row = held; row > 0; --row) {
-      detail::IndexEntry entry;
-      std::memcpy(&entry, files->entry_ptr(row - 1), sizeof(entry));
-      if ((entry.row & detail::kEntryBatchEnd) != 0 && files->row_valid(row - 1)) {
-        report.rows_scanned = row;
-        break;
-      }
+  // The scan ends at the last valid row that ends a batch, never inside a batch: a writer
+  // killed while writing one leaves its first rows valid, and that batch was never committed
+  // (atomic batches). Rows before that end that fail are lost (the counter may be the damage,
+  // so rows that verify past it are kept). A committed counter the files can hold says how
+  // many rows there were at least: rows below it that fail are lost too.
+  for (std::uint64_t row = held; row > 0; --row) {
+    detail::IndexEntry entry;
+    std::memcpy(&entry, files->entry_ptr(row - 1), sizeof(entry));
+    if ((entry.row & detail::kEntryBatchEnd) != 0 && files->row_valid(row - 1)) {
+      report.rows_scanned = row;
+      break;
     }
   }
+  const std::uint64_t committed = files->state().committed();
+  if (committed <= held) report.rows_scanned = std::max(report.rows_scanned, committed);
 
   CreateOptions create;
   create.dim = layout.dim;

@@ -402,7 +402,8 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
       // Fewer rows than recorded: a stale copy of the shard, unless a truncate (a resume from a
       // checkpoint) moved it to another generation since the manifest was written.
       const std::uint64_t generation = reader.info(InfoDetail::kState).generation;
-      const bool truncated_since = entry.generation != 0 && generation != entry.generation;
+      // Generations only grow: an older one than recorded is a stale copy as well.
+      const bool truncated_since = entry.generation != 0 && generation > entry.generation;
       if (reader.size() < entry.rows && !truncated_since) {
         throw Error(ErrorCode::kCorruption,
                     manifest_path + ": shard '" + entry.path + "' holds " +
@@ -411,7 +412,8 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
                         (entry.generation == 0
                              ? " (a stale copy? a manifest that records no generation cannot "
                                "tell a truncate since: write the manifest again)"
-                             : " in the same generation " + std::to_string(generation) +
+                             : " in generation " + std::to_string(generation) +
+                                   (generation == entry.generation ? ", the same" : ", older") +
                                    " (a stale copy?)"));
       }
     }

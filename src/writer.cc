@@ -102,6 +102,10 @@ class Writer::Impl {
   std::uint64_t truncate(std::uint64_t rows, bool from_epoch);
   void sync();
   void close();
+  // kNotFound unless the store opened is still at its path (StoreFiles::check_at_path()): an
+  // explicit sync() and close() say so, since the rows they made durable are then in files
+  // that path no longer reaches (deleted with the directory, or moved with it).
+  void check_still_at_path() const;
   void rebuild_key_index() {
     std::shared_lock life(lifetime_);
     check_usable();
@@ -824,6 +828,20 @@ void Writer::Impl::sync() {
   // The key index is never flushed; the rows left to the indexer are indexed soon after.
   post_unposted(false);
   flush();
+  check_still_at_path();
+}
+
+void Writer::Impl::check_still_at_path() const {
+  try {
+    files_->check_at_path();
+  } catch (const Error& error) {
+    throw Error(ErrorCode::kNotFound,
+                path_ +
+                    ": the store this Writer appends to is no longer at this path (deleted, "
+                    "moved away, or replaced by another): its rows are in its files, wherever "
+                    "they are now, and gone with them if they were deleted",
+                ENOENT);
+  }
 }
 
 void Writer::Impl::flush() {
@@ -930,6 +948,13 @@ void Writer::Impl::close() {
     try {
       if (poisoned_.load()) throw Error(ErrorCode::kPoisoned, poison_message_);
       flush();
+    } catch (...) {
+      final_error = std::current_exception();
+    }
+  }
+  if (!final_error) {
+    try {
+      check_still_at_path();
     } catch (...) {
       final_error = std::current_exception();
     }

@@ -462,6 +462,18 @@ TEST_CASE("salvage never copies part of a batch a killed writer left past the co
     CHECK(report.rows_lost == 0);
     check_copy(dir / "out", 150);
   }
+  SECTION("the counter damaged low: rows that verify past it are copied, a bad one is lost") {
+    // The counter says 20 rows; row 55 is damaged: everything else up to row 150 is copied.
+    put<std::uint64_t>(path + "/header", 4096, 20);
+    put<std::uint64_t>(path + "/header", 4160, 20);
+    flip(path + "/rows.1", 55 * kDim * sizeof(float) + 1);
+    const SalvageReport report = salvage(path, dir / "out");
+    CHECK(report.rows_scanned == 150);
+    CHECK(report.rows_copied == 149);
+    CHECK(report.rows_lost == 1);
+    using Range = std::pair<std::uint64_t, std::uint64_t>;
+    CHECK(report.lost_ranges == std::vector<Range>{{55, 56}});
+  }
   SECTION("the counter damaged (beyond the files): up to the last valid row ending a batch") {
     put<std::uint64_t>(path + "/header", 4096, 1'000'000);
     const SalvageReport report = salvage(path, dir / "out");

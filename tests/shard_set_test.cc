@@ -793,5 +793,10 @@ TEST_CASE("A shard truncated since its manifest was written opens with fewer row
   manifest.shards[0].generation = read_info(dir / "node-0").generation;
   write_manifest(dir / kManifestFileName, manifest);
   CHECK(code_of([&] { ShardSet::open(dir.path()); }, &message) == ErrorCode::kCorruption);
-  CHECK_THAT(message, Catch::Contains("in the same generation 2 (a stale copy?)"));
+  CHECK_THAT(message, Catch::Contains("in generation 2, the same (a stale copy?)"));
+  // An older generation than recorded (a backup from before a truncate): a stale copy too.
+  manifest.shards[0].generation = 3;
+  write_manifest(dir / kManifestFileName, manifest);
+  CHECK(code_of([&] { ShardSet::open(dir.path()); }, &message) == ErrorCode::kCorruption);
+  CHECK_THAT(message, Catch::Contains("in generation 2, older (a stale copy?)"));
 }

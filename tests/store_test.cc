@@ -1367,3 +1367,51 @@ TEST_CASE(
   CHECK(r.find(1042) == std::optional<std::uint64_t>(42));
   CHECK(r.find(5) == std::nullopt);
 }
+
+TEST_CASE("A writer opened by a relative path keeps its store after the process changes directory",
+          "[writer][keys]") {
+  // Its truncate and key index files were named relative to the working directory of the
+  // moment: after a chdir they reached another path (and the check that the store is still at
+  // its path fired on a healthy store).
+  TempDir dir;
+  const std::filesystem::path before = std::filesystem::current_path();
+  std::filesystem::current_path(dir.path());
+  std::optional<Writer> w;
+  try {
+    w.emplace(Writer::create("s", opts(8)));
+  } catch (...) {
+    std::filesystem::current_path(before);
+    throw;
+  }
+  std::filesystem::current_path(before);
+  std::vector<float> rows(3000 * 8, 1.0f);
+  w->append(iota_keys(0, 100), 0, std::span<const float>(rows.data(), 100 * 8));
+  CHECK(w->truncate(50) == 50);
+  for (std::uint64_t i = 0; i < 6; ++i) {  // key index growths
+    w->append(iota_keys(100 + i * 500, 500), 1, std::span<const float>(rows.data(), 500 * 8));
+  }
+  CHECK_NOTHROW(w->sync());
+  CHECK_NOTHROW(w->close());
+  Reader r = Reader::open(dir / "s");
+  CHECK(r.size() == 3050);
+  CHECK_THAT(r.info().key_index, !Catch::Contains("damaged") && !Catch::Contains("scan"));
+  CHECK(r.find(2999) == std::optional<std::uint64_t>(2949));
+}
+
+TEST_CASE("sync() and close() of a writer whose store was deleted under it say so", "[writer]") {
+  TempDir dir;
+  CreateOptions o = opts(8);
+  o.key_index = false;
+  Writer w = Writer::create(dir / "s", o);
+  const std::vector<float> rows(10 * 8, 1.0f);
+  w.append(iota_keys(0, 10), 0, std::span<const float>(rows));
+  std::filesystem::remove_all(dir / "s");
+  w.append(iota_keys(10, 10), 0, std::span<const float>(rows));  // Into the deleted files.
+  std::string message;
+  CHECK(code_of([&] { w.sync(); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("the store this Writer appends to is no longer at this "
+                                      "path (deleted, moved away, or replaced by another)"));
+  CHECK(w.committed_rows() == 20);  // Still usable: not poisoned.
+  CHECK(code_of([&] { w.close(); }, &message) == ErrorCode::kNotFound);
+  CHECK_NOTHROW(w.close());  // Closed: again does nothing.
+}

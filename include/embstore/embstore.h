@@ -98,7 +98,9 @@
 //     appending to the files it opened (gone with the deleted directory, or at the new path).
 //     Whatever it would change by name in the directory (a truncate, another process's truncate
 //     it follows, the key index's builds) fails with kNotFound instead of touching the store now
-//     at the path; a key index failure is reported by close(), as every one is.
+//     at the path; a key index failure is reported by close(), as every one is. An explicit
+//     sync() and close() throw kNotFound too: the rows are where the store went, or gone with
+//     it, never silently.
 //   - A file the process may not read is kPermissionDenied (EACCES/EPERM); kReadOnly is a
 //     write refused by a read-only file or file system.
 #pragma once

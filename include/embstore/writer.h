@@ -87,7 +87,10 @@ class Writer {
 
   // Makes every row committed so far durable (data and index flushed to the device, then the
   // durable counter advanced and the header flushed). A failure poisons the Writer: every later
-  // call throws kPoisoned until the store is reopened; the failed sync is never retried.
+  // call throws kPoisoned until the store is reopened; the failed sync is never retried. Then
+  // kNotFound (the Writer still usable) when the store is no longer at the path it was opened
+  // at (deleted, moved away or replaced by another): the rows are durable in its files, which
+  // that path no longer reaches (embstore.h, "Caveats").
   void sync();
   // Rebuilds the key index from the offset index (for one that Reader::verify() reports
   // damaged; a writer already rebuilds a missing, stale or unreadable one when it opens). Takes
@@ -131,7 +134,9 @@ class Writer {
   // on a 2-core VM, bench/RESULTS.md). Rows that appends left unindexed because another
   // thread or writer held the key index lock then are indexed too (waiting for that lock).
   // Throws if this handle could not maintain the key index
-  // (every row is stored; lookups scan the rows it did not index until a writer indexes them).
+  // (every row is stored; lookups scan the rows it did not index until a writer indexes them),
+  // and kNotFound, once closed, when the store is no longer at the path it was opened at (as
+  // sync() does).
   void close();
 
   std::uint64_t committed_rows() const;  // Rows visible to readers right now (all writers).

@@ -4,6 +4,7 @@
 #include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string_view>
 
 #include "embstore/error.h"
@@ -109,6 +110,15 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
                                              DamagedGeneration damaged_generation) {
   std::unique_ptr<StoreFiles> files(new StoreFiles());
   files->dir_ = strip_trailing_slashes(dir_in);
+  // Made absolute: every later use of the store's files by name (a Reader's opens, a Writer's
+  // truncate and key index files, check_at_path()) must reach this directory after the process
+  // changes its working directory. Not resolved further (symbolic links, ".."), as the kernel
+  // resolves them at each use.
+  if (!files->dir_.empty() && files->dir_.front() != '/') {
+    std::error_code ec;
+    const std::string cwd = std::filesystem::current_path(ec).string();
+    if (!ec) files->dir_ = (cwd == "/" ? "" : cwd) + "/" + files->dir_;
+  }
   files->access_ = access;
   const std::string& dir = files->dir_;
   // Not stat() == 0 alone: a directory the process may not search is kPermissionDenied, not

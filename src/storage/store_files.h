@@ -74,6 +74,7 @@ class StoreFiles {
   const RowHashKey& hash_key() const { return hash_key_; }
   SharedState& state() { return state_; }
   const SharedState& state() const { return state_; }
+  // The store's directory as opened, made absolute (relative to the working directory then).
   const std::string& dir() const { return dir_; }
   const std::string& data_path() const { return data_path_; }
   const std::string& index_path() const { return index_path_; }

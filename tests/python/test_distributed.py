@@ -174,3 +174,12 @@ def test_a_launchers_rank_counts_without_a_process_group(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "one")
     with pytest.raises(ValueError, match="environment variable RANK='one' is not an integer"):
         EmbeddingRecorder(model, "", str(tmp_path), dim=4, per_node=True).rank
+    # A rank without a world size, or outside it, would mark real samples as padding
+    # (dataset_len): RANK=3 alone read as rank 3 of 1.
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="RANK='3' and WORLD_SIZE=None: a launcher sets both"):
+        EmbeddingRecorder(model, "", str(tmp_path), dim=4, per_node=True).rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="with 0 <= RANK < WORLD_SIZE"):
+        EmbeddingRecorder(model, "", str(tmp_path), dim=4, per_node=True).rank

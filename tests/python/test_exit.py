@@ -493,3 +493,41 @@ def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(s
     assert code == 128 + signal.SIGTERM, child.stderr.read()
     r = embstore.Reader(store)
     assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
+
+
+def test_a_sigterm_while_the_exit_function_waits_in_a_close_still_writes_every_row(tmp_path):
+    """A multiprocessing child in multiprocessing's exit function, closing its Writers, the first
+    close waiting more than the relay's 5 s of nudges (this process holds that store's lock),
+    sent SIGTERM: the relay thread took the main thread for stuck and claimed the signal, the
+    late handler then waited for it to end the process, and its 30 s deadline did, by the
+    signal: the second Writer's rows were lost. The exit function goes on; every row is written
+    and the child exits 0 once the lock is released."""
+    import fcntl
+    import time
+    stores = [str(tmp_path / "first"), str(tmp_path / "second")]
+    for path in stores:
+        embstore.create(path, dim=workers.DIM)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=workers.leave_two_writers_to_the_exit_function,
+                        args=(stores[1], stores[0], ready))
+    child.start()
+    fd = os.open(os.path.join(stores[0], "lock"), os.O_RDWR)
+    try:
+        time.sleep(2)  # both Writers open, their rows queued
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        ready.set()  # the child returns: the exit function closes "first", which waits
+        time.sleep(1)
+        child.terminate()
+        time.sleep(8)  # past the nudges: the relay thread finds the main thread waiting
+        assert child.is_alive()
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        child.join(60)
+    finally:
+        os.close(fd)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert child.exitcode == 0
+    for path in stores:
+        assert sorted(embstore.Reader(path).keys.tolist()) == list(range(8))

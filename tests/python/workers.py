@@ -253,3 +253,14 @@ def recorder_append_failing_after_sigterm(path, opened, locked):
 
     recorder._staging.writer.append = failing_append
     recorder.close()
+
+
+def leave_two_writers_to_the_exit_function(second, first, ready):
+    """Opens async Writers on `second`, then `first` (the exit function closes the later one
+    first), queues keys 0..7 in each, keeps them in a global, waits for `ready` and returns."""
+    for path in (second, first):
+        writer = embstore.Writer(path, async_queue_mb=16)
+        keys = np.arange(8)
+        writer.append(keys, payload(keys), 0)
+        _kept.append(writer)
+    ready.wait()

@@ -998,10 +998,13 @@ def _write_if_main_thread_stuck() -> bool:
     relay thread with the GIL: writes what this process's Writers and recorders hold and ends
     the process, as _write_off_main_thread does, and returns True; returns False, leaving it to
     the handler, when the handler ran meanwhile or was replaced, or the main thread is inside a
-    stretch the handler must wait for (_Termination: rows taken over, not yet appended)."""
+    stretch the handler must wait for (_Termination: rows taken over, not yet appended), or in
+    multiprocessing's exit function, which runs those finalizers itself (one may be waiting,
+    say for the store's lock) and after which the handler's epilogue ends the process."""
     import signal
     with _TERMINATION.deciding:
         if _TERMINATION.handler_ran or _TERMINATION.depth or _TERMINATION.ending or \
+                _mp_util._exiting or \
                 signal.getsignal(signal.SIGTERM) is not _write_then_terminate:
             return False
         _TERMINATION.relay_writing = True

@@ -22,7 +22,7 @@ import multiprocessing.util as _mp_util
 import operator
 import os
 import time
-from typing import Any, Callable, ContextManager, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -249,18 +249,31 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
 
 
+def _launcher_rank() -> Tuple[int, int]:
+    """(RANK, WORLD_SIZE) a launcher (torchrun) put in the environment, both or neither (0, 1),
+    checked against each other: a rank without a world size, or outside it, is a ValueError."""
+    rank, world = _env_int("RANK", -1), _env_int("WORLD_SIZE", -1)
+    if rank < 0 and world < 0:
+        return 0, 1
+    if not 0 <= rank < world:
+        raise ValueError(f"environment variables RANK={os.environ.get('RANK')!r} and "
+                         f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: a launcher sets both, "
+                         f"with 0 <= RANK < WORLD_SIZE")
+    return rank, world
+
+
 def _rank() -> int:
     """The process group's rank; without one, the launcher's RANK (torchrun sets it for a job
     that never calls init_process_group, an inference-only extraction say), else 0."""
     if _group_initialized():
         return torch.distributed.get_rank()
-    return _env_int("RANK", 0)
+    return _launcher_rank()[0]
 
 
 def _world_size() -> int:
     if _group_initialized():
         return torch.distributed.get_world_size()
-    return _env_int("WORLD_SIZE", 1)
+    return _launcher_rank()[1]
 
 
 class _Staging:
