@@ -120,8 +120,11 @@ void arm_deadline() {
       if (!handled) pthread_kill(g_main_thread.load(), nudge_signal());
     }
     if (handled) continue;
-    // The main thread did not come back to Python (see the header): write from here.
+    // The main thread did not come back to Python (see the header): write from here. A second
+    // SIGTERM meanwhile kills at once, as it does once Python's handler has run (whose first
+    // act is the same, so a handler that still runs later changes nothing).
     if (const WriteAndEnd stuck = g_stuck.load(); stuck != nullptr) {
+      restore_default(SIGTERM);
       arm_deadline();
       if (stuck()) {
         for (;;) pause();  // The process ends by Python's hand, or at the deadline.

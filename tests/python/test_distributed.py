@@ -183,3 +183,41 @@ def test_a_launchers_rank_counts_without_a_process_group(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="with 0 <= RANK < WORLD_SIZE"):
         EmbeddingRecorder(model, "", str(tmp_path), dim=4, per_node=True).rank
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_a_second_sigterm_kills_a_rank_whose_rows_the_relay_thread_is_writing(tmp_path):
+    """The relay thread writes a stuck rank's rows (above), and that takes long (this process
+    holds the store's lock): a second SIGTERM kills at once, as it does once Python's handler
+    has run. It reached the relay's handler instead, which nobody acted on until the 30 s
+    deadline."""
+    import fcntl
+    import signal
+    import time
+    ready = str(tmp_path / "ready")
+    context = tmp.spawn(workers_torch.rank_waiting_in_a_collective_with_rows_in_a_writer,
+                        args=(2, free_port(), str(tmp_path), ready), nprocs=2, join=False)
+    waiting, sleeping = context.processes
+    fd = None
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(ready)
+        fd = os.open(str(tmp_path / "node-0" / "lock"), os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # the Writer's close waits for it
+        time.sleep(1)  # inside the all_gather
+        os.kill(waiting.pid, signal.SIGTERM)
+        time.sleep(7)  # past the nudges: the relay thread is writing, held up by the lock
+        assert waiting.is_alive()
+        os.kill(waiting.pid, signal.SIGTERM)
+        waiting.join(timeout=10)
+        assert not waiting.is_alive(), "a second SIGTERM did not end the rank within 10 s"
+        assert waiting.exitcode == -signal.SIGTERM
+    finally:
+        if fd is not None:
+            os.close(fd)
+        for process in (waiting, sleeping):
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGKILL)
+            process.join()
