@@ -105,7 +105,9 @@ class ShardSet {
   // refresh throws (its files were moved or removed, say), the error propagates and the set
   // is renumbered for the snapshots its Readers then hold: the shards before that one have
   // their new snapshots, the shards after it their old ones. size(), locate(), record() and
-  // the lookups agree with each other; calling refresh() again retries every shard.
+  // the lookups agree with each other; calling refresh() again retries every shard. The shards
+  // are those opened: a manifest is not read again, so a shard it lists later (a node's first
+  // end_epoch) appears in a ShardSet opened after that.
   std::uint64_t refresh();
 
   std::size_t shard_count() const;

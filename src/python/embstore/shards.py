@@ -219,7 +219,9 @@ class ShardSet:
         """New snapshots of every shard; returns the new length. When a shard's refresh raises,
         the set is renumbered for the snapshots its Readers then hold (the shards before it
         refreshed, it and those after as they were) before the error propagates: its length,
-        rows and lookups agree with each other, as C++ ``ShardSet::refresh`` promises."""
+        rows and lookups agree with each other, as C++ ``ShardSet::refresh`` promises. The
+        shards are those opened: a manifest is not read again, so a shard it lists later (a
+        node's first ``end_epoch()``) appears in a ShardSet opened after that."""
         shards = self.shards
         try:
             for reader in shards:
