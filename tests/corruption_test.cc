@@ -23,6 +23,17 @@ namespace {
 
 constexpr std::uint32_t kDim = 4;
 
+// A store at `path` of `batches` batches of 30 rows: row r has key make_key(0, r), epoch r / 30.
+void write_batches(const std::string& path, const CreateOptions& o, std::uint64_t batches) {
+  Writer w = Writer::create(path, o);
+  for (std::uint64_t b = 0; b < batches; ++b) {
+    const auto values = test::batch_payload(0, b * 30, 30, kDim);
+    std::vector<std::uint64_t> keys(30);
+    for (std::uint64_t i = 0; i < 30; ++i) keys[i] = test::make_key(0, b * 30 + i);
+    w.append(keys, b, std::span<const float>(values));
+  }
+}
+
 std::string make_store(const TempDir& dir) {
   const std::string path = dir / "s";
   CreateOptions o;
@@ -372,15 +383,7 @@ TEST_CASE("salvage copies every row that verifies out of a store that will not o
   o.dim = kDim;
   o.segment_bytes = 4096;
   o.metadata = "run 7";
-  {
-    Writer w = Writer::create(path, o);
-    for (std::uint64_t b = 0; b < 10; ++b) {  // 10 batches of 30 rows, epoch = batch
-      const auto values = test::batch_payload(0, b * 30, 30, kDim);
-      std::vector<std::uint64_t> keys(30);
-      for (std::uint64_t i = 0; i < 30; ++i) keys[i] = test::make_key(0, b * 30 + i);
-      w.append(keys, b, std::span<const float>(values));
-    }
-  }
+  write_batches(path, o, 10);
   // Rows 5 and 40..42 damaged, and a committed counter beyond capacity: no Reader or Writer
   // opens this store.
   const std::uint64_t record = kDim * sizeof(float);
@@ -429,15 +432,7 @@ TEST_CASE("salvage never copies part of a batch a killed writer left past the co
   CreateOptions o;
   o.dim = kDim;
   o.segment_bytes = 4096;
-  {
-    Writer w = Writer::create(path, o);
-    for (std::uint64_t b = 0; b < 6; ++b) {  // 6 batches of 30 rows, epoch = batch
-      const auto values = test::batch_payload(0, b * 30, 30, kDim);
-      std::vector<std::uint64_t> keys(30);
-      for (std::uint64_t i = 0; i < 30; ++i) keys[i] = test::make_key(0, b * 30 + i);
-      w.append(keys, b, std::span<const float>(values));
-    }
-  }
+  write_batches(path, o, 6);
   // Batch 5 (rows 120..149) whole past the counters; batch 6 (rows 150..179) without its last
   // entry, as the kill left it.
   put<std::uint64_t>(path + "/header", 4096, 120);  // committed_rows

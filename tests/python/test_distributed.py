@@ -195,8 +195,8 @@ def test_a_second_sigterm_kills_a_rank_whose_rows_the_relay_thread_is_writing(tm
     import signal
     import time
     ready = str(tmp_path / "ready")
-    context = tmp.spawn(workers_torch.rank_waiting_in_a_collective_with_rows_in_a_writer,
-                        args=(2, free_port(), str(tmp_path), ready), nprocs=2, join=False)
+    context = tmp.spawn(workers_torch.rank_waiting_in_a_collective,
+                        args=(2, free_port(), str(tmp_path), ready, True), nprocs=2, join=False)
     waiting, sleeping = context.processes
     fd = None
     try:

@@ -91,10 +91,12 @@ def padded_epochs_rank(rank, world, run_dir, store, dataset_len):
     dist.destroy_process_group()
 
 
-def rank_waiting_in_a_collective(rank, world, port, run_dir, ready):
+def rank_waiting_in_a_collective(rank, world, port, run_dir, ready, flushed=False):
     """Rank 0 records 5 batches (staged: buffer_rows 1000), then waits in end_epoch()'s
     all_gather for rank 1, which never comes (it sleeps until killed). Rank 0 touches `ready`
-    once it is about to enter the collective."""
+    once it is about to enter the collective. With `flushed`, the first batch is appended
+    (flush) into the node's store first, so that writing the rest at SIGTERM means closing that
+    Writer, which a test can hold up with the store's lock."""
     os.environ.update(GROUP_RANK="0", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -107,6 +109,8 @@ def rank_waiting_in_a_collective(rank, world, port, run_dir, ready):
     for b in range(5):
         with recorder.batch(torch.arange(b * 8, b * 8 + 8), 0):
             model(torch.randn(8, 8))
+        if flushed and b == 0:
+            recorder.flush()
     with open(ready, "w"):
         pass
     recorder.end_epoch()
@@ -136,26 +140,3 @@ while not os.path.exists(ready):
     time.sleep(0.05)
 raise RuntimeError("rank 1 fails")
 """
-
-
-def rank_waiting_in_a_collective_with_rows_in_a_writer(rank, world, port, run_dir, ready):
-    """As rank_waiting_in_a_collective, with rank 0's rows appended (flush) into its node's
-    store before it enters the collective, so that writing them at SIGTERM means closing that
-    Writer, which the test can hold up with the store's lock."""
-    os.environ.update(GROUP_RANK="0", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    model = torch.nn.Linear(8, 16)
-    recorder = EmbeddingRecorder(model, "", run_dir, dim=16, per_node=True, buffer_rows=1000)
-    if rank == 1:
-        import time
-        time.sleep(600)
-    with recorder.batch(torch.arange(8), 0):
-        model(torch.randn(8, 8))
-    recorder.flush()
-    with recorder.batch(torch.arange(8, 16), 0):
-        model(torch.randn(8, 8))
-    with open(ready, "w"):
-        pass
-    recorder.end_epoch()
