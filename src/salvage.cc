@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -53,21 +54,53 @@ SalvageReport salvage(
   // The counters may be what is damaged: the files' sizes bound the scan, not capacity_rows.
   const std::uint64_t held = files->rows_files_hold();
   files->map_rows(held);
-  // The scan ends at the last valid row that ends a batch, never inside a batch: a writer
-  // killed while writing one leaves its first rows valid, and that batch was never committed
-  // (atomic batches). Rows before that end that fail are lost (the counter may be the damage,
-  // so rows that verify past it are kept). A committed counter the files can hold says how
-  // many rows there were at least: rows below it that fail are lost too.
-  for (std::uint64_t row = held; row > 0; --row) {
+  // The log: the committed rows, if the files hold the counter, and the whole batches after
+  // them that verify with eras that never go back (valid_batch_prefix(), as recovery after a
+  // reboot keeps them). Past it, because the counter may be the damage (low), rows that verify
+  // and whose era is not older than the rows kept before them are kept too, up to the last one
+  // that ends a batch: never inside a batch (a writer killed while writing one leaves its
+  // first rows valid; that batch was never committed), and never a stale row of an older era
+  // (left past a cut by a recovery or a truncate). Rows in [0, rows_scanned) that fail or are
+  // stale are lost; rows past it that verify are not copied, and said (damage).
+  auto entry_at = [&](std::uint64_t row) {
     detail::IndexEntry entry;
-    std::memcpy(&entry, files->entry_ptr(row - 1), sizeof(entry));
-    if ((entry.row & detail::kEntryBatchEnd) != 0 && files->row_valid(row - 1)) {
-      report.rows_scanned = row;
-      break;
-    }
-  }
+    std::memcpy(&entry, files->entry_ptr(row), sizeof(entry));
+    return entry;
+  };
   const std::uint64_t committed = files->state().committed();
-  if (committed <= held) report.rows_scanned = std::max(report.rows_scanned, committed);
+  const std::uint64_t log_end = committed <= held ? files->valid_batch_prefix(committed, held) : 0;
+  std::optional<std::uint64_t> newest_era;  // Of the last row kept so far.
+  if (log_end > 0 && files->row_valid(log_end - 1)) {
+    newest_era = detail::entry_era(entry_at(log_end - 1).row);
+  }
+  std::vector<bool> kept_past_log;  // Rows [log_end, rows_scanned): whether each is kept.
+  report.rows_scanned = log_end;
+  for (std::uint64_t row = log_end; row < held; ++row) {
+    const detail::IndexEntry entry = entry_at(row);
+    const std::uint64_t era = detail::entry_era(entry.row);
+    const bool keep =
+        files->row_valid(row) && (!newest_era || detail::era_not_older(era, *newest_era));
+    kept_past_log.push_back(keep);
+    if (!keep) continue;
+    newest_era = era;
+    if ((entry.row & detail::kEntryBatchEnd) != 0) report.rows_scanned = row + 1;
+  }
+  kept_past_log.resize(report.rows_scanned - log_end);
+  std::uint64_t verify_past = 0;
+  for (std::uint64_t row = report.rows_scanned; row < held; ++row) {
+    if (files->row_valid(row)) ++verify_past;
+  }
+  if (verify_past > 0) {
+    report.damage.push_back(
+        files->data_path() + ": " + std::to_string(verify_past) + " rows past row " +
+        std::to_string(report.rows_scanned) +
+        " verify but were not copied: the rest of a batch whose end is missing or damaged (a "
+        "writer killed while writing it, which never committed it), or stale rows of an older "
+        "era");
+  }
+  auto kept = [&](std::uint64_t row) {
+    return row < log_end ? files->row_valid(row) : static_cast<bool>(kept_past_log[row - log_end]);
+  };
 
   CreateOptions create;
   create.dim = layout.dim;
@@ -106,7 +139,7 @@ SalvageReport salvage(
     };
     bool in_run = false;
     for (std::uint64_t row = 0; row < report.rows_scanned; ++row) {
-      const bool valid = files->row_valid(row);
+      const bool valid = kept(row);
       if (valid && !in_run) {
         run_begin = row;
         in_run = true;

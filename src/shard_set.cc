@@ -402,12 +402,15 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
       // Fewer rows than recorded: a stale copy of the shard, unless a truncate (a resume from a
       // checkpoint) moved it to another generation since the manifest was written.
       const std::uint64_t generation = reader.info(InfoDetail::kState).generation;
-      // Generations only grow: an older one than recorded is a stale copy as well.
+      // Generations only grow: an older one than recorded is a stale copy (a backup from before
+      // a truncate), whatever rows it holds.
       const bool truncated_since = entry.generation != 0 && generation > entry.generation;
-      if (reader.size() < entry.rows && !truncated_since) {
+      const bool older = entry.generation != 0 && generation < entry.generation;
+      if ((reader.size() < entry.rows && !truncated_since) || older) {
         throw Error(ErrorCode::kCorruption,
                     manifest_path + ": shard '" + entry.path + "' holds " +
-                        std::to_string(reader.size()) + " rows, fewer than the " +
+                        std::to_string(reader.size()) + " rows" +
+                        (older ? ", against the " : ", fewer than the ") +
                         std::to_string(entry.rows) + " the manifest recorded" +
                         (entry.generation == 0
                              ? " (a stale copy? a manifest that records no generation cannot "

@@ -100,7 +100,10 @@ class Writer::Impl {
   // Keeps rows [0, rows), or with `from_epoch`, the rows before the first whose epoch is at
   // least `rows`; returns the rows kept.
   std::uint64_t truncate(std::uint64_t rows, bool from_epoch);
-  void sync();
+  // `check_path`: throws check_still_at_path()'s error after the flush (an explicit sync()); the
+  // sync thread's own syncs go on flushing whatever the path holds (a store moved away and
+  // back, a retargeted symbolic link): no one would hear that error, and it is no failure.
+  void sync(bool check_path = true);
   void close();
   // kNotFound unless the store opened is still at its path (StoreFiles::check_at_path()): an
   // explicit sync() and close() say so, since the rows they made durable are then in files
@@ -822,13 +825,13 @@ void Writer::Impl::poison(const Error& error) {
   throw Error(ErrorCode::kPoisoned, poison_message_, error.sys_errno());
 }
 
-void Writer::Impl::sync() {
+void Writer::Impl::sync(bool check_path) {
   std::shared_lock life(lifetime_);
   check_usable();
   // The key index is never flushed; the rows left to the indexer are indexed soon after.
   post_unposted(false);
   flush();
-  check_still_at_path();
+  if (check_path) check_still_at_path();
 }
 
 void Writer::Impl::check_still_at_path() const {
@@ -905,7 +908,7 @@ void Writer::Impl::sync_loop() {
       const bool idle = with_files([](const StoreFiles& files) {
         return files.state().durable() >= files.state().committed();
       });
-      if (!idle) sync();
+      if (!idle) sync(/*check_path=*/false);
     } catch (const Error&) {
       return;  // Poisoned: the next append or close reports it.
     }

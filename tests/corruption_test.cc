@@ -455,6 +455,10 @@ TEST_CASE("salvage never copies part of a batch a killed writer left past the co
     CHECK(report.rows_scanned == 150);
     CHECK(report.rows_copied == 150);
     CHECK(report.rows_lost == 0);
+    REQUIRE(report.damage.size() == 1);  // The unfinished batch's rows, said, not copied.
+    CHECK_THAT(report.damage[0], Catch::Contains("29 rows past row 150 verify but were not "
+                                                 "copied: the rest of a batch whose end is "
+                                                 "missing or damaged"));
     check_copy(dir / "out", 150);
   }
   SECTION("the counter damaged low: rows that verify past it are copied, a bad one is lost") {
@@ -475,5 +479,52 @@ TEST_CASE("salvage never copies part of a batch a killed writer left past the co
     CHECK(report.rows_scanned == 150);
     CHECK(report.rows_copied == 150);
     check_copy(dir / "out", 150);
+  }
+}
+
+TEST_CASE("salvage copies no stale row of an older era, and names rows it leaves that verify",
+          "[corruption][salvage]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  SECTION("rows past a cut, then a newer writer's rows") {
+    // 60 rows, cut back to 30 (a recovery, as after a writer killed before committing its
+    // batch), then 10 rows of a newer era: rows 40..59 of the old batch still verify. salvage
+    // copied them after the new rows (scanning back to the last valid batch end).
+    write_batches(path, o, 2);
+    put<std::uint64_t>(path + "/header", 4096, 30);
+    put<std::uint64_t>(path + "/header", 4160, 30);
+    {
+      Writer w = Writer::open(path);
+      const auto values = test::batch_payload(1, 0, 10, kDim);
+      std::vector<std::uint64_t> keys(10);
+      for (std::uint64_t i = 0; i < 10; ++i) keys[i] = test::make_key(1, i);
+      w.append(keys, 9, std::span<const float>(values));
+    }
+    const SalvageReport report = salvage(path, dir / "out");
+    CHECK(report.rows_scanned == 40);
+    CHECK(report.rows_copied == 40);
+    CHECK(report.rows_lost == 0);
+    REQUIRE(report.damage.size() == 1);
+    CHECK_THAT(report.damage[0], Catch::Contains("20 rows past row 40 verify but were not copied"));
+    Reader r = Reader::open(dir / "out");
+    REQUIRE(r.size() == 40);
+    CHECK(r.record(29).key == test::make_key(0, 29));
+    CHECK(r.record(30).key == test::make_key(1, 0));
+    CHECK(r.record(39).key == test::make_key(1, 9));
+  }
+  SECTION("a damaged batch end past a low counter: the batch's rows are named, not dropped") {
+    write_batches(path, o, 4);
+    put<std::uint64_t>(path + "/header", 4096, 30);
+    put<std::uint64_t>(path + "/header", 4160, 30);
+    flip(path + "/rows.1", 119 * kDim * sizeof(float) + 1);  // the last batch's end
+    const SalvageReport report = salvage(path, dir / "out");
+    CHECK(report.rows_scanned == 90);
+    CHECK(report.rows_copied == 90);
+    REQUIRE(report.damage.size() == 1);  // (counters that agree: the open refuses nothing)
+    CHECK_THAT(report.damage.back(), Catch::Contains("29 rows past row 90 verify but were not "
+                                                     "copied"));
   }
 }

@@ -799,4 +799,10 @@ TEST_CASE("A shard truncated since its manifest was written opens with fewer row
   write_manifest(dir / kManifestFileName, manifest);
   CHECK(code_of([&] { ShardSet::open(dir.path()); }, &message) == ErrorCode::kCorruption);
   CHECK_THAT(message, Catch::Contains("in generation 2, older (a stale copy?)"));
+  // Older, and with as many rows as recorded or more: a stale copy all the same.
+  manifest.shards[0].rows = 5;
+  write_manifest(dir / kManifestFileName, manifest);
+  CHECK(code_of([&] { ShardSet::open(dir.path()); }, &message) == ErrorCode::kCorruption);
+  CHECK_THAT(message, Catch::Contains("holds 5 rows, against the 5 the manifest recorded in "
+                                      "generation 2, older (a stale copy?)"));
 }

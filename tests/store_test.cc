@@ -1415,3 +1415,31 @@ TEST_CASE("sync() and close() of a writer whose store was deleted under it say s
   CHECK(code_of([&] { w.close(); }, &message) == ErrorCode::kNotFound);
   CHECK_NOTHROW(w.close());  // Closed: again does nothing.
 }
+
+TEST_CASE("The sync thread goes on syncing after its store was away from its path and back",
+          "[writer][sync]") {
+  // Its sync() threw kNotFound while the store was away, and the thread took that for a
+  // poisoned writer and stopped for good: rows appended after the store came back were never
+  // made durable by it.
+  TempDir dir;
+  CreateOptions o = opts(8);
+  o.key_index = false;
+  WriterOptions w_opts;
+  w_opts.sync = SyncPolicy::kInterval;
+  w_opts.sync_interval = std::chrono::milliseconds(10);
+  Writer w = Writer::create(dir / "s", o, w_opts);
+  const std::vector<float> rows(10 * 8, 1.0f);
+  w.append(iota_keys(0, 10), 0, std::span<const float>(rows));
+  std::filesystem::rename(dir / "s", dir / "away");
+  w.append(iota_keys(10, 10), 0, std::span<const float>(rows));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // a sync or more while away
+  std::filesystem::rename(dir / "away", dir / "s");
+  w.append(iota_keys(20, 10), 0, std::span<const float>(rows));
+  // The thread's next syncs make the last rows durable (waited for, not timed: 60 s at most).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (w.durable_rows() < 30 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(w.durable_rows() == 30);
+  CHECK_NOTHROW(w.close());
+}

@@ -29,9 +29,11 @@ struct SalvageReport {
 // with its key and epoch, into a new store at `out` (same dtype, dim, segment size and
 // metadata; `out` must not exist), and reports what was lost. For stores too damaged to open:
 // trusts only a fixed header copy whose checksum holds and each row's own checksum, and the
-// committed counter as far as the files can hold it. Scans rows [0, n): n is one past the last
-// row that verifies and ends a batch (never inside a batch: a writer killed while writing it
-// never committed it), or the committed counter if that is larger and the files hold it.
+// committed counter as far as the files can hold it. Scans rows [0, n): the committed rows
+// and the whole batches after them that verify, then, since the counter may be the damage,
+// further rows that verify and are of no older era, up to the last one that ends a batch.
+// Never a part of a batch (a writer killed while writing it never committed it) or a stale row
+// of an older era: rows past n that verify are not copied and are named in `damage`.
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
 // verifies (the rows cannot be checked without the header), or if the `generation` field is
 // damaged and the directory does not hold exactly one rows.X/index.X pair, or if one of the

@@ -531,3 +531,64 @@ def test_a_sigterm_while_the_exit_function_waits_in_a_close_still_writes_every_r
     assert child.exitcode == 0
     for path in stores:
         assert sorted(embstore.Reader(path).keys.tolist()) == list(range(8))
+
+
+def test_a_torchrun_worker_waiting_in_c_after_its_writers_closed_at_exit_ends_at_sigterm(tmp_path):
+    """A torchrun worker at interpreter exit, its Writers written and closed (multiprocessing's
+    exit function done), its main thread then waiting in C in a later exit handler (as a
+    collective's teardown can, retrying EINTR): SIGTERM's relay refused to act while the exit
+    function's flag stayed set, and the process lived until that wait ended. It ends with 143
+    after the nudges."""
+    import time
+    script = textwrap.dedent("""
+        import atexit, ctypes, os, sys
+        libc = ctypes.CDLL(None)
+        mutex = ctypes.create_string_buffer(64)
+        libc.pthread_mutex_init(mutex, None)
+        libc.pthread_mutex_lock(mutex)
+        # Registered before embstore imports multiprocessing.util: runs after its exit function.
+        atexit.register(lambda: libc.pthread_mutex_lock(mutex))  # waits in C for good
+        import numpy as np, embstore
+        w = embstore.Writer(sys.argv[1], dim=4)
+        w.append(np.arange(10), np.ones((10, 4), np.float32), 0)
+        print("appended", flush=True)
+        """)
+    store = str(tmp_path / "s")
+    child = subprocess.Popen([sys.executable, "-c", script, store], text=True,
+                             env=dict(os.environ, TORCHELASTIC_RUN_ID="test-run"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == "appended\n"
+        time.sleep(1)  # in the exit handler, waiting
+        child.terminate()
+        code = child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert code == 128 + signal.SIGTERM, child.stderr.read()
+    assert sorted(embstore.Reader(store).keys.tolist()) == list(range(10))
+
+
+def test_a_writer_left_open_on_a_store_moved_away_says_so_not_that_rows_were_lost(tmp_path):
+    """Garbage collection (or exit) closing a Writer whose store was moved: every row is in the
+    moved store, and the log said the close failed and rows were not written."""
+    import logging
+    store, moved = str(tmp_path / "s"), str(tmp_path / "moved")
+    w = embstore.Writer(store, dim=4)
+    w.append(np.arange(10), np.ones((10, 4), np.float32), 0)
+    os.rename(store, moved)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("embstore")
+    logger.addHandler(handler)
+    try:
+        del w
+        gc.collect()
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert len(messages) == 1 and records[0].levelno == logging.WARNING, messages
+    assert "wrote its rows, but into a store no longer at this path" in messages[0], messages
+    assert sorted(embstore.Reader(moved).keys.tolist()) == list(range(10))

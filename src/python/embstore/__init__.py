@@ -1000,11 +1000,12 @@ def _write_if_main_thread_stuck() -> bool:
     the handler, when the handler ran meanwhile or was replaced, or the main thread is inside a
     stretch the handler must wait for (_Termination: rows taken over, not yet appended), or in
     multiprocessing's exit function, which runs those finalizers itself (one may be waiting,
-    say for the store's lock) and after which the handler's epilogue ends the process."""
+    say for the store's lock) and after which the handler's epilogue ends the process (once
+    that function has run them, the process is ended from here)."""
     import signal
     with _TERMINATION.deciding:
         if _TERMINATION.handler_ran or _TERMINATION.depth or _TERMINATION.ending or \
-                _mp_util._exiting or \
+                (_mp_util._exiting and not _TERMINATION.writers_done) or \
                 signal.getsignal(signal.SIGTERM) is not _write_then_terminate:
             return False
         _TERMINATION.relay_writing = True
@@ -1058,14 +1059,27 @@ def _leave_cleanly_on_sigterm() -> None:
         pass
 
 
+def _moved_away(error: BaseException) -> bool:
+    """The error of a close or sync that finished, its store no longer at its path (deleted,
+    moved away or replaced: Writer::sync() in include/embstore/writer.h)."""
+    return isinstance(error, FileNotFoundError) and \
+        "the store this Writer appends to is no longer at this path" in str(error)
+
+
 def _close_reporting_loss(native, when: str) -> None:
-    """Closes a Writer nobody closed; logs what was lost if that fails, then re-raises."""
+    """Closes a Writer nobody closed; logs what was lost if that fails, then re-raises. A store
+    no longer at its path is logged as such (its rows were written to its files), not raised:
+    nobody called close() to hear it."""
     if native.closed:
         return
     path = native.path
     try:
         native.close()
     except BaseException as error:
+        if _moved_away(error):
+            _log.warning("%s: a Writer %s without close() wrote its rows, but into a store no "
+                         "longer at this path: %s", path, when, error)
+            return
         _log.error("%s: a Writer %s without close() failed to close; %d appended rows were "
                    "not written: %s", path, when, native.stats().get("dropped_rows", 0), error)
         raise

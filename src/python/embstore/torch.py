@@ -29,7 +29,7 @@ import torch
 import torch.utils.data
 
 from . import (Error, Reader, Writer, _TERMINATION, _WRITER_EXIT_PRIORITY, _dtype_name, _embstore,
-               _log, shards)
+               _log, _moved_away, shards)
 from ._errors import ClosedError
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
@@ -320,6 +320,10 @@ def _finish_unclosed(staging: _Staging, path: str, module_name: str) -> None:
     try:
         staging.finish()
     except BaseException as error:  # logged: an exit handler has no one to raise to
+        if _moved_away(error):
+            _log.warning("%s: the EmbeddingRecorder of %r was not closed; its rows were written, "
+                         "but into a store no longer at this path: %s", path, module_name, error)
+            return
         _log.error("%s: the EmbeddingRecorder of %r was not closed and failed to write its "
                    "rows (%d staged rows, %d queued rows lost): %s", path, module_name,
                    staged, staging.writer.stats().get("dropped_rows", 0), error)
