@@ -23,6 +23,14 @@ namespace {
 
 constexpr std::uint32_t kDim = 4;
 
+// dim kDim, 4 KiB segments.
+CreateOptions small_options() {
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  return o;
+}
+
 // A store at `path` of `batches` batches of 30 rows: row r has key make_key(0, r), epoch r / 30.
 void write_batches(const std::string& path, const CreateOptions& o, std::uint64_t batches) {
   Writer w = Writer::create(path, o);
@@ -429,10 +437,7 @@ TEST_CASE("salvage never copies part of a batch a killed writer left past the co
   // fifth (an append that never returned, half of it), and called nothing lost.
   TempDir dir;
   const std::string path = dir / "s";
-  CreateOptions o;
-  o.dim = kDim;
-  o.segment_bytes = 4096;
-  write_batches(path, o, 6);
+  write_batches(path, small_options(), 6);
   // Batch 5 (rows 120..149) whole past the counters; batch 6 (rows 150..179) without its last
   // entry, as the kill left it.
   put<std::uint64_t>(path + "/header", 4096, 120);  // committed_rows
@@ -486,9 +491,7 @@ TEST_CASE("salvage copies no stale row of an older era, and names rows it leaves
           "[corruption][salvage]") {
   TempDir dir;
   const std::string path = dir / "s";
-  CreateOptions o;
-  o.dim = kDim;
-  o.segment_bytes = 4096;
+  const CreateOptions o = small_options();
   SECTION("rows past a cut, then a newer writer's rows") {
     // 60 rows, cut back to 30 (a recovery, as after a writer killed before committing its
     // batch), then 10 rows of a newer era: rows 40..59 of the old batch still verify. salvage

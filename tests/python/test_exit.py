@@ -1,5 +1,6 @@
 """Rows appended but not yet written when a process ends are written, or their loss is loud:
 interpreter exit, multiprocessing children (os._exit after finalizers), garbage collection."""
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -453,17 +454,31 @@ def test_recorder_rows_of_persistent_dataloader_workers_are_written_at_exit(stor
     assert sorted(r.keys.tolist()) == list(range(200)) and r.verify().ok
 
 
+@contextlib.contextmanager
+def torchrun_worker(source, *args):
+    """`source` run as a torchrun worker would be (TORCHELASTIC_RUN_ID in its environment),
+    stdin and stdout piped (text); killed on the way out if it still runs."""
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(source), *args], text=True,
+                             env=dict(os.environ, TORCHELASTIC_RUN_ID="test-run"),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(store):
     """A torchrun worker (not a multiprocessing child: TORCHELASTIC_RUN_ID in its environment),
     500 rows queued in its async Writer (this process holds the store's lock), sent SIGTERM as
     its agent does when another worker fails: the rows are written, and it ends with 128 +
     SIGTERM, which its agent reads as a failed worker (0 would read as one that finished).
     Before, the default action dropped the rows without a word."""
-    import threading
     import time
     embstore.create(store, dim=workers.DIM)
-    env = dict(os.environ, TORCHELASTIC_RUN_ID="test-run")
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+    with torchrun_worker("""
         import sys, threading
         import numpy as np
         import embstore, workers
@@ -474,9 +489,7 @@ def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(s
         writer.append(keys, workers.payload(keys), 0)
         print("queued", flush=True)
         threading.Event().wait()
-        """), store], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    try:
+        """, store) as child:
         assert child.stdout.readline() == "opened\n"
         with StoreLock(store):
             child.stdin.write("go\n")
@@ -486,10 +499,6 @@ def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(s
             time.sleep(1)  # the rows are still queued behind the lock
             assert child.poll() is None
         code = child.wait(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     assert code == 128 + signal.SIGTERM, child.stderr.read()
     r = embstore.Reader(store)
     assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
@@ -540,7 +549,7 @@ def test_a_torchrun_worker_waiting_in_c_after_its_writers_closed_at_exit_ends_at
     function's flag stayed set, and the process lived until that wait ended. It ends with 143
     after the nudges."""
     import time
-    script = textwrap.dedent("""
+    script = """
         import atexit, ctypes, os, sys
         libc = ctypes.CDLL(None)
         mutex = ctypes.create_string_buffer(64)
@@ -552,20 +561,13 @@ def test_a_torchrun_worker_waiting_in_c_after_its_writers_closed_at_exit_ends_at
         w = embstore.Writer(sys.argv[1], dim=4)
         w.append(np.arange(10), np.ones((10, 4), np.float32), 0)
         print("appended", flush=True)
-        """)
+        """
     store = str(tmp_path / "s")
-    child = subprocess.Popen([sys.executable, "-c", script, store], text=True,
-                             env=dict(os.environ, TORCHELASTIC_RUN_ID="test-run"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with torchrun_worker(script, store) as child:
         assert child.stdout.readline() == "appended\n"
         time.sleep(1)  # in the exit handler, waiting
         child.terminate()
         code = child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     assert code == 128 + signal.SIGTERM, child.stderr.read()
     assert sorted(embstore.Reader(store).keys.tolist()) == list(range(10))
 
