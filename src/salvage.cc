@@ -74,22 +74,23 @@ SalvageReport salvage(
     newest_era = detail::entry_era(entry_at(log_end - 1).row);
   }
   std::vector<bool> kept_past_log;  // Rows [log_end, rows_scanned): whether each is kept.
+  std::uint64_t verify_past = 0;    // Rows past rows_scanned that verify.
   report.rows_scanned = log_end;
   for (std::uint64_t row = log_end; row < held; ++row) {
     const detail::IndexEntry entry = entry_at(row);
     const std::uint64_t era = detail::entry_era(entry.row);
-    const bool keep =
-        files->row_valid(row) && (!newest_era || detail::era_not_older(era, *newest_era));
+    const bool valid = files->row_valid(row);
+    verify_past += valid ? 1 : 0;
+    const bool keep = valid && (!newest_era || detail::era_not_older(era, *newest_era));
     kept_past_log.push_back(keep);
     if (!keep) continue;
     newest_era = era;
-    if ((entry.row & detail::kEntryBatchEnd) != 0) report.rows_scanned = row + 1;
+    if ((entry.row & detail::kEntryBatchEnd) != 0) {
+      report.rows_scanned = row + 1;
+      verify_past = 0;
+    }
   }
   kept_past_log.resize(report.rows_scanned - log_end);
-  std::uint64_t verify_past = 0;
-  for (std::uint64_t row = report.rows_scanned; row < held; ++row) {
-    if (files->row_valid(row)) ++verify_past;
-  }
   if (verify_past > 0) {
     report.damage.push_back(
         files->data_path() + ": " + std::to_string(verify_past) + " rows past row " +

@@ -400,10 +400,10 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
                         " the manifest lists (replaced or copied from another run?)");
       }
       // Fewer rows than recorded: a stale copy of the shard, unless a truncate (a resume from a
-      // checkpoint) moved it to another generation since the manifest was written.
-      const std::uint64_t generation = reader.info(InfoDetail::kState).generation;
-      // Generations only grow: an older one than recorded is a stale copy (a backup from before
-      // a truncate), whatever rows it holds.
+      // checkpoint) moved it to a newer generation since the manifest was written. Generations
+      // only grow: an older one is a stale copy (a backup from before a truncate) whatever rows
+      // it holds. The snapshot's generation, the one its size() is of.
+      const std::uint64_t generation = reader.generation();
       const bool truncated_since = entry.generation != 0 && generation > entry.generation;
       const bool older = entry.generation != 0 && generation < entry.generation;
       if ((reader.size() < entry.rows && !truncated_since) || older) {

@@ -835,16 +835,13 @@ void Writer::Impl::sync(bool check_path) {
 }
 
 void Writer::Impl::check_still_at_path() const {
-  try {
-    files_->check_at_path();
-  } catch (const Error& error) {
-    throw Error(ErrorCode::kNotFound,
-                path_ +
-                    ": the store this Writer appends to is no longer at this path (deleted, "
-                    "moved away, or replaced by another): its rows are in its files, wherever "
-                    "they are now, and gone with them if they were deleted",
-                ENOENT);
-  }
+  if (files_->at_path()) return;
+  throw Error(ErrorCode::kNotFound,
+              path_ +
+                  ": the store this Writer appends to is no longer at this path (deleted, moved "
+                  "away, or replaced by another): its rows are in its files, wherever they are "
+                  "now, and gone with them if they were deleted",
+              ENOENT);
 }
 
 void Writer::Impl::flush() {

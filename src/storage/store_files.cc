@@ -249,8 +249,12 @@ void StoreFiles::close_retired_fds() {
   retired_fds_.clear();
 }
 
+bool StoreFiles::at_path() const {
+  return header_id_ && os::file_id_at(header_path_) == header_id_;
+}
+
 void StoreFiles::check_at_path() const {
-  if (header_id_ && os::file_id_at(header_path_) == header_id_) return;
+  if (at_path()) return;
   throw Error(ErrorCode::kNotFound,
               dir_ +
                   ": the store opened is no longer at this path (deleted, moved away, or "

@@ -88,6 +88,8 @@ class StoreFiles {
   // its stale files, the key index's builds and publishes through KeyIndexHandle), so that a
   // handle of a store removed under it never reads, replaces or removes another store's files.
   void check_at_path() const;
+  // The test check_at_path() makes, without the exception (a Writer's sync() and close()).
+  bool at_path() const;
   // Opens one of the store's files by path (a Reader keeps no descriptor of them), refusing it
   // with kNotFound (check_at_path(), after the open) when the store at the path is no longer
   // the one opened.

@@ -865,12 +865,11 @@ class _Termination:
         # Not a multiprocessing child (a torchrun worker): the process ends as the signal would
         # have ended it, at once after the writing, with status 128 + SIGTERM (_end_now).
         self.as_signal = False
-        # Which of SIGTERM's Python handler and the relay thread (the main thread did not come
-        # back to Python in time: _write_if_main_thread_stuck) acts on the signal: the first to
-        # take `deciding`. The other leaves it to that one.
+        # Which of SIGTERM's Python handler ("handler") and the relay thread ("relay": the main
+        # thread did not come back to Python in time, _write_if_main_thread_stuck) acts on the
+        # signal: the first to take `deciding`. The other leaves it to that one.
         self.deciding = threading.Lock()
-        self.handler_ran = False
-        self.relay_writing = False
+        self.claimed_by: Optional[str] = None
 
     def __enter__(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -908,8 +907,9 @@ def _write_then_terminate(signum, frame) -> None:
     import signal
     signal.signal(signum, signal.SIG_DFL)
     with _TERMINATION.deciding:
-        _TERMINATION.handler_ran = not _TERMINATION.relay_writing
-    if not _TERMINATION.handler_ran:
+        if _TERMINATION.claimed_by is None:
+            _TERMINATION.claimed_by = "handler"
+    if _TERMINATION.claimed_by == "relay":
         _wait_for_the_end()
     if _mp_util._exiting:
         # Already in multiprocessing's exit function: it writes; the epilogue ends the process
@@ -1004,11 +1004,11 @@ def _write_if_main_thread_stuck() -> bool:
     that function has run them, the process is ended from here)."""
     import signal
     with _TERMINATION.deciding:
-        if _TERMINATION.handler_ran or _TERMINATION.depth or _TERMINATION.ending or \
+        if _TERMINATION.claimed_by is not None or _TERMINATION.depth or _TERMINATION.ending or \
                 (_mp_util._exiting and not _TERMINATION.writers_done) or \
                 signal.getsignal(signal.SIGTERM) is not _write_then_terminate:
             return False
-        _TERMINATION.relay_writing = True
+        _TERMINATION.claimed_by = "relay"
     return _write_off_main_thread()
 
 
@@ -1061,9 +1061,9 @@ def _leave_cleanly_on_sigterm() -> None:
 
 def _moved_away(error: BaseException) -> bool:
     """The error of a close or sync that finished, its store no longer at its path (deleted,
-    moved away or replaced: Writer::sync() in include/embstore/writer.h)."""
-    return isinstance(error, FileNotFoundError) and \
-        "the store this Writer appends to is no longer at this path" in str(error)
+    moved away or replaced: Writer::sync() in include/embstore/writer.h), or of the key index
+    work that found so (StoreFiles::check_at_path(), reported by close())."""
+    return isinstance(error, FileNotFoundError) and "is no longer at this path" in str(error)
 
 
 def _close_reporting_loss(native, when: str) -> None:

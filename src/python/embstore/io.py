@@ -387,8 +387,8 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
 def compact(store: Any, out: Any, *, latest_per_key: bool = False,
             epochs: Optional[Sequence[int]] = None, dtype: Any = None) -> int:
     """Writes the kept rows of ``store`` into a new store at ``out`` (same dim, rows per segment,
-    metadata and key-index choice; a new store id), built under a hidden name and renamed into place when complete.
-    The source is only read. Returns the rows kept.
+    metadata and key-index choice; a new store id), built under a hidden name and renamed into
+    place when complete. The source is only read. Returns the rows kept.
 
     Args:
         latest_per_key: keep only the latest row of each key.

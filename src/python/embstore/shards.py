@@ -47,8 +47,9 @@ def _inputs(manifest_or_paths: Any) -> List[str]:
 def read_manifest(path: PathLike) -> dict:
     """The manifest at ``path`` as a dict: dim, dtype, metadata (text) and shards (each a dict of
     path, store_id, rows, epochs, generation: the shard's then, 0 when not recorded). A shard of
-    another generation now was truncated since, and is taken with fewer rows. Raises ValueError for a shard path that is absolute or goes
-    through ``..``, CorruptionError for a file that is not a manifest."""
+    a newer generation now was truncated since, and is taken with fewer rows; of an older one,
+    it is a stale copy. Raises ValueError for a shard path that is absolute or goes through
+    ``..``, CorruptionError for a file that is not a manifest."""
     return _embstore.read_manifest(os.fspath(path))
 
 
@@ -110,9 +111,9 @@ def _manifest_fields(manifest: Any) -> dict:
 def write_manifest(path: PathLike, manifest: dict) -> None:
     """Writes a manifest atomically (temporary file, fsync, rename, fsync of the directory).
     ``manifest`` is what ``read_manifest`` returns; metadata and each shard's epochs and
-    generation may be left out, and metadata may be a dict or list (stored as JSON). Raises ValueError naming the field
-    of a value that is missing, of the wrong type or out of range, and for a shard path that is
-    absolute or goes through ``..``."""
+    generation may be left out, and metadata may be a dict or list (stored as JSON). Raises
+    ValueError naming the field of a value that is missing, of the wrong type or out of range,
+    and for a shard path that is absolute or goes through ``..``."""
     _embstore.write_manifest(os.fspath(path), _manifest_fields(manifest))
 
 
@@ -122,10 +123,10 @@ def merge(out: PathLike, manifest_or_paths: Any,
     ``out``, keys and epochs kept, rows in epoch order: the shards merged as sorted sequences
     by (epoch, shard), each shard's own order kept, so that the merged store's latest row of a
     key (its last) is the one ``ShardSet.find(key)`` gives, not the last shard's (shards are
-    written side by side). Row numbers are not the ShardSet's. Every row's checksum is verified on the
-    way: a bad row raises CorruptionError naming the shard and row, and nothing is left at
-    ``out``. ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed
-    into place only when complete: after any error nothing is left at ``out``, and a process
+    written side by side). Row numbers are not the ShardSet's. Every row's checksum is verified
+    on the way: a bad row raises CorruptionError naming the shard and row, and nothing is left
+    at ``out``. ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and
+    renamed into place only when complete: after any error nothing is left at ``out``, and a process
     killed meanwhile leaves only that directory, which is not the merged store. Shards that
     disagree on dim or dtype are refused (FormatMismatchError naming them), and without a
     manifest (whose metadata the merged store takes) so are shards of different metadata.
