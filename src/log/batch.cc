@@ -47,6 +47,23 @@ void refuse_overflow(const Invalid& invalid, DType dtype, std::uint64_t i, const
 
 }  // namespace
 
+void convert_rows(const ConstMatrix& rows, DType dtype, std::byte* dest, const std::string& where) {
+  auto invalid = [&](const std::string& what) {
+    throw Error(ErrorCode::kInvalidArgument, where + ": append: " + what);
+  };
+  const bool half = dtype == DType::kFloat16;
+  const std::uint64_t input_row_bytes = std::uint64_t{rows.dim} * sizeof(float);
+  const std::uint64_t stride = rows.row_stride_bytes == 0 ? input_row_bytes : rows.row_stride_bytes;
+  const auto* source = static_cast<const std::byte*>(rows.data);
+  for (std::uint64_t i = 0; i < rows.rows; ++i) {
+    const auto* in = reinterpret_cast<const float*>(source + i * stride);
+    auto* out = reinterpret_cast<std::uint16_t*>(dest + i * std::uint64_t{rows.dim} * 2);
+    const bool infinite = half ? convert_to_half_fast(in, out, rows.dim)
+                               : convert_to_bfloat16_fast(in, out, rows.dim);
+    if (infinite) refuse_overflow(invalid, dtype, i, in, out, rows.dim);
+  }
+}
+
 PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const std::string& where,
                             std::span<const std::uint64_t> keys, const std::uint64_t* epochs,
                             std::uint64_t single_epoch, const ConstMatrix& rows, RowMemory memory,

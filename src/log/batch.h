@@ -115,6 +115,14 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
                             RowMemory memory = RowMemory::kCallers,
                             HashAt hash_at = HashAt::kStaged);
 
+// Converts float32 rows (any row stride) to `dtype` (float16 or bfloat16), packed at `dest`
+// (rows.rows x rows.dim elements): prepare_batch()'s conversion, refusing the batch as it does
+// (kInvalidArgument "<where>: append: row i of the batch, column j: <value> is beyond ...") at
+// the first row holding a finite value that would be stored as infinity. For callers that
+// convert rows before they append them (the Python binding's async queue converts as it copies,
+// so such a batch is refused by the call that passed it, not by a later append).
+void convert_rows(const ConstMatrix& rows, DType dtype, std::byte* dest, const std::string& where);
+
 // Copies `count` rows, `stride` bytes apart at `source`, packed to `dest`, and sets hashes[i] to
 // the payload_hash of row i as it is in `dest`.
 void copy_and_hash(std::byte* dest, const std::byte* source, std::uint64_t stride,

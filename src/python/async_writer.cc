@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+#include "log/batch.h"
 #include "platform/thread.h"
 #include "writer_internals.h"
 
@@ -53,10 +54,6 @@ double thread_cpu_seconds() {
   return static_cast<double>(now.tv_sec) + static_cast<double>(now.tv_nsec) * 1e-9;
 }
 
-std::uint64_t packed_bytes(const ConstMatrix& rows) {
-  return rows.rows * std::uint64_t{rows.dim} * dtype_size(rows.dtype);
-}
-
 AsyncAppender::Ring::Ring(std::uint64_t bytes, const std::string& store) {
   constexpr std::uint64_t kHugePage = 2 << 20;
   mapping_bytes = bytes + kHugePage;  // Room to start the ring on a 2 MiB boundary.
@@ -81,6 +78,7 @@ AsyncAppender::Ring::~Ring() {
 
 AsyncAppender::AsyncAppender(Writer& writer, std::uint64_t capacity_bytes)
     : writer_(writer),
+      dtype_(writer.dtype()),
       capacity_bytes_(capacity_bytes),
       record_bytes_(std::uint64_t{writer.dim()} * dtype_size(writer.dtype())),
       ring_(capacity_bytes, writer.path()) {
@@ -110,9 +108,17 @@ std::optional<std::uint64_t> AsyncAppender::ring_place(std::uint64_t bytes) cons
   return std::nullopt;
 }
 
+void AsyncAppender::fill_ring(const Batch& batch) const {
+  if (batch.rows.dtype == dtype_) {
+    copy_packed(batch.rows, batch.ring_rows);
+  } else {
+    detail::convert_rows(batch.rows, dtype_, batch.ring_rows, writer_.path());
+  }
+}
+
 void AsyncAppender::push(Batch&& batch) {
   std::lock_guard one_producer(push_mutex_);
-  const std::uint64_t bytes = packed_bytes(batch.rows);
+  const std::uint64_t bytes = queue_bytes(batch.rows);
   batch.queued_bytes = bytes;
   std::unique_lock lock(mutex_);
   throw_if_failed();
@@ -144,7 +150,15 @@ void AsyncAppender::push(Batch&& batch) {
     if (!batch.borrowed) {
       // The copy runs without mutex_, so the writer thread keeps writing earlier batches.
       lock.unlock();
-      copy_packed(batch.rows, batch.ring_rows);
+      try {
+        fill_ring(batch);
+      } catch (...) {
+        lock.lock();
+        // Give the range back. Pushes are serialized, so the newest range is this one, unless
+        // a failure meanwhile dropped them all.
+        if (!ring_live_.empty() && ring_live_.back().first == *offset) ring_live_.pop_back();
+        throw;
+      }
       lock.lock();
       throw_if_failed();  // A failure meanwhile dropped the queue, this range included.
     }
@@ -249,21 +263,21 @@ void AsyncAppender::run() {
     Batch& batch = queue_.front();
     lock.unlock();
     const double cpu_start = thread_cpu_seconds();  // The borrowed copy is write work too.
-    if (batch.borrowed && batch.queued_bytes > 0) {
-      // Copied now, so the caller's array can be released before the append (which may wait
-      // for the writer lock). A caller that breaks its promise changes which values are
-      // stored, never whether their checksums match (the rows are hashed in the ring).
-      copy_packed(batch.rows, batch.ring_rows);
-      lock.lock();
-      done_.push_back(batch.hold);  // The caller's array may go now.
-      batch.hold = nullptr;
-      lock.unlock();
-    }
-    const ConstMatrix rows{batch.ring_rows, batch.rows.dtype, batch.rows.rows, batch.rows.dim,
+    const ConstMatrix rows{batch.ring_rows, dtype_, batch.rows.rows, batch.rows.dim,
                            batch.rows.rows == 0 ? 0 : batch.queued_bytes / batch.rows.rows};
     std::optional<Error> failure;
     const auto start = std::chrono::steady_clock::now();
     try {
+      if (batch.borrowed && batch.queued_bytes > 0) {
+        // Copied now, so the caller's array can be released before the append (which may wait
+        // for the writer lock). A caller that breaks its promise changes which values are
+        // stored, never whether their checksums match (the rows are hashed in the ring).
+        fill_ring(batch);
+        lock.lock();
+        done_.push_back(batch.hold);  // The caller's array may go now.
+        batch.hold = nullptr;
+        lock.unlock();
+      }
       // The ring is written by this queue alone, and not again before the append returns: the
       // core hashes and writes the rows there, without copying them again (writer_internals.h).
       detail::WriterInternals::append_private(writer_, batch.keys, batch.epochs, batch.epoch, rows);

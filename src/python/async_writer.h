@@ -50,16 +50,13 @@ struct Batch {
   bool borrowed = false;  // Copied into the ring by the background thread, not by push().
   void* hold = nullptr;   // Borrowed batches only.
   // Set by push(): where the rows live in the ring (packed, rows.dim * dtype bytes each).
-  std::byte* ring_rows = nullptr;
+  std::byte* ring_rows = nullptr;  // In the store's dtype.
   std::uint64_t ring_offset = 0;
   std::uint64_t queued_bytes = 0;
 };
 
 // CPU time the calling thread has used (CLOCK_THREAD_CPUTIME_ID), in seconds.
 double thread_cpu_seconds();
-
-// Bytes a batch occupies in the queue: its rows, packed, in the caller's dtype.
-std::uint64_t packed_bytes(const ConstMatrix& rows);
 
 // Counters of what a writer did; the binding exposes them as Writer.stats().
 struct WriteStats {
@@ -94,12 +91,21 @@ class AsyncAppender {
   AsyncAppender(Writer& writer, std::uint64_t capacity_bytes);
   ~AsyncAppender();  // Calls stop().
 
-  // Whether a batch of `bytes` (packed_bytes) fits the queue at all. Larger batches must be
+  // Bytes `rows` occupy in the queue: packed, in the store's dtype (float32 rows for a float16
+  // or bfloat16 store are converted as they are copied in).
+  std::uint64_t queue_bytes(const ConstMatrix& rows) const {
+    return rows.rows * std::uint64_t{rows.dim} * dtype_size(dtype_);
+  }
+  // Whether a batch of `bytes` (queue_bytes) fits the queue at all. Larger batches must be
   // written by the caller (after flush(), to keep the order).
   bool fits(std::uint64_t bytes) const { return bytes <= capacity_bytes_; }
   // Queues the batch, blocking while the ring has no room for it; a copied batch's rows are
-  // copied into the ring before this returns, so the caller may reuse its buffer at once.
-  // Requires fits(packed_bytes(batch.rows)). On success the batch (and its hold) is owned by the
+  // copied into the ring (converted to the store's dtype) before this returns, so the caller may
+  // reuse its buffer at once, and a value the conversion would turn into infinity is refused
+  // here (kInvalidArgument, nothing queued). A borrowed batch is copied and converted by the
+  // background thread, so such a value fails it there (the sticky error below).
+  // The batch's rows must match the store (dim, an accepted dtype: the caller checks) and
+  // fits(queue_bytes(batch.rows)). On success the batch (and its hold) is owned by the
   // queue; on a throw the caller still owns batch.hold.
   void push(Batch&& batch);
   // Blocks until every batch pushed so far is written (or dropped); throws the sticky error.
@@ -122,7 +128,11 @@ class AsyncAppender {
   // Caller holds mutex_.
   std::optional<std::uint64_t> ring_place(std::uint64_t bytes) const;
 
+  // Copies (converts) a batch's rows into its ring range. Throws as push() says.
+  void fill_ring(const Batch& batch) const;
+
   Writer& writer_;
+  const DType dtype_;  // The store's.
   const std::uint64_t capacity_bytes_;
   const std::uint64_t record_bytes_;
   // capacity_bytes_ of anonymous memory, untouched until used, in 2 MiB pages where the kernel

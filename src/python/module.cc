@@ -330,11 +330,13 @@ class PyWriter {
     }
     const AliveLock alive = lock_open();
     if (copied) ++copied_batches_;
-    if (async_ && async_->fits(packed_bytes(batch.rows))) {
+    if (async_ && async_->fits(async_->queue_bytes(batch.rows))) {
       // Checked here so a wrong dim or dtype is a ValueError from this call, not a deferred one.
       check_matches(batch.rows);
-      // A contiguous copy made above is private already: hand it over like a donated array.
-      batch.borrowed = !copy || copied;
+      // A contiguous copy made above is private already: hand it over like a donated array,
+      // unless its rows are to be converted: then push() converts them, and a value beyond the
+      // store's dtype is a ValueError from this call, not a failure of the queue.
+      batch.borrowed = !copy || (copied && batch.rows.dtype == writer_->dtype());
       py::object keep;
       if (batch.borrowed) {
         keep = vectors;  // Referenced until the background thread has copied it.

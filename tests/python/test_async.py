@@ -336,6 +336,61 @@ def test_async_validates_dim_and_dtype_in_the_call(store):
     assert len(embstore.Reader(store)) == 1
 
 
+@pytest.mark.parametrize("dtype, beyond", [("float16", 1e6), ("bfloat16", 3.4e38)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_async_refuses_a_value_beyond_a_narrow_store_in_the_call_and_keeps_writing(
+        store, dtype, beyond, layout):
+    # The copy into the queue converts float32 rows to the store's dtype and checks them: the
+    # call that passes an overflowing value raises, nothing of it is queued, and the writer goes
+    # on (it used to queue the batch, fail in the background, drop the good batches queued
+    # behind it and refuse every later call). A strided array is made contiguous by the
+    # binding first; that copy is converted in the call too.
+    rng = np.random.default_rng(5)
+    good = [rng.standard_normal((64, 16)).astype(np.float32) for _ in range(3)]
+    bad = rng.standard_normal((64, 16)).astype(np.float32)
+    bad[17, 5] = beyond
+
+    def passed(a):
+        return np.asfortranarray(a) if layout == "strided" else a
+
+    with embstore.Writer(store, dim=16, dtype=dtype, async_queue_mb=1) as w:
+        with StoreLock(store):  # the good batch waits in the queue while the bad one is passed
+            w.append(range(64), passed(good[0]), 0)
+            with pytest.raises(ValueError, match=r"row 17 of the batch, column 5: .* is beyond "
+                               + dtype + "'s range"):
+                w.append(range(64, 128), passed(bad), 0)
+            assert w.stats()["queued_bytes"] == 64 * 16 * 2  # converted rows: 2 bytes each
+        w.append(range(128, 192), passed(good[1]), 1)
+        w.flush()
+        w.append(range(192, 256), passed(good[2]), 2)
+    r = embstore.Reader(store)
+    assert len(r) == 192 and r.verify().ok
+    with embstore.Writer(str(store) + "-sync", dim=16, dtype=dtype) as sync:
+        for epoch, rows in enumerate(good):
+            sync.append(range(64), rows, epoch)
+    expected = embstore.Reader(str(store) + "-sync").vectors
+    assert np.asarray(r.vectors).view(np.uint16).tolist() == \
+        np.asarray(expected).view(np.uint16).tolist()  # converted exactly as a sync append does
+    assert r.keys.tolist() == list(range(64)) + list(range(128, 256))
+
+
+def test_a_donated_batch_beyond_a_narrow_store_fails_in_the_background_and_says_so(store):
+    # A donated array is not read by the call: its conversion, and so the refusal, happen in the
+    # background thread, which reports it by the next call as any failed background append.
+    bad = np.ones((8, 4), np.float32)
+    bad[3, 2] = 1e6
+    w = embstore.Writer(store, dim=4, dtype="float16", async_queue_mb=1)
+    w.append(range(8), np.ones((8, 4), np.float32), copy=False)
+    w.append(range(8, 16), bad, copy=False)
+    with pytest.raises(ValueError, match=r"row 3 of the batch, column 2: 1000000 is beyond "
+                       r"float16's range.*this batch and the 0 queued behind it \(8 rows\) "
+                       "were not written"):
+        w.flush()
+    with pytest.raises(ValueError):
+        w.close()
+    assert len(embstore.Reader(store)) == 8
+
+
 def test_async_writes_match_sync_writes_across_many_batches(store, tmp_path):
     rng = np.random.default_rng(3)
     batches = [rng.standard_normal((int(rng.integers(1, 300)), 32)).astype(np.float32)

@@ -547,13 +547,17 @@ class Writer(_Handle):
     always wakes it, and after two intervals without a batch it sleeps until the next append:
 
     * ``append(..., copy=True)`` (the default) copies the rows into the queue before it
-      returns (at memcpy speed), so the caller may reuse or change its array or tensor at once:
+      returns (at memcpy speed; float32 rows for a float16/bfloat16 store are converted as they
+      are copied, so a value beyond the store's range raises ValueError from this call and
+      nothing is queued), so the caller may reuse or change its array or tensor at once:
       what is stored is what it held at the call.
     * ``append(..., copy=False)`` donates the array: the call only takes a reference and
       returns at once; the background thread copies the rows into the queue just before it
       writes them. You promise not to modify the array (or anything sharing its memory) until
       ``flush()`` returns; if you do, which values are stored is undefined — but each stored
       row still matches its checksum, because rows are hashed from the copy that is written.
+      Rows to be converted are converted then too, so a value beyond a float16/bfloat16
+      store's range fails the background append (below), not this call.
 
     When the rows not yet written would overflow the queue, ``append`` blocks (with the GIL
     released) until there is room. A single batch larger than the whole queue is written by
