@@ -170,6 +170,43 @@ def test_recorder_under_ddp_names_and_rank_filter(store):
         EmbeddingRecorder(model, "nope", store)
 
 
+@pytest.mark.parametrize("stored, asked, value, returned", [
+    ("float32", torch.float16, 1e6, "inf"),
+    ("float32", torch.bfloat16, 3.4e38, "inf"),
+    ("bfloat16", torch.float16, 1e6, "inf"),
+    ("float32", torch.int8, 300.0, "44"),
+    ("float32", torch.int32, float("nan"), None),
+])
+def test_dataset_refuses_a_stored_value_the_dtype_asked_for_cannot_hold(
+        store, stored, asked, value, returned):
+    # torch's .to() makes such a value infinity, or wraps it, without a word: the dataset names
+    # the row and column instead, as the store refuses such values on the way in.
+    rows = np.ones((3, 4), np.float32)
+    rows[1, 2] = value
+    with embstore.Writer(store, dim=4, dtype=stored) as w:
+        w.append(range(3), rows)
+    ds = EmbeddingDataset(store, dtype=asked)
+    assert ds[0][0].dtype == asked and ds[0][0].tolist() == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match=r"store: row 1, column 2: the stored value .* is beyond "
+                       + str(asked) + "'s range" + (f" and would be returned as {returned}"
+                                                    if returned else "")):
+        ds[1]
+    assert ds[2][1] == 2  # the dataset goes on
+
+
+def test_dataset_converts_values_in_range_as_torch_does_and_refuses_a_non_numeric_dtype(store):
+    rows = np.array([[65504.0, -1e-8, 127.9, -128.0]], np.float32)
+    with embstore.Writer(store, dim=4) as w:
+        w.append([7], rows)
+    assert EmbeddingDataset(store, dtype=torch.float16)[0][0].tolist() == \
+        torch.from_numpy(rows[0]).to(torch.float16).tolist()  # rounding is not refused
+    as_int = EmbeddingDataset(store, dtype=torch.int32)[0][0]  # truncated toward zero
+    assert as_int.dtype == torch.int32 and as_int.tolist() == [65504, 0, 127, -128]
+    for bad in (torch.bool, "float16", np.float16):
+        with pytest.raises(ValueError, match="dtype must be a numeric torch dtype"):
+            EmbeddingDataset(store, dtype=bad)
+
+
 def test_dataset_over_recorded_embeddings_trains_a_probe(store):
     torch.manual_seed(1)
     x, y = _data(256)

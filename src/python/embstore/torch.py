@@ -69,13 +69,18 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     Args:
         store: a path or an open ``embstore.Reader``.
         rows: optional 1-D array of row numbers to serve (default: every row of the snapshot).
-        dtype: optional torch dtype to convert vectors to.
+        dtype: optional torch dtype to convert vectors to. A stored value it cannot hold (a
+            finite one beyond float16's range, one outside an integer dtype's) raises ValueError
+            naming its row and column; rounding is not reported.
         transform: optional callable applied to each vector tensor.
     """
 
     def __init__(self, store: Any, rows: Optional[Sequence[int]] = None,
                  dtype: Optional[torch.dtype] = None,
                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype == torch.bool):
+            raise ValueError(f"{store}: dtype must be a numeric torch dtype such as "
+                             f"torch.float32; got {dtype!r}")
         self._reader = store if isinstance(store, Reader) else Reader(store)
         self._path = self._reader.path
         self._dtype = dtype
@@ -189,13 +194,35 @@ class EmbeddingDataset(torch.utils.data.Dataset):
             vector = torch.from_numpy(view.view(np.int16).copy()).view(torch.bfloat16)
         else:
             vector = torch.from_numpy(view.copy())
-        if self._dtype is not None:
-            vector = vector.to(self._dtype)
+        if self._dtype is not None and vector.dtype != self._dtype:
+            vector = self._converted(vector, row)
         if self._transform is not None:
             vector = self._transform(vector)
         key = int(self._reader._native.keys(row, row + 1)[0])
         epoch = int(self._reader._native.epochs(row, row + 1)[0])
         return vector, key, epoch
+
+    def _converted(self, vector: torch.Tensor, row: int) -> torch.Tensor:
+        """``vector`` (row ``row``) in the dtype asked for; a stored value the conversion would
+        change beyond rounding (a finite one become infinity, or one outside an integer dtype's
+        range or not finite) raises ValueError naming it, as the store refuses such values on
+        the way in, where torch would return infinity or wrapped integers without a word."""
+        out = vector.to(self._dtype)
+        if out.dtype.is_floating_point:
+            changed = torch.isinf(out) & torch.isfinite(vector)
+        elif out.dtype.is_complex:
+            changed = torch.zeros(out.shape, dtype=torch.bool)
+        else:
+            info = torch.iinfo(out.dtype)
+            wide = vector.double()
+            changed = ~torch.isfinite(wide) | (wide < info.min) | (wide >= info.max + 1)
+        if bool(changed.any()):
+            column = int(torch.nonzero(changed)[0, 0])
+            raise ValueError(
+                f"{self._path}: row {row}, column {column}: the stored value "
+                f"{float(vector[column])!r} is beyond {self._dtype}'s range and would be "
+                f"returned as {out[column].item()!r}; ask for a wider dtype")
+        return out
 
     @property
     def reader(self) -> Reader:
