@@ -205,6 +205,7 @@ bool print_summary(const std::map<std::string, std::uint64_t>& stats) {
       {"key_index_crash_kills", "key index crash points x passes (SIGKILLs)"},
       {"key_index_kill9_rounds", "kill -9 rounds while the key index grows"},
       {"key_index_damages", "key index files removed or damaged"},
+      {"checker_plants", "planted faults the checkers must report (and a control)"},
       {"acked_rows_lost", "acked rows lost (must be 0)"},
       {"durable_rows_lost", "durable rows lost (must be 0)"},
       {"torn_rows_seen", "torn rows ever seen by a reader (must be 0)"},

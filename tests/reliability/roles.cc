@@ -188,6 +188,7 @@ int role_reader(const Args& args) {
   install_term_handler();
   const Params p = args.params();
   const bool hammer = args.has("hammer");
+  const bool once = args.has("once");  // Check the snapshot at open, then exit (scenario 23).
   std::map<std::uint64_t, Schedule> schedules;
   std::uint64_t checked = 0, torn = 0, problems = 0;
   auto problem = [&](const std::string& text) {
@@ -224,7 +225,7 @@ int role_reader(const Args& args) {
       }
       if (size > checked) checked = size;
     };
-    while (!g_stop.load()) {
+    while (!g_stop.load() && !once) {
       if (hammer) {
         reader.refresh();
       } else {

@@ -22,7 +22,7 @@ Args parse_args(int argc, char** argv, int first);
 // Exit codes of roles: 0 fine, 1 an invariant or contract broke, 2 unexpected error,
 // 10 the writer stopped at a clean kFull as asked.
 int role_writer(const Args& args);    // appends its schedule, logging I/A/D; SIGTERM ends it
-int role_reader(const Args& args);    // follows the store, checks every row it can see
+int role_reader(const Args& args);    // follows the store, checks every row it can see (--once)
 int role_verifier(const Args& args);  // check_invariant; --power-loss, --fresh-writer
 int role_faultrun(
     const Args& args);  // a workload under EMBSTORE_FAULT: errors, never false success

@@ -81,5 +81,7 @@ bool scenario_python_use(std::uint64_t seed);  // 20
 bool scenario_key_index(std::uint64_t seed);  // 21
 // Truncate under writers, readers and kills (scenarios_truncate.cc).
 bool scenario_truncate(std::uint64_t seed);  // 22
+// The checkers catch planted faults (scenarios_checks.cc).
+bool scenario_checkers(std::uint64_t seed);  // 23
 
 }  // namespace embstore::torture

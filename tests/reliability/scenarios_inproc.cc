@@ -763,6 +763,7 @@ const std::vector<Scenario>& all_scenarios() {
        scenario_truncate},
       {"19", "many stores: thousands of readers, hundreds of writers, views kept",
        scenario_many_stores},
+      {"23", "the checkers: the verifier and the reader fail on planted faults", scenario_checkers},
   };
   return table;
 }
