@@ -31,6 +31,8 @@ class Reader::Impl {
   std::string metadata_;
   std::uint64_t snapshot_ = 0;
   std::uint64_t snapshot_generation_ = 0;  // The file generation snapshot_ counts rows of.
+  // When refresh() last found the store at its path (kPathCheckInterval).
+  std::chrono::steady_clock::time_point path_checked_{};
   // Rows [0, populated_) have page-table entries in this Reader's mapping (populate()); reset
   // when refresh() maps the files again at a new Generation, whose range has none.
   mutable std::atomic<std::uint64_t> populated_{0};
@@ -98,8 +100,19 @@ class Reader::Impl {
     return *files_;
   }
 
+  // A store deleted, moved away or replaced at its path never commits another row that a
+  // process opening the path would see: refresh() says so (kNotFound) instead of returning the
+  // old snapshot for good (and wait() sleeping on a counter nobody raises). The path is looked
+  // up at most this often (a stat, ~1 us, where a refresh with nothing new takes ~40 ns).
+  static constexpr std::chrono::milliseconds kPathCheckInterval{50};
+
   std::uint64_t refresh() {
     StoreFiles& f = files();
+    const auto now = std::chrono::steady_clock::now();
+    if (now - path_checked_ >= kPathCheckInterval) {
+      f.check_at_path();
+      path_checked_ = now;
+    }
     const detail::Generation* mapped = f.generation();
     // The one recovery loader (log/recovery.h), read-only: after a reboot, before any writer
     // recovered the store, it verifies the rows past `durable` and keeps whole valid batches.

@@ -96,6 +96,31 @@ TEST_CASE("A reader of a store replaced at its path never maps the other store's
   CHECK(r.record(9).key == test::make_key(0, 9));
 }
 
+TEST_CASE("A reader of a store deleted and made again at its path hears of it, waiting or not",
+          "[reader]") {
+  // The old store's writer is gone, so its counter never moves again: refresh() returned the
+  // old snapshot for good and wait() slept until its timeout (for ever without one), while a new
+  // run appended to the store now at the path.
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(8));
+  append_batch(w, 0, 0, 10);
+  w.close();
+  Reader r = Reader::open(dir / "s");
+  std::filesystem::remove_all(dir / "s");
+  Writer next_run = Writer::create(dir / "s", small(8));
+  append_batch(next_run, 1, 0, 20);
+  // Most likely within the interval between two looks at the path since the open (reader.cc,
+  // kPathCheckInterval): then wait() finds it out after a slice of its sleep.
+  CHECK(test::code_of([&] { r.wait(11, std::chrono::seconds(30)); }) == ErrorCode::kNotFound);
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // Past the interval.
+  std::string message;
+  CHECK(test::code_of([&] { r.refresh(); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("the store opened is no longer at this path"));
+  CHECK(r.size() == 10);  // The snapshot and its rows stay the old store's.
+  CHECK(r.record(9).key == test::make_key(0, 9));
+  CHECK(Reader::open(dir / "s").size() == 20);
+}
+
 TEST_CASE("Views stay valid and unchanged while writers grow the store by many segments",
           "[reader][zero-copy]") {
   TempDir dir;

@@ -111,10 +111,13 @@ class Reader {
   std::uint64_t generation() const;
   // Takes a new snapshot of the committed rows and returns its size: never smaller than before,
   // except after a Writer::truncate(), when it is the truncated store's (possibly smaller)
-  // size. Views taken before stay valid and unchanged either way.
+  // size. Views taken before stay valid and unchanged either way. Throws kNotFound once the
+  // store is no longer at its path (deleted, moved away, or another store created or moved
+  // there: open the path again), looked up at most every 50 ms; the snapshot and views stay.
   std::uint64_t refresh();
   // Refreshes until size() >= min_rows or `timeout` passes; true when reached. Wakes on commits
-  // from any process (a shared futex on the commit counter), without polling.
+  // from any process (a shared futex on the commit counter), without polling; throws as
+  // refresh() does, within a fraction of a second of the store leaving its path.
   bool wait(std::uint64_t min_rows, std::chrono::nanoseconds timeout);
 
   // Rows [begin, end) of the snapshot; throws kInvalidArgument unless begin <= end <= size().

@@ -346,3 +346,25 @@ def test_cmake_install_puts_an_importable_package_under_the_prefix(tmp_path):
                           "print(embstore.__file__)"], env={**os.environ, "PYTHONPATH": site},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(inits[0])
+
+
+def test_a_follower_of_a_run_started_over_at_the_same_path_is_told_not_left_on_the_old_store(
+        store):
+    # A dashboard follows a run; the run is started over (its directory removed, a store made
+    # again there, written to). refresh() kept returning the deleted store's rows and wait()
+    # slept on a counter nobody raises (for ever without a timeout).
+    import shutil
+    with embstore.Writer(store, dim=2) as w:
+        w.append(np.arange(10), np.ones((10, 2), np.float32))
+    follower = embstore.Reader(store)
+    waiting = embstore.Reader(store)
+    shutil.rmtree(store)
+    with embstore.Writer(store, dim=2) as w:
+        w.append(np.arange(100, 150), np.full((50, 2), 7, np.float32))
+    with pytest.raises(FileNotFoundError, match="the store opened is no longer at this path"):
+        waiting.wait(11, timeout=30)
+    time.sleep(0.06)  # past the 50 ms between two looks at the path
+    with pytest.raises(FileNotFoundError, match="no longer at this path"):
+        follower.refresh()
+    assert len(follower) == 10 and follower.keys.tolist() == list(range(10))  # its snapshot
+    assert len(embstore.Reader(store)) == 50

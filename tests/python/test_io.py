@@ -160,6 +160,47 @@ def test_import_into_an_existing_store_of_another_dtype_than_asked_is_refused(tm
     assert embstore.Reader(store).vectors.tolist() == rows.tolist() * 2
 
 
+def test_import_into_an_empty_directory_makes_the_store_there(tmp_path, monkeypatch):
+    # Refused with NotAStoreError telling the user to give "a new path or an empty directory",
+    # which it was; create() and Writer(dim=) take an empty directory.
+    import embstore.io as eio
+    store = tmp_path / "empty"
+    store.mkdir()
+    rows = np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert embstore.import_npy(store, rows, metadata={"model": "a"}, epoch=2) == 3
+    r = embstore.Reader(store)
+    assert r.vectors.tolist() == rows.tolist() and r.keys.tolist() == [0, 1, 2]
+    assert r.epochs.tolist() == [2, 2, 2] and r.metadata == {"model": "a"}
+    assert sorted(os.listdir(tmp_path)) == ["empty"]  # no hidden directory beside it
+    # Refused after rows were appended (chunks of one row): the directory is left empty.
+    monkeypatch.setattr(eio, "_CHUNK_BYTES", 2 * 8)
+    (tmp_path / "again").mkdir()
+    bad = np.ones((3, 2))
+    bad[2, 1] = 1e6  # beyond float16
+    with pytest.raises(ValueError, match="row 2, column 1: .* beyond float16's range"):
+        embstore.import_npy(tmp_path / "again", bad, dtype="float16")
+    assert os.listdir(tmp_path / "again") == []
+
+
+def test_import_into_an_existing_store_refuses_other_metadata_as_the_cli_does(tmp_path):
+    # metadata= for an existing store was ignored and the rows appended; `embstore import
+    # --metadata` refuses it (exit 15) and appends nothing. The same metadata is taken.
+    store = str(tmp_path / "s")
+    embstore.create(store, dim=2, metadata={"model": "a", "run": 1})
+    rows = np.ones((3, 2), np.float32)
+    for other in ({"model": "b", "run": 1}, '{"model": "a"}', {"model": "a", "run": True}, ""):
+        with pytest.raises(embstore.FormatMismatchError,
+                           match=f"^{store} exists, with other metadata than metadata= gives; "
+                                 "metadata is for a new store"):
+            embstore.import_npy(store, rows, metadata=other)
+    assert len(embstore.Reader(store)) == 0
+    for same in ({"run": 1, "model": "a"}, '{"model":"a",  "run":1}'):  # as text or as JSON
+        assert embstore.import_npy(store, rows, metadata=same) == 3
+    assert embstore.import_npy(store, rows) == 3  # none given: the store's
+    r = embstore.Reader(store)
+    assert len(r) == 9 and r.metadata == {"model": "a", "run": 1}
+
+
 def test_compact_latest_epochs_dtype_and_the_source_untouched(tmp_path):
     src = make(tmp_path / "s")
     before = hashes(src)

@@ -137,13 +137,32 @@ def test_shardset_gather_refuses_bools_and_floats_as_reader_gather_does(tmp_path
     # It converted with np.asarray(rows, dtype=np.int64): 0.7 and True became rows 0 and 1.
     paths, _, _, vectors = make_shards(tmp_path, [5, 7])
     s = embstore.ShardSet(paths)
-    for rows, message in [([0.7], "must be integer row numbers; got dtype float64"),
-                          ([True, 2], r"must be integer row numbers; rows\[0\] is bool"),
-                          (np.array([1, 0], bool), "must be integer row numbers; got dtype bool"),
+    # "(-1 for none)", as Reader.gather says: -1 gives a row of zeros there too.
+    for rows, message in [([0.7], r"must be integer row numbers \(-1 for none\); got dtype "
+                                  "float64"),
+                          ([True, 2], r"must be integer row numbers \(-1 for none\); "
+                                      r"rows\[0\] is bool"),
+                          (np.array([1, 0], bool), r"must be integer row numbers "
+                                                   r"\(-1 for none\); got dtype bool"),
                           (np.zeros((2, 2), np.int64), r"must be 1-D .* shape \(2, 2\)")]:
         with pytest.raises(ValueError, match="gather: rows " + message):
             s.gather(rows)
     assert np.array_equal(s.gather([7, 0]), vectors[[7, 0]])
+
+
+def test_shardset_gather_gives_a_row_of_zeros_for_minus_one_as_reader_gather_does(tmp_path):
+    # find_many's -1 (a missing key) was refused by gather with "rows must lie in [0, 12)",
+    # naming no value; Reader.gather gives a row of zeros for it.
+    paths, keys, _, vectors = make_shards(tmp_path, [5, 7])
+    s, r = embstore.ShardSet(paths), embstore.Reader(paths[1])
+    rows = s.find_many([int(keys[6]), 12345])
+    assert rows.tolist() == [s.find(int(keys[6])), -1]
+    np.testing.assert_array_equal(s.gather(rows), [vectors[rows[0]], np.zeros(6)])
+    np.testing.assert_array_equal(r.gather([-1, 0]), s.gather([-1, 5]))
+    for bad in (-2, 12):
+        with pytest.raises(IndexError, match=rf"gather: row {bad} is outside the ShardSet's "
+                                             "12 rows"):
+            s.gather([0, -1, bad])
 
 def test_refresh_takes_in_new_rows_and_renumbers(tmp_path):
     paths, keys, epochs, _ = make_shards(tmp_path, [20, 20])
@@ -197,6 +216,30 @@ def test_manifest_directory_and_pickling(tmp_path):
     text = json.loads((tmp_path / es.MANIFEST_NAME).read_text())
     assert [shard["path"] for shard in text["shards"]] == ["s0", "s1"]
     assert es.read_manifest(tmp_path / es.MANIFEST_NAME)["shards"][1]["rows"] == 15
+
+
+def test_a_directory_that_is_not_a_store_raises_not_a_store_error_naming_it(tmp_path):
+    # ShardSet (and so embstore.dask.from_store) and merge raised FileNotFoundError for a path
+    # that exists, where Reader raises NotAStoreError: `except embstore.NotAStoreError` missed it.
+    paths = make_shards(tmp_path, [5])[0]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for bad, why in [(tmp_path / "empty", "is a directory but not an embstore store"),
+                     (tmp_path / "file", "is a file, not an embstore store")]:
+        for given in (bad, [bad], [paths[0], bad]):
+            with pytest.raises(embstore.NotAStoreError, match=f"^{bad}: {why}"):
+                embstore.ShardSet(given)
+        with pytest.raises(embstore.NotAStoreError, match=f"^{bad}: {why}"):
+            embstore.merge(tmp_path / "out", [paths[0], bad])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="no store here"):  # missing: as Reader says
+        embstore.ShardSet([paths[0], tmp_path / "missing"])
+    # A manifest's shard that is not a store keeps the manifest's error, naming both.
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest_for(str(tmp_path), ["s0"]))
+    shutil.rmtree(paths[0])
+    os.mkdir(paths[0])
+    with pytest.raises(FileNotFoundError, match=f"{es.MANIFEST_NAME}: shard 's0' is missing"):
+        embstore.ShardSet(tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -436,6 +479,33 @@ def test_a_pickled_shardset_reopens_at_the_same_snapshots_in_another_process(tmp
                                              r"generation 2, 12 rows; the pickled ShardSet"):
         len(pickle.loads(state))  # raised by the first call, not by unpickling
     s.close()
+
+
+def test_a_shardset_opened_by_relative_paths_holds_and_pickles_absolute_ones(tmp_path,
+                                                                             monkeypatch):
+    # It kept the paths as given: unpickled by a process with another working directory (a
+    # Pool or dask worker that changed it), it opened no store, or another one of that name.
+    import pickle
+    import subprocess
+    import sys
+    (tmp_path / "run").mkdir()
+    paths, _, _, vectors = make_shards(tmp_path / "run", [5, 7])
+    es.write_manifest(tmp_path / "run" / es.MANIFEST_NAME,
+                      manifest_for(str(tmp_path / "run"), ["s0", "s1"]))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for given in (["run/s0", "run/s1"], os.path.join("run", es.MANIFEST_NAME), "run"):
+        s = embstore.ShardSet(given)
+        assert s.paths == paths, given
+        child = subprocess.run(
+            [sys.executable, "-c", "import pickle, sys; s = pickle.load(sys.stdin.buffer); "
+             "sys.stdout.buffer.write(pickle.dumps((s.paths, s.rows(0, len(s)))))"],
+            input=pickle.dumps(s), capture_output=True, cwd=tmp_path / "elsewhere", timeout=120)
+        assert child.returncode == 0, child.stderr.decode()
+        child_paths, rows = pickle.loads(child.stdout)
+        assert child_paths == paths
+        np.testing.assert_array_equal(rows, vectors)
+        s.close()
 
 
 def test_a_reader_opened_with_max_rows_sees_only_those_rows(tmp_path):

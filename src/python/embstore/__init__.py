@@ -1178,7 +1178,13 @@ class Reader(_Handle):
     def refresh(self) -> int:
         """Takes a new snapshot of the committed rows; returns its size: never smaller, except
         after a ``Writer.truncate()``, when it is the truncated store's size. Arrays taken
-        before stay valid and unchanged either way."""
+        before stay valid and unchanged either way.
+
+        Raises:
+            FileNotFoundError: the store is no longer at its path (deleted, moved away, or
+                another store created or moved there: a run started over); open the path
+                again. Looked up at most every 50 ms; the snapshot and its arrays stay.
+        """
         return self._native.refresh()
 
     @property
@@ -1196,6 +1202,8 @@ class Reader(_Handle):
 
         Raises:
             ValueError: a negative or NaN timeout, or ``n`` outside [0, 2**64).
+            FileNotFoundError: as ``refresh()``, within a fraction of a second of the store
+                leaving its path (a wait would otherwise sleep on a counter nobody raises).
         """
         n = _check_u64(n, "wait: n")
         if timeout is not None:

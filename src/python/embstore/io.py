@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from . import (CorruptionError, Reader, Writer, _as_ints, _check_int_array, _check_u64, _dtype_name,
-               _embstore, _rounded_once)
+               _embstore, _metadata_text, _rounded_once, create)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -251,6 +251,33 @@ def _as_store_rows(chunk: np.ndarray, source: str, target: str,
     return chunk
 
 
+def _same_metadata(given: str, stored: str) -> bool:
+    """True when metadata ``given`` for a store is what it has: the same text or the same JSON
+    value (as the CLI's import compares them: ``same_metadata`` in tools/lib/import.cc)."""
+    if given == stored:
+        return True
+    try:
+        # Re-serialized rather than compared with ==, which takes true for 1.
+        return (json.dumps(json.loads(given), sort_keys=True) ==
+                json.dumps(json.loads(stored), sort_keys=True))
+    except ValueError:  # either is not JSON, and the texts differ
+        return False
+
+
+def _empty_out(directory: str) -> None:
+    """Removes what ``directory`` holds (the store an import made in it), leaving it empty;
+    errors are ignored, as ``shutil.rmtree(ignore_errors=True)`` ignores them."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError:
+            pass
+
+
 def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
             dtype: str) -> None:
     if dtype == "bfloat16" and vectors.dtype == np.uint16:
@@ -263,7 +290,9 @@ def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.nd
 def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
                epoch: Optional[int] = None, dtype: Any = None, metadata: Any = None) -> int:
     """Appends rows from ``source`` to ``store``, creating the store when it does not exist (it
-    then appears whole when the import finishes). Returns the rows appended.
+    then appears whole when the import finishes) or is an empty directory (made in it, as
+    ``create`` makes one, so its rows appear as they are appended; after an error the directory
+    is left empty). Returns the rows appended.
 
     Args:
         source: an npy export directory (keys, epochs, dtype and metadata come with it), a 2-D
@@ -275,7 +304,9 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             refused). Float rows are converted to a float store's dtype. For an existing store,
             a dtype other than the store's raises FormatMismatchError and appends nothing
             (except "bfloat16" naming uint16 input as bit patterns).
-        metadata: the new store's metadata (default: the export's).
+        metadata: the new store's metadata (default: the export's). For an existing store,
+            metadata other than the store's (as text, or as JSON) raises FormatMismatchError
+            and appends nothing: a store's metadata is fixed when it is created.
     """
     store = os.fspath(store)
     side = {}
@@ -331,12 +362,18 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     elif source_dtype is None:
         source_dtype = _dtype_name(vectors.dtype)
     store_dtype = _dtype_name(dtype) if dtype is not None else source_dtype
-    partial = None
-    if os.path.exists(store):
+    partial = None  # where a new store is made: a hidden sibling of ``store``, or ``store``
+    in_place = os.path.isdir(store) and not os.listdir(store)
+    if os.path.exists(store) and not in_place:
+        given_metadata = None if metadata is None else _metadata_text(metadata)
         writer = Writer(store)
         mismatch = None
         if writer.dim != dim:
             mismatch = f"{store} has dim {writer.dim} but the source has {dim} columns"
+        elif given_metadata is not None and not _same_metadata(given_metadata,
+                                                                writer.info()["metadata"]):
+            mismatch = (f"{store} exists, with other metadata than metadata= gives; metadata "
+                        "is for a new store (an existing store's metadata is fixed)")
         elif dtype is not None and store_dtype != writer.dtype and not (
                 vectors.dtype == np.uint16 and store_dtype == "bfloat16"):
             # Rows converted to the store's dtype anyway would not be what was asked for. With
@@ -348,13 +385,24 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             from ._errors import FormatMismatchError
             raise FormatMismatchError(mismatch)
     else:
-        partial = _partial_dir(store)
         meta = metadata if metadata is not None else side.get("metadata")
-        try:
-            writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
-        except BaseException:  # e.g. a bad dim or metadata: leave no hidden directory
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+        if in_place:
+            # create() refuses a directory that is no longer empty (another store made there
+            # meanwhile): nothing in it is the import's to remove.
+            create(store, dim=dim, dtype=store_dtype, metadata=meta)
+            partial = store
+            try:
+                writer = Writer(store)
+            except BaseException:
+                _empty_out(store)
+                raise
+        else:
+            partial = _partial_dir(store)
+            try:
+                writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
+            except BaseException:  # e.g. a bad dim or metadata: leave no hidden directory
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
     try:
         step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
         if partial is None and _may_overflow(source_dtype, writer.dtype):
@@ -374,11 +422,13 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             _append(writer, k, e, chunk, source_dtype if chunk.dtype == np.uint16 else "")
         writer.sync()
         writer.close()
-        if partial is not None:
+        if partial is not None and not in_place:
             _publish(partial, store)
     except BaseException:
         writer.close()
-        if partial is not None:
+        if in_place:
+            _empty_out(store)
+        elif partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
         raise
     return n

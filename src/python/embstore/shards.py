@@ -15,6 +15,7 @@ The manifest format, its checks and the merge are the C++ core's (include/embsto
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -24,7 +25,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import (Error, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name, _embstore,
-               _metadata_text, _row_array, _u64_array)
+               _metadata_text, _not_a_store_check, _row_array, _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -42,6 +43,26 @@ def _inputs(manifest_or_paths: Any) -> List[str]:
     if not paths:
         raise ValueError("no manifest and no store given")
     return paths
+
+
+@contextlib.contextmanager
+def _stores_checked(inputs: List[str]):
+    """Turns the core's FileNotFoundError for a store path of ``inputs`` that exists but holds
+    no store into NotAStoreError naming it, as Reader raises it. A single manifest input (a
+    *.json file or a directory holding MANIFEST_NAME: ``manifest_file`` in src/shard_set.cc)
+    is left alone: its shards' errors name the manifest."""
+    try:
+        yield
+    except FileNotFoundError as error:
+        first = inputs[0]
+        manifest = len(inputs) == 1 and (
+            (first.endswith(".json") and not os.path.isdir(first))
+            or os.path.exists(os.path.join(first, MANIFEST_NAME)))
+        if not manifest:
+            for path in inputs:
+                with contextlib.suppress(FileNotFoundError), _not_a_store_check(path):
+                    raise error  # NotAStoreError when this path exists but is no store
+        raise
 
 
 def read_manifest(path: PathLike) -> dict:
@@ -131,8 +152,11 @@ def merge(out: PathLike, manifest_or_paths: Any,
     disagree on dim or dtype are refused (FormatMismatchError naming them), and without a
     manifest (whose metadata the merged store takes) so are shards of different metadata.
     ``progress(rows_done, rows_total, shard_path)`` is called after each chunk. Returns the new
-    store's info (synced: durable)."""
-    return _embstore.merge_stores(os.fspath(out), _inputs(manifest_or_paths), progress)
+    store's info (synced: durable). A store path that exists but holds no store raises
+    NotAStoreError naming it, as ``Reader`` does."""
+    inputs = _inputs(manifest_or_paths)
+    with _stores_checked(inputs):
+        return _embstore.merge_stores(os.fspath(out), inputs, progress)
 
 
 def node_name() -> str:
@@ -169,12 +193,18 @@ class ShardSet:
     naming the shard when it cannot be (truncated or replaced since, or fewer rows committed
     there). Its ``refresh()`` then takes new snapshots as usual.
 
+    ``paths`` holds each shard's absolute path, as ``Reader.path`` does: a relative one is taken
+    relative to the working directory at construction, so a copy unpickled in a process with
+    another working directory opens the same stores.
+
     Args:
         manifest_or_paths: a manifest file, a directory holding ``manifest.json``, a store
             directory, or a list of store directories.
 
     Raises:
-        FileNotFoundError: a shard listed in the manifest is missing (named).
+        FileNotFoundError: a shard listed in the manifest, or a store path given, is missing
+            (named).
+        NotAStoreError: a store path given exists but is not a store (named).
         FormatMismatchError: shards disagree with each other or the manifest on dim or dtype, or
             a shard's store id differs from its manifest entry (named).
         ValueError: a manifest shard path is absolute or goes through ``..``.
@@ -183,11 +213,14 @@ class ShardSet:
     def __init__(self, manifest_or_paths: Any, *, map_bytes: Optional[int] = None) -> None:
         self._inputs = _inputs(manifest_or_paths)
         self._map_bytes = map_bytes
-        paths, metadata = _embstore.resolve_shards(self._inputs)  # the core's checks
-        self.paths: List[str] = list(paths)
+        with _stores_checked(self._inputs):
+            paths, metadata = _embstore.resolve_shards(self._inputs)  # the core's checks
         self.metadata_text: str = metadata.decode("utf-8", errors="replace")
-        self._shards: Optional[List[Reader]] = [Reader(p, map_bytes=map_bytes)
-                                                for p in self.paths]
+        self._shards: Optional[List[Reader]] = [Reader(p, map_bytes=map_bytes) for p in paths]
+        # Each Reader's path, made absolute by the core at open: joined to the working directory,
+        # not normalised (os.path.abspath would take "link/.." lexically, to another directory
+        # than the kernel's). What a pickled copy reopens.
+        self.paths: List[str] = [r.path for r in self._shards]
         self._store_ids = [r.info(key_stats=False)["store_id"] for r in self._shards]
         self._renumber()
 
@@ -266,12 +299,16 @@ class ShardSet:
         return np.concatenate(parts)
 
     def gather(self, rows: Any) -> np.ndarray:
-        """The vectors of global rows ``rows`` (any order; 1-D integers, checked as
-        Reader.gather checks them) as one new (len(rows), dim) array."""
-        rows = _row_array(rows, "gather", hint="")
-        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-            raise IndexError(f"rows must lie in [0, {len(self)})")
+        """The vectors of global rows ``rows`` (any order; 1-D integers as from find_many,
+        checked as Reader.gather checks them; -1 gives a row of zeros) as one new
+        (len(rows), dim) array. IndexError naming the first other row outside the set."""
+        rows = _row_array(rows, "gather")
+        outside = np.flatnonzero((rows < -1) | (rows >= len(self)))
+        if outside.size:
+            raise IndexError(f"gather: row {int(rows[outside[0]])} is outside the ShardSet's "
+                             f"{len(self)} rows (-1 gives a row of zeros)")
         out = np.empty((rows.size, self.dim), dtype=self.shards[0].vectors.dtype)
+        out[rows == -1] = 0
         shard = np.searchsorted(self.offsets, rows, side="right") - 1
         for i, reader in enumerate(self.shards):
             mine = shard == i

@@ -263,7 +263,12 @@ class Follower:
 
     def _advance(self) -> None:
         """Refreshes the lookup Reader and publishes a snapshot if rows arrived."""
-        rows = self.reader.refresh()
+        try:
+            rows = self.reader.refresh()
+        except FileNotFoundError:
+            # The store is no longer at its path (the core's check): say how, as _check_files does.
+            self._check_path()
+            raise
         # The generation of the rows refresh() saw: info()'s is the store's now, newer if a
         # truncate came in between (its files would not hold this snapshot's rows). A shard
         # set's: every shard's, so that a truncated shard's rows are counted afresh.
@@ -302,7 +307,11 @@ class Follower:
         while not self._stop.is_set():
             try:
                 if self._waiter is not None:
-                    self._waiter.wait(self.snapshot.rows + 1, timeout=kFollowSliceSeconds)
+                    try:
+                        self._waiter.wait(self.snapshot.rows + 1, timeout=kFollowSliceSeconds)
+                    except FileNotFoundError:
+                        self._check_path()  # The store left its path: StoreError saying how.
+                        raise
                 else:
                     self._stop.wait(kFollowSliceSeconds)
                 if self._error is not None and not self._recheck():
@@ -311,6 +320,9 @@ class Follower:
                 self._advance()
                 if self.snapshot.rows != before:
                     self._stop.wait(kMinRefreshSeconds)
+            except StoreError as e:
+                self._set_error(str(e))
+                self._stop.wait(kFollowSliceSeconds)
             except Exception as e:  # A damaged store must not end the server: report it.
                 self._set_error(f"{type(e).__name__}: {e}")
                 self._stop.wait(kFollowSliceSeconds)
@@ -341,12 +353,18 @@ class Follower:
 
     # ---- health ----------------------------------------------------------------------------
 
-    def _check_files(self, rows: int, generation: int) -> None:
+    def _check_path(self) -> None:
+        """Raises StoreError when the store opened is no longer at its path (a single store)."""
         if not self.single_store:
             return
         if not os.path.isdir(self.path):
             raise StoreError(f"the store directory {self.path} is gone (deleted or renamed)")
         self._check_same_store()
+
+    def _check_files(self, rows: int, generation: int) -> None:
+        if not self.single_store:
+            return
+        self._check_path()
         if store_generation(self.path) not in (None, generation):
             # A truncate moved the store to new files and removed these: the snapshot's mappings
             # stay valid, and the next refresh takes the new generation.
