@@ -396,7 +396,8 @@ void Reader::find_many(std::span<const std::uint64_t> keys, std::span<const std:
   });
 }
 
-void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes) const {
+void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes,
+                    ReadCheck check) const {
   const Impl& self = impl();
   const StoreFiles& f = self.files();
   const std::uint64_t row_bytes = f.layout().record_bytes;
@@ -419,6 +420,9 @@ void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t o
                                                    std::to_string(snapshot) + " rows");
     }
     std::memcpy(dest, f.row_ptr(static_cast<std::uint64_t>(row)), row_bytes);
+    if (check == ReadCheck::kChecksums && !f.row_valid(static_cast<std::uint64_t>(row), dest)) {
+      row_fails_checksum(f, static_cast<std::uint64_t>(row));
+    }
   }
 }
 

@@ -182,7 +182,10 @@ class Reader {
   // Copies rows[i] of the snapshot to out + i * row_bytes (one dense row-major matrix in the
   // store's dtype); a row of -1 (missing, as from find_many) becomes a row of zeros.
   // kInvalidArgument if out_bytes != rows.size() * row_bytes or a row is outside the snapshot.
-  void gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes) const;
+  // With ReadCheck::kChecksums each row copied is checked over the copy, as read() does
+  // (kCorruption naming the first that fails): what a get() of each row's key would check.
+  void gather(std::span<const std::int64_t> rows, void* out, std::size_t out_bytes,
+              ReadCheck check = ReadCheck::kNone) const;
   // The rows a `get` of `key` shows, checksum-checked and confirmed to be of `key` (and
   // `epoch`): the one at `epoch`, or the latest (no epoch), or every version (all_versions).
   // Empty when there is none. kCorruption if one fails its checksum. A key index that named

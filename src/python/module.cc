@@ -915,7 +915,9 @@ class PyReader {
     return dest;
   }
   // rows (-1: a row of zeros) copied into one dense (n, dim) array.
-  py::array gather(py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> rows) {
+  // check: each row against its checksum (kCorruption naming the first that fails).
+  py::array gather(py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> rows,
+                   bool check) {
     auto lock = guard();
     const Reader& r = reader();
     const py::dtype dtype = numpy_dtype(r.dtype());
@@ -925,7 +927,7 @@ class PyReader {
     void* dest = out.mutable_data();
     const std::size_t bytes = static_cast<std::size_t>(out.nbytes());
     ReleaseGil unlocked;
-    r.gather(in, dest, bytes);
+    r.gather(in, dest, bytes, check ? ReadCheck::kChecksums : ReadCheck::kNone);
     return out;
   }
   py::list history(std::uint64_t key) {
@@ -1222,7 +1224,7 @@ PYBIND11_MODULE(_embstore, m) {
       .def("find", &PyReader::find, py::arg("key"), py::arg("epoch"))
       .def("get", &PyReader::get, py::arg("key"), py::arg("epoch"))
       .def("find_many", &PyReader::find_many, py::arg("keys"), py::arg("epochs"))
-      .def("gather", &PyReader::gather, py::arg("rows"))
+      .def("gather", &PyReader::gather, py::arg("rows"), py::arg("check") = false)
       .def("read", &PyReader::read, py::arg("begin"), py::arg("end"), py::arg("out"),
            py::arg("check"))
       .def("history", &PyReader::history, py::arg("key"))

@@ -312,3 +312,20 @@ def test_lookups_refuse_keys_epochs_and_rows_that_are_not_1d_naming_the_shape(st
             call()
     assert r.find_many(square.reshape(-1)).reshape(square.shape).tolist() == [[0, 1], [2, 0]]
     assert s.find_many([0, 2], 0).tolist() == [0, 2] and r.gather([2]).tolist() == [[12.0]]
+
+
+def test_get_many_checks_every_row_against_its_checksum_as_get_does(store):
+    # A row whose bytes no longer match its checksum (bit rot on disk): get() refused it, while
+    # get_many (find_many + gather) returned the damaged vector without a word.
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.arange(10), np.ones((10, 4), np.float32), 1)
+    with open(os.path.join(store, "rows.1"), "r+b") as f:
+        f.seek(5 * 16 + 4)
+        f.write(np.float32(9).tobytes())
+    r = embstore.Reader(store)
+    with pytest.raises(embstore.CorruptionError, match=r"row 5 \(key 5, epoch 1\) fails its checksum"):
+        r.get(5)
+    with pytest.raises(embstore.CorruptionError, match=r"row 5 \(key 5, epoch 1\) fails its checksum"):
+        r.get_many([3, 5, 7])
+    assert r.get_many([3, 7], epochs=1).tolist() == [[1.0] * 4] * 2  # the others are whole
+    assert r.gather([5])[0, 1] == 9  # gather copies rows as stored, unchecked (documented)

@@ -1387,7 +1387,8 @@ class Reader(_Handle):
         (len(keys), dim) matrix; KeyError naming the first missing key. Every row found is
         confirmed to be of its key (and epoch), as ``get`` does: where a damaged key index slot
         named another key's row, the index is marked damaged (``info()["key_index"]`` says so)
-        and the rows are found again by a scan."""
+        and the rows are found again by a scan. And every row is checked against its checksum,
+        as ``get`` checks it: CorruptionError naming the first row that fails."""
         keys, epochs = self._find_many_args(keys, epochs)
         rows = self._native.find_many(keys, epochs)
         hit = np.flatnonzero(rows >= 0)
@@ -1409,7 +1410,7 @@ class Reader(_Handle):
         if missing.size:
             raise KeyError(f"key {int(keys[missing[0]])} is not in {self.path} "
                            f"({missing.size} of {rows.size} keys missing)")
-        return self._native.gather(rows)
+        return self._native.gather(rows, check=True)
 
     def history(self, key: int) -> list:
         """Every version of ``key`` in commit order, as (row, epoch) tuples."""
