@@ -17,6 +17,9 @@
 //                                      batches of distinct ids in a fixed shuffled order, the
 //                                      epoch advancing each time round; index 0 appends into a
 //                                      store made without the key index.
+//   BM_EpochPerAppend/epoch_per_append/appends  40,000 appends of 8 rows into a fresh store,
+//                                      the epoch fixed (0) or one more each append (1): the
+//                                      same cost is expected (an epoch per step is allowed)
 //   BM_IndexAfterWrite/index/write_kib an append of 512 rows of 8 floats (keys as above) right
 //                                      after a pwrite() of write_kib KiB of fresh pages of another
 //                                      file, outside the timing: what indexing costs once a write
@@ -348,6 +351,40 @@ void BM_IndexAfterWrite(benchmark::State& state) {
   state.SetLabel(key_index ? "key index" : "no key index");
 }
 
+// Appends of 8 rows of 16 floats into one store of `appends` appends, the epoch the same for
+// all (epoch_per_append 0) or one more each append (1: the epoch is the global step, as some
+// training loops key their rows). The two should cost the same: a new epoch used to make the
+// indexer read the whole epoch table (its slots counted), so appends grew slower with every
+// epoch the store held (bench/RESULTS.md, "A new epoch every append").
+void BM_EpochPerAppend(benchmark::State& state) {
+  const bool epoch_per_append = state.range(0) != 0;
+  const std::uint64_t appends = static_cast<std::uint64_t>(state.range(1));
+  constexpr std::uint32_t kDim = 16;
+  constexpr std::uint64_t kRows = 8;
+  const Floats values = random_floats(kRows * kDim, 3);
+  const ConstMatrix matrix{values.data(), DType::kFloat32, kRows, kDim, 0};
+  std::vector<std::uint64_t> keys(kRows);
+  TempDir dir;
+  WriterOptions options;
+  options.sync = SyncPolicy::kNone;
+  int generation = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    const std::string path = dir.sub("store" + std::to_string(generation++));
+    remove_tree(dir.sub("store" + std::to_string(generation - 2)));
+    CreateOptions create;
+    create.dim = kDim;
+    Writer writer = Writer::create(path, create, options);
+    state.ResumeTiming();
+    for (std::uint64_t i = 0; i < appends; ++i) {
+      for (std::uint64_t j = 0; j < kRows; ++j) keys[j] = i * kRows + j;
+      benchmark::DoNotOptimize(writer.append(keys, epoch_per_append ? i : 0, matrix));
+    }
+    writer.close();
+  }
+  state.SetItemsProcessed(state.iterations() * appends);  // items_per_second: appends a second
+}
+
 void IndexAfterWriteArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"index", "write_kib"});
   for (int write_kib : {0, 1536}) {
@@ -408,6 +445,13 @@ BENCHMARK(BM_IndexAfterWrite)
     ->Apply(add_min_max)
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_EpochPerAppend)
+    ->ArgNames({"epoch_per_append", "appends"})
+    ->Args({0, 40000})
+    ->Args({1, 40000})
+    ->Apply(add_min_max)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Memcpy)
     ->Apply(MemcpyArgs)
     ->Apply(add_min_max)

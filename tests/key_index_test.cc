@@ -682,13 +682,34 @@ TEST_CASE("Key index: an epoch counted twice by a killed writer's redo asks for 
   index->publish_as_current(dir.path());
   CHECK_FALSE(index->wants_growth());
   append_epochs(file, 3, 4, 100, 31);
-  // The dead writer's one step: epochs_used (header offset 320, FORMAT.md) raised to 4.
-  const std::uint64_t four = 4;
-  embstore::test::write_bytes(dir / "keys.1", 320,
-                              std::string(reinterpret_cast<const char*>(&four), 8));
+  // The dead writer indexed row 300, the first of epoch 3: its chain record, pair and key slots,
+  // epochs_used raised to 4, and then (killed) neither the epoch slot nor the watermark. Made
+  // here by indexing row 300 and undoing those two: the slot naming row 300 in the epoch table
+  // (after the header, 4096 pair slots of 16 bytes and 1024 key slots of 8: FORMAT.md) and
+  // indexed_rows (header offset 128) back to 300.
+  REQUIRE(index->index_rows(file.entries(), 301));
+  {
+    const std::string path = dir / "keys.1";
+    const std::uint64_t epoch_table = 4096 + 16 * 4096 + 8 * 1024;
+    std::ifstream in(path, std::ios::binary);
+    std::vector<std::uint64_t> slots(1024);
+    in.seekg(static_cast<std::streamoff>(epoch_table));
+    in.read(reinterpret_cast<char*>(slots.data()), 8 * 1024);
+    REQUIRE(in);
+    bool found = false;
+    for (std::uint64_t i = 0; i < slots.size(); ++i) {
+      if ((slots[i] & ((std::uint64_t{1} << 41) - 1)) != 301) continue;
+      embstore::test::write_bytes(path, epoch_table + 8 * i, std::string(8, '\0'));
+      found = true;
+    }
+    REQUIRE(found);
+    const std::uint64_t three_hundred = 300;
+    embstore::test::write_bytes(path, 128,
+                                std::string(reinterpret_cast<const char*>(&three_hundred), 8));
+  }
   REQUIRE(index->index_rows(file.entries(), file.rows()));
-  CHECK(index->epochs_overcounted());
-  CHECK(index->wants_growth());  // No table is past its load factor: only the count asks.
+  CHECK(index->epochs_overcounted());  // the redo counted epoch 3 again
+  CHECK(index->wants_growth());        // No table is past its load factor: only the count asks.
   std::vector<std::uint64_t> want;
   for (std::uint64_t epoch = 0; epoch < 4; ++epoch) want.push_back(epoch * 100 + 7);
   {

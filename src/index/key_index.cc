@@ -595,6 +595,7 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
           keys, sizes_.key_slots, kh[j],
           [&](std::uint64_t s) { return entries[checked(s)].key == key; }, path_);
       const bool key_done = kp.row != kNone && kp.row >= r;
+      redo_seen_ = redo_seen_ || key_done;
       // Writes go chain record, pair slot, key slot, epoch slot: a redo finds each slot either
       // at r or past it already (skip it) or before r (redo it), and a key slot at r means the
       // record is complete. So a record is rewritten only while the epoch slot is below r, and
@@ -648,9 +649,15 @@ bool KeyIndexFile::index_rows(const IndexEntry* entries, std::uint64_t end) {
     }
   }
   store(h->indexed_rows, row);
-  // A new epoch is rare: count the slots then, which finds a count a killed writer raised for
-  // this same epoch before it died (the row's redo raised it again).
-  if (counted_epoch && epochs_overcounted()) rebuild_wanted_.store(true, std::memory_order_relaxed);
+  // A writer killed between raising epochs_used for a new epoch and storing its slot had
+  // stored the key slot of that row (writes go in the order above), so the redo that counts the
+  // epoch again meets that row first (redo_seen_). Only then are the slots counted, which
+  // finds such a count: not at every new epoch, since the count reads the whole epoch table and
+  // a store whose epoch is the global step has a new one every append.
+  if (counted_epoch && redo_seen_) {
+    redo_seen_ = false;
+    if (epochs_overcounted()) rebuild_wanted_.store(true, std::memory_order_relaxed);
+  }
   return !stopped;
 }
 

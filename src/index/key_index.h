@@ -159,6 +159,10 @@ class KeyIndexFile {
   // allocated, and the chain rows [0, populated_rows_) this process has populated.
   std::uint64_t allocated_bytes_ = 0;
   std::uint64_t populated_rows_ = 0;
+  // index_rows() met a row an earlier indexer had reached (its key slot names it or a later
+  // row): a redo after a writer was killed indexing, which may have counted a new epoch whose
+  // slot it never stored. Cleared when index_rows() next counts the epoch slots.
+  bool redo_seen_ = false;
   std::atomic<bool> rebuild_wanted_{false};
   // Every mapping made, each reserving more than the last; all are kept until this object dies,
   // so a pointer into any of them stays valid. The first holds the header and tables (base_).
