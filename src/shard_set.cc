@@ -406,11 +406,15 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
       const std::uint64_t generation = reader.generation();
       const bool truncated_since = entry.generation != 0 && generation > entry.generation;
       const bool older = entry.generation != 0 && generation < entry.generation;
-      if ((reader.size() < entry.rows && !truncated_since) || older) {
+      // A snapshot cut short by options.max_rows says nothing of what the shard holds: its
+      // committed rows do (of the snapshot's generation, or a newer one: truncated since).
+      const std::uint64_t held = reader.size() < options.max_rows
+                                     ? reader.size()
+                                     : reader.info(InfoDetail::kState).committed_rows;
+      if ((held < entry.rows && !truncated_since) || older) {
         throw Error(ErrorCode::kCorruption,
-                    manifest_path + ": shard '" + entry.path + "' holds " +
-                        std::to_string(reader.size()) + " rows" +
-                        (older ? ", against the " : ", fewer than the ") +
+                    manifest_path + ": shard '" + entry.path + "' holds " + std::to_string(held) +
+                        " rows" + (older ? ", against the " : ", fewer than the ") +
                         std::to_string(entry.rows) + " the manifest recorded" +
                         (entry.generation == 0
                              ? " (a stale copy? a manifest that records no generation cannot "

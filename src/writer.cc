@@ -46,6 +46,9 @@ inline constexpr std::uint64_t kIndexLaterMinBytes = 1024 * 1024;
 // the batch (bench/RESULTS.md, "The indexer woken every fourth append"). Lookups stay exact
 // (rows past the watermark are scanned): at most 2 x 4 - 1 appends' rows past it.
 inline constexpr std::uint64_t kIndexLaterAppends = 4;
+// The sync thread waits at most this long between syncs, whatever sync_interval says (a longer
+// one means none but close()'s, and its deadline would overflow the clock).
+inline constexpr std::chrono::hours kLongestSyncInterval{24 * 365 * 100};
 
 class Writer::Impl {
  public:
@@ -898,7 +901,11 @@ void Writer::Impl::flush() {
 void Writer::Impl::sync_loop() {
   std::unique_lock guard(sync_mutex_);
   while (!stop_sync_) {
-    sync_cv_.wait_for(guard, options_.sync_interval, [this] { return stop_sync_; });
+    // At most a century: wait_for() adds the interval to the clock's now, which overflows for
+    // an interval near milliseconds::max() (a deadline in the past: the thread spun).
+    sync_cv_.wait_for(
+        guard, std::min<std::chrono::milliseconds>(options_.sync_interval, kLongestSyncInterval),
+        [this] { return stop_sync_; });
     if (stop_sync_) break;
     try {
       // An idle store costs nothing: no flush when every committed row is already durable.
@@ -1079,6 +1086,7 @@ void check_writer_options(const std::string& path, const WriterOptions& options)
     throw Error(ErrorCode::kInvalidArgument,
                 path + ": sync_interval must be positive with SyncPolicy::kInterval");
   }
+  (void)detail::resolve_map_bytes(options.map_bytes, path);  // Throws naming what is wrong.
 }
 }  // namespace
 
@@ -1086,6 +1094,17 @@ Writer Writer::create(const std::string& path, const CreateOptions& create_optio
                       const WriterOptions& options) {
   // Before the store is made: options open() would refuse must not leave a new store behind.
   check_writer_options(path, options);
+  if (options.expect_dim && *options.expect_dim != create_options.dim) {
+    throw Error(ErrorCode::kInvalidArgument,
+                path + ": WriterOptions::expect_dim " + std::to_string(*options.expect_dim) +
+                    " but CreateOptions::dim " + std::to_string(create_options.dim));
+  }
+  if (options.expect_dtype && *options.expect_dtype != create_options.dtype) {
+    throw Error(ErrorCode::kInvalidArgument, path + ": WriterOptions::expect_dtype " +
+                                                 std::string(dtype_name(*options.expect_dtype)) +
+                                                 " but CreateOptions::dtype " +
+                                                 std::string(dtype_name(create_options.dtype)));
+  }
   refuse_remote_filesystem(path, options);
   create_store(path, create_options);
   return open(path, options);

@@ -307,6 +307,35 @@ TEST_CASE("write_manifest refuses what read_manifest would refuse", "[shard_set]
   CHECK(!std::filesystem::exists(path));
 }
 
+TEST_CASE("A ShardSet opened with max_rows takes each shard's first rows of a manifest",
+          "[shard_set]") {
+  // The check against the manifest's row counts compared the capped snapshot: every shard
+  // with more rows than max_rows was called a stale copy.
+  TempDir dir;
+  std::vector<Writer> writers;
+  for (int i = 0; i < 2; ++i) {
+    writers.push_back(Writer::create(dir / ("node-" + std::to_string(i)), opts(4)));
+  }
+  std::vector<std::vector<Oracle::Row>> shards;
+  std::mt19937_64 rng(11);
+  fill({&writers[0], &writers[1]}, shards, rng, 10);
+  write_manifest(dir / kManifestFileName, manifest_of({"node-0", "node-1"}, dir));
+  ReaderOptions capped;
+  capped.max_rows = 4;
+  ShardSet set = ShardSet::open(dir.path(), capped);
+  REQUIRE(set.size() == 8);
+  REQUIRE(set.shard(1).size() == 4);
+  REQUIRE(set.record(5).key == shards[1][1].key);
+  // A shard that holds fewer rows than recorded is still refused, capped or not.
+  Manifest more = manifest_of({"node-0", "node-1"}, dir);
+  more.shards[1].rows = 11;
+  write_manifest(dir / kManifestFileName, more);
+  std::string message;
+  REQUIRE(code_of([&] { ShardSet::open(dir.path(), capped); }, &message) ==
+          ErrorCode::kCorruption);
+  REQUIRE(message.find("holds 10 rows, fewer than the 11") != std::string::npos);
+}
+
 TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards are named errors",
           "[shard_set]") {
   TempDir dir;

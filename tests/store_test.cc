@@ -822,6 +822,71 @@ TEST_CASE("EMBSTORE_MAP_BYTES sets the default budget and bad values are named",
   ::unsetenv("EMBSTORE_MAP_BYTES");
 }
 
+TEST_CASE("A create with options open() would refuse leaves no store behind, and says where",
+          "[store][errors]") {
+  // The store was made, then open() refused the options: the bad call left a store, and the
+  // same call with the options put right then failed with kAlreadyExists.
+  TempDir dir;
+  const std::string path = dir / "s";
+  std::string message;
+  WriterOptions huge;
+  huge.map_bytes = std::uint64_t{1} << 50;
+  CHECK(code_of([&] { Writer::create(path, opts(4), huge); }, &message) ==
+        ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains(path + ": map_bytes 1125899906842624 is beyond 2^47"));
+  CHECK_FALSE(std::filesystem::exists(path));
+  ::setenv("EMBSTORE_MAP_BYTES", "lots", 1);
+  CHECK(code_of([&] { Writer::create(path, opts(4)); }, &message) == ErrorCode::kInvalidArgument);
+  ::unsetenv("EMBSTORE_MAP_BYTES");
+  CHECK_THAT(message, Catch::Contains(path + ": EMBSTORE_MAP_BYTES=\"lots\""));
+  CHECK_FALSE(std::filesystem::exists(path));
+  WriterOptions expect;
+  expect.expect_dim = 8;
+  CHECK(code_of([&] { Writer::create(path, opts(4), expect); }, &message) ==
+        ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("expect_dim 8 but CreateOptions::dim 4"));
+  expect.expect_dim.reset();
+  expect.expect_dtype = DType::kFloat16;
+  CHECK(code_of([&] { Writer::create(path, opts(4), expect); }, &message) ==
+        ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains("expect_dtype float16 but CreateOptions::dtype float32"));
+  CHECK_FALSE(std::filesystem::exists(path));
+  expect.expect_dtype = DType::kFloat32;
+  CHECK(Writer::create(path, opts(4), expect).dim() == 4);  // Put right, the same call works.
+}
+
+TEST_CASE("A sync interval of milliseconds::max() means no sync but close()'s, without spinning",
+          "[store]") {
+  // The sync thread's wait added the interval to the clock (signed overflow, which UBSan
+  // reports in the sanitizer build: a deadline in the past, so the thread spun on the CPU).
+  TempDir dir;
+  WriterOptions never;
+  never.sync = SyncPolicy::kInterval;
+  never.sync_interval = std::chrono::milliseconds::max();
+  Writer w = Writer::create(dir / "s", opts(4), never);
+  const std::vector<float> row(4, 1.0f);
+  w.append(std::vector<std::uint64_t>{1}, 0, std::span<const float>(row));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(w.info().durable_rows == 0);  // No sync in between,
+  w.close();
+  CHECK(read_info(dir / "s").durable_rows == 1);  // and close()'s.
+}
+
+TEST_CASE("A header cut short of its fixed part is damage, not 'not a store'", "[store][errors]") {
+  // A store is made beside its path and renamed there whole, so a header file that starts with
+  // the magic bytes but ends before the fixed header does is damage: it was reported as not a
+  // store at all ("magic bytes missing"), and open_or_create took it for one being created.
+  for (const std::uint64_t size : {8, 100, 127}) {
+    TempDir dir;
+    Writer::create(dir / "s", opts(4)).close();
+    std::filesystem::resize_file(dir / "s/header", size);
+    std::string message;
+    CHECK(code_of([&] { Reader::open(dir / "s"); }, &message) == ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::Contains(std::to_string(size) + " bytes, cut short"));
+    CHECK(code_of([&] { Writer::open_or_create(dir / "s", opts(4)); }) == ErrorCode::kCorruption);
+  }
+}
+
 TEST_CASE("A forked child can drop its copy of a writer with a background sync thread",
           "[store][fork]") {
   TempDir dir;

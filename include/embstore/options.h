@@ -49,6 +49,7 @@ enum class SyncPolicy : std::uint8_t {
 struct WriterOptions {
   // SyncPolicy::kNone opts out of the background thread and of the sync at close.
   SyncPolicy sync = SyncPolicy::kInterval;
+  // Positive with kInterval; longer than a century counts as a century.
   std::chrono::milliseconds sync_interval = kDefaultSyncInterval;
   // The most address space a store's mappings may reserve, for the data and index files
   // together: the store can grow to about this many bytes (rows plus their 32-byte index
@@ -56,7 +57,8 @@ struct WriterOptions {
   // this is a cap, not a cost. Address space counts against ulimit -v, not memory. 0 means the
   // environment variable EMBSTORE_MAP_BYTES if set, else kDefaultMapBytes.
   std::uint64_t map_bytes = 0;
-  // When set, open() fails with kFormatMismatch unless the store has this dim / dtype.
+  // When set, open() fails with kFormatMismatch unless the store has this dim / dtype, and
+  // create() with kInvalidArgument (before making anything) unless CreateOptions agree.
   std::optional<std::uint32_t> expect_dim;
   std::optional<DType> expect_dtype;
   // Writers refuse a store on a network or FUSE file system (NFS, SMB/CIFS, FUSE, 9p, Lustre,

@@ -96,8 +96,16 @@ namespace {
 // the primary and at metadata_copy_offset() for the copy.
 Layout decode_fixed(std::string_view bytes, std::uint64_t fixed_at, bool is_copy,
                     std::uint64_t file_bytes, const std::string& path) {
-  if (bytes.size() < fixed_at + sizeof(FixedHeader) ||
-      std::memcmp(bytes.data() + fixed_at, kMagic, 8) != 0) {
+  const bool magic =
+      bytes.size() >= fixed_at + 8 && std::memcmp(bytes.data() + fixed_at, kMagic, 8) == 0;
+  if (magic && bytes.size() < fixed_at + sizeof(FixedHeader)) {
+    // A store is made beside its path and renamed there whole: a header cut short is damage.
+    throw Error(ErrorCode::kCorruption, path + ": " + std::to_string(file_bytes) +
+                                            " bytes, cut short: the fixed header" +
+                                            (is_copy ? "'s copy" : "") + " ends at byte " +
+                                            std::to_string(fixed_at + sizeof(FixedHeader)));
+  }
+  if (!magic) {
     throw Error(ErrorCode::kNotFound,
                 path + ": not an embstore header (magic bytes \"EMBSTORE\" missing)");
   }

@@ -89,17 +89,17 @@ std::string strip_trailing_slashes(std::string path) {
   return path;
 }
 
-std::uint64_t resolve_map_bytes(std::uint64_t requested) {
+std::uint64_t resolve_map_bytes(std::uint64_t requested, const std::string& where) {
   if (requested > kMaxMapBytes) {
     throw Error(ErrorCode::kInvalidArgument,
-                "map_bytes " + std::to_string(requested) + " is beyond 2^47 (128 TiB)");
+                where + ": map_bytes " + std::to_string(requested) + " is beyond 2^47 (128 TiB)");
   }
   if (requested != 0) return requested;
   if (const char* text = std::getenv("EMBSTORE_MAP_BYTES")) {
     char* end = nullptr;
     const unsigned long long value = std::strtoull(text, &end, 10);
     if (end != text && *end == '\0' && value > 0 && value <= kMaxMapBytes) return value;
-    throw Error(ErrorCode::kInvalidArgument, std::string("EMBSTORE_MAP_BYTES=\"") + text +
+    throw Error(ErrorCode::kInvalidArgument, where + ": EMBSTORE_MAP_BYTES=\"" + text +
                                                  "\" is not a byte count between 1 and 2^47");
   }
   return kDefaultMapBytes;
@@ -211,7 +211,7 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   // whole segments, so the capacity of a store whose files were sized in whole segments (format
   // 1.0, FORMAT.md "File sizes") fits one Generation whenever its rows fit the budget.
   const Layout& layout = files->layout_;
-  const std::uint64_t budget = resolve_map_bytes(map_bytes);
+  const std::uint64_t budget = resolve_map_bytes(map_bytes, files->dir_);
   const std::uint64_t max_rows = std::max<std::uint64_t>(
       1, std::min(budget / (layout.record_bytes + kIndexEntryBytes), kMaxRows));
   files->budget_rows_ =

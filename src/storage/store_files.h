@@ -35,7 +35,7 @@ namespace embstore::detail {
 
 // The address-space budget for a store's mappings: `requested`, or $EMBSTORE_MAP_BYTES, or
 // kDefaultMapBytes. Throws kInvalidArgument for an unparsable environment value.
-std::uint64_t resolve_map_bytes(std::uint64_t requested);
+std::uint64_t resolve_map_bytes(std::uint64_t requested, const std::string& where);
 
 // The first allocation of a new store's data and index files together (FORMAT.md "File sizes").
 inline constexpr std::uint64_t kFirstAllocationBytes = 64 << 10;
