@@ -199,3 +199,17 @@ def test_merge_and_salvage_into_the_store_under_a_bind_mount_are_refused(tmp_pat
             r = run(*command)
             assert r.code == 2 and "inside the store" in r.err, (command, r)
         assert hash_tree(store) == before
+
+
+def test_merge_notes_a_shard_whose_epochs_go_down(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make_store(b, epochs=2, rows_per_epoch=3)
+    embstore.create(a, dim=4, dtype="float16", metadata=embstore.info(b)["metadata"])
+    with embstore.Writer(a) as w:
+        w.append([1], np.full((1, 4), 7, np.float32), epoch=7)
+        w.append([1], np.full((1, 4), 3, np.float32), epoch=3)
+    r = run("merge", tmp_path / "m", a, b)
+    assert r.code == 0, r
+    assert f"{a}: its epochs go down at row 1 (3 after 7)" in r.err
+    assert b not in r.err
+    assert "go down" not in run("merge", tmp_path / "m2", b).err

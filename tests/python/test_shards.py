@@ -316,6 +316,7 @@ def test_bad_manifests_and_mismatched_shards_are_named_errors(tmp_path):
         embstore.ShardSet(tmp_path / "dim.json")
 
 
+@pytest.mark.filterwarnings("ignore:.*its epochs go down")  # random epochs
 def test_merge_verifies_and_keeps_order(tmp_path):
     paths, keys, epochs, vectors = make_shards(tmp_path, [30, 0, 45], dtype="float16")
     calls = []
@@ -342,6 +343,7 @@ def test_merge_verifies_and_keeps_order(tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".again.")]
 
 
+@pytest.mark.filterwarnings("ignore:.*its epochs go down")  # random epochs
 def test_merge_builds_the_store_aside_and_renames_it_into_place(tmp_path):
     paths = make_shards(tmp_path, [20, 30])[0]
     seen = []
@@ -678,3 +680,22 @@ def test_merge_of_shards_whose_rows_exceed_the_default_segment(tmp_path):
     assert info["committed_rows"] == 1 and info["segment_bytes"] == 128 << 20
     merged = embstore.Reader(tmp_path / "merged")
     assert merged.keys.tolist() == [7] and merged.vectors[0, ::1 << 20].tolist() == [0.5] * 16
+
+
+def test_merge_warns_naming_a_shard_whose_epochs_go_down(tmp_path):
+    # Within a shard the later row is a key's latest (ShardSet.find keeps it), while merge
+    # writes rows by epoch: where a shard's epochs go down (a run resumed without a truncate),
+    # the merged store's latest row of a key may be another, and merge says so.
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    with embstore.Writer(a, dim=2) as w:
+        w.append([1], np.full((1, 2), 7, np.float32), epoch=7)
+        w.append([1], np.full((1, 2), 3, np.float32), epoch=3)
+    with embstore.Writer(b, dim=2) as w:
+        w.append([1], np.full((1, 2), 5, np.float32), epoch=5)
+    with pytest.warns(UserWarning, match=r"/a: its epochs go down at row 1 \(3 after 7\)"):
+        embstore.merge(str(tmp_path / "m"), [a, b])
+    assert embstore.Reader(str(tmp_path / "m")).epochs.tolist() == [5, 7, 3]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shards in epoch order: no warning
+        embstore.merge(str(tmp_path / "m2"), [b])

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import threading
+import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -144,7 +145,9 @@ def merge(out: PathLike, manifest_or_paths: Any,
     ``out``, keys and epochs kept, rows in epoch order: the shards merged as sorted sequences
     by (epoch, shard), each shard's own order kept, so that the merged store's latest row of a
     key (its last) is the one ``ShardSet.find(key)`` gives, not the last shard's (shards are
-    written side by side). Row numbers are not the ShardSet's. Every row's checksum is verified
+    written side by side), wherever each shard's epochs never go down; a shard whose epochs go
+    down somewhere (a run resumed without a truncate) gets a warning naming it and the row,
+    since within a shard the later row is a key's latest. Row numbers are not the ShardSet's. Every row's checksum is verified
     on the way: a bad row raises CorruptionError naming the shard and row, and nothing is left
     at ``out``. ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and
     renamed into place only when complete: after any error nothing is left at ``out``, and a process
@@ -155,6 +158,18 @@ def merge(out: PathLike, manifest_or_paths: Any,
     store's info (synced: durable). A store path that exists but holds no store raises
     NotAStoreError naming it, as ``Reader`` does."""
     inputs = _inputs(manifest_or_paths)
+    with _stores_checked(inputs):
+        paths, _ = _embstore.resolve_shards(inputs)
+    for path in paths:
+        epochs = Reader(path).epochs
+        down = np.flatnonzero(epochs[1:] < epochs[:-1])
+        if down.size:
+            row = int(down[0]) + 1
+            warnings.warn(
+                f"{path}: its epochs go down at row {row} ({int(epochs[row])} after "
+                f"{int(epochs[row - 1])}); rows are merged by epoch, so for a key stored there on "
+                "both sides of that row, the merged store's latest row may be another than "
+                "ShardSet.find gives (which keeps the shard's later row)", stacklevel=2)
     with _stores_checked(inputs):
         return _embstore.merge_stores(os.fspath(out), inputs, progress)
 
