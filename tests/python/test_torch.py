@@ -598,3 +598,28 @@ def test_recorder_refusals_name_the_output_row_and_sample_and_cover_integer_outp
                 with rec.batch([5], 0):
                     model(output)
     assert len(embstore.Reader(store)) == 0
+
+
+@pytest.mark.parametrize("dtype, values", [
+    ("float16", [1 + 2**-11 + 2**-40, 65519.999999, -0.1]),
+    ("bfloat16", [1 + 2**-8 + 2**-30, (2 - 2.0**-8) * 2.0**127 - 2.0**100, 1 / 3]),
+])
+def test_recorder_rounds_float64_outputs_once_as_writer_append_does(store, dtype, values):
+    # torch converts float64 to float16/bfloat16 through float32: rounded twice, a value could
+    # move one step (1 + 2^-11 + 2^-40 stored as 1.0) or onto infinity (65519.999999, refused
+    # though float16 holds it as 65504). The recorder now stores what Writer.append stores.
+    model = torch.nn.Sequential(torch.nn.Identity())
+    with EmbeddingRecorder(model, "0", store, dim=len(values), dtype=dtype,
+                           async_queue_mb=0) as recorder:
+        with recorder.batch([0], epoch=0):
+            model(torch.tensor([values], dtype=torch.float64))
+    with embstore.Writer(store + "-w", dim=len(values), dtype=dtype) as w:
+        w.append([0], [values])  # a list of float64 numbers: rounded once
+    recorded = embstore.Reader(store).vectors.view(np.uint16).tolist()
+    assert recorded == embstore.Reader(store + "-w").vectors.view(np.uint16).tolist()
+    beyond = [65520.0] if dtype == "float16" else [(2 - 2.0**-8) * 2.0**127]
+    with EmbeddingRecorder(model, "0", store + "-b", dim=1, dtype=dtype,
+                           async_queue_mb=0) as recorder:
+        with pytest.raises(ValueError, match="beyond the store's " + dtype + " range"):
+            with recorder.batch([0], epoch=0):
+                model(torch.tensor([beyond], dtype=torch.float64))

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from . import (Error, Reader, Writer, _TERMINATION, _WRITER_EXIT_PRIORITY, _dtype_name, _embstore,
-               _log, _moved_away, shards)
+from . import (Error, Reader, Writer, _BFLOAT16_OVERFLOW, _TERMINATION, _WRITER_EXIT_PRIORITY,
+               _bfloat16_ready, _dtype_name, _embstore, _log, _moved_away, shards)
 from ._errors import ClosedError
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
@@ -260,6 +260,26 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16, "float64": torch.float64}
 # The exponent bits of a float type, all set in its infinities and NaNs: a converted value with
 # them all set, whose source was finite, overflowed.
+def _rounded_once(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out`` as it should be stored in ``dtype``: a float64 tensor for a float16 or bfloat16
+    store rounded once to nearest even, on the CPU (torch converts float64 to them through
+    float32, rounding twice); a value beyond the range becomes infinity, for the caller's
+    overflow check to refuse. Anything else is returned as it is (one rounding by torch)."""
+    if out.dtype != torch.float64 or dtype not in (torch.float16, torch.bfloat16):
+        return out
+    values = out.detach().to("cpu").numpy()
+    if dtype == torch.float16:
+        with np.errstate(over="ignore"):
+            return torch.from_numpy(values.astype(np.float16))  # numpy rounds once
+    beyond = np.abs(values) >= _BFLOAT16_OVERFLOW
+    # Below the limit: float32 that bfloat16's own rounding takes to the once-rounded value.
+    ready = torch.from_numpy(_bfloat16_ready(np.where(beyond, 0.0, values))).to(torch.bfloat16)
+    if beyond.any():
+        ready[torch.from_numpy(beyond)] = torch.from_numpy(
+            np.copysign(np.inf, values[beyond])).to(torch.bfloat16)
+    return ready
+
+
 _INFINITY_BITS = {torch.float16: 0x7c00, torch.bfloat16: 0x7f80, torch.float32: 0x7f800000}
 
 
@@ -613,10 +633,14 @@ class EmbeddingRecorder:
             n = len(ids)
             if n == 0:
                 return
+        # What copy_() and to() convert: float64 rounded once here first (torch goes through
+        # float32 to a 16-bit float: two roundings, which can move a value by one step, or onto
+        # infinity), as Writer.append rounds it.
+        narrowed = _rounded_once(out, staging.dtype)
         if n > self._buffer_rows:
             # Too big to stage: one append of a private copy (converted, on the CPU).
             staging.submit()
-            rows = out.to("cpu", staging.dtype, copy=True)
+            rows = narrowed.to("cpu", staging.dtype, copy=True)
             self._refuse_overflow(rows, out, staging, kept, ids)
             staging.writer.append(ids, rows, self._epoch, copy=False)
         else:
@@ -630,7 +654,7 @@ class EmbeddingRecorder:
                     staging.buffer = torch.empty((self._buffer_rows, out.shape[1]),
                                                  dtype=staging.dtype)
             begin, end = staging.filled, staging.filled + n
-            staging.buffer[begin:end].copy_(out)  # converts dtype, copies from any device
+            staging.buffer[begin:end].copy_(narrowed)  # converts dtype, copies from any device
             self._refuse_overflow(staging.buffer[begin:end], out, staging, kept, ids)
             staging.keys[begin:end] = ids
             staging.epoch = self._epoch
