@@ -194,3 +194,16 @@ def test_chunk_sizes_that_are_not_positive_are_refused(tmp_path, arguments, mess
     with pytest.raises(ValueError) as error:
         embstore.dask.from_store(tmp_path / "a", **arguments)
     assert message in str(error.value)
+
+
+def test_the_readme_epoch_mean_on_a_float16_store_on_a_cluster(tmp_path, client):
+    # The README's recipe summed in the store's dtype: on a float16 store the sum stopped at
+    # 2048 (then overflowed) without a word, and the mean of ones came out as 0.03.
+    store = str(tmp_path / "half")
+    with embstore.Writer(store, dim=4, dtype="float16") as w:
+        w.append(np.arange(70000), np.ones((70000, 4), np.float32), 3)
+        w.append(np.arange(70000, 70010), np.full((10, 4), 5, np.float32), 4)
+    a = embstore.dask.from_store(store, chunk_rows=20000)
+    mask = (a.epochs == 3)[:, None]
+    mean3 = ((a.vectors * mask).sum(0, dtype="float64") / mask.sum()).compute()  # as README
+    assert mean3.tolist() == [1.0] * 4

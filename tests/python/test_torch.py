@@ -623,3 +623,19 @@ def test_recorder_rounds_float64_outputs_once_as_writer_append_does(store, dtype
         with pytest.raises(ValueError, match="beyond the store's " + dtype + " range"):
             with recorder.batch([0], epoch=0):
                 model(torch.tensor([beyond], dtype=torch.float64))
+
+
+def test_dataset_keys_of_2_63_and_more_batch_with_the_documented_collate(store):
+    # torch's default collate cannot hold them (int64): the docstring's collate_fn keeps them.
+    keys = [2**64 - 1, 2**63, 5]
+    with embstore.Writer(store, dim=2) as w:
+        w.append(keys, np.ones((3, 2), np.float32))
+    ds = EmbeddingDataset(store)
+    assert [ds[i][1] for i in range(3)] == keys
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=lambda items: (
+        torch.stack([i[0] for i in items]), np.array([i[1] for i in items], np.uint64),
+        torch.tensor([i[2] for i in items])))
+    vectors, got, epochs = next(iter(loader))
+    assert got.tolist() == keys and vectors.shape == (3, 2) and epochs.tolist() == [0, 0, 0]
+    with pytest.raises(RuntimeError, match="Overflow"):
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))

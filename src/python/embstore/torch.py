@@ -49,7 +49,12 @@ os.register_at_fork(after_in_child=_refresh_pid)
 
 class EmbeddingDataset(torch.utils.data.Dataset):
     """A map-style Dataset over the rows of a store: item ``i`` is
-    ``(vector, key, epoch)`` — a torch tensor of shape (dim,) and two ints.
+    ``(vector, key, epoch)`` — a torch tensor of shape (dim,) and two ints. Keys are sample ids
+    in [0, 2**64): torch's default collate makes int64 tensors of them, which hold keys below
+    2**63 only (a key of 2**63 or more, a hashed id, raises "Overflow when unpacking long"
+    in the DataLoader); for such keys give the DataLoader a ``collate_fn`` that keeps them as
+    a numpy uint64 array, e.g. ``lambda items: (torch.stack([i[0] for i in items]),
+    np.array([i[1] for i in items], np.uint64), torch.tensor([i[2] for i in items]))``.
 
     The rows are those of the Reader's snapshot at construction (``refresh()`` takes a newer
     one), or the row numbers given in ``rows`` (e.g. selected with numpy over
