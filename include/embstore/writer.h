@@ -28,10 +28,12 @@ struct ConstMatrix {
 //
 // Thread-safety: a Writer is thread-safe; concurrent calls on one Writer are serialized.
 // Fork: a Writer belongs to the process that opened it. In a forked child every call except
-// close() and the destructor throws kForkedChild; the child must open its own Writer. There
-// close() does nothing (a child that closes what it inherited, as Python's exit handlers do,
-// neither fails nor flushes the parent's work), and the destructor releases only the child's
-// own copies of the mappings, never the parent's lock.
+// close(), the destructor and path() (which reads nothing of the store) throws kForkedChild;
+// the child must open its own Writer. There close() does nothing (a child that closes what it
+// inherited, as Python's exit handlers do, neither fails nor flushes the parent's work), and
+// the destructor releases nothing of it (the state is leaked: the parent's threads held its
+// mutexes at the fork, so running its destructors could deadlock), and so never the parent's
+// lock; the child's exit unmaps and closes its copies.
 // Moved from (by the move constructor or move assignment), a Writer holds nothing: every call
 // throws kClosed saying so, except close() and the destructor, which do nothing; assigning
 // another Writer to it makes it usable again.
@@ -111,7 +113,9 @@ class Writer {
   // its batch (a bad row that ends one is kept as it is: recovery and verify() still name it).
   //   - Readers: views taken before stay valid and unchanged (the old files stay mapped), and a
   //     Reader keeps its snapshot until refresh(); after that it sees the new generation, and
-  //     its size() may go down to `rows`. Lookups never return a dropped row.
+  //     its size() may go down to `rows`. Lookups answer from the snapshot: a Reader that has
+  //     not refreshed still finds the rows its snapshot holds, dropped or not; one that has
+  //     never finds a dropped row.
   //   - Other Writers (in any process) take the new files at their next append, before
   //     writing. Rows they appended before the truncate took the lock are dropped like any
   //     other row at or past `rows`.
