@@ -331,8 +331,7 @@ TEST_CASE("A ShardSet opened with max_rows takes each shard's first rows of a ma
   more.shards[1].rows = 11;
   write_manifest(dir / kManifestFileName, more);
   std::string message;
-  REQUIRE(code_of([&] { ShardSet::open(dir.path(), capped); }, &message) ==
-          ErrorCode::kCorruption);
+  REQUIRE(code_of([&] { ShardSet::open(dir.path(), capped); }, &message) == ErrorCode::kCorruption);
   REQUIRE(message.find("holds 10 rows, fewer than the 11") != std::string::npos);
 }
 
