@@ -1088,12 +1088,10 @@ void check_writer_options(const std::string& path, const WriterOptions& options)
   }
   (void)detail::resolve_map_bytes(options.map_bytes, path);  // Throws naming what is wrong.
 }
-}  // namespace
 
-Writer Writer::create(const std::string& path, const CreateOptions& create_options,
-                      const WriterOptions& options) {
-  // Before the store is made: options open() would refuse must not leave a new store behind.
-  check_writer_options(path, options);
+// create() and open_or_create(): the dim and dtype a caller expects must be those it creates.
+void check_expectations(const std::string& path, const CreateOptions& create_options,
+                        const WriterOptions& options) {
   if (options.expect_dim && *options.expect_dim != create_options.dim) {
     throw Error(ErrorCode::kInvalidArgument,
                 path + ": WriterOptions::expect_dim " + std::to_string(*options.expect_dim) +
@@ -1105,6 +1103,14 @@ Writer Writer::create(const std::string& path, const CreateOptions& create_optio
                                                  " but CreateOptions::dtype " +
                                                  std::string(dtype_name(create_options.dtype)));
   }
+}
+}  // namespace
+
+Writer Writer::create(const std::string& path, const CreateOptions& create_options,
+                      const WriterOptions& options) {
+  // Before the store is made: options open() would refuse must not leave a new store behind.
+  check_writer_options(path, options);
+  check_expectations(path, create_options, options);
   refuse_remote_filesystem(path, options);
   create_store(path, create_options);
   return open(path, options);
@@ -1131,6 +1137,7 @@ Writer Writer::open(const std::string& path, const WriterOptions& options) {
 
 Writer Writer::open_or_create(const std::string& path, const CreateOptions& create_options,
                               const WriterOptions& options) {
+  check_expectations(path, create_options, options);
   WriterOptions checked = options;
   checked.expect_dim = create_options.dim;
   checked.expect_dtype = create_options.dtype;

@@ -850,6 +850,8 @@ TEST_CASE("A create with options open() would refuse leaves no store behind, and
   CHECK(code_of([&] { Writer::create(path, opts(4), expect); }, &message) ==
         ErrorCode::kInvalidArgument);
   CHECK_THAT(message, Catch::Contains("expect_dtype float16 but CreateOptions::dtype float32"));
+  CHECK(code_of([&] { Writer::open_or_create(path, opts(4), expect); }) ==
+        ErrorCode::kInvalidArgument);  // It replaced them with create_options' without a word.
   CHECK_FALSE(std::filesystem::exists(path));
   expect.expect_dtype = DType::kFloat32;
   CHECK(Writer::create(path, opts(4), expect).dim() == 4);  // Put right, the same call works.

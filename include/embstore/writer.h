@@ -57,7 +57,8 @@ class Writer {
   // machine rebooted since (see embstore.h, "Recovery"). Needs read-write access to its files.
   static Writer open(const std::string& path, const WriterOptions& options = {});
   // open() if a store exists at `path` (checking its dim and dtype against create_options),
-  // else create(). Safe when several processes race to call it on the same path.
+  // else create(). Safe when several processes race to call it on the same path. An
+  // expect_dim/expect_dtype in `options` other than create_options' is kInvalidArgument.
   static Writer open_or_create(const std::string& path, const CreateOptions& create_options,
                                const WriterOptions& options = {});
 
