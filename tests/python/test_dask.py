@@ -1,6 +1,7 @@
 """embstore.dask on a real dask.distributed LocalCluster (2 worker processes on 127.0.0.1):
 per-epoch means and a k-NN over a 2-shard manifest, checked against numpy on the shards' rows,
 with no vector data in the task graph."""
+import os
 import pickle
 
 import numpy as np
@@ -207,3 +208,16 @@ def test_the_readme_epoch_mean_on_a_float16_store_on_a_cluster(tmp_path, client)
     mask = (a.epochs == 3)[:, None]
     mean3 = ((a.vectors * mask).sum(0, dtype="float64") / mask.sum()).compute()  # as README
     assert mean3.tolist() == [1.0] * 4
+
+
+def test_a_relative_path_through_a_link_and_dotdot_reads_the_store_the_kernel_finds(
+        tmp_path, client, monkeypatch):
+    # "link/../s" goes through the link's target's parent, where the store is; os.path.abspath,
+    # which from_store applied, took it lexically to tmp_path/s (none there).
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    os.symlink(tmp_path / "real" / "sub", tmp_path / "link")
+    with embstore.Writer(str(tmp_path / "real" / "s"), dim=2) as w:
+        w.append(np.arange(5), np.ones((5, 2), np.float32))
+    monkeypatch.chdir(tmp_path)
+    a = embstore.dask.from_store(os.path.join("link", "..", "s"))
+    assert a.vectors.sum().compute() == 10

@@ -20,7 +20,6 @@ file system (see the README, "Several machines").
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -102,12 +101,9 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
         chunk_mb = _number(chunk_mb, "chunk_mb", "MiB")
         if not 0 < chunk_mb < math.inf:
             raise ValueError(f"chunk_mb must be a positive number of MiB; got {chunk_mb}")
-    inputs = path_or_manifest
-    if isinstance(inputs, (str, bytes, os.PathLike)):
-        inputs = os.path.abspath(os.fspath(inputs))
-    else:
-        inputs = [os.path.abspath(os.fspath(p)) for p in inputs]
-    shards = ShardSet(inputs)
+    # ShardSet.paths are absolute (each Reader's path: the working directory joined, not
+    # normalised, as the kernel resolves "link/.." through the link).
+    shards = ShardSet(path_or_manifest)
     try:
         dim, dtype = shards.dim, shards.shards[0].rows(0, 0).dtype.name  # as Reader.vectors
         row_bytes = dim * np.dtype(dtype).itemsize
@@ -117,7 +113,7 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
         for path, reader in zip(shards.paths, shards.shards):
             store_id, rows = reader.info(key_stats=False)["store_id"], len(reader)
             generation = reader.generation
-            pieces += [(os.path.abspath(path), store_id, generation, b, min(rows, b + step))
+            pieces += [(path, store_id, generation, b, min(rows, b + step))
                        for b in range(0, rows, step)]
     finally:
         shards.close()
