@@ -769,3 +769,26 @@ def test_import_of_rows_larger_than_the_default_segment_into_a_new_store(tmp_pat
     s = embstore.Reader(tmp_path / "s")
     assert s.info()["segment_bytes"] == 128 << 20 and s.keys.tolist() == [9]
     assert s.vectors[0, ::1 << 20].tolist() == [0.25] * 16
+
+
+def test_import_into_an_empty_directory_makes_the_store_there_and_empties_it_on_failure(
+        tmp_path):
+    # An empty directory (a mounted volume, say) was refused as "not an embstore store", where
+    # create and the Python import_npy make the store in it.
+    vectors = np.random.default_rng(2).standard_normal((30, 4)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    store = tmp_path / "empty"
+    store.mkdir()
+    r = run("import", store, tmp_path / "v.npy", "--epoch", 2, "--quiet")
+    assert r.code == 0, r
+    v, k, e = store_arrays(store)
+    assert np.array_equal(v, vectors) and np.array_equal(k, np.arange(30)) and (e == 2).all()
+    # Failing after the store was made (a value float16 cannot hold), the store it made is
+    # removed: the directory is empty again, as before the import.
+    vectors[29, 1] = 1e6
+    np.save(tmp_path / "v.npy", vectors)
+    again = tmp_path / "again"
+    again.mkdir()
+    r = run("import", again, tmp_path / "v.npy", "--dtype", "float16", "--quiet")
+    assert r.code != 0 and "does not fit in float16" in r.err, r
+    assert os.listdir(again) == []

@@ -291,7 +291,13 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   result.source_dtype = *source_dtype;
   std::string partial;
   std::optional<Writer> writer;
-  if (exists(store)) {
+  // An empty directory (a volume mounted for the store, say) is a place to create it, as
+  // create_store takes one: the store is made in it, not beside it and renamed there (a mount
+  // point cannot be replaced), so its rows show as they are appended, and after a failure the
+  // directory is emptied again.
+  std::error_code empty_ec;
+  const bool in_place = is_directory(store) && std::filesystem::is_empty(store, empty_ec);
+  if (exists(store) && !in_place) {
     writer.emplace(Writer::open(store));
     if (writer->dim() != dim) {
       throw Error(ErrorCode::kFormatMismatch, store + " has dim " + std::to_string(writer->dim()) +
@@ -354,13 +360,17 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(create.dtype);
       create.segment_bytes = std::max(create.segment_bytes, (row_bytes + 4095) / 4096 * 4096);
     }
-    partial = make_partial_dir(store);
-    try {
-      writer.emplace(Writer::create(partial, create));
-    } catch (...) {
-      std::error_code ec;
-      std::filesystem::remove_all(partial, ec);
-      rethrow_naming_output_if_error(partial, store);
+    if (in_place) {
+      writer.emplace(Writer::create(store, create));  // Refused if filled meanwhile.
+    } else {
+      partial = make_partial_dir(store);
+      try {
+        writer.emplace(Writer::create(partial, create));
+      } catch (...) {
+        std::error_code ec;
+        std::filesystem::remove_all(partial, ec);
+        rethrow_naming_output_if_error(partial, store);
+      }
     }
     result.created = true;
   }
@@ -373,7 +383,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     const std::uint64_t batch =
         std::max<std::uint64_t>(1, kBatchBytes / std::max<std::uint64_t>(1, row_bytes));
     std::vector<std::byte> rows_buffer;
-    if (partial.empty() && converter.may_refuse()) {
+    if (!result.created && converter.may_refuse()) {
       // Into an existing store, every value is checked before the first append, as the keys
       // and epochs are: input refused for a value stores nothing (a retry after fixing the file
       // would store the earlier batches twice).
@@ -417,6 +427,15 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     result.end_row = n == 0 ? result.first_row : end_row;
     result.contiguous = contiguous;
   } catch (...) {
+    if (in_place) {
+      // The store this import made, its rows half in: gone, the directory left empty.
+      writer.reset();
+      std::error_code ec;
+      for (const auto& entry : std::filesystem::directory_iterator(store, ec)) {
+        std::filesystem::remove_all(entry.path(), ec);
+      }
+      throw;
+    }
     if (!partial.empty()) {
       writer.reset();
       std::error_code ec;
