@@ -45,6 +45,7 @@ import logging
 import math
 import multiprocessing.util as _mp_util
 import os
+import signal
 import sys
 import threading
 from typing import Any, NamedTuple, Optional, Sequence, Union
@@ -1063,6 +1064,42 @@ def _leave_cleanly_on_sigterm() -> None:
         pass
 
 
+def _described(error: BaseException) -> str:
+    """An error for a log line: its text, or its type where the text is empty (a
+    KeyboardInterrupt's is)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _InterruptDeferred:
+    """Inside it, in the main thread, a SIGINT is noted, not acted on; at its end the handler
+    that was installed (Python's default raises KeyboardInterrupt) gets it. For stretches that
+    must not stop half-way: rows taken out of a buffer and not yet appended would be lost
+    without a word (embstore.torch, _Staging.submit). Elsewhere, or where SIGINT has no Python
+    handler (ignored, or the default action), it does nothing."""
+
+    __slots__ = ("previous", "noted")
+
+    def __enter__(self) -> None:
+        self.previous = self.noted = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if callable(previous):
+            self.previous = previous
+            signal.signal(signal.SIGINT, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.noted = (signum, frame)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is None:
+            return
+        signal.signal(signal.SIGINT, self.previous)
+        if self.noted is not None:
+            self.previous(*self.noted)
+
+
 def _moved_away(error: BaseException) -> bool:
     """The error of a close or sync that finished, its store no longer at its path (deleted,
     moved away or replaced: Writer::sync() in include/embstore/writer.h), or of the key index
@@ -1085,7 +1122,8 @@ def _close_reporting_loss(native, when: str) -> None:
                          "longer at this path: %s", path, when, error)
             return
         _log.error("%s: a Writer %s without close() failed to close; %d appended rows were "
-                   "not written: %s", path, when, native.stats().get("dropped_rows", 0), error)
+                   "not written: %s", path, when, native.stats().get("dropped_rows", 0),
+                   _described(error))
         raise
 
 

@@ -29,7 +29,8 @@ import torch
 import torch.utils.data
 
 from . import (Error, Reader, Writer, _BFLOAT16_OVERFLOW, _TERMINATION, _WRITER_EXIT_PRIORITY,
-               _bfloat16_ready, _dtype_name, _embstore, _log, _moved_away, shards)
+               _InterruptDeferred, _bfloat16_ready, _described, _dtype_name, _embstore, _log,
+               _moved_away, shards)
 from ._errors import ClosedError
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
@@ -345,8 +346,9 @@ class _Staging:
         """Hands the staged rows to the Writer as one append (queued in async mode)."""
         if not self.filled:
             return
-        # A SIGTERM's writing (_TERMINATION) waits until the rows taken out are appended.
-        with _TERMINATION:
+        # A SIGTERM's writing (_TERMINATION) waits until the rows taken out are appended, and so
+        # does a Ctrl-C's KeyboardInterrupt: raised between the two, it lost them without a word.
+        with _TERMINATION, _InterruptDeferred():
             n, self.filled = self.filled, 0
             buffer, self.buffer = self.buffer, None
             # Donated (copy=False): the recorder never touches this buffer again.
@@ -378,7 +380,7 @@ def _finish_unclosed(staging: _Staging, path: str, module_name: str) -> None:
             return
         _log.error("%s: the EmbeddingRecorder of %r was not closed and failed to write its "
                    "rows (%d staged rows, %d queued rows lost): %s", path, module_name,
-                   staged, staging.writer.stats().get("dropped_rows", 0), error)
+                   staged, staging.writer.stats().get("dropped_rows", 0), _described(error))
 
 
 class _RecordingBlock:
