@@ -32,6 +32,8 @@ const char* error_code_name(ErrorCode code) noexcept {
       return "closed";
     case ErrorCode::kPermissionDenied:
       return "permission_denied";
+    case ErrorCode::kInterrupted:
+      return "interrupted";
   }
   return "unknown";
 }

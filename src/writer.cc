@@ -493,7 +493,8 @@ std::invoke_result_t<F&> Writer::Impl::with_writer_lock(Growth growth, F&& f) {
     const bool waited_here = !in_process.owns_lock();
     if (waited_here) in_process.lock();
     check_usable();
-    detail::LockGuard across_processes(*lock_);
+    // Interruptible: nothing is changed before f() runs (a Ctrl-C in Python ends the wait).
+    detail::LockGuard across_processes(*lock_, /*interruptible=*/true);
     waiting.done();
     lock_waited_.store(waited_here || across_processes.waited(), std::memory_order_relaxed);
     if ((growth_thread_ || growth_joiners_ > 0) &&

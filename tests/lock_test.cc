@@ -4,6 +4,7 @@
 #include "platform/lock.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -17,6 +18,7 @@
 
 #include "embstore/embstore.h"
 #include "log/batch.h"
+#include "platform/os.h"
 #include "platform/testing.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -103,6 +105,68 @@ TEST_CASE("acquire() says whether it had to wait for another handle", "[lock][th
   t.join();
   CHECK_FALSE(a.acquire());
   a.release();
+}
+
+namespace {
+std::atomic<int> g_checks{0};
+bool interrupt_asked() noexcept {
+  ++g_checks;
+  return true;
+}
+bool wait_on() noexcept {
+  ++g_checks;
+  return false;
+}
+void no_op(int) {}
+}  // namespace
+
+TEST_CASE("An interruptible wait for the writer lock ends when the interrupt check says so",
+          "[lock][threads]") {
+  // The Python binding's Ctrl-C: a signal wakes the wait (EINTR, a handler without SA_RESTART),
+  // the process's interrupt check decides. Only an interruptible wait asks it, and a false
+  // answer waits on; the waiting mark goes with an interrupted wait.
+  TempDir dir;
+  create_store(dir / "s", small());
+  struct sigaction action {};
+  action.sa_handler = no_op;  // No SA_RESTART: the wait returns EINTR.
+  sigemptyset(&action.sa_mask);
+  struct sigaction previous {};
+  REQUIRE(::sigaction(SIGUSR1, &action, &previous) == 0);
+  detail::WriterLock holder(dir / "s/lock");
+  detail::WriterLock waiter(dir / "s/lock");
+  holder.acquire();
+  for (const bool interrupt : {true, false}) {
+    detail::os::set_interrupt_check(interrupt ? &interrupt_asked : &wait_on);
+    g_checks = 0;
+    std::atomic<int> outcome{0};  // 1 held, 2 interrupted
+    std::thread t([&] {
+      try {
+        waiter.acquire(/*interruptible=*/true);
+        outcome = 1;
+      } catch (const Error& e) {
+        outcome = e.code() == ErrorCode::kInterrupted ? 2 : 3;
+      }
+    });
+    // Signals until the wait has been woken a few times (the check counts them).
+    for (int i = 0; i < 10000 && g_checks < 3 && outcome == 0; ++i) {
+      ::pthread_kill(t.native_handle(), SIGUSR1);
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (interrupt) {
+      t.join();
+      CHECK(outcome == 2);
+      CHECK_FALSE(holder.others_waiting());  // The mark went with the wait.
+    } else {
+      CHECK(g_checks >= 3);
+      CHECK(outcome == 0);  // Woken, asked, and waiting on.
+      holder.release();
+      t.join();
+      CHECK(outcome == 1);
+      waiter.release();
+    }
+  }
+  detail::os::set_interrupt_check(nullptr);
+  ::sigaction(SIGUSR1, &previous, nullptr);
 }
 
 TEST_CASE("A writer hashes in the page cache only while it looks like the one active writer",

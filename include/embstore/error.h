@@ -26,6 +26,9 @@ enum class ErrorCode : int {
   kForkedChild = 11,        // A forked child used a Writer its parent opened.
   kClosed = 12,             // The object was closed (or moved from).
   kPermissionDenied = 13,   // The OS refused access to a file (EACCES/EPERM) when reading it.
+  kInterrupted = 14,        // A wait for the writer lock was interrupted by a signal the
+                            // process asked to act on (the Python binding: Ctrl-C); nothing
+                            // was written.
 };
 
 // Stable snake_case name of a code ("corruption", "invalid_argument", ...): the one table of

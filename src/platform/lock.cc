@@ -75,7 +75,7 @@ bool WriterLock::try_acquire() {
   return held_;
 }
 
-bool WriterLock::acquire() {
+bool WriterLock::acquire(bool interruptible) {
   check_owner_process();
   // Tried first, so the caller learns whether another handle held it (a system call more only
   // when it had to wait anyway).
@@ -85,7 +85,7 @@ bool WriterLock::acquire() {
     const bool mark = byte_ == LockByte::kWriter;
     if (mark) os::mark_waiting(fd_, true);
     try {
-      os::lock_exclusive(fd_, path_, byte);
+      os::lock_exclusive(fd_, path_, byte, interruptible);
     } catch (...) {
       if (mark) os::mark_waiting(fd_, false);
       throw;

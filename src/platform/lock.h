@@ -57,7 +57,8 @@ class WriterLock {
   // Blocks until held; true when it had to wait (another handle held the lock). While it waits
   // for the writer lock, the handle is marked waiting (byte 1 of the file, FORMAT.md "The store
   // directory").
-  bool acquire();
+  // `interruptible`: os::lock_exclusive()'s (a wait before anything is written only).
+  bool acquire(bool interruptible = false);
   // Takes the lock only if no other handle holds it now; true when it did. Never waits, and
   // never marks this handle waiting.
   bool try_acquire();
@@ -82,7 +83,8 @@ class WriterLock {
 // RAII holder.
 class LockGuard {
  public:
-  explicit LockGuard(WriterLock& lock) : lock_(lock), waited_(lock_.acquire()) {}
+  explicit LockGuard(WriterLock& lock, bool interruptible = false)
+      : lock_(lock), waited_(lock_.acquire(interruptible)) {}
   ~LockGuard() { lock_.release(); }
   bool waited() const noexcept { return waited_; }
   LockGuard(const LockGuard&) = delete;

@@ -495,11 +495,21 @@ constexpr off_t kWaitingByte = 1;
 
 // An exclusive lock on `byte`, waiting for it or not: false when not waiting and another holds
 // it.
-bool take_exclusive(int fd, const std::string& path, std::uint64_t byte, bool wait) {
+std::atomic<InterruptCheck> g_interrupt_check{nullptr};
+
+bool take_exclusive(int fd, const std::string& path, std::uint64_t byte, bool wait,
+                    bool interruptible = false) {
   if (int err = injected(Op::kLock)) fail("lock", path, err);
   struct flock fl = byte_lock(F_WRLCK, static_cast<off_t>(byte));
   while (::fcntl(fd, wait ? F_OFD_SETLKW : F_OFD_SETLK, &fl) != 0) {
-    if (errno == EINTR) continue;
+    if (errno == EINTR) {
+      const InterruptCheck check = g_interrupt_check.load(std::memory_order_acquire);
+      if (interruptible && check != nullptr && check()) {
+        throw Error(ErrorCode::kInterrupted,
+                    path + ": interrupted while waiting for the writer lock; nothing was written");
+      }
+      continue;
+    }
     if (!wait && (errno == EAGAIN || errno == EACCES)) return false;
     fail("lock", path, errno);
   }
@@ -507,8 +517,12 @@ bool take_exclusive(int fd, const std::string& path, std::uint64_t byte, bool wa
 }
 }  // namespace
 
-void lock_exclusive(int fd, const std::string& path, std::uint64_t byte) {
-  take_exclusive(fd, path, byte, true);
+void lock_exclusive(int fd, const std::string& path, std::uint64_t byte, bool interruptible) {
+  take_exclusive(fd, path, byte, true, interruptible);
+}
+
+void set_interrupt_check(InterruptCheck check) noexcept {
+  g_interrupt_check.store(check, std::memory_order_release);
 }
 
 bool try_lock_exclusive(int fd, const std::string& path, std::uint64_t byte) {

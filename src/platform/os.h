@@ -134,7 +134,14 @@ std::uint64_t filesystem_magic(const std::string& path);
 
 // Blocks until this open file description holds the exclusive OFD lock on byte `byte` of `fd`
 // (FORMAT.md, "The store directory": byte 0 the writer lock, byte 2 the key index lock).
-void lock_exclusive(int fd, const std::string& path, std::uint64_t byte = 0);
+void lock_exclusive(int fd, const std::string& path, std::uint64_t byte = 0,
+                    bool interruptible = false);
+// Asked when an interruptible lock_exclusive() is interrupted by a signal (EINTR): true makes it
+// throw kInterrupted, false waits on. One for the process (the Python binding's: a
+// KeyboardInterrupt to raise); none by default, so such a wait always waits on. Called on the
+// waiting thread.
+using InterruptCheck = bool (*)() noexcept;
+void set_interrupt_check(InterruptCheck check) noexcept;
 // The same lock without waiting: false when another open file description holds it.
 bool try_lock_exclusive(int fd, const std::string& path, std::uint64_t byte = 0);
 // The mark of a handle waiting for that lock: a shared OFD lock on byte 1, which dies with its

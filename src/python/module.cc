@@ -25,6 +25,7 @@
 
 #include "async_writer.h"
 #include "embstore/embstore.h"
+#include "platform/os.h"
 #include "sigterm_relay.h"
 #include "store_build.h"
 
@@ -50,6 +51,38 @@ bool cut_off_by_finalization() {
   const bool finalizing = _Py_IsFinalizing() != 0;
 #endif
   return finalizing && PyThread_get_thread_ident() != g_main_thread;
+}
+
+// Ctrl-C while the main thread waits for the writer lock (os::set_interrupt_check): the signal
+// wakes the wait (EINTR: Python installs its handlers without SA_RESTART), and this runs
+// Python's signal handlers there. One that raised (KeyboardInterrupt) ends the wait before
+// anything is written (kInterrupted), and its exception, kept here, is what the call raises
+// (raise_python_error). Other threads, and a finalizing interpreter, wait on.
+struct PendingInterrupt {
+  PyObject* type = nullptr;
+  PyObject* value = nullptr;
+  PyObject* traceback = nullptr;
+};
+thread_local PendingInterrupt t_interrupt;
+
+bool python_interrupted() noexcept {
+  if (PyThread_get_thread_ident() != g_main_thread || !Py_IsInitialized()) return false;
+#if PY_VERSION_HEX >= 0x030D0000
+  if (Py_IsFinalizing()) return false;
+#else
+  if (_Py_IsFinalizing()) return false;
+#endif
+  const PyGILState_STATE gil = PyGILState_Ensure();
+  bool interrupted = false;
+  if (PyErr_CheckSignals() != 0) {
+    Py_XDECREF(t_interrupt.type);
+    Py_XDECREF(t_interrupt.value);
+    Py_XDECREF(t_interrupt.traceback);
+    PyErr_Fetch(&t_interrupt.type, &t_interrupt.value, &t_interrupt.traceback);
+    interrupted = true;
+  }
+  PyGILState_Release(gil);
+  return interrupted;
 }
 
 // The Writer lifetime lock a thread holds shared across a ReleaseGil scope (AliveLock), for
@@ -118,6 +151,11 @@ class AliveLock {
 
 // Turns embstore::Error into the Python exception embstore._errors chooses for its code.
 void raise_python_error(const Error& error) {
+  if (error.code() == ErrorCode::kInterrupted && t_interrupt.type != nullptr) {
+    PyErr_Restore(t_interrupt.type, t_interrupt.value, t_interrupt.traceback);  // Steals them.
+    t_interrupt = PendingInterrupt{};
+    return;
+  }
   py::object make = py::module_::import("embstore._errors").attr("from_code");
   py::object exc =
       make(static_cast<int>(error.code()), std::string(error.what()), error.sys_errno());
@@ -1040,6 +1078,7 @@ PYBIND11_MODULE(_embstore, m) {
   m.doc() = "Private C++ core of the embstore package; use the names exported by `embstore`.";
   g_main_thread =
       py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  detail::os::set_interrupt_check(&python_interrupted);
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

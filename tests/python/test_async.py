@@ -548,3 +548,30 @@ def test_a_queue_that_cannot_be_mapped_is_an_os_error_naming_the_store_and_optio
     with embstore.Writer(store) as w:  # the store itself is usable
         w.append([1], np.ones((1, 8), np.float32), 0)
     assert len(embstore.Reader(store)) == 1
+
+
+@pytest.mark.parametrize("call", ["append", "truncate"])
+def test_ctrl_c_ends_a_call_waiting_for_the_writer_lock_and_nothing_is_written(store, call):
+    # Another process holds the writer lock for long (a truncate of a large store, or a writer
+    # stopped by Ctrl-Z or a debugger): a Ctrl-C here was ignored until it let go. The wait now
+    # ends with the KeyboardInterrupt, before anything is written, and the Writer goes on.
+    import signal
+    ones = np.ones((1, 4), np.float32)
+    with embstore.Writer(store, dim=4) as w:
+        w.append([1], ones)
+        with StoreLock(store) as lock:
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+            # Should the wait ignore the signal, the lock goes at 10 s (no hang): then the call
+            # runs, and the rows below say so.
+            let_go = threading.Timer(10, lock.release)
+            timer.start()
+            let_go.start()
+            with pytest.raises(KeyboardInterrupt):
+                if call == "append":
+                    w.append([2], ones)
+                else:
+                    w.truncate(rows=0)
+            timer.join()
+            let_go.cancel()
+        w.append([3], ones)
+    assert embstore.Reader(store).keys.tolist() == [1, 3]
