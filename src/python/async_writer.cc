@@ -76,8 +76,10 @@ AsyncAppender::Ring::~Ring() {
   if (mapping != nullptr) munmap(mapping, mapping_bytes);
 }
 
-AsyncAppender::AsyncAppender(Writer& writer, std::uint64_t capacity_bytes)
+AsyncAppender::AsyncAppender(Writer& writer, std::uint64_t capacity_bytes,
+                             detail::os::InterruptCheck interrupt_check)
     : writer_(writer),
+      interrupt_check_(interrupt_check),
       dtype_(writer.dtype()),
       capacity_bytes_(capacity_bytes),
       record_bytes_(std::uint64_t{writer.dim()} * dtype_size(writer.dtype())),
@@ -136,11 +138,19 @@ void AsyncAppender::push(Batch&& batch) {
       // Back-pressure: the caller (with the GIL released) waits for the writer thread.
       ++stats_.blocked_appends;
       work_cv_.notify_one();  // It may be napping with the queue full.
-      space_cv_.wait(lock, [&] {
-        if (error_ || stopping_) return true;
-        offset = ring_place(bytes);
-        return offset.has_value();
-      });
+      try {
+        wait_interruptibly(
+            lock, space_cv_,
+            [&] {
+              if (error_ || stopping_) return true;
+              offset = ring_place(bytes);
+              return offset.has_value();
+            },
+            "for room in its queue; this batch was not queued");
+      } catch (...) {
+        --stats_.blocked_appends;
+        throw;
+      }
       --stats_.blocked_appends;
       throw_if_failed();
     }
@@ -175,6 +185,29 @@ void AsyncAppender::push(Batch&& batch) {
   if (wake) work_cv_.notify_one();
 }
 
+template <typename Ready>
+void AsyncAppender::wait_interruptibly(std::unique_lock<std::mutex>& lock,
+                                       std::condition_variable& cv, Ready ready,
+                                       const char* waiting_for) {
+  const detail::os::InterruptCheck check = interrupt_check_;
+  while (!ready()) {
+    if (check == nullptr) {
+      cv.wait(lock, ready);
+      return;
+    }
+    if (cv.wait_for(lock, kInterruptCheckInterval, ready)) return;
+    // Asked without mutex_: the check may take the GIL, which a thread waiting for mutex_
+    // (stats() from Python) can hold.
+    lock.unlock();
+    const bool interrupted = check();
+    lock.lock();
+    if (interrupted) {
+      throw Error(ErrorCode::kInterrupted,
+                  writer_.path() + ": async writer: interrupted while waiting " + waiting_for);
+    }
+  }
+}
+
 void AsyncAppender::flush() {
   std::unique_lock lock(mutex_);
   if (!queue_.empty()) {
@@ -182,7 +215,14 @@ void AsyncAppender::flush() {
     const std::uint64_t target = finished_ + queue_.size();
     work_cv_.notify_one();  // Do not wait for the end of a nap.
     ++flush_waiters_;
-    idle_cv_.wait(lock, [&] { return finished_ >= target; });
+    try {
+      wait_interruptibly(
+          lock, idle_cv_, [&] { return finished_ >= target; },
+          "for its queue to be written; the batches queued are written on");
+    } catch (...) {
+      --flush_waiters_;
+      throw;
+    }
     --flush_waiters_;
   }
   if (error_) throw Error(*error_);

@@ -37,6 +37,7 @@
 
 #include "embstore/error.h"
 #include "embstore/writer.h"
+#include "platform/os.h"
 
 namespace embstore::python {
 
@@ -88,7 +89,11 @@ class AsyncAppender {
   static constexpr std::size_t kSpareKeyBuffers = 4;
   static constexpr std::size_t kSpareKeyBufferMaxKeys = std::size_t{1} << 16;
 
-  AsyncAppender(Writer& writer, std::uint64_t capacity_bytes);
+  // `interrupt_check` (may be null): asked every kInterruptCheckInterval while push() waits
+  // for room or flush() waits for the queue to be written, without mutex_; true ends the wait
+  // with kInterrupted (push(): the batch is not queued; flush(): the queue is written on).
+  AsyncAppender(Writer& writer, std::uint64_t capacity_bytes,
+                detail::os::InterruptCheck interrupt_check = nullptr);
   ~AsyncAppender();  // Calls stop().
 
   // Bytes `rows` occupy in the queue: packed, in the store's dtype (float32 rows for a float16
@@ -130,8 +135,14 @@ class AsyncAppender {
 
   // Copies (converts) a batch's rows into its ring range. Throws as push() says.
   void fill_ring(const Batch& batch) const;
+  // cv.wait(lock, ready), asking interrupt_check_ (see the constructor) every interval.
+  template <typename Ready>
+  void wait_interruptibly(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
+                          Ready ready, const char* waiting_for);
+  static constexpr std::chrono::milliseconds kInterruptCheckInterval{100};
 
   Writer& writer_;
+  const detail::os::InterruptCheck interrupt_check_;
   const DType dtype_;  // The store's.
   const std::uint64_t capacity_bytes_;
   const std::uint64_t record_bytes_;

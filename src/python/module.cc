@@ -323,7 +323,7 @@ class PyWriter {
   PyWriter(Writer writer, std::uint64_t async_queue_bytes)
       : writer_(std::move(writer)), owner_pid_(current_process_id()) {
     if (async_queue_bytes > 0)
-      async_ = std::make_unique<AsyncAppender>(*writer_, async_queue_bytes);
+      async_ = std::make_unique<AsyncAppender>(*writer_, async_queue_bytes, &python_interrupted);
   }
 
   ~PyWriter() {

@@ -575,3 +575,34 @@ def test_ctrl_c_ends_a_call_waiting_for_the_writer_lock_and_nothing_is_written(s
             let_go.cancel()
         w.append([3], ones)
     assert embstore.Reader(store).keys.tolist() == [1, 3]
+
+
+def test_ctrl_c_ends_an_async_append_waiting_for_room_and_a_flush_and_loses_nothing_queued(
+        store):
+    # The queue full behind a writer lock another process holds: append waited for room and
+    # flush for the queue, both ignoring Ctrl-C. Now each ends with the KeyboardInterrupt: the
+    # batch that waited for room is not queued (the exception says so), the queued ones are
+    # written once the lock is free.
+    import signal
+    embstore.create(store, dim=1024)
+    w = embstore.Writer(store, async_queue_mb=1)  # room for two 512 KiB batches
+    half = [np.full((128, 1024), i, np.float32) for i in range(4)]
+    with StoreLock(store) as lock:
+        let_go = threading.Timer(20, lock.release)  # should a wait ignore the signal: no hang
+        let_go.start()
+        w.append(range(128), half[0], 0)  # taken by the writer thread, blocked on the lock
+        w.append(range(128), half[1], 1)  # queued: the queue is now full
+        for call in ("append", "flush"):
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                if call == "append":
+                    w.append(range(128), half[2], 2)
+                else:
+                    w.flush()
+            timer.join()
+        assert w.stats()["blocked_appends"] == 0
+        let_go.cancel()
+    w.append(range(128), half[3], 3)
+    w.close()
+    assert embstore.Reader(store).epochs.tolist() == [0] * 128 + [1] * 128 + [3] * 128

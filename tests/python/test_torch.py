@@ -8,6 +8,20 @@ import embstore  # noqa: E402
 from embstore.torch import EmbeddingDataset, EmbeddingRecorder  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _collect_dataloader_iterators():
+    """DataLoader iterators a test leaves behind (a next(iter(loader)) that raised; tracebacks
+    keep them in reference cycles) shut their workers down when collected: here, at the test's
+    end, in the main thread. Left to the cyclic collector they were shut down whenever and on
+    whichever thread it ran (once, dask.distributed's profiling thread, left by test_dask),
+    while a later test's persistent workers were at work; that run hung in
+    test_refresh_reaches_persistent_workers[spawn] (twice in two days, cause in torch not
+    found; these tests' loaders also have a timeout, so a hang fails in minutes)."""
+    yield
+    import gc
+    gc.collect()
+
+
 def test_bfloat16_round_trip_from_torch_is_bit_exact(store):
     t = torch.randn(64, 24).to(torch.bfloat16)
     with embstore.Writer(store, dim=24, dtype=torch.bfloat16) as w:
@@ -221,7 +235,8 @@ def test_dataset_over_recorded_embeddings_trains_a_probe(store):
     vector += 1  # items are copies: writable, the store is unaffected
     probe = torch.nn.Linear(16, 3)
     opt = torch.optim.Adam(probe.parameters(), lr=0.05)
-    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, num_workers=2,
+                                         timeout=120)
     losses = []
     for _ in range(8):
         total = 0.0
@@ -489,7 +504,7 @@ def test_a_dataset_reopened_after_a_truncate_or_in_a_new_store_refuses_to_serve_
     with pytest.raises(embstore.Error, match=truncated):
         copy[0]
     loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=1,
-                                         multiprocessing_context="spawn")
+                                         multiprocessing_context="spawn", timeout=120)
     with pytest.raises(embstore.Error, match=truncated):
         next(iter(loader))
     assert [ds[i][1] for i in range(8)] == list(range(8))  # its own Reader still has them
@@ -516,7 +531,7 @@ def test_a_spawned_worker_whose_store_was_deleted_raises_an_error_naming_it_in_t
     shutil.rmtree(store)
     gone = f"{store}: this dataset's store cannot be reopened .*{store}: no store here"
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1,
-                                         multiprocessing_context="spawn")
+                                         multiprocessing_context="spawn", timeout=120)
     with pytest.raises(embstore.Error, match=gone):
         next(iter(loader))
     copy = pickle.loads(pickle.dumps(ds))
@@ -536,7 +551,7 @@ def test_refresh_reaches_persistent_workers(store, context):
         ds = EmbeddingDataset(store)
         loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2,
                                              persistent_workers=True,
-                                             multiprocessing_context=context)
+                                             multiprocessing_context=context, timeout=120)
         assert _loader_keys(loader) == list(range(8))
         w.append(np.arange(8, 16), np.ones((8, 4), np.float32), 1)
         assert ds.refresh() == 16 and _loader_keys(loader) == list(range(16))

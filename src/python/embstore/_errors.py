@@ -19,7 +19,8 @@ kForkedChild           ForkedChildError (an embstore.Error)
 kClosed                ClosedError (an embstore.Error and a ValueError, like I/O on a
                        closed Python file)
 kInterrupted           what the SIGINT handler raised (KeyboardInterrupt): a Ctrl-C ended
-                       a wait for the writer lock (append, truncate); nothing was written
+                       a wait for the writer lock (append, truncate; nothing was written) or
+                       an async writer's wait for room (not queued) or flush (written on)
 =====================  =======================================================
 
 Every exception carries the C++ message (it names the file, field or value) and has a ``code``
