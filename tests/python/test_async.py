@@ -606,3 +606,25 @@ def test_ctrl_c_ends_an_async_append_waiting_for_room_and_a_flush_and_loses_noth
     w.append(range(128), half[3], 3)
     w.close()
     assert embstore.Reader(store).epochs.tolist() == [0] * 128 + [1] * 128 + [3] * 128
+
+
+def test_a_close_interrupted_before_it_began_leaves_the_rows_to_the_exit_finalizer(store):
+    # close() cancelled the exit finalizer in its finally: a KeyboardInterrupt before the native
+    # close began left the queued rows to garbage collection, if it came.
+    w = embstore.Writer(store, dim=4, async_queue_mb=1)
+    w.append(range(3), np.ones((3, 4), np.float32))
+    native = w._native
+
+    class InterruptedFirst:
+        closed = False
+
+        def close(self):
+            raise KeyboardInterrupt
+
+    w._native = InterruptedFirst()
+    with pytest.raises(KeyboardInterrupt):
+        w.close()
+    w._native = native
+    assert w._at_exit.still_active()  # the finalizer still writes them at exit
+    w._at_exit()  # what the interpreter's exit runs
+    assert len(embstore.Reader(store)) == 3

@@ -767,12 +767,14 @@ class Writer(_Handle):
         sync="interval"/"every_append".
         """
         # Closed before the exit finalizer is cancelled: a SIGTERM handled in between
-        # (_write_then_terminate) still finds this Writer to close.
+        # (_write_then_terminate) still finds this Writer to close. And cancelled only once the
+        # native Writer is closed (or failed closing, which it reported): a KeyboardInterrupt
+        # before its close began leaves the queued rows to the exit finalizer, not to chance.
         try:
             if self._native is not None:
                 self._native.close()
         finally:
-            if self._at_exit is not None:
+            if self._at_exit is not None and (self._native is None or self._native.closed):
                 self._at_exit.cancel()
 
     def stats(self) -> dict:
