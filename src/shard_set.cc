@@ -366,9 +366,12 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
         return Reader::open(paths[i], options);
       } catch (const Error& error) {
         if (!manifest || error.code() != ErrorCode::kNotFound) throw;
+        // There but no store (an empty directory, a copy that never finished) is not "missing".
+        const bool there = detail::os::exists(paths[i]);
         throw Error(ErrorCode::kNotFound,
-                    manifest_path + ": shard '" + manifest->shards[i].path + "' is missing (" +
-                        error.what() + "); copy every node's store next to the manifest",
+                    manifest_path + ": shard '" + manifest->shards[i].path +
+                        (there ? "' is not a store (" : "' is missing (") + error.what() +
+                        "); copy every node's store next to the manifest",
                     error.sys_errno());
       }
     }());

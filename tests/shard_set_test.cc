@@ -362,6 +362,11 @@ TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards ar
   auto path = write_text(dir / "missing.json", manifest_with("node-9", info.store_id));
   REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kNotFound);
   REQUIRE(message.find("'node-9' is missing") != std::string::npos);
+  // There but no store (an empty directory): said so, not "missing".
+  std::filesystem::create_directory(dir / "node-9");
+  REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kNotFound);
+  REQUIRE(message.find("'node-9' is not a store (") != std::string::npos);
+  std::filesystem::remove(dir / "node-9");
 
   path = write_text(dir / "id.json", manifest_with("node-0", std::string(32, 'f')));
   REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kFormatMismatch);
