@@ -45,22 +45,28 @@ void refuse_overflow(const Invalid& invalid, DType dtype, std::uint64_t i, const
           ") and would be stored as infinity; scale or clip it, or use a wider dtype");
 }
 
+// Converts row i of a batch (`in`, dim float32 values) to `dtype` (float16 or bfloat16) at
+// `out`, refusing it as refuse_overflow() says.
+template <typename Invalid>
+void convert_row(const Invalid& invalid, DType dtype, std::uint64_t i, const float* in,
+                 std::uint16_t* out, std::uint32_t dim) {
+  const bool infinite = dtype == DType::kFloat16 ? convert_to_half_fast(in, out, dim)
+                                                 : convert_to_bfloat16_fast(in, out, dim);
+  if (infinite) refuse_overflow(invalid, dtype, i, in, out, dim);
+}
+
 }  // namespace
 
 void convert_rows(const ConstMatrix& rows, DType dtype, std::byte* dest, const std::string& where) {
   auto invalid = [&](const std::string& what) {
     throw Error(ErrorCode::kInvalidArgument, where + ": append: " + what);
   };
-  const bool half = dtype == DType::kFloat16;
   const std::uint64_t input_row_bytes = std::uint64_t{rows.dim} * sizeof(float);
   const std::uint64_t stride = rows.row_stride_bytes == 0 ? input_row_bytes : rows.row_stride_bytes;
   const auto* source = static_cast<const std::byte*>(rows.data);
   for (std::uint64_t i = 0; i < rows.rows; ++i) {
-    const auto* in = reinterpret_cast<const float*>(source + i * stride);
-    auto* out = reinterpret_cast<std::uint16_t*>(dest + i * std::uint64_t{rows.dim} * 2);
-    const bool infinite = half ? convert_to_half_fast(in, out, rows.dim)
-                               : convert_to_bfloat16_fast(in, out, rows.dim);
-    if (infinite) refuse_overflow(invalid, dtype, i, in, out, rows.dim);
+    convert_row(invalid, dtype, i, reinterpret_cast<const float*>(source + i * stride),
+                reinterpret_cast<std::uint16_t*>(dest + i * std::uint64_t{rows.dim} * 2), rows.dim);
   }
 }
 
@@ -134,13 +140,10 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
   hashes.resize(n);
   if (convert) {
     for (std::uint64_t i = 0; i < n; ++i) {
-      const auto* in = reinterpret_cast<const float*>(batch.source + i * stride);
       std::byte* row = staged + i * record_bytes;
-      auto* out = reinterpret_cast<std::uint16_t*>(row);
-      const bool half = layout.dtype == DType::kFloat16;
-      const bool infinite = half ? convert_to_half_fast(in, out, rows.dim)
-                                 : convert_to_bfloat16_fast(in, out, rows.dim);
-      if (infinite) refuse_overflow(invalid, layout.dtype, i, in, out, rows.dim);
+      convert_row(invalid, layout.dtype, i,
+                  reinterpret_cast<const float*>(batch.source + i * stride),
+                  reinterpret_cast<std::uint16_t*>(row), rows.dim);
       hashes[i] = payload_hash(row, record_bytes, key);
     }
   } else {

@@ -493,10 +493,10 @@ struct flock byte_lock(short type, off_t byte = 0) noexcept {
 }
 constexpr off_t kWaitingByte = 1;
 
-// An exclusive lock on `byte`, waiting for it or not: false when not waiting and another holds
-// it.
-std::atomic<InterruptCheck> g_interrupt_check{nullptr};
+std::atomic<InterruptCheck> g_interrupt_check{nullptr};  // set_interrupt_check()
 
+// An exclusive lock on `byte`, waiting for it or not: false when not waiting and another holds
+// it. `interruptible`: see lock_exclusive().
 bool take_exclusive(int fd, const std::string& path, std::uint64_t byte, bool wait,
                     bool interruptible = false) {
   if (int err = injected(Op::kLock)) fail("lock", path, err);

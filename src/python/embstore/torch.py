@@ -266,7 +266,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16, "float64": torch.float64}
 # The exponent bits of a float type, all set in its infinities and NaNs: a converted value with
 # them all set, whose source was finite, overflowed.
-def _rounded_once(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _float64_rounded_once(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``out`` as it should be stored in ``dtype``: a float64 tensor for a float16 or bfloat16
     store rounded once to nearest even, on the CPU (torch converts float64 to them through
     float32, rounding twice); a value beyond the range becomes infinity, for the caller's
@@ -643,7 +643,7 @@ class EmbeddingRecorder:
         # What copy_() and to() convert: float64 rounded once here first (torch goes through
         # float32 to a 16-bit float: two roundings, which can move a value by one step, or onto
         # infinity), as Writer.append rounds it.
-        narrowed = _rounded_once(out, staging.dtype)
+        narrowed = _float64_rounded_once(out, staging.dtype)
         if n > self._buffer_rows:
             # Too big to stage: one append of a private copy (converted, on the CPU).
             staging.submit()
