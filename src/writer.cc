@@ -70,6 +70,7 @@ class Writer::Impl {
       allocate_files();
       files_->upgrade_header();
       keys_ = detail::make_key_index_handle(*files_, detail::os::Access::kReadWrite);
+      keys_->set_expected_rows(std::min(options_.expected_rows, files_->budget_rows()));
       recover();
       files_->map_rows(files_->state().capacity());
       open_key_index();
@@ -1088,6 +1089,11 @@ void check_writer_options(const std::string& path, const WriterOptions& options)
                 path + ": sync_interval must be positive with SyncPolicy::kInterval");
   }
   (void)detail::resolve_map_bytes(options.map_bytes, path);  // Throws naming what is wrong.
+  if (options.expected_rows > detail::kMaxRows) {
+    throw Error(ErrorCode::kInvalidArgument, path + ": WriterOptions::expected_rows " +
+                                                 std::to_string(options.expected_rows) +
+                                                 " exceeds the 2^40 rows a store can hold");
+  }
 }
 
 // create() and open_or_create(): the dim and dtype a caller expects must be those it creates.

@@ -667,6 +667,90 @@ TEST_CASE("Key index growth is sized for the rows it builds, and at close for th
   CHECK(static_cast<std::uint64_t>(st.st_blocks) * 512 <= 112 * grown_rows + (160 << 10));
 }
 
+TEST_CASE("Key index: a writer told the rows to expect builds and grows for them at once",
+          "[key_index]") {
+  // WriterOptions::expected_rows: without it the tables start at 1,024 slots and every doubling
+  // indexes every row again (7 growths on the way to 200,000 rows in `embstore bench`).
+  TempDir dir;
+  constexpr std::uint64_t kExpected = 50000;
+  EntriesFile file(dir / "index.1", 1 << 17);
+  auto append_to = [&](std::uint64_t rows) {
+    while (file.rows() < rows) file.append(file.rows() * 0x9e3779b97f4a7c15ull, 3);
+  };
+  std::uint64_t key_generation = 0;
+  auto file_bytes = [&](const KeyIndexFile& index) {
+    struct stat st {};
+    REQUIRE(::stat(index.path().c_str(), &st) == 0);
+    return static_cast<std::uint64_t>(st.st_blocks) * 512;
+  };
+  SECTION("a generation built from nothing holds the expected rows without a growth") {
+    KeyIndexHandle handle(dir.path(), identity(), &key_generation, os::Access::kReadWrite);
+    handle.set_expected_rows(kExpected);
+    handle.open_for_writer(file.entries(), 0);
+    REQUIRE(handle.current());
+    CHECK(handle.current()->sizes().pair_slots == key_index_slots_for(kExpected));
+    CHECK(handle.current()->sizes().key_slots == key_index_slots_for(kExpected));
+    bool claimed = false;
+    while (file.rows() < kExpected && !claimed) {
+      append_to(std::min(kExpected, file.rows() + 512));
+      claimed = handle.after_publish(file.entries(), file.rows());
+    }
+    CHECK_FALSE(claimed);
+    CHECK(key_generation == 1);
+    CHECK(handle.current()->indexed_rows() == kExpected);
+    CHECK_FALSE(handle.current()->wants_growth());
+    std::string problem;
+    CHECK(handle.current()->check(file.entries(), file.rows(), &problem) == 0);
+    INFO(problem);
+    // The file's bound (FORMAT.md "File sizes"), counted for the rows expected.
+    CHECK(file_bytes(*handle.current()) <= 112 * kExpected + (160 << 10));
+    // Rows past the guess grow the tables as usual.
+    while (!claimed) {
+      append_to(file.rows() + 512);
+      claimed = handle.after_publish(file.entries(), file.rows());
+    }
+    CHECK(file.rows() > kExpected);
+  }
+  SECTION("without a guess (the control), the same rows need growths") {
+    KeyIndexHandle handle(dir.path(), identity(), &key_generation, os::Access::kReadWrite);
+    handle.open_for_writer(file.entries(), 0);
+    CHECK(handle.current()->sizes().pair_slots == kMinSlots);
+    append_to(705);
+    CHECK(handle.after_publish(file.entries(), file.rows()));
+  }
+  SECTION("a store whose tables are small grows straight to the expected size") {
+    {
+      KeyIndexHandle first(dir.path(), identity(), &key_generation, os::Access::kReadWrite);
+      first.open_for_writer(file.entries(), 0);
+      append_to(600);
+      CHECK_FALSE(first.after_publish(file.entries(), file.rows()));
+    }
+    KeyIndexHandle handle(dir.path(), identity(), &key_generation, os::Access::kReadWrite);
+    handle.set_expected_rows(kExpected);
+    handle.open_for_writer(file.entries(), file.rows());
+    REQUIRE(handle.current()->sizes().pair_slots == kMinSlots);  // Opened, not rebuilt.
+    append_to(705);
+    REQUIRE(handle.after_publish(file.entries(), file.rows()));
+    const std::atomic<bool> stop{false};
+    const std::atomic<std::uint64_t> appending{0};
+    auto next = handle.build_next(
+        [&] {
+          return KeyIndexHandle::Rows{file.entries(), file.rows()};
+        },
+        stop, appending);
+    REQUIRE(next);
+    CHECK(next->sizes().pair_slots == key_index_slots_for(kExpected));
+    CHECK(next->sizes().key_slots == key_index_slots_for(kExpected));
+    std::shared_ptr<const KeyIndexFile> retired;
+    CHECK_FALSE(handle.finish_growth(next, file.entries(), file.rows(), retired));
+    append_to(kExpected);
+    CHECK_FALSE(handle.after_publish(file.entries(), file.rows()));  // No second growth.
+    std::string problem;
+    CHECK(handle.current()->check(file.entries(), file.rows(), &problem) == 0);
+    INFO(problem);
+  }
+}
+
 TEST_CASE("Key index: an epoch counted twice by a killed writer's redo asks for a rebuild",
           "[key_index]") {
   // A writer killed between raising epochs_used for a new epoch and storing its slot leaves the

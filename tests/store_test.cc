@@ -857,6 +857,53 @@ TEST_CASE("A create with options open() would refuse leaves no store behind, and
   CHECK(Writer::create(path, opts(4), expect).dim() == 4);  // Put right, the same call works.
 }
 
+TEST_CASE("WriterOptions::expected_rows: the key index is built for them once, not grown to them",
+          "[store][key_index]") {
+  TempDir dir;
+  constexpr std::uint64_t kRows = 40000;
+  const std::vector<float> rows(500 * 8, 0.5f);
+  // The key index files a writer left after appending kRows rows with `options`.
+  auto key_files = [&](const std::string& path, const WriterOptions& options) {
+    Writer w = Writer::create(path, opts(8), options);
+    for (std::uint64_t first = 0; first < kRows; first += 500) {
+      w.append(iota_keys(first, 500), 0, std::span<const float>(rows));
+    }
+    w.close();
+    std::set<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(path)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind("keys.", 0) == 0) names.insert(name);
+    }
+    Reader r = Reader::open(path);
+    CHECK(r.find(kRows - 1) == kRows - 1);
+    CHECK(r.find(0, 0) == 0);
+    CHECK(r.info().key_index.find(std::to_string(kRows) + " rows indexed") != std::string::npos);
+    return names;
+  };
+  WriterOptions expecting;
+  expecting.expected_rows = kRows;
+  CHECK(key_files(dir / "expected", expecting) == std::set<std::string>{"keys.1"});
+  // The control: without the guess the tables grew (each growth a new keys.K).
+  const std::set<std::string> grown = key_files(dir / "grown", WriterOptions{});
+  REQUIRE(grown.size() == 1);
+  CHECK(*grown.begin() != "keys.1");
+
+  // More than a store can hold: refused, naming the field, before anything is made.
+  std::string message;
+  expecting.expected_rows = (std::uint64_t{1} << 40) + 1;
+  CHECK(code_of([&] { Writer::create(dir / "s", opts(8), expecting); }, &message) ==
+        ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains(dir / "s" + ": WriterOptions::expected_rows 1099511627777 "
+                                                  "exceeds the 2^40 rows a store can hold"));
+  CHECK_FALSE(std::filesystem::exists(dir / "s"));
+  // More than map_bytes leaves room for counts as what it leaves: the writer opens.
+  expecting.expected_rows = std::uint64_t{1} << 40;
+  expecting.map_bytes = 16 << 20;
+  Writer small = Writer::create(dir / "s", opts(8), expecting);
+  small.append(iota_keys(0, 500), 0, std::span<const float>(rows));
+  CHECK(small.info().key_index.find("500 rows indexed") != std::string::npos);
+}
+
 TEST_CASE("A sync interval of milliseconds::max() means no sync but close()'s, without spinning",
           "[store]") {
   // The sync thread's wait added the interval to the clock (signed overflow, which UBSan

@@ -75,6 +75,18 @@ struct WriterOptions {
   // file system cannot make such pages it makes small ones, and the rows are stored the same
   // either way.
   bool huge_pages = false;
+  // How many rows the caller expects the store to hold (0: no guess). A key index this writer
+  // builds from nothing (when it creates the store, or rebuilds a missing or damaged one) is
+  // built with tables for at least this many rows, and a growth it makes grows them to at least
+  // that size: a store that reaches it was indexed once instead of rebuilt at every doubling
+  // (each growth indexes every row again: 7 growths on the way to 200,000 rows, about a third of
+  // a writer's CPU at 768 floats a row; bench/RESULTS.md, "Where the key index's cost goes").
+  // The tables take their full size on disk at once: 35 to 70 bytes per expected row (FORMAT.md
+  // "File sizes"), sized as if every row had a new key. Rows past the guess grow the tables as
+  // usual. At most 2^40 (kInvalidArgument beyond); a guess past the rows map_bytes lets the
+  // store hold counts as that many. No effect on a store without a key index, or on the data
+  // and index files, which grow as they always do.
+  std::uint64_t expected_rows = 0;
 };
 
 struct ReaderOptions {

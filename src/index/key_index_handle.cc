@@ -245,6 +245,7 @@ void KeyIndexHandle::open_for_writer(const IndexEntry* entries, std::uint64_t co
   KeyIndexSizes sizes;
   sizes.pair_slots = std::max(sizes.pair_slots, key_index_slots_for(committed));
   sizes.key_slots = std::max(sizes.key_slots, key_index_slots_for(committed / 16));
+  sizes = larger(sizes, expected_sizes());
   file = build(entries, committed, sizes, generation + 1, nullptr, nullptr);
   check_dir();
   file->publish_as_current(dir_);
@@ -318,6 +319,11 @@ void KeyIndexHandle::remove_stale_builds(const KeyIndexFile* current) {
   }
 }
 
+KeyIndexSizes KeyIndexHandle::expected_sizes() const {
+  if (expected_rows_ == 0) return {};
+  return {key_index_slots_for(expected_rows_), key_index_slots_for(expected_rows_), kMinSlots};
+}
+
 bool KeyIndexHandle::try_claim_growth() {
   if (claimed_) return false;
   std::shared_ptr<KeyIndexFile> file;
@@ -331,7 +337,7 @@ bool KeyIndexHandle::try_claim_growth() {
   store(word, (now_s << 32) | static_cast<std::uint32_t>(os::current_pid()));
   claimed_ = true;
   claim_file_ = file;
-  growth_sizes_ = file->next_sizes();
+  growth_sizes_ = larger(file->next_sizes(), expected_sizes());
   return true;
 }
 

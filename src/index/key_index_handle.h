@@ -59,6 +59,12 @@ class KeyIndexHandle {
   // with any other call of a writer's handle (no growth running) or with a Reader's lookups.
   void reset_store_generation(std::uint64_t store_generation);
 
+  // Writer, before open_for_writer(): the rows the caller expects the store to hold
+  // (WriterOptions::expected_rows, at most identity.max_rows; 0 for no guess). A generation
+  // this handle builds from the offset index or grows to gets tables for at least that many
+  // rows, every one a new key and pair.
+  void set_expected_rows(std::uint64_t rows) { expected_rows_ = rows; }
+
   // Writer, writer lock and key index lock held, rows [0, committed) mapped, `committed` the
   // store's commit counter (no writer indexes past it, so a file indexed further was cut by a
   // recovery): makes the index usable — opens it, or rebuilds it from the offset index when it
@@ -158,6 +164,9 @@ class KeyIndexHandle {
   std::shared_ptr<KeyIndexFile> claim_file_;
   KeyIndexSizes growth_sizes_;
   bool claimed_ = false;
+  std::uint64_t expected_rows_ = 0;  // set_expected_rows().
+  // The sizes expected_rows_ asks for (kMinSlots each without a guess).
+  KeyIndexSizes expected_sizes() const;
 };
 
 }  // namespace embstore::detail

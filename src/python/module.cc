@@ -744,9 +744,11 @@ std::unique_ptr<PyWriter> open_writer(
     const std::optional<std::string>& dtype, const std::string& metadata,
     std::optional<std::uint64_t> segment_bytes, const std::string& sync,
     std::optional<double> sync_interval_s, std::optional<std::uint64_t> map_bytes,
-    std::uint64_t async_queue_bytes, bool create_only, bool key_index, bool huge_pages) {
+    std::uint64_t async_queue_bytes, bool create_only, bool key_index, bool huge_pages,
+    std::uint64_t expected_rows) {
   WriterOptions options = writer_options(sync, sync_interval_s, map_bytes);
   options.huge_pages = huge_pages;
+  options.expected_rows = expected_rows;
   std::optional<Writer> writer;
   {
     ReleaseGil unlocked;
@@ -1209,7 +1211,7 @@ PYBIND11_MODULE(_embstore, m) {
       .def(py::init(&open_writer), py::arg("path"), py::arg("dim"), py::arg("dtype"),
            py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"), py::arg("sync_interval"),
            py::arg("map_bytes"), py::arg("async_queue_bytes"), py::arg("create_only"),
-           py::arg("key_index"), py::arg("huge_pages") = false)
+           py::arg("key_index"), py::arg("huge_pages") = false, py::arg("expected_rows") = 0)
       .def("appender", &make_appender)
       .def("flush", &PyWriter::flush)
       .def("sync", &PyWriter::sync)

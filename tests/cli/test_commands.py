@@ -492,6 +492,27 @@ def test_bench_without_a_key_index_creates_its_store_without_one(tmp_path):
     assert "no key index" in text.out.splitlines()[0]
 
 
+def test_bench_expected_rows_reaches_the_writers(tmp_path):
+    # --expected-rows: the store's key index is built once for the rows (keys.1), where the
+    # same run without it grows its tables (a later keys.K).
+    def kept(*flags):
+        r = run("bench", "--rows", 20000, "--dim", 8, "--batch", 500, "--repeat", 1, "--dir",
+                tmp_path, "--keep", "--json", "--quiet", "--no-baselines", *flags)
+        assert r.code == 0, r
+        report = json.loads(r.out)
+        store = report["runs"][0]["store"]
+        return report, sorted(f for f in os.listdir(store) if f.startswith("keys."))
+
+    report, files = kept("--expected-rows", 20000)
+    assert report["config"]["expected_rows"] == 20000
+    assert files == ["keys.1"]
+    report, files = kept()
+    assert report["config"]["expected_rows"] == 0
+    assert len(files) == 1 and files != ["keys.1"]
+    r = run("bench", "--expected-rows", 2**40 + 1, "--dir", tmp_path)
+    assert r.code != 0 and "--expected-rows" in r.err, r
+
+
 def test_python_append_bench_compares_the_binding_with_the_cli_in_the_same_run(tmp_path):
     # bench/python_append.py: Python's synchronous Writer.append against `embstore bench`, rows
     # from a numpy array and from a page-aligned one, each round in a fresh random order.

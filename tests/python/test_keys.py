@@ -51,6 +51,29 @@ def test_a_store_created_without_a_key_index_keeps_none_and_still_answers(store,
     assert embstore.info(other)["keeps_key_index"] is True
 
 
+def test_expected_rows_builds_the_key_index_once_for_them(tmp_path):
+    rows = np.ones((500, 8), dtype=np.float32)
+
+    def key_files(path, **options):
+        with embstore.Writer(path, dim=8, **options) as w:
+            for first in range(0, 20000, 500):
+                w.append(np.arange(first, first + 500, dtype=np.uint64), rows)
+        with embstore.Reader(path) as r:
+            assert r.find(19999) == 19999
+            assert "20000 rows indexed" in r.info()["key_index"]
+        return sorted(name for name in os.listdir(path) if name.startswith("keys."))
+
+    assert key_files(tmp_path / "expected", expected_rows=20000) == ["keys.1"]
+    grown = key_files(tmp_path / "grown")  # the control: the tables grew on the way
+    assert len(grown) == 1 and grown != ["keys.1"]
+    for bad, message in [(-1, "expected_rows is -1"), (True, "expected_rows"),
+                         (2.5, "expected_rows"),
+                         (2**40 + 1, "expected_rows 1099511627777 exceeds the 2\\^40 rows")]:
+        with pytest.raises(ValueError, match=message):
+            embstore.Writer(tmp_path / "bad", dim=8, expected_rows=bad)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_get_find_history_and_batches(store):
     embstore.create(store, dim=4)
     with embstore.Writer(store) as w:

@@ -56,9 +56,10 @@ struct Config {
   int repeat = 5;
   bool keep = false;
   bool baselines = true;
-  bool no_baselines = false;  // The option; baselines follows it.
-  bool no_key_index = false;  // The store is created without a key index (its cost apart).
-  bool huge_pages = false;    // Writers open with WriterOptions::huge_pages.
+  bool no_baselines = false;        // The option; baselines follows it.
+  bool no_key_index = false;        // The store is created without a key index (its cost apart).
+  bool huge_pages = false;          // Writers open with WriterOptions::huge_pages.
+  std::uint64_t expected_rows = 0;  // Writers open with WriterOptions::expected_rows.
   bool json = false;
   bool quiet = false;
   // Before each phase: "warm" writes and removes a file as large as the phase's payload in the
@@ -286,6 +287,7 @@ bool is_pwrite(Workload workload) {
       WriterOptions options;
       options.sync = config.sync;
       options.huge_pages = config.huge_pages;
+      options.expected_rows = config.expected_rows;
       writer.emplace(Writer::open(store, options));
     } else if (is_pwrite(workload)) {
       fd = ::open(pwrite_path.c_str(), O_WRONLY);
@@ -823,6 +825,7 @@ void print_json(const Config& config, const std::vector<RunResult>& runs, std::u
                                         {"sync", config.sync_text},
                                         {"key_index", !config.no_key_index},
                                         {"huge_pages", config.huge_pages},
+                                        {"expected_rows", config.expected_rows},
                                         {"row_bytes", row_bytes},
                                         {"repeat", config.repeat},
                                         {"page_state", config.page_state},
@@ -847,7 +850,9 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
       static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(),
       (std::string(config.no_key_index ? " no key index," : "") +
-       (config.huge_pages ? " huge pages," : ""))
+       (config.huge_pages ? " huge pages," : "") +
+       (config.expected_rows != 0 ? " expected rows " + std::to_string(config.expected_rows) + ","
+                                  : std::string()))
           .c_str(),
       config.readers, config.readers == 1 ? "" : "s",
       config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
@@ -1057,6 +1062,10 @@ void add_bench_command(CLI::App& app, Registry& registry) {
                 "Create the store without a key index (lookups by key then scan), to see its cost");
   cmd->add_flag("--huge-pages", config->huge_pages,
                 "Writers write rows through a 2 MiB-page mapping (WriterOptions::huge_pages)");
+  cmd->add_option("--expected-rows", config->expected_rows,
+                  "Writers open with WriterOptions::expected_rows (the key index built for that "
+                  "many rows at once, not grown to it; 0: no guess)")
+      ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40));
   cmd->add_option("--page-state", config->page_state,
                   "Before each phase: warm (write a file of the phase's payload and remove it as "
                   "the phase starts, after a free page reporting pass where the kernel makes "
