@@ -1,4 +1,6 @@
 """PyTorch: tensors in and out (f32/f16/bf16), the Dataset and the recorder in real training."""
+import os
+
 import numpy as np
 import pytest
 
@@ -170,6 +172,30 @@ def test_recorder_saves_module_outputs_with_batch_ids_in_a_training_loop(store):
         assert torch.equal(stored[offset:offset + len(ids)], out)  # pre-ReLU values: cloned
         offset += len(ids)
     assert (stored < 0).any()
+
+
+def test_recorder_passes_expected_rows_to_its_writer(tmp_path):
+    # 4 epochs of 600 samples: told to expect 2,400 rows, the writer builds its key index once
+    # (keys.1); the same recording without the guess grows it past 704 rows (a later keys.K).
+    x = torch.randn(600, 10)
+
+    def key_files(path, **options):
+        model = Net()
+        with EmbeddingRecorder(model, "body", path, dim=8, buffer_rows=100,
+                               **options) as recorder:
+            for epoch in range(4):
+                for first in range(0, 600, 100):
+                    with recorder.batch(torch.arange(first, first + 100), epoch):
+                        model(x[first:first + 100])
+        with embstore.Reader(path) as r:
+            assert len(r) == 2400 and r.find(599, 3) == 2399
+        return sorted(f for f in os.listdir(path) if f.startswith("keys."))
+
+    assert key_files(tmp_path / "expected", expected_rows=2400) == ["keys.1"]
+    grown = key_files(tmp_path / "grown")
+    assert len(grown) == 1 and grown != ["keys.1"]
+    with pytest.raises(ValueError, match="expected_rows is -5"):
+        EmbeddingRecorder(Net(), "body", tmp_path / "bad", dim=8, expected_rows=-5)
 
 
 def test_recorder_under_ddp_names_and_rank_filter(store):

@@ -30,7 +30,7 @@ import torch.utils.data
 
 from . import (Error, Reader, Writer, _BFLOAT16_OVERFLOW, _TERMINATION, _WRITER_EXIT_PRIORITY,
                _InterruptDeferred, _bfloat16_ready, _described, _dtype_name, _embstore, _log,
-               _moved_away, shards)
+               _check_u64, _moved_away, shards)
 from ._errors import ClosedError
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
@@ -462,13 +462,18 @@ class EmbeddingRecorder:
         per_node: ``store`` is a directory; each node appends to its own store in it, named by
             ``embstore.shards.node_name()`` (torchrun's GROUP_RANK, else the host name) and
             meant for node-local disk, and ``end_epoch()`` keeps ``manifest.json`` there.
+        expected_rows: the rows the store will hold when the run ends (samples recorded times
+            epochs; with ``per_node``, one node's share), given to each rank's Writer
+            (``Writer(expected_rows=)``): its key index is built for them at once instead of
+            being rebuilt at every doubling. None: no guess.
     """
 
     def __init__(self, model: torch.nn.Module, module_name: str, store: Any, *,
                  dim: Optional[int] = None, dtype: Any = None, metadata: Any = None,
                  segment_mb: Optional[float] = None, ranks: Optional[Sequence[int]] = None,
                  async_queue_mb: float = 64, buffer_rows: int = 512, sampler: Any = None,
-                 dataset_len: Optional[int] = None, per_node: bool = False) -> None:
+                 dataset_len: Optional[int] = None, per_node: bool = False,
+                 expected_rows: Optional[int] = None) -> None:
         modules = dict(model.named_modules())
         module = modules.get(module_name, modules.get("module." + module_name))
         if module is None:
@@ -482,6 +487,8 @@ class EmbeddingRecorder:
                             f"{type(sampler).__name__}")
         if dataset_len is not None and int(dataset_len) < 0:
             raise ValueError(f"dataset_len must be >= 0; got {dataset_len}")
+        if expected_rows is not None:
+            expected_rows = _check_u64(expected_rows, "expected_rows")
         self.module_name = module_name
         self.path = os.fspath(store)
         self._per_node = per_node
@@ -494,6 +501,7 @@ class EmbeddingRecorder:
         self._buffer_rows = max(0, int(buffer_rows))
         self._sampler = sampler
         self._dataset_len = None if dataset_len is None else int(dataset_len)
+        self._expected_rows = expected_rows
         self._staging: Optional[_Staging] = None
         self._finalizer = None
         self._closed = False
@@ -568,9 +576,11 @@ class EmbeddingRecorder:
             if self._dim:
                 writer = Writer(path, dim=self._dim, dtype=self._dtype or "float32",
                                 metadata=self._metadata, segment_mb=self._segment_mb,
-                                async_queue_mb=self._async_queue_mb)
+                                async_queue_mb=self._async_queue_mb,
+                                expected_rows=self._expected_rows)
             else:
-                writer = Writer(path, dtype=self._dtype, async_queue_mb=self._async_queue_mb)
+                writer = Writer(path, dtype=self._dtype, async_queue_mb=self._async_queue_mb,
+                                expected_rows=self._expected_rows)
             if writer.dtype not in _TORCH_DTYPES:
                 writer.close()
                 raise ValueError(f"{self.path}: the recorder saves float tensors; the store "
