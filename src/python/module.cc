@@ -474,7 +474,17 @@ class PyWriter {
         ReleaseGil unlocked(lifetime);
         lifetime.lock();
         if (!writer_) return;
-        if (async_) async_error = async_->stop();
+        if (async_) {
+          // The queue written first by a wait that Ctrl-C ends (stop()'s join ignores it): the
+          // KeyboardInterrupt then leaves the Writer open, its queue written on, for a close()
+          // again or the exit finalizer. Any other error is stop()'s to report, below.
+          try {
+            async_->flush();
+          } catch (const Error& error) {
+            if (error.code() == ErrorCode::kInterrupted) throw;
+          }
+          async_error = async_->stop();
+        }
         try {
           writer_->close();
         } catch (...) {

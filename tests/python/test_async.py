@@ -608,6 +608,33 @@ def test_ctrl_c_ends_an_async_append_waiting_for_room_and_a_flush_and_loses_noth
     assert embstore.Reader(store).epochs.tolist() == [0] * 128 + [1] * 128 + [3] * 128
 
 
+def test_ctrl_c_ends_a_close_waiting_for_its_queue_and_the_rows_are_written_later(store):
+    # close() joined the writer thread, which waited for a writer lock another process held:
+    # Ctrl-C did nothing until the lock was free. Now it ends close() with the KeyboardInterrupt;
+    # the Writer stays open with its rows queued, and the next close() (or the exit finalizer)
+    # writes them.
+    import signal
+    embstore.create(store, dim=1024)
+    w = embstore.Writer(store, async_queue_mb=1)
+    with StoreLock(store) as lock:
+        let_go = threading.Timer(20, lock.release)  # should close() ignore the signal: no hang
+        let_go.start()
+        for epoch in range(2):
+            w.append(range(128), np.full((128, 1024), epoch, np.float32), epoch)
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            w.close()
+        timer.join()
+        assert time.monotonic() - started < 10
+        let_go.cancel()
+        assert not w.closed and w._at_exit.still_active()
+    w.close()
+    assert not w._at_exit.still_active()
+    assert embstore.Reader(store).epochs.tolist() == [0] * 128 + [1] * 128
+
+
 def test_a_close_interrupted_before_it_began_leaves_the_rows_to_the_exit_finalizer(store):
     # close() cancelled the exit finalizer in its finally: a KeyboardInterrupt before the native
     # close began left the queued rows to garbage collection, if it came.

@@ -771,7 +771,9 @@ class Writer(_Handle):
         indexing at the time are indexed (waiting for that writer's key index lock), so readers
         find every row indexed. Idempotent. Raises the error
         of a failed background append (once), or of the final sync under
-        sync="interval"/"every_append".
+        sync="interval"/"every_append". Ctrl-C while it waits for the queue to be written
+        raises KeyboardInterrupt and leaves the Writer open, the queue written on: close()
+        again, or the exit handlers, finish it.
         """
         # Closed before the exit finalizer is cancelled: a SIGTERM handled in between
         # (_write_then_terminate) still finds this Writer to close. And cancelled only once the
