@@ -65,17 +65,6 @@ bool ends_with(const std::string& text, std::string_view suffix) {
          std::string_view(text).substr(text.size() - suffix.size()) == suffix;
 }
 
-// The file holding a manifest, if `path` names one: a *.json file, or a directory with
-// kManifestFileName in it. A *.json directory is no file: a store or a directory of shards may
-// be named so. Anything else named *.json is read as a manifest, so that its error (missing,
-// not a regular file) names it as one.
-std::optional<std::string> manifest_file(const std::string& path) {
-  if (ends_with(path, ".json") && !detail::os::is_directory(path)) return path;
-  const std::string inside = path + "/" + kManifestFileName;
-  if (detail::os::exists(inside)) return inside;
-  return std::nullopt;
-}
-
 [[noreturn]] void too_large_manifest(const std::string& path, std::uint64_t bytes) {
   throw Error(ErrorCode::kInvalidArgument,
               path + ": the manifest would be " + std::to_string(bytes) +
@@ -159,6 +148,13 @@ std::optional<std::uint64_t> found(std::uint64_t row) {
 }
 
 }  // namespace
+
+std::optional<std::string> manifest_file(const std::string& path) {
+  if (ends_with(path, ".json") && !detail::os::is_directory(path)) return path;
+  const std::string inside = path + "/" + kManifestFileName;
+  if (detail::os::exists(inside)) return inside;
+  return std::nullopt;
+}
 
 Manifest read_manifest(const std::string& path) {
   const int fd = detail::os::open_file(path, detail::os::Access::kReadOnly);

@@ -52,6 +52,13 @@ inline constexpr std::uint64_t kMaxManifestBytes = 1ull << 30;
 // The name a manifest gets inside a directory of shards (the recorder's directory mode).
 inline constexpr const char* kManifestFileName = "manifest.json";
 
+// The file holding a manifest if `path` names one, the rule every tool that takes "a store or a
+// manifest" follows (ShardSet::open, merge, serve, dask): a path ending in .json that is not a
+// directory (a store or a directory of shards may be named so), or a directory with
+// kManifestFileName in it (its path then). Anything else named *.json counts, so that its error
+// (missing, not a regular file) names it as a manifest. Otherwise nothing: a store path.
+std::optional<std::string> manifest_file(const std::string& path);
+
 // Reads and checks a manifest: kNotFound if there is none, kCorruption for text that is not a
 // manifest (naming the field: a version below 1, a dim outside 1..kMaxDim, ...), a file larger than
 // kMaxManifestBytes (naming its size) or one that is not a regular file (a FIFO, a directory:

@@ -1299,6 +1299,9 @@ PYBIND11_MODULE(_embstore, m) {
 
   // Several stores as one (include/embstore/shard_set.h): manifests, the shard checks of
   // ShardSet::open (embstore.ShardSet reuses them) and merge_stores.
+  m.def("manifest_file", &manifest_file, py::arg("path"),
+        "The manifest file `path` names (a *.json file, or a directory holding manifest.json), "
+        "or None for a store path: the core's rule (ShardSet::open).");
   m.def(
       "read_manifest",
       [](const std::string& path) {

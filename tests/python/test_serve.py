@@ -383,6 +383,32 @@ def test_a_manifest_whose_shard_was_truncated_and_refilled_is_counted_afresh(tmp
         server.close()
 
 
+def test_a_directory_holding_a_manifest_is_served_as_its_shards(tmp_path):
+    """The recorder's per-node layout: shard directories and manifest.json side by side.
+    ShardSet took the directory for its manifest; serve took only a file for one, and refused
+    the directory as "not an embstore store"."""
+    rng = np.random.default_rng(4)
+    ids = []
+    for name, base in (("node0", 0), ("node1", 1000)):
+        with embstore.Writer(tmp_path / name, dim=4) as w:
+            w.append(np.arange(base, base + 50), rng.random((50, 4), np.float32))
+        ids.append(embstore.Reader(tmp_path / name).info(key_stats=False)["store_id"])
+    embstore.shards.write_manifest(tmp_path / "manifest.json", {
+        "dim": 4, "dtype": "float32", "shards": [
+            {"path": "node0", "store_id": ids[0], "rows": 50},
+            {"path": "node1", "store_id": ids[1], "rows": 50}]})
+    assert serve_store.is_manifest(str(tmp_path))
+    assert not serve_store.is_manifest(str(tmp_path / "node0"))
+    source = serve_store.open_source(str(tmp_path))
+    assert isinstance(source, embstore.ShardSet) and len(source) == 100
+    assert source.find(1049) == 99
+    # A file not named *.json is no manifest (ShardSet's rule too): a store path, refused so.
+    (tmp_path / "notes.txt").write_text("{}")
+    assert not serve_store.is_manifest(str(tmp_path / "notes.txt"))
+    with pytest.raises(serve_store.StoreError, match="notes.txt"):
+        serve_store.open_source(str(tmp_path / "notes.txt"))
+
+
 def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
     """store_generation() asks the library (no offsets or flag bits restated in Python): the
     generation a truncate switched to, and None where no header can be read."""

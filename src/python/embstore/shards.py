@@ -49,17 +49,12 @@ def _inputs(manifest_or_paths: Any) -> List[str]:
 @contextlib.contextmanager
 def _stores_checked(inputs: List[str]):
     """Turns the core's FileNotFoundError for a store path of ``inputs`` that exists but holds
-    no store into NotAStoreError naming it, as Reader raises it. A single manifest input (a
-    *.json file or a directory holding MANIFEST_NAME: ``manifest_file`` in src/shard_set.cc)
-    is left alone: its shards' errors name the manifest."""
+    no store into NotAStoreError naming it, as Reader raises it. A single manifest input (the
+    core's ``manifest_file`` rule) is left alone: its shards' errors name the manifest."""
     try:
         yield
     except FileNotFoundError as error:
-        first = inputs[0]
-        manifest = len(inputs) == 1 and (
-            (first.endswith(".json") and not os.path.isdir(first))
-            or os.path.exists(os.path.join(first, MANIFEST_NAME)))
-        if not manifest:
+        if not (len(inputs) == 1 and _embstore.manifest_file(inputs[0]) is not None):
             for path in inputs:
                 with contextlib.suppress(FileNotFoundError), _not_a_store_check(path):
                     raise error  # NotAStoreError when this path exists but is no store

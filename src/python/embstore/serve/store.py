@@ -199,8 +199,9 @@ def store_generation(path: str) -> Optional[int]:
 
 
 def is_manifest(path: str) -> bool:
-    """A path that is not a store directory but a file: a manifest of several shards."""
-    return os.path.isfile(path)
+    """A manifest of several shards (a *.json file, or a directory holding manifest.json: the
+    rule of ``ShardSet``), not a store directory."""
+    return _embstore.manifest_file(path) is not None
 
 
 def open_source(path: str):
