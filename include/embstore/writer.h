@@ -109,6 +109,8 @@ class Writer {
   // step: killed at any instant (or on a power loss), the store is the old one or the new one,
   // never a mix, and the next writer or reader finishes a switch that was decided. The time and
   // the disk space needed are those of copying the rows kept; the old files are removed after.
+  // `rows` may fall inside a batch: its rows before `rows` are kept as a batch of their own
+  // (the last one's entry gets the batch-end flag), so recovery keeps them too.
   // In a damaged store it throws kCorruption naming the row, store unchanged, rather than keep
   // an index entry that is all zero or end on a row that fails its checksum and does not end
   // its batch (a bad row that ends one is kept as it is: recovery and verify() still name it).
