@@ -568,6 +568,21 @@ DType ShardSet::dtype() const { return impl().shards[0]->reader.dtype(); }
 const std::string& ShardSet::metadata() const { return impl().metadata; }
 bool ShardSet::from_manifest() const { return impl().from_manifest; }
 
+std::vector<EpochDrop> epoch_drops(const ShardSet& shards) {
+  std::vector<EpochDrop> drops;
+  for (std::size_t s = 0; s < shards.shard_count(); ++s) {
+    const Reader& reader = shards.shard(s);
+    const auto epochs = reader.epochs(0, reader.size());
+    for (std::uint64_t row = 1; row < epochs.size; ++row) {
+      if (epochs[row] < epochs[row - 1]) {
+        drops.push_back({s, row, epochs[row], epochs[row - 1]});
+        break;
+      }
+    }
+  }
+  return drops;
+}
+
 StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
                        const std::function<void(const MergeProgress&)>& progress) {
   CreateOptions create;

@@ -537,6 +537,29 @@ TEST_CASE("merge_stores copies a ShardSet's rows in epoch order and refuses bad 
   REQUIRE(code_of([&] { read_info(dir / "again"); }) == ErrorCode::kNotFound);
 }
 
+TEST_CASE("epoch_drops names each shard's first row whose epoch goes down", "[shard_set]") {
+  TempDir dir;
+  const std::vector<float> v(4 * 4, 1.0f);
+  {
+    Writer a = Writer::create(dir / "a", opts(4));  // Epochs 0 0 1 1: never down.
+    a.append(std::vector<std::uint64_t>{1, 2}, 0, std::span<const float>(v.data(), 8));
+    a.append(std::vector<std::uint64_t>{1, 2}, 1, std::span<const float>(v.data(), 8));
+    Writer b = Writer::create(dir / "b", opts(4));  // 3 5 2 4 1: down at rows 2 and 4.
+    const std::vector<std::uint64_t> epochs{3, 5, 2, 4, 1};
+    for (std::size_t i = 0; i < epochs.size(); ++i) {
+      b.append(std::vector<std::uint64_t>{i}, epochs[i], std::span<const float>(v.data(), 4));
+    }
+  }
+  const ShardSet set = ShardSet::open({dir / "a", dir / "b"});
+  const std::vector<EpochDrop> drops = epoch_drops(set);
+  REQUIRE(drops.size() == 1);
+  CHECK(drops[0].shard == 1);
+  CHECK(drops[0].row == 2);
+  CHECK(drops[0].epoch == 2);
+  CHECK(drops[0].previous == 5);
+  CHECK(epoch_drops(ShardSet::open({dir / "a"})).empty());
+}
+
 TEST_CASE("A ShardSet after a shard was truncated and refilled to its old size answers anew",
           "[shard_set][truncate]") {
   TempDir dir;

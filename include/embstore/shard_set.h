@@ -196,4 +196,17 @@ struct MergeProgress {
 StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
                        const std::function<void(const MergeProgress&)>& progress = {});
 
+// Where a shard's epochs go down: at `row` (of the shard), `epoch` follows `previous`.
+struct EpochDrop {
+  std::size_t shard = 0;
+  std::uint64_t row = 0;
+  std::uint64_t epoch = 0;
+  std::uint64_t previous = 0;
+};
+// The first drop of each shard whose epochs go down somewhere in its snapshot (a run resumed
+// without a truncate, or epochs that are not steps), in shard order: for a key stored in such
+// a shard on both sides of the drop, merge_stores() (by epoch) may keep another row as the
+// key's latest than ShardSet::find() (the shard's later row) answers. The merge tools name them.
+std::vector<EpochDrop> epoch_drops(const ShardSet& shards);
+
 }  // namespace embstore

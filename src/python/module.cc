@@ -21,6 +21,7 @@
 #include <shared_mutex>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "async_writer.h"
@@ -1357,6 +1358,22 @@ PYBIND11_MODULE(_embstore, m) {
         return py::make_tuple(paths, py::bytes(metadata));
       },
       py::arg("manifest_or_stores"));
+  m.def(
+      "epoch_drops",
+      [](const std::vector<std::string>& manifest_or_stores) {
+        std::vector<std::tuple<std::string, std::uint64_t, std::uint64_t, std::uint64_t>> out;
+        {
+          ReleaseGil unlocked;
+          const ShardSet set = ShardSet::open(manifest_or_stores);
+          for (const EpochDrop& drop : epoch_drops(set)) {
+            out.emplace_back(set.shard_path(drop.shard), drop.row, drop.epoch, drop.previous);
+          }
+        }
+        return out;
+      },
+      py::arg("manifest_or_stores"),
+      "(shard path, row, epoch, previous epoch) for each shard whose epochs go down "
+      "(include/embstore/shard_set.h, epoch_drops).");
   m.def(
       "merge_stores",
       [](const std::string& out, const std::vector<std::string>& manifest_or_stores,

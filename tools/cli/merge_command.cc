@@ -19,24 +19,16 @@ struct MergeArgs {
   bool quiet = false;
 };
 
-// Says on stderr which shards' epochs go down somewhere (a run resumed without a truncate, or
-// epochs that are not steps): within a shard the later row is a key's latest, and merging by
-// epoch may then make another row the merged store's latest of such a key than the ShardSet's
-// (include/embstore/shard_set.h, merge_stores).
+// Says on stderr which shards' epochs go down somewhere (epoch_drops(): merging by epoch may
+// then keep another row as a key's latest than the ShardSet does).
 void note_epochs_going_down(const ShardSet& shards) {
-  for (std::size_t s = 0; s < shards.shard_count(); ++s) {
-    const Reader& reader = shards.shard(s);
-    const auto epochs = reader.epochs(0, reader.size());
-    for (std::uint64_t row = 1; row < epochs.size; ++row) {
-      if (epochs[row] >= epochs[row - 1]) continue;
-      fmt::print(stderr,
-                 "embstore merge: note: {}: its epochs go down at row {} ({} after {}); rows were "
-                 "merged by epoch, so for a key stored there on both sides of that row, the "
-                 "merged store's latest row may be another than the ShardSet's (which keeps the "
-                 "shard's later row)\n",
-                 shards.shard_path(s), row, epochs[row], epochs[row - 1]);
-      break;
-    }
+  for (const EpochDrop& drop : epoch_drops(shards)) {
+    fmt::print(stderr,
+               "embstore merge: note: {}: its epochs go down at row {} ({} after {}); rows were "
+               "merged by epoch, so for a key stored there on both sides of that row, the "
+               "merged store's latest row may be another than the ShardSet's (which keeps the "
+               "shard's later row)\n",
+               shards.shard_path(drop.shard), drop.row, drop.epoch, drop.previous);
   }
 }
 

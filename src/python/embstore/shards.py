@@ -154,17 +154,13 @@ def merge(out: PathLike, manifest_or_paths: Any,
     NotAStoreError naming it, as ``Reader`` does."""
     inputs = _inputs(manifest_or_paths)
     with _stores_checked(inputs):
-        paths, _ = _embstore.resolve_shards(inputs)
-    for path in paths:
-        epochs = Reader(path).epochs
-        down = np.flatnonzero(epochs[1:] < epochs[:-1])
-        if down.size:
-            row = int(down[0]) + 1
-            warnings.warn(
-                f"{path}: its epochs go down at row {row} ({int(epochs[row])} after "
-                f"{int(epochs[row - 1])}); rows are merged by epoch, so for a key stored there on "
-                "both sides of that row, the merged store's latest row may be another than "
-                "ShardSet.find gives (which keeps the shard's later row)", stacklevel=2)
+        drops = _embstore.epoch_drops(inputs)
+    for path, row, epoch, previous in drops:
+        warnings.warn(
+            f"{path}: its epochs go down at row {row} ({epoch} after {previous}); rows are "
+            "merged by epoch, so for a key stored there on both sides of that row, the merged "
+            "store's latest row may be another than ShardSet.find gives (which keeps the "
+            "shard's later row)", stacklevel=2)
     with _stores_checked(inputs):
         return _embstore.merge_stores(os.fspath(out), inputs, progress)
 
