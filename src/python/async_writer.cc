@@ -46,6 +46,20 @@ void copy_packed(const ConstMatrix& rows, std::byte* dest) {
   }
 }
 
+// Counts a waiter in `counter` for as long as it lives, however its wait ends (a throw
+// included). Made and destroyed with mutex_ held, as the counter is read under it.
+template <typename Counter>
+class CountedWhile {
+ public:
+  explicit CountedWhile(Counter& counter) : counter_(counter) { ++counter_; }
+  ~CountedWhile() { --counter_; }
+  CountedWhile(const CountedWhile&) = delete;
+  CountedWhile& operator=(const CountedWhile&) = delete;
+
+ private:
+  Counter& counter_;
+};
+
 }  // namespace
 
 double thread_cpu_seconds() {
@@ -136,9 +150,9 @@ void AsyncAppender::push(Batch&& batch) {
     std::optional<std::uint64_t> offset = ring_place(bytes);
     if (!offset) {
       // Back-pressure: the caller (with the GIL released) waits for the writer thread.
-      ++stats_.blocked_appends;
       work_cv_.notify_one();  // It may be napping with the queue full.
-      try {
+      {
+        const CountedWhile blocked(stats_.blocked_appends);
         wait_interruptibly(
             lock, space_cv_,
             [&] {
@@ -147,11 +161,7 @@ void AsyncAppender::push(Batch&& batch) {
               return offset.has_value();
             },
             "for room in its queue; this batch was not queued");
-      } catch (...) {
-        --stats_.blocked_appends;
-        throw;
       }
-      --stats_.blocked_appends;
       throw_if_failed();
     }
     ring_live_.emplace_back(*offset, bytes);
@@ -214,16 +224,10 @@ void AsyncAppender::flush() {
     // Every batch pushed so far is written or dropped once finished_ counts those queued now.
     const std::uint64_t target = finished_ + queue_.size();
     work_cv_.notify_one();  // Do not wait for the end of a nap.
-    ++flush_waiters_;
-    try {
-      wait_interruptibly(
-          lock, idle_cv_, [&] { return finished_ >= target; },
-          "for its queue to be written; the batches queued are written on");
-    } catch (...) {
-      --flush_waiters_;
-      throw;
-    }
-    --flush_waiters_;
+    const CountedWhile waiting(flush_waiters_);
+    wait_interruptibly(
+        lock, idle_cv_, [&] { return finished_ >= target; },
+        "for its queue to be written; the batches queued are written on");
   }
   if (error_) throw Error(*error_);
 }
