@@ -315,6 +315,41 @@ TEST_CASE(
   CHECK(report.ok());
 }
 
+TEST_CASE("No room for a key index sized for expected_rows: appends succeed, close() names it",
+          "[faults][full][keys]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = 4;
+  auto append = [](Writer& w, std::uint64_t rows) {
+    const std::vector<float> values(rows * 4, 1.0f);
+    std::vector<std::uint64_t> keys(rows);
+    for (std::uint64_t i = 0; i < rows; ++i) keys[i] = w.committed_rows() + i;
+    return w.append(keys, 0, std::span<const float>(values));
+  };
+  {
+    Writer w = Writer::create(path, o);  // 700 pairs: keys.1 of 1,024 slots, not yet full.
+    append(w, 700);
+  }
+  WriterOptions expecting;
+  expecting.expected_rows = 100'000;
+  Writer w = Writer::open(path, expecting);
+  // Every fallocate fails from here. The files hold these rows already; the growth that the
+  // 705th pair claims builds tables for the guess, and finds no room.
+  detail::testing::arm_fault(detail::testing::Op::kFallocate, 1, ENOSPC, /*forever=*/true);
+  CHECK(append(w, 100) == 700);
+  try {
+    w.close();
+    FAIL("close() did not report the key index failure");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kFull);
+    CHECK_THAT(std::string(e.what()),
+               Catch::Contains("sized for 100000 rows, WriterOptions::expected_rows"));
+  }
+  detail::testing::disarm_all();
+  CHECK(Reader::open(path).find(799, 0) == std::optional<std::uint64_t>(799));
+}
+
 TEST_CASE("Under RLIMIT_FSIZE append fails with kFull instead of a signal", "[faults][full]") {
   TempDir dir;
   const std::string path = dir / "s";

@@ -84,7 +84,9 @@ struct WriterOptions {
   // The tables take their full size on disk at once: 35 to 70 bytes per expected row (FORMAT.md
   // "File sizes"), sized as if every row had a new key. Rows past the guess grow the tables as
   // usual. At most 2^40 (kInvalidArgument beyond); a guess past the rows map_bytes lets the
-  // store hold counts as that many. No effect on a store without a key index, or on the data
+  // store hold counts as that many. A disk without room for the tables fails the key index as
+  // any full disk does (appends succeed, lookups scan, close() reports kFull), its message
+  // naming the guess. No effect on a store without a key index, or on the data
   // and index files, which grow as they always do.
   std::uint64_t expected_rows = 0;
 };

@@ -182,7 +182,20 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
     bool complete = true;
     // A build that fails (a full disk) drops `file`, which gives its space back now.
     check_dir();
-    file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
+    try {
+      file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
+    } catch (const Error& error) {
+      // No room for tables this handle sized for a guess: say so, so that the caller can see
+      // what to change (WriterOptions::expected_rows).
+      if (error.code() != ErrorCode::kFull || expected_rows_ == 0 ||
+          sizes.pair_slots != expected_sizes().pair_slots) {
+        throw;
+      }
+      throw Error(ErrorCode::kFull,
+                  std::string(error.what()) + " (its tables were sized for " +
+                      std::to_string(expected_rows_) + " rows, WriterOptions::expected_rows)",
+                  error.sys_errno());
+    }
     while (complete && file->indexed_rows() < rows) {
       complete = file->index_rows(entries, std::min(rows, file->indexed_rows() + kBuildStepRows));
       EMBSTORE_CRASH_POINT("during-key-index-build");
