@@ -335,7 +335,7 @@ class PyWriter {
       return;
     }
     try {
-      close();
+      close(/*interruptible=*/false);
     } catch (...) {
       // Python's Writer.__del__ calls close() first, so an error here was already reported.
     }
@@ -462,7 +462,10 @@ class PyWriter {
     return from_epoch ? writer_->truncate_from_epoch(value) : writer_->truncate(value);
   }
 
-  void close() {
+  // `interruptible`: Writer.close(), where Ctrl-C may end the wait for the queue (below). The
+  // exit handlers and garbage collection close with it false: nobody is there to call close()
+  // again, so the queue is written whatever signal comes.
+  void close(bool interruptible) {
     if (current_process_id() != owner_pid_) {
       (void)async_.release();
       return;
@@ -479,10 +482,12 @@ class PyWriter {
           // The queue written first by a wait that Ctrl-C ends (stop()'s join ignores it): the
           // KeyboardInterrupt then leaves the Writer open, its queue written on, for a close()
           // again or the exit finalizer. Any other error is stop()'s to report, below.
-          try {
-            async_->flush();
-          } catch (const Error& error) {
-            if (error.code() == ErrorCode::kInterrupted) throw;
+          if (interruptible) {
+            try {
+              async_->flush();
+            } catch (const Error& error) {
+              if (error.code() == ErrorCode::kInterrupted) throw;
+            }
           }
           async_error = async_->stop();
         }
@@ -1228,7 +1233,7 @@ PYBIND11_MODULE(_embstore, m) {
       .def("sync", &PyWriter::sync)
       .def("truncate", &PyWriter::truncate, py::arg("value"), py::arg("from_epoch"))
       .def("rebuild_key_index", &PyWriter::rebuild_key_index)
-      .def("close", &PyWriter::close)
+      .def("close", &PyWriter::close, py::arg("interruptible") = true)
       .def("stats", &PyWriter::stats)
       .def_property_readonly("closed", &PyWriter::closed)
       .def_property_readonly("is_async", &PyWriter::is_async)

@@ -1126,8 +1126,14 @@ def _close_reporting_loss(native, when: str) -> None:
         return
     path = native.path
     try:
-        native.close()
+        # Not ended by Ctrl-C: nobody would call close() again to write what is queued.
+        native.close(interruptible=False)
     except BaseException as error:
+        if (isinstance(error, KeyboardInterrupt) and native.closed
+                and not native.stats().get("dropped_rows", 0)):
+            # Ctrl-C while it closed, which it does not give way to: every row was written, and
+            # Python raises the signal's exception at its next instruction, here.
+            raise
         if _moved_away(error):
             _log.warning("%s: a Writer %s without close() wrote its rows, but into a store no "
                          "longer at this path: %s", path, when, error)
