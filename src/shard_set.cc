@@ -149,6 +149,13 @@ std::optional<std::uint64_t> found(std::uint64_t row) {
 
 }  // namespace
 
+bool same_metadata(const std::string& a, const std::string& b) {
+  if (a == b) return true;
+  const Json parsed_a = Json::parse(a, nullptr, false);
+  const Json parsed_b = Json::parse(b, nullptr, false);
+  return !parsed_a.is_discarded() && !parsed_b.is_discarded() && parsed_a == parsed_b;
+}
+
 std::optional<std::string> manifest_file(const std::string& path) {
   if (ends_with(path, ".json") && !detail::os::is_directory(path)) return path;
   const std::string inside = path + "/" + kManifestFileName;
@@ -607,7 +614,7 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   // metadata (another model, another run's config) were merged under the first one's.
   if (!shards.from_manifest()) {
     for (std::size_t s = 1; s < shards.shard_count(); ++s) {
-      if (shards.shard(s).metadata() != create.metadata) {
+      if (!same_metadata(shards.shard(s).metadata(), create.metadata)) {
         throw Error(ErrorCode::kFormatMismatch,
                     out + ": shards " + shards.shard_path(0) + " and " + shards.shard_path(s) +
                         " have different metadata (" + clip(create.metadata) + " and " +

@@ -62,6 +62,11 @@ enum class InfoDetail { kFull, kState };
 // options, kNotFound when its parent directory does not exist or is not a directory.
 void create_store(const std::string& path, const CreateOptions& options);
 
+// Whether two stores' metadata say the same: equal text, or both JSON of equal value (the same
+// object written with other spacing or key order, as ranks serialising one config may). The
+// rule of every tool that requires the same metadata (merge_stores, the CLI's import).
+bool same_metadata(const std::string& a, const std::string& b);
+
 // Reads the header and counters without taking any lock or writing anything.
 StoreInfo read_info(const std::string& path);
 

@@ -864,3 +864,24 @@ def test_a_range_from_past_the_end_of_an_empty_store_names_its_size_not_a_to(tmp
         assert r.code == 2, r
         assert one_line(r.err) == (f"embstore {command[0]}: --from 5 is past the end of {path} "
                                    "(0 rows)")
+
+
+def test_bench_on_a_full_disk_exits_as_full(small_tmpfs):
+    # Every child's failure was reported as an I/O error (exit 17): a full disk is 18, as for
+    # every other command. The pwrite baseline fills it first; without baselines, the store.
+    point = small_tmpfs("2m")
+    for flags in ([], ["--no-baselines"]):
+        r = run("bench", "--rows", 20000, "--dim", 64, "--repeat", 1, "--page-state", "as-is",
+                "--quiet", "--dir", point, *flags)
+        assert r.code == 18, r
+        assert "No space left on device" in r.err, r
+
+
+def test_a_segment_size_of_part_of_a_page_is_refused_naming_the_option(tmp_path):
+    # The library's message named its own field and the rounded byte count
+    # ("segment_bytes 4194 must be a multiple of 4096").
+    r = run("create", tmp_path / "s.emb", "--dim", 4, "--segment-mb", "0.004")
+    assert r.code == 2, r
+    assert "--segment-mb 0.004 is 4194 bytes, not a whole number of 4 KiB pages" in r.err, r
+    assert not os.path.exists(tmp_path / "s.emb")
+    assert run("create", tmp_path / "s.emb", "--dim", 4, "--segment-mb", 1 / 256).code == 0

@@ -187,3 +187,11 @@ def test_get_npy_inside_the_store_is_refused_and_leaves_it_as_it_was(store, tmp_
         assert one_line(r.err) == (f"embstore get: {out}: inside the store {store}, which is "
                                    "only read: give an output outside it")
     assert hash_tree(store) == before and sorted(os.listdir(store)) == names
+
+
+def test_get_refuses_an_empty_npy_path_instead_of_ignoring_it(tmp_path):
+    # `--npy ""` read as "not given": the table was printed and the exit was 0.
+    store = make_store(tmp_path / "s.emb")
+    r = run("get", store, 3, "--npy", "")
+    assert r.code == 2, r
+    assert "--npy" in r.err and "path is empty" in r.err, r

@@ -792,3 +792,18 @@ def test_import_into_an_empty_directory_makes_the_store_there_and_empties_it_on_
     r = run("import", again, tmp_path / "v.npy", "--dtype", "float16", "--quiet")
     assert r.code != 0 and "does not fit in float16" in r.err, r
     assert os.listdir(again) == []
+
+
+@pytest.mark.parametrize("command", ["export", "compact", "import"])
+def test_an_empty_output_path_is_refused_before_any_work(tmp_path, command):
+    # "" passed every check (a path "that does not exist"): export and compact did the whole
+    # job, then failed to rename it to "" (exit 12, "No such file or directory"); import made
+    # a new store to fail the same way.
+    store = make_store(tmp_path / "s.emb")
+    np.save(tmp_path / "x.npy", np.ones((10, 4), np.float32))
+    args = {"export": ["export", store, ""], "compact": ["compact", store, ""],
+            "import": ["import", "", tmp_path / "x.npy"]}[command]
+    r = run(*args)
+    assert r.code == 2, r
+    assert "path is empty" in r.err, r
+    assert not [n for n in os.listdir(".") if ".partial-" in n]

@@ -357,6 +357,8 @@ def test_wait_refuses_a_negative_or_nan_timeout(store):
     (lambda p: embstore.create(p, dim=4, segment_mb=-1), "segment_mb is -1; it must be a"),
     (lambda p: embstore.Writer(p, dim=4, segment_mb="1"), "segment_mb must be a number"),
     (lambda p: embstore.Writer(p, dim=4, segment_mb=1e30), "segment_mb is 1e.30: too large"),
+    (lambda p: embstore.create(p, dim=4, segment_mb=0.004),
+     "segment_mb is 0.004: 4194 bytes, not a whole number of 4 KiB pages"),
     (lambda p: embstore.create(p, dim=4, metadata=b"\xff"), "metadata must be UTF-8 text"),
     (lambda p: embstore.create(p, dim=4, metadata={1, 2}), "metadata must be text, UTF-8"),
     (lambda p: embstore.Writer(p, dim=4, map_bytes=-1), "map_bytes is -1"),

@@ -114,6 +114,7 @@ struct Shared {
   std::atomic<std::int64_t> writer_cpu_ns;
   std::atomic<int> failed;
   char error[512];
+  ErrorCode error_code;  // Of the first failure (error): a full disk is kFull, as elsewhere.
 };
 
 Shared* map_shared() {
@@ -136,11 +137,22 @@ void atomic_max(std::atomic<std::int64_t>& word, std::int64_t value) {
   }
 }
 
-[[noreturn]] void fail_child(Shared* shared, const std::string& what) {
+// A failed system call's error as the library reports it: no space is kFull (exit 18).
+ErrorCode code_of_errno(int err) {
+  return err == ENOSPC || err == EDQUOT ? ErrorCode::kFull : ErrorCode::kIO;
+}
+
+[[noreturn]] void fail_child(Shared* shared, const std::string& what,
+                             ErrorCode code = ErrorCode::kIO) {
   if (shared->failed.exchange(1) == 0) {
     std::snprintf(shared->error, sizeof(shared->error), "%s", what.c_str());
+    shared->error_code = code;
   }
   ::_exit(1);
+}
+[[noreturn]] void fail_child(Shared* shared, const std::exception& error) {
+  const auto* ours = dynamic_cast<const Error*>(&error);
+  fail_child(shared, error.what(), ours != nullptr ? ours->code() : ErrorCode::kIO);
 }
 
 void write_samples(const std::string& path, const std::vector<std::uint32_t>& samples) {
@@ -317,10 +329,18 @@ bool is_pwrite(Workload workload) {
       } else if (is_pwrite(workload)) {
         const std::uint64_t bytes = n * store_row_bytes;
         const std::uint64_t offset = shared->next_offset.fetch_add(bytes);
-        if (::pwrite(fd, batch.data(), bytes, static_cast<off_t>(offset)) !=
-            static_cast<ssize_t>(bytes)) {
-          fail_child(shared,
-                     "bench: pwrite to " + pwrite_path + " failed: " + std::strerror(errno));
+        const ssize_t wrote = ::pwrite(fd, batch.data(), bytes, static_cast<off_t>(offset));
+        if (wrote != static_cast<ssize_t>(bytes)) {
+          // A short write (a disk filling up) leaves errno as it was: write the rest for the
+          // error, as the library does.
+          const ssize_t rest = wrote < 0 ? wrote
+                                         : ::pwrite(fd, batch.data() + wrote, bytes - wrote,
+                                                    static_cast<off_t>(offset + wrote));
+          const int err = rest < 0 ? errno : ENOSPC;
+          if (wrote < 0 || rest != static_cast<ssize_t>(bytes - wrote)) {
+            fail_child(shared, "bench: pwrite to " + pwrite_path + " failed: " + std::strerror(err),
+                       code_of_errno(err));
+          }
         }
         if (config.sync == SyncPolicy::kEveryAppend) ::fdatasync(fd);
       } else {
@@ -354,7 +374,7 @@ bool is_pwrite(Workload workload) {
     write_samples(latency_path, latencies);
     ::_exit(0);
   } catch (const std::exception& error) {
-    fail_child(shared, error.what());
+    fail_child(shared, error);
   }
 }
 
@@ -392,7 +412,7 @@ bool is_pwrite(Workload workload) {
     write_samples(lag_path, lags);
     ::_exit(0);
   } catch (const std::exception& error) {
-    fail_child(shared, error.what());
+    fail_child(shared, error);
   }
 }
 
@@ -453,8 +473,9 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
       const int err = bytes > 0 ? ::posix_fallocate(fd, 0, static_cast<off_t>(bytes)) : 0;
       if (err != 0) {
         ::close(fd);
-        throw Error(ErrorCode::kIO, "cannot preallocate " + std::to_string(bytes) + " bytes for " +
-                                        pwrite_path + ": " + std::strerror(err));
+        throw Error(code_of_errno(err), "cannot preallocate " + std::to_string(bytes) +
+                                            " bytes for " + pwrite_path + ": " +
+                                            std::strerror(err));
       }
     }
     ::close(fd);
@@ -517,8 +538,9 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   }
   if (failed || shared->failed.load()) {
     const std::string message = shared->error[0] ? shared->error : "a child process failed";
+    const ErrorCode code = shared->error[0] ? shared->error_code : ErrorCode::kIO;
     ::munmap(shared, sizeof(Shared));
-    throw Error(ErrorCode::kIO, std::string(name) + " phase: " + message);
+    throw Error(code, std::string(name) + " phase: " + message);
   }
   PhaseResult result;
   result.rows = shared->rows_done.load();
@@ -584,7 +606,7 @@ double warm_page_cache(const std::string& path, std::uint64_t bytes) {
   ::close(fd);
   if (err != 0) {
     ::unlink(path.c_str());
-    throw Error(ErrorCode::kIO,
+    throw Error(code_of_errno(err),
                 "warming the page cache: writing " + path + ": " + std::strerror(err) +
                     " (--page-state as-is skips it)",
                 err);

@@ -49,6 +49,14 @@ CLI::Validator dtype_validator() {
       "DTYPE", "dtype");
 }
 
+CLI::Validator non_empty_path() {
+  return CLI::Validator(
+      [](std::string& path) -> std::string {
+        return path.empty() ? "the path is empty" : std::string();
+      },
+      "PATH", "path");
+}
+
 CLI::Validator unsigned_validator(const std::string& what) {
   return CLI::Validator(
       [what](std::string& text) -> std::string {
@@ -81,7 +89,14 @@ std::uint64_t segment_bytes_from_mb(double mb) {
     throw Error(ErrorCode::kInvalidArgument,
                 fmt::format("--segment-mb {} is not a size in MiB in (0, 1048576]", mb));
   }
-  return static_cast<std::uint64_t>(mb * (1 << 20));
+  const auto bytes = static_cast<std::uint64_t>(mb * (1 << 20));
+  if (bytes % 4096 != 0) {
+    throw Error(ErrorCode::kInvalidArgument,
+                fmt::format("--segment-mb {} is {} bytes, not a whole number of 4 KiB pages "
+                            "(a multiple of 1/256 MiB)",
+                            mb, bytes));
+  }
+  return bytes;
 }
 
 std::string checked_metadata(const std::string& text) {

@@ -52,6 +52,9 @@ void add_bench_command(CLI::App& app, Registry& registry);
 
 // A CLI11 validator that accepts the dtype names parse_dtype() knows and names them otherwise.
 CLI::Validator dtype_validator();
+// A CLI11 validator that refuses an empty path (an option given as "" is given: it must not
+// read as one left out).
+CLI::Validator non_empty_path();
 // A CLI11 validator for a non-negative decimal integer (a row, a key, an epoch, a count):
 // "-3" or "1e3" are refused with a message naming `what`, never wrapped around; "010" is ten.
 // It rewrites the text to its canonical decimal form, so add it with ->transform(), never

@@ -118,6 +118,7 @@ void add_get_command(CLI::App& app, Registry& registry) {
   cmd->add_option("--npy", args->npy,
                   "Write the vector (shape (dim,)), or with --history the versions (shape (n, "
                   "dim)), to a new .npy file; bfloat16 as uint16 bit patterns")
+      ->check(non_empty_path())
       ->excludes(json);
   cmd->footer(
       "Exit status: 0 found, 2 usage (a key or epoch that is not a number, a --npy file inside "

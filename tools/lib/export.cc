@@ -202,6 +202,8 @@ void rethrow_naming_output_if_error(const std::string& working, const std::strin
 }
 
 void require_absent(const std::string& out) {
+  // symlink_status("") says not_found: the work would be done and the rename to "" fail.
+  if (out.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
   std::error_code ec;
   if (std::filesystem::symlink_status(without_trailing_separators(out), ec).type() !=
       std::filesystem::file_type::not_found) {
@@ -239,6 +241,7 @@ void require_outside_store(const std::string& out, const std::string& store) {
 }
 
 std::string make_partial_dir(const std::string& out) {
+  if (out.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
   const std::filesystem::path target = without_trailing_separators(out);
   std::filesystem::path parent = target.parent_path();
   if (parent.empty()) parent = ".";

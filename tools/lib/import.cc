@@ -39,14 +39,6 @@ std::pair<std::string, std::string> split_hdf5_spec(const std::string& spec,
   return {spec, default_dataset};
 }
 
-// The same text, or the same JSON value (spacing and key order aside).
-bool same_metadata(const std::string& a, const std::string& b) {
-  if (a == b) return true;
-  const auto parsed_a = nlohmann::json::parse(a, nullptr, false);
-  const auto parsed_b = nlohmann::json::parse(b, nullptr, false);
-  return !parsed_a.is_discarded() && !parsed_b.is_discarded() && parsed_a == parsed_b;
-}
-
 // True when every `from` value is a `to` value: a narrower float type into a wider one.
 bool widens_exactly(DType from, DType to) {
   const bool half = from == DType::kFloat16 || from == DType::kBFloat16;
@@ -202,6 +194,7 @@ SourceFacts read_sidecar(const std::string& path) {
 
 ImportResult import_rows(const std::string& store, const std::string& source,
                          const ImportOptions& options) {
+  if (store.empty()) throw Error(ErrorCode::kInvalidArgument, "the store path is empty");
   std::unique_ptr<ArraySource> vectors, keys, epochs;
   SourceFacts facts;
   if (is_directory(source)) {

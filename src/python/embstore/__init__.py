@@ -164,7 +164,11 @@ def _segment_bytes(segment_mb: Optional[float]) -> Optional[int]:
         raise ValueError(f"segment_mb is {segment_mb!r}; it must be a positive number of MiB")
     if not mb < _U64_LIMIT / (1 << 20):
         raise ValueError(f"segment_mb is {segment_mb!r}: too large for a segment")
-    return int(mb * (1 << 20))  # the store checks the size (a multiple of 4 KiB, ...)
+    segment_bytes = int(mb * (1 << 20))  # the store checks the rest (at least a row, ...)
+    if segment_bytes % 4096:
+        raise ValueError(f"segment_mb is {segment_mb!r}: {segment_bytes} bytes, not a whole "
+                         "number of 4 KiB pages (a multiple of 1/256 MiB)")
+    return segment_bytes
 
 
 def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = None,
