@@ -54,18 +54,15 @@ bool cut_off_by_finalization() {
   return finalizing && PyThread_get_thread_ident() != g_main_thread;
 }
 
-// Ctrl-C while the main thread waits for the writer lock (os::set_interrupt_check): the signal
-// wakes the wait (EINTR: Python installs its handlers without SA_RESTART), and this runs
-// Python's signal handlers there. One that raised (KeyboardInterrupt) ends the wait before
-// anything is written (kInterrupted), and its exception, kept here, is what the call raises
-// (raise_python_error). Other threads, and a finalizing interpreter, wait on.
-struct PendingInterrupt {
-  PyObject* type = nullptr;
-  PyObject* value = nullptr;
-  PyObject* traceback = nullptr;
-};
-thread_local PendingInterrupt t_interrupt;
-
+// Ctrl-C while the main thread waits (the writer lock, room in an async queue, the queue
+// written: os::set_interrupt_check): the wait looks every 100 ms whether SIGINT came and, if so,
+// ends before anything is written (kInterrupted). No Python handler runs inside the wait: the
+// call holds the Writer's locks, and a handler may close that Writer (the SIGTERM relay of
+// multiprocessing children does), which would then wait for them for ever. The SIGINT is set
+// pending again, and raise_python_error() runs the handlers once the call has unwound: Python's
+// default one raises KeyboardInterrupt, which the call raises. Other threads, and a finalizing
+// interpreter, wait on; other signals are handled when the call returns, as Python does for any
+// C call.
 bool python_interrupted() noexcept {
   if (PyThread_get_thread_ident() != g_main_thread || !Py_IsInitialized()) return false;
 #if PY_VERSION_HEX >= 0x030D0000
@@ -74,14 +71,10 @@ bool python_interrupted() noexcept {
   if (_Py_IsFinalizing()) return false;
 #endif
   const PyGILState_STATE gil = PyGILState_Ensure();
-  bool interrupted = false;
-  if (PyErr_CheckSignals() != 0) {
-    Py_XDECREF(t_interrupt.type);
-    Py_XDECREF(t_interrupt.value);
-    Py_XDECREF(t_interrupt.traceback);
-    PyErr_Fetch(&t_interrupt.type, &t_interrupt.value, &t_interrupt.traceback);
-    interrupted = true;
-  }
+  // Takes a pending SIGINT without running its handler; PyErr_SetInterrupt() makes it pending
+  // again, for the handler.
+  const bool interrupted = PyOS_InterruptOccurred() != 0;
+  if (interrupted) PyErr_SetInterrupt();
   PyGILState_Release(gil);
   return interrupted;
 }
@@ -152,11 +145,10 @@ class AliveLock {
 
 // Turns embstore::Error into the Python exception embstore._errors chooses for its code.
 void raise_python_error(const Error& error) {
-  if (error.code() == ErrorCode::kInterrupted && t_interrupt.type != nullptr) {
-    PyErr_Restore(t_interrupt.type, t_interrupt.value, t_interrupt.traceback);  // Steals them.
-    t_interrupt = PendingInterrupt{};
-    return;
-  }
+  // The locks of the call are released by now: the signal's handlers may run (a SIGINT
+  // python_interrupted() set pending again). What one raises (KeyboardInterrupt) is the call's
+  // exception; a handler that returns leaves the call's own, InterruptedError.
+  if (error.code() == ErrorCode::kInterrupted && PyErr_CheckSignals() != 0) return;
   py::object make = py::module_::import("embstore._errors").attr("from_code");
   py::object exc =
       make(static_cast<int>(error.code()), std::string(error.what()), error.sys_errno());

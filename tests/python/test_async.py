@@ -655,3 +655,35 @@ def test_a_close_interrupted_before_it_began_leaves_the_rows_to_the_exit_finaliz
     assert w._at_exit.still_active()  # the finalizer still writes them at exit
     w._at_exit()  # what the interpreter's exit runs
     assert len(embstore.Reader(store)) == 3
+
+
+def test_a_sigint_handler_of_the_programs_own_runs_after_the_wait_it_ended(store):
+    # SIGINT ends the wait; the program's handler runs once the call has let go of the Writer's
+    # locks, not inside the wait (where closing this Writer from it deadlocked). A handler that
+    # returns leaves InterruptedError; the queue is written on.
+    import signal
+    embstore.create(store, dim=1024)
+    w = embstore.Writer(store, async_queue_mb=1)
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(w.stats()["queued_bytes"] > 0)  # the Writer is usable from the handler
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with StoreLock(store) as lock:
+            let_go = threading.Timer(20, lock.release)
+            let_go.start()
+            for epoch in range(2):
+                w.append(range(128), np.full((128, 1024), epoch, np.float32), epoch)
+            timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            with pytest.raises(InterruptedError, match="interrupted"):
+                w.flush()
+            timer.join()
+            assert calls == [True]
+            let_go.cancel()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    w.close()
+    assert embstore.Reader(store).epochs.tolist() == [0] * 128 + [1] * 128

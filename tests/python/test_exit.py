@@ -627,3 +627,39 @@ def test_a_writer_left_open_on_a_store_moved_away_says_so_not_that_rows_were_los
     assert len(messages) == 1 and records[0].levelno == logging.WARNING, messages
     assert "wrote its rows, but into a store no longer at this path" in messages[0], messages
     assert sorted(embstore.Reader(moved).keys.tolist()) == list(range(10))
+
+
+def _close_while_the_lock_is_held(store, opened, locked, ready):
+    w = embstore.Writer(store, async_queue_mb=16)
+    opened.set()
+    locked.wait(60)  # the test holds the store's lock from here
+    for i in range(4):
+        w.append(np.arange(100) + 100 * i, np.full((100, 64), i, np.float32), i)
+    ready.set()
+    w.close()  # waits for the lock; SIGTERM comes meanwhile
+
+
+def test_a_sigterm_while_close_waits_in_a_multiprocessing_child_loses_nothing(store):
+    # The wait ran Python's signal handlers: the SIGTERM relay closed the same Writer from
+    # inside its close(), which failed (a lock its own thread held), logged "0 rows not written"
+    # and ended the child with exit 0 and none of its 400 rows. The handler now runs once the
+    # close has returned.
+    import time
+    embstore.create(store, dim=64)
+    ctx = multiprocessing.get_context("fork")
+    opened, locked, ready = ctx.Event(), ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_close_while_the_lock_is_held,
+                        args=(store, opened, locked, ready))
+    child.start()
+    assert opened.wait(60)
+    with StoreLock(store) as lock:
+        locked.set()
+        assert ready.wait(60)
+        time.sleep(0.5)
+        os.kill(child.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        lock.release()
+        child.join(60)
+    assert child.exitcode == 0
+    r = embstore.Reader(store)
+    assert len(r) == 400 and r.verify().ok

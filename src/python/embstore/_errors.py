@@ -20,7 +20,9 @@ kClosed                ClosedError (an embstore.Error and a ValueError, like I/O
                        closed Python file)
 kInterrupted           what the SIGINT handler raised (KeyboardInterrupt): a Ctrl-C ended
                        a wait for the writer lock (append, truncate; nothing was written) or
-                       an async writer's wait for room (not queued) or flush (written on)
+                       an async writer's wait for room (not queued), flush or close (written
+                       on); InterruptedError (an OSError, errno EINTR) if a handler of the
+                       program's own returned without raising
 =====================  =======================================================
 
 Every exception carries the C++ message (it names the file, field or value) and has a ``code``
@@ -114,6 +116,7 @@ _DEFAULT_ERRNO = {
     8: _errno.ENOSPC,
     9: _errno.EROFS,
     13: _errno.EACCES,
+    14: _errno.EINTR,
 }
 
 
