@@ -425,8 +425,11 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
                         (entry.generation == 0
                              ? " (a stale copy? a manifest that records no generation cannot "
                                "tell a truncate since: write the manifest again)"
-                             : " in generation " + std::to_string(generation) +
-                                   (generation == entry.generation ? ", the same" : ", older") +
+                             : " in generation " + std::to_string(entry.generation) +
+                                   (generation == entry.generation
+                                        ? ", the shard's too"
+                                        : "; the shard is of generation " +
+                                              std::to_string(generation) + ", older") +
                                    " (a stale copy?)"));
       }
     }

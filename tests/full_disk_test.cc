@@ -331,8 +331,11 @@ TEST_CASE("No room for a key index sized for expected_rows: appends succeed, clo
     Writer w = Writer::create(path, o);  // 700 pairs: keys.1 of 1,024 slots, not yet full.
     append(w, 700);
   }
+  // A guess of 600 rows sizes nothing past the rows built (1,024 slots either way): the
+  // message must not blame it.
+  const std::uint64_t guess = GENERATE(100'000, 600);
   WriterOptions expecting;
-  expecting.expected_rows = 100'000;
+  expecting.expected_rows = guess;
   Writer w = Writer::open(path, expecting);
   // Every fallocate fails from here. The files hold these rows already; the growth that the
   // 705th pair claims builds tables for the guess, and finds no room.
@@ -343,8 +346,12 @@ TEST_CASE("No room for a key index sized for expected_rows: appends succeed, clo
     FAIL("close() did not report the key index failure");
   } catch (const Error& e) {
     CHECK(e.code() == ErrorCode::kFull);
-    CHECK_THAT(std::string(e.what()),
-               Catch::Contains("sized for 100000 rows, WriterOptions::expected_rows"));
+    if (guess == 100'000) {
+      CHECK_THAT(std::string(e.what()),
+                 Catch::Contains("sized for 100000 rows, WriterOptions::expected_rows"));
+    } else {
+      CHECK_THAT(std::string(e.what()), !Catch::Contains("expected_rows"));
+    }
   }
   detail::testing::disarm_all();
   CHECK(Reader::open(path).find(799, 0) == std::optional<std::uint64_t>(799));

@@ -868,16 +868,19 @@ TEST_CASE("A shard truncated since its manifest was written opens with fewer row
   manifest.shards[0].generation = read_info(dir / "node-0").generation;
   write_manifest(dir / kManifestFileName, manifest);
   CHECK(code_of([&] { ShardSet::open(dir.path()); }, &message) == ErrorCode::kCorruption);
-  CHECK_THAT(message, Catch::Contains("in generation 2, the same (a stale copy?)"));
+  CHECK_THAT(message, Catch::Contains("in generation 2, the shard's too (a stale copy?)"));
   // An older generation than recorded (a backup from before a truncate): a stale copy too.
   manifest.shards[0].generation = 3;
   write_manifest(dir / kManifestFileName, manifest);
   CHECK(code_of([&] { ShardSet::open(dir.path()); }, &message) == ErrorCode::kCorruption);
-  CHECK_THAT(message, Catch::Contains("in generation 2, older (a stale copy?)"));
+  // The generation the manifest recorded, and the shard's (the message gave the shard's as the
+  // recorded one).
+  CHECK_THAT(message, Catch::Contains(
+                          "in generation 3; the shard is of generation 2, older (a stale copy?)"));
   // Older, and with as many rows as recorded or more: a stale copy all the same.
   manifest.shards[0].rows = 5;
   write_manifest(dir / kManifestFileName, manifest);
   CHECK(code_of([&] { ShardSet::open(dir.path()); }, &message) == ErrorCode::kCorruption);
   CHECK_THAT(message, Catch::Contains("holds 5 rows, against the 5 the manifest recorded in "
-                                      "generation 2, older (a stale copy?)"));
+                                      "generation 3; the shard is of generation 2, older"));
 }

@@ -185,10 +185,11 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
     try {
       file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
     } catch (const Error& error) {
-      // No room for tables this handle sized for a guess: say so, so that the caller can see
-      // what to change (WriterOptions::expected_rows).
+      // No room for tables sized for a guess, larger than the rows built need: say so, so that
+      // the caller can see what to change (WriterOptions::expected_rows).
       if (error.code() != ErrorCode::kFull || expected_rows_ == 0 ||
-          sizes.pair_slots != expected_sizes().pair_slots) {
+          sizes.pair_slots != expected_sizes().pair_slots ||
+          sizes.pair_slots <= key_index_slots_for(rows)) {
         throw;
       }
       throw Error(ErrorCode::kFull,

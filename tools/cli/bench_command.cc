@@ -137,11 +137,6 @@ void atomic_max(std::atomic<std::int64_t>& word, std::int64_t value) {
   }
 }
 
-// A failed system call's error as the library reports it: no space is kFull (exit 18).
-ErrorCode code_of_errno(int err) {
-  return err == ENOSPC || err == EDQUOT ? ErrorCode::kFull : ErrorCode::kIO;
-}
-
 [[noreturn]] void fail_child(Shared* shared, const std::string& what,
                              ErrorCode code = ErrorCode::kIO) {
   if (shared->failed.exchange(1) == 0) {
@@ -339,7 +334,7 @@ bool is_pwrite(Workload workload) {
           const int err = rest < 0 ? errno : ENOSPC;
           if (wrote < 0 || rest != static_cast<ssize_t>(bytes - wrote)) {
             fail_child(shared, "bench: pwrite to " + pwrite_path + " failed: " + std::strerror(err),
-                       code_of_errno(err));
+                       error_code_for_write_errno(err));
           }
         }
         if (config.sync == SyncPolicy::kEveryAppend) ::fdatasync(fd);
@@ -473,9 +468,9 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
       const int err = bytes > 0 ? ::posix_fallocate(fd, 0, static_cast<off_t>(bytes)) : 0;
       if (err != 0) {
         ::close(fd);
-        throw Error(code_of_errno(err), "cannot preallocate " + std::to_string(bytes) +
-                                            " bytes for " + pwrite_path + ": " +
-                                            std::strerror(err));
+        throw Error(error_code_for_write_errno(err), "cannot preallocate " + std::to_string(bytes) +
+                                                         " bytes for " + pwrite_path + ": " +
+                                                         std::strerror(err));
       }
     }
     ::close(fd);
@@ -606,7 +601,7 @@ double warm_page_cache(const std::string& path, std::uint64_t bytes) {
   ::close(fd);
   if (err != 0) {
     ::unlink(path.c_str());
-    throw Error(code_of_errno(err),
+    throw Error(error_code_for_write_errno(err),
                 "warming the page cache: writing " + path + ": " + std::strerror(err) +
                     " (--page-state as-is skips it)",
                 err);
@@ -1087,6 +1082,7 @@ void add_bench_command(CLI::App& app, Registry& registry) {
   cmd->add_option("--expected-rows", config->expected_rows,
                   "Writers open with WriterOptions::expected_rows (the key index built for that "
                   "many rows at once, not grown to it; 0: no guess)")
+      ->transform(unsigned_validator("a row count"))
       ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40));
   cmd->add_option("--page-state", config->page_state,
                   "Before each phase: warm (write a file of the phase's payload and remove it as "
