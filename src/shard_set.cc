@@ -3,10 +3,12 @@
 #include "embstore/shard_set.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string_view>
 #include <utility>
 
@@ -149,10 +151,45 @@ std::optional<std::uint64_t> found(std::uint64_t row) {
 
 }  // namespace
 
+namespace {
+// `text` parsed as JSON, or discarded when it is not JSON or its value would not hold all the
+// text says: a key twice in one object (the parser keeps the last) or a number of magnitude
+// 2^53 or more that is no 64-bit integer (read as a double: 10^20 and 10^20 + 1 would be one).
+Json parsed_exactly(const std::string& text) {
+  std::vector<std::set<std::string>> keys;  // Of each object open at the point parsed.
+  bool lossy = false;
+  Json parsed = Json::parse(
+      text,
+      [&](int, Json::parse_event_t event, Json& value) {
+        switch (event) {
+          case Json::parse_event_t::object_start:
+            keys.emplace_back();
+            break;
+          case Json::parse_event_t::object_end:
+            if (!keys.empty()) keys.pop_back();
+            break;
+          case Json::parse_event_t::key:
+            if (!keys.empty() && !keys.back().insert(value.get<std::string>()).second) {
+              lossy = true;
+            }
+            break;
+          case Json::parse_event_t::value:
+            if (value.is_number_float() && std::fabs(value.get<double>()) >= 0x1p53) lossy = true;
+            break;
+          default:
+            break;
+        }
+        return true;
+      },
+      /*allow_exceptions=*/false);
+  return lossy ? Json(Json::value_t::discarded) : parsed;
+}
+}  // namespace
+
 bool same_metadata(const std::string& a, const std::string& b) {
   if (a == b) return true;
-  const Json parsed_a = Json::parse(a, nullptr, false);
-  const Json parsed_b = Json::parse(b, nullptr, false);
+  const Json parsed_a = parsed_exactly(a);
+  const Json parsed_b = parsed_exactly(b);
   return !parsed_a.is_discarded() && !parsed_b.is_discarded() && parsed_a == parsed_b;
 }
 

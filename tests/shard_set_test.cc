@@ -718,6 +718,14 @@ TEST_CASE("merge_stores takes metadata of the same JSON value in other spacing a
   CHECK_FALSE(same_metadata(R"({"model": "A"})", R"({"model": "B"})"));
   CHECK_FALSE(same_metadata("run 7", "run  7"));  // Text that is no JSON: compared as text.
   CHECK(same_metadata("run 7", "run 7"));
+  // What the parser would read as one though the texts differ: never the same (a helper's
+  // review found merges of both).
+  CHECK_FALSE(
+      same_metadata(R"({"seed": 100000000000000000000})", R"({"seed": 100000000000000000001})"));
+  CHECK_FALSE(same_metadata(R"({"run": "a", "run": "b"})", R"({"run": "b"})"));
+  CHECK_FALSE(same_metadata(R"({"x": {"k": 1, "k": 1}})", R"({"x": {"k": 1}})"));
+  CHECK(same_metadata(R"({"seed": 18446744073709551615})", R"({ "seed":18446744073709551615 })"));
+  CHECK(same_metadata(R"([{"k": 1}, {"k": 1}])", R"([{"k":1},{"k":1}])"));  // Keys per object.
 }
 
 TEST_CASE("merge_stores refuses stores of different metadata unless a manifest gives it",
