@@ -645,7 +645,7 @@ def test_a_close_interrupted_before_it_began_leaves_the_rows_to_the_exit_finaliz
     class InterruptedFirst:
         closed = False
 
-        def close(self):
+        def close(self, interruptible=True):
             raise KeyboardInterrupt
 
     w._native = InterruptedFirst()

@@ -88,6 +88,40 @@ def test_a_ctrl_c_while_the_exit_handler_writes_the_queue_loses_nothing(store):
     np.testing.assert_array_equal(r.vectors[:, 0], np.repeat(np.arange(20), 100))
 
 
+def test_a_ctrl_c_while_an_unclosed_recorders_exit_handler_writes_loses_nothing(store):
+    # The recorder's exit finalizer closed its Writer giving way to Ctrl-C: it logged its rows
+    # as lost ("failed to write its rows") while the Writer's own finalizer wrote them later.
+    import time
+    script = run_script("""
+        import sys
+        import torch
+        from embstore.torch import EmbeddingRecorder
+        model = torch.nn.Sequential(torch.nn.Linear(4, 64))
+        recorder = EmbeddingRecorder(model, "0", sys.argv[1], dim=64, buffer_rows=0)
+        with recorder.batch(torch.arange(1), 0):
+            model(torch.randn(1, 4))
+        recorder.flush()
+        print("opened", flush=True)
+        sys.stdin.readline()  # the test holds the store's lock now
+        for i in range(20):
+            with recorder.batch(torch.arange(100) + 100 * i + 1, i):
+                model(torch.randn(100, 4))
+        print("queued", flush=True)
+    """, store)
+    assert script.stdout.readline() == "opened\n", script.stderr.read()
+    with StoreLock(store) as lock:
+        script.stdin.write("locked\n")
+        script.stdin.flush()
+        assert script.stdout.readline() == "queued\n"
+        time.sleep(0.5)  # the script's exit handlers now wait for the lock
+        script.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        lock.release()
+        out, err = script.communicate(timeout=120)
+    assert "failed" not in err and "KeyboardInterrupt" not in err, err
+    assert len(embstore.Reader(store)) == 2001
+
+
 def test_async_writer_in_a_global_of_a_fork_started_child_is_flushed_before_os_exit(store):
     embstore.create(store, dim=workers.DIM)
     ctx = multiprocessing.get_context("fork")

@@ -224,7 +224,7 @@ def test_a_directory_that_is_not_a_store_raises_not_a_store_error_naming_it(tmp_
     paths = make_shards(tmp_path, [5])[0]
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
-    for bad, why in [(tmp_path / "empty", "is a directory but not an embstore store"),
+    for bad, why in [(tmp_path / "empty", "is an empty directory, not an embstore store"),
                      (tmp_path / "file", "is a file, not an embstore store")]:
         for given in (bad, [bad], [paths[0], bad]):
             with pytest.raises(embstore.NotAStoreError, match=f"^{bad}: {why}"):
@@ -234,6 +234,12 @@ def test_a_directory_that_is_not_a_store_raises_not_a_store_error_naming_it(tmp_
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="no store here"):  # missing: as Reader says
         embstore.ShardSet([paths[0], tmp_path / "missing"])
+    # The path the core stopped at is named, not a later one that is no store either (the
+    # NotAStoreError of "empty" replaced the error of "missing", before it).
+    for call in (embstore.ShardSet,
+                 lambda given: embstore.merge(tmp_path / "out", given)):
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing'}: no store here"):
+            call([paths[0], tmp_path / "missing", tmp_path / "empty"])
     # A manifest's shard that is not a store keeps the manifest's error, naming both.
     es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest_for(str(tmp_path), ["s0"]))
     shutil.rmtree(paths[0])
@@ -665,7 +671,7 @@ def test_a_run_resumed_from_a_checkpoint_reads_before_its_next_end_epoch(tmp_pat
     shutil.rmtree(tmp_path / "node-0")
     os.rename(tmp_path / "copy", tmp_path / "node-0")
     with pytest.raises(embstore.CorruptionError, match="fewer than the 85 the manifest recorded "
-                       "in generation 2, the same"):
+                       "in generation 2, the shard's too"):
         embstore.ShardSet(tmp_path)
 
 

@@ -196,6 +196,39 @@ def test_recorder_passes_expected_rows_to_its_writer(tmp_path):
     assert len(grown) == 1 and grown != ["keys.1"]
     with pytest.raises(ValueError, match="expected_rows is -5"):
         EmbeddingRecorder(Net(), "body", tmp_path / "bad", dim=8, expected_rows=-5)
+    # Beyond what a store holds: refused here, not at the first recorded batch.
+    with pytest.raises(ValueError, match="expected_rows 2199023255552 exceeds the 2"):
+        EmbeddingRecorder(Net(), "body", tmp_path / "bad", dim=8, expected_rows=2**41)
+
+
+def test_a_recorder_close_that_ctrl_c_ended_is_finished_by_closing_again(tmp_path):
+    # close() marked the recorder closed and cancelled its exit finalizer before its Writer's
+    # close, which Ctrl-C may end: closing again then did nothing, and the Writer stayed open.
+    import os
+    import signal
+    import threading
+    from test_async import StoreLock
+    store = tmp_path / "s"
+    model = Net()
+    recorder = EmbeddingRecorder(model, "body", store, dim=8, async_queue_mb=1, buffer_rows=0)
+    with recorder.batch(torch.arange(4), 0):
+        model(torch.randn(4, 10))
+    recorder.flush()
+    with StoreLock(store) as lock:
+        let_go = threading.Timer(20, lock.release)
+        let_go.start()
+        with recorder.batch(torch.arange(4, 8), 0):
+            model(torch.randn(4, 10))
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            recorder.close()
+        timer.join()
+        let_go.cancel()
+    assert recorder._finalizer.still_active()
+    recorder.close()
+    assert not recorder._finalizer.still_active()
+    assert len(embstore.Reader(store)) == 8
 
 
 def test_recorder_under_ddp_names_and_rank_filter(store):
@@ -720,7 +753,7 @@ def test_a_loss_at_exit_names_a_keyboard_interrupt_as_its_cause(store, caplog):
         model(torch.ones(8, 4))
     staging = recorder._local_staging()
 
-    def interrupted_finish():
+    def interrupted_finish(interruptible=True):
         raise KeyboardInterrupt
 
     real_finish, staging.finish = staging.finish, interrupted_finish

@@ -263,16 +263,20 @@ class _not_a_store_check:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None or not issubclass(exc_type, FileNotFoundError):
             return False
+        advice = "; to create a store, give a new path or an empty directory"
         if os.path.isdir(self.path):
             if os.path.lexists(os.path.join(self.path, "header")):
                 return False  # a store that lost another file: the error names that file
-            what = "is a directory but not an embstore store (it has no 'header' file)"
+            if not os.listdir(self.path):
+                what, advice = "is an empty directory, not an embstore store", (
+                    " (a Writer given dim= creates one in it)")
+            else:
+                what = "is a directory but not an embstore store (it has no 'header' file)"
         elif os.path.lexists(self.path):
             what = "is a file, not an embstore store (a store is a directory)"
         else:
             return False
-        error = NotAStoreError(f"{self.path}: {what}; to create a store, give a new path or "
-                               "an empty directory")
+        error = NotAStoreError(f"{self.path}: {what}{advice}")
         error.errno = exc.errno or 0
         raise error from exc
 
@@ -779,13 +783,18 @@ class Writer(_Handle):
         raises KeyboardInterrupt and leaves the Writer open, the queue written on: close()
         again, or the exit handlers, finish it.
         """
+        self._close(interruptible=True)
+
+    def _close(self, interruptible: bool) -> None:
+        """close(); with ``interruptible`` False (the exit handlers, garbage collection) Ctrl-C
+        does not end the wait for the queue: nobody would call close() again."""
         # Closed before the exit finalizer is cancelled: a SIGTERM handled in between
         # (_write_then_terminate) still finds this Writer to close. And cancelled only once the
         # native Writer is closed (or failed closing, which it reported): a KeyboardInterrupt
         # before its close began leaves the queued rows to the exit finalizer, not to chance.
         try:
             if self._native is not None:
-                self._native.close()
+                self._native.close(interruptible=interruptible)
         finally:
             if self._at_exit is not None and (self._native is None or self._native.closed):
                 self._at_exit.cancel()

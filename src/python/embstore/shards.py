@@ -55,7 +55,11 @@ def _stores_checked(inputs: List[str]):
         yield
     except FileNotFoundError as error:
         if not (len(inputs) == 1 and _embstore.manifest_file(inputs[0]) is not None):
+            # The core opens the paths in order and stops at the first it cannot: a missing
+            # one keeps its error (which names it), one there but no store is NotAStoreError.
             for path in inputs:
+                if not os.path.lexists(path):
+                    break
                 with contextlib.suppress(FileNotFoundError), _not_a_store_check(path):
                     raise error  # NotAStoreError when this path exists but is no store
         raise
@@ -406,7 +410,10 @@ class ShardSet:
         return [r.info(key_stats) for r in self.shards]
 
     def verify(self) -> bool:
-        """True when every row of every shard passes its checksum."""
+        """True when every shard's ``Reader.verify()`` is ok: every row passes its checksum and
+        each shard's key index agrees with its offset index (a damaged key index makes it False
+        though lookups still answer, by scanning). ``[r.verify() for r in shards]`` says which
+        shard and why."""
         return all(r.verify().ok for r in self.shards)
 
     def close(self) -> None:

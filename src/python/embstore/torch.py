@@ -354,12 +354,13 @@ class _Staging:
             # Donated (copy=False): the recorder never touches this buffer again.
             self.writer.append(self.keys[:n], buffer[:n], self.epoch, copy=False)
 
-    def finish(self) -> None:
-        """Appends the staged rows and closes the Writer (raising a write error)."""
+    def finish(self, interruptible: bool = True) -> None:
+        """Appends the staged rows and closes the Writer (raising a write error); Ctrl-C may end
+        the close's wait for the queue only when ``interruptible`` (Writer._close)."""
         try:
             self.submit()
         finally:
-            self.writer.close()
+            self.writer._close(interruptible)
 
 
 # Above the Writers' own exit finalizers: a recorder's staged rows go into its Writer first.
@@ -372,8 +373,11 @@ def _finish_unclosed(staging: _Staging, path: str, module_name: str) -> None:
         return
     staged = staging.filled
     try:
-        staging.finish()
+        staging.finish(interruptible=False)  # nobody calls close() after this
     except BaseException as error:  # logged: an exit handler has no one to raise to
+        if (isinstance(error, KeyboardInterrupt) and staging.writer.closed and not staging.filled
+                and not staging.writer.stats().get("dropped_rows", 0)):
+            return  # Ctrl-C as the close ended (Python raises it at its next instruction)
         if _moved_away(error):
             _log.warning("%s: the EmbeddingRecorder of %r was not closed; its rows were written, "
                          "but into a store no longer at this path: %s", path, module_name, error)
@@ -489,6 +493,9 @@ class EmbeddingRecorder:
             raise ValueError(f"dataset_len must be >= 0; got {dataset_len}")
         if expected_rows is not None:
             expected_rows = _check_u64(expected_rows, "expected_rows")
+            if expected_rows > 2**40:  # as the Writer would, but now, not at the first batch
+                raise ValueError(f"expected_rows {expected_rows} exceeds the 2^40 rows a store "
+                                 "can hold")
         self.module_name = module_name
         self.path = os.fspath(store)
         self._per_node = per_node
@@ -806,17 +813,20 @@ class EmbeddingRecorder:
         """Appends the staged rows, removes the hook and closes this rank's Writer (raising a
         pending write error). Afterwards ``batch()`` raises ClosedError; closing again does
         nothing."""
-        if self._closed:
+        staging = self._local_staging()
+        # Closed, unless a Ctrl-C ended the Writer's close (it stays open, its queue written
+        # on): then this call closes it.
+        if self._closed and (staging is None or staging.writer.closed):
             return
-        self._closed = True
-        self._handle.remove()
+        if not self._closed:
+            self._closed = True
+            self._handle.remove()
         try:
-            staging = self._local_staging()
             if staging is not None:
                 staging.finish()
         finally:
             # After the rows are written: a SIGTERM handled before that still finds them.
-            if self._finalizer is not None:
+            if self._finalizer is not None and (staging is None or staging.writer.closed):
                 self._finalizer.cancel()
 
     def __enter__(self) -> "EmbeddingRecorder":
