@@ -28,13 +28,19 @@ using Json = nlohmann::json;
 // hostile manifest cannot point a merge or a ShardSet at arbitrary files.
 void check_shard_path(const std::string& manifest, const std::string& path) {
   auto bad = [&](const char* why) {
+    std::string shown = path;  // A NUL would end the message where C strings read it.
+    for (std::size_t at = shown.find('\0'); at != std::string::npos; at = shown.find('\0', at)) {
+      shown.replace(at, 1, "\\0");
+    }
     throw Error(ErrorCode::kInvalidArgument,
-                manifest + ": shard path '" + path + "' " + why +
+                manifest + ": shard path '" + shown + "' " + why +
                     "; shard paths must be relative to the manifest's directory and stay inside "
                     "it");
   };
   if (path.empty()) bad("is empty");
   if (path.front() == '/') bad("is absolute");
+  // No file name holds one: the path would name another file than the manifest says.
+  if (path.find('\0') != std::string::npos) bad("holds a NUL byte");
   std::size_t start = 0;
   while (start <= path.size()) {
     std::size_t end = path.find('/', start);

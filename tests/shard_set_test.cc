@@ -358,6 +358,18 @@ TEST_CASE("Manifests with escaping paths, missing shards or mismatched shards ar
     m.shards.push_back({bad, info.store_id, 0, {}});
     REQUIRE(code_of([&] { write_manifest(dir / "w.json", m); }) == ErrorCode::kInvalidArgument);
   }
+  // A NUL byte (JSON's \u0000) would end the name the file system sees: refused too.
+  {
+    const auto path = write_text(dir / "bad.json", manifest_with("node-0\\u0000x", info.store_id));
+    REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kInvalidArgument);
+    CHECK_THAT(message, Catch::Contains("shard path 'node-0\\0x' holds a NUL byte"));
+    Manifest m;
+    m.dim = 4;
+    m.shards.push_back({std::string("node-0\0x", 8), info.store_id, 0, {}});
+    CHECK(code_of([&] { write_manifest(dir / "w.json", m); }, &message) ==
+          ErrorCode::kInvalidArgument);
+    CHECK_THAT(message, Catch::Contains("holds a NUL byte"));
+  }
 
   auto path = write_text(dir / "missing.json", manifest_with("node-9", info.store_id));
   REQUIRE(code_of([&] { ShardSet::open(path); }, &message) == ErrorCode::kNotFound);

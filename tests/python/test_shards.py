@@ -96,6 +96,9 @@ def test_shardset_answers_like_the_concatenated_store(tmp_path):
     assert not view.flags.writeable
     assert np.shares_memory(view, s.shards[2].vectors)
     assert np.array_equal(view, vectors[40:73])
+    for bad in (4, -1):  # a negative index took the last shard; past the end, a bare IndexError
+        with pytest.raises(IndexError, match=f"shard {bad} outside \\[0, 4\\)"):
+            s.shard_vectors(bad)
     inside = s.rows(45, 50)
     assert np.shares_memory(inside, s.shards[2].vectors)
     assert np.array_equal(s.rows(30, 80), vectors[30:80])  # spans shards: a copy

@@ -16,6 +16,7 @@ The manifest format, its checks and the merge are the C++ core's (include/embsto
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import re
 import socket
@@ -291,6 +292,10 @@ class ShardSet:
 
     def shard_vectors(self, shard: int) -> np.ndarray:
         """Every row of one shard's snapshot, zero-copy."""
+        shard = operator.index(shard)
+        if not 0 <= shard < len(self.shards):
+            raise IndexError(f"shard {shard} outside [0, {len(self.shards)}): the set has "
+                             f"{len(self.shards)} shard(s)")
         return self.shards[shard].vectors
 
     def rows(self, begin: int, end: int) -> np.ndarray:

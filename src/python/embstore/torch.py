@@ -812,7 +812,7 @@ class EmbeddingRecorder:
     def close(self) -> None:
         """Appends the staged rows, removes the hook and closes this rank's Writer (raising a
         pending write error). Afterwards ``batch()`` raises ClosedError; closing again does
-        nothing."""
+        nothing, unless a Ctrl-C ended the Writer's close: then it finishes it."""
         staging = self._local_staging()
         # Closed, unless a Ctrl-C ended the Writer's close (it stays open, its queue written
         # on): then this call closes it.
