@@ -21,7 +21,6 @@
 #include <shared_mutex>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "async_writer.h"
@@ -1356,29 +1355,21 @@ PYBIND11_MODULE(_embstore, m) {
       },
       py::arg("manifest_or_stores"));
   m.def(
-      "epoch_drops",
-      [](const std::vector<std::string>& manifest_or_stores) {
-        std::vector<std::tuple<std::string, std::uint64_t, std::uint64_t, std::uint64_t>> out;
-        {
-          ReleaseGil unlocked;
-          const ShardSet set = ShardSet::open(manifest_or_stores);
-          for (const EpochDrop& drop : epoch_drops(set)) {
-            out.emplace_back(set.shard_path(drop.shard), drop.row, drop.epoch, drop.previous);
-          }
-        }
-        return out;
-      },
-      py::arg("manifest_or_stores"),
-      "(shard path, row, epoch, previous epoch) for each shard whose epochs go down "
-      "(include/embstore/shard_set.h, epoch_drops).");
-  m.def(
       "merge_stores",
       [](const std::string& out, const std::vector<std::string>& manifest_or_stores,
-         const py::object& progress) {
+         const py::object& progress, const py::object& on_epoch_drop) {
         StoreInfo info;
         {
           ReleaseGil unlocked;
           const ShardSet set = ShardSet::open(manifest_or_stores);
+          // on_epoch_drop(shard path, row, epoch, previous epoch) for each shard whose epochs go
+          // down (shard_set.h, epoch_drops), before anything is written.
+          if (!on_epoch_drop.is_none()) {
+            for (const EpochDrop& drop : epoch_drops(set)) {
+              py::gil_scoped_acquire locked;
+              on_epoch_drop(set.shard_path(drop.shard), drop.row, drop.epoch, drop.previous);
+            }
+          }
           info = merge_stores(out, set, [&](const MergeProgress& done) {
             if (progress.is_none()) return;
             py::gil_scoped_acquire locked;
@@ -1387,5 +1378,6 @@ PYBIND11_MODULE(_embstore, m) {
         }
         return info_dict(info);
       },
-      py::arg("out"), py::arg("manifest_or_stores"), py::arg("progress"));
+      py::arg("out"), py::arg("manifest_or_stores"), py::arg("progress"),
+      py::arg("on_epoch_drop") = py::none());
 }

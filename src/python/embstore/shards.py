@@ -158,16 +158,16 @@ def merge(out: PathLike, manifest_or_paths: Any,
     store's info (synced: durable). A store path that exists but holds no store raises
     NotAStoreError naming it, as ``Reader`` does."""
     inputs = _inputs(manifest_or_paths)
-    with _stores_checked(inputs):
-        drops = _embstore.epoch_drops(inputs)
-    for path, row, epoch, previous in drops:
+
+    def warn_epoch_drop(path: str, row: int, epoch: int, previous: int) -> None:
         warnings.warn(
             f"{path}: its epochs go down at row {row} ({epoch} after {previous}); rows are "
             "merged by epoch, so for a key stored there on both sides of that row, the merged "
             "store's latest row may be another than ShardSet.find gives (which keeps the "
-            "shard's later row)", stacklevel=2)
+            "shard's later row)", stacklevel=3)  # the frame that called merge()
+
     with _stores_checked(inputs):
-        return _embstore.merge_stores(os.fspath(out), inputs, progress)
+        return _embstore.merge_stores(os.fspath(out), inputs, progress, warn_epoch_drop)
 
 
 def node_name() -> str:
