@@ -1138,23 +1138,20 @@ def _close_reporting_loss(native, when: str) -> None:
     if native.closed:
         return
     path = native.path
-    try:
-        # Not ended by Ctrl-C: nobody would call close() again to write what is queued.
-        native.close(interruptible=False)
-    except BaseException as error:
-        if (isinstance(error, KeyboardInterrupt) and native.closed
-                and not native.stats().get("dropped_rows", 0)):
-            # Ctrl-C while it closed, which it does not give way to: every row was written, and
-            # Python raises the signal's exception at its next instruction, here.
+    # Not ended by Ctrl-C, nor reported as a loss for one: nobody would call close() again to
+    # write what is queued. A SIGINT meanwhile is acted on once the close is over.
+    with _InterruptDeferred():
+        try:
+            native.close(interruptible=False)
+        except BaseException as error:
+            if _moved_away(error):
+                _log.warning("%s: a Writer %s without close() wrote its rows, but into a store "
+                             "no longer at this path: %s", path, when, error)
+                return
+            _log.error("%s: a Writer %s without close() failed to close; %d appended rows were "
+                       "not written: %s", path, when, native.stats().get("dropped_rows", 0),
+                       _described(error))
             raise
-        if _moved_away(error):
-            _log.warning("%s: a Writer %s without close() wrote its rows, but into a store no "
-                         "longer at this path: %s", path, when, error)
-            return
-        _log.error("%s: a Writer %s without close() failed to close; %d appended rows were "
-                   "not written: %s", path, when, native.stats().get("dropped_rows", 0),
-                   _described(error))
-        raise
 
 
 def _close_at_exit(native) -> None:

@@ -17,6 +17,7 @@ Example (inside a DDP training loop)::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing.util as _mp_util
 import operator
@@ -372,19 +373,21 @@ def _finish_unclosed(staging: _Staging, path: str, module_name: str) -> None:
     if staging.pid != _pid:
         return
     staged = staging.filled
-    try:
-        staging.finish(interruptible=False)  # nobody calls close() after this
-    except BaseException as error:  # logged: an exit handler has no one to raise to
-        if (isinstance(error, KeyboardInterrupt) and staging.writer.closed and not staging.filled
-                and not staging.writer.stats().get("dropped_rows", 0)):
-            return  # Ctrl-C as the close ended (Python raises it at its next instruction)
-        if _moved_away(error):
-            _log.warning("%s: the EmbeddingRecorder of %r was not closed; its rows were written, "
-                         "but into a store no longer at this path: %s", path, module_name, error)
-            return
-        _log.error("%s: the EmbeddingRecorder of %r was not closed and failed to write its "
-                   "rows (%d staged rows, %d queued rows lost): %s", path, module_name,
-                   staged, staging.writer.stats().get("dropped_rows", 0), _described(error))
+    # Nobody calls close() after this: not ended by Ctrl-C, nor reported as a loss for one. A
+    # SIGINT meanwhile is acted on once it is over, and dropped with what is logged below: an
+    # exit handler (or garbage collection) has no one to raise to.
+    with contextlib.suppress(KeyboardInterrupt), _InterruptDeferred():
+        try:
+            staging.finish(interruptible=False)
+        except BaseException as error:
+            if _moved_away(error):
+                _log.warning("%s: the EmbeddingRecorder of %r was not closed; its rows were "
+                             "written, but into a store no longer at this path: %s", path,
+                             module_name, error)
+                return
+            _log.error("%s: the EmbeddingRecorder of %r was not closed and failed to write its "
+                       "rows (%d staged rows, %d queued rows lost): %s", path, module_name,
+                       staged, staging.writer.stats().get("dropped_rows", 0), _described(error))
 
 
 class _RecordingBlock:
