@@ -27,8 +27,8 @@ enum class ErrorCode : int {
   kClosed = 12,             // The object was closed (or moved from).
   kPermissionDenied = 13,   // The OS refused access to a file (EACCES/EPERM) when reading it.
   kInterrupted = 14,        // A wait for the writer lock was interrupted by a signal the
-                            // process asked to act on (the Python binding: Ctrl-C); nothing
-                            // was written.
+                            // process asked to act on (the Python binding: Ctrl-C; also its
+                            // async queue's waits); nothing was written.
 };
 
 // Stable snake_case name of a code ("corruption", "invalid_argument", ...): the one table of

@@ -137,9 +137,8 @@ std::uint64_t filesystem_magic(const std::string& path);
 void lock_exclusive(int fd, const std::string& path, std::uint64_t byte = 0,
                     bool interruptible = false);
 // Asked when an interruptible lock_exclusive() is interrupted by a signal (EINTR): true makes it
-// throw kInterrupted, false waits on. One for the process (the Python binding's: a
-// KeyboardInterrupt to raise); none by default, so such a wait always waits on. Called on the
-// waiting thread.
+// throw kInterrupted, false waits on. One for the process (the Python binding's: whether a
+// SIGINT came); none by default, so such a wait always waits on. Called on the waiting thread.
 using InterruptCheck = bool (*)() noexcept;
 void set_interrupt_check(InterruptCheck check) noexcept;
 // The same lock without waiting: false when another open file description holds it.
