@@ -113,7 +113,7 @@ SalvageReport salvage(
   options.sync = SyncPolicy::kNone;  // One sync at the end.
   // Built aside and renamed into place when complete: a salvage that fails (a full disk), or is
   // killed, leaves no store at `out`.
-  detail::refuse_output_inside(out, store);
+  refuse_output_inside(out, store);
   detail::StoreBuild build(out);
   try {
     Writer writer = Writer::create(build.path(), create, options);

@@ -672,7 +672,7 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   // Built aside and renamed into place when complete: a merge that fails, or is killed, leaves
   // no store at `out`.
   for (std::size_t s = 0; s < shards.shard_count(); ++s) {
-    detail::refuse_output_inside(out, shards.shard_path(s));
+    refuse_output_inside(out, shards.shard_path(s));
   }
   detail::StoreBuild build(out);
   StoreInfo info;

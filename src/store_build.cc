@@ -6,6 +6,7 @@
 #include <iterator>
 
 #include "embstore/error.h"
+#include "embstore/store.h"
 #include "format/format.h"
 #include "platform/os.h"
 #include "storage/store_files.h"
@@ -33,34 +34,6 @@ StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out
   // make_dir, not mkdtemp: the published store gets the mode a created store has (0755 less
   // the umask), not mkdtemp's 0700.
   os::make_dir(path_);
-}
-
-void refuse_output_inside(const std::string& out, const std::string& source) {
-  // An `out` that exists is refused as such by StoreBuild (the plainer message).
-  if (os::entry_exists(strip_trailing_slashes(out))) return;
-  // Both resolved as far as they exist (symbolic links, "..", a relative path). `out` made
-  // absolute first: weakly_canonical leaves a relative path whose first part does not exist
-  // relative ("out" with the working directory inside the store), and it would match nothing.
-  std::error_code ec;
-  const auto inside = std::filesystem::weakly_canonical(
-      std::filesystem::absolute(strip_trailing_slashes(out), ec), ec);
-  const auto store = std::filesystem::weakly_canonical(source, ec);
-  if (ec) return;  // A source that cannot be resolved fails on its own when it is opened.
-  auto s = store.begin();
-  auto i = inside.begin();
-  for (; s != store.end() && i != inside.end() && *s == *i; ++s, ++i) {
-  }
-  bool within = s == store.end() || (std::next(s) == store.end() && s->empty());
-  // The store under another name (a bind mount): an ancestor of `out` that is its directory.
-  for (auto p = inside; !within; p = p.parent_path()) {
-    within = os::same_entry(p.string(), store.string());
-    if (p == p.parent_path()) break;
-  }
-  if (within) {
-    throw Error(ErrorCode::kInvalidArgument, strip_trailing_slashes(out) + ": inside the store " +
-                                                 source +
-                                                 ", which is only read: give an output outside it");
-  }
 }
 
 StoreBuild::~StoreBuild() {
@@ -104,3 +77,37 @@ void StoreBuild::publish() {
 }
 
 }  // namespace embstore::detail
+
+namespace embstore {
+
+void refuse_output_inside(const std::string& out, const std::string& store_dir) {
+  using detail::strip_trailing_slashes;
+  namespace os = detail::os;
+  // An `out` that exists is refused as such by the caller (the plainer message).
+  if (os::entry_exists(strip_trailing_slashes(out))) return;
+  // Both resolved as far as they exist (symbolic links, "..", a relative path). `out` made
+  // absolute first: weakly_canonical leaves a relative path whose first part does not exist
+  // relative ("out" with the working directory inside the store), and it would match nothing.
+  std::error_code ec;
+  const auto inside = std::filesystem::weakly_canonical(
+      std::filesystem::absolute(strip_trailing_slashes(out), ec), ec);
+  const auto store = std::filesystem::weakly_canonical(store_dir, ec);
+  if (ec) return;  // A source that cannot be resolved fails on its own when it is opened.
+  auto s = store.begin();
+  auto i = inside.begin();
+  for (; s != store.end() && i != inside.end() && *s == *i; ++s, ++i) {
+  }
+  bool within = s == store.end() || (std::next(s) == store.end() && s->empty());
+  // The store under another name (a bind mount): an ancestor of `out` that is its directory.
+  for (auto p = inside; !within; p = p.parent_path()) {
+    within = os::same_entry(p.string(), store.string());
+    if (p == p.parent_path()) break;
+  }
+  if (within) {
+    throw Error(ErrorCode::kInvalidArgument, strip_trailing_slashes(out) + ": inside the store " +
+                                                 store_dir +
+                                                 ", which is only read: give an output outside it");
+  }
+}
+
+}  // namespace embstore

@@ -3,7 +3,8 @@
 //
 // The store is built in a hidden working directory beside its path, `.<name>.partial-<12 hex>`
 // (the naming of the tool's compact, import and export), and renamed into place, never replacing
-// anything, only once complete. A process killed while building leaves only that directory: it
+// anything, only once complete. Call embstore::refuse_output_inside() (store.h) before a
+// StoreBuild of an output beside a store it reads makes its working directory. A process killed while building leaves only that directory: it
 // may hold a store that opens, but never a whole one, and its name says so; nothing removes it
 // but the user (another process may still be building in it). Not thread-safe.
 #pragma once
@@ -11,11 +12,6 @@
 #include <string>
 
 namespace embstore::detail {
-
-// kInvalidArgument, naming both, if `out` lies inside the store directory `source` (or is it):
-// the new store would be written into a store the caller only reads. Call before a StoreBuild
-// of `out` makes its working directory.
-void refuse_output_inside(const std::string& out, const std::string& source);
 
 class StoreBuild {
  public:

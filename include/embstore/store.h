@@ -67,6 +67,15 @@ void create_store(const std::string& path, const CreateOptions& options);
 // rule of every tool that requires the same metadata (merge_stores, the CLI's import).
 bool same_metadata(const std::string& a, const std::string& b);
 
+// kInvalidArgument, naming both, when `out` (a new store or file about to be made) lies inside
+// the store directory `store`, or is it: a tool that only reads the store must not write into it
+// (its next Writer removes files it does not know: FORMAT.md, "The store directory"). Both
+// resolved as far as they exist (symbolic links, "..", a relative path), and the store's
+// directory also recognised under another name (a bind mount). An `out` that already exists
+// is left to the caller, which refuses it as such. The rule of every tool that reads a store
+// and writes elsewhere (compact, export, merge_stores, salvage, the CLI's get --npy).
+void refuse_output_inside(const std::string& out, const std::string& store);
+
 // Reads the header and counters without taking any lock or writing anything.
 StoreInfo read_info(const std::string& path);
 

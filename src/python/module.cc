@@ -1097,9 +1097,10 @@ PYBIND11_MODULE(_embstore, m) {
     }
   });
 
-  m.def("_refuse_output_inside", &detail::refuse_output_inside, py::arg("out"), py::arg("store"),
+  m.def("_refuse_output_inside", &refuse_output_inside, py::arg("out"), py::arg("store"),
         "ValueError naming both when `out` lies inside the store directory `store` (the rule "
-        "of compact, merge and salvage: src/store_build.h), for io.py's outputs.");
+        "of every tool that reads a store and writes elsewhere: embstore/store.h), for io.py's "
+        "outputs.");
   m.def(
       "_relay_sigterm",
       [](py::object stuck) {

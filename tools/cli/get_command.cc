@@ -60,7 +60,7 @@ void write_npy(const Reader& reader, const std::vector<Record>& records, const G
 int run_get(const GetArgs& args) {
   const Reader reader = Reader::open(args.store);
   // As export: the store is only read, and its next Writer removes files it does not know.
-  if (!args.npy.empty()) tools::require_outside_store(args.npy, reader.path());
+  if (!args.npy.empty()) refuse_output_inside(args.npy, reader.path());
   // Checksum-checked rows: the one at --epoch, the latest, or every version (of --epoch).
   const std::vector<Record> records = reader.lookup(args.key, args.epoch, args.history);
   if (records.empty()) throw not_found(reader, args);

@@ -18,7 +18,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
                             const CompactOptions& options) {
   const Reader reader = Reader::open(source);
   require_absent(out);
-  require_outside_store(out, source);
+  refuse_output_inside(out, source);
   RowSelection selection;
   selection.epochs = options.epochs;
   selection.latest_per_key = options.latest_per_key;

@@ -211,35 +211,6 @@ void require_absent(const std::string& out) {
   }
 }
 
-void require_outside_store(const std::string& out, const std::string& store) {
-  std::error_code ec;
-  const std::filesystem::path output = std::filesystem::weakly_canonical(
-      std::filesystem::absolute(without_trailing_separators(out), ec), ec);
-  const std::filesystem::path directory = std::filesystem::weakly_canonical(store, ec);
-  if (ec) return;  // A store that cannot be resolved fails on its own when it is read.
-  auto d = directory.begin();
-  auto o = output.begin();
-  for (; d != directory.end() && o != output.end() && *d == *o; ++d, ++o) {
-  }
-  bool inside = d == directory.end() || (std::next(d) == directory.end() && d->empty());
-  // The same directory under another name (a bind mount): an ancestor of the output that is the
-  // store's directory itself.
-  struct stat store_stat {};
-  if (!inside && ::stat(directory.c_str(), &store_stat) == 0) {
-    for (std::filesystem::path p = output; !inside; p = p.parent_path()) {
-      struct stat st {};
-      inside = ::stat(p.c_str(), &st) == 0 && st.st_dev == store_stat.st_dev &&
-               st.st_ino == store_stat.st_ino;
-      if (p == p.parent_path()) break;
-    }
-  }
-  if (inside) {
-    throw Error(ErrorCode::kInvalidArgument, without_trailing_separators(out).string() +
-                                                 ": inside the store " + store +
-                                                 ", which is only read: give an output outside it");
-  }
-}
-
 std::string make_partial_dir(const std::string& out) {
   if (out.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
   const std::filesystem::path target = without_trailing_separators(out);
@@ -310,7 +281,7 @@ void write_file_aside(const std::string& out,
 ExportResult export_store(const Reader& reader, const std::string& out,
                           const ExportOptions& options) {
   require_absent(out);
-  require_outside_store(out, reader.path());
+  refuse_output_inside(out, reader.path());
   const RowSelector selector(reader, options.selection, nullptr);
   if (options.format == ExportFormat::kNpy) {
     const std::string partial = make_partial_dir(out);

@@ -61,9 +61,5 @@ void write_file_aside(const std::string& out, const std::function<void(const std
 void rename_no_replace(const std::string& from, const std::string& to);
 // Throws kAlreadyExists when something exists at `out`.
 void require_absent(const std::string& out);
-// kInvalidArgument when `out` would lie inside the store directory `store` (both resolved as
-// far as they exist: symbolic links, "..", a relative path): the store is only read, and a
-// Writer of it later removes files it does not know (FORMAT.md, files of other generations).
-void require_outside_store(const std::string& out, const std::string& store);
 
 }  // namespace embstore::tools
