@@ -3,10 +3,10 @@
 //
 // The store is built in a hidden working directory beside its path, `.<name>.partial-<12 hex>`
 // (the naming of the tool's compact, import and export), and renamed into place, never replacing
-// anything, only once complete. Call embstore::refuse_output_inside() (store.h) before a
-// StoreBuild of an output beside a store it reads makes its working directory. A process killed while building leaves only that directory: it
+// anything, only once complete. A process killed while building leaves only that directory: it
 // may hold a store that opens, but never a whole one, and its name says so; nothing removes it
-// but the user (another process may still be building in it). Not thread-safe.
+// but the user (another process may still be building in it). Not thread-safe. A builder that
+// reads stores calls embstore::refuse_output_inside() (store.h) before making its StoreBuild.
 #pragma once
 
 #include <string>
