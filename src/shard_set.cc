@@ -8,6 +8,7 @@
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <string_view>
 #include <utility>
@@ -345,8 +346,14 @@ void write_manifest(const std::string& path, const Manifest& manifest) {
 class ShardSet::Impl {
  public:
   std::vector<std::unique_ptr<Shard>> shards;
+  std::vector<std::string> store_ids;  // shards[i]'s.
   std::string metadata;
-  bool from_manifest = false;
+  ReaderOptions options;
+  // Opened from a manifest: its file, and how it stood when last read (refresh() reads it
+  // again once it changed).
+  std::optional<Manifest> manifest;
+  std::string manifest_path;
+  std::optional<detail::os::FileStamp> manifest_stamp;
   std::uint64_t size = 0;
 
   void renumber() {
@@ -365,7 +372,118 @@ class ShardSet::Impl {
     }
     return *shards[index];
   }
+
+  // Opens the shard at `path` (the manifest's `entry`, or without a manifest a store path
+  // given), checks it against the manifest, or without one against shard 0, and against the
+  // shards held, and appends it (open()'s rules, shard_set.h).
+  void add_shard(const std::string& path, const ManifestShard* entry);
+  // Reads the manifest again if its file changed since it was last read, and adds the shards it
+  // lists that the set does not hold (by store id), in its order.
+  void add_shards_listed_since();
 };
+
+void ShardSet::Impl::add_shard(const std::string& path, const ManifestShard* entry) {
+  auto shard = std::make_unique<Shard>(path, [&] {
+    try {
+      return Reader::open(path, options);
+    } catch (const Error& error) {
+      if (!entry || error.code() != ErrorCode::kNotFound) throw;
+      // There but no store (an empty directory, a copy that never finished) is not "missing".
+      const bool there = detail::os::exists(path);
+      throw Error(ErrorCode::kNotFound,
+                  manifest_path + ": shard '" + entry->path +
+                      (there ? "' is not a store (" : "' is missing (") + error.what() +
+                      "); copy every node's store next to the manifest",
+                  error.sys_errno());
+    }
+  }());
+  const Reader& reader = shard->reader;
+  // Every shard must match the manifest, or without one the first shard.
+  const bool is_reference = !manifest && shards.empty();
+  const std::uint32_t want_dim = manifest       ? manifest->dim
+                                 : is_reference ? reader.dim()
+                                                : shards[0]->reader.dim();
+  const DType want_dtype = manifest       ? manifest->dtype
+                           : is_reference ? reader.dtype()
+                                          : shards[0]->reader.dtype();
+  if (reader.dim() != want_dim || reader.dtype() != want_dtype) {
+    const std::string against =
+        manifest ? "the manifest " + manifest_path : "shard " + shards[0]->path;
+    throw Error(ErrorCode::kFormatMismatch,
+                "shard " + path + " holds dim " + std::to_string(reader.dim()) + " " +
+                    std::string(dtype_name(reader.dtype())) + " but " + against + " says dim " +
+                    std::to_string(want_dim) + " " + std::string(dtype_name(want_dtype)) +
+                    ": shards of one set must agree");
+  }
+  const std::string id = reader.info(InfoDetail::kState).store_id;
+  if (entry) {
+    if (id != entry->store_id) {
+      throw Error(ErrorCode::kFormatMismatch,
+                  manifest_path + ": shard '" + entry->path + "' is store " + id +
+                      ", not the store " + entry->store_id +
+                      " the manifest lists (replaced or copied from another run?)");
+    }
+    // Fewer rows than recorded: a stale copy of the shard, unless a truncate (a resume from a
+    // checkpoint) moved it to a newer generation since the manifest was written. Generations
+    // only grow: an older one is a stale copy (a backup from before a truncate) whatever rows
+    // it holds. The snapshot's generation, the one its size() is of.
+    const std::uint64_t generation = reader.generation();
+    const bool truncated_since = entry->generation != 0 && generation > entry->generation;
+    const bool older = entry->generation != 0 && generation < entry->generation;
+    // A snapshot cut short by options.max_rows says nothing of what the shard holds: its
+    // committed rows do (of the snapshot's generation, or a newer one: truncated since).
+    const std::uint64_t held = reader.size() < options.max_rows
+                                   ? reader.size()
+                                   : reader.info(InfoDetail::kState).committed_rows;
+    if ((held < entry->rows && !truncated_since) || older) {
+      throw Error(ErrorCode::kCorruption,
+                  manifest_path + ": shard '" + entry->path + "' holds " + std::to_string(held) +
+                      " rows" + (older ? ", against the " : ", fewer than the ") +
+                      std::to_string(entry->rows) + " the manifest recorded" +
+                      (entry->generation == 0
+                           ? " (a stale copy? a manifest that records no generation cannot "
+                             "tell a truncate since: write the manifest again)"
+                           : " in generation " + std::to_string(entry->generation) +
+                                 (generation == entry->generation
+                                      ? ", the shard's too"
+                                      : "; the shard is of generation " +
+                                            std::to_string(generation) + ", older") +
+                                 " (a stale copy?)"));
+    }
+  }
+  // The same store twice (two paths, or a copy) would count its rows twice, in a merge too.
+  for (std::size_t j = 0; j < store_ids.size(); ++j) {
+    if (store_ids[j] == id) {
+      throw Error(ErrorCode::kInvalidArgument, "shard " + path + " is the same store as shard " +
+                                                   shards[j]->path + " (store id " + id +
+                                                   "): a set lists each store once");
+    }
+  }
+  store_ids.push_back(id);
+  shards.push_back(std::move(shard));
+}
+
+void ShardSet::Impl::add_shards_listed_since() {
+  const std::optional<detail::os::FileStamp> stamp = detail::os::file_stamp_at(manifest_path);
+  // A manifest removed since lists nothing new: the shards held stay as they are.
+  if (!stamp || stamp == manifest_stamp) return;
+  // Stamped before the read: a manifest replaced again meanwhile stamps differently, and is
+  // read again at the next refresh.
+  Manifest now = read_manifest(manifest_path);
+  if (now.dim != manifest->dim || now.dtype != manifest->dtype) {
+    throw Error(ErrorCode::kFormatMismatch,
+                manifest_path + ": the manifest now says dim " + std::to_string(now.dim) + " " +
+                    std::string(dtype_name(now.dtype)) + ", not the dim " +
+                    std::to_string(manifest->dim) + " " + std::string(dtype_name(manifest->dtype)) +
+                    " of the shards this set holds: open a new ShardSet");
+  }
+  const std::string dir = directory_of(manifest_path);
+  for (const ManifestShard& entry : now.shards) {
+    if (std::find(store_ids.begin(), store_ids.end(), entry.store_id) != store_ids.end()) continue;
+    add_shard(dir + "/" + entry.path, &entry);
+  }
+  manifest_stamp = stamp;
+}
 
 ShardSet::ShardSet(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 ShardSet::ShardSet(ShardSet&&) noexcept = default;
@@ -387,107 +505,28 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
     throw Error(ErrorCode::kInvalidArgument, "ShardSet: no manifest and no store given");
   }
   auto impl = std::make_unique<Impl>();
-  std::optional<Manifest> manifest;
-  std::string manifest_path;
-  std::vector<std::string> paths;
+  impl->options = options;
   if (manifest_or_stores.size() == 1) {
     if (auto file = manifest_file(manifest_or_stores[0])) {
-      manifest_path = *file;
-      manifest = read_manifest(manifest_path);
-      const std::string dir = directory_of(manifest_path);
-      for (const auto& shard : manifest->shards) paths.push_back(dir + "/" + shard.path);
-      impl->metadata = manifest->metadata;
-      impl->from_manifest = true;
+      impl->manifest_path = *file;
+      impl->manifest_stamp = detail::os::file_stamp_at(impl->manifest_path);
+      impl->manifest = read_manifest(impl->manifest_path);
+      impl->metadata = impl->manifest->metadata;
     }
   }
-  if (!manifest) paths = manifest_or_stores;
-  if (paths.empty()) {
-    throw Error(ErrorCode::kInvalidArgument, manifest_path + ": the manifest lists no shards");
+  if (impl->manifest) {
+    if (impl->manifest->shards.empty()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  impl->manifest_path + ": the manifest lists no shards");
+    }
+    const std::string dir = directory_of(impl->manifest_path);
+    for (const ManifestShard& entry : impl->manifest->shards) {
+      impl->add_shard(dir + "/" + entry.path, &entry);
+    }
+  } else {
+    for (const std::string& path : manifest_or_stores) impl->add_shard(path, nullptr);
+    impl->metadata = impl->shards[0]->reader.metadata();
   }
-
-  std::vector<std::string> store_ids;  // Of the shards opened so far.
-  for (std::size_t i = 0; i < paths.size(); ++i) {
-    auto shard = std::make_unique<Shard>(paths[i], [&] {
-      try {
-        return Reader::open(paths[i], options);
-      } catch (const Error& error) {
-        if (!manifest || error.code() != ErrorCode::kNotFound) throw;
-        // There but no store (an empty directory, a copy that never finished) is not "missing".
-        const bool there = detail::os::exists(paths[i]);
-        throw Error(ErrorCode::kNotFound,
-                    manifest_path + ": shard '" + manifest->shards[i].path +
-                        (there ? "' is not a store (" : "' is missing (") + error.what() +
-                        "); copy every node's store next to the manifest",
-                    error.sys_errno());
-      }
-    }());
-    const Reader& reader = shard->reader;
-    // Every shard must match the manifest, or without one the first shard.
-    const bool is_reference = !manifest && impl->shards.empty();
-    const std::uint32_t want_dim = manifest       ? manifest->dim
-                                   : is_reference ? reader.dim()
-                                                  : impl->shards[0]->reader.dim();
-    const DType want_dtype = manifest       ? manifest->dtype
-                             : is_reference ? reader.dtype()
-                                            : impl->shards[0]->reader.dtype();
-    if (reader.dim() != want_dim || reader.dtype() != want_dtype) {
-      const std::string against =
-          manifest ? "the manifest " + manifest_path : "shard " + impl->shards[0]->path;
-      throw Error(ErrorCode::kFormatMismatch,
-                  "shard " + paths[i] + " holds dim " + std::to_string(reader.dim()) + " " +
-                      std::string(dtype_name(reader.dtype())) + " but " + against + " says dim " +
-                      std::to_string(want_dim) + " " + std::string(dtype_name(want_dtype)) +
-                      ": shards of one set must agree");
-    }
-    const std::string id = reader.info(InfoDetail::kState).store_id;
-    if (manifest) {
-      const auto& entry = manifest->shards[i];
-      if (id != entry.store_id) {
-        throw Error(ErrorCode::kFormatMismatch,
-                    manifest_path + ": shard '" + entry.path + "' is store " + id +
-                        ", not the store " + entry.store_id +
-                        " the manifest lists (replaced or copied from another run?)");
-      }
-      // Fewer rows than recorded: a stale copy of the shard, unless a truncate (a resume from a
-      // checkpoint) moved it to a newer generation since the manifest was written. Generations
-      // only grow: an older one is a stale copy (a backup from before a truncate) whatever rows
-      // it holds. The snapshot's generation, the one its size() is of.
-      const std::uint64_t generation = reader.generation();
-      const bool truncated_since = entry.generation != 0 && generation > entry.generation;
-      const bool older = entry.generation != 0 && generation < entry.generation;
-      // A snapshot cut short by options.max_rows says nothing of what the shard holds: its
-      // committed rows do (of the snapshot's generation, or a newer one: truncated since).
-      const std::uint64_t held = reader.size() < options.max_rows
-                                     ? reader.size()
-                                     : reader.info(InfoDetail::kState).committed_rows;
-      if ((held < entry.rows && !truncated_since) || older) {
-        throw Error(ErrorCode::kCorruption,
-                    manifest_path + ": shard '" + entry.path + "' holds " + std::to_string(held) +
-                        " rows" + (older ? ", against the " : ", fewer than the ") +
-                        std::to_string(entry.rows) + " the manifest recorded" +
-                        (entry.generation == 0
-                             ? " (a stale copy? a manifest that records no generation cannot "
-                               "tell a truncate since: write the manifest again)"
-                             : " in generation " + std::to_string(entry.generation) +
-                                   (generation == entry.generation
-                                        ? ", the shard's too"
-                                        : "; the shard is of generation " +
-                                              std::to_string(generation) + ", older") +
-                                   " (a stale copy?)"));
-      }
-    }
-    // The same store twice (two paths, or a copy) would count its rows twice, in a merge too.
-    for (std::size_t j = 0; j < store_ids.size(); ++j) {
-      if (store_ids[j] == id) {
-        throw Error(ErrorCode::kInvalidArgument,
-                    "shard " + paths[i] + " is the same store as shard " + impl->shards[j]->path +
-                        " (store id " + id + "): a set lists each store once");
-      }
-    }
-    store_ids.push_back(id);
-    impl->shards.push_back(std::move(shard));
-  }
-  if (!manifest) impl->metadata = impl->shards[0]->reader.metadata();
   impl->renumber();
   return ShardSet(std::move(impl));
 }
@@ -500,6 +539,7 @@ std::uint64_t ShardSet::refresh() {
   // for the snapshots the Readers hold, the set stays consistent (shard_set.h).
   try {
     for (auto& shard : impl().shards) shard->reader.refresh();
+    if (impl().manifest) impl().add_shards_listed_since();
   } catch (...) {
     impl().renumber();
     throw;
@@ -619,7 +659,7 @@ std::vector<std::uint64_t> ShardSet::find_many(std::span<const std::uint64_t> ke
 std::uint32_t ShardSet::dim() const { return impl().shards[0]->reader.dim(); }
 DType ShardSet::dtype() const { return impl().shards[0]->reader.dtype(); }
 const std::string& ShardSet::metadata() const { return impl().metadata; }
-bool ShardSet::from_manifest() const { return impl().from_manifest; }
+bool ShardSet::from_manifest() const { return impl().manifest.has_value(); }
 
 std::vector<EpochDrop> epoch_drops(const ShardSet& shards) {
   std::vector<EpochDrop> drops;

@@ -904,3 +904,63 @@ TEST_CASE("A shard truncated since its manifest was written opens with fewer row
   CHECK_THAT(message, Catch::Contains("holds 5 rows, against the 5 the manifest recorded in "
                                       "generation 3; the shard is of generation 2, older"));
 }
+
+TEST_CASE("A ShardSet's refresh adds the shards its manifest lists since, after those it holds",
+          "[shard_set]") {
+  // A live reader of a run (serve, a notebook) opened its ShardSet before every node's first
+  // end_epoch(): the shards listed later never appeared, however often it refreshed.
+  TempDir dir;
+  const std::vector<float> v(4 * 3, 1.0f);
+  auto make = [&](const std::string& name, std::uint64_t key) {
+    Writer w = Writer::create(dir / name, opts(4));
+    w.append(std::vector<std::uint64_t>{key, key + 1, key + 2}, 0, std::span<const float>(v));
+    const StoreInfo info = read_info(dir / name);
+    return ManifestShard{name, info.store_id, 3, {0}, info.generation};
+  };
+  Manifest manifest;
+  manifest.dim = 4;
+  manifest.metadata = R"({"run": 7})";
+  manifest.shards = {make("node-b", 200)};
+  write_manifest(dir / kManifestFileName, manifest);
+  ShardSet set = ShardSet::open(dir.path());
+  REQUIRE(set.shard_count() == 1);
+  CHECK(set.refresh() == 3);  // Nothing new: the manifest is as it was read.
+
+  // Rank 0 lists every node sorted by path: the new shard comes first in the manifest, and
+  // after the shard held in the set, whose (shard, row) pairs stay valid.
+  manifest.shards = {make("node-a", 100), manifest.shards[0]};
+  write_manifest(dir / kManifestFileName, manifest);
+  CHECK(set.refresh() == 6);
+  REQUIRE(set.shard_count() == 2);
+  CHECK(set.shard_path(0) == dir.path() + "/node-b");
+  CHECK(set.shard_path(1) == dir.path() + "/node-a");
+  CHECK(set.find(100) == std::optional<std::uint64_t>(3));
+  CHECK(set.record(3).key == 100);
+  CHECK(set.find(202) == std::optional<std::uint64_t>(2));
+  CHECK(set.from_manifest());
+
+  // A shard listed before its store was copied next to the manifest: refresh raises naming it,
+  // keeps what it holds (refreshed), and adds the shard once it is there.
+  ManifestShard later = make("node-c", 300);
+  std::filesystem::rename(dir / "node-c", dir / "elsewhere");
+  manifest.shards.push_back(later);
+  write_manifest(dir / kManifestFileName, manifest);
+  std::string message;
+  CHECK(code_of([&] { set.refresh(); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("shard 'node-c' is missing"));
+  CHECK(set.shard_count() == 2);
+  CHECK(set.size() == 6);
+  std::filesystem::rename(dir / "elsewhere", dir / "node-c");
+  CHECK(set.refresh() == 9);
+  CHECK(set.shard_count() == 3);
+  CHECK(set.record(8).key == 302);
+
+  // A manifest removed since lists nothing new; one now of another dim is refused by name.
+  std::filesystem::remove(dir / kManifestFileName);
+  CHECK(set.refresh() == 9);
+  manifest.dim = 8;
+  write_manifest(dir / kManifestFileName, manifest);
+  CHECK(code_of([&] { set.refresh(); }, &message) == ErrorCode::kFormatMismatch);
+  CHECK_THAT(message, Catch::Contains("the manifest now says dim 8 float32, not the dim 4"));
+  CHECK(set.size() == 9);
+}

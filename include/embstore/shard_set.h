@@ -108,13 +108,19 @@ class ShardSet {
   ~ShardSet();
 
   std::uint64_t size() const;  // Rows in all shards' snapshots together.
-  // Refreshes every shard's snapshot, in shard order; returns the new size(). If a shard's
-  // refresh throws (its files were moved or removed, say), the error propagates and the set
-  // is renumbered for the snapshots its Readers then hold: the shards before that one have
-  // their new snapshots, the shards after it their old ones. size(), locate(), record() and
-  // the lookups agree with each other; calling refresh() again retries every shard. The shards
-  // are those opened: a manifest is not read again, so a shard it lists later (a node's first
-  // end_epoch) appears in a ShardSet opened after that.
+  // Refreshes every shard's snapshot, in shard order; then, for a set opened from a manifest
+  // whose file has changed since it was last read (replaced, as write_manifest does, or
+  // rewritten), reads it again and adds the shards it now lists that the set does not hold
+  // (by store id: a node's first end_epoch lists its shard), each checked as open() checks
+  // one, after the shards held, in the manifest's order. Shard numbers and (shard, row) pairs
+  // thus stay valid; a shard the manifest no longer lists stays, and a manifest removed since
+  // is not read (the shards held stay as they are). Returns the new size(). If a
+  // shard's refresh, the manifest or a new shard throws (files moved or removed, a shard listed
+  // before it was copied next to the manifest, a manifest of another dim or dtype:
+  // kFormatMismatch), the error propagates and the set is renumbered for what it then holds:
+  // the shards refreshed and added before the error with their new snapshots, the rest as they
+  // were. size(), locate(), record() and the lookups agree with each other; calling refresh()
+  // again retries every shard and, until it has been read whole, the manifest.
   std::uint64_t refresh();
 
   std::size_t shard_count() const;

@@ -166,6 +166,15 @@ std::optional<FileId> file_id_at(const std::string& path) noexcept {
   return FileId{static_cast<std::uint64_t>(st.st_dev), static_cast<std::uint64_t>(st.st_ino)};
 }
 
+std::optional<FileStamp> file_stamp_at(const std::string& path) noexcept {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  return FileStamp{
+      FileId{static_cast<std::uint64_t>(st.st_dev), static_cast<std::uint64_t>(st.st_ino)},
+      static_cast<std::uint64_t>(st.st_size),
+      static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+}
+
 bool same_entry(const std::string& a, const std::string& b) noexcept {
   const std::optional<FileId> id = file_id_at(a);
   return id && id == file_id_at(b);

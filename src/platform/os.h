@@ -39,6 +39,15 @@ struct FileId {
 std::optional<FileId> file_id(int fd) noexcept;
 // The identity of the file `path` names now; nullopt if there is none (or stat fails).
 std::optional<FileId> file_id_at(const std::string& path) noexcept;
+// The file `path` names now as of its last change: identity, size and modification time. A file
+// replaced (renamed over) or rewritten in place stamps differently; nullopt if there is none.
+struct FileStamp {
+  FileId id;
+  std::uint64_t bytes = 0;
+  std::int64_t modified_ns = 0;
+  bool operator==(const FileStamp&) const = default;
+};
+std::optional<FileStamp> file_stamp_at(const std::string& path) noexcept;
 // True when paths `a` and `b` name the same file or directory now (same device and inode; a
 // bind mount or a symbolic link gives one several names); false if either does not exist.
 bool same_entry(const std::string& a, const std::string& b) noexcept;

@@ -1345,14 +1345,18 @@ PYBIND11_MODULE(_embstore, m) {
       "resolve_shards",
       [](const std::vector<std::string>& manifest_or_stores) {
         std::vector<std::string> paths;
+        std::vector<std::string> store_ids;
         std::string metadata;
         {
           ReleaseGil unlocked;
           const ShardSet set = ShardSet::open(manifest_or_stores);
-          for (std::size_t i = 0; i < set.shard_count(); ++i) paths.push_back(set.shard_path(i));
+          for (std::size_t i = 0; i < set.shard_count(); ++i) {
+            paths.push_back(set.shard_path(i));
+            store_ids.push_back(set.shard(i).info(InfoDetail::kState).store_id);
+          }
           metadata = set.metadata();
         }
-        return py::make_tuple(paths, py::bytes(metadata));
+        return py::make_tuple(paths, py::bytes(metadata), store_ids);
       },
       py::arg("manifest_or_stores"));
   m.def(

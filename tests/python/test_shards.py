@@ -709,3 +709,43 @@ def test_merge_warns_naming_a_shard_whose_epochs_go_down(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # shards in epoch order: no warning
         embstore.merge(str(tmp_path / "m2"), [b])
+
+
+def test_refresh_adds_the_shards_a_manifest_lists_since_after_those_held(tmp_path):
+    """A live reader (serve, a notebook) opened its ShardSet before every node's first
+    end_epoch(): shards the manifest listed later never appeared, however often it refreshed.
+    They are added after the shards held, so (shard, row) pairs stay valid; a pickled copy
+    follows the manifest too."""
+    import pickle
+    _, keys, epochs, _ = make_shards(tmp_path, [10, 15, 4])
+    manifest = tmp_path / es.MANIFEST_NAME
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s1"]))
+    s = embstore.ShardSet(tmp_path)
+    copy = pickle.loads(pickle.dumps(s))
+    assert s.refresh() == 15 and len(s.shards) == 1
+    # Listed sorted by path, as the recorder's rank 0 does: s0 comes first in the manifest.
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0", "s1"]))
+    assert s.refresh() == 25
+    assert [os.path.basename(p) for p in s.paths] == ["s1", "s0"]
+    held = np.concatenate([keys[10:25], keys[:10]])
+    assert np.array_equal(s.keys, held)
+    assert s.find(int(keys[3]), int(epochs[3])) == \
+        oracle_find(held, np.concatenate([epochs[10:25], epochs[:10]]), keys[3], epochs[3])
+    assert copy.refresh() == 25 and copy.paths == s.paths
+    # A shard listed before it was copied beside the manifest: named, the set stays as it was,
+    # and the next refresh adds it.
+    os.rename(tmp_path / "s2", tmp_path / "away")
+    es.write_manifest(manifest, {**manifest_for(str(tmp_path), ["s0", "s1"]),
+                                 "shards": es.read_manifest(manifest)["shards"] + [
+                                     {"path": "s2", "store_id": embstore.info(
+                                         tmp_path / "away")["store_id"], "rows": 4,
+                                      "epochs": []}]})
+    with pytest.raises(FileNotFoundError, match="shard 's2' is missing"):
+        s.refresh()
+    assert len(s) == 25 and len(s.shards) == 2
+    os.rename(tmp_path / "away", tmp_path / "s2")
+    assert s.refresh() == 29 and len(s.shards) == 3
+    assert np.array_equal(s.shard_vectors(2), embstore.Reader(tmp_path / "s2").vectors)
+    # A manifest removed since lists nothing new.
+    os.remove(manifest)
+    assert s.refresh() == 29

@@ -26,8 +26,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import (Error, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name, _embstore,
-               _metadata_text, _not_a_store_check, _row_array, _u64_array)
+from . import (Error, FormatMismatchError, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name,
+               _embstore, _metadata_text, _not_a_store_check, _row_array, _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -64,6 +64,16 @@ def _stores_checked(inputs: List[str]):
                 with contextlib.suppress(FileNotFoundError), _not_a_store_check(path):
                     raise error  # NotAStoreError when this path exists but is no store
         raise
+
+
+def _file_stamp(path: Optional[str]) -> Optional[Tuple[int, int, int, int]]:
+    """(device, inode, size, modification ns) of the file at ``path`` now, the core's
+    ``FileStamp``: a manifest replaced or rewritten stamps differently. None without one."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def read_manifest(path: PathLike) -> dict:
@@ -225,7 +235,12 @@ class ShardSet:
         self._inputs = _inputs(manifest_or_paths)
         self._map_bytes = map_bytes
         with _stores_checked(self._inputs):
-            paths, metadata = _embstore.resolve_shards(self._inputs)  # the core's checks
+            # The core's checks. The manifest's stamp first: one replaced meanwhile is read again
+            # at the next refresh().
+            self._manifest = _embstore.manifest_file(self._inputs[0]) \
+                if len(self._inputs) == 1 else None
+            self._manifest_stamp = _file_stamp(self._manifest)
+            paths, metadata, _ = _embstore.resolve_shards(self._inputs)
         self.metadata_text: str = metadata.decode("utf-8", errors="replace")
         self._shards: Optional[List[Reader]] = [Reader(p, map_bytes=map_bytes) for p in paths]
         # Each Reader's path, made absolute by the core at open: joined to the working directory,
@@ -261,19 +276,54 @@ class ShardSet:
         return int(self.offsets[-1])
 
     def refresh(self) -> int:
-        """New snapshots of every shard; returns the new length. When a shard's refresh raises,
-        the set is renumbered for the snapshots its Readers then hold (the shards before it
-        refreshed, it and those after as they were) before the error propagates: its length,
-        rows and lookups agree with each other, as C++ ``ShardSet::refresh`` promises. The
-        shards are those opened: a manifest is not read again, so a shard it lists later (a
-        node's first ``end_epoch()``) appears in a ShardSet opened after that."""
+        """New snapshots of every shard; then, for a set opened from a manifest whose file has
+        changed since it was last read (replaced by ``write_manifest`` or a recorder's
+        ``end_epoch()``, or rewritten), reads it again and adds the shards it now lists that the
+        set does not hold (by store id: a node's first ``end_epoch()`` lists its shard), checked
+        as the constructor checks them, after the shards held, in the manifest's order: shard
+        numbers and (shard, row) pairs stay valid. A shard the manifest no longer lists stays,
+        and a manifest removed since is not read. Returns the new length.
+
+        When a shard's refresh, the manifest or a new shard raises (a shard listed before it
+        was copied next to the manifest, say; FormatMismatchError for a manifest now of another
+        dim or dtype), the set is renumbered for what it then holds (the shards refreshed and
+        added before the error with their new snapshots, the rest as they were) before the
+        error propagates: its length, rows and lookups agree with each other, as C++
+        ``ShardSet::refresh`` promises, and the next refresh() tries again."""
         shards = self.shards
         try:
             for reader in shards:
                 reader.refresh()
+            if self._manifest is not None:
+                self._add_shards_listed_since()
         finally:
             self._renumber()
         return len(self)
+
+    def _add_shards_listed_since(self) -> None:
+        stamp = _file_stamp(self._manifest)
+        if stamp is None or stamp == self._manifest_stamp:
+            return
+        with _stores_checked(self._inputs):
+            paths, _, store_ids = _embstore.resolve_shards(self._inputs)  # the core's checks
+        for path, store_id in zip(paths, store_ids):
+            if store_id in self._store_ids:
+                continue
+            reader = Reader(path, map_bytes=self._map_bytes)
+            try:
+                seen = reader.info(key_stats=False)["store_id"]
+                if (seen, reader.dim, reader.dtype) != (store_id, self.dim, self.dtype):
+                    raise FormatMismatchError(
+                        f"{reader.path}: store {seen}, dim {reader.dim} {reader.dtype}; the "
+                        f"manifest {self._manifest} lists store {store_id} there, and this set "
+                        f"holds dim {self.dim} {self.dtype}: open a new ShardSet")
+            except BaseException:
+                reader.close()
+                raise
+            self._shards.append(reader)
+            self.paths.append(reader.path)
+            self._store_ids.append(store_id)
+        self._manifest_stamp = stamp
 
     @property
     def dim(self) -> int:
@@ -433,7 +483,8 @@ class ShardSet:
 
     def __getstate__(self):
         return {"inputs": self._inputs, "map_bytes": self._map_bytes, "paths": self.paths,
-                "metadata_text": self.metadata_text, "snapshots": self._snapshots}
+                "metadata_text": self.metadata_text, "snapshots": self._snapshots,
+                "manifest": self._manifest, "manifest_stamp": self._manifest_stamp}
 
     def __setstate__(self, state):
         # The shards pickled, at their snapshots: the inputs (a manifest) may list others by now.
@@ -444,6 +495,8 @@ class ShardSet:
         self.paths, self.metadata_text = list(state["paths"]), state["metadata_text"]
         self._snapshots, self._shards = state["snapshots"], None
         self._store_ids = [store_id for _, store_id, _, _ in self._snapshots]
+        self._manifest = state.get("manifest")
+        self._manifest_stamp = state.get("manifest_stamp")
         self._open_lock = threading.Lock()
 
     def _reopen(self) -> None:
