@@ -528,6 +528,17 @@ std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch)
         break;
       }
     }
+    // One row's epoch decides the cut: a damaged one (a flipped bit) would drop every good row
+    // after it, and with them the evidence. Checked before anything changes.
+    if (keep < committed && !files_->row_valid(keep)) {
+      throw Error(ErrorCode::kCorruption,
+                  path_ + ": truncate from epoch " + std::to_string(rows) + ": row " +
+                      std::to_string(keep) + " (epoch " +
+                      std::to_string(files_->entry_ptr(keep)->epoch) +
+                      " in its index entry, the first row at or past that epoch) fails its "
+                      "checksum, so its epoch cannot be trusted; nothing was dropped (embstore "
+                      "verify and salvage name the damage)");
+    }
   } else if (rows > committed) {
     throw Error(ErrorCode::kInvalidArgument, path_ + ": truncate to " + std::to_string(rows) +
                                                  " rows: the store holds only " +

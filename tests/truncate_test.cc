@@ -1,6 +1,8 @@
 // Writer::truncate: rolling a store back to a prefix through a new generation of its files, with
 // live Readers, Writers of other processes, and kills at every step of the switch.
+#include <fcntl.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <cstring>
@@ -350,4 +352,45 @@ TEST_CASE("A truncate killed at any step leaves the old store or the new one",
     CHECK(w.truncate(10) == 10);
   }
   check_prefix(Reader::open(path), 10);
+}
+
+TEST_CASE("Truncate from an epoch refuses a cut at a row whose epoch fails its checksum",
+          "[truncate]") {
+  // From a review: one flipped bit made row 12's epoch 0 read as 8, and truncate_from_epoch(3)
+  // cut there, dropping every good row of epochs 0-2 after it; verify then found nothing amiss.
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = make_store(path);
+    for (std::uint64_t epoch = 0; epoch < 5; ++epoch) append_rows(w, 0, epoch * 10, 10, epoch);
+  }
+  const std::string index = path + "/index.1";
+  const off_t epoch_byte = 12 * 32 + 8;  // Row 12's entry, its epoch field's low byte.
+  {
+    const int fd = ::open(index.c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    const std::uint8_t eight = 8;  // Row 12 is of epoch 1: 1 -> 9 (one bit).
+    std::uint8_t byte = 0;
+    REQUIRE(::pread(fd, &byte, 1, epoch_byte) == 1);
+    REQUIRE(byte == 1);
+    byte |= eight;
+    REQUIRE(::pwrite(fd, &byte, 1, epoch_byte) == 1);
+    ::close(fd);
+  }
+  Writer w = Writer::open(path);
+  std::string message;
+  CHECK(test::code_of([&] { w.truncate_from_epoch(3); }, &message) == ErrorCode::kCorruption);
+  CHECK_THAT(message, Catch::Contains("row 12 (epoch 9 in its index entry") &&
+                          Catch::Contains("fails its checksum") &&
+                          Catch::Contains("nothing was dropped"));
+  CHECK(w.info().committed_rows == 50);
+  // The bit set right again: the cut is made as before.
+  {
+    const int fd = ::open(index.c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    const std::uint8_t one = 1;
+    REQUIRE(::pwrite(fd, &one, 1, epoch_byte) == 1);
+    ::close(fd);
+  }
+  CHECK(w.truncate_from_epoch(3) == 30);
 }

@@ -85,6 +85,21 @@ def test_truncate_of_a_damaged_store_is_refused_and_changes_nothing(store):
     assert hash_tree(store) == before
 
 
+def test_truncate_from_epoch_refuses_a_cut_decided_by_a_damaged_epoch(store):
+    # From a review: one flipped bit made row 3's epoch 0 read as 8; --from-epoch 2 cut there,
+    # dropped 27 rows (17 good rows of epochs 0-1), exited 0, and verify then found nothing.
+    with open(f"{store}/index.1", "r+b") as f:
+        f.seek(3 * 32 + 8)
+        f.write(bytes([8]))
+    before = hash_tree(store)
+    r = run("truncate", store, "--from-epoch", 2, "--yes")
+    assert r.code == 14, r
+    lines = [line for line in r.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "row 3 (epoch 8 in its index entry" in lines[0], r.err
+    assert "nothing was dropped" in lines[0], r.err
+    assert hash_tree(store) == before
+
+
 def test_truncate_help():
     r = run("truncate", "--help")
     assert r.code == 0 and "--from-epoch" in r.out and "--rows" in r.out and "--yes" in r.out
