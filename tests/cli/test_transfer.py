@@ -15,7 +15,7 @@ import pytest
 
 import embstore
 from conftest import (CLI, SEGMENT_MB, bind_mounted, corrupt_row, hash_tree, kill_when,
-                      make_store, run)
+                      make_store, partial_dirs, run)
 
 DTYPES = ["float32", "float16", "bfloat16", "int8", "uint8", "float64"]
 NUMPY = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1", "uint8": "|u1",
@@ -243,6 +243,29 @@ def test_export_of_a_corrupt_row_fails_naming_it_and_leaves_no_output(store, tmp
     assert r.code == 14
     assert "row 12 (key 3, epoch 1)" in r.err
     assert sorted(os.listdir(tmp_path)) == ["s"]
+
+
+@pytest.mark.parametrize("field,command", [
+    (0, ["compact", "--latest-per-key"]), (0, ["export", "--latest"]),
+    (8, ["compact", "--epochs", "2"]), (8, ["export", "--epoch", "2"])])
+def test_selection_refuses_a_store_whose_keys_or_epochs_fail_their_checksums(tmp_path, field,
+                                                                            command):
+    """From a review: one flipped bit in the key (or epoch) of a key's latest row made
+    compact --latest-per-key and export --latest take an older version as the latest, and
+    --epochs leave that row out; both exited 0 and the output verified clean. Only the rows
+    taken were checked; every row's key and epoch decide what is taken."""
+    store = make_store(tmp_path / "s", dim=4, dtype="float32", key_offset=False)
+    # Row 25 is key 5's latest (epoch 2): its key 5 -> 4 (field 0) or its epoch 2 -> 3 (8).
+    with open(f"{store}/index.1", "r+b") as f:
+        f.seek(25 * 32 + field)
+        value = f.read(1)[0]
+        f.seek(25 * 32 + field)
+        f.write(bytes([value ^ 1]))
+    out = tmp_path / "out"
+    r = run(command[0], store, out, *command[1:], "--quiet")
+    assert r.code == 14, r
+    assert f"{store}: row 25 fails its checksum" in r.err, r
+    assert not out.exists() and not partial_dirs(tmp_path), r
 
 
 def test_compact_keeps_latest_per_key_or_epochs_and_converts_dtype(store, tmp_path):

@@ -54,6 +54,19 @@ RowSelector::RowSelector(const Reader& reader, const RowSelection& selection,
   std::set<std::uint64_t> missing = selection.epochs;
   for (std::uint64_t block = begin_; block < end_; block += kScanBlockRows) {
     const std::uint64_t block_end = std::min(end_, block + kScanBlockRows);
+    // Every row's key and epoch decide what is taken, not only those of the rows taken (whose
+    // checksums the copy checks): one flipped bit in a key or an epoch would otherwise pick a
+    // stale version as a key's latest, or leave a row out, and the output would verify clean.
+    const VerifyReport report = reader.verify(block, block_end);
+    if (report.bad_row_count != 0) {
+      const std::uint64_t bad = report.bad_rows.front();
+      throw Error(ErrorCode::kCorruption,
+                  reader.path() + ": row " + std::to_string(bad) +
+                      " fails its checksum, so its key and epoch cannot be trusted to choose "
+                      "rows by " +
+                      (selection.latest_per_key ? "latest per key" : "epoch") +
+                      " (embstore verify and salvage name the damage)");
+    }
     const auto keys = reader.keys(block, block_end);
     const auto epochs = reader.epochs(block, block_end);
     for (std::uint64_t i = 0; i < block_end - block; ++i) {
