@@ -817,6 +817,40 @@ def test_import_into_an_empty_directory_makes_the_store_there_and_empties_it_on_
     assert os.listdir(again) == []
 
 
+def test_an_import_into_an_empty_directory_killed_midway_leaves_no_store_there(tmp_path):
+    """From a review: the store was built in the directory itself, its rows appended there, so
+    an import killed half-way left a store of part of the rows that verified clean, as if
+    finished. It is built in a hidden directory inside and moved up, the header last."""
+    n = 300_000
+    np.save(tmp_path / "v.npy", np.ones((n, 16), np.float32))
+    store = tmp_path / "volume"
+    store.mkdir()
+    proc = subprocess.Popen([CLI, "import", str(store), str(tmp_path / "v.npy"), "--quiet"])
+
+    def rows_in_progress():
+        for name in os.listdir(store):
+            if ".partial-" in name:
+                try:
+                    return embstore.info(store / name)["committed_rows"] > 0
+                except (OSError, embstore.Error):
+                    return False
+        return False
+
+    assert kill_when(proc, rows_in_progress, 60), "the import ended before it could be killed"
+    # No store at the path: only the hidden working directory, to delete.
+    assert "header" not in os.listdir(store), os.listdir(store)
+    with pytest.raises((FileNotFoundError, embstore.Error)):
+        embstore.Reader(store)
+    assert [name.startswith(".store.partial-") for name in os.listdir(store)] == [True]
+    # Finished, the store is there whole, with nothing else in the directory.
+    other = tmp_path / "volume2"
+    other.mkdir()
+    r = run("import", other, tmp_path / "v.npy", "--quiet")
+    assert r.code == 0, r
+    assert len(embstore.Reader(other)) == n and not partial_dirs(other)
+    assert not [name for name in os.listdir(other) if name.startswith(".")]
+
+
 @pytest.mark.parametrize("command", ["export", "compact", "import"])
 def test_an_empty_output_path_is_refused_before_any_work(tmp_path, command):
     # "" passed every check (a path "that does not exist"): export and compact did the whole
