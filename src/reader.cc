@@ -296,9 +296,12 @@ VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
     report.key_index_checked = keys.key_index_checked;
     report.key_index_problems = keys.key_index_problems;
     report.key_index_problem = keys.key_index_problem;
+    report.header_problem = verify_header();
   }
   return report;
 }
+
+std::string Reader::verify_header() const { return impl().files().header_copy_problem(); }
 
 VerifyReport Reader::verify_key_index() const {
   const StoreFiles& f = impl().files();

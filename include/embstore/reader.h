@@ -72,7 +72,12 @@ struct VerifyReport {
   bool key_index_checked = false;
   std::uint64_t key_index_problems = 0;
   std::string key_index_problem;  // The first problem, naming the file.
-  bool ok() const { return bad_row_count == 0 && key_index_problems == 0; }
+  // The header's two copies, when the whole snapshot is verified: "" when both hold, else
+  // what is wrong (Reader::verify_header()).
+  std::string header_problem;
+  bool ok() const {
+    return bad_row_count == 0 && key_index_problems == 0 && header_problem.empty();
+  }
 };
 
 // One version of a key: a row and the epoch it was appended with.
@@ -138,6 +143,12 @@ class Reader {
   // names it counts as one problem, except in a store created without a key index, whose lookups
   // scan whatever the file's state. No row checksum is computed (rows_checked stays 0).
   VerifyReport verify_key_index() const;
+  // The header file read again and its two copies checked (format 1.2 on: the fixed header and
+  // the metadata, each kept twice): "" when both hold and agree, else what is wrong, naming the
+  // file (the primary failing its checks, the store then read from the copy; the copy failing
+  // its checks or differing from the primary). One damaged copy loses nothing, but leaves the
+  // store one more damaged byte from unreadable; a writer opening the store repairs it.
+  std::string verify_header() const;
 
   // ---- Lookups by key (sample id) and epoch, through the key index (FORMAT.md, "keys.K") ----
   // Every lookup answers for the snapshot [0, size()) and never returns a row at or past it,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "embstore/error.h"
 #include "format/checksum.h"
@@ -178,17 +179,37 @@ Layout decode_fixed(std::string_view bytes, std::uint64_t fixed_at, bool is_copy
 }  // namespace
 
 Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std::string& path) {
+  Layout layout;
   try {
-    return decode_fixed(bytes, 0, false, file_bytes, path);
-  } catch (const Error&) {
+    layout = decode_fixed(bytes, 0, false, file_bytes, path);
+  } catch (const Error& primary) {
     // Write-once and checksummed: a copy that verifies holds exactly what the primary held.
     // Stores older than format 1.2 have zeros there, which never pass the magic check.
+    std::optional<Layout> copy;
     try {
-      return decode_fixed(bytes, kHeaderCopyOffset, true, file_bytes, path);
+      copy = decode_fixed(bytes, kHeaderCopyOffset, true, file_bytes, path);
     } catch (const Error&) {
     }
-    throw;
+    if (!copy) throw;  // The primary's error.
+    copy->copy_problem = std::string("the primary fixed header fails its checks (") +
+                         primary.what() + "); the store is read from its copy at byte " +
+                         std::to_string(kHeaderCopyOffset);
+    return *copy;
   }
+  // One copy damaged unseen would leave the store one more flipped bit from unreadable.
+  if (layout.format_minor >= kFormatMinorHeaderCopy) {
+    try {
+      decode_fixed(bytes, kHeaderCopyOffset, true, file_bytes, path);
+      if (std::memcmp(bytes.data(), bytes.data() + kHeaderCopyOffset, sizeof(FixedHeader)) != 0) {
+        layout.copy_problem = "the fixed header copy at byte " + std::to_string(kHeaderCopyOffset) +
+                              " differs from the primary";
+      }
+    } catch (const Error& copy) {
+      layout.copy_problem = "the fixed header copy at byte " + std::to_string(kHeaderCopyOffset) +
+                            " fails its checks (" + copy.what() + ")";
+    }
+  }
+  return layout;
 }
 
 std::string current_fixed_header(std::string_view bytes, const Layout& layout) {

@@ -161,6 +161,11 @@ struct Layout {
   std::string metadata;
   bool key_index = true;   // kFlagNoKeyIndex clear: writers keep a key index.
   bool from_copy = false;  // The primary fixed header failed its checks; the copy held.
+  // What decode_header() found wrong with the header's two copies (from format 1.2 on): the
+  // primary failing its checks (from_copy), or the copy failing its checks or differing from
+  // the primary. "" when both hold (or the format has no copy). A writer repairs either
+  // (StoreFiles::upgrade_header()); verify reports it.
+  std::string copy_problem;
 
   // Data file bytes for a capacity of `rows` rows, rounded up to whole pages.
   std::uint64_t data_bytes_for(std::uint64_t rows) const;

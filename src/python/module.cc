@@ -875,6 +875,7 @@ class PyReader {
     out["key_index_checked"] = report.key_index_checked;
     out["key_index_problems"] = report.key_index_problems;
     out["key_index_problem"] = report.key_index_problem;
+    out["header_problem"] = report.header_problem;
     return out;
   }
 

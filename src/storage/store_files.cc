@@ -562,7 +562,7 @@ std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t 
 }
 
 void StoreFiles::upgrade_header() {
-  if (layout_.format_minor >= kFormatMinorHeaderCopy && !layout_.from_copy) return;
+  if (layout_.format_minor >= kFormatMinorHeaderCopy && layout_.copy_problem.empty()) return;
   const std::uint64_t header_bytes = os::file_size(header_fd_, header_path_);
   std::string bytes(std::min<std::uint64_t>(header_bytes, kMaxHeaderReadBytes), '\0');
   os::read_exact(header_fd_, bytes.data(), bytes.size(), 0, header_path_);
@@ -582,6 +582,26 @@ void StoreFiles::upgrade_header() {
   os::datasync(header_fd_, header_path_);
   layout_.format_minor = kFormatMinor;
   layout_.from_copy = false;
+  layout_.copy_problem.clear();
+}
+
+std::string StoreFiles::header_copy_problem() const {
+  const int fd = os::open_file(header_path_, os::Access::kReadOnly);
+  try {
+    const std::uint64_t header_bytes = os::file_size(fd, header_path_);
+    std::string bytes(std::min<std::uint64_t>(header_bytes, kMaxHeaderReadBytes), '\0');
+    os::read_exact(fd, bytes.data(), bytes.size(), 0, header_path_);
+    os::close_fd(fd);
+    try {
+      return decode_header(bytes, header_bytes, header_path_).copy_problem;
+    } catch (const Error& error) {
+      // Damaged since this handle opened the store: neither copy holds now.
+      return std::string("neither copy of the fixed header holds: ") + error.what();
+    }
+  } catch (...) {
+    os::close_fd(fd);
+    throw;
+  }
 }
 
 bool StoreFiles::same_boot() const {

@@ -184,11 +184,15 @@ class StoreFiles {
   // After open() with DamagedGeneration::kUseOnlyPair: the damage to `generation` it worked
   // around (naming the header, the field and the files used), or "".
   const std::string& generation_damage() const { return generation_damage_; }
-  // Writer only, writer lock held: gives a store older than format 1.2 its header copy, or a
-  // store whose primary failed its checks the primary back from the copy, and flushes the
-  // header. The copy is written and flushed before the primary is touched, so an interruption
-  // leaves one verified copy and the next writer finishes the job.
+  // Writer only, writer lock held: gives a store older than format 1.2 its header copy, a
+  // store whose primary failed its checks the primary back from the copy, or one whose copy
+  // failed its checks (or differs) the copy back from the primary (Layout::copy_problem), and
+  // flushes the header. The copy is written and flushed before the primary is touched, so an
+  // interruption leaves one verified copy and the next writer finishes the job.
   void upgrade_header();
+  // The header file read again and decoded: its Layout::copy_problem now ("" when both copies
+  // hold), or that neither holds. Throws only when the file cannot be read.
+  std::string header_copy_problem() const;
   StoreInfo info() const;
 
  private:

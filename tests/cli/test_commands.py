@@ -208,6 +208,29 @@ def test_verify_passes_a_sound_store_and_names_bad_rows_with_key_and_epoch(store
     assert run("verify", store, "--from", 18, "--to", 30).code == 0
 
 
+def test_verify_reports_a_damaged_header_copy_and_a_writer_repairs_it(store):
+    # From a review: a flipped byte in either copy of the fixed header went unreported (exit 0)
+    # and unrepaired, leaving the store one more damaged byte from unreadable.
+    for offset, problem in ((2048 + 16, "the fixed header copy at byte 2048 fails its checks"),
+                            (16, "the primary fixed header fails its checks")):
+        with open(os.path.join(store, "header"), "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)[0]
+            f.seek(offset)
+            f.write(bytes([byte ^ 1]))
+        r = run("verify", store, "--quiet")
+        assert r.code == 1, r
+        assert problem in r.out and "rebuild-index" in r.out, r
+        r = run("verify", store, "--json", "--quiet")
+        assert r.code == 1 and problem in json.loads(r.out)["header_problem"], r
+        report = embstore.Reader(store).verify()
+        assert not report.ok and problem in report.header_problem
+        assert run("rebuild-index", store).code == 0  # a Writer: repairs it
+        r = run("verify", store, "--json", "--quiet")
+        assert r.code == 0 and json.loads(r.out)["header_problem"] == "", r
+        assert embstore.Reader(store).verify().ok
+
+
 def test_verify_checks_the_key_index_and_reports_its_damage(store):
     r = run("verify", store)
     assert r.code == 0, r

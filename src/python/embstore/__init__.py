@@ -1174,7 +1174,9 @@ class VerifyReport:
     """Result of Reader.verify(): ``ok``, ``rows_checked``, ``bad_row_count``, ``bad_rows``
     (the first 1000 bad row numbers), ``begin_row``, ``end_row``; for a whole-snapshot verify
     also ``key_index_checked``, ``key_index_problems`` and ``key_index_problem`` (the key index
-    against the offset index). Truthy when ok."""
+    against the offset index), and ``header_problem`` ("" when both copies of the header hold;
+    else what is wrong: nothing is lost, and a Writer opening the store repairs it). Truthy
+    when ok."""
 
     def __init__(self, fields: dict) -> None:
         self.begin_row: int = fields["begin_row"]
@@ -1185,10 +1187,12 @@ class VerifyReport:
         self.key_index_checked: bool = fields["key_index_checked"]
         self.key_index_problems: int = fields["key_index_problems"]
         self.key_index_problem: str = fields["key_index_problem"]
+        self.header_problem: str = fields["header_problem"]
 
     @property
     def ok(self) -> bool:
-        return self.bad_row_count == 0 and self.key_index_problems == 0
+        return self.bad_row_count == 0 and self.key_index_problems == 0 and \
+            not self.header_problem
 
     def __bool__(self) -> bool:
         return self.ok
