@@ -235,9 +235,11 @@ def test_a_corrupt_row_stops_export_and_compact_naming_it(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s"]
 
 
-def test_a_corrupt_selected_row_after_a_thousand_bad_unselected_ones_is_still_named(tmp_path):
-    # verify() lists only the first 1000 bad rows; export and compact must check every row they
-    # copy, not look it up in that list.
+def test_a_selection_refuses_bad_rows_anywhere_in_its_range_and_a_copy_names_its_own(tmp_path):
+    # A row that fails its checksum may have a damaged key or epoch: a selection by epoch or
+    # latest per key refuses any in its range (from a review: one flipped bit took an older
+    # version as a key's latest, or left a row out, unseen). A plain copy checks every row it
+    # copies itself, not against verify()'s list of the first 1000.
     src = str(tmp_path / "s")
     n = 3000
     with embstore.Writer(src, dim=2, dtype="float32") as w:
@@ -248,25 +250,23 @@ def test_a_corrupt_selected_row_after_a_thousand_bad_unselected_ones_is_still_na
             f.seek(row * 8)
             f.write(np.float32(7).tobytes())
     assert embstore.Reader(src).verify().bad_row_count == 1201
-    named = r"row 2501 \(key 1250, epoch 1\)"
-    with pytest.raises(embstore.CorruptionError, match=named):
+    chosen_by = r"row 0 fails its checksum, so its key and epoch cannot be trusted to choose"
+    with pytest.raises(embstore.CorruptionError, match=chosen_by + " rows by epoch"):
         embstore.export_npy(src, tmp_path / "a", epochs=[1])
-    with pytest.raises(embstore.CorruptionError, match=named):
+    with pytest.raises(embstore.CorruptionError, match=chosen_by + " rows by latest per key"):
         embstore.export_npy(src, tmp_path / "b", latest=True)
-    with pytest.raises(embstore.CorruptionError, match=named):
+    with pytest.raises(embstore.CorruptionError, match=chosen_by):
         embstore.compact(src, tmp_path / "c", epochs=[1])
-    with pytest.raises(embstore.CorruptionError, match=named):
+    with pytest.raises(embstore.CorruptionError, match=chosen_by):
         embstore.compact(src, tmp_path / "d", latest_per_key=True)
+    # A copy of rows [2401, 3000) meets row 2501 after 1000 and more bad rows before the range.
+    with pytest.raises(embstore.CorruptionError, match=r"row 2501 \(key 1250, epoch 1\)"):
+        embstore.export_npy(src, tmp_path / "e", begin=2401)
     assert sorted(os.listdir(tmp_path)) == ["s"]
-    # Only rows that are not chosen fail (row 2501 mended): the chosen ones are copied, exactly.
-    with open(os.path.join(src, "rows.1"), "r+b") as f:
-        f.seek(2501 * 8)
-        f.write(np.float32(1).tobytes())
-    assert embstore.export_npy(src, tmp_path / "e", epochs=[1]) == 1500
-    assert np.array_equal(np.load(tmp_path / "e" / "keys.npy"), np.arange(1500))
-    assert (np.load(tmp_path / "e" / "vectors.npy") == 1).all()
-    embstore.compact(src, tmp_path / "f", latest_per_key=True)
-    assert embstore.Reader(tmp_path / "f").verify().ok and len(embstore.Reader(tmp_path / "f")) == 1500
+    # A range without bad rows is selected from and copied exactly.
+    assert embstore.export_npy(src, tmp_path / "f", epochs=[1], begin=2400, end=2500) == 50
+    assert np.array_equal(np.load(tmp_path / "f" / "keys.npy"), np.arange(1200, 1250))
+    assert (np.load(tmp_path / "f" / "vectors.npy") == 1).all()
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -435,3 +435,42 @@ def test_compact_into_a_wider_dtype_keeps_rows_per_segment(tmp_path):
     r = embstore.Reader(tmp_path / "wide")
     assert r.dtype == "float32" and r.info()["segment_bytes"] == 8192
     assert np.array_equal(r.vectors, np.ones((2, 2048), np.float32))
+
+
+def test_an_import_into_an_empty_directory_killed_midway_leaves_no_store_there(tmp_path):
+    """The store was made in the directory itself and its rows appended there, so an import
+    killed half-way left a store of part of the rows that verified clean, as if finished (the
+    CLI's import did the same). It is built in a hidden directory inside and moved up."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    np.save(tmp_path / "v.npy", np.ones((400_000, 16), np.float32))
+    store = tmp_path / "volume"
+    store.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "import sys, embstore.io as io; "
+                              "io.import_npy(sys.argv[1], sys.argv[2])", str(store),
+                              str(tmp_path / "v.npy")], env={**os.environ})
+    deadline = time.monotonic() + 60
+    killed = False
+    while time.monotonic() < deadline and child.poll() is None:
+        hidden = [name for name in os.listdir(store) if ".partial-" in name]
+        try:
+            if hidden and embstore.info(store / hidden[0])["committed_rows"] > 0:
+                child.send_signal(signal.SIGKILL)
+                killed = True
+                break
+        except (OSError, embstore.Error):
+            pass
+        time.sleep(0.001)
+    child.wait()
+    assert killed, "the import ended before it could be killed"
+    assert "header" not in os.listdir(store)
+    with pytest.raises((FileNotFoundError, embstore.Error)):
+        embstore.Reader(store)
+    assert [name.startswith(".store.partial-") for name in os.listdir(store)] == [True]
+    other = tmp_path / "volume2"
+    other.mkdir()
+    assert embstore.io.import_npy(other, tmp_path / "v.npy") == 400_000
+    assert len(embstore.Reader(other)) == 400_000 and not [
+        name for name in os.listdir(other) if name.startswith(".")]

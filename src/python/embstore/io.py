@@ -12,23 +12,28 @@ so either side reads what the other wrote:
   ``dtype``, ``dim``, ``metadata``, ``store_id`` and ``embstore_format`` (needs h5py).
 
 Outputs are written under a hidden sibling name and renamed into place when complete, so they
-appear whole or not at all; an existing output raises FileExistsError. Rows are copied in
-chunks of a few MiB (memory does not grow with the store, except one entry per key for
-``latest``). Sources are only read.
+appear whole or not at all; an existing output raises FileExistsError. A call that fails (a full
+disk, a bad row, Ctrl-C) leaves nothing at the output (an empty directory imported into is left
+empty), and its error names the output (the hidden working name after it, in parentheses); an
+import into an existing store that fails after appending rows says, in a note on the error, how
+many stay there. Rows are copied in chunks of a few MiB (memory does not grow with the store,
+except one entry per key for ``latest``). Sources are only read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import traceback
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import (CorruptionError, Reader, Writer, _as_ints, _check_int_array, _check_u64, _dtype_name,
-               _embstore, _metadata_text, _rounded_once, create)
+from . import (CorruptionError, Error, Reader, Writer, _as_ints, _check_int_array, _check_u64,
+               _dtype_name, _embstore, _InterruptDeferred, _metadata_text, _rounded_once, create)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -56,6 +61,68 @@ def _publish(partial: str, out: str) -> None:
     os.rename(partial, out)
 
 
+def _add_note(error: BaseException, note: str) -> None:
+    """Adds ``note`` to ``error`` as Python 3.11's add_note does (shown after its message); on
+    older versions it goes at the end of the message instead (of a KeyboardInterrupt, which has
+    none, it becomes the message)."""
+    if hasattr(error, "add_note"):  # Python 3.11
+        error.add_note(note)
+    elif isinstance(error, OSError) and error.strerror is not None:
+        error.strerror = f"{error.strerror}; {note}"
+    elif len(error.args) == 1:
+        error.args = (f"{error.args[0]}; {note}",)
+    else:
+        error.args = (*error.args, note)
+
+
+def _naming_output(error: BaseException, working: str, out: str) -> BaseException:
+    """``error`` of work done at ``working`` (a hidden sibling of ``out``, removed after the
+    error) as the caller should see it: one of the same type whose message names ``out`` where
+    it named ``working``, with ``(writing WORKING)`` after it, as the command-line tools say it
+    (rethrow_naming_output in tools/lib/export.cc). ``error`` itself when its message does not
+    name ``working``, or its type is not one rebuilt here."""
+    is_os = isinstance(error, OSError) and error.errno is not None and \
+        error.strerror is not None and error.filename is None
+    if is_os:
+        text = error.strerror
+    elif type(error) in (ValueError, RuntimeError, OSError) or isinstance(error, Error):
+        text = str(error.args[0]) if len(error.args) == 1 else ""
+    else:
+        return error
+    if working not in text:
+        return error
+    text = text.replace(working, out.rstrip(os.sep) or out) + f" (writing {working})"
+    renamed = OSError(error.errno, text) if is_os else type(error)(text)
+    for name in ("code", "errno", "__notes__"):
+        if name in vars(error):
+            setattr(renamed, name, getattr(error, name))
+    renamed.__cause__ = error.__cause__
+    renamed.__context__ = error.__context__
+    return renamed.with_traceback(error.__traceback__)
+
+
+def _raise_naming_output(error: BaseException, working: str, out: str) -> None:
+    """Raises ``error`` as :func:`_naming_output` names it (the one given if it is not
+    rebuilt)."""
+    renamed = _naming_output(error, working, out)
+    if renamed is error:
+        raise error
+    raise renamed from None
+
+
+def _close_after_error(writer: Writer, error: BaseException, afterwards: str) -> None:
+    """Closes ``writer`` after ``error`` ended the work, before what it wrote is removed (or,
+    into an existing store, kept): an error of the close (the disk still full, say) is noted on
+    ``error``, never raised instead of it, so the clean-up after this call always runs.
+    ``afterwards`` says what becomes of the store (a close's message speaks of its rows as
+    stored)."""
+    try:
+        writer.close()
+    except BaseException as close_error:  # a second Ctrl-C too: the clean-up still runs
+        _add_note(error, f"closing the Writer failed too ({afterwards}): "
+                         f"{type(close_error).__name__}: {close_error}")
+
+
 def _selected_runs(reader: Reader, begin: int, end: Optional[int], epochs: Optional[Iterable[int]],
                    latest: bool) -> Tuple[int, Iterator[np.ndarray]]:
     """(count, iterator over arrays of selected row numbers, ascending, a chunk at a time)."""
@@ -68,6 +135,17 @@ def _selected_runs(reader: Reader, begin: int, end: Optional[int], epochs: Optio
         raise ValueError(f"end {end} is past the end of {reader.path} ({size} rows)")
     wanted = None if epochs is None else np.array(sorted(set(int(e) for e in epochs)),
                                                    dtype=np.uint64)
+    if wanted is not None or latest:
+        # Every row's key and epoch decide what is taken, not only those of the rows taken
+        # (whose checksums the copy checks): one flipped bit would take an older version as a
+        # key's latest, or leave a row out, unseen (tools/lib/rows.cc does the same).
+        report = reader.verify(begin, end)
+        if report.bad_row_count:
+            raise CorruptionError(
+                f"{reader.path}: row {report.bad_rows[0]} fails its checksum, so its key and "
+                f"epoch cannot be trusted to choose rows by "
+                f"{'latest per key' if latest else 'epoch'} (embstore verify and salvage name "
+                f"the damage)")
     row_bytes = reader.dim * reader.rows(0, 0).dtype.itemsize
     step = max(1, _CHUNK_BYTES // max(1, row_bytes))
 
@@ -137,6 +215,72 @@ def _sidecar(reader: Reader, rows: int) -> dict:
             "files": {"vectors": "vectors.npy", "keys": "keys.npy", "epochs": "epochs.npy"}}
 
 
+class _NpyFile:
+    """A new .npy file of ``shape`` (rows first), written front to back with ordinary writes:
+    np.lib.format.open_memmap writes through a mapping of a sparse file, where a full disk is
+    SIGBUS (the process killed) instead of an error. A failed write raises OSError naming the
+    file."""
+
+    def __init__(self, path: str, dtype: str, shape: Tuple[int, ...]) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.shape = shape
+        self.rows = 0
+        try:
+            self.file = open(path, "xb")
+        except OSError as error:
+            self._fail(error)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": shape}
+        try:
+            np.lib.format.write_array_header_1_0(self.file, header)
+        except OSError as error:
+            self.discard()
+            self._fail(error)
+
+    def _fail(self, error: OSError) -> None:
+        raise OSError(error.errno, f"cannot write {self.path}: {error.strerror}") from error
+
+    def write(self, rows: np.ndarray) -> None:
+        """Appends ``rows`` (converted to the file's dtype as numpy assigns them)."""
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        try:
+            self.file.write(data.data)  # a BufferedWriter: all of it, or an OSError
+        except OSError as error:
+            self._fail(error)
+        self.rows += len(data)
+
+    def finish(self) -> None:
+        """Flushes, syncs and closes the file, which must hold every row of its shape."""
+        if self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.path}: {self.rows} rows written, the shape says "
+                               f"{self.shape[0]}")
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as error:
+            self._fail(error)
+
+    def discard(self) -> None:
+        """Closes the file after an error (it is removed with its directory)."""
+        try:
+            self.file.close()
+        except (OSError, AttributeError):
+            pass
+
+
+def _write_text(path: str, text: str) -> None:
+    """Writes the new file ``path`` and syncs it; OSError naming it if that fails."""
+    try:
+        with open(path, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from error
+
+
 def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
                latest: bool = False, begin: int = 0, end: Optional[int] = None) -> int:
     """Writes the selected rows of ``store`` (a path or an open Reader) to the new directory
@@ -150,6 +294,8 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     Raises:
         FileExistsError: ``out`` exists.  CorruptionError: a row fails its checksum.
         ValueError: ``out`` lies inside the store (which is only read).
+        OSError: a write failed (e.g. ENOSPC, the disk full); the message names the file
+            under ``out``, and nothing is left at ``out``.
     """
     out = os.fspath(out)
     _require_absent(out)
@@ -157,38 +303,127 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     _embstore._refuse_output_inside(out, reader.path)
     count, runs = _selected_runs(reader, begin, end, epochs, latest)
     partial = _partial_dir(out)
+    files = []
     try:
-        vectors = np.lib.format.open_memmap(os.path.join(partial, "vectors.npy"), mode="w+",
-                                            dtype=np.dtype(_NPY_DTYPES[reader.dtype]),
-                                            shape=(count, reader.dim))
-        keys = np.lib.format.open_memmap(os.path.join(partial, "keys.npy"), mode="w+",
-                                         dtype="<u8", shape=(count,))
-        epoch_out = np.lib.format.open_memmap(os.path.join(partial, "epochs.npy"), mode="w+",
-                                              dtype="<u8", shape=(count,))
-        _copy_runs(reader, runs, vectors, keys, epoch_out)
-        for array in (vectors, keys, epoch_out):
-            array.flush()
-        del vectors, keys, epoch_out
-        with open(os.path.join(partial, "embstore.json"), "w") as f:
-            json.dump(_sidecar(reader, count), f, indent=2)
-            f.write("\n")
+        try:
+            for name, dtype, shape in (("vectors.npy", _NPY_DTYPES[reader.dtype],
+                                        (count, reader.dim)),
+                                       ("keys.npy", "<u8", (count,)),
+                                       ("epochs.npy", "<u8", (count,))):
+                files.append(_NpyFile(os.path.join(partial, name), dtype, shape))
+            vectors, keys, epoch_out = files
+            for rows in runs:
+                vectors.write(_read_checked(reader, rows))
+                keys.write(reader.keys[rows])
+                epoch_out.write(reader.epochs[rows])
+            for file in files:
+                file.finish()
+            _write_text(os.path.join(partial, "embstore.json"),
+                        json.dumps(_sidecar(reader, count), indent=2) + "\n")
+        except Exception as error:
+            _raise_naming_output(error, partial, out)
         _publish(partial, out)
     except BaseException:
+        for file in files:
+            file.discard()
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return count
 
 
-def _copy_runs(reader: Reader, runs, vectors, keys, epochs) -> None:
-    """Copies the selected runs of rows, checksum-checked, into the output arrays (numpy memmaps
-    or h5py datasets) one run at a time."""
-    at = 0
-    for rows in runs:
-        n = len(rows)
-        vectors[at:at + n] = _read_checked(reader, rows)
-        keys[at:at + n] = reader.keys[rows]
-        epochs[at:at + n] = reader.epochs[rows]
-        at += n
+class _GuardedFile:
+    """The file export_hdf5's HDF5 file is written through (h5py's "fileobj" driver), so that no
+    error ever reaches HDF5: after a failed write h5py 3.7 with HDF5 1.10 (Debian 12) cannot
+    close the file ("Can't decrement id ref count") and the interpreter crashes (SIGSEGV) when
+    its objects are freed later, whatever order they are dropped and closed in (tried). The
+    first error (ENOSPC, EFBIG, EIO, or an exception raised in here) is kept in ``error``; the
+    writes after it are skipped and reported done (the file is removed anyway), and
+    :meth:`check`, called after each HDF5 call, raises it. HDF5 calls are made inside
+    ``_InterruptDeferred``: a KeyboardInterrupt raised in here would reach HDF5 too."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.raw = open(path, "xb+", buffering=0)
+        self.error: Optional[BaseException] = None
+
+    def _failed(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        try:
+            return self.raw.seek(offset, whence)
+        except BaseException as error:
+            self._failed(error)
+            return offset
+
+    def tell(self) -> int:
+        try:
+            return self.raw.tell()
+        except BaseException as error:
+            self._failed(error)
+            return 0
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                got = self.raw.readinto(view[done:])
+                if not got:
+                    break
+                done += got
+        except BaseException as error:
+            self._failed(error)
+        view[done:] = bytes(len(view) - done)  # past the end of the file: zeros
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(0, os.fstat(self.raw.fileno()).st_size - self.tell())
+        buffer = bytearray(size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):  # unbuffered: a write may store only part
+                    done += self.raw.write(view[done:])
+            except BaseException as error:
+                self._failed(error)
+        return len(view)
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except BaseException as error:
+                self._failed(error)
+        return self.tell() if size is None else size
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def check(self) -> None:
+        """Raises the first error a call made (OSError naming the file)."""
+        error = self.error
+        if isinstance(error, OSError) and error.errno is not None:
+            raise OSError(error.errno, f"cannot write {self.path}: {error.strerror}") from error
+        if error is not None:
+            raise error
+
+    def finish(self) -> None:
+        """Syncs and closes the file, once HDF5 closed it."""
+        self.check()
+        try:
+            os.fsync(self.raw.fileno())
+        except OSError as error:
+            self._failed(error)
+        self.raw.close()
+        self.check()
 
 
 def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
@@ -203,19 +438,52 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     count, runs = _selected_runs(reader, begin, end, epochs, latest)
     partial = _partial_dir(out)
     path = os.path.join(partial, "out")
+    file = h5 = datasets = None
     try:
-        with h5py.File(path, "w-") as f:
-            info = reader.info()
-            f.attrs["embstore_format"] = EXPORT_FORMAT
-            f.attrs["dtype"] = reader.dtype
-            f.attrs["dim"] = np.uint32(reader.dim)
-            f.attrs["metadata"] = reader.metadata_text
-            f.attrs["store_id"] = info["store_id"]
-            vectors = f.create_dataset("vectors", shape=(count, reader.dim),
-                                       dtype=np.dtype(_NPY_DTYPES[reader.dtype]))
-            keys = f.create_dataset("keys", shape=(count,), dtype="<u8")
-            epoch_out = f.create_dataset("epochs", shape=(count,), dtype="<u8")
-            _copy_runs(reader, runs, vectors, keys, epoch_out)
+        try:
+            file = _GuardedFile(path)
+            with _InterruptDeferred():
+                h5 = h5py.File(file, "w-")
+                info = reader.info()
+                h5.attrs["embstore_format"] = EXPORT_FORMAT
+                h5.attrs["dtype"] = reader.dtype
+                h5.attrs["dim"] = np.uint32(reader.dim)
+                h5.attrs["metadata"] = reader.metadata_text
+                h5.attrs["store_id"] = info["store_id"]
+                datasets = (h5.create_dataset("vectors", shape=(count, reader.dim),
+                                              dtype=np.dtype(_NPY_DTYPES[reader.dtype])),
+                            h5.create_dataset("keys", shape=(count,), dtype="<u8"),
+                            h5.create_dataset("epochs", shape=(count,), dtype="<u8"))
+            file.check()
+            at = 0
+            for rows in runs:
+                n = len(rows)
+                columns = (_read_checked(reader, rows), reader.keys[rows], reader.epochs[rows])
+                with _InterruptDeferred():
+                    for dataset, column in zip(datasets, columns):
+                        dataset[at:at + n] = column
+                file.check()
+                at += n
+            datasets = None  # the datasets before the file
+            with _InterruptDeferred():
+                h5.close()
+            file.finish()
+        except BaseException as error:
+            datasets = dataset = None
+            # Frames of the traceback may hold h5py objects too: dropped before the close.
+            traceback.clear_frames(error.__traceback__)
+            if h5 is not None:
+                with _InterruptDeferred():
+                    try:
+                        h5.close()
+                    except BaseException as close_error:
+                        _add_note(error, f"closing the HDF5 file failed too ({path} is "
+                                         f"removed): {type(close_error).__name__}: {close_error}")
+            if file is not None:
+                file.raw.close()
+            if isinstance(error, Exception):
+                _raise_naming_output(error, path, out)
+            raise
         if os.path.lexists(out):
             raise FileExistsError(f"output {out} already exists")
         os.rename(path, out)
@@ -264,35 +532,81 @@ def _same_metadata(given: str, stored: str) -> bool:
         return False
 
 
-def _empty_out(directory: str) -> None:
-    """Removes what ``directory`` holds (the store an import made in it), leaving it empty;
-    errors are ignored, as ``shutil.rmtree(ignore_errors=True)`` ignores them."""
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-        except OSError:
-            pass
+def _publish_into(partial: str, store: str) -> None:
+    """Moves the closed store built in ``partial`` (a directory inside the empty directory
+    ``store``) up into ``store``, never replacing a file (a hard link, then the old name
+    removed): the files every store has first (a store made there meanwhile stops the move
+    before anything is moved), the header last, so that ``store`` holds a store only once every
+    file is there (FORMAT.md, "The store directory"; tools/lib/import.cc does the same). On
+    failure what was moved is removed again."""
+    first = ("lock", "rows.1", "index.1")
+    names = sorted(os.listdir(partial),
+                   key=lambda name: 2 if name == "header" else 0 if name in first else 1)
+    moved = []
+    try:
+        for name in names:
+            try:
+                os.link(os.path.join(partial, name), os.path.join(store, name))
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{store}: another store was made in this directory while the import ran "
+                    f"({name} is there); the imported rows were not moved into it") from None
+            moved.append(name)
+            os.remove(os.path.join(partial, name))
+    except BaseException:
+        for name in moved:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(store, name))
+        raise
+    with contextlib.suppress(OSError):
+        os.rmdir(partial)
 
 
 def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
-            dtype: str) -> None:
+            dtype: str) -> int:
+    """Appends the rows; returns the row number of the first (a synchronous Writer)."""
     if dtype == "bfloat16" and vectors.dtype == np.uint16:
         # numpy has no bfloat16: hand the raw bit patterns over, named (as Writer does for torch).
-        writer._append(keys, epochs, vectors.view(np.int16), "bfloat16", True)
-    else:
-        writer.append(keys, vectors, epoch=epochs)
+        return writer._append(keys, epochs, vectors.view(np.int16), "bfloat16", True)
+    return writer.append(keys, vectors, epoch=epochs)
+
+
+def _imported_note(writer: Writer, store: str, n: int, appended: int, first_row: Optional[int],
+                   end_row: Optional[int], contiguous: bool, rows_before: int) -> Optional[str]:
+    """What an import into the existing ``store`` that failed (or was interrupted) leaves there,
+    as the CLI's import says it: None when it appended nothing, else "R of N rows were imported
+    into STORE before this (rows F..E) and stay there". ``appended`` rows were counted, from
+    row ``first_row`` to ``end_row``; ``rows_before`` the store held before."""
+    stored = writer.stats()["rows"]
+    if not stored:
+        return None
+    if stored != appended:
+        # An append returned and the error (a Ctrl-C, caught as the call returned) came before
+        # its rows were counted. They are the rows after the counted ones when the store holds
+        # just as many more: no other writer appended since.
+        known_end = rows_before if end_row is None else end_row
+        try:
+            alone = writer.committed_rows() == known_end + stored - appended
+        except Exception:
+            alone = False
+        first_row = (known_end if first_row is None else first_row) if alone else None
+        end_row = known_end + stored - appended
+    where = ""
+    if first_row is not None:
+        where = (" (rows " if contiguous else " (among other writers' rows, in rows ") + \
+            f"{first_row}..{end_row})"
+    return f"{stored} of {n} rows were imported into {store} before this{where} and stay there"
 
 
 def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
                epoch: Optional[int] = None, dtype: Any = None, metadata: Any = None) -> int:
     """Appends rows from ``source`` to ``store``, creating the store when it does not exist (it
-    then appears whole when the import finishes) or is an empty directory (made in it, as
-    ``create`` makes one, so its rows appear as they are appended; after an error the directory
-    is left empty). Returns the rows appended.
+    then appears whole when the import finishes) or is an empty directory (built in a hidden
+    ``.store.partial-*`` directory inside it, whose files are moved up when the import finishes,
+    the header last; after an error the directory is left empty, and a killed import leaves no
+    store there, only that hidden directory). Returns the rows appended. Into an existing store, the rows appended before
+    an error (a KeyboardInterrupt too) stay there, and a note on the error says so: "R of N rows
+    were imported into STORE before this (rows F..E) and stay there".
 
     Args:
         source: an npy export directory (keys, epochs, dtype and metadata come with it), a 2-D
@@ -386,23 +700,24 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             raise FormatMismatchError(mismatch)
     else:
         meta = metadata if metadata is not None else side.get("metadata")
-        if in_place:
-            # create() refuses a directory that is no longer empty (another store made there
-            # meanwhile): nothing in it is the import's to remove.
-            create(store, dim=dim, dtype=store_dtype, metadata=meta)
-            partial = store
-            try:
-                writer = Writer(store)
-            except BaseException:
-                _empty_out(store)
-                raise
-        else:
-            partial = _partial_dir(store)
-            try:
-                writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
-            except BaseException:  # e.g. a bad dim or metadata: leave no hidden directory
-                shutil.rmtree(partial, ignore_errors=True)
-                raise
+        # Into an empty directory (a mounted volume: it cannot be replaced, and beside it is
+        # another file system) the store is built in a hidden directory inside it and its files
+        # moved up when complete (_publish_into), as the CLI's import does: a killed import
+        # leaves no store there that looks whole.
+        partial = _partial_dir(os.path.join(store, "store") if in_place else store)
+        try:
+            writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
+        except BaseException as error:  # e.g. a bad dim or metadata: no hidden directory
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(error, Exception):
+                _raise_naming_output(error, partial, store)
+            raise
+    # The rows this import appended, as the CLI's import reports them (tools/lib/import.cc):
+    # rows first_row..end_row, contiguous unless another writer appended in between.
+    appended = 0
+    first_row = end_row = None
+    contiguous = True
+    rows_before = writer.committed_rows() if partial is None else 0
     try:
         step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
         if partial is None and _may_overflow(source_dtype, writer.dtype):
@@ -419,17 +734,34 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
                  else np.asarray(key_array[lo:hi], dtype=np.uint64))
             e = (np.full(hi - lo, epoch, dtype=np.uint64)
                  if epoch_array is None else np.asarray(epoch_array[lo:hi], dtype=np.uint64))
-            _append(writer, k, e, chunk, source_dtype if chunk.dtype == np.uint16 else "")
+            row = _append(writer, k, e, chunk, source_dtype if chunk.dtype == np.uint16 else "")
+            contiguous = contiguous and (first_row is None or row == end_row)
+            first_row = row if first_row is None else first_row
+            end_row = row + hi - lo
+            appended += hi - lo
         writer.sync()
         writer.close()
-        if partial is not None and not in_place:
-            _publish(partial, store)
-    except BaseException:
-        writer.close()
         if in_place:
-            _empty_out(store)
+            _publish_into(partial, store)
         elif partial is not None:
-            shutil.rmtree(partial, ignore_errors=True)
+            _publish(partial, store)
+    except BaseException as error:
+        # Whatever the error (a KeyboardInterrupt too), and whatever the close raises after it:
+        # a new store is removed, and rows appended to an existing one are said to stay there
+        # (a retry would append them again).
+        if partial is None:
+            note = _imported_note(writer, store, n, appended, first_row, end_row, contiguous,
+                                  rows_before)
+            if note is not None:
+                _add_note(error, note)
+            _close_after_error(writer, error, f"the rows appended to {store} stay there")
+            raise
+        _close_after_error(writer, error,
+                           f"the store made in {store} is removed, leaving it empty" if in_place
+                           else f"{partial} is removed; nothing is made at {store}")
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(error, Exception):
+            _raise_naming_output(error, partial, store)
         raise
     return n
 
@@ -460,15 +792,26 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
     sizes = [np.dtype(_NPY_DTYPES[t]).itemsize for t in (target, reader.dtype)]
     widen = max(1, sizes[0] // sizes[1])
     partial = _partial_dir(out)
+    writer = None
     try:
-        with Writer(partial, dim=reader.dim, dtype=target, metadata=reader.metadata_text,
-                    segment_mb=info["segment_bytes"] * widen / (1 << 20),
-                    key_index=info["keeps_key_index"]) as writer:
+        try:
+            writer = Writer(partial, dim=reader.dim, dtype=target, metadata=reader.metadata_text,
+                            segment_mb=info["segment_bytes"] * widen / (1 << 20),
+                            key_index=info["keeps_key_index"])
             for rows in runs:
                 chunk = _as_store_rows(_read_checked(reader, rows), reader.dtype, target, rows)
                 _append(writer, np.asarray(reader.keys[rows]), np.asarray(reader.epochs[rows]),
                         chunk, target if chunk.dtype == np.uint16 else "")
             writer.sync()
+            writer.close()
+        except BaseException as error:
+            # Not Writer's with-block: it logs a failed close as rows lost from a store, and
+            # this one is removed.
+            if writer is not None:
+                _close_after_error(writer, error, f"{partial} is removed; nothing is made at {out}")
+            if isinstance(error, Exception):
+                _raise_naming_output(error, partial, out)
+            raise
         _publish(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
