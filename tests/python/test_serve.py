@@ -299,6 +299,33 @@ def test_a_truncate_during_a_refresh_or_a_check_is_not_taken_for_damage(store, m
     assert follower.check() is snap and follower.error is None
 
 
+def test_after_a_truncate_the_rate_starts_again_and_stats_show_the_new_generation(store):
+    """rows_per_second compared the rows after a truncate with the rows before it: negative.
+    /api/stats and projections carry the generation, which tells the page that a truncate
+    replaced the rows it drew (an epoch can end up with as many rows as before)."""
+    from embstore.serve.app import Server
+    embstore.create(store, dim=4)
+    with embstore.Writer(store) as w:
+        w.append(np.arange(600), np.ones((600, 4), np.float32), 0)
+    server = Server(serve_store.Follower(store))
+    try:
+        follower = server.follower
+        first = server.stats()
+        with embstore.Writer(store) as w:
+            w.truncate(rows=300)
+        follower._advance()
+        stats = server.stats()
+        assert (stats["rows"], stats["rows_per_second"]) == (300, 0.0)
+        with embstore.Writer(store) as w:
+            w.append(np.arange(100), np.ones((100, 4), np.float32), 1)
+        follower._advance()
+        assert server.stats()["rows_per_second"] > 0
+        assert (first["generation"], stats["generation"]) == (1, 2)
+        assert server.projection({})["generation"] == 2
+    finally:
+        server.close()
+
+
 def test_a_projection_after_a_truncate_is_fitted_on_the_new_rows(store):
     """After a truncate an epoch can hold as many rows as before, at other row numbers and with
     other vectors: its projection is computed again (the generation is in the cache key), not
@@ -409,6 +436,77 @@ def test_a_directory_holding_a_manifest_is_served_as_its_shards(tmp_path):
         serve_store.open_source(str(tmp_path / "notes.txt"))
 
 
+def write_shards_manifest(manifest, dim, paths):
+    """A manifest listing the stores at ``paths`` (beside it), in that order, as its shards."""
+    embstore.shards.write_manifest(manifest, {"dim": dim, "dtype": "float32", "metadata": "",
+                                              "shards": [
+        {"path": os.path.basename(path), "store_id": embstore.info(path)["store_id"], "rows": 0,
+         "epochs": []} for path in paths]})
+
+
+def test_a_shard_replaced_at_its_path_gets_a_steady_503_naming_it(tmp_path, server_on):
+    """A shard deleted and created again at its path (its node started the run over): every
+    request gets the 503 a single store gets, naming the shard and both store ids. Shards were
+    not checked, and the follower cleared the Reader's error at each pass: the deleted shard's
+    rows were served between its refreshes (one request in 25)."""
+    paths = [str(tmp_path / name) for name in ("node0", "node1")]
+    for i, path in enumerate(paths):
+        with embstore.Writer(path, dim=4) as w:
+            w.append(np.arange(100) + 100 * i, np.ones((100, 4), np.float32), 0)
+    old_id = embstore.info(paths[1])["store_id"]
+    write_shards_manifest(tmp_path / "manifest.json", 4, paths)
+    server = server_on(str(tmp_path))
+    assert server.ok("/api/history?key=150")["rows"] == [150]
+    shutil.rmtree(paths[1])
+    with embstore.Writer(paths[1], dim=4) as w:
+        w.append(np.arange(100, 150), np.full((50, 4), 9, np.float32), 0)
+    new_id = embstore.info(paths[1])["store_id"]
+    expected = f"the store at {paths[1]} was replaced by another store (store id {new_id}; " \
+               f"this server opened store id {old_id})"
+    answered = 0
+    deadline = time.monotonic() + 3  # a dozen passes of the follower (kFollowSliceSeconds)
+    while time.monotonic() < deadline:
+        for path in ("/api/history?key=150", "/api/stats", "/api/neighbours?key=120"):
+            status, body = server.get(path)
+            assert status == 503 and expected in body["error"], (path, status, body, answered)
+            answered += 1
+    assert server.alive()
+
+
+def test_a_damaged_shard_gets_a_503_not_a_crash_also_one_added_since(tmp_path, server_on):
+    """A shard's rows file cut short by another program: the 503 a single store gets, naming the
+    file; the server was killed by SIGBUS when a request touched the shard's rows. The same for
+    a shard that the manifest listed after the server started, and served again once repaired."""
+    def shard(name, base):
+        path = str(tmp_path / name)
+        embstore.create(path, dim=8, segment_mb=1)
+        with embstore.Writer(path) as w:
+            w.append(np.arange(base, base + 1000),
+                     np.random.default_rng(base).random((1000, 8), np.float32), 0)
+        return path
+    paths = [shard("node0", 0), shard("node1", 1000)]
+    write_shards_manifest(tmp_path / "manifest.json", 8, paths)
+    server = server_on(str(tmp_path))
+    assert server.ok("/api/stats")["rows"] == 2000
+    paths.append(shard("node2", 2000))
+    write_shards_manifest(tmp_path / "manifest.json", 8, paths)  # a third node's first epoch
+    server.until("/api/stats", lambda s: s["rows"] == 3000)
+    for path, key in ((paths[2], 2020), (paths[0], 20)):
+        rows_file = os.path.join(path, f"rows.{embstore.info(path)['generation']}")
+        with open(rows_file, "rb") as f:
+            saved = f.read()
+        os.truncate(rows_file, 1000)  # its 1000 rows of 32 bytes need 32000
+        for request in (f"/api/neighbours?key={key}", "/api/projection", f"/api/history?key={key}",
+                        "/api/stats", "/api/epochs"):
+            status, body = server.get(request)
+            assert status == 503 and f"{rows_file} was truncated under the server" in \
+                body["error"], (request, status, body)
+        assert server.alive()
+        with open(rows_file, "r+b") as f:
+            f.write(saved)
+        assert server.until("/api/projection", lambda p: True)["sampled"] == 3000
+
+
 def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
     """store_generation() asks the library (no offsets or flag bits restated in Python): the
     generation a truncate switched to, and None where no header can be read."""
@@ -487,6 +585,19 @@ def test_static_files_are_a_fixed_set(store, server_on):
     status, body = server.get_raw("/api/stats", headers={"Host": "attacker.example:80"})
     assert status == 403 and b"refused" in body
     assert server.get_raw("/api/stats", headers={"Host": "localhost:1"})[0] == 200
+
+
+def test_host_names_are_compared_without_case_or_a_trailing_dot(store, server_on):
+    """A Host header is a DNS name: "LOCALHOST" and "localhost." (fully qualified) name the
+    loopback as "localhost" does, and were refused (403); other names still are."""
+    embstore.create(store, dim=4)
+    server = server_on(store)
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("LOCALHOST", "LocalHost.", "localhost.", "127.0.0.1", "[::1]"):
+        assert server.get_raw("/api/stats", headers={"Host": f"{host}:{port}"})[0] == 200, host
+    for host in ("localhost..", "localhost.attacker.example", "ATTACKER.example."):
+        status, body = server.get_raw("/api/stats", headers={"Host": f"{host}:{port}"})
+        assert status == 403 and b"refused" in body, host
 
 
 def store_digest(path):
@@ -610,6 +721,17 @@ def test_labels_file_formats(tmp_path):
         analysis.Labels.load(str(json_file))
 
 
+def test_labels_files_saved_with_a_utf8_bom_are_read(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors start a file with a byte order mark: such files
+    were refused (the BOM read as part of the first key)."""
+    for name, text in (("l.csv", "key,label\n0,cat\n1,dog\n"),
+                       ("l.json", '{"0": "cat", "1": "dog"}')):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        labels = analysis.Labels.load(str(tmp_path / name))
+        codes = labels.lookup(np.array([0, 1, 2], np.uint64))
+        assert [labels.names[c] if c >= 0 else None for c in codes] == ["cat", "dog", None], name
+
+
 def test_key_lookup_scans_match_the_store(store):
     embstore.create(store, dim=4)
     rng = np.random.default_rng(3)
@@ -668,6 +790,71 @@ def test_key_lookup_with_the_index_answers_for_the_snapshot_not_later_rows(store
     assert lookup.find(later, 1, 1) == 5 and lookup.find(later, 7, 1) == 7
     assert lookup.history(later, 1).tolist() == [0, 3, 5]
     assert lookup.epoch_rows(later, 1).tolist() == [3, 4, 5, 6, 7]
+
+
+def test_float64_stores_are_computed_in_float64(store):
+    """Cast to float32, float64 values above 3.4e38 became infinite (left out of projections,
+    neighbours a 422) and values closer than float32's precision equal (distance 0, neighbours
+    in row order). Values whose squares overflow float64 (from 1.3e154) are computed too."""
+    from embstore.serve.app import Server
+    big = np.array([[1e39, 0], [2e39, 3e38], [3e39, 1e39], [0, 3e39]])
+    close = np.array([[1.0, 0], [1 + 1e-9, 0], [1 + 3e-9, 0]])
+    huge = np.array([[1e200, 0], [0, 2e200], [3e200, 1e200], [-1e200, 5e200]])
+    embstore.create(store, dim=2, dtype="float64")
+    with embstore.Writer(store) as w:
+        w.append(np.arange(4), big, 0)
+        w.append(np.arange(10, 13), close, 1)
+        w.append(np.arange(20, 24), huge, 2)
+    server = Server(serve_store.Follower(store))
+    try:
+        for epoch, values, first, first_row in ((0, big, 0, 0), (2, huge, 20, 7)):
+            scale = np.abs(values).max()  # numpy's SVD would overflow on huge
+            p = server.projection({"epoch": str(epoch)})
+            assert (p["non_finite"], p["sampled"]) == (0, 4)
+            np.testing.assert_allclose(np.abs(np.stack([p["x"], p["y"]], 1)),
+                                       np.abs(numpy_pca(values / scale)) * scale, rtol=1e-5)
+            n = server.neighbours({"key": str(first), "epoch": str(epoch), "k": "3"})
+            expected = np.linalg.norm((values[1:] - values[0]) / scale, axis=1) * scale
+            order = np.argsort(expected)
+            assert n["non_finite"] == 0
+            assert [x["key"] for x in n["neighbours"]] == (first + 1 + order).tolist()
+            np.testing.assert_allclose([x["distance"] for x in n["neighbours"]],
+                                       expected[order], rtol=1e-12)
+            h = server.history({"key": str(first + 1)})
+            assert h["non_finite"] == 0 and [t["row"] for t in h["trajectory"]] == [first_row + 1]
+        n = server.neighbours({"key": "12", "epoch": "1", "k": "2"})
+        assert [x["key"] for x in n["neighbours"]] == [11, 10]
+        np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], [2e-9, 3e-9],
+                                   rtol=1e-6)
+    finally:
+        server.close()
+
+
+def test_a_neighbour_scan_holds_bounded_bytes_whatever_the_dim(store):
+    """A scan compared 65,536 rows per step whatever the dim: at dim 1024 several float64 copies
+    of 64K rows (1.4 GB for a request). Its steps are bounded in bytes (kScanChunkBytes): the
+    peak stays a few tens of MB however many rows an epoch holds; the answer is numpy's."""
+    import tracemalloc
+    dim, rows = 1024, 16384  # 64 MiB of float32 rows (numpy data is traced; the mapping is not)
+    rng = np.random.default_rng(6)
+    embstore.create(store, dim=dim)
+    with embstore.Writer(store) as w:
+        for start in range(0, rows, 4096):
+            w.append(np.arange(start, start + 4096),
+                     rng.standard_normal((4096, dim), dtype=np.float32), 0)
+    vectors = embstore.Reader(store).vectors
+    query = np.asarray(vectors[5])
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        found, dist, non_finite = analysis.nearest(vectors, "float32", np.arange(rows), query, 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 96 << 20, f"{peak >> 20} MiB"  # was 384 MiB here (grew with the rows)
+    expected = np.linalg.norm(np.asarray(vectors, np.float64) - query, axis=1)
+    assert found.tolist() == np.argsort(expected, kind="stable")[:5].tolist() and non_finite == 0
+    np.testing.assert_allclose(dist, np.sort(expected)[:5], rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])

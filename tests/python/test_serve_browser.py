@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import embstore
-from serve_helpers import ServerProcess, WriterProcess
+from serve_helpers import ServerProcess, WriterProcess, class_rows
 
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("aiohttp")
@@ -117,3 +117,121 @@ def test_page_renders_follows_a_writer_and_draws_a_trajectory(store, tmp_path):
             code, err = server.stop()
             assert code == 0, err
         writer.close()
+
+
+def chart_points(driver):
+    """The projection's points on the chart (no labels file: one dataset), as [x, y] pairs."""
+    return driver.execute_script(
+        "return window.embstoreChart().data.datasets.filter(d => d.label === 'rows')"
+        ".flatMap(d => d.data.map(p => [p.x, p.y]))")
+
+
+def script_errors(driver):
+    """The page's console errors, but for the HTTP errors of requests (404s it shows)."""
+    return [e for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]]
+
+
+def test_page_redraws_an_epoch_a_truncate_rewrote_and_says_when_its_epoch_is_gone(store, tmp_path):
+    """A run resumed from a checkpoint: the epoch shown is truncated away and written again, with
+    as many rows (other vectors), between two polls of the page: the page redraws it (it
+    compared only the epoch and its rows, and kept the old points). Then the epoch looked at is
+    truncated away: the page drops its points and says so (it went on showing them), and draws
+    the epoch once it is written again."""
+    rng = np.random.default_rng(8)
+    keys = np.arange(200)
+    with embstore.Writer(store, dim=DIM) as w:
+        for epoch in range(3):
+            w.append(keys, class_rows(keys, epoch, DIM, rng), epoch)
+    server = ServerProcess(store)
+    driver = None
+    try:
+        driver = chromium(tmp_path)
+        driver.set_page_load_timeout(30)
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 30, poll_frequency=0.1)
+        status = driver.find_element(By.ID, "projection-status")
+        wait.until(lambda d: status.get_attribute("data-epoch") == "2")
+        before = chart_points(driver)
+        assert len(before) == 200
+
+        with embstore.Writer(store) as w:
+            w.truncate(from_epoch=2)
+            w.append(keys, class_rows(keys, 2, DIM, rng) * 100, 2)
+        p = server.until("/api/projection?epoch=2",  # once the server has the new rows
+                         lambda p: [[x, y] for x, y in zip(p["x"], p["y"])] != before)
+        assert server.ok("/api/stats")["epochs"][-1] == {"epoch": 2, "rows": 200}
+        redrawn = [[x, y] for x, y in zip(p["x"], p["y"])]
+        wait.until(lambda d: chart_points(d) == redrawn)
+        assert status.get_attribute("data-epoch") == "2"
+
+        next(b for b in driver.find_elements(By.CSS_SELECTOR, "#epoch-bars span")
+             if b.get_attribute("data-epoch") == "1").click()
+        wait.until(lambda d: status.get_attribute("data-epoch") == "1")
+        assert not driver.find_element(By.ID, "follow").is_selected()
+        with embstore.Writer(store) as w:
+            w.truncate(from_epoch=1)
+        wait.until(lambda d: "epoch 1 is no longer in the store" in status.text)
+        assert chart_points(driver) == []
+        assert driver.find_element(By.ID, "rows").text == "200"
+
+        with embstore.Writer(store) as w:
+            w.append(keys, class_rows(keys, 1, DIM, rng), 1)
+        wait.until(lambda d: status.get_attribute("data-epoch") == "1"
+                   and status.get_attribute("data-rows") == "200")
+        assert len(chart_points(driver)) == 200
+        assert script_errors(driver) == []
+    finally:
+        if driver is not None:
+            driver.quit()
+        code, err = server.stop()
+        assert code == 0, err
+
+
+def test_a_searched_key_keeps_its_trajectory_at_an_epoch_without_its_row(store, tmp_path):
+    """The page follows a new epoch that has not reached the searched key yet: its neighbours
+    there are a 404, which threw the key's trajectory away too (the search disappeared at each
+    new epoch). The trajectory stays, the page says the neighbours are not available at that
+    epoch, and shows them once the key's row is written."""
+    rng = np.random.default_rng(9)
+    with embstore.Writer(store, dim=DIM) as w:
+        for epoch in range(3):
+            w.append(np.arange(200), class_rows(np.arange(200), epoch, DIM, rng), epoch)
+    server = ServerProcess(store)
+    driver = None
+    try:
+        driver = chromium(tmp_path)
+        driver.set_page_load_timeout(30)
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 30, poll_frequency=0.1)
+        status = driver.find_element(By.ID, "projection-status")
+        wait.until(lambda d: status.get_attribute("data-epoch") == "2")
+        driver.find_element(By.ID, "key").send_keys("150")
+        driver.find_element(By.ID, "search").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours tbody tr")) == 10)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#trajectory li")) == 3
+
+        with embstore.Writer(store) as w:  # epoch 3 begins: keys 0..99, not yet 150
+            w.append(np.arange(100), class_rows(np.arange(100), 3, DIM, rng), 3)
+        wait.until(lambda d: status.get_attribute("data-epoch") == "3")  # searched again
+        assert driver.find_element(By.ID, "search-result").is_displayed()
+        assert not driver.find_element(By.ID, "search-error").is_displayed()
+        assert [li.get_attribute("data-epoch") for li in
+                driver.find_elements(By.CSS_SELECTOR, "#trajectory li")] == ["0", "1", "2"]
+        missing = driver.find_element(By.ID, "neighbours-missing")
+        assert missing.is_displayed()
+        assert not driver.find_element(By.ID, "neighbours").is_displayed()
+        assert "not available at epoch 3: key 150 has no row at epoch 3" in missing.text
+
+        with embstore.Writer(store) as w:  # the rest of epoch 3 (redrawn within 5 s)
+            w.append(np.arange(100, 200), class_rows(np.arange(100, 200), 3, DIM, rng), 3)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#trajectory li")) == 4)
+        wait.until(lambda d: not missing.is_displayed())
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#neighbours tbody tr")) == 10
+        assert driver.find_element(By.ID, "neighbours").is_displayed()
+        assert script_errors(driver) == []
+    finally:
+        if driver is not None:
+            driver.quit()
+        code, err = server.stop()
+        assert code == 0, err

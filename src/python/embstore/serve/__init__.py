@@ -20,9 +20,10 @@ Damage: before a request touches rows, the server compares the sizes of the stor
 what its snapshot needs and checks that the store directory is still there; a failure is a 503
 naming the file, and the server goes on answering. A store deleted and created again at the
 same path (a run started over) is not followed: the server's Readers map the deleted store, so
-every request gets a 503 naming both store ids until the server is restarted. Caveat: a file
-shrunk by another program in the instant between that check and the read still ends the server
-with SIGBUS (embstore itself never shrinks a store's files).
+every request gets a 503 naming both store ids until the server is restarted. A manifest's
+shards are checked each as a single store is (also shards its refresh adds), and a 503 names the
+shard. Caveat: a file shrunk by another program in the instant between that check and the read
+still ends the server with SIGBUS (embstore itself never shrinks a store's files).
 
 Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...}`` or CSV lines
 ``KEY,LABEL`` (an optional ``key,label`` header line); see ``analysis.Labels``.
@@ -37,7 +38,9 @@ says how many it left out (``non_finite``); no answer holds NaN (not JSON). Keys
 decimal integers 0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaScript.
 
 ``/api/stats``
-    ``rows``, ``rows_per_second`` (commits seen in the last 5 s), ``epoch_count``, ``epochs``
+    ``rows``, ``generation`` (the store's generation, which a truncate changes; for a manifest a
+    list, one per shard), ``rows_per_second`` (commits seen in the last 5 s, since the latest
+    truncate), ``epoch_count``, ``epochs``
     (``[{"epoch", "rows"}]``, the latest 10,000), ``bytes_on_disk`` (blocks allocated to the
     store's files), ``file_bytes`` (data + index file sizes), ``last_commit_unix`` (seconds
     since the Unix epoch of the latest commit, as its writer recorded it in the store:
@@ -54,10 +57,10 @@ decimal integers 0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaSc
     The directions are fitted on a random 2,000 of the sampled rows: exactly (eigenvectors of
     their covariance) up to dim 128, by randomized subspace iteration (numpy QR and SVD) above;
     signs are fixed so that each direction's largest element is positive. Returns ``epoch``,
-    ``epoch_rows``, ``sampled``, ``explained_variance`` (two fractions), ``x``, ``y``, ``keys``,
-    ``rows``, ``non_finite`` (sampled rows left out: NaN or Inf; ``sampled`` counts the others),
-    ``labels`` (per point an index into ``label_names``, -1 without a label; null without a
-    labels file), ``label_names``.
+    ``generation`` (as in stats), ``epoch_rows``, ``sampled``, ``explained_variance`` (two
+    fractions), ``x``, ``y``, ``keys``, ``rows``, ``non_finite`` (sampled rows left out: NaN or
+    Inf; ``sampled`` counts the others), ``labels`` (per point an index into ``label_names``, -1
+    without a label; null without a labels file), ``label_names``.
 ``/api/neighbours?key=K&epoch=E&k=N``
     The N (1 .. 100, default 10) rows of epoch E (default: the newest) nearest to key K's row at
     that epoch, in Euclidean distance, nearest first, leaving out K's own rows and rows holding
@@ -78,8 +81,13 @@ decimal integers 0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaSc
 The page (``/``) polls ``/api/stats`` every second: figures update live, the epoch slider
 follows new epochs (unless moved by hand) and the projection is drawn at once for a new epoch and
 redrawn at most every 5 s while its epoch gains rows (each draw samples, fits and projects on the
-server: CPU a writer on the same machine would miss).
-Searching a key draws its neighbours at the chosen epoch and its trajectory (as above).
+server: CPU a writer on the same machine would miss); redrawn at once after a truncate (the
+generation changed), and when a truncate removed the epoch shown the page says so.
+Searching a key draws its neighbours at the chosen epoch and its trajectory (as above); where the
+key has no neighbours at that epoch (not written there yet), the trajectory stays and the page
+says why.
+Computation: float64 stores are computed in float64, the other dtypes in float32 (their values are
+exact there, in half the memory); a neighbour scan compares its rows in steps of bounded bytes.
 """
 
 __all__ = ["main"]

@@ -7,8 +7,9 @@ from typing import Optional
 
 import numpy as np
 
-# Rows gathered and compared per step of a neighbour scan (bounds the server's memory).
-kScanChunkRows = 65536
+# Bytes of one float64 copy of the rows gathered and compared per step of a neighbour scan: a
+# step holds a few such copies, so this bounds the server's memory whatever the dim.
+kScanChunkBytes = 16 << 20
 # A PCA basis is fitted on at most this many of the sampled rows (all of them are projected).
 kFitRows = 2000
 # Up to this dim the basis is exact (eigenvectors of the dim x dim covariance, n * dim^2 work);
@@ -59,7 +60,8 @@ class Labels:
     @classmethod
     def load(cls, path: str) -> "Labels":
         try:
-            with open(path, encoding="utf-8") as f:
+            # utf-8-sig: Excel's "CSV UTF-8" and Windows editors start the file with a BOM.
+            with open(path, encoding="utf-8-sig") as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise LabelsError(f"cannot read the labels file {path}: {e}") from None
@@ -97,10 +99,12 @@ class Labels:
 
 
 def as_float(vectors: np.ndarray, dtype: str) -> np.ndarray:
-    """Rows as float32 (bfloat16 stores hold uint16 bit patterns)."""
+    """Rows as float64 for a float64 store (float32 would make values above 3.4e38 infinite and
+    merge values closer than 6e-8 relative), else as float32 (half the memory of float64, and
+    exact for the other dtypes). bfloat16 stores hold uint16 bit patterns."""
     if dtype == "bfloat16":
         return (np.asarray(vectors).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(vectors, dtype=np.float32)
+    return np.asarray(vectors, dtype=np.float64 if dtype == "float64" else np.float32)
 
 
 class Basis:
@@ -125,6 +129,11 @@ class Basis:
         explained = [0.0, 0.0]
         if rows >= 2:
             centered = sample - mean
+            # Divided by its largest element (directions and variance fractions stay): a float64
+            # store's values can be finite with squares that are not (above 1.3e154).
+            peak = float(np.abs(centered).max())
+            if 0 < peak < np.inf:
+                centered /= peak
             if dim <= kExactMaxDim:
                 values, vectors = np.linalg.eigh(centered.T @ centered)
                 variances, directions = values[::-1][:2], vectors[:, ::-1][:, :2].T
@@ -166,14 +175,20 @@ def nearest(vectors: np.ndarray, dtype: str, rows: np.ndarray, query: np.ndarray
     best_rows = np.zeros(0, np.int64)
     best_dist = np.zeros(0, np.float64)
     non_finite = 0
-    for start in range(0, len(rows), kScanChunkRows):
-        chunk = rows[start:start + kScanChunkRows]
-        block = as_float(vectors[chunk], dtype).astype(np.float64)
-        dist = np.sqrt(((block - query) ** 2).sum(axis=1))
+    step = max(1, kScanChunkBytes // (8 * len(query)))
+    for start in range(0, len(rows), step):
+        chunk = rows[start:start + step]
+        diff = as_float(vectors[chunk], dtype).astype(np.float64, copy=False) - query
+        # Each difference scaled by its largest element: a float64 store's values can be finite
+        # with squares that are not (above 1.3e154). A row holding Inf gets NaN (Inf / Inf).
+        scale = np.abs(diff).max(axis=1, initial=0.0)
+        scale[scale == 0] = 1.0
+        with np.errstate(invalid="ignore"):
+            dist = scale * np.sqrt(((diff / scale[:, None]) ** 2).sum(axis=1))
         if exclude is not None:
-            keep = ~exclude[start:start + kScanChunkRows]
+            keep = ~exclude[start:start + step]
             chunk, dist = chunk[keep], dist[keep]
-        # A float32 row's distance is finite in float64 unless the row holds NaN or Inf.
+        # A distance is finite unless the row holds NaN or Inf (or is further than 1.8e308).
         keep = np.isfinite(dist)
         non_finite += len(dist) - int(keep.sum())
         chunk, dist = chunk[keep], dist[keep]

@@ -156,7 +156,8 @@ class Server:
 
     def _finite_sample(self, snap, epoch: int, limit: int):
         """(rows in the epoch, the rows of its sample without NaN or Inf, their vectors as
-        float32, sampled rows left out for holding NaN or Inf: a PCA of them is NaN, or fails)."""
+        ``analysis.as_float`` reads them, sampled rows left out for holding NaN or Inf: a PCA of
+        them is NaN, or fails)."""
         rows, sample = self._sample(snap, epoch, limit)
         vectors = analysis.as_float(snap.vectors[sample], self.follower.dtype)
         finite = analysis.finite_rows(vectors)
@@ -218,6 +219,9 @@ class Server:
             "dtype": follower.dtype,
             "dim": follower.dim,
             "rows": snap.rows,
+            # Changes when a truncate replaced rows (a shard set: a list, one per shard), also
+            # when the rows per epoch end up as before: the page redraws what it shows.
+            "generation": snap.generation,
             "rows_per_second": round(follower.rows_per_second(), 1),
             "epoch_count": len(epochs),
             "epochs": [{"epoch": e, "rows": snap.epoch_counts[e]}
@@ -248,6 +252,7 @@ class Server:
         keys = snap.keys[sample]
         return {
             "epoch": epoch, "epoch_rows": epoch_rows, "sampled": len(sample), "limit": limit,
+            "generation": snap.generation,
             "non_finite": non_finite,
             "snapshot_rows": snap.rows, "explained_variance": basis.explained,
             "x": _rounded(xy[:, 0]), "y": _rounded(xy[:, 1]),
@@ -338,7 +343,9 @@ def make_app(server: Server) -> web.Application:
         if server.check_host:
             host = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") \
                 else request.host[1:request.host.find("]")]
-            if host not in LOOPBACK_HOSTS:
+            # Host names are case-insensitive, and "localhost." is the same name (fully
+            # qualified), as browsers and DNS take them.
+            if host.lower().removesuffix(".") not in LOOPBACK_HOSTS:
                 return _json({"error": f"Host {request.host!r} refused: this server answers "
                                        "only to 127.0.0.1 / localhost"}, 403)
         try:

@@ -15,7 +15,8 @@ Damage: before rows are touched, ``check()`` compares the sizes of the store's d
 files with what the snapshot needs (a file shrunk under a mapping would raise SIGBUS on access)
 and reports a missing store directory, or another store at its path (deleted and created again:
 a 503 naming both store ids until the server is restarted); a Reader error on refresh is kept as
-the store's error.
+the store's error until a refresh succeeds. A shard set gets the same checks for each of its
+shards (``StoreFiles``), including shards its refresh added.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -54,7 +55,8 @@ class Snapshot:
     """Rows [0, rows) of the store as seen at one refresh; never changes once published."""
 
     def __init__(self, rows: int, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
-                 epoch_counts: Dict[int, int], generation: Any) -> None:
+                 epoch_counts: Dict[int, int], generation: Any,
+                 parts: Sequence[Tuple[int, int]] = ()) -> None:
         self.rows = rows
         self.keys = keys
         self.epochs = epochs
@@ -62,6 +64,8 @@ class Snapshot:
         self.epoch_counts = epoch_counts  # epoch -> rows of that epoch in [0, rows)
         # The store's generation (int), or a shard set's tuple of its shards' generations.
         self.generation = generation
+        # (rows, generation) the snapshot maps of each store: the store, or each shard in order.
+        self.parts = list(parts)
 
     def sorted_epochs(self) -> list:
         return sorted(self.epoch_counts)
@@ -189,6 +193,64 @@ def _file_id(path: str):
     return st.st_dev, st.st_ino
 
 
+class StoreFiles:
+    """The files of one store the server maps (the store served, or one shard of a set), checked
+    before rows are touched: a store deleted and created again at its path has another header
+    file (the deleted one's inode stays in use while a Reader maps it)."""
+
+    def __init__(self, path: str, reader) -> None:
+        self.path = path
+        info = reader.info(key_stats=False)
+        self.record_bytes = info["record_bytes"]
+        self.store_id = info["store_id"]  # of the store opened
+        self.header_id = _file_id(os.path.join(path, kHeaderName))
+
+    def check_path(self) -> None:
+        """Raises StoreError when the store opened is no longer at its path."""
+        if not os.path.isdir(self.path):
+            raise StoreError(f"the store directory {self.path} is gone (deleted or renamed)")
+        self.check_same_store()
+
+    def check(self, rows: int, generation: int) -> None:
+        """Raises StoreError unless the files of ``generation`` hold ``rows`` committed rows
+        (after ``check_path()``)."""
+        if store_generation(self.path) not in (None, generation):
+            # A truncate moved the store to new files and removed these: the snapshot's mappings
+            # stay valid, and the next refresh takes the new generation.
+            return
+        for name, need in ((f"rows.{generation}", rows * self.record_bytes),
+                           (f"index.{generation}", rows * kIndexEntryBytes)):
+            file = os.path.join(self.path, name)
+            try:
+                size = os.stat(file).st_size
+            except OSError as e:
+                if e.errno == errno.ENOENT and \
+                        store_generation(self.path) not in (None, generation):
+                    return  # Removed by a truncate since the generation was read above.
+                raise StoreError(f"{file}: {e.strerror}") from None
+            if size < need:
+                raise StoreError(f"{file} was truncated under the server: {size} bytes, the "
+                                 f"{rows} committed rows need {need}; the store is damaged")
+
+    def check_same_store(self) -> None:
+        """Raises StoreError when another store is at the path than the one the Reader opened:
+        it would go on showing the deleted store. Not reopened: the new store may have another
+        dim or dtype, and a page showing one store must not turn into another; restart."""
+        header = os.path.join(self.path, kHeaderName)
+        try:
+            if _file_id(header) == self.header_id:
+                return
+        except OSError as e:
+            raise StoreError(f"{header}: {e.strerror}") from None
+        try:
+            now = f"store id {embstore.info(self.path)['store_id']}"
+        except (OSError, ValueError, embstore.Error) as e:
+            now = f"not readable yet: {e}"
+        raise StoreError(f"the store at {self.path} was replaced by another store ({now}; this "
+                         f"server opened store id {self.store_id}): its rows are not served; "
+                         "restart embstore serve to serve the new store")
+
+
 def store_generation(path: str) -> Optional[int]:
     """The generation of the store's files now (the core's read_generation: one open and one
     mapped page of its header), or None when the header cannot be read."""
@@ -241,12 +303,10 @@ class Follower:
         # scans of the snapshot, which are always in its numbering.
         self.lookup = KeyLookup(self.reader, use_index if self.single_store else False)
         self.dim = self.reader.dim
-        info = self.reader.info(key_stats=False) if self.single_store else {}
-        self.record_bytes = info.get("record_bytes", 0)
-        # The store opened. A store deleted and created again at the path has another header
-        # file (the deleted one's inode stays in use while the Readers map it).
-        self.store_id = info.get("store_id")
-        self._header_id = _file_id(os.path.join(path, kHeaderName)) if self.single_store else None
+        # The files checked before rows are touched: the store's, or each shard's (a shard set is
+        # checked as a single store is, shard by shard; _advance adds the shards a refresh adds).
+        self._stores: List[StoreFiles] = [StoreFiles(path, self.reader)] if self.single_store \
+            else [StoreFiles(shard.path, shard) for shard in self.reader.shards]
         self.dtype = self.reader.dtype
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -257,7 +317,7 @@ class Follower:
         self.last_commit_unix: Optional[float] = None
         self.refreshes = 0
         self.snapshot = Snapshot(0, np.zeros(0, np.uint64), np.zeros(0, np.uint64),
-                                 np.zeros((0, self.dim), np.float32), {}, 0)
+                                 np.zeros((0, self.dim), np.float32), {}, 0, [])
         self._advance()
 
     # ---- following -------------------------------------------------------------------------
@@ -273,18 +333,29 @@ class Follower:
         # The generation of the rows refresh() saw: info()'s is the store's now, newer if a
         # truncate came in between (its files would not hold this snapshot's rows). A shard
         # set's: every shard's, so that a truncated shard's rows are counted afresh.
-        generation = self.reader.generation if self.single_store else \
-            tuple(shard.generation for shard in self.reader.shards)
+        if self.single_store:
+            generation = self.reader.generation
+            parts = [(rows, generation)]
+        else:
+            shards = self.reader.shards
+            for shard in shards[len(self._stores):]:  # added by this refresh (a manifest grew)
+                self._stores.append(StoreFiles(shard.path, shard))
+            generation = tuple(shard.generation for shard in shards)
+            parts = list(zip(np.diff(self.reader.offsets).tolist(), generation))
+        old = self.snapshot
+        if rows < old.rows or generation != old.generation:
+            # A truncate: the rows before it tell no rate (rows went down, or were dropped and
+            # appended again).
+            self._rate.clear()
         self._rate.append((time.monotonic(), rows))
         while len(self._rate) > 2 and self._rate[1][0] < time.monotonic() - kRateWindowSeconds:
             self._rate.popleft()
-        old = self.snapshot
         if rows == old.rows and generation == old.generation and self.refreshes:
             return
         # Without key statistics: a pass over the key table at every refresh took most of a
         # core from the writers on a large store.
         info = self.reader.info(key_stats=False) if hasattr(self.reader, "info") else {}
-        self._check_files(rows, generation)
+        self._check_files(parts)
         keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
         vectors = self.reader.vectors[:rows] if self.single_store else \
             ShardVectors(self.reader, rows)
@@ -301,7 +372,7 @@ class Follower:
             # Read after the refresh, so never older than the commit of the snapshot's last row.
             self.last_commit_unix = last_commit_unix(info)
             self._counts = counts
-            self.snapshot = Snapshot(rows, keys, epochs, vectors, counts, generation)
+            self.snapshot = Snapshot(rows, keys, epochs, vectors, counts, generation, parts)
         self.refreshes += 1
 
     def _run(self) -> None:
@@ -319,6 +390,10 @@ class Follower:
                     continue
                 before = self.snapshot.rows
                 self._advance()
+                # Cleared only once a refresh succeeds: a Reader error (a shard replaced at its
+                # path, say) comes back at every refresh, and clearing it between the two served
+                # the old rows to requests in between.
+                self._error = None
                 if self.snapshot.rows != before:
                     self._stop.wait(kMinRefreshSeconds)
             except StoreError as e:
@@ -329,13 +404,13 @@ class Follower:
                 self._stop.wait(kFollowSliceSeconds)
 
     def _recheck(self) -> bool:
-        """After an error: True once the store looks servable again."""
+        """After an error: True once the store's files look servable again (the error stays
+        until a refresh succeeds)."""
         try:
-            self._check_files(self.snapshot.rows, self.snapshot.generation)
+            self._check_files(self.snapshot.parts)
         except StoreError as e:
             self._set_error(str(e))
             return False
-        self._error = None
         return True
 
     def _set_error(self, message: str) -> None:
@@ -355,52 +430,17 @@ class Follower:
     # ---- health ----------------------------------------------------------------------------
 
     def _check_path(self) -> None:
-        """Raises StoreError when the store opened is no longer at its path (a single store)."""
-        if not self.single_store:
-            return
-        if not os.path.isdir(self.path):
-            raise StoreError(f"the store directory {self.path} is gone (deleted or renamed)")
-        self._check_same_store()
+        """Raises StoreError when the store, or a shard of the set, opened is no longer at its
+        path."""
+        for files in self._stores:
+            files.check_path()
 
-    def _check_files(self, rows: int, generation: int) -> None:
-        if not self.single_store:
-            return
-        self._check_path()
-        if store_generation(self.path) not in (None, generation):
-            # A truncate moved the store to new files and removed these: the snapshot's mappings
-            # stay valid, and the next refresh takes the new generation.
-            return
-        for name, need in ((f"rows.{generation}", rows * self.record_bytes),
-                           (f"index.{generation}", rows * kIndexEntryBytes)):
-            file = os.path.join(self.path, name)
-            try:
-                size = os.stat(file).st_size
-            except OSError as e:
-                if e.errno == errno.ENOENT and \
-                        store_generation(self.path) not in (None, generation):
-                    return  # Removed by a truncate since the generation was read above.
-                raise StoreError(f"{file}: {e.strerror}") from None
-            if size < need:
-                raise StoreError(f"{file} was truncated under the server: {size} bytes, the "
-                                 f"{rows} committed rows need {need}; the store is damaged")
-
-    def _check_same_store(self) -> None:
-        """Raises StoreError when another store is at the path than the one the Readers opened:
-        they would go on showing the deleted store. Not reopened: the new store may have another
-        dim or dtype, and a page showing one store must not turn into another; restart."""
-        header = os.path.join(self.path, kHeaderName)
-        try:
-            if _file_id(header) == self._header_id:
-                return
-        except OSError as e:
-            raise StoreError(f"{header}: {e.strerror}") from None
-        try:
-            now = f"store id {embstore.info(self.path)['store_id']}"
-        except (OSError, ValueError, embstore.Error) as e:
-            now = f"not readable yet: {e}"
-        raise StoreError(f"the store at {self.path} was replaced by another store ({now}; this "
-                         f"server opened store id {self.store_id}): its rows are not served; "
-                         "restart embstore serve to serve the new store")
+    def _check_files(self, parts: Sequence[Tuple[int, int]]) -> None:
+        """Raises StoreError unless each store's files hold its (rows, generation) of ``parts``
+        (a snapshot's)."""
+        self._check_path()  # Every shard, also one with no rows in the snapshot yet.
+        for files, (rows, generation) in zip(self._stores, parts):
+            files.check(rows, generation)
 
     def check(self) -> Snapshot:
         """The current snapshot, after checking the store can be read; raises StoreError."""
@@ -408,7 +448,7 @@ class Follower:
             raise StoreError(self._error)
         snap = self.snapshot
         try:
-            self._check_files(snap.rows, snap.generation)
+            self._check_files(snap.parts)
         except StoreError as e:
             self._set_error(str(e))
             raise

@@ -12,7 +12,7 @@ const kPalette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564
 const state = {
   epochs: [],          // [{epoch, rows}]
   epoch: null,         // the epoch shown
-  drawn: null,         // {epoch, rows} of the projection on screen
+  drawn: null,         // {epoch, rows, generation} of the projection on screen
   drawnAt: 0,
   loading: false,
   draws: 0,
@@ -141,7 +141,7 @@ async function loadProjection() {
   const epoch = state.epoch;
   try {
     const p = await getJson(`/api/projection?epoch=${epoch}`);
-    state.drawn = {epoch: p.epoch, rows: p.epoch_rows};
+    state.drawn = {epoch: p.epoch, rows: p.epoch_rows, generation: JSON.stringify(p.generation)};
     state.drawnAt = Date.now();
     if (state.key !== null) await loadSearch(false);
     redraw(p);
@@ -181,6 +181,21 @@ function renderEpochs() {
   }));
 }
 
+// The epoch on screen is no longer in the store (a truncate dropped it): its points go, and the
+// page says so until the epoch has rows again or another is chosen.
+async function showGone(epoch) {
+  state.drawn = null;
+  if (chart) chart.$points = [];
+  if (state.key !== null) await loadSearch(false);
+  redraw(null);
+  const status = $("projection-status");
+  status.dataset.epoch = "";
+  status.dataset.points = 0;
+  status.dataset.rows = 0;
+  status.textContent = `epoch ${epoch} is no longer in the store (truncated): choose another ` +
+                       "epoch, or wait for it to be written again";
+}
+
 function selectEpoch(epoch, follow) {
   $("follow").checked = follow;
   state.epoch = epoch;
@@ -209,10 +224,17 @@ async function poll() {
     }
     renderEpochs();
     const current = state.epochs.find((e) => e.epoch === state.epoch);
+    // A truncate (the generation changed) replaced the rows drawn, even when the epoch has as
+    // many rows as before (a resume from a checkpoint): redrawn at once, as a new epoch is.
+    const replaced = state.drawn !== null &&
+                     state.drawn.generation !== JSON.stringify(s.generation);
     const stale = current && (!state.drawn || state.drawn.epoch !== current.epoch ||
-                              state.drawn.rows !== current.rows);
-    if (stale && (state.drawn?.epoch !== current.epoch || Date.now() - state.drawnAt > kRedrawMs)) {
+                              state.drawn.rows !== current.rows || replaced);
+    if (stale && (state.drawn?.epoch !== current.epoch || replaced ||
+                  Date.now() - state.drawnAt > kRedrawMs)) {
       await loadProjection();
+    } else if (!current && state.drawn !== null) {
+      await showGone(state.drawn.epoch);
     }
   } catch (e) {
     $("live").textContent = "no answer";
@@ -226,31 +248,38 @@ async function poll() {
 async function loadSearch(draw) {
   const key = state.key;
   const k = $("k").value || "10";
-  try {
-    const [n, h] = await Promise.all([
-      getJson(`/api/neighbours?key=${encodeURIComponent(key)}&epoch=${state.epoch}&k=${encodeURIComponent(k)}`),
-      getJson(`/api/history?key=${encodeURIComponent(key)}`),
-    ]);
-    state.neighbours = n;
-    state.history = h;
+  const epoch = state.epoch;
+  // Settled apart: the key's history stands without its neighbours at the epoch shown (a new
+  // epoch that has not reached the key yet, an epoch truncated away, a row holding NaN).
+  const [n, h] = await Promise.allSettled([
+    getJson(`/api/neighbours?key=${encodeURIComponent(key)}&epoch=${epoch}&k=${encodeURIComponent(k)}`),
+    getJson(`/api/history?key=${encodeURIComponent(key)}`),
+  ]);
+  if (h.status === "fulfilled") {
+    state.neighbours = n.status === "fulfilled" ? n.value : null;
+    state.history = h.value;
     showError($("search-error"), "");
-    renderSearch();
-  } catch (e) {
+    renderSearch(epoch, n.status === "fulfilled" ? "" : n.reason.message);
+  } else {
     state.neighbours = null;
     state.history = null;
     $("search-result").hidden = true;
-    showError($("search-error"), e.message);
+    showError($("search-error"), h.reason.message);
   }
   if (draw) redraw(null);
 }
 
-function renderSearch() {
+// `missing`: why there are no neighbours at `epoch` (state.neighbours is null), or "".
+function renderSearch(epoch, missing) {
   const n = state.neighbours, h = state.history;
   $("search-result").hidden = false;
   $("result-key").textContent = h.key;
   $("result-label").textContent = h.label === null ? "" : `label ${h.label}`;
-  $("result-epoch").textContent = `${n.epoch}${n.exact ? "" : ` (${n.scanned} of ${n.epoch_rows} rows sampled)`}`;
-  $("neighbours").tBodies[0].replaceChildren(...n.neighbours.map((p) => {
+  showError($("neighbours-missing"), n ? "" : `not available at epoch ${epoch}: ${missing}`);
+  $("neighbours").hidden = !n;
+  $("result-epoch").textContent = !n ? `${epoch}`
+      : `${n.epoch}${n.exact ? "" : ` (${n.scanned} of ${n.epoch_rows} rows sampled)`}`;
+  $("neighbours").tBodies[0].replaceChildren(...(n ? n.neighbours : []).map((p) => {
     const tr = document.createElement("tr");
     for (const text of [p.key, p.label ?? "", p.distance.toPrecision(4)]) {
       const td = document.createElement("td");
