@@ -4,10 +4,12 @@ the same rows, keys and epochs, compaction, kill -9 during compact, and bad inpu
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import h5py
 import numpy as np
@@ -849,6 +851,50 @@ def test_an_import_into_an_empty_directory_killed_midway_leaves_no_store_there(t
     assert r.code == 0, r
     assert len(embstore.Reader(other)) == n and not partial_dirs(other)
     assert not [name for name in os.listdir(other) if name.startswith(".")]
+
+
+@pytest.mark.parametrize("command,sig", [("import", signal.SIGINT), ("export", signal.SIGTERM),
+                                         ("compact", signal.SIGINT), ("merge", signal.SIGINT),
+                                         ("salvage", signal.SIGTERM)])
+def test_a_stop_signal_cleans_up_says_so_and_exits_as_a_shell_reports_it(tmp_path, command, sig):
+    """From a review: Ctrl-C or SIGTERM killed a long command outright: no word on stderr, its
+    hidden .partial-* directory left behind, and an import into an existing store kept the rows
+    it had appended without saying so (a retry stores them twice)."""
+    n = 1_500_000
+    src = tmp_path / "src"
+    embstore.create(src, dim=8, segment_mb=SEGMENT_MB)
+    with embstore.Writer(src) as w:
+        for first in range(0, n, 100_000):
+            w.append(np.arange(first, first + 100_000), np.ones((100_000, 8), np.float32), 0)
+    np.save(tmp_path / "v.npy", np.ones((n, 8), np.float32))
+    out = tmp_path / "out"
+    args = {"import": [src, tmp_path / "v.npy", "--epoch", 1],
+            "export": [src, out, "--format", "csv"], "compact": [src, out, "--epochs", 0],
+            "merge": [out, src], "salvage": [src, out]}[command]
+    proc = subprocess.Popen([CLI, command, *map(str, args), "--quiet"], stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if command == "import":
+            started = embstore.info(src)["committed_rows"] > n
+        else:
+            started = any(".partial-" in name for name in os.listdir(tmp_path))
+        if started:
+            break
+        time.sleep(0.001)
+    time.sleep(0.05)
+    proc.send_signal(sig)
+    err = proc.communicate()[1]
+    if proc.returncode == 0:
+        pytest.skip(f"{command} finished before the signal came")
+    name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert f"embstore {command}: interrupted by {name}" in err, err
+    assert not partial_dirs(tmp_path) and not out.exists(), os.listdir(tmp_path)
+    if command == "import":
+        stayed = embstore.info(src)["committed_rows"] - n
+        assert f"{stayed} of {n} rows were imported into {src}" in err and "stay there" in err, err
+    assert embstore.Reader(src).verify().ok
 
 
 @pytest.mark.parametrize("command", ["export", "compact", "import"])

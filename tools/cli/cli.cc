@@ -25,6 +25,14 @@ std::int64_t now_ns() {
 
 namespace {
 
+// Stop signals (install_stop_handlers(), install_work_stop_handlers()): how many came, and the
+// last one's number.
+volatile std::sig_atomic_t g_stop_signals = 0;
+volatile std::sig_atomic_t g_stop_signal = 0;
+bool g_stop_handlers = false;  // install_stop_handlers() was called.
+// install_work_stop_handlers() was called: Progress::update() throws, a second signal kills.
+volatile std::sig_atomic_t g_work_stops = 0;
+
 std::string duration_text(double seconds) {
   if (seconds < 60) return fmt::format("{:.0f}s", seconds);
   if (seconds < 3600) return fmt::format("{:.0f}m{:02.0f}s", seconds / 60, std::fmod(seconds, 60));
@@ -36,6 +44,10 @@ std::string duration_text(double seconds) {
 int exit_status(const Error& error) {
   // Invalid arguments are usage errors whether CLI11 or the library finds them.
   if (error.code() == ErrorCode::kInvalidArgument) return kExitUsage;
+  // Stopped by a signal (install_work_stop_handlers()): as a shell reports it.
+  if (error.code() == ErrorCode::kInterrupted && g_work_stops && stop_signal() != 0) {
+    return 128 + stop_signal();
+  }
   return kExitErrorBase + static_cast<int>(error.code());
 }
 
@@ -119,11 +131,15 @@ Progress::~Progress() {
 }
 
 tools::ProgressFn Progress::fn() {
-  if (!enabled_) return nullptr;
+  if (!enabled_ && !g_work_stops) return nullptr;
   return [this](std::uint64_t done, std::uint64_t total) { update(done, total); };
 }
 
 void Progress::update(std::uint64_t done, std::uint64_t total) {
+  if (g_work_stops && stop_requested()) {
+    throw Error(ErrorCode::kInterrupted,
+                std::string("interrupted by ") + (stop_signal() == SIGTERM ? "SIGTERM" : "SIGINT"));
+  }
   if (!enabled_) return;
   const std::int64_t now = now_ns();
   if (done < total && now - last_draw_ns_ < 100'000'000) return;
@@ -245,12 +261,16 @@ constexpr int kStopped = -1;
 
 std::string g_done_note;
 
-volatile std::sig_atomic_t g_stop_signals = 0;
-bool g_stop_handlers = false;  // install_stop_handlers() was called.
-
-void on_stop_signal(int) {
-  // Only this handler writes it, with SIGINT and SIGTERM both blocked while it runs.
+void on_stop_signal(int signal) {
+  // Only this handler writes them, with SIGINT and SIGTERM both blocked while it runs.
   g_stop_signals = g_stop_signals + 1;
+  g_stop_signal = signal;
+  if (g_work_stops && g_stop_signals > 1) {
+    // The clean-up the first asked for is not coming (a long flush, say): end as without a
+    // handler. signal() and raise() are async-signal-safe.
+    ::signal(signal, SIG_DFL);
+    ::raise(signal);
+  }
 }
 
 void stdout_failed(int err) {
@@ -411,6 +431,21 @@ void install_stop_handlers() {
 }
 
 bool stop_requested() { return g_stop_signals != 0; }
+
+void install_work_stop_handlers() {
+  g_work_stops = 1;
+  struct sigaction action = {};
+  action.sa_handler = on_stop_signal;
+  ::sigemptyset(&action.sa_mask);
+  ::sigaddset(&action.sa_mask, SIGINT);
+  ::sigaddset(&action.sa_mask, SIGTERM);
+  // Restarted: the library's system calls go on, and the work stops at its next progress step.
+  action.sa_flags = SA_RESTART;
+  ::sigaction(SIGINT, &action, nullptr);
+  ::sigaction(SIGTERM, &action, nullptr);
+}
+
+int stop_signal() { return g_stop_signals != 0 ? static_cast<int>(g_stop_signal) : 0; }
 
 void note_done(std::string what) { g_done_note = std::move(what); }
 

@@ -78,7 +78,11 @@ class Progress {
  public:
   Progress(std::string label, bool quiet);
   ~Progress();  // Clears the line.
+  // A callback for the library's long operations (drawing unless quiet); null only when it has
+  // nothing to do (quiet, and no install_work_stop_handlers()).
   tools::ProgressFn fn();
+  // Draws the line (at most every 0.1 s, unless quiet or stderr is no terminal); first throws
+  // the kInterrupted error after install_work_stop_handlers() once a stop signal came.
   void update(std::uint64_t done, std::uint64_t total);
 
  private:
@@ -129,6 +133,16 @@ void accept_closed_stdout();
 // middle of a line longer than PIPE_BUF).
 void install_stop_handlers();
 bool stop_requested();
+
+// For the commands that write (export, import, compact, merge, salvage): from now on SIGINT and
+// SIGTERM set stop_requested() (system calls restarted), and every Progress::update() throws
+// an Error with code kInterrupted ("interrupted by SIGINT"), so the command's clean-up runs: a
+// new output's hidden working directory is removed, an import into an existing store says
+// which rows stay there. A second signal ends the process at once, as without handlers. main()
+// exits 128 + the signal's number for such an error (130 for SIGINT), as a shell does.
+void install_work_stop_handlers();
+// The signal that stop_requested() answers for (SIGINT or SIGTERM), 0 when none came.
+int stop_signal();
 
 // Called by a command once its action has changed something on disk, with what it did in a few
 // words ("run.emb: kept rows [0, 20)"): if stdout then fails, main() says the action was done

@@ -33,6 +33,7 @@ void note_epochs_going_down(const ShardSet& shards) {
 }
 
 int run_merge(const MergeArgs& args) {
+  install_work_stop_handlers();  // Ctrl-C cleans up (cli.h).
   const ShardSet shards = ShardSet::open(args.inputs);
   note_epochs_going_down(shards);
   StoreInfo info;

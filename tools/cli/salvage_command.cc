@@ -19,6 +19,7 @@ struct SalvageArgs {
 };
 
 int run_salvage(const SalvageArgs& args) {
+  install_work_stop_handlers();  // Ctrl-C cleans up (cli.h).
   SalvageReport report;
   {
     Progress progress("salvaging", args.quiet);

@@ -31,6 +31,7 @@ struct ExportArgs {
 };
 
 int run_export(const ExportArgs& args) {
+  install_work_stop_handlers();  // Ctrl-C cleans up (cli.h).
   tools::ExportOptions options;
   std::string format = args.format;
   if (format.empty()) {
@@ -82,6 +83,7 @@ struct ImportArgs {
 };
 
 int run_import(const ImportArgs& args) {
+  install_work_stop_handlers();  // Ctrl-C cleans up (cli.h).
   tools::ImportOptions options;
   if (!args.keys.empty()) options.keys = args.keys;
   if (!args.epochs.empty()) options.epochs = args.epochs;
@@ -130,6 +132,7 @@ struct CompactArgs {
 };
 
 int run_compact(const CompactArgs& args) {
+  install_work_stop_handlers();  // Ctrl-C cleans up (cli.h).
   tools::CompactOptions options;
   options.latest_per_key = args.latest_per_key;
   options.epochs.insert(args.epochs.begin(), args.epochs.end());
