@@ -1175,7 +1175,10 @@ PYBIND11_MODULE(_embstore, m) {
         SalvageReport report;
         {
           ReleaseGil unlocked;
-          report = salvage(store, out);
+          // Ctrl-C ends the copy at its next step; nothing is left at `out`.
+          report = salvage(store, out, [&](std::uint64_t, std::uint64_t) {
+            if (python_interrupted()) throw Error(ErrorCode::kInterrupted, out + ": interrupted");
+          });
         }
         py::list lost;
         for (const auto& [begin, end] : report.lost_ranges) lost.append(py::make_tuple(begin, end));
@@ -1377,7 +1380,12 @@ PYBIND11_MODULE(_embstore, m) {
             }
           }
           info = merge_stores(out, set, [&](const MergeProgress& done) {
-            if (progress.is_none()) return;
+            if (progress.is_none()) {
+              // Ctrl-C ends the merge at its next step (nothing is left at `out`); with a
+              // callback, the KeyboardInterrupt its call raises does.
+              if (python_interrupted()) throw Error(ErrorCode::kInterrupted, out + ": interrupted");
+              return;
+            }
             py::gil_scoped_acquire locked;
             progress(done.rows_done, done.rows_total, *done.shard_path);
           });

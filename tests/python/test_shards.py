@@ -749,3 +749,39 @@ def test_refresh_adds_the_shards_a_manifest_lists_since_after_those_held(tmp_pat
     # A manifest removed since lists nothing new.
     os.remove(manifest)
     assert s.refresh() == 29
+
+
+@pytest.mark.parametrize("call", ["merge", "salvage"])
+def test_ctrl_c_ends_a_merge_or_salvage_without_a_callback_leaving_nothing(tmp_path, call):
+    """From a review: without a progress callback, merge and salvage ignored Ctrl-C until they
+    had published the whole new store, then raised KeyboardInterrupt, as if they had failed (a
+    retry met FileExistsError)."""
+    import subprocess
+    import sys
+    import textwrap
+    src = str(tmp_path / "src")
+    with embstore.Writer(src, dim=64) as w:
+        for first in range(0, 400_000, 50_000):
+            w.append(np.arange(first, first + 50_000), np.ones((50_000, 64), np.float32), 0)
+    out = tmp_path / "out"
+    script = textwrap.dedent("""
+        import os, signal, sys, threading, time, embstore, embstore.shards as sh
+        call, src, out = sys.argv[1:]
+        start = time.monotonic()
+        def interrupt():  # once the work has begun: its hidden directory is there
+            while not any(".partial-" in n for n in os.listdir(os.path.dirname(out))):
+                time.sleep(0.0005)
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=interrupt, daemon=True).start()
+        try:
+            sh.merge(out, [src]) if call == "merge" else embstore.salvage(src, out)
+            print("finished")
+        except KeyboardInterrupt:
+            print("interrupted", os.path.exists(out))
+    """)
+    r = subprocess.run([sys.executable, "-c", script, call, src, str(out)], capture_output=True,
+                       text=True, timeout=120)
+    if r.stdout.strip() == "finished":
+        pytest.skip(f"{call} finished before the interrupt")
+    assert r.stdout.strip() == "interrupted False", (r.stdout, r.stderr)
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
