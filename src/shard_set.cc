@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -343,17 +344,33 @@ void write_manifest(const std::string& path, const Manifest& manifest) {
   detail::os::sync_dir(directory_of(path));
 }
 
+namespace {
+
+// `path` joined to the working directory if relative; not resolved further (symbolic links,
+// ".."), as the kernel resolves them at each use (StoreFiles::open() makes a store's so).
+std::string absolute_path(const std::string& path) {
+  if (path.empty() || path.front() == '/') return path;
+  std::error_code ec;
+  const std::string cwd = std::filesystem::current_path(ec).string();
+  return ec ? path : (cwd == "/" ? "" : cwd) + "/" + path;
+}
+
+}  // namespace
+
 class ShardSet::Impl {
  public:
   std::vector<std::unique_ptr<Shard>> shards;
   std::vector<std::string> store_ids;  // shards[i]'s.
   std::string metadata;
   ReaderOptions options;
-  // Opened from a manifest: its file, and how it stood when last read (refresh() reads it
-  // again once it changed).
+  // Opened from a manifest: its file as given (errors name it), the same made absolute when
+  // the set was opened (refresh() reads it again once it changed, whatever the working
+  // directory is by then), how it stood when last read, and the manifest path of each shard.
   std::optional<Manifest> manifest;
   std::string manifest_path;
+  std::string manifest_file;
   std::optional<detail::os::FileStamp> manifest_stamp;
+  std::vector<std::string> listed_paths;
   std::uint64_t size = 0;
 
   void renumber() {
@@ -464,12 +481,12 @@ void ShardSet::Impl::add_shard(const std::string& path, const ManifestShard* ent
 }
 
 void ShardSet::Impl::add_shards_listed_since() {
-  const std::optional<detail::os::FileStamp> stamp = detail::os::file_stamp_at(manifest_path);
+  const std::optional<detail::os::FileStamp> stamp = detail::os::file_stamp_at(manifest_file);
   // A manifest removed since lists nothing new: the shards held stay as they are.
   if (!stamp || stamp == manifest_stamp) return;
   // Stamped before the read: a manifest replaced again meanwhile stamps differently, and is
   // read again at the next refresh.
-  Manifest now = read_manifest(manifest_path);
+  Manifest now = read_manifest(manifest_file);
   if (now.dim != manifest->dim || now.dtype != manifest->dtype) {
     throw Error(ErrorCode::kFormatMismatch,
                 manifest_path + ": the manifest now says dim " + std::to_string(now.dim) + " " +
@@ -477,10 +494,21 @@ void ShardSet::Impl::add_shards_listed_since() {
                     std::to_string(manifest->dim) + " " + std::string(dtype_name(manifest->dtype)) +
                     " of the shards this set holds: open a new ShardSet");
   }
-  const std::string dir = directory_of(manifest_path);
+  const std::string dir = directory_of(manifest_file);
   for (const ManifestShard& entry : now.shards) {
     if (std::find(store_ids.begin(), store_ids.end(), entry.store_id) != store_ids.end()) continue;
+    // Another store at the path of a shard held (deleted and made again: a run started over):
+    // not a shard to add beside the old one, whose Reader still maps the deleted files.
+    const auto held = std::find(listed_paths.begin(), listed_paths.end(), entry.path);
+    if (held != listed_paths.end()) {
+      throw Error(ErrorCode::kFormatMismatch,
+                  manifest_path + ": shard '" + entry.path + "' is now listed as store " +
+                      entry.store_id + ", not the store " +
+                      store_ids[static_cast<std::size_t>(held - listed_paths.begin())] +
+                      " this set holds there (deleted and made again?): open a new ShardSet");
+    }
     add_shard(dir + "/" + entry.path, &entry);
+    listed_paths.push_back(entry.path);
   }
   manifest_stamp = stamp;
 }
@@ -509,8 +537,9 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
   if (manifest_or_stores.size() == 1) {
     if (auto file = manifest_file(manifest_or_stores[0])) {
       impl->manifest_path = *file;
-      impl->manifest_stamp = detail::os::file_stamp_at(impl->manifest_path);
-      impl->manifest = read_manifest(impl->manifest_path);
+      impl->manifest_file = absolute_path(*file);
+      impl->manifest_stamp = detail::os::file_stamp_at(impl->manifest_file);
+      impl->manifest = read_manifest(impl->manifest_file);
       impl->metadata = impl->manifest->metadata;
     }
   }
@@ -522,6 +551,7 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
     const std::string dir = directory_of(impl->manifest_path);
     for (const ManifestShard& entry : impl->manifest->shards) {
       impl->add_shard(dir + "/" + entry.path, &entry);
+      impl->listed_paths.push_back(entry.path);
     }
   } else {
     for (const std::string& path : manifest_or_stores) impl->add_shard(path, nullptr);

@@ -507,6 +507,33 @@ def test_a_damaged_shard_gets_a_503_not_a_crash_also_one_added_since(tmp_path, s
         assert server.until("/api/projection", lambda p: True)["sampled"] == 3000
 
 
+def test_a_shard_listed_before_it_is_there_leaves_the_others_served(tmp_path, server_on):
+    """From a review: a manifest listing a node's shard before it was copied beside it made
+    every refresh fail, and the whole server answered 503, though the shards held were fine."""
+    def shard(name, base):
+        path = str(tmp_path / name)
+        embstore.create(path, dim=8, segment_mb=1)
+        with embstore.Writer(path) as w:
+            w.append(np.arange(base, base + 100),
+                     np.random.default_rng(base).random((100, 8), np.float32), 0)
+        return path
+    paths = [shard("node0", 0)]
+    write_shards_manifest(tmp_path / "manifest.json", 8, paths)
+    server = server_on(str(tmp_path))
+    later = shard("node1", 100)
+    os.rename(later, str(tmp_path / "elsewhere"))
+    write_shards_manifest(tmp_path / "manifest.json", 8, [paths[0], str(tmp_path / "elsewhere")])
+    text = (tmp_path / "manifest.json").read_text().replace('"elsewhere"', '"node1"')
+    (tmp_path / "manifest.json").write_text(text)  # lists node1, not there yet
+    with embstore.Writer(paths[0]) as w:  # and node0 goes on growing
+        w.append(np.arange(1000, 1010), np.ones((10, 8), np.float32), 0)
+    stats = server.until("/api/stats", lambda s: s["rows"] == 110)
+    assert server.get("/api/history?key=1005")[0] == 200, stats
+    os.rename(str(tmp_path / "elsewhere"), later)
+    server.until("/api/stats", lambda s: s["rows"] == 210)
+    assert server.get("/api/history?key=150")[0] == 200
+
+
 def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
     """store_generation() asks the library (no offsets or flag bits restated in Python): the
     generation a truncate switched to, and None where no header can be read."""

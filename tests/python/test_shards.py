@@ -785,3 +785,30 @@ def test_ctrl_c_ends_a_merge_or_salvage_without_a_callback_leaving_nothing(tmp_p
         pytest.skip(f"{call} finished before the interrupt")
     assert r.stdout.strip() == "interrupted False", (r.stdout, r.stderr)
     assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+def test_a_shardset_follows_its_manifest_from_another_directory_and_refuses_a_store_made_again(
+        tmp_path, monkeypatch):
+    """From a review: the manifest was read again by the relative path the set was opened with
+    (after a chdir, or in a pickled copy elsewhere, another run's manifest or none), and a store
+    made again at a shard's path was added beside the deleted one's rows."""
+    import pickle
+    make_shards(tmp_path, [10, 15])
+    manifest = tmp_path / es.MANIFEST_NAME
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0"]))
+    monkeypatch.chdir(tmp_path)
+    s = embstore.ShardSet(es.MANIFEST_NAME)
+    copy = pickle.dumps(s)
+    monkeypatch.chdir("/")
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0", "s1"]))
+    assert s.refresh() == 25
+    assert pickle.loads(copy).refresh() == 25
+    # A run started over: s0 deleted and made again, and listed. (follow_manifest(): a
+    # refresh() may first find the held s0's Reader deleted, FileNotFoundError.)
+    shutil.rmtree(tmp_path / "s0")
+    with embstore.Writer(tmp_path / "s0", dim=6, metadata={"run": 1}) as w:
+        w.append([1], np.ones((1, 6), np.float32), 0)
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0", "s1"]))
+    with pytest.raises(embstore.FormatMismatchError, match="s0 is now listed as store"):
+        s.follow_manifest()
+    assert len(s) == 25 and len(s.shards) == 2

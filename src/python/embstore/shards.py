@@ -239,6 +239,10 @@ class ShardSet:
             # at the next refresh().
             self._manifest = _embstore.manifest_file(self._inputs[0]) \
                 if len(self._inputs) == 1 else None
+            if self._manifest is not None:
+                # Absolute, so that refresh() reads the same file from any working directory
+                # (and a pickled copy in another one); joined, not normalised (as Reader.path).
+                self._manifest = os.path.join(os.getcwd(), self._manifest)
             self._manifest_stamp = _file_stamp(self._manifest)
             paths, metadata, _ = _embstore.resolve_shards(self._inputs)
         self.metadata_text: str = metadata.decode("utf-8", errors="replace")
@@ -275,8 +279,10 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def refresh(self) -> int:
-        """New snapshots of every shard; then, for a set opened from a manifest whose file has
+    def refresh(self, follow_manifest: bool = True) -> int:
+        """New snapshots of every shard; then (unless ``follow_manifest`` is False: the shards
+        held only; a live view calls follow_manifest() apart, so that a shard listed before it
+        is there does not stop it showing the others), for a set opened from a manifest whose file has
         changed since it was last read (replaced by ``write_manifest`` or a recorder's
         ``end_epoch()``, or rewritten), reads it again and adds the shards it now lists that the
         set does not hold (by store id: a node's first ``end_epoch()`` lists its shard), checked
@@ -294,21 +300,50 @@ class ShardSet:
         try:
             for reader in shards:
                 reader.refresh()
-            if self._manifest is not None:
-                self._add_shards_listed_since()
+            if follow_manifest:
+                self.follow_manifest()
         finally:
             self._renumber()
         return len(self)
 
-    def _add_shards_listed_since(self) -> None:
+    def follow_manifest(self) -> int:
+        """For a set opened from a manifest: reads it again if its file changed since it was
+        last read and adds the shards it lists that the set does not hold, as ``refresh()`` does
+        (raising what it raises), without refreshing the shards held. Returns how many shards
+        it added. Another store id listed at the path of a shard held (a run started over) is
+        FormatMismatchError: open a new ShardSet."""
+        if self._manifest is None:
+            return 0
+        if self._shards is None:
+            self._reopen()
         stamp = _file_stamp(self._manifest)
         if stamp is None or stamp == self._manifest_stamp:
-            return
-        with _stores_checked(self._inputs):
-            paths, _, store_ids = _embstore.resolve_shards(self._inputs)  # the core's checks
+            return 0
+        with _stores_checked([self._manifest]):
+            paths, _, store_ids = _embstore.resolve_shards([self._manifest])  # the core's checks
+        added = 0
+        try:
+            added = self._add_listed(paths, store_ids)
+        finally:
+            if added:
+                self._renumber()
+        self._manifest_stamp = stamp
+        return added
+
+    def _add_listed(self, paths: List[str], store_ids: List[str]) -> int:
+        added = 0
         for path, store_id in zip(paths, store_ids):
             if store_id in self._store_ids:
                 continue
+            # The same manifest entry (paths built from one manifest directory, which may be
+            # relative ("./s0") in the paths held: compared without "." parts).
+            held_at = [os.path.normpath(p) for p in self.paths]
+            if os.path.normpath(path) in held_at:
+                held = self._store_ids[held_at.index(os.path.normpath(path))]
+                raise FormatMismatchError(
+                    f"{self._manifest}: shard {path} is now listed as store {store_id}, not the "
+                    f"store {held} this set holds there (deleted and made again?): open a new "
+                    "ShardSet")
             reader = Reader(path, map_bytes=self._map_bytes)
             try:
                 seen = reader.info(key_stats=False)["store_id"]
@@ -323,7 +358,8 @@ class ShardSet:
             self._shards.append(reader)
             self.paths.append(reader.path)
             self._store_ids.append(store_id)
-        self._manifest_stamp = stamp
+            added += 1
+        return added
 
     @property
     def dim(self) -> int:

@@ -314,6 +314,7 @@ class Follower:
         self._counts: Dict[int, int] = {}
         self._rate = collections.deque()  # (monotonic seconds, rows)
         self._error: Optional[str] = None
+        self._manifest_problem: Optional[str] = None  # A shard set: a shard it cannot add yet.
         self.last_commit_unix: Optional[float] = None
         self.refreshes = 0
         self.snapshot = Snapshot(0, np.zeros(0, np.uint64), np.zeros(0, np.uint64),
@@ -325,11 +326,24 @@ class Follower:
     def _advance(self) -> None:
         """Refreshes the lookup Reader and publishes a snapshot if rows arrived."""
         try:
-            rows = self.reader.refresh()
+            rows = self.reader.refresh() if self.single_store else \
+                self.reader.refresh(follow_manifest=False)
         except FileNotFoundError:
             # The store is no longer at its path (the core's check): say how, as _check_files does.
             self._check_path()
             raise
+        if not self.single_store:
+            # Shards the manifest lists since: one it cannot add yet (listed before it was
+            # copied beside the manifest, say) is said once, and the shards held stay served.
+            try:
+                if self.reader.follow_manifest():
+                    rows = len(self.reader)
+                self._manifest_problem = None
+            except (OSError, ValueError, embstore.Error) as e:
+                if str(e) != self._manifest_problem:
+                    print(f"embstore serve: manifest: {e} (the shards held are served)",
+                          file=sys.stderr, flush=True)
+                self._manifest_problem = str(e)
         # The generation of the rows refresh() saw: info()'s is the store's now, newer if a
         # truncate came in between (its files would not hold this snapshot's rows). A shard
         # set's: every shard's, so that a truncated shard's rows are counted afresh.
