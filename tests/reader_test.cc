@@ -585,3 +585,36 @@ TEST_CASE(
     }
   }
 }
+
+TEST_CASE("verify() of a store deleted since it was opened reports its rows, not an error",
+          "[reader]") {
+  // From a review: the header check read the header again by path, so verify() of a deleted
+  // store threw, and of a store made again there reported the new store's header.
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = 4;
+  {
+    Writer w = Writer::create(path, o);
+    const std::vector<float> v(4 * 3, 1.0f);
+    w.append(std::vector<std::uint64_t>{1, 2, 3}, 0, std::span<const float>(v));
+  }
+  Reader r = Reader::open(path);
+  std::filesystem::remove_all(path);
+  VerifyReport report = r.verify();
+  CHECK(report.rows_checked == 3);
+  CHECK(report.bad_row_count == 0);
+  CHECK(report.header_problem.empty());
+  CHECK(r.verify_header().empty());
+  Writer::create(path, o).close();  // Another store at the path, with its header damaged.
+  {
+    const int fd = ::open((path + "/header").c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    const char bad = 0x7f;
+    REQUIRE(::pwrite(fd, &bad, 1, 2048 + 16) == 1);
+    ::close(fd);
+  }
+  CHECK(r.verify().header_problem.empty());
+  CHECK_THAT(Reader::open(path).verify().header_problem,
+             Catch::Contains("the fixed header copy at byte 2048 fails its checks"));
+}

@@ -147,7 +147,9 @@ class Reader {
   // the metadata, each kept twice): "" when both hold and agree, else what is wrong, naming the
   // file (the primary failing its checks, the store then read from the copy; the copy failing
   // its checks or differing from the primary). One damaged copy loses nothing, but leaves the
-  // store one more damaged byte from unreadable; a writer opening the store repairs it.
+  // store one more damaged byte from unreadable; a writer opening the store repairs it. "" when
+  // the store was deleted since it was opened, or another made at its path (nothing of this
+  // store's to check).
   std::string verify_header() const;
 
   // ---- Lookups by key (sample id) and epoch, through the key index (FORMAT.md, "keys.K") ----

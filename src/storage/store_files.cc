@@ -586,21 +586,28 @@ void StoreFiles::upgrade_header() {
 }
 
 std::string StoreFiles::header_copy_problem() const {
-  const int fd = os::open_file(header_path_, os::Access::kReadOnly);
+  // Only the header file this handle opened: a store deleted since (or another one made at the
+  // path) has no header of this store's to check.
+  int fd = -1;
   try {
-    const std::uint64_t header_bytes = os::file_size(fd, header_path_);
-    std::string bytes(std::min<std::uint64_t>(header_bytes, kMaxHeaderReadBytes), '\0');
-    os::read_exact(fd, bytes.data(), bytes.size(), 0, header_path_);
-    os::close_fd(fd);
-    try {
-      return decode_header(bytes, header_bytes, header_path_).copy_problem;
-    } catch (const Error& error) {
-      // Damaged since this handle opened the store: neither copy holds now.
-      return std::string("neither copy of the fixed header holds: ") + error.what();
-    }
-  } catch (...) {
-    os::close_fd(fd);
+    fd = os::open_file(header_path_, os::Access::kReadOnly);
+  } catch (const Error& error) {
+    if (error.code() == ErrorCode::kNotFound) return "";
     throw;
+  }
+  struct Closer {
+    int fd;
+    ~Closer() { os::close_fd(fd); }
+  } closer{fd};
+  if (os::file_id(fd) != header_id_) return "";
+  const std::uint64_t header_bytes = os::file_size(fd, header_path_);
+  std::string bytes(std::min<std::uint64_t>(header_bytes, kMaxHeaderReadBytes), '\0');
+  os::read_exact(fd, bytes.data(), bytes.size(), 0, header_path_);
+  try {
+    return decode_header(bytes, header_bytes, header_path_).copy_problem;
+  } catch (const Error& error) {
+    // Damaged since this handle opened the store: neither copy holds now.
+    return std::string("neither copy of the fixed header holds: ") + error.what();
   }
 }
 

@@ -191,7 +191,8 @@ class StoreFiles {
   // interruption leaves one verified copy and the next writer finishes the job.
   void upgrade_header();
   // The header file read again and decoded: its Layout::copy_problem now ("" when both copies
-  // hold), or that neither holds. Throws only when the file cannot be read.
+  // hold), or that neither holds; "" when the file at the path is no longer the one this
+  // handle opened (the store deleted, or another made there). Throws when it cannot be read.
   std::string header_copy_problem() const;
   StoreInfo info() const;
 
