@@ -123,8 +123,8 @@ class Writer::Impl {
     if (!files_->layout().key_index) {
       throw Error(ErrorCode::kInvalidArgument,
                   path_ +
-                      ": the store was created without a key index (CreateOptions::key_index "
-                      "false): there is none to rebuild; lookups scan the offset index");
+                      ": the store was created without a key index (create --no-key-index, "
+                      "key_index=False): there is none to rebuild; lookups scan the offset index");
     }
     const std::uint64_t committed = files_->state().committed();
     files_->map_rows(committed);
@@ -528,8 +528,10 @@ std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch)
         break;
       }
     }
-    // One row's epoch decides the cut: a damaged one (a flipped bit) would drop every good row
-    // after it, and with them the evidence. Checked before anything changes.
+    // The cut row's epoch decides what is dropped: damaged (a flipped bit) into a later epoch,
+    // every good row after it would go, and with them the evidence; checked before anything
+    // changes. (A bit that makes an earlier row's epoch smaller keeps rows: nothing is lost,
+    // and verify() names the row.)
     if (keep < committed && !files_->row_valid(keep)) {
       throw Error(ErrorCode::kCorruption,
                   path_ + ": truncate from epoch " + std::to_string(rows) + ": row " +

@@ -22,7 +22,8 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   RowSelection selection;
   selection.epochs = options.epochs;
   selection.latest_per_key = options.latest_per_key;
-  const RowSelector selector(reader, selection, nullptr);
+  // Its scan (every row checked when selecting: rows.h) reports progress, and can be stopped.
+  const RowSelector selector(reader, selection, options.progress);
   const StoreInfo info = reader.info();
   CreateOptions create;
   create.dim = reader.dim();

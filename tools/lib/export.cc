@@ -282,7 +282,8 @@ ExportResult export_store(const Reader& reader, const std::string& out,
                           const ExportOptions& options) {
   require_absent(out);
   refuse_output_inside(out, reader.path());
-  const RowSelector selector(reader, options.selection, nullptr);
+  // Its scan (every row checked when selecting: rows.h) reports progress, and can be stopped.
+  const RowSelector selector(reader, options.selection, options.progress);
   if (options.format == ExportFormat::kNpy) {
     const std::string partial = make_partial_dir(out);
     try {

@@ -30,7 +30,10 @@ struct RowSelection {
 // The rows a RowSelection picks out of one Reader's snapshot. Construction validates the
 // selection (kInvalidArgument for a bad range, kNotFound naming an epoch the range does not
 // hold) and counts the rows with one pass over the index; latest_per_key keeps one map entry
-// per distinct key, everything else uses constant memory.
+// per distinct key, everything else uses constant memory. Selecting by epoch or latest per key
+// first checks every row of the range against its checksum (kCorruption naming the first that
+// fails: any row's key and epoch decide what is taken), a read of the whole range, reported
+// through `progress` (which may throw to stop it).
 // Thread-safety: const calls may run concurrently.
 class RowSelector {
  public:

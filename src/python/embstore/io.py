@@ -23,6 +23,7 @@ except one entry per key for ``latest``). Sources are only read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -139,13 +140,16 @@ def _selected_runs(reader: Reader, begin: int, end: Optional[int], epochs: Optio
         # Every row's key and epoch decide what is taken, not only those of the rows taken
         # (whose checksums the copy checks): one flipped bit would take an older version as a
         # key's latest, or leave a row out, unseen (tools/lib/rows.cc does the same).
-        report = reader.verify(begin, end)
-        if report.bad_row_count:
-            raise CorruptionError(
-                f"{reader.path}: row {report.bad_rows[0]} fails its checksum, so its key and "
-                f"epoch cannot be trusted to choose rows by "
-                f"{'latest per key' if latest else 'epoch'} (embstore verify and salvage name "
-                f"the damage)")
+        # In pieces, so that Ctrl-C ends it (each verify() releases the GIL for its piece).
+        piece = max(1, (64 << 20) // max(1, reader.dim * reader.rows(0, 0).dtype.itemsize))
+        for lo in range(begin, end, piece):
+            report = reader.verify(lo, min(end, lo + piece))
+            if report.bad_row_count:
+                raise CorruptionError(
+                    f"{reader.path}: row {report.bad_rows[0]} fails its checksum, so its key and "
+                    f"epoch cannot be trusted to choose rows by "
+                    f"{'latest per key' if latest else 'epoch'} (embstore verify and salvage "
+                    f"name the damage)")
     row_bytes = reader.dim * reader.rows(0, 0).dtype.itemsize
     step = max(1, _CHUNK_BYTES // max(1, row_bytes))
 
@@ -543,21 +547,41 @@ def _publish_into(partial: str, store: str) -> None:
     names = sorted(os.listdir(partial),
                    key=lambda name: 2 if name == "header" else 0 if name in first else 1)
     moved = []
-    try:
-        for name in names:
+    # A Ctrl-C waits for the few renames: it never leaves a lone header beside the partial store.
+    with _InterruptDeferred():
+        try:
+            for name in names:
+                source, target = os.path.join(partial, name), os.path.join(store, name)
+                try:
+                    os.link(source, target)
+                    os.remove(source)
+                except FileExistsError:
+                    raise FileExistsError(
+                        f"{store}: another store was made in this directory while the import "
+                        f"ran ({name} is there); the imported rows were not moved into it") \
+                        from None
+                except OSError as error:
+                    # A file system without hard links (exFAT, some network shares): a rename,
+                    # after a look (no rename that refuses to replace is reachable here).
+                    if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP,
+                                           errno.EMLINK):
+                        raise
+                    if os.path.lexists(target):
+                        raise FileExistsError(f"{store}: {name} appeared there while the import "
+                                              "ran; the imported rows were not moved into it")
+                    os.rename(source, target)
+                moved.append(name)
+            # The moves last through a power loss once the directory is flushed.
+            fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.link(os.path.join(partial, name), os.path.join(store, name))
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{store}: another store was made in this directory while the import ran "
-                    f"({name} is there); the imported rows were not moved into it") from None
-            moved.append(name)
-            os.remove(os.path.join(partial, name))
-    except BaseException:
-        for name in moved:
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(store, name))
-        raise
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            for name in moved:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(store, name))
+            raise
     with contextlib.suppress(OSError):
         os.rmdir(partial)
 
