@@ -143,8 +143,11 @@ def test_get_many_of_keys_not_in_the_store_is_a_key_error_even_when_it_is_empty(
     with embstore.Writer(store) as w:
         w.append([7], np.ones((1, 4), np.float32), epoch=3)
     r.refresh()
-    with pytest.raises(KeyError, match="key 1 is not in .* \\(1 of 2 keys missing\\)"):
+    with pytest.raises(KeyError, match="key 1 at epoch 3 is not in .* \\(1 of 2 keys missing\\)"):
         r.get_many([7, 1], epochs=3)
+    # A key that is in the store, at another epoch: the message names the epoch asked for.
+    with pytest.raises(KeyError, match="key 7 at epoch 5 is not in"):
+        r.get_many([7], epochs=[5])
     np.testing.assert_array_equal(r.get_many([7], epochs=[3]), np.ones((1, 4), np.float32))
 
 

@@ -1423,7 +1423,7 @@ class Reader(_Handle):
     def find_many(self, keys, epochs=None) -> np.ndarray:
         """Rows (int64, -1 where missing) of ``keys`` at ``epochs`` (an array as long as
         ``keys``, one int for all, or None: the latest). Vectorised, GIL released. Answers from
-        the key index's slots, as ``find`` does (README, "Key lookups": a slot damaged inside
+        the key index's slots, as ``find`` does (README, "Lookups by sample id and epoch": a slot damaged inside
         the tables can name another key's row; ``get_many`` confirms).
 
         ``keys`` (and an array of ``epochs``) must be 1-D: the result is 1-D, one row per key;
@@ -1477,7 +1477,10 @@ class Reader(_Handle):
             rows = self._native.find_many(keys, epochs)
         missing = np.flatnonzero(rows < 0)
         if missing.size:
-            raise KeyError(f"key {int(keys[missing[0]])} is not in {self.path} "
+            first = int(missing[0])
+            at = "" if epochs is None else \
+                f" at epoch {int(epochs[first] if epochs.size > 1 else epochs[0])}"
+            raise KeyError(f"key {int(keys[first])}{at} is not in {self.path} "
                            f"({missing.size} of {rows.size} keys missing)")
         return self._native.gather(rows, check=True)
 
