@@ -116,10 +116,10 @@ class ShardSet {
   // thus stay valid; a shard the manifest no longer lists stays, and a manifest removed since
   // is not read (the shards held stay as they are). The manifest is read by the path the set
   // was opened with, made absolute then. Another store id listed at the path of a shard held
-  // (deleted and made again: a run started over) is kFormatMismatch: open a new ShardSet. Returns the new size(). If a
-  // shard's refresh, the manifest or a new shard throws (files moved or removed, a shard listed
-  // before it was copied next to the manifest, a manifest of another dim or dtype:
-  // kFormatMismatch), the error propagates and the set is renumbered for what it then holds:
+  // (deleted and made again: a run started over) is kFormatMismatch: open a new ShardSet. Returns
+  // the new size(). If a shard's refresh, the manifest or a new shard throws (files moved or
+  // removed, a shard listed before it was copied next to the manifest, a manifest of another dim or
+  // dtype: kFormatMismatch), the error propagates and the set is renumbered for what it then holds:
   // the shards refreshed and added before the error with their new snapshots, the rest as they
   // were. size(), locate(), record() and the lookups agree with each other; calling refresh()
   // again retries every shard and, until it has been read whole, the manifest.
