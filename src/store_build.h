@@ -4,7 +4,8 @@
 // The store is built in a hidden working directory beside its path, `.<name>.partial-<12 hex>`
 // (the naming of the tool's compact, import and export), and renamed into place, never replacing
 // anything, only once complete. A process killed while building leaves only that directory: it
-// may hold a store that opens, but never a whole one, and its name says so; nothing removes it
+// may hold a store that opens (whole, when killed just before the rename), and its name says
+// it is unfinished; nothing removes it
 // but the user (another process may still be building in it). Not thread-safe. A builder that
 // reads stores calls embstore::refuse_output_inside() (store.h) before making its StoreBuild.
 #pragma once

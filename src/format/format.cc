@@ -191,9 +191,10 @@ Layout decode_header(std::string_view bytes, std::uint64_t file_bytes, const std
     } catch (const Error&) {
     }
     if (!copy) throw;  // The primary's error.
-    copy->copy_problem = std::string("the primary fixed header fails its checks (") +
-                         primary.what() + "); the store is read from its copy at byte " +
-                         std::to_string(kHeaderCopyOffset);
+    copy->copy_problem =
+        std::string("the primary fixed header or its metadata fails its checks (") +
+        primary.what() + "); the store is read from its copy at byte " +
+        std::to_string(kHeaderCopyOffset);
     return *copy;
   }
   // One copy damaged unseen would leave the store one more flipped bit from unreadable.

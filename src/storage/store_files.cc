@@ -578,6 +578,11 @@ void StoreFiles::upgrade_header() {
   os::write_all(header_fd_, fixed.data(), fixed.size(), kHeaderCopyOffset, header_path_);
   os::datasync(header_fd_, header_path_);
   EMBSTORE_CRASH_POINT("header-copy-written");
+  // The primary's metadata too: its checksum covers it, so a damaged byte there failed the
+  // primary, which the fixed header alone rewritten would go on failing (from a review).
+  if (!metadata.empty()) {
+    os::write_all(header_fd_, metadata.data(), metadata.size(), kMetadataOffset, header_path_);
+  }
   os::write_all(header_fd_, fixed.data(), fixed.size(), 0, header_path_);
   os::datasync(header_fd_, header_path_);
   layout_.format_minor = kFormatMinor;

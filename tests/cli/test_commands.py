@@ -212,7 +212,7 @@ def test_verify_reports_a_damaged_header_copy_and_a_writer_repairs_it(store):
     # From a review: a flipped byte in either copy of the fixed header went unreported (exit 0)
     # and unrepaired, leaving the store one more damaged byte from unreadable.
     for offset, problem in ((2048 + 16, "the fixed header copy at byte 2048 fails its checks"),
-                            (16, "the primary fixed header fails its checks")):
+                            (16, "the primary fixed header or its metadata fails its checks")):
         with open(os.path.join(store, "header"), "r+b") as f:
             f.seek(offset)
             byte = f.read(1)[0]
