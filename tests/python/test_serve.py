@@ -529,6 +529,10 @@ def test_a_shard_listed_before_it_is_there_leaves_the_others_served(tmp_path, se
         w.append(np.arange(1000, 1010), np.ones((10, 8), np.float32), 0)
     stats = server.until("/api/stats", lambda s: s["rows"] == 110)
     assert server.get("/api/history?key=1005")[0] == 200, stats
+    # A manifest's sizes are its shards' together (they were null).
+    info = embstore.info(paths[0])
+    assert stats["file_bytes"] == info["data_file_bytes"] + info["index_file_bytes"], stats
+    assert stats["bytes_on_disk"] >= stats["file_bytes"] // 2 > 0, stats
     os.rename(str(tmp_path / "elsewhere"), later)
     server.until("/api/stats", lambda s: s["rows"] == 210)
     assert server.get("/api/history?key=150")[0] == 200

@@ -42,7 +42,8 @@ decimal integers 0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaSc
     list, one per shard), ``rows_per_second`` (commits seen in the last 5 s, since the latest
     truncate), ``epoch_count``, ``epochs``
     (``[{"epoch", "rows"}]``, the latest 10,000), ``bytes_on_disk`` (blocks allocated to the
-    store's files), ``file_bytes`` (data + index file sizes), ``last_commit_unix`` (seconds
+    store's files), ``file_bytes`` (data + index file sizes; a manifest's: its shards'
+    together), ``last_commit_unix`` (seconds
     since the Unix epoch of the latest commit, as its writer recorded it in the store:
     ``info()["last_commit_unix_ns"]`` / 1e9, the newest of the shards; null when the store
     records none: no commit yet, or only commits by libraries older than format 1.3), ``dtype``,

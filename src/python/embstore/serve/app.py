@@ -207,12 +207,13 @@ class Server:
     def stats(self) -> dict:
         follower = self.follower
         snap = follower.check()  # the page polls this: a damaged store shows at once
-        info = {}
-        if follower.single_store:
-            try:
-                info = follower.reader.info(key_stats=False)  # polled: constant time
-            except Exception:  # Damaged since check(): the next request reports it.
-                info = {}
+        infos = []
+        try:
+            # Polled: constant time. A shard set's: one per shard, the files summed.
+            got = follower.reader.info(key_stats=False)
+            infos = got if isinstance(got, list) else [got]
+        except Exception:  # Damaged since check(): the next request reports it.
+            infos = []
         epochs = snap.sorted_epochs()
         return {
             "store": follower.path,
@@ -227,7 +228,8 @@ class Server:
             "epochs": [{"epoch": e, "rows": snap.epoch_counts[e]}
                        for e in epochs[-kMaxEpochsListed:]],
             "bytes_on_disk": follower.bytes_on_disk(),
-            "file_bytes": (info["data_file_bytes"] + info["index_file_bytes"]) if info else None,
+            "file_bytes": sum(i["data_file_bytes"] + i["index_file_bytes"] for i in infos)
+            if infos else None,
             "last_commit_unix": follower.last_commit_unix,
             "server_started_unix": self.started_unix,
             "server_time_unix": time.time(),

@@ -482,15 +482,15 @@ class Follower:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def bytes_on_disk(self) -> Optional[int]:
-        """Bytes allocated to the store's files (st_blocks), or None if unknown."""
-        if not self.single_store:
-            return None
+        """Bytes allocated to the store's files (st_blocks), a shard set's shards' together, or
+        None if unknown."""
         total = 0
         try:
-            with os.scandir(self.path) as entries:
-                for entry in entries:
-                    if entry.is_file(follow_symlinks=False):
-                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+            for files in list(self._stores):
+                with os.scandir(files.path) as entries:
+                    for entry in entries:
+                        if entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_blocks * 512
         except OSError:
             return None
         return total
