@@ -1,9 +1,11 @@
 #include "store_build.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <filesystem>
 #include <iterator>
+#include <vector>
 
 #include "embstore/error.h"
 #include "embstore/store.h"
@@ -79,6 +81,36 @@ void StoreBuild::publish() {
 }  // namespace embstore::detail
 
 namespace embstore {
+
+void move_store_into(const std::string& built, const std::string& dir) {
+  namespace os = detail::os;
+  std::vector<std::string> names = os::list_dir(built);
+  // The files every new store has first, the header last (format/format.h's names).
+  auto rank = [](const std::string& name) {
+    if (name == detail::kHeaderFileName) return 2;
+    const bool always = name == detail::kLockFileName || name == detail::data_file_name(1) ||
+                        name == detail::index_file_name(1);
+    return always ? 0 : 1;
+  };
+  std::stable_sort(names.begin(), names.end(),
+                   [&](const std::string& a, const std::string& b) { return rank(a) < rank(b); });
+  std::vector<std::string> moved;
+  try {
+    for (const std::string& name : names) {
+      if (os::rename_no_replace(built + "/" + name, dir + "/" + name) != 0) {
+        throw Error(ErrorCode::kAlreadyExists,
+                    dir + ": another store was made in this directory meanwhile (" + name +
+                        " is there); the new store's files were not moved into it");
+      }
+      moved.push_back(name);
+      os::sync_dir(dir);
+    }
+  } catch (...) {
+    for (const std::string& name : moved) os::remove_tree(dir + "/" + name);
+    throw;
+  }
+  os::remove_tree(built);
+}
 
 void refuse_output_inside(const std::string& out, const std::string& store_dir) {
   using detail::strip_trailing_slashes;

@@ -76,6 +76,16 @@ bool same_metadata(const std::string& a, const std::string& b);
 // and writes elsewhere (compact, export, merge_stores, salvage, the CLI's get --npy).
 void refuse_output_inside(const std::string& out, const std::string& store);
 
+// Moves the closed new store built in `built` (a directory inside the empty directory `dir`, on
+// its file system: a mounted volume, which cannot be replaced) up into `dir`, never replacing
+// anything: the lock, data and index files first (a store made in `dir` meanwhile stops the
+// move before anything is moved: kAlreadyExists naming `dir`), then the rest, the header last,
+// so that `dir` holds a store only once every file is there; each move is flushed, and `built`
+// is removed after. On failure what was moved is removed again. A kill during the moves leaves
+// some files, never the header, beside `built` (FORMAT.md, "The store directory"). The rule of
+// every import into an empty directory (the CLI's, embstore.io's).
+void move_store_into(const std::string& built, const std::string& dir);
+
 // Reads the header and counters without taking any lock or writing anything.
 StoreInfo read_info(const std::string& path);
 

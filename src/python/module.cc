@@ -1098,6 +1098,10 @@ PYBIND11_MODULE(_embstore, m) {
     }
   });
 
+  m.def("_move_store_into", &move_store_into, py::arg("built"), py::arg("dir"),
+        "Moves the closed store in `built` (inside the empty directory `dir`) up into `dir`, the "
+        "header last (embstore/store.h), for io.py's import into an empty directory. Called with "
+        "the GIL held: a Ctrl-C is acted on once every file is moved.");
   m.def("_refuse_output_inside", &refuse_output_inside, py::arg("out"), py::arg("store"),
         "ValueError naming both when `out` lies inside the store directory `store` (the rule "
         "of every tool that reads a store and writes elsewhere: embstore/store.h), for io.py's "

@@ -16,45 +16,6 @@
 namespace embstore::tools {
 namespace {
 
-// Moves the closed store built in `partial` (a directory inside the empty directory `store`)
-// up into `store` (the new store's files: FORMAT.md, "The store directory"), never replacing
-// anything: the files every store has first (lock, rows.1,
-// index.1: a store made there meanwhile stops the move before anything is moved), then the
-// rest, the header last, so that `store` holds a store only once every file is there. Removes
-// `partial` after. On failure what was moved is removed again (the directory left as it was)
-// and the error names `store`.
-void publish_into(const std::string& partial, const std::string& store) {
-  std::vector<std::string> names;
-  for (const auto& entry : std::filesystem::directory_iterator(partial)) {
-    names.push_back(entry.path().filename().string());
-  }
-  auto rank = [](const std::string& name) {
-    return name == "header" ? 2 : (name == "lock" || name == "rows.1" || name == "index.1") ? 0 : 1;
-  };
-  std::stable_sort(names.begin(), names.end(),
-                   [&](const std::string& a, const std::string& b) { return rank(a) < rank(b); });
-  std::vector<std::string> moved;
-  try {
-    for (const std::string& name : names) {
-      try {
-        rename_no_replace(partial + "/" + name, store + "/" + name);
-      } catch (const Error& error) {
-        if (error.code() != ErrorCode::kAlreadyExists) throw;
-        throw Error(ErrorCode::kAlreadyExists,
-                    store + ": another store was made in this directory while the import ran (" +
-                        name + " is there); the imported rows were not moved into it");
-      }
-      moved.push_back(name);
-    }
-  } catch (...) {
-    std::error_code ec;
-    for (const std::string& name : moved) std::filesystem::remove_all(store + "/" + name, ec);
-    throw;
-  }
-  std::error_code ec;
-  std::filesystem::remove(partial, ec);
-}
-
 constexpr std::uint64_t kBatchBytes = 4 << 20;
 
 bool is_directory(const std::string& path) {
@@ -326,9 +287,9 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   // An empty directory (a volume mounted for the store, say) is a place to create it, as
   // create_store takes one. The store is built in a hidden directory inside it (on that volume:
   // a mount point cannot be replaced, and beside it is another file system), and its files are
-  // moved up once it is complete, the header last (publish_into()): until then the directory
-  // holds no store, so a killed import leaves no store that looks whole (it did when the store
-  // was built in place, its rows appended there).
+  // moved up once it is complete, the header last (move_store_into(), store.h): until then the
+  // directory holds no store, so a killed import leaves no store that looks whole (it did when
+  // the store was built in place, its rows appended there).
   std::error_code empty_ec;
   const bool in_place = is_directory(store) && std::filesystem::is_empty(store, empty_ec);
   if (exists(store) && !in_place) {
@@ -457,7 +418,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     writer->sync();
     writer->close();
     if (in_place) {
-      publish_into(partial, store);
+      move_store_into(partial, store);
     } else if (!partial.empty()) {
       rename_no_replace(partial, store);
     }

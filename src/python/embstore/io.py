@@ -22,8 +22,6 @@ except one entry per key for ``latest``). Sources are only read.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import shutil
@@ -536,56 +534,6 @@ def _same_metadata(given: str, stored: str) -> bool:
         return False
 
 
-def _publish_into(partial: str, store: str) -> None:
-    """Moves the closed store built in ``partial`` (a directory inside the empty directory
-    ``store``) up into ``store``, never replacing a file (a hard link, then the old name
-    removed): the files every store has first (a store made there meanwhile stops the move
-    before anything is moved), the header last, so that ``store`` holds a store only once every
-    file is there (FORMAT.md, "The store directory"; tools/lib/import.cc does the same). On
-    failure what was moved is removed again."""
-    first = ("lock", "rows.1", "index.1")
-    names = sorted(os.listdir(partial),
-                   key=lambda name: 2 if name == "header" else 0 if name in first else 1)
-    moved = []
-    # A Ctrl-C waits for the few renames: it never leaves a lone header beside the partial store.
-    with _InterruptDeferred():
-        try:
-            for name in names:
-                source, target = os.path.join(partial, name), os.path.join(store, name)
-                try:
-                    os.link(source, target)
-                    os.remove(source)
-                except FileExistsError:
-                    raise FileExistsError(
-                        f"{store}: another store was made in this directory while the import "
-                        f"ran ({name} is there); the imported rows were not moved into it") \
-                        from None
-                except OSError as error:
-                    # A file system without hard links (exFAT, some network shares): a rename,
-                    # after a look (no rename that refuses to replace is reachable here).
-                    if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP,
-                                           errno.EMLINK):
-                        raise
-                    if os.path.lexists(target):
-                        raise FileExistsError(f"{store}: {name} appeared there while the import "
-                                              "ran; the imported rows were not moved into it")
-                    os.rename(source, target)
-                moved.append(name)
-            # The moves last through a power loss once the directory is flushed.
-            fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException:
-            for name in moved:
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(store, name))
-            raise
-    with contextlib.suppress(OSError):
-        os.rmdir(partial)
-
-
 def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
             dtype: str) -> int:
     """Appends the rows; returns the row number of the first (a synchronous Writer)."""
@@ -726,8 +674,8 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         meta = metadata if metadata is not None else side.get("metadata")
         # Into an empty directory (a mounted volume: it cannot be replaced, and beside it is
         # another file system) the store is built in a hidden directory inside it and its files
-        # moved up when complete (_publish_into), as the CLI's import does: a killed import
-        # leaves no store there that looks whole.
+        # moved up when complete (the core's move_store_into), as the CLI's import does: a
+        # killed import leaves no store there that looks whole.
         partial = _partial_dir(os.path.join(store, "store") if in_place else store)
         try:
             writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
@@ -766,7 +714,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         writer.sync()
         writer.close()
         if in_place:
-            _publish_into(partial, store)
+            _embstore._move_store_into(partial, store)
         elif partial is not None:
             _publish(partial, store)
     except BaseException as error:
