@@ -37,6 +37,11 @@ def server_on(request):
         assert code == 0, err
 
 
+def texts(values):
+    """Keys or epochs as the API sends them: decimal strings (exact in JavaScript)."""
+    return [str(int(v)) for v in values]
+
+
 def numpy_pca(x):
     centred = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
@@ -60,7 +65,7 @@ def test_api_follows_a_writer_and_answers_like_numpy(store, tmp_path, server_on)
         writer.append(0, 0, 400)
         after = time.time()
         stats = server.until("/api/stats", lambda s: s["rows"] == 400)
-        assert stats["epochs"] == [{"epoch": 0, "rows": 400}]
+        assert stats["epochs"] == [{"epoch": "0", "rows": 400}]
         assert before <= stats["last_commit_unix"] <= after and stats["bytes_on_disk"] > 0
 
         # Epoch 1 appears while the writer is appending it, and the figures move.
@@ -70,7 +75,7 @@ def test_api_follows_a_writer_and_answers_like_numpy(store, tmp_path, server_on)
         writer.done()
         after = time.time()
         stats = server.until("/api/stats", lambda s: s["rows"] == 800)
-        assert stats["epochs"] == [{"epoch": 0, "rows": 400}, {"epoch": 1, "rows": 400}]
+        assert stats["epochs"] == [{"epoch": "0", "rows": 400}, {"epoch": "1", "rows": 400}]
         assert moving["last_commit_unix"] <= stats["last_commit_unix"] <= after
         # Key 7 appended again at epoch 1: the later row is its vector there.
         writer.append(1, 7, 8)
@@ -81,21 +86,21 @@ def test_api_follows_a_writer_and_answers_like_numpy(store, tmp_path, server_on)
     r = embstore.Reader(store)
     keys, epochs, vectors = r.keys.astype(np.int64), r.epochs.astype(np.int64), r.vectors
     assert len(r) == 801
-    assert server.ok("/api/epochs")["epochs"] == [{"epoch": 0, "rows": 400},
-                                                  {"epoch": 1, "rows": 401}]
+    assert server.ok("/api/epochs")["epochs"] == [{"epoch": "0", "rows": 400},
+                                                  {"epoch": "1", "rows": 401}]
 
     # Projection: all rows of the epoch (under the sample size), PCA as numpy computes it.
     for epoch in (0, 1):
         p = server.ok(f"/api/projection?epoch={epoch}")
         rows = np.flatnonzero(epochs == epoch)
-        assert p["rows"] == rows.tolist() and p["keys"] == keys[rows].tolist()
+        assert p["rows"] == rows.tolist() and p["keys"] == texts(keys[rows])
         expected = numpy_pca(vectors[rows])
         got = np.stack([p["x"], p["y"]], axis=1)
         np.testing.assert_allclose(np.abs(got), np.abs(expected), rtol=1e-3, atol=1e-3)
         for i, key in enumerate(p["keys"]):
             code = p["labels"][i]
             assert (p["label_names"][code] if code >= 0 else None) == \
-                (f"class {key % 10}" if key % 2 == 0 else None)
+                (f"class {int(key) % 10}" if int(key) % 2 == 0 else None)
     sampled = server.ok("/api/projection?epoch=0&limit=50")
     assert sampled["sampled"] == len(sampled["x"]) == 50
     assert set(sampled["rows"]) <= set(np.flatnonzero(epochs == 0).tolist())
@@ -108,22 +113,22 @@ def test_api_follows_a_writer_and_answers_like_numpy(store, tmp_path, server_on)
     dist = np.linalg.norm(vectors[candidates].astype(np.float64) - vectors[query_row], axis=1)
     best = np.argsort(dist)[:6]
     assert n["row"] == query_row and n["exact"] and n["scanned"] == n["epoch_rows"] == 401
-    assert [x["key"] for x in n["neighbours"]] == keys[candidates[best]].tolist()
+    assert [x["key"] for x in n["neighbours"]] == texts(keys[candidates[best]])
     np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], dist[best], rtol=1e-6)
     assert n["label"] is None and server.ok("/api/neighbours?key=8&epoch=1")["label"] == "class 8"
     assert len(server.ok("/api/neighbours?key=8")["neighbours"]) == 10  # defaults
 
     # History: every row in commit order; one trajectory point per epoch, in that epoch's basis.
     h = server.ok("/api/history?key=7")
-    assert h["rows"] == np.flatnonzero(keys == 7).tolist() and h["epochs"] == [0, 1, 1]
-    assert [(t["epoch"], t["row"]) for t in h["trajectory"]] == [(0, 7), (1, query_row)]
+    assert h["rows"] == np.flatnonzero(keys == 7).tolist() and h["epochs"] == ["0", "1", "1"]
+    assert [(t["epoch"], t["row"]) for t in h["trajectory"]] == [("0", 7), ("1", query_row)]
     for point in h["trajectory"]:
         p = server.ok(f"/api/projection?epoch={point['epoch']}")
         if point["row"] in p["rows"]:
             at = p["rows"].index(point["row"])
             assert (point["x"], point["y"]) == pytest.approx((p["x"][at], p["y"][at]), abs=1e-4)
         else:  # the duplicate row: project it with numpy on that epoch's rows
-            rows = np.flatnonzero(epochs == point["epoch"])
+            rows = np.flatnonzero(epochs == int(point["epoch"]))
             x = vectors[rows].astype(np.float64)
             mean = x.mean(axis=0)
             _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
@@ -178,7 +183,7 @@ def test_a_manifest_of_shards_is_served_and_follows_its_writers(tmp_path, server
                                               "shards": shards})
     server = server_on(str(manifest))
     assert server.until("/api/stats", lambda s: s["rows"] == 300)["epochs"] == \
-        [{"epoch": 0, "rows": 300}]
+        [{"epoch": "0", "rows": 300}]
     writer = WriterProcess(paths[1], DIM)
     try:
         writer.append(0, 300, 500)
@@ -186,7 +191,7 @@ def test_a_manifest_of_shards_is_served_and_follows_its_writers(tmp_path, server
         stats = server.until("/api/stats", lambda s: s["rows"] == 700)
     finally:
         writer.close()
-    assert stats["epochs"] == [{"epoch": 0, "rows": 500}, {"epoch": 1, "rows": 200}]
+    assert stats["epochs"] == [{"epoch": "0", "rows": 500}, {"epoch": "1", "rows": 200}]
 
     s = embstore.shards.ShardSet(str(manifest))
     keys, epochs = s.keys.astype(np.int64), s.epochs.astype(np.int64)
@@ -194,19 +199,19 @@ def test_a_manifest_of_shards_is_served_and_follows_its_writers(tmp_path, server
     for epoch in (0, 1):
         p = server.ok(f"/api/projection?epoch={epoch}")
         rows = np.flatnonzero(epochs == epoch)
-        assert p["rows"] == rows.tolist() and p["keys"] == keys[rows].tolist()
+        assert p["rows"] == rows.tolist() and p["keys"] == texts(keys[rows])
         got = np.stack([p["x"], p["y"]], axis=1)
         np.testing.assert_allclose(np.abs(got), np.abs(numpy_pca(vectors[rows])), rtol=1e-3,
                                    atol=1e-3)
     # Key 5: row 5 of shard 0 at epoch 0, and at epoch 1 in shard 1 (global row 500 + 5).
     h = server.ok("/api/history?key=5")
-    assert h["rows"] == [5, 505] and h["epochs"] == [0, 1]
+    assert h["rows"] == [5, 505] and h["epochs"] == ["0", "1"]
     n = server.ok("/api/neighbours?key=5&epoch=1&k=4")
     candidates = np.flatnonzero((epochs == 1) & (keys != 5))
     dist = np.linalg.norm(vectors[candidates].astype(np.float64) - vectors[505], axis=1)
     best = np.argsort(dist)[:4]
     assert n["row"] == 505 and [x["key"] for x in n["neighbours"]] == \
-        keys[candidates[best]].tolist()
+        texts(keys[candidates[best]])
     np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], dist[best], rtol=1e-6)
     # Rows of shard 0 (epoch 0) keep their place: key 250's neighbours come from both shards.
     assert server.ok("/api/neighbours?key=250&epoch=0&k=3")["row"] == 250
@@ -227,7 +232,7 @@ def test_a_truncated_store_is_followed_to_its_new_generation(store, server_on):
     with embstore.Writer(store) as w:
         assert w.truncate(from_epoch=1) == 300
     stats = server.until("/api/stats", lambda s: s["rows"] == 300)
-    assert stats["epochs"] == [{"epoch": 0, "rows": 300}]
+    assert stats["epochs"] == [{"epoch": "0", "rows": 300}]
     assert server.ok("/api/history?key=5")["rows"] == [5]
     writer = WriterProcess(store, DIM)
     try:
@@ -235,7 +240,7 @@ def test_a_truncated_store_is_followed_to_its_new_generation(store, server_on):
     finally:
         writer.close()
     stats = server.until("/api/stats", lambda s: s["rows"] == 400)
-    assert stats["epochs"] == [{"epoch": 0, "rows": 300}, {"epoch": 2, "rows": 100}]
+    assert stats["epochs"] == [{"epoch": "0", "rows": 300}, {"epoch": "2", "rows": 100}]
     assert server.ok("/api/history?key=5")["rows"] == [5, 305]
     assert server.ok("/api/neighbours?key=5&epoch=2&k=3")["row"] == 305
 
@@ -346,7 +351,7 @@ def test_a_projection_after_a_truncate_is_fitted_on_the_new_rows(store):
             w.append(np.arange(150), rng.standard_normal((150, 4)).astype(np.float32), 2)
         server.follower._advance()
         p = server.projection({"epoch": "1"})
-        assert p["rows"] == list(range(100)) and p["keys"] == list(range(1000, 1100))
+        assert p["rows"] == list(range(100)) and p["keys"] == texts(range(1000, 1100))
         np.testing.assert_allclose(np.abs(np.stack([p["x"], p["y"]], 1)),
                                    np.abs(numpy_pca(vectors)), rtol=1e-3, atol=1e-3)
         assert server.neighbours({"key": "1000", "epoch": "1", "k": "1"})["row"] == 0
@@ -405,7 +410,7 @@ def test_a_manifest_whose_shard_was_truncated_and_refilled_is_counted_afresh(tmp
         with pytest.raises(Exception, match="epoch 0"):
             server.projection({"epoch": "0"})
         p = server.projection({"epoch": "5"})
-        assert p["epoch_rows"] == 150 and p["keys"][:2] == [5000, 5001]
+        assert p["epoch_rows"] == 150 and p["keys"][:2] == ["5000", "5001"]
     finally:
         server.close()
 
@@ -538,6 +543,143 @@ def test_a_shard_listed_before_it_is_there_leaves_the_others_served(tmp_path, se
     assert server.get("/api/history?key=150")[0] == 200
 
 
+def shard_set_oracle(path):
+    """What a full recomputation gives for the ShardSet at ``path`` now: (keys, epochs, vectors,
+    rows per epoch) of its global rows, read from a new ShardSet."""
+    s = embstore.ShardSet(path)
+    try:
+        keys, epochs = s.keys.copy(), s.epochs.copy()
+        vectors = s.gather(np.arange(len(s)))
+    finally:
+        s.close()
+    values, n = np.unique(epochs, return_counts=True)
+    return keys, epochs, vectors, dict(zip(values.tolist(), n.tolist()))
+
+
+def assert_like_a_fresh_server(server, path):
+    """``server``'s follower, refreshed incrementally, answers as a new server on ``path`` (which
+    reads every row) and as the ShardSet's rows: snapshot, lookups and every endpoint."""
+    from embstore.serve.app import Server
+    follower = server.follower
+    follower._advance()
+    keys, epochs, vectors, counts = shard_set_oracle(path)
+    fresh = Server(serve_store.Follower(path))
+    try:
+        snap, full = follower.check(), fresh.follower.check()
+        assert snap.rows == full.rows == len(keys)
+        assert snap.epoch_counts == full.epoch_counts == counts
+        assert (snap.generation, snap.parts) == (full.generation, full.parts)
+        everything = np.arange(snap.rows)
+        assert np.array_equal(snap.keys[everything], keys)
+        assert np.array_equal(snap.epochs[everything], epochs)
+        assert np.array_equal(snap.vectors[everything], vectors)
+        for epoch in counts:
+            assert np.array_equal(follower.lookup.epoch_rows(snap, epoch),
+                                  np.flatnonzero(epochs == epoch))
+            query = {"epoch": str(epoch)}
+            assert server.projection(query) == fresh.projection(query)
+        assert server.stats()["epochs"] == fresh.stats()["epochs"]
+        for key in np.unique(keys)[::7].tolist():
+            assert np.array_equal(follower.lookup.history(snap, key), np.flatnonzero(keys == key))
+            assert server.history({"key": str(key)}) == fresh.history({"key": str(key)})
+            query = {"key": str(key), "k": "5"}
+            if int(epochs[np.flatnonzero(keys == key)[-1]]) == max(counts):
+                assert server.neighbours(query) == fresh.neighbours(query)
+    finally:
+        fresh.close()
+
+
+def test_a_manifest_refresh_reads_only_the_rows_new_since_the_last(tmp_path, monkeypatch):
+    """Each refresh of a shard set copied every key and epoch of every shard (ShardSet.keys /
+    .epochs), CPU growing with the store, and counted rows per epoch from the tail of the
+    global rows: a shard that grew before the last one got the last shard's epochs counted.
+    A refresh now reads the epochs of the rows each shard gained, and nothing else."""
+    from embstore.serve.app import Server
+    paths = [str(tmp_path / name) for name in ("node0", "node1")]
+    rng = np.random.default_rng(11)
+    for i, (path, rows) in enumerate(zip(paths, (5000, 300))):
+        with embstore.Writer(path, dim=4) as w:
+            w.append(np.arange(rows) + 10000 * i, rng.random((rows, 4), np.float32), epoch=i)
+    write_shards_manifest(tmp_path / "manifest.json", 4, paths)
+
+    def copied(self):
+        raise AssertionError("a refresh copied the keys or epochs of every shard")
+    monkeypatch.setattr(embstore.ShardSet, "keys", property(copied))
+    monkeypatch.setattr(embstore.ShardSet, "epochs", property(copied))
+    server = Server(serve_store.Follower(str(tmp_path)))
+    try:
+        follower = server.follower
+        assert follower._tally.rows_read == 5300
+        assert server.projection({"epoch": "1"})["rows"] == list(range(5000, 5300))
+        with embstore.Writer(paths[0]) as w:  # the first shard grows: rows after it renumbered
+            w.append(np.arange(7), rng.random((7, 4), np.float32), epoch=7)
+        follower._advance()
+        assert follower._tally.rows_read == 5307
+        # Epoch 1's projection, cached, is of the same rows, numbered as the snapshot numbers them.
+        assert server.projection({"epoch": "1"})["rows"] == list(range(5007, 5307))
+        assert follower.check().epoch_counts == {0: 5000, 1: 300, 7: 7}
+        with embstore.Writer(paths[1]) as w:
+            w.append(np.arange(3), rng.random((3, 4), np.float32), epoch=1)
+        follower._advance()
+        follower._advance()  # nothing new: nothing read
+        assert follower._tally.rows_read == 5310
+        assert follower.check().epoch_counts == {0: 5000, 1: 303, 7: 7}
+        assert server.history({"key": "2"})["rows"] == [2, 5002, 5309]
+        assert server.history({"key": "10002"})["rows"] == [5009]
+        assert server.projection({"epoch": "7"})["rows"] == list(range(5000, 5007))
+    finally:
+        server.close()
+    monkeypatch.undo()
+    assert_like_a_fresh_server(server, str(tmp_path))
+
+
+def test_an_incrementally_followed_manifest_answers_as_a_full_recomputation(tmp_path):
+    """Appends to every shard between refreshes (several per refresh, none), a shard added to
+    the manifest, a shard truncated to fewer rows and one truncated and refilled to as many rows
+    as before: after each refresh the server answers as a new one that reads every row, and a
+    truncated shard is read again from its row 0, the others only for their new rows."""
+    from embstore.serve.app import Server
+    paths = [str(tmp_path / name) for name in ("node0", "node1", "node2")]
+    rng = np.random.default_rng(12)
+    for path in paths:
+        embstore.create(path, dim=4)
+    manifest = str(tmp_path / "manifest.json")
+    write_shards_manifest(manifest, 4, paths[:2])
+
+    def append(shard, rows, epoch):
+        with embstore.Writer(paths[shard]) as w:
+            w.append(rng.integers(0, 60, rows), rng.standard_normal((rows, 4)).astype(np.float32),
+                     epoch=epoch)
+
+    def truncate(shard, rows):
+        with embstore.Writer(paths[shard]) as w:
+            w.truncate(rows)
+
+    append(0, 40, 0)
+    server = Server(serve_store.Follower(manifest))
+    try:
+        tally = server.follower._tally
+        assert_like_a_fresh_server(server, manifest)
+        steps = [  # (changes, epochs the refresh reads)
+            ([(append, 0, 30, 1), (append, 1, 50, 0)], 80),
+            ([(append, 0, 5, 2), (append, 1, 5, 2), (append, 0, 6, 2)], 16),
+            ([], 0),
+            ([(append, 2, 25, 1), lambda: write_shards_manifest(manifest, 4, paths)], 25),
+            ([(append, 1, 10, 3), (append, 2, 10, 3)], 20),
+            ([(truncate, 0, 50), (append, 2, 4, 3)], 50 + 4),  # 81 rows -> 50: read again
+            ([(truncate, 1, 30), (append, 1, 35, 4)], 65),  # 65 rows -> 30 + 35 others
+            ([(append, 0, 9, 4), (append, 1, 9, 4), (append, 2, 9, 4)], 27),
+        ]
+        for changes, reads in steps:
+            for change in changes:
+                change() if callable(change) else change[0](*change[1:])
+            before = tally.rows_read
+            assert_like_a_fresh_server(server, manifest)
+            assert tally.rows_read - before == reads, (changes, tally.rows_read - before)
+    finally:
+        server.close()
+
+
 def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
     """store_generation() asks the library (no offsets or flag bits restated in Python): the
     generation a truncate switched to, and None where no header can be read."""
@@ -590,7 +732,40 @@ def test_parameters_are_validated(store, server_on):
         assert (got, message in body.get("error", "")) == (status, True), (path, got, body)
     assert len(server.ok("/api/neighbours?key=1&k=100")["neighbours"]) == 4  # all other rows
     assert server.ok("/api/projection?limit=20000")["sampled"] == 5
-    assert server.ok("/api/history?key=" + "0" * 40 + "1")["key"] == 1  # leading zeros
+    assert server.ok("/api/history?key=" + "0" * 40 + "1")["key"] == "1"  # leading zeros
+
+
+def test_keys_and_epochs_above_2_53_are_exact_decimal_strings(store, server_on):
+    """Keys and epochs are uint64; sent as JSON numbers, JavaScript's JSON.parse rounded those
+    above 2**53 (epoch 2**63 + 5 came out as 9223372036854775808, another epoch): every key and
+    epoch of every answer is a decimal string, row numbers and counts stay numbers."""
+    epoch, top = 2**63 + 5, 2**64 - 1
+    keys = np.array([top, top - 1, 2**53 + 1, 2**53, 5], np.uint64)
+    rng = np.random.default_rng(13)
+    with embstore.Writer(store, dim=DIM) as w:
+        w.append(keys, rng.random((5, DIM), np.float32), epoch=2**53 + 1)
+        w.append(keys, rng.random((5, DIM), np.float32), epoch=epoch)
+    server = server_on(store)
+    status, body = server.get_raw("/api/stats")
+    assert status == 200 and b'"epoch": "9223372036854775813", "rows": 5' in body
+    stats = json.loads(body)
+    assert stats["epochs"] == [{"epoch": "9007199254740993", "rows": 5},
+                               {"epoch": "9223372036854775813", "rows": 5}]
+    assert server.ok("/api/epochs")["epochs"] == stats["epochs"]
+    p = server.ok("/api/projection")  # the newest epoch
+    assert (p["epoch"], p["rows"], p["epoch_rows"]) == (str(epoch), [5, 6, 7, 8, 9], 5)
+    assert p["keys"] == texts(keys) == ["18446744073709551615", "18446744073709551614",
+                                        "9007199254740993", "9007199254740992", "5"]
+    assert server.ok(f"/api/projection?epoch={2**53 + 1}")["epoch"] == "9007199254740993"
+    n = server.ok(f"/api/neighbours?key={top}&epoch={epoch}&k=4")
+    assert (n["key"], n["epoch"], n["row"]) == (str(top), str(epoch), 5)
+    assert sorted(x["key"] for x in n["neighbours"]) == sorted(texts(keys[1:]))
+    h = server.ok(f"/api/history?key={top}")
+    assert (h["key"], h["rows"], h["epochs"]) == (str(top), [0, 5], texts([2**53 + 1, epoch]))
+    assert [(t["epoch"], t["row"]) for t in h["trajectory"]] == \
+        [("9007199254740993", 0), ("9223372036854775813", 5)]
+    status, body = server.get(f"/api/history?key={2**53 + 2}")  # rounded to 2**53, not there
+    assert status == 404
 
 
 def test_static_files_are_a_fixed_set(store, server_on):
@@ -848,13 +1023,13 @@ def test_float64_stores_are_computed_in_float64(store):
             expected = np.linalg.norm((values[1:] - values[0]) / scale, axis=1) * scale
             order = np.argsort(expected)
             assert n["non_finite"] == 0
-            assert [x["key"] for x in n["neighbours"]] == (first + 1 + order).tolist()
+            assert [x["key"] for x in n["neighbours"]] == texts(first + 1 + order)
             np.testing.assert_allclose([x["distance"] for x in n["neighbours"]],
                                        expected[order], rtol=1e-12)
             h = server.history({"key": str(first + 1)})
             assert h["non_finite"] == 0 and [t["row"] for t in h["trajectory"]] == [first_row + 1]
         n = server.neighbours({"key": "12", "epoch": "1", "k": "2"})
-        assert [x["key"] for x in n["neighbours"]] == [11, 10]
+        assert [x["key"] for x in n["neighbours"]] == ["11", "10"]
         np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], [2e-9, 3e-9],
                                    rtol=1e-6)
     finally:
@@ -900,7 +1075,7 @@ def test_narrow_dtypes_are_read_as_their_values(store, dtype):
         n = server.neighbours({"key": "3", "k": "3"})
         expected = np.linalg.norm(values[:3] - values[3], axis=1)
         order = np.lexsort((np.arange(3), expected))
-        assert [x["key"] for x in n["neighbours"]] == order.tolist()
+        assert [x["key"] for x in n["neighbours"]] == texts(order)
         np.testing.assert_allclose([x["distance"] for x in n["neighbours"]], expected[order])
         p = server.projection({})
         np.testing.assert_allclose(np.abs(np.stack([p["x"], p["y"]], 1)),
@@ -1012,7 +1187,7 @@ def test_rows_with_nan_or_inf_are_left_out_and_counted(store, dtype):
         h = server.history({"key": "3"})
         assert h["rows"] == [3, 43] and h["trajectory"] == [] and h["non_finite"] == 2
         h = server.history({"key": "7"})
-        assert [t["epoch"] for t in h["trajectory"]] == [1] and h["non_finite"] == 1
+        assert [t["epoch"] for t in h["trajectory"]] == ["1"] and h["non_finite"] == 1
         for answer in (p, n, h):
             json.dumps(answer, allow_nan=False)
     finally:

@@ -91,7 +91,7 @@ def test_page_renders_follows_a_writer_and_draws_a_trajectory(store, tmp_path):
             ".map(d => d.data.map(p => [p.epoch, p.x, p.y]))")
         history = server.ok("/api/history?key=7")["trajectory"]
         assert trajectory == [[[p["epoch"], p["x"], p["y"]] for p in history]]
-        neighbour_keys = [int(tr.find_element(By.TAG_NAME, "td").text) for tr in
+        neighbour_keys = [tr.find_element(By.TAG_NAME, "td").text for tr in
                           driver.find_elements(By.CSS_SELECTOR, "#neighbours tbody tr")]
         assert neighbour_keys == [n["key"] for n in
                                   server.ok("/api/neighbours?key=7&epoch=1&k=10")["neighbours"]]
@@ -160,7 +160,7 @@ def test_page_redraws_an_epoch_a_truncate_rewrote_and_says_when_its_epoch_is_gon
             w.append(keys, class_rows(keys, 2, DIM, rng) * 100, 2)
         p = server.until("/api/projection?epoch=2",  # once the server has the new rows
                          lambda p: [[x, y] for x, y in zip(p["x"], p["y"])] != before)
-        assert server.ok("/api/stats")["epochs"][-1] == {"epoch": 2, "rows": 200}
+        assert server.ok("/api/stats")["epochs"][-1] == {"epoch": "2", "rows": 200}
         redrawn = [[x, y] for x, y in zip(p["x"], p["y"])]
         wait.until(lambda d: chart_points(d) == redrawn)
         assert status.get_attribute("data-epoch") == "2"
@@ -229,6 +229,62 @@ def test_a_searched_key_keeps_its_trajectory_at_an_epoch_without_its_row(store, 
         wait.until(lambda d: not missing.is_displayed())
         assert len(driver.find_elements(By.CSS_SELECTOR, "#neighbours tbody tr")) == 10
         assert driver.find_element(By.ID, "neighbours").is_displayed()
+        assert script_errors(driver) == []
+    finally:
+        if driver is not None:
+            driver.quit()
+        code, err = server.stop()
+        assert code == 0, err
+
+
+def test_the_page_keeps_keys_and_epochs_above_2_53_exact(store, tmp_path):
+    """Keys and epochs are uint64: sent as JSON numbers, the page's JSON.parse rounded those above
+    2**53, so it showed epoch 9223372036854775813 as 9223372036854776000 and asked the server for
+    that epoch (a 404: no projection). The page shows, requests and searches them exactly."""
+    epoch, top = 2**63 + 5, 2**64 - 1
+    keys = np.array([top, top - 1, top - 2, 2**53 + 1, 2**53] + list(range(20)), np.uint64)
+    rng = np.random.default_rng(14)
+    with embstore.Writer(store, dim=DIM) as w:
+        w.append(keys, class_rows(np.arange(len(keys)), 0, DIM, rng), epoch=2**53 + 1)
+        w.append(keys, class_rows(np.arange(len(keys)), 1, DIM, rng), epoch=epoch)
+    server = ServerProcess(store)
+    driver = None
+    try:
+        driver = chromium(tmp_path)
+        driver.set_page_load_timeout(30)
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 30, poll_frequency=0.1)
+        status = driver.find_element(By.ID, "projection-status")
+        wait.until(lambda d: status.get_attribute("data-points") == str(len(keys)))
+        assert status.get_attribute("data-epoch") == str(epoch)
+        assert driver.find_element(By.ID, "epoch-value").text == "9223372036854775813"
+        assert [b.get_attribute("data-epoch") for b in
+                driver.find_elements(By.CSS_SELECTOR, "#epoch-bars span")] == \
+            ["9007199254740993", "9223372036854775813"]
+        drawn = driver.execute_script(
+            "return window.embstoreChart().data.datasets.flatMap(d => d.data.map(p => p.key))")
+        assert sorted(drawn) == sorted(str(k) for k in keys.tolist())
+
+        driver.find_element(By.ID, "key").send_keys(str(top))
+        driver.find_element(By.ID, "search").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#trajectory li")) == 2)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours tbody tr")) == 10)
+        assert driver.find_element(By.ID, "result-key").text == "18446744073709551615"
+        assert [li.get_attribute("data-epoch") for li in
+                driver.find_elements(By.CSS_SELECTOR, "#trajectory li")] == \
+            ["9007199254740993", "9223372036854775813"]
+        shown = [tr.find_element(By.TAG_NAME, "td").text for tr in
+                 driver.find_elements(By.CSS_SELECTOR, "#neighbours tbody tr")]
+        assert shown == [n["key"] for n in server.ok(
+            f"/api/neighbours?key={top}&epoch={epoch}&k=10")["neighbours"]]
+        # The trajectory's point at the epoch drawn is the one marked (compared as strings).
+        radii = driver.execute_script(
+            "return window.embstoreChart().data.datasets"
+            ".filter(d => d.label === 'trajectory of key 18446744073709551615')"
+            ".map(d => d.pointRadius)")
+        assert radii == [[3, 7]]
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        assert not driver.find_element(By.ID, "search-error").is_displayed()
         assert script_errors(driver) == []
     finally:
         if driver is not None:

@@ -34,8 +34,11 @@ epoch, 405 for a method other than GET, 422 for neighbours of a row holding NaN 
 the store is damaged or gone (the message says which file), 500 for anything else; the server
 keeps running).
 Rows holding NaN or Inf have no place in a PCA or a distance: every endpoint leaves them out and
-says how many it left out (``non_finite``); no answer holds NaN (not JSON). Keys and epochs are
-decimal integers 0 .. 2**64-1; JSON numbers above 2**53 lose precision in JavaScript.
+says how many it left out (``non_finite``); no answer holds NaN (not JSON).
+Keys and epochs (uint64, 0 .. 2**64-1) are given as decimal integers in parameters and are
+decimal *strings* in every answer (``"epoch": "9223372036854775813"``, ``"keys": ["7", ...]``):
+a JSON number above 2**53 comes out of JavaScript's JSON.parse rounded to another key or epoch.
+Row numbers, counts and ``generation`` are JSON numbers (a store holds at most 2**40 rows).
 
 ``/api/stats``
     ``rows``, ``generation`` (the store's generation, which a truncate changes; for a manifest a

@@ -90,6 +90,22 @@ def _check_params(query, allowed) -> None:
             raise ApiError(400, f"parameter {name!r} is given {times} times; give it once")
 
 
+def _u64(value: int) -> str:
+    """A key or epoch (uint64) as the API sends it: decimal text, which JavaScript's JSON.parse
+    keeps exact (a JSON number above 2**53 comes out rounded). Row numbers and counts stay
+    numbers: a store holds at most 2**40 rows (kMaxRows, src/format/format.h)."""
+    return str(int(value))
+
+
+def _u64s(values) -> list:
+    """Keys or epochs (an array or a list) as the API sends them: see ``_u64``."""
+    return [str(v) for v in np.asarray(values, np.uint64).tolist()]
+
+
+def _epoch_list(snap, epochs) -> list:
+    return [{"epoch": _u64(e), "rows": snap.epoch_counts[e]} for e in epochs[-kMaxEpochsListed:]]
+
+
 def _rounded(values: np.ndarray) -> list:
     return [float(f"{v:.6g}") for v in values.tolist()]
 
@@ -185,8 +201,13 @@ class Server:
         def compute():
             epoch_rows, sample, vectors, non_finite = self._finite_sample(snap, epoch, limit)
             basis = self._basis(snap, epoch, limit, vectors)
-            return basis, sample, epoch_rows, basis.project(vectors), non_finite
-        return self._cached(self._fits, kCacheEntries, self._fit_key(snap, epoch, limit), compute)
+            return (basis, sample, epoch_rows, basis.project(vectors), non_finite,
+                    snap.offsets())
+        basis, sample, epoch_rows, xy, non_finite, offsets = self._cached(
+            self._fits, kCacheEntries, self._fit_key(snap, epoch, limit), compute)
+        # The same rows (same generations and rows in the epoch: no shard gained rows of it),
+        # maybe renumbered since: a shard set's rows move when a shard before theirs grows.
+        return basis, snap.renumbered(sample, offsets), epoch_rows, xy, non_finite
 
     def _label_codes(self, keys):
         if self.labels is None:
@@ -225,8 +246,7 @@ class Server:
             "generation": snap.generation,
             "rows_per_second": round(follower.rows_per_second(), 1),
             "epoch_count": len(epochs),
-            "epochs": [{"epoch": e, "rows": snap.epoch_counts[e]}
-                       for e in epochs[-kMaxEpochsListed:]],
+            "epochs": _epoch_list(snap, epochs),
             "bytes_on_disk": follower.bytes_on_disk(),
             "file_bytes": sum(i["data_file_bytes"] + i["index_file_bytes"] for i in infos)
             if infos else None,
@@ -242,8 +262,7 @@ class Server:
         snap = self.follower.check()
         epochs = snap.sorted_epochs()
         return {"rows": snap.rows, "epoch_count": len(epochs),
-                "epochs": [{"epoch": e, "rows": snap.epoch_counts[e]}
-                           for e in epochs[-kMaxEpochsListed:]]}
+                "epochs": _epoch_list(snap, epochs)}
 
     def projection(self, query) -> dict:
         _check_params(query, ("epoch", "limit"))
@@ -253,12 +272,12 @@ class Server:
         basis, sample, epoch_rows, xy, non_finite = self._fit(snap, epoch, limit)
         keys = snap.keys[sample]
         return {
-            "epoch": epoch, "epoch_rows": epoch_rows, "sampled": len(sample), "limit": limit,
+            "epoch": _u64(epoch), "epoch_rows": epoch_rows, "sampled": len(sample), "limit": limit,
             "generation": snap.generation,
             "non_finite": non_finite,
             "snapshot_rows": snap.rows, "explained_variance": basis.explained,
             "x": _rounded(xy[:, 0]), "y": _rounded(xy[:, 1]),
-            "keys": keys.tolist(), "rows": sample.tolist(),
+            "keys": _u64s(keys), "rows": sample.tolist(),
             "labels": self._label_codes(keys),
             "label_names": None if self.labels is None else self.labels.names,
         }
@@ -285,12 +304,13 @@ class Server:
                                              self.follower.dtype))
         keys = snap.keys[found].tolist()
         return {
-            "key": key, "epoch": epoch, "k": k, "row": row, "label": self._label_of(key),
+            "key": _u64(key), "epoch": _u64(epoch), "k": k, "row": row,
+            "label": self._label_of(key),
             "x": float(xy[-1, 0]), "y": float(xy[-1, 1]),
             "epoch_rows": len(rows), "scanned": len(scanned), "exact": len(scanned) == len(rows),
             "non_finite": non_finite,
             "neighbours": [
-                {"key": kk, "row": int(r), "distance": float(d), "label": self._label_of(kk),
+                {"key": _u64(kk), "row": int(r), "distance": float(d), "label": self._label_of(kk),
                  "x": float(p[0]), "y": float(p[1])}
                 for kk, r, d, p in zip(keys, found.tolist(), dist.tolist(), xy[:-1])],
         }
@@ -318,10 +338,10 @@ class Server:
                 non_finite += 1  # No place in a projection.
                 continue
             p = self._basis(snap, e).project(vector)[0]
-            trajectory.append({"epoch": e, "row": r, "x": float(p[0]), "y": float(p[1])})
+            trajectory.append({"epoch": _u64(e), "row": r, "x": float(p[0]), "y": float(p[1])})
         return {
-            "key": key, "label": self._label_of(key), "total_rows": total,
-            "rows": rows.tolist(), "epochs": epochs.tolist(), "trajectory": trajectory,
+            "key": _u64(key), "label": self._label_of(key), "total_rows": total,
+            "rows": rows.tolist(), "epochs": _u64s(epochs), "trajectory": trajectory,
             "non_finite": non_finite,
         }
 

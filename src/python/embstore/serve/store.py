@@ -4,7 +4,9 @@ A ``Follower`` owns two Readers on the store: one sleeps in ``wait()`` (woken by
 writer process), the other is refreshed when rows arrive and answers lookups. After every refresh
 it publishes an immutable ``Snapshot`` (row count, zero-copy views of keys / epochs / vectors, row
 count per epoch); request handlers only ever read the current snapshot, so a request sees one
-consistent set of rows however fast writers append.
+consistent set of rows however fast writers append. A refresh copies no rows and reads only the
+epochs of the rows each store or shard gained since the last one (``EpochTally``): its cost
+follows the new rows, not the store's.
 
 Lookups (``history``, ``find``, ``epoch_rows``) use the Reader's persistent key index when the
 embstore build has one (``Reader.history`` / ``Reader.epoch_rows``) and otherwise scan the
@@ -54,10 +56,11 @@ class StoreError(Exception):
 class Snapshot:
     """Rows [0, rows) of the store as seen at one refresh; never changes once published."""
 
-    def __init__(self, rows: int, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,
+    def __init__(self, rows: int, keys, epochs, vectors,
                  epoch_counts: Dict[int, int], generation: Any,
                  parts: Sequence[Tuple[int, int]] = ()) -> None:
         self.rows = rows
+        # Arrays (zero-copy views) of a store's rows; a shard set's are ``ShardRows``.
         self.keys = keys
         self.epochs = epochs
         self.vectors = vectors
@@ -69,6 +72,19 @@ class Snapshot:
 
     def sorted_epochs(self) -> list:
         return sorted(self.epoch_counts)
+
+    def offsets(self) -> np.ndarray:
+        """The global row of each part's row 0 (the store's, or each shard's), then ``rows``."""
+        return np.concatenate([[0], np.cumsum([rows for rows, _ in self.parts], dtype=np.int64)]
+                              ).astype(np.int64)
+
+    def renumbered(self, rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """``rows`` of an earlier snapshot of the same generations, whose ``offsets()`` were
+        ``offsets``, as this snapshot numbers them: a shard set's refresh moves the rows of
+        every shard after one that grew (a store's rows never move)."""
+        rows = np.asarray(rows, np.int64)
+        part = np.searchsorted(offsets, rows, side="right") - 1
+        return rows - offsets[part] + self.offsets()[part]
 
 
 def _as_rows(result) -> np.ndarray:
@@ -120,7 +136,7 @@ class KeyLookup:
         if found is not _STALE:
             rows = _as_rows(found)
             return np.sort(rows[rows < snap.rows])
-        return np.flatnonzero(snap.keys == np.uint64(key)).astype(np.int64)
+        return rows_equal(snap.keys, key)
 
     def find(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
         """The row of (key, epoch) in the snapshot (the later one if appended twice), or None."""
@@ -140,7 +156,7 @@ class KeyLookup:
         if found is not _STALE:
             rows = _as_rows(found)
             return np.sort(rows[rows < snap.rows])
-        return np.flatnonzero(snap.epochs == np.uint64(epoch)).astype(np.int64)
+        return rows_equal(snap.epochs, epoch)
 
 
 def last_commit_unix(info) -> Optional[float]:
@@ -152,19 +168,21 @@ def last_commit_unix(info) -> Optional[float]:
     return ns / 1e9 if ns != 0 else None
 
 
-class ShardVectors:
-    """The vectors of a ShardSet's global rows [0, rows) as of one snapshot, indexed like an
-    array (an int, a slice, or an array of rows) and gathered on demand from each shard's
-    zero-copy view: nothing is copied up front, and the row numbers stay those of the snapshot
-    after the set is refreshed (a refresh renumbers the rows of every shard after one that grew).
-    """
+class ShardRows:
+    """One column of a ShardSet's global rows [0, rows) as of one snapshot (its keys, epochs or
+    vectors), indexed like an array (an int, a slice, or an array of rows) and gathered on
+    demand from each shard's zero-copy view: a refresh copies nothing, and the row numbers stay
+    those of the snapshot after the set is refreshed (a refresh renumbers the rows of every
+    shard after one that grew)."""
 
-    def __init__(self, shard_set, rows: int) -> None:
-        self._views = [reader.vectors for reader in shard_set.shards]
-        self._offsets = np.asarray(shard_set.offsets, np.int64).copy()
-        self.rows = rows
+    def __init__(self, views: Sequence[np.ndarray], offsets: np.ndarray) -> None:
+        """``views``: each shard's rows in the snapshot; ``offsets``: the global row of each
+        shard's row 0, then the snapshot's rows (``ShardSet.offsets`` then)."""
+        self._views = list(views)
+        self._offsets = np.asarray(offsets, np.int64).copy()
+        self.rows = int(self._offsets[-1])
         self.dtype = self._views[0].dtype
-        self.shape = (rows, shard_set.dim)
+        self.shape = (self.rows,) + self._views[0].shape[1:]
 
     def __len__(self) -> int:
         return self.rows
@@ -178,13 +196,82 @@ class ShardVectors:
         rows = np.where(rows < 0, rows + self.rows, rows)
         if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
             raise IndexError(f"rows must lie in [0, {self.rows})")
-        out = np.empty((rows.size, self.shape[1]), self.dtype)
+        out = np.empty((rows.size,) + self.shape[1:], self.dtype)
         shard = np.searchsorted(self._offsets, rows, side="right") - 1
         for i, view in enumerate(self._views):
             mine = shard == i
             if mine.any():
                 out[mine] = view[rows[mine] - self._offsets[i]]
         return out[0] if scalar else out
+
+    def rows_equal(self, value: int) -> np.ndarray:
+        """Global rows (int64, ascending) whose value is ``value`` (a key or an epoch)."""
+        found = [np.flatnonzero(view == np.uint64(value)) + offset
+                 for view, offset in zip(self._views, self._offsets.tolist())]
+        return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
+
+
+def rows_equal(column, value: int) -> np.ndarray:
+    """Rows (int64, ascending) of a snapshot's keys or epochs (an array, or ``ShardRows``) that
+    hold ``value``."""
+    if isinstance(column, ShardRows):
+        return column.rows_equal(value)
+    return np.flatnonzero(column == np.uint64(value)).astype(np.int64)
+
+
+class EpochTally:
+    """Rows per epoch of the rows a follower took in, kept per part (the store, or each shard
+    of a set in order) so that a refresh reads only the epochs of the rows a part gained since
+    the last: a part is counted again from its row 0 only when a truncate moved it to another
+    generation or it holds fewer rows than were counted (a shard set only ever adds parts, at
+    the end). ``rows_read`` counts every epoch read (tests count a refresh's work with it).
+
+    Not thread-safe: the follower's thread alone calls ``take``; the dicts it returns are never
+    changed afterwards."""
+
+    def __init__(self) -> None:
+        self._parts: List[Tuple[int, int, Dict[int, int]]] = []  # (generation, rows, counts)
+        self._total: Dict[int, int] = {}
+        self.rows_read = 0
+
+    def take(self, parts: Sequence[Tuple[np.ndarray, int, int]]) -> Dict[int, int]:
+        """Takes in each part's (epochs view, rows, generation) of a new snapshot; returns the
+        rows per epoch of them all (a new dict)."""
+        read = []  # per part: (counted again from row 0, epochs of its rows read now)
+        for i, (epochs, rows, generation) in enumerate(parts):
+            held = self._parts[i] if i < len(self._parts) else None
+            again = held is None or held[0] != generation or rows < held[1]
+            start = 0 if again else held[1]
+            values, n = np.unique(epochs[start:rows], return_counts=True)
+            read.append((again, rows - start, dict(zip(values.tolist(), n.tolist()))))
+        # Applied once every part is read: an error above leaves the tally as it was.
+        total = dict(self._total)
+        for i in range(len(parts), len(self._parts)):
+            self._subtract(total, self._parts[i][2])
+        kept = []
+        for i, ((_, rows, generation), (again, taken, added)) in enumerate(zip(parts, read)):
+            if again:
+                if i < len(self._parts):
+                    self._subtract(total, self._parts[i][2])
+                counts = {}
+            else:
+                counts = self._parts[i][2]
+            for epoch, n in added.items():
+                counts[epoch] = counts.get(epoch, 0) + n
+                total[epoch] = total.get(epoch, 0) + n
+            kept.append((generation, rows, counts))
+            self.rows_read += taken
+        self._parts, self._total = kept, total
+        return total
+
+    @staticmethod
+    def _subtract(total: Dict[int, int], counts: Dict[int, int]) -> None:
+        for epoch, n in counts.items():
+            left = total[epoch] - n
+            if left:
+                total[epoch] = left
+            else:
+                del total[epoch]
 
 
 def _file_id(path: str):
@@ -311,7 +398,7 @@ class Follower:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._counts: Dict[int, int] = {}
+        self._tally = EpochTally()
         self._rate = collections.deque()  # (monotonic seconds, rows)
         self._error: Optional[str] = None
         self._manifest_problem: Optional[str] = None  # A shard set: a shard it cannot add yet.
@@ -370,22 +457,23 @@ class Follower:
         # core from the writers on a large store.
         info = self.reader.info(key_stats=False) if hasattr(self.reader, "info") else {}
         self._check_files(parts)
-        keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
-        vectors = self.reader.vectors[:rows] if self.single_store else \
-            ShardVectors(self.reader, rows)
-        counts, counted = dict(self._counts), old.rows
-        if rows < old.rows or generation != old.generation:
-            # A truncate switched the store to a new generation (rows may have gone down, or
-            # been dropped and appended again): count this snapshot's epochs afresh.
-            counts, counted = {}, 0
-        if rows > counted:
-            values, n = np.unique(epochs[counted:rows], return_counts=True)
-            for value, count in zip(values.tolist(), n.tolist()):
-                counts[value] = counts.get(value, 0) + count
+        # Zero-copy views, and only the epochs of rows new since the last refresh are read (a
+        # shard set's whole-set keys / epochs are copies: a refresh took O(rows) of CPU).
+        if self.single_store:
+            keys, epochs = self.reader.keys[:rows], self.reader.epochs[:rows]
+            vectors = self.reader.vectors[:rows]
+            counts = self._tally.take([(epochs, rows, generation)])
+        else:
+            offsets = self.reader.offsets
+            keys, epochs, vectors = (ShardRows([getattr(shard, column) for shard in shards],
+                                               offsets)
+                                     for column in ("keys", "epochs", "vectors"))
+            counts = self._tally.take([(shard.epochs, shard_rows, shard_generation)
+                                       for shard, (shard_rows, shard_generation)
+                                       in zip(shards, parts)])
         with self._lock:
             # Read after the refresh, so never older than the commit of the snapshot's last row.
             self.last_commit_unix = last_commit_unix(info)
-            self._counts = counts
             self.snapshot = Snapshot(rows, keys, epochs, vectors, counts, generation, parts)
         self.refreshes += 1
 

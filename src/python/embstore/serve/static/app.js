@@ -1,5 +1,7 @@
 // The live page of `embstore serve`: polls /api/stats, draws /api/projection with Chart.js and
 // overlays a searched key's neighbours and trajectory. See embstore/serve/__init__.py for the API.
+// Keys and epochs (uint64) come as decimal strings and stay strings here: shown, compared with
+// ===, put in URLs, never made Numbers (a Number above 2**53 is rounded: another key or epoch).
 "use strict";
 
 const kPollMs = 1000;
@@ -10,13 +12,13 @@ const kPalette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564
                   "#7f7f7f", "#bcbd22", "#17becf"];
 
 const state = {
-  epochs: [],          // [{epoch, rows}]
-  epoch: null,         // the epoch shown
+  epochs: [],          // [{epoch, rows}], epoch a string
+  epoch: null,         // the epoch shown (a string)
   drawn: null,         // {epoch, rows, generation} of the projection on screen
   drawnAt: 0,
   loading: false,
   draws: 0,
-  key: null,           // the searched key
+  key: null,           // the searched key (the digits typed)
   neighbours: null,
   history: null,
 };
