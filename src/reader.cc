@@ -54,6 +54,9 @@ class Reader::Impl {
   }
   // After a reboot, before any writer recovered the store: rows below this were verified.
   std::uint64_t verified_upto_ = 0;
+  // After a reboot, before any writer recovered the store: the rows the loader keeps at the last
+  // refresh(), which the next writer's open keeps too (the same loader). Empty in the same boot.
+  std::optional<std::uint64_t> kept_rows_;
   std::unique_ptr<detail::KeyIndexHandle> keys_;
   // The key index is opened at the first call that needs it, not at open: a Reader that never
   // looks a key up holds no mapping of it (thousands of Readers fit under vm.max_map_count).
@@ -122,6 +125,7 @@ class Reader::Impl {
     // Recovery stores the boot id before any append, so an unchanged one means no row changed.
     if (f.generation() != mapped) populated_.store(0, std::memory_order_relaxed);
     if (!log.same_boot && f.same_boot()) return refresh();
+    kept_rows_ = log.same_boot ? std::nullopt : std::optional(log.recovered.committed);
     if (f.file_generation() != snapshot_generation_) {
       // A truncate switched the store to new files: the snapshot starts over in them, and the
       // key index of the old generation is never used again.
@@ -137,6 +141,15 @@ class Reader::Impl {
     // A key index from an earlier boot is refused (lookups scan) until a writer rebuilds it.
     refresh_keys();
     return snapshot_;
+  }
+
+  // Of `committed`, read from the state page before this call: the rows the next writer's open
+  // keeps. Until a writer recovers the store after a reboot the page still counts the rows the
+  // loader cut (refresh()). Recovery stores the boot id before any append, so with the old one
+  // still there the counter can only have shrunk to the cut (a recovery under way), not grown.
+  std::uint64_t kept_of(std::uint64_t committed) const {
+    if (!kept_rows_ || files().same_boot()) return committed;
+    return std::min(committed, *kept_rows_);
   }
 
   void check_range(std::uint64_t begin, std::uint64_t end, const char* what) const {
@@ -297,6 +310,8 @@ VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
     report.key_index_problems = keys.key_index_problems;
     report.key_index_problem = keys.key_index_problem;
     report.header_problem = verify_header();
+    const std::uint64_t committed = f.state().committed();
+    report.rows_to_cut = committed - impl().kept_of(committed);
   }
   return report;
 }
@@ -349,6 +364,10 @@ const std::string& Reader::path() const { return impl().path_; }
 const std::string& Reader::metadata() const { return impl().metadata_; }
 StoreInfo Reader::info(InfoDetail detail) const {
   StoreInfo info = impl().files().info();
+  const std::uint64_t kept = impl().kept_of(info.committed_rows);
+  info.rows_to_cut = info.committed_rows - kept;
+  info.committed_rows = kept;
+  info.durable_rows = std::min(info.durable_rows, kept);
   if (detail == InfoDetail::kFull) {
     detail::fill_key_info(impl().keys(), impl().files(), impl().snapshot_, info);
   }

@@ -135,10 +135,12 @@ TEST_CASE("After a reboot a data file cut short is repaired the same way by read
   detail::testing::set_boot_id(kBootB);
   Reader r = Reader::open(path);
   CHECK(r.size() == 1000);  // the synced rows stay; the torn batch of 10 goes whole
-  CHECK(r.verify().ok());
+  CHECK(r.verify().bad_row_count == 0);
+  CHECK(r.verify().rows_to_cut == 10);
   Writer w = Writer::open(path, unsynced());
   CHECK(w.committed_rows() == r.size());
   CHECK(w.durable_rows() == 1000);
+  CHECK(r.verify().ok());
 }
 
 #ifdef EMBSTORE_TEST_CLI
@@ -153,5 +155,53 @@ TEST_CASE("embstore verify exits non-zero on a store a writer refuses", "[recove
                                      (dir / "out") + "' 2>&1");
   CHECK(status == 10 + static_cast<int>(ErrorCode::kCorruption));
   CHECK_THAT(test::read_file(dir / "out"), Catch::Contains("durable_rows 1001"));
+}
+
+// The tool runs in the machine's real boot, not in the boot the store was written in.
+TEST_CASE(
+    "After a reboot embstore info counts the rows the next writer keeps and verify exits 1 "
+    "naming those it cuts",
+    "[recovery-loader][cli]") {
+  const char* bin = std::getenv("EMBSTORE_TEST_BIN_DIR");
+  REQUIRE(bin != nullptr);
+  BootReset reset;
+  TempDir dir;
+  const std::string path = make_store(dir);
+  {
+    Writer w = Writer::open(path, unsynced());
+    w.sync();
+    const auto values = test::batch_payload(0, 1000, 10, kDim);
+    std::vector<std::uint64_t> keys(10);
+    for (std::uint64_t i = 0; i < 10; ++i) keys[i] = test::make_key(0, 1000 + i);
+    w.append(keys, 0, std::span<const float>(values));
+  }
+  // Row 1005 did not reach the disk before the power loss: its batch [1000, 1010) goes whole.
+  test::write_bytes(path + "/rows.1", 1005 * kRowBytes, std::string(kRowBytes, '\0'));
+  const std::string before = store_bytes(path);
+  auto tool = [&](const std::string& args) {
+    const int status = test::run_shell(std::string(bin) + "/embstore " + args + " '" + path +
+                                       "' > '" + (dir / "out") + "' 2>&1");
+    return std::make_pair(status, test::read_file(dir / "out"));
+  };
+  const auto [info_status, info] = tool("info --json");
+  CHECK(info_status == 0);
+  CHECK_THAT(info, Catch::Contains("\"committed_rows\":1000,") &&
+                       Catch::Contains("\"durable_rows\":1000,") &&
+                       Catch::Contains("\"rows_to_cut\":10,"));
+  CHECK_THAT(tool("info").second,
+             Catch::Contains("rows to cut     10 (rows [1000, 1010) were not synced"));
+  const auto [verify_status, verify] = tool("verify");
+  CHECK(verify_status == 1);
+  CHECK_THAT(verify, Catch::Contains("checked rows [0, 1000): 0 bad") &&
+                         Catch::Contains("10 rows to cut: rows [1000, 1010)"));
+  const auto [json_status, json] = tool("verify --json");
+  CHECK(json_status == 1);
+  CHECK_THAT(json, Catch::Contains("\"rows_to_cut\":10"));
+  CHECK(store_bytes(path) == before);  // The tool only read.
+
+  detail::testing::set_boot_id(kBootB);
+  CHECK(Writer::open(path, unsynced()).committed_rows() == 1000);
+  CHECK(tool("verify").first == 0);
+  CHECK_THAT(tool("info --json").second, Catch::Contains("\"rows_to_cut\":0,"));
 }
 #endif

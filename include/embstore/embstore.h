@@ -45,11 +45,12 @@
 //   any unsynced page), it re-checks rows [durable, committed) by checksum under the writer lock
 //   and cuts the commit counter back to the longest valid prefix; this is idempotent. A Reader
 //   that finds such a store before any Writer has recovered it verifies the same range itself
-//   (read-only) and clamps its snapshot to the valid prefix. After a mere process crash (same
-//   boot) opening is O(1): the page cache never lost anything. Both run one loader with one set
-//   of checks: counters that contradict each other (capacity 0, committed above capacity,
-//   durable above committed) or, in the same boot, the file sizes, are kCorruption naming the
-//   field, for Reader::open (and so verify) exactly as for Writer::open.
+//   (read-only) and clamps its snapshot to the valid prefix; its info() counts those rows, and
+//   StoreInfo::rows_to_cut (and verify(), which then fails) the ones the next Writer cuts. After
+//   a mere process crash (same boot) opening is O(1): the page cache never lost anything. Both
+//   run one loader with one set of checks: counters that contradict each other (capacity 0,
+//   committed above capacity, durable above committed) or, in the same boot, the file sizes, are
+//   kCorruption naming the field, for Reader::open (and so verify) exactly as for Writer::open.
 //
 // Lookups by key
 //   Reader::find/history/epoch_rows/epochs/find_many answer for the reader's snapshot through the

@@ -75,8 +75,13 @@ struct VerifyReport {
   // The header's two copies, when the whole snapshot is verified: "" when both hold, else
   // what is wrong (Reader::verify_header()).
   std::string header_problem;
+  // StoreInfo::rows_to_cut, when the whole snapshot is verified: after a reboot no writer has
+  // recovered the store from yet, rows the header counts as committed past the snapshot that
+  // failed the loader's check; the next writer's open cuts them. Never rows a sync covered.
+  std::uint64_t rows_to_cut = 0;
   bool ok() const {
-    return bad_row_count == 0 && key_index_problems == 0 && header_problem.empty();
+    return bad_row_count == 0 && key_index_problems == 0 && header_problem.empty() &&
+           rows_to_cut == 0;
   }
 };
 
@@ -134,7 +139,8 @@ class Reader {
   // the file) if it fails, kInvalidArgument if row >= size().
   Record record(std::uint64_t row) const;
   // Recomputes the checksums of rows [begin, end) of the snapshot, and for the whole snapshot
-  // also checks the key index (VerifyReport); never throws for bad rows.
+  // also checks the key index and the header and reports the rows a reboot left to cut
+  // (VerifyReport); never throws for bad rows.
   VerifyReport verify(std::uint64_t begin, std::uint64_t end) const;
   VerifyReport verify() const { return verify(0, size()); }
   // The key index part of verify() alone: checks the key index against the offset index of the
@@ -212,7 +218,9 @@ class Reader {
   const std::string& path() const;
   const std::string& metadata() const;
   // Header plus the counters as they are now; with kFull, key statistics for this snapshot (a
-  // pass over the key table: milliseconds per million keys).
+  // pass over the key table: milliseconds per million keys). After a reboot no Writer has
+  // recovered the store from yet, the counters leave out the rows the next Writer's open cuts
+  // (as found by the last open()/refresh()) and rows_to_cut counts them.
   StoreInfo info(InfoDetail detail = InfoDetail::kFull) const;
 
   // Keeps the mappings (and so every view taken so far) alive after this Reader is closed,

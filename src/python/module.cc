@@ -876,6 +876,8 @@ class PyReader {
     out["key_index_problems"] = report.key_index_problems;
     out["key_index_problem"] = report.key_index_problem;
     out["header_problem"] = report.header_problem;
+    out["rows_to_cut"] = report.rows_to_cut;
+    out["ok"] = report.ok();
     return out;
   }
 
@@ -1044,6 +1046,7 @@ py::dict info_dict(const StoreInfo& info) {
   out["generation"] = info.generation;
   out["committed_rows"] = info.committed_rows;
   out["durable_rows"] = info.durable_rows;
+  out["rows_to_cut"] = info.rows_to_cut;
   out["capacity_rows"] = info.capacity_rows;
   out["last_commit_unix_ns"] = info.last_commit_unix_ns;
   out["data_file_bytes"] = info.data_file_bytes;

@@ -204,6 +204,7 @@ nlohmann::json info_json(const StoreInfo& info) {
       {"generation", info.generation},
       {"committed_rows", info.committed_rows},
       {"durable_rows", info.durable_rows},
+      {"rows_to_cut", info.rows_to_cut},
       {"capacity_rows", info.capacity_rows},
       {"last_commit_unix_ns", info.last_commit_unix_ns},
       {"data_file_bytes", info.data_file_bytes},

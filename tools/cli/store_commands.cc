@@ -41,6 +41,14 @@ int run_create(const CreateArgs& args) {
   return kExitOk;
 }
 
+// StoreInfo::rows_to_cut in words, for info and verify.
+std::string rows_to_cut_text(const StoreInfo& info) {
+  return fmt::format(
+      "rows [{}, {}) were not synced before the last reboot and did not survive it whole; no "
+      "reader shows them and the next writer's open cuts them",
+      info.committed_rows, info.committed_rows + info.rows_to_cut);
+}
+
 struct InfoArgs {
   std::string store;
   bool json = false;
@@ -112,6 +120,9 @@ int run_info(const InfoArgs& args) {
   line("generation", std::to_string(info.generation));
   line("committed rows", std::to_string(info.committed_rows));
   line("durable rows", std::to_string(info.durable_rows));
+  if (info.rows_to_cut > 0) {
+    line("rows to cut", fmt::format("{} ({})", info.rows_to_cut, rows_to_cut_text(info)));
+  }
   line("capacity rows", std::to_string(info.capacity_rows));
   line("data file", fmt::format("{} bytes", info.data_file_bytes));
   line("index file", fmt::format("{} bytes", info.index_file_bytes));
@@ -180,8 +191,12 @@ int run_verify(const VerifyArgs& args) {
   // every row from 0.
   const bool whole = begin == 0 && end == reader.size();
   const VerifyReport keys = whole ? reader.verify_key_index() : VerifyReport{};
-  // The header does not depend on the rows asked for: checked whatever the range.
-  const std::string header = reader.verify_header();
+  // The header and the rows a reboot left to cut do not depend on the rows asked for: checked
+  // whatever the range.
+  total.header_problem = reader.verify_header();
+  const StoreInfo state = reader.info(InfoDetail::kState);
+  total.rows_to_cut = state.rows_to_cut;
+  const std::string& header = total.header_problem;
   // Keys and epochs as the index entry says: the entry itself may be what is damaged.
   auto key_of = [&](std::uint64_t row) { return reader.keys(row, row + 1)[0]; };
   auto epoch_of = [&](std::uint64_t row) { return reader.epochs(row, row + 1)[0]; };
@@ -200,7 +215,8 @@ int run_verify(const VerifyArgs& args) {
                  {{"checked", keys.key_index_checked},
                   {"problems", keys.key_index_problems},
                   {"first_problem", keys.key_index_problem}}},
-                {"header_problem", header}});
+                {"header_problem", header},
+                {"rows_to_cut", total.rows_to_cut}});
   } else {
     print_out("{}: checked rows [{}, {}): {} bad\n", reader.path(), begin, end,
               total.bad_row_count);
@@ -230,8 +246,11 @@ int run_verify(const VerifyArgs& args) {
           "embstore rebuild-index {}, or any Writer)\n",
           header, args.store);
     }
+    if (total.rows_to_cut > 0) {
+      print_out("{} rows to cut: {}\n", total.rows_to_cut, rows_to_cut_text(state));
+    }
   }
-  return total.ok() && keys.ok() && header.empty() ? kExitOk : kExitDamage;
+  return total.ok() && keys.ok() ? kExitOk : kExitDamage;
 }
 
 }  // namespace
@@ -285,8 +304,8 @@ void add_store_commands(CLI::App& app, Registry& registry) {
     CLI::App* cmd = app.add_subcommand(
         "verify",
         "Recompute every row's checksum and check the key index and both copies of the header; "
-        "exit 1 naming bad rows, the key index's first problem or a damaged header copy "
-        "(read-only)");
+        "exit 1 naming bad rows, the key index's first problem, a damaged header copy or rows a "
+        "reboot left for the next writer to cut (read-only)");
     cmd->add_option("store", args->store, "Store directory")->required();
     cmd->add_option("--from", args->from, "First row to check (default 0)")
         ->transform(unsigned_validator("a row number"));

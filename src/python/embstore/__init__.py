@@ -206,7 +206,9 @@ def info(path: PathLike) -> dict:
     is "{format_major}.{format_minor}"), dtype (name), dim, record_bytes, segment_bytes,
     keeps_key_index (``create``'s key_index), store_id (32 hex digits), created_unix_ns,
     metadata (text), generation, committed_rows,
-    durable_rows, capacity_rows, last_commit_unix_ns (wall-clock ns of the latest commit as
+    durable_rows, rows_to_cut (after a reboot no Writer has recovered the store from yet:
+    unsynced rows that did not survive it whole, which no Reader shows and the next Writer's
+    open cuts; committed_rows and durable_rows leave them out), capacity_rows, last_commit_unix_ns (wall-clock ns of the latest commit as
     its writer recorded it; 0 when unknown: no commit yet, or only commits by libraries older
     than format 1.3), data_file_bytes, index_file_bytes; from the key index:
     distinct_keys, epochs ({epoch: rows}), key_index (its state, or why lookups scan) and
@@ -1174,9 +1176,11 @@ class VerifyReport:
     """Result of Reader.verify(): ``ok``, ``rows_checked``, ``bad_row_count``, ``bad_rows``
     (the first 1000 bad row numbers), ``begin_row``, ``end_row``; for a whole-snapshot verify
     also ``key_index_checked``, ``key_index_problems`` and ``key_index_problem`` (the key index
-    against the offset index), and ``header_problem`` ("" when both copies of the header hold;
-    else what is wrong: nothing is lost, and a Writer opening the store repairs it). Truthy
-    when ok."""
+    against the offset index), ``header_problem`` ("" when both copies of the header hold;
+    else what is wrong: nothing is lost, and a Writer opening the store repairs it) and
+    ``rows_to_cut`` (after a reboot no Writer has recovered the store from yet: unsynced rows
+    that did not survive it whole, which no Reader shows and the next Writer's open cuts; 0
+    otherwise). Truthy when ok (the C++ VerifyReport::ok())."""
 
     def __init__(self, fields: dict) -> None:
         self.begin_row: int = fields["begin_row"]
@@ -1188,18 +1192,20 @@ class VerifyReport:
         self.key_index_problems: int = fields["key_index_problems"]
         self.key_index_problem: str = fields["key_index_problem"]
         self.header_problem: str = fields["header_problem"]
+        self.rows_to_cut: int = fields["rows_to_cut"]
+        self._ok: bool = fields["ok"]
 
     @property
     def ok(self) -> bool:
-        return self.bad_row_count == 0 and self.key_index_problems == 0 and \
-            not self.header_problem
+        return self._ok
 
     def __bool__(self) -> bool:
         return self.ok
 
     def __repr__(self) -> str:
         return (f"VerifyReport(rows {self.begin_row}..{self.end_row}, checked="
-                f"{self.rows_checked}, bad={self.bad_row_count}, bad_rows={self.bad_rows[:10]})")
+                f"{self.rows_checked}, bad={self.bad_row_count}, bad_rows={self.bad_rows[:10]}"
+                + (f", rows_to_cut={self.rows_to_cut}" if self.rows_to_cut else "") + ")")
 
 
 class Reader(_Handle):
