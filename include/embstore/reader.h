@@ -77,7 +77,8 @@ struct VerifyReport {
   std::string header_problem;
   // StoreInfo::rows_to_cut, when the whole snapshot is verified: after a reboot no writer has
   // recovered the store from yet, rows the header counts as committed past the snapshot that
-  // failed the loader's check; the next writer's open cuts them. Never rows a sync covered.
+  // failed the loader's check; the next writer's open cuts them (StoreInfo::rows_to_cut says
+  // which rows those can be).
   std::uint64_t rows_to_cut = 0;
   bool ok() const {
     return bad_row_count == 0 && key_index_problems == 0 && header_problem.empty() &&

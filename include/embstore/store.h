@@ -33,11 +33,12 @@ struct StoreInfo {
   std::uint64_t generation = 0;      // Which data/index files are current (see FORMAT.md).
   std::uint64_t committed_rows = 0;  // Visible to readers.
   std::uint64_t durable_rows = 0;    // Known to be on disk (a sync completed over them).
-  // From a Reader, after a reboot no Writer has recovered the store from yet: the rows past
-  // durable_rows that the header still counts as committed but that did not survive the reboot
-  // whole (from the first that fails its checksum, with the rest of its batch). No Reader shows
-  // them and the next Writer's open cuts them; committed_rows (and durable_rows) leave them out,
-  // so they count what that Writer keeps. 0 otherwise.
+  // From a Reader, after a reboot no Writer has recovered the store from yet: the rows the
+  // header still counts as committed that did not survive the reboot whole (from the first that
+  // fails its checksum, with the rest of its batch, or past what the files hold). Rows a sync
+  // did not cover, unless the files were damaged since (then synced rows may be among them). No
+  // Reader shows them and the next Writer's open cuts them; committed_rows (and durable_rows)
+  // leave them out, so they count what that Writer keeps. 0 otherwise.
   std::uint64_t rows_to_cut = 0;
   std::uint64_t capacity_rows = 0;  // Preallocated; appends beyond this grow the files.
   // Wall-clock (CLOCK_REALTIME) time of the latest commit in ns since the Unix epoch, as its

@@ -259,7 +259,7 @@ def test_after_a_reboot_info_counts_the_rows_the_next_writer_keeps_and_verify_na
     assert [e["rows"] for e in info["epochs"]] == [10, 10]
     r = run("info", store)
     assert "committed rows  20\n" in r.out
-    assert "rows to cut     10 (rows [20, 30) were not synced before the last reboot" in r.out
+    assert "rows to cut     10 (rows [20, 30) did not survive the last reboot whole" in r.out
     r = run("verify", store, "--quiet")
     assert r.code == 1, r
     assert "checked rows [0, 20): 0 bad" in r.out

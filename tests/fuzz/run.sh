@@ -39,7 +39,10 @@ mapfile -t lib_sources < <(sed -n '/^set(EMBSTORE_HOOK\(_FREE\|ED\)_SOURCES/,/^)
   grep -o 'src/[A-Za-z0-9_/]*\.cc')
 for src in "${lib_sources[@]/#/$root/}" "$here"/fuzz_store.cc; do
   obj="$build/$(basename "${src%.cc}").o"
-  if [[ ! -f $obj || $src -nt $obj || $(find "$root/src" -name '*.h' -newer "$obj" | head -1) ]]; then
+  # Any header newer: the library's own (src/) and its public ones (include/), whose structs
+  # every object shares (an object left with an old layout corrupts the heap, not the build).
+  if [[ ! -f $obj || $src -nt $obj ||
+        $(find "$root/src" "$root/include" "$here" -name '*.h' -newer "$obj" | head -1) ]]; then
     (( ${#compiling[@]} < build_jobs )) || reap
     $CXX $flags -c "$src" -o "$obj" -I"$root/include" -I"$root/src" -I"$here" \
       -I"$xxhash_inc" -fsanitize=fuzzer-no-link &

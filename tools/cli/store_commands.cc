@@ -44,8 +44,8 @@ int run_create(const CreateArgs& args) {
 // StoreInfo::rows_to_cut in words, for info and verify.
 std::string rows_to_cut_text(const StoreInfo& info) {
   return fmt::format(
-      "rows [{}, {}) were not synced before the last reboot and did not survive it whole; no "
-      "reader shows them and the next writer's open cuts them",
+      "rows [{}, {}) did not survive the last reboot whole (not synced before it, or the files "
+      "damaged since); no reader shows them and the next writer's open cuts them",
       info.committed_rows, info.committed_rows + info.rows_to_cut);
 }
 

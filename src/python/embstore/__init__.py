@@ -205,12 +205,12 @@ def info(path: PathLike) -> dict:
     CLI's ``info --json`` uses too: path, format_major, format_minor (ints; the format version
     is "{format_major}.{format_minor}"), dtype (name), dim, record_bytes, segment_bytes,
     keeps_key_index (``create``'s key_index), store_id (32 hex digits), created_unix_ns,
-    metadata (text), generation, committed_rows,
-    durable_rows, rows_to_cut (after a reboot no Writer has recovered the store from yet:
-    unsynced rows that did not survive it whole, which no Reader shows and the next Writer's
-    open cuts; committed_rows and durable_rows leave them out), capacity_rows, last_commit_unix_ns (wall-clock ns of the latest commit as
-    its writer recorded it; 0 when unknown: no commit yet, or only commits by libraries older
-    than format 1.3), data_file_bytes, index_file_bytes; from the key index:
+    metadata (text), generation, committed_rows, durable_rows, rows_to_cut (after a reboot
+    no Writer has recovered the store from yet: rows the header counts as committed that did
+    not survive it whole, which no Reader shows and the next Writer's open cuts;
+    committed_rows and durable_rows leave them out), capacity_rows, last_commit_unix_ns
+    (wall-clock ns of the latest commit as its writer recorded it; 0 when unknown: no commit
+    yet, or only commits by libraries older than format 1.3), data_file_bytes, index_file_bytes; from the key index:
     distinct_keys, epochs ({epoch: rows}), key_index (its state, or why lookups scan) and
     key_index_used (True when these come from the key index, False when from a scan).
 
@@ -1178,9 +1178,9 @@ class VerifyReport:
     also ``key_index_checked``, ``key_index_problems`` and ``key_index_problem`` (the key index
     against the offset index), ``header_problem`` ("" when both copies of the header hold;
     else what is wrong: nothing is lost, and a Writer opening the store repairs it) and
-    ``rows_to_cut`` (after a reboot no Writer has recovered the store from yet: unsynced rows
-    that did not survive it whole, which no Reader shows and the next Writer's open cuts; 0
-    otherwise). Truthy when ok (the C++ VerifyReport::ok())."""
+    ``rows_to_cut`` (after a reboot no Writer has recovered the store from yet: rows the header
+    counts as committed that did not survive it whole, which no Reader shows and the next
+    Writer's open cuts; 0 otherwise). Truthy when ok (the C++ VerifyReport::ok())."""
 
     def __init__(self, fields: dict) -> None:
         self.begin_row: int = fields["begin_row"]

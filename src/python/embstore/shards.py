@@ -501,10 +501,11 @@ class ShardSet:
         return [r.info(key_stats) for r in self.shards]
 
     def verify(self) -> bool:
-        """True when every shard's ``Reader.verify()`` is ok: every row passes its checksum and
+        """True when every shard's ``Reader.verify()`` is ok: every row passes its checksum,
         each shard's key index agrees with its offset index (a damaged key index makes it False
-        though lookups still answer, by scanning). ``[r.verify() for r in shards]`` says which
-        shard and why."""
+        though lookups still answer, by scanning), both copies of its header hold, and no rows
+        wait to be cut after a reboot (``VerifyReport.rows_to_cut``). ``[r.verify() for r in
+        shards]`` says which shard and why."""
         return all(r.verify().ok for r in self.shards)
 
     def close(self) -> None:
