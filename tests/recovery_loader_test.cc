@@ -188,8 +188,9 @@ TEST_CASE(
   CHECK_THAT(info, Catch::Contains("\"committed_rows\":1000,") &&
                        Catch::Contains("\"durable_rows\":1000,") &&
                        Catch::Contains("\"rows_to_cut\":10,"));
-  CHECK_THAT(tool("info").second,
-             Catch::Contains("rows to cut     10 (rows [1000, 1010) did not survive the last reboot"));
+  CHECK_THAT(
+      tool("info").second,
+      Catch::Contains("rows to cut     10 (rows [1000, 1010) did not survive the last reboot"));
   const auto [verify_status, verify] = tool("verify");
   CHECK(verify_status == 1);
   CHECK_THAT(verify, Catch::Contains("checked rows [0, 1000): 0 bad") &&
