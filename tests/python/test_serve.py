@@ -680,6 +680,143 @@ def test_an_incrementally_followed_manifest_answers_as_a_full_recomputation(tmp_
         server.close()
 
 
+def manifest_lookup_oracle(snap):
+    """history / find / epoch_rows of ``snap`` recomputed from its rows with numpy."""
+    everything = np.arange(snap.rows)
+    keys, epochs = snap.keys[everything], snap.epochs[everything]
+
+    def find(key, epoch):
+        rows = np.flatnonzero((keys == key) & (epochs == epoch))
+        return int(rows[-1]) if len(rows) else None
+    return (lambda key: np.flatnonzero(keys == key).tolist(), find,
+            lambda epoch: np.flatnonzero(epochs == epoch).tolist())
+
+
+def assert_lookups_like_scans(follower, snap, keys=range(23), epochs=range(6)):
+    """The follower's lookups (each shard's key index) give for ``snap`` what scans of its rows
+    (``use_index=False``) and a numpy recomputation give."""
+    lookup, scans = follower.lookup, serve_store.KeyLookup(follower.reader, use_index=False)
+    history, find, epoch_rows = manifest_lookup_oracle(snap)
+    for key in keys:
+        assert lookup.history(snap, key).tolist() == scans.history(snap, key).tolist() \
+            == history(key), key
+        for epoch in epochs:
+            assert lookup.find(snap, key, epoch) == scans.find(snap, key, epoch) \
+                == find(key, epoch), (key, epoch)
+    for epoch in epochs:
+        assert lookup.epoch_rows(snap, epoch).tolist() == scans.epoch_rows(snap, epoch).tolist() \
+            == epoch_rows(epoch), epoch
+
+
+def test_manifest_lookups_through_each_shards_key_index_answer_as_scans(tmp_path):
+    """A manifest's lookups scanned every row of the snapshot per request. Through each shard's
+    key index they give the scans' rows, in the snapshot's numbering, for the published snapshot
+    and for the one before while the lookup set has moved on: appends to shards before the last
+    (renumbering the rows after them), a shard truncated and refilled, a shard added, a shard
+    emptied, and keys repeated across shards and epochs, (key, epoch) pairs too."""
+    paths = [str(tmp_path / name) for name in ("node0", "node1", "node2")]
+    rng = np.random.default_rng(21)
+    for path in paths:
+        embstore.create(path, dim=4)
+    manifest = str(tmp_path / "manifest.json")
+    write_shards_manifest(manifest, 4, paths[:2])
+
+    def append(shard, rows, epoch):
+        with embstore.Writer(paths[shard]) as w:
+            w.append(rng.integers(0, 20, rows), rng.random((rows, 4), np.float32), epoch=epoch)
+
+    def truncate(shard, rows):
+        with embstore.Writer(paths[shard]) as w:
+            w.truncate(rows)
+
+    for shard, epoch in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        append(shard, 30, epoch)
+    follower = serve_store.Follower(manifest)
+    assert follower.lookup.use_index
+    steps = [
+        [(append, 0, 12, 1), (append, 0, 9, 2)],  # shard 0 of 2 grows: shard 1 renumbered
+        [(truncate, 1, 10), (append, 1, 25, 1)],  # refilled past its old row count
+        [(append, 2, 30, 1), lambda: write_shards_manifest(manifest, 4, paths)],
+        [(append, 1, 8, 3), (truncate, 0, 0), (append, 2, 6, 3)],  # shard 0 emptied
+        [(append, 0, 15, 3), (append, 1, 5, 4), (append, 2, 5, 1)],
+    ]
+    assert_lookups_like_scans(follower, follower.check())
+    for changes in steps:
+        before = follower.check()
+        for change in changes:
+            change() if callable(change) else change[0](*change[1:])
+        follower.reader.refresh()  # what _advance() does first: past the published snapshot
+        assert follower.check() is before
+        assert_lookups_like_scans(follower, before)
+        follower._advance()
+        assert follower.check() is not before
+        assert_lookups_like_scans(follower, follower.check())
+    assert len(follower.check().parts) == 3
+
+
+class ScanCounted(np.ndarray):
+    """A shard's keys or epochs in a snapshot, noting each scan (``==``) in ``scans``."""
+
+    def __eq__(self, other):
+        self.scans.append(self.shard)
+        return np.asarray(self) == other
+
+
+def test_manifest_lookups_scan_only_a_shard_truncated_since_the_snapshot(tmp_path):
+    """Work count: a manifest's lookups compared every shard's keys or epochs in the snapshot.
+    Now no shard is scanned while its Reader holds the snapshot's generation of it, also when
+    it grew past the snapshot with rows repeating its (key, epoch) pairs; one truncated since is
+    scanned (its key index names other rows), alone, as is the one lookup that needs it."""
+    paths = [str(tmp_path / name) for name in ("node0", "node1", "node2", "node3")]
+    for i, path in enumerate(paths[:3]):
+        with embstore.Writer(path, dim=4) as w:  # keys 0..9 in every shard, at epochs 0 and 1
+            for epoch in (0, 1):
+                w.append(np.arange(10), np.full((10, 4), i, np.float32), epoch=epoch)
+    embstore.create(paths[3], dim=4)
+    manifest = str(tmp_path / "manifest.json")
+    write_shards_manifest(manifest, 4, paths[:3])
+    follower = serve_store.Follower(manifest)
+    snap = follower.check()
+    scans = []
+    for column in (snap.keys, snap.epochs):
+        for shard, view in enumerate(column._views):
+            column._views[shard] = view.view(ScanCounted)
+            column._views[shard].scans, column._views[shard].shard = scans, shard
+    history, find, epoch_rows = manifest_lookup_oracle(snap)
+    lookup = follower.lookup
+
+    def lookups():
+        for key in (3, 10):
+            assert lookup.history(snap, key).tolist() == history(key), key
+            for epoch in (0, 1, 2):
+                assert lookup.find(snap, key, epoch) == find(key, epoch), (key, epoch)
+        for epoch in (0, 1, 2):
+            assert lookup.epoch_rows(snap, epoch).tolist() == epoch_rows(epoch), epoch
+    lookups()
+    assert scans == []
+    for path in (paths[0], paths[2]):  # past the snapshot: (3, 1) again, and a new epoch
+        with embstore.Writer(path) as w:
+            w.append([3, 3], np.ones((2, 4), np.float32), epoch=1)
+            w.append([3], np.ones((1, 4), np.float32), epoch=2)
+    with embstore.Writer(paths[1]) as w:
+        w.truncate(5)
+        w.append(np.arange(10, 20), np.ones((10, 4), np.float32), epoch=1)
+    with embstore.Writer(paths[3]) as w:
+        w.append([3], np.ones((1, 4), np.float32), epoch=1)
+    write_shards_manifest(manifest, 4, paths)
+    follower.reader.refresh()  # the lookup set moves past the snapshot, as _advance() does
+    assert len(follower.reader.shards) == 4 and follower.check() is snap
+    lookups()
+    assert scans and set(scans) == {1}, scans
+    del scans[:]
+    # Shard 2 answers from its index (its find names a row past the snapshot: its history
+    # decides): shard 1 is not scanned.
+    assert lookup.find(snap, 3, 1) == 53 and lookup.find(snap, 3, 0) == 43
+    assert scans == []
+    assert lookup.find(snap, 10, 1) is None and scans == [1]  # not in 2 or 0: 1 is scanned
+    assert lookup.epoch_rows(snap, 2).tolist() == [] and scans == [1, 1]
+
+
 def test_the_follower_reads_the_generation_through_the_core(store, tmp_path):
     """store_generation() asks the library (no offsets or flag bits restated in Python): the
     generation a truncate switched to, and None where no header can be read."""

@@ -11,7 +11,9 @@ follows the new rows, not the store's.
 Lookups (``history``, ``find``, ``epoch_rows``) use the Reader's persistent key index when the
 embstore build has one (``Reader.history`` / ``Reader.epoch_rows``) and otherwise scan the
 snapshot's keys / epochs with numpy (correct, O(rows)). Either way they answer for the snapshot:
-rows at or past its size are dropped.
+rows at or past its size are dropped. A shard set is looked up shard by shard, each through its
+shard Reader's key index while that Reader holds the snapshot's generation of the shard (a shard
+truncated since, or without a key index, is scanned), its rows mapped to the snapshot's numbering.
 
 Damage: before rows are touched, ``check()`` compares the sizes of the store's data and index
 files with what the snapshot needs (a file shrunk under a mapping would raise SIGBUS on access)
@@ -113,26 +115,36 @@ _STALE = object()
 
 
 class KeyLookup:
-    """find / history / epoch_rows for a snapshot: the Reader's key index when present, else
-    numpy scans of the snapshot (``use_index=False`` forces the scans)."""
+    """find / history / epoch_rows for a snapshot: the key index of the lookup Reader (of each
+    shard's Reader for a shard set) when present, else numpy scans of the snapshot
+    (``use_index=False`` forces the scans).
+
+    Thread-safe: the follower thread refreshes the lookup Reader (or ShardSet) while requests
+    query it. Each Reader serializes its calls, and a key index's answer is kept only when the
+    Reader's generation read before and after it is the snapshot's (``_indexed``); a shard
+    set's shards are only ever appended, so shard i stays the snapshot's shard i."""
 
     def __init__(self, reader, use_index: Optional[bool] = None) -> None:
         self.reader = reader
         self.use_index = has_key_index(reader) if use_index is None else use_index
 
-    def _indexed(self, snap: Snapshot, query):
-        """query() through the lookup Reader's key index, or _STALE when the Reader does not hold
-        the snapshot's generation (the follower refreshes it before it publishes a snapshot,
-        so after a truncate its rows below snap.rows may be other rows): read before and after
-        the query, since generations only go up, equal readings mean it answered for them."""
-        if not self.use_index or getattr(self.reader, "generation", 0) != snap.generation:
+    def _indexed(self, reader, generation: Any, query):
+        """query(reader) through the Reader's key index, or _STALE when there is none (reader
+        None) or the Reader does not hold the snapshot's ``generation`` (the follower refreshes
+        it before it publishes a snapshot, so after a truncate its rows below the snapshot's may
+        be other rows): read before and after the query, since generations only go up, equal
+        readings mean it answered for them."""
+        if not self.use_index or reader is None or \
+                getattr(reader, "generation", 0) != generation:
             return _STALE
-        result = query()
-        return result if getattr(self.reader, "generation", 0) == snap.generation else _STALE
+        result = query(reader)
+        return result if getattr(reader, "generation", 0) == generation else _STALE
 
     def history(self, snap: Snapshot, key: int) -> np.ndarray:
         """Rows of ``key`` in the snapshot, in commit (row) order."""
-        found = self._indexed(snap, lambda: self.reader.history(key))
+        if isinstance(snap.keys, ShardRows):
+            return self._each_shard(snap, snap.keys, key, lambda r: r.history(key))
+        found = self._indexed(self.reader, snap.generation, lambda r: r.history(key))
         if found is not _STALE:
             rows = _as_rows(found)
             return np.sort(rows[rows < snap.rows])
@@ -140,8 +152,10 @@ class KeyLookup:
 
     def find(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
         """The row of (key, epoch) in the snapshot (the later one if appended twice), or None."""
+        if isinstance(snap.keys, ShardRows):
+            return self._find_in_shards(snap, key, epoch)
         if callable(getattr(self.reader, "find", None)):
-            row = self._indexed(snap, lambda: self.reader.find(key, epoch))
+            row = self._indexed(self.reader, snap.generation, lambda r: r.find(key, epoch))
             # The lookup Reader may already be refreshed past this snapshot: a row inside it is
             # the answer; a newer one hides whether an older row is in it (history decides).
             if row is not _STALE and (row is None or row < snap.rows):
@@ -152,11 +166,66 @@ class KeyLookup:
 
     def epoch_rows(self, snap: Snapshot, epoch: int) -> np.ndarray:
         """Rows of ``epoch`` in the snapshot, in commit order."""
-        found = self._indexed(snap, lambda: self.reader.epoch_rows(epoch))
+        if isinstance(snap.epochs, ShardRows):
+            return self._each_shard(snap, snap.epochs, epoch, lambda r: r.epoch_rows(epoch))
+        found = self._indexed(self.reader, snap.generation, lambda r: r.epoch_rows(epoch))
         if found is not _STALE:
             rows = _as_rows(found)
             return np.sort(rows[rows < snap.rows])
         return rows_equal(snap.epochs, epoch)
+
+    # ---- a shard set: each shard's key index ----------------------------------------------
+
+    def _shards(self) -> list:
+        """The lookup ShardSet's shard Readers now, None for one without a key index (a copy of
+        the list: a refresh may append to it)."""
+        if not self.use_index:
+            return []
+        return [shard if has_key_index(shard) else None for shard in list(self.reader.shards)]
+
+    def _in_shard(self, snap: Snapshot, offsets: np.ndarray, shards: list, shard: int,
+                  column: "ShardRows", value: int, query) -> np.ndarray:
+        """The snapshot's global rows (ascending) of shard ``shard`` whose ``column`` holds
+        ``value``: query(its Reader) through the shard's key index, or a scan of the shard's
+        rows in the snapshot when that index cannot answer for them (none, another generation
+        since a truncate, a shard the lookup set does not hold)."""
+        rows, generation = snap.parts[shard]
+        found = self._indexed(shards[shard] if shard < len(shards) else None, generation, query)
+        if found is _STALE:
+            return column.shard_rows_equal(shard, value)
+        local = _as_rows(found)
+        # Rows at or past the shard's part were committed after the snapshot.
+        return np.sort(local[local < rows]) + offsets[shard]
+
+    def _each_shard(self, snap: Snapshot, column: "ShardRows", value: int,
+                    query) -> np.ndarray:
+        shards, offsets = self._shards(), snap.offsets()
+        found = [self._in_shard(snap, offsets, shards, shard, column, value, query)
+                 for shard, (rows, _) in enumerate(snap.parts) if rows]
+        return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
+
+    def _find_in_shards(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
+        """ShardSet.find's rule for the snapshot: the highest global row of (key, epoch), so
+        the last shard holding it answers (its later row)."""
+        shards, offsets = self._shards(), snap.offsets()
+        for shard in reversed(range(len(snap.parts))):
+            rows = snap.parts[shard][0]
+            if not rows:
+                continue
+            reader = shards[shard] if shard < len(shards) else None
+            if callable(getattr(reader, "find", None)):
+                row = self._indexed(reader, snap.parts[shard][1], lambda r: r.find(key, epoch))
+                if row is not _STALE and row is None:
+                    continue  # The shard's index holds its snapshot rows: none is of it.
+                if row is not _STALE and row < rows:
+                    return int(row + offsets[shard])
+                # A newer row hides whether an older one is in the snapshot (history decides).
+            found = self._in_shard(snap, offsets, shards, shard, snap.keys, key,
+                                   lambda r: r.history(key))
+            found = found[snap.epochs[found] == np.uint64(epoch)]
+            if len(found):
+                return int(found[-1])
+        return None
 
 
 def last_commit_unix(info) -> Optional[float]:
@@ -206,9 +275,14 @@ class ShardRows:
 
     def rows_equal(self, value: int) -> np.ndarray:
         """Global rows (int64, ascending) whose value is ``value`` (a key or an epoch)."""
-        found = [np.flatnonzero(view == np.uint64(value)) + offset
-                 for view, offset in zip(self._views, self._offsets.tolist())]
-        return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
+        found = [self.shard_rows_equal(shard, value) for shard in range(len(self._views))]
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+    def shard_rows_equal(self, shard: int, value: int) -> np.ndarray:
+        """Global rows (int64, ascending) of shard ``shard`` whose value is ``value``: a scan of
+        the shard's rows in the snapshot."""
+        return (np.flatnonzero(self._views[shard] == np.uint64(value)) +
+                self._offsets[shard]).astype(np.int64)
 
 
 def rows_equal(column, value: int) -> np.ndarray:
@@ -385,10 +459,9 @@ class Follower:
         self.single_store = isinstance(self.reader, embstore.Reader)
         # Sleeps in wait(), which holds its Reader's lock: lookups must not queue behind it.
         self._waiter = open_source(path) if hasattr(self.reader, "wait") else None
-        # A ShardSet numbers rows globally and renumbers them at each refresh, so its lookups
-        # could name rows of a newer numbering than the snapshot's: a shard set is answered by
-        # scans of the snapshot, which are always in its numbering.
-        self.lookup = KeyLookup(self.reader, use_index if self.single_store else False)
+        # A ShardSet renumbers its global rows at each refresh, so a shard set is looked up
+        # shard by shard, through each shard Reader's key index, in the snapshot's numbering.
+        self.lookup = KeyLookup(self.reader, use_index)
         self.dim = self.reader.dim
         # The files checked before rows are touched: the store's, or each shard's (a shard set is
         # checked as a single store is, shard by shard; _advance adds the shards a refresh adds).
