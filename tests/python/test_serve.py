@@ -1377,3 +1377,30 @@ def test_exit_statuses_are_those_of_the_command_line_tool(store, tmp_path):
     assert result.returncode == 17, result
     assert f"embstore serve: cannot listen on 127.0.0.1:{port}: " in result.stderr
     assert "address already in use" in result.stderr
+
+
+def test_stats_key_index_is_false_where_a_store_or_shard_keeps_none(tmp_path):
+    """/api/stats ``key_index`` said true for a store, or a manifest of shards, created without a
+    key index (it reported that this build has lookups by key index, not that the store keeps
+    one), though every lookup there scans."""
+    from embstore.serve.app import Server
+    rng = np.random.default_rng(21)
+    ids = []
+    for name, key_index in (("a", True), ("b", False)):
+        embstore.create(tmp_path / name, dim=4, key_index=key_index)
+        with embstore.Writer(tmp_path / name) as w:
+            w.append(np.arange(10), rng.random((10, 4), np.float32), epoch=0)
+        ids.append(embstore.Reader(tmp_path / name).info(key_stats=False)["store_id"])
+    embstore.shards.write_manifest(tmp_path / "manifest.json", {
+        "dim": 4, "dtype": "float32", "shards": [
+            {"path": "a", "store_id": ids[0], "rows": 10},
+            {"path": "b", "store_id": ids[1], "rows": 10}]})
+    for path, expected in ((tmp_path / "a", True), (tmp_path / "b", False),
+                           (tmp_path / "manifest.json", False)):
+        server = Server(serve_store.Follower(str(path)))
+        try:
+            assert server.stats()["key_index"] is expected, path
+            assert server.history({"key": "3"})["rows"] == \
+                ([3] if path.name != "manifest.json" else [3, 13])
+        finally:
+            server.close()
