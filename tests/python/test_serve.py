@@ -1382,7 +1382,8 @@ def test_exit_statuses_are_those_of_the_command_line_tool(store, tmp_path):
 def test_stats_key_index_is_false_where_a_store_or_shard_keeps_none(tmp_path):
     """/api/stats ``key_index`` said true for a store, or a manifest of shards, created without a
     key index (it reported that this build has lookups by key index, not that the store keeps
-    one), though every lookup there scans."""
+    one), though every lookup there scans; and such a store's lookups went through its Reader,
+    whose scan holds the GIL."""
     from embstore.serve.app import Server
     rng = np.random.default_rng(21)
     ids = []
@@ -1400,6 +1401,13 @@ def test_stats_key_index_is_false_where_a_store_or_shard_keeps_none(tmp_path):
         server = Server(serve_store.Follower(str(path)))
         try:
             assert server.stats()["key_index"] is expected, path
+            # A store that keeps no key index is scanned with numpy, not through its Reader
+            # (whose lookups would scan in C++ holding the GIL).
+            lookup = server.follower.lookup
+            if path.name == "manifest.json":
+                assert [s is not None for s in lookup._shards()] == [True, False]
+            else:
+                assert lookup.use_index is expected
             assert server.history({"key": "3"})["rows"] == \
                 ([3] if path.name != "manifest.json" else [3, 13])
         finally:

@@ -105,9 +105,16 @@ def _as_rows(result) -> np.ndarray:
 
 
 def has_key_index(reader) -> bool:
-    """True when this embstore build gives Readers a persistent key index."""
-    return callable(getattr(reader, "history", None)) and \
-        callable(getattr(reader, "epoch_rows", None))
+    """True when this embstore build gives Readers a persistent key index and the store keeps
+    one (a store created with ``key_index=False`` does not: its Reader's lookups scan the offset
+    index in C++ holding the GIL, where the numpy scans of the snapshot let the server's other
+    threads run). A shard set: whether the build has one (each shard is asked on its own)."""
+    if not (callable(getattr(reader, "history", None)) and
+            callable(getattr(reader, "epoch_rows", None))):
+        return False
+    if isinstance(reader, embstore.Reader):
+        return bool(reader.info(key_stats=False).get("keeps_key_index", True))
+    return True
 
 
 # What KeyLookup._indexed returns when the key index cannot answer for the snapshot.
@@ -127,6 +134,8 @@ class KeyLookup:
     def __init__(self, reader, use_index: Optional[bool] = None) -> None:
         self.reader = reader
         self.use_index = has_key_index(reader) if use_index is None else use_index
+        self._shard_keeps: List[bool] = []  # A shard set's: has_key_index() of shard i.
+        self._keeps_lock = threading.Lock()
 
     def _indexed(self, reader, generation: Any, query):
         """query(reader) through the Reader's key index, or _STALE when there is none (reader
@@ -181,7 +190,12 @@ class KeyLookup:
         the list: a refresh may append to it)."""
         if not self.use_index:
             return []
-        return [shard if has_key_index(shard) else None for shard in list(self.reader.shards)]
+        shards = list(self.reader.shards)
+        with self._keeps_lock:  # Requests run on several threads.
+            for shard in shards[len(self._shard_keeps):]:  # Fixed at creation: asked once.
+                self._shard_keeps.append(has_key_index(shard))
+            keeps = list(self._shard_keeps)
+        return [shard if kept else None for shard, kept in zip(shards, keeps)]
 
     def _in_shard(self, snap: Snapshot, offsets: np.ndarray, shards: list, shard: int,
                   column: "ShardRows", value: int, query) -> np.ndarray:
