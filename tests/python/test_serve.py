@@ -1405,7 +1405,7 @@ def test_stats_key_index_is_false_where_a_store_or_shard_keeps_none(tmp_path):
             # (whose lookups would scan in C++ holding the GIL).
             lookup = server.follower.lookup
             if path.name == "manifest.json":
-                assert [s is not None for s in lookup._shards()] == [True, False]
+                assert [s is not None for s in lookup._readers()] == [True, False]
             else:
                 assert lookup.use_index is expected
             assert server.history({"key": "3"})["rows"] == \

@@ -51,8 +51,8 @@ Row numbers, counts and ``generation`` are JSON numbers (a store holds at most 2
     ``info()["last_commit_unix_ns"]`` / 1e9, the newest of the shards; null when the store
     records none: no commit yet, or only commits by libraries older than format 1.3), ``dtype``,
     ``dim``, ``store``, ``key_index`` (true when lookups use the store's key index, or for a
-    manifest each shard's; false when the store, or any shard, keeps none and they scan), ``labels`` (labelled keys, or null),
-    ``label_names``.
+    manifest each shard's; false when the store, or any shard, keeps none and they scan),
+    ``labels`` (labelled keys, or null), ``label_names``.
 ``/api/epochs``
     ``rows``, ``epoch_count``, ``epochs`` as in stats.
 ``/api/projection?epoch=E&limit=N``

@@ -253,9 +253,7 @@ class Server:
             "last_commit_unix": follower.last_commit_unix,
             "server_started_unix": self.started_unix,
             "server_time_unix": time.time(),
-            # Lookups go through a key index only where the store (every shard) keeps one.
-            "key_index": bool(follower.lookup.use_index and infos and
-                              all(i.get("keeps_key_index", True) for i in infos)),
+            "key_index": follower.lookup.uses_index(),
             "labels": None if self.labels is None else len(self.labels),
             "label_names": None if self.labels is None else self.labels.names,
         }

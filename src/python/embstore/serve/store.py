@@ -151,45 +151,51 @@ class KeyLookup:
 
     def history(self, snap: Snapshot, key: int) -> np.ndarray:
         """Rows of ``key`` in the snapshot, in commit (row) order."""
-        if isinstance(snap.keys, ShardRows):
-            return self._each_shard(snap, snap.keys, key, lambda r: r.history(key))
-        found = self._indexed(self.reader, snap.generation, lambda r: r.history(key))
-        if found is not _STALE:
-            rows = _as_rows(found)
-            return np.sort(rows[rows < snap.rows])
-        return rows_equal(snap.keys, key)
-
-    def find(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
-        """The row of (key, epoch) in the snapshot (the later one if appended twice), or None."""
-        if isinstance(snap.keys, ShardRows):
-            return self._find_in_shards(snap, key, epoch)
-        if callable(getattr(self.reader, "find", None)):
-            row = self._indexed(self.reader, snap.generation, lambda r: r.find(key, epoch))
-            # The lookup Reader may already be refreshed past this snapshot: a row inside it is
-            # the answer; a newer one hides whether an older row is in it (history decides).
-            if row is not _STALE and (row is None or row < snap.rows):
-                return None if row is None else int(row)
-        rows = self.history(snap, key)
-        rows = rows[snap.epochs[rows] == np.uint64(epoch)]
-        return int(rows[-1]) if len(rows) else None
+        return self._rows_of(snap, snap.keys, key, lambda r: r.history(key))
 
     def epoch_rows(self, snap: Snapshot, epoch: int) -> np.ndarray:
         """Rows of ``epoch`` in the snapshot, in commit order."""
-        if isinstance(snap.epochs, ShardRows):
-            return self._each_shard(snap, snap.epochs, epoch, lambda r: r.epoch_rows(epoch))
-        found = self._indexed(self.reader, snap.generation, lambda r: r.epoch_rows(epoch))
-        if found is not _STALE:
-            rows = _as_rows(found)
-            return np.sort(rows[rows < snap.rows])
-        return rows_equal(snap.epochs, epoch)
+        return self._rows_of(snap, snap.epochs, epoch, lambda r: r.epoch_rows(epoch))
 
-    # ---- a shard set: each shard's key index ----------------------------------------------
+    def find(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
+        """The row of (key, epoch) in the snapshot (the later one if appended twice; of a shard
+        set, ShardSet.find's rule: the highest global row, so the last shard holding it), or
+        None."""
+        readers, offsets = self._readers(), snap.offsets()
+        for part in reversed(range(len(snap.parts))):
+            rows, generation = snap.parts[part]
+            if not rows:
+                continue
+            reader = readers[part] if part < len(readers) else None
+            if callable(getattr(reader, "find", None)):
+                row = self._indexed(reader, generation, lambda r: r.find(key, epoch))
+                if row is not _STALE and row is None:
+                    continue  # The index holds the part's snapshot rows: none is of the pair.
+                if row is not _STALE and row < rows:
+                    return int(row + offsets[part])
+                # The Reader may be refreshed past the snapshot: a newer row hides whether an
+                # older one is in it (the part's history decides).
+            found = self._in_part(snap, offsets, readers, part, snap.keys, key,
+                                  lambda r: r.history(key))
+            found = found[snap.epochs[found] == np.uint64(epoch)]
+            if len(found):
+                return int(found[-1])
+        return None
 
-    def _shards(self) -> list:
-        """The lookup ShardSet's shard Readers now, None for one without a key index (a copy of
-        the list: a refresh may append to it)."""
+    def uses_index(self) -> bool:
+        """Whether lookups go through a key index: the store's, or every shard's."""
+        return self.use_index and all(reader is not None for reader in self._readers())
+
+    # ---- the snapshot's parts: the store, or each shard of a set ---------------------------
+
+    def _readers(self) -> list:
+        """The Reader now answering for each part (the store's, or each shard's), None for one
+        without a key index; empty with ``use_index`` off. A shard set's list is a copy (a
+        refresh may append to it) and may hold more shards than the snapshot."""
         if not self.use_index:
             return []
+        if not hasattr(self.reader, "shards"):
+            return [self.reader]
         shards = list(self.reader.shards)
         with self._keeps_lock:  # Requests run on several threads.
             for shard in shards[len(self._shard_keeps):]:  # Fixed at creation: asked once.
@@ -197,49 +203,25 @@ class KeyLookup:
             keeps = list(self._shard_keeps)
         return [shard if kept else None for shard, kept in zip(shards, keeps)]
 
-    def _in_shard(self, snap: Snapshot, offsets: np.ndarray, shards: list, shard: int,
-                  column: "ShardRows", value: int, query) -> np.ndarray:
-        """The snapshot's global rows (ascending) of shard ``shard`` whose ``column`` holds
-        ``value``: query(its Reader) through the shard's key index, or a scan of the shard's
-        rows in the snapshot when that index cannot answer for them (none, another generation
-        since a truncate, a shard the lookup set does not hold)."""
-        rows, generation = snap.parts[shard]
-        found = self._indexed(shards[shard] if shard < len(shards) else None, generation, query)
+    def _in_part(self, snap: Snapshot, offsets: np.ndarray, readers: list, part: int,
+                 column, value: int, query) -> np.ndarray:
+        """The snapshot's rows (ascending) of part ``part`` whose ``column`` (the snapshot's
+        keys or epochs) holds ``value``: query(its Reader) through the part's key index, or a
+        scan of the part's rows in the snapshot when that index cannot answer for them (none,
+        another generation since a truncate, a shard the lookup set does not hold)."""
+        rows, generation = snap.parts[part]
+        found = self._indexed(readers[part] if part < len(readers) else None, generation, query)
         if found is _STALE:
-            return column.shard_rows_equal(shard, value)
+            return part_rows_equal(column, part, value)
         local = _as_rows(found)
-        # Rows at or past the shard's part were committed after the snapshot.
-        return np.sort(local[local < rows]) + offsets[shard]
+        # Rows at or past the part's were committed after the snapshot.
+        return np.sort(local[local < rows]) + offsets[part]
 
-    def _each_shard(self, snap: Snapshot, column: "ShardRows", value: int,
-                    query) -> np.ndarray:
-        shards, offsets = self._shards(), snap.offsets()
-        found = [self._in_shard(snap, offsets, shards, shard, column, value, query)
-                 for shard, (rows, _) in enumerate(snap.parts) if rows]
+    def _rows_of(self, snap: Snapshot, column, value: int, query) -> np.ndarray:
+        readers, offsets = self._readers(), snap.offsets()
+        found = [self._in_part(snap, offsets, readers, part, column, value, query)
+                 for part, (rows, _) in enumerate(snap.parts) if rows]
         return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
-
-    def _find_in_shards(self, snap: Snapshot, key: int, epoch: int) -> Optional[int]:
-        """ShardSet.find's rule for the snapshot: the highest global row of (key, epoch), so
-        the last shard holding it answers (its later row)."""
-        shards, offsets = self._shards(), snap.offsets()
-        for shard in reversed(range(len(snap.parts))):
-            rows = snap.parts[shard][0]
-            if not rows:
-                continue
-            reader = shards[shard] if shard < len(shards) else None
-            if callable(getattr(reader, "find", None)):
-                row = self._indexed(reader, snap.parts[shard][1], lambda r: r.find(key, epoch))
-                if row is not _STALE and row is None:
-                    continue  # The shard's index holds its snapshot rows: none is of it.
-                if row is not _STALE and row < rows:
-                    return int(row + offsets[shard])
-                # A newer row hides whether an older one is in the snapshot (history decides).
-            found = self._in_shard(snap, offsets, shards, shard, snap.keys, key,
-                                   lambda r: r.history(key))
-            found = found[snap.epochs[found] == np.uint64(epoch)]
-            if len(found):
-                return int(found[-1])
-        return None
 
 
 def last_commit_unix(info) -> Optional[float]:
@@ -287,11 +269,6 @@ class ShardRows:
                 out[mine] = view[rows[mine] - self._offsets[i]]
         return out[0] if scalar else out
 
-    def rows_equal(self, value: int) -> np.ndarray:
-        """Global rows (int64, ascending) whose value is ``value`` (a key or an epoch)."""
-        found = [self.shard_rows_equal(shard, value) for shard in range(len(self._views))]
-        return np.concatenate(found) if found else np.zeros(0, np.int64)
-
     def shard_rows_equal(self, shard: int, value: int) -> np.ndarray:
         """Global rows (int64, ascending) of shard ``shard`` whose value is ``value``: a scan of
         the shard's rows in the snapshot."""
@@ -299,11 +276,11 @@ class ShardRows:
                 self._offsets[shard]).astype(np.int64)
 
 
-def rows_equal(column, value: int) -> np.ndarray:
-    """Rows (int64, ascending) of a snapshot's keys or epochs (an array, or ``ShardRows``) that
-    hold ``value``."""
+def part_rows_equal(column, part: int, value: int) -> np.ndarray:
+    """Rows (int64, ascending) of part ``part`` of a snapshot's keys or epochs (a store's array,
+    whose one part is the store, or a set's ``ShardRows``) that hold ``value``: a scan."""
     if isinstance(column, ShardRows):
-        return column.rows_equal(value)
+        return column.shard_rows_equal(part, value)
     return np.flatnonzero(column == np.uint64(value)).astype(np.int64)
 
 
