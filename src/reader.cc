@@ -144,12 +144,13 @@ class Reader::Impl {
   }
 
   // Of `committed`, read from the state page before this call: the rows the next writer's open
-  // keeps. Until a writer recovers the store after a reboot the page still counts the rows the
-  // loader cut (refresh()). Recovery stores the boot id before any append, so with the old one
-  // still there the counter can only have shrunk to the cut (a recovery under way), not grown.
-  std::uint64_t kept_of(std::uint64_t committed) const {
-    if (!kept_rows_ || files().same_boot()) return committed;
-    return std::min(committed, *kept_rows_);
+  // cuts (StoreInfo::rows_to_cut). Until a writer recovers the store after a reboot the page
+  // still counts the rows the loader cut (refresh()). Recovery stores the boot id before any
+  // append, so with the old one still there the counter can only have shrunk to the cut (a
+  // recovery under way), not grown.
+  std::uint64_t rows_to_cut(std::uint64_t committed) const {
+    if (!kept_rows_ || files().same_boot()) return 0;
+    return committed - std::min(committed, *kept_rows_);
   }
 
   void check_range(std::uint64_t begin, std::uint64_t end, const char* what) const {
@@ -310,8 +311,7 @@ VerifyReport Reader::verify(std::uint64_t begin, std::uint64_t end) const {
     report.key_index_problems = keys.key_index_problems;
     report.key_index_problem = keys.key_index_problem;
     report.header_problem = verify_header();
-    const std::uint64_t committed = f.state().committed();
-    report.rows_to_cut = committed - impl().kept_of(committed);
+    report.rows_to_cut = impl().rows_to_cut(f.state().committed());
   }
   return report;
 }
@@ -364,10 +364,9 @@ const std::string& Reader::path() const { return impl().path_; }
 const std::string& Reader::metadata() const { return impl().metadata_; }
 StoreInfo Reader::info(InfoDetail detail) const {
   StoreInfo info = impl().files().info();
-  const std::uint64_t kept = impl().kept_of(info.committed_rows);
-  info.rows_to_cut = info.committed_rows - kept;
-  info.committed_rows = kept;
-  info.durable_rows = std::min(info.durable_rows, kept);
+  info.rows_to_cut = impl().rows_to_cut(info.committed_rows);
+  info.committed_rows -= info.rows_to_cut;
+  info.durable_rows = std::min(info.durable_rows, info.committed_rows);
   if (detail == InfoDetail::kFull) {
     detail::fill_key_info(impl().keys(), impl().files(), impl().snapshot_, info);
   }

@@ -210,9 +210,10 @@ def info(path: PathLike) -> dict:
     not survive it whole, which no Reader shows and the next Writer's open cuts;
     committed_rows and durable_rows leave them out), capacity_rows, last_commit_unix_ns
     (wall-clock ns of the latest commit as its writer recorded it; 0 when unknown: no commit
-    yet, or only commits by libraries older than format 1.3), data_file_bytes, index_file_bytes; from the key index:
-    distinct_keys, epochs ({epoch: rows}), key_index (its state, or why lookups scan) and
-    key_index_used (True when these come from the key index, False when from a scan).
+    yet, or only commits by libraries older than format 1.3), data_file_bytes,
+    index_file_bytes; from the key index: distinct_keys, epochs ({epoch: rows}), key_index
+    (its state, or why lookups scan) and key_index_used (True when these come from the key
+    index, False when from a scan).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
