@@ -882,16 +882,30 @@ class PyReader {
   }
 
   // ---- Lookups by key (Reader::find & co.); -1 marks "none" in row arrays.
+  // The lookups below release the GIL while the C++ lookup runs: one through the key index
+  // takes well under a microsecond, but one that scans (a store kept without a key index, rows
+  // past its watermark, after a reboot) reads the snapshot's whole offset index, and holding the
+  // GIL for that stalls every other thread of the program (a server's, a DataLoader's).
   std::int64_t find(std::uint64_t key, std::optional<std::uint64_t> epoch) {
     auto lock = guard();
-    const auto row = epoch ? reader().find(key, *epoch) : reader().find(key);
+    const Reader& r = reader();
+    std::optional<std::uint64_t> row;
+    {
+      ReleaseGil unlocked;
+      row = epoch ? r.find(key, *epoch) : r.find(key);
+    }
     return row ? static_cast<std::int64_t>(*row) : -1;
   }
   // The zero-copy row of (key, epoch) as Reader::lookup() finds it (its key and epoch
   // confirmed, its checksum checked), or KeyError.
   py::array get(std::uint64_t key, std::optional<std::uint64_t> epoch) {
     auto lock = guard();
-    const std::vector<Record> found = reader().lookup(key, epoch, false);
+    const Reader& r = reader();
+    std::vector<Record> found;
+    {
+      ReleaseGil unlocked;
+      found = r.lookup(key, epoch, false);
+    }
     if (found.empty()) {
       throw py::key_error("key " + std::to_string(key) +
                           (epoch ? " at epoch " + std::to_string(*epoch) : std::string()) +
@@ -982,13 +996,24 @@ class PyReader {
   }
   py::list history(std::uint64_t key) {
     auto lock = guard();
+    const Reader& r = reader();
+    std::vector<KeyVersion> versions;
+    {
+      ReleaseGil unlocked;
+      versions = r.history(key);
+    }
     py::list out;
-    for (const KeyVersion& v : reader().history(key)) out.append(py::make_tuple(v.row, v.epoch));
+    for (const KeyVersion& v : versions) out.append(py::make_tuple(v.row, v.epoch));
     return out;
   }
   py::array epoch_rows(std::uint64_t epoch) {
     auto lock = guard();
-    const auto rows = reader().epoch_rows(epoch);
+    const Reader& r = reader();
+    std::vector<std::uint64_t> rows;
+    {
+      ReleaseGil unlocked;
+      rows = r.epoch_rows(epoch);
+    }
     py::array_t<std::int64_t> out(rows.size());
     std::copy(rows.begin(), rows.end(), out.mutable_data());
     return out;

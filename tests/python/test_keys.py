@@ -355,3 +355,55 @@ def test_get_many_checks_every_row_against_its_checksum_as_get_does(store):
         r.get_many([3, 5, 7])
     assert r.get_many([3, 7], epochs=1).tolist() == [[1.0] * 4] * 2  # the others are whole
     assert r.gather([5])[0, 1] == 9  # gather copies rows as stored, unchecked (documented)
+
+
+@pytest.mark.parametrize("lookup", ["find", "find_at_epoch", "get", "history", "epoch_rows"])
+def test_a_lookup_that_scans_lets_other_threads_run(tmp_path, lookup):
+    # A store without a key index answers every lookup by scanning the snapshot's offset index
+    # (key 0 of 2M rows: milliseconds). Another Python thread must run meanwhile: the lookup runs
+    # with the GIL released. With a switch interval of 100 s no thread gives up the GIL unless it
+    # blocks, so the main thread, woken by `started` while the lookup thread goes on into the
+    # lookup, gets the GIL before that lookup returns only if the lookup releases it. Holding it,
+    # every attempt fails; releasing it, an attempt can still miss if the main thread is not
+    # scheduled within the scan's milliseconds, hence a few attempts.
+    import sys
+    import threading
+
+    path = str(tmp_path / "plain")
+    rows = 2_000_000
+    with embstore.Writer(path, dim=1, key_index=False) as w:
+        for first in range(0, rows, 500_000):
+            w.append(np.arange(first, first + 500_000, dtype=np.uint64),
+                     np.zeros((500_000, 1), np.float32), first // 500_000)
+    r = embstore.Reader(path)
+    call = {"find": lambda: r.find(0),
+            "find_at_epoch": lambda: r.find(0, 0),
+            "get": lambda: r.get(0).tolist(),
+            "history": lambda: r.history(0),
+            "epoch_rows": lambda: r.epoch_rows(0)[-3:].tolist()}[lookup]
+    expected = {"find": 0, "find_at_epoch": 0, "get": [0.0], "history": [(0, 0)],
+                "epoch_rows": [499_997, 499_998, 499_999]}[lookup]
+    ran_during_the_lookup = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        for _ in range(5):
+            started, done = threading.Event(), threading.Event()
+            answers = []
+
+            def look_up():
+                started.set()
+                answers.append(call())
+                done.set()
+
+            thread = threading.Thread(target=look_up)
+            thread.start()
+            started.wait()
+            ran_during_the_lookup.append(not done.is_set())
+            thread.join()
+            assert answers == [expected]
+            if ran_during_the_lookup[-1]:
+                break
+    finally:
+        sys.setswitchinterval(interval)
+    assert any(ran_during_the_lookup), f"{lookup} held the GIL while it scanned"

@@ -1224,6 +1224,9 @@ class Reader(_Handle):
     converts). ``tensor()`` returns a torch.bfloat16 tensor over the same memory.
 
     Thread-safety: calls are serialized by an internal lock; views may be used from any thread.
+    Reads, verifies and lookups (find, get, history, epoch_rows, find_many, get_many) run with
+    the GIL released, so that a lookup that scans (a store without a key index) does not stall
+    the program's other threads.
     Fork: a Reader may be used in a forked child.
     """
 
