@@ -714,9 +714,13 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   create.metadata = shards.metadata();
   // The default segment, or the largest shard's: a row larger than the default (a dim of
   // millions) fits a segment of the shard that holds it, and the merged store takes it.
+  // A key index unless no shard keeps one: shards created without one to stay small make a
+  // merged store without one too, as compact and salvage keep a store's choice.
+  create.key_index = false;
   for (std::size_t s = 0; s < shards.shard_count(); ++s) {
-    create.segment_bytes =
-        std::max(create.segment_bytes, shards.shard(s).info(InfoDetail::kState).segment_bytes);
+    const StoreInfo shard = shards.shard(s).info(InfoDetail::kState);
+    create.segment_bytes = std::max(create.segment_bytes, shard.segment_bytes);
+    create.key_index = create.key_index || shard.keeps_key_index;
   }
   if (create.metadata.size() > kMaxMetadataBytes) {
     // Only a manifest's can be (a store's is within the limit); refused here, before the build,

@@ -1,5 +1,5 @@
-// create_store, read_info and read_generation: store-level operations (read_info reads through a
-// Reader).
+// create_store, read_info, open_with_info and read_generation: store-level operations (read_info
+// reads through a Reader).
 #include "embstore/store.h"
 
 #include <cerrno>
@@ -169,9 +169,40 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   }
 }
 
+Reader open_with_info(const std::string& path, StoreInfo& info) {
+  // The key statistics need the offset index mapped: a Reader's snapshot. The counters are read
+  // after it is taken, and count the rows committed meanwhile too; then a Reader of exactly the
+  // rows they count (ReaderOptions::max_rows) has the snapshot they describe, unless a truncate
+  // came between (a new generation: its counters are read again).
+  Reader reader = Reader::open(path);
+  EMBSTORE_CRASH_POINT("info-opened");
+  info = reader.info(InfoDetail::kState);
+  constexpr int kAttempts = 100;
+  for (int attempt = 1;
+       reader.size() != info.committed_rows || reader.generation() != info.generation; ++attempt) {
+    if (attempt == kAttempts) {
+      throw Error(ErrorCode::kIO, path + ": the store was truncated " + std::to_string(kAttempts) +
+                                      " times while its counters were read; try again");
+    }
+    ReaderOptions options;
+    options.max_rows = info.committed_rows;
+    reader = Reader::open(path, options);
+    if (reader.size() != info.committed_rows || reader.generation() != info.generation) {
+      info = reader.info(InfoDetail::kState);
+    }
+  }
+  StoreInfo keys = reader.info(InfoDetail::kFull);
+  info.distinct_keys = keys.distinct_keys;
+  info.epochs = std::move(keys.epochs);
+  info.key_index = std::move(keys.key_index);
+  info.key_index_used = keys.key_index_used;
+  return reader;
+}
+
 StoreInfo read_info(const std::string& path) {
-  // The key statistics need the offset index mapped: a Reader's snapshot of the committed rows.
-  return Reader::open(path).info();
+  StoreInfo info;
+  open_with_info(path, info);
+  return info;
 }
 
 std::uint64_t read_generation(const std::string& path) {

@@ -10,6 +10,8 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -617,4 +619,59 @@ TEST_CASE("verify() of a store deleted since it was opened reports its rows, not
   CHECK(r.verify().header_problem.empty());
   CHECK_THAT(Reader::open(path).verify().header_problem,
              Catch::Contains("the fixed header copy at byte 2048 fails its checks"));
+}
+
+TEST_CASE("read_info's counters and key statistics are of one moment, whatever writers do",
+          "[reader]") {
+  // open_with_info takes a Reader's snapshot, then reads the counters: rows committed between
+  // the two (or a truncate) are paused into that moment here. The epochs and distinct keys must
+  // still count exactly committed_rows rows, as its Reader's snapshot holds.
+  if (!detail::testing::kEnabled) return;
+  TempDir dir;
+  const std::string path = dir / "s";
+  const std::string at = dir / "pauses";
+  std::filesystem::create_directory(at);
+  Writer w = Writer::create(path, small(8));
+  append_batch(w, 0, 0, 10);
+  auto sum_of_epochs = [](const StoreInfo& info) {
+    std::uint64_t rows = 0;
+    for (const EpochRows& e : info.epochs) rows += e.rows;
+    return rows;
+  };
+  auto paused_read = [&](const std::function<void()>& meanwhile) {
+    detail::testing::arm_pause("info-opened", 1, at);
+    StoreInfo info;
+    std::uint64_t reader_rows = 0;
+    std::thread reading([&] {
+      const Reader r = open_with_info(path, info);
+      reader_rows = r.size();
+    });
+    const bool paused =
+        test::within_a_minute([&] { return std::filesystem::exists(at + "/paused.info-opened"); });
+    meanwhile();
+    std::ofstream(at + "/resume.info-opened").close();
+    reading.join();
+    std::filesystem::remove(at + "/paused.info-opened");
+    std::filesystem::remove(at + "/resume.info-opened");
+    REQUIRE(paused);
+    CHECK(reader_rows == info.committed_rows);
+    return info;
+  };
+
+  // Rows committed after the snapshot: counted by the counters, so by the key statistics too.
+  StoreInfo info = paused_read([&] { append_batch(w, 0, 10, 5); });
+  CHECK(info.committed_rows == 15);
+  CHECK(sum_of_epochs(info) == 15);
+  CHECK(info.distinct_keys == 15);
+
+  // A truncate and new rows after the snapshot: a new generation, read again.
+  info = paused_read([&] {
+    w.truncate(4);
+    append_batch(w, 0, 100, 3);
+  });
+  CHECK(info.generation == w.info().generation);
+  CHECK(info.committed_rows == 7);
+  CHECK(sum_of_epochs(info) == 7);
+  CHECK(info.distinct_keys == 7);
+  CHECK(read_info(path).committed_rows == 7);
 }

@@ -682,6 +682,30 @@ TEST_CASE("merge_stores merges a shard whose key index file is missing (no row i
   CHECK(merged.find(2, 1) == std::optional<std::uint64_t>(1));
 }
 
+TEST_CASE("merge_stores keeps a key index unless no shard keeps one", "[shard_set]") {
+  // Shards created without one (to stay small) merged into a store that kept one: ~50% larger,
+  // unasked (compact and salvage kept the choice; a review found merge did not).
+  TempDir dir;
+  CreateOptions none = opts(2);
+  none.key_index = false;
+  for (const char* name : {"n0", "n1"}) {
+    Writer w = Writer::create(dir / name, none);
+    w.append(std::vector<std::uint64_t>{1, 2}, name[1] == '0' ? 0 : 1, std::vector<float>(4, 1));
+  }
+  {
+    Writer w = Writer::create(dir / "k0", opts(2));
+    w.append(std::vector<std::uint64_t>{3}, 2, std::vector<float>(2, 1));
+  }
+  CHECK_FALSE(merge_stores(dir / "none", ShardSet::open({dir / "n0", dir / "n1"})).keeps_key_index);
+  CHECK_FALSE(read_info(dir / "none").keeps_key_index);
+  CHECK(Reader::open(dir / "none").find(2, 1) == std::optional<std::uint64_t>(3));
+  const ShardSet mixed = ShardSet::open({dir / "n0", dir / "k0"});
+  CHECK(merge_stores(dir / "mixed", mixed).keeps_key_index);
+  const Reader merged = Reader::open(dir / "mixed");
+  CHECK(merged.info().key_index_used);
+  CHECK(merged.find(3) == std::optional<std::uint64_t>(2));
+}
+
 TEST_CASE("Writers refuse network file systems unless forced, and readers read anywhere",
           "[shard_set][faults]") {
   TempDir dir;

@@ -239,4 +239,11 @@ class Reader {
   std::unique_ptr<Impl> impl_;
 };
 
+// A Reader whose snapshot holds exactly the rows the store's counters, read here into `info`,
+// count as committed, and with `info`'s key statistics those of that snapshot: every figure of
+// one moment, whatever writers do meanwhile (a Reader's own info() reads the counters now, so
+// with rows committed since its snapshot they count more rows than its key statistics do).
+// read_info() is this info; `embstore info` scans this Reader. Throws as Reader::open().
+Reader open_with_info(const std::string& path, StoreInfo& info);
+
 }  // namespace embstore

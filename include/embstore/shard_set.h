@@ -194,9 +194,10 @@ struct MergeProgress {
 // the merged store's. With the shards' dim, dtype and metadata (the manifest's; without one, shards
 // whose metadata differ (same_metadata(), store.h) are kFormatMismatch naming two of them: which
 // one the merged store should keep is the caller's to say, in a manifest); each row keeps its key
-// and epoch. Every row's checksum is verified before it is copied: a bad row is kCorruption naming
-// the shard and the row, and nothing is left at `out`. An `out` inside a shard is kInvalidArgument
-// (shards are only read). The new store is built in a hidden directory
+// and epoch. It keeps a key index unless no shard does (CreateOptions::key_index). Every row's
+// checksum is verified before it is copied: a bad row is kCorruption naming the shard and the row,
+// and nothing is left at `out`. An `out` inside a shard is kInvalidArgument (shards are only read).
+// The new store is built in a hidden directory
 // `.<name of out>.partial-<hex>` beside `out` and renamed to `out` (never replacing anything) only
 // when complete: on any error (a full disk, say) nothing is left at `out`. A process killed
 // meanwhile leaves that directory, never `out`; it is not the merged store and may be deleted.

@@ -93,7 +93,9 @@ void refuse_output_inside(const std::string& out, const std::string& store);
 // every import into an empty directory (the CLI's, embstore.io's).
 void move_store_into(const std::string& built, const std::string& dir);
 
-// Reads the header and counters without taking any lock or writing anything.
+// Reads the header, counters and key statistics without taking any lock or writing anything,
+// all of one moment: the epochs and distinct keys are those of exactly the committed_rows rows
+// (open_with_info() in reader.h).
 StoreInfo read_info(const std::string& path);
 
 // The store's generation now, as StoreInfo::generation (FORMAT.md "Truncate"), read without any

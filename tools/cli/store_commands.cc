@@ -58,8 +58,10 @@ struct InfoArgs {
 };
 
 int run_info(const InfoArgs& args) {
-  // Header and counters first, without mapping anything; then a Reader for the key scan.
-  const StoreInfo info = read_info(args.store);
+  // Header, counters and key statistics of one moment, and a Reader of exactly the rows they
+  // count, for the key scan.
+  StoreInfo info;
+  const Reader reader = open_with_info(args.store, info);
   const tools::DiskStats disk = tools::disk_stats(args.store);
   const std::uint64_t segments =
       info.segment_bytes ? (info.data_file_bytes + info.segment_bytes - 1) / info.segment_bytes : 0;
@@ -72,7 +74,6 @@ int run_info(const InfoArgs& args) {
     keys->distinct_keys = info.distinct_keys;
     for (const EpochRows& e : info.epochs) keys->epochs.push_back({e.epoch, e.rows, 0});
   } else if (!args.no_scan) {
-    const Reader reader = Reader::open(args.store);
     Progress progress("scanning keys", args.quiet);
     keys = tools::key_stats(reader, progress.fn());
   }
