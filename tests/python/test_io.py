@@ -280,6 +280,9 @@ def test_a_selection_refuses_bad_rows_anywhere_in_its_range_and_a_copy_names_its
     (dict(epoch=1.7), "epoch must be an integer .*float 1.7"),
     (dict(epoch=-1), "epoch is -1"),
     (dict(epoch=True), "epoch must be an integer .*bool True"),
+    # One was ignored without a word: epoch=9 with epochs given stored the epochs' values.
+    (dict(epochs=[0, 1, 2], epoch=9), "give epochs .* or epoch .*, not both; got epoch=9"),
+    (dict(epochs=np.array([0, 1, 2]), epoch=0), "not both; got epoch=0"),
 ])
 def test_import_refuses_the_keys_and_epochs_append_refuses(tmp_path, kwargs, message):
     v = np.arange(6, dtype=np.float32).reshape(3, 2)
@@ -289,6 +292,48 @@ def test_import_refuses_the_keys_and_epochs_append_refuses(tmp_path, kwargs, mes
     with pytest.raises(ValueError, match=message):
         embstore.import_npy(src, v, **kwargs)
     assert sorted(os.listdir(tmp_path)) == ["s"] and len(embstore.Reader(src)) == 30
+
+
+@pytest.mark.parametrize("export, kwargs, message", [
+    # int() truncated them: epochs=[1.7] exported epoch 1, begin=1.9, end=3.2 rows 1..2.
+    ("npy", dict(epochs=[1.7]), r"epochs\[0\] must be an integer .*got float 1.7"),
+    ("npy", dict(epochs=[0, True]), r"epochs\[1\] must be an integer .*got bool True"),
+    ("npy", dict(epochs=np.array([1.0, 2.0])), "epochs must be integers .*float64, first value"),
+    ("npy", dict(begin=1.9, end=3.2), "begin must be an integer row number; got float 1.9"),
+    ("npy", dict(end=3.2), "end must be an integer row number; got float 3.2"),
+    ("npy", dict(begin=True), "begin must be an integer row number; got bool True"),
+    ("npy", dict(epochs=[[1, 2]]), r"epochs must be a 1-D list of epochs; got shape \(1, 2\)"),
+    # A negative epoch wrapped: KeyError "epoch 18446744073709551615 is not in rows".
+    ("npy", dict(epochs=[-1]), r"epochs\[0\] is negative \(-1\)"),
+    ("npy", dict(epochs=[2**64]), r"epochs\[0\] is 18446744073709551616"),
+    ("hdf5", dict(epochs=[2.5]), r"epochs\[0\] must be an integer .*got float 2.5"),
+    ("hdf5", dict(begin=0.5), "begin must be an integer row number; got float 0.5"),
+    ("compact", dict(epochs=[0.9]), r"epochs\[0\] must be an integer .*got float 0.9"),
+    ("compact", dict(epochs={1, -1}), r"epochs\[\d\] is negative \(-1\)"),
+])
+def test_exports_and_compact_refuse_float_bool_and_negative_epochs_and_rows(
+        tmp_path, export, kwargs, message):
+    if export == "hdf5":
+        pytest.importorskip("h5py")
+    src = make(tmp_path / "s")
+    call = {"npy": embstore.export_npy, "hdf5": embstore.export_hdf5,
+            "compact": embstore.compact}[export]
+    with pytest.raises(ValueError, match=message):
+        call(src, tmp_path / "out", **kwargs)
+    assert sorted(os.listdir(tmp_path)) == ["s"]  # nothing at out, no hidden working copy
+
+
+def test_exports_and_compact_take_epochs_as_any_collection_of_integers(tmp_path):
+    src = make(tmp_path / "s")
+    _, _, e = arrays(src)
+    for i, epochs in enumerate(([2, 0], (0, 2), {0, 2}, (x for x in (2, 0, 2)),
+                                np.array([0, 2], np.uint64), [np.int64(0), np.uint8(2)])):
+        assert embstore.export_npy(src, tmp_path / f"npy{i}", epochs=epochs) == 20
+        np.testing.assert_array_equal(np.load(tmp_path / f"npy{i}" / "epochs.npy"),
+                                      e[e != 1])
+    assert embstore.compact(src, tmp_path / "c", epochs=range(2)) == 20
+    assert embstore.export_npy(src, tmp_path / "r", begin=np.int64(3), end=np.uint32(5)) == 2
+    assert embstore.export_npy(src, tmp_path / "none", epochs=[]) == 0
 
 
 def test_import_names_the_key_file_it_refuses(tmp_path):

@@ -153,6 +153,35 @@ def test_shardset_gather_refuses_bools_and_floats_as_reader_gather_does(tmp_path
     assert np.array_equal(s.gather([7, 0]), vectors[[7, 0]])
 
 
+def test_shardset_rows_and_locate_refuse_bools_and_floats_as_reader_rows_does(tmp_path):
+    # They compared and searched with the value as given: rows(0.5, 2.5) returned rows [0, 2),
+    # rows(True, 2) row 1, locate(1.5) (0, 1), shard_vectors(True) shard 1.
+    paths, _, _, vectors = make_shards(tmp_path, [5, 7])
+    s, r = embstore.ShardSet(paths), embstore.Reader(paths[0])
+    for begin, end, bad in [(0.5, 2.5, "float 0.5"), (True, 2, "bool True"),
+                            (0, 2.0, "float 2.0"), (np.float64(1), 3, "float64 1.0"),
+                            ("1", 3, "str '1'"), (np.bool_(False), 1, "bool_? False")]:
+        message = f"rows: row numbers are integers; got {bad}"
+        for rows in (s.rows, r.rows):  # the same refusal as Reader.rows
+            with pytest.raises(ValueError, match=message):
+                rows(begin, end)
+    for row, bad in [(1.5, "float 1.5"), (True, "bool True"), (np.float32(6), "float32 6.0")]:
+        with pytest.raises(ValueError, match=f"locate: row numbers are integers; got {bad}"):
+            s.locate(row)
+    for shard in (True, np.bool_(False)):
+        with pytest.raises(ValueError, match="shard_vectors: shard indices are integers; got "
+                                             "bool"):
+            s.shard_vectors(shard)
+    # Integers of any kind still work; one outside the set is refused as before.
+    np.testing.assert_array_equal(s.rows(np.int64(3), np.uint64(8)), vectors[3:8])
+    assert s.locate(np.uint32(6)) == (1, 1) and s.locate(4) == (0, 4)
+    assert np.array_equal(s.shard_vectors(np.int64(1)), vectors[5:])
+    with pytest.raises(IndexError, match="row 12 out of range for 12 rows"):
+        s.locate(12)
+    with pytest.raises(ValueError, match=r"rows \[3, 13\) outside \[0, 12\)"):
+        s.rows(3, 13)
+
+
 def test_shardset_gather_gives_a_row_of_zeros_for_minus_one_as_reader_gather_does(tmp_path):
     # find_many's -1 (a missing key) was refused by gather with "rows must lie in [0, 12)",
     # naming no value; Reader.gather gives a row of zeros for it.

@@ -249,6 +249,10 @@ def test_recorder_under_ddp_names_and_rank_filter(store):
     ("bfloat16", torch.float16, 1e6, "inf"),
     ("float32", torch.int8, 300.0, "44"),
     ("float32", torch.int32, float("nan"), None),
+    # int64's bound, 2**63, could not be compared with a tensor: every item raised RuntimeError
+    # "Overflow when unpacking long", in range or not.
+    ("float32", torch.int64, 2.0 ** 63, None),
+    ("float32", torch.int64, -1e19, None),
 ])
 def test_dataset_refuses_a_stored_value_the_dtype_asked_for_cannot_hold(
         store, stored, asked, value, returned):
@@ -278,6 +282,20 @@ def test_dataset_converts_values_in_range_as_torch_does_and_refuses_a_non_numeri
     for bad in (torch.bool, "float16", np.float16):
         with pytest.raises(ValueError, match="dtype must be a numeric torch dtype"):
             EmbeddingDataset(store, dtype=bad)
+
+
+@pytest.mark.parametrize("stored", ["int8", "uint8", "float32"])
+def test_dataset_converts_a_store_to_int64(store, stored):
+    # Every item raised RuntimeError "Overflow when unpacking long": int64's max + 1 (2**63)
+    # was compared with the tensor as a Python int.
+    rows = np.array([[0, 1, 2], [127, 100, 7]], stored)
+    with embstore.Writer(store, dim=3, dtype=stored) as w:
+        w.append([5, 6], rows, epoch=1)
+    ds = EmbeddingDataset(store, dtype=torch.int64)
+    for i in range(2):
+        vector, key, epoch = ds[i]
+        assert vector.dtype == torch.int64 and vector.tolist() == rows[i].tolist()
+        assert (key, epoch) == (5 + i, 1)
 
 
 def test_dataset_over_recorded_embeddings_trains_a_probe(store):
@@ -406,12 +424,92 @@ def test_recorder_batch_names_bad_ids_and_epochs_and_records_nothing_for_them(st
         for bad in (2.7, "3", True, np.bool_(True)):
             with pytest.raises(ValueError, match="epoch must be an integer"):
                 rec.batch([3, 4], bad)
-        with pytest.raises(ValueError, match="epoch must be >= 0"):
+        with pytest.raises(ValueError, match=r"epoch is -1; it must be in \[0, 2\*\*64\)"):
             rec.batch([3, 4], -1)
         with rec.batch([3, 4], np.int64(0)), rec.batch([5], 0):  # numpy ints are ints; no change
             layer(torch.randn(1, 4))
     r = embstore.Reader(store)
     assert r.keys.tolist() == [1, 2, 5] and r.epochs.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("async_queue_mb", [0, 64])
+def test_recorder_batch_refuses_an_epoch_beyond_uint64_and_stages_nothing(store, async_queue_mb):
+    # It checked only epoch < 0: rows of epoch 2**64 were staged and dropped at the next submit,
+    # the error raised by a later, unrelated batch() or flush() (or only logged at exit).
+    layer = torch.nn.Linear(2, 3)
+    rec = EmbeddingRecorder(layer, "", store, dim=3, buffer_rows=8,
+                            async_queue_mb=async_queue_mb)
+    with rec.batch([0, 1], 0):
+        layer(torch.ones(2, 2))
+    for bad in (2**64, 2**70):
+        with pytest.raises(ValueError, match=rf"epoch is {bad}; it must be in \[0, 2\*\*64\)"):
+            with rec.batch([2], bad):
+                layer(torch.ones(1, 2))
+    with rec.batch([3], 2**64 - 1):
+        layer(torch.ones(1, 2))
+    rec.flush()
+    rec.close()
+    r = embstore.Reader(store)
+    assert r.keys.tolist() == [0, 1, 3] and r.epochs.tolist() == [0, 0, 2**64 - 1]
+    assert rec.rows_recorded == 3
+
+
+def test_recorder_batch_takes_an_empty_list_of_ids_as_an_empty_tensor(store):
+    # np.asarray([]) is float64: batch([], 0) raised "sample ids must be integers; got dtype
+    # float64", where an empty tensor (and Writer.append([], ...)) records nothing.
+    layer = torch.nn.Linear(2, 3)
+    with EmbeddingRecorder(layer, "", store, dim=3, async_queue_mb=0) as rec:
+        for ids in ([], (), torch.tensor([], dtype=torch.int64), np.array([], np.uint64)):
+            with rec.batch(ids, 0):
+                layer(torch.ones(0, 2))
+        with rec.batch([4], 0):
+            layer(torch.ones(1, 2))
+        # A list is checked value by value, as Writer.append checks it: numpy made 1 of True.
+        for bad, says in (([True, 2], r"sample ids\[0\] must be an integer .* got bool True"),
+                          ([1.5], r"sample ids\[0\] must be an integer .* got float 1.5"),
+                          ([2**64], r"sample ids\[0\] is 18446744073709551616")):
+            with pytest.raises(ValueError, match=says):
+                rec.batch(bad, 0)
+    r = embstore.Reader(store)
+    assert r.keys.tolist() == [4] and rec.rows_recorded == 1
+
+
+def test_recorder_refuses_a_non_float_dtype_before_making_a_store(tmp_path):
+    # dtype="int8" made an int8 store; the first batch then raised a misleading ClosedError
+    # ("the Writer is closed": the message read the dtype of the Writer it had just closed).
+    layer = torch.nn.Linear(2, 2)
+    for dtype in ("int8", "uint8", np.int8, torch.uint8):
+        path = tmp_path / "new"
+        with pytest.raises(ValueError, match=f"{path}: dtype u?int8 asked for; the recorder "
+                                             "saves float tensors"):
+            EmbeddingRecorder(layer, "", path, dim=2, dtype=dtype)
+        assert not path.exists()
+    with pytest.raises(ValueError, match="the recorder saves float tensors"):
+        EmbeddingRecorder(layer, "", tmp_path / "nodes", dim=2, dtype="int8", per_node=True)
+    assert not (tmp_path / "nodes").exists()
+    assert not layer._forward_hooks  # no hook left behind
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_recorder_into_an_existing_integer_store_names_it_and_changes_nothing(tmp_path, dtype):
+    path = tmp_path / "ints"
+    with embstore.Writer(path, dim=2, dtype=dtype) as w:
+        w.append([0], np.array([[1, 2]], dtype))
+
+    def snapshot():
+        return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+    before = snapshot()
+    layer = torch.nn.Linear(2, 2)
+    rec = EmbeddingRecorder(layer, "", path)  # no dim: the store exists
+    for _ in range(2):  # the same error again, not a ClosedError
+        with pytest.raises(ValueError, match=f"{path}: the recorder saves float tensors; the "
+                                             f"store holds {dtype}"):
+            with rec.batch([1], 0):
+                layer(torch.ones(1, 2))
+    rec.close()
+    assert snapshot() == before
+    r = embstore.Reader(path)
+    assert r.keys.tolist() == [0] and r.vectors.tolist() == [[1, 2]]
 
 
 def test_a_closed_recorder_refuses_batches_instead_of_recording_nothing(store):

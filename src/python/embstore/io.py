@@ -31,8 +31,9 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import (CorruptionError, Error, Reader, Writer, _as_ints, _check_int_array, _check_u64,
-               _dtype_name, _embstore, _InterruptDeferred, _metadata_text, _rounded_once, create)
+from . import (CorruptionError, Error, Reader, Writer, _as_ints, _check_int_array, _check_integer,
+               _check_u64, _dtype_name, _embstore, _InterruptDeferred, _is_torch_tensor,
+               _metadata_text, _rounded_once, _u64_array, create)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -124,16 +125,27 @@ def _close_after_error(writer: Writer, error: BaseException, afterwards: str) ->
 
 def _selected_runs(reader: Reader, begin: int, end: Optional[int], epochs: Optional[Iterable[int]],
                    latest: bool) -> Tuple[int, Iterator[np.ndarray]]:
-    """(count, iterator over arrays of selected row numbers, ascending, a chunk at a time)."""
+    """(count, iterator over arrays of selected row numbers, ascending, a chunk at a time).
+    ``begin``, ``end`` and ``epochs`` are refused as Writer.append refuses keys and epochs
+    (ValueError naming the value): int() truncated a float (epochs=[1.7] took epoch 1) and a
+    negative epoch wrapped to a huge one."""
     size = len(reader)
-    end = size if end is None else int(end)
-    begin = int(begin)
+    begin = _check_integer(begin, "begin", "an integer row number")
+    end = size if end is None else _check_integer(end, "end", "an integer row number")
     if not 0 <= begin <= end:
         raise ValueError(f"begin {begin} is after end {end}")
     if end > size:
         raise ValueError(f"end {end} is past the end of {reader.path} ({size} rows)")
-    wanted = None if epochs is None else np.array(sorted(set(int(e) for e in epochs)),
-                                                   dtype=np.uint64)
+    wanted = None
+    if epochs is not None:
+        if isinstance(epochs, (set, frozenset, range)) or (
+                not isinstance(epochs, (list, tuple, np.ndarray, str, bytes)) and
+                not _is_torch_tensor(epochs) and hasattr(epochs, "__iter__")):
+            epochs = list(epochs)  # a set or a generator: checked value by value
+        wanted = _u64_array(epochs, "epochs")
+        if wanted.ndim != 1:
+            raise ValueError(f"epochs must be a 1-D list of epochs; got shape {wanted.shape}")
+        wanted = np.unique(wanted)
     if wanted is not None or latest:
         # Every row's key and epoch decide what is taken, not only those of the rows taken
         # (whose checksums the copy checks): one flipped bit would take an older version as a
@@ -292,6 +304,8 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
         epochs: only rows of these epochs (KeyError if one is absent from the range).
         latest: only the latest row of each key (after the epoch filter).
         begin, end: the row range [begin, end) of the snapshot (default: all).
+        Epochs and row numbers are integers: a float, bool or negative one raises ValueError
+        naming it (never truncated or wrapped), and nothing is written.
 
     Raises:
         FileExistsError: ``out`` exists.  CorruptionError: a row fails its checksum.
@@ -585,6 +599,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             .npy path, or a 2-D array.
         keys: a .npy path or array of one key per row (default: the export's, else 0..rows-1).
         epochs: a .npy path or array of one epoch per row; or ``epoch`` for all rows (default 0).
+            Giving both raises ValueError (an export's own epochs.npy gives way to ``epoch``).
         dtype: the new store's dtype (default: the source's); "bfloat16" also reads uint16
             input as bfloat16 bit patterns (without it or a sidecar saying so, uint16 input is
             refused). Float rows are converted to a float store's dtype. For an existing store,
@@ -595,6 +610,10 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             and appends nothing: a store's metadata is fixed when it is created.
     """
     store = os.fspath(store)
+    if epochs is not None and epoch is not None:
+        # One would be ignored without a word: the rows stored under other epochs than asked.
+        raise ValueError(f"import into {store}: give epochs (one per row) or epoch (one for "
+                         f"every row), not both; got epoch={epoch!r} and epochs too")
     side = {}
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         base = os.fspath(source)
@@ -746,7 +765,8 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
 
     Args:
         latest_per_key: keep only the latest row of each key.
-        epochs: keep only rows of these epochs (KeyError if one is absent).
+        epochs: keep only rows of these epochs (KeyError if one is absent; ValueError, naming
+            it, for a float, bool or negative one).
         dtype: convert rows to this dtype (float types only).
     """
     out = os.fspath(out)

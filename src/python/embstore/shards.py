@@ -197,6 +197,16 @@ def _u64(values: Any, what: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _row_number(what: str, row: Any) -> int:
+    """Global row number ``row`` as an int, refused as Reader refuses one when it is a bool,
+    float or str (ValueError "WHAT: row numbers are integers; got float 0.5"), which a
+    comparison and numpy's searchsorted took as a row. An int outside the set is the caller's to
+    refuse, naming the set's rows."""
+    if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
+        Reader._row_number(what, row)  # raises, naming the value
+    return int(row)
+
+
 class ShardSet:
     """Several stores (shards) read as one logical store.
 
@@ -370,7 +380,9 @@ class ShardSet:
         return self.shards[0].dtype
 
     def locate(self, row: int) -> Tuple[int, int]:
-        """(shard index, row inside the shard) of global row ``row``."""
+        """(shard index, row inside the shard) of global row ``row`` (an integer: ValueError
+        for a bool, float or str; IndexError outside the set)."""
+        row = _row_number("locate", row)
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} out of range for {len(self)} rows")
         shard = int(np.searchsorted(self.offsets, row, side="right")) - 1
@@ -378,6 +390,9 @@ class ShardSet:
 
     def shard_vectors(self, shard: int) -> np.ndarray:
         """Every row of one shard's snapshot, zero-copy."""
+        if isinstance(shard, (bool, np.bool_)):  # operator.index takes True as shard 1
+            raise ValueError(f"shard_vectors: shard indices are integers; got "
+                             f"{type(shard).__name__} {shard!r}")
         shard = operator.index(shard)
         if not 0 <= shard < len(self.shards):
             raise IndexError(f"shard {shard} outside [0, {len(self.shards)}): the set has "
@@ -385,7 +400,10 @@ class ShardSet:
         return self.shards[shard].vectors
 
     def rows(self, begin: int, end: int) -> np.ndarray:
-        """Global rows [begin, end): a zero-copy view when they lie in one shard, else a copy."""
+        """Global rows [begin, end): a zero-copy view when they lie in one shard, else a copy.
+        Row numbers are integers, refused as Reader.rows refuses them (a float was truncated:
+        rows(0.5, 2.5) gave rows [0, 2)); ValueError unless 0 <= begin <= end <= len(self)."""
+        begin, end = _row_number("rows", begin), _row_number("rows", end)
         if not 0 <= begin <= end <= len(self):
             raise ValueError(f"rows [{begin}, {end}) outside [0, {len(self)})")
         parts = []

@@ -30,8 +30,8 @@ import torch
 import torch.utils.data
 
 from . import (Error, Reader, Writer, _BFLOAT16_OVERFLOW, _TERMINATION, _WRITER_EXIT_PRIORITY,
-               _InterruptDeferred, _bfloat16_ready, _described, _dtype_name, _embstore, _log,
-               _check_u64, _moved_away, shards)
+               _InterruptDeferred, _as_ints, _bfloat16_ready, _described, _dtype_name, _embstore,
+               _log, _check_u64, _moved_away, shards)
 from ._errors import ClosedError
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
@@ -222,7 +222,10 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         else:
             info = torch.iinfo(out.dtype)
             wide = vector.double()
-            changed = ~torch.isfinite(wide) | (wide < info.min) | (wide >= info.max + 1)
+            # Bounds as Python floats (exact: powers of two): torch cannot compare a tensor with
+            # the int 2**63 (int64's max + 1), "Overflow when unpacking long".
+            changed = ~torch.isfinite(wide) | (wide < float(info.min)) | \
+                (wide >= float(info.max + 1))
         if bool(changed.any()):
             column = int(torch.nonzero(changed)[0, 0])
             raise ValueError(
@@ -459,7 +462,9 @@ class EmbeddingRecorder:
         store: path of the store.
         dim: embedding size, to create the store when missing (with ``dtype``, default
             float32); without it the store must exist.
-        dtype: the store's dtype: "float32", "float16" or "bfloat16" (half the bytes).
+        dtype: the store's dtype: "float32", "float16" or "bfloat16" (half the bytes), or
+            "float64"; another (int8, uint8) raises ValueError before anything is made, and so
+            does an existing store of one, at the first recorded batch.
         ranks: ranks that record, or None for all.
         async_queue_mb: queue bound of each rank's async Writer (0: synchronous appends).
         buffer_rows: rows gathered per append (0: one append per recorded batch).
@@ -504,6 +509,10 @@ class EmbeddingRecorder:
         self._per_node = per_node
         self._dim = dim
         self._dtype = None if dtype is None else _dtype_name(dtype)
+        if self._dtype is not None and self._dtype not in _TORCH_DTYPES:
+            # Refused now, before a store of it is made at the first batch.
+            raise ValueError(f"{self.path}: dtype {self._dtype} asked for; the recorder saves "
+                             f"float tensors: use one of {', '.join(_TORCH_DTYPES)}")
         self._metadata = {"module": module_name} if metadata is None else metadata
         self._segment_mb = segment_mb
         self._ranks = None if ranks is None else set(int(r) for r in ranks)
@@ -553,15 +562,15 @@ class EmbeddingRecorder:
             except (RuntimeError, TypeError):
                 ids = ids.detach().cpu().numpy()
         elif not isinstance(ids, np.ndarray):
-            ids = np.asarray(ids)
+            # A list as Writer.append takes it: [] is no ids (numpy makes float64 of it), and a
+            # bool, float or int beyond uint64 is refused by value (numpy made 1 of True).
+            ids = _as_ints(ids, "sample ids")
         # 1-D integers >= 0 (the error names the first that is not).
         _embstore.check_keys(ids, "sample ids")
         if type(epoch) is not int or epoch != self._epoch:  # else: the last block's, checked
-            if isinstance(epoch, (bool, np.bool_)) or not isinstance(epoch, (int, np.integer)):
-                raise ValueError(f"epoch must be an integer; got {type(epoch).__name__} {epoch!r}")
-            epoch = int(epoch)
-            if epoch < 0:
-                raise ValueError(f"epoch must be >= 0; got {epoch}")
+            # An integer in [0, 2**64), as Writer.append checks it: a larger one was staged
+            # and dropped at the next submit, its error raised by a later, unrelated call.
+            epoch = _check_u64(epoch, "epoch")
             if epoch != self._epoch:
                 self._epoch_position = 0
                 staging = self._local_staging()
@@ -592,9 +601,10 @@ class EmbeddingRecorder:
                 writer = Writer(path, dtype=self._dtype, async_queue_mb=self._async_queue_mb,
                                 expected_rows=self._expected_rows)
             if writer.dtype not in _TORCH_DTYPES:
+                dtype = writer.dtype  # read before the close: a closed Writer raises ClosedError
                 writer.close()
-                raise ValueError(f"{self.path}: the recorder saves float tensors; the store "
-                                 f"holds {writer.dtype}")
+                raise ValueError(f"{path}: the recorder saves float tensors; the store "
+                                 f"holds {dtype}")
             # A forked child starts with an empty buffer and its own Writer and finalizer.
             staging = self._staging = _Staging(writer, self._buffer_rows)
             self._finalizer = _mp_util.Finalize(
