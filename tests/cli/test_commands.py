@@ -107,6 +107,7 @@ def test_create_refuses_bad_input_with_one_line_each(tmp_path):
         (["--dim", 4, "--segment-mb", "1e30"], 2, "--segment-mb 1e+30 is not a size in MiB"),
         (["--dim", 4, "--segment-mb", "-1"], 2, "--segment-mb -1 is not a size in MiB"),
         (["--dim", 4, "--segment-mb", "0.001"], 2, "--segment-mb 0.001 is 1048 bytes"),
+        (["--dim", 4, "--segment-mb", "1e-300"], 2, "--segment-mb 1e-300 is 0 bytes"),
     ]
     for extra, code, message in cases:
         r = run("create", path, *extra)

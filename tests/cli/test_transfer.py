@@ -193,7 +193,21 @@ def test_import_bad_input_gets_one_line_and_leaves_no_store(tmp_path, store):
     np.save(tmp_path / "k.npy", np.arange(5))
     np.save(tmp_path / "neg.npy", np.array([0, 1, -2, 3]))
     (tmp_path / "junk.npy").write_bytes(b"not an array")
+    (tmp_path / "text.h5").write_text("not HDF5")
+    with h5py.File(tmp_path / "good.h5", "w") as f:
+        f["g/x"] = np.zeros((4, 4), np.float32)
+        f["cube"] = np.zeros((2, 2, 2), np.float32)
+        f["filler"] = np.arange(4096, dtype=np.float64)
+    whole = (tmp_path / "good.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(whole[:len(whole) // 2])  # HDF5's signature, half a file
     cases = [
+        # Inputs HDF5 cannot read, or a group named as the dataset: bad input (2), with the
+        # reason, not an I/O error (17) saying only that HDF5's open failed.
+        ([tmp_path / "new", f"{tmp_path / 'cut.h5'}:/g/x"], 2, "cut.h5: HDF5 cannot read it ("),
+        ([tmp_path / "new", f"{tmp_path / 'good.h5'}:/g"], 2, "good.h5:/g is a group"),
+        ([tmp_path / "new", f"{tmp_path / 'good.h5'}:/cube"], 2,
+         "import reads vectors from a 2-D dataset"),
+        ([tmp_path / "new", tmp_path / "text.h5"], 2, "text.h5 is not an HDF5 file"),
         ([tmp_path / "new", tmp_path / "missing.npy"], 12, "missing.npy"),
         ([tmp_path / "new", tmp_path / "junk.npy"], 2, "junk.npy"),
         ([tmp_path / "new", tmp_path / "i64.npy"], 2, "i64.npy"),

@@ -102,7 +102,7 @@ std::uint64_t segment_bytes_from_mb(double mb) {
                 fmt::format("--segment-mb {} is not a size in MiB in (0, 1048576]", mb));
   }
   const auto bytes = static_cast<std::uint64_t>(mb * (1 << 20));
-  if (bytes % 4096 != 0) {
+  if (bytes == 0 || bytes % 4096 != 0) {
     throw Error(ErrorCode::kInvalidArgument,
                 fmt::format("--segment-mb {} is {} bytes, not a whole number of 4 KiB pages "
                             "(a multiple of 1/256 MiB)",

@@ -44,6 +44,20 @@ int hdf5_errno() {
   return err;
 }
 
+// The most specific message on HDF5's error stack ("truncated file: eof = 800, ..."), "" if
+// there is none: why an input file could not be read.
+std::string hdf5_reason() {
+  std::string reason;
+  H5Ewalk2(
+      H5E_DEFAULT, H5E_WALK_UPWARD,
+      [](unsigned n, const H5E_error2_t* entry, void* data) -> herr_t {
+        if (n == 0 && entry->desc != nullptr) *static_cast<std::string*>(data) = entry->desc;
+        return 0;
+      },
+      &reason);
+  return reason;
+}
+
 // Owns one hid_t and closes it with the matching H5*close.
 class Id {
  public:
@@ -290,17 +304,38 @@ Hdf5Dataset::Hdf5Dataset(const std::string& path, const std::string& dataset)
   if (!is_hdf5_file(path)) {
     throw Error(ErrorCode::kNotFound, path + " is not an HDF5 file");
   }
-  h_->file = checked(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose, path, "open");
+  // An input HDF5 cannot read (truncated, damaged) or a name that is no dataset (a group) is
+  // bad input, named with HDF5's reason; a failed system call (errno on its stack) is not.
+  const auto refuse = [&](const std::string& what, const std::string& whose) {
+    if (hdf5_errno() != 0) fail(path, what);
+    const std::string reason = hdf5_reason();
+    throw Error(ErrorCode::kInvalidArgument,
+                whose + ": HDF5 cannot read it" + (reason.empty() ? "" : " (" + reason + ")"));
+  };
+  const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (file < 0) refuse("open", path);
+  h_->file = Id(file, H5Fclose);
   if (H5Lexists(h_->file.get(), dataset.c_str(), H5P_DEFAULT) <= 0) {
     throw Error(ErrorCode::kNotFound, "no dataset " + dataset + " in " + path);
   }
-  h_->dataset = checked(H5Dopen2(h_->file.get(), dataset.c_str(), H5P_DEFAULT), H5Dclose, path,
-                        "open of dataset " + dataset);
+  H5O_info_t object{};
+  if (H5Oget_info_by_name2(h_->file.get(), dataset.c_str(), &object, H5O_INFO_BASIC, H5P_DEFAULT) >=
+          0 &&
+      object.type != H5O_TYPE_DATASET) {
+    throw Error(ErrorCode::kInvalidArgument,
+                name_ + " is " + (object.type == H5O_TYPE_GROUP ? "a group" : "no dataset") +
+                    "; import reads a dataset (name one inside it)");
+  }
+  const hid_t opened = H5Dopen2(h_->file.get(), dataset.c_str(), H5P_DEFAULT);
+  if (opened < 0) refuse("open of dataset " + dataset, name_);
+  h_->dataset = Id(opened, H5Dclose);
   Id space = checked(H5Dget_space(h_->dataset.get()), H5Sclose, path, "dataspace");
   rank_ = H5Sget_simple_extent_ndims(space.get());
   if (rank_ < 1 || rank_ > 2) {
     throw Error(ErrorCode::kInvalidArgument,
-                name_ + " has " + std::to_string(rank_) + " dimensions; import takes 1 or 2");
+                name_ + " has " + std::to_string(rank_) +
+                    " dimensions; import reads vectors from a 2-D dataset and keys or epochs "
+                    "from a 1-D one");
   }
   hsize_t dims[2] = {0, 1};
   H5Sget_simple_extent_dims(space.get(), dims, nullptr);

@@ -137,6 +137,17 @@ class Hdf5Source : public ArraySource {
   Hdf5Dataset dataset_;
 };
 
+// Whether `file` is read as HDF5 (its signature says so) or as .npy; a file named .h5 or .hdf5
+// without HDF5's signature is refused, not read as a .npy file (whose error would puzzle).
+bool read_as_hdf5(const std::string& file) {
+  if (is_hdf5_file(file)) return true;
+  if (file.ends_with(".h5") || file.ends_with(".hdf5")) {
+    throw Error(ErrorCode::kInvalidArgument,
+                file + " is not an HDF5 file (it does not start with HDF5's signature)");
+  }
+  return false;
+}
+
 // A .npy file named with a dataset ("v.npy:/emb"): refused, not read whole without a word.
 void refuse_dataset_of_npy(const std::string& spec, const std::string& file) {
   if (file == spec) return;
@@ -148,7 +159,7 @@ void refuse_dataset_of_npy(const std::string& spec, const std::string& file) {
 std::unique_ptr<ArraySource> open_array(const std::string& spec, const std::string& dataset) {
   const auto [file, name] = split_hdf5_spec(spec, dataset);
   if (!exists(file)) throw Error(ErrorCode::kNotFound, "no such file " + file);
-  if (is_hdf5_file(file)) return std::make_unique<Hdf5Source>(file, name);
+  if (read_as_hdf5(file)) return std::make_unique<Hdf5Source>(file, name);
   refuse_dataset_of_npy(spec, file);
   return std::make_unique<NpySource>(file);
 }
@@ -213,7 +224,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   } else {
     const auto [file, dataset] = split_hdf5_spec(source, "/vectors");
     if (!exists(file)) throw Error(ErrorCode::kNotFound, "no such file " + file);
-    if (is_hdf5_file(file)) {
+    if (read_as_hdf5(file)) {
       auto h5 = std::make_unique<Hdf5Source>(file, dataset);
       facts.dtype = h5->dataset().root_attribute("dtype");
       facts.metadata = h5->dataset().root_attribute("metadata");
