@@ -621,6 +621,26 @@ TEST_CASE("verify() of a store deleted since it was opened reports its rows, not
              Catch::Contains("the fixed header copy at byte 2048 fails its checks"));
 }
 
+TEST_CASE("info() of a Reader whose store was truncated, then replaced at its path, says so",
+          "[reader]") {
+  // info() reads the files of the generation the store moved to: with the store replaced at the
+  // path those names led into the new store, and the error read "open .../rows.2: No such file"
+  // (found by a review) rather than what refresh() says.
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(8));
+  append_batch(w, 0, 0, 10);
+  Reader r = Reader::open(dir / "s");
+  w.truncate(5);
+  w.close();
+  std::filesystem::remove_all(dir / "s");
+  Writer next_run = Writer::create(dir / "s", small(8));
+  append_batch(next_run, 1, 0, 20);
+  std::string message;
+  CHECK(test::code_of([&] { r.info(); }, &message) == ErrorCode::kNotFound);
+  CHECK_THAT(message, Catch::Contains("the store opened is no longer at this path"));
+  CHECK(r.size() == 10);
+}
+
 TEST_CASE("read_info's counters and key statistics are of one moment, whatever writers do",
           "[reader]") {
   // open_with_info takes a Reader's snapshot, then reads the counters: rows committed between

@@ -1,5 +1,6 @@
 #include "log/batch.h"
 
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <limits>
@@ -45,11 +46,19 @@ void refuse_overflow(const Invalid& invalid, DType dtype, std::uint64_t i, const
           ") and would be stored as infinity; scale or clip it, or use a wider dtype");
 }
 
-// Converts row i of a batch (`in`, dim float32 values) to `dtype` (float16 or bfloat16) at
-// `out`, refusing it as refuse_overflow() says.
+// Converts row i of a batch (`row`, dim float32 values) to `dtype` (float16 or bfloat16) at
+// `out`, refusing it as refuse_overflow() says. A ConstMatrix sets no alignment: a row that
+// does not start on a float's boundary is copied to one first (the conversions load floats).
 template <typename Invalid>
-void convert_row(const Invalid& invalid, DType dtype, std::uint64_t i, const float* in,
+void convert_row(const Invalid& invalid, DType dtype, std::uint64_t i, const std::byte* row,
                  std::uint16_t* out, std::uint32_t dim) {
+  const float* in = reinterpret_cast<const float*>(row);
+  if (reinterpret_cast<std::uintptr_t>(row) % alignof(float) != 0) {
+    thread_local std::vector<float> aligned;
+    aligned.resize(dim);
+    std::memcpy(aligned.data(), row, std::size_t{dim} * sizeof(float));
+    in = aligned.data();
+  }
   const bool infinite = dtype == DType::kFloat16 ? convert_to_half_fast(in, out, dim)
                                                  : convert_to_bfloat16_fast(in, out, dim);
   if (infinite) refuse_overflow(invalid, dtype, i, in, out, dim);
@@ -65,7 +74,7 @@ void convert_rows(const ConstMatrix& rows, DType dtype, std::byte* dest, const s
   const std::uint64_t stride = rows.row_stride_bytes == 0 ? input_row_bytes : rows.row_stride_bytes;
   const auto* source = static_cast<const std::byte*>(rows.data);
   for (std::uint64_t i = 0; i < rows.rows; ++i) {
-    convert_row(invalid, dtype, i, reinterpret_cast<const float*>(source + i * stride),
+    convert_row(invalid, dtype, i, source + i * stride,
                 reinterpret_cast<std::uint16_t*>(dest + i * std::uint64_t{rows.dim} * 2), rows.dim);
   }
 }
@@ -82,8 +91,11 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
     invalid(std::to_string(keys.size()) + " keys for " + std::to_string(n) + " rows");
   }
   PreparedBatch batch;
-  if (n == 0) return batch;
-  if (rows.data == nullptr) invalid("rows.data is null");
+  // The dim and dtype are checked for an empty batch too: a caller whose first batch is empty
+  // hears of a wrong one then, not at a later batch.
+  if (!is_valid_dtype(static_cast<std::uint8_t>(rows.dtype))) {
+    invalid("rows.dtype " + std::to_string(static_cast<int>(rows.dtype)) + " is not a known dtype");
+  }
   if (rows.dim != layout.dim) {
     invalid("rows have dim " + std::to_string(rows.dim) + " but the store's dim is " +
             std::to_string(layout.dim));
@@ -96,6 +108,8 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
             (takes_float32 && layout.dtype != DType::kFloat32 ? " or float32" : "") +
             " is accepted)");
   }
+  if (n == 0) return batch;
+  if (rows.data == nullptr) invalid("rows.data is null");
   const std::uint64_t input_row_bytes = std::uint64_t{rows.dim} * dtype_size(rows.dtype);
   const std::uint64_t stride = rows.row_stride_bytes == 0 ? input_row_bytes : rows.row_stride_bytes;
   if (stride < input_row_bytes) {
@@ -141,8 +155,7 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
   if (convert) {
     for (std::uint64_t i = 0; i < n; ++i) {
       std::byte* row = staged + i * record_bytes;
-      convert_row(invalid, layout.dtype, i,
-                  reinterpret_cast<const float*>(batch.source + i * stride),
+      convert_row(invalid, layout.dtype, i, batch.source + i * stride,
                   reinterpret_cast<std::uint16_t*>(row), rows.dim);
       hashes[i] = payload_hash(row, record_bytes, key);
     }

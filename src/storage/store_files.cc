@@ -656,10 +656,11 @@ StoreInfo StoreFiles::info() const {
       info.index_file_bytes = os::file_size(index.get(), index_path);
       return info;
     } catch (const Error& error) {
-      if (error.code() != ErrorCode::kNotFound || attempt == 2 ||
-          state_.generation() == info.generation) {
-        throw;
-      }
+      if (error.code() != ErrorCode::kNotFound) throw;
+      // Files of this store gone: it was deleted or replaced at its path (said so, not as a
+      // missing file of whatever store is there now), or truncated again meanwhile.
+      check_at_path();
+      if (attempt == 2 || state_.generation() == info.generation) throw;
     }
   }
 }
