@@ -467,7 +467,12 @@ class PyWriter {
       std::unique_lock lifetime(lifetime_mutex_, std::defer_lock);
       {
         ReleaseGil unlocked(lifetime);
-        lifetime.lock();
+        {
+          // Holding the gate while it waits, so that calls begun after it queue behind it
+          // (lock_alive()); they then find the Writer closed.
+          const std::lock_guard gate(gate_);
+          lifetime.lock();
+        }
         if (!writer_) return;
         if (async_) {
           // The queue written first by a wait that Ctrl-C ends (stop()'s join ignores it): the
@@ -503,6 +508,7 @@ class PyWriter {
   bool is_async() const { return async_ != nullptr || final_stats_.has_value(); }
 
   py::dict stats() {
+    check_process();  // A forked child: async_'s mutex may be held by a thread not there.
     WriteStats s;
     if (async_) {
       s = async_->stats();
@@ -557,8 +563,8 @@ class PyWriter {
     }
   }
 
+  // An empty batch's too, as Writer::append checks it.
   void check_matches(const ConstMatrix& rows) {
-    if (rows.rows == 0) return;
     if (rows.dim != dim_) {
       invalid(path_ + ": append: rows have dim " + std::to_string(rows.dim) +
               " but the store's dim is " + std::to_string(dim_));
@@ -579,7 +585,17 @@ class PyWriter {
   }
 
   // Called with the GIL held; takes the lifetime lock without blocking while holding the GIL.
+  // Through the gate first: a close() waiting for the lock holds it. glibc's shared mutex lets
+  // a shared locker in while another holds it shared, even with an exclusive locker waiting:
+  // with two threads appending in turn close() (and so the program's exit) waited for ever.
   std::shared_lock<std::shared_mutex> lock_alive() {
+    if (!gate_.try_lock()) {
+      ReleaseGil unlocked;
+      gate_.lock();
+      gate_.unlock();  // Before the GIL is taken back: a thread parked there holds no gate.
+    } else {
+      gate_.unlock();
+    }
     std::shared_lock lock(lifetime_mutex_, std::try_to_lock);
     if (!lock.owns_lock()) {
       ReleaseGil unlocked(lock);
@@ -603,6 +619,7 @@ class PyWriter {
   std::optional<Writer> writer_;
   std::unique_ptr<AsyncAppender> async_;
   std::shared_mutex lifetime_mutex_;  // Shared by calls using writer_, exclusive for close().
+  std::mutex gate_;                   // Held by close() while it waits for lifetime_mutex_.
   int owner_pid_;
   std::string path_;
   // The store's shape, fixed at creation: read once, not through the Writer's lock each call.

@@ -392,3 +392,17 @@ def test_reader_map_bytes_is_checked_and_small_sync_interval_or_queue_round_up(t
     with embstore.Writer(tmp_path / "s", async_queue_mb=1e-9) as w:  # a tiny queue, not none
         assert "async" in repr(w) and w.append([2], np.ones((1, 4), np.float32)) is None
     assert embstore.Reader(tmp_path / "s").keys.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("async_queue_mb", [0, 1])
+def test_an_empty_batch_of_another_dim_or_dtype_is_refused_as_a_full_one(store, async_queue_mb):
+    # A batch of 0 rows is valid, but its shape and dtype are checked as any batch's: a caller
+    # whose first batch is empty hears of a wrong one then (a review: both were returned 0).
+    w = embstore.Writer(store, dim=4, async_queue_mb=async_queue_mb)
+    with pytest.raises(ValueError, match="rows have dim 5 but the store's dim is 4"):
+        w.append([], np.zeros((0, 5), np.float32))
+    with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):
+        w.append([], np.zeros((0, 4), np.float64))
+    w.append([], np.zeros((0, 4), np.float32))  # still valid
+    w.close()
+    assert len(embstore.Reader(store)) == 0

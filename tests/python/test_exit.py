@@ -283,6 +283,62 @@ def test_a_daemon_thread_appending_when_the_program_ends_does_not_abort_it(store
         assert len(r) - before >= returned > 0 and r.verify().ok
 
 
+@pytest.mark.parametrize("ending", ["exit", "close"])
+@pytest.mark.parametrize("queue_mb", [0, 1])
+def test_threads_appending_in_turn_do_not_hold_off_close_or_the_end(store, queue_mb, ending):
+    """Three threads appending to one Writer without a pause, while the main thread closes it
+    (explicitly, or by ending): the close waited for the lifetime lock, which the appenders
+    always held shared in turn (glibc's shared mutex lets a shared locker in while another
+    holds it), so the program never ended (a review: killed after 60 s). Each thread ends at
+    the ClosedError of its first append after the close; every append that returned is
+    stored."""
+    embstore.create(store, dim=8)
+    script = run_script("""
+        import sys, threading, time
+        import numpy as np
+        import embstore
+        path, ending = sys.argv[1], sys.argv[3]
+        w = embstore.Writer(path, async_queue_mb=int(sys.argv[2]), sync="none")
+        x = np.ones((100, 8), np.float32)
+        counts = [0, 0, 0]
+        def saver(t):
+            keys = np.arange(100, dtype=np.uint64) + t * 10**9
+            try:
+                while True:  # Nothing between two appends but the count.
+                    w.append(keys, x, epoch=t)
+                    counts[t] += 100
+            except embstore.ClosedError:
+                pass
+        threads = [threading.Thread(target=saver, args=(t,), daemon=True) for t in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        if ending == "close":
+            w.close()
+            for t in threads:
+                t.join()
+        with open(path + ".returned", "w") as f:  # appends returned so far: a lower bound
+            f.write(" ".join(str(c) for c in counts))
+        print("done", flush=True)
+    """, store, str(queue_mb), ending)
+    try:
+        out, err = script.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        script.kill()
+        script.communicate()
+        pytest.fail(f"the program did not end ({ending}) within 90 s")
+    assert script.returncode == 0 and out == "done\n", err
+    with open(store + ".returned") as f:
+        returned = [int(c) for c in f.read().split()]
+    r = embstore.Reader(store)
+    assert r.verify().ok
+    stored = np.bincount(r.epochs.astype(np.int64), minlength=3)
+    for t in range(3):
+        assert stored[t] >= returned[t] > 0, (t, stored, returned)
+        if ending == "close":
+            assert stored[t] == returned[t], (t, stored, returned)
+
+
 # The fork case lost a worker's rows in about 1 run in 15 (its SIGTERM landed in the exit
 # finalizer of its Writer) and hung in about 1 in 60 (its SIGTERM landed just before its wait on
 # the task queue): the two tests below reproduce each every time.
