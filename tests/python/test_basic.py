@@ -409,3 +409,16 @@ def test_a_follower_of_a_run_started_over_at_the_same_path_is_told_not_left_on_t
         follower.refresh()
     assert len(follower) == 10 and follower.keys.tolist() == list(range(10))  # its snapshot
     assert len(embstore.Reader(store)) == 50
+
+
+def test_a_path_given_as_utf8_bytes_opens_as_text(tmp_path):
+    # Paths must be UTF-8 text (other bytes are refused: test_errors.py); bytes that are UTF-8
+    # work anywhere a path does, and come back as str.
+    path = os.fsencode(str(tmp_path)) + "/é".encode("utf-8")
+    embstore.create(path, dim=2)
+    with embstore.Writer(path) as w:
+        w.append([7], np.ones((1, 2), np.float32))
+        assert w.path == str(tmp_path / "é")
+    r = embstore.Reader(path)
+    assert r.path == str(tmp_path / "é") and r.keys.tolist() == [7]
+    assert embstore.info(path)["committed_rows"] == 1

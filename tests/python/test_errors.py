@@ -406,3 +406,175 @@ def test_an_empty_batch_of_another_dim_or_dtype_is_refused_as_a_full_one(store, 
     w.append([], np.zeros((0, 4), np.float32))  # still valid
     w.close()
     assert len(embstore.Reader(store)) == 0
+
+
+def _not_utf8_path(tmp_path, as_bytes):
+    """A path under tmp_path whose name is not UTF-8: bytes, or os.fsdecode's str of them (with
+    a lone surrogate), as os.listdir gives it for such a name."""
+    path = os.fsencode(str(tmp_path)) + b"/x\xff"
+    return path if as_bytes else os.fsdecode(path)
+
+
+def _entry_points():
+    def torch_recorder(bad, good, out):
+        torch = pytest.importorskip("torch")
+        from embstore.torch import EmbeddingRecorder
+        EmbeddingRecorder(torch.nn.Sequential(torch.nn.Linear(4, 4)), "0", bad, dim=4)
+
+    def torch_dataset(bad, good, out):
+        pytest.importorskip("torch")
+        from embstore.torch import EmbeddingDataset
+        EmbeddingDataset(bad)
+
+    def dask_arrays(bad, good, out, listed=False):
+        pytest.importorskip("dask.array")
+        from embstore.dask import from_store
+        from_store([good, bad] if listed else bad)
+
+    def export_hdf5(bad, good, out):
+        pytest.importorskip("h5py")
+        embstore.export_hdf5(good, bad)
+
+    def write_manifest(bad, good, out):
+        store_id = embstore.info(good)["store_id"]
+        embstore.shards.write_manifest(bad, {"dim": 4, "dtype": "float32", "shards": [
+            {"path": os.path.basename(good), "store_id": store_id, "rows": 2}]})
+
+    rows = np.zeros((2, 4), np.float32)
+    return {
+        "create": lambda bad, good, out: embstore.create(bad, dim=4),
+        "info": lambda bad, good, out: embstore.info(bad),
+        "salvage-store": lambda bad, good, out: embstore.salvage(bad, out),
+        "salvage-out": lambda bad, good, out: embstore.salvage(good, bad),
+        "compact-store": lambda bad, good, out: embstore.compact(bad, out),
+        "compact-out": lambda bad, good, out: embstore.compact(good, bad),
+        "merge-out": lambda bad, good, out: embstore.merge(bad, [good]),
+        "merge-input": lambda bad, good, out: embstore.merge(out, [good, bad]),
+        "merge-manifest": lambda bad, good, out: embstore.merge(out, bad),
+        "Writer": lambda bad, good, out: embstore.Writer(bad, dim=4, dtype="float16",
+                                                         async_queue_mb=4),
+        "Reader": lambda bad, good, out: embstore.Reader(bad),
+        "export_npy-out": lambda bad, good, out: embstore.export_npy(good, bad),
+        "export_npy-store": lambda bad, good, out: embstore.export_npy(bad, out),
+        "export_hdf5": export_hdf5,
+        "import_npy": lambda bad, good, out: embstore.import_npy(bad, rows),
+        "ShardSet": lambda bad, good, out: embstore.ShardSet(bad),
+        "ShardSet-list": lambda bad, good, out: embstore.ShardSet([good, bad]),
+        "read_manifest": lambda bad, good, out: embstore.shards.read_manifest(bad),
+        "write_manifest": write_manifest,
+        "EmbeddingRecorder": torch_recorder,
+        "EmbeddingDataset": torch_dataset,
+        "dask": dask_arrays,
+        "dask-list": lambda bad, good, out: dask_arrays(bad, good, out, listed=True),
+    }
+
+
+@pytest.mark.parametrize("as_bytes", [True, False], ids=["bytes", "surrogate-str"])
+@pytest.mark.parametrize("entry", list(_entry_points()))
+def test_a_path_that_is_not_utf8_is_refused_by_every_entry_point_before_anything_is_made(
+        tmp_path, entry, as_bytes):
+    # A Writer at b".../x\xff" stored its rows, then lost them all at exit with only an
+    # "Exception ignored" UnicodeDecodeError (the core hands paths back as UTF-8 text); Reader,
+    # info and create raised UnicodeDecodeError or pybind11's "incompatible function arguments".
+    good = str(tmp_path / "good")
+    with embstore.Writer(good, dim=4) as w:
+        w.append([1, 2], np.ones((2, 4), np.float32))
+    bad = _not_utf8_path(tmp_path, as_bytes)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(repr(bad)) + r" is not UTF-8 text; "
+                       "embstore paths must be UTF-8"):
+        _entry_points()[entry](bad, good, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_relative_path_in_a_working_directory_that_is_not_utf8_is_refused(tmp_path,
+                                                                             monkeypatch):
+    # The core makes a relative path absolute by the working directory: its path came back
+    # undecodable, as a path given so would (Writer.path, and the rows lost at exit).
+    where = os.fsencode(str(tmp_path)) + b"/d\xff"
+    os.mkdir(where)
+    monkeypatch.chdir(where)
+    for make in (lambda: embstore.Writer("s", dim=4), lambda: embstore.create(b"s", dim=4)):
+        with pytest.raises(ValueError, match=r"'s' is relative to the working directory .* "
+                           "which is not UTF-8 text; embstore paths must be UTF-8"):
+            make()
+    assert os.listdir(where) == []
+
+
+def test_a_manifest_shard_path_that_is_not_utf8_is_named(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(r"manifest shards[0]['path'] 'x\udcff' is "
+                                                   "not UTF-8 text")):
+        embstore.shards.write_manifest(tmp_path / "manifest.json", {
+            "dim": 4, "dtype": "float32",
+            "shards": [{"path": os.fsdecode(b"x\xff"), "store_id": "0" * 32, "rows": 0}]})
+    assert os.listdir(tmp_path) == []
+
+
+class _WithArray:
+    """An object numpy reads through __array__ (as pandas, xarray and others are read)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None):
+        return self.array if dtype is None else self.array.astype(dtype)
+
+
+class _WithArrayInterface:
+    def __init__(self, array):
+        self.array = array
+        self.__array_interface__ = array.__array_interface__
+
+
+@pytest.mark.parametrize("wrap", [
+    memoryview,
+    lambda a: memoryview(__import__("array").array(a.dtype.char, a.ravel().tolist())).cast(
+        "B").cast(a.dtype.char, a.shape),
+    _WithArray,
+    _WithArrayInterface,
+], ids=["memoryview", "array.array", "__array__", "__array_interface__"])
+@pytest.mark.parametrize("async_queue_mb", [0, 1])
+def test_typed_buffers_of_another_dtype_are_refused_not_narrowed(store, wrap, async_queue_mb):
+    # A memoryview of float64 rows was narrowed to float32 (16777217.0 stored as 16777216.0) and
+    # one of int64 converted, without a word, where the same ndarray is refused.
+    import array
+    w = embstore.Writer(store, dim=2, async_queue_mb=async_queue_mb)
+    with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):
+        w.append([1], wrap(np.array([[0.1, 16777217.0]])))
+    with pytest.raises(ValueError, match="vectors have dtype int64"):
+        w.append([2], wrap(np.array([[16777217, 1]], np.int64)))
+    with pytest.raises(ValueError, match="vectors must be 2-D"):
+        w.append([3], array.array("d", [0.1, 16777217.0]))
+    w.append([4], wrap(np.array([[0.1, 16777217.0]], np.float32)))  # the store's dtype: stored
+    w.append([5], [[0.5, 16777217.0]])  # a list has no dtype: converted, as documented
+    w.close()
+    r = embstore.Reader(store)
+    assert r.keys.tolist() == [4, 5]
+    assert r.vectors.tolist() == [[np.float32(0.1), 16777216.0], [0.5, 16777216.0]]
+
+
+def test_copying_a_writer_or_reader_is_refused(store):
+    # copy.copy shared the native Writer: when the copy was garbage-collected its __del__ closed
+    # it under the original (ClosedError); a copied Reader's close() closed the original's.
+    import copy
+    import gc
+    w = embstore.Writer(store, dim=2)
+    r = embstore.Reader(store)
+    for original, kind in ((w, "Writer"), (r, "Reader")):
+        for copier in (copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match=f"a {kind} cannot be copied"):
+                copier(original)
+    gc.collect()
+    assert w.append([1], np.ones((1, 2), np.float32)) == 0
+    w.close()
+    assert r.wait(1, timeout=60) and r.keys.tolist() == [1]
+
+
+def test_wait_timeout_is_a_number_not_a_bool_or_str(store):
+    embstore.create(store, dim=4)
+    r = embstore.Reader(store)
+    for bad in ("0.1", True, np.bool_(False), b"1", [1]):
+        with pytest.raises(ValueError, match="wait: timeout must be a number of seconds; got "):
+            r.wait(1, timeout=bad)
+    assert r.wait(1, timeout=np.float32(0)) is False and r.wait(0, timeout=np.int64(1)) is True
+    assert r.wait(0, timeout=math.inf) is True and r.wait(0) is True

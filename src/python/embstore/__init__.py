@@ -171,6 +171,39 @@ def _segment_bytes(segment_mb: Optional[float]) -> Optional[int]:
     return segment_bytes
 
 
+def _path_arg(path: Any, what: str = "path") -> str:
+    """A store's (or an output's) path, given as str, bytes or os.PathLike, as str; checked
+    before anything is opened or created. Every public function and class taking one passes it
+    through here.
+
+    The store hands its paths back as UTF-8 text (``Reader.path``, ``info``, error messages,
+    the exit handlers that name a Writer's store), so a path that is not UTF-8 text is refused
+    with ValueError naming it (``what`` and its repr): bytes that do not decode as UTF-8, a str
+    holding lone surrogates (``os.fsdecode``'s and ``os.listdir``'s spelling of such bytes), or
+    a relative path in a working directory whose own path is not UTF-8 (a store is known by
+    its absolute path). UTF-8 bytes are decoded. os.fspath's TypeError for anything else."""
+    given = path
+    path = os.fspath(path)
+    try:
+        text = path.decode("utf-8") if isinstance(path, bytes) else path
+        text.encode("utf-8")
+    except UnicodeError:
+        raise ValueError(f"{what} {given!r} is not UTF-8 text; embstore paths must be UTF-8 "
+                         "(rename it, or choose another path)") from None
+    if not os.path.isabs(text):
+        try:
+            cwd = os.getcwd()
+        except OSError:  # no working directory: opening the path says so
+            return text
+        try:
+            cwd.encode("utf-8")
+        except UnicodeError:
+            raise ValueError(f"{what} {given!r} is relative to the working directory {cwd!r}, "
+                             "which is not UTF-8 text; embstore paths must be UTF-8 (give an "
+                             "absolute path, or change directory)") from None
+    return text
+
+
 def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = None,
            segment_mb: Optional[float] = None, key_index: bool = True) -> None:
     """Creates an empty store at ``path`` (which must not exist, or be an empty directory).
@@ -190,11 +223,12 @@ def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = Non
 
     Raises:
         FileExistsError: a store (or a non-empty directory) is already there.
-        ValueError: a bad dim, dtype, segment size or metadata.
+        ValueError: a bad dim, dtype, segment size or metadata, or a path that is not UTF-8
+            text (as every function and class of embstore taking a store path refuses it).
     """
     if not isinstance(key_index, bool):
         raise ValueError(f"key_index must be True or False; got {key_index!r}")
-    _embstore.create_store(os.fspath(path), _dim_arg(dim), _dtype_name(dtype),
+    _embstore.create_store(_path_arg(path), _dim_arg(dim), _dtype_name(dtype),
                            _metadata_text(metadata), _segment_bytes(segment_mb), key_index)
 
 
@@ -218,8 +252,9 @@ def info(path: PathLike) -> dict:
     Raises:
         FileNotFoundError: nothing at ``path``.
         NotAStoreError: ``path`` exists but is not a store.
+        ValueError: ``path`` is not UTF-8 text.
     """
-    path = os.fspath(path)
+    path = _path_arg(path)
     with _not_a_store_check(path):
         return _embstore.read_info(path)
 
@@ -246,7 +281,7 @@ def salvage(store: PathLike, out: PathLike) -> dict:
             damaged and the directory does not hold exactly one rows.X/index.X pair.
         FileExistsError: ``out`` exists.
     """
-    store, out = os.fspath(store), os.fspath(out)
+    store, out = _path_arg(store, "store"), _path_arg(out, "out")
     with _not_a_store_check(store):
         return _embstore.salvage(store, out)
 
@@ -295,7 +330,8 @@ _SEQUENCE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np
 
 
 def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
-    """A list of rows (or another non-array sequence) as an array of the store's dtype."""
+    """A list of rows (or another sequence without a dtype of its own: not a buffer or an
+    object with ``__array__``, see ``_has_dtype``) as an array of the store's dtype."""
     target = np.dtype(_SEQUENCE_DTYPES[store_dtype])
     try:
         values = np.asarray(vectors)
@@ -392,7 +428,25 @@ def _as_vectors(vectors: Any, store_dtype: str):
         return t.numpy(), None
     if isinstance(vectors, np.ndarray):  # a subclass (np.matrix, memmap): as given
         return np.asarray(vectors), None
+    if _has_dtype(vectors):  # refused as an array of its dtype would be, never converted
+        return np.asarray(vectors), None
     return _sequence_rows(vectors, store_dtype), None
+
+
+def _has_dtype(obj: Any) -> bool:
+    """True for an object numpy reads as an array of a dtype of its own, not a list of Python
+    numbers: one with ``__array__``, ``__array_interface__`` or ``__array_struct__``, or a
+    buffer (memoryview, array.array, bytearray). Lists, tuples, str and bytes are not."""
+    if isinstance(obj, (list, tuple, str, bytes)):
+        return False
+    if any(hasattr(obj, name) for name in ("__array__", "__array_interface__",
+                                           "__array_struct__")):
+        return True
+    try:
+        memoryview(obj)
+    except TypeError:
+        return False
+    return True
 
 
 _U64_LIMIT = 1 << 64
@@ -538,6 +592,18 @@ class _Handle:
         """The store directory."""
         return self._native.path
 
+    def __copy__(self) -> None:
+        """Refused (TypeError), as pickling is: a copy would share this object's open native
+        Writer or Reader, and closing either (``close()``, or a Writer's ``__del__`` when the
+        copy is garbage-collected) would close the other under its user."""
+        kind = type(self).__name__
+        raise TypeError(f"a {kind} cannot be copied: the copy would share its open store, and "
+                        f"closing one would close the other; share the {kind} object itself, "
+                        f"or open another {kind}(path)")
+
+    def __deepcopy__(self, memo: dict) -> None:
+        self.__copy__()
+
 
 class Writer(_Handle):
     """Appends rows to a store; a context manager that closes on exit.
@@ -589,8 +655,10 @@ class Writer(_Handle):
     infinity, and nothing of the batch is written). torch bfloat16 tensors are
     accepted as is. Arrays and tensors of other dtypes are refused, never converted silently
     (a float64 array for a float32 store is usually a mistake; pass ``x.astype(np.float32)`` or
-    ``t.float()``). Python lists (and tuples) of rows have no dtype of their own and are
-    converted to the store's dtype (float32 for a bfloat16 store, then rounded by the store;
+    ``t.float()``); so are other objects that carry a dtype (a memoryview or other buffer, an
+    ``array.array``, an object with ``__array__`` or ``__array_interface__``), taken as the
+    array numpy reads from them. Python lists (and tuples) of rows have no dtype of their own
+    and are converted to the store's dtype (float32 for a bfloat16 store, then rounded by the store;
     values of an int8/uint8 store must be integers in range, those of a float store finite
     in it unless infinite already). Cost of layouts:
 
@@ -627,7 +695,7 @@ class Writer(_Handle):
     the parent's rows and lock stay the parent's. Open a new Writer in the child.
 
     Args:
-        path: the store directory.
+        path: the store directory (UTF-8 text: str, bytes or os.PathLike; else ValueError).
         dim, dtype, metadata, segment_mb, key_index: create the store when missing (see
             ``create``); with
             ``dim`` given an existing store must match (FormatMismatchError otherwise). ``dtype``
@@ -681,7 +749,7 @@ class Writer(_Handle):
         if not isinstance(huge_pages, bool):
             raise ValueError(f"huge_pages must be True or False; got {huge_pages!r}")
         expected = 0 if expected_rows is None else _check_u64(expected_rows, "expected_rows")
-        path = os.fspath(path)
+        path = _path_arg(path)
         with _not_a_store_check(path):
             self._native = _embstore.NativeWriter(
                 path, None if dim is None else _dim_arg(dim),
@@ -1234,14 +1302,15 @@ class Reader(_Handle):
                  max_rows: Optional[int] = None) -> None:
         """Opens the store at ``path``. Raises FileNotFoundError if nothing is there,
         NotAStoreError for a file or directory that is not a store, CorruptionError /
-        UnsupportedVersionError for a damaged or newer store.
+        UnsupportedVersionError for a damaged or newer store, ValueError for a path that is
+        not UTF-8 text.
 
         ``max_rows``: the snapshot taken holds at most this many rows (the first ones; fewer
         when fewer are committed: compare ``len``), so that a process sees the very rows
         another one saw (check ``generation`` and ``info()["store_id"]`` too). ``refresh()``
         and ``wait()`` then take every committed row as usual."""
         self._native = None
-        path = os.fspath(path)
+        path = _path_arg(path)
         if map_bytes is not None:
             map_bytes = _check_u64(map_bytes, "map_bytes")
         if max_rows is not None:
@@ -1280,13 +1349,15 @@ class Reader(_Handle):
         commits from any process), with the GIL released; Ctrl-C interrupts it.
 
         Raises:
-            ValueError: a negative or NaN timeout, or ``n`` outside [0, 2**64).
+            ValueError: a negative or NaN timeout, one that is not a number (a bool or str
+                too), or ``n`` outside [0, 2**64).
             FileNotFoundError: as ``refresh()``, within a fraction of a second of the store
                 leaving its path (a wait would otherwise sleep on a counter nobody raises).
         """
         n = _check_u64(n, "wait: n")
         if timeout is not None:
-            timeout = float(timeout)
+            if not (isinstance(timeout, (float, np.floating)) and math.isnan(timeout)):
+                timeout = _number(timeout, "wait: timeout", "seconds")  # not bool, str, ...
             if math.isnan(timeout) or timeout < 0:
                 raise ValueError(f"wait: timeout is {timeout}; use seconds >= 0, or None or "
                                  "float('inf') to wait without a limit")

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import (CorruptionError, Error, Reader, Writer, _as_ints, _check_int_array, _check_integer,
                _check_u64, _dtype_name, _embstore, _InterruptDeferred, _is_torch_tensor,
-               _metadata_text, _rounded_once, _u64_array, create)
+               _metadata_text, _path_arg, _rounded_once, _u64_array, create)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -312,8 +312,9 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
         ValueError: ``out`` lies inside the store (which is only read).
         OSError: a write failed (e.g. ENOSPC, the disk full); the message names the file
             under ``out``, and nothing is left at ``out``.
+        ValueError: ``out`` (or the path ``store``) is not UTF-8 text; nothing is written.
     """
-    out = os.fspath(out)
+    out = _path_arg(out, "out")
     _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)
@@ -447,7 +448,7 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     """As :func:`export_npy`, into the new HDF5 file ``out`` (datasets /vectors, /keys,
     /epochs; root attributes dtype, dim, metadata, store_id, embstore_format). Needs h5py."""
     import h5py
-    out = os.fspath(out)
+    out = _path_arg(out, "out")
     _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)
@@ -609,7 +610,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             metadata other than the store's (as text, or as JSON) raises FormatMismatchError
             and appends nothing: a store's metadata is fixed when it is created.
     """
-    store = os.fspath(store)
+    store = _path_arg(store, "store")
     if epochs is not None and epoch is not None:
         # One would be ignored without a word: the rows stored under other epochs than asked.
         raise ValueError(f"import into {store}: give epochs (one per row) or epoch (one for "
@@ -768,8 +769,10 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
         epochs: keep only rows of these epochs (KeyError if one is absent; ValueError, naming
             it, for a float, bool or negative one).
         dtype: convert rows to this dtype (float types only).
+
+    ``out`` and a path ``store`` must be UTF-8 text (ValueError naming it otherwise).
     """
-    out = os.fspath(out)
+    out = _path_arg(out, "out")
     _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)

@@ -27,7 +27,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import (Error, FormatMismatchError, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name,
-               _embstore, _metadata_text, _not_a_store_check, _row_array, _u64_array)
+               _embstore, _metadata_text, _not_a_store_check, _path_arg, _row_array,
+               _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -39,9 +40,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _inputs(manifest_or_paths: Any) -> List[str]:
+    """A manifest, its directory or store paths as a list of paths, each refused as
+    ``_path_arg`` refuses it when it is not UTF-8 text."""
     if isinstance(manifest_or_paths, (str, bytes, os.PathLike)):
-        return [os.fspath(manifest_or_paths)]
-    paths = [os.fspath(p) for p in manifest_or_paths]
+        return [_path_arg(manifest_or_paths)]
+    paths = [_path_arg(p, f"path {i}") for i, p in enumerate(manifest_or_paths)]
     if not paths:
         raise ValueError("no manifest and no store given")
     return paths
@@ -82,7 +85,7 @@ def read_manifest(path: PathLike) -> dict:
     a newer generation now was truncated since, and is taken with fewer rows; of an older one,
     it is a stale copy. Raises ValueError for a shard path that is absolute or goes through
     ``..``, CorruptionError for a file that is not a manifest."""
-    return _embstore.read_manifest(os.fspath(path))
+    return _embstore.read_manifest(_path_arg(path))
 
 
 _MANIFEST_FIELDS = {"dim", "dtype", "metadata", "shards"}
@@ -110,6 +113,11 @@ def _manifest_fields(manifest: Any) -> dict:
             value = os.fspath(value)
         if not isinstance(value, str):
             raise ValueError(f"{what} must be text; got {type(value).__name__} {value!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeError:  # lone surrogates: os.fsdecode's spelling of non-UTF-8 bytes
+            raise ValueError(f"{what} {value!r} is not UTF-8 text; a manifest holds UTF-8 "
+                             "(embstore paths must be UTF-8)") from None
         return value
 
     fields_of(manifest, "manifest", _MANIFEST_FIELDS, ("dim", "dtype", "shards"))
@@ -146,7 +154,7 @@ def write_manifest(path: PathLike, manifest: dict) -> None:
     generation may be left out, and metadata may be a dict or list (stored as JSON). Raises
     ValueError naming the field of a value that is missing, of the wrong type or out of range,
     and for a shard path that is absolute or goes through ``..``."""
-    _embstore.write_manifest(os.fspath(path), _manifest_fields(manifest))
+    _embstore.write_manifest(_path_arg(path), _manifest_fields(manifest))
 
 
 def merge(out: PathLike, manifest_or_paths: Any,
@@ -167,7 +175,7 @@ def merge(out: PathLike, manifest_or_paths: Any,
     ``progress(rows_done, rows_total, shard_path)`` is called after each chunk. Returns the new
     store's info (synced: durable). A store path that exists but holds no store raises
     NotAStoreError naming it, as ``Reader`` does."""
-    inputs = _inputs(manifest_or_paths)
+    out, inputs = _path_arg(out, "out"), _inputs(manifest_or_paths)
 
     def warn_epoch_drop(path: str, row: int, epoch: int, previous: int) -> None:
         warnings.warn(
@@ -177,7 +185,7 @@ def merge(out: PathLike, manifest_or_paths: Any,
             "shard's later row)", stacklevel=3)  # the frame that called merge()
 
     with _stores_checked(inputs):
-        return _embstore.merge_stores(os.fspath(out), inputs, progress, warn_epoch_drop)
+        return _embstore.merge_stores(out, inputs, progress, warn_epoch_drop)
 
 
 def node_name() -> str:
@@ -238,7 +246,8 @@ class ShardSet:
         NotAStoreError: a store path given exists but is not a store (named).
         FormatMismatchError: shards disagree with each other or the manifest on dim or dtype, or
             a shard's store id differs from its manifest entry (named).
-        ValueError: a manifest shard path is absolute or goes through ``..``.
+        ValueError: a manifest shard path is absolute or goes through ``..``, or a path given
+            is not UTF-8 text (named; nothing is opened).
     """
 
     def __init__(self, manifest_or_paths: Any, *, map_bytes: Optional[int] = None) -> None:

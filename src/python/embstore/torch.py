@@ -31,7 +31,7 @@ import torch.utils.data
 
 from . import (Error, Reader, Writer, _BFLOAT16_OVERFLOW, _TERMINATION, _WRITER_EXIT_PRIORITY,
                _InterruptDeferred, _as_ints, _bfloat16_ready, _described, _dtype_name, _embstore,
-               _log, _check_u64, _moved_away, shards)
+               _log, _check_u64, _moved_away, _path_arg, shards)
 from ._errors import ClosedError
 
 __all__ = ["EmbeddingDataset", "EmbeddingRecorder"]
@@ -459,7 +459,7 @@ class EmbeddingRecorder:
         model: the model (or DDP wrapper) holding the module.
         module_name: dotted name of the submodule whose output to save; the output must be a
             tensor of shape (batch, dim) (other shapes are flattened to (batch, -1)).
-        store: path of the store.
+        store: path of the store (UTF-8 text, else ValueError naming it).
         dim: embedding size, to create the store when missing (with ``dtype``, default
             float32); without it the store must exist.
         dtype: the store's dtype: "float32", "float16" or "bfloat16" (half the bytes), or
@@ -505,7 +505,7 @@ class EmbeddingRecorder:
                 raise ValueError(f"expected_rows {expected_rows} exceeds the 2^40 rows a store "
                                  "can hold")
         self.module_name = module_name
-        self.path = os.fspath(store)
+        self.path = _path_arg(store, "store")
         self._per_node = per_node
         self._dim = dim
         self._dtype = None if dtype is None else _dtype_name(dtype)
