@@ -1,7 +1,7 @@
 // append_floor — what the checksum rule costs a writer alone at best, against `pwrite()` into a
-// preallocated file (`pwrite-pre`, the ceiling issue 15 measures appends against), in turns, in
-// one process, as BM_Paired in append_bench does. No store is involved: each variant is the
-// bare sequence of system calls and hashing that one design of the append would need, with the
+// preallocated file (`pwrite-pre`, the ceiling the append targets are measured against), in
+// turns, in one process, as BM_Paired in append_bench does. No store is involved: each variant is
+// the bare sequence of system calls and hashing that one design of the append would need, with the
 // library's own row hash (format/checksum.h), so the figure is a floor for that design, not a
 // measurement of embstore.
 //
