@@ -57,6 +57,11 @@ class Reader::Impl {
   // After a reboot, before any writer recovered the store: the rows the loader keeps at the last
   // refresh(), which the next writer's open keeps too (the same loader). Empty in the same boot.
   std::optional<std::uint64_t> kept_rows_;
+  // While a truncate's switch is decided and not finished (its writer died): the counters of
+  // generation switching_generation_ as the loader derived them from its files at the last
+  // refresh(); the state page's are half-stored and not read (FORMAT.md "Truncate").
+  std::optional<detail::Counters> switching_;
+  std::uint64_t switching_generation_ = 0;
   std::unique_ptr<detail::KeyIndexHandle> keys_;
   // The key index is opened at the first call that needs it, not at open: a Reader that never
   // looks a key up holds no mapping of it (thousands of Readers fit under vm.max_map_count).
@@ -126,6 +131,8 @@ class Reader::Impl {
     if (f.generation() != mapped) populated_.store(0, std::memory_order_relaxed);
     if (!log.same_boot && f.same_boot()) return refresh();
     kept_rows_ = log.same_boot ? std::nullopt : std::optional(log.recovered.committed);
+    switching_ = log.switching ? std::optional(log.stored) : std::nullopt;
+    switching_generation_ = f.file_generation();
     if (f.file_generation() != snapshot_generation_) {
       // A truncate switched the store to new files: the snapshot starts over in them, and the
       // key index of the old generation is never used again.
@@ -151,6 +158,18 @@ class Reader::Impl {
   std::uint64_t rows_to_cut(std::uint64_t committed) const {
     if (!kept_rows_ || files().same_boot()) return 0;
     return committed - std::min(committed, *kept_rows_);
+  }
+
+  // `info`, read from the state page, with the counters a truncate's unfinished switch leaves
+  // half-stored replaced by those the loader derived (switching_), until a writer finishes the
+  // switch: committed = durable = the new files' rows.
+  void counters_while_switching(StoreInfo& info) const {
+    if (!switching_ || !files().state().switching() || info.generation != switching_generation_) {
+      return;
+    }
+    info.committed_rows = switching_->committed;
+    info.durable_rows = switching_->durable;
+    info.capacity_rows = switching_->capacity;
   }
 
   void check_range(std::uint64_t begin, std::uint64_t end, const char* what) const {
@@ -364,6 +383,7 @@ const std::string& Reader::path() const { return impl().path_; }
 const std::string& Reader::metadata() const { return impl().metadata_; }
 StoreInfo Reader::info(InfoDetail detail) const {
   StoreInfo info = impl().files().info();
+  impl().counters_while_switching(info);
   info.rows_to_cut = impl().rows_to_cut(info.committed_rows);
   info.committed_rows -= info.rows_to_cut;
   info.durable_rows = std::min(info.durable_rows, info.committed_rows);

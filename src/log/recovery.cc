@@ -77,6 +77,7 @@ LoadedLog load_same_boot(StoreFiles& files) {
 // durable and hold the store; the counters may be half-stored, so they are not read.
 LoadedLog load_switching(StoreFiles& files) {
   LoadedLog log;
+  log.switching = true;
   log.same_boot = true;  // Nothing to verify: the new files were flushed before the switch.
   const std::uint64_t hold = files.rows_files_hold();
   files.map_rows(hold);

@@ -34,6 +34,9 @@ struct LoadedLog {
   Counters stored;     // As read from the state page.
   Counters recovered;  // What the log is after recovery; equal to `stored` in the same boot.
   std::uint64_t verified_upto = 0;  // After a reboot: rows below this verified (or durable).
+  // A truncate's switch was decided and not finished (FORMAT.md "Truncate"): `stored` is then
+  // derived from the new files, not read from the state page, whose counters are half-stored.
+  bool switching = false;
 };
 
 // Reads and checks the counters (the rules above) and, after a reboot, verifies rows from
