@@ -58,10 +58,9 @@ class Reader::Impl {
   // refresh(), which the next writer's open keeps too (the same loader). Empty in the same boot.
   std::optional<std::uint64_t> kept_rows_;
   // While a truncate's switch is decided and not finished (its writer died): the counters of
-  // generation switching_generation_ as the loader derived them from its files at the last
+  // generation snapshot_generation_ as the loader derived them from its files at the last
   // refresh(); the state page's are half-stored and not read (FORMAT.md "Truncate").
   std::optional<detail::Counters> switching_;
-  std::uint64_t switching_generation_ = 0;
   std::unique_ptr<detail::KeyIndexHandle> keys_;
   // The key index is opened at the first call that needs it, not at open: a Reader that never
   // looks a key up holds no mapping of it (thousands of Readers fit under vm.max_map_count).
@@ -132,7 +131,6 @@ class Reader::Impl {
     if (!log.same_boot && f.same_boot()) return refresh();
     kept_rows_ = log.same_boot ? std::nullopt : std::optional(log.recovered.committed);
     switching_ = log.switching ? std::optional(log.stored) : std::nullopt;
-    switching_generation_ = f.file_generation();
     if (f.file_generation() != snapshot_generation_) {
       // A truncate switched the store to new files: the snapshot starts over in them, and the
       // key index of the old generation is never used again.
@@ -164,7 +162,7 @@ class Reader::Impl {
   // half-stored replaced by those the loader derived (switching_), until a writer finishes the
   // switch: committed = durable = the new files' rows.
   void counters_while_switching(StoreInfo& info) const {
-    if (!switching_ || !files().state().switching() || info.generation != switching_generation_) {
+    if (!switching_ || !files().state().switching() || info.generation != snapshot_generation_) {
       return;
     }
     info.committed_rows = switching_->committed;

@@ -138,10 +138,9 @@ def _selected_runs(reader: Reader, begin: int, end: Optional[int], epochs: Optio
         raise ValueError(f"end {end} is past the end of {reader.path} ({size} rows)")
     wanted = None
     if epochs is not None:
-        if isinstance(epochs, (set, frozenset, range)) or (
-                not isinstance(epochs, (list, tuple, np.ndarray, str, bytes)) and
+        if (not isinstance(epochs, (list, tuple, np.ndarray, str, bytes)) and
                 not _is_torch_tensor(epochs) and hasattr(epochs, "__iter__")):
-            epochs = list(epochs)  # a set or a generator: checked value by value
+            epochs = list(epochs)  # a set, range or generator: checked value by value
         wanted = _u64_array(epochs, "epochs")
         if wanted.ndim != 1:
             raise ValueError(f"epochs must be a 1-D list of epochs; got shape {wanted.shape}")
