@@ -28,7 +28,6 @@
 #include "platform/os.h"
 #include "platform/testing.h"
 #include "platform/thread.h"
-#include "storage/pages_ahead.h"
 #include "storage/store_files.h"
 #include "writer_internals.h"
 
@@ -76,13 +75,6 @@ class Writer::Impl {
       open_key_index();
       files_->remove_stale_files(files_->state().key_generation());
       last_end_.store(files_->state().committed(), std::memory_order_relaxed);
-      if (options_.huge_pages) {
-        // The rows allocated and not written yet, and those of every growth from here on.
-        files_->take_grown_rows();
-        pages_ahead_ = std::make_unique<detail::PagesAhead>();
-        pages_ahead_->make(files_->pin_generation(), files_->state().committed(),
-                           files_->state().capacity());
-      }
     }
     if (options_.sync == SyncPolicy::kInterval) {
       sync_thread_ = std::make_unique<std::thread>(detail::start_thread([this] { sync_loop(); }));
@@ -182,12 +174,6 @@ class Writer::Impl {
   detail::HashAt hash_at_for(const ConstMatrix& rows, detail::RowMemory memory, bool alone) const {
     return detail::hash_at_applies(files_->layout(), rows, memory) ? hash_at(alone)
                                                                    : detail::HashAt::kStaged;
-  }
-  // WriterInternals::wait_for_pages_ahead().
-  bool wait_for_pages_ahead() const {
-    if (!pages_ahead_) return false;
-    pages_ahead_->wait_idle();
-    return true;
   }
   // WriterInternals::set_index_later_min_bytes().
   void set_index_later_min_bytes(std::uint64_t bytes) { index_later_min_bytes_ = bytes; }
@@ -390,9 +376,6 @@ class Writer::Impl {
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
   bool stop_sync_ = false;
-  // WriterOptions::huge_pages: makes the 2 MiB pages of rows a growth added ahead of the
-  // appends (storage/pages_ahead.h). Null without the option.
-  std::unique_ptr<detail::PagesAhead> pages_ahead_;
   // Indexes the rows of appends on a thread of its own (index/background_indexer.h). Made by the
   // first append that leaves its indexing to it (under mutex_), published in indexer_ for the
   // threads that wait for it without mutex_; stopped by close() once the appends have ended.
@@ -805,11 +788,6 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     const std::uint64_t at = detail::commit_batch(*files_, batch, synced_era_,
                                                   [this](const Error& error) { poison(error); });
     last_end_.store(at + batch.rows, std::memory_order_relaxed);
-    if (pages_ahead_) {
-      // Rows past this batch: its own were written by now (the growth made them room).
-      const auto [grown_from, grown_to] = files_->take_grown_rows();
-      pages_ahead_->make(files_->pin_generation(), std::max(grown_from, at + batch.rows), grown_to);
-    }
     // The rows are published: other writers may commit while this one's are indexed, and
     // readers waiting for rows need not wait for it.
     lock_->release();
@@ -947,7 +925,6 @@ void Writer::Impl::close() {
     sync_thread_->join();  // Before lifetime_ is taken: its sync() holds lifetime_ shared.
     sync_thread_.reset();
   }
-  if (pages_ahead_) pages_ahead_->stop();  // Drops the pages not made yet (advisory).
   // A growth in progress is finished, so the next writer does not redo it under the lock; at the
   // size the rows stored now want (one build, not one at the size claimed and then a larger).
   growth_final_rows_ = std::max<std::uint64_t>(files_->state().committed(), 1);
@@ -1141,6 +1118,9 @@ Writer Writer::open(const std::string& path, const WriterOptions& options) {
   refuse_remote_filesystem(path, options);
   auto files = StoreFiles::open(path, detail::os::Access::kReadWrite, options.map_bytes);
   files->set_huge_pages(options.huge_pages);
+  // Its zeros (log/commit.cc) made now, on the opening thread, not first by an append that a
+  // fork on another thread could catch half-way.
+  if (options.huge_pages) (void)detail::os::zeros();
   const auto& layout = files->layout();
   if (options.expect_dim && *options.expect_dim != layout.dim) {
     throw Error(ErrorCode::kFormatMismatch, files->dir() + ": the store's dim is " +
@@ -1210,10 +1190,6 @@ bool detail::WriterInternals::hashes_before_lock(const Writer& writer) {
 
 bool detail::WriterInternals::hashes_before_lock(const Writer& writer, const ConstMatrix& rows) {
   return writer.impl().next_hash_at(rows) == HashAt::kStaged;
-}
-
-bool detail::WriterInternals::wait_for_pages_ahead(const Writer& writer) {
-  return writer.impl().wait_for_pages_ahead();
 }
 
 std::uint64_t detail::WriterInternals::background_index_runs(const Writer& writer) {

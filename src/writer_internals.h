@@ -26,10 +26,6 @@ struct WriterInternals {
   // The same for an append of the caller's `rows`: also true when HashAt does not decide for
   // them (hash_at_applies, log/batch.h). For tests.
   static bool hashes_before_lock(const Writer& writer, const ConstMatrix& rows);
-  // Waits until the pages a writer with WriterOptions::huge_pages has queued to be made ahead
-  // of its appends are made (storage/pages_ahead.h); false for a writer without the option.
-  // For tests.
-  static bool wait_for_pages_ahead(const Writer& writer);
   // Runs of the writer's indexer thread finished so far (index/background_indexer.h): appends
   // whose indexing was left to it. 0 for a store without a key index. For tests.
   static std::uint64_t background_index_runs(const Writer& writer);

@@ -35,9 +35,9 @@ struct Ack {
 };
 
 // Appends batches until `batches` are done (forever if negative), reporting each one after
-// append() returned. Every other writer writes its rows through a mapping advised for huge
-// pages (WriterOptions::huge_pages), the others with pwrite; writers 0 and 1 of every four leave
-// the indexing of every batch to their indexer thread while they look alone (writer.cc,
+// append() returned. Every other writer keeps its rows in 2 MiB pages (WriterOptions::huge_pages:
+// its writes carry zeros past its rows, log/commit.cc), the others do not; writers 0 and 1 of every
+// four leave the indexing of every batch to their indexer thread while they look alone (writer.cc,
 // kIndexLaterMinBytes), the others only of batches of 1 MiB (none here).
 int writer_role(const std::string& path, std::uint64_t writer, int batches,
                 const test::Pipe& acks) {

@@ -65,15 +65,17 @@ struct WriterOptions {
   // GPFS, CephFS, ...: see "Caveats" in embstore.h for why) with kInvalidArgument. true — or
   // the environment variable EMBSTORE_ALLOW_REMOTE_FS=1 — opens it anyway, at the caller's risk.
   bool allow_remote_filesystem = false;
-  // Write rows through a mapping advised for 2 MiB pages (MADV_HUGEPAGE) instead of with
-  // pwrite, a thread of the writer making the pages of the rows each growth adds ahead of the
-  // appends: the page cache holds the rows in 2 MiB pages, which every process that maps them
-  // later (a Reader) maps in one step instead of 512. On the VM of bench/RESULTS.md ("Rows in
-  // 2 MiB pages") a new process's first scan of 600 MB ran ~6x faster, and one writer appended
-  // at a median 1.2x of a plain writer's (8 writers 0.86x). The pages made ahead are written
-  // back too, zeros included: up to a segment past the last row. Advisory: where the kernel or
-  // file system cannot make such pages it makes small ones, and the rows are stored the same
-  // either way.
+  // Keep the rows in 2 MiB page-cache pages, which every process that maps them later (a
+  // Reader) maps in one step instead of 512: each write that enters a 2 MiB block of the data
+  // file carries zeros up to the block's end (past the rows it commits, which the next appends
+  // overwrite), so the kernel makes the block one 2 MiB page (src/log/commit.cc). On the VM of
+  // bench/RESULTS.md ("2 MiB pages from the writes themselves") a new process's first scan of
+  // 600 MB ran ~8x faster, and one writer appended at 0.7-0.9x of a plain writer's MB/s at the
+  // median, some repeats at a quarter to a half of it (fresh 2 MiB pages are costly there),
+  // which is why it is off by default. The zeros of the block
+  // being filled reach the disk at a sync, at most 2 MiB past the last row. Advisory: where the
+  // kernel or file system makes no such pages it makes small ones, and the rows are stored the
+  // same either way.
   bool huge_pages = false;
   // How many rows the caller expects the store to hold (0: no guess). A key index this writer
   // builds from nothing (when it creates the store, or rebuilds a missing or damaged one) is

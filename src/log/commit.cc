@@ -25,12 +25,18 @@ namespace {
 //     throughput (bench/RESULTS.md, "checksum over the bytes written").
 // Readers cannot tell them apart: both write the one page cache their mappings show, before the
 // release store of `committed` that publishes the rows.
-// A writer that asked for 2 MiB pages (WriterOptions::huge_pages) writes every batch's rows
-// through its mapping, advised for them: the page cache then holds them in 2 MiB pages (made
-// ahead of the appends by storage/pages_ahead.h, or by the first write into each), which a
-// pwrite of a batch smaller than 2 MiB never makes (the kernel sizes a write's pages by the
-// write), and which readers map in one step (bench/RESULTS.md, "Rows in 2 MiB pages"). Its index
-// entries follow the rule above.
+//
+// A writer that asked for 2 MiB pages (WriterOptions::huge_pages; rows_write_end()) makes them
+// with its pwrites: a write that enters a 2 MiB block of the data file (starts at or before the
+// block's start and ends inside it) carries zeros up to the block's end in the same system call.
+// The kernel sizes a new page-cache page by the write from that page's start, so the block
+// becomes one 2 MiB page, which later writes copy into and readers map in one step; a batch
+// under 2 MiB makes none otherwise. The zeros lie past the rows being committed, where no
+// committed row can be (appends are serialized by the writer lock and only move the end
+// forward); the next appends overwrite them. Such a writer's batches under a page that enter a
+// block are written this way too, not through the mapping, whose fault would make a 4 KiB page
+// there. Not the default: on the VMs of bench/RESULTS.md ("2 MiB pages from the writes
+// themselves") a fresh process's first scan ran ~8x faster, but appends ran slower, some runs 3x.
 constexpr std::uint64_t kEntriesSyscallMinBytes = 4 * 1024;
 // Index entries per system call (32 KiB), built in a buffer of the writing thread.
 constexpr std::uint64_t kEntriesPerWrite = 1024;
@@ -40,13 +46,36 @@ struct WritePlan {
   bool entries_by_syscall;
 };
 
-WritePlan plan_writes(const StoreFiles& files, std::uint64_t n) {
+// Where a pwrite of the data file's bytes [offset, end) should end (the rule above): at `end`,
+// or, for a huge-page writer's write that enters a 2 MiB block and ends inside it, at that
+// block's end (at most the end of the file's allocated space, and only where there are zeros to
+// copy from).
+std::uint64_t rows_write_end(const StoreFiles& files, std::uint64_t offset, std::uint64_t end) {
+  const std::uint64_t block = (end - 1) / os::kHugePageBytes * os::kHugePageBytes;
+  if (!files.huge_pages() || offset > block || os::zeros() == nullptr) return end;
+  const std::uint64_t allocated = files.layout().data_bytes_for(files.state().capacity());
+  return std::max(end, std::min(block + os::kHugePageBytes, allocated));
+}
+
+WritePlan plan_writes(const StoreFiles& files, std::uint64_t first, std::uint64_t n) {
   // Test builds may impose a combination (testing.h, EMBSTORE_WRITE_PATH).
   if (const testing::WritePath forced = EMBSTORE_WRITE_PATH(); forced.forced) {
     return {forced.rows_by_syscall, forced.entries_by_syscall};
   }
-  return {!files.huge_pages() && n * files.layout().record_bytes >= kRowsSyscallMinBytes,
+  const std::uint64_t begin = first * files.layout().record_bytes;
+  const std::uint64_t end = (first + n) * files.layout().record_bytes;
+  return {end - begin >= kRowsSyscallMinBytes || rows_write_end(files, begin, end) > end,
           n * sizeof(IndexEntry) >= kEntriesSyscallMinBytes};
+}
+
+// Writes `bytes` of rows at `offset` of the data file with one pwrite (more only if the kernel
+// writes less), followed by the zeros rows_write_end() asks for.
+void pwrite_rows(const StoreFiles& files, const std::byte* rows, std::uint64_t bytes,
+                 std::uint64_t offset) {
+  const std::uint64_t end = rows_write_end(files, offset, offset + bytes);
+  const os::Chunk chunks[2] = {
+      {rows, bytes}, {end > offset + bytes ? os::zeros() : nullptr, end - offset - bytes}};
+  os::write_chunks(files.data_fd(), chunks, 2, offset, files.data_path());
 }
 
 // Writes the batch's rows into the data file from row `first`; returns the payload_hash of
@@ -59,8 +88,7 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
   const std::uint64_t n = batch.rows;
   if (batch.hashes != nullptr) {  // Staged: packed, and only this thread changes it.
     if (by_syscall) {
-      os::write_all(files.data_fd(), batch.source, n * record_bytes, first * record_bytes,
-                    files.data_path());
+      pwrite_rows(files, batch.source, n * record_bytes, first * record_bytes);
     } else {
       std::memcpy(files.row_ptr(first), batch.source, n * record_bytes);
     }
@@ -81,8 +109,7 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
     // nothing else writes those rows, so the hash describes exactly what is stored. Read back
     // through the mapping instead, each fresh page cost a page fault: on some VMs 2.5x the
     // pwrite itself (bench/RESULTS.md, "Hashing what was written").
-    os::write_all(files.data_fd(), batch.source, n * record_bytes, first * record_bytes,
-                  files.data_path());
+    pwrite_rows(files, batch.source, n * record_bytes, first * record_bytes);
     const std::uint64_t per_read = read_back_rows(record_bytes);
     for (std::uint64_t begin = 0; begin < n; begin += per_read) {
       const std::uint64_t count = std::min(per_read, n - begin);
@@ -102,7 +129,7 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
     std::byte* const piece = staging_buffer(storage, count * record_bytes, offset);
     copy_and_hash(piece, batch.source + begin * batch.stride, batch.stride, count, record_bytes,
                   files.hash_key(), hashes.data() + begin);
-    os::write_all(files.data_fd(), piece, count * record_bytes, offset, files.data_path());
+    pwrite_rows(files, piece, count * record_bytes, offset);
   }
   return hashes.data();
 }
@@ -198,7 +225,7 @@ std::uint64_t commit_batch(StoreFiles& files, const PreparedBatch& batch, std::u
   }
   // Another process may have grown the files since this handle last looked.
   files.grow_to(first + n);
-  const WritePlan plan = plan_writes(files, n);
+  const WritePlan plan = plan_writes(files, first, n);
   bool over_tail = false;
   const std::uint64_t era =
       writable_era(files, first, synced_era, on_sync_failure, plan.entries_by_syscall, over_tail);

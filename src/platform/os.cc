@@ -372,6 +372,17 @@ void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept {
   advise_inside(addr, bytes, kHugePageBytes, MADV_HUGEPAGE);
 }
 
+const std::byte* zeros() noexcept {
+  static const std::byte* const at = [] {
+    void* m = ::mmap(nullptr, kHugePageBytes, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return static_cast<const std::byte*>(nullptr);
+    // Not the 2 MiB zero page: a copy from it would stream from memory.
+    ::madvise(m, kHugePageBytes, MADV_NOHUGEPAGE);
+    return static_cast<const std::byte*>(m);
+  }();
+  return at;
+}
+
 void unmap(void* addr, std::uint64_t bytes) noexcept {
   if (addr != nullptr && bytes != 0) ::munmap(addr, bytes);
 }

@@ -109,6 +109,10 @@ void populate_write(void* addr, std::uint64_t bytes) noexcept;
 void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept;
 // 2 MiB: the large page size advise_huge_pages() asks for, and the alignment of reservations.
 inline constexpr std::uint64_t kHugePageBytes = 2 << 20;
+// kHugePageBytes of zeros for writes to copy from: a read-only anonymous mapping, made once per
+// process and never unmapped, whose reads the kernel serves from its one 4 KiB zero page (so a
+// copy from it stays in the first-level cache). Null where the mapping cannot be made.
+const std::byte* zeros() noexcept;
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
 void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
                  const std::string& path);

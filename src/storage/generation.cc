@@ -6,11 +6,10 @@ namespace embstore::detail {
 
 Generation::Generation(std::uint64_t number, const Layout& layout, const std::string& data_path,
                        const std::string& index_path, os::Access access, std::uint64_t reserve_rows,
-                       std::shared_ptr<const Generation> previous, bool huge_pages)
+                       std::shared_ptr<const Generation> previous)
     : number_(number),
       record_bytes_(layout.record_bytes),
       reserved_rows_(reserve_rows),
-      huge_pages_(huge_pages),
       data_(reserve_rows * layout.record_bytes, data_path, access),
       index_(Layout::index_bytes_for(reserve_rows), index_path, access),
       previous_(std::move(previous)) {}
@@ -24,8 +23,6 @@ void Generation::map_rows(int data_fd, int index_fd, std::uint64_t rows) {
     data_ino_.store(id->inode, std::memory_order_relaxed);
     data_id_known_.store(true, std::memory_order_release);
   }
-  // Each map_to() maps anew (MAP_FIXED), which drops the advice: given again for all of it.
-  if (huge_pages_) os::advise_huge_pages(data_.base(), data_.mapped_bytes());
   index_.map_to(index_fd, rows * kIndexEntryBytes);
   mapped_rows_.store(rows, std::memory_order_release);
 }

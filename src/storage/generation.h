@@ -23,11 +23,10 @@ namespace embstore::detail {
 class Generation {
  public:
   // Reserves room for `reserve_rows` rows in each file (mapping nothing yet) and pins `previous`
-  // (may be null). kFull when the address space is exhausted. `huge_pages`: map_rows() advises
-  // the data file's mapping for 2 MiB pages (WriterOptions::huge_pages).
+  // (may be null). kFull when the address space is exhausted.
   Generation(std::uint64_t number, const Layout& layout, const std::string& data_path,
              const std::string& index_path, os::Access access, std::uint64_t reserve_rows,
-             std::shared_ptr<const Generation> previous, bool huge_pages = false);
+             std::shared_ptr<const Generation> previous);
   Generation(const Generation&) = delete;
   Generation& operator=(const Generation&) = delete;
 
@@ -53,7 +52,6 @@ class Generation {
   std::uint64_t number_;
   std::uint64_t record_bytes_;
   std::uint64_t reserved_rows_;
-  bool huge_pages_;
   std::atomic<std::uint64_t> mapped_rows_{0};
   // The data file's device and inode at the last map_rows(); data_id_known_ once they are set.
   std::atomic<std::uint64_t> data_dev_{0}, data_ino_{0};

@@ -409,7 +409,7 @@ void StoreFiles::map_rows(std::uint64_t rows) {
     std::shared_ptr<const Generation> keep;
     if (access_ == os::Access::kReadOnly) keep = generation_;
     auto next = std::make_shared<Generation>(file_generation_, layout_, data_path_, index_path_,
-                                             access_, reserve, std::move(keep), huge_pages_);
+                                             access_, reserve, std::move(keep));
     next->map_rows(data.get(), index.get(), target);
     set_generation(std::move(next));
     return;
@@ -437,7 +437,6 @@ void StoreFiles::grow_to(std::uint64_t rows) {
   }
   const std::uint64_t new_capacity = allocate_rows(capacity, rows);
   map_rows(new_capacity);
-  if (huge_pages_) grown_rows_ = {capacity, new_capacity};
   state_.set_capacity(new_capacity);
 }
 

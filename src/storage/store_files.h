@@ -157,15 +157,10 @@ class StoreFiles {
   // kNotFound without a header file, kCorruption when it is too short for the state page.
   static std::uint64_t read_generation(const std::string& dir);
 
-  // Writer only, before the first map_rows(): rows are written through a mapping advised for 2
-  // MiB pages (WriterOptions::huge_pages; log/commit.cc, plan_writes()).
+  // Writer only: its writes make 2 MiB pages of the rows (WriterOptions::huge_pages;
+  // log/commit.cc, rows_write_end()).
   void set_huge_pages(bool on) { huge_pages_ = on; }
   bool huge_pages() const { return huge_pages_; }
-  // With huge pages: the rows [first, second) the last grow_to() added, then {0, 0} until the
-  // next growth. The writer has their 2 MiB pages made ahead of its appends (PagesAhead).
-  std::pair<std::uint64_t, std::uint64_t> take_grown_rows() {
-    return std::exchange(grown_rows_, {});
-  }
 
   // Rows must be mapped.
   std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }
@@ -204,8 +199,7 @@ class StoreFiles {
   std::string generation_damage_;
   std::vector<int> retired_fds_;  // A Writer's descriptors of older generations' files.
   os::Access access_ = os::Access::kReadOnly;
-  bool huge_pages_ = false;                             // set_huge_pages().
-  std::pair<std::uint64_t, std::uint64_t> grown_rows_;  // take_grown_rows().
+  bool huge_pages_ = false;  // set_huge_pages().
   Layout layout_{};
   RowHashKey hash_key_{0};  // From layout_.seed.
   int header_fd_ = -1, data_fd_ = -1, index_fd_ = -1;

@@ -116,8 +116,8 @@ int role_writer(const Args& args) {
   }
   WriterOptions options;
   options.map_bytes = args.num("map-bytes", torture_map_bytes());
-  // Odd writers write their rows through a mapping advised for huge pages
-  // (WriterOptions::huge_pages), even ones with pwrite: every scenario runs both paths.
+  // Odd writers keep their rows in 2 MiB pages (WriterOptions::huge_pages: their writes carry
+  // zeros past their rows, log/commit.cc), even ones do not: every scenario runs both paths.
   options.huge_pages = w % 2 == 1;
   if (args.has("every-append")) options.sync = SyncPolicy::kEveryAppend;
   if (args.has("unsynced")) options.sync = SyncPolicy::kNone;  // for scenarios that need a tail

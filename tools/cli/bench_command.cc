@@ -1078,7 +1078,7 @@ void add_bench_command(CLI::App& app, Registry& registry) {
   cmd->add_flag("--no-key-index", config->no_key_index,
                 "Create the store without a key index (lookups by key then scan), to see its cost");
   cmd->add_flag("--huge-pages", config->huge_pages,
-                "Writers write rows through a 2 MiB-page mapping (WriterOptions::huge_pages)");
+                "Writers keep rows in 2 MiB page-cache pages (WriterOptions::huge_pages)");
   cmd->add_option("--expected-rows", config->expected_rows,
                   "Writers open with WriterOptions::expected_rows (the key index built for that "
                   "many rows at once, not grown to it; 0: no guess)")

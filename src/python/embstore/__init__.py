@@ -712,12 +712,12 @@ class Writer(_Handle):
         map_bytes: address space reserved for the data and index files together, rounded up to
             whole segments; the store can grow to that size (default 1 TiB). Appends beyond it
             fail with OSError(ENOSPC).
-        huge_pages: write rows through a mapping advised for 2 MiB pages, made ahead of the
-            appends by a thread of the writer, so the page cache holds them in 2 MiB pages that
-            every later reader maps in one step (a new process's first scan ~6x faster on the
-            benchmark VM, appends at a median 1.2x of a plain writer's there); the pages made
-            ahead are written back too, up to a segment past the last row
-            (WriterOptions::huge_pages; bench/RESULTS.md, "Rows in 2 MiB pages").
+        huge_pages: keep the rows in 2 MiB page-cache pages, which every later reader maps in
+            one step: each write that enters a 2 MiB block of the data file carries zeros to
+            the block's end, past the rows it commits (a new process's first scan ~8x faster on
+            the benchmark VM, appends at 0.7-0.9x of a plain writer's there at the median, some
+            runs far slower) (WriterOptions::huge_pages; bench/RESULTS.md, "2 MiB pages from
+            the writes themselves").
         expected_rows: how many rows you expect the store to hold (None: no guess). A key
             index this writer builds (creating the store) or grows gets tables for at least
             that many rows at once, so the store's rows are indexed once instead of again at
