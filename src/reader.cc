@@ -361,6 +361,8 @@ VerifyReport Reader::verify_key_index() const {
         if (error.code() != ErrorCode::kCorruption) throw;
         report.key_index_problems = 1;
         report.key_index_problem = error.what();
+        // The check stopped at damage it could not walk past: as above, lookups scan.
+        impl().keys().mark_damaged("verify: " + report.key_index_problem);
       }
     }
   } else if (impl().keys().damaged() && f.layout().key_index) {
@@ -483,6 +485,17 @@ std::vector<Record> Reader::lookup(std::uint64_t key, std::optional<std::uint64_
     return out;
   };
   std::vector<Record> out = answer();
+  if (out.empty() && epoch && !all_versions) {
+    // A miss the key's own history contradicts (its pair slot lost, the chain intact): the
+    // tables are damaged, as above. One more walk, only for a key present at other epochs.
+    for (const KeyVersion& v : history(key)) {
+      if (v.epoch != *epoch) continue;
+      impl().keys().mark_damaged("a lookup of key " + std::to_string(key) + " epoch " +
+                                 std::to_string(*epoch) +
+                                 " found no row, but its history has row " + std::to_string(v.row));
+      return answer();
+    }
+  }
   for (const Record& r : out) {
     if (r.key == key && (!epoch || r.epoch == *epoch)) continue;
     impl().keys().mark_damaged("a lookup of key " + std::to_string(key) +

@@ -631,6 +631,83 @@ struct ClosedCyclingStore {
 
 }  // namespace
 
+TEST_CASE("verify() that stops at key index damage it cannot walk past leaves lookups scanning",
+          "[key_lookup][corruption]") {
+  // Two damaged pair slots: (key 3, epoch 2), row 123, now names key 1003, so a lookup through
+  // the tables misses it without any error; (key 4, epoch 2) names a row far past the chain, so
+  // the check throws kCorruption where it meets it (KeyIndexFile::map_chain) and verify()
+  // reports that. From then on this Reader scans, as it does after damage the check counts,
+  // instead of answering from the damaged tables.
+  const ClosedCyclingStore store;
+  int damaged = 0;
+  for (std::uint64_t i = 0; i < store.pair_slots; ++i) {
+    std::uint64_t slot[2];
+    std::memcpy(slot, store.bytes.data() + detail::kKeyIndexTablesOffset + 16 * i, 16);
+    if (slot[0] == 3 && (slot[1] & detail::kSlotRowMask) == 124) {
+      slot[0] = 1003;
+    } else if (slot[0] == 4 && (slot[1] & detail::kSlotRowMask) == 125) {
+      slot[1] = (slot[1] & ~detail::kSlotRowMask) | 0x5A000000;
+    } else {
+      continue;
+    }
+    test::write_bytes(store.file, detail::kKeyIndexTablesOffset + 16 * i,
+                      std::string(reinterpret_cast<const char*>(slot), 16));
+    ++damaged;
+  }
+  REQUIRE(damaged == 2);
+  Reader r = Reader::open(store.path);
+  const VerifyReport report = r.verify();
+  CHECK(report.key_index_problems == 1);
+  CHECK_THAT(report.key_index_problem, Catch::Contains("is referenced but the chain holds"));
+  CHECK(!report.ok());
+  // Key 3 at epoch 2 is row 123 (append_cycling), found by the scan.
+  CHECK(r.find(3, 2) == std::optional<std::uint64_t>(123));
+  const std::vector<Record> got = r.lookup(3, 2, false);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].row == 123);
+  CHECK(r.history(3).size() == 10);
+}
+
+TEST_CASE("lookup() of a key at an epoch its history lists, missed by the tables, scans",
+          "[key_lookup][corruption]") {
+  // 70 epochs of 10 keys (key k at epoch e is row 10 e + k): more epochs than history() probes
+  // pair slots for, so it walks the key's chain. The pair slot of (key 3, epoch 2), row 23, now
+  // names key 1003: find() misses it (the tables alone), history() still lists it, and lookup()
+  // takes that as damage and scans.
+  TempDir dir;
+  const std::string path = dir / "s";
+  {
+    Writer w = Writer::create(path, options());
+    append_cycling(w, 700, 10, 10);
+  }
+  const std::string file = path + "/keys.1";
+  const std::string bytes = test::read_file(file);
+  std::uint64_t pair_slots = 0;
+  std::memcpy(&pair_slots, bytes.data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
+  bool damaged = false;
+  for (std::uint64_t i = 0; i < pair_slots && !damaged; ++i) {
+    std::uint64_t slot[2];
+    std::memcpy(slot, bytes.data() + detail::kKeyIndexTablesOffset + 16 * i, 16);
+    if (slot[0] != 3 || (slot[1] & detail::kSlotRowMask) != 24) continue;
+    slot[0] = 1003;
+    test::write_bytes(file, detail::kKeyIndexTablesOffset + 16 * i,
+                      std::string(reinterpret_cast<const char*>(slot), 8));
+    damaged = true;
+  }
+  REQUIRE(damaged);
+  Reader r = Reader::open(path);
+  CHECK_FALSE(r.find(3, 2).has_value());  // The slot alone, as documented.
+  const std::vector<Record> got = r.lookup(3, 2, false);
+  REQUIRE(got.size() == 1);
+  CHECK(got[0].row == 23);
+  CHECK(got[0].epoch == 2);
+  CHECK(r.info().key_index.find("damaged") != std::string::npos);
+  CHECK(r.find(3, 2) == std::optional<std::uint64_t>(23));  // Scanning from now on.
+  // A key absent at an epoch stays a miss, and a key never appended too.
+  CHECK(r.lookup(3, 99, false).empty());
+  CHECK(r.lookup(123456, 2, false).empty());
+}
+
 TEST_CASE("A key index slot naming another key's row: lookup() scans and never returns that row",
           "[key_lookup][corruption]") {
   const ClosedCyclingStore store;

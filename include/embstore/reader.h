@@ -168,8 +168,9 @@ class Reader {
   // store) are answered by a scan of the offset index: same answers, slower; info().key_index
   // says which. Rows are the index of rows()/record(); check them with record().
   // find(key, epoch) answers from the index's slot alone (one load from memory): a slot damaged
-  // in this boot (verify() finds it) can name another key's row. lookup() confirms the key and
-  // epoch of every row it returns, and on a mismatch stops using the index and scans.
+  // in this boot (verify() finds it, and this Reader then scans) can name another key's row or
+  // none. lookup() confirms the key and epoch of every row it returns, and a miss at an epoch
+  // against the key's history, and on a mismatch stops using the index and scans.
   std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
   // The latest row of `key` (the highest row number).
   std::optional<std::uint64_t> find(std::uint64_t key) const;
@@ -209,8 +210,8 @@ class Reader {
   // The rows a `get` of `key` shows, checksum-checked and confirmed to be of `key` (and
   // `epoch`): the one at `epoch`, or the latest (no epoch), or every version (all_versions).
   // Empty when there is none. kCorruption if one fails its checksum. A key index that named
-  // another key's row is marked damaged (info().key_index says so) and the answer comes from a
-  // scan.
+  // another key's row, or found no row at `epoch` where the key's history lists one, is marked
+  // damaged (info().key_index says so) and the answer comes from a scan.
   std::vector<Record> lookup(std::uint64_t key, std::optional<std::uint64_t> epoch,
                              bool all_versions) const;
 

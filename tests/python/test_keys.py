@@ -129,6 +129,9 @@ def test_a_missing_key_index_file_is_answered_by_scan_and_reported(store):
     report = r.verify()
     assert not report.ok and report.bad_row_count == 0
     assert report.key_index_problems == 1 and "keys.1" in report.key_index_problem
+    # Its repr says so too (a report that is not ok never reads as clean).
+    assert "ok=False" in repr(report) and "key_index_problems=1" in repr(report)
+    assert "keys.1" in repr(report)
     with embstore.Writer(store) as w:  # the next writer rebuilds it
         append(w, [(3, 1)])
     r.refresh()

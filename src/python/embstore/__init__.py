@@ -1272,9 +1272,13 @@ class VerifyReport:
         return self.ok
 
     def __repr__(self) -> str:
-        return (f"VerifyReport(rows {self.begin_row}..{self.end_row}, checked="
+        return (f"VerifyReport(ok={self.ok}, rows {self.begin_row}..{self.end_row}, checked="
                 f"{self.rows_checked}, bad={self.bad_row_count}, bad_rows={self.bad_rows[:10]}"
-                + (f", rows_to_cut={self.rows_to_cut}" if self.rows_to_cut else "") + ")")
+                + (f", rows_to_cut={self.rows_to_cut}" if self.rows_to_cut else "")
+                + (f", key_index_problems={self.key_index_problems} "
+                   f"({self.key_index_problem!r})" if self.key_index_problems else "")
+                + (f", header_problem={self.header_problem!r}" if self.header_problem else "")
+                + ")")
 
 
 class Reader(_Handle):
