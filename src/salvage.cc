@@ -50,6 +50,13 @@ SalvageReport salvage(
   } else if (std::string refused = open_refusal(store); !refused.empty()) {
     report.damage.push_back(std::move(refused));
   }
+  // The header's second copy (when the first verified): nothing in `out` depends on it, but the
+  // store is damaged there, as verify says.
+  if (report.header_source == "primary") {
+    if (std::string problem = files->header_copy_problem(); !problem.empty()) {
+      report.damage.push_back(std::move(problem));
+    }
+  }
 
   // The counters may be what is damaged: the files' sizes bound the scan, not capacity_rows.
   const std::uint64_t held = files->rows_files_hold();
@@ -68,7 +75,14 @@ SalvageReport salvage(
     return entry;
   };
   const std::uint64_t committed = files->state().committed();
-  const std::uint64_t log_end = committed <= held ? files->valid_batch_prefix(committed, held) : 0;
+  // Files shorter than the committed counter, within the capacity it was allocated for: cut
+  // short (a copy that stopped, a file truncated). The rows they hold are committed rows, kept
+  // wherever they verify; the rows past them are lost. A counter past the capacity is itself
+  // the damage: the files bound the log then, as below.
+  const bool cut_short = committed > held && committed <= files->state().capacity();
+  const std::uint64_t log_end = committed <= held ? files->valid_batch_prefix(committed, held)
+                                : cut_short       ? held
+                                                  : 0;
   std::optional<std::uint64_t> newest_era;  // Of the last row kept so far.
   if (log_end > 0 && files->row_valid(log_end - 1)) {
     newest_era = detail::entry_era(entry_at(log_end - 1).row);
@@ -91,6 +105,22 @@ SalvageReport salvage(
     }
   }
   kept_past_log.resize(report.rows_scanned - log_end);
+  if (report.rows_scanned > committed && committed <= held) {
+    // Whole batches past the counter that verify (valid_batch_prefix() and the scan above), as
+    // recovery after a reboot keeps them: copied, and said, since no Reader of the store shows
+    // them (a writer killed before publishing them, or a counter that is itself damaged).
+    report.damage.push_back(files->data_path() + ": rows " + std::to_string(committed) + ".." +
+                            std::to_string(report.rows_scanned) +
+                            " past committed_rows verify as whole batches and were copied (a "
+                            "writer killed before publishing them, or a damaged counter)");
+  }
+  if (cut_short) {
+    report.damage.push_back(files->data_path() + " and " + files->index_path() + " hold " +
+                            std::to_string(held) + " rows, fewer than the " +
+                            std::to_string(committed) +
+                            " committed_rows counts (cut short?): rows " + std::to_string(held) +
+                            ".." + std::to_string(committed) + " are lost");
+  }
   if (verify_past > 0) {
     report.damage.push_back(
         files->data_path() + ": " + std::to_string(verify_past) + " rows past row " +
@@ -158,6 +188,14 @@ SalvageReport salvage(
       }
     }
     if (in_run) flush_run(report.rows_scanned);
+    if (cut_short) {  // The committed rows past the files' end: lost, never read.
+      if (!report.lost_ranges.empty() && report.lost_ranges.back().second == held) {
+        report.lost_ranges.back().second = committed;
+      } else {
+        report.lost_ranges.emplace_back(held, committed);
+      }
+      report.rows_scanned = committed;
+    }
     report.rows_lost = report.rows_scanned - report.rows_copied;
     if (progress) progress(report.rows_scanned, report.rows_scanned);
     writer.sync();

@@ -465,6 +465,78 @@ TEST_CASE("salvage copies every row that verifies out of a store that will not o
   SECTION("an existing output is refused") { CHECK_THROWS_AS(salvage(path, dir / "out"), Error); }
 }
 
+TEST_CASE("salvage of files cut short keeps the rows they hold and counts the rest as lost",
+          "[corruption][salvage]") {
+  // 300 committed rows (10 batches of 30); a file cut short holds fewer. The rows it holds are
+  // committed rows, copied wherever they verify, whole batch or not; the committed rows past its
+  // end are lost, in the report's count and ranges, and `damage` says why.
+  const bool cut_data = GENERATE(true, false);
+  INFO((cut_data ? "rows.1" : "index.1") << " cut short");
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  write_batches(path, o, 10);
+  const std::uint64_t record = kDim * sizeof(float);
+  // 250 rows of data and a part of the next, or 205 whole index entries.
+  const std::uint64_t held = cut_data ? 250 : 205;
+  REQUIRE(::truncate((path + (cut_data ? "/rows.1" : "/index.1")).c_str(),
+                     static_cast<off_t>(cut_data ? held * record + 7 : held * 32)) == 0);
+
+  const SalvageReport report = salvage(path, dir / "out");
+  CHECK(report.rows_scanned == 300);
+  CHECK(report.rows_copied == held);
+  CHECK(report.rows_lost == 300 - held);
+  using Range = std::pair<std::uint64_t, std::uint64_t>;
+  CHECK(report.lost_ranges == std::vector<Range>{{held, 300}});
+  bool said = false;
+  for (const std::string& d : report.damage) {
+    said = said || (d.find("cut short") != std::string::npos &&
+                    d.find(std::to_string(held) + "..300") != std::string::npos);
+  }
+  CHECK(said);
+  Reader r = Reader::open(dir / "out");
+  REQUIRE(r.size() == held);
+  CHECK(r.verify().ok());
+  for (std::uint64_t row = 0; row < held; ++row) {
+    const Record rec = r.record(row);
+    CHECK(rec.key == test::make_key(0, row));
+    CHECK(test::payload_matches(rec.key, kDim, rec.data));
+  }
+}
+
+TEST_CASE("salvage names rows it copies past the committed counter and a damaged header copy",
+          "[corruption][salvage]") {
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  write_batches(path, o, 10);
+  SECTION("whole batches past the counter: copied, and said") {
+    // As a writer killed before publishing its last two batches leaves them.
+    put<std::uint64_t>(path + "/header", 4096, 240);       // committed_rows
+    put<std::uint64_t>(path + "/header", 4096 + 64, 240);  // durable_rows
+    REQUIRE(Reader::open(path).size() == 240);
+    const SalvageReport report = salvage(path, dir / "out");
+    CHECK(report.rows_copied == 300);
+    CHECK(report.rows_lost == 0);
+    REQUIRE(report.damage.size() == 1);
+    CHECK_THAT(report.damage[0],
+               Catch::Contains("rows 240..300 past committed_rows") && Catch::Contains("rows.1"));
+  }
+  SECTION("the second header copy damaged") {
+    flip(path + "/header", detail::kHeaderCopyOffset + 16);
+    const std::string problem = Reader::open(path).verify_header();
+    REQUIRE_FALSE(problem.empty());
+    const SalvageReport report = salvage(path, dir / "out");
+    CHECK(report.header_source == "primary");
+    CHECK(report.rows_copied == 300);
+    CHECK(report.damage == std::vector<std::string>{problem});
+  }
+}
+
 TEST_CASE("salvage never copies part of a batch a killed writer left past the commit point",
           "[corruption][salvage]") {
   // A writer killed while writing its fifth batch leaves that batch's first rows valid and its
@@ -495,8 +567,12 @@ TEST_CASE("salvage never copies part of a batch a killed writer left past the co
     CHECK(report.rows_scanned == 150);
     CHECK(report.rows_copied == 150);
     CHECK(report.rows_lost == 0);
-    REQUIRE(report.damage.size() == 1);  // The unfinished batch's rows, said, not copied.
-    CHECK_THAT(report.damage[0], Catch::Contains("29 rows past row 150 verify but were not "
+    // The whole batch past the counter, copied, and the unfinished batch's rows, not copied:
+    // both said.
+    REQUIRE(report.damage.size() == 2);
+    CHECK_THAT(report.damage[0], Catch::Contains("rows 120..150 past committed_rows verify as "
+                                                 "whole batches and were copied"));
+    CHECK_THAT(report.damage[1], Catch::Contains("29 rows past row 150 verify but were not "
                                                  "copied: the rest of a batch whose end is "
                                                  "missing or damaged"));
     check_copy(dir / "out", 150);
@@ -561,7 +637,8 @@ TEST_CASE("salvage copies no stale row of an older era, and names rows it leaves
     const SalvageReport report = salvage(path, dir / "out");
     CHECK(report.rows_scanned == 90);
     CHECK(report.rows_copied == 90);
-    REQUIRE(report.damage.size() == 1);  // (counters that agree: the open refuses nothing)
+    REQUIRE(report.damage.size() == 2);  // (counters that agree: the open refuses nothing)
+    CHECK_THAT(report.damage[0], Catch::Contains("rows 30..90 past committed_rows"));
     CHECK_THAT(report.damage.back(), Catch::Contains("29 rows past row 90 verify but were not "
                                                      "copied"));
   }

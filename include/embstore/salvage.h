@@ -17,11 +17,12 @@ struct SalvageReport {
   std::uint64_t rows_lost = 0;     // rows_scanned - rows_copied.
   // The lost rows as [begin, end) ranges of row numbers in the damaged store, in order.
   std::vector<std::pair<std::uint64_t, std::uint64_t>> lost_ranges;
-  // Damage worked around besides lost rows and the header copy: why the store does not open
-  // (the error info and verify give, naming the file and field, e.g. "field durable_rows 25
+  // Damage worked around besides lost rows and the header copy used: why the store does not
+  // open (the error info and verify give, naming the file and field, e.g. "field durable_rows 25
   // exceeds committed_rows 5"), or a `generation` field naming files that do not exist when the
-  // directory holds exactly one rows.X/index.X pair (then salvaged from those). Empty when the
-  // store opens.
+  // directory holds exactly one rows.X/index.X pair (then salvaged from those); a damaged second
+  // header copy; rows past the committed counter, copied or not; files cut short. Empty when
+  // the store is sound.
   std::vector<std::string> damage;
 };
 
@@ -33,7 +34,11 @@ struct SalvageReport {
 // and the whole batches after them that verify, then, since the counter may be the damage,
 // further rows that verify and are of no older era, up to the last one that ends a batch.
 // Never a part of a batch (a writer killed while writing it never committed it) or a stale row
-// of an older era: rows past n that verify are not copied and are named in `damage`.
+// of an older era: rows past n that verify are not copied and are named in `damage`. Rows
+// copied past the committed counter are named in `damage` too. Files shorter than the counter
+// (within the capacity it was allocated for: cut short) hold committed rows, copied where they
+// verify; the committed rows past their end are lost (n is then the counter, and `damage` says
+// so).
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
 // verifies (the rows cannot be checked without the header), or if the `generation` field is
 // damaged and the directory does not hold exactly one rows.X/index.X pair, or if one of the
