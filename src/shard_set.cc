@@ -18,6 +18,7 @@
 #include "embstore/writer.h"
 #include "log/batch.h"
 #include "platform/os.h"
+#include "shard_set_internals.h"
 #include "store_build.h"
 
 namespace embstore {
@@ -399,85 +400,144 @@ class ShardSet::Impl {
   void add_shards_listed_since();
 };
 
-void ShardSet::Impl::add_shard(const std::string& path, const ManifestShard* entry) {
-  auto shard = std::make_unique<Shard>(path, [&] {
-    try {
-      return Reader::open(path, options);
-    } catch (const Error& error) {
-      if (!entry || error.code() != ErrorCode::kNotFound) throw;
-      // There but no store (an empty directory, a copy that never finished) is not "missing".
-      const bool there = detail::os::exists(path);
-      throw Error(ErrorCode::kNotFound,
-                  manifest_path + ": shard '" + entry->path +
-                      (there ? "' is not a store (" : "' is missing (") + error.what() +
-                      "); copy every node's store next to the manifest",
-                  error.sys_errno());
-    }
-  }());
-  const Reader& reader = shard->reader;
-  // Every shard must match the manifest, or without one the first shard.
-  const bool is_reference = !manifest && shards.empty();
-  const std::uint32_t want_dim = manifest       ? manifest->dim
-                                 : is_reference ? reader.dim()
-                                                : shards[0]->reader.dim();
-  const DType want_dtype = manifest       ? manifest->dtype
-                           : is_reference ? reader.dtype()
-                                          : shards[0]->reader.dtype();
+namespace {
+
+// Shards of one set hold one dim and dtype: the manifest's, or without one the first shard's.
+void check_format(const std::string& path, const Reader& reader, const std::string& against,
+                  std::uint32_t want_dim, DType want_dtype) {
   if (reader.dim() != want_dim || reader.dtype() != want_dtype) {
-    const std::string against =
-        manifest ? "the manifest " + manifest_path : "shard " + shards[0]->path;
     throw Error(ErrorCode::kFormatMismatch,
                 "shard " + path + " holds dim " + std::to_string(reader.dim()) + " " +
                     std::string(dtype_name(reader.dtype())) + " but " + against + " says dim " +
                     std::to_string(want_dim) + " " + std::string(dtype_name(want_dtype)) +
                     ": shards of one set must agree");
   }
-  const std::string id = reader.info(InfoDetail::kState).store_id;
-  if (entry) {
-    if (id != entry->store_id) {
-      throw Error(ErrorCode::kFormatMismatch,
-                  manifest_path + ": shard '" + entry->path + "' is store " + id +
-                      ", not the store " + entry->store_id +
-                      " the manifest lists (replaced or copied from another run?)");
-    }
-    // Fewer rows than recorded: a stale copy of the shard, unless a truncate (a resume from a
-    // checkpoint) moved it to a newer generation since the manifest was written. Generations
-    // only grow: an older one is a stale copy (a backup from before a truncate) whatever rows
-    // it holds. The snapshot's generation, the one its size() is of.
-    const std::uint64_t generation = reader.generation();
-    const bool truncated_since = entry->generation != 0 && generation > entry->generation;
-    const bool older = entry->generation != 0 && generation < entry->generation;
-    // A snapshot cut short by options.max_rows says nothing of what the shard holds: its
-    // committed rows do (of the snapshot's generation, or a newer one: truncated since).
-    const std::uint64_t held = reader.size() < options.max_rows
-                                   ? reader.size()
-                                   : reader.info(InfoDetail::kState).committed_rows;
-    if ((held < entry->rows && !truncated_since) || older) {
-      throw Error(ErrorCode::kCorruption,
-                  manifest_path + ": shard '" + entry->path + "' holds " + std::to_string(held) +
-                      " rows" + (older ? ", against the " : ", fewer than the ") +
-                      std::to_string(entry->rows) + " the manifest recorded" +
-                      (entry->generation == 0
-                           ? " (a stale copy? a manifest that records no generation cannot "
-                             "tell a truncate since: write the manifest again)"
-                           : " in generation " + std::to_string(entry->generation) +
-                                 (generation == entry->generation
-                                      ? ", the shard's too"
-                                      : "; the shard is of generation " +
-                                            std::to_string(generation) + ", older") +
-                                 " (a stale copy?)"));
-    }
-  }
-  // The same store twice (two paths, or a copy) would count its rows twice, in a merge too.
-  for (std::size_t j = 0; j < store_ids.size(); ++j) {
-    if (store_ids[j] == id) {
+}
+
+// The same store twice (two paths, or a copy) would count its rows twice, in a merge too.
+// `held_path(j)`: where the shard of held_ids[j] is.
+template <typename HeldPath>
+void check_not_held(const std::string& path, const std::string& id,
+                    const std::vector<std::string>& held_ids, HeldPath&& held_path) {
+  for (std::size_t j = 0; j < held_ids.size(); ++j) {
+    if (held_ids[j] == id) {
       throw Error(ErrorCode::kInvalidArgument, "shard " + path + " is the same store as shard " +
-                                                   shards[j]->path + " (store id " + id +
+                                                   held_path(j) + " (store id " + id +
                                                    "): a set lists each store once");
     }
   }
+}
+
+// open_listed_shard() but the check against the shards held; `id` gets the shard's store id.
+Reader open_entry(const std::string& manifest_path, std::uint32_t dim, DType dtype,
+                  const ManifestShard& entry, const std::string& path, const ReaderOptions& options,
+                  std::string& id) {
+  Reader reader = [&] {
+    try {
+      return Reader::open(path, options);
+    } catch (const Error& error) {
+      if (error.code() != ErrorCode::kNotFound) throw;
+      // There but no store (an empty directory, a copy that never finished) is not "missing".
+      const bool there = detail::os::exists(path);
+      throw Error(ErrorCode::kNotFound,
+                  manifest_path + ": shard '" + entry.path +
+                      (there ? "' is not a store (" : "' is missing (") + error.what() +
+                      "); copy every node's store next to the manifest",
+                  error.sys_errno());
+    }
+  }();
+  check_format(path, reader, "the manifest " + manifest_path, dim, dtype);
+  id = reader.info(InfoDetail::kState).store_id;
+  if (id != entry.store_id) {
+    throw Error(ErrorCode::kFormatMismatch,
+                manifest_path + ": shard '" + entry.path + "' is store " + id + ", not the store " +
+                    entry.store_id + " the manifest lists (replaced or copied from another run?)");
+  }
+  // Fewer rows than recorded: a stale copy of the shard, unless a truncate (a resume from a
+  // checkpoint) moved it to a newer generation since the manifest was written. Generations
+  // only grow: an older one is a stale copy (a backup from before a truncate) whatever rows
+  // it holds. The snapshot's generation, the one its size() is of.
+  const std::uint64_t generation = reader.generation();
+  const bool truncated_since = entry.generation != 0 && generation > entry.generation;
+  const bool older = entry.generation != 0 && generation < entry.generation;
+  // A snapshot cut short by options.max_rows says nothing of what the shard holds: its
+  // committed rows do (of the snapshot's generation, or a newer one: truncated since).
+  const std::uint64_t held = reader.size() < options.max_rows
+                                 ? reader.size()
+                                 : reader.info(InfoDetail::kState).committed_rows;
+  if ((held < entry.rows && !truncated_since) || older) {
+    throw Error(
+        ErrorCode::kCorruption,
+        manifest_path + ": shard '" + entry.path + "' holds " + std::to_string(held) + " rows" +
+            (older ? ", against the " : ", fewer than the ") + std::to_string(entry.rows) +
+            " the manifest recorded" +
+            (entry.generation == 0 ? " (a stale copy? a manifest that records no generation cannot "
+                                     "tell a truncate since: write the manifest again)"
+                                   : " in generation " + std::to_string(entry.generation) +
+                                         (generation == entry.generation
+                                              ? ", the shard's too"
+                                              : "; the shard is of generation " +
+                                                    std::to_string(generation) + ", older") +
+                                         " (a stale copy?)"));
+  }
+  return reader;
+}
+
+}  // namespace
+
+std::string detail::listed_shard_path(const std::string& manifest_file,
+                                      const ManifestShard& entry) {
+  return directory_of(manifest_file) + "/" + entry.path;
+}
+
+void detail::check_manifest_unchanged(const std::string& manifest_path, const Manifest& now,
+                                      std::uint32_t dim, DType dtype) {
+  if (now.dim != dim || now.dtype != dtype) {
+    throw Error(ErrorCode::kFormatMismatch,
+                manifest_path + ": the manifest now says dim " + std::to_string(now.dim) + " " +
+                    std::string(dtype_name(now.dtype)) + ", not the dim " + std::to_string(dim) +
+                    " " + std::string(dtype_name(dtype)) +
+                    " of the shards this set holds: open a new ShardSet");
+  }
+}
+
+Reader detail::open_listed_shard(const std::string& manifest_path, std::uint32_t dim, DType dtype,
+                                 const ManifestShard& entry, const std::string& path,
+                                 const ReaderOptions& options,
+                                 const std::vector<std::string>& held_store_ids,
+                                 const std::vector<std::string>& held_paths) {
+  if (held_paths.size() != held_store_ids.size()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "open_listed_shard: " + std::to_string(held_paths.size()) + " paths for " +
+                    std::to_string(held_store_ids.size()) + " store ids held");
+  }
+  std::string id;
+  Reader reader = open_entry(manifest_path, dim, dtype, entry, path, options, id);
+  check_not_held(path, id, held_store_ids,
+                 [&](std::size_t j) -> const std::string& { return held_paths[j]; });
+  return reader;
+}
+
+void ShardSet::Impl::add_shard(const std::string& path, const ManifestShard* entry) {
+  std::string id;
+  std::optional<Reader> reader;
+  if (entry) {
+    // The manifest's rules (detail::open_listed_shard, which the Python ShardSet calls too).
+    reader.emplace(
+        open_entry(manifest_path, manifest->dim, manifest->dtype, *entry, path, options, id));
+  } else {
+    reader.emplace(Reader::open(path, options));
+    // Every shard must match the first.
+    if (!shards.empty()) {
+      check_format(path, *reader, "shard " + shards[0]->path, shards[0]->reader.dim(),
+                   shards[0]->reader.dtype());
+    }
+    id = reader->info(InfoDetail::kState).store_id;
+  }
+  check_not_held(path, id, store_ids,
+                 [&](std::size_t j) -> const std::string& { return shards[j]->path; });
   store_ids.push_back(id);
-  shards.push_back(std::move(shard));
+  shards.push_back(std::make_unique<Shard>(path, std::move(*reader)));
 }
 
 void ShardSet::Impl::add_shards_listed_since() {
@@ -487,14 +547,7 @@ void ShardSet::Impl::add_shards_listed_since() {
   // Stamped before the read: a manifest replaced again meanwhile stamps differently, and is
   // read again at the next refresh.
   Manifest now = read_manifest(manifest_file);
-  if (now.dim != manifest->dim || now.dtype != manifest->dtype) {
-    throw Error(ErrorCode::kFormatMismatch,
-                manifest_path + ": the manifest now says dim " + std::to_string(now.dim) + " " +
-                    std::string(dtype_name(now.dtype)) + ", not the dim " +
-                    std::to_string(manifest->dim) + " " + std::string(dtype_name(manifest->dtype)) +
-                    " of the shards this set holds: open a new ShardSet");
-  }
-  const std::string dir = directory_of(manifest_file);
+  detail::check_manifest_unchanged(manifest_path, now, manifest->dim, manifest->dtype);
   for (const ManifestShard& entry : now.shards) {
     if (std::find(store_ids.begin(), store_ids.end(), entry.store_id) != store_ids.end()) continue;
     // Another store at the path of a shard held (deleted and made again: a run started over):
@@ -507,7 +560,7 @@ void ShardSet::Impl::add_shards_listed_since() {
                       store_ids[static_cast<std::size_t>(held - listed_paths.begin())] +
                       " this set holds there (deleted and made again?): open a new ShardSet");
     }
-    add_shard(dir + "/" + entry.path, &entry);
+    add_shard(detail::listed_shard_path(manifest_file, entry), &entry);
     listed_paths.push_back(entry.path);
   }
   manifest_stamp = stamp;
@@ -548,9 +601,8 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
       throw Error(ErrorCode::kInvalidArgument,
                   impl->manifest_path + ": the manifest lists no shards");
     }
-    const std::string dir = directory_of(impl->manifest_path);
     for (const ManifestShard& entry : impl->manifest->shards) {
-      impl->add_shard(dir + "/" + entry.path, &entry);
+      impl->add_shard(detail::listed_shard_path(impl->manifest_path, entry), &entry);
       impl->listed_paths.push_back(entry.path);
     }
   } else {

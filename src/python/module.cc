@@ -26,6 +26,7 @@
 #include "async_writer.h"
 #include "embstore/embstore.h"
 #include "platform/os.h"
+#include "shard_set_internals.h"
 #include "sigterm_relay.h"
 #include "store_build.h"
 
@@ -1375,20 +1376,22 @@ PYBIND11_MODULE(_embstore, m) {
         return out;
       },
       py::arg("path"));
+  // A shard entry as read_manifest gives it (generation optional: 0).
+  const auto manifest_shard = [](const py::handle& item) -> ManifestShard {
+    const auto entry = item.cast<py::dict>();
+    return {entry["path"].cast<std::string>(), entry["store_id"].cast<std::string>(),
+            entry["rows"].cast<std::uint64_t>(), entry["epochs"].cast<std::vector<std::uint64_t>>(),
+            entry.contains("generation") ? entry["generation"].cast<std::uint64_t>() : 0};
+  };
   m.def(
       "write_manifest",
-      [](const std::string& path, const py::dict& fields) {
+      [manifest_shard](const std::string& path, const py::dict& fields) {
         Manifest manifest;
         manifest.dim = fields["dim"].cast<std::uint32_t>();
         manifest.dtype = parse_dtype_arg(fields["dtype"].cast<std::string>());
         manifest.metadata = fields["metadata"].cast<std::string>();
         for (const auto& item : fields["shards"].cast<py::list>()) {
-          const auto entry = item.cast<py::dict>();
-          manifest.shards.push_back(
-              {entry["path"].cast<std::string>(), entry["store_id"].cast<std::string>(),
-               entry["rows"].cast<std::uint64_t>(),
-               entry["epochs"].cast<std::vector<std::uint64_t>>(),
-               entry.contains("generation") ? entry["generation"].cast<std::uint64_t>() : 0});
+          manifest.shards.push_back(manifest_shard(item));
         }
         ReleaseGil unlocked;
         write_manifest(path, manifest);
@@ -1412,6 +1415,47 @@ PYBIND11_MODULE(_embstore, m) {
         return py::make_tuple(paths, py::bytes(metadata), store_ids);
       },
       py::arg("manifest_or_stores"));
+  // ShardSet::refresh()'s rules for a manifest read again, for embstore.ShardSet's
+  // follow_manifest(), whose shards held are its own Readers (shard_set.h, namespace detail).
+  m.def(
+      "listed_shard_path",
+      [manifest_shard](const std::string& manifest_file, const py::dict& entry) {
+        return detail::listed_shard_path(manifest_file, manifest_shard(entry));
+      },
+      py::arg("manifest_file"), py::arg("entry"));
+  m.def(
+      "check_manifest_unchanged",
+      [](const std::string& manifest_path, const py::dict& now, std::uint32_t dim,
+         const std::string& dtype) {
+        Manifest manifest;
+        manifest.dim = now["dim"].cast<std::uint32_t>();
+        manifest.dtype = parse_dtype_arg(now["dtype"].cast<std::string>());
+        detail::check_manifest_unchanged(manifest_path, manifest, dim, parse_dtype_arg(dtype));
+      },
+      py::arg("manifest_path"), py::arg("now"), py::arg("dim"), py::arg("dtype"));
+  // The shard of one manifest entry, opened and checked as ShardSet::open checks it, as a
+  // NativeReader (embstore.Reader's).
+  m.def(
+      "open_listed_shard",
+      [manifest_shard](const std::string& manifest_path, const py::dict& entry_fields,
+                       const std::string& path, std::uint32_t dim, const std::string& dtype_text,
+                       std::optional<std::uint64_t> map_bytes,
+                       const std::vector<std::string>& held_store_ids,
+                       const std::vector<std::string>& held_paths) {
+        const ManifestShard entry = manifest_shard(entry_fields);
+        const DType dtype = parse_dtype_arg(dtype_text);
+        ReaderOptions options;
+        if (map_bytes) options.map_bytes = *map_bytes;
+        std::optional<Reader> reader;
+        {
+          ReleaseGil unlocked;
+          reader = detail::open_listed_shard(manifest_path, dim, dtype, entry, path, options,
+                                             held_store_ids, held_paths);
+        }
+        return std::make_unique<PyReader>(std::move(*reader));
+      },
+      py::arg("manifest_path"), py::arg("entry"), py::arg("path"), py::arg("dim"), py::arg("dtype"),
+      py::arg("map_bytes"), py::arg("held_store_ids"), py::arg("held_paths"));
   m.def(
       "merge_stores",
       [](const std::string& out, const std::vector<std::string>& manifest_or_stores,

@@ -245,6 +245,46 @@ def test_a_truncated_store_is_followed_to_its_new_generation(store, server_on):
     assert server.ok("/api/neighbours?key=5&epoch=2&k=3")["row"] == 305
 
 
+def test_a_manifest_entry_not_copied_yet_does_not_hide_the_shards_added_before_it(tmp_path):
+    """The manifest grows by two shards, the second not copied beside it yet: the follower
+    serves the first (its snapshot's rows and epochs count it at once, as its parts do) and says
+    what is missing; once the second is there, it is served too."""
+    paths = {name: str(tmp_path / name) for name in ("s0", "s1", "s2")}
+    for name in ("s0", "s1"):
+        embstore.create(paths[name], dim=4)
+        with embstore.Writer(paths[name]) as w:
+            w.append(np.arange(10) + (100 if name == "s1" else 0), np.ones((10, 4), np.float32),
+                     1 if name == "s1" else 0)
+    manifest = tmp_path / "run.json"
+
+    def write(names, ids):
+        embstore.shards.write_manifest(manifest, {
+            "dim": 4, "dtype": "float32", "metadata": "",
+            "shards": [{"path": n, "store_id": ids[n], "rows": 0, "epochs": []} for n in names]})
+
+    ids = {n: embstore.info(paths[n])["store_id"] for n in ("s0", "s1")}
+    write(["s0"], ids)
+    follower = serve_store.Follower(str(manifest))
+    assert follower.snapshot.rows == 10
+    ids["s2"] = "00" * 16  # listed before its copy arrives (the id checked once it does)
+    write(["s0", "s1", "s2"], ids)
+    time.sleep(0.01)  # a manifest stamp of its own
+    follower._advance()
+    snap = follower.check()
+    assert snap.rows == 20 and snap.epoch_counts == {0: 10, 1: 10}
+    assert "shard 's2' is missing" in follower._manifest_problem
+    assert follower.lookup.history(snap, 105).tolist() == [15]
+    embstore.create(paths["s2"], dim=4)
+    with embstore.Writer(paths["s2"]) as w:
+        w.append(np.arange(5) + 200, np.ones((5, 4), np.float32), 2)
+    ids["s2"] = embstore.info(paths["s2"])["store_id"]
+    write(["s0", "s1", "s2"], ids)
+    follower._advance()
+    snap = follower.check()
+    assert snap.rows == 25 and snap.epoch_counts == {0: 10, 1: 10, 2: 5}
+    assert follower._manifest_problem is None
+
+
 def test_a_truncate_back_to_the_same_row_count_is_followed(store):
     """A truncate and re-append that end on as many rows as the snapshot had: the follower takes
     the new generation (its epochs), not "no new rows"."""

@@ -841,3 +841,95 @@ def test_a_shardset_follows_its_manifest_from_another_directory_and_refuses_a_st
     with pytest.raises(embstore.FormatMismatchError, match="s0 is now listed as store"):
         s.follow_manifest()
     assert len(s) == 25 and len(s.shards) == 2
+
+
+def test_follow_manifest_adds_the_shards_before_one_not_copied_yet_and_it_later(tmp_path):
+    """From a review: follow_manifest() (serve's follower, refresh()) opened every shard the
+    manifest listed, those held too, before adding any: one listed before it was copied beside
+    the manifest kept the set from ever adding the others. C++ ShardSet::refresh adds them and
+    then raises for it, keeping what it added; so does follow_manifest now."""
+    make_shards(tmp_path, [10, 7, 5])  # s0 (held), s1 (new), s2 (new, not copied yet)
+    manifest = tmp_path / es.MANIFEST_NAME
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0"]))
+    s = embstore.ShardSet(tmp_path)
+    listed = manifest_for(str(tmp_path), ["s0", "s1", "s2"])
+    os.rename(tmp_path / "s2", tmp_path / "away")
+    es.write_manifest(manifest, listed)
+
+    def found_in(shard, path):
+        reader = embstore.Reader(path)
+        for row in range(len(reader)):
+            key, epoch = int(reader.keys[row]), int(reader.epochs[row])
+            assert s.find(key, epoch) == s.offsets[shard] + reader.find(key, epoch)
+        assert np.array_equal(s.shard_vectors(shard), reader.vectors)
+
+    for call in (s.follow_manifest, s.follow_manifest, s.refresh):
+        with pytest.raises(FileNotFoundError, match=f"{es.MANIFEST_NAME}: shard 's2' is missing"):
+            call()
+        assert [os.path.basename(p) for p in s.paths] == ["s0", "s1"]
+        assert len(s) == 17 and s.offsets.tolist() == [0, 10, 17]
+        found_in(1, tmp_path / "s1")
+    # Copied now: the same manifest (its stamp unchanged) is read again, and s2 added.
+    os.rename(tmp_path / "away", tmp_path / "s2")
+    assert s.follow_manifest() == 1
+    assert [os.path.basename(p) for p in s.paths] == ["s0", "s1", "s2"] and len(s) == 22
+    found_in(2, tmp_path / "s2")
+    assert s.follow_manifest() == 0 and s.refresh() == 22
+    # And when the manifest is written again meanwhile (its stamp changes).
+    (tmp_path / "more").mkdir()
+    make_shards(tmp_path / "more", [3], seed=1)
+    os.rename(tmp_path / "more" / "s0", tmp_path / "s3")
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0", "s1", "s2", "s3"]))
+    assert s.follow_manifest() == 1 and len(s) == 25
+    found_in(3, tmp_path / "s3")
+
+
+def test_a_shard_held_that_would_fail_its_entry_now_does_not_block_a_new_one(tmp_path):
+    """From a review: follow_manifest() checked the shards held against the manifest again, so
+    one moved away or whose entry now records more rows than the set's copy holds kept every new
+    shard out. The shards held are not opened again (C++ ShardSet::refresh skips them by store
+    id): they are refreshed by refresh(), not re-admitted."""
+    make_shards(tmp_path, [10, 15, 4])
+    manifest = tmp_path / es.MANIFEST_NAME
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0", "s1"]))
+    s = embstore.ShardSet(tmp_path)
+    listed = manifest_for(str(tmp_path), ["s0", "s1", "s2"])
+    listed["shards"][0]["rows"] = 1000  # more than s0 holds: a stale copy, were it new
+    os.rename(tmp_path / "s1", tmp_path / "away")  # held, now missing at its path
+    es.write_manifest(manifest, listed)
+    assert s.follow_manifest() == 1
+    assert [os.path.basename(p) for p in s.paths] == ["s0", "s1", "s2"] and len(s) == 29
+    s2 = embstore.Reader(tmp_path / "s2")
+    assert np.array_equal(s.shard_vectors(2), s2.vectors)
+    assert s.find(int(s2.keys[3]), int(s2.epochs[3])) == 25 + s2.find(int(s2.keys[3]),
+                                                                       int(s2.epochs[3]))
+
+
+def test_follow_manifest_checks_each_new_shard_as_the_constructor_does(tmp_path):
+    """Each new entry gets the core's checks (ShardSet::open's), in the manifest's order, the
+    shards before a failing one staying added; a manifest now of another dim is refused whole."""
+    make_shards(tmp_path, [10, 7, 5, 3])
+    manifest = tmp_path / es.MANIFEST_NAME
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0"]))
+    s = embstore.ShardSet(tmp_path)
+    listed = manifest_for(str(tmp_path), ["s0", "s1", "s2", "s3"])
+    listed["shards"][2]["store_id"] = "f" * 32
+    es.write_manifest(manifest, listed)
+    with pytest.raises(embstore.FormatMismatchError,
+                       match=f"shard 's2' is store .*, not the store {'f' * 32}"):
+        s.follow_manifest()
+    assert [os.path.basename(p) for p in s.paths] == ["s0", "s1"] and len(s) == 17
+    listed = manifest_for(str(tmp_path), ["s0", "s1", "s2", "s3"])
+    listed["shards"][3]["rows"] = 4  # s3 holds 3
+    es.write_manifest(manifest, listed)
+    with pytest.raises(embstore.CorruptionError,
+                       match="shard 's3' holds 3 rows, fewer than the 4 the manifest recorded"):
+        s.follow_manifest()
+    assert [os.path.basename(p) for p in s.paths] == ["s0", "s1", "s2"] and len(s) == 22
+    es.write_manifest(manifest, dict(manifest_for(str(tmp_path), ["s0", "s1", "s2", "s3"]),
+                                     dim=9))
+    with pytest.raises(embstore.FormatMismatchError, match="the manifest now says dim 9"):
+        s.follow_manifest()
+    assert len(s.shards) == 3
+    es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0", "s1", "s2", "s3"]))
+    assert s.follow_manifest() == 1 and len(s) == 25

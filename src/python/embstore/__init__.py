@@ -1323,6 +1323,15 @@ class Reader(_Handle):
             self._native = _embstore.NativeReader(path, map_bytes, max_rows)
         self._metadata_cache = None
 
+    @classmethod
+    def _of_native(cls, native: Any) -> "Reader":
+        """A Reader around a NativeReader the core opened itself (a shard it opened and checked
+        against its manifest entry: ``_embstore.open_listed_shard``)."""
+        reader = cls.__new__(cls)
+        reader._native = native
+        reader._metadata_cache = None
+        return reader
+
     def __len__(self) -> int:
         """Rows in the snapshot."""
         return self._native.size()

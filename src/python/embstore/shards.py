@@ -330,7 +330,15 @@ class ShardSet:
         last read and adds the shards it lists that the set does not hold, as ``refresh()`` does
         (raising what it raises), without refreshing the shards held. Returns how many shards
         it added. Another store id listed at the path of a shard held (a run started over) is
-        FormatMismatchError: open a new ShardSet."""
+        FormatMismatchError: open a new ShardSet.
+
+        The core's rules, as C++ ``ShardSet::refresh`` applies them: the manifest must keep the
+        set's dim and dtype; entries whose store id the set holds are skipped (neither opened
+        nor checked again); each other one, in the manifest's order, is opened and checked as
+        the constructor checks it (missing, not a store, another store id, fewer rows than
+        recorded or a stale generation, another dim or dtype: named errors). When one fails,
+        the shards added before it stay (the set renumbered), its error is raised, and the next
+        call reads the manifest again: it counts as read only once every entry was handled."""
         if self._manifest is None:
             return 0
         if self._shards is None:
@@ -338,47 +346,41 @@ class ShardSet:
         stamp = _file_stamp(self._manifest)
         if stamp is None or stamp == self._manifest_stamp:
             return 0
-        with _stores_checked([self._manifest]):
-            paths, _, store_ids = _embstore.resolve_shards([self._manifest])  # the core's checks
+        # Stamped before the read: a manifest replaced again meanwhile is read at the next call.
+        manifest = _embstore.read_manifest(self._manifest)
+        _embstore.check_manifest_unchanged(self._manifest, manifest, self.dim, self.dtype)
         added = 0
         try:
-            added = self._add_listed(paths, store_ids)
+            for entry in manifest["shards"]:
+                if entry["store_id"] in self._store_ids:
+                    continue
+                path = _embstore.listed_shard_path(self._manifest, entry)
+                self._refuse_another_store_at_a_held_path(path, entry["store_id"])
+                reader = Reader._of_native(_embstore.open_listed_shard(
+                    self._manifest, entry, path, self.dim, self.dtype, self._map_bytes,
+                    self._store_ids, self.paths))
+                self._shards.append(reader)
+                self.paths.append(reader.path)
+                self._store_ids.append(entry["store_id"])
+                added += 1
         finally:
             if added:
                 self._renumber()
         self._manifest_stamp = stamp
         return added
 
-    def _add_listed(self, paths: List[str], store_ids: List[str]) -> int:
-        added = 0
-        for path, store_id in zip(paths, store_ids):
-            if store_id in self._store_ids:
-                continue
-            # The same manifest entry (paths built from one manifest directory, which may be
-            # relative ("./s0") in the paths held: compared without "." parts).
-            held_at = [os.path.normpath(p) for p in self.paths]
-            if os.path.normpath(path) in held_at:
-                held = self._store_ids[held_at.index(os.path.normpath(path))]
-                raise FormatMismatchError(
-                    f"{self._manifest}: shard {path} is now listed as store {store_id}, not the "
-                    f"store {held} this set holds there (deleted and made again?): open a new "
-                    "ShardSet")
-            reader = Reader(path, map_bytes=self._map_bytes)
-            try:
-                seen = reader.info(key_stats=False)["store_id"]
-                if (seen, reader.dim, reader.dtype) != (store_id, self.dim, self.dtype):
-                    raise FormatMismatchError(
-                        f"{reader.path}: store {seen}, dim {reader.dim} {reader.dtype}; the "
-                        f"manifest {self._manifest} lists store {store_id} there, and this set "
-                        f"holds dim {self.dim} {self.dtype}: open a new ShardSet")
-            except BaseException:
-                reader.close()
-                raise
-            self._shards.append(reader)
-            self.paths.append(reader.path)
-            self._store_ids.append(store_id)
-            added += 1
-        return added
+    def _refuse_another_store_at_a_held_path(self, path: str, store_id: str) -> None:
+        """FormatMismatchError when ``path`` (of a manifest entry whose store ``store_id`` the
+        set does not hold) is where a shard held is: a store deleted and made again, not one to
+        add beside the old one, whose Reader still maps the deleted files. Paths compared
+        without "." parts (those held may be relative, "./s0")."""
+        held_at = [os.path.normpath(p) for p in self.paths]
+        if os.path.normpath(path) in held_at:
+            held = self._store_ids[held_at.index(os.path.normpath(path))]
+            raise FormatMismatchError(
+                f"{self._manifest}: shard {path} is now listed as store {store_id}, not the "
+                f"store {held} this set holds there (deleted and made again?): open a new "
+                "ShardSet")
 
     @property
     def dim(self) -> int:

@@ -487,14 +487,15 @@ class Follower:
             # Shards the manifest lists since: one it cannot add yet (listed before it was
             # copied beside the manifest, say) is said once, and the shards held stay served.
             try:
-                if self.reader.follow_manifest():
-                    rows = len(self.reader)
+                self.reader.follow_manifest()
                 self._manifest_problem = None
             except (OSError, ValueError, embstore.Error) as e:
                 if str(e) != self._manifest_problem:
                     print(f"embstore serve: manifest: {e} (the shards held are served)",
                           file=sys.stderr, flush=True)
                 self._manifest_problem = str(e)
+            # With the shards it added, also those added before an entry it could not add.
+            rows = len(self.reader)
         # The generation of the rows refresh() saw: info()'s is the store's now, newer if a
         # truncate came in between (its files would not hold this snapshot's rows). A shard
         # set's: every shard's, so that a truncated shard's rows are counted afresh.
