@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <utility>
@@ -75,11 +76,19 @@ SalvageReport salvage(
     return entry;
   };
   const std::uint64_t committed = files->state().committed();
-  // Files shorter than the committed counter, within the capacity it was allocated for: cut
-  // short (a copy that stopped, a file truncated). The rows they hold are committed rows, kept
-  // wherever they verify; the rows past them are lost. A counter past the capacity is itself
-  // the damage: the files bound the log then, as below.
-  const bool cut_short = committed > held && committed <= files->state().capacity();
+  // One file shorter than the committed counter while the other still covers it (and the
+  // capacity does): that file was cut short (a copy that stopped, a file truncated). The rows
+  // both hold are committed rows, kept wherever they verify; the rows past them are lost. A
+  // counter past both files is rather the damage itself: the files bound the log then, as below.
+  const auto rows_in = [](const std::string& path, std::uint64_t row_bytes) {
+    std::error_code error;
+    const std::uintmax_t bytes = std::filesystem::file_size(path, error);
+    return error ? std::uint64_t{0} : static_cast<std::uint64_t>(bytes) / row_bytes;
+  };
+  const std::uint64_t longest = std::max(rows_in(files->data_path(), layout.record_bytes),
+                                         rows_in(files->index_path(), detail::kIndexEntryBytes));
+  const bool cut_short =
+      committed > held && committed <= std::min(longest, files->state().capacity());
   const std::uint64_t log_end = committed <= held ? files->valid_batch_prefix(committed, held)
                                 : cut_short       ? held
                                                   : 0;

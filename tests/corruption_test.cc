@@ -506,6 +506,27 @@ TEST_CASE("salvage of files cut short keeps the rows they hold and counts the re
   }
 }
 
+TEST_CASE("salvage takes a counter past both files, capacity and all, for the damage itself",
+          "[corruption][salvage]") {
+  // committed_rows and capacity_rows both damaged high, the files whole: no file was cut short,
+  // so no committed row is claimed lost past them (the open's refusal names the damage).
+  TempDir dir;
+  const std::string path = dir / "s";
+  CreateOptions o;
+  o.dim = kDim;
+  o.segment_bytes = 4096;
+  write_batches(path, o, 10);
+  put<std::uint64_t>(path + "/header", 4096, 1'000'000);        // committed_rows
+  put<std::uint64_t>(path + "/header", 4096 + 128, 2'000'000);  // capacity_rows
+  const SalvageReport report = salvage(path, dir / "out");
+  CHECK(report.rows_scanned == 300);
+  CHECK(report.rows_copied == 300);
+  CHECK(report.rows_lost == 0);
+  CHECK(report.lost_ranges.empty());
+  REQUIRE_FALSE(report.damage.empty());
+  CHECK_THAT(report.damage[0], Catch::Contains("capacity_rows 2000000 exceeds"));
+}
+
 TEST_CASE("salvage names rows it copies past the committed counter and a damaged header copy",
           "[corruption][salvage]") {
   TempDir dir;

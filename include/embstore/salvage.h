@@ -35,10 +35,10 @@ struct SalvageReport {
 // further rows that verify and are of no older era, up to the last one that ends a batch.
 // Never a part of a batch (a writer killed while writing it never committed it) or a stale row
 // of an older era: rows past n that verify are not copied and are named in `damage`. Rows
-// copied past the committed counter are named in `damage` too. Files shorter than the counter
-// (within the capacity it was allocated for: cut short) hold committed rows, copied where they
-// verify; the committed rows past their end are lost (n is then the counter, and `damage` says
-// so).
+// copied past the committed counter are named in `damage` too. When one file is shorter than
+// the counter while the other still covers it (cut short), the rows both hold are committed
+// rows, copied where they verify, and the committed rows past them are lost (n is then the
+// counter, and `damage` says so).
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
 // verifies (the rows cannot be checked without the header), or if the `generation` field is
 // damaged and the directory does not hold exactly one rows.X/index.X pair, or if one of the

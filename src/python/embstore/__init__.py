@@ -268,9 +268,11 @@ def salvage(store: PathLike, out: PathLike) -> dict:
 
     Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost,
     lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify) and
-    damage (a list of messages, each naming the file and field, of damage worked around that
-    keeps the store from opening, such as a damaged counter or a ``generation`` field naming
-    files that do not exist; empty when the store opens).
+    damage (a list of messages, each naming the file and field: why the store does not open,
+    such as a damaged counter or a ``generation`` field naming files that do not exist; a
+    damaged second header copy; rows copied past the committed counter, or that verify past the
+    rows scanned and were not copied; files cut short below the committed counter, whose rows
+    past their end are lost; empty when the store is sound).
 
     ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed into
     place only when complete: on an error (a full disk, say) nothing is left at ``out``. A
