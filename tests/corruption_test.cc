@@ -474,10 +474,7 @@ TEST_CASE("salvage of files cut short keeps the rows they hold and counts the re
   INFO((cut_data ? "rows.1" : "index.1") << " cut short");
   TempDir dir;
   const std::string path = dir / "s";
-  CreateOptions o;
-  o.dim = kDim;
-  o.segment_bytes = 4096;
-  write_batches(path, o, 10);
+  write_batches(path, small_options(), 10);
   const std::uint64_t record = kDim * sizeof(float);
   // 250 rows of data and a part of the next, or 205 whole index entries.
   const std::uint64_t held = cut_data ? 250 : 205;
@@ -512,10 +509,7 @@ TEST_CASE("salvage takes a counter past both files, capacity and all, for the da
   // so no committed row is claimed lost past them (the open's refusal names the damage).
   TempDir dir;
   const std::string path = dir / "s";
-  CreateOptions o;
-  o.dim = kDim;
-  o.segment_bytes = 4096;
-  write_batches(path, o, 10);
+  write_batches(path, small_options(), 10);
   put<std::uint64_t>(path + "/header", 4096, 1'000'000);        // committed_rows
   put<std::uint64_t>(path + "/header", 4096 + 128, 2'000'000);  // capacity_rows
   const SalvageReport report = salvage(path, dir / "out");
@@ -531,10 +525,7 @@ TEST_CASE("salvage names rows it copies past the committed counter and a damaged
           "[corruption][salvage]") {
   TempDir dir;
   const std::string path = dir / "s";
-  CreateOptions o;
-  o.dim = kDim;
-  o.segment_bytes = 4096;
-  write_batches(path, o, 10);
+  write_batches(path, small_options(), 10);
   SECTION("whole batches past the counter: copied, and said") {
     // As a writer killed before publishing its last two batches leaves them.
     put<std::uint64_t>(path + "/header", 4096, 240);       // committed_rows

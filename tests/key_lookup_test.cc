@@ -609,8 +609,9 @@ TEST_CASE("verify() reports a damaged key index body and rebuild_key_index() rep
 
 namespace {
 
-// A store of 600 rows written by append_cycling (key k at epoch e is row 60 e + k) and closed,
-// with the bytes and table sizes of its key index file keys.1: for the tests that damage it.
+// A store written by append_cycling and closed (by default 600 rows: key k at epoch e is row
+// 60 e + k), with the bytes and table sizes of its key index file keys.1: for the tests that
+// damage it.
 struct ClosedCyclingStore {
   TempDir dir;
   std::string path = dir / "s";
@@ -619,9 +620,10 @@ struct ClosedCyclingStore {
   std::uint64_t pair_slots = 0;
   std::uint64_t key_slots = 0;
 
-  ClosedCyclingStore() {
+  explicit ClosedCyclingStore(std::uint64_t rows = 600, std::uint64_t keys = 60,
+                              std::uint64_t rows_per_epoch = 60) {
     Writer w = Writer::create(path, options());
-    append_cycling(w, 600, 60, 60);
+    append_cycling(w, rows, keys, rows_per_epoch);
     w.close();
     bytes = test::read_file(file);
     std::memcpy(&pair_slots, bytes.data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
@@ -674,28 +676,19 @@ TEST_CASE("lookup() of a key at an epoch its history lists, missed by the tables
   // pair slots for, so it walks the key's chain. The pair slot of (key 3, epoch 2), row 23, now
   // names key 1003: find() misses it (the tables alone), history() still lists it, and lookup()
   // takes that as damage and scans.
-  TempDir dir;
-  const std::string path = dir / "s";
-  {
-    Writer w = Writer::create(path, options());
-    append_cycling(w, 700, 10, 10);
-  }
-  const std::string file = path + "/keys.1";
-  const std::string bytes = test::read_file(file);
-  std::uint64_t pair_slots = 0;
-  std::memcpy(&pair_slots, bytes.data() + offsetof(detail::KeyIndexHeader, pair_slots), 8);
+  const ClosedCyclingStore store(700, 10, 10);
   bool damaged = false;
-  for (std::uint64_t i = 0; i < pair_slots && !damaged; ++i) {
+  for (std::uint64_t i = 0; i < store.pair_slots && !damaged; ++i) {
     std::uint64_t slot[2];
-    std::memcpy(slot, bytes.data() + detail::kKeyIndexTablesOffset + 16 * i, 16);
+    std::memcpy(slot, store.bytes.data() + detail::kKeyIndexTablesOffset + 16 * i, 16);
     if (slot[0] != 3 || (slot[1] & detail::kSlotRowMask) != 24) continue;
     slot[0] = 1003;
-    test::write_bytes(file, detail::kKeyIndexTablesOffset + 16 * i,
+    test::write_bytes(store.file, detail::kKeyIndexTablesOffset + 16 * i,
                       std::string(reinterpret_cast<const char*>(slot), 8));
     damaged = true;
   }
   REQUIRE(damaged);
-  Reader r = Reader::open(path);
+  Reader r = Reader::open(store.path);
   CHECK_FALSE(r.find(3, 2).has_value());  // The slot alone, as documented.
   const std::vector<Record> got = r.lookup(3, 2, false);
   REQUIRE(got.size() == 1);
