@@ -3,7 +3,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <filesystem>
 #include <optional>
 #include <string>
 #include <utility>
@@ -80,13 +79,8 @@ SalvageReport salvage(
   // capacity does): that file was cut short (a copy that stopped, a file truncated). The rows
   // both hold are committed rows, kept wherever they verify; the rows past them are lost. A
   // counter past both files is rather the damage itself: the files bound the log then, as below.
-  const auto rows_in = [](const std::string& path, std::uint64_t row_bytes) {
-    std::error_code error;
-    const std::uintmax_t bytes = std::filesystem::file_size(path, error);
-    return error ? std::uint64_t{0} : static_cast<std::uint64_t>(bytes) / row_bytes;
-  };
-  const std::uint64_t longest = std::max(rows_in(files->data_path(), layout.record_bytes),
-                                         rows_in(files->index_path(), detail::kIndexEntryBytes));
+  const auto [data_rows, index_rows] = files->rows_each_file_holds();
+  const std::uint64_t longest = std::max(data_rows, index_rows);
   const bool cut_short =
       committed > held && committed <= std::min(longest, files->state().capacity());
   const std::uint64_t log_end = committed <= held ? files->valid_batch_prefix(committed, held)

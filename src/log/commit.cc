@@ -51,8 +51,9 @@ struct WritePlan {
 // block's end (at most the end of the file's allocated space, and only where there are zeros to
 // copy from).
 std::uint64_t rows_write_end(const StoreFiles& files, std::uint64_t offset, std::uint64_t end) {
+  if (!files.huge_pages()) return end;
   const std::uint64_t block = (end - 1) / os::kHugePageBytes * os::kHugePageBytes;
-  if (!files.huge_pages() || offset > block || os::zeros() == nullptr) return end;
+  if (offset > block || os::zeros() == nullptr) return end;
   const std::uint64_t allocated = files.layout().data_bytes_for(files.state().capacity());
   return std::max(end, std::min(block + os::kHugePageBytes, allocated));
 }

@@ -1416,7 +1416,7 @@ PYBIND11_MODULE(_embstore, m) {
       },
       py::arg("manifest_or_stores"));
   // ShardSet::refresh()'s rules for a manifest read again, for embstore.ShardSet's
-  // follow_manifest(), whose shards held are its own Readers (shard_set.h, namespace detail).
+  // follow_manifest(), whose shards held are its own Readers (src/shard_set_internals.h).
   m.def(
       "listed_shard_path",
       [manifest_shard](const std::string& manifest_file, const py::dict& entry) {

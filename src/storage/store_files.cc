@@ -363,11 +363,15 @@ void StoreFiles::remove_stale_files(std::uint64_t key_generation) const {
   }
 }
 
-std::uint64_t StoreFiles::rows_files_hold() const {
+std::pair<std::uint64_t, std::uint64_t> StoreFiles::rows_each_file_holds() const {
   const FileHandle data(data_fd_, *this, data_path_);
   const FileHandle index(index_fd_, *this, index_path_);
-  const std::uint64_t data_rows = os::file_size(data.get(), data_path_) / layout_.record_bytes;
-  const std::uint64_t index_rows = os::file_size(index.get(), index_path_) / kIndexEntryBytes;
+  return {os::file_size(data.get(), data_path_) / layout_.record_bytes,
+          os::file_size(index.get(), index_path_) / kIndexEntryBytes};
+}
+
+std::uint64_t StoreFiles::rows_files_hold() const {
+  const auto [data_rows, index_rows] = rows_each_file_holds();
   return std::min({data_rows, index_rows, kMaxRows});
 }
 

@@ -152,6 +152,8 @@ class StoreFiles {
   void remove_stale_files(std::uint64_t key_generation) const;
   // Rows the files on disk can hold right now (from their sizes).
   std::uint64_t rows_files_hold() const;
+  // Rows the data file and the index file each hold right now (from their sizes): {data, index}.
+  std::pair<std::uint64_t, std::uint64_t> rows_each_file_holds() const;
   // The generation the state page of the store at `dir` names now (SharedState::generation()),
   // without opening the store: one open of the header and one mapping of its state page.
   // kNotFound without a header file, kCorruption when it is too short for the state page.
