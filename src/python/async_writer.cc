@@ -60,12 +60,23 @@ class CountedWhile {
   Counter& counter_;
 };
 
-}  // namespace
-
+// CPU time the calling thread has used (CLOCK_THREAD_CPUTIME_ID), in seconds.
 double thread_cpu_seconds() {
   timespec now{};
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &now);
   return static_cast<double>(now.tv_sec) + static_cast<double>(now.tv_nsec) * 1e-9;
+}
+
+}  // namespace
+
+WorkClock::WorkClock()
+    : start_(std::chrono::steady_clock::now()), cpu_start_(thread_cpu_seconds()) {}
+
+WorkClock::Elapsed WorkClock::elapsed() const {
+  const double cpu_seconds = thread_cpu_seconds() - cpu_start_;
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  return {seconds, std::clamp(cpu_seconds, 0.0, seconds)};
 }
 
 AsyncAppender::Ring::Ring(std::uint64_t bytes, const std::string& store) {
@@ -306,11 +317,10 @@ void AsyncAppender::run() {
     // keeps references to existing elements valid.
     Batch& batch = queue_.front();
     lock.unlock();
-    const double cpu_start = thread_cpu_seconds();  // The borrowed copy is write work too.
+    const WorkClock clock;  // The borrowed copy is write work too.
     const ConstMatrix rows{batch.ring_rows, dtype_, batch.rows.rows, batch.rows.dim,
                            batch.rows.rows == 0 ? 0 : batch.queued_bytes / batch.rows.rows};
     std::optional<Error> failure;
-    const auto start = std::chrono::steady_clock::now();
     try {
       if (batch.borrowed && batch.queued_bytes > 0) {
         // Copied now, so the caller's array can be released before the append (which may wait
@@ -330,9 +340,7 @@ void AsyncAppender::run() {
     } catch (const std::exception& error) {
       failure = Error(ErrorCode::kIO, writer_.path() + ": async append: " + error.what());
     }
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    const double cpu_seconds = thread_cpu_seconds() - cpu_start;
+    const WorkClock::Elapsed spent = clock.elapsed();
     lock.lock();
     stats_.queued_bytes -= batch.queued_bytes;
     if (batch.queued_bytes > 0) ring_live_.pop_front();
@@ -341,8 +349,8 @@ void AsyncAppender::run() {
       ++stats_.batches;
       stats_.rows += batch.rows.rows;
       stats_.bytes += batch.rows.rows * record_bytes_;
-      stats_.append_seconds += seconds;
-      stats_.append_cpu_seconds += cpu_seconds;
+      stats_.append_seconds += spent.seconds;
+      stats_.append_cpu_seconds += spent.cpu_seconds;
     }
     const std::uint64_t failed_rows = batch.rows.rows;
     if (spare_keys_.size() < kSpareKeyBuffers && batch.keys.capacity() <= kSpareKeyBufferMaxKeys) {

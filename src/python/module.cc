@@ -398,22 +398,19 @@ class PyWriter {
     std::uint64_t first;
     {
       ReleaseGil unlocked;
-      const auto start = std::chrono::steady_clock::now();
-      const double cpu_start = thread_cpu_seconds();
+      const WorkClock clock;
       const std::span<const std::uint64_t> key_span(batch.keys);
       first =
           batch.epochs.empty()
               ? writer_->append(key_span, batch.epoch, batch.rows)
               : writer_->append(key_span, std::span<const std::uint64_t>(batch.epochs), batch.rows);
-      const double seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      const double cpu_seconds = thread_cpu_seconds() - cpu_start;
+      const WorkClock::Elapsed spent = clock.elapsed();
       std::lock_guard guard(stats_mutex_);
       ++sync_stats_.batches;
       sync_stats_.rows += batch.rows.rows;
       sync_stats_.bytes += batch.rows.rows * record_bytes_;
-      sync_stats_.append_seconds += seconds;
-      sync_stats_.append_cpu_seconds += cpu_seconds;
+      sync_stats_.append_seconds += spent.seconds;
+      sync_stats_.append_cpu_seconds += spent.cpu_seconds;
     }
     return first;
   }
