@@ -189,6 +189,14 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
     for (auto& k : keys) k = next_key++;
     w.append(keys, 0, ConstMatrix{values.data(), DType::kFloat32, n, o.dim, 0});
   };
+  // Until another handle waits for the lock `holder` holds (its waiting mark), at most a minute.
+  auto until_someone_waits = [](const detail::WriterLock& holder) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(1);
+    while (!holder.others_waiting() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return holder.others_waiting();
+  };
   CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));  // nothing since the open
   append();
   CHECK_FALSE(detail::WriterInternals::hashes_before_lock(w));
@@ -203,7 +211,7 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
     detail::WriterLock other(dir / "s/lock");  // another handle holds the store's lock
     CHECK_FALSE(other.acquire());
     std::thread t(append);
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    REQUIRE(until_someone_waits(other));  // w's append found the lock taken
     other.release();
     t.join();
   }
@@ -219,9 +227,7 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
       (void)waiter.acquire();
       waiter.release();
     });
-    for (int i = 0; i < 5000 && !holder.others_waiting(); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
+    REQUIRE(until_someone_waits(holder));
     CHECK(detail::WriterInternals::hashes_before_lock(w));
     holder.release();
     t.join();
@@ -232,10 +238,7 @@ TEST_CASE("A writer hashes in the page cache only while it looks like the one ac
     detail::WriterLock holder(dir / "s/lock");
     CHECK_FALSE(holder.acquire());
     std::thread own(append);
-    for (int i = 0; i < 5000 && !holder.others_waiting(); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    REQUIRE(holder.others_waiting());  // w's thread waits
+    REQUIRE(until_someone_waits(holder));  // w's thread waits
     CHECK(detail::WriterInternals::hashes_before_lock(w));
     holder.release();
     own.join();

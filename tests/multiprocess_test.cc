@@ -52,10 +52,12 @@ TEST_CASE("4 writer processes x 2 threads append while 2 reader processes check 
   }
 
   test::Pipe report;
+  test::Pipe opened;  // A byte from each reader once it has opened the store.
   std::vector<pid_t> readers;
   for (int r = 0; r < 2; ++r) {
     readers.push_back(test::spawn([&] {
       Reader reader = Reader::open(path);
+      opened.send("o", 1);
       test::StreamChecker checker(kDim);
       std::uint64_t snapshots = 0;
       while (checker.checked_rows() < total) {
@@ -75,6 +77,8 @@ TEST_CASE("4 writer processes x 2 threads append while 2 reader processes check 
       return 0;
     }));
   }
+  // The writers start once both readers follow the store, so that each sees it grow.
+  REQUIRE(opened.receive(2).size() == 2);
   std::vector<pid_t> writers;
   for (int p = 0; p < kProcesses; ++p) {
     writers.push_back(test::spawn([&, p] {

@@ -378,17 +378,25 @@ TEST_CASE("start_writeback starts the flush of a file's dirty pages without wait
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   REQUIRE(fd >= 0);
   const std::vector<char> bytes(8 << 20, 'x');
-  REQUIRE(::pwrite(fd, bytes.data(), bytes.size(), 0) == static_cast<ssize_t>(bytes.size()));
   CacheStat before{};
-  if (!cache_stat(fd, before)) {
-    WARN("no cachestat(2) on this kernel: not checked");
+  // The kernel's own writeback waits ~30 s for pages this young, unless the machine is past its
+  // dirty limits (other processes writing): then it may have cleaned them already; write again.
+  for (int attempt = 0; attempt < 5 && before.dirty == 0; ++attempt) {
+    REQUIRE(::pwrite(fd, bytes.data(), bytes.size(), 0) == static_cast<ssize_t>(bytes.size()));
+    if (!cache_stat(fd, before)) {
+      WARN("no cachestat(2) on this kernel: not checked");
+      ::close(fd);
+      return;
+    }
+  }
+  if (before.dirty == 0) {
+    WARN("the kernel cleaned every page at once, 5 times (past its dirty limits): not checked");
     ::close(fd);
     return;
   }
-  REQUIRE(before.dirty > 0);  // the kernel's own writeback waits ~30 s for pages this young
   detail::os::start_writeback(fd);
   CacheStat after{};
-  for (int i = 0; i < 200; ++i) {  // up to 2 s for the device
+  for (int i = 0; i < 1000; ++i) {  // up to 10 s for the device
     REQUIRE(cache_stat(fd, after));
     if (after.dirty < before.dirty) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));

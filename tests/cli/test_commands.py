@@ -482,8 +482,11 @@ def test_bench_reports_the_cpu_its_writer_processes_used_in_each_phase(tmp_path)
         ms = phase["seconds"] * 1e3
         assert phase["writer_cpu_ms"] > 0, (name, phase)
         # One writer process: its threads cannot use more than every processor for the phase;
-        # the baselines' one thread, not more than the phase itself (a 1 ms clock slack).
-        bound = ms * (os.cpu_count() if name == "embstore" else 1) + 1
+        # the baselines' one thread, not more than the phase itself. The slack is for the two
+        # clocks, which disagree by milliseconds on a virtual machine (a thread's CPU clock once
+        # counted 3.4 ms inside 1.0 ms of wall time): a wrong unit or another process's CPU
+        # counted still lands far past it.
+        bound = (ms * (os.cpu_count() if name == "embstore" else 1)) * 1.05 + 5
         assert phase["writer_cpu_ms"] <= bound, (name, phase)
     text = run("bench", "--rows", 2000, "--dim", 8, "--batch", 100, "--repeat", 1, "--dir",
                tmp_path, "--quiet")

@@ -197,10 +197,13 @@ def test_huge_pages_writer_makes_2mib_pages_and_reads_back(tmp_path):
 
     # Whether the kernel keeps a file's writes in 2 MiB pages here at all: one 9.2 MB batch
     # does (the kernel sizes pages by the write), with or without the option.
-    probe = str(tmp_path / "probe")
-    with embstore.Writer(probe, dim=768, huge_pages=False, sync="none") as w:
-        w.append(range(3000), rows)
-    if _reader_pmd_kib(probe) == 0:
+    def probe_makes_2mib_pages(name):
+        probe = str(tmp_path / name)
+        with embstore.Writer(probe, dim=768, huge_pages=False, sync="none") as w:
+            w.append(range(3000), rows)
+        return _reader_pmd_kib(probe) > 0
+
+    if not probe_makes_2mib_pages("probe"):
         pytest.skip("this kernel keeps no file writes in 2 MiB pages here")
     # 30 MB in 1.5 MB batches, with and without the option. The blocks a write entered while
     # the file was allocated to their end become 2 MiB pages (most of them: the files double
@@ -213,6 +216,9 @@ def test_huge_pages_writer_makes_2mib_pages_and_reads_back(tmp_path):
             for b in range(20):
                 w.append(range(b * 500, b * 500 + 500), rows[:500], 1)
         pmd[huge] = _reader_pmd_kib(path)
+    if pmd[True] < 8 * 2048 and not probe_makes_2mib_pages("probe-again"):
+        # The kernel fell back to small pages (memory fragmented meanwhile): not the writer's doing.
+        pytest.skip(f"no 2 MiB pages for a new probe either ({pmd})")
     assert pmd[True] >= 8 * 2048, pmd  # of its 14 whole blocks
     assert pmd[False] == 0, pmd
 

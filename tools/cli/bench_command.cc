@@ -361,8 +361,9 @@ bool is_pwrite(Workload workload) {
       volatile std::byte sink = memory[memory_offset / 2];
       (void)sink;
     }
-    const std::int64_t end = now_ns();
+    // The CPU window lies inside the wall-time window [start, end].
     shared->writer_cpu_ns.fetch_add(process_cpu_ns() - cpu_start);
+    const std::int64_t end = now_ns();
     atomic_min(shared->first_start_ns, start);
     atomic_max(shared->last_end_ns, end);
     if (fd >= 0) ::close(fd);
