@@ -22,7 +22,9 @@ enum class ErrorCode : int {
   kIO = 7,                  // An operating-system call failed (errno in sys_errno()).
   kFull = 8,                // No space: ENOSPC/EFBIG, or the store outgrew its map_bytes.
   kReadOnly = 9,            // Writing was asked of a read-only file or file system.
-  kPoisoned = 10,           // A previous sync failed; the Writer refuses writes until reopened.
+  kPoisoned = 10,           // A previous sync failed (or, in the Python binding, an async
+                            // background append refused a batch); writes are refused until
+                            // the store is reopened.
   kForkedChild = 11,        // A forked child used a Writer its parent opened.
   kClosed = 12,             // The object was closed (or moved from).
   kPermissionDenied = 13,   // The OS refused access to a file (EACCES/EPERM) when reading it.

@@ -371,7 +371,12 @@ void AsyncAppender::run() {
       stats_.queued_bytes = 0;
       stats_.dropped_batches += dropped;
       stats_.dropped_rows += dropped_rows;
-      error_ = Error(failure->code(),
+      // A refused batch (its values, converted here) is reported by later calls, whose own
+      // input was fine: not as a ValueError (that call's bad input, to be skipped), but as the
+      // state the Writer is in, refusing writes until reopened.
+      const ErrorCode code =
+          failure->code() == ErrorCode::kInvalidArgument ? ErrorCode::kPoisoned : failure->code();
+      error_ = Error(code,
                      std::string(failure->what()) + " [async writer: this batch and the " +
                          std::to_string(dropped - 1) + " queued behind it (" +
                          std::to_string(dropped_rows) + " rows) were not written]",

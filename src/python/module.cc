@@ -10,6 +10,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -63,6 +64,30 @@ bool cut_off_by_finalization() {
 // default one raises KeyboardInterrupt, which the call raises. Other threads, and a finalizing
 // interpreter, wait on; other signals are handled when the call returns, as Python does for any
 // C call.
+// Only Python's default SIGINT handler (signal.default_int_handler, which raises
+// KeyboardInterrupt) ends the wait: a handler of the program's own that returns normally (one
+// that sets a stop flag, or embstore's own deferral while a recorder hands its rows over:
+// _InterruptDeferred) asks for no call to be cut short, so the wait goes on, as Python retries
+// a system call interrupted by a signal whose handler returned (PEP 475); that handler runs
+// once the call returns.
+// (_signal, the C module under signal: no Python code runs here.)
+bool sigint_raises() noexcept {
+  PyObject* signal_module = PyImport_ImportModule("_signal");
+  if (signal_module == nullptr) {
+    PyErr_Clear();
+    return true;
+  }
+  PyObject* handler = PyObject_CallMethod(signal_module, "getsignal", "i", SIGINT);
+  PyObject* default_handler = PyObject_GetAttrString(signal_module, "default_int_handler");
+  const bool raises =
+      handler == nullptr || default_handler == nullptr || handler == default_handler;
+  if (handler == nullptr || default_handler == nullptr) PyErr_Clear();
+  Py_XDECREF(handler);
+  Py_XDECREF(default_handler);
+  Py_DECREF(signal_module);
+  return raises;
+}
+
 bool python_interrupted() noexcept {
   if (PyThread_get_thread_ident() != g_main_thread || !Py_IsInitialized()) return false;
 #if PY_VERSION_HEX >= 0x030D0000
@@ -71,10 +96,14 @@ bool python_interrupted() noexcept {
   if (_Py_IsFinalizing()) return false;
 #endif
   const PyGILState_STATE gil = PyGILState_Ensure();
-  // Takes a pending SIGINT without running its handler; PyErr_SetInterrupt() makes it pending
-  // again, for the handler.
-  const bool interrupted = PyOS_InterruptOccurred() != 0;
-  if (interrupted) PyErr_SetInterrupt();
+  // Takes a pending SIGINT without running its handler (no handler is marked as tripped
+  // then, so the Python calls of sigint_raises() cannot run it); PyErr_SetInterrupt() makes it
+  // pending again, for the handler.
+  bool interrupted = PyOS_InterruptOccurred() != 0;
+  if (interrupted) {
+    interrupted = sigint_raises();
+    PyErr_SetInterrupt();
+  }
   PyGILState_Release(gil);
   return interrupted;
 }
@@ -146,8 +175,9 @@ class AliveLock {
 // Turns embstore::Error into the Python exception embstore._errors chooses for its code.
 void raise_python_error(const Error& error) {
   // The locks of the call are released by now: the signal's handlers may run (a SIGINT
-  // python_interrupted() set pending again). What one raises (KeyboardInterrupt) is the call's
-  // exception; a handler that returns leaves the call's own, InterruptedError.
+  // python_interrupted() set pending again). What it raises (KeyboardInterrupt) is the call's
+  // exception; a handler changed to one that returns meanwhile leaves the call's own,
+  // InterruptedError.
   if (error.code() == ErrorCode::kInterrupted && PyErr_CheckSignals() != 0) return;
   py::object make = py::module_::import("embstore._errors").attr("from_code");
   py::object exc =
@@ -262,10 +292,12 @@ void to_u64(const py::array& array, std::string_view owner, std::string_view wha
 
 // Describes a 2-D array as a ConstMatrix without copying when the rows' elements are contiguous
 // (any positive row stride works); otherwise returns a contiguous copy in `array`.
+// `where` (the store's path and the call) begins every refusal's message.
 ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as_dtype,
-                          bool& copied) {
+                          bool& copied, const std::string& where) {
   if (array.ndim() != 2) {
-    invalid("vectors must be 2-D (rows, dim); got " + std::to_string(array.ndim()) + " dims");
+    invalid(where + ": vectors must be 2-D (rows, dim); got " + std::to_string(array.ndim()) +
+            " dims");
   }
   const py::dtype dt = array.dtype();
   const char kind = dt.kind();
@@ -274,7 +306,8 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
   if (as_dtype) {
     dtype = parse_dtype_arg(*as_dtype);
     if (static_cast<py::ssize_t>(dtype_size(dtype)) != size) {
-      invalid("vectors: " + std::to_string(size) + "-byte elements cannot hold " + *as_dtype);
+      invalid(where + ": vectors: " + std::to_string(size) + "-byte elements cannot hold " +
+              *as_dtype);
     }
   } else if (kind == 'f' && size == 4) {
     dtype = DType::kFloat32;
@@ -287,11 +320,12 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
   } else if (kind == 'u' && size == 1) {
     dtype = DType::kUInt8;
   } else {
-    invalid("vectors have dtype " + py::str(static_cast<py::handle>(dt)).cast<std::string>() +
+    invalid(where + ": vectors have dtype " +
+            py::str(static_cast<py::handle>(dt)).cast<std::string>() +
             "; embstore takes float32, float16, bfloat16 (torch), float64, int8 or uint8");
   }
   if (dt.byteorder() == '>') {
-    invalid("vectors are big-endian; convert them to native byte order first");
+    invalid(where + ": vectors are big-endian; convert them to native byte order first");
   }
   const py::ssize_t rows = array.shape(0);
   const py::ssize_t dim = array.shape(1);
@@ -304,7 +338,7 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
   }
   const std::uint64_t stride = rows <= 1 ? static_cast<std::uint64_t>(row_bytes)
                                          : static_cast<std::uint64_t>(array.strides(0));
-  if (dim > 0xffffffff) invalid("vectors: dim " + std::to_string(dim) + " is too large");
+  if (dim > 0xffffffff) invalid(where + ": vectors: dim " + std::to_string(dim) + " is too large");
   return ConstMatrix{array.data(), dtype, static_cast<std::uint64_t>(rows),
                      static_cast<std::uint32_t>(dim), stride};
 }
@@ -339,7 +373,7 @@ class PyWriter {
     release_done();
     bool copied = false;
     Batch batch;
-    batch.rows = describe_rows(vectors, as_dtype, copied);
+    batch.rows = describe_rows(vectors, as_dtype, copied, writer_path() + ": append");
     if (!spare_keys_.empty()) {  // A buffer an earlier batch is done with: no allocation.
       batch.keys = std::move(spare_keys_.back());
       spare_keys_.pop_back();
@@ -360,7 +394,6 @@ class PyWriter {
               std::to_string(batch.rows.rows) + " rows");
     }
     const AliveLock alive = lock_open();
-    if (copied) ++copied_batches_;
     if (async_ && async_->fits(async_->queue_bytes(batch.rows))) {
       // Checked here so a wrong dim or dtype is a ValueError from this call, not a deferred one.
       check_matches(batch.rows);
@@ -377,7 +410,8 @@ class PyWriter {
         ReleaseGil unlocked;
         async_->push(std::move(batch));
       }
-      (void)keep.release();  // The queue owns this reference now; release_done() drops it.
+      (void)keep.release();           // The queue owns this reference now; release_done() drops it.
+      if (copied) ++copied_batches_;  // Counted once taken: a refused batch copied nothing used.
       return py::none();
     }
     if (async_) {
@@ -388,9 +422,12 @@ class PyWriter {
         async_->flush();
       }
       write_now(batch);
+      if (copied) ++copied_batches_;
       return py::none();
     }
-    return py::int_(write_now(batch));
+    const std::uint64_t first = write_now(batch);
+    if (copied) ++copied_batches_;
+    return py::int_(first);
   }
 
   // Appends in the calling thread (GIL released), counted in the sync statistics.

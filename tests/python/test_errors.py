@@ -541,9 +541,9 @@ def test_typed_buffers_of_another_dtype_are_refused_not_narrowed(store, wrap, as
     w = embstore.Writer(store, dim=2, async_queue_mb=async_queue_mb)
     with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):
         w.append([1], wrap(np.array([[0.1, 16777217.0]])))
-    with pytest.raises(ValueError, match="vectors have dtype int64"):
+    with pytest.raises(ValueError, match=re.escape(f"{store}: append: vectors have dtype int64")):
         w.append([2], wrap(np.array([[16777217, 1]], np.int64)))
-    with pytest.raises(ValueError, match="vectors must be 2-D"):
+    with pytest.raises(ValueError, match=re.escape(f"{store}: append: vectors must be 2-D")):
         w.append([3], array.array("d", [0.1, 16777217.0]))
     w.append([4], wrap(np.array([[0.1, 16777217.0]], np.float32)))  # the store's dtype: stored
     w.append([5], [[0.5, 16777217.0]])  # a list has no dtype: converted, as documented
@@ -578,3 +578,17 @@ def test_wait_timeout_is_a_number_not_a_bool_or_str(store):
             r.wait(1, timeout=bad)
     assert r.wait(1, timeout=np.float32(0)) is False and r.wait(0, timeout=np.int64(1)) is True
     assert r.wait(0, timeout=math.inf) is True and r.wait(0) is True
+
+
+@pytest.mark.parametrize("async_queue_mb", [0, 1])
+def test_copied_batches_counts_only_batches_that_were_taken(store, async_queue_mb):
+    # A transposed array needs a contiguous copy first; one refused afterwards (another width
+    # than the store's) stored nothing, and is not counted as a copied batch.
+    w = embstore.Writer(store, dim=4, async_queue_mb=async_queue_mb)
+    with pytest.raises(ValueError, match="dim"):
+        w.append(range(3), np.ones((5, 3), np.float32).T)  # 3 rows of 5 values
+    assert w.stats()["copied_batches"] == 0
+    w.append(range(3), np.ones((4, 3), np.float32).T)
+    w.flush()
+    assert w.stats()["copied_batches"] == 1 and w.stats()["rows"] == 3
+    w.close()

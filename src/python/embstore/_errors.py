@@ -14,15 +14,16 @@ kPermissionDenied      PermissionError (an OSError; errno EACCES/EPERM): reading
 kCorruption            CorruptionError (an embstore.Error)
 kFormatMismatch        FormatMismatchError (an embstore.Error and a ValueError)
 kUnsupportedVersion    UnsupportedVersionError (an embstore.Error)
-kPoisoned              PoisonedError (an embstore.Error): a sync failed, reopen
+kPoisoned              PoisonedError (an embstore.Error): a sync failed, or an async
+                       Writer's background append refused a batch; reopen
 kForkedChild           ForkedChildError (an embstore.Error)
 kClosed                ClosedError (an embstore.Error and a ValueError, like I/O on a
                        closed Python file)
 kInterrupted           what the SIGINT handler raised (KeyboardInterrupt): a Ctrl-C ended
                        a wait for the writer lock (append, truncate; nothing was written) or
                        an async writer's wait for room (not queued), flush or close (written
-                       on); InterruptedError (an OSError, errno EINTR) if a handler of the
-                       program's own returned without raising
+                       on). Only Python's default SIGINT handler ends such a wait; under
+                       a handler of the program's own the wait goes on
 =====================  =======================================================
 
 Every exception carries the C++ message (it names the file, field or value) and has a ``code``
@@ -83,7 +84,9 @@ class UnsupportedVersionError(Error):
 
 
 class PoisonedError(Error):
-    """A sync failed; the Writer refuses writes until the store is reopened."""
+    """A sync failed, or an async Writer's background append refused a batch (a donated
+    array's value beyond the store's dtype); the Writer refuses writes until the store is
+    reopened."""
 
     code = "poisoned"
 
