@@ -28,6 +28,21 @@ def test_two_ddp_ranks_record_into_one_store(tmp_path):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_end_epoch_fails_on_every_rank_when_one_ranks_part_fails(tmp_path):
+    # Rank 1's pending rows cannot be written (its Writer was closed under the recorder): it
+    # raises that error, and rank 0 learns it in the same collective instead of waiting for
+    # rank 1 in the next one (until the group's timeout, or for ever with NCCL).
+    tmp.spawn(workers_torch.end_epoch_with_a_failing_rank, args=(2, str(tmp_path)), nprocs=2,
+              join=True)
+    raised = [(tmp_path / f"raised-{rank}").read_text() for rank in (0, 1)]
+    assert raised[1].startswith("ClosedError: "), raised
+    assert raised[0].startswith("RuntimeError: "), raised
+    assert f"{tmp_path / 'run'}: end_epoch() failed on rank 1: {raised[1]}" in raised[0], raised
+    # Rank 0's part was done: its rows are stored, in its node's store.
+    assert len(embstore.Reader(str(tmp_path / "run" / "node-0"))) == 8
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_recorder_given_the_dataset_length_skips_distributed_sampler_padding(tmp_path):
     store = str(tmp_path / "store")
     # 10 samples over 3 ranks: DistributedSampler pads each epoch to 12 with 2 repeats.

@@ -91,6 +91,34 @@ def padded_epochs_rank(rank, world, run_dir, store, dataset_len):
     dist.destroy_process_group()
 
 
+def end_epoch_with_a_failing_rank(rank, world, run_dir):
+    """Both ranks record a staged batch into per-node stores; rank 1's Writer is closed under its
+    recorder, so its end_epoch() fails. Each rank writes what its end_epoch() raised (its type
+    and message) to run_dir/raised-<rank>, and the rows it stored, then leaves the group."""
+    import datetime
+    os.environ.update(GROUP_RANK=str(rank), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(run_dir, 'rdv')}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    model = torch.nn.Linear(8, 16)
+    recorder = EmbeddingRecorder(model, "", os.path.join(run_dir, "run"), dim=16, per_node=True,
+                                 buffer_rows=1000, async_queue_mb=0)
+    with torch.no_grad(), recorder.batch(torch.arange(rank * 8, rank * 8 + 8), 0):
+        model(torch.randn(8, 8))
+    if rank == 1:
+        recorder.writer().close()  # its 8 staged rows can no longer be written
+    try:
+        recorder.end_epoch()
+        raised = "nothing"
+    except BaseException as error:  # noqa: B902 (written down for the test to check)
+        raised = f"{type(error).__name__}: {error}"
+    with open(os.path.join(run_dir, f"raised-{rank}"), "w") as f:
+        f.write(raised)
+    if rank == 0:
+        recorder.close()
+    dist.destroy_process_group()
+
+
 def rank_waiting_in_a_collective(rank, world, port, run_dir, ready, flushed=False):
     """Rank 0 records 5 batches (staged: buffer_rows 1000), then waits in end_epoch()'s
     all_gather for rank 1, which never comes (it sleeps until killed). Rank 0 touches `ready`
@@ -140,3 +168,21 @@ while not os.path.exists(ready):
     time.sleep(0.05)
 raise RuntimeError("rank 1 fails")
 """
+
+
+class RecordingDataset(torch.utils.data.Dataset):
+    """A dataset whose items pass through a model recorded by an EmbeddingRecorder in the
+    DataLoader's workers (key: the item's index, epoch 0)."""
+
+    def __init__(self, store, n):
+        self.n = n
+        self.model = torch.nn.Linear(8, 16)
+        self.recorder = EmbeddingRecorder(self.model, "", store, dim=16)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        with torch.no_grad(), self.recorder.batch([i], 0):
+            self.model(torch.full((1, 8), float(i)))
+        return i

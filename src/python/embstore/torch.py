@@ -73,6 +73,12 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     (so the DataLoader raises it in the main process): never other rows under the same
     indices.
 
+    Under DDP while the store is still being appended to, each rank's snapshot is taken when
+    it makes its dataset, so ranks can see different lengths, run different numbers of steps
+    and hang in a collective. Give every rank the same rows: e.g. rank 0 broadcasts
+    ``len(embstore.Reader(path))`` and each rank passes ``rows=numpy.arange(n)``. ``refresh()``
+    changes the length: make the DistributedSampler again after it, on every rank.
+
     Args:
         store: a path or an open ``embstore.Reader``.
         rows: optional 1-D array of row numbers to serve (default: every row of the snapshot).
@@ -339,6 +345,7 @@ class _Staging:
 
     def __init__(self, writer: Writer, buffer_rows: int) -> None:
         self.writer = writer
+        self.buffer_rows = buffer_rows  # 0: every recorded batch is appended at once
         self.pid = _pid
         self.dtype = _TORCH_DTYPES[writer.dtype]  # of the buffer: the store's
         self.buffer: Optional[torch.Tensor] = None  # donated to the Writer when submitted
@@ -455,6 +462,15 @@ class EmbeddingRecorder:
     the sampler yields passes through the module once, in the sampler's order, inside
     ``batch()`` (a DataLoader over that sampler, ``drop_last=False``, in-order workers).
 
+    Every forward pass of the module inside ``batch()`` is recorded, a recomputation too: with
+    gradient checkpointing (``torch.utils.checkpoint``) over the module, ``backward()`` inside
+    the block runs its forward again and every sample is stored twice. Call ``backward()``
+    after the block.
+
+    In a DataLoader worker (a recorder used by the dataset), each recorded batch is appended
+    at once and synchronously: ``flush()`` and ``end_epoch()`` in the main process reach only
+    that process's rows.
+
     Args:
         model: the model (or DDP wrapper) holding the module.
         module_name: dotted name of the submodule whose output to save; the output must be a
@@ -566,7 +582,12 @@ class EmbeddingRecorder:
             # bool, float or int beyond uint64 is refused by value (numpy made 1 of True).
             ids = _as_ints(ids, "sample ids")
         # 1-D integers >= 0 (the error names the first that is not).
-        _embstore.check_keys(ids, "sample ids")
+        try:
+            _embstore.check_keys(ids, "sample ids")
+        except ValueError as error:
+            hint = ("; hashed int64 ids can be stored as their uint64 bit patterns "
+                    "(ids.view(numpy.uint64))") if "must be >= 0" in str(error) else ""
+            raise ValueError(f"{self.path}: {error}{hint}") from None
         if type(epoch) is not int or epoch != self._epoch:  # else: the last block's, checked
             # An integer in [0, 2**64), as Writer.append checks it: a larger one was staged
             # and dropped at the next submit, its error raised by a later, unrelated call.
@@ -592,13 +613,16 @@ class EmbeddingRecorder:
             path = self.store_path()
             if self._per_node:
                 os.makedirs(self.path, exist_ok=True)
+            # A DataLoader worker's rows are written as each batch is recorded (no staging, no
+            # queue): end_epoch() and flush() run in the main process and reach only its own.
+            in_worker = torch.utils.data.get_worker_info() is not None
+            queue_mb = 0 if in_worker else self._async_queue_mb
             if self._dim:
                 writer = Writer(path, dim=self._dim, dtype=self._dtype or "float32",
                                 metadata=self._metadata, segment_mb=self._segment_mb,
-                                async_queue_mb=self._async_queue_mb,
-                                expected_rows=self._expected_rows)
+                                async_queue_mb=queue_mb, expected_rows=self._expected_rows)
             else:
-                writer = Writer(path, dtype=self._dtype, async_queue_mb=self._async_queue_mb,
+                writer = Writer(path, dtype=self._dtype, async_queue_mb=queue_mb,
                                 expected_rows=self._expected_rows)
             if writer.dtype not in _TORCH_DTYPES:
                 dtype = writer.dtype  # read before the close: a closed Writer raises ClosedError
@@ -606,7 +630,7 @@ class EmbeddingRecorder:
                 raise ValueError(f"{path}: the recorder saves float tensors; the store "
                                  f"holds {dtype}")
             # A forked child starts with an empty buffer and its own Writer and finalizer.
-            staging = self._staging = _Staging(writer, self._buffer_rows)
+            staging = self._staging = _Staging(writer, 0 if in_worker else self._buffer_rows)
             self._finalizer = _mp_util.Finalize(
                 self, _finish_unclosed, args=(staging, self.path, self.module_name),
                 exitpriority=_RECORDER_EXIT_PRIORITY)
@@ -650,7 +674,8 @@ class EmbeddingRecorder:
             out = out.reshape(out.shape[0], -1)
         n = out.shape[0]
         if n != len(self._ids):
-            raise ValueError(f"{self.module_name} produced {n} rows for {len(self._ids)} ids")
+            raise ValueError(f"{self.path}: {self.module_name or 'the model'} produced {n} rows "
+                             f"for {len(self._ids)} ids")
         staging = self._staging
         if staging is None or staging.pid != _pid:
             self.writer()
@@ -674,21 +699,21 @@ class EmbeddingRecorder:
         # float32 to a 16-bit float: two roundings, which can move a value by one step, or onto
         # infinity), as Writer.append rounds it.
         narrowed = _float64_rounded_once(out, staging.dtype)
-        if n > self._buffer_rows:
+        if n > staging.buffer_rows:
             # Too big to stage: one append of a private copy (converted, on the CPU).
             staging.submit()
             rows = narrowed.to("cpu", staging.dtype, copy=True)
             self._refuse_overflow(rows, out, staging, kept, ids)
             staging.writer.append(ids, rows, self._epoch, copy=False)
         else:
-            if staging.filled and (staging.filled + n > self._buffer_rows or
+            if staging.filled and (staging.filled + n > staging.buffer_rows or
                                    staging.epoch != self._epoch):
                 staging.submit()
             if staging.buffer is None:
                 # Never an inference tensor (made under torch.inference_mode()): a later
                 # forward outside it could not copy into it.
                 with torch.inference_mode(False):
-                    staging.buffer = torch.empty((self._buffer_rows, out.shape[1]),
+                    staging.buffer = torch.empty((staging.buffer_rows, out.shape[1]),
                                                  dtype=staging.dtype)
             begin, end = staging.filled, staging.filled + n
             staging.buffer[begin:end].copy_(narrowed)  # converts dtype, copies from any device
@@ -696,7 +721,7 @@ class EmbeddingRecorder:
             staging.keys[begin:end] = ids
             staging.epoch = self._epoch
             staging.filled = end
-            if end == self._buffer_rows:
+            if end == staging.buffer_rows:
                 staging.submit()
         self.rows_recorded += n
 
@@ -748,18 +773,21 @@ class EmbeddingRecorder:
         return os.path.join(self.path, shards.node_name()) if self._per_node else self.path
 
     def end_epoch(self, sync: bool = True) -> None:
-        """Makes everything recorded so far visible (and with ``sync`` durable) and, with
-        ``per_node``, has rank 0 rewrite the manifest: every node's store id, rows and epochs.
+        """Makes everything recorded so far in this process visible (and with ``sync`` durable)
+        and, with ``per_node``, has rank 0 rewrite the manifest: every node's store id, rows and
+        epochs. (Rows recorded in DataLoader workers are written as each batch is recorded.)
 
         Under torch.distributed this is a collective: every rank must call it (at the end of
         each epoch). Each node's lowest rank syncs and describes its store; rank 0 gathers them
-        and replaces ``manifest.json`` atomically.
+        and replaces ``manifest.json`` atomically. A rank whose part fails (a pending write
+        error, say) raises it, and every other rank raises RuntimeError naming that rank and
+        its error, instead of waiting for it in the next collective.
         """
-        self.flush(wait=True)
         distributed = _group_initialized()
         if self._per_node and not distributed and _world_size() > 1:
             # Rank 0 alone would write a manifest of its own node: the gathered run would read
             # as that node's rows only, the others' stores sitting beside it unlisted.
+            self.flush(wait=True)
             staging = self._local_staging()
             if sync and staging is not None:
                 staging.writer.sync()
@@ -770,28 +798,50 @@ class EmbeddingRecorder:
                 f"torch.distributed.init_process_group() first, or read the node stores by "
                 f"their paths (embstore.ShardSet([...])). This rank's rows are stored and synced.")
         world = torch.distributed.get_world_size() if distributed else 1
-        names = [None] * world
+
+        def gathered(part: Callable[[], Any]) -> list:
+            """part()'s result on every rank, in rank order; a rank whose part raised makes
+            every rank raise (its own error there, RuntimeError naming it elsewhere)."""
+            error, result = None, None
+            try:
+                result = part()
+            except BaseException as e:  # KeyboardInterrupt too: the others must not wait
+                error = e
+            mine = (result, None if error is None else f"{type(error).__name__}: {error}")
+            if distributed:
+                every = [None] * world
+                torch.distributed.all_gather_object(every, mine)
+            else:
+                every = [mine]
+            if error is not None:
+                raise error
+            failed = [(rank, message) for rank, (_, message) in enumerate(every) if message]
+            if failed:
+                rank, message = failed[0]
+                raise RuntimeError(f"{self.path}: end_epoch() failed on rank {rank}: {message}")
+            return [result for result, _ in every]
+
+        def flushed() -> tuple:
+            self.flush(wait=True)
+            return (shards.node_name(), self.rank)
+
+        names = gathered(flushed)  # also: every rank has flushed
         mine = (shards.node_name(), self.rank)
-        if distributed:
-            torch.distributed.all_gather_object(names, mine)  # also: every rank has flushed
-        else:
-            names = [mine]
         leader = min(rank for name, rank in names if name == mine[0]) == self.rank
         path = self.store_path()
-        shard = None
-        if leader and os.path.exists(path):
+
+        def described() -> Optional[dict]:
+            if not (leader and os.path.exists(path)):
+                return None
             staging = self._local_staging()
             if sync and staging is not None:
                 staging.writer.sync()
             elif sync:  # this rank recorded nothing (``ranks``): sync the node's store anyway
                 with Writer(path) as writer:
                     writer.sync()
-            shard = self._describe(path)
-        infos = [None] * world
-        if distributed:
-            torch.distributed.all_gather_object(infos, shard)
-        else:
-            infos = [shard]
+            return self._describe(path)
+
+        infos = gathered(described)
         if self._per_node and self.rank == 0:
             listed = sorted((i for i in infos if i), key=lambda i: i["shard"]["path"])
             if listed:
