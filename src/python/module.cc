@@ -7,6 +7,7 @@
 // copies them into its queue before append returns, or (copy=False) keeps a reference to the
 // caller's array until its background thread has copied it (async_writer.h).
 #include <cxxabi.h>
+#include <pthread.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -41,7 +42,8 @@ constexpr const char* kCutOffAtExit =
     "thread); the call does not return, and rows it had not handed over are not stored\n";
 
 // The interpreter's main thread (threading.main_thread()), set at import: the thread that
-// finalizes it, and may take the GIL while it does.
+// finalizes it, and may take the GIL while it does. In a child forked by another thread, that
+// thread is the child's main one (as threading.main_thread() says there): set again at fork.
 unsigned long g_main_thread = 0;
 
 // True when the interpreter is finalizing and this thread is not the one doing it: CPython will
@@ -1168,6 +1170,10 @@ PYBIND11_MODULE(_embstore, m) {
   m.doc() = "Private C++ core of the embstore package; use the names exported by `embstore`.";
   g_main_thread =
       py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  // The forking thread is the child's only thread (its ident is pthread_self's, as
+  // PyThread_get_thread_ident() gives it, without the GIL, which fork's handlers may not take).
+  pthread_atfork(nullptr, nullptr,
+                 [] { g_main_thread = static_cast<unsigned long>(pthread_self()); });
   detail::os::set_interrupt_check(&python_interrupted);
 
   py::register_exception_translator([](std::exception_ptr p) {

@@ -14,7 +14,7 @@ import pytest
 
 import embstore
 import workers
-from test_async import StoreLock
+from test_async import StoreLock, _wait_until
 
 
 def run_script(source, *args, stdin=None):
@@ -22,6 +22,25 @@ def run_script(source, *args, stdin=None):
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(source), *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def waits_in_native_code(script):
+    """Whether the main thread of `script` (a process) sleeps on a futex. In a script that runs
+    no other Python thread that is no wait for the GIL, but one of the library's C++ waits, with
+    the GIL released: once its rows are queued behind the store's lock, the wait of its exit
+    handler's close. Fails at once if the script has ended."""
+    assert script.poll() is None, f"the script ended (status {script.returncode})"
+    with open(f"/proc/{script.pid}/task/{script.pid}/wchan") as f:
+        return "futex" in f.read()
+
+
+def signal_taken(pid, sig):
+    """Whether process `pid` has taken signal `sig` sent to it (no longer pending): its handler
+    has run."""
+    with open(f"/proc/{pid}/status") as f:
+        pending = [int(line.split()[1], 16) for line in f
+                   if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return not any(mask & (1 << (sig - 1)) for mask in pending)
 
 
 def test_async_writer_left_open_is_flushed_at_interpreter_exit(store):
@@ -77,9 +96,12 @@ def test_a_ctrl_c_while_the_exit_handler_writes_the_queue_loses_nothing(store):
         script.stdin.write("locked\n")
         script.stdin.flush()
         assert script.stdout.readline() == "queued\n"
-        time.sleep(0.5)  # the script's exit handler now waits for the lock
+        # The SIGINT once the script's exit handler waits for the lock, not after a fixed time:
+        # a script that stalled took it in Python code (a KeyboardInterrupt traceback).
+        _wait_until(lambda: waits_in_native_code(script), what="the exit handler's wait")
         script.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        _wait_until(lambda: signal_taken(script.pid, signal.SIGINT), what="the SIGINT taken")
+        time.sleep(0.5)  # held on: a close that gave way to the signal would (it asks each 0.1 s)
         lock.release()
         out, err = script.communicate(timeout=120)
     assert "failed to close" not in err and "KeyboardInterrupt" not in err, err
@@ -113,9 +135,12 @@ def test_a_ctrl_c_while_an_unclosed_recorders_exit_handler_writes_loses_nothing(
         script.stdin.write("locked\n")
         script.stdin.flush()
         assert script.stdout.readline() == "queued\n"
-        time.sleep(0.5)  # the script's exit handlers now wait for the lock
+        # The SIGINT once the script's exit handlers wait for the lock, not after a fixed time:
+        # a script that stalled took it in Python code (a KeyboardInterrupt traceback).
+        _wait_until(lambda: waits_in_native_code(script), what="the exit handlers' wait")
         script.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        _wait_until(lambda: signal_taken(script.pid, signal.SIGINT), what="the SIGINT taken")
+        time.sleep(0.5)  # held on: a close that gave way to the signal would (it asks each 0.1 s)
         lock.release()
         out, err = script.communicate(timeout=120)
     assert "failed" not in err and "KeyboardInterrupt" not in err, err
@@ -262,6 +287,7 @@ def test_a_daemon_thread_appending_when_the_program_ends_does_not_abort_it(store
             w = embstore.Writer(sys.argv[1], async_queue_mb=int(sys.argv[2]))
             returned = open(sys.argv[1] + ".returned", "w")
             x = np.ones((64, 8), np.float32)
+            first_returned = threading.Event()
             def saver():
                 i = 0
                 while True:
@@ -270,7 +296,13 @@ def test_a_daemon_thread_appending_when_the_program_ends_does_not_abort_it(store
                     returned.seek(0)
                     returned.write(f"{i * 64:12d}")
                     returned.flush()
+                    if i == 1:
+                        first_returned.set()
             threading.Thread(target=saver, daemon=True).start()
+            # The 0.3 s of appending from the saver's first append on, not from its start: a
+            # busy machine may not finish one append in 0.3 s.
+            if not first_returned.wait(60):
+                sys.exit("the saver's first append did not return within 60 s")
             time.sleep(0.3)
             print("done", flush=True)
         """, store, str(queue_mb))
@@ -301,9 +333,13 @@ def test_threads_appending_in_turn_do_not_hold_off_close_or_the_end(store, queue
         w = embstore.Writer(path, async_queue_mb=int(sys.argv[2]), sync="none")
         x = np.ones((100, 8), np.float32)
         counts = [0, 0, 0]
+        appended = [threading.Event() for _ in range(3)]
         def saver(t):
             keys = np.arange(100, dtype=np.uint64) + t * 10**9
             try:
+                w.append(keys, x, epoch=t)
+                counts[t] += 100
+                appended[t].set()
                 while True:  # Nothing between two appends but the count.
                     w.append(keys, x, epoch=t)
                     counts[t] += 100
@@ -312,6 +348,10 @@ def test_threads_appending_in_turn_do_not_hold_off_close_or_the_end(store, queue
         threads = [threading.Thread(target=saver, args=(t,), daemon=True) for t in range(3)]
         for t in threads:
             t.start()
+        # The 0.3 s of appending from the moment each thread has had an append return, not from
+        # their start: a busy machine may not finish one for each in 0.3 s.
+        if not all(event.wait(60) for event in appended):
+            sys.exit("an appending thread's first append did not return within 60 s")
         time.sleep(0.3)
         if ending == "close":
             w.close()
@@ -627,6 +667,18 @@ def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(s
     assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
 
 
+class SaysWhenWaitedOn:
+    """For a fork-started child, in place of `event`: sets `waiting` when the child begins to
+    wait on it (the fork start method passes it as it is, unpickled)."""
+
+    def __init__(self, event, waiting):
+        self.event, self.waiting = event, waiting
+
+    def wait(self, timeout=None):
+        self.waiting.set()
+        return self.event.wait(timeout)
+
+
 def test_a_sigterm_while_the_exit_function_waits_in_a_close_still_writes_every_row(tmp_path):
     """A multiprocessing child in multiprocessing's exit function, closing its Writers, the first
     close waiting more than the relay's 5 s of nudges (this process holds that store's lock),
@@ -634,29 +686,30 @@ def test_a_sigterm_while_the_exit_function_waits_in_a_close_still_writes_every_r
     late handler then waited for it to end the process, and its 30 s deadline did, by the
     signal: the second Writer's rows were lost. The exit function goes on; every row is written
     and the child exits 0 once the lock is released."""
-    import fcntl
     import time
     stores = [str(tmp_path / "first"), str(tmp_path / "second")]
     for path in stores:
         embstore.create(path, dim=workers.DIM)
     ctx = multiprocessing.get_context("fork")
-    ready = ctx.Event()
+    ready, appended = ctx.Event(), ctx.Event()
     child = ctx.Process(target=workers.leave_two_writers_to_the_exit_function,
-                        args=(stores[1], stores[0], ready))
+                        args=(stores[1], stores[0], SaysWhenWaitedOn(ready, appended)))
     child.start()
-    fd = os.open(os.path.join(stores[0], "lock"), os.O_RDWR)
     try:
-        time.sleep(2)  # both Writers open, their rows queued
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        ready.set()  # the child returns: the exit function closes "first", which waits
-        time.sleep(1)
-        child.terminate()
-        time.sleep(8)  # past the nudges: the relay thread finds the main thread waiting
-        assert child.is_alive()
-        fcntl.lockf(fd, fcntl.LOCK_UN)
-        child.join(60)
+        assert appended.wait(60), "the child did not append to both stores within 60 s"
+        # Their rows written too: the lock taken below then holds off the exit function's close
+        # alone, and a request blocked on it is that close's.
+        _wait_until(lambda: [len(embstore.Reader(path)) for path in stores] == [8, 8],
+                    what="the child's rows written")
+        with StoreLock(stores[0]) as lock:
+            ready.set()  # the child returns: the exit function closes "first", which waits
+            lock.wait_for_a_waiter()
+            child.terminate()
+            time.sleep(8)  # past the nudges: the relay thread finds the main thread waiting
+            assert child.is_alive()
+            lock.release()
+            child.join(60)
     finally:
-        os.close(fd)
         if child.is_alive():
             child.kill()
             child.join()

@@ -107,3 +107,61 @@ def test_child_with_multiprocessing_fork_and_a_reader_across_fork(store):
     assert queue.get(timeout=60) == 20.0
     p.join(60)
     assert p.exitcode == 0
+
+
+def test_ctrl_c_ends_a_wait_in_a_child_forked_by_another_thread(store):
+    # The forking thread is the child's main thread (threading.main_thread() there): Ctrl-C
+    # ends its append's wait for the writer lock as in any main thread. The binding took the
+    # parent's main thread for it, so the child waited on, Ctrl-C or not.
+    import fcntl
+    import signal
+    import threading
+    import time
+    embstore.create(store, dim=4)
+    opened_r, opened_w = os.pipe()
+    go_r, go_w = os.pipe()
+    children = []
+
+    def fork_here():
+        pid = os.fork()
+        if pid == 0:
+            code = 3
+            try:
+                w = embstore.Writer(store)
+                os.write(opened_w, b"o")
+                os.read(go_r, 1)
+                w.append([1], np.ones((1, 4), np.float32))
+            except KeyboardInterrupt:
+                code = 7
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    thread = threading.Thread(target=fork_here)
+    thread.start()
+    thread.join()
+    pid = children[0]
+    assert os.read(opened_r, 1) == b"o"
+    fd = os.open(os.path.join(store, "lock"), os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # the child's append waits for the writer lock
+        os.write(go_w, b"g")
+        st = os.fstat(fd)
+        file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        deadline = time.monotonic() + 60
+        while not any(f[1] == "->" and file_id in f for f in map(str.split, open("/proc/locks"))
+                      if len(f) > 1):
+            assert time.monotonic() < deadline, "the child's append never waited for the lock"
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("Ctrl-C did not end the child's wait for the writer lock")
+        assert os.waitstatus_to_exitcode(done[1]) == 7  # KeyboardInterrupt, nothing appended
+    finally:
+        os.close(fd)
+    assert len(embstore.Reader(store)) == 0

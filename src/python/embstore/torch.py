@@ -362,8 +362,14 @@ class _Staging:
         with _TERMINATION, _InterruptDeferred():
             n, self.filled = self.filled, 0
             buffer, self.buffer = self.buffer, None
-            # Donated (copy=False): the recorder never touches this buffer again.
-            self.writer.append(self.keys[:n], buffer[:n], self.epoch, copy=False)
+            try:
+                # Donated (copy=False): the recorder never touches this buffer again.
+                self.writer.append(self.keys[:n], buffer[:n], self.epoch, copy=False)
+            except BaseException:
+                # Not taken (a refused append queues nothing): the rows stay staged, so a later
+                # submit tries again and a loss at exit counts them.
+                self.filled, self.buffer = n, buffer
+                raise
 
     def finish(self, interruptible: bool = True) -> None:
         """Appends the staged rows and closes the Writer (raising a write error); Ctrl-C may end
