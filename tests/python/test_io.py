@@ -3,6 +3,7 @@ export, import and compact (same files, same rules)."""
 
 import hashlib
 import json
+import re
 import os
 
 import numpy as np
@@ -333,7 +334,8 @@ def test_exports_and_compact_take_epochs_as_any_collection_of_integers(tmp_path)
                                       e[e != 1])
     assert embstore.compact(src, tmp_path / "c", epochs=range(2)) == 20
     assert embstore.export_npy(src, tmp_path / "r", begin=np.int64(3), end=np.uint32(5)) == 2
-    assert embstore.export_npy(src, tmp_path / "none", epochs=[]) == 0
+    with pytest.raises(ValueError, match="epochs is empty"):
+        embstore.export_npy(src, tmp_path / "none", epochs=[])
 
 
 def test_import_names_the_key_file_it_refuses(tmp_path):
@@ -383,7 +385,7 @@ def test_float64_rows_are_rounded_once_to_float16_and_bfloat16(tmp_path):
         embstore.compact(src, tmp_path / f"compact-{dtype}", dtype=dtype)
         embstore.import_npy(tmp_path / f"import-{dtype}", x, dtype=dtype)
         embstore.create(tmp_path / f"existing-{dtype}", dim=x.shape[1], dtype=dtype)
-        embstore.import_npy(tmp_path / f"existing-{dtype}", x)
+        embstore.import_npy(tmp_path / f"existing-{dtype}", x, dtype=dtype)
         for out in ("compact", "import", "existing"):
             stored = embstore.Reader(tmp_path / f"{out}-{dtype}").vectors
             assert stored.tolist() == [want], (out, dtype)
@@ -404,7 +406,7 @@ def test_import_and_compact_refuse_values_that_would_become_infinite(tmp_path, d
     assert not (tmp_path / "new").exists()
     embstore.create(tmp_path / "existing", dim=3, dtype=dtype)
     with pytest.raises(ValueError, match=pattern):
-        embstore.import_npy(tmp_path / "existing", x)
+        embstore.import_npy(tmp_path / "existing", x, dtype=dtype)
     assert len(embstore.Reader(tmp_path / "existing")) == 0
     src = tmp_path / "f64"
     with embstore.Writer(src, dim=3, dtype="float64") as w:
@@ -445,7 +447,7 @@ def test_a_refused_import_into_an_existing_store_appends_nothing(tmp_path, monke
         with embstore.Writer(store, dim=4, dtype="float16") as w:
             w.append([99], np.zeros((1, 4), np.float32))
         with pytest.raises(ValueError, match=pattern):
-            embstore.import_npy(store, source)
+            embstore.import_npy(store, source, dtype="float16")  # rounding asked for
         r = embstore.Reader(store)
         assert len(r) == 1 and r.keys.tolist() == [99], i
     with pytest.raises(ValueError, match=pattern):
@@ -519,3 +521,70 @@ def test_an_import_into_an_empty_directory_killed_midway_leaves_no_store_there(t
     assert embstore.io.import_npy(other, tmp_path / "v.npy") == 400_000
     assert len(embstore.Reader(other)) == 400_000 and not [
         name for name in os.listdir(other) if name.startswith(".")]
+
+
+def test_import_takes_the_rows_dtype_from_their_file_and_refuses_a_sidecar_saying_otherwise(
+        tmp_path):
+    # vectors.npy of a bfloat16 export replaced with float32 values (numpy has no bfloat16): the
+    # sidecar's "bfloat16" had the float32 values taken as bit patterns, stored as other numbers.
+    src = str(tmp_path / "src")
+    make(src, dtype="bfloat16", rows=3)
+    out = str(tmp_path / "out")
+    embstore.io.export_npy(src, out)
+    np.save(os.path.join(out, "vectors.npy"), np.full((9, 4), 1.5, np.float32))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{out}/embstore.json says dtype 'bfloat16' but {out}/vectors.npy holds float32")):
+        embstore.io.import_npy(str(tmp_path / "new"), out)
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_import_names_the_file_it_cannot_read(tmp_path):
+    out = str(tmp_path / "out")
+    make(str(tmp_path / "src"), rows=2)
+    embstore.io.export_npy(str(tmp_path / "src"), out)
+    with open(os.path.join(out, "embstore.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=re.escape(f"{out}/embstore.json: not an export's")):
+        embstore.io.import_npy(str(tmp_path / "a"), out)
+    os.remove(os.path.join(out, "embstore.json"))
+    with open(os.path.join(out, "vectors.npy"), "wb") as f:
+        f.write(b"\x93NUMPY garbage")
+    with pytest.raises(ValueError, match=re.escape(f"{out}/vectors.npy: not a readable .npy")):
+        embstore.io.import_npy(str(tmp_path / "b"), out)
+    np.save(os.path.join(out, "vectors.npy"), np.ones(4, np.float32))
+    with pytest.raises(ValueError, match=re.escape(f"{out}/vectors.npy must be 2-D")):
+        embstore.io.import_npy(str(tmp_path / "c"), out)
+    assert not any(os.path.exists(tmp_path / name) for name in "abc")
+
+
+def test_import_into_an_existing_store_rounds_rows_only_when_asked_as_the_cli_does(tmp_path):
+    store = str(tmp_path / "s")
+    embstore.create(store, dim=2)  # float32
+    rows = np.array([[0.1, 1e-50]], np.float64)
+    with pytest.raises(embstore.FormatMismatchError,
+                       match=r"holds float32 rows but vectors holds float64; give "
+                       r"dtype='float32' to convert them"):
+        embstore.io.import_npy(store, rows)
+    assert len(embstore.Reader(store)) == 0
+    embstore.io.import_npy(store, rows, dtype="float32")  # asked: rounded
+    embstore.io.import_npy(store, np.ones((1, 2), np.float16))  # widened exactly: taken
+    half = str(tmp_path / "half")
+    embstore.create(half, dim=2, dtype="float16")
+    embstore.io.import_npy(half, np.ones((1, 2), np.float32))  # as every Writer takes them
+    assert embstore.Reader(store).vectors.tolist() == [[np.float32(0.1), 0.0], [1.0, 1.0]]
+    assert len(embstore.Reader(half)) == 1
+
+
+def test_an_npy_export_gets_the_mode_a_directory_gets_and_empty_epochs_are_refused(tmp_path):
+    src = str(tmp_path / "src")
+    make(src, rows=3)
+    umask = os.umask(0o022)
+    try:
+        embstore.io.export_npy(src, str(tmp_path / "out"))
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    for call in (embstore.io.export_npy, embstore.io.compact):
+        with pytest.raises(ValueError, match="epochs is empty, so no row of .* would be taken"):
+            call(src, str(tmp_path / f"none-{call.__name__}"), epochs=[])
+        assert not os.path.exists(tmp_path / f"none-{call.__name__}")

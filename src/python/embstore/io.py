@@ -46,8 +46,34 @@ _NPY_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|
 
 def _partial_dir(out: str) -> str:
     parent = os.path.dirname(os.path.abspath(out))
-    return tempfile.mkdtemp(prefix="." + os.path.basename(out.rstrip("/")) + ".partial-",
+    path = tempfile.mkdtemp(prefix="." + os.path.basename(out.rstrip("/")) + ".partial-",
                             dir=parent)
+    # mkdtemp makes it 0700, and it is published as it is: readers of the output (another
+    # user, a service) need the mode a directory gets, as the CLI's export gives it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    return path
+
+
+def _taken_as_they_are(source: str, store: str) -> bool:
+    """Whether rows of dtype ``source`` go into a ``store`` store without being asked to convert
+    them: the same dtype, a float type widened exactly, or float32 into a 16-bit store (as every
+    Writer takes them; tools/lib/import.cc, the same rule)."""
+    half = source in ("float16", "bfloat16")
+    return (source == store or (half and store in ("float32", "float64")) or
+            (source == "float32" and store in ("float64", "float16", "bfloat16")))
+
+
+def _load_npy(path: str) -> np.ndarray:
+    """The .npy file at ``path``, mapped read-only; a file numpy cannot read as one raises
+    ValueError naming it (a missing or unreadable one, its OSError)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except OSError:
+        raise
+    except Exception as error:  # numpy's ValueError, pickle's UnpicklingError, EOFError...
+        raise ValueError(f"{path}: not a readable .npy file: {error}") from None
 
 
 def _require_absent(out: str) -> None:
@@ -144,6 +170,11 @@ def _selected_runs(reader: Reader, begin: int, end: Optional[int], epochs: Optio
         wanted = _u64_array(epochs, "epochs")
         if wanted.ndim != 1:
             raise ValueError(f"epochs must be a 1-D list of epochs; got shape {wanted.shape}")
+        if wanted.size == 0:
+            # No row would be taken: an empty output that looks like a store with nothing of
+            # those epochs. (None takes every epoch.)
+            raise ValueError(f"epochs is empty, so no row of {reader.path} would be taken; "
+                             "give None for every epoch")
         wanted = np.unique(wanted)
     if wanted is not None or latest:
         # Every row's key and epoch decide what is taken, not only those of the rows taken
@@ -604,7 +635,10 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             input as bfloat16 bit patterns (without it or a sidecar saying so, uint16 input is
             refused). Float rows are converted to a float store's dtype. For an existing store,
             a dtype other than the store's raises FormatMismatchError and appends nothing
-            (except "bfloat16" naming uint16 input as bit patterns).
+            (except "bfloat16" naming uint16 input as bit patterns); rows that would be rounded
+            (float64 into a float32 store, say; not float32 into a 16-bit store, as every
+            Writer takes them) need ``dtype`` naming the store's dtype, else
+            FormatMismatchError, as the CLI's import refuses them.
         metadata: the new store's metadata (default: the export's). For an existing store,
             metadata other than the store's (as text, or as JSON) raises FormatMismatchError
             and appends nothing: a store's metadata is fixed when it is created.
@@ -615,23 +649,34 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         raise ValueError(f"import into {store}: give epochs (one per row) or epoch (one for "
                          f"every row), not both; got epoch={epoch!r} and epochs too")
     side = {}
+    vectors_name = "vectors"  # what errors call the vectors: their file when there is one
+    sidecar = None
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         base = os.fspath(source)
-        vectors = np.load(os.path.join(base, "vectors.npy"), mmap_mode="r")
+        vectors_name = os.path.join(base, "vectors.npy")
+        vectors = _load_npy(vectors_name)
         sidecar = os.path.join(base, "embstore.json")
         if os.path.exists(sidecar):
             with open(sidecar) as f:
-                side = json.load(f)
+                try:
+                    side = json.load(f)
+                except ValueError as error:
+                    raise ValueError(f"{sidecar}: not an export's sidecar (JSON): {error}") \
+                        from None
+            if not isinstance(side, dict):
+                raise ValueError(f"{sidecar}: not an export's sidecar (a JSON object); got "
+                                 f"{type(side).__name__}")
         if keys is None and os.path.exists(os.path.join(base, "keys.npy")):
             keys = os.path.join(base, "keys.npy")
         if epochs is None and epoch is None and os.path.exists(os.path.join(base, "epochs.npy")):
             epochs = os.path.join(base, "epochs.npy")
     elif isinstance(source, (str, os.PathLike)):
-        vectors = np.load(os.fspath(source), mmap_mode="r")
+        vectors_name = os.fspath(source)
+        vectors = _load_npy(vectors_name)
     else:
         vectors = np.asarray(source)
     if vectors.ndim != 2:
-        raise ValueError(f"vectors must be 2-D (rows, dim); got shape {vectors.shape}")
+        raise ValueError(f"{vectors_name} must be 2-D (rows, dim); got shape {vectors.shape}")
     n, dim = vectors.shape
 
     def column(value: Any, name: str) -> Optional[np.ndarray]:
@@ -641,7 +686,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             return None
         if isinstance(value, (str, os.PathLike)):
             what = f"{name} ({os.fspath(value)})"
-            array = np.load(os.fspath(value), mmap_mode="r")
+            array = _load_npy(os.fspath(value))
         else:
             what = name
             array = _as_ints(value, name)  # a list: value by value, as append checks it
@@ -654,6 +699,12 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     epoch_array = column(epochs, "epochs")
     epoch = 0 if epoch is None else _check_u64(epoch, "epoch")
     source_dtype = side.get("dtype")
+    if source_dtype is not None and vectors.dtype != np.uint16 and \
+            source_dtype != _dtype_name(vectors.dtype):
+        # The rows are what their file holds: a sidecar saying otherwise (vectors.npy replaced
+        # after the export, say) would have them taken as another type's values or bits.
+        raise ValueError(f"{sidecar} says dtype {source_dtype!r} but {vectors_name} holds "
+                         f"{_dtype_name(vectors.dtype)} values; fix or remove the sidecar")
     if vectors.dtype == np.uint16:
         # numpy has no bfloat16: uint16 rows are its bit patterns when an export's sidecar says
         # so, or (no sidecar) the caller does with dtype="bfloat16"; no store holds uint16.
@@ -685,6 +736,18 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             # uint16 rows, dtype="bfloat16" only says what the input is (bit patterns).
             mismatch = (f"{store} holds {writer.dtype} rows but dtype={store_dtype!r} was "
                         "asked for; a store's dtype is fixed when it is created")
+        elif (dtype is None or _dtype_name(dtype) != writer.dtype) and \
+                not _taken_as_they_are(source_dtype, writer.dtype):
+            # As the CLI's import: rows are converted where nothing is lost, or where the Writer
+            # takes them (float32 into a 16-bit store), or where dtype= names the store's dtype,
+            # asking for the rounding (float64 rounded into a float32 store without a word is
+            # the mistake Writer.append refuses).
+            floats = {source_dtype, writer.dtype} <= {"float16", "bfloat16", "float32", "float64"}
+            hint = (f"; give dtype={writer.dtype!r} to convert them (rounded to the nearest "
+                    f"{writer.dtype})" if floats else " (rows are converted between float "
+                    "types only)")
+            mismatch = f"{store} holds {writer.dtype} rows but {vectors_name} holds " \
+                       f"{source_dtype}{hint}"
         if mismatch is not None:
             writer.close()
             from ._errors import FormatMismatchError
