@@ -147,6 +147,10 @@ def test_import_of_an_export_gives_identical_rows_keys_epochs_and_metadata(tmp_p
     for a, b in zip(store_arrays(store), store_arrays(tmp_path / "copy")):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     assert embstore.Reader(tmp_path / "copy").metadata_text == embstore.Reader(store).metadata_text
+    # --metadata '' asks for none: it was taken as not given, and the export's came instead.
+    assert run("import", tmp_path / "bare", out, "--metadata", "", "--quiet").code == 0
+    assert embstore.Reader(tmp_path / "bare").metadata_text == "" != embstore.Reader(
+        store).metadata_text
     again = tmp_path / ("again" if fmt == "npy" else "again.h5")
     assert run("export", tmp_path / "copy", again, "--format", fmt).code == 0
     if fmt == "npy":

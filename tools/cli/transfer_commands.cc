@@ -76,7 +76,7 @@ struct ImportArgs {
   std::string epochs;
   std::optional<std::uint64_t> epoch;
   std::string dtype;
-  std::string metadata;
+  std::optional<std::string> metadata;  // Given: "" asks for none (not the source's).
   std::optional<double> segment_mb;
   bool json = false;
   bool quiet = false;
@@ -89,7 +89,9 @@ int run_import(const ImportArgs& args) {
   if (!args.epochs.empty()) options.epochs = args.epochs;
   options.epoch = args.epoch;
   if (!args.dtype.empty()) options.dtype = dtype_from_name(args.dtype);
-  if (!args.metadata.empty()) options.metadata = checked_metadata(args.metadata);
+  if (args.metadata) {
+    options.metadata = args.metadata->empty() ? "" : checked_metadata(*args.metadata);
+  }
   if (args.segment_mb) {
     options.segment_bytes = segment_bytes_from_mb(*args.segment_mb);
   }
@@ -202,7 +204,8 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
                     "0..rows-1)");
     auto* epochs = cmd->add_option("--epochs", args->epochs,
                                    "Per-row epochs: a .npy file or FILE.h5:/dataset");
-    auto* epoch = cmd->add_option("--epoch", args->epoch, "One epoch for every row (default 0)")
+    auto* epoch = cmd->add_option("--epoch", args->epoch,
+                                  "One epoch for every row (default: the source's epochs, else 0)")
                       ->transform(unsigned_validator("an epoch"));
     epochs->excludes(epoch);
     cmd->add_option("--dtype", args->dtype,
@@ -211,7 +214,7 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
                     "float32, say); bfloat16 also reads uint16 input as bfloat16 bit patterns")
         ->check(dtype_validator());
     cmd->add_option("--metadata", args->metadata,
-                    "Metadata of a new store, JSON (default: the source's)");
+                    "Metadata of a new store, JSON (default: the source's; '' for none)");
     cmd->add_option("--segment-mb", args->segment_mb,
                     "Growth step of a new store, MiB");  // Checked by segment_bytes_from_mb().
     cmd->add_flag("--json", args->json, "Print the summary as JSON");
