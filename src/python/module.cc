@@ -14,6 +14,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -1188,6 +1189,16 @@ PYBIND11_MODULE(_embstore, m) {
         "Moves the closed store in `built` (inside the empty directory `dir`) up into `dir`, the "
         "header last (embstore/store.h), for io.py's import into an empty directory. Called with "
         "the GIL held: a Ctrl-C is acted on once every file is moved.");
+  m.def(
+      "_rename_no_replace",
+      [](const std::string& from, const std::string& to) {
+        if (detail::os::rename_no_replace(from, to) == EEXIST) {
+          throw Error(ErrorCode::kAlreadyExists, "output " + to + " already exists");
+        }
+      },
+      py::arg("from"), py::arg("to"),
+      "Renames `from` to `to` unless something exists there (FileExistsError; renameat2 with "
+      "RENAME_NOREPLACE), for io.py's outputs: one made meanwhile is never replaced.");
   m.def("_refuse_output_inside", &refuse_output_inside, py::arg("out"), py::arg("store"),
         "ValueError naming both when `out` lies inside the store directory `store` (the rule "
         "of every tool that reads a store and writes elsewhere: embstore/store.h), for io.py's "

@@ -588,3 +588,36 @@ def test_an_npy_export_gets_the_mode_a_directory_gets_and_empty_epochs_are_refus
         with pytest.raises(ValueError, match="epochs is empty, so no row of .* would be taken"):
             call(src, str(tmp_path / f"none-{call.__name__}"), epochs=[])
         assert not os.path.exists(tmp_path / f"none-{call.__name__}")
+
+
+def test_an_output_made_while_an_export_ran_is_never_replaced(tmp_path, monkeypatch):
+    # The last look for the output and the rename were two steps: os.rename replaced a file, or
+    # an empty directory, made in between. Another process makes one right after that look.
+    import embstore.io as eio
+    src = make(str(tmp_path / "src"), rows=3)
+    looked = eio._require_absent
+    looks = {}
+
+    def made_right_after_the_look(out):
+        looked(out)
+        looks[out] = looks.get(out, 0) + 1
+        if looks[out] < 2:
+            return  # the look before the work; the one before the rename is the second
+        if out.endswith(".h5"):
+            with open(out, "w") as f:
+                f.write("someone else's")
+        else:
+            os.mkdir(out)
+
+    monkeypatch.setattr(eio, "_require_absent", made_right_after_the_look)
+    for name, call in (("out", eio.export_npy), ("out.h5", eio.export_hdf5),
+                       ("compacted", eio.compact)):
+        out = str(tmp_path / name)
+        with pytest.raises(FileExistsError, match=re.escape(f"output {out} already exists")):
+            call(src, out)
+        if name.endswith(".h5"):
+            assert open(out).read() == "someone else's"
+        else:
+            assert os.listdir(out) == []  # the empty directory made meanwhile, as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compacted", "out", "out.h5", "src"]
+    assert set(looks.values()) == {2}

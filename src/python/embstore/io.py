@@ -82,9 +82,11 @@ def _require_absent(out: str) -> None:
 
 
 def _publish(partial: str, out: str) -> None:
-    # os.rename would replace an empty directory that appeared meanwhile; refuse instead.
+    """Renames ``partial`` to ``out`` unless something is there (FileExistsError): in one
+    system call (renameat2, RENAME_NOREPLACE), so an output made meanwhile is never replaced
+    (os.rename replaces a file, or an empty directory)."""
     _require_absent(out)
-    os.rename(partial, out)
+    _embstore._rename_no_replace(partial, out)
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -531,9 +533,7 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
             if isinstance(error, Exception):
                 _raise_naming_output(error, path, out)
             raise
-        if os.path.lexists(out):
-            raise FileExistsError(f"output {out} already exists")
-        os.rename(path, out)
+        _publish(path, out)
         os.rmdir(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
