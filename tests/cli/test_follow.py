@@ -237,6 +237,57 @@ def test_tail_follow_after_a_truncate_below_the_rows_printed_names_only_those_pr
             proc.wait()
 
 
+TRUNCATE_AND_APPEND = """
+import sys, numpy as np, embstore
+with embstore.Writer(sys.argv[1]) as w:
+    w.truncate(rows=2)
+    w.append(keys=[2000, 2001, 2002], vectors=np.zeros((3, 4), np.float32), epoch=8)
+"""
+
+
+def test_tail_follow_prints_every_row_appended_after_a_truncate_below_the_rows_printed(tmp_path):
+    # Rows appended after the truncate before tail looked again: it followed from the store's
+    # size then (row 5), skipping rows 2..4, and said so as if nothing was missed. tail is
+    # stopped (SIGSTOP) while the other process truncates and appends, so it sees both at once.
+    store = make_store(tmp_path / "s")  # 30 rows
+    proc = subprocess.Popen([CLI, "tail", "-f", store, "-n", "2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    next_row, rest = row_reader(proc)
+    try:
+        assert [next_row()["row"] for _ in range(2)] == [28, 29]
+        proc.send_signal(signal.SIGSTOP)
+        subprocess.run([sys.executable, "-c", TRUNCATE_AND_APPEND, store], check=True,
+                       timeout=60)
+        proc.send_signal(signal.SIGCONT)
+        seen = [next_row() for _ in range(3)]
+        assert [(r["row"], r["key"], r["epoch"]) for r in seen] == \
+            [(2, 2000, 8), (3, 2001, 8), (4, 2002, 8)]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert rest() == []
+        assert proc.stderr.read() == (f"embstore tail: {store} was truncated: rows [28, 30) "
+                                      "printed above are no longer in it; following from row 2\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_head_and_tail_end_with_exit_0_when_the_reader_of_the_pipe_goes_away(tmp_path):
+    # SIGPIPE killed them (141 in a shell: a failure under `set -o pipefail`).
+    store = str(tmp_path / "big")
+    import numpy as np
+    import embstore
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(20000), np.ones((20000, 4), np.float32))
+    for command in (["head", store, "-n", "20000"], ["tail", store, "-n", "20000", "--json"]):
+        proc = subprocess.Popen([CLI, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.readline()
+        proc.stdout.close()  # the reader goes away with most rows unprinted
+        assert proc.wait(timeout=30) == 0, command
+        assert proc.stderr.read() == b"", command
+
+
 def _blocked_on_a_full_pipe(pid, read_end):
     """Waits until process `pid` sleeps with the pipe it writes (read end `read_end`) full."""
     import fcntl
