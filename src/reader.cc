@@ -46,7 +46,9 @@ class Reader::Impl {
     const std::uint64_t done = populated_.load(std::memory_order_relaxed);
     const std::uint64_t from = begin <= done ? std::max(begin, done) : begin;
     if (from >= end || (end - from) * f.layout().record_bytes < kPopulateMinBytes) return;
-    detail::os::populate_read(f.row_ptr(from), (end - from) * f.layout().record_bytes);
+    // Only what is in the page cache: a view of a whole store taken to read a few rows of it
+    // must not read the store from the disk first (it did, synchronously, all of it).
+    detail::os::populate_resident(f.row_ptr(from), (end - from) * f.layout().record_bytes);
     if (begin > done) return;  // A range past the populated prefix: not remembered.
     std::uint64_t seen = done;
     while (seen < end && !populated_.compare_exchange_weak(seen, end, std::memory_order_relaxed)) {

@@ -42,7 +42,56 @@ void append_batch(Writer& w, std::uint64_t writer, std::uint64_t seq, std::uint6
   w.append(keys, 0, std::span<const float>(values));
 }
 
+// Pages of `file` in the page cache, seen through a mapping of this process's own (mincore).
+std::uint64_t resident_pages(const std::string& file) {
+  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  struct stat st {};
+  REQUIRE(::fstat(fd, &st) == 0);
+  const std::uint64_t pages = (static_cast<std::uint64_t>(st.st_size) + 4095) / 4096;
+  void* map = ::mmap(nullptr, pages * 4096, PROT_READ, MAP_SHARED, fd, 0);
+  ::close(fd);
+  REQUIRE(map != MAP_FAILED);
+  std::vector<unsigned char> in(pages);
+  REQUIRE(::mincore(map, pages * 4096, in.data()) == 0);
+  ::munmap(map, pages * 4096);
+  std::uint64_t n = 0;
+  for (const unsigned char c : in) n += c & 1;
+  return n;
+}
+
 }  // namespace
+
+TEST_CASE("A view of a whole store reads nothing from the disk before it is touched", "[reader]") {
+  // rows() filled the page tables of the whole range (MADV_POPULATE_READ), which reads every
+  // page not in the page cache from the disk first: a view of a 100 GB store, taken to read a
+  // few rows of it (Python's Reader.vectors[i]), read 100 GB. Now only cached pages are.
+  TempDir dir;
+  constexpr std::uint64_t kRows = 16384;  // 16 MiB of 256-float rows
+  {
+    Writer w = Writer::create(dir / "s", small(256));
+    for (std::uint64_t seq = 0; seq < kRows; seq += 1024) append_batch(w, 0, seq, 1024);
+    w.sync();
+  }
+  const std::string rows_file = dir / "s/rows.1";
+  const int fd = ::open(rows_file.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  REQUIRE(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) == 0);  // clean pages: dropped
+  ::close(fd);
+  const std::uint64_t before = resident_pages(rows_file);
+  if (before > kRows / 4 / 4) {
+    WARN("the kernel kept " << before << " pages of the rows file: not checked");
+    return;
+  }
+  Reader r = Reader::open(dir / "s");
+  const RowsView all = r.rows();
+  REQUIRE(all.rows == kRows);
+  INFO("pages resident before the view " << before);
+  CHECK(resident_pages(rows_file) < before + kRows / 4 / 8);  // not the 4096 pages of rows
+  // What is touched is read, and reads back as written.
+  const auto values = test::batch_payload(0, 8192, 1, 256);
+  CHECK(std::memcmp(all.row(8192), values.data(), 256 * sizeof(float)) == 0);
+}
 
 TEST_CASE("A reader sees the snapshot taken at open until it refreshes", "[reader]") {
   TempDir dir;

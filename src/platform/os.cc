@@ -368,6 +368,36 @@ void advise_inside(const void* addr, std::uint64_t bytes, std::uint64_t unit, in
 void populate_read(const void* addr, std::uint64_t bytes) noexcept { populate(addr, bytes, 22); }
 void populate_write(void* addr, std::uint64_t bytes) noexcept { populate(addr, bytes, 23); }
 
+void populate_resident(const void* addr, std::uint64_t bytes) noexcept {
+  constexpr std::uint64_t kPage = 4096;
+  constexpr std::uint64_t kChunkPages = 16384;  // 64 MiB a mincore call
+  constexpr std::uint64_t kMinRunPages = 16;    // shorter runs are left to fault-around
+  const auto start = reinterpret_cast<std::uintptr_t>(addr) & ~std::uintptr_t{kPage - 1};
+  const std::uintptr_t end = reinterpret_cast<std::uintptr_t>(addr) + bytes;
+  std::vector<unsigned char> resident;
+  try {
+    resident.resize(std::min<std::uint64_t>(kChunkPages, (end - start + kPage - 1) / kPage));
+  } catch (...) {
+    return;
+  }
+  for (std::uintptr_t chunk = start; chunk < end; chunk += kChunkPages * kPage) {
+    const std::uint64_t pages =
+        std::min<std::uint64_t>(kChunkPages, (end - chunk + kPage - 1) / kPage);
+    if (::mincore(reinterpret_cast<void*>(chunk), pages * kPage, resident.data()) != 0) return;
+    std::uint64_t run = 0;  // resident pages ending at page i
+    for (std::uint64_t i = 0; i <= pages; ++i) {
+      if (i < pages && (resident[i] & 1) != 0) {
+        ++run;
+        continue;
+      }
+      if (run >= kMinRunPages) {
+        populate(reinterpret_cast<const void*>(chunk + (i - run) * kPage), run * kPage, 22);
+      }
+      run = 0;
+    }
+  }
+}
+
 void advise_huge_pages(void* addr, std::uint64_t bytes) noexcept {
   advise_inside(addr, bytes, kHugePageBytes, MADV_HUGEPAGE);
 }

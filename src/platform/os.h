@@ -98,6 +98,11 @@ void unmap(void* addr, std::uint64_t bytes) noexcept;
 // (MADV_POPULATE_READ), so reading it takes no page faults. Advisory: does nothing where the
 // kernel cannot (before Linux 5.14) or on any error; a later read behaves as it would have.
 void populate_read(const void* addr, std::uint64_t bytes) noexcept;
+// populate_read() of the parts of [addr, addr + bytes) already in the page cache (mincore(2),
+// a chunk at a time): the rest is not read from the disk now, only when (if) it is touched. For
+// a view of a range its caller may touch a little of (a whole store's rows, to index a few);
+// where mincore cannot tell (a file this process may not write: Linux 5.0 on), it does nothing.
+void populate_resident(const void* addr, std::uint64_t bytes) noexcept;
 // The same for writing (MADV_POPULATE_WRITE): allocates the page-cache pages of a shared file
 // mapping (file space must be allocated already) and maps them writable in one call, so the
 // stores that follow take no page faults. Advisory like populate_read.
