@@ -540,6 +540,9 @@ std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch)
     throw;
   }
   synced_era_ = files_->state().era();
+  // The old files' descriptors: their disk space goes now, not at this handle's next sync or
+  // close (a store truncated to reclaim space kept all of it). A flush using them closes them.
+  if (flushes_in_flight_ == 0) files_->close_retired_fds();
   keys_->reset_store_generation(files_->file_generation());
   open_key_index();
   return keep;
