@@ -1617,3 +1617,31 @@ TEST_CASE(
   check_lookups(r, {42, 1'000'000, 1'000'050}, {1, 5});
   CHECK(r.verify_key_index().key_index_problems == 0);
 }
+
+TEST_CASE("A reader's lookups answer its snapshot after writers grow past its map_bytes",
+          "[keys]") {
+  // A key's slot names its newest row, appended after the snapshot; reaching its chain record
+  // past the address space the Reader's map_bytes leaves the chain threw kFull, a lookup on an
+  // unchanged snapshot failing because of what writers did meanwhile.
+  TempDir dir;
+  CreateOptions create;
+  create.dim = 1;
+  create.segment_bytes = 4096;
+  WriterOptions unsynced;
+  unsynced.sync = SyncPolicy::kNone;
+  Writer w = Writer::create(dir / "s", create, unsynced);
+  std::vector<std::uint64_t> keys(500);
+  for (std::uint64_t i = 0; i < keys.size(); ++i) keys[i] = i % 50;
+  const std::vector<float> values(500, 1.0f);
+  w.append(keys, 0, values);
+  ReaderOptions small;
+  small.map_bytes = 4096;
+  Reader r = Reader::open(dir / "s", small);
+  for (std::uint64_t epoch = 1; epoch <= 40; ++epoch) w.append(keys, epoch, values);
+  REQUIRE(r.size() == 500);
+  CHECK(r.find(7) == std::optional<std::uint64_t>(457));  // the snapshot's newest row of key 7
+  const auto history = r.history(7);
+  REQUIRE(history.size() == 10);
+  CHECK(history.front().row == 7);  // commit order
+  CHECK(history.back().row == 457);
+}

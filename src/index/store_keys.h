@@ -21,8 +21,10 @@ std::unique_ptr<KeyIndexHandle> make_key_index_handle(const StoreFiles& files, o
 // index turns out inconsistent (kCorruption from the key index file), marks it damaged in
 // `handle` and runs f again on a scan of the offset index, so callers always get a correct
 // answer; if the file was replaced by a newer generation before this Reader mapped all it needs
-// (kNotFound), f runs on a scan too, and the next refresh() takes the newer file. `index` is what
-// the caller took from handle.current() (Readers keep it per snapshot).
+// (kNotFound), f runs on a scan too, and the next refresh() takes the newer file; and so it does
+// when a slot names a row appended after the snapshot whose chain record lies past the address
+// space this handle's map_bytes leaves the chain (kFull): the snapshot is answered all the same.
+// `index` is what the caller took from handle.current() (Readers keep it per snapshot).
 template <typename F>
 auto with_key_query(KeyIndexHandle& handle, const KeyIndexFile* index, const StoreFiles& files,
                     std::uint64_t snapshot, F&& f) {
@@ -32,7 +34,7 @@ auto with_key_query(KeyIndexHandle& handle, const KeyIndexFile* index, const Sto
     } catch (const Error& error) {
       if (error.code() == ErrorCode::kCorruption) {
         handle.mark_damaged(error.what());
-      } else if (error.code() != ErrorCode::kNotFound) {
+      } else if (error.code() != ErrorCode::kNotFound && error.code() != ErrorCode::kFull) {
         throw;
       }
     }
