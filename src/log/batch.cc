@@ -14,7 +14,7 @@ namespace embstore::detail {
 
 std::byte* staging_buffer(std::vector<std::byte>& storage, std::uint64_t bytes,
                           std::uint64_t file_offset) {
-  storage.resize(bytes + 2 * kPageBytes);
+  size_reused(storage, bytes + 2 * kPageBytes, kStageBytes + 2 * kPageBytes);
   const auto base = reinterpret_cast<std::uintptr_t>(storage.data());
   const std::uintptr_t page = (base + kPageBytes - 1) & ~std::uintptr_t{kPageBytes - 1};
   return reinterpret_cast<std::byte*>(page + file_offset % kPageBytes);
@@ -136,7 +136,7 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
   batch.stride = stride;
   const bool convert = rows.dtype != layout.dtype;
   if (!convert && memory == RowMemory::kPrivate && stride == record_bytes) {
-    hashes.resize(n);
+    size_reused(hashes, n, kUsualElements<std::uint64_t>);
     for (std::uint64_t i = 0; i < n; ++i) {
       hashes[i] = payload_hash(batch.source + i * record_bytes, record_bytes, key);
     }
@@ -151,7 +151,7 @@ PreparedBatch prepare_batch(const Layout& layout, const RowHashKey& key, const s
   // Where the rows will land is known only under the lock: the staged rows start on a page,
   // as they land for every row size that is a multiple of 64 bytes (and most batches of others).
   std::byte* const staged = staging_buffer(staging, n * record_bytes, 0);
-  hashes.resize(n);
+  size_reused(hashes, n, kUsualElements<std::uint64_t>);
   if (convert) {
     for (std::uint64_t i = 0; i < n; ++i) {
       std::byte* row = staged + i * record_bytes;

@@ -24,6 +24,7 @@
 // hash_at() in writer.cc).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -65,6 +66,19 @@ inline std::uint64_t read_back_rows(std::uint64_t record_bytes) {
 // Valid until the next call with the same storage.
 std::byte* staging_buffer(std::vector<std::byte>& storage, std::uint64_t bytes,
                           std::uint64_t file_offset);
+
+// Sizes a buffer a thread reuses from batch to batch to `n` elements. One left more than twice
+// as large as `n` and as `usual` (the size most batches need) by an unusually large batch is
+// released first: a thread does not keep the largest batch's memory (a staged copy of it) for as
+// long as it lives.
+template <typename T>
+void size_reused(std::vector<T>& buffer, std::uint64_t n, std::uint64_t usual) {
+  if (buffer.capacity() > 2 * std::max(n, usual)) std::vector<T>().swap(buffer);
+  buffer.resize(n);
+}
+// What size_reused() calls usual: the bytes of a staged piece (kStageBytes), as elements.
+template <typename T>
+inline constexpr std::uint64_t kUsualElements = kStageBytes / sizeof(T);
 
 // Who may change the rows while the batch is prepared and committed (the rule above).
 enum class RowMemory {

@@ -96,7 +96,7 @@ const std::uint64_t* write_rows(StoreFiles& files, std::uint64_t first, const Pr
     return batch.hashes;
   }
   thread_local std::vector<std::uint64_t> hashes;
-  hashes.resize(n);
+  size_reused(hashes, n, kUsualElements<std::uint64_t>);
   if (!by_syscall) {  // Imposed by a test build: the mapping is this writer's own memory too.
     copy_and_hash(files.row_ptr(first), batch.source, batch.stride, n, record_bytes,
                   files.hash_key(), hashes.data());
