@@ -63,7 +63,9 @@ def test_version_flag_and_command():
     assert run("--version").out.strip() == expected
     assert run("version").out.strip() == expected
     assert json.loads(run("version", "--json").out) == {
-        "library": embstore.__version__, "format": embstore.FORMAT_VERSION}
+        "library": embstore.__version__, "format": embstore.FORMAT_VERSION,
+        "format_major": int(embstore.FORMAT_VERSION.split(".")[0]),
+        "format_minor": int(embstore.FORMAT_VERSION.split(".")[1])}
 
 
 def test_create_makes_a_store_with_json_metadata(tmp_path):
@@ -959,3 +961,40 @@ def test_a_segment_size_of_part_of_a_page_is_refused_naming_the_option(tmp_path)
     assert "--segment-mb 0.004 is 4194 bytes, not a whole number of 4 KiB pages" in r.err, r
     assert not os.path.exists(tmp_path / "s.emb")
     assert run("create", tmp_path / "s.emb", "--dim", 4, "--segment-mb", 1 / 256).code == 0
+
+
+def test_commands_name_a_store_and_the_format_alike_in_json(tmp_path, monkeypatch):
+    # truncate and salvage gave only "store" (as typed, relative), where create, info and verify
+    # give "path" (absolute); version gave the format only as the text "1.4".
+    store = make_store(tmp_path / "s")
+    monkeypatch.chdir(tmp_path)
+    info = json.loads(run("info", "s", "--json").out)
+    version = json.loads(run("version", "--json").out)
+    assert (version["format_major"], version["format_minor"]) == \
+        (info["format_major"], info["format_minor"])
+    assert version["format"] == f"{version['format_major']}.{version['format_minor']}"
+    truncated = run("truncate", "s", "--rows", 5, "--yes", "--json")
+    assert truncated.code == 0, truncated
+    assert json.loads(truncated.out)["path"] == info["path"] == store
+    salvaged = run("salvage", "s", tmp_path / "copy", "--json")
+    assert salvaged.code == 0, salvaged
+    assert json.loads(salvaged.out)["path"] == store and json.loads(salvaged.out)["store"] == "s"
+
+
+def test_verify_advises_a_repair_that_works_for_a_store_without_a_key_index(tmp_path):
+    # A damaged primary header copy: verify advised `embstore rebuild-index`, which refuses a
+    # store made without a key index (exit 2).
+    store = str(tmp_path / "s")
+    assert run("create", store, "--dim", 2, "--no-key-index").code == 0
+    with embstore.Writer(store) as w:
+        w.append([1], np.ones((1, 2), np.float32))
+    with open(os.path.join(store, "header"), "r+b") as f:
+        f.seek(40)
+        byte = f.read(1)
+        f.seek(40)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    r = run("verify", store)
+    assert r.code == 1 and "a writer opening the store repairs it: the next one to append" in \
+        r.out and "rebuild-index" not in r.out, r
+    r = run("bench", "--seconds", "1e300", "--quiet")  # nanoseconds past an int64 deadline
+    assert r.code == 2 and "--seconds" in r.err, r

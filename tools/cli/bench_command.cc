@@ -1062,7 +1062,7 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->add_option("--seconds", config->seconds, "Run for S seconds instead of a row count")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1e-3, 1e6));  // Its nanoseconds must fit a phase's int64 deadline.
   cmd->add_option(
          "--repeat", config->repeat,
          "Repeats; each runs every workload once in a fresh random order (writer counts "

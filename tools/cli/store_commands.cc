@@ -242,10 +242,11 @@ int run_verify(const VerifyArgs& args) {
       print_out("key index: none to check ({})\n", reader.info().key_index);
     }
     if (!header.empty()) {
-      print_out(
-          "header: {} (nothing is lost; a writer opening the store repairs it: "
-          "embstore rebuild-index {}, or any Writer)\n",
-          header, args.store);
+      // rebuild-index opens a writer, but refuses a store made without a key index.
+      print_out("header: {} (nothing is lost; a writer opening the store repairs it{})\n", header,
+                reader.info().keeps_key_index
+                    ? fmt::format(": embstore rebuild-index {}, or any Writer", args.store)
+                    : std::string(": the next one to append"));
     }
     if (total.rows_to_cut > 0) {
       print_out("{} rows to cut: {}\n", total.rows_to_cut, rows_to_cut_text(state));
@@ -334,7 +335,10 @@ void add_store_commands(CLI::App& app, Registry& registry) {
     registry.add(cmd, [json] {
       if (*json) {
         print_json({{"library", kLibraryVersion},
-                    {"format", fmt::format("{}.{}", kFormatVersionMajor, kFormatVersionMinor)}});
+                    {"format", fmt::format("{}.{}", kFormatVersionMajor, kFormatVersionMinor)},
+                    // As info --json names a store's format.
+                    {"format_major", kFormatVersionMajor},
+                    {"format_minor", kFormatVersionMinor}});
       } else {
         print_out("embstore {} (format {}.{})\n", kLibraryVersion, kFormatVersionMajor,
                   kFormatVersionMinor);

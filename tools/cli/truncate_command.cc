@@ -27,6 +27,7 @@ struct Plan {
   std::uint64_t rows_before = 0;
   std::uint64_t keep = 0;
   std::map<std::uint64_t, std::uint64_t> dropped_epochs;  // epoch -> rows dropped
+  std::string path;  // The store's, absolute, as Reader::path() gives it.
 };
 
 // What the truncate would drop, as a Reader sees the store now (other writers may append
@@ -34,6 +35,7 @@ struct Plan {
 Plan plan_truncate(const TruncateArgs& args) {
   const Reader reader = Reader::open(args.store);
   Plan plan;
+  plan.path = reader.path();
   plan.rows_before = reader.size();
   const auto epochs = reader.epochs(0, plan.rows_before);
   if (args.rows) {
@@ -129,6 +131,7 @@ int run_truncate(const TruncateArgs& args) {
       epochs.push_back({{"epoch", epoch}, {"rows", rows}});
     }
     print_json({{"store", args.store},
+                {"path", plan.path},  // As create, info and verify name the store.
                 {"rows_before", before},
                 {"rows_kept", kept},
                 {"rows_dropped", dropped},
