@@ -58,15 +58,6 @@ bool cut_off_by_finalization() {
   return finalizing && PyThread_get_thread_ident() != g_main_thread;
 }
 
-// Ctrl-C while the main thread waits (the writer lock, room in an async queue, the queue
-// written: os::set_interrupt_check): the wait looks every 100 ms whether SIGINT came and, if so,
-// ends before anything is written (kInterrupted). No Python handler runs inside the wait: the
-// call holds the Writer's locks, and a handler may close that Writer (the SIGTERM relay of
-// multiprocessing children does), which would then wait for them for ever. The SIGINT is set
-// pending again, and raise_python_error() runs the handlers once the call has unwound: Python's
-// default one raises KeyboardInterrupt, which the call raises. Other threads, and a finalizing
-// interpreter, wait on; other signals are handled when the call returns, as Python does for any
-// C call.
 // Only Python's default SIGINT handler (signal.default_int_handler, which raises
 // KeyboardInterrupt) ends the wait: a handler of the program's own that returns normally (one
 // that sets a stop flag, or embstore's own deferral while a recorder hands its rows over:
@@ -91,6 +82,15 @@ bool sigint_raises() noexcept {
   return raises;
 }
 
+// Ctrl-C while the main thread waits (the writer lock, room in an async queue, the queue
+// written: os::set_interrupt_check): the wait looks every 100 ms whether SIGINT came and, if so,
+// ends before anything is written (kInterrupted). No Python handler runs inside the wait: the
+// call holds the Writer's locks, and a handler may close that Writer (the SIGTERM relay of
+// multiprocessing children does), which would then wait for them for ever. The SIGINT is set
+// pending again, and raise_python_error() runs the handlers once the call has unwound: Python's
+// default one raises KeyboardInterrupt, which the call raises. Other threads, and a finalizing
+// interpreter, wait on; other signals are handled when the call returns, as Python does for any
+// C call.
 bool python_interrupted() noexcept {
   if (PyThread_get_thread_ident() != g_main_thread || !Py_IsInitialized()) return false;
 #if PY_VERSION_HEX >= 0x030D0000
@@ -295,12 +295,12 @@ void to_u64(const py::array& array, std::string_view owner, std::string_view wha
 
 // Describes a 2-D array as a ConstMatrix without copying when the rows' elements are contiguous
 // (any positive row stride works); otherwise returns a contiguous copy in `array`.
-// `where` (the store's path and the call) begins every refusal's message.
+// Every refusal's message begins with the store's `path` and the call (append).
 ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as_dtype,
-                          bool& copied, const std::string& where) {
+                          bool& copied, const std::string& path) {
+  const auto refuse = [&](const std::string& what) { invalid(path + ": append: " + what); };
   if (array.ndim() != 2) {
-    invalid(where + ": vectors must be 2-D (rows, dim); got " + std::to_string(array.ndim()) +
-            " dims");
+    refuse("vectors must be 2-D (rows, dim); got " + std::to_string(array.ndim()) + " dims");
   }
   const py::dtype dt = array.dtype();
   const char kind = dt.kind();
@@ -309,8 +309,7 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
   if (as_dtype) {
     dtype = parse_dtype_arg(*as_dtype);
     if (static_cast<py::ssize_t>(dtype_size(dtype)) != size) {
-      invalid(where + ": vectors: " + std::to_string(size) + "-byte elements cannot hold " +
-              *as_dtype);
+      refuse("vectors: " + std::to_string(size) + "-byte elements cannot hold " + *as_dtype);
     }
   } else if (kind == 'f' && size == 4) {
     dtype = DType::kFloat32;
@@ -323,12 +322,11 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
   } else if (kind == 'u' && size == 1) {
     dtype = DType::kUInt8;
   } else {
-    invalid(where + ": vectors have dtype " +
-            py::str(static_cast<py::handle>(dt)).cast<std::string>() +
-            "; embstore takes float32, float16, bfloat16 (torch), float64, int8 or uint8");
+    refuse("vectors have dtype " + py::str(static_cast<py::handle>(dt)).cast<std::string>() +
+           "; embstore takes float32, float16, bfloat16 (torch), float64, int8 or uint8");
   }
   if (dt.byteorder() == '>') {
-    invalid(where + ": vectors are big-endian; convert them to native byte order first");
+    refuse("vectors are big-endian; convert them to native byte order first");
   }
   const py::ssize_t rows = array.shape(0);
   const py::ssize_t dim = array.shape(1);
@@ -341,7 +339,7 @@ ConstMatrix describe_rows(py::array& array, const std::optional<std::string>& as
   }
   const std::uint64_t stride = rows <= 1 ? static_cast<std::uint64_t>(row_bytes)
                                          : static_cast<std::uint64_t>(array.strides(0));
-  if (dim > 0xffffffff) invalid(where + ": vectors: dim " + std::to_string(dim) + " is too large");
+  if (dim > 0xffffffff) refuse("vectors: dim " + std::to_string(dim) + " is too large");
   return ConstMatrix{array.data(), dtype, static_cast<std::uint64_t>(rows),
                      static_cast<std::uint32_t>(dim), stride};
 }
@@ -376,7 +374,7 @@ class PyWriter {
     release_done();
     bool copied = false;
     Batch batch;
-    batch.rows = describe_rows(vectors, as_dtype, copied, writer_path() + ": append");
+    batch.rows = describe_rows(vectors, as_dtype, copied, path_);
     if (!spare_keys_.empty()) {  // A buffer an earlier batch is done with: no allocation.
       batch.keys = std::move(spare_keys_.back());
       spare_keys_.pop_back();
