@@ -215,28 +215,6 @@ def test_tail_follow_of_a_store_no_longer_at_its_path_says_so_and_fails(tmp_path
             proc.wait()
 
 
-def test_tail_follow_after_a_truncate_below_the_rows_printed_names_only_those_printed(tmp_path):
-    # It said rows [4, 30) were printed above, when only 28 and 29 were.
-    store = make_store(tmp_path / "s")  # 30 rows
-    proc = subprocess.Popen([CLI, "tail", "-f", store, "-n", "2", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    next_row, rest = row_reader(proc)
-    try:
-        assert [next_row()["row"] for _ in range(2)] == [28, 29]
-        subprocess.run([sys.executable, "-c", TRUNCATE, store, "4"], check=True, timeout=60)
-        append_from_another_process(store, 2000, 1, 8)
-        assert (lambda r: (r["row"], r["key"], r["epoch"]))(next_row()) == (4, 2000, 8)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
-        assert rest() == []
-        assert proc.stderr.read() == (f"embstore tail: {store} was truncated: rows [28, 30) "
-                                      "printed above are no longer in it; following from row 4\n")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 TRUNCATE_AND_APPEND = """
 import sys, numpy as np, embstore
 with embstore.Writer(sys.argv[1]) as w:
@@ -245,28 +223,48 @@ with embstore.Writer(sys.argv[1]) as w:
 """
 
 
-def test_tail_follow_prints_every_row_appended_after_a_truncate_below_the_rows_printed(tmp_path):
-    # Rows appended after the truncate before tail looked again: it followed from the store's
-    # size then (row 5), skipping rows 2..4, and said so as if nothing was missed. tail is
-    # stopped (SIGSTOP) while the other process truncates and appends, so it sees both at once.
+def _truncate_to_4_then_append_one(store):
+    subprocess.run([sys.executable, "-c", TRUNCATE, store, "4"], check=True, timeout=60)
+    append_from_another_process(store, 2000, 1, 8)
+
+
+# A truncate below the rows printed (28 and 29), and the rows tail must print then (row, key,
+# epoch), and the row it follows from. "seen at once": tail is stopped (SIGSTOP) while another
+# process truncates and appends, so that it sees both at once.
+BELOW_THE_ROWS_PRINTED = {
+    # It said rows [4, 30) were printed above, when only 28 and 29 were.
+    "to 4, one appended": (_truncate_to_4_then_append_one, False, [(4, 2000, 8)], 4),
+    # It followed from the store's size then (row 5), skipping rows 2..4 without a word.
+    "to 2, three appended, seen at once": (
+        lambda store: subprocess.run([sys.executable, "-c", TRUNCATE_AND_APPEND, store],
+                                     check=True, timeout=60),
+        True, [(2, 2000, 8), (3, 2001, 8), (4, 2002, 8)], 2),
+}
+
+
+@pytest.mark.parametrize("case", list(BELOW_THE_ROWS_PRINTED))
+def test_tail_follow_after_a_truncate_below_the_rows_printed_prints_every_row_after_it(
+        tmp_path, case):
+    change, stopped, expected, following_from = BELOW_THE_ROWS_PRINTED[case]
     store = make_store(tmp_path / "s")  # 30 rows
     proc = subprocess.Popen([CLI, "tail", "-f", store, "-n", "2", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     next_row, rest = row_reader(proc)
     try:
         assert [next_row()["row"] for _ in range(2)] == [28, 29]
-        proc.send_signal(signal.SIGSTOP)
-        subprocess.run([sys.executable, "-c", TRUNCATE_AND_APPEND, store], check=True,
-                       timeout=60)
-        proc.send_signal(signal.SIGCONT)
-        seen = [next_row() for _ in range(3)]
-        assert [(r["row"], r["key"], r["epoch"]) for r in seen] == \
-            [(2, 2000, 8), (3, 2001, 8), (4, 2002, 8)]
+        if stopped:
+            proc.send_signal(signal.SIGSTOP)
+        change(store)
+        if stopped:
+            proc.send_signal(signal.SIGCONT)
+        seen = [next_row() for _ in expected]
+        assert [(r["row"], r["key"], r["epoch"]) for r in seen] == expected
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
         assert rest() == []
-        assert proc.stderr.read() == (f"embstore tail: {store} was truncated: rows [28, 30) "
-                                      "printed above are no longer in it; following from row 2\n")
+        assert proc.stderr.read() == (
+            f"embstore tail: {store} was truncated: rows [28, 30) printed above are no longer "
+            f"in it; following from row {following_from}\n")
     finally:
         if proc.poll() is None:
             proc.kill()
