@@ -1703,7 +1703,12 @@ TEST_CASE("A thread does not keep a staged copy of its largest converting batch"
   const std::uint64_t after_big = rss_anon_kib();
   w.append(std::vector<std::uint64_t>{kRows}, 0, std::vector<float>(768, 1.0f));
   const std::uint64_t after_small = rss_anon_kib();
+  CHECK(w.committed_rows() == kRows + 1);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // Their allocators keep freed memory (ASan's quarantine): resident either way.
+  WARN("a sanitizer's allocator keeps freed memory resident: not checked");
+#else
   INFO("RssAnon after the big batch " << after_big << " KiB, after a small one " << after_small);
   CHECK(after_small + 40 * 1024 < after_big);  // the 60 MB staged copy is gone
-  CHECK(w.committed_rows() == kRows + 1);
+#endif
 }
