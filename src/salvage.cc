@@ -42,6 +42,7 @@ SalvageReport salvage(
                                         detail::DamagedGeneration::kUseOnlyPair);
   const detail::Layout& layout = files->layout();
   SalvageReport report;
+  report.path = files->dir();
   report.header_source = files->header_source();
   if (!files->generation_damage().empty()) {
     // The normal open stops at this field, so the counter checks after it are not run (the

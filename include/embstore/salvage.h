@@ -11,6 +11,9 @@ namespace embstore {
 
 // What salvage() found and copied.
 struct SalvageReport {
+  // The damaged store's directory, absolute as a Reader's path() is (joined to the working
+  // directory, trailing slashes dropped, not resolved further).
+  std::string path;
   std::string header_source;       // "primary" or "copy": the fixed header copy that verified.
   std::uint64_t rows_scanned = 0;  // Rows [0, rows_scanned) examined (see salvage()).
   std::uint64_t rows_copied = 0;   // Rows whose entry and checksum verified, now in `out`.

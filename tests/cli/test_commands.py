@@ -976,9 +976,9 @@ def test_commands_name_a_store_and_the_format_alike_in_json(tmp_path, monkeypatc
     truncated = run("truncate", "s", "--rows", 5, "--yes", "--json")
     assert truncated.code == 0, truncated
     assert json.loads(truncated.out)["path"] == info["path"] == store
-    salvaged = run("salvage", "s", tmp_path / "copy", "--json")
+    salvaged = run("salvage", "s/", tmp_path / "copy", "--json")  # named as info names it
     assert salvaged.code == 0, salvaged
-    assert json.loads(salvaged.out)["path"] == store and json.loads(salvaged.out)["store"] == "s"
+    assert json.loads(salvaged.out)["path"] == store and json.loads(salvaged.out)["store"] == "s/"
 
 
 def test_verify_advises_a_repair_that_works_for_a_store_without_a_key_index(tmp_path):

@@ -2,7 +2,6 @@
 // the library's salvage (include/embstore/salvage.h); reports what was lost.
 #include <fmt/core.h>
 
-#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -38,9 +37,7 @@ int run_salvage(const SalvageArgs& args) {
     nlohmann::json lost = nlohmann::json::array();
     for (const auto& [begin, end] : report.lost_ranges) lost.push_back({begin, end});
     print_json({{"store", args.store},
-                // As create, info and verify name a store: joined to the working directory, not
-                // normalised (the damaged store may not open for a Reader to say it).
-                {"path", (std::filesystem::current_path() / args.store).string()},
+                {"path", report.path},  // As create, info and verify name the store.
                 {"out", args.out},
                 {"header_source", report.header_source},
                 {"rows_scanned", report.rows_scanned},
