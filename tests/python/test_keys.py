@@ -360,6 +360,46 @@ def test_get_many_checks_every_row_against_its_checksum_as_get_does(store):
     assert r.gather([5])[0, 1] == 9  # gather copies rows as stored, unchecked (documented)
 
 
+@pytest.mark.parametrize("between, kept", [("gather", 2000), ("keys", 100)])
+def test_get_many_is_of_one_generation_when_another_thread_refreshes_across_a_truncate(
+        store, between, kept):
+    # get_many is several calls of the core, each on the snapshot of its moment. Another thread's
+    # refresh() between two of them, after a truncate rewrote the rows in another order, gave
+    # other keys' vectors (rows found in one generation, read in the next), or an IndexError
+    # where the new generation was shorter than a row found. The refresh is placed there
+    # through the Reader's core object: its `between` call first truncates (a real Writer) and
+    # refreshes, as another thread scheduled at that instant would.
+    keys = np.arange(2000, dtype=np.uint64)
+    with embstore.Writer(store, dim=4) as w:
+        append(w, [(int(k), 0) for k in keys])
+    r = embstore.Reader(store)
+    native = r._native
+    refreshed = []
+
+    class RefreshedOnce:
+        def __getattr__(self, name):
+            call = getattr(native, name)
+            if name != between or refreshed:
+                return call
+            def truncated_and_refreshed_first(*args, **kwargs):
+                with embstore.Writer(store) as w:
+                    w.truncate(rows=0)
+                    append(w, [(int(k), 0) for k in keys[:kept][::-1]])  # key k at kept - 1 - k
+                refreshed.append(native.refresh())
+                return call(*args, **kwargs)
+            return truncated_and_refreshed_first
+
+    r._native = RefreshedOnce()
+    asked = keys[[3, 50, 99]]
+    if kept == 2000:
+        want = np.stack([vec(int(k), 0) for k in asked])
+        assert r.get_many(asked, epochs=0).tolist() == want.tolist()
+    else:
+        with pytest.raises(KeyError, match="key 1999 at epoch 0 is not in"):
+            r.get_many(np.append(asked, keys[1999]), epochs=0)
+    assert refreshed and r.generation == 2 and len(r) == kept
+
+
 @pytest.mark.parametrize("lookup", ["find", "find_at_epoch", "get", "history", "epoch_rows"])
 def test_a_lookup_that_scans_lets_other_threads_run(tmp_path, lookup):
     # A store without a key index answers every lookup by scanning the snapshot's offset index

@@ -1558,6 +1558,22 @@ class Reader(_Handle):
         and the rows are found again by a scan. And every row is checked against its checksum,
         as ``get`` checks it: CorruptionError naming the first row that fails."""
         keys, epochs = self._find_many_args(keys, epochs)
+        # Four calls of the core, each on the snapshot of its moment: a refresh() by another
+        # thread between two of them changes rows only by adding some, unless it crosses a
+        # truncate (a new generation), where row numbers name other rows. Then all is redone.
+        while True:
+            generation = self._native.generation
+            try:
+                vectors = self._get_many_once(keys, epochs)
+            except Exception:
+                if self._native.generation != generation:
+                    continue
+                raise
+            if self._native.generation == generation:
+                return vectors
+
+    def _get_many_once(self, keys, epochs) -> np.ndarray:
+        """get_many() of checked arguments, in one generation unless a refresh() moved it."""
         rows = self._native.find_many(keys, epochs)
         hit = np.flatnonzero(rows >= 0)
         wrong = self._native.keys(0, None)[rows[hit]] != keys[hit]
