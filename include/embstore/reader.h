@@ -24,6 +24,10 @@ namespace embstore {
 // when the Reader is moved (to the Reader it was moved to) and is dropped when the Reader is
 // closed, destroyed or move-assigned to (`r = Reader::open(other)`: r's earlier views dangle
 // unless an owner() copy holds them). Neither refresh() nor writers growing the store end it.
+// So a Reader that refreshes across a truncate keeps the older generation's files (unlinked by
+// the truncate: their disk space is not given back) mapped until it is closed, destroyed or
+// move-assigned to; a long-lived follower opens the store again after a truncate (generation()
+// changes) once it no longer needs its earlier views. The Python binding does so by itself.
 struct RowsView {
   const std::byte* data = nullptr;
   std::uint64_t first_row = 0;

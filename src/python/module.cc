@@ -837,9 +837,12 @@ std::unique_ptr<PyWriter> open_writer(
 // wait() holds it with the GIL released.
 class PyReader {
  public:
-  explicit PyReader(Reader reader) : reader_(std::move(reader)) {
+  // `options`: those `reader` was opened with (map_bytes is kept for opening the store again).
+  PyReader(Reader reader, const ReaderOptions& options) : reader_(std::move(reader)) {
     mapping_ = py::cast(Mapping{reader_->owner(), reader_->path()});
     path_ = reader_->path();
+    map_bytes_ = options.map_bytes;
+    mapped_generation_ = reader_->generation();
   }
 
   std::uint64_t size() {
@@ -848,7 +851,9 @@ class PyReader {
   }
   std::uint64_t refresh() {
     auto lock = guard();
-    return reader().refresh();
+    reader().refresh();
+    drop_older_generations();
+    return reader().size();
   }
   std::uint64_t generation() {
     auto lock = guard();
@@ -876,6 +881,13 @@ class PyReader {
         ReleaseGil unlocked;
         std::lock_guard lock(mutex_);
         reached = reader().wait(min_rows, slice_end - Clock::now());
+      }
+      {
+        auto lock = guard();
+        if (reader().generation() != mapped_generation_) {
+          drop_older_generations();
+          reached = reader().size() >= min_rows;
+        }
       }
       if (reached) return true;
       if (Clock::now() >= deadline) return false;
@@ -1083,6 +1095,30 @@ class PyReader {
     return *reader_;
   }
 
+  // mutex_ and the GIL held. After a refresh or wait that crossed a truncate the Reader maps the
+  // new generation's files, and a C++ Reader keeps the older generations' files (unlinked by
+  // the truncate) mapped for as long as it lives, since a view taken before may still point
+  // into them (reader.h). Every array made here holds its mappings itself (mapping_ is its
+  // base), so the store is opened again at its new generation and the old Reader dropped: the
+  // old files' mappings, and their space on disk, go once no array taken from them is left
+  // (a dashboard following a run that resumes from checkpoints kept a copy of the store per
+  // truncate). Left as it is when the path holds another store now (the next refresh() says so).
+  void drop_older_generations() {
+    if (reader().generation() == mapped_generation_) return;
+    const std::string store_id = reader().info(InfoDetail::kState).store_id;
+    ReaderOptions options;
+    options.map_bytes = map_bytes_;
+    std::optional<Reader> fresh;
+    {
+      ReleaseGil unlocked;
+      fresh = Reader::open(path_, options);
+      if (fresh->info(InfoDetail::kState).store_id != store_id) return;
+    }
+    reader_ = std::move(fresh);
+    mapping_ = py::cast(Mapping{reader_->owner(), reader_->path()});
+    mapped_generation_ = reader_->generation();
+  }
+
   std::unique_lock<std::mutex> guard() {
     std::unique_lock lock(mutex_, std::try_to_lock);
     if (!lock.owns_lock()) {
@@ -1105,6 +1141,8 @@ class PyReader {
   std::optional<Reader> reader_;
   py::object mapping_;
   std::string path_;
+  std::uint64_t map_bytes_ = 0;
+  std::uint64_t mapped_generation_ = 0;  // The generation reader_ was opened at.
   std::mutex mutex_;
 };
 
@@ -1351,7 +1389,7 @@ PYBIND11_MODULE(_embstore, m) {
                ReleaseGil unlocked;
                reader = Reader::open(path, options);
              }
-             return std::make_unique<PyReader>(std::move(*reader));
+             return std::make_unique<PyReader>(std::move(*reader), options);
            }),
            py::arg("path"), py::arg("map_bytes"), py::arg("max_rows") = py::none())
       .def("size", &PyReader::size)
@@ -1501,7 +1539,7 @@ PYBIND11_MODULE(_embstore, m) {
           reader = detail::open_listed_shard(manifest_path, dim, dtype, entry, path, options,
                                              held_store_ids, held_paths);
         }
-        return std::make_unique<PyReader>(std::move(*reader));
+        return std::make_unique<PyReader>(std::move(*reader), options);
       },
       py::arg("manifest_path"), py::arg("entry"), py::arg("path"), py::arg("dim"), py::arg("dtype"),
       py::arg("map_bytes"), py::arg("held_store_ids"), py::arg("held_paths"));

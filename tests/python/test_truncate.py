@@ -126,3 +126,47 @@ def test_writer_of_another_process_appends_after_the_kept_rows(store):
     r = embstore.Reader(store)
     assert r.keys.tolist() == list(range(12)) + [900, 901]
     assert r.verify().ok
+
+
+def deleted_store_files_mapped(store):
+    """The files of `store` this process maps that have been unlinked (an older generation's)."""
+    import os
+    prefix = os.path.realpath(store) + "/"
+    with open("/proc/self/maps") as maps:
+        return sorted({line.split(None, 5)[5].strip()[len(prefix):] for line in maps
+                       if line.rstrip().endswith("(deleted)") and prefix in line})
+
+
+@pytest.mark.parametrize("follow", ["refresh", "wait"])
+def test_a_reader_following_truncates_keeps_an_old_generation_mapped_only_for_its_arrays(
+        store, follow):
+    # A Reader that followed a store across truncates kept every older generation's files
+    # mapped (unlinked, so their space on disk never came back) for as long as it lived: a
+    # dashboard following a run that resumes from checkpoints held a copy of the store per
+    # resume. Now the old files stay mapped only while arrays taken from them exist.
+    import gc
+    with embstore.Writer(store, dim=4) as w:
+        fill(w, 5)
+    r = embstore.Reader(store)
+    kept = r.vectors[:3]
+    before = kept.copy()
+    for resume in range(3):
+        with embstore.Writer(store) as w:
+            w.truncate(10)
+            w.append([7, 8], rows_of(500 + resume, 2), 6)
+        if follow == "refresh":
+            assert r.refresh() == 12
+        else:
+            assert r.wait(12, timeout=10)
+        assert r.generation == 2 + resume and len(r) == 12
+        assert r.get(8, 6).tolist() == rows_of(500 + resume, 2)[1].tolist()
+        np.testing.assert_array_equal(kept, before)  # still readable, unchanged
+        # Only the files `kept` holds are left unlinked and mapped: its generation's, and those
+        # of the generation the Reader it came from refreshed to (mapped by that Reader before
+        # it saw the truncate); never the later ones.
+        held = ["index.1", "rows.1"] + (["index.2", "rows.2"] if resume else [])
+        assert deleted_store_files_mapped(store) == sorted(f"{f} (deleted)" for f in held)
+    del kept
+    gc.collect()
+    assert deleted_store_files_mapped(store) == []
+    assert r.vectors[:10].tolist() == rows_of(0, 10).tolist()

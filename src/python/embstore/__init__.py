@@ -1344,7 +1344,10 @@ class Reader(_Handle):
     def refresh(self) -> int:
         """Takes a new snapshot of the committed rows; returns its size: never smaller, except
         after a ``Writer.truncate()``, when it is the truncated store's size. Arrays taken
-        before stay valid and unchanged either way.
+        before stay valid and unchanged either way. After a truncate the older generation's
+        files (unlinked) stay mapped only while arrays taken before exist (with those of the
+        generation this refresh found, which the same mappings hold), not for the Reader's
+        lifetime: their space on disk comes back once those arrays are gone.
 
         Raises:
             FileNotFoundError: the store is no longer at its path (deleted, moved away, or
