@@ -136,6 +136,33 @@ def test_shardset_lookups_take_an_empty_list_and_refuse_what_a_reader_refuses(tm
         s.find_many([int(keys[0])], 0.5)
 
 
+def test_single_key_lookups_take_a_0d_array_or_tensor_and_name_what_they_refuse(tmp_path):
+    # ids[0] of a DataLoader batch is a 0-d tensor, and numpy indexing can give 0-d arrays:
+    # Reader.find/get/history refused them (append takes one as its epoch), ShardSet.find took
+    # them, ShardSet.history did not, and ShardSet.find(-1) spoke of "keys[0]".
+    torch = pytest.importorskip("torch")
+    paths, keys, epochs, _ = make_shards(tmp_path, [5, 7])
+    s, r = embstore.ShardSet(paths), embstore.Reader(paths[0])
+    key, epoch = int(keys[1]), int(epochs[1])
+    for lookup in (s, r):
+        for k, e in [(np.array(key), np.array(epoch)), (torch.tensor(key), torch.tensor(epoch)),
+                     (np.uint64(key), np.int32(epoch))]:
+            assert lookup.find(k, e) == lookup.find(key, epoch) is not None
+            assert lookup.find(k) == lookup.find(key)
+            assert lookup.get(k, e).tolist() == lookup.get(key, epoch).tolist()
+            assert lookup.history(k) == lookup.history(key)
+            assert lookup.epoch_rows(e).tolist() == lookup.epoch_rows(epoch).tolist()
+        for bad, message in [(-1, "find: key is -1; it must be in"),
+                             (torch.tensor(-1), "find: key is -1; it must be in"),
+                             (torch.tensor(1.0), "find: key must be an integer .*float"),
+                             (np.array(True), "find: key must be an integer .*bool"),
+                             (np.array([key]), "find: key must be an integer .*ndarray")]:
+            with pytest.raises(ValueError, match=message):
+                lookup.find(bad)
+        with pytest.raises(ValueError, match="history: key must be an integer .*float"):
+            lookup.history(torch.tensor(2.5))
+
+
 def test_shardset_gather_refuses_bools_and_floats_as_reader_gather_does(tmp_path):
     # It converted with np.asarray(rows, dtype=np.int64): 0.7 and True became rows 0 and 1.
     paths, _, _, vectors = make_shards(tmp_path, [5, 7])

@@ -463,7 +463,11 @@ def _check_integer(value: Any, what: str, expected: str = "an integer") -> int:
 
 
 def _check_u64(value: Any, what: str) -> int:
-    """`value` as an int in [0, 2**64): rejects bools, floats, strings and out-of-range ints."""
+    """`value` as an int in [0, 2**64): rejects bools, floats, strings and out-of-range ints.
+    A 0-d numpy array or torch tensor (``ids[0]`` of a DataLoader batch) counts as its value,
+    as append takes one for an epoch."""
+    if (isinstance(value, np.ndarray) or _is_torch_tensor(value)) and value.ndim == 0:
+        value = value.item()
     value = _check_integer(value, what, "an integer in [0, 2**64)")
     if not 0 <= value < _U64_LIMIT:
         raise ValueError(f"{what} is {value}; it must be in [0, 2**64)")

@@ -485,6 +485,8 @@ class ShardSet:
         of that epoch the higher global row. (Shards are written side by side, so their order
         says nothing of time: the last shard's row of a key may be of an earlier epoch than
         another's.) None when absent."""
+        key = _check_u64(key, "find: key")
+        epoch = None if epoch is None else _check_u64(epoch, "find: epoch")
         row = int(self.find_many([key], None if epoch is None else [epoch])[0])
         return None if row < 0 else row
 
