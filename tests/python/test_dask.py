@@ -78,6 +78,43 @@ def test_a_task_refuses_a_different_store_at_the_same_path(tmp_path):
         arrays.vectors.compute(scheduler="sync")
 
 
+def test_persisted_chunks_share_their_process_readers_mappings(tmp_path):
+    # Each task opened a Reader of its own, and the view it returned kept that Reader's 5
+    # mappings (and address space of about twice the store): 20,000 persisted chunks ran out of
+    # vm.max_map_count. Now the tasks of a shard share their process's Reader.
+    def mappings():
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    with embstore.Writer(tmp_path / "s", dim=4) as w:
+        w.append(np.arange(6000), np.arange(24000, dtype=np.float32).reshape(6000, 4), 1)
+    arrays = embstore.dask.from_store(tmp_path / "s", chunk_rows=5)  # 1,200 chunks an array
+    before = mappings()
+    kept = dask.persist(*arrays, scheduler="threads")
+    grown = mappings() - before
+    assert grown < 100, grown  # was about 3 x 1,200 x 5
+    vectors, keys, epochs = dask.compute(*kept, scheduler="threads")
+    assert vectors.tolist() == np.arange(24000, dtype=np.float32).reshape(6000, 4).tolist()
+    assert keys.tolist() == list(range(6000)) and set(epochs.tolist()) == {1}
+
+
+def test_a_task_on_a_copy_older_than_the_graph_says_so(tmp_path):
+    # A worker whose copy of the store predates a truncate was told the store "was truncated
+    # since from_store ... call from_store again", which would not help.
+    import shutil
+    with embstore.Writer(tmp_path / "s", dim=2) as w:
+        w.append([1, 2, 3], np.ones((3, 2), np.float32))
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")  # generation 1
+    with embstore.Writer(tmp_path / "s") as w:
+        w.truncate(1)
+        w.append([4, 5], np.zeros((2, 2), np.float32))
+    arrays = embstore.dask.from_store(tmp_path / "s")  # generation 2
+    shutil.rmtree(tmp_path / "s")
+    os.rename(tmp_path / "copy", tmp_path / "s")
+    with pytest.raises(ValueError, match="generation 1 of the store, older than generation 2 "
+                                         ".*a copy taken before a truncate"):
+        arrays.keys.compute(scheduler="sync")
+
+
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,

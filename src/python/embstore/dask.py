@@ -6,9 +6,12 @@
     mask = (a.epochs == 3)[:, None]
     mean3 = ((a.vectors * mask).sum(0) / mask.sum()).compute()
 
-The task graph holds only paths, store ids, generations and row ranges: each task opens its
-own Reader on the worker that runs it and returns a read-only view of the mapping (no copy on
-that worker; dask copies only what it moves between workers). The arrays describe the shards'
+The task graph holds only paths, store ids, generations and row ranges: a task reads through
+its process's Reader of that shard (one for every task of the shard: a view keeps the mappings
+of the Reader it came from, so a Reader per task left each persisted chunk holding a whole
+Reader's) and returns a read-only view of the mapping (no copy on that worker; dask copies
+only what it moves between workers). A process keeps the Readers of the last 64 shard
+snapshots it read (``_READERS_KEPT``), the least recently used dropped first. The arrays describe the shards'
 snapshots when ``from_store`` was called; rows appended later are not in them. A task whose
 shard was truncated since (another generation: its rows may now be other rows) or replaced
 raises instead of reading, and arrays built after a truncate never share a task name with
@@ -20,6 +23,9 @@ file system (see the README, "Several machines").
 from __future__ import annotations
 
 import math
+import os
+import threading
+from collections import OrderedDict
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -40,19 +46,56 @@ class StoreArrays(NamedTuple):
     epochs: da.Array
 
 
+# This process's Readers, by (path, store id, generation), most recently used last.
+_READERS_KEPT = 64
+_readers: "OrderedDict[tuple, Reader]" = OrderedDict()
+_readers_lock = threading.Lock()
+# A child forked while another thread held the lock would wait on it forever.
+os.register_at_fork(after_in_child=lambda: globals().update(_readers_lock=threading.Lock()))
+
+
 def _open(path: str, store_id: str, generation: int, end: int) -> Reader:
+    """This process's Reader of the shard snapshot a task reads, checked as the graph needs it:
+    the store and generation it was built for, at least `end` rows."""
+    key = (path, store_id, generation)
+    with _readers_lock:
+        reader = _readers.get(key)
+        if reader is not None:
+            _readers.move_to_end(key)
+    if reader is not None:
+        try:
+            # Sees a truncate or a store gone from its path (looked up at most every 50 ms).
+            reader.refresh()
+        except FileNotFoundError:
+            reader = None  # opened again below, to say what is at the path now
+    if reader is None or reader.generation != generation or len(reader) < end:
+        with _readers_lock:
+            _readers.pop(key, None)
+        reader = _opened(path, store_id, generation, end)
+        with _readers_lock:
+            _readers[key] = reader
+            while len(_readers) > _READERS_KEPT:
+                _readers.popitem(last=False)
+    return reader
+
+
+def _opened(path: str, store_id: str, generation: int, end: int) -> Reader:
     reader = Reader(path)
     actual = reader.info(key_stats=False)["store_id"]
     if actual != store_id:
         raise ValueError(f"{path}: this worker sees store {actual}, not the store {store_id} the "
                          "graph was built for (another machine's disk at the same path?)")
-    if reader.generation != generation:
+    if reader.generation > generation:
         # A truncate keeps a prefix of the rows, but which one this snapshot cannot tell: rows
         # past it are new rows under the numbers the graph was built with.
         raise ValueError(f"{path}: this worker sees generation {reader.generation} of the store, "
                          f"not generation {generation} the graph was built for: it was "
                          "truncated since from_store, so these rows may be other rows now; "
                          "call from_store again")
+    if reader.generation < generation:
+        raise ValueError(f"{path}: this worker sees generation {reader.generation} of the store, "
+                         f"older than generation {generation} the graph was built for: a copy "
+                         "taken before a truncate (copy the store again)")
     if len(reader) < end:
         raise ValueError(f"{path}: this worker sees {len(reader)} rows, not the {end} the graph "
                          "was built for")
