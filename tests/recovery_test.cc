@@ -500,35 +500,6 @@ TEST_CASE("SyncPolicy::kNone opts out: close() leaves committed rows unsynced",
   CHECK(read_info(dir / "s").durable_rows == 0);
 }
 
-TEST_CASE("After a reboot files that hold no row are grown again, never left at capacity 0",
-          "[recovery]") {
-  BootReset reset;
-  TempDir dir;
-  const std::string path = dir / "s";
-  make_store(path);
-  // The index file's growth never reached the disk: it holds no entry, so no row survives.
-  REQUIRE(::truncate((path + "/index.1").c_str(), 0) == 0);
-  detail::testing::set_boot_id(kBootB);
-  {
-    Writer w = Writer::open(path);
-    CHECK(w.committed_rows() == 0);
-    CHECK(w.info().capacity_rows > 0);
-  }
-  // The recovery stored a capacity the files hold: the same boot opens it as it was left
-  // (capacity 0 would be refused as corruption), and it takes and reads back rows.
-  {
-    Reader r = Reader::open(path);
-    CHECK(r.size() == 0);
-  }
-  {
-    Writer w = Writer::open(path);
-    append_rows(w, 0, 20);
-  }
-  Reader r = Reader::open(path);
-  REQUIRE(r.size() == 20);
-  CHECK(r.verify().ok());
-}
-
 TEST_CASE("After a reboot a data file cut inside a segment is clamped and grows again",
           "[recovery]") {
   BootReset reset;
@@ -745,9 +716,40 @@ TEST_CASE("Counters that break their relations are named corruption in any boot"
   }
 }
 
+TEST_CASE("After a reboot files that hold no row are grown again, never left at capacity 0",
+          "[recovery]") {
+  BootReset reset;
+  TempDir dir;
+  const std::string path = dir / "s";
+  make_store(path);
+  // No sync ever completed (durable_rows 0), and the index file's growth never reached the
+  // disk: it holds no entry, so no row survives.
+  put_u64(path + "/header", kDurableAt, 0);
+  REQUIRE(::truncate((path + "/index.1").c_str(), 0) == 0);
+  detail::testing::set_boot_id(kBootB);
+  {
+    Writer w = Writer::open(path);
+    CHECK(w.committed_rows() == 0);
+    CHECK(w.info().capacity_rows > 0);
+  }
+  // The recovery stored a capacity the files hold: the same boot opens it as it was left
+  // (capacity 0 would be refused as corruption), and it takes and reads back rows.
+  {
+    Reader r = Reader::open(path);
+    CHECK(r.size() == 0);
+  }
+  {
+    Writer w = Writer::open(path);
+    append_rows(w, 0, 20);
+  }
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 20);
+  CHECK(r.verify().ok());
+}
+
 TEST_CASE(
     "Counters beyond the file sizes: named corruption in the same boot, clamped after a "
-    "reboot",
+    "reboot unless synced rows are missing",
     "[recovery][loader]") {
   BootReset reset;
   TempDir dir;
@@ -761,9 +763,10 @@ TEST_CASE(
   SECTION("capacity beyond the files") {
     put_u64(path + "/header", kCapacityAt, hold + 1000);
     put_u64(path + "/header", kCommittedAt, hold + 10);
-    expect_refused(path, "capacity_rows " + std::to_string(hold + 1000) + " exceeds the " +
-                             std::to_string(hold) + " rows that " + path + "/rows.1 and " + path +
-                             "/index.1 hold");
+    expect_refused(path, "capacity_rows " + std::to_string(hold + 1000) +
+                             " exceeds the rows the files hold (a file is too short): " + path +
+                             "/rows.1 holds " + std::to_string(hold) + " rows and " + path +
+                             "/index.1 ");
     detail::testing::set_boot_id(kBootB);
     auto files = open_files(path, false);
     const LoadedLog log = detail::load_log(*files);
@@ -781,12 +784,17 @@ TEST_CASE(
     CHECK(log.recovered.durable == 100);
   }
   SECTION("an index file cut inside the synced rows") {
+    // A sync flushed rows [0, 100) with the files' sizes before it counted them: a file that
+    // holds fewer was cut since. Clamping it silently dropped synced rows (and could end the
+    // log inside a batch, with no check of the batch ends below durable_rows).
     REQUIRE(::truncate((path + "/index.1").c_str(), 60 * 32) == 0);
     detail::testing::set_boot_id(kBootB);
-    auto files = open_files(path, false);
-    const LoadedLog log = detail::load_log(*files);
-    CHECK(log.recovered.capacity == 60);
-    CHECK(log.recovered.committed == 60);
-    CHECK(log.recovered.durable == 60);
+    expect_refused(path,
+                   "durable_rows 100 exceeds the rows the files hold, though a sync "
+                   "flushed them before it counted them: a file was cut since (" +
+                       path + "/rows.1 holds ");
+    expect_refused(path, path + "/index.1 60; embstore salvage copies the rows that are left)");
+    CHECK_THROWS_WITH(Writer::open(path), Catch::Matchers::Contains("durable_rows 100"));
+    CHECK_THROWS_WITH(Reader::open(path), Catch::Matchers::Contains("durable_rows 100"));
   }
 }

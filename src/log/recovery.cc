@@ -52,6 +52,13 @@ Counters read_shrinking(const StoreFiles& files) {
   return c;
 }
 
+// "<data file> holds D rows and <index file> I": which file is short, for an error.
+std::string rows_each_file_holds(const StoreFiles& files) {
+  const auto [data_rows, index_rows] = files.rows_each_file_holds();
+  return files.data_path() + " holds " + std::to_string(data_rows) + " rows and " +
+         files.index_path() + " " + std::to_string(index_rows);
+}
+
 LoadedLog load_same_boot(StoreFiles& files) {
   LoadedLog log;
   log.same_boot = true;
@@ -62,9 +69,8 @@ LoadedLog load_same_boot(StoreFiles& files) {
     const std::uint64_t hold = files.rows_files_hold();
     if (log.stored.capacity > hold) {
       corrupt(files, "field capacity_rows " + std::to_string(log.stored.capacity) +
-                         " exceeds the " + std::to_string(hold) + " rows that " +
-                         files.data_path() + " and " + files.index_path() +
-                         " hold (a file is too short)");
+                         " exceeds the rows the files hold (a file is too short): " +
+                         rows_each_file_holds(files));
     }
   }
   files.map_rows(log.stored.committed);
@@ -128,8 +134,17 @@ LoadedLog load_generation(StoreFiles& files, std::uint64_t verified_from) {
     if (files.same_boot()) return load_same_boot(files);
     throw;
   }
-  // File growth may not have reached the disk: the files bound every counter.
+  // File growth may not have reached the disk: the files bound the counters. Except
+  // durable_rows: a sync flushed the files before it raised it, so files that hold fewer rows
+  // were cut since (damage, not a power loss) and took synced rows with them.
   const std::uint64_t hold = files.rows_files_hold();
+  if (log.stored.durable > hold) {
+    corrupt(files, "field durable_rows " + std::to_string(log.stored.durable) +
+                       " exceeds the rows the files hold, though a sync flushed them before it "
+                       "counted them: a file was cut since (" +
+                       rows_each_file_holds(files) +
+                       "; embstore salvage copies the rows that are left)");
+  }
   Counters& r = log.recovered;
   r.capacity = std::min(log.stored.capacity, hold);
   r.committed = std::min(log.stored.committed, r.capacity);

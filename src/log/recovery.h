@@ -9,9 +9,12 @@
 //     that breaks these was damaged, not cut short by a power loss: kCorruption naming the field.
 //   - Same boot (the state page's boot id is the machine's): the page cache holds every committed
 //     row, so the files must hold capacity_rows rows (kCorruption otherwise) and no row is read.
-//   - After a reboot: file growth may not have reached the disk, so every counter is clamped to
-//     the rows the files hold; then rows past durable_rows are verified and the log ends at the
-//     last whole valid batch. Every row that verifies is kept.
+//   - After a reboot: file growth may not have reached the disk, so capacity_rows and
+//     committed_rows are clamped to the rows the files hold; then rows past durable_rows are
+//     verified and the log ends at the last whole valid batch. Every row that verifies is kept.
+//     Not durable_rows: a sync flushes the files (their sizes too) before it raises the counter,
+//     so files that hold fewer rows were cut since, and synced rows are gone: kCorruption
+//     naming the field and each file's rows (salvage copies what is left).
 #pragma once
 
 #include <cstdint>

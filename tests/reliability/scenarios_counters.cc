@@ -145,6 +145,8 @@ Expected expect(const Round& r) {
     if (c.capacity > r.hold) return refuse("capacity_rows " + std::to_string(c.capacity));
     e.rows = c.committed;
   } else {
+    // Synced rows the files no longer hold: cut since, never clamped away.
+    if (c.durable > r.hold) return refuse("durable_rows " + std::to_string(c.durable));
     const std::uint64_t capacity = std::min(c.capacity, r.hold);
     const std::uint64_t committed = std::min(c.committed, capacity);
     e.rows = reboot_cut(r, std::min(c.durable, committed), committed);
