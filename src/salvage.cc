@@ -12,6 +12,7 @@
 #include "embstore/writer.h"
 #include "format/format.h"
 #include "log/recovery.h"
+#include "log/truncate.h"
 #include "storage/store_files.h"
 #include "store_build.h"
 
@@ -75,20 +76,34 @@ SalvageReport salvage(
     std::memcpy(&entry, files->entry_ptr(row), sizeof(entry));
     return entry;
   };
-  const std::uint64_t committed = files->state().committed();
-  // One file shorter than the committed counter while the other still covers it (and the
-  // capacity does): that file was cut short (a copy that stopped, a file truncated). The rows
-  // both hold are committed rows, kept wherever they verify; the rows past them are lost. A
-  // counter past both files is rather the damage itself: the files bound the log then, as below.
+  // Mid-truncate (the switching flag set) the counters may be half-stored and are not read
+  // (FORMAT.md, "Truncate"): the new files, complete and flushed, hold the store.
+  const bool switching = (files->state().generation_word() & detail::kGenerationSwitching) != 0;
+  const std::uint64_t committed =
+      switching ? detail::switched_rows(*files) : files->state().committed();
+  const std::uint64_t durable = switching ? committed : files->state().durable();
+  const std::uint64_t capacity = switching ? held : files->state().capacity();
+  // Files that hold fewer rows than committed_rows counts, while the counters keep their rules
+  // (they share one sector: damaged together or not at all) and say the rows past the files'
+  // end were there: the files were cut short (a copy that stopped, a file truncated). The rows
+  // both hold are committed rows, kept wherever they verify; the rows past them are lost. The
+  // counters say so when rows past the end were synced (durable_rows: a sync flushes the files
+  // and their sizes first), or when one file still holds the committed rows (and the capacity
+  // does). Otherwise (committed rows past both files that no sync flushed, as a power loss
+  // leaves them, or a counter that is itself the damage) the files bound the log, as below.
   const auto [data_rows, index_rows] = files->rows_each_file_holds();
   const std::uint64_t longest = std::max(data_rows, index_rows);
-  const bool cut_short =
-      committed > held && committed <= std::min(longest, files->state().capacity());
+  const bool counters_hold = capacity > 0 && committed <= capacity && durable <= committed;
+  const bool cut_short = committed > held && counters_hold &&
+                         (durable > held || committed <= std::min(longest, capacity));
   const std::uint64_t log_end = committed <= held ? files->valid_batch_prefix(committed, held)
                                 : cut_short       ? held
                                                   : 0;
+  // The era of the last row kept before the scan past the log: of the last entry before
+  // log_end that was written there (even if its row fails its checksum: a damaged last row must
+  // not let stale rows of an older era past it pass for the log's continuation).
   std::optional<std::uint64_t> newest_era;  // Of the last row kept so far.
-  if (log_end > 0 && files->row_valid(log_end - 1)) {
+  if (log_end > 0 && files->written_entry(log_end - 1)) {
     newest_era = detail::entry_era(entry_at(log_end - 1).row);
   }
   std::vector<bool> kept_past_log;  // Rows [log_end, rows_scanned): whether each is kept.

@@ -503,6 +503,42 @@ TEST_CASE("salvage of files cut short keeps the rows they hold and counts the re
   }
 }
 
+TEST_CASE(
+    "salvage of both files cut below the synced rows counts the synced rows past them as lost",
+    "[corruption][salvage]") {
+  // 300 rows, all synced; both files cut, to the middle of a batch or to nothing. salvage judged
+  // "cut short" by whether the other file still held the committed rows, so with both cut it
+  // dropped the committed rows of the cut batch that verify, and reported no row lost (the
+  // synced rows past the files' end went unsaid).
+  const std::uint64_t held = GENERATE(256, 0);
+  INFO("files cut to " << held << " rows");
+  TempDir dir;
+  const std::string path = dir / "s";
+  write_batches(path, small_options(), 10);
+  {
+    Writer w = Writer::open(path);
+    w.sync();
+    REQUIRE(w.durable_rows() == 300);
+  }
+  const std::uint64_t record = kDim * sizeof(float);
+  REQUIRE(::truncate((path + "/rows.1").c_str(), static_cast<off_t>(held * record)) == 0);
+  REQUIRE(::truncate((path + "/index.1").c_str(), static_cast<off_t>(held * 32)) == 0);
+  const SalvageReport report = salvage(path, dir / "out");
+  CHECK(report.rows_scanned == 300);
+  CHECK(report.rows_copied == held);
+  CHECK(report.rows_lost == 300 - held);
+  using Range = std::pair<std::uint64_t, std::uint64_t>;
+  CHECK(report.lost_ranges == std::vector<Range>{{held, 300}});
+  bool said = false;
+  for (const std::string& d : report.damage) {
+    said = said || d.find("rows " + std::to_string(held) + "..300 are lost") != std::string::npos;
+  }
+  CHECK(said);
+  Reader r = Reader::open(dir / "out");
+  REQUIRE(r.size() == held);
+  for (std::uint64_t row = 0; row < held; ++row) CHECK(r.record(row).key == test::make_key(0, row));
+}
+
 TEST_CASE("salvage takes a counter past both files, capacity and all, for the damage itself",
           "[corruption][salvage]") {
   // committed_rows and capacity_rows both damaged high, the files whole: no file was cut short,
@@ -640,6 +676,17 @@ TEST_CASE("salvage copies no stale row of an older era, and names rows it leaves
     CHECK(r.record(29).key == test::make_key(0, 29));
     CHECK(r.record(30).key == test::make_key(1, 0));
     CHECK(r.record(39).key == test::make_key(1, 9));
+    SECTION("and the last committed row damaged") {
+      // Its era was then not known (it did not verify), so the stale rows 40..59 of the older
+      // era past it were copied as if they continued the log.
+      flip(path + "/rows.1", 39 * kDim * sizeof(float) + 3);
+      const SalvageReport damaged = salvage(path, dir / "out2");
+      CHECK(damaged.rows_scanned == 40);
+      CHECK(damaged.rows_copied == 39);
+      using Range = std::pair<std::uint64_t, std::uint64_t>;
+      CHECK(damaged.lost_ranges == std::vector<Range>{{39, 40}});
+      CHECK(Reader::open(dir / "out2").size() == 39);
+    }
   }
   SECTION("a damaged batch end past a low counter: the batch's rows are named, not dropped") {
     write_batches(path, o, 4);

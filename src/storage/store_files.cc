@@ -530,6 +530,12 @@ void RowCopier::copy(std::uint64_t begin, std::uint64_t count, std::byte* out) {
   os::read_exact(fd, out, bytes, begin * record_bytes, files_.data_path());
 }
 
+bool StoreFiles::written_entry(std::uint64_t row) const {
+  IndexEntry entry;
+  std::memcpy(&entry, entry_ptr(row), sizeof(entry));
+  return (entry.row & kEntryRowMask) == row && entry.checksum != 0;
+}
+
 std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {
   auto entry_at = [this](std::uint64_t row) {
     IndexEntry entry;
@@ -541,7 +547,10 @@ std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t 
   // And a batch is written in one era: an era that changes where no batch ended joins the
   // front of one batch to the rest of another (stale entries a power loss kept before newer
   // ones).
-  bool have_previous = begin > 0 && row_valid(begin - 1);
+  // The run continues the row before `begin` when that row's entry names it (written there),
+  // even if the row fails its checksum: a damaged row must not let stale entries of an older
+  // era after it pass for the log's continuation.
+  bool have_previous = begin > 0 && written_entry(begin - 1);
   IndexEntry previous = have_previous ? entry_at(begin - 1) : IndexEntry{};
   std::uint64_t row = begin;
   for (; row < end && row_valid(row); ++row) {

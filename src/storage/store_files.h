@@ -168,6 +168,9 @@ class StoreFiles {
   std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }
   IndexEntry* entry_ptr(std::uint64_t row) const { return generation_->entry_ptr(row); }
   bool row_valid(std::uint64_t row) const;
+  // Whether the entry of `row` was written there (its row number is `row` and its checksum is
+  // set), whether or not the row verifies: its era then tells what followed it (FORMAT.md "era").
+  bool written_entry(std::uint64_t row) const;
   // Whether `bytes` (record_bytes of them) are row `row` as its entry records it.
   bool row_valid(std::uint64_t row, const std::byte* bytes) const;
   // The end of the longest run of whole, valid batches starting at `begin` (a batch boundary)

@@ -46,8 +46,10 @@ int run_salvage(const SalvageArgs& args) {
                 {"lost_ranges", lost},
                 {"damage", report.damage}});
   } else {
-    print_out("{}: copied {} of {} rows into {} (header: {} copy)\n", args.store,
-              report.rows_copied, report.rows_scanned, args.out, report.header_source);
+    // "primary" or "copy": the header copy that verified.
+    print_out("{}: copied {} of {} rows into {} (header: {})\n", args.store, report.rows_copied,
+              report.rows_scanned, args.out,
+              report.header_source == std::string("copy") ? "second copy" : "primary copy");
     for (const std::string& damage : report.damage) print_out("damaged: {}\n", damage);
     if (report.rows_lost == 0) {
       print_out("no row lost\n");

@@ -262,8 +262,12 @@ def info(path: PathLike) -> dict:
 def salvage(store: PathLike, out: PathLike) -> dict:
     """Copies every row of a damaged store whose checksum verifies into a new store ``out``.
 
-    For stores too damaged to open: trusts only a fixed header copy whose checksum holds and
-    each row's own checksum, never the counters. Rows keep their order, keys and epochs; ``out``
+    For stores too damaged to open: trusts a fixed header copy whose checksum holds and each
+    row's own checksum; the counters only where they keep their rules (committed_rows tells
+    which rows were committed, durable_rows which were synced: committed rows past the end of
+    files cut short are reported lost), and the files' sizes bound what is read. Copies the
+    committed rows that verify, and past them whole batches that verify whose era does not go
+    back (as recovery after a reboot keeps them). Rows keep their order, keys and epochs; ``out``
     gets the same dtype, dim and metadata and must not exist. Writes nothing to ``store``.
 
     Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost,
