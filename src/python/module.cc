@@ -1486,22 +1486,27 @@ PYBIND11_MODULE(_embstore, m) {
       py::arg("path"), py::arg("manifest"));
   m.def(
       "resolve_shards",
-      [](const std::vector<std::string>& manifest_or_stores) {
+      [](const std::vector<std::string>& manifest_or_stores,
+         std::optional<std::uint64_t> map_bytes) {
         std::vector<std::string> paths;
         std::vector<std::string> store_ids;
+        std::vector<std::uint64_t> generations;
         std::string metadata;
         {
           ReleaseGil unlocked;
-          const ShardSet set = ShardSet::open(manifest_or_stores);
+          ReaderOptions options;
+          if (map_bytes) options.map_bytes = *map_bytes;
+          const ShardSet set = ShardSet::open(manifest_or_stores, options);
           for (std::size_t i = 0; i < set.shard_count(); ++i) {
             paths.push_back(set.shard_path(i));
             store_ids.push_back(set.shard(i).info(InfoDetail::kState).store_id);
+            generations.push_back(set.shard(i).generation());
           }
           metadata = set.metadata();
         }
-        return py::make_tuple(paths, py::bytes(metadata), store_ids);
+        return py::make_tuple(paths, py::bytes(metadata), store_ids, generations);
       },
-      py::arg("manifest_or_stores"));
+      py::arg("manifest_or_stores"), py::arg("map_bytes") = py::none());
   // ShardSet::refresh()'s rules for a manifest read again, for embstore.ShardSet's
   // follow_manifest(), whose shards held are its own Readers (src/shard_set_internals.h).
   m.def(

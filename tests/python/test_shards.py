@@ -163,6 +163,38 @@ def test_single_key_lookups_take_a_0d_array_or_tensor_and_name_what_they_refuse(
             lookup.history(torch.tensor(2.5))
 
 
+@pytest.mark.parametrize("change", ["replaced", "truncated"])
+def test_a_shard_changed_while_the_set_opens_is_checked_again(tmp_path, monkeypatch, change):
+    # The core checked the shards against the manifest with Readers of its own, then the set
+    # opened its own Readers unchecked: a shard replaced in between was taken as it was.
+    paths, *_ = make_shards(tmp_path, [5, 7])
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest_for(tmp_path, ["s0", "s1"]))
+    resolve = es._embstore.resolve_shards
+    calls = []
+
+    def changed_after_the_first_check(*args):
+        calls.append(args)
+        answer = resolve(*args)
+        if len(calls) == 1:
+            if change == "replaced":
+                shutil.rmtree(paths[0])
+                with embstore.Writer(paths[0], dim=6) as w:
+                    w.append([1], np.ones((1, 6), np.float32))
+            else:
+                with embstore.Writer(paths[0]) as w:
+                    w.truncate(2)
+        return answer
+
+    monkeypatch.setattr(es._embstore, "resolve_shards", changed_after_the_first_check)
+    error, message = {
+        "replaced": (embstore.FormatMismatchError, "shard 's0' is store .*, not the store"),
+        "truncated": (embstore.CorruptionError, "shard 's0' holds 2 rows, fewer than the 5"),
+    }[change]
+    with pytest.raises(error, match=message):
+        embstore.ShardSet(tmp_path)
+    assert len(calls) == 2
+
+
 def test_shardset_gather_refuses_bools_and_floats_as_reader_gather_does(tmp_path):
     # It converted with np.asarray(rows, dtype=np.int64): 0.7 and True became rows 0 and 1.
     paths, _, _, vectors = make_shards(tmp_path, [5, 7])
@@ -272,6 +304,15 @@ def test_manifest_directory_and_pickling(tmp_path):
         check_lookups(s, keys, epochs)
     again = pickle.loads(pickle.dumps(s))
     assert len(again) == 25 and again.paths == s.paths
+    again = pickle.loads(pickle.dumps(s))
+    # Its repr opens nothing: a shard truncated since makes the first use raise, not the repr
+    # (dask logs a failed task's arguments by their repr).
+    with embstore.Writer(tmp_path / "s0") as w:
+        w.truncate(3)
+    assert repr(again) == "<embstore.ShardSet 2 shards rows=25 (not open)>"
+    with pytest.raises(embstore.Error, match="generation 2"):
+        len(again)
+    assert repr(s) == "<embstore.ShardSet 2 shards rows=25 dim=6 dtype=float32>"
     text = json.loads((tmp_path / es.MANIFEST_NAME).read_text())
     assert [shard["path"] for shard in text["shards"]] == ["s0", "s1"]
     assert es.read_manifest(tmp_path / es.MANIFEST_NAME)["shards"][1]["rows"] == 15

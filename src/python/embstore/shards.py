@@ -263,14 +263,28 @@ class ShardSet:
                 # (and a pickled copy in another one); joined, not normalised (as Reader.path).
                 self._manifest = os.path.join(os.getcwd(), self._manifest)
             self._manifest_stamp = _file_stamp(self._manifest)
-            paths, metadata, _ = _embstore.resolve_shards(self._inputs)
+            # The core checks the shards (against the manifest, and each other) with Readers of
+            # its own; the set's are opened after, so a shard replaced or truncated in between
+            # would be taken unchecked: then the core checks again.
+            for _ in range(3):
+                paths, metadata, store_ids, generations = _embstore.resolve_shards(
+                    self._inputs, map_bytes)
+                readers = [Reader(p, map_bytes=map_bytes) for p in paths]
+                if [r.info(key_stats=False)["store_id"] for r in readers] == store_ids and \
+                        [r.generation for r in readers] == generations:
+                    break
+                for r in readers:
+                    r.close()
+            else:
+                raise Error(f"{self._inputs[0]}: its shards were replaced or truncated each of "
+                            "the 3 times the set was opened; open it again once they are not")
         self.metadata_text: str = metadata.decode("utf-8", errors="replace")
-        self._shards: Optional[List[Reader]] = [Reader(p, map_bytes=map_bytes) for p in paths]
+        self._shards: Optional[List[Reader]] = readers
         # Each Reader's path, made absolute by the core at open: joined to the working directory,
         # not normalised (os.path.abspath would take "link/.." lexically, to another directory
         # than the kernel's). What a pickled copy reopens.
         self.paths: List[str] = [r.path for r in self._shards]
-        self._store_ids = [r.info(key_stats=False)["store_id"] for r in self._shards]
+        self._store_ids = list(store_ids)
         self._renumber()
 
     @property
@@ -596,5 +610,11 @@ class ShardSet:
         self._renumber()
 
     def __repr__(self) -> str:
-        return (f"<embstore.ShardSet {len(self.shards)} shards rows={len(self)} dim={self.dim} "
+        # From the snapshots alone: a set unpickled (or closed) opens its shards at first use,
+        # which may raise (a shard truncated since), and dask logs the repr of a failed task's
+        # arguments.
+        rows = sum(rows for *_, rows in self._snapshots)
+        if self._shards is None:
+            return f"<embstore.ShardSet {len(self._snapshots)} shards rows={rows} (not open)>"
+        return (f"<embstore.ShardSet {len(self._shards)} shards rows={rows} dim={self.dim} "
                 f"dtype={self.dtype}>")
