@@ -570,6 +570,24 @@ def test_copying_a_writer_or_reader_is_refused(store):
     assert r.wait(1, timeout=60) and r.keys.tolist() == [1]
 
 
+def test_pickling_a_writer_or_reader_is_refused_naming_the_store_and_what_to_send(store):
+    # It failed inside the native object ("cannot pickle 'embstore._embstore.NativeReader'
+    # object"), what client.submit(f, reader) meets, naming neither the store nor a remedy.
+    import pickle
+    w = embstore.Writer(store, dim=2)
+    r = embstore.Reader(store)
+    with pytest.raises(TypeError, match=f"a Writer of {store} cannot be pickled: .* send the "
+                                        "store's path, and open a Writer there"):
+        pickle.dumps(w)
+    with pytest.raises(TypeError, match=f"a Reader of {store} cannot be pickled: .* or an "
+                                        "embstore.ShardSet of it"):
+        pickle.dumps(r)
+    r.close()
+    with pytest.raises(TypeError, match="a Reader of a closed store cannot be pickled"):
+        pickle.dumps(r)
+    assert w.append([1], np.ones((1, 2), np.float32)) == 0
+
+
 def test_wait_timeout_is_a_number_not_a_bool_or_str(store):
     embstore.create(store, dim=4)
     r = embstore.Reader(store)

@@ -614,6 +614,16 @@ class _Handle:
     def __deepcopy__(self, memo: dict) -> None:
         self.__copy__()
 
+    def __reduce__(self) -> None:
+        """Refused (TypeError) naming the store: its mappings and open files are this process's.
+        What to send another process (a multiprocessing or dask worker) instead is its path."""
+        kind = type(self).__name__
+        where = "a closed store" if self.closed else self.path
+        hint = " or an embstore.ShardSet of it (which pickles as its snapshot)" \
+            if kind == "Reader" else ""
+        raise TypeError(f"a {kind} of {where} cannot be pickled: its mappings and open files are "
+                        f"this process's; send the store's path{hint}, and open a {kind} there")
+
 
 class Writer(_Handle):
     """Appends rows to a store; a context manager that closes on exit.
