@@ -203,3 +203,29 @@ def test_the_report_counts_the_rows_appended_while_it_asked(store):
     assert report["dropped_epochs"] == [{"epoch": 1, "rows": 10}, {"epoch": 2, "rows": 10},
                                         {"epoch": 7, "rows": 4}]
     assert len(embstore.Reader(store)) == 10
+
+
+def test_an_answer_other_than_yes_changes_nothing_and_exits_2(store):
+    # The README's exit table lists it with the other usage refusals.
+    import pty
+    for answer in (b"n\n", b"\n", b"maybe\n"):
+        primary, secondary = pty.openpty()
+        proc = subprocess.Popen([CLI, "truncate", store, "--rows", "5"], stdin=secondary,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        os.close(secondary)
+        try:
+            asked = b""
+            while b"[y/N]" not in asked:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, asked
+                asked += chunk
+            os.write(primary, answer)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            os.close(primary)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 2, (answer, err)
+        assert b"nothing changed" in err
+        assert len(embstore.Reader(store)) == 30
