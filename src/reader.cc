@@ -172,7 +172,9 @@ class Reader::Impl {
     info.capacity_rows = switching_->capacity;
   }
 
+  // kClosed first: a closed Reader says so, whatever the range.
   void check_range(std::uint64_t begin, std::uint64_t end, const char* what) const {
+    files();
     if (begin > end || end > snapshot_) {
       throw Error(ErrorCode::kInvalidArgument,
                   path_ + ": " + what + "(" + std::to_string(begin) + ", " + std::to_string(end) +
@@ -271,12 +273,12 @@ constexpr std::uint64_t kVerifyPieceBytes = 1024 * 1024;
 }  // namespace
 
 Record Reader::record(std::uint64_t row) const {
+  const StoreFiles& f = impl().files();  // kClosed first, whatever the row.
   if (row >= impl().snapshot_) {
     throw Error(ErrorCode::kInvalidArgument, impl().path_ + ": row " + std::to_string(row) +
                                                  " is outside the snapshot of " +
                                                  std::to_string(impl().snapshot_) + " rows");
   }
-  const StoreFiles& f = impl().files();
   if (!f.row_valid(row)) row_fails_checksum(f, row);
   detail::IndexEntry entry;
   std::memcpy(&entry, f.entry_ptr(row), sizeof(entry));

@@ -294,6 +294,21 @@ TEST_CASE("close() unmaps the store's files and its key index, and owner() copie
   } catch (const Error& e) {
     CHECK(e.code() == ErrorCode::kClosed);
   }
+  // Whatever the rows asked for: a row past the snapshot was kInvalidArgument ("outside the
+  // snapshot"), as if the Reader were open.
+  std::vector<std::byte> buffer(4 * 4 * 100);
+  const std::vector<std::function<void()>> calls = {
+      [&] { (void)r.record(10); }, [&] { (void)r.record(1000); }, [&] { (void)r.rows(0, 1000); },
+      [&] { (void)r.keys(40, 10); }, [&] { r.read(0, 1000, buffer.data(), buffer.size()); }};
+  for (const auto& call : calls) {
+    try {
+      call();
+      FAIL("a closed Reader answered");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kClosed);
+      CHECK_THAT(e.what(), Catch::Matchers::Contains("the Reader is closed"));
+    }
+  }
 }
 
 TEST_CASE("A reader needs only read permission and writes nothing", "[reader][read-only]") {
