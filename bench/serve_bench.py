@@ -63,8 +63,22 @@ def start_server(path):
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "http://" not in line:
+        stop(proc)
         raise SystemExit(f"server did not start: {line!r}")
     return proc, line[line.index("http://"):].strip().rstrip("/")
+
+
+def stop(proc):
+    """Ends a process this benchmark started (SIGTERM, then SIGKILL after 30 s), if running;
+    called from ``finally`` blocks, so that an error leaves no server or writer behind."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def cpu_seconds(pid):
@@ -96,15 +110,16 @@ def first_projection(args, work):
     for attempt in range(args.first_repeats):
         start = time.perf_counter()
         proc, url = start_server(path)
-        up = time.perf_counter() - start
-        start = time.perf_counter()
-        p = get(url + f"/api/projection?limit=10000&epoch={args.epochs - 1}")
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        get(url + f"/api/projection?limit=10000&epoch={args.epochs - 1}")
-        again = time.perf_counter() - start
-        proc.terminate()
-        proc.wait()
+        try:
+            up = time.perf_counter() - start
+            start = time.perf_counter()
+            p = get(url + f"/api/projection?limit=10000&epoch={args.epochs - 1}")
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            get(url + f"/api/projection?limit=10000&epoch={args.epochs - 1}")
+            again = time.perf_counter() - start
+        finally:
+            stop(proc)
         print(f"first projection, try {attempt + 1}: server up in {up:.3f} s; first "
               f"projection of {p['sampled']} points (of {p['epoch_rows']} rows in the epoch) "
               f"{first:.3f} s (target < 1 s); again (cached) {again:.3f} s")
@@ -141,25 +156,28 @@ def writer_run(work, dim, run_mb, serve):
     writer = subprocess.Popen([sys.executable, "-c", WRITER, path, str(dim), str(run_mb),
                                str(kEpochBatches)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert writer.stdout.readline().strip() == "ready"
-    server = stop = client = None
+    server = client = None
+    done = threading.Event()
     server_cpu = 0.0
-    if serve:
-        server, url = start_server(served_path)
-        stop = threading.Event()
-        client = threading.Thread(target=page_client, args=(url, stop))
-        client.start()
-        server_cpu = cpu_seconds(server.pid)
-    writer.stdin.write("go\n")
-    writer.stdin.flush()
-    mb_s, seconds, writer_cpu = map(float, writer.stdout.readline().split())
-    assert writer.wait() == 0
-    if serve:
-        server_cpu = cpu_seconds(server.pid) - server_cpu
-        stop.set()
-        client.join()
-        server.terminate()
-        server.wait()
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        if serve:
+            server, url = start_server(served_path)
+            client = threading.Thread(target=page_client, args=(url, done))
+            client.start()
+            server_cpu = cpu_seconds(server.pid)
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        mb_s, seconds, writer_cpu = map(float, writer.stdout.readline().split())
+        assert writer.wait() == 0
+        if serve:
+            server_cpu = cpu_seconds(server.pid) - server_cpu
+    finally:
+        done.set()
+        if client is not None:
+            client.join()
+        stop(server)
+        stop(writer)
     shutil.rmtree(path)
     if serve == "placebo":
         shutil.rmtree(served_path)

@@ -24,6 +24,14 @@ every request gets a 503 naming both store ids until the server is restarted. A 
 shards are checked each as a single store is (also shards its refresh adds), and a 503 names the
 shard. Caveat: a file shrunk by another program in the instant between that check and the read
 still ends the server with SIGBUS (embstore itself never shrinks a store's files).
+Rows are checked against their checksums where an answer returns them: ``/api/history`` and
+``/api/neighbours`` refuse (503 naming the file, row, key and epoch) when a row they would return
+(the key's rows; its row and its neighbours) fails; a projection leaves the sampled rows that
+fail out of its fit and its points and counts them (``corrupt``), checked again at every
+request. The rows a neighbour scan compares but does not return are read as mapped.
+Truncates: the server reads each generation of the store through a Reader opened at it; the
+files of an older one (deleted by the truncate) stay mapped only while a request still reads
+its rows.
 
 Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...}`` or CSV lines
 ``KEY,LABEL`` (an optional ``key,label`` header line); see ``analysis.Labels``.
@@ -64,7 +72,8 @@ Row numbers, counts and ``generation`` are JSON numbers (a store holds at most 2
     signs are fixed so that each direction's largest element is positive. Returns ``epoch``,
     ``generation`` (as in stats), ``epoch_rows``, ``sampled``, ``explained_variance`` (two
     fractions), ``x``, ``y``, ``keys``, ``rows``, ``non_finite`` (sampled rows left out: NaN or
-    Inf; ``sampled`` counts the others), ``labels`` (per point an index into ``label_names``, -1
+    Inf; ``sampled`` counts the others), ``corrupt`` (sampled rows left out: they fail their
+    checksum, a damaged store; ``sampled`` does not count them), ``labels`` (per point an index into ``label_names``, -1
     without a label; null without a labels file), ``label_names``.
 ``/api/neighbours?key=K&epoch=E&k=N``
     The N (1 .. 100, default 10) rows of epoch E (default: the newest) nearest to key K's row at
@@ -75,13 +84,19 @@ Row numbers, counts and ``generation`` are JSON numbers (a store holds at most 2
     ``non_finite`` (rows scanned and left out: NaN or Inf), ``neighbours``
     (``[{"key", "row", "distance", "label", "x", "y"}]``).
 ``/api/history?key=K``
-    Every row of key K in commit order (the latest 1,000): ``rows``, ``epochs``, ``total_rows``,
-    and ``trajectory``: per epoch (the latest 100), ``{"epoch", "row", "x", "y"}`` where the
-    key's vector at that epoch (its latest row there) is projected with *that epoch's own*
+    Key K's row at each epoch holding it (its latest row there, as lookups take it: an earlier
+    row of K at the same epoch, appended again since, is not listed; of a manifest, the last
+    shard's), of the latest 1,000 such epochs, in commit (row) order: ``rows``, ``epochs``,
+    ``total_epochs`` (epochs holding K), and ``trajectory``: per epoch (the latest 100),
+    ``{"epoch", "row", "x", "y"}`` where the key's vector at that epoch is projected with
+    *that epoch's own*
     PCA basis (the one ``/api/projection?epoch=E`` draws at the default sample). Each point
     therefore says where the sample sits inside its epoch's cloud; the bases of two epochs
     differ, so the path between points is not a motion in one fixed space. An epoch where the
     key's vector holds NaN or Inf has no point; ``non_finite`` counts them.
+    Cost: one vectorised key-index lookup per epoch of the store (``Reader.find_many``), never
+    a list of every version of K (a key appended millions of times took seconds and hundreds
+    of MB that way, holding up ``/api/stats``).
 
 The page (``/``) polls ``/api/stats`` every second: figures update live, the epoch slider
 follows new epochs (unless moved by hand) and the projection is drawn at once for a new epoch and

@@ -29,7 +29,7 @@ kDefaultSample = 5000  # points in a projection unless ?limit= says otherwise
 kMaxSample = 20000
 kMaxNeighbours = 100
 kMaxScanRows = 1_000_000  # rows of one epoch compared by a neighbour query (sampled beyond)
-kMaxHistoryRows = 1000  # the latest rows of a key's history
+kMaxHistoryRows = 1000  # a key's rows at its latest epochs, in a history
 kMaxTrajectoryEpochs = 100  # the latest epochs of a history that get a projected point
 kMaxEpochsListed = 10000  # the latest epochs listed by /api/epochs and /api/stats
 # Projections cached (sample rows and 2-D points: ~120 KB each at the default sample).
@@ -70,11 +70,13 @@ def _int_param(query, name: str, low: int, high: int, default: Optional[int] = N
         return default
     if not text.isascii() or not text.isdigit():
         raise ApiError(400, f"{name} must be a non-negative integer; got {text!r}")
-    digits = text.lstrip("0")
-    if len(digits) > len(str(high)):  # Never converted: int() refuses over 4300 digits.
+    # Converted from the digits after the leading zeros, checked for length first: int()
+    # refuses a text of more than 4,300 digits, leading zeros included.
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(high)):
         raise ApiError(400, f"{name} must be in {low} .. {high}; got a number of {len(digits)} "
                             "digits")
-    value = int(text)
+    value = int(digits)
     if not low <= value <= high:
         raise ApiError(400, f"{name} must be in {low} .. {high}; got {value}")
     return value
@@ -171,13 +173,31 @@ class Server:
         return rows, np.sort(rng.choice(rows, size=limit, replace=False))
 
     def _finite_sample(self, snap, epoch: int, limit: int):
-        """(rows in the epoch, the rows of its sample without NaN or Inf, their vectors as
-        ``analysis.as_float`` reads them, sampled rows left out for holding NaN or Inf: a PCA of
-        them is NaN, or fails)."""
+        """(rows in the epoch, the rows of its sample without NaN or Inf and passing their
+        checksums, their vectors as ``analysis.as_float`` reads them, sampled rows left out for
+        holding NaN or Inf (a PCA of them is NaN, or fails), sampled rows left out for failing
+        their checksum)."""
         rows, sample = self._sample(snap, epoch, limit)
+        failed = self.follower.failing_rows(snap, sample)
+        if failed:
+            first = min(failed)
+            print(f"embstore serve: {len(failed)} of the {len(sample)} rows sampled at epoch "
+                  f"{epoch} fail their checksum and are left out of its projection; the first: "
+                  f"{failed[first]}", file=sys.stderr, flush=True)
+            sample = sample[~np.isin(sample, np.fromiter(failed, np.int64, len(failed)))]
         vectors = analysis.as_float(snap.vectors[sample], self.follower.dtype)
         finite = analysis.finite_rows(vectors)
-        return len(rows), sample[finite], vectors[finite], len(sample) - int(finite.sum())
+        return (len(rows), sample[finite], vectors[finite], len(sample) - int(finite.sum()),
+                len(failed))
+
+    def _refuse_failing(self, snap, rows, what: str) -> None:
+        """StoreError (a 503) naming the first of ``rows`` that fails its checksum, if any."""
+        failed = self.follower.failing_rows(snap, rows)
+        if failed:
+            first = min(failed)
+            raise StoreError(f"{failed[first]}: the store is damaged ({len(failed)} of the "
+                             f"{len(set(np.asarray(rows).tolist()))} rows of {what} fail their "
+                             "checksum; embstore verify lists the damaged rows)")
 
     @staticmethod
     def _fit_key(snap, epoch: int, limit: int):
@@ -196,18 +216,20 @@ class Server:
 
     def _fit(self, snap, epoch: int, limit: int):
         """(basis, sample rows, rows in the epoch, the sample's 2-D points, sampled rows left out
-        as not finite) of an epoch; cached as the basis is. The cache holds no vectors (bounded
-        memory)."""
+        as not finite, sampled rows left out as failing their checksum) of an epoch; cached as
+        the basis is (so rows are checked when sampled, not at every request). The cache holds
+        no vectors (bounded memory)."""
         def compute():
-            epoch_rows, sample, vectors, non_finite = self._finite_sample(snap, epoch, limit)
+            epoch_rows, sample, vectors, non_finite, corrupt = \
+                self._finite_sample(snap, epoch, limit)
             basis = self._basis(snap, epoch, limit, vectors)
-            return (basis, sample, epoch_rows, basis.project(vectors), non_finite,
+            return (basis, sample, epoch_rows, basis.project(vectors), non_finite, corrupt,
                     snap.offsets())
-        basis, sample, epoch_rows, xy, non_finite, offsets = self._cached(
+        basis, sample, epoch_rows, xy, non_finite, corrupt, offsets = self._cached(
             self._fits, kCacheEntries, self._fit_key(snap, epoch, limit), compute)
         # The same rows (same generations and rows in the epoch: no shard gained rows of it),
         # maybe renumbered since: a shard set's rows move when a shard before theirs grows.
-        return basis, snap.renumbered(sample, offsets), epoch_rows, xy, non_finite
+        return basis, snap.renumbered(sample, offsets), epoch_rows, xy, non_finite, corrupt
 
     def _label_codes(self, keys):
         if self.labels is None:
@@ -269,12 +291,18 @@ class Server:
         snap = self.follower.check()
         epoch = self._epoch(snap, query)
         limit = _int_param(query, "limit", 1, kMaxSample, default=kDefaultSample)
-        basis, sample, epoch_rows, xy, non_finite = self._fit(snap, epoch, limit)
+        basis, sample, epoch_rows, xy, non_finite, corrupt = self._fit(snap, epoch, limit)
+        # Checked again at each request (~1 us a row): a fit is cached while its epoch keeps
+        # its rows, and a row damaged since would be drawn from it.
+        failed = self.follower.failing_rows(snap, sample)
+        if failed:
+            keep = ~np.isin(sample, np.fromiter(failed, np.int64, len(failed)))
+            sample, xy, corrupt = sample[keep], xy[keep], corrupt + len(failed)
         keys = snap.keys[sample]
         return {
             "epoch": _u64(epoch), "epoch_rows": epoch_rows, "sampled": len(sample), "limit": limit,
             "generation": snap.generation,
-            "non_finite": non_finite,
+            "non_finite": non_finite, "corrupt": corrupt,
             "snapshot_rows": snap.rows, "explained_variance": basis.explained,
             "x": _rounded(xy[:, 0]), "y": _rounded(xy[:, 1]),
             "keys": _u64s(keys), "rows": sample.tolist(),
@@ -291,6 +319,7 @@ class Server:
         row = self.follower.lookup.find(snap, key, epoch)
         if row is None:
             raise ApiError(404, f"key {key} has no row at epoch {epoch}")
+        self._refuse_failing(snap, [row], f"key {key} at epoch {epoch}")
         if not analysis.finite_rows(
                 analysis.as_float(snap.vectors[[row]], self.follower.dtype))[0]:
             raise ApiError(422, f"key {key}'s row {row} at epoch {epoch} holds NaN or infinite "
@@ -300,6 +329,8 @@ class Server:
         found, dist, non_finite = analysis.nearest(snap.vectors, self.follower.dtype, scanned,
                                                    snap.vectors[row], k, exclude)
         basis = self._basis(snap, epoch)
+        # The rows answered are checked (the scan compared the others as mapped).
+        self._refuse_failing(snap, found, f"the neighbours of key {key} at epoch {epoch}")
         xy = basis.project(analysis.as_float(snap.vectors[np.append(found, row)],
                                              self.follower.dtype))
         keys = snap.keys[found].tolist()
@@ -319,29 +350,31 @@ class Server:
         _check_params(query, ("key",))
         key = self._key(query)
         snap = self.follower.check()
-        rows = self.follower.lookup.history(snap, key)
-        if not len(rows):
+        # The key's row at each epoch (its latest there: a later append wins, as in lookups):
+        # one vectorised lookup per epoch of the store, never a list of every version of the
+        # key (Reader.history: a key appended millions of times took seconds and gigabytes).
+        epochs = snap.epoch_array()
+        rows = self.follower.lookup.find_each_epoch(snap, key, epochs)
+        held = rows >= 0
+        if not held.any():
             raise ApiError(404, f"key {key} is not in the store")
-        total = len(rows)
-        rows = rows[-kMaxHistoryRows:]
-        epochs = snap.epochs[rows].astype(np.uint64)
-        # The latest row of each epoch is that epoch's vector (a later append wins).
-        latest = {}
-        for r, e in zip(rows.tolist(), epochs.tolist()):
-            latest[e] = r
+        total = int(held.sum())
+        rows, epochs = rows[held][-kMaxHistoryRows:], epochs[held][-kMaxHistoryRows:]
+        self._refuse_failing(snap, rows, f"key {key}")
         trajectory = []
         non_finite = 0
-        for e in sorted(latest)[-kMaxTrajectoryEpochs:]:
-            r = latest[e]
+        for r, e in list(zip(rows.tolist(), epochs.tolist()))[-kMaxTrajectoryEpochs:]:
             vector = analysis.as_float(snap.vectors[[r]], self.follower.dtype)
             if not analysis.finite_rows(vector)[0]:
                 non_finite += 1  # No place in a projection.
                 continue
             p = self._basis(snap, e).project(vector)[0]
             trajectory.append({"epoch": _u64(e), "row": r, "x": float(p[0]), "y": float(p[1])})
+        order = np.argsort(rows, kind="stable")  # Listed in commit (row) order.
         return {
-            "key": _u64(key), "label": self._label_of(key), "total_rows": total,
-            "rows": rows.tolist(), "epochs": _u64s(epochs), "trajectory": trajectory,
+            "key": _u64(key), "label": self._label_of(key), "total_epochs": total,
+            "rows": rows[order].tolist(), "epochs": _u64s(epochs[order]),
+            "trajectory": trajectory,
             "non_finite": non_finite,
         }
 

@@ -21,6 +21,17 @@ and reports a missing store directory, or another store at its path (deleted and
 a 503 naming both store ids until the server is restarted); a Reader error on refresh is kept as
 the store's error until a refresh succeeds. A shard set gets the same checks for each of its
 shards (``StoreFiles``), including shards its refresh added.
+
+Truncates: a Reader is refreshed only within the generation it was opened at: once its store
+(or shard) has moved to another generation, the follower opens a new Reader (``_renew_readers``;
+the waiting Reader too) and the old one lives on only in the snapshots that hold it
+(``Snapshot.readers``), freed with the last of them. So the server maps the deleted files
+(rows.G, index.G) of an old generation only while a request still reads it, whatever a Reader
+refreshed across a truncate keeps (a C++ Reader keeps every generation it saw until closed),
+and a snapshot's Reader still reads the snapshot's rows when a request checks their checksums.
+
+Checksums: ``failing_rows`` checks rows of a snapshot against their checksums (``Reader.record``
+through the snapshot's own Reader); the zero-copy views do not.
 """
 from __future__ import annotations
 
@@ -60,7 +71,7 @@ class Snapshot:
 
     def __init__(self, rows: int, keys, epochs, vectors,
                  epoch_counts: Dict[int, int], generation: Any,
-                 parts: Sequence[Tuple[int, int]] = ()) -> None:
+                 parts: Sequence[Tuple[int, int]] = (), readers: Sequence[Any] = ()) -> None:
         self.rows = rows
         # Arrays (zero-copy views) of a store's rows; a shard set's are ``ShardRows``.
         self.keys = keys
@@ -71,9 +82,20 @@ class Snapshot:
         self.generation = generation
         # (rows, generation) the snapshot maps of each store: the store, or each shard in order.
         self.parts = list(parts)
+        # The Reader of each part whose views the snapshot holds (kept alive with it); refreshed
+        # since within its generation only (see the module doc), so its rows below the part's
+        # are the snapshot's.
+        self.readers = list(readers)
+        self._epoch_array: Optional[np.ndarray] = None
 
     def sorted_epochs(self) -> list:
         return sorted(self.epoch_counts)
+
+    def epoch_array(self) -> np.ndarray:
+        """The epochs present, ascending, as uint64 (computed once per snapshot)."""
+        if self._epoch_array is None:
+            self._epoch_array = np.array(self.sorted_epochs(), np.uint64)
+        return self._epoch_array
 
     def offsets(self) -> np.ndarray:
         """The global row of each part's row 0 (the store's, or each shard's), then ``rows``."""
@@ -181,6 +203,45 @@ class KeyLookup:
             if len(found):
                 return int(found[-1])
         return None
+
+    def find_each_epoch(self, snap: Snapshot, key: int, epochs: np.ndarray) -> np.ndarray:
+        """``find(snap, key, e)`` for each e of ``epochs`` (uint64) at once, -1 where absent
+        (int64): one vectorised ``find_many`` per part through its key index, so the work
+        follows the epochs asked, not the key's versions; a part whose index cannot answer for
+        the snapshot (as in ``find``) is scanned."""
+        epochs = np.asarray(epochs, np.uint64)
+        out = np.full(len(epochs), -1, np.int64)
+        left = np.ones(len(epochs), bool)  # Not decided yet: a part before may hold it.
+        readers, offsets = self._readers(), snap.offsets()
+        for part in reversed(range(len(snap.parts))):
+            rows, generation = snap.parts[part]
+            want = np.flatnonzero(left)
+            if not rows or not len(want):
+                continue
+            reader = readers[part] if part < len(readers) else None
+            found = _STALE
+            if callable(getattr(reader, "find_many", None)):
+                found = self._indexed(reader, generation, lambda r: np.asarray(
+                    r.find_many(np.full(len(want), key, np.uint64), epochs[want]), np.int64))
+            if found is not _STALE:
+                hit = (found >= 0) & (found < rows)
+                out[want[hit]] = found[hit] + offsets[part]
+                left[want[hit]] = False
+                # Past the snapshot: a newer row hides whether an older one is in it.
+                want = want[found >= rows]
+                if not len(want):
+                    continue
+            mine = part_rows_equal(snap.keys, part, key)  # A scan, ascending rows.
+            if not len(mine):
+                continue
+            mine_epochs = np.asarray(snap.epochs[mine], np.uint64)
+            order = np.lexsort((mine, mine_epochs))  # By epoch, then row: each epoch's last.
+            mine, mine_epochs = mine[order], mine_epochs[order]
+            last = np.searchsorted(mine_epochs, epochs[want], side="right") - 1
+            hit = (last >= 0) & (mine_epochs[np.maximum(last, 0)] == epochs[want])
+            out[want[hit]] = mine[last[hit]]
+            left[want[hit]] = False
+        return out
 
     def uses_index(self) -> bool:
         """Whether lookups go through a key index: the store's, or every shard's."""
@@ -450,6 +511,7 @@ class Follower:
         self.single_store = isinstance(self.reader, embstore.Reader)
         # Sleeps in wait(), which holds its Reader's lock: lookups must not queue behind it.
         self._waiter = open_source(path) if hasattr(self.reader, "wait") else None
+        self._waiter_generation = getattr(self._waiter, "generation", None)
         # A ShardSet renumbers its global rows at each refresh, so a shard set is looked up
         # shard by shard, through each shard Reader's key index, in the snapshot's numbering.
         self.lookup = KeyLookup(self.reader, use_index)
@@ -458,6 +520,10 @@ class Follower:
         # checked as a single store is, shard by shard; _advance adds the shards a refresh adds).
         self._stores: List[StoreFiles] = [StoreFiles(path, self.reader)] if self.single_store \
             else [StoreFiles(shard.path, shard) for shard in self.reader.shards]
+        # The generation each lookup Reader (the store's, or each shard's) was opened at: it is
+        # refreshed only while its store keeps that one (see the module doc).
+        self._opened: List[int] = [self.reader.generation] if self.single_store \
+            else [shard.generation for shard in self.reader.shards]
         self.dtype = self.reader.dtype
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -477,8 +543,14 @@ class Follower:
     def _advance(self) -> None:
         """Refreshes the lookup Reader and publishes a snapshot if rows arrived."""
         try:
+            # A store truncated since: a new Reader, not a refresh across the truncate. And a
+            # Reader the refresh took across one (a truncate in between) is replaced at once;
+            # a store truncated just after its refresh is taken at the next.
+            self._renew_readers(store_too=True)
             rows = self.reader.refresh() if self.single_store else \
                 self.reader.refresh(follow_manifest=False)
+            if self._renew_readers(store_too=False) and self.single_store:
+                rows = len(self.reader)
         except FileNotFoundError:
             # The store is no longer at its path (the core's check): say how, as _check_files does.
             self._check_path()
@@ -506,6 +578,7 @@ class Follower:
             shards = self.reader.shards
             for shard in shards[len(self._stores):]:  # added by this refresh (a manifest grew)
                 self._stores.append(StoreFiles(shard.path, shard))
+                self._opened.append(shard.generation)
             generation = tuple(shard.generation for shard in shards)
             parts = list(zip(np.diff(self.reader.offsets).tolist(), generation))
         old = self.snapshot
@@ -539,8 +612,78 @@ class Follower:
         with self._lock:
             # Read after the refresh, so never older than the commit of the snapshot's last row.
             self.last_commit_unix = last_commit_unix(info)
-            self.snapshot = Snapshot(rows, keys, epochs, vectors, counts, generation, parts)
+            self.snapshot = Snapshot(rows, keys, epochs, vectors, counts, generation, parts,
+                                     [self.reader] if self.single_store else list(shards))
         self.refreshes += 1
+
+    def _renew_readers(self, store_too: bool) -> bool:
+        """Opens a new Reader for the store, or each shard, whose Reader was refreshed past the
+        generation it was opened at (or, ``store_too``, whose store has moved to another
+        generation since: read from its header); the
+        old one is not closed (a request may still read its snapshot): it is freed with the
+        last snapshot holding it. Returns whether it opened one. Raises StoreError when
+        another store is at the path now."""
+        renewed = False
+        if self.single_store:
+            if self._stale(self.reader, self._opened[0], store_too):
+                self.reader = self._reopen(self.reader, self._stores[0])
+                self.lookup.reader = self.reader
+                self._opened[0] = self.reader.generation
+                renewed = True
+            return renewed
+        shard_set = self.reader
+        shards = shard_set.shards
+        for i, shard in enumerate(shards[:len(self._opened)]):
+            if self._stale(shard, self._opened[i], store_too):
+                # ShardSet has no call that reopens one shard: its list of shard Readers takes
+                # the new one at the same place (the same path and store id, checked), and
+                # _renumber() recomputes its offsets and snapshots from the list.
+                shards[i] = self._reopen(shard, self._stores[i],
+                                         getattr(shard_set, "_map_bytes", None))
+                self._opened[i] = shards[i].generation
+                renewed = True
+        if renewed:
+            shard_set._renumber()
+        return renewed
+
+    @staticmethod
+    def _stale(reader, opened: int, store_too: bool) -> bool:
+        """Whether ``reader`` (opened at generation ``opened``) must not be refreshed again."""
+        return reader.generation != opened or \
+            (store_too and store_generation(reader.path) not in (None, opened))
+
+    @staticmethod
+    def _reopen(reader, files: "StoreFiles", map_bytes: Optional[int] = None):
+        """A new Reader on the store ``reader`` reads, refused (StoreError) when it is another
+        store than ``files`` names."""
+        try:
+            new = embstore.Reader(reader.path, map_bytes=map_bytes)
+        except FileNotFoundError:
+            files.check_path()
+            raise
+        except (embstore.Error, OSError, ValueError) as e:
+            raise StoreError(f"cannot open the store {reader.path} again: {e}") from None
+        if new.info(key_stats=False)["store_id"] != files.store_id:
+            new.close()
+            files.check_same_store()
+            raise StoreError(f"the store at {reader.path} is another store than the one this "
+                             f"server opened (store id {files.store_id}); restart embstore "
+                             "serve to serve it")
+        return new
+
+    def _renew_waiter(self) -> None:
+        """A new waiting Reader once wait() has taken the old one across a truncate (it would
+        map every generation it saw); the old one is closed (only this thread uses it). Kept
+        as it is when the store cannot be opened (the refresh says why)."""
+        if self._waiter is None or self._waiter.generation == self._waiter_generation:
+            return
+        try:
+            new = embstore.Reader(self.path)
+        except (embstore.Error, OSError, ValueError):
+            return
+        old, self._waiter = self._waiter, new
+        self._waiter_generation = new.generation
+        old.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -551,6 +694,7 @@ class Follower:
                     except FileNotFoundError:
                         self._check_path()  # The store left its path: StoreError saying how.
                         raise
+                    self._renew_waiter()
                 else:
                     self._stop.wait(kFollowSliceSeconds)
                 if self._error is not None and not self._recheck():
@@ -624,6 +768,33 @@ class Follower:
     @property
     def error(self) -> Optional[str]:
         return self._error
+
+    def failing_rows(self, snap: Snapshot, rows) -> Dict[int, str]:
+        """Of the snapshot's ``rows``, those whose bytes fail their checksum: {row: message
+        naming the file, row, key and epoch}. Each is read through the snapshot's Reader of its
+        part (``Reader.record``: ~1 us a row). Raises StoreError when that Reader has been taken
+        past the snapshot's generation (a truncate met during a refresh): the rows cannot be
+        checked; asking again answers from the new snapshot."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        offsets = snap.offsets()
+        part_of = np.searchsorted(offsets, rows, side="right") - 1
+        failed: Dict[int, str] = {}
+        for part in np.unique(part_of).tolist():
+            reader, (_, generation) = snap.readers[part], snap.parts[part]
+            if reader.generation != generation:
+                raise StoreError(f"{reader.path} was truncated while this answer was computed; "
+                                 "ask again")
+            for row in rows[part_of == part].tolist():
+                try:
+                    reader.record(row - int(offsets[part]))
+                except embstore.CorruptionError as e:
+                    where = f" (row {row} of the {len(snap.parts)} shards)" \
+                        if not self.single_store else ""
+                    failed[row] = f"{e}{where}"
+            if reader.generation != generation:  # Read before and after, as KeyLookup does.
+                raise StoreError(f"{reader.path} was truncated while this answer was computed; "
+                                 "ask again")
+        return failed
 
     # ---- figures ---------------------------------------------------------------------------
 

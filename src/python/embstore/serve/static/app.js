@@ -154,7 +154,9 @@ async function loadProjection() {
     status.dataset.rows = p.epoch_rows;
     status.dataset.draws = state.draws;
     const ev = p.explained_variance.map((v) => (100 * v).toFixed(1) + "%").join(" + ");
-    const left = p.non_finite ? ` (${p.non_finite} more left out: NaN or Inf)` : "";
+    const left = (p.non_finite ? ` (${p.non_finite} more left out: NaN or Inf)` : "") +
+        (p.corrupt ? ` (${p.corrupt} more left out: they fail their checksum, the store is ` +
+                     "damaged; embstore verify lists the rows)" : "");
     status.textContent = `epoch ${p.epoch}: ${p.sampled} of ${p.epoch_rows} rows sampled${left}, ` +
                          `PCA explains ${ev} of their variance (${p.snapshot_rows} rows in the store)`;
     showError($("error"), "");
