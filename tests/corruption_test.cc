@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <cstring>
@@ -40,6 +41,12 @@ void write_batches(const std::string& path, const CreateOptions& o, std::uint64_
     for (std::uint64_t i = 0; i < 30; ++i) keys[i] = test::make_key(0, b * 30 + i);
     w.append(keys, b, std::span<const float>(values));
   }
+}
+
+// Whether one of the report's damage messages contains `text`.
+bool says(const SalvageReport& report, const std::string& text) {
+  return std::any_of(report.damage.begin(), report.damage.end(),
+                     [&](const std::string& d) { return d.find(text) != std::string::npos; });
 }
 
 std::string make_store(const TempDir& dir) {
@@ -467,51 +474,23 @@ TEST_CASE("salvage copies every row that verifies out of a store that will not o
 
 TEST_CASE("salvage of files cut short keeps the rows they hold and counts the rest as lost",
           "[corruption][salvage]") {
-  // 300 committed rows (10 batches of 30); a file cut short holds fewer. The rows it holds are
-  // committed rows, copied wherever they verify, whole batch or not; the committed rows past its
-  // end are lost, in the report's count and ranges, and `damage` says why.
-  const bool cut_data = GENERATE(true, false);
-  INFO((cut_data ? "rows.1" : "index.1") << " cut short");
-  TempDir dir;
-  const std::string path = dir / "s";
-  write_batches(path, small_options(), 10);
+  // 300 committed rows (10 batches of 30); files cut short hold fewer. The rows they hold are
+  // committed rows, copied wherever they verify, whole batch or not; the committed rows past
+  // their end are lost, in the report's count and ranges, and `damage` says why. With both
+  // files cut (the rows synced: a sync flushed them, so they were there), salvage judged by
+  // whether the other file still held the committed rows: it dropped the committed rows of the
+  // cut batch that verify and reported no row lost.
+  struct Cut {
+    const char* what;
+    std::uint64_t data_bytes, index_bytes;  // 0: not cut
+    std::uint64_t held;
+  };
   const std::uint64_t record = kDim * sizeof(float);
-  // 250 rows of data and a part of the next, or 205 whole index entries.
-  const std::uint64_t held = cut_data ? 250 : 205;
-  REQUIRE(::truncate((path + (cut_data ? "/rows.1" : "/index.1")).c_str(),
-                     static_cast<off_t>(cut_data ? held * record + 7 : held * 32)) == 0);
-
-  const SalvageReport report = salvage(path, dir / "out");
-  CHECK(report.rows_scanned == 300);
-  CHECK(report.rows_copied == held);
-  CHECK(report.rows_lost == 300 - held);
-  using Range = std::pair<std::uint64_t, std::uint64_t>;
-  CHECK(report.lost_ranges == std::vector<Range>{{held, 300}});
-  bool said = false;
-  for (const std::string& d : report.damage) {
-    said = said || (d.find("cut short") != std::string::npos &&
-                    d.find(std::to_string(held) + "..300") != std::string::npos);
-  }
-  CHECK(said);
-  Reader r = Reader::open(dir / "out");
-  REQUIRE(r.size() == held);
-  CHECK(r.verify().ok());
-  for (std::uint64_t row = 0; row < held; ++row) {
-    const Record rec = r.record(row);
-    CHECK(rec.key == test::make_key(0, row));
-    CHECK(test::payload_matches(rec.key, kDim, rec.data));
-  }
-}
-
-TEST_CASE(
-    "salvage of both files cut below the synced rows counts the synced rows past them as lost",
-    "[corruption][salvage]") {
-  // 300 rows, all synced; both files cut, to the middle of a batch or to nothing. salvage judged
-  // "cut short" by whether the other file still held the committed rows, so with both cut it
-  // dropped the committed rows of the cut batch that verify, and reported no row lost (the
-  // synced rows past the files' end went unsaid).
-  const std::uint64_t held = GENERATE(256, 0);
-  INFO("files cut to " << held << " rows");
+  const Cut cut = GENERATE_COPY(Cut{"rows.1 inside row 250", 250 * record + 7, 0, 250},
+                                Cut{"index.1 at 205", 0, 205 * 32, 205},
+                                Cut{"both inside batch 240..269", 256 * record, 256 * 32, 256},
+                                Cut{"both to nothing", 1, 1, 0});
+  INFO(cut.what);
   TempDir dir;
   const std::string path = dir / "s";
   write_batches(path, small_options(), 10);
@@ -520,23 +499,28 @@ TEST_CASE(
     w.sync();
     REQUIRE(w.durable_rows() == 300);
   }
-  const std::uint64_t record = kDim * sizeof(float);
-  REQUIRE(::truncate((path + "/rows.1").c_str(), static_cast<off_t>(held * record)) == 0);
-  REQUIRE(::truncate((path + "/index.1").c_str(), static_cast<off_t>(held * 32)) == 0);
+  for (const auto& [file, bytes] :
+       {std::pair{"/rows.1", cut.data_bytes}, {"/index.1", cut.index_bytes}}) {
+    if (bytes > 0)
+      REQUIRE(::truncate((path + file).c_str(), static_cast<off_t>(bytes == 1 ? 0 : bytes)) == 0);
+  }
+  const std::uint64_t held = cut.held;
+
   const SalvageReport report = salvage(path, dir / "out");
   CHECK(report.rows_scanned == 300);
   CHECK(report.rows_copied == held);
   CHECK(report.rows_lost == 300 - held);
   using Range = std::pair<std::uint64_t, std::uint64_t>;
   CHECK(report.lost_ranges == std::vector<Range>{{held, 300}});
-  bool said = false;
-  for (const std::string& d : report.damage) {
-    said = said || d.find("rows " + std::to_string(held) + "..300 are lost") != std::string::npos;
-  }
-  CHECK(said);
+  CHECK(says(report, "cut short?): rows " + std::to_string(held) + "..300 are lost"));
   Reader r = Reader::open(dir / "out");
   REQUIRE(r.size() == held);
-  for (std::uint64_t row = 0; row < held; ++row) CHECK(r.record(row).key == test::make_key(0, row));
+  CHECK(r.verify().ok());
+  for (std::uint64_t row = 0; row < held; ++row) {
+    const Record rec = r.record(row);
+    CHECK(rec.key == test::make_key(0, row));
+    CHECK(test::payload_matches(rec.key, kDim, rec.data));
+  }
 }
 
 TEST_CASE("salvage takes a counter past both files, capacity and all, for the damage itself",

@@ -367,6 +367,16 @@ TEST_CASE("A truncate killed at any step leaves the old store or the new one",
   REQUIRE(test::wait_for(child) == 128 + SIGKILL);
   // Once the switch is decided (the flag stored, not yet cleared) the store is generation 2.
   CHECK(read_generation(path) == (point.decided ? 2 : 1));
+  if (!reboot && !reader_first) {
+    // salvage copies the store an open shows. With the flag stored the counters may be
+    // half-stored and are not read (the new files hold the store): salvage read committed_rows
+    // anyway and reported the rows the truncate dropped on purpose as lost (exit 1 from the CLI).
+    const SalvageReport report = salvage(path, dir / "out");
+    CHECK(report.rows_copied == (point.decided ? 37 : 100));
+    CHECK(report.rows_lost == 0);
+    CHECK(report.lost_ranges.empty());
+    check_prefix(Reader::open(dir / "out"), point.decided ? 37 : 100);
+  }
   if (reboot) detail::testing::set_boot_id(kBootB);
   const std::uint64_t expected = point.decided ? 37 : 100;
   if (reader_first) check_prefix(Reader::open(path), expected);
@@ -387,37 +397,6 @@ TEST_CASE("A truncate killed at any step leaves the old store or the new one",
     CHECK(w.truncate(10) == 10);
   }
   check_prefix(Reader::open(path), 10);
-}
-
-TEST_CASE("salvage of a store a truncate was killed switching copies the new generation whole",
-          "[truncate][salvage]") {
-  // Killed with the switch decided (the flag stored, not yet cleared), the counters may be
-  // half-stored and are not read: the new files hold the store. salvage read committed_rows
-  // anyway and reported the rows the truncate dropped on purpose as lost (exit 1 from the CLI),
-  // of a store that opens and verifies.
-  const char* point = GENERATE("truncate-flag-stored", "truncate-flagged", "truncate-mid-switch");
-  INFO(point);
-  TempDir dir;
-  const std::string path = dir / "s";
-  detail::testing::set_boot_id(kBootA);
-  {
-    Writer w = make_store(path, unsynced());
-    for (std::uint64_t b = 0; b < 5; ++b) append_rows(w, 0, b * 20, 20, b);
-    w.sync();
-  }
-  const pid_t child = test::spawn([&] {
-    Writer w = Writer::open(path, unsynced());
-    detail::testing::arm_crash(point, 1);
-    w.truncate(37);
-    return 1;
-  });
-  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
-  const SalvageReport report = salvage(path, dir / "out");
-  CHECK(report.rows_scanned == 37);
-  CHECK(report.rows_copied == 37);
-  CHECK(report.rows_lost == 0);
-  CHECK(report.lost_ranges.empty());
-  check_prefix(Reader::open(dir / "out"), 37);
 }
 
 TEST_CASE("Truncate from an epoch refuses a cut at a row whose epoch fails its checksum",

@@ -172,13 +172,13 @@ def test_leading_zeros_are_decimal_for_rows_and_epochs(tmp_path):
     assert len(embstore.Reader(path)) == 10 and embstore.Reader(path).epochs.max() == 3
 
 
-def test_the_report_counts_the_rows_appended_while_it_asked(store):
-    # Rows appended between the question and the answer are past the cut, so dropped: the
-    # report said so in rows_dropped but listed only the epochs counted before it asked.
+def _asked_on_a_terminal(args, answer, while_asking=lambda question: None):
+    """Runs `embstore truncate` with a terminal as stdin, waits for its question (on stderr),
+    calls while_asking(question), answers; returns (exit status, stdout, stderr after it)."""
     import pty
     primary, secondary = pty.openpty()
-    proc = subprocess.Popen([CLI, "truncate", store, "--from-epoch", "1", "--json"],
-                            stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([CLI, "truncate", *args], stdin=secondary, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     os.close(secondary)
     try:
         asked = b""
@@ -186,18 +186,28 @@ def test_the_report_counts_the_rows_appended_while_it_asked(store):
             chunk = os.read(proc.stderr.fileno(), 4096)
             assert chunk, asked
             asked += chunk
-        assert b"drop rows [10, 30)" in asked and b"epoch 2: 10 rows" in asked, asked
-        with embstore.Writer(store) as w:
-            w.append(keys=np.arange(4, dtype=np.uint64), vectors=np.ones((4, 4), np.float32),
-                     epoch=7)
-        os.write(primary, b"y\n")
-        out, _ = proc.communicate(timeout=60)
+        while_asking(asked)
+        os.write(primary, answer)
+        out, err = proc.communicate(timeout=60)
     finally:
         os.close(primary)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0
+    return proc.returncode, out, err
+
+
+def test_the_report_counts_the_rows_appended_while_it_asked(store):
+    # Rows appended between the question and the answer are past the cut, so dropped: the
+    # report said so in rows_dropped but listed only the epochs counted before it asked.
+    def append_meanwhile(asked):
+        assert b"drop rows [10, 30)" in asked and b"epoch 2: 10 rows" in asked, asked
+        with embstore.Writer(store) as w:
+            w.append(keys=np.arange(4, dtype=np.uint64), vectors=np.ones((4, 4), np.float32),
+                     epoch=7)
+    code, out, _ = _asked_on_a_terminal([store, "--from-epoch", "1", "--json"], b"y\n",
+                                        append_meanwhile)
+    assert code == 0
     report = json.loads(out)
     assert (report["rows_before"], report["rows_kept"], report["rows_dropped"]) == (34, 10, 24)
     assert report["dropped_epochs"] == [{"epoch": 1, "rows": 10}, {"epoch": 2, "rows": 10},
@@ -207,25 +217,8 @@ def test_the_report_counts_the_rows_appended_while_it_asked(store):
 
 def test_an_answer_other_than_yes_changes_nothing_and_exits_2(store):
     # The README's exit table lists it with the other usage refusals.
-    import pty
     for answer in (b"n\n", b"\n", b"maybe\n"):
-        primary, secondary = pty.openpty()
-        proc = subprocess.Popen([CLI, "truncate", store, "--rows", "5"], stdin=secondary,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        os.close(secondary)
-        try:
-            asked = b""
-            while b"[y/N]" not in asked:
-                chunk = os.read(proc.stderr.fileno(), 4096)
-                assert chunk, asked
-                asked += chunk
-            os.write(primary, answer)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            os.close(primary)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 2, (answer, err)
+        code, _, err = _asked_on_a_terminal([store, "--rows", "5"], answer)
+        assert code == 2, (answer, err)
         assert b"nothing changed" in err
         assert len(embstore.Reader(store)) == 30
