@@ -11,13 +11,13 @@ its process's Reader of that shard (one for every task of the shard: a view keep
 of the Reader it came from, so a Reader per task left each persisted chunk holding a whole
 Reader's) and returns a read-only view of the mapping (no copy on that worker; dask copies
 only what it moves between workers). A process keeps the Readers of the last 64 shard
-snapshots it read (``_READERS_KEPT``), the least recently used dropped first. The arrays describe the shards'
-snapshots when ``from_store`` was called; rows appended later are not in them. A task whose
-shard was truncated since (another generation: its rows may now be other rows) or replaced
-raises instead of reading, and arrays built after a truncate never share a task name with
-those built before it. The workers must see the
-shard paths: run them where the stores are (or on a copy of them), never a Writer on a network
-file system (see the README, "Several machines").
+snapshots it read (``_READERS_KEPT``), the least recently used dropped first. The arrays
+describe the shards' snapshots when ``from_store`` was called; rows appended later are not in
+them. A task whose shard was truncated since (another generation: its rows may now be other
+rows) or replaced raises instead of reading, and arrays built after a truncate never share a
+task name with those built before it. The workers must see the shard paths: run them where the
+stores are (or on a copy of them), never a Writer on a network file system (see the README,
+"Several machines").
 """
 
 from __future__ import annotations
