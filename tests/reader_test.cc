@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -263,6 +264,40 @@ TEST_CASE("wait() in one thread wakes for appends from another", "[reader][threa
   CHECK(r.wait(100, std::chrono::seconds(60)));
   appender.join();
   CHECK(r.size() == 100);
+}
+
+TEST_CASE("A Reader following a growing store holds a few mappings, not two more a growth",
+          "[reader]") {
+  // A Reader keeps no descriptor: it opened the files again at every growth and mapped the new
+  // tail from that descriptor, and the kernel never merges pieces mapped from different ones:
+  // two more mappings a growth, without bound (a follower of a 1 TiB store at 64 MiB segments
+  // would hold ~32k, against vm.max_map_count's 65,530 for the whole process).
+  TempDir dir;
+  const std::string path = dir / "s";
+  const auto mappings = [&] {
+    std::istringstream maps(test::read_file("/proc/self/maps"));
+    std::uint64_t n = 0;
+    for (std::string line; std::getline(maps, line);) {
+      n += line.find(path + "/rows.1") != std::string::npos ||
+           line.find(path + "/index.1") != std::string::npos;
+    }
+    return n;
+  };
+  Writer w = Writer::create(path, small(64));  // 256-byte rows, 4 KiB segments
+  append_batch(w, 0, 0, 16);
+  Reader r = Reader::open(path);
+  const std::uint64_t at_open = mappings();
+  for (std::uint64_t batch = 1; batch <= 400; ++batch) {  // 400 growths, to 6,416 rows
+    append_batch(w, 0, batch * 16, 16);
+    REQUIRE(r.refresh() == (batch + 1) * 16);
+  }
+  // O(log n) reservations a Reader keeps (each taken as the store doubles), two mappings each.
+  INFO("mappings of rows.1 and index.1: " << at_open << " at open, " << mappings() << " after");
+  CHECK(mappings() <= at_open + 2 * 12);
+  // And every row reads back through them.
+  CHECK(r.verify().ok());
+  const Record last = r.record(r.size() - 1);
+  CHECK(last.key == test::make_key(0, r.size() - 1));
 }
 
 TEST_CASE("close() unmaps the store's files and its key index, and owner() copies keep the rows",

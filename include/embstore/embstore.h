@@ -90,7 +90,9 @@
 //     from outside (truncate(1), a copy over them) while readers hold views raises SIGBUS in
 //     those readers: an access past the end of a mapped file is a signal, inherent to mmap.
 //   - Stores open per process: each open Reader or Writer holds about five memory mappings (two
-//     more once a Reader has looked a key up), so the kernel's vm.max_map_count (65530 by
+//     more once a Reader has looked a key up, two more each time a Reader following a growing
+//     store sees it double: it maps its whole reservation at once, so growths within it add
+//     none), so the kernel's vm.max_map_count (65530 by
 //     default) allows roughly 10,000 open stores; raise it for more. A Writer holds six file
 //     descriptors (five without a key index) (RLIMIT_NOFILE), a Reader none: it reopens its files
 //     by path when they grew past its mapping, so a store moved or deleted under an open Reader

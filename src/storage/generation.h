@@ -49,6 +49,9 @@ class Generation {
   }
 
  private:
+  // The data file's device and inode, for maps_data_file().
+  void remember_data_file(int fd);
+
   std::uint64_t number_;
   std::uint64_t record_bytes_;
   std::uint64_t reserved_rows_;
@@ -56,6 +59,7 @@ class Generation {
   // The data file's device and inode at the last map_rows(); data_id_known_ once they are set.
   std::atomic<std::uint64_t> data_dev_{0}, data_ino_{0};
   std::atomic<bool> data_id_known_{false};
+  os::Access access_;
   ReservedMapping data_, index_;
   std::shared_ptr<const Generation> previous_;  // Older mappings views may still point into.
 };
