@@ -296,6 +296,9 @@ void Reader::read(std::uint64_t begin, std::uint64_t end, void* out, std::size_t
                                                  " rows of " + std::to_string(row_bytes));
   }
   if (end == begin) return;
+  if (out == nullptr) {
+    throw Error(ErrorCode::kInvalidArgument, impl().path_ + ": read: out is null");
+  }
   auto* rows = static_cast<std::byte*>(out);
   detail::RowCopier(f).copy(begin, end - begin, rows);
   if (check == ReadCheck::kNone) return;
@@ -450,6 +453,9 @@ void Reader::gather(std::span<const std::int64_t> rows, void* out, std::size_t o
     throw Error(ErrorCode::kInvalidArgument, self.path_ + ": gather: " + std::to_string(out_bytes) +
                                                  " bytes for " + std::to_string(rows.size()) +
                                                  " rows of " + std::to_string(row_bytes));
+  }
+  if (out == nullptr && !rows.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, self.path_ + ": gather: out is null");
   }
   const std::uint64_t snapshot = self.snapshot_;
   auto* dest = static_cast<std::byte*>(out);

@@ -92,8 +92,12 @@ void remove_stale_staging(const std::string& parent, const std::string& path) {
 void create_store(const std::string& path_in, const CreateOptions& options) {
   const std::string path = detail::strip_trailing_slashes(path_in);
   if (path.empty()) throw Error(ErrorCode::kInvalidArgument, "create: the store path is empty");
-  detail::validate_create_params(options.dtype, options.dim, options.segment_bytes,
-                                 options.metadata.size());
+  try {
+    detail::validate_create_params(options.dtype, options.dim, options.segment_bytes,
+                                   options.metadata.size());
+  } catch (const Error& error) {  // Named: which store's options.
+    throw Error(error.code(), path + ": " + error.what());
+  }
   const std::string header_path = path + "/" + detail::kHeaderFileName;
   if (detail::os::exists(header_path)) {
     throw Error(ErrorCode::kAlreadyExists, path + ": a store already exists here");

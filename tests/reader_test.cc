@@ -172,6 +172,12 @@ TEST_CASE("A reader of a store deleted and made again at its path hears of it, w
   CHECK(r.size() == 10);  // The snapshot and its rows stay the old store's.
   CHECK(r.record(9).key == test::make_key(0, 9));
   CHECK(Reader::open(dir / "s").size() == 20);
+  // So do its lookups, though this Reader had looked no key up before: the key index it opens
+  // at its first lookup is the new store's, refused (another store id), and the snapshot's
+  // offset index is scanned instead.
+  CHECK(r.find(test::make_key(0, 7), 0) == std::optional<std::uint64_t>(7));
+  CHECK(r.find(test::make_key(1, 7)) == std::nullopt);  // the new run's key: not in the snapshot
+  CHECK(r.history(test::make_key(0, 3)).size() == 1);
 }
 
 TEST_CASE("Views stay valid and unchanged while writers grow the store by many segments",
@@ -551,6 +557,20 @@ TEST_CASE("read() copies the rows rows() shows, and names the rows file when a r
     CHECK(error.code() == ErrorCode::kInvalidArgument);
     CHECK(std::string(error.what()).find("read: 2559 bytes for 10 rows of 256") !=
           std::string::npos);
+  }
+  // A null destination of the right size is refused, not written through (it crashed).
+  const std::int64_t some_rows[] = {0, 5};
+  const std::vector<std::function<void()>> into_null = {
+      [&] { r.read(0, 10, nullptr, out.size()); },
+      [&] { r.gather(some_rows, nullptr, 2 * row_bytes); }};
+  for (const auto& call : into_null) {
+    try {
+      call();
+      FAIL("rows were copied to a null pointer");
+    } catch (const Error& error) {
+      CHECK(error.code() == ErrorCode::kInvalidArgument);
+      CHECK_THAT(error.what(), Catch::Matchers::Contains(": out is null"));
+    }
   }
   // A failed read raises, naming the file, where the mapping would have raised SIGBUS.
   detail::testing::arm_fault(detail::testing::Op::kPread, 1, EIO, false);

@@ -914,6 +914,14 @@ TEST_CASE("A create with options open() would refuse leaves no store behind, and
   CHECK(code_of([&] { Writer::open_or_create(path, opts(4), expect); }) ==
         ErrorCode::kInvalidArgument);  // It replaced them with create_options' without a word.
   CHECK_FALSE(std::filesystem::exists(path));
+  // Options the format refuses name the store too (they named only the option).
+  CHECK(code_of([&] { Writer::create(path, opts(0)); }, &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains(path + ": dim 0 is outside 1..16777216"));
+  CreateOptions wide = opts(1 << 24);
+  wide.dtype = DType::kFloat64;
+  CHECK(code_of([&] { create_store(path, wide); }, &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::Contains(path + ": segment_bytes 65536 is smaller than one row"));
+  CHECK_FALSE(std::filesystem::exists(path));
   expect.expect_dtype = DType::kFloat32;
   CHECK(Writer::create(path, opts(4), expect).dim() == 4);  // Put right, the same call works.
 }

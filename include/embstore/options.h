@@ -18,7 +18,7 @@ inline constexpr std::uint32_t kMaxDim = 1u << 24;                  // Elements 
 
 // Fixed at creation, stored in the header, never changed afterwards.
 struct CreateOptions {
-  std::uint32_t dim = 0;          // Elements per row; 1 .. kMaxDim.
+  std::uint32_t dim = 0;          // Elements per row; 1 .. kMaxDim, a row within one segment.
   DType dtype = DType::kFloat32;  // Element type of every row.
   // The growth step: the data and index files together double from 64 KiB up to this many bytes,
   // then grow by about this much at a time (posix_fallocate'd before first touch; FORMAT.md
