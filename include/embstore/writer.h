@@ -58,7 +58,9 @@ class Writer {
   static Writer open(const std::string& path, const WriterOptions& options = {});
   // open() if a store exists at `path` (checking its dim and dtype against create_options),
   // else create(). Safe when several processes race to call it on the same path. An
-  // expect_dim/expect_dtype in `options` other than create_options' is kInvalidArgument.
+  // expect_dim/expect_dtype in `options` other than create_options' is kInvalidArgument. Of an
+  // existing store only dim and dtype are checked: its metadata, key_index and segment_bytes
+  // stay as they were created, whatever create_options says (info() shows them).
   static Writer open_or_create(const std::string& path, const CreateOptions& create_options,
                                const WriterOptions& options = {});
 
@@ -143,7 +145,8 @@ class Writer {
   // Throws if this handle could not maintain the key index
   // (every row is stored; lookups scan the rows it did not index until a writer indexes them),
   // and kNotFound, once closed, when the store is no longer at the path it was opened at (as
-  // sync() does).
+  // sync() does). Appends other threads make on this Writer once close() has begun throw
+  // kClosed and store nothing; those already inside append() finish first.
   void close();
 
   std::uint64_t committed_rows() const;  // Rows visible to readers right now (all writers).
