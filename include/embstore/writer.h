@@ -145,8 +145,9 @@ class Writer {
   // Throws if this handle could not maintain the key index
   // (every row is stored; lookups scan the rows it did not index until a writer indexes them),
   // and kNotFound, once closed, when the store is no longer at the path it was opened at (as
-  // sync() does). Appends other threads make on this Writer once close() has begun throw
-  // kClosed and store nothing; those already inside append() finish first.
+  // sync() does). An append another thread makes on this Writer while close() runs either
+  // finishes before the store is closed (its rows stored, as close() leaves them) or throws
+  // kClosed, storing nothing.
   void close();
 
   std::uint64_t committed_rows() const;  // Rows visible to readers right now (all writers).
