@@ -99,12 +99,12 @@ SalvageReport salvage(
   const std::uint64_t log_end = committed <= held ? files->valid_batch_prefix(committed, held)
                                 : cut_short       ? held
                                                   : 0;
-  // The era of the last row kept before the scan past the log: of the last entry before
-  // log_end that was written there (even if its row fails its checksum: a damaged last row must
-  // not let stale rows of an older era past it pass for the log's continuation).
+  // The era of the last row kept before the scan past the log: of the last row before log_end
+  // that verifies (a damaged last row must not let stale rows of an older era past it pass for
+  // the log's continuation).
   std::optional<std::uint64_t> newest_era;  // Of the last row kept so far.
-  if (log_end > 0 && files->written_entry(log_end - 1)) {
-    newest_era = detail::entry_era(entry_at(log_end - 1).row);
+  if (const auto before = files->last_valid_row_before(log_end)) {
+    newest_era = detail::entry_era(entry_at(*before).row);
   }
   std::vector<bool> kept_past_log;  // Rows [log_end, rows_scanned): whether each is kept.
   std::uint64_t verify_past = 0;    // Rows past rows_scanned that verify.

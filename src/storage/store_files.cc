@@ -530,10 +530,13 @@ void RowCopier::copy(std::uint64_t begin, std::uint64_t count, std::byte* out) {
   os::read_exact(fd, out, bytes, begin * record_bytes, files_.data_path());
 }
 
-bool StoreFiles::written_entry(std::uint64_t row) const {
-  IndexEntry entry;
-  std::memcpy(&entry, entry_ptr(row), sizeof(entry));
-  return (entry.row & kEntryRowMask) == row && entry.checksum != 0;
+std::optional<std::uint64_t> StoreFiles::last_valid_row_before(std::uint64_t row) const {
+  // A few damaged rows are looked past, not a damaged store's whole length.
+  constexpr std::uint64_t kLookBack = 1024;
+  for (std::uint64_t r = row; r > 0 && row - r < kLookBack; --r) {
+    if (row_valid(r - 1)) return r - 1;
+  }
+  return std::nullopt;
 }
 
 std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t end) const {
@@ -547,11 +550,12 @@ std::uint64_t StoreFiles::valid_batch_prefix(std::uint64_t begin, std::uint64_t 
   // And a batch is written in one era: an era that changes where no batch ended joins the
   // front of one batch to the rest of another (stale entries a power loss kept before newer
   // ones).
-  // The run continues the row before `begin` when that row's entry names it (written there),
-  // even if the row fails its checksum: a damaged row must not let stale entries of an older
+  // The run continues the last row before `begin` that verifies (its era is then the one it
+  // was written in): a damaged row right before `begin` must not let stale entries of an older
   // era after it pass for the log's continuation.
-  bool have_previous = begin > 0 && written_entry(begin - 1);
-  IndexEntry previous = have_previous ? entry_at(begin - 1) : IndexEntry{};
+  const std::optional<std::uint64_t> before = last_valid_row_before(begin);
+  bool have_previous = before.has_value();
+  IndexEntry previous = have_previous ? entry_at(*before) : IndexEntry{};
   std::uint64_t row = begin;
   for (; row < end && row_valid(row); ++row) {
     const IndexEntry entry = entry_at(row);

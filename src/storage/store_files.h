@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -168,9 +169,9 @@ class StoreFiles {
   std::byte* row_ptr(std::uint64_t row) const { return generation_->row_ptr(row); }
   IndexEntry* entry_ptr(std::uint64_t row) const { return generation_->entry_ptr(row); }
   bool row_valid(std::uint64_t row) const;
-  // Whether the entry of `row` was written there (its row number is `row` and its checksum is
-  // set), whether or not the row verifies: its era then tells what followed it (FORMAT.md "era").
-  bool written_entry(std::uint64_t row) const;
+  // The last row before `row` that verifies, looking past at most 1,024 that do not (whose eras
+  // cannot be trusted): its era bounds the eras of the rows after it (FORMAT.md "era").
+  std::optional<std::uint64_t> last_valid_row_before(std::uint64_t row) const;
   // Whether `bytes` (record_bytes of them) are row `row` as its entry records it.
   bool row_valid(std::uint64_t row, const std::byte* bytes) const;
   // The end of the longest run of whole, valid batches starting at `begin` (a batch boundary)
