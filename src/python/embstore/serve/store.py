@@ -22,13 +22,12 @@ a 503 naming both store ids until the server is restarted); a Reader error on re
 the store's error until a refresh succeeds. A shard set gets the same checks for each of its
 shards (``StoreFiles``), including shards its refresh added.
 
-Truncates: a Reader is refreshed only within the generation it was opened at: once its store
-(or shard) has moved to another generation, the follower opens a new Reader (``_renew_readers``;
-the waiting Reader too) and the old one lives on only in the snapshots that hold it
-(``Snapshot.readers``), freed with the last of them. So the server maps the deleted files
-(rows.G, index.G) of an old generation only while a request still reads it, whatever a Reader
-refreshed across a truncate keeps (a C++ Reader keeps every generation it saw until closed),
-and a snapshot's Reader still reads the snapshot's rows when a request checks their checksums.
+Truncates: a lookup Reader is refreshed only within the generation it was opened at: once its
+store (or shard) has moved to another generation, the follower opens a new Reader
+(``_renew_readers``) and the old one lives on only in the snapshots that hold it
+(``Snapshot.readers``), freed with the last of them. So a snapshot's Reader still reads the
+snapshot's rows when a request checks their checksums, and the deleted files (rows.G, index.G)
+of an old generation stay mapped only while a request still reads it.
 
 Checksums: ``failing_rows`` checks rows of a snapshot against their checksums (``Reader.record``
 through the snapshot's own Reader); the zero-copy views do not.
@@ -510,8 +509,9 @@ class Follower:
         self.reader = open_source(path)
         self.single_store = isinstance(self.reader, embstore.Reader)
         # Sleeps in wait(), which holds its Reader's lock: lookups must not queue behind it.
+        # (A wait() that crosses a truncate opens the store again by itself and drops the old
+        # generation's mappings: the waiter holds no arrays.)
         self._waiter = open_source(path) if hasattr(self.reader, "wait") else None
-        self._waiter_generation = getattr(self._waiter, "generation", None)
         # A ShardSet renumbers its global rows at each refresh, so a shard set is looked up
         # shard by shard, through each shard Reader's key index, in the snapshot's numbering.
         self.lookup = KeyLookup(self.reader, use_index)
@@ -671,20 +671,6 @@ class Follower:
                              "serve to serve it")
         return new
 
-    def _renew_waiter(self) -> None:
-        """A new waiting Reader once wait() has taken the old one across a truncate (it would
-        map every generation it saw); the old one is closed (only this thread uses it). Kept
-        as it is when the store cannot be opened (the refresh says why)."""
-        if self._waiter is None or self._waiter.generation == self._waiter_generation:
-            return
-        try:
-            new = embstore.Reader(self.path)
-        except (embstore.Error, OSError, ValueError):
-            return
-        old, self._waiter = self._waiter, new
-        self._waiter_generation = new.generation
-        old.close()
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -694,7 +680,6 @@ class Follower:
                     except FileNotFoundError:
                         self._check_path()  # The store left its path: StoreError saying how.
                         raise
-                    self._renew_waiter()
                 else:
                     self._stop.wait(kFollowSliceSeconds)
                 if self._error is not None and not self._recheck():
