@@ -19,6 +19,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -1616,6 +1617,58 @@ TEST_CASE(
   CHECK(r.info().key_index.find(indexed_status(r.size())) != std::string::npos);
   check_lookups(r, {42, 1'000'000, 1'000'050}, {1, 5});
   CHECK(r.verify_key_index().key_index_problems == 0);
+}
+
+TEST_CASE("A Reader following a growing key index chain holds a few mappings, not one a growth",
+          "[keys]") {
+  // A Reader keeps no descriptor: each lookup that reached past the chain it had mapped opened
+  // the file again and mapped the new part from that descriptor, and the kernel never merges
+  // pieces mapped from different descriptors: one more mapping a chain growth, without bound
+  // (~100 at 10M rows, against vm.max_map_count for the whole process).
+  TempDir dir;
+  const std::string path = dir / "s";
+  const auto mappings = [&] {
+    std::istringstream maps(test::read_file("/proc/self/maps"));
+    std::uint64_t n = 0;
+    for (std::string line; std::getline(maps, line);) {
+      n += line.find(path + "/keys.") != std::string::npos;
+    }
+    return n;
+  };
+  CreateOptions create;
+  create.dim = 1;
+  WriterOptions writer;
+  writer.sync = SyncPolicy::kNone;
+  writer.expected_rows = 500'000;  // Tables that never grow: only the chain does.
+  Writer w = Writer::create(path, create, writer);
+  constexpr std::uint64_t kBatch = 1024;
+  const std::vector<float> values(kBatch, 1.0f);
+  std::vector<std::uint64_t> keys(kBatch);
+  const auto append_next = [&] {
+    const std::uint64_t first = w.committed_rows();
+    for (std::uint64_t i = 0; i < kBatch; ++i) keys[i] = first + i;
+    w.append(keys, 0, values);
+    w.sync();  // Posts the indexing of what the appends left.
+  };
+  append_next();
+  Reader r = Reader::open(path);
+  const std::uint64_t at_open = mappings();
+  for (std::uint64_t batch = 1; batch < 400; ++batch) {  // To 409,600 rows: ~30 chain growths.
+    append_next();
+    const std::uint64_t rows = (batch + 1) * kBatch;
+    REQUIRE(test::within_a_minute([&] {
+      r.refresh();
+      return r.info().key_index.find(indexed_status(rows)) != std::string::npos;
+    }));
+    // The newest row's chain record, just written: mapped by this lookup.
+    REQUIRE(r.find(rows - 1) == std::optional<std::uint64_t>(rows - 1));
+  }
+  // O(log n) reservations (each taken as the chain doubles), two mappings each at most.
+  INFO("mappings of the key index: " << at_open << " at open, " << mappings() << " after");
+  CHECK(mappings() <= at_open + 2 * 8);
+  for (const std::uint64_t key : {0ull, 4'095ull, 200'000ull, 409'599ull}) {
+    CHECK(r.find(key) == std::optional<std::uint64_t>(key));
+  }
 }
 
 TEST_CASE("A reader's lookups answer its snapshot after writers grow past its map_bytes",

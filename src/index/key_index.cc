@@ -437,17 +437,29 @@ void KeyIndexFile::map_chain(std::uint64_t row) const {
                                       " is past the chain rows map_bytes leaves address space for");
   }
   const std::uint64_t bytes = std::min(file_bytes / kPageBytes * kPageBytes, max_reserve_bytes_);
+  // A Reader's descriptor is a new one each time, and the kernel never merges pieces mapped from
+  // different descriptors: it maps the rest of the reservation at once (map_ahead), past the
+  // file's end too, so that following the chain's growths adds no mapping within a
+  // reservation (reopen() made sure this is the same file). A Writer maps from its own
+  // descriptor, whose pieces merge.
+  const auto map = [&](ReservedMapping& m) {
+    if (fd_ >= 0) {
+      m.map_to(fd, bytes);
+    } else {
+      m.map_ahead(fd, bytes);
+    }
+  };
   ReservedMapping* mapping = mappings_.back().get();
   if (bytes > mapping->reserved_bytes()) {
     // Past this reservation: map the file again at a larger one. The older mappings stay (views
     // of lookups in flight point into them) until this object dies.
     auto larger = std::make_unique<ReservedMapping>(
         reserve_in_proportion(chain_offset_, bytes, max_reserve_bytes_), path_, access_);
-    larger->map_to(fd, bytes);
+    map(*larger);
     mapping = larger.get();
     mappings_.push_back(std::move(larger));
   } else {
-    mapping->map_to(fd, bytes);
+    map(*mapping);
   }
   chain_base_.store(mapping->base(), std::memory_order_release);
   chain_rows_mapped_.store((mapping->mapped_bytes() - chain_offset_) / kChainRecordBytes,
