@@ -74,7 +74,7 @@ def test_a_task_refuses_a_different_store_at_the_same_path(tmp_path):
     old_id = embstore.info(tmp_path / "s")["store_id"]
     shutil.rmtree(tmp_path / "s")  # as if a worker on another machine had another store there
     embstore.create(tmp_path / "s", dim=2)
-    with pytest.raises(ValueError, match=old_id):
+    with pytest.raises(embstore.FormatMismatchError, match=old_id):
         arrays.vectors.compute(scheduler="sync")
 
 
@@ -110,7 +110,7 @@ def test_a_task_on_a_copy_older_than_the_graph_says_so(tmp_path):
     arrays = embstore.dask.from_store(tmp_path / "s")  # generation 2
     shutil.rmtree(tmp_path / "s")
     os.rename(tmp_path / "copy", tmp_path / "s")
-    with pytest.raises(ValueError, match="generation 1 of the store, older than generation 2 "
+    with pytest.raises(embstore.FormatMismatchError, match="generation 1 of the store, older than generation 2 "
                                          ".*a copy taken before a truncate"):
         arrays.keys.compute(scheduler="sync")
 
@@ -190,7 +190,7 @@ def test_a_graph_refuses_a_store_truncated_and_refilled_since(tmp_path, client):
     _rolled_back(tmp_path / "a")
     assert len(embstore.Reader(tmp_path / "a")) == 4  # as many rows as the graph's snapshot
     for array in arrays:
-        with pytest.raises(ValueError, match="generation 2 of the store, not generation 1"):
+        with pytest.raises(embstore.FormatMismatchError, match="generation 2 of the store, not generation 1"):
             client.compute(array, sync=True)
     # Arrays built again cover the new snapshot.
     again = embstore.dask.from_store(tmp_path / "a", chunk_rows=2)

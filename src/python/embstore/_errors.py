@@ -72,7 +72,8 @@ class CorruptionError(Error):
 
 
 class FormatMismatchError(Error, ValueError):
-    """The store's dim or dtype differ from what the caller asked for."""
+    """The store's dim or dtype differ from what the caller asked for, or the store at a path
+    is not the one (or the generation, or the snapshot) a ShardSet or a Dask graph was made of."""
 
     code = "format_mismatch"
 

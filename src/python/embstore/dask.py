@@ -33,7 +33,7 @@ import numpy as np
 import dask.array as da
 from dask.base import tokenize
 
-from . import Reader, _check_integer, _number
+from . import FormatMismatchError, Reader, _check_integer, _number
 from .shards import ShardSet
 
 __all__ = ["from_store", "StoreArrays"]
@@ -83,21 +83,21 @@ def _opened(path: str, store_id: str, generation: int, end: int) -> Reader:
     reader = Reader(path)
     actual = reader.info(key_stats=False)["store_id"]
     if actual != store_id:
-        raise ValueError(f"{path}: this worker sees store {actual}, not the store {store_id} the "
+        raise FormatMismatchError(f"{path}: this worker sees store {actual}, not the store {store_id} the "
                          "graph was built for (another machine's disk at the same path?)")
     if reader.generation > generation:
         # A truncate keeps a prefix of the rows, but which one this snapshot cannot tell: rows
         # past it are new rows under the numbers the graph was built with.
-        raise ValueError(f"{path}: this worker sees generation {reader.generation} of the store, "
+        raise FormatMismatchError(f"{path}: this worker sees generation {reader.generation} of the store, "
                          f"not generation {generation} the graph was built for: it was "
                          "truncated since from_store, so these rows may be other rows now; "
                          "call from_store again")
     if reader.generation < generation:
-        raise ValueError(f"{path}: this worker sees generation {reader.generation} of the store, "
+        raise FormatMismatchError(f"{path}: this worker sees generation {reader.generation} of the store, "
                          f"older than generation {generation} the graph was built for: a copy "
                          "taken before a truncate (copy the store again)")
     if len(reader) < end:
-        raise ValueError(f"{path}: this worker sees {len(reader)} rows, not the {end} the graph "
+        raise FormatMismatchError(f"{path}: this worker sees {len(reader)} rows, not the {end} the graph "
                          "was built for")
     return reader
 
@@ -135,6 +135,11 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
 
     Raises:
         ValueError: a chunk size that is not positive.
+
+    Computing a task raises FormatMismatchError (an ``embstore.Error`` and a ValueError, as
+    ``ShardSet`` raises it) naming the shard when the worker finds another store at its path,
+    another generation of it (truncated since, or a copy older than the graph) or fewer rows
+    than the graph's snapshot.
     """
     if chunk_rows is not None:
         chunk_rows = _check_integer(chunk_rows, "chunk_rows", "a positive integer")
