@@ -55,11 +55,11 @@ def test_recorder_given_the_dataset_length_skips_distributed_sampler_padding(tmp
         assert sorted(keys[epochs == epoch].tolist()) == list(range(10))
 
 
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(tmp_path):
+    """A new file rendezvous for a process group: a free TCP port looked up here could be taken
+    by another program before rank 0 binds it."""
+    rendezvous.count = getattr(rendezvous, "count", 0) + 1
+    return f"file://{tmp_path}/rendezvous-{rendezvous.count}"
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -68,7 +68,7 @@ def test_four_ranks_on_two_nodes_write_per_node_stores_and_a_manifest(tmp_path):
     import workers_shards
     from embstore import shards as es
     disks = [str(tmp_path / "disk-a"), str(tmp_path / "disk-b")]  # each node's local disk
-    tmp.spawn(workers_shards.node_rank, args=(4, free_port(), disks, 3), nprocs=4, join=True)
+    tmp.spawn(workers_shards.node_rank, args=(4, rendezvous(tmp_path), disks, 3), nprocs=4, join=True)
     assert sorted(os.listdir(disks[0])) == ["manifest.json", "node-0"]
     assert os.listdir(disks[1]) == ["node-1"]
     manifest = es.read_manifest(os.path.join(disks[0], "manifest.json"))
@@ -114,7 +114,7 @@ def test_a_rank_waiting_in_a_collective_ends_at_one_sigterm_with_its_rows_writte
     import time
     ready = str(tmp_path / "ready")
     context = tmp.spawn(workers_torch.rank_waiting_in_a_collective,
-                        args=(2, free_port(), str(tmp_path), ready), nprocs=2, join=False)
+                        args=(2, rendezvous(tmp_path), str(tmp_path), ready), nprocs=2, join=False)
     waiting, sleeping = context.processes
     try:
         deadline = time.monotonic() + 60
@@ -211,7 +211,7 @@ def test_a_second_sigterm_kills_a_rank_whose_rows_the_relay_thread_is_writing(tm
     import time
     ready = str(tmp_path / "ready")
     context = tmp.spawn(workers_torch.rank_waiting_in_a_collective,
-                        args=(2, free_port(), str(tmp_path), ready, True), nprocs=2, join=False)
+                        args=(2, rendezvous(tmp_path), str(tmp_path), ready, True), nprocs=2, join=False)
     waiting, sleeping = context.processes
     fd = None
     try:

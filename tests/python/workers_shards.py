@@ -9,13 +9,13 @@ from embstore.torch import EmbeddingRecorder
 from workers_torch import Net, leave_process_group
 
 
-def node_rank(rank, world, port, node_dirs, epochs):
+def node_rank(rank, world, init_method, node_dirs, epochs):
     """Rank `rank` of `world`, on node rank // 2 with its own "local disk" node_dirs[node], as
     torchrun would start it (GROUP_RANK, LOCAL_RANK)."""
     node = rank // 2
     os.environ.update(GROUP_RANK=str(node), LOCAL_RANK=str(rank % 2), LOCAL_WORLD_SIZE="2")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank,
                             world_size=world)
     torch.manual_seed(0)
     model = DDP(Net())

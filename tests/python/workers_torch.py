@@ -119,7 +119,7 @@ def end_epoch_with_a_failing_rank(rank, world, run_dir):
     dist.destroy_process_group()
 
 
-def rank_waiting_in_a_collective(rank, world, port, run_dir, ready, flushed=False):
+def rank_waiting_in_a_collective(rank, world, init_method, run_dir, ready, flushed=False):
     """Rank 0 records 5 batches (staged: buffer_rows 1000), then waits in end_epoch()'s
     all_gather for rank 1, which never comes (it sleeps until killed). Rank 0 touches `ready`
     once it is about to enter the collective. With `flushed`, the first batch is appended
@@ -127,7 +127,7 @@ def rank_waiting_in_a_collective(rank, world, port, run_dir, ready, flushed=Fals
     Writer, which a test can hold up with the store's lock."""
     os.environ.update(GROUP_RANK="0", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank,
                             world_size=world)
     model = torch.nn.Linear(8, 16)
     recorder = EmbeddingRecorder(model, "", run_dir, dim=16, per_node=True, buffer_rows=1000)
