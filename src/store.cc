@@ -76,15 +76,20 @@ class CreateLock {
   int fd_ = -1;
 };
 
-// Under the create lock: every `<path>.creating.<hex>` directory was left by a killed creator.
-void remove_stale_staging(const std::string& parent, const std::string& path) {
-  const std::string prefix = path.substr(path.rfind('/') + 1) + ".creating.";
-  for (const std::string& name : detail::os::list_dir(parent)) {
+// Under the create lock: every `<path>.creating.<hex>` directory, and every `.creating.<hex>`
+// directory inside an empty directory at `path`, was left by a killed creator.
+void remove_stale_staging_in(const std::string& dir, const std::string& prefix) {
+  for (const std::string& name : detail::os::list_dir(dir)) {
     if (name.size() == prefix.size() + kStagingSuffixChars && name.starts_with(prefix) &&
         is_hex(std::string_view(name).substr(prefix.size()))) {
-      detail::os::remove_tree(parent + "/" + name);
+      detail::os::remove_tree(dir + "/" + name);
     }
   }
+}
+
+void remove_stale_staging(const std::string& parent, const std::string& path) {
+  remove_stale_staging_in(parent, path.substr(path.rfind('/') + 1) + ".creating.");
+  if (detail::os::is_directory(path)) remove_stale_staging_in(path, ".creating.");
 }
 
 }  // namespace
@@ -121,17 +126,13 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
 
   std::uint8_t store_id[16];
   detail::os::random_bytes(store_id, sizeof(store_id), path);
-  std::uint8_t suffix[16];
-  detail::os::random_bytes(suffix, sizeof(suffix), path);
-  const std::string staging =
-      path + ".creating." + detail::store_id_hex(suffix).substr(0, kStagingSuffixChars);
-  detail::os::make_dir(staging);
-  try {
+  std::string header = detail::encode_header(options.dtype, options.dim, options.segment_bytes,
+                                             store_id, detail::os::unix_time_ns(), options.metadata,
+                                             options.key_index ? 0 : detail::kFlagNoKeyIndex);
+  // The store's files, made and flushed in the directory `dir`.
+  const auto build_in = [&](const std::string& dir) {
     EMBSTORE_CRASH_POINT("create-staged");
-    std::string header = detail::encode_header(
-        options.dtype, options.dim, options.segment_bytes, store_id, detail::os::unix_time_ns(),
-        options.metadata, options.key_index ? 0 : detail::kFlagNoKeyIndex);
-    const detail::Layout layout = detail::decode_header(header, header.size(), staging);
+    const detail::Layout layout = detail::decode_header(header, header.size(), dir);
     const std::uint64_t capacity =
         detail::capacity_for(0, layout.record_bytes, layout.segment_bytes, header.size());
     // The first allocation is made now, so the new store's state page says so from the start.
@@ -141,25 +142,58 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
     detail::os::boot_id(state.boot_id);
     std::memcpy(header.data() + detail::kStateOffset, &state, sizeof(state));
 
-    write_new_file(staging + "/" + detail::kHeaderFileName, header, 0);
-    write_new_file(staging + "/" + detail::kLockFileName, "", 0);
-    write_new_file(staging + "/" + detail::data_file_name(1), "", layout.data_bytes_for(capacity));
+    write_new_file(dir + "/" + detail::kHeaderFileName, header, 0);
+    write_new_file(dir + "/" + detail::kLockFileName, "", 0);
+    write_new_file(dir + "/" + detail::data_file_name(1), "", layout.data_bytes_for(capacity));
     EMBSTORE_CRASH_POINT("create-allocated");
-    write_new_file(staging + "/" + detail::index_file_name(1), "",
+    write_new_file(dir + "/" + detail::index_file_name(1), "",
                    detail::Layout::index_bytes_for(capacity));
-    detail::os::sync_dir(staging);
+    detail::os::sync_dir(dir);
     EMBSTORE_CRASH_POINT("create-before-rename");
+  };
+  std::uint8_t suffix[16];
+  detail::os::random_bytes(suffix, sizeof(suffix), path);
+  const std::string suffix_hex = detail::store_id_hex(suffix).substr(0, kStagingSuffixChars);
+  // An empty directory at `path` that rename(2) cannot replace (a mount point: EBUSY): the store
+  // is built in a hidden directory inside it, on its file system, and moved up, the header last
+  // (move_store_into), so that the path holds a store only once every file is there.
+  const auto create_inside = [&] {
+    if (!detail::os::list_dir(path).empty()) {
+      throw Error(ErrorCode::kAlreadyExists, path + ": already exists and is not empty", EEXIST);
+    }
+    const std::string inside = path + "/.creating." + suffix_hex;
+    detail::os::make_dir(inside);
+    try {
+      build_in(inside);
+      move_store_into(inside, path);  // Flushes `path` after each move; removes `inside`.
+    } catch (...) {
+      detail::os::remove_tree(inside);  // move_store_into removed what it had moved.
+      throw;
+    }
+  };
+  const std::string staging = path + ".creating." + suffix_hex;
+  detail::os::make_dir(staging);
+  int rename_error = 0;
+  try {
+    build_in(staging);
     // rename(2) replaces an empty directory but fails on a non-empty one: the store appears
     // whole or not at all, and two racing creators cannot both win.
-    if (const int err = detail::os::rename_path(staging, path); err != 0) {
-      throw Error(ErrorCode::kAlreadyExists,
-                  path + (err == ENOTDIR ? ": already exists and is a file, not a directory"
-                                         : ": already exists and is not empty"),
-                  err);
+    rename_error = detail::os::rename_path(staging, path);
+    if (rename_error != 0 && rename_error != EBUSY) {
+      throw Error(
+          ErrorCode::kAlreadyExists,
+          path + (rename_error == ENOTDIR ? ": already exists and is a file, not a directory"
+                                          : ": already exists and is not empty"),
+          rename_error);
     }
   } catch (...) {
     detail::os::remove_tree(staging);
     throw;
+  }
+  if (rename_error == EBUSY) {
+    detail::os::remove_tree(staging);
+    create_inside();
+    return;
   }
   try {
     detail::os::sync_dir(parent);

@@ -2,8 +2,10 @@
 // (tests/reliability/README.md, scenario 1): no acknowledged row is lost, no torn batch is ever
 // visible, and the store reopens and accepts appends with no manual step.
 #include <signal.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cstring>
@@ -210,6 +212,74 @@ TEST_CASE("A create killed at any point leaves nothing once the next create runs
   CHECK(create_leftovers(dir.path()).empty());
   Writer w = Writer::open(path);
   CHECK(w.committed_rows() == 0);
+}
+
+TEST_CASE("A store is created in an empty mount point; a create killed in one leaves nothing",
+          "[crash][create]") {
+  // rename(2) cannot replace a mount point (EBUSY): create failed on an empty mounted volume,
+  // which the tool's import fills, with "Device or resource busy".
+  TempDir dir;
+  const std::string path = dir / "s";
+  std::filesystem::create_directory(path);
+  if (::mount("tmpfs", path.c_str(), "tmpfs", 0, "size=16m") != 0) {
+    WARN("cannot mount tmpfs here (not root?): skipped");
+    return;
+  }
+  struct Unmount {
+    std::string at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{path};
+  const auto inside = [&] {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(path)) {
+      names.push_back(entry.path().filename());
+    }
+    return names;
+  };
+  CreateOptions o;
+  o.dim = 8;
+  o.segment_bytes = 1 << 20;
+  for (const char* point : {"create-staged", "create-allocated", "create-before-rename"}) {
+    INFO(point);
+    const pid_t child = test::spawn([&] {
+      detail::testing::arm_crash(point, 2);  // The second pass: the build inside the mount.
+      create_store(path, o);
+      return 2;  // The crash point never fired.
+    });
+    REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+    // The killed creator left its hidden directory inside the mount point (and its lock file
+    // beside it); no store is there.
+    const auto names = inside();
+    REQUIRE(names.size() == 1);
+    CHECK(names[0].starts_with(".creating."));
+    CHECK_THROWS_AS(Reader::open(path), Error);
+  }
+  create_store(path, o);
+  CHECK(create_leftovers(dir.path()).empty());
+  auto names = inside();
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{"header", "index.1", "lock", "rows.1"});
+  {
+    Writer w = Writer::open(path);
+    const std::vector<float> values(8, 2.5f);
+    w.append(std::vector<std::uint64_t>{7}, 1, values);
+  }
+  Reader r = Reader::open(path);
+  REQUIRE(r.size() == 1);
+  CHECK(r.record(0).key == 7);
+  CHECK(r.verify().ok());
+  // A mount point holding anything is refused, and left as it is.
+  CHECK_THROWS_WITH(create_store(path, o), Catch::Contains("a store already exists"));
+  std::filesystem::remove_all(path + "/header");
+  const auto left = inside();
+  try {
+    create_store(path, o);
+    FAIL("created over a non-empty directory");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::kAlreadyExists);
+    CHECK_THAT(e.what(), Catch::Contains("already exists and is not empty"));
+  }
+  CHECK(inside() == left);
 }
 
 TEST_CASE("Creates killed at random moments leave nothing once the next create runs",

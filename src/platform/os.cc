@@ -432,7 +432,9 @@ int rename_path(const std::string& from, const std::string& to) {
   if (int err = injected(Op::kRename)) fail("rename", from + " -> " + to, err);
   if (::rename(from.c_str(), to.c_str()) == 0) return 0;
   int err = errno;
-  if (err == EEXIST || err == ENOTEMPTY || err == EISDIR || err == ENOTDIR) return err;
+  if (err == EEXIST || err == ENOTEMPTY || err == EISDIR || err == ENOTDIR || err == EBUSY) {
+    return err;
+  }
   fail("rename", from + " -> " + to, err);
 }
 

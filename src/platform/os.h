@@ -123,7 +123,8 @@ void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access acces
                  const std::string& path);
 
 void make_dir(const std::string& path);
-// rename(2); returns 0 or the errno (EEXIST/ENOTEMPTY are expected by callers, others thrown).
+// rename(2); returns 0 or the errno (EEXIST, ENOTEMPTY, EISDIR, ENOTDIR and EBUSY, which callers
+// expect: a target that is not an empty directory, or a mount point), others thrown.
 int rename_path(const std::string& from, const std::string& to);
 // renameat2(2) with RENAME_NOREPLACE: returns 0, or EEXIST when something exists at `to` (which
 // is left as it was); other errors are thrown.
