@@ -623,6 +623,9 @@ bool Writer::Impl::index_keys(KeysWait wait) {
     // twice). This handle stops indexing; close() reports it; the next writer indexes the rows.
     key_index_failed(error);
     return false;
+  } catch (const std::exception& error) {  // std::bad_alloc, say: the same.
+    key_index_failed(Error(ErrorCode::kIO, path_ + ": indexing keys: " + error.what()));
+    return false;
   }
 }
 

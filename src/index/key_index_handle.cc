@@ -4,6 +4,7 @@
 #include <atomic>
 #include <bit>
 #include <cstdlib>
+#include <new>
 #include <string>
 
 #include "embstore/error.h"
@@ -276,6 +277,7 @@ std::optional<bool> KeyIndexHandle::index_current(const IndexEntry* entries,
     file = current_;
   }
   if (!file || file->generation() != load(key_generation_)) return std::nullopt;
+  if (EMBSTORE_FAULT(testing::Op::kAlloc) != 0) throw std::bad_alloc();
   bool complete;
   try {
     complete = file->index_rows(entries, committed);

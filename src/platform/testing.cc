@@ -46,6 +46,8 @@ std::string_view op_name(Op op) noexcept {
       return "futex";
     case Op::kTmpfile:
       return "tmpfile";
+    case Op::kAlloc:
+      return "alloc";
     case Op::kCount:
       break;
   }

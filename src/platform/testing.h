@@ -32,7 +32,8 @@
 //      rename (also the link that names an unnamed file), mkdir, lock (the OFD writer lock),
 //      getrandom, futex (a failed wait returns at once, as a spurious wake-up; a failed wake
 //      wakes no one), tmpfile (creating an unnamed file; EOPNOTSUPP makes the caller fall back
-//      to a named one, as on a file system without O_TMPFILE).
+//      to a named one, as on a file system without O_TMPFILE), alloc (the key index's indexing
+//      of rows after an append published them throws std::bad_alloc; the errno is unused).
 #pragma once
 
 #ifdef EMBSTORE_HOOK_FREE  // Shared objects must not differ between the two libraries.
@@ -59,6 +60,7 @@ enum class Op : int {
   kRandom,
   kFutex,
   kTmpfile,
+  kAlloc,
   kCount,
 };
 
