@@ -66,6 +66,7 @@ class Writer::Impl {
       // files opened before the lock may be of a generation a truncate replaced since.
       detail::finish_switch(*files_);
       files_->follow_generation();
+      followed_generation_ = files_->file_generation();
       allocate_files();
       files_->upgrade_header();
       keys_ = detail::make_key_index_handle(*files_, detail::os::Access::kReadWrite);
@@ -224,19 +225,27 @@ class Writer::Impl {
   std::invoke_result_t<F&> with_writer_lock(Growth growth, F&& f);
   // mutex_ and the writer lock held, no key index growth running: when another handle
   // truncated the store (or was killed switching it), finishes the switch and takes the new
-  // generation's files and key index. True if the generation changed.
+  // generation's files and key index. True if the generation changed. A failure finishing the
+  // switch (the header's flush) poisons this handle, as in truncate_locked(); any other failure
+  // leaves the follow to be done again by the next call (followed_generation_).
   bool follow_truncate();
+  // sync() and close(): follows another handle's truncate, so that a flush covers the rows
+  // committed in the new generation's files, and the old files are let go.
+  void follow_truncate_to_flush();
   // truncate() with mutex_ and the writer lock held and no key index growth running.
   std::uint64_t truncate_locked(std::uint64_t rows, bool from_epoch);
-  // True when the state page names another generation than this handle's files.
+  // True when the state page names another generation than this handle's files, or when this
+  // handle has not wholly taken its files' generation (a follow_truncate() that failed midway).
   bool generation_moved() const {
-    return files_->state().generation_word() != files_->file_generation();
+    const std::uint64_t files = files_->file_generation();
+    return files_->state().generation_word() != files || followed_generation_.load() != files;
   }
   // Writer and key index locks held: opens, rebuilds or catches up the key index
   // (index/key_index_handle.h).
   // kFull leaves the store usable (this handle stops indexing, close() reports it); other
-  // errors fail the open.
-  void open_key_index();
+  // errors fail the open, unless `after_switch` (a truncate was done: its rows are in place,
+  // so any error only stops this handle's indexing, as kFull does).
+  void open_key_index(bool after_switch = false);
   // Records the first key index failure; this handle stops indexing (close() reports it).
   void key_index_failed(const Error& error);
   // mutex_ held, the writer lock not: takes the key index lock and indexes every row committed
@@ -357,7 +366,11 @@ class Writer::Impl {
   std::mutex poison_mutex_;
   std::string poison_message_;    // Written once, under poison_mutex_, before poisoned_ is set.
   std::uint64_t synced_era_ = 0;  // Highest era this handle has seen durable. Under mutex_.
-  int flushes_in_flight_ = 0;     // flush() calls using descriptors they took. Under mutex_.
+  // The generation whose files, mapping and key index this handle has wholly taken (at open, by
+  // a truncate, or by follow_truncate()). Written under mutex_ and the writer lock; read by
+  // the sync thread without them.
+  std::atomic<std::uint64_t> followed_generation_{0};
+  int flushes_in_flight_ = 0;  // flush() calls using descriptors they took. Under mutex_.
   std::unique_ptr<detail::KeyIndexHandle> keys_;
   std::atomic<bool> keys_usable_{false};
   std::optional<Error> key_index_error_;        // Under poison_mutex_.
@@ -436,13 +449,28 @@ void Writer::Impl::recover() {
 bool Writer::Impl::follow_truncate() {
   if (!generation_moved()) return false;
   const KeysGuard keys_guard(*this);
-  detail::finish_switch(*files_);  // Its truncating handle was killed after deciding it.
+  try {
+    detail::finish_switch(*files_);  // Its truncating handle was killed after deciding it.
+  } catch (const Error& error) {
+    // The switch was decided: the header may say so on disk or not, and a later flush of it
+    // would not prove the earlier one reached the disk.
+    poison(error);
+  }
   files_->follow_generation();
   if (flushes_in_flight_ == 0) files_->close_retired_fds();  // Else the last flush does.
   files_->map_rows(files_->state().capacity());
   keys_->reset_store_generation(files_->file_generation());
-  open_key_index();
+  open_key_index(/*after_switch=*/true);
+  followed_generation_ = files_->file_generation();
   return true;
+}
+
+void Writer::Impl::follow_truncate_to_flush() {
+  // The state page's word (a switching flag included) against what this handle followed: no
+  // read of the files' fields, which another thread's follow changes under mutex_.
+  if (files_->state().generation_word() != followed_generation_.load()) {
+    with_writer_lock(Growth::kStopIfMoved, [] {});
+  }
 }
 
 // Appends, truncates and rebuilds take the locks here, in the one order: mutex_, then the writer
@@ -544,11 +572,12 @@ std::uint64_t Writer::Impl::truncate_locked(std::uint64_t rows, bool from_epoch)
   // close (a store truncated to reclaim space kept all of it). A flush using them closes them.
   if (flushes_in_flight_ == 0) files_->close_retired_fds();
   keys_->reset_store_generation(files_->file_generation());
-  open_key_index();
+  open_key_index(/*after_switch=*/true);
+  followed_generation_ = files_->file_generation();
   return keep;
 }
 
-void Writer::Impl::open_key_index() {
+void Writer::Impl::open_key_index(bool after_switch) {
   if (!files_->layout().key_index) {  // Created without one: lookups scan; nothing to keep.
     keys_usable_ = false;
     return;
@@ -558,8 +587,9 @@ void Writer::Impl::open_key_index() {
     keys_usable_ = true;
   } catch (const Error& error) {
     // No room to rebuild the key index: the store itself is fine, so the writer opens; lookups
-    // scan, close() reports it, and the next writer rebuilds. Any other failure fails the open.
-    if (error.code() != ErrorCode::kFull) throw;
+    // scan, close() reports it, and the next writer rebuilds. Any other failure fails the open;
+    // after a truncate's switch, whose rows are in place, it is reported as kFull is.
+    if (error.code() != ErrorCode::kFull && !after_switch) throw;
     key_index_failed(error);
   }
 }
@@ -832,6 +862,7 @@ void Writer::Impl::sync(bool check_path) {
   check_usable();
   // The key index is never flushed; the rows left to the indexer are indexed soon after.
   post_unposted(false);
+  follow_truncate_to_flush();
   flush();
   if (check_path) check_still_at_path();
 }
@@ -908,8 +939,11 @@ void Writer::Impl::sync_loop() {
     if (stop_sync_) break;
     try {
       // An idle store costs nothing: no flush when every committed row is already durable.
-      const bool idle = with_files([](const StoreFiles& files) {
-        return files.state().durable() >= files.state().committed();
+      // Nor when another handle's truncate left this one on the old files: it follows then,
+      // letting their disk space go.
+      const bool idle = with_files([this](const StoreFiles& files) {
+        return files.state().durable() >= files.state().committed() &&
+               files.state().generation_word() == followed_generation_.load();
       });
       if (!idle) sync(/*check_path=*/false);
     } catch (const Error&) {
@@ -952,6 +986,7 @@ void Writer::Impl::close() {
   if (options_.sync != SyncPolicy::kNone) {
     try {
       if (poisoned_.load()) throw Error(ErrorCode::kPoisoned, poison_message_);
+      follow_truncate_to_flush();
       flush();
     } catch (...) {
       final_error = std::current_exception();

@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -438,4 +439,132 @@ TEST_CASE("Truncate from an epoch refuses a cut at a row whose epoch fails its c
     ::close(fd);
   }
   CHECK(w.truncate_from_epoch(3) == 30);
+}
+
+TEST_CASE(
+    "A Writer finishing another process's decided truncate is poisoned if the header's "
+    "flush fails",
+    "[truncate][multiprocess]") {
+  // The append that finished the switch threw a plain kIO and the next one went on: a failed
+  // flush then passed unnoticed (the kernel reports a writeback error once), and the handle,
+  // left half-way into the new generation, built a key index of the old one.
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer a = make_store(path, unsynced());
+  append_rows(a, 0, 0, 10, 0);
+  a.sync();
+  const pid_t child = test::spawn([&] {
+    Writer b = Writer::open(path, unsynced());
+    detail::testing::arm_crash("truncate-flagged", 1);  // The switch decided, not finished.
+    b.truncate(5);
+    return 2;
+  });
+  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
+  const auto append_code = [&]() -> std::optional<ErrorCode> {
+    try {
+      append_rows(a, 0, 5, 3, 1);
+    } catch (const Error& e) {
+      return e.code();
+    }
+    return std::nullopt;
+  };
+  CHECK(append_code() == ErrorCode::kPoisoned);
+  detail::testing::disarm_all();
+  CHECK(append_code() == ErrorCode::kPoisoned);
+  a.close();  // Unsynced: nothing to flush, the poison already said.
+  {
+    Writer c = Writer::open(path, unsynced());
+    CHECK(c.committed_rows() == 5);
+    append_rows(c, 0, 5, 3, 1);
+  }
+  Reader r = Reader::open(path);
+  check_prefix(r, 8);
+  CHECK(r.find(test::make_key(0, 7)) == std::optional<std::uint64_t>(7));
+}
+
+TEST_CASE("A Writer whose following of another handle's truncate failed midway follows again",
+          "[truncate]") {
+  // The files were switched before the mapping failed; the next append saw no generation
+  // change, skipped the rest, and indexed the new files into a key index of the old generation
+  // (a store whose keys.K belongs to "another store or generation").
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer a = make_store(path, unsynced());
+  append_rows(a, 0, 0, 10, 0);
+  {
+    Writer b = Writer::open(path, unsynced());
+    CHECK(b.truncate(5) == 5);
+  }
+  detail::testing::arm_fault(detail::testing::Op::kMmap, 1, ENOMEM, false);
+  CHECK_THROWS_AS(append_rows(a, 0, 5, 3, 1), Error);
+  detail::testing::disarm_all();
+  CHECK(a.committed_rows() == 5);  // Nothing of the failed append was stored.
+  append_rows(a, 0, 5, 3, 1);
+  a.close();
+  Reader r = Reader::open(path);
+  check_prefix(r, 8);
+  CHECK(r.info().key_index.find("8 rows indexed") != std::string::npos);
+  CHECK(r.find(test::make_key(0, 6)) == std::optional<std::uint64_t>(6));
+}
+
+TEST_CASE("sync() and close() of a Writer flush what another handle committed after its truncate",
+          "[truncate]") {
+  // They flushed the files of the generation this handle had last appended to: after another
+  // handle's truncate, the rows committed since stayed not durable while sync() returned
+  // normally, and the old, deleted files stayed open until this handle's next append.
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer a = make_store(path, unsynced());
+  append_rows(a, 0, 0, 10, 0);
+  a.sync();
+  {
+    Writer b = Writer::open(path, unsynced());
+    CHECK(b.truncate(5) == 5);
+    append_rows(b, 0, 5, 5, 1);
+    CHECK(b.durable_rows() == 5);
+  }
+  CHECK(deleted_files_open_in(path) > 0);  // a's descriptors of rows.1 and index.1.
+  a.sync();
+  CHECK(a.durable_rows() == 10);
+  CHECK(deleted_files_open_in(path) == 0);
+  {
+    Writer b = Writer::open(path, unsynced());
+    CHECK(b.truncate(7) == 7);
+    append_rows(b, 0, 7, 2, 2);
+  }
+  WriterOptions synced_at_close;
+  synced_at_close.sync = SyncPolicy::kInterval;
+  a.close();  // unsynced(): close() flushes nothing.
+  Writer c = Writer::open(path, synced_at_close);
+  {
+    Writer b = Writer::open(path, unsynced());
+    CHECK(b.truncate(8) == 8);
+    append_rows(b, 0, 8, 2, 3);
+    CHECK(b.durable_rows() == 8);
+  }
+  c.close();
+  Reader r = Reader::open(path);
+  check_prefix(r, 10);
+  CHECK(r.info(InfoDetail::kState).durable_rows == 10);
+}
+
+TEST_CASE("A truncate whose new key index cannot be made returns: the rows are cut", "[truncate]") {
+  // The key index is opened after the switch: its failure was thrown as if the truncate had
+  // failed, though the rows were gone.
+  TempDir dir;
+  const std::string path = dir / "s";
+  Writer w = make_store(path, unsynced());
+  append_rows(w, 0, 0, 10, 0);
+  detail::testing::arm_fault(detail::testing::Op::kTmpfile, 1, EIO, false);
+  std::uint64_t kept = 0;
+  CHECK_NOTHROW(kept = w.truncate(4));
+  detail::testing::disarm_all();
+  CHECK(kept == 4);
+  CHECK(w.committed_rows() == 4);
+  append_rows(w, 0, 4, 2, 1);
+  CHECK_THROWS_WITH(w.close(), Catch::Contains("the key index could not be maintained"));
+  Reader r = Reader::open(path);
+  check_prefix(r, 6);
+  CHECK(r.find(test::make_key(0, 5)) == std::optional<std::uint64_t>(5));
 }

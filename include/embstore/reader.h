@@ -174,7 +174,10 @@ class Reader {
   // find(key, epoch) answers from the index's slot alone (one load from memory): a slot damaged
   // in this boot (verify() finds it, and this Reader then scans) can name another key's row or
   // none. lookup() confirms the key and epoch of every row it returns, and a miss at an epoch
-  // against the key's history, and on a mismatch stops using the index and scans.
+  // against the key's history, and on a mismatch stops using the index and scans. What no
+  // lookup can see is a slot or chain link damaged into naming another row of the same key (an
+  // older version: find(key) then answers it, history() skips versions); only verify() walks
+  // every row against the index and finds it.
   std::optional<std::uint64_t> find(std::uint64_t key, std::uint64_t epoch) const;
   // The latest row of `key` (the highest row number).
   std::optional<std::uint64_t> find(std::uint64_t key) const;

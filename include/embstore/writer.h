@@ -91,7 +91,8 @@ class Writer {
                        std::span<const float> values);
 
   // Makes every row committed so far durable (data and index flushed to the device, then the
-  // durable counter advanced and the header flushed). A failure poisons the Writer: every later
+  // durable counter advanced and the header flushed), by any writer: after another handle's
+  // truncate this handle first takes the new generation's files (and lets the old ones go). A failure poisons the Writer: every later
   // call throws kPoisoned until the store is reopened; the failed sync is never retried. When
   // only the header's flush failed, durable_rows() already counts the rows (their data and
   // index are on the device) while the header on the device may not: after a power loss the

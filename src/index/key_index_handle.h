@@ -43,8 +43,9 @@ class KeyIndexHandle {
   std::shared_ptr<const KeyIndexFile> current() const;
   // current() != null, without the mutex (a lookup's fast check that no damage was found).
   bool has_current() const { return has_current_.load(std::memory_order_relaxed); }
-  // Re-reads key_generation and opens a newer generation if there is one. Never throws: an
-  // unusable file makes current() null and status() say why.
+  // Re-reads key_generation and opens a newer generation if there is one. A missing, damaged,
+  // pre-reboot or other-version file makes current() null and status() say why (lookups scan);
+  // an I/O error opening it (EIO, EMFILE) is thrown, not papered over by a scan.
   void refresh();
   // One line for info(): "current (N rows indexed)", or why lookups scan.
   std::string status() const;
