@@ -53,6 +53,9 @@ void check_keepable(const StoreFiles& files, std::uint64_t rows) {
 
 std::uint64_t switched_rows(const StoreFiles& files) {
   std::uint64_t low = 0, high = files.mapped_rows();
+  const auto checked = [&](std::uint64_t rows) {
+    return files.same_boot() ? rows : files.valid_batch_prefix(0, rows);
+  };
   while (low < high) {
     const std::uint64_t mid = low + (high - low) / 2;
     if (entry_zero(files, mid)) {
@@ -61,7 +64,7 @@ std::uint64_t switched_rows(const StoreFiles& files) {
       low = mid + 1;
     }
   }
-  return low;
+  return checked(low);
 }
 
 void truncate_log(StoreFiles& files, std::uint64_t rows) {

@@ -26,7 +26,11 @@ bool finish_switch(StoreFiles& files);
 
 // The rows of a switching store's new files (following and mapped up to what they hold): the
 // first all-zero index entry, found by binary search (the files were zero-filled, then rows
-// [0, n) copied; no valid entry is all zero).
+// [0, n) copied; no valid entry is all zero). After a reboot, only the whole batches of those
+// that verify (valid_batch_prefix): the flag may have reached the disk while the header that
+// cleared it did not, after writers had appended to the new files in that boot, and of their
+// rows a power loss may have kept some entries and not the data (a sync that flushed them would
+// have flushed the cleared header too).
 std::uint64_t switched_rows(const StoreFiles& files);
 
 }  // namespace embstore::detail
