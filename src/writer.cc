@@ -1163,6 +1163,13 @@ Writer Writer::open(const std::string& path, const WriterOptions& options) {
   // fork on another thread could catch half-way.
   if (options.huge_pages) (void)detail::os::zeros();
   const auto& layout = files->layout();
+  if (layout.format_minor > detail::kFormatMinor) {
+    // Read, but not written: a later minor may add rules its writers keep (FORMAT.md).
+    throw Error(ErrorCode::kUnsupportedVersion,
+                files->dir() + ": the store is of format 1." + std::to_string(layout.format_minor) +
+                    ", newer than this library's 1." + std::to_string(detail::kFormatMinor) +
+                    ": it reads the store but does not write to it (open it with a newer library)");
+  }
   if (options.expect_dim && *options.expect_dim != layout.dim) {
     throw Error(ErrorCode::kFormatMismatch, files->dir() + ": the store's dim is " +
                                                 std::to_string(layout.dim) + ", not the expected " +

@@ -135,6 +135,21 @@ TEST_CASE("Hostile headers are refused by name", "[corruption]") {
     put_sealed<std::uint16_t>(header, 8, 2);
     expect_refused(path, ErrorCode::kUnsupportedVersion, {header, "format_major 2"});
   }
+  SECTION("newer minor version: read, not written") {
+    // A later minor may add rules its writers keep (FORMAT.md, "Versions"): a writer of this
+    // library wrote to it without a word.
+    put_sealed<std::uint16_t>(header, 10, 9);
+    const std::string before = snapshot_bytes(path);
+    CHECK(Reader::open(path).info().format_minor == 9);
+    try {
+      Writer::open(path);
+      FAIL("a writer opened a store of a later minor");
+    } catch (const Error& e) {
+      CHECK(e.code() == ErrorCode::kUnsupportedVersion);
+      CHECK_THAT(e.what(), Catch::Contains("format 1.9, newer than this library's 1."));
+    }
+    CHECK(snapshot_bytes(path) == before);
+  }
   SECTION("dim 0") {
     put_sealed<std::uint32_t>(header, 16, 0);
     expect_refused(path, ErrorCode::kCorruption, {header, "dim 0"});

@@ -55,6 +55,8 @@ class Writer {
                        const WriterOptions& options = {});
   // Opens an existing store for appending. Recovers it first if the previous writer died or the
   // machine rebooted since (see embstore.h, "Recovery"). Needs read-write access to its files.
+  // A store of a later format minor than this library's is read (Reader) but not written:
+  // kUnsupportedVersion, nothing changed.
   static Writer open(const std::string& path, const WriterOptions& options = {});
   // open() if a store exists at `path` (checking its dim and dtype against create_options),
   // else create(). Safe when several processes race to call it on the same path. An
