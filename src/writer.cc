@@ -133,9 +133,10 @@ class Writer::Impl {
     return f(static_cast<const StoreFiles&>(*files_));
   }
   const std::string& path() const { return path_; }
-  StoreInfo info() {
+  StoreInfo info(InfoDetail detail) {
     std::shared_lock life(lifetime_);
     check_open();
+    if (detail == InfoDetail::kState) return files_->info();
     // The statistics count the rows this handle's appends left to the indexer as indexed.
     post_unposted(true);
     // The key statistics read the offset index through the mappings, which an append may
@@ -1284,6 +1285,6 @@ DType Writer::dtype() const {
   return impl().with_files([](const StoreFiles& f) { return f.layout().dtype; });
 }
 const std::string& Writer::path() const { return impl().path(); }
-StoreInfo Writer::info() const { return impl().info(); }
+StoreInfo Writer::info(InfoDetail detail) const { return impl().info(detail); }
 
 }  // namespace embstore

@@ -161,7 +161,8 @@ class Writer {
   std::uint32_t dim() const;
   DType dtype() const;
   const std::string& path() const;
-  StoreInfo info() const;
+  // The header and counters, and with kFull the key statistics (InfoDetail, store.h).
+  StoreInfo info(InfoDetail detail = InfoDetail::kFull) const;
 
   class Impl;
 

@@ -1376,7 +1376,13 @@ PYBIND11_MODULE(_embstore, m) {
       .def_property_readonly("path", [](PyWriter& self) { return self.writer().path(); })
       .def("committed_rows", [](PyWriter& self) { return self.writer().committed_rows(); })
       .def("durable_rows", [](PyWriter& self) { return self.writer().durable_rows(); })
-      .def("info", [](PyWriter& self) { return info_dict(self.writer().info()); });
+      .def(
+          "info",
+          [](PyWriter& self, bool key_stats) {
+            return info_dict(
+                self.writer().info(key_stats ? InfoDetail::kFull : InfoDetail::kState));
+          },
+          py::arg("key_stats") = true);
 
   py::class_<PyReader>(m, "NativeReader")
       .def(py::init([](const std::string& path, std::optional<std::uint64_t> map_bytes,

@@ -36,6 +36,30 @@ def test_writer_with_dim_creates_or_checks_the_store(store):
         embstore.Writer(store, dtype="float32")
 
 
+def test_writer_refuses_creation_options_an_existing_store_was_not_made_with(tmp_path):
+    # metadata=, segment_mb= and key_index= were ignored for an existing store without a word
+    # (the store kept its own), though the import of the same metadata is refused.
+    store = str(tmp_path / "s")
+    with embstore.Writer(store, dim=4, metadata={"model": "m", "lr": 0.1}, segment_mb=1) as w:
+        w.append([1], np.ones((1, 4), np.float32))
+    # The same values (metadata as the same JSON value, in any key order) open it.
+    with embstore.Writer(store, dim=4, metadata='{"lr": 0.1, "model": "m"}', segment_mb=1,
+                         key_index=True) as w:
+        w.append([2], np.ones((1, 4), np.float32))
+    for given, words in [({"metadata": {"model": "other"}}, "metadata"),
+                         ({"segment_mb": 2}, "segment_mb=2"),
+                         ({"key_index": False}, "key_index=False")]:
+        with pytest.raises(embstore.FormatMismatchError, match=words) as error:
+            embstore.Writer(store, dim=4, **given)
+        assert store in str(error.value) and "fixed when a store is created" in str(error.value)
+    # Nothing changed; the store opens as it is without them.
+    info = embstore.info(store)
+    assert info["committed_rows"] == 2 and info["keeps_key_index"]
+    assert embstore.Reader(store).metadata == {"model": "m", "lr": 0.1}
+    with embstore.Writer(store, dim=4) as w:
+        assert w.info(key_stats=False)["segment_bytes"] == 1 << 20
+
+
 def test_metadata_json_comes_back_as_dict_and_text_as_str(tmp_path):
     embstore.create(tmp_path / "a", dim=2, metadata={"lr": 0.1, "name": "x"})
     embstore.create(tmp_path / "b", dim=2, metadata="not json {")

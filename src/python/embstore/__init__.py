@@ -156,6 +156,19 @@ def _dim_arg(dim: Any) -> int:
     return dim
 
 
+def _same_metadata(given: str, stored: str) -> bool:
+    """True when metadata ``given`` for a store is what it has: the same text or the same JSON
+    value (as the CLI's import compares them: ``same_metadata`` in tools/lib/import.cc)."""
+    if given == stored:
+        return True
+    try:
+        # Re-serialized rather than compared with ==, which takes true for 1.
+        return (json.dumps(json.loads(given), sort_keys=True) ==
+                json.dumps(json.loads(stored), sort_keys=True))
+    except ValueError:  # either is not JSON, and the texts differ
+        return False
+
+
 def _segment_bytes(segment_mb: Optional[float]) -> Optional[int]:
     if segment_mb is None:
         return None
@@ -720,9 +733,12 @@ class Writer(_Handle):
     Args:
         path: the store directory (UTF-8 text: str, bytes or os.PathLike; else ValueError).
         dim, dtype, metadata, segment_mb, key_index: create the store when missing (see
-            ``create``); with
-            ``dim`` given an existing store must match (FormatMismatchError otherwise). ``dtype``
-            alone (no ``dim``) only checks an existing store's dtype.
+            ``create``; ``dtype`` float32 unless given, ``key_index`` True unless given). An
+            existing store must have the ``dim`` and ``dtype`` (float32 when ``dim`` is given
+            without one) and each of ``metadata``, ``segment_mb`` and ``key_index`` given:
+            FormatMismatchError naming the field otherwise, nothing opened (metadata compares
+            as text, or as the same JSON value). ``dtype`` alone (no ``dim``) only checks an
+            existing store's dtype.
         async_queue_mb: 0 for synchronous appends, else the queue bound in MiB (rounded up to
             whole bytes).
         sync: "interval" (the default: a background thread syncs every ``sync_interval``
@@ -753,7 +769,7 @@ class Writer(_Handle):
                  metadata: Any = None, segment_mb: Optional[float] = None,
                  async_queue_mb: float = 0, sync: str = "interval",
                  sync_interval: Optional[float] = None,
-                 map_bytes: Optional[int] = None, key_index: bool = True,
+                 map_bytes: Optional[int] = None, key_index: Optional[bool] = None,
                  huge_pages: bool = False, expected_rows: Optional[int] = None) -> None:
         self._native = None
         self._at_exit = None
@@ -767,18 +783,24 @@ class Writer(_Handle):
             sync_interval = _number(sync_interval, "sync_interval", "seconds")  # range: native
         if map_bytes is not None:
             map_bytes = _check_u64(map_bytes, "map_bytes")
-        if not isinstance(key_index, bool):
+        if key_index is not None and not isinstance(key_index, bool):
             raise ValueError(f"key_index must be True or False; got {key_index!r}")
         if not isinstance(huge_pages, bool):
             raise ValueError(f"huge_pages must be True or False; got {huge_pages!r}")
         expected = 0 if expected_rows is None else _check_u64(expected_rows, "expected_rows")
         path = _path_arg(path)
+        metadata_text = _metadata_text(metadata)
+        segment_bytes = _segment_bytes(segment_mb)
         with _not_a_store_check(path):
             self._native = _embstore.NativeWriter(
                 path, None if dim is None else _dim_arg(dim),
-                None if dtype is None else _dtype_name(dtype), _metadata_text(metadata),
-                _segment_bytes(segment_mb), sync, sync_interval, map_bytes, queue_bytes, False,
-                key_index, huge_pages, expected)
+                None if dtype is None else _dtype_name(dtype), metadata_text, segment_bytes,
+                sync, sync_interval, map_bytes, queue_bytes, False,
+                True if key_index is None else key_index, huge_pages, expected)
+        if dim is not None and (metadata is not None or segment_mb is not None or
+                                key_index is not None):
+            self._refuse_other_creation(metadata_text if metadata is not None else None,
+                                        segment_bytes, key_index)
         self._dtype_name = self._native.dtype
         self._append = self._native.appender()  # the native append, called without a dispatcher
         # Runs at interpreter exit and in multiprocessing children before their os._exit
@@ -787,6 +809,27 @@ class Writer(_Handle):
         self._at_exit = _mp_util.Finalize(self, _close_at_exit, args=(self._native,),
                                           exitpriority=_WRITER_EXIT_PRIORITY)
         _leave_cleanly_on_sigterm()
+
+    def _refuse_other_creation(self, metadata_text: Optional[str],
+                               segment_bytes: Optional[int], key_index: Optional[bool]) -> None:
+        """FormatMismatchError (the native Writer closed) when the store opened was created with
+        other metadata, segment size or key-index choice than those given (None: not given)."""
+        header = self._native.info(False)
+        mismatch = None
+        if metadata_text is not None and not _same_metadata(metadata_text, header["metadata"]):
+            mismatch = f"metadata {header['metadata']!r}, not metadata={metadata_text!r}"
+        elif segment_bytes is not None and segment_bytes != header["segment_bytes"]:
+            mismatch = (f"segments of {header['segment_bytes'] / (1 << 20):g} MiB, not "
+                        f"segment_mb={segment_bytes / (1 << 20):g}")
+        elif key_index is not None and key_index != header["keeps_key_index"]:
+            mismatch = (f"key_index={header['keeps_key_index']}, not key_index={key_index}")
+        if mismatch is None:
+            return
+        path = self._native.path
+        self._native.close()
+        raise FormatMismatchError(
+            f"{path}: the store exists, created with {mismatch}; these are fixed when a store "
+            "is created (leave them out to open it as it is)")
 
     def append(self, keys: Any, vectors: Any, epoch: Any = 0, *,
                copy: bool = True) -> Optional[int]:
@@ -913,9 +956,10 @@ class Writer(_Handle):
         """Rows known to be on the device (a sync completed over them)."""
         return self._native.durable_rows()
 
-    def info(self) -> dict:
-        """As ``embstore.info(path)``."""
-        return self._native.info()
+    def info(self, key_stats: bool = True) -> dict:
+        """As ``embstore.info(path)``; ``key_stats=False`` leaves the key statistics
+        (``distinct_keys``, ``epochs``, ``key_index``) empty and takes constant time."""
+        return self._native.info(key_stats)
 
     def __enter__(self) -> "Writer":
         return self

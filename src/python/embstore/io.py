@@ -33,7 +33,7 @@ import numpy as np
 
 from . import (CorruptionError, Error, Reader, Writer, _as_ints, _check_int_array, _check_integer,
                _check_u64, _dtype_name, _embstore, _InterruptDeferred, _is_torch_tensor,
-               _metadata_text, _path_arg, _rounded_once, _u64_array, create)
+               _metadata_text, _path_arg, _rounded_once, _same_metadata, _u64_array, create)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -564,19 +564,6 @@ def _as_store_rows(chunk: np.ndarray, source: str, target: str,
             target != _dtype_name(chunk.dtype):
         return _rounded_once(chunk, target, rows)
     return chunk
-
-
-def _same_metadata(given: str, stored: str) -> bool:
-    """True when metadata ``given`` for a store is what it has: the same text or the same JSON
-    value (as the CLI's import compares them: ``same_metadata`` in tools/lib/import.cc)."""
-    if given == stored:
-        return True
-    try:
-        # Re-serialized rather than compared with ==, which takes true for 1.
-        return (json.dumps(json.loads(given), sort_keys=True) ==
-                json.dumps(json.loads(stored), sort_keys=True))
-    except ValueError:  # either is not JSON, and the texts differ
-        return False
 
 
 def _append(writer: Writer, keys: np.ndarray, epochs: np.ndarray, vectors: np.ndarray,

@@ -624,8 +624,13 @@ class EmbeddingRecorder:
             in_worker = torch.utils.data.get_worker_info() is not None
             queue_mb = 0 if in_worker else self._async_queue_mb
             if self._dim:
+                # The metadata and segment size are a new store's: a store there already (a
+                # resumed run) is opened as it is. (One made by another rank between the look
+                # and the open is checked against them: the same recorder's, normally.)
+                new = not os.path.exists(os.path.join(path, "header"))
                 writer = Writer(path, dim=self._dim, dtype=self._dtype or "float32",
-                                metadata=self._metadata, segment_mb=self._segment_mb,
+                                metadata=self._metadata if new else None,
+                                segment_mb=self._segment_mb if new else None,
                                 async_queue_mb=queue_mb, expected_rows=self._expected_rows)
             else:
                 writer = Writer(path, dtype=self._dtype, async_queue_mb=queue_mb,
