@@ -34,6 +34,11 @@ def test_writer_with_dim_creates_or_checks_the_store(store):
         embstore.Writer(store, dim=9, dtype="float16")
     with pytest.raises(ValueError):  # FormatMismatchError is a ValueError too
         embstore.Writer(store, dtype="float32")
+    # dim without dtype expects float32, the dtype it would create: the error says so.
+    with pytest.raises(embstore.FormatMismatchError,
+                       match="dtype is float16.*float32 is what a Writer given dim= without "
+                             "dtype= creates"):
+        embstore.Writer(store, dim=8)
 
 
 def test_writer_refuses_creation_options_an_existing_store_was_not_made_with(tmp_path):

@@ -791,12 +791,19 @@ class Writer(_Handle):
         path = _path_arg(path)
         metadata_text = _metadata_text(metadata)
         segment_bytes = _segment_bytes(segment_mb)
-        with _not_a_store_check(path):
-            self._native = _embstore.NativeWriter(
-                path, None if dim is None else _dim_arg(dim),
-                None if dtype is None else _dtype_name(dtype), metadata_text, segment_bytes,
-                sync, sync_interval, map_bytes, queue_bytes, False,
-                True if key_index is None else key_index, huge_pages, expected)
+        try:
+            with _not_a_store_check(path):
+                self._native = _embstore.NativeWriter(
+                    path, None if dim is None else _dim_arg(dim),
+                    None if dtype is None else _dtype_name(dtype), metadata_text, segment_bytes,
+                    sync, sync_interval, map_bytes, queue_bytes, False,
+                    True if key_index is None else key_index, huge_pages, expected)
+        except FormatMismatchError as error:
+            if dim is None or dtype is not None or "dtype" not in str(error):
+                raise
+            raise FormatMismatchError(
+                f"{error} (float32 is what a Writer given dim= without dtype= creates, and so "
+                "expects of a store that exists: pass the store's dtype=)") from None
         if dim is not None and (metadata is not None or segment_mb is not None or
                                 key_index is not None):
             self._refuse_other_creation(metadata_text if metadata is not None else None,
