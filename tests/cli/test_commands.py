@@ -36,6 +36,34 @@ def test_top_level_help_lists_every_command():
         assert f"  {command} " in r.out
 
 
+def test_help_agrees_with_the_readme_on_read_only_commands_signals_and_the_environment():
+    # The README lists compact (on its source) among the read-only commands, tail -f's end on
+    # SIGTERM, and EMBSTORE_MAP_BYTES, which changes (or, malformed, fails) every command.
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    listed = re.search(r"Read-only commands \(([^)]*)\)", readme).group(1)
+    top = run("--help").out
+    helped = re.search(r"Read-only commands \(([^)]*)\)", top).group(1)
+    assert re.findall(r"[a-z]+", helped) == re.findall(r"[a-z]+", listed.replace("`", "")), (
+        helped, listed)
+    assert "EMBSTORE_MAP_BYTES" in top and "EMBSTORE_MAP_BYTES" in readme
+    assert "SIGTERM" in run("tail", "--help").out
+
+
+def test_every_dtype_name_the_tool_takes_is_listed_in_its_help(tmp_path):
+    # f4, f2, f8, i1, u1 (and half, bf16) were taken by --dtype but listed nowhere.
+    help_text = " ".join(run("create", "--help").out.split())
+    for dtype, names in (("float32", ["f4"]), ("float16", ["f2", "half"]),
+                         ("bfloat16", ["bf16"]), ("int8", ["i1"]), ("uint8", ["u1"]),
+                         ("float64", ["f8"])):
+        assert f"{dtype} ({', '.join(names)})" in help_text, help_text
+        for name in names:
+            path = tmp_path / name
+            assert run("create", path, "--dim", 2, "--dtype", name).code == 0
+            assert json.loads(run("info", path, "--json").out)["dtype"] == dtype
+    for command in ("import", "compact"):
+        assert "float64 (f8)" in " ".join(run(command, "--help").out.split()), command
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_answers_help(command):
     r = run(command, "--help")
@@ -324,6 +352,23 @@ def test_verify_checks_the_key_index_and_reports_its_damage(store):
     assert r.code == 1, r
     assert "keys.2" in json.loads(r.out)["key_index"]["first_problem"]
     assert run("get", store, 3, "--epoch", 1).code == 0
+
+
+def test_verify_reports_one_count_of_key_index_problems(store):
+    # It printed "key index: 1 problem: damaged (verify found 30 problems: ...)": the rows'
+    # check had found 30 and marked the index damaged, and a second check counted the mark.
+    with open(os.path.join(store, "keys.1"), "r+b") as f:
+        f.seek(48)
+        pair_slots = int.from_bytes(f.read(8), "little")
+        f.seek(4096)
+        f.write(bytes(16 * pair_slots))
+    r = run("verify", store)
+    assert r.code == 1, r
+    line = next(line for line in r.out.splitlines() if line.startswith("key index: "))
+    report = json.loads(run("verify", store, "--json").out)["key_index"]
+    assert report["problems"] == 30, report  # Every row's lookup fails.
+    assert line.startswith("key index: 30 problems: ") and "keys.1" in line, line
+    assert "verify found" not in line and "verify found" not in report["first_problem"], r
 
 
 def test_verify_bad_ranges_get_one_line_not_the_banner(store):
@@ -744,15 +789,22 @@ def test_writes_to_a_read_only_file_system_exit_19_and_change_nothing(read_only_
                         (["truncate", store, "--from-epoch", 1, "--yes"], store),
                         (["create", point / "new", "--dim", 4], point / "new"),
                         # New outputs on the read-only mount: their working directory is refused.
-                        (["import", point / "imported", tmp_path / "v.npy"], point),
-                        (["export", store, point / "out"], point),
-                        (["compact", store, point / "small"], point),
+                        (["import", point / "imported", tmp_path / "v.npy"], point / "imported"),
+                        (["export", store, point / "out"], point / "out"),
+                        (["export", store, point / "out.h5"], point / "out.h5"),
+                        (["compact", store, point / "small"], point / "small"),
+                        (["get", store, 3, "--npy", point / "x.npy"], point / "x.npy"),
                         (["salvage", store, point / "saved"], point),
                         (["merge", point / "merged", store], point)):
         r = run(*args)
         assert r.code == READ_ONLY, (args, r)
         line = one_line(r.err)
-        assert str(named) in line and "Read-only file system" in line, (args, r)
+        assert str(named) in line and "read-only file system" in line.lower(), (args, r)
+    # The tool's own outputs are named with the cause, not a working directory.
+    for args, out in ((["export", store, point / "out"], point / "out"),
+                      (["get", store, 3, "--npy", point / "x.npy"], point / "x.npy")):
+        assert one_line(run(*args).err).endswith(
+            f"{out}: cannot write it: its directory {point} is on a read-only file system"), args
     assert hash_tree(store) == before
     assert os.listdir(point) == ["s"]
     # Reading needs no write: the reading commands work on the read-only mount, and leave it as is.

@@ -198,6 +198,7 @@ def test_import_bad_input_gets_one_line_and_leaves_no_store(tmp_path, store):
     np.save(tmp_path / "neg.npy", np.array([0, 1, -2, 3]))
     (tmp_path / "junk.npy").write_bytes(b"not an array")
     (tmp_path / "text.h5").write_text("not HDF5")
+    (tmp_path / "emptydir").mkdir()
     with h5py.File(tmp_path / "good.h5", "w") as f:
         f["g/x"] = np.zeros((4, 4), np.float32)
         f["cube"] = np.zeros((2, 2, 2), np.float32)
@@ -221,7 +222,12 @@ def test_import_bad_input_gets_one_line_and_leaves_no_store(tmp_path, store):
         ([tmp_path / "new", tmp_path / "v.npy", "--epoch", "x"], 2, '"x"'),
         ([tmp_path / "new", tmp_path / "v.npy", "--epoch", 1, "--epochs", tmp_path / "k.npy"], 2,
          "excludes"),
-        ([tmp_path / "new", tmp_path / "v.npy", "--dtype", "int8"], 2, "cannot convert float32"),
+        # Refused as into an existing store of that dtype (15), before anything is made.
+        ([tmp_path / "new", tmp_path / "v.npy", "--dtype", "int8"], 15,
+         "v.npy holds float32 rows but --dtype int8 was asked for"),
+        # A directory given as a .npy file is named as one.
+        ([tmp_path / "new", tmp_path / "v.npy", "--keys", tmp_path / "emptydir"], 2,
+         f"{tmp_path / 'emptydir'} is a directory, not a .npy file"),
         ([tmp_path / "new", tmp_path / "v.npy", "--metadata", "{"], 2, "not valid JSON"),
         ([store, tmp_path / "v3.npy"], 15, "dim 4"),
         # An existing store's dtype is fixed: rows are not silently converted to it.
@@ -511,6 +517,28 @@ def test_an_output_path_ending_in_a_slash_names_that_directory(store, tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["abs", "copy", "out", "s", "small"]
 
 
+def test_an_output_whose_directory_is_missing_is_named_with_the_cause(store, tmp_path,
+                                                                      monkeypatch):
+    # It said "cannot create a working directory in nodir: No such file or directory", naming
+    # neither the output asked for nor what to do about it.
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "v.npy", np.ones((2, 4), np.float32))
+    (tmp_path / "afile").write_text("")
+    for args, out in ((["get", store, 3, "--npy", "nodir/x.npy"], "nodir/x.npy"),
+                      (["export", store, "nodir/out"], "nodir/out"),
+                      (["export", store, "nodir/out.h5"], "nodir/out.h5"),
+                      (["export", store, "nodir/out.csv"], "nodir/out.csv"),
+                      (["compact", store, "nodir/small/"], "nodir/small"),
+                      (["import", "nodir/new", "v.npy"], "nodir/new")):
+        r = run(*args)
+        assert r.code == 12, (args, r)
+        assert one_line(r.err) == (f"embstore {args[0]}: {out}: cannot write it: its directory "
+                                   "nodir does not exist"), (args, r)
+    r = run("get", store, 3, "--npy", "afile/x.npy")
+    assert one_line(r.err) == "embstore get: afile/x.npy: cannot write it: afile is not a directory"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "s", "v.npy"]
+
+
 def test_hdf5_export_to_a_full_disk_exits_18_with_one_line_and_leaves_nothing(full_disk, tmp_path):
     store = make_store(tmp_path / "s", dim=64, dtype="float32", rows_per_epoch=3000)  # 2.3 MB
     r = run("export", store, full_disk / "o.h5", "--quiet")
@@ -569,7 +597,9 @@ def test_a_value_that_would_become_infinite_is_refused_naming_row_element_and_va
         "float16 (it would become infinite); nothing of its batch was stored"), r
     assert len(embstore.Reader(store)) == 10
     r = run("import", tmp_path / "new16", tmp_path / "f32.npy", "--dtype", "float16", "--quiet")
-    assert r.code == 2 and "70000 does not fit in float16" in r.err, r
+    assert r.code == 2 and one_line(r.err).endswith(
+        f"70000 does not fit in float16 (it would become infinite); no store was made at "
+        f"{tmp_path / 'new16'}"), r
     assert not (tmp_path / "new16").exists()
     # 65519 rounds to 65504, the largest float16: stored; the same for bfloat16's range.
     np.save(tmp_path / "edge.npy", np.array([[65519.0, -65519.0, 1.0, 2.0]], np.float32))
@@ -593,6 +623,9 @@ def test_a_value_that_would_become_infinite_is_refused_naming_row_element_and_va
         w.append([7, 8], vectors, 0)
     r = run("compact", src, tmp_path / "c16", "--dtype", "float16", "--quiet")
     assert r.code == 2 and f"{src}: row 1, element 1: the float32 value 70000" in r.err, r
+    # No store is made at the output at all (it said "nothing of its batch was stored").
+    assert one_line(r.err).endswith(
+        f"(it would become infinite); no store was made at {tmp_path / 'c16'}"), r
     assert not (tmp_path / "c16").exists()
     # NaN and infinities of the input stay what they are.
     np.save(tmp_path / "nonfinite.npy", np.array([[np.nan, np.inf, -np.inf, 1.0]], np.float32))
@@ -779,11 +812,16 @@ def test_integer_rows_into_a_float_store_get_no_hint_that_does_not_work(tmp_path
     assert r.code == 15, r
     assert one_line(r.err) == (f"embstore import: {store} holds float32 rows but {npy} holds "
                                f"{source} (import converts rows between float types only)")
+    # The same refusal into a new store exits as into an existing one (15, not 2).
     r = run("import", tmp_path / "new", npy, "--dtype", "float32", "-q")
-    assert r.code == 2, r
-    assert one_line(r.err) == (f"embstore import: {npy}: cannot convert {source} rows to float32 "
-                               "(only between float types)")
+    assert r.code == 15, r
+    assert one_line(r.err) == (f"embstore import: {npy} holds {source} rows but --dtype float32 "
+                               "was asked for (import converts rows between float types only; "
+                               "int8 and uint8 rows go only into a store of their own dtype)")
+    r = run("import", store, npy, "--dtype", "float32", "-q")
+    assert r.code == 15, r
     assert len(embstore.Reader(str(store))) == 0 and not os.path.exists(tmp_path / "new")
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
 
 
 def test_compact_into_a_wider_dtype_keeps_rows_per_segment(tmp_path):

@@ -1053,8 +1053,7 @@ void add_bench_command(CLI::App& app, Registry& registry) {
       ->check(CLI::Range(1u, 1u << 24))
       ->capture_default_str();
   cmd->add_option("--dtype", config->dtype_text,
-                  "float32, float16, bfloat16, int8, uint8, float64; or f32->f16 / f32->bf16 to "
-                  "append float32 into a 16-bit store")
+                  dtype_names() + "; or f32->f16 / f32->bf16 to append float32 into a 16-bit store")
       ->check(CLI::IsMember({"f32->f16", "f32->bf16"}) | dtype_validator())
       ->capture_default_str();
   cmd->add_option("--rows", config->rows, "Total rows over all writers")

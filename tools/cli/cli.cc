@@ -51,12 +51,31 @@ int exit_status(const Error& error) {
   return kExitErrorBase + static_cast<int>(error.code());
 }
 
+std::string dtype_names() {
+  // The table lists each canonical name (dtype_name()) before its aliases.
+  std::string text;
+  bool open = false;
+  for (const DTypeAlias& alias : dtype_aliases()) {
+    if (alias.name == dtype_name(alias.dtype)) {
+      if (open) text += ")";
+      if (!text.empty()) text += ", ";
+      text += alias.name;
+      open = false;
+    } else {
+      text += open ? ", " : " (";
+      text += alias.name;
+      open = true;
+    }
+  }
+  if (open) text += ")";
+  return text + "; case ignored";
+}
+
 CLI::Validator dtype_validator() {
   return CLI::Validator(
       [](std::string& name) -> std::string {
         if (parse_dtype(name)) return {};
-        return "unknown dtype \"" + name +
-               "\" (float32, float16, bfloat16, int8, uint8, float64; or f4, f2, f8, i1, u1)";
+        return "unknown dtype \"" + name + "\" (" + dtype_names() + ")";
       },
       "DTYPE", "dtype");
 }

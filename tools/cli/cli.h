@@ -52,6 +52,9 @@ void add_bench_command(CLI::App& app, Registry& registry);
 
 // A CLI11 validator that accepts the dtype names parse_dtype() knows and names them otherwise.
 CLI::Validator dtype_validator();
+// Every dtype name parse_dtype() accepts, from the library's table (dtype_aliases()), for help
+// texts and messages: "float32 (f4), float16 (f2, half), ...".
+std::string dtype_names();
 // A CLI11 validator that refuses an empty path (an option given as "" is given: it must not
 // read as one left out).
 CLI::Validator non_empty_path();

@@ -58,10 +58,23 @@ int main(int argc, char** argv) {
   CLI::App app(
       "embstore: inspect, check, follow, export, import, compact, merge, salvage and truncate "
       "embstore stores.\n"
-      "Read-only commands (info, verify, head, tail, get, export) take no lock and change "
-      "nothing.\n"
+      "Read-only commands (info, verify, head, tail, get, export, and compact on its source) "
+      "take no lock and never change a byte of the store.\n"
       "Exit status: 0 ok, 1 damage found, 2 usage, 10 + error code otherwise (see the README).",
       "embstore");
+  // The variables the library reads, for every command (include/embstore/options.h).
+  app.footer(
+      "Environment:\n"
+      "  EMBSTORE_MAP_BYTES=N         address space in bytes (1 to 2^47) each open store may "
+      "reserve, in place of " +
+      (embstore::kDefaultMapBytes % (1ull << 40) == 0
+           ? std::to_string(embstore::kDefaultMapBytes >> 40) + " TiB"
+           : std::to_string(embstore::kDefaultMapBytes) + " bytes") +
+      ": a store holding more (its rows plus 32 B a row, rounded up to whole segments) cannot "
+      "be opened or grown past it; any other value makes every command that opens a store "
+      "fail\n"
+      "  EMBSTORE_ALLOW_REMOTE_FS=1   write a store on a network or FUSE file system anyway "
+      "(at your own risk: the README's \"Several machines\")");
   app.set_version_flag("--version", std::string("embstore ") + embstore::kLibraryVersion +
                                         " (format " +
                                         std::to_string(embstore::kFormatVersionMajor) + "." +

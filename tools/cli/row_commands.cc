@@ -208,8 +208,8 @@ void add_row_command(CLI::App& app, Registry& registry, bool tail) {
   cmd->add_flag("--json", args->json, "One JSON object per row (JSON lines)");
   if (tail) {
     cmd->add_flag("-f,--follow", args->follow,
-                  "Keep printing rows as other processes commit them, until Ctrl-C or the "
-                  "reader of stdout goes away (exit 0), or until the store is no longer at "
+                  "Keep printing rows as other processes commit them, until Ctrl-C, SIGTERM or "
+                  "the reader of stdout goes away (exit 0), or until the store is no longer at "
                   "its path (deleted, moved or replaced: exit 12)");
     cmd->footer("Example: embstore tail -f run.emb --json | head -100");
   } else {

@@ -211,7 +211,9 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
     cmd->add_option("--dtype", args->dtype,
                     "dtype of a new store (default: the source's), or an existing store's, to "
                     "convert rows of a float type it does not take as they are (float64 into "
-                    "float32, say); bfloat16 also reads uint16 input as bfloat16 bit patterns")
+                    "float32, say); bfloat16 also reads uint16 input as bfloat16 bit patterns. "
+                    "Names: " +
+                        dtype_names())
         ->check(dtype_validator());
     cmd->add_option("--metadata", args->metadata,
                     "Metadata of a new store, JSON (default: the source's; '' for none)");
@@ -234,7 +236,8 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
     cmd->add_option("--epochs", args->epochs, "Keep only these epochs (comma list)")
         ->delimiter(',')
         ->transform(unsigned_validator("an epoch"));
-    cmd->add_option("--dtype", args->dtype, "Convert rows (float types only)")
+    cmd->add_option("--dtype", args->dtype,
+                    "Convert rows (between float types only): " + dtype_names())
         ->check(dtype_validator());
     cmd->add_flag("--json", args->json, "Print the summary as JSON");
     cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");

@@ -34,7 +34,8 @@ CompactResult compact_store(const std::string& source, const std::string& out,
       std::max<std::uint64_t>(1, dtype_size(create.dtype) / dtype_size(reader.dtype()));
   create.key_index = info.keeps_key_index;
   create.metadata = info.metadata;
-  RowConverter converter(reader.dtype(), create.dtype, reader.dim(), reader.path());
+  RowConverter converter(reader.dtype(), create.dtype, reader.dim(), reader.path(),
+                         "no store was made at " + out);
 
   CompactResult result;
   result.source_rows = reader.size();

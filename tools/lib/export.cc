@@ -211,19 +211,50 @@ void require_absent(const std::string& out) {
   }
 }
 
-std::string make_partial_dir(const std::string& out) {
+namespace {
+
+// Why no working directory could be made in `parent` for the output `out`, in the user's terms
+// (errno `err` of mkdtemp): the output they named and what is wrong with where it goes.
+std::string partial_dir_failure(const std::string& out, const std::filesystem::path& parent,
+                                bool inside, int err) {
+  const std::string dir = inside          ? std::string("it")
+                          : parent == "." ? std::string("the current directory")
+                                          : "its directory " + parent.string();
+  std::string why;
+  switch (err) {
+    case ENOENT:
+      why = dir + " does not exist";
+      break;
+    case ENOTDIR:
+      why = (inside ? out : parent.string()) + " is not a directory";
+      break;
+    case EROFS:
+      why = dir + " is on a read-only file system";
+      break;
+    case EACCES:
+    case EPERM:
+      why = dir + " does not let this user create files in it (" + std::strerror(err) + ")";
+      break;
+    default:
+      why = "cannot create a working directory in " + parent.string() + ": " + std::strerror(err);
+  }
+  return without_trailing_separators(out).string() + ": cannot write it: " + why;
+}
+
+}  // namespace
+
+std::string make_partial_dir(const std::string& out, bool inside) {
   if (out.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
   const std::filesystem::path target = without_trailing_separators(out);
-  std::filesystem::path parent = target.parent_path();
+  std::filesystem::path parent = inside ? target : target.parent_path();
   if (parent.empty()) parent = ".";
-  std::string name = target.filename().string();
+  std::string name = inside ? std::string("store") : target.filename().string();
   if (name.empty()) name = "out";
   std::string tmpl = (parent / ("." + name + ".partial-XXXXXX")).string();
   if (::mkdtemp(tmpl.data()) == nullptr) {
     const int err = errno;
-    throw Error(
-        error_code_for_write_errno(err),
-        "cannot create a working directory in " + parent.string() + ": " + std::strerror(err), err);
+    throw Error(error_code_for_write_errno(err), partial_dir_failure(out, parent, inside, err),
+                err);
   }
   // mkdtemp makes it 0700; the output it becomes gets the mode of any new directory (0777 less
   // the umask, as mkdir(1) gives), so that other users and services can read what was exported

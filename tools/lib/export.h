@@ -42,8 +42,12 @@ struct ExportResult {
 ExportResult export_store(const Reader& reader, const std::string& out,
                           const ExportOptions& options);
 
-// Creates a hidden working directory next to `out` (same file system, so a rename publishes).
-std::string make_partial_dir(const std::string& out);
+// Creates a hidden working directory `.NAME.partial-XXXXXX` next to `out` (same file system, so
+// a rename publishes), or with `inside`, `.store.partial-XXXXXX` inside `out` (an existing empty
+// directory that the output is moved into). When it cannot, the error names `out` and what
+// keeps it from being written there ("nodir/x.npy: cannot write it: its directory nodir does
+// not exist"), with the code of the errno (kNotFound, kReadOnly, ...).
+std::string make_partial_dir(const std::string& out, bool inside = false);
 // Inside a catch handler of `e`, met while writing `working` (the hidden path renamed to `out`
 // when complete): rethrows it naming `out` instead, the working path in parentheses (the user
 // asked for `out` and has never heard of `working`); unchanged if it does not name `working`.

@@ -341,14 +341,16 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     // does), or where --dtype names the store's dtype, asking for it: float64 rows rounded into
     // a float32 store without a word are the mistake the Python Writer refuses them as (and
     // bfloat16 bit patterns, named by --dtype bfloat16, rounded into a float16 store).
-    if (options.dtype != stored && *source_dtype != stored &&
-        !dtype_accepts(stored, *source_dtype) && !widens_exactly(*source_dtype, stored)) {
+    // Rows of a type that converts to no other (int8, uint8) are refused whatever --dtype says.
+    const bool converts = RowConverter::converts(*source_dtype, stored);
+    if (!converts ||
+        (options.dtype != stored && *source_dtype != stored &&
+         !dtype_accepts(stored, *source_dtype) && !widens_exactly(*source_dtype, stored))) {
       // --dtype converts between float types only (RowConverter): for the others no hint.
-      const std::string hint = RowConverter::converts(*source_dtype, stored)
-                                   ? "; give --dtype " + std::string(dtype_name(stored)) +
-                                         " to convert them (rounded to the nearest " +
-                                         std::string(dtype_name(stored)) + ")"
-                                   : " (import converts rows between float types only)";
+      const std::string hint = converts ? "; give --dtype " + std::string(dtype_name(stored)) +
+                                              " to convert them (rounded to the nearest " +
+                                              std::string(dtype_name(stored)) + ")"
+                                        : " (import converts rows between float types only)";
       throw Error(ErrorCode::kFormatMismatch, store + " holds " + std::string(dtype_name(stored)) +
                                                   " rows but " + vectors->name() + " holds " +
                                                   std::string(dtype_name(*source_dtype)) + hint);
@@ -357,6 +359,15 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     CreateOptions create;
     create.dim = dim;
     create.dtype = options.dtype.value_or(*source_dtype);
+    // Refused as into an existing store of that dtype (kFormatMismatch), before anything is
+    // made at `store`.
+    if (!RowConverter::converts(*source_dtype, create.dtype)) {
+      throw Error(ErrorCode::kFormatMismatch,
+                  vectors->name() + " holds " + std::string(dtype_name(*source_dtype)) +
+                      " rows but --dtype " + std::string(dtype_name(create.dtype)) +
+                      " was asked for (import converts rows between float types only; int8 and "
+                      "uint8 rows go only into a store of their own dtype)");
+    }
     create.metadata = options.metadata.value_or(facts.metadata.value_or(""));
     if (options.segment_bytes) {
       create.segment_bytes = *options.segment_bytes;
@@ -368,7 +379,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     }
     {
       // Inside an empty directory `store`: `store/.store.partial-*`.
-      partial = make_partial_dir(in_place ? store + "/store" : store);
+      partial = make_partial_dir(store, in_place);
       try {
         writer.emplace(Writer::create(partial, create));
       } catch (...) {
@@ -383,7 +394,10 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   std::uint64_t end_row = 0;  // After the last row appended.
   bool contiguous = true;     // No other writer's rows between ours.
   try {
-    RowConverter converter(*source_dtype, writer->dtype(), dim, vectors->name());
+    // Into an existing store every value is checked before the first append (below).
+    RowConverter converter(
+        *source_dtype, writer->dtype(), dim, vectors->name(),
+        result.created ? "no store was made at " + store : "nothing of its batch was stored");
     const std::uint64_t row_bytes = std::uint64_t{dim} * dtype_size(*source_dtype);
     const std::uint64_t batch =
         std::max<std::uint64_t>(1, kBatchBytes / std::max<std::uint64_t>(1, row_bytes));

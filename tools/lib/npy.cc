@@ -142,6 +142,13 @@ NpyReader::NpyReader(const std::string& path) : path_(path) {
     throw Error(err == ENOENT ? ErrorCode::kNotFound : ErrorCode::kIO,
                 "cannot open " + path + ": " + std::strerror(err), err);
   }
+  // open(2) takes a directory for reading; its first read would fail as "no NUMPY magic".
+  struct stat st;
+  if (::fstat(fd_, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd_);
+    fd_ = -1;
+    throw Error(ErrorCode::kInvalidArgument, path + " is a directory, not a .npy file");
+  }
   char preamble[12];
   if (::pread(fd_, preamble, sizeof(preamble), 0) != static_cast<ssize_t>(sizeof(preamble)) ||
       std::memcmp(preamble, kMagic, kMagicBytes) != 0) {
@@ -216,7 +223,6 @@ NpyReader::NpyReader(const std::string& path) : path_(path) {
     bad_header(path, "shape (" + shape + ") of '" + descr_ + "' elements is too large");
   }
   row_bytes_ = row_bytes;
-  struct stat st;
   if (::fstat(fd_, &st) != 0 ||
       static_cast<std::uint64_t>(st.st_size) < data_offset_ + data_bytes) {
     bad_header(path, "the file is shorter than its shape says");

@@ -192,8 +192,9 @@ bool RowConverter::converts(DType from, DType to) {
   return from == to || (is_float(from) && is_float(to));
 }
 
-RowConverter::RowConverter(DType from, DType to, std::uint32_t dim, std::string source)
-    : from_(from), to_(to), dim_(dim), source_(std::move(source)) {
+RowConverter::RowConverter(DType from, DType to, std::uint32_t dim, std::string source,
+                           std::string refused)
+    : from_(from), to_(to), dim_(dim), source_(std::move(source)), refused_(std::move(refused)) {
   if (!converts(from, to)) {
     throw Error(ErrorCode::kInvalidArgument,
                 source_ + ": cannot convert " + std::string(dtype_name(from)) + " rows to " +
@@ -250,7 +251,7 @@ void RowConverter::refuse_overflow(const float* values, std::uint64_t n, std::ui
                 source_ + ": row " + std::to_string(first_row + e / dim_) + ", element " +
                     std::to_string(e % dim_) + ": the " + std::string(dtype_name(from_)) +
                     " value " + shown + " does not fit in " + std::string(dtype_name(to_)) +
-                    " (it would become infinite); nothing of its batch was stored");
+                    " (it would become infinite); " + refused_);
   }
 }
 

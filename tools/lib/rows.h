@@ -80,11 +80,12 @@ float bfloat16_to_float(std::uint16_t bits);
 // float32 (the Writer rounds float32 to a float16/bfloat16 store) or float64. Throws
 // kInvalidArgument for conversions that would change integer data (int8/uint8 to or from
 // anything else), and, from convert(), for a finite value that would become infinite (beyond
-// the target's range), naming `source`, the row (first_row + its place) and the element. Reuses
-// one buffer; a returned matrix lives until the next convert().
+// the target's range), naming `source`, the row (first_row + its place) and the element, then
+// `refused`, what the caller's refusal leaves ("no store was made at OUT"). Reuses one buffer;
+// a returned matrix lives until the next convert().
 class RowConverter {
  public:
-  RowConverter(DType from, DType to, std::uint32_t dim, std::string source);
+  RowConverter(DType from, DType to, std::uint32_t dim, std::string source, std::string refused);
   // Whether rows of `from` can be converted to `to` (else the constructor throws).
   static bool converts(DType from, DType to);
 
@@ -103,6 +104,7 @@ class RowConverter {
   DType to_;
   std::uint32_t dim_;
   std::string source_;
+  std::string refused_;
   std::vector<float> floats_;
   std::vector<double> doubles_;
 };
