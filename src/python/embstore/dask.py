@@ -4,7 +4,9 @@
     a = embstore.dask.from_store("/data/run17")    # a manifest, its directory, store path(s)
     a.vectors, a.keys, a.epochs                     # dask arrays; chunks align with rows
     mask = (a.epochs == 3)[:, None]
-    mean3 = ((a.vectors * mask).sum(0) / mask.sum()).compute()
+    mean3 = ((a.vectors * mask).sum(0, dtype="float64") / mask.sum()).compute()
+    # Sum in float64: in a float16 store's own dtype a sum stops growing at 2048 (ones added
+    # to it round away) and overflows to inf past 65504.
 
 The task graph holds only paths, store ids, generations and row ranges: a task reads through
 its process's Reader of that shard (one for every task of the shard: a view keeps the mappings

@@ -37,8 +37,9 @@ Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...
 ``KEY,LABEL`` (an optional ``key,label`` header line); see ``analysis.Labels``.
 
 JSON API (GET only; every answer is JSON; an error is ``{"error": MESSAGE}`` with status 400 for a
-bad parameter (not a number, out of range, unknown name, given twice), 404 for an absent key or
-epoch, 405 for a method other than GET, 422 for neighbours of a row holding NaN or Inf, 503 when
+bad parameter (not a number, out of range, unknown name, given twice), 403 for a request whose
+Host header a loopback-bound server refuses (above), 404 for an absent key or epoch, 405 for a
+method other than GET, 422 for neighbours of a row holding NaN or Inf, 503 when
 the store is damaged or gone (the message says which file), 500 for anything else; the server
 keeps running).
 Rows holding NaN or Inf have no place in a PCA or a distance: every endpoint leaves them out and
