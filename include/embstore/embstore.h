@@ -106,6 +106,12 @@
 //     it, never silently.
 //   - A file the process may not read is kPermissionDenied (EACCES/EPERM); kReadOnly is a
 //     write refused by a read-only file or file system.
+//   - A failed flush (an I/O error writing back the page cache) poisons the Writer whose sync
+//     saw it. The kernel reports such an error once, to the descriptors open when it happened,
+//     and may drop the pages: another Writer (another process, or one opened later) whose sync
+//     comes after can succeed and count rows durable that are not on the device. A reboot then
+//     re-checks only rows past durable_rows. After an I/O error, stop the writers and verify
+//     the store (embstore verify) rather than append on.
 #pragma once
 
 #include "embstore/dtype.h"
