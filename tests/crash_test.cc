@@ -214,7 +214,7 @@ TEST_CASE("A create killed at any point leaves nothing once the next create runs
   CHECK(w.committed_rows() == 0);
 }
 
-TEST_CASE("A store is created in an empty mount point; a create killed in one leaves nothing",
+TEST_CASE("A store is created in an empty mount point, and a create killed in one leaves nothing",
           "[crash][create]") {
   // rename(2) cannot replace a mount point (EBUSY): create failed on an empty mounted volume,
   // which the tool's import fills, with "Device or resource busy".
