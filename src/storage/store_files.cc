@@ -127,6 +127,10 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
     throw Error(ErrorCode::kNotFound, dir + ": no store here (no such file or directory)", ENOENT);
   }
   files->header_path_ = dir + "/" + kHeaderFileName;
+  if (!os::is_directory(dir)) {
+    throw Error(ErrorCode::kNotFound,
+                dir + ": is a file, not an embstore store (a store is a directory)", ENOTDIR);
+  }
   if (!os::look_up(files->header_path_)) {
     throw Error(ErrorCode::kNotFound, dir + ": not an embstore store (no header file)", ENOENT);
   }

@@ -1,4 +1,5 @@
 """Bad arguments get errors that name the argument and the rule; nothing is written for them."""
+import errno
 import math
 import os
 import re
@@ -243,8 +244,10 @@ def test_an_existing_directory_that_is_not_a_store_is_named_as_such(tmp_path):
     assert os.listdir(not_a_store) == ["cat.jpg"]  # untouched
     a_file = not_a_store / "cat.jpg"
     for open_it in (lambda: embstore.Writer(a_file, dim=8), lambda: embstore.Reader(a_file)):
-        with pytest.raises(embstore.NotAStoreError, match="is a file, not an embstore store"):
+        with pytest.raises(embstore.NotAStoreError, match="is a file, not an embstore store") \
+                as error:
             open_it()
+        assert error.value.errno == errno.ENOTDIR  # was ENOENT: the file is there
     assert a_file.read_bytes() == b"meow"
     with pytest.raises(FileNotFoundError):  # a missing path stays FileNotFoundError
         embstore.Writer(tmp_path / "missing")

@@ -40,6 +40,7 @@ PyTorch helpers (a Dataset over a store and a forward-hook recorder) are in ``em
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -318,7 +319,7 @@ class _not_a_store_check:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None or not issubclass(exc_type, FileNotFoundError):
+        if exc_type is None or not issubclass(exc_type, (FileNotFoundError, NotADirectoryError)):
             return False
         advice = "; to create a store, give a new path or an empty directory"
         if os.path.isdir(self.path):
@@ -334,7 +335,7 @@ class _not_a_store_check:
         else:
             return False
         error = NotAStoreError(f"{self.path}: {what}{advice}")
-        error.errno = exc.errno or 0
+        error.errno = errno.ENOTDIR if what.startswith("is a file") else exc.errno or 0
         raise error from exc
 
 
