@@ -4,6 +4,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <string_view>
 
 #include "embstore/error.h"
@@ -117,7 +118,15 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   if (!detail::os::is_directory(parent)) {
     throw Error(ErrorCode::kNotFound, path + ": " + parent + " is not a directory", ENOTDIR);
   }
-  const CreateLock create_lock(path);
+  // The lock file is the first thing made beside the store: an error there (a read-only or
+  // full file system, a directory the process may not write) is the create's.
+  std::optional<CreateLock> create_lock;
+  try {
+    create_lock.emplace(path);
+  } catch (const Error& error) {
+    throw Error(error.code(), path + ": cannot create the store: " + error.what(),
+                error.sys_errno());
+  }
   remove_stale_staging(parent, path);
   // A racing creator may have finished while this one waited for the lock.
   if (detail::os::exists(header_path)) {

@@ -805,6 +805,9 @@ def test_writes_to_a_read_only_file_system_exit_19_and_change_nothing(read_only_
                       (["get", store, 3, "--npy", point / "x.npy"], point / "x.npy")):
         assert one_line(run(*args).err).endswith(
             f"{out}: cannot write it: its directory {point} is on a read-only file system"), args
+    # create names the store asked for first, not only its lock file beside it.
+    assert f"{point / 'new'}: cannot create the store: " in one_line(
+        run("create", point / "new", "--dim", 4).err)
     assert hash_tree(store) == before
     assert os.listdir(point) == ["s"]
     # Reading needs no write: the reading commands work on the read-only mount, and leave it as is.
