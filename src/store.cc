@@ -10,6 +10,7 @@
 #include "embstore/error.h"
 #include "embstore/reader.h"
 #include "format/format.h"
+#include "platform/lock.h"
 #include "platform/os.h"
 #include "platform/testing.h"
 #include "storage/store_files.h"
@@ -55,24 +56,31 @@ class CreateLock {
   explicit CreateLock(const std::string& store_path) : path_(store_path + ".create-lock") {
     for (;;) {
       fd_ = detail::os::open_or_create_file(path_);
+      // A child forked meanwhile (by another thread) would hold the lock as long as it lives.
+      detail::close_in_forked_child(fd_);
       try {
         detail::os::lock_exclusive(fd_, path_);
       } catch (...) {
-        detail::os::close_fd(fd_);
+        close_fd();
         throw;
       }
       if (detail::os::same_file(fd_, path_)) return;
-      detail::os::close_fd(fd_);  // Unlinked by the holder we waited for: take the new one.
+      close_fd();  // Unlinked by the holder we waited for: take the new one.
     }
   }
   ~CreateLock() {
+    // In a forked child no thread runs a create: this is the owner's.
     detail::os::remove_file(path_);
-    detail::os::close_fd(fd_);  // Drops the lock.
+    close_fd();  // Drops the lock.
   }
   CreateLock(const CreateLock&) = delete;
   CreateLock& operator=(const CreateLock&) = delete;
 
  private:
+  void close_fd() {
+    detail::forget_in_forked_child(fd_);
+    detail::os::close_fd(fd_);
+  }
   std::string path_;
   int fd_ = -1;
 };

@@ -3,6 +3,7 @@
 // visible, and the store reopens and accepts appends with no manual step.
 #include <signal.h>
 #include <sys/mount.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <random>
 #include <set>
@@ -310,4 +312,51 @@ TEST_CASE("Creates killed at random moments leave nothing once the next create r
   CHECK(create_leftovers(dir.path()).empty());
   INFO("rounds whose kill left staging or lock files: " << leftovers_seen);
   CHECK(Writer::open(path).committed_rows() == 0);
+}
+
+TEST_CASE("A process forked while a create runs does not keep the create lock", "[create]") {
+  // The create lock's descriptor was not closed in a forked child (a data-loader worker forked
+  // by another thread, say), which then held the lock as long as it lived: a process that
+  // waited for it, this test's own fork among them, waited as long.
+  TempDir dir;
+  const std::string path = dir / "s";
+  const std::string pauses = dir / "pauses";
+  std::filesystem::create_directory(pauses);
+  CreateOptions o;
+  o.dim = 8;
+  o.segment_bytes = 1 << 20;
+  detail::testing::arm_pause("create-staged", 1, pauses);
+  std::thread creator([&] { create_store(path, o); });
+  REQUIRE(test::within_a_minute(
+      [&] { return std::filesystem::exists(pauses + "/paused.create-staged"); }));
+  const pid_t forked = ::fork();  // Holds every descriptor the process has, lock included.
+  if (forked == 0) {
+    ::sleep(120);
+    ::_exit(0);
+  }
+  REQUIRE(forked > 0);
+  const pid_t waiter = test::spawn([&] {
+    try {
+      create_store(path, o);  // Waits for the lock, then finds the store made.
+    } catch (const Error& e) {
+      return e.code() == ErrorCode::kAlreadyExists ? 0 : 3;
+    }
+    return 4;
+  });
+  std::ofstream(pauses + "/resume.create-staged").put('r');
+  creator.join();
+  int status = 0;
+  const bool ended =
+      test::within_a_minute([&] { return ::waitpid(waiter, &status, WNOHANG) == waiter; });
+  ::kill(forked, SIGKILL);
+  CHECK(test::wait_for(forked) == 128 + SIGKILL);
+  if (!ended) {
+    ::kill(waiter, SIGKILL);
+    test::wait_for(waiter);
+  }
+  REQUIRE(ended);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(Reader::open(path).size() == 0);
+  detail::testing::disarm_all();
 }

@@ -46,6 +46,9 @@ void unregister_fd(int fd) {
 
 }  // namespace
 
+void close_in_forked_child(int fd) { register_fd(fd); }
+void forget_in_forked_child(int fd) { unregister_fd(fd); }
+
 WriterLock::WriterLock(const std::string& lock_path, LockByte byte)
     : path_(lock_path), byte_(byte), owner_pid_(os::current_pid()) {
   fd_ = os::open_file(lock_path, os::Access::kReadWrite);

@@ -47,6 +47,12 @@ enum class LockByte : std::uint64_t {
   kKeyIndex = 2,  // The key index lock.
 };
 
+// Another lock's descriptor (store.cc's create lock) closed in a forked child as a WriterLock's
+// is, so that a child never keeps it held: registered until forget_in_forked_child(fd), which
+// must come before the descriptor is closed.
+void close_in_forked_child(int fd);
+void forget_in_forked_child(int fd);
+
 class WriterLock {
  public:
   explicit WriterLock(const std::string& lock_path, LockByte byte = LockByte::kWriter);
