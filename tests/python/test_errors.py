@@ -189,10 +189,13 @@ def test_list_values_for_a_bfloat16_store_are_rounded_once(store, async_queue_mb
 
 def test_list_values_an_integer_store_cannot_hold_are_refused(store):
     with embstore.Writer(store, dim=2, dtype="int8") as w:
-        with pytest.raises(ValueError, match=r"integers in \[-128, 127\] .* int8 store"):
+        # The value and where it is are named (the message named neither).
+        with pytest.raises(ValueError, match=r"1\.5 at row 0, column 0 is not an integer in "
+                                             r"\[-128, 127\], .* int8 store"):
             w.append([1], [[1.5, 2]])
-        with pytest.raises(ValueError, match=r"integers in \[-128, 127\]"):
-            w.append([1], [[300, 2]])
+        with pytest.raises(ValueError, match=r"300 at row 1, column 1 is not an integer in "
+                                             r"\[-128, 127\]"):
+            w.append([1, 2], [[1, 2], [3, 300]])
         assert w.committed_rows() == 0
 
 

@@ -368,11 +368,15 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
         raise ValueError(f"vectors: a {type(vectors).__name__} of {values.dtype} values; "
                         "rows must hold numbers")
     if target.kind in "iu":
-        converted = values.astype(target)
+        with np.errstate(invalid="ignore"):
+            converted = values.astype(target)
         if values.dtype != target and not np.array_equal(converted, values):
             limits = np.iinfo(target)
-            raise ValueError(f"vectors: values that are not integers in [{limits.min}, "
-                             f"{limits.max}] cannot be stored in a {store_dtype} store")
+            where = tuple(int(i) for i in np.argwhere(converted != values)[0])
+            at = f"row {where[0]}, column {where[1]}" if len(where) == 2 else f"index {where}"
+            raise ValueError(f"vectors: {values[where]!r} at {at} is not an integer in "
+                             f"[{limits.min}, {limits.max}], so it cannot be stored in a "
+                             f"{store_dtype} store; nothing was appended")
         return converted
     return _rounded_once(values, store_dtype)
 
