@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -53,6 +54,24 @@ void check_shard_path(const std::string& manifest, const std::string& path) {
   }
 }
 
+// A shard path (checked by check_shard_path) without its empty and "." parts: "a", "./a" and
+// "a/" name one directory.
+std::string plain_path(const std::string& path) {
+  std::string out;
+  std::size_t start = 0;
+  while (start <= path.size()) {
+    std::size_t end = path.find('/', start);
+    if (end == std::string::npos) end = path.size();
+    const std::string_view part = std::string_view(path).substr(start, end - start);
+    if (!part.empty() && part != ".") {
+      if (!out.empty()) out += '/';
+      out += part;
+    }
+    start = end + 1;
+  }
+  return out;
+}
+
 // JSON text is Unicode, and nlohmann's dump() throws its own type_error for a string that is not
 // UTF-8. Refused by field rather than written with the bytes replaced: the manifest would not
 // read back as written (metadata a merge gives its store, a path that names no shard).
@@ -88,28 +107,48 @@ std::string clip(const std::string& text) {
   return "'" + (text.size() <= 80 ? text : text.substr(0, 77) + "...") + "'";
 }
 
-template <typename T>
-T field(const Json& object, const char* name, const std::string& where) {
-  auto it = object.find(name);
-  if (it == object.end()) {
+// A field of a manifest's object or of a shard entry, as read: its value when it is a scalar;
+// of an array or object only which it is (ManifestParser keeps no contents of one).
+struct FieldValue {
+  enum class Kind { kScalar, kArray, kObject };
+  Json scalar;
+  Kind kind = Kind::kScalar;
+
+  std::string shown() const {
+    return kind == Kind::kArray ? "an array" : kind == Kind::kObject ? "an object" : scalar.dump();
+  }
+};
+using Fields = std::map<std::string, FieldValue, std::less<>>;
+
+[[noreturn]] void wrong_type(const std::string& where, const std::string& name,
+                             const FieldValue& value) {
+  throw Error(ErrorCode::kCorruption,
+              where + ": field '" + name + "' has the wrong type (" + value.shown() + ")");
+}
+
+const FieldValue& required(const Fields& fields, const char* name, const std::string& where) {
+  auto it = fields.find(name);
+  if (it == fields.end()) {
     throw Error(ErrorCode::kCorruption, where + ": field '" + name + "' is missing");
   }
-  try {
-    return it->get<T>();
-  } catch (const Json::exception&) {
-    throw Error(ErrorCode::kCorruption,
-                where + ": field '" + name + "' has the wrong type (" + it->dump() + ")");
+  return it->second;
+}
+
+std::string text_of(const FieldValue& value, const std::string& name, const std::string& where) {
+  if (value.kind != FieldValue::Kind::kScalar || !value.scalar.is_string()) {
+    wrong_type(where, name, value);
   }
+  return value.scalar.get<std::string>();
 }
 
 // An integer of type T, whole and in T's range. nlohmann's get<T>() casts whatever number it
 // finds: -1 would be 2^64-1 rows, a dim of 2^32+4 a dim of 4 (matching a shard of dim 4), 4.7
 // a dim of 4.
 template <typename T>
-T integer(const Json& value, const std::string& name, const std::string& where) {
-  if (!value.is_number_integer()) {
-    throw Error(ErrorCode::kCorruption,
-                where + ": field '" + name + "' has the wrong type (" + value.dump() + ")");
+T integer_of(const FieldValue& field, const std::string& name, const std::string& where) {
+  const Json& value = field.scalar;
+  if (field.kind != FieldValue::Kind::kScalar || !value.is_number_integer()) {
+    wrong_type(where, name, field);
   }
   const bool in_range = value.is_number_unsigned() ? std::in_range<T>(value.get<std::uint64_t>())
                                                    : std::in_range<T>(value.get<std::int64_t>());
@@ -122,9 +161,276 @@ T integer(const Json& value, const std::string& name, const std::string& where) 
   return value.get<T>();
 }
 
-template <typename T>
-T integer_field(const Json& object, const char* name, const std::string& where) {
-  return integer<T>(field<Json>(object, name, where), name, where);
+bool is_manifest_field(std::string_view name) {
+  return name == "embstore_manifest" || name == "dim" || name == "dtype" || name == "metadata" ||
+         name == "shards";
+}
+
+bool is_shard_field(std::string_view name) {
+  return name == "path" || name == "store_id" || name == "rows" || name == "epochs" ||
+         name == "generation";
+}
+
+// Reads a manifest's text through nlohmann's SAX interface straight into a Manifest, building
+// no document tree: a tree takes 16 bytes and more per value (a 100 MB manifest listing 50
+// million epochs took 3.6 GB to read), a Manifest 8 bytes per epoch listed. Kept while parsing:
+// the scalar fields of the manifest's object and of the shard entry being read, and that
+// entry's epochs as they come; of a field this version does not read, nothing, and of nested
+// values it skips, only their depth.
+//
+// A field it reads given twice in one object stops the parse, named: a JSON reader keeps one
+// of the two (nlohmann's the last, others the first), so the manifest would mean one thing here
+// and another elsewhere. Other errors are kept (the first one) and thrown by finish(), after
+// the parse, in the order of the fields' checks: a newer version is kUnsupportedVersion whatever
+// its shard entries hold, and text that is no JSON says so whatever came before the fault.
+class ManifestParser final : public nlohmann::json_sax<Json> {
+ public:
+  explicit ManifestParser(const std::string& path) : path_(path) {}
+
+  // The manifest read, after a parse that returned true; else throws what the text holds wrong.
+  Manifest finish();
+  // The error that stopped a parse that returned false (invalid JSON, a field given twice).
+  const Error& stopped() const { return *stop_; }
+
+  bool null() override { return scalar(Json(nullptr)); }
+  bool boolean(bool value) override { return scalar(Json(value)); }
+  bool number_integer(std::int64_t value) override { return scalar(Json(value)); }
+  bool number_unsigned(std::uint64_t value) override { return scalar(Json(value)); }
+  bool number_float(double value, const std::string&) override { return scalar(Json(value)); }
+  bool string(std::string& value) override { return scalar(Json(std::move(value))); }
+  bool binary(Json::binary_t&) override { return scalar(Json()); }  // Not in JSON text.
+  bool start_object(std::size_t) override { return open(FieldValue::Kind::kObject); }
+  bool start_array(std::size_t) override { return open(FieldValue::Kind::kArray); }
+  bool end_object() override { return close(); }
+  bool end_array() override { return close(); }
+  bool key(std::string& name) override;
+  bool parse_error(std::size_t, const std::string&,
+                   const nlohmann::detail::exception& error) override {
+    stop_.emplace(ErrorCode::kCorruption,
+                  path_ + ": not a manifest (invalid JSON: " + std::string(error.what()) + ")");
+    return false;
+  }
+
+ private:
+  // An open value read: the manifest's object, its list of shards, one shard's entry (always
+  // frames_[0], [1] and [2]), or that entry's epochs.
+  enum class Role { kManifest, kShards, kShard, kEpochs };
+  struct Frame {
+    Role role = Role::kManifest;
+    std::string key;             // kManifest, kShard: whose value comes next.
+    std::uint64_t next = 0;      // kShards, kEpochs: the index of the next element.
+    std::set<std::string> seen;  // kManifest, kShard: the fields read so far.
+  };
+
+  bool scalar(Json value);
+  bool open(FieldValue::Kind kind);
+  bool close();
+  void keep(const Error& error) {
+    if (!error_) error_ = error;
+  }
+  std::uint64_t shard_index() const { return frames_[1].next - 1; }  // Of the entry open.
+  std::string shard_where(std::uint64_t index) const {
+    return path_ + ": shards[" + std::to_string(index) + "]";
+  }
+  void add_epoch(const FieldValue& value);
+  void finish_shard();
+
+  const std::string& path_;
+  std::vector<Frame> frames_;
+  std::uint64_t skipped_depth_ = 0;  // Arrays and objects open inside one not read.
+  bool object_ = false;              // The text is a JSON object.
+  bool shards_listed_ = false;       // Its "shards" is an array.
+  Fields manifest_fields_;
+  Fields shard_fields_;                // Of the entry open.
+  std::vector<std::uint64_t> epochs_;  // Of the entry open.
+  std::optional<Error> epochs_error_;  // Of the entry open: the first of its epochs'.
+  std::optional<Error> error_;
+  std::optional<Error> stop_;
+  Manifest manifest_;
+};
+
+bool ManifestParser::key(std::string& name) {
+  if (skipped_depth_ > 0) return true;
+  Frame& top = frames_.back();
+  const bool read = top.role == Role::kManifest ? is_manifest_field(name)
+                                                : top.role == Role::kShard && is_shard_field(name);
+  if (read && !top.seen.insert(name).second) {
+    stop_.emplace(ErrorCode::kCorruption,
+                  (top.role == Role::kManifest ? path_ : shard_where(shard_index())) + ": field '" +
+                      name +
+                      "' is given twice; a manifest gives each field once (JSON readers keep "
+                      "either one)");
+    return false;
+  }
+  top.key = std::move(name);
+  return true;
+}
+
+bool ManifestParser::scalar(Json value) {
+  if (skipped_depth_ > 0) return true;
+  if (frames_.empty()) {  // The whole text is one scalar.
+    keep(Error(ErrorCode::kCorruption, path_ + ": not a JSON object"));
+    return true;
+  }
+  Frame& top = frames_.back();
+  switch (top.role) {
+    case Role::kManifest:
+      if (is_manifest_field(top.key)) manifest_fields_[top.key] = FieldValue{std::move(value)};
+      break;
+    case Role::kShard:
+      if (is_shard_field(top.key)) shard_fields_[top.key] = FieldValue{std::move(value)};
+      break;
+    case Role::kShards:
+      keep(Error(ErrorCode::kCorruption,
+                 shard_where(top.next) + ": not an object (" + value.dump() + ")"));
+      ++top.next;
+      break;
+    case Role::kEpochs:
+      add_epoch(FieldValue{std::move(value)});
+      ++top.next;
+      break;
+  }
+  return true;
+}
+
+bool ManifestParser::open(FieldValue::Kind kind) {
+  if (skipped_depth_ > 0) {
+    ++skipped_depth_;
+    return true;
+  }
+  const bool array = kind == FieldValue::Kind::kArray;
+  std::optional<Role> role;  // None: not read.
+  if (frames_.empty()) {
+    object_ = !array;
+    if (array) keep(Error(ErrorCode::kCorruption, path_ + ": not a JSON object"));
+    if (!array) role = Role::kManifest;
+  } else {
+    Frame& top = frames_.back();
+    switch (top.role) {
+      case Role::kManifest:
+        if (is_manifest_field(top.key)) manifest_fields_[top.key] = FieldValue{Json(), kind};
+        if (top.key == "shards" && array) {
+          shards_listed_ = true;
+          role = Role::kShards;
+        }
+        break;
+      case Role::kShards:
+        if (array) {
+          keep(Error(ErrorCode::kCorruption, shard_where(top.next) + ": not an object (an array)"));
+        } else {
+          shard_fields_.clear();
+          epochs_.clear();
+          epochs_error_.reset();
+          role = Role::kShard;
+        }
+        ++top.next;
+        break;
+      case Role::kShard:
+        if (is_shard_field(top.key)) shard_fields_[top.key] = FieldValue{Json(), kind};
+        if (top.key == "epochs" && array) role = Role::kEpochs;
+        break;
+      case Role::kEpochs:
+        add_epoch(FieldValue{Json(), kind});
+        ++top.next;
+        break;
+    }
+  }
+  if (role) {
+    frames_.emplace_back().role = *role;
+  } else {
+    skipped_depth_ = 1;
+  }
+  return true;
+}
+
+bool ManifestParser::close() {
+  if (skipped_depth_ > 0) {
+    --skipped_depth_;
+    return true;
+  }
+  const Role role = frames_.back().role;
+  if (role == Role::kShard) finish_shard();
+  if (role == Role::kEpochs) epochs_.shrink_to_fit();
+  frames_.pop_back();
+  return true;
+}
+
+void ManifestParser::add_epoch(const FieldValue& value) {
+  if (epochs_error_ || error_) return;  // Not kept: only the first error is said.
+  const std::uint64_t index = frames_.back().next;
+  const std::string where = shard_where(shard_index());
+  try {
+    const auto epoch =
+        integer_of<std::uint64_t>(value, "epochs[" + std::to_string(index) + "]", where);
+    // Ascending, each once: the recorder lists the epochs present so, and a list in any other
+    // order (or with repeats) is not one the library wrote.
+    if (!epochs_.empty() && epoch <= epochs_.back()) {
+      throw Error(ErrorCode::kCorruption,
+                  where + ": field 'epochs' lists " + std::to_string(epoch) + " after " +
+                      std::to_string(epochs_.back()) + " (epochs[" + std::to_string(index) +
+                      "]); a shard's epochs are listed ascending, each once");
+    }
+    epochs_.push_back(epoch);
+  } catch (const Error& error) {
+    epochs_error_ = error;
+  }
+}
+
+void ManifestParser::finish_shard() {
+  if (error_) return;  // Entries after an error are not kept.
+  const std::string where = shard_where(shard_index());
+  try {
+    ManifestShard shard;
+    shard.path = text_of(required(shard_fields_, "path", where), "path", where);
+    check_shard_path(path_, shard.path);
+    shard.store_id = text_of(required(shard_fields_, "store_id", where), "store_id", where);
+    shard.rows = integer_of<std::uint64_t>(required(shard_fields_, "rows", where), "rows", where);
+    const auto epochs = shard_fields_.find("epochs");
+    if (epochs != shard_fields_.end() && epochs->second.kind != FieldValue::Kind::kArray) {
+      wrong_type(where, "epochs", epochs->second);
+    }
+    if (epochs_error_) throw *epochs_error_;
+    shard.epochs = std::move(epochs_);
+    if (const auto it = shard_fields_.find("generation"); it != shard_fields_.end()) {
+      shard.generation = integer_of<std::uint64_t>(it->second, "generation", where);
+    }
+    manifest_.shards.push_back(std::move(shard));
+  } catch (const Error& error) {
+    keep(error);
+  }
+  epochs_ = {};
+}
+
+Manifest ManifestParser::finish() {
+  if (!object_) throw *error_;
+  const auto version = integer_of<std::int64_t>(
+      required(manifest_fields_, "embstore_manifest", path_), "embstore_manifest", path_);
+  if (version > kManifestVersion) {
+    throw Error(ErrorCode::kUnsupportedVersion,
+                path_ + ": manifest version " + std::to_string(version) +
+                    " is newer than this library's " + std::to_string(kManifestVersion));
+  }
+  if (version < 1) {
+    throw Error(ErrorCode::kCorruption, path_ + ": field 'embstore_manifest' is " +
+                                            std::to_string(version) + ", not a manifest version");
+  }
+  manifest_.dim = integer_of<std::uint32_t>(required(manifest_fields_, "dim", path_), "dim", path_);
+  if (manifest_.dim == 0 || manifest_.dim > kMaxDim) {
+    throw Error(ErrorCode::kCorruption, path_ + ": field 'dim' is " +
+                                            std::to_string(manifest_.dim) + ", outside 1.." +
+                                            std::to_string(kMaxDim));
+  }
+  const auto dtype_text = text_of(required(manifest_fields_, "dtype", path_), "dtype", path_);
+  const auto dtype = parse_dtype(dtype_text);
+  if (!dtype) throw Error(ErrorCode::kCorruption, path_ + ": unknown dtype '" + dtype_text + "'");
+  manifest_.dtype = *dtype;
+  if (const auto it = manifest_fields_.find("metadata"); it != manifest_fields_.end()) {
+    manifest_.metadata = text_of(it->second, "metadata", path_);
+  }
+  required(manifest_fields_, "shards", path_);
+  if (!shards_listed_) throw Error(ErrorCode::kCorruption, path_ + ": 'shards' is not a list");
+  if (error_) throw *error_;
+  return std::move(manifest_);
 }
 
 struct Shard {
@@ -203,6 +509,8 @@ bool same_metadata(const std::string& a, const std::string& b) {
 }
 
 std::optional<std::string> manifest_file(const std::string& path) {
+  // "" names nothing: not the root's manifest.json.
+  if (path.empty()) return std::nullopt;
   if (ends_with(path, ".json") && !detail::os::is_directory(path)) return path;
   const std::string inside = path + "/" + kManifestFileName;
   if (detail::os::exists(inside)) return inside;
@@ -213,8 +521,8 @@ Manifest read_manifest(const std::string& path) {
   const int fd = detail::os::open_file(path, detail::os::Access::kReadOnly);
   std::string text;
   try {
-    // Read whole and parsed in memory (the parse takes several times the text): the size of a
-    // file that is no manifest (a 1 TiB sparse one, say) must not become an allocation.
+    // Read whole, then parsed into the Manifest (ManifestParser builds no tree): bounded, as the
+    // size of a file that is no manifest (a 1 TiB sparse one, say) must not become an allocation.
     const std::uint64_t bytes = detail::os::file_size(fd, path);
     if (bytes > kMaxManifestBytes) {
       throw Error(ErrorCode::kCorruption, path + ": not a manifest (" + std::to_string(bytes) +
@@ -229,61 +537,9 @@ Manifest read_manifest(const std::string& path) {
   }
   detail::os::close_fd(fd);
 
-  Json json;
-  try {
-    json = Json::parse(text);
-  } catch (const Json::exception& e) {
-    throw Error(ErrorCode::kCorruption,
-                path + ": not a manifest (invalid JSON: " + std::string(e.what()) + ")");
-  }
-  if (!json.is_object()) throw Error(ErrorCode::kCorruption, path + ": not a JSON object");
-  const auto version = integer_field<std::int64_t>(json, "embstore_manifest", path);
-  if (version > kManifestVersion) {
-    throw Error(ErrorCode::kUnsupportedVersion,
-                path + ": manifest version " + std::to_string(version) +
-                    " is newer than this library's " + std::to_string(kManifestVersion));
-  }
-  if (version < 1) {
-    throw Error(ErrorCode::kCorruption, path + ": field 'embstore_manifest' is " +
-                                            std::to_string(version) + ", not a manifest version");
-  }
-  Manifest manifest;
-  manifest.dim = integer_field<std::uint32_t>(json, "dim", path);
-  if (manifest.dim == 0 || manifest.dim > kMaxDim) {
-    throw Error(ErrorCode::kCorruption, path + ": field 'dim' is " + std::to_string(manifest.dim) +
-                                            ", outside 1.." + std::to_string(kMaxDim));
-  }
-  const auto dtype_text = field<std::string>(json, "dtype", path);
-  const auto dtype = parse_dtype(dtype_text);
-  if (!dtype) throw Error(ErrorCode::kCorruption, path + ": unknown dtype '" + dtype_text + "'");
-  manifest.dtype = *dtype;
-  if (json.contains("metadata")) manifest.metadata = field<std::string>(json, "metadata", path);
-  const auto shards = field<Json>(json, "shards", path);
-  if (!shards.is_array()) throw Error(ErrorCode::kCorruption, path + ": 'shards' is not a list");
-  for (std::size_t i = 0; i < shards.size(); ++i) {
-    const std::string where = path + ": shards[" + std::to_string(i) + "]";
-    ManifestShard shard;
-    shard.path = field<std::string>(shards[i], "path", where);
-    check_shard_path(path, shard.path);
-    shard.store_id = field<std::string>(shards[i], "store_id", where);
-    shard.rows = integer_field<std::uint64_t>(shards[i], "rows", where);
-    if (shards[i].contains("epochs")) {
-      const auto epochs = field<Json>(shards[i], "epochs", where);
-      if (!epochs.is_array()) {
-        throw Error(ErrorCode::kCorruption,
-                    where + ": field 'epochs' has the wrong type (" + epochs.dump() + ")");
-      }
-      for (std::size_t e = 0; e < epochs.size(); ++e) {
-        shard.epochs.push_back(
-            integer<std::uint64_t>(epochs[e], "epochs[" + std::to_string(e) + "]", where));
-      }
-    }
-    if (shards[i].contains("generation")) {
-      shard.generation = integer_field<std::uint64_t>(shards[i], "generation", where);
-    }
-    manifest.shards.push_back(std::move(shard));
-  }
-  return manifest;
+  ManifestParser parser(path);
+  if (!Json::sax_parse(text, &parser)) throw parser.stopped();
+  return parser.finish();
 }
 
 void write_manifest(const std::string& path, const Manifest& manifest) {
@@ -304,12 +560,45 @@ void write_manifest(const std::string& path, const Manifest& manifest) {
   }
   if (least_bytes > kMaxManifestBytes) too_large_manifest(path, least_bytes);
   check_utf8(path, "metadata", manifest.metadata);
+  // ShardSet::open refuses a manifest of no shards, and one listing a store twice (by its id, or
+  // by its path: the second entry would be checked against the first one's store).
+  if (manifest.shards.empty()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                path + ": the manifest lists no shards; a ShardSet needs at least one");
+  }
+  std::map<std::string, std::size_t> ids;
+  std::map<std::string, std::size_t> paths;
   Json shards = Json::array();
   for (std::size_t i = 0; i < manifest.shards.size(); ++i) {
     const ManifestShard& shard = manifest.shards[i];
+    const std::string where = path + ": shards[" + std::to_string(i) + "]";
     check_utf8(path, "shards[" + std::to_string(i) + "].path", shard.path);
     check_utf8(path, "shards[" + std::to_string(i) + "].store_id", shard.store_id);
     check_shard_path(path, shard.path);
+    const auto [same_id, new_id] = ids.emplace(shard.store_id, i);
+    if (!new_id) {
+      throw Error(ErrorCode::kInvalidArgument, where + " lists store " + shard.store_id +
+                                                   " again (shards[" +
+                                                   std::to_string(same_id->second) +
+                                                   "] does): a manifest lists each store once");
+    }
+    const auto [same_path, new_path] = paths.emplace(plain_path(shard.path), i);
+    if (!new_path) {
+      throw Error(ErrorCode::kInvalidArgument, where + ": path '" + shard.path +
+                                                   "' names the shard of shards[" +
+                                                   std::to_string(same_path->second) + "] ('" +
+                                                   manifest.shards[same_path->second].path +
+                                                   "'): a manifest lists each store once");
+    }
+    for (std::size_t e = 1; e < shard.epochs.size(); ++e) {
+      if (shard.epochs[e] <= shard.epochs[e - 1]) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    where + ": epochs[" + std::to_string(e) + "] is " +
+                        std::to_string(shard.epochs[e]) + " after " +
+                        std::to_string(shard.epochs[e - 1]) +
+                        "; a shard's epochs are listed ascending, each once");
+      }
+    }
     Json entry = {{"path", shard.path},
                   {"store_id", shard.store_id},
                   {"rows", shard.rows},
@@ -317,11 +606,11 @@ void write_manifest(const std::string& path, const Manifest& manifest) {
     if (shard.generation != 0) entry["generation"] = shard.generation;
     shards.push_back(std::move(entry));
   }
-  const Json json = {{"embstore_manifest", kManifestVersion},
-                     {"dim", manifest.dim},
-                     {"dtype", std::string(dtype_name(manifest.dtype))},
-                     {"metadata", manifest.metadata},
-                     {"shards", shards}};
+  Json json = {{"embstore_manifest", kManifestVersion},
+               {"dim", manifest.dim},
+               {"dtype", std::string(dtype_name(manifest.dtype))},
+               {"metadata", manifest.metadata}};
+  json["shards"] = std::move(shards);
   const std::string text = json.dump(1) + "\n";
   if (text.size() > kMaxManifestBytes) too_large_manifest(path, text.size());
 
@@ -373,6 +662,8 @@ class ShardSet::Impl {
   std::optional<detail::os::FileStamp> manifest_stamp;
   std::vector<std::string> listed_paths;
   std::uint64_t size = 0;
+
+  bool metadata_from_manifest() const { return manifest && !manifest->metadata.empty(); }
 
   void renumber() {
     size = 0;
@@ -585,6 +876,22 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
   if (manifest_or_stores.empty()) {
     throw Error(ErrorCode::kInvalidArgument, "ShardSet: no manifest and no store given");
   }
+  for (std::size_t i = 0; i < manifest_or_stores.size(); ++i) {
+    const std::string& path = manifest_or_stores[i];
+    if (path.empty()) {
+      throw Error(ErrorCode::kInvalidArgument, "ShardSet: path " + std::to_string(i) + " of " +
+                                                   std::to_string(manifest_or_stores.size()) +
+                                                   " is empty; give a manifest or store paths");
+    }
+    // A manifest lists its shards: beside other paths it would be opened as a store.
+    if (manifest_or_stores.size() > 1 && manifest_file(path)) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  path + " is a manifest (a .json file, or a directory holding " +
+                      kManifestFileName +
+                      "), given with other paths; a manifest must be the only input: it lists "
+                      "its shards");
+    }
+  }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   if (manifest_or_stores.size() == 1) {
@@ -593,7 +900,6 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
       impl->manifest_file = absolute_path(*file);
       impl->manifest_stamp = detail::os::file_stamp_at(impl->manifest_file);
       impl->manifest = read_manifest(impl->manifest_file);
-      impl->metadata = impl->manifest->metadata;
     }
   }
   if (impl->manifest) {
@@ -607,8 +913,11 @@ ShardSet ShardSet::open(const std::vector<std::string>& manifest_or_stores,
     }
   } else {
     for (const std::string& path : manifest_or_stores) impl->add_shard(path, nullptr);
-    impl->metadata = impl->shards[0]->reader.metadata();
   }
+  // A manifest with no metadata (none given, or "": a manifest written without it) gives none:
+  // the set's is its shards', as without a manifest, and merge_stores checks they agree.
+  impl->metadata = impl->metadata_from_manifest() ? impl->manifest->metadata
+                                                  : impl->shards[0]->reader.metadata();
   impl->renumber();
   return ShardSet(std::move(impl));
 }
@@ -742,6 +1051,7 @@ std::uint32_t ShardSet::dim() const { return impl().shards[0]->reader.dim(); }
 DType ShardSet::dtype() const { return impl().shards[0]->reader.dtype(); }
 const std::string& ShardSet::metadata() const { return impl().metadata; }
 bool ShardSet::from_manifest() const { return impl().manifest.has_value(); }
+bool ShardSet::metadata_from_manifest() const { return impl().metadata_from_manifest(); }
 
 std::vector<EpochDrop> epoch_drops(const ShardSet& shards) {
   std::vector<EpochDrop> drops;
@@ -756,6 +1066,15 @@ std::vector<EpochDrop> epoch_drops(const ShardSet& shards) {
     }
   }
   return drops;
+}
+
+std::vector<std::size_t> metadata_overrides(const ShardSet& shards) {
+  std::vector<std::size_t> out;
+  if (!shards.metadata_from_manifest()) return out;
+  for (std::size_t s = 0; s < shards.shard_count(); ++s) {
+    if (!same_metadata(shards.shard(s).metadata(), shards.metadata())) out.push_back(s);
+  }
+  return out;
 }
 
 StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
@@ -783,15 +1102,18 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
                                                  std::to_string(kMaxMetadataBytes));
   }
   // One metadata for the merged store: the manifest's, else every shard's. Shards of other
-  // metadata (another model, another run's config) were merged under the first one's.
-  if (!shards.from_manifest()) {
+  // metadata (another model, another run's config) were merged under the first one's; so were
+  // shards of a manifest without metadata, under none.
+  if (!shards.metadata_from_manifest()) {
     for (std::size_t s = 1; s < shards.shard_count(); ++s) {
       if (!same_metadata(shards.shard(s).metadata(), create.metadata)) {
-        throw Error(ErrorCode::kFormatMismatch,
-                    out + ": shards " + shards.shard_path(0) + " and " + shards.shard_path(s) +
-                        " have different metadata (" + clip(create.metadata) + " and " +
-                        clip(shards.shard(s).metadata()) +
-                        "); a merged store has one: merge from a manifest that gives it");
+        throw Error(
+            ErrorCode::kFormatMismatch,
+            out + ": shards " + shards.shard_path(0) + " and " + shards.shard_path(s) +
+                " have different metadata (" + clip(create.metadata) + " and " +
+                clip(shards.shard(s).metadata()) + "); a merged store has one: " +
+                (shards.from_manifest() ? "give the manifest a \"metadata\" field saying which"
+                                        : "merge from a manifest that gives it"));
       }
     }
   }

@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <random>
@@ -303,7 +304,8 @@ TEST_CASE("write_manifest refuses what read_manifest would refuse", "[shard_set]
   manifest.metadata.assign(kMaxManifestBytes + 1, 'm');
   REQUIRE(code_of([&] { write_manifest(path, manifest); }, &message) ==
           ErrorCode::kInvalidArgument);
-  CHECK_THAT(message, Catch::Contains("beyond a manifest's limit of 1073741824"));
+  CHECK_THAT(message,
+             Catch::Contains("beyond a manifest's limit of " + std::to_string(kMaxManifestBytes)));
   CHECK(!std::filesystem::exists(path));
 }
 
@@ -1033,4 +1035,243 @@ TEST_CASE(
                                       manifest.shards[0].store_id) &&
                           Catch::Contains("open a new ShardSet"));
   CHECK(set.shard_count() == 2);
+}
+
+TEST_CASE("A manifest without metadata gives the shards' own, to the set and to a merge",
+          "[shard_set]") {
+  // The manifest's "" was taken as the metadata to give: a merge of shards created with
+  // metadata dropped it without a word.
+  TempDir dir;
+  CreateOptions created = opts(4);
+  created.metadata = R"({"model":"resnet","lr":0.1})";
+  const std::vector<float> v(4 * 2, 1.0f);
+  for (const char* name : {"a", "b"}) {
+    Writer w = Writer::create(dir / name, created);
+    w.append(std::vector<std::uint64_t>{1, 2}, 0, std::span<const float>(v));
+  }
+  auto listed = [&](const std::string& name) {
+    return R"({"path": ")" + name + R"(", "store_id": ")" + read_info(dir / name).store_id +
+           R"(", "rows": 2})";
+  };
+  write_text(dir / "none.json", R"({"embstore_manifest": 1, "dim": 4, "dtype": "float32", )"
+                                R"("shards": [)" +
+                                    listed("a") + ", " + listed("b") + "]}");
+  const ShardSet set = ShardSet::open(dir / "none.json");
+  CHECK(set.from_manifest());
+  CHECK_FALSE(set.metadata_from_manifest());
+  CHECK(set.metadata() == created.metadata);
+  CHECK(metadata_overrides(set).empty());
+  merge_stores(dir / "out", set);
+  CHECK(Reader::open(dir / "out").metadata() == created.metadata);
+  // The same from write_manifest with no metadata given ("").
+  Manifest manifest = manifest_of({"a", "b"}, dir);
+  manifest.metadata.clear();
+  write_manifest(dir / "empty.json", manifest);
+  CHECK(ShardSet::open(dir / "empty.json").metadata() == created.metadata);
+
+  // Shards that disagree: refused as without a manifest, naming both.
+  CreateOptions other = created;
+  other.metadata = R"({"model":"vit"})";
+  Writer::create(dir / "c", other).close();
+  manifest = manifest_of({"a", "c"}, dir);
+  manifest.shards[1].rows = 0;
+  manifest.metadata.clear();
+  write_manifest(dir / "mixed.json", manifest);
+  std::string message;
+  REQUIRE(code_of([&] { merge_stores(dir / "out2", ShardSet::open(dir / "mixed.json")); },
+                  &message) == ErrorCode::kFormatMismatch);
+  CHECK_THAT(message, Catch::Contains("shards " + dir / "a" + " and " + dir / "c" +
+                                      " have different metadata") &&
+                          Catch::Contains("give the manifest a \"metadata\" field"));
+  CHECK(!std::filesystem::exists(dir / "out2"));
+
+  // A manifest that gives metadata: the set's and the merged store's, and the shards whose own
+  // it replaces are named.
+  manifest.metadata = R"({"models": ["resnet", "vit"]})";
+  write_manifest(dir / "given.json", manifest);
+  const ShardSet given = ShardSet::open(dir / "given.json");
+  CHECK(given.metadata_from_manifest());
+  CHECK(given.metadata() == manifest.metadata);
+  CHECK(metadata_overrides(given) == std::vector<std::size_t>{0, 1});
+  merge_stores(dir / "out3", given);
+  CHECK(Reader::open(dir / "out3").metadata() == manifest.metadata);
+  manifest.metadata = R"({ "lr": 0.1, "model": "resnet" })";  // Shard a's, spelt otherwise.
+  write_manifest(dir / "given.json", manifest);
+  CHECK(metadata_overrides(ShardSet::open(dir / "given.json")) == std::vector<std::size_t>{1});
+}
+
+TEST_CASE("A manifest field given twice in one object is refused naming it", "[shard_set]") {
+  // nlohmann's parser keeps the last: two "shards" lists merged the second one's shards only.
+  TempDir dir;
+  Writer::create(dir / "a", opts(4)).close();
+  Writer::create(dir / "b", opts(4)).close();
+  auto entry = [&](const std::string& name, const std::string& more = "") {
+    return R"({"path": ")" + name + R"(", "store_id": ")" + read_info(dir / name).store_id +
+           R"(", "rows": 0)" + more + "}";
+  };
+  const std::string head = R"({"embstore_manifest": 1, "dtype": "float32", )";
+  struct Case {
+    std::string text, words;
+  };
+  const std::vector<Case> cases = {
+      {head + R"("dim": 4, "shards": [)" + entry("a") + R"(], "shards": [)" + entry("b") + "]}",
+       dir / "m.json: field 'shards' is given twice"},
+      {head + R"("dim": 4, "dim": 8, "shards": [)" + entry("a") + "]}",
+       dir / "m.json: field 'dim' is given twice"},
+      {head + R"("dim": 4, "shards": [)" + entry("a") + ", " + entry("b", R"(, "path": "a")") +
+           "]}",
+       dir / "m.json: shards[1]: field 'path' is given twice"},
+      {head + R"("dim": 4, "metadata": "x", "metadata": "", "shards": [)" + entry("a") + "]}",
+       dir / "m.json: field 'metadata' is given twice"},
+      {head + R"("dim": 4, "shards": [)" + entry("a", R"(, "epochs": [0], "epochs": [1])") + "]}",
+       dir / "m.json: shards[0]: field 'epochs' is given twice"},
+  };
+  for (const Case& c : cases) {
+    const std::string path = write_text(dir / "m.json", c.text);
+    std::string message;
+    REQUIRE(code_of([&] { read_manifest(path); }, &message) == ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::StartsWith(c.words));
+    CHECK(code_of([&] { ShardSet::open(path); }) == ErrorCode::kCorruption);
+  }
+  // Fields this version does not read are not read, twice or not; nested keys of one it reads
+  // as a whole (metadata is text) are its own.
+  const std::string path = write_text(
+      dir / "m.json", head + R"("dim": 4, "note": 1, "note": 2, "shards": [)" + entry("a") + "]}");
+  CHECK(read_manifest(path).shards.size() == 1);
+}
+
+TEST_CASE("A manifest's shard epochs are ascending, each once, read or written", "[shard_set]") {
+  TempDir dir;
+  Writer::create(dir / "a", opts(4)).close();
+  const std::string id = read_info(dir / "a").store_id;
+  auto text = [&](const std::string& epochs) {
+    return R"({"embstore_manifest": 1, "dim": 4, "dtype": "float32", "shards": [{"path": "a", )"
+           R"("store_id": ")" +
+           id + R"(", "rows": 0, "epochs": )" + epochs + "}]}";
+  };
+  std::string message;
+  for (const std::string& epochs : {"[3, 1]", "[0, 2, 2]"}) {
+    const std::string path = write_text(dir / "m.json", text(epochs));
+    REQUIRE(code_of([&] { read_manifest(path); }, &message) == ErrorCode::kCorruption);
+    CHECK_THAT(message, Catch::StartsWith(path + ": shards[0]: field 'epochs' lists") &&
+                            Catch::Contains("ascending, each once"));
+  }
+  CHECK(read_manifest(write_text(dir / "m.json", text("[0, 2, 7]"))).shards[0].epochs ==
+        std::vector<std::uint64_t>{0, 2, 7});
+  Manifest manifest;
+  manifest.dim = 4;
+  manifest.shards.push_back({"a", id, 0, {3, 1}});
+  REQUIRE(code_of([&] { write_manifest(dir / "w.json", manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::StartsWith(dir / "w.json: shards[0]: epochs[1] is 1 after 3"));
+  CHECK(!std::filesystem::exists(dir / "w.json"));
+}
+
+TEST_CASE("write_manifest refuses what ShardSet::open refuses: no shards, a store listed twice",
+          "[shard_set]") {
+  TempDir dir;
+  Writer::create(dir / "a", opts(4)).close();
+  Writer::create(dir / "b", opts(4)).close();
+  const std::string path = dir / "m.json";
+  std::string message;
+  Manifest manifest = manifest_of({}, dir);
+  REQUIRE(code_of([&] { write_manifest(path, manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::StartsWith(path + ": the manifest lists no shards"));
+  manifest = manifest_of({"a", "b", "a"}, dir);
+  REQUIRE(code_of([&] { write_manifest(path, manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::StartsWith(path + ": shards[2] lists store " +
+                                        manifest.shards[0].store_id + " again (shards[0] does)"));
+  // One path, spelt two ways, under two store ids: the second entry names the first's store.
+  manifest = manifest_of({"a", "b"}, dir);
+  manifest.shards[1].path = "./a/";
+  REQUIRE(code_of([&] { write_manifest(path, manifest); }, &message) ==
+          ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::StartsWith(path + ": shards[1]: path './a/' names the shard of "
+                                               "shards[0] ('a')"));
+  CHECK(!std::filesystem::exists(path));
+  manifest.shards[1].path = "b";
+  write_manifest(path, manifest);
+  CHECK(ShardSet::open(path).shard_count() == 2);
+}
+
+TEST_CASE("A manifest given with other paths, or an empty path, is refused naming it",
+          "[shard_set]") {
+  // A manifest beside store paths was opened as a store ("not an embstore store (no header
+  // file)"); "" as "no store here", and manifest_file("") named "/manifest.json".
+  TempDir dir;
+  Writer::create(dir / "a", opts(4)).close();
+  std::filesystem::create_directory(dir / "run");
+  Writer::create(dir / "run/node-0", opts(4)).close();
+  Manifest manifest;
+  manifest.dim = 4;
+  manifest.shards.push_back({"node-0", read_info(dir / "run/node-0").store_id, 0, {}});
+  write_manifest(dir / "run/manifest.json", manifest);
+  std::string message;
+  for (const std::string& listed : {dir / "run/manifest.json", dir / "run"}) {
+    REQUIRE(code_of(
+                [&] {
+                  ShardSet::open({dir / "a", listed});
+                },
+                &message) == ErrorCode::kInvalidArgument);
+    CHECK_THAT(message, Catch::StartsWith(listed + " is a manifest") &&
+                            Catch::Contains("a manifest must be the only input"));
+  }
+  CHECK(ShardSet::open(dir / "run").shard_count() == 1);
+  CHECK_FALSE(manifest_file("").has_value());
+  REQUIRE(code_of([&] { ShardSet::open(""); }, &message) == ErrorCode::kInvalidArgument);
+  CHECK(message == "ShardSet: path 0 of 1 is empty; give a manifest or store paths");
+  REQUIRE(code_of(
+              [&] {
+                ShardSet::open({dir / "a", ""});
+              },
+              &message) == ErrorCode::kInvalidArgument);
+  CHECK_THAT(message, Catch::StartsWith("ShardSet: path 1 of 2 is empty"));
+}
+
+namespace {
+// The process's resident set size now, or its peak since reset_peak_rss(), in bytes.
+std::uint64_t rss_bytes(const char* field) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind(field, 0) == 0) return std::stoull(line.substr(std::strlen(field))) * 1024;
+  }
+  FAIL("no " << field << " in /proc/self/status");
+  return 0;
+}
+void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+}  // namespace
+
+TEST_CASE("Reading a manifest takes memory of a few times its size, not a JSON tree's",
+          "[shard_set]") {
+  // The whole text was parsed into a tree (16 bytes a value and more), then its shard list and
+  // each list of epochs copied again: a 100 MB manifest of 50 million epochs took 3.6 GB.
+  TempDir dir;
+  // Compact text, as any JSON writer may give it: 2 shards of 1.5 million epochs, 8 bytes each.
+  std::string text = R"({"embstore_manifest": 1, "dim": 4, "dtype": "float32", "shards": [)";
+  for (int s = 0; s < 2; ++s) {
+    text += std::string(s ? "," : "") + R"({"path": "node-)" + std::to_string(s) +
+            R"(", "store_id": ")" + std::string(32, 'a' + s) + R"(", "rows": 0, "epochs": [)";
+    for (std::uint64_t e = 0; e < 1'500'000; ++e) {
+      text += (e ? "," : "") + std::to_string(1'000'000 + e);
+    }
+    text += "]}";
+  }
+  text += "]}";
+  const std::string path = write_text(dir / "m.json", text);
+  const std::uint64_t file_bytes = text.size();
+  text = std::string();
+  reset_peak_rss();
+  const std::uint64_t before = rss_bytes("VmRSS:");
+  const Manifest back = read_manifest(path);
+  const std::uint64_t taken = rss_bytes("VmHWM:") - before;
+  INFO("file " << file_bytes << " bytes, reading took " << taken);
+  REQUIRE(back.shards.size() == 2);
+  REQUIRE(back.shards[1].epochs.size() == 1'500'000);
+  REQUIRE(back.shards[1].epochs.back() == 2'499'999);
+  // The text, the epochs (8 bytes each) and a list's growth: under 3 times the file (10 times
+  // with the tree); the margin is for allocators that keep what is freed (sanitizers).
+  CHECK(taken < 6 * file_bytes);
 }

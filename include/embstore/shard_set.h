@@ -26,7 +26,7 @@ struct ManifestShard {
   std::string path;
   std::string store_id;               // StoreInfo::store_id of the shard.
   std::uint64_t rows = 0;             // Committed rows then.
-  std::vector<std::uint64_t> epochs;  // Epochs present then, ascending.
+  std::vector<std::uint64_t> epochs;  // Epochs present then, ascending, each once.
   // The shard's generation then (StoreInfo::generation; 0: not recorded, as by manifests
   // before this field). A shard of another generation now was truncated since (a resume from a
   // checkpoint): it may hold fewer rows than `rows`, and ShardSet::open takes it as it is.
@@ -37,18 +37,25 @@ struct ManifestShard {
 //   {"embstore_manifest": 1, "dim": 768, "dtype": "float16", "metadata": "<text>",
 //    "shards": [{"path": "node-0", "store_id": "<32 hex>", "rows": 1024, "epochs": [0, 1],
 //                "generation": 1}]}
-// ("generation" optional: manifests written before it have none.)
+// ("generation" optional: manifests written before it have none; "metadata" optional.)
+// Each object gives each field once.
 struct Manifest {
   std::uint32_t dim = 0;
   DType dtype = DType::kFloat32;
-  std::string metadata;  // The shards' metadata text (every shard was created with it).
+  // The set's metadata text, and a merged store's: the recorder writes the one its shards were
+  // created with; for shards of different metadata, the one a merge should keep. Empty (or no
+  // field): none given, the set's is its shards' (ShardSet::metadata()).
+  std::string metadata;
   std::vector<ManifestShard> shards;
 };
 
 inline constexpr int kManifestVersion = 1;
-// The largest manifest file read_manifest() reads (it reads it whole): 1 GiB. A manifest takes
-// about 110 bytes per shard and 8 per epoch listed: millions of shards fit in a few hundred MB.
-inline constexpr std::uint64_t kMaxManifestBytes = 1ull << 30;
+// The largest manifest file read_manifest() reads and write_manifest() writes: 256 MiB. As
+// written, a manifest takes about 110 bytes per shard and 8 per epoch listed: a million shards,
+// or 30 million epochs, fit. read_manifest() holds the file's text and the Manifest it builds (8
+// bytes per epoch, about 100 per shard, no JSON tree): about twice the size of a file
+// write_manifest() wrote, at most about 6 times that of any file (one-digit epochs, "[0,1,...]").
+inline constexpr std::uint64_t kMaxManifestBytes = 256ull << 20;
 // The name a manifest gets inside a directory of shards (the recorder's directory mode).
 inline constexpr const char* kManifestFileName = "manifest.json";
 
@@ -56,11 +63,12 @@ inline constexpr const char* kManifestFileName = "manifest.json";
 // manifest" follows (ShardSet::open, merge, serve, dask): a path ending in .json that is not a
 // directory (a store or a directory of shards may be named so), or a directory with
 // kManifestFileName in it (its path then). Anything else named *.json counts, so that its error
-// (missing, not a regular file) names it as a manifest. Otherwise nothing: a store path.
+// (missing, not a regular file) names it as a manifest. Otherwise (an empty path too) nothing.
 std::optional<std::string> manifest_file(const std::string& path);
 
 // Reads and checks a manifest: kNotFound if there is none, kCorruption for text that is not a
-// manifest (naming the field: a version below 1, a dim outside 1..kMaxDim, ...), a file larger than
+// manifest (naming the field: a version below 1, a dim outside 1..kMaxDim, a field given twice in
+// one object, epochs not ascending, ...), a file larger than
 // kMaxManifestBytes (naming its size) or one that is not a regular file (a FIFO, a directory:
 // refused without waiting for a writer), kUnsupportedVersion for a newer one, kInvalidArgument for
 // a shard path that is empty, absolute or goes through ".." (naming it).
@@ -68,9 +76,11 @@ Manifest read_manifest(const std::string& path);
 // Writes `manifest` to `path` atomically: a temporary file beside it, flushed, renamed over
 // `path`, and the directory flushed. Readers see the old manifest or the new one, never a mix.
 // Checks the shard paths as read_manifest does, and refuses (kInvalidArgument) what it would
-// not read back: a dim outside 1..kMaxDim, a dtype outside the enum, text beyond
-// kMaxManifestBytes. Metadata, a shard path or a store id that is not UTF-8 is kInvalidArgument
-// naming the field: JSON text is Unicode, and its bytes would not read back as written.
+// not read back: a dim outside 1..kMaxDim, a dtype outside the enum, epochs not ascending, text
+// beyond kMaxManifestBytes; and what ShardSet::open refuses: no shards, a store id or a shard
+// path listed twice (paths compared without "." and empty parts). Metadata, a shard path or a store
+// id that is not UTF-8 is kInvalidArgument naming the field: JSON text is Unicode, and its bytes
+// would not read back as written.
 void write_manifest(const std::string& path, const Manifest& manifest);
 
 // Several stores read as one. Rows are numbered globally in shard order: shard 0's rows first,
@@ -93,7 +103,8 @@ class ShardSet {
   static constexpr std::uint64_t kNoRow = ~std::uint64_t{0};
 
   // One manifest (a file, or a directory holding kManifestFileName) or one or more store
-  // directories. A path ending in ".json" is a manifest file unless it is a directory. A shard that
+  // directories. A path ending in ".json" is a manifest file unless it is a directory. An empty
+  // path, or a manifest given with other paths, is kInvalidArgument naming it. A shard that
   // is missing (kNotFound), has fewer rows than its manifest entry recorded (kCorruption), or has
   // another store id than its entry or disagrees with the manifest or the other shards on dim or
   // dtype (kFormatMismatch) is an error naming the shard.
@@ -167,8 +178,10 @@ class ShardSet {
 
   std::uint32_t dim() const;
   DType dtype() const;
-  const std::string& metadata() const;  // The manifest's, else shard 0's.
-  bool from_manifest() const;           // Opened from a manifest (whose metadata() it has).
+  // The manifest's metadata when it gives one (not empty), else shard 0's.
+  const std::string& metadata() const;
+  bool from_manifest() const;           // Opened from a manifest.
+  bool metadata_from_manifest() const;  // metadata() is the manifest's.
 
   class Impl;
 
@@ -191,10 +204,12 @@ struct MergeProgress {
 // order kept (shards whose epochs never go down give rows sorted by epoch, then shard, then
 // row). So the merged store's latest row of a key (its last) is the one ShardSet::find(key)
 // answers when each shard's epochs never go down. Global row numbers of the ShardSet are not
-// the merged store's. With the shards' dim, dtype and metadata (the manifest's; without one, shards
-// whose metadata differ (same_metadata(), store.h) are kFormatMismatch naming two of them: which
-// one the merged store should keep is the caller's to say, in a manifest); each row keeps its key
-// and epoch. It keeps a key index unless no shard does (CreateOptions::key_index). Every row's
+// the merged store's. With the shards' dim, dtype and metadata: the manifest's when it gives one
+// (ShardSet::metadata_from_manifest(); metadata_overrides() names the shards of other metadata);
+// else shards whose metadata differ (same_metadata(), store.h) are kFormatMismatch naming two of
+// them: which one the merged store should keep is the caller's to say, in a manifest's
+// "metadata". Each row keeps its key and epoch. It keeps a key index unless no shard does
+// (CreateOptions::key_index). Every row's
 // checksum is verified before it is copied: a bad row is kCorruption naming the shard and the row,
 // and nothing is left at `out`. An `out` inside a shard is kInvalidArgument (shards are only read).
 // The new store is built in a hidden directory
@@ -217,5 +232,10 @@ struct EpochDrop {
 // a shard on both sides of the drop, merge_stores() (by epoch) may keep another row as the
 // key's latest than ShardSet::find() (the shard's later row) answers. The merge tools name them.
 std::vector<EpochDrop> epoch_drops(const ShardSet& shards);
+
+// The shards whose metadata is not the one the manifest gives (metadata_from_manifest(); by
+// same_metadata(), store.h), in shard order: merge_stores() gives the merged store the
+// manifest's, theirs is not kept. The merge tools name them. Empty for any other set.
+std::vector<std::size_t> metadata_overrides(const ShardSet& shards);
 
 }  // namespace embstore

@@ -14,7 +14,7 @@ import pytest
 import embstore
 from conftest import CLI, bind_mounted, hash_tree, kill_when, make_store, partial_dirs, run
 
-FORMAT_MISMATCH, ALREADY_EXISTS, NOT_FOUND, FULL = 15, 13, 12, 18
+FORMAT_MISMATCH, ALREADY_EXISTS, NOT_FOUND, FULL, CORRUPTION, USAGE = 15, 13, 12, 18, 14, 2
 
 
 def test_merge_of_two_stores_keeps_every_row_key_and_epoch_in_epoch_order(tmp_path):
@@ -213,3 +213,72 @@ def test_merge_notes_a_shard_whose_epochs_go_down(tmp_path):
     assert f"{a}: its epochs go down at row 1 (3 after 7)" in r.err
     assert b not in r.err
     assert "go down" not in run("merge", tmp_path / "m2", b).err
+
+
+def _manifest_text(tmp_path, names, **fields):
+    shards = [{"path": name, "store_id": embstore.info(tmp_path / name)["store_id"],
+               "rows": embstore.info(tmp_path / name)["committed_rows"]} for name in names]
+    return dict({"embstore_manifest": 1, "dim": 4, "dtype": "float16", "shards": shards},
+                **fields)
+
+
+def test_merge_of_a_manifest_without_metadata_keeps_the_shards_metadata(tmp_path):
+    """A manifest with no "metadata" gave the merged store "": the shards' was dropped, exit 0."""
+    metadata = {"model": "resnet", "lr": 0.1}
+    for name in ("a", "b"):
+        make_store(tmp_path / name, metadata=metadata)
+    (tmp_path / "md.json").write_text(json.dumps(_manifest_text(tmp_path, ["a", "b"])))
+    r = run("merge", tmp_path / "md.emb", tmp_path / "md.json")
+    assert r.code == 0, r
+    assert embstore.Reader(tmp_path / "md.emb").metadata == metadata
+    assert "metadata" not in r.err
+    # Shards that disagree: refused as without a manifest, saying how to choose.
+    make_store(tmp_path / "c", metadata={"model": "vit"})
+    (tmp_path / "mixed.json").write_text(json.dumps(_manifest_text(tmp_path, ["a", "c"])))
+    r = run("merge", tmp_path / "mixed.emb", tmp_path / "mixed.json")
+    assert r.code == FORMAT_MISMATCH, r
+    assert "have different metadata" in r.err and 'give the manifest a "metadata" field' in r.err
+    assert not os.path.exists(tmp_path / "mixed.emb")
+    # A manifest's metadata is taken, and each shard whose own it replaces is noted.
+    (tmp_path / "given.json").write_text(
+        json.dumps(_manifest_text(tmp_path, ["a", "c"], metadata='{"model": "vit"}')))
+    r = run("merge", tmp_path / "given.emb", tmp_path / "given.json")
+    assert r.code == 0, r
+    assert embstore.Reader(tmp_path / "given.emb").metadata == {"model": "vit"}
+    notes = [line for line in r.err.splitlines() if "metadata" in line]
+    assert notes == [f"embstore merge: note: {tmp_path / 'a'}: its metadata "
+                     f"'{json.dumps(metadata, sort_keys=True)}' is not the manifest's "
+                     "'{\"model\": \"vit\"}'; the merged store gets the manifest's"], r
+
+
+def test_merge_refuses_a_manifest_field_given_twice(tmp_path):
+    """Two "shards" lists: the last was taken, and 1 shard of 2 merged with exit 0."""
+    for name in ("a", "b"):
+        make_store(tmp_path / name)
+    one, two = (json.dumps(_manifest_text(tmp_path, [name])["shards"]) for name in ("a", "b"))
+    (tmp_path / "m.json").write_text('{"embstore_manifest": 1, "dim": 4, "dtype": "float16", '
+                                     f'"shards": {one}, "shards": {two}}}')
+    r = run("merge", tmp_path / "out", tmp_path / "m.json")
+    assert r.code == CORRUPTION, r
+    assert r.err.strip().startswith(
+        f"embstore merge: {tmp_path / 'm.json'}: field 'shards' is given twice"), r
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_merge_refuses_a_manifest_among_other_inputs_and_an_empty_path(tmp_path):
+    os.mkdir(tmp_path / "run1")
+    make_store(tmp_path / "run1" / "node-0")
+    make_store(tmp_path / "other")
+    (tmp_path / "run1" / "manifest.json").write_text(
+        json.dumps(_manifest_text(tmp_path / "run1", ["node-0"])))
+    manifest = tmp_path / "run1" / "manifest.json"
+    r = run("merge", tmp_path / "x.emb", manifest, tmp_path / "other")
+    assert r.code == USAGE, r
+    assert r.err.strip().startswith(f"embstore merge: {manifest} is a manifest") and \
+        "a manifest must be the only input" in r.err, r
+    r = run("merge", tmp_path / "x.emb", tmp_path / "other", "")
+    assert r.code == USAGE, r
+    assert r.err.strip() == ("embstore merge: ShardSet: path 1 of 2 is empty; give a manifest "
+                             "or store paths"), r
+    assert not os.path.exists(tmp_path / "x.emb")
+    assert run("merge", tmp_path / "x.emb", manifest).code == 0

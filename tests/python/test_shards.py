@@ -402,7 +402,8 @@ def test_bad_manifests_and_mismatched_shards_are_named_errors(tmp_path):
             embstore.ShardSet(tmp_path / "bad.json")
         with pytest.raises(ValueError, match=f"'{bad}'"):
             embstore.merge(tmp_path / "out", tmp_path / "bad.json")
-    missing = dict(good, shards=good["shards"] + [dict(good["shards"][0], path="node-7")])
+    missing = dict(good, shards=good["shards"] + [dict(good["shards"][0], path="node-7",
+                                                        store_id="7" * 32)])
     es.write_manifest(tmp_path / "missing.json", missing)
     with pytest.raises(FileNotFoundError, match="'node-7' is missing"):
         embstore.ShardSet(tmp_path / "missing.json")
@@ -1001,3 +1002,77 @@ def test_follow_manifest_checks_each_new_shard_as_the_constructor_does(tmp_path)
     assert len(s.shards) == 3
     es.write_manifest(manifest, manifest_for(str(tmp_path), ["s0", "s1", "s2", "s3"]))
     assert s.follow_manifest() == 1 and len(s) == 25
+
+
+def test_a_manifest_without_metadata_gives_the_shards_own_to_the_set_and_the_merge(tmp_path):
+    """write_manifest without metadata wrote "metadata": "", which a merge gave the merged store:
+    the shards' metadata was dropped without a word."""
+    for name in ("s0", "s1"):
+        with embstore.Writer(tmp_path / name, dim=4, metadata={"model": "resnet", "lr": 0.1}) as w:
+            w.append([1, 2], np.ones((2, 4), np.float32), epoch=0)
+    manifest = manifest_for(str(tmp_path), ["s0", "s1"])
+    del manifest["metadata"]
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest)
+    assert es.read_manifest(tmp_path / es.MANIFEST_NAME)["metadata"] == ""
+    with embstore.ShardSet(tmp_path) as s:
+        assert s.metadata == {"model": "resnet", "lr": 0.1}
+    embstore.merge(tmp_path / "merged", tmp_path)
+    assert embstore.Reader(tmp_path / "merged").metadata == {"model": "resnet", "lr": 0.1}
+    # Shards that disagree are refused, as without a manifest; a manifest's metadata settles it,
+    # with a warning naming each shard whose own it replaces.
+    with embstore.Writer(tmp_path / "s2", dim=4, metadata={"model": "vit"}):
+        pass
+    manifest = manifest_for(str(tmp_path), ["s0", "s2"])
+    del manifest["metadata"]
+    es.write_manifest(tmp_path / "m.json", manifest)
+    with pytest.raises(embstore.FormatMismatchError, match="have different metadata"):
+        embstore.merge(tmp_path / "merged2", tmp_path / "m.json")
+    assert not (tmp_path / "merged2").exists()
+    es.write_manifest(tmp_path / "m.json", dict(manifest, metadata={"model": "vit"}))
+    with pytest.warns(UserWarning) as caught:
+        embstore.merge(tmp_path / "merged2", tmp_path / "m.json")
+    assert [str(w.message).split(":")[0] for w in caught] == [str(tmp_path / "s0")]
+    assert "is not the manifest's" in str(caught[0].message)
+    assert caught[0].filename == __file__
+    assert embstore.Reader(tmp_path / "merged2").metadata == {"model": "vit"}
+
+
+def test_a_manifest_field_given_twice_is_refused_naming_it(tmp_path):
+    """The parser kept the last of two "shards" lists: a merge took one node's shard of two."""
+    make_shards(tmp_path, [5, 7])
+    good = manifest_for(str(tmp_path), ["s0", "s1"])
+    first, second = (json.dumps([shard]) for shard in good["shards"])
+    (tmp_path / "m.json").write_text(
+        '{"embstore_manifest": 1, "dim": 6, "dtype": "float32", '
+        f'"shards": {first}, "shards": {second}}}')
+    for call in (es.read_manifest, embstore.ShardSet,
+                 lambda path: embstore.merge(tmp_path / "out", path)):
+        with pytest.raises(embstore.CorruptionError, match="field 'shards' is given twice"):
+            call(tmp_path / "m.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_manifest_refuses_what_shardset_refuses_and_epochs_out_of_order(tmp_path):
+    make_shards(tmp_path, [5, 7])
+    good = manifest_for(str(tmp_path), ["s0", "s1"])
+    path = tmp_path / es.MANIFEST_NAME
+    with pytest.raises(ValueError, match="the manifest lists no shards"):
+        es.write_manifest(path, dict(good, shards=[]))
+    with pytest.raises(ValueError, match=r"shards\[2\] lists store .* again \(shards\[0\] does\)"):
+        es.write_manifest(path, dict(good, shards=good["shards"] + good["shards"][:1]))
+    with pytest.raises(ValueError, match=r"path './s0' names the shard of shards\[0\]"):
+        es.write_manifest(path, dict(good, shards=[good["shards"][0],
+                                                   dict(good["shards"][1], path="./s0")]))
+    with pytest.raises(ValueError, match=r"shards\[0\]: epochs\[1\] is 1 after 3"):
+        es.write_manifest(path, dict(good, shards=[dict(good["shards"][0], epochs=[3, 1])]))
+    assert not path.exists()
+
+
+def test_a_manifest_with_other_paths_or_an_empty_path_is_refused(tmp_path):
+    make_shards(tmp_path, [5, 7])
+    es.write_manifest(tmp_path / es.MANIFEST_NAME, manifest_for(str(tmp_path), ["s1"]))
+    with pytest.raises(ValueError, match="a manifest must be the only input"):
+        embstore.ShardSet([tmp_path / "s0", tmp_path / es.MANIFEST_NAME])
+    with pytest.raises(ValueError, match="path 1 of 2 is empty"):
+        embstore.merge(tmp_path / "out", [tmp_path / "s0", ""])
+    assert not (tmp_path / "out").exists()

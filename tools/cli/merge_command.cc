@@ -19,6 +19,11 @@ struct MergeArgs {
   bool quiet = false;
 };
 
+// Metadata text for a note: quoted, at most 80 characters of it.
+std::string quoted(const std::string& text) {
+  return "'" + (text.size() <= 80 ? text : text.substr(0, 77) + "...") + "'";
+}
+
 // Says on stderr which shards' epochs go down somewhere (epoch_drops(): merging by epoch may
 // then keep another row as a key's latest than the ShardSet does).
 void note_epochs_going_down(const ShardSet& shards) {
@@ -32,10 +37,22 @@ void note_epochs_going_down(const ShardSet& shards) {
   }
 }
 
+// Says on stderr which shards' metadata the manifest's replaces in the merged store
+// (metadata_overrides()): a manifest's choice, named rather than taken without a word.
+void note_metadata_replaced(const ShardSet& shards) {
+  for (const std::size_t s : metadata_overrides(shards)) {
+    fmt::print(stderr,
+               "embstore merge: note: {}: its metadata {} is not the manifest's {}; the merged "
+               "store gets the manifest's\n",
+               shards.shard_path(s), quoted(shards.shard(s).metadata()), quoted(shards.metadata()));
+  }
+}
+
 int run_merge(const MergeArgs& args) {
   install_work_stop_handlers();  // Ctrl-C cleans up (cli.h).
   const ShardSet shards = ShardSet::open(args.inputs);
   note_epochs_going_down(shards);
+  note_metadata_replaced(shards);
   StoreInfo info;
   {
     Progress progress("merging", args.quiet);
@@ -65,7 +82,7 @@ void add_merge_command(CLI::App& app, Registry& registry) {
       "checksum is verified; shards that disagree on dim or dtype are refused by name)");
   cmd->add_option("out", args->out, "The new store (must not exist)")->required();
   cmd->add_option("inputs", args->inputs,
-                  "A manifest (file or its directory), or store directories")
+                  "A manifest (file or its directory) alone, or store directories")
       ->required();
   cmd->add_flag("--json", args->json, "Print the new store's info as JSON");
   cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");

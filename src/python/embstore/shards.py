@@ -28,7 +28,7 @@ import numpy as np
 
 from . import (Error, FormatMismatchError, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name,
                _embstore, _metadata_text, _not_a_store_check, _path_arg, _row_array,
-               _u64_array)
+               _same_metadata, _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -83,8 +83,10 @@ def read_manifest(path: PathLike) -> dict:
     """The manifest at ``path`` as a dict: dim, dtype, metadata (text) and shards (each a dict of
     path, store_id, rows, epochs, generation: the shard's then, 0 when not recorded). A shard of
     a newer generation now was truncated since, and is taken with fewer rows; of an older one,
-    it is a stale copy. Raises ValueError for a shard path that is absolute or goes through
-    ``..``, CorruptionError for a file that is not a manifest."""
+    it is a stale copy. metadata "" (or none in the file): the manifest gives none, and a
+    ShardSet's is its shards'. Raises ValueError for a shard path that is absolute or goes
+    through ``..``, CorruptionError for a file that is not a manifest (naming the field: one
+    given twice in an object, epochs not ascending, ...)."""
     return _embstore.read_manifest(_path_arg(path))
 
 
@@ -151,9 +153,12 @@ def _manifest_fields(manifest: Any) -> dict:
 def write_manifest(path: PathLike, manifest: dict) -> None:
     """Writes a manifest atomically (temporary file, fsync, rename, fsync of the directory).
     ``manifest`` is what ``read_manifest`` returns; metadata and each shard's epochs and
-    generation may be left out, and metadata may be a dict or list (stored as JSON). Raises
-    ValueError naming the field of a value that is missing, of the wrong type or out of range,
-    and for a shard path that is absolute or goes through ``..``."""
+    generation may be left out, and metadata may be a dict or list (stored as JSON). Metadata
+    left out (or "") gives none: a ShardSet's and a merged store's is then the shards' own, and
+    a merge refuses shards that disagree on it. Raises ValueError naming the field of a value
+    that is missing, of the wrong type or out of range, for a shard path that is absolute or
+    goes through ``..``, for epochs not ascending, and for what ShardSet refuses to open: no
+    shards, or a store id or path listed twice."""
     _embstore.write_manifest(_path_arg(path), _manifest_fields(manifest))
 
 
@@ -170,8 +175,9 @@ def merge(out: PathLike, manifest_or_paths: Any,
     at ``out``. ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and
     renamed into place only when complete: after any error nothing is left at ``out``, and a process
     killed meanwhile leaves only that directory, which is not the merged store. Shards that
-    disagree on dim or dtype are refused (FormatMismatchError naming them), and without a
-    manifest (whose metadata the merged store takes) so are shards of different metadata.
+    disagree on dim or dtype are refused (FormatMismatchError naming them), and unless a
+    manifest gives the merged store's metadata, so are shards of different metadata; a shard
+    whose metadata the manifest's replaces gets a warning naming it.
     ``progress(rows_done, rows_total, shard_path)`` is called after each chunk. Returns the new
     store's info (synced: durable). A store path that exists but holds no store raises
     NotAStoreError naming it, as ``Reader`` does."""
@@ -185,7 +191,32 @@ def merge(out: PathLike, manifest_or_paths: Any,
             "shard's later row)", stacklevel=3)  # the frame that called merge()
 
     with _stores_checked(inputs):
+        _warn_metadata_replaced(inputs)
         return _embstore.merge_stores(out, inputs, progress, warn_epoch_drop)
+
+
+def _warn_metadata_replaced(inputs: List[str]) -> None:
+    """Warns for each shard whose metadata the manifest's replaces in a merge of ``inputs`` (the
+    core's ``metadata_overrides``, which ``embstore merge`` notes): only a single manifest that
+    gives metadata (not "") does. Errors opening the shards are left to the merge."""
+    manifest = _embstore.manifest_file(inputs[0]) if len(inputs) == 1 else None
+    if manifest is None or not os.path.isfile(manifest):
+        return
+    given = _embstore.read_manifest(manifest)["metadata"]
+    if not given:
+        return
+    with ShardSet(inputs) as shards:
+        for path, reader in zip(shards.paths, shards.shards):
+            text = reader._native.metadata.decode("utf-8", errors="replace")
+            if not _same_metadata(text, given):
+                warnings.warn(f"{path}: its metadata {_clip(text)} is not the manifest's "
+                              f"{_clip(given)}; the merged store gets the manifest's",
+                              stacklevel=3)  # the frame that called merge()
+
+
+def _clip(text: str) -> str:
+    """Metadata text for a message: quoted, at most 80 characters of it."""
+    return "'" + (text if len(text) <= 80 else text[:77] + "...") + "'"
 
 
 def node_name() -> str:
@@ -534,7 +565,8 @@ class ShardSet:
 
     @property
     def metadata(self) -> Any:
-        """The manifest's metadata (else shard 0's), parsed as JSON when it is JSON."""
+        """The manifest's metadata when it gives one (not ""), else shard 0's, parsed as JSON
+        when it is JSON."""
         import json
         try:
             return json.loads(self.metadata_text) if self.metadata_text.strip() else ""
