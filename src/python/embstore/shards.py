@@ -52,19 +52,21 @@ def _inputs(manifest_or_paths: Any) -> List[str]:
 
 @contextlib.contextmanager
 def _stores_checked(inputs: List[str]):
-    """Turns the core's FileNotFoundError for a store path of ``inputs`` that exists but holds
-    no store into NotAStoreError naming it, as Reader raises it. A single manifest input (the
-    core's ``manifest_file`` rule) is left alone: its shards' errors name the manifest."""
+    """Turns the core's FileNotFoundError (NotADirectoryError for a file) for a store path of
+    ``inputs`` that exists but holds no store into NotAStoreError naming it, as Reader raises
+    it. A single manifest input (the core's ``manifest_file`` rule) is left alone: its shards'
+    errors name the manifest."""
     try:
         yield
-    except FileNotFoundError as error:
+    except (FileNotFoundError, NotADirectoryError) as error:
         if not (len(inputs) == 1 and _embstore.manifest_file(inputs[0]) is not None):
             # The core opens the paths in order and stops at the first it cannot: a missing
             # one keeps its error (which names it), one there but no store is NotAStoreError.
             for path in inputs:
                 if not os.path.lexists(path):
                     break
-                with contextlib.suppress(FileNotFoundError), _not_a_store_check(path):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError), \
+                        _not_a_store_check(path):
                     raise error  # NotAStoreError when this path exists but is no store
         raise
 
