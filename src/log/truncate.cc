@@ -53,9 +53,6 @@ void check_keepable(const StoreFiles& files, std::uint64_t rows) {
 
 std::uint64_t switched_rows(const StoreFiles& files) {
   std::uint64_t low = 0, high = files.mapped_rows();
-  const auto checked = [&](std::uint64_t rows) {
-    return files.same_boot() ? rows : files.valid_batch_prefix(0, rows);
-  };
   while (low < high) {
     const std::uint64_t mid = low + (high - low) / 2;
     if (entry_zero(files, mid)) {
@@ -64,7 +61,17 @@ std::uint64_t switched_rows(const StoreFiles& files) {
       low = mid + 1;
     }
   }
-  return checked(low);
+  if (files.same_boot()) return low;
+  // Rows appended after the switch are of the era the truncate raised before it stored the flag;
+  // the rows it kept, flushed before the flag, are all older. Only the former are checked.
+  const std::uint64_t era = files.state().era() & kEntryEraMask;
+  std::uint64_t first_appended = low;
+  for (; first_appended > 0; --first_appended) {
+    IndexEntry entry;
+    std::memcpy(&entry, files.entry_ptr(first_appended - 1), sizeof(entry));
+    if (entry_era(entry.row) != era) break;
+  }
+  return files.valid_batch_prefix(first_appended, low);
 }
 
 void truncate_log(StoreFiles& files, std::uint64_t rows) {

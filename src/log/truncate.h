@@ -26,11 +26,13 @@ bool finish_switch(StoreFiles& files);
 
 // The rows of a switching store's new files (following and mapped up to what they hold): the
 // first all-zero index entry, found by binary search (the files were zero-filled, then rows
-// [0, n) copied; no valid entry is all zero). After a reboot, only the whole batches of those
-// that verify (valid_batch_prefix): the flag may have reached the disk while the header that
-// cleared it did not, after writers had appended to the new files in that boot, and of their
-// rows a power loss may have kept some entries and not the data (a sync that flushed them would
-// have flushed the cleared header too).
+// [0, n) copied; no valid entry is all zero). After a reboot, the rows of the truncate's new
+// era (appended after the switch) are checked and kept up to the last whole batch that verifies
+// (valid_batch_prefix): the flag may have reached the disk while the header that cleared it did
+// not, after writers had appended to the new files in that boot, and of their rows a power loss
+// may have kept some entries and not the data (a sync that flushed them would have flushed the
+// cleared header too). The truncate's own rows, of older eras and flushed before the flag, are
+// taken as they are (a damaged one among them is verify's to name, as in any store).
 std::uint64_t switched_rows(const StoreFiles& files);
 
 }  // namespace embstore::detail
