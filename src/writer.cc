@@ -249,6 +249,8 @@ class Writer::Impl {
   void open_key_index(bool after_switch = false);
   // Records the first key index failure; this handle stops indexing (close() reports it).
   void key_index_failed(const Error& error);
+  // The same for another exception (std::bad_alloc), as kIO; never throws (after a publish).
+  void key_index_failed_noexcept(const std::exception& error) noexcept;
   // mutex_ held, the writer lock not: takes the key index lock and indexes every row committed
   // so far (this handle's appends' and any other writer's not indexed yet); true when a growth
   // was claimed. Opens or rebuilds the key index when another writer switched it or it is
@@ -595,6 +597,14 @@ void Writer::Impl::open_key_index(bool after_switch) {
   }
 }
 
+void Writer::Impl::key_index_failed_noexcept(const std::exception& error) noexcept {
+  try {
+    key_index_failed(Error(ErrorCode::kIO, path_ + ": indexing keys: " + error.what()));
+  } catch (...) {  // No memory for the message: indexing stops all the same.
+    keys_usable_ = false;
+  }
+}
+
 void Writer::Impl::key_index_failed(const Error& error) {
   keys_usable_ = false;
   std::lock_guard guard(poison_mutex_);
@@ -655,7 +665,7 @@ bool Writer::Impl::index_keys(KeysWait wait) {
     key_index_failed(error);
     return false;
   } catch (const std::exception& error) {  // std::bad_alloc, say: the same.
-    key_index_failed(Error(ErrorCode::kIO, path_ + ": indexing keys: " + error.what()));
+    key_index_failed_noexcept(error);
     return false;
   }
 }
@@ -688,7 +698,7 @@ void Writer::Impl::index_in_background() noexcept {
   } catch (const Error& error) {
     key_index_failed(error);  // Readers scan; the next writer indexes the rows.
   } catch (const std::exception& error) {
-    key_index_failed(Error(ErrorCode::kIO, path_ + ": indexing keys: " + error.what()));
+    key_index_failed_noexcept(error);
   }
 }
 
@@ -948,7 +958,9 @@ void Writer::Impl::sync_loop() {
       });
       if (!idle) sync(/*check_path=*/false);
     } catch (const Error&) {
-      return;  // Poisoned: the next append or close reports it.
+      // Poisoned: the next append or close reports it. Else (following another handle's
+      // truncate failed: a mapping, a descriptor) the next interval tries again.
+      if (poisoned_.load()) return;
     }
   }
 }
