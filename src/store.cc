@@ -2,10 +2,12 @@
 // reads through a Reader).
 #include "embstore/store.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "embstore/error.h"
 #include "embstore/reader.h"
@@ -85,20 +87,42 @@ class CreateLock {
   int fd_ = -1;
 };
 
-// Under the create lock: every `<path>.creating.<hex>` directory, and every `.creating.<hex>`
-// directory inside an empty directory at `path`, was left by a killed creator.
-void remove_stale_staging_in(const std::string& dir, const std::string& prefix) {
-  for (const std::string& name : detail::os::list_dir(dir)) {
-    if (name.size() == prefix.size() + kStagingSuffixChars && name.starts_with(prefix) &&
-        is_hex(std::string_view(name).substr(prefix.size()))) {
-      detail::os::remove_tree(dir + "/" + name);
-    }
-  }
+bool is_staging_name(const std::string& name, const std::string& prefix) {
+  return name.size() == prefix.size() + kStagingSuffixChars && name.starts_with(prefix) &&
+         is_hex(std::string_view(name).substr(prefix.size()));
 }
 
+// A file system's root may hold lost+found (ext4): a mount point with nothing else is empty.
+bool ignorable_in_empty_dir(const std::string& dir, const std::string& name) {
+  return name == "lost+found" && detail::os::is_directory(dir + "/" + name);
+}
+
+// The files a new store is made of (build_in below), before any append.
+bool is_new_store_file(const std::string& name) {
+  return name == detail::kHeaderFileName || name == detail::kLockFileName ||
+         name == detail::data_file_name(1) || name == detail::index_file_name(1);
+}
+
+// Under the create lock: every `<path>.creating.<hex>` directory beside `path` was left by a
+// killed creator; so was a `.creating.<hex>` directory inside an empty directory at `path`
+// (a mount point) when that directory holds nothing else and it holds only a new store's files:
+// a directory of the user's is never touched.
 void remove_stale_staging(const std::string& parent, const std::string& path) {
-  remove_stale_staging_in(parent, path.substr(path.rfind('/') + 1) + ".creating.");
-  if (detail::os::is_directory(path)) remove_stale_staging_in(path, ".creating.");
+  const std::string beside = path.substr(path.rfind('/') + 1) + ".creating.";
+  for (const std::string& name : detail::os::list_dir(parent)) {
+    if (is_staging_name(name, beside)) detail::os::remove_tree(parent + "/" + name);
+  }
+  if (!detail::os::is_directory(path)) return;
+  std::vector<std::string> stale;
+  for (const std::string& name : detail::os::list_dir(path)) {
+    if (ignorable_in_empty_dir(path, name)) continue;
+    if (!is_staging_name(name, ".creating.")) return;
+    for (const std::string& file : detail::os::list_dir(path + "/" + name)) {
+      if (!is_new_store_file(file)) return;
+    }
+    stale.push_back(name);
+  }
+  for (const std::string& name : stale) detail::os::remove_tree(path + "/" + name);
 }
 
 }  // namespace
@@ -175,8 +199,21 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
   // is built in a hidden directory inside it, on its file system, and moved up, the header last
   // (move_store_into), so that the path holds a store only once every file is there.
   const auto create_inside = [&] {
-    if (!detail::os::list_dir(path).empty()) {
-      throw Error(ErrorCode::kAlreadyExists, path + ": already exists and is not empty", EEXIST);
+    std::vector<std::string> names;
+    for (const std::string& name : detail::os::list_dir(path)) {
+      if (!ignorable_in_empty_dir(path, name)) names.push_back(name);
+    }
+    if (!names.empty()) {
+      const bool leftovers = std::all_of(names.begin(), names.end(), is_new_store_file);
+      std::string listed;
+      for (const std::string& name : names) listed += (listed.empty() ? "" : ", ") + name;
+      throw Error(ErrorCode::kAlreadyExists,
+                  path + ": already exists and is not empty" +
+                      (leftovers ? " (it holds " + listed +
+                                       " but no header: what a create or import killed while "
+                                       "moving a store in left; delete them to create one here)"
+                                 : ""),
+                  EEXIST);
     }
     const std::string inside = path + "/.creating." + suffix_hex;
     detail::os::make_dir(inside);
@@ -188,6 +225,16 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
       throw;
     }
   };
+  // A mount point seen as such (another device than its parent's) is filled at once; one that
+  // is not (a bind mount of the same file system) makes the rename below fail with EBUSY.
+  if (detail::os::is_directory(path)) {
+    const auto at = detail::os::file_id_at(path);
+    const auto above = detail::os::file_id_at(parent);
+    if (at && above && at->device != above->device) {
+      create_inside();
+      return;
+    }
+  }
   const std::string staging = path + ".creating." + suffix_hex;
   detail::os::make_dir(staging);
   int rename_error = 0;

@@ -244,7 +244,7 @@ TEST_CASE("A store is created in an empty mount point, and a create killed in on
   for (const char* point : {"create-staged", "create-allocated", "create-before-rename"}) {
     INFO(point);
     const pid_t child = test::spawn([&] {
-      detail::testing::arm_crash(point, 2);  // The second pass: the build inside the mount.
+      detail::testing::arm_crash(point, 1);  // A mount point is filled from inside at once.
       create_store(path, o);
       return 2;  // The crash point never fired.
     });
@@ -359,4 +359,48 @@ TEST_CASE("A process forked while a create runs does not keep the create lock", 
   CHECK(WEXITSTATUS(status) == 0);
   CHECK(Reader::open(path).size() == 0);
   detail::testing::disarm_all();
+}
+
+TEST_CASE("A create leaves a directory's contents alone, and takes a mount point with lost+found",
+          "[create]") {
+  TempDir dir;
+  CreateOptions o;
+  o.dim = 8;
+  o.segment_bytes = 1 << 20;
+  // A directory of the user's that happens to hold a ".creating.<12 hex>" directory: a refused
+  // create removed it (and what it held) before refusing.
+  const std::string mine = dir / "mine";
+  std::filesystem::create_directories(mine + "/.creating.0123456789ab");
+  std::ofstream(mine + "/.creating.0123456789ab/notes.txt") << "keep";
+  std::ofstream(mine + "/readme") << "keep";
+  CHECK_THROWS_WITH(create_store(mine, o), Catch::Contains("already exists and is not empty"));
+  CHECK(test::read_file(mine + "/.creating.0123456789ab/notes.txt") == "keep");
+  // Nor when it is all the directory holds.
+  std::filesystem::remove(mine + "/readme");
+  CHECK_THROWS_WITH(create_store(mine, o), Catch::Contains("already exists and is not empty"));
+  CHECK(test::read_file(mine + "/.creating.0123456789ab/notes.txt") == "keep");
+
+  // An ext4 volume's root holds lost+found: such a mount point was "not empty".
+  const std::string point = dir / "point";
+  std::filesystem::create_directory(point);
+  if (::mount("tmpfs", point.c_str(), "tmpfs", 0, "size=16m") != 0) {
+    WARN("cannot mount tmpfs here (not root?): the mount point part is skipped");
+    return;
+  }
+  struct Unmount {
+    std::string at;
+    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
+  } unmount{point};
+  std::filesystem::create_directory(point + "/lost+found");
+  create_store(point, o);
+  CHECK(std::filesystem::is_directory(point + "/lost+found"));
+  {
+    Writer w = Writer::open(point);
+    w.append(std::vector<std::uint64_t>{1}, 0, std::vector<float>(8, 1.0f));
+  }
+  CHECK(Reader::open(point).size() == 1);
+  // What a create killed while moving the files in leaves (no header) is named as such.
+  for (const char* name : {"header", "keys.1"})
+    std::filesystem::remove(point + "/" + std::string(name));
+  CHECK_THROWS_WITH(create_store(point, o), Catch::Contains("but no header"));
 }
