@@ -54,9 +54,11 @@ def test_writer_refuses_creation_options_an_existing_store_was_not_made_with(tmp
     for given, words in [({"metadata": {"model": "other"}}, "metadata"),
                          ({"segment_mb": 2}, "segment_mb=2"),
                          ({"key_index": False}, "key_index=False")]:
-        with pytest.raises(embstore.FormatMismatchError, match=words) as error:
-            embstore.Writer(store, dim=4, **given)
-        assert store in str(error.value) and "fixed when a store is created" in str(error.value)
+        for dim in ({"dim": 4}, {}):  # without dim= too (it opens only an existing store)
+            with pytest.raises(embstore.FormatMismatchError, match=words) as error:
+                embstore.Writer(store, **dim, **given)
+            assert store in str(error.value) and "fixed when a store is created" in str(
+                error.value)
     # Nothing changed; the store opens as it is without them.
     info = embstore.info(store)
     assert info["committed_rows"] == 2 and info["keeps_key_index"]

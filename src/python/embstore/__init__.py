@@ -740,9 +740,9 @@ class Writer(_Handle):
         dim, dtype, metadata, segment_mb, key_index: create the store when missing (see
             ``create``; ``dtype`` float32 unless given, ``key_index`` True unless given). An
             existing store must have the ``dim`` and ``dtype`` (float32 when ``dim`` is given
-            without one) and each of ``metadata``, ``segment_mb`` and ``key_index`` given:
-            FormatMismatchError naming the field otherwise, nothing opened (metadata compares
-            as text, or as the same JSON value). ``dtype`` alone (no ``dim``) only checks an
+            without one) and each of ``metadata``, ``segment_mb`` and ``key_index`` given (with
+            ``dim`` or not): FormatMismatchError naming the field otherwise, the Writer closed
+            again and nothing appended (metadata compares as text, or as the same JSON value). ``dtype`` alone (no ``dim``) only checks an
             existing store's dtype.
         async_queue_mb: 0 for synchronous appends, else the queue bound in MiB (rounded up to
             whole bytes).
@@ -809,8 +809,7 @@ class Writer(_Handle):
             raise FormatMismatchError(
                 f"{error} (float32 is what a Writer given dim= without dtype= creates, and so "
                 "expects of a store that exists: pass the store's dtype=)") from None
-        if dim is not None and (metadata is not None or segment_mb is not None or
-                                key_index is not None):
+        if metadata is not None or segment_mb is not None or key_index is not None:
             self._refuse_other_creation(metadata_text if metadata is not None else None,
                                         segment_bytes, key_index)
         self._dtype_name = self._native.dtype
