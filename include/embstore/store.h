@@ -65,9 +65,11 @@ enum class InfoDetail { kFull, kState };
 
 // Creates an empty store at `path`, which must not exist (or be an empty directory). The store
 // appears whole or not at all: it is built beside `path` and renamed into place, or, in an empty
-// directory that cannot be replaced (a mount point), built in a hidden `.creating.<hex>`
-// directory inside it and moved up, the header last (move_store_into; a create killed there
-// leaves that directory, which the next create at `path` removes). Throws
+// directory that cannot be replaced (a mount point; a lost+found in it counts as empty), built in
+// a hidden `.creating.<hex>` directory inside it and moved up, the header last (move_store_into).
+// A create killed while building there leaves that directory, which the next create at `path`
+// removes; one killed while moving leaves some files and no header, which the next create
+// names for the user to delete. Throws
 // kAlreadyExists if a store (or any non-empty directory) is there, kInvalidArgument for bad
 // options, kNotFound when its parent directory does not exist or is not a directory.
 void create_store(const std::string& path, const CreateOptions& options);
