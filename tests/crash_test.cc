@@ -2,7 +2,6 @@
 // (tests/reliability/README.md, scenario 1): no acknowledged row is lost, no torn batch is ever
 // visible, and the store reopens and accepts appends with no manual step.
 #include <signal.h>
-#include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -223,14 +222,11 @@ TEST_CASE("A store is created in an empty mount point, and a create killed in on
   TempDir dir;
   const std::string path = dir / "s";
   std::filesystem::create_directory(path);
-  if (::mount("tmpfs", path.c_str(), "tmpfs", 0, "size=16m") != 0) {
+  const test::MountedTmpfs tmpfs(path, "16m");
+  if (!tmpfs.mounted()) {
     WARN("cannot mount tmpfs here (not root?): skipped");
     return;
   }
-  struct Unmount {
-    std::string at;
-    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
-  } unmount{path};
   const auto inside = [&] {
     std::vector<std::string> names;
     for (const auto& entry : std::filesystem::directory_iterator(path)) {
@@ -383,14 +379,11 @@ TEST_CASE("A create leaves a directory's contents alone, and takes a mount point
   // An ext4 volume's root holds lost+found: such a mount point was "not empty".
   const std::string point = dir / "point";
   std::filesystem::create_directory(point);
-  if (::mount("tmpfs", point.c_str(), "tmpfs", 0, "size=16m") != 0) {
+  const test::MountedTmpfs tmpfs(point, "16m");
+  if (!tmpfs.mounted()) {
     WARN("cannot mount tmpfs here (not root?): the mount point part is skipped");
     return;
   }
-  struct Unmount {
-    std::string at;
-    ~Unmount() { ::umount2(at.c_str(), MNT_DETACH); }
-  } unmount{point};
   std::filesystem::create_directory(point + "/lost+found");
   create_store(point, o);
   CHECK(std::filesystem::is_directory(point + "/lost+found"));

@@ -19,7 +19,6 @@
 #include <optional>
 #include <random>
 #include <set>
-#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -31,6 +30,7 @@
 #include "platform/os.h"
 #include "platform/testing.h"
 #include "support/process.h"
+#include "support/smaps.h"
 #include "support/temp_dir.h"
 #include "writer_internals.h"
 
@@ -1659,14 +1659,7 @@ TEST_CASE("A Reader following a growing key index chain holds a few mappings, no
   // (~100 at 10M rows, against vm.max_map_count for the whole process).
   TempDir dir;
   const std::string path = dir / "s";
-  const auto mappings = [&] {
-    std::istringstream maps(test::read_file("/proc/self/maps"));
-    std::uint64_t n = 0;
-    for (std::string line; std::getline(maps, line);) {
-      n += line.find(path + "/keys.") != std::string::npos;
-    }
-    return n;
-  };
+  const auto mappings = [&] { return test::mappings_of(path + "/keys."); };
   CreateOptions create;
   create.dim = 1;
   WriterOptions writer;

@@ -13,7 +13,6 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -22,6 +21,7 @@
 #include "support/error_code.h"
 #include "support/payload.h"
 #include "support/process.h"
+#include "support/smaps.h"
 #include "support/temp_dir.h"
 
 using namespace embstore;
@@ -281,13 +281,7 @@ TEST_CASE("A Reader following a growing store holds a few mappings, not two more
   TempDir dir;
   const std::string path = dir / "s";
   const auto mappings = [&] {
-    std::istringstream maps(test::read_file("/proc/self/maps"));
-    std::uint64_t n = 0;
-    for (std::string line; std::getline(maps, line);) {
-      n += line.find(path + "/rows.1") != std::string::npos ||
-           line.find(path + "/index.1") != std::string::npos;
-    }
-    return n;
+    return test::mappings_of(path + "/rows.1") + test::mappings_of(path + "/index.1");
   };
   Writer w = Writer::create(path, small(64));  // 256-byte rows, 4 KiB segments
   append_batch(w, 0, 0, 16);

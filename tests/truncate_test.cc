@@ -85,6 +85,27 @@ int deleted_files_open_in(const std::string& dir) {
   return n;
 }
 
+// 40 rows of writer 0 in two batches (epochs 0 and 1), synced, in boot kBootA.
+void make_synced_rows_in_boot_a(const std::string& path) {
+  detail::testing::set_boot_id(kBootA);
+  Writer w = make_store(path, unsynced());
+  append_rows(w, 0, 0, 20, 0);
+  append_rows(w, 0, 20, 20, 1);
+  w.sync();
+}
+
+// A child process truncates the store to `rows` and is killed once the switch is decided (the
+// flag stored and flushed), before it finishes it.
+void kill_truncate_once_decided(const std::string& path, std::uint64_t rows) {
+  const pid_t child = test::spawn([&] {
+    Writer w = Writer::open(path, unsynced());
+    detail::testing::arm_crash("truncate-flagged", 1);
+    w.truncate(rows);
+    return 1;
+  });
+  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+}
+
 }  // namespace
 
 TEST_CASE("A truncate lets go of the old files at once, whatever the sync policy", "[truncate]") {
@@ -454,13 +475,7 @@ TEST_CASE(
   Writer a = make_store(path, unsynced());
   append_rows(a, 0, 0, 10, 0);
   a.sync();
-  const pid_t child = test::spawn([&] {
-    Writer b = Writer::open(path, unsynced());
-    detail::testing::arm_crash("truncate-flagged", 1);  // The switch decided, not finished.
-    b.truncate(5);
-    return 2;
-  });
-  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  kill_truncate_once_decided(path, 5);
   detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
   const auto append_code = [&]() -> std::optional<ErrorCode> {
     try {
@@ -579,20 +594,8 @@ TEST_CASE("After a reboot in the middle of a switch, rows past the truncate's ar
   BootReset reset;
   TempDir dir;
   const std::string path = dir / "s";
-  detail::testing::set_boot_id(kBootA);
-  {
-    Writer w = make_store(path, unsynced());
-    append_rows(w, 0, 0, 20, 0);
-    append_rows(w, 0, 20, 20, 1);
-    w.sync();
-  }
-  const pid_t child = test::spawn([&] {
-    Writer w = Writer::open(path, unsynced());
-    detail::testing::arm_crash("truncate-flagged", 1);
-    w.truncate(20);
-    return 1;
-  });
-  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  make_synced_rows_in_boot_a(path);
+  kill_truncate_once_decided(path, 20);
   // A batch's entry on disk, its row not: row 20 of index.2.
   detail::IndexEntry torn{};
   torn.key = test::make_key(0, 20);
@@ -627,25 +630,13 @@ TEST_CASE("After a reboot in the middle of a switch, a damaged row the truncate 
   BootReset reset;
   TempDir dir;
   const std::string path = dir / "s";
-  detail::testing::set_boot_id(kBootA);
-  {
-    Writer w = make_store(path, unsynced());
-    append_rows(w, 0, 0, 20, 0);
-    append_rows(w, 0, 20, 20, 1);
-    w.sync();
-  }
+  make_synced_rows_in_boot_a(path);
   {  // One byte of row 5's data.
     const std::uint64_t at = 5 * kDim * sizeof(float) + 3;
     const std::string byte = test::read_file(path + "/rows.1").substr(at, 1);
     test::write_bytes(path + "/rows.1", at, std::string(1, static_cast<char>(byte[0] ^ 0x10)));
   }
-  const pid_t child = test::spawn([&] {
-    Writer w = Writer::open(path, unsynced());
-    detail::testing::arm_crash("truncate-flagged", 1);
-    w.truncate(30);
-    return 1;
-  });
-  REQUIRE(test::wait_for(child) == 128 + SIGKILL);
+  kill_truncate_once_decided(path, 30);
   detail::testing::set_boot_id(kBootB);
   CHECK(Reader::open(path).size() == 30);
   {

@@ -40,4 +40,14 @@ std::uint64_t pmd_mapped_kib(const std::string& path) {
   return kib;
 }
 
+std::uint64_t mappings_of(const std::string& prefix) {
+  std::ifstream maps("/proc/self/maps");
+  std::uint64_t n = 0;
+  for (std::string line; std::getline(maps, line);) {
+    const std::size_t at = line.find('/');
+    n += at != std::string::npos && line.compare(at, prefix.size(), prefix) == 0;
+  }
+  return n;
+}
+
 }  // namespace embstore::test

@@ -1,5 +1,6 @@
 #include "support/temp_dir.h"
 
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -51,6 +52,14 @@ int run_shell(const std::string& command) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return -1;
+}
+
+MountedTmpfs::MountedTmpfs(const std::string& at, const std::string& size) : at_(at) {
+  mounted_ = ::mount("tmpfs", at.c_str(), "tmpfs", 0, ("size=" + size).c_str()) == 0;
+}
+
+MountedTmpfs::~MountedTmpfs() {
+  if (mounted_) ::umount2(at_.c_str(), MNT_DETACH);
 }
 
 }  // namespace embstore::test

@@ -26,4 +26,20 @@ std::uint64_t file_size(const std::string& path);
 // Runs `command` with /bin/sh; returns its exit status (or 128 + signal).
 int run_shell(const std::string& command);
 
+// A tmpfs of `size` (mount(8) syntax: "16m") mounted on the existing directory `at` for the
+// object's life (detached at destruction); mounted() is false where this process may not mount
+// (not root), and the caller then skips what needs it, saying so.
+class MountedTmpfs {
+ public:
+  MountedTmpfs(const std::string& at, const std::string& size);
+  ~MountedTmpfs();
+  MountedTmpfs(const MountedTmpfs&) = delete;
+  MountedTmpfs& operator=(const MountedTmpfs&) = delete;
+  bool mounted() const { return mounted_; }
+
+ private:
+  std::string at_;
+  bool mounted_ = false;
+};
+
 }  // namespace embstore::test
