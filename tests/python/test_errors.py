@@ -410,6 +410,8 @@ def test_an_empty_batch_of_another_dim_or_dtype_is_refused_as_a_full_one(store, 
     with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):
         w.append([], np.zeros((0, 4), np.float64))
     w.append([], np.zeros((0, 4), np.float32))  # still valid
+    w.append([], [])  # an empty list has no dim to be wrong: no rows (it was refused as 1-D)
+    w.append((), ())
     w.close()
     assert len(embstore.Reader(store)) == 0
 

@@ -872,6 +872,8 @@ class Writer(_Handle):
             # The first case of each helper below, inline: in a training loop this call comes
             # after a step that left the caches cold, where each Python call costs microseconds.
             return self._append(keys, epoch, vectors, None, copy)
+        if isinstance(vectors, (list, tuple)) and not vectors:  # no rows: of any dim, so ours
+            vectors = np.empty((0, self.dim), np.dtype(_SEQUENCE_DTYPES[self._dtype_name]))
         array, as_dtype = _as_vectors(vectors, self._dtype_name)
         return self._append(_as_ints(keys, "keys"), _epoch_arg(epoch), array, as_dtype, copy)
 
