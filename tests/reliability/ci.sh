@@ -5,7 +5,7 @@
 # CMakeCache.txt: EMBSTORE_SANITIZE), a short libFuzzer run, and prints the reliability summary.
 # The build dir must be configured; the script builds it first.
 #   address,undefined  every ctest suite (unit, multiprocess, crash, corruption, faults, cli,
-#                      reliability scenarios 1-15 at 1/2 of the CI sizes, fuzz corpus replay;
+#                      every reliability scenario at 1/2 of the CI sizes, fuzz corpus replay;
 #                      scenario 9 skips itself: ASan needs RLIMIT_AS unlimited), then 60 s of
 #                      libFuzzer (clang-14, -fsanitize=fuzzer,address,undefined)
 #   thread             every suite except the fork tests and the process-only reliability

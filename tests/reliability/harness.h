@@ -99,8 +99,17 @@ std::map<std::uint64_t, WriterHistory> read_logs(const std::string& log_dir);
 void stat_add(const std::string& name, std::uint64_t value = 1);
 void flush_stats();
 std::map<std::string, std::uint64_t> read_stats(const std::string& dir);
-// Prints the summary table; returns false if a must-be-zero figure is not zero.
+// Prints the summary table; returns false if a must-be-zero figure is not zero, if a scenario
+// started and never finished (killed, or its process crashed: counted when it starts), or if no
+// scenario passed (an empty or missing stats directory).
 bool print_summary(const std::map<std::string, std::uint64_t>& stats);
+// A scenario that cannot run here (no mount permission, a sanitizer, no Python module) says why
+// and returns true: counted as skipped, not passed. A part of one skipped likewise (the rest
+// ran and passed).
+void scenario_skipped(const std::string& why);
+void scenario_part_skipped(const std::string& why);
+// Whether scenario_skipped() was called since the last call of this (torture_main's run_one).
+bool take_scenario_skipped();
 
 // ---- Processes -----------------------------------------------------------------------------
 // fork + exec of this same executable (/proc/self/exe) with `args`, plus `env` ("K=V") on top

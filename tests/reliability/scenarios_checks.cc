@@ -22,6 +22,9 @@ struct Plant {
   bool reader_sees;  // The reader role looks for it too (it has no ack logs).
   // Appends to `writer` (writer id 1, seed and dim of the Setup) and logs to `log`.
   std::function<void(Writer& writer, AckLog& log, Schedule& schedule, std::uint32_t dim)> plant;
+  // The verifier checks it as a power-loss image (--power-loss, scenario 6's oracle): acked
+  // batches may be missing there, durable ones not.
+  bool power_loss = false;
 };
 
 // Batch `index` of writer 1 as a correct run writes it; `rows` of its rows (all by default),
@@ -42,6 +45,16 @@ void logged(AckLog& log, Schedule& schedule, std::uint64_t index) {
   const Schedule::Batch b = schedule.batch(index);
   log.intent(b.first_seq, b.rows);
   log.acked(b.first_seq, b.rows);
+}
+
+// Batches [0, 3) acked, a sync logged after batch `synced` (its rows and those before are
+// durable), and only batch 0 stored: what a power cut leaves when batches 1 and 2 were lost.
+void lost_after(Writer& w, AckLog& log, Schedule& s, std::uint32_t dim, std::uint64_t synced) {
+  for (std::uint64_t i = 0; i < 3; ++i) {
+    logged(log, s, i);
+    if (i == synced) log.durable(s.batch(i).first_seq + s.batch(i).rows);
+  }
+  append_batch(w, s, dim, 0);
 }
 
 // The first batch index at or after `from` with at least two rows (a batch that can be cut).
@@ -100,6 +113,16 @@ const std::vector<Plant>& plants() {
          append_batch(w, s, dim, 0);
          append_batch(w, s, dim, 1, ~0ull, 7);
        }},
+      {"control: after a power cut, acked batches past the last sync are missing", false,
+       [](Writer& w, AckLog& log, Schedule& s, std::uint32_t dim) {
+         lost_after(w, log, s, dim, 0);
+       },
+       true},
+      {"after a power cut, a batch a sync made durable is missing", false,
+       [](Writer& w, AckLog& log, Schedule& s, std::uint32_t dim) {
+         lost_after(w, log, s, dim, 2);
+       },
+       true},
   };
   return table;
 }
@@ -131,6 +154,7 @@ bool scenario_checkers(std::uint64_t seed) {
                  control ? "must pass" : "must fail");
     auto args = role_args("verifier", s.params());
     args.insert(args.end(), {"--context", std::string("plant: ") + plant.name});
+    if (plant.power_loss) args.push_back("--power-loss");
     const ExitStatus verifier = wait_child(spawn_self(args, no_stats));
     if (control ? !(verifier.exited && verifier.code == 0)
                 : !(verifier.exited && verifier.code == 1)) {

@@ -577,9 +577,9 @@ bool scenario_python(std::uint64_t seed) {
   const char* module_dir = std::getenv("EMBSTORE_PYTHONPATH");
   const char* script = std::getenv("EMBSTORE_PY_VIEWS_TEST");
   if (module_dir == nullptr || script == nullptr || !std::filesystem::exists(module_dir)) {
-    std::printf(
+    scenario_skipped(
         "scenario 14: skipped (the Python module is not built; ctest runs "
-        "tests/reliability/python_views.py when it is)\n");
+        "tests/reliability/python_views.py when it is)");
     return true;
   }
   const std::string cmd = "PYTHONPATH='" + std::string(module_dir) + "' /usr/bin/python3 '" +
@@ -594,9 +594,9 @@ bool scenario_python_use(std::uint64_t seed) {
   const char* module_dir = std::getenv("EMBSTORE_PYTHONPATH");
   const char* script = std::getenv("EMBSTORE_PY_USE_TEST");
   if (module_dir == nullptr || script == nullptr || !std::filesystem::exists(module_dir)) {
-    std::printf(
+    scenario_skipped(
         "scenario 20: skipped (the Python module is not built; ctest runs "
-        "tests/reliability/python_use.py when it is)\n");
+        "tests/reliability/python_use.py when it is)");
     return true;
   }
   const std::string cmd = "PYTHONPATH='" + std::string(module_dir) + "' /usr/bin/python3 '" +

@@ -699,8 +699,8 @@ bool scenario_full_disk(std::uint64_t seed) {
     const std::string mnt = s.dir() + "/mnt";
     std::filesystem::create_directories(mnt);
     if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=1m") != 0) {
-      std::printf("scenario 7: cannot mount a tmpfs (%s); the RLIMIT_FSIZE half still runs\n",
-                  std::strerror(errno));
+      scenario_part_skipped(std::string("scenario 7: cannot mount a tmpfs (") +
+                            std::strerror(errno) + "); the RLIMIT_FSIZE half still runs");
     } else {
       Params p = s.params();
       // The store lives on the small file system; the logs stay outside.
@@ -746,13 +746,14 @@ bool scenario_full_disk(std::uint64_t seed) {
 
 namespace {
 
-// Mounts a tmpfs of `size` ("1m") at `mnt`; says why not (not root, no mount namespace) if not.
+// Mounts a tmpfs of `size` ("1m") at `mnt`; if it cannot (not root, no mount namespace), says
+// why and marks the scenario skipped (scenario_skipped).
 bool mount_tmpfs(const std::string& mnt, const char* size, const char* scenario) {
   std::filesystem::create_directories(mnt);
   const std::string options = std::string("size=") + size;
   if (::mount("tmpfs", mnt.c_str(), "tmpfs", 0, options.c_str()) == 0) return true;
-  std::printf("scenario %s: cannot mount a tmpfs (%s); this part is skipped\n", scenario,
-              std::strerror(errno));
+  scenario_skipped(std::string("scenario ") + scenario + ": cannot mount a tmpfs (" +
+                   std::strerror(errno) + "); skipped");
   return false;
 }
 
@@ -1078,9 +1079,9 @@ bool scenario_faults(std::uint64_t seed) {
 
 bool scenario_memory(std::uint64_t seed) {
   if (under_sanitizer()) {
-    std::printf(
+    scenario_skipped(
         "scenario 9: skipped under a sanitizer (its shadow memory needs RLIMIT_AS "
-        "unlimited); the plain build runs it\n");
+        "unlimited); the plain build runs it");
     return true;
   }
   bool ok = true;

@@ -39,6 +39,10 @@ bool run_one(const Scenario& sc, std::uint64_t seed) {
   std::printf("---- scenario %s: %s (seed %llu%s)\n", sc.id, sc.title,
               static_cast<unsigned long long>(seed), soak() ? ", soak" : "");
   std::fflush(stdout);
+  // Counted before it runs, so that one killed meanwhile shows in the summary as unfinished.
+  stat_add("scenarios_started");
+  flush_stats();
+  take_scenario_skipped();
   const auto start = std::chrono::steady_clock::now();
   bool ok = false;
   try {
@@ -48,8 +52,11 @@ bool run_one(const Scenario& sc, std::uint64_t seed) {
   }
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  stat_add(ok ? "scenarios_passed" : "scenarios_failed");
-  if (ok) {
+  const bool skipped = take_scenario_skipped();
+  stat_add(!ok ? "scenarios_failed" : skipped ? "scenarios_skipped" : "scenarios_passed");
+  if (ok && skipped) {
+    std::printf("---- scenario %s skipped\n", sc.id);
+  } else if (ok) {
     std::printf("---- scenario %s passed in %.1f s\n", sc.id, secs);
   } else {
     std::printf(
