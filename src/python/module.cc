@@ -871,16 +871,21 @@ class PyReader {
       deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                     std::chrono::duration<double>(std::max(0.0, *timeout_s)));
     }
-    // Slices, so that Ctrl-C (a pending Python signal) interrupts a long wait.
+    // Slices, so that Ctrl-C (a pending Python signal) interrupts a long wait; each holds
+    // mutex_ (the C++ wait refreshes) for at most kLockedSlice, so that other threads' calls on
+    // this Reader wait no longer than that.
     constexpr auto kSlice = std::chrono::milliseconds(200);
+    constexpr auto kLockedSlice = std::chrono::milliseconds(20);
     for (;;) {
       bool reached;
       const auto now = Clock::now();
       const auto slice_end = deadline - now > kSlice ? now + kSlice : deadline;
       {
+        adopt_after_fork();
         ReleaseGil unlocked;
         std::lock_guard lock(mutex_);
-        reached = reader().wait(min_rows, slice_end - Clock::now());
+        reached = reader().wait(min_rows,
+                                std::min<Clock::duration>(slice_end - Clock::now(), kLockedSlice));
       }
       {
         auto lock = guard();
@@ -1094,6 +1099,12 @@ class PyReader {
     if (!reader_) throw Error(ErrorCode::kClosed, path_ + ": the Reader is closed");
     return *reader_;
   }
+  // f(reader()) with mutex_ held.
+  template <typename F>
+  auto locked(F&& f) {
+    auto lock = guard();
+    return f(reader());
+  }
 
   // mutex_ and the GIL held. After a refresh or wait that crossed a truncate the Reader maps the
   // new generation's files, and a C++ Reader keeps the older generations' files (unlinked by
@@ -1119,7 +1130,17 @@ class PyReader {
     mapped_generation_ = reader_->generation();
   }
 
+  // GIL held. In a forked child, before its first use of mutex_: the thread that held it at the
+  // fork (one in wait(), say) does not exist there, and its lock would be held forever, so the
+  // mutex is made anew; under the GIL, once per child, before any thread of it locks mutex_.
+  void adopt_after_fork() {
+    if (current_process_id() == mutex_pid_) return;
+    new (&mutex_) std::mutex();
+    mutex_pid_ = current_process_id();
+  }
+
   std::unique_lock<std::mutex> guard() {
+    adopt_after_fork();
     std::unique_lock lock(mutex_, std::try_to_lock);
     if (!lock.owns_lock()) {
       ReleaseGil unlocked;
@@ -1144,6 +1165,7 @@ class PyReader {
   std::uint64_t map_bytes_ = 0;
   std::uint64_t mapped_generation_ = 0;  // The generation reader_ was opened at.
   std::mutex mutex_;
+  int mutex_pid_ = current_process_id();  // The process mutex_ belongs to (adopt_after_fork()).
 };
 
 py::dict info_dict(const StoreInfo& info) {
@@ -1429,16 +1451,26 @@ PYBIND11_MODULE(_embstore, m) {
       .def("close", &PyReader::close)
       .def_property_readonly("closed", &PyReader::closed)
       .def_property_readonly("path", &PyReader::path)
-      .def_property_readonly("dim", [](PyReader& self) { return self.reader().dim(); })
+      // Every call under the Reader's lock (locked()): a refresh in another thread (wait()
+      // releases the GIL) may replace the C++ Reader or move its snapshot.
       .def_property_readonly(
-          "dtype", [](PyReader& self) { return std::string(dtype_name(self.reader().dtype())); })
-      .def_property_readonly("metadata",
-                             [](PyReader& self) { return py::bytes(self.reader().metadata()); })
+          "dim", [](PyReader& self) { return self.locked([](Reader& r) { return r.dim(); }); })
+      .def_property_readonly(
+          "dtype",
+          [](PyReader& self) {
+            return self.locked([](Reader& r) { return std::string(dtype_name(r.dtype())); });
+          })
+      .def_property_readonly(
+          "metadata",
+          [](PyReader& self) {
+            return self.locked([](Reader& r) { return py::bytes(r.metadata()); });
+          })
       .def(
           "info",
           [](PyReader& self, bool key_stats) {
-            return info_dict(
-                self.reader().info(key_stats ? InfoDetail::kFull : InfoDetail::kState));
+            return self.locked([&](Reader& r) {
+              return info_dict(r.info(key_stats ? InfoDetail::kFull : InfoDetail::kState));
+            });
           },
           py::arg("key_stats") = true);
 

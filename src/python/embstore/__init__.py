@@ -1378,8 +1378,10 @@ class Reader(_Handle):
     Thread-safety: calls are serialized by an internal lock; views may be used from any thread.
     Reads, verifies and lookups (find, get, history, epoch_rows, find_many, get_many) run with
     the GIL released, so that a lookup that scans (a store without a key index) does not stall
-    the program's other threads.
-    Fork: a Reader may be used in a forked child.
+    the program's other threads. A ``wait()`` in one thread holds the lock in slices of at most
+    20 ms, so another thread's call on the same Reader waits at most about that long.
+    Fork: a Reader may be used in a forked child, also one forked while another thread was in a
+    call on it (that thread's lock is not the child's).
     """
 
     def __init__(self, path: PathLike, *, map_bytes: Optional[int] = None,
