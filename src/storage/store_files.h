@@ -11,9 +11,11 @@
 // does not bound the number of open Readers.
 //
 // Lifetime: the mappings live as long as the StoreFiles object; Readers hold it in a shared_ptr
-// so views can outlive the Reader. Not thread-safe for map_rows()/grow_to(); callers serialize
-// them (the Writer under its mutex, the Reader by contract). All other members are read-only
-// after open and safe from any thread, and so is pin_generation().
+// so views can outlive the Reader. Not thread-safe for map_rows(), grow_to() and
+// follow_generation() (which changes file_generation() and the files' paths and descriptors);
+// callers serialize them with every other call (the Writer under its mutex, the Reader by
+// contract: refresh() runs alone). The layout, the state page and pin_generation() are safe
+// from any thread.
 #pragma once
 
 #include <cstdint>
