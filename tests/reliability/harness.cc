@@ -213,6 +213,7 @@ bool print_summary(const std::map<std::string, std::uint64_t>& stats) {
       {"powerloss_images", "power-loss images opened"},
       {"faults_injected", "faults injected (I/O error countdown)"},
       {"fault_runs", "fault runs (op x n x once/forever)"},
+      {"fault_runs_without_fault", "  of them met no fault (the op was not called n times)"},
       {"corrupt_inputs", "corrupt inputs tried"},
       {"fuzz_execs", "fuzz executions (libFuzzer)"},
       {"processes", "processes spawned"},

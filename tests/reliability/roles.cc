@@ -365,6 +365,8 @@ int role_faultrun(const Args& args) {
   attempt("info", [&] { (void)read_info(p.store); });
   const std::uint64_t injected = detail::testing::faults_injected();
   stat_add("faults_injected", injected);
+  // The workload called the op fewer than n times: this run tested nothing (counted apart).
+  if (injected == 0) stat_add("fault_runs_without_fault");
   // One failed fallocate for lack of space may be absorbed by design: a growth whose step does
   // not fit allocates just the rows of the append (FORMAT.md "File sizes"). Every other fault,
   // and that one made permanent, must surface as an error.
