@@ -210,6 +210,7 @@ bool print_summary(const std::map<std::string, std::uint64_t>& stats) {
       {"scenario_parts_skipped", "parts of scenarios skipped (likewise)"},
       {"kill9_rounds", "kill -9 rounds"},
       {"crash_point_kills", "crash points x passes (SIGKILLs at a named point)"},
+      {"crash_points_not_reached", "  children that ended before their point (15, 21)"},
       {"powerloss_images", "power-loss images opened"},
       {"faults_injected", "faults injected (I/O error countdown)"},
       {"fault_runs", "fault runs (op x n x once/forever)"},

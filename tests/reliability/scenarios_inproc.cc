@@ -689,7 +689,7 @@ bool scenario_model(std::uint64_t seed) {
       int status = 0;
       ::waitpid(pid, &status, 0);
       const bool killed = WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
-      if (killed) stat_add("crash_point_kills");
+      stat_add(killed ? "crash_point_kills" : "crash_points_not_reached");
       if (!killed && !(WIFEXITED(status) && WEXITSTATUS(status) == 0))
         ok = fail("crash child failed");
       // The batch is in the store whole (published before the kill) or not at all.

@@ -92,7 +92,7 @@ bool scenario_key_index(std::uint64_t seed) {
       if (st.exited ? st.code != 0 : st.signal != SIGKILL) {
         ok = fail(what + ": writer ended with " + st.describe());
       }
-      stat_add("key_index_crash_kills", st.exited ? 0 : 1);
+      stat_add(st.exited ? "crash_points_not_reached" : "key_index_crash_kills");
       ok &= readers_answer(s.params().store, what + ", before any writer", true);
       const pid_t next = s.start_writer({"--batches", "300"});
       const ExitStatus st2 = wait_child(next);
