@@ -1271,7 +1271,12 @@ TEST_CASE("Reading a manifest takes memory of a few times its size, not a JSON t
   REQUIRE(back.shards.size() == 2);
   REQUIRE(back.shards[1].epochs.size() == 1'500'000);
   REQUIRE(back.shards[1].epochs.back() == 2'499'999);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // Their allocators keep freed memory resident (ASan's quarantine: 496 MB for this file).
+  WARN("a sanitizer's allocator keeps freed memory resident: not checked (" << taken << ")");
+#else
   // The text, the epochs (8 bytes each) and a list's growth: under 3 times the file (10 times
-  // with the tree); the margin is for allocators that keep what is freed (sanitizers).
+  // with the tree); the margin is for an allocator that keeps some of what is freed.
   CHECK(taken < 6 * file_bytes);
+#endif
 }
