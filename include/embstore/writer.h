@@ -94,14 +94,14 @@ class Writer {
 
   // Makes every row committed so far durable (data and index flushed to the device, then the
   // durable counter advanced and the header flushed), by any writer: after another handle's
-  // truncate this handle first takes the new generation's files (and lets the old ones go). A failure poisons the Writer: every later
-  // call throws kPoisoned until the store is reopened; the failed sync is never retried. When
-  // only the header's flush failed, durable_rows() already counts the rows (their data and
-  // index are on the device) while the header on the device may not: after a power loss the
-  // next Writer's recovery checks them, as it checks rows past any header's durable count. Then
-  // kNotFound (the Writer still usable) when the store is no longer at the path it was opened
-  // at (deleted, moved away or replaced by another): the rows are durable in its files, which
-  // that path no longer reaches (embstore.h, "Caveats").
+  // truncate this handle first takes the new generation's files (and lets the old ones go). A
+  // failure poisons the Writer: every later call throws kPoisoned until the store is reopened;
+  // the failed sync is never retried. When only the header's flush failed, durable_rows()
+  // already counts the rows (their data and index are on the device) while the header on the
+  // device may not: after a power loss the next Writer's recovery checks them, as it checks rows
+  // past any header's durable count. Then kNotFound (the Writer still usable) when the store is
+  // no longer at the path it was opened at (deleted, moved away or replaced by another): the
+  // rows are durable in its files, which that path no longer reaches (embstore.h, "Caveats").
   void sync();
   // Rebuilds the key index from the offset index (for one that Reader::verify() reports
   // damaged; a writer already rebuilds a missing, stale or unreadable one when it opens). Takes
