@@ -1589,7 +1589,8 @@ PYBIND11_MODULE(_embstore, m) {
   m.def(
       "merge_stores",
       [](const std::string& out, const std::vector<std::string>& manifest_or_stores,
-         const py::object& progress, const py::object& on_epoch_drop) {
+         const py::object& progress, const py::object& on_epoch_drop,
+         const py::object& on_metadata_replaced) {
         StoreInfo info;
         {
           ReleaseGil unlocked;
@@ -1600,6 +1601,15 @@ PYBIND11_MODULE(_embstore, m) {
             for (const EpochDrop& drop : epoch_drops(set)) {
               py::gil_scoped_acquire locked;
               on_epoch_drop(set.shard_path(drop.shard), drop.row, drop.epoch, drop.previous);
+            }
+          }
+          // on_metadata_replaced(shard path, its metadata, the manifest's) for each shard whose
+          // metadata the manifest's replaces (shard_set.h, metadata_overrides), as bytes.
+          if (!on_metadata_replaced.is_none()) {
+            for (const std::size_t s : metadata_overrides(set)) {
+              py::gil_scoped_acquire locked;
+              on_metadata_replaced(set.shard_path(s), py::bytes(set.shard(s).metadata()),
+                                   py::bytes(set.metadata()));
             }
           }
           info = merge_stores(out, set, [&](const MergeProgress& done) {
@@ -1616,5 +1626,5 @@ PYBIND11_MODULE(_embstore, m) {
         return info_dict(info);
       },
       py::arg("out"), py::arg("manifest_or_stores"), py::arg("progress"),
-      py::arg("on_epoch_drop") = py::none());
+      py::arg("on_epoch_drop") = py::none(), py::arg("on_metadata_replaced") = py::none());
 }

@@ -110,8 +110,9 @@ def test_a_task_on_a_copy_older_than_the_graph_says_so(tmp_path):
     arrays = embstore.dask.from_store(tmp_path / "s")  # generation 2
     shutil.rmtree(tmp_path / "s")
     os.rename(tmp_path / "copy", tmp_path / "s")
-    with pytest.raises(embstore.FormatMismatchError, match="generation 1 of the store, older than generation 2 "
-                                         ".*a copy taken before a truncate"):
+    with pytest.raises(embstore.FormatMismatchError,
+                       match="generation 1 of the store, older than generation 2 "
+                             ".*a copy taken before a truncate"):
         arrays.keys.compute(scheduler="sync")
 
 
@@ -190,7 +191,8 @@ def test_a_graph_refuses_a_store_truncated_and_refilled_since(tmp_path, client):
     _rolled_back(tmp_path / "a")
     assert len(embstore.Reader(tmp_path / "a")) == 4  # as many rows as the graph's snapshot
     for array in arrays:
-        with pytest.raises(embstore.FormatMismatchError, match="generation 2 of the store, not generation 1"):
+        with pytest.raises(embstore.FormatMismatchError,
+                           match="generation 2 of the store, not generation 1"):
             client.compute(array, sync=True)
     # Arrays built again cover the new snapshot.
     again = embstore.dask.from_store(tmp_path / "a", chunk_rows=2)

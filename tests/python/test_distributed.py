@@ -68,7 +68,8 @@ def test_four_ranks_on_two_nodes_write_per_node_stores_and_a_manifest(tmp_path):
     import workers_shards
     from embstore import shards as es
     disks = [str(tmp_path / "disk-a"), str(tmp_path / "disk-b")]  # each node's local disk
-    tmp.spawn(workers_shards.node_rank, args=(4, rendezvous(tmp_path), disks, 3), nprocs=4, join=True)
+    tmp.spawn(workers_shards.node_rank, args=(4, rendezvous(tmp_path), disks, 3), nprocs=4,
+              join=True)
     assert sorted(os.listdir(disks[0])) == ["manifest.json", "node-0"]
     assert os.listdir(disks[1]) == ["node-1"]
     manifest = es.read_manifest(os.path.join(disks[0], "manifest.json"))
@@ -211,7 +212,8 @@ def test_a_second_sigterm_kills_a_rank_whose_rows_the_relay_thread_is_writing(tm
     import time
     ready = str(tmp_path / "ready")
     context = tmp.spawn(workers_torch.rank_waiting_in_a_collective,
-                        args=(2, rendezvous(tmp_path), str(tmp_path), ready, True), nprocs=2, join=False)
+                        args=(2, rendezvous(tmp_path), str(tmp_path), ready, True), nprocs=2,
+                        join=False)
     waiting, sleeping = context.processes
     fd = None
     try:

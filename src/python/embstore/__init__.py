@@ -742,8 +742,8 @@ class Writer(_Handle):
             existing store must have the ``dim`` and ``dtype`` (float32 when ``dim`` is given
             without one) and each of ``metadata``, ``segment_mb`` and ``key_index`` given (with
             ``dim`` or not): FormatMismatchError naming the field otherwise, the Writer closed
-            again and nothing appended (metadata compares as text, or as the same JSON value). ``dtype`` alone (no ``dim``) only checks an
-            existing store's dtype.
+            again and nothing appended (metadata compares as text, or as the same JSON value).
+            ``dtype`` alone (no ``dim``) only checks an existing store's dtype.
         async_queue_mb: 0 for synchronous appends, else the queue bound in MiB (rounded up to
             whole bytes).
         sync: "interval" (the default: a background thread syncs every ``sync_interval``

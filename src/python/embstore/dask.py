@@ -85,22 +85,25 @@ def _opened(path: str, store_id: str, generation: int, end: int) -> Reader:
     reader = Reader(path)
     actual = reader.info(key_stats=False)["store_id"]
     if actual != store_id:
-        raise FormatMismatchError(f"{path}: this worker sees store {actual}, not the store {store_id} the "
-                         "graph was built for (another machine's disk at the same path?)")
+        raise FormatMismatchError(
+            f"{path}: this worker sees store {actual}, not the store {store_id} the graph was "
+            "built for (another machine's disk at the same path?)")
     if reader.generation > generation:
         # A truncate keeps a prefix of the rows, but which one this snapshot cannot tell: rows
         # past it are new rows under the numbers the graph was built with.
-        raise FormatMismatchError(f"{path}: this worker sees generation {reader.generation} of the store, "
-                         f"not generation {generation} the graph was built for: it was "
-                         "truncated since from_store, so these rows may be other rows now; "
-                         "call from_store again")
+        raise FormatMismatchError(
+            f"{path}: this worker sees generation {reader.generation} of the store, not "
+            f"generation {generation} the graph was built for: it was truncated since "
+            "from_store, so these rows may be other rows now; call from_store again")
     if reader.generation < generation:
-        raise FormatMismatchError(f"{path}: this worker sees generation {reader.generation} of the store, "
-                         f"older than generation {generation} the graph was built for: a copy "
-                         "taken before a truncate (copy the store again)")
+        raise FormatMismatchError(
+            f"{path}: this worker sees generation {reader.generation} of the store, older than "
+            f"generation {generation} the graph was built for: a copy taken before a truncate "
+            "(copy the store again)")
     if len(reader) < end:
-        raise FormatMismatchError(f"{path}: this worker sees {len(reader)} rows, not the {end} the graph "
-                         "was built for")
+        raise FormatMismatchError(
+            f"{path}: this worker sees {len(reader)} rows, not the {end} the graph was built "
+            "for")
     return reader
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import (Error, FormatMismatchError, Reader, _check_1d, _check_u64, _dim_arg, _dtype_name,
                _embstore, _metadata_text, _not_a_store_check, _path_arg, _row_array,
-               _same_metadata, _u64_array)
+               _u64_array)
 
 __all__ = ["ShardSet", "merge", "read_manifest", "write_manifest", "node_name",
            "MANIFEST_NAME"]
@@ -192,28 +192,15 @@ def merge(out: PathLike, manifest_or_paths: Any,
             "store's latest row may be another than ShardSet.find gives (which keeps the "
             "shard's later row)", stacklevel=3)  # the frame that called merge()
 
+    def warn_metadata_replaced(path: str, metadata: bytes, given: bytes) -> None:
+        text, given_text = (m.decode("utf-8", errors="replace") for m in (metadata, given))
+        warnings.warn(f"{path}: its metadata {_clip(text)} is not the manifest's "
+                      f"{_clip(given_text)}; the merged store gets the manifest's",
+                      stacklevel=3)  # the frame that called merge()
+
     with _stores_checked(inputs):
-        _warn_metadata_replaced(inputs)
-        return _embstore.merge_stores(out, inputs, progress, warn_epoch_drop)
-
-
-def _warn_metadata_replaced(inputs: List[str]) -> None:
-    """Warns for each shard whose metadata the manifest's replaces in a merge of ``inputs`` (the
-    core's ``metadata_overrides``, which ``embstore merge`` notes): only a single manifest that
-    gives metadata (not "") does. Errors opening the shards are left to the merge."""
-    manifest = _embstore.manifest_file(inputs[0]) if len(inputs) == 1 else None
-    if manifest is None or not os.path.isfile(manifest):
-        return
-    given = _embstore.read_manifest(manifest)["metadata"]
-    if not given:
-        return
-    with ShardSet(inputs) as shards:
-        for path, reader in zip(shards.paths, shards.shards):
-            text = reader._native.metadata.decode("utf-8", errors="replace")
-            if not _same_metadata(text, given):
-                warnings.warn(f"{path}: its metadata {_clip(text)} is not the manifest's "
-                              f"{_clip(given)}; the merged store gets the manifest's",
-                              stacklevel=3)  # the frame that called merge()
+        return _embstore.merge_stores(out, inputs, progress, warn_epoch_drop,
+                                      warn_metadata_replaced)
 
 
 def _clip(text: str) -> str:
