@@ -125,7 +125,23 @@ class Reader::Impl {
     const detail::Generation* mapped = f.generation();
     // The one recovery loader (log/recovery.h), read-only: after a reboot, before any writer
     // recovered the store, it verifies the rows past `durable` and keeps whole valid batches.
-    const detail::LoadedLog log = detail::load_log(f, verified_upto_);
+    detail::LoadedLog log;
+    try {
+      log = detail::load_log(f, verified_upto_);
+    } catch (...) {
+      // The loader may have followed a truncate, and mapped the new files, before it failed:
+      // the snapshot's rows are not at their places in them. The snapshot starts over, empty,
+      // in the new generation (the next refresh() that succeeds fills it); views taken before
+      // pin the old mapping and stay as they were.
+      if (f.file_generation() != snapshot_generation_) {
+        start_generation(f.file_generation(), 0);
+        verified_upto_ = 0;
+        kept_rows_.reset();
+        switching_.reset();
+      }
+      if (f.generation() != mapped) populated_.store(0, std::memory_order_relaxed);
+      throw;
+    }
     // A writer may have recovered the store meanwhile and appended over the scanned range (even
     // a batch it never published): then the scan proves nothing and the counter is the truth.
     // Recovery stores the boot id before any append, so an unchanged one means no row changed.
@@ -134,13 +150,9 @@ class Reader::Impl {
     kept_rows_ = log.same_boot ? std::nullopt : std::optional(log.recovered.committed);
     switching_ = log.switching ? std::optional(log.stored) : std::nullopt;
     if (f.file_generation() != snapshot_generation_) {
-      // A truncate switched the store to new files: the snapshot starts over in them, and the
-      // key index of the old generation is never used again.
-      snapshot_generation_ = f.file_generation();
-      snapshot_ = log.recovered.committed;
+      // A truncate switched the store to new files: the snapshot starts over in them.
+      start_generation(f.file_generation(), log.recovered.committed);
       verified_upto_ = log.same_boot ? 0 : log.verified_upto;
-      keys_->reset_store_generation(snapshot_generation_);
-      key_index_.reset();
     } else {
       if (!log.same_boot) verified_upto_ = std::max(verified_upto_, log.verified_upto);
       snapshot_ = std::max(snapshot_, log.recovered.committed);
@@ -148,6 +160,15 @@ class Reader::Impl {
     // A key index from an earlier boot is refused (lookups scan) until a writer rebuilds it.
     refresh_keys();
     return snapshot_;
+  }
+
+  // The snapshot is of `rows` rows of generation `generation`'s files, and the key index of the
+  // one before is never used again.
+  void start_generation(std::uint64_t generation, std::uint64_t rows) {
+    snapshot_generation_ = generation;
+    snapshot_ = rows;
+    keys_->reset_store_generation(generation);
+    key_index_.reset();
   }
 
   // Of `committed`, read from the state page before this call: the rows the next writer's open

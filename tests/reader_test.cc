@@ -755,6 +755,67 @@ TEST_CASE("info() of a Reader whose store was truncated, then replaced at its pa
   CHECK(r.size() == 10);
 }
 
+TEST_CASE("A refresh that fails after mapping a truncate's files never shows old rows over them",
+          "[reader][truncate]") {
+  // The loader follows a truncate and maps the new files; a second truncate moves the store on
+  // before it checks, and mapping the files of that one fails. The refresh throws. The Reader
+  // kept its old snapshot (100 rows of generation 1) over the mapping of generation 2, which
+  // holds other rows at those places (found by a review of the read path).
+  TempDir dir;
+  const std::string at = dir.path();
+  Writer w = Writer::create(dir / "s", small(8));
+  append_batch(w, 1, 0, 100);
+  Reader r = Reader::open(dir / "s");
+  const RowsView before = r.rows();
+  const StridedView<std::uint64_t> before_keys = r.keys(0, r.size());
+  w.truncate(50);
+  append_batch(w, 2, 0, 10);  // Generation 2: writer 1's rows 0..49, then writer 2's 0..9.
+
+  detail::testing::arm_pause("log-loaded", 1, at);
+  ErrorCode failed{};
+  std::thread refreshing([&] { failed = test::code_of([&] { r.refresh(); }); });
+  const bool paused =
+      test::within_a_minute([&] { return std::filesystem::exists(at + "/paused.log-loaded"); });
+  w.truncate(20);  // Generation 3: writer 1's rows 0..19.
+  detail::testing::arm_fault(detail::testing::Op::kMmap, 1, ENOMEM, true);
+  std::ofstream(at + "/resume.log-loaded").close();
+  refreshing.join();
+  detail::testing::disarm_all();
+  REQUIRE(paused);
+  CHECK(failed == ErrorCode::kIO);
+
+  // Whatever the snapshot is now, its rows are those of the generation it names.
+  auto expected_key = [](std::uint64_t generation, std::uint64_t row) {
+    if (generation == 2 && row >= 50) return test::make_key(2, row - 50);
+    return test::make_key(1, row);
+  };
+  const std::uint64_t limits[] = {0, 100, 60, 20};
+  const std::uint64_t generation = r.generation();
+  REQUIRE(generation >= 1);
+  REQUIRE(generation <= 3);
+  REQUIRE(r.size() <= limits[generation]);
+  const RowsView rows = r.rows();
+  const StridedView<std::uint64_t> keys = r.keys(0, r.size());
+  std::uint64_t wrong = 0;
+  for (std::uint64_t i = 0; i < rows.rows; ++i) {
+    if (keys[i] != expected_key(generation, i)) ++wrong;
+    if (!test::payload_matches(keys[i], 8, rows.row(i))) ++wrong;
+  }
+  CHECK(wrong == 0);
+  CHECK_FALSE(r.find(test::make_key(1, 70)).has_value());
+
+  // Views taken before still hold generation 1's rows; the next refresh finds generation 3.
+  std::uint64_t changed = 0;
+  for (std::uint64_t i = 0; i < 100; ++i) {
+    if (before_keys[i] != test::make_key(1, i)) ++changed;
+    if (!test::payload_matches(before_keys[i], 8, before.row(i))) ++changed;
+  }
+  CHECK(changed == 0);
+  CHECK(r.refresh() == 20);
+  CHECK(r.generation() == 3);
+  CHECK(r.find(test::make_key(1, 19)) == std::optional<std::uint64_t>(19));
+}
+
 TEST_CASE("read_info's counters and key statistics are of one moment, whatever writers do",
           "[reader]") {
   // open_with_info takes a Reader's snapshot, then reads the counters: rows committed between

@@ -108,6 +108,7 @@ LoadedLog load_log(StoreFiles& files, std::uint64_t verified_from) {
       files.follow_generation();
       LoadedLog log = (word & kGenerationSwitching) != 0 ? load_switching(files)
                                                          : load_generation(files, verified_from);
+      EMBSTORE_CRASH_POINT("log-loaded");
       if (files.state().generation_word() == word) return log;
     } catch (const Error& error) {
       // Counters read across a switch, or files a later truncate removed: read again.

@@ -27,7 +27,9 @@
 //         name a built file keys.<K>), before-key-index-switch, ahead-of-appends (a growth's
 //         switch or a flush has asked for a Writer's mutex: its appends wait from here on),
 //         close-joins-growth (close() has told a growth in progress the rows stored),
-//         info-opened (open_with_info has its first Reader, not yet the counters).
+//         info-opened (open_with_info has its first Reader, not yet the counters), log-loaded
+//         (the loader read a generation's counters and mapped its files, not yet checked that
+//         no truncate moved the store meanwhile: log/recovery.cc).
 // Ops: open, fallocate, fstat, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
 //      rename (also the link that names an unnamed file), mkdir, lock (the OFD writer lock),
 //      getrandom, futex (a failed wait returns at once, as a spurious wake-up; a failed wake
