@@ -110,6 +110,27 @@ TEST_CASE("The no-key-index flag sits at byte 88 of both fixed headers and is ch
   CHECK_FALSE(layout.key_index);
 }
 
+TEST_CASE("Reserved bytes and flag bits no minor defines are read past, not refused", "[format]") {
+  // FORMAT.md: written 0 and ignored by readers, so a later 1.x minor may use them and every
+  // 1.x reader still reads its stores (a checksummed header is not damage because they are set).
+  for (const std::size_t offset :
+       {std::size_t{13}, std::size_t{15}, std::size_t{96}, std::size_t{119}}) {
+    const std::string bytes = with_field<std::uint8_t>(valid_header(), offset, 0xa5);
+    std::string primary_only = bytes;
+    std::memset(primary_only.data() + kHeaderCopyOffset, 0, sizeof(FixedHeader));
+    const Layout layout = decode_header(primary_only, primary_only.size(), "h");
+    CHECK_FALSE(layout.from_copy);
+    CHECK(layout.dim == 768);
+  }
+  const std::string bytes =
+      with_field<std::uint64_t>(valid_header(), 88, std::uint64_t{1} << 7 | 1u << 20);
+  std::string primary_only = bytes;
+  std::memset(primary_only.data() + kHeaderCopyOffset, 0, sizeof(FixedHeader));
+  const Layout layout = decode_header(primary_only, primary_only.size(), "h");
+  CHECK(layout.key_index);  // Bit 0 (no_key_index) is clear: the others say nothing.
+  CHECK(layout.dtype == DType::kFloat16);
+}
+
 TEST_CASE("Hostile headers are refused with an error naming the field", "[format][corruption]") {
   std::string message;
   SECTION("bad magic is not a store") {
