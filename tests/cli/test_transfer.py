@@ -325,7 +325,8 @@ def test_compact_bad_input(store, tmp_path):
         ([store, tmp_path / "o", "--epochs", "1,8"], 12, "epoch 8 is not in"),
         ([store, tmp_path / "o", "--epochs", "1,x"], 2, '"x"'),
         ([store, tmp_path / "o", "--dtype", "f7"], 2, 'unknown dtype "f7"'),
-        ([int_store, tmp_path / "o", "--dtype", "float16"], 2, "cannot convert int8"),
+        ([int_store, tmp_path / "o", "--dtype", "float16"], 15,
+         f"{int_store} holds int8 rows but --dtype float16 was asked for"),
     ]
     for args, code, message in cases:
         r = run("compact", *args)
@@ -334,6 +335,24 @@ def test_compact_bad_input(store, tmp_path):
         assert len(lines) == 1 and message in lines[0], (args, r)
         assert not os.path.exists(tmp_path / "o")
         assert not [p for p in os.listdir(tmp_path) if ".partial-" in p], args
+
+
+def test_compact_to_a_dtype_the_rows_may_not_convert_to_exits_15_as_import_does(store, tmp_path):
+    # compact --dtype int8 of a float store exited 2 (usage), import of the same rows 15.
+    before = hash_tree(store)
+    assert run("export", store, tmp_path / "npy").code == 0
+    out = tmp_path / "o"
+    r = run("import", out, tmp_path / "npy", "--dtype", "int8")
+    assert r.code == 15, r
+    for dtype in ("int8", "uint8"):
+        r = run("compact", store, out, "--dtype", dtype)
+        assert r.code == 15, (dtype, r)
+        lines = r.err.strip().splitlines()
+        assert lines == [f"embstore compact: {store} holds float16 rows but --dtype {dtype} was "
+                         "asked for (compact converts rows between float types only, never to "
+                         f"or from int8 or uint8); no store was made at {out}"], (dtype, r)
+        assert not out.exists() and not partial_dirs(tmp_path), r
+    assert hash_tree(store) == before
 
 
 def test_kill_9_during_compact_leaves_the_source_intact_and_no_store_at_the_output(tmp_path):

@@ -237,7 +237,9 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
         ->delimiter(',')
         ->transform(unsigned_validator("an epoch"));
     cmd->add_option("--dtype", args->dtype,
-                    "Convert rows (between float types only): " + dtype_names())
+                    "Convert rows (between float types only; another exits 15, format "
+                    "mismatch): " +
+                        dtype_names())
         ->check(dtype_validator());
     cmd->add_flag("--json", args->json, "Print the summary as JSON");
     cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");

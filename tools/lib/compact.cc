@@ -19,6 +19,17 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   const Reader reader = Reader::open(source);
   require_absent(out);
   refuse_output_inside(out, source);
+  const DType dtype = options.dtype.value_or(reader.dtype());
+  // Refused as import refuses rows of a type it may not convert (kFormatMismatch), before
+  // anything is made at `out` (and before the selection's scan).
+  if (!RowConverter::converts(reader.dtype(), dtype)) {
+    throw Error(ErrorCode::kFormatMismatch,
+                source + " holds " + std::string(dtype_name(reader.dtype())) +
+                    " rows but --dtype " + std::string(dtype_name(dtype)) +
+                    " was asked for (compact converts rows between float types only, never to or "
+                    "from int8 or uint8); no store was made at " +
+                    out);
+  }
   RowSelection selection;
   selection.epochs = options.epochs;
   selection.latest_per_key = options.latest_per_key;
@@ -27,7 +38,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   const StoreInfo info = reader.info();
   CreateOptions create;
   create.dim = reader.dim();
-  create.dtype = options.dtype.value_or(reader.dtype());
+  create.dtype = dtype;
   // As many rows per segment as the source: a wider dtype's row would not fit its segment.
   create.segment_bytes =
       info.segment_bytes *

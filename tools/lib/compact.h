@@ -32,7 +32,8 @@ struct CompactResult {
 // hidden sibling name and renamed to `out` when complete and synced, so a crash at any instant
 // leaves no store at `out` (only a `.NAME.partial-*` directory to delete). Every source row's
 // checksum is verified (kCorruption names the row, key and epoch). kAlreadyExists if `out`
-// exists; kNotFound for an epoch the source does not hold.
+// exists; kNotFound for an epoch the source does not hold; kFormatMismatch for a dtype the rows
+// may not be converted to (only float types convert: RowConverter), as import refuses them.
 CompactResult compact_store(const std::string& source, const std::string& out,
                             const CompactOptions& options);
 

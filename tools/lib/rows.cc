@@ -196,7 +196,7 @@ RowConverter::RowConverter(DType from, DType to, std::uint32_t dim, std::string 
                            std::string refused)
     : from_(from), to_(to), dim_(dim), source_(std::move(source)), refused_(std::move(refused)) {
   if (!converts(from, to)) {
-    throw Error(ErrorCode::kInvalidArgument,
+    throw Error(ErrorCode::kFormatMismatch,
                 source_ + ": cannot convert " + std::string(dtype_name(from)) + " rows to " +
                     std::string(dtype_name(to)) + " (only between float types)");
   }

@@ -78,11 +78,12 @@ float bfloat16_to_float(std::uint16_t bits);
 // Turns rows of one dtype into a ConstMatrix that Writer::append accepts for a store of
 // another: the same dtype passes through untouched; float types are re-encoded through
 // float32 (the Writer rounds float32 to a float16/bfloat16 store) or float64. Throws
-// kInvalidArgument for conversions that would change integer data (int8/uint8 to or from
-// anything else), and, from convert(), for a finite value that would become infinite (beyond
-// the target's range), naming `source`, the row (first_row + its place) and the element, then
-// `refused`, what the caller's refusal leaves ("no store was made at OUT"). Reuses one buffer;
-// a returned matrix lives until the next convert().
+// kFormatMismatch for conversions that would change integer data (int8/uint8 to or from
+// anything else: callers check converts() first, to name their option), and kInvalidArgument,
+// from convert(), for a finite value that would become infinite (beyond the target's range),
+// naming `source`, the row (first_row + its place) and the element, then `refused`, what the
+// caller's refusal leaves ("no store was made at OUT"). Reuses one buffer; a returned matrix
+// lives until the next convert().
 class RowConverter {
  public:
   RowConverter(DType from, DType to, std::uint32_t dim, std::string source, std::string refused);
