@@ -172,22 +172,26 @@ def test_leading_zeros_are_decimal_for_rows_and_epochs(tmp_path):
     assert len(embstore.Reader(path)) == 10 and embstore.Reader(path).epochs.max() == 3
 
 
-def _asked_on_a_terminal(args, answer, while_asking=lambda question: None):
-    """Runs `embstore truncate` with a terminal as stdin, waits for its question (on stderr),
-    calls while_asking(question), answers; returns (exit status, stdout, stderr after it)."""
+def _asked_on_a_terminal(args, *answers):
+    """Runs `embstore truncate` with a terminal as stdin; for each (while_asking, answer) of
+    `answers`, waits for a question (on stderr), calls while_asking(stderr since the last
+    answer) unless it is None, answers. Returns (exit status, stdout, stderr after the last
+    answer)."""
     import pty
     primary, secondary = pty.openpty()
     proc = subprocess.Popen([CLI, "truncate", *args], stdin=secondary, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     os.close(secondary)
     try:
-        asked = b""
-        while b"[y/N]" not in asked:
-            chunk = os.read(proc.stderr.fileno(), 4096)
-            assert chunk, asked
-            asked += chunk
-        while_asking(asked)
-        os.write(primary, answer)
+        for while_asking, answer in answers:
+            asked = b""
+            while b"[y/N]" not in asked:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, (asked, proc.wait(timeout=60), proc.stdout.read())
+                asked += chunk
+            if while_asking is not None:
+                while_asking(asked)
+            os.write(primary, answer)
         out, err = proc.communicate(timeout=60)
     finally:
         os.close(primary)
@@ -197,16 +201,31 @@ def _asked_on_a_terminal(args, answer, while_asking=lambda question: None):
     return proc.returncode, out, err
 
 
-def test_the_report_counts_the_rows_appended_while_it_asked(store):
-    # Rows appended between the question and the answer are past the cut, so dropped: the
-    # report said so in rows_dropped but listed only the epochs counted before it asked.
+def _append_from_another_process(store, tmp_path, rows, epoch):
+    """`embstore import` of `rows` rows of ones at `epoch` (keys 0..rows-1): another writer
+    process, ended before this returns."""
+    npy = tmp_path / f"append-{epoch}-{rows}.npy"
+    np.save(npy, np.ones((rows, 4), np.float32))
+    r = run("import", store, npy, "--epoch", epoch)
+    assert r.code == 0, r
+
+
+def test_rows_appended_by_another_process_while_it_asks_are_asked_about_again(store, tmp_path):
+    # It asked about rows [10, 30), then dropped [10, 34) on the answer: 4 rows the user never
+    # saw counted.
     def append_meanwhile(asked):
         assert b"drop rows [10, 30)" in asked and b"epoch 2: 10 rows" in asked, asked
-        with embstore.Writer(store) as w:
-            w.append(keys=np.arange(4, dtype=np.uint64), vectors=np.ones((4, 4), np.float32),
-                     epoch=7)
-    code, out, _ = _asked_on_a_terminal([store, "--from-epoch", "1", "--json"], b"y\n",
-                                        append_meanwhile)
+        _append_from_another_process(store, tmp_path, 4, 7)
+
+    def asked_again(asked):
+        assert (f"{store} changed while it asked (another process appended rows or truncated "
+                "it): nothing dropped; the rows to drop are no longer [10, 30)").encode() \
+            in asked, asked
+        assert b"drop rows [10, 34)" in asked and b"epoch 7: 4 rows" in asked, asked
+        assert len(embstore.Reader(store)) == 34
+
+    code, out, _ = _asked_on_a_terminal([store, "--from-epoch", "1", "--json"],
+                                        (append_meanwhile, b"y\n"), (asked_again, b"y\n"))
     assert code == 0
     report = json.loads(out)
     assert (report["rows_before"], report["rows_kept"], report["rows_dropped"]) == (34, 10, 24)
@@ -215,10 +234,28 @@ def test_the_report_counts_the_rows_appended_while_it_asked(store):
     assert len(embstore.Reader(store)) == 10
 
 
+def test_no_to_the_question_asked_again_after_an_append_changes_nothing(store, tmp_path):
+    def append_meanwhile(asked):
+        assert b"drop rows [5, 30)" in asked, asked
+        _append_from_another_process(store, tmp_path, 3, 2)
+
+    before = {}
+
+    def asked_again(asked):
+        assert b"no longer [5, 30)" in asked and b"drop rows [5, 33)" in asked, asked
+        before.update(hash_tree(store))
+
+    code, out, err = _asked_on_a_terminal([store, "--rows", "5"], (append_meanwhile, b"y\n"),
+                                          (asked_again, b"n\n"))
+    assert code == 2, (out, err)
+    assert b"nothing changed" in err and out == b""
+    assert len(embstore.Reader(store)) == 33 and hash_tree(store) == before
+
+
 def test_an_answer_other_than_yes_changes_nothing_and_exits_2(store):
     # The README's exit table lists it with the other usage refusals.
     for answer in (b"n\n", b"\n", b"maybe\n"):
-        code, _, err = _asked_on_a_terminal([store, "--rows", "5"], answer)
+        code, _, err = _asked_on_a_terminal([store, "--rows", "5"], (None, answer))
         assert code == 2, (answer, err)
         assert b"nothing changed" in err
         assert len(embstore.Reader(store)) == 30

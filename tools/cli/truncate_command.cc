@@ -28,14 +28,16 @@ struct Plan {
   std::uint64_t keep = 0;
   std::map<std::uint64_t, std::uint64_t> dropped_epochs;  // epoch -> rows dropped
   std::string path;  // The store's, absolute, as Reader::path() gives it.
+  std::string store_id;
+  std::uint64_t generation = 0;  // Of the snapshot the plan was made from.
 };
 
-// What the truncate would drop, as a Reader sees the store now (other writers may append
-// before the Writer takes the lock; the report after says what it did).
-Plan plan_truncate(const TruncateArgs& args) {
-  const Reader reader = Reader::open(args.store);
+// What the truncate would drop, as `reader`'s snapshot shows the store.
+Plan plan_truncate(const TruncateArgs& args, const Reader& reader) {
   Plan plan;
   plan.path = reader.path();
+  plan.store_id = reader.info().store_id;
+  plan.generation = reader.generation();
   plan.rows_before = reader.size();
   const auto epochs = reader.epochs(0, plan.rows_before);
   if (args.rows) {
@@ -60,6 +62,12 @@ Plan plan_truncate(const TruncateArgs& args) {
   return plan;
 }
 
+// Whether two plans drop the same rows: the same rows of the same files of the same store.
+bool same_cut(const Plan& a, const Plan& b) {
+  return a.store_id == b.store_id && a.generation == b.generation && a.keep == b.keep &&
+         a.rows_before == b.rows_before;
+}
+
 std::string epochs_text(const std::map<std::uint64_t, std::uint64_t>& epochs) {
   std::string text;
   for (const auto& [epoch, rows] : epochs) {
@@ -72,15 +80,21 @@ std::string epochs_text(const std::map<std::uint64_t, std::uint64_t>& epochs) {
   return text;
 }
 
-bool confirmed(const TruncateArgs& args, const Plan& plan) {
-  if (args.yes) return true;
-  const std::string what = fmt::format("drop rows [{}, {}) of {} ({})", plan.keep, plan.rows_before,
-                                       args.store, epochs_text(plan.dropped_epochs));
+std::string question(const TruncateArgs& args, const Plan& plan) {
+  return fmt::format("drop rows [{}, {}) of {} ({})", plan.keep, plan.rows_before, args.store,
+                     epochs_text(plan.dropped_epochs));
+}
+
+// Without --yes: refuses when stdin is no terminal to ask on.
+void require_terminal(const TruncateArgs& args, const Plan& plan) {
   if (::isatty(STDIN_FILENO) != 1) {
-    throw Error(ErrorCode::kInvalidArgument,
-                "refusing to " + what + " without --yes (stdin is not a terminal to ask)");
+    throw Error(ErrorCode::kInvalidArgument, "refusing to " + question(args, plan) +
+                                                 " without --yes (stdin is not a terminal to ask)");
   }
-  std::fprintf(stderr, "%s? [y/N] ", what.c_str());
+}
+
+bool confirmed(const TruncateArgs& args, const Plan& plan) {
+  std::fprintf(stderr, "%s? [y/N] ", question(args, plan).c_str());
   std::string answer;
   std::getline(std::cin, answer);
   return answer == "y" || answer == "Y" || answer == "yes";
@@ -100,20 +114,39 @@ int run_truncate(const TruncateArgs& args) {
   if (args.rows.has_value() == args.from_epoch.has_value()) {
     throw CLI::ValidationError("exactly one of --rows and --from-epoch is required");
   }
-  const Plan plan = plan_truncate(args);
-  std::uint64_t before = plan.rows_before, kept = plan.keep, generation = 0;
+  Plan plan = plan_truncate(args, Reader::open(args.store));
+  std::uint64_t before = plan.rows_before, kept = plan.keep, generation = plan.generation;
   std::map<std::uint64_t, std::uint64_t> dropped_epochs;
-  if (plan.keep < plan.rows_before) {
-    if (!confirmed(args, plan)) {
+  if (plan.keep < plan.rows_before && !args.yes) require_terminal(args, plan);
+  while (plan.keep < plan.rows_before) {
+    if (!args.yes && !confirmed(args, plan)) {
       std::fprintf(stderr, "embstore truncate: nothing changed\n");
       return kExitUsage;
     }
     Writer writer = Writer::open(args.store);
-    // Other writers may have appended since the plan (while the question was asked, say): the
-    // report is counted from a snapshot taken just before the truncate, whose views still show
-    // the rows it dropped once it is done. Rows committed in the instant between this snapshot
-    // and the truncate's lock are dropped too (they are past the cut) and not counted.
+    // The report is counted from a snapshot taken just before the truncate, whose views still
+    // show the rows it dropped once it is done. Asked on a terminal, it must drop the rows the
+    // answer was about: if other writers appended (or another truncate ran) while the question
+    // was asked, the question is asked again with the rows it would drop now. Rows committed
+    // in the instant between this snapshot and the truncate's lock are dropped too (they are
+    // past the cut) and not counted; --yes drops whatever is past the cut when it runs.
     const Reader snapshot = Reader::open(args.store);
+    if (!args.yes) {
+      Plan now = plan_truncate(args, snapshot);
+      if (!same_cut(plan, now)) {
+        std::fprintf(stderr,
+                     "embstore truncate: %s changed while it asked (another process appended "
+                     "rows or truncated it): nothing dropped; the rows to drop are no longer "
+                     "[%llu, %llu)\n",
+                     args.store.c_str(), static_cast<unsigned long long>(plan.keep),
+                     static_cast<unsigned long long>(plan.rows_before));
+        plan = std::move(now);
+        before = plan.rows_before;
+        kept = plan.keep;
+        generation = plan.generation;
+        continue;
+      }
+    }
     kept = args.rows ? writer.truncate(*args.rows) : writer.truncate_from_epoch(*args.from_epoch);
     before = std::max(snapshot.size(), kept);
     dropped_epochs = epochs_of(snapshot, kept, before);
@@ -121,8 +154,7 @@ int run_truncate(const TruncateArgs& args) {
     writer.close();
     note_done(fmt::format("{}: kept rows [0, {}), dropped {}; now generation {}", args.store, kept,
                           before - kept, generation));
-  } else {
-    generation = Reader::open(args.store).info().generation;
+    break;
   }
   const std::uint64_t dropped = before - kept;
   if (args.json) {
@@ -166,7 +198,9 @@ void add_truncate_command(CLI::App& app, Registry& registry) {
           ->transform(unsigned_validator("an epoch"));
   rows->excludes(epoch);
   cmd->add_flag("-y,--yes", args->yes,
-                "Do not ask (without it, asks on a terminal and refuses otherwise)");
+                "Do not ask: drop every row past the cut as the store is when it runs (without "
+                "it, asks on a terminal and refuses otherwise; if the rows to drop change while "
+                "it asks, says so and asks again)");
   cmd->add_flag("--json", args->json, "One JSON object on stdout");
   cmd->footer(
       "Exit status: 0 done (or nothing to drop), 2 usage (neither or both of --rows and "
