@@ -618,12 +618,15 @@ def test_recorder_rows_of_persistent_dataloader_workers_are_written_at_exit(stor
 
 
 @contextlib.contextmanager
-def torchrun_worker(source, *args):
-    """`source` run as a torchrun worker would be (TORCHELASTIC_RUN_ID in its environment),
-    stdin and stdout piped (text); killed on the way out if it still runs."""
+def torchrun_worker(source, *args, torchrun=True):
+    """`source` run as a torchrun worker would be (TORCHELASTIC_RUN_ID in its environment), or
+    as a plain script (not `torchrun`), stdin and stdout piped (text); killed on the way out if
+    it still runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    if torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test-run"
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(source), *args], text=True,
-                             env=dict(os.environ, TORCHELASTIC_RUN_ID="test-run"),
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     try:
         yield child
@@ -663,6 +666,48 @@ def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(s
             assert child.poll() is None
         code = child.wait(timeout=60)
     assert code == 128 + signal.SIGTERM, child.stderr.read()
+    r = embstore.Reader(store)
+    assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
+
+
+@pytest.mark.parametrize("opened_in", ["main thread", "another thread"])
+def test_a_plain_script_terminated_writes_its_queued_rows_and_ends_by_the_signal(store,
+                                                                                 opened_in):
+    """A script run on its own (no multiprocessing parent, not torchrun), 500 rows queued in its
+    async Writer behind this process's lock, sent SIGTERM as `timeout`, `kill`, `docker stop`
+    or a scheduler sends it: the rows are written, then it ends by SIGTERM itself, as the
+    default action would have ended it. Before, the default action dropped every queued row
+    without a word (a review: 65,280 of 250,112 returned rows gone under `timeout -s TERM`)."""
+    import time
+    embstore.create(store, dim=workers.DIM)
+    with torchrun_worker("""
+        import sys, threading
+        import numpy as np
+        import embstore, workers
+        def run():
+            writer = embstore.Writer(sys.argv[1], async_queue_mb=16)
+            keys = np.arange(500)
+            print("opened", flush=True)
+            sys.stdin.readline()  # the parent holds the lock now
+            writer.append(keys, workers.payload(keys), 0)
+            print("queued", flush=True)
+            threading.Event().wait()
+        if sys.argv[2] == "main thread":
+            run()
+        else:
+            threading.Thread(target=run, daemon=True).start()
+            threading.Event().wait()
+        """, store, opened_in, torchrun=False) as child:
+        assert child.stdout.readline() == "opened\n"
+        with StoreLock(store):
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "queued\n"
+            child.terminate()
+            time.sleep(1)  # the rows are still queued behind the lock
+            assert child.poll() is None
+        code = child.wait(timeout=60)
+    assert code == -signal.SIGTERM, child.stderr.read()
     r = embstore.Reader(store)
     assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
 
