@@ -48,8 +48,6 @@ void restore_default(int signal_number) {
   sigaction(signal_number, &fallback, nullptr);
 }
 
-
-
 // SIGTERM's handler of write_on_sigterm(). Async-signal-safe. In a forked child of the process
 // that installed it there is no relay thread: the default action, at once (the signal is blocked
 // while its handler runs, so raise() delivers it when the handler returns).
