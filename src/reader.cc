@@ -5,6 +5,8 @@
 #include <chrono>
 #include <cstddef>
 #include <cstring>
+#include <new>
+#include <utility>
 #include <vector>
 
 #include "embstore/error.h"
@@ -223,6 +225,55 @@ Reader Reader::open(const std::string& path, const ReaderOptions& options) {
   impl->refresh();
   impl->snapshot_ = std::min(impl->snapshot_, options.max_rows);
   return Reader(std::move(impl));
+}
+
+PrivateRows::PrivateRows(PrivateRows&& other) noexcept
+    : map_(std::exchange(other.map_, nullptr)),
+      map_bytes_(std::exchange(other.map_bytes_, 0)),
+      data_(std::exchange(other.data_, nullptr)),
+      rows_(std::exchange(other.rows_, 0)),
+      bytes_(std::exchange(other.bytes_, 0)),
+      copied_(other.copied_) {}
+
+PrivateRows& PrivateRows::operator=(PrivateRows&& other) noexcept {
+  if (this != &other) {
+    PrivateRows old(std::move(*this));
+    new (this) PrivateRows(std::move(other));
+  }
+  return *this;
+}
+
+PrivateRows::~PrivateRows() {
+  if (map_ != nullptr) detail::os::unmap(map_, map_bytes_);
+}
+
+PrivateRows Reader::private_rows(std::uint64_t begin, std::uint64_t end) const {
+  impl().check_range(begin, end, "private_rows");
+  const StoreFiles& f = impl().files();
+  PrivateRows out;
+  out.rows_ = end - begin;
+  out.bytes_ = out.rows_ * f.layout().record_bytes;
+  if (out.bytes_ == 0) return out;
+  // The rows sit at begin * record_bytes in the data file, which the mapping maps from 0.
+  const std::uint64_t offset = begin * f.layout().record_bytes;
+  const std::uint64_t lead = offset % detail::kPageBytes;
+  detail::RowCopier copier(f);
+  if (const int fd = copier.descriptor(); fd >= 0) {
+    try {
+      out.map_bytes_ = lead + out.bytes_;
+      out.map_ = detail::os::map_private(fd, offset - lead, out.map_bytes_, f.data_path());
+      out.data_ = static_cast<std::byte*>(out.map_) + lead;
+      return out;
+    } catch (const Error&) {
+      out.map_ = nullptr;  // Copied below, which says what fails if that does too.
+    }
+  }
+  out.map_bytes_ = out.bytes_;
+  out.map_ = detail::os::map_private(-1, 0, out.map_bytes_, f.data_path() + " (a copy)");
+  out.data_ = static_cast<std::byte*>(out.map_);
+  out.copied_ = true;
+  copier.copy(begin, out.rows_, out.data_);
+  return out;
 }
 
 std::uint64_t Reader::size() const { return impl().snapshot_; }

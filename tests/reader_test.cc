@@ -816,6 +816,45 @@ TEST_CASE("A refresh that fails after mapping a truncate's files never shows old
   CHECK(r.find(test::make_key(1, 19)) == std::optional<std::uint64_t>(19));
 }
 
+TEST_CASE("private_rows() maps the rows writable without copying them, and writes stay private",
+          "[reader]") {
+  TempDir dir;
+  Writer w = Writer::create(dir / "s", small(8));
+  append_batch(w, 1, 0, 1000);
+  Reader r = Reader::open(dir / "s");
+  const std::string data_file = dir / "s/rows.1";
+  PrivateRows rows = r.private_rows(300, 900);
+  REQUIRE(rows.rows() == 600);
+  REQUIRE(rows.size_bytes() == 600 * 32);
+  CHECK_FALSE(rows.copied());
+  CHECK(std::memcmp(rows.data(), r.rows(300, 900).data, rows.size_bytes()) == 0);
+  CHECK(test::anonymous_kib(data_file) == 0);  // The page cache's pages: nothing copied.
+
+  // Written to: a copy of the pages written, in this process only.
+  for (std::uint64_t i = 0; i < rows.size_bytes(); i += 512) rows.data()[i] = std::byte{0x5a};
+  CHECK(test::anonymous_kib(data_file) > 0);
+  CHECK(r.verify(0, r.size()).bad_row_count == 0);
+  CHECK(test::payload_matches(test::make_key(1, 300), 8, r.rows(300, 301).data));
+  const Reader other = Reader::open(dir / "s");
+  CHECK(other.verify(0, other.size()).bad_row_count == 0);
+
+  // Independent of the Reader: valid after it is closed, moved with its owner.
+  r.close();
+  PrivateRows moved = std::move(rows);
+  CHECK(rows.data() == nullptr);
+  CHECK(moved.data()[512] == std::byte{0x5a});
+
+  // A snapshot whose data file a truncate removed since: a copy of the same rows.
+  Reader old = Reader::open(dir / "s");
+  w.truncate(10);
+  const PrivateRows copy = old.private_rows(990, 1000);
+  CHECK(copy.copied());
+  CHECK(std::memcmp(copy.data(), old.rows(990, 1000).data, copy.size_bytes()) == 0);
+  CHECK(test::payload_matches(test::make_key(1, 995), 8, copy.data() + 5 * 32));
+  CHECK(old.private_rows(5, 5).rows() == 0);
+  CHECK(test::code_of([&] { old.private_rows(0, 1001); }) == ErrorCode::kInvalidArgument);
+}
+
 TEST_CASE("read_info's counters and key statistics are of one moment, whatever writers do",
           "[reader]") {
   // open_with_info takes a Reader's snapshot, then reads the counters: rows committed between

@@ -40,6 +40,35 @@ struct RowsView {
   const std::byte* row(std::uint64_t i) const { return data + i * row_bytes; }
 };
 
+// Rows of a snapshot in memory the caller may write (Reader::private_rows): a private,
+// copy-on-write mapping of the store's data file, so no row is copied until the caller writes a
+// page, which then becomes this process's own; nothing written reaches the store, its other
+// readers or the page cache. Where the data file could not be mapped again as the file the
+// snapshot's rows are in (a truncate removed it since, the store left its path, no descriptor
+// to spare), the rows are copied into anonymous memory instead (copied() says so). Valid until
+// destroyed or moved from, independently of the Reader (which may be closed first).
+class PrivateRows {
+ public:
+  PrivateRows() = default;
+  PrivateRows(PrivateRows&& other) noexcept;
+  PrivateRows& operator=(PrivateRows&& other) noexcept;
+  ~PrivateRows();
+
+  std::byte* data() const { return data_; }
+  std::uint64_t rows() const { return rows_; }
+  std::uint64_t size_bytes() const { return bytes_; }
+  bool copied() const { return copied_; }
+
+ private:
+  friend class Reader;
+  void* map_ = nullptr;
+  std::uint64_t map_bytes_ = 0;
+  std::byte* data_ = nullptr;
+  std::uint64_t rows_ = 0;
+  std::uint64_t bytes_ = 0;
+  bool copied_ = false;
+};
+
 // A read-only strided sequence of T (how keys and epochs sit inside index entries).
 // Same lifetime as RowsView.
 template <typename T>
@@ -141,6 +170,10 @@ class Reader {
   // Rows [begin, end) of the snapshot; throws kInvalidArgument unless begin <= end <= size().
   RowsView rows(std::uint64_t begin, std::uint64_t end) const;
   RowsView rows() const { return rows(0, size()); }
+  // Rows [begin, end) of the snapshot in writable memory of the caller's own, without a copy
+  // (PrivateRows); for tensors a program may change in place. Throws as rows() does, and kFull
+  // when the address space for the mapping cannot be had.
+  PrivateRows private_rows(std::uint64_t begin, std::uint64_t end) const;
   StridedView<std::uint64_t> keys(std::uint64_t begin, std::uint64_t end) const;
   StridedView<std::uint64_t> epochs(std::uint64_t begin, std::uint64_t end) const;
   // Row `row` with its key and epoch after checking its checksum: kCorruption (naming the row and

@@ -337,6 +337,23 @@ void map_fixed(void* addr, std::uint64_t bytes, int fd, std::uint64_t offset, Ac
   }
 }
 
+void* map_private(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& what) {
+  const int flags = MAP_PRIVATE | MAP_NORESERVE | (fd < 0 ? MAP_ANONYMOUS : 0);
+  int err = injected(Op::kMmap);
+  void* p = MAP_FAILED;
+  if (err == 0) {
+    p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, flags, fd, static_cast<off_t>(offset));
+    if (p == MAP_FAILED) err = errno;
+  }
+  if (err != 0) {
+    throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
+                "map " + std::to_string(bytes) + " bytes of " + what + " privately: " +
+                    std::strerror(err) + (err == ENOMEM ? enomem_hint() : std::string()),
+                err);
+  }
+  return p;
+}
+
 void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
                  const std::string& path) {
   if (int err = injected(Op::kMmap)) fail("mmap", path, err);

@@ -118,6 +118,11 @@ inline constexpr std::uint64_t kHugePageBytes = 2 << 20;
 // process and never unmapped, whose reads the kernel serves from its one 4 KiB zero page (so a
 // copy from it stays in the first-level cache). Null where the mapping cannot be made.
 const std::byte* zeros() noexcept;
+// Maps [offset, offset + bytes) of `fd` private and writable (MAP_PRIVATE: the page cache's pages
+// until a page is written, then a copy of this process's own; nothing written reaches the file),
+// or, with fd -1, `bytes` of zeroed anonymous memory. MAP_NORESERVE: no swap is set aside for
+// pages never written. `offset` a multiple of the page size. Released with unmap(result, bytes).
+void* map_private(int fd, std::uint64_t offset, std::uint64_t bytes, const std::string& what);
 // Maps [offset, offset + bytes) of `fd` shared at an address the kernel picks.
 void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access access,
                  const std::string& path);

@@ -909,6 +909,25 @@ class PyReader {
                      {static_cast<py::ssize_t>(view.row_bytes), item}, view.data);
   }
 
+  // Rows [begin, end) in a private copy-on-write mapping (Reader::private_rows): a writable
+  // array, whose base owns the mapping (not the Reader's), for tensors changed in place.
+  py::array private_rows(std::uint64_t begin, std::optional<std::uint64_t> end) {
+    auto lock = guard();
+    auto rows = std::make_unique<PrivateRows>();
+    const std::uint64_t stop = end.value_or(reader().size());
+    {
+      py::gil_scoped_release release;  // A copy, where the file cannot be mapped, takes time.
+      *rows = reader().private_rows(begin, stop);
+    }
+    const DType dtype = reader().dtype();
+    const auto item = static_cast<py::ssize_t>(dtype_size(dtype));
+    const auto dim = static_cast<py::ssize_t>(reader().dim());
+    std::byte* data = rows->data();
+    const auto count = static_cast<py::ssize_t>(rows->rows());
+    py::capsule owner(rows.release(), [](void* p) { delete static_cast<PrivateRows*>(p); });
+    return py::array(numpy_dtype(dtype), {count, dim}, {dim * item, item}, data, owner);
+  }
+
   py::array strided(bool keys, std::uint64_t begin, std::optional<std::uint64_t> end) {
     auto lock = guard();
     const std::uint64_t stop = end.value_or(reader().size());
@@ -1429,6 +1448,7 @@ PYBIND11_MODULE(_embstore, m) {
       .def_property_readonly("generation", &PyReader::generation)
       .def("wait", &PyReader::wait, py::arg("min_rows"), py::arg("timeout"))
       .def("vectors", &PyReader::vectors, py::arg("begin"), py::arg("end"))
+      .def("private_rows", &PyReader::private_rows, py::arg("begin"), py::arg("end"))
       .def(
           "keys",
           [](PyReader& self, std::uint64_t begin, std::optional<std::uint64_t> end) {

@@ -245,10 +245,11 @@ class RowCopier {
 
   // Rows [begin, begin + count) to `out` (count * record_bytes bytes).
   void copy(std::uint64_t begin, std::uint64_t count, std::byte* out);
+  // A descriptor of the data file the current Generation maps, opened by path and checked to be
+  // that file (-1 when it cannot be: copy from the mapping instead); closed with this object.
+  int descriptor();
 
  private:
-  int descriptor();  // -1: copy from the mapping.
-
   const StoreFiles& files_;
   int fd_ = -1;
   bool own_fd_ = false;

@@ -40,14 +40,68 @@ def test_views_share_memory_with_the_mapping_and_each_other(store):
     np.testing.assert_array_equal(a, x)
 
 
-def test_torch_tensor_from_reader_shares_the_mapping(store):
+def _private_kib_at(address):
+    """(Rss, Anonymous) KiB of this process's mapping that holds `address` (/proc/self/smaps)."""
+    rss = anonymous = None
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and all(c in "0123456789abcdef-" for c in first):
+                low, high = (int(x, 16) for x in first.split("-"))
+                inside = low <= address < high
+            elif inside and line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif inside and line.startswith("Anonymous:"):
+                anonymous = int(line.split()[1])
+    return rss, anonymous
+
+
+def test_torch_tensor_from_reader_maps_the_store_pages_privately(store):
     import torch
     with embstore.Writer(store, dim=4, dtype="bfloat16") as w:
         w.append([1, 2], torch.randn(2, 4, dtype=torch.bfloat16))
     r = embstore.Reader(store)
     t = r.tensor()
-    assert t.dtype == torch.bfloat16 and t.data_ptr() == r.vectors.ctypes.data
-    assert r.vectors.dtype == np.uint16
+    assert t.dtype == torch.bfloat16 and r.vectors.dtype == np.uint16
+    assert np.array_equal(t.view(torch.int16).numpy(), r.vectors.view(np.int16))
+    # The store's pages, not a copy: nothing of the mapping is this process's own yet.
+    t.sum()
+    assert _private_kib_at(t.data_ptr()) == (4, 0)
+
+
+def test_a_tensor_of_a_reader_may_be_changed_in_place_and_the_store_stays(store):
+    """torch has no read-only tensors: tensor() shared the Reader's PROT_READ mapping, and the
+    first in-place op on it (or read(out=) into it) killed the interpreter with SIGSEGV (a
+    review). A child process, so a crash fails this test instead of killing pytest."""
+    x = np.random.default_rng(1).standard_normal((3000, 64)).astype(np.float32)
+    with embstore.Writer(store, dim=64) as w:
+        w.append(np.arange(3000), x)
+    script = textwrap.dedent(f"""
+        import numpy as np, embstore, torch
+        r = embstore.Reader({store!r})
+        t = r.tensor()
+        t /= t.norm(dim=1, keepdim=True)          # in place, over the whole store
+        u = r.tensor(100, 200)
+        u.mul_(2)
+        u[0] = 0
+        r.read(0, 3000, out=r.tensor())          # read() into a tensor of the store itself
+        tail = r.tensor(2990)
+        r.close()
+        tail.add_(1)                               # after the Reader is closed
+        x = np.load({store + ".npy"!r})
+        assert np.allclose(t.numpy(), x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
+        assert float(u[0].abs().sum()) == 0 and np.allclose(u[1:].numpy(), 2 * x[101:200])
+        assert np.array_equal(tail.numpy(), x[2990:] + 1)
+        print("ok")
+        """)
+    np.save(store + ".npy", x)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 0 and child.stdout == "ok\n", child.stderr[-2000:]
+    r = embstore.Reader(store)
+    np.testing.assert_array_equal(r.vectors, x)  # nothing written reached the store
+    assert r.verify().ok
 
 
 def test_views_outlive_reader_while_store_grows_under_faulthandler(store, tmp_path):

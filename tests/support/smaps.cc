@@ -40,6 +40,14 @@ std::uint64_t pmd_mapped_kib(const std::string& path) {
   return kib;
 }
 
+std::uint64_t anonymous_kib(const std::string& path) {
+  std::uint64_t kib = 0;
+  for_each_field(path, [&](const std::string& line) {
+    if (line.rfind("Anonymous:", 0) == 0) kib += std::stoull(line.substr(10));
+  });
+  return kib;
+}
+
 std::uint64_t mappings_of(const std::string& prefix) {
   std::ifstream maps("/proc/self/maps");
   std::uint64_t n = 0;

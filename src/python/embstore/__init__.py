@@ -1570,18 +1570,21 @@ class Reader(_Handle):
         return self._native.epochs(0, None)
 
     def tensor(self, begin: int = 0, end: Optional[int] = None):
-        """Rows [begin, end) as a torch tensor sharing the mapping (no copy): float32/float16/
-        ... as stored, bfloat16 as torch.bfloat16. The tensor must not be written to (the
-        mapping is read-only: a write would crash the process); clone it to modify."""
+        """Rows [begin, end) as a torch tensor over the store's pages, not a copy: float32/
+        float16/... as stored, bfloat16 as torch.bfloat16. Torch has no read-only tensors, so
+        the tensor is a private, copy-on-write mapping of the store's data file: it may be
+        written to (``t /= t.norm(dim=1, keepdim=True)``, ``read(out=t)``), a page written
+        becomes this process's own copy, and nothing written reaches the store or its other
+        readers. (A tensor made with ``torch.from_numpy(r.vectors)`` shares the read-only
+        mapping instead, as torch's warning says: writing to it crashes the process.) Where
+        the store's data file cannot be mapped again (a truncate removed it since this
+        snapshot), the rows are copied. Valid after the Reader is closed."""
         import torch
-        import warnings
-        view = self.rows(begin, end)
-        with warnings.catch_warnings():
-            # torch warns that the array is not writable; that is the point of a read-only view.
-            warnings.simplefilter("ignore", UserWarning)
-            if self.dtype == "bfloat16":
-                return torch.from_numpy(view.view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(view)
+        begin, end = self._range("tensor", begin, end)
+        array = self._native.private_rows(begin, end)
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
 
     def verify(self, begin: int = 0, end: Optional[int] = None) -> VerifyReport:
         """Recomputes the checksums of rows [begin, end) of the snapshot (GIL released)."""
