@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <iterator>
 #include <vector>
@@ -14,6 +15,26 @@
 #include "storage/store_files.h"
 
 namespace embstore::detail {
+namespace {
+
+// Why no entry can be made in the directory `parent` (errno `err` of mkdir there).
+std::string why_no_entry(const std::string& parent, int err) {
+  const std::string dir =
+      parent == "." ? std::string("the current directory") : "its directory " + parent;
+  switch (err) {
+    case ENOTDIR:
+      return parent + " is not a directory";
+    case EROFS:
+      return dir + " is on a read-only file system";
+    case EACCES:
+    case EPERM:
+      return dir + " does not let this user create files in it (" + std::strerror(err) + ")";
+    default:
+      return "cannot create an entry in " + parent + ": " + std::strerror(err);
+  }
+}
+
+}  // namespace
 
 StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out)) {
   if (out_.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
@@ -35,7 +56,16 @@ StoreBuild::StoreBuild(const std::string& out) : out_(strip_trailing_slashes(out
           store_id_hex(suffix).substr(0, 12);
   // make_dir, not mkdtemp: the published store gets the mode a created store has (0755 less
   // the umask), not mkdtemp's 0700.
-  os::make_dir(path_);
+  try {
+    os::make_dir(path_);
+  } catch (const Error& e) {
+    if (e.code() == ErrorCode::kAlreadyExists) throw;
+    // Named as the output the user asked for, with why its directory takes no new entry (in
+    // the words of the tool's export and compact, tools/lib/export.cc): the user has never
+    // heard of the working directory, which a read-only or full file system never let exist.
+    throw Error(e.code(), out_ + ": cannot write it: " + why_no_entry(parent_, e.sys_errno()),
+                e.sys_errno());
+  }
 }
 
 StoreBuild::~StoreBuild() {

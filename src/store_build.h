@@ -17,8 +17,9 @@ namespace embstore::detail {
 class StoreBuild {
  public:
   // Creates the working directory next to `out`. Throws kAlreadyExists if something exists at
-  // `out`, kNotFound if its parent directory does not exist, and the error of mkdir (naming the
-  // working directory, hence the parent) otherwise.
+  // `out`, kNotFound if its parent directory does not exist, and otherwise the error of mkdir
+  // (kReadOnly for a read-only file system or a directory this user may not write, say) naming
+  // `out` and why its directory takes no new entry, never the working directory.
   explicit StoreBuild(const std::string& out);
   // Removes the working directory and everything in it, unless published.
   ~StoreBuild();

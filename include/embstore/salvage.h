@@ -46,7 +46,9 @@ struct SalvageReport {
 // verifies (the rows cannot be checked without the header), or if the `generation` field is
 // damaged and the directory does not hold exactly one rows.X/index.X pair, or if one of the
 // generation's rows.G and index.G is missing (naming it: the rows cannot be read or checked
-// without both); kAlreadyExists if `out` exists; kInvalidArgument if `out` lies inside `store`.
+// without both); kAlreadyExists if `out` exists; kInvalidArgument if `out` lies inside `store`;
+// kReadOnly naming `out` and the cause when its directory takes no new entry (a read-only file
+// system, or no write permission).
 // The new store is built in a hidden directory `.<name of out>.partial-<hex>` beside `out` and
 // renamed to `out` only when complete: on any error (a full disk, say) nothing is left at `out`.
 // A process killed meanwhile leaves that directory, never `out`; it is not the salvaged store

@@ -211,7 +211,9 @@ struct MergeProgress {
 // "metadata". Each row keeps its key and epoch. It keeps a key index unless no shard does
 // (CreateOptions::key_index). Every row's
 // checksum is verified before it is copied: a bad row is kCorruption naming the shard and the row,
-// and nothing is left at `out`. An `out` inside a shard is kInvalidArgument (shards are only read).
+// and nothing is left at `out`. An `out` inside a shard is kInvalidArgument (shards are only read);
+// an `out` whose directory takes no new entry (a read-only file system, or no write permission)
+// is kReadOnly naming `out` and the cause.
 // The new store is built in a hidden directory
 // `.<name of out>.partial-<hex>` beside `out` and renamed to `out` (never replacing anything) only
 // when complete: on any error (a full disk, say) nothing is left at `out`. A process killed

@@ -817,6 +817,24 @@ def test_writes_to_a_read_only_file_system_exit_19_and_change_nothing(read_only_
     assert hash_tree(store) == before
 
 
+def test_salvage_and_merge_onto_a_read_only_file_system_name_the_output_and_cause(
+        read_only_mount):
+    # They named their hidden working directory instead: 'mkdir .../.saved.partial-3f0c...:
+    # Read-only file system'.
+    point, make_read_only = read_only_mount
+    store = make_store(point / "s")
+    make_read_only()
+    before = hash_tree(store)
+    for args, out in ((["salvage", store, point / "saved"], point / "saved"),
+                      (["merge", point / "merged", store], point / "merged")):
+        r = run(*args)
+        assert r.code == READ_ONLY, (args, r)
+        assert one_line(r.err) == (f"embstore {args[0]}: {out}: cannot write it: its directory "
+                                   f"{point} is on a read-only file system"), (args, r)
+    assert hash_tree(store) == before
+    assert os.listdir(point) == ["s"]
+
+
 @pytest.fixture
 def as_nobody():
     """A runner of the tool as user nobody (65534), for EACCES, which root never gets; and a
@@ -879,6 +897,22 @@ def test_files_the_user_may_not_read_exit_23_naming_the_file(as_nobody):
         assert f"open {rows} for reading: Permission denied" in one_line(r.err), (args, r)
     assert os.listdir(out) == []
     assert hash_tree(store) == before
+
+
+def test_salvage_and_merge_into_a_directory_the_user_may_not_write_name_the_output(as_nobody):
+    # As on a read-only file system, they named their hidden working directory, not the output.
+    run_as_nobody, top = as_nobody
+    store = make_store(os.path.join(top, "s"))  # root's, in a 0755 directory nobody may not write
+    before = hash_tree(store)
+    for args, out in ((["salvage", store, os.path.join(top, "saved")], "saved"),
+                      (["merge", os.path.join(top, "merged"), store], "merged")):
+        r = run_as_nobody(*args)
+        assert r.code == READ_ONLY, (args, r)
+        assert one_line(r.err) == (
+            f"embstore {args[0]}: {os.path.join(top, out)}: cannot write it: its directory {top} "
+            "does not let this user create files in it (Permission denied)"), (args, r)
+    assert hash_tree(store) == before
+    assert os.listdir(top) == ["s"]
 
 
 def test_writes_the_user_may_not_make_exit_19_not_23(as_nobody, tmp_path):
