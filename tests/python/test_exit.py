@@ -712,6 +712,46 @@ def test_a_plain_script_terminated_writes_its_queued_rows_and_ends_by_the_signal
     assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
 
 
+@pytest.mark.parametrize("child_writer", [False, True])
+def test_a_child_os_fork_made_of_such_a_script_ends_at_sigterm_as_before(tmp_path, child_writer):
+    """A script with a Writer (so with embstore's SIGTERM handler) os.fork()s a child. A child
+    with no Writer of its own ends at SIGTERM by the signal, at once, as it did before scripts
+    got the handler (it raised SystemExit, ran its ``finally`` blocks and exited 0: a worker
+    catching BaseException would have gone on). A child that opened its own Writer has that
+    Writer's queued rows written first, then ends by the signal."""
+    script = run_script("""
+        import os, signal, sys, time
+        import numpy as np, embstore
+        w = embstore.Writer(os.path.join(sys.argv[1], "parent"), dim=4, async_queue_mb=1)
+        w.append(np.arange(10), np.ones((10, 4), np.float32))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                if sys.argv[2] == "True":
+                    own = embstore.Writer(os.path.join(sys.argv[1], "child"), dim=4,
+                                          async_queue_mb=1)
+                    own.append(np.arange(7), np.ones((7, 4), np.float32))
+                print("child ready", flush=True)
+                time.sleep(60)
+            finally:
+                print("child finally ran", flush=True)
+            os._exit(3)
+        assert sys.stdin.readline() == "go\\n"
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        print("child", "killed by %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
+              else "exit %d" % os.WEXITSTATUS(status), flush=True)
+        w.close()
+        """, str(tmp_path), str(child_writer))
+    assert script.stdout.readline() == "child ready\n", script.communicate(timeout=60)[1]
+    out, err = script.communicate("go\n", timeout=60)
+    assert script.returncode == 0, err
+    assert out == f"child killed by {int(signal.SIGTERM)}\n", (out, err)
+    assert len(embstore.Reader(str(tmp_path / "parent"))) == 10
+    if child_writer:
+        assert sorted(embstore.Reader(str(tmp_path / "child")).keys.tolist()) == list(range(7))
+
+
 class SaysWhenWaitedOn:
     """For a fork-started child, in place of `event`: sets `waiting` when the child begins to
     wait on it (the fork start method passes it as it is, unpickled)."""

@@ -1048,6 +1048,10 @@ class _Termination:
         # status 128 + SIGTERM.
         self.as_signal = False
         self.by_signal = False
+        # A child os.fork() made of such a process (by_signal), which has opened no Writer of
+        # its own since: its SIGTERM ends it at once by the default action, as before the
+        # parent's handler was installed (_after_fork_in_child).
+        self.forked_plain = False
         # Which of SIGTERM's Python handler ("handler") and the relay thread ("relay": the main
         # thread did not come back to Python in time, _write_if_main_thread_stuck) acts on the
         # signal: the first to take `deciding`. The other leaves it to that one.
@@ -1080,8 +1084,16 @@ class _Termination:
 
 
 _TERMINATION = _Termination()
-# A child forked by another thread while the main thread was inside a stretch starts outside.
-os.register_at_fork(after_in_child=_TERMINATION.__init__)
+
+
+def _after_fork_in_child() -> None:
+    # A child forked by another thread while the main thread was inside a stretch starts outside.
+    plain = _TERMINATION.by_signal
+    _TERMINATION.__init__()
+    _TERMINATION.forked_plain = plain
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _write_then_terminate(signum, frame) -> None:
@@ -1090,6 +1102,8 @@ def _write_then_terminate(signum, frame) -> None:
     restored)."""
     import signal
     signal.signal(signum, signal.SIG_DFL)
+    if _TERMINATION.forked_plain:
+        _embstore._end_by_sigterm()  # never returns
     with _TERMINATION.deciding:
         if _TERMINATION.claimed_by is None:
             _TERMINATION.claimed_by = "handler"
@@ -1220,6 +1234,7 @@ def _leave_cleanly_on_sigterm() -> None:
     the program's own is left alone."""
     import multiprocessing
     import signal
+    _TERMINATION.forked_plain = False  # a Writer of this process's own
     if multiprocessing.parent_process() is None:
         _TERMINATION.as_signal = True
         _TERMINATION.by_signal = not _launched_by_torchrun()
