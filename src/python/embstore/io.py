@@ -828,8 +828,11 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
     target = _dtype_name(dtype) if dtype is not None else reader.dtype
     floats = ("float32", "float16", "bfloat16", "float64")
     if target != reader.dtype and not (target in floats and reader.dtype in floats):
-        raise ValueError(f"cannot convert {reader.dtype} rows to {target} (only between float "
-                         "types)")
+        from ._errors import FormatMismatchError
+        raise FormatMismatchError(
+            f"{reader.path}: holds {reader.dtype} rows but dtype={target!r} was asked for "
+            "(compact converts rows between float types only, never to or from int8 or uint8); "
+            f"nothing was made at {out}")
     count, runs = _selected_runs(reader, 0, None, epochs, latest_per_key)
     info = reader.info()
     # As many rows per segment as the source: a wider dtype's rows would not fit its segment.
