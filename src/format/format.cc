@@ -115,7 +115,7 @@ Layout decode_fixed(std::string_view bytes, std::uint64_t fixed_at, bool is_copy
   if (h.format_major == 0 || h.format_major > kFormatMajor) {
     throw Error(ErrorCode::kUnsupportedVersion,
                 path + ": format_major " + std::to_string(h.format_major) +
-                    " is not supported (this library reads format 1." +
+                    " is not supported (this library reads every format 1.x and writes 1." +
                     std::to_string(kFormatMinor) + " and older minors)");
   }
   if (h.metadata_bytes > kMaxMetadataBytes) {
