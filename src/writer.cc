@@ -78,7 +78,8 @@ class Writer::Impl {
       last_end_.store(files_->state().committed(), std::memory_order_relaxed);
     }
     if (options_.sync == SyncPolicy::kInterval) {
-      sync_thread_ = std::make_unique<std::thread>(detail::start_thread([this] { sync_loop(); }));
+      sync_thread_ = std::make_unique<std::thread>(detail::start_thread(
+          path_ + ": the sync thread (SyncPolicy::kInterval)", [this] { sync_loop(); }));
     }
   }
 
@@ -708,10 +709,12 @@ void Writer::Impl::start_growth() noexcept {
     // thread is exiting, at most releasing the file it replaced (1-2 ms) first.
     if (growth_thread_) growth_thread_->join();
     stop_growth_ = false;
-    growth_thread_ =
-        std::make_unique<std::thread>(detail::start_thread([this] { grow_key_index(); }));
-  } catch (const std::exception& error) {
+    growth_thread_ = std::make_unique<std::thread>(
+        detail::start_thread(path_ + ": a key index growth", [this] { grow_key_index(); }));
+  } catch (const Error& error) {
     // Readers scan; close() reports it; the next writer indexes the rows.
+    key_index_failed(error);
+  } catch (const std::exception& error) {
     key_index_failed(
         Error(ErrorCode::kIO, path_ + ": starting a key index growth: " + error.what()));
   }
@@ -828,9 +831,15 @@ std::uint64_t Writer::Impl::append(std::span<const std::uint64_t> keys, const st
     // throw (a retry would store them twice).
     index_later = may_index_later && alone && !lock_waited_.load(std::memory_order_relaxed);
     if (index_later && !indexer_owner_) {
-      indexer_owner_ =
-          std::make_unique<detail::BackgroundIndexer>([this] { index_in_background(); });
-      indexer_.store(indexer_owner_.get());
+      try {
+        indexer_owner_ = std::make_unique<detail::BackgroundIndexer>(
+            path_ + ": the indexer thread", [this] { index_in_background(); });
+        indexer_.store(indexer_owner_.get());
+      } catch (const Error&) {
+        // A thread only saves the appending thread the indexing: it indexes these rows itself,
+        // as it does a short batch's (and asks again at the next large batch).
+        index_later = false;
+      }
     }
     const std::uint64_t at = detail::commit_batch(*files_, batch, synced_era_,
                                                   [this](const Error& error) { poison(error); });

@@ -2,6 +2,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -1465,6 +1466,48 @@ TEST_CASE("A store the process may not read is kPermissionDenied, not kReadOnly"
   if (status) CHECK(*status == 0);
 }
 
+TEST_CASE("A thread the process may not start is an Error naming it, and large appends go on",
+          "[store][threads]") {
+  // A process at its limit of threads (RLIMIT_NPROC, for a user other than root): a batch of 1
+  // MiB or more failed with a bare std::system_error ("Resource temporarily unavailable", a
+  // RuntimeError in Python) from the indexer thread, which only saves the appending thread the
+  // indexing; the sync thread's failure at open named neither the store nor the limit (found
+  // by a review of behaviour under resource limits).
+  TempDir dir;
+  REQUIRE(::chmod(dir.path().c_str(), 0777) == 0);
+  const std::string dir_path = dir.path();
+  const pid_t child = test::spawn([&] {
+    const rlimit one_task{1, 1};  // This process's own thread: no other may start.
+    if (::setgid(65534) != 0 || ::setuid(65534) != 0) return 90;
+    if (::setrlimit(RLIMIT_NPROC, &one_task) != 0) return 91;
+    std::string message;
+    WriterOptions interval;
+    interval.sync = SyncPolicy::kInterval;
+    if (code_of([&] { Writer::create(dir_path + "/a", opts(256), interval); }, &message) !=
+            ErrorCode::kIO ||
+        message.find("/a: the sync thread") == std::string::npos ||
+        message.find("ulimit -u") == std::string::npos) {
+      std::fprintf(stderr, "sync thread: %s\n", message.c_str());
+      return 92;
+    }
+    WriterOptions none;
+    none.sync = SyncPolicy::kNone;
+    Writer w = Writer::create(dir_path + "/b", opts(256), none);
+    const auto values = test::batch_payload(1, 0, 2048, 256);  // 2 MiB: indexed off-thread
+    std::vector<std::uint64_t> keys(2048);
+    for (std::uint64_t i = 0; i < keys.size(); ++i) keys[i] = test::make_key(1, i);
+    w.append(keys, 3, std::span<const float>(values));
+    w.append(keys, 4, std::span<const float>(values));
+    // A key index growth cannot start either: reported by close(), every row stored.
+    code_of([&] { w.close(); });
+    const Reader r = Reader::open(dir_path + "/b");
+    if (r.size() != 4096 || r.verify(0, r.size()).bad_row_count != 0) return 93;
+    if (r.find(test::make_key(1, 2047), 4) != std::optional<std::uint64_t>(4095)) return 94;
+    return 0;
+  });
+  CHECK(test::wait_for(child) == 0);
+}
+
 TEST_CASE("Library threads leave signals sent to the process to the application's threads",
           "[store][threads]") {
   // Python runs signal handlers in its main thread only: a SIGTERM the kernel handed to a
@@ -1472,7 +1515,8 @@ TEST_CASE("Library threads leave signals sent to the process to the application'
   sigset_t before;
   REQUIRE(pthread_sigmask(SIG_BLOCK, nullptr, &before) == 0);
   sigset_t seen;
-  std::thread thread = detail::start_thread([&] { pthread_sigmask(SIG_BLOCK, nullptr, &seen); });
+  std::thread thread =
+      detail::start_thread("a test thread", [&] { pthread_sigmask(SIG_BLOCK, nullptr, &seen); });
   thread.join();
   for (const int sent : {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGCHLD, SIGALRM}) {
     CHECK(sigismember(&seen, sent) == 1);

@@ -22,8 +22,8 @@ bool poll_for(std::int64_t micros, Done done) {
 }
 }  // namespace
 
-BackgroundIndexer::BackgroundIndexer(std::function<void()> job)
-    : job_(std::move(job)), thread_(start_thread([this] { loop(); })) {}
+BackgroundIndexer::BackgroundIndexer(const std::string& what, std::function<void()> job)
+    : job_(std::move(job)), thread_(start_thread(what, [this] { loop(); })) {}
 
 BackgroundIndexer::~BackgroundIndexer() { stop(); }
 

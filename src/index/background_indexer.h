@@ -33,7 +33,8 @@ namespace embstore::detail {
 
 class BackgroundIndexer {
  public:
-  explicit BackgroundIndexer(std::function<void()> job);
+  // Throws Error (kIO) naming `what` when its thread cannot be started.
+  BackgroundIndexer(const std::string& what, std::function<void()> job);
   ~BackgroundIndexer();
   BackgroundIndexer(const BackgroundIndexer&) = delete;
   BackgroundIndexer& operator=(const BackgroundIndexer&) = delete;

@@ -17,10 +17,15 @@
 
 #include <signal.h>
 
+#include <cstring>
 #include <future>
 #include <memory>
+#include <string>
+#include <system_error>
 #include <thread>
 #include <utility>
+
+#include "embstore/error.h"
 
 namespace embstore::detail {
 
@@ -34,8 +39,24 @@ inline sigset_t library_thread_signal_mask() {
   return mask;
 }
 
+// A thread that could not be started, as an Error (kIO, the errno kept) naming `what` and the
+// limits that refuse one, instead of the bare "Resource temporarily unavailable" of
+// std::system_error.
+[[noreturn]] inline void thread_not_started(const std::string& what,
+                                            const std::system_error& error) {
+  const int err = error.code().value();
+  throw Error(ErrorCode::kIO,
+              what + ": cannot start a thread: " + std::strerror(err) +
+                  (err == EAGAIN || err == ENOMEM
+                       ? " (the process is at its limit of threads or processes, ulimit -u, or "
+                         "of address space for their stacks, ulimit -v)"
+                       : ""),
+              err);
+}
+
+// Starts `body` on a new thread; `what` names it in the Error thrown when it cannot start.
 template <typename Body>
-std::thread start_thread(Body&& body) {
+std::thread start_thread(const std::string& what, Body&& body) {
   // Shared with the new thread, which may still be inside set_value() when the wait returns.
   auto started = std::make_shared<std::promise<void>>();
   std::future<void> running = started->get_future();
@@ -50,6 +71,9 @@ std::thread start_thread(Body&& body) {
       started.reset();
       body();
     });
+  } catch (const std::system_error& error) {
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    thread_not_started(what, error);
   } catch (...) {
     pthread_sigmask(SIG_SETMASK, &previous, nullptr);
     throw;

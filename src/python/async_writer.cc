@@ -109,7 +109,7 @@ AsyncAppender::AsyncAppender(Writer& writer, std::uint64_t capacity_bytes,
       capacity_bytes_(capacity_bytes),
       record_bytes_(std::uint64_t{writer.dim()} * dtype_size(writer.dtype())),
       ring_(capacity_bytes, writer.path()) {
-  thread_ = detail::start_thread([this] { run(); });
+  thread_ = detail::start_thread(writer.path() + ": the async Writer's thread", [this] { run(); });
 }
 
 AsyncAppender::~AsyncAppender() { stop(); }

@@ -77,7 +77,7 @@ void arm_deadline() {
   static std::uint64_t armed = 0;  // relay thread only
   const std::uint64_t number = ++armed;
   g_deadline_armed.store(number);
-  detail::start_thread([number] {
+  detail::start_thread("embstore: the SIGTERM deadline", [number] {
     std::this_thread::sleep_for(kWriteDeadline);
     if (g_deadline_armed.load() != number) return;
     static const char message[] =
@@ -129,7 +129,7 @@ void arm_deadline() {
 void start_relay_thread() {
   if (g_relay_thread_pid != getpid()) {
     sem_init(&g_sigterm_seen, 0, 0);
-    detail::start_thread(&relay_loop).detach();
+    detail::start_thread("embstore: the SIGTERM relay", &relay_loop).detach();
     g_relay_thread_pid = getpid();
   }
 }
