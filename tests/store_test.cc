@@ -1508,6 +1508,46 @@ TEST_CASE("A thread the process may not start is an Error naming it, and large a
   CHECK(test::wait_for(child) == 0);
 }
 
+TEST_CASE("Errors of a process at a limit name the limit to raise", "[store][limits]") {
+  // ENOMEM from mmap named the address-space limit whenever one was set, whatever ran out, and
+  // EMFILE named no limit (found by a review of behaviour under resource limits).
+  TempDir dir;
+  Writer(Writer::create(dir / "s", opts(8))).close();
+  const std::string store = dir / "s";
+  const pid_t child = test::spawn([&] {
+    std::string message;
+    // Every mapping the process may hold taken (a page each, alternately writable so that
+    // neighbours never merge), while an address-space limit is set.
+    const rlimit plenty{std::uint64_t{1} << 40, std::uint64_t{1} << 40};
+    if (::setrlimit(RLIMIT_AS, &plenty) != 0) return 90;
+    std::vector<void*> pages;
+    for (int i = 0;; ++i) {
+      void* p = ::mmap(nullptr, 4096, i % 2 ? PROT_READ : PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) break;
+      pages.push_back(p);
+    }
+    ::munmap(pages.back(), 4096);  // Room for one: a Reader needs several.
+    pages.pop_back();
+    const ErrorCode code = code_of([&] { Reader::open(store); }, &message);
+    if (code != ErrorCode::kFull || message.find("vm.max_map_count") == std::string::npos) {
+      std::fprintf(stderr, "mappings: %s\n", message.c_str());
+      return 91;
+    }
+    for (void* p : pages) ::munmap(p, 4096);
+    // No descriptor to spare.
+    const rlimit few{3, 3};
+    if (::setrlimit(RLIMIT_NOFILE, &few) != 0) return 92;
+    if (code_of([&] { Writer::open(store); }, &message) == ErrorCode::kInvalidArgument ||
+        message.find("raise ulimit -n") == std::string::npos) {
+      std::fprintf(stderr, "descriptors: %s\n", message.c_str());
+      return 93;
+    }
+    return 0;
+  });
+  CHECK(test::wait_for(child) == 0);
+}
+
 TEST_CASE("Library threads leave signals sent to the process to the application's threads",
           "[store][threads]") {
   // Python runs signal handlers in its main thread only: a SIGTERM the kernel handed to a

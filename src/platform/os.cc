@@ -34,9 +34,16 @@ namespace {
 
 using testing::Op;
 
+// What to raise after an error that a per-process limit caused ("" for other errors).
+std::string limit_hint(int err) {
+  if (err == EMFILE) return " (the process is at its limit of open files: raise ulimit -n)";
+  if (err == ENFILE) return " (the system is at its limit of open files: the sysctl fs.file-max)";
+  return "";
+}
+
 [[noreturn]] void fail(const char* op, const std::string& path, int err) {
   throw Error(error_code_for_write_errno(err),
-              std::string(op) + " " + path + ": " + std::strerror(err), err);
+              std::string(op) + " " + path + ": " + std::strerror(err) + limit_hint(err), err);
 }
 
 // Runs the fault seam for `op`; returns the injected errno (0: make the real call).
@@ -282,15 +289,34 @@ void sync_dir(const std::string& dir_path) {
 }
 
 namespace {
-// What to change after mmap's ENOMEM: the address-space limit if one is set, else the count of
-// mappings a process may hold (each open store holds about five).
-std::string enomem_hint() {
+// What to change after mmap's ENOMEM, the likeliest limit first: the count of mappings a
+// process may hold when it is at it (each open store holds about five), the data-segment limit
+// for a private writable mapping (`as_data`), the address-space limit if one is set; else the
+// kernel's own accounting. (A hint named the address-space limit for every ENOMEM once one was
+// set, whatever ran out: found by a resource-limit review.)
+std::string enomem_hint(bool as_data = false) {
+  std::uint64_t mappings = 0, max_mappings = 0;
+  {
+    std::ifstream maps("/proc/self/maps");
+    for (std::string line; std::getline(maps, line);) ++mappings;
+    std::ifstream("/proc/sys/vm/max_map_count") >> max_mappings;
+  }
+  if (max_mappings > 0 && mappings + 16 >= max_mappings) {
+    return " (the process holds " + std::to_string(mappings) + " mappings, at the sysctl " +
+           "vm.max_map_count of " + std::to_string(max_mappings) +
+           ": raise it or open fewer stores)";
+  }
   rlimit limit{};
+  if (as_data && ::getrlimit(RLIMIT_DATA, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) {
+    return " (the data-segment limit is " + std::to_string(limit.rlim_cur) +
+           " bytes: raise ulimit -d)";
+  }
   if (::getrlimit(RLIMIT_AS, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) {
     return " (the address-space limit is " + std::to_string(limit.rlim_cur) +
            " bytes: raise ulimit -v)";
   }
-  return " (too many mappings: raise the sysctl vm.max_map_count or open fewer stores)";
+  return " (the kernel refused the memory: see the sysctl vm.overcommit_memory, or open fewer "
+         "stores)";
 }
 }  // namespace
 
@@ -348,7 +374,7 @@ void* map_private(int fd, std::uint64_t offset, std::uint64_t bytes, const std::
   if (err != 0) {
     throw Error(err == ENOMEM ? ErrorCode::kFull : ErrorCode::kIO,
                 "map " + std::to_string(bytes) + " bytes of " + what + " privately: " +
-                    std::strerror(err) + (err == ENOMEM ? enomem_hint() : std::string()),
+                    std::strerror(err) + (err == ENOMEM ? enomem_hint(true) : std::string()),
                 err);
   }
   return p;
@@ -359,7 +385,11 @@ void* map_shared(int fd, std::uint64_t offset, std::uint64_t bytes, Access acces
   if (int err = injected(Op::kMmap)) fail("mmap", path, err);
   int prot = access == Access::kReadOnly ? PROT_READ : PROT_READ | PROT_WRITE;
   void* p = ::mmap(nullptr, bytes, prot, MAP_SHARED, fd, static_cast<off_t>(offset));
-  if (p == MAP_FAILED) fail("mmap", path, errno);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    if (err != ENOMEM) fail("mmap", path, err);
+    throw Error(ErrorCode::kFull, "mmap " + path + ": " + std::strerror(err) + enomem_hint(), err);
+  }
   return p;
 }
 
