@@ -4,6 +4,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -470,6 +471,16 @@ int stop_signal() { return g_stop_signals != 0 ? static_cast<int>(g_stop_signal)
 void note_done(std::string what) { g_done_note = std::move(what); }
 
 const std::string& done_note() { return g_done_note; }
+
+std::string errno_hint(int err) {
+  // EFBIG with no limit set is a file system's own largest file: nothing the user can raise.
+  rlimit limit{};
+  if (err != EFBIG || ::getrlimit(RLIMIT_FSIZE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) {
+    return {};
+  }
+  return fmt::format(" (the file-size limit is {} bytes: raise ulimit -f)",
+                     static_cast<std::uint64_t>(limit.rlim_cur));
+}
 
 void print_json(const nlohmann::json& value) {
   // Replace, not throw, on bytes that are not UTF-8 (metadata is free-form text).

@@ -154,6 +154,11 @@ void note_done(std::string what);
 // What note_done() was given, or "" when nothing was done.
 const std::string& done_note();
 
+// What an error line adds for the errno `err` of a failed write: for EFBIG under a file-size
+// limit (RLIMIT_FSIZE, ulimit -f; main() ignores SIGXFSZ, so a write past it fails instead of
+// killing the process), " (the file-size limit is N bytes: raise ulimit -f)"; else "".
+std::string errno_hint(int err);
+
 // Rows of text printed in aligned columns on stdout: numbers (cells starting with a digit)
 // right-aligned.
 class Table {

@@ -3,6 +3,7 @@
 // Built on the public headers only; read-only commands never change a byte of a store.
 #include <CLI/CLI.hpp>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <sstream>
@@ -18,11 +19,12 @@ namespace {
 int stdout_failure(const std::string& command, const embstore::cli::StdoutError& error) {
   const std::string where = command.empty() ? "embstore" : "embstore " + command;
   const std::string& done = embstore::cli::done_note();
+  const std::string hint = embstore::cli::errno_hint(error.sys_errno());
   if (done.empty()) {
-    std::fprintf(stderr, "%s: %s\n", where.c_str(), error.what());
+    std::fprintf(stderr, "%s: %s%s\n", where.c_str(), error.what(), hint.c_str());
   } else {
-    std::fprintf(stderr, "%s: %s; the %s itself was done (%s), only its report was lost\n",
-                 where.c_str(), error.what(), command.c_str(), done.c_str());
+    std::fprintf(stderr, "%s: %s%s; the %s itself was done (%s), only its report was lost\n",
+                 where.c_str(), error.what(), hint.c_str(), command.c_str(), done.c_str());
   }
   return embstore::cli::exit_status(error);
 }
@@ -54,6 +56,12 @@ int help_printed(const CLI::App& app, const CLI::Error& call) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Under a file-size limit (ulimit -f), a write past it raises SIGXFSZ, whose default action
+  // kills the process with no message and no clean-up (a new output's hidden working directory
+  // left behind, a truncate's next-generation files left in the store). Ignored, as the library
+  // asks (embstore.h, "Caveats"), such a write fails with EFBIG: an error that names the file and
+  // the limit (kFull, exit 18), after the usual clean-up.
+  std::signal(SIGXFSZ, SIG_IGN);
   using namespace embstore::cli;
   CLI::App app(
       "embstore: inspect, check, follow, export, import, compact, merge, salvage and truncate "
@@ -131,7 +139,8 @@ int main(int argc, char** argv) {
       return stdout_failure(command->get_name(), error);
     } catch (const embstore::Error& error) {
       flush_before_error();
-      std::fprintf(stderr, "embstore %s: %s\n", command->get_name().c_str(), error.what());
+      std::fprintf(stderr, "embstore %s: %s%s\n", command->get_name().c_str(), error.what(),
+                   errno_hint(error.sys_errno()).c_str());
       return exit_status(error);
     } catch (const CLI::ParseError& e) {
       flush_before_error();

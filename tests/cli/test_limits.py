@@ -1,0 +1,81 @@
+"""The writing commands under resource limits (ulimit -f, -n, -v, -u): each fails with one line
+naming the output, the cause and the limit, leaves no hidden working directory, and loses nothing
+already stored; a key index that cannot be kept does not cost a new output its rows."""
+
+import os
+import resource
+import subprocess
+
+import numpy as np
+import pytest
+
+import embstore
+from conftest import CLI, Result, hash_tree, make_store, partial_dirs
+
+FULL = 18  # 10 + ErrorCode::kFull
+FSIZE_LIMIT = 1 << 20  # Bytes: the source store's rows.1 alone is twice that.
+
+
+def run_limited(*args, fsize=None, cwd=None) -> Result:
+    """Runs the tool with RLIMIT_FSIZE set to `fsize` bytes (SIGXFSZ at its default action, as
+    subprocess restores it, as a shell's `ulimit -f` would leave it)."""
+    def limit():
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    proc = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit, cwd=cwd, timeout=120)
+    return Result(proc)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A store of 8,000 float32 rows of dim 64 (2 MiB of rows) and an .npy file of as many."""
+    base = tmp_path_factory.mktemp("big")
+    store = make_store(base / "s", dim=64, dtype="float32", epochs=4, rows_per_epoch=2000)
+    data = base / "data.npy"
+    np.save(data, np.random.default_rng(1).standard_normal((8000, 64)).astype(np.float32))
+    return store, str(data)
+
+
+@pytest.fixture
+def source(big, tmp_path):
+    """A fresh copy of the big store in tmp_path/s, and the .npy file."""
+    store, data = big
+    copy = tmp_path / "s"
+    subprocess.run(["cp", "-a", store, str(copy)], check=True)
+    return str(copy), data
+
+
+FSIZE_CASES = {
+    "compact": ["compact", "{s}", "{o}/out.emb"],
+    "export npy": ["export", "{s}", "{o}/out"],
+    "export hdf5": ["export", "{s}", "{o}/out.h5"],
+    "export csv": ["export", "{s}", "{o}/out.csv"],
+    "salvage": ["salvage", "{s}", "{o}/out.emb"],
+    "merge": ["merge", "{o}/out.emb", "{s}"],
+    "import new": ["import", "{o}/out.emb", "{d}"],
+    "import existing": ["import", "{s}", "{d}"],
+    "truncate": ["truncate", "{s}", "--rows", "7000", "--yes"],
+}
+
+
+@pytest.mark.parametrize("case", list(FSIZE_CASES))
+def test_a_write_past_the_file_size_limit_fails_cleanly_naming_the_limit(source, tmp_path, case):
+    store, data = source
+    out = tmp_path / "o"
+    out.mkdir()
+    before = hash_tree(store)
+    args = [a.format(s=store, o=out, d=data) for a in FSIZE_CASES[case]]
+    r = run_limited(*args, fsize=FSIZE_LIMIT)
+    # Killed by SIGXFSZ, it exited -25 (153 in a shell) with no message, leaving its working
+    # directory (and truncate its next generation's rows.2 and index.2 in the store).
+    assert r.code == FULL, r
+    assert "File too large" in r.err, r
+    assert f"(the file-size limit is {FSIZE_LIMIT} bytes: raise ulimit -f)" in r.err, r
+    assert len(r.err.strip().splitlines()) == 1, r
+    assert os.listdir(out) == [], r
+    assert partial_dirs(out) == [] and partial_dirs(tmp_path) == []
+    assert hash_tree(store) == before, r
+    assert sorted(os.listdir(store)) == ["header", "index.1", "keys.4", "lock", "rows.1"]
+    reader = embstore.Reader(store)
+    assert len(reader) == 8000 and reader.verify().ok
