@@ -114,8 +114,24 @@ AsyncAppender::AsyncAppender(Writer& writer, std::uint64_t capacity_bytes,
 
 AsyncAppender::~AsyncAppender() { stop(); }
 
+void AsyncAppender::raise_failure() {
+  // The failure itself once (a full disk says so, with the rows it cost); after that, what the
+  // Writer is: it takes no more rows, whatever changed since (space freed: the disk is not
+  // full, and saying so again sent users to free more).
+  if (!failure_reported_) {
+    failure_reported_ = true;
+    throw Error(*error_);
+  }
+  throw Error(ErrorCode::kPoisoned,
+              writer_.path() +
+                  ": this async Writer takes no more rows since a background "
+                  "append failed (" +
+                  error_->what() + "); open the store again to append",
+              error_->sys_errno());
+}
+
 void AsyncAppender::throw_if_failed() {
-  if (error_) throw Error(*error_);
+  if (error_) raise_failure();
   if (stopping_) {
     throw Error(ErrorCode::kClosed, writer_.path() + ": the async writer is closed");
   }
@@ -240,7 +256,7 @@ void AsyncAppender::flush() {
         lock, idle_cv_, [&] { return finished_ >= target; },
         "for its queue to be written; the batches queued are written on");
   }
-  if (error_) throw Error(*error_);
+  if (error_) raise_failure();
 }
 
 std::optional<Error> AsyncAppender::stop() {

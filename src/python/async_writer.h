@@ -145,6 +145,8 @@ class AsyncAppender {
   // the file comment). Caller holds `lock` on mutex_.
   void wait_for_work(std::unique_lock<std::mutex>& lock);
   void throw_if_failed();  // Caller holds mutex_.
+  // Throws error_ (there is one) the first time, kPoisoned naming it after. Holds mutex_.
+  [[noreturn]] void raise_failure();
   // Offset of a free ring range of `bytes` after the live batches, if there is one now.
   // Caller holds mutex_.
   std::optional<std::uint64_t> ring_place(std::uint64_t bytes) const;
@@ -188,6 +190,7 @@ class AsyncAppender {
   std::vector<void*> done_;
   std::vector<std::vector<std::uint64_t>> spare_keys_;
   std::optional<Error> error_;
+  bool failure_reported_ = false;  // raise_failure() has thrown error_ itself once.
   // Batches written or dropped since the start: flush() waits for it to count the batches
   // queued when it was called (not for an empty queue, which another thread appending
   // meanwhile keeps from ever coming).

@@ -85,9 +85,9 @@ class UnsupportedVersionError(Error):
 
 
 class PoisonedError(Error):
-    """A sync failed, or an async Writer's background append refused a batch (a donated
-    array's value beyond the store's dtype); the Writer refuses writes until the store is
-    reopened."""
+    """A sync failed, or an async Writer's background append failed (a donated array's value
+    beyond the store's dtype; a full disk, reported as such once, then as this); the Writer
+    refuses writes until the store is reopened."""
 
     code = "poisoned"
 
