@@ -680,10 +680,12 @@ class Writer(_Handle):
     the calling thread instead, after everything queued before it (so ``append`` then returns
     when it is committed, like a synchronous append). If a background append fails, that batch
     and all batches queued behind it are not written and the error is raised by the next
-    ``append``/``flush``/``sync`` and by ``close``; it is never dropped silently. A batch the
-    background append refused (a donated array's value beyond the store's dtype) is raised
-    as ``PoisonedError`` naming it, not ValueError: the later call's own input was fine, and
-    the Writer takes no more rows until reopened.
+    ``append``/``flush``/``sync`` and by ``close``; it is never dropped silently. The Writer
+    then takes no more rows until the store is opened again: later calls raise
+    ``PoisonedError`` naming the failure (not the failure again: space freed since does not
+    make the Writer take rows). A batch the background append refused (a donated array's value
+    beyond the store's dtype) is raised as ``PoisonedError`` naming it from the first, not
+    ValueError: the later call's own input was fine.
 
     Synchronous mode and batches larger than the queue are read from the caller's memory
     while ``append`` runs: another thread that modifies the array during the call decides which
