@@ -79,3 +79,48 @@ def test_a_write_past_the_file_size_limit_fails_cleanly_naming_the_limit(source,
     assert sorted(os.listdir(store)) == ["header", "index.1", "keys.4", "lock", "rows.1"]
     reader = embstore.Reader(store)
     assert len(reader) == 8000 and reader.verify().ok
+
+
+def run_with_nofile(args, nofile) -> Result:
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    proc = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=120)
+    return Result(proc)
+
+
+@pytest.mark.parametrize("command", ["import", "compact"])
+def test_a_new_output_whose_key_index_cannot_be_kept_is_made_with_every_row_and_a_warning(
+        source, tmp_path, command):
+    # Limits on open files from too few to store anything up to enough for everything: at the
+    # lowest that stores the rows but leaves no descriptor for the key index's growth, the
+    # output is made (the key index is derived data the next writer rebuilds), with a warning.
+    store, data = source
+    before = hash_tree(store)
+    warned = False
+    for nofile in range(6, 40):
+        out = tmp_path / f"out{nofile}.emb"
+        args = ["import", out, data] if command == "import" else ["compact", store, out]
+        r = run_with_nofile(args, nofile)
+        assert partial_dirs(tmp_path) == [], r
+        if r.code != 0:
+            # Too few to store the rows: nothing made. (The old code also came here when only
+            # the key index failed, removing the output with every row in it.)
+            assert "the key index could not be maintained" not in r.err, r
+            assert not out.exists(), r
+            continue
+        if "warning" not in r.err:
+            assert r.err == "", r
+            break  # Enough for everything: the limits below it were tried.
+        warned = True
+        assert f"embstore {command}: warning: {out}: the key index could not be maintained" \
+            in r.err, r
+        assert "every row is stored" in r.err and ".partial-" not in r.err, r
+        assert len(r.err.strip().splitlines()) == 1, r
+        reader = embstore.Reader(str(out))
+        assert len(reader) == 8000 and reader.verify().ok
+        got = subprocess.run([CLI, "get", str(out), "7", "--json"], capture_output=True,
+                             text=True, timeout=60)
+        assert got.returncode == 0 and '"key":7' in got.stdout.replace(" ", ""), got
+    assert warned, "no limit stored the rows but not the key index"
+    assert hash_tree(store) == before

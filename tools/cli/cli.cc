@@ -472,6 +472,12 @@ void note_done(std::string what) { g_done_note = std::move(what); }
 
 const std::string& done_note() { return g_done_note; }
 
+void warn(const std::string& command, const std::string& text) {
+  if (text.empty()) return;
+  flush_stdout();  // The report first, as on a terminal.
+  std::fprintf(stderr, "embstore %s: warning: %s\n", command.c_str(), text.c_str());
+}
+
 std::string errno_hint(int err) {
   // EFBIG with no limit set is a file system's own largest file: nothing the user can raise.
   rlimit limit{};

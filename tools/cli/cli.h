@@ -154,6 +154,11 @@ void note_done(std::string what);
 // What note_done() was given, or "" when nothing was done.
 const std::string& done_note();
 
+// A command that succeeded with a warning (a new output whose key index could not be kept):
+// "embstore COMMAND: warning: TEXT" on stderr, after the report on stdout; the exit status
+// stays 0 (README, "Command-line tool"). Nothing when `text` is empty.
+void warn(const std::string& command, const std::string& text);
+
 // What an error line adds for the errno `err` of a failed write: for EFBIG under a file-size
 // limit (RLIMIT_FSIZE, ulimit -f; main() ignores SIGXFSZ, so a write past it fails instead of
 // killing the process), " (the file-size limit is N bytes: raise ulimit -f)"; else "".

@@ -120,6 +120,7 @@ int run_import(const ImportArgs& args) {
     print_out("imported {} rows from {} into {}{} ({})\n", result.rows, args.from,
               result.created ? "new store " : "", args.store, where);
   }
+  warn("import", result.warning);
   return kExitOk;
 }
 
@@ -157,6 +158,7 @@ int run_compact(const CompactArgs& args) {
     print_out("compacted {} ({} rows, {} bytes) into {} ({} rows, {} bytes)\n", args.store,
               result.source_rows, result.source_bytes, args.out, result.rows, result.bytes);
   }
+  warn("compact", result.warning);
   return kExitOk;
 }
 

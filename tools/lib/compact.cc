@@ -81,7 +81,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
     writer->sync();
     const StoreInfo written = writer->info();
     result.bytes = written.data_file_bytes + written.index_file_bytes;
-    writer->close();
+    result.warning = close_new_store(*writer, partial, out, result.rows);
     writer.reset();
     rename_no_replace(partial, out);
   } catch (...) {

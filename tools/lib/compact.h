@@ -23,6 +23,10 @@ struct CompactResult {
   std::uint64_t rows = 0;          // Rows in the new store.
   std::uint64_t source_bytes = 0;  // Data + index file bytes of the source.
   std::uint64_t bytes = 0;         // The same for the new store.
+  // Set when the new store was made with every row although closing it failed for what the
+  // next writer redoes (its key index could not be maintained: close_new_store(), export.h);
+  // the store is at `out` and whole, this says what to tell the user. "" otherwise.
+  std::string warning;
 };
 
 // Writes the kept rows of the store at `source` (its snapshot at open), in row order, into a new

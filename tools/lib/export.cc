@@ -201,6 +201,32 @@ void rethrow_naming_output_if_error(const std::string& working, const std::strin
   }
 }
 
+std::string close_new_store(Writer& writer, const std::string& working, const std::string& out,
+                            std::uint64_t rows) {
+  try {
+    writer.close();
+    return {};
+  } catch (const Error& e) {
+    // Judged by the state of the store, not by which error it was: every row committed, and
+    // on the device (the sync before close() covered them), in the files a Reader opens.
+    bool whole = false;
+    try {
+      const StoreInfo info = Reader::open(working).info(InfoDetail::kState);
+      whole = info.committed_rows == rows && info.durable_rows == rows && info.rows_to_cut == 0;
+    } catch (const Error&) {
+    }
+    if (!whole) throw;
+    // Published next, the store is at `out`: every mention of `working` names it.
+    std::string message = e.what();
+    const std::string named = without_trailing_separators(out).string();
+    for (std::size_t at = message.find(working); at != std::string::npos;
+         at = message.find(working, at + named.size())) {
+      message.replace(at, working.size(), named);
+    }
+    return message;
+  }
+}
+
 void require_absent(const std::string& out) {
   // symlink_status("") says not_found: the work would be done and the rename to "" fail.
   if (out.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");

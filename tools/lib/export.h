@@ -61,6 +61,16 @@ std::string make_partial_dir(const std::string& out, bool inside = false);
 // directory) when anything throws; errors name `out` (rethrow_naming_output()). kAlreadyExists
 // if `out` exists.
 void write_file_aside(const std::string& out, const std::function<void(const std::string&)>& write);
+// Closes `writer`, a new store built in `working` for `out` with `rows` rows, all of them synced.
+// When close() throws but a Reader of `working` then finds all `rows` rows committed and
+// durable, the store is whole: what failed is only what a later writer redoes (the key index,
+// derived data: FORMAT.md "keys.K", rebuilt by the next writer; Writer::close() reports it with
+// the code of its cause and no way to tell it apart but the message), so the output is kept,
+// and the error's message is returned, naming `out` where it names `working`, for the caller to
+// publish the store and then warn with it. Otherwise the error is thrown (the caller discards
+// the output). "" when close() succeeded.
+std::string close_new_store(Writer& writer, const std::string& working, const std::string& out,
+                            std::uint64_t rows);
 // Renames `from` to `to`, failing with kAlreadyExists instead of replacing anything at `to`.
 void rename_no_replace(const std::string& from, const std::string& to);
 // Throws kAlreadyExists when something exists at `out`.

@@ -441,7 +441,11 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       if (options.progress) options.progress(result.rows, n);
     }
     writer->sync();
-    writer->close();
+    if (partial.empty()) {
+      writer->close();
+    } else {
+      result.warning = close_new_store(*writer, partial, store, result.rows);
+    }
     if (in_place) {
       move_store_into(partial, store);
     } else if (!partial.empty()) {

@@ -38,6 +38,10 @@ struct ImportResult {
   bool created = false;  // The store did not exist before.
   DType source_dtype = DType::kFloat32;
   DType store_dtype = DType::kFloat32;
+  // For a new store: set when it was made with every row although closing it failed for what
+  // the next writer redoes (its key index could not be maintained: close_new_store(), export.h);
+  // the store is at its path and whole, this says what to tell the user. "" otherwise.
+  std::string warning;
 };
 
 // Appends every row of `source` to the store at `store`, creating the store if it does not
