@@ -125,6 +125,25 @@ void remove_stale_staging(const std::string& parent, const std::string& path) {
   for (const std::string& name : stale) detail::os::remove_tree(path + "/" + name);
 }
 
+// Inside a catch handler, for an error met making a new store's files in a staging directory
+// (`<path>.creating.<hex>`, or `.creating.<hex>` inside `path`) that the caller never heard of:
+// rethrown naming the store `path` first, with the cause, the staging file only in parentheses
+// ("n: cannot create the store: No space left on device (write n.creating.37ba438e01cc/header)"),
+// same code and errno. kAlreadyExists (which names `path` already) unchanged.
+[[noreturn]] void rethrow_naming_store(const std::string& path) {
+  try {
+    throw;
+  } catch (const Error& e) {
+    if (e.code() == ErrorCode::kAlreadyExists) throw;
+    const int err = e.sys_errno();
+    std::string detail = e.what();
+    if (err == 0) throw Error(e.code(), path + ": cannot create the store: " + detail, err);
+    const std::string reason = std::strerror(err);
+    if (detail.ends_with(": " + reason)) detail.resize(detail.size() - reason.size() - 2);
+    throw Error(e.code(), path + ": cannot create the store: " + reason + " (" + detail + ")", err);
+  }
+}
+
 }  // namespace
 
 void create_store(const std::string& path_in, const CreateOptions& options) {
@@ -216,13 +235,17 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
                   EEXIST);
     }
     const std::string inside = path + "/.creating." + suffix_hex;
-    detail::os::make_dir(inside);
+    try {
+      detail::os::make_dir(inside);
+    } catch (...) {
+      rethrow_naming_store(path);
+    }
     try {
       build_in(inside);
       move_store_into(inside, path);  // Flushes `path` after each move; removes `inside`.
     } catch (...) {
       detail::os::remove_tree(inside);  // move_store_into removed what it had moved.
-      throw;
+      rethrow_naming_store(path);
     }
   };
   // A mount point seen as such (another device than its parent's) is filled at once; one that
@@ -236,7 +259,11 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
     }
   }
   const std::string staging = path + ".creating." + suffix_hex;
-  detail::os::make_dir(staging);
+  try {
+    detail::os::make_dir(staging);
+  } catch (...) {
+    rethrow_naming_store(path);
+  }
   int rename_error = 0;
   try {
     build_in(staging);
@@ -252,7 +279,7 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
     }
   } catch (...) {
     detail::os::remove_tree(staging);
-    throw;
+    rethrow_naming_store(path);
   }
   if (rename_error == EBUSY) {
     detail::os::remove_tree(staging);

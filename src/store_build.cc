@@ -76,18 +76,23 @@ void StoreBuild::rethrow_naming_out() const {
   try {
     throw;
   } catch (const Error& e) {
-    std::string message = e.what();
+    const std::string message = e.what();
     const std::size_t at = message.find(path_);
     if (at == std::string::npos) throw;
     const std::size_t after = at + path_.size();
-    if (after < message.size() && message[after] != '/' && message[after] != ':' &&
-        message[after] != ' ') {
-      // A sibling named after it (create_store's `<path>.creating.<hex>`): replaced, the name
-      // would be of a path that never existed.
-      throw Error(e.code(), out_ + ": " + message, e.sys_errno());
+    // A message that starts with the working directory's path (create_store's "PATH: cannot
+    // create the store: ...", made absolute or not) names `out` in its place. Any other names a
+    // file in it or beside it (create_store's `<path>.creating.<hex>`) that `out` never holds
+    // under that name: `out` and the cause first, that file only in parentheses.
+    if (message.compare(after, 2, ": ") == 0 && message.find(' ') > at) {
+      throw Error(e.code(), out_ + message.substr(after), e.sys_errno());
     }
-    message.replace(at, path_.size(), out_);
-    throw Error(e.code(), message + " (writing " + path_ + ")", e.sys_errno());
+    const int err = e.sys_errno();
+    if (err == 0) throw Error(e.code(), out_ + ": cannot write it: " + message, err);
+    const std::string reason = std::strerror(err);
+    std::string detail = message;
+    if (detail.ends_with(": " + reason)) detail.resize(detail.size() - reason.size() - 2);
+    throw Error(e.code(), out_ + ": cannot write it: " + reason + " (" + detail + ")", err);
   }
 }
 

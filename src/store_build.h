@@ -30,11 +30,12 @@ class StoreBuild {
   const std::string& path() const { return path_; }
   // Where publish() puts it: `out` without trailing slashes.
   const std::string& out() const { return out_; }
-  // Inside a catch handler, for an error met while building: rethrows it naming `out` where it
-  // names the working directory, that directory in parentheses after it (the user asked for
-  // `out` and has never heard of it), as the tool's export does (tools/lib/export.h,
-  // rethrow_naming_output); an error naming a file beside the working directory gets `out` put
-  // in front of it instead. Anything else unchanged.
+  // Inside a catch handler, for an error met while building that names the working directory
+  // or a file in or beside it: rethrows it naming `out` first (the user asked for `out` and has
+  // never heard of the working directory), same code and errno, as the tool's export does
+  // (tools/lib/export.h, rethrow_naming_output): "OUT: cannot write it: CAUSE (INNER)", CAUSE
+  // the errno's text, INNER the message without it; a message that starts with the working
+  // directory's path gets `out` in its place. Anything else unchanged.
   [[noreturn]] void rethrow_naming_out() const;
   // Renames the working directory to `out` and flushes the parent directory; the store in it
   // must be closed. Throws kAlreadyExists, leaving `out` as it is, if something appeared there

@@ -3,6 +3,7 @@ naming the output, the cause and the limit, leaves no hidden working directory, 
 already stored; a key index that cannot be kept does not cost a new output its rows."""
 
 import os
+import re
 import resource
 import subprocess
 
@@ -124,3 +125,57 @@ def test_a_new_output_whose_key_index_cannot_be_kept_is_made_with_every_row_and_
         assert got.returncode == 0 and '"key":7' in got.stdout.replace(" ", ""), got
     assert warned, "no limit stored the rows but not the key index"
     assert hash_tree(store) == before
+
+
+NEW_OUTPUT_CASES = {
+    "create": ["create", "{o}", "--dim", "64"],
+    "compact": ["compact", "{s}", "{o}"],
+    "salvage": ["salvage", "{s}", "{o}"],
+    "merge": ["merge", "{o}", "{s}"],
+    "import": ["import", "{o}", "{d}"],
+    "export": ["export", "{s}", "{o}"],
+}
+
+
+@pytest.mark.parametrize("fill", ["full", "almost full", "1 MiB free"])
+@pytest.mark.parametrize("case", list(NEW_OUTPUT_CASES))
+def test_a_new_output_on_a_full_disk_is_named_first_with_the_cause(source, small_tmpfs, case,
+                                                                    fill):
+    # They named a file of a directory the user never heard of, or of the output (which never
+    # holds it): 'fallocate /d/out/rows.1: No space left on device (writing /d/.out.partial-..)',
+    # 'write /d/out.creating.37ba438e01cc/header: No space left on device'.
+    store, data = source
+    disk = small_tmpfs("1m")
+    free = {"full": 0, "almost full": 24 << 10, "1 MiB free": 1 << 20}[fill]
+    if free < (1 << 20):
+        with open(disk / "fill", "wb") as f:
+            f.write(b"\0" * ((1 << 20) - free))
+    out = disk / "out"
+    before = hash_tree(store)
+    r = run_limited(*[a.format(s=store, o=out, d=data) for a in NEW_OUTPUT_CASES[case]])
+    if case == "create" and fill == "1 MiB free":
+        assert r.code == 0, r  # A new empty store fits.
+        return
+    assert r.code == FULL, r
+    line = r.err.strip()
+    assert len(line.splitlines()) == 1, r
+    # The output and the cause, then the file met in parentheses.
+    assert line.split(" (", 1)[0] in (
+        f"embstore {case}: {out}: cannot write it: No space left on device",
+        f"embstore {case}: {out}: cannot create the store: No space left on device"), r
+    assert f"{out}/" not in line, r  # A file of an output that does not exist.
+    assert sorted(os.listdir(disk)) == (["fill"] if free < (1 << 20) else []), r
+    assert hash_tree(store) == before
+
+
+def test_a_new_output_out_of_open_files_is_named_first_with_the_cause(source, tmp_path):
+    # 'open /d/out.emb/lock: Too many open files (writing /d/./.out.emb.partial-..)'.
+    store, data = source
+    for args in (["import", tmp_path / "out.emb", data], ["salvage", store, tmp_path / "out.emb"],
+                 ["compact", store, tmp_path / "out.emb"]):
+        r = run_with_nofile(args, 7)
+        assert r.code == 17, (args, r)
+        assert r.err.startswith(f"embstore {args[0]}: {tmp_path / 'out.emb'}: cannot write it: "
+                                "Too many open files ("), (args, r)
+        assert f"{tmp_path / 'out.emb'}/" not in r.err, (args, r)
+        assert sorted(os.listdir(tmp_path)) == ["s"], (args, r)

@@ -580,25 +580,24 @@ def test_compact_and_import_errors_name_the_output_asked_for(full_disk, tmp_path
         r = run(*args, out, *extra, "--quiet")
         assert r.code == 18, (args, r)
         line = one_line(r.err)
-        assert str(out) in line and "No space left on device" in line, line
-        # The working path only in parentheses after it.
-        assert re.search(rf"\(writing {re.escape(str(full_disk))}/\.{out.name}\.partial-\w+", line), line
-        assert line.index(str(out)) < line.index("(writing"), line
+        # The output and the cause first; the working path only in parentheses after them.
+        assert line.startswith(f"embstore {args[0]}: {out}: cannot "), line
+        hidden = rf"{re.escape(str(full_disk))}/\.{out.name}\.partial-\w+"
+        assert re.search(rf": No space left on device \(\S+ \S*{hidden}", line), line
+        assert f"{out}/" not in line, line  # no file of an output that does not exist
         assert os.listdir(full_disk) == []
 
 
 def test_export_errors_name_the_output_asked_for_not_its_working_path(full_disk, tmp_path):
     store = make_store(tmp_path / "s", dim=64, dtype="float32", rows_per_epoch=3000)
-    for out, named in ((full_disk / "o", full_disk / "o" / "vectors.npy"),
-                       (full_disk / "o.csv", full_disk / "o.csv"),
-                       (full_disk / "o.h5", full_disk / "o.h5")):
+    for out in (full_disk / "o", full_disk / "o.csv", full_disk / "o.h5"):
         r = run("export", store, out, "--quiet")
         assert r.code == 18, (out, r)
         line = one_line(r.err)
-        # The working path may follow in parentheses, never in the user's place.
-        assert re.match(rf"embstore export: \S.* {re.escape(str(named))}: No space left on device "
-                        rf"\(writing {re.escape(str(full_disk))}/\.{re.escape(out.name)}\.partial-\w+", line), \
-            (out, line)
+        # The output and the cause first; the working path only in parentheses after them.
+        assert re.match(rf"embstore export: {re.escape(str(out))}: cannot write it: No space left "
+                        rf"on device \(.* {re.escape(str(full_disk))}/\.{re.escape(out.name)}"
+                        rf"\.partial-\w+", line), (out, line)
         assert os.listdir(full_disk) == []
 
 

@@ -186,11 +186,24 @@ std::filesystem::path without_trailing_separators(const std::string& path) {
 }  // namespace
 
 void rethrow_naming_output(const Error& e, const std::string& working, const std::string& out) {
-  std::string message = e.what();
+  const std::string message = e.what();
   const std::size_t at = message.find(working);
   if (at == std::string::npos) throw;
-  message.replace(at, working.size(), without_trailing_separators(out).string());
-  throw Error(e.code(), message + " (writing " + working + ")", e.sys_errno());
+  const std::string named = without_trailing_separators(out).string();
+  const std::size_t after = at + working.size();
+  // A message that starts with the working directory's path (create_store's "PATH: cannot
+  // create the store: ...", made absolute or not) names the output in its place. Any other
+  // names a file in it (or beside it) that the user never heard of, and that the output never
+  // holds under that name: the output and the cause first, that file only in parentheses.
+  if (message.compare(after, 2, ": ") == 0 && message.find(' ') > at) {
+    throw Error(e.code(), named + message.substr(after), e.sys_errno());
+  }
+  const int err = e.sys_errno();
+  if (err == 0) throw Error(e.code(), named + ": cannot write it: " + message, err);
+  const std::string reason = std::strerror(err);
+  std::string detail = message;
+  if (detail.ends_with(": " + reason)) detail.resize(detail.size() - reason.size() - 2);
+  throw Error(e.code(), named + ": cannot write it: " + reason + " (" + detail + ")", err);
 }
 
 void rethrow_naming_output_if_error(const std::string& working, const std::string& out) {

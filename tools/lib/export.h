@@ -49,8 +49,12 @@ ExportResult export_store(const Reader& reader, const std::string& out,
 // not exist"), with the code of the errno (kNotFound, kReadOnly, ...).
 std::string make_partial_dir(const std::string& out, bool inside = false);
 // Inside a catch handler of `e`, met while writing `working` (the hidden path renamed to `out`
-// when complete): rethrows it naming `out` instead, the working path in parentheses (the user
-// asked for `out` and has never heard of `working`); unchanged if it does not name `working`.
+// when complete): rethrows it naming `out` first (the user asked for `out` and has never heard
+// of `working`), with the same code and errno: "OUT: cannot write it: CAUSE (INNER)", CAUSE the
+// errno's text, INNER the message without it, so the file in the working directory shows only
+// in parentheses ("out.emb: cannot write it: No space left on device (fallocate
+// ./.out.emb.partial-Xy12Zw/rows.1)"); a message that starts with `working` ("PATH: cannot
+// create the store: ...") gets `out` in its place. Unchanged if it does not name `working`.
 [[noreturn]] void rethrow_naming_output(const Error& e, const std::string& working,
                                         const std::string& out);
 // Inside any catch handler: rethrow_naming_output() for an Error, the exception as it is else.
