@@ -1303,10 +1303,6 @@ PYBIND11_MODULE(_embstore, m) {
       "(sigterm_relay.h, write_on_sigterm); from any thread. False if SIGTERM is not at its "
       "default action.");
 
-  m.def("_end_by_sigterm", &end_by_sigterm,
-        "Ends the process by SIGTERM's default action (sigterm_relay.h), from any thread; never "
-        "returns.");
-
   m.attr("library_version") = kLibraryVersion;
   m.attr("format_version") =
       std::to_string(kFormatVersionMajor) + "." + std::to_string(kFormatVersionMinor);

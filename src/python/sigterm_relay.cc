@@ -48,6 +48,15 @@ void restore_default(int signal_number) {
   sigaction(signal_number, &fallback, nullptr);
 }
 
+// Ends the process by SIGTERM's default action (async-signal-safe), from any thread: every
+// thread but the library's takes it; _exit if none does within a second.
+[[noreturn]] void end_by_sigterm() {
+  restore_default(SIGTERM);
+  kill(getpid(), SIGTERM);
+  sleep(1);
+  _exit(128 + SIGTERM);
+}
+
 // SIGTERM's handler of write_on_sigterm(). Async-signal-safe. In a forked child of the process
 // that installed it there is no relay thread: the default action, at once (the signal is blocked
 // while its handler runs, so raise() delivers it when the handler returns).
@@ -135,13 +144,6 @@ void start_relay_thread() {
 }
 
 }  // namespace
-
-[[noreturn]] void end_by_sigterm() {
-  restore_default(SIGTERM);
-  kill(getpid(), SIGTERM);
-  sleep(1);
-  _exit(128 + SIGTERM);
-}
 
 bool write_on_sigterm(WriteAndEnd write) {
   static std::mutex once;  // callers on several threads

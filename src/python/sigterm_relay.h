@@ -1,8 +1,7 @@
-// sigterm_relay.h — makes sure a process's SIGTERM reaches its Python handler.
+// sigterm_relay.h — makes sure a multiprocessing child's SIGTERM reaches its Python handler.
 //
-// The package writes what a process's Writers and recorders hold when the process is sent
-// SIGTERM (embstore._write_then_terminate, installed by _leave_cleanly_on_sigterm: in every
-// process whose SIGTERM had its default action, a multiprocessing child or not). Python
+// The package writes what a multiprocessing child's Writers and recorders hold when the child is
+// sent SIGTERM (embstore._write_then_terminate, installed by _leave_cleanly_on_sigterm). Python
 // runs that handler in its main thread only: between two bytecodes, or when a blocking call of
 // the main thread is interrupted (EINTR) and checks for signals. Python's C-level handler only
 // records the signal. So a SIGTERM recorded while the main thread is not in the blocking call yet
@@ -70,12 +69,5 @@ bool relay_sigterm(WriteAndEnd stuck = nullptr);
 // own, or ignored). Safe to call again, from any thread.
 constexpr std::chrono::seconds kWriteDeadline{30};
 bool write_on_sigterm(WriteAndEnd write);
-
-// Ends the process by SIGTERM's default action (async-signal-safe), from any thread: every
-// thread but the library's takes it; _exit(128 + SIGTERM) if none does within a second. For a
-// process that is not a multiprocessing child or a torchrun worker, once its rows are written:
-// it ends as the signal would have ended it (its parent, a shell, systemd or `timeout`, sees a
-// process terminated by SIGTERM).
-[[noreturn]] void end_by_sigterm();
 
 }  // namespace embstore::python

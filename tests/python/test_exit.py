@@ -618,15 +618,12 @@ def test_recorder_rows_of_persistent_dataloader_workers_are_written_at_exit(stor
 
 
 @contextlib.contextmanager
-def torchrun_worker(source, *args, torchrun=True):
-    """`source` run as a torchrun worker would be (TORCHELASTIC_RUN_ID in its environment), or
-    as a plain script (not `torchrun`), stdin and stdout piped (text); killed on the way out if
-    it still runs."""
-    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
-    if torchrun:
-        env["TORCHELASTIC_RUN_ID"] = "test-run"
+def torchrun_worker(source, *args):
+    """`source` run as a torchrun worker would be (TORCHELASTIC_RUN_ID in its environment),
+    stdin and stdout piped (text); killed on the way out if it still runs."""
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(source), *args], text=True,
-                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=dict(os.environ, TORCHELASTIC_RUN_ID="test-run"),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     try:
         yield child
@@ -668,88 +665,6 @@ def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(s
     assert code == 128 + signal.SIGTERM, child.stderr.read()
     r = embstore.Reader(store)
     assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
-
-
-@pytest.mark.parametrize("opened_in", ["main thread", "another thread"])
-def test_a_plain_script_terminated_writes_its_queued_rows_and_ends_by_the_signal(store,
-                                                                                 opened_in):
-    """A script run on its own (no multiprocessing parent, not torchrun), 500 rows queued in its
-    async Writer behind this process's lock, sent SIGTERM as `timeout`, `kill`, `docker stop`
-    or a scheduler sends it: the rows are written, then it ends by SIGTERM itself, as the
-    default action would have ended it. Before, the default action dropped every queued row
-    without a word (a review: 65,280 of 250,112 returned rows gone under `timeout -s TERM`)."""
-    import time
-    embstore.create(store, dim=workers.DIM)
-    with torchrun_worker("""
-        import sys, threading
-        import numpy as np
-        import embstore, workers
-        def run():
-            writer = embstore.Writer(sys.argv[1], async_queue_mb=16)
-            keys = np.arange(500)
-            print("opened", flush=True)
-            sys.stdin.readline()  # the parent holds the lock now
-            writer.append(keys, workers.payload(keys), 0)
-            print("queued", flush=True)
-            threading.Event().wait()
-        if sys.argv[2] == "main thread":
-            run()
-        else:
-            threading.Thread(target=run, daemon=True).start()
-            threading.Event().wait()
-        """, store, opened_in, torchrun=False) as child:
-        assert child.stdout.readline() == "opened\n"
-        with StoreLock(store):
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            assert child.stdout.readline() == "queued\n"
-            child.terminate()
-            time.sleep(1)  # the rows are still queued behind the lock
-            assert child.poll() is None
-        code = child.wait(timeout=60)
-    assert code == -signal.SIGTERM, child.stderr.read()
-    r = embstore.Reader(store)
-    assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
-
-
-@pytest.mark.parametrize("child_writer", [False, True])
-def test_a_child_os_fork_made_of_such_a_script_ends_at_sigterm_as_before(tmp_path, child_writer):
-    """A script with a Writer (so with embstore's SIGTERM handler) os.fork()s a child. A child
-    with no Writer of its own ends at SIGTERM by the signal, at once, as it did before scripts
-    got the handler (it raised SystemExit, ran its ``finally`` blocks and exited 0: a worker
-    catching BaseException would have gone on). A child that opened its own Writer has that
-    Writer's queued rows written first, then ends by the signal."""
-    script = run_script("""
-        import os, signal, sys, time
-        import numpy as np, embstore
-        w = embstore.Writer(os.path.join(sys.argv[1], "parent"), dim=4, async_queue_mb=1)
-        w.append(np.arange(10), np.ones((10, 4), np.float32))
-        pid = os.fork()
-        if pid == 0:
-            try:
-                if sys.argv[2] == "True":
-                    own = embstore.Writer(os.path.join(sys.argv[1], "child"), dim=4,
-                                          async_queue_mb=1)
-                    own.append(np.arange(7), np.ones((7, 4), np.float32))
-                print("child ready", flush=True)
-                time.sleep(60)
-            finally:
-                print("child finally ran", flush=True)
-            os._exit(3)
-        assert sys.stdin.readline() == "go\\n"
-        os.kill(pid, signal.SIGTERM)
-        _, status = os.waitpid(pid, 0)
-        print("child", "killed by %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
-              else "exit %d" % os.WEXITSTATUS(status), flush=True)
-        w.close()
-        """, str(tmp_path), str(child_writer))
-    assert script.stdout.readline() == "child ready\n", script.communicate(timeout=60)[1]
-    out, err = script.communicate("go\n", timeout=60)
-    assert script.returncode == 0, err
-    assert out == f"child killed by {int(signal.SIGTERM)}\n", (out, err)
-    assert len(embstore.Reader(str(tmp_path / "parent"))) == 10
-    if child_writer:
-        assert sorted(embstore.Reader(str(tmp_path / "child")).keys.tolist()) == list(range(7))
 
 
 class SaysWhenWaitedOn:

@@ -1020,8 +1020,7 @@ _WRITER_EXIT_PRIORITY = 10
 
 
 class _Termination:
-    """What a SIGTERM (_leave_cleanly_on_sigterm) has to do, and when (said of a multiprocessing
-    child; any other process ends at once after the writing instead, _Termination.as_signal).
+    """What a SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm) has to do, and when.
 
     It writes what this process's recorders and Writers hold (their exit finalizers, priority
     _WRITER_EXIT_PRIORITY and up), then ends the child, as the signal asks: by SystemExit, so
@@ -1045,15 +1044,9 @@ class _Termination:
         self.exit_code = 0
         self.writers_done = False  # the epilogue has run (every exit finalizer of ours has)
         self.epilogue_pid = 0  # the process whose epilogue is registered
-        # Not a multiprocessing child: the process ends at once after the writing, as the signal
-        # would have ended it (_end_now): by the signal itself, or (a torchrun worker) with
-        # status 128 + SIGTERM.
+        # Not a multiprocessing child (a torchrun worker): the process ends as the signal would
+        # have ended it, at once after the writing, with status 128 + SIGTERM (_end_now).
         self.as_signal = False
-        self.by_signal = False
-        # A child os.fork() made of such a process (by_signal), which has opened no Writer of
-        # its own since: its SIGTERM ends it at once by the default action, as before the
-        # parent's handler was installed (_after_fork_in_child).
-        self.forked_plain = False
         # Which of SIGTERM's Python handler ("handler") and the relay thread ("relay": the main
         # thread did not come back to Python in time, _write_if_main_thread_stuck) acts on the
         # signal: the first to take `deciding`. The other leaves it to that one.
@@ -1086,26 +1079,15 @@ class _Termination:
 
 
 _TERMINATION = _Termination()
-
-
-def _after_fork_in_child() -> None:
-    # A child forked by another thread while the main thread was inside a stretch starts outside.
-    plain = _TERMINATION.by_signal
-    _TERMINATION.__init__()
-    _TERMINATION.forked_plain = plain
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# A child forked by another thread while the main thread was inside a stretch starts outside.
+os.register_at_fork(after_in_child=_TERMINATION.__init__)
 
 
 def _write_then_terminate(signum, frame) -> None:
-    """SIGTERM in a process that had no handler of its own (_leave_cleanly_on_sigterm; what it
-    does and when: _Termination). A second SIGTERM meanwhile kills at once (default action
-    restored)."""
+    """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm; what it does and when:
+    _Termination). A second SIGTERM meanwhile kills at once (default action restored)."""
     import signal
     signal.signal(signum, signal.SIG_DFL)
-    if _TERMINATION.forked_plain:
-        _embstore._end_by_sigterm()  # never returns
     with _TERMINATION.deciding:
         if _TERMINATION.claimed_by is None:
             _TERMINATION.claimed_by = "handler"
@@ -1157,8 +1139,6 @@ def _end_now() -> None:
             pass
     code = _TERMINATION.exit_code
     if _TERMINATION.as_signal and code == 0:
-        if _TERMINATION.by_signal:
-            _embstore._end_by_sigterm()  # never returns
         code = 128 + 15  # SIGTERM, as a shell reports a process it ended
     os._exit(code)
 
@@ -1172,12 +1152,11 @@ def _wait_for_the_end() -> None:
 
 
 def _write_off_main_thread() -> None:
-    """SIGTERM in a process (a multiprocessing child, say) whose Writers were opened in threads
-    other than its main one (no Python handler: _leave_cleanly_on_sigterm). Runs in the
-    library's relay thread: writes what this process's recorders and Writers hold (their exit
-    finalizers), then ends the process at once (_end_now), as _write_then_terminate does,
-    without the program's ``finally`` blocks (the default action, which this replaces, ran none
-    either).
+    """SIGTERM in a multiprocessing child whose Writers were opened in threads other than its
+    main one (no Python handler: _leave_cleanly_on_sigterm). Runs in the library's relay
+    thread: writes what this process's recorders and Writers hold (their exit finalizers), then
+    ends the child at once with exit status 0, as _write_then_terminate does, without the
+    program's ``finally`` blocks (the default action, which this replaces, ran none either).
     When the main thread is in multiprocessing's exit function, which runs the same finalizers
     and may be inside one (a Writer taken off the list, not yet closed), the epilogue ends the
     process after them instead (_Termination)."""
@@ -1222,24 +1201,23 @@ def _launched_by_torchrun() -> bool:
 
 
 def _leave_cleanly_on_sigterm() -> None:
-    """In a process whose SIGTERM still has its default action, has SIGTERM write what this
-    process's Writers and recorders hold before it ends the process (_write_then_terminate).
-    multiprocessing itself sends SIGTERM in an ordinary shutdown (``with Pool() as pool:`` ends
-    in ``terminate()``; daemon children are terminated at the parent's exit), torchrun's agent
-    when another worker failed, and `timeout`, `kill`, `docker stop`, systemd and batch
-    schedulers to any process; the default action dropped those rows without a word. A
-    multiprocessing child then ends with status 0, a torchrun worker with 128 + SIGTERM, and
-    any other process by SIGTERM itself once its rows are written (_Termination.as_signal,
-    by_signal), as the default action would have ended it.
+    """In a ``multiprocessing`` child (a Pool worker, a DataLoader worker) or a torchrun worker
+    whose SIGTERM still has its default action, has SIGTERM write what this process's Writers
+    and recorders hold before it ends the process (_write_then_terminate). multiprocessing
+    itself sends SIGTERM in an ordinary shutdown (``with Pool() as pool:`` ends in
+    ``terminate()``; daemon children are terminated at the parent's exit), torchrun's agent when
+    another worker failed, and the default action dropped those rows without a word. A torchrun
+    worker then ends with status 128 + SIGTERM (_Termination.as_signal), a multiprocessing child
+    with 0.
     From the child's main thread, a Python handler; from another thread, where Python cannot
     install one, a C handler whose relay thread writes (_write_off_main_thread). A handler of
     the program's own is left alone."""
     import multiprocessing
     import signal
-    _TERMINATION.forked_plain = False  # a Writer of this process's own
     if multiprocessing.parent_process() is None:
+        if not _launched_by_torchrun():
+            return
         _TERMINATION.as_signal = True
-        _TERMINATION.by_signal = not _launched_by_torchrun()
     if threading.current_thread() is not threading.main_thread():
         # Python cannot install a handler from here: a C one has the library's relay thread
         # write (_write_off_main_thread), unless SIGTERM has a handler already. Once the main
@@ -1629,8 +1607,8 @@ class Reader(_Handle):
     def find_many(self, keys, epochs=None) -> np.ndarray:
         """Rows (int64, -1 where missing) of ``keys`` at ``epochs`` (an array as long as
         ``keys``, one int for all, or None: the latest). Vectorised, GIL released. Answers from
-        the key index's slots, as ``find`` does (README, "Lookups by sample id and epoch": a
-        slot damaged inside the tables can name another key's row; ``get_many`` confirms).
+        the key index's slots, as ``find`` does (README, "Lookups by sample id and epoch": a slot damaged inside
+        the tables can name another key's row; ``get_many`` confirms).
 
         ``keys`` (and an array of ``epochs``) must be 1-D: the result is 1-D, one row per key;
         other shapes raise ValueError naming the argument and its shape (flatten them first,
