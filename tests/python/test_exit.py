@@ -618,12 +618,15 @@ def test_recorder_rows_of_persistent_dataloader_workers_are_written_at_exit(stor
 
 
 @contextlib.contextmanager
-def torchrun_worker(source, *args):
-    """`source` run as a torchrun worker would be (TORCHELASTIC_RUN_ID in its environment),
-    stdin and stdout piped (text); killed on the way out if it still runs."""
+def torchrun_worker(source, *args, torchrun=True):
+    """`source` run as a torchrun worker would be (TORCHELASTIC_RUN_ID in its environment), or
+    as a plain script (not `torchrun`), stdin and stdout piped (text); killed on the way out if
+    it still runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
+    if torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "test-run"
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(source), *args], text=True,
-                             env=dict(os.environ, TORCHELASTIC_RUN_ID="test-run"),
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     try:
         yield child
@@ -653,6 +656,41 @@ def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(s
         print("queued", flush=True)
         threading.Event().wait()
         """, store) as child:
+        assert child.stdout.readline() == "opened\n"
+        with StoreLock(store):
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "queued\n"
+            child.terminate()
+            time.sleep(1)  # the rows are still queued behind the lock
+            assert child.poll() is None
+        code = child.wait(timeout=60)
+    assert code == 128 + signal.SIGTERM, child.stderr.read()
+    r = embstore.Reader(store)
+    assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
+
+
+def test_a_plain_script_with_the_readme_sigterm_handler_writes_its_queued_rows(store):
+    """A script run on its own keeps SIGTERM's default action (embstore installs no handler
+    there: doing so hung Pool.terminate() and delayed SIGTERM in programs that had closed their
+    Writers), which would drop its queued rows. The README's one-line handler that exits has
+    the exit handlers write them: 500 rows queued behind this process's lock, SIGTERM, every
+    row written and the script ends with 128 + SIGTERM."""
+    import time
+    embstore.create(store, dim=workers.DIM)
+    with torchrun_worker("""
+        import signal, sys, threading
+        import numpy as np
+        import embstore, workers
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        writer = embstore.Writer(sys.argv[1], async_queue_mb=16)
+        keys = np.arange(500)
+        print("opened", flush=True)
+        sys.stdin.readline()  # the parent holds the lock now
+        writer.append(keys, workers.payload(keys), 0)
+        print("queued", flush=True)
+        threading.Event().wait()
+        """, store, torchrun=False) as child:
         assert child.stdout.readline() == "opened\n"
         with StoreLock(store):
             child.stdin.write("go\n")
