@@ -218,7 +218,7 @@ SalvageReport salvage(
     report.rows_lost = report.rows_scanned - report.rows_copied;
     if (progress) progress(report.rows_scanned, report.rows_scanned);
     writer.sync();
-    writer.close();
+    report.warning = build.close_writer(writer, report.rows_copied);
   } catch (...) {
     build.rethrow_naming_out();
   }

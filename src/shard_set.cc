@@ -1078,7 +1078,8 @@ std::vector<std::size_t> metadata_overrides(const ShardSet& shards) {
 }
 
 StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
-                       const std::function<void(const MergeProgress&)>& progress) {
+                       const std::function<void(const MergeProgress&)>& progress,
+                       std::string* warning) {
   CreateOptions create;
   create.dim = shards.dim();
   create.dtype = shards.dtype();
@@ -1204,7 +1205,8 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
     writer.sync();
     info = writer.info();
     info.path = build.out();
-    writer.close();
+    const std::string closed = build.close_writer(writer, done.rows_done);
+    if (warning != nullptr) *warning = closed;
   } catch (...) {
     build.rethrow_naming_out();
   }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "embstore/error.h"
+#include "embstore/reader.h"
 #include "embstore/store.h"
 #include "format/format.h"
 #include "platform/os.h"
@@ -93,6 +94,29 @@ void StoreBuild::rethrow_naming_out() const {
     std::string detail = message;
     if (detail.ends_with(": " + reason)) detail.resize(detail.size() - reason.size() - 2);
     throw Error(e.code(), out_ + ": cannot write it: " + reason + " (" + detail + ")", err);
+  }
+}
+
+std::string StoreBuild::close_writer(Writer& writer, std::uint64_t rows) const {
+  try {
+    writer.close();
+    return {};
+  } catch (const Error& e) {
+    // Judged by the state of the store, not by which error it was (the tool's close_new_store,
+    // tools/lib/export.h, judges the same way).
+    bool whole = false;
+    try {
+      const StoreInfo info = Reader::open(path_).info(InfoDetail::kState);
+      whole = info.committed_rows == rows && info.durable_rows == rows && info.rows_to_cut == 0;
+    } catch (const Error&) {
+    }
+    if (!whole) throw;
+    std::string message = e.what();
+    for (std::size_t at = message.find(path_); at != std::string::npos;
+         at = message.find(path_, at + out_.size())) {
+      message.replace(at, path_.size(), out_);
+    }
+    return message;
   }
 }
 

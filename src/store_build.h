@@ -10,7 +10,10 @@
 // reads stores calls embstore::refuse_output_inside() (store.h) before making its StoreBuild.
 #pragma once
 
+#include <cstdint>
 #include <string>
+
+#include "embstore/writer.h"
 
 namespace embstore::detail {
 
@@ -37,6 +40,14 @@ class StoreBuild {
   // the errno's text, INNER the message without it; a message that starts with the working
   // directory's path gets `out` in its place. Anything else unchanged.
   [[noreturn]] void rethrow_naming_out() const;
+  // Closes `writer`, the store built here, holding `rows` rows, every one synced. When close()
+  // throws but a Reader then finds all `rows` rows committed and durable, the store is whole:
+  // what failed is what a later writer redoes (Writer::close()'s "the key index could not be
+  // maintained": derived data, FORMAT.md "keys.K"; close() gives it the code of its cause and
+  // no way to tell it apart but its text), so the store is kept, and the error's message is
+  // returned, naming `out` where it names the working directory, to be given as a warning once
+  // published. Otherwise the error is thrown. "" when close() succeeded.
+  std::string close_writer(Writer& writer, std::uint64_t rows) const;
   // Renames the working directory to `out` and flushes the parent directory; the store in it
   // must be closed. Throws kAlreadyExists, leaving `out` as it is, if something appeared there
   // meanwhile.

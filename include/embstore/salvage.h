@@ -27,6 +27,11 @@ struct SalvageReport {
   // header copy; rows past the committed counter, copied or not; files cut short. Empty when
   // the store is sound.
   std::vector<std::string> damage;
+  // Set when `out` was made with every row copied although its key index could not be kept
+  // (Writer::close() failed for it: open files or memory ran out at its last growth, say): the
+  // store is whole, lookups scan the rows it did not index until the next writer indexes them.
+  // close()'s message, naming `out`, for the caller to show as a warning. Empty otherwise.
+  std::string warning;
 };
 
 // Copies every row of the store at `store` whose index entry and checksum verify, in order and

@@ -218,9 +218,14 @@ struct MergeProgress {
 // `.<name of out>.partial-<hex>` beside `out` and renamed to `out` (never replacing anything) only
 // when complete: on any error (a full disk, say) nothing is left at `out`. A process killed
 // meanwhile leaves that directory, never `out`; it is not the merged store and may be deleted.
-// The result is synced before returning. Returns its info.
+// The result is synced before returning. Returns its info. A merged store made with every row
+// although its key index could not be kept (Writer::close() failed for it: open files or memory
+// ran out at its last growth, say) is kept, whole: lookups scan the rows it did not index until
+// the next writer indexes them; close()'s message, naming `out`, is put in `*warning` (when
+// given) for the caller to show; "" otherwise.
 StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
-                       const std::function<void(const MergeProgress&)>& progress = {});
+                       const std::function<void(const MergeProgress&)>& progress = {},
+                       std::string* warning = nullptr);
 
 // Where a shard's epochs go down: at `row` (of the shard), `epoch` follows `previous`.
 struct EpochDrop {

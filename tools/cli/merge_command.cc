@@ -54,11 +54,12 @@ int run_merge(const MergeArgs& args) {
   note_epochs_going_down(shards);
   note_metadata_replaced(shards);
   StoreInfo info;
+  std::string warning;
   {
     Progress progress("merging", args.quiet);
-    info = merge_stores(args.out, shards, [&](const MergeProgress& p) {
-      progress.update(p.rows_done, p.rows_total);
-    });
+    info = merge_stores(
+        args.out, shards,
+        [&](const MergeProgress& p) { progress.update(p.rows_done, p.rows_total); }, &warning);
   }
   note_done(fmt::format("wrote {} rows to {}", info.committed_rows, args.out));
   if (args.json) {
@@ -69,6 +70,7 @@ int run_merge(const MergeArgs& args) {
     print_out("merged {} shard(s), {} rows, into {}\n", shards.shard_count(), info.committed_rows,
               args.out);
   }
+  warn("merge", warning);
   return kExitOk;
 }
 

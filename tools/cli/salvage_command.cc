@@ -62,6 +62,7 @@ int run_salvage(const SalvageArgs& args) {
       table.print("  ");
     }
   }
+  warn("salvage", report.warning);
   return damaged ? kExitDamage : kExitOk;
 }
 
