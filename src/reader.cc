@@ -233,7 +233,7 @@ PrivateRows::PrivateRows(PrivateRows&& other) noexcept
       data_(std::exchange(other.data_, nullptr)),
       rows_(std::exchange(other.rows_, 0)),
       bytes_(std::exchange(other.bytes_, 0)),
-      copied_(other.copied_) {}
+      copied_(std::exchange(other.copied_, false)) {}
 
 PrivateRows& PrivateRows::operator=(PrivateRows&& other) noexcept {
   if (this != &other) {
@@ -259,14 +259,11 @@ PrivateRows Reader::private_rows(std::uint64_t begin, std::uint64_t end) const {
   const std::uint64_t lead = offset % detail::kPageBytes;
   detail::RowCopier copier(f);
   if (const int fd = copier.descriptor(); fd >= 0) {
-    try {
-      out.map_bytes_ = lead + out.bytes_;
-      out.map_ = detail::os::map_private(fd, offset - lead, out.map_bytes_, f.data_path());
-      out.data_ = static_cast<std::byte*>(out.map_) + lead;
-      return out;
-    } catch (const Error&) {
-      out.map_ = nullptr;  // Copied below, which says what fails if that does too.
-    }
+    // Its failure is said as it is: a copy would need as much memory (ENOMEM) or more.
+    out.map_bytes_ = lead + out.bytes_;
+    out.map_ = detail::os::map_private(fd, offset - lead, out.map_bytes_, f.data_path());
+    out.data_ = static_cast<std::byte*>(out.map_) + lead;
+    return out;
   }
   out.map_bytes_ = out.bytes_;
   out.map_ = detail::os::map_private(-1, 0, out.map_bytes_, f.data_path() + " (a copy)");

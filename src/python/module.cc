@@ -916,7 +916,7 @@ class PyReader {
     auto rows = std::make_unique<PrivateRows>();
     const std::uint64_t stop = end.value_or(reader().size());
     {
-      py::gil_scoped_release release;  // A copy, where the file cannot be mapped, takes time.
+      ReleaseGil unlocked;  // A copy, where the file cannot be mapped, takes time.
       *rows = reader().private_rows(begin, stop);
     }
     const DType dtype = reader().dtype();

@@ -315,6 +315,45 @@ def test_a_daemon_thread_appending_when_the_program_ends_does_not_abort_it(store
         assert len(r) - before >= returned > 0 and r.verify().ok
 
 
+@pytest.mark.parametrize("truncated", [False, True])
+def test_a_daemon_thread_taking_tensors_when_the_program_ends_does_not_abort_it(store, truncated):
+    """A daemon thread in Reader.tensor() (the GIL released while its rows are mapped, or copied
+    once a truncate removed the file) when the program ends: its binding released the GIL with
+    py::gil_scoped_release, whose noexcept destructor met CPython ending the thread there
+    (std::terminate, SIGABRT, exit 134, in 6 of 6 runs of a review's script)."""
+    with embstore.Writer(store, dim=1024) as w:
+        for i in range(8):
+            w.append(np.arange(4096) + i * 4096, np.ones((4096, 1024), np.float32))
+    for _ in range(3):
+        script = run_script("""
+            import sys, threading, time
+            import embstore
+            r = embstore.Reader(sys.argv[1])
+            if sys.argv[2] == "True":
+                embstore.Writer(sys.argv[1]).truncate(rows=10)  # tensor() copies from here on
+            started = threading.Event()
+            def loop():
+                # The binding's call under tensor(): torch's own deleter of a tensor over numpy
+                # memory takes the GIL back in a noexcept destructor too (torch 1.13 aborts so
+                # for any such tensor deleted there, embstore's or not), so no tensor here.
+                while True:
+                    rows = r._native.private_rows(0, 64 if sys.argv[2] == "True" else 4096)
+                    del rows
+                    started.set()
+            threading.Thread(target=loop, daemon=True).start()
+            started.wait(60)
+            junk = [str(i) for i in range(3_000_000)]  # a long finalization
+            time.sleep(0.2)
+            print("done", flush=True)
+            """, store, str(truncated))
+        out, err = script.communicate(timeout=120)
+        assert script.returncode == 0, err
+        assert out == "done\n" and "terminate" not in err, err
+        if truncated:
+            embstore.Writer(store).close()  # the next round truncates the 10 rows left: none
+            break
+
+
 @pytest.mark.parametrize("ending", ["exit", "close"])
 @pytest.mark.parametrize("queue_mb", [0, 1])
 def test_threads_appending_in_turn_do_not_hold_off_close_or_the_end(store, queue_mb, ending):
