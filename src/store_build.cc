@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "embstore/error.h"
-#include "embstore/reader.h"
 #include "embstore/store.h"
 #include "format/format.h"
 #include "platform/os.h"
@@ -98,18 +97,16 @@ void StoreBuild::rethrow_naming_out() const {
 }
 
 std::string StoreBuild::close_writer(Writer& writer, std::uint64_t rows) const {
+  // Judged by the state of the store, not by which error close() threw (the tool's
+  // close_new_store, tools/lib/export.h, judges the same way): every row committed and on the
+  // device before close() (no other writer knows the working directory), which nothing close()
+  // does can take back. Read before, not after with a Reader: what close() ran out of (address
+  // space, open files) a Reader needs too.
+  const bool whole = writer.committed_rows() == rows && writer.durable_rows() == rows;
   try {
     writer.close();
     return {};
   } catch (const Error& e) {
-    // Judged by the state of the store, not by which error it was (the tool's close_new_store,
-    // tools/lib/export.h, judges the same way).
-    bool whole = false;
-    try {
-      const StoreInfo info = Reader::open(path_).info(InfoDetail::kState);
-      whole = info.committed_rows == rows && info.durable_rows == rows && info.rows_to_cut == 0;
-    } catch (const Error&) {
-    }
     if (!whole) throw;
     std::string message = e.what();
     for (std::size_t at = message.find(path_); at != std::string::npos;

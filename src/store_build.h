@@ -41,7 +41,7 @@ class StoreBuild {
   // directory's path gets `out` in its place. Anything else unchanged.
   [[noreturn]] void rethrow_naming_out() const;
   // Closes `writer`, the store built here, holding `rows` rows, every one synced. When close()
-  // throws but a Reader then finds all `rows` rows committed and durable, the store is whole:
+  // throws with all `rows` rows committed and durable before it, the store is whole:
   // what failed is what a later writer redoes (Writer::close()'s "the key index could not be
   // maintained": derived data, FORMAT.md "keys.K"; close() gives it the code of its cause and
   // no way to tell it apart but its text), so the store is kept, and the error's message is

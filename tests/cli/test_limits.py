@@ -82,31 +82,45 @@ def test_a_write_past_the_file_size_limit_fails_cleanly_naming_the_limit(source,
     assert len(reader) == 8000 and reader.verify().ok
 
 
-def run_with_nofile(args, nofile) -> Result:
+def run_with_limit(args, which, value) -> Result:
+    """Runs the tool with resource limit `which` (resource.RLIMIT_*) set to `value`."""
     def limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        resource.setrlimit(which, (value, value))
     proc = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True,
                           preexec_fn=limit, timeout=120)
     return Result(proc)
 
 
+def run_with_nofile(args, nofile) -> Result:
+    return run_with_limit(args, resource.RLIMIT_NOFILE, nofile)
+
+
+# Limits from too low to store anything up to enough for everything: open files (a descriptor
+# for the key index's growth), address space (ulimit -v: its mapping, or a thread's stack).
+KEY_INDEX_LIMITS = {
+    "nofile": (resource.RLIMIT_NOFILE, range(6, 40)),
+    "address space": (resource.RLIMIT_AS, range(30 << 20, 200 << 20, 2 << 20)),
+}
+
+
+@pytest.mark.parametrize("limit", list(KEY_INDEX_LIMITS))
 @pytest.mark.parametrize("command", ["import", "compact", "salvage", "merge"])
 def test_a_new_output_whose_key_index_cannot_be_kept_is_made_with_every_row_and_a_warning(
-        source, tmp_path, command):
-    # Limits on open files from too few to store anything up to enough for everything: at the
-    # lowest that stores the rows but leaves no descriptor for the key index's growth, the
-    # output is made (the key index is derived data the next writer rebuilds), with a warning.
+        source, tmp_path, command, limit):
+    # At a limit that lets the rows be stored but not the key index's last growth, the output
+    # is made (the key index is derived data the next writer rebuilds), with a warning.
     store, data = source
     before = hash_tree(store)
+    which, values = KEY_INDEX_LIMITS[limit]
     warned = False
-    for nofile in range(6, 40):
-        out = tmp_path / f"out{nofile}.emb"
+    for value in values:
+        out = tmp_path / f"out{value}.emb"
         args = {"import": ["import", out, data], "compact": ["compact", store, out],
                 "salvage": ["salvage", store, out], "merge": ["merge", out, store]}[command]
-        r = run_with_nofile(args, nofile)
+        r = run_with_limit(args, which, value)
         assert partial_dirs(tmp_path) == [], r
         if r.code != 0:
-            # Too few to store the rows: nothing made. (The old code also came here when only
+            # Too low to store the rows: nothing made. (The old code also came here when only
             # the key index failed, removing the output with every row in it.)
             assert "the key index could not be maintained" not in r.err, r
             assert not out.exists(), r
@@ -124,6 +138,8 @@ def test_a_new_output_whose_key_index_cannot_be_kept_is_made_with_every_row_and_
         got = subprocess.run([CLI, "get", str(out), "7", "--json"], capture_output=True,
                              text=True, timeout=60)
         assert got.returncode == 0 and '"key":7' in got.stdout.replace(" ", ""), got
+    if not warned and limit != "nofile":
+        pytest.skip(f"no {limit} limit tried stored the rows but not the key index here")
     assert warned, "no limit stored the rows but not the key index"
     assert hash_tree(store) == before
 

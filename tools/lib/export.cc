@@ -216,18 +216,15 @@ void rethrow_naming_output_if_error(const std::string& working, const std::strin
 
 std::string close_new_store(Writer& writer, const std::string& working, const std::string& out,
                             std::uint64_t rows) {
+  // Judged by the state of the store, not by which error close() threw: every row committed
+  // and on the device before close() (no other writer knows the working directory), which
+  // nothing close() does can take back. Read before, not after with a Reader: what close() ran
+  // out of (address space, open files) a Reader needs too.
+  const bool whole = writer.committed_rows() == rows && writer.durable_rows() == rows;
   try {
     writer.close();
     return {};
   } catch (const Error& e) {
-    // Judged by the state of the store, not by which error it was: every row committed, and
-    // on the device (the sync before close() covered them), in the files a Reader opens.
-    bool whole = false;
-    try {
-      const StoreInfo info = Reader::open(working).info(InfoDetail::kState);
-      whole = info.committed_rows == rows && info.durable_rows == rows && info.rows_to_cut == 0;
-    } catch (const Error&) {
-    }
     if (!whole) throw;
     // Published next, the store is at `out`: every mention of `working` names it.
     std::string message = e.what();

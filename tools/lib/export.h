@@ -66,11 +66,11 @@ std::string make_partial_dir(const std::string& out, bool inside = false);
 // if `out` exists.
 void write_file_aside(const std::string& out, const std::function<void(const std::string&)>& write);
 // Closes `writer`, a new store built in `working` for `out` with `rows` rows, all of them synced.
-// When close() throws but a Reader of `working` then finds all `rows` rows committed and
-// durable, the store is whole: what failed is only what a later writer redoes (the key index,
-// derived data: FORMAT.md "keys.K", rebuilt by the next writer; Writer::close() reports it with
-// the code of its cause and no way to tell it apart but the message), so the output is kept,
-// and the error's message is returned, naming `out` where it names `working`, for the caller to
+// When close() throws with all `rows` rows committed and durable before it, the store is
+// whole: what failed is only what a later writer redoes (the key index, derived data:
+// FORMAT.md "keys.K", rebuilt by the next writer; Writer::close() reports it with the code of
+// its cause and no way to tell it apart but the message), so the output is kept, and the
+// error's message is returned, naming `out` where it names `working`, for the caller to
 // publish the store and then warn with it. Otherwise the error is thrown (the caller discards
 // the output). "" when close() succeeded.
 std::string close_new_store(Writer& writer, const std::string& working, const std::string& out,
