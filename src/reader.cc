@@ -134,8 +134,10 @@ class Reader::Impl {
       // The loader may have followed a truncate, and mapped the new files, before it failed:
       // the snapshot's rows are not at their places in them. The snapshot starts over, empty,
       // in the new generation (the next refresh() that succeeds fills it); views taken before
-      // pin the old mapping and stay as they were.
-      if (f.file_generation() != snapshot_generation_) {
+      // pin the old mapping and stay as they were. A failure before the new files were mapped
+      // (one missing, say) leaves the snapshot over the mapping it was taken from.
+      if (const detail::Generation* now = f.generation();
+          now != nullptr && now->number() != snapshot_generation_) {
         start_generation(f.file_generation(), 0);
         verified_upto_ = 0;
         kept_rows_.reset();

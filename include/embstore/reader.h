@@ -158,9 +158,10 @@ class Reader {
   // size. Views taken before stay valid and unchanged either way. Throws kNotFound once the
   // store is no longer at its path (deleted, moved away, or another store created or moved
   // there: open the path again), looked up at most every 50 ms; the snapshot and views stay.
-  // A refresh() that throws after it saw a truncate leaves an empty snapshot of the truncated
-  // store (size() 0, generation() its new one) until a refresh() succeeds, never the old rows
-  // read at their places in the new files; views taken before stay valid and unchanged.
+  // A refresh() that throws after it mapped a truncated store's new files leaves an empty
+  // snapshot of it (size() 0, generation() its new one) until a refresh() succeeds, never the
+  // old rows read at their places in the new files (one that throws before keeps the snapshot
+  // it had); views taken before stay valid and unchanged.
   std::uint64_t refresh();
   // Refreshes until size() >= min_rows or `timeout` passes; true when reached. Wakes on commits
   // from any process (a shared futex on the commit counter), without polling; throws as
