@@ -1367,6 +1367,7 @@ PYBIND11_MODULE(_embstore, m) {
         d["rows_lost"] = report.rows_lost;
         d["lost_ranges"] = lost;
         d["damage"] = report.damage;
+        d["warning"] = report.warning;
         return d;
       },
       py::arg("store"), py::arg("out"));
@@ -1612,6 +1613,7 @@ PYBIND11_MODULE(_embstore, m) {
          const py::object& progress, const py::object& on_epoch_drop,
          const py::object& on_metadata_replaced) {
         StoreInfo info;
+        std::string warning;
         {
           ReleaseGil unlocked;
           const ShardSet set = ShardSet::open(manifest_or_stores);
@@ -1641,9 +1643,11 @@ PYBIND11_MODULE(_embstore, m) {
             }
             py::gil_scoped_acquire locked;
             progress(done.rows_done, done.rows_total, *done.shard_path);
-          });
+          }, &warning);
         }
-        return info_dict(info);
+        py::dict out_info = info_dict(info);
+        out_info["warning"] = warning;
+        return out_info;
       },
       py::arg("out"), py::arg("manifest_or_stores"), py::arg("progress"),
       py::arg("on_epoch_drop") = py::none(), py::arg("on_metadata_replaced") = py::none());

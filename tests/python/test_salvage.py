@@ -60,3 +60,44 @@ def test_salvage_copies_the_rows_that_verify(store, tmp_path):
         np.testing.assert_array_equal(r.keys, kept + 1000)
     with pytest.raises(FileExistsError):
         embstore.salvage(store, out)
+
+
+@pytest.mark.parametrize("call", ["salvage", "merge"])
+def test_a_new_store_whose_key_index_cannot_be_kept_is_kept_with_a_warning(tmp_path, call):
+    """salvage and merge threw away a new store holding every row when only its key index
+    could not be kept (out of descriptors at close): the core now keeps it and says why; Python
+    raised nothing about it (the warning was not passed on). A child process lowers its own
+    RLIMIT_NOFILE step by step until a call succeeds with the warning."""
+    import subprocess
+    import sys
+    import textwrap
+    src = str(tmp_path / "src")
+    _make(src, rows=3000)
+    script = textwrap.dedent(f"""
+        import os, resource, sys, warnings
+        import numpy as np, embstore
+        for limit in range(60, 5, -1):
+            out = os.path.join({str(tmp_path)!r}, f"out{{limit}}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                try:
+                    if sys.argv[1] == "salvage":
+                        embstore.salvage({src!r}, out)
+                    else:
+                        embstore.merge(out, [{src!r}])
+                except OSError:
+                    continue
+            if seen:
+                print(limit, out, str(seen[0].message), flush=True)
+                break
+        """)
+    child = subprocess.run([sys.executable, "-c", script, call], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout, "no limit gave the warning: " + child.stderr[-2000:]
+    limit, out, message = child.stdout.split(" ", 2)
+    assert "the key index could not be maintained" in message and out in message, message
+    r = embstore.Reader(out)
+    assert len(r) == 3000 and r.verify().ok
+    assert r.find(1000 + 2999) == 2999

@@ -286,7 +286,9 @@ def salvage(store: PathLike, out: PathLike) -> dict:
 
     Returns a dict: header_source ("primary" or "copy"), rows_scanned, rows_copied, rows_lost,
     lost_ranges (a list of (begin, end) row ranges of the damaged store that did not verify) and
-    damage (a list of messages, each naming the file and field: why the store does not open,
+    warning (empty, or why ``out``'s key index could not be kept, also given as a
+    RuntimeWarning: every row is in ``out``, lookups scan until its next Writer builds the index)
+    and damage (a list of messages, each naming the file and field: why the store does not open,
     such as a damaged counter or a ``generation`` field naming files that do not exist; a
     damaged second header copy; rows copied past the committed counter, or that verify past the
     rows scanned and were not copied; files cut short below the committed counter, whose rows
@@ -303,7 +305,13 @@ def salvage(store: PathLike, out: PathLike) -> dict:
     """
     store, out = _path_arg(store, "store"), _path_arg(out, "out")
     with _not_a_store_check(store):
-        return _embstore.salvage(store, out)
+        report = _embstore.salvage(store, out)
+    if report["warning"]:
+        # Every row is in ``out``; only its key index could not be kept (derived data: the next
+        # Writer builds it, lookups scan meanwhile).
+        import warnings
+        warnings.warn(report["warning"], RuntimeWarning, stacklevel=2)
+    return report
 
 
 class _not_a_store_check:

@@ -199,8 +199,14 @@ def merge(out: PathLike, manifest_or_paths: Any,
                       stacklevel=3)  # the frame that called merge()
 
     with _stores_checked(inputs):
-        return _embstore.merge_stores(out, inputs, progress, warn_epoch_drop,
+        info = _embstore.merge_stores(out, inputs, progress, warn_epoch_drop,
                                       warn_metadata_replaced)
+    # Every row is in ``out``; only its key index could not be kept (derived data: the next
+    # Writer builds it, lookups scan meanwhile).
+    warning = info.pop("warning")
+    if warning:
+        warnings.warn(warning, RuntimeWarning, stacklevel=2)
+    return info
 
 
 def _clip(text: str) -> str:
