@@ -1634,16 +1634,20 @@ PYBIND11_MODULE(_embstore, m) {
                                    py::bytes(set.metadata()));
             }
           }
-          info = merge_stores(out, set, [&](const MergeProgress& done) {
-            if (progress.is_none()) {
-              // Ctrl-C ends the merge at its next step (nothing is left at `out`); with a
-              // callback, the KeyboardInterrupt its call raises does.
-              if (python_interrupted()) throw Error(ErrorCode::kInterrupted, out + ": interrupted");
-              return;
-            }
-            py::gil_scoped_acquire locked;
-            progress(done.rows_done, done.rows_total, *done.shard_path);
-          }, &warning);
+          info = merge_stores(
+              out, set,
+              [&](const MergeProgress& done) {
+                if (progress.is_none()) {
+                  // Ctrl-C ends the merge at its next step (nothing is left at `out`); with a
+                  // callback, the KeyboardInterrupt its call raises does.
+                  if (python_interrupted())
+                    throw Error(ErrorCode::kInterrupted, out + ": interrupted");
+                  return;
+                }
+                py::gil_scoped_acquire locked;
+                progress(done.rows_done, done.rows_total, *done.shard_path);
+              },
+              &warning);
         }
         py::dict out_info = info_dict(info);
         out_info["warning"] = warning;
