@@ -675,53 +675,24 @@ def torchrun_worker(source, *args, torchrun=True):
             child.wait()
 
 
-def test_a_torchrun_worker_terminated_writes_its_queued_rows_and_ends_with_143(store):
+@pytest.mark.parametrize("launched", ["torchrun", "plain script, README's handler"])
+def test_a_worker_terminated_writes_its_queued_rows_and_ends_with_143(store, launched):
     """A torchrun worker (not a multiprocessing child: TORCHELASTIC_RUN_ID in its environment),
     500 rows queued in its async Writer (this process holds the store's lock), sent SIGTERM as
     its agent does when another worker fails: the rows are written, and it ends with 128 +
     SIGTERM, which its agent reads as a failed worker (0 would read as one that finished).
-    Before, the default action dropped the rows without a word."""
-    import time
-    embstore.create(store, dim=workers.DIM)
-    with torchrun_worker("""
-        import sys, threading
-        import numpy as np
-        import embstore, workers
-        writer = embstore.Writer(sys.argv[1], async_queue_mb=16)
-        keys = np.arange(500)
-        print("opened", flush=True)
-        sys.stdin.readline()  # the parent holds the lock now
-        writer.append(keys, workers.payload(keys), 0)
-        print("queued", flush=True)
-        threading.Event().wait()
-        """, store) as child:
-        assert child.stdout.readline() == "opened\n"
-        with StoreLock(store):
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            assert child.stdout.readline() == "queued\n"
-            child.terminate()
-            time.sleep(1)  # the rows are still queued behind the lock
-            assert child.poll() is None
-        code = child.wait(timeout=60)
-    assert code == 128 + signal.SIGTERM, child.stderr.read()
-    r = embstore.Reader(store)
-    assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
-
-
-def test_a_plain_script_with_the_readme_sigterm_handler_writes_its_queued_rows(store):
-    """A script run on its own keeps SIGTERM's default action (embstore installs no handler
-    there: doing so hung Pool.terminate() and delayed SIGTERM in programs that had closed their
-    Writers), which would drop its queued rows. The README's one-line handler that exits has
-    the exit handlers write them: 500 rows queued behind this process's lock, SIGTERM, every
-    row written and the script ends with 128 + SIGTERM."""
+    Before, the default action dropped the rows without a word. A script run on its own keeps
+    SIGTERM's default action (embstore installs no handler there: doing so hung
+    Pool.terminate() and delayed SIGTERM in programs that had closed their Writers): the
+    README's one-line handler that exits has the exit handlers write the rows, the same way."""
     import time
     embstore.create(store, dim=workers.DIM)
     with torchrun_worker("""
         import signal, sys, threading
         import numpy as np
         import embstore, workers
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        if sys.argv[2] == "plain":
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         writer = embstore.Writer(sys.argv[1], async_queue_mb=16)
         keys = np.arange(500)
         print("opened", flush=True)
@@ -729,7 +700,8 @@ def test_a_plain_script_with_the_readme_sigterm_handler_writes_its_queued_rows(s
         writer.append(keys, workers.payload(keys), 0)
         print("queued", flush=True)
         threading.Event().wait()
-        """, store, torchrun=False) as child:
+        """, store, "torchrun" if launched == "torchrun" else "plain",
+                         torchrun=launched == "torchrun") as child:
         assert child.stdout.readline() == "opened\n"
         with StoreLock(store):
             child.stdin.write("go\n")
