@@ -14,7 +14,7 @@
 #include "log/recovery.h"
 #include "log/truncate.h"
 #include "storage/store_files.h"
-#include "store_build.h"
+#include "embstore/staged_output.h"
 
 namespace embstore {
 namespace {
@@ -163,7 +163,7 @@ SalvageReport salvage(
   // Built aside and renamed into place when complete: a salvage that fails (a full disk), or is
   // killed, leaves no store at `out`.
   refuse_output_inside(out, store);
-  detail::StoreBuild build(out);
+  StagedOutput build(out);
   try {
     Writer writer = Writer::create(build.path(), create, options);
 

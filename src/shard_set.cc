@@ -20,7 +20,7 @@
 #include "log/batch.h"
 #include "platform/os.h"
 #include "shard_set_internals.h"
-#include "store_build.h"
+#include "embstore/staged_output.h"
 
 namespace embstore {
 namespace {
@@ -1123,7 +1123,7 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   for (std::size_t s = 0; s < shards.shard_count(); ++s) {
     refuse_output_inside(out, shards.shard_path(s));
   }
-  detail::StoreBuild build(out);
+  StagedOutput build(out);
   StoreInfo info;
   try {
     Writer writer = Writer::create(build.path(), create);

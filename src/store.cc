@@ -135,12 +135,9 @@ void remove_stale_staging(const std::string& parent, const std::string& path) {
     throw;
   } catch (const Error& e) {
     if (e.code() == ErrorCode::kAlreadyExists) throw;
-    const int err = e.sys_errno();
-    std::string detail = e.what();
-    if (err == 0) throw Error(e.code(), path + ": cannot create the store: " + detail, err);
-    const std::string reason = std::strerror(err);
-    if (detail.ends_with(": " + reason)) detail.resize(detail.size() - reason.size() - 2);
-    throw Error(e.code(), path + ": cannot create the store: " + reason + " (" + detail + ")", err);
+    throw Error(e.code(),
+                detail::cause_first(path, "cannot create the store", e.what(), e.sys_errno()),
+                e.sys_errno());
   }
 }
 

@@ -120,6 +120,7 @@
 #include "embstore/reader.h"
 #include "embstore/salvage.h"
 #include "embstore/shard_set.h"
+#include "embstore/staged_output.h"
 #include "embstore/store.h"
 #include "embstore/version.h"
 #include "embstore/writer.h"

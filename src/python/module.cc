@@ -28,10 +28,10 @@
 
 #include "async_writer.h"
 #include "embstore/embstore.h"
+#include "embstore/staged_output.h"
 #include "platform/os.h"
 #include "shard_set_internals.h"
 #include "sigterm_relay.h"
-#include "store_build.h"
 
 namespace py = pybind11;
 
@@ -1262,20 +1262,6 @@ PYBIND11_MODULE(_embstore, m) {
     }
   });
 
-  m.def("_move_store_into", &move_store_into, py::arg("built"), py::arg("dir"),
-        "Moves the closed store in `built` (inside the empty directory `dir`) up into `dir`, the "
-        "header last (embstore/store.h), for io.py's import into an empty directory. Called with "
-        "the GIL held: a Ctrl-C is acted on once every file is moved.");
-  m.def(
-      "_rename_no_replace",
-      [](const std::string& from, const std::string& to) {
-        if (detail::os::rename_no_replace(from, to) == EEXIST) {
-          throw Error(ErrorCode::kAlreadyExists, "output " + to + " already exists");
-        }
-      },
-      py::arg("from"), py::arg("to"),
-      "Renames `from` to `to` unless something exists there (FileExistsError; renameat2 with "
-      "RENAME_NOREPLACE), for io.py's outputs: one made meanwhile is never replaced.");
   m.def("_refuse_output_inside", &refuse_output_inside, py::arg("out"), py::arg("store"),
         "ValueError naming both when `out` lies inside the store directory `store` (the rule "
         "of every tool that reads a store and writes elsewhere: embstore/store.h), for io.py's "
@@ -1398,6 +1384,38 @@ PYBIND11_MODULE(_embstore, m) {
       .def("__repr__",
            [](const Mapping& self) { return "<embstore mapping of " + self.path + ">"; });
 
+  // embstore.io's new outputs, built and published by the rule of every tool's
+  // (embstore/staged_output.h). Called with the GIL held: each call is short (a close of a
+  // synced store, a rename), and a Ctrl-C is acted on after it.
+  py::class_<StagedOutput>(m, "_StagedOutput")
+      .def(py::init([](const std::string& out, const std::string& shape) {
+             const OutputShape s = shape == "file"           ? OutputShape::kFile
+                                   : shape == "store_inside" ? OutputShape::kStoreInside
+                                                             : OutputShape::kDirectory;
+             return std::make_unique<StagedOutput>(out, s);
+           }),
+           py::arg("out"), py::arg("shape") = "directory")
+      .def_property_readonly("path", &StagedOutput::path)
+      .def_property_readonly("out", &StagedOutput::out)
+      .def_property_readonly("working_dir", &StagedOutput::working_dir)
+      .def(
+          "naming_out",
+          [](const StagedOutput& self, const std::string& message, int err) -> py::object {
+            std::string named = self.naming_out(message, err);
+            if (named.empty()) return py::none();
+            return py::str(named);
+          },
+          py::arg("message"), py::arg("errno") = 0)
+      .def(
+          "close_writer",
+          [](const StagedOutput& self, PyWriter& writer, std::uint64_t rows) {
+            const Writer& w = writer.writer();
+            return self.close_store(rows, w.committed_rows(), w.durable_rows(),
+                                    [&writer] { writer.close(/*interruptible=*/false); });
+          },
+          py::arg("writer"), py::arg("rows"))
+      .def("publish", &StagedOutput::publish)
+      .def("discard", &StagedOutput::discard);
   py::class_<PyWriter>(m, "NativeWriter")
       .def(py::init(&open_writer), py::arg("path"), py::arg("dim"), py::arg("dtype"),
            py::arg("metadata"), py::arg("segment_bytes"), py::arg("sync"), py::arg("sync_interval"),

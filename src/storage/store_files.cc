@@ -89,6 +89,15 @@ std::string strip_trailing_slashes(std::string path) {
   return path;
 }
 
+std::string cause_first(const std::string& subject, const std::string& doing,
+                        const std::string& message, int err) {
+  if (err == 0) return subject + ": " + doing + ": " + message;
+  const std::string reason = std::strerror(err);
+  std::string detail = message;
+  if (detail.ends_with(": " + reason)) detail.resize(detail.size() - reason.size() - 2);
+  return subject + ": " + doing + ": " + reason + " (" + detail + ")";
+}
+
 std::uint64_t resolve_map_bytes(std::uint64_t requested, const std::string& where) {
   if (requested > kMaxMapBytes) {
     throw Error(ErrorCode::kInvalidArgument,

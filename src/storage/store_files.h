@@ -53,6 +53,14 @@ std::uint64_t capacity_for(std::uint64_t rows, std::uint64_t record_bytes,
 // `path` without trailing slashes ("/" stays "/"): the store's name in every message.
 std::string strip_trailing_slashes(std::string path);
 
+// An error's `message` (errno `err`, 0 if none) met while making `subject`, said with `subject`
+// and the cause first: "SUBJECT: DOING: CAUSE (MESSAGE without its ': CAUSE')", CAUSE the
+// errno's text, or "SUBJECT: DOING: MESSAGE" without an errno. The one wording of an error about
+// a hidden file the user never named (create_store's staging directory, a StagedOutput's
+// working directory): the path the user asked for first, that file only in parentheses.
+std::string cause_first(const std::string& subject, const std::string& doing,
+                        const std::string& message, int err);
+
 // What StoreFiles::open does when the state page's `generation` is damaged: outside 1..10^9, or
 // naming files rows.G and index.G of which neither exists.
 enum class DamagedGeneration {

@@ -593,32 +593,41 @@ def test_an_npy_export_gets_the_mode_a_directory_gets_and_empty_epochs_are_refus
 
 def test_an_output_made_while_an_export_ran_is_never_replaced(tmp_path, monkeypatch):
     # The last look for the output and the rename were two steps: os.rename replaced a file, or
-    # an empty directory, made in between. Another process makes one right after that look.
+    # an empty directory, made in between. Another process makes one right before the publish.
     import embstore.io as eio
     src = make(str(tmp_path / "src"), rows=3)
-    looked = eio._require_absent
-    looks = {}
+    real_staged = eio._staged
+    published = []
 
-    def made_right_after_the_look(out):
-        looked(out)
-        looks[out] = looks.get(out, 0) + 1
-        if looks[out] < 2:
-            return  # the look before the work; the one before the rename is the second
-        if out.endswith(".h5"):
-            with open(out, "w") as f:
-                f.write("someone else's")
-        else:
-            os.mkdir(out)
+    class MadeMeanwhile:
+        def __init__(self, out, shape="directory"):
+            self.real = real_staged(out, shape)
 
-    monkeypatch.setattr(eio, "_require_absent", made_right_after_the_look)
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def publish(self):
+            out = self.real.out
+            if out.endswith(".h5"):
+                with open(out, "w") as f:
+                    f.write("someone else's")
+            else:
+                os.mkdir(out)
+            published.append(out)
+            self.real.publish()
+
+    monkeypatch.setattr(eio, "_staged", MadeMeanwhile)
     for name, call in (("out", eio.export_npy), ("out.h5", eio.export_hdf5),
-                       ("compacted", eio.compact)):
+                       ("compacted", eio.compact), ("imported", eio.import_npy)):
         out = str(tmp_path / name)
-        with pytest.raises(FileExistsError, match=re.escape(f"output {out} already exists")):
-            call(src, out)
+        args = (out, np.ones((2, 4), np.float32)) if call is eio.import_npy else (src, out)
+        with pytest.raises(FileExistsError,
+                           match=re.escape(f"{out}: already exists (the new output was removed)")):
+            call(*args)
         if name.endswith(".h5"):
             assert open(out).read() == "someone else's"
         else:
             assert os.listdir(out) == []  # the empty directory made meanwhile, as it was
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["compacted", "out", "out.h5", "src"]
-    assert set(looks.values()) == {2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compacted", "imported", "out",
+                                                          "out.h5", "src"]
+    assert len(published) == 4

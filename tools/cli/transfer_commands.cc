@@ -47,7 +47,6 @@ int run_export(const ExportArgs& args) {
   options.selection.end_row = args.to;
   options.selection.epochs.insert(args.epochs.begin(), args.epochs.end());
   options.selection.latest_per_key = args.latest;
-  tools::require_absent(args.out);
   const Reader reader = Reader::open(args.store);
   tools::ExportResult result;
   {

@@ -1,7 +1,6 @@
 #include "compact.h"
 
 #include <algorithm>
-#include <filesystem>
 #include <optional>
 #include <vector>
 
@@ -17,8 +16,8 @@ constexpr std::uint64_t kRunBytes = 4 << 20;
 CompactResult compact_store(const std::string& source, const std::string& out,
                             const CompactOptions& options) {
   const Reader reader = Reader::open(source);
-  require_absent(out);
   refuse_output_inside(out, source);
+  StagedOutput staged(out);
   const DType dtype = options.dtype.value_or(reader.dtype());
   // Refused as import refuses rows of a type it may not convert (kFormatMismatch), before
   // anything is made at `out` (and before the selection's scan).
@@ -51,10 +50,9 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   CompactResult result;
   result.source_rows = reader.size();
   result.source_bytes = info.data_file_bytes + info.index_file_bytes;
-  const std::string partial = make_partial_dir(out);
   try {
     std::optional<Writer> writer;
-    writer.emplace(Writer::create(partial, create));
+    writer.emplace(Writer::create(staged.path(), create));
     const std::uint64_t row_bytes = info.record_bytes;
     std::vector<std::uint64_t> keys, epochs;
     // Copied with Reader::read(), not through the mapping: this process has not touched the
@@ -81,14 +79,11 @@ CompactResult compact_store(const std::string& source, const std::string& out,
     writer->sync();
     const StoreInfo written = writer->info();
     result.bytes = written.data_file_bytes + written.index_file_bytes;
-    result.warning = close_new_store(*writer, partial, out, result.rows);
-    writer.reset();
-    rename_no_replace(partial, out);
+    result.warning = staged.close_writer(*writer, result.rows);
   } catch (...) {
-    std::error_code ec;
-    std::filesystem::remove_all(partial, ec);
-    rethrow_naming_output_if_error(partial, out);
+    staged.rethrow_naming_out();
   }
+  staged.publish();
   return result;
 }
 

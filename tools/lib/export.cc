@@ -1,15 +1,12 @@
 #include "export.h"
 
-#include <fcntl.h>
 #include <fmt/format.h>
 #include <stdio.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -175,205 +172,38 @@ void export_csv(const Reader& reader, const RowSelector& selector, const std::st
   }
 }
 
-// "out/" names the directory "out": without the separators, its parent and name are the ones
-// the user means (path("out/") has parent "out" and an empty name).
-std::filesystem::path without_trailing_separators(const std::string& path) {
-  std::size_t end = path.size();
-  while (end > 1 && path[end - 1] == '/') --end;
-  return path.substr(0, end);
-}
-
 }  // namespace
-
-void rethrow_naming_output(const Error& e, const std::string& working, const std::string& out) {
-  const std::string message = e.what();
-  const std::size_t at = message.find(working);
-  if (at == std::string::npos) throw;
-  const std::string named = without_trailing_separators(out).string();
-  const std::size_t after = at + working.size();
-  // A message that starts with the working directory's path (create_store's "PATH: cannot
-  // create the store: ...", made absolute or not) names the output in its place. Any other
-  // names a file in it (or beside it) that the user never heard of, and that the output never
-  // holds under that name: the output and the cause first, that file only in parentheses.
-  if (message.compare(after, 2, ": ") == 0 && message.find(' ') > at) {
-    throw Error(e.code(), named + message.substr(after), e.sys_errno());
-  }
-  const int err = e.sys_errno();
-  if (err == 0) throw Error(e.code(), named + ": cannot write it: " + message, err);
-  const std::string reason = std::strerror(err);
-  std::string detail = message;
-  if (detail.ends_with(": " + reason)) detail.resize(detail.size() - reason.size() - 2);
-  throw Error(e.code(), named + ": cannot write it: " + reason + " (" + detail + ")", err);
-}
-
-void rethrow_naming_output_if_error(const std::string& working, const std::string& out) {
-  try {
-    throw;
-  } catch (const Error& e) {
-    rethrow_naming_output(e, working, out);
-  }
-}
-
-std::string close_new_store(Writer& writer, const std::string& working, const std::string& out,
-                            std::uint64_t rows) {
-  // Judged by the state of the store, not by which error close() threw: every row committed
-  // and on the device before close() (no other writer knows the working directory), which
-  // nothing close() does can take back. Read before, not after with a Reader: what close() ran
-  // out of (address space, open files) a Reader needs too.
-  const bool whole = writer.committed_rows() == rows && writer.durable_rows() == rows;
-  try {
-    writer.close();
-    return {};
-  } catch (const Error& e) {
-    if (!whole) throw;
-    // Published next, the store is at `out`: every mention of `working` names it.
-    std::string message = e.what();
-    const std::string named = without_trailing_separators(out).string();
-    for (std::size_t at = message.find(working); at != std::string::npos;
-         at = message.find(working, at + named.size())) {
-      message.replace(at, working.size(), named);
-    }
-    return message;
-  }
-}
-
-void require_absent(const std::string& out) {
-  // symlink_status("") says not_found: the work would be done and the rename to "" fail.
-  if (out.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
-  std::error_code ec;
-  if (std::filesystem::symlink_status(without_trailing_separators(out), ec).type() !=
-      std::filesystem::file_type::not_found) {
-    throw Error(ErrorCode::kAlreadyExists, "output " + out + " already exists");
-  }
-}
-
-namespace {
-
-// Why no working directory could be made in `parent` for the output `out`, in the user's terms
-// (errno `err` of mkdtemp): the output they named and what is wrong with where it goes.
-std::string partial_dir_failure(const std::string& out, const std::filesystem::path& parent,
-                                bool inside, int err) {
-  const std::string dir = inside          ? std::string("it")
-                          : parent == "." ? std::string("the current directory")
-                                          : "its directory " + parent.string();
-  std::string why;
-  switch (err) {
-    case ENOENT:
-      why = dir + " does not exist";
-      break;
-    case ENOTDIR:
-      why = (inside ? out : parent.string()) + " is not a directory";
-      break;
-    case EROFS:
-      why = dir + " is on a read-only file system";
-      break;
-    case EACCES:
-    case EPERM:
-      why = dir + " does not let this user create files in it (" + std::strerror(err) + ")";
-      break;
-    default:
-      why = "cannot create a working directory in " + parent.string() + ": " + std::strerror(err);
-  }
-  return without_trailing_separators(out).string() + ": cannot write it: " + why;
-}
-
-}  // namespace
-
-std::string make_partial_dir(const std::string& out, bool inside) {
-  if (out.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
-  const std::filesystem::path target = without_trailing_separators(out);
-  std::filesystem::path parent = inside ? target : target.parent_path();
-  if (parent.empty()) parent = ".";
-  std::string name = inside ? std::string("store") : target.filename().string();
-  if (name.empty()) name = "out";
-  std::string tmpl = (parent / ("." + name + ".partial-XXXXXX")).string();
-  if (::mkdtemp(tmpl.data()) == nullptr) {
-    const int err = errno;
-    throw Error(error_code_for_write_errno(err), partial_dir_failure(out, parent, inside, err),
-                err);
-  }
-  // mkdtemp makes it 0700; the output it becomes gets the mode of any new directory (0777 less
-  // the umask, as mkdir(1) gives), so that other users and services can read what was exported
-  // as they can read the source. (A store the library makes gets 0755 less the umask:
-  // src/platform/os.cc, make_dir.)
-  const mode_t umask = ::umask(0);
-  ::umask(umask);
-  if (::chmod(tmpl.c_str(), 0777 & ~umask) != 0) {
-    const int err = errno;
-    std::filesystem::remove(tmpl);
-    throw Error(error_code_for_write_errno(err),
-                "cannot set the mode of " + tmpl + ": " + std::strerror(err), err);
-  }
-  return tmpl;
-}
-
-void rename_no_replace(const std::string& from, const std::string& to) {
-  const std::filesystem::path target = without_trailing_separators(to);
-  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, target.c_str(), RENAME_NOREPLACE) != 0) {
-    const int err = errno;
-    if (err == EEXIST) throw Error(ErrorCode::kAlreadyExists, "output " + to + " already exists");
-    throw Error(error_code_for_write_errno(err),
-                "cannot rename " + from + " to " + to + ": " + std::strerror(err), err);
-  }
-  // The rename is durable once the parent directory is.
-  std::filesystem::path parent = target.parent_path();
-  if (parent.empty()) parent = ".";
-  const int fd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
-}
 
 void write_file_aside(const std::string& out,
                       const std::function<void(const std::string&)>& write) {
-  require_absent(out);
-  const std::string partial = make_partial_dir(out);
+  StagedOutput staged(out, OutputShape::kFile);
   try {
-    const std::string file = partial + "/out";
-    try {
-      write(file);
-    } catch (...) {
-      rethrow_naming_output_if_error(file, out);
-    }
-    rename_no_replace(file, out);
-    std::filesystem::remove(partial);
+    write(staged.path());
   } catch (...) {
-    std::error_code ec;
-    std::filesystem::remove_all(partial, ec);
-    throw;
+    staged.rethrow_naming_out();
   }
+  staged.publish();
 }
 
 ExportResult export_store(const Reader& reader, const std::string& out,
                           const ExportOptions& options) {
-  require_absent(out);
   refuse_output_inside(out, reader.path());
+  StagedOutput staged(
+      out, options.format == ExportFormat::kNpy ? OutputShape::kDirectory : OutputShape::kFile);
   // Its scan (every row checked when selecting: rows.h) reports progress, and can be stopped.
   const RowSelector selector(reader, options.selection, options.progress);
-  if (options.format == ExportFormat::kNpy) {
-    const std::string partial = make_partial_dir(out);
-    try {
-      try {
-        export_npy(reader, selector, partial, options);
-      } catch (...) {
-        rethrow_naming_output_if_error(partial, out);
-      }
-      rename_no_replace(partial, out);  // Its message names both paths.
-    } catch (...) {
-      std::error_code ec;
-      std::filesystem::remove_all(partial, ec);
-      throw;
+  try {
+    if (options.format == ExportFormat::kNpy) {
+      export_npy(reader, selector, staged.path(), options);
+    } else if (options.format == ExportFormat::kHdf5) {
+      export_hdf5(reader, selector, staged.path(), options);
+    } else {
+      export_csv(reader, selector, staged.path(), options);
     }
-  } else {
-    write_file_aside(out, [&](const std::string& file) {
-      if (options.format == ExportFormat::kHdf5) {
-        export_hdf5(reader, selector, file, options);
-      } else {
-        export_csv(reader, selector, file, options);
-      }
-    });
+  } catch (...) {
+    staged.rethrow_naming_out();
   }
+  staged.publish();
   ExportResult result;
   result.rows = selector.count();
   result.bytes = selector.count() * reader.dim() * dtype_size(reader.dtype());

@@ -293,7 +293,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
 
   ImportResult result;
   result.source_dtype = *source_dtype;
-  std::string partial;
+  std::optional<StagedOutput> staged;  // Where a new store is built.
   std::optional<Writer> writer;
   // An empty directory (a volume mounted for the store, say) is a place to create it, as
   // create_store takes one. The store is built in a hidden directory inside it (on that volume:
@@ -379,13 +379,11 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     }
     {
       // Inside an empty directory `store`: `store/.store.partial-*`.
-      partial = make_partial_dir(store, in_place);
+      staged.emplace(store, in_place ? OutputShape::kStoreInside : OutputShape::kDirectory);
       try {
-        writer.emplace(Writer::create(partial, create));
+        writer.emplace(Writer::create(staged->path(), create));
       } catch (...) {
-        std::error_code ec;
-        std::filesystem::remove_all(partial, ec);
-        rethrow_naming_output_if_error(partial, store);
+        staged->rethrow_naming_out();  // Its destructor removes the working directory.
       }
     }
     result.created = true;
@@ -441,24 +439,19 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       if (options.progress) options.progress(result.rows, n);
     }
     writer->sync();
-    if (partial.empty()) {
+    if (!staged) {
       writer->close();
     } else {
-      result.warning = close_new_store(*writer, partial, store, result.rows);
-    }
-    if (in_place) {
-      move_store_into(partial, store);
-    } else if (!partial.empty()) {
-      rename_no_replace(partial, store);
+      result.warning = staged->close_writer(*writer, result.rows);
+      writer.reset();
+      staged->publish();
     }
     result.end_row = n == 0 ? result.first_row : end_row;
     result.contiguous = contiguous;
   } catch (...) {
-    if (!partial.empty()) {
+    if (staged) {
       writer.reset();
-      std::error_code ec;
-      std::filesystem::remove_all(partial, ec);
-      rethrow_naming_output_if_error(partial, store);
+      staged->rethrow_naming_out();  // Removed with `staged`.
     }
     if (result.rows == 0) throw;
     rethrow_with_note("; " + std::to_string(result.rows) + " of " + std::to_string(n) +

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import traceback
 from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -44,16 +42,14 @@ _NPY_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|
                "uint8": "|u1", "float64": "<f8"}
 
 
-def _partial_dir(out: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out))
-    path = tempfile.mkdtemp(prefix="." + os.path.basename(out.rstrip("/")) + ".partial-",
-                            dir=parent)
-    # mkdtemp makes it 0700, and it is published as it is: readers of the output (another
-    # user, a service) need the mode a directory gets, as the CLI's export gives it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-    return path
+def _staged(out: str, shape: str = "directory") -> Any:
+    """The new output ``out`` ("directory", "file", or "store_inside": a new store in the existing
+    empty directory ``out``), built aside and published whole by the rule of every tool's output
+    (embstore/staged_output.h): ``.path`` is where to build, ``publish()`` puts it at ``out``
+    (FileExistsError, never replacing anything, if something appeared there), ``discard()``
+    removes it. FileExistsError when something is at ``out`` already; an error naming ``out``
+    and why when its directory takes no new entry."""
+    return _embstore._StagedOutput(out, shape)
 
 
 def _taken_as_they_are(source: str, store: str) -> bool:
@@ -76,19 +72,6 @@ def _load_npy(path: str) -> np.ndarray:
         raise ValueError(f"{path}: not a readable .npy file: {error}") from None
 
 
-def _require_absent(out: str) -> None:
-    if os.path.lexists(out):
-        raise FileExistsError(f"output {out} already exists")
-
-
-def _publish(partial: str, out: str) -> None:
-    """Renames ``partial`` to ``out`` unless something is there (FileExistsError): in one
-    system call (renameat2, RENAME_NOREPLACE), so an output made meanwhile is never replaced
-    (os.rename replaces a file, or an empty directory)."""
-    _require_absent(out)
-    _embstore._rename_no_replace(partial, out)
-
-
 def _add_note(error: BaseException, note: str) -> None:
     """Adds ``note`` to ``error`` as Python 3.11's add_note does (shown after its message); on
     older versions it goes at the end of the message instead (of a KeyboardInterrupt, which has
@@ -103,24 +86,25 @@ def _add_note(error: BaseException, note: str) -> None:
         error.args = (*error.args, note)
 
 
-def _naming_output(error: BaseException, working: str, out: str) -> BaseException:
-    """``error`` of work done at ``working`` (a hidden sibling of ``out``, removed after the
-    error) as the caller should see it: one of the same type whose message names ``out`` where
-    it named ``working``, with ``(writing WORKING)`` after it, as the command-line tools say it
-    (rethrow_naming_output in tools/lib/export.cc). ``error`` itself when its message does not
-    name ``working``, or its type is not one rebuilt here."""
+def _naming_output(error: BaseException, staged: Any) -> BaseException:
+    """``error`` of work done at ``staged.path`` as the caller should see it: one of the same
+    type whose message names the output first, as every tool words it ("OUT: cannot write it:
+    CAUSE (what failed, in the hidden working directory)": StagedOutput::naming_out).
+    ``error`` itself when its message does not name the working directory, or its type is not
+    one rebuilt here."""
     is_os = isinstance(error, OSError) and error.errno is not None and \
-        error.strerror is not None and error.filename is None
+        error.strerror is not None
     if is_os:
-        text = error.strerror
+        text = error.strerror if error.filename is None else \
+            f"{error.filename}: {error.strerror}"
     elif type(error) in (ValueError, RuntimeError, OSError) or isinstance(error, Error):
         text = str(error.args[0]) if len(error.args) == 1 else ""
     else:
         return error
-    if working not in text:
+    named = staged.naming_out(text, getattr(error, "errno", None) or 0)
+    if named is None:
         return error
-    text = text.replace(working, out.rstrip(os.sep) or out) + f" (writing {working})"
-    renamed = OSError(error.errno, text) if is_os else type(error)(text)
+    renamed = OSError(error.errno, named) if is_os else type(error)(named)
     for name in ("code", "errno", "__notes__"):
         if name in vars(error):
             setattr(renamed, name, getattr(error, name))
@@ -129,13 +113,26 @@ def _naming_output(error: BaseException, working: str, out: str) -> BaseExceptio
     return renamed.with_traceback(error.__traceback__)
 
 
-def _raise_naming_output(error: BaseException, working: str, out: str) -> None:
+def _raise_naming_output(error: BaseException, staged: Any) -> None:
     """Raises ``error`` as :func:`_naming_output` names it (the one given if it is not
     rebuilt)."""
-    renamed = _naming_output(error, working, out)
+    renamed = _naming_output(error, staged)
     if renamed is error:
         raise error
     raise renamed from None
+
+
+def _close_new_store(writer: Writer, staged: Any, rows: int) -> None:
+    """Closes ``writer``, the new store built at ``staged.path`` with ``rows`` rows, all synced.
+    A close that failed with every row committed and on the device before it left a whole
+    store (only its key index, derived data the next Writer rebuilds, could not be kept): the
+    store is kept, and a RuntimeWarning says why, as the CLI's tools and salvage() do
+    (StagedOutput::close_store). Any other failure is raised (the output is then discarded)."""
+    warning = staged.close_writer(writer._native, rows)
+    writer.close()  # closed already: cancels the exit handler
+    if warning:
+        import warnings
+        warnings.warn(warning, RuntimeWarning, stacklevel=3)
 
 
 def _close_after_error(writer: Writer, error: BaseException, afterwards: str) -> None:
@@ -347,19 +344,18 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
         ValueError: ``out`` (or the path ``store``) is not UTF-8 text; nothing is written.
     """
     out = _path_arg(out, "out")
-    _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)
-    count, runs = _selected_runs(reader, begin, end, epochs, latest)
-    partial = _partial_dir(out)
+    staged = _staged(out)
     files = []
     try:
+        count, runs = _selected_runs(reader, begin, end, epochs, latest)
         try:
             for name, dtype, shape in (("vectors.npy", _NPY_DTYPES[reader.dtype],
                                         (count, reader.dim)),
                                        ("keys.npy", "<u8", (count,)),
                                        ("epochs.npy", "<u8", (count,))):
-                files.append(_NpyFile(os.path.join(partial, name), dtype, shape))
+                files.append(_NpyFile(os.path.join(staged.path, name), dtype, shape))
             vectors, keys, epoch_out = files
             for rows in runs:
                 vectors.write(_read_checked(reader, rows))
@@ -367,15 +363,15 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
                 epoch_out.write(reader.epochs[rows])
             for file in files:
                 file.finish()
-            _write_text(os.path.join(partial, "embstore.json"),
+            _write_text(os.path.join(staged.path, "embstore.json"),
                         json.dumps(_sidecar(reader, count), indent=2) + "\n")
         except Exception as error:
-            _raise_naming_output(error, partial, out)
-        _publish(partial, out)
+            _raise_naming_output(error, staged)
+        staged.publish()
     except BaseException:
         for file in files:
             file.discard()
-        shutil.rmtree(partial, ignore_errors=True)
+        staged.discard()
         raise
     return count
 
@@ -481,14 +477,13 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     /epochs; root attributes dtype, dim, metadata, store_id, embstore_format). Needs h5py."""
     import h5py
     out = _path_arg(out, "out")
-    _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)
-    count, runs = _selected_runs(reader, begin, end, epochs, latest)
-    partial = _partial_dir(out)
-    path = os.path.join(partial, "out")
+    staged = _staged(out, "file")
+    path = staged.path
     file = h5 = datasets = None
     try:
+        count, runs = _selected_runs(reader, begin, end, epochs, latest)
         try:
             file = _GuardedFile(path)
             with _InterruptDeferred():
@@ -531,12 +526,11 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
             if file is not None:
                 file.raw.close()
             if isinstance(error, Exception):
-                _raise_naming_output(error, path, out)
+                _raise_naming_output(error, staged)
             raise
-        _publish(path, out)
-        os.rmdir(partial)
+        staged.publish()
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        staged.discard()
         raise
     return count
 
@@ -705,7 +699,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     elif source_dtype is None:
         source_dtype = _dtype_name(vectors.dtype)
     store_dtype = _dtype_name(dtype) if dtype is not None else source_dtype
-    partial = None  # where a new store is made: a hidden sibling of ``store``, or ``store``
+    staged = None  # where a new store is made: a hidden sibling of ``store``, or inside it
     in_place = os.path.isdir(store) and not os.listdir(store)
     if os.path.exists(store) and not in_place:
         given_metadata = None if metadata is None else _metadata_text(metadata)
@@ -745,23 +739,23 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         # another file system) the store is built in a hidden directory inside it and its files
         # moved up when complete (the core's move_store_into), as the CLI's import does: a
         # killed import leaves no store there that looks whole.
-        partial = _partial_dir(os.path.join(store, "store") if in_place else store)
+        staged = _staged(store, "store_inside" if in_place else "directory")
         try:
-            writer = Writer(partial, dim=dim, dtype=store_dtype, metadata=meta)
+            writer = Writer(staged.path, dim=dim, dtype=store_dtype, metadata=meta)
         except BaseException as error:  # e.g. a bad dim or metadata: no hidden directory
-            shutil.rmtree(partial, ignore_errors=True)
+            staged.discard()
             if isinstance(error, Exception):
-                _raise_naming_output(error, partial, store)
+                _raise_naming_output(error, staged)
             raise
     # The rows this import appended, as the CLI's import reports them (tools/lib/import.cc):
     # rows first_row..end_row, contiguous unless another writer appended in between.
     appended = 0
     first_row = end_row = None
     contiguous = True
-    rows_before = writer.committed_rows() if partial is None else 0
+    rows_before = writer.committed_rows() if staged is None else 0
     try:
         step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
-        if partial is None and _may_overflow(source_dtype, writer.dtype):
+        if staged is None and _may_overflow(source_dtype, writer.dtype):
             # Into an existing store: every value is checked before the first row is appended,
             # so a refused import leaves the store as it was (a new one is simply not made).
             for lo in range(0, n, step):
@@ -781,16 +775,16 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             end_row = row + hi - lo
             appended += hi - lo
         writer.sync()
-        writer.close()
-        if in_place:
-            _embstore._move_store_into(partial, store)
-        elif partial is not None:
-            _publish(partial, store)
+        if staged is None:
+            writer.close()
+        else:
+            _close_new_store(writer, staged, appended)
+            staged.publish()
     except BaseException as error:
         # Whatever the error (a KeyboardInterrupt too), and whatever the close raises after it:
         # a new store is removed, and rows appended to an existing one are said to stay there
         # (a retry would append them again).
-        if partial is None:
+        if staged is None:
             note = _imported_note(writer, store, n, appended, first_row, end_row, contiguous,
                                   rows_before)
             if note is not None:
@@ -799,10 +793,10 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             raise
         _close_after_error(writer, error,
                            f"the store made in {store} is removed, leaving it empty" if in_place
-                           else f"{partial} is removed; nothing is made at {store}")
-        shutil.rmtree(partial, ignore_errors=True)
+                           else f"{staged.path} is removed; nothing is made at {store}")
+        staged.discard()
         if isinstance(error, Exception):
-            _raise_naming_output(error, partial, store)
+            _raise_naming_output(error, staged)
         raise
     return n
 
@@ -822,7 +816,6 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
     ``out`` and a path ``store`` must be UTF-8 text (ValueError naming it otherwise).
     """
     out = _path_arg(out, "out")
-    _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)
     target = _dtype_name(dtype) if dtype is not None else reader.dtype
@@ -833,16 +826,18 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
             f"{reader.path}: holds {reader.dtype} rows but dtype={target!r} was asked for "
             "(compact converts rows between float types only, never to or from int8 or uint8); "
             f"nothing was made at {out}")
-    count, runs = _selected_runs(reader, 0, None, epochs, latest_per_key)
-    info = reader.info()
-    # As many rows per segment as the source: a wider dtype's rows would not fit its segment.
-    sizes = [np.dtype(_NPY_DTYPES[t]).itemsize for t in (target, reader.dtype)]
-    widen = max(1, sizes[0] // sizes[1])
-    partial = _partial_dir(out)
+    staged = _staged(out)  # before the selection's scan: FileExistsError if ``out`` exists
     writer = None
     try:
+        count, runs = _selected_runs(reader, 0, None, epochs, latest_per_key)
+        info = reader.info()
+        # As many rows per segment as the source: a wider dtype's rows would not fit its
+        # segment.
+        sizes = [np.dtype(_NPY_DTYPES[t]).itemsize for t in (target, reader.dtype)]
+        widen = max(1, sizes[0] // sizes[1])
         try:
-            writer = Writer(partial, dim=reader.dim, dtype=target, metadata=reader.metadata_text,
+            writer = Writer(staged.path, dim=reader.dim, dtype=target,
+                            metadata=reader.metadata_text,
                             segment_mb=info["segment_bytes"] * widen / (1 << 20),
                             key_index=info["keeps_key_index"])
             for rows in runs:
@@ -850,17 +845,18 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
                 _append(writer, np.asarray(reader.keys[rows]), np.asarray(reader.epochs[rows]),
                         chunk, target if chunk.dtype == np.uint16 else "")
             writer.sync()
-            writer.close()
+            _close_new_store(writer, staged, count)
         except BaseException as error:
             # Not Writer's with-block: it logs a failed close as rows lost from a store, and
             # this one is removed.
             if writer is not None:
-                _close_after_error(writer, error, f"{partial} is removed; nothing is made at {out}")
+                _close_after_error(writer, error,
+                                   f"{staged.path} is removed; nothing is made at {out}")
             if isinstance(error, Exception):
-                _raise_naming_output(error, partial, out)
+                _raise_naming_output(error, staged)
             raise
-        _publish(partial, out)
+        staged.publish()
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        staged.discard()
         raise
     return count
