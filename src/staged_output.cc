@@ -45,23 +45,32 @@ std::string why_no_entry(const std::string& out, const std::string& parent, bool
 
 }  // namespace
 
-StagedOutput::StagedOutput(const std::string& out, OutputShape shape)
-    : out_(detail::strip_trailing_slashes(out)), shape_(shape) {
-  if (out_.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
-  const bool inside = shape == OutputShape::kStoreInside;
+void StagedOutput::require_absent(const std::string& out_in) {
+  const std::string out = detail::strip_trailing_slashes(out_in);
+  if (out.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
   // A symbolic link counts, dangling or not: the rename that publishes would fail on it only
   // after every row was written.
-  if (!inside && os::entry_exists(out_)) {
-    throw Error(ErrorCode::kAlreadyExists, out_ + ": already exists");
-  }
+  if (os::entry_exists(out)) throw Error(ErrorCode::kAlreadyExists, out + ": already exists");
+}
+
+StagedOutput::StagedOutput(const std::string& out, OutputShape shape)
+    : out_(detail::strip_trailing_slashes(out)), shape_(shape) {
+  const bool inside = shape == OutputShape::kStoreInside;
+  if (out_.empty()) throw Error(ErrorCode::kInvalidArgument, "the output path is empty");
+  if (!inside) require_absent(out_);
   const auto slash = out_.rfind('/');
   parent_ = slash == std::string::npos ? "." : slash == 0 ? "/" : out_.substr(0, slash);
   const std::string name = slash == std::string::npos ? out_ : out_.substr(slash + 1);
   const std::string where = inside ? out_ : parent_;
+  // At most 200 bytes of the name (cut before a UTF-8 continuation byte), so that the hidden
+  // name, 22 bytes longer, fits in NAME_MAX (255) for any name `out` may have.
+  std::size_t kept = std::min<std::size_t>(name.size(), 200);
+  while (kept > 0 && kept < name.size() && (name[kept] & 0xC0) == 0x80) --kept;
   std::uint8_t suffix[16];
   os::random_bytes(suffix, sizeof(suffix), out_);
-  dir_ = (where == "/" ? "/" : where + "/") + "." + (inside ? std::string("store") : name) +
-         ".partial-" + detail::store_id_hex(suffix).substr(0, 12);
+  dir_ = (where == "/" ? "/" : where + "/") + "." +
+         (inside ? std::string("store") : name.substr(0, kept)) + ".partial-" +
+         detail::store_id_hex(suffix).substr(0, 12);
   // mkdir, not mkdtemp: the published output gets the mode of any new directory (0777 less the
   // umask, as mkdir(1) gives), not mkdtemp's 0700, so that other users and services can read it
   // as they read its sources.
@@ -147,13 +156,31 @@ void StagedOutput::publish() {
     try {
       move_store_into(dir_, out_);  // Flushes `out` after each move; removes the directory.
     } catch (...) {
+      // A store whose header was moved in stays (only flushing its entries failed: the error
+      // says so); any other failure left `out` as it was, and the working directory goes.
+      published_ = !os::exists(dir_ + "/" + detail::kHeaderFileName);
       discard();
-      throw;
+      if (published_) throw;
+      try {
+        throw;
+      } catch (const Error& e) {
+        if (e.code() == ErrorCode::kAlreadyExists) throw;  // Names `out` already.
+        // A move or a flush of `out` ("fsync OUT: ..."): `out` and the cause first.
+        throw Error(e.code(), detail::cause_first(out_, "cannot write it", e.what(), e.sys_errno()),
+                    e.sys_errno());
+      }
     }
     published_ = true;
     return;
   }
-  if (os::rename_no_replace(path_, out_) != 0) {
+  int renamed;
+  try {
+    renamed = os::rename_no_replace(path_, out_);
+  } catch (...) {
+    discard();
+    rethrow_naming_out();  // "OUT: cannot write it: CAUSE (rename WORKING -> OUT)".
+  }
+  if (renamed != 0) {
     discard();
     throw Error(ErrorCode::kAlreadyExists, out_ + ": already exists (the new output was removed)",
                 EEXIST);
@@ -197,10 +224,24 @@ void move_store_into(const std::string& built, const std::string& dir) {
                         " is there); the new store's files were not moved into it");
       }
       moved.push_back(name);
-      os::sync_dir(dir);
+      try {
+        os::sync_dir(dir);
+      } catch (const Error& error) {
+        if (name != detail::kHeaderFileName) throw;
+        // The header is in: the store is whole and opens, only its entries may not survive a
+        // power loss. Kept, and said, so that a caller does not take it for a failure and
+        // append every row again.
+        os::remove_tree(built);
+        throw Error(error.code(),
+                    dir + ": the store was made, but flushing its directory entries failed (" +
+                        error.what() + "); it may vanish after a power loss",
+                    error.sys_errno());
+      }
     }
-  } catch (...) {
-    for (const std::string& name : moved) os::remove_tree(dir + "/" + name);
+  } catch (const Error& error) {
+    if (!moved.empty() && moved.back() == detail::kHeaderFileName) throw;  // Whole: kept.
+    // Files, never the header: the directory holds no store again, as it did.
+    for (const std::string& name : moved) os::remove_file(dir + "/" + name);
     throw;
   }
   os::remove_tree(built);

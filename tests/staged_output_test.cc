@@ -15,6 +15,7 @@
 
 #include "embstore/embstore.h"
 #include "platform/os.h"
+#include "platform/testing.h"
 #include "support/temp_dir.h"
 
 namespace embstore {
@@ -48,6 +49,18 @@ Error error_of(const std::function<void()>& call) {
   }
   FAIL("no error");
   return Error(ErrorCode::kIO, "");
+}
+
+// A closed one-row store built in `staged` , its files listed.
+std::vector<std::string> build_store(const StagedOutput& staged) {
+  CreateOptions create;
+  create.dim = 4;
+  Writer writer = Writer::create(staged.path(), create);
+  const float row[4] = {1, 2, 3, 4};
+  writer.append(std::vector<std::uint64_t>{7}, 0, ConstMatrix{row, DType::kFloat32, 1, 4, 0});
+  writer.sync();
+  REQUIRE(staged.close_writer(writer, 1).empty());
+  return names_in(staged.path());
 }
 
 TEST_CASE("A staged directory is hidden beside its output until published", "[staged]") {
@@ -142,15 +155,7 @@ TEST_CASE("A store staged inside an empty directory appears there whole", "[stag
   REQUIRE(::mkdir(out.c_str(), 0755) == 0);
   StagedOutput staged(out, OutputShape::kStoreInside);
   CHECK(staged.path().rfind(out + "/.store.partial-", 0) == 0);
-  {
-    CreateOptions create;
-    create.dim = 4;
-    Writer writer = Writer::create(staged.path(), create);
-    const float row[4] = {1, 2, 3, 4};
-    writer.append(std::vector<std::uint64_t>{7}, 0, ConstMatrix{row, DType::kFloat32, 1, 4, 0});
-    writer.sync();
-    CHECK(staged.close_writer(writer, 1).empty());
-  }
+  build_store(staged);
   CHECK_THROWS(Reader::open(out));  // Nothing but the working directory yet.
   staged.publish();
   const std::vector<std::string> names = names_in(out);
@@ -159,6 +164,82 @@ TEST_CASE("A store staged inside an empty directory appears there whole", "[stag
   const Reader reader = Reader::open(out);
   CHECK(reader.size() == 1);
   CHECK(reader.find(7).has_value());
+}
+
+TEST_CASE("A store made in the directory meanwhile leaves it as it was", "[staged]") {
+  // The moves' roll-back removed files with remove_tree, which removes directories only: the
+  // new store's lock, rows.1 and index.1 stayed in the user's directory beside the other
+  // store's header, and the error said they were not moved.
+  TempDir dir;
+  const std::string out = dir / "volume";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  StagedOutput staged(out, OutputShape::kStoreInside);
+  build_store(staged);
+  std::ofstream(out + "/header") << "theirs";  // Another store's, made while this one was built.
+  Error e = error_of([&] { staged.publish(); });
+  CHECK(e.code() == ErrorCode::kAlreadyExists);
+  CHECK_THAT(e.what(), Catch::Contains("another store was made in this directory meanwhile"));
+  CHECK_FALSE(staged.published());
+  CHECK(names_in(out) == std::vector<std::string>{"header"});
+  CHECK(test::read_file(out + "/header") == "theirs");
+}
+
+TEST_CASE("A store whose header was moved in is kept when a flush then fails", "[staged]") {
+  // It was reported as a bare "fsync ... Input/output error", and a retry appended every row
+  // to the whole store a second time.
+  TempDir dir;
+  const std::string out = dir / "volume";
+  REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+  StagedOutput staged(out, OutputShape::kStoreInside);
+  const std::size_t files = build_store(staged).size();
+  SECTION("the flush after the header's move") {
+    // One flush of `out` after each file's move, the header's last.
+    detail::testing::arm_fault(detail::testing::Op::kMsync, files, EIO, false);
+    Error e = error_of([&] { staged.publish(); });
+    detail::testing::disarm_all();
+    CHECK(e.code() == ErrorCode::kIO);
+    CHECK_THAT(e.what(), Catch::StartsWith(out + ": the store was made, but flushing") &&
+                             Catch::Contains("it may vanish after a power loss"));
+    CHECK(staged.published());
+    CHECK(Reader::open(out).size() == 1);
+    const std::vector<std::string> names = names_in(out);
+    CHECK(names.size() == files);  // The working directory is gone.
+  }
+  SECTION("the flush after an earlier move") {
+    detail::testing::arm_fault(detail::testing::Op::kMsync, 1, EIO, false);
+    Error e = error_of([&] { staged.publish(); });
+    detail::testing::disarm_all();
+    CHECK(e.code() == ErrorCode::kIO);
+    CHECK_THAT(e.what(), Catch::StartsWith(out + ": cannot write it: Input/output error ("));
+    CHECK_FALSE(staged.published());
+    CHECK(names_in(out).empty());  // Left as it was: empty.
+  }
+}
+
+TEST_CASE("A failed rename names the output first and removes the new output", "[staged]") {
+  TempDir dir;
+  const std::string out = dir / "out";
+  StagedOutput staged(out);
+  detail::testing::arm_fault(detail::testing::Op::kRename, 1, EIO, false);
+  Error e = error_of([&] { staged.publish(); });
+  detail::testing::disarm_all();
+  CHECK(e.code() == ErrorCode::kIO);
+  CHECK_THAT(e.what(), Catch::StartsWith(out + ": cannot write it: Input/output error (rename "));
+  CHECK(names_in(dir.path()).empty());
+}
+
+TEST_CASE("Any name an output may have can be staged", "[staged]") {
+  TempDir dir;
+  // 255 bytes, the most a name may have; its working directory's name keeps 200 of them, cut
+  // before a UTF-8 character's continuation bytes.
+  const std::string name = std::string(199, 'a') + "\xc3\xa9" + std::string(54, 'b');
+  REQUIRE(name.size() == 255);
+  StagedOutput staged(dir / name, OutputShape::kFile);
+  const std::string hidden = staged.working_dir().substr(dir.path().size() + 1);
+  CHECK(hidden.rfind("." + std::string(199, 'a') + ".partial-", 0) == 0);
+  std::ofstream(staged.path()) << "x";
+  staged.publish();
+  CHECK(names_in(dir.path()) == std::vector<std::string>{name});
 }
 
 TEST_CASE("Errors met while building name the output first", "[staged]") {

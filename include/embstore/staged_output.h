@@ -44,15 +44,21 @@ enum class OutputShape {
 
 class StagedOutput {
  public:
-  // Makes the working directory (mode 0777 less the umask, as mkdir(1) gives: the published
-  // output is readable by whoever reads new directories here). Throws kInvalidArgument for an
-  // empty `out`; kAlreadyExists ("OUT: already exists") when something, a dangling symbolic
-  // link too, is at `out` (kDirectory, kFile); and otherwise "OUT: cannot write it: WHY", WHY
-  // being what keeps `out`'s directory from taking an entry (it does not exist, is not a
-  // directory, is on a read-only file system, does not let this user create files in it), with
-  // the code of the errno (kNotFound, kReadOnly, kPermissionDenied...). Trailing slashes of
-  // `out` are dropped.
+  // Makes the working directory (mode 0777 less the umask, as mkdir(1) gives, which a
+  // published directory of files keeps; a store made in it by create_store gets that call's
+  // 0755 less the umask). Throws what require_absent() throws (kDirectory, kFile), and
+  // otherwise "OUT: cannot write it: WHY", WHY being what keeps `out`'s directory from taking
+  // an entry (it does not exist, is not a directory, is on a read-only file system, does not
+  // let this user create files in it), with the code of the errno
+  // (error_code_for_write_errno(): kNotFound, kReadOnly, ...). Trailing slashes of `out` are
+  // dropped. The working directory's name holds at most the first 200 bytes of `out`'s name,
+  // so that any name a file may have can be staged.
   explicit StagedOutput(const std::string& out, OutputShape shape = OutputShape::kDirectory);
+  // kInvalidArgument for an empty `out`; kAlreadyExists ("OUT: already exists") when something,
+  // a dangling symbolic link too, is at `out`. The constructor's first check, for a caller to
+  // make before slower work (opening a store, scanning its rows), so that the user hears of an
+  // existing output first and a kill during that work leaves nothing behind.
+  static void require_absent(const std::string& out);
   // Removes the working directory and everything in it, unless published.
   ~StagedOutput();
   StagedOutput(const StagedOutput&) = delete;
@@ -96,8 +102,11 @@ class StagedOutput {
 
   // Puts the output at `out` (what is built must be closed) and flushes `out`'s directory.
   // Throws kAlreadyExists ("OUT: already exists"), removing the output, when something appeared
-  // at `out` meanwhile (kStoreInside: a store made in it meanwhile). An error flushing the
-  // directory entry after the rename says the output was made but may vanish after a power loss.
+  // at `out` meanwhile (kStoreInside: a store made in it meanwhile, `out` left as it was); any
+  // other failure of the rename or the moves, named as naming_out() names it, also leaves `out`
+  // as it was and removes the output. An error flushing the directory entry once the output is
+  // there (kStoreInside: once its header is) keeps it, and says it was made but may vanish
+  // after a power loss: published() is then true.
   void publish();
   // Removes the working directory now (as the destructor does); idempotent.
   void discard() noexcept;

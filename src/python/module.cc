@@ -1395,6 +1395,7 @@ PYBIND11_MODULE(_embstore, m) {
              return std::make_unique<StagedOutput>(out, s);
            }),
            py::arg("out"), py::arg("shape") = "directory")
+      .def_static("require_absent", &StagedOutput::require_absent, py::arg("out"))
       .def_property_readonly("path", &StagedOutput::path)
       .def_property_readonly("out", &StagedOutput::out)
       .def_property_readonly("working_dir", &StagedOutput::working_dir)

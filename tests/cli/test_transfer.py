@@ -249,6 +249,8 @@ def test_export_bad_input(store, tmp_path):
     (tmp_path / "exists").mkdir()
     cases = [
         ([store, tmp_path / "exists"], 13, "already exists"),
+        # Said before the store is opened: the output is the one mistake named.
+        ([tmp_path / "nostore", tmp_path / "exists"], 13, "already exists"),
         ([store, tmp_path / "o", "--epoch", 7], 12, "epoch 7 is not in"),
         ([store, tmp_path / "o", "--from", 9, "--to", 3], 2, "--from 9 is after --to 3"),
         ([store, tmp_path / "o", "--to", 99], 2, "past the end"),

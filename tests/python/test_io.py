@@ -591,6 +591,20 @@ def test_an_npy_export_gets_the_mode_a_directory_gets_and_empty_epochs_are_refus
         assert not os.path.exists(tmp_path / f"none-{call.__name__}")
 
 
+def test_an_existing_output_is_named_before_the_store_is_opened(tmp_path):
+    # As the CLI's export and compact: the output that exists is the mistake named, whatever
+    # else is wrong (a store path that is no store), and nothing is made anywhere.
+    import embstore.io as eio
+    (tmp_path / "exists").mkdir()
+    out = str(tmp_path / "exists")
+    for call in (eio.export_npy, eio.export_hdf5, eio.compact):
+        with pytest.raises(FileExistsError, match=re.escape(f"{out}: already exists")):
+            call(str(tmp_path / "nostore"), out)
+    with pytest.raises(FileExistsError):
+        eio.compact(str(tmp_path / "nostore"), out, dtype="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
 def test_an_output_made_while_an_export_ran_is_never_replaced(tmp_path, monkeypatch):
     # The last look for the output and the rename were two steps: os.rename replaced a file, or
     # an empty directory, made in between. Another process makes one right before the publish.

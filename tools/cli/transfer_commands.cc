@@ -47,6 +47,7 @@ int run_export(const ExportArgs& args) {
   options.selection.end_row = args.to;
   options.selection.epochs.insert(args.epochs.begin(), args.epochs.end());
   options.selection.latest_per_key = args.latest;
+  StagedOutput::require_absent(args.out);  // Said first: before the store is even opened.
   const Reader reader = Reader::open(args.store);
   tools::ExportResult result;
   {

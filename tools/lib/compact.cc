@@ -16,8 +16,8 @@ constexpr std::uint64_t kRunBytes = 4 << 20;
 CompactResult compact_store(const std::string& source, const std::string& out,
                             const CompactOptions& options) {
   const Reader reader = Reader::open(source);
+  StagedOutput::require_absent(out);
   refuse_output_inside(out, source);
-  StagedOutput staged(out);
   const DType dtype = options.dtype.value_or(reader.dtype());
   // Refused as import refuses rows of a type it may not convert (kFormatMismatch), before
   // anything is made at `out` (and before the selection's scan).
@@ -50,6 +50,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   CompactResult result;
   result.source_rows = reader.size();
   result.source_bytes = info.data_file_bytes + info.index_file_bytes;
+  StagedOutput staged(out);  // After the selection's scan: a kill during it leaves nothing.
   try {
     std::optional<Writer> writer;
     writer.emplace(Writer::create(staged.path(), create));

@@ -187,11 +187,12 @@ void write_file_aside(const std::string& out,
 
 ExportResult export_store(const Reader& reader, const std::string& out,
                           const ExportOptions& options) {
+  StagedOutput::require_absent(out);
   refuse_output_inside(out, reader.path());
-  StagedOutput staged(
-      out, options.format == ExportFormat::kNpy ? OutputShape::kDirectory : OutputShape::kFile);
   // Its scan (every row checked when selecting: rows.h) reports progress, and can be stopped.
   const RowSelector selector(reader, options.selection, options.progress);
+  StagedOutput staged(
+      out, options.format == ExportFormat::kNpy ? OutputShape::kDirectory : OutputShape::kFile);
   try {
     if (options.format == ExportFormat::kNpy) {
       export_npy(reader, selector, staged.path(), options);

@@ -52,6 +52,12 @@ def _staged(out: str, shape: str = "directory") -> Any:
     return _embstore._StagedOutput(out, shape)
 
 
+def _require_absent(out: str) -> None:
+    """FileExistsError when something is at ``out`` (StagedOutput::require_absent): said before
+    slower work (opening the store, scanning its rows), as the CLI says it."""
+    _embstore._StagedOutput.require_absent(out)
+
+
 def _taken_as_they_are(source: str, store: str) -> bool:
     """Whether rows of dtype ``source`` go into a ``store`` store without being asked to convert
     them: the same dtype, a float type widened exactly, or float32 into a 16-bit store (as every
@@ -96,7 +102,7 @@ def _naming_output(error: BaseException, staged: Any) -> BaseException:
         error.strerror is not None
     if is_os:
         text = error.strerror if error.filename is None else \
-            f"{error.filename}: {error.strerror}"
+            f"{os.fsdecode(error.filename)}: {error.strerror}"
     elif type(error) in (ValueError, RuntimeError, OSError) or isinstance(error, Error):
         text = str(error.args[0]) if len(error.args) == 1 else ""
     else:
@@ -114,22 +120,30 @@ def _naming_output(error: BaseException, staged: Any) -> BaseException:
 
 
 def _raise_naming_output(error: BaseException, staged: Any) -> None:
-    """Raises ``error`` as :func:`_naming_output` names it (the one given if it is not
-    rebuilt)."""
+    """Raises ``error`` as :func:`_naming_output` names it (the one given, a KeyboardInterrupt
+    say, if it is not rebuilt)."""
     renamed = _naming_output(error, staged)
     if renamed is error:
         raise error
     raise renamed from None
 
 
-def _close_new_store(writer: Writer, staged: Any, rows: int) -> None:
+def _close_new_store(writer: Writer, staged: Any, rows: int) -> str:
     """Closes ``writer``, the new store built at ``staged.path`` with ``rows`` rows, all synced.
     A close that failed with every row committed and on the device before it left a whole
     store (only its key index, derived data the next Writer rebuilds, could not be kept): the
-    store is kept, and a RuntimeWarning says why, as the CLI's tools and salvage() do
-    (StagedOutput::close_store). Any other failure is raised (the output is then discarded)."""
+    store is kept, and why is returned, for :func:`_publish` to warn of once it is published,
+    as the CLI's tools and salvage() do (StagedOutput::close_store). Any other failure is
+    raised (the output is then discarded). "" when the close succeeded."""
     warning = staged.close_writer(writer._native, rows)
     writer.close()  # closed already: cancels the exit handler
+    return warning
+
+
+def _publish(staged: Any, warning: str = "") -> None:
+    """Publishes ``staged``; then warns (RuntimeWarning, from the caller of the io function)
+    with ``warning``, a kept store's close error, if any."""
+    staged.publish()
     if warning:
         import warnings
         warnings.warn(warning, RuntimeWarning, stacklevel=3)
@@ -339,17 +353,19 @@ def export_npy(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     Raises:
         FileExistsError: ``out`` exists.  CorruptionError: a row fails its checksum.
         ValueError: ``out`` lies inside the store (which is only read).
-        OSError: a write failed (e.g. ENOSPC, the disk full); the message names the file
-            under ``out``, and nothing is left at ``out``.
+        OSError: a write failed (e.g. ENOSPC, the disk full); the message names ``out``
+            first, then the cause and, in parentheses, what failed on which file of the hidden
+            working directory, as the CLI says it; nothing is left at ``out``.
         ValueError: ``out`` (or the path ``store``) is not UTF-8 text; nothing is written.
     """
     out = _path_arg(out, "out")
+    _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)
+    count, runs = _selected_runs(reader, begin, end, epochs, latest)
     staged = _staged(out)
     files = []
     try:
-        count, runs = _selected_runs(reader, begin, end, epochs, latest)
         try:
             for name, dtype, shape in (("vectors.npy", _NPY_DTYPES[reader.dtype],
                                         (count, reader.dim)),
@@ -477,13 +493,14 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
     /epochs; root attributes dtype, dim, metadata, store_id, embstore_format). Needs h5py."""
     import h5py
     out = _path_arg(out, "out")
+    _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)
+    count, runs = _selected_runs(reader, begin, end, epochs, latest)
     staged = _staged(out, "file")
     path = staged.path
     file = h5 = datasets = None
     try:
-        count, runs = _selected_runs(reader, begin, end, epochs, latest)
         try:
             file = _GuardedFile(path)
             with _InterruptDeferred():
@@ -525,9 +542,7 @@ def export_hdf5(store: Any, out: Any, *, epochs: Optional[Sequence[int]] = None,
                                          f"removed): {type(close_error).__name__}: {close_error}")
             if file is not None:
                 file.raw.close()
-            if isinstance(error, Exception):
-                _raise_naming_output(error, staged)
-            raise
+            _raise_naming_output(error, staged)
         staged.publish()
     except BaseException:
         staged.discard()
@@ -602,9 +617,11 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     then appears whole when the import finishes) or is an empty directory (built in a hidden
     ``.store.partial-*`` directory inside it, whose files are moved up when the import finishes,
     the header last; after an error the directory is left empty, and a killed import leaves no
-    store there, only that hidden directory). Returns the rows appended. Into an existing store, the rows appended before
-    an error (a KeyboardInterrupt too) stay there, and a note on the error says so: "R of N rows
-    were imported into STORE before this (rows F..E) and stay there".
+    store there, only that hidden directory). A new store whose key index alone could not be
+    kept at its close holds every row: it is kept, and a RuntimeWarning says why. Returns the
+    rows appended. Into an existing store, the rows appended before an error (a
+    KeyboardInterrupt too) stay there, and a note on the error says so: "R of N rows were
+    imported into STORE before this (rows F..E) and stay there".
 
     Args:
         source: an npy export directory (keys, epochs, dtype and metadata come with it), a 2-D
@@ -744,9 +761,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             writer = Writer(staged.path, dim=dim, dtype=store_dtype, metadata=meta)
         except BaseException as error:  # e.g. a bad dim or metadata: no hidden directory
             staged.discard()
-            if isinstance(error, Exception):
-                _raise_naming_output(error, staged)
-            raise
+            _raise_naming_output(error, staged)
     # The rows this import appended, as the CLI's import reports them (tools/lib/import.cc):
     # rows first_row..end_row, contiguous unless another writer appended in between.
     appended = 0
@@ -778,8 +793,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         if staged is None:
             writer.close()
         else:
-            _close_new_store(writer, staged, appended)
-            staged.publish()
+            _publish(staged, _close_new_store(writer, staged, appended))
     except BaseException as error:
         # Whatever the error (a KeyboardInterrupt too), and whatever the close raises after it:
         # a new store is removed, and rows appended to an existing one are said to stay there
@@ -795,9 +809,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
                            f"the store made in {store} is removed, leaving it empty" if in_place
                            else f"{staged.path} is removed; nothing is made at {store}")
         staged.discard()
-        if isinstance(error, Exception):
-            _raise_naming_output(error, staged)
-        raise
+        _raise_naming_output(error, staged)
     return n
 
 
@@ -805,7 +817,10 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
             epochs: Optional[Sequence[int]] = None, dtype: Any = None) -> int:
     """Writes the kept rows of ``store`` into a new store at ``out`` (same dim, rows per segment,
     metadata and key-index choice; a new store id), built under a hidden name and renamed into
-    place when complete. The source is only read. Returns the rows kept.
+    place when complete. The source is only read. Returns the rows kept. When only the new
+    store's key index could not be kept at its close (out of open files or memory), every row
+    is in ``out``: the store is kept and a RuntimeWarning says why (lookups scan until its next
+    Writer builds the index), as the CLI's compact does.
 
     Args:
         latest_per_key: keep only the latest row of each key.
@@ -816,6 +831,7 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
     ``out`` and a path ``store`` must be UTF-8 text (ValueError naming it otherwise).
     """
     out = _path_arg(out, "out")
+    _require_absent(out)
     reader = store if isinstance(store, Reader) else Reader(store)
     _embstore._refuse_output_inside(out, reader.path)
     target = _dtype_name(dtype) if dtype is not None else reader.dtype
@@ -826,15 +842,14 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
             f"{reader.path}: holds {reader.dtype} rows but dtype={target!r} was asked for "
             "(compact converts rows between float types only, never to or from int8 or uint8); "
             f"nothing was made at {out}")
-    staged = _staged(out)  # before the selection's scan: FileExistsError if ``out`` exists
-    writer = None
+    count, runs = _selected_runs(reader, 0, None, epochs, latest_per_key)
+    info = reader.info()
+    # As many rows per segment as the source: a wider dtype's rows would not fit its segment.
+    sizes = [np.dtype(_NPY_DTYPES[t]).itemsize for t in (target, reader.dtype)]
+    widen = max(1, sizes[0] // sizes[1])
+    staged = _staged(out)
+    writer = warning = None
     try:
-        count, runs = _selected_runs(reader, 0, None, epochs, latest_per_key)
-        info = reader.info()
-        # As many rows per segment as the source: a wider dtype's rows would not fit its
-        # segment.
-        sizes = [np.dtype(_NPY_DTYPES[t]).itemsize for t in (target, reader.dtype)]
-        widen = max(1, sizes[0] // sizes[1])
         try:
             writer = Writer(staged.path, dim=reader.dim, dtype=target,
                             metadata=reader.metadata_text,
@@ -845,17 +860,15 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
                 _append(writer, np.asarray(reader.keys[rows]), np.asarray(reader.epochs[rows]),
                         chunk, target if chunk.dtype == np.uint16 else "")
             writer.sync()
-            _close_new_store(writer, staged, count)
+            warning = _close_new_store(writer, staged, count)
         except BaseException as error:
             # Not Writer's with-block: it logs a failed close as rows lost from a store, and
             # this one is removed.
             if writer is not None:
                 _close_after_error(writer, error,
                                    f"{staged.path} is removed; nothing is made at {out}")
-            if isinstance(error, Exception):
-                _raise_naming_output(error, staged)
-            raise
-        staged.publish()
+            _raise_naming_output(error, staged)
+        _publish(staged, warning)
     except BaseException:
         staged.discard()
         raise
