@@ -1288,6 +1288,10 @@ PYBIND11_MODULE(_embstore, m) {
       "Has SIGTERM call `write` from the relay thread where Python cannot handle it "
       "(sigterm_relay.h, write_on_sigterm); from any thread. False if SIGTERM is not at its "
       "default action.");
+  m.def("_ignore_repeated_sigterm", &ignore_repeated_sigterm,
+        "A SIGTERM is being acted on: one more within a few seconds is the same request "
+        "delivered twice and is ignored, a later one ends the process at once, saying so "
+        "(sigterm_relay.h, ignore_repeated_sigterm).");
 
   m.attr("library_version") = kLibraryVersion;
   m.attr("format_version") =

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <semaphore.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -72,6 +73,37 @@ void relay_write(int signal_number) {
   errno = saved_errno;
 }
 
+// ignore_repeated_sigterm(): when, and in which process, the SIGTERM acted on came.
+std::atomic<std::int64_t> g_acted_on_ns{0};
+std::atomic<pid_t> g_acted_on_pid{0};
+
+std::int64_t monotonic_ns() {  // Async-signal-safe (clock_gettime).
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return std::int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+}
+
+// SIGTERM's handler once one is acted on. Async-signal-safe.
+void repeated_sigterm(int signal_number) {
+  const int saved_errno = errno;
+  const std::int64_t grace_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(kRepeatGrace).count();
+  if (getpid() == g_acted_on_pid.load() && monotonic_ns() - g_acted_on_ns.load() < grace_ns) {
+    errno = saved_errno;
+    return;  // The same request, delivered twice.
+  }
+  if (getpid() == g_acted_on_pid.load()) {
+    static const char message[] =
+        "embstore: a second SIGTERM: ending at once; rows this process's Writers and recorders "
+        "still held may not be written\n";
+    [[maybe_unused]] const ssize_t ignored = write(2, message, sizeof message - 1);
+  }
+  // Blocked while this handler runs: delivered, with its default action, when it returns.
+  restore_default(signal_number);
+  raise(signal_number);
+  errno = saved_errno;
+}
+
 // The nudge signal's handler: nothing; being run is what interrupts the main thread's wait.
 void ignore_nudge(int) {}
 
@@ -110,8 +142,9 @@ void arm_deadline() {
       }
       for (;;) pause();  // The process ends by Python's hand, or at the deadline.
     }
-    // Until Python's handler has run (it restores SIGTERM's default action first), the program
-    // took SIGTERM or the nudge signal over, or kMaxNudges were sent.
+    // Until Python's handler has run (its first act replaces this relay:
+    // ignore_repeated_sigterm()), the program took SIGTERM or the nudge signal over, or
+    // kMaxNudges were sent.
     bool handled = false;
     for (int nudges = 0; nudges < kMaxNudges && !handled; ++nudges) {
       std::this_thread::sleep_for(kNudgeInterval);
@@ -121,10 +154,10 @@ void arm_deadline() {
     }
     if (handled) continue;
     // The main thread did not come back to Python (see the header): write from here. A second
-    // SIGTERM meanwhile kills at once, as it does once Python's handler has run (whose first
-    // act is the same, so a handler that still runs later changes nothing).
+    // SIGTERM meanwhile is taken as Python's handler takes it (ignore_repeated_sigterm(), its
+    // first act too, so a handler that still runs later changes nothing).
     if (const WriteAndEnd stuck = g_stuck.load(); stuck != nullptr) {
-      restore_default(SIGTERM);
+      ignore_repeated_sigterm();
       arm_deadline();
       if (stuck()) {
         for (;;) pause();  // The process ends by Python's hand, or at the deadline.
@@ -189,6 +222,16 @@ bool relay_sigterm(WriteAndEnd stuck) {
     sigaction(SIGTERM, &current, nullptr);
   }
   return true;
+}
+
+void ignore_repeated_sigterm() {
+  g_acted_on_ns.store(monotonic_ns());
+  g_acted_on_pid.store(getpid());
+  struct sigaction action {};
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;  // the writing's calls go on
+  action.sa_handler = &repeated_sigterm;
+  sigaction(SIGTERM, &action, nullptr);
 }
 
 }  // namespace embstore::python

@@ -14,13 +14,14 @@
 // relay_sigterm() puts a C handler in front of Python's for SIGTERM: it calls Python's (which
 // records the signal, as before) and wakes a thread of the library (started once per process,
 // every signal blocked, see platform/thread.h). Until Python's handler has run — seen as
-// SIGTERM's disposition no longer being the relay, since that handler's first act is to restore
-// the default — that thread sends the main thread nudge_signal() every kNudgeInterval, at most
-// kMaxNudges times: a signal whose handler does nothing and, without SA_RESTART, interrupts the
-// main thread's blocking call, which then checks for signals and runs the pending handler. A
-// SIGTERM Python handles at once costs one wake-up of that thread and no nudge. A main thread
-// inside a long call of native code meanwhile sees its system calls interrupted (EINTR) up to
-// 50 times a second until it returns to Python, or for kMaxNudges intervals.
+// SIGTERM's disposition no longer being the relay, since that handler's first act is to replace
+// it (ignore_repeated_sigterm()) — that thread sends the main thread nudge_signal() every
+// kNudgeInterval, at most kMaxNudges times: a signal whose handler does nothing and, without
+// SA_RESTART, interrupts the main thread's blocking call, which then checks for signals and runs
+// the pending handler. A SIGTERM Python handles at once costs one wake-up of that thread and no
+// nudge. A main thread inside a long call of native code meanwhile sees its system calls
+// interrupted (EINTR) up to 50 times a second until it returns to Python, or for kMaxNudges
+// intervals.
 //
 // A main thread that never returns to Python within those nudges (a collective of
 // torch.distributed waiting for a slow or dead peer: gloo and NCCL retry on EINTR) would keep
@@ -69,5 +70,15 @@ bool relay_sigterm(WriteAndEnd stuck = nullptr);
 // own, or ignored). Safe to call again, from any thread.
 constexpr std::chrono::seconds kWriteDeadline{30};
 bool write_on_sigterm(WriteAndEnd write);
+
+// What a SIGTERM being acted on (its rows being written) does to the ones after it: from this
+// call on, a SIGTERM within kRepeatGrace is ignored, as the same request delivered twice (a
+// process group's SIGTERM — Slurm's scancel or time limit, systemd's stop, kill -TERM -PGID —
+// reaches a torchrun worker a few milliseconds before its agent forwards its own); a later one
+// ends the process at once by the default action, saying on stderr that what the process held
+// may not be written. Called first thing by every path that acts on SIGTERM (Python's handler,
+// the relay thread's `stuck`). In a forked child: the default action at once. From any thread.
+constexpr std::chrono::seconds kRepeatGrace{5};
+void ignore_repeated_sigterm();
 
 }  // namespace embstore::python

@@ -716,6 +716,94 @@ def test_a_worker_terminated_writes_its_queued_rows_and_ends_with_143(store, lau
     assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
 
 
+@pytest.mark.parametrize("second_after", [0.05, 6.5])
+def test_a_sigterm_delivered_twice_writes_every_row_and_a_late_one_ends_at_once(store,
+                                                                                 second_after):
+    """A process group's SIGTERM (Slurm's scancel or time limit, systemd's stop, kill -TERM
+    -PGID) reaches a torchrun worker, and its agent forwards its own a few milliseconds later:
+    the second one found SIGTERM's default action restored and killed the worker mid-write,
+    its queued rows lost without a word. A repeat within a few seconds is now the same
+    request; a later one still ends the process at once, and says what that may cost."""
+    import time
+    embstore.create(store, dim=workers.DIM)
+    with torchrun_worker("""
+        import sys, threading
+        import numpy as np
+        import embstore, workers
+        writer = embstore.Writer(sys.argv[1], async_queue_mb=16)
+        keys = np.arange(500)
+        print("opened", flush=True)
+        sys.stdin.readline()  # the parent holds the lock now
+        writer.append(keys, workers.payload(keys), 0)
+        print("queued", flush=True)
+        threading.Event().wait()
+        """, store) as child:
+        assert child.stdout.readline() == "opened\n"
+        with StoreLock(store):
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline() == "queued\n"
+            child.terminate()
+            _wait_until(lambda: signal_taken(child.pid, signal.SIGTERM), what="the SIGTERM taken")
+            time.sleep(second_after)
+            child.terminate()
+            if second_after > 5:
+                # Past the grace: the default action, at once, with the lock still held.
+                code = child.wait(timeout=30)
+                err = child.stderr.read()
+                assert code == -signal.SIGTERM, err
+                assert "embstore: a second SIGTERM: ending at once" in err, err
+                return
+            time.sleep(1)  # the rows are still queued behind the lock, the worker alive
+            assert child.poll() is None, child.stderr.read()
+        code = child.wait(timeout=60)
+    assert code == 128 + signal.SIGTERM, child.stderr.read()
+    r = embstore.Reader(store)
+    assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
+
+
+def test_a_ctrl_c_forwarded_into_the_exit_function_loses_no_staged_rows(store):
+    """Ctrl-C in a terminal reaches every process of a torchrun job, and the agent then forwards
+    its own SIGINT to each worker. That second one landed inside multiprocessing's exit function,
+    in the recorder's finalizer after it was taken off the list and before it could defer SIGINT
+    (pinned here: the trace function sends it on that line): the KeyboardInterrupt ended the
+    exit function, and the 300 staged rows were lost with no word from embstore."""
+    script = run_script("""
+        import os, signal, sys
+        import multiprocessing.util as mpu
+        import torch
+        from embstore.torch import EmbeddingRecorder
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16))
+        recorder = EmbeddingRecorder(model, "0", sys.argv[1], dim=16, buffer_rows=512)
+        for b in range(3):
+            with torch.no_grad(), recorder.batch(torch.arange(b * 100, (b + 1) * 100), 0):
+                model(torch.randn(100, 8))
+        call, target, sent = mpu.Finalize.__call__.__code__, recorder._finalizer, []
+        source = open(call.co_filename).readlines()
+
+        def tracer(frame, event, arg):
+            if sent or frame.f_code is not call or frame.f_locals.get("self") is not target:
+                return None
+
+            def line(frame, event, arg):
+                if event == "line" and not sent and "getpid()" in source[frame.f_lineno - 1]:
+                    sent.append(1)
+                    sys.settrace(None)
+                    os.kill(os.getpid(), signal.SIGINT)  # the forwarded one lands here
+                return None if sent else line
+            return line
+
+        mpu.Finalize(None, lambda: sys.settrace(tracer), exitpriority=1000)
+        print("staged", recorder.rows_recorded, flush=True)
+        raise KeyboardInterrupt  # the first Ctrl-C
+    """, store)
+    out, err = script.communicate(timeout=120)
+    assert out == "staged 300\n", err
+    assert script.returncode != 0 and err.count("KeyboardInterrupt") == 1, err
+    r = embstore.Reader(store)
+    assert sorted(r.keys.tolist()) == list(range(300)) and r.verify().ok
+
+
 class SaysWhenWaitedOn:
     """For a fork-started child, in place of `event`: sets `waiting` when the child begins to
     wait on it (the fork start method passes it as it is, unpickled)."""

@@ -512,6 +512,25 @@ def test_recorder_into_an_existing_integer_store_names_it_and_changes_nothing(tm
     assert r.keys.tolist() == [0] and r.vectors.tolist() == [[1, 2]]
 
 
+@pytest.mark.parametrize("output", ["complex", "0-d"])
+def test_recorder_refuses_an_output_it_cannot_store_as_it_is_naming_it(store, output):
+    # A complex output was stored as its real part (torch's one-time warning only), and a 0-d
+    # one raised "IndexError: tuple index out of range".
+    class Odd(torch.nn.Module):
+        def forward(self, x):
+            return torch.complex(x, x) if output == "complex" else x.sum()
+
+    model = torch.nn.Sequential(Odd())
+    rec = EmbeddingRecorder(model, "0", store, dim=4, buffer_rows=0)
+    error = ValueError if output == "0-d" else TypeError
+    with pytest.raises(error, match=rf"{re.escape(str(store))}: 0 returned a .*(0-d tensor|"
+                                    "the recorder saves real values)"):
+        with rec.batch(torch.arange(2), 0):
+            model(torch.ones(2, 4))
+    rec.close()
+    assert not os.path.exists(store) or len(embstore.Reader(store)) == 0
+
+
 def test_a_closed_recorder_refuses_batches_instead_of_recording_nothing(store):
     layer = torch.nn.Linear(3, 4)
     rec = EmbeddingRecorder(layer, "", store, dim=4, buffer_rows=16, async_queue_mb=0)

@@ -40,6 +40,7 @@ PyTorch helpers (a Dataset over a store and a forward-hook recorder) are in ``em
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
@@ -1025,6 +1026,38 @@ class Writer(_Handle):
 _log = logging.getLogger("embstore")
 # Exit finalizers run highest priority first: recorders (which append) before Writers.
 _WRITER_EXIT_PRIORITY = 10
+# A SIGINT this soon after the exit began is the Ctrl-C that ended the program, delivered again.
+_EXIT_SIGINT_GRACE = 5.0
+
+
+def _guard_exit_from_sigint() -> None:
+    """atexit (registered after multiprocessing's exit function, so run before it): while that
+    function runs the exit finalizers of this process's recorders and Writers, which write what
+    they hold, a SIGINT within _EXIT_SIGINT_GRACE of the exit's start is ignored, and a later
+    one raises KeyboardInterrupt as Python's default handler does. A Ctrl-C in a terminal
+    reaches every process of the foreground group, and torchrun's agent then forwards its own
+    to each worker: that second one landed inside the exit function (inside a finalizer taken
+    off its list, before it could defer SIGINT) and ended it, the recorder's staged rows and the
+    rest of the finalizers with it, with no word of what was lost. Only where SIGINT has
+    Python's default handler and a finalizer of ours is waiting; the default handler is back
+    once they have run."""
+    import time
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler or not any(
+            priority is not None and priority >= _WRITER_EXIT_PRIORITY
+            for priority, _ in list(_mp_util._finalizer_registry)):
+        return
+    began = time.monotonic()
+
+    def during_exit(signum: int, frame: Any) -> None:
+        if time.monotonic() - began >= _EXIT_SIGINT_GRACE:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, during_exit)
+    _mp_util.Finalize(None, signal.signal, args=(signal.SIGINT, signal.default_int_handler),
+                      exitpriority=_WRITER_EXIT_PRIORITY - 1)
+
+
+atexit.register(_guard_exit_from_sigint)
 
 
 class _Termination:
@@ -1093,9 +1126,10 @@ os.register_at_fork(after_in_child=_TERMINATION.__init__)
 
 def _write_then_terminate(signum, frame) -> None:
     """SIGTERM in a multiprocessing child (_leave_cleanly_on_sigterm; what it does and when:
-    _Termination). A second SIGTERM meanwhile kills at once (default action restored)."""
-    import signal
-    signal.signal(signum, signal.SIG_DFL)
+    _Termination). Another SIGTERM within a few seconds is the same request delivered twice (a
+    process group's, then torchrun's agent forwarding its own) and is ignored; a later one kills
+    at once, saying so on stderr (_embstore._ignore_repeated_sigterm: sigterm_relay.h)."""
+    _embstore._ignore_repeated_sigterm()
     with _TERMINATION.deciding:
         if _TERMINATION.claimed_by is None:
             _TERMINATION.claimed_by = "handler"

@@ -477,6 +477,10 @@ class EmbeddingRecorder:
     at once and synchronously: ``flush()`` and ``end_epoch()`` in the main process reach only
     that process's rows.
 
+    Resuming from a checkpoint of epoch E: ``Writer(path).truncate(from_epoch=E)`` once before
+    any recorder appends (under DDP on rank 0, then a barrier), or the crashed run's rows of
+    epoch E stay beside the new ones: the recorder opens the store as it is.
+
     Args:
         model: the model (or DDP wrapper) holding the module.
         module_name: dotted name of the submodule whose output to save; the output must be a
@@ -681,6 +685,15 @@ class EmbeddingRecorder:
             raise TypeError(f"{self.module_name} returned {type(output).__name__}; the "
                             "recorder needs a tensor")
         out = output.detach()
+        name = self.module_name or "the model"
+        if out.dim() == 0:
+            raise ValueError(f"{self.path}: {name} returned a 0-d tensor (one value); the "
+                             "recorder needs one row per id, shape (ids, dim) or (ids, ...)")
+        if out.is_complex():
+            # copy_() would keep its real part and drop the rest (torch's one-time warning
+            # only); Writer.append refuses complex arrays too.
+            raise TypeError(f"{self.path}: {name} returned a {out.dtype} tensor; the recorder "
+                            "saves real values (float or integer outputs)")
         if out.dim() != 2:
             out = out.reshape(out.shape[0], -1)
         n = out.shape[0]
