@@ -201,6 +201,74 @@ def test_a_graph_refuses_a_store_truncated_and_refilled_since(tmp_path, client):
     assert (client.compute(again.vectors, sync=True)[2:] == -5).all()
 
 
+@pytest.mark.parametrize("array", ["vectors", "keys", "epochs"])
+def test_a_task_whose_shared_reader_another_task_refreshed_across_a_truncate_says_so(
+        tmp_path, monkeypatch, array):
+    """The tasks a worker process runs share one Reader per shard snapshot. One task's thread
+    refreshed it across a truncate after another task's thread had checked it and before that
+    one read: the second returned the new generation's rows under the graph's row numbers,
+    without a word. Pinned here: task 0's read waits (in the read call) until task 1, on
+    another thread, has refreshed the Reader after the store was rolled back."""
+    import threading
+    import time
+    _four_rows(tmp_path / "a")
+    arrays = embstore.dask.from_store(tmp_path / "a", chunk_rows=2)
+    (_, first), (_, second) = sorted(dict(getattr(arrays, array).__dask_graph__()).items())
+    checked, refreshed = threading.Event(), threading.Event()
+    reads = {"vectors": (embstore.Reader, "rows")}.get(array)
+    if reads is None:  # keys and epochs: the native Reader's call
+        reads = (type(embstore.Reader(tmp_path / "a")._native), array)
+    real = getattr(*reads)
+
+    def held(self, *args):
+        if threading.current_thread().name == "task 0":
+            checked.set()
+            assert refreshed.wait(30)
+        return real(self, *args)
+
+    monkeypatch.setattr(*reads, held)
+    results = {}
+
+    def run(name, task):
+        try:
+            results[name] = task[0](*task[1:])
+        except Exception as error:
+            results[name] = error
+
+    task0 = threading.Thread(target=run, args=("task 0", first), name="task 0")
+    task0.start()
+    assert checked.wait(30)
+    _rolled_back(tmp_path / "a")
+    time.sleep(0.2)  # a Reader looks for a truncate at most every 50 ms
+    run("task 1", second)  # refreshes the shared Reader: generation 2
+    refreshed.set()
+    task0.join()
+    for name in ("task 0", "task 1"):
+        assert isinstance(results[name], embstore.FormatMismatchError), results
+        assert "generation 2 of the store, not generation 1" in str(results[name]), results
+
+
+def test_tasks_writing_as_the_readme_says_store_their_rows_once_when_run_twice(tmp_path, client):
+    """Dask runs a task again after a worker dies (or with retries=), and an append is never
+    undone: the README's recipe (a store per task, emptied before its appends) makes a task's
+    write idempotent. Every task here runs twice, as after a worker's death."""
+    def write_partition(path, first, n):
+        with embstore.Writer(path, dim=4) as w:
+            w.truncate(rows=0)
+            w.append(np.arange(first, first + n, dtype=np.uint64),
+                     np.full((n, 4), first, np.float32), epoch=0)
+        return n
+
+    paths = [str(tmp_path / f"part-{i}") for i in range(3)]
+    for _ in range(2):
+        futures = [client.submit(write_partition, path, 100 * i, 50, pure=False)
+                   for i, path in enumerate(paths)]
+        assert client.gather(futures) == [50, 50, 50]
+    arrays = embstore.dask.from_store(paths)
+    keys = client.compute(arrays.keys, sync=True)
+    assert sorted(keys.tolist()) == [k for i in range(3) for k in range(100 * i, 100 * i + 50)]
+
+
 def test_arrays_built_after_a_truncate_share_no_task_with_those_before(tmp_path, client):
     # Results held on the cluster (persisted, say) answer every task of the same name: a new
     # snapshot must not be given the old one's names.

@@ -28,7 +28,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -89,12 +89,7 @@ def _opened(path: str, store_id: str, generation: int, end: int) -> Reader:
             f"{path}: this worker sees store {actual}, not the store {store_id} the graph was "
             "built for (another machine's disk at the same path?)")
     if reader.generation > generation:
-        # A truncate keeps a prefix of the rows, but which one this snapshot cannot tell: rows
-        # past it are new rows under the numbers the graph was built with.
-        raise FormatMismatchError(
-            f"{path}: this worker sees generation {reader.generation} of the store, not "
-            f"generation {generation} the graph was built for: it was truncated since "
-            "from_store, so these rows may be other rows now; call from_store again")
+        raise _truncated_since(path, reader.generation, generation)
     if reader.generation < generation:
         raise FormatMismatchError(
             f"{path}: this worker sees generation {reader.generation} of the store, older than "
@@ -107,18 +102,42 @@ def _opened(path: str, store_id: str, generation: int, end: int) -> Reader:
     return reader
 
 
+def _truncated_since(path: str, seen: int, generation: int) -> FormatMismatchError:
+    # A truncate keeps a prefix of the rows, but which one this snapshot cannot tell: rows past
+    # it are new rows under the numbers the graph was built with.
+    return FormatMismatchError(
+        f"{path}: this worker sees generation {seen} of the store, not generation "
+        f"{generation} the graph was built for: it was truncated since from_store, so these "
+        "rows may be other rows now; call from_store again")
+
+
+def _read(path: str, store_id: str, generation: int, end: int,
+          read: Callable[[Reader], np.ndarray]) -> np.ndarray:
+    """What `read` reads from this process's Reader of the shard snapshot (_open), read from
+    that snapshot's generation. The Reader is shared by the tasks this process runs: another
+    thread's task may refresh it across a truncate between this task's checks and its read,
+    which then read the new generation's rows under the graph's row numbers, without a word.
+    Its generation after the read says which one the read saw (a read and a refresh each hold
+    the Reader's lock; generations only grow)."""
+    reader = _open(path, store_id, generation, end)
+    rows = read(reader)
+    if reader.generation != generation:
+        raise _truncated_since(path, reader.generation, generation)
+    return rows
+
+
 def _read_vectors(path: str, store_id: str, generation: int, begin: int,
                   end: int) -> np.ndarray:
-    return _open(path, store_id, generation, end).rows(begin, end)
+    return _read(path, store_id, generation, end, lambda r: r.rows(begin, end))
 
 
 def _read_keys(path: str, store_id: str, generation: int, begin: int, end: int) -> np.ndarray:
-    return _open(path, store_id, generation, end)._native.keys(begin, end)
+    return _read(path, store_id, generation, end, lambda r: r._native.keys(begin, end))
 
 
 def _read_epochs(path: str, store_id: str, generation: int, begin: int,
                  end: int) -> np.ndarray:
-    return _open(path, store_id, generation, end)._native.epochs(begin, end)
+    return _read(path, store_id, generation, end, lambda r: r._native.epochs(begin, end))
 
 
 def _empty(shape: tuple, dtype: str) -> np.ndarray:
