@@ -11,6 +11,11 @@ commit them (``Reader.wait``), prints the URL and serves the page at ``/`` until
 authentication: anyone who can reach the port can read the embeddings. On a loopback bind,
 requests whose Host header is not 127.0.0.1 / localhost / [::1] are refused (DNS rebinding).
 ``--port 0`` picks a free port.
+Stopping: Ctrl-C or SIGTERM stops the server within about a second (exit status 0): the
+computations queued are cancelled (their requests get a 503), requests being answered get 1 s to
+finish, and computations still running then are not waited for. A second Ctrl-C or SIGTERM ends
+the process at once, killed by the signal (exit status 130 or 143 in a shell), as the
+command-line tool's long commands do.
 
 Read-only: the server opens only Readers on the store and reads the labels file once at start;
 no endpoint writes, deletes or reads any other file (the page's files are a fixed set inside this
@@ -40,8 +45,8 @@ JSON API (GET only; every answer is JSON; an error is ``{"error": MESSAGE}`` wit
 bad parameter (not a number, out of range, unknown name, given twice), 403 for a request whose
 Host header a loopback-bound server refuses (above), 404 for an absent key or epoch, 405 for a
 method other than GET, 422 for neighbours of a row holding NaN or Inf, 503 when
-the store is damaged or gone (the message says which file), 500 for anything else; the server
-keeps running).
+the store is damaged or gone (the message says which file) or the server is stopping, 500 for
+anything else; the server keeps running).
 Rows holding NaN or Inf have no place in a PCA or a distance: every endpoint leaves them out and
 says how many it left out (``non_finite``); no answer holds NaN (not JSON).
 Keys and epochs (uint64, 0 .. 2**64-1) are given as decimal integers in parameters and are

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
+import os
 import signal
 import sys
 
@@ -21,9 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="embstore serve",
         description="Serves a read-only live page (and a JSON API) of a store's embeddings.",
-        epilog="Exit status: 0 once stopped by Ctrl-C or SIGTERM, 2 usage, 12 the store or the "
-               "labels file is not there, 17 cannot listen (the port in use, say), 10 + error "
-               "code otherwise (as the embstore tool's).")
+        epilog="Exit status: 0 once stopped by Ctrl-C or SIGTERM (a second one ends it at once, "
+               "killed by it: 130 or 143), 2 usage, 12 the store or the labels file is not "
+               "there, 17 cannot listen (the port in use, say), 10 + error code otherwise (as the "
+               "embstore tool's).")
     parser.add_argument("store", metavar="STORE_OR_MANIFEST",
                         help="a store directory, or a manifest file of shards (read as one store)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -36,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Exit statuses, those of the command-line tool (README, "Command-line tool"): 0 once stopped by
-# SIGINT or SIGTERM, 2 usage, 10 + the C++ ErrorCode otherwise.
+# SIGINT or SIGTERM (a second one kills: 130 or 143), 2 usage, 10 + the C++ ErrorCode otherwise.
 USAGE = 2
 _ERROR_BASE = 10
 # The C++ ErrorCode of each name, from the core's one table.
@@ -70,10 +73,18 @@ def exit_status(error: BaseException) -> int:
     return USAGE if name == "invalid_argument" else _ERROR_BASE + _CODES[name]
 
 
+# Seconds the requests being answered get to finish once a stop signal came (aiohttp's default,
+# 60 s, kept a Ctrl-C waiting that long while queued computations went on). Computations queued
+# then are cancelled (their requests get a 503), and those still running are not waited for: see
+# the end of this file.
+kStopGraceSeconds = 1.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 async def _serve(server: Server, host: str, port: int) -> int:
     runner = web.AppRunner(make_app(server), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, shutdown_timeout=kStopGraceSeconds)
     try:
         await site.start()
     except OSError as e:
@@ -89,8 +100,18 @@ async def _serve(server: Server, host: str, port: int) -> int:
           f"rows) at http://{shown}:{bound}/", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_stop_signal():
+        # The first SIGINT or SIGTERM stops the server (exit status 0). A second one ends the
+        # process at once, killed by it (128 + the signal, 130 or 143), as the command-line
+        # tool's long commands do: the default action from now on, which needs neither the
+        # event loop nor the interpreter to run (the clean-up may be what is slow).
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_DFL)
+        stop.set()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_stop_signal)
     try:
         await stop.wait()
     finally:
@@ -119,4 +140,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Ended without joining the compute threads (Python's exit joins a ThreadPoolExecutor's): a
+    # computation still running after a stop signal (seconds of numpy) answers a request already
+    # closed, and a read-only server has nothing else to finish.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)

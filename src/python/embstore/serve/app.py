@@ -130,11 +130,18 @@ class Server:
         self._bases = collections.OrderedDict()
         self._cache_lock = threading.Lock()
         self.started_unix = time.time()
+        self.stopping = False
+
+    def stop_computations(self) -> None:
+        """Once the server stops: the computations queued are cancelled (their requests get a
+        503), none is queued any more; those running go on (nothing can stop numpy)."""
+        self.stopping = True
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.poll_pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stops the request threads (the follower is stopped by its owner)."""
-        self.pool.shutdown(wait=False)
-        self.poll_pool.shutdown(wait=False)
+        self.stop_computations()
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -424,9 +431,20 @@ def make_app(server: Server) -> web.Application:
 
     def api(method, pool=server.pool):
         async def handler(request):
+            stopping = ApiError(503, "the server is stopping (Ctrl-C or SIGTERM)")
+            if server.stopping:
+                raise stopping
             loop = asyncio.get_running_loop()
             query = request.rel_url.query
-            data = await loop.run_in_executor(pool, method, query)
+            try:
+                data = await loop.run_in_executor(pool, method, query)
+            except asyncio.CancelledError:
+                # The computation was cancelled before it started, by the stop: said. (This
+                # handler cancelled, at the end of the stop's grace, is not answered.)
+                task = asyncio.current_task()
+                if server.stopping and not getattr(task, "cancelling", lambda: 1)():
+                    raise stopping from None
+                raise
             return _json(data)
         return handler
 
@@ -465,10 +483,14 @@ def make_app(server: Server) -> web.Application:
     async def on_startup(_):
         server.follower.start()
 
+    async def on_shutdown(_):  # a stop signal came: before the requests' grace
+        server.stop_computations()
+
     async def on_cleanup(_):
         server.follower.stop()
         server.close()
 
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
