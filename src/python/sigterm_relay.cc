@@ -24,9 +24,12 @@ std::atomic<pthread_t> g_main_thread{};          // the thread nudged
 sem_t g_sigterm_seen;                            // posted by relay() (async-signal-safe)
 pid_t g_relay_thread_pid = 0;                    // the process whose relay thread runs
 
+void note_arrival();
+
 // SIGTERM's handler: Python's, then a wake-up of the relay thread. Async-signal-safe.
 void relay(int signal_number) {
   const int saved_errno = errno;
+  note_arrival();
   if (const Handler python = g_python_handler.load(); python != nullptr) python(signal_number);
   sem_post(&g_sigterm_seen);
   errno = saved_errno;
@@ -76,11 +79,21 @@ void relay_write(int signal_number) {
 // ignore_repeated_sigterm(): when, and in which process, the SIGTERM acted on came.
 std::atomic<std::int64_t> g_acted_on_ns{0};
 std::atomic<pid_t> g_acted_on_pid{0};
+// The first SIGTERM the relay took in this process (relay()): the one acted on, maybe seconds
+// later (the relay thread's nudges), whose repeats count from its arrival.
+std::atomic<std::int64_t> g_arrived_ns{0};
+std::atomic<pid_t> g_arrived_pid{0};
 
 std::int64_t monotonic_ns() {  // Async-signal-safe (clock_gettime).
   timespec now{};
   clock_gettime(CLOCK_MONOTONIC, &now);
   return std::int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+}
+
+void note_arrival() {  // Async-signal-safe.
+  if (g_arrived_pid.load() == getpid()) return;
+  g_arrived_ns.store(monotonic_ns());
+  g_arrived_pid.store(getpid());
 }
 
 // SIGTERM's handler once one is acted on. Async-signal-safe.
@@ -225,7 +238,8 @@ bool relay_sigterm(WriteAndEnd stuck) {
 }
 
 void ignore_repeated_sigterm() {
-  g_acted_on_ns.store(monotonic_ns());
+  // From the arrival of the SIGTERM acted on, when the relay saw it come.
+  g_acted_on_ns.store(g_arrived_pid.load() == getpid() ? g_arrived_ns.load() : monotonic_ns());
   g_acted_on_pid.store(getpid());
   struct sigaction action {};
   sigemptyset(&action.sa_mask);

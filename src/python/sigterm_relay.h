@@ -72,7 +72,8 @@ constexpr std::chrono::seconds kWriteDeadline{30};
 bool write_on_sigterm(WriteAndEnd write);
 
 // What a SIGTERM being acted on (its rows being written) does to the ones after it: from this
-// call on, a SIGTERM within kRepeatGrace is ignored, as the same request delivered twice (a
+// call on, a SIGTERM within kRepeatGrace of the first one's arrival (when the relay took it;
+// else of this call) is ignored, as the same request delivered twice (a
 // process group's SIGTERM — Slurm's scancel or time limit, systemd's stop, kill -TERM -PGID —
 // reaches a torchrun worker a few milliseconds before its agent forwards its own); a later one
 // ends the process at once by the default action, saying on stderr that what the process held

@@ -204,9 +204,10 @@ def test_a_launchers_rank_counts_without_a_process_group(tmp_path, monkeypatch):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_a_second_sigterm_kills_a_rank_whose_rows_the_relay_thread_is_writing(tmp_path):
     """The relay thread writes a stuck rank's rows (above), and that takes long (this process
-    holds the store's lock): a second SIGTERM kills at once, as it does once Python's handler
-    has run. It reached the relay's handler instead, which nobody acted on until the 30 s
-    deadline."""
+    holds the store's lock): a second SIGTERM more than 5 s after the first (one sooner is the
+    same request delivered twice) kills at once, as it does once Python's handler has run. It
+    reached the relay's handler instead, which nobody acted on until the 30 s deadline; then,
+    counted from the relay thread's act (5 s of nudges after the first), it was ignored."""
     import fcntl
     import signal
     import time
