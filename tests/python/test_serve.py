@@ -1801,3 +1801,60 @@ def test_a_second_stop_signal_ends_the_server_at_once(store, signum):
             server.proc.kill()
             server.proc.wait()
     assert code == -signum and took < 10, (code, took, server.proc.stderr.read())
+
+
+def test_idle_and_half_sent_connections_are_closed(store, server_on):
+    """A connection that sends no whole request within kIdleSeconds (10 s) of its opening or of
+    its last answer is closed: one that sends nothing, one that sent half a request, one that
+    trickles header lines, one kept alive after an answer. They stayed open (aiohttp 3.8 has no
+    timeout before a first request; its keep-alive timeout is 75 s), and ~1,000 of them took
+    every descriptor under ulimit -n 1024: the server answered no one (review, t8b.py). A client
+    asking every second on one connection keeps it, and the server keeps answering others."""
+    import http.client
+    import select
+    import socket
+    neighbour_store(store)
+    server = server_on(store)
+    host, port = server.url.split("//")[1].rsplit(":", 1)
+    opened = time.monotonic()
+    socks = {f"silent {i}": socket.create_connection((host, int(port))) for i in range(3)}
+    socks["half-sent"] = socket.create_connection((host, int(port)))
+    socks["half-sent"].sendall(b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    socks["trickling"] = socket.create_connection((host, int(port)))
+    socks["trickling"].sendall(b"GET /api/stats HTTP/1.1\r\n")
+    kept = socket.create_connection((host, int(port)))
+    kept.sendall(b"GET /api/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = http.client.HTTPResponse(kept)
+    answer.begin()
+    assert answer.status == 200 and json.loads(answer.read())["rows"] == 40
+    socks["kept alive after an answer"] = kept
+    polling = http.client.HTTPConnection(host, int(port), timeout=60)
+    polled = None
+    closed = {}
+    try:
+        while len(closed) < len(socks) and time.monotonic() - opened < 60:
+            polling.request("GET", "/api/epochs", headers={"Host": "127.0.0.1"})
+            response = polling.getresponse()
+            assert response.status == 200 and json.loads(response.read())["rows"] == 40
+            assert polled in (None, polling.sock), "the polling connection was closed"
+            polled = polling.sock
+            assert server.ok("/api/stats")["rows"] == 40  # a new connection is answered
+            try:
+                socks["trickling"].sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                pass
+            open_ones = [s for name, s in socks.items() if name not in closed]
+            for sock in select.select(open_ones, [], [], 1.0)[0]:
+                try:
+                    gone = sock.recv(4096) == b""
+                except OSError:
+                    gone = True
+                if gone:
+                    name = next(n for n, s in socks.items() if s is sock)
+                    closed[name] = round(time.monotonic() - opened, 1)
+    finally:
+        polling.close()
+        for sock in socks.values():
+            sock.close()
+    assert sorted(closed) == sorted(socks), f"still open after 60 s: {set(socks) - set(closed)}"
+    assert max(closed.values()) < 30, closed

@@ -16,6 +16,10 @@ computations queued are cancelled (their requests get a 503), requests being ans
 finish, and computations still running then are not waited for. A second Ctrl-C or SIGTERM ends
 the process at once, killed by the signal (exit status 130 or 143 in a shell), as the
 command-line tool's long commands do.
+Connections: one that sends no whole request within 10 s of its opening or of its last answer
+(idle, kept alive, or a request sent half or a byte at a time), or whose answer has not moved
+for 10 s (its client does not read), is closed (``app.kIdleSeconds``); a request being computed
+is not cut.
 
 Read-only: the server opens only Readers on the store and reads the labels file once at start;
 no endpoint writes, deletes or reads any other file (the page's files are a fixed set inside this

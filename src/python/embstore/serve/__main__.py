@@ -15,7 +15,7 @@ import embstore
 from embstore import _embstore
 
 from .analysis import Labels, LabelsError
-from .app import LOOPBACK_HOSTS, Server, make_app
+from .app import LOOPBACK_HOSTS, Server, kIdleSeconds, make_app, watch_connections
 from .store import Follower, StoreError
 
 
@@ -82,7 +82,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 async def _serve(server: Server, host: str, port: int) -> int:
-    runner = web.AppRunner(make_app(server), access_log=None)
+    # aiohttp's keep-alive timeout (75 s by default) counts from an answer; watch_connections
+    # also closes connections that never sent a whole request.
+    runner = web.AppRunner(make_app(server), access_log=None, keepalive_timeout=kIdleSeconds)
     await runner.setup()
     site = web.TCPSite(runner, host, port, shutdown_timeout=kStopGraceSeconds)
     try:
@@ -112,9 +114,11 @@ async def _serve(server: Server, host: str, port: int) -> int:
         stop.set()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_stop_signal)
+    watch = asyncio.create_task(watch_connections(runner.server, server))
     try:
         await stop.wait()
     finally:
+        watch.cancel()
         await runner.cleanup()
     return 0
 

@@ -38,6 +38,13 @@ kCacheEntries = 64
 # history walks the bases of kMaxTrajectoryEpochs epochs, and a cache smaller than that walk
 # would miss at every step (a fit per epoch, seconds of CPU per history).
 kBasisCacheEntries = 2 * kMaxTrajectoryEpochs + kCacheEntries
+# A connection with no sign of life for this long is closed (watch_connections): no whole request
+# since it opened or since its last answer (idle, kept alive, or a request sent half or a byte
+# at a time), no request being answered, no byte of an answer leaving (a client that does not
+# read). aiohttp 3.8 has no timeout before a first request, and ~1,000 such connections took
+# every file descriptor under the usual ulimit -n 1024: the server answered no one.
+kIdleSeconds = 10.0
+kIdleCheckSeconds = 1.0  # how often connections are looked at (a close comes up to this late)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # Debian's libjs-chart.js; served as /static/chart.js so the page needs no CDN.
@@ -131,6 +138,10 @@ class Server:
         self._cache_lock = threading.Lock()
         self.started_unix = time.time()
         self.stopping = False
+        # Requests being answered, per connection (aiohttp's RequestHandler), and per connection
+        # watched by idle_connections: (time of its last sign of life, answer bytes unsent then).
+        self._answering = collections.Counter()
+        self._watched = {}
 
     def stop_computations(self) -> None:
         """Once the server stops: the computations queued are cancelled (their requests get a
@@ -142,6 +153,33 @@ class Server:
     def close(self) -> None:
         """Stops the request threads (the follower is stopped by its owner)."""
         self.stop_computations()
+
+    def answering(self, connection, change: int) -> None:
+        """A request of ``connection`` is being answered (``change`` 1), or was (-1)."""
+        self._answering[connection] += change
+        if self._answering[connection] <= 0:
+            del self._answering[connection]
+        if connection in self._watched:
+            self._watched[connection] = (time.monotonic(), 0)
+
+    def idle_connections(self, connections, now: Optional[float] = None) -> list:
+        """Those of ``connections`` (aiohttp's, open) with no sign of life for kIdleSeconds
+        (see there), counted from the first call that saw them, or from their latest sign."""
+        now = time.monotonic() if now is None else now
+        watched, idle = {}, []
+        for connection in connections:
+            transport = connection.transport
+            if transport is None:  # closing
+                continue
+            unsent = transport.get_write_buffer_size()
+            since, before = self._watched.get(connection, (now, unsent))
+            if connection in self._answering or unsent != before:
+                since = now
+            watched[connection] = (since, unsent)
+            if now - since >= kIdleSeconds:
+                idle.append(connection)
+        self._watched = watched
+        return idle
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -400,6 +438,13 @@ def make_app(server: Server) -> web.Application:
 
     @web.middleware
     async def guard(request, handler):
+        server.answering(request.protocol, 1)  # not idle meanwhile (watch_connections)
+        try:
+            return await answer(request, handler)
+        finally:
+            server.answering(request.protocol, -1)
+
+    async def answer(request, handler):
         # A page on another site could reach a loopback server through DNS rebinding: the Host
         # header then names that site. Only loopback names are answered on a loopback bind.
         if server.check_host:
@@ -494,3 +539,15 @@ def make_app(server: Server) -> web.Application:
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+async def watch_connections(web_server: web.Server, server: Server) -> None:
+    """Closes, until cancelled, the connections of ``web_server`` (the aiohttp server answering
+    for ``server``) with no sign of life for kIdleSeconds (see there)."""
+    while True:
+        await asyncio.sleep(kIdleCheckSeconds)
+        for connection in server.idle_connections(web_server.connections):
+            if connection.transport.get_write_buffer_size():
+                connection.transport.abort()  # Its client does not read: close() would wait.
+            else:
+                connection.force_close()
