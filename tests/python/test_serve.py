@@ -1858,3 +1858,60 @@ def test_idle_and_half_sent_connections_are_closed(store, server_on):
             sock.close()
     assert sorted(closed) == sorted(socks), f"still open after 60 s: {set(socks) - set(closed)}"
     assert max(closed.values()) < 30, closed
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.2", "127.1.2.3", "0.0.0.0", "::", "localhost"])
+def test_host_check_covers_every_loopback_and_wildcard_bind(store, bind):
+    """The DNS-rebinding check (403 for a Host that is not a loopback name) was on only for
+    --host 127.0.0.1, localhost or ::1: --host 127.0.0.2 (loopback too) or 0.0.0.0 / :: (which
+    listen on loopback as well) answered a Host of any site with the data (review). Now any
+    loopback bind answers loopback addresses and localhost; a wildcard bind answers IP
+    addresses, localhost and this machine's name (as a browser names it), and refuses other
+    names. (The app runs in this process on aiohttp's TestServer, which listens on 127.0.0.1;
+    the check depends only on the --host the Server is given.)"""
+    import asyncio
+    import socket
+    from aiohttp.test_utils import TestClient, TestServer
+    from embstore.serve import app
+    neighbour_store(store)
+    wildcard = bind in ("0.0.0.0", "::")
+    server = app.Server(serve_store.Follower(store), host=bind)
+    accepted = ["localhost", "LOCALHOST.", "127.0.0.1", "[::1]", "127.0.0.2", "127.255.0.9"]
+    refused = ["attacker.example", "ATTACKER.example.", "localhost.attacker.example",
+               "127.0.0.1.attacker.example", "localhost..", "[::1].attacker.example"]
+    if wildcard:
+        accepted += ["192.0.2.7", "[2001:db8::1]", "[::ffff:192.0.2.7]", socket.gethostname()]
+    else:
+        accepted += [bind]
+        refused += ["192.0.2.7", "[2001:db8::1]", "[::ffff:192.0.2.7]"]
+
+    async def run():
+        async with TestClient(TestServer(app.make_app(server))) as client:
+            for host in accepted:
+                for header in (host, f"{host}:8080"):
+                    response = await client.get("/api/stats", headers={"Host": header})
+                    assert response.status == 200, (bind, header)
+            for host in refused:
+                for header in (host, f"{host}:8080"):
+                    response = await client.get("/api/stats", headers={"Host": header})
+                    body = await response.json()
+                    assert response.status == 403 and "refused" in body["error"], (bind, header)
+                    assert repr(header) in body["error"], body
+    asyncio.run(run())
+
+
+def test_a_bind_to_one_network_address_keeps_answering_any_host(store):
+    """A --host of one network address (not loopback, not a wildcard) cannot be reached through
+    a loopback rebinding: its Host header is not checked, as before (a proxy or a DNS name of
+    the machine reaches it by a name the server cannot know)."""
+    import asyncio
+    from aiohttp.test_utils import TestClient, TestServer
+    from embstore.serve import app
+    neighbour_store(store)
+    server = app.Server(serve_store.Follower(store), host="192.0.2.7")
+
+    async def run():
+        async with TestClient(TestServer(app.make_app(server))) as client:
+            response = await client.get("/api/stats", headers={"Host": "attacker.example"})
+            assert response.status == 200
+    asyncio.run(run())

@@ -8,8 +8,13 @@ Run::
 shards with a ``ShardSet``, whose global rows it serves as one store), follows rows as writers
 commit them (``Reader.wait``), prints the URL and serves the page at ``/`` until Ctrl-C. It binds
 127.0.0.1 unless ``--host`` says otherwise; another host prints a warning, because there is no
-authentication: anyone who can reach the port can read the embeddings. On a loopback bind,
-requests whose Host header is not 127.0.0.1 / localhost / [::1] are refused (DNS rebinding).
+authentication: anyone who can reach the port can read the embeddings. A server that listens on
+loopback (any 127.0.0.0/8 address, ::1, localhost or a name of one) refuses requests whose Host
+header is not a loopback address (127.0.0.1, [::1], ...), localhost or the --host name (DNS
+rebinding: a page of another site reaching the server under that site's name); one bound to
+every address (0.0.0.0, ::), which listens on loopback too, refuses Host names other than
+localhost and this machine's name (``socket.gethostname()``) and answers any IP address. A
+--host of network addresses only checks no Host (``app.HostCheck``).
 ``--port 0`` picks a free port.
 Stopping: Ctrl-C or SIGTERM stops the server within about a second (exit status 0): the
 computations queued are cancelled (their requests get a 503), requests being answered get 1 s to
@@ -47,7 +52,7 @@ Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...
 
 JSON API (GET only; every answer is JSON; an error is ``{"error": MESSAGE}`` with status 400 for a
 bad parameter (not a number, out of range, unknown name, given twice), 403 for a request whose
-Host header a loopback-bound server refuses (above), 404 for an absent key or epoch, 405 for a
+Host header the server refuses (above), 404 for an absent key or epoch, 405 for a
 method other than GET, 422 for neighbours of a row holding NaN or Inf, 503 when
 the store is damaged or gone (the message says which file) or the server is stopping, 500 for
 anything else; the server keeps running).

@@ -11,8 +11,11 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
+import ipaddress
 import json
 import os
+import re
+import socket
 import sys
 import threading
 import time
@@ -58,6 +61,72 @@ STATIC_FILES = {
     "chart.js": (CHART_JS, "text/javascript"),
 }
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+# A Host header: "[IPv6]" or a name or IPv4 address, then an optional ":port".
+_HOST_HEADER = re.compile(r"(?:\[([^\[\]]*)\]|([^:\[\]]*))(?::[0-9]*)?")
+
+
+class HostCheck:
+    """Which Host headers a server bound to an address answers. A page on another site could
+    reach the server through DNS rebinding: its requests then carry that site's name. So a
+    server that listens on loopback (any 127.0.0.0/8 address, ::1, or a name resolving to one)
+    answers only loopback addresses, localhost and the name it was bound by; one bound to every
+    address (0.0.0.0, ::) also any IP address (a rebinding needs a name) and this machine's name.
+    Names are compared without case or a trailing dot, as DNS does."""
+
+    def __init__(self, any_address: bool, names, shown: str) -> None:
+        self.any_address = any_address
+        self.names = {n.lower().removesuffix(".") for n in names if n}
+        self.shown = shown  # what a refusal says is answered
+
+    @classmethod
+    def for_bind(cls, host: str) -> Optional["HostCheck"]:
+        """The check of a server bound to ``host`` (--host), or None where every Host is
+        answered: a bind to network addresses only (or a name of them), which a loopback
+        rebinding cannot reach."""
+        name = host.lower().removesuffix(".")
+        if name in WILDCARD_HOSTS:
+            machine = socket.gethostname()
+            return cls(True, {"localhost", machine}, f"IP addresses / localhost / {machine}")
+        names = {"localhost"}
+        try:
+            addresses = [ipaddress.ip_address(name)]
+        except ValueError:
+            names.add(name)  # --host NAME: answered by that name too
+            try:
+                addresses = [ipaddress.ip_address(info[4][0].split("%")[0])
+                             for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
+            except (OSError, ValueError):
+                return None  # Nor can it be bound: exit 17, said by _serve.
+        if any(a.is_unspecified for a in addresses):
+            return cls.for_bind("::")
+        if not any(_is_loopback(a) for a in addresses):
+            return None
+        # A name may resolve to network addresses as well, which aiohttp binds too.
+        any_address = not all(_is_loopback(a) for a in addresses)
+        if name in LOOPBACK_HOSTS:
+            shown = "127.0.0.1 / localhost"
+        else:
+            shown = " / ".join(["IP addresses" if any_address else "loopback addresses",
+                                *sorted(names)])
+        return cls(any_address, names, shown)
+
+    def answers(self, header: str) -> bool:
+        match = _HOST_HEADER.fullmatch(header)
+        if match is None:
+            return False
+        bracketed, plain = match.groups()
+        try:
+            address = ipaddress.IPv6Address(bracketed) if bracketed is not None \
+                else ipaddress.IPv4Address(plain)
+        except ValueError:
+            return bracketed is None and plain.lower().removesuffix(".") in self.names
+        return self.any_address or _is_loopback(address)
+
+
+def _is_loopback(address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
 
 
 class ApiError(Exception):
@@ -126,7 +195,7 @@ class Server:
                  host: str = "127.0.0.1") -> None:
         self.follower = follower
         self.labels = labels
-        self.check_host = host in LOOPBACK_HOSTS
+        self.host_check = HostCheck.for_bind(host)  # None: every Host header is answered
         # Projections, neighbours and histories (seconds of numpy each, at worst) ...
         self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="embstore-api")
         # ... and apart from them, what the page polls every second (stats, epochs): constant
@@ -446,15 +515,11 @@ def make_app(server: Server) -> web.Application:
 
     async def answer(request, handler):
         # A page on another site could reach a loopback server through DNS rebinding: the Host
-        # header then names that site. Only loopback names are answered on a loopback bind.
-        if server.check_host:
-            host = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") \
-                else request.host[1:request.host.find("]")]
-            # Host names are case-insensitive, and "localhost." is the same name (fully
-            # qualified), as browsers and DNS take them.
-            if host.lower().removesuffix(".") not in LOOPBACK_HOSTS:
-                return _json({"error": f"Host {request.host!r} refused: this server answers "
-                                       "only to 127.0.0.1 / localhost"}, 403)
+        # header then names that site (HostCheck says what is answered).
+        check = server.host_check
+        if check is not None and not check.answers(request.host):
+            return _json({"error": f"Host {request.host!r} refused: this server answers only "
+                                   f"to {check.shown}"}, 403)
         try:
             response = await handler(request)
         except ApiError as e:
