@@ -50,7 +50,9 @@ its rows.
 Labels (``--labels FILE``) colour the points: a JSON object ``{"KEY": LABEL, ...}`` or CSV lines
 ``KEY,LABEL`` (an optional ``key,label`` header line); see ``analysis.Labels``.
 
-JSON API (GET only; every answer is JSON; an error is ``{"error": MESSAGE}`` with status 400 for a
+JSON API (GET only; every answer is JSON, except aiohttp's own text 400 for a request its
+parser refuses before the app sees it, a request line or header over 8,190 bytes say, which is
+one line on stderr; an error is ``{"error": MESSAGE}`` with status 400 for a
 bad parameter (not a number, out of range, unknown name, given twice), 403 for a request whose
 Host header the server refuses (above), 404 for an absent key or epoch, 405 for a
 method other than GET, 422 for neighbours of a row holding NaN or Inf, 503 when

@@ -5,11 +5,13 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import signal
 import sys
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 import embstore
 from embstore import _embstore
@@ -71,6 +73,27 @@ def exit_status(error: BaseException) -> int:
         else:
             name = "io"
     return USAGE if name == "invalid_argument" else _ERROR_BASE + _CODES[name]
+
+
+class _BriefBadRequests(logging.Formatter):
+    """aiohttp's server log (logger ``aiohttp.server``): a request its parser refused (a request
+    line or header over 8,190 bytes, say; aiohttp answers it 400 itself, before the app) is one
+    line, not a traceback per request; anything else keeps its traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            said = " ".join(str(error.message).split())  # one line, whatever the client sent
+            return f"embstore serve: a request refused ({error.code}): {said}"
+        return "embstore serve: " + super().format(record)
+
+
+def _log_aiohttp_briefly() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_BriefBadRequests())
+    logger = logging.getLogger("aiohttp.server")
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 # Seconds the requests being answered get to finish once a stop signal came (aiohttp's default,
@@ -140,6 +163,7 @@ def main(argv=None) -> int:
         print(f"embstore serve: WARNING: listening on {args.host}: there is no authentication; "
               "anyone who can reach this port can read every embedding in the store",
               file=sys.stderr, flush=True)
+    _log_aiohttp_briefly()
     return asyncio.run(_serve(Server(follower, labels, args.host), args.host, args.port))
 
 
