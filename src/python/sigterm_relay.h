@@ -77,8 +77,11 @@ bool write_on_sigterm(WriteAndEnd write);
 // process group's SIGTERM — Slurm's scancel or time limit, systemd's stop, kill -TERM -PGID —
 // reaches a torchrun worker a few milliseconds before its agent forwards its own); a later one
 // ends the process at once by the default action, saying on stderr that what the process held
-// may not be written. Called first thing by every path that acts on SIGTERM (Python's handler,
-// the relay thread's `stuck`). In a forked child: the default action at once. From any thread.
+// may not be written. An ignored one is said on stderr too. Called first thing by Python's
+// handler (after it gives SIGTERM's default action back in Python's own table, which forked
+// children read) and the relay thread's `stuck`; write_on_sigterm()'s handler stays instead, and
+// ignores repeats until its deadline. In a forked child: the default action at once. From any
+// thread.
 constexpr std::chrono::seconds kRepeatGrace{5};
 void ignore_repeated_sigterm();
 

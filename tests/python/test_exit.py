@@ -762,6 +762,90 @@ def test_a_sigterm_delivered_twice_writes_every_row_and_a_late_one_ends_at_once(
     assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
 
 
+def test_a_child_forked_after_its_parent_took_sigterm_still_writes_its_rows(tmp_path):
+    """A multiprocessing child sent SIGTERM writes its rows and exits by SystemExit; its
+    ``finally`` block starts a worker of its own, which queues 500 rows (behind the store's
+    lock, held here) and is sent SIGTERM. Python's table still named the parent's handler after
+    the parent had swapped it for the repeat guard in C, so the worker took no handler of its
+    own, and its SIGTERM killed it at once: 0 of 500 rows, nothing said."""
+    import time
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for path in (a, b):
+        embstore.create(path, dim=workers.DIM)
+    script = run_script("""
+        import multiprocessing as mp, os, sys, threading, time
+        import numpy as np
+        import embstore, workers
+        ctx = mp.get_context("fork")
+
+        def worker(path):
+            w = embstore.Writer(path, async_queue_mb=16)
+            print("opened", flush=True)
+            while not os.path.exists(path + ".go"):
+                time.sleep(0.02)
+            keys = np.arange(500)
+            w.append(keys, workers.payload(keys), 0)
+            print("queued", os.getpid(), flush=True)
+            threading.Event().wait()
+
+        def child(a, b):
+            w = embstore.Writer(a)
+            w.append(np.arange(10), workers.payload(np.arange(10)), 0)
+            try:
+                print("ready", os.getpid(), flush=True)
+                threading.Event().wait()
+            finally:  # after the SIGTERM's SystemExit
+                p = ctx.Process(target=worker, args=(b,))
+                p.start()
+                p.join()
+                print("worker", p.exitcode, flush=True)
+
+        if __name__ == "__main__":
+            p = ctx.Process(target=child, args=sys.argv[1:3])
+            p.start()
+            p.join()
+            print("child", p.exitcode, flush=True)
+    """, a, b)
+    line = script.stdout.readline()
+    assert line.startswith("ready "), script.stderr.read()
+    os.kill(int(line.split()[1]), signal.SIGTERM)
+    assert script.stdout.readline() == "opened\n", script.stderr.read()
+    with StoreLock(b) as lock:
+        open(b + ".go", "w").close()
+        line = script.stdout.readline()
+        assert line.startswith("queued "), script.stderr.read()
+        lock.wait_for_a_waiter()
+        os.kill(int(line.split()[1]), signal.SIGTERM)
+        time.sleep(1)
+    out, err = script.communicate(timeout=120)
+    assert out.split("\n")[:2] == ["worker 0", "child 0"], (out, err)
+    assert len(embstore.Reader(a)) == 10
+    r = embstore.Reader(b)
+    assert sorted(r.keys.tolist()) == list(range(500)) and r.verify().ok
+
+
+def test_exit_with_no_writer_keeps_ctrl_c():
+    """The exit guard (a Ctrl-C within 5 s of the exit's start is ignored while embstore's exit
+    finalizers write) is for embstore's own finalizers: a Pool's or a Queue's took it too, so a
+    program that only imported embstore and whose exit hung (a Pool worker) ignored Ctrl-C. A
+    finalizer of the script's own, run among multiprocessing's at exit, says which SIGINT
+    handler is in place then."""
+    script = run_script("""
+        import multiprocessing as mp, signal
+        import multiprocessing.util as mpu
+        import embstore  # noqa: F401 (imported, no Writer)
+
+        pool = mp.get_context("fork").Pool(1)
+        queue = mp.get_context("fork").Queue()
+        queue.put(1)
+        mpu.Finalize(None, lambda: print(signal.getsignal(signal.SIGINT) is
+                                         signal.default_int_handler, flush=True),
+                     exitpriority=12)
+    """)
+    out, err = script.communicate(timeout=120)
+    assert out == "True\n", (out, err)
+
+
 def test_a_ctrl_c_forwarded_into_the_exit_function_loses_no_staged_rows(store):
     """Ctrl-C in a terminal reaches every process of a torchrun job, and the agent then forwards
     its own SIGINT to each worker. That second one landed inside multiprocessing's exit function,

@@ -1043,9 +1043,9 @@ def _guard_exit_from_sigint() -> None:
     once they have run."""
     import time
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler or not any(
-            priority is not None and priority >= _WRITER_EXIT_PRIORITY
-            for priority, _ in list(_mp_util._finalizer_registry)):
-        return
+            getattr(finalizer, "_callback", None) in _EXIT_CALLBACKS
+            for finalizer in list(_mp_util._finalizer_registry.values())):
+        return  # None of ours (a Pool's or a Queue's finalizers are not): Ctrl-C as ever.
     began = time.monotonic()
 
     def during_exit(signum: int, frame: Any) -> None:
@@ -1129,6 +1129,11 @@ def _write_then_terminate(signum, frame) -> None:
     _Termination). Another SIGTERM within a few seconds is the same request delivered twice (a
     process group's, then torchrun's agent forwarding its own) and is ignored; a later one kills
     at once, saying so on stderr (_embstore._ignore_repeated_sigterm: sigterm_relay.h)."""
+    import signal
+    # Python's own table first: a child forked from now on (in a finally block, say) sees the
+    # default action, and gets a handler of its own when it opens a Writer; it read this one as
+    # installed and took none, and its rows were lost at its SIGTERM.
+    signal.signal(signum, signal.SIG_DFL)
     _embstore._ignore_repeated_sigterm()
     with _TERMINATION.deciding:
         if _TERMINATION.claimed_by is None:
@@ -1354,6 +1359,11 @@ def _close_at_exit(native) -> None:
         _close_reporting_loss(native, "still open at exit")
     except BaseException:  # logged; an exit handler has no one to raise to
         pass
+
+
+# The exit finalizers that write what this package's objects hold (embstore.torch adds the
+# recorder's): those _guard_exit_from_sigint keeps a Ctrl-C from cutting short.
+_EXIT_CALLBACKS = {_close_at_exit}
 
 
 class Record(NamedTuple):

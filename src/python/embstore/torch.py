@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from . import (Error, Reader, Writer, _BFLOAT16_OVERFLOW, _TERMINATION, _WRITER_EXIT_PRIORITY,
-               _InterruptDeferred, _as_ints, _bfloat16_ready, _described, _dtype_name, _embstore,
+from . import (Error, Reader, Writer, _BFLOAT16_OVERFLOW, _EXIT_CALLBACKS, _TERMINATION,
+               _WRITER_EXIT_PRIORITY, _InterruptDeferred, _as_ints, _bfloat16_ready, _described, _dtype_name, _embstore,
                _log, _check_u64, _moved_away, _path_arg, shards)
 from ._errors import ClosedError
 
@@ -404,6 +404,9 @@ def _finish_unclosed(staging: _Staging, path: str, module_name: str) -> None:
             _log.error("%s: the EmbeddingRecorder of %r was not closed and failed to write its "
                        "rows (%d staged rows, %d queued rows lost): %s", path, module_name,
                        staged, staging.writer.stats().get("dropped_rows", 0), _described(error))
+
+
+_EXIT_CALLBACKS.add(_finish_unclosed)
 
 
 class _RecordingBlock:
