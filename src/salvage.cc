@@ -9,12 +9,12 @@
 #include <vector>
 
 #include "embstore/error.h"
+#include "embstore/staged_output.h"
 #include "embstore/writer.h"
 #include "format/format.h"
 #include "log/recovery.h"
 #include "log/truncate.h"
 #include "storage/store_files.h"
-#include "embstore/staged_output.h"
 
 namespace embstore {
 namespace {

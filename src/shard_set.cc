@@ -16,11 +16,11 @@
 #include <utility>
 
 #include "embstore/error.h"
+#include "embstore/staged_output.h"
 #include "embstore/writer.h"
 #include "log/batch.h"
 #include "platform/os.h"
 #include "shard_set_internals.h"
-#include "embstore/staged_output.h"
 
 namespace embstore {
 namespace {

@@ -24,8 +24,9 @@ struct CompactResult {
   std::uint64_t source_bytes = 0;  // Data + index file bytes of the source.
   std::uint64_t bytes = 0;         // The same for the new store.
   // Set when the new store was made with every row although closing it failed for what the
-  // next writer redoes (its key index could not be maintained: StagedOutput::close_store(), embstore/staged_output.h);
-  // the store is at `out` and whole, this says what to tell the user. "" otherwise.
+  // next writer redoes (its key index could not be maintained: StagedOutput::close_store(),
+  // embstore/staged_output.h); the store is at `out` and whole, this says what to tell the user. ""
+  // otherwise.
   std::string warning;
 };
 

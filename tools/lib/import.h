@@ -39,8 +39,9 @@ struct ImportResult {
   DType source_dtype = DType::kFloat32;
   DType store_dtype = DType::kFloat32;
   // For a new store: set when it was made with every row although closing it failed for what
-  // the next writer redoes (its key index could not be maintained: StagedOutput::close_store(), embstore/staged_output.h);
-  // the store is at its path and whole, this says what to tell the user. "" otherwise.
+  // the next writer redoes (its key index could not be maintained: StagedOutput::close_store(),
+  // embstore/staged_output.h); the store is at its path and whole, this says what to tell the user.
+  // "" otherwise.
   std::string warning;
 };
 
