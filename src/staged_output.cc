@@ -155,20 +155,18 @@ void StagedOutput::publish() {
   if (shape_ == OutputShape::kStoreInside) {
     try {
       move_store_into(dir_, out_);  // Flushes `out` after each move; removes the directory.
-    } catch (...) {
+    } catch (const Error& e) {
       // A store whose header was moved in stays (only flushing its entries failed: the error
       // says so); any other failure left `out` as it was, and the working directory goes.
       published_ = !os::exists(dir_ + "/" + detail::kHeaderFileName);
       discard();
-      if (published_) throw;
-      try {
-        throw;
-      } catch (const Error& e) {
-        if (e.code() == ErrorCode::kAlreadyExists) throw;  // Names `out` already.
-        // A move or a flush of `out` ("fsync OUT: ..."): `out` and the cause first.
-        throw Error(e.code(), detail::cause_first(out_, "cannot write it", e.what(), e.sys_errno()),
-                    e.sys_errno());
-      }
+      if (published_ || e.code() == ErrorCode::kAlreadyExists) throw;  // Both name `out`.
+      // A move or a flush of `out` ("fsync OUT: ..."): `out` and the cause first.
+      throw Error(e.code(), detail::cause_first(out_, "cannot write it", e.what(), e.sys_errno()),
+                  e.sys_errno());
+    } catch (...) {
+      discard();
+      throw;
     }
     published_ = true;
     return;

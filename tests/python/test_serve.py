@@ -1720,6 +1720,21 @@ def neighbour_store(store, rows=40):
         w.append(np.arange(rows), np.random.default_rng(0).random((rows, 4), np.float32), 0)
 
 
+def _signalled(proc, signum):
+    """Sends `signum` to `proc`; its exit status and the seconds it took to end (at most 30)."""
+    started = time.monotonic()
+    proc.send_signal(signum)
+    code = proc.wait(30)
+    return code, time.monotonic() - started
+
+
+def _killed(proc):
+    """`proc` killed if it still runs, and waited for."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_ends_the_server_soon_while_computations_are_queued(store, signum):
     """Ctrl-C (or SIGTERM) while neighbour queries filled the two compute threads and 10 more
@@ -1754,14 +1769,9 @@ def test_a_stop_signal_ends_the_server_soon_while_computations_are_queued(store,
             thread.start()
         assert read_line(server.proc) == "both computing"  # the two compute threads
         time.sleep(1)  # the other 10 reach the server and queue
-        started = time.monotonic()
-        server.proc.send_signal(signum)
-        code = server.proc.wait(30)
-        took = time.monotonic() - started
+        code, took = _signalled(server.proc, signum)
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        _killed(server.proc)
         for thread in threads:
             thread.join(60)
     err = server.proc.stderr.read()
@@ -1792,14 +1802,9 @@ def test_a_second_stop_signal_ends_the_server_at_once(store, signum):
         server.proc.send_signal(signum)
         assert read_line(server.proc) == "stopping"
         assert server.proc.poll() is None
-        started = time.monotonic()
-        server.proc.send_signal(signum)
-        code = server.proc.wait(30)
-        took = time.monotonic() - started
+        code, took = _signalled(server.proc, signum)
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+        _killed(server.proc)
     assert code == -signum and took < 10, (code, took, server.proc.stderr.read())
 
 
