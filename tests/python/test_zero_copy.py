@@ -70,6 +70,19 @@ def test_torch_tensor_from_reader_maps_the_store_pages_privately(store):
     assert _private_kib_at(t.data_ptr()) == (4, 0)
 
 
+def test_a_tensor_out_of_the_snapshot_is_refused_naming_tensor(store):
+    """It named the native call (private_rows) the user never made."""
+    pytest.importorskip("torch")
+    with embstore.Writer(store, dim=4) as w:
+        w.append([1, 2, 3], np.zeros((3, 4), np.float32))
+    r = embstore.Reader(store)
+    with pytest.raises(ValueError, match=r": tensor\(1, 9\) is outside the snapshot of 3 rows$"):
+        r.tensor(1, 9)
+    with pytest.raises(ValueError, match=r": tensor\(4, 3\) is outside the snapshot of 3 rows$"):
+        r.tensor(4)
+    assert r.tensor(3).shape == (0, 4) and r.tensor(1, 3).shape == (2, 4)
+
+
 def test_a_tensor_of_a_reader_may_be_changed_in_place_and_the_store_stays(store):
     """torch has no read-only tensors: tensor() shared the Reader's PROT_READ mapping, and the
     first in-place op on it (or read(out=) into it) killed the interpreter with SIGSEGV (a

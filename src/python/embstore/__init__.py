@@ -1628,6 +1628,10 @@ class Reader(_Handle):
         snapshot), the rows are copied. Valid after the Reader is closed."""
         import torch
         begin, end = self._range("tensor", begin, end)
+        rows = len(self)  # Checked here, so the error names this method, not the native one.
+        if begin > rows or (end is not None and end > rows):
+            raise ValueError(f"{self.path}: tensor({begin}, {rows if end is None else end}) is "
+                             f"outside the snapshot of {rows} rows")
         array = self._native.private_rows(begin, end)
         if self.dtype == "bfloat16":
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
