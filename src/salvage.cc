@@ -160,6 +160,9 @@ SalvageReport salvage(
   create.metadata = layout.metadata;
   WriterOptions options;
   options.sync = SyncPolicy::kNone;  // One sync at the end.
+  // The key index built once for every row that may be copied (those that fail their checksum
+  // are not), not grown on the way.
+  options.expected_rows = report.rows_scanned;
   // Built aside and renamed into place when complete: a salvage that fails (a full disk), or is
   // killed, leaves no store at `out`.
   refuse_output_inside(out, store);

@@ -1126,7 +1126,10 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   StagedOutput build(out);
   StoreInfo info;
   try {
-    Writer writer = Writer::create(build.path(), create);
+    // Its rows are known: the key index is built once for them, not grown on the way.
+    WriterOptions writing;
+    writing.expected_rows = shards.size();
+    Writer writer = Writer::create(build.path(), create, writing);
     // Chunks as large as an append stages whole before the lock (log/batch.h): large appends
     // written by system call, with bounded key/epoch copies.
     const std::uint64_t row_bytes = writer.info().record_bytes;

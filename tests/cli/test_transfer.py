@@ -997,3 +997,40 @@ def test_an_empty_output_path_is_refused_before_any_work(tmp_path, command):
     assert r.code == 2, r
     assert "path is empty" in r.err, r
     assert not [n for n in os.listdir(".") if ".partial-" in n]
+
+
+def test_import_compact_merge_and_salvage_build_the_key_index_once_for_their_rows(tmp_path):
+    """They know the rows the new store will hold: its key index is built for them at once
+    (keys.1), not grown on the way (each growth indexes every row again: keys.2 here before, and
+    one more generation at each doubling of larger stores). An import into an existing store
+    grows straight to tables for its rows."""
+    rng = np.random.default_rng(3)
+    n = 30000  # a key index of 1,024 slots would grow 5 times on the way
+    keys = rng.choice(2**40, size=n, replace=False).astype(np.uint64)
+    np.save(tmp_path / "v.npy", rng.standard_normal((n, 8)).astype(np.float32))
+    np.save(tmp_path / "k.npy", keys)
+
+    def key_files(store):
+        with embstore.Reader(store) as r:
+            assert r.find(int(keys[-1])) == len(r) - 1
+            assert f"{len(r)} rows indexed" in r.info()["key_index"]
+        return sorted(f for f in os.listdir(store) if f.startswith("keys."))
+
+    imported = tmp_path / "imported"
+    assert run("import", imported, tmp_path / "v.npy", "--keys", tmp_path / "k.npy", "-q").code == 0
+    assert key_files(imported) == ["keys.1"]
+    compacted = tmp_path / "compacted"
+    assert run("compact", imported, compacted, "-q").code == 0
+    assert key_files(compacted) == ["keys.1"]
+    merged = tmp_path / "merged"
+    assert run("merge", merged, imported, compacted, "-q").code == 0
+    assert key_files(merged) == ["keys.1"]
+    salvaged = tmp_path / "salvaged"
+    assert run("salvage", imported, salvaged, "-q").code == 0
+    assert key_files(salvaged) == ["keys.1"]
+    # Into an existing store of a few rows: one growth, to tables for the rows imported.
+    existing = tmp_path / "existing"
+    with embstore.Writer(existing, dim=8) as w:
+        w.append([2**41], np.zeros((1, 8), np.float32))
+    assert run("import", existing, tmp_path / "v.npy", "--keys", tmp_path / "k.npy", "-q").code == 0
+    assert key_files(existing) == ["keys.2"]

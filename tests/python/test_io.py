@@ -225,6 +225,31 @@ def test_compact_latest_epochs_dtype_and_the_source_untouched(tmp_path):
     assert hashes(src) == before
 
 
+def test_import_and_compact_build_the_key_index_once_for_their_rows(tmp_path):
+    """As the CLI's: the rows the new store will hold are known, so its key index is built for
+    them (keys.1), not grown on the way (keys.2 and later before); an import into an existing
+    store grows straight to tables for the rows it brings."""
+    rng = np.random.default_rng(4)
+    n = 30000
+    keys = rng.choice(2**40, size=n, replace=False).astype(np.uint64)
+    vectors = rng.standard_normal((n, 8)).astype(np.float32)
+
+    def key_files(store):
+        with embstore.Reader(store) as r:
+            assert r.find(int(keys[-1])) == len(r) - 1
+            assert f"{len(r)} rows indexed" in r.info()["key_index"]
+        return sorted(f for f in os.listdir(store) if f.startswith("keys."))
+
+    embstore.io.import_npy(tmp_path / "imported", vectors, keys=keys)
+    assert key_files(tmp_path / "imported") == ["keys.1"]
+    assert embstore.compact(tmp_path / "imported", tmp_path / "compacted") == n
+    assert key_files(tmp_path / "compacted") == ["keys.1"]
+    with embstore.Writer(tmp_path / "existing", dim=8) as w:
+        w.append([2**41], np.zeros((1, 8), np.float32))
+    embstore.io.import_npy(tmp_path / "existing", vectors, keys=keys)
+    assert key_files(tmp_path / "existing") == ["keys.2"]
+
+
 def test_a_corrupt_row_stops_export_and_compact_naming_it(tmp_path):
     src = make(tmp_path / "s")
     with open(os.path.join(src, "rows.1"), "r+b") as f:

@@ -65,10 +65,12 @@ def test_salvage_copies_the_rows_that_verify(store, tmp_path):
 @pytest.mark.parametrize("call", ["salvage", "merge", "compact", "import_npy"])
 def test_a_new_store_whose_key_index_cannot_be_kept_is_kept_with_a_warning(tmp_path, call):
     """salvage and merge threw away a new store holding every row when only its key index
-    could not be kept (out of descriptors at close): the core now keeps it and says why; Python
-    raised nothing about it (the warning was not passed on). A child process lowers its own
-    RLIMIT_NOFILE step by step until a call succeeds with the warning. compact and import_npy
-    removed such a store and raised (they did not follow the rule: embstore/staged_output.h).
+    could not be kept: the core now keeps it and says why; Python raised nothing about it (the
+    warning was not passed on). compact and import_npy removed such a store and raised (they did
+    not follow the rule: embstore/staged_output.h). A child process lowers its own RLIMIT_FSIZE
+    step by step until a call succeeds with the warning: the rows' files fit, the key index's
+    tables (sized for every row at once: these calls know how many) do not. (Out of descriptors
+    no longer does it: without a growth the key index opens no file after the store's own.)
     """
     import subprocess
     import sys
@@ -76,11 +78,13 @@ def test_a_new_store_whose_key_index_cannot_be_kept_is_kept_with_a_warning(tmp_p
     src = str(tmp_path / "src")
     _make(src, rows=3000)
     script = textwrap.dedent(f"""
-        import os, resource, sys, warnings
+        import os, resource, signal, sys, warnings
         import numpy as np, embstore
-        for limit in range(60, 5, -1):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead, as the core expects
+        unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        for limit in range(1 << 20, 16 << 10, -(16 << 10)):
             out = os.path.join({str(tmp_path)!r}, f"out{{limit}}")
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
                 try:
@@ -94,6 +98,8 @@ def test_a_new_store_whose_key_index_cannot_be_kept_is_kept_with_a_warning(tmp_p
                         embstore.import_npy(out, embstore.Reader({src!r}).vectors)
                 except OSError:
                     continue
+                finally:
+                    resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
             if seen:
                 print(limit, out, str(seen[0].message), flush=True)
                 break

@@ -53,7 +53,10 @@ CompactResult compact_store(const std::string& source, const std::string& out,
   StagedOutput staged(out);  // After the selection's scan: a kill during it leaves nothing.
   try {
     std::optional<Writer> writer;
-    writer.emplace(Writer::create(staged.path(), create));
+    // The rows it will hold are known: the key index is built once for them, not grown.
+    WriterOptions writing;
+    writing.expected_rows = selector.count();
+    writer.emplace(Writer::create(staged.path(), create, writing));
     const std::uint64_t row_bytes = info.record_bytes;
     std::vector<std::uint64_t> keys, epochs;
     // Copied with Reader::read(), not through the mapping: this process has not touched the

@@ -303,8 +303,13 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   // the store was built in place, its rows appended there).
   std::error_code empty_ec;
   const bool in_place = is_directory(store) && std::filesystem::is_empty(store, empty_ec);
+  // The key index is built for the rows imported (in an existing store, a growth goes straight
+  // to tables for them), not grown through every size on the way.
+  // (At most the 2^40 rows a store holds: more are refused at the append that passes them.)
+  WriterOptions writing;
+  writing.expected_rows = std::min<std::uint64_t>(n, std::uint64_t{1} << 40);
   if (exists(store) && !in_place) {
-    writer.emplace(Writer::open(store));
+    writer.emplace(Writer::open(store, writing));
     if (writer->dim() != dim) {
       throw Error(ErrorCode::kFormatMismatch, store + " has dim " + std::to_string(writer->dim()) +
                                                   " but " + vectors->name() + " has " +
@@ -381,7 +386,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       // Inside an empty directory `store`: `store/.store.partial-*`.
       staged.emplace(store, in_place ? OutputShape::kStoreInside : OutputShape::kDirectory);
       try {
-        writer.emplace(Writer::create(staged->path(), create));
+        writer.emplace(Writer::create(staged->path(), create, writing));
       } catch (...) {
         staged->rethrow_naming_out();  // Its destructor removes the working directory.
       }

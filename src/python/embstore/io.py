@@ -38,6 +38,7 @@ __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"
 #: Value of the sidecar's and the HDF5 file's ``embstore_format`` field.
 EXPORT_FORMAT = "embstore-export-1"
 _CHUNK_BYTES = 4 << 20
+_MAX_ROWS = 2**40  # The most rows a store holds (more are refused at the append passing them).
 _NPY_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int8": "|i1",
                "uint8": "|u1", "float64": "<f8"}
 
@@ -720,7 +721,9 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     in_place = os.path.isdir(store) and not os.listdir(store)
     if os.path.exists(store) and not in_place:
         given_metadata = None if metadata is None else _metadata_text(metadata)
-        writer = Writer(store)
+        # The key index built for the rows imported (a growth goes straight to tables for
+        # them), not grown through every size on the way; as the CLI's import.
+        writer = Writer(store, expected_rows=min(n, _MAX_ROWS))
         mismatch = None
         if writer.dim != dim:
             mismatch = f"{store} has dim {writer.dim} but the source has {dim} columns"
@@ -758,7 +761,8 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         # killed import leaves no store there that looks whole.
         staged = _staged(store, "store_inside" if in_place else "directory")
         try:
-            writer = Writer(staged.path, dim=dim, dtype=store_dtype, metadata=meta)
+            writer = Writer(staged.path, dim=dim, dtype=store_dtype, metadata=meta,
+                            expected_rows=min(n, _MAX_ROWS))
         except BaseException as error:  # e.g. a bad dim or metadata: no hidden directory
             staged.discard()
             _raise_naming_output(error, staged)
@@ -854,7 +858,7 @@ def compact(store: Any, out: Any, *, latest_per_key: bool = False,
             writer = Writer(staged.path, dim=reader.dim, dtype=target,
                             metadata=reader.metadata_text,
                             segment_mb=info["segment_bytes"] * widen / (1 << 20),
-                            key_index=info["keeps_key_index"])
+                            key_index=info["keeps_key_index"], expected_rows=count)
             for rows in runs:
                 chunk = _as_store_rows(_read_checked(reader, rows), reader.dtype, target, rows)
                 _append(writer, np.asarray(reader.keys[rows]), np.asarray(reader.epochs[rows]),
