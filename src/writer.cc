@@ -366,6 +366,11 @@ class Writer::Impl {
   // Threads of this handle waiting in with_writer_lock() for mutex_ or the OFD lock: hash_at().
   std::atomic<int> waiting_threads_{0};
   std::atomic<bool> closed_{false};
+  // Set by close() before it waits for lifetime_: calls begun after it throw kClosed instead of
+  // taking lifetime_ shared. The shared_mutex lets a new shared holder in while close() waits
+  // for the exclusive one, so three threads appending back to back kept close() waiting for as
+  // long as they appended.
+  std::atomic<bool> closing_{false};
   std::atomic<bool> poisoned_{false};
   std::mutex poison_mutex_;
   std::string poison_message_;    // Written once, under poison_mutex_, before poisoned_ is set.
@@ -417,6 +422,7 @@ void Writer::Impl::check_open() const {
                                              "; a forked child must open its own Writer");
   }
   if (closed_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is closed");
+  if (closing_.load()) throw Error(ErrorCode::kClosed, path_ + ": the Writer is being closed");
 }
 
 // Runs under the writer lock at open, before anything is written through a mapping. A store
@@ -992,6 +998,7 @@ void Writer::Impl::close() {
   growth_final_rows_ = std::max<std::uint64_t>(files_->state().committed(), 1);
   EMBSTORE_CRASH_POINT("close-joins-growth");
   join_growth(/*abandon=*/false);
+  closing_ = true;  // Calls from here on throw kClosed; those in flight finish first.
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   // Indexes what the last appends left to it (its run may take mutex_, free now).
   if (indexer_owner_) indexer_owner_->stop();
@@ -1173,7 +1180,17 @@ Writer Writer::create(const std::string& path, const CreateOptions& create_optio
   check_expectations(path, create_options, options);
   refuse_remote_filesystem(path, options);
   create_store(path, create_options);
-  return open(path, options);
+  try {
+    return open(path, options);
+  } catch (const Error& error) {
+    // Not removed: another process may have opened it already. A retry of create() would
+    // find it there (kAlreadyExists) without this.
+    throw Error(error.code(),
+                std::string(error.what()) + " (the store was created at " +
+                    detail::strip_trailing_slashes(path) +
+                    ", empty, but not opened: Writer::open() or open_or_create() opens it)",
+                error.sys_errno());
+  }
 }
 
 Writer Writer::open(const std::string& path, const WriterOptions& options) {

@@ -798,6 +798,47 @@ TEST_CASE("Closed writers and readers refuse further calls", "[store][errors]") 
   CHECK(code_of([&] { r.refresh(); }) == ErrorCode::kClosed);
 }
 
+TEST_CASE("close() ends while other threads keep appending: their later appends throw kClosed",
+          "[store][threads]") {
+  // close() waited for lifetime_ exclusively while appends took it shared: with three or more
+  // threads appending back to back one of them always held it, and close() returned only when
+  // they stopped by themselves (a review: 22 s). Each thread here stops by itself after 60 s at
+  // the latest, so the old code fails (slowly) instead of hanging.
+  TempDir dir;
+  WriterOptions no_thread;
+  no_thread.sync = SyncPolicy::kNone;
+  Writer w = Writer::create(dir / "s", opts(8), no_thread);
+  constexpr int kThreads = 4;
+  std::atomic<std::uint64_t> stored{0};
+  std::atomic<int> ended_by_close{0};
+  std::vector<std::thread> appenders;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (int t = 0; t < kThreads; ++t) {
+    appenders.emplace_back([&, t] {
+      const std::vector<float> v(64 * 8, static_cast<float>(t));
+      std::vector<std::uint64_t> keys(64);
+      for (std::uint64_t i = 0; std::chrono::steady_clock::now() < give_up; ++i) {
+        for (std::uint64_t j = 0; j < 64; ++j) keys[j] = (i * 64 + j) * kThreads + t;
+        try {
+          w.append(keys, 0, std::span<const float>(v));
+        } catch (const Error& e) {
+          if (e.code() == ErrorCode::kClosed) ++ended_by_close;
+          return;
+        }
+        stored += 64;
+      }
+    });
+  }
+  while (stored.load() < 64 * 100) std::this_thread::yield();
+  w.close();
+  for (auto& thread : appenders) thread.join();
+  CHECK(ended_by_close.load() == kThreads);
+  // Every append that returned stored its rows; none that threw stored any.
+  const Reader r = Reader::open(dir / "s");
+  CHECK(r.size() == stored.load());
+  CHECK(r.verify().ok());
+}
+
 TEST_CASE("Moved-from writers and readers and shard sets refuse calls with kClosed",
           "[store][errors]") {
   TempDir dir;
@@ -1548,6 +1589,42 @@ TEST_CASE("Errors of a process at a limit name the limit to raise", "[store][lim
       return 93;
     }
     return 0;
+  });
+  CHECK(test::wait_for(child) == 0);
+}
+
+TEST_CASE("A create() that made the store but could not open it says so; open() then opens it",
+          "[store][errors]") {
+  // Out of descriptors between the store's creation and its opening, create() threw the open's
+  // error alone: a retry got kAlreadyExists for a store it had been told it failed to make (a
+  // review). A child lowers its descriptor limit step by step until a create fails that way.
+  TempDir dir;
+  const std::string base = dir / "s";
+  const pid_t child = test::spawn([&] {
+    rlimit limit;
+    if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return 90;
+    const rlimit before = limit;
+    for (rlim_t n = 40; n > 3; --n) {
+      const std::string path = base + std::to_string(n);
+      limit.rlim_cur = n;
+      if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) return 91;
+      std::string message;
+      try {
+        Writer::create(path, opts(4)).close();
+      } catch (const Error& e) {
+        message = e.what();
+      }
+      if (::setrlimit(RLIMIT_NOFILE, &before) != 0) return 92;
+      if (message.empty() || !std::filesystem::exists(path + "/header")) continue;
+      if (message.find("(the store was created at " + path + ", empty, but not opened") ==
+          std::string::npos) {
+        std::fprintf(stderr, "at %d descriptors: %s\n", static_cast<int>(n), message.c_str());
+        return 93;
+      }
+      Writer w = Writer::open(path);
+      return w.committed_rows() == 0 ? 0 : 94;
+    }
+    return 95;  // No limit made the open fail after the creation.
   });
   CHECK(test::wait_for(child) == 0);
 }

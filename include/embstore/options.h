@@ -53,9 +53,11 @@ struct WriterOptions {
   std::chrono::milliseconds sync_interval = kDefaultSyncInterval;
   // The most address space a store's mappings may reserve, for the data and index files
   // together: the store can grow to about this many bytes (rows plus their 32-byte index
-  // entries). Reservations start at about twice the store's size and double as it grows, so
-  // this is a cap, not a cost. Address space counts against ulimit -v, not memory. 0 means the
-  // environment variable EMBSTORE_MAP_BYTES if set, else kDefaultMapBytes.
+  // entries), rounded up to a whole segment of rows (CreateOptions::segment_bytes, 64 MiB by
+  // default) and their entries: a cap under one segment is one segment. Reservations start at
+  // about twice the store's size and double as it grows, so this is a cap, not a cost. Address
+  // space counts against ulimit -v, not memory. 0 means the environment variable
+  // EMBSTORE_MAP_BYTES if set, else kDefaultMapBytes.
   std::uint64_t map_bytes = 0;
   // When set, open() fails with kFormatMismatch unless the store has this dim / dtype, and
   // create() with kInvalidArgument (before making anything) unless CreateOptions agree.
@@ -94,7 +96,8 @@ struct WriterOptions {
 };
 
 struct ReaderOptions {
-  // As WriterOptions::map_bytes. A reader of a larger store gets kFull from open()/refresh().
+  // As WriterOptions::map_bytes (rounded up to a whole segment the same way). A reader of a
+  // larger store gets kFull from open()/refresh().
   std::uint64_t map_bytes = 0;
   // open() takes a snapshot of at most this many rows: the first max_rows rows when that many
   // are committed, else every committed row (size() says which). For a process that must see

@@ -50,7 +50,9 @@ int current_process_id() noexcept;
 
 class Writer {
  public:
-  // Creates a new store (as create_store) and opens it for appending.
+  // Creates a new store (as create_store) and opens it for appending. If the store is made but
+  // opening it fails (out of descriptors, say), the error says so: the new store stays, empty
+  // (another process may have opened it meanwhile), for open() or open_or_create() to retry.
   static Writer create(const std::string& path, const CreateOptions& create_options,
                        const WriterOptions& options = {});
   // Opens an existing store for appending. Recovers it first if the previous writer died or the
