@@ -1034,3 +1034,53 @@ def test_import_compact_merge_and_salvage_build_the_key_index_once_for_their_row
         w.append([2**41], np.zeros((1, 8), np.float32))
     assert run("import", existing, tmp_path / "v.npy", "--keys", tmp_path / "k.npy", "-q").code == 0
     assert key_files(existing) == ["keys.2"]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "hdf5"])
+@pytest.mark.parametrize("lost", ["keys", "epochs"])
+def test_an_export_missing_its_keys_or_epochs_is_refused_naming_them(tmp_path, fmt, lost):
+    # The rows were imported with keys 0..n-1 (or epoch 0), exit 0 and no word: lookups by the
+    # real sample ids then missed, or found another sample (key 1 held sample 1002).
+    src = tmp_path / "src"
+    with embstore.Writer(src, dim=3, dtype="float32") as w:
+        w.append([1001, 1002], np.ones((2, 3), np.float32), epoch=4)
+    out = tmp_path / ("out" if fmt == "npy" else "out.h5")
+    assert run("export", src, out, "--quiet").code == 0
+    if fmt == "npy":
+        os.remove(out / f"{lost}.npy")
+        missing, because, what = (f"{out}/{lost}.npy", f"{out}/embstore.json lists it among "
+                                  "the export's files", "file")
+    else:
+        with h5py.File(out, "a") as f:
+            del f[lost]
+        missing, because, what = (f"{out}:/{lost}", f"{out} is an embstore export (root "
+                                  "attribute embstore_format), which holds it", "dataset")
+    instead = "--keys" if lost == "keys" else "--epochs or --epoch"
+    message = (f"embstore import: {missing} is missing, but {because}: the export is incomplete "
+               "(a copy cut short?), and nothing was imported; restore the " + what +
+               f", or give {instead} to choose the rows' {lost}")
+    existing = make_store(tmp_path / "existing", dim=3, dtype="float32")
+    before = hash_tree(existing)
+    for store in (tmp_path / "new", existing):
+        r = run("import", store, out)
+        assert r.code == 12 and one_line(r.err) == message, r  # as a missing vectors.npy
+    assert not os.path.exists(tmp_path / "new") and hash_tree(existing) == before
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    # Naming the column makes what is missing unneeded; the rest comes from the export.
+    np.save(tmp_path / "k.npy", np.array([5, 6], np.uint64))
+    given = ["--keys", tmp_path / "k.npy"] if lost == "keys" else ["--epoch", 9]
+    assert run("import", tmp_path / "new", out, *given, "--quiet").code == 0
+    _, k, e = store_arrays(tmp_path / "new")
+    assert k.tolist() == ([5, 6] if lost == "keys" else [1001, 1002])
+    assert e.tolist() == ([4, 4] if lost == "keys" else [9, 9])
+    # Without an export's word (a directory of .npy files with no sidecar, an HDF5 file without
+    # embstore_format), keys are still the rows' positions and the epoch 0.
+    if fmt == "npy":
+        os.remove(out / "embstore.json")
+    else:
+        with h5py.File(out, "a") as f:
+            del f.attrs["embstore_format"]
+    assert run("import", tmp_path / "plain", out, "--quiet").code == 0
+    _, k, e = store_arrays(tmp_path / "plain")
+    assert k.tolist() == ([0, 1] if lost == "keys" else [1001, 1002])
+    assert e.tolist() == ([4, 4] if lost == "keys" else [0, 0])

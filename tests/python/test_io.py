@@ -1,6 +1,7 @@
 """embstore.io: export_npy / export_hdf5 / import_npy / compact, the Python side of the CLI's
 export, import and compact (same files, same rules)."""
 
+import errno
 import hashlib
 import json
 import re
@@ -670,3 +671,43 @@ def test_an_output_made_while_an_export_ran_is_never_replaced(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compacted", "imported", "out",
                                                           "out.h5", "src"]
     assert len(published) == 4
+
+
+@pytest.mark.parametrize("lost", ["keys.npy", "epochs.npy"])
+def test_an_export_missing_a_file_its_sidecar_lists_is_refused_not_given_made_up_keys(tmp_path,
+                                                                                      lost):
+    # The rows were imported with keys 0..n-1 (or epoch 0) without a word: a lookup by a real
+    # sample id then missed, or found another sample. The CLI's import refuses it alike
+    # (tests/cli/test_transfer.py).
+    src = str(tmp_path / "src")
+    with embstore.Writer(src, dim=3, dtype="float32") as w:
+        w.append([1001, 1002], np.ones((2, 3), np.float32), epoch=4)
+    out = str(tmp_path / "out")
+    embstore.export_npy(src, out)
+    os.remove(os.path.join(out, lost))
+    existing = str(tmp_path / "existing")
+    with embstore.Writer(existing, dim=3, dtype="float32") as w:
+        w.append([7], np.zeros((1, 3), np.float32))
+    before = hashes(existing)
+    instead = "keys=" if lost == "keys.npy" else "epochs= or epoch="
+    message = (f"{out}/{lost} is missing, but {out}/embstore.json lists it among the export's "
+               "files: the export is incomplete (a copy cut short?), and nothing was imported; "
+               f"restore the file, or give {instead} to choose the rows' {lost[:-4]}")
+    for store in (str(tmp_path / "new"), existing):
+        with pytest.raises(FileNotFoundError) as error:
+            embstore.import_npy(store, out)
+        assert error.value.errno == errno.ENOENT and error.value.strerror == message, store
+    assert not os.path.exists(tmp_path / "new") and hashes(existing) == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    # Naming the column makes the missing file unneeded.
+    given = {"keys": [5, 6]} if lost == "keys.npy" else {"epoch": 9}
+    assert embstore.import_npy(tmp_path / "new", out, **given) == 2
+    r = embstore.Reader(tmp_path / "new")
+    assert r.keys.tolist() == ([5, 6] if lost == "keys.npy" else [1001, 1002])
+    assert r.epochs.tolist() == ([4, 4] if lost == "keys.npy" else [9, 9])
+    # A directory of .npy files no sidecar lists them in (made by hand) keeps the defaults.
+    os.remove(os.path.join(out, "embstore.json"))
+    assert embstore.import_npy(tmp_path / "plain", out) == 2
+    r = embstore.Reader(tmp_path / "plain")
+    assert r.keys.tolist() == ([0, 1] if lost == "keys.npy" else [1001, 1002])
+    assert r.epochs.tolist() == ([4, 4] if lost == "keys.npy" else [0, 0])

@@ -168,6 +168,10 @@ std::unique_ptr<ArraySource> open_array(const std::string& spec, const std::stri
 struct SourceFacts {
   std::optional<std::string> dtype;
   std::optional<std::string> metadata;
+  // The export holds its keys and epochs: the sidecar lists them in its "files" (an HDF5 export,
+  // with its root attribute embstore_format, always holds /keys and /epochs).
+  bool lists_keys = false;
+  bool lists_epochs = false;
 };
 
 SourceFacts read_sidecar(const std::string& path) {
@@ -186,7 +190,26 @@ SourceFacts read_sidecar(const std::string& path) {
   if (sidecar.contains("metadata") && sidecar["metadata"].is_string()) {
     facts.metadata = sidecar["metadata"].get<std::string>();
   }
+  if (sidecar.contains("files") && sidecar["files"].is_object()) {
+    facts.lists_keys = sidecar["files"].contains("keys");
+    facts.lists_epochs = sidecar["files"].contains("epochs");
+  }
   return facts;
+}
+
+// Keys or epochs (`column`) the export says it holds but whose file or dataset (`missing`) is
+// not there: a copy cut short. Refused (kNotFound, as a missing vectors.npy is), before anything
+// is made or opened: taken as absent, every row would get its position as key or epoch 0, and
+// a lookup by a real sample id would miss, or find another sample. `instead` names the options
+// that make it unneeded. (embstore.io.import_npy refuses it in the same words.)
+[[noreturn]] void refuse_incomplete_export(const std::string& missing, const std::string& because,
+                                           const char* what, const char* column,
+                                           const char* instead) {
+  throw Error(ErrorCode::kNotFound,
+              missing + " is missing, but " + because +
+                  ": the export is incomplete (a copy cut short?), and nothing was imported; "
+                  "restore the " +
+                  what + ", or give " + instead + " to choose the rows' " + column);
 }
 
 // Rethrows the exception being handled with `note` added to its message: into an existing
@@ -214,12 +237,24 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       throw Error(ErrorCode::kNotFound, source + " holds no " + kNpyVectorsFile);
     }
     vectors = open_array(vectors_path, "");
-    facts = read_sidecar(source + "/" + kNpySidecarFile);
-    if (!options.keys && exists(source + "/" + kNpyKeysFile)) {
-      keys = open_array(source + "/" + kNpyKeysFile, "");
+    const std::string sidecar = source + "/" + kNpySidecarFile;
+    facts = read_sidecar(sidecar);
+    const std::string listed = sidecar + " lists it among the export's files";
+    const std::string keys_path = source + "/" + kNpyKeysFile;
+    const std::string epochs_path = source + "/" + kNpyEpochsFile;
+    if (!options.keys) {
+      if (exists(keys_path)) {
+        keys = open_array(keys_path, "");
+      } else if (facts.lists_keys) {
+        refuse_incomplete_export(keys_path, listed, "file", "keys", "--keys");
+      }
     }
-    if (!options.epochs && !options.epoch && exists(source + "/" + kNpyEpochsFile)) {
-      epochs = open_array(source + "/" + kNpyEpochsFile, "");
+    if (!options.epochs && !options.epoch) {
+      if (exists(epochs_path)) {
+        epochs = open_array(epochs_path, "");
+      } else if (facts.lists_epochs) {
+        refuse_incomplete_export(epochs_path, listed, "file", "epochs", "--epochs or --epoch");
+      }
     }
   } else {
     const auto [file, dataset] = split_hdf5_spec(source, "/vectors");
@@ -228,17 +263,28 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       auto h5 = std::make_unique<Hdf5Source>(file, dataset);
       facts.dtype = h5->dataset().root_attribute("dtype");
       facts.metadata = h5->dataset().root_attribute("metadata");
+      const bool is_export = h5->dataset().root_attribute("embstore_format").has_value();
       vectors = std::move(h5);
-      auto sibling = [&](const char* name) -> std::unique_ptr<ArraySource> {
+      auto sibling = [&](const char* name, const char* column,
+                         const char* instead) -> std::unique_ptr<ArraySource> {
         try {
           return std::make_unique<Hdf5Source>(file, name);
         } catch (const Error& e) {
-          if (e.code() == ErrorCode::kNotFound) return nullptr;
-          throw;
+          if (e.code() != ErrorCode::kNotFound) throw;
+          if (is_export) {
+            refuse_incomplete_export(file + ":" + name,
+                                     file +
+                                         " is an embstore export (root attribute "
+                                         "embstore_format), which holds it",
+                                     "dataset", column, instead);
+          }
+          return nullptr;
         }
       };
-      if (!options.keys) keys = sibling("/keys");
-      if (!options.epochs && !options.epoch) epochs = sibling("/epochs");
+      if (!options.keys) keys = sibling("/keys", "keys", "--keys");
+      if (!options.epochs && !options.epoch) {
+        epochs = sibling("/epochs", "epochs", "--epochs or --epoch");
+      }
     } else {
       refuse_dataset_of_npy(source, file);
       vectors = std::make_unique<NpySource>(file);

@@ -12,8 +12,10 @@ namespace embstore::tools {
 
 struct ImportOptions {
   // Where keys and epochs come from: a .npy file or FILE.h5:/dataset. Unset: the source's own
-  // (keys.npy / epochs.npy of an export directory, /keys and /epochs of an HDF5 file), else the
-  // row's position in the source for keys and `epoch` (default 0) for epochs.
+  // (keys.npy / epochs.npy of an export directory, /keys and /epochs of an HDF5 file, whichever
+  // dataset is imported), else the row's position in the source for keys and `epoch` (default
+  // 0) for epochs. An export that says it holds them (its sidecar's "files", an HDF5 file's
+  // embstore_format attribute) but lacks one is refused (kNotFound) unless these name others.
   std::optional<std::string> keys;
   std::optional<std::string> epochs;
   std::optional<std::uint64_t> epoch;

@@ -22,6 +22,7 @@ except one entry per key for ``latest``). Sources are only read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import traceback
@@ -612,6 +613,22 @@ def _imported_note(writer: Writer, store: str, n: int, appended: int, first_row:
     return f"{stored} of {n} rows were imported into {store} before this{where} and stay there"
 
 
+def _export_file(base: str, column: str, listed: dict, sidecar: str,
+                 instead: str) -> Optional[str]:
+    """The path of an npy export's ``keys.npy`` or ``epochs.npy`` (``column``) in ``base``, or None
+    when it is not there and the sidecar does not list it in its "files" (a directory of .npy
+    files made by hand: keys are then 0..rows-1, the epoch 0). One the sidecar lists but that is
+    missing (a copy cut short) raises FileNotFoundError naming it: the rows would otherwise get
+    made-up keys or epochs. ``instead`` names the arguments that make it unneeded."""
+    path = os.path.join(base, f"{column}.npy")
+    if os.path.exists(path) or column not in listed:
+        return path if os.path.exists(path) else None
+    raise FileNotFoundError(errno.ENOENT, f"{path} is missing, but {sidecar} lists it among the "
+                            "export's files: the export is incomplete (a copy cut short?), and "
+                            f"nothing was imported; restore the file, or give {instead} to "
+                            f"choose the rows' {column}")
+
+
 def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
                epoch: Optional[int] = None, dtype: Any = None, metadata: Any = None) -> int:
     """Appends rows from ``source`` to ``store``, creating the store when it does not exist (it
@@ -628,6 +645,9 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         source: an npy export directory (keys, epochs, dtype and metadata come with it), a 2-D
             .npy path, or a 2-D array.
         keys: a .npy path or array of one key per row (default: the export's, else 0..rows-1).
+            An export directory whose sidecar lists a keys.npy or epochs.npy that is missing
+            raises FileNotFoundError naming it (nothing imported), unless keys= (epochs= or
+            epoch=) makes it unneeded.
         epochs: a .npy path or array of one epoch per row; or ``epoch`` for all rows (default 0).
             Giving both raises ValueError (an export's own epochs.npy gives way to ``epoch``).
         dtype: the new store's dtype (default: the source's); "bfloat16" also reads uint16
@@ -665,10 +685,11 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             if not isinstance(side, dict):
                 raise ValueError(f"{sidecar}: not an export's sidecar (a JSON object); got "
                                  f"{type(side).__name__}")
-        if keys is None and os.path.exists(os.path.join(base, "keys.npy")):
-            keys = os.path.join(base, "keys.npy")
-        if epochs is None and epoch is None and os.path.exists(os.path.join(base, "epochs.npy")):
-            epochs = os.path.join(base, "epochs.npy")
+        listed = side.get("files") if isinstance(side.get("files"), dict) else {}
+        if keys is None:
+            keys = _export_file(base, "keys", listed, sidecar, "keys=")
+        if epochs is None and epoch is None:
+            epochs = _export_file(base, "epochs", listed, sidecar, "epochs= or epoch=")
     elif isinstance(source, (str, os.PathLike)):
         vectors_name = os.fspath(source)
         vectors = _load_npy(vectors_name)
