@@ -317,6 +317,24 @@ def test_the_readme_epoch_mean_on_a_float16_store_on_a_cluster(tmp_path, client)
     assert mean3.tolist() == [1.0] * 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_readme_epoch_mean_recipe_as_written_there_gives_the_mean(tmp_path, dtype):
+    # Run from the README's text: on a bfloat16 store (rows as uint16 bit patterns, numpy having
+    # no bfloat16) it averaged the bit patterns, [16416.0, 27413.3] for a mean of [3.0, 2.67].
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    lines = readme.splitlines()
+    first = lines.index('a = embstore.dask.from_store("/local/run17")')
+    last = next(i for i in range(first, len(lines)) if lines[i].startswith("mean3 = "))
+    recipe = "\n".join(lines[first:last + 1])
+    store = str(tmp_path / dtype)
+    with embstore.Writer(store, dim=2, dtype=dtype) as w:
+        w.append([1, 2, 3], np.array([[1.0, -2.0], [3.0, 4.0], [5.0, 6.0]], np.float32), 3)
+        w.append([1], np.array([[100.0, 100.0]], np.float32), 4)
+    names = {"np": np, "embstore": embstore}
+    exec(recipe.replace("/local/run17", store), names)
+    assert names["mean3"].tolist() == [3.0, 8 / 3]
+
+
 def test_a_relative_path_through_a_link_and_dotdot_reads_the_store_the_kernel_finds(
         tmp_path, client, monkeypatch):
     # "link/../s" goes through the link's target's parent, where the store is; os.path.abspath,
