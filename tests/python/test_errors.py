@@ -224,6 +224,35 @@ def test_a_ragged_list_of_rows_is_refused_naming_vectors(store, async_queue_mb, 
         assert w.committed_rows() == 0
 
 
+@pytest.mark.parametrize("async_queue_mb", [0, 1])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("row_dtype", ["float32", "bfloat16", "float64"])
+def test_a_list_of_torch_row_tensors_is_appended_as_a_list_of_numpy_rows_is(
+        store, async_queue_mb, dtype, row_dtype):
+    # [model(x) for x in xs]: refused as "rows of different shapes (torch.Size([4]))" although
+    # every row was (4,), after numpy's FutureWarning about the tensors.
+    import warnings
+    import torch
+    values = [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.5], [-0.5, 0.25, 9.0, 1e3]]
+    tensors = [torch.tensor(v, dtype=getattr(torch, row_dtype), requires_grad=i == 2)
+               for i, v in enumerate(values)]
+    with embstore.Writer(store, dim=4, dtype=dtype, async_queue_mb=async_queue_mb) as w:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy's FutureWarning, torch's, none
+            w.append([1, 2], tensors[:2])
+            w.append([3], (tensors[2],), epoch=4)  # a tuple too
+        # A ragged list of tensors is still refused, naming the shapes it holds.
+        with pytest.raises(ValueError, match=re.escape(
+                "vectors: rows of different shapes ((3,), (4,)); every row must be dim numbers")):
+            w.append([5, 6], [tensors[0], torch.tensor([1.0, 2.0, 3.0])])
+    tensors[0].mul_(0)  # the rows were copied: the store keeps what was passed
+    r = embstore.Reader(store)
+    got = r.tensor().float().numpy() if dtype == "bfloat16" else r.vectors
+    np.testing.assert_array_equal(got, values)  # every value is exact in each dtype
+    assert r.keys.tolist() == [1, 2, 3] and r.epochs.tolist() == [0, 0, 4]
+    assert r.verify().ok and r.verify().rows_checked == 3
+
+
 def test_an_array_of_another_dtype_is_refused_not_converted(store):
     with embstore.Writer(store, dim=4) as w:
         with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):

@@ -362,6 +362,11 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
     """A list of rows (or another sequence without a dtype of its own: not a buffer or an
     object with ``__array__``, see ``_has_dtype``) as an array of the store's dtype."""
     target = np.dtype(_SEQUENCE_DTYPES[store_dtype])
+    if isinstance(vectors, (list, tuple)) and any(_is_torch_tensor(row) for row in vectors):
+        # Rows as tensors ([model(x) for x in xs]): each as the numpy row it holds, then as a list
+        # of numpy rows (numpy reads a list of tensors as objects, and calls equal shapes ragged).
+        vectors = [_tensor_row(row, i) if _is_torch_tensor(row) else row
+                   for i, row in enumerate(vectors)]
     try:
         values = np.asarray(vectors)
     except ValueError:  # numpy's words for a ragged list
@@ -388,6 +393,16 @@ def _sequence_rows(vectors: Any, store_dtype: str) -> np.ndarray:
                              f"{store_dtype} store; nothing was appended")
         return converted
     return _rounded_once(values, store_dtype)
+
+
+def _tensor_row(row: Any, i: int) -> np.ndarray:
+    """Row ``i`` of a list of rows, a torch tensor, as a numpy array of its values (a copy is made
+    of the whole list afterwards): bfloat16 as float32, which holds each value exactly."""
+    if row.device.type != "cpu":
+        raise ValueError(f"vectors: row {i} is on {row.device}; move the rows to the CPU first "
+                         "(torch.stack(rows).cpu()), embstore reads host memory")
+    row = row.detach()
+    return (row.float() if str(row.dtype) == "torch.bfloat16" else row).numpy()
 
 
 def _rounded_once(values: np.ndarray, store_dtype: str,
@@ -859,8 +874,9 @@ class Writer(_Handle):
 
         Args:
             keys: one sample id per row (integers in [0, 2**64)).
-            vectors: (rows, dim) numpy array or CPU torch tensor, or a list of rows (see the
-                class doc for dtypes and which layouts are copied).
+            vectors: (rows, dim) numpy array or CPU torch tensor, or a list of rows (of
+                numbers, numpy arrays or CPU tensors; see the class doc for dtypes and which
+                layouts are copied).
             epoch: one int for every row, or one per row.
             copy: async mode only. True (default): the rows are copied before the call returns;
                 the caller may change its array at once. False: the array is donated; do not
