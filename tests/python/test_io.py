@@ -711,3 +711,23 @@ def test_an_export_missing_a_file_its_sidecar_lists_is_refused_not_given_made_up
     r = embstore.Reader(tmp_path / "plain")
     assert r.keys.tolist() == ([0, 1] if lost == "keys.npy" else [1001, 1002])
     assert r.epochs.tolist() == ([4, 4] if lost == "keys.npy" else [0, 0])
+
+
+@pytest.mark.parametrize("store_dtype", [None, "bfloat16", "float32", "float16"])
+def test_import_takes_a_bfloat16_tensor_as_writer_append_does(tmp_path, store_dtype):
+    # It failed with torch's own "TypeError: Got unsupported ScalarType BFloat16", naming
+    # neither the argument nor a way out.
+    import torch
+    values = torch.tensor([[1.0, -2.0, 3.5], [0.15625, 6e4, -7e-3]])
+    rows = values.bfloat16()
+    kwargs = {} if store_dtype is None else {"dtype": store_dtype}
+    assert embstore.import_npy(tmp_path / "new", rows, keys=[3, 4], epoch=2, **kwargs) == 2
+    r = embstore.Reader(tmp_path / "new")
+    assert r.dtype == (store_dtype or "bfloat16")
+    expected = rows.float() if store_dtype in (None, "bfloat16", "float32") else rows.half()
+    assert torch.equal(r.tensor().float(), expected.float())
+    assert r.keys.tolist() == [3, 4] and r.epochs.tolist() == [2, 2] and r.verify().ok
+    # Into an existing store of another float dtype, as an export of bfloat16 rows goes.
+    embstore.create(tmp_path / "f32", dim=3, dtype="float32")
+    assert embstore.import_npy(tmp_path / "f32", rows) == 2
+    assert torch.equal(embstore.Reader(tmp_path / "f32").tensor(), rows.float())

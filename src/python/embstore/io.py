@@ -30,9 +30,10 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import (CorruptionError, Error, Reader, Writer, _as_ints, _check_int_array, _check_integer,
-               _check_u64, _dtype_name, _embstore, _InterruptDeferred, _is_torch_tensor,
-               _metadata_text, _path_arg, _rounded_once, _same_metadata, _u64_array, create)
+from . import (CorruptionError, Error, Reader, Writer, _as_ints, _as_vectors, _check_int_array,
+               _check_integer, _check_u64, _dtype_name, _embstore, _InterruptDeferred,
+               _is_torch_tensor, _metadata_text, _path_arg, _rounded_once, _same_metadata,
+               _u64_array, create)
 
 __all__ = ["export_npy", "export_hdf5", "import_npy", "compact", "EXPORT_FORMAT"]
 
@@ -643,7 +644,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
 
     Args:
         source: an npy export directory (keys, epochs, dtype and metadata come with it), a 2-D
-            .npy path, or a 2-D array.
+            .npy path, or a 2-D array or CPU torch tensor (a bfloat16 one too).
         keys: a .npy path or array of one key per row (default: the export's, else 0..rows-1).
             An export directory whose sidecar lists a keys.npy or epochs.npy that is missing
             raises FileNotFoundError naming it (nothing imported), unless keys= (epochs= or
@@ -693,6 +694,13 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     elif isinstance(source, (str, os.PathLike)):
         vectors_name = os.fspath(source)
         vectors = _load_npy(vectors_name)
+    elif _is_torch_tensor(source):
+        # As Writer.append takes a tensor (CPU only); numpy has no bfloat16, so its rows come
+        # as their bit patterns (uint16), which the sidecar's dtype says are bfloat16.
+        vectors, as_dtype = _as_vectors(source, "float32")
+        if as_dtype == "bfloat16":
+            vectors = vectors.view(np.uint16)
+            side = {"dtype": "bfloat16"}
     else:
         vectors = np.asarray(source)
     if vectors.ndim != 2:
