@@ -1084,3 +1084,35 @@ def test_an_export_missing_its_keys_or_epochs_is_refused_naming_them(tmp_path, f
     _, k, e = store_arrays(tmp_path / "plain")
     assert k.tolist() == ([0, 1] if lost == "keys" else [1001, 1002])
     assert e.tolist() == ([4, 4] if lost == "keys" else [0, 0])
+
+
+def test_keys_or_epochs_of_another_shape_are_named_by_their_shape(tmp_path):
+    # A (4, 1) keys file was "must be a 1-D integer array, not '<u8'" (the dtype, which is
+    # right), a (1, 4), (2, 2) or 0-d one "has 1 (2) entries but v.npy has 4 rows".
+    np.save(tmp_path / "v.npy", np.zeros((4, 3), np.float32))
+    cases = {"k41": np.arange(4, dtype=np.uint64).reshape(4, 1),
+             "k14": np.arange(4, dtype=np.uint64).reshape(1, 4),
+             "k22": np.arange(4, dtype=np.int64).reshape(2, 2),
+             "k0d": np.array(7, np.uint64)}
+    for name, array in cases.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["vectors"] = np.zeros((4, 3), np.float32)
+        f["keys"] = np.arange(4, dtype=np.uint64).reshape(1, 4)
+    existing = make_store(tmp_path / "existing", dim=3, dtype="float32")
+    before = hash_tree(existing)
+    expected = []
+    for name, array in cases.items():
+        expected.append((["--keys", tmp_path / f"{name}.npy"], tmp_path / "v.npy",
+                         f"{tmp_path / name}.npy has shape {array.shape}; expected (4,): one "
+                         f"key per row of {tmp_path / 'v.npy'}"))
+    expected.append((["--epochs", tmp_path / "k41.npy"], tmp_path / "v.npy",
+                     f"{tmp_path / 'k41'}.npy has shape (4, 1); expected (4,): one epoch per row "
+                     f"of {tmp_path / 'v.npy'}"))
+    expected.append(([], tmp_path / "d.h5", f"{tmp_path / 'd.h5'}:/keys has shape (1, 4); "
+                     f"expected (4,): one key per row of {tmp_path / 'd.h5'}:/vectors"))
+    for options, source, message in expected:
+        for store in (tmp_path / "new", existing):
+            r = run("import", store, source, *options)
+            assert r.code == 2 and one_line(r.err) == f"embstore import: {message}", r
+    assert not os.path.exists(tmp_path / "new") and hash_tree(existing) == before

@@ -253,6 +253,32 @@ def test_a_list_of_torch_row_tensors_is_appended_as_a_list_of_numpy_rows_is(
     assert r.verify().ok and r.verify().rows_checked == 3
 
 
+@pytest.mark.parametrize("keys, epoch, message", [
+    ({5, 6}, 0, "keys must be integers, one per row (a list, tuple, range, array or tensor); "
+                "got set {5, 6}, which has no order: which row would get which value?"),
+    (frozenset({5, 6}), 0, "got frozenset frozenset({5, 6}), which has no order"),
+    ((k for k in (5, 6)), 0, "keys must be integers, one per row (a list, tuple, range, array "
+                             "or tensor); got generator, which is no sequence: pass list(...) "
+                             "of it"),
+    (None, 0, "keys must be integers, one per row (a list, tuple, range, array or tensor); got "
+              "NoneType None"),
+    ([5, 6], None, "epoch must be an integer in [0, 2**64) for every row, or one per row; got "
+                   "None"),
+    ([5, 6], {1, 2}, "epoch must be integers, one per row (a list, tuple, range, array or "
+                     "tensor); got set {1, 2}, which has no order"),
+], ids=["set", "frozenset", "generator", "no keys", "epoch None", "epochs set"])
+def test_keys_or_epochs_that_are_no_sequence_are_named_for_what_they_are(store, keys, epoch,
+                                                                          message):
+    # They were "keys must be 1-D; got 0 dims" (and "epochs must be 1-D" for epoch=None): numpy
+    # made one object of each, and the message named a shape the caller never gave.
+    with embstore.Writer(store, dim=4) as w:
+        with pytest.raises(ValueError) as error:
+            w.append(keys, rows(2), epoch)
+        assert message in str(error.value)
+        assert "dims" not in str(error.value)
+        assert w.committed_rows() == 0
+
+
 def test_an_array_of_another_dtype_is_refused_not_converted(store):
     with embstore.Writer(store, dim=4) as w:
         with pytest.raises(ValueError, match="cannot append float64 rows to a float32 store"):

@@ -54,6 +54,8 @@ class ArraySource {
   virtual std::uint64_t rows() const = 0;
   virtual std::uint64_t columns() const = 0;
   virtual int rank() const = 0;
+  // The array's shape, as numpy has it (() for a 0-d .npy file).
+  virtual std::vector<std::uint64_t> shape() const = 0;
   // The element type as a store dtype, nullopt when it is none of them.
   virtual std::optional<DType> dtype(bool u2_is_bfloat16) const = 0;
   // The file's element type as the file names it, for messages.
@@ -71,6 +73,7 @@ class NpySource : public ArraySource {
   std::uint64_t rows() const override { return npy_.rows(); }
   std::uint64_t columns() const override { return npy_.shape().size() >= 2 ? npy_.shape()[1] : 1; }
   int rank() const override { return static_cast<int>(npy_.shape().size()); }
+  std::vector<std::uint64_t> shape() const override { return npy_.shape(); }
   std::optional<DType> dtype(bool u2_is_bfloat16) const override {
     try {
       return dtype_of_npy_descr(npy_.descr(), u2_is_bfloat16, name_);
@@ -118,6 +121,10 @@ class Hdf5Source : public ArraySource {
   std::uint64_t rows() const override { return dataset_.rows(); }
   std::uint64_t columns() const override { return dataset_.columns(); }
   int rank() const override { return dataset_.rank(); }
+  std::vector<std::uint64_t> shape() const override {
+    if (rank() == 1) return {rows()};
+    return {rows(), columns()};
+  }
   std::optional<DType> dtype(bool u2_is_bfloat16) const override {
     return dataset_.dtype(u2_is_bfloat16);
   }
@@ -136,6 +143,15 @@ class Hdf5Source : public ArraySource {
  private:
   Hdf5Dataset dataset_;
 };
+
+// A shape as numpy writes it: "()", "(4,)", "(4, 1)".
+std::string shape_text(const std::vector<std::uint64_t>& shape) {
+  std::string text = "(";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    text += (i == 0 ? "" : ", ") + std::to_string(shape[i]);
+  }
+  return text + (shape.size() == 1 ? ",)" : ")");
+}
 
 // Whether `file` is read as HDF5 (its signature says so) or as .npy; a file named .h5 or .hdf5
 // without HDF5's signature is refused, not read as a .npy file (whose error would puzzle).
@@ -315,8 +331,18 @@ ImportResult import_rows(const std::string& store, const std::string& source,
                     " columns; a store's dim is 1.." + std::to_string(kMaxDim));
   }
   const auto dim = static_cast<std::uint32_t>(vectors->columns());
-  for (const auto* column : {keys.get(), epochs.get()}) {
-    if (column != nullptr && column->rows() != n) {
+  for (const bool is_keys : {true, false}) {
+    const ArraySource* column = is_keys ? keys.get() : epochs.get();
+    if (column == nullptr) continue;
+    // One key (epoch) per row: a (4, 1) or 0-d array is named by its shape, not by a count of
+    // entries or by its element type (which may be right).
+    if (column->rank() != 1) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  column->name() + " has shape " + shape_text(column->shape()) + "; expected (" +
+                      std::to_string(n) + ",): one " + (is_keys ? "key" : "epoch") +
+                      " per row of " + vectors->name());
+    }
+    if (column->rows() != n) {
       throw Error(ErrorCode::kInvalidArgument,
                   column->name() + " has " + std::to_string(column->rows()) + " entries but " +
                       vectors->name() + " has " + std::to_string(n) + " rows");

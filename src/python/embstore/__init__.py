@@ -41,12 +41,14 @@ PyTorch helpers (a Dataset over a store and a forward-hook recorder) are in ``em
 from __future__ import annotations
 
 import atexit
+import collections.abc
 import errno
 import json
 import logging
 import math
 import multiprocessing.util as _mp_util
 import os
+import reprlib
 import signal
 import sys
 import threading
@@ -544,6 +546,16 @@ def _as_ints(values: Any, what: str) -> np.ndarray:
     array = np.asarray(values)
     if array.dtype.kind in "iu" and _first_bool(values) is None:
         return array
+    if array.ndim == 0 and array.dtype == object:
+        # numpy makes one object of what is no sequence (a set, a generator, None), which the
+        # C++ module would call "0 dims": say what it is.
+        given = f"{type(values).__name__} {reprlib.repr(values)}"
+        if isinstance(values, (set, frozenset)):
+            given += ", which has no order: which row would get which value?"
+        elif isinstance(values, collections.abc.Iterator):
+            given = f"{type(values).__name__}, which is no sequence: pass list(...) of it"
+        raise ValueError(f"{what} must be integers, one per row (a list, tuple, range, array "
+                         f"or tensor); got {given}")
     if array.ndim != 1 or array.dtype.kind not in "bifO":
         return array  # the C++ module names the wrong shape or dtype
     # Checked one by one: numpy made floats of [-1, 2**63], an object array of [2**64], and 1
@@ -611,6 +623,9 @@ def _epoch_arg(epoch: Any) -> Any:
     """An epoch for every row (an int in [0, 2**64)) or per-row epochs (a 1-D array)."""
     if type(epoch) is int and 0 <= epoch < _U64_LIMIT:  # the common case, checked cheaply
         return epoch
+    if epoch is None:  # not "no epoch": numpy would make it an object, "0 dims" of epochs
+        raise ValueError("epoch must be an integer in [0, 2**64) for every row, or one per row; "
+                         "got None")
     if isinstance(epoch, (int, np.integer, bool, np.bool_, float, np.floating, str, bytes)):
         return _check_u64(epoch, "epoch")
     if isinstance(epoch, np.ndarray) or _is_torch_tensor(epoch):
