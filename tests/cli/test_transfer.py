@@ -1116,3 +1116,32 @@ def test_keys_or_epochs_of_another_shape_are_named_by_their_shape(tmp_path):
             r = run("import", store, source, *options)
             assert r.code == 2 and one_line(r.err) == f"embstore import: {message}", r
     assert not os.path.exists(tmp_path / "new") and hash_tree(existing) == before
+
+
+def test_the_keys_an_hdf5_dataset_takes_by_default_are_named_as_such_when_they_do_not_fit(
+        tmp_path):
+    # FILE.h5:/other4 took the file's /keys (written for /vectors) without being asked, and
+    # their length was blamed on /keys, with no word of --keys.
+    h5 = tmp_path / "two.h5"
+    with h5py.File(h5, "w") as f:
+        f["vectors"] = np.ones((3, 2), np.float32)
+        f["keys"] = np.array([100, 101, 102], np.uint64)
+        f["epochs"] = np.array([9, 9, 9], np.uint64)
+        f["other4"] = np.full((4, 2), 5, np.float32)
+    r = run("import", tmp_path / "new", f"{h5}:/other4")
+    assert r.code == 2 and one_line(r.err) == (
+        f"embstore import: {h5}:/keys has 3 entries but {h5}:/other4 has 4 rows; {h5}:/keys was "
+        f"taken as the keys of {h5}:/other4 by default, being the source's own: give --keys to "
+        "choose others"), r
+    np.save(tmp_path / "k.npy", np.arange(4, dtype=np.uint64))
+    r = run("import", tmp_path / "new", f"{h5}:/other4", "--keys", tmp_path / "k.npy")
+    assert r.code == 2 and one_line(r.err).endswith(
+        f"{h5}:/epochs was taken as the epochs of {h5}:/other4 by default, being the source's "
+        "own: give --epochs or --epoch to choose others"), r
+    # Keys named by an option are not said to be a default.
+    r = run("import", tmp_path / "new", f"{h5}:/other4", "--keys", f"{h5}:/keys", "--epoch", 1)
+    assert r.code == 2 and one_line(r.err) == (
+        f"embstore import: {h5}:/keys has 3 entries but {h5}:/other4 has 4 rows"), r
+    assert not os.path.exists(tmp_path / "new")
+    assert run("import", tmp_path / "new", f"{h5}:/other4", "--keys", tmp_path / "k.npy",
+               "--epoch", 1, "--quiet").code == 0

@@ -202,8 +202,8 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
                     "(default dataset /vectors)")
         ->required();
     cmd->add_option("--keys", args->keys,
-                    "Keys: a .npy file or FILE.h5:/dataset (default: the source's keys, else "
-                    "0..rows-1)");
+                    "Keys: a .npy file or FILE.h5:/dataset (default: the source's keys, an "
+                    "HDF5 file's /keys whatever dataset is imported, else 0..rows-1)");
     auto* epochs = cmd->add_option("--epochs", args->epochs,
                                    "Per-row epochs: a .npy file or FILE.h5:/dataset");
     auto* epoch = cmd->add_option("--epoch", args->epoch,

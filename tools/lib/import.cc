@@ -246,6 +246,8 @@ ImportResult import_rows(const std::string& store, const std::string& source,
                          const ImportOptions& options) {
   if (store.empty()) throw Error(ErrorCode::kInvalidArgument, "the store path is empty");
   std::unique_ptr<ArraySource> vectors, keys, epochs;
+  // Keys or epochs taken from the source itself (an export's), not named by an option.
+  bool keys_by_default = false, epochs_by_default = false;
   SourceFacts facts;
   if (is_directory(source)) {
     const std::string vectors_path = source + "/" + kNpyVectorsFile;
@@ -261,6 +263,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     if (!options.keys) {
       if (exists(keys_path)) {
         keys = open_array(keys_path, "");
+        keys_by_default = true;
       } else if (facts.lists_keys) {
         refuse_incomplete_export(keys_path, listed, "file", "keys", "--keys");
       }
@@ -268,6 +271,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     if (!options.epochs && !options.epoch) {
       if (exists(epochs_path)) {
         epochs = open_array(epochs_path, "");
+        epochs_by_default = true;
       } else if (facts.lists_epochs) {
         refuse_incomplete_export(epochs_path, listed, "file", "epochs", "--epochs or --epoch");
       }
@@ -301,6 +305,8 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       if (!options.epochs && !options.epoch) {
         epochs = sibling("/epochs", "epochs", "--epochs or --epoch");
       }
+      keys_by_default = keys != nullptr;
+      epochs_by_default = epochs != nullptr;
     } else {
       refuse_dataset_of_npy(source, file);
       vectors = std::make_unique<NpySource>(file);
@@ -343,9 +349,18 @@ ImportResult import_rows(const std::string& store, const std::string& source,
                       " per row of " + vectors->name());
     }
     if (column->rows() != n) {
+      // Taken by default, not named: say so, and how to name others (FILE.h5:/other's keys are
+      // the file's /keys, which were written for its /vectors).
+      std::string note;
+      if (is_keys ? keys_by_default : epochs_by_default) {
+        note = std::string("; ") + column->name() + " was taken as the " +
+               (is_keys ? "keys" : "epochs") + " of " + vectors->name() +
+               " by default, being the source's own: give " +
+               (is_keys ? "--keys" : "--epochs or --epoch") + " to choose others";
+      }
       throw Error(ErrorCode::kInvalidArgument,
                   column->name() + " has " + std::to_string(column->rows()) + " entries but " +
-                      vectors->name() + " has " + std::to_string(n) + " rows");
+                      vectors->name() + " has " + std::to_string(n) + " rows" + note);
     }
   }
   // Every key and epoch is checked before the first append, so input refused for a bad value
