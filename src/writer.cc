@@ -366,7 +366,7 @@ class Writer::Impl {
   // Threads of this handle waiting in with_writer_lock() for mutex_ or the OFD lock: hash_at().
   std::atomic<int> waiting_threads_{0};
   std::atomic<bool> closed_{false};
-  // Set by close() before it waits for lifetime_: calls begun after it throw kClosed instead of
+  // Set by close() while it waits for lifetime_: calls begun meanwhile throw kClosed instead of
   // taking lifetime_ shared. The shared_mutex lets a new shared holder in while close() waits
   // for the exclusive one, so three threads appending back to back kept close() waiting for as
   // long as they appended.
@@ -1000,6 +1000,9 @@ void Writer::Impl::close() {
   join_growth(/*abandon=*/false);
   closing_ = true;  // Calls from here on throw kClosed; those in flight finish first.
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
+  // Calls that come now wait for lifetime_ and then find closed_; the flush below runs
+  // with_writer_lock(), whose check must not take this close() for another.
+  closing_ = false;
   // Indexes what the last appends left to it (its run may take mutex_, free now).
   if (indexer_owner_) indexer_owner_->stop();
   if (!poisoned_.load() && keys_usable_.load() && !all_indexed()) {

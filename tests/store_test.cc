@@ -1593,7 +1593,7 @@ TEST_CASE("Errors of a process at a limit name the limit to raise", "[store][lim
   CHECK(test::wait_for(child) == 0);
 }
 
-TEST_CASE("A create() that made the store but could not open it says so; open() then opens it",
+TEST_CASE("A create() that made the store but could not open it says so, and open() opens it",
           "[store][errors]") {
   // Out of descriptors between the store's creation and its opening, create() threw the open's
   // error alone: a retry got kAlreadyExists for a store it had been told it failed to make (a
