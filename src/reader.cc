@@ -26,11 +26,17 @@ class Reader::Impl {
       : files_(std::move(files)),
         path_(files_->dir()),
         metadata_(files_->layout().metadata),
+        dim_(files_->layout().dim),
+        dtype_(files_->layout().dtype),
         keys_(detail::make_key_index_handle(*files_, detail::os::Access::kReadOnly)) {}
 
   std::shared_ptr<StoreFiles> files_;  // Shared with owner() copies; null after close().
   std::string path_;
   std::string metadata_;
+  // Fixed for the store's life: kept, as the path and metadata are, so that they answer after
+  // close() too.
+  std::uint32_t dim_;
+  DType dtype_;
   std::uint64_t snapshot_ = 0;
   std::uint64_t snapshot_generation_ = 0;  // The file generation snapshot_ counts rows of.
   // When refresh() last found the store at its path (kPathCheckInterval).
@@ -455,8 +461,8 @@ VerifyReport Reader::verify_key_index() const {
   return report;
 }
 
-std::uint32_t Reader::dim() const { return impl().files().layout().dim; }
-DType Reader::dtype() const { return impl().files().layout().dtype; }
+std::uint32_t Reader::dim() const { return impl().dim_; }
+DType Reader::dtype() const { return impl().dtype_; }
 const std::string& Reader::path() const { return impl().path_; }
 const std::string& Reader::metadata() const { return impl().metadata_; }
 StoreInfo Reader::info(InfoDetail detail) const {

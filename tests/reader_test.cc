@@ -344,6 +344,12 @@ TEST_CASE("close() unmaps the store's files and its key index, and owner() copie
       CHECK_THAT(e.what(), Catch::Matchers::Contains("the Reader is closed"));
     }
   }
+  // What the Reader holds itself keeps answering, dim and dtype as the path and metadata do
+  // (dim() threw kClosed while metadata() answered: a review).
+  CHECK(r.dim() == 4);
+  CHECK(r.dtype() == DType::kFloat32);
+  CHECK(r.size() == 50);
+  CHECK(r.path() == path);
 }
 
 TEST_CASE("A reader needs only read permission and writes nothing", "[reader][read-only]") {

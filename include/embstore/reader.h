@@ -273,7 +273,9 @@ class Reader {
   // destroyed or move-assigned to.
   std::shared_ptr<const void> owner() const;
   // Drops this Reader's hold on the mappings (its key index's too); views stay valid only
-  // through owner() copies. Calls that read the store throw kClosed afterwards.
+  // through owner() copies. Calls that read the store throw kClosed afterwards; what the Reader
+  // holds itself keeps answering: path(), metadata(), dim(), dtype(), and size() and
+  // generation() of its last snapshot.
   void close();
 
   class Impl;
