@@ -312,6 +312,43 @@ def test_an_existing_directory_that_is_not_a_store_is_named_as_such(tmp_path):
 
 
 
+def test_a_store_another_process_is_creating_is_never_called_a_file(tmp_path):
+    """A Reader opened while another process created the store at its path: the check after the
+    core's FileNotFoundError looked at the path twice (a directory? then: anything there?), and
+    a store renamed into place between the two was called a file (NotAStoreError, not an
+    OSError: a loop waiting for the store with `except FileNotFoundError` ended; a review saw
+    5 in 20 creations). Each open must find the store, or nothing (FileNotFoundError)."""
+    script = textwrap.dedent("""
+        import sys, embstore
+        for i in range(int(sys.argv[2])):
+            path = f"{sys.argv[1]}/s{i}"
+            embstore.Writer(path, dim=4).close()
+        """)
+    rounds = 30
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(rounds)])
+    seen = {"found": 0, "missing": 0}
+    wrong = []
+    try:
+        for i in range(rounds):
+            path = tmp_path / f"s{i}"
+            while True:
+                try:
+                    embstore.Reader(path).close()
+                    seen["found"] += 1
+                    break
+                except FileNotFoundError:
+                    seen["missing"] += 1
+                    if child.poll() is not None and not path.exists():
+                        break  # the child ended (failed): its error is checked below
+                except embstore.NotAStoreError as error:
+                    wrong.append(str(error))
+                    break
+    finally:
+        assert child.wait(timeout=120) == 0
+    assert not wrong, wrong
+    assert seen["found"] == rounds and seen["missing"] > 0, seen
+
+
 @pytest.mark.parametrize("lost", ["rows.1", "index.1"])
 def test_a_store_that_lost_a_file_other_than_its_header_names_that_file(tmp_path, lost):
     store = tmp_path / "s"

@@ -50,6 +50,7 @@ import multiprocessing.util as _mp_util
 import os
 import reprlib
 import signal
+import stat
 import sys
 import threading
 from typing import Any, NamedTuple, Optional, Sequence, Union
@@ -333,7 +334,17 @@ class _not_a_store_check:
         if exc_type is None or not issubclass(exc_type, (FileNotFoundError, NotADirectoryError)):
             return False
         advice = "; to create a store, give a new path or an empty directory"
-        if os.path.isdir(self.path):
+        # One look at the path: with two (isdir, then lexists) a store another process renamed
+        # into place between them was called a file.
+        try:
+            is_dir = stat.S_ISDIR(os.stat(self.path).st_mode)
+        except FileNotFoundError:
+            if not os.path.islink(self.path):
+                return False  # nothing there (yet): the error stands
+            is_dir = False  # a symbolic link to nothing, as before
+        except OSError:  # a looping symbolic link, say: something is there
+            is_dir = False
+        if is_dir:
             if os.path.lexists(os.path.join(self.path, "header")):
                 return False  # a store that lost another file: the error names that file
             if not os.listdir(self.path):
@@ -341,10 +352,8 @@ class _not_a_store_check:
                     " (a Writer given dim= creates one in it)")
             else:
                 what = "is a directory but not an embstore store (it has no 'header' file)"
-        elif os.path.lexists(self.path):
-            what = "is a file, not an embstore store (a store is a directory)"
         else:
-            return False
+            what = "is a file, not an embstore store (a store is a directory)"
         error = NotAStoreError(f"{self.path}: {what}{advice}")
         error.errno = errno.ENOTDIR if what.startswith("is a file") else exc.errno or 0
         raise error from exc
