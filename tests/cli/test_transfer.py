@@ -188,6 +188,13 @@ def test_import_from_an_hdf5_dataset_by_name(tmp_path):
     v, k, e = store_arrays(store)
     assert v.dtype == np.float64 and np.array_equal(v, data)
     assert np.array_equal(k, np.arange(20, 40)) and (e == 4).all()
+    # A ':' naming nothing after it: said so (it was "no dataset  in d.h5", the name empty).
+    for args in ([f"{tmp_path / 'd.h5'}:"], [f"{tmp_path / 'd.h5'}:/emb/x", "--keys",
+                                             f"{tmp_path / 'd.h5'}:"]):
+        r = run("import", tmp_path / "t", *args)
+        assert r.code == 2 and not (tmp_path / "t").exists(), r
+        assert f"{tmp_path / 'd.h5'}: names no dataset after its ':' (FILE.h5:/NAME names " \
+            in r.err, r
 
 
 def test_import_bad_input_gets_one_line_and_leaves_no_store(tmp_path, store):

@@ -34,6 +34,13 @@ std::pair<std::string, std::string> split_hdf5_spec(const std::string& spec,
   if (exists(spec)) return {spec, default_dataset};
   const std::size_t colon = spec.rfind(':');
   if (colon != std::string::npos && exists(spec.substr(0, colon))) {
+    if (colon + 1 == spec.size()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  spec +
+                      " names no dataset after its ':' (FILE.h5:/NAME names one; FILE.h5 "
+                      "alone reads " +
+                      default_dataset + ")");
+    }
     return {spec.substr(0, colon), spec.substr(colon + 1)};
   }
   return {spec, default_dataset};
