@@ -10,6 +10,7 @@
 
 #include "embstore/error.h"
 #include "embstore/staged_output.h"
+#include "embstore/store.h"
 #include "embstore/writer.h"
 #include "format/format.h"
 #include "log/recovery.h"
@@ -168,7 +169,10 @@ SalvageReport salvage(
   refuse_output_inside(out, store);
   StagedOutput build(out);
   try {
-    Writer writer = Writer::create(build.path(), create, options);
+    // create_store() and open(), not Writer::create(): its advice to open the store made would
+    // name the working directory, which is removed.
+    create_store(build.path(), create);
+    Writer writer = Writer::open(build.path(), options);
 
     // Runs of valid rows are appended in chunks: contiguous in the old store, so one view each.
     constexpr std::uint64_t kChunkRows = 4096;

@@ -17,7 +17,9 @@
 
 #include "embstore/error.h"
 #include "embstore/staged_output.h"
+#include "embstore/store.h"
 #include "embstore/writer.h"
+#include "format/format.h"
 #include "log/batch.h"
 #include "platform/os.h"
 #include "shard_set_internals.h"
@@ -1126,10 +1128,14 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
   StagedOutput build(out);
   StoreInfo info;
   try {
-    // Its rows are known: the key index is built once for them, not grown on the way.
+    // Its rows are known: the key index is built once for them, not grown on the way (more
+    // than a store holds are refused at the append that passes them).
     WriterOptions writing;
-    writing.expected_rows = shards.size();
-    Writer writer = Writer::create(build.path(), create, writing);
+    writing.expected_rows = std::min(shards.size(), detail::kMaxRows);
+    // create_store() and open(), not Writer::create(): its advice to open the store made would
+    // name the working directory, which is removed.
+    create_store(build.path(), create);
+    Writer writer = Writer::open(build.path(), writing);
     // Chunks as large as an append stages whole before the lock (log/batch.h): large appends
     // written by system call, with bounded key/epoch copies.
     const std::uint64_t row_bytes = writer.info().record_bytes;

@@ -56,7 +56,10 @@ CompactResult compact_store(const std::string& source, const std::string& out,
     // The rows it will hold are known: the key index is built once for them, not grown.
     WriterOptions writing;
     writing.expected_rows = selector.count();
-    writer.emplace(Writer::create(staged.path(), create, writing));
+    // create_store() and open(), not Writer::create(): its advice to open the store made would
+    // name the working directory, which is removed.
+    create_store(staged.path(), create);
+    writer.emplace(Writer::open(staged.path(), writing));
     const std::uint64_t row_bytes = info.record_bytes;
     std::vector<std::uint64_t> keys, epochs;
     // Copied with Reader::read(), not through the mapping: this process has not touched the

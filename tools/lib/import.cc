@@ -480,7 +480,10 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       // Inside an empty directory `store`: `store/.store.partial-*`.
       staged.emplace(store, in_place ? OutputShape::kStoreInside : OutputShape::kDirectory);
       try {
-        writer.emplace(Writer::create(staged->path(), create, writing));
+        // create_store() and open(), not Writer::create(): its advice to open the store made
+        // would name the working directory, which is removed.
+        create_store(staged->path(), create);
+        writer.emplace(Writer::open(staged->path(), writing));
       } catch (...) {
         staged->rethrow_naming_out();  // Its destructor removes the working directory.
       }
