@@ -1006,7 +1006,7 @@ def test_an_empty_output_path_is_refused_before_any_work(tmp_path, command):
     assert not [n for n in os.listdir(".") if ".partial-" in n]
 
 
-def test_import_compact_merge_and_salvage_build_the_key_index_once_for_their_rows(tmp_path):
+def test_import_compact_and_merge_build_the_key_index_once_for_their_rows(tmp_path):
     """They know the rows the new store will hold: its key index is built for them at once
     (keys.1), not grown on the way (each growth indexes every row again: keys.2 here before, and
     one more generation at each doubling of larger stores). An import into an existing store
@@ -1032,9 +1032,6 @@ def test_import_compact_merge_and_salvage_build_the_key_index_once_for_their_row
     merged = tmp_path / "merged"
     assert run("merge", merged, imported, compacted, "-q").code == 0
     assert key_files(merged) == ["keys.1"]
-    salvaged = tmp_path / "salvaged"
-    assert run("salvage", imported, salvaged, "-q").code == 0
-    assert key_files(salvaged) == ["keys.1"]
     # Into an existing store of a few rows: one growth, to tables for the rows imported.
     existing = tmp_path / "existing"
     with embstore.Writer(existing, dim=8) as w:

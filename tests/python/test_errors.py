@@ -309,6 +309,12 @@ def test_an_existing_directory_that_is_not_a_store_is_named_as_such(tmp_path):
     assert a_file.read_bytes() == b"meow"
     with pytest.raises(FileNotFoundError):  # a missing path stays FileNotFoundError
         embstore.Writer(tmp_path / "missing")
+    # A path under a file is no file itself: the core's error stands (it was called a file when
+    # the check first looked at the path with one os.stat).
+    with pytest.raises(FileNotFoundError, match="cat.jpg/sub: no store here"):
+        embstore.Reader(a_file / "sub")
+    with pytest.raises(NotADirectoryError, match="cat.jpg is not a directory"):
+        embstore.Writer(a_file / "sub", dim=8)
 
 
 

@@ -1050,6 +1050,12 @@ def test_a_store_replaced_at_its_path_is_refused_not_served_from_the_deleted_fil
     with embstore.Writer(store) as w:
         w.append(np.arange(10, 15), np.ones((5, 4), np.float32), 0)
     new_id = embstore.info(store)["store_id"]
+    # The follower re-checks the store every 0.25 s: one that looked in the instant between the
+    # deletion and the creation answers "gone" until its next look (this test failed so once).
+    deadline = time.monotonic() + 30
+    while "replaced by another store" not in server.get("/api/stats")[1]["error"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     for path in ("/api/stats", "/api/epochs", "/api/projection", "/api/history?key=1",
                  "/api/neighbours?key=1", "/api/stats"):
         status, body = server.get(path)

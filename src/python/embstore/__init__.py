@@ -342,8 +342,10 @@ class _not_a_store_check:
             if not os.path.islink(self.path):
                 return False  # nothing there (yet): the error stands
             is_dir = False  # a symbolic link to nothing, as before
-        except OSError:  # a looping symbolic link, say: something is there
-            is_dir = False
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                return False  # a parent that is a file (ENOTDIR), say: the core's error stands
+            is_dir = False  # a looping symbolic link: something is there
         if is_dir:
             if os.path.lexists(os.path.join(self.path, "header")):
                 return False  # a store that lost another file: the error names that file
@@ -751,7 +753,9 @@ class Writer(_Handle):
     array numpy reads from them. Python lists (and tuples) of rows have no dtype of their own
     and are converted to the store's dtype (float32 for a bfloat16 store, then rounded by the store;
     values of an int8/uint8 store must be integers in range, those of a float store finite
-    in it unless infinite already). Cost of layouts:
+    in it unless infinite already), whatever each row is: numbers, numpy rows or CPU tensors
+    alike (a list of float64 or int32 tensor rows is stored rounded where the stacked tensor
+    would be refused: stack it to have its dtype checked). Cost of layouts:
 
     * C-contiguous rows: no copy.
     * Rows with contiguous elements but a gap between them (e.g. ``x[::2]``, ``x[:, :d]`` of a
