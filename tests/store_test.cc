@@ -1598,6 +1598,12 @@ TEST_CASE("A create() that made the store but could not open it says so, and ope
   // Out of descriptors between the store's creation and its opening, create() threw the open's
   // error alone: a retry got kAlreadyExists for a store it had been told it failed to make (a
   // review). A child lowers its descriptor limit step by step until a create fails that way.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // UBSan's check of the caught Error's vptr opens a pipe, for which no descriptor is left: it
+  // reported the Error as "invalid vptr" in the address build.
+  WARN("a sanitizer's runtime needs the descriptors this test takes: not run");
+  return;
+#endif
   TempDir dir;
   const std::string base = dir / "s";
   const pid_t child = test::spawn([&] {
