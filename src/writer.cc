@@ -366,8 +366,8 @@ class Writer::Impl {
   // Threads of this handle waiting in with_writer_lock() for mutex_ or the OFD lock: hash_at().
   std::atomic<int> waiting_threads_{0};
   std::atomic<bool> closed_{false};
-  // Set by close() while it waits for lifetime_: calls begun meanwhile throw kClosed instead of
-  // taking lifetime_ shared. The shared_mutex lets a new shared holder in while close() waits
+  // Set by close() while it joins a growth and waits for lifetime_: calls begun meanwhile throw
+  // kClosed instead of taking lifetime_ shared. The shared_mutex lets a new shared holder in while close() waits
   // for the exclusive one, so three threads appending back to back kept close() waiting for as
   // long as they appended.
   std::atomic<bool> closing_{false};
@@ -993,12 +993,14 @@ void Writer::Impl::close() {
     sync_thread_->join();  // Before lifetime_ is taken: its sync() holds lifetime_ shared.
     sync_thread_.reset();
   }
+  // Calls from here on throw kClosed; those in flight finish first. Before the growth is joined:
+  // a growth catching up with threads that go on appending never finished (seen under TSan).
+  closing_ = true;
   // A growth in progress is finished, so the next writer does not redo it under the lock; at the
   // size the rows stored now want (one build, not one at the size claimed and then a larger).
   growth_final_rows_ = std::max<std::uint64_t>(files_->state().committed(), 1);
   EMBSTORE_CRASH_POINT("close-joins-growth");
   join_growth(/*abandon=*/false);
-  closing_ = true;  // Calls from here on throw kClosed; those in flight finish first.
   std::unique_lock life(lifetime_);  // Waits for appends and syncs in flight.
   // Calls that come now wait for lifetime_ and then find closed_; the flush below runs
   // with_writer_lock(), whose check must not take this close() for another.
