@@ -367,9 +367,9 @@ class Writer::Impl {
   std::atomic<int> waiting_threads_{0};
   std::atomic<bool> closed_{false};
   // Set by close() while it joins a growth and waits for lifetime_: calls begun meanwhile throw
-  // kClosed instead of taking lifetime_ shared. The shared_mutex lets a new shared holder in while close() waits
-  // for the exclusive one, so three threads appending back to back kept close() waiting for as
-  // long as they appended.
+  // kClosed instead of taking lifetime_ shared. The shared_mutex lets a new shared holder in
+  // while close() waits for the exclusive one, so three threads appending back to back kept
+  // close() waiting for as long as they appended.
   std::atomic<bool> closing_{false};
   std::atomic<bool> poisoned_{false};
   std::mutex poison_mutex_;
