@@ -1173,7 +1173,6 @@ def _write_then_terminate(signum, frame) -> None:
     _Termination). Another SIGTERM within a few seconds is the same request delivered twice (a
     process group's, then torchrun's agent forwarding its own) and is ignored; a later one kills
     at once, saying so on stderr (_embstore._ignore_repeated_sigterm: sigterm_relay.h)."""
-    import signal
     # Python's own table first: a child forked from now on (in a finally block, say) sees the
     # default action, and gets a handler of its own when it opens a Writer; it read this one as
     # installed and took none, and its rows were lost at its SIGTERM.

@@ -622,8 +622,10 @@ def _export_file(base: str, column: str, listed: dict, sidecar: str,
     missing (a copy cut short) raises FileNotFoundError naming it: the rows would otherwise get
     made-up keys or epochs. ``instead`` names the arguments that make it unneeded."""
     path = os.path.join(base, f"{column}.npy")
-    if os.path.exists(path) or column not in listed:
-        return path if os.path.exists(path) else None
+    if os.path.exists(path):
+        return path
+    if column not in listed:
+        return None
     raise FileNotFoundError(errno.ENOENT, f"{path} is missing, but {sidecar} lists it among the "
                             "export's files: the export is incomplete (a copy cut short?), and "
                             f"nothing was imported; restore the file, or give {instead} to "
