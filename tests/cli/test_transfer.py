@@ -685,6 +685,27 @@ def test_import_into_an_existing_store_of_a_narrower_dtype_asks_for_dtype(tmp_pa
     assert embstore.Reader(store).vectors[1].tolist() == [0.5, 1.5, 2.5, 65504.0]
 
 
+def test_an_import_refused_by_an_existing_store_leaves_its_files_as_they_were(tmp_path):
+    """An import refused for its rows' dim, dtype or metadata opened a Writer first: the store
+    it refused had a new key index file (sized for the rows not imported) and a rewritten
+    header. It is checked on a Reader now and the store's files stay byte for byte."""
+    store = tmp_path / "s"
+    # A store no Writer has opened yet: the first one makes its key index.
+    embstore.create(store, dim=4, dtype="float32", metadata={"run": 1})
+    n = 5000
+    np.save(tmp_path / "dim8.npy", np.ones((n, 8), np.float32))
+    np.save(tmp_path / "f64.npy", np.ones((n, 4), np.float64))
+    np.save(tmp_path / "f32.npy", np.ones((n, 4), np.float32))
+    before = hash_tree(store)
+    for args, says in [(["dim8.npy"], "has dim 4"),
+                       (["f64.npy"], "holds float32 rows but"),
+                       (["f32.npy", "--dtype", "float16"], "--dtype float16 was asked for"),
+                       (["f32.npy", "--metadata", '{"run": 2}'], "other metadata")]:
+        r = run("import", store, tmp_path / args[0], *args[1:], "--quiet")
+        assert r.code == 15 and says in r.err, (args, r)
+        assert hash_tree(store) == before, args
+
+
 def test_hdf5_floats_of_a_non_ieee_layout_are_refused_and_uint16_reads_as_bfloat16(tmp_path):
     """A 2-byte HDF5 float of bfloat16's layout (8 exponent bits) was read as IEEE half, its
     values overflowing to infinity; it is refused, naming the layout. uint16 data with

@@ -162,6 +162,22 @@ def test_import_into_an_existing_store_of_another_dtype_than_asked_is_refused(tm
     assert embstore.Reader(store).vectors.tolist() == rows.tolist() * 2
 
 
+def test_an_import_refused_by_an_existing_store_leaves_its_files_as_they_were(tmp_path):
+    # Refused for its dim, dtype or metadata, it had opened a Writer first: the store (one no
+    # Writer had opened yet) got a key index file and a rewritten header. As the CLI's import.
+    store = str(tmp_path / "s")
+    embstore.create(store, dim=2, dtype="float32", metadata={"run": 1})
+    before = hashes(store)
+    rows = np.ones((5000, 2), np.float32)
+    for kwargs, says in [(dict(source=np.ones((5000, 3), np.float32)), "has dim 2"),
+                         (dict(source=rows.astype(np.float64)), "holds float32 rows but"),
+                         (dict(source=rows, dtype="float16"), "dtype='float16' was asked for"),
+                         (dict(source=rows, metadata={"run": 2}), "other metadata")]:
+        with pytest.raises(embstore.FormatMismatchError, match=says):
+            embstore.import_npy(store, **kwargs)
+        assert hashes(store) == before, kwargs
+
+
 def test_import_into_an_empty_directory_makes_the_store_there(tmp_path, monkeypatch):
     # Refused with NotAStoreError telling the user to give "a new path or an empty directory",
     # which it was; create() and Writer(dim=) take an empty directory.

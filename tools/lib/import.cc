@@ -403,57 +403,66 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   WriterOptions writing;
   writing.expected_rows = std::min<std::uint64_t>(n, std::uint64_t{1} << 40);
   if (exists(store) && !in_place) {
+    // Checked first on a Reader, which changes nothing: a refused import leaves the store as it
+    // was (a Writer's open may recover it, make its key index, upgrade its header). Checked
+    // again on the Writer, should the store have been replaced in between.
+    const auto refuse_mismatch = [&](std::uint32_t have_dim, DType stored, const StoreInfo& info) {
+      if (have_dim != dim) {
+        throw Error(ErrorCode::kFormatMismatch, store + " has dim " + std::to_string(have_dim) +
+                                                    " but " + vectors->name() + " has " +
+                                                    std::to_string(dim) + " columns");
+      }
+      // What only a new store takes (its metadata and growth step) is not dropped without a word
+      // when the store exists: asked for and different from what the store has, it is refused.
+      if (options.metadata && !same_metadata(*options.metadata, info.metadata)) {
+        throw Error(ErrorCode::kFormatMismatch,
+                    store +
+                        " exists, with other metadata than --metadata gives; --metadata is for "
+                        "a new store (an existing store's metadata is fixed)");
+      }
+      if (options.segment_bytes && *options.segment_bytes != info.segment_bytes) {
+        throw Error(ErrorCode::kFormatMismatch, store + " exists, with segments of " +
+                                                    std::to_string(info.segment_bytes) +
+                                                    " bytes; --segment-mb is for a new store");
+      }
+      // --dtype names the store's dtype (a store's dtype is fixed at its creation): rows
+      // converted to another one would not be what was asked for. Only uint16 rows with
+      // bfloat16 asked say what the source holds (bit patterns), whatever the store is.
+      const bool names_bit_patterns =
+          options.dtype == DType::kBFloat16 && *source_dtype == DType::kBFloat16;
+      if (options.dtype && *options.dtype != stored && !names_bit_patterns) {
+        throw Error(ErrorCode::kFormatMismatch,
+                    store + " holds " + std::string(dtype_name(stored)) + " rows but --dtype " +
+                        std::string(dtype_name(*options.dtype)) +
+                        " was asked for; a store's dtype is fixed when it is created");
+      }
+      // Other rows are converted to the store's dtype where nothing is lost (a wider float type),
+      // where the library takes them as they are (float32 into a 16-bit store, as every Writer
+      // does), or where --dtype names the store's dtype, asking for it: float64 rows rounded into
+      // a float32 store without a word are the mistake the Python Writer refuses them as (and
+      // bfloat16 bit patterns, named by --dtype bfloat16, rounded into a float16 store).
+      // Rows of a type that converts to no other (int8, uint8) are refused whatever --dtype says.
+      const bool converts = RowConverter::converts(*source_dtype, stored);
+      if (!converts ||
+          (options.dtype != stored && *source_dtype != stored &&
+           !dtype_accepts(stored, *source_dtype) && !widens_exactly(*source_dtype, stored))) {
+        // --dtype converts between float types only (RowConverter): for the others no hint.
+        const std::string hint = converts ? "; give --dtype " + std::string(dtype_name(stored)) +
+                                                " to convert them (rounded to the nearest " +
+                                                std::string(dtype_name(stored)) + ")"
+                                          : " (import converts rows between float types only)";
+        throw Error(ErrorCode::kFormatMismatch, store + " holds " +
+                                                    std::string(dtype_name(stored)) + " rows but " +
+                                                    vectors->name() + " holds " +
+                                                    std::string(dtype_name(*source_dtype)) + hint);
+      }
+    };
+    {
+      const Reader reader = Reader::open(store);
+      refuse_mismatch(reader.dim(), reader.dtype(), reader.info(InfoDetail::kState));
+    }
     writer.emplace(Writer::open(store, writing));
-    if (writer->dim() != dim) {
-      throw Error(ErrorCode::kFormatMismatch, store + " has dim " + std::to_string(writer->dim()) +
-                                                  " but " + vectors->name() + " has " +
-                                                  std::to_string(dim) + " columns");
-    }
-    // What only a new store takes (its metadata and growth step) is not dropped without a word
-    // when the store exists: asked for and different from what the store has, it is refused.
-    const StoreInfo info = writer->info();
-    if (options.metadata && !same_metadata(*options.metadata, info.metadata)) {
-      throw Error(ErrorCode::kFormatMismatch,
-                  store +
-                      " exists, with other metadata than --metadata gives; --metadata is for "
-                      "a new store (an existing store's metadata is fixed)");
-    }
-    if (options.segment_bytes && *options.segment_bytes != info.segment_bytes) {
-      throw Error(ErrorCode::kFormatMismatch, store + " exists, with segments of " +
-                                                  std::to_string(info.segment_bytes) +
-                                                  " bytes; --segment-mb is for a new store");
-    }
-    // --dtype names the store's dtype (a store's dtype is fixed at its creation): rows
-    // converted to another one would not be what was asked for. Only uint16 rows with
-    // bfloat16 asked say what the source holds (bit patterns), whatever the store is.
-    const DType stored = writer->dtype();
-    const bool names_bit_patterns =
-        options.dtype == DType::kBFloat16 && *source_dtype == DType::kBFloat16;
-    if (options.dtype && *options.dtype != stored && !names_bit_patterns) {
-      throw Error(ErrorCode::kFormatMismatch,
-                  store + " holds " + std::string(dtype_name(stored)) + " rows but --dtype " +
-                      std::string(dtype_name(*options.dtype)) +
-                      " was asked for; a store's dtype is fixed when it is created");
-    }
-    // Other rows are converted to the store's dtype where nothing is lost (a wider float type),
-    // where the library takes them as they are (float32 into a 16-bit store, as every Writer
-    // does), or where --dtype names the store's dtype, asking for it: float64 rows rounded into
-    // a float32 store without a word are the mistake the Python Writer refuses them as (and
-    // bfloat16 bit patterns, named by --dtype bfloat16, rounded into a float16 store).
-    // Rows of a type that converts to no other (int8, uint8) are refused whatever --dtype says.
-    const bool converts = RowConverter::converts(*source_dtype, stored);
-    if (!converts ||
-        (options.dtype != stored && *source_dtype != stored &&
-         !dtype_accepts(stored, *source_dtype) && !widens_exactly(*source_dtype, stored))) {
-      // --dtype converts between float types only (RowConverter): for the others no hint.
-      const std::string hint = converts ? "; give --dtype " + std::string(dtype_name(stored)) +
-                                              " to convert them (rounded to the nearest " +
-                                              std::string(dtype_name(stored)) + ")"
-                                        : " (import converts rows between float types only)";
-      throw Error(ErrorCode::kFormatMismatch, store + " holds " + std::string(dtype_name(stored)) +
-                                                  " rows but " + vectors->name() + " holds " +
-                                                  std::string(dtype_name(*source_dtype)) + hint);
-    }
+    refuse_mismatch(writer->dim(), writer->dtype(), writer->info(InfoDetail::kState));
   } else {
     CreateOptions create;
     create.dim = dim;

@@ -752,36 +752,47 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     in_place = os.path.isdir(store) and not os.listdir(store)
     if os.path.exists(store) and not in_place:
         given_metadata = None if metadata is None else _metadata_text(metadata)
-        # The key index built for the rows imported (a growth goes straight to tables for
-        # them), not grown through every size on the way; as the CLI's import.
-        writer = Writer(store, expected_rows=min(n, _MAX_ROWS))
-        mismatch = None
-        if writer.dim != dim:
-            mismatch = f"{store} has dim {writer.dim} but the source has {dim} columns"
-        elif given_metadata is not None and not _same_metadata(given_metadata,
-                                                                writer.info()["metadata"]):
-            mismatch = (f"{store} exists, with other metadata than metadata= gives; metadata "
+
+        def mismatch_of(handle: Any) -> Optional[str]:
+            """Why the rows do not go into the store ``handle`` (a Reader or Writer) opened."""
+            have = handle.dtype
+            if handle.dim != dim:
+                return f"{store} has dim {handle.dim} but the source has {dim} columns"
+            if given_metadata is not None and not _same_metadata(
+                    given_metadata, handle.info(key_stats=False)["metadata"]):
+                return (f"{store} exists, with other metadata than metadata= gives; metadata "
                         "is for a new store (an existing store's metadata is fixed)")
-        elif dtype is not None and store_dtype != writer.dtype and not (
-                vectors.dtype == np.uint16 and store_dtype == "bfloat16"):
-            # Rows converted to the store's dtype anyway would not be what was asked for. With
-            # uint16 rows, dtype="bfloat16" only says what the input is (bit patterns).
-            mismatch = (f"{store} holds {writer.dtype} rows but dtype={store_dtype!r} was "
-                        "asked for; a store's dtype is fixed when it is created")
-        elif (dtype is None or _dtype_name(dtype) != writer.dtype) and \
-                not _taken_as_they_are(source_dtype, writer.dtype):
-            # As the CLI's import: rows are converted where nothing is lost, or where the Writer
-            # takes them (float32 into a 16-bit store), or where dtype= names the store's dtype,
-            # asking for the rounding (float64 rounded into a float32 store without a word is
-            # the mistake Writer.append refuses).
-            floats = {source_dtype, writer.dtype} <= {"float16", "bfloat16", "float32", "float64"}
-            hint = (f"; give dtype={writer.dtype!r} to convert them (rounded to the nearest "
-                    f"{writer.dtype})" if floats else " (rows are converted between float "
-                    "types only)")
-            mismatch = f"{store} holds {writer.dtype} rows but {vectors_name} holds " \
-                       f"{source_dtype}{hint}"
+            if dtype is not None and store_dtype != have and not (
+                    vectors.dtype == np.uint16 and store_dtype == "bfloat16"):
+                # Rows converted to the store's dtype anyway would not be what was asked for.
+                # With uint16 rows, dtype="bfloat16" only says what the input is (bit patterns).
+                return (f"{store} holds {have} rows but dtype={store_dtype!r} was asked for; a "
+                        "store's dtype is fixed when it is created")
+            if (dtype is None or _dtype_name(dtype) != have) and \
+                    not _taken_as_they_are(source_dtype, have):
+                # As the CLI's import: rows are converted where nothing is lost, or where the
+                # Writer takes them (float32 into a 16-bit store), or where dtype= names the
+                # store's dtype, asking for the rounding (float64 rounded into a float32 store
+                # without a word is the mistake Writer.append refuses).
+                floats = {source_dtype, have} <= {"float16", "bfloat16", "float32", "float64"}
+                hint = (f"; give dtype={have!r} to convert them (rounded to the nearest {have})"
+                        if floats else " (rows are converted between float types only)")
+                return f"{store} holds {have} rows but {vectors_name} holds {source_dtype}{hint}"
+            return None
+
+        # Checked first on a Reader, which changes nothing: a refused import leaves the store
+        # as it was (a Writer's open may recover it, make its key index, rewrite its header).
+        # Checked again on the Writer, should the store have been replaced in between.
+        with Reader(store) as reader:
+            mismatch = mismatch_of(reader)
+        if mismatch is None:
+            # The key index built for the rows imported (a growth goes straight to tables for
+            # them), not grown through every size on the way; as the CLI's import.
+            writer = Writer(store, expected_rows=min(n, _MAX_ROWS))
+            mismatch = mismatch_of(writer)
+            if mismatch is not None:
+                writer.close()
         if mismatch is not None:
-            writer.close()
             from ._errors import FormatMismatchError
             raise FormatMismatchError(mismatch)
     else:
