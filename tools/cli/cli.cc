@@ -110,6 +110,47 @@ CLI::Validator unsigned_validator(const std::string& what) {
       "UINT", "unsigned");
 }
 
+CLI::Option* add_unsigned_list(CLI::App* cmd, const std::string& name,
+                               std::vector<std::uint64_t>& out, const std::string& description,
+                               const std::string& what) {
+  // Each argument as given (no CLI11 delimiter): checked and rewritten item by item here, then
+  // converted by the callback.
+  const CLI::Validator item = unsigned_validator(what);
+  CLI::Option* option = cmd->add_option_function<std::vector<std::string>>(
+      name,
+      [&out](const std::vector<std::string>& given) {
+        out.clear();
+        for (const std::string& text : given) {
+          for (std::size_t begin = 0; begin <= text.size();) {
+            const std::size_t end = std::min(text.find(',', begin), text.size());
+            out.push_back(std::stoull(text.substr(begin, end - begin)));
+            begin = end + 1;
+          }
+        }
+      },
+      description);
+  option->transform(CLI::Validator(
+      [item, what](std::string& text) -> std::string {
+        if (text.empty()) return "takes " + what + " or a comma list of them, not \"\"";
+        std::string canonical;
+        for (std::size_t begin = 0; begin <= text.size();) {
+          const std::size_t end = std::min(text.find(',', begin), text.size());
+          std::string one = text.substr(begin, end - begin);
+          if (one.empty()) {
+            return "takes " + what + " or a comma list of them; \"" + text + "\" has an empty item";
+          }
+          if (std::string error = item(one); !error.empty()) return error;
+          canonical += (canonical.empty() ? "" : ",") + one;
+          begin = end + 1;
+        }
+        text = canonical;
+        return {};
+      },
+      "", "unsigned list"));
+  option->type_name("UINT[,UINT...]");
+  return option;
+}
+
 DType dtype_from_name(const std::string& name) {
   if (auto dtype = parse_dtype(name)) return *dtype;
   throw Error(ErrorCode::kInvalidArgument, "unknown dtype \"" + name + "\"");

@@ -64,6 +64,14 @@ CLI::Validator non_empty_path();
 // ->check() (which hands it a copy: CLI11 would then read "010" as octal 8).
 CLI::Validator unsigned_validator(const std::string& what);
 
+// Adds option `name` to `cmd`: non-negative integers (unsigned_validator's rules, each named
+// `what`), given as a comma list, the option repeated, or both ("--epoch 1,2 --epoch 5"), into
+// `out`. An empty item ("1,,2", "3,", ",") is refused naming the text: CLI11's own comma lists
+// drop it without a word, so a list with a typo ran as another list.
+CLI::Option* add_unsigned_list(CLI::App* cmd, const std::string& name,
+                               std::vector<std::uint64_t>& out, const std::string& description,
+                               const std::string& what);
+
 // parse_dtype() of a name the validator has accepted.
 DType dtype_from_name(const std::string& name);
 

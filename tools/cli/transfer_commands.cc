@@ -177,9 +177,8 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
                     "npy (vectors.npy, keys.npy, epochs.npy, embstore.json), hdf5 or csv "
                     "(default: from OUT's extension, else npy)")
         ->check(CLI::IsMember({"npy", "hdf5", "csv"}));
-    cmd->add_option("--epoch", args->epochs, "Only this epoch (repeatable, or a comma list)")
-        ->delimiter(',')
-        ->transform(unsigned_validator("an epoch"));
+    add_unsigned_list(cmd, "--epoch", args->epochs, "Only this epoch (repeatable, or a comma list)",
+                      "an epoch");
     cmd->add_flag("--latest", args->latest, "Only the latest row of each key");
     cmd->add_option("--from", args->from, "First row (default 0)")
         ->transform(unsigned_validator("a row number"));
@@ -235,9 +234,8 @@ void add_transfer_commands(CLI::App& app, Registry& registry) {
     cmd->add_option("store", args->store, "Source store directory")->required();
     cmd->add_option("out", args->out, "New store directory (must not exist)")->required();
     cmd->add_flag("--latest-per-key", args->latest_per_key, "Keep only each key's latest row");
-    cmd->add_option("--epochs", args->epochs, "Keep only these epochs (comma list)")
-        ->delimiter(',')
-        ->transform(unsigned_validator("an epoch"));
+    add_unsigned_list(cmd, "--epochs", args->epochs, "Keep only these epochs (comma list)",
+                      "an epoch");
     cmd->add_option("--dtype", args->dtype,
                     "Convert rows (between float types only; another exits 15, format "
                     "mismatch): " +
