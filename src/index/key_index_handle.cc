@@ -187,7 +187,8 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
       file = KeyIndexFile::create(dir_, generation, identity_, sizes, rows);
     } catch (const Error& error) {
       // No room for tables sized for a guess, larger than the rows built need: say so, so that
-      // the caller can see what to change (WriterOptions::expected_rows).
+      // the caller can see what to change (WriterOptions::expected_rows). In words every caller
+      // knows: the tools pass the rows they will write, and their users never set the option.
       if (error.code() != ErrorCode::kFull || expected_rows_ == 0 ||
           sizes.pair_slots != expected_sizes().pair_slots ||
           sizes.pair_slots <= key_index_slots_for(rows)) {
@@ -195,7 +196,7 @@ std::shared_ptr<KeyIndexFile> KeyIndexHandle::build(const IndexEntry* entries, s
       }
       throw Error(ErrorCode::kFull,
                   std::string(error.what()) + " (its tables were sized for " +
-                      std::to_string(expected_rows_) + " rows, WriterOptions::expected_rows)",
+                      std::to_string(expected_rows_) + " expected rows)",
                   error.sys_errno());
     }
     while (complete && file->indexed_rows() < rows) {
