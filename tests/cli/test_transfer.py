@@ -1061,6 +1061,36 @@ def test_import_compact_and_merge_build_the_key_index_once_for_their_rows(tmp_pa
     assert key_files(existing) == ["keys.2"]
 
 
+def test_an_export_sidecar_names_its_files_and_a_bad_name_is_refused(tmp_path):
+    """The files an npy export's embstore.json lists under "files" are the ones read: a sidecar
+    naming ids.npy for the keys had its keys.npy read, or, with none, was told that keys.npy
+    was listed. A name that is no file of the export's directory is refused, naming it."""
+    src = tmp_path / "src"
+    with embstore.Writer(src, dim=3, dtype="float32") as w:
+        w.append([1001, 1002], np.ones((2, 3), np.float32), epoch=4)
+    out = tmp_path / "out"
+    assert run("export", src, out, "--quiet").code == 0
+    os.rename(out / "keys.npy", out / "ids.npy")
+    np.save(out / "keys.npy", np.array([5, 6], np.uint64))  # not the export's: not read
+    side = json.loads((out / "embstore.json").read_text())
+    side["files"]["keys"] = "ids.npy"
+    (out / "embstore.json").write_text(json.dumps(side))
+    assert run("import", tmp_path / "a", out, "--quiet").code == 0
+    assert store_arrays(tmp_path / "a")[1].tolist() == [1001, 1002]
+    os.remove(out / "ids.npy")
+    r = run("import", tmp_path / "b", out, "--quiet")
+    assert r.code == 12 and one_line(r.err).startswith(
+        f"embstore import: {out}/ids.npy is missing, but {out}/embstore.json lists it"), r
+    for bad in ["../src/keys.npy", "", 7]:
+        side["files"]["keys"] = bad
+        (out / "embstore.json").write_text(json.dumps(side))
+        r = run("import", tmp_path / "c", out, "--quiet")
+        assert r.code == 2 and one_line(r.err) == (
+            f"embstore import: {out}/embstore.json: files.keys must be the name of a file in "
+            f"the export's directory; got {json.dumps(bad)}"), (bad, r)
+    assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "c")
+
+
 @pytest.mark.parametrize("fmt", ["npy", "hdf5"])
 @pytest.mark.parametrize("lost", ["keys", "epochs"])
 def test_an_export_missing_its_keys_or_epochs_is_refused_naming_them(tmp_path, fmt, lost):

@@ -689,6 +689,41 @@ def test_an_output_made_while_an_export_ran_is_never_replaced(tmp_path, monkeypa
     assert len(published) == 4
 
 
+def test_an_export_sidecar_names_its_files_and_a_bad_name_is_refused(tmp_path):
+    # The files embstore.json lists under "files" are the ones read: a sidecar naming ids.npy
+    # for the keys had keys.npy read, or, with none, was told keys.npy was listed. As the CLI.
+    src = str(tmp_path / "src")
+    with embstore.Writer(src, dim=3, dtype="float32") as w:
+        w.append([1001, 1002], np.ones((2, 3), np.float32), epoch=4)
+    out = str(tmp_path / "out")
+    embstore.export_npy(src, out)
+    os.rename(os.path.join(out, "keys.npy"), os.path.join(out, "ids.npy"))
+    np.save(os.path.join(out, "keys.npy"), np.array([5, 6], np.uint64))  # not the export's
+    with open(os.path.join(out, "embstore.json")) as f:
+        side = json.load(f)
+    side["files"]["keys"] = "ids.npy"
+
+    def write_sidecar():
+        with open(os.path.join(out, "embstore.json"), "w") as f:
+            json.dump(side, f)
+    write_sidecar()
+    assert embstore.import_npy(tmp_path / "a", out) == 2
+    assert embstore.Reader(tmp_path / "a").keys.tolist() == [1001, 1002]
+    os.remove(os.path.join(out, "ids.npy"))
+    with pytest.raises(FileNotFoundError) as missing:
+        embstore.import_npy(tmp_path / "b", out)
+    assert missing.value.strerror.startswith(f"{out}/ids.npy is missing, but "
+                                             f"{out}/embstore.json lists it")
+    for bad in ["../src/keys.npy", "", 7]:
+        side["files"]["keys"] = bad
+        write_sidecar()
+        with pytest.raises(ValueError) as error:
+            embstore.import_npy(tmp_path / "c", out)
+        assert str(error.value) == (f"{out}/embstore.json: files.keys must be the name of a "
+                                    f"file in the export's directory; got {json.dumps(bad)}")
+    assert not os.path.exists(tmp_path / "b") and not os.path.exists(tmp_path / "c")
+
+
 @pytest.mark.parametrize("lost", ["keys.npy", "epochs.npy"])
 def test_an_export_missing_a_file_its_sidecar_lists_is_refused_not_given_made_up_keys(tmp_path,
                                                                                       lost):

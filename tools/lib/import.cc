@@ -191,11 +191,32 @@ std::unique_ptr<ArraySource> open_array(const std::string& spec, const std::stri
 struct SourceFacts {
   std::optional<std::string> dtype;
   std::optional<std::string> metadata;
-  // The export holds its keys and epochs: the sidecar lists them in its "files" (an HDF5 export,
-  // with its root attribute embstore_format, always holds /keys and /epochs).
+  // The files of an npy export, by column, as its sidecar's "files" names them (an export
+  // names vectors.npy, keys.npy, epochs.npy; each defaults to that name when not listed). A
+  // column listed holds rows: its file missing is an incomplete export (an HDF5 export, with
+  // its root attribute embstore_format, always holds /keys and /epochs).
+  std::string vectors_file = kNpyVectorsFile;
+  std::string keys_file = kNpyKeysFile;
+  std::string epochs_file = kNpyEpochsFile;
   bool lists_keys = false;
   bool lists_epochs = false;
 };
+
+// The file name a sidecar's "files" gives `column` (`file` unchanged when it names none): a
+// name in the export's directory, or kInvalidArgument naming the sidecar, column and value.
+bool listed_file(const nlohmann::json& files, const char* column, const std::string& sidecar,
+                 std::string& file) {
+  if (!files.contains(column)) return false;
+  const nlohmann::json& name = files[column];
+  if (!name.is_string() || name.get<std::string>().empty() ||
+      name.get<std::string>().find('/') != std::string::npos || name == "." || name == "..") {
+    throw Error(ErrorCode::kInvalidArgument,
+                sidecar + ": files." + column +
+                    " must be the name of a file in the export's directory; got " + name.dump());
+  }
+  file = name.get<std::string>();
+  return true;
+}
 
 SourceFacts read_sidecar(const std::string& path) {
   SourceFacts facts;
@@ -214,8 +235,10 @@ SourceFacts read_sidecar(const std::string& path) {
     facts.metadata = sidecar["metadata"].get<std::string>();
   }
   if (sidecar.contains("files") && sidecar["files"].is_object()) {
-    facts.lists_keys = sidecar["files"].contains("keys");
-    facts.lists_epochs = sidecar["files"].contains("epochs");
+    const nlohmann::json& files = sidecar["files"];
+    listed_file(files, "vectors", path, facts.vectors_file);
+    facts.lists_keys = listed_file(files, "keys", path, facts.keys_file);
+    facts.lists_epochs = listed_file(files, "epochs", path, facts.epochs_file);
   }
   return facts;
 }
@@ -257,16 +280,16 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   bool keys_by_default = false, epochs_by_default = false;
   SourceFacts facts;
   if (is_directory(source)) {
-    const std::string vectors_path = source + "/" + kNpyVectorsFile;
-    if (!exists(vectors_path)) {
-      throw Error(ErrorCode::kNotFound, source + " holds no " + kNpyVectorsFile);
-    }
-    vectors = open_array(vectors_path, "");
     const std::string sidecar = source + "/" + kNpySidecarFile;
     facts = read_sidecar(sidecar);
+    const std::string vectors_path = source + "/" + facts.vectors_file;
+    if (!exists(vectors_path)) {
+      throw Error(ErrorCode::kNotFound, source + " holds no " + facts.vectors_file);
+    }
+    vectors = open_array(vectors_path, "");
     const std::string listed = sidecar + " lists it among the export's files";
-    const std::string keys_path = source + "/" + kNpyKeysFile;
-    const std::string epochs_path = source + "/" + kNpyEpochsFile;
+    const std::string keys_path = source + "/" + facts.keys_file;
+    const std::string epochs_path = source + "/" + facts.epochs_file;
     if (!options.keys) {
       if (exists(keys_path)) {
         keys = open_array(keys_path, "");

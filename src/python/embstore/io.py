@@ -614,14 +614,31 @@ def _imported_note(writer: Writer, store: str, n: int, appended: int, first_row:
     return f"{stored} of {n} rows were imported into {store} before this{where} and stay there"
 
 
+def _listed_files(files: Any, sidecar: str) -> dict:
+    """An export sidecar's "files" (column -> file name in the export's directory; {} when it
+    has none), each name checked: ValueError naming the sidecar, column and value otherwise. As
+    the CLI's import reads them."""
+    if not isinstance(files, dict):
+        return {}
+    for column in ("vectors", "keys", "epochs"):
+        if column not in files:
+            continue
+        name = files[column]
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name:
+            raise ValueError(f"{sidecar}: files.{column} must be the name of a file in the "
+                             f"export's directory; got {json.dumps(name)}")
+    return files
+
+
 def _export_file(base: str, column: str, listed: dict, sidecar: str,
                  instead: str) -> Optional[str]:
-    """The path of an npy export's ``keys.npy`` or ``epochs.npy`` (``column``) in ``base``, or None
-    when it is not there and the sidecar does not list it in its "files" (a directory of .npy
-    files made by hand: keys are then 0..rows-1, the epoch 0). One the sidecar lists but that is
-    missing (a copy cut short) raises FileNotFoundError naming it: the rows would otherwise get
-    made-up keys or epochs. ``instead`` names the arguments that make it unneeded."""
-    path = os.path.join(base, f"{column}.npy")
+    """The path of an npy export's keys or epochs file (``column``: the sidecar's "files" name
+    it, else ``keys.npy`` or ``epochs.npy``) in ``base``, or None when it is not there and the
+    sidecar does not list it (a directory of .npy files made by hand: keys are then
+    0..rows-1, the epoch 0). One the sidecar lists but that is missing (a copy cut short)
+    raises FileNotFoundError naming it: the rows would otherwise get made-up keys or epochs.
+    ``instead`` names the arguments that make it unneeded."""
+    path = os.path.join(base, listed.get(column, f"{column}.npy"))
     if os.path.exists(path):
         return path
     if column not in listed:
@@ -675,8 +692,6 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     sidecar = None
     if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         base = os.fspath(source)
-        vectors_name = os.path.join(base, "vectors.npy")
-        vectors = _load_npy(vectors_name)
         sidecar = os.path.join(base, "embstore.json")
         if os.path.exists(sidecar):
             with open(sidecar) as f:
@@ -688,7 +703,9 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             if not isinstance(side, dict):
                 raise ValueError(f"{sidecar}: not an export's sidecar (a JSON object); got "
                                  f"{type(side).__name__}")
-        listed = side.get("files") if isinstance(side.get("files"), dict) else {}
+        listed = _listed_files(side.get("files"), sidecar)
+        vectors_name = os.path.join(base, listed.get("vectors", "vectors.npy"))
+        vectors = _load_npy(vectors_name)
         if keys is None:
             keys = _export_file(base, "keys", listed, sidecar, "keys=")
         if epochs is None and epoch is None:
