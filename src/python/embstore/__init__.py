@@ -929,8 +929,15 @@ class Writer(_Handle):
             return self._append(keys, epoch, vectors, None, copy)
         if isinstance(vectors, (list, tuple)) and not vectors:  # no rows: of any dim, so ours
             vectors = np.empty((0, self.dim), np.dtype(_SEQUENCE_DTYPES[self._dtype_name]))
-        array, as_dtype = _as_vectors(vectors, self._dtype_name)
-        return self._append(_as_ints(keys, "keys"), _epoch_arg(epoch), array, as_dtype, copy)
+        try:
+            array, as_dtype = _as_vectors(vectors, self._dtype_name)
+            keys, epoch = _as_ints(keys, "keys"), _epoch_arg(epoch)
+        except ValueError as error:
+            if type(error) is not ValueError:
+                raise
+            # Named as the C++ module names what it refuses: the store, then the call.
+            raise ValueError(f"{self.path}: append: {error}") from None
+        return self._append(keys, epoch, array, as_dtype, copy)
 
     def flush(self) -> None:
         """Waits until every batch appended so far is written (committed, visible to readers).
