@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -160,6 +161,42 @@ def test_import_into_an_existing_store_of_another_dtype_than_asked_is_refused(tm
     assert embstore.import_npy(store, rows, dtype="float32") == 2  # the store's: as asked
     assert embstore.import_npy(store, rows.astype(np.float16)) == 2  # none asked: converted
     assert embstore.Reader(store).vectors.tolist() == rows.tolist() * 2
+
+
+def test_signalling_nans_are_converted_to_nans_without_numpy_warnings(tmp_path):
+    # NaNs whose payload sits in low mantissa bits: numpy's casts raise its "invalid" flag for
+    # them, and import_npy, compact and append printed "RuntimeWarning: invalid value
+    # encountered in cast" from embstore's own lines. The values stored were and are NaNs.
+    sources = {
+        "float64": np.array([[0x7FF0000000000001, 0xFFF0000000000001, 0x7FF0000000100000,
+                              0x7FF8000000000000]], np.uint64).view(np.float64),
+        "float32": np.array([[0x7F800001, 0xFF800001, 0x7F800100, 0x7FC00000]],
+                            np.uint32).view(np.float32),
+        "float16": np.array([[0x7C01, 0xFC01, 0x7C10, 0x7E00]], np.uint16).view(np.float16),
+    }
+
+    def all_nan(path):
+        r = embstore.Reader(path)
+        v = np.asarray(r.vectors)
+        if r.dtype == "bfloat16":  # bit patterns: a NaN has every exponent bit and a mantissa
+            bits = v.view(np.uint16)
+            return bool(((bits & 0x7F80) == 0x7F80).all() and ((bits & 0x7F) != 0).all())
+        return bool(np.isnan(v).all())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for source, rows in sources.items():
+            embstore.import_npy(tmp_path / f"src-{source}", rows)
+            for target in ("float64", "float32", "float16", "bfloat16"):
+                imported = tmp_path / f"i-{source}-{target}"
+                compacted = tmp_path / f"c-{source}-{target}"
+                embstore.import_npy(imported, rows, dtype=target)
+                embstore.compact(tmp_path / f"src-{source}", compacted, dtype=target)
+                assert all_nan(imported) and all_nan(compacted), (source, target)
+        for target in ("float16", "bfloat16"):
+            with embstore.Writer(tmp_path / f"w-{target}", dim=4, dtype=target) as w:
+                w.append([0], sources["float32"])
+            assert all_nan(tmp_path / f"w-{target}"), target
 
 
 def test_an_import_refused_by_an_existing_store_leaves_its_files_as_they_were(tmp_path):

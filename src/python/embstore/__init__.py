@@ -426,7 +426,9 @@ def _rounded_once(values: np.ndarray, store_dtype: str,
     here, before anything is appended or queued."""
     if store_dtype == "bfloat16":
         return _bfloat16_ready(values, rows)
-    with np.errstate(over="ignore"):
+    # A signalling NaN raises numpy's "invalid" flag as it is converted (to a NaN: nothing is
+    # wrong with the value), and an overflow is refused below: no warning for either.
+    with np.errstate(over="ignore", invalid="ignore"):
         converted = values.astype(_SEQUENCE_DTYPES[store_dtype])
     _refuse_overflow(values, converted, store_dtype, rows)
     return converted
@@ -443,11 +445,14 @@ def _bfloat16_ready(values: np.ndarray, rows: Optional[Sequence[int]] = None) ->
         values = values.astype(np.float64)  # exact below 2^53; beyond, rounded once here
     _refuse_overflow(values, np.where(np.abs(values) >= _BFLOAT16_OVERFLOW, np.inf, 0.0),
                      "bfloat16", rows)
-    if values.dtype != np.float64:
-        return values.astype(np.float32)  # exact
-    near = values.astype(np.float32)  # below the limit, so finite
-    cut = np.where(np.abs(near) > np.abs(values), np.nextafter(near, np.float32(0)), near)
-    return (cut.view(np.uint32) | (cut != values)).view(np.float32)
+    # A signalling NaN raises numpy's "invalid" flag as it is converted or compared (it stays
+    # a NaN: nothing is wrong with the value): no warning.
+    with np.errstate(invalid="ignore"):
+        if values.dtype != np.float64:
+            return values.astype(np.float32)  # exact
+        near = values.astype(np.float32)  # below the limit, so finite
+        cut = np.where(np.abs(near) > np.abs(values), np.nextafter(near, np.float32(0)), near)
+        return (cut.view(np.uint32) | (cut != values)).view(np.float32)
 
 
 # The smallest magnitude that rounds to infinity in bfloat16: halfway between its largest finite

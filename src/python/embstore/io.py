@@ -571,7 +571,8 @@ def _as_store_rows(chunk: np.ndarray, source: str, target: str,
     if source == "bfloat16" and target != "bfloat16":
         chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
     if target == "float64":
-        return chunk if chunk.dtype == np.float64 else chunk.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # a signalling NaN widened: a NaN, no warning
+            return chunk if chunk.dtype == np.float64 else chunk.astype(np.float64)
     if target in ("float16", "bfloat16", "float32") and chunk.dtype.kind == "f" and \
             target != _dtype_name(chunk.dtype):
         return _rounded_once(chunk, target, rows)
