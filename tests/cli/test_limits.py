@@ -161,6 +161,40 @@ def test_a_new_output_whose_key_index_cannot_be_kept_is_made_with_every_row_and_
     assert hash_tree(store) == before
 
 
+def test_an_import_into_an_existing_store_whose_key_index_cannot_be_kept_warns_and_exits_0(
+        narrow, tmp_path):
+    # Every row was appended and synced, and the import exited 18 (the close's key index
+    # failure) with "8000 of 8000 rows were imported ... and stay there": a script that retried
+    # on the exit status stored the rows twice. As for a new store: a warning, exit 0.
+    base, data = narrow
+    warned = False
+    for value in range(256 << 10, 2 << 20, 32 << 10):
+        store = str(tmp_path / f"s{value}")
+        subprocess.run(["cp", "-a", base, store], check=True)
+        r = run_with_limit(["import", store, data, "--quiet"], resource.RLIMIT_FSIZE, value)
+        rows = len(embstore.Reader(store))
+        if r.code != 0:
+            # Too low to store the rows (the error names a rows or index file), or the old code.
+            assert "the key index could not be maintained" not in r.err, r
+            assert rows == 8000, r
+            continue
+        assert rows == 16000 and embstore.Reader(store).verify().ok, r
+        if "warning" not in r.err:
+            assert r.err == "", r
+            break  # Enough for everything: the limits below it were tried.
+        warned = True
+        assert r.err.startswith(
+            f"embstore import: warning: {store}: the key index could not be maintained"), r
+        assert "every row is stored" in r.err and len(r.err.strip().splitlines()) == 1, r
+        assert f"into {store} (rows 8000..16000)" in r.out, r
+        got = subprocess.run([CLI, "get", store, "7", "--history", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        # Its 4 epochs' rows, and row 8007 imported (key 7 of the file), found.
+        assert got.returncode == 0 and got.stdout.replace(" ", "").count('"row":') == 5, got
+        assert '"row":8007' in got.stdout.replace(" ", ""), got
+    assert warned, "no limit stored the rows but not the key index"
+
+
 NEW_OUTPUT_CASES = {
     "create": ["create", "{o}", "--dim", "64"],
     "compact": ["compact", "{s}", "{o}"],

@@ -113,3 +113,50 @@ def test_a_new_store_whose_key_index_cannot_be_kept_is_kept_with_a_warning(tmp_p
     r = embstore.Reader(out)
     assert len(r) == 3000 and r.verify().ok
     assert r.find(int(r.keys[2999])) == 2999
+
+
+def test_an_import_into_an_existing_store_whose_key_index_cannot_be_kept_only_warns(tmp_path):
+    """import_npy into an existing store raised when its close could not keep the key index,
+    every row appended and synced ("... were imported into STORE before this and stay there"):
+    a caller that retried stored them twice. Now a RuntimeWarning, as for a new store and as
+    the CLI's import. A child process lowers RLIMIT_FSIZE step by step until the rows fit and
+    the key index's tables (sized for every row at once) do not."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import os, resource, shutil, signal, warnings
+        import numpy as np, embstore
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead, as the core expects
+        unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+        rows = np.ones((3000, 8), np.float32)
+        base = os.path.join({str(tmp_path)!r}, "base")
+        with embstore.Writer(base, dim=8) as w:
+            w.append(np.arange(3000), rows)
+        for limit in range(16 << 10, 1 << 20, 16 << 10):
+            store = os.path.join({str(tmp_path)!r}, f"s{{limit}}")
+            shutil.copytree(base, store)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                try:
+                    embstore.import_npy(store, rows)
+                except OSError as error:
+                    assert "the key index could not be maintained" not in str(error), error
+                    continue
+                finally:
+                    resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+            if seen:
+                print(limit, store, str(seen[0].message), flush=True)
+                break
+        """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout, "no limit gave the warning: " + child.stderr[-2000:]
+    limit, store, message = child.stdout.split(" ", 2)
+    assert message.startswith(f"{store}: the key index could not be maintained"), message
+    assert "every row is stored" in message, message
+    r = embstore.Reader(store)
+    assert len(r) == 6000 and r.verify().ok
+    assert r.find(2999) == 5999

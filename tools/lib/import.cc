@@ -574,7 +574,20 @@ ImportResult import_rows(const std::string& store, const std::string& source,
     }
     writer->sync();
     if (!staged) {
-      writer->close();
+      // Every row appended is committed and on the device (sync() returned): close() can take
+      // none of them back. What it may still fail at (the key index, derived data the next
+      // writer rebuilds: its message says every row is stored) is a warning, as for a new
+      // store, not an error: an error's exit status sent scripts to import the rows again,
+      // storing them twice. A store no longer at its path (kNotFound) stays an error.
+      try {
+        writer->close();
+      } catch (const Error& e) {
+        if (e.code() == ErrorCode::kNotFound) throw;
+        result.warning = e.what();
+        if (result.warning.find("every row is stored") == std::string::npos) {
+          result.warning += "; every row imported was committed and synced before it";
+        }
+      }
     } else {
       result.warning = staged->close_writer(*writer, result.rows);
       writer.reset();

@@ -40,10 +40,10 @@ struct ImportResult {
   bool created = false;  // The store did not exist before.
   DType source_dtype = DType::kFloat32;
   DType store_dtype = DType::kFloat32;
-  // For a new store: set when it was made with every row although closing it failed for what
-  // the next writer redoes (its key index could not be maintained: StagedOutput::close_store(),
-  // embstore/staged_output.h); the store is at its path and whole, this says what to tell the user.
-  // "" otherwise.
+  // Set when every row was stored although closing the store failed for what the next writer
+  // redoes (its key index could not be maintained): for a new store, StagedOutput::close_store()
+  // (embstore/staged_output.h) judged it whole and it is at its path; for an existing one, every
+  // row appended was committed and synced before the close. What to tell the user; "" otherwise.
   std::string warning;
 };
 

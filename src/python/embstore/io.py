@@ -143,6 +143,26 @@ def _close_new_store(writer: Writer, staged: Any, rows: int) -> str:
     return warning
 
 
+def _close_existing_store(writer: Writer) -> None:
+    """Closes ``writer`` after an import into an existing store, every row appended committed
+    and synced: the close can take none of them back. What it may still fail at (the key index,
+    derived data the next Writer rebuilds: its message says every row is stored) is a
+    RuntimeWarning, as for a new store, not an error, which sent callers to import the rows
+    again, storing them twice. A store no longer at its path (FileNotFoundError) stays an
+    error. As the CLI's import."""
+    try:
+        writer.close()
+    except Exception as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        # An OSError's text without its "[Errno N] ", as the new store's warning reads.
+        warning = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        if "every row is stored" not in warning:
+            warning += "; every row imported was committed and synced before it"
+        import warnings
+        warnings.warn(warning, RuntimeWarning, stacklevel=3)
+
+
 def _publish(staged: Any, warning: str = "") -> None:
     """Publishes ``staged``; then warns (RuntimeWarning, from the caller of the io function)
     with ``warning``, a kept store's close error, if any."""
@@ -657,8 +677,10 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     ``.store.partial-*`` directory inside it, whose files are moved up when the import finishes,
     the header last; after an error the directory is left empty, and a killed import leaves no
     store there, only that hidden directory). A new store whose key index alone could not be
-    kept at its close holds every row: it is kept, and a RuntimeWarning says why. Returns the
-    rows appended. Into an existing store, the rows appended before an error (a
+    kept at its close holds every row: it is kept, and a RuntimeWarning says why; so does an
+    existing store whose close failed after every row was appended and synced (the rows are
+    there: importing them again would store them twice). Returns the rows appended. Into an
+    existing store, the rows appended before an error (a
     KeyboardInterrupt too) stay there, and a note on the error says so: "R of N rows were
     imported into STORE before this (rows F..E) and stay there".
 
@@ -855,7 +877,7 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
             appended += hi - lo
         writer.sync()
         if staged is None:
-            writer.close()
+            _close_existing_store(writer)
         else:
             _publish(staged, _close_new_store(writer, staged, appended))
     except BaseException as error:
