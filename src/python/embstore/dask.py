@@ -87,7 +87,8 @@ def _opened(path: str, store_id: str, generation: int, end: int) -> Reader:
     if actual != store_id:
         raise FormatMismatchError(
             f"{path}: this worker sees store {actual}, not the store {store_id} the graph was "
-            "built for (another machine's disk at the same path?)")
+            "built for (replaced since the graph was built, or another machine's disk at the "
+            "same path)")
     if reader.generation > generation:
         raise _truncated_since(path, reader.generation, generation)
     if reader.generation < generation:
