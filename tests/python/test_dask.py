@@ -122,6 +122,82 @@ def test_a_task_on_a_copy_older_than_the_graph_says_so(tmp_path):
         arrays.keys.compute(scheduler="sync")
 
 
+def _latest_rows(keys, epochs):
+    """Row numbers of the last row of each (key, epoch), ascending: what unique=True keeps."""
+    last = {}
+    for row, pair in enumerate(zip(keys.tolist(), epochs.tolist())):
+        last[pair] = row
+    return sorted(last.values())
+
+
+def _with_duplicates(path):
+    """A store whose (2, 0) and (3, 0) were appended twice (a batch written again, as by a task
+    run twice), values telling the copies apart: rows 1, 2 are the earlier copies."""
+    with embstore.Writer(path, dim=4) as w:
+        w.append([1, 2, 3], np.arange(12, dtype=np.float32).reshape(3, 4), epoch=0)
+        w.append([2, 3], np.full((2, 4), 100, np.float32), epoch=0)
+        w.append([1], np.full((1, 4), 200, np.float32), epoch=1)
+        w.append([4, 5], np.full((2, 4), 300, np.float32), epoch=0)
+
+
+def test_unique_keeps_the_later_row_of_each_key_and_epoch(tmp_path):
+    # Rows stored twice (at-least-once writes) were counted twice by every computation; with
+    # unique=True each (key, epoch) is one row, the later one, as lookups answer.
+    path = tmp_path / "s"
+    _with_duplicates(path)
+    r = embstore.Reader(path)
+    kept = _latest_rows(r.keys, r.epochs)
+    assert kept == [0, 3, 4, 5, 6, 7]
+    for chunk_rows in (1, 2, 3, 100):
+        arrays = embstore.dask.from_store(path, chunk_rows=chunk_rows, unique=True)
+        assert arrays.vectors.shape == (6, 4)
+        got = [a.compute(scheduler="sync") for a in arrays]
+        np.testing.assert_array_equal(got[0], r.vectors[kept])
+        assert got[1].tolist() == r.keys[kept].tolist()
+        assert got[2].tolist() == r.epochs[kept].tolist()
+        assert arrays.vectors.chunks[0] == arrays.keys.chunks[0] == arrays.epochs.chunks[0]
+    # Chunks of 2: rows (0, 3) span two ranges (a copy); rows (4, 5) are one (a view).
+    arrays = embstore.dask.from_store(path, chunk_rows=2, unique=True)
+    assert arrays.vectors.chunks[0] == (2, 2, 2)
+    assert arrays.vectors.blocks[0].compute(scheduler="sync").flags.owndata
+    view = arrays.vectors.blocks[1].compute(scheduler="sync")
+    assert not view.flags.owndata and not view.flags.writeable
+    # Without unique: every row, as before.
+    assert embstore.dask.from_store(path).keys.compute(scheduler="sync").tolist() == \
+        r.keys.tolist()
+
+
+def test_unique_over_shards_keeps_the_later_shards_row_and_is_no_vector_data(tmp_path):
+    # A (key, epoch) in two shards resolves to the higher global row, as ShardSet.find does.
+    paths = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with embstore.Writer(paths[0], dim=4) as w:
+        w.append(np.arange(3000), np.zeros((3000, 4), np.float32), epoch=0)
+    with embstore.Writer(paths[1], dim=4) as w:
+        w.append([7, 9000], np.ones((2, 4), np.float32), epoch=0)
+    s = embstore.ShardSet(paths)
+    kept = _latest_rows(s.keys, s.epochs)
+    assert len(kept) == 3001 and 7 not in kept and s.find(7, 0) == 3000
+    arrays = embstore.dask.from_store(paths, chunk_rows=1000, unique=True)
+    assert arrays.keys.compute(scheduler="sync").tolist() == s.keys[kept].tolist()
+    assert arrays.vectors.sum().compute(scheduler="sync") == 8.0  # the later copy of 7: ones
+    for array in arrays:  # row ranges, not row numbers: a few bytes a task
+        graph = dict(array.__dask_graph__())
+        assert len(pickle.dumps(graph)) < 300 * len(graph)
+
+
+def test_unique_drops_no_row_for_a_damaged_key_index_slot(tmp_path):
+    # A slot damaged inside the key index's tables can name another key's row: a row is
+    # dropped only for a later row holding the same key and epoch.
+    from conftest import point_pair_slot_at
+    path = str(tmp_path / "s")
+    with embstore.Writer(path, dim=4) as w:
+        w.append([1, 2, 3], np.zeros((3, 4), np.float32), epoch=0)
+    point_pair_slot_at(path, 1, 2)  # (1, 0) now found at row 2, which holds (3, 0)
+    assert embstore.Reader(path).find(1, 0) == 2
+    keys = embstore.dask.from_store(path, unique=True).keys.compute(scheduler="sync")
+    assert keys.tolist() == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -352,3 +428,15 @@ def test_a_relative_path_through_a_link_and_dotdot_reads_the_store_the_kernel_fi
     monkeypatch.chdir(tmp_path)
     a = embstore.dask.from_store(os.path.join("link", "..", "s"))
     assert a.vectors.sum().compute() == 10
+
+
+def test_unique_on_a_cluster_gives_the_epoch_mean_of_the_rows_stored_once(tmp_path, client):
+    path = str(tmp_path / "s")
+    _with_duplicates(path)
+    r = embstore.Reader(path)
+    kept = _latest_rows(r.keys, r.epochs)
+    a = embstore.dask.from_store(path, chunk_rows=2, unique=True)
+    mask = (a.epochs == 0)[:, None]
+    mean0 = client.compute((a.vectors * mask).sum(0, dtype="float64") / mask.sum(), sync=True)
+    rows = r.vectors[kept][r.epochs[kept] == 0]
+    np.testing.assert_allclose(mean0, rows.astype(np.float64).mean(0))

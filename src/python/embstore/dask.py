@@ -3,16 +3,18 @@
     import embstore.dask
     a = embstore.dask.from_store("/data/run17")    # a manifest, its directory, store path(s)
     a.vectors, a.keys, a.epochs                     # dask arrays; chunks align with rows
+    u = embstore.dask.from_store("/data/run17", unique=True)   # one row per (key, epoch)
     mask = (a.epochs == 3)[:, None]
     mean3 = ((a.vectors * mask).sum(0, dtype="float64") / mask.sum()).compute()
     # Sum in float64: in a float16 store's own dtype a sum stops growing at 2048 (ones added
     # to it round away) and overflows to inf past 65504.
 
-The task graph holds only paths, store ids, generations and row ranges: a task reads through
-its process's Reader of that shard (one for every task of the shard: a view keeps the mappings
-of the Reader it came from, so a Reader per task left each persisted chunk holding a whole
-Reader's) and returns a read-only view of the mapping (no copy on that worker; dask copies
-only what it moves between workers). A process keeps the Readers of the last 64 shard
+The task graph holds only paths, store ids, generations and row ranges (with ``unique``, the
+ranges of the rows kept): a task reads through its process's Reader of that shard (one for
+every task of the shard: a view keeps the mappings of the Reader it came from, so a Reader per
+task left each persisted chunk holding a whole Reader's) and returns a read-only view of the
+mapping (no copy on that worker; dask copies only what it moves between workers; a chunk of
+several ranges is a copy). A process keeps the Readers of the last 64 shard
 snapshots it read (``_READERS_KEPT``), the least recently used dropped first. The arrays
 describe the shards' snapshots when ``from_store`` was called; rows appended later are not in
 them. A task whose shard was truncated since (another generation: its rows may now be other
@@ -127,26 +129,87 @@ def _read(path: str, store_id: str, generation: int, end: int,
     return rows
 
 
-def _read_vectors(path: str, store_id: str, generation: int, begin: int,
-                  end: int) -> np.ndarray:
-    return _read(path, store_id, generation, end, lambda r: r.rows(begin, end))
+def _read_ranges(path: str, store_id: str, generation: int, ranges: tuple,
+                 read: Callable[[Reader, int, int], np.ndarray]) -> np.ndarray:
+    """`read` of each of the shard's row ranges ``ranges`` ((begin, end) pairs, ascending), as
+    _read reads: one range is a view of the mapping; several (the rows ``unique`` keeps) are
+    copied into one array."""
+    def rows(reader: Reader) -> np.ndarray:
+        parts = [read(reader, begin, end) for begin, end in ranges]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return _read(path, store_id, generation, ranges[-1][1], rows)
 
 
-def _read_keys(path: str, store_id: str, generation: int, begin: int, end: int) -> np.ndarray:
-    return _read(path, store_id, generation, end, lambda r: r._native.keys(begin, end))
+# The tasks (module functions: dask.distributed pickles them by name).
+def _read_vectors(path: str, store_id: str, generation: int, ranges: tuple) -> np.ndarray:
+    return _read_ranges(path, store_id, generation, ranges, lambda r, b, e: r.rows(b, e))
 
 
-def _read_epochs(path: str, store_id: str, generation: int, begin: int,
-                 end: int) -> np.ndarray:
-    return _read(path, store_id, generation, end, lambda r: r._native.epochs(begin, end))
+def _read_keys(path: str, store_id: str, generation: int, ranges: tuple) -> np.ndarray:
+    return _read_ranges(path, store_id, generation, ranges, lambda r, b, e: r._native.keys(b, e))
+
+
+def _read_epochs(path: str, store_id: str, generation: int, ranges: tuple) -> np.ndarray:
+    return _read_ranges(path, store_id, generation, ranges,
+                        lambda r, b, e: r._native.epochs(b, e))
 
 
 def _empty(shape: tuple, dtype: str) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
 
+def _unique_ranges(shards: ShardSet, i: int, columns: dict) -> list:
+    """The rows of shard ``i`` that ``from_store(unique=True)`` keeps, as ascending (begin,
+    end) ranges: each row but those whose (key, epoch) is stored again at a higher global row
+    (the one ``ShardSet.find`` answers). A row is dropped only for a later row the key index
+    names that holds the same key and epoch (a slot damaged inside the tables, which can name
+    another key's row, drops nothing). One lookup a row, a block of rows at a time. ``columns``
+    caches the set's global keys and epochs, read only when some row is stored twice."""
+    reader, offset = shards.shards[i], int(shards.offsets[i])
+    ranges: list = []
+    block = 1 << 20
+    for begin in range(0, len(reader), block):
+        end = min(len(reader), begin + block)
+        keys = np.asarray(reader.keys[begin:end])
+        epochs = np.asarray(reader.epochs[begin:end])
+        found = shards.find_many(keys, epochs)
+        later = np.flatnonzero(found > np.arange(begin, end, dtype=np.int64) + offset)
+        keep = np.ones(end - begin, dtype=bool)
+        if len(later):
+            if not columns:
+                columns.update(keys=shards.keys, epochs=shards.epochs)
+            rows = found[later]
+            same = (columns["keys"][rows] == keys[later]) & \
+                (columns["epochs"][rows] == epochs[later])
+            keep[later[same]] = False
+        # Runs of kept rows: where keep changes, the block's ends counted as not kept.
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.view(np.int8), [0]))))
+        for run_begin, run_end in zip(edges[0::2] + begin, edges[1::2] + begin):
+            if ranges and ranges[-1][1] == run_begin:
+                ranges[-1] = (ranges[-1][0], int(run_end))  # a run across two blocks
+            else:
+                ranges.append((int(run_begin), int(run_end)))
+    return ranges
+
+
+def _chunked(ranges: list, step: int) -> list:
+    """``ranges`` cut into chunks of ``step`` rows (the last fewer): tuples of ranges."""
+    chunks, current, size = [], [], 0
+    for begin, end in ranges:
+        while begin < end:
+            take = min(end - begin, step - size)
+            current.append((begin, begin + take))
+            begin, size = begin + take, size + take
+            if size == step:
+                chunks.append(tuple(current))
+                current, size = [], 0
+    if current:
+        chunks.append(tuple(current))
+    return chunks
+
+
 def from_store(path_or_manifest: Any, chunk_mb: float = 64,
-               chunk_rows: Optional[int] = None) -> StoreArrays:
+               chunk_rows: Optional[int] = None, *, unique: bool = False) -> StoreArrays:
     """Dask arrays of every row of a store or of a set of shards (global row order, as
     ``embstore.ShardSet``), with no vector data in the graph.
 
@@ -157,6 +220,12 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
         chunk_mb: target chunk size of ``vectors`` in MiB (a positive number); chunks never
             span two shards.
         chunk_rows: rows per chunk (a positive integer), overriding ``chunk_mb``.
+        unique: one row per (key, epoch): of rows stored twice (a Dask task run again, a run
+            resumed without a truncate: README, "Writing from Dask tasks is at least once"),
+            only the later, the one lookups answer (``ShardSet.find``); in row order. Worked
+            out here, one key index lookup a row (about a second per few million rows), and
+            held in the graph as row ranges (a few when duplicates are few). A chunk of
+            several ranges is a copy; a chunk of one is a view, as without ``unique``.
 
     Raises:
         ValueError: a chunk size that is not positive.
@@ -182,17 +251,19 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
         row_bytes = dim * np.dtype(dtype).itemsize
         step = chunk_rows if chunk_rows is not None else max(
             1, int(chunk_mb * (1 << 20)) // row_bytes)
-        pieces = []  # (path, store id, generation, begin, end) of every chunk, in row order
-        for path, reader in zip(shards.paths, shards.shards):
+        # (path, store id, generation, row ranges) of every chunk, in row order.
+        pieces, columns = [], {}
+        for i, (path, reader) in enumerate(zip(shards.paths, shards.shards)):
             store_id, rows = reader.info(key_stats=False)["store_id"], len(reader)
             generation = reader.generation
-            pieces += [(path, store_id, generation, b, min(rows, b + step))
-                       for b in range(0, rows, step)]
+            ranges = _unique_ranges(shards, i, columns) if unique else [(0, rows)] if rows else []
+            pieces += [(path, store_id, generation, chunk) for chunk in _chunked(ranges, step)]
     finally:
         shards.close()
 
     token = tokenize(pieces, dim, dtype)
-    row_chunks = tuple(end - begin for *_, begin, end in pieces) or (0,)
+    row_chunks = tuple(sum(end - begin for begin, end in piece[3])
+                       for piece in pieces) or (0,)
 
     def array(kind: str, read, shape_tail: tuple, np_dtype: str) -> da.Array:
         name = f"embstore-{kind}-{token}"
