@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import embstore
-from conftest import CLI, Result, hash_tree, make_store, partial_dirs
+from conftest import CLI, Result, hash_tree, make_store, partial_dirs, run
 
 FULL = 18  # 10 + ErrorCode::kFull
 FSIZE_LIMIT = 1 << 20  # Bytes: the source store's rows.1 alone is twice that.
@@ -193,6 +193,28 @@ def test_an_import_into_an_existing_store_whose_key_index_cannot_be_kept_warns_a
         assert got.returncode == 0 and got.stdout.replace(" ", "").count('"row":') == 5, got
         assert '"row":8007' in got.stdout.replace(" ", ""), got
     assert warned, "no limit stored the rows but not the key index"
+
+
+def test_an_import_into_an_existing_store_whose_close_fails_otherwise_is_an_error(narrow, tmp_path):
+    # Only the key index's failure is a warning: a disk's EIO at the close's sync (every row
+    # appended was synced before it) stays an error, naming the rows imported, which stay.
+    shim = tmp_path / "header_sync_eio.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim),
+                    os.path.join(os.path.dirname(__file__), "..", "support",
+                                 "header_sync_eio.c"), "-ldl"],
+                   check=True)
+    base, data = narrow
+    store = str(tmp_path / "s")
+    subprocess.run(["cp", "-a", base, store], check=True)
+    # The import's own sync() syncs the header once; its close() a second time.
+    env = dict(os.environ, LD_PRELOAD=str(shim), HEADER_SYNC_EIO_AT="2")
+    r = run("import", store, data, "--quiet", env=env)
+    assert r.code == 20 and "warning" not in r.err, r  # 10 + kIO
+    assert "Input/output error" in r.err, r
+    assert f"8000 of 8000 rows were imported into {store} before this (rows 8000..16000) and " \
+        "stay there" in r.err, r
+    reader = embstore.Reader(store)
+    assert len(reader) == 16000 and reader.verify().ok
 
 
 NEW_OUTPUT_CASES = {

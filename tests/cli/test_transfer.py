@@ -704,6 +704,17 @@ def test_an_import_refused_by_an_existing_store_leaves_its_files_as_they_were(tm
         r = run("import", store, tmp_path / args[0], *args[1:], "--quiet")
         assert r.code == 15 and says in r.err, (args, r)
         assert hash_tree(store) == before, args
+    # Refused for a value that would become infinite in the store's dtype: checked before the
+    # Writer opens the store too (it was checked after).
+    half = tmp_path / "half"
+    embstore.create(half, dim=4, dtype="float16")
+    before = hash_tree(half)
+    rows = np.ones((n, 4), np.float32)
+    rows[4000, 1] = 1e6
+    np.save(tmp_path / "big.npy", rows)
+    r = run("import", half, tmp_path / "big.npy", "--dtype", "float16", "--quiet")
+    assert r.code == 2 and "row 4000" in r.err and "infinite" in r.err, r
+    assert hash_tree(half) == before
 
 
 def test_hdf5_floats_of_a_non_ieee_layout_are_refused_and_uint16_reads_as_bfloat16(tmp_path):

@@ -213,6 +213,16 @@ def test_an_import_refused_by_an_existing_store_leaves_its_files_as_they_were(tm
         with pytest.raises(embstore.FormatMismatchError, match=says):
             embstore.import_npy(store, **kwargs)
         assert hashes(store) == before, kwargs
+    # Refused for a value that would become infinite in the store's dtype: checked before the
+    # Writer opens the store too (it was checked after).
+    half = str(tmp_path / "half")
+    embstore.create(half, dim=2, dtype="float16")
+    before = hashes(half)
+    big = np.ones((5000, 2), np.float32)
+    big[4000, 1] = 1e6
+    with pytest.raises(ValueError, match="row 4000"):
+        embstore.import_npy(half, big, dtype="float16")
+    assert hashes(half) == before
 
 
 def test_import_into_an_empty_directory_makes_the_store_there(tmp_path, monkeypatch):

@@ -172,6 +172,39 @@ INTERRUPT_AFTER_THIRD_APPEND = """
 """
 
 
+def test_an_import_whose_close_fails_at_a_sync_raises_saying_which_rows_stay(tmp_path):
+    # Only the key index's failure at close is a RuntimeWarning (test_salvage): a disk's EIO at
+    # the close's sync (every row appended was synced before it) is raised, with the note.
+    shim = tmp_path / "header_sync_eio.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim),
+                    os.path.join(os.path.dirname(__file__), "..", "support",
+                                 "header_sync_eio.c"), "-ldl"], check=True)
+    store = str(tmp_path / "s")
+    with embstore.Writer(store, dim=4) as w:
+        w.append(range(100), np.zeros((100, 4), np.float32))
+    script = textwrap.dedent(f"""
+        import warnings
+        import numpy as np, embstore
+        warnings.simplefilter("error")  # a warning instead of the error fails the child
+        try:
+            embstore.import_npy({store!r}, np.ones((50, 4), np.float32))
+        except embstore.Error as error:
+            print(type(error).__name__, error, *getattr(error, "__notes__", []))
+        """)
+    # The import's own sync() syncs the header once; its close() a second time.
+    env = dict(os.environ, LD_PRELOAD=str(shim), HEADER_SYNC_EIO_AT="2")
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert child.returncode == 0, child.stderr
+    # The Writer is poisoned by the failed sync: PoisonedError, naming the disk's error.
+    assert child.stdout.startswith("PoisonedError "), child.stdout
+    assert "fdatasync" in child.stdout and "Input/output error" in child.stdout, child.stdout
+    assert f"50 of 50 rows were imported into {store} before this (rows 100..150) and stay " \
+        "there" in child.stdout, child.stdout
+    r = embstore.Reader(store)
+    assert len(r) == 150 and r.verify().ok
+
+
 def test_ctrl_c_during_an_import_into_an_existing_store_says_which_rows_stay(tmp_path):
     """A KeyboardInterrupt kept the rows appended so far without a word (a retry appends them
     again); it now carries what the other errors say."""

@@ -145,20 +145,20 @@ def _close_new_store(writer: Writer, staged: Any, rows: int) -> str:
 
 def _close_existing_store(writer: Writer) -> None:
     """Closes ``writer`` after an import into an existing store, every row appended committed
-    and synced: the close can take none of them back. What it may still fail at (the key index,
-    derived data the next Writer rebuilds: its message says every row is stored) is a
+    and synced: the close can take none of them back. When all it failed at is the key index
+    (derived data the next Writer rebuilds: its message says every row is stored), that is a
     RuntimeWarning, as for a new store, not an error, which sent callers to import the rows
-    again, storing them twice. A store no longer at its path (FileNotFoundError) stays an
-    error. As the CLI's import."""
+    again, storing them twice. Any other failure is raised. As the CLI's import."""
     try:
         writer.close()
-    except Exception as error:
-        if isinstance(error, FileNotFoundError):
-            raise
+    except Exception as error:  # an OSError of the key index's cause, or any embstore.Error
         # An OSError's text without its "[Errno N] ", as the new store's warning reads.
         warning = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        if "every row is stored" not in warning:
-            warning += "; every row imported was committed and synced before it"
+        # Told apart by its text alone, as the core's close_store does: any other failure (a
+        # disk's EIO, a store gone from its path) stays an error.
+        if isinstance(error, FileNotFoundError) or \
+                ": the key index could not be maintained (" not in warning:
+            raise
         import warnings
         warnings.warn(warning, RuntimeWarning, stacklevel=3)
 
@@ -688,9 +688,10 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         source: an npy export directory (keys, epochs, dtype and metadata come with it), a 2-D
             .npy path, or a 2-D array or CPU torch tensor (a bfloat16 one too).
         keys: a .npy path or array of one key per row (default: the export's, else 0..rows-1).
-            An export directory whose sidecar lists a keys.npy or epochs.npy that is missing
-            raises FileNotFoundError naming it (nothing imported), unless keys= (epochs= or
-            epoch=) makes it unneeded.
+            An export directory's files are those its sidecar's "files" names (vectors.npy,
+            keys.npy, epochs.npy when it names none); a keys or epochs file it lists that is
+            missing raises FileNotFoundError naming it (nothing imported), unless keys=
+            (epochs= or epoch=) makes it unneeded.
         epochs: a .npy path or array of one epoch per row; or ``epoch`` for all rows (default 0).
             Giving both raises ValueError (an export's own epochs.npy gives way to ``epoch``).
         dtype: the new store's dtype (default: the source's); "bfloat16" also reads uint16
@@ -825,6 +826,13 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         # Checked again on the Writer, should the store have been replaced in between.
         with Reader(store) as reader:
             mismatch = mismatch_of(reader)
+            if mismatch is None and _may_overflow(source_dtype, reader.dtype):
+                # Every value is checked before the first row is appended, and before a Writer
+                # opens the store: a refused import leaves the store as it was.
+                step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
+                for lo in range(0, n, step):
+                    _as_store_rows(np.ascontiguousarray(vectors[lo:lo + step]), source_dtype,
+                                   reader.dtype, range(lo, min(n, lo + step)))
         if mismatch is None:
             # The key index built for the rows imported (a growth goes straight to tables for
             # them), not grown through every size on the way; as the CLI's import.
@@ -856,12 +864,6 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     rows_before = writer.committed_rows() if staged is None else 0
     try:
         step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
-        if staged is None and _may_overflow(source_dtype, writer.dtype):
-            # Into an existing store: every value is checked before the first row is appended,
-            # so a refused import leaves the store as it was (a new one is simply not made).
-            for lo in range(0, n, step):
-                _as_store_rows(np.ascontiguousarray(vectors[lo:lo + step]), source_dtype,
-                               writer.dtype, range(lo, min(n, lo + step)))
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             chunk = _as_store_rows(np.ascontiguousarray(vectors[lo:hi]), source_dtype,
