@@ -121,6 +121,52 @@ TEST_CASE("A staged output never replaces anything at its path", "[staged]") {
   }
 }
 
+TEST_CASE("Outputs are published where rename takes no flags, never replacing anything",
+          "[staged]") {
+  // NFS and most FUSE file systems answer renameat2's RENAME_NOREPLACE with EINVAL: every new
+  // output (export, get --npy, compact, merge, salvage, import) failed there with "Invalid
+  // argument". os::rename_no_replace now claims the name with mkdir or link instead.
+  if (!detail::testing::kEnabled) return;
+  TempDir dir;
+  detail::testing::arm_fault(detail::testing::Op::kRenameNoReplace, 1, EINVAL, /*forever=*/true);
+  {
+    StagedOutput staged(dir / "d");
+    std::ofstream(staged.path() + "/f") << "rows";
+    staged.publish();
+    CHECK(names_in(dir / "d") == std::vector<std::string>{"f"});
+  }
+  {
+    StagedOutput staged(dir / "x.npy", OutputShape::kFile);
+    std::ofstream(staged.path()) << "rows";
+    staged.publish();
+    CHECK(test::read_file(dir / "x.npy") == "rows");
+  }
+  {
+    REQUIRE(::mkdir((dir / "volume").c_str(), 0755) == 0);
+    StagedOutput staged(dir / "volume", OutputShape::kStoreInside);
+    build_store(staged);
+    staged.publish();
+    CHECK(Reader::open(dir / "volume").size() == 1);
+  }
+  CHECK(names_in(dir.path()) == std::vector<std::string>{"d", "volume", "x.npy"});
+  // Something made at the output while it was built: refused, theirs kept, ours removed.
+  for (const OutputShape shape : {OutputShape::kDirectory, OutputShape::kFile}) {
+    for (const bool empty : {true, false}) {
+      const std::string out = dir / "out";
+      StagedOutput staged(out, shape);
+      if (shape == OutputShape::kFile) std::ofstream(staged.path()) << "new";
+      REQUIRE(::mkdir(out.c_str(), 0755) == 0);
+      if (!empty) std::ofstream(out + "/theirs") << "theirs";
+      CHECK(error_of([&] { staged.publish(); }).code() == ErrorCode::kAlreadyExists);
+      CHECK(names_in(out) ==
+            (empty ? std::vector<std::string>{} : std::vector<std::string>{"theirs"}));
+      detail::os::remove_tree(out);
+    }
+  }
+  detail::testing::disarm_all();
+  CHECK(names_in(dir.path()) == std::vector<std::string>{"d", "volume", "x.npy"});
+}
+
 TEST_CASE("A staged output that cannot be made says why, naming the output", "[staged]") {
   TempDir dir;
   const std::string missing = dir / "nodir/out";

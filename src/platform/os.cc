@@ -485,11 +485,51 @@ int rename_path(const std::string& from, const std::string& to) {
   fail("rename", from + " -> " + to, err);
 }
 
+namespace {
+
+// rename_no_replace() where renameat2's flags are refused (os.h).
+int rename_no_replace_without_flags(const std::string& from, const std::string& to) {
+  struct stat st {};
+  if (::lstat(from.c_str(), &st) != 0) fail("rename", from + " -> " + to, errno);
+  if (S_ISDIR(st.st_mode)) {
+    if (::mkdir(to.c_str(), 0700) != 0) {
+      const int err = errno;
+      if (err == EEXIST) return err;
+      fail("mkdir", to, err);
+    }
+    if (::rename(from.c_str(), to.c_str()) == 0) return 0;
+    const int err = errno;
+    ::rmdir(to.c_str());  // Ours, still empty; not when another process's files are in it.
+    if (err == ENOTEMPTY || err == EEXIST) return EEXIST;
+    fail("rename", from + " -> " + to, err);
+  }
+  if (::link(from.c_str(), to.c_str()) == 0) {
+    ::unlink(from.c_str());  // Left in the caller's working directory, removed with it.
+    return 0;
+  }
+  const int err = errno;
+  if (err == EEXIST) return err;
+  fail("rename",
+       from + " -> " + to + " (the file system renames only with replacing, and link failed too)",
+       err);
+}
+
+}  // namespace
+
 int rename_no_replace(const std::string& from, const std::string& to) {
   if (int err = injected(Op::kRename)) fail("rename", from + " -> " + to, err);
-  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) return 0;
-  int err = errno;
+  int err = injected(Op::kRenameNoReplace);
+  if (err == 0) {
+    if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) {
+      return 0;
+    }
+    err = errno;
+  }
   if (err == EEXIST) return err;
+  // NFS and most FUSE file systems take no rename flags.
+  if (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP) {
+    return rename_no_replace_without_flags(from, to);
+  }
   fail("rename", from + " -> " + to, err);
 }
 

@@ -132,7 +132,11 @@ void make_dir(const std::string& path);
 // expect: a target that is not an empty directory, or a mount point), others thrown.
 int rename_path(const std::string& from, const std::string& to);
 // renameat2(2) with RENAME_NOREPLACE: returns 0, or EEXIST when something exists at `to` (which
-// is left as it was); other errors are thrown.
+// is left as it was); other errors are thrown. On a file system whose rename takes no flags (NFS
+// and most FUSE file systems answer EINVAL), the same promise by other means: a directory claims
+// `to` with mkdir(2) and is renamed over that empty directory (files another process puts in it
+// meanwhile make that fail: EEXIST, theirs kept); a file is named `to` with link(2), then its
+// old name unlinked (on a file system without hard links either, the error is thrown, saying so).
 int rename_no_replace(const std::string& from, const std::string& to);
 void remove_tree(const std::string& path) noexcept;
 // The names in directory `path` (without "." and ".."); empty if it cannot be read.

@@ -48,6 +48,8 @@ std::string_view op_name(Op op) noexcept {
       return "tmpfile";
     case Op::kAlloc:
       return "alloc";
+    case Op::kRenameNoReplace:
+      return "rename-noreplace";
     case Op::kCount:
       break;
   }

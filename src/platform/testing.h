@@ -35,7 +35,9 @@
 //      getrandom, futex (a failed wait returns at once, as a spurious wake-up; a failed wake
 //      wakes no one), tmpfile (creating an unnamed file; EOPNOTSUPP makes the caller fall back
 //      to a named one, as on a file system without O_TMPFILE), alloc (the key index's indexing
-//      of rows after an append published them throws std::bad_alloc; the errno is unused).
+//      of rows after an append published them throws std::bad_alloc; the errno is unused),
+//      rename-noreplace (renameat2 with RENAME_NOREPLACE alone: EINVAL, as NFS and most FUSE file
+//      systems answer, makes os::rename_no_replace take its way without flags).
 #pragma once
 
 #ifdef EMBSTORE_HOOK_FREE  // Shared objects must not differ between the two libraries.
@@ -63,6 +65,7 @@ enum class Op : int {
   kFutex,
   kTmpfile,
   kAlloc,
+  kRenameNoReplace,
   kCount,
 };
 
