@@ -92,6 +92,51 @@ def test_a_command_that_changed_something_says_so_when_its_report_is_lost(store,
                           store if command == "rebuild-index" else out)
 
 
+def run_to_closed_pipe(*args):
+    """Runs the tool with stdout on a pipe whose reader has gone (`| true`): a write raises
+    SIGPIPE, or fails with EPIPE where it is ignored."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([CLI, *map(str, args)], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("command", ["truncate", "import", "compact", "create"])
+def test_a_command_that_changed_something_says_so_when_its_pipe_is_closed(store, tmp_path,
+                                                                          command):
+    # Killed by SIGPIPE (141 in a shell, no word) after it had done its work: under
+    # `set -o pipefail` a truncate that ran read as one that failed.
+    out = str(tmp_path / "out")
+    np.save(tmp_path / "v.npy", np.ones((3, 4), np.float16))
+    args, done = {
+        "truncate": (["truncate", store, "--rows", 5, "--yes"], f"{store}: kept rows [0, 5)"),
+        "import": (["import", store, tmp_path / "v.npy", "-q"], f"appended 3 rows to {store}"),
+        "compact": (["compact", store, out, "-q"], f"wrote 30 rows to {out}"),
+        "create": (["create", out, "--dim", 4], f"created {out}"),
+    }[command]
+    code, err = run_to_closed_pipe(*args)
+    assert code == IO, err
+    line = one_line(err)
+    assert line.startswith(f"embstore {command}: cannot write to stdout: Broken pipe; the "
+                           f"{command} itself was done ({done}"), line
+    assert line.endswith("only its report was lost"), line
+    rows = {"truncate": 5, "import": 33}.get(command)
+    if rows is not None:
+        assert len(embstore.Reader(store)) == rows
+    else:
+        assert os.path.exists(out)
+
+
+def test_a_read_only_command_into_a_closed_pipe_ends_quietly(store):
+    # `embstore info s | head -1`: the default death by SIGPIPE, no message, as any filter.
+    code, err = run_to_closed_pipe("info", store)
+    assert code == -13 and err == "", (code, err)  # SIGPIPE
+
+
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["get", "--help"]])
 def test_help_and_version_that_cannot_be_written_exit_17(args):
     code, err = run_to_full(*args)

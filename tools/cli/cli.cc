@@ -509,7 +509,13 @@ void install_work_stop_handlers() {
 
 int stop_signal() { return g_stop_signals != 0 ? static_cast<int>(g_stop_signal) : 0; }
 
-void note_done(std::string what) { g_done_note = std::move(what); }
+void note_done(std::string what) {
+  g_done_note = std::move(what);
+  // From here a closed pipe on stdout must not end the process without a word (SIGPIPE's
+  // death, 141 in a shell, reads as a failure that did nothing): the write fails with EPIPE
+  // instead, and main() says what was done. Read-only commands keep the default death.
+  ::signal(SIGPIPE, SIG_IGN);
+}
 
 const std::string& done_note() { return g_done_note; }
 

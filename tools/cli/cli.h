@@ -157,7 +157,8 @@ int stop_signal();
 
 // Called by a command once its action has changed something on disk, with what it did in a few
 // words ("run.emb: kept rows [0, 20)"): if stdout then fails, main() says the action was done
-// and only its report was lost, not just that stdout failed.
+// and only its report was lost, not just that stdout failed. A closed pipe too: SIGPIPE is
+// ignored from here, so its write fails (EPIPE) rather than kill the process without a word.
 void note_done(std::string what);
 // What note_done() was given, or "" when nothing was done.
 const std::string& done_note();
