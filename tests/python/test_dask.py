@@ -186,8 +186,8 @@ def test_unique_over_shards_keeps_the_later_shards_row_and_is_no_vector_data(tmp
 
 
 def test_unique_drops_no_row_for_a_damaged_key_index_slot(tmp_path):
-    # A slot damaged inside the key index's tables can name another key's row: a row is
-    # dropped only for a later row holding the same key and epoch.
+    # A slot damaged inside the key index's tables can name another key's row: unique works
+    # from the rows' own keys and epochs, so no row is dropped for it.
     from conftest import point_pair_slot_at
     path = str(tmp_path / "s")
     with embstore.Writer(path, dim=4) as w:
@@ -197,6 +197,25 @@ def test_unique_drops_no_row_for_a_damaged_key_index_slot(tmp_path):
     keys = embstore.dask.from_store(path, unique=True).keys.compute(scheduler="sync")
     assert keys.tolist() == [1, 2, 3]
 
+
+def test_unique_over_many_shards_and_a_store_without_a_key_index(tmp_path):
+    # It looked every row up in every shard (a review timed 400 shards of 200,000 rows at 5.4
+    # s against 0.07 for one), and a shard without a key index rebuilt a map of all its rows
+    # per lookup call. One sort of the set's keys and epochs: checked against numpy here.
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(40):
+        path = str(tmp_path / f"t{i}")
+        with embstore.Writer(path, dim=2, key_index=(i % 2 == 0)) as w:
+            for _ in range(3):
+                keys = rng.integers(0, 30, 20).astype(np.uint64)
+                w.append(keys, np.zeros((20, 2), np.float32), epoch=rng.integers(0, 2, 20))
+        paths.append(path)
+    s = embstore.ShardSet(paths)
+    kept = _latest_rows(s.keys, s.epochs)
+    arrays = embstore.dask.from_store(paths, chunk_rows=7, unique=True)
+    assert arrays.keys.compute(scheduler="sync").tolist() == s.keys[kept].tolist()
+    assert arrays.epochs.compute(scheduler="sync").tolist() == s.epochs[kept].tolist()
 
 @pytest.fixture(scope="module")
 def client():

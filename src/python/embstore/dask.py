@@ -158,38 +158,35 @@ def _empty(shape: tuple, dtype: str) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
 
-def _unique_ranges(shards: ShardSet, i: int, columns: dict) -> list:
-    """The rows of shard ``i`` that ``from_store(unique=True)`` keeps, as ascending (begin,
-    end) ranges: each row but those whose (key, epoch) is stored again at a higher global row
-    (the one ``ShardSet.find`` answers). A row is dropped only for a later row the key index
-    names that holds the same key and epoch (a slot damaged inside the tables, which can name
-    another key's row, drops nothing). One lookup a row, a block of rows at a time. ``columns``
-    caches the set's global keys and epochs, read only when some row is stored twice."""
-    reader, offset = shards.shards[i], int(shards.offsets[i])
-    ranges: list = []
-    block = 1 << 20
-    for begin in range(0, len(reader), block):
-        end = min(len(reader), begin + block)
-        keys = np.asarray(reader.keys[begin:end])
-        epochs = np.asarray(reader.epochs[begin:end])
-        found = shards.find_many(keys, epochs)
-        later = np.flatnonzero(found > np.arange(begin, end, dtype=np.int64) + offset)
-        keep = np.ones(end - begin, dtype=bool)
-        if len(later):
-            if not columns:
-                columns.update(keys=shards.keys, epochs=shards.epochs)
-            rows = found[later]
-            same = (columns["keys"][rows] == keys[later]) & \
-                (columns["epochs"][rows] == epochs[later])
-            keep[later[same]] = False
-        # Runs of kept rows: where keep changes, the block's ends counted as not kept.
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.view(np.int8), [0]))))
-        for run_begin, run_end in zip(edges[0::2] + begin, edges[1::2] + begin):
-            if ranges and ranges[-1][1] == run_begin:
-                ranges[-1] = (ranges[-1][0], int(run_end))  # a run across two blocks
-            else:
-                ranges.append((int(run_begin), int(run_end)))
-    return ranges
+def _unique_ranges(shards: ShardSet) -> list:
+    """The rows ``from_store(unique=True)`` keeps, as each shard's ascending (begin, end)
+    ranges: each row but those whose (key, epoch) is stored again at a higher global row (the
+    one ``ShardSet.find`` answers). From the rows' own keys and epochs, one stable sort of the
+    whole set by (key, epoch): the cost does not grow with the number of shards, and neither a
+    key index (a store without one, or one a slot of which is damaged) nor its state matters.
+    Memory: the set's keys, epochs and the sort's order, about 32 bytes a row at its peak."""
+    keys, epochs = shards.keys, shards.epochs  # copies, in global row order
+    order = np.lexsort((epochs, keys))  # stable: the rows of one (key, epoch) stay ascending
+    twin_after = np.zeros(len(order), dtype=bool)  # order[i + 1] holds order[i]'s pair
+    if len(order) > 1:
+        sorted_keys = keys[order]
+        del keys  # (each column freed once sorted: the peak stays at about 32 bytes a row)
+        twin_after[:-1] = sorted_keys[1:] == sorted_keys[:-1]
+        del sorted_keys
+        sorted_epochs = epochs[order]
+        del epochs
+        twin_after[:-1] &= sorted_epochs[1:] == sorted_epochs[:-1]
+        del sorted_epochs
+    keep = np.ones(len(order), dtype=bool)
+    keep[order[twin_after]] = False
+    del order, twin_after
+    out = []
+    for i in range(len(shards.shards)):
+        mine = keep[int(shards.offsets[i]):int(shards.offsets[i + 1])]
+        # Runs of kept rows: where keep changes, the shard's ends counted as not kept.
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], mine.view(np.int8), [0]))))
+        out.append([(int(b), int(e)) for b, e in zip(edges[0::2], edges[1::2])])
+    return out
 
 
 def _chunked(ranges: list, step: int) -> list:
@@ -223,9 +220,11 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
         unique: one row per (key, epoch): of rows stored twice (a Dask task run again, a run
             resumed without a truncate: README, "Writing from Dask tasks is at least once"),
             only the later, the one lookups answer (``ShardSet.find``); in row order. Worked
-            out here, one key index lookup a row (about a second per few million rows), and
-            held in the graph as row ranges (a few when duplicates are few). A chunk of
-            several ranges is a copy; a chunk of one is a view, as without ``unique``.
+            out here from every row's key and epoch by one sort of the whole set (a few
+            seconds and about 32 bytes a row in this process per 10 million rows, however
+            many shards), and held in the graph as row ranges (a few when duplicates are
+            few). A chunk of several ranges is a copy; a chunk of one is a view, as without
+            ``unique``.
 
     Raises:
         ValueError: a chunk size that is not positive.
@@ -252,11 +251,12 @@ def from_store(path_or_manifest: Any, chunk_mb: float = 64,
         step = chunk_rows if chunk_rows is not None else max(
             1, int(chunk_mb * (1 << 20)) // row_bytes)
         # (path, store id, generation, row ranges) of every chunk, in row order.
-        pieces, columns = [], {}
+        pieces = []
+        kept = _unique_ranges(shards) if unique else None
         for i, (path, reader) in enumerate(zip(shards.paths, shards.shards)):
             store_id, rows = reader.info(key_stats=False)["store_id"], len(reader)
             generation = reader.generation
-            ranges = _unique_ranges(shards, i, columns) if unique else [(0, rows)] if rows else []
+            ranges = kept[i] if unique else [(0, rows)] if rows else []
             pieces += [(path, store_id, generation, chunk) for chunk in _chunked(ranges, step)]
     finally:
         shards.close()
