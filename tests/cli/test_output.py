@@ -144,6 +144,15 @@ def test_help_and_version_that_cannot_be_written_exit_17(args):
     assert one_line(err) == f"embstore: {NO_SPACE}"
 
 
+@pytest.mark.parametrize("stdout", ["full", "closed pipe"])
+def test_serve_help_that_cannot_be_written_exits_17_without_a_traceback(stdout):
+    # The Python module's argparse printed a BrokenPipeError or OSError traceback, exit 1.
+    code, err = (run_to_full if stdout == "full" else run_to_closed_pipe)("serve", "--help")
+    assert code == IO, err
+    assert one_line(err) == "embstore serve: cannot write to stdout: " + (
+        "No space left on device" if stdout == "full" else "Broken pipe")
+
+
 def test_truncate_whose_report_cannot_be_written_exits_17_and_says_the_rows_were_dropped(store):
     # Epochs 0, 1, 2 of 10 rows each: --from-epoch 1 keeps 10.
     code, err = run_to_full("truncate", store, "--from-epoch", 1, "--yes", "--json")

@@ -146,8 +146,27 @@ async def _serve(server: Server, host: str, port: int) -> int:
     return 0
 
 
+def _stdout_failed(error: OSError) -> int:
+    """--help (or --version) whose text could not be written (a full disk, a closed pipe):
+    one line and exit 17, as the embstore tool's own commands answer it."""
+    print(f"embstore serve: cannot write to stdout: {os.strerror(error.errno)}",
+          file=sys.stderr)
+    with contextlib.suppress(OSError):
+        sys.stdout = open(os.devnull, "w")  # nothing left for the exit's flush to fail on
+    return _ERROR_BASE + _CODES["io"]
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error, said by argparse
+        try:
+            sys.stdout.flush()  # --help's text, buffered: its write fails here, if anywhere
+        except OSError as error:
+            return _stdout_failed(error)
+        raise done
+    except OSError as error:
+        return _stdout_failed(error)
     if not 0 <= args.port <= 65535:
         print(f"embstore serve: --port must be in 0 .. 65535; got {args.port}", file=sys.stderr)
         return USAGE
