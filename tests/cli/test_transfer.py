@@ -717,6 +717,30 @@ def test_an_import_refused_by_an_existing_store_leaves_its_files_as_they_were(tm
     assert hash_tree(half) == before
 
 
+def test_bfloat16_bits_named_by_dtype_have_a_way_into_a_float16_store(tmp_path):
+    """bfloat16 bit patterns (--dtype bfloat16) into a float16 store were told to give --dtype
+    float16, which then read them as uint16, "not one a store holds" (exit 2): no way in. The
+    hint names the one there is, and it works. (A type no store holds is bad input: 2.)"""
+    store = tmp_path / "f16"
+    embstore.create(store, dim=3, dtype="float16")
+    np.save(tmp_path / "i64.npy", np.ones((4, 3), np.int64))
+    r = run("import", store, tmp_path / "i64.npy", "--dtype", "float16", "--quiet")
+    assert r.code == 2 and "element type '<i8' is not one a store holds" in r.err, r
+    np.save(tmp_path / "bits.npy", np.full((4, 3), 0x3F80, np.uint16))  # bfloat16 1.0
+    r = run("import", store, tmp_path / "bits.npy", "--dtype", "bfloat16", "--quiet")
+    assert r.code == 15, r
+    assert one_line(r.err).endswith(
+        "to round them to float16, import an export whose embstore.json says bfloat16, with "
+        "--dtype float16"), r
+    export = tmp_path / "bf"
+    export.mkdir()
+    os.rename(tmp_path / "bits.npy", export / "vectors.npy")
+    (export / "embstore.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    assert run("import", store, export, "--dtype", "float16", "--quiet").code == 0
+    assert embstore.Reader(store).vectors.tolist() == [[1.0, 1.0, 1.0]] * 4
+    assert len(embstore.Reader(store)) == 4
+
+
 def test_hdf5_floats_of_a_non_ieee_layout_are_refused_and_uint16_reads_as_bfloat16(tmp_path):
     """A 2-byte HDF5 float of bfloat16's layout (8 exponent bits) was read as IEEE half, its
     values overflowing to infinity; it is refused, naming the layout. uint16 data with

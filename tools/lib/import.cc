@@ -356,6 +356,8 @@ ImportResult import_rows(const std::string& store, const std::string& source,
       options.dtype == DType::kBFloat16 || facts.dtype == std::string("bfloat16");
   const std::optional<DType> source_dtype = vectors->dtype(says_bfloat16);
   if (!source_dtype) {
+    // A file of a type no store holds is bad input (exit status 2, as the README's table says),
+    // whatever the store; rows of a type one store holds and this one does not are 15.
     throw Error(ErrorCode::kInvalidArgument,
                 vectors->name() + ": element type " + vectors->type_name() +
                     " is not one a store holds (float32, float16, bfloat16 as uint16 with "
@@ -475,10 +477,20 @@ ImportResult import_rows(const std::string& store, const std::string& source,
           (options.dtype != stored && *source_dtype != stored &&
            !dtype_accepts(stored, *source_dtype) && !widens_exactly(*source_dtype, stored))) {
         // --dtype converts between float types only (RowConverter): for the others no hint.
-        const std::string hint = converts ? "; give --dtype " + std::string(dtype_name(stored)) +
-                                                " to convert them (rounded to the nearest " +
-                                                std::string(dtype_name(stored)) + ")"
-                                          : " (import converts rows between float types only)";
+        // Bit patterns --dtype bfloat16 names cannot also be asked to round: --dtype float16
+        // would read the file as uint16, which no store holds; an export's sidecar names them.
+        const std::string hint =
+            !converts ? " (import converts rows between float types only)"
+            : names_bit_patterns
+                ? "; a .npy of bfloat16 bit patterns named by --dtype bfloat16 goes only into a "
+                  "store that takes them as they are (bfloat16, float32, float64): to round "
+                  "them to " +
+                      std::string(dtype_name(stored)) +
+                      ", import an export whose embstore.json says bfloat16, with --dtype " +
+                      std::string(dtype_name(stored))
+                : "; give --dtype " + std::string(dtype_name(stored)) +
+                      " to convert them (rounded to the nearest " +
+                      std::string(dtype_name(stored)) + ")";
         throw Error(ErrorCode::kFormatMismatch, store + " holds " +
                                                     std::string(dtype_name(stored)) + " rows but " +
                                                     vectors->name() + " holds " +
