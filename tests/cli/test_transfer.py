@@ -778,6 +778,24 @@ def test_an_output_inside_the_store_read_is_refused(store, tmp_path, monkeypatch
     assert hash_tree(store) == before
 
 
+def test_two_imports_creating_the_same_store_both_store_their_rows(tmp_path):
+    """import creates the store if needed: of two imports that both found no store and built
+    one, the second to publish failed "already exists" (exit 13) and imported nothing. It now
+    appends to the store the first made, as into any existing store."""
+    data = tmp_path / "v.npy"
+    np.save(data, np.random.default_rng(3).standard_normal((200_000, 64)).astype(np.float32))
+    store = tmp_path / "race"
+    procs = [subprocess.Popen([CLI, "import", str(store), str(data), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert sum("new store" in out for _, out, _ in results) == 1, results
+    reader = embstore.Reader(store)
+    assert len(reader) == 400_000 and reader.verify().ok
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
 def test_import_beside_another_writer_reports_the_rows_it_took(tmp_path):
     """Another process appending while an import runs: the summary said 'rows a..a+n' where
     other writers' rows lay inside that range and the import's last rows beyond it. The

@@ -205,6 +205,22 @@ def test_an_import_whose_close_fails_at_a_sync_raises_saying_which_rows_stay(tmp
     assert len(r) == 150 and r.verify().ok
 
 
+def test_two_imports_creating_the_same_store_both_store_their_rows(tmp_path):
+    # The second to publish raised FileExistsError and imported nothing; it now appends to the
+    # store the first made (as the CLI's import: tests/cli/test_transfer.py).
+    data = str(tmp_path / "v.npy")
+    np.save(data, np.random.default_rng(3).standard_normal((200_000, 64)).astype(np.float32))
+    store = str(tmp_path / "race")
+    script = f"import embstore; print(embstore.import_npy({store!r}, {data!r}))"
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [(code, out.strip()) for code, out, _ in results] == [(0, "200000")] * 2, results
+    r = embstore.Reader(store)
+    assert len(r) == 400_000 and r.verify().ok
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
 def test_ctrl_c_during_an_import_into_an_existing_store_says_which_rows_stay(tmp_path):
     """A KeyboardInterrupt kept the rows appended so far without a word (a retry appends them
     again); it now carries what the other errors say."""

@@ -271,9 +271,35 @@ SourceFacts read_sidecar(const std::string& path) {
   }
 }
 
+ImportResult import_once(const std::string& store, const std::string& source,
+                         const ImportOptions& options);
+
 }  // namespace
 
 ImportResult import_rows(const std::string& store, const std::string& source,
+                         const ImportOptions& options) {
+  // Where there was no store to append to (no path, or an empty directory), the new store is
+  // built aside and published only if nothing is at `store` by then. Two imports creating the
+  // same store at once: the one that finds the other's store there appends to it, as any
+  // import into an existing store (its checks included), instead of failing with kAlreadyExists
+  // and nothing imported. (Built again from the source: its own new store was removed.)
+  std::error_code ec;
+  const bool was_new =
+      !exists(store) || (is_directory(store) && std::filesystem::is_empty(store, ec));
+  try {
+    return import_once(store, source, options);
+  } catch (const Error& e) {
+    if (!was_new || e.code() != ErrorCode::kAlreadyExists || !exists(store) ||
+        (is_directory(store) && std::filesystem::is_empty(store, ec))) {
+      throw;
+    }
+  }
+  return import_once(store, source, options);
+}
+
+namespace {
+
+ImportResult import_once(const std::string& store, const std::string& source,
                          const ImportOptions& options) {
   if (store.empty()) throw Error(ErrorCode::kInvalidArgument, "the store path is empty");
   std::unique_ptr<ArraySource> vectors, keys, epochs;
@@ -631,5 +657,7 @@ ImportResult import_rows(const std::string& store, const std::string& source,
   }
   return result;
 }
+
+}  // namespace
 
 }  // namespace embstore::tools

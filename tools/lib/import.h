@@ -48,8 +48,9 @@ struct ImportResult {
 };
 
 // Appends every row of `source` to the store at `store`, creating the store if it does not
-// exist (then it appears whole, or not at all, when the import finishes). `source` is an npy
-// export directory (vectors.npy, keys.npy, epochs.npy, embstore.json), a 2-D .npy file, or an
+// exist (then it appears whole, or not at all, when the import finishes; an import that finds
+// another's store there by then appends to it instead, as into any existing store). `source` is an
+// npy export directory (vectors.npy, keys.npy, epochs.npy, embstore.json), a 2-D .npy file, or an
 // HDF5 file with an optional dataset (FILE.h5 means FILE.h5:/vectors). Every key and epoch is
 // checked before the first append, so input refused for its shape, type or values stores nothing.
 // Rows go in batches of a few MiB, each one atomic append; into an existing store, a failure

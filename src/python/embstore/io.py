@@ -705,8 +705,29 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
         metadata: the new store's metadata (default: the export's). For an existing store,
             metadata other than the store's (as text, or as JSON) raises FormatMismatchError
             and appends nothing: a store's metadata is fixed when it is created.
+
+    Two imports creating the same store at once both store their rows: the one that finds the
+    other's store there when its own is complete appends to it instead (its own is removed),
+    as into any existing store, as the CLI's import does.
     """
     store = _path_arg(store, "store")
+
+    def nothing_at_store() -> bool:
+        return not os.path.exists(store) or (os.path.isdir(store) and not os.listdir(store))
+
+    was_new = nothing_at_store()
+    again = dict(keys=keys, epochs=epochs, epoch=epoch, dtype=dtype, metadata=metadata)
+    try:
+        return _import_once(store, source, **again)
+    except FileExistsError:
+        if not was_new or nothing_at_store():
+            raise
+    return _import_once(store, source, **again)
+
+
+def _import_once(store: str, source: Any, *, keys: Any, epochs: Any, epoch: Optional[int],
+                 dtype: Any, metadata: Any) -> int:
+    """import_npy(), once."""
     if epochs is not None and epoch is not None:
         # One would be ignored without a word: the rows stored under other epochs than asked.
         raise ValueError(f"import into {store}: give epochs (one per row) or epoch (one for "
