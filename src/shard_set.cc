@@ -1194,8 +1194,7 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
         } catch (const Error& e) {
           if (e.code() != ErrorCode::kCorruption) throw;
           // The message names the shard's rows file, the row, its key and epoch.
-          throw Error(ErrorCode::kCorruption,
-                      "merge: " + std::string(e.what()) + "; nothing was merged");
+          throw Error(ErrorCode::kCorruption, std::string(e.what()) + "; nothing was merged");
         }
         const auto key_view = reader.keys(begin, end);
         const auto epoch_view = reader.epochs(begin, end);

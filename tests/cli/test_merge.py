@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import embstore
-from conftest import CLI, bind_mounted, hash_tree, kill_when, make_store, partial_dirs, run
+from conftest import (CLI, bind_mounted, corrupt_row, hash_tree, kill_when, make_store,
+                      partial_dirs, run)
 
 FORMAT_MISMATCH, ALREADY_EXISTS, NOT_FOUND, FULL, CORRUPTION, USAGE = 15, 13, 12, 18, 14, 2
 
@@ -54,6 +55,18 @@ def test_merge_refuses_shards_of_another_dim_naming_them_and_leaves_no_output(tm
     assert r.code == FORMAT_MISMATCH, r
     assert b in r.err and "dim" in r.err and len(r.err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "merged")
+
+
+def test_merge_of_a_shard_with_a_damaged_row_names_it_once(tmp_path):
+    # "embstore merge: merge: .../rows.1: row 12 ...": the library's prefix doubled the tool's.
+    a = make_store(tmp_path / "a")
+    corrupt_row(a, 12, 4 * 2)  # dim 4 float16
+    r = run("merge", tmp_path / "out", a)
+    assert r.code == 14, r
+    lines = r.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"embstore merge: {a}/rows.1: row 12"), r
+    assert lines[0].endswith("; nothing was merged"), r
+    assert not os.path.exists(tmp_path / "out") and partial_dirs(tmp_path) == []
 
 
 def test_merge_of_stores_with_different_metadata_is_refused_unless_a_manifest_gives_it(

@@ -201,6 +201,16 @@ def _asked_on_a_terminal(args, *answers):
     return proc.returncode, out, err
 
 
+@pytest.mark.parametrize("answer, dropped", [(b"YES\n", True), (b" Yes \n", True),
+                                            (b"y\n", True), (b"no\n", False), (b"yess\n", False),
+                                            (b"\n", False)])
+def test_the_question_takes_y_or_yes_in_any_case(store, answer, dropped):
+    # "YES" and "Yes" were taken for a no (exit 2, nothing changed).
+    code, _, _ = _asked_on_a_terminal([store, "--rows", "5"], (None, answer))
+    assert code == (0 if dropped else 2)
+    assert len(embstore.Reader(store)) == (5 if dropped else 30)
+
+
 def _append_from_another_process(store, tmp_path, rows, epoch):
     """`embstore import` of `rows` rows of ones at `epoch` (keys 0..rows-1): another writer
     process, ended before this returns."""

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -97,7 +98,12 @@ bool confirmed(const TruncateArgs& args, const Plan& plan) {
   std::fprintf(stderr, "%s? [y/N] ", question(args, plan).c_str());
   std::string answer;
   std::getline(std::cin, answer);
-  return answer == "y" || answer == "Y" || answer == "yes";
+  // y or yes in any case, spaces around it ignored ("YES" and "Yes " were a no).
+  const auto first = answer.find_first_not_of(" \t\r");
+  const auto last = answer.find_last_not_of(" \t\r");
+  answer = first == std::string::npos ? "" : answer.substr(first, last - first + 1);
+  for (char& c : answer) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return answer == "y" || answer == "yes";
 }
 
 // The epochs of rows [begin, end) of `reader`'s snapshot, with their row counts.
