@@ -678,8 +678,9 @@ def import_npy(store: Any, source: Any, *, keys: Any = None, epochs: Any = None,
     the header last; after an error the directory is left empty, and a killed import leaves no
     store there, only that hidden directory). A new store whose key index alone could not be
     kept at its close holds every row: it is kept, and a RuntimeWarning says why; so does an
-    existing store whose close failed after every row was appended and synced (the rows are
-    there: importing them again would store them twice). Returns the rows appended. Into an
+    existing store whose close failed only at its key index after every row was appended and
+    synced (the rows are there: importing them again would store them twice). Returns the rows
+    appended. Into an
     existing store, the rows appended before an error (a
     KeyboardInterrupt too) stay there, and a note on the error says so: "R of N rows were
     imported into STORE before this (rows F..E) and stay there".
