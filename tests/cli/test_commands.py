@@ -703,6 +703,47 @@ def test_bench_huge_pages_opens_its_writers_with_them_and_says_so(tmp_path):
                       )["config"]["huge_pages"] is False
 
 
+def _open_under(directory):
+    """Descriptors of any process that point under ``directory``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(directory) + "/"):
+                    found.append((pid, fd))
+        except OSError:
+            continue  # gone, or not ours to look at
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the tool", "SIGINT to its process group"])
+def test_bench_stopped_by_a_signal_kills_its_children_and_removes_its_stores(tmp_path, how):
+    # It left its work directory (gigabytes of phase stores) behind, and after a SIGTERM its
+    # writer child kept appending to it (the CLI review).
+    import signal
+    work = tmp_path / "bench"
+    work.mkdir()
+    proc = subprocess.Popen([CLI, "bench", "--rows", "3000000", "--dim", "64", "--repeat", "3",
+                             "--dir", str(work), "--quiet"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not _open_under(work) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # until a phase's files are open: children at work
+    sig = signal.SIGTERM if how.startswith("SIGTERM") else signal.SIGINT
+    if how.startswith("SIGTERM"):
+        proc.send_signal(sig)
+    else:
+        os.killpg(proc.pid, sig)  # as Ctrl-C: the tool and every child
+    err = proc.communicate(timeout=60)[1]
+    if proc.returncode == 0:
+        pytest.skip("bench finished before the signal came")
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    assert err.strip().splitlines()[-1] == f"embstore bench: interrupted by {sig.name}", err
+    assert os.listdir(work) == []
+    time.sleep(0.5)  # a surviving child would still hold its files open
+    assert _open_under(work) == []
+
+
 def test_bench_bad_options_are_usage_errors():
     for args in (["--writers", "0"], ["--sync", "sometimes"], ["--dtype", "f64->f8"],
                  ["--page-state", "cold"], ["--frobnicate"]):

@@ -455,9 +455,17 @@ struct WarmFile {
   std::vector<double>* waited_ms = nullptr;
 };
 
+// The error a stop signal ends the run with (main() exits 128 + its number); run_bench()
+// removes the work directory on the way out.
+Error interrupted() {
+  return Error(ErrorCode::kInterrupted,
+               std::string("interrupted by ") + (stop_signal() == SIGTERM ? "SIGTERM" : "SIGINT"));
+}
+
 PhaseResult run_phase(const Config& config, Workload workload, int writers, int readers,
                       const std::string& work_dir, const std::string& store,
                       std::uint64_t total_rows, const WarmFile* warm) {
+  if (stop_requested()) throw interrupted();
   Shared* shared = map_shared();
   const std::string pwrite_path = work_dir + "/pwrite.data";
   if (is_pwrite(workload)) {
@@ -481,7 +489,13 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   auto spawn = [&](auto&& body) {
     const pid_t pid = ::fork();
     if (pid < 0) throw Error(ErrorCode::kIO, "fork failed");
-    if (pid == 0) body();
+    if (pid == 0) {
+      // A child dies of Ctrl-C (its process group's SIGINT) as it would without the parent's
+      // handlers; the parent, told by its own, kills the rest and removes the work directory.
+      ::signal(SIGINT, SIG_DFL);
+      ::signal(SIGTERM, SIG_DFL);
+      body();
+    }
     pids.push_back(pid);
   };
   for (int i = 0; i < writers; ++i) {
@@ -496,7 +510,9 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
     reader_pids.push_back(pids.back());
   }
   const int children = writers + readers;
-  while (shared->ready.load() < children && shared->failed.load() == 0) ::usleep(200);
+  while (shared->ready.load() < children && shared->failed.load() == 0 && !stop_requested()) {
+    ::usleep(200);
+  }
   if (warm != nullptr) warm->waited_ms->push_back(release_warm_file(warm->path, warm->bytes));
   const char* name = workload_name(workload);
   const std::uint64_t row_bytes = std::uint64_t{config.dim} * dtype_size(config.store_dtype);
@@ -504,8 +520,12 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   start_phase(shared);
   int writers_left = writers;
   std::int64_t last_progress = start;
-  bool failed = false;
-  while (writers_left > 0) {
+  bool failed = stop_requested();
+  while (writers_left > 0 && !failed) {
+    if (stop_requested()) {  // Ctrl-C or SIGTERM: every child is killed below.
+      failed = true;
+      break;
+    }
     int status = 0;
     const pid_t pid = ::waitpid(-1, &status, WNOHANG);
     if (pid > 0) {
@@ -531,6 +551,10 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
     const pid_t pid = ::waitpid(-1, &status, 0);
     if (pid < 0) break;
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failed = true;
+  }
+  if (stop_requested()) {
+    ::munmap(shared, sizeof(Shared));
+    throw interrupted();
   }
   if (failed || shared->failed.load()) {
     const std::string message = shared->error[0] ? shared->error : "a child process failed";
@@ -999,6 +1023,9 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
 
 int run_bench(Config config) {
   finish_config(config);
+  // Ctrl-C and SIGTERM stop the run: its children are killed and its work directory (the
+  // phases' stores and files, gigabytes) removed, as the writing commands clean up (cli.h).
+  install_work_stop_handlers();
   std::string tmpl = config.dir + "/embstore-bench-XXXXXX";
   if (::mkdtemp(tmpl.data()) == nullptr) {
     throw Error(ErrorCode::kIO,
