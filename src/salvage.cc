@@ -169,10 +169,7 @@ SalvageReport salvage(
   refuse_output_inside(out, store);
   StagedOutput build(out);
   try {
-    // create_store() and open(), not Writer::create(): its advice to open the store made would
-    // name the working directory, which is removed.
-    create_store(build.path(), create);
-    Writer writer = Writer::open(build.path(), options);
+    Writer writer = build.create_writer(create, options);
 
     // Runs of valid rows are appended in chunks: contiguous in the old store, so one view each.
     constexpr std::uint64_t kChunkRows = 4096;

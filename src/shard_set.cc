@@ -1132,10 +1132,7 @@ StoreInfo merge_stores(const std::string& out, const ShardSet& shards,
     // than a store holds are refused at the append that passes them).
     WriterOptions writing;
     writing.expected_rows = std::min(shards.size(), detail::kMaxRows);
-    // create_store() and open(), not Writer::create(): its advice to open the store made would
-    // name the working directory, which is removed.
-    create_store(build.path(), create);
-    Writer writer = Writer::open(build.path(), writing);
+    Writer writer = build.create_writer(create, writing);
     // Chunks as large as an append stages whole before the lock (log/batch.h): large appends
     // written by system call, with bounded key/epoch copies.
     const std::uint64_t row_bytes = writer.info().record_bytes;

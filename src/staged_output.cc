@@ -141,6 +141,12 @@ std::string StagedOutput::close_store(std::uint64_t rows, std::uint64_t committe
   }
 }
 
+Writer StagedOutput::create_writer(const CreateOptions& create,
+                                   const WriterOptions& options) const {
+  create_store(path(), create);
+  return Writer::open(path(), options);
+}
+
 std::string StagedOutput::close_writer(Writer& writer, std::uint64_t rows) const {
   return close_store(rows, writer.committed_rows(), writer.durable_rows(),
                      [&writer] { writer.close(); });

@@ -34,6 +34,8 @@
 namespace embstore {
 
 class Writer;
+struct CreateOptions;
+struct WriterOptions;
 
 enum class OutputShape {
   kDirectory,    // path() is an empty directory to fill (a new store: create_store takes it).
@@ -99,6 +101,10 @@ class StagedOutput {
                           const std::function<void()>& close) const;
   // close_store() of `writer`.
   std::string close_writer(Writer& writer, std::uint64_t rows) const;
+  // The new store's Writer (OutputShape kDirectory or kStoreInside): the store made at path() by
+  // create_store() and opened by Writer::open(), not by Writer::create(), whose advice on a
+  // store it made but could not open would name the working directory, which is removed.
+  Writer create_writer(const CreateOptions& create, const WriterOptions& options) const;
 
   // Puts the output at `out` (what is built must be closed) and flushes `out`'s directory.
   // Throws kAlreadyExists ("OUT: already exists"), removing the output, when something appeared

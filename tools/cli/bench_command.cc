@@ -455,17 +455,12 @@ struct WarmFile {
   std::vector<double>* waited_ms = nullptr;
 };
 
-// The error a stop signal ends the run with (main() exits 128 + its number); run_bench()
-// removes the work directory on the way out.
-Error interrupted() {
-  return Error(ErrorCode::kInterrupted,
-               std::string("interrupted by ") + (stop_signal() == SIGTERM ? "SIGTERM" : "SIGINT"));
-}
-
 PhaseResult run_phase(const Config& config, Workload workload, int writers, int readers,
                       const std::string& work_dir, const std::string& store,
                       std::uint64_t total_rows, const WarmFile* warm) {
-  if (stop_requested()) throw interrupted();
+  // A stop signal ends the run (interrupted_error(): main() exits 128 + its number), and
+  // run_bench() removes the work directory on the way out.
+  if (stop_requested()) throw interrupted_error();
   Shared* shared = map_shared();
   const std::string pwrite_path = work_dir + "/pwrite.data";
   if (is_pwrite(workload)) {
@@ -554,7 +549,7 @@ PhaseResult run_phase(const Config& config, Workload workload, int writers, int 
   }
   if (stop_requested()) {
     ::munmap(shared, sizeof(Shared));
-    throw interrupted();
+    throw interrupted_error();
   }
   if (failed || shared->failed.load()) {
     const std::string message = shared->error[0] ? shared->error : "a child process failed";

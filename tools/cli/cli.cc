@@ -110,6 +110,21 @@ CLI::Validator unsigned_validator(const std::string& what) {
       "UINT", "unsigned");
 }
 
+namespace {
+
+// The items of a comma list, empty ones kept ("1,,2": "1", "", "2").
+std::vector<std::string> comma_items(const std::string& text) {
+  std::vector<std::string> items;
+  for (std::size_t begin = 0; begin <= text.size();) {
+    const std::size_t end = std::min(text.find(',', begin), text.size());
+    items.push_back(text.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return items;
+}
+
+}  // namespace
+
 CLI::Option* add_unsigned_list(CLI::App* cmd, const std::string& name,
                                std::vector<std::uint64_t>& out, const std::string& description,
                                const std::string& what) {
@@ -121,11 +136,7 @@ CLI::Option* add_unsigned_list(CLI::App* cmd, const std::string& name,
       [&out](const std::vector<std::string>& given) {
         out.clear();
         for (const std::string& text : given) {
-          for (std::size_t begin = 0; begin <= text.size();) {
-            const std::size_t end = std::min(text.find(',', begin), text.size());
-            out.push_back(std::stoull(text.substr(begin, end - begin)));
-            begin = end + 1;
-          }
+          for (const std::string& one : comma_items(text)) out.push_back(std::stoull(one));
         }
       },
       description);
@@ -133,15 +144,12 @@ CLI::Option* add_unsigned_list(CLI::App* cmd, const std::string& name,
       [item, what](std::string& text) -> std::string {
         if (text.empty()) return "takes " + what + " or a comma list of them, not \"\"";
         std::string canonical;
-        for (std::size_t begin = 0; begin <= text.size();) {
-          const std::size_t end = std::min(text.find(',', begin), text.size());
-          std::string one = text.substr(begin, end - begin);
+        for (std::string one : comma_items(text)) {
           if (one.empty()) {
             return "takes " + what + " or a comma list of them; \"" + text + "\" has an empty item";
           }
           if (std::string error = item(one); !error.empty()) return error;
           canonical += (canonical.empty() ? "" : ",") + one;
-          begin = end + 1;
         }
         text = canonical;
         return {};
@@ -197,10 +205,7 @@ tools::ProgressFn Progress::fn() {
 }
 
 void Progress::update(std::uint64_t done, std::uint64_t total) {
-  if (g_work_stops && stop_requested()) {
-    throw Error(ErrorCode::kInterrupted,
-                std::string("interrupted by ") + (stop_signal() == SIGTERM ? "SIGTERM" : "SIGINT"));
-  }
+  if (g_work_stops && stop_requested()) throw interrupted_error();
   if (!enabled_) return;
   const std::int64_t now = now_ns();
   if (done < total && now - last_draw_ns_ < 100'000'000) return;
@@ -508,6 +513,11 @@ void install_work_stop_handlers() {
 }
 
 int stop_signal() { return g_stop_signals != 0 ? static_cast<int>(g_stop_signal) : 0; }
+
+Error interrupted_error() {
+  return Error(ErrorCode::kInterrupted,
+               std::string("interrupted by ") + (stop_signal() == SIGTERM ? "SIGTERM" : "SIGINT"));
+}
 
 void note_done(std::string what) {
   g_done_note = std::move(what);

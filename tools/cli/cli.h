@@ -154,6 +154,8 @@ bool stop_requested();
 void install_work_stop_handlers();
 // The signal that stop_requested() answers for (SIGINT or SIGTERM), 0 when none came.
 int stop_signal();
+// The kInterrupted error a command stopped by that signal ends with ("interrupted by SIGINT").
+Error interrupted_error();
 
 // Called by a command once its action has changed something on disk, with what it did in a few
 // words ("run.emb: kept rows [0, 20)"): if stdout then fails, main() says the action was done

@@ -56,10 +56,7 @@ CompactResult compact_store(const std::string& source, const std::string& out,
     // The rows it will hold are known: the key index is built once for them, not grown.
     WriterOptions writing;
     writing.expected_rows = selector.count();
-    // create_store() and open(), not Writer::create(): its advice to open the store made would
-    // name the working directory, which is removed.
-    create_store(staged.path(), create);
-    writer.emplace(Writer::open(staged.path(), writing));
+    writer.emplace(staged.create_writer(create, writing));
     const std::uint64_t row_bytes = info.record_bytes;
     std::vector<std::uint64_t> keys, epochs;
     // Copied with Reader::read(), not through the mapping: this process has not touched the

@@ -569,10 +569,7 @@ ImportResult import_once(const std::string& store, const std::string& source,
       // Inside an empty directory `store`: `store/.store.partial-*`.
       staged.emplace(store, in_place ? OutputShape::kStoreInside : OutputShape::kDirectory);
       try {
-        // create_store() and open(), not Writer::create(): its advice to open the store made
-        // would name the working directory, which is removed.
-        create_store(staged->path(), create);
-        writer.emplace(Writer::open(staged->path(), writing));
+        writer.emplace(staged->create_writer(create, writing));
       } catch (...) {
         staged->rethrow_naming_out();  // Its destructor removes the working directory.
       }

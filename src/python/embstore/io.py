@@ -811,6 +811,7 @@ def _import_once(store: str, source: Any, *, keys: Any, epochs: Any, epoch: Opti
     elif source_dtype is None:
         source_dtype = _dtype_name(vectors.dtype)
     store_dtype = _dtype_name(dtype) if dtype is not None else source_dtype
+    step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))  # rows a chunk
     staged = None  # where a new store is made: a hidden sibling of ``store``, or inside it
     in_place = os.path.isdir(store) and not os.listdir(store)
     if os.path.exists(store) and not in_place:
@@ -851,7 +852,6 @@ def _import_once(store: str, source: Any, *, keys: Any, epochs: Any, epoch: Opti
             if mismatch is None and _may_overflow(source_dtype, reader.dtype):
                 # Every value is checked before the first row is appended, and before a Writer
                 # opens the store: a refused import leaves the store as it was.
-                step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
                 for lo in range(0, n, step):
                     _as_store_rows(np.ascontiguousarray(vectors[lo:lo + step]), source_dtype,
                                    reader.dtype, range(lo, min(n, lo + step)))
@@ -885,7 +885,6 @@ def _import_once(store: str, source: Any, *, keys: Any, epochs: Any, epoch: Opti
     contiguous = True
     rows_before = writer.committed_rows() if staged is None else 0
     try:
-        step = max(1, _CHUNK_BYTES // max(1, dim * vectors.dtype.itemsize))
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             chunk = _as_store_rows(np.ascontiguousarray(vectors[lo:hi]), source_dtype,
