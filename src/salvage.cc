@@ -15,6 +15,7 @@
 #include "format/format.h"
 #include "log/recovery.h"
 #include "log/truncate.h"
+#include "platform/lock.h"
 #include "storage/store_files.h"
 
 namespace embstore {
@@ -60,6 +61,13 @@ SalvageReport salvage(
       report.damage.push_back(std::move(problem));
     }
   }
+
+  // A writer appending meanwhile (it holds the writer lock) has rows past committed_rows that are
+  // its batch in the making, not damage: then the scan stops at the committed rows. Probed
+  // before the counters are read and again after the scan, with the counter re-read: a writer
+  // that opened or committed in between counts too.
+  const std::string lock_path = files->dir() + "/" + detail::kLockFileName;
+  report.writer_active = detail::writer_lock_held(lock_path);
 
   // The counters may be what is damaged: the files' sizes bound the scan, not capacity_rows.
   const std::uint64_t held = files->rows_files_hold();
@@ -124,7 +132,17 @@ SalvageReport salvage(
       verify_past = 0;
     }
   }
-  kept_past_log.resize(report.rows_scanned - log_end);
+  if (!switching &&
+      (detail::writer_lock_held(lock_path) || files->state().committed() != committed)) {
+    report.writer_active = true;
+  }
+  if (report.writer_active && !switching && committed <= held) {
+    // The rows past the counter read are a live writer's (being written, or committed since):
+    // neither copied nor damage. The counter bounds the scan; rows before it that fail are lost.
+    report.rows_scanned = committed;
+    verify_past = 0;
+  }
+  kept_past_log.resize(report.rows_scanned > log_end ? report.rows_scanned - log_end : 0);
   if (report.rows_scanned > committed && committed <= held) {
     // Whole batches past the counter that verify (valid_batch_prefix() and the scan above), as
     // recovery after a reboot keeps them: copied, and said, since no Reader of the store shows

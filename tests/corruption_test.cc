@@ -7,12 +7,16 @@
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <thread>
 #include <vector>
 
 #include "embstore/embstore.h"
 #include "format/checksum.h"
 #include "format/format.h"
+#include "platform/testing.h"
 #include "support/payload.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -582,6 +586,49 @@ TEST_CASE("salvage names rows it copies past the committed counter and a damaged
     CHECK(report.rows_copied == 300);
     CHECK(report.damage == std::vector<std::string>{problem});
   }
+}
+
+TEST_CASE("salvage of a store a live writer appends to copies its committed rows, no damage",
+          "[corruption][salvage]") {
+  // A writer that has written a whole batch and not yet published it holds the writer lock:
+  // that batch is its batch in the making, not one a killed writer left. salvage called it
+  // damage (copied, exit 1 in the CLI) whenever it read the store in that window (a review).
+  TempDir dir;
+  const std::string path = dir / "s";
+  const std::string pauses = dir / "pauses";
+  std::filesystem::create_directory(pauses);
+  write_batches(path, small_options(), 4);
+  Writer w = Writer::open(path);
+  detail::testing::arm_pause("before-publish", 1, pauses);
+  std::thread appender([&] {
+    const auto values = test::batch_payload(0, 120, 30, kDim);
+    std::vector<std::uint64_t> keys(30);
+    for (std::uint64_t i = 0; i < 30; ++i) keys[i] = test::make_key(0, 120 + i);
+    w.append(keys, 4, std::span<const float>(values));
+  });
+  const bool paused = test::within_a_minute(
+      [&] { return std::filesystem::exists(pauses + "/paused.before-publish"); });
+  SalvageReport report;
+  if (paused) report = salvage(path, dir / "out");
+  std::ofstream(pauses + "/resume.before-publish").put('r');
+  appender.join();
+  detail::testing::disarm_all();
+  REQUIRE(paused);
+  CHECK(report.writer_active);
+  CHECK(report.rows_scanned == 120);
+  CHECK(report.rows_copied == 120);
+  CHECK(report.rows_lost == 0);
+  CHECK(report.damage.empty());
+  Reader out = Reader::open(dir / "out");
+  CHECK(out.size() == 120);
+  CHECK(out.verify().ok());
+  CHECK(w.committed_rows() == 150);
+  w.close();
+  // With the writer gone, the same store: nothing active, nothing damaged, every row.
+  const SalvageReport after = salvage(path, dir / "after");
+  CHECK_FALSE(after.writer_active);
+  CHECK(after.rows_copied == 150);
+  CHECK(after.damage.empty());
 }
 
 TEST_CASE("salvage never copies part of a batch a killed writer left past the commit point",

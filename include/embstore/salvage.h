@@ -27,6 +27,11 @@ struct SalvageReport {
   // header copy; rows past the committed counter, copied or not; files cut short. Empty when
   // the store is sound.
   std::vector<std::string> damage;
+  // Set when a writer held the store's writer lock while salvage read it (a Writer appending,
+  // or a truncate or rebuild-index), or the committed counter moved meanwhile: the scan then
+  // stopped at the rows committed when salvage read the counter, and the rows past them, the
+  // writer's, were neither copied nor counted as damage.
+  bool writer_active = false;
   // Set when `out` was made with every row copied although its key index could not be kept
   // (Writer::close() failed for it: open files or memory ran out at its last growth, say): the
   // store is whole, lookups scan the rows it did not index until the next writer indexes them.
@@ -47,6 +52,9 @@ struct SalvageReport {
 // the counter while the other still covers it (cut short), the rows both hold are committed
 // rows, copied where they verify, and the committed rows past them are lost (n is then the
 // counter, and `damage` says so).
+// A live writer's rows past the committed counter are its batch in the making, not damage:
+// when one holds the writer lock (a read-only probe, before and after the scan), the scan stops
+// at the committed rows and `writer_active` says so.
 // Takes no lock and writes nothing to `store`. Throws kCorruption if neither header copy
 // verifies (the rows cannot be checked without the header), or if the `generation` field is
 // damaged and the directory does not hold exactly one rows.X/index.X pair, or if one of the

@@ -99,6 +99,17 @@ bool WriterLock::acquire(bool interruptible) {
   return waited;
 }
 
+bool writer_lock_held(const std::string& lock_path) noexcept {
+  try {
+    const int fd = os::open_file(lock_path, os::Access::kReadOnly);
+    const bool held = os::lock_held(fd, static_cast<std::uint64_t>(LockByte::kWriter));
+    os::close_fd(fd);
+    return held;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
 bool WriterLock::others_waiting() const noexcept {
   return byte_ == LockByte::kWriter && in_owner_process() && os::others_waiting(fd_);
 }

@@ -86,6 +86,12 @@ class WriterLock {
   bool held_ = false;
 };
 
+// Whether some handle, in any process, holds the writer lock of the store whose lock file is
+// `lock_path` right now: a read-only probe for tools that take no lock (salvage), never a way
+// to exclude a writer (one may take the lock the moment after). False when the file cannot be
+// opened (a damaged or read-only store without it).
+bool writer_lock_held(const std::string& lock_path) noexcept;
+
 // RAII holder.
 class LockGuard {
  public:

@@ -679,6 +679,11 @@ bool others_waiting(int fd) noexcept {
   return ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
 }
 
+bool lock_held(int fd, std::uint64_t byte) noexcept {
+  struct flock fl = byte_lock(F_WRLCK, static_cast<off_t>(byte));
+  return ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+}
+
 void unlock(int fd, std::uint64_t byte) noexcept {
   struct flock fl = byte_lock(F_UNLCK, static_cast<off_t>(byte));
   ::fcntl(fd, F_OFD_SETLK, &fl);

@@ -176,6 +176,10 @@ bool try_lock_exclusive(int fd, const std::string& path, std::uint64_t byte = 0)
 void mark_waiting(int fd, bool waiting) noexcept;
 // True when another open file description has the mark set.
 bool others_waiting(int fd) noexcept;
+// True when another open file description holds a lock on byte `byte` of `fd` now (F_OFD_GETLK,
+// which needs no write access): a hint that may be stale by the time it returns. False when
+// the kernel cannot tell.
+bool lock_held(int fd, std::uint64_t byte) noexcept;
 void unlock(int fd, std::uint64_t byte = 0) noexcept;
 
 // Shared (cross-process) futex on a 32-bit word of a MAP_SHARED mapping; the word may be mapped

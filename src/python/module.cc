@@ -1357,6 +1357,7 @@ PYBIND11_MODULE(_embstore, m) {
         d["rows_lost"] = report.rows_lost;
         d["lost_ranges"] = lost;
         d["damage"] = report.damage;
+        d["writer_active"] = report.writer_active;
         d["warning"] = report.warning;
         return d;
       },

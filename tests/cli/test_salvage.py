@@ -5,6 +5,8 @@ it was; a salvage that fails leaves no store at the output."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 
@@ -155,6 +157,51 @@ def test_salvage_json_of_an_intact_store_lists_no_damage(tmp_path):
     r = run("salvage", make_store(tmp_path / "s"), tmp_path / "out", "--json")
     assert r.code == 0, r
     assert json.loads(r.out)["damage"] == []
+
+
+def _hold_writer_lock(store):
+    """A child process holding the store's writer lock (an OFD lock on byte 0 of its `lock`
+    file, FORMAT.md "The store directory"), as a writer does while it commits. Returns it; it
+    lets go when its stdin closes."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, struct, sys\n"
+        f"fd = os.open({os.path.join(store, 'lock')!r}, os.O_RDWR)\n"
+        "fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack('hh4xqqi4x', fcntl.F_WRLCK, 0, 0, 1, 0))\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_salvage_with_a_writer_at_work_copies_the_committed_rows_and_calls_nothing_damage(
+        tmp_path):
+    # The last epoch's batch written past committed_rows while a writer holds the lock is that
+    # writer's batch in the making: salvage copied it and exited 1 calling it damage (a review).
+    store = make_store(tmp_path / "s")
+    with open(os.path.join(store, "header"), "r+b") as f:
+        for offset in (COMMITTED_ROWS_OFFSET, DURABLE_ROWS_OFFSET):
+            f.seek(offset)
+            f.write((20).to_bytes(8, "little"))
+    holder = _hold_writer_lock(store)
+    try:
+        r = run("salvage", store, tmp_path / "out", "--json")
+        text = run("salvage", store, tmp_path / "out2")
+    finally:
+        holder.communicate("")
+    assert r.code == 0, r
+    report = json.loads(r.out)
+    assert report["writer_active"] is True and report["damage"] == []
+    assert report["rows_scanned"] == 20 and report["rows_copied"] == 20
+    assert text.code == 0, text
+    assert "a writer was at work on the store" in text.out and "damaged" not in text.out
+    with embstore.Reader(tmp_path / "out") as out:
+        assert len(out) == 20 and out.verify().ok
+    # With no writer, the same rows are a killed writer's: copied, and said.
+    r = run("salvage", store, tmp_path / "out3", "--json")
+    assert r.code == 1, r
+    report = json.loads(r.out)
+    assert report["writer_active"] is False and report["rows_copied"] == 30
+    assert "rows 20..30 past committed_rows" in report["damage"][0]
 
 
 def _truncated_store(tmp_path):

@@ -62,6 +62,23 @@ def test_salvage_copies_the_rows_that_verify(store, tmp_path):
         embstore.salvage(store, out)
 
 
+def test_salvage_says_whether_a_writer_was_at_work(store, tmp_path):
+    """writer_active: True while the store's writer lock is held (here an OFD lock on byte 0 of
+    its lock file, taken as a commit takes it, held across the call), False otherwise."""
+    import fcntl
+    import struct
+    _make(store)
+    assert embstore.salvage(store, str(tmp_path / "idle"))["writer_active"] is False
+    fd = os.open(os.path.join(store, "lock"), os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hh4xqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+        report = embstore.salvage(store, str(tmp_path / "busy"))
+    finally:
+        os.close(fd)
+    assert report["writer_active"] is True
+    assert report["rows_copied"] == 200 and report["damage"] == []
+
+
 @pytest.mark.parametrize("call", ["salvage", "merge", "compact", "import_npy", "import_npy into"])
 def test_a_new_store_whose_key_index_cannot_be_kept_is_kept_with_a_warning(tmp_path, call):
     """salvage and merge threw away a new store holding every row when only its key index

@@ -44,13 +44,19 @@ int run_salvage(const SalvageArgs& args) {
                 {"rows_copied", report.rows_copied},
                 {"rows_lost", report.rows_lost},
                 {"lost_ranges", lost},
-                {"damage", report.damage}});
+                {"damage", report.damage},
+                {"writer_active", report.writer_active}});
   } else {
     // "primary" or "copy": the header copy that verified.
     print_out("{}: copied {} of {} rows into {} (header: {})\n", args.store, report.rows_copied,
               report.rows_scanned, args.out,
               report.header_source == std::string("copy") ? "second copy" : "primary copy");
     for (const std::string& damage : report.damage) print_out("damaged: {}\n", damage);
+    if (report.writer_active) {
+      print_out(
+          "a writer was at work on the store: copied the rows committed when salvage read it, "
+          "not the writer's rows after them\n");
+    }
     if (report.rows_lost == 0) {
       print_out("no row lost\n");
     } else {

@@ -296,7 +296,10 @@ def salvage(store: PathLike, out: PathLike) -> dict:
     such as a damaged counter or a ``generation`` field naming files that do not exist; a
     damaged second header copy; rows copied past the committed counter, or that verify past the
     rows scanned and were not copied; files cut short below the committed counter, whose rows
-    past their end are lost; empty when the store is sound).
+    past their end are lost; empty when the store is sound) and writer_active (True when a
+    writer held the store's lock while it was read, or its committed counter moved: the rows
+    committed when salvage read the counter were scanned, the writer's later rows are neither
+    copied nor damage).
 
     ``out`` is built in a hidden directory ``.<name>.partial-<hex>`` beside it and renamed into
     place only when complete: on an error (a full disk, say) nothing is left at ``out``. A
