@@ -223,9 +223,11 @@ class KeyQuery {
   static constexpr std::size_t kHistoryEpochProbes = 64;
   // Every row of `epoch`, ascending.
   std::vector<std::uint64_t> epoch_rows(std::uint64_t epoch) const;
-  // The epochs present with their row counts, by ascending epoch.
+  // The epochs present with their row counts, by ascending epoch. kCorruption when the epochs'
+  // chains do not count every indexed row.
   std::vector<EpochCount> epochs() const;
-  // Number of distinct keys in the snapshot (one pass over the key table).
+  // Number of distinct keys in the snapshot (one pass over the key table). kCorruption when
+  // the table holds no key of rows it indexes.
   std::uint64_t distinct_keys() const;
   // out[i] = find(keys[i], epochs[i]) (epochs.size() == keys.size()), find(keys[i], epochs[0])
   // (epochs.size() == 1) or find_latest(keys[i]) (epochs empty); -1 where there is none.

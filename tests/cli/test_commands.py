@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -218,6 +219,45 @@ def test_info_without_a_usable_key_index_scans_and_says_why(store):
     assert info["key_source"] == "scan" and info["distinct_keys"] == 12
     assert info["epochs"] == [{"epoch": e, "rows": 10, "distinct_keys": 10} for e in range(3)]
     assert "epochs" not in json.loads(run("info", store, "--json", "--no-scan").out)
+
+
+def _zero_key_index_table(store, table):
+    """Zeroes one table of keys.1 (its header intact), as a lost write or a bad block would:
+    "pair", "key" or "epoch" (FORMAT.md, "keys.K": slots from byte 4096 on, 16-byte pair slots,
+    then 8-byte key slots, then 8-byte epoch slots)."""
+    path = os.path.join(store, "keys.1")
+    with open(path, "r+b") as f:
+        f.seek(48)
+        pairs, keys, epochs = struct.unpack("<3Q", f.read(24))
+        begin = {"pair": 4096, "key": 4096 + 16 * pairs, "epoch": 4096 + 16 * pairs + 8 * keys}
+        size = {"pair": 16 * pairs, "key": 8 * keys, "epoch": 8 * epochs}
+        f.seek(begin[table])
+        f.write(bytes(size[table]))
+
+
+@pytest.mark.parametrize("table", ["key", "epoch"])
+def test_info_with_a_zeroed_key_index_table_says_it_is_damaged_and_scans(store, table):
+    # It said "distinct keys 0 (key index)" and "epochs 0" of a 30-row store, exit 0 (a review).
+    _zero_key_index_table(store, table)
+    info = json.loads(run("info", store, "--json").out)
+    assert info["key_index"].startswith("damaged (") and "keys.1" in info["key_index"], info
+    assert info["key_source"] == "scan" and info["distinct_keys"] == 12
+    assert info["epochs"] == [{"epoch": e, "rows": 10, "distinct_keys": 10} for e in range(3)]
+    r = run("info", store)
+    assert "key index       damaged (" in r.out and "distinct keys   12 (scan" in r.out, r
+
+
+def test_get_of_a_key_its_damaged_key_index_misses_is_corruption_not_not_found(store):
+    # It said "key 5 is not in ... (30 rows)", exit 12, for a key the store holds (a review).
+    _zero_key_index_table(store, "key")
+    r = run("get", store, 5)
+    assert r.code == CORRUPTION, r
+    assert "key 5 is in" in r.err and "row 5" in r.err and "key index is damaged" in r.err
+    assert "rebuild-index" in r.err
+    r = run("get", store, 500)  # Not in the store: the scan confirms the miss.
+    assert r.code == NOT_FOUND and "key 500 is not in" in r.err, r
+    assert run("rebuild-index", store).code == 0
+    assert run("get", store, 5).code == 0
 
 
 def test_info_json_survives_a_quote_in_the_path(tmp_path):
