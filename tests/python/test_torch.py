@@ -931,3 +931,121 @@ def test_recorder_errors_about_ids_and_rows_name_the_store(store):
             with rec.batch([1, 2, 3], 0):
                 layer(torch.randn(2, 4))
     assert embstore.Reader(store).keys.tolist() == [7]
+
+
+def _identity_recording(store, iterations, during=None, buffer_rows=64):
+    """Records `iterations` batches of 10 rows whose vectors are their keys (an Identity
+    model), running `during(recorder)` on another thread meanwhile. Returns the recorder, the
+    rows recorded without error, the errors of the recording thread and of the other thread."""
+    import threading
+    model = torch.nn.Sequential(torch.nn.Identity())
+    rec = EmbeddingRecorder(model, "0", store, dim=8, buffer_rows=buffer_rows)
+    stop = threading.Event()
+    errors, other_errors = [], []
+
+    def other():
+        while not stop.is_set():
+            try:
+                during(rec)
+            except Exception as error:  # noqa: BLE001 - collected, checked by the caller
+                other_errors.append(error)
+                return
+
+    thread = threading.Thread(target=other)
+    recorded = []
+    try:
+        with rec.batch(np.arange(10), 0):  # the Writer opened before the other thread starts
+            model(torch.zeros(10, 8) + torch.arange(10.0)[:, None])
+        recorded.extend(range(10))
+        thread.start()
+        for i in range(1, iterations):
+            ids = np.arange(i * 10, i * 10 + 10)
+            try:
+                with rec.batch(ids, 0):
+                    model(torch.from_numpy(np.repeat(ids[:, None].astype(np.float32), 8, 1)))
+                recorded.extend(ids.tolist())
+            except embstore.ClosedError as error:
+                errors.append(error)
+                break
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+    return rec, recorded, errors, other_errors
+
+
+def _stored_exactly(store, recorded):
+    with embstore.Reader(store) as r:
+        keys, vectors = np.asarray(r.keys), np.asarray(r.vectors)
+        assert sorted(keys.tolist()) == sorted(recorded), (len(keys), len(recorded))
+        wrong = np.flatnonzero(~(vectors == keys[:, None].astype(np.float32)).all(1))
+        assert wrong.size == 0, [(int(keys[j]), vectors[j][:3].tolist()) for j in wrong[:3]]
+
+
+def test_flush_from_another_thread_while_the_training_thread_records_stores_every_row_once(
+        store):
+    """A dashboard's or a callback's flush(wait=False) on another thread, between a batch's copy
+    into the staging buffer and its count, appended rows of uninitialised memory or another
+    sample's vector, duplicated and lost rows, and broke close() with TypeError (a review:
+    240-310 bad rows of 200,000). Staging, submit and finish now hold the staging's lock."""
+    rec, recorded, errors, other_errors = _identity_recording(
+        store, 3000, during=lambda r: r.flush(wait=False), buffer_rows=16)
+    rec.close()
+    assert errors == [] and other_errors == []
+    assert len(recorded) == 30000
+    _stored_exactly(store, recorded)
+
+
+def test_close_from_another_thread_while_recording_stores_every_row_recorded_before_it(store):
+    """close() on another thread: every batch recorded before it is stored; the next one raises
+    ClosedError in its forward pass (staged after the close, it would never have been written)."""
+    import time
+
+    def close_soon(r):
+        time.sleep(0.05)
+        r.close()
+        raise StopIteration  # ends the other thread's loop (collected as its error)
+
+    rec, recorded, errors, other_errors = _identity_recording(store, 10**6, during=close_soon)
+    assert len(errors) == 1 and "closed" in str(errors[0]), errors
+    assert [type(e) for e in other_errors] == [StopIteration]
+    _stored_exactly(store, recorded)
+
+
+def test_a_recorder_dropped_without_close_is_collected_writing_its_rows_and_unhooking(store):
+    """The model held the recorder (its bound method as the hook): a recorder dropped without
+    close(), a notebook cell run again, kept its Writer, threads and descriptors, its hook ran on
+    every forward pass, and its staged rows reached no reader until the interpreter exited."""
+    import gc
+    import threading
+    model = torch.nn.Sequential(torch.nn.Identity())
+    fds = len(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    for cell in range(3):
+        rec = EmbeddingRecorder(model, "0", store, dim=4)
+        with rec.batch([cell], 0):
+            model(torch.full((1, 4), float(cell)))
+    del rec
+    gc.collect()
+    assert len(model[0]._forward_hooks) == 0
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads
+    with embstore.Reader(store) as r:
+        assert sorted(np.asarray(r.keys).tolist()) == [0, 1, 2]
+
+
+def test_a_deep_copy_of_a_recorded_model_records_nothing_and_raises_nothing(store):
+    """copy.deepcopy(model) (an EMA model, say) raised TypeError once the recorder had a Writer
+    (the copy copied the recorder); the copy now gets a hook that records nothing, and the
+    recorder goes on recording the module it was given."""
+    import copy
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with EmbeddingRecorder(model, "0", store, dim=4) as rec:
+        with rec.batch([1, 2], 0):
+            model(torch.ones(2, 4))
+        ema = copy.deepcopy(model)
+        with rec.batch([3, 4], 0):
+            model(torch.ones(2, 4))
+            ema(torch.ones(2, 4))
+    with embstore.Reader(store) as r:
+        assert np.asarray(r.keys).tolist() == [1, 2, 3, 4]

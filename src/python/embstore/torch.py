@@ -22,7 +22,9 @@ import math
 import multiprocessing.util as _mp_util
 import operator
 import os
+import threading
 import time
+import weakref
 from typing import Any, Callable, ContextManager, Optional, Sequence, Tuple
 
 import numpy as np
@@ -341,7 +343,17 @@ def _world_size() -> int:
 
 class _Staging:
     """One process's Writer and the rows staged for it. Kept apart from the recorder so that
-    the exit finalizer can flush it without keeping the recorder alive."""
+    the exit finalizer can flush it without keeping the recorder alive.
+
+    Threads: the rows are staged (EmbeddingRecorder._record), submitted and finished under
+    ``lock``, so that a flush(), close() or end_epoch() on another thread than the one
+    recording (a dashboard's timer, a checkpoint callback, the exit finalizer while a daemon
+    thread records) takes whole batches only: without it a submit between a batch's copy and
+    its ``filled`` appended rows of uninitialised memory, lost rows and raised TypeError. A
+    reentrant lock: a signal handler on the recording thread (SIGTERM's writing, _Termination)
+    may finish the staging in the middle of _record, which updates ``filled`` last, so the rows
+    submitted then are whole. After ``finish()``, ``closed``: a batch staged later would never
+    be written, so _record refuses it (ClosedError)."""
 
     def __init__(self, writer: Writer, buffer_rows: int) -> None:
         self.writer = writer
@@ -352,32 +364,38 @@ class _Staging:
         self.keys = np.empty(buffer_rows, np.uint64)
         self.epoch = 0  # of every staged row: rows of another epoch are staged after a submit
         self.filled = 0
+        self.lock = threading.RLock()
+        self.closed = False
 
     def submit(self) -> None:
         """Hands the staged rows to the Writer as one append (queued in async mode)."""
-        if not self.filled:
-            return
-        # A SIGTERM's writing (_TERMINATION) waits until the rows taken out are appended, and so
-        # does a Ctrl-C's KeyboardInterrupt: raised between the two, it lost them without a word.
-        with _TERMINATION, _InterruptDeferred():
-            n, self.filled = self.filled, 0
-            buffer, self.buffer = self.buffer, None
-            try:
-                # Donated (copy=False): the recorder never touches this buffer again.
-                self.writer.append(self.keys[:n], buffer[:n], self.epoch, copy=False)
-            except BaseException:
-                # Not taken (a refused append queues nothing): the rows stay staged, so a later
-                # submit tries again and a loss at exit counts them.
-                self.filled, self.buffer = n, buffer
-                raise
+        with self.lock:
+            if not self.filled:
+                return
+            # A SIGTERM's writing (_TERMINATION) waits until the rows taken out are appended,
+            # and so does a Ctrl-C's KeyboardInterrupt: raised between the two, it lost them
+            # without a word.
+            with _TERMINATION, _InterruptDeferred():
+                n, self.filled = self.filled, 0
+                buffer, self.buffer = self.buffer, None
+                try:
+                    # Donated (copy=False): the recorder never touches this buffer again.
+                    self.writer.append(self.keys[:n], buffer[:n], self.epoch, copy=False)
+                except BaseException:
+                    # Not taken (a refused append queues nothing): the rows stay staged, so a
+                    # later submit tries again and a loss at exit counts them.
+                    self.filled, self.buffer = n, buffer
+                    raise
 
     def finish(self, interruptible: bool = True) -> None:
         """Appends the staged rows and closes the Writer (raising a write error); Ctrl-C may end
         the close's wait for the queue only when ``interruptible`` (Writer._close)."""
-        try:
-            self.submit()
-        finally:
-            self.writer._close(interruptible)
+        with self.lock:
+            self.closed = True
+            try:
+                self.submit()
+            finally:
+                self.writer._close(interruptible)
 
 
 # Above the Writers' own exit finalizers: a recorder's staged rows go into its Writer first.
@@ -426,6 +444,30 @@ class _RecordingBlock:
         self._recorder._ids = None
 
 
+class _Hook:
+    """An EmbeddingRecorder's forward hook: a weak reference to the recorder, so that the model
+    does not keep a recorder nobody closed alive. A copy of the model (``copy.deepcopy``, say
+    for an EMA model, or a pickled whole model) gets a hook that records nothing: the recorder
+    records the module it was given. (With the recorder itself as the hook, a deepcopy raised
+    once the recorder had a Writer, and copied the recorder before.)"""
+
+    __slots__ = ("_recorder",)
+
+    def __init__(self, recorder: Optional["EmbeddingRecorder"]) -> None:
+        self._recorder = None if recorder is None else weakref.ref(recorder)
+
+    def __call__(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        recorder = None if self._recorder is None else self._recorder()
+        if recorder is not None:
+            recorder._hook(module, inputs, output)
+
+    def __deepcopy__(self, memo: dict) -> "_Hook":
+        return _Hook(None)
+
+    def __reduce__(self) -> tuple:
+        return (_Hook, (None,))
+
+
 class EmbeddingRecorder:
     """Saves the outputs of one named submodule into a store, from inside a training loop.
 
@@ -453,9 +495,15 @@ class EmbeddingRecorder:
     waiting. A batch larger than ``buffer_rows`` is appended on its own. Write errors surface
     on a later batch, on ``flush()`` or on ``close()``.
 
+    Threads: record (``batch()`` and the forward passes) on one thread; ``flush()``,
+    ``end_epoch()``, ``stats()`` and ``close()`` may be called from any thread meanwhile, and
+    take whole batches (a batch recorded after ``close()`` raises ClosedError in its forward
+    pass).
+
     Not closed: staged and queued rows are still written when the interpreter exits, when a
     ``multiprocessing`` child ends (before its ``os._exit``) and when the recorder is
-    garbage-collected; a failure then is logged on the ``embstore`` logger with the store's
+    garbage-collected (the model holds only a weak reference to it: a recorder dropped without
+    ``close()``, a notebook cell run again say, is collected and its hook taken off); a failure then is logged on the ``embstore`` logger with the store's
     path and the rows lost. In a DataLoader or Pool worker, SIGTERM (which multiprocessing
     sends its daemon children at exit) runs those handlers before it ends the worker
     (``Writer``, "Exit"). A process killed otherwise, or leaving through ``os._exit`` outside
@@ -564,7 +612,12 @@ class EmbeddingRecorder:
         #: steps. The write itself happens on the Writer's background thread (see
         #: stats()["append_seconds"] and ["append_cpu_seconds"]).
         self.hook_seconds = 0.0
-        self._handle = module.register_forward_hook(self._hook)
+        # Through a weak reference: a bound method on the model kept a recorder nobody closed
+        # alive as long as the model (a notebook cell run again leaked its Writer, threads and
+        # descriptors, and its staged rows reached no reader until the interpreter exited). A
+        # recorder collected writes what it holds (_finish_unclosed) and takes its hook off.
+        self._handle = module.register_forward_hook(_Hook(self))
+        weakref.finalize(self, self._handle.remove)
 
     @property
     def rank(self) -> int:
@@ -726,6 +779,17 @@ class EmbeddingRecorder:
         # float32 to a 16-bit float: two roundings, which can move a value by one step, or onto
         # infinity), as Writer.append rounds it.
         narrowed = _float64_rounded_once(out, staging.dtype)
+        with staging.lock:  # whole batches only, whichever thread submits (_Staging)
+            if staging.closed:
+                raise ClosedError(f"{self.path}: the recorder of {self.module_name!r} was "
+                                  "closed (by close() on another thread, or at the "
+                                  "interpreter's exit); this batch was not recorded")
+            self._stage(narrowed, out, ids, kept, n, staging)
+        self.rows_recorded += n
+
+    def _stage(self, narrowed: torch.Tensor, out: torch.Tensor, ids: np.ndarray,
+               kept: Optional[np.ndarray], n: int, staging: _Staging) -> None:
+        """Stages (or appends, past buffer_rows) one batch's rows; under staging.lock."""
         if n > staging.buffer_rows:
             # Too big to stage: one append of a private copy (converted, on the CPU).
             staging.submit()
@@ -750,7 +814,6 @@ class EmbeddingRecorder:
             staging.filled = end
             if end == staging.buffer_rows:
                 staging.submit()
-        self.rows_recorded += n
 
     def _refuse_overflow(self, rows: torch.Tensor, out: torch.Tensor, staging: _Staging,
                          kept: Optional[np.ndarray], ids: np.ndarray) -> None:
