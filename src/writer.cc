@@ -1115,11 +1115,12 @@ constexpr RemoteFileSystem kRemoteFileSystems[] = {
     {0x7461636F, "OCFS2"},    {0x01161970, "GFS2"}, {0x19830326, "BeeGFS"}, {0xAAD7AAEA, "PanFS"},
     {0x20030528, "OrangeFS"}, {0x564C, "NCP"},
 };
+}  // namespace
 
 // Writers publish rows through shared mappings, a shared futex and OFD locks: on these file
 // systems another machine (or the FUSE daemon) sees none of them coherently, so concurrent
 // writers could corrupt the store and readers could see torn rows.
-void refuse_remote_filesystem(const std::string& path, const WriterOptions& options) {
+void Writer::check_filesystem(const std::string& path, const WriterOptions& options) {
   if (options.allow_remote_filesystem) return;
   const char* allow = std::getenv("EMBSTORE_ALLOW_REMOTE_FS");
   if (allow != nullptr && std::string_view(allow) == "1") return;
@@ -1137,7 +1138,6 @@ void refuse_remote_filesystem(const std::string& path, const WriterOptions& opti
                     "only this machine ever writes or maps it.");
   }
 }
-}  // namespace
 
 namespace {
 void check_writer_options(const std::string& path, const WriterOptions& options) {
@@ -1183,7 +1183,7 @@ Writer Writer::create(const std::string& path, const CreateOptions& create_optio
   // Before the store is made: options open() would refuse must not leave a new store behind.
   check_writer_options(path, options);
   check_expectations(path, create_options, options);
-  refuse_remote_filesystem(path, options);
+  check_filesystem(path, options);
   create_store(path, create_options);
   try {
     return open(path, options);
@@ -1200,7 +1200,7 @@ Writer Writer::create(const std::string& path, const CreateOptions& create_optio
 
 Writer Writer::open(const std::string& path, const WriterOptions& options) {
   check_writer_options(path, options);
-  refuse_remote_filesystem(path, options);
+  check_filesystem(path, options);
   auto files = StoreFiles::open(path, detail::os::Access::kReadWrite, options.map_bytes);
   files->set_huge_pages(options.huge_pages);
   // Its zeros (log/commit.cc) made now, on the opening thread, not first by an append that a

@@ -71,7 +71,9 @@ enum class InfoDetail { kFull, kState };
 // removes; one killed while moving leaves some files and no header, which the next create
 // names for the user to delete. Throws
 // kAlreadyExists if a store (or any non-empty directory) is there, kInvalidArgument for bad
-// options, kNotFound when its parent directory does not exist or is not a directory.
+// options, kNotFound when its parent directory does not exist or is not a directory. It makes
+// a store on a network or FUSE file system too, where writers refuse it: Writer::create() (and
+// embstore create) first call Writer::check_filesystem().
 void create_store(const std::string& path, const CreateOptions& options);
 
 // Whether two stores' metadata say the same: equal text, or both JSON of equal value (the same

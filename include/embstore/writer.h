@@ -67,6 +67,12 @@ class Writer {
   // stay as they were created, whatever create_options says (info() shows them).
   static Writer open_or_create(const std::string& path, const CreateOptions& create_options,
                                const WriterOptions& options = {});
+  // Throws what open() and create() throw, before anything else, for a store at `path` on a
+  // network or FUSE file system (kInvalidArgument naming it and how to force it) unless
+  // options.allow_remote_filesystem or EMBSTORE_ALLOW_REMOTE_FS=1 allows writers there; else
+  // does nothing. For a caller that makes a store with create_store() for writers to open later
+  // (embstore create): refused where they would refuse it.
+  static void check_filesystem(const std::string& path, const WriterOptions& options = {});
 
   Writer(Writer&&) noexcept;
   Writer& operator=(Writer&&) noexcept;

@@ -1173,3 +1173,52 @@ def test_verify_advises_a_repair_that_works_for_a_store_without_a_key_index(tmp_
         r.out and "rebuild-index" not in r.out, r
     r = run("bench", "--seconds", "1e300", "--quiet")  # nanoseconds past an int64 deadline
     assert r.code == 2 and "--seconds" in r.err, r
+
+
+@pytest.fixture
+def nfs_everywhere(tmp_path_factory):
+    """The environment of a tool whose every statfs(2) reports NFS's f_type (0x6969), through an
+    LD_PRELOAD shim built here: the refusal of network file systems without a network mount (the
+    library's own hook, EMBSTORE_FS_MAGIC, is compiled out of the tool)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the statfs shim")
+    shim = tmp_path_factory.mktemp("shim")
+    (shim / "nfs.c").write_text(
+        "#define _GNU_SOURCE\n"
+        "#include <dlfcn.h>\n"
+        "#include <sys/vfs.h>\n"
+        "int statfs(const char* path, struct statfs* st) {\n"
+        "  int (*real)(const char*, struct statfs*) =\n"
+        "      (int (*)(const char*, struct statfs*))dlsym(RTLD_NEXT, \"statfs\");\n"
+        "  int rc = real(path, st);\n"
+        "  if (rc == 0) st->f_type = 0x6969;\n"
+        "  return rc;\n"
+        "}\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", shim / "nfs.so", shim / "nfs.c", "-ldl"],
+                   check=True)
+    return dict(os.environ, LD_PRELOAD=str(shim / "nfs.so"))
+
+
+def test_create_refuses_a_network_file_system_as_writers_do_unless_forced(tmp_path,
+                                                                          nfs_everywhere):
+    # From a review: create made a store on NFS or FUSE that every writer then refused ("a time
+    # bomb for a training job"). Now it refuses with the writers' message, status and override.
+    store = make_store(tmp_path / "s")  # made where writers may write
+    np.save(tmp_path / "v.npy", np.ones((3, 4), np.float32))
+    imported = run("import", store, tmp_path / "v.npy", env=nfs_everywhere)
+    assert imported.code == 2, imported
+    refusal = one_line(imported.err)
+    assert refusal.startswith(f"embstore import: {store}: refusing to write a store on NFS "
+                              "(statfs f_type 0x6969): writers need a local file system")
+    assert "EMBSTORE_ALLOW_REMOTE_FS=1" in refusal
+    new = tmp_path / "new"
+    created = run("create", new, "--dim", 4, env=nfs_everywhere)
+    assert created.code == imported.code, created
+    assert one_line(created.err) == refusal.replace(f"embstore import: {store}:",
+                                                    f"embstore create: {new}:")
+    assert sorted(os.listdir(tmp_path)) == ["s", "v.npy"]  # nothing made
+    forced = dict(nfs_everywhere, EMBSTORE_ALLOW_REMOTE_FS="1")
+    assert run("create", new, "--dim", 4, env=forced).code == 0
+    assert run("import", new, tmp_path / "v.npy", env=forced).code == 0
+    assert len(embstore.Reader(str(new))) == 3

@@ -29,6 +29,9 @@ int run_create(const CreateArgs& args) {
   options.segment_bytes = segment_bytes_from_mb(args.segment_mb);
   if (!args.metadata.empty()) options.metadata = checked_metadata(args.metadata);
   options.key_index = !args.no_key_index;
+  // A store no writer of this machine would open (on NFS or FUSE) is refused now, with their
+  // message and override, not made for every later import or Writer to refuse.
+  Writer::check_filesystem(args.store);
   create_store(args.store, options);
   note_done("created " + args.store);
   const StoreInfo info = read_info(args.store);
