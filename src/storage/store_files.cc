@@ -114,6 +114,14 @@ std::uint64_t resolve_map_bytes(std::uint64_t requested, const std::string& wher
   return kDefaultMapBytes;
 }
 
+std::string map_bytes_advice(std::uint64_t requested) {
+  if (requested != 0) return "reopen with a larger map_bytes";
+  if (const char* text = std::getenv("EMBSTORE_MAP_BYTES")) {
+    return std::string("raise EMBSTORE_MAP_BYTES (now ") + text + ")";
+  }
+  return "reopen with a larger map_bytes, or raise EMBSTORE_MAP_BYTES";
+}
+
 std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Access access,
                                              std::uint64_t map_bytes,
                                              DamagedGeneration damaged_generation) {
@@ -225,6 +233,7 @@ std::unique_ptr<StoreFiles> StoreFiles::open(const std::string& dir_in, os::Acce
   // 1.0, FORMAT.md "File sizes") fits one Generation whenever its rows fit the budget.
   const Layout& layout = files->layout_;
   const std::uint64_t budget = resolve_map_bytes(map_bytes, files->dir_);
+  files->map_bytes_advice_ = map_bytes_advice(map_bytes);
   const std::uint64_t max_rows = std::max<std::uint64_t>(
       1, std::min(budget / (layout.record_bytes + kIndexEntryBytes), kMaxRows));
   files->budget_rows_ =
@@ -411,8 +420,7 @@ void StoreFiles::map_rows(std::uint64_t rows) {
   if (rows > budget_rows_) {
     throw Error(ErrorCode::kFull, data_path_ + ": the store holds " + std::to_string(rows) +
                                       " rows but map_bytes leaves room for " +
-                                      std::to_string(budget_rows_) +
-                                      "; reopen with a larger map_bytes");
+                                      std::to_string(budget_rows_) + "; " + map_bytes_advice_);
   }
   // Map all the files hold (within budget), so that following a growing store costs readers no
   // system call until the files grow again.
@@ -462,8 +470,7 @@ std::uint64_t StoreFiles::allocate_rows(std::uint64_t capacity, std::uint64_t ro
   if (rows > budget_rows_) {
     throw Error(ErrorCode::kFull, data_path_ + ": growing to " + std::to_string(rows) +
                                       " rows is beyond map_bytes, which leaves room for " +
-                                      std::to_string(budget_rows_) +
-                                      " rows; reopen with a larger map_bytes");
+                                      std::to_string(budget_rows_) + " rows; " + map_bytes_advice_);
   }
   std::uint64_t new_capacity =
       std::min({capacity_for(rows, layout_.record_bytes, layout_.segment_bytes, header_bytes_),

@@ -39,6 +39,10 @@ namespace embstore::detail {
 // The address-space budget for a store's mappings: `requested`, or $EMBSTORE_MAP_BYTES, or
 // kDefaultMapBytes. Throws kInvalidArgument for an unparsable environment value.
 std::uint64_t resolve_map_bytes(std::uint64_t requested, const std::string& where);
+// What a kFull error past that budget asks to raise, as the caller set it: "reopen with a larger
+// map_bytes" for a `requested` other than 0; "raise EMBSTORE_MAP_BYTES (now N)" for a budget
+// read from it (the command-line tool's only way); both for the default.
+std::string map_bytes_advice(std::uint64_t requested);
 
 // The first allocation of a new store's data and index files together (FORMAT.md "File sizes").
 inline constexpr std::uint64_t kFirstAllocationBytes = 64 << 10;
@@ -224,6 +228,7 @@ class StoreFiles {
   SharedState state_;
   std::uint64_t header_bytes_ = 0;  // The header file's size at open.
   std::uint64_t budget_rows_ = 0;   // The most rows map_bytes lets one Generation reserve.
+  std::string map_bytes_advice_;    // map_bytes_advice() of the map_bytes opened with.
   // Null until the first map_rows(). Replaced (and reset) under pin_mutex_ by the thread that
   // maps (the callers' serialization, see the top), which reads it without the mutex; a thread
   // that reads beside it holds its own reference from pin_generation().

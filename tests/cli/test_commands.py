@@ -1222,3 +1222,21 @@ def test_create_refuses_a_network_file_system_as_writers_do_unless_forced(tmp_pa
     assert run("create", new, "--dim", 4, env=forced).code == 0
     assert run("import", new, tmp_path / "v.npy", env=forced).code == 0
     assert len(embstore.Reader(str(new))) == 3
+
+
+def test_a_store_past_map_bytes_asks_to_raise_embstore_map_bytes(tmp_path):
+    # The hint was "reopen with a larger map_bytes", a C++ option the tool's user cannot give.
+    store = make_store(tmp_path / "s", dim=256, dtype="float32", epochs=1, rows_per_epoch=2000)
+    env = dict(os.environ, EMBSTORE_MAP_BYTES=str(1 << 20))
+    r = run("info", store, env=env)
+    assert r.code == 18, r
+    line = one_line(r.err)
+    assert line.startswith(f"embstore info: {store}/rows.1: the store holds 2000 rows but ")
+    assert line.endswith("; raise EMBSTORE_MAP_BYTES (now 1048576)"), line
+    np.save(tmp_path / "v.npy", np.zeros((1200, 256), np.float32))
+    r = run("import", tmp_path / "new", tmp_path / "v.npy", "--segment-mb", 1, env=env)
+    assert r.code == 18, r
+    assert one_line(r.err).endswith("rows; raise EMBSTORE_MAP_BYTES (now 1048576)"), r
+    # A library caller that gave map_bytes is told to give a larger one.
+    with pytest.raises(OSError, match="; reopen with a larger map_bytes$"):
+        embstore.Reader(store, map_bytes=1 << 20)
