@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -123,6 +124,19 @@ void remove_stale_staging(const std::string& parent, const std::string& path) {
     stale.push_back(name);
   }
   for (const std::string& name : stale) detail::os::remove_tree(path + "/" + name);
+}
+
+// What is at `path` when rename(2) of the new store's directory onto it fails with ENOTDIR:
+// a file, or a symbolic link (dangling or not), which the rename does not follow.
+std::string not_a_directory(const std::string& path) {
+  std::error_code error;
+  if (!std::filesystem::is_symlink(std::filesystem::symlink_status(path, error))) {
+    return "a file, not a directory";
+  }
+  const std::string target = std::filesystem::read_symlink(path, error).string();
+  return (detail::os::exists(path) ? "a symbolic link to " + target + ", not a directory"
+                                   : "a symbolic link to a missing target (" + target + ")") +
+         " (a store is not made through a link: give the target's path, or remove the link)";
 }
 
 // Inside a catch handler, for an error met making a new store's files in a staging directory
@@ -268,11 +282,10 @@ void create_store(const std::string& path_in, const CreateOptions& options) {
     // whole or not at all, and two racing creators cannot both win.
     rename_error = detail::os::rename_path(staging, path);
     if (rename_error != 0 && rename_error != EBUSY) {
-      throw Error(
-          ErrorCode::kAlreadyExists,
-          path + (rename_error == ENOTDIR ? ": already exists and is a file, not a directory"
-                                          : ": already exists and is not empty"),
-          rename_error);
+      throw Error(ErrorCode::kAlreadyExists,
+                  path + ": already exists and is " +
+                      (rename_error == ENOTDIR ? not_a_directory(path) : std::string("not empty")),
+                  rename_error);
     }
   } catch (...) {
     detail::os::remove_tree(staging);

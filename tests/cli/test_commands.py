@@ -1224,6 +1224,21 @@ def test_create_refuses_a_network_file_system_as_writers_do_unless_forced(tmp_pa
     assert len(embstore.Reader(str(new))) == 3
 
 
+def test_create_on_a_symbolic_link_says_it_is_one(tmp_path):
+    # A dangling link was called "a file, not a directory"; so was a link to a directory.
+    os.symlink("nowhere", tmp_path / "dangling")
+    (tmp_path / "dir").mkdir()
+    os.symlink("dir", tmp_path / "link")
+    advice = " (a store is not made through a link: give the target's path, or remove the link)"
+    for link, what in ((tmp_path / "dangling", "a symbolic link to a missing target (nowhere)"),
+                       (tmp_path / "link", "a symbolic link to dir, not a directory")):
+        r = run("create", link, "--dim", 4)
+        assert r.code == ALREADY_EXISTS, r
+        assert one_line(r.err) == f"embstore create: {link}: already exists and is {what}{advice}"
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "dir", "link"]
+    assert os.listdir(tmp_path / "dir") == []
+
+
 def test_a_store_past_map_bytes_asks_to_raise_embstore_map_bytes(tmp_path):
     # The hint was "reopen with a larger map_bytes", a C++ option the tool's user cannot give.
     store = make_store(tmp_path / "s", dim=256, dtype="float32", epochs=1, rows_per_epoch=2000)
