@@ -54,12 +54,11 @@ SalvageReport salvage(
   } else if (std::string refused = open_refusal(store); !refused.empty()) {
     report.damage.push_back(std::move(refused));
   }
-  // The header's second copy (when the first verified): nothing in `out` depends on it, but the
-  // store is damaged there, as verify says.
-  if (report.header_source == "primary") {
-    if (std::string problem = files->header_copy_problem(); !problem.empty()) {
-      report.damage.push_back(std::move(problem));
-    }
+  // The header copy that failed its checks: the primary (the store read from its copy), or the
+  // second copy. Nothing in `out` depends on it, but the store is damaged there, as verify says:
+  // a damaged primary was worked around like any other damage, and is named like it.
+  if (std::string problem = files->header_copy_problem(); !problem.empty()) {
+    report.damage.push_back(std::move(problem));
   }
 
   // A writer appending meanwhile (it holds the writer lock) has rows past committed_rows that are

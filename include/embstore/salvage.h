@@ -20,12 +20,12 @@ struct SalvageReport {
   std::uint64_t rows_lost = 0;     // rows_scanned - rows_copied.
   // The lost rows as [begin, end) ranges of row numbers in the damaged store, in order.
   std::vector<std::pair<std::uint64_t, std::uint64_t>> lost_ranges;
-  // Damage worked around besides lost rows and the header copy used: why the store does not
-  // open (the error info and verify give, naming the file and field, e.g. "field durable_rows 25
-  // exceeds committed_rows 5"), or a `generation` field naming files that do not exist when the
-  // directory holds exactly one rows.X/index.X pair (then salvaged from those); a damaged second
-  // header copy; rows past the committed counter, copied or not; files cut short. Empty when
-  // the store is sound.
+  // Damage worked around besides lost rows: why the store does not open (the error info and
+  // verify give, naming the file and field, e.g. "field durable_rows 25 exceeds
+  // committed_rows 5"), or a `generation` field naming files that do not exist when the
+  // directory holds exactly one rows.X/index.X pair (then salvaged from those); a header copy
+  // that fails its checks (the primary, header_source then "copy", or the second one); rows
+  // past the committed counter, copied or not; files cut short. Empty when the store is sound.
   std::vector<std::string> damage;
   // Set when a writer held the store's writer lock while salvage read it (a Writer appending,
   // or a truncate or rebuild-index), or the committed counter moved meanwhile: the scan then

@@ -289,3 +289,23 @@ def test_salvage_on_a_full_disk_is_an_error_that_leaves_nothing_at_the_output(tm
     assert "No space left on device" in r.err and len(r.err.strip().splitlines()) == 1, r
     assert not os.path.exists(out)
     assert os.listdir(disk) == []  # no working directory or lock file left either
+
+
+def test_salvage_names_a_damaged_primary_header_it_worked_around(tmp_path):
+    # It printed "copied 30 of 30 rows ... (header: second copy)" and "no row lost", and exited
+    # 1 with no "damaged:" line saying what was worked around, unlike every other damage.
+    store = make_store(tmp_path / "s")
+    _flip_header_byte(store, 16)  # dim, in the primary copy only
+    problem = ("the primary fixed header or its metadata fails its checks (")
+    r = run("salvage", store, tmp_path / "out")
+    assert r.code == 1, r
+    lines = r.out.splitlines()
+    assert lines[0] == f"{store}: copied 30 of 30 rows into {tmp_path / 'out'} (header: second copy)"
+    assert lines[1].startswith(f"damaged: ") and problem in lines[1], r.out
+    assert lines[1].endswith("; the store is read from its copy at byte 2048"), r.out
+    assert lines[2:] == ["no row lost"], r.out
+    r = run("salvage", store, tmp_path / "out2", "--json")
+    assert r.code == 1, r
+    report = json.loads(r.out)
+    assert report["header_source"] == "copy" and len(report["damage"]) == 1
+    assert problem in report["damage"][0]
