@@ -1428,6 +1428,32 @@ def test_exit_statuses_are_those_of_the_command_line_tool(store, tmp_path):
     assert "address already in use" in result.stderr
 
 
+def test_a_path_holding_no_store_gets_no_advice_to_create_one(tmp_path):
+    # The server only reads: "to create a store, give a new path or an empty directory", which
+    # the check of a path that holds no store added for every opener, did not apply.
+    def serve(path):
+        return subprocess.run([sys.executable, "-m", "embstore.serve", str(path)],
+                              capture_output=True, text=True, timeout=60)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for name, what in (("other", "is a directory but not an embstore store (it has no 'header' "
+                                 "file)"),
+                       ("empty", "is an empty directory, not an embstore store"),
+                       ("file", "is a file, not an embstore store (a store is a directory)")):
+        path = tmp_path / name
+        result = serve(path)
+        assert result.returncode == 12, result
+        assert result.stderr == f"embstore serve: cannot open the store {path}: {path}: {what}\n"
+    # A Writer, which can create a store, is still told where.
+    with pytest.raises(embstore.NotAStoreError,
+                       match="; to create a store, give a new path or an empty directory$"):
+        embstore.Writer(tmp_path / "other")
+    with pytest.raises(embstore.NotAStoreError, match=r"\(a Writer given dim= creates one in it\)$"):
+        embstore.Writer(tmp_path / "empty")
+
+
 def test_stats_key_index_is_false_where_a_store_or_shard_keeps_none(tmp_path):
     """/api/stats ``key_index`` said true for a store, or a manifest of shards, created without a
     key index (it reported that this build has lookups by key index, not that the store keeps

@@ -325,10 +325,13 @@ class _not_a_store_check:
     """Turns the FileNotFoundError of opening a path that exists but holds no store (no
     header) into NotAStoreError naming the path; a missing path stays FileNotFoundError. (A
     store that has its header but misses rows.G or index.G is damage: CorruptionError naming
-    the file, from the core.)"""
+    the file, from the core.) With ``creates`` (a Writer, which can create a store), the error
+    says where one can be created; a read-only opener (Reader, info, salvage, ShardSet, and so
+    ``embstore serve``) creates none, and gets no such advice."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, creates: bool = False) -> None:
         self.path = path
+        self.creates = creates
 
     def __enter__(self) -> None:
         return None
@@ -336,7 +339,8 @@ class _not_a_store_check:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None or not issubclass(exc_type, (FileNotFoundError, NotADirectoryError)):
             return False
-        advice = "; to create a store, give a new path or an empty directory"
+        advice = "; to create a store, give a new path or an empty directory" if self.creates \
+            else ""
         # One look at the path: with two (isdir, then lexists) a store another process renamed
         # into place between them was called a file.
         try:
@@ -353,8 +357,9 @@ class _not_a_store_check:
             if os.path.lexists(os.path.join(self.path, "header")):
                 return False  # a store that lost another file: the error names that file
             if not os.listdir(self.path):
-                what, advice = "is an empty directory, not an embstore store", (
-                    " (a Writer given dim= creates one in it)")
+                what = "is an empty directory, not an embstore store"
+                if self.creates:
+                    advice = " (a Writer given dim= creates one in it)"
             else:
                 what = "is a directory but not an embstore store (it has no 'header' file)"
         else:
@@ -859,7 +864,7 @@ class Writer(_Handle):
         metadata_text = _metadata_text(metadata)
         segment_bytes = _segment_bytes(segment_mb)
         try:
-            with _not_a_store_check(path):
+            with _not_a_store_check(path, creates=True):
                 self._native = _embstore.NativeWriter(
                     path, None if dim is None else _dim_arg(dim),
                     None if dtype is None else _dtype_name(dtype), metadata_text, segment_bytes,
