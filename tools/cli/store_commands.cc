@@ -65,7 +65,7 @@ int run_info(const InfoArgs& args) {
   // count, for the key scan.
   StoreInfo info;
   const Reader reader = open_with_info(args.store, info);
-  const tools::DiskStats disk = tools::disk_stats(args.store);
+  const tools::DiskStats disk = tools::disk_stats(args.store, info.generation);
   const std::uint64_t segments =
       info.segment_bytes ? (info.data_file_bytes + info.segment_bytes - 1) / info.segment_bytes : 0;
   // Epochs and distinct keys: from the key index when there is a usable one (no scan), else
@@ -90,6 +90,7 @@ int run_info(const InfoArgs& args) {
           {{"name", file.name}, {"bytes", file.bytes}, {"disk_bytes", file.disk_bytes}});
     }
     out["files"] = files;
+    out["leftover_files"] = disk.leftovers;
     out["key_index"] = info.key_index;
     out["key_index_used"] = info.key_index_used;
     if (keys) {
@@ -130,7 +131,16 @@ int run_info(const InfoArgs& args) {
   line("capacity rows", std::to_string(info.capacity_rows));
   line("data file", fmt::format("{} bytes", info.data_file_bytes));
   line("index file", fmt::format("{} bytes", info.index_file_bytes));
-  line("bytes on disk", fmt::format("{} bytes", disk.disk_bytes));
+  std::string leftovers;
+  for (const std::string& name : disk.leftovers) {
+    leftovers += (leftovers.empty() ? "" : ", ") + name;
+  }
+  line("bytes on disk",
+       disk.leftovers.empty()
+           ? fmt::format("{} bytes", disk.disk_bytes)
+           : fmt::format("{} bytes, {} of them in {}: files an interrupted truncate or key "
+                         "index build left, which the next writer removes",
+                         disk.disk_bytes, disk.leftover_disk_bytes, leftovers));
   line("metadata", info.metadata.empty() ? "(none)" : info.metadata);
   line("key index", info.key_index);
   if (keys) {

@@ -9,7 +9,22 @@
 
 namespace embstore::tools {
 
-DiskStats disk_stats(const std::string& store) {
+namespace {
+
+// Whether the store directory's file `name` is one an interrupted operation left (DiskStats).
+bool is_leftover(const std::string& name, std::uint64_t generation) {
+  if (name == "keys.next" || name.rfind("keys.build.", 0) == 0) return true;
+  const std::size_t dot = name.find('.');
+  if (dot == std::string::npos) return false;
+  const std::string stem = name.substr(0, dot), number = name.substr(dot + 1);
+  if (stem != "rows" && stem != "index") return false;
+  if (number.empty() || number.find_first_not_of("0123456789") != std::string::npos) return false;
+  return number != std::to_string(generation);
+}
+
+}  // namespace
+
+DiskStats disk_stats(const std::string& store, std::uint64_t generation) {
   DiskStats stats;
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(store, ec)) {
@@ -24,6 +39,11 @@ DiskStats disk_stats(const std::string& store) {
   }
   std::sort(stats.files.begin(), stats.files.end(),
             [](const FileStats& a, const FileStats& b) { return a.name < b.name; });
+  for (const FileStats& file : stats.files) {
+    if (!is_leftover(file.name, generation)) continue;
+    stats.leftovers.push_back(file.name);
+    stats.leftover_disk_bytes += file.disk_bytes;
+  }
   return stats;
 }
 

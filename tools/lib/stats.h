@@ -20,10 +20,17 @@ struct FileStats {
 struct DiskStats {
   std::vector<FileStats> files;  // Every regular file in the store directory, by name.
   std::uint64_t disk_bytes = 0;  // Sum over files.
+  // Of those, the files no reader uses that an interrupted operation left (FORMAT.md, "Files"):
+  // rows.X and index.X of a generation X other than the store's (a truncate killed before it
+  // finished), keys.build.* and keys.next (a key index build killed). The next writer removes
+  // them. By name, with their share of disk_bytes.
+  std::vector<std::string> leftovers;
+  std::uint64_t leftover_disk_bytes = 0;
 };
 
-// Sizes of the files in the store directory (stat only; nothing is opened).
-DiskStats disk_stats(const std::string& store);
+// Sizes of the files in the directory of `store`, whose current generation is `generation`
+// (stat only; nothing is opened).
+DiskStats disk_stats(const std::string& store, std::uint64_t generation);
 
 struct EpochStats {
   std::uint64_t epoch = 0;
