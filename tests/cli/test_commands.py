@@ -1224,6 +1224,15 @@ def test_create_refuses_a_network_file_system_as_writers_do_unless_forced(tmp_pa
     assert len(embstore.Reader(str(new))) == 3
 
 
+def test_bench_rows_out_of_range_names_the_option_and_its_range():
+    # It gave "--rows: Value 0 not in range 0.000000 to 1797693134862315708145..." (300 digits).
+    for rows in (0, (1 << 40) + 1):
+        r = run("bench", "--rows", rows)
+        assert r.code == 2, r
+        assert one_line(r.err) == (f"embstore bench: --rows: Value {rows} not in range 1 to "
+                                   "1099511627776 (see embstore bench --help)")
+
+
 def test_create_on_a_symbolic_link_says_it_is_one(tmp_path):
     # A dangling link was called "a file, not a directory"; so was a link to a directory.
     os.symlink("nowhere", tmp_path / "dangling")

@@ -1078,9 +1078,11 @@ void add_bench_command(CLI::App& app, Registry& registry) {
                   dtype_names() + "; or f32->f16 / f32->bf16 to append float32 into a 16-bit store")
       ->check(CLI::IsMember({"f32->f16", "f32->bf16"}) | dtype_validator())
       ->capture_default_str();
+  // 1 to 2^40, the most rows a store holds: CLI::PositiveNumber named its range as 0 to DBL_MAX
+  // written out in 300 digits.
   cmd->add_option("--rows", config->rows, "Total rows over all writers")
       ->transform(unsigned_validator("a row count"))
-      ->check(CLI::PositiveNumber)
+      ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40))
       ->capture_default_str();
   cmd->add_option("--seconds", config->seconds, "Run for S seconds instead of a row count")
       ->check(CLI::Range(1e-3, 1e6));  // Its nanoseconds must fit a phase's int64 deadline.
