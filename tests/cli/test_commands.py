@@ -1233,6 +1233,16 @@ def test_bench_rows_out_of_range_names_the_option_and_its_range():
                                    "1099511627776 (see embstore bench --help)")
 
 
+def test_an_unknown_option_before_the_command_is_named():
+    # A typo of --version said "A subcommand is required".
+    for typo in ("--versoin", "-x", "--verbose=1"):
+        for args in ([typo], [typo, "version"]):
+            r = run(*args)
+            assert r.code == 2, (args, r)
+            assert r.out == "" and r.err == f"embstore: unknown option {typo} (see embstore --help)\n"
+    assert run("--version").code == 0 and run("--help").code == 0 and run("-h").code == 0
+
+
 def test_create_on_a_symbolic_link_says_it_is_one(tmp_path):
     # A dangling link was called "a file, not a directory"; so was a link to a directory.
     os.symlink("nowhere", tmp_path / "dangling")

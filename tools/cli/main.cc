@@ -101,7 +101,19 @@ int main(int argc, char** argv) {
   add_bench_command(app, registry);
 
   // A first word that is neither an option nor a command is named as such, before CLI11 would
-  // call it an unexpected positional argument.
+  // call it an unexpected positional argument; an option no command comes after would be
+  // reported as "A subcommand is required" (a typo: embstore --versoin).
+  if (argc >= 2 && argv[1][0] == '-') {
+    const std::string given = argv[1];
+    bool known = false;
+    for (const CLI::Option* option : app.get_options()) {
+      known = known || option->check_name(given.substr(0, given.find('=')));
+    }
+    if (!known) {
+      std::fprintf(stderr, "embstore: unknown option %s (see embstore --help)\n", argv[1]);
+      return kExitUsage;
+    }
+  }
   if (argc >= 2 && argv[1][0] != '-') {
     bool known = false;
     for (const auto& [command, action] : registry.commands()) {
