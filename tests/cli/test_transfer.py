@@ -1253,3 +1253,17 @@ def test_the_keys_an_hdf5_dataset_takes_by_default_are_named_as_such_when_they_d
     assert not os.path.exists(tmp_path / "new")
     assert run("import", tmp_path / "new", f"{h5}:/other4", "--keys", tmp_path / "k.npy",
                "--epoch", 1, "--quiet").code == 0
+
+
+def test_export_takes_its_format_from_the_suffix_in_any_case(tmp_path):
+    # OUT.H5 was written as an npy directory named OUT.H5.
+    store = make_store(tmp_path / "s")
+    for name, format in (("OUT.H5", "hdf5"), ("out.Hdf5", "hdf5"), ("ROWS.CSV", "csv"),
+                         ("out.h5", "hdf5"), ("dir.H5x", "npy")):
+        r = run("export", store, tmp_path / name, "--json")
+        assert r.code == 0, (name, r)
+        assert json.loads(r.out)["format"] == format, name
+        assert os.path.isdir(tmp_path / name) == (format == "npy"), name
+    with h5py.File(tmp_path / "OUT.H5", "r") as f:
+        assert f["vectors"].shape == (30, 4)
+    assert open(tmp_path / "ROWS.CSV").readline().startswith("row,key,epoch,v0")

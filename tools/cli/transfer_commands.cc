@@ -1,6 +1,8 @@
 // export, import and compact.
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cctype>
 #include <memory>
 #include <optional>
 #include <set>
@@ -13,9 +15,12 @@
 namespace embstore::cli {
 namespace {
 
+// Whether `text` ends with `suffix` (lower case), in any case: "OUT.H5" is an HDF5 file.
 bool ends_with(const std::string& text, const std::string& suffix) {
   return text.size() >= suffix.size() &&
-         text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+         std::equal(suffix.begin(), suffix.end(), text.end() - suffix.size(), [](char s, char t) {
+           return s == std::tolower(static_cast<unsigned char>(t));
+         });
 }
 
 struct ExportArgs {
@@ -35,7 +40,7 @@ int run_export(const ExportArgs& args) {
   tools::ExportOptions options;
   std::string format = args.format;
   if (format.empty()) {
-    // From the output's name: .h5/.hdf5 and .csv, anything else is an npy directory.
+    // From the output's name: .h5/.hdf5 and .csv in any case, anything else is an npy directory.
     format = ends_with(args.out, ".h5") || ends_with(args.out, ".hdf5") ? "hdf5"
              : ends_with(args.out, ".csv")                              ? "csv"
                                                                         : "npy";
