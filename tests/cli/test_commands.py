@@ -1274,3 +1274,49 @@ def test_a_store_past_map_bytes_asks_to_raise_embstore_map_bytes(tmp_path):
     # A library caller that gave map_bytes is told to give a larger one.
     with pytest.raises(OSError, match="; reopen with a larger map_bytes$"):
         embstore.Reader(store, map_bytes=1 << 20)
+
+
+def _column_ends(line, columns=3):
+    return [m.end() for m in re.finditer(r"\S+", line)][:columns]
+
+
+def test_row_tables_stay_aligned_with_an_epoch_of_twenty_digits(tmp_path):
+    # The epoch column was {:>10}: a wider epoch pushed the columns after it right.
+    store = str(tmp_path / "s")
+    embstore.create(store, dim=2)
+    with embstore.Writer(store) as w:
+        w.append(keys=[1, 2], vectors=np.ones((2, 2), np.float32), epoch=5)
+        w.append(keys=[1], vectors=np.ones((1, 2), np.float32), epoch=2**64 - 1)
+    for args in (["head", store], ["tail", store, "--vectors"], ["get", store, 1],
+                 ["get", store, 1, "--history"]):
+        r = run(*args)
+        assert r.code == 0, (args, r)
+        header, *rows = r.out.splitlines()
+        assert rows and all(_column_ends(row) == _column_ends(header) for row in rows), r.out
+    assert str(2**64 - 1) in run("tail", store, "-n", 1).out
+
+
+def test_verify_quotes_the_store_in_the_repair_commands_it_prints(tmp_path):
+    # "(repair it: embstore rebuild-index sp ace/s t.emb)" ran on two other paths when pasted.
+    (tmp_path / "sp ace").mkdir()
+    store = make_store(tmp_path / "sp ace" / "it's $s.emb")
+    with open(os.path.join(store, "header"), "r+b") as f:  # the header copy
+        f.seek(2048 + 16)
+        byte = f.read(1)[0]
+        f.seek(2048 + 16)
+        f.write(bytes([byte ^ 1]))
+    with open(os.path.join(store, "keys.1"), "r+b") as f:  # the key index's pair table
+        f.seek(48)
+        pair_slots = int.from_bytes(f.read(8), "little")
+        f.seek(4096)
+        f.write(bytes(16 * pair_slots))
+    r = run("verify", store)
+    assert r.code == 1, r
+    quoted = "'" + store.replace("'", "'\\''") + "'"
+    hints = re.findall(r"embstore rebuild-index ('(?:[^']|'\\'')*'|\S+)", r.out)
+    assert hints == [quoted, quoted], r.out
+    # Pasted into a shell, the command names the store.
+    shell = subprocess.run(["sh", "-c", f"{CLI} rebuild-index {quoted}"], capture_output=True,
+                           text=True)
+    assert shell.returncode == 0, shell
+    assert run("verify", store).code == 0

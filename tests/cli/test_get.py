@@ -195,3 +195,16 @@ def test_get_refuses_an_empty_npy_path_instead_of_ignoring_it(tmp_path):
     r = run("get", store, 3, "--npy", "")
     assert r.code == 2, r
     assert "--npy" in r.err and "path is empty" in r.err, r
+
+
+def test_get_npy_reports_the_shape_of_the_file_it_wrote(store, tmp_path):
+    # One row is written as a vector of shape (4,), which the report called "(1 x 4 float32)".
+    one, history = tmp_path / "v.npy", tmp_path / "h.npy"
+    r = run("get", store, 7, "--npy", one)
+    assert r.code == 0, r
+    assert np.load(one).shape == (4,)
+    assert one_line(r.out) == f"{one}: 1 row of key 7 (float32, shape (4,))"
+    r = run("get", store, 7, "--history", "--npy", history)
+    assert r.code == 0, r
+    assert np.load(history).shape == (3, 4)
+    assert one_line(r.out) == f"{history}: 3 rows of key 7 (float32, shape (3, 4))"

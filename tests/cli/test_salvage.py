@@ -71,7 +71,7 @@ def test_salvage_text_output_names_the_lost_ranges(tmp_path):
     r = run("salvage", store, tmp_path / "out")
     assert r.code == 1, r
     assert "copied 27 of 30 rows" in r.out and "(header: second copy)\n" in r.out
-    assert "lost 3 row(s)" in r.out
+    assert "lost 3 rows:" in r.out
     lines = [line.split() for line in r.out.splitlines()]
     assert ["5", "7", "2"] in lines and ["20", "21", "1"] in lines
     assert r.err == ""  # no progress bar when stderr is not a terminal

@@ -1255,6 +1255,33 @@ def test_the_keys_an_hdf5_dataset_takes_by_default_are_named_as_such_when_they_d
                "--epoch", 1, "--quiet").code == 0
 
 
+def test_counts_of_one_row_are_singular_in_every_report(tmp_path):
+    # "imported 1 rows", and so on in every report that counts rows.
+    np.save(tmp_path / "v.npy", np.ones((1, 4), np.float32))
+    store, out = tmp_path / "s", tmp_path / "out"
+    r = run("import", store, tmp_path / "v.npy")
+    assert r.code == 0, r
+    assert r.out.startswith(f"imported 1 row from {tmp_path / 'v.npy'} into new store {store} ")
+    r = run("export", store, out)
+    assert r.code == 0 and r.out.startswith("exported 1 row (16 bytes of float32) from "), r
+    r = run("compact", store, tmp_path / "small")
+    assert r.code == 0 and re.match(rf"compacted {store} \(1 row, \d+ bytes\) into "
+                                    rf"{tmp_path / 'small'} \(1 row, \d+ bytes\)\n$", r.out), r
+    r = run("merge", tmp_path / "merged", store)
+    assert r.code == 0 and r.out == f"merged 1 shard, 1 row, into {tmp_path / 'merged'}\n", r
+    r = run("get", store, 5)
+    assert r.code == 12 and r.err.endswith(f"key 5 is not in {store} (1 row)\n"), r
+    r = run("export", store, tmp_path / "late", "--from", 2)
+    assert r.code == 2 and "(1 row)" in r.err, r
+    r = run("truncate", store, "--rows", 1, "--yes")
+    assert r.code == 0 and r.out == f"{store}: nothing to drop (1 row kept)\n", r
+    r = run("truncate", store, "--rows", 2, "--yes")
+    assert r.code == 2 and "--rows 2 is more than the 1 row the store holds" in r.err, r
+    np.save(tmp_path / "keys.npy", np.arange(2, dtype=np.uint64))
+    r = run("import", store, tmp_path / "v.npy", "--keys", tmp_path / "keys.npy")
+    assert r.code == 2 and "has 2 entries but" in r.err and "has 1 row" in r.err, r
+
+
 def test_export_takes_its_format_from_the_suffix_in_any_case(tmp_path):
     # OUT.H5 was written as an npy directory named OUT.H5.
     store = make_store(tmp_path / "s")

@@ -882,8 +882,8 @@ void print_spread(int writers, const char* what, const Spread& s) {
 void print_table(const Config& config, const std::vector<RunResult>& runs,
                  std::uint64_t row_bytes) {
   printf_out(
-      "embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s,%s %d reader%s, %s, median "
-      "of %d interleaved repeats\n",
+      "embstore bench: batch %llu x dim %u x %s (%llu B/row), sync %s,%s %s, %s, median of %d "
+      "interleaved repeats\n",
       static_cast<unsigned long long>(config.batch), config.dim, config.dtype_text.c_str(),
       static_cast<unsigned long long>(row_bytes), config.sync_text.c_str(),
       (std::string(config.no_key_index ? " no key index," : "") +
@@ -891,9 +891,9 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
        (config.expected_rows != 0 ? " expected rows " + std::to_string(config.expected_rows) + ","
                                   : std::string()))
           .c_str(),
-      config.readers, config.readers == 1 ? "" : "s",
+      tools::counted(config.readers, "reader").c_str(),
       config.seconds > 0 ? (std::to_string(config.seconds) + " s").c_str()
-                         : (std::to_string(config.rows) + " rows").c_str(),
+                         : tools::counted(config.rows, "row").c_str(),
       config.repeat);
   printf_out("%-8s %-10s %12s %10s %10s %10s %10s %9s %11s %9s\n", "writers", "workload", "rows/s",
              "MB/s", "p50 us", "p99 us", "max us", "x pwrite", "x pwrite-pre", "x memcpy");
@@ -980,8 +980,7 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
     }
   }
   if (runs.size() > 1) {
-    printf_out("embstore throughput vs %d writer%s:", runs[0].writers,
-               runs[0].writers == 1 ? "" : "s");
+    printf_out("embstore throughput vs %s:", tools::counted(runs[0].writers, "writer").c_str());
     for (const RunResult& r : runs) {
       printf_out(" %d -> %.2fx", r.writers,
                  ratio(r.store.rows_per_s(), runs[0].store.rows_per_s()));
@@ -995,10 +994,8 @@ void print_table(const Config& config, const std::vector<RunResult>& runs,
       // The same for the kernel alone (N processes pwrite() one file): the floor of embstore's
       // scaling on this machine. Then embstore's scaling over it, repeat by repeat: 1.00 means
       // embstore loses no more than the kernel does when writers are added.
-      printf_out(
-          "pwrite throughput vs %d writer%s (the kernel alone, N processes writing one "
-          "file):",
-          runs[0].writers, runs[0].writers == 1 ? "" : "s");
+      printf_out("pwrite throughput vs %s (the kernel alone, N processes writing one file):",
+                 tools::counted(runs[0].writers, "writer").c_str());
       for (const RunResult& r : runs) {
         printf_out(" %d -> %.2fx", r.writers,
                    ratio(r.pwrite.rows_per_s(), runs[0].pwrite.rows_per_s()));

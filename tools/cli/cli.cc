@@ -224,6 +224,31 @@ void Progress::update(std::uint64_t done, std::uint64_t total) {
   drawn_ = true;
 }
 
+std::string shell_quoted(std::string_view text) {
+  const bool plain = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) ||
+           std::string_view("@%+=:,./-_").find(c) != std::string_view::npos;
+  });
+  if (plain) return std::string(text);
+  std::string quoted = "'";
+  for (const char c : text) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
+}
+
+void RowColumns::fit(std::uint64_t row, std::uint64_t epoch) {
+  row_width_ = std::max(row_width_, fmt::formatted_size("{}", row));
+  epoch_width_ = std::max(epoch_width_, fmt::formatted_size("{}", epoch));
+}
+
+std::string RowColumns::header(std::string_view rest) const {
+  return fmt::format("{:>{}}  {:>20}  {:>{}}{}\n", "row", row_width_, "key", "epoch", epoch_width_,
+                     rest);
+}
+
+std::string RowColumns::cells(std::uint64_t row, std::uint64_t key, std::uint64_t epoch) const {
+  return fmt::format("{:>{}}  {:>20}  {:>{}}", row, row_width_, key, epoch, epoch_width_);
+}
+
 void Table::print(const std::string& indent) const {
   std::vector<std::size_t> widths;
   std::vector<bool> numeric;

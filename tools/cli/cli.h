@@ -175,6 +175,28 @@ void warn(const std::string& command, const std::string& text);
 // killing the process), " (the file-size limit is N bytes: raise ulimit -f)"; else "".
 std::string errno_hint(int err);
 
+// `text` as one word of a POSIX shell command line: as it is when it holds only characters no
+// shell treats specially (letters, digits, and @%+=:,./-_), else in single quotes (a quote in it
+// as '\''). For every hint that prints a command to run ("repair it: embstore rebuild-index
+// 'sp ace/s t.emb'").
+std::string shell_quoted(std::string_view text);
+
+// The row, key and epoch columns that head, tail and get print: right-aligned, each as wide as
+// its name in the header, its former width (12, 20, 10) and the widest value fit() was given,
+// so that a wide epoch (up to 20 digits) does not shift the columns after it.
+class RowColumns {
+ public:
+  void fit(std::uint64_t row, std::uint64_t epoch);
+  // "row  key  epoch" aligned, then `rest` (the column names that follow) and a line end.
+  std::string header(std::string_view rest) const;
+  // A row's three cells, aligned as the header, without a line end.
+  std::string cells(std::uint64_t row, std::uint64_t key, std::uint64_t epoch) const;
+
+ private:
+  std::size_t row_width_ = 12;
+  std::size_t epoch_width_ = 10;
+};
+
 // Rows of text printed in aligned columns on stdout: numbers (cells starting with a digit)
 // right-aligned.
 class Table {

@@ -1,5 +1,6 @@
 // get: the vector of one sample by key (and epoch), or every version of it, via the key index.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <memory>
 #include <optional>
@@ -36,8 +37,9 @@ Error not_found(const Reader& reader, const GetArgs& args) {
                                "embstore rebuild-index repairs it)",
                                args.key, reader.path(), row));
     }
-    return Error(ErrorCode::kNotFound, fmt::format("key {} is not in {} ({} rows)", args.key,
-                                                   reader.path(), reader.size()));
+    return Error(ErrorCode::kNotFound,
+                 fmt::format("key {} is not in {} ({})", args.key, reader.path(),
+                             tools::counted(reader.size(), "row")));
   }
   std::set<std::uint64_t> present;
   for (const KeyVersion& v : versions) present.insert(v.epoch);
@@ -54,11 +56,23 @@ Error not_found(const Reader& reader, const GetArgs& args) {
                            *args.epoch, reader.path(), epochs));
 }
 
-void write_npy(const Reader& reader, const std::vector<Record>& records, const GetArgs& args) {
-  // One row: a vector of shape (dim,); --history: a (versions, dim) matrix in commit order.
+// The shape of the .npy file: one row is a vector of shape (dim,); --history a (versions, dim)
+// matrix in commit order.
+std::vector<std::uint64_t> npy_shape(const Reader& reader, const std::vector<Record>& records,
+                                     const GetArgs& args) {
   std::vector<std::uint64_t> shape;
   if (args.history) shape.push_back(records.size());
   shape.push_back(reader.dim());
+  return shape;
+}
+
+// A shape as numpy prints it: "(8,)", "(3, 8)".
+std::string shape_text(const std::vector<std::uint64_t>& shape) {
+  return fmt::format("({}{})", fmt::join(shape, ", "), shape.size() == 1 ? "," : "");
+}
+
+void write_npy(const Reader& reader, const std::vector<Record>& records, const GetArgs& args) {
+  const std::vector<std::uint64_t> shape = npy_shape(reader, records, args);
   // As export writes a file: a failed write (a full disk) leaves no file at args.npy.
   tools::write_file_aside(args.npy, [&](const std::string& file) {
     tools::NpyWriter out(file, tools::npy_descr(reader.dtype()), shape);
@@ -78,11 +92,11 @@ int run_get(const GetArgs& args) {
 
   if (!args.npy.empty()) {
     write_npy(reader, records, args);
-    note_done(fmt::format("wrote {} row{} of key {} to {}", records.size(),
-                          records.size() == 1 ? "" : "s", args.key, args.npy));
-    print_out("{}: {} row{} of key {} ({} x {} {}{})\n", args.npy, records.size(),
-              records.size() == 1 ? "" : "s", args.key, records.size(), reader.dim(),
-              dtype_name(reader.dtype()),
+    note_done(fmt::format("wrote {} of key {} to {}", tools::counted(records.size(), "row"),
+                          args.key, args.npy));
+    print_out("{}: {} of key {} ({}, shape {}{})\n", args.npy,
+              tools::counted(records.size(), "row"), args.key, dtype_name(reader.dtype()),
+              shape_text(npy_shape(reader, records, args)),
               reader.dtype() == DType::kBFloat16 ? ", stored as uint16 bit patterns" : "");
     return kExitOk;
   }
@@ -100,9 +114,11 @@ int run_get(const GetArgs& args) {
     }
     return kExitOk;
   }
-  print_out("{:>12}  {:>20}  {:>10}  vector\n", "row", "key", "epoch");
+  RowColumns columns;
+  for (const Record& r : records) columns.fit(r.row, r.epoch);
+  write_stdout(columns.header("  vector"));
   for (const Record& r : records) {
-    print_out("{:>12}  {:>20}  {:>10}  [{}]\n", r.row, r.key, r.epoch, vector_text(reader, r));
+    print_out("{}  [{}]\n", columns.cells(r.row, r.key, r.epoch), vector_text(reader, r));
   }
   return kExitOk;
 }

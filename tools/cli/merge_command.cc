@@ -61,14 +61,14 @@ int run_merge(const MergeArgs& args) {
         args.out, shards,
         [&](const MergeProgress& p) { progress.update(p.rows_done, p.rows_total); }, &warning);
   }
-  note_done(fmt::format("wrote {} rows to {}", info.committed_rows, args.out));
+  note_done(fmt::format("wrote {} to {}", tools::counted(info.committed_rows, "row"), args.out));
   if (args.json) {
     nlohmann::json out = info_json(info);
     out["shards"] = shards.shard_count();
     print_json(out);
   } else {
-    print_out("merged {} shard(s), {} rows, into {}\n", shards.shard_count(), info.committed_rows,
-              args.out);
+    print_out("merged {}, {}, into {}\n", tools::counted(shards.shard_count(), "shard"),
+              tools::counted(info.committed_rows, "row"), args.out);
   }
   warn("merge", warning);
   return kExitOk;

@@ -35,10 +35,14 @@ class RowPrinter {
  public:
   RowPrinter(const Reader& reader, const RowArgs& args) : reader_(reader), args_(args) {}
 
-  void header() {
-    if (!args_.json)
-      print_out("{:>12}  {:>20}  {:>10}{}\n", "row", "key", "epoch",
-                args_.vectors ? "  vector" : "");
+  // The header, its columns as wide as rows [begin, end) need.
+  void header(std::uint64_t begin, std::uint64_t end) {
+    if (args_.json) return;
+    if (begin < end) {
+      const StridedView<std::uint64_t> epochs = reader_.epochs(begin, end);
+      for (std::uint64_t i = 0; i < end - begin; ++i) columns_.fit(end - 1, epochs[i]);
+    }
+    write_stdout(columns_.header(args_.vectors ? "  vector" : ""));
   }
 
   void print(std::uint64_t row) {
@@ -49,7 +53,9 @@ class RowPrinter {
       print_json(line);
       return;
     }
-    print_out("{:>12}  {:>20}  {:>10}", record.row, record.key, record.epoch);
+    // Rows that tail -f prints later widen the columns from there on if they need it.
+    columns_.fit(record.row, record.epoch);
+    write_stdout(columns_.cells(record.row, record.key, record.epoch));
     if (args_.vectors) print_out("  [{}]", vector_text(reader_, record));
     print_out("\n");
   }
@@ -57,6 +63,7 @@ class RowPrinter {
  private:
   const Reader& reader_;
   const RowArgs& args_;
+  RowColumns columns_;
 };
 
 // True once nobody reads our stdout any more (the reader of a pipe closed it).
@@ -131,7 +138,7 @@ int run_rows(const RowArgs& args, bool tail) {
   const std::uint64_t size = reader.size();
   const std::uint64_t count = std::min(args.n, size);
   const std::uint64_t begin = tail ? size - count : 0;
-  printer.header();
+  printer.header(begin, begin + count);
   for (std::uint64_t row = begin; row < begin + count && !stop_requested(); ++row) {
     printer.print(row);
   }

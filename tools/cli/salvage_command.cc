@@ -60,7 +60,7 @@ int run_salvage(const SalvageArgs& args) {
     if (report.rows_lost == 0) {
       print_out("no row lost\n");
     } else {
-      print_out("lost {} row(s):\n", report.rows_lost);
+      print_out("lost {}:\n", tools::counted(report.rows_lost, "row"));
       Table table({"first row", "end row", "rows"});
       for (const auto& [begin, end] : report.lost_ranges) {
         table.add({std::to_string(begin), std::to_string(end), std::to_string(end - begin)});

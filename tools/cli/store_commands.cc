@@ -253,9 +253,9 @@ int run_verify(const VerifyArgs& args) {
       }
     }
     if (keys.key_index_problems > 0) {
-      print_out("key index: {} problem{}: {} (repair it: embstore rebuild-index {})\n",
-                keys.key_index_problems, keys.key_index_problems == 1 ? "" : "s",
-                keys.key_index_problem, args.store);
+      print_out("key index: {}: {} (repair it: embstore rebuild-index {})\n",
+                tools::counted(keys.key_index_problems, "problem"), keys.key_index_problem,
+                shell_quoted(args.store));
     } else if (keys.key_index_checked) {
       print_out("key index: consistent with the offset index\n");
     } else if (whole) {
@@ -263,13 +263,15 @@ int run_verify(const VerifyArgs& args) {
     }
     if (!header.empty()) {
       // rebuild-index opens a writer, but refuses a store made without a key index.
-      print_out("header: {} (nothing is lost; a writer opening the store repairs it{})\n", header,
-                reader.info().keeps_key_index
-                    ? fmt::format(": embstore rebuild-index {}, or any Writer", args.store)
-                    : std::string(": the next one to append"));
+      print_out(
+          "header: {} (nothing is lost; a writer opening the store repairs it{})\n", header,
+          reader.info().keeps_key_index
+              ? fmt::format(": embstore rebuild-index {}, or any Writer", shell_quoted(args.store))
+              : std::string(": the next one to append"));
     }
     if (total.rows_to_cut > 0) {
-      print_out("{} rows to cut: {}\n", total.rows_to_cut, rows_to_cut_text(state));
+      print_out("{} to cut: {}\n", tools::counted(total.rows_to_cut, "row"),
+                rows_to_cut_text(state));
     }
   }
   return total.ok() && keys.ok() ? kExitOk : kExitDamage;

@@ -60,7 +60,7 @@ int run_export(const ExportArgs& args) {
     options.progress = progress.fn();
     result = tools::export_store(reader, args.out, options);
   }
-  note_done(fmt::format("wrote {} rows to {}", result.rows, args.out));
+  note_done(fmt::format("wrote {} to {}", tools::counted(result.rows, "row"), args.out));
   if (args.json) {
     print_json({{"store", reader.path()},
                 {"out", args.out},
@@ -68,8 +68,9 @@ int run_export(const ExportArgs& args) {
                 {"rows", result.rows},
                 {"bytes", result.bytes}});
   } else {
-    print_out("exported {} rows ({} bytes of {}) from {} to {} ({})\n", result.rows, result.bytes,
-              dtype_name(reader.dtype()), reader.path(), args.out, format);
+    print_out("exported {} ({} bytes of {}) from {} to {} ({})\n",
+              tools::counted(result.rows, "row"), result.bytes, dtype_name(reader.dtype()),
+              reader.path(), args.out, format);
   }
   return kExitOk;
 }
@@ -110,7 +111,8 @@ int run_import(const ImportArgs& args) {
   const std::string where =
       fmt::format("{}rows {}..{}", result.contiguous ? "" : "among other writers' rows, in ",
                   result.first_row, result.end_row);
-  note_done(fmt::format("appended {} rows to {} ({})", result.rows, args.store, where));
+  note_done(
+      fmt::format("appended {} to {} ({})", tools::counted(result.rows, "row"), args.store, where));
   if (args.json) {
     print_json({{"store", args.store},
                 {"from", args.from},
@@ -122,7 +124,7 @@ int run_import(const ImportArgs& args) {
                 {"source_dtype", std::string(dtype_name(result.source_dtype))},
                 {"store_dtype", std::string(dtype_name(result.store_dtype))}});
   } else {
-    print_out("imported {} rows from {} into {}{} ({})\n", result.rows, args.from,
+    print_out("imported {} from {} into {}{} ({})\n", tools::counted(result.rows, "row"), args.from,
               result.created ? "new store " : "", args.store, where);
   }
   warn("import", result.warning);
@@ -151,7 +153,7 @@ int run_compact(const CompactArgs& args) {
     options.progress = progress.fn();
     result = tools::compact_store(args.store, args.out, options);
   }
-  note_done(fmt::format("wrote {} rows to {}", result.rows, args.out));
+  note_done(fmt::format("wrote {} to {}", tools::counted(result.rows, "row"), args.out));
   if (args.json) {
     print_json({{"store", args.store},
                 {"out", args.out},
@@ -160,8 +162,9 @@ int run_compact(const CompactArgs& args) {
                 {"source_bytes", result.source_bytes},
                 {"bytes", result.bytes}});
   } else {
-    print_out("compacted {} ({} rows, {} bytes) into {} ({} rows, {} bytes)\n", args.store,
-              result.source_rows, result.source_bytes, args.out, result.rows, result.bytes);
+    print_out("compacted {} ({}, {} bytes) into {} ({}, {} bytes)\n", args.store,
+              tools::counted(result.source_rows, "row"), result.source_bytes, args.out,
+              tools::counted(result.rows, "row"), result.bytes);
   }
   warn("compact", result.warning);
   return kExitOk;

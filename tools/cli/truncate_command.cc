@@ -44,8 +44,8 @@ Plan plan_truncate(const TruncateArgs& args, const Reader& reader) {
   if (args.rows) {
     if (*args.rows > plan.rows_before) {
       throw Error(ErrorCode::kInvalidArgument,
-                  fmt::format("{}: --rows {} is more than the {} rows the store holds", args.store,
-                              *args.rows, plan.rows_before));
+                  fmt::format("{}: --rows {} is more than the {} the store holds", args.store,
+                              *args.rows, tools::counted(plan.rows_before, "row")));
     }
     plan.keep = *args.rows;
   } else {
@@ -76,7 +76,8 @@ std::string epochs_text(const std::map<std::uint64_t, std::uint64_t>& epochs) {
       text += ", ...";
       break;
     }
-    text += fmt::format("{}epoch {}: {} rows", text.empty() ? "" : ", ", epoch, rows);
+    text +=
+        fmt::format("{}epoch {}: {}", text.empty() ? "" : ", ", epoch, tools::counted(rows, "row"));
   }
   return text;
 }
@@ -178,10 +179,11 @@ int run_truncate(const TruncateArgs& args) {
     return kExitOk;
   }
   if (dropped == 0) {
-    print_out("{}: nothing to drop ({} rows kept)\n", args.store, kept);
+    print_out("{}: nothing to drop ({} kept)\n", args.store, tools::counted(kept, "row"));
   } else {
-    print_out("{}: kept rows [0, {}), dropped {} rows [{}, {}) ({}); now generation {}\n",
-              args.store, kept, dropped, kept, before, epochs_text(dropped_epochs), generation);
+    print_out("{}: kept rows [0, {}), dropped {} [{}, {}) ({}); now generation {}\n", args.store,
+              kept, tools::counted(dropped, "row"), kept, before, epochs_text(dropped_epochs),
+              generation);
   }
   return kExitOk;
 }

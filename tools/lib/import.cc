@@ -418,8 +418,8 @@ ImportResult import_once(const std::string& store, const std::string& source,
                (is_keys ? "--keys" : "--epochs or --epoch") + " to choose others";
       }
       throw Error(ErrorCode::kInvalidArgument,
-                  column->name() + " has " + std::to_string(column->rows()) + " entries but " +
-                      vectors->name() + " has " + std::to_string(n) + " rows" + note);
+                  column->name() + " has " + counted(column->rows(), "entry", "entries") + " but " +
+                      vectors->name() + " has " + counted(n, "row") + note);
     }
   }
   // Every key and epoch is checked before the first append, so input refused for a bad value

@@ -23,12 +23,17 @@ std::string epoch_list(const std::set<std::uint64_t>& epochs) {
 
 }  // namespace
 
+std::string counted(std::uint64_t count, const std::string& noun, const std::string& plural) {
+  if (count == 1) return "1 " + noun;
+  return std::to_string(count) + " " + (plural.empty() ? noun + "s" : plural);
+}
+
 std::uint64_t checked_end_row(const Reader& reader, std::uint64_t begin,
                               std::optional<std::uint64_t> end_row) {
   const std::uint64_t size = reader.size();
   const std::uint64_t end = end_row.value_or(size);
   const std::string rows =
-      " is past the end of " + reader.path() + " (" + std::to_string(size) + " rows)";
+      " is past the end of " + reader.path() + " (" + counted(size, "row") + ")";
   if (begin > end) {
     // Without --to, the end is the store's: say so rather than name a --to never given.
     throw Error(ErrorCode::kInvalidArgument,

@@ -71,6 +71,11 @@ double element_value(DType dtype, const std::byte* row, std::uint32_t i);
 // "-nan" where the README promises "nan" (what numpy, pandas and float() read).
 inline double printable(double value) { return std::isnan(value) ? std::fabs(value) : value; }
 
+// "1 row", "0 rows", "2 rows": `count` and `noun`, plural (`plural`, else noun + "s") unless
+// count is 1. Every count a report or message of the tools prints ("imported 1 row") goes
+// through it.
+std::string counted(std::uint64_t count, const std::string& noun, const std::string& plural = "");
+
 // Float32 value of an IEEE binary16 / bfloat16 bit pattern (exact).
 float half_to_float(std::uint16_t bits);
 float bfloat16_to_float(std::uint16_t bits);
