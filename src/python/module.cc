@@ -243,7 +243,7 @@ void to_u64(const py::array& array, std::string_view owner, std::string_view wha
   if (array.dtype().byteorder() == '>') {
     invalid(name() +
             " are big-endian; convert them to native byte order first "
-            "(for example keys.astype(numpy.uint64))");
+            "(for example .astype(numpy.uint64))");
   }
   const py::ssize_t n = array.shape(0);
   const auto* base = static_cast<const char*>(array.data());

@@ -487,3 +487,22 @@ def test_a_path_given_as_utf8_bytes_opens_as_text(tmp_path):
     r = embstore.Reader(path)
     assert r.path == str(tmp_path / "é") and r.keys.tolist() == [7]
     assert embstore.info(path)["committed_rows"] == 1
+
+
+def test_the_readme_python_block_runs_as_written(tmp_path):
+    """README.md's "Using it from Python" block, run as it is (its store path moved into
+    tmp_path) in a fresh interpreter: it appended one batch of epoch 3 and then read rows 0..4096
+    and sample 10 at epoch 5, and used names it never defined (a review)."""
+    import re
+    import subprocess
+    import sys
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    section = readme[readme.index("## Using it from Python"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "/data/run17.emb" in block
+    script = block.replace("/data/run17.emb", str(tmp_path / "run17.emb"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    with embstore.Reader(tmp_path / "run17.emb") as r:  # truncated from epoch 5 on, as it says
+        assert r.epoch_counts() == {3: 2048, 4: 2048}

@@ -41,8 +41,10 @@ def test_big_endian_keys_or_epochs_are_refused_not_stored_byte_swapped(store, as
     with embstore.Writer(store, dim=4, async_queue_mb=async_queue_mb) as w:
         with pytest.raises(ValueError, match=re.escape(f"{store}: append: keys are big-endian")):
             w.append(np.array([1, 2], dtype=">u8"), rows(2))
-        with pytest.raises(ValueError, match=re.escape(f"{store}: append: epochs are big-endian")):
+        with pytest.raises(ValueError, match=re.escape(f"{store}: append: epochs are big-endian")) \
+                as refused:
             w.append(np.array([1, 2], np.uint64), rows(2), np.array([3, 4], dtype=">i8"))
+        assert "keys.astype" not in str(refused.value)  # the hint named keys for epochs (a review)
         w.append(np.array([1, 2], dtype="<u8"), rows(2), np.array([3, 4], dtype="<i8"))
     r = embstore.Reader(store)
     assert r.keys.tolist() == [1, 2] and r.epochs.tolist() == [3, 4]
@@ -720,3 +722,16 @@ def test_copied_batches_counts_only_batches_that_were_taken(store, async_queue_m
     w.flush()
     assert w.stats()["copied_batches"] == 1 and w.stats()["rows"] == 3
     w.close()
+
+
+@pytest.mark.parametrize("method", ["find_many", "get_many"])
+def test_lookups_of_many_name_the_method_called_when_keys_and_epochs_disagree(store, method):
+    """get_many's error named find_many and an internal "2 outputs" (a review)."""
+    with embstore.Writer(store, dim=4) as w:
+        w.append(np.array([1, 2]), rows(2), 0)
+    r = embstore.Reader(store)
+    message = (f"{store}: {method}: 2 keys and 3 epochs: give one epoch per key, one for every "
+               "key, or none (the latest)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        getattr(r, method)([1, 2], epochs=[0, 0, 0])
+    assert getattr(r, method)([1, 2], epochs=[0]).shape[0] == 2

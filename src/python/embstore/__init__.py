@@ -1707,7 +1707,7 @@ class Reader(_Handle):
 
     # Lookups by key (sample id) and epoch, for this snapshot, through the store's key index (a
     # scan where there is none; see info()["key_index"]). A (key, epoch) appended twice: the
-    # later row wins in find/get, history lists both. ``r[i]`` stays row-number indexing.
+    # later row wins in find/get, history lists both. Row numbers index ``r.vectors[i]``.
     # Keys and epochs are checked as append checks them: a bool, float, str, negative or too
     # large value (or array dtype) raises ValueError naming the argument, never another key.
 
@@ -1732,21 +1732,25 @@ class Reader(_Handle):
         ``keys`` (and an array of ``epochs``) must be 1-D: the result is 1-D, one row per key;
         other shapes raise ValueError naming the argument and its shape (flatten them first,
         and reshape the result)."""
-        return self._native.find_many(*self._find_many_args(keys, epochs))
+        return self._native.find_many(*self._find_many_args(keys, epochs, "find_many"))
 
-    @staticmethod
-    def _find_many_args(keys, epochs):
-        """``keys`` and ``epochs`` of find_many as the uint64 arrays the core takes (epochs:
-        None, one for every key, or one per key), checked."""
-        keys = _u64_array(keys, "find_many: keys")
-        _check_1d(keys, "find_many: keys")
+    def _find_many_args(self, keys, epochs, method):
+        """``keys`` and ``epochs`` of find_many or get_many (``method``, which errors name) as
+        the uint64 arrays the core takes (epochs: None, one for every key, or one per key),
+        checked."""
+        keys = _u64_array(keys, f"{method}: keys")
+        _check_1d(keys, f"{method}: keys")
         if epochs is not None and np.ndim(epochs) == 0:  # one epoch for every key
             if isinstance(epochs, np.ndarray) or _is_torch_tensor(epochs):
                 epochs = epochs.item()
-            epochs = np.array([_check_u64(epochs, "find_many: epochs")], dtype=np.uint64)
+            epochs = np.array([_check_u64(epochs, f"{method}: epochs")], dtype=np.uint64)
         elif epochs is not None:
-            epochs = _u64_array(epochs, "find_many: epochs")
-            _check_1d(epochs, "find_many: epochs")
+            epochs = _u64_array(epochs, f"{method}: epochs")
+            _check_1d(epochs, f"{method}: epochs")
+            if len(epochs) != len(keys) and len(epochs) != 1:
+                raise ValueError(f"{self.path}: {method}: {len(keys)} keys and {len(epochs)} "
+                                 "epochs: give one epoch per key, one for every key, or none "
+                                 "(the latest)")
         return keys, epochs
 
     def gather(self, rows) -> np.ndarray:
@@ -1761,7 +1765,7 @@ class Reader(_Handle):
         named another key's row, the index is marked damaged (``info()["key_index"]`` says so)
         and the rows are found again by a scan. And every row is checked against its checksum,
         as ``get`` checks it: CorruptionError naming the first row that fails."""
-        keys, epochs = self._find_many_args(keys, epochs)
+        keys, epochs = self._find_many_args(keys, epochs, "get_many")
         # Four calls of the core, each on the snapshot of its moment: a refresh() by another
         # thread between two of them changes rows only by adding some, unless it crosses a
         # truncate (a new generation), where row numbers name other rows. Then all is redone.

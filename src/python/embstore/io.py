@@ -587,7 +587,11 @@ def _as_store_rows(chunk: np.ndarray, source: str, target: str,
     store takes them: bfloat16 widened exactly to float32 first, then float64 for a float64
     store, or rounded once to a narrower float type (``_rounded_once``: a value that would
     become infinite raises ValueError naming its row, ``rows`` holding the chunk's row
-    numbers). bfloat16 bit patterns for a bfloat16 store stay as they are."""
+    numbers). bfloat16 bit patterns for a bfloat16 store stay as they are. A big-endian file's
+    rows (a valid .npy, which numpy reads as it is) are put in native byte order first, as the
+    CLI's import takes them."""
+    if not chunk.dtype.isnative:
+        chunk = chunk.astype(chunk.dtype.newbyteorder("="))
     if source == "bfloat16" and target != "bfloat16":
         chunk = (chunk.astype(np.uint32) << 16).view(np.float32)
     if target == "float64":
