@@ -1332,6 +1332,9 @@ PYBIND11_MODULE(_embstore, m) {
         if (segment_bytes) options.segment_bytes = *segment_bytes;
         options.key_index = key_index;
         ReleaseGil unlocked;
+        // Refused where every Writer would refuse the store (a network or FUSE file system), as
+        // embstore create refuses it: a store made there was a time bomb for a training job.
+        Writer::check_filesystem(path);
         create_store(path, options);
       },
       py::arg("path"), py::arg("dim"), py::arg("dtype"), py::arg("metadata"),

@@ -1184,19 +1184,8 @@ def nfs_everywhere(tmp_path_factory):
     if cc is None:
         pytest.skip("no C compiler to build the statfs shim")
     shim = tmp_path_factory.mktemp("shim")
-    (shim / "nfs.c").write_text(
-        "#define _GNU_SOURCE\n"
-        "#include <dlfcn.h>\n"
-        "#include <sys/vfs.h>\n"
-        "int statfs(const char* path, struct statfs* st) {\n"
-        "  int (*real)(const char*, struct statfs*) =\n"
-        "      (int (*)(const char*, struct statfs*))dlsym(RTLD_NEXT, \"statfs\");\n"
-        "  int rc = real(path, st);\n"
-        "  if (rc == 0) st->f_type = 0x6969;\n"
-        "  return rc;\n"
-        "}\n")
-    subprocess.run([cc, "-shared", "-fPIC", "-o", shim / "nfs.so", shim / "nfs.c", "-ldl"],
-                   check=True)
+    source = os.path.join(os.path.dirname(__file__), "..", "support", "statfs_nfs.c")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", shim / "nfs.so", source, "-ldl"], check=True)
     return dict(os.environ, LD_PRELOAD=str(shim / "nfs.so"))
 
 

@@ -506,3 +506,39 @@ def test_the_readme_python_block_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr
     with embstore.Reader(tmp_path / "run17.emb") as r:  # truncated from epoch 5 on, as it says
         assert r.epoch_counts() == {3: 2048, 4: 2048}
+
+
+def test_create_refuses_a_network_file_system_as_writers_do_unless_forced(tmp_path):
+    """embstore.create made a store on NFS or FUSE that every Writer then refused (as the CLI's
+    create did: a review). Every statfs of a child interpreter reports NFS (an LD_PRELOAD shim,
+    tests/support/statfs_nfs.c); the Writer's refusal and create's name the same rule."""
+    import shutil
+    import subprocess
+    import sys
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the statfs shim")
+    shim = tmp_path / "nfs.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim),
+                    os.path.join(os.path.dirname(__file__), "..", "support", "statfs_nfs.c"),
+                    "-ldl"], check=True)
+    script = ("import embstore, sys\n"
+              "for call in (lambda: embstore.create(sys.argv[1], dim=4),\n"
+              "             lambda: embstore.Writer(sys.argv[1], dim=4)):\n"
+              "    try:\n"
+              "        call(); print('made')\n"
+              "    except ValueError as error:\n"
+              "        print('refused:', error)\n")
+    env = dict(os.environ, LD_PRELOAD=str(shim))
+    store = str(tmp_path / "s")
+    done = subprocess.run([sys.executable, "-c", script, store], env=env, capture_output=True,
+                          text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("refused: ") for line in lines), done
+    assert "EMBSTORE_ALLOW_REMOTE_FS" in lines[0] and store in lines[0]
+    assert not os.path.exists(store)
+    env["EMBSTORE_ALLOW_REMOTE_FS"] = "1"
+    done = subprocess.run([sys.executable, "-c", script, store], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.splitlines()[0] == "made", done
+    assert embstore.Reader(store).dim == 4

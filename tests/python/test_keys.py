@@ -277,7 +277,7 @@ def test_lookups_refuse_keys_epochs_and_rows_that_are_not_integers_in_range(stor
                           (np.array([3, -1]), r"keys\[1\] is negative \(-1\)")]:
         with pytest.raises(ValueError, match="find_many: " + message):
             r.find_many(keys)
-        with pytest.raises(ValueError, match="find_many: " + message):
+        with pytest.raises(ValueError, match="get_many: " + message):  # the method called
             r.get_many(keys, 5)
     with pytest.raises(ValueError, match=r"find_many: epochs\[0\] is negative"):
         r.find_many([1], np.array([-1]))
@@ -311,7 +311,7 @@ def test_lookups_refuse_a_bool_in_a_list_that_numpy_would_read_as_an_integer(sto
     for call, message in [(lambda: r.find_many([np.True_, 1]), r"find_many: keys\[0\] .*bool_"),
                           (lambda: r.find_many([0, 1], [0, np.False_]),
                            r"find_many: epochs\[1\] .*bool_"),
-                          (lambda: r.get_many([1, np.True_]), r"find_many: keys\[1\] .*bool_")]:
+                          (lambda: r.get_many([1, np.True_]), r"get_many: keys\[1\] .*bool_")]:
         with pytest.raises(ValueError, match=message):
             call()
     assert r.gather([1, -1]).tolist() == [[11.0], [0.0]]
@@ -329,7 +329,7 @@ def test_lookups_refuse_keys_epochs_and_rows_that_are_not_1d_naming_the_shape(st
                           (lambda: r.find_many(5), r"find_many: keys .* shape \(\)"),
                           (lambda: r.find_many([0, 1], [[0, 0]]),
                            r"find_many: epochs .* shape \(1, 2\)"),
-                          (lambda: r.get_many(square), r"find_many: keys .* shape \(2, 2\)"),
+                          (lambda: r.get_many(square), r"get_many: keys .* shape \(2, 2\)"),
                           (lambda: r.gather(square), r"gather: rows .* shape \(2, 2\)"),
                           (lambda: r.gather(1), r"gather: rows .* shape \(\)"),
                           (lambda: s.find_many(square), r"keys .* shape \(2, 2\)"),

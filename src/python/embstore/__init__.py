@@ -242,7 +242,9 @@ def create(path: PathLike, dim: int, dtype: Any = "float32", metadata: Any = Non
     Raises:
         FileExistsError: a store (or a non-empty directory) is already there.
         ValueError: a bad dim, dtype, segment size or metadata, or a path that is not UTF-8
-            text (as every function and class of embstore taking a store path refuses it).
+            text (as every function and class of embstore taking a store path refuses it), or
+            a path on a network or FUSE file system, where every Writer would refuse the store
+            (unless EMBSTORE_ALLOW_REMOTE_FS=1: README, "Several machines").
     """
     if not isinstance(key_index, bool):
         raise ValueError(f"key_index must be True or False; got {key_index!r}")

@@ -446,10 +446,12 @@ class _RecordingBlock:
 
 class _Hook:
     """An EmbeddingRecorder's forward hook: a weak reference to the recorder, so that the model
-    does not keep a recorder nobody closed alive. A copy of the model (``copy.deepcopy``, say
-    for an EMA model, or a pickled whole model) gets a hook that records nothing: the recorder
-    records the module it was given. (With the recorder itself as the hook, a deepcopy raised
-    once the recorder had a Writer, and copied the recorder before.)"""
+    does not keep a recorder nobody closed alive. A ``copy.deepcopy`` of the model (an EMA
+    model, say) gets a hook that records nothing: the recorder records the module it was given
+    (with the recorder itself as the hook, a deepcopy raised once the recorder had a Writer,
+    and copied the recorder before). Pickled (a dataset holding the model and its recorder,
+    sent to spawned DataLoader workers), the hook takes its live recorder along, as the bound
+    method did: the worker's model records through the worker's recorder."""
 
     __slots__ = ("_recorder",)
 
@@ -465,7 +467,7 @@ class _Hook:
         return _Hook(None)
 
     def __reduce__(self) -> tuple:
-        return (_Hook, (None,))
+        return (_Hook, (None if self._recorder is None else self._recorder(),))
 
 
 class EmbeddingRecorder:
