@@ -16,6 +16,7 @@
 #include "log/recovery.h"
 #include "log/truncate.h"
 #include "platform/lock.h"
+#include "platform/testing.h"
 #include "storage/store_files.h"
 
 namespace embstore {
@@ -68,6 +69,18 @@ SalvageReport salvage(
   const std::string lock_path = files->dir() + "/" + detail::kLockFileName;
   report.writer_active = detail::writer_lock_held(lock_path);
 
+  // Mid-truncate (the switching flag set) the counters may be half-stored and are not read
+  // (FORMAT.md, "Truncate"): the new files, complete and flushed, hold the store. Otherwise the
+  // counters are read before the files' sizes: a live writer grows the files before it commits,
+  // so sizes read after its counter hold every row it counts (read the other way round, a commit
+  // between the two reads looked like files cut short, rows lost: a review).
+  const bool switching = (files->state().generation_word() & detail::kGenerationSwitching) != 0;
+  // In the order a writer's changes keep them in rule (durable <= committed <= capacity): each
+  // one read after the one it bounds.
+  const std::uint64_t counted_durable = files->state().durable();
+  const std::uint64_t counted = files->state().committed();
+  const std::uint64_t counted_capacity = files->state().capacity();
+  EMBSTORE_CRASH_POINT("salvage-counted");
   // The counters may be what is damaged: the files' sizes bound the scan, not capacity_rows.
   const std::uint64_t held = files->rows_files_hold();
   files->map_rows(held);
@@ -84,13 +97,9 @@ SalvageReport salvage(
     std::memcpy(&entry, files->entry_ptr(row), sizeof(entry));
     return entry;
   };
-  // Mid-truncate (the switching flag set) the counters may be half-stored and are not read
-  // (FORMAT.md, "Truncate"): the new files, complete and flushed, hold the store.
-  const bool switching = (files->state().generation_word() & detail::kGenerationSwitching) != 0;
-  const std::uint64_t committed =
-      switching ? detail::switched_rows(*files) : files->state().committed();
-  const std::uint64_t durable = switching ? committed : files->state().durable();
-  const std::uint64_t capacity = switching ? held : files->state().capacity();
+  const std::uint64_t committed = switching ? detail::switched_rows(*files) : counted;
+  const std::uint64_t durable = switching ? committed : counted_durable;
+  const std::uint64_t capacity = switching ? held : counted_capacity;
   // Files that hold fewer rows than committed_rows counts, while the counters keep their rules
   // (they share one sector: damaged together or not at all) and say the rows past the files'
   // end were there: the files were cut short (a copy that stopped, a file truncated). The rows

@@ -29,7 +29,8 @@
 //         close-joins-growth (close() has told a growth in progress the rows stored),
 //         info-opened (open_with_info has its first Reader, not yet the counters), log-loaded
 //         (the loader read a generation's counters and mapped its files, not yet checked that
-//         no truncate moved the store meanwhile: log/recovery.cc).
+//         no truncate moved the store meanwhile: log/recovery.cc), salvage-counted (salvage has
+//         read the counters, not yet the files' sizes).
 // Ops: open, fallocate, fstat, mmap, msync (fdatasync/fsync of store files), pwrite, pread,
 //      rename (also the link that names an unnamed file), mkdir, lock (the OFD writer lock),
 //      getrandom, futex (a failed wait returns at once, as a spurious wake-up; a failed wake
