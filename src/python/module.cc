@@ -642,13 +642,16 @@ class PyWriter {
 
   std::string writer_path() const { return path_; }
 
-  // Drops the references to arrays the background thread has finished with (GIL held).
+  // Drops the references to arrays the background thread has finished with (GIL held). Into a
+  // vector of this call's own: a last reference's release may run Python code (a torch
+  // tensor's), which lets another thread take the GIL and call this too (its append, its
+  // flush()); iterating a member vector that call cleared and refilled freed arrays twice and
+  // crashed (a review: SIGSEGV with torch tensors appended with copy=False and a flushing thread).
   void release_done() {
     if (!async_) return;
-    done_scratch_.clear();
-    async_->take_done(done_scratch_, spare_keys_);
-    for (void* hold : done_scratch_) Py_DECREF(static_cast<PyObject*>(hold));
-    done_scratch_.clear();
+    std::vector<void*> holds;
+    async_->take_done(holds, spare_keys_);
+    for (void* hold : holds) Py_DECREF(static_cast<PyObject*>(hold));
   }
   void drop_holds() { release_done(); }
 
@@ -662,8 +665,8 @@ class PyWriter {
   std::uint32_t dim_ = 0;
   DType dtype_ = DType::kFloat32;
   std::uint64_t record_bytes_ = 0;
-  std::vector<void*> done_scratch_;
-  // Key buffers of batches the queue is done with; like done_scratch_, used with the GIL held.
+  // Key buffers of batches the queue is done with; used with the GIL held, never across a call
+  // that may run Python code.
   std::vector<std::vector<std::uint64_t>> spare_keys_;
   std::mutex stats_mutex_;
   WriteStats sync_stats_;

@@ -1049,3 +1049,39 @@ def test_a_deep_copy_of_a_recorded_model_records_nothing_and_raises_nothing(stor
             ema(torch.ones(2, 4))
     with embstore.Reader(store) as r:
         assert np.asarray(r.keys).tolist() == [1, 2, 3, 4]
+
+
+def test_async_appends_of_torch_tensors_without_a_copy_beside_a_flushing_thread(tmp_path):
+    """SIGSEGV (a review: 2 runs of 3): the async Writer drops its references to the arrays it
+    has written from whichever thread calls next (append, flush). Dropping a torch tensor's last
+    reference can run Python code and hand the GIL to another thread, whose call cleared and
+    refilled the list being walked: references dropped twice. Run in a child (a crash is its
+    exit status), appending batches of many sizes from torch tensors with copy=False, as the
+    recorder does, while a thread flushes."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent(f"""
+        import random, threading, time, numpy as np, torch, embstore
+        w = embstore.Writer({str(tmp_path / "s")!r}, dim=8, async_queue_mb=1)
+        stop = threading.Event()
+        def flusher():
+            while not stop.is_set():
+                w.flush(); time.sleep(0.0005)
+        t = threading.Thread(target=flusher); t.start()
+        rng = random.Random(1); key = 0
+        for i in range(15000):
+            n = rng.choice([1, 2, 5, 7, 31, 64, 200, 700])
+            w.append(np.arange(key, key + n, dtype=np.uint64), torch.full((n, 8), float(i)), 0,
+                     copy=False)
+            key += n
+        stop.set(); t.join(); w.close()
+        print(key)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    with embstore.Reader(tmp_path / "s") as r:
+        assert len(r) == int(done.stdout)
+        assert r.verify().ok
+        assert np.array_equal(np.asarray(r.keys), np.arange(len(r)))
