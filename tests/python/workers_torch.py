@@ -186,3 +186,36 @@ class RecordingDataset(torch.utils.data.Dataset):
         with torch.no_grad(), self.recorder.batch([i], 0):
             self.model(torch.full((1, 8), float(i)))
         return i
+
+
+class _StuckOnItsWayToTheCpu(torch.Tensor):
+    """A module output whose move to the CPU blocks in native code for good (the GIL released,
+    signals not interrupting it), as a GPU tensor's device-to-host copy does behind a hung
+    collective of torch.distributed."""
+
+    stuck = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if cls.stuck and func in (torch.Tensor.to, torch.Tensor.copy_):
+            import ctypes
+            libc = ctypes.CDLL(None)
+            mutex = ctypes.create_string_buffer(64)
+            libc.pthread_mutex_init(mutex, None)
+            libc.pthread_mutex_lock(mutex)
+            libc.pthread_mutex_lock(mutex)  # never returns
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def record_then_get_stuck(store, ready):
+    """Stages 100 rows in a recorder (buffer of 1,000), says so, then records a batch whose
+    output never reaches the CPU."""
+    model = torch.nn.Sequential(torch.nn.Identity())
+    rec = EmbeddingRecorder(model, "0", store, dim=8, buffer_rows=1000)
+    for i in range(10):
+        with rec.batch(list(range(i * 10, i * 10 + 10)), 0):
+            model(torch.ones(10, 8))
+    ready.set()
+    _StuckOnItsWayToTheCpu.stuck = True
+    with rec.batch(list(range(100, 110)), 0):
+        model(torch.ones(10, 8).as_subclass(_StuckOnItsWayToTheCpu))

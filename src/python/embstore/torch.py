@@ -619,7 +619,10 @@ class EmbeddingRecorder:
         # descriptors, and its staged rows reached no reader until the interpreter exited). A
         # recorder collected writes what it holds (_finish_unclosed) and takes its hook off.
         self._handle = module.register_forward_hook(_Hook(self))
-        weakref.finalize(self, self._handle.remove)
+        # Not at exit: a thread still recording then (a daemon thread) must reach the hook, which
+        # raises ClosedError once the exit finalizer has written the staged rows; without it,
+        # its forward passes returned normally and recorded nothing, without a word.
+        weakref.finalize(self, self._handle.remove).atexit = False
 
     @property
     def rank(self) -> int:
@@ -712,6 +715,10 @@ class EmbeddingRecorder:
     def _hook(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         if self._ids is None or not self.enabled:
             return
+        if self._closed:
+            # Inside a batch() block entered before close() ran on another thread.
+            raise ClosedError(f"{self.path}: the recorder of {self.module_name!r} was closed "
+                              "during this batch() block; this batch was not recorded")
         start = time.perf_counter()
         try:
             self._record(output)
@@ -781,21 +788,30 @@ class EmbeddingRecorder:
         # float32 to a 16-bit float: two roundings, which can move a value by one step, or onto
         # infinity), as Writer.append rounds it.
         narrowed = _float64_rounded_once(out, staging.dtype)
+        # On the CPU before the staging's lock is taken: a device-to-host copy is where a
+        # training thread blocks behind a hung collective (a dead peer), and holding the lock
+        # there kept SIGTERM's writing (_Termination) from the batches staged before (a review).
+        # A batch too big to stage: its private copy, converted; else the rows as they are on
+        # the CPU (no copy when they are there), converted by the copy into the buffer.
+        if n > staging.buffer_rows:
+            rows = narrowed.to("cpu", staging.dtype, copy=True)
+        else:
+            rows = narrowed.to("cpu")
         with staging.lock:  # whole batches only, whichever thread submits (_Staging)
             if staging.closed:
                 raise ClosedError(f"{self.path}: the recorder of {self.module_name!r} was "
                                   "closed (by close() on another thread, or at the "
                                   "interpreter's exit); this batch was not recorded")
-            self._stage(narrowed, out, ids, kept, n, staging)
+            self._stage(rows, out, ids, kept, n, staging)
         self.rows_recorded += n
 
-    def _stage(self, narrowed: torch.Tensor, out: torch.Tensor, ids: np.ndarray,
+    def _stage(self, rows: torch.Tensor, out: torch.Tensor, ids: np.ndarray,
                kept: Optional[np.ndarray], n: int, staging: _Staging) -> None:
-        """Stages (or appends, past buffer_rows) one batch's rows; under staging.lock."""
+        """Stages (or appends, past buffer_rows) one batch's rows, on the CPU; under
+        staging.lock."""
         if n > staging.buffer_rows:
-            # Too big to stage: one append of a private copy (converted, on the CPU).
+            # Too big to stage: one append of its private copy.
             staging.submit()
-            rows = narrowed.to("cpu", staging.dtype, copy=True)
             self._refuse_overflow(rows, out, staging, kept, ids)
             staging.writer.append(ids, rows, self._epoch, copy=False)
         else:
@@ -809,7 +825,7 @@ class EmbeddingRecorder:
                     staging.buffer = torch.empty((staging.buffer_rows, out.shape[1]),
                                                  dtype=staging.dtype)
             begin, end = staging.filled, staging.filled + n
-            staging.buffer[begin:end].copy_(narrowed)  # converts dtype, copies from any device
+            staging.buffer[begin:end].copy_(rows)  # converts the dtype
             self._refuse_overflow(staging.buffer[begin:end], out, staging, kept, ids)
             staging.keys[begin:end] = ids
             staging.epoch = self._epoch
@@ -965,17 +981,20 @@ class EmbeddingRecorder:
         return {} if staging is None else staging.writer.stats()
 
     def close(self) -> None:
-        """Appends the staged rows, removes the hook and closes this rank's Writer (raising a
-        pending write error). Afterwards ``batch()`` raises ClosedError; closing again does
-        nothing, unless a Ctrl-C ended the Writer's close: then it finishes it."""
+        """Appends the staged rows and closes this rank's Writer (raising a pending write error).
+        Afterwards ``batch()`` raises ClosedError, and so does a forward pass inside a block
+        another thread entered before; the hook records nothing more (it is taken off the
+        module when the recorder is collected). Closing again does nothing, unless a Ctrl-C
+        ended the Writer's close: then it finishes it."""
         staging = self._local_staging()
         # Closed, unless a Ctrl-C ended the Writer's close (it stays open, its queue written
         # on): then this call closes it.
         if self._closed and (staging is None or staging.writer.closed):
             return
-        if not self._closed:
-            self._closed = True
-            self._handle.remove()
+        # The hook stays (taken off when the recorder is collected): a forward pass inside a
+        # batch() block another thread entered before this close() raises ClosedError there,
+        # where without the hook it returned normally having recorded nothing.
+        self._closed = True
         try:
             if staging is not None:
                 staging.finish()
