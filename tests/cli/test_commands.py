@@ -260,6 +260,31 @@ def test_get_of_a_key_its_damaged_key_index_misses_is_corruption_not_not_found(s
     assert run("get", store, 5).code == 0
 
 
+def test_get_at_an_epoch_its_damaged_key_index_lost_is_corruption_not_not_found(tmp_path):
+    # The pair slot of (key 15, epoch 1) zeroed: "key 15 has no row in epoch 1", exit 12, for a
+    # row the store holds (the stress review).
+    store = str(tmp_path / "s")
+    with embstore.Writer(store, dim=4) as w:
+        for e in range(3):
+            w.append(np.arange(10, 20, dtype=np.uint64), np.full((10, 4), e, np.float32), e)
+    path = os.path.join(store, "keys.1")
+    data = bytearray(open(path, "rb").read())
+    pairs = struct.unpack_from("<Q", data, 48)[0]
+    zeroed = 0
+    for i in range(pairs):
+        key, word = struct.unpack_from("<2Q", data, 4096 + 16 * i)
+        if key == 15 and word >> 42 == 1:  # FORMAT.md, "keys.K": the slot's epoch bits
+            data[4096 + 16 * i:4096 + 16 * i + 16] = bytes(16)
+            zeroed += 1
+    assert zeroed == 1
+    open(path, "r+b").write(data)
+    r = run("get", store, 15, "--epoch", 1)
+    assert r.code == CORRUPTION, r
+    assert "key 15 at epoch 1 is in" in r.err and "(row 15)" in r.err and "rebuild-index" in r.err
+    r = run("get", store, 15, "--epoch", 7)  # not there: the scan confirms it
+    assert r.code == NOT_FOUND and "has no row in epoch 7" in r.err, r
+
+
 def test_info_json_survives_a_quote_in_the_path(tmp_path):
     path = make_store(tmp_path / 'we"ird\\name')
     assert json.loads(run("info", path, "--json").out)["path"] == path

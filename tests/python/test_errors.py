@@ -735,3 +735,4 @@ def test_lookups_of_many_name_the_method_called_when_keys_and_epochs_disagree(st
     with pytest.raises(ValueError, match=re.escape(message)):
         getattr(r, method)([1, 2], epochs=[0, 0, 0])
     assert getattr(r, method)([1, 2], epochs=[0]).shape[0] == 2
+    assert getattr(r, method)([1, 2], epochs=[]).shape[0] == 2  # none: the latest

@@ -23,20 +23,23 @@ struct GetArgs {
 };
 
 // The one line a missing key or (key, epoch) gets: what is missing and what is there instead.
+// A miss is confirmed by a scan of the keys (and epochs) first (32 bytes a row, once per failed
+// get): a key index damaged under an intact header answers "not in" for rows that are there (a
+// review), which is corruption, naming the row.
 Error not_found(const Reader& reader, const GetArgs& args) {
+  const StridedView<std::uint64_t> keys = reader.keys(0, reader.size());
+  const StridedView<std::uint64_t> epochs_of = reader.epochs(0, reader.size());
+  for (std::uint64_t row = 0; row < keys.size; ++row) {
+    if (keys[row] != args.key || (args.epoch && epochs_of[row] != *args.epoch)) continue;
+    return Error(ErrorCode::kCorruption,
+                 fmt::format("key {}{} is in {} (row {}) but its key index does not find it: "
+                             "the key index is damaged (embstore verify names the damage; "
+                             "embstore rebuild-index repairs it)",
+                             args.key, args.epoch ? fmt::format(" at epoch {}", *args.epoch) : "",
+                             reader.path(), row));
+  }
   const std::vector<KeyVersion> versions = reader.history(args.key);
   if (versions.empty()) {
-    // A miss is confirmed by a scan of the keys (32 bytes a row, once per failed get): a key
-    // index damaged under an intact header answers "not in" for rows that are there (a review).
-    const StridedView<std::uint64_t> keys = reader.keys(0, reader.size());
-    for (std::uint64_t row = 0; row < keys.size; ++row) {
-      if (keys[row] != args.key) continue;
-      return Error(ErrorCode::kCorruption,
-                   fmt::format("key {} is in {} (row {}) but its key index does not find it: "
-                               "the key index is damaged (embstore verify names the damage; "
-                               "embstore rebuild-index repairs it)",
-                               args.key, reader.path(), row));
-    }
     return Error(ErrorCode::kNotFound,
                  fmt::format("key {} is not in {} ({})", args.key, reader.path(),
                              tools::counted(reader.size(), "row")));

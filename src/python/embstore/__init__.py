@@ -1749,7 +1749,9 @@ class Reader(_Handle):
         elif epochs is not None:
             epochs = _u64_array(epochs, f"{method}: epochs")
             _check_1d(epochs, f"{method}: epochs")
-            if len(epochs) != len(keys) and len(epochs) != 1:
+            if len(epochs) == 0:
+                return keys, None  # none: the latest, as the core takes an empty array
+            if len(epochs) not in (1, len(keys)):
                 raise ValueError(f"{self.path}: {method}: {len(keys)} keys and {len(epochs)} "
                                  "epochs: give one epoch per key, one for every key, or none "
                                  "(the latest)")
