@@ -290,8 +290,8 @@ def test_info_names_the_leftover_files_of_an_interrupted_truncate_it_counts(tmp_
     assert r.code == 0, r
     line = next(line for line in r.out.splitlines() if line.startswith("bytes on disk"))
     assert line.split(None, 3)[3] == (
-        f"{report['bytes_on_disk']} bytes, {leftover} of them in index.2, rows.2: files an "
-        "interrupted truncate or key index build left, which the next writer removes")
+        f"{report['bytes_on_disk']} bytes, {leftover} of them in index.2, rows.2: files of a "
+        "truncate or key index build, running or interrupted, which the next writer removes")
     # As said: the next writer removes them.
     assert run("rebuild-index", store).code == 0
     assert json.loads(run("info", store, "--json").out)["leftover_files"] == []

@@ -138,8 +138,8 @@ int run_info(const InfoArgs& args) {
   line("bytes on disk",
        disk.leftovers.empty()
            ? fmt::format("{} bytes", disk.disk_bytes)
-           : fmt::format("{} bytes, {} of them in {}: files an interrupted truncate or key "
-                         "index build left, which the next writer removes",
+           : fmt::format("{} bytes, {} of them in {}: files of a truncate or key index "
+                         "build, running or interrupted, which the next writer removes",
                          disk.disk_bytes, disk.leftover_disk_bytes, leftovers));
   line("metadata", info.metadata.empty() ? "(none)" : info.metadata);
   line("key index", info.key_index);
