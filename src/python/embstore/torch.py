@@ -505,11 +505,12 @@ class EmbeddingRecorder:
     Not closed: staged and queued rows are still written when the interpreter exits, when a
     ``multiprocessing`` child ends (before its ``os._exit``) and when the recorder is
     garbage-collected (the model holds only a weak reference to it: a recorder dropped without
-    ``close()``, a notebook cell run again say, is collected and its hook taken off); a failure then is logged on the ``embstore`` logger with the store's
-    path and the rows lost. In a DataLoader or Pool worker, SIGTERM (which multiprocessing
-    sends its daemon children at exit) runs those handlers before it ends the worker
-    (``Writer``, "Exit"). A process killed otherwise, or leaving through ``os._exit`` outside
-    multiprocessing, loses them: call ``close()``.
+    ``close()``, a notebook cell run again say, is collected and its hook taken off); a failure
+    then is logged on the ``embstore`` logger with the store's path and the rows lost. In a
+    DataLoader or Pool worker, SIGTERM (which multiprocessing sends its daemon children at exit)
+    runs those handlers before it ends the worker (``Writer``, "Exit"). A process killed
+    otherwise, or leaving through ``os._exit`` outside multiprocessing, loses them: call
+    ``close()``.
 
     DistributedSampler padding: unless ``drop_last=True``, torch's DistributedSampler pads each
     epoch to a multiple of the number of ranks by repeating samples, so a few samples pass
