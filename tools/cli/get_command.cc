@@ -74,10 +74,10 @@ std::string shape_text(const std::vector<std::uint64_t>& shape) {
   return fmt::format("({}{})", fmt::join(shape, ", "), shape.size() == 1 ? "," : "");
 }
 
-void write_npy(const Reader& reader, const std::vector<Record>& records, const GetArgs& args) {
-  const std::vector<std::uint64_t> shape = npy_shape(reader, records, args);
+void write_npy(const Reader& reader, const std::vector<Record>& records,
+               const std::vector<std::uint64_t>& shape, const std::string& path) {
   // As export writes a file: a failed write (a full disk) leaves no file at args.npy.
-  tools::write_file_aside(args.npy, [&](const std::string& file) {
+  tools::write_file_aside(path, [&](const std::string& file) {
     tools::NpyWriter out(file, tools::npy_descr(reader.dtype()), shape);
     const std::size_t row_bytes = reader.dim() * dtype_size(reader.dtype());
     for (const Record& record : records) out.write(record.data, row_bytes);
@@ -94,12 +94,13 @@ int run_get(const GetArgs& args) {
   if (records.empty()) throw not_found(reader, args);
 
   if (!args.npy.empty()) {
-    write_npy(reader, records, args);
+    const std::vector<std::uint64_t> shape = npy_shape(reader, records, args);
+    write_npy(reader, records, shape, args.npy);
     note_done(fmt::format("wrote {} of key {} to {}", tools::counted(records.size(), "row"),
                           args.key, args.npy));
     print_out("{}: {} of key {} ({}, shape {}{})\n", args.npy,
               tools::counted(records.size(), "row"), args.key, dtype_name(reader.dtype()),
-              shape_text(npy_shape(reader, records, args)),
+              shape_text(shape),
               reader.dtype() == DType::kBFloat16 ? ", stored as uint16 bit patterns" : "");
     return kExitOk;
   }
